@@ -1,0 +1,85 @@
+-- examples/kv/main.lua: a supervised key-value store.
+--
+--   scripts/run examples/kv             a short demo that ends by itself
+--   scripts/run examples/kv --forever   keep running (Ctrl-C to stop)
+--
+-- The tree:   kv_sup (one_for_one, at most 5 restarts in 10 s)
+--             ├── store   a server registered as "kv" (store.lua)
+--             └── flaky   a worker that crashes every third beat (flaky.lua)
+-- Crash reports and supervisor reports go to stderr; the demo's own lines
+-- go to stdout.
+local mb = require "moonbeam"
+local server = require "moonbeam.server"
+local supervisor = require "moonbeam.supervisor"
+
+local forever = false
+for i = 1, #arg do
+  if arg[i] == "--forever" then
+    forever = true
+  elseif arg[i] == "-h" or arg[i] == "--help" then
+    print("usage: scripts/run examples/kv [--forever]")
+    return
+  else
+    io.stderr:write("examples/kv: unknown option " .. arg[i] .. " (try --help)\n")
+    os.exit(2)
+  end
+end
+
+-- The modules sit next to this file. They are loaded here and handed to the
+-- supervisor as values: spawn copies them (functions included) into the
+-- processes that run them, so those processes need not find the files.
+local dir = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "."
+local store = assert(loadfile(dir .. "/store.lua"))()
+local flaky = assert(loadfile(dir .. "/flaky.lua"))()
+
+local function say(fmt, ...) print(("main: " .. fmt):format(...)) end
+
+local function show_children(sup)
+  for _, c in ipairs(supervisor.which_children(sup)) do
+    say("  child %-6s %s", c.id, c.pid and tostring(c.pid) or "(not running)")
+  end
+end
+
+local sup = assert(supervisor.start({
+  name = "kv_sup",
+  strategy = "one_for_one",
+  max_restarts = 5,
+  max_seconds = 10,
+  children = {
+    { id = "store",
+      start = function() return server.start(store, nil, { name = "kv", link = true }) end },
+    { id = "flaky", start = function() return mb.spawn_link(flaky, 300) end,
+      shutdown = 100 },
+  },
+}))
+say("supervisor kv_sup is %s", tostring(sup))
+show_children(sup)
+
+-- Plain use of the store.
+server.call("kv", { op = "put", key = "lang", value = "lua" })
+server.call("kv", { op = "put", key = "vm", value = "luajit" })
+say("get lang -> %s", server.call("kv", { op = "get", key = "lang" }))
+say("keys -> %s", table.concat(server.call("kv", { op = "keys" }), ", "))
+
+-- A bad request crashes the store: the caller gets an error, the supervisor
+-- restarts the store (empty: its state died with it) under the same name.
+local old = mb.whereis("kv")
+local ok, err = pcall(server.call, "kv", { op = "get", key = { "not", "a", "key" } })
+say("bad request failed as it should: %s", tostring(err):match("store: [^\n]*") or tostring(err))
+local deadline = mb.now() + 1000
+while (mb.whereis("kv") == nil or mb.whereis("kv") == old) and mb.now() < deadline do mb.sleep(10) end
+say("store restarted: %s -> %s", tostring(old), tostring(mb.whereis("kv")))
+say("get lang after the restart -> %s", tostring(server.call("kv", { op = "get", key = "lang" })))
+
+if forever then
+  say("running until interrupted (Ctrl-C)")
+  mb.receive()
+end
+
+-- Let flaky crash once and be restarted (it beats every 300 ms).
+mb.sleep(1100)
+say("heartbeat -> %s", tostring(server.call("kv", { op = "get", key = "heartbeat" })))
+show_children(sup)
+
+supervisor.stop(sup)
+say("supervisor stopped; %d process(es) left", #mb.processes())

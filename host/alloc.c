@@ -1,0 +1,42 @@
+/* alloc.c: per-process counting allocator on mimalloc (see alloc.h). */
+#include <stdio.h>
+#include <stdlib.h>
+
+#include <mimalloc.h>
+
+#include "alloc.h"
+
+void *mb_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize)
+{
+  mb_alloc_t *a = ud;
+  size_t used = atomic_load_explicit(&a->used, memory_order_relaxed);
+  if (ptr == NULL)
+    osize = 0;  /* Lua passes a type tag in osize for new blocks. */
+  if (nsize == 0) {
+    mi_free(ptr);
+    atomic_store_explicit(&a->used, used - osize, memory_order_relaxed);
+    return NULL;
+  }
+  if (a->limit && nsize > osize && used - osize + nsize > a->limit) {
+    a->oom = 1;
+    return NULL;
+  }
+  void *p = mi_realloc(ptr, nsize);
+  if (p)
+    atomic_store_explicit(&a->used, used - osize + nsize, memory_order_relaxed);
+  return p;
+}
+
+static void *check(void *p)
+{
+  if (p == NULL) {
+    fputs("moonbeam: out of host memory\n", stderr);
+    abort();
+  }
+  return p;
+}
+
+void *mb_malloc(size_t n) { return check(mi_malloc(n)); }
+void *mb_calloc(size_t n, size_t size) { return check(mi_calloc(n, size)); }
+void *mb_realloc(void *p, size_t n) { return check(mi_realloc(p, n)); }
+void mb_free(void *p) { mi_free(p); }

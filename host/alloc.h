@@ -1,0 +1,36 @@
+/* alloc.h: the per-process Lua allocator.
+ *
+ * Every process's lua_State allocates through mb_alloc_fn with its own
+ * mb_alloc_t as the userdata, so the host knows each process's memory to the
+ * byte and can cap it (spawn_opt max_memory). Blocks come from mimalloc, which
+ * keeps per-thread heaps (a state migrates between scheduler threads, and
+ * mimalloc frees a block on any thread) and has little per-block overhead,
+ * which matters with a million small states.
+ *
+ * Threads: only the thread currently running the process allocates; `used`
+ * is atomic so that mb.info() on another thread can read it.
+ */
+#ifndef MB_ALLOC_H
+#define MB_ALLOC_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+
+typedef struct mb_alloc {
+  atomic_size_t used;   /* bytes currently allocated by the state */
+  size_t limit;         /* 0: no limit */
+  int oom;              /* set when an allocation was refused for the limit */
+} mb_alloc_t;
+
+/* The lua_Alloc function; ud is an mb_alloc_t. Refuses (returns NULL) an
+ * allocation that would take `used` over `limit`, and sets `oom`. */
+void *mb_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize);
+
+/* Plain host allocations (messages, process records): abort on failure,
+ * since the host cannot continue without them. */
+void *mb_malloc(size_t n);
+void *mb_calloc(size_t n, size_t size);
+void *mb_realloc(void *p, size_t n);
+void mb_free(void *p);
+
+#endif

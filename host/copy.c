@@ -1,0 +1,1230 @@
+/* copy.c: the deep-copy codec, Lua values <-> flat messages (see copy.h).
+ *
+ * DESIGN
+ * The encoder walks the sender's values with the plain Lua API (no metamethod
+ * is ever invoked, no Lua code runs, nothing is allocated in the sender's
+ * state) and appends to one malloc'ed block that already starts with the
+ * mb_msg_t header, so a successful encode is one malloc, a few geometric
+ * reallocs for large messages and at most one shrinking realloc at the end.
+ * The decoder rebuilds the values in the receiver with the Lua API and treats
+ * the bytes as untrusted: every length, count, tag and back-reference is
+ * checked against the buffer, and anything inconsistent raises "corrupt
+ * message" instead of reading out of bounds. (Bytecode itself is handed to
+ * LuaJIT's loader, which is not hardened against forged bytecode; the decoder
+ * checks its bounds and signature, the rest relies on messages only ever
+ * being produced by this encoder inside this host.)
+ *
+ * FORMAT
+ * A message payload is msg->nvalues values back to back. A value is one tag
+ * byte followed by its body. Multi-byte integers are in host byte order:
+ * messages never leave the host. "varint" is an unsigned LEB128 of at most
+ * 5 bytes (7 bits a byte, low bits first).
+ *
+ *   0x00 nil            0x01 false            0x02 true
+ *   0x03 number         8 bytes: the double, memcpy'd (inf, -0 survive;
+ *                       NaN stays NaN, though LuaJIT canonicalises its bits)
+ *   0x80|n string       n < 128 bytes follow (short string, the usual case)
+ *   0x04 string         varint length, then the bytes
+ *   0x05 table          varint narr, uint32 nhash, then narr values (keys
+ *                       1..narr, nil for holes), then nhash key/value pairs
+ *   0x06 function       uint32 length, LuaJIT bytecode (lua_dump, debug info
+ *                       kept), uint8 nups, then nups values, upvalue 1 first
+ *   0x07 pid            8 bytes: the id (never 0)
+ *   0x08 ref            8 bytes: the id (never 0)
+ *   0x09 back-reference varint: payload offset of the tag of an object met
+ *                       earlier in this message
+ *   0x0A module         varint length + name: require(name) in the receiver
+ *   0x0B C function     varint length + module name, varint length + field
+ *                       name: require(module)[field] in the receiver
+ *   0x0C joined upvalue varint offset of an earlier function's tag, uint8
+ *                       upvalue number n: only in place of an upvalue; this
+ *                       upvalue is the same variable as upvalue n of that
+ *                       function (two closures over one local), and the
+ *                       decoder joins them (lua_upvaluejoin)
+ *   0x20 flag "shared"  or'ed into 0x05, 0x06, 0x0A or 0x0B when a later
+ *                       back-reference points at this object; only those
+ *                       objects are remembered by the decoder, so a message
+ *                       without sharing costs the decoder nothing extra.
+ *
+ * The encoder learns that an object is shared only when it meets it the
+ * second time; it then sets the flag on the first occurrence's tag byte in
+ * place, which is why a back-reference names a byte offset rather than an
+ * object number. The hash-part count is patched in place for the same reason
+ * (it is only known after the walk). The decoder creates a table or function
+ * and registers it before decoding its contents, so cycles and a function
+ * that is its own upvalue come back as they were. Upvalue cells are visited
+ * like objects (by lua_upvalueid), so closures that share a local still share
+ * it after the copy; upvalue values are copied, never shared with the sender.
+ *
+ * A table or function met for the first time is recorded in a visited set
+ * (pointer -> offset). Up to SMALL_SEEN entries live in the encoder's frame;
+ * only larger messages allocate a heap open-addressing map.
+ *
+ * Errors name the value's path ("msg.handlers[2]: cannot send a coroutine").
+ * The path is not built while encoding: each nesting level only records where
+ * it is (a stack slot holding the key, an array index, an upvalue number) in
+ * a fixed array, and the text is assembled from those records, while the keys
+ * are still on the stack, only when something fails.
+ *
+ * Cost model: one pass over the values; per table one visited-set probe and
+ * one lua_objlen; per function one lua_dump plus a scan of package.loaded per
+ * table/function upvalue; per distinct C function a scan of every loaded
+ * module's fields (C functions are rare in messages).
+ *
+ * Threads: encode runs on the sender's thread, decode on the receiver's; the
+ * only state outside the two lua_States is the thread-local `inflight`
+ * record below.
+ */
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "lauxlib.h"
+#include "copy.h"
+#include "pid.h"
+
+/* lua_type() of an FFI cdata value; LuaJIT's lua.h has no name for it. */
+#define TYPE_CDATA 10
+
+enum {
+  T_NIL = 0x00,
+  T_FALSE = 0x01,
+  T_TRUE = 0x02,
+  T_NUMBER = 0x03,
+  T_STRING = 0x04,
+  T_TABLE = 0x05,
+  T_FUNCTION = 0x06,
+  T_PID = 0x07,
+  T_REF = 0x08,
+  T_BACKREF = 0x09,
+  T_MODULE = 0x0A,
+  T_CFIELD = 0x0B,
+  T_UPJOIN = 0x0C,
+  T_SHARED = 0x20,
+  T_SHORTSTR = 0x80,
+};
+#define SHORTSTR_MAX 0x7F
+
+#define STR_(x) #x
+#define STR(x) STR_(x)
+
+/* Stack slots one nesting level may use, including those an error report
+ * needs while all levels are still on the stack. */
+#define LEVEL_SLOTS 10
+/* First allocation: header plus this much payload. Enough for typical small
+ * messages, so that they never realloc while growing. */
+#define INITIAL_PAYLOAD (128 - sizeof(mb_msg_t))
+/* The final shrink is skipped when it would save less than this. */
+#define SHRINK_SLACK 64
+/* Visited-set entries kept in the encoder's own frame before a heap map. */
+#define SMALL_SEEN 8
+/* Longest string key quoted in full in an error path. */
+#define PATH_KEY_MAX 40
+/* Paths with more levels print the first and last PATH_KEEP only. */
+#define PATH_KEEP 8
+
+/* -- Encoder state ------------------------------------------------------- */
+
+enum { P_FIELD, P_INDEX, P_KEY, P_UPVAL };
+
+/* Where the value currently being encoded sits inside its container. */
+typedef struct {
+  int kind;      /* P_* */
+  int idx;       /* P_FIELD, P_KEY: stack slot of the key; P_UPVAL: of the function */
+  uint32_t n;    /* P_INDEX: array index; P_UPVAL: upvalue number */
+} pathseg_t;
+
+/* A visited object: a table or function (value: the payload offset of its
+ * tag) or an upvalue cell (value: its first function's offset << 8 | the
+ * upvalue number). */
+typedef struct {
+  const void *key;
+  uint64_t val;
+} slot_t;
+
+typedef struct {
+  lua_State *L;
+  mb_msg_t *msg;          /* header + payload being written */
+  size_t len, cap;        /* payload bytes written / allocated */
+  int depth;              /* containers entered (tables and functions) */
+  bool failed;
+  /* Naming of the root values, for error paths. */
+  int vi, nvals;
+  const char *root;
+  const char *const *names;
+  char *err;
+  size_t errlen;
+  /* Visited set: small[] until it overflows, then the heap map. */
+  uint32_t nseen;
+  uint32_t mask;          /* heap map capacity - 1 */
+  slot_t *map;
+  slot_t small[SMALL_SEEN];
+  /* path[d] describes the slot being encoded inside the container at depth d. */
+  pathseg_t path[MB_COPY_MAX_DEPTH + 1];
+} enc_t;
+
+/* An encode can be cut short by a Lua error: lua_checkstack raises when the
+ * stack cannot grow (memory limit, or a sender already deep in recursion).
+ * Its C allocations are remembered here and freed by the next encode on the
+ * same thread, so such an error leaks nothing for long. Encodes never nest:
+ * no Lua code, hook or finalizer runs while one is in progress (the encoder
+ * creates no Lua objects, so the GC never steps inside it). */
+static _Thread_local struct {
+  mb_msg_t *msg;
+  slot_t *map;
+} inflight;
+
+/* -- Error text ---------------------------------------------------------- */
+
+/* A bounded string builder over the caller's err buffer. */
+typedef struct {
+  char *p;
+  size_t n, cap;
+} sb_t;
+
+static void sb_add(sb_t *b, const char *s, size_t n)
+{
+  if (b->cap == 0)
+    return;
+  size_t room = b->cap - 1 - b->n;
+  if (n > room)
+    n = room;
+  memcpy(b->p + b->n, s, n);
+  b->n += n;
+  b->p[b->n] = '\0';
+}
+
+static void sb_puts(sb_t *b, const char *s)
+{
+  sb_add(b, s, strlen(s));
+}
+
+static void sb_printf(sb_t *b, const char *fmt, ...)
+{
+  char tmp[128];
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
+  va_end(ap);
+  if (n > 0)
+    sb_add(b, tmp, (size_t)n < sizeof tmp ? (size_t)n : sizeof tmp - 1);
+}
+
+static bool is_keyword(const char *s, size_t n)
+{
+  static const char *const kw[] = {
+    "and", "break", "do", "else", "elseif", "end", "false", "for",
+    "function", "goto", "if", "in", "local", "nil", "not", "or", "repeat",
+    "return", "then", "true", "until", "while",
+  };
+  for (size_t i = 0; i < sizeof kw / sizeof kw[0]; i++)
+    if (strlen(kw[i]) == n && memcmp(kw[i], s, n) == 0)
+      return true;
+  return false;
+}
+
+static bool is_identifier(const char *s, size_t n)
+{
+  if (n == 0 || n > PATH_KEY_MAX || (s[0] >= '0' && s[0] <= '9'))
+    return false;
+  for (size_t i = 0; i < n; i++) {
+    unsigned char c = (unsigned char)s[i];
+    if (!(c == '_' || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+          (c >= '0' && c <= '9')))
+      return false;
+  }
+  return !is_keyword(s, n);
+}
+
+/* ["..."] with escapes, cut after PATH_KEY_MAX bytes. */
+static void sb_quoted(sb_t *b, const char *s, size_t n)
+{
+  sb_puts(b, "[\"");
+  size_t shown = n > PATH_KEY_MAX ? PATH_KEY_MAX : n;
+  for (size_t i = 0; i < shown; i++) {
+    unsigned char c = (unsigned char)s[i];
+    if (c == '"' || c == '\\')
+      sb_printf(b, "\\%c", c);
+    else if (c < 0x20 || c >= 0x7F)
+      sb_printf(b, "\\%u", c);
+    else
+      sb_add(b, (const char *)&c, 1);
+  }
+  sb_puts(b, shown < n ? "...\"]" : "\"]");
+}
+
+/* The key at stack slot k as a path segment: .name, ["str"], [1], [true],
+ * [<0.5>] for a pid, [<table>] for keys that have no literal form. */
+static void sb_key(sb_t *b, lua_State *L, int k)
+{
+  switch (lua_type(L, k)) {
+  case LUA_TSTRING: {
+    size_t n;
+    const char *s = lua_tolstring(L, k, &n);
+    if (is_identifier(s, n)) {
+      sb_puts(b, ".");
+      sb_add(b, s, n);
+    } else {
+      sb_quoted(b, s, n);
+    }
+    break;
+  }
+  case LUA_TNUMBER:
+    sb_printf(b, "[%.14g]", (double)lua_tonumber(L, k));
+    break;
+  case LUA_TBOOLEAN:
+    sb_puts(b, lua_toboolean(L, k) ? "[true]" : "[false]");
+    break;
+  case LUA_TUSERDATA: {
+    uint64_t id;
+    if ((id = mb_pid_test(L, k)) != 0)
+      sb_printf(b, "[<0.%llu>]", (unsigned long long)id);
+    else if ((id = mb_ref_test(L, k)) != 0)
+      sb_printf(b, "[#Ref<0.%llu>]", (unsigned long long)id);
+    else
+      sb_puts(b, "[<userdata>]");
+    break;
+  }
+  default:
+    sb_printf(b, "[<%s>]", lua_typename(L, lua_type(L, k)));
+    break;
+  }
+}
+
+static void sb_segment(sb_t *b, enc_t *e, int d)
+{
+  lua_State *L = e->L;
+  const pathseg_t *s = &e->path[d];
+  switch (s->kind) {
+  case P_FIELD:
+    sb_key(b, L, s->idx);
+    break;
+  case P_INDEX:
+    sb_printf(b, "[%lu]", (unsigned long)s->n);
+    break;
+  case P_KEY:
+    /* The failing value is the key itself, or something inside it. */
+    if (d == e->depth)
+      sb_puts(b, " (a key)");
+    else
+      sb_printf(b, "[<%s key>]", lua_typename(L, lua_type(L, s->idx)));
+    break;
+  case P_UPVAL: {
+    const char *name = lua_getupvalue(L, s->idx, (int)s->n);
+    if (name)
+      lua_pop(L, 1);
+    if (name && name[0])
+      sb_printf(b, " (upvalue '%s')", name);
+    else
+      sb_printf(b, " (upvalue #%lu)", (unsigned long)s->n);
+    break;
+  }
+  }
+}
+
+/* Record the first error, naming the path of the value being encoded:
+ * "<root><segments>: <what>". Always returns -1. */
+static int fail(enc_t *e, const char *what)
+{
+  if (e->failed)
+    return -1;
+  e->failed = true;
+  sb_t b = {e->err, 0, e->err ? e->errlen : 0};
+  if (b.cap)
+    b.p[0] = '\0';
+  if (e->names) {
+    sb_puts(&b, e->names[e->vi] ? e->names[e->vi] : "?");
+  } else {
+    const char *root = e->root ? e->root : "value";
+    if (e->nvals == 1)
+      sb_puts(&b, root);
+    else
+      sb_printf(&b, "%s[%d]", root, e->vi + 1);
+  }
+  for (int d = 1; d <= e->depth; d++) {
+    if (e->depth > 2 * PATH_KEEP && d == PATH_KEEP + 1) {
+      sb_puts(&b, "...");
+      d = e->depth - PATH_KEEP;
+      continue;
+    }
+    sb_segment(&b, e, d);
+  }
+  sb_puts(&b, ": ");
+  sb_puts(&b, what);
+  return -1;
+}
+
+/* An error about the message as a whole: no path. */
+static int fail_plain(enc_t *e, const char *what)
+{
+  if (!e->failed) {
+    e->failed = true;
+    if (e->err && e->errlen)
+      snprintf(e->err, e->errlen, "%s", what);
+  }
+  return -1;
+}
+
+static int too_large(enc_t *e, size_t need)
+{
+  char buf[96];
+  snprintf(buf, sizeof buf, "message too large (at least %zu bytes, limit %u MiB)",
+           need, (unsigned)(MB_COPY_MAX_BYTES >> 20));
+  return fail_plain(e, buf);
+}
+
+/* -- Output buffer ------------------------------------------------------- */
+
+static int grow(enc_t *e, size_t n)
+{
+  size_t want = e->len + n;
+  if (n > MB_COPY_MAX_BYTES || want > MB_COPY_MAX_BYTES)
+    return too_large(e, want < e->len ? SIZE_MAX : want);
+  size_t cap = e->cap * 2;
+  if (cap < want)
+    cap = want;
+  if (cap > MB_COPY_MAX_BYTES)
+    cap = MB_COPY_MAX_BYTES;
+  mb_msg_t *m = realloc(e->msg, sizeof(mb_msg_t) + cap);
+  if (!m)
+    return fail_plain(e, "out of memory");
+  e->msg = inflight.msg = m;
+  e->cap = cap;
+  return 0;
+}
+
+/* Make room for n more payload bytes. */
+static inline int reserve(enc_t *e, size_t n)
+{
+  return e->cap - e->len >= n ? 0 : grow(e, n);
+}
+
+/* The next n bytes: only after reserve(e, n). */
+static inline unsigned char *out(enc_t *e, size_t n)
+{
+  unsigned char *p = e->msg->data + e->len;
+  e->len += n;
+  return p;
+}
+
+static inline void put_varint(enc_t *e, uint32_t v)
+{
+  unsigned char *p = e->msg->data + e->len;
+  while (v >= 0x80) {
+    *p++ = (unsigned char)(v | 0x80);
+    v >>= 7;
+  }
+  *p++ = (unsigned char)v;
+  e->len = (size_t)(p - e->msg->data);
+}
+
+static inline int put_byte(enc_t *e, unsigned char c)
+{
+  if (reserve(e, 1) < 0)
+    return -1;
+  *out(e, 1) = c;
+  return 0;
+}
+
+static inline size_t varint_size(size_t v)
+{
+  size_t n = 1;
+  while (v >= 0x80) {
+    v >>= 7;
+    n++;
+  }
+  return n;
+}
+
+static int put_string(enc_t *e, const char *s, size_t n)
+{
+  if (n <= SHORTSTR_MAX) {
+    if (reserve(e, 1 + n) < 0)
+      return -1;
+    *out(e, 1) = (unsigned char)(T_SHORTSTR | n);
+  } else {
+    /* Exact size, so that the limit is exact too. */
+    if (reserve(e, 1 + varint_size(n) + n) < 0)
+      return -1;
+    *out(e, 1) = T_STRING;
+    put_varint(e, (uint32_t)n);
+  }
+  memcpy(out(e, n), s, n);
+  return 0;
+}
+
+/* A length-prefixed name inside a module or C-function record. */
+static int put_name(enc_t *e, lua_State *L, int idx)
+{
+  size_t n;
+  const char *s = lua_tolstring(L, idx, &n);
+  if (reserve(e, 5 + n) < 0)
+    return -1;
+  put_varint(e, (uint32_t)n);
+  memcpy(out(e, n), s, n);
+  return 0;
+}
+
+static int put_id(enc_t *e, unsigned char tag, uint64_t id)
+{
+  if (reserve(e, 9) < 0)
+    return -1;
+  unsigned char *p = out(e, 9);
+  p[0] = tag;
+  memcpy(p + 1, &id, 8);
+  return 0;
+}
+
+/* -- Visited set --------------------------------------------------------- */
+
+static inline uint32_t hash_ptr(const void *p)
+{
+  uint64_t x = (uint64_t)(uintptr_t)p;
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdULL;
+  x ^= x >> 33;
+  return (uint32_t)x;
+}
+
+static void map_put(slot_t *map, uint32_t mask, const void *key, uint64_t val)
+{
+  uint32_t i = hash_ptr(key) & mask;
+  while (map[i].key)
+    i = (i + 1) & mask;
+  map[i].key = key;
+  map[i].val = val;
+}
+
+static int map_grow(enc_t *e)
+{
+  uint32_t ncap = e->map ? 2 * (e->mask + 1) : 4 * SMALL_SEEN;
+  slot_t *nmap = calloc(ncap, sizeof *nmap);
+  if (!nmap)
+    return fail_plain(e, "out of memory");
+  if (e->map) {
+    for (uint32_t i = 0; i <= e->mask; i++)
+      if (e->map[i].key)
+        map_put(nmap, ncap - 1, e->map[i].key, e->map[i].val);
+    free(e->map);
+  } else {
+    for (uint32_t i = 0; i < e->nseen; i++)
+      map_put(nmap, ncap - 1, e->small[i].key, e->small[i].val);
+  }
+  e->map = inflight.map = nmap;
+  e->mask = ncap - 1;
+  return 0;
+}
+
+/* Look up the object p. Seen before: store its value in *found and return
+ * 1. New: record it with value val and return 0. -1 on failure. */
+static int visit(enc_t *e, const void *p, uint64_t val, uint64_t *found)
+{
+  if (!e->map) {
+    for (uint32_t i = 0; i < e->nseen; i++)
+      if (e->small[i].key == p) {
+        *found = e->small[i].val;
+        return 1;
+      }
+    if (e->nseen < SMALL_SEEN) {
+      e->small[e->nseen].key = p;
+      e->small[e->nseen].val = val;
+      e->nseen++;
+      return 0;
+    }
+    if (map_grow(e) < 0)
+      return -1;
+  }
+  uint32_t i = hash_ptr(p) & e->mask;
+  while (e->map[i].key) {
+    if (e->map[i].key == p) {
+      *found = e->map[i].val;
+      return 1;
+    }
+    i = (i + 1) & e->mask;
+  }
+  /* Keep the load at most 1/2 so probes stay short. */
+  if (2 * (e->nseen + 1) > e->mask + 1) {
+    if (map_grow(e) < 0)
+      return -1;
+    map_put(e->map, e->mask, p, val);
+  } else {
+    e->map[i].key = p;
+    e->map[i].val = val;
+  }
+  e->nseen++;
+  return 0;
+}
+
+static int put_backref(enc_t *e, uint64_t first)
+{
+  if (reserve(e, 1 + 5) < 0)
+    return -1;
+  e->msg->data[first] |= T_SHARED;
+  *out(e, 1) = T_BACKREF;
+  put_varint(e, (uint32_t)first);
+  return 0;
+}
+
+/* -- Encoder ------------------------------------------------------------- */
+
+static int enc_value(enc_t *e, int idx);
+
+/* Enter one more level of nesting, or fail with the limit. */
+static int enter(enc_t *e)
+{
+  if (e->depth >= MB_COPY_MAX_DEPTH)
+    return fail(e, "message nested too deep (limit " STR(MB_COPY_MAX_DEPTH) ")");
+  if (!lua_checkstack(e->L, LEVEL_SLOTS))
+    return fail(e, "message nested too deep (Lua stack exhausted)");
+  e->depth++;
+  return 0;
+}
+
+static int enc_table(enc_t *e, int idx)
+{
+  lua_State *L = e->L;
+  uint64_t first;
+  int seen = visit(e, lua_topointer(L, idx), e->len, &first);
+  if (seen)
+    return seen < 0 ? -1 : put_backref(e, first);
+  if (enter(e) < 0)
+    return -1;
+
+  size_t narr = lua_objlen(L, idx);
+  if (narr > MB_COPY_MAX_BYTES)         /* at least a byte per element */
+    return too_large(e, e->len + narr);
+  if (narr > 64) {
+    /* lua_objlen is any border; with holes, a long array section could be
+     * mostly nils. Send sparse arrays as key/value pairs instead. */
+    size_t live = 0;
+    for (size_t i = 1; i <= narr; i++) {
+      lua_rawgeti(L, idx, (int)i);
+      live += !lua_isnil(L, -1);
+      lua_pop(L, 1);
+    }
+    if (2 * live < narr)
+      narr = 0;
+  }
+  if (reserve(e, 1 + 5 + 4) < 0)
+    return -1;
+  *out(e, 1) = T_TABLE;
+  put_varint(e, (uint32_t)narr);
+  size_t hpos = e->len;
+  out(e, 4);
+
+  pathseg_t *seg = &e->path[e->depth];
+  seg->kind = P_INDEX;
+  for (size_t i = 1; i <= narr; i++) {
+    seg->n = (uint32_t)i;
+    lua_rawgeti(L, idx, (int)i);
+    if (enc_value(e, lua_gettop(L)) < 0)
+      return -1;
+    lua_pop(L, 1);
+  }
+
+  uint32_t nhash = 0;
+  lua_pushnil(L);
+  int k = lua_gettop(L);
+  while (lua_next(L, idx)) {
+    if (narr && lua_type(L, k) == LUA_TNUMBER) {
+      lua_Number n = lua_tonumber(L, k);
+      if (n >= 1 && n <= (lua_Number)narr && n == (lua_Number)(size_t)n) {
+        lua_pop(L, 1);           /* already sent in the array section */
+        continue;
+      }
+    }
+    seg->kind = P_KEY;
+    seg->idx = k;
+    if (enc_value(e, k) < 0)
+      return -1;
+    seg->kind = P_FIELD;
+    if (enc_value(e, k + 1) < 0)
+      return -1;
+    lua_pop(L, 1);
+    nhash++;
+  }
+  memcpy(e->msg->data + hpos, &nhash, 4);
+  e->depth--;
+  return 0;
+}
+
+/* If the value at idx is a value of the sender's package.loaded, write a
+ * module record and return 1; 0 if it is not; -1 on failure. */
+static int enc_module(enc_t *e, int idx)
+{
+  lua_State *L = e->L;
+  lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
+  int loaded = lua_gettop(L);
+  int r = 0;
+  if (lua_istable(L, loaded)) {
+    lua_pushnil(L);
+    while (lua_next(L, loaded)) {
+      if (lua_type(L, -2) == LUA_TSTRING && lua_rawequal(L, -1, idx)) {
+        r = put_byte(e, T_MODULE) < 0 || put_name(e, L, -2) < 0 ? -1 : 1;
+        break;
+      }
+      lua_pop(L, 1);
+    }
+  }
+  lua_settop(L, loaded - 1);
+  return r;
+}
+
+/* A C function cannot be dumped; it travels by name if it is a loaded module
+ * or a field of one (print is _G.print, table.insert is table.insert). */
+static int enc_cfunction(enc_t *e, int idx)
+{
+  lua_State *L = e->L;
+  int r = enc_module(e, idx);
+  if (r)
+    return r < 0 ? -1 : 0;
+  lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
+  int loaded = lua_gettop(L);
+  if (lua_istable(L, loaded)) {
+    lua_pushnil(L);
+    while (!r && lua_next(L, loaded)) {
+      int mod = lua_gettop(L);
+      if (lua_type(L, mod - 1) == LUA_TSTRING && lua_istable(L, mod)) {
+        lua_pushnil(L);
+        while (lua_next(L, mod)) {
+          if (lua_type(L, -2) == LUA_TSTRING && lua_rawequal(L, -1, idx)) {
+            r = put_byte(e, T_CFIELD) < 0 || put_name(e, L, mod - 1) < 0 ||
+                put_name(e, L, -2) < 0 ? -1 : 1;
+            break;
+          }
+          lua_pop(L, 1);
+        }
+      }
+      lua_settop(L, mod - 1);
+    }
+  }
+  lua_settop(L, loaded - 1);
+  if (r == 0)
+    return fail(e, "cannot send a C function");
+  return r < 0 ? -1 : 0;
+}
+
+static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud)
+{
+  (void)L;
+  enc_t *e = ud;
+  if (reserve(e, sz) < 0)
+    return 1;
+  memcpy(out(e, sz), p, sz);
+  return 0;
+}
+
+static int enc_function(enc_t *e, int idx)
+{
+  lua_State *L = e->L;
+  uint64_t first;
+  int seen = visit(e, lua_topointer(L, idx), e->len, &first);
+  if (seen)
+    return seen < 0 ? -1 : put_backref(e, first);
+  if (lua_iscfunction(L, idx))
+    return enc_cfunction(e, idx);
+  if (enter(e) < 0)
+    return -1;
+
+  size_t fpos = e->len;
+  if (reserve(e, 1 + 4) < 0)
+    return -1;
+  *out(e, 1) = T_FUNCTION;
+  size_t lpos = e->len;
+  out(e, 4);
+  lua_pushvalue(L, idx);
+  int st = lua_dump(L, dump_writer, e);
+  if (e->failed)
+    return -1;
+  if (st != 0)
+    return fail(e, "cannot send a function (lua_dump failed)");
+  lua_pop(L, 1);
+  uint32_t bclen = (uint32_t)(e->len - lpos - 4);
+  memcpy(e->msg->data + lpos, &bclen, 4);
+
+  if (reserve(e, 1) < 0)
+    return -1;
+  size_t npos = e->len;
+  out(e, 1);
+  pathseg_t *seg = &e->path[e->depth];
+  seg->kind = P_UPVAL;
+  seg->idx = idx;
+  uint32_t i;
+  for (i = 1; lua_getupvalue(L, idx, (int)i); i++) {
+    int up = lua_gettop(L);
+    seg->n = i;
+    if (i > 0xFF)
+      return fail(e, "cannot send a function with more than 255 upvalues");
+    /* A cell shared with a function sent earlier is joined, not copied. */
+    uint64_t cell;
+    int seen = visit(e, lua_upvalueid(L, idx, (int)i), (uint64_t)fpos << 8 | i, &cell);
+    if (seen < 0)
+      return -1;
+    if (seen) {
+      if (reserve(e, 1 + 5 + 1) < 0)
+        return -1;
+      e->msg->data[cell >> 8] |= T_SHARED;
+      *out(e, 1) = T_UPJOIN;
+      put_varint(e, (uint32_t)(cell >> 8));
+      *out(e, 1) = (unsigned char)(cell & 0xFF);
+      lua_pop(L, 1);
+      continue;
+    }
+    int t = lua_type(L, up), r = 0;
+    if (t == LUA_TTABLE || t == LUA_TUSERDATA ||
+        (t == LUA_TFUNCTION && !lua_iscfunction(L, up)))
+      r = enc_module(e, up);
+    if (r < 0 || (r == 0 && enc_value(e, up) < 0))
+      return -1;
+    lua_pop(L, 1);
+  }
+  e->msg->data[npos] = (unsigned char)(i - 1);
+  e->depth--;
+  return 0;
+}
+
+static int enc_value(enc_t *e, int idx)
+{
+  lua_State *L = e->L;
+  switch (lua_type(L, idx)) {
+  case LUA_TNONE:
+  case LUA_TNIL:
+    return put_byte(e, T_NIL);
+  case LUA_TBOOLEAN:
+    return put_byte(e, lua_toboolean(L, idx) ? T_TRUE : T_FALSE);
+  case LUA_TNUMBER: {
+    lua_Number d = lua_tonumber(L, idx);
+    if (reserve(e, 9) < 0)
+      return -1;
+    unsigned char *p = out(e, 9);
+    p[0] = T_NUMBER;
+    memcpy(p + 1, &d, 8);
+    return 0;
+  }
+  case LUA_TSTRING: {
+    size_t n;
+    const char *s = lua_tolstring(L, idx, &n);
+    return put_string(e, s, n);
+  }
+  case LUA_TTABLE:
+    return enc_table(e, idx);
+  case LUA_TFUNCTION:
+    return enc_function(e, idx);
+  case LUA_TUSERDATA: {
+    uint64_t id;
+    if ((id = mb_pid_test(L, idx)) != 0)
+      return put_id(e, T_PID, id);
+    if ((id = mb_ref_test(L, idx)) != 0)
+      return put_id(e, T_REF, id);
+    return fail(e, "cannot send a userdata");
+  }
+  case LUA_TLIGHTUSERDATA:
+    return fail(e, "cannot send a light userdata");
+  case LUA_TTHREAD:
+    return fail(e, "cannot send a coroutine");
+  case TYPE_CDATA:
+    return fail(e, "cannot send a cdata");
+  default:
+    return fail(e, "cannot send a value of this type");
+  }
+}
+
+static void reclaim_inflight(void)
+{
+  free(inflight.msg);
+  free(inflight.map);
+  inflight.msg = NULL;
+  inflight.map = NULL;
+}
+
+mb_msg_t *mb_copy_encode(lua_State *L, int first, int n, const char *root,
+                         const char *const *names, char *err, size_t errlen)
+{
+  /* Left over only if an earlier encode on this thread was cut short. */
+  if (inflight.msg || inflight.map)
+    reclaim_inflight();
+  if (err && errlen)
+    err[0] = '\0';
+  int top = lua_gettop(L);
+  if (first < 0 && first > LUA_REGISTRYINDEX)
+    first = top + first + 1;
+
+  /* Only the fields used before an error are initialised: path[] and small[]
+   * are written before they are read, and clearing them would cost more
+   * than encoding a small message. */
+  enc_t e;
+  e.L = L;
+  e.len = 0;
+  e.depth = 0;
+  e.failed = false;
+  e.vi = 0;
+  e.nvals = n;
+  e.root = root;
+  e.names = names;
+  e.err = err;
+  e.errlen = errlen;
+  e.nseen = 0;
+  e.mask = 0;
+  e.map = NULL;
+  e.msg = NULL;
+  e.cap = 0;
+
+  if (n < 0) {
+    fail_plain(&e, "negative value count");
+    return NULL;
+  }
+  /* Before the first malloc: if this raises, nothing leaks. */
+  if (!lua_checkstack(L, LEVEL_SLOTS)) {
+    fail_plain(&e, "message nested too deep (Lua stack exhausted)");
+    return NULL;
+  }
+  e.cap = INITIAL_PAYLOAD;
+  e.msg = inflight.msg = malloc(sizeof(mb_msg_t) + e.cap);
+  if (!e.msg) {
+    fail_plain(&e, "out of memory");
+    return NULL;
+  }
+
+  for (e.vi = 0; e.vi < n; e.vi++)
+    if (enc_value(&e, first + e.vi) < 0)
+      break;
+  lua_settop(L, top);
+  free(e.map);
+  mb_msg_t *m = e.msg;
+  inflight.msg = NULL;
+  inflight.map = NULL;
+  if (e.failed) {
+    free(m);
+    return NULL;
+  }
+  if (e.cap - e.len > SHRINK_SLACK) {
+    mb_msg_t *shrunk = realloc(m, sizeof(mb_msg_t) + e.len);
+    if (shrunk)
+      m = shrunk;
+  }
+  m->next = NULL;
+  m->kind = 0;
+  m->nvalues = (uint32_t)n;
+  m->from = 0;
+  m->len = e.len;
+  return m;
+}
+
+/* -- Decoder ------------------------------------------------------------- */
+
+typedef struct {
+  lua_State *L;
+  const unsigned char *base, *p, *end;
+  int objs;               /* stack slot of the shared-object table */
+  bool has_objs;          /* whether that slot holds the table yet (else nil) */
+  int depth;
+} dec_t;
+
+static void corrupt(dec_t *d)
+{
+  lua_pushliteral(d->L, "corrupt message");
+  lua_error(d->L);
+}
+
+static inline void need(dec_t *d, size_t n)
+{
+  if ((size_t)(d->end - d->p) < n)
+    corrupt(d);
+}
+
+static uint32_t rd_varint(dec_t *d)
+{
+  uint32_t v = 0;
+  for (int shift = 0; shift < 35; shift += 7) {
+    need(d, 1);
+    unsigned b = *d->p++;
+    v |= (uint32_t)(b & 0x7F) << shift;
+    if (!(b & 0x80))
+      return v;
+  }
+  corrupt(d);
+  return 0;
+}
+
+static uint32_t rd_u32(dec_t *d)
+{
+  uint32_t v;
+  need(d, 4);
+  memcpy(&v, d->p, 4);
+  d->p += 4;
+  return v;
+}
+
+static uint64_t rd_id(dec_t *d)
+{
+  uint64_t v;
+  need(d, 8);
+  memcpy(&v, d->p, 8);
+  d->p += 8;
+  if (v == 0)
+    corrupt(d);
+  return v;
+}
+
+/* A length-prefixed name: returns its bytes in the message, length in *n. */
+static const char *rd_name(dec_t *d, size_t *n)
+{
+  *n = rd_varint(d);
+  need(d, *n);
+  const char *s = (const char *)d->p;
+  d->p += *n;
+  return s;
+}
+
+/* Remember the value on top as the object whose tag is at offset at. */
+static void remember(dec_t *d, size_t at)
+{
+  lua_State *L = d->L;
+  if (!d->has_objs) {
+    lua_createtable(L, 0, 4);
+    lua_replace(L, d->objs);
+    d->has_objs = true;
+  }
+  lua_pushvalue(L, -1);
+  lua_rawseti(L, d->objs, (int)at);
+}
+
+static void dec_enter(dec_t *d)
+{
+  if (++d->depth > MB_COPY_MAX_DEPTH)
+    corrupt(d);
+  if (!lua_checkstack(d->L, LEVEL_SLOTS))
+    luaL_error(d->L, "message nested too deep for the Lua stack");
+}
+
+/* Push require(name), in the receiver. */
+static void push_module(dec_t *d, const char *name, size_t n)
+{
+  lua_State *L = d->L;
+  lua_getglobal(L, "require");
+  lua_pushlstring(L, name, n);
+  lua_call(L, 1, 1);
+}
+
+static void dec_value(dec_t *d);
+
+static void dec_table(dec_t *d, unsigned tag, size_t at)
+{
+  lua_State *L = d->L;
+  uint32_t narr = rd_varint(d);
+  uint32_t nhash = rd_u32(d);
+  size_t rest = (size_t)(d->end - d->p);
+  /* Every value takes at least one byte: this bounds the size hints. */
+  if (narr > rest || nhash > rest / 2)
+    corrupt(d);
+  dec_enter(d);
+  lua_createtable(L, (int)narr, (int)nhash);
+  if (tag & T_SHARED)
+    remember(d, at);
+  for (uint32_t i = 1; i <= narr; i++) {
+    dec_value(d);
+    lua_rawseti(L, -2, (int)i);
+  }
+  for (uint32_t i = 0; i < nhash; i++) {
+    dec_value(d);
+    if (lua_isnil(L, -1) ||
+        (lua_type(L, -1) == LUA_TNUMBER && lua_tonumber(L, -1) != lua_tonumber(L, -1)))
+      corrupt(d);
+    dec_value(d);
+    lua_rawset(L, -3);
+  }
+  d->depth--;
+}
+
+static void dec_function(dec_t *d, unsigned tag, size_t at)
+{
+  lua_State *L = d->L;
+  uint32_t len = rd_u32(d);
+  need(d, len);
+  const unsigned char *bc = d->p;
+  if (len < 4 || bc[0] != 0x1B || bc[1] != 'L' || bc[2] != 'J')
+    corrupt(d);
+  dec_enter(d);
+  if (luaL_loadbuffer(L, (const char *)bc, len, "=message") != 0) {
+    lua_pushfstring(L, "corrupt message (bytecode rejected: %s)", lua_tostring(L, -1));
+    lua_error(L);
+  }
+  d->p += len;
+  if (tag & T_SHARED)
+    remember(d, at);
+  need(d, 1);
+  unsigned nups = *d->p++;
+  int f = lua_gettop(L);
+  for (unsigned i = 1; i <= nups; i++) {
+    need(d, 1);
+    if (*d->p == T_UPJOIN) {
+      d->p++;
+      size_t at = (size_t)(d->p - 1 - d->base);
+      uint32_t off = rd_varint(d);
+      need(d, 1);
+      int n = *d->p++;
+      if (!d->has_objs || off >= at)
+        corrupt(d);
+      lua_rawgeti(L, d->objs, (int)off);
+      /* lua_upvaluejoin only asserts: check both upvalues exist here. */
+      if (!lua_isfunction(L, -1) || lua_iscfunction(L, -1) || n == 0 ||
+          !lua_getupvalue(L, -1, n) || !lua_getupvalue(L, f, (int)i))
+        corrupt(d);
+      lua_pop(L, 2);
+      lua_upvaluejoin(L, f, (int)i, f + 1, n);
+      lua_pop(L, 1);
+      continue;
+    }
+    dec_value(d);
+    if (!lua_setupvalue(L, f, (int)i))
+      corrupt(d);
+  }
+  if (lua_getupvalue(L, -1, (int)nups + 1))
+    corrupt(d);                  /* fewer upvalues sent than the function has */
+  d->depth--;
+}
+
+static void dec_value(dec_t *d)
+{
+  lua_State *L = d->L;
+  need(d, 1);
+  size_t at = (size_t)(d->p - d->base);
+  unsigned tag = *d->p++;
+  if (tag & T_SHORTSTR) {
+    size_t n = tag & SHORTSTR_MAX;
+    need(d, n);
+    lua_pushlstring(L, (const char *)d->p, n);
+    d->p += n;
+    return;
+  }
+  switch (tag) {
+  case T_NIL:
+    lua_pushnil(L);
+    return;
+  case T_FALSE:
+  case T_TRUE:
+    lua_pushboolean(L, tag == T_TRUE);
+    return;
+  case T_NUMBER: {
+    lua_Number n;
+    need(d, 8);
+    memcpy(&n, d->p, 8);
+    d->p += 8;
+    lua_pushnumber(L, n);
+    return;
+  }
+  case T_STRING: {
+    size_t n;
+    const char *s = rd_name(d, &n);
+    lua_pushlstring(L, s, n);
+    return;
+  }
+  case T_TABLE:
+  case T_TABLE | T_SHARED:
+    dec_table(d, tag, at);
+    return;
+  case T_FUNCTION:
+  case T_FUNCTION | T_SHARED:
+    dec_function(d, tag, at);
+    return;
+  case T_PID:
+    mb_pid_push(L, rd_id(d));
+    return;
+  case T_REF:
+    mb_ref_push(L, rd_id(d));
+    return;
+  case T_BACKREF: {
+    uint32_t off = rd_varint(d);
+    if (!d->has_objs || off >= at)
+      corrupt(d);
+    lua_rawgeti(L, d->objs, (int)off);
+    if (lua_isnil(L, -1))
+      corrupt(d);
+    return;
+  }
+  case T_MODULE:
+  case T_MODULE | T_SHARED: {
+    size_t n;
+    const char *name = rd_name(d, &n);
+    push_module(d, name, n);
+    break;
+  }
+  case T_CFIELD:
+  case T_CFIELD | T_SHARED: {
+    size_t mn, fn;
+    const char *mod = rd_name(d, &mn);
+    const char *field = rd_name(d, &fn);
+    push_module(d, mod, mn);
+    if (lua_istable(L, -1)) {
+      lua_pushlstring(L, field, fn);
+      lua_rawget(L, -2);
+    } else {
+      lua_pushnil(L);
+    }
+    lua_remove(L, -2);
+    if (!lua_isfunction(L, -1)) {
+      lua_pushliteral(L, "cannot rebuild message: no function ");
+      lua_pushlstring(L, mod, mn);
+      lua_pushliteral(L, ".");
+      lua_pushlstring(L, field, fn);
+      lua_pushliteral(L, " in the receiver");
+      lua_concat(L, 5);
+      lua_error(L);
+    }
+    break;
+  }
+  default:
+    corrupt(d);
+    return;
+  }
+  if (tag & T_SHARED)
+    remember(d, at);
+}
+
+int mb_copy_decode(lua_State *L, const mb_msg_t *msg)
+{
+  dec_t d;
+  d.L = L;
+  d.base = d.p = msg->data;
+  d.end = msg->data + msg->len;
+  d.has_objs = false;
+  d.depth = 0;
+  /* Every value takes at least one byte. */
+  if (msg->len > MB_COPY_MAX_BYTES || msg->nvalues > msg->len)
+    corrupt(&d);
+  if (!lua_checkstack(L, (int)msg->nvalues + LEVEL_SLOTS))
+    luaL_error(L, "message has too many values for the Lua stack");
+  lua_pushnil(L);
+  d.objs = lua_gettop(L);
+  for (uint32_t i = 0; i < msg->nvalues; i++)
+    dec_value(&d);
+  if (d.p != d.end)
+    corrupt(&d);
+  lua_remove(L, d.objs);
+  return (int)msg->nvalues;
+}
+
+/* -- Messages ------------------------------------------------------------ */
+
+mb_msg_t *mb_msg_new(size_t len)
+{
+  if (len > SIZE_MAX - sizeof(mb_msg_t))
+    return NULL;
+  mb_msg_t *m = malloc(sizeof(mb_msg_t) + len);
+  if (!m)
+    return NULL;
+  m->next = NULL;
+  m->kind = 0;
+  m->nvalues = 0;
+  m->from = 0;
+  m->len = len;
+  memset(m->data, 0, len);
+  return m;
+}
+
+void mb_msg_free(mb_msg_t *msg)
+{
+  free(msg);
+}

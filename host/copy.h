@@ -1,0 +1,68 @@
+/* copy.h: deep copy of Lua values between isolated states.
+ *
+ * DESIGN
+ * Processes share nothing, so a value crosses from one lua_State to another as
+ * a flat byte string (an mb_msg_t) that belongs to neither: the sender's thread
+ * encodes it, any thread may move it, the receiver's thread decodes it into the
+ * receiver's state. Encoding never touches the receiver and decoding never
+ * touches the sender, so the two may run on different scheduler threads.
+ *
+ * What copies: nil, booleans, numbers (bit-exact: inf, nan, -0), strings
+ * (binary-safe), tables (any copyable keys and values; shared references and
+ * cycles are preserved within one message), pids and refs, and Lua functions
+ * (bytecode plus upvalues copied by value; an upvalue that is a loaded module,
+ * a value of package.loaded, travels as its module name and is re-required by
+ * the receiver; a C function that is a field of a loaded module, such as
+ * table.insert or print, travels as module + field name). Metatables are not
+ * copied. Anything else (coroutine, userdata, cdata, a C function not found in
+ * a loaded module) fails with an error naming where it sits, for example
+ * "msg.handlers[2]: cannot send a coroutine".
+ *
+ * Limits: MB_COPY_MAX_BYTES of encoded size and MB_COPY_MAX_DEPTH of nesting.
+ */
+#ifndef MB_COPY_H
+#define MB_COPY_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "lua.h"
+
+/* Encoded size limit of one message (64 MiB). */
+#define MB_COPY_MAX_BYTES (64u << 20)
+/* Nesting limit of tables and functions within one message. */
+#define MB_COPY_MAX_DEPTH 200
+
+/* One encoded message. The mailbox links messages through next; kind and
+ * from are set by whoever queues it (see mailbox.h), not by the codec. */
+typedef struct mb_msg {
+  struct mb_msg *next;
+  uint32_t kind;
+  uint32_t nvalues;      /* how many values were encoded */
+  uint64_t from;
+  uint64_t ref;          /* DOWN messages: the monitor's ref */
+  size_t len;            /* bytes in data */
+  unsigned char data[];
+} mb_msg_t;
+
+/* Encode the n values at stack slots first..first+n-1 of L into a new
+ * message (malloc'ed, owner: the caller; free with mb_msg_free). root names
+ * the values in error paths: with n == 1 it is the whole name ("msg"), with
+ * n > 1 value i is named root[i] (spawn passes "arg" -> "arg[2].x"), unless
+ * names is non-NULL, which gives one name per value.
+ * On failure returns NULL and writes a NUL-terminated message to err
+ * (errlen bytes at most). Never raises a Lua error for a bad value, but may
+ * raise a memory error from L. Leaves the stack as it found it. */
+mb_msg_t *mb_copy_encode(lua_State *L, int first, int n, const char *root,
+                         const char *const *names, char *err, size_t errlen);
+
+/* Push the values of msg onto L (msg->nvalues of them) and return that count.
+ * Raises a Lua error if the message cannot be rebuilt (a module that is not
+ * found in the receiver, out of memory, bytecode rejected). msg stays owned
+ * by the caller, who must keep it reachable (or free it) if this raises. */
+int mb_copy_decode(lua_State *L, const mb_msg_t *msg);
+
+/* A message with no values and room for len bytes of payload; data zeroed. */
+mb_msg_t *mb_msg_new(size_t len);
+void mb_msg_free(mb_msg_t *msg);
+
+#endif

@@ -1,0 +1,24 @@
+/* lib.h: the `moonbeam` Lua module (lib_mb.c) as the rest of the host sees it. */
+#ifndef MB_LIB_H
+#define MB_LIB_H
+
+#include "lua.h"
+#include "proc.h"
+
+/* luaopen for require "moonbeam": pushes the module table. */
+int mb_lib_open(lua_State *L);
+
+/* Halt the host with code and stop the calling process; use as
+ * `return mb_lib_halt(L, code)` from a C function. */
+int mb_lib_halt(lua_State *L, int code);
+
+/* Push the message m (decoded; EXIT/DOWN become their tables) onto L.
+ * Raises on a corrupt message; m stays owned by the caller. */
+void mb_lib_push_msg(lua_State *L, const mb_msg_t *m);
+
+/* Receive on behalf of p (owner thread): look for the oldest message that
+ * matches the pending receive (p->recv_match) and push it onto L.
+ * Returns 1 if a message was pushed, 0 if none matched, -1 if p must die. */
+int mb_lib_try_receive(mb_proc_t *p, lua_State *L);
+
+#endif

@@ -1,0 +1,768 @@
+/* lib_mb.c: the `moonbeam` Lua module - processes, messages, links,
+ * monitors, names and timers as Lua sees them.
+ *
+ * Functions that block (receive, sleep) or stop the process (exit, halt)
+ * yield the body coroutine to the scheduler with `return mb_sched_yield()`;
+ * the scheduler resumes them with their results (the message, or nil on a
+ * timeout), so the yield costs a plain C-function yield, not a hook yield.
+ * They refuse to block where a yield is impossible (inside table.sort, a
+ * gsub callback, a metamethod called from C, a module's top level being
+ * required) with an error that says so.
+ *
+ * The module table starts empty: its __index creates each function on first
+ * use, so that an idle process holds only the functions it called.
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "lauxlib.h"
+#include "lib.h"
+#include "lstate.h"
+#include "reg.h"
+#include "scheduler.h"
+#include "timer.h"
+
+/* -- Helpers -------------------------------------------------------------- */
+
+static mb_proc_t *self_of(lua_State *L)
+{
+  return mb_proc_of(L);
+}
+
+/* A destination: a pid, or a registered name that must exist. */
+static mb_pid_t check_dest(lua_State *L, int idx, const char *fname)
+{
+  mb_pid_t pid = mb_pid_test(L, idx);
+  if (pid)
+    return pid;
+  if (lua_type(L, idx) == LUA_TSTRING) {
+    const char *name = lua_tostring(L, idx);
+    pid = mb_reg_whereis(name);
+    if (pid == 0)
+      luaL_error(L, "%s: no process is registered as '%s'", fname, name);
+    return pid;
+  }
+  return (mb_pid_t)luaL_error(L,
+      "bad argument #%d to '%s' (pid or registered name expected, got %s)",
+      idx, fname, luaL_typename(L, idx));
+}
+
+/* Encode the value at idx as a one-value message, or raise "fname: err". */
+static mb_msg_t *encode_or_raise(lua_State *L, int idx, const char *fname,
+                                 const char *root)
+{
+  char err[512];
+  mb_msg_t *m = mb_copy_encode(L, idx, 1, root, NULL, err, sizeof err);
+  if (m == NULL)
+    luaL_error(L, "%s: %s", fname, err);
+  return m;
+}
+
+/* Stop the calling process now (its exit_reason is set). */
+static int stop_self(lua_State *L, mb_proc_t *p)
+{
+  if (mb_sched_can_yield(p, L))
+    return mb_sched_yield(L, MB_YIELD_EXIT);
+  /* Inside a C call: unwind with an error; the hook finishes the exit at
+   * the next safe point even if a pcall catches this. */
+  return luaL_error(L, "process is exiting");
+}
+
+static void must_be_able_to_block(lua_State *L, mb_proc_t *p, const char *fname)
+{
+  if (!mb_sched_can_yield(p, L))
+    luaL_error(L, "%s: cannot block here (called through a C function such as "
+               "table.sort, string.gsub, require, or a metamethod called from C)",
+               fname);
+}
+
+/* -- Spawning ------------------------------------------------------------- */
+
+typedef struct spawn_opts {
+  int link, monitor;
+  const char *name;
+  size_t max_memory;
+} spawn_opts_t;
+
+/* The child's boot (run by its scheduler, protected): rebuild the function
+ * (or require the module) and the arguments. */
+static int boot_spawned(lua_State *L)
+{
+  mb_proc_t *p = lua_touserdata(L, 1);
+  lua_settop(L, 0);
+  /* Preinstall moonbeam: spawned closures almost always capture it. */
+  mb_lstate_push_module(L);
+  lua_pop(L, 1);
+  int n = mb_copy_decode(L, p->boot_msg);
+  mb_msg_free(p->boot_msg);
+  p->boot_msg = NULL;
+  if (lua_type(L, 1) == LUA_TSTRING) {
+    const char *mod = lua_tostring(L, 1);
+    lua_getfield(L, LUA_GLOBALSINDEX, "require");
+    lua_pushvalue(L, 1);
+    lua_call(L, 1, 1);
+    if (!lua_isfunction(L, -1))
+      return luaL_error(L, "spawn: module '%s' returned %s, not a function",
+                        mod, luaL_typename(L, -1));
+    lua_replace(L, 1);
+  }
+  return n;
+}
+
+/* Where fn at idx was defined, for crash reports. */
+static char *describe_origin(lua_State *L, int idx)
+{
+  char buf[256];
+  if (lua_type(L, idx) == LUA_TSTRING) {
+    snprintf(buf, sizeof buf, "module '%s'", lua_tostring(L, idx));
+  } else {
+    lua_Debug ar;
+    lua_pushvalue(L, idx);
+    lua_getinfo(L, ">S", &ar);
+    snprintf(buf, sizeof buf, "function at %s:%d", ar.short_src, ar.linedefined);
+  }
+  size_t n = strlen(buf) + 1;
+  char *s = mb_malloc(n);
+  memcpy(s, buf, n);
+  return s;
+}
+
+/* Spawn fn at fnidx with the arguments above it; push pid (and ref). */
+static int spawn_common(lua_State *L, int fnidx, const spawn_opts_t *o,
+                        const char *fname)
+{
+  mb_proc_t *self = self_of(L);
+  int t = lua_type(L, fnidx);
+  if (t == LUA_TFUNCTION && lua_iscfunction(L, fnidx))
+    return luaL_error(L, "%s: cannot spawn a C function", fname);
+  if (t != LUA_TFUNCTION && t != LUA_TSTRING)
+    return luaL_error(L, "bad argument #%d to '%s' (function or module name "
+                      "expected, got %s)", fnidx, fname, luaL_typename(L, fnidx));
+  int n = lua_gettop(L) - fnidx + 1;
+  const char *names[17];
+  char namebuf[16][12];
+  names[0] = "function";
+  for (int i = 1; i < n && i < 16; i++) {
+    snprintf(namebuf[i], sizeof namebuf[i], "arg %d", i);
+    names[i] = namebuf[i];
+  }
+  char err[512];
+  mb_msg_t *m = mb_copy_encode(L, fnidx, n, "arg", n <= 16 ? names : NULL,
+                               err, sizeof err);
+  if (m == NULL)
+    return luaL_error(L, "%s: %s", fname, err);
+  mb_proc_t *p = mb_proc_new(o->max_memory, err, sizeof err);
+  if (p == NULL) {
+    mb_msg_free(m);
+    return luaL_error(L, "%s: %s", fname, err);
+  }
+  p->boot = boot_spawned;
+  p->boot_msg = m;
+  p->origin = describe_origin(L, fnidx);
+  if (o->name) {
+    int rc = mb_reg_register(o->name, p);
+    if (rc) {
+      mb_proc_exit(p, mb_msg_string("normal"));
+      return luaL_error(L, "%s: name '%s' is already registered", fname, o->name);
+    }
+  }
+  if (o->link)
+    mb_proc_link(self, p->pid);
+  mb_ref_t ref = o->monitor ? mb_proc_monitor(self, p->pid) : 0;
+  mb_pid_t pid = p->pid;
+  mb_sched_enqueue(p);   /* p may run and die at once: no use of p below */
+  mb_pid_push(L, pid);
+  if (o->monitor) {
+    mb_ref_push(L, ref);
+    return 2;
+  }
+  return 1;
+}
+
+/* mb.spawn(fn | module, ...) -> pid */
+static int l_spawn(lua_State *L)
+{
+  spawn_opts_t o = {0};
+  return spawn_common(L, 1, &o, "spawn");
+}
+
+/* mb.spawn_link(fn | module, ...) -> pid */
+static int l_spawn_link(lua_State *L)
+{
+  spawn_opts_t o = {.link = 1};
+  return spawn_common(L, 1, &o, "spawn_link");
+}
+
+/* mb.spawn_monitor(fn | module, ...) -> pid, ref */
+static int l_spawn_monitor(lua_State *L)
+{
+  spawn_opts_t o = {.monitor = 1};
+  return spawn_common(L, 1, &o, "spawn_monitor");
+}
+
+/* mb.spawn_opt({link=, monitor=, name=, max_memory=}, fn | module, ...) */
+static int l_spawn_opt(lua_State *L)
+{
+  luaL_checktype(L, 1, LUA_TTABLE);
+  spawn_opts_t o = {0};
+  lua_getfield(L, 1, "link");
+  o.link = lua_toboolean(L, -1);
+  lua_getfield(L, 1, "monitor");
+  o.monitor = lua_toboolean(L, -1);
+  lua_getfield(L, 1, "max_memory");
+  if (!lua_isnil(L, -1)) {
+    lua_Number mm = lua_tonumber(L, -1);
+    if (lua_type(L, -1) != LUA_TNUMBER || mm < 1)
+      return luaL_error(L, "spawn_opt: opts.max_memory must be a positive number of bytes");
+    o.max_memory = (size_t)mm;
+  }
+  lua_pop(L, 3);
+  lua_getfield(L, 1, "name");
+  if (!lua_isnil(L, -1)) {
+    if (lua_type(L, -1) != LUA_TSTRING || lua_objlen(L, -1) == 0)
+      return luaL_error(L, "spawn_opt: opts.name must be a non-empty string");
+    o.name = lua_tostring(L, -1);
+  }
+  lua_insert(L, 2);  /* the name's string stays anchored while we use it */
+  /* Stack: opts, name, fn, args... */
+  return spawn_common(L, 3, &o, "spawn_opt");
+}
+
+/* -- Messages ------------------------------------------------------------- */
+
+/* mb.self() -> pid */
+static int l_self(lua_State *L)
+{
+  mb_pid_push(L, self_of(L)->pid);
+  return 1;
+}
+
+/* mb.is_pid(v) -> boolean */
+static int l_is_pid(lua_State *L)
+{
+  lua_pushboolean(L, mb_pid_test(L, 1) != 0);
+  return 1;
+}
+
+/* mb.send(dest, msg) */
+static int l_send(lua_State *L)
+{
+  mb_proc_t *p = self_of(L);
+  mb_pid_t dest = check_dest(L, 1, "send");
+  if (lua_isnoneornil(L, 2))
+    return luaL_error(L, "send: nil is not a valid message");
+  mb_msg_t *m = encode_or_raise(L, 2, "send", "msg");
+  p->budget -= MB_REDS_PER_SEND + (int)(m->len / 64);
+  m->kind = MB_MSG_USER;
+  m->from = p->pid;
+  mb_proc_send(dest, m);
+  return 0;
+}
+
+void mb_lib_push_msg(lua_State *L, const mb_msg_t *m)
+{
+  if (m->kind == MB_MSG_USER) {
+    mb_copy_decode(L, m);
+    return;
+  }
+  lua_createtable(L, 0, 4);
+  lua_pushstring(L, m->kind == MB_MSG_DOWN ? "DOWN" : "EXIT");
+  lua_setfield(L, -2, "event");
+  mb_pid_push(L, m->from);
+  lua_setfield(L, -2, "pid");
+  if (m->kind == MB_MSG_DOWN) {
+    mb_ref_push(L, m->ref);
+    lua_setfield(L, -2, "ref");
+  }
+  mb_copy_decode(L, m);
+  lua_setfield(L, -2, "reason");
+}
+
+static void unlink_msg(mb_proc_t *p, mb_msg_t **pm)
+{
+  mb_msg_t *m = *pm;
+  *pm = m->next;
+  if (p->q_tail == &m->next)
+    p->q_tail = pm;
+  atomic_fetch_sub_explicit(&p->mailbox_len, 1, memory_order_relaxed);
+  mb_msg_free(m);
+}
+
+int mb_lib_try_receive(mb_proc_t *p, lua_State *L)
+{
+  if (p->recv_bad) {
+    /* The previous attempt raised while rebuilding this message: drop it,
+     * or every receive would fail on it again. */
+    for (mb_msg_t **pm = &p->q_head; *pm; pm = &(*pm)->next)
+      if (*pm == p->recv_bad) {
+        if (p->q_scan == &(*pm)->next)
+          p->q_scan = pm;
+        unlink_msg(p, pm);
+        break;
+      }
+    p->recv_bad = NULL;
+  }
+  if (mb_proc_drain(p))
+    return -1;
+  for (mb_msg_t **pm = p->q_scan; *pm; ) {
+    mb_msg_t *m = *pm;
+    p->recv_bad = m;
+    mb_lib_push_msg(L, m);
+    p->recv_bad = NULL;
+    if (p->recv_match) {
+      lua_rawgeti(L, LUA_REGISTRYINDEX, p->recv_match);
+      lua_pushvalue(L, -2);
+      lua_call(L, 1, 1);
+      int ok = lua_toboolean(L, -1);
+      lua_pop(L, 1);
+      if (!ok) {
+        lua_pop(L, 1);
+        pm = &m->next;
+        p->q_scan = pm;
+        continue;
+      }
+    }
+    unlink_msg(p, pm);
+    p->q_scan = &p->q_head;
+    return 1;
+  }
+  return 0;
+}
+
+static void clear_match(mb_proc_t *p, lua_State *L)
+{
+  if (p->recv_match) {
+    luaL_unref(L, LUA_REGISTRYINDEX, p->recv_match);
+    p->recv_match = 0;
+  }
+  p->q_scan = &p->q_head;
+}
+
+/* A timeout argument: nil -> -1 (forever), else a number >= 0. */
+static double check_timeout(lua_State *L, int idx, const char *fname)
+{
+  if (lua_isnoneornil(L, idx))
+    return -1;
+  if (lua_type(L, idx) != LUA_TNUMBER || lua_tonumber(L, idx) < 0)
+    luaL_error(L, "bad argument #%d to '%s' (timeout in ms (a number >= 0) "
+               "expected, got %s)", idx, fname, luaL_typename(L, idx));
+  return lua_tonumber(L, idx);
+}
+
+/* mb.receive([timeout_ms]) / mb.receive(match, [timeout_ms]) -> msg | nil */
+static int l_receive(lua_State *L)
+{
+  mb_proc_t *p = self_of(L);
+  int has_match = lua_isfunction(L, 1);
+  double timeout = check_timeout(L, has_match ? 2 : 1, "receive");
+  if (!has_match && !lua_isnoneornil(L, 1) && lua_type(L, 1) != LUA_TNUMBER)
+    return luaL_error(L, "bad argument #1 to 'receive' (function or timeout "
+                      "expected, got %s)", luaL_typename(L, 1));
+  clear_match(p, L);
+  if (has_match) {
+    lua_pushvalue(L, 1);
+    p->recv_match = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
+  lua_settop(L, 0);
+  int r = mb_lib_try_receive(p, L);
+  if (r == 1) {
+    clear_match(p, L);
+    return 1;
+  }
+  if (r < 0) {
+    clear_match(p, L);
+    return stop_self(L, p);
+  }
+  if (timeout == 0) {
+    clear_match(p, L);
+    lua_pushnil(L);
+    return 1;
+  }
+  if (!mb_sched_can_yield(p, L)) {
+    clear_match(p, L);
+    must_be_able_to_block(L, p, "receive");
+  }
+  if (timeout > 0)
+    p->wait_timer = mb_timer_wait(p, timeout);
+  p->pending_wait = MB_WAIT_RECV;
+  return mb_sched_yield(L, MB_YIELD_WAIT);
+}
+
+/* -- Time ----------------------------------------------------------------- */
+
+/* mb.sleep(ms) */
+static int l_sleep(lua_State *L)
+{
+  mb_proc_t *p = self_of(L);
+  double ms = check_timeout(L, 1, "sleep");
+  if (ms < 0)
+    return luaL_argerror(L, 1, "number of ms expected");
+  must_be_able_to_block(L, p, "sleep");
+  if (ms == 0)
+    return mb_sched_yield(L, MB_YIELD_PREEMPT);
+  p->wait_timer = mb_timer_wait(p, ms);
+  p->pending_wait = MB_WAIT_SLEEP;
+  return mb_sched_yield(L, MB_YIELD_WAIT);
+}
+
+/* mb.yield() */
+static int l_yield(lua_State *L)
+{
+  mb_proc_t *p = self_of(L);
+  if (!mb_sched_can_yield(p, L))
+    return 0;
+  return mb_sched_yield(L, MB_YIELD_PREEMPT);
+}
+
+/* mb.now() -> monotonic ms */
+static int l_now(lua_State *L)
+{
+  lua_pushnumber(L, mb_timer_now());
+  return 1;
+}
+
+static const char TIMER_MT[] = "moonbeam.timer";
+
+static int timer_gc(lua_State *L)
+{
+  mb_timer_t **pt = luaL_checkudata(L, 1, TIMER_MT);
+  if (*pt) {
+    mb_timer_unref(*pt);
+    *pt = NULL;
+  }
+  return 0;
+}
+
+static int timer_tostring(lua_State *L)
+{
+  lua_pushfstring(L, "timer: %p", lua_touserdata(L, 1));
+  return 1;
+}
+
+/* mb.send_after(ms, dest, msg) -> timer */
+static int l_send_after(lua_State *L)
+{
+  double ms = check_timeout(L, 1, "send_after");
+  if (ms < 0)
+    return luaL_argerror(L, 1, "number of ms expected");
+  mb_pid_t dest = check_dest(L, 2, "send_after");
+  if (lua_isnoneornil(L, 3))
+    return luaL_error(L, "send_after: nil is not a valid message");
+  mb_timer_t **pt = lua_newuserdata(L, sizeof *pt);
+  *pt = NULL;
+  if (luaL_newmetatable(L, TIMER_MT)) {
+    lua_pushcfunction(L, timer_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, timer_tostring);
+    lua_setfield(L, -2, "__tostring");
+  }
+  lua_setmetatable(L, -2);
+  mb_msg_t *m = encode_or_raise(L, 3, "send_after", "msg");
+  m->kind = MB_MSG_USER;
+  m->from = self_of(L)->pid;
+  *pt = mb_timer_send_after(ms, dest, m);
+  return 1;
+}
+
+/* mb.cancel_timer(timer) -> ms left | false */
+static int l_cancel_timer(lua_State *L)
+{
+  mb_timer_t **pt = luaL_checkudata(L, 1, TIMER_MT);
+  double left;
+  if (*pt && mb_timer_cancel(*pt, &left))
+    lua_pushnumber(L, left);
+  else
+    lua_pushboolean(L, 0);
+  return 1;
+}
+
+/* -- Exits, links, monitors ------------------------------------------------ */
+
+/* mb.exit([reason]) ends the caller; mb.exit(pid, reason) signals pid. */
+static int l_exit(lua_State *L)
+{
+  mb_proc_t *p = self_of(L);
+  mb_pid_t target = lua_gettop(L) >= 2 ? mb_pid_test(L, 1) : 0;
+  if (lua_gettop(L) >= 2 && target == 0)
+    check_dest(L, 1, "exit");
+  if (target == 0) {
+    mb_msg_t *m = lua_isnoneornil(L, 1) ? mb_msg_string("normal")
+                                        : encode_or_raise(L, 1, "exit", "reason");
+    if (p->exit_reason)
+      mb_msg_free(p->exit_reason);
+    p->exit_reason = m;
+    return stop_self(L, p);
+  }
+  if (lua_isnil(L, 2))
+    return luaL_error(L, "exit: reason expected");
+  mb_msg_t *m = encode_or_raise(L, 2, "exit", "reason");
+  int kill = mb_msg_is_kill(m);
+  if (target == p->pid && !p->trap_exit && mb_msg_is_normal(m)) {
+    /* As in Erlang: exit(self(), normal) ends the caller. */
+    if (p->exit_reason)
+      mb_msg_free(p->exit_reason);
+    p->exit_reason = m;
+    return stop_self(L, p);
+  }
+  mb_proc_exit_signal(target, p->pid, m, kill);
+  if (target == p->pid && mb_proc_drain(p))
+    return stop_self(L, p);
+  return 0;
+}
+
+/* mb.link(pid) */
+static int l_link(lua_State *L)
+{
+  mb_proc_t *p = self_of(L);
+  mb_pid_t pid = mb_pid_check(L, 1);
+  if (mb_proc_link(p, pid) == 0)
+    return 0;
+  if (p->trap_exit) {
+    mb_msg_t *m = mb_msg_string("noproc");
+    m->kind = MB_MSG_EXIT;
+    m->from = pid;
+    /* Queued as a trapped exit: it arrives as an EXIT message. */
+    mb_proc_push(p, m);
+    return 0;
+  }
+  lua_pushliteral(L, "noproc");
+  return lua_error(L);
+}
+
+/* mb.unlink(pid) */
+static int l_unlink(lua_State *L)
+{
+  mb_proc_unlink(self_of(L), mb_pid_check(L, 1));
+  return 0;
+}
+
+/* mb.monitor(pid) -> ref */
+static int l_monitor(lua_State *L)
+{
+  mb_ref_push(L, mb_proc_monitor(self_of(L), mb_pid_check(L, 1)));
+  return 1;
+}
+
+/* Remove DOWN messages for ref from the mailbox. */
+static void flush_down(mb_proc_t *p, mb_ref_t ref)
+{
+  mb_proc_drain(p);
+  for (mb_msg_t **pm = &p->q_head; *pm; ) {
+    if ((*pm)->kind == MB_MSG_DOWN && (*pm)->ref == ref) {
+      if (p->q_scan == &(*pm)->next)
+        p->q_scan = pm;
+      unlink_msg(p, pm);
+    } else {
+      pm = &(*pm)->next;
+    }
+  }
+}
+
+/* mb.demonitor(ref[, flush]) -> boolean (whether it was active) */
+static int l_demonitor(lua_State *L)
+{
+  mb_proc_t *p = self_of(L);
+  mb_ref_t ref = mb_ref_test(L, 1);
+  if (ref == 0)
+    return luaL_typerror(L, 1, "ref");
+  lua_pushboolean(L, mb_proc_demonitor(p, ref));
+  if (lua_toboolean(L, 2))
+    flush_down(p, ref);
+  return 1;
+}
+
+/* mb.trap_exit(on) -> previous setting */
+static int l_trap_exit(lua_State *L)
+{
+  mb_proc_t *p = self_of(L);
+  luaL_checktype(L, 1, LUA_TBOOLEAN);
+  lua_pushboolean(L, p->trap_exit);
+  p->trap_exit = lua_toboolean(L, 1);
+  return 1;
+}
+
+/* -- Names ---------------------------------------------------------------- */
+
+static const char *check_name(lua_State *L, int idx, const char *fname)
+{
+  if (lua_type(L, idx) != LUA_TSTRING || lua_objlen(L, idx) == 0)
+    luaL_error(L, "bad argument #%d to '%s' (non-empty string expected, got %s)",
+               idx, fname, luaL_typename(L, idx));
+  return lua_tostring(L, idx);
+}
+
+/* mb.register(name[, pid]) -> true */
+static int l_register(lua_State *L)
+{
+  const char *name = check_name(L, 1, "register");
+  mb_pid_t pid = lua_isnoneornil(L, 2) ? self_of(L)->pid : mb_pid_check(L, 2);
+  mb_proc_t *p = mb_proc_get(pid);
+  if (p == NULL)
+    return luaL_error(L, "register: the process is not alive");
+  int rc = mb_reg_register(name, p);
+  mb_proc_unref(p);
+  if (rc == MB_REG_TAKEN)
+    return luaL_error(L, "register: the name '%s' is already registered", name);
+  if (rc == MB_REG_HASNAME)
+    return luaL_error(L, "register: the process already has a name");
+  if (rc == MB_REG_DEAD)
+    return luaL_error(L, "register: the process is not alive");
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* mb.unregister(name) -> boolean */
+static int l_unregister(lua_State *L)
+{
+  lua_pushboolean(L, mb_reg_unregister(check_name(L, 1, "unregister")));
+  return 1;
+}
+
+/* mb.whereis(name) -> pid | nil */
+static int l_whereis(lua_State *L)
+{
+  mb_pid_t pid = mb_reg_whereis(check_name(L, 1, "whereis"));
+  if (pid)
+    mb_pid_push(L, pid);
+  else
+    lua_pushnil(L);
+  return 1;
+}
+
+/* -- Introspection and halting -------------------------------------------- */
+
+typedef struct pidlist {
+  mb_pid_t *v;
+  size_t n, cap;
+} pidlist_t;
+
+static void collect(mb_proc_t *p, void *ud)
+{
+  pidlist_t *l = ud;
+  if (l->n == l->cap) {
+    l->cap = l->cap ? 2 * l->cap : 64;
+    l->v = mb_realloc(l->v, l->cap * sizeof *l->v);
+  }
+  l->v[l->n++] = p->pid;
+}
+
+/* mb.processes() -> {pid, ...} */
+static int l_processes(lua_State *L)
+{
+  pidlist_t l = {0};
+  mb_proc_foreach(collect, &l);
+  lua_createtable(L, (int)l.n, 0);
+  for (size_t i = 0; i < l.n; i++) {
+    mb_pid_push(L, l.v[i]);
+    lua_rawseti(L, -2, (int)i + 1);
+  }
+  mb_free(l.v);
+  return 1;
+}
+
+/* mb.info(pid) -> {memory, reductions, mailbox, status, name} | nil */
+static int l_info(lua_State *L)
+{
+  mb_proc_t *p = mb_proc_get(mb_pid_check(L, 1));
+  if (p == NULL) {
+    lua_pushnil(L);
+    return 1;
+  }
+  pthread_mutex_lock(&p->lock);
+  mb_pstatus_t st = p->status;
+  int dead = p->dead;
+  pthread_mutex_unlock(&p->lock);
+  lua_createtable(L, 0, 5);
+  lua_pushnumber(L, (lua_Number)atomic_load(&p->alloc.used) + sizeof *p);
+  lua_setfield(L, -2, "memory");
+  lua_pushnumber(L, (lua_Number)atomic_load(&p->reductions));
+  lua_setfield(L, -2, "reductions");
+  lua_pushnumber(L, atomic_load(&p->mailbox_len));
+  lua_setfield(L, -2, "mailbox");
+  lua_pushstring(L, dead ? "exiting" : st == MB_PS_RUNNING ? "running"
+                 : st == MB_PS_WAITING ? "waiting" : "runnable");
+  lua_setfield(L, -2, "status");
+  char name[256];
+  if (mb_reg_name_of(p, name, sizeof name))
+    lua_pushstring(L, name);
+  else
+    lua_pushnil(L);
+  mb_proc_unref(p);
+  lua_setfield(L, -2, "name");
+  return 1;
+}
+
+int mb_lib_halt(lua_State *L, int code)
+{
+  mb_proc_t *p = self_of(L);
+  fflush(stdout);
+  mb_sched_halt(code);
+  if (mb_sched_can_yield(p, L))
+    return mb_sched_yield(L, MB_YIELD_PREEMPT);
+  return luaL_error(L, "the host is halting");
+}
+
+/* mb.halt([code]) */
+static int l_halt(lua_State *L)
+{
+  return mb_lib_halt(L, (int)luaL_optinteger(L, 1, 0));
+}
+
+/* -- The module ----------------------------------------------------------- */
+
+static const luaL_Reg funcs[] = {
+  {"spawn", l_spawn},
+  {"spawn_link", l_spawn_link},
+  {"spawn_monitor", l_spawn_monitor},
+  {"spawn_opt", l_spawn_opt},
+  {"self", l_self},
+  {"is_pid", l_is_pid},
+  {"send", l_send},
+  {"receive", l_receive},
+  {"sleep", l_sleep},
+  {"yield", l_yield},
+  {"now", l_now},
+  {"send_after", l_send_after},
+  {"cancel_timer", l_cancel_timer},
+  {"exit", l_exit},
+  {"link", l_link},
+  {"unlink", l_unlink},
+  {"monitor", l_monitor},
+  {"demonitor", l_demonitor},
+  {"trap_exit", l_trap_exit},
+  {"register", l_register},
+  {"unregister", l_unregister},
+  {"whereis", l_whereis},
+  {"processes", l_processes},
+  {"info", l_info},
+  {"halt", l_halt},
+  {NULL, NULL}
+};
+
+/* The module's __index(t, k): create the function k on first use. */
+static int module_index(lua_State *L)
+{
+  const char *k = lua_tostring(L, 2);
+  if (k == NULL || lua_type(L, 2) != LUA_TSTRING)
+    return 0;
+  for (const luaL_Reg *r = funcs; r->name; r++)
+    if (strcmp(r->name, k) == 0) {
+      lua_pushcfunction(L, r->func);
+      lua_pushvalue(L, 2);
+      lua_pushvalue(L, -2);
+      lua_rawset(L, 1);
+      return 1;
+    }
+  return 0;
+}
+
+/* A full list for pairs() and tools: mb.functions() -> {name, ...} */
+int mb_lib_open(lua_State *L)
+{
+  lua_newtable(L);
+  lua_createtable(L, 0, 1);
+  lua_pushcfunction(L, module_index);
+  lua_setfield(L, -2, "__index");
+  lua_setmetatable(L, -2);
+  return 1;
+}

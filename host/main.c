@@ -1,0 +1,209 @@
+/* main.c: the `moonbeam` command - a drop-in for `luajit` whose script runs
+ * as the first process of the host.
+ *
+ * Options are read the way luajit reads them (-e, -l, -v, -E, --, -), after
+ * the host's own long options (--schedulers, --reductions); `arg` is built
+ * exactly as luajit builds it. The first process runs each -l and -e in
+ * order, then the script with arg[1..n] as its `...`.
+ */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "lauxlib.h"
+#include "lib.h"
+#include "luajit.h"
+#include "scheduler.h"
+
+#define MB_VERSION "0.1.0"
+
+typedef struct cli {
+  int argc;
+  char **argv;
+  int script;       /* index of the script in argv, or argc if none */
+  int has_exec;     /* -e or -l given */
+  int version;      /* -v given */
+  int stdin_script; /* the script is "-" or stdin */
+} cli_t;
+
+static cli_t cli;
+
+static void usage(FILE *f)
+{
+  fputs(
+    "usage: moonbeam [host options] [options]... [script [args]...]\n"
+    "Runs script as the first process of a Moonbeam host: Erlang-style\n"
+    "processes (isolated LuaJIT states) on one scheduler thread per core.\n"
+    "Host options:\n"
+    "  --schedulers N   Scheduler threads (default: the number of cores).\n"
+    "  --reductions N   Reductions per time slice before a process is\n"
+    "                   preempted (default 2000; one reduction is about 100\n"
+    "                   VM instructions); 0 turns preemption off.\n"
+    "  -h, --help       Show this help.\n"
+    "Options as in luajit:\n"
+    "  -e chunk  Execute string 'chunk'.\n"
+    "  -l name   Require library 'name'.\n"
+    "  -v        Show version information.\n"
+    "  -E        Ignore environment variables (accepted; LUA_PATH still applies).\n"
+    "  --        Stop handling options.\n"
+    "  -         Execute stdin and stop handling options.\n"
+    "The host exits when no process is left (status 0 if the first process\n"
+    "ended normally, 1 if it crashed), on os.exit(code) or mb.halt(code) in\n"
+    "any process, or on SIGINT/SIGTERM (130/143).\n", f);
+}
+
+static int parse_int(const char *s, const char *opt, int min)
+{
+  char *end;
+  long v = s ? strtol(s, &end, 10) : 0;
+  if (s == NULL || *end || v < min || v > 1 << 20) {
+    fprintf(stderr, "moonbeam: %s needs a whole number >= %d\n", opt, min);
+    exit(1);
+  }
+  return (int)v;
+}
+
+/* Read the host's long options, then luajit's; set cli.script. */
+static void parse(int argc, char **argv, mb_sched_opts_t *o)
+{
+  int i;
+  cli.argc = argc;
+  cli.argv = argv;
+  for (i = 1; i < argc; i++) {
+    const char *a = argv[i];
+    if (strcmp(a, "--schedulers") == 0)
+      o->schedulers = parse_int(argv[++i], a, 1);
+    else if (strncmp(a, "--schedulers=", 13) == 0)
+      o->schedulers = parse_int(a + 13, "--schedulers", 1);
+    else if (strcmp(a, "--reductions") == 0)
+      o->slice_reds = parse_int(argv[++i], a, 0);
+    else if (strncmp(a, "--reductions=", 13) == 0)
+      o->slice_reds = parse_int(a + 13, "--reductions", 0);
+    else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
+      usage(stdout);
+      exit(0);
+    } else if (a[0] != '-') {
+      break;
+    } else if (strcmp(a, "--") == 0) {
+      i++;
+      break;
+    } else if (strcmp(a, "-") == 0) {
+      cli.stdin_script = 1;
+      break;
+    } else if (a[1] == 'e' || a[1] == 'l') {
+      cli.has_exec = 1;
+      if (a[2] == '\0' && ++i >= argc) {
+        fprintf(stderr, "moonbeam: '%s' needs an argument\n", a);
+        usage(stderr);
+        exit(1);
+      }
+    } else if (strcmp(a, "-v") == 0) {
+      cli.version = 1;
+    } else if (strcmp(a, "-E") == 0) {
+      /* accepted for compatibility */
+    } else {
+      fprintf(stderr, "moonbeam: unrecognized option '%s'\n", a);
+      usage(stderr);
+      exit(1);
+    }
+  }
+  cli.script = i;
+}
+
+/* arg[i - script] = argv[i] for every i, as luajit does. */
+static void push_arg_table(lua_State *L)
+{
+  int narg = cli.argc - cli.script - 1;
+  lua_createtable(L, narg > 0 ? narg : 0, cli.script + 1);
+  for (int i = 0; i < cli.argc; i++) {
+    lua_pushstring(L, cli.argv[i]);
+    lua_rawseti(L, -2, i - cli.script);
+  }
+}
+
+/* The first process's body: run -l and -e in order, then the script. */
+static const char driver_src[] =
+  "local items, script, n = ...\n"
+  "for i = 1, #items do\n"
+  "  local it = items[i]\n"
+  "  if type(it) == 'string' then require(it) else it() end\n"
+  "end\n"
+  "if script then return script(unpack(arg, 1, n)) end\n";
+
+/* Boot of the first process (protected, on its main thread): compile
+ * everything first, so that a syntax error is reported like luajit does,
+ * without a traceback. */
+static int boot_first(lua_State *L)
+{
+  lua_settop(L, 0);
+  push_arg_table(L);
+  lua_setfield(L, LUA_GLOBALSINDEX, "arg");
+  if (luaL_loadbuffer(L, driver_src, sizeof driver_src - 1, "=moonbeam"))
+    return lua_error(L);
+  lua_newtable(L);
+  int n = 0;
+  for (int i = 1; i < cli.script && i < cli.argc; i++) {
+    const char *a = cli.argv[i];
+    if (a[0] != '-' || (a[1] != 'e' && a[1] != 'l'))
+      continue;
+    const char *val = a[2] ? a + 2 : cli.argv[++i];
+    if (a[1] == 'l')
+      lua_pushstring(L, val);
+    else if (luaL_loadbuffer(L, val, strlen(val), "=(command line)"))
+      return lua_error(L);
+    lua_rawseti(L, -2, ++n);
+  }
+  int run_stdin = cli.stdin_script ||
+                  (cli.script >= cli.argc && !cli.has_exec && !cli.version);
+  if (cli.script < cli.argc && !cli.stdin_script) {
+    if (luaL_loadfile(L, cli.argv[cli.script]))
+      return lua_error(L);
+  } else if (run_stdin) {
+    if (isatty(0))
+      return luaL_error(L, "interactive mode is not supported: give a script, "
+                        "-e chunk, or a program on standard input");
+    if (luaL_loadfile(L, NULL))
+      return lua_error(L);
+  } else {
+    lua_pushnil(L);
+  }
+  lua_pushinteger(L, cli.argc - cli.script - 1);
+  return 4;
+}
+
+int main(int argc, char **argv)
+{
+  mb_sched_opts_t opts = {.schedulers = 0, .slice_reds = MB_SLICE_REDS};
+  signal(SIGPIPE, SIG_IGN);
+  parse(argc, argv, &opts);
+  if (cli.version) {
+    printf("Moonbeam %s -- %s\n", MB_VERSION, LUAJIT_VERSION);
+    if (cli.script >= argc && !cli.has_exec)
+      return 0;
+  }
+  int rc = mb_sched_start(&opts);
+  if (rc) {
+    fprintf(stderr, "moonbeam: cannot start schedulers: %s\n", uv_strerror(rc));
+    return 1;
+  }
+  mb_sched_on_empty_install();
+  char err[256];
+  mb_proc_t *p = mb_proc_new(0, err, sizeof err);
+  if (p == NULL) {
+    fprintf(stderr, "moonbeam: %s\n", err);
+    return 1;
+  }
+  p->first = 1;
+  p->boot = boot_first;
+  mb_sched_enqueue(p);
+  rc = mb_sched_run();
+  if (rc) {
+    fprintf(stderr, "moonbeam: cannot start scheduler threads: %s\n", strerror(-rc));
+    return 1;
+  }
+  int code = mb_sched_wait();
+  fflush(NULL);
+  return code;
+}

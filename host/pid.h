@@ -1,0 +1,31 @@
+/* pid.h: pids and references as Lua values.
+ *
+ * A pid (process id) and a ref (monitor reference) are 64-bit ids that are
+ * unique for the life of the host and never reused. In a Lua state each id is
+ * one interned full userdata (a weak-valued table in the registry maps id to
+ * userdata), so two pids naming the same process are the same Lua value: they
+ * compare equal with == and work as table keys. Pids print as <0.N>, refs as
+ * #Ref<0.N>. A number is never a pid.
+ *
+ * All functions here run on the thread that owns L.
+ */
+#ifndef MB_PID_H
+#define MB_PID_H
+
+#include <stdint.h>
+#include "lua.h"
+
+typedef uint64_t mb_pid_t;      /* 0 is never a valid pid */
+typedef uint64_t mb_ref_t;      /* 0 is never a valid ref */
+
+/* Push the (interned) pid value for id. */
+void mb_pid_push(lua_State *L, mb_pid_t pid);
+/* Return the pid at idx, or 0 if the value there is not a pid. */
+mb_pid_t mb_pid_test(lua_State *L, int idx);
+/* Return the pid at idx or raise "bad argument #arg to 'fname' (pid expected, got T)". */
+mb_pid_t mb_pid_check(lua_State *L, int idx);
+
+void mb_ref_push(lua_State *L, mb_ref_t ref);
+mb_ref_t mb_ref_test(lua_State *L, int idx);
+
+#endif

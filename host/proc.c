@@ -1,0 +1,584 @@
+/* proc.c: process records, the process table, mailboxes, links, monitors.
+ * See proc.h for the design and the locking rules.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "lauxlib.h"
+#include "lstate.h"
+#include "proc.h"
+#include "reg.h"
+#include "scheduler.h"
+#include "timer.h"
+
+/* -- The process table ---------------------------------------------------- */
+
+/* Slots live in chunks allocated on first use, so the table never moves and
+ * a million-process host pays for what it uses. Each slot is guarded by one
+ * of MB_STRIPES locks; the free list by free_lock. */
+#define CHUNK_BITS 16
+#define CHUNK_SIZE (1u << CHUNK_BITS)
+#define NCHUNKS ((MB_MAX_PROCS >> CHUNK_BITS) + 1)
+#define MB_STRIPES 64
+
+typedef struct slot {
+  mb_proc_t *p;
+  uint32_t gen;        /* generation of the next pid in this slot */
+  uint32_t next_free;  /* free list link (slot index) */
+} slot_t;
+
+static slot_t *chunks[NCHUNKS];
+static pthread_mutex_t stripes[MB_STRIPES];
+static pthread_mutex_t free_lock = PTHREAD_MUTEX_INITIALIZER;
+static uint32_t free_head;   /* 0: empty (slot 0 is never used) */
+static uint32_t next_slot = 1;
+static atomic_uint live;
+static atomic_uint_fast64_t ref_counter;
+static pthread_once_t table_once = PTHREAD_ONCE_INIT;
+
+void (*mb_proc_on_empty)(void);
+
+static void table_init(void)
+{
+  for (int i = 0; i < MB_STRIPES; i++)
+    pthread_mutex_init(&stripes[i], NULL);
+}
+
+static slot_t *slot_at(uint32_t i)
+{
+  return &chunks[i >> CHUNK_BITS][i & (CHUNK_SIZE - 1)];
+}
+
+static pthread_mutex_t *stripe_of(uint32_t i)
+{
+  return &stripes[i % MB_STRIPES];
+}
+
+/* Take a free slot; 0 when the table is full. */
+static uint32_t slot_alloc(void)
+{
+  uint32_t i = 0;
+  pthread_mutex_lock(&free_lock);
+  if (free_head) {
+    i = free_head;
+    free_head = slot_at(i)->next_free;
+  } else if (next_slot <= MB_MAX_PROCS) {
+    i = next_slot++;
+    if (chunks[i >> CHUNK_BITS] == NULL)
+      chunks[i >> CHUNK_BITS] = mb_calloc(CHUNK_SIZE, sizeof(slot_t));
+  }
+  pthread_mutex_unlock(&free_lock);
+  return i;
+}
+
+static void slot_release(uint32_t i)
+{
+  pthread_mutex_lock(&free_lock);
+  slot_at(i)->next_free = free_head;
+  free_head = i;
+  pthread_mutex_unlock(&free_lock);
+}
+
+static uint32_t pid_slot(mb_pid_t pid)
+{
+  return (uint32_t)(pid & MB_MAX_PROCS);
+}
+
+/* -- Lifetime ------------------------------------------------------------- */
+
+static void linkset_free(mb_linkset_t *s)
+{
+  mb_free(s->v);
+  s->v = NULL;
+  s->n = s->cap = 0;
+}
+
+static void msgs_free(mb_msg_t *m)
+{
+  while (m) {
+    mb_msg_t *next = m->next;
+    mb_msg_free(m);
+    m = next;
+  }
+}
+
+static void proc_free(mb_proc_t *p)
+{
+  msgs_free(p->in_head);
+  msgs_free(p->q_head);
+  if (p->exit_reason)
+    mb_msg_free(p->exit_reason);
+  if (p->boot_msg)
+    mb_msg_free(p->boot_msg);
+  linkset_free(&p->links);
+  linkset_free(&p->watchers);
+  linkset_free(&p->monitoring);
+  mb_free(p->origin);
+  pthread_mutex_destroy(&p->lock);
+  mb_free(p);
+}
+
+mb_proc_t *mb_proc_new(size_t max_memory, char *err, size_t errlen)
+{
+  pthread_once(&table_once, table_init);
+  uint32_t i = slot_alloc();
+  if (i == 0) {
+    snprintf(err, errlen, "too many processes (limit %u)", MB_MAX_PROCS);
+    return NULL;
+  }
+  mb_proc_t *p = mb_calloc(1, sizeof *p);
+  pthread_mutex_init(&p->lock, NULL);
+  atomic_init(&p->refs, 1);
+  p->alloc.limit = max_memory;
+  p->in_tail = &p->in_head;
+  p->q_tail = &p->q_head;
+  p->q_scan = &p->q_head;
+  p->status = MB_PS_RUNNABLE;
+  if (mb_lstate_new(p) != 0) {
+    snprintf(err, errlen, "cannot create a Lua state: not enough memory");
+    proc_free(p);
+    slot_release(i);
+    return NULL;
+  }
+  pthread_mutex_t *lk = stripe_of(i);
+  pthread_mutex_lock(lk);
+  slot_t *s = slot_at(i);
+  p->pid = ((mb_pid_t)s->gen << MB_PID_SLOT_BITS) | i;
+  s->gen++;
+  s->p = p;
+  pthread_mutex_unlock(lk);
+  atomic_fetch_add(&live, 1);
+  return p;
+}
+
+mb_proc_t *mb_proc_get(mb_pid_t pid)
+{
+  uint32_t i = pid_slot(pid);
+  if (i == 0 || i >= next_slot)
+    return NULL;
+  pthread_mutex_t *lk = stripe_of(i);
+  pthread_mutex_lock(lk);
+  mb_proc_t *p = slot_at(i)->p;
+  if (p && p->pid == pid)
+    atomic_fetch_add_explicit(&p->refs, 1, memory_order_relaxed);
+  else
+    p = NULL;
+  pthread_mutex_unlock(lk);
+  return p;
+}
+
+void mb_proc_unref(mb_proc_t *p)
+{
+  if (atomic_fetch_sub_explicit(&p->refs, 1, memory_order_acq_rel) == 1)
+    proc_free(p);
+}
+
+/* Remove p from the table: lookups fail from now on. */
+static void table_remove(mb_proc_t *p)
+{
+  uint32_t i = pid_slot(p->pid);
+  pthread_mutex_t *lk = stripe_of(i);
+  pthread_mutex_lock(lk);
+  slot_at(i)->p = NULL;
+  pthread_mutex_unlock(lk);
+  slot_release(i);
+}
+
+unsigned mb_proc_count(void)
+{
+  return atomic_load(&live);
+}
+
+void mb_proc_foreach(void (*fn)(mb_proc_t *p, void *ud), void *ud)
+{
+  uint32_t n = next_slot;  /* racy read is fine: a snapshot */
+  for (uint32_t i = 1; i < n; i++) {
+    if (chunks[i >> CHUNK_BITS] == NULL)
+      continue;
+    pthread_mutex_t *lk = stripe_of(i);
+    pthread_mutex_lock(lk);
+    mb_proc_t *p = slot_at(i)->p;
+    if (p)
+      atomic_fetch_add(&p->refs, 1);
+    pthread_mutex_unlock(lk);
+    if (p) {
+      fn(p, ud);
+      mb_proc_unref(p);
+    }
+  }
+}
+
+mb_ref_t mb_proc_newref(void)
+{
+  return atomic_fetch_add(&ref_counter, 1) + 1;
+}
+
+/* -- Mailbox -------------------------------------------------------------- */
+
+static int is_signal(uint32_t kind)
+{
+  return kind == MB_MSG_EXIT || kind == MB_MSG_KILL;
+}
+
+void mb_proc_push(mb_proc_t *p, mb_msg_t *msg)
+{
+  int wake = 0;
+  int sig = is_signal(msg->kind);
+  msg->next = NULL;
+  pthread_mutex_lock(&p->lock);
+  if (p->dead) {
+    pthread_mutex_unlock(&p->lock);
+    mb_msg_free(msg);
+    return;
+  }
+  *p->in_tail = msg;
+  p->in_tail = &msg->next;
+  atomic_fetch_add_explicit(&p->mailbox_len, 1, memory_order_relaxed);
+  if (sig)
+    atomic_fetch_add(&p->nsignals, 1);
+  if (p->status == MB_PS_WAITING && (p->wait == MB_WAIT_RECV || sig)) {
+    p->status = MB_PS_RUNNABLE;
+    wake = 1;
+  } else if (sig) {
+    p->woken = 1;
+  }
+  pthread_mutex_unlock(&p->lock);
+  if (wake)
+    mb_sched_enqueue(p);
+}
+
+void mb_proc_send(mb_pid_t pid, mb_msg_t *msg)
+{
+  mb_proc_t *p = mb_proc_get(pid);
+  if (p == NULL) {
+    mb_msg_free(msg);
+    return;
+  }
+  mb_proc_push(p, msg);
+  mb_proc_unref(p);
+}
+
+static void linkset_add(mb_linkset_t *s, mb_pid_t pid, mb_ref_t ref)
+{
+  if (s->n == s->cap) {
+    s->cap = s->cap ? 2 * s->cap : 2;
+    s->v = mb_realloc(s->v, s->cap * sizeof *s->v);
+  }
+  s->v[s->n].pid = pid;
+  s->v[s->n].ref = ref;
+  s->n++;
+}
+
+/* Remove the entry matching pid (ref == 0) or ref; returns 1 if found. */
+static int linkset_del(mb_linkset_t *s, mb_pid_t pid, mb_ref_t ref)
+{
+  for (uint32_t i = 0; i < s->n; i++) {
+    if (ref ? s->v[i].ref == ref : (s->v[i].pid == pid && s->v[i].ref == 0)) {
+      s->v[i] = s->v[--s->n];
+      return 1;
+    }
+  }
+  return 0;
+}
+
+static int linkset_has(const mb_linkset_t *s, mb_pid_t pid)
+{
+  for (uint32_t i = 0; i < s->n; i++)
+    if (s->v[i].pid == pid)
+      return 1;
+  return 0;
+}
+
+/* The reason a message carries, as a C string when it is one ("normal",
+ * "kill"); NULL for other values. Only simple checks: the codec owns the
+ * format, so decide by comparing with the cached encodings. */
+static mb_msg_t *cached_normal, *cached_kill;
+
+static int reason_is(const mb_msg_t *m, const mb_msg_t *ref)
+{
+  return m->len == ref->len && memcmp(m->data, ref->data, m->len) == 0;
+}
+
+int mb_proc_drain(mb_proc_t *p)
+{
+  pthread_mutex_lock(&p->lock);
+  if (p->in_head) {
+    *p->q_tail = p->in_head;
+    p->q_tail = p->in_tail;
+    p->in_head = NULL;
+    p->in_tail = &p->in_head;
+  }
+  p->woken = 0;
+  pthread_mutex_unlock(&p->lock);
+  if (atomic_load(&p->nsignals) == 0)
+    return p->exit_reason != NULL;
+  /* Walk the private queue for signals, in order with the messages. */
+  mb_msg_t **pm = &p->q_head;
+  while (*pm) {
+    mb_msg_t *m = *pm;
+    if (!is_signal(m->kind)) {
+      pm = &m->next;
+      continue;
+    }
+    atomic_fetch_sub(&p->nsignals, 1);
+    if (m->kind == MB_MSG_EXIT)
+      linkset_del(&p->links, m->from, 0);  /* the link is gone either way */
+    if (m->kind == MB_MSG_EXIT && p->trap_exit) {
+      pm = &m->next;       /* stays, and is received as an EXIT message */
+      continue;
+    }
+    *pm = m->next;
+    if (p->q_tail == &m->next)
+      p->q_tail = pm;
+    if (p->q_scan == &m->next)
+      p->q_scan = pm;
+    atomic_fetch_sub_explicit(&p->mailbox_len, 1, memory_order_relaxed);
+    if (m->kind == MB_MSG_EXIT && mb_msg_is_normal(m)) {
+      mb_msg_free(m);
+      continue;
+    }
+    if (p->exit_reason == NULL) {
+      if (m->kind == MB_MSG_KILL) {
+        mb_msg_free(m);
+        p->exit_reason = mb_msg_string("killed");
+      } else {
+        m->kind = MB_MSG_USER;
+        m->next = NULL;
+        p->exit_reason = m;
+      }
+    } else {
+      mb_msg_free(m);
+    }
+  }
+  return p->exit_reason != NULL;
+}
+
+/* -- Links and monitors --------------------------------------------------- */
+
+int mb_proc_link(mb_proc_t *self, mb_pid_t pid)
+{
+  if (pid == self->pid)
+    return 0;
+  mb_proc_t *t = mb_proc_get(pid);
+  int ok = 0;
+  if (t) {
+    pthread_mutex_lock(&t->lock);
+    if (!t->dead) {
+      if (!linkset_has(&t->links, self->pid))
+        linkset_add(&t->links, self->pid, 0);
+      ok = 1;
+    }
+    pthread_mutex_unlock(&t->lock);
+    mb_proc_unref(t);
+  }
+  if (!ok)
+    return -1;
+  pthread_mutex_lock(&self->lock);
+  if (!linkset_has(&self->links, pid))
+    linkset_add(&self->links, pid, 0);
+  pthread_mutex_unlock(&self->lock);
+  return 0;
+}
+
+void mb_proc_unlink(mb_proc_t *self, mb_pid_t pid)
+{
+  pthread_mutex_lock(&self->lock);
+  linkset_del(&self->links, pid, 0);
+  pthread_mutex_unlock(&self->lock);
+  mb_proc_t *t = mb_proc_get(pid);
+  if (t) {
+    pthread_mutex_lock(&t->lock);
+    linkset_del(&t->links, self->pid, 0);
+    pthread_mutex_unlock(&t->lock);
+    mb_proc_unref(t);
+  }
+}
+
+static mb_msg_t *down_msg(mb_pid_t from, mb_ref_t ref, mb_msg_t *reason)
+{
+  reason->kind = MB_MSG_DOWN;
+  reason->from = from;
+  reason->ref = ref;
+  return reason;
+}
+
+mb_ref_t mb_proc_monitor(mb_proc_t *self, mb_pid_t pid)
+{
+  mb_ref_t ref = mb_proc_newref();
+  mb_proc_t *t = mb_proc_get(pid);
+  int ok = 0;
+  if (t) {
+    pthread_mutex_lock(&t->lock);
+    if (!t->dead) {
+      linkset_add(&t->watchers, self->pid, ref);
+      ok = 1;
+    }
+    pthread_mutex_unlock(&t->lock);
+    mb_proc_unref(t);
+  }
+  if (ok)
+    linkset_add(&self->monitoring, pid, ref);
+  else
+    mb_proc_push(self, down_msg(pid, ref, mb_msg_string("noproc")));
+  return ref;
+}
+
+int mb_proc_demonitor(mb_proc_t *self, mb_ref_t ref)
+{
+  mb_pid_t target = 0;
+  for (uint32_t i = 0; i < self->monitoring.n; i++)
+    if (self->monitoring.v[i].ref == ref)
+      target = self->monitoring.v[i].pid;
+  if (!linkset_del(&self->monitoring, 0, ref))
+    return 0;
+  mb_proc_t *t = mb_proc_get(target);
+  if (t) {
+    pthread_mutex_lock(&t->lock);
+    linkset_del(&t->watchers, 0, ref);
+    pthread_mutex_unlock(&t->lock);
+    mb_proc_unref(t);
+  }
+  return 1;
+}
+
+void mb_proc_exit_signal(mb_pid_t pid, mb_pid_t from, mb_msg_t *reason, int kill)
+{
+  reason->kind = kill ? MB_MSG_KILL : MB_MSG_EXIT;
+  reason->from = from;
+  mb_proc_send(pid, reason);
+}
+
+/* -- Exit ------------------------------------------------------------------ */
+
+void mb_proc_exit(mb_proc_t *p, mb_msg_t *reason)
+{
+  pthread_mutex_lock(&p->lock);
+  p->dead = 1;
+  p->status = MB_PS_EXITING;
+  mb_linkset_t links = p->links, watchers = p->watchers;
+  memset(&p->links, 0, sizeof p->links);
+  memset(&p->watchers, 0, sizeof p->watchers);
+  pthread_mutex_unlock(&p->lock);
+
+  mb_reg_remove_proc(p);
+  table_remove(p);
+  for (uint32_t i = 0; i < links.n; i++)
+    mb_proc_exit_signal(links.v[i].pid, p->pid, mb_msg_dup(reason), 0);
+  for (uint32_t i = 0; i < watchers.n; i++)
+    mb_proc_send(watchers.v[i].pid,
+                 down_msg(p->pid, watchers.v[i].ref, mb_msg_dup(reason)));
+  /* Monitors this process held die with it. */
+  for (uint32_t i = 0; i < p->monitoring.n; i++) {
+    mb_proc_t *t = mb_proc_get(p->monitoring.v[i].pid);
+    if (t) {
+      pthread_mutex_lock(&t->lock);
+      linkset_del(&t->watchers, 0, p->monitoring.v[i].ref);
+      pthread_mutex_unlock(&t->lock);
+      mb_proc_unref(t);
+    }
+  }
+  linkset_free(&links);
+  linkset_free(&watchers);
+  mb_msg_free(reason);
+
+  if (p->wait_timer) {
+    mb_timer_wait_done(p->wait_timer);
+    p->wait_timer = NULL;
+  }
+  mb_lstate_close(p);
+  unsigned left = atomic_fetch_sub(&live, 1) - 1;
+  mb_proc_unref(p);
+  if (left == 0 && mb_proc_on_empty)
+    mb_proc_on_empty();
+}
+
+static void shutdown_one(mb_proc_t *p, void *ud)
+{
+  (void)ud;
+  pthread_mutex_lock(&p->lock);
+  p->dead = 1;
+  pthread_mutex_unlock(&p->lock);
+  table_remove(p);
+  mb_reg_remove_proc(p);
+  if (p->wait_timer) {
+    mb_timer_wait_done(p->wait_timer);
+    p->wait_timer = NULL;
+  }
+  mb_lstate_close(p);
+  atomic_fetch_sub(&live, 1);
+  mb_proc_unref(p);   /* the table's reference; foreach holds another */
+}
+
+void mb_proc_shutdown(void)
+{
+  mb_proc_foreach(shutdown_one, NULL);
+  for (uint32_t c = 0; c < NCHUNKS; c++) {
+    mb_free(chunks[c]);
+    chunks[c] = NULL;
+  }
+  if (cached_normal)
+    mb_msg_free(cached_normal);
+  if (cached_kill)
+    mb_msg_free(cached_kill);
+  cached_normal = cached_kill = NULL;
+}
+
+/* -- Messages made by the host ------------------------------------------- */
+
+mb_msg_t *mb_msg_dup(const mb_msg_t *m)
+{
+  mb_msg_t *d = mb_msg_new(m->len);
+  memcpy(d->data, m->data, m->len);
+  d->nvalues = m->nvalues;
+  d->kind = m->kind;
+  d->from = m->from;
+  d->ref = m->ref;
+  return d;
+}
+
+/* Encoding needs a Lua state; the host's own strings use a throwaway one,
+ * and the common ones are encoded once. */
+static mb_msg_t *encode_string(const char *s)
+{
+  lua_State *L = luaL_newstate();
+  if (L == NULL)
+    abort();
+  lua_pushstring(L, s);
+  char err[128];
+  mb_msg_t *m = mb_copy_encode(L, 1, 1, "reason", NULL, err, sizeof err);
+  lua_close(L);
+  if (m == NULL)
+    abort();
+  return m;
+}
+
+static pthread_once_t cache_once = PTHREAD_ONCE_INIT;
+
+static void cache_init(void)
+{
+  cached_normal = encode_string("normal");
+  cached_kill = encode_string("kill");
+}
+
+mb_msg_t *mb_msg_string(const char *s)
+{
+  pthread_once(&cache_once, cache_init);
+  if (strcmp(s, "normal") == 0)
+    return mb_msg_dup(cached_normal);
+  if (strcmp(s, "kill") == 0)
+    return mb_msg_dup(cached_kill);
+  return encode_string(s);
+}
+
+int mb_msg_is_normal(const mb_msg_t *m)
+{
+  pthread_once(&cache_once, cache_init);
+  return reason_is(m, cached_normal);
+}
+
+int mb_msg_is_kill(const mb_msg_t *m)
+{
+  pthread_once(&cache_once, cache_init);
+  return reason_is(m, cached_kill);
+}

@@ -1,0 +1,202 @@
+/* proc.h: processes - one isolated lua_State each - and the process table.
+ *
+ * DESIGN
+ * A process is an mb_proc_t plus its own lua_State (own heap, own GC) whose
+ * body runs in a coroutine `co` of that state. The struct is shared by all
+ * threads; its fields fall in three groups:
+ *  - owner-only: touched only by the thread currently running the process
+ *    (the scheduler that dequeued it), never by two threads at once because a
+ *    process is in at most one run queue and runs on one thread at a time;
+ *  - locked: guarded by `lock` - the inbox (the outer, shared half of the
+ *    mailbox), the run status, links and monitors-in, and `dead`;
+ *  - atomic: counters other threads read for mb.info().
+ * This is the BEAM's split: senders only ever append to the inbox under the
+ * lock; the owner splices the whole inbox into its private queue in O(1) and
+ * works on that without locking.
+ *
+ * Lifetime: the struct is reference counted. The process table holds one
+ * reference while the process is alive; lookups (mb_proc_get) take one more,
+ * so a sender can push to a process that is exiting at the same moment: the
+ * message is then freed with the struct. The lua_State is closed by the
+ * process's own thread when it dies, before the table reference is dropped.
+ *
+ * Pids are (generation << MB_PID_SLOT_BITS | slot): the slot indexes the table,
+ * the generation makes a pid unique although slots are reused.
+ */
+#ifndef MB_PROC_H
+#define MB_PROC_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+
+#include "alloc.h"
+#include "copy.h"
+#include "lua.h"
+#include "pid.h"
+
+#define MB_PID_SLOT_BITS 24                   /* 16M processes at most */
+#define MB_MAX_PROCS ((1u << MB_PID_SLOT_BITS) - 1)
+
+/* Kinds of mb_msg_t in a mailbox. */
+enum {
+  MB_MSG_USER = 0,  /* a message sent with mb.send */
+  MB_MSG_EXIT,      /* exit signal: from = sender, value = reason */
+  MB_MSG_KILL,      /* untrappable exit signal (mb.exit(pid, "kill")) */
+  MB_MSG_DOWN,      /* monitor fired: from = dead pid, ref, value = reason */
+  MB_MSG_TIMEOUT    /* never queued: marks a receive that timed out */
+};
+
+/* Run status, guarded by lock. */
+typedef enum {
+  MB_PS_RUNNABLE,   /* in a run queue */
+  MB_PS_RUNNING,    /* on a scheduler thread now */
+  MB_PS_WAITING,    /* blocked: in receive, sleep, or I/O */
+  MB_PS_EXITING     /* dead; being torn down */
+} mb_pstatus_t;
+
+/* What a blocked process waits for (owner-only, read under lock by wakers). */
+typedef enum {
+  MB_WAIT_NONE,
+  MB_WAIT_RECV,     /* receive: any message or signal wakes it */
+  MB_WAIT_SLEEP     /* sleep: only its timer or an exit signal wakes it */
+} mb_wait_t;
+
+/* Why the body coroutine yielded to the scheduler (owner-only). */
+typedef enum {
+  MB_YIELD_NONE,
+  MB_YIELD_PREEMPT, /* budget spent, or mb.yield(): requeue */
+  MB_YIELD_WAIT,    /* blocked: see wait */
+  MB_YIELD_EXIT     /* die now with exit_reason (exit, kill, out of memory) */
+} mb_yield_t;
+
+typedef struct mb_link {
+  mb_pid_t pid;
+  mb_ref_t ref;     /* monitors: the ref; links: 0 */
+} mb_link_t;
+
+typedef struct mb_linkset {
+  mb_link_t *v;
+  uint32_t n, cap;
+} mb_linkset_t;
+
+struct mb_sched;
+struct mb_timer;
+
+typedef struct mb_proc {
+  mb_alloc_t alloc;          /* first member: lua_getallocf's ud is the proc */
+  mb_pid_t pid;
+  atomic_int refs;
+  lua_State *L;              /* main thread of the state */
+  lua_State *co;             /* the body coroutine */
+  struct mb_proc *rq_next;   /* run queue link (guarded by the queue's lock) */
+
+  pthread_mutex_t lock;
+  /* -- guarded by lock -- */
+  mb_pstatus_t status;
+  mb_wait_t wait;
+  int woken;                 /* a timer fired or a signal came while not WAITING */
+  int expired;               /* the current wait's timer fired */
+  uint32_t wait_seq;         /* numbers each timed wait, for its timer */
+  int dead;                  /* no more links or monitors may be added */
+  mb_msg_t *in_head, **in_tail;
+  mb_linkset_t links;        /* pids linked to this process */
+  mb_linkset_t watchers;     /* monitors on this process: {watcher, ref} */
+
+  /* -- owner-only -- */
+  mb_msg_t *q_head, **q_tail;  /* private half of the mailbox */
+  mb_msg_t **q_scan;           /* selective receive: next message to test */
+  mb_msg_t *recv_bad;          /* a message whose rebuilding raised */
+  mb_linkset_t monitoring;     /* monitors this process holds: {target, ref} */
+  mb_yield_t yield;            /* reason of the pending runtime yield */
+  lua_State **costack;         /* user coroutines running inside co */
+  int con, cocap;
+  int trap_exit;
+  int budget;                  /* reductions left in this slice */
+  int recv_match;              /* registry ref of the match function, or 0 */
+  mb_wait_t pending_wait;      /* what a MB_YIELD_WAIT waits for */
+  struct mb_timer *wait_timer; /* timer of the current wait, or NULL */
+  lua_CFunction boot;          /* set until the first run: see scheduler.c */
+  mb_msg_t *boot_msg;          /* what boot decodes (spawn's function, args) */
+  mb_msg_t *exit_reason;       /* set when the process must die */
+  int first;                   /* the host's first process */
+  char *origin;                /* what it was spawned from, for crash reports */
+  char *name;                  /* registered name (guarded by the registry) */
+
+  /* -- atomic, read by other threads -- */
+  atomic_uint nsignals;        /* exit signals queued and not yet handled */
+  atomic_uint_fast64_t reductions;
+  atomic_uint mailbox_len;
+  atomic_int running;          /* mb.info status without taking the lock */
+} mb_proc_t;
+
+/* The process that owns L (any coroutine of its state). */
+static inline mb_proc_t *mb_proc_of(lua_State *L)
+{
+  void *ud;
+  lua_getallocf(L, &ud);
+  return (mb_proc_t *)ud;
+}
+
+/* Create a process with a fresh state (libraries opened lazily, see lstate.h)
+ * and register it in the table; refs = 1 (the table's). Returns NULL with a
+ * message in err when the table is full or the state cannot be created.
+ * Any thread. The process is not runnable until mb_sched_enqueue. */
+mb_proc_t *mb_proc_new(size_t max_memory, char *err, size_t errlen);
+
+/* Look up a live process; takes a reference (release with mb_proc_unref).
+ * NULL when pid names no live process. Any thread. */
+mb_proc_t *mb_proc_get(mb_pid_t pid);
+void mb_proc_unref(mb_proc_t *p);
+
+/* Append msg to p's inbox and wake p if it waits for it. Takes ownership of
+ * msg (freed if p is already dead). Any thread. */
+void mb_proc_push(mb_proc_t *p, mb_msg_t *msg);
+/* Look up pid and push; msg is freed if pid is dead. Any thread. */
+void mb_proc_send(mb_pid_t pid, mb_msg_t *msg);
+
+/* Move the inbox into the private queue and handle exit signals in order:
+ * trapped ones become messages, "normal" ones vanish, others set
+ * p->exit_reason. Owner thread. Returns 1 if the process must die. */
+int mb_proc_drain(mb_proc_t *p);
+
+/* Links and monitors, run by the process `self` on its own thread.
+ * mb_proc_link returns 0, or -1 when pid is dead (noproc). */
+int mb_proc_link(mb_proc_t *self, mb_pid_t pid);
+void mb_proc_unlink(mb_proc_t *self, mb_pid_t pid);
+/* Returns the new ref; a DOWN "noproc" is queued at once for a dead pid. */
+mb_ref_t mb_proc_monitor(mb_proc_t *self, mb_pid_t pid);
+/* Returns 1 if ref was an active monitor of self. */
+int mb_proc_demonitor(mb_proc_t *self, mb_ref_t ref);
+
+/* Send an exit signal from `from` to pid; kill: untrappable. reason is a
+ * one-value message; ownership taken. Any thread. */
+void mb_proc_exit_signal(mb_pid_t pid, mb_pid_t from, mb_msg_t *reason, int kill);
+
+/* Tear down a dead process on its own thread: signal links and monitors
+ * with reason (taken), free the state and the mailbox, drop the table's
+ * reference. */
+void mb_proc_exit(mb_proc_t *p, mb_msg_t *reason);
+
+/* A new unique ref. Any thread. */
+mb_ref_t mb_proc_newref(void);
+
+/* Number of live processes. */
+unsigned mb_proc_count(void);
+/* Call fn for every live process (with a reference held during the call). */
+void mb_proc_foreach(void (*fn)(mb_proc_t *p, void *ud), void *ud);
+/* Free every remaining process; only when all schedulers have stopped. */
+void mb_proc_shutdown(void);
+
+/* Called when the last process has died (set by the scheduler). */
+extern void (*mb_proc_on_empty)(void);
+
+/* Encode a one-value message from a C string (a reason such as "noproc"). */
+mb_msg_t *mb_msg_string(const char *s);
+/* Is m the one-value message "normal" / "kill"? */
+int mb_msg_is_normal(const mb_msg_t *m);
+int mb_msg_is_kill(const mb_msg_t *m);
+/* Copy a message (for a reason sent to several processes). */
+mb_msg_t *mb_msg_dup(const mb_msg_t *m);
+
+#endif

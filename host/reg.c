@@ -1,0 +1,115 @@
+/* reg.c: process names; a chained hash table under one mutex (see reg.h). */
+#include <stdio.h>
+#include <string.h>
+
+#include "reg.h"
+
+typedef struct entry {
+  struct entry *next;
+  mb_proc_t *p;        /* a weak pointer: cleared by the process's exit */
+  mb_pid_t pid;
+  char name[];
+} entry_t;
+
+#define NBUCKETS 1024
+static entry_t *buckets[NBUCKETS];
+static pthread_mutex_t reg_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static unsigned hash(const char *s)
+{
+  unsigned h = 5381;
+  while (*s)
+    h = h * 33 + (unsigned char)*s++;
+  return h % NBUCKETS;
+}
+
+static entry_t **find(const char *name)
+{
+  entry_t **pe = &buckets[hash(name)];
+  while (*pe && strcmp((*pe)->name, name) != 0)
+    pe = &(*pe)->next;
+  return pe;
+}
+
+int mb_reg_register(const char *name, mb_proc_t *p)
+{
+  int rc = 0;
+  pthread_mutex_lock(&reg_lock);
+  entry_t **pe = find(name);
+  pthread_mutex_lock(&p->lock);
+  int dead = p->dead;
+  pthread_mutex_unlock(&p->lock);
+  if (*pe)
+    rc = MB_REG_TAKEN;
+  else if (p->name)
+    rc = MB_REG_HASNAME;
+  else if (dead)
+    rc = MB_REG_DEAD;
+  else {
+    size_t n = strlen(name);
+    entry_t *e = mb_malloc(sizeof *e + n + 1);
+    memcpy(e->name, name, n + 1);
+    e->p = p;
+    e->pid = p->pid;
+    e->next = NULL;
+    *pe = e;
+    p->name = e->name;
+  }
+  pthread_mutex_unlock(&reg_lock);
+  return rc;
+}
+
+static void unlink_entry(entry_t **pe)
+{
+  entry_t *e = *pe;
+  *pe = e->next;
+  e->p->name = NULL;
+  mb_free(e);
+}
+
+int mb_reg_unregister(const char *name)
+{
+  pthread_mutex_lock(&reg_lock);
+  entry_t **pe = find(name);
+  int found = *pe != NULL;
+  if (found)
+    unlink_entry(pe);
+  pthread_mutex_unlock(&reg_lock);
+  return found;
+}
+
+mb_pid_t mb_reg_whereis(const char *name)
+{
+  pthread_mutex_lock(&reg_lock);
+  entry_t *e = *find(name);
+  mb_pid_t pid = e ? e->pid : 0;
+  pthread_mutex_unlock(&reg_lock);
+  return pid;
+}
+
+int mb_reg_name_of(mb_proc_t *p, char *buf, size_t n)
+{
+  pthread_mutex_lock(&reg_lock);
+  int has = p->name != NULL;
+  if (has)
+    snprintf(buf, n, "%s", p->name);
+  pthread_mutex_unlock(&reg_lock);
+  return has;
+}
+
+void mb_reg_remove_proc(mb_proc_t *p)
+{
+  pthread_mutex_lock(&reg_lock);
+  if (p->name)
+    unlink_entry(find(p->name));
+  pthread_mutex_unlock(&reg_lock);
+}
+
+void mb_reg_shutdown(void)
+{
+  pthread_mutex_lock(&reg_lock);
+  for (int i = 0; i < NBUCKETS; i++)
+    while (buckets[i])
+      unlink_entry(&buckets[i]);
+  pthread_mutex_unlock(&reg_lock);
+}

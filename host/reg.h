@@ -1,0 +1,31 @@
+/* reg.h: the registry of process names (mb.register / mb.whereis).
+ *
+ * One table for the host, guarded by one mutex: registering is rare next to
+ * sending, and a send by name only reads. A name belongs to at most one live
+ * process and a process has at most one name (as in Erlang); a process's name
+ * is released when it dies.
+ */
+#ifndef MB_REG_H
+#define MB_REG_H
+
+#include "proc.h"
+
+/* Errors of mb_reg_register. */
+#define MB_REG_TAKEN (-1)     /* the name is registered already */
+#define MB_REG_HASNAME (-2)   /* the process has a name already */
+#define MB_REG_DEAD (-3)      /* the process is not alive */
+
+/* Register name for p; 0 or one of the errors above. Any thread. */
+int mb_reg_register(const char *name, mb_proc_t *p);
+/* Returns 1 if name was registered. */
+int mb_reg_unregister(const char *name);
+/* The pid registered as name, or 0. */
+mb_pid_t mb_reg_whereis(const char *name);
+/* Copy p's name into buf (truncated to n); 0 if it has none. */
+int mb_reg_name_of(mb_proc_t *p, char *buf, size_t n);
+/* Drop p's name, if it has one (on exit). */
+void mb_reg_remove_proc(mb_proc_t *p);
+/* Free the table (at shutdown). */
+void mb_reg_shutdown(void);
+
+#endif

@@ -1,0 +1,90 @@
+/* report.c: crash reports (see report.h). */
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "lauxlib.h"
+#include "report.h"
+
+/* The error value at idx as text, like luajit's report does. */
+static const char *error_text(lua_State *L, int idx)
+{
+  if (lua_type(L, idx) == LUA_TSTRING || lua_type(L, idx) == LUA_TNUMBER)
+    return lua_tostring(L, idx);
+  if (luaL_callmeta(L, idx, "__tostring") && lua_isstring(L, -1))
+    return lua_tostring(L, -1);
+  return lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, idx));
+}
+
+static void header(luaL_Buffer *b, mb_proc_t *p, const char *what)
+{
+  char line[256];
+  snprintf(line, sizeof line, "=%s==== <0.%" PRIu64 ">", what, p->pid);
+  luaL_addstring(b, line);
+  if (p->name) {
+    luaL_addstring(b, " registered as ");
+    luaL_addstring(b, p->name);
+  }
+  if (p->origin) {
+    luaL_addstring(b, " spawned from ");
+    luaL_addstring(b, p->origin);
+  }
+  luaL_addchar(b, '\n');
+}
+
+static int crash(lua_State *L)
+{
+  mb_proc_t *p = lua_touserdata(L, 1);
+  lua_State *T = lua_touserdata(L, 2);
+  const char *msg = error_text(L, 3);
+  luaL_Buffer b;
+  if (p->first) {
+    lua_pushfstring(L, "moonbeam: %s", msg);
+  } else {
+    luaL_buffinit(L, &b);
+    header(&b, p, "CRASH REPORT");
+    luaL_addstring(&b, "reason: ");
+    luaL_addstring(&b, msg);
+    luaL_pushresult(&b);
+  }
+  if (T != p->L)
+    luaL_traceback(L, T, lua_tostring(L, -1), 0);
+  lua_pushliteral(L, "\n");
+  lua_concat(L, 2);
+  fputs(lua_tostring(L, -1), stderr);
+  fflush(stderr);
+  return 0;
+}
+
+void mb_report_crash(mb_proc_t *p, lua_State *T, const mb_msg_t *reason)
+{
+  (void)reason;
+  /* Report from the main thread: it is idle and has room, and T may be a
+   * dead coroutine. A failure to report must not stop the exit. */
+  lua_State *L = p->L;
+  int top = lua_gettop(L);
+  lua_pushcfunction(L, crash);
+  lua_pushlightuserdata(L, p);
+  lua_pushlightuserdata(L, T);
+  if (T == L) {
+    lua_pushvalue(L, top);
+  } else {
+    lua_pushvalue(T, -1);
+    lua_xmove(T, L, 1);
+  }
+  if (lua_pcall(L, 3, 0, 0) != 0)
+    fprintf(stderr, "moonbeam: process <0.%" PRIu64 "> crashed\n", p->pid);
+  lua_settop(L, top);
+}
+
+void mb_report_exit(mb_proc_t *p, const mb_msg_t *reason)
+{
+  if (reason == NULL || !p->alloc.oom)
+    return;
+  char line[256];
+  snprintf(line, sizeof line,
+           "=CRASH REPORT==== <0.%" PRIu64 ">%s%s\nreason: out of memory "
+           "(over its max_memory)\n",
+           p->pid, p->name ? " registered as " : "", p->name ? p->name : "");
+  fputs(line, stderr);
+}

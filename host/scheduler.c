@@ -1,0 +1,619 @@
+/* scheduler.c: scheduler threads, run queues, stealing, slices, preemption.
+ * See scheduler.h for the design.
+ */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "lauxlib.h"
+#include "lib.h"
+#include "lstate.h"
+#include "reg.h"
+#include "report.h"
+#include "scheduler.h"
+#include "timer.h"
+
+typedef struct cmd {
+  struct cmd *next;
+  void (*fn)(void *);
+  void *arg;
+} cmd_t;
+
+struct mb_sched {
+  int id;
+  pthread_t thread;
+  uv_loop_t loop;
+  uv_async_t async;          /* wakes the thread: commands, work, halt */
+  uv_signal_t sigint, sigterm;  /* scheduler 0 only */
+  pthread_mutex_t rq_lock;
+  mb_proc_t *rq_head, *rq_tail;
+  atomic_int rq_len;
+  atomic_int sleeping;
+  pthread_mutex_t cmd_lock;
+  cmd_t *cmd_head, **cmd_tail;
+  uint64_t last_poll;
+};
+
+mb_sched_opts_t mb_sched_opts;
+static mb_sched_t *scheds;
+static int nscheds;
+static _Thread_local mb_sched_t *self;
+static atomic_int halting;
+static atomic_int exit_code;
+
+/* -- Run queues ----------------------------------------------------------- */
+
+static void rq_push(mb_sched_t *s, mb_proc_t *p)
+{
+  p->rq_next = NULL;
+  pthread_mutex_lock(&s->rq_lock);
+  if (s->rq_tail)
+    s->rq_tail->rq_next = p;
+  else
+    s->rq_head = p;
+  s->rq_tail = p;
+  atomic_fetch_add(&s->rq_len, 1);
+  pthread_mutex_unlock(&s->rq_lock);
+}
+
+static mb_proc_t *rq_pop(mb_sched_t *s)
+{
+  if (atomic_load_explicit(&s->rq_len, memory_order_relaxed) == 0)
+    return NULL;
+  pthread_mutex_lock(&s->rq_lock);
+  mb_proc_t *p = s->rq_head;
+  if (p) {
+    s->rq_head = p->rq_next;
+    if (s->rq_head == NULL)
+      s->rq_tail = NULL;
+    atomic_fetch_sub(&s->rq_len, 1);
+  }
+  pthread_mutex_unlock(&s->rq_lock);
+  return p;
+}
+
+/* Take the oldest process of the fullest other queue. */
+static mb_proc_t *steal(mb_sched_t *s)
+{
+  mb_sched_t *victim = NULL;
+  int most = 0;
+  for (int i = 0; i < nscheds; i++) {
+    int n = atomic_load_explicit(&scheds[i].rq_len, memory_order_relaxed);
+    if (&scheds[i] != s && n > most) {
+      most = n;
+      victim = &scheds[i];
+    }
+  }
+  return victim ? rq_pop(victim) : NULL;
+}
+
+static void wake(mb_sched_t *s)
+{
+  if (atomic_exchange(&s->sleeping, 0))
+    uv_async_send(&s->async);
+}
+
+/* A queue holds more than its thread can start now: let a sleeper steal. */
+static void spread(void)
+{
+  for (int i = 0; i < nscheds; i++)
+    if (atomic_load_explicit(&scheds[i].sleeping, memory_order_relaxed)) {
+      wake(&scheds[i]);
+      return;
+    }
+}
+
+void mb_sched_enqueue(mb_proc_t *p)
+{
+  mb_sched_t *s = self ? self : &scheds[0];
+  rq_push(s, p);
+  if (s != self)
+    wake(s);
+  else if (atomic_load_explicit(&s->rq_len, memory_order_relaxed) >= 2)
+    spread();
+}
+
+/* -- Commands and halting ------------------------------------------------- */
+
+static void run_commands(mb_sched_t *s)
+{
+  pthread_mutex_lock(&s->cmd_lock);
+  cmd_t *c = s->cmd_head;
+  s->cmd_head = NULL;
+  s->cmd_tail = &s->cmd_head;
+  pthread_mutex_unlock(&s->cmd_lock);
+  while (c) {
+    cmd_t *next = c->next;
+    c->fn(c->arg);
+    mb_free(c);
+    c = next;
+  }
+}
+
+void mb_sched_post(mb_sched_t *s, void (*fn)(void *), void *arg)
+{
+  cmd_t *c = mb_malloc(sizeof *c);
+  c->fn = fn;
+  c->arg = arg;
+  c->next = NULL;
+  pthread_mutex_lock(&s->cmd_lock);
+  *s->cmd_tail = c;
+  s->cmd_tail = &c->next;
+  pthread_mutex_unlock(&s->cmd_lock);
+  uv_async_send(&s->async);
+}
+
+static void on_async(uv_async_t *h)
+{
+  run_commands(h->data);
+}
+
+void mb_sched_halt(int code)
+{
+  int expected = 0;
+  if (!atomic_compare_exchange_strong(&halting, &expected, 1))
+    return;
+  atomic_store(&exit_code, code);
+  for (int i = 0; i < nscheds; i++)
+    uv_async_send(&scheds[i].async);
+}
+
+int mb_sched_halting(void)
+{
+  return atomic_load_explicit(&halting, memory_order_relaxed);
+}
+
+static void on_signal(uv_signal_t *h, int signum)
+{
+  mb_sched_halt(128 + signum);
+}
+
+mb_sched_t *mb_sched_self(void) { return self; }
+uv_loop_t *mb_sched_loop(mb_sched_t *s) { return &s->loop; }
+
+/* -- Safe points and the hook --------------------------------------------- */
+
+/* Are all of T's frames from level `from` up yield-safe: Lua functions, or
+ * the C functions that LuaJIT can yield across (pcall, xpcall)? An outer
+ * coroutine's innermost frame is co_resume, which passes yields on. */
+static int frames_ok(lua_State *T, int from)
+{
+  lua_Debug ar;
+  for (int lvl = from; lua_getstack(T, lvl, &ar); lvl++) {
+    if (!lua_checkstack(T, 1))
+      return 0;
+    lua_getinfo(T, "f", &ar);
+    lua_CFunction cf = lua_iscfunction(T, -1) ? lua_tocfunction(T, -1) : NULL;
+    lua_pop(T, 1);
+    if (cf && cf != mb_lstate_pcall_cf && cf != mb_lstate_xpcall_cf &&
+        !(lvl == 0 && cf == mb_lstate_resume_cf))
+      return 0;
+  }
+  return 1;
+}
+
+static int can_yield(mb_proc_t *p, lua_State *L, int skip_top)
+{
+  lua_State *top = p->con ? p->costack[p->con - 1] : p->co;
+  if (L != top)
+    return 0;  /* a coroutine resumed by C code we do not know of */
+  for (int i = p->con; i >= 0; i--) {
+    lua_State *T = i ? p->costack[i - 1] : p->co;
+    if (!frames_ok(T, T == L ? skip_top : 0))
+      return 0;
+  }
+  return 1;
+}
+
+int mb_sched_can_yield(mb_proc_t *p, lua_State *L)
+{
+  return can_yield(p, L, 1);
+}
+
+int mb_sched_expired(mb_proc_t *p)
+{
+  pthread_mutex_lock(&p->lock);
+  int e = p->expired;
+  pthread_mutex_unlock(&p->lock);
+  return e;
+}
+
+int mb_sched_yield(lua_State *L, mb_yield_t reason)
+{
+  mb_proc_of(L)->yield = reason;
+  return lua_yield(L, 0);
+}
+
+/* Must the running process p die now? Handles pending exit signals and a
+ * refused allocation. */
+static int must_die(mb_proc_t *p)
+{
+  if (p->alloc.oom && p->exit_reason == NULL) {
+    p->alloc.limit = 0;   /* room to unwind and report */
+    p->exit_reason = mb_msg_string("out of memory");
+  }
+  if (atomic_load_explicit(&p->nsignals, memory_order_relaxed))
+    mb_proc_drain(p);
+  return p->exit_reason != NULL;
+}
+
+void mb_sched_hook(lua_State *L, lua_Debug *ar)
+{
+  mb_proc_t *p = mb_proc_of(L);
+  if (p->co == NULL)
+    return;
+  atomic_store_explicit(&p->reductions,
+      atomic_load_explicit(&p->reductions, memory_order_relaxed) + MB_REDS_PER_HOOK,
+      memory_order_relaxed);
+  p->budget -= MB_REDS_PER_HOOK;
+  int die = must_die(p);
+  if (!die && p->budget > 0 && !mb_sched_halting())
+    return;
+  if (can_yield(p, L, 0)) {
+    lua_sethook(L, mb_sched_hook, LUA_MASKCOUNT, MB_HOOK_INSTRUCTIONS);
+    p->yield = die ? MB_YIELD_EXIT : MB_YIELD_PREEMPT;
+    lua_yield(L, 0);
+    return;
+  }
+  /* Not a safe point: look again soon. A process that must die unwinds
+   * with an error until it reaches one (pcall may catch it; the next hook
+   * throws again). */
+  lua_sethook(L, mb_sched_hook, LUA_MASKCOUNT, MB_HOOK_RETRY_INSTRUCTIONS);
+  if (die)
+    luaL_error(L, "process is exiting");
+}
+
+/* -- Running a slice ------------------------------------------------------ */
+
+static void set_status(mb_proc_t *p, mb_pstatus_t st)
+{
+  pthread_mutex_lock(&p->lock);
+  p->status = st;
+  pthread_mutex_unlock(&p->lock);
+  atomic_store_explicit(&p->running, st == MB_PS_RUNNING, memory_order_relaxed);
+}
+
+/* End the current wait: drop its timer and match function. */
+static void end_wait(mb_proc_t *p)
+{
+  if (p->wait_timer) {
+    mb_timer_wait_done(p->wait_timer);
+    p->wait_timer = NULL;
+  }
+  if (p->recv_match) {
+    luaL_unref(p->L, LUA_REGISTRYINDEX, p->recv_match);
+    p->recv_match = 0;
+  }
+  p->q_scan = &p->q_head;
+  pthread_mutex_lock(&p->lock);
+  p->wait = MB_WAIT_NONE;
+  p->expired = 0;
+  p->wait_seq++;   /* a late timer of this wait will find no match */
+  pthread_mutex_unlock(&p->lock);
+}
+
+static int try_receive_cf(lua_State *L)
+{
+  mb_proc_t *p = lua_touserdata(L, 1);
+  lua_settop(L, 0);
+  int r = mb_lib_try_receive(p, L);
+  lua_pushinteger(L, r);
+  return lua_gettop(L);
+}
+
+/* A waiting process was woken: can its wait end? Returns the number of
+ * values pushed on co to resume it with, -1 if it must keep waiting, -2 if
+ * it must die (p->exit_reason set). */
+static int finish_wait(mb_proc_t *p)
+{
+  if (mb_proc_drain(p))
+    return -2;
+  if (p->wait == MB_WAIT_RECV) {
+    /* The receive may call a match function: run it on the idle main
+     * thread, protected, never on the suspended coroutine. */
+    lua_State *L = p->L;
+    int top = lua_gettop(L);
+    lua_pushcfunction(L, try_receive_cf);
+    lua_pushlightuserdata(L, p);
+    if (lua_pcall(L, 1, LUA_MULTRET, 0) != 0) {
+      p->exit_reason = mb_copy_encode(L, -1, 1, "reason", NULL, NULL, 0);
+      if (p->exit_reason == NULL)
+        p->exit_reason = mb_msg_string("receive failed");
+      lua_settop(L, top);
+      return -2;
+    }
+    int r = (int)lua_tointeger(L, -1);
+    lua_pop(L, 1);
+    if (r < 0) {
+      lua_settop(L, top);
+      return -2;
+    }
+    if (r == 0 && !mb_sched_expired(p)) {
+      lua_settop(L, top);
+      return -1;
+    }
+    if (r == 0)
+      lua_pushnil(L);
+    lua_xmove(L, p->co, 1);
+    end_wait(p);
+    return 1;
+  }
+  if (p->wait == MB_WAIT_SLEEP && !mb_sched_expired(p))
+    return -1;
+  end_wait(p);
+  return 0;
+}
+
+/* Boot a new process: its boot function runs protected on the main thread
+ * and leaves the body function and its arguments there. */
+static int boot(mb_proc_t *p)
+{
+  lua_State *L = p->L;
+  int top = lua_gettop(L);
+  lua_pushcfunction(L, p->boot);
+  lua_pushlightuserdata(L, p);
+  if (lua_pcall(L, 1, LUA_MULTRET, 0) != 0) {
+    mb_report_crash(p, L, NULL);
+    p->exit_reason = mb_copy_encode(L, -1, 1, "reason", NULL, NULL, 0);
+    if (p->exit_reason == NULL)
+      p->exit_reason = mb_msg_string("spawn failed");
+    lua_settop(L, top);
+    return -2;
+  }
+  p->boot = NULL;
+  int n = lua_gettop(L) - top;
+  lua_xmove(L, p->co, n);
+  return n - 1;
+}
+
+static void die(mb_proc_t *p, mb_msg_t *reason)
+{
+  if (p->first)
+    mb_sched_first_exit(mb_msg_is_normal(reason) ? 0 : 1);
+  mb_proc_exit(p, reason);
+}
+
+/* The body raised an error: report it and die with it as the reason. */
+static void crashed(mb_proc_t *p, int status)
+{
+  p->alloc.limit = 0;
+  mb_msg_t *reason = p->exit_reason;
+  p->exit_reason = NULL;
+  if (reason == NULL && (p->alloc.oom || status == LUA_ERRMEM))
+    reason = mb_msg_string("out of memory");
+  if (reason == NULL) {
+    reason = mb_copy_encode(p->co, -1, 1, "reason", NULL, NULL, 0);
+    if (reason == NULL) {
+      lua_pushstring(p->co, luaL_typename(p->co, -1));
+      reason = mb_copy_encode(p->co, -1, 1, "reason", NULL, NULL, 0);
+    }
+  }
+  mb_report_crash(p, p->co, reason);
+  die(p, reason);
+}
+
+static void run(mb_sched_t *s, mb_proc_t *p)
+{
+  set_status(p, MB_PS_RUNNING);
+  int nargs = 0;
+  if (p->boot) {
+    nargs = boot(p);
+  } else if (p->wait != MB_WAIT_NONE) {
+    for (;;) {
+      nargs = finish_wait(p);
+      if (nargs != -1)
+        break;
+      pthread_mutex_lock(&p->lock);
+      int again = p->in_head != NULL || p->woken;
+      if (!again)
+        p->status = MB_PS_WAITING;
+      pthread_mutex_unlock(&p->lock);
+      if (!again) {
+        atomic_store_explicit(&p->running, 0, memory_order_relaxed);
+        return;
+      }
+    }
+  } else if (must_die(p)) {
+    nargs = -2;
+  }
+  if (nargs == -2) {
+    mb_msg_t *reason = p->exit_reason;
+    p->exit_reason = NULL;
+    if (!p->boot)
+      mb_report_exit(p, reason);
+    die(p, reason);
+    return;
+  }
+  p->budget = mb_sched_opts.slice_reds;
+  int st = lua_resume(p->co, nargs);
+  if (st == LUA_YIELD) {
+    mb_yield_t why = p->yield;
+    p->yield = MB_YIELD_NONE;
+    if (lua_gettop(p->co) > 0)
+      lua_settop(p->co, 0);   /* values of a bare coroutine.yield() */
+    if (why == MB_YIELD_EXIT) {
+      mb_msg_t *reason = p->exit_reason;
+      p->exit_reason = NULL;
+      mb_report_exit(p, reason);
+      die(p, reason);
+      return;
+    }
+    if (why == MB_YIELD_WAIT) {
+      pthread_mutex_lock(&p->lock);
+      p->wait = p->pending_wait;
+      int again = p->in_head != NULL || p->woken;
+      p->status = again ? MB_PS_RUNNABLE : MB_PS_WAITING;
+      pthread_mutex_unlock(&p->lock);
+      atomic_store_explicit(&p->running, 0, memory_order_relaxed);
+      if (again)
+        rq_push(s, p);
+      return;
+    }
+    /* Preempted, mb.yield(), or a bare coroutine.yield() in the body. */
+    set_status(p, MB_PS_RUNNABLE);
+    rq_push(s, p);
+    if (atomic_load_explicit(&s->rq_len, memory_order_relaxed) >= 2)
+      spread();
+    return;
+  }
+  if (st == 0) {
+    mb_msg_t *reason = p->exit_reason ? p->exit_reason : mb_msg_string("normal");
+    p->exit_reason = NULL;
+    die(p, reason);
+    return;
+  }
+  crashed(p, st);
+}
+
+/* -- The scheduler thread ------------------------------------------------- */
+
+static void poll_loop(mb_sched_t *s, int force)
+{
+  uint64_t now = uv_hrtime();
+  if (force || now - s->last_poll >= MB_POLL_INTERVAL_NS) {
+    s->last_poll = now;
+    uv_run(&s->loop, UV_RUN_NOWAIT);
+  }
+}
+
+static int anyone_has_work(void)
+{
+  for (int i = 0; i < nscheds; i++)
+    if (atomic_load(&scheds[i].rq_len) > 0)
+      return 1;
+  return 0;
+}
+
+static void *sched_main(void *arg)
+{
+  mb_sched_t *s = arg;
+  self = s;
+  while (!mb_sched_halting()) {
+    mb_proc_t *p = rq_pop(s);
+    if (p == NULL)
+      p = steal(s);
+    if (p) {
+      run(s, p);
+      poll_loop(s, 0);
+      continue;
+    }
+    /* Idle: announce it, look once more (a push may have raced the
+     * announcement), then sleep in the loop until woken. */
+    atomic_store(&s->sleeping, 1);
+    if (anyone_has_work() || mb_sched_halting()) {
+      atomic_store(&s->sleeping, 0);
+      continue;
+    }
+    uv_run(&s->loop, UV_RUN_ONCE);
+    atomic_store(&s->sleeping, 0);
+  }
+  self = NULL;
+  return NULL;
+}
+
+static int sched_init(mb_sched_t *s, int id)
+{
+  s->id = id;
+  pthread_mutex_init(&s->rq_lock, NULL);
+  pthread_mutex_init(&s->cmd_lock, NULL);
+  s->cmd_tail = &s->cmd_head;
+  int rc = uv_loop_init(&s->loop);
+  if (rc)
+    return rc;
+  uv_async_init(&s->loop, &s->async, on_async);
+  s->async.data = s;
+  if (id == 0) {
+    uv_signal_init(&s->loop, &s->sigint);
+    uv_signal_init(&s->loop, &s->sigterm);
+    uv_signal_start(&s->sigint, on_signal, SIGINT);
+    uv_signal_start(&s->sigterm, on_signal, SIGTERM);
+    uv_unref((uv_handle_t *)&s->sigint);
+    uv_unref((uv_handle_t *)&s->sigterm);
+  }
+  return 0;
+}
+
+int mb_sched_start(const mb_sched_opts_t *opts)
+{
+  mb_sched_opts = *opts;
+  if (mb_sched_opts.schedulers <= 0) {
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    mb_sched_opts.schedulers = n > 0 ? (int)n : 1;
+  }
+  nscheds = mb_sched_opts.schedulers;
+  scheds = mb_calloc(nscheds, sizeof *scheds);
+  for (int i = 0; i < nscheds; i++) {
+    int rc = sched_init(&scheds[i], i);
+    if (rc)
+      return rc;
+  }
+  return 0;
+}
+
+/* Threads start only when the first process is queued, so that the main
+ * thread can set everything up first. */
+int mb_sched_run(void)
+{
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setstacksize(&attr, 8u << 20);  /* deep C recursion in libs */
+  for (int i = 0; i < nscheds; i++) {
+    int rc = pthread_create(&scheds[i].thread, &attr, sched_main, &scheds[i]);
+    if (rc)
+      return -rc;
+  }
+  pthread_attr_destroy(&attr);
+  return 0;
+}
+
+static void close_handle(uv_handle_t *h, void *arg)
+{
+  if (h->type == UV_TIMER)
+    mb_timer_close_handle(h);   /* every timer is an mb_timer_t */
+  else if (!uv_is_closing(h))
+    uv_close(h, NULL);
+}
+
+int mb_sched_wait(void)
+{
+  for (int i = 0; i < nscheds; i++)
+    pthread_join(scheds[i].thread, NULL);
+  /* Processes first: their finalizers may still post to the loops. */
+  mb_proc_shutdown();
+  mb_reg_shutdown();
+  for (int i = 0; i < nscheds; i++) {
+    mb_sched_t *s = &scheds[i];
+    self = s;
+    run_commands(s);
+    uv_walk(&s->loop, close_handle, NULL);
+    uv_run(&s->loop, UV_RUN_DEFAULT);
+    uv_loop_close(&s->loop);
+    pthread_mutex_destroy(&s->rq_lock);
+    pthread_mutex_destroy(&s->cmd_lock);
+  }
+  self = NULL;
+  mb_free(scheds);
+  return atomic_load(&exit_code);
+}
+
+/* -- The first process ---------------------------------------------------- */
+
+static atomic_int first_code = -1;
+
+void mb_sched_first_exit(int code)
+{
+  atomic_store(&first_code, code);
+}
+
+static void on_empty(void)
+{
+  int code = atomic_load(&first_code);
+  mb_sched_halt(code < 0 ? 0 : code);
+}
+
+void mb_sched_on_empty_install(void)
+{
+  mb_proc_on_empty = on_empty;
+}

@@ -1,0 +1,171 @@
+/* timer.c: wait timers and send_after timers on libuv (see timer.h). */
+#include <stdatomic.h>
+
+#include <uv.h>
+
+#include "alloc.h"
+#include "proc.h"
+#include "scheduler.h"
+#include "timer.h"
+
+enum { ARMED, FIRED, CANCELLED };
+
+struct mb_timer {
+  uv_timer_t handle;
+  mb_sched_t *owner;       /* the scheduler whose loop holds the handle */
+  atomic_int refs;         /* the loop's (until closed) + the caller's */
+  atomic_int state;
+  mb_pid_t pid;            /* wait: the waiting process; send_after: dest */
+  uint32_t seq;            /* wait: p->wait_seq when armed */
+  mb_msg_t *msg;           /* send_after: the message, until delivered */
+  double due;              /* mb_timer_now() when it fires */
+};
+
+double mb_timer_now(void)
+{
+  return (double)uv_hrtime() / 1e6;
+}
+
+static void timer_free(mb_timer_t *t)
+{
+  if (t->msg)
+    mb_msg_free(t->msg);
+  mb_free(t);
+}
+
+void mb_timer_unref(mb_timer_t *t)
+{
+  if (atomic_fetch_sub(&t->refs, 1) == 1)
+    timer_free(t);
+}
+
+static void on_close(uv_handle_t *h)
+{
+  mb_timer_unref(h->data);
+}
+
+/* Stop and close on the owner's thread. */
+static void close_now(void *arg)
+{
+  mb_timer_t *t = arg;
+  if (!uv_is_closing((uv_handle_t *)&t->handle)) {
+    uv_timer_stop(&t->handle);
+    uv_close((uv_handle_t *)&t->handle, on_close);
+  }
+}
+
+/* The posted command holds a reference of its own. */
+static void close_posted(void *arg)
+{
+  close_now(arg);
+  mb_timer_unref(arg);
+}
+
+static void close_on_owner(mb_timer_t *t)
+{
+  if (mb_sched_self() == t->owner) {
+    close_now(t);
+  } else {
+    atomic_fetch_add(&t->refs, 1);
+    mb_sched_post(t->owner, close_posted, t);
+  }
+}
+
+void mb_timer_close_handle(uv_handle_t *h)
+{
+  close_now(h->data);
+}
+
+static mb_timer_t *timer_new(double ms, uv_timer_cb cb)
+{
+  mb_sched_t *s = mb_sched_self();
+  mb_timer_t *t = mb_calloc(1, sizeof *t);
+  t->owner = s;
+  atomic_init(&t->refs, 2);
+  atomic_init(&t->state, ARMED);
+  t->due = mb_timer_now() + ms;
+  uv_loop_t *loop = mb_sched_loop(s);
+  uv_timer_init(loop, &t->handle);
+  t->handle.data = t;
+  uv_update_time(loop);
+  uint64_t timeout = ms <= 0 ? 0 : (uint64_t)(ms + 0.999);
+  uv_timer_start(&t->handle, cb, timeout, 0);
+  return t;
+}
+
+/* -- Wait timers ---------------------------------------------------------- */
+
+static void on_wait_timer(uv_timer_t *h)
+{
+  mb_timer_t *t = h->data;
+  mb_proc_t *p = mb_proc_get(t->pid);
+  if (p) {
+    int wake = 0;
+    pthread_mutex_lock(&p->lock);
+    if (p->wait_seq == t->seq && p->wait != MB_WAIT_NONE) {
+      p->expired = 1;
+      if (p->status == MB_PS_WAITING) {
+        p->status = MB_PS_RUNNABLE;
+        wake = 1;
+      }
+    } else if (p->wait_seq == t->seq) {
+      p->expired = 1;  /* the process has not finished yielding yet */
+      p->woken = 1;
+    }
+    pthread_mutex_unlock(&p->lock);
+    if (wake)
+      mb_sched_enqueue(p);
+    mb_proc_unref(p);
+  }
+  close_now(t);
+}
+
+mb_timer_t *mb_timer_wait(mb_proc_t *p, double ms)
+{
+  pthread_mutex_lock(&p->lock);
+  uint32_t seq = p->wait_seq;
+  pthread_mutex_unlock(&p->lock);
+  mb_timer_t *t = timer_new(ms, on_wait_timer);
+  t->pid = p->pid;
+  t->seq = seq;
+  return t;
+}
+
+void mb_timer_wait_done(mb_timer_t *t)
+{
+  close_on_owner(t);
+  mb_timer_unref(t);
+}
+
+/* -- send_after ----------------------------------------------------------- */
+
+static void on_send_timer(uv_timer_t *h)
+{
+  mb_timer_t *t = h->data;
+  int expected = ARMED;
+  if (atomic_compare_exchange_strong(&t->state, &expected, FIRED)) {
+    mb_msg_t *m = t->msg;
+    t->msg = NULL;
+    mb_proc_send(t->pid, m);
+  }
+  close_now(t);
+}
+
+mb_timer_t *mb_timer_send_after(double ms, mb_pid_t dest, mb_msg_t *msg)
+{
+  mb_timer_t *t = timer_new(ms, on_send_timer);
+  t->pid = dest;
+  t->msg = msg;
+  return t;
+}
+
+int mb_timer_cancel(mb_timer_t *t, double *left_ms)
+{
+  int expected = ARMED;
+  if (!atomic_compare_exchange_strong(&t->state, &expected, CANCELLED))
+    return 0;
+  double left = t->due - mb_timer_now();
+  *left_ms = left > 0 ? left : 0;
+  close_on_owner(t);
+  return 1;
+}

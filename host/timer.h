@@ -1,0 +1,49 @@
+/* timer.h: timers on the schedulers' libuv loops.
+ *
+ * DESIGN
+ * A timer lives on the loop of the scheduler thread that created it and is
+ * only ever started, stopped or closed on that thread; another thread that
+ * wants it stopped posts the request there (mb_sched_post). Two kinds:
+ *  - wait timers bound a receive or sleep: when one fires it wakes its
+ *    process if the process is still in the same wait (wait_seq), so a
+ *    late timer never disturbs a later wait;
+ *  - send_after timers carry a message. Firing and cancelling race through
+ *    one atomic state word: whoever moves it from ARMED first wins, so a
+ *    cancelled timer never delivers and a delivered one never cancels.
+ * A timer's memory is freed in its close callback, as libuv requires, and
+ * not before the Lua handle (send_after) lets go of it: two references.
+ */
+#ifndef MB_TIMER_H
+#define MB_TIMER_H
+
+#include <stdint.h>
+
+#include "copy.h"
+#include "pid.h"
+
+typedef struct mb_timer mb_timer_t;
+struct mb_proc;
+
+/* Arm a timer that ends p's current wait (p->wait_seq) after ms. Owner
+ * thread of p, which must be a scheduler thread. */
+mb_timer_t *mb_timer_wait(struct mb_proc *p, double ms);
+/* Stop and release a wait timer (it may have fired). Owner thread of p. */
+void mb_timer_wait_done(mb_timer_t *t);
+
+/* Deliver msg (taken) to dest after ms; returns a timer with one reference
+ * for the caller. Scheduler thread. */
+mb_timer_t *mb_timer_send_after(double ms, mb_pid_t dest, mb_msg_t *msg);
+/* Cancel: returns 1 and the ms that were left if it had not fired yet, else
+ * 0. Any thread. */
+int mb_timer_cancel(mb_timer_t *t, double *left_ms);
+/* Drop the caller's reference. Any thread. */
+void mb_timer_unref(mb_timer_t *t);
+
+/* Close a timer handle found by uv_walk at shutdown. Loop thread. */
+struct uv_handle_s;
+void mb_timer_close_handle(struct uv_handle_s *h);
+
+/* Monotonic milliseconds since an arbitrary start. */
+double mb_timer_now(void);
+
+#endif

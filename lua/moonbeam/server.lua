@@ -1,0 +1,553 @@
+-- moonbeam.server: request/reply server processes, like Erlang's gen_server.
+--
+-- DESIGN
+-- A server is one process running a receive loop around a state value and a
+-- set of callbacks (init, handle_call, handle_cast, handle_info, terminate).
+-- Everything here is built from the runtime's primitives (spawn, send,
+-- selective receive, links and monitors); no C code is involved. The module
+-- owns two message protocols, both tables whose tag starts with "$" (user
+-- messages should not use such tags):
+--
+--   to a server:   {tag = "$call", from = {pid = p, ref = r}, req = req}
+--                  {tag = "$cast", msg = msg}
+--                  {tag = "$stop", reason = reason}
+--   to a caller:   {tag = "$reply", ref = r, value = v}
+--   to a starter:  {tag = "$started", pid = server[, err = message]}
+--
+-- Calls and late replies. A call that times out must never leave its reply
+-- behind: the caller may receive() later and would find a reply it no longer
+-- expects. Erlang solves this with process aliases; we have no aliases, so a
+-- call with a finite timeout goes through a short-lived intermediary process
+-- (the proxy). The proxy monitors the server and the caller, sends the
+-- request with itself as the reply address, waits for the reply or the
+-- server's DOWN, forwards the outcome to the caller and exits. On timeout the
+-- caller kills the proxy and waits for the proxy's DOWN. Messages between two
+-- processes stay in order and the DOWN is sent after anything the proxy sent,
+-- so once the DOWN is received every forwarded result is already queued and
+-- is flushed; from then on the server's late reply goes to a dead pid and is
+-- dropped by the runtime. The proxy exits when the caller dies, so it never
+-- outlives the call. Cost: one spawn and one extra copy of the request and
+-- reply per call. A call with timeout math.huge cannot time out, so it skips
+-- the proxy and talks to the server directly (the reply carries the monitor
+-- ref; the DOWN of the server ends the wait).
+--
+-- Crashes. An error in a callback ends the server: it prints one report block
+-- to stderr (pid, name, the last message handled, the state, the error and
+-- traceback), calls terminate(reason, state) and exits with the error as its
+-- exit reason, so links and monitors (and supervisors) see it.
+local mb = require "moonbeam"
+
+local type, tostring, pairs, select = type, tostring, pairs, select
+local error, pcall, xpcall = error, pcall, xpcall
+local string, table, io, debug, math = string, table, io, debug, math
+
+local server = {}
+
+-- The default timeout of server.call and server.stop, in milliseconds.
+local DEFAULT_TIMEOUT = 5000
+-- How long the caller waits for a proxy it killed to report DOWN. The kill
+-- cannot be trapped, so this only guards against a runtime bug.
+local PROXY_KILL_WAIT = 5000
+-- Limits of the value printer used in reports: characters and nesting.
+local SHOW_MAX_CHARS = 400
+local SHOW_MAX_DEPTH = 4
+
+local CALLBACKS = { "init", "handle_call", "handle_cast", "handle_info", "terminate" }
+
+-- handle_call may return server.noreply in place of a reply: the reply is
+-- then sent later with server.reply(from, value). The marker is compared by
+-- content, not identity, because callback tables (and their upvalues) are
+-- copied into the server process.
+server.noreply = { ["$moonbeam.server"] = "noreply" }
+
+local function is_noreply(v)
+  return type(v) == "table" and v["$moonbeam.server"] == "noreply"
+end
+
+-- -- Printing values in reports -------------------------------------------
+
+-- A short, single-line rendering of any value; never fails, never long.
+local function show(v)
+  local out, n, budget = {}, 0, SHOW_MAX_CHARS
+  local seen = {}
+  local function put(s)
+    if budget <= 0 then return end
+    n = n + 1
+    out[n] = s
+    budget = budget - #s
+  end
+  local function walk(x, depth)
+    local t = type(x)
+    if t == "string" then
+      put((string.format("%q", x):gsub("\\\n", "\\n")))
+    elseif t == "table" then
+      if seen[x] then put("<cycle>") return end
+      if depth >= SHOW_MAX_DEPTH then put("{...}") return end
+      seen[x] = true
+      put("{")
+      local len, first = #x, true
+      for i = 1, len do
+        if budget <= 0 then break end
+        if not first then put(", ") end
+        first = false
+        walk(x[i], depth + 1)
+      end
+      for k, val in pairs(x) do
+        if budget <= 0 then break end
+        if not (type(k) == "number" and k >= 1 and k <= len and k % 1 == 0) then
+          if not first then put(", ") end
+          first = false
+          if type(k) == "string" and k:match("^[%a_][%w_]*$") then
+            put(k)
+          else
+            put("[") walk(k, depth + 1) put("]")
+          end
+          put(" = ")
+          walk(val, depth + 1)
+        end
+      end
+      put("}")
+      seen[x] = nil
+    else
+      put(tostring(x))
+    end
+  end
+  walk(v, 0)
+  local s = table.concat(out)
+  if budget <= 0 then s = s:sub(1, SHOW_MAX_CHARS) .. " ..." end
+  return s
+end
+
+-- The error handler of every callback: keeps the error value and the
+-- traceback of the place that raised it.
+local function catch(e)
+  return { err = e, traceback = debug.traceback("", 2):sub(2) }
+end
+
+local function report(title, lines)
+  local buf = { "=== " .. title .. " ===" }
+  for i = 1, #lines do buf[#buf + 1] = lines[i] end
+  io.stderr:write(table.concat(buf, "\n"), "\n")
+end
+
+-- -- Argument checks ------------------------------------------------------
+
+-- Pids are userdata that print as <0.N>; monitor refs print as #Ref<0.N>.
+local function is_pid(v)
+  return type(v) == "userdata" and tostring(v):sub(1, 1) == "<"
+end
+
+-- Returns the pid that dest names, or raises an error that names fname.
+local function resolve(dest, fname)
+  if type(dest) == "string" then
+    local pid = mb.whereis(dest)
+    if pid == nil then
+      error(fname .. ": no process registered as '" .. dest .. "'", 3)
+    end
+    return pid
+  elseif is_pid(dest) then
+    return dest
+  end
+  error(fname .. ": bad destination (pid or registered name expected, got "
+        .. type(dest) .. ")", 3)
+end
+
+local function check_timeout(timeout, default, fname)
+  if timeout == nil then return default end
+  if type(timeout) ~= "number" or timeout < 0 or timeout ~= timeout then
+    error(fname .. ": bad timeout (non-negative number of ms or math.huge expected, got "
+          .. show(timeout) .. ")", 3)
+  end
+  return timeout
+end
+
+-- Checks a table of callbacks; returns it, or nil and what is wrong.
+local function check_callbacks(cb, where)
+  for i = 1, #CALLBACKS do
+    local f = cb[CALLBACKS[i]]
+    if f ~= nil and type(f) ~= "function" then
+      return nil, where .. "." .. CALLBACKS[i] .. " must be a function, got " .. type(f)
+    end
+  end
+  return cb
+end
+
+-- -- The server process ---------------------------------------------------
+
+-- A message is a call if it has the shape that server.call sends.
+local function is_call(msg)
+  local from = msg.from
+  return msg.tag == "$call" and type(from) == "table" and from.pid ~= nil and from.ref ~= nil
+end
+
+local function describe(msg)
+  if type(msg) == "table" then
+    if is_call(msg) then return "call " .. show(msg.req) .. " from " .. tostring(msg.from.pid) end
+    if msg.tag == "$cast" then return "cast " .. show(msg.msg) end
+    if msg.tag == "$stop" then return "stop " .. show(msg.reason) end
+  end
+  if msg == nil then return "none (crashed before the first message)" end
+  return "info " .. show(msg)
+end
+
+local function send_reply(from, value)
+  mb.send(from.pid, { tag = "$reply", ref = from.ref, value = value })
+end
+
+-- Handles one message; runs under xpcall. Returns a stop reason or nil.
+local function handle(ctx, msg)
+  local cb = ctx.cb
+  if type(msg) == "table" then
+    if is_call(msg) then
+      if cb.handle_call == nil then
+        error("server has no handle_call callback (request " .. show(msg.req) .. ")", 0)
+      end
+      local reply, state, stop = cb.handle_call(msg.req, msg.from, ctx.state)
+      ctx.state = state
+      if not is_noreply(reply) then send_reply(msg.from, reply) end
+      return stop
+    elseif msg.tag == "$cast" then
+      if cb.handle_cast == nil then
+        error("server has no handle_cast callback (message " .. show(msg.msg) .. ")", 0)
+      end
+      local state, stop = cb.handle_cast(msg.msg, ctx.state)
+      ctx.state = state
+      return stop
+    elseif msg.tag == "$stop" then
+      return msg.reason
+    elseif msg.event == "EXIT" and msg.pid == ctx.parent then
+      -- Only seen when the server traps exits: its parent (a supervisor)
+      -- asks it to stop, so it runs terminate like Erlang's gen_server.
+      return msg.reason
+    end
+  end
+  if cb.handle_info == nil then
+    report("server " .. ctx.label .. ": unexpected message dropped", { show(msg) })
+    return nil
+  end
+  local state, stop = cb.handle_info(msg, ctx.state)
+  ctx.state = state
+  return stop
+end
+
+local function crash(ctx, caught)
+  local reason = caught.err
+  report("server crash: " .. ctx.label, {
+    "last message: " .. describe(ctx.last),
+    "state:        " .. show(ctx.state),
+    "error:        " .. show(reason),
+    caught.traceback,
+  })
+  if ctx.cb.terminate then
+    local ok, t = xpcall(ctx.cb.terminate, catch, reason, ctx.state)
+    if not ok then
+      report("server " .. ctx.label .. ": terminate failed", { show(t.err), t.traceback })
+    end
+  end
+  return mb.exit(reason)
+end
+
+local function stop(ctx, reason)
+  if ctx.cb.terminate then
+    local ok, t = xpcall(ctx.cb.terminate, catch, reason, ctx.state)
+    if not ok then return crash(ctx, t) end
+  end
+  return mb.exit(reason)
+end
+
+local function loop(ctx)
+  while true do
+    local msg = mb.receive()
+    ctx.last = msg
+    local ok, r = xpcall(handle, catch, ctx, msg)
+    if not ok then return crash(ctx, r) end
+    if r ~= nil then return stop(ctx, r) end
+  end
+end
+
+-- Tells the starter that init failed and ends without an exit signal: the
+-- starter gets the error as start's return value instead.
+local function init_failed(parent, err)
+  mb.unlink(parent)
+  mb.send(parent, { tag = "$started", pid = mb.self(), err = err })
+end
+
+-- The body of a server process.
+local function server_main(parent, callbacks, arg, name)
+  local self = mb.self()
+  local label = tostring(self) .. (name and (" " .. name) or "")
+  local cb = callbacks
+  if type(callbacks) == "string" then
+    local ok, m = pcall(require, callbacks)
+    if not ok then
+      return init_failed(parent, "cannot load callbacks module '" .. callbacks .. "': " .. tostring(m))
+    elseif type(m) ~= "table" then
+      return init_failed(parent, "callbacks module '" .. callbacks
+                         .. "' returned " .. type(m) .. ", not a table of functions")
+    end
+    local bad
+    cb, bad = check_callbacks(m, "callbacks module '" .. callbacks .. "': field")
+    if not cb then return init_failed(parent, bad) end
+  end
+  if name ~= nil then
+    local ok, err = pcall(mb.register, name)
+    if not ok then
+      local owner = mb.whereis(name)
+      return init_failed(parent, "name '" .. name .. "' is already registered"
+                         .. (owner and (" to " .. tostring(owner)) or "")
+                         .. " (" .. tostring(err) .. ")")
+    end
+  end
+  local ctx = { cb = cb, parent = parent, label = label }
+  if cb.init ~= nil then
+    local ok, state, err = xpcall(cb.init, catch, arg)
+    if not ok then
+      report("server init crashed: " .. label, {
+        "argument: " .. show(arg),
+        "error:    " .. show(state.err),
+        state.traceback,
+      })
+      return init_failed(parent, "init failed: " .. tostring(state.err))
+    elseif state == nil and err ~= nil then
+      return init_failed(parent, err)
+    end
+    ctx.state = state
+  else
+    ctx.state = arg
+  end
+  mb.send(parent, { tag = "$started", pid = self })
+  return loop(ctx)
+end
+
+-- -- Starting -------------------------------------------------------------
+
+-- Receives the first message that match accepts; waits at most timeout ms
+-- (nil or math.huge: no limit).
+local function receive(match, timeout)
+  if timeout == nil or timeout == math.huge then return mb.receive(match) end
+  return mb.receive(match, timeout)
+end
+
+local function flush(match)
+  while mb.receive(match, 0) ~= nil do end
+end
+
+local function exit_from(pid)
+  return function(m) return type(m) == "table" and m.event == "EXIT" and m.pid == pid end
+end
+
+local function down_of(ref)
+  return function(m) return type(m) == "table" and m.event == "DOWN" and m.ref == ref end
+end
+
+-- server.start(callbacks, arg[, opts]) -> pid | nil, err
+function server.start(callbacks, arg, opts)
+  local tc = type(callbacks)
+  if tc == "table" then
+    local ok, err = check_callbacks(callbacks, "callbacks")
+    if not ok then error("server.start: " .. err, 2) end
+  elseif tc ~= "string" then
+    error("server.start: callbacks must be a module name or a table of functions, got " .. tc, 2)
+  end
+  opts = opts or {}
+  if type(opts) ~= "table" then error("server.start: opts must be a table, got " .. type(opts), 2) end
+  local name = opts.name
+  if name ~= nil and type(name) ~= "string" then
+    error("server.start: opts.name must be a string, got " .. type(name), 2)
+  end
+  if opts.link ~= nil and type(opts.link) ~= "boolean" then
+    error("server.start: opts.link must be a boolean, got " .. type(opts.link), 2)
+  end
+  local timeout = check_timeout(opts.timeout, DEFAULT_TIMEOUT, "server.start")
+  if name ~= nil then
+    local owner = mb.whereis(name)
+    if owner ~= nil then
+      return nil, "name '" .. name .. "' is already registered to " .. tostring(owner)
+    end
+  end
+
+  local spawn_opts = { link = opts.link or nil, monitor = true, max_memory = opts.max_memory }
+  local ok, pid, ref = pcall(mb.spawn_opt, spawn_opts, server_main, mb.self(), callbacks, arg, name)
+  if not ok then error("server.start: " .. tostring(pid), 2) end
+
+  local msg = receive(function(m)
+    return type(m) == "table" and ((m.tag == "$started" and m.pid == pid)
+                                   or (m.event == "DOWN" and m.ref == ref))
+  end, timeout)
+  if msg ~= nil and msg.tag == "$started" and msg.err == nil then
+    mb.demonitor(ref)
+    flush(down_of(ref))
+    return pid
+  end
+
+  -- Failure: make sure the process is gone before returning, and that no
+  -- exit signal or message about it is left for the caller.
+  local err
+  if msg == nil then
+    err = "init did not finish within " .. timeout .. " ms"
+    mb.unlink(pid)
+    mb.exit(pid, "kill")
+  elseif msg.event == "DOWN" then
+    err = "server exited during init: " .. show(msg.reason)
+  else
+    err = msg.err
+    mb.unlink(pid)
+  end
+  if msg == nil or msg.event ~= "DOWN" then
+    if receive(down_of(ref), PROXY_KILL_WAIT) == nil then
+      mb.exit(pid, "kill")
+      mb.demonitor(ref)
+    end
+  end
+  flush(down_of(ref))
+  flush(exit_from(pid))
+  flush(function(m) return type(m) == "table" and m.tag == "$started" and m.pid == pid end)
+  return nil, err
+end
+
+-- -- Calling --------------------------------------------------------------
+
+-- The body of a call's intermediary process (see DESIGN). Keep it small:
+-- it is copied into every proxy, and its only upvalues are mb and type.
+local function call_proxy(caller, pid, req)
+  local me = mb.self()
+  local cref = mb.monitor(caller)
+  local sref = mb.monitor(pid)
+  mb.send(pid, { tag = "$call", from = { pid = me, ref = sref }, req = req })
+  local m = mb.receive(function(m)
+    return type(m) == "table" and (m.ref == sref or (m.ref == cref and m.event == "DOWN"))
+  end)
+  if m.ref == cref then return end
+  if m.event == "DOWN" then
+    mb.send(caller, { tag = "$result", proxy = me, down = true, reason = m.reason })
+  else
+    mb.send(caller, { tag = "$result", proxy = me, value = m.value })
+  end
+end
+
+local function call_failed(fname, pid, req, reason)
+  if reason == "noproc" then
+    return fname .. ": server " .. tostring(pid) .. " is not running (noproc)"
+  end
+  return fname .. ": server " .. tostring(pid) .. " exited during the call "
+         .. show(req) .. ": " .. show(reason)
+end
+
+-- server.call(dest, req[, timeout_ms]) -> reply
+function server.call(dest, req, timeout)
+  local pid = resolve(dest, "server.call")
+  if req == nil then error("server.call: request is nil", 2) end
+  timeout = check_timeout(timeout, DEFAULT_TIMEOUT, "server.call")
+  local me = mb.self()
+  if pid == me then error("server.call: a process cannot call itself (deadlock)", 2) end
+
+  if timeout == math.huge then
+    local ref = mb.monitor(pid)
+    local ok, err = pcall(mb.send, pid, { tag = "$call", from = { pid = me, ref = ref }, req = req })
+    if not ok then
+      mb.demonitor(ref)
+      flush(down_of(ref))
+      error("server.call: cannot send the request: " .. tostring(err), 2)
+    end
+    local m = mb.receive(function(m)
+      return type(m) == "table" and m.ref == ref and (m.tag == "$reply" or m.event == "DOWN")
+    end)
+    if m.event == "DOWN" then error(call_failed("server.call", pid, req, m.reason), 2) end
+    mb.demonitor(ref)
+    flush(down_of(ref))
+    return m.value
+  end
+
+  local ok, proxy, pref = pcall(mb.spawn_monitor, call_proxy, me, pid, req)
+  if not ok then error("server.call: cannot send the request: " .. tostring(proxy), 2) end
+  local function from_proxy(m)
+    return type(m) == "table" and m.tag == "$result" and m.proxy == proxy
+  end
+  local m = mb.receive(function(m)
+    return type(m) == "table" and ((m.tag == "$result" and m.proxy == proxy)
+                                   or (m.event == "DOWN" and m.ref == pref))
+  end, timeout)
+  if m == nil or m.event == "DOWN" then
+    if m == nil then
+      mb.exit(proxy, "kill")
+      if mb.receive(down_of(pref), PROXY_KILL_WAIT) == nil then mb.demonitor(pref) end
+    end
+    flush(from_proxy)
+    if m == nil then
+      error("server.call: timeout after " .. timeout .. " ms waiting for "
+            .. tostring(dest) .. (dest ~= pid and (" (" .. tostring(pid) .. ")") or "")
+            .. " to answer " .. show(req), 2)
+    end
+    error("server.call: the call's intermediary process exited: " .. show(m.reason), 2)
+  end
+  mb.demonitor(pref)
+  flush(down_of(pref))
+  if m.down then error(call_failed("server.call", pid, req, m.reason), 2) end
+  return m.value
+end
+
+-- server.reply(from, value): answers a call whose handle_call returned
+-- server.noreply. from is the value handle_call was given.
+function server.reply(from, value)
+  if type(from) ~= "table" or from.pid == nil or from.ref == nil then
+    error("server.reply: bad 'from' (the from argument of handle_call expected, got "
+          .. show(from) .. ")", 2)
+  end
+  local ok, err = pcall(send_reply, from, value)
+  if not ok then error("server.reply: " .. tostring(err), 2) end
+  return true
+end
+
+-- server.cast(dest, msg) -> true | nil, err
+-- Like Erlang's cast, never fails because of the server: a dead pid drops
+-- the message; an unregistered name returns nil, err.
+function server.cast(dest, msg)
+  if msg == nil then error("server.cast: message is nil", 2) end
+  local pid
+  if type(dest) == "string" then
+    pid = mb.whereis(dest)
+    if pid == nil then return nil, "no process registered as '" .. dest .. "'" end
+  else
+    pid = resolve(dest, "server.cast")
+  end
+  local ok, err = pcall(mb.send, pid, { tag = "$cast", msg = msg })
+  if not ok then error("server.cast: " .. tostring(err), 2) end
+  return true
+end
+
+-- server.stop(dest[, reason[, timeout_ms]]) -> true
+-- Asks the server to run terminate(reason, state) and exit with reason
+-- (default "normal"), and waits until it has exited.
+function server.stop(dest, reason, timeout)
+  local pid = resolve(dest, "server.stop")
+  if reason == nil then reason = "normal" end
+  timeout = check_timeout(timeout, DEFAULT_TIMEOUT, "server.stop")
+  if pid == mb.self() then error("server.stop: a server cannot stop itself this way; return a stop reason from a callback", 2) end
+  local ref = mb.monitor(pid)
+  local ok, err = pcall(mb.send, pid, { tag = "$stop", reason = reason })
+  if not ok then
+    mb.demonitor(ref)
+    flush(down_of(ref))
+    error("server.stop: " .. tostring(err), 2)
+  end
+  local m = receive(down_of(ref), timeout)
+  if m == nil then
+    mb.demonitor(ref)
+    flush(down_of(ref))
+    error("server.stop: " .. tostring(dest) .. " did not stop within " .. timeout .. " ms", 2)
+  end
+  if m.reason == "noproc" then
+    error("server.stop: server " .. tostring(pid) .. " is not running (noproc)", 2)
+  end
+  if type(reason) ~= "table" and m.reason ~= reason then
+    error("server.stop: server " .. tostring(pid) .. " exited with " .. show(m.reason)
+          .. " instead of " .. show(reason), 2)
+  end
+  return true
+end
+
+-- For moonbeam.supervisor and for reports of user code: the printer used in
+-- crash reports (one line, bounded length).
+server.show = show
+
+return server

@@ -1,0 +1,392 @@
+-- Links, monitors, exit signals, trap_exit, and crash isolation.
+--
+-- Tests that could kill the process doing the linking run in a probe process
+-- (S.probe), never in the busted runner itself.
+local mb = require "moonbeam"
+local S = require "spec.support"
+
+-- Wait for an EXIT message (in a probe: no busted helpers there).
+local function await_exit(from)
+  return mb.receive(function(m)
+    return type(m) == "table" and m.event == "EXIT" and (from == nil or m.pid == from)
+  end, 5000)
+end
+
+describe("links and monitors", function()
+  local before
+  before_each(function() before = S.snapshot() end)
+  after_each(function() S.check_clean(before) end)
+
+  describe("mb.link", function()
+    it("an abnormal exit of a linked process kills a process that does not trap exits", function()
+      local ok, reason = S.probe(function()
+        local b = mb.spawn(function() mb.receive(5000) error("link boom") end)
+        mb.link(b)
+        mb.send(b, "go")
+        mb.receive(function() return false end, 5000)
+        return "survived"
+      end)
+      assert.is_false(ok)
+      assert.is_true(S.has(reason, "link boom"), tostring(reason))
+    end)
+
+    it("a normal exit of a linked process does not", function()
+      local ok, r = S.probe(function()
+        local b = mb.spawn(function() mb.receive(5000) end)
+        mb.link(b)
+        local ref = mb.monitor(b)
+        mb.send(b, "go")
+        local down = mb.receive(function(m) return type(m) == "table" and m.ref == ref end, 5000)
+        -- Anything the link would do happens before the DOWN arrives; be
+        -- generous anyway.
+        mb.receive(function() return false end, 20)
+        return "survived", down and down.reason
+      end)
+      assert.is_true(ok, tostring(r))
+      assert.are.same({ "survived", "normal" }, r)
+    end)
+
+    it("works both ways: the linked process's own link call signals the caller", function()
+      local ok, r = S.probe(function()
+        mb.trap_exit(true)
+        local a = mb.spawn(function(p)
+          mb.link(p)
+          mb.send(p, "linked")
+          error("other side boom")
+        end, mb.self())
+        local m = await_exit(a)
+        return m and m.reason
+      end)
+      assert.is_true(ok, tostring(r))
+      assert.is_true(S.has(r[1], "other side boom"), tostring(r[1]))
+    end)
+
+    it("propagates an abnormal exit along a chain of links", function()
+      local ok, reason = S.probe(function()
+        mb.spawn_link(function()
+          mb.spawn_link(function() error("end of chain") end)
+          mb.receive(function() return false end, 5000)
+        end)
+        mb.receive(function() return false end, 5000)
+        return "survived"
+      end)
+      assert.is_false(ok)
+      assert.is_true(S.has(reason, "end of chain"), tostring(reason))
+    end)
+
+    it("to a dead pid fails with noproc when not trapping exits", function()
+      local _, dref = mb.spawn_monitor(function() end)
+      local reason, down = S.await_down(dref)
+      assert.are.equal("normal", reason)
+      local ok, r = S.probe(function(dead)
+        local lok, err = pcall(mb.link, dead)
+        return lok, err
+      end, down.pid)
+      if ok then
+        -- link raised an error, like Erlang's link/1 raising noproc.
+        assert.is_false(r[1])
+        assert.is_true(S.has(r[2], "noproc"), tostring(r[2]))
+      else
+        -- or the caller got an exit signal with reason noproc.
+        assert.are.equal("noproc", r)
+      end
+    end)
+
+    it("to a dead pid delivers EXIT noproc when trapping exits", function()
+      local _, dref = mb.spawn_monitor(function() end)
+      local _, down = S.await_down(dref)
+      local ok, r = S.probe(function(dead)
+        mb.trap_exit(true)
+        mb.link(dead)
+        local m = await_exit(dead)
+        return m and m.event, m and m.pid == dead, m and m.reason
+      end, down.pid)
+      assert.is_true(ok, tostring(r))
+      assert.are.same({ "EXIT", true, "noproc" }, r)
+    end)
+  end)
+
+  describe("mb.unlink", function()
+    it("removes the link: the crash no longer kills the caller", function()
+      local ok, r = S.probe(function()
+        local b = mb.spawn(function() mb.receive(5000) error("unlinked boom") end)
+        mb.link(b)
+        mb.unlink(b)
+        local ref = mb.monitor(b)
+        mb.send(b, "go")
+        local down = mb.receive(function(m) return type(m) == "table" and m.ref == ref end, 5000)
+        mb.receive(function() return false end, 20)
+        return "survived", down ~= nil
+      end)
+      assert.is_true(ok, tostring(r))
+      assert.are.same({ "survived", true }, r)
+    end)
+
+    it("removes the link in both directions", function()
+      local p, pref = mb.spawn_monitor(function(parent)
+        local b = mb.spawn(function()
+          mb.receive(function(m) return m == "stop" end, 5000)
+        end)
+        mb.link(b)
+        mb.unlink(b)
+        mb.send(parent, { other = b })
+        error("caller boom")
+      end, mb.self())
+      local b = S.recv(function(m) return type(m) == "table" and m.other end).other
+      local bref = mb.monitor(b)
+      assert.is_true(S.has(S.await_down(pref), "caller boom"))
+      mb.send(b, "stop")
+      -- Had the link survived, b would have died with "caller boom".
+      assert.are.equal("normal", S.await_down(bref))
+      assert.is_not_nil(p)
+    end)
+  end)
+
+  describe("mb.trap_exit", function()
+    it("turns an abnormal exit into {event = 'EXIT', pid = from, reason = reason}", function()
+      local ok, r = S.probe(function()
+        mb.trap_exit(true)
+        local b = mb.spawn_link(function() error("trapped boom") end)
+        local m = await_exit()
+        return m, b
+      end)
+      assert.is_true(ok, tostring(r))
+      local m, b = r[1], r[2]
+      assert.is_table(m)
+      assert.are.equal("EXIT", m.event)
+      assert.are.equal(b, m.pid)
+      assert.is_true(S.has(m.reason, "trapped boom"), tostring(m.reason))
+    end)
+
+    it("delivers a normal exit of a linked process as EXIT with reason 'normal'", function()
+      local ok, r = S.probe(function()
+        mb.trap_exit(true)
+        local b = mb.spawn_link(function() end)
+        local m = await_exit(b)
+        return m and m.event, m and m.reason
+      end)
+      assert.is_true(ok, tostring(r))
+      assert.are.same({ "EXIT", "normal" }, r)
+    end)
+
+    it("can be turned off again", function()
+      local ok, reason = S.probe(function()
+        mb.trap_exit(true)
+        mb.trap_exit(false)
+        mb.spawn_link(function() error("untrapped boom") end)
+        mb.receive(function() return false end, 5000)
+        return "survived"
+      end)
+      assert.is_false(ok)
+      assert.is_true(S.has(reason, "untrapped boom"), tostring(reason))
+    end)
+  end)
+
+  describe("mb.monitor", function()
+    it("returns a ref; the DOWN is {event = 'DOWN', ref, pid, reason}", function()
+      local pid = mb.spawn(function() mb.receive(5000) end)
+      local ref = mb.monitor(pid)
+      assert.is_not_nil(ref)
+      assert.are_not.equal("number", type(ref))
+      mb.send(pid, "go")
+      local reason, m = S.await_down(ref)
+      assert.are.equal("DOWN", m.event)
+      assert.are.equal(ref, m.ref)
+      assert.are.equal(pid, m.pid)
+      assert.are.equal("normal", reason)
+    end)
+
+    it("reports a crash without harming the watcher", function()
+      local pid = mb.spawn(function() mb.receive(5000) error("watched boom") end)
+      local ref = mb.monitor(pid)
+      mb.send(pid, "go")
+      assert.is_true(S.has(S.await_down(ref), "watched boom"))
+    end)
+
+    it("of a dead pid delivers DOWN with reason 'noproc'", function()
+      local pid, r0 = mb.spawn_monitor(function() end)
+      S.await_down(r0)
+      local ref = mb.monitor(pid)
+      local reason, m = S.await_down(ref)
+      assert.are.equal("noproc", reason)
+      assert.are.equal(pid, m.pid)
+    end)
+
+    it("twice gives two refs and two DOWNs", function()
+      local pid = mb.spawn(function() mb.receive(5000) end)
+      local r1, r2 = mb.monitor(pid), mb.monitor(pid)
+      assert.are_not.equal(r1, r2)
+      mb.send(pid, "go")
+      assert.are.equal("normal", S.await_down(r1))
+      assert.are.equal("normal", S.await_down(r2))
+    end)
+  end)
+
+  describe("mb.demonitor", function()
+    it("stops the DOWN of that monitor only", function()
+      local pid = mb.spawn(function() mb.receive(5000) end)
+      local r1, r2 = mb.monitor(pid), mb.monitor(pid)
+      mb.demonitor(r1)
+      mb.send(pid, "go")
+      assert.are.equal("normal", S.await_down(r2))
+      assert.is_nil(mb.receive(S.down_of(r1), 50))
+    end)
+
+    it("is harmless after the DOWN came", function()
+      local _, ref = mb.spawn_monitor(function() end)
+      S.await_down(ref)
+      assert.has_no.errors(function() mb.demonitor(ref) end)
+    end)
+  end)
+
+  describe("mb.exit(pid, reason)", function()
+    it("kills a process that does not trap exits, with that reason", function()
+      local pid, ref = mb.spawn_monitor(function() mb.receive(function() return false end, 5000) end)
+      mb.exit(pid, "shutdown")
+      assert.are.equal("shutdown", S.await_down(ref))
+      assert.is_not_nil(pid)
+    end)
+
+    it("with reason 'normal' is ignored by a process that does not trap exits", function()
+      local pid, ref = mb.spawn_monitor(function(parent)
+        local m = mb.receive(function(x) return x == "ping" end, 5000)
+        if m then mb.send(parent, "pong") end
+      end, mb.self())
+      mb.exit(pid, "normal")
+      mb.send(pid, "ping")
+      assert.are.equal("pong", S.recv(function(m) return m == "pong" end))
+      assert.are.equal("normal", S.await_down(ref))
+    end)
+
+    it("arrives as an EXIT message at a process that traps exits", function()
+      local pid, ref = mb.spawn_monitor(function(parent)
+        mb.trap_exit(true)
+        mb.send(parent, "trapping")
+        local m = mb.receive(function(x) return type(x) == "table" and x.event == "EXIT" end, 5000)
+        mb.send(parent, { got = m })
+      end, mb.self())
+      S.recv(function(m) return m == "trapping" end)
+      mb.exit(pid, "please stop")
+      local m = S.recv(function(x) return type(x) == "table" and x.got end).got
+      assert.are.equal("EXIT", m.event)
+      assert.are.equal(mb.self(), m.pid)
+      assert.are.equal("please stop", m.reason)
+      assert.are.equal("normal", S.await_down(ref))
+    end)
+
+    it("'kill' cannot be trapped; the victim's reason is 'killed'", function()
+      local pid, ref = mb.spawn_monitor(function(parent)
+        mb.trap_exit(true)
+        mb.send(parent, "trapping")
+        mb.receive(function() return false end, 5000)
+        mb.send(parent, "spec_kill_survived")
+      end, mb.self())
+      S.recv(function(m) return m == "trapping" end)
+      mb.exit(pid, "kill")
+      assert.are.equal("killed", S.await_down(ref))
+      assert.is_nil(mb.receive(function(m) return m == "spec_kill_survived" end, 0))
+    end)
+
+    it("'kill' stops a process stuck in a busy loop", function()
+      local pid, ref = mb.spawn_monitor(function(parent)
+        mb.send(parent, "looping")
+        while true do end
+      end, mb.self())
+      S.recv(function(m) return m == "looping" end)
+      mb.exit(pid, "kill")
+      assert.are.equal("killed", S.await_down(ref))
+    end)
+
+    it("'kill' stops a busy loop that runs inside pcall", function()
+      local pid, ref = mb.spawn_monitor(function(parent)
+        mb.send(parent, "looping")
+        while true do pcall(function() while true do end end) end
+      end, mb.self())
+      S.recv(function(m) return m == "looping" end)
+      mb.exit(pid, "kill")
+      assert.are.equal("killed", S.await_down(ref))
+    end)
+
+    it("'kill' stops a process that loops over table.sort with a comparator", function()
+      local pid, ref = mb.spawn_monitor(function(parent)
+        mb.send(parent, "looping")
+        local t = {}
+        for i = 1, 200 do t[i] = (i * 7919) % 200 end
+        while true do
+          table.sort(t, function(a, b) return a > b end)
+          table.sort(t, function(a, b) return a < b end)
+        end
+      end, mb.self())
+      S.recv(function(m) return m == "looping" end)
+      mb.exit(pid, "kill")
+      assert.are.equal("killed", S.await_down(ref))
+    end)
+
+    it("to a dead pid does nothing", function()
+      local pid, ref = mb.spawn_monitor(function() end)
+      S.await_down(ref)
+      assert.has_no.errors(function() mb.exit(pid, "kill") end)
+      assert.has_no.errors(function() mb.exit(pid, "boom") end)
+    end)
+  end)
+
+  describe("crash isolation", function()
+    it("an error ends that process only; others go on", function()
+      local worker = mb.spawn(function(parent)
+        while true do
+          local m = mb.receive(5000)
+          if m == nil or m == "stop" then return end
+          mb.send(parent, { echoed = m })
+        end
+      end, mb.self())
+      local _, ref = mb.spawn_monitor(function() error("isolated boom") end)
+      assert.is_true(S.has(S.await_down(ref), "isolated boom"))
+      mb.send(worker, 1)
+      assert.are.equal(1, S.recv(function(m) return type(m) == "table" and m.echoed end).echoed)
+      mb.send(worker, "stop")
+    end)
+
+    it("an error raised inside a coroutine of the process ends it with that error", function()
+      local _, ref = mb.spawn_monitor(function()
+        coroutine.wrap(function() error("coroutine boom") end)()
+      end)
+      assert.is_true(S.has(S.await_down(ref), "coroutine boom"))
+    end)
+
+    it("a stack overflow ends that process only", function()
+      local _, ref = mb.spawn_monitor(function()
+        local function f(n) return 1 + f(n + 1) end
+        return f(1)
+      end)
+      local reason = S.await_down(ref)
+      assert.is_true(S.has(reason, "stack overflow"), tostring(reason))
+      local _, r2 = mb.spawn_monitor(function() end)
+      assert.are.equal("normal", S.await_down(r2))
+    end)
+
+    it("many processes crashing at once are each reported, and the host goes on", function()
+      local refs = {}
+      for i = 1, 20 do
+        local _, ref = mb.spawn_monitor(function(n) error("crash " .. n) end, i)
+        refs[i] = ref
+      end
+      for i = 1, 20 do
+        assert.is_true(S.has(S.await_down(refs[i]), "crash " .. i))
+      end
+    end)
+
+    it("an infinite loop is ended by 'kill' while others keep running", function()
+      local loopers = {}
+      for i = 1, 4 do
+        local pid, ref = mb.spawn_monitor(function() while true do end end)
+        loopers[i] = { pid = pid, ref = ref }
+      end
+      -- Others still get to run while they loop.
+      local _, ref = mb.spawn_monitor(function(parent) mb.send(parent, "ran") end, mb.self())
+      assert.are.equal("ran", S.recv(function(m) return m == "ran" end))
+      assert.are.equal("normal", S.await_down(ref))
+      for _, l in ipairs(loopers) do mb.exit(l.pid, "kill") end
+      for _, l in ipairs(loopers) do assert.are.equal("killed", S.await_down(l.ref)) end
+    end)
+  end)
+end)

@@ -1,0 +1,226 @@
+-- Messages: send, receive, timeouts, selective receive, bad destinations,
+-- ordering and delivery guarantees.
+local mb = require "moonbeam"
+local S = require "spec.support"
+
+describe("messages", function()
+  local before
+  before_each(function() before = S.snapshot() end)
+  after_each(function() S.check_clean(before) end)
+
+  describe("send and receive", function()
+    it("delivers a message to oneself", function()
+      mb.send(mb.self(), "hello")
+      assert.are.equal("hello", S.recv())
+    end)
+
+    it("delivers to another process and back", function()
+      local pid = mb.spawn(function(parent)
+        local m = mb.receive(5000)
+        mb.send(parent, { echo = m })
+      end, mb.self())
+      mb.send(pid, { text = "ping" })
+      assert.are.same({ echo = { text = "ping" } }, S.recv())
+    end)
+
+    it("receives the oldest message first", function()
+      for i = 1, 5 do mb.send(mb.self(), i) end
+      for i = 1, 5 do assert.are.equal(i, S.recv()) end
+    end)
+
+    it("blocks until a message arrives", function()
+      mb.spawn(function(parent)
+        mb.sleep(30)
+        mb.send(parent, "late")
+      end, mb.self())
+      assert.are.equal("late", S.recv())
+    end)
+
+    it("gives the receiver its own copy", function()
+      local t = { n = 1, list = { 1, 2, 3 } }
+      mb.send(mb.self(), t)
+      t.n = 2
+      t.list[1] = 100
+      local r = S.recv()
+      assert.are_not.equal(t, r)
+      assert.are.same({ n = 1, list = { 1, 2, 3 } }, r)
+    end)
+
+    it("delivers false, which is a message", function()
+      mb.send(mb.self(), false)
+      assert.is_false(mb.receive(S.T))
+    end)
+  end)
+
+  describe("receive with a timeout", function()
+    it("returns nil at once with timeout 0 and an empty mailbox", function()
+      assert.is_nil(mb.receive(0))
+    end)
+
+    it("returns a queued message with timeout 0", function()
+      mb.send(mb.self(), "there")
+      assert.are.equal("there", mb.receive(0))
+    end)
+
+    it("returns nil after the timeout when nothing comes", function()
+      local t0 = mb.now()
+      assert.is_nil(mb.receive(30))
+      -- A lower bound only, with 5 ms of slack for clock granularity.
+      assert.is_true(mb.now() - t0 >= 25, "returned after " .. (mb.now() - t0) .. " ms")
+    end)
+  end)
+
+  describe("selective receive", function()
+    it("takes the oldest matching message and leaves the others in order", function()
+      for _, v in ipairs { "a", "b", "c", "d", "c2" } do mb.send(mb.self(), v) end
+      assert.are.equal("c", mb.receive(function(m) return m:sub(1, 1) == "c" end, S.T))
+      assert.are.equal("a", mb.receive(0))
+      assert.are.equal("b", mb.receive(0))
+      assert.are.equal("d", mb.receive(0))
+      assert.are.equal("c2", mb.receive(0))
+      assert.is_nil(mb.receive(0))
+    end)
+
+    it("leaves every message queued when nothing matches before the timeout", function()
+      for i = 1, 3 do mb.send(mb.self(), i) end
+      assert.is_nil(mb.receive(function(m) return m == "never" end, 20))
+      assert.is_nil(mb.receive(function(m) return m == "never" end, 0))
+      for i = 1, 3 do assert.are.equal(i, mb.receive(0)) end
+    end)
+
+    it("waits for a matching message that comes after others", function()
+      mb.spawn(function(parent)
+        for i = 1, 3 do mb.send(parent, { n = i }) end
+        mb.sleep(20)
+        mb.send(parent, { n = 4, wanted = true })
+        mb.send(parent, { n = 5 })
+      end, mb.self())
+      local m = S.recv(S.field("wanted", true))
+      assert.are.equal(4, m.n)
+      for i = 1, 3 do assert.are.equal(i, S.recv().n) end
+      assert.are.equal(5, S.recv().n)
+    end)
+
+    it("treats any truthy result of match as a match", function()
+      mb.send(mb.self(), 10)
+      mb.send(mb.self(), 20)
+      assert.are.equal(20, mb.receive(function(m) return m > 15 and "yes" end, S.T))
+      assert.are.equal(10, mb.receive(0))
+    end)
+
+    it("propagates an error raised by match, and keeps the mailbox intact", function()
+      mb.send(mb.self(), 1)
+      mb.send(mb.self(), 2)
+      local ok, err = pcall(mb.receive, function(m)
+        if m == 2 then error("match failed") end
+        return false
+      end, S.T)
+      assert.is_false(ok)
+      assert.is_true(S.has(err, "match failed"), tostring(err))
+      assert.are.equal(1, mb.receive(0))
+      assert.are.equal(2, mb.receive(0))
+    end)
+  end)
+
+  describe("bad input", function()
+    it("refuses nil as a message", function()
+      local ok, err = pcall(mb.send, mb.self(), nil)
+      assert.is_false(ok)
+      assert.is_string(err)
+      ok = pcall(mb.send, mb.self())
+      assert.is_false(ok)
+      assert.is_nil(mb.receive(0))
+    end)
+
+    it("raises an error naming an unknown registered name", function()
+      local ok, err = pcall(mb.send, "spec_no_such_name", "hi")
+      assert.is_false(ok)
+      assert.is_true(S.has(err, "spec_no_such_name"), tostring(err))
+    end)
+
+    it("drops a message to a dead pid silently", function()
+      local pid, ref = mb.spawn_monitor(function() end)
+      S.await_down(ref)
+      assert.has_no.errors(function() mb.send(pid, "into the void") end)
+      assert.has_no.errors(function() mb.send(pid, { big = ("x"):rep(100000) }) end)
+    end)
+
+    it("does not take a number for a pid", function()
+      local n = tonumber(tostring(mb.self()):match("%.(%d+)>"))
+      assert.has_error(function() mb.send(n or 1, "x") end)
+      assert.has_error(function() mb.send(0, "x") end)
+      assert.has_error(function() mb.send(1.5, "x") end)
+      assert.has_error(function() mb.send({}, "x") end)
+      assert.has_error(function() mb.send(nil, "x") end)
+      assert.is_nil(mb.receive(0))
+    end)
+  end)
+
+  describe("pids in messages", function()
+    it("survive a round trip and can be sent to", function()
+      local pid = mb.spawn(function(parent)
+        local m = mb.receive(5000)
+        mb.send(m.reply_to, { from = mb.self(), same = m.reply_to == parent })
+      end, mb.self())
+      mb.send(pid, { reply_to = mb.self() })
+      local m = S.recv()
+      assert.are.equal(pid, m.from)
+      assert.is_true(m.same)
+    end)
+  end)
+
+  describe("delivery guarantees", function()
+    it("keeps the order of messages between two processes", function()
+      local N = 20000
+      mb.spawn(function(parent, n)
+        for i = 1, n do mb.send(parent, i) end
+      end, mb.self(), N)
+      for i = 1, N do
+        local m = mb.receive(S.T)
+        assert(m == i, "expected message " .. i .. ", got " .. tostring(m))
+      end
+      assert.is_nil(mb.receive(0))
+    end)
+
+    it("loses and duplicates nothing: 10 senders x 1000 messages, each in order", function()
+      local SENDERS, EACH = 10, 1000
+      local go = {}
+      for s = 1, SENDERS do
+        go[s] = mb.spawn(function(parent, id, n)
+          mb.receive(function(m) return m == "go" end, 5000)
+          for i = 1, n do mb.send(parent, { s = id, i = i }) end
+        end, mb.self(), s, EACH)
+      end
+      for s = 1, SENDERS do mb.send(go[s], "go") end
+      local last, total = {}, 0
+      for s = 1, SENDERS do last[s] = 0 end
+      for _ = 1, SENDERS * EACH do
+        local m = mb.receive(S.T)
+        assert(m ~= nil, "timed out after " .. total .. " messages")
+        assert(m.i == last[m.s] + 1,
+          "sender " .. m.s .. ": expected " .. (last[m.s] + 1) .. ", got " .. m.i)
+        last[m.s] = m.i
+        total = total + 1
+      end
+      assert.are.equal(SENDERS * EACH, total)
+      for s = 1, SENDERS do assert.are.equal(EACH, last[s]) end
+      assert.is_nil(mb.receive(20))
+    end)
+
+    it("keeps order under load between every pair in a chain of processes", function()
+      -- Each relay forwards what it gets to the next; the last sends to us.
+      local N, HOPS = 2000, 5
+      local next_pid = mb.self()
+      for _ = 1, HOPS do
+        next_pid = mb.spawn(function(to, n)
+          for _ = 1, n do mb.send(to, mb.receive(5000)) end
+        end, next_pid, N)
+      end
+      for i = 1, N do mb.send(next_pid, i) end
+      for i = 1, N do
+        local m = mb.receive(S.T)
+        assert(m == i, "expected " .. i .. ", got " .. tostring(m))
+      end
+    end)
+  end)
+end)

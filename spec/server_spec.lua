@@ -1,0 +1,536 @@
+-- Specs of moonbeam.server (request/reply servers). They run inside the host:
+--   busted --lua=build/moonbeam spec/server_spec.lua
+-- Every receive has a timeout; timings only bound waits, they never decide a
+-- result. Each test checks that it leaves no process and no message behind.
+local mb = require "moonbeam"
+local server = require "moonbeam.server"
+local S = require "spec.support"
+
+local function is_alive(pid) return mb.info(pid) ~= nil end
+
+-- Receives the first table message that pred accepts (fails after S.T ms).
+local function expect(pred, what)
+  return S.recv(function(m) return type(m) == "table" and pred(m) end, nil, what)
+end
+
+local function down_of(ref)
+  local _, m = S.await_down(ref)
+  return m
+end
+
+-- Returns the error raised by fn(...) as a string (fails if none is raised).
+local function error_of(fn, ...)
+  local ok, err = pcall(fn, ...)
+  assert(not ok, "expected an error")
+  return tostring(err)
+end
+
+-- A counter server, as a table of callbacks.
+local counter = {
+  init = function(n) return n end,
+  handle_call = function(req, from, n)
+    if req == "get" then return n, n end
+    if type(req) == "table" and req[1] == "add" then return n + req[2], n + req[2] end
+    if req == "crash" then error("crash on request") end
+    if req == "stop" then return "stopping", n, "normal" end
+    return "unknown request", n
+  end,
+  handle_cast = function(msg, n)
+    if type(msg) == "table" and msg[1] == "add" then return n + msg[2] end
+    if msg == "crash" then error("crash on cast") end
+    return n
+  end,
+  handle_info = function(msg, n)
+    if type(msg) == "table" and msg.add then return n + msg.add end
+    return n
+  end,
+}
+
+describe("moonbeam.server", function()
+  local before
+
+  before_each(function()
+    before = S.snapshot()
+  end)
+
+  after_each(function()
+    local stray = mb.receive(0)
+    S.check_clean(before)
+    assert.is_nil(stray, "a message was left in the test process's mailbox: " .. server.show(stray))
+  end)
+
+  -- No process is alive that was not alive before the test.
+  local function nothing_new()
+    for _, p in ipairs(mb.processes()) do
+      if not before[p] then return false end
+    end
+    return true
+  end
+
+  describe("start", function()
+    it("runs init and returns the pid of a live server", function()
+      local pid = assert(server.start(counter, 41))
+      assert.is_true(is_alive(pid))
+      assert.are.equal(41, server.call(pid, "get"))
+      assert.is_true(server.stop(pid))
+      assert.is_false(is_alive(pid))
+    end)
+
+    it("uses the argument as state when there is no init", function()
+      local pid = assert(server.start({ handle_call = function(_, _, s) return s, s end }, "arg"))
+      assert.are.equal("arg", server.call(pid, "anything"))
+      server.stop(pid)
+    end)
+
+    it("registers opts.name and frees it when the server stops", function()
+      local pid = assert(server.start(counter, 1, { name = "spec_counter" }))
+      assert.are.equal(pid, mb.whereis("spec_counter"))
+      assert.are.equal(1, server.call("spec_counter", "get"))
+      server.stop("spec_counter")
+      assert.is_nil(mb.whereis("spec_counter"))
+    end)
+
+    it("returns nil and an error when the name is taken", function()
+      local pid = assert(server.start(counter, 1, { name = "spec_taken" }))
+      local none, err = server.start(counter, 2, { name = "spec_taken" })
+      assert.is_nil(none)
+      assert.matches("spec_taken", err)
+      assert.matches("already registered", err)
+      assert.are.equal(1, server.call("spec_taken", "get"))
+      server.stop(pid)
+    end)
+
+    it("returns nil and the error when init raises, leaving nothing running", function()
+      local none, err = server.start({ init = function() error("no database") end }, nil)
+      assert.is_nil(none)
+      assert.matches("init failed", err)
+      assert.matches("no database", err)
+      assert.is_true(nothing_new())
+    end)
+
+    it("returns nil and the error when init returns nil, err", function()
+      local none, err = server.start({ init = function(a) return nil, "refused " .. a end }, "x")
+      assert.is_nil(none)
+      assert.are.equal("refused x", err)
+      assert.is_true(nothing_new())
+    end)
+
+    it("returns nil and an error when the callbacks module cannot be loaded", function()
+      local none, err = server.start("spec.no_such_module_here", nil)
+      assert.is_nil(none)
+      assert.matches("cannot load callbacks module 'spec.no_such_module_here'", err, 1, true)
+    end)
+
+    it("returns nil and an error when the callbacks module is not a table", function()
+      -- This fixture module returns a function (it is meant for spawn).
+      local none, err = server.start("spec.fixtures.echo_mod", nil)
+      assert.is_nil(none)
+      assert.matches("callbacks module 'spec.fixtures.echo_mod' returned function, not a table",
+                     err, 1, true)
+      assert.is_true(nothing_new())
+    end)
+
+    it("starts from a callbacks module name, required in the server", function()
+      local pid = assert(server.start("examples.kv.store", { a = 1 }))
+      assert.are.equal(1, server.call(pid, { op = "get", key = "a" }))
+      server.stop(pid)
+    end)
+
+    it("kills the server when init does not finish within opts.timeout", function()
+      local none, err = server.start({ init = function() mb.sleep(60000) end }, nil, { timeout = 50 })
+      assert.is_nil(none)
+      assert.matches("did not finish within 50 ms", err)
+      assert.is_true(nothing_new())
+    end)
+
+    it("links the server to the caller with opts.link", function()
+      local me = mb.self()
+      -- A helper starts a linked server, reports it, then crashes.
+      mb.spawn(function()
+        local pid = server.start(counter, 0, { link = true })
+        mb.send(me, { server = pid })
+        mb.receive(5000)
+        error("helper crashes on purpose")
+      end)
+      local m = expect(function(m) return m.server ~= nil end)
+      assert.is_truthy(m)
+      local ref = mb.monitor(m.server)
+      local down = down_of(ref)
+      assert.is_truthy(down, "the linked server did not exit")
+      assert.matches("helper crashes on purpose", tostring(down.reason))
+    end)
+  end)
+
+  describe("call", function()
+    it("sends a request and returns the reply, keeping the state", function()
+      local pid = assert(server.start(counter, 0))
+      assert.are.equal(5, server.call(pid, { "add", 5 }))
+      assert.are.equal(7, server.call(pid, { "add", 2 }))
+      assert.are.equal(7, server.call(pid, "get"))
+      server.stop(pid)
+    end)
+
+    it("copies tables both ways", function()
+      local pid = assert(server.start({
+        handle_call = function(req, _, s) req.seen = true; return req, s end,
+      }, nil))
+      local req = { a = { 1, 2, 3 } }
+      local reply = server.call(pid, req)
+      assert.are.same({ a = { 1, 2, 3 }, seen = true }, reply)
+      assert.is_nil(req.seen)
+      server.stop(pid)
+    end)
+
+    it("returns nil replies", function()
+      local pid = assert(server.start({ handle_call = function(_, _, s) return nil, s end }, nil))
+      assert.is_nil(server.call(pid, "x"))
+      server.stop(pid)
+    end)
+
+    it("accepts a deferred reply through server.reply", function()
+      local me = mb.self()
+      local pid = assert(server.start({
+        handle_call = function(req, from, s)
+          s.waiting = from
+          return server.noreply, s
+        end,
+        handle_cast = function(msg, s)
+          server.reply(s.waiting, "late " .. msg)
+          return s
+        end,
+      }, {}))
+      -- Someone else casts while we wait in the call.
+      mb.spawn(function()
+        mb.sleep(20)
+        server.cast(pid, "hello")
+        mb.send(me, { cast_done = true })
+      end)
+      assert.are.equal("late hello", server.call(pid, "wait"))
+      assert.is_truthy(expect(function(m) return m.cast_done end))
+      server.stop(pid)
+    end)
+
+    it("raises a clear error when the server crashes during the call", function()
+      local pid = assert(server.start(counter, 0))
+      local err = error_of(server.call, pid, "crash")
+      assert.matches("exited during the call", err, 1, true)
+      assert.matches("crash on request", err, 1, true)
+      assert.is_false(is_alive(pid))
+    end)
+
+    it("raises a clear error when the server is killed while handling the call", function()
+      local pid = assert(server.start({
+        handle_call = function(_, _, s) mb.sleep(60000) return 1, s end,
+      }, nil))
+      mb.spawn(function() mb.sleep(30); mb.exit(pid, "kill") end)
+      local err = error_of(server.call, pid, "slow", 5000)
+      assert.matches("exited during the call", err, 1, true)
+      assert.matches("killed", err, 1, true)
+    end)
+
+    it("raises on timeout, and the late reply never arrives", function()
+      local pid = assert(server.start({
+        handle_call = function(req, _, s)
+          if req == "slow" then mb.sleep(200) end
+          return "reply to " .. req, s
+        end,
+      }, nil))
+      local err = error_of(server.call, pid, "slow", 50)
+      assert.matches("timeout after 50 ms", err, 1, true)
+      -- The server is still alive and will reply after 200 ms; wait past it.
+      mb.sleep(400)
+      assert.is_nil(mb.receive(0), "the late reply reached the caller")
+      -- Later calls get their own replies, not the stale one.
+      assert.are.equal("reply to fast", server.call(pid, "fast"))
+      server.stop(pid)
+    end)
+
+    it("leaves no message behind after many calls", function()
+      local pid = assert(server.start(counter, 0))
+      for i = 1, 100 do assert.are.equal(i, server.call(pid, { "add", 1 })) end
+      assert.is_nil(mb.receive(0))
+      server.stop(pid)
+    end)
+
+    it("works without a timeout (math.huge), including crashes", function()
+      local pid = assert(server.start(counter, 3))
+      assert.are.equal(3, server.call(pid, "get", math.huge))
+      local err = error_of(server.call, pid, "crash", math.huge)
+      assert.matches("crash on request", err, 1, true)
+    end)
+
+    it("calls by registered name", function()
+      local pid = assert(server.start(counter, 9, { name = "spec_byname" }))
+      assert.are.equal(9, server.call("spec_byname", "get"))
+      server.stop(pid)
+    end)
+
+    it("raises a clear error for an unknown name, without waiting", function()
+      local err = error_of(server.call, "spec_nobody", "get", 60000)
+      assert.matches("no process registered as 'spec_nobody'", err, 1, true)
+    end)
+
+    it("raises a clear error for a dead pid, without waiting", function()
+      local pid = assert(server.start(counter, 0))
+      server.stop(pid)
+      local err = error_of(server.call, pid, "get", 60000)
+      assert.matches("not running (noproc)", err, 1, true)
+    end)
+
+    it("raises for a bad destination, a nil request and a bad timeout", function()
+      assert.matches("bad destination", error_of(server.call, 42, "get"))
+      local pid = assert(server.start(counter, 0))
+      assert.matches("request is nil", error_of(server.call, pid, nil))
+      assert.matches("bad timeout", error_of(server.call, pid, "get", -1))
+      assert.matches("bad timeout", error_of(server.call, pid, "get", "soon"))
+      server.stop(pid)
+    end)
+
+    it("raises when the request cannot be copied, and spawns nothing", function()
+      local pid = assert(server.start(counter, 0))
+      local n = #mb.processes()
+      local err = error_of(server.call, pid, { co = coroutine.create(function() end) })
+      assert.matches("cannot send the request", err, 1, true)
+      assert.matches("coroutine", err, 1, true)
+      assert.are.equal(n, #mb.processes())
+      server.stop(pid)
+    end)
+
+    it("refuses a call from the server to itself", function()
+      local pid = assert(server.start({
+        handle_call = function(req, _, s)
+          if req == "self" then
+            local ok, err = pcall(server.call, mb.self(), "x")
+            return tostring(err), s
+          end
+          return "x", s
+        end,
+      }, nil))
+      assert.matches("cannot call itself", server.call(pid, "self"), 1, true)
+      server.stop(pid)
+    end)
+
+    it("does not leave an intermediary behind when the caller dies mid-call", function()
+      local pid = assert(server.start({
+        handle_call = function(req, from, s)
+          if req == "count" then return #s, s end
+          s[#s + 1] = from
+          return server.noreply, s
+        end,
+        handle_cast = function(_, s)
+          -- The reply goes to the dead intermediary and is dropped.
+          for _, f in ipairs(s) do server.reply(f, "late") end
+          return s
+        end,
+      }, {}))
+      local n = #mb.processes()
+      local caller = mb.spawn(function() server.call(pid, "hang", 60000) end)
+      mb.sleep(30)
+      mb.exit(caller, "kill")
+      assert.is_true(S.eventually(function() return #mb.processes() == n end))
+      server.cast(pid, "release")
+      assert.are.equal(1, server.call(pid, "count"))
+      server.stop(pid)
+    end)
+  end)
+
+  describe("cast and handle_info", function()
+    it("changes the state without a reply", function()
+      local pid = assert(server.start(counter, 0))
+      assert.is_true(server.cast(pid, { "add", 3 }))
+      assert.is_true(server.cast(pid, { "add", 4 }))
+      assert.are.equal(7, server.call(pid, "get"))
+      server.stop(pid)
+    end)
+
+    it("returns nil and an error for an unknown name", function()
+      local ok, err = server.cast("spec_nobody", "x")
+      assert.is_nil(ok)
+      assert.matches("no process registered as 'spec_nobody'", err, 1, true)
+    end)
+
+    it("drops a cast to a dead pid silently", function()
+      local pid = assert(server.start(counter, 0))
+      server.stop(pid)
+      assert.is_true(server.cast(pid, "x"))
+    end)
+
+    it("raises for a nil message", function()
+      local pid = assert(server.start(counter, 0))
+      assert.matches("message is nil", error_of(server.cast, pid, nil))
+      server.stop(pid)
+    end)
+
+    it("passes other messages to handle_info", function()
+      local pid = assert(server.start(counter, 1))
+      mb.send(pid, { add = 10 })
+      mb.send(pid, "ignored")
+      assert.are.equal(11, server.call(pid, "get"))
+      server.stop(pid)
+    end)
+
+    it("survives messages when there is no handle_info", function()
+      local pid = assert(server.start({ handle_call = function(_, _, s) return s, s end }, 5))
+      mb.send(pid, "stray")
+      assert.are.equal(5, server.call(pid, "get"))
+      server.stop(pid)
+    end)
+
+    it("ends the server when a cast handler crashes, with the error as reason", function()
+      local pid = assert(server.start(counter, 0))
+      local ref = mb.monitor(pid)
+      server.cast(pid, "crash")
+      local down = down_of(ref)
+      assert.is_truthy(down)
+      assert.matches("crash on cast", tostring(down.reason), 1, true)
+    end)
+  end)
+
+  describe("stop and terminate", function()
+    local function reporting(me)
+      return {
+        init = function(s) return s end,
+        handle_call = function(req, _, s)
+          if req == "stop" then return "bye", s, "done" end
+          return s, s
+        end,
+        handle_cast = function(msg, s) return s, msg end,
+        terminate = function(reason, s) mb.send(me, { terminated = reason, state = s }) end,
+      }
+    end
+
+    it("runs terminate(reason, state) and waits until the server is gone", function()
+      local pid = assert(server.start(reporting(mb.self()), "st"))
+      assert.is_true(server.stop(pid, "normal"))
+      assert.is_false(is_alive(pid))
+      local m = expect(function(m) return m.terminated ~= nil end)
+      assert.are.same({ terminated = "normal", state = "st" }, m)
+    end)
+
+    it("exits with the given reason", function()
+      local pid = assert(server.start(reporting(mb.self()), "st"))
+      local ref = mb.monitor(pid)
+      assert.is_true(server.stop(pid, "shutdown"))
+      assert.are.equal("shutdown", down_of(ref).reason)
+      assert.are.equal("shutdown", expect(function(m) return m.terminated end).terminated)
+    end)
+
+    it("stops when handle_call returns a stop reason, after replying", function()
+      local pid = assert(server.start(reporting(mb.self()), "st"))
+      local ref = mb.monitor(pid)
+      assert.are.equal("bye", server.call(pid, "stop"))
+      assert.are.equal("done", down_of(ref).reason)
+      assert.are.equal("done", expect(function(m) return m.terminated end).terminated)
+    end)
+
+    it("stops when handle_cast returns a stop reason", function()
+      local pid = assert(server.start(reporting(mb.self()), "st"))
+      local ref = mb.monitor(pid)
+      server.cast(pid, "normal")
+      assert.are.equal("normal", down_of(ref).reason)
+      assert.is_truthy(expect(function(m) return m.terminated end))
+    end)
+
+    it("runs terminate when a crash ends the server", function()
+      local me = mb.self()
+      local pid = assert(server.start({
+        handle_cast = function() error("boom") end,
+        terminate = function(reason) mb.send(me, { terminated = reason }) end,
+      }, nil))
+      server.cast(pid, "x")
+      local m = expect(function(m) return m.terminated end)
+      assert.matches("boom", tostring(m.terminated), 1, true)
+    end)
+
+    it("runs terminate when its parent sends an exit signal and it traps exits", function()
+      local me = mb.self()
+      local pid = assert(server.start({
+        init = function() mb.trap_exit(true) return "st" end,
+        terminate = function(reason, s) mb.send(me, { terminated = reason, state = s }) end,
+      }, nil))
+      local ref = mb.monitor(pid)
+      mb.exit(pid, "shutdown")
+      assert.are.same({ terminated = "shutdown", state = "st" },
+                      expect(function(m) return m.terminated end))
+      assert.are.equal("shutdown", down_of(ref).reason)
+    end)
+
+    it("raises for an unknown name and a dead pid", function()
+      assert.matches("no process registered as 'spec_nobody'",
+                     error_of(server.stop, "spec_nobody"), 1, true)
+      local pid = assert(server.start(counter, 0))
+      server.stop(pid)
+      assert.matches("not running (noproc)", error_of(server.stop, pid), 1, true)
+    end)
+
+    it("raises when the server does not stop in time, and leaves it alone", function()
+      local pid = assert(server.start({
+        handle_cast = function(_, s) mb.sleep(300) return s end,
+      }, nil))
+      server.cast(pid, "busy")
+      local err = error_of(server.stop, pid, "normal", 30)
+      assert.matches("did not stop within 30 ms", err, 1, true)
+      -- The stop request is still queued: the server ends after its cast.
+      local ref = mb.monitor(pid)
+      assert.are.equal("normal", down_of(ref).reason)
+    end)
+  end)
+
+  describe("bad input", function()
+    it("raises for callbacks that are neither a module name nor a table", function()
+      assert.matches("callbacks must be a module name or a table of functions, got number",
+                     error_of(server.start, 42), 1, true)
+      assert.matches("got nil", error_of(server.start, nil), 1, true)
+    end)
+
+    it("raises for a callback that is not a function, naming it", function()
+      assert.matches("callbacks.handle_call must be a function, got string",
+                     error_of(server.start, { handle_call = "oops" }), 1, true)
+      assert.matches("callbacks.init must be a function, got number",
+                     error_of(server.start, { init = 1 }), 1, true)
+      assert.matches("callbacks.terminate must be a function, got table",
+                     error_of(server.start, { terminate = {} }), 1, true)
+    end)
+
+    it("raises for bad options", function()
+      assert.matches("opts must be a table", error_of(server.start, counter, 0, "name"), 1, true)
+      assert.matches("opts.name must be a string", error_of(server.start, counter, 0, { name = 1 }), 1, true)
+      assert.matches("opts.link must be a boolean", error_of(server.start, counter, 0, { link = 1 }), 1, true)
+      assert.matches("bad timeout", error_of(server.start, counter, 0, { timeout = -5 }), 1, true)
+    end)
+
+    it("raises when a call has no handle_call, and the server ends", function()
+      local pid = assert(server.start({ handle_cast = function(_, s) return s end }, nil))
+      local err = error_of(server.call, pid, "get")
+      assert.matches("no handle_call callback", err, 1, true)
+    end)
+
+    it("raises for a bad 'from' in server.reply", function()
+      assert.matches("bad 'from'", error_of(server.reply, nil, 1), 1, true)
+      assert.matches("bad 'from'", error_of(server.reply, { pid = mb.self() }, 1), 1, true)
+    end)
+  end)
+
+  describe("crash reports", function()
+    after_each(function() S.cleanup_tmp() end)
+
+    it("names the server and shows the last message, the state and the error", function()
+      local script = S.write("crash.lua", [[
+        local mb = require "moonbeam"
+        local server = require "moonbeam.server"
+        local pid = server.start({
+          handle_call = function(req, _, s) error("bad request " .. req.op) end,
+        }, { count = 3 }, { name = "reported" })
+        print(pcall(server.call, pid, { op = "explode" }))
+      ]])
+      local code, out, err = S.moonbeam(S.q(script))
+      assert.are.equal(0, code, err)
+      assert.is_true(S.has(out, "false"), out)
+      assert.matches("=== server crash: <[%d.]+> reported ===", err)
+      assert.is_true(S.has(err, 'last message: call {op = "explode"} from <'), err)
+      assert.is_true(S.has(err, "state:        {count = 3}"), err)
+      assert.is_true(S.has(err, "bad request explode"), err)
+      assert.is_true(S.has(err, "stack traceback"), err)
+    end)
+  end)
+end)
