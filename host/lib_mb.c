@@ -24,9 +24,15 @@
 
 /* -- Helpers -------------------------------------------------------------- */
 
+/* The calling process. A process that must die (killed at a point where it
+ * could not yield at once) gets no further effect on the world: every call
+ * that would have one stops it instead. */
 static mb_proc_t *self_of(lua_State *L)
 {
-  return mb_proc_of(L);
+  mb_proc_t *p = mb_proc_of(L);
+  if (p->exit_reason)
+    luaL_error(L, "process is exiting");
+  return p;
 }
 
 /* A destination: a pid, or a registered name that must exist. */

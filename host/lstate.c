@@ -167,6 +167,19 @@ static void after_os(lua_State *L)
   lua_pop(L, 1);
 }
 
+static int open_for(lua_State *L, const char *name, size_t len);
+
+/* package.preload entry of a standard library: require "debug" works before
+ * the global was ever touched. */
+static int preload_std(lua_State *L)
+{
+  size_t len;
+  const char *name = luaL_checklstring(L, 1, &len);
+  open_for(L, name, len);
+  lua_getfield(L, LUA_GLOBALSINDEX, name);
+  return 1;
+}
+
 static void after_package(lua_State *L)
 {
   lua_getfield(L, LUA_GLOBALSINDEX, "package");
@@ -182,6 +195,18 @@ static void after_package(lua_State *L)
   lua_setfield(L, -2, "ffi");
   lua_pushcfunction(L, luaopen_string_buffer);
   lua_setfield(L, -2, "string.buffer");
+  static const char *const std[] = {"_G", "coroutine", "string", "table",
+    "math", "io", "os", "debug", "bit", "jit", NULL};
+  for (int i = 0; std[i]; i++) {
+    lua_getfield(L, -2, "loaded");
+    lua_getfield(L, -1, std[i]);
+    int loaded = !lua_isnil(L, -1);
+    lua_pop(L, 2);
+    if (!loaded) {
+      lua_pushcfunction(L, preload_std);
+      lua_setfield(L, -2, std[i]);
+    }
+  }
   lua_pop(L, 2);
 }
 

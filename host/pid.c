@@ -22,8 +22,9 @@ static char pid_mt_key, pid_intern_key, ref_mt_key, ref_intern_key;
 static int pid_tostring(lua_State *L)
 {
   idbox_t *b = lua_touserdata(L, 1);
-  char buf[32];
-  snprintf(buf, sizeof buf, "<0.%" PRIu64 ">", b->id);
+  char buf[40];
+  snprintf(buf, sizeof buf, "<0.%" PRIu64 ".%" PRIu64 ">",
+           b->id & MB_PID_SLOT_MASK, b->id >> MB_PID_SLOT_BITS);
   lua_pushstring(L, buf);
   return 1;
 }

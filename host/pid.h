@@ -4,8 +4,9 @@
  * unique for the life of the host and never reused. In a Lua state each id is
  * one interned full userdata (a weak-valued table in the registry maps id to
  * userdata), so two pids naming the same process are the same Lua value: they
- * compare equal with == and work as table keys. Pids print as <0.N>, refs as
- * #Ref<0.N>. A number is never a pid.
+ * compare equal with == and work as table keys. A pid is its process-table
+ * slot plus the slot's generation (see proc.h) and prints as <0.slot.gen>,
+ * like Erlang's <0.N.0>; refs print as #Ref<0.N>. A number is never a pid.
  *
  * All functions here run on the thread that owns L.
  */
@@ -16,6 +17,8 @@
 #include "lua.h"
 
 typedef uint64_t mb_pid_t;      /* 0 is never a valid pid */
+#define MB_PID_SLOT_BITS 24
+#define MB_PID_SLOT_MASK ((1u << MB_PID_SLOT_BITS) - 1)
 typedef uint64_t mb_ref_t;      /* 0 is never a valid ref */
 
 /* Push the (interned) pid value for id. */

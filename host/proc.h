@@ -35,8 +35,7 @@
 #include "lua.h"
 #include "pid.h"
 
-#define MB_PID_SLOT_BITS 24                   /* 16M processes at most */
-#define MB_MAX_PROCS ((1u << MB_PID_SLOT_BITS) - 1)
+#define MB_MAX_PROCS MB_PID_SLOT_MASK        /* 16M processes at most */
 
 /* Kinds of mb_msg_t in a mailbox. */
 enum {

@@ -19,7 +19,8 @@ static const char *error_text(lua_State *L, int idx)
 static void header(luaL_Buffer *b, mb_proc_t *p, const char *what)
 {
   char line[256];
-  snprintf(line, sizeof line, "=%s==== <0.%" PRIu64 ">", what, p->pid);
+  snprintf(line, sizeof line, "=%s==== <0.%" PRIu64 ".%" PRIu64 ">", what,
+           p->pid & MB_PID_SLOT_MASK, p->pid >> MB_PID_SLOT_BITS);
   luaL_addstring(b, line);
   if (p->name) {
     luaL_addstring(b, " registered as ");
@@ -36,7 +37,9 @@ static int crash(lua_State *L)
 {
   mb_proc_t *p = lua_touserdata(L, 1);
   lua_State *T = lua_touserdata(L, 2);
-  const char *msg = error_text(L, 3);
+  const char *msg = p->alloc.oom
+      ? "out of memory (the process went over its max_memory)"
+      : error_text(L, 3);
   luaL_Buffer b;
   if (p->first) {
     lua_pushfstring(L, "moonbeam: %s", msg);
@@ -73,7 +76,8 @@ void mb_report_crash(mb_proc_t *p, lua_State *T, const mb_msg_t *reason)
     lua_xmove(T, L, 1);
   }
   if (lua_pcall(L, 3, 0, 0) != 0)
-    fprintf(stderr, "moonbeam: process <0.%" PRIu64 "> crashed\n", p->pid);
+    fprintf(stderr, "moonbeam: process <0.%" PRIu64 ".%" PRIu64 "> crashed\n",
+            p->pid & MB_PID_SLOT_MASK, p->pid >> MB_PID_SLOT_BITS);
   lua_settop(L, top);
 }
 
@@ -83,8 +87,8 @@ void mb_report_exit(mb_proc_t *p, const mb_msg_t *reason)
     return;
   char line[256];
   snprintf(line, sizeof line,
-           "=CRASH REPORT==== <0.%" PRIu64 ">%s%s\nreason: out of memory "
-           "(over its max_memory)\n",
-           p->pid, p->name ? " registered as " : "", p->name ? p->name : "");
+           "=CRASH REPORT==== <0.%" PRIu64 ".%" PRIu64 ">%s%s\nreason: out of memory "
+           "(the process went over its max_memory)\n",
+           p->pid & MB_PID_SLOT_MASK, p->pid >> MB_PID_SLOT_BITS, p->name ? " registered as " : "", p->name ? p->name : "");
   fputs(line, stderr);
 }

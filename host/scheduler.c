@@ -381,6 +381,11 @@ static void crashed(mb_proc_t *p, int status)
   p->alloc.limit = 0;
   mb_msg_t *reason = p->exit_reason;
   p->exit_reason = NULL;
+  if (reason && !p->alloc.oom) {
+    /* Killed at an unsafe point: the error was only the way out. */
+    die(p, reason);
+    return;
+  }
   if (reason == NULL && (p->alloc.oom || status == LUA_ERRMEM))
     reason = mb_msg_string("out of memory");
   if (reason == NULL) {
@@ -428,6 +433,12 @@ static void run(mb_sched_t *s, mb_proc_t *p)
   }
   p->budget = mb_sched_opts.slice_reds;
   int st = lua_resume(p->co, nargs);
+  if (p->alloc.oom && st != LUA_ERRRUN && st != LUA_ERRMEM && must_die(p)) {
+    /* A refused allocation was caught (pcall) and the process went on:
+     * the limit still ends it, as in Erlang's max_heap_size. */
+    st = LUA_YIELD;
+    p->yield = MB_YIELD_EXIT;
+  }
   if (st == LUA_YIELD) {
     mb_yield_t why = p->yield;
     p->yield = MB_YIELD_NONE;

@@ -5,154 +5,85 @@ local mb = require "moonbeam"
 local S = require "spec.support"
 local cases = require "spec.fixtures.preempt_cases"
 
--- More busy processes than this machine has schedulers (cores).
-local BUSY = 6
-local ROUNDS = 20
-
 -- The repository root, so that processes can find spec.fixtures.*.
 local ROOT = require("lfs").currentdir()
 
--- A busy process: runs step over and over, reports its first good result,
--- and reports and crashes on a wrong one.
-local function busy(parent, step, root)
-  package.path = root .. "/?.lua;" .. package.path
-  local reported = false
-  while true do
-    local ok, detail = step()
-    if not ok then
-      mb.send(parent, { case_bad = mb.self(), detail = detail })
-      error("wrong result: " .. tostring(detail))
-    end
-    if not reported then
-      mb.send(parent, { case_ok = mb.self() })
-      reported = true
-    end
-  end
-end
-
--- Start n busy processes on step; wait until each has got one step right.
-local function start_busy(step, n)
-  local procs = {}
-  for i = 1, n do
-    local pid, ref = mb.spawn_monitor(busy, mb.self(), step, ROOT)
-    procs[i] = { pid = pid, ref = ref }
-  end
-  for _, p in ipairs(procs) do
-    local m = S.recv(function(x)
-      return type(x) == "table"
-        and (x.case_ok == p.pid or x.case_bad == p.pid or (x.event == "DOWN" and x.ref == p.ref))
-    end, 6 * S.T, "a busy process's first result")
-    assert(m.case_ok, "busy process failed: " .. tostring(m.detail or m.reason))
-  end
-  return procs
-end
-
-local function stop_busy(procs)
-  for _, p in ipairs(procs) do mb.exit(p.pid, "kill") end
-  for _, p in ipairs(procs) do
-    local reason = S.await_down(p.ref, 2 * S.T)
-    assert(reason == "killed" or reason == "kill",
-      "busy process ended with " .. tostring(reason) .. " before it was killed")
-  end
-end
-
--- A ping-pong pair, both new processes; returns how many of `rounds` round
--- trips completed (each one bounded by 5 s).
-local function ping_pong(rounds)
-  local b = mb.spawn(function()
+-- Each preemption case runs in a host of its own: if a busy process could not
+-- be preempted it would hold its scheduler for good, and in the host running
+-- these specs that would stop the runner itself. The script starts `busy`
+-- processes that run the case's step over and over, waits until each got one
+-- step right, then has a ping-pong pair do 20 round trips. Exit code 0: all
+-- done; 2: the ping-pong stalled; 3: a step gave a wrong result (or failed).
+local SCRIPT = [[
+local root, kind, busy = arg[1], arg[2], tonumber(arg[3])
+package.path = root .. "/?.lua;" .. package.path
+local mb = require "moonbeam"
+local step = require("spec.fixtures.preempt_cases")[kind].step
+local me = mb.self()
+for _ = 1, busy do
+  mb.spawn(function()
+    local first = true
     while true do
-      local m = mb.receive()
-      if m == "stop" then return end
-      mb.send(m.from, m.i)
+      local ran, ok, detail = pcall(step)
+      if not (ran and ok) then mb.send(me, { bad = tostring(ran and detail or ok) }) return end
+      if first then mb.send(me, "first") first = false end
     end
   end)
-  local _, aref = mb.spawn_monitor(function(parent, peer, n)
-    for i = 1, n do
-      mb.send(peer, { from = mb.self(), i = i })
-      if mb.receive(function(x) return x == i end, 5000) == nil then
-        mb.send(peer, "stop")
-        mb.send(parent, { pp_done = i - 1 })
-        return
-      end
-    end
-    mb.send(peer, "stop")
-    mb.send(parent, { pp_done = n })
-  end, mb.self(), b, rounds)
-  local m = S.recv(function(x) return type(x) == "table" and x.pp_done end, (rounds + 1) * S.T)
-  S.await_down(aref)
-  return m.pp_done
 end
+local function fail(code, ...)
+  io.stderr:write(table.concat({ ... }, " "), "\n")
+  os.exit(code)
+end
+local function check(m)
+  if type(m) == "table" and m.bad then fail(3, "wrong result:", tostring(m.bad)) end
+  return m
+end
+for i = 1, busy do
+  if check(mb.receive(10000)) == nil then fail(2, "only", i - 1, "busy processes got a step done") end
+end
+local echo = mb.spawn(function()
+  while true do
+    local m = mb.receive()
+    mb.send(m.from, m.i)
+  end
+end)
+for i = 1, 20 do
+  mb.send(echo, { from = me, i = i })
+  if mb.receive(function(x) return x == i end, 5000) == nil then fail(2, "stalled at round", i) end
+end
+check(mb.receive(function(m) return type(m) == "table" and m.bad end, 0))
+print("ping-pong done")
+os.exit(0)
+]]
 
 describe("preemption", function()
   local before
   before_each(function() before = S.snapshot() end)
-  after_each(function() S.check_clean(before, 2 * S.T) end)
+  after_each(function() S.check_clean(before) end)
   teardown(S.cleanup_tmp)
 
-  describe("while " .. BUSY .. " processes are busy", function()
-    for _, kind in ipairs(cases.order) do
-      local case = cases[kind]
-      it("inside " .. case.desc .. ", results stay right and a ping-pong pair completes", function()
-        local procs = start_busy(case.step, BUSY)
-        local done = ping_pong(ROUNDS)
-        -- No busy process found a wrong result or died meanwhile.
-        local bad = mb.receive(function(x)
-          return type(x) == "table" and (x.case_bad or x.event == "DOWN")
-        end, 0)
-        stop_busy(procs)
-        assert.are.equal(ROUNDS, done)
-        assert.is_nil(bad and (bad.detail or bad.reason))
-      end)
-    end
-  end)
+  local script
+  setup(function() script = S.write("preempt.lua", SCRIPT) end)
+
+  for _, host in ipairs {
+    { opts = "", busy = 6, what = "while 6 processes are busy (default schedulers)" },
+    { opts = "--schedulers 1 ", busy = 2, what = "while 2 processes are busy on one scheduler" },
+  } do
+    describe(host.what, function()
+      for _, kind in ipairs(cases.order) do
+        local case = cases[kind]
+        it("inside " .. case.desc .. ", results stay right and a ping-pong pair completes", function()
+          local code, out, err = S.moonbeam(host.opts .. S.q(script) .. " " .. S.q(ROOT)
+            .. " " .. kind .. " " .. host.busy, nil, 15)
+          assert.are.equal(0, code, "exit code " .. tostring(code)
+            .. (code == 124 and " (stopped after 15 s: the host stalled)" or "") .. "\n" .. out .. err)
+          assert.are.equal("ping-pong done\n", out)
+        end)
+      end
+    end)
+  end
 
   describe("with one scheduler (moonbeam --schedulers 1)", function()
-    local script
-    setup(function()
-      script = S.write("preempt1.lua", [[
-        local root, kind = arg[1], arg[2]
-        package.path = root .. "/?.lua;" .. package.path
-        local mb = require "moonbeam"
-        local step = require("spec.fixtures.preempt_cases")[kind].step
-        for _ = 1, 2 do
-          mb.spawn(function()
-            while true do
-              local ok, detail = step()
-              if not ok then
-                io.stderr:write("wrong result: ", tostring(detail), "\n")
-                os.exit(3)
-              end
-            end
-          end)
-        end
-        local echo = mb.spawn(function()
-          while true do
-            local m = mb.receive()
-            mb.send(m.from, m.i)
-          end
-        end)
-        for i = 1, 20 do
-          mb.send(echo, { from = mb.self(), i = i })
-          if mb.receive(function(x) return x == i end, 5000) == nil then
-            print("stalled at round " .. i)
-            os.exit(2)
-          end
-        end
-        print("ping-pong done")
-        os.exit(0)
-      ]])
-    end)
-
-    for _, kind in ipairs(cases.order) do
-      local case = cases[kind]
-      it("inside " .. case.desc .. ", a ping-pong pair completes", function()
-        local code, out, err = S.moonbeam("--schedulers 1 " .. S.q(script) .. " "
-          .. S.q(ROOT) .. " " .. kind)
-        assert.are.equal(0, code, "exit code " .. tostring(code) .. "\n" .. out .. err)
-        assert.is_true(S.has(out, "ping-pong done"), out .. err)
-      end)
-    end
-
     it("a plain infinite loop does not stop the others", function()
       local s = S.write("loop1.lua", [[
         local mb = require "moonbeam"
@@ -163,7 +94,7 @@ describe("preemption", function()
         print(m and m.event == "DOWN" and m.ref == ref and "others ran" or "stalled")
         os.exit(0)
       ]])
-      local code, out, err = S.moonbeam("--schedulers 1 " .. S.q(s))
+      local code, out, err = S.moonbeam("--schedulers 1 " .. S.q(s), nil, 15)
       assert.are.equal(0, code, out .. err)
       assert.is_true(S.has(out, "others ran"), out .. err)
     end)

@@ -55,10 +55,13 @@ function store.handle_cast(msg, state)
   return state
 end
 
+-- Called when the store stops or crashes (not when it is killed).
 function store.terminate(reason, state)
+  if reason == "normal" then return end
   local n = 0
   for _ in pairs(state.data) do n = n + 1 end
-  print(("store %s: terminating (%s), %d keys dropped"):format(tostring(mb.self()), server.show(reason), n))
+  local why = type(reason) == "string" and reason or server.show(reason)
+  print(("store %s: terminating, %d keys lost: %s"):format(tostring(mb.self()), n, why))
 end
 
 return store

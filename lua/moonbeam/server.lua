@@ -35,11 +35,13 @@
 -- to stderr (pid, name, the last message handled, the state, the error and
 -- traceback), calls terminate(reason, state) and exits with the error as its
 -- exit reason, so links and monitors (and supervisors) see it.
+--
+-- Most functions here run in other processes: spawn copies the server's
+-- body and the call intermediary, with every upvalue, into each new process.
+-- So unlike other modules this one reads standard functions as globals
+-- instead of caching them in locals at the top: each cached local would be
+-- one more upvalue to encode and resolve again on every spawn.
 local mb = require "moonbeam"
-
-local type, tostring, pairs, select = type, tostring, pairs, select
-local error, pcall, xpcall = error, pcall, xpcall
-local string, table, io, debug, math = string, table, io, debug, math
 
 local server = {}
 
@@ -119,15 +121,33 @@ local function show(v)
 end
 
 -- The error handler of every callback: keeps the error value and the
--- traceback of the place that raised it.
+-- traceback of the place that raised it, without the frames of this module
+-- that called the callback (the server loop), which say nothing to the user.
 local function catch(e)
-  return { err = e, traceback = debug.traceback("", 2):sub(2) }
+  local lines = {}
+  for line in debug.traceback("", 2):sub(2):gmatch("[^\n]+") do
+    if line:find("^%s*%[C%]: in function 'xpcall'") then
+      if lines[#lines]:find("moonbeam/server.lua:", 1, true) then lines[#lines] = nil end
+      break
+    end
+    lines[#lines + 1] = line
+  end
+  return { err = e, traceback = table.concat(lines, "\n") }
 end
 
-local function report(title, lines)
-  local buf = { "=== " .. title .. " ===" }
+-- An error value or exit reason as text, the way the runtime's crash
+-- reports print it.
+local function reason_text(e)
+  if type(e) == "string" then return e end
+  return show(e)
+end
+
+-- Writes one report block to stderr in a single write, in the format of the
+-- runtime's crash reports: "=SERVER REPORT==== <pid> registered as name".
+local function report(ctx, lines)
+  local buf = { "=SERVER REPORT==== " .. ctx.head }
   for i = 1, #lines do buf[#buf + 1] = lines[i] end
-  io.stderr:write(table.concat(buf, "\n"), "\n")
+  io.stderr:write(table.concat(buf, "\n") .. "\n")
 end
 
 -- -- Argument checks ------------------------------------------------------
@@ -222,7 +242,7 @@ local function handle(ctx, msg)
     end
   end
   if cb.handle_info == nil then
-    report("server " .. ctx.label .. ": unexpected message dropped", { show(msg) })
+    report(ctx, { ctx.origin, "unexpected message dropped (no handle_info): " .. show(msg) })
     return nil
   end
   local state, stop = cb.handle_info(msg, ctx.state)
@@ -232,16 +252,17 @@ end
 
 local function crash(ctx, caught)
   local reason = caught.err
-  report("server crash: " .. ctx.label, {
+  report(ctx, {
+    ctx.origin,
     "last message: " .. describe(ctx.last),
-    "state:        " .. show(ctx.state),
-    "error:        " .. show(reason),
+    "state: " .. show(ctx.state),
+    "reason: " .. reason_text(reason),
     caught.traceback,
   })
   if ctx.cb.terminate then
     local ok, t = xpcall(ctx.cb.terminate, catch, reason, ctx.state)
     if not ok then
-      report("server " .. ctx.label .. ": terminate failed", { show(t.err), t.traceback })
+      report(ctx, { ctx.origin, "terminate failed too: " .. reason_text(t.err), t.traceback })
     end
   end
   return mb.exit(reason)
@@ -272,10 +293,28 @@ local function init_failed(parent, err)
   mb.send(parent, { tag = "$started", pid = mb.self(), err = err })
 end
 
+-- Where a server's code comes from, for reports: the module name, or where
+-- the table's functions are defined.
+local function origin(callbacks)
+  if type(callbacks) == "string" then return "module '" .. callbacks .. "'" end
+  for i = 1, #CALLBACKS do
+    local f = callbacks[CALLBACKS[i]]
+    if type(f) == "function" then
+      local info = debug.getinfo(f, "S")
+      return "table (" .. CALLBACKS[i] .. " at " .. info.short_src .. ":" .. info.linedefined .. ")"
+    end
+  end
+  return "table (no callbacks)"
+end
+
 -- The body of a server process.
 local function server_main(parent, callbacks, arg, name)
   local self = mb.self()
-  local label = tostring(self) .. (name and (" " .. name) or "")
+  local ctx = {
+    parent = parent,
+    head = tostring(self) .. (name and (" registered as " .. name) or ""),
+    origin = "server callbacks: " .. origin(callbacks),
+  }
   local cb = callbacks
   if type(callbacks) == "string" then
     local ok, m = pcall(require, callbacks)
@@ -298,13 +337,14 @@ local function server_main(parent, callbacks, arg, name)
                          .. " (" .. tostring(err) .. ")")
     end
   end
-  local ctx = { cb = cb, parent = parent, label = label }
+  ctx.cb = cb
   if cb.init ~= nil then
     local ok, state, err = xpcall(cb.init, catch, arg)
     if not ok then
-      report("server init crashed: " .. label, {
-        "argument: " .. show(arg),
-        "error:    " .. show(state.err),
+      report(ctx, {
+        ctx.origin,
+        "init crashed; argument: " .. show(arg),
+        "reason: " .. reason_text(state.err),
         state.traceback,
       })
       return init_failed(parent, "init failed: " .. tostring(state.err))
@@ -388,7 +428,7 @@ function server.start(callbacks, arg, opts)
     mb.unlink(pid)
     mb.exit(pid, "kill")
   elseif msg.event == "DOWN" then
-    err = "server exited during init: " .. show(msg.reason)
+    err = "server exited during init: " .. reason_text(msg.reason)
   else
     err = msg.err
     mb.unlink(pid)
@@ -430,7 +470,7 @@ local function call_failed(fname, pid, req, reason)
     return fname .. ": server " .. tostring(pid) .. " is not running (noproc)"
   end
   return fname .. ": server " .. tostring(pid) .. " exited during the call "
-         .. show(req) .. ": " .. show(reason)
+         .. show(req) .. ": " .. reason_text(reason)
 end
 
 -- server.call(dest, req[, timeout_ms]) -> reply
@@ -478,7 +518,7 @@ function server.call(dest, req, timeout)
             .. tostring(dest) .. (dest ~= pid and (" (" .. tostring(pid) .. ")") or "")
             .. " to answer " .. show(req), 2)
     end
-    error("server.call: the call's intermediary process exited: " .. show(m.reason), 2)
+    error("server.call: the call's intermediary process exited: " .. reason_text(m.reason), 2)
   end
   mb.demonitor(pref)
   flush(down_of(pref))
@@ -540,8 +580,8 @@ function server.stop(dest, reason, timeout)
     error("server.stop: server " .. tostring(pid) .. " is not running (noproc)", 2)
   end
   if type(reason) ~= "table" and m.reason ~= reason then
-    error("server.stop: server " .. tostring(pid) .. " exited with " .. show(m.reason)
-          .. " instead of " .. show(reason), 2)
+    error("server.stop: server " .. tostring(pid) .. " exited with reason "
+          .. show(m.reason) .. " instead of " .. show(reason), 2)
   end
   return true
 end

@@ -25,13 +25,11 @@
 -- Children that are servers and trap exits run their terminate callback.
 --
 -- Everything the supervisor process runs is copied into it with the callback
--- table (see moonbeam.server), so helpers keep no state in upvalues.
+-- table (see moonbeam.server), so helpers keep no state in upvalues, and they
+-- read standard functions as globals rather than as cached locals (each local
+-- would be one more upvalue to copy into every supervisor).
 local mb = require "moonbeam"
 local server = require "moonbeam.server"
-
-local type, tostring, ipairs, select, error, pcall = type, tostring, ipairs, select, error, pcall
-local table, io, math = table, io, math
-local unpack = unpack or table.unpack
 
 local supervisor = {}
 
@@ -142,10 +140,17 @@ end
 
 -- -- Inside the supervisor process ----------------------------------------
 
+-- Writes one report block to stderr in a single write, in the format of the
+-- runtime's crash reports: "=SUPERVISOR REPORT==== <pid> registered as name".
 local function log(st, lines)
-  local buf = { "=== supervisor report: " .. st.label .. " ===" }
+  local buf = { "=SUPERVISOR REPORT==== " .. st.head }
   for i = 1, #lines do buf[#buf + 1] = lines[i] end
-  io.stderr:write(table.concat(buf, "\n"), "\n")
+  io.stderr:write(table.concat(buf, "\n") .. "\n")
+end
+
+local function reason_text(e)
+  if type(e) == "string" then return e end
+  return show(e)
 end
 
 local function find(st, id)
@@ -179,9 +184,9 @@ local function start_proc(st, child)
   else
     ok, pid = pcall(mb.spawn_link, start[1], unpack(start, 2, start.n or #start))
   end
-  if not ok then return nil, show(pid) end
+  if not ok then return nil, type(pid) == "string" and pid or show(pid) end
   if not is_pid(pid) then
-    if pid == nil and err ~= nil then return nil, show(err) end
+    if pid == nil and err ~= nil then return nil, type(err) == "string" and err or show(err) end
     return nil, "start returned " .. show(pid) .. " instead of a pid"
   end
   -- The start function need not link (server.start links only when asked);
@@ -218,8 +223,9 @@ local function shutdown_proc(st, child)
     mb.exit(pid, "kill")
     m = mb.receive(down, KILL_WAIT)
     log(st, {
-      "child:    " .. show_id(child.id) .. " (" .. tostring(pid) .. ")",
-      "action:   did not stop within " .. tostring(child.shutdown) .. " ms of \"shutdown\"; killed",
+      "child: " .. show_id(child.id) .. " " .. tostring(pid),
+      "action: killed, as it did not stop within " .. tostring(child.shutdown)
+        .. " ms of the exit signal \"shutdown\"",
     })
     if m == nil then
       mb.demonitor(ref)
@@ -284,29 +290,28 @@ local function restart_group(st, child)
 end
 
 local function restart(st, child, old, reason)
-  local window = "(" .. st.strategy .. "; " .. #st.restarts .. " restarts in "
-                 .. st.max_seconds .. " s, max " .. st.max_restarts .. ")"
   local head = {
-    "child:    " .. show_id(child.id) .. (old and (" (" .. tostring(old) .. ")") or ""),
-    "exited:   " .. show(reason),
+    "child: " .. show_id(child.id) .. (old and (" " .. tostring(old)) or ""),
+    "reason: " .. reason_text(reason),
   }
   if not add_restart(st) then
-    head[#head + 1] = "action:   none; more than " .. st.max_restarts .. " restarts within "
-                      .. st.max_seconds .. " s: shutting down the supervisor"
+    head[#head + 1] = "action: none; that is more than " .. st.max_restarts
+                      .. " restarts within " .. st.max_seconds
+                      .. " s, so the supervisor shuts down its children and exits"
     log(st, head)
     return st, "shutdown"
   end
-  window = "(" .. st.strategy .. "; restart " .. #st.restarts .. " within "
-           .. st.max_seconds .. " s, max " .. st.max_restarts .. ")"
+  local window = "(" .. st.strategy .. "; restart " .. #st.restarts .. " of at most "
+                 .. st.max_restarts .. " within " .. st.max_seconds .. " s)"
   local started, err, failed = restart_group(st, child)
   if started == nil then
-    head[#head + 1] = "action:   restart failed: " .. err .. "; retrying " .. window
+    head[#head + 1] = "action: restart failed: " .. err .. "; will retry " .. window
     log(st, head)
     failed.retry = true
     mb.send(mb.self(), { tag = "$supervisor_retry", id = failed.id })
     return st
   end
-  head[#head + 1] = "action:   restarted " .. table.concat(started, ", ") .. " " .. window
+  head[#head + 1] = "action: restarted " .. table.concat(started, ", ") .. " " .. window
   log(st, head)
   return st
 end
@@ -319,9 +324,9 @@ local function child_exited(st, child, reason)
   end
   if not is_normal(reason) then
     log(st, {
-      "child:    " .. show_id(child.id) .. " (" .. tostring(old) .. ")",
-      "exited:   " .. show(reason),
-      "action:   none (" .. child.restart .. ")",
+      "child: " .. show_id(child.id) .. " " .. tostring(old),
+      "reason: " .. reason_text(reason),
+      "action: none (restart = \"" .. child.restart .. "\")",
     })
   end
   if child.restart == "temporary" then remove(st, child) end
@@ -336,7 +341,7 @@ function callbacks.init(spec)
   local st = {
     strategy = spec.strategy, max_restarts = spec.max_restarts, max_seconds = spec.max_seconds,
     children = {}, by_pid = {}, restarts = {},
-    label = tostring(mb.self()) .. (spec.name and (" " .. spec.name) or ""),
+    head = tostring(mb.self()) .. (spec.name and (" registered as " .. spec.name) or ""),
   }
   for _, c in ipairs(spec.children) do
     st.children[#st.children + 1] = c

@@ -1,0 +1,297 @@
+-- The moonbeam command, run as a subprocess: a drop-in for luajit (arg,
+-- options, #!, errors, exit codes), host options, signals, when the host
+-- exits, and Lua modules installed by Debian.
+local mb = require "moonbeam"
+local S = require "spec.support"
+
+local LUAJIT = "/usr/bin/luajit"
+
+-- A script that prints arg from its lowest index, and the script's varargs.
+local DUMP = [[
+local lo = 0
+while arg[lo - 1] ~= nil do lo = lo - 1 end
+for i = lo, #arg do print(i, i == lo and "<interpreter>" or arg[i]) end
+print("interpreter", arg[lo])
+print("varargs", select("#", ...), ...)
+]]
+
+-- Run `args` under both interpreters from directory dir; return both outputs
+-- with the interpreter's own name taken out.
+local function both(dir, args)
+  local c1, o1, e1 = S.sh(LUAJIT .. " " .. args, dir)
+  local c2, o2, e2 = S.moonbeam(args, dir)
+  local function strip(o)
+    return (o:gsub("interpreter\t[^\n]*\n", "")), o:match("interpreter\t([^\n]*)\n")
+  end
+  local s1, i1 = strip(o1)
+  local s2, i2 = strip(o2)
+  return { code = c1, out = s1, err = e1, interp = i1 },
+         { code = c2, out = s2, err = e2, interp = i2 }
+end
+
+describe("the moonbeam command", function()
+  local before, dir
+  setup(function()
+    dir = S.tmpdir()
+    S.write("dump.lua", DUMP, dir)
+  end)
+  teardown(S.cleanup_tmp)
+  before_each(function() before = S.snapshot() end)
+  after_each(function() S.check_clean(before) end)
+
+  it("can be found", function()
+    local f = io.open(S.bin, "rb")
+    assert.is_not_nil(f, "no binary at " .. S.bin)
+    f:close()
+  end)
+
+  describe("sets arg exactly like luajit", function()
+    for _, args in ipairs {
+      "dump.lua a 'b c' ''",
+      "dump.lua",
+      "./dump.lua -x --y",
+      "-e 'X = 1' dump.lua a",
+      "-- dump.lua -e x",
+      "-l lfs dump.lua",
+      "-e 'X = 1' -e 'Y = 2' -- dump.lua 1 2 3",
+    } do
+      it("for: " .. args, function()
+        local lj, m = both(dir, args)
+        assert.are.equal(0, lj.code, lj.err)
+        assert.are.equal(0, m.code, m.err)
+        assert.are.equal(lj.out, m.out)
+        assert.are.equal(LUAJIT, lj.interp)
+        -- The interpreter slot holds the command as it was invoked.
+        assert.are.equal(S.bin, m.interp)
+      end)
+    end
+  end)
+
+  describe("options", function()
+    it("-e runs a chunk", function()
+      local code, out, err = S.moonbeam("-e 'print(1 + 1)'")
+      assert.are.equal(0, code, err)
+      assert.are.equal("2\n", out)
+    end)
+
+    it("-e runs before the script, in the same process", function()
+      local s = S.write("x.lua", "print(X, Y)")
+      local code, out, err = S.moonbeam("-e 'X = 5' -e 'Y = 6' " .. S.q(s))
+      assert.are.equal(0, code, err)
+      assert.are.equal("5\t6\n", out)
+    end)
+
+    it("-l loads a module as luajit does", function()
+      local args = "-l lfs -e 'print(type(lfs), package.loaded.lfs ~= nil)'"
+      local _, expected = S.sh(LUAJIT .. " " .. args)
+      local code, out, err = S.moonbeam(args)
+      assert.are.equal(0, code, err)
+      assert.are.equal(expected, out)
+    end)
+
+    it("-v shows the version and exits 0", function()
+      local code, out, err = S.moonbeam("-v")
+      assert.are.equal(0, code, err)
+      local text = (out .. err):lower()
+      assert.is_truthy(text:find("moonbeam") or text:find("luajit"), out .. err)
+    end)
+
+    it("-h lists the options, including the host's --schedulers", function()
+      local _, out, err = S.moonbeam("-h")
+      local text = out .. err
+      for _, opt in ipairs { "--schedulers", "-e", "-l", "-v", "--" } do
+        assert.is_true(S.has(text, opt), "-h does not mention " .. opt .. ":\n" .. text)
+      end
+    end)
+
+    it("--schedulers N runs the script with its own arguments", function()
+      local s = S.write("s.lua", "print(arg[0], arg[1], #arg)")
+      for _, n in ipairs { "1", "2", "4" } do
+        local code, out, err = S.moonbeam("--schedulers " .. n .. " " .. S.q(s) .. " x")
+        assert.are.equal(0, code, err)
+        assert.are.equal(s .. "\tx\t1\n", out)
+      end
+    end)
+
+    it("a bad --schedulers value is refused", function()
+      local s = S.write("s.lua", "print('ran')")
+      local code, out, err = S.moonbeam("--schedulers abc " .. S.q(s))
+      assert.are_not.equal(0, code)
+      assert.are_not.equal(124, code)
+      assert.is_false(S.has(out, "ran"))
+      assert.is_true(S.has(err, "schedulers"), err)
+    end)
+
+    it("- runs the script from stdin", function()
+      local s = S.write("in.lua", "print(42, ...)")
+      local code, out, err = S.sh(S.q(S.bin) .. " - a b < " .. S.q(s))
+      assert.are.equal(0, code, err)
+      assert.are.equal("42\ta\tb\n", out)
+    end)
+  end)
+
+  describe("scripts", function()
+    it("skip a #! first line", function()
+      local s = S.write("sb.lua", "#!/usr/bin/env moonbeam\nprint('shebang ok')\n")
+      local code, out, err = S.moonbeam(S.q(s))
+      assert.are.equal(0, code, err)
+      assert.are.equal("shebang ok\n", out)
+    end)
+
+    it("that end normally exit 0", function()
+      local s = S.write("ok.lua", "local x = 1")
+      assert.are.equal(0, (S.moonbeam(S.q(s))))
+    end)
+
+    it("that raise an error exit 1 and print it like luajit", function()
+      local s = S.write("err.lua", "local function f() error('boom') end\nf()\n")
+      local code, out, err = S.moonbeam(S.q(s))
+      local _, _, ljerr = S.sh(LUAJIT .. " " .. S.q(s))
+      assert.are.equal(1, code)
+      assert.are.equal("", out)
+      -- luajit: "luajit: <script>:1: boom" then "stack traceback:".
+      assert.is_true(S.has(ljerr, s .. ":1: boom"))
+      assert.is_true(S.has(err, s .. ":1: boom"), err)
+      assert.is_true(S.has(err, "stack traceback:"), err)
+      assert.is_truthy(err:match("^[^\n]*" .. s:gsub("%p", "%%%0") .. ":1: boom"), err)
+    end)
+
+    it("with a syntax error exit 1 with the message", function()
+      local s = S.write("syn.lua", "x = = 1\n")
+      local code, _, err = S.moonbeam(S.q(s))
+      assert.are.equal(1, code)
+      assert.is_true(S.has(err, s .. ":1:"), err)
+    end)
+
+    it("that do not exist exit 1 naming the file", function()
+      local code, _, err = S.moonbeam("/tmp/mbspec-no-such-script.lua")
+      assert.are.equal(1, code)
+      assert.is_true(S.has(err, "mbspec-no-such-script.lua"), err)
+    end)
+
+    it("with an error in -e exit 1", function()
+      local code, _, err = S.moonbeam("-e 'error(\"e boom\")'")
+      assert.are.equal(1, code)
+      assert.is_true(S.has(err, "e boom"), err)
+    end)
+  end)
+
+  describe("exit codes and halting", function()
+    it("os.exit(3) exits 3", function()
+      assert.are.equal(3, (S.moonbeam("-e 'os.exit(3)'")))
+    end)
+
+    it("os.exit(code) in a spawned process halts the host with that code", function()
+      local s = S.write("exit5.lua", [[
+        local mb = require "moonbeam"
+        mb.spawn(function() mb.sleep(20) os.exit(5) end)
+        mb.receive()
+      ]])
+      assert.are.equal(5, (S.moonbeam(S.q(s))))
+    end)
+
+    it("mb.halt(4) exits 4", function()
+      local s = S.write("halt4.lua", [[
+        local mb = require "moonbeam"
+        mb.spawn(function() mb.receive() end)
+        mb.halt(4)
+      ]])
+      assert.are.equal(4, (S.moonbeam(S.q(s))))
+    end)
+
+    for _, sig in ipairs { { "TERM", 143 }, { "INT", 130 } } do
+      it("SIG" .. sig[1] .. " stops the host with exit code " .. sig[2], function()
+        local d = S.tmpdir()
+        local s = S.write("wait.lua", [[
+          local mb = require "moonbeam"
+          for _ = 1, 3 do mb.spawn(function() mb.receive() end) end
+          mb.spawn(function() while true do end end)
+          local f = assert(io.open(arg[1], "w"))
+          f:write("ready")
+          f:close()
+          mb.receive()
+        ]], d)
+        local ready = d .. "/ready"
+        local code, out, err = S.sh(table.concat({
+          S.q(S.bin) .. " " .. S.q(s) .. " " .. S.q(ready) .. " &",
+          "p=$!",
+          "i=0",
+          "while [ ! -e " .. S.q(ready) .. " ] && [ $i -lt 300 ]; do sleep 0.02; i=$((i+1)); done",
+          "kill -" .. sig[1] .. " $p",
+          "wait $p",
+          "echo \"rc=$?\"",
+        }, "\n"))
+        assert.are.equal(0, code, out .. err)
+        assert.are.equal("rc=" .. sig[2] .. "\n", out, err)
+      end)
+    end
+
+    it("the host exits when no process is left, after the first one ended", function()
+      local s = S.write("children.lua", [[
+        local mb = require "moonbeam"
+        for i = 1, 3 do
+          mb.spawn(function(n) mb.sleep(30 * n) print("child " .. n) end, i)
+        end
+      ]])
+      local code, out, err = S.moonbeam(S.q(s))
+      assert.are.equal(0, code, err)
+      assert.are.equal("child 1\nchild 2\nchild 3\n", out)
+    end)
+
+    it("exits 1 when the first process crashed, after the others ended", function()
+      local s = S.write("crash_first.lua", [[
+        local mb = require "moonbeam"
+        mb.spawn(function() mb.sleep(50) print("child done") end)
+        error("first boom")
+      ]])
+      local code, out, err = S.moonbeam(S.q(s))
+      assert.are.equal(1, code)
+      assert.are.equal("child done\n", out)
+      assert.is_true(S.has(err, "first boom"), err)
+    end)
+
+    it("exits 0 when only another process crashed, with a crash report on stderr", function()
+      local s = S.write("crash_child.lua", [[
+        local mb = require "moonbeam"
+        local function inner() error("kaboom in child") end
+        local function outer() inner() end
+        local _, ref = mb.spawn_monitor(function() outer() end)
+        local m = mb.receive(5000)
+        print(m and m.ref == ref and "got DOWN")
+      ]])
+      local code, out, err = S.moonbeam(S.q(s))
+      assert.are.equal(0, code, err)
+      assert.are.equal("got DOWN\n", out)
+      assert.is_true(S.has(err, "kaboom in child"), err)
+      assert.is_true(S.has(err:lower(), "traceback"), err)
+      -- The traceback names the functions the error passed through.
+      assert.is_true(S.has(err, "inner"), err)
+    end)
+  end)
+
+  describe("Lua modules installed by Debian", function()
+    it("C modules (lfs, lpeg) load in a spawned process", function()
+      local _, ref = mb.spawn_monitor(function(parent)
+        local lfs = require "lfs"
+        local lpeg = require "lpeg"
+        mb.send(parent, {
+          debian = true,
+          dir = lfs.currentdir(),
+          match = lpeg.match(lpeg.P("a") ^ 1, "aaab"),
+        })
+      end, mb.self())
+      local m = S.recv(S.field("debian", true))
+      assert.are.equal(require("lfs").currentdir(), m.dir)
+      assert.are.equal(4, m.match)
+      assert.are.equal("normal", S.await_down(ref))
+    end)
+
+    it("C and Lua modules load in the first process of a new host", function()
+      local code, out, err = S.moonbeam(
+        "-e 'print(type(require(\"lpeg\").match), type(require(\"dkjson\").encode), "
+        .. "type(require(\"lfs\").attributes))'")
+      assert.are.equal(0, code, err)
+      assert.are.equal("function\tfunction\tfunction\n", out)
+    end)
+  end)
+end)
