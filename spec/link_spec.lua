@@ -16,6 +16,7 @@ describe("links and monitors", function()
   local before
   before_each(function() before = S.snapshot() end)
   after_each(function() S.check_clean(before) end)
+  teardown(S.cleanup_tmp)
 
   describe("mb.link", function()
     it("an abnormal exit of a linked process kills a process that does not trap exits", function()
@@ -320,6 +321,38 @@ describe("links and monitors", function()
       S.recv(function(m) return m == "looping" end)
       mb.exit(pid, "kill")
       assert.are.equal("killed", S.await_down(ref))
+    end)
+
+    it("'kill' cannot be caught by a pcall around a busy table.sort or load", function()
+      -- If the kill surfaced as an error that user code can catch, the
+      -- process would go on running its own code; it records that in a file
+      -- (host calls such as mb.send may well refuse to work by then).
+      local log = S.tmpdir() .. "/caught"
+      local pid, ref = mb.spawn_monitor(function(parent, path)
+        mb.send(parent, "looping")
+        local t = {}
+        for i = 1, 200 do t[i] = (i * 7919) % 200 end
+        local function slow(a, b) for _ = 1, 300 do end return a < b end
+        local function reader() for _ = 1, 3e5 do end return nil end
+        local function record(what)
+          local f = io.open(path, "a")
+          if f then f:write(tostring(what), "\n") f:close() end
+        end
+        while true do
+          local ok, err = pcall(table.sort, t, slow)
+          if not ok then record(err) end
+          local f, lerr = load(reader)
+          if not f then record(lerr) end
+        end
+      end, mb.self(), log)
+      S.recv(function(m) return m == "looping" end)
+      mb.sleep(20)
+      mb.exit(pid, "kill")
+      assert.are.equal("killed", S.await_down(ref))
+      local f = io.open(log, "r")
+      local caught = f and f:read("*a")
+      if f then f:close() end
+      assert.is_nil(caught, "user code caught the kill: " .. tostring(caught))
     end)
 
     it("to a dead pid does nothing", function()

@@ -1,8 +1,8 @@
 -- examples/kv/flaky.lua: a worker that crashes on purpose.
 --
 -- It writes a heartbeat into the store every interval ms and crashes on its
--- third beat, to show a supervisor restarting it. Spawn it with the interval:
--- mb.spawn_link(flaky, 300).
+-- third beat, to show a supervisor restarting it. It is spawned by module
+-- name with the interval as argument: start = {"flaky", 300} in a child spec.
 local mb = require "moonbeam"
 local server = require "moonbeam.server"
 

@@ -41,6 +41,12 @@ local function show_children(sup)
   end
 end
 
+local function child_pid(sup, id)
+  for _, c in ipairs(supervisor.which_children(sup)) do
+    if c.id == id then return c.pid end
+  end
+end
+
 local sup = assert(supervisor.start({
   name = "kv_sup",
   strategy = "one_for_one",
@@ -82,9 +88,11 @@ if forever then
 end
 
 -- Let flaky crash once and be restarted (it beats every 300 ms).
+local first = child_pid(sup, "flaky")
 mb.sleep(1100)
 say("heartbeat -> %s", tostring(server.call("kv", { op = "get", key = "heartbeat" })))
+say("flaky crashed and was restarted: %s -> %s", tostring(first), tostring(child_pid(sup, "flaky")))
 show_children(sup)
 
 supervisor.stop(sup)
-say("supervisor stopped; %d process(es) left", #mb.processes())
+say("supervisor stopped; processes left: %d (this one)", #mb.processes())
