@@ -678,6 +678,7 @@ static int l_info(lua_State *L)
   mb_pstatus_t st = p->status;
   int dead = p->dead;
   pthread_mutex_unlock(&p->lock);
+  int running = atomic_load_explicit(&p->running, memory_order_relaxed);
   lua_createtable(L, 0, 5);
   lua_pushnumber(L, (lua_Number)atomic_load(&p->alloc.used) + sizeof *p);
   lua_setfield(L, -2, "memory");
@@ -685,7 +686,7 @@ static int l_info(lua_State *L)
   lua_setfield(L, -2, "reductions");
   lua_pushnumber(L, atomic_load(&p->mailbox_len));
   lua_setfield(L, -2, "mailbox");
-  lua_pushstring(L, dead ? "exiting" : st == MB_PS_RUNNING ? "running"
+  lua_pushstring(L, dead ? "exiting" : running ? "running"
                  : st == MB_PS_WAITING ? "waiting" : "runnable");
   lua_setfield(L, -2, "status");
   char name[256];

@@ -310,6 +310,7 @@ int mb_proc_drain(mb_proc_t *p)
     p->in_tail = &p->in_head;
   }
   p->woken = 0;
+  p->timed_out = p->expired;
   pthread_mutex_unlock(&p->lock);
   if (atomic_load(&p->nsignals) == 0)
     return p->exit_reason != NULL;

@@ -48,8 +48,7 @@ enum {
 
 /* Run status, guarded by lock. */
 typedef enum {
-  MB_PS_RUNNABLE,   /* in a run queue */
-  MB_PS_RUNNING,    /* on a scheduler thread now */
+  MB_PS_RUNNABLE,   /* in a run queue, or running (see `running`) */
   MB_PS_WAITING,    /* blocked: in receive, sleep, or I/O */
   MB_PS_EXITING     /* dead; being torn down */
 } mb_pstatus_t;
@@ -114,6 +113,8 @@ typedef struct mb_proc {
   int budget;                  /* reductions left in this slice */
   int recv_match;              /* registry ref of the match function, or 0 */
   mb_wait_t pending_wait;      /* what a MB_YIELD_WAIT waits for */
+  int timed_out;               /* `expired`, as last seen by mb_proc_drain */
+  int recv_result;             /* the scheduler's receive on behalf of it */
   struct mb_timer *wait_timer; /* timer of the current wait, or NULL */
   lua_CFunction boot;          /* set until the first run: see scheduler.c */
   mb_msg_t *boot_msg;          /* what boot decodes (spawn's function, args) */

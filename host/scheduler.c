@@ -212,14 +212,6 @@ int mb_sched_can_yield(mb_proc_t *p, lua_State *L)
   return can_yield(p, L, 1);
 }
 
-int mb_sched_expired(mb_proc_t *p)
-{
-  pthread_mutex_lock(&p->lock);
-  int e = p->expired;
-  pthread_mutex_unlock(&p->lock);
-  return e;
-}
-
 int mb_sched_yield(lua_State *L, mb_yield_t reason)
 {
   mb_proc_of(L)->yield = reason;
@@ -267,40 +259,41 @@ void mb_sched_hook(lua_State *L, lua_Debug *ar)
 
 /* -- Running a slice ------------------------------------------------------ */
 
-static void set_status(mb_proc_t *p, mb_pstatus_t st)
-{
-  pthread_mutex_lock(&p->lock);
-  p->status = st;
-  pthread_mutex_unlock(&p->lock);
-  atomic_store_explicit(&p->running, st == MB_PS_RUNNING, memory_order_relaxed);
-}
-
 /* End the current wait: drop its timer and match function. */
 static void end_wait(mb_proc_t *p)
 {
-  if (p->wait_timer) {
-    mb_timer_wait_done(p->wait_timer);
-    p->wait_timer = NULL;
-  }
   if (p->recv_match) {
     luaL_unref(p->L, LUA_REGISTRYINDEX, p->recv_match);
     p->recv_match = 0;
   }
   p->q_scan = &p->q_head;
-  pthread_mutex_lock(&p->lock);
-  p->wait = MB_WAIT_NONE;
-  p->expired = 0;
-  p->wait_seq++;   /* a late timer of this wait will find no match */
-  pthread_mutex_unlock(&p->lock);
+  p->timed_out = 0;
+  if (p->wait_timer) {
+    mb_timer_wait_done(p->wait_timer);
+    p->wait_timer = NULL;
+    pthread_mutex_lock(&p->lock);
+    p->wait = MB_WAIT_NONE;
+    p->expired = 0;
+    p->wait_seq++;   /* a late timer of this wait will find no match */
+    pthread_mutex_unlock(&p->lock);
+  } else {
+    /* Without a timer only pushers read `wait`, and only while the status
+     * is WAITING, which it is not while the process runs. */
+    p->wait = MB_WAIT_NONE;
+  }
 }
 
+/* Under lua_cpcall on the idle main thread: receive on behalf of p and pass
+ * the message to the suspended body coroutine. lua_cpcall rather than
+ * lua_pcall: no closure is created per wake-up. */
 static int try_receive_cf(lua_State *L)
 {
   mb_proc_t *p = lua_touserdata(L, 1);
   lua_settop(L, 0);
-  int r = mb_lib_try_receive(p, L);
-  lua_pushinteger(L, r);
-  return lua_gettop(L);
+  p->recv_result = mb_lib_try_receive(p, L);
+  if (p->recv_result == 1)
+    lua_xmove(L, p->co, 1);
+  return 0;
 }
 
 /* A waiting process was woken: can its wait end? Returns the number of
@@ -314,33 +307,24 @@ static int finish_wait(mb_proc_t *p)
     /* The receive may call a match function: run it on the idle main
      * thread, protected, never on the suspended coroutine. */
     lua_State *L = p->L;
-    int top = lua_gettop(L);
-    lua_pushcfunction(L, try_receive_cf);
-    lua_pushlightuserdata(L, p);
-    if (lua_pcall(L, 1, LUA_MULTRET, 0) != 0) {
+    if (lua_cpcall(L, try_receive_cf, p) != 0) {
       p->exit_reason = mb_copy_encode(L, -1, 1, "reason", NULL, NULL, 0);
       if (p->exit_reason == NULL)
         p->exit_reason = mb_msg_string("receive failed");
-      lua_settop(L, top);
+      lua_pop(L, 1);
       return -2;
     }
-    int r = (int)lua_tointeger(L, -1);
-    lua_pop(L, 1);
-    if (r < 0) {
-      lua_settop(L, top);
+    if (p->recv_result < 0)
       return -2;
+    if (p->recv_result == 0) {
+      if (!p->timed_out)
+        return -1;
+      lua_pushnil(p->co);
     }
-    if (r == 0 && !mb_sched_expired(p)) {
-      lua_settop(L, top);
-      return -1;
-    }
-    if (r == 0)
-      lua_pushnil(L);
-    lua_xmove(L, p->co, 1);
     end_wait(p);
     return 1;
   }
-  if (p->wait == MB_WAIT_SLEEP && !mb_sched_expired(p))
+  if (p->wait == MB_WAIT_SLEEP && !p->timed_out)
     return -1;
   end_wait(p);
   return 0;
@@ -401,7 +385,7 @@ static void crashed(mb_proc_t *p, int status)
 
 static void run(mb_sched_t *s, mb_proc_t *p)
 {
-  set_status(p, MB_PS_RUNNING);
+  atomic_store_explicit(&p->running, 1, memory_order_relaxed);
   int nargs = 0;
   if (p->boot) {
     nargs = boot(p);
@@ -463,7 +447,7 @@ static void run(mb_sched_t *s, mb_proc_t *p)
       return;
     }
     /* Preempted, mb.yield(), or a bare coroutine.yield() in the body. */
-    set_status(p, MB_PS_RUNNABLE);
+    atomic_store_explicit(&p->running, 0, memory_order_relaxed);
     rq_push(s, p);
     if (atomic_load_explicit(&s->rq_len, memory_order_relaxed) >= 2)
       spread();

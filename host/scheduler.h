@@ -87,8 +87,7 @@ void mb_sched_post(mb_sched_t *s, void (*fn)(void *), void *arg);
  * function called by L (skip_top: ignore L's innermost frame, which is that C
  * function)? See DESIGN. Owner thread. */
 int mb_sched_can_yield(mb_proc_t *p, lua_State *L);
-/* Did the current wait's timer fire? Owner thread. */
-int mb_sched_expired(mb_proc_t *p);
+
 
 /* Yield the running process to its scheduler for reason. Must be called as
  * `return mb_sched_yield(L, reason)` from a C function, after
