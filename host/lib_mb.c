@@ -30,8 +30,16 @@
 static mb_proc_t *self_of(lua_State *L)
 {
   mb_proc_t *p = mb_proc_of(L);
-  if (p->exit_reason)
+  if (p->exit_reason || p->alloc.oom) {
+    if (p->exit_reason == NULL) {
+      p->alloc.limit = 0;   /* room to unwind */
+      p->exit_reason = mb_msg_string("out of memory");
+    }
+    /* Unwind; the hook, now at every instruction, ends the process at the
+     * first safe point even if a pcall catches this. */
+    lua_sethook(L, mb_sched_hook, LUA_MASKCOUNT, 1);
     luaL_error(L, "process is exiting");
+  }
   return p;
 }
 

@@ -10,7 +10,7 @@
 #include "lualib.h"
 #include "scheduler.h"
 
-lua_CFunction mb_lstate_resume_cf, mb_lstate_pcall_cf, mb_lstate_xpcall_cf;
+lua_CFunction mb_lstate_pcall_cf, mb_lstate_xpcall_cf, mb_lstate_load_cf;
 
 /* Registry keys (the addresses are the keys). */
 static char coroutine_key;
@@ -24,6 +24,9 @@ static char pending_key;
  * Like coroutine.resume, but keeps the process's chain of running
  * coroutines (so the hook knows where it may yield) and reports a runtime
  * yield of co as PENDING instead of as an ordinary yield. */
+static int co_resume(lua_State *L);
+lua_CFunction mb_lstate_resume_cf = co_resume;
+
 static int co_resume(lua_State *L)
 {
   lua_State *co = lua_tothread(L, 1);
@@ -138,9 +141,11 @@ static void after_base(lua_State *L)
   if (mb_lstate_pcall_cf == NULL) {
     lua_getfield(L, LUA_GLOBALSINDEX, "pcall");
     lua_getfield(L, LUA_GLOBALSINDEX, "xpcall");
-    mb_lstate_xpcall_cf = lua_tocfunction(L, -1);
-    mb_lstate_pcall_cf = lua_tocfunction(L, -2);
-    lua_pop(L, 2);
+    lua_getfield(L, LUA_GLOBALSINDEX, "load");
+    mb_lstate_load_cf = lua_tocfunction(L, -1);
+    mb_lstate_xpcall_cf = lua_tocfunction(L, -2);
+    mb_lstate_pcall_cf = lua_tocfunction(L, -3);
+    lua_pop(L, 3);
   }
   /* Hide coroutine until asked for, so that only processes that use
    * coroutines pay for the wrappers. */

@@ -38,8 +38,9 @@ void mb_lstate_push_module(lua_State *L);
 /* Address of the C function behind coroutine wrappers' resume, so the
  * scheduler can recognise its frames as safe. */
 extern lua_CFunction mb_lstate_resume_cf;
-/* The C function pointers of pcall and xpcall (LuaJIT fast functions). */
-extern lua_CFunction mb_lstate_pcall_cf, mb_lstate_xpcall_cf;
+/* The C function pointers of pcall and xpcall (LuaJIT fast functions), and
+ * of load (whose reader runs under a C-level protected call). */
+extern lua_CFunction mb_lstate_pcall_cf, mb_lstate_xpcall_cf, mb_lstate_load_cf;
 
 /* Maximal nesting of user coroutines the runtime tracks. */
 #define MB_MAX_COROUTINES 200

@@ -42,6 +42,14 @@ static int crash(lua_State *L)
       : error_text(L, 3);
   luaL_Buffer b;
   if (p->first) {
+    /* As luajit: nothing for a nil error, no traceback for a value that
+     * is not a string and has no __tostring. */
+    if (lua_isnil(L, 3) && !p->alloc.oom)
+      return 0;
+    if (!lua_isstring(L, 3) && !luaL_getmetafield(L, 3, "__tostring")) {
+      fputs("moonbeam: (error object is not a string)\n", stderr);
+      return 0;
+    }
     lua_pushfstring(L, "moonbeam: %s", msg);
   } else {
     luaL_buffinit(L, &b);

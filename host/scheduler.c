@@ -194,6 +194,22 @@ static int frames_ok(lua_State *T, int from)
   return 1;
 }
 
+/* Is the innermost C function on L's stack `load` (running its reader)? */
+static int inside_load(lua_State *L)
+{
+  lua_Debug ar;
+  for (int lvl = 0; lua_getstack(L, lvl, &ar); lvl++) {
+    if (!lua_checkstack(L, 1))
+      return 1;
+    lua_getinfo(L, "f", &ar);
+    lua_CFunction cf = lua_iscfunction(L, -1) ? lua_tocfunction(L, -1) : NULL;
+    lua_pop(L, 1);
+    if (cf)
+      return cf == mb_lstate_load_cf;
+  }
+  return 0;
+}
+
 static int can_yield(mb_proc_t *p, lua_State *L, int skip_top)
 {
   lua_State *top = p->con ? p->costack[p->con - 1] : p->co;
@@ -251,9 +267,18 @@ void mb_sched_hook(lua_State *L, lua_Debug *ar)
   }
   /* Not a safe point: look again soon. A process that must die unwinds
    * with an error until it reaches one (pcall may catch it; the next hook
-   * throws again). */
-  lua_sethook(L, mb_sched_hook, LUA_MASKCOUNT, MB_HOOK_RETRY_INSTRUCTIONS);
-  if (die)
+   * throws again) - except where the error would be caught by a C-level
+   * protected call that lets the process go on: LuaJIT only re-enables
+   * hooks after an error thrown from a hook when it is caught by pcall or
+   * ends a coroutine, so an error caught inside `load` (its reader) would
+   * leave the process with no hook at all, unkillable. */
+  die = die || mb_sched_halting();
+  /* A process that must die checks at every instruction: the safe points
+   * between two C calls (pcall(table.sort, ...) in a loop) are a few
+   * instructions long, and it must not miss them. */
+  lua_sethook(L, mb_sched_hook, LUA_MASKCOUNT,
+              die ? 1 : MB_HOOK_RETRY_INSTRUCTIONS);
+  if (die && !inside_load(L))
     luaL_error(L, "process is exiting");
 }
 

@@ -10,23 +10,41 @@ local ROOT = require("lfs").currentdir()
 
 -- Each preemption case runs in a host of its own: if a busy process could not
 -- be preempted it would hold its scheduler for good, and in the host running
--- these specs that would stop the runner itself. The script starts `busy`
--- processes that run the case's step over and over, waits until each got one
--- step right, then has a ping-pong pair do 20 round trips. Exit code 0: all
--- done; 2: the ping-pong stalled; 3: a step gave a wrong result (or failed).
+-- these specs that would stop the runner itself.
+--
+-- The script starts `busy` processes that run the case's step over and over,
+-- each counting its steps in a file, and waits until each got one step right.
+-- Then a ping-pong pair does ROUNDS round trips, and the script measures how
+-- many steps any busy process completed during one round trip: work, not
+-- time. A step is several scheduler slices of CPU (a slice is some 200,000
+-- VM instructions by default), so a host that preempts at the first safe
+-- point after the slice lets a busy process finish at most a step or two per
+-- turn, and a round trip waits for a couple of turns: a handful of steps.
+-- More than LIMIT means the preemption did not happen when it became safe.
+-- Exit code 0: all done; 2: the ping-pong stalled; 3: a step gave a wrong
+-- result (or raised an error); 4: a busy process ran more than LIMIT steps
+-- during one round trip.
+local ROUNDS, LIMIT = 10, 8
+-- Where the preemption must wait for a C callback to return (cases.deferred),
+-- a step is one uninterruptible C call, and the bound is looser.
+local DEFERRED_LIMIT = 64
 local SCRIPT = [[
-local root, kind, busy = arg[1], arg[2], tonumber(arg[3])
+local root, kind, busy, rounds, limit, dir =
+  arg[1], arg[2], tonumber(arg[3]), tonumber(arg[4]), tonumber(arg[5]), arg[6]
 package.path = root .. "/?.lua;" .. package.path
 local mb = require "moonbeam"
 local step = require("spec.fixtures.preempt_cases")[kind].step
 local me = mb.self()
-for _ = 1, busy do
+for b = 1, busy do
   mb.spawn(function()
-    local first = true
+    local n = 0
     while true do
       local ran, ok, detail = pcall(step)
       if not (ran and ok) then mb.send(me, { bad = tostring(ran and detail or ok) }) return end
-      if first then mb.send(me, "first") first = false end
+      n = n + 1
+      local f = io.open(dir .. "/" .. b, "w")
+      if f then f:write(n) f:close() end
+      if n == 1 then mb.send(me, "first") end
     end
   end)
 end
@@ -41,18 +59,36 @@ end
 for i = 1, busy do
   if check(mb.receive(10000)) == nil then fail(2, "only", i - 1, "busy processes got a step done") end
 end
+local function counts()
+  local c = {}
+  for b = 1, busy do
+    local f = io.open(dir .. "/" .. b)
+    if f then c[b] = tonumber(f:read("*a")) f:close() end
+  end
+  return c
+end
 local echo = mb.spawn(function()
   while true do
     local m = mb.receive()
     mb.send(m.from, m.i)
   end
 end)
-for i = 1, 20 do
+local worst = 0
+for i = 1, rounds do
+  local c0 = counts()
   mb.send(echo, { from = me, i = i })
   if mb.receive(function(x) return x == i end, 5000) == nil then fail(2, "stalled at round", i) end
+  local c1 = counts()
+  for b = 1, busy do
+    if c0[b] and c1[b] and c1[b] - c0[b] > worst then worst = c1[b] - c0[b] end
+  end
+  if worst > limit then
+    fail(4, "a busy process completed", worst, "steps during round trip", i)
+  end
 end
 check(mb.receive(function(m) return type(m) == "table" and m.bad end, 0))
 print("ping-pong done")
+io.stderr:write("at most ", worst, " steps of a busy process per round trip\n")
 os.exit(0)
 ]]
 
@@ -72,12 +108,14 @@ describe("preemption", function()
     describe(host.what, function()
       for _, kind in ipairs(cases.order) do
         local case = cases[kind]
-        it("inside " .. case.desc .. ", results stay right and a ping-pong pair completes", function()
-          local code, out, err = S.moonbeam(host.opts .. S.q(script) .. " " .. S.q(ROOT)
-            .. " " .. kind .. " " .. host.busy, nil, 15)
+        local limit = cases.deferred[kind] and DEFERRED_LIMIT or LIMIT
+        it("inside " .. case.desc .. ": results stay right, and a ping-pong round trip "
+          .. "waits for at most " .. limit .. " steps of a busy process", function()
+          local code, out, err = S.moonbeam(table.concat({ host.opts .. S.q(script), S.q(ROOT),
+            kind, host.busy, ROUNDS, limit, S.q(S.tmpdir()) }, " "), nil, 20)
           assert.are.equal(0, code, "exit code " .. tostring(code)
-            .. (code == 124 and " (stopped after 15 s: the host stalled)" or "") .. "\n" .. out .. err)
-          assert.are.equal("ping-pong done\n", out)
+            .. ((code == 124 or code == 137) and " (stopped after 20 s: the host stalled)" or "") .. "\n" .. out .. err)
+          assert.are.equal("ping-pong done\n", out, err)
         end)
       end
     end)
@@ -109,22 +147,26 @@ describe("preemption", function()
           local m2 = mb.receive(5000)
           return "then " .. tostring(m2)
         end)
-        local a = gen()
-        local b = gen()
-        mb.send(parent, { wrap_result = { a, b } })
+        mb.send(parent, { first = gen() })
+        mb.send(parent, { second = gen() })
       end, mb.self())
-      local function waiting()
-        return S.eventually(function()
+      -- Wait until the process blocks; if it died instead, say why.
+      local function blocks(what)
+        local ok = S.eventually(function()
           local i = mb.info(pid)
-          return i ~= nil and i.status == "waiting"
+          return i == nil or i.status == "waiting"
         end)
+        local down = mb.receive(S.down_of(ref), 0)
+        assert(ok and not down and mb.info(pid),
+          "the process should block in " .. what .. "; it ended with: " .. tostring(down and down.reason))
       end
-      assert.is_true(waiting(), "the process should block in receive")
+      blocks("the first receive")
       mb.send(pid, "x")
-      assert.is_true(waiting(), "the process should block in the second receive")
+      assert.are.equal("got x", S.recv(S.field("first", "got x"), nil, "the first value").first)
+      blocks("the second receive")
       mb.send(pid, "y")
-      local m = S.recv(function(x) return type(x) == "table" and x.wrap_result end)
-      assert.are.same({ "got x", "then y" }, m.wrap_result)
+      local m = S.recv(function(x) return type(x) == "table" and x.second end, nil, "the second value")
+      assert.are.equal("then y", m.second)
       assert.are.equal("normal", S.await_down(ref))
     end)
 
@@ -140,6 +182,8 @@ describe("preemption", function()
         local ok2, v2 = coroutine.resume(co, 21)
         mb.send(parent, { resume_result = { ok1, v1, ok2, v2, coroutine.status(co) } })
       end, mb.self())
+      -- Let it block in receive first.
+      S.eventually(function() local i = mb.info(pid) return i == nil or i.status == "waiting" end)
       mb.send(pid, 41)
       local m = S.recv(function(x) return type(x) == "table" and x.resume_result end)
       assert.are.same({ true, 42, true, 42, "dead" }, m.resume_result)
@@ -169,6 +213,7 @@ describe("preemption", function()
         for i = 1, 4 do out[i] = outer() end
         mb.send(parent, { nested_result = out })
       end, mb.self())
+      S.eventually(function() local i = mb.info(pid) return i == nil or i.status == "waiting" end)
       mb.send(pid, "a")
       mb.send(pid, "b")
       local m = S.recv(function(x) return type(x) == "table" and x.nested_result end)
@@ -177,25 +222,34 @@ describe("preemption", function()
     end)
 
     it("a generator that sleeps between values yields them all, in order", function()
-      local t0 = mb.now()
-      local gen = coroutine.wrap(function()
-        for i = 1, 5 do
-          mb.sleep(5)
-          coroutine.yield(i)
-        end
+      local ok, r = S.probe(function()
+        local t0 = mb.now()
+        local gen = coroutine.wrap(function()
+          for i = 1, 5 do
+            mb.sleep(5)
+            coroutine.yield(i)
+          end
+        end)
+        local got = {}
+        for i = 1, 5 do got[i] = gen() end
+        return got, mb.now() - t0
       end)
-      for i = 1, 5 do assert.are.equal(i, gen()) end
-      assert.is_true(mb.now() - t0 >= 25 - 5)
+      assert.is_true(ok, tostring(r))
+      assert.are.same({ 1, 2, 3, 4, 5 }, r[1])
+      assert.is_true(r[2] >= 25 - 5, "slept " .. tostring(r[2]) .. " ms in all")
     end)
 
     it("a selective receive inside a coroutine leaves the other messages queued", function()
-      mb.send(mb.self(), "first")
-      mb.send(mb.self(), "wanted")
-      local got = coroutine.wrap(function()
-        return mb.receive(function(m) return m == "wanted" end, S.T)
-      end)()
-      assert.are.equal("wanted", got)
-      assert.are.equal("first", mb.receive(0))
+      local ok, r = S.probe(function()
+        mb.send(mb.self(), "first")
+        mb.spawn(function(p) mb.sleep(10) mb.send(p, "wanted") end, mb.self())
+        local got = coroutine.wrap(function()
+          return mb.receive(function(m) return m == "wanted" end, 5000)
+        end)()
+        return got, mb.receive(0)
+      end)
+      assert.is_true(ok, tostring(r))
+      assert.are.same({ "wanted", "first" }, r)
     end)
   end)
 
@@ -210,18 +264,20 @@ describe("preemption", function()
     end)
 
     it("inside a user coroutine does not yield that coroutine", function()
-      local gen = coroutine.wrap(function()
-        mb.yield()
-        coroutine.yield(1)
-        mb.yield()
-        mb.yield()
-        coroutine.yield(2)
-        mb.yield()
-        return 3
+      local ok, r = S.probe(function()
+        local gen = coroutine.wrap(function()
+          mb.yield()
+          coroutine.yield(1)
+          mb.yield()
+          mb.yield()
+          coroutine.yield(2)
+          mb.yield()
+          return 3
+        end)
+        return gen(), gen(), gen()
       end)
-      assert.are.equal(1, gen())
-      assert.are.equal(2, gen())
-      assert.are.equal(3, gen())
+      assert.is_true(ok, tostring(r))
+      assert.are.same({ 1, 2, 3 }, r)
     end)
 
     it("lets another process run on a single scheduler", function()

@@ -173,7 +173,7 @@ end
 
 function S.cleanup_tmp()
   for i, dir in ipairs(tmpdirs) do
-    if dir:match("^/tmp/mbspec%.") then os.execute("rm -rf " .. S.q(dir)) end
+    if dir:match("^/tmp/mbspec%.") then os.execute("rm -rf " .. S.q(dir) .. " 2>/dev/null") end
     tmpdirs[i] = nil
   end
 end
