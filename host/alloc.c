@@ -2,9 +2,19 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include <mimalloc.h>
-
 #include "alloc.h"
+
+/* Sanitizer builds use the C library's allocator, which the sanitizers
+ * intercept: they then see every block's life (ASan: use after free; TSan:
+ * the hand-over of freed memory between threads). */
+#ifdef MB_LIBC_MALLOC
+#define mi_malloc malloc
+#define mi_calloc calloc
+#define mi_realloc realloc
+#define mi_free free
+#else
+#include <mimalloc.h>
+#endif
 
 void *mb_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize)
 {

@@ -32,7 +32,10 @@ static slot_t *chunks[NCHUNKS];
 static pthread_mutex_t stripes[MB_STRIPES];
 static pthread_mutex_t free_lock = PTHREAD_MUTEX_INITIALIZER;
 static uint32_t free_head;   /* 0: empty (slot 0 is never used) */
-static uint32_t next_slot = 1;
+/* Slots below next_slot exist: the chunk holding a slot is allocated before
+ * next_slot passes it (release), so a reader that loads next_slot (acquire)
+ * may index chunks without the lock. */
+static atomic_uint next_slot = 1;
 static atomic_uint live;
 static atomic_uint_fast64_t ref_counter;
 static pthread_once_t table_once = PTHREAD_ONCE_INIT;
@@ -63,10 +66,11 @@ static uint32_t slot_alloc(void)
   if (free_head) {
     i = free_head;
     free_head = slot_at(i)->next_free;
-  } else if (next_slot <= MB_MAX_PROCS) {
-    i = next_slot++;
+  } else if (atomic_load_explicit(&next_slot, memory_order_relaxed) <= MB_MAX_PROCS) {
+    i = atomic_load_explicit(&next_slot, memory_order_relaxed);
     if (chunks[i >> CHUNK_BITS] == NULL)
       chunks[i >> CHUNK_BITS] = mb_calloc(CHUNK_SIZE, sizeof(slot_t));
+    atomic_store_explicit(&next_slot, i + 1, memory_order_release);
   }
   pthread_mutex_unlock(&free_lock);
   return i;
@@ -155,7 +159,7 @@ mb_proc_t *mb_proc_new(size_t max_memory, char *err, size_t errlen)
 mb_proc_t *mb_proc_get(mb_pid_t pid)
 {
   uint32_t i = pid_slot(pid);
-  if (i == 0 || i >= next_slot)
+  if (i == 0 || i >= atomic_load_explicit(&next_slot, memory_order_acquire))
     return NULL;
   pthread_mutex_t *lk = stripe_of(i);
   pthread_mutex_lock(lk);
@@ -192,7 +196,7 @@ unsigned mb_proc_count(void)
 
 void mb_proc_foreach(void (*fn)(mb_proc_t *p, void *ud), void *ud)
 {
-  uint32_t n = next_slot;  /* racy read is fine: a snapshot */
+  uint32_t n = atomic_load_explicit(&next_slot, memory_order_acquire);
   for (uint32_t i = 1; i < n; i++) {
     if (chunks[i >> CHUNK_BITS] == NULL)
       continue;
