@@ -1,6 +1,7 @@
 /* lstate.c: a process's lua_State, with lazily opened libraries and the
  * coroutine wrappers that keep runtime yields transparent (see lstate.h).
  */
+#include <stdlib.h>
 #include <string.h>
 
 #include "lauxlib.h"
@@ -136,17 +137,6 @@ static int os_exit(lua_State *L)
 
 static void after_base(lua_State *L)
 {
-  /* pcall and xpcall are fast functions with fixed addresses: record them
-   * once for the scheduler's safe-point test. */
-  if (mb_lstate_pcall_cf == NULL) {
-    lua_getfield(L, LUA_GLOBALSINDEX, "pcall");
-    lua_getfield(L, LUA_GLOBALSINDEX, "xpcall");
-    lua_getfield(L, LUA_GLOBALSINDEX, "load");
-    mb_lstate_load_cf = lua_tocfunction(L, -1);
-    mb_lstate_xpcall_cf = lua_tocfunction(L, -2);
-    mb_lstate_pcall_cf = lua_tocfunction(L, -3);
-    lua_pop(L, 3);
-  }
   /* Hide coroutine until asked for, so that only processes that use
    * coroutines pay for the wrappers. */
   lua_pushlightuserdata(L, &coroutine_key);
@@ -327,6 +317,24 @@ static int setup(lua_State *L)
   lua_setmetatable(L, -2);
   lua_pop(L, 1);
   return 0;
+}
+
+void mb_lstate_init(void)
+{
+  /* pcall, xpcall and load have the same addresses in every state (LuaJIT
+   * fast functions and library code): record them once, before any thread
+   * starts, for the scheduler's safe-point test. */
+  lua_State *L = luaL_newstate();
+  if (L == NULL)
+    abort();
+  luaopen_base(L);
+  lua_getfield(L, LUA_GLOBALSINDEX, "pcall");
+  mb_lstate_pcall_cf = lua_tocfunction(L, -1);
+  lua_getfield(L, LUA_GLOBALSINDEX, "xpcall");
+  mb_lstate_xpcall_cf = lua_tocfunction(L, -1);
+  lua_getfield(L, LUA_GLOBALSINDEX, "load");
+  mb_lstate_load_cf = lua_tocfunction(L, -1);
+  lua_close(L);
 }
 
 int mb_lstate_new(mb_proc_t *p)

@@ -26,6 +26,9 @@
 
 #include "proc.h"
 
+/* Once, before the schedulers start. */
+void mb_lstate_init(void);
+
 /* Create p->L and p->co for p (owner: p). Returns 0, or -1 when out of
  * memory. Any thread. */
 int mb_lstate_new(mb_proc_t *p);

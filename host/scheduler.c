@@ -421,13 +421,14 @@ static void run(mb_sched_t *s, mb_proc_t *p)
         break;
       pthread_mutex_lock(&p->lock);
       int again = p->in_head != NULL || p->woken;
-      if (!again)
-        p->status = MB_PS_WAITING;
-      pthread_mutex_unlock(&p->lock);
       if (!again) {
+        /* Last touch of p: once unlocked, a waker may run it elsewhere. */
         atomic_store_explicit(&p->running, 0, memory_order_relaxed);
-        return;
+        p->status = MB_PS_WAITING;
       }
+      pthread_mutex_unlock(&p->lock);
+      if (!again)
+        return;
     }
   } else if (must_die(p)) {
     nargs = -2;
@@ -465,8 +466,9 @@ static void run(mb_sched_t *s, mb_proc_t *p)
       p->wait = p->pending_wait;
       int again = p->in_head != NULL || p->woken;
       p->status = again ? MB_PS_RUNNABLE : MB_PS_WAITING;
-      pthread_mutex_unlock(&p->lock);
+      /* Last touch of p unless again: once unlocked, a waker may run it. */
       atomic_store_explicit(&p->running, 0, memory_order_relaxed);
+      pthread_mutex_unlock(&p->lock);
       if (again)
         rq_push(s, p);
       return;
@@ -558,6 +560,7 @@ static int sched_init(mb_sched_t *s, int id)
 int mb_sched_start(const mb_sched_opts_t *opts)
 {
   mb_sched_opts = *opts;
+  mb_lstate_init();
   if (mb_sched_opts.schedulers <= 0) {
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     mb_sched_opts.schedulers = n > 0 ? (int)n : 1;
