@@ -115,6 +115,26 @@ void mb_sched_enqueue(mb_proc_t *p)
     spread();
 }
 
+/* A preempted process goes back to the shortest queue when its own is two
+ * or more longer (see DESIGN in scheduler.h). */
+static void requeue(mb_sched_t *s, mb_proc_t *p)
+{
+  mb_sched_t *to = s;
+  int best = atomic_load_explicit(&s->rq_len, memory_order_relaxed) - 1;
+  for (int i = 0; i < nscheds; i++) {
+    int n = atomic_load_explicit(&scheds[i].rq_len, memory_order_relaxed);
+    if (&scheds[i] != s && n < best) {
+      best = n;
+      to = &scheds[i];
+    }
+  }
+  rq_push(to, p);
+  if (to != s)
+    wake(to);
+  else if (atomic_load_explicit(&s->rq_len, memory_order_relaxed) >= 2)
+    spread();
+}
+
 /* -- Commands and halting ------------------------------------------------- */
 
 static void run_commands(mb_sched_t *s)
@@ -475,9 +495,7 @@ static void run(mb_sched_t *s, mb_proc_t *p)
     }
     /* Preempted, mb.yield(), or a bare coroutine.yield() in the body. */
     atomic_store_explicit(&p->running, 0, memory_order_relaxed);
-    rq_push(s, p);
-    if (atomic_load_explicit(&s->rq_len, memory_order_relaxed) >= 2)
-      spread();
+    requeue(s, p);
     return;
   }
   if (st == 0) {

@@ -22,6 +22,9 @@
  * woke it (locality, as in the BEAM); a sleeping scheduler is woken when
  * its own queue gets work or when a busy scheduler's queue holds more than
  * one process, so that work spreads without waking a core for every message.
+ * Busy schedulers balance when a slice ends: a preempted process goes to a
+ * queue two or more shorter than its own scheduler's, so four busy
+ * processes on two cores do not stay split three to one.
  *
  * Threads: everything in an mb_sched_t is its own thread's, except the run
  * queue (rq_lock), `sleeping` (atomic) and the command list (cmd_lock).
@@ -34,13 +37,14 @@
 #include "proc.h"
 
 /* Budgets. One reduction is about MB_HOOK_INSTRUCTIONS / MB_REDS_PER_HOOK
- * = 100 Lua VM instructions. A slice of 2000 reductions (200,000
- * instructions, roughly 0.2 ms of interpreted Lua) keeps the 1.4 us cost of
- * a hook-driven yield under 1% while bounding how long a busy process holds
- * a core. Sending charges MB_REDS_PER_SEND plus one per 64 bytes copied. */
+ * = 100 Lua VM instructions. A slice of 500 reductions is 50,000
+ * instructions: measured, 0.2 ms of interpreted Lua with the hook on (2000
+ * reductions measured 0.8 ms, which let a ping-pong pair wait tens of ms
+ * behind busy processes). The 1.4 us of a hook-driven yield stays under 1%.
+ * Sending charges MB_REDS_PER_SEND plus one per 64 bytes copied. */
 #define MB_HOOK_INSTRUCTIONS 1000
 #define MB_REDS_PER_HOOK 10
-#define MB_SLICE_REDS 2000
+#define MB_SLICE_REDS 500
 #define MB_REDS_PER_SEND 1
 /* While a preemption waits for a safe point, check again this often. */
 #define MB_HOOK_RETRY_INSTRUCTIONS 100
