@@ -12,8 +12,12 @@
 #include "lauxlib.h"
 #include "pid.h"
 
+/* The userdata's contents. `kind` is the address of the kind's metatable
+ * key: checking it (with the size) recognises a pid or ref without a
+ * metatable lookup, which matters on the send path. */
 typedef struct {
   uint64_t id;
+  const void *kind;
 } idbox_t;
 
 /* Registry keys: the address of each static is unique. */
@@ -81,6 +85,7 @@ static void push_interned(lua_State *L, uint64_t id, void *mtkey, void *inkey,
   lua_pop(L, 1);
   idbox_t *b = lua_newuserdata(L, sizeof *b);
   b->id = id;
+  b->kind = mtkey;
   push_regtable(L, mtkey, tostring, name);
   lua_setmetatable(L, -2);
   lua_pushnumber(L, (lua_Number)id);
@@ -91,13 +96,10 @@ static void push_interned(lua_State *L, uint64_t id, void *mtkey, void *inkey,
 
 static uint64_t test_kind(lua_State *L, int idx, void *mtkey)
 {
-  if (lua_type(L, idx) != LUA_TUSERDATA || !lua_getmetatable(L, idx))
+  if (lua_type(L, idx) != LUA_TUSERDATA || lua_objlen(L, idx) != sizeof(idbox_t))
     return 0;
-  lua_pushlightuserdata(L, mtkey);
-  lua_rawget(L, LUA_REGISTRYINDEX);
-  int same = lua_rawequal(L, -1, -2);
-  lua_pop(L, 2);
-  return same ? ((idbox_t *)lua_touserdata(L, idx))->id : 0;
+  idbox_t *b = lua_touserdata(L, idx);
+  return b->kind == mtkey ? b->id : 0;
 }
 
 void mb_pid_push(lua_State *L, mb_pid_t pid)
