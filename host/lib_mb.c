@@ -123,21 +123,15 @@ static int boot_spawned(lua_State *L)
   return n;
 }
 
-/* Where fn at idx was defined, for crash reports. */
-static char *describe_origin(lua_State *L, int idx)
+/* For crash reports: the module a process was spawned from. (For a
+ * function the report finds where it was defined in the crashed coroutine's
+ * outermost frame, which spares every spawn a lua_getinfo.) */
+static char *module_origin(lua_State *L, int idx)
 {
-  char buf[256];
-  if (lua_type(L, idx) == LUA_TSTRING) {
-    snprintf(buf, sizeof buf, "module '%s'", lua_tostring(L, idx));
-  } else {
-    lua_Debug ar;
-    lua_pushvalue(L, idx);
-    lua_getinfo(L, ">S", &ar);
-    snprintf(buf, sizeof buf, "function at %s:%d", ar.short_src, ar.linedefined);
-  }
-  size_t n = strlen(buf) + 1;
-  char *s = mb_malloc(n);
-  memcpy(s, buf, n);
+  size_t n;
+  const char *name = lua_tolstring(L, idx, &n);
+  char *s = mb_malloc(n + 1);
+  memcpy(s, name, n + 1);
   return s;
 }
 
@@ -172,7 +166,8 @@ static int spawn_common(lua_State *L, int fnidx, const spawn_opts_t *o,
   }
   p->boot = boot_spawned;
   p->boot_msg = m;
-  p->origin = describe_origin(L, fnidx);
+  if (t == LUA_TSTRING)
+    p->origin = module_origin(L, fnidx);
   if (o->name) {
     int rc = mb_reg_register(o->name, p);
     if (rc) {

@@ -16,7 +16,22 @@ static const char *error_text(lua_State *L, int idx)
   return lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, idx));
 }
 
-static void header(luaL_Buffer *b, mb_proc_t *p, const char *what)
+/* "function at src:line" of the body: the outermost frame of T. */
+static void add_body_origin(luaL_Buffer *b, lua_State *T)
+{
+  lua_Debug ar;
+  int lvl = 0;
+  while (lua_getstack(T, lvl + 1, &ar))
+    lvl++;
+  if (!lua_getstack(T, lvl, &ar) || !lua_getinfo(T, "S", &ar))
+    return;
+  char line[300];
+  snprintf(line, sizeof line, " spawned from function at %s:%d",
+           ar.short_src, ar.linedefined);
+  luaL_addstring(b, line);
+}
+
+static void header(luaL_Buffer *b, mb_proc_t *p, lua_State *T, const char *what)
 {
   char line[256];
   snprintf(line, sizeof line, "=%s==== <0.%" PRIu64 ".%" PRIu64 ">", what,
@@ -27,8 +42,11 @@ static void header(luaL_Buffer *b, mb_proc_t *p, const char *what)
     luaL_addstring(b, p->name);
   }
   if (p->origin) {
-    luaL_addstring(b, " spawned from ");
+    luaL_addstring(b, " spawned from module '");
     luaL_addstring(b, p->origin);
+    luaL_addchar(b, '\'');
+  } else if (T != p->L) {
+    add_body_origin(b, T);
   }
   luaL_addchar(b, '\n');
 }
@@ -53,7 +71,7 @@ static int crash(lua_State *L)
     lua_pushfstring(L, "moonbeam: %s", msg);
   } else {
     luaL_buffinit(L, &b);
-    header(&b, p, "CRASH REPORT");
+    header(&b, p, T, "CRASH REPORT");
     luaL_addstring(&b, "reason: ");
     luaL_addstring(&b, msg);
     luaL_pushresult(&b);
