@@ -253,19 +253,47 @@ static int l_is_pid(lua_State *L)
   return 1;
 }
 
-/* mb.send(dest, msg) */
+/* mb.send(dest, msg[, alias]) */
 static int l_send(lua_State *L)
 {
   mb_proc_t *p = self_of(L);
   mb_pid_t dest = check_dest(L, 1, "send");
   if (lua_isnoneornil(L, 2))
     return luaL_error(L, "send: nil is not a valid message");
+  mb_ref_t alias = 0;
+  if (!lua_isnoneornil(L, 3) && (alias = mb_ref_test(L, 3)) == 0)
+    return luaL_error(L, "bad argument #3 to 'send' (alias (a ref) expected, got %s)",
+                      luaL_typename(L, 3));
   mb_msg_t *m = encode_or_raise(L, 2, "send", "msg");
   p->budget -= MB_REDS_PER_SEND + (int)(m->len / 64);
   m->kind = MB_MSG_USER;
   m->from = p->pid;
+  m->ref = alias;
   mb_proc_send(dest, m);
   return 0;
+}
+
+/* mb.alias([ref]) -> ref: messages sent with it are received until unalias */
+static int l_alias(lua_State *L)
+{
+  mb_proc_t *p = self_of(L);
+  mb_ref_t ref = lua_isnoneornil(L, 1) ? mb_proc_newref() : mb_ref_test(L, 1);
+  if (ref == 0)
+    return luaL_typerror(L, 1, "ref");
+  mb_proc_alias(p, ref);
+  mb_ref_push(L, ref);
+  return 1;
+}
+
+/* mb.unalias(ref) -> boolean (whether it was active) */
+static int l_unalias(lua_State *L)
+{
+  mb_proc_t *p = self_of(L);
+  mb_ref_t ref = mb_ref_test(L, 1);
+  if (ref == 0)
+    return luaL_typerror(L, 1, "ref");
+  lua_pushboolean(L, mb_proc_unalias(p, ref));
+  return 1;
 }
 
 void mb_lib_push_msg(lua_State *L, const mb_msg_t *m)
@@ -315,6 +343,10 @@ int mb_lib_try_receive(mb_proc_t *p, lua_State *L)
     return -1;
   for (mb_msg_t **pm = p->q_scan; *pm; ) {
     mb_msg_t *m = *pm;
+    if (m->kind == MB_MSG_USER && m->ref && !mb_proc_has_alias(p, m->ref)) {
+      unlink_msg(p, pm);   /* sent through an alias that is gone */
+      continue;
+    }
     p->recv_bad = m;
     mb_lib_push_msg(L, m);
     p->recv_bad = NULL;
@@ -728,6 +760,8 @@ static const luaL_Reg funcs[] = {
   {"self", l_self},
   {"is_pid", l_is_pid},
   {"send", l_send},
+  {"alias", l_alias},
+  {"unalias", l_unalias},
   {"receive", l_receive},
   {"sleep", l_sleep},
   {"yield", l_yield},

@@ -118,6 +118,7 @@ static void proc_free(mb_proc_t *p)
   linkset_free(&p->links);
   linkset_free(&p->watchers);
   linkset_free(&p->monitoring);
+  linkset_free(&p->aliases);
   mb_free(p->origin);
   pthread_mutex_destroy(&p->lock);
   mb_free(p);
@@ -187,11 +188,6 @@ static void table_remove(mb_proc_t *p)
   slot_at(i)->p = NULL;
   pthread_mutex_unlock(lk);
   slot_release(i);
-}
-
-unsigned mb_proc_count(void)
-{
-  return atomic_load(&live);
 }
 
 void mb_proc_foreach(void (*fn)(mb_proc_t *p, void *ud), void *ud)
@@ -290,6 +286,27 @@ static int linkset_has(const mb_linkset_t *s, mb_pid_t pid)
 {
   for (uint32_t i = 0; i < s->n; i++)
     if (s->v[i].pid == pid)
+      return 1;
+  return 0;
+}
+
+/* -- Aliases (owner-only) ------------------------------------------------ */
+
+void mb_proc_alias(mb_proc_t *p, mb_ref_t ref)
+{
+  if (!mb_proc_has_alias(p, ref))
+    linkset_add(&p->aliases, 0, ref);
+}
+
+int mb_proc_unalias(mb_proc_t *p, mb_ref_t ref)
+{
+  return linkset_del(&p->aliases, 0, ref);
+}
+
+int mb_proc_has_alias(const mb_proc_t *p, mb_ref_t ref)
+{
+  for (uint32_t i = 0; i < p->aliases.n; i++)
+    if (p->aliases.v[i].ref == ref)
       return 1;
   return 0;
 }

@@ -42,8 +42,7 @@ enum {
   MB_MSG_USER = 0,  /* a message sent with mb.send */
   MB_MSG_EXIT,      /* exit signal: from = sender, value = reason */
   MB_MSG_KILL,      /* untrappable exit signal (mb.exit(pid, "kill")) */
-  MB_MSG_DOWN,      /* monitor fired: from = dead pid, ref, value = reason */
-  MB_MSG_TIMEOUT    /* never queued: marks a receive that timed out */
+  MB_MSG_DOWN       /* monitor fired: from = dead pid, ref, value = reason */
 };
 
 /* Run status, guarded by lock. */
@@ -106,6 +105,7 @@ typedef struct mb_proc {
   mb_msg_t **q_scan;           /* selective receive: next message to test */
   mb_msg_t *recv_bad;          /* a message whose rebuilding raised */
   mb_linkset_t monitoring;     /* monitors this process holds: {target, ref} */
+  mb_linkset_t aliases;        /* active aliases: {0, ref} (see mb.alias) */
   mb_yield_t yield;            /* reason of the pending runtime yield */
   lua_State **costack;         /* user coroutines running inside co */
   int con, cocap;
@@ -178,11 +178,17 @@ void mb_proc_exit_signal(mb_pid_t pid, mb_pid_t from, mb_msg_t *reason, int kill
  * reference. */
 void mb_proc_exit(mb_proc_t *p, mb_msg_t *reason);
 
+/* Aliases, owner thread only: a user message sent with an alias (its ref
+ * field) is received only while the alias is active; once the receiver
+ * drops the alias, such messages are discarded unseen, whenever they came.
+ * This is what lets a call that timed out never see a late reply. */
+void mb_proc_alias(mb_proc_t *p, mb_ref_t ref);
+int mb_proc_unalias(mb_proc_t *p, mb_ref_t ref);
+int mb_proc_has_alias(const mb_proc_t *p, mb_ref_t ref);
+
 /* A new unique ref. Any thread. */
 mb_ref_t mb_proc_newref(void);
 
-/* Number of live processes. */
-unsigned mb_proc_count(void);
 /* Call fn for every live process (with a reference held during the call). */
 void mb_proc_foreach(void (*fn)(mb_proc_t *p, void *ud), void *ud);
 /* Free every remaining process; only when all schedulers have stopped. */

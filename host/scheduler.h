@@ -87,11 +87,10 @@ uv_loop_t *mb_sched_loop(mb_sched_t *s);
 /* Run fn(arg) on s's thread soon (from its loop). Any thread. */
 void mb_sched_post(mb_sched_t *s, void (*fn)(void *), void *arg);
 
-/* Is it safe for the running process p to yield its body coroutine from a C
- * function called by L (skip_top: ignore L's innermost frame, which is that C
- * function)? See DESIGN. Owner thread. */
+/* Is it safe for the running process p to yield its body coroutine from the
+ * C function now running in L (that function's own frame is not counted)?
+ * See DESIGN. Owner thread. */
 int mb_sched_can_yield(mb_proc_t *p, lua_State *L);
-
 
 /* Yield the running process to its scheduler for reason. Must be called as
  * `return mb_sched_yield(L, reason)` from a C function, after

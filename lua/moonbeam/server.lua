@@ -16,20 +16,11 @@
 --
 -- Calls and late replies. A call that times out must never leave its reply
 -- behind: the caller may receive() later and would find a reply it no longer
--- expects. Erlang solves this with process aliases; we have no aliases, so a
--- call with a finite timeout goes through a short-lived intermediary process
--- (the proxy). The proxy monitors the server and the caller, sends the
--- request with itself as the reply address, waits for the reply or the
--- server's DOWN, forwards the outcome to the caller and exits. On timeout the
--- caller kills the proxy and waits for the proxy's DOWN. Messages between two
--- processes stay in order and the DOWN is sent after anything the proxy sent,
--- so once the DOWN is received every forwarded result is already queued and
--- is flushed; from then on the server's late reply goes to a dead pid and is
--- dropped by the runtime. The proxy exits when the caller dies, so it never
--- outlives the call. Cost: one spawn and one extra copy of the request and
--- reply per call. A call with timeout math.huge cannot time out, so it skips
--- the proxy and talks to the server directly (the reply carries the monitor
--- ref; the DOWN of the server ends the wait).
+-- expects. As in Erlang, the call's monitor ref doubles as a process alias
+-- (mb.alias): the server sends the reply through it, and once the caller
+-- drops the alias (on timeout, or when the reply came) the runtime discards
+-- any message sent through it, even one already queued. The server's DOWN
+-- ends the wait when it dies during the call.
 --
 -- Crashes. An error in a callback ends the server: it prints one report block
 -- to stderr (pid, name, the last message handled, the state, the error and
@@ -37,7 +28,7 @@
 -- exit reason, so links and monitors (and supervisors) see it.
 --
 -- Most functions here run in other processes: spawn copies the server's
--- body and the call intermediary, with every upvalue, into each new process.
+-- body, with every upvalue, into each new process.
 -- So unlike other modules this one reads standard functions as globals
 -- instead of caching them in locals at the top: each cached local would be
 -- one more upvalue to encode and resolve again on every spawn.
@@ -47,9 +38,9 @@ local server = {}
 
 -- The default timeout of server.call and server.stop, in milliseconds.
 local DEFAULT_TIMEOUT = 5000
--- How long the caller waits for a proxy it killed to report DOWN. The kill
+-- How long to wait for the DOWN of a process that was killed. The kill
 -- cannot be trapped, so this only guards against a runtime bug.
-local PROXY_KILL_WAIT = 5000
+local KILL_WAIT = 5000
 -- Limits of the value printer used in reports: characters and nesting.
 local SHOW_MAX_CHARS = 400
 local SHOW_MAX_DEPTH = 4
@@ -211,7 +202,7 @@ local function describe(msg)
 end
 
 local function send_reply(from, value)
-  mb.send(from.pid, { tag = "$reply", ref = from.ref, value = value })
+  mb.send(from.pid, { tag = "$reply", ref = from.ref, value = value }, from.ref)
 end
 
 -- Handles one message; runs under xpcall. Returns a stop reason or nil.
@@ -434,7 +425,7 @@ function server.start(callbacks, arg, opts)
     mb.unlink(pid)
   end
   if msg == nil or msg.event ~= "DOWN" then
-    if receive(down_of(ref), PROXY_KILL_WAIT) == nil then
+    if receive(down_of(ref), KILL_WAIT) == nil then
       mb.exit(pid, "kill")
       mb.demonitor(ref)
     end
@@ -446,24 +437,6 @@ function server.start(callbacks, arg, opts)
 end
 
 -- -- Calling --------------------------------------------------------------
-
--- The body of a call's intermediary process (see DESIGN). Keep it small:
--- it is copied into every proxy, and its only upvalues are mb and type.
-local function call_proxy(caller, pid, req)
-  local me = mb.self()
-  local cref = mb.monitor(caller)
-  local sref = mb.monitor(pid)
-  mb.send(pid, { tag = "$call", from = { pid = me, ref = sref }, req = req })
-  local m = mb.receive(function(m)
-    return type(m) == "table" and (m.ref == sref or (m.ref == cref and m.event == "DOWN"))
-  end)
-  if m.ref == cref then return end
-  if m.event == "DOWN" then
-    mb.send(caller, { tag = "$result", proxy = me, down = true, reason = m.reason })
-  else
-    mb.send(caller, { tag = "$result", proxy = me, value = m.value })
-  end
-end
 
 local function call_failed(fname, pid, req, reason)
   if reason == "noproc" then
@@ -481,48 +454,27 @@ function server.call(dest, req, timeout)
   local me = mb.self()
   if pid == me then error("server.call: a process cannot call itself (deadlock)", 2) end
 
-  if timeout == math.huge then
-    local ref = mb.monitor(pid)
-    local ok, err = pcall(mb.send, pid, { tag = "$call", from = { pid = me, ref = ref }, req = req })
-    if not ok then
-      mb.demonitor(ref)
-      flush(down_of(ref))
-      error("server.call: cannot send the request: " .. tostring(err), 2)
-    end
-    local m = mb.receive(function(m)
-      return type(m) == "table" and m.ref == ref and (m.tag == "$reply" or m.event == "DOWN")
-    end)
-    if m.event == "DOWN" then error(call_failed("server.call", pid, req, m.reason), 2) end
-    mb.demonitor(ref)
-    flush(down_of(ref))
-    return m.value
+  local ref = mb.monitor(pid)
+  mb.alias(ref)
+  local function done()
+    mb.unalias(ref)
+    mb.demonitor(ref, true)
   end
-
-  local ok, proxy, pref = pcall(mb.spawn_monitor, call_proxy, me, pid, req)
-  if not ok then error("server.call: cannot send the request: " .. tostring(proxy), 2) end
-  local function from_proxy(m)
-    return type(m) == "table" and m.tag == "$result" and m.proxy == proxy
+  local ok, err = pcall(mb.send, pid, { tag = "$call", from = { pid = me, ref = ref }, req = req })
+  if not ok then
+    done()
+    error("server.call: cannot send the request: " .. tostring(err), 2)
   end
   local m = mb.receive(function(m)
-    return type(m) == "table" and ((m.tag == "$result" and m.proxy == proxy)
-                                   or (m.event == "DOWN" and m.ref == pref))
-  end, timeout)
-  if m == nil or m.event == "DOWN" then
-    if m == nil then
-      mb.exit(proxy, "kill")
-      if mb.receive(down_of(pref), PROXY_KILL_WAIT) == nil then mb.demonitor(pref) end
-    end
-    flush(from_proxy)
-    if m == nil then
-      error("server.call: timeout after " .. timeout .. " ms waiting for "
-            .. tostring(dest) .. (dest ~= pid and (" (" .. tostring(pid) .. ")") or "")
-            .. " to answer " .. show(req), 2)
-    end
-    error("server.call: the call's intermediary process exited: " .. reason_text(m.reason), 2)
+    return type(m) == "table" and m.ref == ref and (m.tag == "$reply" or m.event == "DOWN")
+  end, timeout ~= math.huge and timeout or nil)
+  done()
+  if m == nil then
+    error("server.call: timeout after " .. timeout .. " ms waiting for "
+          .. tostring(dest) .. (dest ~= pid and (" (" .. tostring(pid) .. ")") or "")
+          .. " to answer " .. show(req), 2)
   end
-  mb.demonitor(pref)
-  flush(down_of(pref))
-  if m.down then error(call_failed("server.call", pid, req, m.reason), 2) end
+  if m.event == "DOWN" then error(call_failed("server.call", pid, req, m.reason), 2) end
   return m.value
 end
 
