@@ -8,6 +8,9 @@
 /* luaopen for require "moonbeam": pushes the module table. */
 int mb_lib_open(lua_State *L);
 
+/* luaopen for require "moonbeam.fs" (lib_fs.c). */
+int mb_lib_fs_open(lua_State *L);
+
 /* Halt the host with code and stop the calling process; use as
  * `return mb_lib_halt(L, code)` from a C function. */
 int mb_lib_halt(lua_State *L, int code);

@@ -186,6 +186,8 @@ static void after_package(lua_State *L)
   lua_getfield(L, -1, "preload");
   lua_pushcfunction(L, mb_lib_open);
   lua_setfield(L, -2, "moonbeam");
+  lua_pushcfunction(L, mb_lib_fs_open);
+  lua_setfield(L, -2, "moonbeam.fs");
   lua_pushcfunction(L, luaopen_ffi);
   lua_setfield(L, -2, "ffi");
   lua_pushcfunction(L, luaopen_string_buffer);

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "lauxlib.h"
+#include "io.h"
 #include "lstate.h"
 #include "proc.h"
 #include "reg.h"
@@ -115,6 +116,8 @@ static void proc_free(mb_proc_t *p)
     mb_msg_free(p->exit_reason);
   if (p->boot_msg)
     mb_msg_free(p->boot_msg);
+  if (p->io_done)
+    mb_io_free(p->io_done);
   linkset_free(&p->links);
   linkset_free(&p->watchers);
   linkset_free(&p->monitoring);
@@ -535,6 +538,11 @@ static void shutdown_one(mb_proc_t *p, void *ud)
 void mb_proc_shutdown(void)
 {
   mb_proc_foreach(shutdown_one, NULL);
+}
+
+void mb_proc_table_free(void)
+{
+  atomic_store(&next_slot, 1);   /* every lookup fails from now on */
   for (uint32_t c = 0; c < NCHUNKS; c++) {
     mb_free(chunks[c]);
     chunks[c] = NULL;

@@ -56,7 +56,8 @@ typedef enum {
 typedef enum {
   MB_WAIT_NONE,
   MB_WAIT_RECV,     /* receive: any message or signal wakes it */
-  MB_WAIT_SLEEP     /* sleep: only its timer or an exit signal wakes it */
+  MB_WAIT_SLEEP,    /* sleep: only its timer or an exit signal wakes it */
+  MB_WAIT_IO        /* an operation on the thread pool (io.h) */
 } mb_wait_t;
 
 /* Why the body coroutine yielded to the scheduler (owner-only). */
@@ -94,7 +95,8 @@ typedef struct mb_proc {
   mb_wait_t wait;
   int woken;                 /* a timer fired or a signal came while not WAITING */
   int expired;               /* the current wait's timer fired */
-  uint32_t wait_seq;         /* numbers each timed wait, for its timer */
+  uint32_t wait_seq;         /* numbers each wait, for its timer or I/O */
+  struct mb_io_req *io_done; /* the finished operation of an MB_WAIT_IO */
   int dead;                  /* no more links or monitors may be added */
   mb_msg_t *in_head, **in_tail;
   mb_linkset_t links;        /* pids linked to this process */
@@ -115,6 +117,7 @@ typedef struct mb_proc {
   mb_wait_t pending_wait;      /* what a MB_YIELD_WAIT waits for */
   int timed_out;               /* `expired`, as last seen by mb_proc_drain */
   int recv_result;             /* the scheduler's receive on behalf of it */
+  struct mb_io_req *io_req;    /* the operation whose results are pushed now */
   struct mb_timer *wait_timer; /* timer of the current wait, or NULL */
   lua_CFunction boot;          /* set until the first run: see scheduler.c */
   mb_msg_t *boot_msg;          /* what boot decodes (spawn's function, args) */
@@ -193,6 +196,9 @@ mb_ref_t mb_proc_newref(void);
 void mb_proc_foreach(void (*fn)(mb_proc_t *p, void *ud), void *ud);
 /* Free every remaining process; only when all schedulers have stopped. */
 void mb_proc_shutdown(void);
+/* Free the table itself: after the loops are closed (a thread-pool
+ * completion may still look a pid up while they close). */
+void mb_proc_table_free(void);
 
 /* Called when the last process has died (set by the scheduler). */
 extern void (*mb_proc_on_empty)(void);

@@ -7,6 +7,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "io.h"
 #include "lauxlib.h"
 #include "lib.h"
 #include "lstate.h"
@@ -313,8 +314,9 @@ static void end_wait(mb_proc_t *p)
   }
   p->q_scan = &p->q_head;
   p->timed_out = 0;
-  if (p->wait_timer) {
-    mb_timer_wait_done(p->wait_timer);
+  if (p->wait_timer || p->wait == MB_WAIT_IO) {
+    if (p->wait_timer)
+      mb_timer_wait_done(p->wait_timer);
     p->wait_timer = NULL;
     pthread_mutex_lock(&p->lock);
     p->wait = MB_WAIT_NONE;
@@ -322,8 +324,8 @@ static void end_wait(mb_proc_t *p)
     p->wait_seq++;   /* a late timer of this wait will find no match */
     pthread_mutex_unlock(&p->lock);
   } else {
-    /* Without a timer only pushers read `wait`, and only while the status
-     * is WAITING, which it is not while the process runs. */
+    /* Without a timer or I/O only pushers read `wait`, and only while the
+     * status is WAITING, which it is not while the process runs. */
     p->wait = MB_WAIT_NONE;
   }
 }
@@ -339,6 +341,41 @@ static int try_receive_cf(lua_State *L)
   if (p->recv_result == 1)
     lua_xmove(L, p->co, 1);
   return 0;
+}
+
+/* Under lua_cpcall on the main thread: push an operation's results and
+ * pass them to the suspended body coroutine. */
+static int push_io_cf(lua_State *L)
+{
+  mb_proc_t *p = lua_touserdata(L, 1);
+  lua_settop(L, 0);
+  p->recv_result = p->io_req->push(L, p->io_req);
+  lua_xmove(L, p->co, p->recv_result);
+  return 0;
+}
+
+/* An MB_WAIT_IO: resume with the operation's results once it is done. */
+static int finish_io(mb_proc_t *p)
+{
+  pthread_mutex_lock(&p->lock);
+  mb_io_req_t *req = p->io_done;
+  p->io_done = NULL;
+  pthread_mutex_unlock(&p->lock);
+  if (req == NULL)
+    return -1;
+  p->io_req = req;
+  int rc = lua_cpcall(p->L, push_io_cf, p);
+  p->io_req = NULL;
+  mb_io_free(req);
+  if (rc != 0) {
+    p->exit_reason = mb_copy_encode(p->L, -1, 1, "reason", NULL, NULL, 0);
+    if (p->exit_reason == NULL)
+      p->exit_reason = mb_msg_string("out of memory");
+    lua_pop(p->L, 1);
+    return -2;
+  }
+  end_wait(p);
+  return p->recv_result;
 }
 
 /* A waiting process was woken: can its wait end? Returns the number of
@@ -369,6 +406,8 @@ static int finish_wait(mb_proc_t *p)
     end_wait(p);
     return 1;
   }
+  if (p->wait == MB_WAIT_IO)
+    return finish_io(p);
   if (p->wait == MB_WAIT_SLEEP && !p->timed_out)
     return -1;
   end_wait(p);
@@ -635,6 +674,7 @@ int mb_sched_wait(void)
     pthread_mutex_destroy(&s->cmd_lock);
   }
   self = NULL;
+  mb_proc_table_free();
   mb_free(scheds);
   return atomic_load(&exit_code);
 }

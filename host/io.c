@@ -1,0 +1,83 @@
+/* io.c: blocking operations on libuv's thread pool (see io.h). */
+#include <string.h>
+
+#include "io.h"
+#include "scheduler.h"
+
+mb_io_req_t *mb_io_new(size_t size, mb_io_work_fn run, mb_io_push_fn push)
+{
+  mb_io_req_t *req = mb_calloc(1, size < sizeof *req ? sizeof *req : size);
+  req->run = run;
+  req->push = push;
+  return req;
+}
+
+void mb_io_free(mb_io_req_t *req)
+{
+  if (req->free)
+    req->free(req);
+  mb_free(req->path);
+  mb_free(req->path2);
+  mb_free(req->data);
+  mb_free(req);
+}
+
+static void on_work(uv_work_t *w)
+{
+  mb_io_req_t *req = w->data;
+  req->run(req);
+}
+
+/* On the loop's thread: hand the result to its process, if it still waits
+ * for it (the same wait), else drop it. */
+static void on_done(uv_work_t *w, int status)
+{
+  mb_io_req_t *req = w->data;
+  if (status == UV_ECANCELED)
+    req->err = status;
+  mb_proc_t *p = mb_proc_get(req->pid);
+  int taken = 0, wake = 0;
+  if (p) {
+    pthread_mutex_lock(&p->lock);
+    if (p->wait_seq == req->seq && p->io_done == NULL && !p->dead) {
+      p->io_done = req;
+      taken = 1;
+      if (p->status == MB_PS_WAITING) {
+        p->status = MB_PS_RUNNABLE;
+        wake = 1;
+      } else {
+        p->woken = 1;   /* it has not finished yielding yet */
+      }
+    }
+    pthread_mutex_unlock(&p->lock);
+    if (wake)
+      mb_sched_enqueue(p);
+    mb_proc_unref(p);
+  }
+  if (!taken)
+    mb_io_free(req);
+}
+
+int mb_io_start(mb_proc_t *p, mb_io_req_t *req)
+{
+  pthread_mutex_lock(&p->lock);
+  req->seq = p->wait_seq;
+  p->io_done = NULL;
+  pthread_mutex_unlock(&p->lock);
+  req->pid = p->pid;
+  req->work.data = req;
+  p->pending_wait = MB_WAIT_IO;
+  int rc = uv_queue_work(mb_sched_loop(mb_sched_self()), &req->work, on_work, on_done);
+  if (rc) {
+    mb_io_free(req);
+    return rc;
+  }
+  return 0;
+}
+
+int mb_io_finish(lua_State *L, mb_io_req_t *req)
+{
+  int n = req->push(L, req);
+  mb_io_free(req);
+  return n;
+}

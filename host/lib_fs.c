@@ -1,0 +1,366 @@
+/* lib_fs.c: the `moonbeam.fs` Lua module - files without blocking a
+ * scheduler thread.
+ *
+ * Each call runs its POSIX calls on libuv's thread pool (io.h) while the
+ * calling process waits, so other processes keep their scheduler. Expected
+ * failures (no such file, permission denied) return nil, "path: message",
+ * errno-name; misuse (a wrong argument type) raises. These functions block
+ * the calling process and so, like receive, cannot be called from inside a
+ * C callback such as a table.sort comparator.
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "io.h"
+#include "lauxlib.h"
+#include "lib.h"
+#include "scheduler.h"
+
+/* A file larger than this is refused by read_file (use a stream instead). */
+#define MB_FS_MAX_READ ((size_t)1 << 30)
+
+static char *dupstr(const char *s, size_t n)
+{
+  char *d = mb_malloc(n + 1);
+  memcpy(d, s, n);
+  d[n] = '\0';
+  return d;
+}
+
+/* Push nil, "path: message", "ENAME" for req->err. */
+static int push_error(lua_State *L, mb_io_req_t *req)
+{
+  lua_pushnil(L);
+  lua_pushfstring(L, "%s: %s", req->path, uv_strerror(req->err));
+  lua_pushstring(L, uv_err_name(req->err));
+  return 3;
+}
+
+/* Start req for the caller and block it; the scheduler resumes it with the
+ * results of req->push. */
+static int run_op(lua_State *L, mb_io_req_t *req, const char *fname)
+{
+  mb_proc_t *p = mb_proc_of(L);
+  if (!mb_sched_can_yield(p, L)) {
+    mb_io_free(req);
+    return luaL_error(L, "%s: cannot block here (called through a C function "
+                      "such as table.sort, string.gsub or require)", fname);
+  }
+  int rc = mb_io_start(p, req);
+  if (rc)
+    return luaL_error(L, "%s: %s", fname, uv_strerror(rc));
+  return mb_sched_yield(L, MB_YIELD_WAIT);
+}
+
+static mb_io_req_t *new_req(lua_State *L, mb_io_work_fn run, mb_io_push_fn push,
+                            const char *fname)
+{
+  size_t n;
+  const char *path = luaL_checklstring(L, 1, &n);
+  if (n == 0 || memchr(path, '\0', n))
+    luaL_error(L, "bad argument #1 to '%s' (a non-empty path without zero bytes expected)",
+               fname);
+  mb_io_req_t *req = mb_io_new(sizeof *req, run, push);
+  req->path = dupstr(path, n);
+  return req;
+}
+
+/* -- read_file ------------------------------------------------------------ */
+
+static void read_work(mb_io_req_t *req)
+{
+  int fd = open(req->path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    req->err = -errno;
+    return;
+  }
+  struct stat st;
+  size_t cap = fstat(fd, &st) == 0 && st.st_size > 0 ? (size_t)st.st_size + 1 : 4096;
+  if (cap > MB_FS_MAX_READ) {
+    req->err = UV_EFBIG;
+    close(fd);
+    return;
+  }
+  char *buf = mb_malloc(cap);
+  size_t len = 0;
+  for (;;) {
+    if (len == cap) {
+      if (cap >= MB_FS_MAX_READ) {
+        req->err = UV_EFBIG;
+        break;
+      }
+      cap *= 2;
+      buf = mb_realloc(buf, cap);
+    }
+    ssize_t r = read(fd, buf + len, cap - len);
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r < 0) {
+      req->err = -errno;
+      break;
+    }
+    if (r == 0)
+      break;
+    len += (size_t)r;
+  }
+  close(fd);
+  req->data = buf;
+  req->len = len;
+}
+
+static int read_push(lua_State *L, mb_io_req_t *req)
+{
+  if (req->err)
+    return push_error(L, req);
+  lua_pushlstring(L, req->data, req->len);
+  return 1;
+}
+
+/* fs.read_file(path) -> data | nil, err, code */
+static int l_read_file(lua_State *L)
+{
+  return run_op(L, new_req(L, read_work, read_push, "read_file"), "read_file");
+}
+
+/* -- write_file, append_file ---------------------------------------------- */
+
+static int write_all(int fd, const char *p, size_t n)
+{
+  while (n > 0) {
+    ssize_t w = write(fd, p, n);
+    if (w < 0 && errno == EINTR)
+      continue;
+    if (w < 0)
+      return -errno;
+    p += w;
+    n -= (size_t)w;
+  }
+  return 0;
+}
+
+static atomic_uint tmp_counter;
+
+/* Write to a temporary file in the same directory, flush it to disk, then
+ * rename it over the path: readers see the old file or the new one, never
+ * a part. */
+static void write_work(mb_io_req_t *req)
+{
+  size_t n = strlen(req->path) + 48;
+  req->path2 = mb_malloc(n);
+  snprintf(req->path2, n, "%s.tmp.%ld.%u", req->path, (long)getpid(),
+           atomic_fetch_add(&tmp_counter, 1));
+  int fd = open(req->path2, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+  if (fd < 0) {
+    req->err = -errno;
+    return;
+  }
+  int rc = write_all(fd, req->data, req->len);
+  if (rc == 0 && fsync(fd) != 0)
+    rc = -errno;
+  if (close(fd) != 0 && rc == 0)
+    rc = -errno;
+  if (rc == 0 && rename(req->path2, req->path) != 0)
+    rc = -errno;
+  if (rc)
+    unlink(req->path2);
+  req->err = rc;
+}
+
+static void append_work(mb_io_req_t *req)
+{
+  int fd = open(req->path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0666);
+  if (fd < 0) {
+    req->err = -errno;
+    return;
+  }
+  int rc = write_all(fd, req->data, req->len);
+  if (close(fd) != 0 && rc == 0)
+    rc = -errno;
+  req->err = rc;
+}
+
+static int ok_push(lua_State *L, mb_io_req_t *req)
+{
+  if (req->err)
+    return push_error(L, req);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int write_common(lua_State *L, mb_io_work_fn run, const char *fname)
+{
+  size_t n;
+  const char *data = luaL_checklstring(L, 2, &n);
+  mb_io_req_t *req = new_req(L, run, ok_push, fname);
+  req->data = mb_malloc(n ? n : 1);
+  memcpy(req->data, data, n);
+  req->len = n;
+  return run_op(L, req, fname);
+}
+
+/* fs.write_file(path, data) -> true | nil, err, code  (atomic replace) */
+static int l_write_file(lua_State *L)
+{
+  return write_common(L, write_work, "write_file");
+}
+
+/* fs.append_file(path, data) -> true | nil, err, code */
+static int l_append_file(lua_State *L)
+{
+  return write_common(L, append_work, "append_file");
+}
+
+/* -- stat ----------------------------------------------------------------- */
+
+static void stat_work(mb_io_req_t *req)
+{
+  struct stat st;
+  if (lstat(req->path, &st) != 0) {
+    req->err = -errno;
+    return;
+  }
+  req->st.st_size = (uint64_t)st.st_size;
+  req->st.st_mode = (uint64_t)st.st_mode;
+  req->st.st_mtim.tv_sec = st.st_mtim.tv_sec;
+  req->st.st_mtim.tv_nsec = st.st_mtim.tv_nsec;
+  req->st.st_atim.tv_sec = st.st_atim.tv_sec;
+  req->st.st_atim.tv_nsec = st.st_atim.tv_nsec;
+  req->st.st_ctim.tv_sec = st.st_ctim.tv_sec;
+  req->st.st_ctim.tv_nsec = st.st_ctim.tv_nsec;
+}
+
+static double ts(uv_timespec_t t)
+{
+  return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+}
+
+static int stat_push(lua_State *L, mb_io_req_t *req)
+{
+  if (req->err)
+    return push_error(L, req);
+  mode_t m = (mode_t)req->st.st_mode;
+  lua_createtable(L, 0, 6);
+  lua_pushnumber(L, (lua_Number)req->st.st_size);
+  lua_setfield(L, -2, "size");
+  lua_pushstring(L, S_ISREG(m) ? "file" : S_ISDIR(m) ? "directory"
+                 : S_ISLNK(m) ? "link" : "other");
+  lua_setfield(L, -2, "type");
+  lua_pushinteger(L, m & 07777);
+  lua_setfield(L, -2, "permissions");
+  lua_pushnumber(L, ts(req->st.st_mtim));
+  lua_setfield(L, -2, "mtime");
+  lua_pushnumber(L, ts(req->st.st_atim));
+  lua_setfield(L, -2, "atime");
+  lua_pushnumber(L, ts(req->st.st_ctim));
+  lua_setfield(L, -2, "ctime");
+  return 1;
+}
+
+/* fs.stat(path) -> {size, type, permissions, mtime, atime, ctime} | nil, err, code */
+static int l_stat(lua_State *L)
+{
+  return run_op(L, new_req(L, stat_work, stat_push, "stat"), "stat");
+}
+
+/* -- list_dir ------------------------------------------------------------- */
+
+static int by_name(const void *a, const void *b)
+{
+  return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* The names go in req->data as one block of NUL-terminated strings. */
+static void list_work(mb_io_req_t *req)
+{
+  DIR *d = opendir(req->path);
+  if (d == NULL) {
+    req->err = -errno;
+    return;
+  }
+  size_t n = 0, cap = 16, bytes = 0;
+  char **names = mb_malloc(cap * sizeof *names);
+  struct dirent *e;
+  while ((e = readdir(d)) != NULL) {
+    if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+      continue;
+    if (n == cap)
+      names = mb_realloc(names, (cap *= 2) * sizeof *names);
+    size_t len = strlen(e->d_name);
+    names[n++] = dupstr(e->d_name, len);
+    bytes += len + 1;
+  }
+  closedir(d);
+  qsort(names, n, sizeof *names, by_name);
+  req->data = mb_malloc(bytes ? bytes : 1);
+  char *out = req->data;
+  for (size_t i = 0; i < n; i++) {
+    size_t len = strlen(names[i]) + 1;
+    memcpy(out, names[i], len);
+    out += len;
+    mb_free(names[i]);
+  }
+  mb_free(names);
+  req->len = n;
+}
+
+static int list_push(lua_State *L, mb_io_req_t *req)
+{
+  if (req->err)
+    return push_error(L, req);
+  lua_createtable(L, (int)req->len, 0);
+  const char *s = req->data;
+  for (size_t i = 0; i < req->len; i++) {
+    size_t len = strlen(s);
+    lua_pushlstring(L, s, len);
+    lua_rawseti(L, -2, (int)i + 1);
+    s += len + 1;
+  }
+  return 1;
+}
+
+/* fs.list_dir(path) -> {name, ...} (sorted) | nil, err, code */
+static int l_list_dir(lua_State *L)
+{
+  return run_op(L, new_req(L, list_work, list_push, "list_dir"), "list_dir");
+}
+
+/* -- remove --------------------------------------------------------------- */
+
+static void remove_work(mb_io_req_t *req)
+{
+  if (remove(req->path) != 0)
+    req->err = -errno;
+}
+
+/* fs.remove(path) -> true | nil, err, code  (a file or an empty directory) */
+static int l_remove(lua_State *L)
+{
+  return run_op(L, new_req(L, remove_work, ok_push, "remove"), "remove");
+}
+
+static const luaL_Reg funcs[] = {
+  {"read_file", l_read_file},
+  {"write_file", l_write_file},
+  {"append_file", l_append_file},
+  {"stat", l_stat},
+  {"list_dir", l_list_dir},
+  {"remove", l_remove},
+  {NULL, NULL}
+};
+
+int mb_lib_fs_open(lua_State *L)
+{
+  lua_createtable(L, 0, sizeof funcs / sizeof *funcs - 1);
+  for (const luaL_Reg *r = funcs; r->name; r++) {
+    lua_pushcfunction(L, r->func);
+    lua_setfield(L, -2, r->name);
+  }
+  return 1;
+}
