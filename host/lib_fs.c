@@ -9,6 +9,7 @@
  * C callback such as a table.sort comparator.
  */
 #include <dirent.h>
+#include <pthread.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdatomic.h>
@@ -345,7 +346,57 @@ static int l_remove(lua_State *L)
   return run_op(L, new_req(L, remove_work, ok_push, "remove"), "remove");
 }
 
+/* -- stdin ---------------------------------------------------------------- */
+
+/* One reader at a time: lines come out whole and in order. The line is
+ * read in a pool thread, which stays blocked until input arrives (a process
+ * killed meanwhile leaves it blocked until then; its line is dropped). */
+static pthread_mutex_t stdin_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void line_work(mb_io_req_t *req)
+{
+  pthread_mutex_lock(&stdin_lock);
+  char *line = NULL;
+  size_t cap = 0;
+  ssize_t n = getline(&line, &cap, stdin);
+  int e = errno;
+  pthread_mutex_unlock(&stdin_lock);
+  if (n < 0) {
+    free(line);
+    req->err = ferror(stdin) ? -e : 0;
+    req->flags = 1;   /* end of input */
+    return;
+  }
+  if (n > 0 && line[n - 1] == '\n')
+    n--;
+  req->data = dupstr(line, (size_t)n);
+  req->len = (size_t)n;
+  free(line);
+}
+
+static int line_push(lua_State *L, mb_io_req_t *req)
+{
+  if (req->err)
+    return push_error(L, req);
+  if (req->flags) {
+    lua_pushnil(L);
+    return 1;
+  }
+  lua_pushlstring(L, req->data, req->len);
+  return 1;
+}
+
+/* fs.read_line() -> line (without its newline) | nil at end of input |
+ * nil, err, code */
+static int l_read_line(lua_State *L)
+{
+  mb_io_req_t *req = mb_io_new(sizeof *req, line_work, line_push);
+  req->path = dupstr("stdin", 5);
+  return run_op(L, req, "read_line");
+}
+
 static const luaL_Reg funcs[] = {
+  {"read_line", l_read_line},
   {"read_file", l_read_file},
   {"write_file", l_write_file},
   {"append_file", l_append_file},

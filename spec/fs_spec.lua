@@ -160,4 +160,25 @@ describe("moonbeam.fs", function()
     assert.are.equal(40 * 41 / 2, sum)
     assert.are.equal(40, #fs.list_dir(dir))
   end)
+
+  it("reads standard input line by line without blocking the others", function()
+    local script = S.write("lines.lua", [[
+      local mb = require "moonbeam"
+      local fs = require "moonbeam.fs"
+      -- A ticker proves the scheduler is free while read_line waits.
+      local me = mb.self()
+      mb.spawn(function() for _ = 1, 3 do mb.sleep(5) end mb.send(me, "ticked") end)
+      local lines = {}
+      while true do
+        local l = fs.read_line()
+        if l == nil then break end
+        lines[#lines + 1] = "[" .. l .. "]"
+      end
+      print(table.concat(lines, ","), mb.receive(5000))
+    ]], dir)
+    local input = S.write("input.txt", "one\ntwo\n\nlast without newline", dir)
+    local code, out, err = S.moonbeam(S.q(script) .. " < " .. S.q(input), nil, 20)
+    assert.are.equal(0, code, err)
+    assert.are.equal("[one],[two],[],[last without newline]\tticked\n", out)
+  end)
 end)
