@@ -147,15 +147,13 @@ static int spawn_common(lua_State *L, int fnidx, const spawn_opts_t *o,
     return luaL_error(L, "bad argument #%d to '%s' (function or module name "
                       "expected, got %s)", fnidx, fname, luaL_typename(L, fnidx));
   int n = lua_gettop(L) - fnidx + 1;
-  const char *names[17];
-  char namebuf[16][12];
-  names[0] = "function";
-  for (int i = 1; i < n && i < 16; i++) {
-    snprintf(namebuf[i], sizeof namebuf[i], "arg %d", i);
-    names[i] = namebuf[i];
-  }
+  /* Names for error paths; past the table, values are named arg[i]. */
+  static const char *const names[] = {"function", "arg 1", "arg 2", "arg 3",
+    "arg 4", "arg 5", "arg 6", "arg 7", "arg 8", "arg 9", "arg 10", "arg 11",
+    "arg 12", "arg 13", "arg 14", "arg 15"};
   char err[512];
-  mb_msg_t *m = mb_copy_encode(L, fnidx, n, "arg", n <= 16 ? names : NULL,
+  mb_msg_t *m = mb_copy_encode(L, fnidx, n, "arg",
+                               n <= (int)(sizeof names / sizeof *names) ? names : NULL,
                                err, sizeof err);
   if (m == NULL)
     return luaL_error(L, "%s: %s", fname, err);
