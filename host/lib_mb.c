@@ -275,9 +275,7 @@ static int l_send(lua_State *L)
 static int l_alias(lua_State *L)
 {
   mb_proc_t *p = self_of(L);
-  mb_ref_t ref = lua_isnoneornil(L, 1) ? mb_proc_newref() : mb_ref_test(L, 1);
-  if (ref == 0)
-    return luaL_typerror(L, 1, "ref");
+  mb_ref_t ref = lua_isnoneornil(L, 1) ? mb_proc_newref() : mb_ref_check(L, 1);
   mb_proc_alias(p, ref);
   mb_ref_push(L, ref);
   return 1;
@@ -287,10 +285,7 @@ static int l_alias(lua_State *L)
 static int l_unalias(lua_State *L)
 {
   mb_proc_t *p = self_of(L);
-  mb_ref_t ref = mb_ref_test(L, 1);
-  if (ref == 0)
-    return luaL_typerror(L, 1, "ref");
-  lua_pushboolean(L, mb_proc_unalias(p, ref));
+  lua_pushboolean(L, mb_proc_unalias(p, mb_ref_check(L, 1)));
   return 1;
 }
 
@@ -521,9 +516,7 @@ static int l_cancel_timer(lua_State *L)
 static int l_exit(lua_State *L)
 {
   mb_proc_t *p = self_of(L);
-  mb_pid_t target = lua_gettop(L) >= 2 ? mb_pid_test(L, 1) : 0;
-  if (lua_gettop(L) >= 2 && target == 0)
-    check_dest(L, 1, "exit");
+  mb_pid_t target = lua_gettop(L) >= 2 ? check_dest(L, 1, "exit") : 0;
   if (target == 0) {
     mb_msg_t *m = lua_isnoneornil(L, 1) ? mb_msg_string("normal")
                                         : encode_or_raise(L, 1, "exit", "reason");
@@ -601,9 +594,7 @@ static void flush_down(mb_proc_t *p, mb_ref_t ref)
 static int l_demonitor(lua_State *L)
 {
   mb_proc_t *p = self_of(L);
-  mb_ref_t ref = mb_ref_test(L, 1);
-  if (ref == 0)
-    return luaL_typerror(L, 1, "ref");
+  mb_ref_t ref = mb_ref_check(L, 1);
   lua_pushboolean(L, mb_proc_demonitor(p, ref));
   if (lua_toboolean(L, 2))
     flush_down(p, ref);

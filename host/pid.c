@@ -129,3 +129,11 @@ mb_ref_t mb_ref_test(lua_State *L, int idx)
 {
   return test_kind(L, idx, &ref_mt_key);
 }
+
+mb_ref_t mb_ref_check(lua_State *L, int idx)
+{
+  mb_ref_t ref = mb_ref_test(L, idx);
+  if (ref == 0)
+    luaL_typerror(L, idx, "ref");
+  return ref;
+}

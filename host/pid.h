@@ -30,5 +30,7 @@ mb_pid_t mb_pid_check(lua_State *L, int idx);
 
 void mb_ref_push(lua_State *L, mb_ref_t ref);
 mb_ref_t mb_ref_test(lua_State *L, int idx);
+/* Return the ref at idx or raise "bad argument #idx ... (ref expected, got T)". */
+mb_ref_t mb_ref_check(lua_State *L, int idx);
 
 #endif
