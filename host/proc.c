@@ -347,10 +347,14 @@ int mb_proc_drain(mb_proc_t *p)
       continue;
     }
     atomic_fetch_sub(&p->nsignals, 1);
-    if (m->kind == MB_MSG_EXIT)
+    if (m->kind == MB_MSG_EXIT) {
+      pthread_mutex_lock(&p->lock);
       linkset_del(&p->links, m->from, 0);  /* the link is gone either way */
+      pthread_mutex_unlock(&p->lock);
+    }
     if (m->kind == MB_MSG_EXIT && p->trap_exit) {
-      pm = &m->next;       /* stays, and is received as an EXIT message */
+      m->kind = MB_MSG_TRAPPED;  /* stays, and is received as an EXIT message */
+      pm = &m->next;
       continue;
     }
     *pm = m->next;

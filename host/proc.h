@@ -42,7 +42,8 @@ enum {
   MB_MSG_USER = 0,  /* a message sent with mb.send */
   MB_MSG_EXIT,      /* exit signal: from = sender, value = reason */
   MB_MSG_KILL,      /* untrappable exit signal (mb.exit(pid, "kill")) */
-  MB_MSG_DOWN       /* monitor fired: from = dead pid, ref, value = reason */
+  MB_MSG_DOWN,      /* monitor fired: from = dead pid, ref, value = reason */
+  MB_MSG_TRAPPED    /* an exit signal the process trapped: an EXIT message */
 };
 
 /* Run status, guarded by lock. */
