@@ -1,0 +1,66 @@
+/* copy_format.h: the byte format of a message, shared by the encoder
+ * (copy.c) and the decoder (copy_decode.c). Internal to the codec.
+ *
+ * FORMAT
+ * A message payload is msg->nvalues values back to back. A value is one tag
+ * byte followed by its body. Multi-byte integers are in host byte order:
+ * messages never leave the host. "varint" is an unsigned LEB128 of at most
+ * 5 bytes (7 bits a byte, low bits first).
+ *
+ *   0x00 nil            0x01 false            0x02 true
+ *   0x03 number         8 bytes: the double, memcpy'd (inf, -0 survive;
+ *                       NaN stays NaN, though LuaJIT canonicalises its bits)
+ *   0x80|n string       n < 128 bytes follow (short string, the usual case)
+ *   0x04 string         varint length, then the bytes
+ *   0x05 table          varint narr, uint32 nhash, then narr values (keys
+ *                       1..narr, nil for holes), then nhash key/value pairs
+ *   0x06 function       uint32 length, LuaJIT bytecode (lua_dump, debug info
+ *                       kept), uint8 nups, then nups values, upvalue 1 first
+ *   0x07 pid            8 bytes: the id (never 0)
+ *   0x08 ref            8 bytes: the id (never 0)
+ *   0x09 back-reference varint: payload offset of the tag of an object met
+ *                       earlier in this message
+ *   0x0A module         varint length + name: require(name) in the receiver
+ *   0x0B C function     varint length + module name, varint length + field
+ *                       name: require(module)[field] in the receiver
+ *   0x0C joined upvalue varint offset of an earlier function's tag, uint8
+ *                       upvalue number n: only in place of an upvalue; this
+ *                       upvalue is the same variable as upvalue n of that
+ *                       function (two closures over one local), and the
+ *                       decoder joins them (lua_upvaluejoin)
+ *   0x20 flag "shared"  or'ed into 0x05, 0x06, 0x0A or 0x0B when a later
+ *                       back-reference points at this object; only those
+ *                       objects are remembered by the decoder, so a message
+ *                       without sharing costs the decoder nothing extra.
+ *
+ */
+#ifndef MB_COPY_FORMAT_H
+#define MB_COPY_FORMAT_H
+
+/* lua_type() of an FFI cdata value; LuaJIT's lua.h has no name for it. */
+#define TYPE_CDATA 10
+
+enum {
+  T_NIL = 0x00,
+  T_FALSE = 0x01,
+  T_TRUE = 0x02,
+  T_NUMBER = 0x03,
+  T_STRING = 0x04,
+  T_TABLE = 0x05,
+  T_FUNCTION = 0x06,
+  T_PID = 0x07,
+  T_REF = 0x08,
+  T_BACKREF = 0x09,
+  T_MODULE = 0x0A,
+  T_CFIELD = 0x0B,
+  T_UPJOIN = 0x0C,
+  T_SHARED = 0x20,
+  T_SHORTSTR = 0x80,
+};
+#define SHORTSTR_MAX 0x7F
+
+/* Stack slots one nesting level may use, including those an error report
+ * needs while all levels are still on the stack. */
+#define LEVEL_SLOTS 10
+
+#endif
