@@ -231,10 +231,9 @@ static void sb_key(sb_t *b, lua_State *L, int k)
     break;
   case LUA_TUSERDATA: {
     uint64_t id;
-    /* The same text as pid.c's __tostring, which must not run here. */
+    char text[MB_PID_TEXT_MAX];
     if ((id = mb_pid_test(L, k)) != 0)
-      sb_printf(b, "[<0.%llu.%llu>]", (unsigned long long)(id & MB_PID_SLOT_MASK),
-                (unsigned long long)(id >> MB_PID_SLOT_BITS));
+      sb_printf(b, "[%s]", mb_pid_format(text, sizeof text, id));
     else if ((id = mb_ref_test(L, k)) != 0)
       sb_printf(b, "[#Ref<0.%llu>]", (unsigned long long)id);
     else

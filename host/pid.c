@@ -23,13 +23,18 @@ typedef struct {
 /* Registry keys: the address of each static is unique. */
 static char pid_mt_key, pid_intern_key, ref_mt_key, ref_intern_key;
 
+char *mb_pid_format(char *buf, size_t n, mb_pid_t pid)
+{
+  snprintf(buf, n, "<0.%" PRIu64 ".%" PRIu64 ">",
+           pid & MB_PID_SLOT_MASK, pid >> MB_PID_SLOT_BITS);
+  return buf;
+}
+
 static int pid_tostring(lua_State *L)
 {
   idbox_t *b = lua_touserdata(L, 1);
-  char buf[40];
-  snprintf(buf, sizeof buf, "<0.%" PRIu64 ".%" PRIu64 ">",
-           b->id & MB_PID_SLOT_MASK, b->id >> MB_PID_SLOT_BITS);
-  lua_pushstring(L, buf);
+  char buf[MB_PID_TEXT_MAX];
+  lua_pushstring(L, mb_pid_format(buf, sizeof buf, b->id));
   return 1;
 }
 

@@ -13,6 +13,7 @@
 #ifndef MB_PID_H
 #define MB_PID_H
 
+#include <stddef.h>
 #include <stdint.h>
 #include "lua.h"
 
@@ -20,6 +21,11 @@ typedef uint64_t mb_pid_t;      /* 0 is never a valid pid */
 #define MB_PID_SLOT_BITS 24
 #define MB_PID_SLOT_MASK ((1u << MB_PID_SLOT_BITS) - 1)
 typedef uint64_t mb_ref_t;      /* 0 is never a valid ref */
+
+/* Write "<0.slot.gen>" for pid into buf (n >= MB_PID_TEXT_MAX); returns buf.
+ * The one place the text of a pid is made. Any thread. */
+#define MB_PID_TEXT_MAX 40
+char *mb_pid_format(char *buf, size_t n, mb_pid_t pid);
 
 /* Push the (interned) pid value for id. */
 void mb_pid_push(lua_State *L, mb_pid_t pid);

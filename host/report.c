@@ -33,9 +33,8 @@ static void add_body_origin(luaL_Buffer *b, lua_State *T)
 
 static void header(luaL_Buffer *b, mb_proc_t *p, lua_State *T, const char *what)
 {
-  char line[256];
-  snprintf(line, sizeof line, "=%s==== <0.%" PRIu64 ".%" PRIu64 ">", what,
-           p->pid & MB_PID_SLOT_MASK, p->pid >> MB_PID_SLOT_BITS);
+  char line[256], pid[MB_PID_TEXT_MAX];
+  snprintf(line, sizeof line, "=%s==== %s", what, mb_pid_format(pid, sizeof pid, p->pid));
   luaL_addstring(b, line);
   if (p->name) {
     luaL_addstring(b, " registered as ");
@@ -101,9 +100,9 @@ void mb_report_crash(mb_proc_t *p, lua_State *T, const mb_msg_t *reason)
     lua_pushvalue(T, -1);
     lua_xmove(T, L, 1);
   }
+  char pid[MB_PID_TEXT_MAX];
   if (lua_pcall(L, 3, 0, 0) != 0)
-    fprintf(stderr, "moonbeam: process <0.%" PRIu64 ".%" PRIu64 "> crashed\n",
-            p->pid & MB_PID_SLOT_MASK, p->pid >> MB_PID_SLOT_BITS);
+    fprintf(stderr, "moonbeam: process %s crashed\n", mb_pid_format(pid, sizeof pid, p->pid));
   lua_settop(L, top);
 }
 
@@ -111,10 +110,11 @@ void mb_report_exit(mb_proc_t *p, const mb_msg_t *reason)
 {
   if (reason == NULL || !p->alloc.oom)
     return;
-  char line[256];
+  char line[256], pid[MB_PID_TEXT_MAX];
   snprintf(line, sizeof line,
-           "=CRASH REPORT==== <0.%" PRIu64 ".%" PRIu64 ">%s%s\nreason: out of memory "
+           "=CRASH REPORT==== %s%s%s\nreason: out of memory "
            "(the process went over its max_memory)\n",
-           p->pid & MB_PID_SLOT_MASK, p->pid >> MB_PID_SLOT_BITS, p->name ? " registered as " : "", p->name ? p->name : "");
+           mb_pid_format(pid, sizeof pid, p->pid),
+           p->name ? " registered as " : "", p->name ? p->name : "");
   fputs(line, stderr);
 }
