@@ -1,5 +1,4 @@
 /* report.c: crash reports (see report.h). */
-#include <inttypes.h>
 #include <stdio.h>
 #include <string.h>
 
