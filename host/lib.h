@@ -11,6 +11,14 @@ int mb_lib_open(lua_State *L);
 /* luaopen for require "moonbeam.fs" (lib_fs.c). */
 int mb_lib_fs_open(lua_State *L);
 
+/* The calling process; raises (and makes sure the process ends) if it was
+ * killed or went over its memory limit: such a process may not act. */
+mb_proc_t *mb_lib_self(lua_State *L);
+
+/* Raise "fname: cannot block here ..." for a blocking call made where the
+ * process cannot yield (inside a C callback). */
+int mb_lib_block_error(lua_State *L, const char *fname);
+
 /* Halt the host with code and stop the calling process; use as
  * `return mb_lib_halt(L, code)` from a C function. */
 int mb_lib_halt(lua_State *L, int code);

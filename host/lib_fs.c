@@ -51,8 +51,7 @@ static int run_op(lua_State *L, mb_io_req_t *req, const char *fname)
   mb_proc_t *p = mb_proc_of(L);
   if (!mb_sched_can_yield(p, L)) {
     mb_io_free(req);
-    return luaL_error(L, "%s: cannot block here (called through a C function "
-                      "such as table.sort, string.gsub or require)", fname);
+    return mb_lib_block_error(L, fname);
   }
   int rc = mb_io_start(p, req);
   if (rc)
@@ -63,6 +62,7 @@ static int run_op(lua_State *L, mb_io_req_t *req, const char *fname)
 static mb_io_req_t *new_req(lua_State *L, mb_io_work_fn run, mb_io_push_fn push,
                             const char *fname)
 {
+  mb_lib_self(L);
   size_t n;
   const char *path = luaL_checklstring(L, 1, &n);
   if (n == 0 || memchr(path, '\0', n))
@@ -390,6 +390,7 @@ static int line_push(lua_State *L, mb_io_req_t *req)
  * nil, err, code */
 static int l_read_line(lua_State *L)
 {
+  mb_lib_self(L);
   mb_io_req_t *req = mb_io_new(sizeof *req, line_work, line_push);
   req->path = dupstr("stdin", 5);
   return run_op(L, req, "read_line");

@@ -24,10 +24,19 @@
 
 /* -- Helpers -------------------------------------------------------------- */
 
+/* Unwind a process that must die but cannot yield here (inside a C call):
+ * the hook, now at every instruction, ends it at the first safe point even
+ * if a pcall catches the error. */
+static int unwind_exiting(lua_State *L)
+{
+  lua_sethook(L, mb_sched_hook, LUA_MASKCOUNT, 1);
+  return luaL_error(L, "process is exiting");
+}
+
 /* The calling process. A process that must die (killed at a point where it
  * could not yield at once) gets no further effect on the world: every call
  * that would have one stops it instead. */
-static mb_proc_t *self_of(lua_State *L)
+mb_proc_t *mb_lib_self(lua_State *L)
 {
   mb_proc_t *p = mb_proc_of(L);
   if (p->exit_reason || p->alloc.oom) {
@@ -35,10 +44,7 @@ static mb_proc_t *self_of(lua_State *L)
       p->alloc.limit = 0;   /* room to unwind */
       p->exit_reason = mb_msg_string("out of memory");
     }
-    /* Unwind; the hook, now at every instruction, ends the process at the
-     * first safe point even if a pcall catches this. */
-    lua_sethook(L, mb_sched_hook, LUA_MASKCOUNT, 1);
-    luaL_error(L, "process is exiting");
+    unwind_exiting(L);
   }
   return p;
 }
@@ -77,17 +83,20 @@ static int stop_self(lua_State *L, mb_proc_t *p)
 {
   if (mb_sched_can_yield(p, L))
     return mb_sched_yield(L, MB_YIELD_EXIT);
-  /* Inside a C call: unwind with an error; the hook finishes the exit at
-   * the next safe point even if a pcall catches this. */
-  return luaL_error(L, "process is exiting");
+  return unwind_exiting(L);
+}
+
+int mb_lib_block_error(lua_State *L, const char *fname)
+{
+  return luaL_error(L, "%s: cannot block here (called through a C function such as "
+                    "table.sort, string.gsub, require, or a metamethod called from C)",
+                    fname);
 }
 
 static void must_be_able_to_block(lua_State *L, mb_proc_t *p, const char *fname)
 {
   if (!mb_sched_can_yield(p, L))
-    luaL_error(L, "%s: cannot block here (called through a C function such as "
-               "table.sort, string.gsub, require, or a metamethod called from C)",
-               fname);
+    mb_lib_block_error(L, fname);
 }
 
 /* -- Spawning ------------------------------------------------------------- */
@@ -139,7 +148,7 @@ static char *module_origin(lua_State *L, int idx)
 static int spawn_common(lua_State *L, int fnidx, const spawn_opts_t *o,
                         const char *fname)
 {
-  mb_proc_t *self = self_of(L);
+  mb_proc_t *self = mb_lib_self(L);
   int t = lua_type(L, fnidx);
   if (t == LUA_TFUNCTION && lua_iscfunction(L, fnidx))
     return luaL_error(L, "%s: cannot spawn a C function", fname);
@@ -240,7 +249,7 @@ static int l_spawn_opt(lua_State *L)
 /* mb.self() -> pid */
 static int l_self(lua_State *L)
 {
-  mb_pid_push(L, self_of(L)->pid);
+  mb_pid_push(L, mb_lib_self(L)->pid);
   return 1;
 }
 
@@ -254,7 +263,7 @@ static int l_is_pid(lua_State *L)
 /* mb.send(dest, msg[, alias]) */
 static int l_send(lua_State *L)
 {
-  mb_proc_t *p = self_of(L);
+  mb_proc_t *p = mb_lib_self(L);
   mb_pid_t dest = check_dest(L, 1, "send");
   if (lua_isnoneornil(L, 2))
     return luaL_error(L, "send: nil is not a valid message");
@@ -274,7 +283,7 @@ static int l_send(lua_State *L)
 /* mb.alias([ref]) -> ref: messages sent with it are received until unalias */
 static int l_alias(lua_State *L)
 {
-  mb_proc_t *p = self_of(L);
+  mb_proc_t *p = mb_lib_self(L);
   mb_ref_t ref = lua_isnoneornil(L, 1) ? mb_proc_newref() : mb_ref_check(L, 1);
   mb_proc_alias(p, ref);
   mb_ref_push(L, ref);
@@ -284,7 +293,7 @@ static int l_alias(lua_State *L)
 /* mb.unalias(ref) -> boolean (whether it was active) */
 static int l_unalias(lua_State *L)
 {
-  mb_proc_t *p = self_of(L);
+  mb_proc_t *p = mb_lib_self(L);
   lua_pushboolean(L, mb_proc_unalias(p, mb_ref_check(L, 1)));
   return 1;
 }
@@ -386,7 +395,7 @@ static double check_timeout(lua_State *L, int idx, const char *fname)
 /* mb.receive([timeout_ms]) / mb.receive(match, [timeout_ms]) -> msg | nil */
 static int l_receive(lua_State *L)
 {
-  mb_proc_t *p = self_of(L);
+  mb_proc_t *p = mb_lib_self(L);
   int has_match = lua_isfunction(L, 1);
   double timeout = check_timeout(L, has_match ? 2 : 1, "receive");
   if (!has_match && !lua_isnoneornil(L, 1) && lua_type(L, 1) != LUA_TNUMBER)
@@ -414,7 +423,7 @@ static int l_receive(lua_State *L)
   }
   if (!mb_sched_can_yield(p, L)) {
     clear_match(p, L);
-    must_be_able_to_block(L, p, "receive");
+    return mb_lib_block_error(L, "receive");
   }
   if (timeout > 0)
     p->wait_timer = mb_timer_wait(p, timeout);
@@ -427,7 +436,7 @@ static int l_receive(lua_State *L)
 /* mb.sleep(ms) */
 static int l_sleep(lua_State *L)
 {
-  mb_proc_t *p = self_of(L);
+  mb_proc_t *p = mb_lib_self(L);
   double ms = check_timeout(L, 1, "sleep");
   if (ms < 0)
     return luaL_argerror(L, 1, "number of ms expected");
@@ -442,7 +451,7 @@ static int l_sleep(lua_State *L)
 /* mb.yield() */
 static int l_yield(lua_State *L)
 {
-  mb_proc_t *p = self_of(L);
+  mb_proc_t *p = mb_lib_self(L);
   if (!mb_sched_can_yield(p, L))
     return 0;
   return mb_sched_yield(L, MB_YIELD_PREEMPT);
@@ -493,7 +502,7 @@ static int l_send_after(lua_State *L)
   lua_setmetatable(L, -2);
   mb_msg_t *m = encode_or_raise(L, 3, "send_after", "msg");
   m->kind = MB_MSG_USER;
-  m->from = self_of(L)->pid;
+  m->from = mb_lib_self(L)->pid;
   *pt = mb_timer_send_after(ms, dest, m);
   return 1;
 }
@@ -515,7 +524,7 @@ static int l_cancel_timer(lua_State *L)
 /* mb.exit([reason]) ends the caller; mb.exit(pid, reason) signals pid. */
 static int l_exit(lua_State *L)
 {
-  mb_proc_t *p = self_of(L);
+  mb_proc_t *p = mb_lib_self(L);
   mb_pid_t target = lua_gettop(L) >= 2 ? check_dest(L, 1, "exit") : 0;
   if (target == 0) {
     mb_msg_t *m = lua_isnoneornil(L, 1) ? mb_msg_string("normal")
@@ -545,7 +554,7 @@ static int l_exit(lua_State *L)
 /* mb.link(pid) */
 static int l_link(lua_State *L)
 {
-  mb_proc_t *p = self_of(L);
+  mb_proc_t *p = mb_lib_self(L);
   mb_pid_t pid = mb_pid_check(L, 1);
   if (mb_proc_link(p, pid) == 0)
     return 0;
@@ -564,14 +573,14 @@ static int l_link(lua_State *L)
 /* mb.unlink(pid) */
 static int l_unlink(lua_State *L)
 {
-  mb_proc_unlink(self_of(L), mb_pid_check(L, 1));
+  mb_proc_unlink(mb_lib_self(L), mb_pid_check(L, 1));
   return 0;
 }
 
 /* mb.monitor(pid) -> ref */
 static int l_monitor(lua_State *L)
 {
-  mb_ref_push(L, mb_proc_monitor(self_of(L), mb_pid_check(L, 1)));
+  mb_ref_push(L, mb_proc_monitor(mb_lib_self(L), mb_pid_check(L, 1)));
   return 1;
 }
 
@@ -593,7 +602,7 @@ static void flush_down(mb_proc_t *p, mb_ref_t ref)
 /* mb.demonitor(ref[, flush]) -> boolean (whether it was active) */
 static int l_demonitor(lua_State *L)
 {
-  mb_proc_t *p = self_of(L);
+  mb_proc_t *p = mb_lib_self(L);
   mb_ref_t ref = mb_ref_check(L, 1);
   lua_pushboolean(L, mb_proc_demonitor(p, ref));
   if (lua_toboolean(L, 2))
@@ -604,7 +613,7 @@ static int l_demonitor(lua_State *L)
 /* mb.trap_exit(on) -> previous setting */
 static int l_trap_exit(lua_State *L)
 {
-  mb_proc_t *p = self_of(L);
+  mb_proc_t *p = mb_lib_self(L);
   luaL_checktype(L, 1, LUA_TBOOLEAN);
   lua_pushboolean(L, p->trap_exit);
   p->trap_exit = lua_toboolean(L, 1);
@@ -625,7 +634,7 @@ static const char *check_name(lua_State *L, int idx, const char *fname)
 static int l_register(lua_State *L)
 {
   const char *name = check_name(L, 1, "register");
-  mb_pid_t pid = lua_isnoneornil(L, 2) ? self_of(L)->pid : mb_pid_check(L, 2);
+  mb_pid_t pid = lua_isnoneornil(L, 2) ? mb_lib_self(L)->pid : mb_pid_check(L, 2);
   mb_proc_t *p = mb_proc_get(pid);
   if (p == NULL)
     return luaL_error(L, "register: the process is not alive");
@@ -725,7 +734,7 @@ static int l_info(lua_State *L)
 
 int mb_lib_halt(lua_State *L, int code)
 {
-  mb_proc_t *p = self_of(L);
+  mb_proc_t *p = mb_lib_self(L);
   fflush(stdout);
   mb_sched_halt(code);
   if (mb_sched_can_yield(p, L))

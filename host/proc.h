@@ -117,7 +117,8 @@ typedef struct mb_proc {
   int recv_match;              /* registry ref of the match function, or 0 */
   mb_wait_t pending_wait;      /* what a MB_YIELD_WAIT waits for */
   int timed_out;               /* `expired`, as last seen by mb_proc_drain */
-  int recv_result;             /* the scheduler's receive on behalf of it */
+  int recv_result;             /* what the scheduler's work on its behalf gave:
+                                  receive -1/0/1, values pushed by boot or I/O */
   struct mb_io_req *io_req;    /* the operation whose results are pushed now */
   struct mb_timer *wait_timer; /* timer of the current wait, or NULL */
   lua_CFunction boot;          /* set until the first run: see scheduler.c */

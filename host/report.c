@@ -83,9 +83,8 @@ static int crash(lua_State *L)
   return 0;
 }
 
-void mb_report_crash(mb_proc_t *p, lua_State *T, const mb_msg_t *reason)
+void mb_report_crash(mb_proc_t *p, lua_State *T)
 {
-  (void)reason;
   /* Report from the main thread: it is idle and has room, and T may be a
    * dead coroutine. A failure to report must not stop the exit. */
   lua_State *L = p->L;

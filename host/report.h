@@ -13,7 +13,7 @@
 
 /* p died of the error value on top of T's stack (T: the body coroutine, or
  * the main thread for an error while booting, which has no traceback). */
-void mb_report_crash(mb_proc_t *p, lua_State *T, const mb_msg_t *reason);
+void mb_report_crash(mb_proc_t *p, lua_State *T);
 /* p is exiting with reason without an error (mb.exit, exit signal, limits);
  * reported only when it is a fault of its own: out of memory. */
 void mb_report_exit(mb_proc_t *p, const mb_msg_t *reason);

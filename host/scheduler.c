@@ -286,17 +286,15 @@ void mb_sched_hook(lua_State *L, lua_Debug *ar)
     lua_yield(L, 0);
     return;
   }
-  /* Not a safe point: look again soon. A process that must die unwinds
-   * with an error until it reaches one (pcall may catch it; the next hook
-   * throws again) - except where the error would be caught by a C-level
-   * protected call that lets the process go on: LuaJIT only re-enables
-   * hooks after an error thrown from a hook when it is caught by pcall or
-   * ends a coroutine, so an error caught inside `load` (its reader) would
-   * leave the process with no hook at all, unkillable. */
+  /* Not a safe point: look again soon. A process that must die (or is
+   * halted) checks at every instruction, since the safe points between two
+   * C calls (pcall(table.sort, ...) in a loop) are a few instructions long,
+   * and unwinds with an error until it reaches one (pcall may catch it; the
+   * next hook throws again) - except inside `load`'s reader: LuaJIT only
+   * re-enables hooks after an error thrown from a hook when pcall catches
+   * it or it ends a coroutine, and one caught by `load` would leave the
+   * process with no hook at all, unkillable. */
   die = die || mb_sched_halting();
-  /* A process that must die checks at every instruction: the safe points
-   * between two C calls (pcall(table.sort, ...) in a loop) are a few
-   * instructions long, and it must not miss them. */
   lua_sethook(L, mb_sched_hook, LUA_MASKCOUNT,
               die ? 1 : MB_HOOK_RETRY_INSTRUCTIONS);
   if (die && !inside_load(L))
@@ -328,6 +326,15 @@ static void end_wait(mb_proc_t *p)
      * status is WAITING, which it is not while the process runs. */
     p->wait = MB_WAIT_NONE;
   }
+}
+
+/* The error value on top of L as an exit reason (or fallback, if the value
+ * cannot be copied); pops it. */
+static mb_msg_t *pop_reason(lua_State *L, const char *fallback)
+{
+  mb_msg_t *m = mb_copy_encode(L, -1, 1, "reason", NULL, NULL, 0);
+  lua_pop(L, 1);
+  return m ? m : mb_msg_string(fallback);
 }
 
 /* Under lua_cpcall on the idle main thread: receive on behalf of p and pass
@@ -368,10 +375,7 @@ static int finish_io(mb_proc_t *p)
   p->io_req = NULL;
   mb_io_free(req);
   if (rc != 0) {
-    p->exit_reason = mb_copy_encode(p->L, -1, 1, "reason", NULL, NULL, 0);
-    if (p->exit_reason == NULL)
-      p->exit_reason = mb_msg_string("out of memory");
-    lua_pop(p->L, 1);
+    p->exit_reason = pop_reason(p->L, "out of memory");
     return -2;
   }
   end_wait(p);
@@ -390,10 +394,7 @@ static int finish_wait(mb_proc_t *p)
      * thread, protected, never on the suspended coroutine. */
     lua_State *L = p->L;
     if (lua_cpcall(L, try_receive_cf, p) != 0) {
-      p->exit_reason = mb_copy_encode(L, -1, 1, "reason", NULL, NULL, 0);
-      if (p->exit_reason == NULL)
-        p->exit_reason = mb_msg_string("receive failed");
-      lua_pop(L, 1);
+      p->exit_reason = pop_reason(L, "receive failed");
       return -2;
     }
     if (p->recv_result < 0)
@@ -414,26 +415,28 @@ static int finish_wait(mb_proc_t *p)
   return 0;
 }
 
-/* Boot a new process: its boot function runs protected on the main thread
- * and leaves the body function and its arguments there. */
+/* Under lua_cpcall on the main thread: the boot function leaves the body
+ * function and its arguments, which go to the body coroutine. */
+static int boot_cf(lua_State *L)
+{
+  mb_proc_t *p = lua_touserdata(L, 1);
+  int n = p->boot(L);
+  lua_xmove(L, p->co, n);
+  p->recv_result = n;
+  return 0;
+}
+
+/* Boot a new process; returns the number of arguments to resume its body
+ * with, or -2 if it failed (reported, p->exit_reason set). */
 static int boot(mb_proc_t *p)
 {
-  lua_State *L = p->L;
-  int top = lua_gettop(L);
-  lua_pushcfunction(L, p->boot);
-  lua_pushlightuserdata(L, p);
-  if (lua_pcall(L, 1, LUA_MULTRET, 0) != 0) {
-    mb_report_crash(p, L, NULL);
-    p->exit_reason = mb_copy_encode(L, -1, 1, "reason", NULL, NULL, 0);
-    if (p->exit_reason == NULL)
-      p->exit_reason = mb_msg_string("spawn failed");
-    lua_settop(L, top);
+  if (lua_cpcall(p->L, boot_cf, p) != 0) {
+    mb_report_crash(p, p->L);
+    p->exit_reason = pop_reason(p->L, "spawn failed");
     return -2;
   }
   p->boot = NULL;
-  int n = lua_gettop(L) - top;
-  lua_xmove(L, p->co, n);
-  return n - 1;
+  return p->recv_result - 1;
 }
 
 static void die(mb_proc_t *p, mb_msg_t *reason)
@@ -457,13 +460,11 @@ static void crashed(mb_proc_t *p, int status)
   if (reason == NULL && (p->alloc.oom || status == LUA_ERRMEM))
     reason = mb_msg_string("out of memory");
   if (reason == NULL) {
-    reason = mb_copy_encode(p->co, -1, 1, "reason", NULL, NULL, 0);
-    if (reason == NULL) {
-      lua_pushstring(p->co, luaL_typename(p->co, -1));
-      reason = mb_copy_encode(p->co, -1, 1, "reason", NULL, NULL, 0);
-    }
+    mb_report_crash(p, p->co);
+    die(p, pop_reason(p->co, luaL_typename(p->co, -1)));
+    return;
   }
-  mb_report_crash(p, p->co, reason);
+  mb_report_crash(p, p->co);
   die(p, reason);
 }
 

@@ -14,28 +14,14 @@
 #include <string.h>
 #include <time.h>
 
+#include "check.h"
 #include "lauxlib.h"
 #include "lualib.h"
 #include "copy.h"
 #include "pid.h"
 
-static int npass, nfail;
 static lua_State *A, *B;
 
-static bool check(bool ok, const char *fmt, ...)
-{
-  va_list ap;
-  va_start(ap, fmt);
-  printf("%s - ", ok ? "ok  " : "FAIL");
-  vprintf(fmt, ap);
-  printf("\n");
-  va_end(ap);
-  if (ok)
-    npass++;
-  else
-    nfail++;
-  return ok;
-}
 
 /* Run code in L; any error is fatal to the test program. */
 static void run(lua_State *L, const char *code)
@@ -168,6 +154,20 @@ static void expect_error(const char *code, const char *want)
 }
 
 /* -- Tests --------------------------------------------------------------- */
+
+/* A table keyed by the pid in global `name` holding a coroutine: the error
+ * path must print the pid as tostring(pid) does. */
+static void expect_pid_key_error(const char *name)
+{
+  char want[128], code[64];
+  lua_getglobal(A, "tostring");
+  lua_getglobal(A, name);
+  lua_call(A, 1, 1);
+  snprintf(want, sizeof want, "msg[%s]: cannot send a coroutine", lua_tostring(A, -1));
+  lua_pop(A, 1);
+  snprintf(code, sizeof code, "return {[%s] = co}", name);
+  expect_error(code, want);
+}
 
 static void test_scalars(void)
 {
@@ -380,21 +380,10 @@ static void test_errors(void)
                "msg[\"kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk...\"]: cannot send a coroutine");
   expect_error("return {[{}] = co}", "msg[<table>]: cannot send a coroutine");
   /* A pid key prints as the pid does (pid.c owns the format). */
-  char want[128];
-  lua_getglobal(A, "tostring");
-  lua_getglobal(A, "pid7");
-  lua_call(A, 1, 1);
-  snprintf(want, sizeof want, "msg[%s]: cannot send a coroutine", lua_tostring(A, -1));
-  lua_pop(A, 1);
-  expect_error("return {[pid7] = co}", want);
+  expect_pid_key_error("pid7");
   mb_pid_push(A, ((mb_pid_t)3 << MB_PID_SLOT_BITS) | 12);
   lua_setglobal(A, "pidgen");
-  lua_getglobal(A, "tostring");
-  lua_getglobal(A, "pidgen");
-  lua_call(A, 1, 1);
-  snprintf(want, sizeof want, "msg[%s]: cannot send a coroutine", lua_tostring(A, -1));
-  lua_pop(A, 1);
-  expect_error("return {[pidgen] = co}", want);
+  expect_pid_key_error("pidgen");
   expect_error("return {[co] = 1}", "msg (a key): cannot send a coroutine");
   expect_error("return {x = {[io.stdout] = 1}}", "msg.x (a key): cannot send a userdata");
   expect_error("return {[{x = co}] = 1}", "msg[<table key>].x: cannot send a coroutine");
@@ -710,6 +699,5 @@ int main(void)
 
   lua_close(A);
   lua_close(B);
-  printf("%d passed, %d failed\n", npass, nfail);
-  return nfail ? 1 : 0;
+  return check_summary();
 }

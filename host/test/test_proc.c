@@ -5,40 +5,23 @@
  * the private queue, exit_reason) makes of them. Every check prints one
  * line; the exit code is 0 only if all passed.
  */
-#include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
 
+#include "check.h"
 #include "lauxlib.h"
 #include "proc.h"
 #include "scheduler.h"
 
-static int npass, nfail;
 
-static bool check(bool ok, const char *fmt, ...)
-{
-  va_list ap;
-  va_start(ap, fmt);
-  printf("%s - ", ok ? "ok  " : "FAIL");
-  vprintf(fmt, ap);
-  printf("\n");
-  va_end(ap);
-  if (ok)
-    npass++;
-  else
-    nfail++;
-  return ok;
-}
 
 static mb_proc_t *new_proc(void)
 {
   char err[128];
   mb_proc_t *p = mb_proc_new(0, err, sizeof err);
-  if (p == NULL) {
-    printf("FAIL - mb_proc_new: %s\n", err);
-    nfail++;
-  }
+  if (p == NULL)
+    check(false, "mb_proc_new: %s", err);
   return p;
 }
 
@@ -205,6 +188,5 @@ int main(void)
   test_exit_signals();
   test_links_monitors();
   test_aliases();
-  printf("%d passed, %d failed\n", npass, nfail);
-  return nfail ? 1 : 0;
+  return check_summary();
 }
