@@ -248,6 +248,8 @@ static int listed(const char *list, const char *name, size_t len)
 /* Open the library that defines global `name`; 1 if there was one. */
 static int open_for(lua_State *L, const char *name, size_t len)
 {
+  if (memchr(name, '\0', len))
+    return 0;   /* no library name has one; listed() relies on it */
   if (len == 9 && memcmp(name, "coroutine", 9) == 0) {
     lua_getfield(L, LUA_GLOBALSINDEX, "pcall");  /* base first */
     lua_pop(L, 1);
