@@ -11,6 +11,12 @@ int mb_lib_open(lua_State *L);
 /* luaopen for require "moonbeam.fs" (lib_fs.c). */
 int mb_lib_fs_open(lua_State *L);
 
+/* luaopen for require "moonbeam.tcp" (lib_tcp.c). */
+int mb_lib_tcp_open(lua_State *L);
+
+/* luaopen for require "moonbeam.http_parser" (lib_http.c). */
+int mb_lib_http_parser_open(lua_State *L);
+
 /* The calling process; raises (and makes sure the process ends) if it was
  * killed or went over its memory limit: such a process may not act. */
 mb_proc_t *mb_lib_self(lua_State *L);

@@ -188,6 +188,10 @@ static void after_package(lua_State *L)
   lua_setfield(L, -2, "moonbeam");
   lua_pushcfunction(L, mb_lib_fs_open);
   lua_setfield(L, -2, "moonbeam.fs");
+  lua_pushcfunction(L, mb_lib_tcp_open);
+  lua_setfield(L, -2, "moonbeam.tcp");
+  lua_pushcfunction(L, mb_lib_http_parser_open);
+  lua_setfield(L, -2, "moonbeam.http_parser");
   lua_pushcfunction(L, luaopen_ffi);
   lua_setfield(L, -2, "ffi");
   lua_pushcfunction(L, luaopen_string_buffer);
