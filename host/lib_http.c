@@ -1,8 +1,549 @@
-/* lib_http.c: placeholder, replaced by the http_parser binding. */
+/* lib_http.c: the `moonbeam.http_parser` Lua module - an incremental HTTP/1.x
+ * parser on Debian's http-parser (libhttp-parser), used by moonbeam.http and
+ * moonbeam.websocket.
+ *
+ * DESIGN
+ * A parser is a userdata wrapping one `http_parser` (request or response
+ * side). The Lua side feeds it whatever bytes a socket read returned;
+ * parser:feed(data) runs http_parser_execute over them and returns how many
+ * bytes it consumed and a list of events in stream order:
+ *
+ *   {type = "head", method =, url =, status =, version = "1.1",
+ *    headers = {name1, value1, name2, value2, ...} (as sent, in order),
+ *    keep_alive = bool, upgrade = bool, chunked = bool,
+ *    content_length = n or nil}
+ *   {type = "body", data = "..."}        (decoded: chunked framing removed)
+ *   {type = "done", keep_alive = bool}   (the message is complete)
+ *   {type = "upgrade", rest = "..."}     (the bytes after an upgrade head,
+ *                                          which the parser did not consume)
+ *   {type = "error", name =, message =, status = 400/413/414/431}
+ *
+ * After "upgrade" or "error" the parser stops: later feeds return 0 and the
+ * same final event again. Several pipelined messages may come out of one
+ * feed. The head of a message is collected in a C buffer (its pieces may
+ * arrive split over many feeds) and becomes a Lua table only when complete,
+ * so the parser callbacks touch Lua only to push finished events.
+ *
+ * Limits, checked while parsing so that a hostile peer costs at most them:
+ * head bytes (request line or status line and headers, counted as the bytes
+ * of their text plus 4 per header; default 8 KiB -> status 431), the number
+ * of headers (default 100 -> 431) and the URL length (default 4 KiB -> 414).
+ * http-parser's own compile-time cap on raw head bytes (80 KiB, counting
+ * whitespace too) also answers 431. Bodies are not limited here: the Lua side
+ * sees content_length in the head and counts chunked bodies itself.
+ *
+ * Threads: a parser belongs to the process that made it (userdata in its
+ * state); nothing here blocks or yields.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "http_parser.h"
 #include "lauxlib.h"
 #include "lib.h"
+#include "alloc.h"
+
+#if defined(__has_include)
+#if __has_include("ws.h")
+#include "ws.h"
+#define MB_HAVE_WS_H 1
+#endif
+#endif
+
+#define PARSER_MT "moonbeam.http_parser"
+
+/* Defaults of the limits (parser options max_head, max_headers, max_url). */
+#define DEFAULT_MAX_HEAD 8192
+#define DEFAULT_MAX_HEADERS 100
+#define DEFAULT_MAX_URL 4096
+/* Bytes counted for each header beyond its name and value (": ", CRLF), and
+ * for the request line beyond its URL (method, version, spaces, CRLF). */
+#define HEADER_OVERHEAD 4
+#define LINE_OVERHEAD 16
+
+/* The parser's own errors, beyond http-parser's HPE_* ones. */
+#define LIMIT_ERRORS(X)                                              \
+  X(NONE, "", 0)                                                     \
+  X(HEAD_TOO_LARGE, "request head too large", 431)                   \
+  X(TOO_MANY_HEADERS, "too many headers", 431)                       \
+  X(URL_TOO_LONG, "URL too long", 414)
+
+#define X_ENUM(n, s, st) LIM_##n,
+enum { LIMIT_ERRORS(X_ENUM) };
+#undef X_ENUM
+#define X_NAME(n, s, st) #n,
+static const char *const limit_names[] = { LIMIT_ERRORS(X_NAME) };
+#undef X_NAME
+#define X_TEXT(n, s, st) s,
+static const char *const limit_texts[] = { LIMIT_ERRORS(X_TEXT) };
+#undef X_TEXT
+#define X_STATUS(n, s, st) st,
+static const int limit_status[] = { LIMIT_ERRORS(X_STATUS) };
+#undef X_STATUS
+
+/* One header of the head being collected: offsets into hp_t.buf. */
+typedef struct {
+  uint32_t name, name_len, value, value_len;
+} hdr_t;
+
+typedef struct {
+  http_parser p;
+  lua_State *L;          /* during feed: the state, with the events table on top */
+  int nevents;           /* events pushed during this feed */
+  /* Limits. */
+  uint32_t max_head, max_headers, max_url;
+  /* The head being collected: URL then names and values, contiguous. */
+  char *buf;
+  uint32_t len, cap;
+  uint32_t url_len;
+  hdr_t *hdrs;
+  uint32_t nhdrs, hcap;
+  uint32_t head_bytes;   /* counted toward max_head */
+  int last_value;        /* the last header callback was a value */
+  int in_head;           /* between message begin and headers complete */
+  int in_message;        /* between message begin and message complete */
+  int skip_body;         /* response parser: the next response has no body */
+  /* Final state. */
+  int limit_err;         /* LIM_* that stopped the parser */
+  int stopped;           /* 1: error, 2: upgrade (feeds do nothing now) */
+} hp_t;
+
+static const char *const type_names[] = { "request", "response", NULL };
+
+/* -- Collecting the head -------------------------------------------------- */
+
+/* Count n more head bytes; set the error and return -1 over the limit. */
+static int count_head(hp_t *h, size_t n)
+{
+  if (h->head_bytes + n > h->max_head) {
+    h->limit_err = LIM_HEAD_TOO_LARGE;
+    return -1;
+  }
+  h->head_bytes += (uint32_t)n;
+  return 0;
+}
+
+/* Append bytes to the head buffer; the callers counted them first, so the
+ * buffer never grows past max_head plus the per-header overheads. */
+static void append(hp_t *h, const char *at, size_t n)
+{
+  if (h->len + n > h->cap) {
+    uint32_t cap = h->cap ? h->cap : 256;
+    while (cap < h->len + n)
+      cap *= 2;
+    h->buf = mb_realloc(h->buf, cap);
+    h->cap = cap;
+  }
+  memcpy(h->buf + h->len, at, n);
+  h->len += (uint32_t)n;
+}
+
+static int on_message_begin(http_parser *p)
+{
+  hp_t *h = p->data;
+  h->len = h->url_len = h->nhdrs = h->head_bytes = 0;
+  h->last_value = 1;
+  h->in_head = 1;
+  h->in_message = 1;
+  return count_head(h, LINE_OVERHEAD);
+}
+
+static int on_url(http_parser *p, const char *at, size_t n)
+{
+  hp_t *h = p->data;
+  if (h->url_len + n > h->max_url) {
+    h->limit_err = LIM_URL_TOO_LONG;
+    return -1;
+  }
+  if (count_head(h, n))
+    return -1;
+  append(h, at, n);
+  h->url_len += (uint32_t)n;
+  return 0;
+}
+
+static int on_status(http_parser *p, const char *at, size_t n)
+{
+  return count_head(p->data, n);   /* the reason phrase is not kept */
+}
+
+static int on_header_field(http_parser *p, const char *at, size_t n)
+{
+  hp_t *h = p->data;
+  int fresh = h->last_value;
+  h->last_value = 0;
+  if (count_head(h, fresh ? n + HEADER_OVERHEAD : n))
+    return -1;
+  if (!h->in_head)
+    return 0;   /* a trailer after a chunked body: counted, not kept */
+  if (fresh) {
+    if (h->nhdrs >= h->max_headers) {
+      h->limit_err = LIM_TOO_MANY_HEADERS;
+      return -1;
+    }
+    if (h->nhdrs == h->hcap) {
+      h->hcap = h->hcap ? h->hcap * 2 : 16;
+      h->hdrs = mb_realloc(h->hdrs, h->hcap * sizeof *h->hdrs);
+    }
+    hdr_t *e = &h->hdrs[h->nhdrs++];
+    e->name = h->len;
+    e->name_len = 0;
+    e->value = h->len;
+    e->value_len = 0;
+  }
+  hdr_t *e = &h->hdrs[h->nhdrs - 1];
+  append(h, at, n);
+  e->name_len += (uint32_t)n;
+  e->value = h->len;
+  return 0;
+}
+
+static int on_header_value(http_parser *p, const char *at, size_t n)
+{
+  hp_t *h = p->data;
+  h->last_value = 1;
+  if (count_head(h, n))
+    return -1;
+  if (!h->in_head || h->nhdrs == 0)
+    return 0;
+  append(h, at, n);
+  h->hdrs[h->nhdrs - 1].value_len += (uint32_t)n;
+  return 0;
+}
+
+/* -- Events --------------------------------------------------------------- */
+
+/* Append the table on top of the stack to the events table below it. */
+static void push_event(hp_t *h)
+{
+  lua_rawseti(h->L, -2, ++h->nevents);
+}
+
+static void new_event(lua_State *L, const char *type, int nfields)
+{
+  lua_createtable(L, 0, nfields + 1);
+  lua_pushstring(L, type);
+  lua_setfield(L, -2, "type");
+}
+
+static void set_bool(lua_State *L, const char *k, int v)
+{
+  lua_pushboolean(L, v);
+  lua_setfield(L, -2, k);
+}
+
+static int on_headers_complete(http_parser *p)
+{
+  hp_t *h = p->data;
+  lua_State *L = h->L;
+  h->in_head = 0;
+  h->last_value = 1;
+  new_event(L, "head", 9);
+  if (p->type == HTTP_REQUEST) {
+    lua_pushstring(L, http_method_str((enum http_method)p->method));
+    lua_setfield(L, -2, "method");
+    lua_pushlstring(L, h->buf, h->url_len);
+    lua_setfield(L, -2, "url");
+  } else {
+    lua_pushinteger(L, p->status_code);
+    lua_setfield(L, -2, "status");
+  }
+  lua_pushfstring(L, "%d.%d", (int)p->http_major, (int)p->http_minor);
+  lua_setfield(L, -2, "version");
+  lua_createtable(L, (int)h->nhdrs * 2, 0);
+  for (uint32_t i = 0; i < h->nhdrs; i++) {
+    const hdr_t *e = &h->hdrs[i];
+    lua_pushlstring(L, h->buf + e->name, e->name_len);
+    lua_rawseti(L, -2, (int)(2 * i + 1));
+    lua_pushlstring(L, h->buf + e->value, e->value_len);
+    lua_rawseti(L, -2, (int)(2 * i + 2));
+  }
+  lua_setfield(L, -2, "headers");
+  set_bool(L, "keep_alive", http_should_keep_alive(p));
+  set_bool(L, "upgrade", p->upgrade);
+  set_bool(L, "chunked", (p->flags & F_CHUNKED) != 0);
+  if (p->flags & F_CONTENTLENGTH) {
+    lua_pushnumber(L, (lua_Number)p->content_length);
+    lua_setfield(L, -2, "content_length");
+  }
+  push_event(h);
+  /* Keep the buffer of a large head from living on with the connection. */
+  if (h->cap > 4096) {
+    mb_free(h->buf);
+    h->buf = NULL;
+    h->cap = 0;
+  }
+  h->len = 0;
+  if (p->type == HTTP_RESPONSE && h->skip_body) {
+    h->skip_body = 0;
+    return 1;   /* the answer to a HEAD request: no body follows */
+  }
+  return 0;
+}
+
+static int on_body(http_parser *p, const char *at, size_t n)
+{
+  hp_t *h = p->data;
+  lua_State *L = h->L;
+  new_event(L, "body", 1);
+  lua_pushlstring(L, at, n);
+  lua_setfield(L, -2, "data");
+  push_event(h);
+  return 0;
+}
+
+static int on_message_complete(http_parser *p)
+{
+  hp_t *h = p->data;
+  lua_State *L = h->L;
+  h->in_message = 0;
+  new_event(L, "done", 1);
+  set_bool(L, "keep_alive", http_should_keep_alive(p));
+  push_event(h);
+  return 0;
+}
+
+static const http_parser_settings settings = {
+  .on_message_begin = on_message_begin,
+  .on_url = on_url,
+  .on_status = on_status,
+  .on_header_field = on_header_field,
+  .on_header_value = on_header_value,
+  .on_headers_complete = on_headers_complete,
+  .on_body = on_body,
+  .on_message_complete = on_message_complete,
+};
+
+/* Push the error event of a stopped parser. */
+static void push_error(hp_t *h)
+{
+  lua_State *L = h->L;
+  enum http_errno e = HTTP_PARSER_ERRNO(&h->p);
+  new_event(L, "error", 3);
+  if (h->limit_err) {
+    lua_pushstring(L, limit_names[h->limit_err]);
+    lua_setfield(L, -2, "name");
+    lua_pushstring(L, limit_texts[h->limit_err]);
+    lua_setfield(L, -2, "message");
+    lua_pushinteger(L, limit_status[h->limit_err]);
+  } else {
+    lua_pushstring(L, http_errno_name(e));
+    lua_setfield(L, -2, "name");
+    lua_pushstring(L, http_errno_description(e));
+    lua_setfield(L, -2, "message");
+    lua_pushinteger(L, e == HPE_HEADER_OVERFLOW ? 431 : 400);
+  }
+  lua_setfield(L, -2, "status");
+  push_event(h);
+}
+
+/* -- The userdata --------------------------------------------------------- */
+
+static hp_t *check_parser(lua_State *L)
+{
+  return luaL_checkudata(L, 1, PARSER_MT);
+}
+
+static uint32_t opt_limit(lua_State *L, int t, const char *k, uint32_t dflt)
+{
+  lua_getfield(L, t, k);
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    return dflt;
+  }
+  if (!lua_isnumber(L, -1) || lua_tonumber(L, -1) < 1 || lua_tonumber(L, -1) > 1e9)
+    luaL_error(L, "bad option '%s' to 'new' (a number from 1 to 1e9 expected)", k);
+  uint32_t v = (uint32_t)lua_tonumber(L, -1);
+  lua_pop(L, 1);
+  return v;
+}
+
+/* http_parser.new([opts]) -> parser
+ * opts: type = "request" (default) | "response", max_head (bytes, 8192),
+ * max_headers (100), max_url (bytes, 4096). */
+static int l_new(lua_State *L)
+{
+  int type = HTTP_REQUEST;
+  uint32_t max_head = DEFAULT_MAX_HEAD, max_headers = DEFAULT_MAX_HEADERS,
+           max_url = DEFAULT_MAX_URL;
+  if (!lua_isnoneornil(L, 1)) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_getfield(L, 1, "type");
+    if (!lua_isnil(L, -1))
+      type = luaL_checkoption(L, -1, NULL, type_names) == 0 ? HTTP_REQUEST : HTTP_RESPONSE;
+    lua_pop(L, 1);
+    max_head = opt_limit(L, 1, "max_head", max_head);
+    max_headers = opt_limit(L, 1, "max_headers", max_headers);
+    max_url = opt_limit(L, 1, "max_url", max_url);
+  }
+  /* Safe before it owns anything: __gc of a zeroed parser frees nothing. */
+  hp_t *h = lua_newuserdata(L, sizeof *h);
+  memset(h, 0, sizeof *h);
+  luaL_getmetatable(L, PARSER_MT);
+  lua_setmetatable(L, -2);
+  http_parser_init(&h->p, type);
+  h->p.data = h;
+  h->max_head = max_head;
+  h->max_headers = max_headers;
+  h->max_url = max_url;
+  h->last_value = 1;
+  return 1;
+}
+
+/* Run the parser over data[0..n) (n == 0: the end of the stream) and push
+ * consumed, events. */
+static int run(lua_State *L, hp_t *h, const char *data, size_t n)
+{
+  lua_newtable(L);
+  h->L = L;
+  h->nevents = 0;
+  size_t used = 0;
+  if (h->stopped == 1) {
+    push_error(h);
+  } else if (h->stopped == 2) {
+    /* Upgraded: nothing more is HTTP. Hand the bytes back untouched. */
+    new_event(L, "upgrade", 1);
+    lua_pushlstring(L, data, n);
+    lua_setfield(L, -2, "rest");
+    push_event(h);
+  } else {
+    used = http_parser_execute(&h->p, &settings, data, n);
+    if (HTTP_PARSER_ERRNO(&h->p) != HPE_OK) {
+      h->stopped = 1;
+      push_error(h);
+    } else if (h->p.upgrade) {
+      h->stopped = 2;
+      new_event(L, "upgrade", 1);
+      lua_pushlstring(L, data + used, n - used);
+      lua_setfield(L, -2, "rest");
+      push_event(h);
+    }
+  }
+  h->L = NULL;
+  lua_pushnumber(L, (lua_Number)used);
+  lua_insert(L, -2);
+  return 2;
+}
+
+/* parser:feed(data) -> consumed, events   (see DESIGN for the events)
+ * An empty string is data too: it does nothing (use parser:finish()). */
+static int l_feed(lua_State *L)
+{
+  hp_t *h = check_parser(L);
+  size_t n;
+  const char *data = luaL_checklstring(L, 2, &n);
+  if (n == 0) {
+    lua_pushinteger(L, 0);
+    lua_newtable(L);
+    return 2;
+  }
+  return run(L, h, data, n);
+}
+
+/* parser:finish() -> 0, events
+ * Tell the parser the stream ended: completes a response whose body runs to
+ * the end of the connection, or reports a message cut short (an error event). */
+static int l_finish(lua_State *L)
+{
+  hp_t *h = check_parser(L);
+  return run(L, h, "", 0);
+}
+
+/* parser:skip_body()
+ * Response parser: the next response answers a HEAD request, so it has no
+ * body whatever its Content-Length says. */
+static int l_skip_body(lua_State *L)
+{
+  hp_t *h = check_parser(L);
+  h->skip_body = 1;
+  return 0;
+}
+
+/* parser:in_message() -> bool: a message has begun and is not complete. */
+static int l_in_message(lua_State *L)
+{
+  hp_t *h = check_parser(L);
+  lua_pushboolean(L, h->in_message);
+  return 1;
+}
+
+static int l_gc(lua_State *L)
+{
+  hp_t *h = check_parser(L);
+  mb_free(h->buf);
+  mb_free(h->hdrs);
+  h->buf = NULL;
+  h->hdrs = NULL;
+  h->cap = h->hcap = 0;
+  return 0;
+}
+
+/* -- Module functions ----------------------------------------------------- */
+
+/* http_parser.reason(code) -> "Not Found" | nil  (the standard reason phrase) */
+static int l_reason(lua_State *L)
+{
+  lua_Integer code = luaL_checkinteger(L, 1);
+  const char *s = code >= 100 && code <= 999 ? http_status_str((enum http_status)code) : NULL;
+  if (!s || strcmp(s, "<unknown>") == 0)
+    lua_pushnil(L);
+  else
+    lua_pushstring(L, s);
+  return 1;
+}
+
+/* http_parser.ws_accept(key) -> the Sec-WebSocket-Accept value for key */
+static int l_ws_accept(lua_State *L)
+{
+  size_t n;
+  const char *key = luaL_checklstring(L, 1, &n);
+#ifdef MB_HAVE_WS_H
+  char out[29];
+  if (mb_ws_accept_key(key, n, out) != 0)
+    return luaL_error(L, "ws_accept: cannot compute the accept key");
+  lua_pushlstring(L, out, strnlen(out, 28));
+  return 1;
+#else
+  (void)key;
+  return luaL_error(L, "ws_accept: host/ws.c is not built yet");
+#endif
+}
+
+static const luaL_Reg methods[] = {
+  {"feed", l_feed},
+  {"finish", l_finish},
+  {"skip_body", l_skip_body},
+  {"in_message", l_in_message},
+  {NULL, NULL}
+};
+
+static const luaL_Reg funcs[] = {
+  {"new", l_new},
+  {"reason", l_reason},
+  {"ws_accept", l_ws_accept},
+  {NULL, NULL}
+};
 
 int mb_lib_http_parser_open(lua_State *L)
 {
-  return luaL_error(L, "moonbeam.http_parser: not built yet");
+  if (luaL_newmetatable(L, PARSER_MT)) {
+    lua_createtable(L, 0, sizeof methods / sizeof *methods - 1);
+    for (const luaL_Reg *r = methods; r->name; r++) {
+      lua_pushcfunction(L, r->func);
+      lua_setfield(L, -2, r->name);
+    }
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, l_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushliteral(L, "http parser");
+    lua_setfield(L, -2, "__metatable");
+  }
+  lua_pop(L, 1);
+  lua_createtable(L, 0, sizeof funcs / sizeof *funcs - 1);
+  for (const luaL_Reg *r = funcs; r->name; r++) {
+    lua_pushcfunction(L, r->func);
+    lua_setfield(L, -2, r->name);
+  }
+  return 1;
 }
