@@ -493,15 +493,18 @@ static int l_reason(lua_State *L)
   return 1;
 }
 
-/* http_parser.ws_accept(key) -> the Sec-WebSocket-Accept value for key */
+/* http_parser.ws_accept(key) -> the Sec-WebSocket-Accept value for key
+ * | nil (a key over 256 bytes, which no valid key is) */
 static int l_ws_accept(lua_State *L)
 {
   size_t n;
   const char *key = luaL_checklstring(L, 1, &n);
 #ifdef MB_HAVE_WS_H
   char out[29];
-  if (mb_ws_accept_key(key, n, out) != 0)
-    return luaL_error(L, "ws_accept: cannot compute the accept key");
+  if (mb_ws_accept_key(key, n, out) != 0) {
+    lua_pushnil(L);
+    return 1;
+  }
   lua_pushlstring(L, out, strnlen(out, 28));
   return 1;
 #else
