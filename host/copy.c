@@ -59,6 +59,7 @@
 #include "lauxlib.h"
 #include "copy.h"
 #include "copy_format.h"
+#include "lib.h"
 #include "pid.h"
 
 #define STR_(x) #x
@@ -771,6 +772,8 @@ static int enc_value(enc_t *e, int idx)
       return put_id(e, T_PID, id);
     if ((id = mb_ref_test(L, idx)) != 0)
       return put_id(e, T_REF, id);
+    if ((id = mb_lib_sock_test(L, idx)) != 0)
+      return put_id(e, T_SOCKET, id);
     return fail(e, "cannot send a userdata");
   }
   case LUA_TLIGHTUSERDATA:

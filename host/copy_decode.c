@@ -13,6 +13,7 @@
 #include "lauxlib.h"
 #include "copy.h"
 #include "copy_format.h"
+#include "lib.h"
 #include "pid.h"
 
 /* -- Decoder ------------------------------------------------------------- */
@@ -249,6 +250,9 @@ static void dec_value(dec_t *d)
     return;
   case T_REF:
     mb_ref_push(L, rd_id(d));
+    return;
+  case T_SOCKET:
+    mb_lib_sock_push(L, rd_id(d));
     return;
   case T_BACKREF: {
     uint32_t off = rd_varint(d);

@@ -28,6 +28,7 @@
  *                       upvalue is the same variable as upvalue n of that
  *                       function (two closures over one local), and the
  *                       decoder joins them (lua_upvaluejoin)
+ *   0x0D socket         8 bytes: the socket's id (sock.h)
  *   0x20 flag "shared"  or'ed into 0x05, 0x06, 0x0A or 0x0B when a later
  *                       back-reference points at this object; only those
  *                       objects are remembered by the decoder, so a message
@@ -54,6 +55,7 @@ enum {
   T_MODULE = 0x0A,
   T_CFIELD = 0x0B,
   T_UPJOIN = 0x0C,
+  T_SOCKET = 0x0D,
   T_SHARED = 0x20,
   T_SHORTSTR = 0x80,
 };

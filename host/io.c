@@ -28,6 +28,16 @@ static void on_work(uv_work_t *w)
   req->run(req);
 }
 
+uint32_t mb_io_wait_begin(mb_proc_t *p)
+{
+  pthread_mutex_lock(&p->lock);
+  uint32_t seq = p->wait_seq;
+  p->io_done = NULL;
+  pthread_mutex_unlock(&p->lock);
+  p->pending_wait = MB_WAIT_IO;
+  return seq;
+}
+
 /* On the loop's thread: hand the result to its process, if it still waits
  * for it (the same wait), else drop it. */
 static void on_done(uv_work_t *w, int status)
@@ -35,6 +45,12 @@ static void on_done(uv_work_t *w, int status)
   mb_io_req_t *req = w->data;
   if (status == UV_ECANCELED)
     req->err = status;
+  if (!mb_io_deliver(req))
+    mb_io_free(req);
+}
+
+int mb_io_deliver(mb_io_req_t *req)
+{
   mb_proc_t *p = mb_proc_get(req->pid);
   int taken = 0, wake = 0;
   if (p) {
@@ -54,19 +70,14 @@ static void on_done(uv_work_t *w, int status)
       mb_sched_enqueue(p);
     mb_proc_unref(p);
   }
-  if (!taken)
-    mb_io_free(req);
+  return taken;
 }
 
 int mb_io_start(mb_proc_t *p, mb_io_req_t *req)
 {
-  pthread_mutex_lock(&p->lock);
-  req->seq = p->wait_seq;
-  p->io_done = NULL;
-  pthread_mutex_unlock(&p->lock);
+  req->seq = mb_io_wait_begin(p);
   req->pid = p->pid;
   req->work.data = req;
-  p->pending_wait = MB_WAIT_IO;
   int rc = uv_queue_work(mb_sched_loop(mb_sched_self()), &req->work, on_work, on_done);
   if (rc) {
     mb_io_free(req);

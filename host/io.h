@@ -54,6 +54,16 @@ mb_io_req_t *mb_io_new(size_t size, mb_io_work_fn run, mb_io_push_fn push);
  * scheduler thread. Takes ownership of req. */
 int mb_io_start(mb_proc_t *p, mb_io_req_t *req);
 
+/* Begin an MB_WAIT_IO of the running process p whose result some other
+ * code will deliver (sock.c): returns the wait's seq for mb_io_deliver.
+ * The caller then yields with MB_YIELD_WAIT. Owner thread of p. */
+uint32_t mb_io_wait_begin(mb_proc_t *p);
+
+/* Hand a finished request to process req->pid if it still waits in the
+ * wait req->seq: returns 1 if it took req (wakes it), 0 if not (req is
+ * still the caller's). Any thread. */
+int mb_io_deliver(mb_io_req_t *req);
+
 /* The scheduler's side: push the finished request's results on L and free
  * it. Owner thread of p. */
 int mb_io_finish(lua_State *L, mb_io_req_t *req);

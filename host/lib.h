@@ -14,6 +14,11 @@ int mb_lib_fs_open(lua_State *L);
 /* luaopen for require "moonbeam.tcp" (lib_tcp.c). */
 int mb_lib_tcp_open(lua_State *L);
 
+/* A socket's Lua value (interned, like pids) for its id; the id of the
+ * socket value at idx, or 0. */
+void mb_lib_sock_push(lua_State *L, uint64_t id);
+uint64_t mb_lib_sock_test(lua_State *L, int idx);
+
 /* luaopen for require "moonbeam.http_parser" (lib_http.c). */
 int mb_lib_http_parser_open(lua_State *L);
 

@@ -1,8 +1,624 @@
-/* lib_tcp.c: placeholder, replaced by the TCP module. */
+/* lib_tcp.c: the `moonbeam.tcp` Lua module - TCP sockets as values of a
+ * process (the machinery is in sock.c; see sock.h for the design).
+ *
+ * A socket value is an interned userdata holding the socket's id, like a
+ * pid (pid.c): it can be sent to another process, compares with ==, and
+ * names nothing once the socket is closed. Only the owner may use it; the
+ * others get nil, "not owner". Expected failures (refused, reset, closed,
+ * timeout, address in use) return nil plus a message; misuse (a wrong
+ * argument type) raises. Calls that wait block only the calling process,
+ * and so, like receive, cannot be made inside a C callback.
+ */
+#include <string.h>
+
+#include "io.h"
 #include "lauxlib.h"
 #include "lib.h"
+#include "scheduler.h"
+#include "sock.h"
+#include "timer.h"
+
+#define DEFAULT_BACKLOG 511
+#define DEFAULT_MAX_MESSAGE (1u << 20)
+
+/* -- Socket values --------------------------------------------------------- */
+
+typedef struct {
+  uint64_t id;
+} sockbox_t;
+
+/* Registry keys: the address of each static is unique. */
+static char mt_key, intern_key;
+
+static void push_intern(lua_State *L)
+{
+  lua_pushlightuserdata(L, &intern_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  if (!lua_isnil(L, -1))
+    return;
+  lua_pop(L, 1);
+  lua_createtable(L, 0, 4);
+  lua_pushliteral(L, "v");
+  lua_setfield(L, -2, "__mode");
+  lua_pushvalue(L, -1);
+  lua_setmetatable(L, -2);
+  lua_pushlightuserdata(L, &intern_key);
+  lua_pushvalue(L, -2);
+  lua_rawset(L, LUA_REGISTRYINDEX);
+}
+
+static void push_mt(lua_State *L);
+
+void mb_lib_sock_push(lua_State *L, uint64_t id)
+{
+  push_intern(L);
+  lua_pushnumber(L, (lua_Number)id);
+  lua_rawget(L, -2);
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    sockbox_t *b = lua_newuserdata(L, sizeof *b);
+    b->id = id;
+    push_mt(L);
+    lua_setmetatable(L, -2);
+    lua_pushnumber(L, (lua_Number)id);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, -4);
+  }
+  lua_remove(L, -2);
+}
+
+uint64_t mb_lib_sock_test(lua_State *L, int idx)
+{
+  sockbox_t *b = lua_touserdata(L, idx);
+  if (b == NULL || lua_objlen(L, idx) != sizeof *b || !lua_getmetatable(L, idx))
+    return 0;
+  lua_pushlightuserdata(L, &mt_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  int same = lua_rawequal(L, -1, -2);
+  lua_pop(L, 2);
+  return same ? b->id : 0;
+}
+
+/* The socket at arg 1 for the calling process p, or NULL after pushing
+ * nil, message (closed, not owner). Raises for a non-socket. */
+static mb_sock_t *self_sock(lua_State *L, mb_proc_t *p, int *nret)
+{
+  uint64_t id = mb_lib_sock_test(L, 1);
+  if (id == 0) {
+    luaL_typerror(L, 1, "socket");
+    return NULL;
+  }
+  mb_sock_t *s = mb_sock_get(id);
+  const char *why = NULL;
+  if (s == NULL) {
+    why = "closed";
+  } else {
+    pthread_mutex_lock(&s->lock);
+    if (s->owner != p->pid)
+      why = "not owner";
+    pthread_mutex_unlock(&s->lock);
+    if (why) {
+      mb_sock_unref(s);
+      s = NULL;
+    }
+  }
+  if (s == NULL) {
+    lua_pushnil(L);
+    lua_pushstring(L, why);
+    *nret = 2;
+  }
+  return s;
+}
+
+static int fail(lua_State *L, const char *msg)
+{
+  lua_pushnil(L);
+  lua_pushstring(L, msg);
+  return 2;
+}
+
+static int fail_code(lua_State *L, int code)
+{
+  return fail(L, code == MB_SOCK_ECLOSED ? "closed" : uv_strerror(code));
+}
+
+/* An optional timeout in ms at idx: -1 for none. */
+static double opt_timeout(lua_State *L, int idx)
+{
+  if (lua_isnoneornil(L, idx))
+    return -1;
+  double ms = luaL_checknumber(L, idx);
+  if (ms < 0 || ms != ms)
+    luaL_argerror(L, idx, "timeout must be a number of ms >= 0");
+  return ms;
+}
+
+static int push_timeout(lua_State *L, uint64_t arg)
+{
+  (void)arg;
+  return fail(L, "timeout");
+}
+
+/* Block the caller in the MB_WAIT_IO begun with mb_io_wait_begin. */
+static int wait_io(lua_State *L, mb_proc_t *p, double timeout,
+                   int (*on_timeout)(lua_State *, uint64_t), uint64_t arg)
+{
+  if (timeout > 0)
+    p->wait_timer = mb_timer_wait(p, timeout);
+  p->io_on_timeout = on_timeout;
+  p->io_timeout_arg = arg;
+  return mb_sched_yield(L, MB_YIELD_WAIT);
+}
+
+static mb_proc_t *blocking_self(lua_State *L, const char *fname)
+{
+  mb_proc_t *p = mb_lib_self(L);
+  if (!mb_sched_can_yield(p, L))
+    mb_lib_block_error(L, fname);
+  return p;
+}
+
+/* -- tcp.listen / tcp.connect ----------------------------------------------- */
+
+static int check_port(lua_State *L, int idx)
+{
+  lua_Number n = luaL_checknumber(L, idx);
+  if (n < 0 || n > 65535 || n != (int)n)
+    luaL_argerror(L, idx, "port must be an integer in 0..65535");
+  return (int)n;
+}
+
+/* tcp.listen(host, port[, {backlog = n}]) */
+static int l_listen(lua_State *L)
+{
+  mb_proc_t *p = mb_lib_self(L);
+  const char *host = luaL_checkstring(L, 1);
+  int port = check_port(L, 2);
+  int backlog = DEFAULT_BACKLOG;
+  if (!lua_isnoneornil(L, 3)) {
+    luaL_checktype(L, 3, LUA_TTABLE);
+    lua_getfield(L, 3, "backlog");
+    backlog = (int)luaL_optinteger(L, -1, DEFAULT_BACKLOG);
+    lua_pop(L, 1);
+  }
+  char err[160];
+  mb_sock_t *s = mb_sock_listen(p, host, port, backlog, err, sizeof err);
+  if (s == NULL)
+    return fail(L, err);
+  mb_lib_sock_push(L, s->id);
+  return 1;
+}
+
+static int connect_timeout(lua_State *L, uint64_t id)
+{
+  mb_sock_t *s = mb_sock_get(id);
+  if (s) {
+    mb_sock_close(s, mb_proc_of(L)->pid, mb_sock_do_close, NULL);
+    mb_sock_unref(s);
+  }
+  return fail(L, "timeout");
+}
+
+/* tcp.connect(host, port[, timeout_ms]) */
+static int l_connect(lua_State *L)
+{
+  const char *host = luaL_checkstring(L, 1);
+  int port = check_port(L, 2);
+  double timeout = opt_timeout(L, 3);
+  mb_proc_t *p = blocking_self(L, "connect");
+  uint32_t seq = mb_io_wait_begin(p);
+  char err[160];
+  mb_sock_t *s = mb_sock_connect(p, seq, host, port, err, sizeof err);
+  if (s == NULL)
+    return fail(L, err);
+  return wait_io(L, p, timeout, connect_timeout, s->id);
+}
+
+/* -- Listener methods --------------------------------------------------------- */
+
+/* listener:accept([timeout_ms]) */
+static int l_accept(lua_State *L)
+{
+  int n;
+  double timeout = opt_timeout(L, 2);
+  mb_proc_t *p = mb_lib_self(L);
+  mb_sock_t *s = self_sock(L, p, &n);
+  if (s == NULL)
+    return n;
+  if (s->kind != MB_SOCK_LISTENER) {
+    mb_sock_unref(s);
+    return luaL_argerror(L, 1, "listener expected, got a connected socket");
+  }
+  pthread_mutex_lock(&s->lock);
+  mb_sock_t *c = s->acc_head;
+  if (c) {
+    s->acc_head = c->onext;
+    if (s->acc_head == NULL)
+      s->acc_tail = &s->acc_head;
+    s->nacc--;
+    c->onext = NULL;
+  }
+  int resume = s->acc_paused;
+  int can = c || timeout == 0 || mb_sched_can_yield(p, L);
+  if (!c && timeout != 0 && can) {
+    s->wait = MB_SW_ACCEPT;
+    s->wpid = p->pid;
+    s->wseq = mb_io_wait_begin(p);
+  }
+  pthread_mutex_unlock(&s->lock);
+  if (resume)
+    mb_sock_run(s, mb_sock_do_accept, NULL);
+  mb_sock_unref(s);
+  if (!can)
+    return mb_lib_block_error(L, "accept");
+  if (c) {
+    if (mb_sock_set_owner(c, 0, p) < 0)
+      return fail(L, "closed");
+    mb_lib_sock_push(L, c->id);
+    return 1;
+  }
+  if (timeout == 0)
+    return fail(L, "timeout");
+  return wait_io(L, p, timeout, push_timeout, 0);
+}
+
+/* listener:port() */
+static int l_port(lua_State *L)
+{
+  int n;
+  mb_sock_t *s = self_sock(L, mb_lib_self(L), &n);
+  if (s == NULL)
+    return n;
+  char host[64];
+  int port = mb_sock_name(s, 0, host, sizeof host);
+  mb_sock_unref(s);
+  lua_pushinteger(L, port);
+  return 1;
+}
+
+/* -- Stream methods ---------------------------------------------------------- */
+
+/* The stream socket at arg 1 for the caller, or NULL with nil, msg pushed. */
+static mb_sock_t *stream_sock(lua_State *L, mb_proc_t *p, int *nret)
+{
+  mb_sock_t *s = self_sock(L, p, nret);
+  if (s && s->kind != MB_SOCK_STREAM) {
+    mb_sock_unref(s);
+    luaL_argerror(L, 1, "connected socket expected, got a listener");
+  }
+  return s;
+}
+
+/* Take what was read (s->lock held): in WebSocket mode one message, else
+ * every chunk. Returns the chunks, detached. */
+static mb_chunk_t *take_read(mb_sock_t *s)
+{
+  mb_chunk_t *c = s->rhead;
+  if (c == NULL || c->binary < 0)
+    return NULL;
+  if (s->ws_mode) {
+    s->rhead = c->next;
+    c->next = NULL;
+    s->rbytes -= c->len;
+  } else {
+    s->rhead = NULL;
+    s->rbytes = 0;
+  }
+  if (s->rhead == NULL)
+    s->rtail = &s->rhead;
+  return c;
+}
+
+static int push_chunks(lua_State *L, mb_chunk_t *c, int ws)
+{
+  if (c->next == NULL) {
+    lua_pushlstring(L, c->data, c->len);
+  } else {
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    for (mb_chunk_t *k = c; k; k = k->next)
+      luaL_addlstring(&b, k->data, k->len);
+    luaL_pushresult(&b);
+  }
+  if (ws)
+    lua_pushboolean(L, c->binary);
+  return ws ? 2 : 1;
+}
+
+/* sock:read([timeout_ms]) */
+static int l_read(lua_State *L)
+{
+  int n;
+  double timeout = opt_timeout(L, 2);
+  mb_proc_t *p = mb_lib_self(L);
+  mb_sock_t *s = stream_sock(L, p, &n);
+  if (s == NULL)
+    return n;
+  pthread_mutex_lock(&s->lock);
+  int ws = s->ws_mode, end = 0, can = 1;
+  const char *busy = s->active ? "socket is in active mode" : NULL;
+  mb_chunk_t *c = busy ? NULL : take_read(s);
+  int resume = c && s->paused && s->rbytes < MB_SOCK_RBUF_MAX;
+  if (!busy && c == NULL) {
+    if (s->eof || s->err)
+      end = s->err ? s->err : MB_SOCK_ECLOSED;
+    else if (timeout != 0 && (can = mb_sched_can_yield(p, L))) {
+      s->wait = MB_SW_READ;
+      s->wpid = p->pid;
+      s->wseq = mb_io_wait_begin(p);
+    }
+  }
+  pthread_mutex_unlock(&s->lock);
+  if (resume)
+    mb_sock_run(s, mb_sock_do_resume, NULL);
+  mb_sock_unref(s);
+  if (busy)
+    return fail(L, busy);
+  if (c) {
+    /* (A memory error here ends the process and leaks c: accepted.) */
+    n = push_chunks(L, c, ws);
+    while (c) {
+      mb_chunk_t *next = c->next;
+      mb_free(c);
+      c = next;
+    }
+    return n;
+  }
+  if (end)
+    return fail_code(L, end);
+  if (!can)
+    return mb_lib_block_error(L, "read");
+  if (timeout == 0)
+    return fail(L, "timeout");
+  return wait_io(L, p, timeout, push_timeout, 0);
+}
+
+/* sock:write(data[, binary]) */
+static int l_write(lua_State *L)
+{
+  int n;
+  size_t len;
+  mb_proc_t *p = mb_lib_self(L);
+  const char *data = luaL_checklstring(L, 2, &len);
+  int binary = lua_toboolean(L, 3);
+  mb_sock_t *s = stream_sock(L, p, &n);
+  if (s == NULL)
+    return n;
+  mb_sock_out_t *o = mb_malloc(sizeof *o + len);
+  o->len = len;
+  o->binary = binary;
+  memcpy(o->data, data, len);
+  pthread_mutex_lock(&s->lock);
+  int err = s->err && s->err != MB_SOCK_ECLOSED ? s->err : 0;
+  int wait = 0;
+  if (!err) {
+    s->wq += len;
+    /* Over the mark: wait till it drains, if this is a place to wait. */
+    if (s->wq > MB_SOCK_WRITE_HIGH && mb_sched_can_yield(p, L)) {
+      wait = 1;
+      s->wait = MB_SW_WRITE;
+      s->wpid = p->pid;
+      s->wseq = mb_io_wait_begin(p);
+    }
+  }
+  pthread_mutex_unlock(&s->lock);
+  if (err) {
+    mb_free(o);
+    mb_sock_unref(s);
+    return fail_code(L, err);
+  }
+  mb_sock_run(s, mb_sock_do_write, o);
+  mb_sock_unref(s);
+  if (wait)
+    return wait_io(L, p, -1, NULL, 0);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* sock:close([code[, reason]]): code and reason for a WebSocket. */
+static int l_close(lua_State *L)
+{
+  mb_proc_t *p = mb_lib_self(L);
+  uint64_t id = mb_lib_sock_test(L, 1);
+  if (id == 0)
+    return luaL_typerror(L, 1, "socket");
+  mb_sock_t *s = mb_sock_get(id);
+  if (s == NULL) {
+    lua_pushboolean(L, 1);   /* closing twice is fine */
+    return 1;
+  }
+  int rc;
+  if (!lua_isnoneornil(L, 2)) {
+    int code = (int)luaL_checkinteger(L, 2);
+    size_t len = 0;
+    const char *reason = luaL_optlstring(L, 3, "", &len);
+    if (len > 123)
+      len = 123;   /* a close frame's payload is at most 125 bytes */
+    mb_sock_out_t *o = mb_malloc(sizeof *o + len);
+    o->len = len;
+    o->binary = code;
+    memcpy(o->data, reason, len);
+    rc = mb_sock_close(s, p->pid, mb_sock_do_ws_close, o);
+  } else {
+    rc = mb_sock_close(s, p->pid, mb_sock_do_close, NULL);
+  }
+  mb_sock_unref(s);
+  if (rc < 0)
+    return fail(L, "not owner");
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int push_name(lua_State *L, int peer)
+{
+  int n;
+  mb_sock_t *s = self_sock(L, mb_lib_self(L), &n);
+  if (s == NULL)
+    return n;
+  char host[64];
+  int port = mb_sock_name(s, peer, host, sizeof host);
+  mb_sock_unref(s);
+  if (port < 0)
+    return fail(L, "not connected");
+  lua_pushstring(L, host);
+  lua_pushinteger(L, port);
+  return 2;
+}
+
+static int l_peername(lua_State *L)
+{
+  return push_name(L, 1);
+}
+
+static int l_sockname(lua_State *L)
+{
+  return push_name(L, 0);
+}
+
+/* sock:set_active(true | "once" | false) */
+static int l_set_active(lua_State *L)
+{
+  int n, mode;
+  if (lua_type(L, 2) == LUA_TBOOLEAN)
+    mode = lua_toboolean(L, 2);
+  else if (lua_type(L, 2) == LUA_TSTRING && strcmp(lua_tostring(L, 2), "once") == 0)
+    mode = 2;
+  else
+    return luaL_argerror(L, 2, "true, false or \"once\" expected");
+  mb_sock_t *s = stream_sock(L, mb_lib_self(L), &n);
+  if (s == NULL)
+    return n;
+  pthread_mutex_lock(&s->lock);
+  s->active = mode;
+  int resume = mb_sock_flush_active(s);
+  pthread_mutex_unlock(&s->lock);
+  if (resume)
+    mb_sock_run(s, mb_sock_do_resume, NULL);
+  mb_sock_unref(s);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* sock:set_owner(pid) */
+static int l_set_owner(lua_State *L)
+{
+  int n;
+  mb_proc_t *p = mb_lib_self(L);
+  mb_pid_t to = mb_pid_check(L, 2);
+  mb_sock_t *s = self_sock(L, p, &n);
+  if (s == NULL)
+    return n;
+  mb_proc_t *np = mb_proc_get(to);
+  int rc = np ? mb_sock_set_owner(s, p->pid, np) : -1;
+  if (np)
+    mb_proc_unref(np);
+  mb_sock_unref(s);
+  if (rc < 0)
+    return fail(L, np ? "closed" : "noproc");
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* sock:websocket{client = bool, max_message = n, pending = "bytes"} */
+static int l_websocket(lua_State *L)
+{
+  int n;
+  mb_proc_t *p = mb_lib_self(L);
+  int client = 0;
+  size_t max = DEFAULT_MAX_MESSAGE, plen = 0;
+  const char *pending = "";
+  if (!lua_isnoneornil(L, 2)) {
+    luaL_checktype(L, 2, LUA_TTABLE);
+    lua_getfield(L, 2, "client");
+    client = lua_toboolean(L, -1);
+    lua_getfield(L, 2, "max_message");
+    lua_Number m = luaL_optnumber(L, -1, (lua_Number)DEFAULT_MAX_MESSAGE);
+    if (m < 1)
+      return luaL_argerror(L, 2, "max_message must be >= 1");
+    max = (size_t)m;
+    lua_getfield(L, 2, "pending");
+    pending = luaL_optlstring(L, -1, "", &plen);
+  }
+  mb_sock_t *s = stream_sock(L, p, &n);
+  if (s == NULL)
+    return n;
+  pthread_mutex_lock(&s->lock);
+  int already = s->ws_mode;
+  if (!already) {
+    /* Bytes read ahead and not taken are raw: the framer takes them. */
+    s->ws_mode = 1;
+    for (mb_chunk_t *c = s->rhead; c; c = c->next)
+      c->binary = -1;
+  }
+  pthread_mutex_unlock(&s->lock);
+  if (already) {
+    mb_sock_unref(s);
+    return luaL_error(L, "websocket: the socket is already in WebSocket mode");
+  }
+  mb_sock_wsopt_t *o = mb_malloc(sizeof *o + plen);
+  o->client = client;
+  o->max_message = max;
+  o->len = plen;
+  memcpy(o->data, pending, plen);
+  mb_sock_run(s, mb_sock_do_ws, o);
+  mb_sock_unref(s);
+  lua_settop(L, 1);
+  return 1;
+}
+
+static int l_tostring(lua_State *L)
+{
+  sockbox_t *b = lua_touserdata(L, 1);
+  lua_pushfstring(L, "#Socket<%d.%d>", (int)(b->id & MB_PID_SLOT_MASK),
+                  (int)(b->id >> MB_PID_SLOT_BITS));
+  return 1;
+}
+
+static const luaL_Reg methods[] = {
+  {"accept", l_accept},
+  {"port", l_port},
+  {"read", l_read},
+  {"write", l_write},
+  {"close", l_close},
+  {"peername", l_peername},
+  {"sockname", l_sockname},
+  {"set_active", l_set_active},
+  {"set_owner", l_set_owner},
+  {"websocket", l_websocket},
+  {NULL, NULL}
+};
+
+static void push_mt(lua_State *L)
+{
+  lua_pushlightuserdata(L, &mt_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  if (!lua_isnil(L, -1))
+    return;
+  lua_pop(L, 1);
+  lua_createtable(L, 0, 4);
+  lua_createtable(L, 0, 12);
+  luaL_register(L, NULL, methods);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, l_tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_pushliteral(L, "socket");
+  lua_setfield(L, -2, "__name");
+  lua_pushboolean(L, 0);
+  lua_setfield(L, -2, "__metatable");
+  lua_pushlightuserdata(L, &mt_key);
+  lua_pushvalue(L, -2);
+  lua_rawset(L, LUA_REGISTRYINDEX);
+}
+
+static const luaL_Reg funcs[] = {
+  {"listen", l_listen},
+  {"connect", l_connect},
+  {NULL, NULL}
+};
 
 int mb_lib_tcp_open(lua_State *L)
 {
-  return luaL_error(L, "moonbeam.tcp: not built yet");
+  lua_createtable(L, 0, 2);
+  luaL_register(L, NULL, funcs);
+  return 1;
 }

@@ -9,6 +9,7 @@
 #include "io.h"
 #include "lstate.h"
 #include "proc.h"
+#include "sock.h"
 #include "reg.h"
 #include "scheduler.h"
 #include "timer.h"
@@ -492,6 +493,7 @@ void mb_proc_exit(mb_proc_t *p, mb_msg_t *reason)
 
   mb_reg_remove_proc(p);
   table_remove(p);
+  mb_sock_owner_exit(p);
   for (uint32_t i = 0; i < links.n; i++)
     mb_proc_exit_signal(links.v[i].pid, p->pid, mb_msg_dup(reason), 0);
   for (uint32_t i = 0; i < watchers.n; i++)

@@ -80,6 +80,7 @@ typedef struct mb_linkset {
 } mb_linkset_t;
 
 struct mb_sched;
+struct mb_sock;
 struct mb_timer;
 
 typedef struct mb_proc {
@@ -102,6 +103,7 @@ typedef struct mb_proc {
   mb_msg_t *in_head, **in_tail;
   mb_linkset_t links;        /* pids linked to this process */
   mb_linkset_t watchers;     /* monitors on this process: {watcher, ref} */
+  struct mb_sock *socks;     /* sockets it owns (sock.h) */
 
   /* -- owner-only -- */
   mb_msg_t *q_head, **q_tail;  /* private half of the mailbox */
@@ -120,6 +122,9 @@ typedef struct mb_proc {
   int recv_result;             /* what the scheduler's work on its behalf gave:
                                   receive -1/0/1, values pushed by boot or I/O */
   struct mb_io_req *io_req;    /* the operation whose results are pushed now */
+  /* An MB_WAIT_IO with a timer: pushes the results of a timeout. */
+  int (*io_on_timeout)(lua_State *L, uint64_t arg);
+  uint64_t io_timeout_arg;
   struct mb_timer *wait_timer; /* timer of the current wait, or NULL */
   lua_CFunction boot;          /* set until the first run: see scheduler.c */
   mb_msg_t *boot_msg;          /* what boot decodes (spawn's function, args) */

@@ -12,6 +12,7 @@
 #include "lib.h"
 #include "lstate.h"
 #include "reg.h"
+#include "sock.h"
 #include "report.h"
 #include "scheduler.h"
 #include "timer.h"
@@ -312,6 +313,7 @@ static void end_wait(mb_proc_t *p)
   }
   p->q_scan = &p->q_head;
   p->timed_out = 0;
+  p->io_on_timeout = NULL;
   if (p->wait_timer || p->wait == MB_WAIT_IO) {
     if (p->wait_timer)
       mb_timer_wait_done(p->wait_timer);
@@ -361,6 +363,17 @@ static int push_io_cf(lua_State *L)
   return 0;
 }
 
+/* Under lua_cpcall on the main thread: push what a timed-out operation
+ * gives, and pass it to the suspended body coroutine. */
+static int push_timeout_cf(lua_State *L)
+{
+  mb_proc_t *p = lua_touserdata(L, 1);
+  lua_settop(L, 0);
+  p->recv_result = p->io_on_timeout(L, p->io_timeout_arg);
+  lua_xmove(L, p->co, p->recv_result);
+  return 0;
+}
+
 /* An MB_WAIT_IO: resume with the operation's results once it is done. */
 static int finish_io(mb_proc_t *p)
 {
@@ -368,8 +381,17 @@ static int finish_io(mb_proc_t *p)
   mb_io_req_t *req = p->io_done;
   p->io_done = NULL;
   pthread_mutex_unlock(&p->lock);
-  if (req == NULL)
-    return -1;
+  if (req == NULL) {
+    if (!p->timed_out || p->io_on_timeout == NULL)
+      return -1;
+    /* The wait's timer fired first: the operation says what that gives. */
+    if (lua_cpcall(p->L, push_timeout_cf, p) != 0) {
+      p->exit_reason = pop_reason(p->L, "out of memory");
+      return -2;
+    }
+    end_wait(p);
+    return p->recv_result;
+  }
   p->io_req = req;
   int rc = lua_cpcall(p->L, push_io_cf, p);
   p->io_req = NULL;
@@ -651,9 +673,15 @@ int mb_sched_run(void)
 
 static void close_handle(uv_handle_t *h, void *arg)
 {
-  if (h->type == UV_TIMER)
-    mb_timer_close_handle(h);   /* every timer is an mb_timer_t */
-  else if (!uv_is_closing(h))
+  if (uv_is_closing(h))
+    return;
+  if (h->type == UV_TCP)
+    mb_sock_close_handle(h);    /* every TCP handle is a socket's */
+  else if (h->type == UV_TIMER && h->data == NULL)
+    return;                     /* a socket's timer: closed with its socket */
+  else if (h->type == UV_TIMER)
+    mb_timer_close_handle(h);   /* other timers are mb_timer_t */
+  else
     uv_close(h, NULL);
 }
 
@@ -664,6 +692,7 @@ int mb_sched_wait(void)
   /* Processes first: their finalizers may still post to the loops. */
   mb_proc_shutdown();
   mb_reg_shutdown();
+  mb_sock_shutdown();
   for (int i = 0; i < nscheds; i++) {
     mb_sched_t *s = &scheds[i];
     self = s;

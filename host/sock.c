@@ -1,0 +1,1155 @@
+/* sock.c: TCP sockets on the schedulers' loops (see sock.h).
+ *
+ * Functions named do_* and on_* run on the socket's loop thread; the rest
+ * say where they run.
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "copy_format.h"
+#include "io.h"
+#include "lib.h"
+#include "scheduler.h"
+#include "sock.h"
+#include "ws.h"
+
+/* Close a WebSocket or flush a stream for at most this long (ms). */
+#define LINGER_MS 5000
+
+/* -- The socket table ------------------------------------------------------ */
+
+/* id = generation << 24 | slot, as for pids; slot 0 is never used. */
+static pthread_mutex_t tab_lock = PTHREAD_MUTEX_INITIALIZER;
+static mb_sock_t **tab;
+static uint32_t *tab_gen;
+static uint32_t tab_cap, tab_used = 1;
+static uint32_t *tab_free;      /* free slots (a stack) */
+static uint32_t tab_nfree;
+
+static int tab_add(mb_sock_t *s)
+{
+  pthread_mutex_lock(&tab_lock);
+  uint32_t slot;
+  if (tab_nfree) {
+    slot = tab_free[--tab_nfree];
+  } else {
+    if (tab_used >= tab_cap) {
+      uint32_t cap = tab_cap ? tab_cap * 2 : 1024;
+      if (cap > MB_PID_SLOT_MASK) {
+        pthread_mutex_unlock(&tab_lock);
+        return -1;
+      }
+      tab = mb_realloc(tab, cap * sizeof *tab);
+      tab_gen = mb_realloc(tab_gen, cap * sizeof *tab_gen);
+      tab_free = mb_realloc(tab_free, cap * sizeof *tab_free);
+      memset(tab_gen + tab_cap, 0, (cap - tab_cap) * sizeof *tab_gen);
+      tab_cap = cap;
+    }
+    slot = tab_used++;
+  }
+  tab[slot] = s;
+  tab_gen[slot]++;
+  s->id = ((uint64_t)tab_gen[slot] << MB_PID_SLOT_BITS) | slot;
+  pthread_mutex_unlock(&tab_lock);
+  return 0;
+}
+
+/* Drop s from the table (its id finds nothing from now on); returns 1 if
+ * it was there, and then the caller drops the table's reference. */
+static int tab_remove(mb_sock_t *s)
+{
+  int found = 0;
+  uint32_t slot = (uint32_t)(s->id & MB_PID_SLOT_MASK);
+  pthread_mutex_lock(&tab_lock);
+  if (slot && slot < tab_used && tab[slot] == s) {
+    tab[slot] = NULL;
+    tab_free[tab_nfree++] = slot;
+    found = 1;
+  }
+  pthread_mutex_unlock(&tab_lock);
+  return found;
+}
+
+mb_sock_t *mb_sock_get(uint64_t id)
+{
+  uint32_t slot = (uint32_t)(id & MB_PID_SLOT_MASK);
+  mb_sock_t *s = NULL;
+  pthread_mutex_lock(&tab_lock);
+  if (slot && slot < tab_used && tab[slot] && tab[slot]->id == id) {
+    s = tab[slot];
+    atomic_fetch_add(&s->refs, 1);
+  }
+  pthread_mutex_unlock(&tab_lock);
+  return s;
+}
+
+static void chunks_free(mb_chunk_t *c)
+{
+  while (c) {
+    mb_chunk_t *next = c->next;
+    mb_free(c);
+    c = next;
+  }
+}
+
+void mb_sock_unref(mb_sock_t *s)
+{
+  if (atomic_fetch_sub(&s->refs, 1) != 1)
+    return;
+  chunks_free(s->rhead);
+  if (s->ws)
+    mb_ws_free(s->ws);
+  mb_free(s->ws_reason);
+  pthread_mutex_destroy(&s->lock);
+  mb_free(s);
+}
+
+/* -- Creating and closing -------------------------------------------------- */
+
+static void close_handles(mb_sock_t *s);
+
+/* A socket on the calling thread's loop: refs = table + two handles. */
+static mb_sock_t *sock_new(mb_sock_kind_t kind)
+{
+  mb_sched_t *sched = mb_sched_self();
+  mb_sock_t *s = mb_calloc(1, sizeof *s);
+  s->kind = kind;
+  s->sched = sched;
+  atomic_init(&s->refs, 3);
+  pthread_mutex_init(&s->lock, NULL);
+  s->rtail = &s->rhead;
+  s->acc_tail = &s->acc_head;
+  uv_tcp_init(mb_sched_loop(sched), &s->tcp);
+  uv_timer_init(mb_sched_loop(sched), &s->linger);
+  s->linger.data = NULL;   /* marks it as a socket's (see scheduler.c) */
+  if (tab_add(s) < 0) {
+    /* No id: close the handles at once; their callbacks free s. */
+    atomic_fetch_sub(&s->refs, 1);
+    close_handles(s);
+    return NULL;
+  }
+  return s;
+}
+
+static void on_handle_closed(uv_handle_t *h)
+{
+  mb_sock_t *s = h->type == UV_TIMER
+               ? (mb_sock_t *)((char *)h - offsetof(mb_sock_t, linger))
+               : (mb_sock_t *)h;
+  mb_sock_unref(s);
+}
+
+static void accepted_close(mb_sock_t *s);
+
+/* Close both handles now (loop thread, or main thread at shutdown). */
+static void close_handles(mb_sock_t *s)
+{
+  if (s->handle_closing)
+    return;
+  s->handle_closing = 1;
+  uv_timer_stop(&s->linger);
+  uv_close((uv_handle_t *)&s->linger, on_handle_closed);
+  uv_close((uv_handle_t *)&s->tcp, on_handle_closed);
+  pthread_mutex_lock(&s->lock);
+  mb_sock_t *acc = s->acc_head;
+  s->acc_head = NULL;
+  s->acc_tail = &s->acc_head;
+  s->nacc = 0;
+  pthread_mutex_unlock(&s->lock);
+  while (acc) {
+    mb_sock_t *next = acc->onext;
+    accepted_close(acc);
+    acc = next;
+  }
+}
+
+/* A connection that was accepted but never handed to a process. */
+static void accepted_close(mb_sock_t *c)
+{
+  pthread_mutex_lock(&c->lock);
+  c->closed = 1;
+  pthread_mutex_unlock(&c->lock);
+  if (tab_remove(c))
+    mb_sock_unref(c);
+  close_handles(c);
+}
+
+static void on_linger(uv_timer_t *t)
+{
+  close_handles((mb_sock_t *)((char *)t - offsetof(mb_sock_t, linger)));
+}
+
+static void on_shutdown(uv_shutdown_t *req, int status)
+{
+  mb_sock_t *s = req->data;
+  if (s->ws == NULL || mb_ws_done(s->ws) || status < 0)
+    close_handles(s);
+  /* else: wait for the peer's close frame (or the linger timer) */
+  mb_sock_unref(s);
+}
+
+/* Flush what is queued, then close; bounded by the linger timer. */
+static void close_gently(mb_sock_t *s)
+{
+  if (s->handle_closing || s->linger_on)
+    return;
+  s->linger_on = 1;
+  uv_timer_start(&s->linger, on_linger, LINGER_MS, 0);
+  if (s->kind == MB_SOCK_LISTENER) {
+    close_handles(s);
+    return;
+  }
+  s->shutdown.data = s;
+  atomic_fetch_add(&s->refs, 1);
+  if (uv_shutdown(&s->shutdown, (uv_stream_t *)&s->tcp, on_shutdown) < 0) {
+    mb_sock_unref(s);
+    close_handles(s);
+  }
+}
+
+void mb_sock_do_close(mb_sock_t *s, void *arg)
+{
+  (void)arg;
+  if (s->ws && !mb_ws_done(s->ws))
+    mb_ws_close(s->ws, 1000, NULL, 0);   /* close_gently follows */
+  close_gently(s);
+}
+
+/* Mark s closed and drop it from the table: any thread, s->lock not held. */
+static int mark_closed(mb_sock_t *s)
+{
+  pthread_mutex_lock(&s->lock);
+  int was = s->closed;
+  s->closed = 1;
+  s->owner = 0;
+  s->active = 0;
+  pthread_mutex_unlock(&s->lock);
+  if (tab_remove(s))
+    mb_sock_unref(s);
+  return was;
+}
+
+/* -- Commands to the loop -------------------------------------------------- */
+
+typedef struct cmd {
+  mb_sock_t *s;
+  void (*fn)(mb_sock_t *s, void *arg);
+  void *arg;
+} cmd_t;
+
+static void run_posted(void *arg)
+{
+  cmd_t *c = arg;
+  mb_sock_t *s = c->s;
+  c->fn(s, c->arg);
+  pthread_mutex_lock(&s->lock);
+  s->posted--;
+  pthread_mutex_unlock(&s->lock);
+  mb_sock_unref(s);
+  mb_free(c);
+}
+
+void mb_sock_run(mb_sock_t *s, void (*fn)(mb_sock_t *s, void *arg), void *arg)
+{
+  pthread_mutex_lock(&s->lock);
+  int now = mb_sched_self() == s->sched && s->posted == 0;
+  if (!now)
+    s->posted++;
+  pthread_mutex_unlock(&s->lock);
+  if (now) {
+    fn(s, arg);
+    return;
+  }
+  cmd_t *c = mb_malloc(sizeof *c);
+  c->s = s;
+  c->fn = fn;
+  c->arg = arg;
+  atomic_fetch_add(&s->refs, 1);
+  mb_sched_post(s->sched, run_posted, c);
+}
+
+/* -- Messages of active mode ----------------------------------------------- */
+
+/* A tiny writer of the codec's format for the few tables built in C. */
+typedef struct { mb_msg_t *m; size_t len; } mw_t;
+
+static void mw_bytes(mw_t *w, const void *p, size_t n)
+{
+  memcpy(w->m->data + w->len, p, n);
+  w->len += n;
+}
+
+static void mw_str(mw_t *w, const char *s, size_t n)
+{
+  if (n <= SHORTSTR_MAX) {
+    unsigned char t = (unsigned char)(T_SHORTSTR | n);
+    mw_bytes(w, &t, 1);
+  } else {
+    unsigned char b[6];
+    size_t k = 0;
+    b[k++] = T_STRING;
+    size_t v = n;
+    while (v >= 0x80) {
+      b[k++] = (unsigned char)(v | 0x80);
+      v >>= 7;
+    }
+    b[k++] = (unsigned char)v;
+    mw_bytes(w, b, k);
+  }
+  mw_bytes(w, s, n);
+}
+
+static void mw_cstr(mw_t *w, const char *s)
+{
+  mw_str(w, s, strlen(s));
+}
+
+/* Start {event = event, socket = <id>, ...nmore pairs}. */
+static void mw_start(mw_t *w, size_t room, uint64_t id, const char *event,
+                     uint32_t nmore)
+{
+  w->m = mb_msg_new(64 + room);
+  w->m->kind = MB_MSG_USER;
+  w->m->nvalues = 1;
+  w->len = 0;
+  unsigned char h[2] = {T_TABLE, 0};
+  mw_bytes(w, h, 2);
+  uint32_t nhash = 2 + nmore;
+  mw_bytes(w, &nhash, 4);
+  mw_cstr(w, "event");
+  mw_cstr(w, event);
+  mw_cstr(w, "socket");
+  unsigned char t = T_SOCKET;
+  mw_bytes(w, &t, 1);
+  mw_bytes(w, &id, 8);
+}
+
+static mb_msg_t *mw_end(mw_t *w)
+{
+  w->m->len = w->len;
+  return w->m;
+}
+
+mb_msg_t *mb_sock_msg(uint64_t id, const char *event, const char *data,
+                      size_t len, int binary)
+{
+  mw_t w;
+  int ws = binary >= 0;
+  mw_start(&w, len + 16, id, event, ws ? 2 : 1);
+  mw_cstr(&w, "data");
+  mw_str(&w, data, len);
+  if (ws) {
+    mw_cstr(&w, "binary");
+    unsigned char b = binary ? T_TRUE : T_FALSE;
+    mw_bytes(&w, &b, 1);
+  }
+  return mw_end(&w);
+}
+
+mb_msg_t *mb_sock_msg_closed(uint64_t id, const char *event, int code,
+                             const char *reason)
+{
+  mw_t w;
+  size_t rlen = reason ? strlen(reason) : 0;
+  uint32_t n = (code ? 1 : 0) + (reason ? 1 : 0);
+  mw_start(&w, rlen + 32, id, event, n);
+  if (code) {
+    mw_cstr(&w, "code");
+    unsigned char t = T_NUMBER;
+    double d = code;
+    mw_bytes(&w, &t, 1);
+    mw_bytes(&w, &d, 8);
+  }
+  if (reason) {
+    mw_cstr(&w, "reason");
+    mw_str(&w, reason, rlen);
+  }
+  return mw_end(&w);
+}
+
+/* The end of the stream as the owner's message. s->lock held. */
+static mb_msg_t *end_msg(mb_sock_t *s)
+{
+  if (s->ws_mode)
+    return mb_sock_msg_closed(s->id, "ws_closed", s->ws_code ? s->ws_code : 1006,
+                              s->ws_reason ? s->ws_reason : "");
+  if (s->err && s->err != MB_SOCK_ECLOSED)
+    return mb_sock_msg_closed(s->id, "tcp_error", 0, uv_strerror(s->err));
+  return mb_sock_msg_closed(s->id, "tcp_closed", 0, NULL);
+}
+
+/* In active mode, send what was read (and then the end) to the owner.
+ * s->lock held; returns 1 if reading should resume (the buffer drained). */
+int mb_sock_flush_active(mb_sock_t *s)
+{
+  while (s->active && s->owner && s->rhead && s->rhead->binary >= 0) {
+    mb_chunk_t *c = s->rhead;
+    s->rhead = c->next;
+    if (s->rhead == NULL)
+      s->rtail = &s->rhead;
+    s->rbytes -= c->len;
+    mb_proc_send(s->owner, mb_sock_msg(s->id, s->ws_mode ? "ws" : "tcp",
+                                       c->data, c->len,
+                                       s->ws_mode ? c->binary : -1));
+    mb_free(c);
+    if (s->active == 2)
+      s->active = 0;
+  }
+  if (s->active && s->owner && s->rhead == NULL && (s->eof || s->err)
+      && s->eof != 2) {
+    mb_proc_send(s->owner, end_msg(s));
+    s->eof = 2;   /* the end was told */
+    s->active = 0;
+  }
+  return s->paused && s->rbytes < MB_SOCK_RBUF_MAX;
+}
+
+/* -- Handing results to a waiting process ---------------------------------- */
+
+static int push_chunk(lua_State *L, mb_io_req_t *req)
+{
+  mb_chunk_t *c = req->extra;
+  lua_pushlstring(L, c->data, c->len);
+  if (req->flags) {
+    lua_pushboolean(L, c->binary);
+    return 2;
+  }
+  return 1;
+}
+
+static void free_chunk(mb_io_req_t *req)
+{
+  mb_free(req->extra);
+}
+
+int mb_sock_push_result(lua_State *L, mb_io_req_t *req)
+{
+  if (req->err == 0) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  lua_pushnil(L);
+  lua_pushstring(L, req->err == MB_SOCK_ECLOSED ? "closed" : uv_strerror(req->err));
+  return 2;
+}
+
+/* Give req to the waiter of kind w, if that is what it waits for. s->lock
+ * held. Returns 1 if the process took it (req is then its). */
+static int give(mb_sock_t *s, mb_sock_wait_t w, mb_io_req_t *req)
+{
+  if (s->wait != w)
+    return 0;
+  req->pid = s->wpid;
+  req->seq = s->wseq;
+  s->wait = MB_SW_NONE;
+  return mb_io_deliver(req);
+}
+
+/* Tell the waiter of kind w the result err (0: success). s->lock held. */
+static void give_result(mb_sock_t *s, mb_sock_wait_t w, int err)
+{
+  if (s->wait != w)
+    return;
+  mb_io_req_t *req = mb_io_new(sizeof *req, NULL, mb_sock_push_result);
+  req->err = err;
+  if (!give(s, w, req))
+    mb_io_free(req);
+}
+
+/* -- Reading ---------------------------------------------------------------- */
+
+static mb_chunk_t *chunk_new(const void *data, size_t len, int binary)
+{
+  mb_chunk_t *c = mb_malloc(sizeof *c + len);
+  c->next = NULL;
+  c->len = len;
+  c->binary = binary;
+  memcpy(c->data, data, len);
+  return c;
+}
+
+/* Something was read: to the waiter, to the owner, or into the buffer. */
+static void got_chunk(mb_sock_t *s, mb_chunk_t *c)
+{
+  pthread_mutex_lock(&s->lock);
+  if (s->closed) {
+    pthread_mutex_unlock(&s->lock);
+    mb_free(c);
+    return;
+  }
+  if (s->wait == MB_SW_READ && s->rhead == NULL && c->binary >= 0) {
+    mb_io_req_t *req = mb_io_new(sizeof *req, NULL, push_chunk);
+    req->extra = c;
+    req->flags = s->ws_mode;
+    req->free = free_chunk;
+    if (give(s, MB_SW_READ, req)) {
+      pthread_mutex_unlock(&s->lock);
+      return;
+    }
+    req->extra = NULL;
+    mb_io_free(req);
+  }
+  *s->rtail = c;
+  s->rtail = &c->next;
+  s->rbytes += c->len;
+  mb_sock_flush_active(s);
+  if (s->rbytes >= MB_SOCK_RBUF_MAX && !s->paused && !s->handle_closing) {
+    s->paused = 1;
+    uv_read_stop((uv_stream_t *)&s->tcp);
+  }
+  pthread_mutex_unlock(&s->lock);
+}
+
+/* The stream ended: code is MB_SOCK_ECLOSED or a libuv error. */
+static void got_end(mb_sock_t *s, int code)
+{
+  pthread_mutex_lock(&s->lock);
+  if (code == MB_SOCK_ECLOSED)
+    s->eof = s->eof ? s->eof : 1;
+  else if (!s->err)
+    s->err = code;
+  if (s->rhead == NULL)
+    give_result(s, MB_SW_READ, code);
+  give_result(s, MB_SW_WRITE, code);
+  mb_sock_flush_active(s);
+  pthread_mutex_unlock(&s->lock);
+}
+
+static void on_alloc(uv_handle_t *h, size_t size, uv_buf_t *buf)
+{
+  /* One buffer per loop thread: what is read is copied out at once. */
+  static _Thread_local char rb[MB_SOCK_RBUF_MAX];
+  (void)h;
+  (void)size;
+  buf->base = rb;
+  buf->len = sizeof rb;
+}
+
+static void ws_feed(mb_sock_t *s, const char *data, size_t len);
+
+static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *buf)
+{
+  mb_sock_t *s = (mb_sock_t *)st;
+  if (n == 0)
+    return;
+  if (n < 0) {
+    uv_read_stop(st);
+    got_end(s, n == UV_EOF ? MB_SOCK_ECLOSED : (int)n);
+    if (s->ws)
+      close_handles(s);   /* the connection is gone; no handshake left */
+    return;
+  }
+  if (s->ws) {
+    ws_feed(s, buf->base, (size_t)n);
+    return;
+  }
+  pthread_mutex_lock(&s->lock);
+  int raw_wanted = !s->ws_mode;
+  pthread_mutex_unlock(&s->lock);
+  /* ws_mode without s->ws: the switch is on its way; keep the raw bytes in
+   * order for it (mb_sock_do_ws feeds them to the framer). */
+  got_chunk(s, chunk_new(buf->base, (size_t)n, raw_wanted ? 0 : -1));
+}
+
+static void start_reading(mb_sock_t *s)
+{
+  int rc = uv_read_start((uv_stream_t *)&s->tcp, on_alloc, on_read);
+  if (rc < 0)
+    got_end(s, rc);
+}
+
+void mb_sock_do_resume(mb_sock_t *s, void *arg)
+{
+  (void)arg;
+  pthread_mutex_lock(&s->lock);
+  int go = s->paused && s->rbytes < MB_SOCK_RBUF_MAX && !s->handle_closing;
+  if (go)
+    s->paused = 0;
+  pthread_mutex_unlock(&s->lock);
+  if (go)
+    start_reading(s);
+}
+
+/* -- Writing ---------------------------------------------------------------- */
+
+typedef struct wreq {
+  uv_write_t req;
+  mb_sock_t *s;
+  size_t len;
+  char data[];
+} wreq_t;
+
+/* n bytes left the queue (written or dropped). */
+static void wq_done(mb_sock_t *s, size_t n)
+{
+  pthread_mutex_lock(&s->lock);
+  s->wq -= n;
+  if (s->wq <= MB_SOCK_WRITE_LOW)
+    give_result(s, MB_SW_WRITE, 0);
+  pthread_mutex_unlock(&s->lock);
+}
+
+static void on_written(uv_write_t *req, int status)
+{
+  wreq_t *w = (wreq_t *)req;
+  mb_sock_t *s = w->s;
+  if (status < 0 && status != UV_ECANCELED) {
+    pthread_mutex_lock(&s->lock);
+    if (!s->err)
+      s->err = status;
+    give_result(s, MB_SW_WRITE, status);
+    pthread_mutex_unlock(&s->lock);
+  }
+  wq_done(s, w->len);
+  mb_sock_unref(s);
+  mb_free(w);
+}
+
+/* Write len bytes on the wire; the caller counted them in s->wq. Returns 0
+ * or a libuv error (then the bytes are dropped from the count). */
+static int raw_write(mb_sock_t *s, const char *data, size_t len)
+{
+  if (s->handle_closing) {
+    wq_done(s, len);
+    return UV_EPIPE;
+  }
+  uv_stream_t *st = (uv_stream_t *)&s->tcp;
+  size_t done = 0;
+  if (uv_stream_get_write_queue_size(st) == 0) {
+    uv_buf_t b = uv_buf_init((char *)data, (unsigned)len);
+    int r = uv_try_write(st, &b, 1);
+    if (r > 0)
+      done = (size_t)r;
+    else if (r < 0 && r != UV_EAGAIN) {
+      wq_done(s, len);
+      return r;
+    }
+  }
+  if (done == len) {
+    wq_done(s, len);
+    return 0;
+  }
+  size_t rest = len - done;
+  wreq_t *w = mb_malloc(sizeof *w + rest);
+  w->s = s;
+  w->len = rest;
+  memcpy(w->data, data + done, rest);
+  if (done)
+    wq_done(s, done);
+  uv_buf_t b = uv_buf_init(w->data, (unsigned)rest);
+  atomic_fetch_add(&s->refs, 1);
+  int rc = uv_write(&w->req, st, &b, 1, on_written);
+  if (rc < 0) {
+    mb_sock_unref(s);
+    mb_free(w);
+    wq_done(s, rest);
+    return rc;
+  }
+  return 0;
+}
+
+static void write_failed(mb_sock_t *s, int rc)
+{
+  pthread_mutex_lock(&s->lock);
+  if (!s->err)
+    s->err = rc;
+  give_result(s, MB_SW_WRITE, rc);
+  pthread_mutex_unlock(&s->lock);
+}
+
+void mb_sock_do_write(mb_sock_t *s, void *arg)
+{
+  mb_sock_out_t *o = arg;
+  int rc;
+  if (s->ws) {
+    /* The frames count in wq as they are written; the payload no more. */
+    rc = mb_ws_send(s->ws, (const uint8_t *)o->data, o->len, o->binary);
+    wq_done(s, o->len);
+    rc = rc < 0 ? UV_EPIPE : 0;
+  } else {
+    rc = raw_write(s, o->data, o->len);
+  }
+  if (rc < 0)
+    write_failed(s, rc);
+  mb_free(o);
+}
+
+/* -- WebSocket mode ---------------------------------------------------------- */
+
+static int ws_out(void *ud, const uint8_t *data, size_t len)
+{
+  mb_sock_t *s = ud;
+  pthread_mutex_lock(&s->lock);
+  s->wq += len;
+  pthread_mutex_unlock(&s->lock);
+  return raw_write(s, (const char *)data, len) < 0 ? -1 : 0;
+}
+
+static void ws_message(void *ud, const uint8_t *data, size_t len, int binary)
+{
+  got_chunk(ud, chunk_new(data, len, binary));
+}
+
+static void ws_closed(void *ud, int code, const char *reason, size_t len)
+{
+  mb_sock_t *s = ud;
+  pthread_mutex_lock(&s->lock);
+  s->ws_code = code;
+  mb_free(s->ws_reason);
+  s->ws_reason = mb_malloc(len + 1);
+  memcpy(s->ws_reason, reason, len);
+  s->ws_reason[len] = '\0';
+  pthread_mutex_unlock(&s->lock);
+  got_end(s, MB_SOCK_ECLOSED);
+}
+
+static void ws_feed(mb_sock_t *s, const char *data, size_t len)
+{
+  mb_ws_feed(s->ws, (const uint8_t *)data, len);
+  if (mb_ws_done(s->ws)) {
+    /* Both close frames went: end the TCP connection (at once if our
+     * shutdown is already done and we only waited for the peer's). */
+    uv_read_stop((uv_stream_t *)&s->tcp);
+    if (s->linger_on)
+      close_handles(s);
+    else
+      close_gently(s);
+  }
+}
+
+void mb_sock_do_ws(mb_sock_t *s, void *arg)
+{
+  mb_sock_wsopt_t *o = arg;
+  static const mb_ws_cb_t cb0 = {NULL, ws_out, ws_message, ws_closed};
+  mb_ws_cb_t cb = cb0;
+  cb.ud = s;
+  if (s->handle_closing || s->ws) {
+    mb_free(o);
+    return;
+  }
+  s->ws = mb_ws_new(o->client, o->max_message, &cb);
+  /* Raw bytes read since the switch was asked go through the framer after
+   * the pending ones, in the order they came. */
+  pthread_mutex_lock(&s->lock);
+  mb_chunk_t *raw = s->rhead;
+  s->rhead = NULL;
+  s->rtail = &s->rhead;
+  s->rbytes = 0;
+  pthread_mutex_unlock(&s->lock);
+  if (o->len)
+    ws_feed(s, o->data, o->len);
+  for (mb_chunk_t *c = raw; c && !s->handle_closing; c = c->next)
+    ws_feed(s, c->data, c->len);
+  chunks_free(raw);
+  mb_free(o);
+  mb_sock_do_resume(s, NULL);
+}
+
+void mb_sock_do_ws_close(mb_sock_t *s, void *arg)
+{
+  mb_sock_out_t *o = arg;
+  if (s->ws && !mb_ws_done(s->ws))
+    mb_ws_close(s->ws, o->binary, o->data, o->len);
+  mb_free(o);
+  close_gently(s);
+}
+
+/* -- Owners ----------------------------------------------------------------- */
+
+static void owner_link(mb_sock_t *s, mb_proc_t *p)
+{
+  s->oprev = NULL;
+  s->onext = p->socks;
+  if (p->socks)
+    p->socks->oprev = s;
+  p->socks = s;
+}
+
+static void owner_unlink(mb_sock_t *s, mb_pid_t pid)
+{
+  mb_proc_t *p = mb_proc_get(pid);
+  if (p == NULL)
+    return;
+  pthread_mutex_lock(&p->lock);
+  if (p->socks == s || s->oprev) {
+    if (s->oprev)
+      s->oprev->onext = s->onext;
+    else
+      p->socks = s->onext;
+    if (s->onext)
+      s->onext->oprev = s->oprev;
+  }
+  s->onext = s->oprev = NULL;
+  pthread_mutex_unlock(&p->lock);
+  mb_proc_unref(p);
+}
+
+int mb_sock_set_owner(mb_sock_t *s, mb_pid_t old, mb_proc_t *p)
+{
+  pthread_mutex_lock(&s->lock);
+  if (s->owner != old || s->closed) {
+    pthread_mutex_unlock(&s->lock);
+    return -1;
+  }
+  if (old)
+    owner_unlink(s, old);
+  pthread_mutex_lock(&p->lock);
+  int dead = p->dead;
+  if (!dead)
+    owner_link(s, p);
+  pthread_mutex_unlock(&p->lock);
+  s->owner = dead ? 0 : p->pid;
+  mb_sock_flush_active(s);
+  pthread_mutex_unlock(&s->lock);
+  if (dead) {
+    /* Its new owner died meanwhile: the socket dies with it. */
+    mark_closed(s);
+    mb_sock_run(s, mb_sock_do_close, NULL);
+    return -1;
+  }
+  return 0;
+}
+
+int mb_sock_close(mb_sock_t *s, mb_pid_t by,
+                  void (*fn)(mb_sock_t *s, void *arg), void *arg)
+{
+  pthread_mutex_lock(&s->lock);
+  if (s->closed || s->owner != by) {
+    int was = s->closed;
+    pthread_mutex_unlock(&s->lock);
+    mb_free(arg);
+    return was ? 0 : -1;
+  }
+  owner_unlink(s, by);
+  pthread_mutex_unlock(&s->lock);
+  mark_closed(s);
+  mb_sock_run(s, fn, arg);
+  return 0;
+}
+
+void mb_sock_owner_exit(mb_proc_t *p)
+{
+  pthread_mutex_lock(&p->lock);
+  mb_sock_t *s = p->socks;
+  p->socks = NULL;
+  pthread_mutex_unlock(&p->lock);
+  while (s) {
+    mb_sock_t *next = s->onext;
+    s->onext = s->oprev = NULL;
+    atomic_fetch_add(&s->refs, 1);
+    if (!mark_closed(s))
+      mb_sock_run(s, mb_sock_do_close, NULL);
+    mb_sock_unref(s);
+    s = next;
+  }
+}
+
+void mb_sock_shutdown(void)
+{
+  pthread_mutex_lock(&tab_lock);
+  for (uint32_t i = 1; i < tab_used; i++) {
+    mb_sock_t *s = tab[i];
+    tab[i] = NULL;
+    if (s)
+      mb_sock_unref(s);   /* the handles' references remain till they close */
+  }
+  mb_free(tab);
+  mb_free(tab_gen);
+  mb_free(tab_free);
+  tab = NULL;
+  tab_gen = tab_free = NULL;
+  tab_cap = tab_nfree = 0;
+  tab_used = 1;
+  pthread_mutex_unlock(&tab_lock);
+}
+
+void mb_sock_close_handle(uv_handle_t *h)
+{
+  if (h->type == UV_TCP)
+    close_handles((mb_sock_t *)h);
+}
+
+/* -- Listeners and accepting ------------------------------------------------ */
+
+/* Remember both ends' addresses (read by any thread, under the lock). */
+static void save_names(mb_sock_t *s)
+{
+  struct sockaddr_storage a, b;
+  int la = sizeof a, lb = sizeof b;
+  memset(&a, 0, sizeof a);
+  memset(&b, 0, sizeof b);
+  uv_tcp_getsockname(&s->tcp, (struct sockaddr *)&a, &la);
+  if (s->kind == MB_SOCK_STREAM)
+    uv_tcp_getpeername(&s->tcp, (struct sockaddr *)&b, &lb);
+  pthread_mutex_lock(&s->lock);
+  s->local = a;
+  s->peer = b;
+  pthread_mutex_unlock(&s->lock);
+}
+
+int mb_sock_name(mb_sock_t *s, int peer, char *host, size_t hostlen)
+{
+  pthread_mutex_lock(&s->lock);
+  struct sockaddr_storage a = peer ? s->peer : s->local;
+  pthread_mutex_unlock(&s->lock);
+  if (a.ss_family == AF_INET6) {
+    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&a;
+    uv_ip6_name(in6, host, hostlen);
+    return ntohs(in6->sin6_port);
+  }
+  if (a.ss_family == AF_INET) {
+    struct sockaddr_in *in = (struct sockaddr_in *)&a;
+    uv_ip4_name(in, host, hostlen);
+    return ntohs(in->sin_port);
+  }
+  return -1;
+}
+
+static int parse_addr(const char *host, int port, struct sockaddr_storage *ss)
+{
+  if (strcmp(host, "localhost") == 0)
+    host = "127.0.0.1";
+  else if (strcmp(host, "*") == 0)
+    host = "0.0.0.0";
+  if (uv_ip4_addr(host, port, (struct sockaddr_in *)ss) == 0)
+    return 0;
+  if (uv_ip6_addr(host, port, (struct sockaddr_in6 *)ss) == 0)
+    return 0;
+  return UV_EINVAL;
+}
+
+/* Accept one connection into a new socket on s's loop, reading at once. */
+static mb_sock_t *accept_one(mb_sock_t *s)
+{
+  mb_sock_t *c = sock_new(MB_SOCK_STREAM);
+  if (c == NULL)
+    return NULL;
+  if (uv_accept((uv_stream_t *)&s->tcp, (uv_stream_t *)&c->tcp) < 0) {
+    accepted_close(c);
+    return NULL;
+  }
+  uv_tcp_nodelay(&c->tcp, 1);
+  save_names(c);
+  start_reading(c);
+  return c;
+}
+
+static int push_accepted(lua_State *L, mb_io_req_t *req);
+
+static void free_accepted(mb_io_req_t *req)
+{
+  mb_sock_t *c = req->extra;
+  if (c) {
+    /* Its process died before it could take it. */
+    mark_closed(c);
+    mb_sock_run(c, mb_sock_do_close, NULL);
+  }
+}
+
+/* A new connection: to the waiting acceptor, or into the queue. */
+static void hand_over(mb_sock_t *s, mb_sock_t *c)
+{
+  pthread_mutex_lock(&s->lock);
+  if (s->wait == MB_SW_ACCEPT) {
+    mb_io_req_t *req = mb_io_new(sizeof *req, NULL, push_accepted);
+    req->extra = c;
+    req->free = free_accepted;
+    if (give(s, MB_SW_ACCEPT, req)) {
+      pthread_mutex_unlock(&s->lock);
+      return;
+    }
+    req->extra = NULL;
+    mb_io_free(req);
+  }
+  c->onext = NULL;
+  *s->acc_tail = c;
+  s->acc_tail = &c->onext;
+  s->nacc++;
+  pthread_mutex_unlock(&s->lock);
+}
+
+static void on_connection(uv_stream_t *server, int status)
+{
+  mb_sock_t *s = (mb_sock_t *)server;
+  if (status < 0) {
+    pthread_mutex_lock(&s->lock);
+    give_result(s, MB_SW_ACCEPT, status);
+    pthread_mutex_unlock(&s->lock);
+    return;
+  }
+  pthread_mutex_lock(&s->lock);
+  int full = s->nacc >= MB_SOCK_ACCEPT_QUEUE && s->wait != MB_SW_ACCEPT;
+  if (full)
+    s->acc_paused = 1;   /* libuv keeps the connection and stops accepting */
+  pthread_mutex_unlock(&s->lock);
+  if (full)
+    return;
+  mb_sock_t *c = accept_one(s);
+  if (c)
+    hand_over(s, c);
+}
+
+void mb_sock_do_accept(mb_sock_t *s, void *arg)
+{
+  (void)arg;
+  pthread_mutex_lock(&s->lock);
+  int go = s->acc_paused && !s->handle_closing;
+  s->acc_paused = 0;
+  pthread_mutex_unlock(&s->lock);
+  if (go) {
+    mb_sock_t *c = accept_one(s);
+    if (c)
+      hand_over(s, c);
+  }
+}
+
+mb_sock_t *mb_sock_listen(mb_proc_t *owner, const char *host, int port,
+                          int backlog, char *err, size_t errlen)
+{
+  struct sockaddr_storage ss;
+  if (parse_addr(host, port, &ss) < 0) {
+    snprintf(err, errlen, "bad address '%s' (numeric IPv4/IPv6, localhost or *)", host);
+    return NULL;
+  }
+  mb_sock_t *s = sock_new(MB_SOCK_LISTENER);
+  if (s == NULL) {
+    snprintf(err, errlen, "too many sockets");
+    return NULL;
+  }
+  int rc = uv_tcp_bind(&s->tcp, (struct sockaddr *)&ss, 0);
+  if (rc == 0)
+    rc = uv_listen((uv_stream_t *)&s->tcp, backlog, on_connection);
+  if (rc < 0) {
+    snprintf(err, errlen, "%s", uv_strerror(rc));
+    mark_closed(s);
+    close_handles(s);
+    return NULL;
+  }
+  save_names(s);
+  mb_sock_set_owner(s, 0, owner);
+  return s;
+}
+
+/* -- Connecting --------------------------------------------------------------- */
+
+
+/* The connect's result, on the process's thread: the socket, or nil and
+ * the error (the socket is then closed). */
+static int push_connected(lua_State *L, mb_io_req_t *req)
+{
+  mb_sock_t *s = req->extra;
+  if (req->err == 0) {
+    mb_lib_sock_push(L, s->id);
+    return 1;
+  }
+  mb_sock_close(s, mb_proc_of(L)->pid, mb_sock_do_close, NULL);
+  return mb_sock_push_result(L, req);
+}
+
+static void free_connected(mb_io_req_t *req)
+{
+  mb_sock_unref(req->extra);
+}
+
+typedef struct conn {
+  uv_connect_t req;
+  uv_getaddrinfo_t gai;
+  mb_sock_t *s;
+  int port;
+} conn_t;
+
+static void on_connect(uv_connect_t *req, int status)
+{
+  conn_t *cn = (conn_t *)req;
+  mb_sock_t *s = cn->s;
+  if (status == 0 && !s->handle_closing) {
+    uv_tcp_nodelay(&s->tcp, 1);
+    save_names(s);
+    start_reading(s);
+  }
+  pthread_mutex_lock(&s->lock);
+  if (s->wait == MB_SW_CONNECT) {
+    mb_io_req_t *r = mb_io_new(sizeof *r, NULL, push_connected);
+    r->err = status == UV_ECANCELED ? UV_ETIMEDOUT : status;
+    r->extra = s;
+    r->free = free_connected;
+    atomic_fetch_add(&s->refs, 1);
+    if (!give(s, MB_SW_CONNECT, r))
+      mb_io_free(r);
+  }
+  pthread_mutex_unlock(&s->lock);
+  mb_sock_unref(s);
+  mb_free(cn);
+}
+
+static void connect_to(conn_t *cn, const struct sockaddr *sa)
+{
+  mb_sock_t *s = cn->s;
+  int rc = s->handle_closing ? UV_ECANCELED
+                             : uv_tcp_connect(&cn->req, &s->tcp, sa, on_connect);
+  if (rc < 0)
+    on_connect(&cn->req, rc);
+}
+
+static void on_resolved(uv_getaddrinfo_t *gai, int status, struct addrinfo *ai)
+{
+  conn_t *cn = (conn_t *)((char *)gai - offsetof(conn_t, gai));
+  if (status < 0) {
+    on_connect(&cn->req, status);
+    return;
+  }
+  struct sockaddr_storage ss;
+  memcpy(&ss, ai->ai_addr, ai->ai_addrlen);
+  ((struct sockaddr_in *)&ss)->sin_port = htons((uint16_t)cn->port);
+  uv_freeaddrinfo(ai);
+  connect_to(cn, (struct sockaddr *)&ss);
+}
+
+mb_sock_t *mb_sock_connect(mb_proc_t *owner, uint32_t seq, const char *host,
+                           int port, char *err, size_t errlen)
+{
+  mb_sock_t *s = sock_new(MB_SOCK_STREAM);
+  if (s == NULL) {
+    snprintf(err, errlen, "too many sockets");
+    return NULL;
+  }
+  mb_sock_set_owner(s, 0, owner);
+  pthread_mutex_lock(&s->lock);
+  s->wait = MB_SW_CONNECT;
+  s->wpid = owner->pid;
+  s->wseq = seq;
+  pthread_mutex_unlock(&s->lock);
+  conn_t *cn = mb_calloc(1, sizeof *cn);
+  cn->s = s;
+  cn->port = port;
+  atomic_fetch_add(&s->refs, 1);   /* the request's */
+  struct sockaddr_storage ss;
+  if (parse_addr(host, port, &ss) == 0) {
+    connect_to(cn, (struct sockaddr *)&ss);
+  } else {
+    struct addrinfo hints;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_INET;
+    hints.ai_socktype = SOCK_STREAM;
+    int rc = uv_getaddrinfo(mb_sched_loop(s->sched), &cn->gai, on_resolved,
+                            host, NULL, &hints);
+    if (rc < 0)
+      on_connect(&cn->req, rc);
+  }
+  return s;
+}
+
+/* -- Accept, on the process side: push the connection it was handed. ------- */
+
+static int push_accepted(lua_State *L, mb_io_req_t *req)
+{
+  mb_sock_t *c = req->extra;
+  req->extra = NULL;
+  if (mb_sock_set_owner(c, 0, mb_proc_of(L)) < 0) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "closed");
+    return 2;
+  }
+  mb_lib_sock_push(L, c->id);
+  return 1;
+}

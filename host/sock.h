@@ -1,0 +1,194 @@
+/* sock.h: TCP sockets on the schedulers' libuv loops.
+ *
+ * DESIGN
+ * A socket (listener or stream) is a uv_tcp_t on the loop of one scheduler
+ * thread, the one that created it (a stream accepted by a listener lives on
+ * the listener's loop). Only that thread ever calls libuv on it. The process
+ * that owns the socket may run on any scheduler, so what it asks of the
+ * socket is done in one of two ways:
+ *  - directly, under the socket's lock, for what needs no libuv call: take
+ *    bytes already read, count bytes queued for writing, change the mode;
+ *  - by a command posted to the socket's loop (mb_sched_post) for what does:
+ *    write, close, resume reading, accept. When the process already runs on
+ *    the socket's thread and no command of this socket is still in flight,
+ *    the command runs on the spot (order is kept either way).
+ * A process that must wait (nothing to read yet, output over the high-water
+ * mark, a connect in progress) registers itself as the socket's waiter
+ * (pid + wait_seq) and blocks in an MB_WAIT_IO wait (io.h); the loop's
+ * callback hands it the result with mb_io_deliver, which refuses a process
+ * that has moved on (timed out, died), and the result then stays with the
+ * socket: bytes go back to the read buffer, a connection back to the
+ * listener's queue. Nothing read is ever dropped.
+ *
+ * Reading: a stream reads ahead into its buffer up to MB_SOCK_RBUF_MAX
+ * bytes and then stops reading until the owner takes some (so a slow owner
+ * makes TCP push back on the peer). In active mode what is read goes to the
+ * owner as a message instead, built here in C on the loop thread.
+ * Writing: bytes queued count against MB_SOCK_WRITE_HIGH; a write that goes
+ * over suspends its process until the queue drains under MB_SOCK_WRITE_LOW.
+ * WebSocket mode (ws.h): frames are parsed and built on the loop thread;
+ * the read buffer then holds whole messages, not bytes.
+ *
+ * Ownership: a socket belongs to one process (sock->owner) and sits on that
+ * process's list (p->socks, under p->lock), so that the owner's death closes
+ * it. Lua values name a socket by id (slot + generation, like pids), looked
+ * up in the socket table on every use; a closed socket's id finds nothing.
+ *
+ * Locks: sock->lock, then a process's lock (mb_io_deliver, owner lists);
+ * never the other way round. Memory: a socket is freed when its handle is
+ * closed and the last reference (table, lookups, posted commands) is gone.
+ */
+#ifndef MB_SOCK_H
+#define MB_SOCK_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "proc.h"
+
+#define MB_SOCK_RBUF_MAX (64 * 1024)
+#define MB_SOCK_WRITE_HIGH (64 * 1024)
+#define MB_SOCK_WRITE_LOW (16 * 1024)
+/* Accepted connections a listener holds before it stops accepting. */
+#define MB_SOCK_ACCEPT_QUEUE 64
+
+/* Results other than libuv's negative error codes. */
+#define MB_SOCK_ECLOSED 1      /* the socket or its peer closed: "closed" */
+
+typedef enum { MB_SOCK_STREAM, MB_SOCK_LISTENER } mb_sock_kind_t;
+/* What the socket's waiter waits for. */
+typedef enum {
+  MB_SW_NONE, MB_SW_READ, MB_SW_WRITE, MB_SW_ACCEPT, MB_SW_CONNECT
+} mb_sock_wait_t;
+
+/* One read item: raw bytes, or one WebSocket message. */
+typedef struct mb_chunk {
+  struct mb_chunk *next;
+  size_t len;
+  int binary;
+  char data[];
+} mb_chunk_t;
+
+struct mb_ws;
+
+typedef struct mb_sock {
+  uv_tcp_t tcp;                /* first: handle->data is unused */
+  uv_shutdown_t shutdown;
+  uv_timer_t linger;           /* bounds a WebSocket close handshake */
+  uint64_t id;
+  mb_sock_kind_t kind;
+  struct mb_sched *sched;      /* the loop that owns the handle */
+  atomic_int refs;
+
+  pthread_mutex_t lock;
+  /* -- guarded by lock -- */
+  mb_pid_t owner;              /* 0 while in a listener's queue */
+  struct mb_sock *onext, *oprev; /* the owner's list (owner's lock too) */
+  int active;                  /* 0 passive, 1 active, 2 once */
+  int closed;                  /* close asked (by the owner or its death) */
+  int eof;                     /* the peer closed (after rbuf) */
+  int err;                     /* a sticky error (negative uv code) */
+  int ws_mode;                 /* read items are WebSocket messages */
+  int ws_code;                 /* the close code, once closed */
+  char *ws_reason;             /* its reason (malloc'd), or NULL */
+  mb_chunk_t *rhead, **rtail;  /* read and not yet taken */
+  size_t rbytes;
+  int paused;                  /* reading stopped: rbuf full */
+  size_t wq;                   /* bytes queued for writing */
+  int posted;                  /* commands in flight to the loop */
+  mb_sock_wait_t wait;         /* the owner waits for this ... */
+  mb_pid_t wpid;
+  uint32_t wseq;
+  struct sockaddr_storage local, peer;  /* set once connected/bound */
+  struct mb_sock *acc_head, **acc_tail; /* listener: accepted, not taken */
+  int nacc;
+  int acc_paused;              /* listener: libuv holds a connection */
+
+  /* -- loop thread only -- */
+  struct mb_ws *ws;
+  int handle_closing;
+  int linger_on;
+} mb_sock_t;
+
+/* Look up a live socket by id; takes a reference. Any thread. */
+mb_sock_t *mb_sock_get(uint64_t id);
+void mb_sock_unref(mb_sock_t *s);
+
+/* Create a listener on the calling scheduler's loop. Returns NULL with a
+ * message in err. Scheduler thread. */
+mb_sock_t *mb_sock_listen(mb_proc_t *owner, const char *host, int port,
+                          int backlog, char *err, size_t errlen);
+/* Start connecting on the calling scheduler's loop for owner, which then
+ * waits (MB_SW_CONNECT, seq) for the result. Returns the socket (a
+ * reference for the caller) or NULL with err. Scheduler thread. */
+mb_sock_t *mb_sock_connect(mb_proc_t *owner, uint32_t seq, const char *host,
+                           int port, char *err, size_t errlen);
+
+/* Make p the owner (p must be alive); the socket must have no owner or be
+ * taken from old. Returns 0, or -1 when p is dead. */
+int mb_sock_set_owner(mb_sock_t *s, mb_pid_t old, mb_proc_t *p);
+
+/* Run fn(s) on the socket's loop, now if that is the calling thread and
+ * nothing is in flight, else posted (holding a reference meanwhile). */
+void mb_sock_run(mb_sock_t *s, void (*fn)(mb_sock_t *s, void *arg), void *arg);
+
+/* Loop-side commands for mb_sock_run. */
+void mb_sock_do_close(mb_sock_t *s, void *arg);      /* arg: NULL */
+void mb_sock_do_resume(mb_sock_t *s, void *arg);     /* restart reading */
+void mb_sock_do_write(mb_sock_t *s, void *arg);      /* arg: mb_sock_out_t */
+void mb_sock_do_accept(mb_sock_t *s, void *arg);     /* accept what waits */
+void mb_sock_do_ws(mb_sock_t *s, void *arg);         /* arg: mb_sock_wsopt_t */
+void mb_sock_do_ws_close(mb_sock_t *s, void *arg);   /* arg: mb_sock_out_t */
+
+/* Bytes to write (or a WebSocket close: code in `binary`). */
+typedef struct mb_sock_out {
+  size_t len;
+  int binary;
+  char data[];
+} mb_sock_out_t;
+
+typedef struct mb_sock_wsopt {
+  int client;
+  size_t max_message;
+  size_t len;                  /* pending bytes read past the handshake */
+  char data[];
+} mb_sock_wsopt_t;
+
+/* Close s for its owner `by`: drop it from the table and the owner's list
+ * and run fn(s, arg) on its loop (mb_sock_do_close, or mb_sock_do_ws_close
+ * with its close frame). Returns 0, or -1 if `by` is not the owner (arg is
+ * then freed). Closing twice is not an error. Any thread. */
+int mb_sock_close(mb_sock_t *s, mb_pid_t by,
+                  void (*fn)(mb_sock_t *s, void *arg), void *arg);
+
+/* The address of one end (peer or local) into host; returns the port, or
+ * -1 when unknown. Any thread. */
+int mb_sock_name(mb_sock_t *s, int peer, char *host, size_t hostlen);
+
+/* In active mode, send what was read, then the end, to the owner. s->lock
+ * held. Returns 1 when reading should resume (mb_sock_do_resume). */
+int mb_sock_flush_active(mb_sock_t *s);
+
+/* The result of a wait that ends in success (true) or an error (nil, msg):
+ * an mb_io_push_fn. */
+struct mb_io_req;
+int mb_sock_push_result(lua_State *L, struct mb_io_req *req);
+
+/* Close a socket's handles found by uv_walk at shutdown. */
+void mb_sock_close_handle(uv_handle_t *h);
+
+/* Close every socket of a dying process (p->dead is set). Its thread. */
+void mb_sock_owner_exit(mb_proc_t *p);
+/* At shutdown, after the threads stopped: close every socket's handles so
+ * that the loops can close. Main thread. */
+void mb_sock_shutdown(void);
+
+/* The messages of active mode. */
+mb_msg_t *mb_sock_msg(uint64_t id, const char *event, const char *data,
+                      size_t len, int binary);
+mb_msg_t *mb_sock_msg_closed(uint64_t id, const char *event, int code,
+                             const char *reason);
+
+#endif
