@@ -1,0 +1,195 @@
+-- examples/chat/chat.lua: starts the chat server (main.lua is the command;
+-- specs require this module and call chat.start on free ports).
+--
+-- The process tree:
+--
+--   chat supervisor (one_for_one)
+--   ├── registry       finds and creates rooms; rooms are linked to it (rooms.lua)
+--   │     └── room ... one process per room, monitoring its members
+--   ├── tcp listener   accepts TCP connections; one linked user process each (user.lua)
+--   └── http listener  serves www/ and upgrades /ws to a WebSocket user (web.lua)
+--
+-- The listeners trap exits: a user that crashes or is killed does not take
+-- its listener down, while a listener that is stopped (or crashes) takes its
+-- users with it. A user finds the registry by its registered name, so a
+-- registry restarted by the supervisor is found again.
+--
+-- As in rooms.lua, the functions that are copied into other processes (the
+-- supervisor's start functions and everything they reach) capture plain
+-- local functions, never this example's module tables: a captured module is
+-- required again in the new process, where examples/chat is not on the path.
+local mb = require "moonbeam"
+local supervisor = require "moonbeam.supervisor"
+local rooms = require "rooms"
+local user = require "user"
+
+local chat = {}
+
+local start_registry = rooms.start_registry
+local tcp_user = user.tcp_user
+
+-- How often an idle listener looks at its mailbox (its parent's exit signal,
+-- its users' exits, port queries), in ms.
+local LISTENER_POLL = 200
+
+-- Handle the listener's messages without waiting. Returns false when the
+-- listener must end.
+local function listener_mail(parent, port)
+  while true do
+    local m = mb.receive(0)
+    if m == nil then return true end
+    if type(m) == "table" then
+      if m.event == "EXIT" and m.pid == parent then mb.exit(m.reason) end
+      if m.port_of then mb.send(m.port_of, { port = port, tag = m.tag }) end
+      -- Other EXITs are users ending: nothing to do.
+    end
+  end
+end
+
+-- The body of the TCP listener process.
+local function tcp_listener(parent, starter, host, port, registry)
+  local tcp = require "moonbeam.tcp"
+  mb.trap_exit(true)
+  local lsock, err = tcp.listen(host, port)
+  if not lsock then
+    mb.send(starter, { tcp_ready = mb.self(), err = "tcp " .. host .. ":" .. port .. ": " .. tostring(err) })
+    return
+  end
+  port = lsock:port()
+  mb.send(starter, { tcp_ready = mb.self(), port = port })
+  local complained = false
+  while true do
+    local sock, aerr = lsock:accept(LISTENER_POLL)
+    if sock then
+      local pid = mb.spawn_link(tcp_user, registry)
+      if sock:set_owner(pid) then
+        mb.send(pid, { tcp_socket = sock })
+      else
+        sock:close()
+      end
+    elseif aerr == "closed" then
+      error("chat: the TCP listener was closed")
+    elseif aerr ~= "timeout" then
+      -- Out of file descriptors and the like: say it once, wait a little.
+      if not complained then
+        io.stderr:write("chat: accept failed: " .. tostring(aerr) .. "\n")
+        complained = true
+      end
+      mb.sleep(50)
+    end
+    listener_mail(parent, port)
+  end
+end
+
+-- Start a listener process linked to the caller and wait until it listens.
+-- Returns its pid, or nil, err.
+local function start_listener(body, field, ...)
+  local pid = mb.spawn_link(body, mb.self(), mb.self(), ...)
+  local m = mb.receive(function(x)
+    return type(x) == "table" and (x[field] == pid or (x.event == "EXIT" and x.pid == pid))
+  end, 5000)
+  if not m then
+    mb.unlink(pid)
+    mb.exit(pid, "kill")
+    return nil, "the listener did not start in time"
+  end
+  if m.event == "EXIT" then return nil, "the listener failed: " .. tostring(m.reason) end
+  if m.err then
+    mb.unlink(pid)
+    return nil, m.err
+  end
+  return pid
+end
+
+-- The port a listener listens on, or nil.
+local function port_of(pid)
+  local tag = tostring(pid)
+  mb.send(pid, { port_of = mb.self(), tag = tag })
+  local m = mb.receive(function(x) return type(x) == "table" and x.tag == tag and x.port end,
+                       10 * LISTENER_POLL + 5000)
+  return m and m.port
+end
+
+local function child_pid(sup, id)
+  for _, c in ipairs(supervisor.which_children(sup)) do
+    if c.id == id then return c.pid end
+  end
+end
+
+local instances = 0
+
+-- chat.start(opts) -> info | nil, err
+--   opts.host       address to listen on (default "127.0.0.1")
+--   opts.tcp_port   TCP port for nc/telnet (default 7000; 0 = any free port; false = none)
+--   opts.http_port  HTTP port for the browser (default 8080; 0 = any free port; false = none)
+--   opts.www        directory of the web page (default: www/ next to this file)
+--   opts.name       registered name of the supervisor (default: none); the
+--                   registry is registered as "<name>.rooms" (default
+--                   "chat<N>.rooms", N counting the chats this process started)
+-- info: {sup = pid, registry = name, tcp_port = n, http_port = n}.
+function chat.start(opts)
+  opts = opts or {}
+  local host = opts.host or "127.0.0.1"
+  local tcp_port, http_port = opts.tcp_port, opts.http_port
+  if tcp_port == nil then tcp_port = 7000 end
+  if http_port == nil then http_port = 8080 end
+  instances = instances + 1
+  local registry = (opts.name or ("chat" .. instances .. "@" .. tostring(mb.self()))) .. ".rooms"
+  local children = {
+    { id = "registry", start = function() return start_registry(registry) end },
+  }
+  if tcp_port then
+    children[#children + 1] = { id = "tcp", shutdown = 2000, start = function()
+      return start_listener(tcp_listener, "tcp_ready", host, tcp_port, registry)
+    end }
+  end
+  if http_port then
+    local web = require "web"
+    local www = opts.www or chat.www
+    local http_listener = web.http_listener
+    children[#children + 1] = { id = "http", shutdown = 2000, start = function()
+      return start_listener(http_listener, "http_ready", host, http_port, registry, www)
+    end }
+  end
+  local sup, err = supervisor.start({
+    name = opts.name, strategy = "one_for_one", max_restarts = 5, max_seconds = 10,
+    children = children,
+  })
+  if not sup then return nil, err end
+  local info = { sup = sup, registry = registry, host = host }
+  if tcp_port then info.tcp_port = port_of(child_pid(sup, "tcp")) end
+  if http_port then info.http_port = port_of(child_pid(sup, "http")) end
+  return info
+end
+
+-- Stop a chat started by chat.start: its listeners, users, rooms.
+function chat.stop(info)
+  return supervisor.stop(info.sup)
+end
+
+-- The pid of the room registry, or nil.
+function chat.registry(info)
+  return mb.whereis(info.registry)
+end
+
+-- The members of a room: {{nick = n, pid = p}...}; nil on timeout.
+function chat.members(info, room, timeout)
+  local reg = mb.whereis(info.registry)
+  return reg and rooms.members(reg, room, timeout)
+end
+
+-- The names of the open rooms.
+function chat.rooms(info, timeout)
+  local reg = mb.whereis(info.registry)
+  return reg and rooms.list(reg, timeout)
+end
+
+-- The directory of this file, and the web page's directory in it.
+local src = debug.getinfo(1, "S").source
+chat.dir = src:sub(1, 1) == "@" and (src:sub(2):match("^(.*)/[^/]*$") or ".") or "."
+chat.www = chat.dir .. "/www"
+
+chat.listener_mail = listener_mail
+chat.start_listener = start_listener
+
+return chat

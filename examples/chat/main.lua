@@ -1,0 +1,84 @@
+-- examples/chat/main.lua: the chat server. Each connected user is a process.
+--
+--   scripts/run examples/chat [--host H] [--tcp PORT] [--http PORT]
+--
+-- Defaults: host 127.0.0.1, TCP port 7000 (nc, telnet), HTTP port 8080 (the
+-- browser page, speaking WebSocket on /ws). The environment variables
+-- CHAT_HOST, CHAT_TCP_PORT and CHAT_HTTP_PORT set them too; the options win.
+-- Port 0 picks a free port; "off" leaves that listener out. See README.md.
+local mb = require "moonbeam"
+
+-- Find the example's modules next to this file, from any directory.
+local dir = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
+package.path = dir .. "/?.lua;" .. package.path
+
+local chat = require "chat"
+
+local function usage(code)
+  local out = code == 0 and io.stdout or io.stderr
+  out:write("usage: scripts/run examples/chat [--host H] [--tcp PORT] [--http PORT]\n",
+            "  (or build/moonbeam examples/chat/main.lua ...)\n",
+            "  --host H      address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)\n",
+            "  --tcp PORT    TCP port for nc/telnet (default 7000; 0 = any free port; off = none)\n",
+            "  --http PORT   HTTP port for the browser (default 8080; 0 = any free port; off = none)\n",
+            "environment: CHAT_HOST, CHAT_TCP_PORT, CHAT_HTTP_PORT\n")
+  os.exit(code)
+end
+
+local function port(v, what)
+  if v == "off" or v == "false" or v == "none" then return false end
+  local n = tonumber(v)
+  if not n or n < 0 or n > 65535 or n % 1 ~= 0 then
+    io.stderr:write("chat: bad ", what, " port '", tostring(v), "'\n")
+    usage(2)
+  end
+  return n
+end
+
+local opts = {
+  host = os.getenv("CHAT_HOST") or "127.0.0.1",
+  tcp_port = port(os.getenv("CHAT_TCP_PORT") or "7000", "TCP"),
+  http_port = port(os.getenv("CHAT_HTTP_PORT") or "8080", "HTTP"),
+}
+local i = 1
+while i <= #arg do
+  local a, v = arg[i], arg[i + 1]
+  if a == "-h" or a == "--help" then usage(0)
+  elseif a == "--host" and v then opts.host = v; i = i + 1
+  elseif (a == "--tcp" or a == "--tcp-port") and v then opts.tcp_port = port(v, "TCP"); i = i + 1
+  elseif (a == "--http" or a == "--http-port") and v then opts.http_port = port(v, "HTTP"); i = i + 1
+  else
+    io.stderr:write("chat: unknown argument '", a, "'\n")
+    usage(2)
+  end
+  i = i + 1
+end
+
+local info, err = chat.start(opts)
+if not info then
+  io.stderr:write("chat: could not start: ", tostring(err), "\n")
+  os.exit(1)
+end
+
+local shown = opts.host == "0.0.0.0" and "localhost" or opts.host
+if info.tcp_port then
+  print(("chat: TCP  on %s:%d   connect with: nc %s %d   (or telnet %s %d)")
+        :format(opts.host, info.tcp_port, shown, info.tcp_port, shown, info.tcp_port))
+end
+if info.http_port then
+  print(("chat: HTTP on %s:%d   open http://%s:%d/ in a browser")
+        :format(opts.host, info.http_port, shown, info.http_port))
+end
+print("chat: running; Ctrl-C stops it")
+io.stdout:flush()
+
+-- The chat runs in its own processes; this one only waits for its
+-- supervisor, and ends the host if the supervisor gives up.
+local ref = mb.monitor(info.sup)
+while true do
+  local m = mb.receive()
+  if type(m) == "table" and m.event == "DOWN" and m.ref == ref then
+    io.stderr:write("chat: the supervisor ended: ", tostring(m.reason), "\n")
+    os.exit(1)
+  end
+end

@@ -1,0 +1,200 @@
+-- examples/chat/rooms.lua: the rooms of the chat and the registry that finds
+-- or creates them.
+--
+-- DESIGN
+-- A room is one process. It monitors its members, so a member that leaves,
+-- disconnects or crashes is removed and the others see "* <nick> left <room>".
+-- Members talk to their room with plain messages (all tables with an `op`):
+--
+--   to a room:      {op = "join", pid = p, nick = n, tag = t}   (sent by the registry)
+--                   {op = "leave", pid = p}
+--                   {op = "say", pid = p, text = s}
+--                   {op = "nick", pid = p, nick = n}
+--                   {op = "who", pid = p}
+--                   {op = "members", from = p, tag = t}  -> {members = t, list = {{nick =, pid =}...}}
+--   to a member:    {joined = tag, room = pid, name = room name}
+--                   {line = "text to show"}
+--
+-- The registry is one process that maps room names to room processes. Every
+-- join goes through it (it forwards the join to the room), so two users who
+-- create the same room at once get the same room: the registry handles one
+-- message at a time. An empty room asks the registry to be stopped, quoting
+-- how many joins it has received; the registry stops it only if it forwarded
+-- no join since, so a join on its way never reaches a room that is gone.
+-- Rooms are linked to the registry: when the registry ends, its rooms end too.
+--
+--   to the registry: {op = "guest", pid = p}            -> {guest = n}  (a fresh guest number)
+--                    {op = "join", room = name, pid = p, nick = n, tag = t}
+--                    {op = "members", room = name, from = p, tag = t}   (answered by the room;
+--                                                      an unknown room answers {members = t, list = {}})
+--                    {op = "rooms", from = p, tag = t}  -> {rooms = t, list = {names...}}
+--                    {op = "idle", room = pid, joins = n}            (from an empty room)
+--
+-- Spawned functions here capture only `mb` and plain local functions: a
+-- captured module table of this example would be required again in the new
+-- process, where examples/chat is not on package.path.
+local mb = require "moonbeam"
+
+local rooms = {}
+
+-- Send `line` to every member but `except`.
+local function broadcast(list, line, except)
+  local msg = { line = line }
+  for i = 1, #list do
+    local p = list[i]
+    if p ~= except then mb.send(p, msg) end
+  end
+end
+
+-- The body of a room process.
+local function room_main(name, registry)
+  local members = {}   -- pid -> {nick = n, ref = monitor ref}
+  local order = {}     -- member pids in join order (for /who and broadcasts)
+  local joins = 0      -- joins received, compared by the registry before a stop
+
+  local function remove(pid)
+    local m = members[pid]
+    if not m then return end
+    members[pid] = nil
+    for i = 1, #order do
+      if order[i] == pid then table.remove(order, i) break end
+    end
+    broadcast(order, "* " .. m.nick .. " left " .. name)
+    if #order == 0 then mb.send(registry, { op = "idle", room = mb.self(), joins = joins }) end
+  end
+
+  while true do
+    local msg = mb.receive()
+    local op = msg.op
+    if op == "say" then
+      local m = members[msg.pid]
+      if m then broadcast(order, "[" .. name .. "] " .. m.nick .. ": " .. msg.text, msg.pid) end
+    elseif op == "join" then
+      joins = joins + 1
+      local pid = msg.pid
+      if members[pid] then
+        members[pid].nick = msg.nick
+      else
+        members[pid] = { nick = msg.nick, ref = mb.monitor(pid) }
+        order[#order + 1] = pid
+        broadcast(order, "* " .. msg.nick .. " joined " .. name, pid)
+      end
+      mb.send(pid, { joined = msg.tag, room = mb.self(), name = name })
+    elseif op == "leave" then
+      local m = members[msg.pid]
+      if m then
+        mb.demonitor(m.ref, true)
+        remove(msg.pid)
+      end
+    elseif msg.event == "DOWN" then
+      local m = members[msg.pid]
+      if m and m.ref == msg.ref then remove(msg.pid) end
+    elseif op == "nick" then
+      local m = members[msg.pid]
+      if m then m.nick = msg.nick end
+    elseif op == "who" then
+      local nicks = {}
+      for i = 1, #order do nicks[i] = members[order[i]].nick end
+      mb.send(msg.pid, { line = "* in " .. name .. ": " .. table.concat(nicks, ", ") })
+    elseif op == "members" then
+      local list = {}
+      for i = 1, #order do list[i] = { nick = members[order[i]].nick, pid = order[i] } end
+      mb.send(msg.from, { members = msg.tag, list = list })
+    elseif op == "stop" then
+      -- Only sent by the registry, and only while the room is empty.
+      return
+    end
+  end
+end
+
+-- The body of the registry process. It traps exits: a room that crashes is
+-- forgotten (its members see it go through their monitors), and when the
+-- registry's parent (the chat's supervisor) stops it, it ends with the same
+-- reason, which takes the rooms down with it.
+local function registry_main(parent, starter)
+  mb.trap_exit(true)
+  local by_name = {}   -- room name -> {pid = room, joins = joins forwarded}
+  local by_pid = {}    -- room pid -> room name
+  local guests = 0
+  mb.send(starter, { registry_ready = mb.self() })
+  while true do
+    local msg = mb.receive()
+    local op = msg.op
+    if op == "join" then
+      local r = by_name[msg.room]
+      if not r then
+        r = { pid = mb.spawn_link(room_main, msg.room, mb.self()), joins = 0 }
+        by_name[msg.room] = r
+        by_pid[r.pid] = msg.room
+      end
+      r.joins = r.joins + 1
+      mb.send(r.pid, { op = "join", pid = msg.pid, nick = msg.nick, tag = msg.tag })
+    elseif op == "guest" then
+      guests = guests + 1
+      mb.send(msg.pid, { guest = guests })
+    elseif op == "idle" then
+      local name = by_pid[msg.room]
+      local r = name and by_name[name]
+      if r and r.joins == msg.joins then
+        by_name[name] = nil
+        by_pid[msg.room] = nil
+        mb.send(msg.room, { op = "stop" })
+      end
+    elseif op == "members" then
+      local r = by_name[msg.room]
+      if r then
+        mb.send(r.pid, { op = "members", from = msg.from, tag = msg.tag })
+      else
+        mb.send(msg.from, { members = msg.tag, list = {} })
+      end
+    elseif op == "rooms" then
+      local list = {}
+      for name in pairs(by_name) do list[#list + 1] = name end
+      table.sort(list)
+      mb.send(msg.from, { rooms = msg.tag, list = list })
+    elseif msg.event == "EXIT" then
+      if msg.pid == parent then mb.exit(msg.reason) end
+      local name = by_pid[msg.pid]
+      if name then
+        by_pid[msg.pid] = nil
+        if by_name[name] and by_name[name].pid == msg.pid then by_name[name] = nil end
+      end
+    end
+  end
+end
+
+-- Start a registry linked to the caller (for a supervisor's start function)
+-- and register it under `name` if given. Returns its pid once it is ready.
+function rooms.start_registry(name)
+  local pid = mb.spawn_link(registry_main, mb.self(), mb.self())
+  local ok = mb.receive(function(m) return type(m) == "table" and m.registry_ready == pid end, 5000)
+  if not ok then mb.exit(pid, "kill") return nil, "the room registry did not start" end
+  if name then mb.register(name, pid) end
+  return pid
+end
+
+-- A request to the registry answered by a message whose field `field`
+-- carries the request's tag. Returns that message's list, or nil after
+-- `timeout` ms.
+local tags = 0
+local function ask(registry, req, field, timeout)
+  tags = tags + 1
+  local tag = tostring(mb.self()) .. ":" .. tags
+  req.from, req.tag = mb.self(), tag
+  mb.send(registry, req)
+  local m = mb.receive(function(x) return type(x) == "table" and x[field] == tag end, timeout or 5000)
+  return m and m.list
+end
+
+-- The members of room `name`: {{nick = n, pid = p}...} in join order ({} for
+-- no such room), or nil on timeout. For tests and tools.
+function rooms.members(registry, name, timeout)
+  return ask(registry, { op = "members", room = name }, "members", timeout)
+end
+
+-- The names of the open rooms, sorted, or nil on timeout.
+function rooms.list(registry, timeout)
+  return ask(registry, { op = "rooms" }, "rooms", timeout)
+end
+
+return rooms
