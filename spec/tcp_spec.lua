@@ -1,0 +1,350 @@
+-- moonbeam.tcp: sockets on the schedulers' loops, with real connections on
+-- 127.0.0.1. Every wait is bounded (S.T).
+local mb = require "moonbeam"
+local tcp = require "moonbeam.tcp"
+local S = require "spec.support"
+
+local T = S.T
+
+-- A listener on a free port, and a connected pair (client, server side).
+local function pair()
+  local l = assert(tcp.listen("127.0.0.1", 0))
+  local c = assert(tcp.connect("127.0.0.1", l:port(), T))
+  local s = assert(l:accept(T))
+  return c, s, l
+end
+
+-- Read exactly n bytes (or until the socket ends).
+local function read_n(sock, n)
+  local parts, got = {}, 0
+  while got < n do
+    local d, err = sock:read(T)
+    if not d then return table.concat(parts), err end
+    parts[#parts + 1] = d
+    got = got + #d
+  end
+  return table.concat(parts)
+end
+
+describe("moonbeam.tcp", function()
+  local before
+  before_each(function() before = S.snapshot() end)
+  after_each(function() S.check_clean(before) end)
+
+  it("echoes between two processes", function()
+    local l = assert(tcp.listen("127.0.0.1", 0))
+    local port = l:port()
+    assert.is_true(port > 0)
+    local me = mb.self()
+    mb.spawn(function()
+      local tcp = require "moonbeam.tcp"
+      local s = assert(tcp.connect("127.0.0.1", port, 5000))
+      assert(s:write("ping"))
+      local d = s:read(5000)
+      mb.send(me, {reply = d})
+      s:close()
+    end)
+    local s = assert(l:accept(T))
+    assert.are.equal("ping", read_n(s, 4))
+    assert.is_true(s:write("PONG"))
+    assert.are.equal("PONG", S.recv(S.field("reply", "PONG")).reply)
+    local d, err = s:read(T)
+    assert.is_nil(d)
+    assert.are.equal("closed", err)
+    s:close()
+    l:close()
+  end)
+
+  it("gives names of both ends", function()
+    local c, s, l = pair()
+    local host, port = c:peername()
+    assert.are.equal("127.0.0.1", host)
+    assert.are.equal(l:port(), port)
+    local h2, p2 = s:peername()
+    local h3, p3 = c:sockname()
+    assert.are.equal(h3, h2)
+    assert.are.equal(p3, p2)
+    c:close(); s:close(); l:close()
+  end)
+
+  it("delivers a large transfer intact, in partial reads", function()
+    local c, s, l = pair()
+    local chunk = {}
+    for i = 1, 4096 do chunk[i] = string.char(i % 251) end
+    local data = table.concat(chunk):rep(512)  -- 2 MiB
+    local writer = mb.spawn(function()
+      local m = mb.receive(5000)
+      assert(m.sock:write(m.data))
+      m.sock:close()
+    end)
+    assert(s:set_owner(writer))
+    -- the socket is the writer's now
+    assert.are.same({nil, "not owner"}, {s:write("x")})
+    mb.send(writer, {sock = s, data = data})
+    local parts, got, reads = {}, 0, 0
+    while got < #data do
+      local d = assert(c:read(T))
+      reads = reads + 1
+      parts[#parts + 1] = d
+      got = got + #d
+    end
+    assert.are.equal(#data, got)
+    assert.is_true(table.concat(parts) == data)
+    assert.is_true(reads > 1)
+    assert.are.same({nil, "closed"}, {c:read(T)})
+    c:close(); l:close()
+  end)
+
+  it("suspends a writer while the peer does not read (backpressure)", function()
+    local c, s, l = pair()
+    local me = mb.self()
+    local w = mb.spawn(function()
+      local m = mb.receive(5000)
+      local block = ("x"):rep(64 * 1024)
+      local sent = 0
+      for _ = 1, 1024 do                       -- up to 64 MiB
+        local ok = m.sock:write(block)
+        if not ok then break end
+        sent = sent + #block
+        mb.send(me, {sent = sent})
+      end
+      m.sock:close()
+      mb.send(me, {done = sent})
+    end)
+    assert(s:set_owner(w))
+    mb.send(w, {sock = s})
+    -- Nobody reads: the writer must stall far below 64 MiB.
+    mb.sleep(300)
+    local last = 0
+    while true do
+      local m = mb.receive(function(m) return m.sent end, 0)
+      if not m then break end
+      last = m.sent
+    end
+    assert.is_true(last > 0)
+    assert.is_true(last < 32 * 1024 * 1024, "writer was not held back: " .. last)
+    local info = mb.info(w)
+    assert.are.equal("waiting", info.status)
+    -- Now read everything: all of it arrives.
+    local total = 0
+    while true do
+      local d = c:read(T)
+      if not d then break end
+      total = total + #d
+    end
+    local done = S.recv(function(m) return m.done end).done
+    assert.are.equal(64 * 1024 * 1024, done)
+    assert.are.equal(done, total)
+    S.drain()
+    c:close(); l:close()
+  end)
+
+  it("times out a read and loses nothing that comes later", function()
+    local c, s, l = pair()
+    assert.are.same({nil, "timeout"}, {s:read(20)})
+    assert.are.same({nil, "timeout"}, {s:read(0)})
+    assert(c:write("late"))
+    assert.are.equal("late", read_n(s, 4))
+    c:close(); s:close(); l:close()
+  end)
+
+  it("delivers data as messages in active mode, then tcp_closed", function()
+    local c, s, l = pair()
+    assert(s:set_active(true))
+    assert(c:write("one"))
+    local m = S.recv(S.field("event", "tcp"))
+    assert.are.equal(s, m.socket)
+    local data = m.data
+    assert(c:write("two"))
+    while #data < 6 do data = data .. S.recv(S.field("event", "tcp")).data end
+    assert.are.equal("onetwo", data)
+    assert.are.same({nil, "socket is in active mode"}, {s:read(0)})
+    c:close()
+    local e = S.recv(S.field("event", "tcp_closed"))
+    assert.are.equal(s, e.socket)
+    s:close(); l:close()
+  end)
+
+  it("delivers one message in 'once' mode and then is passive", function()
+    local c, s, l = pair()
+    assert(c:write("first"))
+    mb.sleep(50)   -- let it arrive before the switch: buffered bytes count
+    assert(s:set_active("once"))
+    assert.are.equal("first", S.recv(S.field("event", "tcp")).data)
+    assert(c:write("second"))
+    mb.sleep(50)
+    assert.is_nil(mb.receive(S.field("event", "tcp"), 0))
+    assert.are.equal("second", read_n(s, 6))
+    assert(s:set_active("once"))
+    assert(c:write("third"))
+    assert.are.equal("third", S.recv(S.field("event", "tcp")).data)
+    c:close(); s:close(); l:close()
+  end)
+
+  it("sends a socket in a message and hands it over with set_owner", function()
+    local c, s, l = pair()
+    local me = mb.self()
+    local q = mb.spawn(function()
+      local m = mb.receive(5000)
+      -- not the owner yet
+      local d, err = m.sock:read(0)
+      mb.send(me, {err = err, same = m.sock == m.again, text = tostring(m.sock)})
+      m = mb.receive(5000)
+      d = m.sock:read(5000)
+      m.sock:write("echo:" .. d)
+      mb.receive(5000)
+    end)
+    mb.send(q, {sock = s, again = s})
+    local r = S.recv(function(m) return m.err end)
+    assert.are.equal("not owner", r.err)
+    assert.is_true(r.same)
+    assert.matches("^#Socket<", r.text)
+    assert(s:set_owner(q))
+    assert.are.same({nil, "not owner"}, {s:read(0)})
+    assert.are.same({nil, "not owner"}, {s:set_owner(mb.self())})
+    mb.send(q, {sock = s})
+    assert(c:write("hi"))
+    assert.are.equal("echo:hi", read_n(c, 7))
+    mb.exit(q, "kill")
+    c:close(); l:close()
+  end)
+
+  it("closes a socket when its owner dies", function()
+    local l = assert(tcp.listen("127.0.0.1", 0))
+    local port = l:port()
+    local p = mb.spawn(function()
+      local tcp = require "moonbeam.tcp"
+      local s = assert(tcp.connect("127.0.0.1", port, 5000))
+      s:write("hello")
+      mb.receive()   -- blocks until killed
+    end)
+    local s = assert(l:accept(T))
+    assert.are.equal("hello", read_n(s, 5))
+    local ref = mb.monitor(p)
+    mb.exit(p, "kill")
+    S.await_down(ref)
+    assert.are.same({nil, "closed"}, {s:read(T)})
+    s:close(); l:close()
+  end)
+
+  it("closes the sockets of a process that crashes while blocked in read", function()
+    local c, s, l = pair()
+    local me = mb.self()
+    local p = mb.spawn(function()
+      local m = mb.receive(5000)
+      mb.send(me, "reading")
+      m.sock:read()
+    end)
+    assert(s:set_owner(p))
+    mb.send(p, {sock = s})
+    S.recv(function(m) return m == "reading" end)
+    local ref = mb.monitor(p)
+    mb.exit(p, "boom")
+    assert.are.equal("boom", S.await_down(ref))
+    assert.are.same({nil, "closed"}, {c:read(T)})
+    c:close(); l:close()
+  end)
+
+  it("reports connection refused, bad addresses and a port in use", function()
+    local l = assert(tcp.listen("127.0.0.1", 0))
+    local port = l:port()
+    l:close()
+    local s, err = tcp.connect("127.0.0.1", port, T)
+    assert.is_nil(s)
+    assert.are.equal("connection refused", err)
+    local l2 = assert(tcp.listen("127.0.0.1", 0))
+    local x, err2 = tcp.listen("127.0.0.1", l2:port())
+    assert.is_nil(x)
+    assert.matches("address already in use", err2)
+    local y, err3 = tcp.listen("not an address", 0)
+    assert.is_nil(y)
+    assert.matches("bad address", err3)
+    local z, err4 = tcp.connect("no-such-host.invalid", 80, T)
+    assert.is_nil(z)
+    assert.is_string(err4)
+    l2:close()
+  end)
+
+  it("rejects wrong argument types with clear errors", function()
+    assert.has_error(function() tcp.listen(nil, 0) end)
+    assert.has_error(function() tcp.listen("127.0.0.1", 70000) end,
+                     "bad argument #2 to 'listen' (port must be an integer in 0..65535)")
+    assert.has_error(function() tcp.connect("127.0.0.1", "x") end)
+    local c, s, l = pair()
+    assert.has_error(function() s:read(-1) end)
+    assert.has_error(function() s:write({}) end)
+    assert.has_error(function() s:set_active("sometimes") end)
+    assert.has_error(function() s.read({}) end)
+    assert.has_error(function() s:set_owner(42) end)
+    assert.has_error(function() s:accept() end)
+    assert.has_error(function() l:read() end)
+    c:close(); s:close(); l:close()
+  end)
+
+  it("answers nil, 'closed' on a closed socket, and close twice is fine", function()
+    local c, s, l = pair()
+    assert.is_true(s:close())
+    assert.is_true(s:close())
+    assert.are.same({nil, "closed"}, {s:read(0)})
+    assert.are.same({nil, "closed"}, {s:write("x")})
+    assert.are.same({nil, "closed"}, {c:read(T)})
+    l:close()
+    assert.are.same({nil, "closed"}, {l:accept(0)})
+    c:close()
+  end)
+
+  it("serves many connections at once, a process each", function()
+    local l = assert(tcp.listen("127.0.0.1", 0))
+    local port = l:port()
+    local me = mb.self()
+    local N = 200
+    local server = mb.spawn(function(l)
+      -- the listener arrives by message: set_owner happens below
+      local m = mb.receive(5000)
+      for _ = 1, m.n do
+        local s = assert(m.l:accept(5000))
+        local h = mb.spawn(function()
+          local m = mb.receive(5000)
+          local d = m.s:read(5000)
+          m.s:write(d)
+          m.s:close()
+        end)
+        s:set_owner(h)
+        mb.send(h, {s = s})
+      end
+    end)
+    assert(l:set_owner(server))
+    mb.send(server, {l = l, n = N})
+    for i = 1, N do
+      mb.spawn(function()
+        local tcp = require "moonbeam.tcp"
+        local s = assert(tcp.connect("127.0.0.1", port, 5000))
+        s:write("n" .. i)
+        local got = s:read(5000)
+        s:close()
+        mb.send(me, {echo = got, i = i})
+      end)
+    end
+    local seen = 0
+    for _ = 1, N do
+      local m = S.recv(function(m) return m.echo end)
+      assert.are.equal("n" .. m.i, m.echo)
+      seen = seen + 1
+    end
+    assert.are.equal(N, seen)
+  end)
+
+  it("hands a queued connection to a later accept", function()
+    local l = assert(tcp.listen("127.0.0.1", 0))
+    local cs = {}
+    for i = 1, 5 do cs[i] = assert(tcp.connect("127.0.0.1", l:port(), T)) end
+    mb.sleep(50)
+    for i = 1, 5 do
+      local s = assert(l:accept(T))
+      assert(cs[i]:write("c" .. i))
+      s:close()
+    end
+    for i = 1, 5 do cs[i]:close() end
+    l:close()
+  end)
+end)
