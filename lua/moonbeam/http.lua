@@ -1,0 +1,749 @@
+-- moonbeam.http: an HTTP/1.1 server where each connection is its own
+-- process, a static file handler, and a small client.
+--
+-- DESIGN
+-- http.listen spawns an acceptor process that owns the listening socket. For
+-- every accepted connection it spawns a connection process (linked to it),
+-- hands the socket over (sock:set_owner, then a message carrying the
+-- socket) and goes back to accepting. The acceptor traps exits, so a
+-- connection process that dies, however it dies, leaves it running; it
+-- drains those EXIT messages after each accept and at least once a second.
+-- server:close() kills the acceptor; the kill reaches every connection
+-- process through its link (unless a handler traps exits) and the owner's
+-- death closes the sockets.
+--
+-- A connection process reads the socket in passive mode (sock:read with a
+-- deadline) and feeds the bytes to moonbeam.http_parser, which does the
+-- parsing and enforces the head limits in C; its events (head, body, done,
+-- upgrade, error) are consumed here in order, one request at a time, so
+-- pipelined requests are answered in order. A request's body is read whole
+-- (up to max_body) before the handler runs. The handler runs in the
+-- connection process under xpcall: an error becomes a 500 (or closes the
+-- connection when the response had started) and a report on stderr, never
+-- a crash of the server.
+--
+-- Timeouts: a new connection must send a whole request head within
+-- head_timeout; between keep-alive requests it may stay idle idle_timeout,
+-- after which it is closed silently; once a request's first byte came, the
+-- rest of its head must come within head_timeout (else 408 and close); each
+-- read of a body must come within idle_timeout.
+--
+-- Like moonbeam.server, most functions here run in other processes: spawn
+-- copies the process bodies with their upvalues, so standard functions are
+-- read as globals rather than cached in locals.
+local mb = require "moonbeam"
+local tcp = require "moonbeam.tcp"
+local hp = require "moonbeam.http_parser"
+
+local http = {}
+
+-- Defaults of http.listen's options (times in ms, sizes in bytes).
+local DEFAULTS = {
+  max_body = 8 * 1024 * 1024,   -- a larger request body gets 413
+  max_head = 8192,              -- request line and headers: 431
+  max_headers = 100,            -- 431
+  max_url = 4096,               -- 414
+  head_timeout = 10000,         -- a request head must arrive within: 408
+  idle_timeout = 60000,         -- a keep-alive connection may idle this long
+  backlog = 511,
+}
+-- How long the acceptor waits in accept before it drains its mailbox.
+local ACCEPT_POLL = 1000
+-- How long http.listen waits for the acceptor to report the listening port.
+local START_TIMEOUT = 5000
+-- After an error response, the connection reads and drops what the client
+-- still sends, for at most this long or this many bytes, before it closes:
+-- closing with unread input makes TCP reset the connection, and a reset can
+-- destroy the response before the client read it.
+local LINGER_MS = 1000
+local LINGER_BYTES = 1024 * 1024
+-- The client's default timeout for a whole request.
+local CLIENT_TIMEOUT = 30000
+
+-- -- Helpers shared by server and client ------------------------------------
+
+local function reason_phrase(code)
+  return hp.reason(code) or "Unknown"
+end
+
+-- Headers as the parser lists them ({name1, value1, ...}) -> a table of
+-- lower-cased names; repeated headers are joined with ", ".
+local function header_map(list)
+  local h = {}
+  for i = 1, #list, 2 do
+    local k = string.lower(list[i])
+    local v = list[i + 1]
+    local old = h[k]
+    if old then h[k] = old .. ", " .. v else h[k] = v end
+  end
+  return h
+end
+
+-- Does the comma-separated header value contain token (case-insensitive)?
+local function has_token(value, token)
+  if not value then return false end
+  for part in string.gmatch(string.lower(value), "[^,]+") do
+    if string.match(part, "^%s*(.-)%s*$") == token then return true end
+  end
+  return false
+end
+
+-- Reads parser events from a socket, one at a time, until c.deadline (ms,
+-- mb.now() time; nil: no limit).
+-- c = {sock =, parser =, events =, ei =, deadline =, watch_head =, head_started =}
+local function next_event(c)
+  while true do
+    local deadline = c.deadline
+    local e = c.events[c.ei]
+    if e then
+      c.events[c.ei] = nil
+      c.ei = c.ei + 1
+      return e
+    end
+    local left = deadline and deadline - mb.now()
+    if left and left <= 0 then return nil, "timeout" end
+    local data, err = c.sock:read(left and math.ceil(left))
+    if not data then
+      if err == "closed" and c.parser:in_message() then
+        -- The stream ended: a response read to the end of the connection
+        -- completes; anything else is cut short.
+        local _, evs = c.parser:finish()
+        if evs[1] and evs[1].type == "done" then
+          c.events, c.ei = evs, 1
+        else
+          return nil, "closed"
+        end
+      else
+        return nil, err
+      end
+    else
+      local _, evs = c.parser:feed(data)
+      c.events, c.ei = evs, 1
+      -- The first byte of a request head starts its head_timeout.
+      if c.watch_head and not c.head_started and c.parser:in_message() then
+        c.head_started = true
+        local d = mb.now() + c.opts.head_timeout
+        if d < deadline then c.deadline = d end
+      end
+    end
+  end
+end
+
+-- -- Responses --------------------------------------------------------------
+
+local Response = {}
+Response.__index = Response
+
+-- Status codes whose responses carry no body.
+local function bodiless(code)
+  return code < 200 or code == 204 or code == 304
+end
+
+-- The status line and headers; `framing` is the Content-Length or chunked
+-- header line (or nil).
+local function build_head(res, framing)
+  local code = res.code
+  local buf = { "HTTP/1.1 ", code, " ", reason_phrase(code), "\r\n" }
+  local hs = res.hlist
+  for i = 1, #hs, 2 do
+    buf[#buf + 1] = hs[i]
+    buf[#buf + 1] = ": "
+    buf[#buf + 1] = hs[i + 1]
+    buf[#buf + 1] = "\r\n"
+  end
+  if framing then buf[#buf + 1] = framing end
+  if res.close then
+    buf[#buf + 1] = "Connection: close\r\n"
+  elseif res.keep_alive_10 then
+    buf[#buf + 1] = "Connection: keep-alive\r\n"
+  end
+  buf[#buf + 1] = "\r\n"
+  return table.concat(buf)
+end
+
+local function check_open(res, what)
+  if res.upgraded then error("res:" .. what .. ": the connection was upgraded", 3) end
+  if res.done then error("res:" .. what .. ": the response was already sent", 3) end
+end
+
+-- res:status(code) -> res
+function Response:status(code)
+  if type(code) ~= "number" or code < 100 or code > 999 or code % 1 ~= 0 then
+    error("res:status: bad status code (an integer from 100 to 999 expected)", 2)
+  end
+  if self.started then error("res:status: the response head was already sent", 2) end
+  self.code = code
+  return self
+end
+
+-- res:header(name, value) -> res   (adds a header; call again to repeat it)
+function Response:header(name, value)
+  if type(name) ~= "string" or not string.match(name, "^[!#$%%&'*+%-.^_`|~%w]+$") then
+    error("res:header: bad header name " .. tostring(name), 2)
+  end
+  value = tostring(value)
+  if string.find(value, "[\r\n]") then error("res:header: line break in the value of " .. name, 2) end
+  if self.started then error("res:header: the response head was already sent", 2) end
+  local lname = string.lower(name)
+  if lname == "content-length" or lname == "transfer-encoding" then
+    error("res:header: " .. name .. " is set by send and write", 2)
+  end
+  if lname == "connection" then
+    if has_token(value, "close") then self.close = true end
+    return self
+  end
+  local hs = self.hlist
+  hs[#hs + 1] = name
+  hs[#hs + 1] = value
+  return self
+end
+
+-- res:send([body]) -> true | nil, err   (the whole response, with Content-Length)
+function Response:send(body)
+  check_open(self, "send")
+  if self.started then error("res:send: the response was started with res:write", 2) end
+  body = body == nil and "" or tostring(body)
+  self.started, self.done = true, true
+  local head
+  if bodiless(self.code) then
+    head, body = build_head(self, nil), ""
+  else
+    head = build_head(self, "Content-Length: " .. #body .. "\r\n")
+    if self.head_only then body = "" end
+  end
+  local ok, err = self.sock:write(head .. body)
+  if not ok then self.close = true; self.broken = true end
+  return ok, err
+end
+
+-- res:write(chunk) -> true | nil, err   (streams the body, chunked)
+function Response:write(chunk)
+  check_open(self, "write")
+  chunk = tostring(chunk)
+  local out
+  if not self.started then
+    self.started, self.streaming = true, true
+    if bodiless(self.code) then
+      self.head_only = true
+      out = build_head(self, nil)
+    elseif self.http10 then
+      -- HTTP/1.0 knows no chunks: the body runs to the end of the connection.
+      self.close = true
+      out = build_head(self, nil)
+    else
+      self.chunked = true
+      out = build_head(self, "Transfer-Encoding: chunked\r\n")
+    end
+  else
+    out = ""
+  end
+  if #chunk > 0 and not self.head_only then
+    if self.chunked then
+      out = out .. string.format("%x\r\n", #chunk) .. chunk .. "\r\n"
+    else
+      out = out .. chunk
+    end
+  end
+  if out == "" then return true end
+  local ok, err = self.sock:write(out)
+  if not ok then self.close = true; self.broken = true end
+  return ok, err
+end
+
+-- res:finish([chunk]) -> true | nil, err   (ends a streamed response)
+function Response:finish(chunk)
+  if chunk ~= nil and chunk ~= "" then
+    local ok, err = self:write(chunk)
+    if not ok then return nil, err end
+  end
+  if not self.started then return self:send("") end
+  check_open(self, "finish")
+  self.done = true
+  if self.chunked and not self.head_only then
+    local ok, err = self.sock:write("0\r\n\r\n")
+    if not ok then self.close = true; self.broken = true end
+    return ok, err
+  end
+  return true
+end
+
+-- res:upgrade() -> sock, pending | nil, err
+-- Sends the 101 Switching Protocols head (status and headers set with
+-- res:header) and gives the connection to the caller: the HTTP loop stops
+-- once the handler returns. `pending` is what the client sent past the
+-- request head. Used by moonbeam.websocket.
+function Response:upgrade()
+  check_open(self, "upgrade")
+  if self.started then error("res:upgrade: the response head was already sent", 2) end
+  if not self.can_upgrade then return nil, "not an upgrade request" end
+  self.code = 101
+  self.close = false
+  self.keep_alive_10 = false
+  self.started, self.done, self.upgraded = true, true, true
+  local ok, err = self.sock:write(build_head(self, nil))
+  if not ok then return nil, err end
+  return self.sock, self.pending or ""
+end
+
+-- -- The connection process ---------------------------------------------------
+
+local function report(lines)
+  io.stderr:write("=HTTP REPORT==== " .. tostring(mb.self()) .. "\n" .. table.concat(lines, "\n") .. "\n")
+end
+
+-- The handler's error and traceback, without the frames of this module.
+local function traceback(e)
+  local lines = {}
+  for line in string.gmatch(debug.traceback("", 2):sub(2), "[^\n]+") do
+    if string.find(line, "^%s*%[C%]: in function 'xpcall'") then break end
+    lines[#lines + 1] = line
+  end
+  return { err = e, traceback = table.concat(lines, "\n") }
+end
+
+-- Read and drop what the client still sends (bounded), then close.
+local function linger_close(c)
+  local deadline, got = mb.now() + LINGER_MS, 0
+  while got < LINGER_BYTES do
+    local left = deadline - mb.now()
+    if left <= 0 then break end
+    local data = c.sock:read(math.ceil(left))
+    if not data then break end
+    got = got + #data
+  end
+  c.sock:close()
+end
+
+-- Answer with an error status and close the connection.
+local function fail(c, code, extra)
+  local body = code .. " " .. reason_phrase(code) .. "\n"
+  local head = { "HTTP/1.1 ", code, " ", reason_phrase(code), "\r\n",
+                 "Content-Type: text/plain\r\n",
+                 "Content-Length: ", #body, "\r\n", "Connection: close\r\n" }
+  if extra then head[#head + 1] = extra end
+  head[#head + 1] = "\r\n"
+  if c.sock:write(table.concat(head) .. body) then linger_close(c) else c.sock:close() end
+end
+
+-- Split a request target into path and query.
+local function split_url(url)
+  local q = string.find(url, "?", 1, true)
+  if q then return string.sub(url, 1, q - 1), string.sub(url, q + 1) end
+  return url, nil
+end
+
+-- Wait for the next request head. Returns the head event, or nil and what
+-- to do: "closed"/"idle" (close quietly), or a status to answer.
+local function read_head(c, first)
+  local o = c.opts
+  c.deadline = mb.now() + (first and o.head_timeout or o.idle_timeout)
+  c.head_started = first
+  c.watch_head = true
+  while true do
+    local e, err = next_event(c)
+    if not e then
+      c.watch_head = false
+      if err == "timeout" then
+        if c.head_started then return nil, 408 end
+        return nil, "idle"
+      end
+      return nil, "closed"
+    end
+    if e.type == "head" then
+      c.watch_head = false
+      return e
+    elseif e.type == "error" then
+      c.watch_head = false
+      return nil, e.status, e
+    end
+    -- Nothing else can come before a head; skip it if it does.
+  end
+end
+
+-- Read the body of the request whose head is `head` into req.body. Returns
+-- true, or nil and a status to answer (or "closed").
+local function read_body(c, req, head)
+  local o = c.opts
+  local parts, size = {}, 0
+  while true do
+    c.deadline = mb.now() + o.idle_timeout
+    local e, err = next_event(c)
+    if not e then
+      if err == "timeout" then return nil, 408 end
+      return nil, "closed"
+    end
+    local t = e.type
+    if t == "body" then
+      size = size + #e.data
+      if size > o.max_body then return nil, 413 end
+      parts[#parts + 1] = e.data
+    elseif t == "done" then
+      req.body = table.concat(parts)
+      req.keep_alive = req.keep_alive and e.keep_alive
+      return true
+    elseif t == "error" then
+      return nil, e.status
+    end
+  end
+end
+
+-- Handle one request. Returns true to go on with the next one.
+local function serve_one(c, handler, first)
+  local o = c.opts
+  local head, why, perr = read_head(c, first)
+  if not head then
+    if type(why) == "number" then fail(c, why) else c.sock:close() end
+    return false
+  end
+  local path, query = split_url(head.url)
+  local headers = header_map(head.headers)
+  local req = {
+    method = head.method, url = head.url, path = path, query = query,
+    version = head.version, headers = headers, body = "", socket = c.sock,
+    keep_alive = head.keep_alive, upgrade = head.upgrade,
+  }
+  if head.content_length and head.content_length > o.max_body then
+    fail(c, 413)
+    return false
+  end
+  local expect = headers.expect
+  if expect then
+    if string.lower(expect) ~= "100-continue" then
+      fail(c, 417)
+      return false
+    end
+    if head.version == "1.1" and ((head.content_length or 0) > 0 or head.chunked) then
+      if not c.sock:write("HTTP/1.1 100 Continue\r\n\r\n") then c.sock:close() return false end
+    end
+  end
+  local ok, status = read_body(c, req, head)
+  if not ok then
+    if type(status) == "number" then fail(c, status) else c.sock:close() end
+    return false
+  end
+  local res = setmetatable({
+    sock = c.sock, code = 200, hlist = {},
+    http10 = head.version == "1.0", head_only = head.method == "HEAD",
+    close = not req.keep_alive,
+    keep_alive_10 = head.version == "1.0" and req.keep_alive,
+  }, Response)
+  if head.upgrade then
+    -- The parser stopped at the head: what follows belongs to the new
+    -- protocol. It is the next event (after "done").
+    local e = c.events[c.ei]
+    if e and e.type == "upgrade" then
+      c.events[c.ei] = nil
+      c.ei = c.ei + 1
+      res.pending = e.rest
+    end
+    res.can_upgrade = true
+  end
+  local okh, caught = xpcall(handler, traceback, req, res)
+  if res.upgraded then
+    -- The handler owned the connection; it is over now.
+    c.sock:close()
+    return false
+  end
+  if not okh then
+    report({ "request: " .. req.method .. " " .. req.url,
+             "reason: " .. tostring(caught.err), caught.traceback })
+    if not res.started then
+      fail(c, 500)
+    else
+      c.sock:close()
+    end
+    return false
+  end
+  if not res.done then
+    local fok
+    if res.started then fok = res:finish() else fok = res:send("") end
+    if not fok then c.sock:close() return false end
+  end
+  if res.close or res.broken or head.upgrade then
+    c.sock:close()
+    return false
+  end
+  return true
+end
+
+-- The body of a connection process: wait for the socket, then serve
+-- requests until the connection ends.
+local function connection(handler, opts)
+  local m = mb.receive(function(x) return type(x) == "table" and x.tag == "$http_sock" end, START_TIMEOUT)
+  if not m then return end
+  if type(handler) == "string" then handler = require(handler) end
+  local c = {
+    sock = m.sock, opts = opts, events = {}, ei = 1,
+    parser = hp.new({ max_head = opts.max_head, max_headers = opts.max_headers,
+                      max_url = opts.max_url }),
+  }
+  local first = true
+  while serve_one(c, handler, first) do first = false end
+end
+
+-- -- The acceptor -------------------------------------------------------------
+
+local function acceptor(parent, host, port, handler, opts)
+  mb.trap_exit(true)
+  local l, err = tcp.listen(host, port, { backlog = opts.backlog })
+  if not l then
+    mb.send(parent, { tag = "$http_listen", err = err })
+    return
+  end
+  mb.send(parent, { tag = "$http_listen", port = l:port() })
+  while true do
+    local s, aerr = l:accept(ACCEPT_POLL)
+    if s then
+      local pid = mb.spawn_link(connection, handler, opts)
+      if s:set_owner(pid) then
+        mb.send(pid, { tag = "$http_sock", sock = s })
+      else
+        s:close()
+      end
+    elseif aerr ~= "timeout" then
+      error("http: accept failed: " .. tostring(aerr))
+    end
+    -- EXIT messages of the connection processes that ended.
+    while mb.receive(0) ~= nil do end
+  end
+end
+
+local Server = {}
+Server.__index = Server
+
+-- server:port() -> the port it listens on
+function Server:port() return self.listen_port end
+
+-- server:close() -> true   (stops accepting and ends every connection)
+function Server:close()
+  if self.closed then return true end
+  self.closed = true
+  local ref = mb.monitor(self.pid)
+  mb.exit(self.pid, "kill")
+  mb.receive(function(x)
+    return type(x) == "table" and x.event == "DOWN" and x.ref == ref
+  end, START_TIMEOUT)
+  return true
+end
+
+-- http.listen(host, port, handler[, opts]) -> server | nil, err
+-- handler(req, res) is a function (copied into each connection process) or
+-- the name of a module that returns one.
+function http.listen(host, port, handler, opts)
+  if type(host) ~= "string" then error("http.listen: bad host (a string expected)", 2) end
+  if type(port) ~= "number" then error("http.listen: bad port (a number expected)", 2) end
+  if type(handler) ~= "function" and type(handler) ~= "string" then
+    error("http.listen: bad handler (a function or a module name expected)", 2)
+  end
+  if opts ~= nil and type(opts) ~= "table" then error("http.listen: bad opts (a table expected)", 2) end
+  local o = {}
+  for k, v in pairs(DEFAULTS) do
+    local given = opts and opts[k]
+    if given ~= nil then
+      if type(given) ~= "number" or given <= 0 then
+        error("http.listen: bad option " .. k .. " (a positive number expected)", 2)
+      end
+      o[k] = given
+    else
+      o[k] = v
+    end
+  end
+  local pid, ref = mb.spawn_monitor(acceptor, mb.self(), host, port, handler, o)
+  local m = mb.receive(function(x)
+    return type(x) == "table" and ((x.tag == "$http_listen")
+      or (x.event == "DOWN" and x.ref == ref))
+  end, START_TIMEOUT)
+  mb.demonitor(ref, true)
+  if not m then
+    mb.exit(pid, "kill")
+    return nil, "http.listen: the acceptor did not start"
+  end
+  if m.event == "DOWN" then return nil, "http.listen: " .. tostring(m.reason) end
+  if m.err then return nil, m.err end
+  return setmetatable({ pid = pid, listen_port = m.port }, Server)
+end
+
+-- -- Static files ---------------------------------------------------------------
+
+local MIME = {
+  html = "text/html; charset=utf-8", htm = "text/html; charset=utf-8",
+  js = "text/javascript; charset=utf-8", mjs = "text/javascript; charset=utf-8",
+  css = "text/css; charset=utf-8", json = "application/json",
+  txt = "text/plain; charset=utf-8", svg = "image/svg+xml", png = "image/png",
+  jpg = "image/jpeg", jpeg = "image/jpeg", gif = "image/gif", ico = "image/x-icon",
+  webp = "image/webp", wasm = "application/wasm", woff2 = "font/woff2",
+}
+
+-- Percent-decoding of a path; nil if it is malformed or decodes to a zero byte.
+local function unescape(s)
+  if string.find(s, "%%%X") or string.find(s, "%%%x%X") or string.find(s, "%%.?$") then
+    return nil
+  end
+  s = string.gsub(s, "%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)
+  if string.find(s, "\0", 1, true) then return nil end
+  return s
+end
+
+local function plain(res, code)
+  res:status(code)
+  res:header("Content-Type", "text/plain; charset=utf-8")
+  return res:send(code .. " " .. reason_phrase(code) .. "\n")
+end
+
+-- http.static(root[, opts]) -> handler
+-- opts: index = "index.html" (served for a directory), types = {ext = mime}
+-- (added to the built-in table).
+function http.static(root, opts)
+  if type(root) ~= "string" or root == "" then error("http.static: bad root (a path expected)", 2) end
+  opts = opts or {}
+  local index = opts.index or "index.html"
+  local types = {}
+  for k, v in pairs(MIME) do types[k] = v end
+  for k, v in pairs(opts.types or {}) do types[k] = v end
+  root = string.gsub(root, "/+$", "")
+  if root == "" then root = "/" end
+  return function(req, res)
+    local fs = require "moonbeam.fs"
+    if req.method ~= "GET" and req.method ~= "HEAD" then
+      res:header("Allow", "GET, HEAD")
+      return plain(res, 405)
+    end
+    local path = unescape(req.path)
+    if not path or string.sub(path, 1, 1) ~= "/" then return plain(res, 400) end
+    for seg in string.gmatch(path, "[^/]+") do
+      if seg == ".." then return plain(res, 403) end
+    end
+    local full = (root == "/" and "" or root) .. path
+    local st = fs.stat(full)
+    if st and st.type == "directory" then
+      if string.sub(path, -1) ~= "/" then
+        res:status(301)
+        res:header("Location", req.path .. "/" .. (req.query and ("?" .. req.query) or ""))
+        return res:send("")
+      end
+      full = full .. index
+      st = fs.stat(full)
+    end
+    -- Symbolic links are not followed: one could point out of root.
+    if not st or st.type ~= "file" then return plain(res, 404) end
+    local data, _, code = fs.read_file(full)
+    if not data then return plain(res, code == "EACCES" and 403 or 404) end
+    local ext = string.match(full, "%.([%w]+)$")
+    res:header("Content-Type", ext and types[string.lower(ext)] or "application/octet-stream")
+    return res:send(data)
+  end
+end
+
+-- -- The client -----------------------------------------------------------------
+
+-- Parse "http://host[:port][/path]" -> host, port, target.
+local function parse_url(url)
+  local rest = string.match(url, "^[hH][tT][tT][pP]://(.*)$")
+  if not rest then return nil end
+  local authority, target = string.match(rest, "^([^/?#]*)(.*)$")
+  if target == "" then target = "/" end
+  target = string.gsub(target, "#.*$", "")
+  local host, port = string.match(authority, "^%[(.+)%]:?(%d*)$")
+  if not host then host, port = string.match(authority, "^([^:]+):?(%d*)$") end
+  if not host then return nil end
+  return host, tonumber(port) or 80, target, authority
+end
+
+local Client = {}
+Client.__index = Client
+
+-- http.connect(host, port[, opts]) -> client | nil, err
+-- opts: timeout (ms for connect and each request, 30000), max_body.
+function http.connect(host, port, opts)
+  opts = opts or {}
+  local timeout = opts.timeout or CLIENT_TIMEOUT
+  local sock, err = tcp.connect(host, port, timeout)
+  if not sock then return nil, err end
+  return setmetatable({
+    sock = sock, host = host, port = port, timeout = timeout,
+    max_body = opts.max_body or DEFAULTS.max_body,
+    authority = opts.authority or (port == 80 and host or (host .. ":" .. port)),
+  }, Client)
+end
+
+-- client:request(method, target[, headers[, body]]) -> res | nil, err
+-- res = {status =, version =, headers = {lower-case name = value}, body =}
+function Client:request(method, target, headers, body)
+  local sock = self.sock
+  if not sock then return nil, "closed" end
+  local lines = { method, " ", target, " HTTP/1.1\r\n" }
+  local has_host = false
+  for k, v in pairs(headers or {}) do
+    if string.lower(k) == "host" then has_host = true end
+    lines[#lines + 1] = k .. ": " .. tostring(v) .. "\r\n"
+  end
+  if not has_host then lines[#lines + 1] = "Host: " .. self.authority .. "\r\n" end
+  if body then lines[#lines + 1] = "Content-Length: " .. #body .. "\r\n" end
+  lines[#lines + 1] = "\r\n"
+  local ok, err = sock:write(table.concat(lines) .. (body or ""))
+  if not ok then return nil, err end
+  local c = self.c
+  if not c then
+    c = { sock = sock, parser = hp.new({ type = "response", max_head = 65536, max_headers = 1000 }),
+          events = {}, ei = 1 }
+    self.c = c
+  end
+  if method == "HEAD" then c.parser:skip_body() end
+  c.deadline = mb.now() + self.timeout
+  local res, parts, size
+  while true do
+    local e, rerr = next_event(c)
+    if not e then return nil, rerr end
+    if e.type == "head" then
+      if e.status >= 200 or e.status == 101 then
+        res = { status = e.status, version = e.version, headers = header_map(e.headers),
+                keep_alive = e.keep_alive, upgrade = e.upgrade }
+        parts, size = {}, 0
+      end
+    elseif e.type == "body" and res then
+      size = size + #e.data
+      if size > self.max_body then return nil, "response body too large" end
+      parts[#parts + 1] = e.data
+    elseif e.type == "done" and res and not res.upgrade then
+      res.body = table.concat(parts)
+      if not e.keep_alive then self:close() end
+      return res
+    elseif e.type == "upgrade" and res then
+      -- A 101 answer: the connection now speaks another protocol, and what
+      -- came after the head belongs to it.
+      res.body = table.concat(parts)
+      res.pending = e.rest
+      return res
+    elseif e.type == "error" then
+      self:close()
+      return nil, "bad response: " .. e.message
+    end
+  end
+end
+
+-- client:close()
+function Client:close()
+  if self.sock then self.sock:close() end
+  self.sock = nil
+end
+
+-- http.request(method, url[, headers[, body[, opts]]]) -> res | nil, err
+-- One request on a new connection: url is "http://host[:port]/path".
+function http.request(method, url, headers, body, opts)
+  local host, port, target, authority = parse_url(url)
+  if not host then error("http.request: bad url " .. tostring(url) .. " (http://host[:port]/path expected)", 2) end
+  local o = { authority = authority }
+  for k, v in pairs(opts or {}) do o[k] = v end
+  local client, err = http.connect(host, port, o)
+  if not client then return nil, err end
+  local h = { Connection = "close" }
+  for k, v in pairs(headers or {}) do h[k] = v end
+  local res, rerr = client:request(method, target, h, body)
+  client:close()
+  return res, rerr
+end
+
+http.parse_url = parse_url
+http.reason = reason_phrase
+
+return http

@@ -1,0 +1,465 @@
+-- moonbeam.http: the HTTP/1.1 server (a process per connection), the static
+-- file handler and the client, over real sockets on 127.0.0.1.
+--
+-- Handlers run in the connection processes: they are copied there, so they
+-- capture only plain values and loaded modules, never spec.support.
+local mb = require "moonbeam"
+local tcp = require "moonbeam.tcp"
+local hp = require "moonbeam.http_parser"
+local http = require "moonbeam.http"
+local S = require "spec.support"
+
+local HOST = "127.0.0.1"
+
+-- -- Raw client helpers ---------------------------------------------------------
+
+local function raw(port)
+  return assert(tcp.connect(HOST, port, S.T))
+end
+
+-- Read `n` responses from sock (in order), parsing them with a response
+-- parser; `head_of` lists which of them answer HEAD requests. Returns the
+-- list of {status, headers (lower-case map), body}.
+local function read_responses(sock, n, parser)
+  parser = parser or hp.new({ type = "response" })
+  local out, cur, parts = {}, nil, nil
+  local deadline = mb.now() + S.T
+  local events, ei = {}, 1
+  while #out < n do
+    local e = events[ei]
+    if e then
+      ei = ei + 1
+      if e.type == "head" then
+        local h = {}
+        for i = 1, #e.headers, 2 do h[e.headers[i]:lower()] = e.headers[i + 1] end
+        cur, parts = { status = e.status, headers = h, version = e.version }, {}
+      elseif e.type == "body" then
+        parts[#parts + 1] = e.data
+      elseif e.type == "done" then
+        if cur.status >= 200 then
+          cur.body = table.concat(parts)
+          out[#out + 1] = cur
+        else
+          out.interim = cur   -- a 1xx response
+        end
+      elseif e.type == "error" then
+        error("bad response: " .. e.message)
+      end
+    else
+      local left = deadline - mb.now()
+      assert(left > 0, "timed out reading responses")
+      local data, err = sock:read(math.ceil(left))
+      if not data then
+        if err == "closed" then
+          local _, fin = parser:finish()
+          if fin[1] and fin[1].type == "done" then
+            events, ei = fin, 1
+          else
+            error("connection closed after " .. #out .. " responses")
+          end
+        else
+          error("read: " .. tostring(err))
+        end
+      else
+        local _, evs = parser:feed(data)
+        events, ei = evs, 1
+      end
+    end
+  end
+  return out
+end
+
+local function read_response(sock)
+  return read_responses(sock, 1)[1]
+end
+
+-- Is the server's side of sock closed (the next read says "closed")?
+local function closed_by_server(sock)
+  local deadline = mb.now() + S.T
+  while mb.now() < deadline do
+    local data, err = sock:read(S.T)
+    if not data then return err == "closed" end
+  end
+  return false
+end
+
+-- One raw request on a new connection: its response.
+local function raw_request(port, bytes)
+  local sock = raw(port)
+  assert(sock:write(bytes))
+  local res = read_response(sock)
+  sock:close()
+  return res
+end
+
+-- -- Handlers --------------------------------------------------------------------
+
+local function echo(req, res)
+  res:header("Content-Type", "text/plain")
+  res:header("X-Method", req.method)
+  res:header("X-Path", req.path)
+  res:header("X-Query", req.query or "")
+  res:header("X-Pid", tostring(require("moonbeam").self()))
+  res:header("X-Test", req.headers["x-test"] or "")
+  res:header("X-Version", req.version)
+  res:send(req.body)
+end
+
+describe("moonbeam.http", function()
+  local before, server, port
+  before_each(function() before = S.snapshot() end)
+  after_each(function()
+    if server then server:close() end
+    server = nil
+    S.check_clean(before)
+  end)
+  teardown(S.cleanup_tmp)
+
+  local function start(handler, opts)
+    local err
+    server, err = http.listen(HOST, 0, handler, opts)
+    assert(server, err)
+    port = server:port()
+    assert.is_true(port > 0)
+    return server
+  end
+
+  it("answers a GET with the path, query and headers", function()
+    start(echo)
+    local res = assert(http.request("GET", "http://127.0.0.1:" .. port .. "/some/path?a=1&b=2",
+                                    { ["X-Test"] = "yes" }))
+    assert.are.equal(200, res.status)
+    assert.are.equal("GET", res.headers["x-method"])
+    assert.are.equal("/some/path", res.headers["x-path"])
+    assert.are.equal("a=1&b=2", res.headers["x-query"])
+    assert.are.equal("yes", res.headers["x-test"])
+    assert.are.equal("1.1", res.headers["x-version"])
+    assert.are.equal("", res.body)
+    assert.are.equal("0", res.headers["content-length"])
+  end)
+
+  it("reads a POST body", function()
+    start(echo)
+    local body = ("0123456789"):rep(10000) .. "\0end"
+    local res = assert(http.request("POST", "http://127.0.0.1:" .. port .. "/upload", nil, body))
+    assert.are.equal(200, res.status)
+    assert.are.equal(body, res.body)
+  end)
+
+  it("keeps a connection alive for a second request", function()
+    start(echo)
+    local c = assert(http.connect(HOST, port))
+    local r1 = assert(c:request("GET", "/one"))
+    local r2 = assert(c:request("POST", "/two", nil, "payload"))
+    c:close()
+    assert.are.equal("/one", r1.headers["x-path"])
+    assert.are.equal("/two", r2.headers["x-path"])
+    assert.are.equal("payload", r2.body)
+    -- One connection, so one process served both.
+    assert.are.equal(r1.headers["x-pid"], r2.headers["x-pid"])
+  end)
+
+  it("answers pipelined requests in order", function()
+    start(echo)
+    local sock = raw(port)
+    assert(sock:write("GET /1 HTTP/1.1\r\nHost: x\r\n\r\n"
+      .. "POST /2 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+      .. "GET /3 HTTP/1.1\r\nHost: x\r\n\r\n"))
+    local rs = read_responses(sock, 3)
+    sock:close()
+    assert.are.equal("/1", rs[1].headers["x-path"])
+    assert.are.equal("/2", rs[2].headers["x-path"])
+    assert.are.equal("abc", rs[2].body)
+    assert.are.equal("/3", rs[3].headers["x-path"])
+  end)
+
+  it("closes after Connection: close and after an HTTP/1.0 request", function()
+    start(echo)
+    local sock = raw(port)
+    assert(sock:write("GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+    local r = read_response(sock)
+    assert.are.equal("close", r.headers["connection"])
+    assert.is_true(closed_by_server(sock))
+    sock:close()
+    sock = raw(port)
+    assert(sock:write("GET /old HTTP/1.0\r\n\r\n"))
+    r = read_response(sock)
+    assert.are.equal(200, r.status)
+    assert.are.equal("1.0", r.headers["x-version"])
+    assert.is_true(closed_by_server(sock))
+    sock:close()
+    -- HTTP/1.0 with keep-alive asked for stays open.
+    sock = raw(port)
+    assert(sock:write("GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /b HTTP/1.0\r\n\r\n"))
+    local rs = read_responses(sock, 2)
+    assert.are.equal("keep-alive", rs[1].headers["connection"])
+    assert.are.equal("/b", rs[2].headers["x-path"])
+    sock:close()
+  end)
+
+  it("streams a chunked response", function()
+    start(function(req, res)
+      res:header("Content-Type", "text/plain")
+      res:write("a")
+      res:write("")
+      res:write(("b"):rep(100000))
+      res:finish("ccc")
+    end)
+    local c = assert(http.connect(HOST, port))
+    local r = assert(c:request("GET", "/"))
+    assert.are.equal("chunked", r.headers["transfer-encoding"])
+    assert.are.equal("a" .. ("b"):rep(100000) .. "ccc", r.body)
+    -- The connection is still good after a chunked response.
+    local r2 = assert(c:request("GET", "/"))
+    assert.are.equal(r.body, r2.body)
+    c:close()
+  end)
+
+  it("reads a chunked request body", function()
+    start(echo)
+    local r = raw_request(port, "POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+      .. "5\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\n\r\n")
+    assert.are.equal(200, r.status)
+    assert.are.equal("hello world", r.body)
+  end)
+
+  it("answers HEAD without a body", function()
+    start(echo)
+    local c = assert(http.connect(HOST, port))
+    local r = assert(c:request("HEAD", "/", nil, nil))
+    assert.are.equal(200, r.status)
+    assert.are.equal("", r.body)
+    local r2 = assert(c:request("POST", "/", nil, "xyz"))
+    assert.are.equal("xyz", r2.body)
+    c:close()
+  end)
+
+  it("answers Expect: 100-continue", function()
+    start(echo)
+    local sock = raw(port)
+    assert(sock:write("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"))
+    local data = assert(sock:read(S.T))
+    assert.is_truthy(data:find("^HTTP/1.1 100 Continue\r\n\r\n"))
+    assert(sock:write("body"))
+    local r = read_response(sock)
+    assert.are.equal("body", r.body)
+    sock:close()
+  end)
+
+  it("answers 500 when the handler raises, and goes on serving", function()
+    start(function(req, res)
+      if req.path == "/boom" then error("handler exploded") end
+      res:send("fine")
+    end)
+    local r = assert(http.request("GET", "http://127.0.0.1:" .. port .. "/boom"))
+    assert.are.equal(500, r.status)
+    r = assert(http.request("GET", "http://127.0.0.1:" .. port .. "/ok"))
+    assert.are.equal(200, r.status)
+    assert.are.equal("fine", r.body)
+  end)
+
+  it("sends the status and headers a handler sets, and an empty 200 by default", function()
+    start(function(req, res)
+      if req.path == "/created" then
+        res:status(201):header("Location", "/x"):header("Set-Cookie", "a=1"):header("Set-Cookie", "b=2")
+        res:send("made")
+      end
+    end)
+    local r = assert(http.request("POST", "http://127.0.0.1:" .. port .. "/created", nil, ""))
+    assert.are.equal(201, r.status)
+    assert.are.equal("/x", r.headers["location"])
+    assert.are.equal("a=1, b=2", r.headers["set-cookie"])
+    assert.are.equal("made", r.body)
+    r = assert(http.request("GET", "http://127.0.0.1:" .. port .. "/nothing"))
+    assert.are.equal(200, r.status)
+    assert.are.equal("", r.body)
+  end)
+
+  it("joins repeated request headers and lower-cases their names", function()
+    start(function(req, res) res:send(req.headers["x-multi"]) end)
+    local r = raw_request(port, "GET / HTTP/1.1\r\nX-Multi: a\r\nx-MULTI: b\r\n\r\n")
+    assert.are.equal("a, b", r.body)
+  end)
+
+  it("answers a malformed request with 400 and closes", function()
+    start(echo)
+    local sock = raw(port)
+    assert(sock:write("THIS IS NOT HTTP\r\n\r\n"))
+    local r = read_response(sock)
+    assert.are.equal(400, r.status)
+    assert.is_true(closed_by_server(sock))
+    sock:close()
+  end)
+
+  it("answers oversize headers with 431 and a long URL with 414", function()
+    start(echo)
+    local r = raw_request(port, "GET / HTTP/1.1\r\nX-Big: " .. ("x"):rep(10000) .. "\r\n\r\n")
+    assert.are.equal(431, r.status)
+    local many = {}
+    for i = 1, 150 do many[i] = "X-H" .. i .. ": v\r\n" end
+    r = raw_request(port, "GET / HTTP/1.1\r\n" .. table.concat(many) .. "\r\n")
+    assert.are.equal(431, r.status)
+    r = raw_request(port, "GET /" .. ("u"):rep(5000) .. " HTTP/1.1\r\n\r\n")
+    assert.are.equal(414, r.status)
+  end)
+
+  it("answers a too large body with 413", function()
+    start(echo, { max_body = 1000 })
+    local r = raw_request(port, "POST / HTTP/1.1\r\nContent-Length: 5000\r\n\r\n")
+    assert.are.equal(413, r.status)
+    -- A chunked body is counted as it comes.
+    local sock = raw(port)
+    assert(sock:write("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+      .. "3e8\r\n" .. ("a"):rep(1000) .. "\r\n10\r\n" .. ("b"):rep(16) .. "\r\n0\r\n\r\n"))
+    r = read_response(sock)
+    assert.are.equal(413, r.status)
+    sock:close()
+    -- Within the limit it is fine.
+    r = raw_request(port, "POST / HTTP/1.1\r\nContent-Length: 1000\r\n\r\n" .. ("z"):rep(1000))
+    assert.are.equal(200, r.status)
+  end)
+
+  it("answers a slow client with 408 and closes", function()
+    start(echo, { head_timeout = 200 })
+    local sock = raw(port)
+    assert(sock:write("GET / HTTP/1.1\r\nHost: x\r\n"))   -- never finished
+    local t0 = mb.now()
+    local r = read_response(sock)
+    assert.are.equal(408, r.status)
+    assert.is_true(mb.now() - t0 < S.T)
+    assert.is_true(closed_by_server(sock))
+    sock:close()
+  end)
+
+  it("closes an idle keep-alive connection quietly", function()
+    start(echo, { idle_timeout = 150 })
+    local sock = raw(port)
+    assert(sock:write("GET / HTTP/1.1\r\n\r\n"))
+    assert.are.equal(200, read_response(sock).status)
+    local data, err = sock:read(S.T)
+    assert.is_nil(data)
+    assert.are.equal("closed", err)
+    sock:close()
+  end)
+
+  it("refuses a port in use and stops on close", function()
+    start(echo)
+    local s2, err = http.listen(HOST, port, echo)
+    assert.is_nil(s2)
+    assert.is_string(err)
+    -- An open keep-alive connection ends with the server.
+    local sock = raw(port)
+    assert(sock:write("GET / HTTP/1.1\r\n\r\n"))
+    assert.are.equal(200, read_response(sock).status)
+    server:close()
+    server = nil
+    assert.is_true(closed_by_server(sock))
+    sock:close()
+    local c = tcp.connect(HOST, port, S.T)
+    assert.is_nil(c)
+  end)
+
+  it("serves many connections at once", function()
+    start(echo)
+    local me, n = mb.self(), 20
+    for i = 1, n do
+      mb.spawn(function()
+        local h = require "moonbeam.http"
+        local r = h.request("POST", "http://127.0.0.1:" .. port .. "/" .. i, nil, "body" .. i)
+        mb.send(me, { tag = "done", i = i, ok = r and r.body == "body" .. i })
+      end)
+    end
+    for _ = 1, n do
+      local m = S.recv(S.field("tag", "done"), nil, "a client")
+      assert.is_true(m.ok, "client " .. m.i)
+    end
+  end)
+
+  it("takes a handler module name", function()
+    local dir = S.tmpdir()
+    S.write("hello_handler.lua", "return function(req, res) res:send('from a module') end", dir)
+    start(function(req, res)
+      package.path = req.headers["x-dir"] .. "/?.lua;" .. package.path
+      return require("hello_handler")(req, res)
+    end)
+    local r = assert(http.request("GET", "http://127.0.0.1:" .. port .. "/", { ["X-Dir"] = dir }))
+    assert.are.equal("from a module", r.body)
+  end)
+
+  describe("static files", function()
+    local root
+    before_each(function()
+      root = S.tmpdir()
+      S.write("index.html", "<h1>home</h1>", root)
+      S.write("app.js", "console.log(1)", root)
+      S.write("style.css", "body{}", root)
+      S.write("logo.png", "\137PNG\r\n\26\n", root)
+      S.write("pic.svg", "<svg/>", root)
+      S.write("data.json", "{}", root)
+      S.write("notes.txt", "text", root)
+      os.execute("mkdir " .. S.q(root .. "/sub") .. " && ln -s /etc/passwd " .. S.q(root .. "/link"))
+      S.write("index.html", "sub home", root .. "/sub")
+      S.write("a b.txt", "spaced", root .. "/sub")
+      start(http.static(root))
+    end)
+
+    local function get(path)
+      return raw_request(port, "GET " .. path .. " HTTP/1.1\r\nHost: x\r\n\r\n")
+    end
+
+    it("serves files with their content type", function()
+      local cases = {
+        { "/", "<h1>home</h1>", "text/html" },
+        { "/index.html", "<h1>home</h1>", "text/html" },
+        { "/app.js", "console.log(1)", "text/javascript" },
+        { "/style.css", "body{}", "text/css" },
+        { "/logo.png", "\137PNG\r\n\26\n", "image/png" },
+        { "/pic.svg", "<svg/>", "image/svg+xml" },
+        { "/data.json", "{}", "application/json" },
+        { "/notes.txt", "text", "text/plain" },
+        { "/sub/", "sub home", "text/html" },
+        { "/sub/a%20b.txt", "spaced", "text/plain" },
+      }
+      for _, c in ipairs(cases) do
+        local r = get(c[1])
+        assert.are.equal(200, r.status, c[1])
+        assert.are.equal(c[2], r.body, c[1])
+        assert.is_truthy(S.has(r.headers["content-type"], c[3]), c[1])
+      end
+    end)
+
+    it("redirects a directory without its slash", function()
+      local r = get("/sub")
+      assert.are.equal(301, r.status)
+      assert.are.equal("/sub/", r.headers["location"])
+    end)
+
+    it("answers 404 for what is not there and does not follow links", function()
+      assert.are.equal(404, get("/missing.html").status)
+      assert.are.equal(404, get("/sub/missing/").status)
+      assert.are.equal(404, get("/link").status)
+    end)
+
+    it("refuses to leave the root", function()
+      for _, path in ipairs({ "/../etc/passwd", "/sub/../../etc/passwd", "/%2e%2e/etc/passwd",
+                              "/sub/%2E%2E/%2e%2e/etc/passwd" }) do
+        local r = get(path)
+        assert.is_true(r.status == 403 or r.status == 404, path .. " -> " .. r.status)
+        assert.is_falsy(S.has(r.body, "root:"), path)
+      end
+      assert.are.equal(400, get("/bad%zzescape").status)
+      assert.are.equal(400, get("/nul%00byte").status)
+    end)
+
+    it("answers 405 to other methods and HEAD without a body", function()
+      local r = raw_request(port, "POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+      assert.are.equal(405, r.status)
+      local c = assert(http.connect(HOST, port))
+      r = assert(c:request("HEAD", "/style.css"))
+      c:close()
+      assert.are.equal(200, r.status)
+      assert.are.equal("6", r.headers["content-length"])
+      assert.are.equal("", r.body)
+    end)
+  end)
+end)
