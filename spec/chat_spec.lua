@@ -382,7 +382,7 @@ describe("the chat example over WebSocket", function()
   end)
 
   it("puts a WebSocket user and a TCP user in the same room", function()
-    local ws = assert(websocket.connect("ws://127.0.0.1:" .. info.http_port .. "/ws", { timeout = S.T }))
+    local ws = assert(websocket.connect("127.0.0.1", info.http_port, "/ws", { timeout = S.T }))
     local function ws_line()
       local data, err = ws:read(S.T)
       assert(data, "websocket read: " .. tostring(err))
