@@ -17,6 +17,7 @@
 #include "scheduler.h"
 #include "sock.h"
 #include "timer.h"
+#include "ws.h"
 
 #define DEFAULT_BACKLOG 511
 #define DEFAULT_MAX_MESSAGE (1u << 20)
@@ -384,6 +385,13 @@ static int l_write(lua_State *L)
   mb_sock_t *s = stream_sock(L, p, &n);
   if (s == NULL)
     return n;
+  pthread_mutex_lock(&s->lock);
+  int ws = s->ws_mode;
+  pthread_mutex_unlock(&s->lock);
+  if (ws && !binary && !mb_ws_utf8_valid((const uint8_t *)data, len)) {
+    mb_sock_unref(s);
+    return fail(L, "a text message must be valid UTF-8 (send binary data with write(data, true))");
+  }
   mb_sock_out_t *o = mb_malloc(sizeof *o + len);
   o->len = len;
   o->binary = binary;
@@ -432,8 +440,15 @@ static int l_close(lua_State *L)
     int code = (int)luaL_checkinteger(L, 2);
     size_t len = 0;
     const char *reason = luaL_optlstring(L, 3, "", &len);
-    if (len > 123)
-      len = 123;   /* a close frame's payload is at most 125 bytes */
+    if (!((code >= 1000 && code <= 1003) || (code >= 1007 && code <= 1011)
+          || (code >= 3000 && code <= 4999))) {
+      mb_sock_unref(s);
+      return luaL_argerror(L, 2, "a WebSocket close code (1000-1003, 1007-1011, 3000-4999)");
+    }
+    if (len > 123 || !mb_ws_utf8_valid((const uint8_t *)reason, len)) {
+      mb_sock_unref(s);
+      return luaL_argerror(L, 3, "a close reason is UTF-8 of at most 123 bytes");
+    }
     mb_sock_out_t *o = mb_malloc(sizeof *o + len);
     o->len = len;
     o->binary = code;

@@ -728,6 +728,12 @@ void mb_sock_do_ws(mb_sock_t *s, void *arg)
     return;
   }
   s->ws = mb_ws_new(o->client, o->max_message, &cb);
+  if (s->ws == NULL) {
+    mb_free(o);
+    got_end(s, UV_ENOMEM);
+    close_handles(s);
+    return;
+  }
   /* Raw bytes read since the switch was asked go through the framer after
    * the pending ones, in the order they came. */
   pthread_mutex_lock(&s->lock);
