@@ -189,8 +189,10 @@ function Response:header(name, value)
     error("res:header: " .. name .. " is set by send and write", 2)
   end
   if lname == "connection" then
-    if has_token(value, "close") then self.close = true end
-    return self
+    -- "close" is added by the framing code (and ends the connection);
+    -- other values (Upgrade) go out as given, in place of keep-alive.
+    if has_token(value, "close") then self.close = true return self end
+    self.keep_alive_10 = false
   end
   local hs = self.hlist
   hs[#hs + 1] = name

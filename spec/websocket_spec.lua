@@ -1,0 +1,404 @@
+-- moonbeam.websocket: the handshake on moonbeam.http and the client, and
+-- the framing rules the socket layer enforces (RFC 6455), over real sockets.
+-- The bad cases send hand-made frames on a plain TCP socket after a
+-- handshake done by hand.
+local mb = require "moonbeam"
+local bit = require "bit"
+local tcp = require "moonbeam.tcp"
+local hp = require "moonbeam.http_parser"
+local http = require "moonbeam.http"
+local websocket = require "moonbeam.websocket"
+local S = require "spec.support"
+
+local HOST = "127.0.0.1"
+local KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+
+-- -- Frames -------------------------------------------------------------------
+
+-- A client frame: masked unless `unmasked`.
+local function frame(opcode, payload, fin, unmasked)
+  local b1 = (fin == false and 0 or 0x80) + opcode
+  local n = #payload
+  local mask_bit = unmasked and 0 or 0x80
+  local head
+  if n < 126 then
+    head = string.char(b1, mask_bit + n)
+  elseif n < 65536 then
+    head = string.char(b1, mask_bit + 126, math.floor(n / 256), n % 256)
+  else
+    local bytes = {}
+    for i = 8, 1, -1 do bytes[i] = n % 256; n = math.floor(n / 256) end
+    head = string.char(b1, mask_bit + 127, unpack(bytes))
+  end
+  if unmasked then return head .. payload end
+  local key = { 0x12, 0x34, 0x56, 0x78 }
+  local out = {}
+  for i = 1, #payload do
+    out[i] = string.char(bit.bxor(payload:byte(i), key[(i - 1) % 4 + 1]))
+  end
+  return head .. string.char(unpack(key)) .. table.concat(out)
+end
+
+local function close_payload(code, reason)
+  return string.char(math.floor(code / 256), code % 256) .. (reason or "")
+end
+
+-- Reads server frames (unmasked) from a raw socket.
+local function frame_reader(sock, buf)
+  buf = buf or ""
+  local function need(n)
+    local deadline = mb.now() + S.T
+    while #buf < n do
+      local left = deadline - mb.now()
+      if left <= 0 then return false, "timeout" end
+      local data, err = sock:read(math.ceil(left))
+      if not data then return false, err end
+      buf = buf .. data
+    end
+    return true
+  end
+  -- Returns {fin, opcode, payload} or nil, err.
+  return function()
+    local ok, err = need(2)
+    if not ok then return nil, err end
+    local b1, b2 = buf:byte(1, 2)
+    local len, off = b2 % 128, 2
+    assert(b2 < 128, "a server frame must not be masked")
+    if len == 126 then
+      if not need(4) then return nil, "short" end
+      len, off = buf:byte(3) * 256 + buf:byte(4), 4
+    elseif len == 127 then
+      if not need(10) then return nil, "short" end
+      len = 0
+      for i = 3, 10 do len = len * 256 + buf:byte(i) end
+      off = 10
+    end
+    if not need(off + len) then return nil, "short" end
+    local f = { fin = b1 >= 128, opcode = b1 % 16, payload = buf:sub(off + 1, off + len) }
+    buf = buf:sub(off + len + 1)
+    if f.opcode == 8 and #f.payload >= 2 then
+      f.code = f.payload:byte(1) * 256 + f.payload:byte(2)
+      f.reason = f.payload:sub(3)
+    end
+    return f
+  end
+end
+
+-- Handshake by hand; returns the socket and a frame reader.
+local function raw_ws(port, path)
+  local sock = assert(tcp.connect(HOST, port, S.T))
+  assert(sock:write("GET " .. (path or "/") .. " HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+    .. "Connection: Upgrade\r\nSec-WebSocket-Key: " .. KEY .. "\r\nSec-WebSocket-Version: 13\r\n\r\n"))
+  local parser = hp.new({ type = "response" })
+  local head, rest
+  local deadline = mb.now() + S.T
+  while not rest do
+    local data = assert(sock:read(math.max(1, math.ceil(deadline - mb.now()))))
+    local _, evs = parser:feed(data)
+    for _, e in ipairs(evs) do
+      if e.type == "head" then head = e end
+      if e.type == "upgrade" then rest = e.rest end
+      assert(e.type ~= "error")
+    end
+  end
+  assert.are.equal(101, head.status)
+  local h = {}
+  for i = 1, #head.headers, 2 do h[head.headers[i]:lower()] = head.headers[i + 1] end
+  assert.are.equal("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", h["sec-websocket-accept"])
+  return sock, frame_reader(sock, rest)
+end
+
+-- Raw request on a new connection; returns the response head and body text.
+local function raw_http(port, bytes)
+  local sock = assert(tcp.connect(HOST, port, S.T))
+  assert(sock:write(bytes))
+  local parser = hp.new({ type = "response" })
+  local head, body = nil, {}
+  local deadline = mb.now() + S.T
+  while true do
+    local data, err = sock:read(math.max(1, math.ceil(deadline - mb.now())))
+    if not data then
+      sock:close()
+      error("no complete response: " .. tostring(err))
+    end
+    local _, evs = parser:feed(data)
+    for _, e in ipairs(evs) do
+      if e.type == "head" then
+        head = { status = e.status, headers = {} }
+        for i = 1, #e.headers, 2 do head.headers[e.headers[i]:lower()] = e.headers[i + 1] end
+      elseif e.type == "body" then
+        body[#body + 1] = e.data
+      elseif e.type == "done" then
+        sock:close()
+        head.body = table.concat(body)
+        return head
+      end
+    end
+  end
+end
+
+-- -- The server side ------------------------------------------------------------
+
+-- Echo server in passive mode: each message back as it came. A message
+-- "close:<code>:<reason>" makes the server start the close handshake.
+local function echo_handler(req, res)
+  local ws = require "moonbeam.websocket"
+  local sock = ws.upgrade(req, res, { max_message = 1000 })
+  if not sock then return end
+  while true do
+    local data, binary = sock:read(10000)
+    if not data then break end
+    local code, reason = data:match("^close:(%d+):(.*)$")
+    if code then
+      sock:close(tonumber(code), reason)
+      break
+    end
+    sock:write(data, binary)
+  end
+end
+
+describe("moonbeam.websocket", function()
+  local before, server, port
+  before_each(function() before = S.snapshot() end)
+  after_each(function()
+    if server then server:close() end
+    server = nil
+    S.check_clean(before)
+  end)
+
+  local function start(handler, opts)
+    local err
+    server, err = http.listen(HOST, 0, handler, opts)
+    assert(server, err)
+    port = server:port()
+  end
+
+  it("echoes text and binary messages (client and server)", function()
+    start(echo_handler)
+    local sock = assert(websocket.connect(HOST, port, "/echo"))
+    assert(sock:write("hello"))
+    local data, binary = sock:read(S.T)
+    assert.are.equal("hello", data)
+    assert.is_false(binary)
+    local bin = "\0\1\2\255" .. ("x"):rep(900)
+    assert(sock:write(bin, true))
+    data, binary = sock:read(S.T)
+    assert.are.equal(bin, data)
+    assert.is_true(binary)
+    assert(sock:write(""))
+    assert.are.equal("", (sock:read(S.T)))
+    sock:close(1000, "done")
+  end)
+
+  it("delivers active-mode messages and the close code and reason", function()
+    local me = mb.self()
+    start(function(req, res)
+      local m = require "moonbeam"
+      local sock = require("moonbeam.websocket").upgrade(req, res)
+      if not sock then return end
+      sock:set_active(true)
+      while true do
+        local msg = m.receive(10000)
+        if not msg then break end
+        if msg.event == "ws" then
+          m.send(me, { tag = "server got", data = msg.data, binary = msg.binary })
+          sock:write("re:" .. msg.data, msg.binary)
+        elseif msg.event == "ws_closed" then
+          m.send(me, { tag = "server closed", code = msg.code, reason = msg.reason })
+          break
+        end
+      end
+    end)
+    local sock = assert(websocket.connect(HOST, port, "/"))
+    sock:set_active(true)
+    assert(sock:write("one"))
+    assert(sock:write("\1\2", true))
+    local m = S.recv(S.field("tag", "server got"))
+    assert.are.equal("one", m.data)
+    assert.is_false(m.binary)
+    m = S.recv(S.field("tag", "server got"))
+    assert.are.equal("\1\2", m.data)
+    assert.is_true(m.binary)
+    m = S.recv(S.field("event", "ws"))
+    assert.are.equal(sock, m.socket)
+    assert.are.equal("re:one", m.data)
+    assert.is_false(m.binary)
+    m = S.recv(S.field("event", "ws"))
+    assert.are.equal("re:\1\2", m.data)
+    assert.is_true(m.binary)
+    sock:close(4001, "going away now")
+    m = S.recv(S.field("tag", "server closed"))
+    assert.are.equal(4001, m.code)
+    assert.are.equal("going away now", m.reason)
+  end)
+
+  it("tells an active client that the server closed, with code and reason", function()
+    start(echo_handler)
+    local sock = assert(websocket.connect(HOST, port, "/"))
+    sock:set_active(true)
+    assert(sock:write("close:4002:server is done"))
+    local m = S.recv(S.field("event", "ws_closed"))
+    assert.are.equal(sock, m.socket)
+    assert.are.equal(4002, m.code)
+    assert.are.equal("server is done", m.reason)
+    sock:close()
+  end)
+
+  it("reassembles a fragmented message from a raw client", function()
+    start(echo_handler)
+    local sock, next_frame = raw_ws(port)
+    -- Two frames in one write, a ping in the middle of the message, then the rest.
+    assert(sock:write(frame(1, "Hel", false) .. frame(9, "mid") .. frame(0, "lo, ", false)))
+    assert(sock:write(frame(0, "world")))
+    local f = assert(next_frame())
+    assert.are.equal(10, f.opcode)   -- the pong comes first
+    assert.are.equal("mid", f.payload)
+    f = assert(next_frame())
+    assert.are.equal(1, f.opcode)
+    assert.is_true(f.fin)
+    assert.are.equal("Hello, world", f.payload)
+    sock:close()
+  end)
+
+  it("takes frames sent in the same packet as the handshake", function()
+    start(echo_handler)
+    local sock = assert(tcp.connect(HOST, port, S.T))
+    assert(sock:write("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+      .. "Sec-WebSocket-Key: " .. KEY .. "\r\nSec-WebSocket-Version: 13\r\n\r\n" .. frame(1, "early")))
+    local data = ""
+    local deadline = mb.now() + S.T
+    while not data:find("\r\n\r\n", 1, true) and mb.now() < deadline do
+      data = data .. assert(sock:read(S.T))
+    end
+    local head_end = data:find("\r\n\r\n", 1, true)
+    local next_frame = frame_reader(sock, data:sub(head_end + 4))
+    local f = assert(next_frame())
+    assert.are.equal("early", f.payload)
+    sock:close()
+  end)
+
+  it("answers a ping with a pong", function()
+    start(echo_handler)
+    local sock, next_frame = raw_ws(port)
+    assert(sock:write(frame(9, "are you there")))
+    local f = assert(next_frame())
+    assert.are.equal(10, f.opcode)
+    assert.are.equal("are you there", f.payload)
+    sock:close()
+  end)
+
+  it("does the close handshake started by the client", function()
+    start(echo_handler)
+    local sock, next_frame = raw_ws(port)
+    assert(sock:write(frame(8, close_payload(1000, "bye"))))
+    local f = assert(next_frame())
+    assert.are.equal(8, f.opcode)
+    assert.are.equal(1000, f.code)
+    local _, err = next_frame()
+    assert.are.equal("closed", err)
+    sock:close()
+  end)
+
+  it("does the close handshake started by the server", function()
+    start(echo_handler)
+    local sock, next_frame = raw_ws(port)
+    assert(sock:write(frame(1, "close:4000:server says bye")))
+    local f = assert(next_frame())
+    assert.are.equal(8, f.opcode)
+    assert.are.equal(4000, f.code)
+    assert.are.equal("server says bye", f.reason)
+    assert(sock:write(frame(8, close_payload(4000))))
+    local _, err = next_frame()
+    assert.are.equal("closed", err)
+    sock:close()
+  end)
+
+  it("closes with 1002 on an unmasked client frame", function()
+    start(echo_handler)
+    local sock, next_frame = raw_ws(port)
+    assert(sock:write(frame(1, "naked", true, true)))
+    local f = assert(next_frame())
+    assert.are.equal(8, f.opcode)
+    assert.are.equal(1002, f.code)
+    local _, err = next_frame()
+    assert.are.equal("closed", err)
+    sock:close()
+  end)
+
+  it("closes with 1002 on a bad opcode", function()
+    start(echo_handler)
+    local sock, next_frame = raw_ws(port)
+    assert(sock:write(frame(3, "what")))
+    local f = assert(next_frame())
+    assert.are.equal(8, f.opcode)
+    assert.are.equal(1002, f.code)
+    sock:close()
+  end)
+
+  it("closes with 1009 on an oversize message, whole or fragmented", function()
+    start(echo_handler)
+    local sock, next_frame = raw_ws(port)
+    assert(sock:write(frame(2, ("x"):rep(2000))))
+    local f = assert(next_frame())
+    assert.are.equal(8, f.opcode)
+    assert.are.equal(1009, f.code)
+    sock:close()
+    sock, next_frame = raw_ws(port)
+    assert(sock:write(frame(2, ("x"):rep(600), false) .. frame(0, ("y"):rep(600))))
+    f = assert(next_frame())
+    assert.are.equal(8, f.opcode)
+    assert.are.equal(1009, f.code)
+    sock:close()
+  end)
+
+  it("refuses bad handshakes with 400 or 426", function()
+    start(echo_handler)
+    local base = "GET / HTTP/1.1\r\nHost: x\r\n"
+    local r = raw_http(port, base .. "\r\n")
+    assert.are.equal(400, r.status)
+    r = raw_http(port, base .. "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    assert.are.equal(400, r.status)   -- no key
+    r = raw_http(port, base .. "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+      .. "Sec-WebSocket-Key: tooshort\r\n\r\n")
+    assert.are.equal(400, r.status)
+    r = raw_http(port, base .. "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 8\r\n"
+      .. "Sec-WebSocket-Key: " .. KEY .. "\r\n\r\n")
+    assert.are.equal(426, r.status)
+    assert.are.equal("13", r.headers["sec-websocket-version"])
+    r = raw_http(port, "POST / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+      .. "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " .. KEY .. "\r\nContent-Length: 0\r\n\r\n")
+    assert.are.equal(400, r.status)
+    -- The client reports a refused handshake.
+    local sock, err = websocket.connect(HOST, port, "/", { headers = { ["Sec-WebSocket-Version"] = "7" } })
+    assert.is_nil(sock)
+    assert.is_truthy(S.has(err, "426"))
+  end)
+
+  it("client refuses a server that is not a WebSocket server", function()
+    start(function(req, res) res:send("plain http") end)
+    local sock, err = websocket.connect(HOST, port, "/")
+    assert.is_nil(sock)
+    assert.is_truthy(S.has(err, "200"))
+  end)
+
+  it("negotiates a subprotocol", function()
+    local me = mb.self()
+    start(function(req, res)
+      local sock, proto = require("moonbeam.websocket").upgrade(req, res, { protocols = { "chat", "v2" } })
+      require("moonbeam").send(me, { tag = "proto", proto = proto })
+      if sock then sock:read(10000) end
+    end)
+    local sock, proto = assert(websocket.connect(HOST, port, "/", { protocols = { "v2", "chat" } }))
+    assert.are.equal("v2", proto)
+    assert.are.equal("v2", S.recv(S.field("tag", "proto")).proto)
+    sock:close(1000)
+  end)
+
+  it("computes the accept key and base64", function()
+    assert.are.equal("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", hp.ws_accept(KEY))
+    assert.are.equal(KEY, websocket.base64("the sample nonce"))
+    assert.are.equal("", websocket.base64(""))
+    assert.are.equal("YQ==", websocket.base64("a"))
+    assert.are.equal("YWI=", websocket.base64("ab"))
+  end)
+end)
