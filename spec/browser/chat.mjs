@@ -32,8 +32,12 @@ function cleanup() {
   if (profile) rmSync(profile, { recursive: true, force: true });
 }
 
+// What the pages said on their consoles, shown when the test fails.
+const consoleLines = [];
+
 async function fail(msg) {
   console.error("browser test FAILED: " + msg);
+  if (consoleLines.length) console.error("page console:\n" + consoleLines.slice(-40).join("\n"));
   if (server && serverOutput) console.error("server output:\n" + serverOutput.slice(-2000));
   try { if (context) await context.close(); } catch { /* already gone */ }
   cleanup();
@@ -104,8 +108,14 @@ async function main() {
   const alice = await context.newPage();
   const bob = await context.newPage();
   for (const [page, who] of [[alice, "alice"], [bob, "bob"]]) {
+    page.on("console", (m) => consoleLines.push(`${who}: ${m.type()}: ${m.text()}`));
+    page.on("pageerror", (e) => consoleLines.push(`${who}: page error: ${e.message}`));
+  }
+  for (const [page, who] of [[alice, "alice"], [bob, "bob"]]) {
     await page.goto(url, { timeout: STEP });
-    await page.waitForSelector("#status.open", { timeout: STEP });
+    await page.waitForSelector("#status.open, #status.closed", { timeout: STEP });
+    const state = await page.textContent("#status");
+    if (state !== "connected") throw new Error(`${who}'s WebSocket did not open: ${state}`);
     await seen(page, who, /^\* welcome guest\d+: \/nick <name>, \/join <room>, \/who, \/quit$/);
     await say(page, "/nick " + who);
     await seen(page, who, "* you are " + who);
