@@ -413,7 +413,14 @@ static int run(lua_State *L, hp_t *h, const char *data, size_t n)
       h->stopped = 1;
       push_error(h);
     } else if (h->p.upgrade) {
+      /* The connection now speaks another protocol for the rest of its
+       * life: the head buffers are of no further use. */
       h->stopped = 2;
+      mb_free(h->buf);
+      mb_free(h->hdrs);
+      h->buf = NULL;
+      h->hdrs = NULL;
+      h->cap = h->hcap = 0;
       new_event(L, "upgrade", 1);
       lua_pushlstring(L, data + used, n - used);
       lua_setfield(L, -2, "rest");

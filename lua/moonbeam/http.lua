@@ -23,7 +23,7 @@
 -- a crash of the server.
 --
 -- Timeouts: a new connection must send a whole request head within
--- head_timeout; between keep-alive requests it may stay idle idle_timeout,
+-- head_timeout (if it sent nothing at all it is closed quietly); between keep-alive requests it may stay idle idle_timeout,
 -- after which it is closed silently; once a request's first byte came, the
 -- rest of its head must come within head_timeout (else 408 and close); each
 -- read of a body must come within idle_timeout.
@@ -49,6 +49,8 @@ local DEFAULTS = {
 }
 -- How long the acceptor waits in accept before it drains its mailbox.
 local ACCEPT_POLL = 1000
+-- How long the acceptor pauses after accept failed (out of descriptors).
+local ACCEPT_BACKOFF = 100
 -- How long http.listen waits for the acceptor to report the listening port.
 local START_TIMEOUT = 5000
 -- After an error response, the connection reads and drops what the client
@@ -339,7 +341,9 @@ end
 local function read_head(c, first)
   local o = c.opts
   c.deadline = mb.now() + (first and o.head_timeout or o.idle_timeout)
-  c.head_started = first
+  -- A connection that never sent a byte is closed quietly: browsers open
+  -- spare connections they may never use.
+  c.head_started = false
   c.watch_head = true
   while true do
     local e, err = next_event(c)
@@ -502,8 +506,14 @@ local function acceptor(parent, host, port, handler, opts)
       else
         s:close()
       end
+    elseif aerr == "closed" then
+      return
     elseif aerr ~= "timeout" then
-      error("http: accept failed: " .. tostring(aerr))
+      -- Out of file descriptors, say: keep serving the open connections
+      -- and try again shortly rather than end the server.
+      io.stderr:write("=HTTP REPORT==== " .. tostring(mb.self()) .. "\naccept failed: "
+                      .. tostring(aerr) .. "\n")
+      mb.sleep(ACCEPT_BACKOFF)
     end
     -- EXIT messages of the connection processes that ended.
     while mb.receive(0) ~= nil do end
