@@ -40,6 +40,7 @@ typedef struct mb_msg {
   uint32_t nvalues;      /* how many values were encoded */
   uint64_t from;
   uint64_t ref;          /* DOWN messages: the monitor's ref */
+  uint64_t sock;         /* a socket's active-mode message: its id */
   size_t len;            /* bytes in data */
   unsigned char data[];
 } mb_msg_t;

@@ -524,9 +524,24 @@ static int l_set_owner(lua_State *L)
   if (s == NULL)
     return n;
   mb_proc_t *np = mb_proc_get(to);
-  int rc = np ? mb_sock_set_owner(s, p->pid, np) : -1;
-  if (np)
+  int rc = -1;
+  if (np) {
+    /* Hold active mode while the messages already sent move over, so
+     * the new owner gets everything in order. */
+    pthread_mutex_lock(&s->lock);
+    int active = s->active;
+    s->active = 0;
+    pthread_mutex_unlock(&s->lock);
+    mb_proc_move_sock_msgs(p, s->id, to);
+    rc = mb_sock_set_owner(s, p->pid, np);
     mb_proc_unref(np);
+    pthread_mutex_lock(&s->lock);
+    s->active = active;
+    int resume = mb_sock_flush_active(s);
+    pthread_mutex_unlock(&s->lock);
+    if (resume)
+      mb_sock_run(s, mb_sock_do_resume, NULL);
+  }
   mb_sock_unref(s);
   if (rc < 0)
     return fail(L, np ? "closed" : "noproc");

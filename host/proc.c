@@ -472,6 +472,25 @@ int mb_proc_demonitor(mb_proc_t *self, mb_ref_t ref)
   return 1;
 }
 
+void mb_proc_move_sock_msgs(mb_proc_t *p, uint64_t sock, mb_pid_t to)
+{
+  mb_proc_drain(p);
+  for (mb_msg_t **pm = &p->q_head; *pm; ) {
+    mb_msg_t *m = *pm;
+    if (m->kind != MB_MSG_USER || m->sock != sock) {
+      pm = &m->next;
+      continue;
+    }
+    if (p->q_scan == &m->next)
+      p->q_scan = pm;
+    *pm = m->next;
+    if (p->q_tail == &m->next)
+      p->q_tail = pm;
+    atomic_fetch_sub_explicit(&p->mailbox_len, 1, memory_order_relaxed);
+    mb_proc_send(to, m);
+  }
+}
+
 void mb_proc_exit_signal(mb_pid_t pid, mb_pid_t from, mb_msg_t *reason, int kill)
 {
   reason->kind = kill ? MB_MSG_KILL : MB_MSG_EXIT;

@@ -179,6 +179,11 @@ mb_ref_t mb_proc_monitor(mb_proc_t *self, mb_pid_t pid);
 /* Returns 1 if ref was an active monitor of self. */
 int mb_proc_demonitor(mb_proc_t *self, mb_ref_t ref);
 
+/* Move the active-mode messages of socket `sock` from p's mailbox to
+ * process `to`, in order (what set_owner does, as Erlang's
+ * controlling_process). Owner thread of p. */
+void mb_proc_move_sock_msgs(mb_proc_t *p, uint64_t sock, mb_pid_t to);
+
 /* Send an exit signal from `from` to pid; kill: untrappable. reason is a
  * one-value message; ownership taken. Any thread. */
 void mb_proc_exit_signal(mb_pid_t pid, mb_pid_t from, mb_msg_t *reason, int kill);

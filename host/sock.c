@@ -388,16 +388,19 @@ int mb_sock_flush_active(mb_sock_t *s)
     if (s->rhead == NULL)
       s->rtail = &s->rhead;
     s->rbytes -= c->len;
-    mb_proc_send(s->owner, mb_sock_msg(s->id, s->ws_mode ? "ws" : "tcp",
-                                       c->data, c->len,
-                                       s->ws_mode ? c->binary : -1));
+    mb_msg_t *m = mb_sock_msg(s->id, s->ws_mode ? "ws" : "tcp", c->data,
+                              c->len, s->ws_mode ? c->binary : -1);
+    m->sock = s->id;
+    mb_proc_send(s->owner, m);
     mb_free(c);
     if (s->active == 2)
       s->active = 0;
   }
   if (s->active && s->owner && s->rhead == NULL && (s->eof || s->err)
       && s->eof != 2) {
-    mb_proc_send(s->owner, end_msg(s));
+    mb_msg_t *m = end_msg(s);
+    m->sock = s->id;
+    mb_proc_send(s->owner, m);
     s->eof = 2;   /* the end was told */
     s->active = 0;
   }

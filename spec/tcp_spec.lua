@@ -209,6 +209,29 @@ describe("moonbeam.tcp", function()
     c:close(); l:close()
   end)
 
+  it("moves queued active-mode messages to the new owner (as controlling_process)", function()
+    local c, s, l = pair()
+    assert(s:set_active(true))
+    assert(c:write("early"))
+    mb.sleep(100)   -- let it arrive as a message here
+    local me = mb.self()
+    local q = mb.spawn(function()
+      local parts = {}
+      while true do
+        local m = mb.receive(5000)
+        if not m or m.event == "tcp_closed" then break end
+        parts[#parts + 1] = m.data
+      end
+      mb.send(me, {got = table.concat(parts)})
+    end)
+    assert(s:set_owner(q))
+    assert(c:write("late"))
+    c:close()
+    assert.are.equal("earlylate", S.recv(function(m) return m.got end).got)
+    assert.is_nil(mb.receive(S.field("event", "tcp"), 0))
+    l:close()
+  end)
+
   it("closes a socket when its owner dies", function()
     local l = assert(tcp.listen("127.0.0.1", 0))
     local port = l:port()
