@@ -6,7 +6,8 @@
 --   chat supervisor (one_for_one)
 --   ├── registry       finds and creates rooms; rooms are linked to it (rooms.lua)
 --   │     └── room ... one process per room, monitoring its members
---   ├── tcp listener   accepts TCP connections; one linked user process each (user.lua)
+--   ├── tcp listener   links to its acceptor and to one user process per connection
+--   │     └── acceptor owns the listening socket; spawns the users (user.lua)
 --   └── http listener  serves www/ and upgrades /ws to a WebSocket user (web.lua)
 --
 -- The listeners trap exits: a user that crashes or is killed does not take
@@ -28,47 +29,37 @@ local chat = {}
 local start_registry = rooms.start_registry
 local tcp_user = user.tcp_user
 
--- How often an idle listener looks at its mailbox (its parent's exit signal,
--- its users' exits, port queries), in ms.
-local LISTENER_POLL = 200
+-- The TCP side is two processes. The acceptor owns the listening socket and
+-- waits in accept; for each connection it spawns a user process, makes it
+-- the socket's owner and hands it the socket, then asks the listener to link
+-- to the user. The listener is the supervised child: it traps exits, so a
+-- user that crashes is only an EXIT message to it, and when it is stopped its
+-- links end the acceptor and every user. Splitting them keeps both simple:
+-- the acceptor never has to look at its mailbox, and the listener answers
+-- messages at once instead of between accepts.
 
--- Handle the listener's messages without waiting. Returns false when the
--- listener must end.
-local function listener_mail(parent, port)
-  while true do
-    local m = mb.receive(0)
-    if m == nil then return true end
-    if type(m) == "table" then
-      if m.event == "EXIT" and m.pid == parent then mb.exit(m.reason) end
-      if m.port_of then mb.send(m.port_of, { port = port, tag = m.tag }) end
-      -- Other EXITs are users ending: nothing to do.
-    end
-  end
-end
-
--- The body of the TCP listener process.
-local function tcp_listener(parent, starter, host, port, registry)
+-- The body of the acceptor process (linked to the listener).
+local function tcp_acceptor(listener, host, port, registry)
   local tcp = require "moonbeam.tcp"
-  mb.trap_exit(true)
   local lsock, err = tcp.listen(host, port)
   if not lsock then
-    mb.send(starter, { tcp_ready = mb.self(), err = "tcp " .. host .. ":" .. port .. ": " .. tostring(err) })
+    mb.send(listener, { acceptor_ready = mb.self(), err = tostring(err) })
     return
   end
-  port = lsock:port()
-  mb.send(starter, { tcp_ready = mb.self(), port = port })
+  mb.send(listener, { acceptor_ready = mb.self(), port = lsock:port() })
   local complained = false
   while true do
-    local sock, aerr = lsock:accept(LISTENER_POLL)
+    local sock, aerr = lsock:accept()
     if sock then
-      local pid = mb.spawn_link(tcp_user, registry)
+      local pid = mb.spawn(tcp_user, registry)
       if sock:set_owner(pid) then
         mb.send(pid, { tcp_socket = sock })
+        mb.send(listener, { link = pid })
       else
         sock:close()
       end
     elseif aerr == "closed" then
-      error("chat: the TCP listener was closed")
+      error("chat: the TCP listening socket was closed")
     elseif aerr ~= "timeout" then
       -- Out of file descriptors and the like: say it once, wait a little.
       if not complained then
@@ -77,7 +68,36 @@ local function tcp_listener(parent, starter, host, port, registry)
       end
       mb.sleep(50)
     end
-    listener_mail(parent, port)
+  end
+end
+
+-- The body of the TCP listener process.
+local function tcp_listener(parent, starter, host, port, registry)
+  mb.trap_exit(true)
+  local acceptor = mb.spawn_link(tcp_acceptor, mb.self(), host, port, registry)
+  local m = mb.receive(function(x)
+    return type(x) == "table" and (x.acceptor_ready == acceptor or (x.event == "EXIT" and x.pid == acceptor))
+  end, 5000)
+  if not m or m.err or m.event then
+    local why = not m and "timeout" or m.err or tostring(m.reason)
+    mb.send(starter, { tcp_ready = mb.self(), err = "tcp " .. host .. ":" .. port .. ": " .. why })
+    return
+  end
+  port = m.port
+  mb.send(starter, { tcp_ready = mb.self(), port = port })
+  while true do
+    local msg = mb.receive()
+    if type(msg) == "table" then
+      if msg.link then
+        -- The user may be gone already: then the link delivers an EXIT.
+        mb.link(msg.link)
+      elseif msg.event == "EXIT" then
+        -- A user ending is nothing to act on; the parent or the acceptor is.
+        if msg.pid == parent or msg.pid == acceptor then mb.exit(msg.reason) end
+      elseif msg.port_of then
+        mb.send(msg.port_of, { port = port, tag = msg.tag })
+      end
+    end
   end
 end
 
@@ -105,8 +125,7 @@ end
 local function port_of(pid)
   local tag = tostring(pid)
   mb.send(pid, { port_of = mb.self(), tag = tag })
-  local m = mb.receive(function(x) return type(x) == "table" and x.tag == tag and x.port end,
-                       10 * LISTENER_POLL + 5000)
+  local m = mb.receive(function(x) return type(x) == "table" and x.tag == tag and x.port end, 5000)
   return m and m.port
 end
 
@@ -189,7 +208,6 @@ local src = debug.getinfo(1, "S").source
 chat.dir = src:sub(1, 1) == "@" and (src:sub(2):match("^(.*)/[^/]*$") or ".") or "."
 chat.www = chat.dir .. "/www"
 
-chat.listener_mail = listener_mail
 chat.start_listener = start_listener
 
 return chat
