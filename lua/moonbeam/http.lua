@@ -7,7 +7,9 @@
 -- hands the socket over (sock:set_owner, then a message carrying the
 -- socket) and goes back to accepting. The acceptor traps exits, so a
 -- connection process that dies, however it dies, leaves it running; it
--- drains those EXIT messages after each accept and at least once a second.
+-- drains those EXIT messages after each accept (so at most one per
+-- connection accepted before the last accept waits in its mailbox, and an
+-- idle server never wakes up).
 -- server:close() kills the acceptor; the kill reaches every connection
 -- process through its link (unless a handler traps exits) and the owner's
 -- death closes the sockets.
@@ -47,8 +49,6 @@ local DEFAULTS = {
   idle_timeout = 60000,         -- a keep-alive connection may idle this long
   backlog = 511,
 }
--- How long the acceptor waits in accept before it drains its mailbox.
-local ACCEPT_POLL = 1000
 -- How long the acceptor pauses after accept failed (out of descriptors).
 local ACCEPT_BACKOFF = 100
 -- How long http.listen waits for the acceptor to report the listening port.
@@ -498,7 +498,7 @@ local function acceptor(parent, host, port, handler, opts)
   end
   mb.send(parent, { tag = "$http_listen", port = l:port() })
   while true do
-    local s, aerr = l:accept(ACCEPT_POLL)
+    local s, aerr = l:accept()
     if s then
       local pid = mb.spawn_link(connection, handler, opts)
       if s:set_owner(pid) then
@@ -508,7 +508,7 @@ local function acceptor(parent, host, port, handler, opts)
       end
     elseif aerr == "closed" then
       return
-    elseif aerr ~= "timeout" then
+    else
       -- Out of file descriptors, say: keep serving the open connections
       -- and try again shortly rather than end the server.
       io.stderr:write("=HTTP REPORT==== " .. tostring(mb.self()) .. "\naccept failed: "
