@@ -446,8 +446,10 @@ local function serve_one(c, handler, first)
   end
   local okh, caught = xpcall(handler, traceback, req, res)
   if res.upgraded then
-    -- The handler owned the connection; it is over now.
-    c.sock:close()
+    -- The handler owned the connection; it is over now. A WebSocket the
+    -- handler left open gets a normal closure (1000) rather than a bare
+    -- TCP close (closing one already closed does nothing).
+    if res.websocket then c.sock:close(1000) else c.sock:close() end
     return false
   end
   if not okh then

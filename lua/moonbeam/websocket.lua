@@ -99,6 +99,7 @@ function websocket.upgrade(req, res, opts)
   for k, v in pairs(opts.headers or {}) do res:header(k, v) end
   local sock, pending = res:upgrade()
   if not sock then return nil, pending end
+  res.websocket = true   -- moonbeam.http closes it with 1000 when the handler returns
   local ok, err = sock:websocket({ client = false, max_message = limit, pending = pending })
   if ok == nil and err ~= nil then
     sock:close()
