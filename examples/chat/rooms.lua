@@ -65,6 +65,7 @@ local function room_main(name, registry)
 
   while true do
     local msg = mb.receive()
+    if type(msg) ~= "table" then msg = {} end   -- not ours: ignore it
     local op = msg.op
     if op == "say" then
       local m = members[msg.pid]
@@ -119,6 +120,7 @@ local function registry_main(parent, starter)
   mb.send(starter, { registry_ready = mb.self() })
   while true do
     local msg = mb.receive()
+    if type(msg) ~= "table" then msg = {} end   -- not ours: ignore it
     local op = msg.op
     if op == "join" then
       local r = by_name[msg.room]

@@ -96,6 +96,7 @@ end
 
 -- A message that is not socket data: a line from a room, the end of the room.
 local function other(st, msg)
+  if type(msg) ~= "table" then return end   -- not ours: ignore it
   if msg.line then
     st.out(msg.line)
   elseif msg.event == "DOWN" then
@@ -161,7 +162,7 @@ local function tcp_user(registry)
   sock:set_active("once")
   while not st.done do
     local msg = mb.receive()
-    local ev = msg.event
+    local ev = type(msg) == "table" and msg.event
     if ev == "tcp" then
       rest = take_lines(st, rest, msg.data)
       if not rest then break end
@@ -186,7 +187,7 @@ local function ws_user(ws, registry)
   ws:set_active("once")
   while not st.done do
     local msg = mb.receive()
-    local ev = msg.event
+    local ev = type(msg) == "table" and msg.event
     if ev == "ws" then
       local data = msg.data
       if #data > MAX_LINE + 2 then
