@@ -38,10 +38,16 @@ local tcp_user = user.tcp_user
 -- the acceptor never has to look at its mailbox, and the listener answers
 -- messages at once instead of between accepts.
 
+-- The listen backlog: thousands of users may connect at once (a load test,
+-- a reconnect storm); with the default 511 the kernel drops the SYNs over
+-- it and those clients retry only a second later. The kernel caps it at
+-- net.core.somaxconn.
+local BACKLOG = 4096
+
 -- The body of the acceptor process (linked to the listener).
 local function tcp_acceptor(listener, host, port, registry)
   local tcp = require "moonbeam.tcp"
-  local lsock, err = tcp.listen(host, port)
+  local lsock, err = tcp.listen(host, port, { backlog = BACKLOG })
   if not lsock then
     mb.send(listener, { acceptor_ready = mb.self(), err = tostring(err) })
     return
