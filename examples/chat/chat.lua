@@ -149,8 +149,8 @@ local instances = 0
 --   opts.http_port  HTTP port for the browser (default 8080; 0 = any free port; false = none)
 --   opts.www        directory of the web page (default: www/ next to this file)
 --   opts.name       registered name of the supervisor (default: none); the
---                   registry is registered as "<name>.rooms" (default
---                   "chat<N>.rooms", N counting the chats this process started)
+--                   registry is registered as "<name>.rooms" (without a name:
+--                   "chat<N>@<caller's pid>.rooms", unique per chat started)
 -- info: {sup = pid, registry = name, tcp_port = n, http_port = n}.
 function chat.start(opts)
   opts = opts or {}
