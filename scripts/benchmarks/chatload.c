@@ -26,6 +26,8 @@
  *   errors and unexpected closes> skipped=<sends skipped because the socket's
  *   output queue was over 64 KB> rss_before_kb= rss_joined_kb= rss_end_kb=
  *   kb_per_conn=(rss_joined - rss_before) / joined, kb_per_conn_end=...
+ *   server_cpu_pct=<server CPU time in the window, % of one core>
+ *   server_cpu_us_per_msg=<server CPU time / delivered messages, us>
  *
  * Single-threaded (one libuv loop); needs one file descriptor per connection.
  */
@@ -37,6 +39,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 enum { ST_IDLE, ST_CONNECTING, ST_JOINING, ST_JOINED, ST_DEAD };
 
@@ -71,6 +74,7 @@ static int64_t t_start, t_joined, t_send0, t_measure0, t_measure1;
 static int measuring, sending;
 static uint64_t send_cursor;
 static long rss_before = -1, rss_joined = -1, rss_end = -1;
+static double cpu_measure0 = -1, cpu_measure1 = -1;
 
 /* counters */
 static uint64_t n_sent_win, n_expected_win, n_delivered_win, n_delivered_all;
@@ -104,6 +108,24 @@ static long read_rss_kb(int pid) {
     if (strncmp(line, "VmRSS:", 6) == 0) { kb = strtol(line + 6, NULL, 10); break; }
   fclose(f);
   return kb;
+}
+
+/* CPU time (user + system, seconds) the process pid has used so far. */
+static double read_cpu_s(int pid) {
+  if (pid <= 0) return -1;
+  char path[64], buf[1024];
+  snprintf(path, sizeof path, "/proc/%d/stat", pid);
+  FILE *f = fopen(path, "r");
+  if (!f) return -1;
+  size_t n = fread(buf, 1, sizeof buf - 1, f);
+  fclose(f);
+  buf[n] = 0;
+  char *p = strrchr(buf, ')'); /* the command name may hold spaces */
+  if (!p) return -1;
+  unsigned long long ut = 0, st = 0;
+  /* after ") ": state(3) ... utime is field 14, stime 15 */
+  if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2) return -1;
+  return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
 }
 
 static void record_latency(int64_t us) {
@@ -323,13 +345,15 @@ static void finish(void) {
   int held = 0;
   for (int i = 0; i < o_n; i++) held += conns[i].state == ST_JOINED;
   rss_end = read_rss_kb(o_pid);
+  cpu_measure1 = read_cpu_s(o_pid);
+  double cpu_pct = cpu_measure0 >= 0 && cpu_measure1 >= 0 ? 100.0 * (cpu_measure1 - cpu_measure0) / win : -1;
   uint64_t errors = n_err_connect + n_err_read + n_err_write + n_closed;
   printf("chatload connections=%d held=%d joined=%d join_s=%.2f window_s=%.2f "
          "sent_per_s=%.1f delivered_per_s=%.1f expected_per_s=%.1f "
          "p50_ms=%.3f p99_ms=%.3f max_ms=%.3f samples=%llu "
          "errors=%llu err_connect=%llu err_read=%llu err_write=%llu closed=%llu "
          "skipped=%llu bad_lines=%llu rss_before_kb=%ld rss_joined_kb=%ld rss_end_kb=%ld "
-         "kb_per_conn=%.2f kb_per_conn_end=%.2f\n",
+         "kb_per_conn=%.2f kb_per_conn_end=%.2f server_cpu_pct=%.1f server_cpu_us_per_msg=%.2f\n",
          o_n, held, joined_total, (t_joined - t_start) / 1e6, win,
          n_sent_win / win, n_delivered_win / win, n_expected_win / win,
          percentile_ms(0.50), percentile_ms(0.99), lat_max / 1000.0,
@@ -339,7 +363,8 @@ static void finish(void) {
          (unsigned long long)n_skipped, (unsigned long long)n_bad_line,
          rss_before, rss_joined, rss_end,
          joined_total && rss_joined >= 0 ? (double)(rss_joined - rss_before) / joined_total : -1.0,
-         joined_total && rss_end >= 0 ? (double)(rss_end - rss_before) / joined_total : -1.0);
+         joined_total && rss_end >= 0 ? (double)(rss_end - rss_before) / joined_total : -1.0,
+         cpu_pct, cpu_pct >= 0 && n_delivered_win ? (cpu_measure1 - cpu_measure0) * 1e6 / n_delivered_win : -1.0);
   fflush(stdout);
   _exit(0); /* no orderly close of thousands of sockets; the kernel does it */
 }
@@ -354,6 +379,7 @@ static void on_phase(uv_timer_t *t) {
   } else if (!measuring) {
     measuring = 1;
     t_measure0 = now;
+    cpu_measure0 = read_cpu_s(o_pid);
     uv_timer_start(&phase_timer, on_phase, (uint64_t)(o_duration * 1000), 0);
   } else {
     t_measure1 = now;
@@ -374,6 +400,7 @@ static void all_settled(void) {
   } else {
     measuring = 1;
     t_measure0 = t_send0;
+    cpu_measure0 = read_cpu_s(o_pid);
     uv_timer_start(&phase_timer, on_phase, (uint64_t)(o_duration * 1000), 0);
   }
 }
