@@ -357,6 +357,12 @@ int mb_lstate_new(mb_proc_t *p)
   }
   /* The body coroutine stays anchored in slot 1 of the main thread. */
   p->co = lua_newthread(L);
+  /* LuaJIT starts a state's first GC cycle only at 4x its size at birth
+   * (~56 KB here), so a small process would carry all its garbage until
+   * then: start counting from now, and a process's heap stays within the
+   * usual pause (2x live). Measured: a chat user 43 -> 38 KB, spawn and idle
+   * unchanged. */
+  lua_gc(L, LUA_GCRESTART, 0);
   p->L = L;
   if (mb_sched_opts.slice_reds > 0)
     lua_sethook(L, mb_sched_hook, LUA_MASKCOUNT, MB_HOOK_INSTRUCTIONS);
