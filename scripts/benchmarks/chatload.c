@@ -20,6 +20,8 @@
  *   join_timeout=120 (seconds to wait for every connection to join)
  *   pid=<server pid> (read the server's VmRSS from /proc/<pid>/status before
  *   connecting, once all joined, and at the end)
+ *   interval=0 (if > 0: a line on stderr every interval seconds once sending
+ *   started, with that interval's delivered/s and latency percentiles)
  * Output (one line): chatload connections=<asked> held=<joined and still open
  *   at the end> joined=... join_s=... sent_per_s=... delivered_per_s=...
  *   expected_per_s=... p50_ms= p99_ms= max_ms= errors=<connect, read, write
@@ -85,9 +87,16 @@ static uint64_t n_err_connect, n_err_read, n_err_write, n_closed, n_skipped, n_b
 #define FINE_N 100000
 #define COARSE_US 1000
 #define COARSE_N 99000
-static uint64_t hist[FINE_N + COARSE_N + 1];
-static uint64_t hist_count;
-static int64_t lat_max;
+typedef struct hist {
+  uint64_t b[FINE_N + COARSE_N + 1];
+  uint64_t count;
+  int64_t max;
+} hist_t;
+static hist_t hist;  /* the measured window */
+static hist_t ihist; /* the current interval (interval= option) */
+static double o_interval = 0;
+static uint64_t n_delivered_int;
+static uv_timer_t interval_timer;
 
 static uv_timer_t ramp_timer, send_timer, phase_timer;
 
@@ -128,31 +137,45 @@ static double read_cpu_s(int pid) {
   return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
 }
 
-static void record_latency(int64_t us) {
+static void hist_add(hist_t *h, int64_t us) {
   if (us < 0) us = 0;
   size_t b = us < (int64_t)FINE_US * FINE_N ? (size_t)(us / FINE_US)
                                              : FINE_N + (size_t)((us - (int64_t)FINE_US * FINE_N) / COARSE_US);
   if (b > FINE_N + COARSE_N) b = FINE_N + COARSE_N;
-  hist[b]++;
-  hist_count++;
-  if (us > lat_max) lat_max = us;
+  h->b[b]++;
+  h->count++;
+  if (us > h->max) h->max = us;
 }
 
 /* The latency (ms) below which a fraction q of the samples lie (bucket middle). */
-static double percentile_ms(double q) {
-  if (hist_count == 0) return -1;
-  uint64_t want = (uint64_t)(q * (double)hist_count);
-  if (want >= hist_count) want = hist_count - 1;
+static double percentile_ms(const hist_t *h, double q) {
+  if (h->count == 0) return -1;
+  uint64_t want = (uint64_t)(q * (double)h->count);
+  if (want >= h->count) want = h->count - 1;
   uint64_t acc = 0;
   for (size_t b = 0; b <= FINE_N + COARSE_N; b++) {
-    acc += hist[b];
+    acc += h->b[b];
     if (acc > want) {
       double us = b < FINE_N ? (b + 0.5) * FINE_US
                              : (double)FINE_US * FINE_N + (b - FINE_N + 0.5) * COARSE_US;
       return us / 1000.0;
     }
   }
-  return lat_max / 1000.0;
+  return h->max / 1000.0;
+}
+
+/* interval= option: one line on stderr per interval once sending started. */
+static void on_interval(uv_timer_t *t) {
+  (void)t;
+  static int64_t last;
+  int64_t now = now_us();
+  double secs = last ? (now - last) / 1e6 : o_interval;
+  last = now;
+  fprintf(stderr, "chatload interval t=%.1f delivered_per_s=%.1f p50_ms=%.3f p99_ms=%.3f max_ms=%.3f%s\n",
+          (now - t_send0) / 1e6, n_delivered_int / secs, percentile_ms(&ihist, 0.5),
+          percentile_ms(&ihist, 0.99), ihist.max / 1000.0, measuring ? "" : " (warm-up)");
+  memset(&ihist, 0, sizeof ihist);
+  n_delivered_int = 0;
 }
 
 static void conn_dead(conn_t *c);
@@ -220,7 +243,11 @@ static void on_line(conn_t *c, const char *s, size_t len, int64_t now) {
     n_delivered_all++;
     if (measuring) {
       n_delivered_win++;
-      record_latency(now - us);
+      hist_add(&hist, now - us);
+    }
+    if (o_interval > 0 && sending) {
+      n_delivered_int++;
+      hist_add(&ihist, now - us);
     }
     return;
   }
@@ -356,8 +383,8 @@ static void finish(void) {
          "kb_per_conn=%.2f kb_per_conn_end=%.2f server_cpu_pct=%.1f server_cpu_us_per_msg=%.2f\n",
          o_n, held, joined_total, (t_joined - t_start) / 1e6, win,
          n_sent_win / win, n_delivered_win / win, n_expected_win / win,
-         percentile_ms(0.50), percentile_ms(0.99), lat_max / 1000.0,
-         (unsigned long long)hist_count, (unsigned long long)errors,
+         percentile_ms(&hist, 0.50), percentile_ms(&hist, 0.99), hist.max / 1000.0,
+         (unsigned long long)hist.count, (unsigned long long)errors,
          (unsigned long long)n_err_connect, (unsigned long long)n_err_read,
          (unsigned long long)n_err_write, (unsigned long long)n_closed,
          (unsigned long long)n_skipped, (unsigned long long)n_bad_line,
@@ -395,6 +422,10 @@ static void all_settled(void) {
   uv_timer_stop(&ramp_timer);
   t_send0 = now_us();
   uv_timer_start(&send_timer, on_send, 1, 1);
+  if (o_interval > 0) {
+    uv_timer_init(loop, &interval_timer);
+    uv_timer_start(&interval_timer, on_interval, (uint64_t)(o_interval * 1000), (uint64_t)(o_interval * 1000));
+  }
   if (o_warmup > 0) {
     uv_timer_start(&phase_timer, on_phase, (uint64_t)(o_warmup * 1000), 0);
   } else {
@@ -408,7 +439,7 @@ static void all_settled(void) {
 static void usage(void) {
   fprintf(stderr, "usage: chatload [host=127.0.0.1] [port=7000] [n=1000] [room=100] "
                   "[duration=10] [warmup=2] [ramp=2000] [rate=1] [first=0] "
-                  "[join_timeout=120] [pid=<server pid>]\n");
+                  "[join_timeout=120] [pid=<server pid>] [interval=<s>]\n");
   exit(2);
 }
 
@@ -429,6 +460,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(k, "ramp")) o_ramp = atof(v);
     else if (!strcmp(k, "rate")) o_rate = atof(v);
     else if (!strcmp(k, "join_timeout")) o_join_timeout = atof(v);
+    else if (!strcmp(k, "interval")) o_interval = atof(v);
     else usage();
   }
   if (o_n <= 0 || o_room <= 0 || o_duration <= 0 || o_ramp <= 0 || o_rate <= 0) usage();
