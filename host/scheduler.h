@@ -48,8 +48,10 @@
 #define MB_REDS_PER_SEND 1
 /* While a preemption waits for a safe point, check again this often. */
 #define MB_HOOK_RETRY_INSTRUCTIONS 100
-/* Poll the libuv loop between slices at least this often (ns). */
-#define MB_POLL_INTERVAL_NS 1000000
+/* Poll the libuv loop between slices at least this often (ns): what a busy
+ * scheduler adds to the latency of socket I/O and posted commands. 0.2 ms
+ * costs one epoll_wait per 0.2 ms of work (under 1%). */
+#define MB_POLL_INTERVAL_NS 200000
 
 typedef struct mb_sched mb_sched_t;
 
