@@ -392,6 +392,21 @@ static int l_write(lua_State *L)
     mb_sock_unref(s);
     return fail(L, "a text message must be valid UTF-8 (send binary data with write(data, true))");
   }
+  if (!ws) {
+    /* The common case of a small write: straight to the kernel. */
+    long done = mb_sock_write_now(s, data, len);
+    if (done < 0) {
+      mb_sock_unref(s);
+      return fail_code(L, (int)done);
+    }
+    data += done;
+    len -= (size_t)done;
+    if (len == 0) {
+      mb_sock_unref(s);
+      lua_pushboolean(L, 1);
+      return 1;
+    }
+  }
   mb_sock_out_t *o = mb_malloc(sizeof *o + len);
   o->len = len;
   o->binary = binary;

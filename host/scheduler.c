@@ -193,6 +193,12 @@ static void on_signal(uv_signal_t *h, int signum)
 }
 
 mb_sched_t *mb_sched_self(void) { return self; }
+
+mb_sched_t *mb_sched_pick(void)
+{
+  static atomic_uint next;
+  return &scheds[atomic_fetch_add_explicit(&next, 1, memory_order_relaxed) % nscheds];
+}
 uv_loop_t *mb_sched_loop(mb_sched_t *s) { return &s->loop; }
 
 /* -- Safe points and the hook --------------------------------------------- */

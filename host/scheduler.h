@@ -86,6 +86,9 @@ int mb_sched_halting(void);
 /* The calling thread's scheduler, or NULL on other threads. */
 mb_sched_t *mb_sched_self(void);
 uv_loop_t *mb_sched_loop(mb_sched_t *s);
+/* The schedulers in turn (round robin), to spread work such as sockets
+ * over the loops. Any thread. */
+mb_sched_t *mb_sched_pick(void);
 /* Run fn(arg) on s's thread soon (from its loop). Any thread. */
 void mb_sched_post(mb_sched_t *s, void (*fn)(void *), void *arg);
 

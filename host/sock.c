@@ -5,6 +5,7 @@
  */
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "copy_format.h"
 #include "io.h"
@@ -660,6 +661,20 @@ static void write_failed(mb_sock_t *s, int rc)
   pthread_mutex_unlock(&s->lock);
 }
 
+long mb_sock_write_now(mb_sock_t *s, const char *data, size_t len)
+{
+  if (mb_sched_self() != s->sched)
+    return 0;
+  pthread_mutex_lock(&s->lock);
+  int idle = s->posted == 0 && s->wq == 0 && !s->closed && !s->ws_mode;
+  pthread_mutex_unlock(&s->lock);
+  if (!idle || s->handle_closing)
+    return 0;
+  uv_buf_t b = uv_buf_init((char *)data, (unsigned)len);
+  int r = uv_try_write((uv_stream_t *)&s->tcp, &b, 1);
+  return r == UV_EAGAIN ? 0 : r;
+}
+
 void mb_sock_do_write(mb_sock_t *s, void *arg)
 {
   mb_sock_out_t *o = arg;
@@ -927,9 +942,73 @@ static int parse_addr(const char *host, int port, struct sockaddr_storage *ss)
   return UV_EINVAL;
 }
 
-/* Accept one connection into a new socket on s's loop, reading at once. */
+static void hand_over(mb_sock_t *s, mb_sock_t *c);
+
+/* A connection's new socket on this loop, reading at once, handed to the
+ * listener l; or closed. */
+static void adopt(mb_sock_t *l, uv_os_fd_t fd)
+{
+  mb_sock_t *c = sock_new(MB_SOCK_STREAM);
+  if (c == NULL) {
+    close(fd);
+    return;
+  }
+  if (uv_tcp_open(&c->tcp, fd) < 0) {
+    close(fd);
+    accepted_close(c);
+    return;
+  }
+  uv_tcp_nodelay(&c->tcp, 1);
+  save_names(c);
+  start_reading(c);
+  hand_over(l, c);
+}
+
+typedef struct adoption {
+  mb_sock_t *l;
+  uv_os_fd_t fd;
+} adoption_t;
+
+static void do_adopt(void *arg)
+{
+  adoption_t *a = arg;
+  adopt(a->l, a->fd);
+  mb_sock_unref(a->l);
+  mb_free(a);
+}
+
+static void free_handle(uv_handle_t *h)
+{
+  mb_free(h);
+}
+
+/* Accept one connection into a new socket, reading at once. Connections
+ * are spread over the schedulers' loops in turn, so that the I/O of many
+ * connections is shared by the threads and each connection's process runs
+ * where its socket's events wake it: one taken for another loop is accepted
+ * here, its descriptor duplicated and opened there (libuv handles cannot
+ * move between loops), and it is handed over from there. Returns the socket
+ * if it stays on this loop, else NULL. */
 static mb_sock_t *accept_one(mb_sock_t *s)
 {
+  mb_sched_t *to = mb_sched_pick();
+  if (to != s->sched) {
+    uv_tcp_t *tmp = mb_malloc(sizeof *tmp);
+    uv_tcp_init(mb_sched_loop(s->sched), tmp);
+    uv_os_fd_t fd = -1;
+    if (uv_accept((uv_stream_t *)&s->tcp, (uv_stream_t *)tmp) == 0
+        && uv_fileno((uv_handle_t *)tmp, &fd) == 0)
+      fd = dup(fd);
+    uv_close((uv_handle_t *)tmp, free_handle);
+    if (fd >= 0) {
+      adoption_t *a = mb_malloc(sizeof *a);
+      a->l = s;
+      a->fd = fd;
+      atomic_fetch_add(&s->refs, 1);
+      mb_sched_post(to, do_adopt, a);
+    }
+    return NULL;
+  }
   mb_sock_t *c = sock_new(MB_SOCK_STREAM);
   if (c == NULL)
     return NULL;
@@ -959,6 +1038,11 @@ static void free_accepted(mb_io_req_t *req)
 static void hand_over(mb_sock_t *s, mb_sock_t *c)
 {
   pthread_mutex_lock(&s->lock);
+  if (s->closed) {
+    pthread_mutex_unlock(&s->lock);
+    accepted_close(c);
+    return;
+  }
   if (s->wait == MB_SW_ACCEPT) {
     mb_io_req_t *req = mb_io_new(sizeof *req, NULL, push_accepted);
     req->extra = c;
