@@ -13,7 +13,8 @@
 --                   {op = "who", pid = p}
 --                   {op = "members", from = p, tag = t}  -> {members = t, list = {{nick =, pid =}...}}
 --   to a member:    {joined = tag, room = pid, name = room name}
---                   {line = "text to show"}
+--                   "text to show"   (a plain string: the cheapest message
+--                                     to copy, and lines are most of them)
 --
 -- The registry is one process that maps room names to room processes. Every
 -- join goes through it (it forwards the join to the room), so two users who
@@ -39,10 +40,9 @@ local rooms = {}
 
 -- Send `line` to every member but `except`.
 local function broadcast(list, line, except)
-  local msg = { line = line }
   for i = 1, #list do
     local p = list[i]
-    if p ~= except then mb.send(p, msg) end
+    if p ~= except then mb.send(p, line) end
   end
 end
 
@@ -96,7 +96,7 @@ local function room_main(name, registry)
     elseif op == "who" then
       local nicks = {}
       for i = 1, #order do nicks[i] = members[order[i]].nick end
-      mb.send(msg.pid, { line = "* in " .. name .. ": " .. table.concat(nicks, ", ") })
+      mb.send(msg.pid, "* in " .. name .. ": " .. table.concat(nicks, ", "))
     elseif op == "members" then
       local list = {}
       for i = 1, #order do list[i] = { nick = members[order[i]].nick, pid = order[i] } end

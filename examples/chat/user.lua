@@ -96,10 +96,11 @@ end
 
 -- A message that is not socket data: a line from a room, the end of the room.
 local function other(st, msg)
+  if type(msg) == "string" then             -- a line from the room
+    return st.out(msg)
+  end
   if type(msg) ~= "table" then return end   -- not ours: ignore it
-  if msg.line then
-    st.out(msg.line)
-  elseif msg.event == "DOWN" then
+  if msg.event == "DOWN" then
     if msg.ref == st.room_ref then
       st.out("* the room " .. st.room .. " has closed")
       st.room, st.room_pid, st.room_ref = nil, nil, nil
