@@ -124,6 +124,23 @@ describe("moonbeam.http", function()
     return server
   end
 
+  it("stops when a process linked to its acceptor dies, and keeps serving when a connection dies", function()
+    start(function(req, res)
+      if req.path == "/crash" then error("handler crash") end
+      res:send("ok")
+    end)
+    -- a connection process that dies does not stop the server
+    local r1 = http.request("GET", "http://" .. HOST .. ":" .. port .. "/crash")
+    assert.are.equal(500, r1.status)
+    local r2 = assert(http.request("GET", "http://" .. HOST .. ":" .. port .. "/"))
+    assert.are.equal("ok", r2.body)
+    -- a linked "supervisor" that dies takes the server with it
+    local ref = mb.monitor(server.pid)
+    mb.spawn(function(acc) mb.link(acc); mb.exit("shutdown") end, server.pid)
+    assert.are.equal("shutdown", S.await_down(ref))
+    server = nil
+  end)
+
   it("answers a GET with the path, query and headers", function()
     start(echo)
     local res = assert(http.request("GET", "http://127.0.0.1:" .. port .. "/some/path?a=1&b=2",

@@ -51,6 +51,9 @@ local DEFAULTS = {
 }
 -- How long the acceptor pauses after accept failed (out of descriptors).
 local ACCEPT_BACKOFF = 100
+-- How often a waiting acceptor looks at its mailbox for exit signals from
+-- the processes linked to it (a supervisor, say).
+local ACCEPT_POLL = 1000
 -- How long http.listen waits for the acceptor to report the listening port.
 local START_TIMEOUT = 5000
 -- After an error response, the connection reads and drops what the client
@@ -499,10 +502,12 @@ local function acceptor(parent, host, port, handler, opts)
     return
   end
   mb.send(parent, { tag = "$http_listen", port = l:port() })
+  local conns = {}   -- the connection processes, linked to this one
   while true do
-    local s, aerr = l:accept()
+    local s, aerr = l:accept(ACCEPT_POLL)
     if s then
       local pid = mb.spawn_link(connection, handler, opts)
+      conns[pid] = true
       if s:set_owner(pid) then
         mb.send(pid, { tag = "$http_sock", sock = s })
       else
@@ -510,15 +515,28 @@ local function acceptor(parent, host, port, handler, opts)
       end
     elseif aerr == "closed" then
       return
-    else
+    elseif aerr ~= "timeout" then
       -- Out of file descriptors, say: keep serving the open connections
       -- and try again shortly rather than end the server.
       io.stderr:write("=HTTP REPORT==== " .. tostring(mb.self()) .. "\naccept failed: "
                       .. tostring(aerr) .. "\n")
       mb.sleep(ACCEPT_BACKOFF)
     end
-    -- EXIT messages of the connection processes that ended.
-    while mb.receive(0) ~= nil do end
+    -- EXIT messages: of connection processes that ended (forgotten), or
+    -- of another linked process (a supervisor) that died: then this
+    -- server goes with it, as it would without trapping exits.
+    while true do
+      local m = mb.receive(0)
+      if m == nil then break end
+      if type(m) == "table" and m.event == "EXIT" then
+        if conns[m.pid] then
+          conns[m.pid] = nil
+        elseif m.reason ~= "normal" then
+          l:close()
+          mb.exit(m.reason)
+        end
+      end
+    end
   end
 end
 
