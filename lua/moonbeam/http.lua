@@ -777,5 +777,8 @@ end
 
 http.parse_url = parse_url
 http.reason = reason_phrase
+-- has_token(header_value, token): does a comma-separated header value
+-- contain token (case-insensitive)? (Also used by moonbeam.websocket.)
+http.has_token = has_token
 
 return http

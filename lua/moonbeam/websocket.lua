@@ -19,13 +19,7 @@ local DEFAULT_MAX_MESSAGE = 1024 * 1024
 -- Default time for websocket.connect's TCP connect and handshake, in ms.
 local CONNECT_TIMEOUT = 10000
 
-local function has_token(value, token)
-  if not value then return false end
-  for part in string.gmatch(string.lower(value), "[^,]+") do
-    if string.match(part, "^%s*(.-)%s*$") == token then return true end
-  end
-  return false
-end
+local has_token = http.has_token
 
 -- Refuse a handshake: answer `code` and close the connection.
 local function refuse(res, code, msg, extra_name, extra_value)
