@@ -977,6 +977,15 @@ static void do_adopt(void *arg)
   mb_free(a);
 }
 
+/* dup(2), in a function of its own so that scripts/tsan.supp can name it:
+ * libuv closes descriptors with a raw close syscall that TSan does not see,
+ * so a number freed on one loop thread and returned by dup on another looks
+ * to TSan like two threads racing on one descriptor. */
+__attribute__((noinline)) static int sock_dup_fd(int fd)
+{
+  return dup(fd);
+}
+
 static void free_handle(uv_handle_t *h)
 {
   mb_free(h);
@@ -998,7 +1007,7 @@ static mb_sock_t *accept_one(mb_sock_t *s)
     uv_os_fd_t fd = -1;
     if (uv_accept((uv_stream_t *)&s->tcp, (uv_stream_t *)tmp) == 0
         && uv_fileno((uv_handle_t *)tmp, &fd) == 0)
-      fd = dup(fd);
+      fd = sock_dup_fd(fd);
     uv_close((uv_handle_t *)tmp, free_handle);
     if (fd >= 0) {
       adoption_t *a = mb_malloc(sizeof *a);
