@@ -698,7 +698,6 @@ int mb_sched_wait(void)
   /* Processes first: their finalizers may still post to the loops. */
   mb_proc_shutdown();
   mb_reg_shutdown();
-  mb_sock_shutdown();
   for (int i = 0; i < nscheds; i++) {
     mb_sched_t *s = &scheds[i];
     self = s;
@@ -710,6 +709,8 @@ int mb_sched_wait(void)
     pthread_mutex_destroy(&s->cmd_lock);
   }
   self = NULL;
+  /* After the loops: their last commands may still create sockets. */
+  mb_sock_shutdown();
   mb_proc_table_free();
   mb_free(scheds);
   return atomic_load(&exit_code);

@@ -187,8 +187,8 @@ void mb_sock_close_handle(uv_handle_t *h);
 
 /* Close every socket of a dying process (p->dead is set). Its thread. */
 void mb_sock_owner_exit(mb_proc_t *p);
-/* At shutdown, after the threads stopped: close every socket's handles so
- * that the loops can close. Main thread. */
+/* At shutdown, after the loops closed (which closed every socket's
+ * handles): drop the table and its references. Main thread. */
 void mb_sock_shutdown(void);
 
 /* The messages of active mode. */
