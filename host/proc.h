@@ -138,6 +138,10 @@ typedef struct mb_proc {
   atomic_uint_fast64_t reductions;
   atomic_uint mailbox_len;
   atomic_int running;          /* mb.info status without taking the lock */
+  /* The scheduler whose loop holds this process's socket (sock.c sets it
+   * when the process becomes a connection's owner), or NULL: where a
+   * wake-up puts it, so that its socket I/O is done on its own thread. */
+  _Atomic(struct mb_sched *) home;
 } mb_proc_t;
 
 /* The process that owns L (any coroutine of its state). */

@@ -109,7 +109,9 @@ static void spread(void)
 
 void mb_sched_enqueue(mb_proc_t *p)
 {
-  mb_sched_t *s = self ? self : &scheds[0];
+  mb_sched_t *s = atomic_load_explicit(&p->home, memory_order_relaxed);
+  if (s == NULL)
+    s = self ? self : &scheds[0];
   rq_push(s, p);
   if (s != self)
     wake(s);

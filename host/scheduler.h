@@ -19,7 +19,9 @@
  * point the preemption waits for the next hook.
  *
  * Where a woken process goes: onto the queue of the scheduler whose thread
- * woke it (locality, as in the BEAM); a sleeping scheduler is woken when
+ * woke it (locality, as in the BEAM), except that a process that owns a
+ * connection goes to the scheduler whose loop holds the socket, where its
+ * reads and writes need no cross-thread post; a sleeping scheduler is woken when
  * its own queue gets work or when a busy scheduler's queue holds more than
  * one process, so that work spreads without waking a core for every message.
  * Busy schedulers balance when a slice ends: a preempted process goes to a

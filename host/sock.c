@@ -823,6 +823,8 @@ int mb_sock_set_owner(mb_sock_t *s, mb_pid_t old, mb_proc_t *p)
     owner_link(s, p);
   pthread_mutex_unlock(&p->lock);
   s->owner = dead ? 0 : p->pid;
+  if (!dead && s->kind == MB_SOCK_STREAM)
+    atomic_store_explicit(&p->home, s->sched, memory_order_relaxed);
   mb_sock_flush_active(s);
   pthread_mutex_unlock(&s->lock);
   if (dead) {
