@@ -118,9 +118,12 @@ static int fail(lua_State *L, const char *msg)
   return 2;
 }
 
+/* A result code as its message. Writing to a connection the peer has
+ * closed (EPIPE) is "closed", as for a read. */
 static int fail_code(lua_State *L, int code)
 {
-  return fail(L, code == MB_SOCK_ECLOSED ? "closed" : uv_strerror(code));
+  int closed = code == MB_SOCK_ECLOSED || code == UV_EPIPE;
+  return fail(L, closed ? "closed" : uv_strerror(code));
 }
 
 /* An optional timeout in ms at idx: -1 for none. */
@@ -341,8 +344,8 @@ static int l_read(lua_State *L)
   mb_chunk_t *c = busy ? NULL : take_read(s);
   int resume = c && s->paused && s->rbytes < MB_SOCK_RBUF_MAX;
   if (!busy && c == NULL) {
-    if (s->eof || s->err)
-      end = s->err ? s->err : MB_SOCK_ECLOSED;
+    if (s->eof || s->err)   /* a read after the peer's FIN: "closed" */
+      end = s->eof ? MB_SOCK_ECLOSED : s->err;
     else if (timeout != 0 && (can = mb_sched_can_yield(p, L))) {
       s->wait = MB_SW_READ;
       s->wpid = p->pid;

@@ -433,7 +433,8 @@ int mb_sock_push_result(lua_State *L, mb_io_req_t *req)
     return 1;
   }
   lua_pushnil(L);
-  lua_pushstring(L, req->err == MB_SOCK_ECLOSED ? "closed" : uv_strerror(req->err));
+  int closed = req->err == MB_SOCK_ECLOSED || req->err == UV_EPIPE;
+  lua_pushstring(L, closed ? "closed" : uv_strerror(req->err));
   return 2;
 }
 

@@ -288,6 +288,33 @@ describe("moonbeam.tcp", function()
     l2:close()
   end)
 
+  it("reports a peer that closes on unread data as closed or reset, without losing the host", function()
+    local c, s, l = pair()
+    local me = mb.self()
+    local w = mb.spawn(function()
+      local m = mb.receive(5000)
+      local big = ("x"):rep(256 * 1024)
+      local ok, err
+      for _ = 1, 64 do                      -- far more than buffers hold
+        ok, err = m.sock:write(big)
+        if not ok then break end
+      end
+      mb.send(me, {write_err = err or "none"})
+      local d, rerr = m.sock:read(5000)
+      mb.send(me, {read_err = rerr or "data"})
+    end)
+    assert(c:set_owner(w))
+    mb.send(w, {sock = c})
+    mb.sleep(100)
+    s:close()                               -- unread input: the kernel resets
+    local ok_errs = {closed = true, ["connection reset by peer"] = true}
+    local werr = S.recv(function(m) return m.write_err end).write_err
+    assert.is_true(ok_errs[werr], "write error: " .. werr)
+    local rerr = S.recv(function(m) return m.read_err end).read_err
+    assert.is_true(ok_errs[rerr], "read error: " .. rerr)
+    l:close()
+  end)
+
   it("rejects wrong argument types with clear errors", function()
     assert.has_error(function() tcp.listen(nil, 0) end)
     assert.has_error(function() tcp.listen("127.0.0.1", 70000) end,
