@@ -331,8 +331,10 @@ static mb_msg_t *mw_end(mw_t *w)
   return w->m;
 }
 
-mb_msg_t *mb_sock_msg(uint64_t id, const char *event, const char *data,
-                      size_t len, int binary)
+/* {event = event, socket = s, data = data[, binary = bool]}: binary < 0
+ * for a TCP message (no binary field). */
+static mb_msg_t *sock_msg(uint64_t id, const char *event, const char *data,
+                          size_t len, int binary)
 {
   mw_t w;
   int ws = binary >= 0;
@@ -347,8 +349,9 @@ mb_msg_t *mb_sock_msg(uint64_t id, const char *event, const char *data,
   return mw_end(&w);
 }
 
-mb_msg_t *mb_sock_msg_closed(uint64_t id, const char *event, int code,
-                             const char *reason)
+/* {event = event, socket = s[, code = code][, reason = reason]}. */
+static mb_msg_t *sock_msg_end(uint64_t id, const char *event, int code,
+                              const char *reason)
 {
   mw_t w;
   size_t rlen = reason ? strlen(reason) : 0;
@@ -372,11 +375,11 @@ mb_msg_t *mb_sock_msg_closed(uint64_t id, const char *event, int code,
 static mb_msg_t *end_msg(mb_sock_t *s)
 {
   if (s->ws_mode)
-    return mb_sock_msg_closed(s->id, "ws_closed", s->ws_code ? s->ws_code : 1006,
+    return sock_msg_end(s->id, "ws_closed", s->ws_code ? s->ws_code : 1006,
                               s->ws_reason ? s->ws_reason : "");
   if (s->err && s->err != MB_SOCK_ECLOSED)
-    return mb_sock_msg_closed(s->id, "tcp_error", 0, uv_strerror(s->err));
-  return mb_sock_msg_closed(s->id, "tcp_closed", 0, NULL);
+    return sock_msg_end(s->id, "tcp_error", 0, uv_strerror(s->err));
+  return sock_msg_end(s->id, "tcp_closed", 0, NULL);
 }
 
 /* In active mode, send what was read (and then the end) to the owner.
@@ -389,7 +392,7 @@ int mb_sock_flush_active(mb_sock_t *s)
     if (s->rhead == NULL)
       s->rtail = &s->rhead;
     s->rbytes -= c->len;
-    mb_msg_t *m = mb_sock_msg(s->id, s->ws_mode ? "ws" : "tcp", c->data,
+    mb_msg_t *m = sock_msg(s->id, s->ws_mode ? "ws" : "tcp", c->data,
                               c->len, s->ws_mode ? c->binary : -1);
     m->sock = s->id;
     mb_proc_send(s->owner, m);

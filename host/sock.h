@@ -191,10 +191,4 @@ void mb_sock_owner_exit(mb_proc_t *p);
  * handles): drop the table and its references. Main thread. */
 void mb_sock_shutdown(void);
 
-/* The messages of active mode. */
-mb_msg_t *mb_sock_msg(uint64_t id, const char *event, const char *data,
-                      size_t len, int binary);
-mb_msg_t *mb_sock_msg_closed(uint64_t id, const char *event, int code,
-                             const char *reason);
-
 #endif
