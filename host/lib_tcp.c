@@ -118,12 +118,9 @@ static int fail(lua_State *L, const char *msg)
   return 2;
 }
 
-/* A result code as its message. Writing to a connection the peer has
- * closed (EPIPE) is "closed", as for a read. */
 static int fail_code(lua_State *L, int code)
 {
-  int closed = code == MB_SOCK_ECLOSED || code == UV_EPIPE;
-  return fail(L, closed ? "closed" : uv_strerror(code));
+  return fail(L, mb_sock_strerror(code));
 }
 
 /* An optional timeout in ms at idx: -1 for none. */

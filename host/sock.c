@@ -164,14 +164,12 @@ static void close_handles(mb_sock_t *s)
   }
 }
 
+static int mark_closed(mb_sock_t *s);
+
 /* A connection that was accepted but never handed to a process. */
 static void accepted_close(mb_sock_t *c)
 {
-  pthread_mutex_lock(&c->lock);
-  c->closed = 1;
-  pthread_mutex_unlock(&c->lock);
-  if (tab_remove(c))
-    mb_sock_unref(c);
+  mark_closed(c);
   close_handles(c);
 }
 
@@ -429,6 +427,12 @@ static void free_chunk(mb_io_req_t *req)
   mb_free(req->extra);
 }
 
+const char *mb_sock_strerror(int code)
+{
+  int closed = code == MB_SOCK_ECLOSED || code == UV_EPIPE;
+  return closed ? "closed" : uv_strerror(code);
+}
+
 int mb_sock_push_result(lua_State *L, mb_io_req_t *req)
 {
   if (req->err == 0) {
@@ -436,8 +440,7 @@ int mb_sock_push_result(lua_State *L, mb_io_req_t *req)
     return 1;
   }
   lua_pushnil(L);
-  int closed = req->err == MB_SOCK_ECLOSED || req->err == UV_EPIPE;
-  lua_pushstring(L, closed ? "closed" : uv_strerror(req->err));
+  lua_pushstring(L, mb_sock_strerror(req->err));
   return 2;
 }
 

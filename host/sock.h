@@ -177,6 +177,10 @@ int mb_sock_name(mb_sock_t *s, int peer, char *host, size_t hostlen);
  * held. Returns 1 when reading should resume (mb_sock_do_resume). */
 int mb_sock_flush_active(mb_sock_t *s);
 
+/* The message of a result code (MB_SOCK_ECLOSED or a libuv error); writing
+ * to a connection the peer closed (EPIPE) is "closed", as for a read. */
+const char *mb_sock_strerror(int code);
+
 /* The result of a wait that ends in success (true) or an error (nil, msg):
  * an mb_io_push_fn. */
 struct mb_io_req;
