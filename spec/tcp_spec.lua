@@ -320,6 +320,25 @@ describe("moonbeam.tcp", function()
     l:close()
   end)
 
+  it("times out a connect that the peer never answers, and closes its socket", function()
+    -- A listener nobody accepts from: its queue (64) and then the kernel's
+    -- backlog fill up, and later SYNs are dropped.
+    local l = assert(tcp.listen("127.0.0.1", 0, {backlog = 1}))
+    local socks, timed_out = {}, false
+    for _ = 1, 200 do
+      local c, err = tcp.connect("127.0.0.1", l:port(), 300)
+      if not c then
+        assert.are.equal("timeout", err)
+        timed_out = true
+        break
+      end
+      socks[#socks + 1] = c
+    end
+    assert.is_true(timed_out, "no connect timed out")
+    for _, c in ipairs(socks) do c:close() end
+    l:close()
+  end)
+
   it("rejects wrong argument types with clear errors", function()
     assert.has_error(function() tcp.listen(nil, 0) end)
     assert.has_error(function() tcp.listen("127.0.0.1", 70000) end,
