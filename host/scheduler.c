@@ -347,6 +347,19 @@ static mb_msg_t *pop_reason(lua_State *L, const char *fallback)
   return m ? m : mb_msg_string(fallback);
 }
 
+/* A wake-up's protected call failed: its error value (popped) is the exit
+ * reason, except that a refused allocation is "out of memory" wherever it
+ * struck (decoding a message while waiting, or in the body: the same). */
+static mb_msg_t *wake_failed(mb_proc_t *p, lua_State *L, const char *fallback)
+{
+  if (p->alloc.oom) {
+    lua_pop(L, 1);
+    p->alloc.limit = 0;   /* room to unwind and report */
+    return mb_msg_string("out of memory");
+  }
+  return pop_reason(L, fallback);
+}
+
 /* Under lua_cpcall on the idle main thread: receive on behalf of p and pass
  * the message to the suspended body coroutine. lua_cpcall rather than
  * lua_pcall: no closure is created per wake-up. */
@@ -394,7 +407,7 @@ static int finish_io(mb_proc_t *p)
       return -1;
     /* The wait's timer fired first: the operation says what that gives. */
     if (lua_cpcall(p->L, push_timeout_cf, p) != 0) {
-      p->exit_reason = pop_reason(p->L, "out of memory");
+      p->exit_reason = wake_failed(p, p->L, "out of memory");
       return -2;
     }
     end_wait(p);
@@ -405,7 +418,7 @@ static int finish_io(mb_proc_t *p)
   p->io_req = NULL;
   mb_io_free(req);
   if (rc != 0) {
-    p->exit_reason = pop_reason(p->L, "out of memory");
+    p->exit_reason = wake_failed(p, p->L, "out of memory");
     return -2;
   }
   end_wait(p);
@@ -424,7 +437,7 @@ static int finish_wait(mb_proc_t *p)
      * thread, protected, never on the suspended coroutine. */
     lua_State *L = p->L;
     if (lua_cpcall(L, try_receive_cf, p) != 0) {
-      p->exit_reason = pop_reason(L, "receive failed");
+      p->exit_reason = wake_failed(p, L, "receive failed");
       return -2;
     }
     if (p->recv_result < 0)

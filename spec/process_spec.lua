@@ -267,6 +267,16 @@ describe("processes", function()
       assert.is_nil(mb.receive(S.field("spec_oom_pcall", false), 0))
     end)
 
+    it("with max_memory kills a waiting process whose incoming message exceeds it", function()
+      local pid, ref = mb.spawn_opt({ monitor = true, max_memory = 2 * MiB }, function()
+        local m = mb.receive(5000)
+        return #m
+      end)
+      mb.sleep(50)   -- it waits in receive: the message is decoded on wake-up
+      mb.send(pid, ("z"):rep(8 * MiB))
+      assert.are.equal("out of memory", S.await_down(ref))
+    end)
+
     it("with max_memory kills a process whose message receive exceeds it", function()
       local pid, ref = mb.spawn_opt({ monitor = true, max_memory = 2 * MiB }, function()
         local m = mb.receive(5000)
