@@ -529,6 +529,22 @@ static int l_set_active(lua_State *L)
   return 1;
 }
 
+/* sock:set_nodelay(on): TCP_NODELAY (on by default: each write goes out
+ * at once; off lets the kernel coalesce small writes, Nagle's algorithm). */
+static int l_set_nodelay(lua_State *L)
+{
+  int n;
+  luaL_checktype(L, 2, LUA_TBOOLEAN);
+  mb_sock_t *s = stream_sock(L, mb_lib_self(L), &n);
+  if (s == NULL)
+    return n;
+  static char on;
+  mb_sock_run(s, mb_sock_do_nodelay, lua_toboolean(L, 2) ? &on : NULL);
+  mb_sock_unref(s);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 /* sock:set_owner(pid) */
 static int l_set_owner(lua_State *L)
 {
@@ -629,6 +645,7 @@ static const luaL_Reg methods[] = {
   {"sockname", l_sockname},
   {"set_active", l_set_active},
   {"set_owner", l_set_owner},
+  {"set_nodelay", l_set_nodelay},
   {"websocket", l_websocket},
   {NULL, NULL}
 };

@@ -569,6 +569,12 @@ static void start_reading(mb_sock_t *s)
     got_end(s, rc);
 }
 
+void mb_sock_do_nodelay(mb_sock_t *s, void *arg)
+{
+  if (!s->handle_closing)
+    uv_tcp_nodelay(&s->tcp, arg != NULL);
+}
+
 void mb_sock_do_resume(mb_sock_t *s, void *arg)
 {
   (void)arg;

@@ -147,6 +147,7 @@ void mb_sock_do_write(mb_sock_t *s, void *arg);      /* arg: mb_sock_out_t */
 void mb_sock_do_accept(mb_sock_t *s, void *arg);     /* accept what waits */
 void mb_sock_do_ws(mb_sock_t *s, void *arg);         /* arg: mb_sock_wsopt_t */
 void mb_sock_do_ws_close(mb_sock_t *s, void *arg);   /* arg: mb_sock_out_t */
+void mb_sock_do_nodelay(mb_sock_t *s, void *arg);    /* arg: non-NULL = on */
 
 /* Bytes to write (or a WebSocket close: code in `binary`). */
 typedef struct mb_sock_out {

@@ -339,6 +339,21 @@ describe("moonbeam.tcp", function()
     l:close()
   end)
 
+  it("turns TCP_NODELAY off and on without losing bytes", function()
+    local c, s, l = pair()
+    assert.is_true(c:set_nodelay(false))
+    for i = 1, 50 do assert(c:write("n" .. i .. ";")) end
+    assert.is_true(c:set_nodelay(true))
+    assert(c:write("end"))
+    local want = {}
+    for i = 1, 50 do want[#want + 1] = "n" .. i .. ";" end
+    want = table.concat(want) .. "end"
+    assert.are.equal(want, read_n(s, #want))
+    assert.has_error(function() c:set_nodelay("yes") end)
+    c:close(); s:close(); l:close()
+    assert.are.same({nil, "closed"}, {c:set_nodelay(true)})
+  end)
+
   it("rejects wrong argument types with clear errors", function()
     assert.has_error(function() tcp.listen(nil, 0) end)
     assert.has_error(function() tcp.listen("127.0.0.1", 70000) end,
