@@ -319,12 +319,7 @@ void mb_lib_push_msg(lua_State *L, const mb_msg_t *m)
 
 static void unlink_msg(mb_proc_t *p, mb_msg_t **pm)
 {
-  mb_msg_t *m = *pm;
-  *pm = m->next;
-  if (p->q_tail == &m->next)
-    p->q_tail = pm;
-  atomic_fetch_sub_explicit(&p->mailbox_len, 1, memory_order_relaxed);
-  mb_msg_free(m);
+  mb_msg_free(mb_proc_take_msg(p, pm));
 }
 
 int mb_lib_try_receive(mb_proc_t *p, lua_State *L)
@@ -334,8 +329,6 @@ int mb_lib_try_receive(mb_proc_t *p, lua_State *L)
      * or every receive would fail on it again. */
     for (mb_msg_t **pm = &p->q_head; *pm; pm = &(*pm)->next)
       if (*pm == p->recv_bad) {
-        if (p->q_scan == &(*pm)->next)
-          p->q_scan = pm;
         unlink_msg(p, pm);
         break;
       }
@@ -590,8 +583,6 @@ static void flush_down(mb_proc_t *p, mb_ref_t ref)
   mb_proc_drain(p);
   for (mb_msg_t **pm = &p->q_head; *pm; ) {
     if ((*pm)->kind == MB_MSG_DOWN && (*pm)->ref == ref) {
-      if (p->q_scan == &(*pm)->next)
-        p->q_scan = pm;
       unlink_msg(p, pm);
     } else {
       pm = &(*pm)->next;

@@ -24,60 +24,18 @@
 
 /* -- Socket values --------------------------------------------------------- */
 
-typedef struct {
-  uint64_t id;
-} sockbox_t;
-
-/* Registry keys: the address of each static is unique. */
-static char mt_key, intern_key;
-
-static void push_intern(lua_State *L)
-{
-  lua_pushlightuserdata(L, &intern_key);
-  lua_rawget(L, LUA_REGISTRYINDEX);
-  if (!lua_isnil(L, -1))
-    return;
-  lua_pop(L, 1);
-  lua_createtable(L, 0, 4);
-  lua_pushliteral(L, "v");
-  lua_setfield(L, -2, "__mode");
-  lua_pushvalue(L, -1);
-  lua_setmetatable(L, -2);
-  lua_pushlightuserdata(L, &intern_key);
-  lua_pushvalue(L, -2);
-  lua_rawset(L, LUA_REGISTRYINDEX);
-}
-
-static void push_mt(lua_State *L);
+/* Socket values are interned like pids (pid.h); the kind is defined with
+ * its methods at the end of this file. */
+static mb_idkind_t sock_kind;
 
 void mb_lib_sock_push(lua_State *L, uint64_t id)
 {
-  push_intern(L);
-  lua_pushnumber(L, (lua_Number)id);
-  lua_rawget(L, -2);
-  if (lua_isnil(L, -1)) {
-    lua_pop(L, 1);
-    sockbox_t *b = lua_newuserdata(L, sizeof *b);
-    b->id = id;
-    push_mt(L);
-    lua_setmetatable(L, -2);
-    lua_pushnumber(L, (lua_Number)id);
-    lua_pushvalue(L, -2);
-    lua_rawset(L, -4);
-  }
-  lua_remove(L, -2);
+  mb_id_push(L, id, &sock_kind);
 }
 
 uint64_t mb_lib_sock_test(lua_State *L, int idx)
 {
-  sockbox_t *b = lua_touserdata(L, idx);
-  if (b == NULL || lua_objlen(L, idx) != sizeof *b || !lua_getmetatable(L, idx))
-    return 0;
-  lua_pushlightuserdata(L, &mt_key);
-  lua_rawget(L, LUA_REGISTRYINDEX);
-  int same = lua_rawequal(L, -1, -2);
-  lua_pop(L, 2);
-  return same ? b->id : 0;
+  return mb_id_test(L, idx, &sock_kind);
 }
 
 /* The socket at arg 1 for the calling process p, or NULL after pushing
@@ -151,14 +109,6 @@ static int wait_io(lua_State *L, mb_proc_t *p, double timeout,
   return mb_sched_yield(L, MB_YIELD_WAIT);
 }
 
-static mb_proc_t *blocking_self(lua_State *L, const char *fname)
-{
-  mb_proc_t *p = mb_lib_self(L);
-  if (!mb_sched_can_yield(p, L))
-    mb_lib_block_error(L, fname);
-  return p;
-}
-
 /* -- tcp.listen / tcp.connect ----------------------------------------------- */
 
 static int check_port(lua_State *L, int idx)
@@ -206,7 +156,9 @@ static int l_connect(lua_State *L)
   const char *host = luaL_checkstring(L, 1);
   int port = check_port(L, 2);
   double timeout = opt_timeout(L, 3);
-  mb_proc_t *p = blocking_self(L, "connect");
+  mb_proc_t *p = mb_lib_self(L);
+  if (!mb_sched_can_yield(p, L))
+    return mb_lib_block_error(L, "connect");
   uint32_t seq = mb_io_wait_begin(p);
   char err[160];
   mb_sock_t *s = mb_sock_connect(p, seq, host, port, err, sizeof err);
@@ -385,27 +337,27 @@ static int l_write(lua_State *L)
   mb_sock_t *s = stream_sock(L, p, &n);
   if (s == NULL)
     return n;
+  /* The common case of a small TCP write: straight to the kernel (never
+   * in WebSocket mode: that is framed on the loop). */
+  long done = mb_sock_write_now(s, data, len);
+  if (done < 0) {
+    mb_sock_unref(s);
+    return fail_code(L, (int)done);
+  }
+  data += done;
+  len -= (size_t)done;
+  if (len == 0 && done > 0) {   /* (an empty write is queued: in WebSocket
+                                   mode it is an empty message) */
+    mb_sock_unref(s);
+    lua_pushboolean(L, 1);
+    return 1;
+  }
   pthread_mutex_lock(&s->lock);
   int ws = s->ws_mode;
   pthread_mutex_unlock(&s->lock);
   if (ws && !binary && !mb_ws_utf8_valid((const uint8_t *)data, len)) {
     mb_sock_unref(s);
     return fail(L, "a text message must be valid UTF-8 (send binary data with write(data, true))");
-  }
-  if (!ws) {
-    /* The common case of a small write: straight to the kernel. */
-    long done = mb_sock_write_now(s, data, len);
-    if (done < 0) {
-      mb_sock_unref(s);
-      return fail_code(L, (int)done);
-    }
-    data += done;
-    len -= (size_t)done;
-    if (len == 0) {
-      mb_sock_unref(s);
-      lua_pushboolean(L, 1);
-      return 1;
-    }
   }
   mb_sock_out_t *o = mb_malloc(sizeof *o + len);
   o->len = len;
@@ -629,9 +581,9 @@ static int l_websocket(lua_State *L)
 
 static int l_tostring(lua_State *L)
 {
-  sockbox_t *b = lua_touserdata(L, 1);
-  lua_pushfstring(L, "#Socket<%d.%d>", (int)(b->id & MB_PID_SLOT_MASK),
-                  (int)(b->id >> MB_PID_SLOT_BITS));
+  uint64_t id = *(uint64_t *)lua_touserdata(L, 1);
+  lua_pushfstring(L, "#Socket<%d.%d>", (int)(id & MB_PID_SLOT_MASK),
+                  (int)(id >> MB_PID_SLOT_BITS));
   return 1;
 }
 
@@ -650,27 +602,7 @@ static const luaL_Reg methods[] = {
   {NULL, NULL}
 };
 
-static void push_mt(lua_State *L)
-{
-  lua_pushlightuserdata(L, &mt_key);
-  lua_rawget(L, LUA_REGISTRYINDEX);
-  if (!lua_isnil(L, -1))
-    return;
-  lua_pop(L, 1);
-  lua_createtable(L, 0, 4);
-  lua_createtable(L, 0, 12);
-  luaL_register(L, NULL, methods);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, l_tostring);
-  lua_setfield(L, -2, "__tostring");
-  lua_pushliteral(L, "socket");
-  lua_setfield(L, -2, "__name");
-  lua_pushboolean(L, 0);
-  lua_setfield(L, -2, "__metatable");
-  lua_pushlightuserdata(L, &mt_key);
-  lua_pushvalue(L, -2);
-  lua_rawset(L, LUA_REGISTRYINDEX);
-}
+static mb_idkind_t sock_kind = {"socket", l_tostring, methods, 0, 0};
 
 static const luaL_Reg funcs[] = {
   {"listen", l_listen},

@@ -12,16 +12,13 @@
 #include "lauxlib.h"
 #include "pid.h"
 
-/* The userdata's contents. `kind` is the address of the kind's metatable
- * key: checking it (with the size) recognises a pid or ref without a
- * metatable lookup, which matters on the send path. */
+/* The userdata's contents. `kind` is checked (with the size) to recognise
+ * a value of a kind without a metatable lookup, which matters on the send
+ * path. */
 typedef struct {
   uint64_t id;
-  const void *kind;
+  const mb_idkind_t *kind;
 } idbox_t;
-
-/* Registry keys: the address of each static is unique. */
-static char pid_mt_key, pid_intern_key, ref_mt_key, ref_intern_key;
 
 char *mb_pid_format(char *buf, size_t n, mb_pid_t pid)
 {
@@ -47,39 +44,56 @@ static int ref_tostring(lua_State *L)
   return 1;
 }
 
-/* Push the registry table stored under key, creating it on first use; for a
- * metatable, tostring is its __tostring; for an intern table, it is weak. */
-static void push_regtable(lua_State *L, void *key, lua_CFunction tostring,
-                          const char *name)
+static mb_idkind_t pid_kind = {"pid", pid_tostring, NULL, 0, 0};
+static mb_idkind_t ref_kind = {"ref", ref_tostring, NULL, 0, 0};
+
+/* Push the registry table stored under key, creating it on first use with
+ * make (which fills the table on top). */
+static void push_regtable(lua_State *L, void *key, void (*make)(lua_State *L,
+                          const mb_idkind_t *kind), const mb_idkind_t *kind)
 {
   lua_pushlightuserdata(L, key);
   lua_rawget(L, LUA_REGISTRYINDEX);
   if (!lua_isnil(L, -1))
     return;
   lua_pop(L, 1);
-  lua_createtable(L, 0, 3);
-  if (tostring) {
-    lua_pushcfunction(L, tostring);
-    lua_setfield(L, -2, "__tostring");
-    lua_pushstring(L, name);
-    lua_setfield(L, -2, "__name");
-    lua_pushboolean(L, 0);
-    lua_setfield(L, -2, "__metatable");   /* getmetatable(pid) is false: opaque */
-  } else {
-    lua_pushliteral(L, "v");
-    lua_setfield(L, -2, "__mode");
-    lua_pushvalue(L, -1);
-    lua_setmetatable(L, -2);               /* the table is its own metatable */
-  }
+  lua_createtable(L, 0, 4);
+  make(L, kind);
   lua_pushlightuserdata(L, key);
   lua_pushvalue(L, -2);
   lua_rawset(L, LUA_REGISTRYINDEX);
 }
 
-static void push_interned(lua_State *L, uint64_t id, void *mtkey, void *inkey,
-                          lua_CFunction tostring, const char *name)
+/* A kind's metatable: opaque (getmetatable gives false), printable, and
+ * with the kind's methods, if any. */
+static void make_mt(lua_State *L, const mb_idkind_t *kind)
 {
-  push_regtable(L, inkey, NULL, NULL);
+  lua_pushcfunction(L, kind->tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_pushstring(L, kind->name);
+  lua_setfield(L, -2, "__name");
+  lua_pushboolean(L, 0);
+  lua_setfield(L, -2, "__metatable");
+  if (kind->methods) {
+    lua_newtable(L);
+    luaL_register(L, NULL, kind->methods);
+    lua_setfield(L, -2, "__index");
+  }
+}
+
+/* An intern table: weak values, so that an id's userdata can be collected. */
+static void make_intern(lua_State *L, const mb_idkind_t *kind)
+{
+  (void)kind;
+  lua_pushliteral(L, "v");
+  lua_setfield(L, -2, "__mode");
+  lua_pushvalue(L, -1);
+  lua_setmetatable(L, -2);               /* the table is its own metatable */
+}
+
+void mb_id_push(lua_State *L, uint64_t id, mb_idkind_t *kind)
+{
+  push_regtable(L, &kind->intern_key, make_intern, kind);
   /* Ids fit a double exactly up to 2^53, far beyond what a host can use. */
   lua_pushnumber(L, (lua_Number)id);
   lua_rawget(L, -2);
@@ -90,8 +104,8 @@ static void push_interned(lua_State *L, uint64_t id, void *mtkey, void *inkey,
   lua_pop(L, 1);
   idbox_t *b = lua_newuserdata(L, sizeof *b);
   b->id = id;
-  b->kind = mtkey;
-  push_regtable(L, mtkey, tostring, name);
+  b->kind = kind;
+  push_regtable(L, &kind->mt_key, make_mt, kind);
   lua_setmetatable(L, -2);
   lua_pushnumber(L, (lua_Number)id);
   lua_pushvalue(L, -2);
@@ -99,22 +113,22 @@ static void push_interned(lua_State *L, uint64_t id, void *mtkey, void *inkey,
   lua_remove(L, -2);
 }
 
-static uint64_t test_kind(lua_State *L, int idx, void *mtkey)
+uint64_t mb_id_test(lua_State *L, int idx, const mb_idkind_t *kind)
 {
   if (lua_type(L, idx) != LUA_TUSERDATA || lua_objlen(L, idx) != sizeof(idbox_t))
     return 0;
   idbox_t *b = lua_touserdata(L, idx);
-  return b->kind == mtkey ? b->id : 0;
+  return b->kind == kind ? b->id : 0;
 }
 
 void mb_pid_push(lua_State *L, mb_pid_t pid)
 {
-  push_interned(L, pid, &pid_mt_key, &pid_intern_key, pid_tostring, "pid");
+  mb_id_push(L, pid, &pid_kind);
 }
 
 mb_pid_t mb_pid_test(lua_State *L, int idx)
 {
-  return test_kind(L, idx, &pid_mt_key);
+  return mb_id_test(L, idx, &pid_kind);
 }
 
 mb_pid_t mb_pid_check(lua_State *L, int idx)
@@ -127,12 +141,12 @@ mb_pid_t mb_pid_check(lua_State *L, int idx)
 
 void mb_ref_push(lua_State *L, mb_ref_t ref)
 {
-  push_interned(L, ref, &ref_mt_key, &ref_intern_key, ref_tostring, "ref");
+  mb_id_push(L, ref, &ref_kind);
 }
 
 mb_ref_t mb_ref_test(lua_State *L, int idx)
 {
-  return test_kind(L, idx, &ref_mt_key);
+  return mb_id_test(L, idx, &ref_kind);
 }
 
 mb_ref_t mb_ref_check(lua_State *L, int idx)

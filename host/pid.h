@@ -39,4 +39,21 @@ mb_ref_t mb_ref_test(lua_State *L, int idx);
 /* Return the ref at idx or raise "bad argument #idx ... (ref expected, got T)". */
 mb_ref_t mb_ref_check(lua_State *L, int idx);
 
+/* A kind of interned id value (pids, refs, sockets): one userdata per id
+ * and state, with an opaque metatable giving __tostring, __name and, if
+ * `methods` is set, those methods as __index. The two keys only provide
+ * unique addresses for the registry; define a kind as a static variable. */
+struct luaL_Reg;
+typedef struct mb_idkind {
+  const char *name;
+  lua_CFunction tostring;        /* the userdata's first field is the id */
+  const struct luaL_Reg *methods;
+  char mt_key, intern_key;
+} mb_idkind_t;
+
+/* Push the interned value of id of this kind. */
+void mb_id_push(lua_State *L, uint64_t id, mb_idkind_t *kind);
+/* The id of the value at idx if it is of this kind, else 0. */
+uint64_t mb_id_test(lua_State *L, int idx, const mb_idkind_t *kind);
+
 #endif

@@ -325,6 +325,18 @@ static int reason_is(const mb_msg_t *m, const mb_msg_t *ref)
   return m->len == ref->len && memcmp(m->data, ref->data, m->len) == 0;
 }
 
+mb_msg_t *mb_proc_take_msg(mb_proc_t *p, mb_msg_t **pm)
+{
+  mb_msg_t *m = *pm;
+  *pm = m->next;
+  if (p->q_tail == &m->next)
+    p->q_tail = pm;
+  if (p->q_scan == &m->next)
+    p->q_scan = pm;
+  atomic_fetch_sub_explicit(&p->mailbox_len, 1, memory_order_relaxed);
+  return m;
+}
+
 int mb_proc_drain(mb_proc_t *p)
 {
   pthread_mutex_lock(&p->lock);
@@ -358,12 +370,7 @@ int mb_proc_drain(mb_proc_t *p)
       pm = &m->next;
       continue;
     }
-    *pm = m->next;
-    if (p->q_tail == &m->next)
-      p->q_tail = pm;
-    if (p->q_scan == &m->next)
-      p->q_scan = pm;
-    atomic_fetch_sub_explicit(&p->mailbox_len, 1, memory_order_relaxed);
+    mb_proc_take_msg(p, pm);
     if (m->kind == MB_MSG_EXIT && mb_msg_is_normal(m)) {
       mb_msg_free(m);
       continue;
@@ -481,13 +488,7 @@ void mb_proc_move_sock_msgs(mb_proc_t *p, uint64_t sock, mb_pid_t to)
       pm = &m->next;
       continue;
     }
-    if (p->q_scan == &m->next)
-      p->q_scan = pm;
-    *pm = m->next;
-    if (p->q_tail == &m->next)
-      p->q_tail = pm;
-    atomic_fetch_sub_explicit(&p->mailbox_len, 1, memory_order_relaxed);
-    mb_proc_send(to, m);
+    mb_proc_send(to, mb_proc_take_msg(p, pm));
   }
 }
 

@@ -174,6 +174,10 @@ void mb_proc_send(mb_pid_t pid, mb_msg_t *msg);
  * p->exit_reason. Owner thread. Returns 1 if the process must die. */
 int mb_proc_drain(mb_proc_t *p);
 
+/* Take the message at *pm out of p's private queue (owner thread), keeping
+ * the tail, the selective receive's position and the count right. */
+mb_msg_t *mb_proc_take_msg(mb_proc_t *p, mb_msg_t **pm);
+
 /* Links and monitors, run by the process `self` on its own thread.
  * mb_proc_link returns 0, or -1 when pid is dead (noproc). */
 int mb_proc_link(mb_proc_t *self, mb_pid_t pid);

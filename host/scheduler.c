@@ -373,24 +373,15 @@ static int try_receive_cf(lua_State *L)
   return 0;
 }
 
-/* Under lua_cpcall on the main thread: push an operation's results and
- * pass them to the suspended body coroutine. */
+/* Under lua_cpcall on the main thread: push an operation's results (or,
+ * without one, what its timeout gives) and pass them to the suspended body
+ * coroutine. */
 static int push_io_cf(lua_State *L)
 {
   mb_proc_t *p = lua_touserdata(L, 1);
   lua_settop(L, 0);
-  p->recv_result = p->io_req->push(L, p->io_req);
-  lua_xmove(L, p->co, p->recv_result);
-  return 0;
-}
-
-/* Under lua_cpcall on the main thread: push what a timed-out operation
- * gives, and pass it to the suspended body coroutine. */
-static int push_timeout_cf(lua_State *L)
-{
-  mb_proc_t *p = lua_touserdata(L, 1);
-  lua_settop(L, 0);
-  p->recv_result = p->io_on_timeout(L, p->io_timeout_arg);
+  p->recv_result = p->io_req ? p->io_req->push(L, p->io_req)
+                             : p->io_on_timeout(L, p->io_timeout_arg);
   lua_xmove(L, p->co, p->recv_result);
   return 0;
 }
@@ -402,21 +393,15 @@ static int finish_io(mb_proc_t *p)
   mb_io_req_t *req = p->io_done;
   p->io_done = NULL;
   pthread_mutex_unlock(&p->lock);
-  if (req == NULL) {
-    if (!p->timed_out || p->io_on_timeout == NULL)
-      return -1;
-    /* The wait's timer fired first: the operation says what that gives. */
-    if (lua_cpcall(p->L, push_timeout_cf, p) != 0) {
-      p->exit_reason = wake_failed(p, p->L, "out of memory");
-      return -2;
-    }
-    end_wait(p);
-    return p->recv_result;
-  }
+  /* Without a result, only the wait's timer can end it, and then the
+   * operation says what a timeout gives. */
+  if (req == NULL && (!p->timed_out || p->io_on_timeout == NULL))
+    return -1;
   p->io_req = req;
   int rc = lua_cpcall(p->L, push_io_cf, p);
   p->io_req = NULL;
-  mb_io_free(req);
+  if (req)
+    mb_io_free(req);
   if (rc != 0) {
     p->exit_reason = wake_failed(p, p->L, "out of memory");
     return -2;

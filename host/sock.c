@@ -479,8 +479,9 @@ static mb_chunk_t *chunk_new(const void *data, size_t len, int binary)
   return c;
 }
 
-/* Something was read: to the waiter, to the owner, or into the buffer. */
-static void got_chunk(mb_sock_t *s, mb_chunk_t *c)
+/* Something was read (raw: bytes off the wire, else a WebSocket message):
+ * to the waiter, to the owner, or into the buffer. */
+static void got_chunk(mb_sock_t *s, mb_chunk_t *c, int raw)
 {
   pthread_mutex_lock(&s->lock);
   if (s->closed) {
@@ -488,6 +489,10 @@ static void got_chunk(mb_sock_t *s, mb_chunk_t *c)
     mb_free(c);
     return;
   }
+  /* Raw bytes in WebSocket mode before the framer exists: the switch is on
+   * its way; keep them, in order, for it (mb_sock_do_ws feeds them in). */
+  if (raw && s->ws_mode)
+    c->binary = -1;
   if (s->wait == MB_SW_READ && s->rhead == NULL && c->binary >= 0) {
     mb_io_req_t *req = mb_io_new(sizeof *req, NULL, push_chunk);
     req->extra = c;
@@ -554,12 +559,7 @@ static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *buf)
     ws_feed(s, buf->base, (size_t)n);
     return;
   }
-  pthread_mutex_lock(&s->lock);
-  int raw_wanted = !s->ws_mode;
-  pthread_mutex_unlock(&s->lock);
-  /* ws_mode without s->ws: the switch is on its way; keep the raw bytes in
-   * order for it (mb_sock_do_ws feeds them to the framer). */
-  got_chunk(s, chunk_new(buf->base, (size_t)n, raw_wanted ? 0 : -1));
+  got_chunk(s, chunk_new(buf->base, (size_t)n, 0), 1);
 }
 
 static void start_reading(mb_sock_t *s)
@@ -718,7 +718,7 @@ static int ws_out(void *ud, const uint8_t *data, size_t len)
 
 static void ws_message(void *ud, const uint8_t *data, size_t len, int binary)
 {
-  got_chunk(ud, chunk_new(data, len, binary));
+  got_chunk(ud, chunk_new(data, len, binary), 0);
 }
 
 static void ws_closed(void *ud, int code, const char *reason, size_t len)
