@@ -37,7 +37,7 @@ void *mb_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize)
   return p;
 }
 
-static void *check(void *p)
+void *mb_must(void *p)
 {
   if (p == NULL) {
     fputs("moonbeam: out of host memory\n", stderr);
@@ -46,7 +46,7 @@ static void *check(void *p)
   return p;
 }
 
-void *mb_malloc(size_t n) { return check(mi_malloc(n)); }
-void *mb_calloc(size_t n, size_t size) { return check(mi_calloc(n, size)); }
-void *mb_realloc(void *p, size_t n) { return check(mi_realloc(p, n)); }
+void *mb_malloc(size_t n) { return mb_must(mi_malloc(n)); }
+void *mb_calloc(size_t n, size_t size) { return mb_must(mi_calloc(n, size)); }
+void *mb_realloc(void *p, size_t n) { return mb_must(mi_realloc(p, n)); }
 void mb_free(void *p) { mi_free(p); }

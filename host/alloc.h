@@ -26,11 +26,17 @@ typedef struct mb_alloc {
  * allocation that would take `used` over `limit`, and sets `oom`. */
 void *mb_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize);
 
-/* Plain host allocations (messages, process records): abort on failure,
- * since the host cannot continue without them. */
+/* Plain host allocations (process records, link sets, commands): never
+ * return NULL. The host's small bookkeeping cannot go on without them, so a
+ * failure is fatal (see mb_must). Allocations that a process asked for and
+ * that may be large (messages, buffers) use malloc and fail that process
+ * instead. */
 void *mb_malloc(size_t n);
 void *mb_calloc(size_t n, size_t size);
 void *mb_realloc(void *p, size_t n);
 void mb_free(void *p);
+/* p, or the host's out-of-memory end if p is NULL: for the results of
+ * functions that may return NULL where the caller cannot go on without. */
+void *mb_must(void *p);
 
 #endif

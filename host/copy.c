@@ -59,7 +59,6 @@
 #include "lauxlib.h"
 #include "copy.h"
 #include "copy_format.h"
-#include "lib.h"
 #include "pid.h"
 
 #define STR_(x) #x
@@ -768,12 +767,9 @@ static int enc_value(enc_t *e, int idx)
     return enc_function(e, idx);
   case LUA_TUSERDATA: {
     uint64_t id;
-    if ((id = mb_pid_test(L, idx)) != 0)
-      return put_id(e, T_PID, id);
-    if ((id = mb_ref_test(L, idx)) != 0)
-      return put_id(e, T_REF, id);
-    if ((id = mb_lib_sock_test(L, idx)) != 0)
-      return put_id(e, T_SOCKET, id);
+    const mb_idkind_t *kind = mb_id_kind(L, idx, &id);
+    if (kind && kind->tag)
+      return put_id(e, kind->tag, id);
     return fail(e, "cannot send a userdata");
   }
   case LUA_TLIGHTUSERDATA:
@@ -865,23 +861,4 @@ mb_msg_t *mb_copy_encode(lua_State *L, int first, int n, const char *root,
   m->nvalues = (uint32_t)n;
   m->len = e.len;
   return m;
-}
-
-/* -- Messages ------------------------------------------------------------ */
-
-mb_msg_t *mb_msg_new(size_t len)
-{
-  if (len > SIZE_MAX - sizeof(mb_msg_t))
-    return NULL;
-  mb_msg_t *m = malloc(sizeof(mb_msg_t) + len);
-  if (!m)
-    return NULL;
-  memset(m, 0, sizeof(mb_msg_t) + len);
-  m->len = len;
-  return m;
-}
-
-void mb_msg_free(mb_msg_t *msg)
-{
-  free(msg);
 }

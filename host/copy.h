@@ -9,7 +9,8 @@
  *
  * What copies: nil, booleans, numbers (bit-exact: inf, nan, -0), strings
  * (binary-safe), tables (any copyable keys and values; shared references and
- * cycles are preserved within one message), pids and refs, and Lua functions
+ * cycles are preserved within one message), id values of the kinds
+ * registered with mb_id_register (pids, refs, sockets, ...), Lua functions
  * (bytecode plus upvalues copied by value; an upvalue that is a loaded module,
  * a value of package.loaded, travels as its module name and is re-required by
  * the receiver; a C function that is a field of a loaded module, such as
@@ -26,24 +27,12 @@
 #include <stddef.h>
 #include <stdint.h>
 #include "lua.h"
+#include "msg.h"
 
 /* Encoded size limit of one message (64 MiB). */
 #define MB_COPY_MAX_BYTES (64u << 20)
 /* Nesting limit of tables and functions within one message. */
 #define MB_COPY_MAX_DEPTH 200
-
-/* One encoded message. The mailbox links messages through next; kind and
- * from are set by whoever queues it (see mailbox.h), not by the codec. */
-typedef struct mb_msg {
-  struct mb_msg *next;
-  uint32_t kind;
-  uint32_t nvalues;      /* how many values were encoded */
-  uint64_t from;
-  uint64_t ref;          /* DOWN messages: the monitor's ref */
-  uint64_t sock;         /* a socket's active-mode message: its id */
-  size_t len;            /* bytes in data */
-  unsigned char data[];
-} mb_msg_t;
 
 /* Encode the n values at stack slots first..first+n-1 of L into a new
  * message (malloc'ed, owner: the caller; free with mb_msg_free). root names
@@ -62,8 +51,5 @@ mb_msg_t *mb_copy_encode(lua_State *L, int first, int n, const char *root,
  * by the caller, who must keep it reachable (or free it) if this raises. */
 int mb_copy_decode(lua_State *L, const mb_msg_t *msg);
 
-/* A message with no values and room for len bytes of payload; data zeroed. */
-mb_msg_t *mb_msg_new(size_t len);
-void mb_msg_free(mb_msg_t *msg);
 
 #endif

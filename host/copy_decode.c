@@ -13,7 +13,6 @@
 #include "lauxlib.h"
 #include "copy.h"
 #include "copy_format.h"
-#include "lib.h"
 #include "pid.h"
 
 /* -- Decoder ------------------------------------------------------------- */
@@ -245,15 +244,6 @@ static void dec_value(dec_t *d)
   case T_FUNCTION | T_SHARED:
     dec_function(d, tag, at);
     return;
-  case T_PID:
-    mb_pid_push(L, rd_id(d));
-    return;
-  case T_REF:
-    mb_ref_push(L, rd_id(d));
-    return;
-  case T_SOCKET:
-    mb_lib_sock_push(L, rd_id(d));
-    return;
   case T_BACKREF: {
     uint32_t off = rd_varint(d);
     if (!d->has_objs || off >= at)
@@ -294,9 +284,13 @@ static void dec_value(dec_t *d)
     }
     break;
   }
-  default:
-    corrupt(d);
+  default: {
+    mb_idkind_t *kind = mb_id_kind_of_tag(tag);
+    if (kind == NULL)
+      corrupt(d);
+    mb_id_push(L, rd_id(d), kind);
     return;
+  }
   }
   if (tag & T_SHARED)
     remember(d, at);

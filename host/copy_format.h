@@ -16,8 +16,9 @@
  *                       1..narr, nil for holes), then nhash key/value pairs
  *   0x06 function       uint32 length, LuaJIT bytecode (lua_dump, debug info
  *                       kept), uint8 nups, then nups values, upvalue 1 first
- *   0x07 pid            8 bytes: the id (never 0)
- *   0x08 ref            8 bytes: the id (never 0)
+ *   0x07 pid            8 bytes: the id (never 0); likewise for every id
+ *   0x08 ref            kind registered with mb_id_register (pid.h), whose
+ *                       tags are 0x07, 0x08 and 0x0D..0x1F
  *   0x09 back-reference varint: payload offset of the tag of an object met
  *                       earlier in this message
  *   0x0A module         varint length + name: require(name) in the receiver
@@ -28,7 +29,7 @@
  *                       upvalue is the same variable as upvalue n of that
  *                       function (two closures over one local), and the
  *                       decoder joins them (lua_upvaluejoin)
- *   0x0D socket         8 bytes: the socket's id (sock.h)
+ *   0x0D socket, 0x0E timer, ...: id kinds, as 0x07
  *   0x20 flag "shared"  or'ed into 0x05, 0x06, 0x0A or 0x0B when a later
  *                       back-reference points at this object; only those
  *                       objects are remembered by the decoder, so a message
@@ -49,13 +50,10 @@ enum {
   T_STRING = 0x04,
   T_TABLE = 0x05,
   T_FUNCTION = 0x06,
-  T_PID = 0x07,
-  T_REF = 0x08,
   T_BACKREF = 0x09,
   T_MODULE = 0x0A,
   T_CFIELD = 0x0B,
   T_UPJOIN = 0x0C,
-  T_SOCKET = 0x0D,
   T_SHARED = 0x20,
   T_SHORTSTR = 0x80,
 };

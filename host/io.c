@@ -30,10 +30,10 @@ static void on_work(uv_work_t *w)
 
 uint32_t mb_io_wait_begin(mb_proc_t *p)
 {
-  pthread_mutex_lock(&p->lock);
+  mb_proc_lock(p);
   uint32_t seq = p->wait_seq;
   p->io_done = NULL;
-  pthread_mutex_unlock(&p->lock);
+  mb_proc_unlock(p);
   p->pending_wait = MB_WAIT_IO;
   return seq;
 }
@@ -54,20 +54,15 @@ int mb_io_deliver(mb_io_req_t *req)
   mb_proc_t *p = mb_proc_get(req->pid);
   int taken = 0, wake = 0;
   if (p) {
-    pthread_mutex_lock(&p->lock);
+    mb_proc_lock(p);
     if (p->wait_seq == req->seq && p->io_done == NULL && !p->dead) {
       p->io_done = req;
       taken = 1;
-      if (p->status == MB_PS_WAITING) {
-        p->status = MB_PS_RUNNABLE;
-        wake = 1;
-      } else {
-        p->woken = 1;   /* it has not finished yielding yet */
-      }
+      wake = mb_proc_wake_locked(p);
     }
-    pthread_mutex_unlock(&p->lock);
+    mb_proc_unlock(p);
     if (wake)
-      mb_sched_enqueue(p);
+      mb_proc_on_runnable(p);
     mb_proc_unref(p);
   }
   return taken;
@@ -91,4 +86,19 @@ int mb_io_finish(lua_State *L, mb_io_req_t *req)
   int n = req->push(L, req);
   mb_io_free(req);
   return n;
+}
+
+static void release(mb_proc_t *p)
+{
+  mb_proc_lock(p);
+  mb_io_req_t *req = p->io_done;
+  p->io_done = NULL;
+  mb_proc_unlock(p);
+  if (req)
+    mb_io_free(req);
+}
+
+void mb_io_init(void)
+{
+  mb_proc_add_exit_hook(release);
 }

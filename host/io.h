@@ -46,6 +46,10 @@ struct mb_io_req {
   void *extra;
 };
 
+/* Set up: a dying process's finished operation, never taken, is freed (an
+ * exit hook). Once, at start-up. */
+void mb_io_init(void);
+
 /* A zeroed request of at least `size` bytes (ops may embed it). */
 mb_io_req_t *mb_io_new(size_t size, mb_io_work_fn run, mb_io_push_fn push);
 

@@ -12,10 +12,15 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "io.h"
 #include "lauxlib.h"
 #include "lib.h"
 #include "luajit.h"
+#include "reg.h"
+#include "run.h"
 #include "scheduler.h"
+#include "sock.h"
+#include "timer.h"
 
 #define MB_VERSION "0.1.0"
 
@@ -188,11 +193,18 @@ int main(int argc, char **argv)
     fprintf(stderr, "moonbeam: cannot start schedulers: %s\n", uv_strerror(rc));
     return 1;
   }
+  /* The subsystems, bottom up: each registers its hooks with the layers
+   * below it (see host/LAYERS). */
+  mb_reg_init();
+  mb_io_init();
+  mb_timer_init();
+  mb_sock_init();
+  mb_lib_init();
   mb_sched_on_empty_install();
-  char err[256];
-  mb_proc_t *p = mb_proc_new(0, err, sizeof err);
-  if (p == NULL) {
-    fprintf(stderr, "moonbeam: %s\n", err);
+  mb_proc_t *p;
+  rc = mb_proc_new(0, &p);
+  if (rc) {
+    fprintf(stderr, "moonbeam: %s\n", mb_strerror(rc));
     return 1;
   }
   p->first = 1;

@@ -44,8 +44,8 @@ static int ref_tostring(lua_State *L)
   return 1;
 }
 
-static mb_idkind_t pid_kind = {"pid", pid_tostring, NULL, 0, 0};
-static mb_idkind_t ref_kind = {"ref", ref_tostring, NULL, 0, 0};
+mb_idkind_t mb_pid_kind = {"pid", pid_tostring, NULL, MB_TAG_PID, 0, 0};
+mb_idkind_t mb_ref_kind = {"ref", ref_tostring, NULL, MB_TAG_REF, 0, 0};
 
 /* Push the registry table stored under key, creating it on first use with
  * make (which fills the table on top). */
@@ -121,14 +121,51 @@ uint64_t mb_id_test(lua_State *L, int idx, const mb_idkind_t *kind)
   return b->kind == kind ? b->id : 0;
 }
 
+/* Registered kinds by wire tag; pids and refs from the start. */
+static mb_idkind_t *kinds[MB_TAG_KIND_MAX + 1] = {
+  [MB_TAG_PID] = &mb_pid_kind,
+  [MB_TAG_REF] = &mb_ref_kind,
+};
+
+void mb_id_register(mb_idkind_t *kind)
+{
+  if (kind->tag && kind->tag <= MB_TAG_KIND_MAX)
+    kinds[kind->tag] = kind;
+}
+
+mb_idkind_t *mb_id_kind_of_tag(unsigned tag)
+{
+  return tag <= MB_TAG_KIND_MAX ? kinds[tag] : NULL;
+}
+
+const mb_idkind_t *mb_id_kind(lua_State *L, int idx, uint64_t *id)
+{
+  if (lua_type(L, idx) != LUA_TUSERDATA || lua_objlen(L, idx) != sizeof(idbox_t))
+    return NULL;
+  idbox_t *b = lua_touserdata(L, idx);
+  /* Another userdata of the same size holds anything in its second word:
+   * only a pointer equal to a registered kind's is one (compared, never
+   * followed before that). */
+  if (b->kind == &mb_pid_kind) {
+    *id = b->id;
+    return b->kind;
+  }
+  for (unsigned t = 0; t <= MB_TAG_KIND_MAX; t++)
+    if (kinds[t] && kinds[t] == b->kind) {
+      *id = b->id;
+      return b->kind;
+    }
+  return NULL;
+}
+
 void mb_pid_push(lua_State *L, mb_pid_t pid)
 {
-  mb_id_push(L, pid, &pid_kind);
+  mb_id_push(L, pid, &mb_pid_kind);
 }
 
 mb_pid_t mb_pid_test(lua_State *L, int idx)
 {
-  return mb_id_test(L, idx, &pid_kind);
+  return mb_id_test(L, idx, &mb_pid_kind);
 }
 
 mb_pid_t mb_pid_check(lua_State *L, int idx)
@@ -141,12 +178,12 @@ mb_pid_t mb_pid_check(lua_State *L, int idx)
 
 void mb_ref_push(lua_State *L, mb_ref_t ref)
 {
-  mb_id_push(L, ref, &ref_kind);
+  mb_id_push(L, ref, &mb_ref_kind);
 }
 
 mb_ref_t mb_ref_test(lua_State *L, int idx)
 {
-  return mb_id_test(L, idx, &ref_kind);
+  return mb_id_test(L, idx, &mb_ref_kind);
 }
 
 mb_ref_t mb_ref_check(lua_State *L, int idx)

@@ -39,21 +39,46 @@ mb_ref_t mb_ref_test(lua_State *L, int idx);
 /* Return the ref at idx or raise "bad argument #idx ... (ref expected, got T)". */
 mb_ref_t mb_ref_check(lua_State *L, int idx);
 
-/* A kind of interned id value (pids, refs, sockets): one userdata per id
- * and state, with an opaque metatable giving __tostring, __name and, if
- * `methods` is set, those methods as __index. The two keys only provide
- * unique addresses for the registry; define a kind as a static variable. */
+/* A kind of interned id value (pids, refs, sockets, timers): one userdata
+ * per id and state, with an opaque metatable giving __tostring, __name and,
+ * if `methods` is set, those methods as __index. A kind that messages may
+ * carry is registered with the codec (mb_copy_register_kind) under its
+ * wire tag. The two keys only provide unique addresses for the registry;
+ * define a kind as a static variable. The layer that owns a kind may let a
+ * higher one fill in `methods` before the first value is pushed. */
 struct luaL_Reg;
 typedef struct mb_idkind {
   const char *name;
   lua_CFunction tostring;        /* the userdata's first field is the id */
   const struct luaL_Reg *methods;
+  unsigned char tag;             /* wire tag (copy.h), 0 if not sendable */
   char mt_key, intern_key;
 } mb_idkind_t;
+
+/* Wire tags of the kinds (the codec's format, copy_format.h, keeps
+ * 0x07, 0x08 and 0x0D..0x1F for them). */
+#define MB_TAG_PID 0x07
+#define MB_TAG_REF 0x08
+#define MB_TAG_SOCKET 0x0D
+#define MB_TAG_TIMER 0x0E
+#define MB_TAG_KIND_MAX 0x1F
+
+/* The kinds defined here (registered from the start). */
+extern mb_idkind_t mb_pid_kind, mb_ref_kind;
+
+/* Make a kind sendable: the codec then encodes its values under kind->tag
+ * and decodes that tag into its values. Once per kind, at start-up, before
+ * any scheduler runs. */
+void mb_id_register(mb_idkind_t *kind);
+/* The registered kind of a wire tag, or NULL. Any thread. */
+mb_idkind_t *mb_id_kind_of_tag(unsigned tag);
 
 /* Push the interned value of id of this kind. */
 void mb_id_push(lua_State *L, uint64_t id, mb_idkind_t *kind);
 /* The id of the value at idx if it is of this kind, else 0. */
 uint64_t mb_id_test(lua_State *L, int idx, const mb_idkind_t *kind);
+/* The kind of the id value at idx (and its id in *id), or NULL if the
+ * value there is not an id value. */
+const mb_idkind_t *mb_id_kind(lua_State *L, int idx, uint64_t *id);
 
 #endif

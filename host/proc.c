@@ -5,14 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "lauxlib.h"
-#include "io.h"
-#include "lstate.h"
 #include "proc.h"
-#include "sock.h"
-#include "reg.h"
-#include "scheduler.h"
-#include "timer.h"
 
 /* -- The process table ---------------------------------------------------- */
 
@@ -43,6 +36,22 @@ static atomic_uint_fast64_t ref_counter;
 static pthread_once_t table_once = PTHREAD_ONCE_INIT;
 
 void (*mb_proc_on_empty)(void);
+void (*mb_proc_on_runnable)(mb_proc_t *p);
+static void (*exit_hooks[MB_PROC_EXIT_HOOKS])(mb_proc_t *p);
+static int nexit_hooks;
+
+void mb_proc_add_exit_hook(void (*fn)(mb_proc_t *p))
+{
+  MB_ASSERT(nexit_hooks < MB_PROC_EXIT_HOOKS);
+  if (nexit_hooks < MB_PROC_EXIT_HOOKS)
+    exit_hooks[nexit_hooks++] = fn;
+}
+
+static void run_exit_hooks(mb_proc_t *p)
+{
+  for (int i = 0; i < nexit_hooks; i++)
+    exit_hooks[i](p);
+}
 
 static void table_init(void)
 {
@@ -91,6 +100,20 @@ static uint32_t pid_slot(mb_pid_t pid)
   return (uint32_t)(pid & MB_MAX_PROCS);
 }
 
+/* -- Reasons ---------------------------------------------------------------- */
+
+/* The host's own reasons and copies of a reason for each link and
+ * monitor: small, and a process's exit cannot be half done. */
+static mb_msg_t *dup_reason(const mb_msg_t *m)
+{
+  return mb_must(mb_msg_dup(m));
+}
+
+static mb_msg_t *host_reason(const char *s)
+{
+  return mb_must(mb_msg_string(s));
+}
+
 /* -- Lifetime ------------------------------------------------------------- */
 
 static void linkset_free(mb_linkset_t *s)
@@ -117,8 +140,6 @@ static void proc_free(mb_proc_t *p)
     mb_msg_free(p->exit_reason);
   if (p->boot_msg)
     mb_msg_free(p->boot_msg);
-  if (p->io_done)
-    mb_io_free(p->io_done);
   linkset_free(&p->links);
   linkset_free(&p->watchers);
   linkset_free(&p->monitoring);
@@ -128,14 +149,12 @@ static void proc_free(mb_proc_t *p)
   mb_free(p);
 }
 
-mb_proc_t *mb_proc_new(size_t max_memory, char *err, size_t errlen)
+int mb_proc_new(size_t max_memory, mb_proc_t **out)
 {
   pthread_once(&table_once, table_init);
   uint32_t i = slot_alloc();
-  if (i == 0) {
-    snprintf(err, errlen, "too many processes (limit %u)", MB_MAX_PROCS);
-    return NULL;
-  }
+  if (i == 0)
+    return MB_ETOOMANY;
   mb_proc_t *p = mb_calloc(1, sizeof *p);
   pthread_mutex_init(&p->lock, NULL);
   atomic_init(&p->refs, 1);
@@ -144,12 +163,6 @@ mb_proc_t *mb_proc_new(size_t max_memory, char *err, size_t errlen)
   p->q_tail = &p->q_head;
   p->q_scan = &p->q_head;
   p->status = MB_PS_RUNNABLE;
-  if (mb_lstate_new(p) != 0) {
-    snprintf(err, errlen, "cannot create a Lua state: not enough memory");
-    proc_free(p);
-    slot_release(i);
-    return NULL;
-  }
   pthread_mutex_t *lk = stripe_of(i);
   pthread_mutex_lock(lk);
   slot_t *s = slot_at(i);
@@ -158,7 +171,8 @@ mb_proc_t *mb_proc_new(size_t max_memory, char *err, size_t errlen)
   s->p = p;
   pthread_mutex_unlock(lk);
   atomic_fetch_add(&live, 1);
-  return p;
+  *out = p;
+  return 0;
 }
 
 mb_proc_t *mb_proc_get(mb_pid_t pid)
@@ -230,9 +244,9 @@ void mb_proc_push(mb_proc_t *p, mb_msg_t *msg)
   int wake = 0;
   int sig = is_signal(msg->kind);
   msg->next = NULL;
-  pthread_mutex_lock(&p->lock);
+  mb_proc_lock(p);
   if (p->dead) {
-    pthread_mutex_unlock(&p->lock);
+    mb_proc_unlock(p);
     mb_msg_free(msg);
     return;
   }
@@ -241,15 +255,12 @@ void mb_proc_push(mb_proc_t *p, mb_msg_t *msg)
   atomic_fetch_add_explicit(&p->mailbox_len, 1, memory_order_relaxed);
   if (sig)
     atomic_fetch_add(&p->nsignals, 1);
-  if (p->status == MB_PS_WAITING && (p->wait == MB_WAIT_RECV || sig)) {
-    p->status = MB_PS_RUNNABLE;
-    wake = 1;
-  } else if (sig) {
-    p->woken = 1;
-  }
-  pthread_mutex_unlock(&p->lock);
+  /* Signals end any wait; messages only a receive. */
+  if (sig || p->wait == MB_WAIT_RECV)
+    wake = mb_proc_wake_locked(p);
+  mb_proc_unlock(p);
   if (wake)
-    mb_sched_enqueue(p);
+    mb_proc_on_runnable(p);
 }
 
 void mb_proc_send(mb_pid_t pid, mb_msg_t *msg)
@@ -298,12 +309,14 @@ static int linkset_has(const mb_linkset_t *s, mb_pid_t pid)
 
 void mb_proc_alias(mb_proc_t *p, mb_ref_t ref)
 {
+  MB_ASSERT_OWNER(p);
   if (!mb_proc_has_alias(p, ref))
     linkset_add(&p->aliases, 0, ref);
 }
 
 int mb_proc_unalias(mb_proc_t *p, mb_ref_t ref)
 {
+  MB_ASSERT_OWNER(p);
   return linkset_del(&p->aliases, 0, ref);
 }
 
@@ -315,18 +328,9 @@ int mb_proc_has_alias(const mb_proc_t *p, mb_ref_t ref)
   return 0;
 }
 
-/* The reason a message carries, as a C string when it is one ("normal",
- * "kill"); NULL for other values. Only simple checks: the codec owns the
- * format, so decide by comparing with the cached encodings. */
-static mb_msg_t *cached_normal, *cached_kill;
-
-static int reason_is(const mb_msg_t *m, const mb_msg_t *ref)
-{
-  return m->len == ref->len && memcmp(m->data, ref->data, m->len) == 0;
-}
-
 mb_msg_t *mb_proc_take_msg(mb_proc_t *p, mb_msg_t **pm)
 {
+  MB_ASSERT_OWNER(p);
   mb_msg_t *m = *pm;
   *pm = m->next;
   if (p->q_tail == &m->next)
@@ -339,7 +343,8 @@ mb_msg_t *mb_proc_take_msg(mb_proc_t *p, mb_msg_t **pm)
 
 int mb_proc_drain(mb_proc_t *p)
 {
-  pthread_mutex_lock(&p->lock);
+  MB_ASSERT_OWNER(p);
+  mb_proc_lock(p);
   if (p->in_head) {
     *p->q_tail = p->in_head;
     p->q_tail = p->in_tail;
@@ -348,7 +353,7 @@ int mb_proc_drain(mb_proc_t *p)
   }
   p->woken = 0;
   p->timed_out = p->expired;
-  pthread_mutex_unlock(&p->lock);
+  mb_proc_unlock(p);
   if (atomic_load(&p->nsignals) == 0)
     return p->exit_reason != NULL;
   /* Walk the private queue for signals, in order with the messages. */
@@ -361,9 +366,9 @@ int mb_proc_drain(mb_proc_t *p)
     }
     atomic_fetch_sub(&p->nsignals, 1);
     if (m->kind == MB_MSG_EXIT) {
-      pthread_mutex_lock(&p->lock);
+      mb_proc_lock(p);
       linkset_del(&p->links, m->from, 0);  /* the link is gone either way */
-      pthread_mutex_unlock(&p->lock);
+      mb_proc_unlock(p);
     }
     if (m->kind == MB_MSG_EXIT && p->trap_exit) {
       m->kind = MB_MSG_TRAPPED;  /* stays, and is received as an EXIT message */
@@ -378,7 +383,7 @@ int mb_proc_drain(mb_proc_t *p)
     if (p->exit_reason == NULL) {
       if (m->kind == MB_MSG_KILL) {
         mb_msg_free(m);
-        p->exit_reason = mb_msg_string("killed");
+        p->exit_reason = host_reason("killed");
       } else {
         m->kind = MB_MSG_USER;
         m->next = NULL;
@@ -395,39 +400,41 @@ int mb_proc_drain(mb_proc_t *p)
 
 int mb_proc_link(mb_proc_t *self, mb_pid_t pid)
 {
+  MB_ASSERT_OWNER(self);
   if (pid == self->pid)
     return 0;
   mb_proc_t *t = mb_proc_get(pid);
   int ok = 0;
   if (t) {
-    pthread_mutex_lock(&t->lock);
+    mb_proc_lock(t);
     if (!t->dead) {
       if (!linkset_has(&t->links, self->pid))
         linkset_add(&t->links, self->pid, 0);
       ok = 1;
     }
-    pthread_mutex_unlock(&t->lock);
+    mb_proc_unlock(t);
     mb_proc_unref(t);
   }
   if (!ok)
-    return -1;
-  pthread_mutex_lock(&self->lock);
+    return MB_ENOPROC;
+  mb_proc_lock(self);
   if (!linkset_has(&self->links, pid))
     linkset_add(&self->links, pid, 0);
-  pthread_mutex_unlock(&self->lock);
+  mb_proc_unlock(self);
   return 0;
 }
 
 void mb_proc_unlink(mb_proc_t *self, mb_pid_t pid)
 {
-  pthread_mutex_lock(&self->lock);
+  MB_ASSERT_OWNER(self);
+  mb_proc_lock(self);
   linkset_del(&self->links, pid, 0);
-  pthread_mutex_unlock(&self->lock);
+  mb_proc_unlock(self);
   mb_proc_t *t = mb_proc_get(pid);
   if (t) {
-    pthread_mutex_lock(&t->lock);
+    mb_proc_lock(t);
     linkset_del(&t->links, self->pid, 0);
-    pthread_mutex_unlock(&t->lock);
+    mb_proc_unlock(t);
     mb_proc_unref(t);
   }
 }
@@ -442,27 +449,29 @@ static mb_msg_t *down_msg(mb_pid_t from, mb_ref_t ref, mb_msg_t *reason)
 
 mb_ref_t mb_proc_monitor(mb_proc_t *self, mb_pid_t pid)
 {
+  MB_ASSERT_OWNER(self);
   mb_ref_t ref = mb_proc_newref();
   mb_proc_t *t = mb_proc_get(pid);
   int ok = 0;
   if (t) {
-    pthread_mutex_lock(&t->lock);
+    mb_proc_lock(t);
     if (!t->dead) {
       linkset_add(&t->watchers, self->pid, ref);
       ok = 1;
     }
-    pthread_mutex_unlock(&t->lock);
+    mb_proc_unlock(t);
     mb_proc_unref(t);
   }
   if (ok)
     linkset_add(&self->monitoring, pid, ref);
   else
-    mb_proc_push(self, down_msg(pid, ref, mb_msg_string("noproc")));
+    mb_proc_push(self, down_msg(pid, ref, host_reason("noproc")));
   return ref;
 }
 
 int mb_proc_demonitor(mb_proc_t *self, mb_ref_t ref)
 {
+  MB_ASSERT_OWNER(self);
   mb_pid_t target = 0;
   for (uint32_t i = 0; i < self->monitoring.n; i++)
     if (self->monitoring.v[i].ref == ref)
@@ -471,20 +480,21 @@ int mb_proc_demonitor(mb_proc_t *self, mb_ref_t ref)
     return 0;
   mb_proc_t *t = mb_proc_get(target);
   if (t) {
-    pthread_mutex_lock(&t->lock);
+    mb_proc_lock(t);
     linkset_del(&t->watchers, 0, ref);
-    pthread_mutex_unlock(&t->lock);
+    mb_proc_unlock(t);
     mb_proc_unref(t);
   }
   return 1;
 }
 
-void mb_proc_move_sock_msgs(mb_proc_t *p, uint64_t sock, mb_pid_t to)
+void mb_proc_move_port_msgs(mb_proc_t *p, uint64_t port, mb_pid_t to)
 {
+  MB_ASSERT_OWNER(p);
   mb_proc_drain(p);
   for (mb_msg_t **pm = &p->q_head; *pm; ) {
     mb_msg_t *m = *pm;
-    if (m->kind != MB_MSG_USER || m->sock != sock) {
+    if (m->kind != MB_MSG_USER || m->port != port) {
       pm = &m->next;
       continue;
     }
@@ -503,29 +513,29 @@ void mb_proc_exit_signal(mb_pid_t pid, mb_pid_t from, mb_msg_t *reason, int kill
 
 void mb_proc_exit(mb_proc_t *p, mb_msg_t *reason)
 {
-  pthread_mutex_lock(&p->lock);
+  MB_ASSERT_OWNER(p);
+  mb_proc_lock(p);
   p->dead = 1;
   p->status = MB_PS_EXITING;
   mb_linkset_t links = p->links, watchers = p->watchers;
   memset(&p->links, 0, sizeof p->links);
   memset(&p->watchers, 0, sizeof p->watchers);
-  pthread_mutex_unlock(&p->lock);
+  mb_proc_unlock(p);
 
-  mb_reg_remove_proc(p);
+  run_exit_hooks(p);
   table_remove(p);
-  mb_sock_owner_exit(p);
   for (uint32_t i = 0; i < links.n; i++)
-    mb_proc_exit_signal(links.v[i].pid, p->pid, mb_msg_dup(reason), 0);
+    mb_proc_exit_signal(links.v[i].pid, p->pid, dup_reason(reason), 0);
   for (uint32_t i = 0; i < watchers.n; i++)
     mb_proc_send(watchers.v[i].pid,
-                 down_msg(p->pid, watchers.v[i].ref, mb_msg_dup(reason)));
+                 down_msg(p->pid, watchers.v[i].ref, dup_reason(reason)));
   /* Monitors this process held die with it. */
   for (uint32_t i = 0; i < p->monitoring.n; i++) {
     mb_proc_t *t = mb_proc_get(p->monitoring.v[i].pid);
     if (t) {
-      pthread_mutex_lock(&t->lock);
+      mb_proc_lock(t);
       linkset_del(&t->watchers, 0, p->monitoring.v[i].ref);
-      pthread_mutex_unlock(&t->lock);
+      mb_proc_unlock(t);
       mb_proc_unref(t);
     }
   }
@@ -533,11 +543,6 @@ void mb_proc_exit(mb_proc_t *p, mb_msg_t *reason)
   linkset_free(&watchers);
   mb_msg_free(reason);
 
-  if (p->wait_timer) {
-    mb_timer_wait_done(p->wait_timer);
-    p->wait_timer = NULL;
-  }
-  mb_lstate_close(p);
   unsigned left = atomic_fetch_sub(&live, 1) - 1;
   mb_proc_unref(p);
   if (left == 0 && mb_proc_on_empty)
@@ -547,16 +552,12 @@ void mb_proc_exit(mb_proc_t *p, mb_msg_t *reason)
 static void shutdown_one(mb_proc_t *p, void *ud)
 {
   (void)ud;
-  pthread_mutex_lock(&p->lock);
+  MB_PROC_DBG_RUNNER(p, 0);   /* the schedulers have stopped */
+  mb_proc_lock(p);
   p->dead = 1;
-  pthread_mutex_unlock(&p->lock);
+  mb_proc_unlock(p);
   table_remove(p);
-  mb_reg_remove_proc(p);
-  if (p->wait_timer) {
-    mb_timer_wait_done(p->wait_timer);
-    p->wait_timer = NULL;
-  }
-  mb_lstate_close(p);
+  run_exit_hooks(p);
   atomic_fetch_sub(&live, 1);
   mb_proc_unref(p);   /* the table's reference; foreach holds another */
 }
@@ -573,68 +574,4 @@ void mb_proc_table_free(void)
     mb_free(chunks[c]);
     chunks[c] = NULL;
   }
-  if (cached_normal)
-    mb_msg_free(cached_normal);
-  if (cached_kill)
-    mb_msg_free(cached_kill);
-  cached_normal = cached_kill = NULL;
-}
-
-/* -- Messages made by the host ------------------------------------------- */
-
-mb_msg_t *mb_msg_dup(const mb_msg_t *m)
-{
-  mb_msg_t *d = mb_msg_new(m->len);
-  memcpy(d->data, m->data, m->len);
-  d->nvalues = m->nvalues;
-  d->kind = m->kind;
-  d->from = m->from;
-  d->ref = m->ref;
-  return d;
-}
-
-/* Encoding needs a Lua state; the host's own strings use a throwaway one,
- * and the common ones are encoded once. */
-static mb_msg_t *encode_string(const char *s)
-{
-  lua_State *L = luaL_newstate();
-  if (L == NULL)
-    abort();
-  lua_pushstring(L, s);
-  char err[128];
-  mb_msg_t *m = mb_copy_encode(L, 1, 1, "reason", NULL, err, sizeof err);
-  lua_close(L);
-  if (m == NULL)
-    abort();
-  return m;
-}
-
-static pthread_once_t cache_once = PTHREAD_ONCE_INIT;
-
-static void cache_init(void)
-{
-  cached_normal = encode_string("normal");
-  cached_kill = encode_string("kill");
-}
-
-mb_msg_t *mb_msg_string(const char *s)
-{
-  pthread_once(&cache_once, cache_init);
-  if (strcmp(s, "normal") == 0)
-    return mb_msg_dup(cached_normal);
-  if (strcmp(s, "kill") == 0)
-    return mb_msg_dup(cached_kill);
-  return encode_string(s);
-}
-
-int mb_msg_is_normal(const mb_msg_t *m)
-{
-  pthread_once(&cache_once, cache_init);
-  return reason_is(m, cached_normal);
-}
-
-int mb_msg_is_kill(const mb_msg_t *m)
-{
-  pthread_once(&cache_once, cache_init);
-  return reason_is(m, cached_kill);
 }

@@ -17,8 +17,19 @@
  * Lifetime: the struct is reference counted. The process table holds one
  * reference while the process is alive; lookups (mb_proc_get) take one more,
  * so a sender can push to a process that is exiting at the same moment: the
- * message is then freed with the struct. The lua_State is closed by the
- * process's own thread when it dies, before the table reference is dropped.
+ * message is then freed with the struct.
+ *
+ * Layers: this file is the bottom of the core layer and knows nothing of
+ * Lua states, schedulers, timers or sockets. The layers above reach it
+ * through the hooks declared here: mb_proc_on_runnable (the scheduler puts
+ * a woken process in a run queue), exit hooks (each subsystem releases what
+ * a dying process held: its name, socket, timers, Lua state) and
+ * mb_proc_on_empty. A process's lua_State, when it has one, is made and
+ * closed by the Lua layer (host/lib/lstate.c); a process may have none
+ * (not started yet, or hibernated).
+ *
+ * Debug builds (MB_DEBUG) check the rules above: MB_ASSERT_LOCKED(p) that
+ * the caller holds p's lock, MB_ASSERT_OWNER(p) that no other thread runs p.
  *
  * Pids are (generation << MB_PID_SLOT_BITS | slot): the slot indexes the table,
  * the generation makes a pid unique although slots are reused.
@@ -31,8 +42,9 @@
 #include <stdint.h>
 
 #include "alloc.h"
-#include "copy.h"
+#include "err.h"
 #include "lua.h"
+#include "msg.h"
 #include "pid.h"
 
 #define MB_MAX_PROCS MB_PID_SLOT_MASK        /* 16M processes at most */
@@ -142,7 +154,50 @@ typedef struct mb_proc {
    * when the process becomes a connection's owner), or NULL: where a
    * wake-up puts it, so that its socket I/O is done on its own thread. */
   _Atomic(struct mb_sched *) home;
+#ifdef MB_DEBUG
+  atomic_ulong dbg_locker;     /* the thread holding lock, or 0 */
+  atomic_ulong dbg_runner;     /* the thread running the process, or 0 */
+#endif
 } mb_proc_t;
+
+/* p's lock; use these, not the mutex, so that debug builds can check who
+ * holds it. */
+static inline void mb_proc_lock(mb_proc_t *p)
+{
+  pthread_mutex_lock(&p->lock);
+#ifdef MB_DEBUG
+  atomic_store_explicit(&p->dbg_locker, (unsigned long)pthread_self(),
+                        memory_order_relaxed);
+#endif
+}
+
+static inline void mb_proc_unlock(mb_proc_t *p)
+{
+#ifdef MB_DEBUG
+  atomic_store_explicit(&p->dbg_locker, 0, memory_order_relaxed);
+#endif
+  pthread_mutex_unlock(&p->lock);
+}
+
+#ifdef MB_DEBUG
+#define MB_ASSERT_LOCKED(p)                                                  \
+  MB_ASSERT(atomic_load_explicit(&(p)->dbg_locker, memory_order_relaxed) ==  \
+            (unsigned long)pthread_self())
+#define MB_ASSERT_OWNER(p)                                                   \
+  MB_ASSERT(mb_proc_dbg_owner_ok(p))
+static inline int mb_proc_dbg_owner_ok(mb_proc_t *p)
+{
+  unsigned long r = atomic_load_explicit(&p->dbg_runner, memory_order_relaxed);
+  return r == 0 || r == (unsigned long)pthread_self();
+}
+/* The scheduler marks the thread that runs p (0: none). */
+#define MB_PROC_DBG_RUNNER(p, t)                                             \
+  atomic_store_explicit(&(p)->dbg_runner, (t), memory_order_relaxed)
+#else
+#define MB_ASSERT_LOCKED(p) ((void)0)
+#define MB_ASSERT_OWNER(p) ((void)0)
+#define MB_PROC_DBG_RUNNER(p, t) ((void)0)
+#endif
 
 /* The process that owns L (any coroutine of its state). */
 static inline mb_proc_t *mb_proc_of(lua_State *L)
@@ -152,20 +207,36 @@ static inline mb_proc_t *mb_proc_of(lua_State *L)
   return (mb_proc_t *)ud;
 }
 
-/* Create a process with a fresh state (libraries opened lazily, see lstate.h)
- * and register it in the table; refs = 1 (the table's). Returns NULL with a
- * message in err when the table is full or the state cannot be created.
- * Any thread. The process is not runnable until mb_sched_enqueue. */
-mb_proc_t *mb_proc_new(size_t max_memory, char *err, size_t errlen);
+/* Create a process record (no Lua state yet) and register it in the
+ * table; refs = 1 (the table's). Returns 0 and the process in *out, or
+ * MB_ETOOMANY when the table is full. Any thread. The process is not
+ * runnable until the scheduler queues it. */
+int mb_proc_new(size_t max_memory, mb_proc_t **out);
 
 /* Look up a live process; takes a reference (release with mb_proc_unref).
  * NULL when pid names no live process. Any thread. */
 mb_proc_t *mb_proc_get(mb_pid_t pid);
 void mb_proc_unref(mb_proc_t *p);
 
-/* Append msg to p's inbox and wake p if it waits for it. Takes ownership of
- * msg (freed if p is already dead). Any thread. */
+/* Append msg to p's inbox and wake p (mb_proc_on_runnable) if it waits for
+ * it. Takes ownership of msg (freed if p is already dead). Any thread. */
 void mb_proc_push(mb_proc_t *p, mb_msg_t *msg);
+/* p's wait may end (a message, signal, timer or I/O result came): make p
+ * RUNNABLE if it is WAITING and return 1 - the caller then calls
+ * mb_proc_on_runnable(p) once it has unlocked p - else note that it was
+ * woken, so that it does not block on its way into a wait, and return 0.
+ * Caller holds p's lock. */
+static inline int mb_proc_wake_locked(mb_proc_t *p)
+{
+  MB_ASSERT_LOCKED(p);
+  if (p->status == MB_PS_WAITING) {
+    p->status = MB_PS_RUNNABLE;
+    return 1;
+  }
+  p->woken = 1;
+  return 0;
+}
+
 /* Look up pid and push; msg is freed if pid is dead. Any thread. */
 void mb_proc_send(mb_pid_t pid, mb_msg_t *msg);
 
@@ -179,7 +250,7 @@ int mb_proc_drain(mb_proc_t *p);
 mb_msg_t *mb_proc_take_msg(mb_proc_t *p, mb_msg_t **pm);
 
 /* Links and monitors, run by the process `self` on its own thread.
- * mb_proc_link returns 0, or -1 when pid is dead (noproc). */
+ * mb_proc_link returns 0, or MB_ENOPROC when pid is dead. */
 int mb_proc_link(mb_proc_t *self, mb_pid_t pid);
 void mb_proc_unlink(mb_proc_t *self, mb_pid_t pid);
 /* Returns the new ref; a DOWN "noproc" is queued at once for a dead pid. */
@@ -187,19 +258,33 @@ mb_ref_t mb_proc_monitor(mb_proc_t *self, mb_pid_t pid);
 /* Returns 1 if ref was an active monitor of self. */
 int mb_proc_demonitor(mb_proc_t *self, mb_ref_t ref);
 
-/* Move the active-mode messages of socket `sock` from p's mailbox to
- * process `to`, in order (what set_owner does, as Erlang's
- * controlling_process). Owner thread of p. */
-void mb_proc_move_sock_msgs(mb_proc_t *p, uint64_t sock, mb_pid_t to);
+/* Move the messages of port `port` (a socket's active-mode messages,
+ * msg->port) from p's mailbox to process `to`, in order (what set_owner
+ * does, as Erlang's controlling_process). Owner thread of p. */
+void mb_proc_move_port_msgs(mb_proc_t *p, uint64_t port, mb_pid_t to);
 
 /* Send an exit signal from `from` to pid; kill: untrappable. reason is a
  * one-value message; ownership taken. Any thread. */
 void mb_proc_exit_signal(mb_pid_t pid, mb_pid_t from, mb_msg_t *reason, int kill);
 
-/* Tear down a dead process on its own thread: signal links and monitors
- * with reason (taken), free the state and the mailbox, drop the table's
+/* Tear down a dead process on its own thread: mark it dead, run the exit
+ * hooks, signal links and monitors with reason (taken), drop the table's
  * reference. */
 void mb_proc_exit(mb_proc_t *p, mb_msg_t *reason);
+
+/* -- Hooks for the layers above ---------------------------------------------
+ * Set once at start-up, before any process runs. */
+
+/* p became runnable (a message or signal woke it; its status is already
+ * MB_PS_RUNNABLE): put it in a run queue. Any thread. */
+extern void (*mb_proc_on_runnable)(mb_proc_t *p);
+
+/* Add fn to the functions run when a process ends (mb_proc_exit, and for
+ * every process left at shutdown), in the order added, on the process's
+ * own thread, after p->dead is set and before links and monitors are told.
+ * Each releases what its subsystem holds for p. At most MB_PROC_EXIT_HOOKS. */
+#define MB_PROC_EXIT_HOOKS 8
+void mb_proc_add_exit_hook(void (*fn)(mb_proc_t *p));
 
 /* Aliases, owner thread only: a user message sent with an alias (its ref
  * field) is received only while the alias is active; once the receiver
@@ -223,12 +308,14 @@ void mb_proc_table_free(void);
 /* Called when the last process has died (set by the scheduler). */
 extern void (*mb_proc_on_empty)(void);
 
-/* Encode a one-value message from a C string (a reason such as "noproc"). */
-mb_msg_t *mb_msg_string(const char *s);
 /* Is m the one-value message "normal" / "kill"? */
-int mb_msg_is_normal(const mb_msg_t *m);
-int mb_msg_is_kill(const mb_msg_t *m);
-/* Copy a message (for a reason sent to several processes). */
-mb_msg_t *mb_msg_dup(const mb_msg_t *m);
+static inline int mb_msg_is_normal(const mb_msg_t *m)
+{
+  return mb_msg_is_string(m, "normal");
+}
+static inline int mb_msg_is_kill(const mb_msg_t *m)
+{
+  return mb_msg_is_string(m, "kill");
+}
 
 #endif

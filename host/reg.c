@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "reg.h"
+#include "scheduler.h"
 
 typedef struct entry {
   struct entry *next;
@@ -36,15 +37,15 @@ int mb_reg_register(const char *name, mb_proc_t *p)
   int rc = 0;
   pthread_mutex_lock(&reg_lock);
   entry_t **pe = find(name);
-  pthread_mutex_lock(&p->lock);
+  mb_proc_lock(p);
   int dead = p->dead;
-  pthread_mutex_unlock(&p->lock);
+  mb_proc_unlock(p);
   if (*pe)
-    rc = MB_REG_TAKEN;
+    rc = MB_ETAKEN;
   else if (p->name)
-    rc = MB_REG_HASNAME;
+    rc = MB_EHASNAME;
   else if (dead)
-    rc = MB_REG_DEAD;
+    rc = MB_ENOPROC;
   else {
     size_t n = strlen(name);
     entry_t *e = mb_malloc(sizeof *e + n + 1);
@@ -97,7 +98,7 @@ int mb_reg_name_of(mb_proc_t *p, char *buf, size_t n)
   return has;
 }
 
-void mb_reg_remove_proc(mb_proc_t *p)
+static void remove_proc(mb_proc_t *p)
 {
   pthread_mutex_lock(&reg_lock);
   if (p->name)
@@ -105,11 +106,17 @@ void mb_reg_remove_proc(mb_proc_t *p)
   pthread_mutex_unlock(&reg_lock);
 }
 
-void mb_reg_shutdown(void)
+static void reg_shutdown(void)
 {
   pthread_mutex_lock(&reg_lock);
   for (int i = 0; i < NBUCKETS; i++)
     while (buckets[i])
       unlink_entry(&buckets[i]);
   pthread_mutex_unlock(&reg_lock);
+}
+
+void mb_reg_init(void)
+{
+  mb_proc_add_exit_hook(remove_proc);
+  mb_sched_add_after_loops(reg_shutdown);
 }

@@ -10,12 +10,13 @@
 
 #include "proc.h"
 
-/* Errors of mb_reg_register. */
-#define MB_REG_TAKEN (-1)     /* the name is registered already */
-#define MB_REG_HASNAME (-2)   /* the process has a name already */
-#define MB_REG_DEAD (-3)      /* the process is not alive */
+/* Set up: drop a dying process's name (an exit hook) and free the table at
+ * shutdown. Once, at start-up. */
+void mb_reg_init(void);
 
-/* Register name for p; 0 or one of the errors above. Any thread. */
+/* Register name for p. Returns 0, MB_ETAKEN (the name is registered
+ * already), MB_EHASNAME (p has a name already) or MB_ENOPROC (p is not
+ * alive). Any thread. */
 int mb_reg_register(const char *name, mb_proc_t *p);
 /* Returns 1 if name was registered. */
 int mb_reg_unregister(const char *name);
@@ -23,9 +24,5 @@ int mb_reg_unregister(const char *name);
 mb_pid_t mb_reg_whereis(const char *name);
 /* Copy p's name into buf (truncated to n); 0 if it has none. */
 int mb_reg_name_of(mb_proc_t *p, char *buf, size_t n);
-/* Drop p's name, if it has one (on exit). */
-void mb_reg_remove_proc(mb_proc_t *p);
-/* Free the table (at shutdown). */
-void mb_reg_shutdown(void);
 
 #endif

@@ -1,55 +1,45 @@
-/* scheduler.h: schedulers - one OS thread per core running processes in slices.
+/* scheduler.h: the executor - one OS thread per core, each with a run queue
+ * and a libuv loop, running processes one slice at a time.
  *
  * DESIGN
  * Each scheduler (mb_sched_t) is one thread with its own run queue and its
  * own libuv loop. The thread alternates between running a process for one
- * slice (until it blocks, exits, or spends MB_SLICE_REDS reductions) and
- * polling its loop (timers, and later sockets) without blocking. With nothing
- * to run it first steals half of another scheduler's queue, then sleeps in
- * uv_run(UV_RUN_ONCE) until an event or a uv_async_send wakes it, so a blocked
- * process, and an idle host, cost no CPU.
+ * slice and polling its loop (timers, sockets, posted commands) without
+ * blocking. With nothing to run it first steals from the fullest other
+ * queue, then sleeps in uv_run(UV_RUN_ONCE) until an event or a
+ * uv_async_send wakes it, so a blocked process, and an idle host, cost no
+ * CPU.
  *
- * Preemption: a count hook fires every MB_HOOK_INSTRUCTIONS VM instructions
- * and charges MB_REDS_PER_HOOK reductions. When the slice is spent, the hook
- * yields the body coroutine - but only at a safe point: never across a C
- * function other than pcall/xpcall (a table.sort comparator, a gsub callback,
- * a module's top level), and only from the innermost coroutine that the
- * process's coroutine wrappers know about (see lstate.c), which pass the
- * yield up to the scheduler instead of to the user's resumer. At an unsafe
- * point the preemption waits for the next hook.
+ * What a slice is belongs to the layer above: the executor knows nothing of
+ * Lua. It hands each dequeued process to the runner (mb_sched_set_runner;
+ * host/lib/run.c runs the process's Lua), which returns after the slice and
+ * has put the process where it belongs: back in a queue (mb_sched_requeue,
+ * mb_sched_push), waiting, or gone.
  *
  * Where a woken process goes: onto the queue of the scheduler whose thread
  * woke it (locality, as in the BEAM), except that a process that owns a
- * connection goes to the scheduler whose loop holds the socket, where its
- * reads and writes need no cross-thread post; a sleeping scheduler is woken when
- * its own queue gets work or when a busy scheduler's queue holds more than
- * one process, so that work spreads without waking a core for every message.
- * Busy schedulers balance when a slice ends: a preempted process goes to a
- * queue two or more shorter than its own scheduler's, so four busy
- * processes on two cores do not stay split three to one.
+ * connection goes to the scheduler whose loop holds the socket (p->home),
+ * where its reads and writes need no cross-thread post; a sleeping scheduler
+ * is woken when its own queue gets work or when a busy scheduler's queue
+ * holds more than one process, so that work spreads without waking a core
+ * for every message. Busy schedulers balance when a slice ends: a preempted
+ * process goes to a queue two or more shorter than its own scheduler's, so
+ * four busy processes on two cores do not stay split three to one.
  *
  * Threads: everything in an mb_sched_t is its own thread's, except the run
  * queue (rq_lock), `sleeping` (atomic) and the command list (cmd_lock).
+ * Shutdown: after the threads stop, every process left is ended (its exit
+ * hooks run), each loop's remaining handles are closed (each by the closer
+ * of the subsystem that owns it) and the loops are closed, then the
+ * shutdown hooks run.
  */
-#ifndef MB_SCHED_H
-#define MB_SCHED_H
+#ifndef MB_SCHEDULER_H
+#define MB_SCHEDULER_H
 
 #include <uv.h>
 
 #include "proc.h"
 
-/* Budgets. One reduction is about MB_HOOK_INSTRUCTIONS / MB_REDS_PER_HOOK
- * = 100 Lua VM instructions. A slice of 500 reductions is 50,000
- * instructions: measured, 0.2 ms of interpreted Lua with the hook on (2000
- * reductions measured 0.8 ms, which let a ping-pong pair wait tens of ms
- * behind busy processes). The 1.4 us of a hook-driven yield stays under 1%.
- * Sending charges MB_REDS_PER_SEND plus one per 64 bytes copied. */
-#define MB_HOOK_INSTRUCTIONS 1000
-#define MB_REDS_PER_HOOK 10
-#define MB_SLICE_REDS 500
-#define MB_REDS_PER_SEND 1
-/* While a preemption waits for a safe point, check again this often. */
-#define MB_HOOK_RETRY_INSTRUCTIONS 100
 /* Poll the libuv loop between slices at least this often (ns): what a busy
  * scheduler adds to the latency of socket I/O and posted commands. 0.2 ms
  * costs one epoll_wait per 0.2 ms of work (under 1%). */
@@ -59,26 +49,37 @@ typedef struct mb_sched mb_sched_t;
 
 typedef struct mb_sched_opts {
   int schedulers;     /* threads; default: number of cores */
-  int slice_reds;     /* reductions per slice; 0 disables preemption */
+  int slice_reds;     /* reductions per slice (the runner's budget); 0
+                         disables preemption */
 } mb_sched_opts_t;
 
-/* Start the scheduler threads. Returns 0 or a negative errno. */
+/* Set up the schedulers and their loops (threads start in mb_sched_run).
+ * Returns 0 or a negative libuv code. Main thread, once. */
 int mb_sched_start(const mb_sched_opts_t *opts);
-/* Start the threads (after the first process is queued). */
+/* The function that runs one slice of p on s's thread (see DESIGN). Set
+ * once, before mb_sched_run. */
+void mb_sched_set_runner(void (*run)(mb_sched_t *s, mb_proc_t *p));
+/* Start the threads (after the first process is queued). Returns 0 or a
+ * negative errno. */
 int mb_sched_run(void);
 /* The first process ended: 0 normally, 1 crashed (the host's exit code
- * once no process is left). */
+ * once no process is left). Any thread. */
 void mb_sched_first_exit(int code);
 /* Halt when the last process dies. */
 void mb_sched_on_empty_install(void);
-/* Block until the host halts; stop and join the threads, free every
- * process and loop. Returns the exit code. Main thread. */
+/* Block until the host halts; stop and join the threads, end every
+ * process, close every loop. Returns the exit code. Main thread. */
 int mb_sched_wait(void);
 
-/* Make p runnable on the calling thread's scheduler (scheduler 0 if the
- * caller is not a scheduler). p->status must already be MB_PS_RUNNABLE.
- * Any thread. */
+/* Make p runnable: onto p->home's queue, or the calling thread's scheduler
+ * (scheduler 0 if the caller is not a scheduler). p->status must already be
+ * MB_PS_RUNNABLE. Any thread. */
 void mb_sched_enqueue(mb_proc_t *p);
+/* The runner's side, on s's thread: p ran and is runnable again at once
+ * (mb_sched_push: onto s's queue) or was preempted (mb_sched_requeue: onto
+ * the shortest queue, see DESIGN). */
+void mb_sched_push(mb_sched_t *s, mb_proc_t *p);
+void mb_sched_requeue(mb_sched_t *s, mb_proc_t *p);
 
 /* Halt the host with code: schedulers stop after their current slice.
  * The first call decides the code. Any thread. */
@@ -91,21 +92,18 @@ uv_loop_t *mb_sched_loop(mb_sched_t *s);
 /* The schedulers in turn (round robin), to spread work such as sockets
  * over the loops. Any thread. */
 mb_sched_t *mb_sched_pick(void);
-/* Run fn(arg) on s's thread soon (from its loop). Any thread. */
+/* Run fn(arg) on s's thread soon (from its loop), in the order posted.
+ * Any thread. */
 void mb_sched_post(mb_sched_t *s, void (*fn)(void *), void *arg);
 
-/* Is it safe for the running process p to yield its body coroutine from the
- * C function now running in L (that function's own frame is not counted)?
- * See DESIGN. Owner thread. */
-int mb_sched_can_yield(mb_proc_t *p, lua_State *L);
-
-/* Yield the running process to its scheduler for reason. Must be called as
- * `return mb_sched_yield(L, reason)` from a C function, after
- * mb_sched_can_yield said yes. */
-int mb_sched_yield(lua_State *L, mb_yield_t reason);
-
-/* The count hook installed in every process's state. */
-void mb_sched_hook(lua_State *L, lua_Debug *ar);
+/* Shutdown hooks, added at start-up by the subsystems that own handles or
+ * tables. A closer is asked, for each handle still open on a loop, whether
+ * the handle is its subsystem's: it then closes it (its own way) and
+ * returns 1; handles no closer claims are closed plainly. An after-loops
+ * hook runs once every loop is closed. At most MB_SCHED_HOOKS of each. */
+#define MB_SCHED_HOOKS 8
+void mb_sched_add_closer(int (*closer)(uv_handle_t *h));
+void mb_sched_add_after_loops(void (*fn)(void));
 
 /* The host's options, for mb.info and -h. */
 extern mb_sched_opts_t mb_sched_opts;

@@ -7,15 +7,16 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "copy_format.h"
 #include "io.h"
-#include "lib.h"
 #include "scheduler.h"
 #include "sock.h"
 #include "ws.h"
 
 /* Close a WebSocket or flush a stream for at most this long (ms). */
 #define LINGER_MS 5000
+
+/* Socket values (the Lua layer gives them their methods). */
+mb_idkind_t mb_sock_kind = {"socket", NULL, NULL, MB_TAG_SOCKET, 0, 0};
 
 /* -- The socket table ------------------------------------------------------ */
 
@@ -38,7 +39,7 @@ static int tab_add(mb_sock_t *s)
       uint32_t cap = tab_cap ? tab_cap * 2 : 1024;
       if (cap > MB_PID_SLOT_MASK) {
         pthread_mutex_unlock(&tab_lock);
-        return -1;
+        return MB_ETOOMANY;
       }
       tab = mb_realloc(tab, cap * sizeof *tab);
       tab_gen = mb_realloc(tab_gen, cap * sizeof *tab_gen);
@@ -122,7 +123,7 @@ static mb_sock_t *sock_new(mb_sock_kind_t kind)
   s->acc_tail = &s->acc_head;
   uv_tcp_init(mb_sched_loop(sched), &s->tcp);
   uv_timer_init(mb_sched_loop(sched), &s->linger);
-  s->linger.data = NULL;   /* marks it as a socket's (see scheduler.c) */
+  s->linger.data = NULL;   /* marks it as a socket's (see close_sock_handle) */
   if (tab_add(s) < 0) {
     /* No id: close the handles at once; their callbacks free s. */
     atomic_fetch_sub(&s->refs, 1);
@@ -269,64 +270,27 @@ void mb_sock_run(mb_sock_t *s, void (*fn)(mb_sock_t *s, void *arg), void *arg)
 
 /* -- Messages of active mode ----------------------------------------------- */
 
-/* A tiny writer of the codec's format for the few tables built in C. */
-typedef struct { mb_msg_t *m; size_t len; } mw_t;
-
-static void mw_bytes(mw_t *w, const void *p, size_t n)
-{
-  memcpy(w->m->data + w->len, p, n);
-  w->len += n;
-}
-
-static void mw_str(mw_t *w, const char *s, size_t n)
-{
-  if (n <= SHORTSTR_MAX) {
-    unsigned char t = (unsigned char)(T_SHORTSTR | n);
-    mw_bytes(w, &t, 1);
-  } else {
-    unsigned char b[6];
-    size_t k = 0;
-    b[k++] = T_STRING;
-    size_t v = n;
-    while (v >= 0x80) {
-      b[k++] = (unsigned char)(v | 0x80);
-      v >>= 7;
-    }
-    b[k++] = (unsigned char)v;
-    mw_bytes(w, b, k);
-  }
-  mw_bytes(w, s, n);
-}
-
-static void mw_cstr(mw_t *w, const char *s)
-{
-  mw_str(w, s, strlen(s));
-}
-
 /* Start {event = event, socket = <id>, ...nmore pairs}. */
-static void mw_start(mw_t *w, size_t room, uint64_t id, const char *event,
-                     uint32_t nmore)
+static void msg_start(mb_msgb_t *b, size_t room, uint64_t id, const char *event,
+                      uint32_t nmore)
 {
-  w->m = mb_msg_new(64 + room);
-  w->m->kind = MB_MSG_USER;
-  w->m->nvalues = 1;
-  w->len = 0;
-  unsigned char h[2] = {T_TABLE, 0};
-  mw_bytes(w, h, 2);
-  uint32_t nhash = 2 + nmore;
-  mw_bytes(w, &nhash, 4);
-  mw_cstr(w, "event");
-  mw_cstr(w, event);
-  mw_cstr(w, "socket");
-  unsigned char t = T_SOCKET;
-  mw_bytes(w, &t, 1);
-  mw_bytes(w, &id, 8);
+  mb_msgb_init(b, 48 + room);
+  mb_msgb_table(b, 0, 2 + nmore);
+  mb_msgb_cstring(b, "event");
+  mb_msgb_cstring(b, event);
+  mb_msgb_cstring(b, "socket");
+  mb_msgb_id(b, &mb_sock_kind, id);
 }
 
-static mb_msg_t *mw_end(mw_t *w)
+/* The message, made the socket's, or NULL when memory runs out. */
+static mb_msg_t *msg_end(mb_msgb_t *b, uint64_t id)
 {
-  w->m->len = w->len;
-  return w->m;
+  mb_msg_t *m = mb_msgb_finish(b, 1);
+  if (m) {
+    m->kind = MB_MSG_USER;
+    m->port = id;
+  }
+  return m;
 }
 
 /* {event = event, socket = s, data = data[, binary = bool]}: binary < 0
@@ -334,39 +298,34 @@ static mb_msg_t *mw_end(mw_t *w)
 static mb_msg_t *sock_msg(uint64_t id, const char *event, const char *data,
                           size_t len, int binary)
 {
-  mw_t w;
+  mb_msgb_t b;
   int ws = binary >= 0;
-  mw_start(&w, len + 16, id, event, ws ? 2 : 1);
-  mw_cstr(&w, "data");
-  mw_str(&w, data, len);
+  msg_start(&b, len + 16, id, event, ws ? 2 : 1);
+  mb_msgb_cstring(&b, "data");
+  mb_msgb_string(&b, data, len);
   if (ws) {
-    mw_cstr(&w, "binary");
-    unsigned char b = binary ? T_TRUE : T_FALSE;
-    mw_bytes(&w, &b, 1);
+    mb_msgb_cstring(&b, "binary");
+    mb_msgb_bool(&b, binary);
   }
-  return mw_end(&w);
+  return msg_end(&b, id);
 }
 
 /* {event = event, socket = s[, code = code][, reason = reason]}. */
 static mb_msg_t *sock_msg_end(uint64_t id, const char *event, int code,
                               const char *reason)
 {
-  mw_t w;
+  mb_msgb_t b;
   size_t rlen = reason ? strlen(reason) : 0;
-  uint32_t n = (code ? 1 : 0) + (reason ? 1 : 0);
-  mw_start(&w, rlen + 32, id, event, n);
+  msg_start(&b, rlen + 32, id, event, (code ? 1 : 0) + (reason ? 1 : 0));
   if (code) {
-    mw_cstr(&w, "code");
-    unsigned char t = T_NUMBER;
-    double d = code;
-    mw_bytes(&w, &t, 1);
-    mw_bytes(&w, &d, 8);
+    mb_msgb_cstring(&b, "code");
+    mb_msgb_number(&b, code);
   }
   if (reason) {
-    mw_cstr(&w, "reason");
-    mw_str(&w, reason, rlen);
+    mb_msgb_cstring(&b, "reason");
+    mb_msgb_string(&b, reason, rlen);
   }
-  return mw_end(&w);
+  return msg_end(&b, id);
 }
 
 /* The end of the stream as the owner's message. s->lock held. */
@@ -375,7 +334,7 @@ static mb_msg_t *end_msg(mb_sock_t *s)
   if (s->ws_mode)
     return sock_msg_end(s->id, "ws_closed", s->ws_code ? s->ws_code : 1006,
                               s->ws_reason ? s->ws_reason : "");
-  if (s->err && s->err != MB_SOCK_ECLOSED)
+  if (s->err && s->err != MB_ECLOSED)
     return sock_msg_end(s->id, "tcp_error", 0, uv_strerror(s->err));
   return sock_msg_end(s->id, "tcp_closed", 0, NULL);
 }
@@ -390,9 +349,8 @@ int mb_sock_flush_active(mb_sock_t *s)
     if (s->rhead == NULL)
       s->rtail = &s->rhead;
     s->rbytes -= c->len;
-    mb_msg_t *m = sock_msg(s->id, s->ws_mode ? "ws" : "tcp", c->data,
-                              c->len, s->ws_mode ? c->binary : -1);
-    m->sock = s->id;
+    mb_msg_t *m = mb_must(sock_msg(s->id, s->ws_mode ? "ws" : "tcp", c->data,
+                                   c->len, s->ws_mode ? c->binary : -1));
     mb_proc_send(s->owner, m);
     mb_free(c);
     if (s->active == 2)
@@ -400,9 +358,7 @@ int mb_sock_flush_active(mb_sock_t *s)
   }
   if (s->active && s->owner && s->rhead == NULL && (s->eof || s->err)
       && s->eof != 2) {
-    mb_msg_t *m = end_msg(s);
-    m->sock = s->id;
-    mb_proc_send(s->owner, m);
+    mb_proc_send(s->owner, mb_must(end_msg(s)));
     s->eof = 2;   /* the end was told */
     s->active = 0;
   }
@@ -429,7 +385,7 @@ static void free_chunk(mb_io_req_t *req)
 
 const char *mb_sock_strerror(int code)
 {
-  int closed = code == MB_SOCK_ECLOSED || code == UV_EPIPE;
+  int closed = code == MB_ECLOSED || code == UV_EPIPE;
   return closed ? "closed" : uv_strerror(code);
 }
 
@@ -516,11 +472,11 @@ static void got_chunk(mb_sock_t *s, mb_chunk_t *c, int raw)
   pthread_mutex_unlock(&s->lock);
 }
 
-/* The stream ended: code is MB_SOCK_ECLOSED or a libuv error. */
+/* The stream ended: code is MB_ECLOSED or a libuv error. */
 static void got_end(mb_sock_t *s, int code)
 {
   pthread_mutex_lock(&s->lock);
-  if (code == MB_SOCK_ECLOSED)
+  if (code == MB_ECLOSED)
     s->eof = s->eof ? s->eof : 1;
   else if (!s->err)
     s->err = code;
@@ -550,7 +506,7 @@ static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *buf)
     return;
   if (n < 0) {
     uv_read_stop(st);
-    got_end(s, n == UV_EOF ? MB_SOCK_ECLOSED : (int)n);
+    got_end(s, n == UV_EOF ? MB_ECLOSED : (int)n);
     if (s->ws)
       close_handles(s);   /* the connection is gone; no handshake left */
     return;
@@ -731,7 +687,7 @@ static void ws_closed(void *ud, int code, const char *reason, size_t len)
   memcpy(s->ws_reason, reason, len);
   s->ws_reason[len] = '\0';
   pthread_mutex_unlock(&s->lock);
-  got_end(s, MB_SOCK_ECLOSED);
+  got_end(s, MB_ECLOSED);
 }
 
 static void ws_feed(mb_sock_t *s, const char *data, size_t len)
@@ -795,6 +751,7 @@ void mb_sock_do_ws_close(mb_sock_t *s, void *arg)
 
 static void owner_link(mb_sock_t *s, mb_proc_t *p)
 {
+  MB_ASSERT_LOCKED(p);
   s->oprev = NULL;
   s->onext = p->socks;
   if (p->socks)
@@ -807,7 +764,7 @@ static void owner_unlink(mb_sock_t *s, mb_pid_t pid)
   mb_proc_t *p = mb_proc_get(pid);
   if (p == NULL)
     return;
-  pthread_mutex_lock(&p->lock);
+  mb_proc_lock(p);
   if (p->socks == s || s->oprev) {
     if (s->oprev)
       s->oprev->onext = s->onext;
@@ -817,7 +774,7 @@ static void owner_unlink(mb_sock_t *s, mb_pid_t pid)
       s->onext->oprev = s->oprev;
   }
   s->onext = s->oprev = NULL;
-  pthread_mutex_unlock(&p->lock);
+  mb_proc_unlock(p);
   mb_proc_unref(p);
 }
 
@@ -825,16 +782,17 @@ int mb_sock_set_owner(mb_sock_t *s, mb_pid_t old, mb_proc_t *p)
 {
   pthread_mutex_lock(&s->lock);
   if (s->owner != old || s->closed) {
+    int rc = s->closed ? MB_ECLOSED : MB_ENOTOWNER;
     pthread_mutex_unlock(&s->lock);
-    return -1;
+    return rc;
   }
   if (old)
     owner_unlink(s, old);
-  pthread_mutex_lock(&p->lock);
+  mb_proc_lock(p);
   int dead = p->dead;
   if (!dead)
     owner_link(s, p);
-  pthread_mutex_unlock(&p->lock);
+  mb_proc_unlock(p);
   s->owner = dead ? 0 : p->pid;
   if (!dead && s->kind == MB_SOCK_STREAM)
     atomic_store_explicit(&p->home, s->sched, memory_order_relaxed);
@@ -844,7 +802,7 @@ int mb_sock_set_owner(mb_sock_t *s, mb_pid_t old, mb_proc_t *p)
     /* Its new owner died meanwhile: the socket dies with it. */
     mark_closed(s);
     mb_sock_run(s, mb_sock_do_close, NULL);
-    return -1;
+    return MB_ENOPROC;
   }
   return 0;
 }
@@ -857,7 +815,7 @@ int mb_sock_close(mb_sock_t *s, mb_pid_t by,
     int was = s->closed;
     pthread_mutex_unlock(&s->lock);
     mb_free(arg);
-    return was ? 0 : -1;
+    return was ? 0 : MB_ENOTOWNER;
   }
   owner_unlink(s, by);
   pthread_mutex_unlock(&s->lock);
@@ -866,12 +824,12 @@ int mb_sock_close(mb_sock_t *s, mb_pid_t by,
   return 0;
 }
 
-void mb_sock_owner_exit(mb_proc_t *p)
+static void owner_exit(mb_proc_t *p)
 {
-  pthread_mutex_lock(&p->lock);
+  mb_proc_lock(p);
   mb_sock_t *s = p->socks;
   p->socks = NULL;
-  pthread_mutex_unlock(&p->lock);
+  mb_proc_unlock(p);
   while (s) {
     mb_sock_t *next = s->onext;
     s->onext = s->oprev = NULL;
@@ -883,7 +841,7 @@ void mb_sock_owner_exit(mb_proc_t *p)
   }
 }
 
-void mb_sock_shutdown(void)
+static void sock_shutdown(void)
 {
   pthread_mutex_lock(&tab_lock);
   for (uint32_t i = 1; i < tab_used; i++) {
@@ -902,10 +860,23 @@ void mb_sock_shutdown(void)
   pthread_mutex_unlock(&tab_lock);
 }
 
-void mb_sock_close_handle(uv_handle_t *h)
+/* A closer (scheduler.h): every TCP handle is a socket's, and so is every
+ * timer whose data is NULL (its linger timer), closed with its socket. */
+static int close_sock_handle(uv_handle_t *h)
 {
-  if (h->type == UV_TCP)
+  if (h->type == UV_TCP) {
     close_handles((mb_sock_t *)h);
+    return 1;
+  }
+  return h->type == UV_TIMER && h->data == NULL;
+}
+
+void mb_sock_init(void)
+{
+  mb_id_register(&mb_sock_kind);
+  mb_proc_add_exit_hook(owner_exit);
+  mb_sched_add_closer(close_sock_handle);
+  mb_sched_add_after_loops(sock_shutdown);
 }
 
 /* -- Listeners and accepting ------------------------------------------------ */
@@ -1156,7 +1127,7 @@ static int push_connected(lua_State *L, mb_io_req_t *req)
 {
   mb_sock_t *s = req->extra;
   if (req->err == 0) {
-    mb_lib_sock_push(L, s->id);
+    mb_id_push(L, s->id, &mb_sock_kind);
     return 1;
   }
   mb_sock_close(s, mb_proc_of(L)->pid, mb_sock_do_close, NULL);
@@ -1267,6 +1238,6 @@ static int push_accepted(lua_State *L, mb_io_req_t *req)
     lua_pushliteral(L, "closed");
     return 2;
   }
-  mb_lib_sock_push(L, c->id);
+  mb_id_push(L, c->id, &mb_sock_kind);
   return 1;
 }

@@ -46,6 +46,7 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "err.h"
 #include "proc.h"
 
 #define MB_SOCK_RBUF_MAX (64 * 1024)
@@ -54,8 +55,8 @@
 /* Accepted connections a listener holds before it stops accepting. */
 #define MB_SOCK_ACCEPT_QUEUE 64
 
-/* Results other than libuv's negative error codes. */
-#define MB_SOCK_ECLOSED 1      /* the socket or its peer closed: "closed" */
+/* Results are 0 or negative codes: libuv's, or err.h's (MB_ECLOSED: the
+ * socket or its peer closed). */
 
 typedef enum { MB_SOCK_STREAM, MB_SOCK_LISTENER } mb_sock_kind_t;
 /* What the socket's waiter waits for. */
@@ -112,6 +113,14 @@ typedef struct mb_sock {
   int linger_on;
 } mb_sock_t;
 
+/* Socket values: an id kind (pid.h) whose methods the Lua layer sets. */
+extern mb_idkind_t mb_sock_kind;
+
+/* Set up: register the socket values with the codec; close a dying
+ * process's sockets (an exit hook); close the handles and the table at
+ * shutdown. Once, at start-up. */
+void mb_sock_init(void);
+
 /* Look up a live socket by id; takes a reference. Any thread. */
 mb_sock_t *mb_sock_get(uint64_t id);
 void mb_sock_unref(mb_sock_t *s);
@@ -127,7 +136,8 @@ mb_sock_t *mb_sock_connect(mb_proc_t *owner, uint32_t seq, const char *host,
                            int port, char *err, size_t errlen);
 
 /* Make p the owner (p must be alive); the socket must have no owner or be
- * taken from old. Returns 0, or -1 when p is dead. */
+ * taken from old. Returns 0, MB_ENOPROC when p is dead (the socket is then
+ * closed), MB_ENOTOWNER when old is not the owner, MB_ECLOSED. */
 int mb_sock_set_owner(mb_sock_t *s, mb_pid_t old, mb_proc_t *p);
 
 /* Run fn(s) on the socket's loop, now if that is the calling thread and
@@ -165,8 +175,8 @@ typedef struct mb_sock_wsopt {
 
 /* Close s for its owner `by`: drop it from the table and the owner's list
  * and run fn(s, arg) on its loop (mb_sock_do_close, or mb_sock_do_ws_close
- * with its close frame). Returns 0, or -1 if `by` is not the owner (arg is
- * then freed). Closing twice is not an error. Any thread. */
+ * with its close frame). Returns 0, or MB_ENOTOWNER if `by` is not the
+ * owner (arg is then freed). Closing twice is not an error. Any thread. */
 int mb_sock_close(mb_sock_t *s, mb_pid_t by,
                   void (*fn)(mb_sock_t *s, void *arg), void *arg);
 
@@ -178,7 +188,7 @@ int mb_sock_name(mb_sock_t *s, int peer, char *host, size_t hostlen);
  * held. Returns 1 when reading should resume (mb_sock_do_resume). */
 int mb_sock_flush_active(mb_sock_t *s);
 
-/* The message of a result code (MB_SOCK_ECLOSED or a libuv error); writing
+/* The message of a result code (MB_ECLOSED or a libuv error); writing
  * to a connection the peer closed (EPIPE) is "closed", as for a read. */
 const char *mb_sock_strerror(int code);
 
@@ -187,13 +197,5 @@ const char *mb_sock_strerror(int code);
 struct mb_io_req;
 int mb_sock_push_result(lua_State *L, struct mb_io_req *req);
 
-/* Close a socket's handles found by uv_walk at shutdown. */
-void mb_sock_close_handle(uv_handle_t *h);
-
-/* Close every socket of a dying process (p->dead is set). Its thread. */
-void mb_sock_owner_exit(mb_proc_t *p);
-/* At shutdown, after the loops closed (which closed every socket's
- * handles): drop the table and its references. Main thread. */
-void mb_sock_shutdown(void);
 
 #endif

@@ -71,9 +71,28 @@ static void close_on_owner(mb_timer_t *t)
   }
 }
 
-void mb_timer_close_handle(uv_handle_t *h)
+/* A closer (scheduler.h): our timers are the timer handles whose data points
+ * at their own mb_timer_t, which starts with the handle. */
+static int close_timer(uv_handle_t *h)
 {
+  if (h->type != UV_TIMER || h->data != (void *)h)
+    return 0;
   close_now(h->data);
+  return 1;
+}
+
+static void release(mb_proc_t *p)
+{
+  if (p->wait_timer) {
+    mb_timer_wait_done(p->wait_timer);
+    p->wait_timer = NULL;
+  }
+}
+
+void mb_timer_init(void)
+{
+  mb_proc_add_exit_hook(release);
+  mb_sched_add_closer(close_timer);
 }
 
 static mb_timer_t *timer_new(double ms, uv_timer_cb cb)
@@ -101,20 +120,14 @@ static void on_wait_timer(uv_timer_t *h)
   mb_proc_t *p = mb_proc_get(t->pid);
   if (p) {
     int wake = 0;
-    pthread_mutex_lock(&p->lock);
-    if (p->wait_seq == t->seq && p->wait != MB_WAIT_NONE) {
+    mb_proc_lock(p);
+    if (p->wait_seq == t->seq) {
       p->expired = 1;
-      if (p->status == MB_PS_WAITING) {
-        p->status = MB_PS_RUNNABLE;
-        wake = 1;
-      }
-    } else if (p->wait_seq == t->seq) {
-      p->expired = 1;  /* the process has not finished yielding yet */
-      p->woken = 1;
+      wake = mb_proc_wake_locked(p);
     }
-    pthread_mutex_unlock(&p->lock);
+    mb_proc_unlock(p);
     if (wake)
-      mb_sched_enqueue(p);
+      mb_proc_on_runnable(p);
     mb_proc_unref(p);
   }
   close_now(t);
@@ -122,9 +135,9 @@ static void on_wait_timer(uv_timer_t *h)
 
 mb_timer_t *mb_timer_wait(mb_proc_t *p, double ms)
 {
-  pthread_mutex_lock(&p->lock);
+  mb_proc_lock(p);
   uint32_t seq = p->wait_seq;
-  pthread_mutex_unlock(&p->lock);
+  mb_proc_unlock(p);
   mb_timer_t *t = timer_new(ms, on_wait_timer);
   t->pid = p->pid;
   t->seq = seq;

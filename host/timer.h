@@ -18,11 +18,15 @@
 
 #include <stdint.h>
 
-#include "copy.h"
+#include "msg.h"
 #include "pid.h"
 
 typedef struct mb_timer mb_timer_t;
 struct mb_proc;
+
+/* Set up: a dying process's wait timer is stopped (an exit hook), and the
+ * timers left at shutdown are closed. Once, at start-up. */
+void mb_timer_init(void);
 
 /* Arm a timer that ends p's current wait (p->wait_seq) after ms. Owner
  * thread of p, which must be a scheduler thread. */
@@ -38,10 +42,6 @@ mb_timer_t *mb_timer_send_after(double ms, mb_pid_t dest, mb_msg_t *msg);
 int mb_timer_cancel(mb_timer_t *t, double *left_ms);
 /* Drop the caller's reference. Any thread. */
 void mb_timer_unref(mb_timer_t *t);
-
-/* Close a timer handle found by uv_walk at shutdown. Loop thread. */
-struct uv_handle_s;
-void mb_timer_close_handle(struct uv_handle_s *h);
 
 /* Monotonic milliseconds since an arbitrary start. */
 double mb_timer_now(void);

@@ -5,19 +5,20 @@
 #include "lua.h"
 #include "proc.h"
 
+/* Set up the Lua layer: the runner (run.h), the lazy libraries, the
+ * bindings' value kinds. Once, at start-up, after the layers below. */
+void mb_lib_init(void);
+
 /* luaopen for require "moonbeam": pushes the module table. */
 int mb_lib_open(lua_State *L);
 
 /* luaopen for require "moonbeam.fs" (lib_fs.c). */
 int mb_lib_fs_open(lua_State *L);
 
-/* luaopen for require "moonbeam.tcp" (lib_tcp.c). */
+/* luaopen for require "moonbeam.tcp" (lib_tcp.c), and its set-up (the
+ * socket values' methods), once at start-up. */
 int mb_lib_tcp_open(lua_State *L);
-
-/* A socket's Lua value (interned, like pids) for its id; the id of the
- * socket value at idx, or 0. */
-void mb_lib_sock_push(lua_State *L, uint64_t id);
-uint64_t mb_lib_sock_test(lua_State *L, int idx);
+void mb_lib_tcp_init(void);
 
 /* luaopen for require "moonbeam.http_parser" (lib_http.c). */
 int mb_lib_http_parser_open(lua_State *L);

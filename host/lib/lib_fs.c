@@ -22,6 +22,7 @@
 #include "io.h"
 #include "lauxlib.h"
 #include "lib.h"
+#include "run.h"
 #include "scheduler.h"
 
 /* A file larger than this is refused by read_file (use a stream instead). */
@@ -49,14 +50,14 @@ static int push_error(lua_State *L, mb_io_req_t *req)
 static int run_op(lua_State *L, mb_io_req_t *req, const char *fname)
 {
   mb_proc_t *p = mb_proc_of(L);
-  if (!mb_sched_can_yield(p, L)) {
+  if (!mb_run_can_yield(p, L)) {
     mb_io_free(req);
     return mb_lib_block_error(L, fname);
   }
   int rc = mb_io_start(p, req);
   if (rc)
     return luaL_error(L, "%s: %s", fname, uv_strerror(rc));
-  return mb_sched_yield(L, MB_YIELD_WAIT);
+  return mb_run_yield(L, MB_YIELD_WAIT);
 }
 
 static mb_io_req_t *new_req(lua_State *L, mb_io_work_fn run, mb_io_push_fn push,

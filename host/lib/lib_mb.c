@@ -2,8 +2,8 @@
  * monitors, names and timers as Lua sees them.
  *
  * Functions that block (receive, sleep) or stop the process (exit, halt)
- * yield the body coroutine to the scheduler with `return mb_sched_yield()`;
- * the scheduler resumes them with their results (the message, or nil on a
+ * yield the body coroutine to the runner with `return mb_run_yield()`;
+ * the runner resumes them with their results (the message, or nil on a
  * timeout), so the yield costs a plain C-function yield, not a hook yield.
  * They refuse to block where a yield is impossible (inside table.sort, a
  * gsub callback, a metamethod called from C, a module's top level being
@@ -15,10 +15,12 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "copy.h"
 #include "lauxlib.h"
 #include "lib.h"
 #include "lstate.h"
 #include "reg.h"
+#include "run.h"
 #include "scheduler.h"
 #include "timer.h"
 
@@ -29,7 +31,7 @@
  * if a pcall catches the error. */
 static int unwind_exiting(lua_State *L)
 {
-  lua_sethook(L, mb_sched_hook, LUA_MASKCOUNT, 1);
+  lua_sethook(L, mb_run_hook, LUA_MASKCOUNT, 1);
   return luaL_error(L, "process is exiting");
 }
 
@@ -39,10 +41,11 @@ static int unwind_exiting(lua_State *L)
 mb_proc_t *mb_lib_self(lua_State *L)
 {
   mb_proc_t *p = mb_proc_of(L);
+  MB_ASSERT_OWNER(p);
   if (p->exit_reason || p->alloc.oom) {
     if (p->exit_reason == NULL) {
       p->alloc.limit = 0;   /* room to unwind */
-      p->exit_reason = mb_msg_string("out of memory");
+      p->exit_reason = mb_must(mb_msg_string("out of memory"));
     }
     unwind_exiting(L);
   }
@@ -81,8 +84,8 @@ static mb_msg_t *encode_or_raise(lua_State *L, int idx, const char *fname,
 /* Stop the calling process now (its exit_reason is set). */
 static int stop_self(lua_State *L, mb_proc_t *p)
 {
-  if (mb_sched_can_yield(p, L))
-    return mb_sched_yield(L, MB_YIELD_EXIT);
+  if (mb_run_can_yield(p, L))
+    return mb_run_yield(L, MB_YIELD_EXIT);
   return unwind_exiting(L);
 }
 
@@ -95,7 +98,7 @@ int mb_lib_block_error(lua_State *L, const char *fname)
 
 static void must_be_able_to_block(lua_State *L, mb_proc_t *p, const char *fname)
 {
-  if (!mb_sched_can_yield(p, L))
+  if (!mb_run_can_yield(p, L))
     mb_lib_block_error(L, fname);
 }
 
@@ -166,19 +169,19 @@ static int spawn_common(lua_State *L, int fnidx, const spawn_opts_t *o,
                                err, sizeof err);
   if (m == NULL)
     return luaL_error(L, "%s: %s", fname, err);
-  mb_proc_t *p = mb_proc_new(o->max_memory, err, sizeof err);
-  if (p == NULL) {
+  mb_proc_t *p;
+  int rc = mb_proc_new(o->max_memory, &p);
+  if (rc < 0) {
     mb_msg_free(m);
-    return luaL_error(L, "%s: %s", fname, err);
+    return luaL_error(L, "%s: %s", fname, mb_strerror(rc));
   }
   p->boot = boot_spawned;
   p->boot_msg = m;
   if (t == LUA_TSTRING)
     p->origin = module_origin(L, fnidx);
   if (o->name) {
-    int rc = mb_reg_register(o->name, p);
-    if (rc) {
-      mb_proc_exit(p, mb_msg_string("normal"));
+    if (mb_reg_register(o->name, p) < 0) {
+      mb_proc_exit(p, mb_must(mb_msg_string("normal")));
       return luaL_error(L, "%s: name '%s' is already registered", fname, o->name);
     }
   }
@@ -272,7 +275,7 @@ static int l_send(lua_State *L)
     return luaL_error(L, "bad argument #3 to 'send' (alias (a ref) expected, got %s)",
                       luaL_typename(L, 3));
   mb_msg_t *m = encode_or_raise(L, 2, "send", "msg");
-  p->budget -= MB_REDS_PER_SEND + (int)(m->len / 64);
+  p->budget -= MB_REDS_PER_SEND + (int)(m->len / MB_COPY_BYTES_PER_RED);
   m->kind = MB_MSG_USER;
   m->from = p->pid;
   m->ref = alias;
@@ -414,14 +417,14 @@ static int l_receive(lua_State *L)
     lua_pushnil(L);
     return 1;
   }
-  if (!mb_sched_can_yield(p, L)) {
+  if (!mb_run_can_yield(p, L)) {
     clear_match(p, L);
     return mb_lib_block_error(L, "receive");
   }
   if (timeout > 0)
     p->wait_timer = mb_timer_wait(p, timeout);
   p->pending_wait = MB_WAIT_RECV;
-  return mb_sched_yield(L, MB_YIELD_WAIT);
+  return mb_run_yield(L, MB_YIELD_WAIT);
 }
 
 /* -- Time ----------------------------------------------------------------- */
@@ -435,19 +438,19 @@ static int l_sleep(lua_State *L)
     return luaL_argerror(L, 1, "number of ms expected");
   must_be_able_to_block(L, p, "sleep");
   if (ms == 0)
-    return mb_sched_yield(L, MB_YIELD_PREEMPT);
+    return mb_run_yield(L, MB_YIELD_PREEMPT);
   p->wait_timer = mb_timer_wait(p, ms);
   p->pending_wait = MB_WAIT_SLEEP;
-  return mb_sched_yield(L, MB_YIELD_WAIT);
+  return mb_run_yield(L, MB_YIELD_WAIT);
 }
 
 /* mb.yield() */
 static int l_yield(lua_State *L)
 {
   mb_proc_t *p = mb_lib_self(L);
-  if (!mb_sched_can_yield(p, L))
+  if (!mb_run_can_yield(p, L))
     return 0;
-  return mb_sched_yield(L, MB_YIELD_PREEMPT);
+  return mb_run_yield(L, MB_YIELD_PREEMPT);
 }
 
 /* mb.now() -> monotonic ms */
@@ -520,7 +523,7 @@ static int l_exit(lua_State *L)
   mb_proc_t *p = mb_lib_self(L);
   mb_pid_t target = lua_gettop(L) >= 2 ? check_dest(L, 1, "exit") : 0;
   if (target == 0) {
-    mb_msg_t *m = lua_isnoneornil(L, 1) ? mb_msg_string("normal")
+    mb_msg_t *m = lua_isnoneornil(L, 1) ? mb_must(mb_msg_string("normal"))
                                         : encode_or_raise(L, 1, "exit", "reason");
     if (p->exit_reason)
       mb_msg_free(p->exit_reason);
@@ -552,7 +555,7 @@ static int l_link(lua_State *L)
   if (mb_proc_link(p, pid) == 0)
     return 0;
   if (p->trap_exit) {
-    mb_msg_t *m = mb_msg_string("noproc");
+    mb_msg_t *m = mb_must(mb_msg_string("noproc"));
     m->kind = MB_MSG_EXIT;
     m->from = pid;
     /* Queued as a trapped exit: it arrives as an EXIT message. */
@@ -631,11 +634,11 @@ static int l_register(lua_State *L)
     return luaL_error(L, "register: the process is not alive");
   int rc = mb_reg_register(name, p);
   mb_proc_unref(p);
-  if (rc == MB_REG_TAKEN)
+  if (rc == MB_ETAKEN)
     return luaL_error(L, "register: the name '%s' is already registered", name);
-  if (rc == MB_REG_HASNAME)
+  if (rc == MB_EHASNAME)
     return luaL_error(L, "register: the process already has a name");
-  if (rc == MB_REG_DEAD)
+  if (rc == MB_ENOPROC)
     return luaL_error(L, "register: the process is not alive");
   lua_pushboolean(L, 1);
   return 1;
@@ -728,8 +731,8 @@ int mb_lib_halt(lua_State *L, int code)
   mb_proc_t *p = mb_lib_self(L);
   fflush(stdout);
   mb_sched_halt(code);
-  if (mb_sched_can_yield(p, L))
-    return mb_sched_yield(L, MB_YIELD_PREEMPT);
+  if (mb_run_can_yield(p, L))
+    return mb_run_yield(L, MB_YIELD_PREEMPT);
   return luaL_error(L, "the host is halting");
 }
 
@@ -798,4 +801,10 @@ int mb_lib_open(lua_State *L)
   lua_setfield(L, -2, "__index");
   lua_setmetatable(L, -2);
   return 1;
+}
+
+void mb_lib_init(void)
+{
+  mb_run_init();
+  mb_lib_tcp_init();
 }

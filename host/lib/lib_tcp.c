@@ -14,6 +14,7 @@
 #include "io.h"
 #include "lauxlib.h"
 #include "lib.h"
+#include "run.h"
 #include "scheduler.h"
 #include "sock.h"
 #include "timer.h"
@@ -24,25 +25,23 @@
 
 /* -- Socket values --------------------------------------------------------- */
 
-/* Socket values are interned like pids (pid.h); the kind is defined with
- * its methods at the end of this file. */
-static mb_idkind_t sock_kind;
-
-void mb_lib_sock_push(lua_State *L, uint64_t id)
+/* Socket values are interned like pids (pid.h), of the kind sock.c
+ * defines; mb_lib_tcp_init gives it its methods (the end of this file). */
+static void sock_push(lua_State *L, uint64_t id)
 {
-  mb_id_push(L, id, &sock_kind);
+  mb_id_push(L, id, &mb_sock_kind);
 }
 
-uint64_t mb_lib_sock_test(lua_State *L, int idx)
+static uint64_t sock_test(lua_State *L, int idx)
 {
-  return mb_id_test(L, idx, &sock_kind);
+  return mb_id_test(L, idx, &mb_sock_kind);
 }
 
 /* The socket at arg 1 for the calling process p, or NULL after pushing
  * nil, message (closed, not owner). Raises for a non-socket. */
 static mb_sock_t *self_sock(lua_State *L, mb_proc_t *p, int *nret)
 {
-  uint64_t id = mb_lib_sock_test(L, 1);
+  uint64_t id = sock_test(L, 1);
   if (id == 0) {
     luaL_typerror(L, 1, "socket");
     return NULL;
@@ -106,7 +105,7 @@ static int wait_io(lua_State *L, mb_proc_t *p, double timeout,
     p->wait_timer = mb_timer_wait(p, timeout);
   p->io_on_timeout = on_timeout;
   p->io_timeout_arg = arg;
-  return mb_sched_yield(L, MB_YIELD_WAIT);
+  return mb_run_yield(L, MB_YIELD_WAIT);
 }
 
 /* -- tcp.listen / tcp.connect ----------------------------------------------- */
@@ -136,7 +135,7 @@ static int l_listen(lua_State *L)
   mb_sock_t *s = mb_sock_listen(p, host, port, backlog, err, sizeof err);
   if (s == NULL)
     return fail(L, err);
-  mb_lib_sock_push(L, s->id);
+  sock_push(L, s->id);
   return 1;
 }
 
@@ -157,7 +156,7 @@ static int l_connect(lua_State *L)
   int port = check_port(L, 2);
   double timeout = opt_timeout(L, 3);
   mb_proc_t *p = mb_lib_self(L);
-  if (!mb_sched_can_yield(p, L))
+  if (!mb_run_can_yield(p, L))
     return mb_lib_block_error(L, "connect");
   uint32_t seq = mb_io_wait_begin(p);
   char err[160];
@@ -192,7 +191,7 @@ static int l_accept(lua_State *L)
     c->onext = NULL;
   }
   int resume = s->acc_paused;
-  int can = c || timeout == 0 || mb_sched_can_yield(p, L);
+  int can = c || timeout == 0 || mb_run_can_yield(p, L);
   if (!c && timeout != 0 && can) {
     s->wait = MB_SW_ACCEPT;
     s->wpid = p->pid;
@@ -207,7 +206,7 @@ static int l_accept(lua_State *L)
   if (c) {
     if (mb_sock_set_owner(c, 0, p) < 0)
       return fail(L, "closed");
-    mb_lib_sock_push(L, c->id);
+    sock_push(L, c->id);
     return 1;
   }
   if (timeout == 0)
@@ -294,8 +293,8 @@ static int l_read(lua_State *L)
   int resume = c && s->paused && s->rbytes < MB_SOCK_RBUF_MAX;
   if (!busy && c == NULL) {
     if (s->eof || s->err)   /* a read after the peer's FIN: "closed" */
-      end = s->eof ? MB_SOCK_ECLOSED : s->err;
-    else if (timeout != 0 && (can = mb_sched_can_yield(p, L))) {
+      end = s->eof ? MB_ECLOSED : s->err;
+    else if (timeout != 0 && (can = mb_run_can_yield(p, L))) {
       s->wait = MB_SW_READ;
       s->wpid = p->pid;
       s->wseq = mb_io_wait_begin(p);
@@ -364,12 +363,12 @@ static int l_write(lua_State *L)
   o->binary = binary;
   memcpy(o->data, data, len);
   pthread_mutex_lock(&s->lock);
-  int err = s->err && s->err != MB_SOCK_ECLOSED ? s->err : 0;
+  int err = s->err && s->err != MB_ECLOSED ? s->err : 0;
   int wait = 0;
   if (!err) {
     s->wq += len;
     /* Over the mark: wait till it drains, if this is a place to wait. */
-    if (s->wq > MB_SOCK_WRITE_HIGH && mb_sched_can_yield(p, L)) {
+    if (s->wq > MB_SOCK_WRITE_HIGH && mb_run_can_yield(p, L)) {
       wait = 1;
       s->wait = MB_SW_WRITE;
       s->wpid = p->pid;
@@ -394,7 +393,7 @@ static int l_write(lua_State *L)
 static int l_close(lua_State *L)
 {
   mb_proc_t *p = mb_lib_self(L);
-  uint64_t id = mb_lib_sock_test(L, 1);
+  uint64_t id = sock_test(L, 1);
   if (id == 0)
     return luaL_typerror(L, 1, "socket");
   mb_sock_t *s = mb_sock_get(id);
@@ -515,7 +514,7 @@ static int l_set_owner(lua_State *L)
     int active = s->active;
     s->active = 0;
     pthread_mutex_unlock(&s->lock);
-    mb_proc_move_sock_msgs(p, s->id, to);
+    mb_proc_move_port_msgs(p, s->id, to);
     rc = mb_sock_set_owner(s, p->pid, np);
     mb_proc_unref(np);
     pthread_mutex_lock(&s->lock);
@@ -602,7 +601,11 @@ static const luaL_Reg methods[] = {
   {NULL, NULL}
 };
 
-static mb_idkind_t sock_kind = {"socket", l_tostring, methods, 0, 0};
+void mb_lib_tcp_init(void)
+{
+  mb_sock_kind.tostring = l_tostring;
+  mb_sock_kind.methods = methods;
+}
 
 static const luaL_Reg funcs[] = {
   {"listen", l_listen},

@@ -9,6 +9,7 @@
 #include "lstate.h"
 #include "luajit.h"
 #include "lualib.h"
+#include "run.h"
 #include "scheduler.h"
 
 lua_CFunction mb_lstate_pcall_cf, mb_lstate_xpcall_cf, mb_lstate_load_cf;
@@ -365,7 +366,7 @@ int mb_lstate_new(mb_proc_t *p)
   lua_gc(L, LUA_GCRESTART, 0);
   p->L = L;
   if (mb_sched_opts.slice_reds > 0)
-    lua_sethook(L, mb_sched_hook, LUA_MASKCOUNT, MB_HOOK_INSTRUCTIONS);
+    lua_sethook(L, mb_run_hook, LUA_MASKCOUNT, MB_HOOK_INSTRUCTIONS);
   return 0;
 }
 

@@ -1,6 +1,7 @@
 /* test_proc.c: tests of the process table and mailboxes (proc.h) below Lua.
  *
- * No scheduler runs here: processes are created and fed messages and exit
+ * It links the core library alone (no Lua layer, no scheduler): processes
+ * have no Lua state; they are created and fed messages and exit
  * signals directly, and each check looks at what the owner side (drain,
  * the private queue, exit_reason) makes of them. Every check prints one
  * line; the exit code is 0 only if all passed.
@@ -10,18 +11,20 @@
 #include <string.h>
 
 #include "check.h"
-#include "lauxlib.h"
 #include "proc.h"
-#include "scheduler.h"
 
-
+/* No scheduler: a woken process is only marked runnable. */
+static void on_runnable(mb_proc_t *p)
+{
+  (void)p;
+}
 
 static mb_proc_t *new_proc(void)
 {
-  char err[128];
-  mb_proc_t *p = mb_proc_new(0, err, sizeof err);
-  if (p == NULL)
-    check(false, "mb_proc_new: %s", err);
+  mb_proc_t *p = NULL;
+  int rc = mb_proc_new(0, &p);
+  if (rc)
+    check(false, "mb_proc_new: %s", mb_strerror(rc));
   return p;
 }
 
@@ -150,7 +153,7 @@ static void test_links_monitors(void)
   mb_proc_drain(w);
   check(w->q_head && w->q_head->kind == MB_MSG_DOWN && w->q_head->ref == ref &&
         w->q_head->from == bpid, "the monitor gets DOWN with its ref and the pid");
-  check(mb_proc_link(w, bpid) == -1, "linking a dead pid fails (noproc)");
+  check(mb_proc_link(w, bpid) == MB_ENOPROC, "linking a dead pid fails (noproc)");
   mb_ref_t r2 = mb_proc_monitor(w, bpid);
   mb_proc_drain(w);
   check(w->q_head && w->q_head->next && w->q_head->next->kind == MB_MSG_DOWN &&
@@ -181,8 +184,7 @@ static void test_aliases(void)
 
 int main(void)
 {
-  /* No count hook: these states never run under a scheduler. */
-  mb_sched_opts.slice_reds = 0;
+  mb_proc_on_runnable = on_runnable;
   test_table();
   test_mailbox_order();
   test_exit_signals();

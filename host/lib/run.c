@@ -1,0 +1,408 @@
+/* run.c: the runner - what a slice of a process is: running its Lua (boot,
+ * finishing its waits and I/O, resuming its body until it yields), its
+ * preemption by the count hook, and its death (see run.h).
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "io.h"
+#include "copy.h"
+#include "lauxlib.h"
+#include "lib.h"
+#include "lstate.h"
+#include "report.h"
+#include "run.h"
+#include "timer.h"
+
+/* -- Safe points and the hook --------------------------------------------- */
+
+/* Are all of T's frames from level `from` up yield-safe: Lua functions, or
+ * the C functions that LuaJIT can yield across (pcall, xpcall)? An outer
+ * coroutine's innermost frame is co_resume, which passes yields on. */
+static int frames_ok(lua_State *T, int from)
+{
+  lua_Debug ar;
+  for (int lvl = from; lua_getstack(T, lvl, &ar); lvl++) {
+    if (!lua_checkstack(T, 1))
+      return 0;
+    lua_getinfo(T, "f", &ar);
+    lua_CFunction cf = lua_iscfunction(T, -1) ? lua_tocfunction(T, -1) : NULL;
+    lua_pop(T, 1);
+    if (cf && cf != mb_lstate_pcall_cf && cf != mb_lstate_xpcall_cf &&
+        !(lvl == 0 && cf == mb_lstate_resume_cf))
+      return 0;
+  }
+  return 1;
+}
+
+/* Is the innermost C function on L's stack `load` (running its reader)? */
+static int inside_load(lua_State *L)
+{
+  lua_Debug ar;
+  for (int lvl = 0; lua_getstack(L, lvl, &ar); lvl++) {
+    if (!lua_checkstack(L, 1))
+      return 1;
+    lua_getinfo(L, "f", &ar);
+    lua_CFunction cf = lua_iscfunction(L, -1) ? lua_tocfunction(L, -1) : NULL;
+    lua_pop(L, 1);
+    if (cf)
+      return cf == mb_lstate_load_cf;
+  }
+  return 0;
+}
+
+static int can_yield(mb_proc_t *p, lua_State *L, int skip_top)
+{
+  lua_State *top = p->con ? p->costack[p->con - 1] : p->co;
+  if (L != top)
+    return 0;  /* a coroutine resumed by C code we do not know of */
+  for (int i = p->con; i >= 0; i--) {
+    lua_State *T = i ? p->costack[i - 1] : p->co;
+    if (!frames_ok(T, T == L ? skip_top : 0))
+      return 0;
+  }
+  return 1;
+}
+
+int mb_run_can_yield(mb_proc_t *p, lua_State *L)
+{
+  return can_yield(p, L, 1);
+}
+
+int mb_run_yield(lua_State *L, mb_yield_t reason)
+{
+  mb_proc_of(L)->yield = reason;
+  return lua_yield(L, 0);
+}
+
+/* Must the running process p die now? Handles pending exit signals and a
+ * refused allocation. */
+static int must_die(mb_proc_t *p)
+{
+  if (p->alloc.oom && p->exit_reason == NULL) {
+    p->alloc.limit = 0;   /* room to unwind and report */
+    p->exit_reason = mb_must(mb_msg_string("out of memory"));
+  }
+  if (atomic_load_explicit(&p->nsignals, memory_order_relaxed))
+    mb_proc_drain(p);
+  return p->exit_reason != NULL;
+}
+
+void mb_run_hook(lua_State *L, lua_Debug *ar)
+{
+  mb_proc_t *p = mb_proc_of(L);
+  if (p->co == NULL)
+    return;
+  atomic_store_explicit(&p->reductions,
+      atomic_load_explicit(&p->reductions, memory_order_relaxed) + MB_REDS_PER_HOOK,
+      memory_order_relaxed);
+  p->budget -= MB_REDS_PER_HOOK;
+  int die = must_die(p);
+  if (!die && p->budget > 0 && !mb_sched_halting())
+    return;
+  if (can_yield(p, L, 0)) {
+    lua_sethook(L, mb_run_hook, LUA_MASKCOUNT, MB_HOOK_INSTRUCTIONS);
+    p->yield = die ? MB_YIELD_EXIT : MB_YIELD_PREEMPT;
+    lua_yield(L, 0);
+    return;
+  }
+  /* Not a safe point: look again soon. A process that must die (or is
+   * halted) checks at every instruction, since the safe points between two
+   * C calls (pcall(table.sort, ...) in a loop) are a few instructions long,
+   * and unwinds with an error until it reaches one (pcall may catch it; the
+   * next hook throws again) - except inside `load`'s reader: LuaJIT only
+   * re-enables hooks after an error thrown from a hook when pcall catches
+   * it or it ends a coroutine, and one caught by `load` would leave the
+   * process with no hook at all, unkillable. */
+  die = die || mb_sched_halting();
+  lua_sethook(L, mb_run_hook, LUA_MASKCOUNT,
+              die ? 1 : MB_HOOK_RETRY_INSTRUCTIONS);
+  if (die && !inside_load(L))
+    luaL_error(L, "process is exiting");
+}
+
+/* -- Running a slice ------------------------------------------------------ */
+
+/* What finishing a wait or booting gives when it does not give the number
+ * of values to resume the body with. */
+enum {
+  GOES_ON = -1,     /* the wait goes on: the process stays blocked */
+  MUST_DIE = -2     /* the process must end (p->exit_reason is set) */
+};
+
+/* End the current wait: drop its timer and match function. */
+static void end_wait(mb_proc_t *p)
+{
+  if (p->recv_match) {
+    luaL_unref(p->L, LUA_REGISTRYINDEX, p->recv_match);
+    p->recv_match = 0;
+  }
+  p->q_scan = &p->q_head;
+  p->timed_out = 0;
+  p->io_on_timeout = NULL;
+  if (p->wait_timer || p->wait == MB_WAIT_IO) {
+    if (p->wait_timer)
+      mb_timer_wait_done(p->wait_timer);
+    p->wait_timer = NULL;
+    mb_proc_lock(p);
+    p->wait = MB_WAIT_NONE;
+    p->expired = 0;
+    p->wait_seq++;   /* a late timer of this wait will find no match */
+    mb_proc_unlock(p);
+  } else {
+    /* Without a timer or I/O only pushers read `wait`, and only while the
+     * status is WAITING, which it is not while the process runs. */
+    p->wait = MB_WAIT_NONE;
+  }
+}
+
+/* The error value on top of L as an exit reason (or fallback, if the value
+ * cannot be copied); pops it. */
+static mb_msg_t *pop_reason(lua_State *L, const char *fallback)
+{
+  mb_msg_t *m = mb_copy_encode(L, -1, 1, "reason", NULL, NULL, 0);
+  lua_pop(L, 1);
+  return m ? m : mb_must(mb_msg_string(fallback));
+}
+
+/* A wake-up's protected call failed: its error value (popped) is the exit
+ * reason, except that a refused allocation is "out of memory" wherever it
+ * struck (decoding a message while waiting, or in the body: the same). */
+static mb_msg_t *wake_failed(mb_proc_t *p, lua_State *L, const char *fallback)
+{
+  if (p->alloc.oom) {
+    lua_pop(L, 1);
+    p->alloc.limit = 0;   /* room to unwind and report */
+    return mb_must(mb_msg_string("out of memory"));
+  }
+  return pop_reason(L, fallback);
+}
+
+/* Under lua_cpcall on the idle main thread: receive on behalf of p and pass
+ * the message to the suspended body coroutine. lua_cpcall rather than
+ * lua_pcall: no closure is created per wake-up. */
+static int try_receive_cf(lua_State *L)
+{
+  mb_proc_t *p = lua_touserdata(L, 1);
+  lua_settop(L, 0);
+  p->recv_result = mb_lib_try_receive(p, L);
+  if (p->recv_result == 1)
+    lua_xmove(L, p->co, 1);
+  return 0;
+}
+
+/* Under lua_cpcall on the main thread: push an operation's results (or,
+ * without one, what its timeout gives) and pass them to the suspended body
+ * coroutine. */
+static int push_io_cf(lua_State *L)
+{
+  mb_proc_t *p = lua_touserdata(L, 1);
+  lua_settop(L, 0);
+  p->recv_result = p->io_req ? p->io_req->push(L, p->io_req)
+                             : p->io_on_timeout(L, p->io_timeout_arg);
+  lua_xmove(L, p->co, p->recv_result);
+  return 0;
+}
+
+/* An MB_WAIT_IO: resume with the operation's results once it is done. */
+static int finish_io(mb_proc_t *p)
+{
+  mb_proc_lock(p);
+  mb_io_req_t *req = p->io_done;
+  p->io_done = NULL;
+  mb_proc_unlock(p);
+  /* Without a result, only the wait's timer can end it, and then the
+   * operation says what a timeout gives. */
+  if (req == NULL && (!p->timed_out || p->io_on_timeout == NULL))
+    return GOES_ON;
+  p->io_req = req;
+  int rc = lua_cpcall(p->L, push_io_cf, p);
+  p->io_req = NULL;
+  if (req)
+    mb_io_free(req);
+  if (rc != 0) {
+    p->exit_reason = wake_failed(p, p->L, "out of memory");
+    return MUST_DIE;
+  }
+  end_wait(p);
+  return p->recv_result;
+}
+
+/* A waiting process was woken: can its wait end? Returns the number of
+ * values pushed on co to resume it with, GOES_ON or MUST_DIE. */
+static int finish_wait(mb_proc_t *p)
+{
+  if (mb_proc_drain(p))
+    return MUST_DIE;
+  if (p->wait == MB_WAIT_RECV) {
+    /* The receive may call a match function: run it on the idle main
+     * thread, protected, never on the suspended coroutine. */
+    lua_State *L = p->L;
+    if (lua_cpcall(L, try_receive_cf, p) != 0) {
+      p->exit_reason = wake_failed(p, L, "receive failed");
+      return MUST_DIE;
+    }
+    if (p->recv_result < 0)
+      return MUST_DIE;
+    if (p->recv_result == 0) {
+      if (!p->timed_out)
+        return GOES_ON;
+      lua_pushnil(p->co);
+    }
+    end_wait(p);
+    return 1;
+  }
+  if (p->wait == MB_WAIT_IO)
+    return finish_io(p);
+  if (p->wait == MB_WAIT_SLEEP && !p->timed_out)
+    return GOES_ON;
+  end_wait(p);
+  return 0;
+}
+
+/* Under lua_cpcall on the main thread: the boot function leaves the body
+ * function and its arguments, which go to the body coroutine. */
+static int boot_cf(lua_State *L)
+{
+  mb_proc_t *p = lua_touserdata(L, 1);
+  int n = p->boot(L);
+  lua_xmove(L, p->co, n);
+  p->recv_result = n;
+  return 0;
+}
+
+/* Boot a new process: make its state and rebuild its body function and
+ * arguments. Returns the number of arguments to resume its body with, or
+ * MUST_DIE if it failed (reported, p->exit_reason set). */
+static int boot(mb_proc_t *p)
+{
+  if (p->L == NULL && mb_lstate_new(p) != 0) {
+    p->exit_reason = mb_must(mb_msg_string("out of memory"));
+    return MUST_DIE;
+  }
+  if (lua_cpcall(p->L, boot_cf, p) != 0) {
+    mb_report_crash(p, p->L);
+    p->exit_reason = pop_reason(p->L, "spawn failed");
+    return MUST_DIE;
+  }
+  p->boot = NULL;
+  return p->recv_result - 1;
+}
+
+static void die(mb_proc_t *p, mb_msg_t *reason)
+{
+  if (p->first)
+    mb_sched_first_exit(mb_msg_is_normal(reason) ? 0 : 1);
+  mb_proc_exit(p, reason);
+}
+
+/* The body raised an error: report it and die with it as the reason. */
+static void crashed(mb_proc_t *p, int status)
+{
+  p->alloc.limit = 0;
+  mb_msg_t *reason = p->exit_reason;
+  p->exit_reason = NULL;
+  if (reason && !p->alloc.oom) {
+    /* Killed at an unsafe point: the error was only the way out. */
+    die(p, reason);
+    return;
+  }
+  if (reason == NULL && (p->alloc.oom || status == LUA_ERRMEM))
+    reason = mb_must(mb_msg_string("out of memory"));
+  if (reason == NULL) {
+    mb_report_crash(p, p->co);
+    die(p, pop_reason(p->co, luaL_typename(p->co, -1)));
+    return;
+  }
+  mb_report_crash(p, p->co);
+  die(p, reason);
+}
+
+static void run(mb_sched_t *s, mb_proc_t *p)
+{
+  atomic_store_explicit(&p->running, 1, memory_order_relaxed);
+  int nargs = 0;
+  if (p->boot) {
+    nargs = boot(p);
+  } else if (p->wait != MB_WAIT_NONE) {
+    for (;;) {
+      nargs = finish_wait(p);
+      if (nargs != GOES_ON)
+        break;
+      mb_proc_lock(p);
+      int again = p->in_head != NULL || p->woken;
+      if (!again) {
+        /* Last touch of p: once unlocked, a waker may run it elsewhere. */
+        atomic_store_explicit(&p->running, 0, memory_order_relaxed);
+        p->status = MB_PS_WAITING;
+      }
+      mb_proc_unlock(p);
+      if (!again)
+        return;
+    }
+  } else if (must_die(p)) {
+    nargs = MUST_DIE;
+  }
+  if (nargs == MUST_DIE) {
+    mb_msg_t *reason = p->exit_reason;
+    p->exit_reason = NULL;
+    if (!p->boot)
+      mb_report_exit(p, reason);
+    die(p, reason);
+    return;
+  }
+  p->budget = mb_sched_opts.slice_reds;
+  int st = lua_resume(p->co, nargs);
+  if (p->alloc.oom && st != LUA_ERRRUN && st != LUA_ERRMEM && must_die(p)) {
+    /* A refused allocation was caught (pcall) and the process went on:
+     * the limit still ends it, as in Erlang's max_heap_size. */
+    st = LUA_YIELD;
+    p->yield = MB_YIELD_EXIT;
+  }
+  if (st == LUA_YIELD) {
+    mb_yield_t why = p->yield;
+    p->yield = MB_YIELD_NONE;
+    if (lua_gettop(p->co) > 0)
+      lua_settop(p->co, 0);   /* values of a bare coroutine.yield() */
+    if (why == MB_YIELD_EXIT) {
+      mb_msg_t *reason = p->exit_reason;
+      p->exit_reason = NULL;
+      mb_report_exit(p, reason);
+      die(p, reason);
+      return;
+    }
+    if (why == MB_YIELD_WAIT) {
+      mb_proc_lock(p);
+      p->wait = p->pending_wait;
+      int again = p->in_head != NULL || p->woken;
+      p->status = again ? MB_PS_RUNNABLE : MB_PS_WAITING;
+      /* Last touch of p unless again: once unlocked, a waker may run it. */
+      atomic_store_explicit(&p->running, 0, memory_order_relaxed);
+      mb_proc_unlock(p);
+      if (again)
+        mb_sched_push(s, p);
+      return;
+    }
+    /* Preempted, mb.yield(), or a bare coroutine.yield() in the body. */
+    atomic_store_explicit(&p->running, 0, memory_order_relaxed);
+    mb_sched_requeue(s, p);
+    return;
+  }
+  if (st == 0) {
+    mb_msg_t *reason = p->exit_reason ? p->exit_reason
+                                        : mb_must(mb_msg_string("normal"));
+    p->exit_reason = NULL;
+    die(p, reason);
+    return;
+  }
+  crashed(p, st);
+}
+
+/* -- Set-up ------------------------------------------------------------------ */
+
+void mb_run_init(void)
+{
+  mb_lstate_init();
+  mb_sched_set_runner(run);
+  mb_proc_add_exit_hook(mb_lstate_close);
+}

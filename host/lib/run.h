@@ -1,0 +1,67 @@
+/* run.h: the runner - what one slice of a process is: its Lua run by the
+ * executor's threads (scheduler.h).
+ *
+ * DESIGN
+ * A process's body is a coroutine `co` of its own lua_State. A slice
+ * resumes it until it yields to the runner: preempted (its budget of
+ * reductions spent), blocked (receive, sleep, I/O: a "wait"), or ending.
+ * The runner then puts the process back in a run queue, leaves it waiting
+ * (a message, timer, I/O completion or signal makes it runnable again, on
+ * any scheduler), or ends it (mb_proc_exit) with its reason and a crash
+ * report if it crashed. Work done on a process's behalf while its body is
+ * suspended (booting it, decoding the message a receive waits for, pushing
+ * an I/O result, running a selective receive's match function) runs under
+ * a protected call on the state's idle main thread, never on the suspended
+ * coroutine.
+ *
+ * Preemption: a count hook fires every MB_HOOK_INSTRUCTIONS VM instructions
+ * and charges MB_REDS_PER_HOOK reductions. When the slice is spent, the hook
+ * yields the body coroutine - but only at a safe point: never across a C
+ * function other than pcall/xpcall (a table.sort comparator, a gsub callback,
+ * a module's top level), and only from the innermost coroutine that the
+ * process's coroutine wrappers know about (see lstate.c), which pass the
+ * yield up to the runner instead of to the user's resumer. At an unsafe
+ * point the preemption waits for the next hook.
+ *
+ * Threads: everything here runs on the thread of the scheduler running the
+ * process (the owner thread).
+ */
+#ifndef MB_RUN_H
+#define MB_RUN_H
+
+#include "proc.h"
+#include "scheduler.h"
+
+/* Budgets. One reduction is about MB_HOOK_INSTRUCTIONS / MB_REDS_PER_HOOK
+ * = 100 Lua VM instructions. A slice of 500 reductions is 50,000
+ * instructions: measured, 0.2 ms of interpreted Lua with the hook on (2000
+ * reductions measured 0.8 ms, which let a ping-pong pair wait tens of ms
+ * behind busy processes). The 1.4 us of a hook-driven yield stays under 1%.
+ * Sending charges MB_REDS_PER_SEND plus one per MB_COPY_BYTES_PER_RED bytes
+ * copied (as the BEAM's ERTS_MSG_COPY_WORDS_PER_REDUCTION). */
+#define MB_HOOK_INSTRUCTIONS 1000
+#define MB_REDS_PER_HOOK 10
+#define MB_SLICE_REDS 500
+#define MB_REDS_PER_SEND 1
+#define MB_COPY_BYTES_PER_RED 64
+/* While a preemption waits for a safe point, check again this often. */
+#define MB_HOOK_RETRY_INSTRUCTIONS 100
+
+/* Set the runner up (the executor's runner, the process exit hook that
+ * frees what a process's Lua held). Once, at start-up. */
+void mb_run_init(void);
+
+/* Is it safe for the running process p to yield its body coroutine from the
+ * C function now running in L (that function's own frame is not counted)?
+ * See DESIGN. Owner thread. */
+int mb_run_can_yield(mb_proc_t *p, lua_State *L);
+
+/* Yield the running process to the runner for reason. Must be called as
+ * `return mb_run_yield(L, reason)` from a C function, after
+ * mb_run_can_yield said yes. */
+int mb_run_yield(lua_State *L, mb_yield_t reason);
+
+/* The count hook installed in every process's state. */
+void mb_run_hook(lua_State *L, lua_Debug *ar);
+
+#endif

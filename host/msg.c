@@ -1,0 +1,159 @@
+/* msg.c: messages and the C message builder (see msg.h). */
+#include <stdlib.h>
+#include <string.h>
+
+#include "copy_format.h"
+#include "msg.h"
+#include "pid.h"
+
+mb_msg_t *mb_msg_new(size_t len)
+{
+  if (len > SIZE_MAX - sizeof(mb_msg_t))
+    return NULL;
+  mb_msg_t *m = calloc(1, sizeof(mb_msg_t) + len);
+  if (m)
+    m->len = len;
+  return m;
+}
+
+void mb_msg_free(mb_msg_t *msg)
+{
+  free(msg);
+}
+
+mb_msg_t *mb_msg_dup(const mb_msg_t *m)
+{
+  mb_msg_t *d = malloc(sizeof(mb_msg_t) + m->len);
+  if (d == NULL)
+    return NULL;
+  memcpy(d, m, sizeof(mb_msg_t) + m->len);
+  d->next = NULL;
+  return d;
+}
+
+/* -- Builder --------------------------------------------------------------- */
+
+void mb_msgb_init(mb_msgb_t *b, size_t hint)
+{
+  b->len = 0;
+  b->cap = hint < 16 ? 16 : hint;
+  b->failed = 0;
+  b->m = malloc(sizeof(mb_msg_t) + b->cap);
+  if (b->m == NULL)
+    b->failed = 1;
+}
+
+/* Room for n more bytes, or NULL (and failed) when memory runs out. */
+static unsigned char *room(mb_msgb_t *b, size_t n)
+{
+  if (b->failed)
+    return NULL;
+  if (b->cap - b->len < n) {
+    size_t cap = b->cap * 2 > b->len + n ? b->cap * 2 : b->len + n;
+    mb_msg_t *m = realloc(b->m, sizeof(mb_msg_t) + cap);
+    if (m == NULL) {
+      b->failed = 1;
+      return NULL;
+    }
+    b->m = m;
+    b->cap = cap;
+  }
+  unsigned char *p = b->m->data + b->len;
+  b->len += n;
+  return p;
+}
+
+static void put(mb_msgb_t *b, const void *src, size_t n)
+{
+  unsigned char *p = room(b, n);
+  if (p)
+    memcpy(p, src, n);
+}
+
+static void put_tag(mb_msgb_t *b, unsigned char tag)
+{
+  put(b, &tag, 1);
+}
+
+static void put_varint(mb_msgb_t *b, uint32_t v)
+{
+  unsigned char buf[5];
+  size_t k = 0;
+  while (v >= 0x80) {
+    buf[k++] = (unsigned char)(v | 0x80);
+    v >>= 7;
+  }
+  buf[k++] = (unsigned char)v;
+  put(b, buf, k);
+}
+
+void mb_msgb_nil(mb_msgb_t *b) { put_tag(b, T_NIL); }
+void mb_msgb_bool(mb_msgb_t *b, int v) { put_tag(b, v ? T_TRUE : T_FALSE); }
+
+void mb_msgb_number(mb_msgb_t *b, double v)
+{
+  put_tag(b, T_NUMBER);
+  put(b, &v, 8);
+}
+
+void mb_msgb_string(mb_msgb_t *b, const char *s, size_t n)
+{
+  if (n <= SHORTSTR_MAX) {
+    put_tag(b, (unsigned char)(T_SHORTSTR | n));
+  } else {
+    put_tag(b, T_STRING);
+    put_varint(b, (uint32_t)n);
+  }
+  put(b, s, n);
+}
+
+void mb_msgb_cstring(mb_msgb_t *b, const char *s)
+{
+  mb_msgb_string(b, s, strlen(s));
+}
+
+void mb_msgb_id(mb_msgb_t *b, const mb_idkind_t *kind, uint64_t id)
+{
+  put_tag(b, kind->tag);
+  put(b, &id, 8);
+}
+
+void mb_msgb_table(mb_msgb_t *b, uint32_t narr, uint32_t nhash)
+{
+  put_tag(b, T_TABLE);
+  put_varint(b, narr);
+  put(b, &nhash, 4);
+}
+
+mb_msg_t *mb_msgb_finish(mb_msgb_t *b, uint32_t nvalues)
+{
+  if (b->failed) {
+    free(b->m);
+    b->m = NULL;
+    return NULL;
+  }
+  mb_msg_t *m = b->m;
+  b->m = NULL;
+  memset(m, 0, offsetof(mb_msg_t, data));
+  m->nvalues = nvalues;
+  m->len = b->len;
+  return m;
+}
+
+/* -- Strings ---------------------------------------------------------------- */
+
+mb_msg_t *mb_msg_string(const char *s)
+{
+  mb_msgb_t b;
+  size_t n = strlen(s);
+  mb_msgb_init(&b, n + 6);
+  mb_msgb_string(&b, s, n);
+  return mb_msgb_finish(&b, 1);
+}
+
+int mb_msg_is_string(const mb_msg_t *m, const char *s)
+{
+  size_t n = strlen(s);
+  return n <= SHORTSTR_MAX && m->nvalues == 1 && m->len == n + 1 &&
+         m->data[0] == (T_SHORTSTR | n) && memcmp(m->data + 1, s, n) == 0;
+}

@@ -1,0 +1,70 @@
+/* msg.h: messages - the flat blocks of bytes that carry values between
+ * processes - and a builder that writes them from C.
+ *
+ * DESIGN
+ * A message belongs to no Lua state: the codec (copy.h) encodes Lua values
+ * into one, any thread moves it, and the receiver decodes it. Code that has
+ * no Lua state at hand (the process table's exit reasons, a socket's
+ * active-mode messages built on a loop thread) writes one with the builder
+ * below, which produces exactly the bytes the encoder would for the same
+ * values. The byte format is the codec's (copy_format.h); only msg.c and the
+ * codec know it.
+ *
+ * Allocation: messages are malloc'ed blocks; every function here that
+ * allocates returns NULL when memory runs out, and callers check.
+ * Threads: none of this touches shared state; any thread.
+ */
+#ifndef MB_MSG_H
+#define MB_MSG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* One message. The mailbox links messages through next; kind, from, ref
+ * and port are set by whoever queues it (proc.h), not by the codec. */
+typedef struct mb_msg {
+  struct mb_msg *next;
+  uint32_t kind;
+  uint32_t nvalues;      /* how many values were encoded */
+  uint64_t from;
+  uint64_t ref;          /* DOWN messages: the monitor's ref; user: alias */
+  uint64_t port;         /* a socket's active-mode message: its id */
+  size_t len;            /* bytes in data */
+  unsigned char data[];
+} mb_msg_t;
+
+/* A message with no values and room for len bytes of payload, zeroed. */
+mb_msg_t *mb_msg_new(size_t len);
+void mb_msg_free(mb_msg_t *msg);
+/* A copy of m (header and payload; next is NULL). */
+mb_msg_t *mb_msg_dup(const mb_msg_t *m);
+
+/* The one-value message holding the string s (a reason: "noproc"). */
+mb_msg_t *mb_msg_string(const char *s);
+/* Is m the one-value message holding exactly the string s? */
+int mb_msg_is_string(const mb_msg_t *m, const char *s);
+
+/* -- The builder ----------------------------------------------------------
+ * mb_msgb_init, then the values in encoding order (a table's header, then
+ * its narr array values, then its nhash key/value pairs), then
+ * mb_msgb_finish with the number of top-level values. A failed allocation
+ * is remembered and reported by mb_msgb_finish (NULL). */
+struct mb_idkind;
+typedef struct mb_msgb {
+  mb_msg_t *m;
+  size_t len, cap;
+  int failed;
+} mb_msgb_t;
+
+void mb_msgb_init(mb_msgb_t *b, size_t hint);
+void mb_msgb_nil(mb_msgb_t *b);
+void mb_msgb_bool(mb_msgb_t *b, int v);
+void mb_msgb_number(mb_msgb_t *b, double v);
+void mb_msgb_string(mb_msgb_t *b, const char *s, size_t n);
+void mb_msgb_cstring(mb_msgb_t *b, const char *s);
+/* An id value of a kind registered with the codec (pid.h). */
+void mb_msgb_id(mb_msgb_t *b, const struct mb_idkind *kind, uint64_t id);
+void mb_msgb_table(mb_msgb_t *b, uint32_t narr, uint32_t nhash);
+mb_msg_t *mb_msgb_finish(mb_msgb_t *b, uint32_t nvalues);
+
+#endif
