@@ -6,14 +6,15 @@
  * is ever invoked, no Lua code runs, nothing is allocated in the sender's
  * state) and appends to one malloc'ed block that already starts with the
  * mb_msg_t header, so a successful encode is one malloc, a few geometric
- * reallocs for large messages and at most one shrinking realloc at the end.
+ * reallocs for large messages and at most one final realloc (to shrink, or
+ * to append the code pointers of the functions it carries).
  * The decoder rebuilds the values in the receiver with the Lua API and treats
  * the bytes as untrusted: every length, count, tag and back-reference is
  * checked against the buffer, and anything inconsistent raises "corrupt
- * message" instead of reading out of bounds. (Bytecode itself is handed to
- * LuaJIT's loader, which is not hardened against forged bytecode; the decoder
- * checks its bounds and signature, the rest relies on messages only ever
- * being produced by this encoder inside this host.)
+ * message" instead of reading out of bounds. Bytecode, which LuaJIT's
+ * loader does not verify, is never part of the bytes: a function travels as
+ * a reference to a code object (code.h) that the message holds, interned
+ * host-wide so that one function sent a million times is one copy.
  *
  * FORMAT: see copy_format.h.
  *
@@ -57,6 +58,7 @@
 #include <string.h>
 
 #include "lauxlib.h"
+#include "code.h"
 #include "copy.h"
 #include "copy_format.h"
 #include "pid.h"
@@ -108,6 +110,9 @@ typedef struct {
   const char *const *names;
   char *err;
   size_t errlen;
+  /* Code objects of the functions met, in order (the message keeps them). */
+  mb_code_t **codes;
+  uint32_t ncode, codecap;
   /* Visited set: small[] until it overflows, then the heap map. */
   uint32_t nseen;
   uint32_t mask;          /* heap map capacity - 1 */
@@ -126,7 +131,16 @@ typedef struct {
 static _Thread_local struct {
   mb_msg_t *msg;
   slot_t *map;
+  mb_code_t **codes;
+  uint32_t ncode;
 } inflight;
+
+/* lua_dump writes a function's bytecode here before it is interned; one
+ * buffer per thread, kept between encodes. */
+static _Thread_local struct {
+  unsigned char *p;
+  size_t len, cap;
+} scratch;
 
 /* -- Error text ---------------------------------------------------------- */
 
@@ -662,11 +676,42 @@ static int enc_cfunction(enc_t *e, int idx)
 static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud)
 {
   (void)L;
-  enc_t *e = ud;
-  if (reserve(e, sz) < 0)
-    return 1;
-  memcpy(out(e, sz), p, sz);
+  (void)ud;
+  if (scratch.cap - scratch.len < sz) {
+    size_t cap = scratch.cap * 2 > scratch.len + sz ? scratch.cap * 2
+                                                    : scratch.len + sz + 256;
+    unsigned char *np = realloc(scratch.p, cap);
+    if (np == NULL)
+      return 1;
+    scratch.p = np;
+    scratch.cap = cap;
+  }
+  memcpy(scratch.p + scratch.len, p, sz);
+  scratch.len += sz;
   return 0;
+}
+
+/* Keep c (a reference the caller passes on) in the message's code list;
+ * returns its index, or -1. */
+static int add_code(enc_t *e, mb_code_t *c)
+{
+  if (e->ncode == e->codecap) {
+    uint32_t cap = e->codecap ? 2 * e->codecap : 4;
+    if (e->ncode >= MB_MSG_MAX_CODES) {
+      mb_code_unref(c);
+      return fail_plain(e, "message has too many functions (limit 65535)");
+    }
+    mb_code_t **nc = realloc(e->codes, cap * sizeof *nc);
+    if (nc == NULL) {
+      mb_code_unref(c);
+      return fail_plain(e, "out of memory");
+    }
+    e->codes = inflight.codes = nc;
+    e->codecap = cap;
+  }
+  e->codes[e->ncode] = c;
+  inflight.ncode = ++e->ncode;
+  return (int)(e->ncode - 1);
 }
 
 static int enc_function(enc_t *e, int idx)
@@ -682,20 +727,24 @@ static int enc_function(enc_t *e, int idx)
     return -1;
 
   size_t fpos = e->len;
-  if (reserve(e, 1 + 4) < 0)
+  lua_pushvalue(L, idx);
+  scratch.len = 0;
+  int st = lua_dump(L, dump_writer, NULL);
+  lua_pop(L, 1);
+  if (st == LUA_ERRMEM)
+    return fail(e, "cannot send a function: out of memory (the sender is at its max_memory)");
+  if (st != 0)
+    return fail(e, "cannot send a function: out of memory");
+  mb_code_t *c = mb_code_intern(scratch.p, scratch.len);
+  if (c == NULL)
+    return fail(e, "cannot send a function: out of memory");
+  int ci = add_code(e, c);
+  if (ci < 0)
+    return -1;
+  if (reserve(e, 1 + 5) < 0)
     return -1;
   *out(e, 1) = T_FUNCTION;
-  size_t lpos = e->len;
-  out(e, 4);
-  lua_pushvalue(L, idx);
-  int st = lua_dump(L, dump_writer, e);
-  if (e->failed)
-    return -1;
-  if (st != 0)
-    return fail(e, "cannot send a function (lua_dump failed)");
-  lua_pop(L, 1);
-  uint32_t bclen = (uint32_t)(e->len - lpos - 4);
-  memcpy(e->msg->data + lpos, &bclen, 4);
+  put_varint(e, (uint32_t)ci);
 
   if (reserve(e, 1) < 0)
     return -1;
@@ -783,19 +832,29 @@ static int enc_value(enc_t *e, int idx)
   }
 }
 
+static void drop_codes(mb_code_t **codes, uint32_t n)
+{
+  for (uint32_t i = 0; i < n; i++)
+    mb_code_unref(codes[i]);
+  free(codes);
+}
+
 static void reclaim_inflight(void)
 {
   free(inflight.msg);
   free(inflight.map);
+  drop_codes(inflight.codes, inflight.ncode);
   inflight.msg = NULL;
   inflight.map = NULL;
+  inflight.codes = NULL;
+  inflight.ncode = 0;
 }
 
 mb_msg_t *mb_copy_encode(lua_State *L, int first, int n, const char *root,
                          const char *const *names, char *err, size_t errlen)
 {
   /* Left over only if an earlier encode on this thread was cut short. */
-  if (inflight.msg || inflight.map)
+  if (inflight.msg || inflight.map || inflight.codes)
     reclaim_inflight();
   if (err && errlen)
     err[0] = '\0';
@@ -822,6 +881,8 @@ mb_msg_t *mb_copy_encode(lua_State *L, int first, int n, const char *root,
   e.map = NULL;
   e.msg = NULL;
   e.cap = 0;
+  e.codes = NULL;
+  e.ncode = e.codecap = 0;
 
   if (n < 0) {
     fail_plain(&e, "negative value count");
@@ -847,18 +908,35 @@ mb_msg_t *mb_copy_encode(lua_State *L, int first, int n, const char *root,
   mb_msg_t *m = e.msg;
   inflight.msg = NULL;
   inflight.map = NULL;
+  inflight.codes = NULL;
+  inflight.ncode = 0;
   if (e.failed) {
     free(m);
+    drop_codes(e.codes, e.ncode);
     return NULL;
   }
-  if (e.cap - e.len > SHRINK_SLACK) {
-    mb_msg_t *shrunk = realloc(m, sizeof(mb_msg_t) + e.len);
-    if (shrunk)
-      m = shrunk;
+  /* The code pointers go after the payload; the final size is exact
+   * unless the slack is too small to be worth a realloc. */
+  size_t need = MB_MSG_CODES_AT(e.len) + e.ncode * sizeof(mb_code_t *);
+  if (need > e.cap || e.cap - need > SHRINK_SLACK) {
+    mb_msg_t *resized = realloc(m, sizeof(mb_msg_t) + need);
+    if (resized)
+      m = resized;
+    else if (need > e.cap) {
+      free(m);
+      drop_codes(e.codes, e.ncode);
+      if (err && errlen)
+        snprintf(err, errlen, "out of memory");
+      return NULL;
+    }
   }
   /* Zero the whole header, fields added to mb_msg_t later included. */
   memset(m, 0, offsetof(mb_msg_t, data));
   m->nvalues = (uint32_t)n;
   m->len = e.len;
+  m->ncode = (uint16_t)e.ncode;
+  if (e.ncode)
+    memcpy(mb_msg_codes(m), e.codes, e.ncode * sizeof(mb_code_t *));
+  free(e.codes);
   return m;
 }

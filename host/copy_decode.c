@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "lauxlib.h"
+#include "code.h"
 #include "copy.h"
 #include "copy_format.h"
 #include "pid.h"
@@ -19,6 +20,7 @@
 
 typedef struct {
   lua_State *L;
+  const mb_msg_t *msg;
   const unsigned char *base, *p, *end;
   int objs;               /* stack slot of the shared-object table */
   bool has_objs;          /* whether that slot holds the table yet (else nil) */
@@ -156,17 +158,16 @@ static void dec_table(dec_t *d, unsigned tag, size_t at)
 static void dec_function(dec_t *d, unsigned tag, size_t at)
 {
   lua_State *L = d->L;
-  uint32_t len = rd_u32(d);
-  need(d, len);
-  const unsigned char *bc = d->p;
-  if (len < 4 || bc[0] != 0x1B || bc[1] != 'L' || bc[2] != 'J')
+  /* The bytecode is the message's code object number ci: bytes this host
+   * produced with lua_dump and keeps, never bytes from the message. */
+  uint32_t ci = rd_varint(d);
+  if (ci >= d->msg->ncode)
     corrupt(d);
+  size_t len;
+  const unsigned char *bc = mb_code_bytes(mb_msg_codes(d->msg)[ci], &len);
   dec_enter(d);
-  if (luaL_loadbuffer(L, (const char *)bc, len, "=message") != 0) {
-    lua_pushfstring(L, "corrupt message (bytecode rejected: %s)", lua_tostring(L, -1));
-    lua_error(L);
-  }
-  d->p += len;
+  if (luaL_loadbuffer(L, (const char *)bc, len, "=message") != 0)
+    lua_error(L);   /* out of memory in the receiver */
   if (tag & T_SHARED)
     remember(d, at);
   need(d, 1);
@@ -300,6 +301,7 @@ int mb_copy_decode(lua_State *L, const mb_msg_t *msg)
 {
   dec_t d;
   d.L = L;
+  d.msg = msg;
   d.base = d.p = msg->data;
   d.end = msg->data + msg->len;
   d.has_objs = false;

@@ -5,7 +5,9 @@
  * A message payload is msg->nvalues values back to back. A value is one tag
  * byte followed by its body. Multi-byte integers are in host byte order:
  * messages never leave the host. "varint" is an unsigned LEB128 of at most
- * 5 bytes (7 bits a byte, low bits first).
+ * 5 bytes (7 bits a byte, low bits first). No byte of a payload is ever
+ * handed to LuaJIT's bytecode loader, so a decoder fed arbitrary bytes
+ * can only fail with "corrupt message".
  *
  *   0x00 nil            0x01 false            0x02 true
  *   0x03 number         8 bytes: the double, memcpy'd (inf, -0 survive;
@@ -14,8 +16,10 @@
  *   0x04 string         varint length, then the bytes
  *   0x05 table          varint narr, uint32 nhash, then narr values (keys
  *                       1..narr, nil for holes), then nhash key/value pairs
- *   0x06 function       uint32 length, LuaJIT bytecode (lua_dump, debug info
- *                       kept), uint8 nups, then nups values, upvalue 1 first
+ *   0x06 function       varint i: the function's bytecode is the message's
+ *                       code object i (msg.h, code.h: lua_dump's bytes,
+ *                       debug info kept, never carried in the payload),
+ *                       then uint8 nups, then nups values, upvalue 1 first
  *   0x07 pid            8 bytes: the id (never 0); likewise for every id
  *   0x08 ref            kind registered with mb_id_register (pid.h), whose
  *                       tags are 0x07, 0x08 and 0x0D..0x1F

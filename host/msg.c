@@ -2,6 +2,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "code.h"
 #include "copy_format.h"
 #include "msg.h"
 #include "pid.h"
@@ -18,16 +19,23 @@ mb_msg_t *mb_msg_new(size_t len)
 
 void mb_msg_free(mb_msg_t *msg)
 {
+  if (msg == NULL)
+    return;
+  for (uint32_t i = 0; i < msg->ncode; i++)
+    mb_code_unref(mb_msg_codes(msg)[i]);
   free(msg);
 }
 
 mb_msg_t *mb_msg_dup(const mb_msg_t *m)
 {
-  mb_msg_t *d = malloc(sizeof(mb_msg_t) + m->len);
+  size_t size = mb_msg_size(m);
+  mb_msg_t *d = malloc(size);
   if (d == NULL)
     return NULL;
-  memcpy(d, m, sizeof(mb_msg_t) + m->len);
+  memcpy(d, m, size);
   d->next = NULL;
+  for (uint32_t i = 0; i < d->ncode; i++)
+    mb_code_ref(mb_msg_codes(d)[i]);
   return d;
 }
 

@@ -21,10 +21,14 @@
 #include <stdint.h>
 
 /* One message. The mailbox links messages through next; kind, from, ref
- * and port are set by whoever queues it (proc.h), not by the codec. */
+ * and port are set by whoever queues it (proc.h), not by the codec. A
+ * message that carries functions holds a reference to each one's code
+ * object (code.h): ncode pointers stored after the payload, released when
+ * the message is freed. */
 typedef struct mb_msg {
   struct mb_msg *next;
-  uint32_t kind;
+  uint16_t kind;
+  uint16_t ncode;        /* code objects referred to by the payload */
   uint32_t nvalues;      /* how many values were encoded */
   uint64_t from;
   uint64_t ref;          /* DOWN messages: the monitor's ref; user: alias */
@@ -33,10 +37,27 @@ typedef struct mb_msg {
   unsigned char data[];
 } mb_msg_t;
 
+/* Where a message's code pointers start: the payload, 8-byte aligned. */
+#define MB_MSG_CODES_AT(len) (((len) + 7) & ~(size_t)7)
+#define MB_MSG_MAX_CODES 0xFFFF
+
+/* The code objects of m (m->ncode of them). */
+static inline struct mb_code **mb_msg_codes(const mb_msg_t *m)
+{
+  return (struct mb_code **)(void *)((char *)m->data + MB_MSG_CODES_AT(m->len));
+}
+
+/* The bytes m holds (header, payload, code pointers), for memory counts. */
+static inline size_t mb_msg_size(const mb_msg_t *m)
+{
+  return sizeof *m + MB_MSG_CODES_AT(m->len) + m->ncode * sizeof(void *);
+}
+
 /* A message with no values and room for len bytes of payload, zeroed. */
 mb_msg_t *mb_msg_new(size_t len);
+/* Free msg and drop its code references. */
 void mb_msg_free(mb_msg_t *msg);
-/* A copy of m (header and payload; next is NULL). */
+/* A copy of m (header, payload, code references; next is NULL). */
 mb_msg_t *mb_msg_dup(const mb_msg_t *m);
 
 /* The one-value message holding the string s (a reason: "noproc"). */

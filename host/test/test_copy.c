@@ -17,6 +17,7 @@
 #include "check.h"
 #include "lauxlib.h"
 #include "lualib.h"
+#include "code.h"
 #include "copy.h"
 #include "pid.h"
 
@@ -560,6 +561,58 @@ static void test_corruption(void)
   run(B, "v, v1, v2 = nil collectgarbage()");
 }
 
+/* Functions travel as code objects: one per distinct bytecode, shared by
+ * every message that carries it, freed with the last; and no byte of a
+ * payload reaches the bytecode loader, so flipping bytes of a message that
+ * carries functions cannot crash the decoder either. */
+static void test_code(void)
+{
+  char err[256];
+  size_t n0, b0, n1, b1;
+  mb_code_stats(&n0, &b0);
+  mb_msg_t *m1 = encode("local up = 5 return function(x) return x + up end", err, sizeof err);
+  mb_msg_t *m2 = encode("local up = 6 return function(x) return x + up end", err, sizeof err);
+  mb_code_stats(&n1, &b1);
+  check(m1 && m2 && m1->ncode == 1 && m2->ncode == 1 &&
+        mb_msg_codes(m1)[0] == mb_msg_codes(m2)[0] && n1 == n0 + 1,
+        "two closures of one function share one code object (%zu bytes)", b1 - b0);
+  mb_msg_t *d = mb_msg_dup(m1);
+  mb_msg_free(m1);
+  mb_msg_free(m2);
+  check(decode(d, err, sizeof err) && truthy(B, "v(1) == 6"),
+        "a copy of the message keeps the code alive and decodes");
+  mb_msg_free(d);
+  mb_code_stats(&n1, &b1);
+  check(n1 == n0 && b1 == b0, "the last message's free frees the code object");
+
+  mb_msg_t *m = encode("local a = {} local function f(x) return a, x end "
+                       "return {f = f, g = function() return f end, n = 1}", err, sizeof err);
+  if (!check(m != NULL && m->ncode == 2, "a message with two functions holds two codes"))
+    return;
+  int top = lua_gettop(B), ok = 0, bad = 0;
+  for (size_t i = 0; i < m->len; i++) {
+    for (unsigned f = 1; f < 256; f <<= 1) {
+      mb_msg_t *c = mb_msg_dup(m);
+      c->data[i] ^= (unsigned char)f;
+      if (decode(c, err, sizeof err))
+        ok++;
+      else
+        bad++;
+      mb_msg_free(c);
+    }
+  }
+  mb_msg_free(m);
+  check(lua_gettop(B) == top, "%d mutations of a message with functions: "
+        "%d decoded, %d rejected, no crash", ok + bad, ok, bad);
+  mb_msg_t *fake = mb_msg_new(2);
+  fake->nvalues = 1;
+  fake->data[0] = 0x06;   /* a function tag naming code 0 of none */
+  check(!decode(fake, err, sizeof err) && strstr(err, "corrupt") != NULL,
+        "a function tag in a message without code objects is corrupt");
+  mb_msg_free(fake);
+  run(B, "v, v1, v2 = nil collectgarbage()");
+}
+
 /* mb_msg_new gives a zeroed, empty message. */
 static void test_msg(void)
 {
@@ -690,6 +743,7 @@ int main(void)
   test_tables();
   test_pids();
   test_functions();
+  test_code();
   test_errors();
   test_limits();
   test_corruption();

@@ -1,0 +1,136 @@
+/* code.c: host-wide interned code objects (see code.h). */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "code.h"
+
+struct mb_code {
+  struct mb_code *next;    /* hash chain (guarded by lock) */
+  atomic_uint refs;
+  uint64_t hash;
+  size_t len;
+  unsigned char bytes[];
+};
+
+/* Buckets double when the table holds more objects than buckets. */
+#define MIN_BUCKETS 64
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static mb_code_t **buckets;
+static size_t nbuckets, count, total_bytes;
+
+/* FNV-1a, 64 bits: bytecode is short and hashed once per intern. */
+static uint64_t hash_bytes(const unsigned char *p, size_t n)
+{
+  uint64_t h = 0xcbf29ce484222325ULL;
+  for (size_t i = 0; i < n; i++) {
+    h ^= p[i];
+    h *= 0x100000001b3ULL;
+  }
+  return h;
+}
+
+/* Double the buckets; lock held. Failure keeps the old table (longer
+ * chains, still correct). */
+static void grow(void)
+{
+  size_t n = nbuckets ? 2 * nbuckets : MIN_BUCKETS;
+  mb_code_t **b = calloc(n, sizeof *b);
+  if (b == NULL)
+    return;
+  for (size_t i = 0; i < nbuckets; i++) {
+    mb_code_t *c = buckets[i];
+    while (c) {
+      mb_code_t *next = c->next;
+      c->next = b[c->hash & (n - 1)];
+      b[c->hash & (n - 1)] = c;
+      c = next;
+    }
+  }
+  free(buckets);
+  buckets = b;
+  nbuckets = n;
+}
+
+mb_code_t *mb_code_intern(const void *bytes, size_t len)
+{
+  uint64_t h = hash_bytes(bytes, len);
+  pthread_mutex_lock(&lock);
+  if (count >= nbuckets)
+    grow();
+  if (buckets == NULL) {
+    pthread_mutex_unlock(&lock);
+    return NULL;
+  }
+  mb_code_t **pc = &buckets[h & (nbuckets - 1)];
+  for (mb_code_t *c = *pc; c; c = c->next) {
+    /* A code object whose count reached 0 is being freed: skip it. */
+    if (c->hash == h && c->len == len && memcmp(c->bytes, bytes, len) == 0 &&
+        atomic_load_explicit(&c->refs, memory_order_relaxed) > 0) {
+      atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed);
+      pthread_mutex_unlock(&lock);
+      return c;
+    }
+  }
+  mb_code_t *c = malloc(sizeof *c + len);
+  if (c) {
+    atomic_init(&c->refs, 1);
+    c->hash = h;
+    c->len = len;
+    memcpy(c->bytes, bytes, len);
+    c->next = *pc;
+    *pc = c;
+    count++;
+    total_bytes += len;
+  }
+  pthread_mutex_unlock(&lock);
+  return c;
+}
+
+void mb_code_ref(mb_code_t *c)
+{
+  atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed);
+}
+
+void mb_code_unref(mb_code_t *c)
+{
+  /* Most unrefs leave others: only the last one takes the lock. The
+   * decrement to 0 happens under the lock so that an intern finding the
+   * object either sees refs > 0 (and its ref keeps it) or skips it. */
+  unsigned r = atomic_load_explicit(&c->refs, memory_order_relaxed);
+  while (r > 1) {
+    if (atomic_compare_exchange_weak_explicit(&c->refs, &r, r - 1,
+                                              memory_order_release,
+                                              memory_order_relaxed))
+      return;
+  }
+  pthread_mutex_lock(&lock);
+  if (atomic_fetch_sub_explicit(&c->refs, 1, memory_order_acq_rel) != 1) {
+    pthread_mutex_unlock(&lock);
+    return;
+  }
+  mb_code_t **pc = &buckets[c->hash & (nbuckets - 1)];
+  while (*pc != c)
+    pc = &(*pc)->next;
+  *pc = c->next;
+  count--;
+  total_bytes -= c->len;
+  pthread_mutex_unlock(&lock);
+  free(c);
+}
+
+const unsigned char *mb_code_bytes(const mb_code_t *c, size_t *len)
+{
+  *len = c->len;
+  return c->bytes;
+}
+
+void mb_code_stats(size_t *n, size_t *bytes)
+{
+  pthread_mutex_lock(&lock);
+  *n = count;
+  *bytes = total_bytes;
+  pthread_mutex_unlock(&lock);
+}

@@ -1,0 +1,42 @@
+/* code.h: code objects - the bytecode of Lua functions, shared host-wide.
+ *
+ * DESIGN
+ * Processes share nothing, but the code they run is immutable: when a
+ * function crosses between processes (spawn, a message, a hibernated
+ * process's continuation) its bytecode travels as a reference to one code
+ * object, not as a copy. Code objects are interned by content (the
+ * bytecode, debug info included, as lua_dump writes it): two million
+ * processes hibernated in the same loop function hold one copy of it, and
+ * spawning the same function again finds the copy already there.
+ *
+ * A code object is reference counted: a message that carries a function
+ * holds a reference until it is freed (msg.h), a Lua state that dumped or
+ * loaded the function may keep one in its cache (host/lib/lstate.c). The
+ * last unref frees it and drops it from the table.
+ *
+ * Threads: any. The table is one hash table under one mutex; interning
+ * hashes the bytes outside the lock. Costs: intern = hash of the bytecode
+ * (about 1 ns a byte) + one locked lookup; ref/unref = one atomic op.
+ */
+#ifndef MB_CODE_H
+#define MB_CODE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct mb_code mb_code_t;
+
+/* The code object holding exactly these bytes, with a reference for the
+ * caller: the existing one, or a new one. NULL when memory runs out. */
+mb_code_t *mb_code_intern(const void *bytes, size_t len);
+void mb_code_ref(mb_code_t *c);
+void mb_code_unref(mb_code_t *c);
+
+/* The bytes (valid while a reference is held). */
+const unsigned char *mb_code_bytes(const mb_code_t *c, size_t *len);
+
+/* How many code objects exist and how many bytes they hold (for tests and
+ * benchmarks). */
+void mb_code_stats(size_t *count, size_t *bytes);
+
+#endif
