@@ -18,7 +18,9 @@
 
 typedef struct mb_alloc {
   atomic_size_t used;   /* bytes currently allocated by the state */
-  size_t limit;         /* 0: no limit */
+  size_t limit;         /* enforced now; 0: no limit (lifted to unwind) */
+  size_t max;           /* the process's max_memory (0: none): the limit
+                           each new state of the process starts with */
   int oom;              /* set when an allocation was refused for the limit */
 } mb_alloc_t;
 

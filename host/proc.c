@@ -158,7 +158,7 @@ int mb_proc_new(size_t max_memory, mb_proc_t **out)
   mb_proc_t *p = mb_calloc(1, sizeof *p);
   pthread_mutex_init(&p->lock, NULL);
   atomic_init(&p->refs, 1);
-  p->alloc.limit = max_memory;
+  p->alloc.limit = p->alloc.max = max_memory;
   p->in_tail = &p->in_head;
   p->q_tail = &p->q_head;
   p->q_scan = &p->q_head;
@@ -253,6 +253,7 @@ void mb_proc_push(mb_proc_t *p, mb_msg_t *msg)
   *p->in_tail = msg;
   p->in_tail = &msg->next;
   atomic_fetch_add_explicit(&p->mailbox_len, 1, memory_order_relaxed);
+  atomic_fetch_add_explicit(&p->mailbox_bytes, mb_msg_size(msg), memory_order_relaxed);
   if (sig)
     atomic_fetch_add(&p->nsignals, 1);
   /* Signals end any wait; messages only a receive. */
@@ -338,6 +339,7 @@ mb_msg_t *mb_proc_take_msg(mb_proc_t *p, mb_msg_t **pm)
   if (p->q_scan == &m->next)
     p->q_scan = pm;
   atomic_fetch_sub_explicit(&p->mailbox_len, 1, memory_order_relaxed);
+  atomic_fetch_sub_explicit(&p->mailbox_bytes, mb_msg_size(m), memory_order_relaxed);
   return m;
 }
 

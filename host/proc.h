@@ -78,7 +78,8 @@ typedef enum {
   MB_YIELD_NONE,
   MB_YIELD_PREEMPT, /* budget spent, or mb.yield(): requeue */
   MB_YIELD_WAIT,    /* blocked: see wait */
-  MB_YIELD_EXIT     /* die now with exit_reason (exit, kill, out of memory) */
+  MB_YIELD_EXIT,    /* die now with exit_reason (exit, kill, out of memory) */
+  MB_YIELD_HIBERNATE /* drop the state; boot + boot_msg are the continuation */
 } mb_yield_t;
 
 typedef struct mb_link {
@@ -112,6 +113,8 @@ typedef struct mb_proc {
   uint32_t wait_seq;         /* numbers each wait, for its timer or I/O */
   struct mb_io_req *io_done; /* the finished operation of an MB_WAIT_IO */
   int dead;                  /* no more links or monitors may be added */
+  int hibernated;            /* no state: the next wake-up rebuilds it from
+                                boot + boot_msg (see mb.hibernate) */
   mb_msg_t *in_head, **in_tail;
   mb_linkset_t links;        /* pids linked to this process */
   mb_linkset_t watchers;     /* monitors on this process: {watcher, ref} */
@@ -142,6 +145,7 @@ typedef struct mb_proc {
   mb_msg_t *boot_msg;          /* what boot decodes (spawn's function, args) */
   mb_msg_t *exit_reason;       /* set when the process must die */
   int first;                   /* the host's first process */
+  uint32_t wakes;              /* times woken from hibernation */
   char *origin;                /* what it was spawned from, for crash reports */
   char *name;                  /* registered name (guarded by the registry) */
 
@@ -149,6 +153,9 @@ typedef struct mb_proc {
   atomic_uint nsignals;        /* exit signals queued and not yet handled */
   atomic_uint_fast64_t reductions;
   atomic_uint mailbox_len;
+  atomic_size_t mailbox_bytes; /* bytes of the queued messages */
+  atomic_size_t held;          /* bytes held for it outside its state (a
+                                  hibernated process's continuation) */
   atomic_int running;          /* mb.info status without taking the lock */
   /* The scheduler whose loop holds this process's socket (sock.c sets it
    * when the process becomes a connection's owner), or NULL: where a

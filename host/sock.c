@@ -7,6 +7,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "idtab.h"
 #include "io.h"
 #include "scheduler.h"
 #include "sock.h"
@@ -20,69 +21,23 @@ mb_idkind_t mb_sock_kind = {"socket", NULL, NULL, MB_TAG_SOCKET, 0, 0};
 
 /* -- The socket table ------------------------------------------------------ */
 
-/* id = generation << 24 | slot, as for pids; slot 0 is never used. */
-static pthread_mutex_t tab_lock = PTHREAD_MUTEX_INITIALIZER;
-static mb_sock_t **tab;
-static uint32_t *tab_gen;
-static uint32_t tab_cap, tab_used = 1;
-static uint32_t *tab_free;      /* free slots (a stack) */
-static uint32_t tab_nfree;
+static mb_idtab_t tab = MB_IDTAB_INIT;
 
-static int tab_add(mb_sock_t *s)
+static void ref_sock(void *obj)
 {
-  pthread_mutex_lock(&tab_lock);
-  uint32_t slot;
-  if (tab_nfree) {
-    slot = tab_free[--tab_nfree];
-  } else {
-    if (tab_used >= tab_cap) {
-      uint32_t cap = tab_cap ? tab_cap * 2 : 1024;
-      if (cap > MB_PID_SLOT_MASK) {
-        pthread_mutex_unlock(&tab_lock);
-        return MB_ETOOMANY;
-      }
-      tab = mb_realloc(tab, cap * sizeof *tab);
-      tab_gen = mb_realloc(tab_gen, cap * sizeof *tab_gen);
-      tab_free = mb_realloc(tab_free, cap * sizeof *tab_free);
-      memset(tab_gen + tab_cap, 0, (cap - tab_cap) * sizeof *tab_gen);
-      tab_cap = cap;
-    }
-    slot = tab_used++;
-  }
-  tab[slot] = s;
-  tab_gen[slot]++;
-  s->id = ((uint64_t)tab_gen[slot] << MB_PID_SLOT_BITS) | slot;
-  pthread_mutex_unlock(&tab_lock);
-  return 0;
+  atomic_fetch_add(&((mb_sock_t *)obj)->refs, 1);
 }
 
 /* Drop s from the table (its id finds nothing from now on); returns 1 if
  * it was there, and then the caller drops the table's reference. */
 static int tab_remove(mb_sock_t *s)
 {
-  int found = 0;
-  uint32_t slot = (uint32_t)(s->id & MB_PID_SLOT_MASK);
-  pthread_mutex_lock(&tab_lock);
-  if (slot && slot < tab_used && tab[slot] == s) {
-    tab[slot] = NULL;
-    tab_free[tab_nfree++] = slot;
-    found = 1;
-  }
-  pthread_mutex_unlock(&tab_lock);
-  return found;
+  return mb_idtab_remove(&tab, s->id) != NULL;
 }
 
 mb_sock_t *mb_sock_get(uint64_t id)
 {
-  uint32_t slot = (uint32_t)(id & MB_PID_SLOT_MASK);
-  mb_sock_t *s = NULL;
-  pthread_mutex_lock(&tab_lock);
-  if (slot && slot < tab_used && tab[slot] && tab[slot]->id == id) {
-    s = tab[slot];
-    atomic_fetch_add(&s->refs, 1);
-  }
-  pthread_mutex_unlock(&tab_lock);
-  return s;
+  return mb_idtab_get(&tab, id, ref_sock);
 }
 
 static void chunks_free(mb_chunk_t *c)
@@ -124,7 +79,7 @@ static mb_sock_t *sock_new(mb_sock_kind_t kind)
   uv_tcp_init(mb_sched_loop(sched), &s->tcp);
   uv_timer_init(mb_sched_loop(sched), &s->linger);
   s->linger.data = NULL;   /* marks it as a socket's (see close_sock_handle) */
-  if (tab_add(s) < 0) {
+  if ((s->id = mb_idtab_add(&tab, s)) == 0) {
     /* No id: close the handles at once; their callbacks free s. */
     atomic_fetch_sub(&s->refs, 1);
     close_handles(s);
@@ -841,23 +796,14 @@ static void owner_exit(mb_proc_t *p)
   }
 }
 
+static void drop_table_ref(void *obj)
+{
+  mb_sock_unref(obj);   /* the handles' references remain till they close */
+}
+
 static void sock_shutdown(void)
 {
-  pthread_mutex_lock(&tab_lock);
-  for (uint32_t i = 1; i < tab_used; i++) {
-    mb_sock_t *s = tab[i];
-    tab[i] = NULL;
-    if (s)
-      mb_sock_unref(s);   /* the handles' references remain till they close */
-  }
-  mb_free(tab);
-  mb_free(tab_gen);
-  mb_free(tab_free);
-  tab = NULL;
-  tab_gen = tab_free = NULL;
-  tab_cap = tab_nfree = 0;
-  tab_used = 1;
-  pthread_mutex_unlock(&tab_lock);
+  mb_idtab_clear(&tab, drop_table_ref);
 }
 
 /* A closer (scheduler.h): every TCP handle is a socket's, and so is every

@@ -4,22 +4,28 @@
 #include <uv.h>
 
 #include "alloc.h"
+#include "idtab.h"
 #include "proc.h"
 #include "scheduler.h"
 #include "timer.h"
 
-enum { ARMED, FIRED, CANCELLED };
-
 struct mb_timer {
-  uv_timer_t handle;
+  uv_timer_t handle;       /* first: its data points at the timer itself */
   mb_sched_t *owner;       /* the scheduler whose loop holds the handle */
-  atomic_int refs;         /* the loop's (until closed) + the caller's */
-  atomic_int state;
+  atomic_int refs;         /* the loop's (until closed) + the caller's or
+                              the id table's (send_after, until fired or
+                              cancelled) */
+  uint64_t id;             /* send_after: its id in `timers` */
   mb_pid_t pid;            /* wait: the waiting process; send_after: dest */
   uint32_t seq;            /* wait: p->wait_seq when armed */
   mb_msg_t *msg;           /* send_after: the message, until delivered */
   double due;              /* mb_timer_now() when it fires */
 };
+
+/* send_after timers by id: whoever removes a timer from here - its firing
+ * or a cancel - decides whether it delivers, so a cancelled timer never
+ * delivers and a delivered one never cancels. */
+static mb_idtab_t timers = MB_IDTAB_INIT;
 
 double mb_timer_now(void)
 {
@@ -33,7 +39,7 @@ static void timer_free(mb_timer_t *t)
   mb_free(t);
 }
 
-void mb_timer_unref(mb_timer_t *t)
+static void timer_unref(mb_timer_t *t)
 {
   if (atomic_fetch_sub(&t->refs, 1) == 1)
     timer_free(t);
@@ -41,7 +47,7 @@ void mb_timer_unref(mb_timer_t *t)
 
 static void on_close(uv_handle_t *h)
 {
-  mb_timer_unref(h->data);
+  timer_unref(h->data);
 }
 
 /* Stop and close on the owner's thread. */
@@ -58,7 +64,7 @@ static void close_now(void *arg)
 static void close_posted(void *arg)
 {
   close_now(arg);
-  mb_timer_unref(arg);
+  timer_unref(arg);
 }
 
 static void close_on_owner(mb_timer_t *t)
@@ -89,10 +95,22 @@ static void release(mb_proc_t *p)
   }
 }
 
+static void drop_table_ref(void *obj)
+{
+  timer_unref(obj);
+}
+
+/* After the loops closed every timer's handle. */
+static void timers_shutdown(void)
+{
+  mb_idtab_clear(&timers, drop_table_ref);
+}
+
 void mb_timer_init(void)
 {
   mb_proc_add_exit_hook(release);
   mb_sched_add_closer(close_timer);
+  mb_sched_add_after_loops(timers_shutdown);
 }
 
 static mb_timer_t *timer_new(double ms, uv_timer_cb cb)
@@ -101,7 +119,6 @@ static mb_timer_t *timer_new(double ms, uv_timer_cb cb)
   mb_timer_t *t = mb_calloc(1, sizeof *t);
   t->owner = s;
   atomic_init(&t->refs, 2);
-  atomic_init(&t->state, ARMED);
   t->due = mb_timer_now() + ms;
   uv_loop_t *loop = mb_sched_loop(s);
   uv_timer_init(loop, &t->handle);
@@ -147,7 +164,7 @@ mb_timer_t *mb_timer_wait(mb_proc_t *p, double ms)
 void mb_timer_wait_done(mb_timer_t *t)
 {
   close_on_owner(t);
-  mb_timer_unref(t);
+  timer_unref(t);
 }
 
 /* -- send_after ----------------------------------------------------------- */
@@ -155,30 +172,37 @@ void mb_timer_wait_done(mb_timer_t *t)
 static void on_send_timer(uv_timer_t *h)
 {
   mb_timer_t *t = h->data;
-  int expected = ARMED;
-  if (atomic_compare_exchange_strong(&t->state, &expected, FIRED)) {
+  if (mb_idtab_remove(&timers, t->id)) {
     mb_msg_t *m = t->msg;
     t->msg = NULL;
     mb_proc_send(t->pid, m);
+    timer_unref(t);
   }
   close_now(t);
 }
 
-mb_timer_t *mb_timer_send_after(double ms, mb_pid_t dest, mb_msg_t *msg)
+uint64_t mb_timer_send_after(double ms, mb_pid_t dest, mb_msg_t *msg)
 {
   mb_timer_t *t = timer_new(ms, on_send_timer);
   t->pid = dest;
   t->msg = msg;
-  return t;
+  t->id = mb_idtab_add(&timers, t);
+  if (t->id == 0) {
+    /* No id: it never fires (the caller raises); freed with msg. */
+    close_now(t);
+    timer_unref(t);
+  }
+  return t->id;
 }
 
-int mb_timer_cancel(mb_timer_t *t, double *left_ms)
+int mb_timer_cancel(uint64_t id, double *left_ms)
 {
-  int expected = ARMED;
-  if (!atomic_compare_exchange_strong(&t->state, &expected, CANCELLED))
+  mb_timer_t *t = mb_idtab_remove(&timers, id);
+  if (t == NULL)
     return 0;
   double left = t->due - mb_timer_now();
   *left_ms = left > 0 ? left : 0;
   close_on_owner(t);
+  timer_unref(t);
   return 1;
 }

@@ -7,11 +7,14 @@
  *  - wait timers bound a receive or sleep: when one fires it wakes its
  *    process if the process is still in the same wait (wait_seq), so a
  *    late timer never disturbs a later wait;
- *  - send_after timers carry a message. Firing and cancelling race through
- *    one atomic state word: whoever moves it from ARMED first wins, so a
- *    cancelled timer never delivers and a delivered one never cancels.
+ *  - send_after timers carry a message and have an id (idtab.h), which the
+ *    Lua value holds, so a timer can be sent in messages and outlive the
+ *    state that made it. Firing and cancelling race through the id table:
+ *    whoever removes the timer from it first wins, so a cancelled timer
+ *    never delivers and a delivered one never cancels.
  * A timer's memory is freed in its close callback, as libuv requires, and
- * not before the Lua handle (send_after) lets go of it: two references.
+ * not before its other reference (the waiting process's, or the id
+ * table's) is gone.
  */
 #ifndef MB_TIMER_H
 #define MB_TIMER_H
@@ -34,14 +37,12 @@ mb_timer_t *mb_timer_wait(struct mb_proc *p, double ms);
 /* Stop and release a wait timer (it may have fired). Owner thread of p. */
 void mb_timer_wait_done(mb_timer_t *t);
 
-/* Deliver msg (taken) to dest after ms; returns a timer with one reference
- * for the caller. Scheduler thread. */
-mb_timer_t *mb_timer_send_after(double ms, mb_pid_t dest, mb_msg_t *msg);
-/* Cancel: returns 1 and the ms that were left if it had not fired yet, else
- * 0. Any thread. */
-int mb_timer_cancel(mb_timer_t *t, double *left_ms);
-/* Drop the caller's reference. Any thread. */
-void mb_timer_unref(mb_timer_t *t);
+/* Deliver msg (taken) to dest after ms; returns the timer's id, or 0 when
+ * the timer table is full (msg is then freed). Scheduler thread. */
+uint64_t mb_timer_send_after(double ms, mb_pid_t dest, mb_msg_t *msg);
+/* Cancel the timer id: returns 1 and the ms that were left if it had not
+ * fired yet, else 0. Any thread. */
+int mb_timer_cancel(uint64_t id, double *left_ms);
 
 /* Monotonic milliseconds since an arbitrary start. */
 double mb_timer_now(void);

@@ -147,17 +147,17 @@ static char *module_origin(lua_State *L, int idx)
   return s;
 }
 
-/* Spawn fn at fnidx with the arguments above it; push pid (and ref). */
-static int spawn_common(lua_State *L, int fnidx, const spawn_opts_t *o,
-                        const char *fname)
+/* The function (or module name) at fnidx and the arguments above it as
+ * the boot message of a process body (spawn, hibernate); raises on a value
+ * that cannot be copied, naming it. */
+static mb_msg_t *encode_body(lua_State *L, int fnidx, const char *fname)
 {
-  mb_proc_t *self = mb_lib_self(L);
   int t = lua_type(L, fnidx);
   if (t == LUA_TFUNCTION && lua_iscfunction(L, fnidx))
-    return luaL_error(L, "%s: cannot spawn a C function", fname);
+    luaL_error(L, "%s: cannot run a C function as a process body", fname);
   if (t != LUA_TFUNCTION && t != LUA_TSTRING)
-    return luaL_error(L, "bad argument #%d to '%s' (function or module name "
-                      "expected, got %s)", fnidx, fname, luaL_typename(L, fnidx));
+    luaL_error(L, "bad argument #%d to '%s' (function or module name "
+               "expected, got %s)", fnidx, fname, luaL_typename(L, fnidx));
   int n = lua_gettop(L) - fnidx + 1;
   /* Names for error paths; past the table, values are named arg[i]. */
   static const char *const names[] = {"function", "arg 1", "arg 2", "arg 3",
@@ -168,7 +168,17 @@ static int spawn_common(lua_State *L, int fnidx, const spawn_opts_t *o,
                                n <= (int)(sizeof names / sizeof *names) ? names : NULL,
                                err, sizeof err);
   if (m == NULL)
-    return luaL_error(L, "%s: %s", fname, err);
+    luaL_error(L, "%s: %s", fname, err);
+  return m;
+}
+
+/* Spawn fn at fnidx with the arguments above it; push pid (and ref). */
+static int spawn_common(lua_State *L, int fnidx, const spawn_opts_t *o,
+                        const char *fname)
+{
+  mb_proc_t *self = mb_lib_self(L);
+  int t = lua_type(L, fnidx);
+  mb_msg_t *m = encode_body(L, fnidx, fname);
   mb_proc_t *p;
   int rc = mb_proc_new(o->max_memory, &p);
   if (rc < 0) {
@@ -245,6 +255,27 @@ static int l_spawn_opt(lua_State *L)
   lua_insert(L, 2);  /* the name's string stays anchored while we use it */
   /* Stack: opts, name, fn, args... */
   return spawn_common(L, 3, &o, "spawn_opt");
+}
+
+/* mb.hibernate(fn | module, ...): never returns. The process drops its
+ * whole Lua state and keeps only fn and its arguments (copied now, as for
+ * spawn); the next message or signal that would wake it rebuilds a state
+ * and runs fn(...) there. */
+static int l_hibernate(lua_State *L)
+{
+  mb_proc_t *p = mb_lib_self(L);
+  mb_msg_t *m = encode_body(L, 1, "hibernate");
+  if (!mb_run_can_yield(p, L)) {
+    mb_msg_free(m);
+    return mb_lib_block_error(L, "hibernate");
+  }
+  if (p->boot_msg)
+    mb_msg_free(p->boot_msg);
+  p->boot_msg = m;
+  p->boot = boot_spawned;
+  mb_free(p->origin);
+  p->origin = lua_type(L, 1) == LUA_TSTRING ? module_origin(L, 1) : NULL;
+  return mb_run_yield(L, MB_YIELD_HIBERNATE);
 }
 
 /* -- Messages ------------------------------------------------------------- */
@@ -460,23 +491,17 @@ static int l_now(lua_State *L)
   return 1;
 }
 
-static const char TIMER_MT[] = "moonbeam.timer";
-
-static int timer_gc(lua_State *L)
-{
-  mb_timer_t **pt = luaL_checkudata(L, 1, TIMER_MT);
-  if (*pt) {
-    mb_timer_unref(*pt);
-    *pt = NULL;
-  }
-  return 0;
-}
-
+/* Timer values: ids (pid.h) that messages may carry, so that a timer can
+ * be handed to another process or kept across hibernation. */
 static int timer_tostring(lua_State *L)
 {
-  lua_pushfstring(L, "timer: %p", lua_touserdata(L, 1));
+  uint64_t id = *(uint64_t *)lua_touserdata(L, 1);
+  lua_pushfstring(L, "#Timer<%d.%d>", (int)(id & MB_PID_SLOT_MASK),
+                  (int)(id >> MB_PID_SLOT_BITS));
   return 1;
 }
+
+static mb_idkind_t timer_kind = {"timer", timer_tostring, NULL, MB_TAG_TIMER, 0, 0};
 
 /* mb.send_after(ms, dest, msg) -> timer */
 static int l_send_after(lua_State *L)
@@ -487,28 +512,24 @@ static int l_send_after(lua_State *L)
   mb_pid_t dest = check_dest(L, 2, "send_after");
   if (lua_isnoneornil(L, 3))
     return luaL_error(L, "send_after: nil is not a valid message");
-  mb_timer_t **pt = lua_newuserdata(L, sizeof *pt);
-  *pt = NULL;
-  if (luaL_newmetatable(L, TIMER_MT)) {
-    lua_pushcfunction(L, timer_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, timer_tostring);
-    lua_setfield(L, -2, "__tostring");
-  }
-  lua_setmetatable(L, -2);
   mb_msg_t *m = encode_or_raise(L, 3, "send_after", "msg");
   m->kind = MB_MSG_USER;
   m->from = mb_lib_self(L)->pid;
-  *pt = mb_timer_send_after(ms, dest, m);
+  uint64_t id = mb_timer_send_after(ms, dest, m);
+  if (id == 0)
+    return luaL_error(L, "send_after: %s", mb_strerror(MB_ETOOMANY));
+  mb_id_push(L, id, &timer_kind);
   return 1;
 }
 
 /* mb.cancel_timer(timer) -> ms left | false */
 static int l_cancel_timer(lua_State *L)
 {
-  mb_timer_t **pt = luaL_checkudata(L, 1, TIMER_MT);
+  uint64_t id = mb_id_test(L, 1, &timer_kind);
+  if (id == 0)
+    return luaL_typerror(L, 1, "timer");
   double left;
-  if (*pt && mb_timer_cancel(*pt, &left))
+  if (mb_timer_cancel(id, &left))
     lua_pushnumber(L, left);
   else
     lua_pushboolean(L, 0);
@@ -701,19 +722,24 @@ static int l_info(lua_State *L)
     lua_pushnil(L);
     return 1;
   }
-  pthread_mutex_lock(&p->lock);
+  mb_proc_lock(p);
   mb_pstatus_t st = p->status;
-  int dead = p->dead;
-  pthread_mutex_unlock(&p->lock);
+  int dead = p->dead, hibernated = p->hibernated;
+  mb_proc_unlock(p);
   int running = atomic_load_explicit(&p->running, memory_order_relaxed);
   lua_createtable(L, 0, 5);
-  lua_pushnumber(L, (lua_Number)atomic_load(&p->alloc.used) + sizeof *p);
+  /* What the process holds: its state, its queued messages, what the host
+   * keeps for it (a continuation) and its record. */
+  lua_pushnumber(L, (lua_Number)(atomic_load(&p->alloc.used) +
+                                 atomic_load(&p->mailbox_bytes) +
+                                 atomic_load(&p->held) + sizeof *p));
   lua_setfield(L, -2, "memory");
   lua_pushnumber(L, (lua_Number)atomic_load(&p->reductions));
   lua_setfield(L, -2, "reductions");
   lua_pushnumber(L, atomic_load(&p->mailbox_len));
   lua_setfield(L, -2, "mailbox");
   lua_pushstring(L, dead ? "exiting" : running ? "running"
+                 : hibernated ? "hibernated"
                  : st == MB_PS_WAITING ? "waiting" : "runnable");
   lua_setfield(L, -2, "status");
   char name[256];
@@ -749,6 +775,7 @@ static const luaL_Reg funcs[] = {
   {"spawn_link", l_spawn_link},
   {"spawn_monitor", l_spawn_monitor},
   {"spawn_opt", l_spawn_opt},
+  {"hibernate", l_hibernate},
   {"self", l_self},
   {"is_pid", l_is_pid},
   {"send", l_send},
@@ -806,5 +833,6 @@ int mb_lib_open(lua_State *L)
 void mb_lib_init(void)
 {
   mb_run_init();
+  mb_id_register(&timer_kind);
   mb_lib_tcp_init();
 }

@@ -348,6 +348,8 @@ void mb_lstate_init(void)
 
 int mb_lstate_new(mb_proc_t *p)
 {
+  p->alloc.limit = p->alloc.max;
+  p->alloc.oom = 0;
   lua_State *L = lua_newstate(mb_alloc_fn, p);
   if (L == NULL)
     return -1;

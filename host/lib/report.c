@@ -15,8 +15,9 @@ static const char *error_text(lua_State *L, int idx)
   return lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, idx));
 }
 
-/* "function at src:line" of the body: the outermost frame of T. */
-static void add_body_origin(luaL_Buffer *b, lua_State *T)
+/* " spawned from function at src:line": the body, the outermost frame of
+ * T (the function a hibernated process woke into, after a wake). */
+static void add_body_origin(luaL_Buffer *b, mb_proc_t *p, lua_State *T)
 {
   lua_Debug ar;
   int lvl = 0;
@@ -25,7 +26,8 @@ static void add_body_origin(luaL_Buffer *b, lua_State *T)
   if (!lua_getstack(T, lvl, &ar) || !lua_getinfo(T, "S", &ar))
     return;
   char line[300];
-  snprintf(line, sizeof line, " spawned from function at %s:%d",
+  snprintf(line, sizeof line, " %s function at %s:%d",
+           p->wakes ? "woke from hibernation into" : "spawned from",
            ar.short_src, ar.linedefined);
   luaL_addstring(b, line);
 }
@@ -40,11 +42,12 @@ static void header(luaL_Buffer *b, mb_proc_t *p, lua_State *T, const char *what)
     luaL_addstring(b, p->name);
   }
   if (p->origin) {
-    luaL_addstring(b, " spawned from module '");
+    luaL_addstring(b, p->wakes ? " woke from hibernation into module '"
+                               : " spawned from module '");
     luaL_addstring(b, p->origin);
     luaL_addchar(b, '\'');
   } else if (T != p->L) {
-    add_body_origin(b, T);
+    add_body_origin(b, p, T);
   }
   luaL_addchar(b, '\n');
 }

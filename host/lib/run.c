@@ -318,35 +318,82 @@ static void crashed(mb_proc_t *p, int status)
   die(p, reason);
 }
 
+/* Drop p's state and keep only its continuation (boot + boot_msg, set by
+ * mb.hibernate): until a message or signal wakes it, p costs its record,
+ * its mailbox and the continuation. A message already queued wakes it at
+ * once, as in Erlang. */
+static void hibernate(mb_sched_t *s, mb_proc_t *p)
+{
+  mb_lstate_close(p);
+  atomic_store_explicit(&p->held, mb_msg_size(p->boot_msg), memory_order_relaxed);
+  mb_proc_lock(p);
+  p->hibernated = 1;
+  p->wait = MB_WAIT_RECV;
+  int again = p->in_head != NULL || p->q_head != NULL || p->woken;
+  p->status = again ? MB_PS_RUNNABLE : MB_PS_WAITING;
+  /* Last touch of p unless again: once unlocked, a waker may run it. */
+  atomic_store_explicit(&p->running, 0, memory_order_relaxed);
+  mb_proc_unlock(p);
+  if (again)
+    mb_sched_push(s, p);
+}
+
+/* A hibernated process was woken. Exit signals are handled first, without
+ * a state: one that kills it ends it unwoken. Then, if a message is there,
+ * it boots into its continuation; else (a signal that changed nothing) it
+ * goes on hibernating. */
+static int wake(mb_proc_t *p)
+{
+  if (mb_proc_drain(p))
+    return MUST_DIE;
+  if (p->q_head == NULL)
+    return GOES_ON;
+  mb_proc_lock(p);
+  p->hibernated = 0;
+  p->wait = MB_WAIT_NONE;
+  mb_proc_unlock(p);
+  atomic_store_explicit(&p->held, 0, memory_order_relaxed);
+  p->wakes++;
+  return boot(p);
+}
+
+/* p's wait goes on: block it, unless something came meanwhile. Returns 1
+ * if p must be looked at again now; else p is WAITING, and this was the
+ * last touch of it: once unlocked, a waker may run it elsewhere. */
+static int wait_on(mb_proc_t *p)
+{
+  mb_proc_lock(p);
+  int again = p->in_head != NULL || p->woken;
+  if (!again) {
+    atomic_store_explicit(&p->running, 0, memory_order_relaxed);
+    p->status = MB_PS_WAITING;
+  }
+  mb_proc_unlock(p);
+  return again;
+}
+
 static void run(mb_sched_t *s, mb_proc_t *p)
 {
   atomic_store_explicit(&p->running, 1, memory_order_relaxed);
-  int nargs = 0;
-  if (p->boot) {
-    nargs = boot(p);
-  } else if (p->wait != MB_WAIT_NONE) {
-    for (;;) {
+  int nargs;
+  for (;;) {
+    if (p->hibernated)
+      nargs = wake(p);
+    else if (p->boot)
+      nargs = boot(p);
+    else if (p->wait != MB_WAIT_NONE)
       nargs = finish_wait(p);
-      if (nargs != GOES_ON)
-        break;
-      mb_proc_lock(p);
-      int again = p->in_head != NULL || p->woken;
-      if (!again) {
-        /* Last touch of p: once unlocked, a waker may run it elsewhere. */
-        atomic_store_explicit(&p->running, 0, memory_order_relaxed);
-        p->status = MB_PS_WAITING;
-      }
-      mb_proc_unlock(p);
-      if (!again)
-        return;
-    }
-  } else if (must_die(p)) {
-    nargs = MUST_DIE;
+    else
+      nargs = must_die(p) ? MUST_DIE : 0;
+    if (nargs != GOES_ON)
+      break;
+    if (!wait_on(p))
+      return;
   }
   if (nargs == MUST_DIE) {
     mb_msg_t *reason = p->exit_reason;
     p->exit_reason = NULL;
-    if (!p->boot)
+    if (!p->boot || p->hibernated)   /* a failed boot has reported */
       mb_report_exit(p, reason);
     die(p, reason);
     return;
@@ -369,6 +416,10 @@ static void run(mb_sched_t *s, mb_proc_t *p)
       p->exit_reason = NULL;
       mb_report_exit(p, reason);
       die(p, reason);
+      return;
+    }
+    if (why == MB_YIELD_HIBERNATE) {
+      hibernate(s, p);
       return;
     }
     if (why == MB_YIELD_WAIT) {
