@@ -19,6 +19,7 @@
 #include "lauxlib.h"
 #include "lib.h"
 #include "lstate.h"
+#include "modcache.h"
 #include "reg.h"
 #include "run.h"
 #include "scheduler.h"
@@ -835,4 +836,5 @@ void mb_lib_init(void)
   mb_run_init();
   mb_id_register(&timer_kind);
   mb_lib_tcp_init();
+  mb_sched_add_after_loops(mb_modcache_clear);
 }

@@ -7,6 +7,7 @@
 #include "lauxlib.h"
 #include "lib.h"
 #include "lstate.h"
+#include "modcache.h"
 #include "luajit.h"
 #include "lualib.h"
 #include "run.h"
@@ -184,6 +185,7 @@ static void after_package(lua_State *L)
                   lua_tostring(L, -1));
   lua_setfield(L, -3, "path");
   lua_pop(L, 1);
+  mb_modcache_install(L);
   lua_getfield(L, -1, "preload");
   lua_pushcfunction(L, mb_lib_open);
   lua_setfield(L, -2, "moonbeam");

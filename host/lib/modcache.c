@@ -1,0 +1,282 @@
+/* modcache.c: `require`'s Lua-file searcher, with a host-wide cache of
+ * compiled modules (see modcache.h).
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "code.h"
+#include "lauxlib.h"
+#include "modcache.h"
+
+/* Two kinds of entries share one table: a file's compiled chunk (key: its
+ * path; code set), and where a module name was found (key: name, a
+ * newline, package.path; `file` names the file's entry key). */
+typedef struct entry {
+  struct entry *next;
+  mb_code_t *code;          /* the module's main chunk, dumped */
+  char *file;               /* a name entry: the file it resolved to */
+  struct timespec mtime;
+  off_t size;
+  double checked;           /* when the file was last stat'ed (ms) */
+  char path[];
+} entry_t;
+
+#define NBUCKETS 512
+static entry_t *buckets[NBUCKETS];
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+
+static double now_ms(void)
+{
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static unsigned hash(const char *s)
+{
+  unsigned h = 5381;
+  while (*s)
+    h = h * 33 + (unsigned char)*s++;
+  return h % NBUCKETS;
+}
+
+/* The entry of path; lock held. */
+static entry_t *find(const char *path)
+{
+  for (entry_t *e = buckets[hash(path)]; e; e = e->next)
+    if (strcmp(e->path, path) == 0)
+      return e;
+  return NULL;
+}
+
+/* A reference to path's cached code if it is still the file's: checked
+ * within MB_MODCACHE_CHECK_MS, or now, with st (when st is not NULL). */
+static mb_code_t *lookup(const char *path, const struct stat *st)
+{
+  mb_code_t *c = NULL;
+  pthread_mutex_lock(&lock);
+  entry_t *e = find(path);
+  if (e) {
+    double now = now_ms();
+    int fresh = st ? e->size == st->st_size &&
+                     e->mtime.tv_sec == st->st_mtim.tv_sec &&
+                     e->mtime.tv_nsec == st->st_mtim.tv_nsec
+                   : now - e->checked < MB_MODCACHE_CHECK_MS;
+    if (fresh) {
+      if (st)
+        e->checked = now;
+      c = e->code;
+      mb_code_ref(c);
+    }
+  }
+  pthread_mutex_unlock(&lock);
+  return c;
+}
+
+/* The entry of key, made if missing; lock held. NULL without memory. */
+static entry_t *get_entry(const char *key)
+{
+  entry_t *e = find(key);
+  if (e)
+    return e;
+  size_t n = strlen(key);
+  e = calloc(1, sizeof *e + n + 1);
+  if (e == NULL)
+    return NULL;
+  memcpy(e->path, key, n + 1);
+  e->next = buckets[hash(key)];
+  buckets[hash(key)] = e;
+  return e;
+}
+
+static void store(const char *path, const struct stat *st, mb_code_t *code)
+{
+  pthread_mutex_lock(&lock);
+  entry_t *e = get_entry(path);
+  if (e == NULL) {
+    pthread_mutex_unlock(&lock);
+    mb_code_unref(code);
+    return;
+  }
+  if (e->code)
+    mb_code_unref(e->code);
+  e->code = code;
+  e->mtime = st->st_mtim;
+  e->size = st->st_size;
+  e->checked = now_ms();
+  pthread_mutex_unlock(&lock);
+}
+
+typedef struct {
+  unsigned char *p;
+  size_t len, cap;
+} dumpbuf_t;
+
+static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud)
+{
+  (void)L;
+  dumpbuf_t *d = ud;
+  if (d->cap - d->len < sz) {
+    size_t cap = d->cap * 2 > d->len + sz ? d->cap * 2 : d->len + sz + 4096;
+    unsigned char *np = realloc(d->p, cap);
+    if (np == NULL)
+      return 1;
+    d->p = np;
+    d->cap = cap;
+  }
+  memcpy(d->p + d->len, p, sz);
+  d->len += sz;
+  return 0;
+}
+
+/* Read and compile path from source, push the chunk and cache its dump.
+ * Returns 0, or an error with its message pushed. */
+static int compile(lua_State *L, const char *path)
+{
+  FILE *f = fopen(path, "rb");
+  if (f == NULL) {
+    lua_pushfstring(L, "cannot open %s: %s", path, strerror(errno));
+    return LUA_ERRFILE;
+  }
+  struct stat st;
+  if (fstat(fileno(f), &st) != 0) {
+    fclose(f);
+    lua_pushfstring(L, "cannot stat %s", path);
+    return LUA_ERRFILE;
+  }
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  char buf[LUAL_BUFFERSIZE];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, f)) > 0)
+    luaL_addlstring(&b, buf, n);
+  int rerr = ferror(f);
+  fclose(f);
+  luaL_pushresult(&b);
+  if (rerr) {
+    lua_pop(L, 1);
+    lua_pushfstring(L, "cannot read %s", path);
+    return LUA_ERRFILE;
+  }
+  size_t len;
+  const char *src = lua_tolstring(L, -1, &len);
+  lua_pushfstring(L, "@%s", path);
+  int rc = luaL_loadbuffer(L, src, len, lua_tostring(L, -1));
+  lua_remove(L, -2);   /* the chunk name */
+  lua_remove(L, -2);   /* the source */
+  if (rc != 0)
+    return rc;
+  /* The first process to require the module runs it as compiled from
+   * source; the cache keeps its dump for the others. */
+  dumpbuf_t d = {NULL, 0, 0};
+  if (lua_dump(L, dump_writer, &d) == 0) {
+    mb_code_t *code = mb_code_intern(d.p, d.len);
+    if (code)
+      store(path, &st, code);
+  }
+  free(d.p);
+  return 0;
+}
+
+/* Push the cached chunk of path, or compile it. Returns 0, or an error
+ * with its message pushed. */
+static int load(lua_State *L, const char *path)
+{
+  mb_code_t *c = lookup(path, NULL);
+  struct stat st;
+  if (c == NULL && stat(path, &st) == 0)
+    c = lookup(path, &st);
+  if (c == NULL)
+    return compile(L, path);
+  size_t len;
+  const unsigned char *bc = mb_code_bytes(c, &len);
+  int rc = luaL_loadbuffer(L, (const char *)bc, len, path);
+  mb_code_unref(c);
+  return rc;
+}
+
+/* Push the file that module name (key: name "\n" package.path) resolved
+ * to before, if it is still cached and fresh; returns whether it did. */
+static int resolved(lua_State *L, const char *key)
+{
+  pthread_mutex_lock(&lock);
+  entry_t *e = find(key);
+  entry_t *f = e && e->file ? find(e->file) : NULL;
+  int ok = f && f->code && now_ms() - f->checked < MB_MODCACHE_CHECK_MS;
+  if (ok)
+    lua_pushstring(L, f->path);
+  pthread_mutex_unlock(&lock);
+  return ok;
+}
+
+static void remember(const char *key, const char *file)
+{
+  pthread_mutex_lock(&lock);
+  entry_t *e = get_entry(key);
+  if (e && (e->file == NULL || strcmp(e->file, file) != 0)) {
+    free(e->file);
+    e->file = strdup(file);
+  }
+  pthread_mutex_unlock(&lock);
+}
+
+/* package.loaders[2](name): as LuaJIT's Lua-file searcher - the loader of
+ * the first file of package.path that exists, or the list of files tried
+ * - but a module compiled once is loaded from the cache. */
+static int searcher(lua_State *L)
+{
+  const char *name = luaL_checkstring(L, 1);
+  lua_getfield(L, LUA_GLOBALSINDEX, "package");
+  lua_getfield(L, -1, "path");
+  if (!lua_isstring(L, -1))
+    return luaL_error(L, "'package.path' must be a string");
+  lua_pushfstring(L, "%s\n%s", name, lua_tostring(L, -1));
+  const char *key = lua_tostring(L, -1);
+  /* Where the name was found, while that file's entry is fresh: this
+   * spares package.searchpath's opening of each candidate file. */
+  if (!resolved(L, key)) {
+    lua_getfield(L, -3, "searchpath");
+    lua_pushstring(L, name);
+    lua_pushvalue(L, -4);
+    lua_call(L, 2, 2);
+    if (lua_isnil(L, -2))
+      return 1;   /* the list of files tried */
+    lua_pop(L, 1);
+    remember(key, lua_tostring(L, -1));
+  }
+  const char *path = lua_tostring(L, -1);
+  if (load(L, path) != 0)
+    return luaL_error(L, "error loading module '%s' from file '%s':\n\t%s",
+                      name, path, lua_tostring(L, -1));
+  return 1;
+}
+
+void mb_modcache_install(lua_State *L)
+{
+  lua_getfield(L, LUA_GLOBALSINDEX, "package");
+  lua_getfield(L, -1, "loaders");
+  lua_pushcfunction(L, searcher);
+  lua_rawseti(L, -2, 2);
+  lua_pop(L, 2);
+}
+
+void mb_modcache_clear(void)
+{
+  pthread_mutex_lock(&lock);
+  for (int i = 0; i < NBUCKETS; i++) {
+    while (buckets[i]) {
+      entry_t *e = buckets[i];
+      buckets[i] = e->next;
+      if (e->code)
+        mb_code_unref(e->code);
+      free(e->file);
+      free(e);
+    }
+  }
+  pthread_mutex_unlock(&lock);
+}

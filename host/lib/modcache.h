@@ -1,0 +1,41 @@
+/* modcache.h: a host-wide cache of compiled Lua modules for `require`.
+ *
+ * DESIGN
+ * Every process has its own state, so every process that requires a module
+ * loads it again; a process per connection, or one waking from hibernation,
+ * would otherwise read and parse the module's source each time (measured:
+ * 324 us for moonbeam.http, 28 KB of source). The cache keeps each module
+ * file's compiled main chunk as a code object (code.h, shared by all) and
+ * loads that bytecode instead (7 us for the same module), so the parse
+ * happens once per file. The first process that requires a module compiles
+ * it from source and runs that; later ones run the dump.
+ *
+ * Why bytecode and its one cost: lua_dump drops the nil-valued keys that
+ * LuaJIT's template tables use to presize constructors ({a = x, b = y}), so
+ * a constructor of non-constant fields in dumped code grows its table by
+ * rehashing (measured: 10 such fields, 3.3x slower per constructor). Table
+ * constructors are a small part of a request's work, while parsing is all
+ * of a fresh process's start-up: the cache wins (see BENCHMARKS.md).
+ *
+ * Staleness: an entry is used without a look at its file for
+ * MB_MODCACHE_CHECK_MS after the last check; then the file is stat'ed and
+ * recompiled if its size or mtime changed. So an edited module reaches new
+ * processes within a second, as a developer expects.
+ *
+ * Threads: any; one mutex.
+ */
+#ifndef MB_MODCACHE_H
+#define MB_MODCACHE_H
+
+#include "lua.h"
+
+#define MB_MODCACHE_CHECK_MS 1000
+
+/* Replace package.loaders[2] (the Lua-file searcher) of L's state with the
+ * caching one. The package library must be open. */
+void mb_modcache_install(lua_State *L);
+
+/* Drop every entry (at shutdown). */
+void mb_modcache_clear(void);
+
+#endif

@@ -1,0 +1,89 @@
+-- require's host-wide module cache (host/lib/modcache.c): a module file is
+-- compiled once and loaded from its bytecode by every later process.
+local mb = require "moonbeam"
+local S = require "spec.support"
+
+-- require(name) in a fresh process with dir on package.path; returns what
+-- the module returned (copied back), or false and the error.
+local function require_in_new_process(dir, name)
+  local ok, res = S.probe(function(d, n)
+    package.path = d .. "/?.lua;" .. package.path
+    local ok2, v = pcall(require, n)
+    return ok2, v
+  end, dir, name)
+  assert.is_true(ok, tostring(res))
+  return res[1], res[2]
+end
+
+describe("the module cache", function()
+  local before
+  before_each(function() before = S.snapshot() end)
+  after_each(function() S.check_clean(before) end)
+  teardown(S.cleanup_tmp)
+
+  it("gives every process the module, compiled once", function()
+    local dir = S.tmpdir()
+    S.write("cached_mod.lua", [[
+      local M = {}
+      function M.point(x, y) return { x = x, y = y, sum = x + y } end
+      return M
+    ]], dir)
+    for _ = 1, 5 do
+      local ok, p = S.probe(function(d)
+        package.path = d .. "/?.lua;" .. package.path
+        local m = require "cached_mod"
+        local pt = m.point(2, 3)
+        return pt.x, pt.y, pt.sum
+      end, dir)
+      assert.is_true(ok)
+      assert.are.same({ 2, 3, 5 }, p)
+    end
+  end)
+
+  it("sees a changed file within a second or so", function()
+    local dir = S.tmpdir()
+    S.write("changing_mod.lua", "return 'first'", dir)
+    local ok, v = require_in_new_process(dir, "changing_mod")
+    assert.is_true(ok)
+    assert.are.equal("first", v)
+    S.write("changing_mod.lua", "return 'second version'", dir)
+    assert.is_true(S.eventually(function()
+      local _, v2 = require_in_new_process(dir, "changing_mod")
+      return v2 == "second version"
+    end, 5000))
+  end)
+
+  it("reports a missing module and a syntax error as require does", function()
+    local dir = S.tmpdir()
+    local ok, err = require_in_new_process(dir, "no_such_module_here")
+    assert.is_false(ok)
+    assert.is_true(S.has(err, "module 'no_such_module_here' not found"), err)
+    assert.is_true(S.has(err, "no file '" .. dir .. "/no_such_module_here.lua'"), err)
+    S.write("broken_mod.lua", "return {", dir)
+    ok, err = require_in_new_process(dir, "broken_mod")
+    assert.is_false(ok)
+    assert.is_true(S.has(err, "error loading module 'broken_mod' from file"), err)
+    assert.is_true(S.has(err, "broken_mod.lua"), err)
+    -- Fixed, it loads (a failed compile caches nothing).
+    S.write("broken_mod.lua", "return { fixed = true }", dir)
+    assert.is_true(S.eventually(function()
+      local ok2, v = require_in_new_process(dir, "broken_mod")
+      return ok2 and type(v) == "table" and v.fixed
+    end, 5000))
+  end)
+
+  it("keeps the file's name in tracebacks of cached code", function()
+    local dir = S.tmpdir()
+    S.write("erring_mod.lua", "return function() error('from the module') end", dir)
+    for _ = 1, 2 do
+      local ok, res = S.probe(function(d)
+        package.path = d .. "/?.lua;" .. package.path
+        local f = require "erring_mod"
+        local ok2, e = pcall(f)
+        return e
+      end, dir)
+      assert.is_true(ok)
+      assert.is_true(S.has(res[1], "erring_mod.lua:1: from the module"), res[1])
+    end
+  end)
+end)
