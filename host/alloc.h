@@ -28,6 +28,12 @@ typedef struct mb_alloc {
  * allocation that would take `used` over `limit`, and sets `oom`. */
 void *mb_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize);
 
+/* Serve blocks of exactly `block` bytes (LuaJIT's GG_State, the first
+ * block of every state) from an arena of that size, so they cost no
+ * allocator rounding. Once, at start-up; without it (or if the address
+ * space cannot be had) every block comes from mimalloc. */
+void mb_alloc_state_arena(size_t block);
+
 /* Plain host allocations (process records, link sets, commands): never
  * return NULL. The host's small bookkeeping cannot go on without them, so a
  * failure is fatal (see mb_must). Allocations that a process asked for and

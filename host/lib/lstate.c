@@ -330,8 +330,29 @@ static int setup(lua_State *L)
   return 0;
 }
 
+/* lua_newstate's first allocation is its GG_State: note its size. */
+static size_t first_alloc;
+
+static void *probe_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
+{
+  (void)ud;
+  (void)osize;
+  if (nsize == 0) {
+    free(ptr);
+    return NULL;
+  }
+  if (ptr == NULL && first_alloc == 0)
+    first_alloc = nsize;
+  return realloc(ptr, nsize);
+}
+
 void mb_lstate_init(void)
 {
+  lua_State *P = lua_newstate(probe_alloc, NULL);
+  if (P)
+    lua_close(P);
+  mb_alloc_state_arena(first_alloc);
+
   /* pcall, xpcall and load have the same addresses in every state (LuaJIT
    * fast functions and library code): record them once, before any thread
    * starts, for the scheduler's safe-point test. */
