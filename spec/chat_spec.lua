@@ -295,6 +295,29 @@ describe("the chat example", function()
     a:expect("[lobby] cid: still here")
   end)
 
+  it("ignores garbled messages to a room and to the registry", function()
+    local a = new_user("ann", "lobby")
+    local b = new_user("bob", "lobby")
+    a:expect("* bob joined lobby")
+    local room = assert(chat.room(info, "lobby"))
+    local reg = assert(chat.registry(info))
+    local ann = assert(pid_of(info, "lobby", "ann"))
+    for _, m in ipairs({
+      { op = "say", pid = ann }, { op = "say", pid = ann, text = {} }, { op = "join" },
+      { op = "join", pid = "ann", nick = "x" }, { op = "join", pid = mb.self() },
+      { op = "nick", pid = ann, nick = 5 }, { op = "who", pid = "ann" }, { op = "members" }, 42,
+    }) do mb.send(room, m) end
+    for _, m in ipairs({
+      { op = "join", pid = mb.self() }, { op = "join", room = "x", pid = "me" }, { op = "guest" },
+      { op = "members", room = "lobby" }, { op = "rooms" }, { op = "room", room = "lobby" }, "hello",
+    }) do mb.send(reg, m) end
+    b:send("still one room\n")
+    a:expect("[lobby] bob: still one room")
+    assert.equal(room, chat.room(info, "lobby"))
+    assert.equal(reg, chat.registry(info))
+    a:cmd("/who", "* in lobby: ann, bob")
+  end)
+
   it("lets users join again after the registry crashed and was restarted", function()
     local a = new_user("ann", "lobby")
     local b = new_user("bob", "lobby")
@@ -359,6 +382,284 @@ describe("the chat example", function()
   end)
 end)
 
+describe("the chat example with slow users", function()
+  if not (tcp_ok and http_ok and ws_ok) then
+    it("needs moonbeam.tcp, moonbeam.http and moonbeam.websocket", function() error("not available") end)
+    return
+  end
+
+  -- Every wait below is bounded: the flood by FLOOD_MAX bytes and, like
+  -- everything else, by DEADLINE ms.
+  local FLOOD_MAX = 64 * 1024 * 1024
+  local DEADLINE = 60000
+  local LINE = string.rep("x", 1000)
+
+  local before, info, extra
+
+  before_each(function()
+    before = S.snapshot()
+    extra = {}
+  end)
+
+  after_each(function()
+    for _, p in ipairs(extra) do mb.exit(p, "kill") end
+    if info then chat.stop(info) end
+    info = nil
+    S.check_clean(before)
+  end)
+
+  local function start(opts)
+    opts.host, opts.tcp_port, opts.http_port = "127.0.0.1", 0, 0
+    info = assert(chat.start(opts))
+  end
+
+  -- A user in its own process that joins `room` as `nick` and reads
+  -- everything (active mode, so it never falls behind), counting bytes and
+  -- watching for the lines in `watch`. It answers {query = pid} with
+  -- {bytes = n, seen = {line = true...}}.
+  local function reader(nick, room, watch)
+    local me = mb.self()
+    local pid = mb.spawn(function(port)
+      local tcp = require "moonbeam.tcp"
+      local sock = assert(tcp.connect("127.0.0.1", port, 5000))
+      assert(sock:write("/nick " .. nick .. "\n/join " .. room .. "\n"))
+      sock:set_active(true)
+      local bytes, seen, tail = 0, {}, ""
+      local deadline = mb.now() + 60000
+      while mb.now() < deadline do
+        local m = mb.receive(1000)
+        if type(m) == "table" and m.event == "tcp" then
+          bytes = bytes + #m.data
+          local s = tail .. m.data
+          for _, w in ipairs(watch) do
+            if s:find("\n" .. w .. "\n", 1, true) then seen[w] = true end
+          end
+          tail = s:sub(-200)
+        elseif type(m) == "table" and m.query then
+          mb.send(m.query, { bytes = bytes, seen = seen, reader = mb.self() })
+        elseif type(m) == "table" and m.event then
+          break
+        end
+      end
+    end, info.tcp_port)
+    extra[#extra + 1] = pid
+    return pid
+  end
+
+  local function ask(pid)
+    mb.send(pid, { query = mb.self() })
+    return S.recv(function(m) return type(m) == "table" and m.reader == pid end)
+  end
+
+  -- A process that joins `room` as `nick`, then sends lines of LINE, 32
+  -- every 5 ms (6 MB/s: far more than a client that never reads takes,
+  -- little enough for the reader to keep up on a loaded machine), until
+  -- FLOOD_MAX bytes are sent, or it is told "stop". It never reads.
+  local function flooder(nick, room)
+    local pid = mb.spawn(function(port, line, max)
+      local tcp = require "moonbeam.tcp"
+      local sock = assert(tcp.connect("127.0.0.1", port, 5000))
+      assert(sock:write("/nick " .. nick .. "\n/join " .. room .. "\n"))
+      local chunk = string.rep(line .. "\n", 32)
+      local sent = 0
+      while sent < max and mb.receive(5) ~= "stop" do
+        if not sock:write(chunk) then break end
+        sent = sent + #chunk
+      end
+      sock:close()
+    end, info.tcp_port, LINE, FLOOD_MAX)
+    extra[#extra + 1] = pid
+    return pid
+  end
+
+  -- The pid of member `nick` of `room`, once it is there.
+  local function member(room, nick)
+    local pid
+    assert.truthy(S.eventually(function()
+      pid = pid_of(info, room, nick)
+      return pid ~= nil
+    end), nick .. " did not join " .. room)
+    return pid
+  end
+
+  -- Samples mb.info of the processes in `procs` ({name = pid}) every 10 ms
+  -- until done() is true (or DEADLINE); returns the largest mailbox and
+  -- memory seen for each name.
+  local function watch(procs, done)
+    local most = {}
+    for name in pairs(procs) do most[name] = { mailbox = 0, memory = 0 } end
+    local deadline = mb.now() + DEADLINE
+    while not done() and mb.now() < deadline do
+      for name, pid in pairs(procs) do
+        local i = mb.info(pid)
+        if i then
+          most[name].mailbox = math.max(most[name].mailbox, i.mailbox)
+          most[name].memory = math.max(most[name].memory, i.memory)
+        end
+      end
+      mb.sleep(10)
+    end
+    return most
+  end
+
+  -- Everything a client that never read gets now, until the server's close;
+  -- returns the last line and the byte count.
+  local function read_rest(read)
+    local tail, total = "", 0
+    for _ = 1, 100000 do
+      local d, err = read()
+      if not d then
+        assert.equal("closed", err)
+        break
+      end
+      total = total + #d
+      tail = (tail .. d):sub(-300)
+    end
+    return tail:match("([^\n]*)\n?$"), total
+  end
+
+  it("drops a TCP user that never reads while another floods its room; the room goes on", function()
+    start({})
+    local d = require("user").DEFAULTS
+    local slow = user(info, "slow", "lobby")
+    local r = reader("reader", "lobby", { "* slow left lobby", "[lobby] late: still here" })
+    local reader_pid = member("lobby", "reader")
+    local f = flooder("flood", "lobby")
+    local flood_pid = member("lobby", "flood")
+    local slow_pid = member("lobby", "slow")
+    local room = assert(chat.room(info, "lobby"))
+    local most = watch({ room = room, slow = slow_pid, reader = reader_pid, flood = flood_pid },
+                       function() return mb.info(slow_pid) == nil end)
+    assert.is_nil(mb.info(slow_pid), "the slow user was not dropped")
+    -- The room lives on, with the others; they saw the slow user leave.
+    assert.equal(room, chat.room(info, "lobby"))
+    assert.truthy(S.eventually(function() return ask(r).seen["* slow left lobby"] end, DEADLINE))
+    assert.same({ "flood", "reader" }, nicks(info, "lobby"))
+    mb.send(f, "stop")
+    -- The slow client reads at last: its lines, then why it was dropped.
+    local last, total = read_rest(function() return slow.sock:read(S.T) end)
+    local n = tonumber(last:match("^%* disconnected: too slow %((%d+) messages behind%)$"))
+    assert.truthy(n, "last line: " .. last)
+    assert.is_true(n > d.max_behind)
+    assert.is_true(total > 0)
+    slow:close()
+    -- Nothing grew without bound: mailboxes stayed near their limits (the
+    -- slow user's by what a flood adds between two looks), heaps small.
+    assert.is_true(most.slow.mailbox < d.max_behind + 2000, "slow user's mailbox " .. most.slow.mailbox)
+    assert.is_true(most.room.mailbox < d.room_backlog + 2000, "room's mailbox " .. most.room.mailbox)
+    assert.is_true(most.reader.mailbox < d.max_behind + 2000, "reader's mailbox " .. most.reader.mailbox)
+    for name, m in pairs(most) do
+      assert.is_true(m.memory < 4 * 1024 * 1024, name .. "'s memory " .. m.memory)
+    end
+    -- And it still serves: a new user talks to the reader.
+    local late = user(info, "late", "lobby")
+    late:send("still here\n")
+    assert.truthy(S.eventually(function() return ask(r).seen["[lobby] late: still here"] end, DEADLINE))
+    late:close()
+  end)
+
+  it("holds back a user who talks faster than the room can send, never the room", function()
+    -- The room is made slow by many members (a send to each per line): 40
+    -- processes that join through the registry and count what they get.
+    start({ room_backlog = 50 })
+    local N, LINES = 40, 10000
+    local me, registry = mb.self(), assert(chat.registry(info))
+    local members = {}
+    for i = 1, N do
+      members[i] = mb.spawn(function()
+        mb.send(registry, { op = "join", room = "lobby", pid = mb.self(), nick = "m" .. i, tag = i })
+        local got, deadline = 0, mb.now() + 60000
+        while mb.now() < deadline do
+          local m = mb.receive(1000)
+          if type(m) == "string" and m:find("^%[lobby%] flood: ") then
+            got = got + 1
+          elseif m == "count?" then
+            mb.send(me, { counted = got, member = i })
+          elseif m == "stop" then
+            return
+          end
+        end
+      end)
+      extra[#extra + 1] = members[i]
+    end
+    member("lobby", "m" .. N)
+    local room = assert(chat.room(info, "lobby"))
+    -- One client sends all its lines at once, as fast as TCP takes them.
+    local f = mb.spawn(function(port)
+      local tcp = require "moonbeam.tcp"
+      local sock = assert(tcp.connect("127.0.0.1", port, 5000))
+      assert(sock:write("/nick flood\n/join lobby\n"))
+      local chunk = string.rep("a line from the flood\n", 500)
+      for _ = 1, LINES / 500 do
+        if not sock:write(chunk) then break end
+      end
+      mb.receive(60000)
+    end, info.tcp_port)
+    extra[#extra + 1] = f
+    local function counted()
+      mb.send(members[N], "count?")
+      return S.recv(function(m) return type(m) == "table" and m.counted end).counted
+    end
+    local most = watch({ room = room }, function() return counted() == LINES end)
+    assert.equal(LINES, counted())
+    -- The room stayed near room_backlog (plus what one talker sends between
+    -- two looks at it), yet every line reached every member.
+    assert.is_true(most.room.mailbox < 50 + 200, "room's mailbox " .. most.room.mailbox)
+    for i = 1, N do mb.send(members[i], "stop") end
+  end)
+
+  it("drops a user whose output stays over max_output for max_stall ms", function()
+    start({ max_behind = 1e9, max_stall = 200 })
+    local slow = user(info, "slow", "lobby")
+    reader("reader", "lobby", {})
+    member("lobby", "reader")
+    local f = flooder("flood", "lobby")
+    local slow_pid = member("lobby", "slow")
+    watch({ slow = slow_pid }, function() return mb.info(slow_pid) == nil end)
+    assert.is_nil(mb.info(slow_pid), "the slow user was not dropped")
+    mb.send(f, "stop")
+    local last = read_rest(function() return slow.sock:read(S.T) end)
+    assert.equal("* disconnected: too slow (more than 32768 bytes unread for 200 ms)", last)
+    slow:close()
+  end)
+
+  it("drops a WebSocket user that never reads, closing with 1008", function()
+    start({ max_behind = 200 })
+    local ws = assert(websocket.connect("127.0.0.1", info.http_port, "/ws", { timeout = S.T }))
+    assert(ws:write("/nick web"))
+    assert(ws:write("/join lobby"))
+    local ws_pid = member("lobby", "web")
+    local f = flooder("flood", "lobby")
+    watch({ web = ws_pid }, function() return mb.info(ws_pid) == nil end)
+    assert.is_nil(mb.info(ws_pid), "the slow WebSocket user was not dropped")
+    mb.send(f, "stop")
+    local last
+    for _ = 1, 1000000 do
+      local data, err = ws:read(S.T)
+      if not data then
+        assert.equal("closed", err)
+        break
+      end
+      last = data
+    end
+    assert.truthy(last:match("^%* disconnected: too slow %(%d+ messages behind%)$"), last)
+    ws:close()
+  end)
+
+  it("refuses bad limits", function()
+    local function err_of(opts)
+      opts.tcp_port, opts.http_port = 0, false
+      local ok, err = pcall(chat.start, opts)
+      assert.is_false(ok)
+      return tostring(err)
+    end
+    assert.truthy(S.has(err_of({ max_behind = 0 }), "chat.start: max_behind must be a number > 0, got 0"))
+    assert.truthy(S.has(err_of({ max_stall = "soon" }), "chat.start: max_stall must be a number > 0, got soon"))
+    assert.truthy(S.has(err_of({ room_backlog = 0 / 0 }), "chat.start: room_backlog must be a number > 0"))
+    assert.truthy(S.has(err_of({ max_output = 1e6 }), "chat.start: max_output must be from 8192 to 57344 bytes"))
+  end)
+end)
+
 describe("the chat command (examples/chat/main.lua)", function()
   teardown(function() S.cleanup_tmp() end)
 
@@ -380,6 +681,13 @@ describe("the chat command (examples/chat/main.lua)", function()
     local code2, _, err2 = S.moonbeam("examples/chat/main.lua --tcp seventy")
     assert.equal(2, code2)
     assert.truthy(err2:find("bad TCP port 'seventy'", 1, true), err2)
+    assert.truthy(out:find("--max-behind N", 1, true))
+    local code3, _, err3 = S.moonbeam("examples/chat/main.lua --max-stall never")
+    assert.equal(2, code3)
+    assert.truthy(err3:find("chat: bad value 'never' for --max-stall", 1, true), err3)
+    local code4, _, err4 = S.moonbeam("examples/chat/main.lua --max-output 100")
+    assert.equal(2, code4)
+    assert.truthy(err4:find("chat: max_output must be from 8192 to 57344 bytes", 1, true), err4)
   end)
 
   it("says when a port is taken", function()

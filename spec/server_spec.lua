@@ -529,6 +529,225 @@ describe("moonbeam.server", function()
     end)
   end)
 
+  describe("bad return values", function()
+    -- A server whose callbacks return nothing when told "nothing" (the
+    -- forgotten `return state`), and report terminate to `me`.
+    local function forgetful(me)
+      return {
+        init = function(s) return s end,
+        handle_call = function(req, _, s)
+          if req == "nothing" then return end
+          if req == "one" then return 42 end
+          return "ok", s
+        end,
+        handle_cast = function(msg, s) if msg ~= "nothing" then return s end end,
+        handle_info = function(msg, s) if msg ~= "nothing" then return s end end,
+        terminate = function(reason, s) mb.send(me, { terminated = reason, state = s }) end,
+      }
+    end
+
+    local function terminated()
+      return expect(function(m) return m.terminated ~= nil end, "terminate's report")
+    end
+
+    it("ends the server when handle_call returns nothing, and the call raises", function()
+      local pid = assert(server.start(forgetful(mb.self()), { n = 1 }))
+      local ref = mb.monitor(pid)
+      local err = error_of(server.call, pid, "nothing")
+      assert.matches("exited during the call", err, 1, true)
+      assert.matches("bad return value from handle_call: nothing", err, 1, true)
+      assert.are.equal("bad return value from handle_call: nothing", down_of(ref).reason)
+      -- terminate saw the reason and the state from before the call, not nil.
+      assert.are.same({ terminated = "bad return value from handle_call: nothing", state = { n = 1 } },
+                      terminated())
+    end)
+
+    it("ends the server when handle_call returns a reply without a state", function()
+      local pid = assert(server.start(forgetful(mb.self()), "st"))
+      local ref = mb.monitor(pid)
+      assert.matches("bad return value from handle_call: 42", error_of(server.call, pid, "one"), 1, true)
+      assert.are.equal("bad return value from handle_call: 42", down_of(ref).reason)
+      assert.are.equal("st", terminated().state)
+    end)
+
+    it("ends the server when handle_cast returns nothing", function()
+      local pid = assert(server.start(forgetful(mb.self()), "st"))
+      local ref = mb.monitor(pid)
+      server.cast(pid, "nothing")
+      assert.are.equal("bad return value from handle_cast: nothing", down_of(ref).reason)
+      assert.are.same({ terminated = "bad return value from handle_cast: nothing", state = "st" },
+                      terminated())
+    end)
+
+    it("ends the server when handle_info returns nothing", function()
+      local pid = assert(server.start(forgetful(mb.self()), "st"))
+      local ref = mb.monitor(pid)
+      mb.send(pid, "nothing")
+      assert.are.equal("bad return value from handle_info: nothing", down_of(ref).reason)
+      assert.are.equal("st", terminated().state)
+    end)
+
+    it("refuses to start when init returns nothing", function()
+      local none, err = server.start({ init = function() end }, "x", { name = "spec_bad_init" })
+      assert.is_nil(none)
+      assert.are.equal("bad return value from init: nothing", err)
+      assert.is_true(nothing_new())
+      assert.is_nil(mb.whereis("spec_bad_init"))
+    end)
+
+    it("accepts an explicit nil state, and nil, err from init only with an error", function()
+      local pid = assert(server.start({
+        init = function() return nil end,
+        handle_cast = function(msg, s) return msg ~= "clear" and msg or nil end,
+        handle_call = function(_, _, s) return s, s end,
+      }, "unused"))
+      assert.is_nil(server.call(pid, "get"))
+      server.cast(pid, "set")
+      assert.are.equal("set", server.call(pid, "get"))
+      server.cast(pid, "clear")
+      assert.is_nil(server.call(pid, "get"))
+      server.stop(pid)
+      local pid2 = assert(server.start({ init = function() return nil, nil end }, nil))
+      assert.is_nil(server.get_state(pid2))
+      server.stop(pid2)
+    end)
+  end)
+
+  describe("get_state", function()
+    it("returns the state, as it is between two messages", function()
+      local pid = assert(server.start(counter, 3, { name = "spec_state" }))
+      assert.are.equal(3, server.get_state(pid))
+      server.cast(pid, { "add", 4 })
+      assert.are.equal(7, server.get_state("spec_state"))
+      assert.are.equal(7, server.get_state(pid, math.huge))
+      server.stop(pid)
+    end)
+
+    it("is answered by the loop: no callback runs, none is needed", function()
+      local me = mb.self()
+      local pid = assert(server.start({
+        init = function() return { t = { 1, 2 } } end,
+        handle_info = function(msg, s) mb.send(me, { info = msg }) return s end,
+      }, nil))
+      assert.are.same({ t = { 1, 2 } }, server.get_state(pid))
+      assert.is_nil(mb.receive(0))   -- handle_info saw nothing
+      server.stop(pid)
+    end)
+
+    it("raises for a dead pid, an unknown name, a bad destination or timeout", function()
+      local pid = assert(server.start(counter, 0))
+      server.stop(pid)
+      assert.matches("server.get_state: server " .. tostring(pid) .. " is not running (noproc)",
+                     error_of(server.get_state, pid, 60000), 1, true)
+      assert.matches("server.get_state: no process registered as 'spec_nobody'",
+                     error_of(server.get_state, "spec_nobody"), 1, true)
+      assert.matches("bad destination", error_of(server.get_state, 42), 1, true)
+      assert.matches("bad destination", error_of(server.get_state, {}), 1, true)
+      local live = assert(server.start(counter, 0))
+      assert.matches("bad timeout", error_of(server.get_state, live, -1), 1, true)
+      server.stop(live)
+    end)
+
+    it("raises on timeout when the server is busy", function()
+      local pid = assert(server.start({
+        handle_cast = function(_, s)
+          mb.receive(function(m) return m == "go on" end, 5000)
+          return s
+        end,
+      }, "st"))
+      server.cast(pid, "hold")
+      assert.matches("server.get_state: timeout after 30 ms", error_of(server.get_state, pid, 30), 1, true)
+      mb.send(pid, "go on")
+      assert.are.equal("st", server.get_state(pid))
+      server.stop(pid)
+    end)
+
+    it("raises, and the server goes on, when the state cannot be copied", function()
+      local pid = assert(server.start({
+        init = function() return { co = coroutine.create(function() end) } end,
+        handle_call = function(_, _, s) return type(s.co), s end,
+      }, nil))
+      local err = error_of(server.get_state, pid)
+      assert.matches("server.get_state: the state cannot be sent", err, 1, true)
+      assert.matches("coroutine", err, 1, true)
+      assert.are.equal("thread", server.call(pid, "x"))
+      server.stop(pid)
+    end)
+
+    it("refuses a server asking for its own state", function()
+      local pid = assert(server.start({
+        handle_call = function(_, _, s)
+          local ok, err = pcall(server.get_state, mb.self())
+          return tostring(err), s
+        end,
+      }, nil))
+      assert.matches("cannot call itself", server.call(pid, "x"), 1, true)
+      server.stop(pid)
+    end)
+  end)
+
+  describe("protocol messages", function()
+    -- A counter whose handle_info records what it sees.
+    local function recorder()
+      return {
+        init = function() return { infos = {} } end,
+        handle_call = function(_, _, s) return s.infos, s end,
+        handle_info = function(msg, s) s.infos[#s.infos + 1] = msg return s end,
+      }
+    end
+
+    it("drops garbled $call, $cast, $stop and $system messages and goes on", function()
+      local pid = assert(server.start(recorder(), nil))
+      local me = mb.self()
+      local ref = mb.monitor(pid)
+      mb.send(pid, { tag = "$call", req = "x" })
+      mb.send(pid, { tag = "$call", req = "x", from = "me" })
+      mb.send(pid, { tag = "$call", req = "x", from = { pid = "name", ref = ref } })
+      mb.send(pid, { tag = "$call", req = "x", from = { pid = me, ref = 12 } })
+      mb.send(pid, { tag = "$call", req = "x", from = { pid = me, ref = me } })
+      mb.send(pid, { tag = "$call", from = { pid = me, ref = ref } })
+      mb.send(pid, { tag = "$cast" })
+      mb.send(pid, { tag = "$stop" })
+      mb.send(pid, { tag = "$system", req = "get_state" })
+      mb.send(pid, { tag = "$system", from = { pid = me } , req = "get_state" })
+      assert.are.same({}, server.call(pid, "infos"))
+      assert.is_nil(mb.receive(0))
+      server.stop(pid)
+      assert.are.equal("normal", down_of(ref).reason)
+    end)
+
+    it("answers an unknown system request with an error", function()
+      local pid = assert(server.start(recorder(), nil))
+      local ref = mb.monitor(pid)
+      mb.alias(ref)
+      mb.send(pid, { tag = "$system", from = { pid = mb.self(), ref = ref }, req = "suspend" })
+      local m = expect(function(m) return m.tag == "$reply" end, "the reply")
+      mb.unalias(ref)
+      mb.demonitor(ref)
+      assert.are.equal(ref, m.ref)
+      assert.matches('unknown system request "suspend"', m.err, 1, true)
+      assert.are.same({}, server.call(pid, "infos"))
+      server.stop(pid)
+    end)
+
+    it("passes other $ tags to handle_info", function()
+      local pid = assert(server.start(recorder(), nil))
+      mb.send(pid, { tag = "$mine", n = 1 })
+      assert.are.same({ { tag = "$mine", n = 1 } }, server.call(pid, "infos"))
+      server.stop(pid)
+    end)
+
+    it("tells pids with mb.is_pid, not by how a value prints", function()
+      -- A userdata that prints like a pid is not one.
+      local fake = newproxy(true)
+      getmetatable(fake).__tostring = function() return "<0.1.0>" end
+      assert.matches("server.call: bad destination", error_of(server.call, fake, "x"), 1, true)
+      assert.matches("server.cast: bad destination", error_of(server.cast, fake, "x"), 1, true)
+      assert.matches("server.stop: bad destination", error_of(server.stop, fake), 1, true)
+      assert.matches("bad 'from'", error_of(server.reply, { pid = fake, ref = fake }, 1), 1, true)
+    end)
+  end)
+
   describe("crash reports", function()
     after_each(function() S.cleanup_tmp() end)
 
@@ -552,6 +771,132 @@ describe("moonbeam.server", function()
                      .. "stack traceback:\n", err)
       -- One block: the runtime adds no second report for the same crash.
       assert.is_nil(err:find("CRASH REPORT", 1, true), err)
+    end)
+
+    -- Runs scenarios in a child host; each ends when the server is gone,
+    -- then writes "@@ name" to stderr. Returns the stderr of each scenario.
+    local function scenarios()
+      local script = S.write("ends.lua", [[
+        local mb = require "moonbeam"
+        local server = require "moonbeam.server"
+        local function mark(name) io.stderr:write("@@ " .. name .. "\n") end
+        local cb = {
+          init = function(s) return s end,
+          handle_cast = function(msg, s)
+            if msg == "crash" then error("crash on cast") end
+            if msg == "nothing" then return end
+            return s, msg
+          end,
+          terminate = function(reason, s)
+            if s == "bad terminate" then error("terminate raises") end
+          end,
+        }
+        local function run(name, state, act)
+          local pid = assert(server.start(cb, state))
+          local ref = mb.monitor(pid)
+          local ok, e = pcall(act, pid)
+          local m = mb.receive(function(m) return type(m) == "table" and m.ref == ref end, 5000)
+          mark(name .. " " .. tostring(m and m.reason))
+        end
+        run("stop", "st", function(pid) server.stop(pid) end)
+        run("stop-shutdown", "st", function(pid) server.stop(pid, "shutdown") end)
+        run("cast-normal", "st", function(pid) server.cast(pid, "normal") end)
+        run("cast-boom", "st", function(pid) server.cast(pid, "boom") end)
+        run("stop-boom", "st", function(pid) server.stop(pid, "boom") end)
+        run("crash", "st", function(pid) server.cast(pid, "crash") end)
+        run("crash-terminate", "bad terminate", function(pid) server.cast(pid, "crash") end)
+        run("stop-terminate", "bad terminate", function(pid) server.stop(pid, "normal", 200) end)
+        run("bad-return", "st", function(pid) server.cast(pid, "nothing") end)
+        run("malformed", "st", function(pid)
+          mb.send(pid, { tag = "$cast" })
+          server.stop(pid)
+        end)
+        -- A server that traps exits ends with its parent's abnormal reason.
+        local me = mb.self()
+        local parent = mb.spawn(function()
+          local pid = server.start({ init = function() mb.trap_exit(true) return 0 end }, nil, { link = true })
+          mb.send(me, pid)
+          mb.receive()
+          mb.exit("parent gone")
+        end)
+        local pid = mb.receive(5000)
+        local ref = mb.monitor(pid)
+        mb.send(parent, "go")
+        local m = mb.receive(function(m) return type(m) == "table" and m.ref == ref end, 5000)
+        mark("parent " .. tostring(m and m.reason))
+        print(server.start({ init = function() end }, nil))
+        mark("init")
+      ]])
+      local code, out, err = S.moonbeam(S.q(script))
+      assert.are.equal(0, code, err)
+      local parts, from = {}, 1
+      for name, stop in err:gmatch("@@ ([^\n]*)\n()") do
+        local text = err:sub(from, stop - 1)
+        parts[name] = text:sub(1, #text - #name - 4)
+        from = stop
+      end
+      return parts, out, err
+    end
+
+    local function reports(text)
+      local n = 0
+      for _ in text:gmatch("=SERVER REPORT====") do n = n + 1 end
+      return n
+    end
+
+    it("prints one report for each abnormal end and none for a normal one", function()
+      local parts, out, err = scenarios()
+      -- Normal ends: nothing.
+      assert.are.equal("", parts["stop normal"], err)
+      assert.are.equal("", parts["stop-shutdown shutdown"], err)
+      assert.are.equal("", parts["cast-normal normal"], err)
+      -- A stop reason returned by a callback.
+      local p = parts["cast-boom boom"]
+      assert.are.equal(1, reports(p), err)
+      assert.matches("=SERVER REPORT==== <[%d.]+>\nserver callbacks: table %(init at [^\n]*\n"
+                     .. 'last message: cast "boom"\nstate: "st"\nreason: boom\n$', p)
+      -- server.stop with an abnormal reason.
+      p = parts["stop-boom boom"]
+      assert.are.equal(1, reports(p), err)
+      assert.matches('last message: stop "boom"\nstate: "st"\nreason: boom\n$', p)
+      -- A crash: with its traceback.
+      p = parts["crash " .. (err:match("@@ crash ([^\n]*crash on cast)\n") or "?")]
+      assert.are.equal(1, reports(p or ""), err)
+      assert.matches("reason: [^\n]*ends.lua:%d+: crash on cast\nstack traceback:\n", p)
+      -- A crash whose terminate raises too: one block, the crash stays the reason.
+      p = parts["crash-terminate " .. (err:match("@@ crash%-terminate ([^\n]*)\n") or "?")]
+      assert.truthy(err:find("@@ crash%-terminate [^\n]*crash on cast\n"), err)
+      assert.are.equal(1, reports(p), err)
+      assert.matches("reason: [^\n]*crash on cast\nstack traceback:\n.*"
+                     .. "terminate failed too: [^\n]*terminate raises\nstack traceback:\n", p)
+      -- A normal stop whose terminate raises: its error becomes the reason.
+      local treason = err:match("@@ stop%-terminate ([^\n]*)\n")
+      assert.matches("terminate raises", treason, 1, true)
+      p = parts["stop-terminate " .. treason]
+      assert.are.equal(1, reports(p), err)
+      assert.matches("reason: [^\n]*terminate raises\n"
+                     .. 'terminate failed while stopping with reason "normal"\nstack traceback:\n', p)
+      -- A bad return value: what was expected, no traceback.
+      p = parts["bad-return bad return value from handle_cast: nothing"]
+      assert.are.equal(1, reports(p), err)
+      assert.matches('last message: cast "nothing"\nstate: "st"\n'
+                     .. "reason: bad return value from handle_cast: nothing\n"
+                     .. "handle_cast must return state%[, stop_reason%] %(it returned no value%)\n$", p)
+      -- A malformed protocol message: dropped with a report, then a normal stop.
+      p = parts["malformed normal"]
+      assert.are.equal(1, reports(p), err)
+      assert.matches("dropped a malformed $cast message (no message): {tag = \"$cast\"}", p, 1, true)
+      -- The parent's abnormal exit, seen by a server that traps exits.
+      p = parts["parent parent gone"]
+      assert.are.equal(1, reports(p), err)
+      assert.matches("last message: info {[^\n]*event = \"EXIT\"[^\n]*}\n[^\n]*\nreason: parent gone\n$", p)
+      -- init's bad return value: reported, and start returns the error.
+      p = parts["init"]
+      assert.are.equal(1, reports(p), err)
+      assert.matches("init returned a bad value; argument: nil\n"
+                     .. "reason: bad return value from init: nothing\n"
+                     .. "init must return a state, or nil and an error %(it returned no value%)\n$", p)
+      assert.matches("nil\tbad return value from init: nothing", out, 1, true)
     end)
   end)
 end)

@@ -528,6 +528,48 @@ describe("moonbeam.supervisor", function()
       event()
     end)
 
+    it("terminate_child calls off a restart that failed and waits for its retry", function()
+      -- The child's start function runs in the supervisor: the first start
+      -- succeeds; the restart tells the test it runs and waits for the word
+      -- to fail, which the test gives only once its terminate_child call is
+      -- queued, so the call comes before the retry.
+      local sup = assert(supervisor.start({
+        max_restarts = 10, max_seconds = 3600,
+        children = { {
+          id = "r",
+          start = (function()
+            local n = 0
+            return function()
+              n = n + 1
+              if n == 1 then return start_worker(me, "r") end
+              mb.send(me, { restarting = n })
+              mb.receive(function(m) return m == "fail now" end, 5000)
+              return nil, "attempt " .. n .. " refused"
+            end
+          end)(),
+        } },
+      }))
+      local _, pid = event()
+      mb.send(pid, "crash")
+      S.recv(S.field("restarting", 2), nil, "the restart")
+      local caller = mb.spawn(function()
+        mb.send(me, { terminated = supervisor.terminate_child(sup, "r", 5000) })
+      end)
+      assert.is_true(S.eventually(function()
+        local i = mb.info(sup)
+        return i ~= nil and i.mailbox >= 1
+      end), "the terminate_child call did not reach the supervisor")
+      mb.send(sup, "fail now")
+      assert.is_true(S.recv(S.field("terminated", true), nil, "terminate_child's answer").terminated)
+      -- Handled after the call: the retry must not start the child again.
+      assert.is_nil((pid_of(sup, "r")))
+      assert.is_nil(mb.receive(function(m) return type(m) == "table" and m.restarting end, 0))
+      assert.is_true(no_reports())
+      supervisor.stop(sup, nil, S.T)
+      local ref = mb.monitor(caller)
+      S.await_down(ref)
+    end)
+
     it("returns nil and an error for an unknown child id", function()
       local sup = assert(supervisor.start({}))
       for _, f in ipairs({ "terminate_child", "restart_child", "delete_child" }) do
@@ -536,6 +578,50 @@ describe("moonbeam.supervisor", function()
         assert.are.equal("no child with id 'ghost'", err)
       end
       supervisor.stop(sup, nil, S.T)
+    end)
+  end)
+
+  describe("system requests and dead children", function()
+    it("server.get_state gives the supervisor's state, with stopped children", function()
+      local sup = assert(supervisor.start({ children = { child(me, "a"), child(me, "b") } }))
+      events(2)
+      assert.is_true(supervisor.terminate_child(sup, "a"))
+      event()
+      local st = server.get_state(sup, S.T)
+      assert.are.equal("one_for_one", st.strategy)
+      assert.are.equal(2, #st.children)
+      assert.are.equal("a", st.children[1].id)
+      assert.is_nil(st.children[1].pid)
+      assert.are.equal(pid_of(sup, "b"), st.children[2].pid)
+      supervisor.stop(sup, nil, S.T)
+      event()
+    end)
+
+    it("answers which_children and get_state while children die and restart", function()
+      local sup = assert(supervisor.start({
+        max_restarts = 100, max_seconds = 3600,
+        children = { child(me, "a"), child(me, "b") },
+      }))
+      events(2)
+      for _ = 1, 5 do
+        local pid = pid_of(sup, "a")
+        mb.exit(pid, "kill")
+        -- Asked at once: the answer may name the dead child or its successor.
+        local list = supervisor.which_children(sup, S.T)
+        assert.are.equal(2, #list)
+        assert.is_table(server.get_state(sup, S.T))
+        assert.are.equal("started a", (event()))
+        assert.are_not.equal(pid, pid_of(sup, "a"))
+      end
+      supervisor.stop(sup, nil, S.T)
+      events(2)
+    end)
+
+    it("raises for a dead supervisor, from get_state too", function()
+      local sup = assert(supervisor.start({}))
+      supervisor.stop(sup, nil, S.T)
+      assert.is_true(S.has(error_of(server.get_state, sup), "not running (noproc)"))
+      assert.is_true(S.has(error_of(supervisor.which_children, sup), "not running (noproc)"))
     end)
   end)
 
@@ -574,6 +660,30 @@ describe("moonbeam.supervisor", function()
                            "type must be \"worker\" or \"supervisor\""))
     end)
 
+    it("raises for a NaN id and a bad start.n", function()
+      local ok_start = function() end
+      assert.is_true(S.has(start_err({ children = { { id = 0 / 0, start = ok_start } } }),
+                           "children[1]: id must not be NaN"))
+      assert.is_true(S.has(start_err({ children = { { id = "m", start = { "mod", n = "two" } } } }),
+                           "children[1] (id 'm'): start.n must be the number of values in start"))
+      assert.is_true(S.has(start_err({ children = { { id = "m", start = { "mod", n = 0 } } } }),
+                           "start.n must be the number of values in start (an integer >= 1), got 0"))
+    end)
+
+    it("tells pids with mb.is_pid, not by how a value prints", function()
+      local fake = newproxy(true)
+      getmetatable(fake).__tostring = function() return "<0.1.0>" end
+      assert.is_true(S.has(error_of(supervisor.which_children, fake), "bad supervisor"))
+      -- (Made in the supervisor: a userdata cannot be copied there.)
+      local none, err = supervisor.start({ children = { { id = "f", start = function()
+        local f = newproxy(true)
+        getmetatable(f).__tostring = function() return "<0.1.0>" end
+        return f
+      end } } })
+      assert.is_nil(none)
+      assert.are.equal("child 'f' failed to start: start returned <0.1.0> instead of a pid", err)
+    end)
+
     it("raises for duplicate child ids, naming both", function()
       local err = start_err({ children = { child(me, "a"), child(me, "b"), child(me, "a") } })
       assert.is_true(S.has(err, "duplicate child id 'a' (children[1] and children[3])"), err)
@@ -603,6 +713,60 @@ describe("moonbeam.supervisor", function()
 
   describe("reports", function()
     after_each(function() S.cleanup_tmp() end)
+
+    it("logs a child that ends with another reason while it is shut down", function()
+      local script = S.write("sup.lua", [[
+        local mb = require "moonbeam"
+        local supervisor = require "moonbeam.supervisor"
+        -- A worker that ends with `reason` when shut down.
+        local function worker(reason)
+          return function()
+            return mb.spawn_link(function()
+              mb.trap_exit(true)
+              mb.receive(function(m) return type(m) == "table" and m.event == "EXIT" end, 5000)
+              mb.exit(reason)
+            end)
+          end
+        end
+        local sup = assert(supervisor.start({ name = "demo_sup", children = {
+          { id = "clean", start = worker("shutdown") },
+          { id = "normal", start = worker("normal") },
+          { id = "messy", start = worker("cleanup failed") },
+          { id = "brutal", start = worker("never seen"), shutdown = "brutal_kill" },
+        } }))
+        io.stderr:write("@@ started\n")
+        for _, id in ipairs({ "clean", "normal", "brutal" }) do
+          assert(supervisor.terminate_child(sup, id))
+        end
+        io.stderr:write("@@ quiet ones stopped\n")
+        assert(supervisor.terminate_child(sup, "messy"))
+        io.stderr:write("@@ messy stopped\n")
+        supervisor.stop(sup)
+      ]])
+      local code, _, err = S.moonbeam(S.q(script))
+      assert.are.equal(0, code, err)
+      assert.is_true(S.has(err, "@@ started\n@@ quiet ones stopped\n=SUPERVISOR REPORT===="), err)
+      assert.matches("@@ quiet ones stopped\n=SUPERVISOR REPORT==== <[%d.]+> registered as demo_sup\n"
+                     .. "child: 'messy' <[%d.]+>\nreason: cleanup failed\n"
+                     .. "action: none; it ended with this reason while being shut down\n@@ messy stopped\n$", err)
+    end)
+
+    it("logs a child that fails to start when the supervisor starts", function()
+      local script = S.write("sup.lua", [[
+        local mb = require "moonbeam"
+        local supervisor = require "moonbeam.supervisor"
+        print(supervisor.start({ name = "demo_sup", children = {
+          { id = "ok", start = function() return mb.spawn_link(function() mb.receive(5000) end) end },
+          { id = "db", start = function() return nil, "no database" end },
+        } }))
+      ]])
+      local code, out, err = S.moonbeam(S.q(script))
+      assert.are.equal(0, code, err)
+      assert.is_true(S.has(out, "nil\tchild 'db' failed to start: no database"), out)
+      assert.matches("^=SUPERVISOR REPORT==== <[%d.]+> registered as demo_sup\n"
+                     .. "child: 'db'\nreason: no database\naction: none; it failed to start, so the "
+                     .. "supervisor stops the children started before it and does not start\n$", err)
+    end)
 
     it("logs each restart as one block naming the supervisor, the child and the reason", function()
       local script = S.write("sup.lua", [[

@@ -354,6 +354,37 @@ describe("moonbeam.tcp", function()
     assert.are.same({nil, "closed"}, {c:set_nodelay(true)})
   end)
 
+  it("tells how many written bytes are still queued (sock:queued)", function()
+    local c, s, l = pair()
+    assert.are.equal(0, s:queued())
+    -- Nobody reads c: once the kernel's buffers are full, writes queue up.
+    -- Each write stays under the 64 KiB mark, so none waits.
+    local block = ("q"):rep(1024)
+    local q = 0
+    for _ = 1, 64 * 1024 do                  -- at most 64 MiB
+      if s:queued() + #block > 60 * 1024 then break end
+      assert.is_true(s:write(block))
+      q = s:queued()
+    end
+    assert.is_true(q > 0 and q <= 60 * 1024, "queued " .. q)
+    assert.are.equal("running", mb.info(mb.self()).status)
+    -- Reading drains the queue.
+    local total = 0
+    assert.is_true(S.eventually(function()
+      local d = c:read(0)
+      if d then total = total + #d end
+      return s:queued() == 0
+    end))
+    -- Only the owner may ask.
+    local me = mb.self()
+    mb.spawn(function(sock) mb.send(me, { other = { sock:queued() } }) end, s)
+    assert.are.same({nil, "not owner"}, S.recv(function(m) return type(m) == "table" and m.other end).other)
+    s:close()
+    assert.are.same({nil, "closed"}, {s:queued()})
+    assert.has_error(function() l:queued() end)
+    c:close(); l:close()
+  end)
+
   it("rejects wrong argument types with clear errors", function()
     assert.has_error(function() tcp.listen(nil, 0) end)
     assert.has_error(function() tcp.listen("127.0.0.1", 70000) end,

@@ -45,7 +45,7 @@ local tcp_user = user.tcp_user
 local BACKLOG = 4096
 
 -- The body of the acceptor process (linked to the listener).
-local function tcp_acceptor(listener, host, port, registry)
+local function tcp_acceptor(listener, host, port, registry, limits)
   local tcp = require "moonbeam.tcp"
   local lsock, err = tcp.listen(host, port, { backlog = BACKLOG })
   if not lsock then
@@ -57,7 +57,7 @@ local function tcp_acceptor(listener, host, port, registry)
   while true do
     local sock, aerr = lsock:accept()
     if sock then
-      local pid = mb.spawn(tcp_user, registry)
+      local pid = mb.spawn(tcp_user, registry, limits)
       if sock:set_owner(pid) then
         mb.send(pid, { tcp_socket = sock })
         mb.send(listener, { link = pid })
@@ -78,9 +78,9 @@ local function tcp_acceptor(listener, host, port, registry)
 end
 
 -- The body of the TCP listener process.
-local function tcp_listener(parent, starter, host, port, registry)
+local function tcp_listener(parent, starter, host, port, registry, limits)
   mb.trap_exit(true)
-  local acceptor = mb.spawn_link(tcp_acceptor, mb.self(), host, port, registry)
+  local acceptor = mb.spawn_link(tcp_acceptor, mb.self(), host, port, registry, limits)
   local m = mb.receive(function(x)
     return type(x) == "table" and (x.acceptor_ready == acceptor or (x.event == "EXIT" and x.pid == acceptor))
   end, 5000)
@@ -143,6 +143,24 @@ end
 
 local instances = 0
 
+-- The limits on slow users from chat.start's options (see user.lua), checked.
+local function limits_of(opts)
+  local limits = {}
+  for k, default in pairs(user.DEFAULTS) do
+    local v = opts[k]
+    if v == nil then v = default end
+    if type(v) ~= "number" or v ~= v or v <= 0 then
+      error("chat.start: " .. k .. " must be a number > 0, got " .. tostring(v), 3)
+    end
+    limits[k] = v
+  end
+  if limits.max_output < user.MIN_OUTPUT or limits.max_output > user.MAX_OUTPUT then
+    error("chat.start: max_output must be from " .. user.MIN_OUTPUT .. " to " .. user.MAX_OUTPUT
+          .. " bytes (under the socket's 64 KiB backpressure mark), got " .. limits.max_output, 3)
+  end
+  return limits
+end
+
 -- chat.start(opts) -> info | nil, err
 --   opts.host       address to listen on (default "127.0.0.1")
 --   opts.tcp_port   TCP port for nc/telnet (default 7000; 0 = any free port; false = none)
@@ -151,9 +169,12 @@ local instances = 0
 --   opts.name       registered name of the supervisor (default: none); the
 --                   registry is registered as "<name>.rooms" (without a name:
 --                   "chat<N>@<caller's pid>.rooms", unique per chat started)
+--   opts.max_behind, opts.max_output, opts.max_stall, opts.room_backlog
+--                   the limits on slow users (user.lua; defaults in user.DEFAULTS)
 -- info: {sup = pid, registry = name, tcp_port = n, http_port = n}.
 function chat.start(opts)
   opts = opts or {}
+  local limits = limits_of(opts)
   local host = opts.host or "127.0.0.1"
   local tcp_port, http_port = opts.tcp_port, opts.http_port
   if tcp_port == nil then tcp_port = 7000 end
@@ -165,7 +186,7 @@ function chat.start(opts)
   }
   if tcp_port then
     children[#children + 1] = { id = "tcp", shutdown = 2000, start = function()
-      return start_listener(tcp_listener, "tcp_ready", host, tcp_port, registry)
+      return start_listener(tcp_listener, "tcp_ready", host, tcp_port, registry, limits)
     end }
   end
   if http_port then
@@ -173,7 +194,7 @@ function chat.start(opts)
     local www = opts.www or chat.www
     local http_listener = web.http_listener
     children[#children + 1] = { id = "http", shutdown = 2000, start = function()
-      return start_listener(http_listener, "http_ready", host, http_port, registry, www)
+      return start_listener(http_listener, "http_ready", host, http_port, registry, www, limits)
     end }
   end
   local sup, err = supervisor.start({
@@ -201,6 +222,12 @@ end
 function chat.members(info, room, timeout)
   local reg = mb.whereis(info.registry)
   return reg and rooms.members(reg, room, timeout)
+end
+
+-- The pid of room `name`, or nil (no such room, or timeout).
+function chat.room(info, name, timeout)
+  local reg = mb.whereis(info.registry)
+  return reg and rooms.room(reg, name, timeout) or nil
 end
 
 -- The names of the open rooms.

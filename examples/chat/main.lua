@@ -1,11 +1,13 @@
 -- examples/chat/main.lua: the chat server. Each connected user is a process.
 --
---   scripts/run examples/chat [--host H] [--tcp PORT] [--http PORT]
+--   scripts/run examples/chat [--host H] [--tcp PORT] [--http PORT] [limits]
 --
 -- Defaults: host 127.0.0.1, TCP port 7000 (nc, telnet), HTTP port 8080 (the
 -- browser page, speaking WebSocket on /ws). The environment variables
 -- CHAT_HOST, CHAT_TCP_PORT and CHAT_HTTP_PORT set them too; the options win.
--- Port 0 picks a free port; "off" leaves that listener out. See README.md.
+-- Port 0 picks a free port; "off" leaves that listener out. The limits on
+-- slow users (--max-behind N, --max-output BYTES, --max-stall MS,
+-- --room-backlog N) are chat.start's options; see README.md.
 local mb = require "moonbeam"
 
 -- Find the example's modules next to this file, from any directory.
@@ -16,11 +18,16 @@ local chat = require "chat"
 
 local function usage(code)
   local out = code == 0 and io.stdout or io.stderr
-  out:write("usage: scripts/run examples/chat [--host H] [--tcp PORT] [--http PORT]\n",
+  out:write("usage: scripts/run examples/chat [--host H] [--tcp PORT] [--http PORT] [limits]\n",
             "  (or build/moonbeam examples/chat/main.lua ...)\n",
             "  --host H      address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)\n",
             "  --tcp PORT    TCP port for nc/telnet (default 7000; 0 = any free port; off = none)\n",
             "  --http PORT   HTTP port for the browser (default 8080; 0 = any free port; off = none)\n",
+            "limits on slow users (a user over them is disconnected; see README.md):\n",
+            "  --max-behind N        room lines waiting for a user (default 1000)\n",
+            "  --max-output BYTES    output queued on a user's socket (default 32768)\n",
+            "  --max-stall MS        how long the output may stay over that (default 5000)\n",
+            "  --room-backlog N      a room's backlog before its talkers wait (default 1000)\n",
             "environment: CHAT_HOST, CHAT_TCP_PORT, CHAT_HTTP_PORT\n")
   os.exit(code)
 end
@@ -40,6 +47,8 @@ local opts = {
   tcp_port = port(os.getenv("CHAT_TCP_PORT") or "7000", "TCP"),
   http_port = port(os.getenv("CHAT_HTTP_PORT") or "8080", "HTTP"),
 }
+local LIMITS = { ["--max-behind"] = "max_behind", ["--max-output"] = "max_output",
+                 ["--max-stall"] = "max_stall", ["--room-backlog"] = "room_backlog" }
 local i = 1
 while i <= #arg do
   local a, v = arg[i], arg[i + 1]
@@ -47,6 +56,13 @@ while i <= #arg do
   elseif a == "--host" and v then opts.host = v; i = i + 1
   elseif (a == "--tcp" or a == "--tcp-port") and v then opts.tcp_port = port(v, "TCP"); i = i + 1
   elseif (a == "--http" or a == "--http-port") and v then opts.http_port = port(v, "HTTP"); i = i + 1
+  elseif LIMITS[a] and v then
+    opts[LIMITS[a]] = tonumber(v)
+    if not opts[LIMITS[a]] then
+      io.stderr:write("chat: bad value '", v, "' for ", a, "\n")
+      usage(2)
+    end
+    i = i + 1
   else
     io.stderr:write("chat: unknown argument '", a, "'\n")
     usage(2)
@@ -54,7 +70,11 @@ while i <= #arg do
   i = i + 1
 end
 
-local info, err = chat.start(opts)
+local ok, info, err = pcall(chat.start, opts)
+if not ok then
+  io.stderr:write("chat: ", (tostring(info):gsub("^.-chat%.start: ", "")), "\n")
+  usage(2)
+end
 if not info then
   io.stderr:write("chat: could not start: ", tostring(err), "\n")
   os.exit(1)

@@ -29,7 +29,13 @@
 --                    {op = "members", room = name, from = p, tag = t}   (answered by the room;
 --                                                      an unknown room answers {members = t, list = {}})
 --                    {op = "rooms", from = p, tag = t}  -> {rooms = t, list = {names...}}
+--                    {op = "room", room = name, from = p, tag = t} -> {room = t, pid = room or false}
 --                    {op = "idle", room = pid, joins = n}            (from an empty room)
+--
+-- A room never waits on its members: it sends with mb.send, which only
+-- queues, and a member that does not keep up drops itself (user.lua). Nor
+-- may a stray message end a room or the registry, which everybody shares:
+-- messages of the wrong shape are ignored.
 --
 -- Spawned functions here capture only `mb` and plain local functions: a
 -- captured module table of this example would be required again in the new
@@ -69,7 +75,11 @@ local function room_main(name, registry)
     local op = msg.op
     if op == "say" then
       local m = members[msg.pid]
-      if m then broadcast(order, "[" .. name .. "] " .. m.nick .. ": " .. msg.text, msg.pid) end
+      if m and type(msg.text) == "string" then
+        broadcast(order, "[" .. name .. "] " .. m.nick .. ": " .. msg.text, msg.pid)
+      end
+    elseif op == "join" and not (mb.is_pid(msg.pid) and type(msg.nick) == "string") then
+      -- Garbled: ignore it (a real join always has both).
     elseif op == "join" then
       joins = joins + 1
       local pid = msg.pid
@@ -92,12 +102,12 @@ local function room_main(name, registry)
       if m and m.ref == msg.ref then remove(msg.pid) end
     elseif op == "nick" then
       local m = members[msg.pid]
-      if m then m.nick = msg.nick end
-    elseif op == "who" then
+      if m and type(msg.nick) == "string" then m.nick = msg.nick end
+    elseif op == "who" and mb.is_pid(msg.pid) then
       local nicks = {}
       for i = 1, #order do nicks[i] = members[order[i]].nick end
       mb.send(msg.pid, "* in " .. name .. ": " .. table.concat(nicks, ", "))
-    elseif op == "members" then
+    elseif op == "members" and mb.is_pid(msg.from) then
       local list = {}
       for i = 1, #order do list[i] = { nick = members[order[i]].nick, pid = order[i] } end
       mb.send(msg.from, { members = msg.tag, list = list })
@@ -122,6 +132,11 @@ local function registry_main(parent, starter)
     local msg = mb.receive()
     if type(msg) ~= "table" then msg = {} end   -- not ours: ignore it
     local op = msg.op
+    if (op == "join" or op == "guest") and not mb.is_pid(msg.pid)
+       or (op == "join" or op == "members" or op == "room") and type(msg.room) ~= "string"
+       or (op == "members" or op == "rooms" or op == "room") and not mb.is_pid(msg.from) then
+      op = nil   -- garbled: ignore it
+    end
     if op == "join" then
       local r = by_name[msg.room]
       if not r then
@@ -154,6 +169,9 @@ local function registry_main(parent, starter)
       for name in pairs(by_name) do list[#list + 1] = name end
       table.sort(list)
       mb.send(msg.from, { rooms = msg.tag, list = list })
+    elseif op == "room" then
+      local r = by_name[msg.room]
+      mb.send(msg.from, { room = msg.tag, pid = r and r.pid or false })
     elseif msg.event == "EXIT" then
       if msg.pid == parent then mb.exit(msg.reason) end
       local name = by_pid[msg.pid]
@@ -176,22 +194,28 @@ function rooms.start_registry(name)
 end
 
 -- A request to the registry answered by a message whose field `field`
--- carries the request's tag. Returns that message's list, or nil after
--- `timeout` ms.
+-- carries the request's tag. Returns that message's field `result` (default
+-- "list"), or nil after `timeout` ms.
 local tags = 0
-local function ask(registry, req, field, timeout)
+local function ask(registry, req, field, timeout, result)
   tags = tags + 1
   local tag = tostring(mb.self()) .. ":" .. tags
   req.from, req.tag = mb.self(), tag
   mb.send(registry, req)
   local m = mb.receive(function(x) return type(x) == "table" and x[field] == tag end, timeout or 5000)
-  return m and m.list
+  return m and m[result or "list"]
 end
 
 -- The members of room `name`: {{nick = n, pid = p}...} in join order ({} for
 -- no such room), or nil on timeout. For tests and tools.
 function rooms.members(registry, name, timeout)
   return ask(registry, { op = "members", room = name }, "members", timeout)
+end
+
+-- The pid of room `name`: false for no such room, nil on timeout. For tests
+-- and tools.
+function rooms.room(registry, name, timeout)
+  return ask(registry, { op = "room", room = name }, "room", timeout, "pid")
 end
 
 -- The names of the open rooms, sorted, or nil on timeout.

@@ -24,6 +24,33 @@
 -- The user monitors its room: if the room ends, the user is told and is in
 -- no room. Everything spawned here captures only `mb` and local functions
 -- (see rooms.lua for why).
+--
+-- Slow consumers. A room sends its lines with mb.send, which never waits, so
+-- a user whose client does not read must not be allowed to make the server
+-- hold its lines without bound: its mailbox would grow for as long as the
+-- room talks. So the user process never waits on its socket either: before
+-- each write it asks how much output is still queued (sock:queued(); a
+-- write over the socket's 64 KiB mark would suspend it). Over `max_output`
+-- it stops taking room lines and polls, with backoff, until the queue
+-- drains; if that takes longer than `max_stall` ms, or its mailbox goes over
+-- `max_behind` messages meanwhile (also checked every CHECK_EVERY room lines
+-- in the normal flow), the user is dropped: it writes
+-- "* disconnected: too slow (<why>)", leaves its room and closes (the close
+-- flushes what is queued for up to 5 s, so a client that reads late still
+-- gets the line). Output stays under the 64 KiB mark, so even that last
+-- write never waits. The rest of the room goes on.
+--
+-- Fast talkers. A user that floods its room could grow the room's mailbox
+-- instead. Every SAY_CHECK lines it sends, a user looks at its room's
+-- mailbox; over `room_backlog` it holds the rest of its input back (at most
+-- one read, 64 KiB), reads no more (TCP flow control then holds its client
+-- back) and looks again ROOM_WAIT ms later, taking room lines meanwhile. The
+-- room itself never waits.
+--
+-- The bounds are chat.start's options (user.DEFAULTS): per user, its
+-- mailbox stays near max_behind messages and its socket's queue under
+-- max_output bytes; per room, the mailbox stays near room_backlog messages
+-- plus SAY_CHECK per talking user.
 local mb = require "moonbeam"
 
 local user = {}
@@ -32,6 +59,34 @@ local user = {}
 local MAX_LINE = 4096
 -- How long to wait for the registry or a room to answer.
 local ANSWER_TIMEOUT = 5000
+
+-- The limits on slow users, as documented in README.md. (A local, not a
+-- field of `user`: the spawned functions must not capture this module.)
+local DEFAULTS = {
+  max_behind = 1000,        -- room lines waiting in a user's mailbox
+  max_output = 32 * 1024,   -- bytes queued on a user's socket
+  max_stall = 5000,         -- ms that the socket's queue may stay over max_output
+  room_backlog = 1000,      -- messages in a room's mailbox before its talkers wait
+}
+user.DEFAULTS = DEFAULTS
+-- The socket's backpressure mark (README, moonbeam.tcp): a write that takes
+-- the queue over it waits. max_output must leave room under it for the
+-- longest room line and the last line.
+local WRITE_HIGH = 64 * 1024
+user.MAX_OUTPUT = WRITE_HIGH - 2 * MAX_LINE
+user.MIN_OUTPUT = 2 * MAX_LINE
+-- A user checks its mailbox every CHECK_EVERY room lines (mb.info costs a
+-- lock and a table; per line it would be a noticeable part of a line's cost).
+local CHECK_EVERY = 32
+-- While its output is over max_output, a user polls the queue at first
+-- after 1 ms, then doubling up to this many ms.
+local STALL_POLL_MAX = 16
+-- A talking user looks at its room's mailbox every SAY_CHECK lines it says,
+-- and when the room is behind, looks again after ROOM_WAIT ms.
+local SAY_CHECK = 16
+local ROOM_WAIT = 5
+-- The message a waiting talker sends itself to look again.
+local READ_MORE = { chat_read_more = true }
 
 local WELCOME = ": /nick <name>, /join <room>, /who, /quit"
 
@@ -72,6 +127,7 @@ local function handle(st, line)
     if line == "" then return end
     if not st.room_pid then return st.out("* join a room first") end
     mb.send(st.room_pid, { op = "say", pid = mb.self(), text = line })
+    st.says = st.says + 1
     return
   end
   local cmd, rest = line:match("^/(%S*)%s*(.-)%s*$")
@@ -94,10 +150,82 @@ local function handle(st, line)
   end
 end
 
+-- -- Slow consumers and fast talkers (see DESIGN) ---------------------------
+
+-- Ends the session because the client does not keep up: the last line says
+-- why. The socket's queue is under max_output, so this write never waits.
+local function drop(st, why)
+  local line = "* disconnected: too slow (" .. why .. ")"
+  local data = st.ws and line or line .. "\n"
+  local q = st.sock:queued()
+  if q and q + #data <= WRITE_HIGH then st.sock:write(data) end
+  st.done, st.dropped = true, why
+  return false
+end
+
+local function behind(st)
+  local info = mb.info(mb.self())
+  return info and info.mailbox or 0
+end
+
+-- True once n more bytes fit in the socket's queue under max_output; false
+-- when the socket is closed or the user was dropped meanwhile.
+local function room_for(st, n)
+  local q = st.sock:queued()
+  if q == nil then st.done = true return false end
+  if q + n <= st.max_output then return true end
+  local start, pause = mb.now(), 1
+  repeat
+    mb.sleep(pause)
+    if pause < STALL_POLL_MAX then pause = pause * 2 end
+    q = st.sock:queued()
+    if q == nil then st.done = true return false end
+    if q + n <= st.max_output then return true end
+    local b = behind(st)
+    if b > st.max_behind then return drop(st, b .. " messages behind") end
+  until mb.now() - start >= st.max_stall
+  return drop(st, "more than " .. st.max_output .. " bytes unread for " .. st.max_stall .. " ms")
+end
+
+-- Writes one line to the client, never waiting on it (see room_for).
+local function write_line(st, line)
+  if st.done then return end
+  local data = st.ws and line or line .. "\n"
+  if room_for(st, #data) and not st.sock:write(data) then st.done = true end
+end
+
+-- Whether the user should hold its input back because its room is behind.
+-- Looks at the room only every SAY_CHECK lines said.
+local function room_busy(st)
+  if st.says < SAY_CHECK then return false end
+  local room = st.room_pid and mb.info(st.room_pid)
+  if room and room.mailbox > st.room_backlog then return true end
+  st.says = 0
+  return false
+end
+
+-- After the client's input was handled: lets the next input in (re-arms the
+-- socket), or, when lines are held back, looks again ROOM_WAIT ms later.
+local function read_more(st)
+  if st.held then
+    mb.send_after(ROOM_WAIT, mb.self(), READ_MORE)
+  else
+    st.sock:set_active("once")
+  end
+end
+
+-- -- Messages -------------------------------------------------------------
+
 -- A message that is not socket data: a line from a room, the end of the room.
 local function other(st, msg)
   if type(msg) == "string" then             -- a line from the room
-    return st.out(msg)
+    st.lines = st.lines + 1
+    if st.lines >= CHECK_EVERY then
+      st.lines = 0
+      local b = behind(st)
+      if b > st.max_behind then return drop(st, b .. " messages behind") end
+    end
+    return write_line(st, msg)
   end
   if type(msg) ~= "table" then return end   -- not ours: ignore it
   if msg.event == "DOWN" then
@@ -111,20 +239,31 @@ local function other(st, msg)
   end
 end
 
-local function new_session(registry, out)
-  local st = { registry = registry, out = out, nick = "guest", tags = 0 }
+-- A session over `sock` (ws: whether it is a WebSocket, one line per
+-- message) with the limits of chat.start (nil fields: user.DEFAULTS).
+local function new_session(registry, sock, ws, limits)
+  limits = limits or {}
+  local st = { registry = registry, sock = sock, ws = ws, nick = "guest", tags = 0,
+               lines = 0, says = 0, rest = "" }
+  for k, v in pairs(DEFAULTS) do
+    if limits[k] ~= nil then v = limits[k] end
+    st[k] = v
+  end
+  st.out = function(line) return write_line(st, line) end
   local reg = mb.whereis(registry)
   if reg then
     mb.send(reg, { op = "guest", pid = mb.self() })
     local m = mb.receive(function(x) return type(x) == "table" and x.guest end, ANSWER_TIMEOUT)
     if m then st.nick = "guest" .. m.guest end
   end
-  out("* welcome " .. st.nick .. WELCOME)
+  st.out("* welcome " .. st.nick .. WELCOME)
   return st
 end
 
 -- Split data into lines and handle them; returns the unfinished rest, or nil
--- when the session must end (quit, line too long).
+-- when the session must end (quit, line too long). When the room is behind
+-- (room_busy) it stops early and sets st.held: the rest then holds the
+-- lines not handled yet.
 local function take_lines(st, rest, data)
   local s = rest == "" and data or rest .. data
   local pos = 1
@@ -139,37 +278,51 @@ local function take_lines(st, rest, data)
     end
     handle(st, s:sub(pos, stop))
     pos = nl + 1
+    if room_busy(st) then
+      st.held = true
+      break
+    end
   end
   if st.done then return nil end
   rest = pos == 1 and s or s:sub(pos)
-  if #rest > MAX_LINE then
+  if not st.held and #rest > MAX_LINE then
     st.out("* error: line too long (more than " .. MAX_LINE .. " bytes)")
     return nil
   end
   return rest
 end
 
+-- On READ_MORE: if the room has caught up, goes on with the lines held
+-- back. Returns false when the session must end.
+local function resume(st)
+  if not room_busy(st) then
+    st.held = false
+    st.rest = take_lines(st, st.rest, "")
+    if not st.rest then return false end
+  end
+  read_more(st)
+  return true
+end
+
 -- The body of a TCP user process. The acceptor makes this process the
--- socket's owner, then sends it {tcp_socket = sock}.
-local function tcp_user(registry)
+-- socket's owner, then sends it {tcp_socket = sock}. limits: chat.start's.
+local function tcp_user(registry, limits)
   local m = mb.receive(function(x) return type(x) == "table" and x.tcp_socket end, ANSWER_TIMEOUT)
   if not m then return end
   local sock = m.tcp_socket
-  local st
-  st = new_session(registry, function(line)
-    if not sock:write(line .. "\n") then st.done = true end
-  end)
-  local rest = ""
+  local st = new_session(registry, sock, false, limits)
   sock:set_active("once")
   while not st.done do
     local msg = mb.receive()
     local ev = type(msg) == "table" and msg.event
     if ev == "tcp" then
-      rest = take_lines(st, rest, msg.data)
-      if not rest then break end
-      sock:set_active("once")
+      st.rest = take_lines(st, st.rest, msg.data)
+      if not st.rest then break end
+      read_more(st)
     elseif ev == "tcp_closed" or ev == "tcp_error" then
       break
+    elseif type(msg) == "table" and msg.chat_read_more then
+      if not resume(st) then break end
     else
       other(st, msg)
     end
@@ -179,12 +332,9 @@ local function tcp_user(registry)
 end
 
 -- The body of a WebSocket user: runs in the HTTP connection's process, which
--- owns `ws` (a socket switched to WebSocket framing).
-local function ws_user(ws, registry)
-  local st
-  st = new_session(registry, function(line)
-    if not ws:write(line) then st.done = true end
-  end)
+-- owns `ws` (a socket switched to WebSocket framing). limits: chat.start's.
+local function ws_user(ws, registry, limits)
+  local st = new_session(registry, ws, true, limits)
   ws:set_active("once")
   while not st.done do
     local msg = mb.receive()
@@ -197,21 +347,26 @@ local function ws_user(ws, registry)
       end
       -- One line per frame; a frame with line breaks in it is several lines.
       if data:find("\n", 1, true) then
-        if take_lines(st, "", data .. "\n") == nil then break end
+        st.rest = take_lines(st, "", data .. "\n")
+        if not st.rest then break end
       else
         if data:byte(-1) == 13 then data = data:sub(1, -2) end
         handle(st, data)
+        if room_busy(st) then st.held = true end
       end
       if st.done then break end
-      ws:set_active("once")
+      read_more(st)
     elseif ev == "ws_closed" or ev == "tcp_closed" or ev == "tcp_error" then
       break
+    elseif type(msg) == "table" and msg.chat_read_more then
+      if not resume(st) then break end
     else
       other(st, msg)
     end
   end
   leave(st)
-  ws:close()
+  -- 1008, policy violation: the close frame says why too.
+  if st.dropped then ws:close(1008, "too slow") else ws:close() end
 end
 
 user.tcp_user = tcp_user

@@ -15,7 +15,7 @@ local web = {}
 local ws_user = user.ws_user
 
 -- The request handler, copied into every HTTP connection process.
-local function make_handler(registry, www)
+local function make_handler(registry, www, limits)
   local http = require "moonbeam.http"
   local static = http.static(www)
   return function(req, res)
@@ -23,7 +23,7 @@ local function make_handler(registry, www)
       local websocket = require "moonbeam.websocket"
       local ws = websocket.upgrade(req, res, { max_message = 8192 })
       -- Without a socket, upgrade has answered the request (400 and such).
-      if ws then ws_user(ws, registry) end
+      if ws then ws_user(ws, registry, limits) end
       return
     end
     return static(req, res)
@@ -31,10 +31,10 @@ local function make_handler(registry, www)
 end
 
 -- The body of the HTTP listener process (see chat.start_listener).
-local function http_listener(parent, starter, host, port, registry, www)
+local function http_listener(parent, starter, host, port, registry, www, limits)
   local http = require "moonbeam.http"
   mb.trap_exit(true)
-  local srv, err = http.listen(host, port, make_handler(registry, www))
+  local srv, err = http.listen(host, port, make_handler(registry, www, limits))
   if not srv then
     mb.send(starter, { http_ready = mb.self(), err = "http " .. host .. ":" .. port .. ": " .. tostring(err) })
     return

@@ -389,6 +389,25 @@ static int l_write(lua_State *L)
   return 1;
 }
 
+/* sock:queued() -> bytes written with sock:write and not yet taken by the
+ * kernel (in WebSocket mode: payload bytes not yet framed and written).
+ * This is what the backpressure mark counts: a write that takes it over
+ * MB_SOCK_WRITE_HIGH waits. A process that must never wait on its peer (a
+ * chat user fed by a room) reads it before writing and decides itself. */
+static int l_queued(lua_State *L)
+{
+  int n;
+  mb_sock_t *s = stream_sock(L, mb_lib_self(L), &n);
+  if (s == NULL)
+    return n;
+  pthread_mutex_lock(&s->lock);
+  size_t q = s->wq;
+  pthread_mutex_unlock(&s->lock);
+  mb_sock_unref(s);
+  lua_pushnumber(L, (lua_Number)q);
+  return 1;
+}
+
 /* sock:close([code[, reason]]): code and reason for a WebSocket. */
 static int l_close(lua_State *L)
 {
@@ -591,6 +610,7 @@ static const luaL_Reg methods[] = {
   {"port", l_port},
   {"read", l_read},
   {"write", l_write},
+  {"queued", l_queued},
   {"close", l_close},
   {"peername", l_peername},
   {"sockname", l_sockname},

@@ -11,8 +11,16 @@
 --   to a server:   {tag = "$call", from = {pid = p, ref = r}, req = req}
 --                  {tag = "$cast", msg = msg}
 --                  {tag = "$stop", reason = reason}
---   to a caller:   {tag = "$reply", ref = r, value = v}
+--                  {tag = "$system", from = {pid = p, ref = r}, req = "get_state"}
+--   to a caller:   {tag = "$reply", ref = r, value = v[, err = message]}
 --   to a starter:  {tag = "$started", pid = server[, err = message]}
+--
+-- "$system" messages are answered by the loop itself, never by a callback
+-- (like OTP's sys messages), so they work whatever the callbacks do. A
+-- "$call", "$cast", "$stop" or "$system" of the wrong shape (a forged or
+-- garbled message) is dropped with a report: it never reaches a callback and
+-- never ends the server. Other "$" tags go to handle_info like any message
+-- (moonbeam.supervisor sends itself one).
 --
 -- Calls and late replies. A call that times out must never leave its reply
 -- behind: the caller may receive() later and would find a reply it no longer
@@ -22,10 +30,23 @@
 -- any message sent through it, even one already queued. The server's DOWN
 -- ends the wait when it dies during the call.
 --
--- Crashes. An error in a callback ends the server: it prints one report block
--- to stderr (pid, name, the last message handled, the state, the error and
--- traceback), calls terminate(reason, state) and exits with the error as its
--- exit reason, so links and monitors (and supervisors) see it.
+-- Callback results are counted, as gen_server matches them: handle_call must
+-- return at least (reply, state), handle_cast and handle_info at least
+-- (state), init at least one value. Fewer is a bad return value: an error of
+-- the callback, so a forgotten `return state` ends the server with a reason
+-- that says so instead of silently making the state nil.
+--
+-- Ending. A server ends on a stop reason returned by a callback, on
+-- server.stop, on an exit signal from its parent (when it traps exits), or
+-- when a callback raises or returns a bad value. In every case terminate
+-- (reason, state) runs first, then the server exits with the reason. An end
+-- whose reason is not "normal" or "shutdown" prints one report block to
+-- stderr (pid, name, the last message handled, the state, the reason, and
+-- the traceback of a crash), like gen_server's "** Generic server
+-- terminating" report; a normal end prints nothing. A terminate that raises
+-- is in the same report; after a stop, its error becomes the exit reason (so
+-- the failure is not hidden behind "normal"), after a crash the crash stays
+-- the reason.
 --
 -- Most functions here run in other processes: spawn copies the server's
 -- body, with every upvalue, into each new process.
@@ -111,10 +132,18 @@ local function show(v)
   return s
 end
 
+-- A callback's bad return value travels as an error of this shape, so that
+-- it takes the crash path (terminate, report, exit) without a traceback,
+-- which would only show this module. Compared by content, like noreply.
+local function is_bad_return(e)
+  return type(e) == "table" and e["$moonbeam.server"] == "bad_return"
+end
+
 -- The error handler of every callback: keeps the error value and the
 -- traceback of the place that raised it, without the frames of this module
 -- that called the callback (the server loop), which say nothing to the user.
 local function catch(e)
+  if is_bad_return(e) then return { err = e.reason, expected = e.expected } end
   local lines = {}
   for line in debug.traceback("", 2):sub(2):gmatch("[^\n]+") do
     if line:find("^%s*%[C%]: in function 'xpcall'") then
@@ -124,6 +153,21 @@ local function catch(e)
     lines[#lines + 1] = line
   end
   return { err = e, traceback = table.concat(lines, "\n") }
+end
+
+-- Passes on the results of callback `name` if there are at least `min` of
+-- them, else raises its bad return value: the reason is
+-- "bad return value from <name>: <what it returned>", where what it returned
+-- is "nothing" or the one value it returned, as show() prints it.
+local function returned(name, min, expected, ...)
+  local n = select("#", ...)
+  if n >= min then return ... end
+  error({
+    ["$moonbeam.server"] = "bad_return",
+    reason = "bad return value from " .. name .. ": " .. (n == 0 and "nothing" or show((...))),
+    expected = name .. " must return " .. expected .. " (it returned "
+               .. (n == 0 and "no value" or n == 1 and "1 value" or n .. " values") .. ")",
+  }, 0)
 end
 
 -- An error value or exit reason as text, the way the runtime's crash
@@ -143,31 +187,34 @@ end
 
 -- -- Argument checks ------------------------------------------------------
 
--- Pids are userdata that print as <0.N>; monitor refs print as #Ref<0.N>.
-local function is_pid(v)
-  return type(v) == "userdata" and tostring(v):sub(1, 1) == "<"
+-- The runtime tells pids (mb.is_pid) but has no such test for refs: a ref
+-- is a userdata that prints as #Ref<0.N>.
+local function is_ref(v)
+  return type(v) == "userdata" and tostring(v):sub(1, 5) == "#Ref<"
 end
 
--- Returns the pid that dest names, or raises an error that names fname.
-local function resolve(dest, fname)
+-- Returns the pid that dest names, or raises an error that names fname,
+-- at `level` (default 3: the caller of the function that called resolve).
+local function resolve(dest, fname, level)
+  level = level or 3
   if type(dest) == "string" then
     local pid = mb.whereis(dest)
     if pid == nil then
-      error(fname .. ": no process registered as '" .. dest .. "'", 3)
+      error(fname .. ": no process registered as '" .. dest .. "'", level)
     end
     return pid
-  elseif is_pid(dest) then
+  elseif mb.is_pid(dest) then
     return dest
   end
   error(fname .. ": bad destination (pid or registered name expected, got "
-        .. type(dest) .. ")", 3)
+        .. type(dest) .. ")", level)
 end
 
-local function check_timeout(timeout, default, fname)
+local function check_timeout(timeout, default, fname, level)
   if timeout == nil then return default end
   if type(timeout) ~= "number" or timeout < 0 or timeout ~= timeout then
     error(fname .. ": bad timeout (non-negative number of ms or math.huge expected, got "
-          .. show(timeout) .. ")", 3)
+          .. show(timeout) .. ")", level or 3)
   end
   return timeout
 end
@@ -185,15 +232,33 @@ end
 
 -- -- The server process ---------------------------------------------------
 
--- A message is a call if it has the shape that server.call sends.
-local function is_call(msg)
-  local from = msg.from
-  return msg.tag == "$call" and type(from) == "table" and from.pid ~= nil and from.ref ~= nil
+-- The `from` of a call or a system request: whom to answer, through which
+-- alias.
+local function is_from(from)
+  return type(from) == "table" and mb.is_pid(from.pid) and is_ref(from.ref)
+end
+
+-- What is wrong with a message of the server protocol, or nil when it is
+-- well formed or not one of ours (a message for handle_info).
+local function malformed(msg)
+  local tag = msg.tag
+  if tag == "$call" or tag == "$system" then
+    if not is_from(msg.from) then return "bad 'from': {pid = pid, ref = ref} expected" end
+    if msg.req == nil then return "no request" end
+  elseif tag == "$cast" then
+    if msg.msg == nil then return "no message" end
+  elseif tag == "$stop" then
+    if msg.reason == nil then return "no reason" end
+  end
+end
+
+local function is_normal(reason)
+  return reason == "normal" or reason == "shutdown"
 end
 
 local function describe(msg)
   if type(msg) == "table" then
-    if is_call(msg) then return "call " .. show(msg.req) .. " from " .. tostring(msg.from.pid) end
+    if msg.tag == "$call" then return "call " .. show(msg.req) .. " from " .. tostring(msg.from.pid) end
     if msg.tag == "$cast" then return "cast " .. show(msg.msg) end
     if msg.tag == "$stop" then return "stop " .. show(msg.reason) end
   end
@@ -201,30 +266,49 @@ local function describe(msg)
   return "info " .. show(msg)
 end
 
-local function send_reply(from, value)
-  mb.send(from.pid, { tag = "$reply", ref = from.ref, value = value }, from.ref)
+local function send_reply(from, value, err)
+  mb.send(from.pid, { tag = "$reply", ref = from.ref, value = value, err = err }, from.ref)
+end
+
+-- Answers a "$system" request in the loop itself: no callback runs, so it
+-- works whatever state the callbacks are in.
+local function system(ctx, msg)
+  local value, err
+  if msg.req == "get_state" then
+    value = ctx.state
+  else
+    err = "unknown system request " .. show(msg.req)
+  end
+  local ok, e = pcall(send_reply, msg.from, value, err)
+  if not ok then
+    -- The state holds something that cannot be copied (a coroutine, say).
+    send_reply(msg.from, nil, "the state cannot be sent: " .. tostring(e))
+  end
 end
 
 -- Handles one message; runs under xpcall. Returns a stop reason or nil.
 local function handle(ctx, msg)
   local cb = ctx.cb
   if type(msg) == "table" then
-    if is_call(msg) then
+    local tag = msg.tag
+    if tag == "$call" then
       if cb.handle_call == nil then
         error("server has no handle_call callback (request " .. show(msg.req) .. ")", 0)
       end
-      local reply, state, stop = cb.handle_call(msg.req, msg.from, ctx.state)
+      local reply, state, stop = returned("handle_call", 2, "reply, state[, stop_reason]",
+                                          cb.handle_call(msg.req, msg.from, ctx.state))
       ctx.state = state
       if not is_noreply(reply) then send_reply(msg.from, reply) end
       return stop
-    elseif msg.tag == "$cast" then
+    elseif tag == "$cast" then
       if cb.handle_cast == nil then
         error("server has no handle_cast callback (message " .. show(msg.msg) .. ")", 0)
       end
-      local state, stop = cb.handle_cast(msg.msg, ctx.state)
+      local state, stop = returned("handle_cast", 1, "state[, stop_reason]",
+                                   cb.handle_cast(msg.msg, ctx.state))
       ctx.state = state
       return stop
-    elseif msg.tag == "$stop" then
+    elseif tag == "$stop" then
       return msg.reason
     elseif msg.event == "EXIT" and msg.pid == ctx.parent then
       -- Only seen when the server traps exits: its parent (a supervisor)
@@ -236,44 +320,63 @@ local function handle(ctx, msg)
     report(ctx, { ctx.origin, "unexpected message dropped (no handle_info): " .. show(msg) })
     return nil
   end
-  local state, stop = cb.handle_info(msg, ctx.state)
+  local state, stop = returned("handle_info", 1, "state[, stop_reason]",
+                               cb.handle_info(msg, ctx.state))
   ctx.state = state
   return stop
 end
 
-local function crash(ctx, caught)
-  local reason = caught.err
-  report(ctx, {
-    ctx.origin,
-    "last message: " .. describe(ctx.last),
-    "state: " .. show(ctx.state),
-    "reason: " .. reason_text(reason),
-    caught.traceback,
-  })
+-- Ends the server: runs terminate(reason, state), prints the report of an
+-- abnormal end, and exits. `caught` is what catch made of the callback's
+-- error or bad return value when that is why the server ends (reason is
+-- then its error), nil for a stop.
+local function finish(ctx, reason, caught)
+  local state = show(ctx.state)   -- as it was when the server ended
+  local failed
   if ctx.cb.terminate then
     local ok, t = xpcall(ctx.cb.terminate, catch, reason, ctx.state)
-    if not ok then
-      report(ctx, { ctx.origin, "terminate failed too: " .. reason_text(t.err), t.traceback })
+    if not ok then failed = t end
+  end
+  -- A stop whose terminate raises ends with terminate's error, so that the
+  -- failure is not hidden behind "normal"; a crash stays the reason.
+  local exit_reason = reason
+  if failed and not caught then exit_reason = failed.err end
+  if failed or not is_normal(exit_reason) then
+    local lines = { ctx.origin, "last message: " .. describe(ctx.last), "state: " .. state }
+    if caught then
+      lines[#lines + 1] = "reason: " .. reason_text(reason)
+      lines[#lines + 1] = caught.expected or caught.traceback
+      if failed then
+        lines[#lines + 1] = "terminate failed too: " .. reason_text(failed.err)
+        lines[#lines + 1] = failed.traceback
+      end
+    elseif failed then
+      lines[#lines + 1] = "reason: " .. reason_text(failed.err)
+      lines[#lines + 1] = "terminate failed while stopping with reason " .. show(reason)
+      lines[#lines + 1] = failed.traceback
+    else
+      lines[#lines + 1] = "reason: " .. reason_text(reason)
     end
+    report(ctx, lines)
   end
-  return mb.exit(reason)
-end
-
-local function stop(ctx, reason)
-  if ctx.cb.terminate then
-    local ok, t = xpcall(ctx.cb.terminate, catch, reason, ctx.state)
-    if not ok then return crash(ctx, t) end
-  end
-  return mb.exit(reason)
+  return mb.exit(exit_reason)
 end
 
 local function loop(ctx)
   while true do
     local msg = mb.receive()
-    ctx.last = msg
-    local ok, r = xpcall(handle, catch, ctx, msg)
-    if not ok then return crash(ctx, r) end
-    if r ~= nil then return stop(ctx, r) end
+    local bad = type(msg) == "table" and malformed(msg)
+    if bad then
+      report(ctx, { ctx.origin, "dropped a malformed " .. msg.tag .. " message (" .. bad .. "): "
+                                .. show(msg) })
+    elseif type(msg) == "table" and msg.tag == "$system" then
+      system(ctx, msg)
+    else
+      ctx.last = msg
+      local ok, r = xpcall(handle, catch, ctx, msg)
+      if not ok then return finish(ctx, r.err, r) end
+      if r ~= nil then return finish(ctx, r) end
+    end
   end
 end
 
@@ -296,6 +399,10 @@ local function origin(callbacks)
     end
   end
   return "table (no callbacks)"
+end
+
+local function run_init(cb, arg)
+  return returned("init", 1, "a state, or nil and an error", cb.init(arg))
 end
 
 -- The body of a server process.
@@ -330,15 +437,18 @@ local function server_main(parent, callbacks, arg, name)
   end
   ctx.cb = cb
   if cb.init ~= nil then
-    local ok, state, err = xpcall(cb.init, catch, arg)
+    local ok, state, err = xpcall(run_init, catch, cb, arg)
     if not ok then
+      local caught = state
       report(ctx, {
         ctx.origin,
-        "init crashed; argument: " .. show(arg),
-        "reason: " .. reason_text(state.err),
-        state.traceback,
+        (caught.expected and "init returned a bad value" or "init crashed")
+          .. "; argument: " .. show(arg),
+        "reason: " .. reason_text(caught.err),
+        caught.expected or caught.traceback,
       })
-      return init_failed(parent, "init failed: " .. tostring(state.err))
+      if caught.expected then return init_failed(parent, caught.err) end
+      return init_failed(parent, "init failed: " .. tostring(caught.err))
     elseif state == nil and err ~= nil then
       return init_failed(parent, err)
     end
@@ -446,13 +556,15 @@ local function call_failed(fname, pid, req, reason)
          .. show(req) .. ": " .. reason_text(reason)
 end
 
--- server.call(dest, req[, timeout_ms]) -> reply
-function server.call(dest, req, timeout)
-  local pid = resolve(dest, "server.call")
-  if req == nil then error("server.call: request is nil", 2) end
-  timeout = check_timeout(timeout, DEFAULT_TIMEOUT, "server.call")
+-- Sends {tag = tag, from = {pid = me, ref = r}, req = req} to the server dest
+-- names and waits for its reply: the reply message, or raises an error
+-- starting with fname (at the level of fname's caller).
+local function request(fname, dest, tag, req, timeout)
+  local pid = resolve(dest, fname, 4)
+  if req == nil then error(fname .. ": request is nil", 3) end
+  timeout = check_timeout(timeout, DEFAULT_TIMEOUT, fname, 4)
   local me = mb.self()
-  if pid == me then error("server.call: a process cannot call itself (deadlock)", 2) end
+  if pid == me then error(fname .. ": a process cannot call itself (deadlock)", 3) end
 
   local ref = mb.monitor(pid)
   mb.alias(ref)
@@ -460,28 +572,42 @@ function server.call(dest, req, timeout)
     mb.unalias(ref)
     mb.demonitor(ref, true)
   end
-  local ok, err = pcall(mb.send, pid, { tag = "$call", from = { pid = me, ref = ref }, req = req })
+  local ok, err = pcall(mb.send, pid, { tag = tag, from = { pid = me, ref = ref }, req = req })
   if not ok then
     done()
-    error("server.call: cannot send the request: " .. tostring(err), 2)
+    error(fname .. ": cannot send the request: " .. tostring(err), 3)
   end
   local m = mb.receive(function(m)
     return type(m) == "table" and m.ref == ref and (m.tag == "$reply" or m.event == "DOWN")
   end, timeout ~= math.huge and timeout or nil)
   done()
   if m == nil then
-    error("server.call: timeout after " .. timeout .. " ms waiting for "
+    error(fname .. ": timeout after " .. timeout .. " ms waiting for "
           .. tostring(dest) .. (dest ~= pid and (" (" .. tostring(pid) .. ")") or "")
-          .. " to answer " .. show(req), 2)
+          .. " to answer " .. show(req), 3)
   end
-  if m.event == "DOWN" then error(call_failed("server.call", pid, req, m.reason), 2) end
+  if m.event == "DOWN" then error(call_failed(fname, pid, req, m.reason), 3) end
+  return m
+end
+
+-- server.call(dest, req[, timeout_ms]) -> reply
+function server.call(dest, req, timeout)
+  return request("server.call", dest, "$call", req, timeout).value
+end
+
+-- server.get_state(dest[, timeout_ms]) -> state
+-- Like Erlang's sys:get_state: a system request, answered by the server's
+-- loop between two messages without running a callback.
+function server.get_state(dest, timeout)
+  local m = request("server.get_state", dest, "$system", "get_state", timeout)
+  if m.err ~= nil then error("server.get_state: " .. tostring(m.err), 2) end
   return m.value
 end
 
 -- server.reply(from, value): answers a call whose handle_call returned
 -- server.noreply. from is the value handle_call was given.
 function server.reply(from, value)
-  if type(from) ~= "table" or from.pid == nil or from.ref == nil then
+  if not is_from(from) then
     error("server.reply: bad 'from' (the from argument of handle_call expected, got "
           .. show(from) .. ")", 2)
   end

@@ -64,6 +64,7 @@ local function check_child(cs, where, level)
   if type(id) ~= "string" and type(id) ~= "number" then
     error(where .. ": id must be a string or a number, got " .. type(id), level)
   end
+  if id ~= id then error(where .. ": id must not be NaN", level) end
   where = where .. " (id " .. show_id(id) .. ")"
   local start = cs.start
   if start == nil then
@@ -72,6 +73,11 @@ local function check_child(cs, where, level)
     if type(start[1]) ~= "string" then
       error(where .. ": start must be {module, args...} with a module name first, got "
             .. type(start[1]) .. " at start[1]", level)
+    end
+    local n = start.n
+    if n ~= nil and not (type(n) == "number" and n >= 1 and n % 1 == 0) then
+      error(where .. ": start.n must be the number of values in start (an integer >= 1), got "
+            .. show(n), level)
     end
   elseif type(start) ~= "function" then
     error(where .. ": start must be a function or {module, args...}, got " .. type(start), level)
@@ -153,6 +159,10 @@ local function reason_text(e)
   return show(e)
 end
 
+local function is_normal(reason)
+  return reason == "normal" or reason == "shutdown"
+end
+
 local function find(st, id)
   for i, c in ipairs(st.children) do
     if c.id == id then return c, i end
@@ -171,10 +181,6 @@ local function remove(st, child)
   set_pid(st, child, nil)
 end
 
-local function is_pid(v)
-  return type(v) == "userdata" and tostring(v):sub(1, 1) == "<"
-end
-
 -- Starts a child's process and links to it; returns its pid or nil, err.
 local function start_proc(st, child)
   local start = child.start
@@ -185,7 +191,7 @@ local function start_proc(st, child)
     ok, pid = pcall(mb.spawn_link, start[1], unpack(start, 2, start.n or #start))
   end
   if not ok then return nil, type(pid) == "string" and pid or show(pid) end
-  if not is_pid(pid) then
+  if not mb.is_pid(pid) then
     if pid == nil and err ~= nil then return nil, type(err) == "string" and err or show(err) end
     return nil, "start returned " .. show(pid) .. " instead of a pid"
   end
@@ -197,7 +203,11 @@ local function start_proc(st, child)
   return pid
 end
 
--- Shuts one running child down; returns its exit reason.
+-- Shuts one running child down; returns its exit reason. A reason other
+-- than the one asked for ("shutdown", or "killed" after brutal_kill) or
+-- "normal" is logged, as OTP's shutdown_error: the child crashed just before
+-- or while it was shut down (its terminate raised, say), and that would
+-- otherwise go unseen.
 local function shutdown_proc(st, child)
   local pid = child.pid
   local ref = mb.monitor(pid)
@@ -231,9 +241,20 @@ local function shutdown_proc(st, child)
       mb.demonitor(ref)
       return "killed"
     end
+    if not exited then return m.reason end   -- "killed", logged just above
   end
-  if exited then return exited.reason end
-  return m.reason
+  -- "noproc": it was gone before the monitor and its EXIT is still on the
+  -- way (then ignored as an old child's); its reason is not known here.
+  local reason = exited and exited.reason or m.reason
+  if not (is_normal(reason) or reason == "noproc"
+          or (reason == "killed" and child.shutdown == "brutal_kill")) then
+    log(st, {
+      "child: " .. show_id(child.id) .. " " .. tostring(pid),
+      "reason: " .. reason_text(reason),
+      "action: none; it ended with this reason while being shut down",
+    })
+  end
+  return reason
 end
 
 -- Shuts down the running children of list in reverse order.
@@ -253,10 +274,6 @@ local function add_restart(st)
   keep[#keep + 1] = now
   st.restarts = keep
   return #keep <= st.max_restarts
-end
-
-local function is_normal(reason)
-  return reason == "normal" or reason == "shutdown"
 end
 
 -- The children restarted along with child, by the strategy, in start order.
@@ -347,6 +364,15 @@ function callbacks.init(spec)
     st.children[#st.children + 1] = c
     local pid, err = start_proc(st, c)
     if pid == nil then
+      -- Logged as well as returned, as OTP's start_error: the caller of
+      -- supervisor.start may be a supervisor that only sees its own child
+      -- fail to start.
+      log(st, {
+        "child: " .. show_id(c.id),
+        "reason: " .. err,
+        "action: none; it failed to start, so the supervisor stops the children "
+          .. "started before it and does not start",
+      })
       shutdown_list(st, st.children)
       return nil, "child " .. show_id(c.id) .. " failed to start: " .. err
     end
@@ -381,6 +407,9 @@ function handlers.terminate_child(st, id)
   local c = find(st, id)
   if c == nil then return { err = "no child with id " .. show_id(id) } end
   if c.pid ~= nil then shutdown_proc(st, c) end
+  -- A restart that failed and waits for its retry is called off: the child
+  -- stays stopped, as asked.
+  c.retry = nil
   if c.restart == "temporary" then remove(st, c) end
   return { ok = true }
 end
@@ -442,7 +471,7 @@ function supervisor.start(spec)
 end
 
 local function call(fname, sup, op, arg, timeout)
-  if type(sup) ~= "string" and type(sup) ~= "userdata" then
+  if type(sup) ~= "string" and not mb.is_pid(sup) then
     error(fname .. ": bad supervisor (pid or registered name expected, got " .. type(sup) .. ")", 3)
   end
   if type(sup) == "string" and mb.whereis(sup) == nil then
