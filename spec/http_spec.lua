@@ -316,7 +316,7 @@ describe("moonbeam.http", function()
 
   it("joins repeated request headers and lower-cases their names", function()
     start(function(req, res) res:send(req.headers["x-multi"]) end)
-    local r = raw_request(port, "GET / HTTP/1.1\r\nX-Multi: a\r\nx-MULTI: b\r\n\r\n")
+    local r = raw_request(port, "GET / HTTP/1.1\r\nHost: x\r\nX-Multi: a\r\nx-MULTI: b\r\n\r\n")
     assert.are.equal("a, b", r.body)
   end)
 
@@ -330,13 +330,61 @@ describe("moonbeam.http", function()
     sock:close()
   end)
 
+  -- Each must be refused before the handler runs, and the connection closed:
+  -- the bytes a hostile client sends to smuggle a second request past a
+  -- front proxy that reads the framing differently.
+  local smuggling = {
+    { 400, "whitespace before the colon (Transfer-Encoding)",
+      "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n" },
+    { 400, "whitespace before the colon (Content-Length)",
+      "POST / HTTP/1.1\r\nHost: x\r\nContent-Length : 5\r\n\r\nhello" },
+    { 400, "an obs-folded Transfer-Encoding",
+      "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip,\r\n chunked\r\n\r\n0\r\n\r\n" },
+    { 400, "an obs-fold in any header", "GET / HTTP/1.1\r\nHost: x\r\nX-A: b\r\n c\r\n\r\n" },
+    { 400, "Transfer-Encoding twice",
+      "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" },
+    { 400, "Transfer-Encoding and Content-Length",
+      "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" },
+    { 400, "a Transfer-Encoding not ending with chunked",
+      "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n" },
+    { 400, "two differing Content-Length",
+      "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!" },
+    { 400, "HTTP/1.1 without Host", "GET / HTTP/1.1\r\n\r\n" },
+    { 400, "two Host headers", "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n" },
+    { 505, "HTTP/9.9", "GET / HTTP/9.9\r\nHost: x\r\n\r\n" },
+    { 400, "bare LF line ends", "GET / HTTP/1.1\nHost: x\n\n" },
+    { 400, "a bare LF ending the head", "GET / HTTP/1.1\r\nHost: x\r\n\n" },
+    { 400, "chunk data not followed by CRLF",
+      "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXY0\r\n\r\n" },
+  }
+
+  for _, case in ipairs(smuggling) do
+    local status, what, bytes = case[1], case[2], case[3]
+    it("refuses " .. what .. " with " .. status .. " before the handler runs, and closes", function()
+      local me = mb.self()
+      start(function(req, res)
+        mb.send(me, { tag = "handler ran", url = req.url })
+        res:send("ran")
+      end)
+      local sock = raw(port)
+      -- A second, innocent-looking request follows: it must not be served either.
+      assert(sock:write(bytes .. "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"))
+      local r = read_response(sock)
+      assert.are.equal(status, r.status)
+      assert.are.equal("close", r.headers["connection"])
+      assert.is_true(closed_by_server(sock))
+      sock:close()
+      assert.is_nil(mb.receive(S.field("tag", "handler ran"), 50))
+    end)
+  end
+
   it("answers oversize headers with 431 and a long URL with 414", function()
     start(echo)
-    local r = raw_request(port, "GET / HTTP/1.1\r\nX-Big: " .. ("x"):rep(10000) .. "\r\n\r\n")
+    local r = raw_request(port, "GET / HTTP/1.1\r\nHost: x\r\nX-Big: " .. ("x"):rep(10000) .. "\r\n\r\n")
     assert.are.equal(431, r.status)
     local many = {}
     for i = 1, 150 do many[i] = "X-H" .. i .. ": v\r\n" end
-    r = raw_request(port, "GET / HTTP/1.1\r\n" .. table.concat(many) .. "\r\n")
+    r = raw_request(port, "GET / HTTP/1.1\r\nHost: x\r\n" .. table.concat(many) .. "\r\n")
     assert.are.equal(431, r.status)
     r = raw_request(port, "GET /" .. ("u"):rep(5000) .. " HTTP/1.1\r\n\r\n")
     assert.are.equal(414, r.status)
@@ -344,17 +392,17 @@ describe("moonbeam.http", function()
 
   it("answers a too large body with 413", function()
     start(echo, { max_body = 1000 })
-    local r = raw_request(port, "POST / HTTP/1.1\r\nContent-Length: 5000\r\n\r\n")
+    local r = raw_request(port, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
     assert.are.equal(413, r.status)
     -- A chunked body is counted as it comes.
     local sock = raw(port)
-    assert(sock:write("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    assert(sock:write("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
       .. "3e8\r\n" .. ("a"):rep(1000) .. "\r\n10\r\n" .. ("b"):rep(16) .. "\r\n0\r\n\r\n"))
     r = read_response(sock)
     assert.are.equal(413, r.status)
     sock:close()
     -- Within the limit it is fine.
-    r = raw_request(port, "POST / HTTP/1.1\r\nContent-Length: 1000\r\n\r\n" .. ("z"):rep(1000))
+    r = raw_request(port, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" .. ("z"):rep(1000))
     assert.are.equal(200, r.status)
   end)
 
@@ -382,7 +430,7 @@ describe("moonbeam.http", function()
   it("closes an idle keep-alive connection quietly", function()
     start(echo, { idle_timeout = 150 })
     local sock = raw(port)
-    assert(sock:write("GET / HTTP/1.1\r\n\r\n"))
+    assert(sock:write("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
     assert.are.equal(200, read_response(sock).status)
     local data, err = sock:read(S.T)
     assert.is_nil(data)
@@ -397,7 +445,7 @@ describe("moonbeam.http", function()
     assert.is_string(err)
     -- An open keep-alive connection ends with the server.
     local sock = raw(port)
-    assert(sock:write("GET / HTTP/1.1\r\n\r\n"))
+    assert(sock:write("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
     assert.are.equal(200, read_response(sock).status)
     server:close()
     server = nil
@@ -500,7 +548,7 @@ describe("moonbeam.http", function()
     end)
 
     it("answers 405 to other methods and HEAD without a body", function()
-      local r = raw_request(port, "POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+      local r = raw_request(port, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
       assert.are.equal(405, r.status)
       local c = assert(http.connect(HOST, port))
       r = assert(c:request("HEAD", "/style.css"))

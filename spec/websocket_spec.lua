@@ -379,7 +379,7 @@ describe("moonbeam.websocket", function()
       .. "Sec-WebSocket-Key: " .. KEY .. "\r\n\r\n")
     assert.are.equal(426, r.status)
     assert.are.equal("13", r.headers["sec-websocket-version"])
-    r = raw_http(port, "POST / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    r = raw_http(port, "POST / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
       .. "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " .. KEY .. "\r\nContent-Length: 0\r\n\r\n")
     assert.are.equal(400, r.status)
     -- The client reports a refused handshake.

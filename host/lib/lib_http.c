@@ -32,12 +32,38 @@
  * whitespace too) also answers 431. Bodies are not limited here: the Lua side
  * sees content_length in the head and counts chunked bodies itself.
  *
+ * Strictness. Debian builds http-parser with HTTP_PARSER_STRICT=0 (strict
+ * mode is a compile-time switch, so it cannot be turned on here), and even
+ * strict mode lets through what request smuggling is made of: a header name
+ * with a space before its colon ("Transfer-Encoding : chunked" counts as
+ * Transfer-Encoding), obs-fold continuation lines (folded into the value),
+ * a bare LF as a line end, any byte where the LF after a CR should be, and
+ * any two bytes where the CRLF after chunk data should be. So the bytes go
+ * through a framing checker first (check_framing): a small state machine
+ * that follows the message's framing (start line, header lines, body by
+ * length, chunk lines and data, trailers) and refuses, as RFC 9112 allows
+ * and nginx and Node do, any line not ended by CRLF, any CR not followed by
+ * LF, obs-fold, whitespace before the first header line, whitespace in or
+ * after a header name, and chunk-size lines that are not
+ * `hex [BWS ; extension] CRLF` (at most MAX_CHUNK_LINE bytes). It hands the
+ * parser the bytes it has checked, stopping at the end of each head so that
+ * it can read the framing the parser chose (chunked, a length, none, to the
+ * end) from the parser itself: the two never disagree on where a message
+ * ends. on_headers_complete then refuses what a valid syntax can still make
+ * ambiguous: Transfer-Encoding sent twice, not ending with chunked, with
+ * another coding (501), or in an HTTP/1.0 message; an HTTP/1.1 request
+ * without Host, or two Host headers; a major version other than 1 (505).
+ * http-parser itself refuses Content-Length twice (even equal) and together
+ * with Transfer-Encoding. The same rules hold for responses (Host aside),
+ * where a violation is an error event too.
+ *
  * Threads: a parser belongs to the process that made it (userdata in its
  * state); nothing here blocks or yields.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "http_parser.h"
 #include "lauxlib.h"
@@ -61,13 +87,31 @@
  * for the request line beyond its URL (method, version, spaces, CRLF). */
 #define HEADER_OVERHEAD 4
 #define LINE_OVERHEAD 16
+/* Longest chunk-size line (size, extensions, CRLF): http-parser skips
+ * extensions without a bound, which would let a peer trickle one forever. */
+#define MAX_CHUNK_LINE 4096
 
-/* The parser's own errors, beyond http-parser's HPE_* ones. */
-#define LIMIT_ERRORS(X)                                              \
-  X(NONE, "", 0)                                                     \
-  X(HEAD_TOO_LARGE, "request head too large", 431)                   \
-  X(TOO_MANY_HEADERS, "too many headers", 431)                       \
-  X(URL_TOO_LONG, "URL too long", 414)
+/* The parser's own errors, beyond http-parser's HPE_* ones: limits, the
+ * framing checker's and on_headers_complete's refusals. */
+#define LIMIT_ERRORS(X)                                                   \
+  X(NONE, "", 0)                                                          \
+  X(HEAD_TOO_LARGE, "request head too large", 431)                        \
+  X(TOO_MANY_HEADERS, "too many headers", 431)                            \
+  X(URL_TOO_LONG, "URL too long", 414)                                    \
+  X(BARE_LF, "line ended by LF without CR", 400)                          \
+  X(BARE_CR, "CR not followed by LF", 400)                                \
+  X(OBS_FOLD, "folded header line (obs-fold)", 400)                       \
+  X(SPACE_BEFORE_HEADER, "whitespace before the first header", 400)       \
+  X(SPACE_IN_NAME, "whitespace in or after a header name", 400)           \
+  X(NO_COLON, "header line without a colon", 400)                         \
+  X(BAD_CHUNK, "malformed chunked framing", 400)                         \
+  X(TE_TWICE, "Transfer-Encoding sent twice", 400)                        \
+  X(TE_NOT_CHUNKED, "Transfer-Encoding does not end with chunked", 400)   \
+  X(TE_UNSUPPORTED, "transfer coding other than chunked", 501)            \
+  X(TE_HTTP10, "Transfer-Encoding in an HTTP/1.0 message", 400)           \
+  X(NO_HOST, "HTTP/1.1 request without Host", 400)                        \
+  X(HOST_TWICE, "more than one Host header", 400)                         \
+  X(BAD_VERSION, "HTTP version not supported", 505)
 
 #define X_ENUM(n, s, st) LIM_##n,
 enum { LIMIT_ERRORS(X_ENUM) };
@@ -104,10 +148,40 @@ typedef struct {
   int in_head;           /* between message begin and headers complete */
   int in_message;        /* between message begin and message complete */
   int skip_body;         /* response parser: the next response has no body */
+  /* The framing checker (check_framing). */
+  int fc;                /* FC_* state */
+  int fc_trailers;       /* its header lines are a chunked body's trailers */
+  int fc_first;          /* at the first line after the start line */
+  uint32_t fc_line;      /* bytes of the chunk-size line so far */
+  uint64_t fc_size;      /* chunk size being read */
+  uint64_t fc_left;      /* body or chunk bytes still to pass (UINT64_MAX:
+                            to the end of the stream) */
   /* Final state. */
   int limit_err;         /* LIM_* that stopped the parser */
   int stopped;           /* 1: error, 2: upgrade (feeds do nothing now) */
 } hp_t;
+
+/* States of the framing checker. */
+enum {
+  FC_START,        /* before a message: empty lines (CRLF) may come first */
+  FC_START_LF,     /* after the CR of such an empty line */
+  FC_LINE,         /* in the start line */
+  FC_LINE_LF,      /* after the CR of the start line */
+  FC_FIELD,        /* at the start of a header (or trailer) line */
+  FC_NAME,         /* in a header name */
+  FC_VALUE,        /* after the colon */
+  FC_VALUE_LF,     /* after the CR of a header line */
+  FC_END_LF,       /* after the CR of the empty line that ends the head */
+  FC_HEAD_DONE,    /* the head (or trailers) ended: the parser decides */
+  FC_BODY,         /* fc_left bytes of body, by Content-Length or to the end */
+  FC_CHUNK_SIZE,   /* in the hex digits of a chunk size */
+  FC_CHUNK_BWS,    /* whitespace after them: ';' must follow */
+  FC_CHUNK_EXT,    /* in chunk extensions */
+  FC_CHUNK_LF,     /* after the CR of the chunk-size line */
+  FC_CHUNK_DATA,   /* fc_left bytes of chunk data */
+  FC_CHUNK_CR,     /* the CR after chunk data */
+  FC_DATA_LF       /* the LF after it */
+};
 
 static const char *const type_names[] = { "request", "response", NULL };
 
@@ -233,10 +307,92 @@ static void set_bool(lua_State *L, const char *k, int v)
   lua_setfield(L, -2, k);
 }
 
+/* Is the header name at e `name` (lower case), ignoring case? */
+static int name_is(const hp_t *h, const hdr_t *e, const char *name)
+{
+  size_t n = strlen(name);
+  return e->name_len == n && strncasecmp(h->buf + e->name, name, n) == 0;
+}
+
+/* Check the Transfer-Encoding value v[0..n): a list whose only coding is
+ * chunked (the only one we decode; a sender must not apply it twice).
+ * Returns a LIM_* error or LIM_NONE. */
+static int check_te(const char *v, size_t n)
+{
+  int codings = 0, last_chunked = 0, others = 0;
+  size_t i = 0;
+  while (i <= n) {
+    size_t j = i;
+    while (j < n && v[j] != ',')
+      j++;
+    size_t a = i, b = j;
+    while (a < b && (v[a] == ' ' || v[a] == '\t'))
+      a++;
+    while (b > a && (v[b - 1] == ' ' || v[b - 1] == '\t'))
+      b--;
+    if (b > a) {
+      codings++;
+      last_chunked = b - a == 7 && strncasecmp(v + a, "chunked", 7) == 0;
+      if (!last_chunked)
+        others++;
+    }
+    i = j + 1;
+  }
+  if (!last_chunked)
+    return LIM_TE_NOT_CHUNKED;
+  if (codings - others > 1)
+    return LIM_TE_NOT_CHUNKED;   /* chunked applied twice */
+  return others ? LIM_TE_UNSUPPORTED : LIM_NONE;
+}
+
+/* What a well-formed head can still make ambiguous (see DESIGN). Returns a
+ * LIM_* error or LIM_NONE. */
+static int check_head(hp_t *h)
+{
+  http_parser *p = &h->p;
+  if (p->http_major != 1)
+    return LIM_BAD_VERSION;
+  int te = 0, hosts = 0;
+  const hdr_t *te_hdr = NULL;
+  for (uint32_t i = 0; i < h->nhdrs; i++) {
+    const hdr_t *e = &h->hdrs[i];
+    if (name_is(h, e, "transfer-encoding")) {
+      te++;
+      te_hdr = e;
+    } else if (name_is(h, e, "host")) {
+      hosts++;
+    }
+  }
+  if (te > 1)
+    return LIM_TE_TWICE;
+  if (te) {
+    if (p->http_minor == 0)
+      return LIM_TE_HTTP10;
+    int err = check_te(h->buf + te_hdr->value, te_hdr->value_len);
+    if (err)
+      return err;
+    /* Our reading and http-parser's must agree that the body is chunked. */
+    if (!(p->flags & F_CHUNKED))
+      return LIM_TE_NOT_CHUNKED;
+  }
+  if (p->type == HTTP_REQUEST) {
+    if (hosts > 1)
+      return LIM_HOST_TWICE;
+    if (hosts == 0 && p->http_minor >= 1)
+      return LIM_NO_HOST;
+  }
+  return LIM_NONE;
+}
+
 static int on_headers_complete(http_parser *p)
 {
   hp_t *h = p->data;
   lua_State *L = h->L;
+  int bad = check_head(h);
+  if (bad) {
+    h->limit_err = bad;
+    return -1;
+  }
   h->in_head = 0;
   h->last_value = 1;
   new_event(L, "head", 9);
@@ -314,6 +470,216 @@ static const http_parser_settings settings = {
   .on_body = on_body,
   .on_message_complete = on_message_complete,
 };
+
+/* -- The framing checker ------------------------------------------------- */
+
+static int is_hex(unsigned char c)
+{
+  return (c >= '0' && c <= '9') || ((c | 0x20) >= 'a' && (c | 0x20) <= 'f');
+}
+
+static int hex_val(unsigned char c)
+{
+  return c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10;
+}
+
+/* Check data[0..n) as the continuation of the stream (see DESIGN). Returns
+ * how many bytes are checked and may go to the parser now: all of them, or
+ * up to the end of a head (fc is then FC_HEAD_DONE: the caller feeds them
+ * and asks the parser what follows), or up to a bad byte (*err is then set
+ * to its LIM_* error). */
+static size_t check_framing(hp_t *h, const char *data, size_t n, int *err)
+{
+  size_t i = 0;
+  while (i < n) {
+    unsigned char c = (unsigned char)data[i];
+    switch (h->fc) {
+    case FC_START:
+      if (c == '\r')
+        h->fc = FC_START_LF;
+      else if (c == '\n')
+        goto bare_lf;
+      else
+        h->fc = FC_LINE;
+      break;
+    case FC_START_LF:
+      if (c != '\n')
+        goto bare_cr;
+      h->fc = FC_START;
+      break;
+    case FC_LINE:
+      if (c == '\r')
+        h->fc = FC_LINE_LF;
+      else if (c == '\n')
+        goto bare_lf;
+      break;
+    case FC_LINE_LF:
+      if (c != '\n')
+        goto bare_cr;
+      h->fc = FC_FIELD;
+      h->fc_first = 1;
+      break;
+    case FC_FIELD:
+      if (c == '\r') {
+        h->fc = FC_END_LF;
+      } else if (c == '\n') {
+        goto bare_lf;
+      } else if (c == ' ' || c == '\t') {
+        *err = h->fc_first ? LIM_SPACE_BEFORE_HEADER : LIM_OBS_FOLD;
+        return i;
+      } else {
+        h->fc = FC_NAME;
+        h->fc_first = 0;
+      }
+      break;
+    case FC_NAME:
+      if (c == ':') {
+        h->fc = FC_VALUE;
+      } else if (c == ' ' || c == '\t') {
+        *err = LIM_SPACE_IN_NAME;
+        return i;
+      } else if (c == '\r' || c == '\n') {
+        *err = LIM_NO_COLON;
+        return i;
+      }
+      break;
+    case FC_VALUE: {
+      /* The common case: run to the end of the value. */
+      const char *cr = memchr(data + i, '\r', n - i);
+      const char *lf = memchr(data + i, '\n', (cr ? (size_t)(cr - data) : n) - i);
+      if (lf) {
+        i = (size_t)(lf - data);
+        goto bare_lf;
+      }
+      if (!cr)
+        return n;
+      i = (size_t)(cr - data);
+      h->fc = FC_VALUE_LF;
+      break;
+    }
+    case FC_VALUE_LF:
+      if (c != '\n')
+        goto bare_cr;
+      h->fc = FC_FIELD;
+      break;
+    case FC_END_LF:
+      if (c != '\n')
+        goto bare_cr;
+      h->fc = FC_HEAD_DONE;
+      return i + 1;
+    case FC_HEAD_DONE:
+      return i;   /* the caller decides what follows */
+    case FC_BODY: {
+      if (h->fc_left == UINT64_MAX)
+        return n;   /* the body runs to the end of the stream */
+      uint64_t k = n - i < h->fc_left ? n - i : h->fc_left;
+      h->fc_left -= k;
+      i += (size_t)k;
+      if (h->fc_left == 0)
+        h->fc = FC_START;
+      continue;
+    }
+    case FC_CHUNK_SIZE:
+      if (++h->fc_line > MAX_CHUNK_LINE)
+        goto bad_chunk;
+      if (is_hex(c)) {
+        /* Stay below http-parser's own bound, so that it never refuses a
+         * size we accepted with a different error. */
+        if (h->fc_size >> 56)
+          goto bad_chunk;
+        h->fc_size = h->fc_size << 4 | (uint64_t)hex_val(c);
+        break;
+      }
+      if (h->fc_line == 1)
+        goto bad_chunk;   /* no digit */
+      if (c == '\r')
+        h->fc = FC_CHUNK_LF;
+      else if (c == ';')
+        h->fc = FC_CHUNK_EXT;
+      else if (c == ' ' || c == '\t')
+        h->fc = FC_CHUNK_BWS;
+      else
+        goto bad_chunk;
+      break;
+    case FC_CHUNK_BWS:
+      if (++h->fc_line > MAX_CHUNK_LINE)
+        goto bad_chunk;
+      if (c == ';')
+        h->fc = FC_CHUNK_EXT;
+      else if (c != ' ' && c != '\t')
+        goto bad_chunk;
+      break;
+    case FC_CHUNK_EXT:
+      if (++h->fc_line > MAX_CHUNK_LINE)
+        goto bad_chunk;
+      if (c == '\r')
+        h->fc = FC_CHUNK_LF;
+      else if ((c < 0x20 && c != '\t') || c == 0x7f)
+        goto bad_chunk;   /* a bare LF among them too */
+      break;
+    case FC_CHUNK_LF:
+      if (c != '\n')
+        goto bare_cr;
+      if (h->fc_size == 0) {
+        h->fc = FC_FIELD;   /* the last chunk: trailers follow */
+        h->fc_trailers = 1;
+        h->fc_first = 0;
+      } else {
+        h->fc = FC_CHUNK_DATA;
+        h->fc_left = h->fc_size;
+      }
+      break;
+    case FC_CHUNK_DATA: {
+      uint64_t k = n - i < h->fc_left ? n - i : h->fc_left;
+      h->fc_left -= k;
+      i += (size_t)k;
+      if (h->fc_left == 0)
+        h->fc = FC_CHUNK_CR;
+      continue;
+    }
+    case FC_CHUNK_CR:
+      if (c != '\r')
+        goto bad_chunk;
+      h->fc = FC_DATA_LF;
+      break;
+    case FC_DATA_LF:
+      if (c != '\n')
+        goto bare_cr;
+      h->fc = FC_CHUNK_SIZE;
+      h->fc_line = 0;
+      h->fc_size = 0;
+      break;
+    }
+    i++;
+  }
+  return n;
+bare_lf:
+  *err = LIM_BARE_LF;
+  return i;
+bare_cr:
+  *err = LIM_BARE_CR;
+  return i;
+bad_chunk:
+  *err = LIM_BAD_CHUNK;
+  return i;
+}
+
+/* After the parser took a head (or trailers) up to its last byte: follow
+ * the framing it chose. */
+static void after_head(hp_t *h)
+{
+  h->fc_trailers = 0;
+  if (!h->in_message) {
+    h->fc = FC_START;   /* complete: no body, or the trailers ended it */
+  } else if (h->p.flags & F_CHUNKED) {
+    h->fc = FC_CHUNK_SIZE;
+    h->fc_line = 0;
+    h->fc_size = 0;
+  } else {
+    h->fc = FC_BODY;   /* ULLONG_MAX: a response read to the end */
+    h->fc_left = h->p.content_length == ULLONG_MAX ? UINT64_MAX : h->p.content_length;
+  }
+}
 
 /* Push the error event of a stopped parser. */
 static void push_error(hp_t *h)
@@ -407,24 +773,51 @@ static int run(lua_State *L, hp_t *h, const char *data, size_t n)
     lua_pushlstring(L, data, n);
     lua_setfield(L, -2, "rest");
     push_event(h);
-  } else {
-    used = http_parser_execute(&h->p, &settings, data, n);
+  } else if (n == 0) {
+    /* The end of the stream: completes a body read to the end, or is an
+     * error in the middle of a message. */
+    http_parser_execute(&h->p, &settings, data, 0);
     if (HTTP_PARSER_ERRNO(&h->p) != HPE_OK) {
       h->stopped = 1;
       push_error(h);
-    } else if (h->p.upgrade) {
-      /* The connection now speaks another protocol for the rest of its
-       * life: the head buffers are of no further use. */
-      h->stopped = 2;
-      mb_free(h->buf);
-      mb_free(h->hdrs);
-      h->buf = NULL;
-      h->hdrs = NULL;
-      h->cap = h->hcap = 0;
-      new_event(L, "upgrade", 1);
-      lua_pushlstring(L, data + used, n - used);
-      lua_setfield(L, -2, "rest");
-      push_event(h);
+    }
+  } else {
+    /* Feed the parser what the framing checker passed, a head at a time. */
+    while (used < n) {
+      int err = LIM_NONE;
+      size_t ok = check_framing(h, data + used, n - used, &err);
+      if (ok > 0) {
+        size_t took = http_parser_execute(&h->p, &settings, data + used, ok);
+        used += took;
+        if (HTTP_PARSER_ERRNO(&h->p) != HPE_OK) {
+          h->stopped = 1;
+          push_error(h);
+          break;
+        }
+        if (h->p.upgrade) {
+          /* The connection now speaks another protocol for the rest of its
+           * life: the head buffers are of no further use. */
+          h->stopped = 2;
+          mb_free(h->buf);
+          mb_free(h->hdrs);
+          h->buf = NULL;
+          h->hdrs = NULL;
+          h->cap = h->hcap = 0;
+          new_event(L, "upgrade", 1);
+          lua_pushlstring(L, data + used, n - used);
+          lua_setfield(L, -2, "rest");
+          push_event(h);
+          break;
+        }
+      }
+      if (err) {
+        h->limit_err = err;
+        h->stopped = 1;
+        push_error(h);
+        break;
+      }
+      if (h->fc == FC_HEAD_DONE)
+        after_head(h);
     }
   }
   h->L = NULL;
