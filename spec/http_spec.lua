@@ -558,4 +558,48 @@ describe("moonbeam.http", function()
       assert.are.equal("", r.body)
     end)
   end)
+  -- What a hostile client or a runaway handler can take: these run in a
+  -- child host, so that a failure is a failed spec, not a host out of memory.
+  describe("bounds each connection", function()
+    it("ends a handler that allocates without bound with out of memory, and keeps serving", function()
+      local script = S.write("hog.lua", [=[
+        local mb = require "moonbeam"
+        local http = require "moonbeam.http"
+        local me = mb.self()
+        local server = assert(http.listen("127.0.0.1", 0, function(req, res)
+          if req.path == "/hog" then
+            mb.send(me, mb.self())
+            mb.receive()   -- until it is watched
+            local t = {}   -- 512 MiB if nothing stops it
+            for i = 1, 64 * 1024 do t[i] = string.rep("x", 8192) .. i end
+            return res:send("survived")
+          end
+          res:send("ok")
+        end))   -- the default max_memory
+        local port = server:port()
+        mb.spawn(function()
+          local r, err = http.request("GET", "http://127.0.0.1:" .. port .. "/hog")
+          mb.send(me, { r and r.status, r and r.body or err })
+        end)
+        local pid = mb.receive(5000)
+        local ref = mb.monitor(pid)
+        mb.send(pid, "go")
+        local down = mb.receive(function(m) return type(m) == "table" and m.ref == ref end, 5000)
+        print("reason", down and down.reason)
+        local got = mb.receive(5000)
+        print("hog", got and got[1], got and got[2])
+        local r
+        r = http.request("GET", "http://127.0.0.1:" .. port .. "/")
+        print("after", r and r.status, r and r.body)
+        server:close()
+      ]=])
+      local code, out, err = S.moonbeam(S.q(script), nil, 60)
+      assert.are.equal(0, code, err)
+      assert.is_falsy(S.has(out, "survived"), out)
+      assert.is_truthy(S.has(out, "reason\tout of memory"), out)
+      assert.is_truthy(S.has(out, "after\t200\tok"), out)
+      assert.is_truthy(S.has(err, "out of memory"), err)
+      assert.is_falsy(S.has(err, "reason: nil"), err)
+    end)
+  end)
 end)

@@ -48,6 +48,14 @@ local DEFAULTS = {
   head_timeout = 10000,         -- a request head must arrive within: 408
   idle_timeout = 60000,         -- a keep-alive connection may idle this long
   backlog = 511,
+  -- The memory of each connection process (bytes; math.huge: no limit).
+  -- Above it the process dies "out of memory" and only its connection is
+  -- lost. 64 MiB leaves a handler room for a max_body request (8 MiB),
+  -- the copies it makes (the body string, its pieces, a response built from
+  -- it) and the garbage LuaJIT collects late (a limit counts garbage too),
+  -- while a handler that allocates without bound stops long before it can
+  -- take the host's memory. An idle connection uses about 50 KB.
+  max_memory = 64 * 1024 * 1024,
 }
 -- How long the acceptor pauses after accept failed (out of descriptors).
 local ACCEPT_BACKOFF = 100
@@ -456,6 +464,16 @@ local function serve_one(c, handler, first)
     return false
   end
   if not okh then
+    -- A refused allocation skips the message handler: the error is the bare
+    -- string, and the host ends the process at its next step (so the 500
+    -- below may never go out; the host's crash report says the same).
+    if type(caught) ~= "table" then
+      local why = tostring(caught)
+      if why == "not enough memory" then
+        why = "out of memory (the connection went over its max_memory)"
+      end
+      caught = { err = why, traceback = "" }
+    end
     report({ "request: " .. req.method .. " " .. req.url,
              "reason: " .. tostring(caught.err), caught.traceback })
     if not res.started then
@@ -506,7 +524,8 @@ local function acceptor(parent, host, port, handler, opts)
   while true do
     local s, aerr = l:accept(ACCEPT_POLL)
     if s then
-      local pid = mb.spawn_link(connection, handler, opts)
+      local pid = mb.spawn_opt({ link = true, max_memory = opts.max_memory },
+                               connection, handler, opts)
       conns[pid] = true
       if s:set_owner(pid) then
         mb.send(pid, { tag = "$http_sock", sock = s })
@@ -572,7 +591,7 @@ function http.listen(host, port, handler, opts)
   for k, v in pairs(DEFAULTS) do
     local given = opts and opts[k]
     if given ~= nil then
-      if type(given) ~= "number" or given <= 0 then
+      if type(given) ~= "number" or not (given > 0) then
         error("http.listen: bad option " .. k .. " (a positive number expected)", 2)
       end
       o[k] = given
@@ -580,6 +599,7 @@ function http.listen(host, port, handler, opts)
       o[k] = v
     end
   end
+  if o.max_memory == math.huge then o.max_memory = nil end
   local pid, ref = mb.spawn_monitor(acceptor, mb.self(), host, port, handler, o)
   local m = mb.receive(function(x)
     return type(x) == "table" and ((x.tag == "$http_listen")
