@@ -557,6 +557,15 @@ static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *buf)
   }
   if (s->ws) {
     ws_feed(s, buf->base, (size_t)n);
+    /* Its pongs and close reply count against the high-water mark like
+     * the owner's writes: over it, stop reading from this peer. */
+    pthread_mutex_lock(&s->lock);
+    int stop = s->wq > MB_SOCK_WRITE_HIGH && !s->wpaused && !s->handle_closing;
+    if (stop)
+      s->wpaused = 1;
+    pthread_mutex_unlock(&s->lock);
+    if (stop)
+      uv_read_stop(st);
     return;
   }
   got_chunk(s, chunk_new(buf->base, (size_t)n, 0), 1);
@@ -582,6 +591,7 @@ void mb_sock_do_resume(mb_sock_t *s, void *arg)
   int go = s->paused && s->rbytes < MB_SOCK_RBUF_MAX && !s->handle_closing;
   if (go)
     s->paused = 0;
+  go = go && !s->wpaused;   /* else wq_done restarts it */
   pthread_mutex_unlock(&s->lock);
   if (go)
     start_reading(s);
@@ -596,14 +606,23 @@ typedef struct wreq {
   char data[];
 } wreq_t;
 
-/* n bytes left the queue (written or dropped). */
+/* n bytes left the queue (written or dropped). Reading stopped for the
+ * queue (wpaused) resumes once it is under the low mark. */
 static void wq_done(mb_sock_t *s, size_t n)
 {
   pthread_mutex_lock(&s->lock);
   s->wq -= n;
-  if (s->wq <= MB_SOCK_WRITE_LOW)
+  int resume = 0;
+  if (s->wq <= MB_SOCK_WRITE_LOW) {
     give_result(s, MB_SW_WRITE, 0);
+    if (s->wpaused) {
+      s->wpaused = 0;
+      resume = !s->paused && !s->handle_closing;
+    }
+  }
   pthread_mutex_unlock(&s->lock);
+  if (resume)
+    start_reading(s);
 }
 
 static void on_written(uv_write_t *req, int status)

@@ -27,7 +27,12 @@
  * Writing: bytes queued count against MB_SOCK_WRITE_HIGH; a write that goes
  * over suspends its process until the queue drains under MB_SOCK_WRITE_LOW.
  * WebSocket mode (ws.h): frames are parsed and built on the loop thread;
- * the read buffer then holds whole messages, not bytes.
+ * the read buffer then holds whole messages, not bytes. What the peer
+ * sends can make output of its own (pongs, the close reply), so a peer that
+ * sends pings and never reads would grow the write queue without bound:
+ * while the queue is over MB_SOCK_WRITE_HIGH the socket stops reading from
+ * it, until the queue drains under MB_SOCK_WRITE_LOW (TCP flow control then
+ * holds the peer back, as for a slow owner).
  *
  * Ownership: a socket belongs to one process (sock->owner) and sits on that
  * process's list (p->socks, under p->lock), so that the owner's death closes
@@ -96,6 +101,8 @@ typedef struct mb_sock {
   mb_chunk_t *rhead, **rtail;  /* read and not yet taken */
   size_t rbytes;
   int paused;                  /* reading stopped: rbuf full */
+  int wpaused;                 /* reading stopped: WebSocket output over
+                                  MB_SOCK_WRITE_HIGH (see sock.c) */
   size_t wq;                   /* bytes queued for writing */
   int posted;                  /* commands in flight to the loop */
   mb_sock_wait_t wait;         /* the owner waits for this ... */
