@@ -516,6 +516,31 @@ static void got_chunk(mb_sock_t *s, mb_chunk_t *c, int raw)
   pthread_mutex_unlock(&s->lock);
 }
 
+/* Does the end `code` (MB_SOCK_ECLOSED or a libuv error) fire the owner's
+ * exit_on_close? If so send the signal and disarm. s->lock held. */
+static void exit_on_end(mb_sock_t *s, int code)
+{
+  int mode = s->exit_on_close;
+  if (!mode || !s->owner || s->closed)
+    return;
+  if (code == MB_SOCK_ECLOSED && mode != MB_SOCK_EXIT_ON_CLOSE)
+    return;
+  s->exit_on_close = 0;
+  const char *why = code == MB_SOCK_ECLOSED ? "peer closed" : mb_sock_strerror(code);
+  mb_proc_exit_signal(s->owner, s->owner, mb_msg_string(why), 0);
+}
+
+void mb_sock_set_exit_on_close(mb_sock_t *s, int mode)
+{
+  pthread_mutex_lock(&s->lock);
+  s->exit_on_close = mode;
+  if (s->err && s->err != MB_SOCK_ECLOSED)
+    exit_on_end(s, s->err);
+  else if (s->eof)
+    exit_on_end(s, MB_SOCK_ECLOSED);
+  pthread_mutex_unlock(&s->lock);
+}
+
 /* The stream ended: code is MB_SOCK_ECLOSED or a libuv error. */
 static void got_end(mb_sock_t *s, int code)
 {
@@ -524,6 +549,7 @@ static void got_end(mb_sock_t *s, int code)
     s->eof = s->eof ? s->eof : 1;
   else if (!s->err)
     s->err = code;
+  exit_on_end(s, code);
   if (s->rhead == NULL)
     give_result(s, MB_SW_READ, code);
   give_result(s, MB_SW_WRITE, code);
@@ -849,6 +875,9 @@ int mb_sock_set_owner(mb_sock_t *s, mb_pid_t old, mb_proc_t *p)
   }
   if (old)
     owner_unlink(s, old);
+  /* The old owner's arrangements for its own end are not the new one's. */
+  s->exit_on_close = 0;
+  s->heir = 0;
   pthread_mutex_lock(&p->lock);
   int dead = p->dead;
   if (!dead)
@@ -885,6 +914,30 @@ int mb_sock_close(mb_sock_t *s, mb_pid_t by,
   return 0;
 }
 
+/* Pass s, whose owner `from` is dying, to its heir. Returns 0, or -1 if
+ * the heir is gone (s is then closed, or left for the caller to close). */
+static int pass_to_heir(mb_sock_t *s, mb_pid_t from, mb_pid_t heir)
+{
+  mb_proc_t *h = mb_proc_get(heir);
+  if (h == NULL)
+    return -1;
+  pthread_mutex_lock(&s->lock);
+  s->active = 0;   /* the heir chooses; nothing goes to it unasked */
+  pthread_mutex_unlock(&s->lock);
+  int rc = mb_sock_set_owner(s, from, h);
+  mb_proc_unref(h);
+  if (rc < 0)
+    return -1;
+  mw_t w;
+  mw_start(&w, 16, s->id, "tcp_heir", 1);
+  mw_cstr(&w, "from");
+  unsigned char t = T_PID;
+  mw_bytes(&w, &t, 1);
+  mw_bytes(&w, &from, 8);
+  mb_proc_send(heir, mw_end(&w));
+  return 0;
+}
+
 void mb_sock_owner_exit(mb_proc_t *p)
 {
   pthread_mutex_lock(&p->lock);
@@ -895,8 +948,15 @@ void mb_sock_owner_exit(mb_proc_t *p)
     mb_sock_t *next = s->onext;
     s->onext = s->oprev = NULL;
     atomic_fetch_add(&s->refs, 1);
-    if (!mark_closed(s))
-      mb_sock_run(s, mb_sock_do_close, NULL);
+    pthread_mutex_lock(&s->lock);
+    mb_pid_t heir = s->heir;
+    s->heir = 0;
+    s->exit_on_close = 0;
+    pthread_mutex_unlock(&s->lock);
+    if (heir == 0 || heir == p->pid || pass_to_heir(s, p->pid, heir) < 0) {
+      if (!mark_closed(s))
+        mb_sock_run(s, mb_sock_do_close, NULL);
+    }
     mb_sock_unref(s);
     s = next;
   }

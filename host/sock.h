@@ -103,6 +103,9 @@ typedef struct mb_sock {
   int paused;                  /* reading stopped: rbuf full */
   int wpaused;                 /* reading stopped: WebSocket output over
                                   MB_SOCK_WRITE_HIGH (see sock.c) */
+  int exit_on_close;           /* end the owner when the peer goes (see
+                                  mb_sock_set_exit_on_close) */
+  mb_pid_t heir;               /* gets the socket if the owner dies; 0: none */
   size_t wq;                   /* bytes queued for writing */
   int posted;                  /* commands in flight to the loop */
   mb_sock_wait_t wait;         /* the owner waits for this ... */
@@ -197,7 +200,26 @@ int mb_sock_push_result(lua_State *L, struct mb_io_req *req);
 /* Close a socket's handles found by uv_walk at shutdown. */
 void mb_sock_close_handle(uv_handle_t *h);
 
-/* Close every socket of a dying process (p->dead is set). Its thread. */
+/* Watching the peer for an owner that is busy elsewhere (a process serving
+ * a request does not read its socket meanwhile, yet must not run on for a
+ * client that has gone). mode MB_SOCK_EXIT_ON_ERROR: when reading fails
+ * (the peer reset the connection), the owner gets an exit signal whose
+ * reason is the error's message ("connection reset by peer"); mode
+ * MB_SOCK_EXIT_ON_CLOSE: also when the peer's FIN arrives (reason "peer
+ * closed"); 0: off. It fires once, then is off; armed after the peer has
+ * already gone, it fires at once. The signal comes from the owner itself,
+ * so an owner that traps exits gets {event = "EXIT", pid = self, ...}.
+ * A peer whose data fills the read buffer is not read further, so its FIN
+ * is not seen until the owner reads. Any thread. */
+#define MB_SOCK_EXIT_ON_ERROR 1
+#define MB_SOCK_EXIT_ON_CLOSE 2
+void mb_sock_set_exit_on_close(mb_sock_t *s, int mode);
+
+/* Every socket of a dying process (p->dead is set): one with an heir
+ * (s->heir, a live process other than p) passes to it, in passive mode,
+ * and the heir gets {event = "tcp_heir", socket = s, from = p's pid} before
+ * p's exit signals (as Erlang's ETS heir); the others are closed. Its
+ * thread. */
 void mb_sock_owner_exit(mb_proc_t *p);
 /* At shutdown, after the loops closed (which closed every socket's
  * handles): drop the table and its references. Main thread. */
