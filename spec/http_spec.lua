@@ -378,6 +378,33 @@ describe("moonbeam.http", function()
     end)
   end
 
+  it("client: refuses an ambiguous response", function()
+    local l = assert(tcp.listen(HOST, 0))
+    local lport = l:port()
+    local answers = {
+      "HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nhi",
+      "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+      "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+      "HTTP/1.1 200 OK\r\nX-A: b\r\n c\r\nContent-Length: 2\r\n\r\nhi",
+      "HTTP/1.1 200 OK\nContent-Length: 2\n\nhi",
+    }
+    local srv = mb.spawn(function()
+      for _, a in ipairs(answers) do
+        local s = l:accept(5000)
+        if not s then return end
+        s:read(5000)
+        s:write(a)
+        s:close()
+      end
+    end)
+    assert(l:set_owner(srv))
+    for _, a in ipairs(answers) do
+      local r, err = http.request("GET", "http://" .. HOST .. ":" .. lport .. "/")
+      assert.is_nil(r, a)
+      assert.is_truthy(S.has(err, "bad response"), err)
+    end
+  end)
+
   it("answers oversize headers with 431 and a long URL with 414", function()
     start(echo)
     local r = raw_request(port, "GET / HTTP/1.1\r\nHost: x\r\nX-Big: " .. ("x"):rep(10000) .. "\r\n\r\n")
@@ -596,10 +623,114 @@ describe("moonbeam.http", function()
       local code, out, err = S.moonbeam(S.q(script), nil, 60)
       assert.are.equal(0, code, err)
       assert.is_falsy(S.has(out, "survived"), out)
+      assert.is_truthy(S.has(out, "hog\t500\t500 Internal Server Error"), out)
       assert.is_truthy(S.has(out, "reason\tout of memory"), out)
       assert.is_truthy(S.has(out, "after\t200\tok"), out)
-      assert.is_truthy(S.has(err, "out of memory"), err)
+      assert.is_truthy(S.has(err, "reason: out of memory"), err)
       assert.is_falsy(S.has(err, "reason: nil"), err)
+    end)
+    it("kills a handler that does not start its response within handler_timeout: 503", function()
+      local me = mb.self()
+      start(function(req, res)
+        mb.send(me, { tag = "running", pid = mb.self() })
+        if req.path == "/spin" then while true do end end
+        if req.path == "/wait" then mb.receive() end
+        res:send("ok")
+      end, { handler_timeout = 200 })
+      for _, path in ipairs({ "/spin", "/wait" }) do
+        local sock = raw(port)
+        assert(sock:write("GET " .. path .. " HTTP/1.1\r\nHost: x\r\n\r\n"))
+        local pid = S.recv(S.field("tag", "running")).pid
+        local ref = mb.monitor(pid)
+        local r = read_response(sock)
+        assert.are.equal(503, r.status, path)
+        assert.are.equal("close", r.headers["connection"])
+        assert.is_true(closed_by_server(sock))
+        sock:close()
+        assert.are.equal("killed", S.await_down(ref))
+      end
+      -- The server goes on serving, and a quick handler is not touched.
+      local r = assert(http.request("GET", "http://" .. HOST .. ":" .. port .. "/"))
+      assert.are.equal("ok", r.body)
+      S.recv(S.field("tag", "running"))
+    end)
+
+    it("does not time a handler once its response has started, nor a WebSocket", function()
+      start(function(req, res)
+        if req.path == "/ws" then
+          local sock = require("moonbeam.websocket").upgrade(req, res)
+          mb.sleep(400)
+          local m = sock:read(5000)
+          sock:write("late " .. tostring(m))
+          sock:read(5000)
+          return
+        end
+        res:write("first ")
+        mb.sleep(400)
+        res:finish("second")
+      end, { handler_timeout = 150 })
+      local r = assert(http.request("GET", "http://" .. HOST .. ":" .. port .. "/"))
+      assert.are.equal(200, r.status)
+      assert.are.equal("first second", r.body)
+      local ws = assert(require("moonbeam.websocket").connect(HOST, port, "/ws"))
+      assert(ws:write("hi"))
+      assert.are.equal("late hi", ws:read(S.T))
+      ws:close(1000)
+    end)
+
+    it("ends a busy handler when its keep-alive client closes", function()
+      local me = mb.self()
+      start(function(req, res)
+        mb.send(me, { tag = "running", pid = mb.self() })
+        while true do end   -- burns CPU, never reads, never answers
+      end, { handler_timeout = math.huge })
+      local sock = raw(port)
+      assert(sock:write("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+      local pid = S.recv(S.field("tag", "running")).pid
+      local ref = mb.monitor(pid)
+      sock:close()
+      assert.are.equal("peer closed", S.await_down(ref))
+      -- The server goes on serving.
+      server:close()
+      start(echo)
+      assert.are.equal(200, assert(http.request("GET", "http://" .. HOST .. ":" .. port .. "/")).status)
+    end)
+
+    it("lets an HTTP/1.0 handler finish after its client's FIN (it may only half-close)", function()
+      local me = mb.self()
+      start(function(req, res)
+        mb.send(me, { tag = "running" })
+        mb.sleep(300)
+        res:send("late")
+        mb.send(me, { tag = "finished" })
+      end)
+      local sock = raw(port)
+      assert(sock:write("GET / HTTP/1.0\r\n\r\n"))
+      S.recv(S.field("tag", "running"))
+      sock:close()
+      S.recv(S.field("tag", "finished"))
+    end)
+
+    it("answers 500 for a connection process killed before it answered", function()
+      local me = mb.self()
+      start(function(req, res)
+        mb.send(me, { tag = "running", pid = mb.self() })
+        mb.receive()
+      end)
+      local sock = raw(port)
+      assert(sock:write("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+      local pid = S.recv(S.field("tag", "running")).pid
+      mb.exit(pid, "kill")
+      local r = read_response(sock)
+      assert.are.equal(500, r.status)
+      assert.is_true(closed_by_server(sock))
+      sock:close()
+    end)
+
+    it("refuses a bad handler_timeout or max_memory", function()
+      assert.has_error(function() http.listen(HOST, 0, echo, { handler_timeout = 0 }) end)
+      assert.has_error(function() http.listen(HOST, 0, echo, { max_memory = "lots" }) end)
+      assert.has_error(function() http.listen(HOST, 0, echo, { max_memory = 0 / 0 }) end)
     end)
   end)
 end)
