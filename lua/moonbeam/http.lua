@@ -213,6 +213,16 @@ local function started(res)
   res.sock:set_heir(nil)
 end
 
+-- The response is complete (or the connection upgraded): what the handler
+-- does now is its own business, not its client's, so the client's leaving
+-- no longer ends it.
+local function finished(res)
+  local g = res.guard
+  if not g or g.finished then return end
+  g.finished = true
+  res.sock:set_exit_on_close(false)
+end
+
 -- res:status(code) -> res
 function Response:status(code)
   if type(code) ~= "number" or code < 100 or code > 999 or code % 1 ~= 0 then
@@ -263,6 +273,7 @@ function Response:send(body)
   end
   local ok, err = self.sock:write(head .. body)
   if not ok then self.close = true; self.broken = true end
+  finished(self)
   return ok, err
 end
 
@@ -310,12 +321,13 @@ function Response:finish(chunk)
   if not self.started then return self:send("") end
   check_open(self, "finish")
   self.done = true
+  local ok, err = true, nil
   if self.chunked and not self.head_only then
-    local ok, err = self.sock:write("0\r\n\r\n")
+    ok, err = self.sock:write("0\r\n\r\n")
     if not ok then self.close = true; self.broken = true end
-    return ok, err
   end
-  return true
+  finished(self)
+  return ok, err
 end
 
 -- res:upgrade() -> sock, pending | nil, err
@@ -327,10 +339,10 @@ function Response:upgrade()
   check_open(self, "upgrade")
   if self.started then error("res:upgrade: the response head was already sent", 2) end
   if not self.can_upgrade then return nil, "not an upgrade request" end
+  -- A WebSocket is long-lived and has its own close: no timer, no exit on
+  -- the peer's FIN.
   started(self)
-  -- A WebSocket is long-lived and has its own close: no exit on the
-  -- peer's FIN, no timer.
-  self.sock:set_exit_on_close(false)
+  finished(self)
   self.code = 101
   self.close = false
   self.keep_alive_10 = false
@@ -466,7 +478,7 @@ end
 
 local function unguard(c, res)
   started(res)
-  c.sock:set_exit_on_close(false)
+  finished(res)
 end
 
 -- Handle one request. Returns true to go on with the next one.
