@@ -34,28 +34,17 @@
  *
  * Strictness. Debian builds http-parser with HTTP_PARSER_STRICT=0 (strict
  * mode is a compile-time switch, so it cannot be turned on here), and even
- * strict mode lets through what request smuggling is made of: a header name
- * with a space before its colon ("Transfer-Encoding : chunked" counts as
- * Transfer-Encoding), obs-fold continuation lines (folded into the value),
- * a bare LF as a line end, any byte where the LF after a CR should be, and
- * any two bytes where the CRLF after chunk data should be. So the bytes go
- * through a framing checker first (check_framing): a small state machine
- * that follows the message's framing (start line, header lines, body by
- * length, chunk lines and data, trailers) and refuses, as RFC 9112 allows
- * and nginx and Node do, any line not ended by CRLF, any CR not followed by
- * LF, obs-fold, whitespace before the first header line, whitespace in or
- * after a header name, and chunk-size lines that are not
- * `hex [BWS ; extension] CRLF` (at most MAX_CHUNK_LINE bytes). It hands the
- * parser the bytes it has checked, stopping at the end of each head so that
- * it can read the framing the parser chose (chunked, a length, none, to the
- * end) from the parser itself: the two never disagree on where a message
- * ends. on_headers_complete then refuses what a valid syntax can still make
- * ambiguous: Transfer-Encoding sent twice, not ending with chunked, with
- * another coding (501), or in an HTTP/1.0 message; an HTTP/1.1 request
- * without Host, or two Host headers; a major version other than 1 (505).
- * http-parser itself refuses Content-Length twice (even equal) and together
- * with Transfer-Encoding. The same rules hold for responses (Host aside),
- * where a violation is an error event too.
+ * strict mode lets through what request smuggling is made of. So every byte
+ * goes through a strict framing checker first (http_frame.h: line endings,
+ * obs-fold, header names, chunk framing), which hands the parser a head at a
+ * time and then follows the framing the parser chose, so that the two never
+ * disagree on where a message ends. on_headers_complete then refuses what a
+ * valid syntax can still make ambiguous: Transfer-Encoding sent twice, not
+ * ending with chunked, with another coding (501), or in an HTTP/1.0
+ * message; an HTTP/1.1 request without Host, or two Host headers; a major
+ * version other than 1 (505). http-parser itself refuses Content-Length
+ * twice (even equal) and together with Transfer-Encoding. The same rules
+ * hold for responses (Host aside), where a violation is an error event too.
  *
  * Threads: a parser belongs to the process that made it (userdata in its
  * state); nothing here blocks or yields.
@@ -69,6 +58,7 @@
 #include "lauxlib.h"
 #include "lib.h"
 #include "alloc.h"
+#include "http_frame.h"
 
 #if defined(__has_include)
 #if __has_include("ws.h")
@@ -87,9 +77,6 @@
  * for the request line beyond its URL (method, version, spaces, CRLF). */
 #define HEADER_OVERHEAD 4
 #define LINE_OVERHEAD 16
-/* Longest chunk-size line (size, extensions, CRLF): http-parser skips
- * extensions without a bound, which would let a peer trickle one forever. */
-#define MAX_CHUNK_LINE 4096
 
 /* The parser's own errors, beyond http-parser's HPE_* ones: limits, the
  * framing checker's and on_headers_complete's refusals. */
@@ -126,6 +113,12 @@ static const char *const limit_texts[] = { LIMIT_ERRORS(X_TEXT) };
 static const int limit_status[] = { LIMIT_ERRORS(X_STATUS) };
 #undef X_STATUS
 
+/* The framing checker's errors (MB_HFRAME_*, in its order) as ours. */
+static const int frame_errors[] = {
+  LIM_NONE, LIM_BARE_LF, LIM_BARE_CR, LIM_OBS_FOLD, LIM_SPACE_BEFORE_HEADER,
+  LIM_SPACE_IN_NAME, LIM_NO_COLON, LIM_BAD_CHUNK
+};
+
 /* One header of the head being collected: offsets into hp_t.buf. */
 typedef struct {
   uint32_t name, name_len, value, value_len;
@@ -148,40 +141,12 @@ typedef struct {
   int in_head;           /* between message begin and headers complete */
   int in_message;        /* between message begin and message complete */
   int skip_body;         /* response parser: the next response has no body */
-  /* The framing checker (check_framing). */
-  int fc;                /* FC_* state */
-  int fc_trailers;       /* its header lines are a chunked body's trailers */
-  int fc_first;          /* at the first line after the start line */
-  uint32_t fc_line;      /* bytes of the chunk-size line so far */
-  uint64_t fc_size;      /* chunk size being read */
-  uint64_t fc_left;      /* body or chunk bytes still to pass (UINT64_MAX:
-                            to the end of the stream) */
+  mb_hframe_t frame;     /* the framing checker (http_frame.h) */
   /* Final state. */
   int limit_err;         /* LIM_* that stopped the parser */
   int stopped;           /* 1: error, 2: upgrade (feeds do nothing now) */
 } hp_t;
 
-/* States of the framing checker. */
-enum {
-  FC_START,        /* before a message: empty lines (CRLF) may come first */
-  FC_START_LF,     /* after the CR of such an empty line */
-  FC_LINE,         /* in the start line */
-  FC_LINE_LF,      /* after the CR of the start line */
-  FC_FIELD,        /* at the start of a header (or trailer) line */
-  FC_NAME,         /* in a header name */
-  FC_VALUE,        /* after the colon */
-  FC_VALUE_LF,     /* after the CR of a header line */
-  FC_END_LF,       /* after the CR of the empty line that ends the head */
-  FC_HEAD_DONE,    /* the head (or trailers) ended: the parser decides */
-  FC_BODY,         /* fc_left bytes of body, by Content-Length or to the end */
-  FC_CHUNK_SIZE,   /* in the hex digits of a chunk size */
-  FC_CHUNK_BWS,    /* whitespace after them: ';' must follow */
-  FC_CHUNK_EXT,    /* in chunk extensions */
-  FC_CHUNK_LF,     /* after the CR of the chunk-size line */
-  FC_CHUNK_DATA,   /* fc_left bytes of chunk data */
-  FC_CHUNK_CR,     /* the CR after chunk data */
-  FC_DATA_LF       /* the LF after it */
-};
 
 static const char *const type_names[] = { "request", "response", NULL };
 
@@ -471,216 +436,6 @@ static const http_parser_settings settings = {
   .on_message_complete = on_message_complete,
 };
 
-/* -- The framing checker ------------------------------------------------- */
-
-static int is_hex(unsigned char c)
-{
-  return (c >= '0' && c <= '9') || ((c | 0x20) >= 'a' && (c | 0x20) <= 'f');
-}
-
-static int hex_val(unsigned char c)
-{
-  return c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10;
-}
-
-/* Check data[0..n) as the continuation of the stream (see DESIGN). Returns
- * how many bytes are checked and may go to the parser now: all of them, or
- * up to the end of a head (fc is then FC_HEAD_DONE: the caller feeds them
- * and asks the parser what follows), or up to a bad byte (*err is then set
- * to its LIM_* error). */
-static size_t check_framing(hp_t *h, const char *data, size_t n, int *err)
-{
-  size_t i = 0;
-  while (i < n) {
-    unsigned char c = (unsigned char)data[i];
-    switch (h->fc) {
-    case FC_START:
-      if (c == '\r')
-        h->fc = FC_START_LF;
-      else if (c == '\n')
-        goto bare_lf;
-      else
-        h->fc = FC_LINE;
-      break;
-    case FC_START_LF:
-      if (c != '\n')
-        goto bare_cr;
-      h->fc = FC_START;
-      break;
-    case FC_LINE:
-      if (c == '\r')
-        h->fc = FC_LINE_LF;
-      else if (c == '\n')
-        goto bare_lf;
-      break;
-    case FC_LINE_LF:
-      if (c != '\n')
-        goto bare_cr;
-      h->fc = FC_FIELD;
-      h->fc_first = 1;
-      break;
-    case FC_FIELD:
-      if (c == '\r') {
-        h->fc = FC_END_LF;
-      } else if (c == '\n') {
-        goto bare_lf;
-      } else if (c == ' ' || c == '\t') {
-        *err = h->fc_first ? LIM_SPACE_BEFORE_HEADER : LIM_OBS_FOLD;
-        return i;
-      } else {
-        h->fc = FC_NAME;
-        h->fc_first = 0;
-      }
-      break;
-    case FC_NAME:
-      if (c == ':') {
-        h->fc = FC_VALUE;
-      } else if (c == ' ' || c == '\t') {
-        *err = LIM_SPACE_IN_NAME;
-        return i;
-      } else if (c == '\r' || c == '\n') {
-        *err = LIM_NO_COLON;
-        return i;
-      }
-      break;
-    case FC_VALUE: {
-      /* The common case: run to the end of the value. */
-      const char *cr = memchr(data + i, '\r', n - i);
-      const char *lf = memchr(data + i, '\n', (cr ? (size_t)(cr - data) : n) - i);
-      if (lf) {
-        i = (size_t)(lf - data);
-        goto bare_lf;
-      }
-      if (!cr)
-        return n;
-      i = (size_t)(cr - data);
-      h->fc = FC_VALUE_LF;
-      break;
-    }
-    case FC_VALUE_LF:
-      if (c != '\n')
-        goto bare_cr;
-      h->fc = FC_FIELD;
-      break;
-    case FC_END_LF:
-      if (c != '\n')
-        goto bare_cr;
-      h->fc = FC_HEAD_DONE;
-      return i + 1;
-    case FC_HEAD_DONE:
-      return i;   /* the caller decides what follows */
-    case FC_BODY: {
-      if (h->fc_left == UINT64_MAX)
-        return n;   /* the body runs to the end of the stream */
-      uint64_t k = n - i < h->fc_left ? n - i : h->fc_left;
-      h->fc_left -= k;
-      i += (size_t)k;
-      if (h->fc_left == 0)
-        h->fc = FC_START;
-      continue;
-    }
-    case FC_CHUNK_SIZE:
-      if (++h->fc_line > MAX_CHUNK_LINE)
-        goto bad_chunk;
-      if (is_hex(c)) {
-        /* Stay below http-parser's own bound, so that it never refuses a
-         * size we accepted with a different error. */
-        if (h->fc_size >> 56)
-          goto bad_chunk;
-        h->fc_size = h->fc_size << 4 | (uint64_t)hex_val(c);
-        break;
-      }
-      if (h->fc_line == 1)
-        goto bad_chunk;   /* no digit */
-      if (c == '\r')
-        h->fc = FC_CHUNK_LF;
-      else if (c == ';')
-        h->fc = FC_CHUNK_EXT;
-      else if (c == ' ' || c == '\t')
-        h->fc = FC_CHUNK_BWS;
-      else
-        goto bad_chunk;
-      break;
-    case FC_CHUNK_BWS:
-      if (++h->fc_line > MAX_CHUNK_LINE)
-        goto bad_chunk;
-      if (c == ';')
-        h->fc = FC_CHUNK_EXT;
-      else if (c != ' ' && c != '\t')
-        goto bad_chunk;
-      break;
-    case FC_CHUNK_EXT:
-      if (++h->fc_line > MAX_CHUNK_LINE)
-        goto bad_chunk;
-      if (c == '\r')
-        h->fc = FC_CHUNK_LF;
-      else if ((c < 0x20 && c != '\t') || c == 0x7f)
-        goto bad_chunk;   /* a bare LF among them too */
-      break;
-    case FC_CHUNK_LF:
-      if (c != '\n')
-        goto bare_cr;
-      if (h->fc_size == 0) {
-        h->fc = FC_FIELD;   /* the last chunk: trailers follow */
-        h->fc_trailers = 1;
-        h->fc_first = 0;
-      } else {
-        h->fc = FC_CHUNK_DATA;
-        h->fc_left = h->fc_size;
-      }
-      break;
-    case FC_CHUNK_DATA: {
-      uint64_t k = n - i < h->fc_left ? n - i : h->fc_left;
-      h->fc_left -= k;
-      i += (size_t)k;
-      if (h->fc_left == 0)
-        h->fc = FC_CHUNK_CR;
-      continue;
-    }
-    case FC_CHUNK_CR:
-      if (c != '\r')
-        goto bad_chunk;
-      h->fc = FC_DATA_LF;
-      break;
-    case FC_DATA_LF:
-      if (c != '\n')
-        goto bare_cr;
-      h->fc = FC_CHUNK_SIZE;
-      h->fc_line = 0;
-      h->fc_size = 0;
-      break;
-    }
-    i++;
-  }
-  return n;
-bare_lf:
-  *err = LIM_BARE_LF;
-  return i;
-bare_cr:
-  *err = LIM_BARE_CR;
-  return i;
-bad_chunk:
-  *err = LIM_BAD_CHUNK;
-  return i;
-}
-
-/* After the parser took a head (or trailers) up to its last byte: follow
- * the framing it chose. */
-static void after_head(hp_t *h)
-{
-  h->fc_trailers = 0;
-  if (!h->in_message) {
-    h->fc = FC_START;   /* complete: no body, or the trailers ended it */
-  } else if (h->p.flags & F_CHUNKED) {
-    h->fc = FC_CHUNK_SIZE;
-    h->fc_line = 0;
-    h->fc_size = 0;
-  } else {
-    h->fc = FC_BODY;   /* ULLONG_MAX: a response read to the end */
-    h->fc_left = h->p.content_length == ULLONG_MAX ? UINT64_MAX : h->p.content_length;
-  }
-}
-
 /* Push the error event of a stopped parser. */
 static void push_error(hp_t *h)
 {
@@ -754,6 +509,7 @@ static int l_new(lua_State *L)
   h->max_headers = max_headers;
   h->max_url = max_url;
   h->last_value = 1;
+  mb_hframe_init(&h->frame);
   return 1;
 }
 
@@ -784,8 +540,8 @@ static int run(lua_State *L, hp_t *h, const char *data, size_t n)
   } else {
     /* Feed the parser what the framing checker passed, a head at a time. */
     while (used < n) {
-      int err = LIM_NONE;
-      size_t ok = check_framing(h, data + used, n - used, &err);
+      int err = MB_HFRAME_OK;
+      size_t ok = mb_hframe_check(&h->frame, data + used, n - used, &err);
       if (ok > 0) {
         size_t took = http_parser_execute(&h->p, &settings, data + used, ok);
         used += took;
@@ -811,13 +567,18 @@ static int run(lua_State *L, hp_t *h, const char *data, size_t n)
         }
       }
       if (err) {
-        h->limit_err = err;
+        h->limit_err = frame_errors[err];
         h->stopped = 1;
         push_error(h);
         break;
       }
-      if (h->fc == FC_HEAD_DONE)
-        after_head(h);
+      if (mb_hframe_head_done(&h->frame)) {
+        /* Follow the framing the parser chose (ULLONG_MAX: a response
+         * read to the end of the stream). */
+        uint64_t len = h->p.content_length;
+        mb_hframe_body(&h->frame, !h->in_message, (h->p.flags & F_CHUNKED) != 0,
+                       len == ULLONG_MAX ? UINT64_MAX : len);
+      }
     }
   }
   h->L = NULL;
