@@ -427,6 +427,31 @@ static void got_chunk(mb_sock_t *s, mb_chunk_t *c, int raw)
   pthread_mutex_unlock(&s->lock);
 }
 
+/* Does the end `code` (MB_ECLOSED or a libuv error) fire the owner's
+ * exit_on_close? If so send the signal and disarm. s->lock held. */
+static void exit_on_end(mb_sock_t *s, int code)
+{
+  int mode = s->exit_on_close;
+  if (!mode || !s->owner || s->closed)
+    return;
+  if (code == MB_ECLOSED && mode != MB_SOCK_EXIT_ON_CLOSE)
+    return;
+  s->exit_on_close = 0;
+  const char *why = code == MB_ECLOSED ? "peer closed" : mb_sock_strerror(code);
+  mb_proc_exit_signal(s->owner, s->owner, mb_must(mb_msg_string(why)), 0);
+}
+
+void mb_sock_set_exit_on_close(mb_sock_t *s, int mode)
+{
+  pthread_mutex_lock(&s->lock);
+  s->exit_on_close = mode;
+  if (s->err && s->err != MB_ECLOSED)
+    exit_on_end(s, s->err);
+  else if (s->eof)
+    exit_on_end(s, MB_ECLOSED);
+  pthread_mutex_unlock(&s->lock);
+}
+
 /* The stream ended: code is MB_ECLOSED or a libuv error. */
 static void got_end(mb_sock_t *s, int code)
 {
@@ -435,6 +460,7 @@ static void got_end(mb_sock_t *s, int code)
     s->eof = s->eof ? s->eof : 1;
   else if (!s->err)
     s->err = code;
+  exit_on_end(s, code);
   if (s->rhead == NULL)
     give_result(s, MB_SW_READ, code);
   give_result(s, MB_SW_WRITE, code);
@@ -468,6 +494,15 @@ static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *buf)
   }
   if (s->ws) {
     ws_feed(s, buf->base, (size_t)n);
+    /* Its pongs and close reply count against the high-water mark like
+     * the owner's writes: over it, stop reading from this peer. */
+    pthread_mutex_lock(&s->lock);
+    int stop = s->wq > MB_SOCK_WRITE_HIGH && !s->wpaused && !s->handle_closing;
+    if (stop)
+      s->wpaused = 1;
+    pthread_mutex_unlock(&s->lock);
+    if (stop)
+      uv_read_stop(st);
     return;
   }
   got_chunk(s, chunk_new(buf->base, (size_t)n, 0), 1);
@@ -493,6 +528,7 @@ void mb_sock_do_resume(mb_sock_t *s, void *arg)
   int go = s->paused && s->rbytes < MB_SOCK_RBUF_MAX && !s->handle_closing;
   if (go)
     s->paused = 0;
+  go = go && !s->wpaused;   /* else wq_done restarts it */
   pthread_mutex_unlock(&s->lock);
   if (go)
     start_reading(s);
@@ -507,14 +543,23 @@ typedef struct wreq {
   char data[];
 } wreq_t;
 
-/* n bytes left the queue (written or dropped). */
+/* n bytes left the queue (written or dropped). Reading stopped for the
+ * queue (wpaused) resumes once it is under the low mark. */
 static void wq_done(mb_sock_t *s, size_t n)
 {
   pthread_mutex_lock(&s->lock);
   s->wq -= n;
-  if (s->wq <= MB_SOCK_WRITE_LOW)
+  int resume = 0;
+  if (s->wq <= MB_SOCK_WRITE_LOW) {
     give_result(s, MB_SW_WRITE, 0);
+    if (s->wpaused) {
+      s->wpaused = 0;
+      resume = !s->paused && !s->handle_closing;
+    }
+  }
   pthread_mutex_unlock(&s->lock);
+  if (resume)
+    start_reading(s);
 }
 
 static void on_written(uv_write_t *req, int status)
@@ -743,6 +788,9 @@ int mb_sock_set_owner(mb_sock_t *s, mb_pid_t old, mb_proc_t *p)
   }
   if (old)
     owner_unlink(s, old);
+  /* The old owner's arrangements for its own end are not the new one's. */
+  s->exit_on_close = 0;
+  s->heir = 0;
   mb_proc_lock(p);
   int dead = p->dead;
   if (!dead)
@@ -779,6 +827,29 @@ int mb_sock_close(mb_sock_t *s, mb_pid_t by,
   return 0;
 }
 
+/* Pass s, whose owner `from` is dying, to its heir. Returns 0, or
+ * MB_ENOPROC if the heir is gone (s is then closed, or left for the caller
+ * to close). */
+static int pass_to_heir(mb_sock_t *s, mb_pid_t from, mb_pid_t heir)
+{
+  mb_proc_t *h = mb_proc_get(heir);
+  if (h == NULL)
+    return MB_ENOPROC;
+  pthread_mutex_lock(&s->lock);
+  s->active = 0;   /* the heir chooses; nothing goes to it unasked */
+  pthread_mutex_unlock(&s->lock);
+  int rc = mb_sock_set_owner(s, from, h);
+  mb_proc_unref(h);
+  if (rc < 0)
+    return rc;
+  mb_msgb_t b;
+  msg_start(&b, 16, s->id, "tcp_heir", 1);
+  mb_msgb_cstring(&b, "from");
+  mb_msgb_id(&b, &mb_pid_kind, from);
+  mb_proc_send(heir, mb_must(msg_end(&b, 0)));
+  return 0;
+}
+
 static void owner_exit(mb_proc_t *p)
 {
   mb_proc_lock(p);
@@ -789,8 +860,15 @@ static void owner_exit(mb_proc_t *p)
     mb_sock_t *next = s->onext;
     s->onext = s->oprev = NULL;
     atomic_fetch_add(&s->refs, 1);
-    if (!mark_closed(s))
-      mb_sock_run(s, mb_sock_do_close, NULL);
+    pthread_mutex_lock(&s->lock);
+    mb_pid_t heir = s->heir;
+    s->heir = 0;
+    s->exit_on_close = 0;
+    pthread_mutex_unlock(&s->lock);
+    if (heir == 0 || heir == p->pid || pass_to_heir(s, p->pid, heir) < 0) {
+      if (!mark_closed(s))
+        mb_sock_run(s, mb_sock_do_close, NULL);
+    }
     mb_sock_unref(s);
     s = next;
   }

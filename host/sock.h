@@ -27,7 +27,12 @@
  * Writing: bytes queued count against MB_SOCK_WRITE_HIGH; a write that goes
  * over suspends its process until the queue drains under MB_SOCK_WRITE_LOW.
  * WebSocket mode (ws.h): frames are parsed and built on the loop thread;
- * the read buffer then holds whole messages, not bytes.
+ * the read buffer then holds whole messages, not bytes. What the peer
+ * sends can make output of its own (pongs, the close reply), so a peer that
+ * sends pings and never reads would grow the write queue without bound:
+ * while the queue is over MB_SOCK_WRITE_HIGH the socket stops reading from
+ * it, until the queue drains under MB_SOCK_WRITE_LOW (TCP flow control then
+ * holds the peer back, as for a slow owner).
  *
  * Ownership: a socket belongs to one process (sock->owner) and sits on that
  * process's list (p->socks, under p->lock), so that the owner's death closes
@@ -97,6 +102,11 @@ typedef struct mb_sock {
   mb_chunk_t *rhead, **rtail;  /* read and not yet taken */
   size_t rbytes;
   int paused;                  /* reading stopped: rbuf full */
+  int wpaused;                 /* reading stopped: WebSocket output over
+                                  MB_SOCK_WRITE_HIGH (see sock.c) */
+  int exit_on_close;           /* end the owner when the peer goes (see
+                                  mb_sock_set_exit_on_close) */
+  mb_pid_t heir;               /* gets the socket if the owner dies; 0: none */
   size_t wq;                   /* bytes queued for writing */
   int posted;                  /* commands in flight to the loop */
   mb_sock_wait_t wait;         /* the owner waits for this ... */
@@ -197,5 +207,19 @@ const char *mb_sock_strerror(int code);
 struct mb_io_req;
 int mb_sock_push_result(lua_State *L, struct mb_io_req *req);
 
+/* Watching the peer for an owner that is busy elsewhere (a process serving
+ * a request does not read its socket meanwhile, yet must not run on for a
+ * client that has gone). mode MB_SOCK_EXIT_ON_ERROR: when reading fails
+ * (the peer reset the connection), the owner gets an exit signal whose
+ * reason is the error's message ("connection reset by peer"); mode
+ * MB_SOCK_EXIT_ON_CLOSE: also when the peer's FIN arrives (reason "peer
+ * closed"); 0: off. It fires once, then is off; armed after the peer has
+ * already gone, it fires at once. The signal comes from the owner itself,
+ * so an owner that traps exits gets {event = "EXIT", pid = self, ...}.
+ * A peer whose data fills the read buffer is not read further, so its FIN
+ * is not seen until the owner reads. Any thread. */
+#define MB_SOCK_EXIT_ON_ERROR 1
+#define MB_SOCK_EXIT_ON_CLOSE 2
+void mb_sock_set_exit_on_close(mb_sock_t *s, int mode);
 
 #endif

@@ -32,7 +32,10 @@
  * (1009) before anything is allocated. Outgoing messages are copied once by
  * wslay when queued; the frames produced by one call are gathered and given
  * to `out` in one call. wslay allocates with the C library's malloc, we with
- * mb_malloc.
+ * mb_malloc. What a peer makes us send (pongs, the close reply) goes to
+ * `out` at once; bounding it is the caller's part: the socket layer stops
+ * reading, and so feeding us, while its output is over its high-water mark
+ * (sock.h), so a peer that pings and never reads is held back by TCP.
  *
  * Close handshake: either side sends a close frame and waits for the other
  * one's. When the peer's close arrives, wslay queues the reply, we send it

@@ -48,13 +48,13 @@ describe("moonbeam.http_parser", function()
 
   it("parses a head split into single bytes", function()
     local p = hp.new()
-    local req = "POST /upload HTTP/1.1\r\nContent-Length: 5\r\nX-Long-Header: some value\r\n\r\nhello"
+    local req = "POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nX-Long-Header: some value\r\n\r\nhello"
     local pieces = {}
     for i = 1, #req do pieces[i] = req:sub(i, i) end
     local ev, used = feed_all(p, pieces)
     assert.are.equal(#req, used)
     assert.are.equal("POST", ev[1].method)
-    assert.are.same({ "Content-Length", "5", "X-Long-Header", "some value" }, ev[1].headers)
+    assert.are.same({ "Host", "h", "Content-Length", "5", "X-Long-Header", "some value" }, ev[1].headers)
     assert.are.equal(5, ev[1].content_length)
     assert.are.equal("hello", body_of(ev))
     assert.are.equal("done", ev[#ev].type)
@@ -63,18 +63,18 @@ describe("moonbeam.http_parser", function()
   it("decodes a chunked request body", function()
     local p = hp.new()
     local ev = feed_all(p, {
-      "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+      "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n",
       "5\r\nhello\r\n", "6\r\n world\r\n", "0\r\nX-Trailer: t\r\n\r\n" })
     assert.is_true(ev[1].chunked)
     assert.are.equal("hello world", body_of(ev))
     assert.are.equal("done", ev[#ev].type)
     -- The trailer is not a header of the request.
-    assert.are.same({ "Transfer-Encoding", "chunked" }, ev[1].headers)
+    assert.are.same({ "Host", "h", "Transfer-Encoding", "chunked" }, ev[1].headers)
   end)
 
   it("parses pipelined requests out of one feed", function()
     local p = hp.new()
-    local n, ev = p:feed("GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\nContent-Length: 2\r\n\r\nokGET /3 HTTP/1.1\r\n")
+    local n, ev = p:feed("GET /1 HTTP/1.1\r\nHost: h\r\n\r\nGET /2 HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nokGET /3 HTTP/1.1\r\nHost: h\r\n")
     assert.are.equal("head done head body done", types(ev))
     assert.are.equal("/1", ev[1].url)
     assert.are.equal("/2", ev[3].url)
@@ -90,14 +90,14 @@ describe("moonbeam.http_parser", function()
     assert.is_false(ev[1].keep_alive)
     _, ev = hp.new():feed("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
     assert.is_true(ev[1].keep_alive)
-    _, ev = hp.new():feed("GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+    _, ev = hp.new():feed("GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
     assert.is_false(ev[1].keep_alive)
     assert.is_false(ev[2].keep_alive)
   end)
 
   it("stops at an upgrade and hands back the bytes after the head", function()
     local p = hp.new()
-    local head = "GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    local head = "GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
     local n, ev = p:feed(head .. "\129\133frame")
     assert.are.equal(#head, n)
     assert.is_true(ev[1].upgrade)
@@ -111,14 +111,14 @@ describe("moonbeam.http_parser", function()
 
   it("reports malformed requests as an error event with status 400", function()
     local p = hp.new()
-    local _, ev = p:feed("GET / HTTP/1.1\r\n\r\nBLAH\1 / HTTP/1.1\r\n\r\n")
+    local _, ev = p:feed("GET / HTTP/1.1\r\nHost: h\r\n\r\nBLAH\1 / HTTP/1.1\r\n\r\n")
     assert.are.equal("head done error", types(ev))
     local e = ev[3]
     assert.are.equal(400, e.status)
     assert.are.equal("string", type(e.name))
     assert.are.equal("string", type(e.message))
     -- A stopped parser stays stopped.
-    local n, ev2 = p:feed("GET / HTTP/1.1\r\n\r\n")
+    local n, ev2 = p:feed("GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     assert.are.equal(0, n)
     assert.are.equal("error", ev2[1].type)
   end)
@@ -142,7 +142,7 @@ describe("moonbeam.http_parser", function()
     local _, ev = hp.new({ max_headers = 10 }):feed("GET / HTTP/1.1\r\n" .. table.concat(lines) .. "\r\n")
     assert.are.equal("TOO_MANY_HEADERS", ev[#ev].name)
     assert.are.equal(431, ev[#ev].status)
-    _, ev = hp.new({ max_headers = 20 }):feed("GET / HTTP/1.1\r\n" .. table.concat(lines) .. "\r\n")
+    _, ev = hp.new({ max_headers = 21 }):feed("GET / HTTP/1.1\r\nHost: h\r\n" .. table.concat(lines) .. "\r\n")
     assert.are.equal("head done", types(ev))
   end)
 
@@ -168,6 +168,144 @@ describe("moonbeam.http_parser", function()
     p:skip_body()
     _, ev = p:feed("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
     assert.are.equal("head done", types(ev))
+  end)
+
+  -- Request smuggling lives where parsers disagree on where a message ends.
+  -- Each of these is refused (and so is each fed one byte at a time).
+  local refused = {
+    { "SPACE_IN_NAME", 400, "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n" },
+    { "SPACE_IN_NAME", 400, "POST / HTTP/1.1\r\nHost: h\r\nContent-Length : 5\r\n\r\nhello" },
+    { "SPACE_IN_NAME", 400, "GET / HTTP/1.1\r\nHost: h\r\nX\t: y\r\n\r\n" },
+    { "OBS_FOLD", 400, "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip,\r\n chunked\r\n\r\n0\r\n\r\n" },
+    { "OBS_FOLD", 400, "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding:\r\n\tchunked\r\n\r\n0\r\n\r\n" },
+    { "OBS_FOLD", 400, "GET / HTTP/1.1\r\nHost: h\r\nX-A: b\r\n c\r\n\r\n" },
+    { "SPACE_BEFORE_HEADER", 400, "GET / HTTP/1.1\r\n Host: h\r\n\r\n" },
+    { "NO_COLON", 400, "GET / HTTP/1.1\r\nHost: h\r\nNoColon\r\n\r\n" },
+    { "TE_TWICE", 400, "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" },
+    { "HPE_UNEXPECTED_CONTENT_LENGTH", 400, "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n" },
+    { "HPE_UNEXPECTED_CONTENT_LENGTH", 400, "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" },
+    { "TE_NOT_CHUNKED", 400, "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\nabc" },
+    { "TE_NOT_CHUNKED", 400, "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, gzip\r\n\r\nabc" },
+    { "TE_NOT_CHUNKED", 400, "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n" },
+    { "TE_NOT_CHUNKED", 400, "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\t\r\n\r\n0\r\n\r\n" },
+    { "TE_UNSUPPORTED", 501, "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n" },
+    { "TE_HTTP10", 400, "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" },
+    { "HPE_UNEXPECTED_CONTENT_LENGTH", 400, "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!" },
+    { "HPE_INVALID_CONTENT_LENGTH", 400, "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5, 6\r\n\r\nhello!" },
+    { "NO_HOST", 400, "GET / HTTP/1.1\r\n\r\n" },
+    { "HOST_TWICE", 400, "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n" },
+    { "HOST_TWICE", 400, "GET / HTTP/1.0\r\nHost: a\r\nhost: a\r\n\r\n" },
+    { "BAD_VERSION", 505, "GET / HTTP/9.9\r\nHost: h\r\n\r\n" },
+    { "BAD_VERSION", 505, "GET / HTTP/2.0\r\nHost: h\r\n\r\n" },
+    { "BAD_VERSION", 505, "GET / HTTP/0.9\r\nHost: h\r\n\r\n" },
+    { "BARE_LF", 400, "GET / HTTP/1.1\nHost: h\r\n\r\n" },
+    { "BARE_LF", 400, "GET / HTTP/1.1\r\nHost: h\nX: y\r\n\r\n" },
+    { "BARE_LF", 400, "GET / HTTP/1.1\r\nHost: h\r\n\n" },
+    { "BARE_LF", 400, "\nGET / HTTP/1.1\r\nHost: h\r\n\r\n" },
+    { "BARE_CR", 400, "GET / HTTP/1.1\r\nHost: h\rX: y\r\n\r\n" },
+    { "BARE_CR", 400, "GET / HTTP/1.1\r\nHost: h\r\n\rX" },
+    { "BARE_CR", 400, "GET / HTTP/1.1\rXHost: h\r\n\r\n" },
+    -- chunked framing: http-parser takes any two bytes after chunk data,
+    -- any byte after a chunk size's CR, and anything in extensions
+    { "BAD_CHUNK", 400, "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXY0\r\n\r\n", "after head" },
+    { "BARE_CR", 400, "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\rX0\r\n\r\n", "after head" },
+    { "BARE_CR", 400, "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\rXhello\r\n0\r\n\r\n", "after head" },
+    { "BAD_CHUNK", 400, "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n", "after head" },
+    { "BAD_CHUNK", 400, "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5;a\nb\r\nhello\r\n0\r\n\r\n", "after head" },
+    { "BAD_CHUNK", 400, "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5 x\r\nhello\r\n0\r\n\r\n", "after head" },
+    { "BAD_CHUNK", 400, "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n;x\r\nhello\r\n0\r\n\r\n", "after head" },
+    { "BAD_CHUNK", 400, "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n10000000000000000\r\n", "after head" },
+    { "BAD_CHUNK", 400, "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5;" .. ("x"):rep(5000) .. "\r\n", "after head" },
+    { "BARE_LF", 400, "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\n", "after head" },
+    { "OBS_FOLD", 400, "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-T: a\r\n b\r\n\r\n", "after head" },
+  }
+
+  it("refuses what request smuggling is made of, however the bytes are cut", function()
+    for _, case in ipairs(refused) do
+      local name, status, bytes = case[1], case[2], case[3]
+      local _, ev = hp.new():feed(bytes)
+      local last = ev[#ev]
+      assert(last and last.type == "error", "not refused: " .. bytes:gsub("[\r\n]", { ["\r"] = "\\r", ["\n"] = "\\n" }))
+      assert.are.equal(name, last.name, bytes)
+      assert.are.equal(status, last.status)
+      local pieces = {}
+      for i = 1, #bytes do pieces[i] = bytes:sub(i, i) end
+      local ev1 = feed_all(hp.new(), pieces)
+      assert.are.equal(name, ev1[#ev1].name, "byte by byte: " .. bytes)
+    end
+  end)
+
+  it("gives no head event for a request refused in its head", function()
+    for _, case in ipairs(refused) do
+      local bytes = case[3]
+      if not case[4] then   -- chunk errors come after the head
+        local _, ev = hp.new():feed(bytes)
+        assert.are.equal("error", ev[1].type, bytes)
+      end
+    end
+  end)
+
+  it("accepts what is strict yet unusual", function()
+    local ok = {
+      "GET / HTTP/1.0\r\n\r\n",                                         -- HTTP/1.0 needs no Host
+      "GET / HTTP/1.2\r\nHost: h\r\n\r\n",                              -- a later 1.x minor is 1.1
+      "\r\n\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n",                      -- empty lines before a request
+      "GET / HTTP/1.1\r\nHost: h\r\nX-Empty:\r\nX-Sp: a  b \r\n\r\n",
+      "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding:  Chunked \r\n\r\n" ..
+        "5 ;ext=1;b=\"q s\"\r\nhello\r\n000\r\nX-Trailer: t\r\n\r\n",
+      "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5 \r\n\r\nhe\r\nl",   -- a body may hold anything
+    }
+    for _, bytes in ipairs(ok) do
+      local _, ev = hp.new():feed(bytes)
+      assert.are.equal("done", ev[#ev].type, bytes)
+      local pieces = {}
+      for i = 1, #bytes do pieces[i] = bytes:sub(i, i) end
+      local ev1 = feed_all(hp.new(), pieces)
+      assert.are.equal("done", ev1[#ev1].type, bytes)
+    end
+  end)
+
+  it("refuses the same ambiguities in responses", function()
+    local bad = {
+      { "SPACE_IN_NAME", "HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nhi" },
+      { "OBS_FOLD", "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip,\r\n chunked\r\n\r\n0\r\n\r\n" },
+      { "TE_TWICE", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" },
+      { "HPE_UNEXPECTED_CONTENT_LENGTH", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n0\r\n\r\n" },
+      { "HPE_UNEXPECTED_CONTENT_LENGTH", "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nhi" },
+      { "TE_NOT_CHUNKED", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\nabc" },
+      { "BARE_LF", "HTTP/1.1 200 OK\nContent-Length: 2\r\n\r\nhi" },
+      { "BARE_CR", "HTTP/1.1 200 OK\rXContent-Length: 2\r\n\r\nhi" },
+      { "BAD_CHUNK", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhiXY0\r\n\r\n" },
+      { "BAD_VERSION", "HTTP/2.0 200 OK\r\nContent-Length: 2\r\n\r\nhi" },
+    }
+    for _, case in ipairs(bad) do
+      local _, ev = hp.new({ type = "response" }):feed(case[2])
+      assert.are.equal("error", ev[#ev].type, case[2])
+      assert.are.equal(case[1], ev[#ev].name, case[2])
+    end
+    -- Host is a request header: a response needs none.
+    local _, ev = hp.new({ type = "response" }):feed("HTTP/1.1 204 No Content\r\n\r\n")
+    assert.are.equal("head done", types(ev))
+  end)
+
+  it("parses pipelined chunked requests and bodies split anywhere", function()
+    local one = "POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    local two = "POST /b HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\n\r\n\r\n"
+    local three = "GET /c HTTP/1.1\r\nHost: h\r\n\r\n"
+    local all = one .. two .. three
+    for cut = 1, #all - 1 do
+      local ev = feed_all(hp.new(), { all:sub(1, cut), all:sub(cut + 1) })
+      local urls, bodies = {}, {}
+      local parts = {}
+      for _, e in ipairs(ev) do
+        assert(e.type ~= "error", "error at cut " .. cut .. ": " .. tostring(e.message))
+        if e.type == "head" then urls[#urls + 1] = e.url; parts = {} end
+        if e.type == "body" then parts[#parts + 1] = e.data end
+        if e.type == "done" then bodies[#bodies + 1] = table.concat(parts) end
+      end
+      assert.are.same({ "/a", "/b", "/c" }, urls)
+      assert.are.same({ "abc", "\r\n\r\n", "" }, bodies)
+    end
   end)
 
   it("gives the reason phrase of a status code", function()

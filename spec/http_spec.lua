@@ -316,7 +316,7 @@ describe("moonbeam.http", function()
 
   it("joins repeated request headers and lower-cases their names", function()
     start(function(req, res) res:send(req.headers["x-multi"]) end)
-    local r = raw_request(port, "GET / HTTP/1.1\r\nX-Multi: a\r\nx-MULTI: b\r\n\r\n")
+    local r = raw_request(port, "GET / HTTP/1.1\r\nHost: x\r\nX-Multi: a\r\nx-MULTI: b\r\n\r\n")
     assert.are.equal("a, b", r.body)
   end)
 
@@ -330,13 +330,88 @@ describe("moonbeam.http", function()
     sock:close()
   end)
 
+  -- Each must be refused before the handler runs, and the connection closed:
+  -- the bytes a hostile client sends to smuggle a second request past a
+  -- front proxy that reads the framing differently.
+  local smuggling = {
+    { 400, "whitespace before the colon (Transfer-Encoding)",
+      "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n" },
+    { 400, "whitespace before the colon (Content-Length)",
+      "POST / HTTP/1.1\r\nHost: x\r\nContent-Length : 5\r\n\r\nhello" },
+    { 400, "an obs-folded Transfer-Encoding",
+      "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip,\r\n chunked\r\n\r\n0\r\n\r\n" },
+    { 400, "an obs-fold in any header", "GET / HTTP/1.1\r\nHost: x\r\nX-A: b\r\n c\r\n\r\n" },
+    { 400, "Transfer-Encoding twice",
+      "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" },
+    { 400, "Transfer-Encoding and Content-Length",
+      "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" },
+    { 400, "a Transfer-Encoding not ending with chunked",
+      "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n" },
+    { 400, "two differing Content-Length",
+      "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!" },
+    { 400, "HTTP/1.1 without Host", "GET / HTTP/1.1\r\n\r\n" },
+    { 400, "two Host headers", "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n" },
+    { 505, "HTTP/9.9", "GET / HTTP/9.9\r\nHost: x\r\n\r\n" },
+    { 400, "bare LF line ends", "GET / HTTP/1.1\nHost: x\n\n" },
+    { 400, "a bare LF ending the head", "GET / HTTP/1.1\r\nHost: x\r\n\n" },
+    { 400, "chunk data not followed by CRLF",
+      "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXY0\r\n\r\n" },
+  }
+
+  for _, case in ipairs(smuggling) do
+    local status, what, bytes = case[1], case[2], case[3]
+    it("refuses " .. what .. " with " .. status .. " before the handler runs, and closes", function()
+      local me = mb.self()
+      start(function(req, res)
+        mb.send(me, { tag = "handler ran", url = req.url })
+        res:send("ran")
+      end)
+      local sock = raw(port)
+      -- A second, innocent-looking request follows: it must not be served either.
+      assert(sock:write(bytes .. "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"))
+      local r = read_response(sock)
+      assert.are.equal(status, r.status)
+      assert.are.equal("close", r.headers["connection"])
+      assert.is_true(closed_by_server(sock))
+      sock:close()
+      assert.is_nil(mb.receive(S.field("tag", "handler ran"), 50))
+    end)
+  end
+
+  it("client: refuses an ambiguous response", function()
+    local l = assert(tcp.listen(HOST, 0))
+    local lport = l:port()
+    local answers = {
+      "HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nhi",
+      "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+      "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+      "HTTP/1.1 200 OK\r\nX-A: b\r\n c\r\nContent-Length: 2\r\n\r\nhi",
+      "HTTP/1.1 200 OK\nContent-Length: 2\n\nhi",
+    }
+    local srv = mb.spawn(function()
+      for _, a in ipairs(answers) do
+        local s = l:accept(5000)
+        if not s then return end
+        s:read(5000)
+        s:write(a)
+        s:close()
+      end
+    end)
+    assert(l:set_owner(srv))
+    for _, a in ipairs(answers) do
+      local r, err = http.request("GET", "http://" .. HOST .. ":" .. lport .. "/")
+      assert.is_nil(r, a)
+      assert.is_truthy(S.has(err, "bad response"), err)
+    end
+  end)
+
   it("answers oversize headers with 431 and a long URL with 414", function()
     start(echo)
-    local r = raw_request(port, "GET / HTTP/1.1\r\nX-Big: " .. ("x"):rep(10000) .. "\r\n\r\n")
+    local r = raw_request(port, "GET / HTTP/1.1\r\nHost: x\r\nX-Big: " .. ("x"):rep(10000) .. "\r\n\r\n")
     assert.are.equal(431, r.status)
     local many = {}
     for i = 1, 150 do many[i] = "X-H" .. i .. ": v\r\n" end
-    r = raw_request(port, "GET / HTTP/1.1\r\n" .. table.concat(many) .. "\r\n")
+    r = raw_request(port, "GET / HTTP/1.1\r\nHost: x\r\n" .. table.concat(many) .. "\r\n")
     assert.are.equal(431, r.status)
     r = raw_request(port, "GET /" .. ("u"):rep(5000) .. " HTTP/1.1\r\n\r\n")
     assert.are.equal(414, r.status)
@@ -344,17 +419,17 @@ describe("moonbeam.http", function()
 
   it("answers a too large body with 413", function()
     start(echo, { max_body = 1000 })
-    local r = raw_request(port, "POST / HTTP/1.1\r\nContent-Length: 5000\r\n\r\n")
+    local r = raw_request(port, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
     assert.are.equal(413, r.status)
     -- A chunked body is counted as it comes.
     local sock = raw(port)
-    assert(sock:write("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    assert(sock:write("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
       .. "3e8\r\n" .. ("a"):rep(1000) .. "\r\n10\r\n" .. ("b"):rep(16) .. "\r\n0\r\n\r\n"))
     r = read_response(sock)
     assert.are.equal(413, r.status)
     sock:close()
     -- Within the limit it is fine.
-    r = raw_request(port, "POST / HTTP/1.1\r\nContent-Length: 1000\r\n\r\n" .. ("z"):rep(1000))
+    r = raw_request(port, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" .. ("z"):rep(1000))
     assert.are.equal(200, r.status)
   end)
 
@@ -382,7 +457,7 @@ describe("moonbeam.http", function()
   it("closes an idle keep-alive connection quietly", function()
     start(echo, { idle_timeout = 150 })
     local sock = raw(port)
-    assert(sock:write("GET / HTTP/1.1\r\n\r\n"))
+    assert(sock:write("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
     assert.are.equal(200, read_response(sock).status)
     local data, err = sock:read(S.T)
     assert.is_nil(data)
@@ -397,7 +472,7 @@ describe("moonbeam.http", function()
     assert.is_string(err)
     -- An open keep-alive connection ends with the server.
     local sock = raw(port)
-    assert(sock:write("GET / HTTP/1.1\r\n\r\n"))
+    assert(sock:write("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
     assert.are.equal(200, read_response(sock).status)
     server:close()
     server = nil
@@ -500,7 +575,7 @@ describe("moonbeam.http", function()
     end)
 
     it("answers 405 to other methods and HEAD without a body", function()
-      local r = raw_request(port, "POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+      local r = raw_request(port, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
       assert.are.equal(405, r.status)
       local c = assert(http.connect(HOST, port))
       r = assert(c:request("HEAD", "/style.css"))
@@ -508,6 +583,168 @@ describe("moonbeam.http", function()
       assert.are.equal(200, r.status)
       assert.are.equal("6", r.headers["content-length"])
       assert.are.equal("", r.body)
+    end)
+  end)
+  -- What a hostile client or a runaway handler can take: these run in a
+  -- child host, so that a failure is a failed spec, not a host out of memory.
+  describe("bounds each connection", function()
+    it("ends a handler that allocates without bound with out of memory, and keeps serving", function()
+      local script = S.write("hog.lua", [=[
+        local mb = require "moonbeam"
+        local http = require "moonbeam.http"
+        local me = mb.self()
+        local server = assert(http.listen("127.0.0.1", 0, function(req, res)
+          if req.path == "/hog" then
+            mb.send(me, mb.self())
+            mb.receive()   -- until it is watched
+            local t = {}   -- 512 MiB if nothing stops it
+            for i = 1, 64 * 1024 do t[i] = string.rep("x", 8192) .. i end
+            return res:send("survived")
+          end
+          res:send("ok")
+        end))   -- the default max_memory
+        local port = server:port()
+        mb.spawn(function()
+          local r, err = http.request("GET", "http://127.0.0.1:" .. port .. "/hog")
+          mb.send(me, { r and r.status, r and r.body or err })
+        end)
+        local pid = mb.receive(5000)
+        local ref = mb.monitor(pid)
+        mb.send(pid, "go")
+        local down = mb.receive(function(m) return type(m) == "table" and m.ref == ref end, 5000)
+        print("reason", down and down.reason)
+        local got = mb.receive(5000)
+        print("hog", got and got[1], got and got[2])
+        local r
+        r = http.request("GET", "http://127.0.0.1:" .. port .. "/")
+        print("after", r and r.status, r and r.body)
+        server:close()
+      ]=])
+      local code, out, err = S.moonbeam(S.q(script), nil, 60)
+      assert.are.equal(0, code, err)
+      assert.is_falsy(S.has(out, "survived"), out)
+      assert.is_truthy(S.has(out, "hog\t500\t500 Internal Server Error"), out)
+      assert.is_truthy(S.has(out, "reason\tout of memory"), out)
+      assert.is_truthy(S.has(out, "after\t200\tok"), out)
+      assert.is_truthy(S.has(err, "reason: out of memory"), err)
+      assert.is_falsy(S.has(err, "reason: nil"), err)
+    end)
+    it("kills a handler that does not start its response within handler_timeout: 503", function()
+      local me = mb.self()
+      start(function(req, res)
+        mb.send(me, { tag = "running", pid = mb.self() })
+        if req.path == "/spin" then while true do end end
+        if req.path == "/wait" then mb.receive() end
+        res:send("ok")
+      end, { handler_timeout = 200 })
+      for _, path in ipairs({ "/spin", "/wait" }) do
+        local sock = raw(port)
+        assert(sock:write("GET " .. path .. " HTTP/1.1\r\nHost: x\r\n\r\n"))
+        local pid = S.recv(S.field("tag", "running")).pid
+        local ref = mb.monitor(pid)
+        local r = read_response(sock)
+        assert.are.equal(503, r.status, path)
+        assert.are.equal("close", r.headers["connection"])
+        assert.is_true(closed_by_server(sock))
+        sock:close()
+        assert.are.equal("killed", S.await_down(ref))
+      end
+      -- The server goes on serving, and a quick handler is not touched.
+      local r = assert(http.request("GET", "http://" .. HOST .. ":" .. port .. "/"))
+      assert.are.equal("ok", r.body)
+      S.recv(S.field("tag", "running"))
+    end)
+
+    it("does not time a handler once its response has started, nor a WebSocket", function()
+      start(function(req, res)
+        if req.path == "/ws" then
+          local sock = require("moonbeam.websocket").upgrade(req, res)
+          mb.sleep(400)
+          local m = sock:read(5000)
+          sock:write("late " .. tostring(m))
+          sock:read(5000)
+          return
+        end
+        res:write("first ")
+        mb.sleep(400)
+        res:finish("second")
+      end, { handler_timeout = 150 })
+      local r = assert(http.request("GET", "http://" .. HOST .. ":" .. port .. "/"))
+      assert.are.equal(200, r.status)
+      assert.are.equal("first second", r.body)
+      local ws = assert(require("moonbeam.websocket").connect(HOST, port, "/ws"))
+      assert(ws:write("hi"))
+      assert.are.equal("late hi", ws:read(S.T))
+      ws:close(1000)
+    end)
+
+    it("ends a busy handler when its keep-alive client closes", function()
+      local me = mb.self()
+      start(function(req, res)
+        mb.send(me, { tag = "running", pid = mb.self() })
+        while true do end   -- burns CPU, never reads, never answers
+      end, { handler_timeout = math.huge })
+      local sock = raw(port)
+      assert(sock:write("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+      local pid = S.recv(S.field("tag", "running")).pid
+      local ref = mb.monitor(pid)
+      sock:close()
+      assert.are.equal("peer closed", S.await_down(ref))
+      -- The server goes on serving.
+      server:close()
+      start(echo)
+      assert.are.equal(200, assert(http.request("GET", "http://" .. HOST .. ":" .. port .. "/")).status)
+    end)
+
+    it("lets a handler go on once its response is complete, whatever the client does", function()
+      local me = mb.self()
+      start(function(req, res)
+        res:send("ok")
+        mb.sleep(300)   -- its own business now (a log, a store)
+        mb.send(me, { tag = "after" })
+      end)
+      local sock = raw(port)
+      assert(sock:write("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+      assert.are.equal("ok", read_response(sock).body)
+      sock:close()
+      S.recv(S.field("tag", "after"))
+    end)
+
+    it("lets an HTTP/1.0 handler finish after its client's FIN (it may only half-close)", function()
+      local me = mb.self()
+      start(function(req, res)
+        mb.send(me, { tag = "running" })
+        mb.sleep(300)
+        res:send("late")
+        mb.send(me, { tag = "finished" })
+      end)
+      local sock = raw(port)
+      assert(sock:write("GET / HTTP/1.0\r\n\r\n"))
+      S.recv(S.field("tag", "running"))
+      sock:close()
+      S.recv(S.field("tag", "finished"))
+    end)
+
+    it("answers 500 for a connection process killed before it answered", function()
+      local me = mb.self()
+      start(function(req, res)
+        mb.send(me, { tag = "running", pid = mb.self() })
+        mb.receive()
+      end)
+      local sock = raw(port)
+      assert(sock:write("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+      local pid = S.recv(S.field("tag", "running")).pid
+      mb.exit(pid, "kill")
+      local r = read_response(sock)
+      assert.are.equal(500, r.status)
+      assert.is_true(closed_by_server(sock))
+      sock:close()
+    end)
+
+    it("refuses a bad handler_timeout or max_memory", function()
+      assert.has_error(function() http.listen(HOST, 0, echo, { handler_timeout = 0 }) end)
+      assert.has_error(function() http.listen(HOST, 0, echo, { max_memory = "lots" }) end)
+      assert.has_error(function() http.listen(HOST, 0, echo, { max_memory = 0 / 0 }) end)
     end)
   end)
 end)

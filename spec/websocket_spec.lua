@@ -379,7 +379,7 @@ describe("moonbeam.websocket", function()
       .. "Sec-WebSocket-Key: " .. KEY .. "\r\n\r\n")
     assert.are.equal(426, r.status)
     assert.are.equal("13", r.headers["sec-websocket-version"])
-    r = raw_http(port, "POST / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    r = raw_http(port, "POST / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
       .. "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " .. KEY .. "\r\nContent-Length: 0\r\n\r\n")
     assert.are.equal(400, r.status)
     -- The client reports a refused handshake.
@@ -414,5 +414,93 @@ describe("moonbeam.websocket", function()
     assert.are.equal("", websocket.base64(""))
     assert.are.equal("YQ==", websocket.base64("a"))
     assert.are.equal("YWI=", websocket.base64("ab"))
+  end)
+  -- A peer that sends pings and never reads the pongs: the server stops
+  -- reading from it while the pongs queued are over the write high-water
+  -- mark, so TCP holds the peer back and the server's memory stays bounded.
+  -- The server runs in a child host, whose memory (VmRSS) is measured.
+  it("stops reading from a peer that sends pings and never reads the pongs", function()
+    local script = S.write("pings.lua", [=[
+      local mb = require "moonbeam"
+      local http = require "moonbeam.http"
+      local function rss()
+        local f = io.open("/proc/self/status")
+        local kb = f:read("*a"):match("VmRSS:%s*(%d+)")
+        f:close()
+        return tonumber(kb) * 1024
+      end
+      local server = assert(http.listen("127.0.0.1", 0, function(req, res)
+        if req.path == "/mem" then
+          local procs = 0
+          for _, p in ipairs(mb.processes()) do
+            local i = mb.info(p)
+            if i then procs = procs + i.memory end
+          end
+          return res:send(rss() .. " " .. procs)
+        elseif req.path == "/quit" then
+          res:send("bye")
+          mb.sleep(50)
+          return mb.halt(0)
+        end
+        local sock = require("moonbeam.websocket").upgrade(req, res)
+        if not sock then return end
+        while sock:read(60000) do end
+      end))
+      print(server:port())
+      io.stdout:flush()
+      mb.receive(60000)
+    ]=])
+    -- (Under ASan, freed memory waits in a quarantine and would count as
+    -- growth: keep it small in the child.)
+    local asan = (os.getenv("ASAN_OPTIONS") or "") .. ":quarantine_size_mb=1"
+    local child = assert(io.popen("ASAN_OPTIONS=" .. S.q(asan) .. " timeout -k 5 60 "
+                                  .. S.q(S.bin) .. " " .. S.q(script)))
+    local port = tonumber(child:read("*l"))
+    assert(port, "the child host did not start")
+    local base = "http://" .. HOST .. ":" .. port
+    local function mem()
+      local r = assert(http.request("GET", base .. "/mem"))
+      local rss, procs = r.body:match("^(%d+) (%d+)$")
+      return tonumber(rss), tonumber(procs)
+    end
+    local sock = raw_ws(port)
+    local rss0 = mem()
+    -- 64 MiB of pings (125-byte payloads) at most, written by another
+    -- process, which tells how far it got: once the server stops reading,
+    -- its writes block and it tells no more.
+    local batch = {}
+    for i = 1, 500 do batch[i] = frame(9, ("p"):rep(125)) end
+    batch = table.concat(batch)
+    local target = 64 * 1024 * 1024
+    local me = mb.self()
+    local writer = mb.spawn(function(b, total)
+      local m = mb.receive(function(x) return type(x) == "table" and x.tag == "sock" end, 5000)
+      local sent = 0
+      while sent < total do
+        if not m.sock:write(b) then break end
+        sent = sent + #b
+        mb.send(me, { tag = "sent", n = sent })
+      end
+      mb.send(me, { tag = "sent", n = sent, done = true })
+      mb.receive()
+    end, batch, target)
+    assert(sock:set_owner(writer))
+    mb.send(writer, { tag = "sock", sock = sock })
+    local sent, deadline = 0, mb.now() + 30000
+    while mb.now() < deadline do
+      local m = mb.receive(S.field("tag", "sent"), 1000)
+      if not m then break end   -- no progress for a second: held back
+      sent = m.n
+      if m.done then break end
+    end
+    local rss1, procs1 = mem()
+    mb.exit(writer, "kill")
+    pcall(http.request, "GET", base .. "/quit")
+    child:close()
+    -- Without the bound the server reads all 64 MiB and queues ~62 MiB of pongs.
+    assert.is_true(sent < target, "the peer was never held back: sent " .. sent)
+    assert.is_true(rss1 - rss0 < 32 * 1024 * 1024,
+      ("the server grew by %d bytes after %d bytes of pings"):format(rss1 - rss0, sent))
+    assert.is_true(procs1 < 16 * 1024 * 1024, "processes hold " .. procs1 .. " bytes")
   end)
 end)

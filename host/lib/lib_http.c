@@ -32,17 +32,33 @@
  * whitespace too) also answers 431. Bodies are not limited here: the Lua side
  * sees content_length in the head and counts chunked bodies itself.
  *
+ * Strictness. Debian builds http-parser with HTTP_PARSER_STRICT=0 (strict
+ * mode is a compile-time switch, so it cannot be turned on here), and even
+ * strict mode lets through what request smuggling is made of. So every byte
+ * goes through a strict framing checker first (http_frame.h: line endings,
+ * obs-fold, header names, chunk framing), which hands the parser a head at a
+ * time and then follows the framing the parser chose, so that the two never
+ * disagree on where a message ends. on_headers_complete then refuses what a
+ * valid syntax can still make ambiguous: Transfer-Encoding sent twice, not
+ * ending with chunked, with another coding (501), or in an HTTP/1.0
+ * message; an HTTP/1.1 request without Host, or two Host headers; a major
+ * version other than 1 (505). http-parser itself refuses Content-Length
+ * twice (even equal) and together with Transfer-Encoding. The same rules
+ * hold for responses (Host aside), where a violation is an error event too.
+ *
  * Threads: a parser belongs to the process that made it (userdata in its
  * state); nothing here blocks or yields.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "http_parser.h"
 #include "lauxlib.h"
 #include "lib.h"
 #include "alloc.h"
+#include "http_frame.h"
 
 #if defined(__has_include)
 #if __has_include("ws.h")
@@ -62,12 +78,27 @@
 #define HEADER_OVERHEAD 4
 #define LINE_OVERHEAD 16
 
-/* The parser's own errors, beyond http-parser's HPE_* ones. */
-#define LIMIT_ERRORS(X)                                              \
-  X(NONE, "", 0)                                                     \
-  X(HEAD_TOO_LARGE, "request head too large", 431)                   \
-  X(TOO_MANY_HEADERS, "too many headers", 431)                       \
-  X(URL_TOO_LONG, "URL too long", 414)
+/* The parser's own errors, beyond http-parser's HPE_* ones: limits, the
+ * framing checker's and on_headers_complete's refusals. */
+#define LIMIT_ERRORS(X)                                                   \
+  X(NONE, "", 0)                                                          \
+  X(HEAD_TOO_LARGE, "request head too large", 431)                        \
+  X(TOO_MANY_HEADERS, "too many headers", 431)                            \
+  X(URL_TOO_LONG, "URL too long", 414)                                    \
+  X(BARE_LF, "line ended by LF without CR", 400)                          \
+  X(BARE_CR, "CR not followed by LF", 400)                                \
+  X(OBS_FOLD, "folded header line (obs-fold)", 400)                       \
+  X(SPACE_BEFORE_HEADER, "whitespace before the first header", 400)       \
+  X(SPACE_IN_NAME, "whitespace in or after a header name", 400)           \
+  X(NO_COLON, "header line without a colon", 400)                         \
+  X(BAD_CHUNK, "malformed chunked framing", 400)                         \
+  X(TE_TWICE, "Transfer-Encoding sent twice", 400)                        \
+  X(TE_NOT_CHUNKED, "Transfer-Encoding does not end with chunked", 400)   \
+  X(TE_UNSUPPORTED, "transfer coding other than chunked", 501)            \
+  X(TE_HTTP10, "Transfer-Encoding in an HTTP/1.0 message", 400)           \
+  X(NO_HOST, "HTTP/1.1 request without Host", 400)                        \
+  X(HOST_TWICE, "more than one Host header", 400)                         \
+  X(BAD_VERSION, "HTTP version not supported", 505)
 
 #define X_ENUM(n, s, st) LIM_##n,
 enum { LIMIT_ERRORS(X_ENUM) };
@@ -81,6 +112,12 @@ static const char *const limit_texts[] = { LIMIT_ERRORS(X_TEXT) };
 #define X_STATUS(n, s, st) st,
 static const int limit_status[] = { LIMIT_ERRORS(X_STATUS) };
 #undef X_STATUS
+
+/* The framing checker's errors (MB_HFRAME_*, in its order) as ours. */
+static const int frame_errors[] = {
+  LIM_NONE, LIM_BARE_LF, LIM_BARE_CR, LIM_OBS_FOLD, LIM_SPACE_BEFORE_HEADER,
+  LIM_SPACE_IN_NAME, LIM_NO_COLON, LIM_BAD_CHUNK
+};
 
 /* One header of the head being collected: offsets into hp_t.buf. */
 typedef struct {
@@ -104,10 +141,12 @@ typedef struct {
   int in_head;           /* between message begin and headers complete */
   int in_message;        /* between message begin and message complete */
   int skip_body;         /* response parser: the next response has no body */
+  mb_hframe_t frame;     /* the framing checker (http_frame.h) */
   /* Final state. */
   int limit_err;         /* LIM_* that stopped the parser */
   int stopped;           /* 1: error, 2: upgrade (feeds do nothing now) */
 } hp_t;
+
 
 static const char *const type_names[] = { "request", "response", NULL };
 
@@ -233,10 +272,92 @@ static void set_bool(lua_State *L, const char *k, int v)
   lua_setfield(L, -2, k);
 }
 
+/* Is the header name at e `name` (lower case), ignoring case? */
+static int name_is(const hp_t *h, const hdr_t *e, const char *name)
+{
+  size_t n = strlen(name);
+  return e->name_len == n && strncasecmp(h->buf + e->name, name, n) == 0;
+}
+
+/* Check the Transfer-Encoding value v[0..n): a list whose only coding is
+ * chunked (the only one we decode; a sender must not apply it twice).
+ * Returns a LIM_* error or LIM_NONE. */
+static int check_te(const char *v, size_t n)
+{
+  int codings = 0, last_chunked = 0, others = 0;
+  size_t i = 0;
+  while (i <= n) {
+    size_t j = i;
+    while (j < n && v[j] != ',')
+      j++;
+    size_t a = i, b = j;
+    while (a < b && (v[a] == ' ' || v[a] == '\t'))
+      a++;
+    while (b > a && (v[b - 1] == ' ' || v[b - 1] == '\t'))
+      b--;
+    if (b > a) {
+      codings++;
+      last_chunked = b - a == 7 && strncasecmp(v + a, "chunked", 7) == 0;
+      if (!last_chunked)
+        others++;
+    }
+    i = j + 1;
+  }
+  if (!last_chunked)
+    return LIM_TE_NOT_CHUNKED;
+  if (codings - others > 1)
+    return LIM_TE_NOT_CHUNKED;   /* chunked applied twice */
+  return others ? LIM_TE_UNSUPPORTED : LIM_NONE;
+}
+
+/* What a well-formed head can still make ambiguous (see DESIGN). Returns a
+ * LIM_* error or LIM_NONE. */
+static int check_head(hp_t *h)
+{
+  http_parser *p = &h->p;
+  if (p->http_major != 1)
+    return LIM_BAD_VERSION;
+  int te = 0, hosts = 0;
+  const hdr_t *te_hdr = NULL;
+  for (uint32_t i = 0; i < h->nhdrs; i++) {
+    const hdr_t *e = &h->hdrs[i];
+    if (name_is(h, e, "transfer-encoding")) {
+      te++;
+      te_hdr = e;
+    } else if (name_is(h, e, "host")) {
+      hosts++;
+    }
+  }
+  if (te > 1)
+    return LIM_TE_TWICE;
+  if (te) {
+    if (p->http_minor == 0)
+      return LIM_TE_HTTP10;
+    int err = check_te(h->buf + te_hdr->value, te_hdr->value_len);
+    if (err)
+      return err;
+    /* Our reading and http-parser's must agree that the body is chunked. */
+    if (!(p->flags & F_CHUNKED))
+      return LIM_TE_NOT_CHUNKED;
+  }
+  if (p->type == HTTP_REQUEST) {
+    if (hosts > 1)
+      return LIM_HOST_TWICE;
+    if (hosts == 0 && p->http_minor >= 1)
+      return LIM_NO_HOST;
+  }
+  return LIM_NONE;
+}
+
 static int on_headers_complete(http_parser *p)
 {
   hp_t *h = p->data;
   lua_State *L = h->L;
+  int bad = check_head(h);
+  if (bad) {
+    h->limit_err = bad;
+    return -1;
+  }
   h->in_head = 0;
   h->last_value = 1;
   new_event(L, "head", 9);
@@ -388,6 +509,7 @@ static int l_new(lua_State *L)
   h->max_headers = max_headers;
   h->max_url = max_url;
   h->last_value = 1;
+  mb_hframe_init(&h->frame);
   return 1;
 }
 
@@ -407,24 +529,56 @@ static int run(lua_State *L, hp_t *h, const char *data, size_t n)
     lua_pushlstring(L, data, n);
     lua_setfield(L, -2, "rest");
     push_event(h);
-  } else {
-    used = http_parser_execute(&h->p, &settings, data, n);
+  } else if (n == 0) {
+    /* The end of the stream: completes a body read to the end, or is an
+     * error in the middle of a message. */
+    http_parser_execute(&h->p, &settings, data, 0);
     if (HTTP_PARSER_ERRNO(&h->p) != HPE_OK) {
       h->stopped = 1;
       push_error(h);
-    } else if (h->p.upgrade) {
-      /* The connection now speaks another protocol for the rest of its
-       * life: the head buffers are of no further use. */
-      h->stopped = 2;
-      mb_free(h->buf);
-      mb_free(h->hdrs);
-      h->buf = NULL;
-      h->hdrs = NULL;
-      h->cap = h->hcap = 0;
-      new_event(L, "upgrade", 1);
-      lua_pushlstring(L, data + used, n - used);
-      lua_setfield(L, -2, "rest");
-      push_event(h);
+    }
+  } else {
+    /* Feed the parser what the framing checker passed, a head at a time. */
+    while (used < n) {
+      int err = MB_HFRAME_OK;
+      size_t ok = mb_hframe_check(&h->frame, data + used, n - used, &err);
+      if (ok > 0) {
+        size_t took = http_parser_execute(&h->p, &settings, data + used, ok);
+        used += took;
+        if (HTTP_PARSER_ERRNO(&h->p) != HPE_OK) {
+          h->stopped = 1;
+          push_error(h);
+          break;
+        }
+        if (h->p.upgrade) {
+          /* The connection now speaks another protocol for the rest of its
+           * life: the head buffers are of no further use. */
+          h->stopped = 2;
+          mb_free(h->buf);
+          mb_free(h->hdrs);
+          h->buf = NULL;
+          h->hdrs = NULL;
+          h->cap = h->hcap = 0;
+          new_event(L, "upgrade", 1);
+          lua_pushlstring(L, data + used, n - used);
+          lua_setfield(L, -2, "rest");
+          push_event(h);
+          break;
+        }
+      }
+      if (err) {
+        h->limit_err = frame_errors[err];
+        h->stopped = 1;
+        push_error(h);
+        break;
+      }
+      if (mb_hframe_head_done(&h->frame)) {
+        /* Follow the framing the parser chose (ULLONG_MAX: a response
+         * read to the end of the stream). */
+        uint64_t len = h->p.content_length;
+        mb_hframe_body(&h->frame, !h->in_message, (h->p.flags & F_CHUNKED) != 0,
+                       len == ULLONG_MAX ? UINT64_MAX : len);
+      }
     }
   }
   h->L = NULL;

@@ -550,6 +550,47 @@ static int l_set_owner(lua_State *L)
   return 1;
 }
 
+/* sock:set_exit_on_close(mode): false | "error" | true. With true, when the
+ * peer closes (FIN) or the connection fails, the owner gets an exit signal
+ * ("peer closed", or the error's message); with "error", only when it
+ * fails. For an owner busy elsewhere that must not outlive its peer (see
+ * mb_sock_set_exit_on_close). */
+static int l_set_exit_on_close(lua_State *L)
+{
+  int n, mode;
+  if (lua_type(L, 2) == LUA_TBOOLEAN)
+    mode = lua_toboolean(L, 2) ? MB_SOCK_EXIT_ON_CLOSE : 0;
+  else if (lua_type(L, 2) == LUA_TSTRING && strcmp(lua_tostring(L, 2), "error") == 0)
+    mode = MB_SOCK_EXIT_ON_ERROR;
+  else
+    return luaL_argerror(L, 2, "true, false or \"error\" expected");
+  mb_sock_t *s = stream_sock(L, mb_lib_self(L), &n);
+  if (s == NULL)
+    return n;
+  mb_sock_set_exit_on_close(s, mode);
+  mb_sock_unref(s);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* sock:set_heir(pid | nil): when the owner dies, the socket passes to pid
+ * (if alive) instead of closing, and pid gets {event = "tcp_heir", socket =
+ * s, from = the dead owner}; nil: no heir. */
+static int l_set_heir(lua_State *L)
+{
+  int n;
+  mb_pid_t heir = lua_isnoneornil(L, 2) ? 0 : mb_pid_check(L, 2);
+  mb_sock_t *s = self_sock(L, mb_lib_self(L), &n);
+  if (s == NULL)
+    return n;
+  pthread_mutex_lock(&s->lock);
+  s->heir = heir;
+  pthread_mutex_unlock(&s->lock);
+  mb_sock_unref(s);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 /* sock:websocket{client = bool, max_message = n, pending = "bytes"} */
 static int l_websocket(lua_State *L)
 {
@@ -617,6 +658,8 @@ static const luaL_Reg methods[] = {
   {"set_active", l_set_active},
   {"set_owner", l_set_owner},
   {"set_nodelay", l_set_nodelay},
+  {"set_exit_on_close", l_set_exit_on_close},
+  {"set_heir", l_set_heir},
   {"websocket", l_websocket},
   {NULL, NULL}
 };

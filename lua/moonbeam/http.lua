@@ -24,6 +24,18 @@
 -- connection when the response had started) and a report on stderr, never
 -- a crash of the server.
 --
+-- While a handler runs it does not read the socket, so the connection is
+-- guarded (guard/unguard): the socket ends the process when the client goes
+-- (sock:set_exit_on_close: on its FIN too after a keep-alive request; only on
+-- a reset after an HTTP/1.0 or "Connection: close" request, whose client may
+-- half-close once it has sent it); the acceptor is the socket's heir
+-- (sock:set_heir) until the response starts, so that it can still answer a
+-- connection whose process died (500, or 503 after handler_timeout); and a
+-- timer tells the acceptor to kill a handler that has not started its
+-- response within handler_timeout. A WebSocket handler is none of these
+-- after the upgrade: it is long-lived, and its close handshake tells it
+-- when the peer goes.
+--
 -- Timeouts: a new connection must send a whole request head within
 -- head_timeout (if it sent nothing at all it is closed quietly); between keep-alive requests it may stay idle idle_timeout,
 -- after which it is closed silently; once a request's first byte came, the
@@ -47,7 +59,22 @@ local DEFAULTS = {
   max_url = 4096,               -- 414
   head_timeout = 10000,         -- a request head must arrive within: 408
   idle_timeout = 60000,         -- a keep-alive connection may idle this long
+  -- A handler must start its response (send, write or upgrade) within
+  -- this, or it is killed and the client gets 503: long enough for slow
+  -- work behind a request (nginx waits 60 s for an upstream's answer), and
+  -- a handler that hangs or spins still ends. Once the response has
+  -- started, the handler is not timed: a large download or a stream takes
+  -- what it takes, and the client's leaving still ends it.
+  handler_timeout = 60000,
   backlog = 511,
+  -- The memory of each connection process (bytes; math.huge: no limit).
+  -- Above it the process dies "out of memory" and only its connection is
+  -- lost. 64 MiB leaves a handler room for a max_body request (8 MiB),
+  -- the copies it makes (the body string, its pieces, a response built from
+  -- it) and the garbage LuaJIT collects late (a limit counts garbage too),
+  -- while a handler that allocates without bound stops long before it can
+  -- take the host's memory. An idle connection uses about 50 KB.
+  max_memory = 64 * 1024 * 1024,
 }
 -- How long the acceptor pauses after accept failed (out of descriptors).
 local ACCEPT_BACKOFF = 100
@@ -171,6 +198,31 @@ local function check_open(res, what)
   if res.done then error("res:" .. what .. ": the response was already sent", 3) end
 end
 
+-- The response starts: the handler is no longer timed, and the acceptor
+-- could not answer for it any more (the head is going out).
+local function started(res)
+  local g = res.guard
+  if not g or g.started then return end
+  g.started = true
+  if g.timer and not mb.cancel_timer(g.timer) then
+    -- Too late: the acceptor was told to kill this process, and answers
+    -- 503 for it. Wait for the kill rather than send half an answer.
+    mb.receive(function() return false end, START_TIMEOUT)
+  end
+  g.timer = nil
+  res.sock:set_heir(nil)
+end
+
+-- The response is complete (or the connection upgraded): what the handler
+-- does now is its own business, not its client's, so the client's leaving
+-- no longer ends it.
+local function finished(res)
+  local g = res.guard
+  if not g or g.finished then return end
+  g.finished = true
+  res.sock:set_exit_on_close(false)
+end
+
 -- res:status(code) -> res
 function Response:status(code)
   if type(code) ~= "number" or code < 100 or code > 999 or code % 1 ~= 0 then
@@ -210,6 +262,7 @@ function Response:send(body)
   check_open(self, "send")
   if self.started then error("res:send: the response was started with res:write", 2) end
   body = body == nil and "" or tostring(body)
+  started(self)
   self.started, self.done = true, true
   local head
   if bodiless(self.code) then
@@ -220,6 +273,7 @@ function Response:send(body)
   end
   local ok, err = self.sock:write(head .. body)
   if not ok then self.close = true; self.broken = true end
+  finished(self)
   return ok, err
 end
 
@@ -229,6 +283,7 @@ function Response:write(chunk)
   chunk = tostring(chunk)
   local out
   if not self.started then
+    started(self)
     self.started, self.streaming = true, true
     if bodiless(self.code) then
       self.head_only = true
@@ -266,12 +321,13 @@ function Response:finish(chunk)
   if not self.started then return self:send("") end
   check_open(self, "finish")
   self.done = true
+  local ok, err = true, nil
   if self.chunked and not self.head_only then
-    local ok, err = self.sock:write("0\r\n\r\n")
+    ok, err = self.sock:write("0\r\n\r\n")
     if not ok then self.close = true; self.broken = true end
-    return ok, err
   end
-  return true
+  finished(self)
+  return ok, err
 end
 
 -- res:upgrade() -> sock, pending | nil, err
@@ -283,6 +339,10 @@ function Response:upgrade()
   check_open(self, "upgrade")
   if self.started then error("res:upgrade: the response head was already sent", 2) end
   if not self.can_upgrade then return nil, "not an upgrade request" end
+  -- A WebSocket is long-lived and has its own close: no timer, no exit on
+  -- the peer's FIN.
+  started(self)
+  finished(self)
   self.code = 101
   self.close = false
   self.keep_alive_10 = false
@@ -294,8 +354,10 @@ end
 
 -- -- The connection process ---------------------------------------------------
 
-local function report(lines)
-  io.stderr:write("=HTTP REPORT==== " .. tostring(mb.self()) .. "\n" .. table.concat(lines, "\n") .. "\n")
+-- who: the process's pid as text, taken beforehand (a process over its
+-- max_memory may make no moonbeam call, mb.self() included).
+local function report(who, lines)
+  io.stderr:write("=HTTP REPORT==== " .. who .. "\n" .. table.concat(lines, "\n") .. "\n")
 end
 
 -- The handler's error and traceback, without the frames of this module.
@@ -321,15 +383,20 @@ local function linger_close(c)
   c.sock:close()
 end
 
--- Answer with an error status and close the connection.
-local function fail(c, code, extra)
+-- The whole response of an error status, with Connection: close.
+local function error_response(code, extra)
   local body = code .. " " .. reason_phrase(code) .. "\n"
   local head = { "HTTP/1.1 ", code, " ", reason_phrase(code), "\r\n",
                  "Content-Type: text/plain\r\n",
                  "Content-Length: ", #body, "\r\n", "Connection: close\r\n" }
   if extra then head[#head + 1] = extra end
   head[#head + 1] = "\r\n"
-  if c.sock:write(table.concat(head) .. body) then linger_close(c) else c.sock:close() end
+  return table.concat(head) .. body
+end
+
+-- Answer with an error status and close the connection.
+local function fail(c, code, extra)
+  if c.sock:write(error_response(code, extra)) then linger_close(c) else c.sock:close() end
 end
 
 -- Split a request target into path and query.
@@ -396,6 +463,24 @@ local function read_body(c, req, head)
   end
 end
 
+-- Guard the connection while the handler runs (see DESIGN).
+local function guard(c, req, res)
+  local sock, o = c.sock, c.opts
+  sock:set_exit_on_close(req.keep_alive and true or "error")
+  sock:set_heir(c.acceptor)
+  local g = {}
+  if o.handler_timeout ~= math.huge then
+    g.timer = mb.send_after(o.handler_timeout, c.acceptor,
+                            { tag = "$http_overtime", pid = mb.self() })
+  end
+  res.guard = g
+end
+
+local function unguard(c, res)
+  started(res)
+  finished(res)
+end
+
 -- Handle one request. Returns true to go on with the next one.
 local function serve_one(c, handler, first)
   local o = c.opts
@@ -447,7 +532,23 @@ local function serve_one(c, handler, first)
     end
     res.can_upgrade = true
   end
+  guard(c, req, res)
   local okh, caught = xpcall(handler, traceback, req, res)
+  if not okh then
+    -- A refused allocation skips the message handler: the error is the bare
+    -- string. The process then dies at its next moonbeam call (unguard,
+    -- below) and the acceptor, heir of its socket, answers 500 for it.
+    if type(caught) ~= "table" then
+      local why = tostring(caught)
+      if why == "not enough memory" then
+        why = "out of memory (the connection went over its max_memory)"
+      end
+      caught = { err = why }
+    end
+    report(c.me, { "request: " .. req.method .. " " .. req.url,
+             "reason: " .. tostring(caught.err), caught.traceback })
+  end
+  unguard(c, res)
   if res.upgraded then
     -- The handler owned the connection; it is over now. A WebSocket the
     -- handler left open gets a normal closure (1000) rather than a bare
@@ -456,8 +557,6 @@ local function serve_one(c, handler, first)
     return false
   end
   if not okh then
-    report({ "request: " .. req.method .. " " .. req.url,
-             "reason: " .. tostring(caught.err), caught.traceback })
     if not res.started then
       fail(c, 500)
     else
@@ -479,12 +578,13 @@ end
 
 -- The body of a connection process: wait for the socket, then serve
 -- requests until the connection ends.
-local function connection(handler, opts)
+local function connection(handler, opts, acceptor)
   local m = mb.receive(function(x) return type(x) == "table" and x.tag == "$http_sock" end, START_TIMEOUT)
   if not m then return end
   if type(handler) == "string" then handler = require(handler) end
   local c = {
-    sock = m.sock, opts = opts, events = {}, ei = 1,
+    sock = m.sock, opts = opts, events = {}, ei = 1, acceptor = acceptor,
+    me = tostring(mb.self()),
     parser = hp.new({ max_head = opts.max_head, max_headers = opts.max_headers,
                       max_url = opts.max_url }),
   }
@@ -503,10 +603,53 @@ local function acceptor(parent, host, port, handler, opts)
   end
   mb.send(parent, { tag = "$http_listen", port = l:port() })
   local conns = {}   -- the connection processes, linked to this one
+  local heirs = {}   -- pid -> the socket it left to this process (tcp_heir)
+  local overtime = {}   -- pid -> true: killed for handler_timeout
+  -- EXIT of a connection process that ended (forgotten), or of another
+  -- linked process (a supervisor) that died: then this server goes with
+  -- it, as it would without trapping exits. A connection process whose
+  -- handler overran is killed; one that died before its response started
+  -- left its socket here (tcp_heir, just before its EXIT), and its client
+  -- gets 503 or 500 from here, unless it has gone itself.
+  local function on_message(m)
+    if type(m) ~= "table" then return end
+    if m.event == "EXIT" then
+      if conns[m.pid] then
+        conns[m.pid] = nil
+        local hs = heirs[m.pid]
+        heirs[m.pid] = nil
+        if hs then
+          local code = overtime[m.pid] and 503
+            or (m.reason ~= "normal" and m.reason ~= "peer closed" and 500)
+          if code then hs:write(error_response(code)) end
+          hs:close()
+        end
+        overtime[m.pid] = nil
+      elseif m.reason ~= "normal" then
+        l:close()
+        mb.exit(m.reason)
+      end
+    elseif m.event == "tcp_heir" then
+      if conns[m.from] then heirs[m.from] = m.socket else m.socket:close() end
+    elseif m.tag == "$http_overtime" and conns[m.pid] then
+      overtime[m.pid] = true
+      mb.exit(m.pid, "kill")
+      -- It dies at once: answer for it now rather than after the next poll.
+      local pid = m.pid
+      while conns[pid] do
+        local x = mb.receive(function(y)
+          return type(y) == "table" and (y.pid == pid or y.from == pid)
+        end, ACCEPT_POLL)
+        if not x then break end
+        on_message(x)
+      end
+    end
+  end
   while true do
     local s, aerr = l:accept(ACCEPT_POLL)
     if s then
-      local pid = mb.spawn_link(connection, handler, opts)
+      local pid = mb.spawn_opt({ link = true, max_memory = opts.max_memory },
+                               connection, handler, opts, mb.self())
       conns[pid] = true
       if s:set_owner(pid) then
         mb.send(pid, { tag = "$http_sock", sock = s })
@@ -522,20 +665,11 @@ local function acceptor(parent, host, port, handler, opts)
                       .. tostring(aerr) .. "\n")
       mb.sleep(ACCEPT_BACKOFF)
     end
-    -- EXIT messages: of connection processes that ended (forgotten), or
-    -- of another linked process (a supervisor) that died: then this
-    -- server goes with it, as it would without trapping exits.
+    -- Messages (exits, sockets left here, overruns): see on_message.
     while true do
       local m = mb.receive(0)
       if m == nil then break end
-      if type(m) == "table" and m.event == "EXIT" then
-        if conns[m.pid] then
-          conns[m.pid] = nil
-        elseif m.reason ~= "normal" then
-          l:close()
-          mb.exit(m.reason)
-        end
-      end
+      on_message(m)
     end
   end
 end
@@ -572,7 +706,7 @@ function http.listen(host, port, handler, opts)
   for k, v in pairs(DEFAULTS) do
     local given = opts and opts[k]
     if given ~= nil then
-      if type(given) ~= "number" or given <= 0 then
+      if type(given) ~= "number" or not (given > 0) then
         error("http.listen: bad option " .. k .. " (a positive number expected)", 2)
       end
       o[k] = given
@@ -580,6 +714,7 @@ function http.listen(host, port, handler, opts)
       o[k] = v
     end
   end
+  if o.max_memory == math.huge then o.max_memory = nil end
   local pid, ref = mb.spawn_monitor(acceptor, mb.self(), host, port, handler, o)
   local m = mb.receive(function(x)
     return type(x) == "table" and ((x.tag == "$http_listen")
