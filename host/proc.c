@@ -256,6 +256,25 @@ void mb_proc_push(mb_proc_t *p, mb_msg_t *msg)
   atomic_fetch_add_explicit(&p->mailbox_bytes, mb_msg_size(msg), memory_order_relaxed);
   if (sig)
     atomic_fetch_add(&p->nsignals, 1);
+  /* Queued messages count toward max_memory (as Erlang's max_heap_size
+   * with messages on the heap): over it, the process is killed with
+   * reason "out of memory" - once - and the message stays queued. */
+  if (p->alloc.max && !p->mem_killed && !sig &&
+      atomic_load_explicit(&p->alloc.used, memory_order_relaxed) +
+      atomic_load_explicit(&p->mailbox_bytes, memory_order_relaxed) > p->alloc.max) {
+    mb_msg_t *kill = mb_msg_string("out of memory");
+    if (kill) {
+      p->mem_killed = 1;
+      kill->kind = MB_MSG_KILL;
+      kill->from = p->pid;
+      *p->in_tail = kill;
+      p->in_tail = &kill->next;
+      atomic_fetch_add_explicit(&p->mailbox_len, 1, memory_order_relaxed);
+      atomic_fetch_add_explicit(&p->mailbox_bytes, mb_msg_size(kill), memory_order_relaxed);
+      atomic_fetch_add(&p->nsignals, 1);
+      sig = 1;
+    }
+  }
   /* Signals end any wait; messages only a receive. */
   if (sig || p->wait == MB_WAIT_RECV)
     wake = mb_proc_wake_locked(p);
@@ -383,10 +402,12 @@ int mb_proc_drain(mb_proc_t *p)
       continue;
     }
     if (p->exit_reason == NULL) {
-      if (m->kind == MB_MSG_KILL) {
+      if (m->kind == MB_MSG_KILL && mb_msg_is_kill(m)) {
         mb_msg_free(m);
         p->exit_reason = host_reason("killed");
       } else {
+        /* Other signals, and kills that carry their own reason (the
+         * host's, such as "out of memory"), end it with their reason. */
         m->kind = MB_MSG_USER;
         m->next = NULL;
         p->exit_reason = m;

@@ -53,7 +53,9 @@
 enum {
   MB_MSG_USER = 0,  /* a message sent with mb.send */
   MB_MSG_EXIT,      /* exit signal: from = sender, value = reason */
-  MB_MSG_KILL,      /* untrappable exit signal (mb.exit(pid, "kill")) */
+  MB_MSG_KILL,      /* untrappable exit signal: value "kill" (mb.exit(pid,
+                       "kill")) ends it with "killed", another value (the
+                       host's: "out of memory") with that value */
   MB_MSG_DOWN,      /* monitor fired: from = dead pid, ref, value = reason */
   MB_MSG_TRAPPED    /* an exit signal the process trapped: an EXIT message */
 };
@@ -115,6 +117,7 @@ typedef struct mb_proc {
   int dead;                  /* no more links or monitors may be added */
   int hibernated;            /* no state: the next wake-up rebuilds it from
                                 boot + boot_msg (see mb.hibernate) */
+  int mem_killed;            /* its queue went over max_memory: killed */
   mb_msg_t *in_head, **in_tail;
   mb_linkset_t links;        /* pids linked to this process */
   mb_linkset_t watchers;     /* monitors on this process: {watcher, ref} */

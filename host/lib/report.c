@@ -5,13 +5,47 @@
 #include "lauxlib.h"
 #include "report.h"
 
-/* The error value at idx as text, like luajit's report does. */
+/* A report shows at most this much of a reason. */
+#define MB_REPORT_REASON_MAX (64 * 1024)
+
+/* A __tostring metamethod is user code run by the host, on a scheduler,
+ * outside any slice: it gets this many VM instructions (about 5 ms), then
+ * the report goes on without it. */
+#define MB_REPORT_TOSTRING_INSTRUCTIONS 1000000
+
+static void tostring_budget_hook(lua_State *L, lua_Debug *ar)
+{
+  (void)ar;
+  luaL_error(L, "__tostring took too long");
+}
+
+/* Under a protected call: __tostring of the value at 1, bounded. The
+ * hook's error leaves LuaJIT's hooks off in this state for good (see
+ * LUAJIT-FACTS.md), which does not matter: the process is dying. */
+static int call_tostring(lua_State *L)
+{
+  lua_sethook(L, tostring_budget_hook, LUA_MASKCOUNT, MB_REPORT_TOSTRING_INSTRUCTIONS);
+  int has = luaL_callmeta(L, 1, "__tostring");
+  lua_sethook(L, NULL, 0, 0);
+  return has;
+}
+
+/* The error value at idx as text, like luajit's report does: a string, a
+ * number, or what its __tostring gives within its budget. */
 static const char *error_text(lua_State *L, int idx)
 {
   if (lua_type(L, idx) == LUA_TSTRING || lua_type(L, idx) == LUA_TNUMBER)
     return lua_tostring(L, idx);
-  if (luaL_callmeta(L, idx, "__tostring") && lua_isstring(L, -1))
-    return lua_tostring(L, -1);
+  if (luaL_getmetafield(L, idx, "__tostring")) {
+    lua_pop(L, 1);
+    lua_pushcfunction(L, call_tostring);
+    lua_pushvalue(L, idx);
+    if (lua_pcall(L, 1, 1, 0) == 0 && lua_isstring(L, -1))
+      return lua_tostring(L, -1);
+    const char *why = lua_isstring(L, -1) ? lua_tostring(L, -1) : "it did not give a string";
+    return lua_pushfstring(L, "(error object is a %s value; __tostring failed: %s)",
+                           luaL_typename(L, idx), why);
+  }
   return lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, idx));
 }
 
@@ -74,7 +108,14 @@ static int crash(lua_State *L)
     luaL_buffinit(L, &b);
     header(&b, p, T, "CRASH REPORT");
     luaL_addstring(&b, "reason: ");
-    luaL_addstring(&b, msg);
+    size_t n = strlen(msg);
+    if (n > MB_REPORT_REASON_MAX) {
+      luaL_addlstring(&b, msg, MB_REPORT_REASON_MAX);
+      lua_pushfstring(L, "... (%d bytes, cut)", (int)n);
+      luaL_addvalue(&b);
+    } else {
+      luaL_addlstring(&b, msg, n);
+    }
     luaL_pushresult(&b);
   }
   if (T != p->L)
@@ -109,7 +150,7 @@ void mb_report_crash(mb_proc_t *p, lua_State *T)
 
 void mb_report_exit(mb_proc_t *p, const mb_msg_t *reason)
 {
-  if (reason == NULL || !p->alloc.oom)
+  if (reason == NULL || (!p->alloc.oom && !mb_msg_is_string(reason, "out of memory")))
     return;
   char line[256], pid[MB_PID_TEXT_MAX];
   snprintf(line, sizeof line,

@@ -3,6 +3,7 @@
  * preemption by the count hook, and its death (see run.h).
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "io.h"
@@ -156,11 +157,45 @@ static void end_wait(mb_proc_t *p)
   }
 }
 
-/* The error value on top of L as an exit reason (or fallback, if the value
- * cannot be copied); pops it. */
+/* An exit reason that is a string longer than this is cut (and says so):
+ * links and monitors get its start, not a message too large to send. */
+#define MB_REASON_MAX (64 * 1024)
+
+/* The error value at idx as a reason when it cannot be copied as it is: a
+ * long string's start, or a sentence saying what it was. */
+static mb_msg_t *reason_fallback(lua_State *L, int idx, const char *why)
+{
+  char tail[128];
+  mb_msgb_t b;
+  size_t n;
+  if (lua_type(L, idx) == LUA_TSTRING && lua_objlen(L, idx) > MB_REASON_MAX) {
+    const char *s = lua_tolstring(L, idx, &n);
+    int t = snprintf(tail, sizeof tail, "... (an error of %zu bytes, cut)", n);
+    mb_msgb_init(&b, MB_REASON_MAX + 16 + (size_t)t);
+    /* One string value: its bytes are the start of s and the tail. */
+    char *joined = malloc(MB_REASON_MAX + (size_t)t);
+    if (joined == NULL)
+      return NULL;
+    memcpy(joined, s, MB_REASON_MAX);
+    memcpy(joined + MB_REASON_MAX, tail, (size_t)t);
+    mb_msgb_string(&b, joined, MB_REASON_MAX + (size_t)t);
+    free(joined);
+    return mb_msgb_finish(&b, 1);
+  }
+  char text[512];
+  snprintf(text, sizeof text, "(error object is a %s value that cannot be copied: %s)",
+           luaL_typename(L, idx), why);
+  return mb_msg_string(text);
+}
+
+/* The error value on top of L as an exit reason (or fallback, if even a
+ * description cannot be made); pops it. */
 static mb_msg_t *pop_reason(lua_State *L, const char *fallback)
 {
-  mb_msg_t *m = mb_copy_encode(L, -1, 1, "reason", NULL, NULL, 0);
+  char err[256];
+  mb_msg_t *m = mb_copy_encode(L, -1, 1, "reason", NULL, err, sizeof err);
+  if (m == NULL)
+    m = reason_fallback(L, -1, err);
   lua_pop(L, 1);
   return m ? m : mb_must(mb_msg_string(fallback));
 }
@@ -282,7 +317,9 @@ static int boot(mb_proc_t *p)
   }
   if (lua_cpcall(p->L, boot_cf, p) != 0) {
     mb_report_crash(p, p->L);
-    p->exit_reason = pop_reason(p->L, "spawn failed");
+    /* Decoding the arguments over max_memory is "out of memory", as the
+     * report says, not LuaJIT's "not enough memory". */
+    p->exit_reason = wake_failed(p, p->L, "spawn failed");
     return MUST_DIE;
   }
   p->boot = NULL;
