@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <stdatomic.h>
 
 #include "alloc.h"
 
@@ -97,6 +98,66 @@ static void *arena_realloc(void *ptr, size_t osize, size_t nsize)
   return n;
 }
 
+/* -- Accounting ------------------------------------------------------------ */
+
+/* One counter per thread that allocates for processes (schedulers, the
+ * main thread, the thread pool), each on its own cache line; threads past
+ * MAX_COUNTERS share the last one. Only its thread writes a counter. */
+#define MAX_COUNTERS 64
+static struct {
+  _Atomic long long v;
+  char pad[64 - sizeof(long long)];
+} counters[MAX_COUNTERS];
+static atomic_int ncounters;
+static _Thread_local int my_counter = -1;
+
+void mb_alloc_count(long long delta)
+{
+  if (my_counter < 0) {
+    int i = atomic_fetch_add(&ncounters, 1);
+    my_counter = i < MAX_COUNTERS - 1 ? i : MAX_COUNTERS - 1;
+  }
+  if (my_counter == MAX_COUNTERS - 1)
+    atomic_fetch_add_explicit(&counters[my_counter].v, delta, memory_order_relaxed);
+  else
+    atomic_store_explicit(&counters[my_counter].v,
+        atomic_load_explicit(&counters[my_counter].v, memory_order_relaxed) + delta,
+        memory_order_relaxed);
+}
+
+long long mb_alloc_host_total(void)
+{
+  long long t = 0;
+  for (int i = 0; i < MAX_COUNTERS; i++)
+    t += atomic_load_explicit(&counters[i].v, memory_order_relaxed);
+  return t;
+}
+
+static void *_Atomic reserve;
+static atomic_int pressure;
+
+void mb_alloc_reserve(size_t bytes)
+{
+  void *r = malloc(bytes);
+  if (r)
+    memset(r, 0, bytes);   /* touched: really taken from the system */
+  void *old = atomic_exchange(&reserve, r);
+  free(old);
+}
+
+int mb_alloc_failed(void)
+{
+  atomic_store(&pressure, 1);
+  void *r = atomic_exchange(&reserve, NULL);
+  free(r);
+  return r != NULL;
+}
+
+int mb_alloc_take_pressure(void)
+{
+  return atomic_exchange(&pressure, 0);
+}
+
 /* -- The per-process allocator ------------------------------------------- */
 
 void *mb_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize)
@@ -111,6 +172,7 @@ void *mb_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize)
     else
       mi_free(ptr);
     atomic_store_explicit(&a->used, used - osize, memory_order_relaxed);
+    mb_alloc_count(-(long long)osize);
     return NULL;
   }
   if (a->limit && nsize > osize && used - osize + nsize > a->limit) {
@@ -124,8 +186,12 @@ void *mb_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize)
     p = arena_realloc(ptr, osize, nsize);
   else
     p = mi_realloc(ptr, nsize);
-  if (p)
+  if (p) {
     atomic_store_explicit(&a->used, used - osize + nsize, memory_order_relaxed);
+    mb_alloc_count((long long)nsize - (long long)osize);
+  } else {
+    mb_alloc_failed();   /* the host, not the process's limit, is short */
+  }
   return p;
 }
 
@@ -138,7 +204,27 @@ void *mb_must(void *p)
   return p;
 }
 
-void *mb_malloc(size_t n) { return mb_must(mi_malloc(n)); }
-void *mb_calloc(size_t n, size_t size) { return mb_must(mi_calloc(n, size)); }
-void *mb_realloc(void *p, size_t n) { return mb_must(mi_realloc(p, n)); }
+void *mb_malloc(size_t n)
+{
+  void *p = mi_malloc(n);
+  if (p == NULL && mb_alloc_failed())
+    p = mi_malloc(n);
+  return mb_must(p);
+}
+
+void *mb_calloc(size_t n, size_t size)
+{
+  void *p = mi_calloc(n, size);
+  if (p == NULL && mb_alloc_failed())
+    p = mi_calloc(n, size);
+  return mb_must(p);
+}
+
+void *mb_realloc(void *ptr, size_t n)
+{
+  void *p = mi_realloc(ptr, n);
+  if (p == NULL && mb_alloc_failed())
+    p = mi_realloc(ptr, n);
+  return mb_must(p);
+}
 void mb_free(void *p) { mi_free(p); }

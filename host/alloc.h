@@ -34,17 +34,39 @@ void *mb_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize);
  * space cannot be had) every block comes from mimalloc. */
 void mb_alloc_state_arena(size_t block);
 
+/* -- Host-wide accounting and running out of memory -----------------------
+ * Every byte a process holds (its Lua heap, the messages queued for it, a
+ * hibernated continuation) is counted in per-thread counters, so that the
+ * host's total is known without a contended atomic on every allocation:
+ * mb_alloc_count(delta) on whatever thread allocated or freed. */
+void mb_alloc_count(long long delta);
+/* The host's total of counted bytes. Any thread (a sum of the counters). */
+long long mb_alloc_host_total(void);
+/* Set aside an emergency reserve (bytes) at start-up: the first failed
+ * allocation gives it back to the allocator, so that the host can go on to
+ * report and end processes, and notes memory pressure. */
+void mb_alloc_reserve(size_t bytes);
+#define MB_ALLOC_RESERVE (8u << 20)
+/* An allocation failed: free the reserve (returns 1 if there was one, so a
+ * retry may succeed) and note the pressure. Any thread. */
+int mb_alloc_failed(void);
+/* Was there a failed allocation since the last call (which clears it)?
+ * The watchdog then ends the process holding the most memory. */
+int mb_alloc_take_pressure(void);
+
 /* Plain host allocations (process records, link sets, commands): never
- * return NULL. The host's small bookkeeping cannot go on without them, so a
- * failure is fatal (see mb_must). Allocations that a process asked for and
- * that may be large (messages, buffers) use malloc and fail that process
- * instead. */
+ * return NULL. The host's small bookkeeping cannot go on without them: a
+ * failure first spends the emergency reserve and retries; only a host with
+ * no memory left at all ends (with a message). Allocations that a process
+ * asked for and that may be large (messages, buffers, read data) use malloc
+ * and fail that process instead. */
 void *mb_malloc(size_t n);
 void *mb_calloc(size_t n, size_t size);
 void *mb_realloc(void *p, size_t n);
 void mb_free(void *p);
 /* p, or the host's out-of-memory end if p is NULL: for the results of
- * functions that may return NULL where the caller cannot go on without. */
+ * functions that may return NULL where the caller cannot go on without
+ * (call mb_alloc_failed() and retry once first). */
 void *mb_must(void *p);
 
 #endif

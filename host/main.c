@@ -46,6 +46,12 @@ static void usage(FILE *f)
     "  --reductions N   Reductions per time slice before a process is\n"
     "                   preempted (default 500, about 0.2 ms; one reduction is\n"
     "                   about 100 VM instructions); 0 turns preemption off.\n"
+    "  --max-memory N   Bytes all processes may hold (heaps, queued messages;\n"
+    "                   K, M, G suffixes): over it the process holding the\n"
+    "                   most is killed ('out of memory') and reported.\n"
+    "  --watchdog MS    Report a process that holds a scheduler longer than\n"
+    "                   MS without a preemption point, and move that\n"
+    "                   scheduler's other work away (default 1000; 0: off).\n"
     "  -h, --help       Show this help.\n"
     "Options as in luajit:\n"
     "  -e chunk  Execute string 'chunk'.\n"
@@ -70,6 +76,24 @@ static int parse_int(const char *s, const char *opt, int min)
   return (int)v;
 }
 
+/* A size: a number of bytes, or with a K, M or G suffix. */
+static long long parse_bytes(const char *s, const char *opt)
+{
+  char *end;
+  double v = s ? strtod(s, &end) : -1;
+  if (s && (*end == 'k' || *end == 'K'))
+    v *= 1024, end++;
+  else if (s && (*end == 'm' || *end == 'M'))
+    v *= 1024 * 1024, end++;
+  else if (s && (*end == 'g' || *end == 'G'))
+    v *= 1024.0 * 1024 * 1024, end++;
+  if (s == NULL || *end || v < 1) {
+    fprintf(stderr, "moonbeam: %s needs a size in bytes (a number, or with K, M or G)\n", opt);
+    exit(1);
+  }
+  return (long long)v;
+}
+
 /* Read the host's long options, then luajit's; set cli.script. */
 static void parse(int argc, char **argv, mb_sched_opts_t *o)
 {
@@ -86,6 +110,14 @@ static void parse(int argc, char **argv, mb_sched_opts_t *o)
       o->slice_reds = parse_int(argv[++i], a, 0);
     else if (strncmp(a, "--reductions=", 13) == 0)
       o->slice_reds = parse_int(a + 13, "--reductions", 0);
+    else if (strcmp(a, "--max-memory") == 0)
+      o->max_memory = parse_bytes(argv[++i], a);
+    else if (strncmp(a, "--max-memory=", 13) == 0)
+      o->max_memory = parse_bytes(a + 13, "--max-memory");
+    else if (strcmp(a, "--watchdog") == 0)
+      o->watchdog_ms = parse_int(argv[++i], a, 0);
+    else if (strncmp(a, "--watchdog=", 11) == 0)
+      o->watchdog_ms = parse_int(a + 11, "--watchdog", 0);
     else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
       usage(stdout);
       exit(0);
@@ -180,7 +212,8 @@ static int boot_first(lua_State *L)
 
 int main(int argc, char **argv)
 {
-  mb_sched_opts_t opts = {.schedulers = 0, .slice_reds = MB_SLICE_REDS};
+  mb_sched_opts_t opts = {.schedulers = 0, .slice_reds = MB_SLICE_REDS,
+                          .watchdog_ms = MB_WATCHDOG_MS};
   signal(SIGPIPE, SIG_IGN);
   parse(argc, argv, &opts);
   if (cli.version) {
@@ -195,6 +228,7 @@ int main(int argc, char **argv)
   }
   /* The subsystems, bottom up: each registers its hooks with the layers
    * below it (see host/LAYERS). */
+  mb_alloc_reserve(MB_ALLOC_RESERVE);
   mb_reg_init();
   mb_io_init();
   mb_timer_init();

@@ -123,10 +123,12 @@ static void linkset_free(mb_linkset_t *s)
   s->n = s->cap = 0;
 }
 
+/* Free queued messages (counted in the host's total while queued). */
 static void msgs_free(mb_msg_t *m)
 {
   while (m) {
     mb_msg_t *next = m->next;
+    mb_alloc_count(-(long long)mb_msg_size(m));
     mb_msg_free(m);
     m = next;
   }
@@ -140,11 +142,11 @@ static void proc_free(mb_proc_t *p)
     mb_msg_free(p->exit_reason);
   if (p->boot_msg)
     mb_msg_free(p->boot_msg);
+  mb_alloc_count(-(long long)atomic_load(&p->held));
   linkset_free(&p->links);
   linkset_free(&p->watchers);
   linkset_free(&p->monitoring);
   linkset_free(&p->aliases);
-  mb_free(p->origin);
   pthread_mutex_destroy(&p->lock);
   mb_free(p);
 }
@@ -254,6 +256,7 @@ void mb_proc_push(mb_proc_t *p, mb_msg_t *msg)
   p->in_tail = &msg->next;
   atomic_fetch_add_explicit(&p->mailbox_len, 1, memory_order_relaxed);
   atomic_fetch_add_explicit(&p->mailbox_bytes, mb_msg_size(msg), memory_order_relaxed);
+  mb_alloc_count((long long)mb_msg_size(msg));
   if (sig)
     atomic_fetch_add(&p->nsignals, 1);
   /* Queued messages count toward max_memory (as Erlang's max_heap_size
@@ -271,6 +274,7 @@ void mb_proc_push(mb_proc_t *p, mb_msg_t *msg)
       p->in_tail = &kill->next;
       atomic_fetch_add_explicit(&p->mailbox_len, 1, memory_order_relaxed);
       atomic_fetch_add_explicit(&p->mailbox_bytes, mb_msg_size(kill), memory_order_relaxed);
+      mb_alloc_count((long long)mb_msg_size(kill));
       atomic_fetch_add(&p->nsignals, 1);
       sig = 1;
     }
@@ -359,6 +363,7 @@ mb_msg_t *mb_proc_take_msg(mb_proc_t *p, mb_msg_t **pm)
     p->q_scan = pm;
   atomic_fetch_sub_explicit(&p->mailbox_len, 1, memory_order_relaxed);
   atomic_fetch_sub_explicit(&p->mailbox_bytes, mb_msg_size(m), memory_order_relaxed);
+  mb_alloc_count(-(long long)mb_msg_size(m));
   return m;
 }
 

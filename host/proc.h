@@ -149,7 +149,10 @@ typedef struct mb_proc {
   mb_msg_t *exit_reason;       /* set when the process must die */
   int first;                   /* the host's first process */
   uint32_t wakes;              /* times woken from hibernation */
-  char *origin;                /* what it was spawned from, for crash reports */
+  /* The module it was spawned from (or hibernated into), for reports, or
+   * NULL (a function: reports find it on the stack). An interned string
+   * (intern.h): the watchdog reads it while the process runs. */
+  _Atomic(const char *) origin;
   char *name;                  /* registered name (guarded by the registry) */
 
   /* -- atomic, read by other threads -- */

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "reg.h"
 #include "scheduler.h"
 
 typedef struct cmd {
@@ -21,7 +22,6 @@ struct mb_sched {
   pthread_t thread;
   uv_loop_t loop;
   uv_async_t async;          /* wakes the thread: commands, work, halt */
-  uv_signal_t sigint, sigterm;  /* scheduler 0 only */
   pthread_mutex_t rq_lock;
   mb_proc_t *rq_head, *rq_tail;
   atomic_int rq_len;
@@ -29,6 +29,12 @@ struct mb_sched {
   pthread_mutex_t cmd_lock;
   cmd_t *cmd_head, **cmd_tail;
   uint64_t last_poll;
+  /* What the watchdog (the main thread) sees of the current slice. */
+  _Atomic uint64_t slice_start;   /* uv_hrtime() at its start; 0 between */
+  _Atomic mb_pid_t slice_pid;
+  atomic_int stuck;               /* its slice went over the threshold */
+  atomic_int done;                /* the thread has left its loop */
+  uint64_t reported;              /* main thread: the slice last reported */
 };
 
 mb_sched_opts_t mb_sched_opts;
@@ -105,11 +111,18 @@ static void spread(void)
     }
 }
 
+static mb_sched_t *other_than(mb_sched_t *s);
+
 void mb_sched_enqueue(mb_proc_t *p)
 {
   mb_sched_t *s = atomic_load_explicit(&p->home, memory_order_relaxed);
   if (s == NULL)
     s = self ? self : &scheds[0];
+  if (atomic_load_explicit(&s->stuck, memory_order_relaxed)) {
+    mb_sched_t *o = other_than(s);
+    if (o)
+      s = o;
+  }
   rq_push(s, p);
   if (s != self)
     wake(s);
@@ -192,10 +205,6 @@ int mb_sched_halting(void)
   return atomic_load_explicit(&halting, memory_order_relaxed);
 }
 
-static void on_signal(uv_signal_t *h, int signum)
-{
-  mb_sched_halt(128 + signum);
-}
 
 mb_sched_t *mb_sched_self(void) { return self; }
 
@@ -235,7 +244,12 @@ static void *sched_main(void *arg)
       p = steal(s);
     if (p) {
       MB_PROC_DBG_RUNNER(p, (unsigned long)pthread_self());
+      atomic_store_explicit(&s->slice_pid, p->pid, memory_order_relaxed);
+      atomic_store_explicit(&s->slice_start, uv_hrtime(), memory_order_release);
       runner(s, p);
+      atomic_store_explicit(&s->slice_start, 0, memory_order_release);
+      if (atomic_load_explicit(&s->stuck, memory_order_relaxed))
+        atomic_store(&s->stuck, 0);   /* it came back */
       poll_loop(s, 0);
       continue;
     }
@@ -250,6 +264,7 @@ static void *sched_main(void *arg)
     atomic_store(&s->sleeping, 0);
   }
   self = NULL;
+  atomic_store(&s->done, 1);
   return NULL;
 }
 
@@ -264,14 +279,6 @@ static int sched_init(mb_sched_t *s, int id)
     return rc;
   uv_async_init(&s->loop, &s->async, on_async);
   s->async.data = s;
-  if (id == 0) {
-    uv_signal_init(&s->loop, &s->sigint);
-    uv_signal_init(&s->loop, &s->sigterm);
-    uv_signal_start(&s->sigint, on_signal, SIGINT);
-    uv_signal_start(&s->sigterm, on_signal, SIGTERM);
-    uv_unref((uv_handle_t *)&s->sigint);
-    uv_unref((uv_handle_t *)&s->sigterm);
-  }
   return 0;
 }
 
@@ -297,6 +304,14 @@ int mb_sched_start(const mb_sched_opts_t *opts)
  * thread can set everything up first. */
 int mb_sched_run(void)
 {
+  /* SIGINT and SIGTERM go to the main thread alone (mb_sched_wait), which
+   * no process can hold up: blocked here, before any thread starts, so
+   * every thread made from now on inherits the mask. */
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &set, NULL);
   pthread_attr_t attr;
   pthread_attr_init(&attr);
   pthread_attr_setstacksize(&attr, 8u << 20);  /* deep C recursion in libs */
@@ -339,8 +354,194 @@ static void close_handle(uv_handle_t *h, void *arg)
   uv_close(h, NULL);
 }
 
+/* -- The watchdog (main thread) -------------------------------------------- */
+
+/* Another scheduler than s, not stuck, with the shortest queue. */
+static mb_sched_t *other_than(mb_sched_t *s)
+{
+  mb_sched_t *best = NULL;
+  int len = 0;
+  for (int i = 0; i < nscheds; i++) {
+    mb_sched_t *o = &scheds[i];
+    int n = atomic_load_explicit(&o->rq_len, memory_order_relaxed);
+    if (o != s && !atomic_load_explicit(&o->stuck, memory_order_relaxed) &&
+        (best == NULL || n < len)) {
+      best = o;
+      len = n;
+    }
+  }
+  return best;
+}
+
+/* A stuck scheduler's queued processes go to the others. */
+static void migrate(mb_sched_t *s)
+{
+  for (mb_proc_t *p; (p = rq_pop(s)) != NULL; ) {
+    mb_sched_t *to = other_than(s);
+    if (to == NULL) {        /* every scheduler is stuck: leave it */
+      rq_push(s, p);
+      return;
+    }
+    rq_push(to, p);
+    wake(to);
+  }
+}
+
+static void report_stuck(mb_sched_t *s, mb_pid_t pid, uint64_t ms)
+{
+  char text[MB_PID_TEXT_MAX], name[200] = "";
+  mb_proc_t *p = mb_proc_get(pid);
+  const char *origin = NULL;
+  if (p) {
+    char reg[160];
+    if (mb_reg_name_of(p, reg, sizeof reg))
+      snprintf(name, sizeof name, " registered as %s", reg);
+    origin = atomic_load_explicit(&p->origin, memory_order_relaxed);
+    mb_proc_unref(p);
+  }
+  fprintf(stderr,
+          "=WATCHDOG REPORT==== %s%s%s%s%s\n"
+          "scheduler %d has run it for %llu ms without reaching a preemption point "
+          "(a __gc finalizer, a long C call, or code the count hook cannot reach); "
+          "its queued processes move to the other schedulers\n",
+          mb_pid_format(text, sizeof text, pid), name,
+          origin ? " spawned from module '" : "", origin ? origin : "",
+          origin ? "'" : "", s->id, (unsigned long long)ms);
+  fflush(stderr);
+}
+
+static void watchdog(void)
+{
+  uint64_t now = uv_hrtime(), limit = (uint64_t)mb_sched_opts.watchdog_ms * 1000000;
+  for (int i = 0; i < nscheds; i++) {
+    mb_sched_t *s = &scheds[i];
+    uint64_t st = atomic_load_explicit(&s->slice_start, memory_order_acquire);
+    if (st == 0 || now - st < limit || s->reported == st)
+      continue;
+    s->reported = st;
+    mb_pid_t pid = atomic_load_explicit(&s->slice_pid, memory_order_relaxed);
+    atomic_store(&s->stuck, 1);
+    report_stuck(s, pid, (now - st) / 1000000);
+    migrate(s);
+  }
+}
+
+typedef struct biggest {
+  mb_pid_t pid;
+  long long bytes;
+} biggest_t;
+
+static void find_biggest(mb_proc_t *p, void *ud)
+{
+  biggest_t *b = ud;
+  long long n = (long long)(atomic_load_explicit(&p->alloc.used, memory_order_relaxed) +
+                            atomic_load_explicit(&p->mailbox_bytes, memory_order_relaxed) +
+                            atomic_load_explicit(&p->held, memory_order_relaxed));
+  mb_proc_lock(p);
+  int dead = p->dead;
+  mb_proc_unlock(p);
+  if (n > b->bytes && !p->first && !dead) {
+    b->bytes = n;
+    b->pid = p->pid;
+  }
+}
+
+/* The processes hold more than the host may (or an allocation failed):
+ * end the one holding the most, once it is gone look again. */
+static void memory_watch(void)
+{
+  static mb_pid_t victim;
+  static uint64_t victim_since;
+  int pressure = mb_alloc_take_pressure();
+  if (victim) {
+    mb_proc_t *v = mb_proc_get(victim);
+    if (v)
+      mb_proc_unref(v);
+    /* Still dying: wait (at most a second, for one that is stuck). */
+    if (v && uv_hrtime() - victim_since < 1000000000ull)
+      return;
+    victim = 0;
+    mb_alloc_reserve(MB_ALLOC_RESERVE);   /* again, once there is room */
+  }
+  long long total = mb_alloc_host_total(), cap = mb_sched_opts.max_memory;
+  if (!pressure && (cap == 0 || total <= cap))
+    return;
+  biggest_t b = {0, 0};
+  mb_proc_foreach(find_biggest, &b);
+  if (b.pid == 0)
+    return;
+  char text[MB_PID_TEXT_MAX], reg[160];
+  mb_proc_t *p = mb_proc_get(b.pid);
+  int named = p && mb_reg_name_of(p, reg, sizeof reg);
+  if (p)
+    mb_proc_unref(p);
+  if (pressure)
+    fprintf(stderr, "=MEMORY REPORT==== %s%s%s\nan allocation failed (the host is out of "
+            "memory): this process, holding the most (%lld bytes), is killed\n",
+            mb_pid_format(text, sizeof text, b.pid), named ? " registered as " : "",
+            named ? reg : "", b.bytes);
+  else
+    fprintf(stderr, "=MEMORY REPORT==== %s%s%s\nthe processes hold %lld bytes, over "
+            "--max-memory %lld: this process, holding the most (%lld bytes), is killed\n",
+            mb_pid_format(text, sizeof text, b.pid), named ? " registered as " : "",
+            named ? reg : "", total, cap, b.bytes);
+  fflush(stderr);
+  mb_msg_t *m = mb_msg_string("out of memory");
+  if (m) {
+    mb_proc_exit_signal(b.pid, b.pid, m, 1);
+    victim = b.pid;
+    victim_since = uv_hrtime();
+  }
+}
+
+static int all_done(void)
+{
+  for (int i = 0; i < nscheds; i++)
+    if (!atomic_load(&scheds[i].done))
+      return 0;
+  return 1;
+}
+
+/* Wait up to ms for a signal (SIGINT/SIGTERM, which halt the host). */
+static void wait_signal(long ms)
+{
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  struct timespec ts = {ms / 1000, (ms % 1000) * 1000000};
+  int sig = sigtimedwait(&set, NULL, &ts);
+  if (sig > 0)
+    mb_sched_halt(128 + sig);
+}
+
 int mb_sched_wait(void)
 {
+  /* The main thread watches: signals, slices that run too long, and the
+   * halt, which ends the host within MB_HALT_GRACE_MS even when a
+   * scheduler never comes back. */
+  while (!mb_sched_halting() || !all_done()) {
+    wait_signal(MB_WATCHDOG_TICK_MS);
+    if (mb_sched_opts.watchdog_ms > 0)
+      watchdog();
+    memory_watch();
+    if (!mb_sched_halting())
+      continue;
+    uint64_t deadline = uv_hrtime() + (uint64_t)MB_HALT_GRACE_MS * 1000000;
+    while (!all_done() && uv_hrtime() < deadline)
+      wait_signal(20);
+    if (!all_done()) {
+      for (int i = 0; i < nscheds; i++)
+        if (!atomic_load(&scheds[i].done)) {
+          char text[MB_PID_TEXT_MAX];
+          fprintf(stderr, "moonbeam: halting: scheduler %d is stuck in %s; "
+                  "exiting without cleaning up\n", i,
+                  mb_pid_format(text, sizeof text, atomic_load(&scheds[i].slice_pid)));
+        }
+      fflush(NULL);
+      _exit(atomic_load(&exit_code));
+    }
+  }
   for (int i = 0; i < nscheds; i++)
     pthread_join(scheds[i].thread, NULL);
   /* Processes first: their exit hooks may still post to the loops. */

@@ -28,6 +28,8 @@
  *
  * Threads: everything in an mb_sched_t is its own thread's, except the run
  * queue (rq_lock), `sleeping` (atomic) and the command list (cmd_lock).
+ * Signals: SIGINT and SIGTERM are taken by the main thread, which also
+ * runs the watchdog (see MB_WATCHDOG_MS); no process can hold them up.
  * Shutdown: after the threads stop, every process left is ended (its exit
  * hooks run), each loop's remaining handles are closed (each by the closer
  * of the subsystem that owns it) and the loops are closed, then the
@@ -47,10 +49,28 @@
 
 typedef struct mb_sched mb_sched_t;
 
+/* The watchdog: the main thread looks at the schedulers this often, and
+ * reports a slice that has run longer than the watchdog threshold (a
+ * process the count hook cannot preempt: a looping __gc finalizer, a long
+ * C call); that scheduler's queued processes then move to the others, and
+ * new work avoids it until it comes back. A halt waits this long for the
+ * schedulers to stop, then ends the process without cleaning up.
+ * Memory: when the processes hold more than max_memory in all, or an
+ * allocation failed, the watchdog kills the process holding the most
+ * (untrappable, reason "out of memory"), reports it, and waits for it to
+ * be gone before it looks again. */
+#define MB_WATCHDOG_TICK_MS 100
+#define MB_WATCHDOG_MS 1000
+#define MB_HALT_GRACE_MS 3000
+
 typedef struct mb_sched_opts {
   int schedulers;     /* threads; default: number of cores */
   int slice_reds;     /* reductions per slice (the runner's budget); 0
                          disables preemption */
+  int watchdog_ms;    /* report slices longer than this; 0: no watchdog */
+  long long max_memory; /* bytes the processes may hold in all (their heaps,
+                           queues, continuations: mb_alloc_host_total);
+                           over it the watchdog kills the biggest; 0: none */
 } mb_sched_opts_t;
 
 /* Set up the schedulers and their loops (threads start in mb_sched_run).

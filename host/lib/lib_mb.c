@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "copy.h"
+#include "intern.h"
 #include "lauxlib.h"
 #include "lib.h"
 #include "lstate.h"
@@ -139,13 +140,11 @@ static int boot_spawned(lua_State *L)
 /* For crash reports: the module a process was spawned from. (For a
  * function the report finds where it was defined in the crashed coroutine's
  * outermost frame, which spares every spawn a lua_getinfo.) */
-static char *module_origin(lua_State *L, int idx)
+static const char *module_origin(lua_State *L, int idx)
 {
   size_t n;
   const char *name = lua_tolstring(L, idx, &n);
-  char *s = mb_malloc(n + 1);
-  memcpy(s, name, n + 1);
-  return s;
+  return mb_intern(name, n);
 }
 
 /* The function (or module name) at fnidx and the arguments above it as
@@ -189,7 +188,7 @@ static int spawn_common(lua_State *L, int fnidx, const spawn_opts_t *o,
   p->boot = boot_spawned;
   p->boot_msg = m;
   if (t == LUA_TSTRING)
-    p->origin = module_origin(L, fnidx);
+    atomic_store_explicit(&p->origin, module_origin(L, fnidx), memory_order_relaxed);
   if (o->name) {
     if (mb_reg_register(o->name, p) < 0) {
       mb_proc_exit(p, mb_must(mb_msg_string("normal")));
@@ -274,8 +273,8 @@ static int l_hibernate(lua_State *L)
     mb_msg_free(p->boot_msg);
   p->boot_msg = m;
   p->boot = boot_spawned;
-  mb_free(p->origin);
-  p->origin = lua_type(L, 1) == LUA_TSTRING ? module_origin(L, 1) : NULL;
+  atomic_store_explicit(&p->origin, lua_type(L, 1) == LUA_TSTRING
+                        ? module_origin(L, 1) : NULL, memory_order_relaxed);
   return mb_run_yield(L, MB_YIELD_HIBERNATE);
 }
 

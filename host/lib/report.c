@@ -75,10 +75,11 @@ static void header(luaL_Buffer *b, mb_proc_t *p, lua_State *T, const char *what)
     luaL_addstring(b, " registered as ");
     luaL_addstring(b, p->name);
   }
-  if (p->origin) {
+  const char *origin = atomic_load_explicit(&p->origin, memory_order_relaxed);
+  if (origin) {
     luaL_addstring(b, p->wakes ? " woke from hibernation into module '"
                                : " spawned from module '");
-    luaL_addstring(b, p->origin);
+    luaL_addstring(b, origin);
     luaL_addchar(b, '\'');
   } else if (T != p->L) {
     add_body_origin(b, p, T);
@@ -144,7 +145,10 @@ void mb_report_crash(mb_proc_t *p, lua_State *T)
   }
   char pid[MB_PID_TEXT_MAX];
   if (lua_pcall(L, 3, 0, 0) != 0)
-    fprintf(stderr, "moonbeam: process %s crashed\n", mb_pid_format(pid, sizeof pid, p->pid));
+    fprintf(stderr, "=CRASH REPORT==== %s\nreason: %s (no report: %s)\n",
+            mb_pid_format(pid, sizeof pid, p->pid),
+            p->alloc.oom ? "out of memory" : "(unknown)",
+            lua_isstring(L, -1) ? lua_tostring(L, -1) : "it failed");
   lua_settop(L, top);
 }
 
@@ -155,7 +159,7 @@ void mb_report_exit(mb_proc_t *p, const mb_msg_t *reason)
   char line[256], pid[MB_PID_TEXT_MAX];
   snprintf(line, sizeof line,
            "=CRASH REPORT==== %s%s%s\nreason: out of memory "
-           "(the process went over its max_memory)\n",
+           "(the process went over its max_memory, or the host over its memory)\n",
            mb_pid_format(pid, sizeof pid, p->pid),
            p->name ? " registered as " : "", p->name ? p->name : "");
   fputs(line, stderr);

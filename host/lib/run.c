@@ -200,16 +200,27 @@ static mb_msg_t *pop_reason(lua_State *L, const char *fallback)
   return m ? m : mb_must(mb_msg_string(fallback));
 }
 
+/* The reason "out of memory" for a process that dies of it, made once its
+ * state is closed: when the host itself ran out, the dying state is what
+ * holds the memory the message needs. */
+static mb_msg_t *oom_reason(mb_proc_t *p)
+{
+  mb_lstate_close(p);
+  mb_msg_t *m = mb_msg_string("out of memory");
+  if (m == NULL && mb_alloc_failed())
+    m = mb_msg_string("out of memory");
+  return mb_must(m);
+}
+
 /* A wake-up's protected call failed: its error value (popped) is the exit
  * reason, except that a refused allocation is "out of memory" wherever it
- * struck (decoding a message while waiting, or in the body: the same). */
-static mb_msg_t *wake_failed(mb_proc_t *p, lua_State *L, const char *fallback)
+ * struck (decoding a message while waiting, or in the body: the same). The
+ * process then dies: its state may be closed here. */
+static mb_msg_t *wake_failed(mb_proc_t *p, lua_State *L, int status,
+                             const char *fallback)
 {
-  if (p->alloc.oom) {
-    lua_pop(L, 1);
-    p->alloc.limit = 0;   /* room to unwind and report */
-    return mb_must(mb_msg_string("out of memory"));
-  }
+  if (p->alloc.oom || status == LUA_ERRMEM)
+    return oom_reason(p);
   return pop_reason(L, fallback);
 }
 
@@ -256,7 +267,7 @@ static int finish_io(mb_proc_t *p)
   if (req)
     mb_io_free(req);
   if (rc != 0) {
-    p->exit_reason = wake_failed(p, p->L, "out of memory");
+    p->exit_reason = wake_failed(p, p->L, rc, "out of memory");
     return MUST_DIE;
   }
   end_wait(p);
@@ -273,8 +284,9 @@ static int finish_wait(mb_proc_t *p)
     /* The receive may call a match function: run it on the idle main
      * thread, protected, never on the suspended coroutine. */
     lua_State *L = p->L;
-    if (lua_cpcall(L, try_receive_cf, p) != 0) {
-      p->exit_reason = wake_failed(p, L, "receive failed");
+    int rc = lua_cpcall(L, try_receive_cf, p);
+    if (rc != 0) {
+      p->exit_reason = wake_failed(p, L, rc, "receive failed");
       return MUST_DIE;
     }
     if (p->recv_result < 0)
@@ -315,11 +327,12 @@ static int boot(mb_proc_t *p)
     p->exit_reason = mb_must(mb_msg_string("out of memory"));
     return MUST_DIE;
   }
-  if (lua_cpcall(p->L, boot_cf, p) != 0) {
+  int rc = lua_cpcall(p->L, boot_cf, p);
+  if (rc != 0) {
     mb_report_crash(p, p->L);
     /* Decoding the arguments over max_memory is "out of memory", as the
      * report says, not LuaJIT's "not enough memory". */
-    p->exit_reason = wake_failed(p, p->L, "spawn failed");
+    p->exit_reason = wake_failed(p, p->L, rc, "spawn failed");
     return MUST_DIE;
   }
   p->boot = NULL;
@@ -344,14 +357,13 @@ static void crashed(mb_proc_t *p, int status)
     die(p, reason);
     return;
   }
-  if (reason == NULL && (p->alloc.oom || status == LUA_ERRMEM))
-    reason = mb_must(mb_msg_string("out of memory"));
-  if (reason == NULL) {
-    mb_report_crash(p, p->co);
-    die(p, pop_reason(p->co, luaL_typename(p->co, -1)));
-    return;
-  }
+  if (status == LUA_ERRMEM)
+    p->alloc.oom = 1;   /* the report says "out of memory", as the reason */
   mb_report_crash(p, p->co);
+  if (reason == NULL && p->alloc.oom)
+    reason = oom_reason(p);
+  if (reason == NULL)
+    reason = pop_reason(p->co, luaL_typename(p->co, -1));
   die(p, reason);
 }
 
@@ -362,7 +374,9 @@ static void crashed(mb_proc_t *p, int status)
 static void hibernate(mb_sched_t *s, mb_proc_t *p)
 {
   mb_lstate_close(p);
-  atomic_store_explicit(&p->held, mb_msg_size(p->boot_msg), memory_order_relaxed);
+  size_t held = mb_msg_size(p->boot_msg);
+  atomic_store_explicit(&p->held, held, memory_order_relaxed);
+  mb_alloc_count((long long)held);
   mb_proc_lock(p);
   p->hibernated = 1;
   p->wait = MB_WAIT_RECV;
@@ -389,7 +403,7 @@ static int wake(mb_proc_t *p)
   p->hibernated = 0;
   p->wait = MB_WAIT_NONE;
   mb_proc_unlock(p);
-  atomic_store_explicit(&p->held, 0, memory_order_relaxed);
+  mb_alloc_count(-(long long)atomic_exchange_explicit(&p->held, 0, memory_order_relaxed));
   p->wakes++;
   return boot(p);
 }

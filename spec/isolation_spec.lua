@@ -1,0 +1,169 @@
+-- Isolation: no process can freeze, crash or exhaust the host. The cases
+-- that could take a host down run in a child host, bounded in time.
+local mb = require "moonbeam"
+local S = require "spec.support"
+
+-- Run a script in a child host; returns exit code, stdout, stderr.
+local function child(src, opts, limit)
+  local path = S.write("child.lua", src)
+  return S.moonbeam((opts or "") .. " " .. S.q(path), nil, limit or 30)
+end
+
+describe("isolation", function()
+  local before
+  before_each(function() before = S.snapshot() end)
+  after_each(function() S.check_clean(before) end)
+  teardown(S.cleanup_tmp)
+
+  describe("errors and reasons", function()
+    it("bounds an error's __tostring that never returns", function()
+      local code, out, err = child([[
+        local mb = require "moonbeam"
+        local p, r = mb.spawn_monitor(function()
+          error(setmetatable({}, { __tostring = function() while true do end end }))
+        end)
+        local m = mb.receive(function(m) return m.ref == r end, 10000)
+        print("down", m ~= nil)
+      ]])
+      assert.are.equal(0, code, err)
+      assert.is_true(S.has(out, "down\ttrue"), out)
+      assert.is_true(S.has(err, "__tostring failed: __tostring took too long"), err)
+    end)
+
+    it("cuts a reason too large to copy, saying so", function()
+      local p, r = mb.spawn_monitor(function() error(string.rep("x", 70e6), 0) end)
+      local reason = S.await_down(r)
+      assert.is_true(#reason < 70000, #reason)
+      assert.is_true(S.has(reason, "(an error of 70000000 bytes, cut)"), reason:sub(-80))
+      assert.is_not_nil(p)
+    end)
+
+    it("describes a reason that cannot be copied", function()
+      local _, r = mb.spawn_monitor(function() error(coroutine.create(print)) end)
+      local reason = S.await_down(r)
+      assert.is_true(S.has(reason, "thread value that cannot be copied"), reason)
+    end)
+
+    it("says out of memory when a spawn's arguments do not fit max_memory", function()
+      local _, r = mb.spawn_opt({ monitor = true, max_memory = 100 * 1024 },
+                                function() end, string.rep("y", 300 * 1024))
+      assert.are.equal("out of memory", S.await_down(r))
+    end)
+  end)
+
+  describe("memory", function()
+    it("counts queued messages toward max_memory", function()
+      local p, r = mb.spawn_opt({ monitor = true, max_memory = 512 * 1024 }, function()
+        mb.receive(function() return false end)   -- never takes one
+      end)
+      local sent = 0
+      for i = 1, 100000 do
+        mb.send(p, "message number " .. i)
+        sent = i
+        if i % 1000 == 0 and mb.info(p) == nil then break end
+      end
+      assert.are.equal("out of memory", S.await_down(r))
+      assert.is_true(sent < 100000, "killed after " .. sent .. " messages")
+    end)
+
+    it("counts them for a hibernated process too, which dies unwoken", function()
+      local p, r = mb.spawn_opt({ monitor = true, max_memory = 64 * 1024 }, function()
+        mb.hibernate(function() mb.receive(function() return false end) end)
+      end)
+      for i = 1, 5000 do
+        mb.send(p, "hello " .. i)
+        if mb.info(p) == nil then break end
+      end
+      assert.are.equal("out of memory", S.await_down(r))
+    end)
+
+    it("kills the biggest process over --max-memory and goes on", function()
+      local code, out, err = child([[
+        local mb = require "moonbeam"
+        local hog = mb.spawn(function()
+          mb.register("hog")
+          local t = {}
+          for i = 1, 1e8 do t[i] = { i } end
+        end)
+        local small = mb.spawn(function() mb.receive() end)
+        local r = mb.monitor(hog)
+        local m = mb.receive(function(m) return m.ref == r end, 20000)
+        print("hog", m and m.reason, "small", mb.info(small) ~= nil)
+        mb.exit(small, "kill")
+      ]], "--max-memory 64M")
+      assert.are.equal(0, code, err)
+      assert.is_true(S.has(out, "hog\tout of memory\tsmall\ttrue"), out)
+      assert.is_true(S.has(err, "=MEMORY REPORT===="), err)
+      assert.is_true(S.has(err, "registered as hog"), err)
+      assert.is_true(S.has(err, "over --max-memory"), err)
+    end)
+
+    it("survives running out of address space: the process dies, the host goes on", function()
+      local path = S.write("hog.lua", [[
+        local mb = require "moonbeam"
+        local hog = mb.spawn(function()
+          local t = {}
+          for i = 1, 1e9 do t[i] = ("x"):rep(100) .. i end
+        end)
+        local r = mb.monitor(hog)
+        local m = mb.receive(function(m) return m.ref == r end, 60000)
+        print("hog", m and m.reason)
+        local p2, r2 = mb.spawn_monitor(function() return 1 end)
+        local m2 = mb.receive(function(m) return m.ref == r2 end, 10000)
+        print("after", m2 and m2.reason)
+      ]])
+      local code, out, err = S.sh("ulimit -v 1500000; " .. S.q(S.bin) .. " --watchdog 0 " .. S.q(path),
+                                  nil, 90)
+      assert.are.equal(0, code, err)
+      assert.is_true(S.has(out, "hog\tout of memory"), out .. err)
+      assert.is_true(S.has(out, "after\tnormal"), out)
+    end)
+  end)
+
+  describe("a stuck scheduler", function()
+    local stuck = [[
+      local mb = require "moonbeam"
+      -- A finalizer that never returns: LuaJIT runs it with hooks off, so
+      -- the count hook cannot preempt it and its scheduler is stuck.
+      mb.spawn(function()
+        mb.register("gc_looper")
+        local u = newproxy(true)
+        getmetatable(u).__gc = function() while true do end end
+        u = nil
+        collectgarbage()
+      end)
+    ]]
+
+    it("is reported by the watchdog, and the other schedulers run the rest", function()
+      local code, out, err = child(stuck .. [[
+        -- Stay runnable until the watchdog has spoken (its threshold: 300
+        -- ms): a sleep's timer on the stuck scheduler's loop would wait for
+        -- it (see README, "Isolation").
+        local t0 = mb.now()
+        while mb.now() - t0 < 1500 do mb.yield() end
+        local got = 0
+        local me = mb.self()
+        for i = 1, 50 do
+          mb.spawn(function(p, k) local s = 0 for j = 1, 1e5 do s = s + j end mb.send(p, k) end, me, i)
+        end
+        for i = 1, 50 do if mb.receive(5000) then got = got + 1 end end
+        print("answers", got)
+        os.exit(0)
+      ]], "--schedulers 2 --watchdog 300", 40)
+      assert.is_true(S.has(err, "=WATCHDOG REPORT===="), err)
+      assert.is_true(S.has(err, "registered as gc_looper"), err)
+      assert.is_true(S.has(out, "answers\t50"), out .. err)
+      assert.are.equal(0, code, err)
+    end)
+
+    it("does not keep SIGTERM from ending the host", function()
+      local path = S.write("stuck.lua", stuck .. "mb.receive()\n")
+      local t0 = mb.now()
+      local code, _, err = S.sh(S.q(S.bin) .. " --schedulers 2 " .. S.q(path) ..
+                                " & pid=$!; sleep 1; kill -TERM $pid; wait $pid", nil, 30)
+      assert.are.equal(143, code, err)
+      assert.is_true(S.has(err, "halting: scheduler"), err)
+      assert.is_true(mb.now() - t0 < 15000)
+    end)
+  end)
+end)
