@@ -412,11 +412,12 @@ static void report_stuck(mb_sched_t *s, mb_pid_t pid, uint64_t ms)
 
 static void watchdog(void)
 {
-  uint64_t now = uv_hrtime(), limit = (uint64_t)mb_sched_opts.watchdog_ms * 1000000;
+  uint64_t limit = (uint64_t)mb_sched_opts.watchdog_ms * 1000000;
   for (int i = 0; i < nscheds; i++) {
     mb_sched_t *s = &scheds[i];
     uint64_t st = atomic_load_explicit(&s->slice_start, memory_order_acquire);
-    if (st == 0 || now - st < limit || s->reported == st)
+    uint64_t now = uv_hrtime();   /* after st: a slice may start meanwhile */
+    if (st == 0 || now < st || now - st < limit || s->reported == st)
       continue;
     s->reported = st;
     mb_pid_t pid = atomic_load_explicit(&s->slice_pid, memory_order_relaxed);
