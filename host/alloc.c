@@ -113,16 +113,17 @@ static _Thread_local int my_counter = -1;
 
 void mb_alloc_count(long long delta)
 {
-  if (my_counter < 0) {
+  if (__builtin_expect(my_counter < 0, 0)) {
     int i = atomic_fetch_add(&ncounters, 1);
     my_counter = i < MAX_COUNTERS - 1 ? i : MAX_COUNTERS - 1;
   }
+  /* The last counter is shared: an atomic add; the others have one writer. */
+  _Atomic long long *c = &counters[my_counter].v;
   if (my_counter == MAX_COUNTERS - 1)
-    atomic_fetch_add_explicit(&counters[my_counter].v, delta, memory_order_relaxed);
+    atomic_fetch_add_explicit(c, delta, memory_order_relaxed);
   else
-    atomic_store_explicit(&counters[my_counter].v,
-        atomic_load_explicit(&counters[my_counter].v, memory_order_relaxed) + delta,
-        memory_order_relaxed);
+    atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + delta,
+                          memory_order_relaxed);
 }
 
 long long mb_alloc_host_total(void)
@@ -180,8 +181,8 @@ void *mb_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize)
     return NULL;
   }
   void *p;
-  if (ptr == NULL && nsize == arena_block && (p = arena_alloc()) != NULL)
-    ;
+  if (ptr == NULL)
+    p = nsize == arena_block && (p = arena_alloc()) != NULL ? p : mi_malloc(nsize);
   else if (in_arena(ptr))
     p = arena_realloc(ptr, osize, nsize);
   else

@@ -714,6 +714,9 @@ static int add_code(enc_t *e, mb_code_t *c)
   return (int)(e->ncode - 1);
 }
 
+void (*mb_copy_on_load)(lua_State *L, int idx, mb_code_t *code);
+mb_code_t *(*mb_copy_code_of)(lua_State *L, int idx);
+
 static int enc_function(enc_t *e, int idx)
 {
   lua_State *L = e->L;
@@ -727,17 +730,20 @@ static int enc_function(enc_t *e, int idx)
     return -1;
 
   size_t fpos = e->len;
-  lua_pushvalue(L, idx);
-  scratch.len = 0;
-  int st = lua_dump(L, dump_writer, NULL);
-  lua_pop(L, 1);
-  if (st == LUA_ERRMEM)
-    return fail(e, "cannot send a function: out of memory (the sender is at its max_memory)");
-  if (st != 0)
-    return fail(e, "cannot send a function: out of memory");
-  mb_code_t *c = mb_code_intern(scratch.p, scratch.len);
-  if (c == NULL)
-    return fail(e, "cannot send a function: out of memory");
+  mb_code_t *c = mb_copy_code_of ? mb_copy_code_of(L, idx) : NULL;
+  if (c == NULL) {
+    lua_pushvalue(L, idx);
+    scratch.len = 0;
+    int st = lua_dump(L, dump_writer, NULL);
+    lua_pop(L, 1);
+    if (st == LUA_ERRMEM)
+      return fail(e, "cannot send a function: out of memory (the sender is at its max_memory)");
+    if (st != 0)
+      return fail(e, "cannot send a function: out of memory");
+    c = mb_code_intern(scratch.p, scratch.len);
+    if (c == NULL)
+      return fail(e, "cannot send a function: out of memory");
+  }
   int ci = add_code(e, c);
   if (ci < 0)
     return -1;

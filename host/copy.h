@@ -34,6 +34,17 @@
 /* Nesting limit of tables and functions within one message. */
 #define MB_COPY_MAX_DEPTH 200
 
+/* Hooks of the layer that runs processes (set once at start-up, or left
+ * NULL): a function that was just rebuilt from code object `code` sits at
+ * idx of L (mb_copy_on_load); and, when a function at idx of L is to be
+ * sent, the code object it is known to have come from, with a reference for
+ * the caller, or NULL (mb_copy_code_of) - which spares a lua_dump of a
+ * function that arrived as a code object, such as a hibernating process's
+ * loop function, hibernated again and again. */
+struct mb_code;
+extern void (*mb_copy_on_load)(lua_State *L, int idx, struct mb_code *code);
+extern struct mb_code *(*mb_copy_code_of)(lua_State *L, int idx);
+
 /* Encode the n values at stack slots first..first+n-1 of L into a new
  * message (malloc'ed, owner: the caller; free with mb_msg_free). root names
  * the values in error paths: with n == 1 it is the whole name ("msg"), with

@@ -168,6 +168,8 @@ static void dec_function(dec_t *d, unsigned tag, size_t at)
   dec_enter(d);
   if (luaL_loadbuffer(L, (const char *)bc, len, "=message") != 0)
     lua_error(L);   /* out of memory in the receiver */
+  if (mb_copy_on_load)
+    mb_copy_on_load(L, lua_gettop(L), mb_msg_codes(d->msg)[ci]);
   if (tag & T_SHARED)
     remember(d, at);
   need(d, 1);

@@ -48,6 +48,7 @@
 #include "pid.h"
 
 #define MB_MAX_PROCS MB_PID_SLOT_MASK        /* 16M processes at most */
+#define MB_FNCODES 4                          /* see mb_proc_t.fncodes */
 
 /* Kinds of mb_msg_t in a mailbox. */
 enum {
@@ -144,7 +145,13 @@ typedef struct mb_proc {
   int (*io_on_timeout)(lua_State *L, uint64_t arg);
   uint64_t io_timeout_arg;
   struct mb_timer *wait_timer; /* timer of the current wait, or NULL */
-  lua_CFunction boot;          /* set until the first run: see scheduler.c */
+  lua_CFunction boot;          /* set until the first run: see run.c */
+  int booting;                 /* boot is decoding the body (run.c) */
+  /* Functions of the state known to come from code objects (the body a
+   * boot decoded, anchored in the registry): sending one again needs no
+   * lua_dump (copy.h mb_copy_code_of). Freed with the state. */
+  struct { const void *fn; struct mb_code *code; } fncodes[MB_FNCODES];
+  int nfncodes;
   mb_msg_t *boot_msg;          /* what boot decodes (spawn's function, args) */
   mb_msg_t *exit_reason;       /* set when the process must die */
   int first;                   /* the host's first process */

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "code.h"
 #include "io.h"
 #include "copy.h"
 #include "lauxlib.h"
@@ -327,7 +328,9 @@ static int boot(mb_proc_t *p)
     p->exit_reason = mb_must(mb_msg_string("out of memory"));
     return MUST_DIE;
   }
+  p->booting = 1;
   int rc = lua_cpcall(p->L, boot_cf, p);
+  p->booting = 0;
   if (rc != 0) {
     mb_report_crash(p, p->L);
     /* Decoding the arguments over max_memory is "out of memory", as the
@@ -502,8 +505,39 @@ static void run(mb_sched_t *s, mb_proc_t *p)
 
 /* -- Set-up ------------------------------------------------------------------ */
 
+/* The codec's hooks (copy.h): remember the functions a boot rebuilds from
+ * code objects, and give their code back when they are sent again. */
+static void on_load(lua_State *L, int idx, mb_code_t *code)
+{
+  mb_proc_t *p = mb_proc_of(L);
+  if (p == NULL || !p->booting || p->nfncodes == MB_FNCODES)
+    return;
+  lua_pushvalue(L, idx);
+  luaL_ref(L, LUA_REGISTRYINDEX);   /* anchored: the pointer stays its own */
+  mb_code_ref(code);
+  p->fncodes[p->nfncodes].fn = lua_topointer(L, idx);
+  p->fncodes[p->nfncodes].code = code;
+  p->nfncodes++;
+}
+
+static mb_code_t *code_of(lua_State *L, int idx)
+{
+  mb_proc_t *p = mb_proc_of(L);
+  if (p == NULL)
+    return NULL;
+  const void *fn = lua_topointer(L, idx);
+  for (int i = 0; i < p->nfncodes; i++)
+    if (p->fncodes[i].fn == fn) {
+      mb_code_ref(p->fncodes[i].code);
+      return p->fncodes[i].code;
+    }
+  return NULL;
+}
+
 void mb_run_init(void)
 {
+  mb_copy_on_load = on_load;
+  mb_copy_code_of = code_of;
   mb_lstate_init();
   mb_sched_set_runner(run);
   mb_proc_add_exit_hook(mb_lstate_close);
