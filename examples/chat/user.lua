@@ -59,8 +59,8 @@
 -- table is kept, copied, with tcp_loop as the continuation. The socket is in
 -- active mode, so the user's next line arrives as a message and wakes it,
 -- like a room's next line, a DOWN of its room or its own READ_MORE timer;
--- tcp_wake rebuilds what cannot be copied as it stands (st.out, a closure
--- over st) and goes back into the loop, which finds the message queued.
+-- tcp_wake makes st.out again (a closure over st, dropped rather than
+-- copied) and goes back into the loop, which finds the message queued.
 -- WebSocket users run in moonbeam.http's connection process, whose idle
 -- hibernation is moonbeam.http's business: ws_user does not hibernate.
 local mb = require "moonbeam"
