@@ -382,6 +382,183 @@ describe("the chat example", function()
   end)
 end)
 
+describe("the chat example with idle users and rooms hibernating", function()
+  if not (tcp_ok and http_ok and ws_ok) then
+    it("needs moonbeam.tcp, moonbeam.http and moonbeam.websocket", function() error("not available") end)
+    return
+  end
+
+  -- Short enough for a test, long compared with a line's round trip.
+  local HIB = 50
+  local before, info, clients
+
+  before_each(function()
+    before = S.snapshot()
+    clients = {}
+    info = assert(chat.start({ host = "127.0.0.1", tcp_port = 0, http_port = 0, hibernate_after = HIB }))
+  end)
+
+  after_each(function()
+    for _, c in ipairs(clients) do c:close() end
+    chat.stop(info)
+    S.check_clean(before)
+  end)
+
+  local function new_user(nick, room)
+    local c = user(info, nick, room)
+    clients[#clients + 1] = c
+    c.pid = room and pid_of(info, room, nick)
+    return c
+  end
+
+  -- Waits (bounded) until every pid in the list hibernates.
+  local function all_hibernate(pids)
+    return S.eventually(function()
+      for _, p in ipairs(pids) do
+        local i = mb.info(p)
+        if not i or i.status ~= "hibernated" then return false end
+      end
+      return true
+    end)
+  end
+
+  it("hibernates idle users and rooms; the chat goes on as before", function()
+    local a = new_user("ann", "lobby")
+    local b = new_user("bob", "lobby")
+    a:expect("* bob joined lobby")
+    local room = assert(chat.room(info, "lobby"))
+    local all = { a.pid, b.pid, room }
+    assert.is_true(all_hibernate(all))
+    -- What is left of each is its process record, its continuation and its
+    -- data (an awake user holds a whole Lua state: tens of KB).
+    for _, p in ipairs(all) do
+      local m = mb.info(p).memory
+      assert.is_true(m < 4096, tostring(p) .. " hibernated in " .. m .. " bytes")
+    end
+    a:send("hi bob\n")
+    b:expect("[lobby] ann: hi bob")
+    assert.is_true(all_hibernate(all))
+    b:cmd("/nick robert", "* you are robert")
+    assert.is_true(all_hibernate(all))
+    b:send("it is robert now\n")
+    a:expect("[lobby] robert: it is robert now")
+    assert.is_true(all_hibernate(all))
+    a:cmd("/who", "* in lobby: ann, robert")
+    assert.is_true(all_hibernate(all))
+    -- Lines that come in pieces, across a hibernation of their user.
+    a:send("hel")
+    assert.is_true(all_hibernate(all))
+    a:send("lo\r\nsecond\n")
+    b:expect("[lobby] ann: hello")
+    b:expect("[lobby] ann: second")
+    assert.is_true(all_hibernate(all))
+    a:cmd("/join other", "* joined other")
+    b:expect("* ann left lobby")
+    local other = assert(chat.room(info, "other"))
+    assert.is_true(all_hibernate({ a.pid, b.pid, room, other }))
+    a:cmd("/join lobby", "* joined lobby")
+    b:expect("* ann joined lobby")
+    assert.is_true(all_hibernate({ a.pid, b.pid, room }))
+    b:send("/quit\n")
+    b:expect("* bye")
+    b:expect_closed()
+    a:expect("* robert left lobby")
+    a:cmd("/who", "* in lobby: ann")
+  end)
+
+  it("takes out of its room a user that disconnects or is killed while hibernated", function()
+    local a = new_user("ann", "lobby")
+    local b = new_user("bob", "lobby")
+    local c = new_user("cid", "lobby")
+    a:expect("* bob joined lobby")
+    a:expect("* cid joined lobby")
+    local room = assert(chat.room(info, "lobby"))
+    assert.is_true(all_hibernate({ a.pid, b.pid, c.pid, room }))
+    -- The socket's close wakes bob's process, which leaves its room.
+    b:close()
+    a:expect("* bob left lobby")
+    assert.is_true(all_hibernate({ a.pid, c.pid, room }))
+    -- A kill ends cid's process unwoken; the room's monitor sees it.
+    local ref = mb.monitor(c.pid)
+    mb.exit(c.pid, "kill")
+    assert.equal("killed", S.await_down(ref))
+    a:expect("* cid left lobby")
+    c:expect_closed()
+    a:cmd("/who", "* in lobby: ann")
+  end)
+
+  it("tells hibernated users that their room closed when the registry dies", function()
+    local a = new_user("ann", "lobby")
+    local b = new_user("bob", "lobby")
+    a:expect("* bob joined lobby")
+    local room = assert(chat.room(info, "lobby"))
+    local reg = assert(chat.registry(info))
+    assert.is_true(all_hibernate({ a.pid, b.pid, room }))
+    -- The room is linked to the registry: it dies unwoken, and the DOWN of
+    -- its monitor wakes each user.
+    local ref = mb.monitor(room)
+    mb.exit(reg, "kill")
+    assert.equal("killed", S.await_down(ref))
+    a:expect("* the room lobby has closed")
+    b:expect("* the room lobby has closed")
+    assert.truthy(S.eventually(function()
+      local now = chat.registry(info)
+      return now ~= nil and now ~= reg
+    end), "the supervisor did not restart the registry")
+    a:cmd("/join lobby", "* joined lobby")
+    b:cmd("/join lobby", "* joined lobby")
+    a:expect("* bob joined lobby")
+  end)
+
+  it("lets a WebSocket user talk with hibernated TCP users", function()
+    local t = new_user("term", "lobby")
+    local ws = assert(websocket.connect("127.0.0.1", info.http_port, "/ws", { timeout = S.T }))
+    local function ws_skip_to(want)
+      for _ = 1, 100 do
+        local data, err = ws:read(S.T)
+        assert(data, "websocket read: " .. tostring(err))
+        if data == want then return end
+      end
+      error("no line " .. want)
+    end
+    assert(ws:write("/nick web"))
+    assert(ws:write("/join lobby"))
+    ws_skip_to("* joined lobby")
+    t:expect("* web joined lobby")
+    local room = assert(chat.room(info, "lobby"))
+    assert.is_true(all_hibernate({ t.pid, room }))
+    assert(ws:write("hello from the browser"))
+    t:expect("[lobby] web: hello from the browser")
+    assert.is_true(all_hibernate({ t.pid, room }))
+    t:send("hello from the terminal\n")
+    ws_skip_to("[lobby] term: hello from the terminal")
+    ws:close()
+    t:expect("* web left lobby")
+  end)
+
+  it("refuses a bad hibernate_after, and takes 0 or false for never", function()
+    for _, bad in ipairs({ "soon", -1, 0 / 0 }) do
+      local ok, err = pcall(chat.start, { tcp_port = 0, http_port = false, hibernate_after = bad })
+      assert.is_false(ok)
+      assert.truthy(S.has(err, "chat.start: hibernate_after must be a number of ms >= 0 or false"), err)
+    end
+    for _, never in ipairs({ 0, false }) do
+      local other = assert(chat.start({ host = "127.0.0.1", tcp_port = 0, http_port = false,
+                                        hibernate_after = never }))
+      local c = user(other, "ann", "lobby")
+      local pid = pid_of(other, "lobby", "ann")
+      c:cmd("/who", "* in lobby: ann")
+      -- Idle for many times HIB, it stays awake (a slow machine only makes
+      -- this pass more easily, never fail).
+      mb.sleep(4 * HIB)
+      assert.are_not.equal("hibernated", mb.info(pid).status)
+      assert.are_not.equal("hibernated", mb.info(assert(chat.room(other, "lobby"))).status)
+      c:close()
+      chat.stop(other)
+    end
+  end)
+end)
+
 describe("the chat example with slow users", function()
   if not (tcp_ok and http_ok and ws_ok) then
     it("needs moonbeam.tcp, moonbeam.http and moonbeam.websocket", function() error("not available") end)
@@ -646,6 +823,75 @@ describe("the chat example with slow users", function()
     ws:close()
   end)
 
+  it("drops a hibernated user that never reads once a flood wakes it", function()
+    start({ hibernate_after = 50 })
+    local slow = user(info, "slow", "lobby")
+    local r = reader("reader", "lobby", { "* slow left lobby" })
+    member("lobby", "reader")
+    local slow_pid = member("lobby", "slow")
+    local room = assert(chat.room(info, "lobby"))
+    assert.truthy(S.eventually(function()
+      return mb.info(slow_pid).status == "hibernated" and mb.info(room).status == "hibernated"
+    end), "the slow user and the room did not hibernate")
+    local f = flooder("flood", "lobby")
+    local most = watch({ slow = slow_pid }, function() return mb.info(slow_pid) == nil end)
+    assert.is_nil(mb.info(slow_pid), "the slow user was not dropped")
+    assert.truthy(S.eventually(function() return ask(r).seen["* slow left lobby"] end, DEADLINE))
+    mb.send(f, "stop")
+    local last = read_rest(function() return slow.sock:read(S.T) end)
+    assert.truthy(last:match("^%* disconnected: too slow %(.+%)$"), "last line: " .. last)
+    slow:close()
+    assert.is_true(most.slow.mailbox < 1000 + 2000, "slow user's mailbox " .. most.slow.mailbox)
+  end)
+
+  it("holds back a fast talker and wakes it by its timer when it hibernates meanwhile", function()
+    -- hibernate_after = 1: a talker held back hibernates while it waits
+    -- ROOM_WAIT ms for its room, and its own READ_MORE timer wakes it; the
+    -- room and the talker hibernate whenever the flood pauses.
+    start({ room_backlog = 50, hibernate_after = 1 })
+    local N, LINES = 40, 5000
+    local me, registry = mb.self(), assert(chat.registry(info))
+    local members = {}
+    for i = 1, N do
+      members[i] = mb.spawn(function()
+        mb.send(registry, { op = "join", room = "lobby", pid = mb.self(), nick = "m" .. i, tag = i })
+        local got, deadline = 0, mb.now() + 60000
+        while mb.now() < deadline do
+          local m = mb.receive(1000)
+          if type(m) == "string" and m:find("^%[lobby%] flood: ") then
+            got = got + 1
+          elseif m == "count?" then
+            mb.send(me, { counted = got, member = i })
+          elseif m == "stop" then
+            return
+          end
+        end
+      end)
+      extra[#extra + 1] = members[i]
+    end
+    member("lobby", "m" .. N)
+    local room = assert(chat.room(info, "lobby"))
+    local f = mb.spawn(function(port)
+      local tcp = require "moonbeam.tcp"
+      local sock = assert(tcp.connect("127.0.0.1", port, 5000))
+      assert(sock:write("/nick flood\n/join lobby\n"))
+      local chunk = string.rep("a line from the flood\n", 500)
+      for _ = 1, LINES / 500 do
+        if not sock:write(chunk) then break end
+      end
+      mb.receive(60000)
+    end, info.tcp_port)
+    extra[#extra + 1] = f
+    local function counted()
+      mb.send(members[N], "count?")
+      return S.recv(function(m) return type(m) == "table" and m.counted end).counted
+    end
+    local most = watch({ room = room }, function() return counted() == LINES end)
+    assert.equal(LINES, counted())
+    assert.is_true(most.room.mailbox < 50 + 200, "room's mailbox " .. most.room.mailbox)
+    for i = 1, N do mb.send(members[i], "stop") end
+  end)
+
   it("refuses bad limits", function()
     local function err_of(opts)
       opts.tcp_port, opts.http_port = 0, false
@@ -688,6 +934,18 @@ describe("the chat command (examples/chat/main.lua)", function()
     local code4, _, err4 = S.moonbeam("examples/chat/main.lua --max-output 100")
     assert.equal(2, code4)
     assert.truthy(err4:find("chat: max_output must be from 8192 to 57344 bytes", 1, true), err4)
+  end)
+
+  it("takes --hibernate-after MS, and refuses a bad one", function()
+    local code, out = S.moonbeam("examples/chat/main.lua --help")
+    assert.equal(0, code)
+    assert.truthy(out:find("--hibernate-after MS", 1, true), out)
+    local code2, _, err2 = S.moonbeam("examples/chat/main.lua --hibernate-after soon")
+    assert.equal(2, code2)
+    assert.truthy(err2:find("chat: bad value 'soon' for --hibernate-after", 1, true), err2)
+    local code3, _, err3 = S.moonbeam("examples/chat/main.lua --hibernate-after -5")
+    assert.equal(2, code3)
+    assert.truthy(err3:find("chat: hibernate_after must be a number of ms >= 0 or false", 1, true), err3)
   end)
 
   it("says when a port is taken", function()

@@ -748,6 +748,364 @@ describe("moonbeam.server", function()
     end)
   end)
 
+  describe("hibernation", function()
+    after_each(function() S.cleanup_tmp() end)
+
+    -- A child host's stderr without what a sanitizer build adds at exit
+    -- (LeakSanitizer's list of suppressions used).
+    local function sanitizer_free(err)
+      return (err:gsub("%-%-%-%-%-+\nSuppressions used:.*$", ""))
+    end
+
+    local function status(pid)
+      local i = mb.info(pid)
+      return i and i.status
+    end
+
+    -- Waits (bounded) until pid hibernates.
+    local function hibernated(pid)
+      return S.eventually(function() return status(pid) == "hibernated" end)
+    end
+
+    -- The counter, telling `me` when terminate runs.
+    local function counting(me)
+      local cb = {}
+      for k, v in pairs(counter) do cb[k] = v end
+      cb.terminate = function(reason, n) mb.send(me, { terminated = reason, state = n }) end
+      return cb
+    end
+
+    it("hibernates after opts.hibernate_after ms without a message and keeps its state", function()
+      local pid = assert(server.start(counting(mb.self()), 0,
+                                      { hibernate_after = 5, name = "spec_hib" }))
+      assert.is_true(hibernated(pid))
+      -- The state is gone from memory: what is left is the process's record,
+      -- the continuation and the state, copied.
+      local asleep = mb.info(pid).memory
+      assert.is_true(asleep < 2048, "hibernated server: " .. asleep .. " bytes")
+      for i = 1, 40 do
+        server.cast(pid, { "add", 1 })
+        mb.send(pid, { add = 1 })
+        assert.are.equal(2 * i, server.call(i % 2 == 0 and pid or "spec_hib", "get"))
+        assert.is_true(hibernated(pid), "cycle " .. i)
+      end
+      assert.are.equal(pid, mb.whereis("spec_hib"))
+      assert.are.equal(80, server.get_state("spec_hib"))
+      assert.is_true(hibernated(pid))
+      assert.is_true(server.stop("spec_hib"))
+      assert.are.same({ terminated = "normal", state = 80 },
+                      expect(function(m) return m.terminated end, "terminate"))
+      assert.is_nil(mb.whereis("spec_hib"))
+    end)
+
+    it("answers call, cast, info, get_state and stop sent while it hibernates", function()
+      local me = mb.self()
+      local pid = assert(server.start(counting(me), 10, { hibernate_after = 0 }))
+      assert.is_true(hibernated(pid))
+      assert.are.equal(10, server.call(pid, "get"))
+      assert.is_true(hibernated(pid))
+      server.cast(pid, { "add", 5 })
+      assert.is_true(hibernated(pid))
+      mb.send(pid, { add = 1 })
+      assert.is_true(hibernated(pid))
+      assert.are.equal(16, server.get_state(pid))
+      assert.is_true(hibernated(pid))
+      -- Many messages queued while it hibernates are all handled, in order.
+      for _ = 1, 100 do server.cast(pid, { "add", 1 }) end
+      assert.are.equal(116, server.call(pid, "get"))
+      assert.is_true(hibernated(pid))
+      local ref = mb.monitor(pid)
+      assert.is_true(server.stop(pid, "shutdown"))
+      assert.are.equal("shutdown", down_of(ref).reason)
+      assert.are.same({ terminated = "shutdown", state = 116 },
+                      expect(function(m) return m.terminated end, "terminate"))
+    end)
+
+    it("hibernates when a callback returns server.hibernate in place of the stop reason", function()
+      local cb = {
+        init = function(s) return s, server.hibernate end,
+        handle_call = function(req, _, s)
+          if req == "sleep" then return "ok", s, server.hibernate end
+          return s, s
+        end,
+        handle_cast = function(msg, s)
+          if msg == "sleep" then return s + 1, server.hibernate end
+          return s + 1
+        end,
+        handle_info = function(msg, s)
+          if msg == "sleep" then return s + 10, server.hibernate end
+          return s + 10
+        end,
+      }
+      local pid = assert(server.start(cb, 0))
+      assert.is_true(hibernated(pid))               -- init's
+      assert.are.equal(0, server.call(pid, "get"))  -- woken; stays awake
+      assert.are.equal("waiting", status(pid))
+      assert.are.equal("ok", server.call(pid, "sleep"))
+      assert.is_true(hibernated(pid))
+      server.cast(pid, "sleep")
+      assert.is_true(S.eventually(function() return server.get_state(pid) == 1 end))
+      server.cast(pid, "sleep")
+      assert.is_true(hibernated(pid))
+      mb.send(pid, "sleep")
+      assert.is_true(hibernated(pid))
+      assert.are.equal(12, server.call(pid, "get"))
+      server.stop(pid)
+    end)
+
+    it("refuses opts.hibernate_after that is not a number of ms or false", function()
+      for _, bad in ipairs({ "10", -1, 0 / 0, {}, true }) do
+        assert.matches("server.start: opts.hibernate_after must be a non-negative number of ms",
+                       error_of(server.start, counter, 0, { hibernate_after = bad }), 1, true)
+      end
+      assert.is_true(nothing_new())
+      -- false and math.huge mean never.
+      for _, never in ipairs({ false, math.huge }) do
+        local pid = assert(server.start(counter, 0, { hibernate_after = never }))
+        assert.are.equal(0, server.call(pid, "get"))
+        server.stop(pid)
+      end
+    end)
+
+    it("treats server.hibernate as a reply or a state as a bad return value", function()
+      local cb = {
+        init = function(s) if s == "bad" then return server.hibernate end return s end,
+        handle_call = function(_, _, s) return server.hibernate, s end,
+        handle_cast = function() return server.hibernate end,
+      }
+      local none, err = server.start(cb, "bad")
+      assert.is_nil(none)
+      assert.are.equal("bad return value from init: server.hibernate", err)
+      local pid = assert(server.start(cb, "st"))
+      local ref = mb.monitor(pid)
+      assert.matches("bad return value from handle_call: server.hibernate",
+                     error_of(server.call, pid, "x"), 1, true)
+      assert.are.equal("bad return value from handle_call: server.hibernate", down_of(ref).reason)
+      pid = assert(server.start(cb, "st"))
+      ref = mb.monitor(pid)
+      server.cast(pid, "x")
+      assert.are.equal("bad return value from handle_cast: server.hibernate", down_of(ref).reason)
+    end)
+
+    it("answers a call later through its alias after hibernating in between", function()
+      local cb = {
+        handle_call = function(req, from, s)
+          if req == "later" then
+            s.waiting = from
+            return server.noreply, s, server.hibernate
+          end
+          return s.waiting ~= nil, s
+        end,
+        handle_cast = function(msg, s)
+          server.reply(s.waiting, msg)
+          s.waiting = nil
+          return s, server.hibernate
+        end,
+      }
+      local pid = assert(server.start(cb, {}, { hibernate_after = 0 }))
+      local me = mb.self()
+      local caller = mb.spawn(function()
+        mb.send(me, { answered = server.call(pid, "later") })
+      end)
+      assert.is_true(S.eventually(function()
+        return status(pid) == "hibernated" and server.call(pid, "waiting?")
+      end))
+      assert.is_true(hibernated(pid))
+      server.cast(pid, "the answer")
+      assert.are.equal("the answer", expect(function(m) return m.answered end, "the reply").answered)
+      assert.is_true(hibernated(pid))
+      -- A call that timed out while the server hibernated: the late reply
+      -- is dropped by the alias and never reaches the caller.
+      assert.matches("timeout after 20 ms", error_of(server.call, pid, "later", 20), 1, true)
+      server.cast(pid, "too late")
+      assert.is_false(server.call(pid, "waiting?"))
+      assert.is_nil(mb.receive(0))
+      server.stop(pid)
+      assert.is_not_nil(caller)
+    end)
+
+    it("runs terminate on its parent's exit signal after a wake (trap_exit is kept)", function()
+      local me = mb.self()
+      local cb = counting(me)
+      cb.init = function(n) mb.trap_exit(true) return n end
+      local parent = mb.spawn(function()
+        local pid = assert(server.start(cb, 7, { link = true, hibernate_after = 0 }))
+        mb.send(me, { server = pid })
+        mb.receive()
+        mb.exit("parent gone")
+      end)
+      local pid = expect(function(m) return m.server end, "the server").server
+      assert.is_true(hibernated(pid))
+      local ref = mb.monitor(pid)
+      mb.send(parent, "go")
+      assert.are.equal("parent gone", down_of(ref).reason)
+      assert.are.same({ terminated = "parent gone", state = 7 },
+                      expect(function(m) return m.terminated end, "terminate"))
+    end)
+
+    it("is restarted by its supervisor when it dies hibernated or crashes after a wake", function()
+      local supervisor = require "moonbeam.supervisor"
+      local me = mb.self()
+      local cb = counting(me)
+      cb.init = function(n) mb.trap_exit(true) return n end
+      local sup = assert(supervisor.start({ children = { {
+        id = "sleeper",
+        start = function()
+          return server.start(cb, 0, { link = true, hibernate_after = 0, name = "spec_sleeper" })
+        end,
+      } }, max_restarts = 10 }))
+      local first = mb.whereis("spec_sleeper")
+      assert.is_true(hibernated(first))
+      mb.exit(first, "kill")   -- cannot be trapped: it dies without waking
+      local second
+      assert.is_true(S.eventually(function()
+        second = mb.whereis("spec_sleeper")
+        return second ~= nil and second ~= first and status(second) == "hibernated"
+      end))
+      server.cast(second, "crash")
+      local third
+      assert.is_true(S.eventually(function()
+        third = mb.whereis("spec_sleeper")
+        return third ~= nil and third ~= second and status(third) == "hibernated"
+      end))
+      -- terminate ran for the crash (not for the kill).
+      assert.matches("crash on cast", expect(function(m) return m.terminated end, "terminate").terminated)
+      server.cast(third, { "add", 3 })
+      assert.are.equal(3, server.call("spec_sleeper", "get"))
+      assert.is_true(hibernated(third))
+      -- Stopping the supervisor wakes the trapping child, which runs terminate.
+      supervisor.stop(sup)
+      assert.are.same({ terminated = "shutdown", state = 3 },
+                      expect(function(m) return m.terminated end, "terminate"))
+      assert.is_nil(mb.whereis("spec_sleeper"))
+    end)
+
+    it("reports a state it cannot copy once, goes on awake, and hibernates once it can", function()
+      local script = S.write("uncopyable.lua", [[
+        local mb = require "moonbeam"
+        local server = require "moonbeam.server"
+        local function status(pid)
+          for _ = 1, 2500 do
+            local s = mb.info(pid).status
+            if s == "hibernated" then return s end
+            mb.sleep(2)
+          end
+          return mb.info(pid).status
+        end
+        local pid = assert(server.start({
+          init = function() return { n = 0 } end,
+          handle_call = function(_, _, s) return s.n, s end,
+          handle_cast = function(msg, s)
+            if msg == "keep" then s.deep = { co = coroutine.create(print) } end
+            if msg == "drop" then s.deep = nil end
+            s.n = s.n + 1
+            return s
+          end,
+        }, nil, { hibernate_after = 0, name = "uncopyable" }))
+        print("start", status(pid))
+        server.cast(pid, "keep")
+        print("call", server.call(pid, "get"))
+        for _ = 1, 5 do server.cast(pid, "other") end
+        print("call", server.call(pid, "get"))
+        mb.sleep(20)
+        print("awake", mb.info(pid).status ~= "hibernated")
+        server.cast(pid, "drop")
+        print("after drop", status(pid))
+        print("call", server.call(pid, "get"))
+        server.stop(pid)
+      ]])
+      local code, out, err = S.moonbeam(S.q(script))
+      err = sanitizer_free(err)
+      assert.are.equal(0, code, err)
+      assert.are.equal("start\thibernated\ncall\t1\ncall\t6\nawake\ttrue\n"
+                       .. "after drop\thibernated\ncall\t7\n", out)
+      local n = 0
+      for _ in err:gmatch("=SERVER REPORT====") do n = n + 1 end
+      assert.are.equal(1, n, err)
+      assert.matches("^=SERVER REPORT==== <[%d.]+> registered as uncopyable\n"
+                     .. "server callbacks: table %(init at [^\n]*uncopyable.lua:%d+%)\n"
+                     .. "cannot hibernate, going on awake: state.deep.co: cannot send a coroutine\n$",
+                     err)
+    end)
+
+    it("reports a crash after a wake like any crash", function()
+      local script = S.write("wake_crash.lua", [[
+        local mb = require "moonbeam"
+        local server = require "moonbeam.server"
+        local pid = server.start({
+          handle_call = function(req, _, s) error("bad request " .. req.op) end,
+        }, { count = 3 }, { name = "sleepy", hibernate_after = 0 })
+        for _ = 1, 2500 do
+          if mb.info(pid).status == "hibernated" then break end
+          mb.sleep(2)
+        end
+        print(mb.info(pid).status)
+        print(pcall(server.call, pid, { op = "explode" }))
+      ]])
+      local code, out, err = S.moonbeam(S.q(script))
+      err = sanitizer_free(err)
+      assert.are.equal(0, code, err)
+      assert.matches("^hibernated\nfalse\tserver.call: server <[%d.]+> exited during the call "
+                     .. '{op = "explode"}: [^\n]*wake_crash.lua:4: bad request explode\n$', out)
+      assert.matches("^=SERVER REPORT==== <[%d.]+> registered as sleepy\n"
+                     .. "server callbacks: table %(handle_call at [^\n]*wake_crash.lua:4%)\n"
+                     .. 'last message: call {op = "explode"} from <[%d.]+>\n'
+                     .. "state: {count = 3}\n"
+                     .. "reason: [^\n]*wake_crash.lua:4: bad request explode\n"
+                     .. "stack traceback:\n\t%[C%]: in function 'error'\n"
+                     .. "\t[^\n]*wake_crash.lua:4: in function 'handle_call'\n$", err)
+    end)
+
+    it("loads a callbacks module again on wake, and ends with a report if it cannot", function()
+      local dir = S.tmpdir()
+      S.write("hibmod.lua", [[
+        -- A module-level variable: fresh in every Lua state that loads this.
+        local loads = 0
+        loads = loads + 1
+        local f = io.open(]] .. string.format("%q", dir .. "/broken") .. [[)
+        if f then f:close() error("hibmod is broken") end
+        return {
+          init = function(s) return s end,
+          handle_call = function(req, _, s) return { loads = loads, s = s }, s + 1 end,
+        }
+      ]], dir)
+      local script = S.write("modwake.lua", [[
+        local mb = require "moonbeam"
+        local server = require "moonbeam.server"
+        local function asleep(pid)
+          for _ = 1, 2500 do
+            if mb.info(pid).status == "hibernated" then return true end
+            mb.sleep(2)
+          end
+        end
+        local pid = assert(server.start("hibmod", 1, { hibernate_after = 0 }))
+        for _ = 1, 3 do
+          assert(asleep(pid))
+          local r = server.call(pid, "get")
+          print(r.loads, r.s)
+        end
+        assert(asleep(pid))
+        io.open(]] .. string.format("%q", dir .. "/broken") .. [[, "w"):close()
+        local ref = mb.monitor(pid)
+        print(pcall(server.call, pid, "get"))
+        print(mb.receive(5000).reason)
+      ]], dir)
+      local code, out, err = S.sh("LUA_PATH=" .. S.q(dir .. "/?.lua;;") .. " " .. S.q(S.bin)
+                                  .. " " .. S.q(script))
+      err = sanitizer_free(err)
+      assert.are.equal(0, code, err)
+      local lines = {}
+      for l in out:gmatch("[^\n]+") do lines[#lines + 1] = l end
+      assert.are.same({ "1\t1", "1\t2", "1\t3" }, { lines[1], lines[2], lines[3] })
+      assert.matches("^false\tserver.call: server <[%d.]+> exited during the call \"get\": "
+                     .. "cannot load callbacks module 'hibmod': [^\n]*hibmod is broken$", lines[4])
+      assert.matches("^cannot load callbacks module 'hibmod': [^\n]*hibmod is broken$", lines[5])
+      assert.matches("^=SERVER REPORT==== <[%d.]+>\nserver callbacks: module 'hibmod'\n"
+                     .. "cannot wake from hibernation: cannot load callbacks module 'hibmod': "
+                     .. "[^\n]*hibmod is broken\nstate: 4\n$", err)
+    end)
+  end)
+
   describe("crash reports", function()
     after_each(function() S.cleanup_tmp() end)
 
@@ -881,7 +1239,8 @@ describe("moonbeam.server", function()
       assert.are.equal(1, reports(p), err)
       assert.matches('last message: cast "nothing"\nstate: "st"\n'
                      .. "reason: bad return value from handle_cast: nothing\n"
-                     .. "handle_cast must return state%[, stop_reason%] %(it returned no value%)\n$", p)
+                     .. "handle_cast must return state%[, stop_reason or server.hibernate%] "
+                     .. "%(it returned no value%)\n$", p)
       -- A malformed protocol message: dropped with a report, then a normal stop.
       p = parts["malformed normal"]
       assert.are.equal(1, reports(p), err)
@@ -895,7 +1254,8 @@ describe("moonbeam.server", function()
       assert.are.equal(1, reports(p), err)
       assert.matches("init returned a bad value; argument: nil\n"
                      .. "reason: bad return value from init: nothing\n"
-                     .. "init must return a state, or nil and an error %(it returned no value%)\n$", p)
+                     .. "init must return a state%[, server.hibernate%], or nil and an error "
+                     .. "%(it returned no value%)\n$", p)
       assert.matches("nil\tbad return value from init: nothing", out, 1, true)
     end)
   end)

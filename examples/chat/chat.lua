@@ -5,9 +5,10 @@
 --
 --   chat supervisor (one_for_one)
 --   ├── registry       finds and creates rooms; rooms are linked to it (rooms.lua)
---   │     └── room ... one process per room, monitoring its members
+--   │     └── room ... one process per room, monitoring its members; hibernates when idle
 --   ├── tcp listener   links to its acceptor and to one user process per connection
---   │     └── acceptor owns the listening socket; spawns the users (user.lua)
+--   │     └── acceptor owns the listening socket; spawns the users (user.lua),
+--   │                  which hibernate when idle
 --   └── http listener  serves www/ and upgrades /ws to a WebSocket user (web.lua)
 --
 -- The listeners trap exits: a user that crashes or is killed does not take
@@ -143,6 +144,24 @@ end
 
 local instances = 0
 
+-- How long a TCP user or a room waits for a message before it hibernates
+-- (see user.lua and README.md): longer than the pauses of a conversation,
+-- so a user who is talking never pays for a wake, short enough that the
+-- many users who are only connected cost about a kilobyte each.
+local HIBERNATE_AFTER = 15000
+
+-- chat.start's hibernate_after, checked: ms, or nil for never.
+local function hibernate_after_of(opts)
+  local v = opts.hibernate_after
+  if v == nil then return HIBERNATE_AFTER end
+  if v == false or v == 0 or v == math.huge then return nil end
+  if type(v) ~= "number" or v ~= v or v < 0 then
+    error("chat.start: hibernate_after must be a number of ms >= 0 or false, got "
+          .. tostring(v), 3)
+  end
+  return v
+end
+
 -- The limits on slow users from chat.start's options (see user.lua), checked.
 local function limits_of(opts)
   local limits = {}
@@ -171,10 +190,14 @@ end
 --                   "chat<N>@<caller's pid>.rooms", unique per chat started)
 --   opts.max_behind, opts.max_output, opts.max_stall, opts.room_backlog
 --                   the limits on slow users (user.lua; defaults in user.DEFAULTS)
+--   opts.hibernate_after  ms without a message after which a TCP user or a
+--                   room hibernates (default 15000; 0 or false: never)
 -- info: {sup = pid, registry = name, tcp_port = n, http_port = n}.
 function chat.start(opts)
   opts = opts or {}
   local limits = limits_of(opts)
+  local hibernate_after = hibernate_after_of(opts)
+  limits.hibernate_after = hibernate_after
   local host = opts.host or "127.0.0.1"
   local tcp_port, http_port = opts.tcp_port, opts.http_port
   if tcp_port == nil then tcp_port = 7000 end
@@ -182,7 +205,7 @@ function chat.start(opts)
   instances = instances + 1
   local registry = (opts.name or ("chat" .. instances .. "@" .. tostring(mb.self()))) .. ".rooms"
   local children = {
-    { id = "registry", start = function() return start_registry(registry) end },
+    { id = "registry", start = function() return start_registry(registry, hibernate_after) end },
   }
   if tcp_port then
     children[#children + 1] = { id = "tcp", shutdown = 2000, start = function()

@@ -7,7 +7,8 @@
 -- CHAT_HOST, CHAT_TCP_PORT and CHAT_HTTP_PORT set them too; the options win.
 -- Port 0 picks a free port; "off" leaves that listener out. The limits on
 -- slow users (--max-behind N, --max-output BYTES, --max-stall MS,
--- --room-backlog N) are chat.start's options; see README.md.
+-- --room-backlog N) and --hibernate-after MS (idle users and rooms
+-- hibernate; 0 = never) are chat.start's options; see README.md.
 local mb = require "moonbeam"
 
 -- Find the example's modules next to this file, from any directory.
@@ -28,6 +29,8 @@ local function usage(code)
             "  --max-output BYTES    output queued on a user's socket (default 32768)\n",
             "  --max-stall MS        how long the output may stay over that (default 5000)\n",
             "  --room-backlog N      a room's backlog before its talkers wait (default 1000)\n",
+            "  --hibernate-after MS  idle time after which a TCP user or a room hibernates\n",
+            "                        (default 15000; 0 = never)\n",
             "environment: CHAT_HOST, CHAT_TCP_PORT, CHAT_HTTP_PORT\n")
   os.exit(code)
 end
@@ -48,7 +51,8 @@ local opts = {
   http_port = port(os.getenv("CHAT_HTTP_PORT") or "8080", "HTTP"),
 }
 local LIMITS = { ["--max-behind"] = "max_behind", ["--max-output"] = "max_output",
-                 ["--max-stall"] = "max_stall", ["--room-backlog"] = "room_backlog" }
+                 ["--max-stall"] = "max_stall", ["--room-backlog"] = "room_backlog",
+                 ["--hibernate-after"] = "hibernate_after" }
 local i = 1
 while i <= #arg do
   local a, v = arg[i], arg[i + 1]

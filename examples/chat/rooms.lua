@@ -32,6 +32,14 @@
 --                    {op = "room", room = name, from = p, tag = t} -> {room = t, pid = room or false}
 --                    {op = "idle", room = pid, joins = n}            (from an empty room)
 --
+-- An idle room hibernates: after `hibernate_after` ms without a message
+-- (chat.start's option) it drops its Lua state and keeps only its table
+-- (name, members, monitor refs, join count), copied; its next message
+-- rebuilds a state and room_loop goes on with that table. The monitors
+-- belong to the process, so a member that ends while the room hibernates
+-- still sends it a DOWN, which wakes it. The registry is one process and
+-- always busy when anybody joins: it does not hibernate.
+--
 -- A room never waits on its members: it sends with mb.send, which only
 -- queues, and a member that does not keep up drops itself (user.lua). Nor
 -- may a stray message end a room or the registry, which everybody shares:
@@ -52,25 +60,32 @@ local function broadcast(list, line, except)
   end
 end
 
--- The body of a room process.
-local function room_main(name, registry)
-  local members = {}   -- pid -> {nick = n, ref = monitor ref}
-  local order = {}     -- member pids in join order (for /who and broadcasts)
-  local joins = 0      -- joins received, compared by the registry before a stop
-
-  local function remove(pid)
-    local m = members[pid]
-    if not m then return end
-    members[pid] = nil
-    for i = 1, #order do
-      if order[i] == pid then table.remove(order, i) break end
-    end
-    broadcast(order, "* " .. m.nick .. " left " .. name)
-    if #order == 0 then mb.send(registry, { op = "idle", room = mb.self(), joins = joins }) end
+-- Removes member pid from room r, telling the others.
+local function remove(r, pid)
+  local m = r.members[pid]
+  if not m then return end
+  r.members[pid] = nil
+  local order = r.order
+  for i = 1, #order do
+    if order[i] == pid then table.remove(order, i) break end
   end
+  broadcast(order, "* " .. m.nick .. " left " .. r.name)
+  if #order == 0 then mb.send(r.registry, { op = "idle", room = mb.self(), joins = r.joins }) end
+end
 
+-- A room's loop over its table r (see room_main); also where a hibernated
+-- room wakes.
+local function room_loop(r)
+  local name, members, order = r.name, r.members, r.order
   while true do
-    local msg = mb.receive()
+    local msg
+    if r.hibernate_after then
+      msg = mb.receive(r.hibernate_after)
+      -- r holds only strings, numbers, pids and refs: it can be copied.
+      if msg == nil then mb.hibernate(room_loop, r) end
+    else
+      msg = mb.receive()
+    end
     if type(msg) ~= "table" then msg = {} end   -- not ours: ignore it
     local op = msg.op
     if op == "say" then
@@ -81,7 +96,7 @@ local function room_main(name, registry)
     elseif op == "join" and not (mb.is_pid(msg.pid) and type(msg.nick) == "string") then
       -- Garbled: ignore it (a real join always has both).
     elseif op == "join" then
-      joins = joins + 1
+      r.joins = r.joins + 1
       local pid = msg.pid
       if members[pid] then
         members[pid].nick = msg.nick
@@ -95,11 +110,11 @@ local function room_main(name, registry)
       local m = members[msg.pid]
       if m then
         mb.demonitor(m.ref, true)
-        remove(msg.pid)
+        remove(r, msg.pid)
       end
     elseif msg.event == "DOWN" then
       local m = members[msg.pid]
-      if m and m.ref == msg.ref then remove(msg.pid) end
+      if m and m.ref == msg.ref then remove(r, msg.pid) end
     elseif op == "nick" then
       local m = members[msg.pid]
       if m and type(msg.nick) == "string" then m.nick = msg.nick end
@@ -118,11 +133,21 @@ local function room_main(name, registry)
   end
 end
 
+-- The body of a room process; hibernate_after: ms, or nil for never.
+local function room_main(name, registry, hibernate_after)
+  return room_loop({
+    name = name, registry = registry, hibernate_after = hibernate_after,
+    members = {},   -- pid -> {nick = n, ref = monitor ref}
+    order = {},     -- member pids in join order (for /who and broadcasts)
+    joins = 0,      -- joins received, compared by the registry before a stop
+  })
+end
+
 -- The body of the registry process. It traps exits: a room that crashes is
 -- forgotten (its members see it go through their monitors), and when the
 -- registry's parent (the chat's supervisor) stops it, it ends with the same
 -- reason, which takes the rooms down with it.
-local function registry_main(parent, starter)
+local function registry_main(parent, starter, hibernate_after)
   mb.trap_exit(true)
   local by_name = {}   -- room name -> {pid = room, joins = joins forwarded}
   local by_pid = {}    -- room pid -> room name
@@ -140,7 +165,7 @@ local function registry_main(parent, starter)
     if op == "join" then
       local r = by_name[msg.room]
       if not r then
-        r = { pid = mb.spawn_link(room_main, msg.room, mb.self()), joins = 0 }
+        r = { pid = mb.spawn_link(room_main, msg.room, mb.self(), hibernate_after), joins = 0 }
         by_name[msg.room] = r
         by_pid[r.pid] = msg.room
       end
@@ -184,9 +209,11 @@ local function registry_main(parent, starter)
 end
 
 -- Start a registry linked to the caller (for a supervisor's start function)
--- and register it under `name` if given. Returns its pid once it is ready.
-function rooms.start_registry(name)
-  local pid = mb.spawn_link(registry_main, mb.self(), mb.self())
+-- and register it under `name` if given; its rooms hibernate after
+-- `hibernate_after` ms without a message (nil: never). Returns its pid once
+-- it is ready.
+function rooms.start_registry(name, hibernate_after)
+  local pid = mb.spawn_link(registry_main, mb.self(), mb.self(), hibernate_after)
   local ok = mb.receive(function(m) return type(m) == "table" and m.registry_ready == pid end, 5000)
   if not ok then mb.exit(pid, "kill") return nil, "the room registry did not start" end
   if name then mb.register(name, pid) end

@@ -51,6 +51,18 @@
 -- mailbox stays near max_behind messages and its socket's queue under
 -- max_output bytes; per room, the mailbox stays near room_backlog messages
 -- plus SAY_CHECK per talking user.
+--
+-- Idle users hibernate. Most connected users are silent most of the time,
+-- and an awake user process holds a Lua state (tens of KB) while it waits.
+-- A TCP user that got no message for `hibernate_after` ms (chat.start's
+-- option) calls mb.hibernate: its Lua state is dropped and only its session
+-- table is kept, copied, with tcp_loop as the continuation. The socket is in
+-- active mode, so the user's next line arrives as a message and wakes it,
+-- like a room's next line, a DOWN of its room or its own READ_MORE timer;
+-- tcp_wake makes st.out again (a closure over st, dropped rather than
+-- copied) and goes back into the loop, which finds the message queued.
+-- WebSocket users run in moonbeam.http's connection process, whose idle
+-- hibernation is moonbeam.http's business: ws_user does not hibernate.
 local mb = require "moonbeam"
 
 local user = {}
@@ -239,6 +251,12 @@ local function other(st, msg)
   end
 end
 
+-- Gives session st its st.out(line).
+local function with_out(st)
+  st.out = function(line) return write_line(st, line) end
+  return st
+end
+
 -- A session over `sock` (ws: whether it is a WebSocket, one line per
 -- message) with the limits of chat.start (nil fields: user.DEFAULTS).
 local function new_session(registry, sock, ws, limits)
@@ -249,7 +267,7 @@ local function new_session(registry, sock, ws, limits)
     if limits[k] ~= nil then v = limits[k] end
     st[k] = v
   end
-  st.out = function(line) return write_line(st, line) end
+  with_out(st)
   local reg = mb.whereis(registry)
   if reg then
     mb.send(reg, { op = "guest", pid = mb.self() })
@@ -304,16 +322,42 @@ local function resume(st)
   return true
 end
 
--- The body of a TCP user process. The acceptor makes this process the
--- socket's owner, then sends it {tcp_socket = sock}. limits: chat.start's.
-local function tcp_user(registry, limits)
-  local m = mb.receive(function(x) return type(x) == "table" and x.tcp_socket end, ANSWER_TIMEOUT)
-  if not m then return end
-  local sock = m.tcp_socket
-  local st = new_session(registry, sock, false, limits)
-  sock:set_active("once")
+-- -- A TCP user -------------------------------------------------------------
+
+local tcp_loop
+
+-- Where a hibernated TCP user goes on, in its new Lua state.
+local function tcp_wake(st)
+  return tcp_loop(with_out(st))
+end
+
+-- Hibernates the user (see DESIGN): never returns, unless its session
+-- cannot be copied, which would be a bug of this file; then the user says
+-- so on stderr and goes on awake, never hibernating again.
+local function hibernate(st)
+  st.out = nil
+  local _, err = pcall(mb.hibernate, tcp_wake, st)
+  with_out(st)
+  st.hibernate_after = nil
+  io.stderr:write("chat: user " .. tostring(mb.self()) .. " cannot hibernate: "
+                  .. tostring(err) .. "\n")
+end
+
+-- The next message of a TCP user; hibernates while none comes.
+local function next_message(st)
+  if not st.hibernate_after then return mb.receive() end
+  local msg = mb.receive(st.hibernate_after)
+  if msg ~= nil then return msg end
+  hibernate(st)
+  return mb.receive()
+end
+
+-- The TCP user's loop, until the session ends; its socket is in active
+-- mode, armed for the next read.
+tcp_loop = function(st)
+  local sock = st.sock
   while not st.done do
-    local msg = mb.receive()
+    local msg = next_message(st)
     local ev = type(msg) == "table" and msg.event
     if ev == "tcp" then
       st.rest = take_lines(st, st.rest, msg.data)
@@ -329,6 +373,18 @@ local function tcp_user(registry, limits)
   end
   leave(st)
   sock:close()
+end
+
+-- The body of a TCP user process. The acceptor makes this process the
+-- socket's owner, then sends it {tcp_socket = sock}. limits: chat.start's,
+-- with hibernate_after (ms, or nil for never).
+local function tcp_user(registry, limits)
+  local m = mb.receive(function(x) return type(x) == "table" and x.tcp_socket end, ANSWER_TIMEOUT)
+  if not m then return end
+  local st = new_session(registry, m.tcp_socket, false, limits)
+  st.hibernate_after = limits and limits.hibernate_after
+  st.sock:set_active("once")
+  return tcp_loop(st)
 end
 
 -- The body of a WebSocket user: runs in the HTTP connection's process, which

@@ -48,6 +48,24 @@
 -- the failure is not hidden behind "normal"), after a crash the crash stays
 -- the reason.
 --
+-- Hibernation. A server started with opts.hibernate_after = ms hibernates
+-- when no message came for ms, and one whose callback returns
+-- server.hibernate in place of the stop reason hibernates when the callback
+-- is done: mb.hibernate drops its Lua state and keeps only the
+-- continuation, woken(ctx, state). ctx holds everything the loop needs (the
+-- parent, the name for reports, the options, the callbacks table, or for a
+-- callbacks module only its name) and state is the user's state. The next
+-- message rebuilds a Lua state, where woken requires this module and goes
+-- on in wake: it loads the callbacks module again and enters the loop,
+-- which finds the message still queued and handles it as usual. Links,
+-- monitors, the registered name, aliases, trap_exit, sockets and timers
+-- belong to the process, not to its Lua state, so they stay. What does not
+-- stay: the process's globals and a callbacks module's module-level
+-- variables (the module is loaded afresh). A state that cannot be copied
+-- (it holds a coroutine) cannot hibernate: the server reports it once and
+-- goes on awake, trying again only after its next message (so a
+-- hibernate_after of 0 cannot spin on it).
+--
 -- Most functions here run in other processes: spawn copies the server's
 -- body, with every upvalue, into each new process.
 -- So unlike other modules this one reads standard functions as globals
@@ -67,6 +85,9 @@ local SHOW_MAX_CHARS = 400
 local SHOW_MAX_DEPTH = 4
 
 local CALLBACKS = { "init", "handle_call", "handle_cast", "handle_info", "terminate" }
+-- What handle_cast and handle_info return (after the reply, handle_call too),
+-- as the report of a bad return value says it.
+local STATE_RETURNS = "state[, stop_reason or server.hibernate]"
 
 -- handle_call may return server.noreply in place of a reply: the reply is
 -- then sent later with server.reply(from, value). The marker is compared by
@@ -76,6 +97,15 @@ server.noreply = { ["$moonbeam.server"] = "noreply" }
 
 local function is_noreply(v)
   return type(v) == "table" and v["$moonbeam.server"] == "noreply"
+end
+
+-- A callback may return server.hibernate where a stop reason goes: the
+-- server then hibernates once the callback is done (gen_server's
+-- {noreply, State, hibernate}). Compared by content, like noreply.
+server.hibernate = { ["$moonbeam.server"] = "hibernate" }
+
+local function is_hibernate(v)
+  return type(v) == "table" and v["$moonbeam.server"] == "hibernate"
 end
 
 -- -- Printing values in reports -------------------------------------------
@@ -95,6 +125,10 @@ local function show(v)
     if t == "string" then
       put((string.format("%q", x):gsub("\\\n", "\\n")))
     elseif t == "table" then
+      local marker = x["$moonbeam.server"]
+      if (marker == "noreply" or marker == "hibernate") and next(x, next(x)) == nil then
+        put("server." .. marker) return
+      end
       if seen[x] then put("<cycle>") return end
       if depth >= SHOW_MAX_DEPTH then put("{...}") return end
       seen[x] = true
@@ -155,19 +189,34 @@ local function catch(e)
   return { err = e, traceback = table.concat(lines, "\n") }
 end
 
+local function bad_return(name, what, expected, why)
+  error({
+    ["$moonbeam.server"] = "bad_return",
+    reason = "bad return value from " .. name .. ": " .. what,
+    expected = name .. " must return " .. expected .. " (" .. why .. ")",
+  }, 0)
+end
+
 -- Passes on the results of callback `name` if there are at least `min` of
 -- them, else raises its bad return value: the reason is
 -- "bad return value from <name>: <what it returned>", where what it returned
--- is "nothing" or the one value it returned, as show() prints it.
+-- is "nothing" or the one value it returned, as show() prints it. The
+-- server.hibernate marker among the first `min` (a reply or a state) is a
+-- bad return value too: `return server.hibernate` for `return state,
+-- server.hibernate` would otherwise make the marker the state.
 local function returned(name, min, expected, ...)
   local n = select("#", ...)
-  if n >= min then return ... end
-  error({
-    ["$moonbeam.server"] = "bad_return",
-    reason = "bad return value from " .. name .. ": " .. (n == 0 and "nothing" or show((...))),
-    expected = name .. " must return " .. expected .. " (it returned "
-               .. (n == 0 and "no value" or n == 1 and "1 value" or n .. " values") .. ")",
-  }, 0)
+  if n < min then
+    bad_return(name, n == 0 and "nothing" or show((...)), expected,
+               "it returned " .. (n == 0 and "no value" or n == 1 and "1 value" or n .. " values"))
+  end
+  for i = 1, min do
+    if is_hibernate((select(i, ...))) then
+      bad_return(name, "server.hibernate", expected,
+                 "server.hibernate in place of the " .. (i < min and "reply" or "state"))
+    end
+  end
+  return ...
 end
 
 -- An error value or exit reason as text, the way the runtime's crash
@@ -286,6 +335,16 @@ local function system(ctx, msg)
   end
 end
 
+-- What a callback's last value asks for: a stop reason (returned), or
+-- server.hibernate (ctx.hibernate_now, for the loop), or nothing.
+local function after(ctx, stop)
+  if is_hibernate(stop) then
+    ctx.hibernate_now = true
+    return nil
+  end
+  return stop
+end
+
 -- Handles one message; runs under xpcall. Returns a stop reason or nil.
 local function handle(ctx, msg)
   local cb = ctx.cb
@@ -295,19 +354,19 @@ local function handle(ctx, msg)
       if cb.handle_call == nil then
         error("server has no handle_call callback (request " .. show(msg.req) .. ")", 0)
       end
-      local reply, state, stop = returned("handle_call", 2, "reply, state[, stop_reason]",
+      local reply, state, stop = returned("handle_call", 2, "reply, " .. STATE_RETURNS,
                                           cb.handle_call(msg.req, msg.from, ctx.state))
       ctx.state = state
       if not is_noreply(reply) then send_reply(msg.from, reply) end
-      return stop
+      return after(ctx, stop)
     elseif tag == "$cast" then
       if cb.handle_cast == nil then
         error("server has no handle_cast callback (message " .. show(msg.msg) .. ")", 0)
       end
-      local state, stop = returned("handle_cast", 1, "state[, stop_reason]",
+      local state, stop = returned("handle_cast", 1, STATE_RETURNS,
                                    cb.handle_cast(msg.msg, ctx.state))
       ctx.state = state
-      return stop
+      return after(ctx, stop)
     elseif tag == "$stop" then
       return msg.reason
     elseif msg.event == "EXIT" and msg.pid == ctx.parent then
@@ -320,10 +379,10 @@ local function handle(ctx, msg)
     report(ctx, { ctx.origin, "unexpected message dropped (no handle_info): " .. show(msg) })
     return nil
   end
-  local state, stop = returned("handle_info", 1, "state[, stop_reason]",
+  local state, stop = returned("handle_info", 1, STATE_RETURNS,
                                cb.handle_info(msg, ctx.state))
   ctx.state = state
-  return stop
+  return after(ctx, stop)
 end
 
 -- Ends the server: runs terminate(reason, state), prints the report of an
@@ -362,9 +421,91 @@ local function finish(ctx, reason, caught)
   return mb.exit(exit_reason)
 end
 
-local function loop(ctx)
+-- -- Hibernation (see DESIGN) ---------------------------------------------
+
+-- Loads a callbacks module: returns its table, or nil and what is wrong.
+local function load_callbacks(name)
+  local ok, m = pcall(require, name)
+  if not ok then
+    return nil, "cannot load callbacks module '" .. name .. "': " .. tostring(m)
+  elseif type(m) ~= "table" then
+    return nil, "callbacks module '" .. name .. "' returned " .. type(m)
+                .. ", not a table of functions"
+  end
+  return check_callbacks(m, "callbacks module '" .. name .. "': field")
+end
+
+local loop
+
+-- Where a hibernated server goes on, in its new Lua state (through woken,
+-- below). The message that woke it is still queued for the loop.
+local function wake(ctx, state)
+  ctx.state = state
+  if ctx.module then
+    -- The module is loaded again, as the new state has none loaded.
+    local cb, err = load_callbacks(ctx.module)
+    if not cb then
+      report(ctx, { ctx.origin, "cannot wake from hibernation: " .. err, "state: " .. show(state) })
+      return mb.exit(err)
+    end
+    ctx.cb = cb
+  end
+  return loop(ctx)
+end
+
+-- The continuation itself: a function with no upvalues, which loads this
+-- module in the new state and goes on in its wake. Hibernating into wake
+-- directly would copy every function it reaches (the loop, the handlers,
+-- the report printer: some 25 functions) into each hibernated server,
+-- twice the memory, and re-intern their bytecode at every hibernation; a
+-- require from the host's module cache costs about as much as decoding them.
+local function woken(ctx, state)
+  return require("moonbeam.server")["$wake"](ctx, state)
+end
+
+-- mb.hibernate's error for a value it cannot copy, in the server's words:
+-- arg 1 is ctx, arg 2 the state.
+local function uncopyable(err)
+  err = tostring(err):gsub("^hibernate: ", "")
+  local n = 0
+  err, n = err:gsub("^arg 2", "state", 1)
+  if n == 0 then err = err:gsub("^arg 1%.cb", "callbacks", 1) end
+  return err
+end
+
+-- Hibernates the server: never returns, unless the continuation cannot be
+-- copied (the state holds a coroutine, say). Then it reports why, once for
+-- the same reason, and returns: the server goes on awake, and the loop
+-- does not try again before the next message.
+local function hibernate(ctx)
+  local state, cb, last, failed = ctx.state, ctx.cb, ctx.last, ctx.hibernate_failed
+  -- The last message only serves reports of the message being handled;
+  -- the callbacks of a module are loaded again on wake.
+  ctx.state, ctx.last, ctx.hibernate_failed = nil, nil, nil
+  if ctx.module then ctx.cb = nil end
+  local _, err = pcall(mb.hibernate, woken, ctx, state)
+  ctx.state, ctx.cb, ctx.last = state, cb, last
+  ctx.stay_awake = true
+  err = uncopyable(err)
+  if err ~= failed then
+    report(ctx, { ctx.origin, "cannot hibernate, going on awake: " .. err })
+  end
+  ctx.hibernate_failed = err
+end
+
+loop = function(ctx)
   while true do
-    local msg = mb.receive()
+    local msg
+    if ctx.hibernate_after and not ctx.stay_awake then
+      msg = mb.receive(ctx.hibernate_after)
+      if msg == nil then
+        hibernate(ctx)   -- returns only if it could not
+        msg = mb.receive()
+      end
+    else
+      msg = mb.receive()
+    end
+    ctx.stay_awake = nil
     local bad = type(msg) == "table" and malformed(msg)
     if bad then
       report(ctx, { ctx.origin, "dropped a malformed " .. msg.tag .. " message (" .. bad .. "): "
@@ -376,6 +517,10 @@ local function loop(ctx)
       local ok, r = xpcall(handle, catch, ctx, msg)
       if not ok then return finish(ctx, r.err, r) end
       if r ~= nil then return finish(ctx, r) end
+      if ctx.hibernate_now then
+        ctx.hibernate_now = nil
+        hibernate(ctx)
+      end
     end
   end
 end
@@ -402,29 +547,24 @@ local function origin(callbacks)
 end
 
 local function run_init(cb, arg)
-  return returned("init", 1, "a state, or nil and an error", cb.init(arg))
+  return returned("init", 1, "a state[, server.hibernate], or nil and an error", cb.init(arg))
 end
 
 -- The body of a server process.
-local function server_main(parent, callbacks, arg, name)
+local function server_main(parent, callbacks, arg, name, hibernate_after)
   local self = mb.self()
   local ctx = {
     parent = parent,
+    hibernate_after = hibernate_after,
     head = tostring(self) .. (name and (" registered as " .. name) or ""),
     origin = "server callbacks: " .. origin(callbacks),
   }
   local cb = callbacks
   if type(callbacks) == "string" then
-    local ok, m = pcall(require, callbacks)
-    if not ok then
-      return init_failed(parent, "cannot load callbacks module '" .. callbacks .. "': " .. tostring(m))
-    elseif type(m) ~= "table" then
-      return init_failed(parent, "callbacks module '" .. callbacks
-                         .. "' returned " .. type(m) .. ", not a table of functions")
-    end
     local bad
-    cb, bad = check_callbacks(m, "callbacks module '" .. callbacks .. "': field")
+    cb, bad = load_callbacks(callbacks)
     if not cb then return init_failed(parent, bad) end
+    ctx.module = callbacks
   end
   if name ~= nil then
     local ok, err = pcall(mb.register, name)
@@ -449,14 +589,19 @@ local function server_main(parent, callbacks, arg, name)
       })
       if caught.expected then return init_failed(parent, caught.err) end
       return init_failed(parent, "init failed: " .. tostring(caught.err))
-    elseif state == nil and err ~= nil then
+    elseif state == nil and err ~= nil and not is_hibernate(err) then
       return init_failed(parent, err)
     end
     ctx.state = state
+    ctx.hibernate_now = is_hibernate(err) or nil
   else
     ctx.state = arg
   end
   mb.send(parent, { tag = "$started", pid = self })
+  if ctx.hibernate_now then
+    ctx.hibernate_now = nil
+    hibernate(ctx)
+  end
   return loop(ctx)
 end
 
@@ -500,6 +645,14 @@ function server.start(callbacks, arg, opts)
     error("server.start: opts.link must be a boolean, got " .. type(opts.link), 2)
   end
   local timeout = check_timeout(opts.timeout, DEFAULT_TIMEOUT, "server.start")
+  local hibernate_after = opts.hibernate_after
+  if hibernate_after == false or hibernate_after == math.huge then
+    hibernate_after = nil
+  elseif hibernate_after ~= nil and (type(hibernate_after) ~= "number" or hibernate_after < 0
+                                     or hibernate_after ~= hibernate_after) then
+    error("server.start: opts.hibernate_after must be a non-negative number of ms (or false), got "
+          .. show(hibernate_after), 2)
+  end
   if name ~= nil then
     local owner = mb.whereis(name)
     if owner ~= nil then
@@ -508,7 +661,8 @@ function server.start(callbacks, arg, opts)
   end
 
   local spawn_opts = { link = opts.link or nil, monitor = true, max_memory = opts.max_memory }
-  local ok, pid, ref = pcall(mb.spawn_opt, spawn_opts, server_main, mb.self(), callbacks, arg, name)
+  local ok, pid, ref = pcall(mb.spawn_opt, spawn_opts, server_main, mb.self(), callbacks, arg, name,
+                             hibernate_after)
   if not ok then error("server.start: " .. tostring(pid), 2) end
 
   local msg = receive(function(m)
@@ -667,5 +821,8 @@ end
 -- For moonbeam.supervisor and for reports of user code: the printer used in
 -- crash reports (one line, bounded length).
 server.show = show
+
+-- For hibernated servers only (see woken).
+server["$wake"] = wake
 
 return server
