@@ -50,6 +50,7 @@
  * only state outside the two lua_States is the thread-local `inflight`
  * record below.
  */
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -136,11 +137,24 @@ static _Thread_local struct {
 } inflight;
 
 /* lua_dump writes a function's bytecode here before it is interned; one
- * buffer per thread, kept between encodes. */
+ * buffer per thread, kept between encodes and freed when the thread ends
+ * (a key's destructor). */
 static _Thread_local struct {
   unsigned char *p;
   size_t len, cap;
 } scratch;
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+
+static void scratch_free(void *p)
+{
+  free(p);
+}
+
+static void scratch_key_init(void)
+{
+  pthread_key_create(&scratch_key, scratch_free);
+}
 
 /* -- Error text ---------------------------------------------------------- */
 
@@ -683,6 +697,8 @@ static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud)
     unsigned char *np = realloc(scratch.p, cap);
     if (np == NULL)
       return 1;
+    pthread_once(&scratch_once, scratch_key_init);
+    pthread_setspecific(scratch_key, np);
     scratch.p = np;
     scratch.cap = cap;
   }

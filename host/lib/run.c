@@ -220,6 +220,13 @@ static mb_msg_t *oom_reason(mb_proc_t *p)
 static mb_msg_t *wake_failed(mb_proc_t *p, lua_State *L, int status,
                              const char *fallback)
 {
+  if (p->exit_reason) {
+    /* Killed meanwhile (the hook unwound the call): that is the reason. */
+    lua_pop(L, 1);
+    mb_msg_t *m = p->exit_reason;
+    p->exit_reason = NULL;
+    return m;
+  }
   if (p->alloc.oom || status == LUA_ERRMEM)
     return oom_reason(p);
   return pop_reason(L, fallback);
