@@ -522,10 +522,10 @@ static int encode(const mb_msg_t *msg, int flags, char *out, char *err, size_t e
     err[0] = '\0';
   if (msg->nvalues < 1)
     return efail(&e, "empty message");
-  if (ei_encode_version(out, &e.idx) < 0)
+  if (!(flags & MB_ETF_BARE) && ei_encode_version(out, &e.idx) < 0)
     return -1;
   size_t pos = 0;
-  if (enc_value(&e, &pos, flags) < 0)
+  if (enc_value(&e, &pos, flags & MB_ETF_REASON) < 0)
     return -1;
   return e.idx;
 }
@@ -706,13 +706,16 @@ static int check_n(chk_t *c, int depth, uint64_t n)
   return 0;
 }
 
-/* Check the versioned term at *idx; 1 if it holds something unsupported. */
-static int check(const char *buf, long len, long *idx)
+/* Check the term at *idx (versioned unless bare); 1 if it holds something
+ * unsupported. */
+static int check(const char *buf, long len, long *idx, int bare)
 {
   chk_t c = {(const unsigned char *)buf, len, *idx, 0};
-  if (need(&c, 1) < 0 || c.p[c.i] != 131)
-    return MB_ETF_MALFORMED;
-  c.i++;
+  if (!bare) {
+    if (need(&c, 1) < 0 || c.p[c.i] != (unsigned char)131)
+      return MB_ETF_MALFORMED;
+    c.i++;
+  }
   if (check_term(&c, 0) < 0)
     return MB_ETF_MALFORMED;
   *idx = c.i;
@@ -721,7 +724,7 @@ static int check(const char *buf, long len, long *idx)
 
 int mb_etf_check(const char *buf, long len, long *idx)
 {
-  int rc = check(buf, len, idx);
+  int rc = check(buf, len, idx, 0);
   return rc < 0 ? rc : 0;
 }
 
@@ -895,7 +898,8 @@ int mb_etf_decode(const char *buf, long len, long *idx, int flags, mb_msg_t **ou
 {
   *out = NULL;
   long start = *idx, end = start;
-  int rc = check(buf, len, &end);
+  int bare = (flags & MB_ETF_BARE) != 0;
+  int rc = check(buf, len, &end, bare);
   if (rc < 0)
     return rc;
   *idx = end;
@@ -905,12 +909,12 @@ int mb_etf_decode(const char *buf, long len, long *idx, int flags, mb_msg_t **ou
     return MB_ETF_MALFORMED;
   /* ei's decoders take an int index: decode from the term's own start. */
   dec_t d;
-  d.buf = buf + start + 1;
+  d.buf = buf + start + !bare;
   d.i = 0;
   size_t hint = (size_t)(end - start) * 2 + 16;
   mb_msgb_init(&d.b, hint < 65536 ? hint : 65536);
-  rc = dec_term(&d, flags | TOP);
-  if (rc == 0 && d.i != end - start - 1)
+  rc = dec_term(&d, (flags & MB_ETF_REASON) | TOP);
+  if (rc == 0 && d.i != end - start - !bare)
     rc = MB_ETF_MALFORMED;
   if (rc == 0 && d.b.len > MB_COPY_MAX_BYTES)
     rc = MB_ETF_MALFORMED;

@@ -59,8 +59,10 @@
 #define MB_ETF_MALFORMED (-1)
 #define MB_ETF_UNSUPPORTED (-2)
 
-/* Flags: the value is an exit reason (see DESIGN). */
+/* Flags: the value is an exit reason (see DESIGN); the term has no version
+ * byte (a reason inside a control message). */
 #define MB_ETF_REASON 1
+#define MB_ETF_BARE 2
 
 /* This node's name (an atom) and creation. */
 void mb_etf_set_node(uint32_t node_atom, uint32_t creation);

@@ -12,6 +12,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "dist.h"
 #include "io.h"
 #include "lauxlib.h"
 #include "lib.h"
@@ -20,6 +21,7 @@
 #include "run.h"
 #include "scheduler.h"
 #include "sock.h"
+#include "term.h"
 #include "timer.h"
 
 #define MB_VERSION "0.1.0"
@@ -34,6 +36,7 @@ typedef struct cli {
 } cli_t;
 
 static cli_t cli;
+static mb_dist_opts_t dist;
 
 static void usage(FILE *f)
 {
@@ -46,6 +49,11 @@ static void usage(FILE *f)
     "  --reductions N   Reductions per time slice before a process is\n"
     "                   preempted (default 500, about 0.2 ms; one reduction is\n"
     "                   about 100 VM instructions); 0 turns preemption off.\n"
+    "  --sname NAME     Make the host a node of an Erlang cluster named\n"
+    "                   NAME@<short host name> (as erl -sname).\n"
+    "  --name NAME@HOST Make the host a node with a long name (as erl -name).\n"
+    "  --cookie COOKIE  The cluster's secret (default: ~/.erlang.cookie,\n"
+    "                   created as erl does when missing).\n"
     "  -h, --help       Show this help.\n"
     "Options as in luajit:\n"
     "  -e chunk  Execute string 'chunk'.\n"
@@ -86,7 +94,20 @@ static void parse(int argc, char **argv, mb_sched_opts_t *o)
       o->slice_reds = parse_int(argv[++i], a, 0);
     else if (strncmp(a, "--reductions=", 13) == 0)
       o->slice_reds = parse_int(a + 13, "--reductions", 0);
-    else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
+    else if (strcmp(a, "--sname") == 0 || strcmp(a, "--name") == 0) {
+      if (i + 1 >= argc) {
+        fprintf(stderr, "moonbeam: %s needs a node name\n", a);
+        exit(1);
+      }
+      dist.name = argv[++i];
+      dist.longnames = a[2] == 'n';
+    } else if (strcmp(a, "--cookie") == 0) {
+      if (i + 1 >= argc || argv[i + 1][0] == '\0') {
+        fprintf(stderr, "moonbeam: --cookie needs a cookie\n");
+        exit(1);
+      }
+      dist.cookie = argv[++i];
+    } else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
       usage(stdout);
       exit(0);
     } else if (a[0] != '-') {
@@ -195,12 +216,23 @@ int main(int argc, char **argv)
   }
   /* The subsystems, bottom up: each registers its hooks with the layers
    * below it (see host/LAYERS). */
+  mb_term_init();
   mb_reg_init();
   mb_io_init();
   mb_timer_init();
   mb_sock_init();
   mb_lib_init();
   mb_sched_on_empty_install();
+  if (dist.name) {
+    char err[256];
+    if (mb_dist_start(&dist, err, sizeof err) < 0) {
+      fprintf(stderr, "moonbeam: %s\n", err);
+      return 1;
+    }
+  } else if (dist.cookie) {
+    fprintf(stderr, "moonbeam: --cookie needs --sname or --name\n");
+    return 1;
+  }
   mb_proc_t *p;
   rc = mb_proc_new(0, &p);
   if (rc) {
