@@ -628,6 +628,62 @@ static mb_pid_t proc_or_name(const char *data, int *i, uint32_t *name, int *bad)
   return mb_id_is_remote(pid) ? 0 : pid;
 }
 
+/* net_adm:ping(Node) calls net_kernel on Node with {is_auth, Peer}: a
+ * connection that exists passed the cookie check, so the answer is yes,
+ * which we give here when no process of ours is registered as net_kernel.
+ * The message at data[idx] is checked already. */
+static void answer_net_kernel(conn_t *c, const char *data, long len, long idx)
+{
+  int i = (int)idx, v, n;
+  char atom[MAXATOMLEN_UTF8];
+  mb_pid_t from;
+  if (ei_decode_version(data, &i, &v) < 0 || ei_decode_tuple_header(data, &i, &n) < 0 ||
+      n != 3 || ei_decode_atom(data, &i, atom) < 0 || strcmp(atom, "$gen_call") != 0 ||
+      ei_decode_tuple_header(data, &i, &n) < 0 || n != 2 ||
+      mb_etf_get_pid(data, &i, &from) < 0)
+    return;
+  int tag = i;
+  if (ei_skip_term(data, &i) < 0 || ei_decode_tuple_header(data, &i, &n) < 0 || n != 2 ||
+      ei_decode_atom(data, &i, atom) < 0 || strcmp(atom, "is_auth") != 0)
+    return;
+  int tag_len = 0, k = tag;
+  ei_skip_term(data, &k);
+  tag_len = k - tag;
+  ctl_t x = {.op = OP_SEND, .to = from};
+  int csize = 0;
+  if (put_ctl(NULL, &csize, &x) < 0)
+    return;
+  /* {Tag, yes}: version, tuple header, the tag's own bytes, the atom. */
+  int msize = 0;
+  ei_encode_version(NULL, &msize);
+  ei_encode_tuple_header(NULL, &msize, 2);
+  msize += tag_len;
+  ei_encode_atom(NULL, &msize, "yes");
+  size_t flen = 1 + (size_t)csize + (size_t)msize;
+  frame_t *f = mb_malloc(sizeof *f + 4 + flen);
+  f->next = NULL;
+  f->len = 4 + flen;
+  unsigned char *p = (unsigned char *)f->data;
+  p[0] = (unsigned char)(flen >> 24);
+  p[1] = (unsigned char)(flen >> 16);
+  p[2] = (unsigned char)(flen >> 8);
+  p[3] = (unsigned char)flen;
+  p[4] = PASS_THROUGH;
+  int w = 0;
+  put_ctl(f->data + 5, &w, &x);
+  char *m = f->data + 5 + csize;
+  int j = 0;
+  ei_encode_version(m, &j);
+  ei_encode_tuple_header(m, &j, 2);
+  memcpy(m + j, data + tag, (size_t)tag_len);
+  j += tag_len;
+  ei_encode_atom(m, &j, "yes");
+  (void)len;
+  pthread_mutex_lock(&lock);
+  queue_locked(c, f);
+  pthread_mutex_unlock(&lock);
+}
+
 /* Handle one frame (len > 0); returns -1 if the connection must close. */
 static int handle_frame(conn_t *c, const char *data, long len)
 {
@@ -645,6 +701,7 @@ static int handle_frame(conn_t *c, const char *data, long len)
   mb_ref_t ref = 0;
   uint32_t name = 0;
   long idx = cend;
+
   switch (op) {
   case OP_SEND:
   case OP_SEND_SENDER:
@@ -667,6 +724,13 @@ static int handle_frame(conn_t *c, const char *data, long len)
       return -1;
     size_t n;
     to = rc == 0 ? mb_reg_whereis(mb_atom_name(name, &n)) : 0;
+    if (to == 0 && rc == 0 && strcmp(mb_atom_name(name, &n), "net_kernel") == 0) {
+      long end = idx;
+      if (mb_etf_check(data, len, &end) < 0 || end != len)
+        return -1;
+      answer_net_kernel(c, data, len, idx);
+      return 0;
+    }
     goto deliver;
   }
   case OP_LINK:
@@ -930,6 +994,7 @@ static int cb_write(void *ctx, const char *buf, ssize_t *len, unsigned tmo)
     memcpy(patched, buf, (size_t)*len);
     patched[buf[2] == 'N' ? 10 : 8] |= DFLAG_DIST_MONITOR_NAME;
     buf = patched;
+
   } else if (*len > (ssize_t)sizeof patched && (buf[2] == 'N' || buf[2] == 'n')) {
     char *p = malloc((size_t)*len);
     if (p == NULL)

@@ -74,12 +74,13 @@ int mb_etf_put_ref(char *buf, int *idx, mb_ref_t ref)
     memcpy(r.n, rr.n, sizeof r.n);
     r.creation = rr.creation;
   } else {
-    /* Our refs are 64-bit counters: two words, and a third that is 0 so
-     * that they have the length of Erlang's own. */
+    /* Our refs are 64-bit counters, laid out as Erlang's three words:
+     * the first holds only 18 bits (a node refuses a larger one). */
     snprintf(r.node, sizeof r.node, "%s", node_name(self_node));
     r.len = 3;
-    r.n[0] = (unsigned)(ref & 0xFFFFFFFFu);
-    r.n[1] = (unsigned)(ref >> 32);
+    r.n[0] = (unsigned)(ref & 0x3FFFFu);
+    r.n[1] = (unsigned)((ref >> 18) & 0xFFFFFFFFu);
+    r.n[2] = (unsigned)(ref >> 50);
     r.creation = self_creation;
   }
   return ei_encode_ref(buf, idx, &r) < 0 ? MB_EBADARG : 0;
@@ -161,8 +162,8 @@ int mb_etf_get_ref(const char *buf, int *idx, mb_ref_t *out)
   if (r.len < 1 || r.len > MB_REF_MAX_WORDS)
     return MB_ETF_MALFORMED;
   if (rr.node == self_node && self_node && r.creation == self_creation &&
-      r.len == 3 && r.n[2] == 0) {
-    *out = (mb_ref_t)r.n[1] << 32 | r.n[0];
+      r.len == 3 && r.n[0] < (1u << 18) && r.n[2] < (1u << 14)) {
+    *out = (mb_ref_t)r.n[2] << 50 | (mb_ref_t)r.n[1] << 18 | r.n[0];
     if (*out && !mb_id_is_remote(*out))
       return 0;
   }
