@@ -359,7 +359,7 @@ describe("distribution", function()
         mb.register("watcher")
         local p = mb.spawn(function() mb.receive(10000) mb.exit("lua_reason") end)
         mb.send({"ctl", e}, mb.tuple(mb.atom("lua"), p))
-        local v = mb.receive(10000)
+        local v = mb.receive(25000)
         local victim = v[2]
         print("victim", tostring(victim))
         mb.trap_exit(true)
