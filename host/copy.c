@@ -63,6 +63,7 @@
 #include "copy.h"
 #include "copy_format.h"
 #include "pid.h"
+#include "term.h"
 
 #define STR_(x) #x
 #define STR(x) STR_(x)
@@ -563,6 +564,29 @@ static int enter(enc_t *e)
   return 0;
 }
 
+/* A tuple (term.h): its elements 1..arity; other fields do not travel. */
+static int enc_tuple(enc_t *e, int idx, uint32_t arity)
+{
+  lua_State *L = e->L;
+  if (arity > MB_COPY_MAX_BYTES)
+    return too_large(e, e->len + arity);
+  if (reserve(e, 1 + 5) < 0)
+    return -1;
+  *out(e, 1) = T_TUPLE;
+  put_varint(e, arity);
+  pathseg_t *seg = &e->path[e->depth];
+  seg->kind = P_INDEX;
+  for (uint32_t i = 1; i <= arity; i++) {
+    seg->n = i;
+    lua_rawgeti(L, idx, (int)i);
+    if (enc_value(e, lua_gettop(L)) < 0)
+      return -1;
+    lua_pop(L, 1);
+  }
+  e->depth--;
+  return 0;
+}
+
 static int enc_table(enc_t *e, int idx)
 {
   lua_State *L = e->L;
@@ -572,6 +596,9 @@ static int enc_table(enc_t *e, int idx)
     return seen < 0 ? -1 : put_backref(e, first);
   if (enter(e) < 0)
     return -1;
+  uint32_t arity;
+  if (mb_tuple_test(L, idx, &arity))
+    return enc_tuple(e, idx, arity);
 
   size_t narr = lua_objlen(L, idx);
   if (narr > MB_COPY_MAX_BYTES)         /* at least a byte per element */

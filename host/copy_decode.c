@@ -15,6 +15,7 @@
 #include "copy.h"
 #include "copy_format.h"
 #include "pid.h"
+#include "term.h"
 
 /* -- Decoder ------------------------------------------------------------- */
 
@@ -155,6 +156,24 @@ static void dec_table(dec_t *d, unsigned tag, size_t at)
   d->depth--;
 }
 
+static void dec_tuple(dec_t *d, unsigned tag, size_t at)
+{
+  lua_State *L = d->L;
+  uint32_t n = rd_varint(d);
+  if (n > (size_t)(d->end - d->p))     /* a byte per element at least */
+    corrupt(d);
+  dec_enter(d);
+  lua_createtable(L, (int)n, 1);
+  mb_tuple_make(L, -1, n);
+  if (tag & T_SHARED)
+    remember(d, at);
+  for (uint32_t i = 1; i <= n; i++) {
+    dec_value(d);
+    lua_rawseti(L, -2, (int)i);
+  }
+  d->depth--;
+}
+
 static void dec_function(dec_t *d, unsigned tag, size_t at)
 {
   lua_State *L = d->L;
@@ -246,6 +265,10 @@ static void dec_value(dec_t *d)
   case T_FUNCTION:
   case T_FUNCTION | T_SHARED:
     dec_function(d, tag, at);
+    return;
+  case T_TUPLE:
+  case T_TUPLE | T_SHARED:
+    dec_tuple(d, tag, at);
     return;
   case T_BACKREF: {
     uint32_t off = rd_varint(d);

@@ -33,8 +33,11 @@
  *                       upvalue is the same variable as upvalue n of that
  *                       function (two closures over one local), and the
  *                       decoder joins them (lua_upvaluejoin)
- *   0x0D socket, 0x0E timer, ...: id kinds, as 0x07
- *   0x20 flag "shared"  or'ed into 0x05, 0x06, 0x0A or 0x0B when a later
+ *   0x0D socket, 0x0E timer, 0x0F atom, ...: id kinds, as 0x07
+ *   0x40 tuple          varint n, then n values (elements 1..n, nil for
+ *                       holes): a table with the tuple metatable (term.h)
+ *                       and field n = n
+ *   0x20 flag "shared"  or'ed into 0x05, 0x06, 0x0A, 0x0B or 0x40 when a later
  *                       back-reference points at this object; only those
  *                       objects are remembered by the decoder, so a message
  *                       without sharing costs the decoder nothing extra.
@@ -59,6 +62,7 @@ enum {
   T_CFIELD = 0x0B,
   T_UPJOIN = 0x0C,
   T_SHARED = 0x20,
+  T_TUPLE = 0x40,
   T_SHORTSTR = 0x80,
 };
 #define SHORTSTR_MAX 0x7F

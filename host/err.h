@@ -25,7 +25,10 @@
   XX(NOMEM, "out of memory", "not enough memory")                           \
   XX(TOOMANY, "too many", "a table of the host is full")                    \
   XX(TIMEOUT, "timeout", "timed out")                                       \
-  XX(BADADDR, "bad address", "not a numeric address, localhost or *")
+  XX(BADADDR, "bad address", "not a numeric address, localhost or *")      \
+  XX(BADARG, "bad argument", "bad argument")                                \
+  XX(NOCONN, "noconnection", "no connection to the node")                   \
+  XX(NOTDIST, "not distributed", "this host is not a node (start it with --sname or --name)")
 
 enum {
   MB_ERR_FIRST_ = MB_ERR_BASE,

@@ -19,6 +19,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "dist.h"
 #include "io.h"
 #include "lauxlib.h"
 #include "lib.h"
@@ -27,6 +28,7 @@
 #include "run.h"
 #include "scheduler.h"
 #include "sock.h"
+#include "term.h"
 #include "timer.h"
 
 #define MB_VERSION "0.1.0"
@@ -41,6 +43,7 @@ typedef struct cli {
 } cli_t;
 
 static cli_t cli;
+static mb_dist_opts_t dist;
 
 /* -- Seeds for LuaJIT's states without a system call each -------------------
  * lua_newstate seeds each new state's PRNG (LuaJIT's hardening: string
@@ -120,6 +123,11 @@ static void usage(FILE *f)
     "  --watchdog MS    Report a process that holds a scheduler longer than\n"
     "                   MS without a preemption point, and move that\n"
     "                   scheduler's other work away (default 1000; 0: off).\n"
+    "  --sname NAME     Make the host a node of an Erlang cluster named\n"
+    "                   NAME@<short host name> (as erl -sname).\n"
+    "  --name NAME@HOST Make the host a node with a long name (as erl -name).\n"
+    "  --cookie COOKIE  The cluster's secret (default: ~/.erlang.cookie,\n"
+    "                   created as erl does when missing).\n"
     "  -h, --help       Show this help.\n"
     "Options as in luajit:\n"
     "  -e chunk  Execute string 'chunk'.\n"
@@ -186,7 +194,20 @@ static void parse(int argc, char **argv, mb_sched_opts_t *o)
       o->watchdog_ms = parse_int(argv[++i], a, 0);
     else if (strncmp(a, "--watchdog=", 11) == 0)
       o->watchdog_ms = parse_int(a + 11, "--watchdog", 0);
-    else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
+    else if (strcmp(a, "--sname") == 0 || strcmp(a, "--name") == 0) {
+      if (i + 1 >= argc) {
+        fprintf(stderr, "moonbeam: %s needs a node name\n", a);
+        exit(1);
+      }
+      dist.name = argv[++i];
+      dist.longnames = a[2] == 'n';
+    } else if (strcmp(a, "--cookie") == 0) {
+      if (i + 1 >= argc || argv[i + 1][0] == '\0') {
+        fprintf(stderr, "moonbeam: --cookie needs a cookie\n");
+        exit(1);
+      }
+      dist.cookie = argv[++i];
+    } else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
       usage(stdout);
       exit(0);
     } else if (a[0] != '-') {
@@ -297,12 +318,23 @@ int main(int argc, char **argv)
   /* The subsystems, bottom up: each registers its hooks with the layers
    * below it (see host/LAYERS). */
   mb_alloc_reserve(MB_ALLOC_RESERVE);
+  mb_term_init();
   mb_reg_init();
   mb_io_init();
   mb_timer_init();
   mb_sock_init();
   mb_lib_init();
   mb_sched_on_empty_install();
+  if (dist.name) {
+    char err[256];
+    if (mb_dist_start(&dist, err, sizeof err) < 0) {
+      fprintf(stderr, "moonbeam: %s\n", err);
+      return 1;
+    }
+  } else if (dist.cookie) {
+    fprintf(stderr, "moonbeam: --cookie needs --sname or --name\n");
+    return 1;
+  }
   mb_proc_t *p;
   rc = mb_proc_new(0, &p);
   if (rc) {

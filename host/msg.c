@@ -133,6 +133,12 @@ void mb_msgb_table(mb_msgb_t *b, uint32_t narr, uint32_t nhash)
   put(b, &nhash, 4);
 }
 
+void mb_msgb_tuple(mb_msgb_t *b, uint32_t n)
+{
+  put_tag(b, T_TUPLE);
+  put_varint(b, n);
+}
+
 mb_msg_t *mb_msgb_finish(mb_msgb_t *b, uint32_t nvalues)
 {
   if (b->failed) {

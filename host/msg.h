@@ -86,6 +86,8 @@ void mb_msgb_cstring(mb_msgb_t *b, const char *s);
 /* An id value of a kind registered with the codec (pid.h). */
 void mb_msgb_id(mb_msgb_t *b, const struct mb_idkind *kind, uint64_t id);
 void mb_msgb_table(mb_msgb_t *b, uint32_t narr, uint32_t nhash);
+/* A tuple (term.h) of n elements: the n values follow. */
+void mb_msgb_tuple(mb_msgb_t *b, uint32_t n);
 mb_msg_t *mb_msgb_finish(mb_msgb_t *b, uint32_t nvalues);
 
 #endif

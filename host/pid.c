@@ -20,10 +20,30 @@ typedef struct {
   const mb_idkind_t *kind;
 } idbox_t;
 
+char *(*mb_id_format_remote)(char *buf, size_t n, uint64_t id, int is_ref);
+
+static char *format_remote(char *buf, size_t n, uint64_t id, int is_ref)
+{
+  if (mb_id_format_remote)
+    return mb_id_format_remote(buf, n, id, is_ref);
+  snprintf(buf, n, "%s<?.%" PRIu64 ">", is_ref ? "#Ref" : "", id & ~MB_ID_REMOTE);
+  return buf;
+}
+
 char *mb_pid_format(char *buf, size_t n, mb_pid_t pid)
 {
+  if (mb_id_is_remote(pid))
+    return format_remote(buf, n, pid, 0);
   snprintf(buf, n, "<0.%" PRIu64 ".%" PRIu64 ">",
            pid & MB_PID_SLOT_MASK, pid >> MB_PID_SLOT_BITS);
+  return buf;
+}
+
+char *mb_ref_format(char *buf, size_t n, mb_ref_t ref)
+{
+  if (mb_id_is_remote(ref))
+    return format_remote(buf, n, ref, 1);
+  snprintf(buf, n, "#Ref<0.%" PRIu64 ">", ref);
   return buf;
 }
 
@@ -38,9 +58,8 @@ static int pid_tostring(lua_State *L)
 static int ref_tostring(lua_State *L)
 {
   idbox_t *b = lua_touserdata(L, 1);
-  char buf[40];
-  snprintf(buf, sizeof buf, "#Ref<0.%" PRIu64 ">", b->id);
-  lua_pushstring(L, buf);
+  char buf[MB_PID_TEXT_MAX];
+  lua_pushstring(L, mb_ref_format(buf, sizeof buf, b->id));
   return 1;
 }
 

@@ -8,6 +8,13 @@
  * slot plus the slot's generation (see proc.h) and prints as <0.slot.gen>,
  * like Erlang's <0.N.0>; refs print as #Ref<0.N>. A number is never a pid.
  *
+ * Remote ids: a pid or ref of another node (dist.h) has MB_ID_REMOTE set;
+ * the rest of its id names an entry of the host-wide remote table
+ * (remote.h), interned, so two equal remote pids are one id and one Lua
+ * value like local ones. MB_ID_REMOTE is bit 52, the top bit of the 53 that
+ * a Lua number holds exactly (the intern tables key ids by number); a local
+ * pid reaches it only after 2^28 reuses of one process slot.
+ *
  * All functions here run on the thread that owns L.
  */
 #ifndef MB_PID_H
@@ -21,11 +28,25 @@ typedef uint64_t mb_pid_t;      /* 0 is never a valid pid */
 #define MB_PID_SLOT_BITS 24
 #define MB_PID_SLOT_MASK ((1u << MB_PID_SLOT_BITS) - 1)
 typedef uint64_t mb_ref_t;      /* 0 is never a valid ref */
+#define MB_ID_REMOTE ((uint64_t)1 << 52)
+
+/* Does id (a pid or ref) name something on another node? */
+static inline int mb_id_is_remote(uint64_t id)
+{
+  return (id & MB_ID_REMOTE) != 0;
+}
 
 /* Write "<0.slot.gen>" for pid into buf (n >= MB_PID_TEXT_MAX); returns buf.
  * The one place the text of a pid is made. Any thread. */
-#define MB_PID_TEXT_MAX 40
+#define MB_PID_TEXT_MAX 64
 char *mb_pid_format(char *buf, size_t n, mb_pid_t pid);
+/* The text of a remote pid or ref (is_ref), set by the layer that owns
+ * remote ids (dist.c) at start-up: Erlang's <N.num.serial>. Unset, a remote
+ * id prints as <?.id>. */
+extern char *(*mb_id_format_remote)(char *buf, size_t n, uint64_t id, int is_ref);
+/* Write "#Ref<0.N>" (local) or the remote text for ref into buf
+ * (n >= MB_PID_TEXT_MAX); returns buf. */
+char *mb_ref_format(char *buf, size_t n, mb_ref_t ref);
 
 /* Push the (interned) pid value for id. */
 void mb_pid_push(lua_State *L, mb_pid_t pid);
@@ -61,6 +82,7 @@ typedef struct mb_idkind {
 #define MB_TAG_REF 0x08
 #define MB_TAG_SOCKET 0x0D
 #define MB_TAG_TIMER 0x0E
+#define MB_TAG_ATOM 0x0F
 #define MB_TAG_KIND_MAX 0x1F
 
 /* The kinds defined here (registered from the start). */

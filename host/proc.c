@@ -114,6 +114,9 @@ static mb_msg_t *host_reason(const char *s)
   return mb_must(mb_msg_string(s));
 }
 
+/* Remote pids go to the distribution layer's hooks (below). */
+static void remote_send(mb_pid_t to, mb_msg_t *m);
+
 /* -- Lifetime ------------------------------------------------------------- */
 
 static void linkset_free(mb_linkset_t *s)
@@ -289,6 +292,10 @@ void mb_proc_push(mb_proc_t *p, mb_msg_t *msg)
 
 void mb_proc_send(mb_pid_t pid, mb_msg_t *msg)
 {
+  if (mb_id_is_remote(pid)) {
+    remote_send(pid, msg);
+    return;
+  }
   mb_proc_t *p = mb_proc_get(pid);
   if (p == NULL) {
     mb_msg_free(msg);
@@ -424,6 +431,116 @@ int mb_proc_drain(mb_proc_t *p)
   return p->exit_reason != NULL;
 }
 
+/* -- Remote pids (see proc.h; the distribution layer sets the hooks) ------- */
+
+void (*mb_proc_remote_send)(mb_pid_t to, mb_msg_t *m);
+void (*mb_proc_remote_link)(mb_pid_t self, mb_pid_t remote, int on);
+void (*mb_proc_remote_monitor)(mb_pid_t self, mb_pid_t remote, mb_ref_t ref, int on);
+
+static void remote_send(mb_pid_t to, mb_msg_t *m)
+{
+  if (mb_proc_remote_send)
+    mb_proc_remote_send(to, m);
+  else
+    mb_msg_free(m);
+}
+
+static void remote_link_exit(mb_pid_t to, mb_pid_t from, mb_msg_t *reason)
+{
+  reason->kind = MB_MSG_LINK_EXIT;
+  reason->from = from;
+  remote_send(to, reason);
+}
+
+/* A link to a remote pid is added on this side at once; the distribution
+ * layer tells the other node, and an exit signal "noconnection" comes back
+ * if the node cannot be reached (as in Erlang, a remote link never fails). */
+static int remote_link(mb_proc_t *self, mb_pid_t pid)
+{
+  if (mb_proc_remote_link == NULL)
+    return MB_ENOPROC;
+  mb_proc_lock(self);
+  int had = linkset_has(&self->links, pid);
+  if (!had)
+    linkset_add(&self->links, pid, 0);
+  mb_proc_unlock(self);
+  if (!had)
+    mb_proc_remote_link(self->pid, pid, 1);
+  return 0;
+}
+
+static mb_msg_t *down_msg(mb_pid_t from, mb_ref_t ref, mb_msg_t *reason);
+
+static mb_ref_t remote_monitor(mb_proc_t *self, mb_pid_t pid, mb_ref_t ref)
+{
+  if (mb_proc_remote_monitor == NULL) {
+    mb_proc_push(self, down_msg(pid, ref, host_reason("noproc")));
+    return ref;
+  }
+  linkset_add(&self->monitoring, pid, ref);
+  mb_proc_remote_monitor(self->pid, pid, ref, 1);
+  return ref;
+}
+
+int mb_proc_link_remote(mb_pid_t local, mb_pid_t remote)
+{
+  mb_proc_t *p = mb_proc_get(local);
+  int rc = MB_ENOPROC;
+  if (p) {
+    mb_proc_lock(p);
+    if (!p->dead) {
+      if (!linkset_has(&p->links, remote))
+        linkset_add(&p->links, remote, 0);
+      rc = 0;
+    }
+    mb_proc_unlock(p);
+    mb_proc_unref(p);
+  }
+  return rc;
+}
+
+int mb_proc_unlink_remote(mb_pid_t local, mb_pid_t remote)
+{
+  mb_proc_t *p = mb_proc_get(local);
+  int was = 0;
+  if (p) {
+    mb_proc_lock(p);
+    was = !p->dead && linkset_del(&p->links, remote, 0);
+    mb_proc_unlock(p);
+    mb_proc_unref(p);
+  }
+  return was;
+}
+
+int mb_proc_watch_remote(mb_pid_t local, mb_pid_t watcher, mb_ref_t ref)
+{
+  mb_proc_t *p = mb_proc_get(local);
+  int rc = MB_ENOPROC;
+  if (p) {
+    mb_proc_lock(p);
+    if (!p->dead) {
+      linkset_add(&p->watchers, watcher, ref);
+      rc = 0;
+    }
+    mb_proc_unlock(p);
+    mb_proc_unref(p);
+  }
+  return rc;
+}
+
+int mb_proc_unwatch_remote(mb_pid_t local, mb_ref_t ref)
+{
+  mb_proc_t *p = mb_proc_get(local);
+  int was = 0;
+  if (p) {
+    mb_proc_lock(p);
+    was = linkset_del(&p->watchers, 0, ref);
+    mb_proc_unlock(p);
+    mb_proc_unref(p);
+  }
+  return was;
+}
+
 /* -- Links and monitors --------------------------------------------------- */
 
 int mb_proc_link(mb_proc_t *self, mb_pid_t pid)
@@ -431,6 +548,8 @@ int mb_proc_link(mb_proc_t *self, mb_pid_t pid)
   MB_ASSERT_OWNER(self);
   if (pid == self->pid)
     return 0;
+  if (mb_id_is_remote(pid))
+    return remote_link(self, pid);
   mb_proc_t *t = mb_proc_get(pid);
   int ok = 0;
   if (t) {
@@ -456,8 +575,13 @@ void mb_proc_unlink(mb_proc_t *self, mb_pid_t pid)
 {
   MB_ASSERT_OWNER(self);
   mb_proc_lock(self);
-  linkset_del(&self->links, pid, 0);
+  int was = linkset_del(&self->links, pid, 0);
   mb_proc_unlock(self);
+  if (mb_id_is_remote(pid)) {
+    if (was && mb_proc_remote_link)
+      mb_proc_remote_link(self->pid, pid, 0);
+    return;
+  }
   mb_proc_t *t = mb_proc_get(pid);
   if (t) {
     mb_proc_lock(t);
@@ -479,6 +603,8 @@ mb_ref_t mb_proc_monitor(mb_proc_t *self, mb_pid_t pid)
 {
   MB_ASSERT_OWNER(self);
   mb_ref_t ref = mb_proc_newref();
+  if (mb_id_is_remote(pid))
+    return remote_monitor(self, pid, ref);
   mb_proc_t *t = mb_proc_get(pid);
   int ok = 0;
   if (t) {
@@ -506,6 +632,11 @@ int mb_proc_demonitor(mb_proc_t *self, mb_ref_t ref)
       target = self->monitoring.v[i].pid;
   if (!linkset_del(&self->monitoring, 0, ref))
     return 0;
+  if (mb_id_is_remote(target)) {
+    if (mb_proc_remote_monitor)
+      mb_proc_remote_monitor(self->pid, target, ref, 0);
+    return 1;
+  }
   mb_proc_t *t = mb_proc_get(target);
   if (t) {
     mb_proc_lock(t);
@@ -553,12 +684,21 @@ void mb_proc_exit(mb_proc_t *p, mb_msg_t *reason)
   run_exit_hooks(p);
   table_remove(p);
   for (uint32_t i = 0; i < links.n; i++)
-    mb_proc_exit_signal(links.v[i].pid, p->pid, dup_reason(reason), 0);
+    if (mb_id_is_remote(links.v[i].pid))
+      remote_link_exit(links.v[i].pid, p->pid, dup_reason(reason));
+    else
+      mb_proc_exit_signal(links.v[i].pid, p->pid, dup_reason(reason), 0);
   for (uint32_t i = 0; i < watchers.n; i++)
     mb_proc_send(watchers.v[i].pid,
                  down_msg(p->pid, watchers.v[i].ref, dup_reason(reason)));
   /* Monitors this process held die with it. */
   for (uint32_t i = 0; i < p->monitoring.n; i++) {
+    if (mb_id_is_remote(p->monitoring.v[i].pid)) {
+      if (mb_proc_remote_monitor)
+        mb_proc_remote_monitor(p->pid, p->monitoring.v[i].pid,
+                               p->monitoring.v[i].ref, 0);
+      continue;
+    }
     mb_proc_t *t = mb_proc_get(p->monitoring.v[i].pid);
     if (t) {
       mb_proc_lock(t);

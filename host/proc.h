@@ -58,7 +58,10 @@ enum {
                        "kill")) ends it with "killed", another value (the
                        host's: "out of memory") with that value */
   MB_MSG_DOWN,      /* monitor fired: from = dead pid, ref, value = reason */
-  MB_MSG_TRAPPED    /* an exit signal the process trapped: an EXIT message */
+  MB_MSG_TRAPPED,   /* an exit signal the process trapped: an EXIT message */
+  MB_MSG_LINK_EXIT  /* to a remote pid only (mb_proc_remote_send): the exit
+                       signal of a broken link, which Erlang tells apart
+                       from an exit/2 signal (MB_MSG_EXIT, MB_MSG_KILL) */
 };
 
 /* Run status, guarded by lock. */
@@ -327,6 +330,38 @@ void mb_proc_table_free(void);
 
 /* Called when the last process has died (set by the scheduler). */
 extern void (*mb_proc_on_empty)(void);
+
+/* -- Remote pids (dist.h) ----------------------------------------------------
+ * A pid with MB_ID_REMOTE set (pid.h) is a process of another node. What
+ * this file would do to a local process it hands to the hooks below, which
+ * the distribution layer sets at start-up; unset (the host is not a node),
+ * remote pids behave as dead ones. The hooks are called with no process
+ * lock held, on the caller's thread, and must not block.
+ *
+ * mb_proc_remote_send: a message (MB_MSG_USER), exit signal (MB_MSG_EXIT,
+ * MB_MSG_KILL, MB_MSG_LINK_EXIT) or monitor notice (MB_MSG_DOWN, m->ref the
+ * watcher's ref) for remote pid `to`; takes ownership of m. Called by
+ * mb_proc_send, so mb_proc_exit's links and watchers reach remote pids too.
+ * mb_proc_remote_link: local process `self` linked (on) or unlinked (off)
+ * remote pid `remote` (self's side is already done).
+ * mb_proc_remote_monitor: `self` started (on) or stopped (off) monitor ref
+ * on remote pid `remote`; also off for each remote monitor a dying process
+ * held. */
+extern void (*mb_proc_remote_send)(mb_pid_t to, mb_msg_t *m);
+extern void (*mb_proc_remote_link)(mb_pid_t self, mb_pid_t remote, int on);
+extern void (*mb_proc_remote_monitor)(mb_pid_t self, mb_pid_t remote,
+                                      mb_ref_t ref, int on);
+
+/* The other side, for the distribution layer (any thread): a remote pid
+ * links to / unlinks from local process `local`, or monitors it (ref: the
+ * remote watcher's ref) / stops. The link and watch functions return 0, or
+ * MB_ENOPROC when `local` is not alive (the caller answers noproc); unlink
+ * and unwatch return 1 if the link or monitor existed (a link that is gone
+ * gets no exit signal: the caller checks before signalling). */
+int mb_proc_link_remote(mb_pid_t local, mb_pid_t remote);
+int mb_proc_unlink_remote(mb_pid_t local, mb_pid_t remote);
+int mb_proc_watch_remote(mb_pid_t local, mb_pid_t watcher, mb_ref_t ref);
+int mb_proc_unwatch_remote(mb_pid_t local, mb_ref_t ref);
 
 /* Is m the one-value message "normal" / "kill"? */
 static inline int mb_msg_is_normal(const mb_msg_t *m)

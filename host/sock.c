@@ -884,11 +884,13 @@ static void sock_shutdown(void)
   mb_idtab_clear(&tab, drop_table_ref);
 }
 
-/* A closer (scheduler.h): every TCP handle is a socket's, and so is every
- * timer whose data is NULL (its linger timer), closed with its socket. */
+/* A closer (scheduler.h): every TCP handle whose data is NULL is a
+ * socket's (the distribution layer's connections set theirs), and so is
+ * every timer whose data is NULL (its linger timer), closed with its
+ * socket. */
 static int close_sock_handle(uv_handle_t *h)
 {
-  if (h->type == UV_TCP) {
+  if (h->type == UV_TCP && h->data == NULL) {
     close_handles((mb_sock_t *)h);
     return 1;
   }

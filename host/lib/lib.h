@@ -44,4 +44,13 @@ void mb_lib_push_msg(lua_State *L, const mb_msg_t *m);
  * Returns 1 if a message was pushed, 0 if none matched, -1 if p must die. */
 int mb_lib_try_receive(mb_proc_t *p, lua_State *L);
 
+/* The distribution functions of the module (lib_dist.c), which the module
+ * table (lib_mb.c) serves like its own. */
+struct luaL_Reg;
+extern const struct luaL_Reg mb_lib_dist_funcs[];
+/* Send m (taken) to the {name, node} at stack slot 1; raises on misuse. */
+int mb_lib_dist_send_named(lua_State *L, mb_msg_t *m, const char *fname);
+/* Raise "fname: why" (freeing m) if m cannot be sent to another node. */
+void mb_lib_dist_check(lua_State *L, const mb_msg_t *m, const char *fname);
+
 #endif

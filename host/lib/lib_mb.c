@@ -298,6 +298,12 @@ static int l_is_pid(lua_State *L)
 static int l_send(lua_State *L)
 {
   mb_proc_t *p = mb_lib_self(L);
+  /* {name, node}: a process registered on a node (lib_dist.c). */
+  if (lua_type(L, 1) == LUA_TTABLE) {
+    if (lua_isnoneornil(L, 2))
+      return luaL_error(L, "send: nil is not a valid message");
+    return mb_lib_dist_send_named(L, encode_or_raise(L, 2, "send", "msg"), "send");
+  }
   mb_pid_t dest = check_dest(L, 1, "send");
   if (lua_isnoneornil(L, 2))
     return luaL_error(L, "send: nil is not a valid message");
@@ -306,6 +312,8 @@ static int l_send(lua_State *L)
     return luaL_error(L, "bad argument #3 to 'send' (alias (a ref) expected, got %s)",
                       luaL_typename(L, 3));
   mb_msg_t *m = encode_or_raise(L, 2, "send", "msg");
+  if (mb_id_is_remote(dest))
+    mb_lib_dist_check(L, m, "send");
   p->budget -= MB_REDS_PER_SEND + (int)(m->len / MB_COPY_BYTES_PER_RED);
   m->kind = MB_MSG_USER;
   m->from = p->pid;
@@ -808,14 +816,16 @@ static int module_index(lua_State *L)
   const char *k = lua_tostring(L, 2);
   if (k == NULL || lua_type(L, 2) != LUA_TSTRING)
     return 0;
-  for (const luaL_Reg *r = funcs; r->name; r++)
-    if (strcmp(r->name, k) == 0) {
-      lua_pushcfunction(L, r->func);
-      lua_pushvalue(L, 2);
-      lua_pushvalue(L, -2);
-      lua_rawset(L, 1);
-      return 1;
-    }
+  /* Our functions, then the distribution ones (lib_dist.c). */
+  for (int t = 0; t < 2; t++)
+    for (const luaL_Reg *r = t ? mb_lib_dist_funcs : funcs; r->name; r++)
+      if (strcmp(r->name, k) == 0) {
+        lua_pushcfunction(L, r->func);
+        lua_pushvalue(L, 2);
+        lua_pushvalue(L, -2);
+        lua_rawset(L, 1);
+        return 1;
+      }
   return 0;
 }
 

@@ -1,0 +1,94 @@
+/* dist.h: the host as a node of an Erlang cluster - Erlang's distribution
+ * protocol on the schedulers' loops.
+ *
+ * DESIGN
+ * With --sname/--name the host is a node: it listens on its host name's
+ * address, registers with epmd (starting `epmd -daemon` when none runs) and
+ * connects to other nodes, Erlang ones or Moonbeam hosts alike, through ei
+ * (Erlang's C library for C nodes). ei's handshakes block, so they never run
+ * on a scheduler thread: outgoing ones on libuv's thread pool, incoming ones
+ * on one acceptor thread; the handshake is ei's (cookie challenge both ways,
+ * a wrong cookie is refused and logged). After it, the socket is handed to
+ * one scheduler's loop (uv_tcp_open), which does all its framed traffic:
+ * 4-byte length frames, a 0-length frame is a tick (sent when we have been
+ * silent for MB_DIST_TICK_MS; a peer silent for 4 ticks is taken for dead),
+ * and pass-through ('p') messages holding a control tuple and maybe a
+ * message (etf.h translates terms).
+ *
+ * Capabilities: ei's handshake offers DFLAG_DIST_MONITOR but not
+ * DFLAG_DIST_MONITOR_NAME, without which an Erlang node never sends
+ * MONITOR_P_EXIT (its monitors of our processes would only ever fire on
+ * disconnection). Our socket callbacks (ei_connect_init_ussi) add that one
+ * flag to the handshake's name and challenge packets; we then handle
+ * MONITOR_P, DEMONITOR_P and MONITOR_P_EXIT, by pid and by name.
+ *
+ * What crosses: sends (SEND, REG_SEND), links (LINK, UNLINK_ID, EXIT),
+ * exit signals (EXIT2), monitors. Each connection keeps, under the table's
+ * lock, the links and monitors between its node and our processes, so that
+ * when it goes down every local end gets its exit signal or DOWN with reason
+ * "noconnection", and node monitors (mb.monitor_node) get
+ * {event = "nodedown", node = name}. A send to a node that is not connected
+ * starts a connection and queues the frame until it is up (as Erlang
+ * does); if it cannot be made, the queue is dropped.
+ *
+ * Untrusted input: a frame over MB_DIST_MAX_FRAME, a frame that is not a
+ * pass-through message, or a malformed term closes that connection (and is
+ * logged); a well-formed message this host cannot represent (a fun, a port)
+ * is dropped and logged. Nothing a peer sends can crash the host.
+ *
+ * Locks: the connection table's lock, then process locks (never the other
+ * way: the hooks are called with no process lock held, and nothing calls
+ * into proc.c while holding the table's lock).
+ * Limit: output to a peer that does not read is queued without bound.
+ */
+#ifndef MB_DIST_H
+#define MB_DIST_H
+
+#include <stdint.h>
+
+#include "io.h"
+#include "proc.h"
+
+#define MB_DIST_TICK_MS 15000          /* net_ticktime 60 s, as Erlang */
+#define MB_DIST_CONNECT_MS 5000        /* bound of a handshake step */
+#define MB_DIST_MAX_FRAME (64u << 20)
+
+typedef struct mb_dist_opts {
+  const char *name;       /* "alive" or "alive@host" */
+  int longnames;          /* --name (else --sname) */
+  const char *cookie;     /* NULL: ~/.erlang.cookie */
+} mb_dist_opts_t;
+
+/* Make the host a node (after mb_sched_start, before mb_sched_run).
+ * Returns 0, or -1 with a message in err. Main thread. */
+int mb_dist_start(const mb_dist_opts_t *o, char *err, size_t errlen);
+
+/* Is the host a node? This node's name as an atom (0 when not). */
+int mb_dist_on(void);
+uint32_t mb_dist_self(void);
+
+/* The connected nodes (atoms) into v (at most n); returns how many there
+ * are. Any thread. */
+int mb_dist_nodes(uint32_t *v, int n);
+
+/* Send m (a one-value user message, taken) from `from` to the process
+ * registered as name (atom) on node (atom). Returns 0, MB_ENOTDIST, or
+ * MB_EBADARG with err when m cannot cross nodes. Any thread. */
+int mb_dist_send_named(uint32_t node, uint32_t name, mb_pid_t from, mb_msg_t *m,
+                       char *err, size_t errlen);
+
+/* Can m be sent to a remote pid? 0, or MB_EBADARG with err. */
+int mb_dist_check_msg(const mb_msg_t *m, char *err, size_t errlen);
+
+/* Connect to node for process p (owner thread), which then waits with
+ * MB_YIELD_WAIT: the wait ends with true, or nil and an error, pushed by
+ * mb_dist_push_connect. Returns 0, or an error code (nothing to wait for). */
+int mb_dist_connect(mb_proc_t *p, uint32_t node);
+int mb_dist_push_connect(lua_State *L, mb_io_req_t *req);
+
+/* Node monitors: pid gets {event = "nodedown", node = name} when node's
+ * connection goes down (or cannot be made), once per monitor_node(on);
+ * off removes one. Returns 0 or MB_ENOTDIST. */
+int mb_dist_monitor_node(mb_pid_t pid, uint32_t node, int on);
+
+#endif

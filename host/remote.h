@@ -1,0 +1,50 @@
+/* remote.h: the host-wide tables of remote pids and refs - the processes
+ * and references of other nodes as ids (pid.h, MB_ID_REMOTE).
+ *
+ * DESIGN
+ * A pid of another node is (node, num, serial, creation), a ref (node,
+ * creation, up to 5 words). Each distinct one gets one entry, interned by a
+ * hash of its fields, and its id is MB_ID_REMOTE | index: the same remote
+ * pid always gets the same id, so it is one Lua value in every state and
+ * works as a table key, and messages carry it as 8 bytes like a local pid.
+ * The node is an atom (term.h).
+ * Entries are never freed (as atoms), and each table holds at most
+ * MB_REMOTE_MAX entries; past that, interning fails (MB_ETOOMANY) and the
+ * term that needed it is refused (etf.c). Entries sit in chunks that never
+ * move: reading one takes no lock; interning takes the table's mutex.
+ * Threads: any.
+ */
+#ifndef MB_REMOTE_H
+#define MB_REMOTE_H
+
+#include <stdint.h>
+
+#include "pid.h"
+
+#define MB_REMOTE_MAX (1u << 22)     /* entries per table: 4M */
+#define MB_REF_MAX_WORDS 5
+
+typedef struct mb_rpid {
+  uint32_t node;                     /* atom */
+  uint32_t num, serial, creation;
+} mb_rpid_t;
+
+typedef struct mb_rref {
+  uint32_t node;                     /* atom */
+  uint32_t creation;
+  uint32_t len;                      /* words used, 1..MB_REF_MAX_WORDS */
+  uint32_t n[MB_REF_MAX_WORDS];
+} mb_rref_t;
+
+/* The id of remote pid *p (interned): > 0, or MB_ETOOMANY. */
+int64_t mb_remote_pid(const mb_rpid_t *p);
+/* The fields of remote pid id; 0, or MB_EBADARG if id names none. */
+int mb_remote_pid_get(mb_pid_t id, mb_rpid_t *out);
+
+int64_t mb_remote_ref(const mb_rref_t *r);
+int mb_remote_ref_get(mb_ref_t id, mb_rref_t *out);
+
+/* The node atom of a remote pid or ref id, or 0. */
+uint32_t mb_remote_node(uint64_t id);
+
+#endif

@@ -1,0 +1,383 @@
+/* test_etf.c: tests of the external term format codec (etf.h): round trips
+ * Lua -> message -> ETF -> message -> Lua, terms built with ei, and a fuzz
+ * loop that feeds the decoder truncated, mutated and random bytes, which
+ * must never crash it (run under ASan+UBSan too). Every check prints one
+ * line; the exit code is 0 only if all passed.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "check.h"
+#include "copy.h"
+#include "ei.h"
+#include "etf.h"
+#include "lauxlib.h"
+#include "lualib.h"
+#include "term.h"
+
+static lua_State *A, *B;
+
+static int l_atom(lua_State *L)
+{
+  size_t n;
+  const char *s = luaL_checklstring(L, 1, &n);
+  mb_id_push(L, (uint64_t)mb_atom_intern(s, n), &mb_atom_kind);
+  return 1;
+}
+
+static int l_tuple(lua_State *L)
+{
+  int n = lua_gettop(L);
+  lua_createtable(L, n, 1);
+  for (int i = 1; i <= n; i++) {
+    lua_pushvalue(L, i);
+    lua_rawseti(L, -2, i);
+  }
+  mb_tuple_make(L, -1, (uint32_t)n);
+  return 1;
+}
+
+static int l_is_tuple(lua_State *L)
+{
+  lua_pushboolean(L, mb_tuple_test(L, 1, NULL));
+  return 1;
+}
+
+static lua_State *new_state(void)
+{
+  lua_State *L = luaL_newstate();
+  luaL_openlibs(L);
+  lua_register(L, "atom", l_atom);
+  lua_register(L, "tuple", l_tuple);
+  lua_register(L, "is_tuple", l_is_tuple);
+  const char *eq =
+    "function deq(a, b, seen)\n"
+    "  if a == b then return true end\n"
+    "  if type(a) ~= 'table' or type(b) ~= 'table' then return false end\n"
+    "  if is_tuple(a) ~= is_tuple(b) then return false end\n"
+    "  for k, v in pairs(a) do if not deq(v, b[k]) then return false end end\n"
+    "  for k in pairs(b) do if a[k] == nil then return false end end\n"
+    "  return true\n"
+    "end\n";
+  if (luaL_dostring(L, eq))
+    exit(2);
+  return L;
+}
+
+/* Encode `expr` in A, through ETF, decode in B as global `got`; returns
+ * the ETF size or -1 with err. */
+static long through_etf(const char *expr, char *err, size_t errlen)
+{
+  char code[4096];
+  snprintf(code, sizeof code, "return %s", expr);
+  if (luaL_loadstring(A, code) || lua_pcall(A, 0, 1, 0)) {
+    fprintf(stderr, "bad test code %s: %s\n", expr, lua_tostring(A, -1));
+    exit(2);
+  }
+  mb_msg_t *m = mb_copy_encode(A, -1, 1, "msg", NULL, err, errlen);
+  lua_pop(A, 1);
+  if (!m)
+    return -1;
+  long size = mb_etf_size(m, 0, err, errlen);
+  if (size < 0) {
+    mb_msg_free(m);
+    return -1;
+  }
+  char *buf = malloc((size_t)size);
+  mb_etf_write(m, 0, buf);
+  mb_msg_free(m);
+  long idx = 0;
+  mb_msg_t *back;
+  int rc = mb_etf_decode(buf, size, &idx, 0, &back);
+  free(buf);
+  if (rc < 0 || idx != size) {
+    snprintf(err, errlen, "decode failed: %d", rc);
+    return -1;
+  }
+  mb_copy_decode(B, back);
+  lua_setglobal(B, "got");
+  mb_msg_free(back);
+  return size;
+}
+
+static bool b_true(const char *expr)
+{
+  char code[4096];
+  snprintf(code, sizeof code, "return %s", expr);
+  if (luaL_loadstring(B, code) || lua_pcall(B, 0, 1, 0)) {
+    printf("     (check raised: %s)\n", lua_tostring(B, -1));
+    lua_settop(B, 0);
+    return false;
+  }
+  bool r = lua_toboolean(B, -1);
+  lua_settop(B, 0);
+  return r;
+}
+
+/* Lua value in A -> ETF -> B, where `check` (about `got`) must hold. */
+static void trip(const char *expr, const char *check_expr)
+{
+  char err[256];
+  long n = through_etf(expr, err, sizeof err);
+  if (n < 0) {
+    check(false, "%s -> ETF: %s", expr, err);
+    return;
+  }
+  check(b_true(check_expr), "%s -> ETF -> %s", expr, check_expr);
+}
+
+static void refused(const char *expr, const char *part)
+{
+  char err[256];
+  long n = through_etf(expr, err, sizeof err);
+  check(n < 0 && strstr(err, part) != NULL, "%s is refused (%s): %s", expr, part,
+        n < 0 ? err : "accepted");
+}
+
+/* ETF built with ei -> message -> B. */
+static int from_ei(ei_x_buff *x, int flags)
+{
+  long idx = 0;
+  mb_msg_t *m;
+  int rc = mb_etf_decode(x->buff, x->index, &idx, flags, &m);
+  if (rc < 0)
+    return rc;
+  mb_copy_decode(B, m);
+  lua_setglobal(B, "got");
+  mb_msg_free(m);
+  return 0;
+}
+
+static void test_round_trips(void)
+{
+  trip("42", "got == 42");
+  trip("-7", "got == -7");
+  trip("2^53", "got == 2^53");
+  trip("2^60", "got == 2^60");
+  trip("1.5", "got == 1.5");
+  trip("-0.0", "got == 0 and 1/got < 0");
+  trip("1e300", "got == 1e300");
+  trip("true", "got == true");
+  trip("false", "got == false");
+  trip("'hello'", "got == 'hello'");
+  trip("'a\\0b'", "got == 'a\\0b'");
+  trip("string.rep('x', 70000)", "#got == 70000");
+  trip("{}", "type(got) == 'table' and next(got) == nil");
+  trip("{1, 2, 3}", "deq(got, {1, 2, 3})");
+  trip("{1, 'two', {3}}", "deq(got, {1, 'two', {3}})");
+  trip("{a = 1, b = 'x'}", "deq(got, {a = 1, b = 'x'})");
+  trip("{1, 2, x = 3}", "deq(got, {1, 2, x = 3})");
+  trip("{[10] = 'ten', [2.5] = 'f'}", "deq(got, {[10] = 'ten', [2.5] = 'f'})");
+  trip("{1, 2, ['$tail'] = 3}", "deq(got, {1, 2, ['$tail'] = 3})");
+  trip("atom('ok')", "got == atom('ok') and tostring(got) == 'ok'");
+  trip("atom('nil')", "got == atom('nil')");
+  trip("{atom('nil')}", "#got == 0 or got[1] == nil");
+  trip("tuple(atom('ok'), 1, 'x')", "is_tuple(got) and got.n == 3 and got[1] == atom('ok') and got[3] == 'x'");
+  trip("tuple()", "is_tuple(got) and got.n == 0");
+  trip("tuple(1, nil, 3)", "is_tuple(got) and got.n == 3 and got[2] == nil and got[3] == 3");
+  trip("{[tuple(1, 2)] = 'k'}", "(function() for k, v in pairs(got) do return is_tuple(k) and k[2] == 2 and v == 'k' end end)()");
+  trip("(function() local t = {1} return {t, t} end)()", "deq(got, {{1}, {1}})");
+  trip("{['true'] = 1}", "got['true'] == 1");
+  refused("function() end", "function");
+  refused("{f = print}", "function");
+  refused("1/0", "inf");
+  refused("0/0", "nan");
+  refused("(function() local t = {} t[1] = t return t end)()", "contains itself");
+  refused("{[string.rep('k', 300)] = 1}", "255 bytes");
+}
+
+static void test_from_erlang(void)
+{
+  ei_x_buff x;
+  ei_x_new_with_version(&x);
+  ei_x_encode_string(&x, "hi");          /* an Erlang string */
+  check(from_ei(&x, 0) == 0 && b_true("deq(got, {104, 105})"), "\"hi\" arrives as {104, 105}");
+  ei_x_free(&x);
+
+  ei_x_new_with_version(&x);
+  ei_x_encode_map_header(&x, 2);
+  ei_x_encode_atom(&x, "name");
+  ei_x_encode_binary(&x, "bob", 3);
+  ei_x_encode_binary(&x, "k", 1);
+  ei_x_encode_atom(&x, "nil");
+  check(from_ei(&x, 0) == 0 && b_true("got.name == 'bob' and got.k == nil"),
+        "#{name => <<\"bob\">>, <<\"k\">> => nil} arrives as {name = 'bob'}");
+  ei_x_free(&x);
+
+  ei_x_new_with_version(&x);
+  ei_x_encode_atom(&x, "nil");
+  check(from_ei(&x, 0) == 0 && b_true("got == atom('nil')"), "a top-level nil atom is the atom value");
+  ei_x_free(&x);
+
+  ei_x_new_with_version(&x);
+  ei_x_encode_atom(&x, "noconnection");
+  check(from_ei(&x, MB_ETF_REASON) == 0 && b_true("got == 'noconnection'"),
+        "an atom reason arrives as a string");
+  ei_x_free(&x);
+
+  ei_x_new_with_version(&x);
+  ei_x_format_wo_ver(&x, "[~i, ~i]", 1, 2);
+  check(from_ei(&x, 0) == 0 && b_true("deq(got, {1, 2})"), "a list");
+  ei_x_free(&x);
+
+  ei_x_new_with_version(&x);
+  ei_x_encode_list_header(&x, 1);
+  ei_x_encode_atom(&x, "alias");
+  ei_x_encode_long(&x, 7);             /* improper tail */
+  check(from_ei(&x, 0) == 0 && b_true("got[1] == atom('alias') and got['$tail'] == 7"),
+        "[alias | 7] arrives with $tail");
+  ei_x_free(&x);
+
+  /* A big integer beyond 64 bits. */
+  ei_x_new_with_version(&x);
+  char big[] = {'n', 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1};
+  ei_x_append_buf(&x, big, sizeof big);
+  check(from_ei(&x, 0) == 0 && b_true("got == 2^64"), "a bignum arrives as the nearest number");
+  ei_x_free(&x);
+
+  /* A fun: unsupported, not malformed. */
+  ei_x_new_with_version(&x);
+  ei_x_encode_tuple_header(&x, 2);
+  ei_x_encode_atom(&x, "f");
+  char exp[] = {'q', 's', 1, 'm', 's', 1, 'f', 'a', 0};
+  ei_x_append_buf(&x, exp, sizeof exp);
+  check(from_ei(&x, 0) == MB_ETF_UNSUPPORTED, "a message with a fun is unsupported");
+  ei_x_free(&x);
+}
+
+/* The decoder on bytes: returns its result; the message, if any, is
+ * rebuilt in B under pcall (it must never fail for a decoded message). */
+static int feed(const char *buf, long len, bool *rebuilt_ok)
+{
+  long idx = 0;
+  mb_msg_t *m;
+  int rc = mb_etf_decode(buf, len, &idx, 0, &m);
+  *rebuilt_ok = true;
+  if (rc == 0) {
+    if (idx > len)
+      *rebuilt_ok = false;
+    /* mb_copy_decode raises on a corrupt message: it must not. */
+    lua_settop(B, 0);
+    mb_copy_decode(B, m);
+    lua_settop(B, 0);
+    mb_msg_free(m);
+  }
+  return rc;
+}
+
+static unsigned long long rng = 88172645463325252ull;
+static unsigned rnd(void)
+{
+  rng ^= rng << 13;
+  rng ^= rng >> 7;
+  rng ^= rng << 17;
+  return (unsigned)rng;
+}
+
+static void test_fuzz(void)
+{
+  /* A term with every supported tag. */
+  ei_x_buff x;
+  ei_x_new_with_version(&x);
+  ei_x_format_wo_ver(&x, "{~a, ~i, ~f, ~s, [~i, {~a, ~i}]}", "ok", 123456, 2.5,
+                     "str", 1, "x", -5);
+  ei_x_encode_binary(&x, "binary", 6);
+  erlang_pid p = {"other@host", 12, 3, 77};
+  erlang_ref r = {"other@host", 3, {1, 2, 3}, 77};
+  ei_x_encode_list_header(&x, 3);
+  ei_x_encode_pid(&x, &p);
+  ei_x_encode_ref(&x, &r);
+  ei_x_encode_map_header(&x, 1);
+  ei_x_encode_atom(&x, "k");
+  ei_x_encode_longlong(&x, 1ll << 60);
+  ei_x_encode_empty_list(&x);
+  bool ok = true;
+  int crashes = 0;
+  /* Keep only the tuple: re-encode as one term. */
+  ei_x_buff y;
+  ei_x_new_with_version(&y);
+  ei_x_encode_tuple_header(&y, 3);
+  ei_x_append_buf(&y, x.buff + 1, x.index - 1);
+  int rc0 = feed(y.buff, y.index, &ok);
+  check(rc0 == 0 && ok, "the sample term decodes (%d)", rc0);
+
+  int decoded = 0, malformed = 0;
+  for (long cut = 0; cut < y.index; cut++) {
+    int rc = feed(y.buff, cut, &ok);
+    malformed += rc == MB_ETF_MALFORMED;
+    crashes += !ok;
+  }
+  check(malformed == y.index && crashes == 0, "every truncation is malformed (%d of %d)", malformed, y.index);
+
+  char *buf = malloc((size_t)y.index);
+  for (int round = 0; round < 200000; round++) {
+    memcpy(buf, y.buff, (size_t)y.index);
+    int flips = 1 + rnd() % 4;
+    for (int k = 0; k < flips; k++) {
+      int at = (int)(rnd() % (unsigned)y.index);
+      switch (rnd() % 4) {
+      case 0: buf[at] = (char)rnd(); break;
+      case 1: buf[at] ^= (char)(1 << (rnd() % 8)); break;
+      case 2: buf[at] = (char)(rnd() % 2 ? 0xFF : 0); break;
+      default: buf[at] = "abcdFhijklmnostvwXZgrekqpMfYx"[rnd() % 29]; break;
+      }
+    }
+    int rc = feed(buf, y.index, &ok);
+    decoded += rc == 0;
+    crashes += !ok;
+  }
+  check(crashes == 0, "200000 mutated terms: no crash (%d still decoded)", decoded);
+  free(buf);
+
+  char rbuf[256];
+  for (int round = 0; round < 200000; round++) {
+    int n = 1 + (int)(rnd() % sizeof rbuf);
+    for (int k = 0; k < n; k++)
+      rbuf[k] = (char)(k == 0 ? 131 : rnd());
+    feed(rbuf, n, &ok);
+    crashes += !ok;
+  }
+  check(crashes == 0, "200000 random byte strings: no crash");
+
+  /* Hostile lengths and nesting. */
+  char huge[] = {(char)131, 'l', 0x7F, (char)0xFF, (char)0xFF, (char)0xFF, 'j'};
+  check(feed(huge, sizeof huge, &ok) == MB_ETF_MALFORMED, "a list claiming 2^31 elements is malformed");
+  char hbin[] = {(char)131, 'm', (char)0xFF, (char)0xFF, (char)0xFF, (char)0xF0, 'x'};
+  check(feed(hbin, sizeof hbin, &ok) == MB_ETF_MALFORMED, "a binary longer than its bytes is malformed");
+  char longref[] = {(char)131, 'Z', 0, 9, 's', 1, 'n', 0, 0, 0, 1};
+  check(feed(longref, sizeof longref, &ok) == MB_ETF_MALFORMED, "a ref of 9 words is malformed");
+  char deep[2000];
+  deep[0] = (char)131;
+  int n = 1;
+  for (int k = 0; k < 500; k++) {
+    deep[n++] = 'h';
+    deep[n++] = 1;
+  }
+  deep[n++] = 'j';
+  check(feed(deep, n, &ok) == MB_ETF_MALFORMED, "500 nested tuples are malformed (too deep)");
+  char nan[] = {(char)131, 'F', 0x7F, (char)0xF8, 0, 0, 0, 0, 0, 0};
+  check(feed(nan, sizeof nan, &ok) == MB_ETF_MALFORMED, "a NaN float is malformed");
+  char cache[] = {(char)131, 'C', 1};
+  check(feed(cache, sizeof cache, &ok) == MB_ETF_MALFORMED, "an atom cache reference is malformed");
+  ei_x_free(&x);
+  ei_x_free(&y);
+}
+
+int main(void)
+{
+  ei_init();
+  mb_term_init();
+  int64_t node = mb_atom_intern("me@host", 7);
+  mb_etf_set_node((uint32_t)node, 5);
+  A = new_state();
+  B = new_state();
+  test_round_trips();
+  test_from_erlang();
+  test_fuzz();
+  lua_close(A);
+  lua_close(B);
+  return check_summary();
+}
