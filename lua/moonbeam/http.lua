@@ -785,6 +785,7 @@ local function acceptor(parent, host, port, handler, opts)
   local heirs = {}   -- pid -> the socket it left to this process (tcp_heir)
   local overtime = {}   -- pid -> true: killed for handler_timeout
   local closing = false   -- shutting down (see DESIGN)
+  local paused = false    -- not accepting for ACCEPT_BACKOFF after an error
   -- While shutting down: monitor ref -> connection process. (The exit
   -- signal "shutdown" breaks the process's link to this one, so its end
   -- comes as a DOWN, not an EXIT.)
@@ -841,12 +842,17 @@ local function acceptor(parent, host, port, handler, opts)
       mb.exit(m.pid, "kill")
     elseif ev == "tcp_error" and m.socket == l then
       -- Out of file descriptors, say: keep serving the open connections
-      -- and accept again shortly rather than end the server.
+      -- and accept again shortly rather than end the server. (Errors sent
+      -- before the pause are only reported.)
       io.stderr:write("=HTTP REPORT==== " .. tostring(me) .. "\naccept failed: "
                       .. tostring(m.reason) .. "\n")
-      l:set_active(false)
-      mb.send_after(ACCEPT_BACKOFF, me, { tag = "$http_accept_again" })
+      if not paused then
+        paused = true
+        l:set_active(false)
+        mb.send_after(ACCEPT_BACKOFF, me, { tag = "$http_accept_again" })
+      end
     elseif m.tag == "$http_accept_again" then
+      paused = false
       if not closing then l:set_active(true) end
     elseif m.tag == "$http_close" then
       return "normal"
