@@ -101,7 +101,8 @@ local DEFAULTS = {
   -- the copies it makes (the body string, its pieces, a response built from
   -- it) and the garbage LuaJIT collects late (a limit counts garbage too),
   -- while a handler that allocates without bound stops long before it can
-  -- take the host's memory. An idle connection uses about 50 KB.
+  -- take the host's memory. An idle connection uses about 75 KB awake,
+  -- 1.5 KB hibernated.
   max_memory = 64 * 1024 * 1024,
 }
 -- How long the acceptor stops accepting after accept failed (out of
