@@ -588,7 +588,7 @@ describe("moonbeam.websocket", function()
       assert(sock:write("a"))
       assert.are.equal("1:a", sock:read(S.T))
       mb.sleep(50)
-      assert.are.equal("waiting", mb.info(pid).status)
+      assert.are_not.equal("hibernated", mb.info(pid).status)
       sock:close()
     end)
 
