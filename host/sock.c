@@ -170,6 +170,19 @@ void mb_sock_do_close(mb_sock_t *s, void *arg)
   close_gently(s);
 }
 
+/* Active-mode messages of all listeners not yet received (the sum of their
+ * ainflight): while it is 0, mb_sock_received has nothing to look up. */
+static atomic_uint ainflight_total;
+
+/* The owner will never receive s's messages out (it died, or s closed):
+ * forget them. s->lock held. */
+static void drop_inflight(mb_sock_t *s)
+{
+  if (s->ainflight > 0)
+    atomic_fetch_sub(&ainflight_total, (unsigned)s->ainflight);
+  s->ainflight = 0;
+}
+
 /* Mark s closed and drop it from the table: any thread, s->lock not held. */
 static int mark_closed(mb_sock_t *s)
 {
@@ -178,6 +191,7 @@ static int mark_closed(mb_sock_t *s)
   s->closed = 1;
   s->owner = 0;
   s->active = 0;
+  drop_inflight(s);
   pthread_mutex_unlock(&s->lock);
   if (tab_remove(s))
     mb_sock_unref(s);
@@ -837,6 +851,7 @@ static int pass_to_heir(mb_sock_t *s, mb_pid_t from, mb_pid_t heir)
     return MB_ENOPROC;
   pthread_mutex_lock(&s->lock);
   s->active = 0;   /* the heir chooses; nothing goes to it unasked */
+  drop_inflight(s);   /* those died with the owner's mailbox */
   pthread_mutex_unlock(&s->lock);
   int rc = mb_sock_set_owner(s, from, h);
   mb_proc_unref(h);
@@ -1043,6 +1058,129 @@ static mb_sock_t *accept_one(mb_sock_t *s)
   return c;
 }
 
+/* -- Listeners in active mode ------------------------------------------------ */
+
+/* One more message out to the owner. s->lock held. */
+static void count_out(mb_sock_t *s)
+{
+  s->ainflight++;
+  atomic_fetch_add(&ainflight_total, 1);
+  if (s->active == 2)
+    s->active = 0;
+}
+
+/* Take from the queue the connections that go to the owner now (active,
+ * and fewer than MB_SOCK_ACCEPT_QUEUE messages out), linked by onext, and
+ * the owner they go to. s->lock held; send them with send_accepted once it
+ * is released (that takes the connections' and the owner's locks). */
+static mb_sock_t *take_due(mb_sock_t *s, mb_pid_t *owner)
+{
+  mb_sock_t *due = NULL, **tail = &due;
+  while (s->active && s->owner && s->acc_head
+         && s->ainflight < MB_SOCK_ACCEPT_QUEUE) {
+    mb_sock_t *c = s->acc_head;
+    s->acc_head = c->onext;
+    if (s->acc_head == NULL)
+      s->acc_tail = &s->acc_head;
+    s->nacc--;
+    c->onext = NULL;
+    *tail = c;
+    tail = &c->onext;
+    count_out(s);
+  }
+  *owner = s->owner;
+  return due;
+}
+
+/* Give each connection of `due` to owner and tell it with a tcp_accept
+ * message of listener s (a port message of s, so that set_owner moves it
+ * and receiving it frees its slot). A connection whose owner has died is
+ * closed, and its slot freed. No lock held. */
+static void send_accepted(mb_sock_t *s, mb_sock_t *due, mb_pid_t owner)
+{
+  if (due == NULL)
+    return;
+  mb_proc_t *p = mb_proc_get(owner);
+  while (due) {
+    mb_sock_t *c = due;
+    due = c->onext;
+    c->onext = NULL;
+    if (p == NULL) {
+      mark_closed(c);
+      mb_sock_run(c, mb_sock_do_close, NULL);
+    }
+    if (p == NULL || mb_sock_set_owner(c, 0, p) < 0) {
+      pthread_mutex_lock(&s->lock);
+      if (s->ainflight > 0) {
+        s->ainflight--;
+        atomic_fetch_sub(&ainflight_total, 1);
+      }
+      pthread_mutex_unlock(&s->lock);
+      continue;
+    }
+    mb_msgb_t b;
+    msg_start(&b, 16, s->id, "tcp_accept", 1);
+    mb_msgb_cstring(&b, "conn");
+    mb_msgb_id(&b, &mb_sock_kind, c->id);
+    mb_proc_send(owner, mb_must(msg_end(&b, s->id)));
+  }
+  if (p)
+    mb_proc_unref(p);
+}
+
+/* After the queue shrank: if libuv holds a connection back for want of
+ * room, accept it (on the loop). s->lock held; returns whether to. */
+static int accept_room(mb_sock_t *s)
+{
+  return s->acc_paused && s->nacc < MB_SOCK_ACCEPT_QUEUE;
+}
+
+void mb_sock_set_active(mb_sock_t *s, int mode)
+{
+  pthread_mutex_lock(&s->lock);
+  s->active = mode;
+  if (s->kind == MB_SOCK_STREAM) {
+    int resume = mb_sock_flush_active(s);
+    pthread_mutex_unlock(&s->lock);
+    if (resume)
+      mb_sock_run(s, mb_sock_do_resume, NULL);
+    return;
+  }
+  mb_pid_t owner;
+  mb_sock_t *due = take_due(s, &owner);
+  int room = accept_room(s);
+  pthread_mutex_unlock(&s->lock);
+  send_accepted(s, due, owner);
+  if (room)
+    mb_sock_run(s, mb_sock_do_accept, NULL);
+}
+
+void mb_sock_received(uint64_t port)
+{
+  if (atomic_load_explicit(&ainflight_total, memory_order_relaxed) == 0)
+    return;
+  mb_sock_t *s = mb_sock_get(port);
+  if (s == NULL)
+    return;
+  if (s->kind == MB_SOCK_LISTENER) {
+    pthread_mutex_lock(&s->lock);
+    if (s->ainflight > 0) {
+      s->ainflight--;
+      atomic_fetch_sub(&ainflight_total, 1);
+    }
+    mb_pid_t owner;
+    mb_sock_t *due = take_due(s, &owner);
+    int room = accept_room(s);
+    pthread_mutex_unlock(&s->lock);
+    send_accepted(s, due, owner);
+    if (room)
+      mb_sock_run(s, mb_sock_do_accept, NULL);
+  }
+  mb_sock_unref(s);
+}
+
+/* -- Handing connections over ------------------------------------------------ */
+
 static int push_accepted(lua_State *L, mb_io_req_t *req);
 
 static void free_accepted(mb_io_req_t *req)
@@ -1079,16 +1217,30 @@ static void hand_over(mb_sock_t *s, mb_sock_t *c)
   *s->acc_tail = c;
   s->acc_tail = &c->onext;
   s->nacc++;
+  mb_pid_t owner;
+  mb_sock_t *due = take_due(s, &owner);
   pthread_mutex_unlock(&s->lock);
+  send_accepted(s, due, owner);
 }
 
 static void on_connection(uv_stream_t *server, int status)
 {
   mb_sock_t *s = (mb_sock_t *)server;
   if (status < 0) {
+    /* Out of descriptors, say: to the waiter, or in active mode to the
+     * owner (a message that counts like a connection's). */
     pthread_mutex_lock(&s->lock);
-    give_result(s, MB_SW_ACCEPT, status);
+    mb_pid_t to = 0;
+    if (s->wait == MB_SW_ACCEPT) {
+      give_result(s, MB_SW_ACCEPT, status);
+    } else if (s->active && s->owner && s->ainflight < MB_SOCK_ACCEPT_QUEUE) {
+      to = s->owner;
+      count_out(s);
+    }
     pthread_mutex_unlock(&s->lock);
+    if (to)
+      mb_proc_send(to, mb_must(sock_msg_end(s->id, "tcp_error", 0,
+                                            uv_strerror(status))));
     return;
   }
   pthread_mutex_lock(&s->lock);

@@ -34,6 +34,18 @@
  * it, until the queue drains under MB_SOCK_WRITE_LOW (TCP flow control then
  * holds the peer back, as for a slow owner).
  *
+ * Accepting: a listener accepts into its queue (acc_head) up to
+ * MB_SOCK_ACCEPT_QUEUE connections and then leaves the next one to libuv,
+ * which stops accepting (the kernel's backlog then holds the clients) until
+ * the queue has room again. Passive, the owner takes them with accept; in
+ * active mode each goes to the owner as a message {event = "tcp_accept",
+ * socket = listener, conn = c} (the owner becomes c's owner as it is
+ * sent), and an accept error as {event = "tcp_error", ...}. The messages
+ * out are bounded too: at most MB_SOCK_ACCEPT_QUEUE not yet received
+ * (ainflight; the Lua layer's receive reports each one taken with
+ * mb_sock_received), so an owner that does not keep up holds back the
+ * queue, then libuv, then the kernel, never its own mailbox.
+ *
  * Ownership: a socket belongs to one process (sock->owner) and sits on that
  * process's list (p->socks, under p->lock), so that the owner's death closes
  * it. Lua values name a socket by id (slot + generation, like pids), looked
@@ -57,7 +69,9 @@
 #define MB_SOCK_RBUF_MAX (64 * 1024)
 #define MB_SOCK_WRITE_HIGH (64 * 1024)
 #define MB_SOCK_WRITE_LOW (16 * 1024)
-/* Accepted connections a listener holds before it stops accepting. */
+/* Accepted connections a listener holds before it stops accepting; in
+ * active mode also the most messages (tcp_accept, tcp_error) a listener
+ * has sent its owner that the owner has not received yet. */
 #define MB_SOCK_ACCEPT_QUEUE 64
 
 /* Results are 0 or negative codes: libuv's, or err.h's (MB_ECLOSED: the
@@ -116,6 +130,8 @@ typedef struct mb_sock {
   struct mb_sock *acc_head, **acc_tail; /* listener: accepted, not taken */
   int nacc;
   int acc_paused;              /* listener: libuv holds a connection */
+  int ainflight;               /* listener: active-mode messages sent to
+                                  the owner and not yet received */
 
   /* -- loop thread only -- */
   struct mb_ws *ws;
@@ -197,6 +213,19 @@ int mb_sock_name(mb_sock_t *s, int peer, char *host, size_t hostlen);
 /* In active mode, send what was read, then the end, to the owner. s->lock
  * held. Returns 1 when reading should resume (mb_sock_do_resume). */
 int mb_sock_flush_active(mb_sock_t *s);
+
+/* Set the active mode (0 passive, 1 active, 2 once) and send the owner
+ * what is due at once: a stream's bytes read ahead, a listener's queued
+ * connections. Any thread, s->lock not held. */
+void mb_sock_set_active(mb_sock_t *s, int mode);
+
+/* The owner received a message of socket `port` (msg->port): the Lua
+ * layer's receive calls this for every such message it takes. A listener
+ * sends its owner at most MB_SOCK_ACCEPT_QUEUE messages not yet received
+ * (more connections wait in its queue, then in the kernel's backlog), so
+ * an owner that does not keep up never gets an unbounded mailbox; this
+ * frees a slot. Cheap when no listener has messages out. Any thread. */
+void mb_sock_received(uint64_t port);
 
 /* The message of a result code (MB_ECLOSED or a libuv error); writing
  * to a connection the peer closed (EPIPE) is "closed", as for a read. */

@@ -747,4 +747,280 @@ describe("moonbeam.http", function()
       assert.has_error(function() http.listen(HOST, 0, echo, { max_memory = 0 / 0 }) end)
     end)
   end)
+
+  describe("the acceptor", function()
+    it("serves a burst of connections (accepts as messages, none lost)", function()
+      start(echo)
+      local socks = {}
+      for i = 1, 100 do
+        socks[i] = raw(port)
+        assert(socks[i]:write("GET /" .. i .. " HTTP/1.1\r\nHost: x\r\n\r\n"))
+      end
+      for i = 1, 100 do
+        assert.are.equal("/" .. i, read_response(socks[i]).headers["x-path"])
+        socks[i]:close()
+      end
+    end)
+  end)
+
+  describe("server:close()", function()
+    -- A handler that reports its process and waits for what `how` says.
+    local function waiter(req, res)
+      local m = require "moonbeam"
+      local me = req.headers["x-me"]
+      if req.path == "/trap" or req.path == "/ignore" or req.path == "/trap-on" then m.trap_exit(true) end
+      for _, p in ipairs(m.processes()) do
+        if tostring(p) == me then me = p end
+      end
+      m.send(me, { tag = "running", pid = m.self(), path = req.path })
+      if req.path == "/trap" then
+        local x = m.receive(function(y) return type(y) == "table" and y.event == "EXIT" end, 5000)
+        m.send(me, { tag = "cleaned up", reason = x and x.reason })
+        res:header("Connection", "close")
+        return res:send("bye")
+      elseif req.path == "/ignore" or req.path == "/busy" then
+        m.receive(function() return false end)
+      end
+      res:send("ok")
+    end
+
+    local function ask(path)
+      local sock = raw(port)
+      assert(sock:write("GET " .. path .. " HTTP/1.1\r\nHost: x\r\nX-Me: " .. tostring(mb.self()) .. "\r\n\r\n"))
+      local m = S.recv(function(x) return type(x) == "table" and x.tag == "running" and x.path == path end)
+      return sock, m.pid, mb.monitor(m.pid)
+    end
+
+    it("gives a handler that traps exits the EXIT and time to clean up", function()
+      start(waiter)
+      local sock, pid, ref = ask("/trap")
+      assert.is_true(server:close())
+      server = nil
+      -- close returned: the process is gone, after its clean-up
+      assert.is_nil(mb.info(pid))
+      assert.are.equal("shutdown", S.recv(S.field("tag", "cleaned up")).reason)
+      S.await_down(ref)
+      local r = read_response(sock)
+      assert.are.equal(200, r.status)
+      assert.are.equal("bye", r.body)
+      assert.is_true(closed_by_server(sock))
+      sock:close()
+    end)
+
+    it("kills a handler that ignores it after shutdown_timeout, and its client gets 503", function()
+      start(waiter, { shutdown_timeout = 200 })
+      local sock, pid, ref = ask("/ignore")
+      assert.is_true(server:close())
+      server = nil
+      assert.is_nil(mb.info(pid))
+      assert.are.equal("killed", S.await_down(ref))
+      assert.are.equal(503, read_response(sock).status)
+      sock:close()
+    end)
+
+    it("ends the others at once: a busy handler (503), idle and hibernated connections", function()
+      -- (within the limit: "shutdown", not "killed")
+      start(waiter, { hibernate_after = 0, shutdown_timeout = 2000 })
+      local busy, bpid, bref = ask("/busy")
+      local idle, ipid, iref = ask("/idle")
+      assert.are.equal("ok", read_response(idle).body)
+      assert.is_true(S.eventually(function() return mb.info(ipid).status == "hibernated" end))
+      assert.is_true(server:close())
+      server = nil
+      assert.is_nil(mb.info(bpid))
+      assert.is_nil(mb.info(ipid))
+      assert.are.equal("shutdown", S.await_down(bref))
+      assert.are.equal("shutdown", S.await_down(iref))
+      assert.are.equal(503, read_response(busy).status)
+      assert.is_true(closed_by_server(idle))
+      busy:close()
+      idle:close()
+    end)
+
+    it("closes an idle connection whose handler left trap_exit on, without waiting for the limit", function()
+      start(waiter, { hibernate_after = false, shutdown_timeout = 2000 })
+      local sock, pid, ref = ask("/trap-later")
+      assert.are.equal("ok", read_response(sock).body)
+      -- its next request turns trap_exit on; then it is idle, trapping
+      assert(sock:write("GET /trap-on HTTP/1.1\r\nHost: x\r\nX-Me: " .. tostring(mb.self()) .. "\r\n\r\n"))
+      S.recv(function(x) return type(x) == "table" and x.tag == "running" and x.path == "/trap-on" end)
+      read_response(sock)
+      assert.is_true(server:close())
+      server = nil
+      assert.are.equal("shutdown", S.await_down(ref))
+      assert.is_true(closed_by_server(sock))
+      sock:close()
+      assert.is_not_nil(pid)
+    end)
+
+    it("refuses a bad shutdown_timeout or hibernate_after", function()
+      assert.has_error(function() http.listen(HOST, 0, echo, { shutdown_timeout = -1 }) end)
+      assert.has_error(function() http.listen(HOST, 0, echo, { shutdown_timeout = "soon" }) end)
+      assert.has_error(function() http.listen(HOST, 0, echo, { hibernate_after = -5 }) end)
+      assert.has_error(function() http.listen(HOST, 0, echo, { hibernate_after = true }) end)
+      assert.has_error(function() http.listen(HOST, 0, echo, { hibernate_after = 0 / 0 }) end)
+      start(echo, { hibernate_after = false, shutdown_timeout = 0 })
+    end)
+  end)
+
+  describe("hibernation of idle connections", function()
+    -- A handler that tells the test its process, then echoes.
+    local function told(req, res)
+      local m = require "moonbeam"
+      local me = req.headers["x-me"]
+      for _, p in ipairs(m.processes()) do
+        if tostring(p) == me then m.send(p, { tag = "conn", pid = m.self(), path = req.path }) end
+      end
+      res:header("X-Path", req.path)
+      res:header("X-Pid", tostring(m.self()))
+      res:send(req.body)
+    end
+
+    local function get(path, extra)
+      return "GET " .. path .. " HTTP/1.1\r\nHost: x\r\nX-Me: " .. tostring(mb.self()) .. "\r\n"
+        .. (extra or "") .. "\r\n"
+    end
+
+    local function hibernated(pid)
+      return S.eventually(function()
+        local i = mb.info(pid)
+        return i ~= nil and i.status == "hibernated"
+      end)
+    end
+
+    it("hibernates an idle keep-alive connection and answers its next request", function()
+      start(told, { hibernate_after = 50 })
+      local sock = raw(port)
+      assert(sock:write(get("/one")))
+      assert.are.equal("/one", read_response(sock).headers["x-path"])
+      local pid = S.recv(S.field("tag", "conn")).pid
+      local awake = mb.info(pid).memory
+      assert.is_true(hibernated(pid))
+      local asleep = mb.info(pid).memory
+      assert.is_true(asleep < 4096 and asleep * 10 < awake, asleep .. " / " .. awake)
+      assert(sock:write("POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"))
+      local r = read_response(sock)
+      assert.are.equal("/two", r.headers["x-path"])
+      assert.are.equal("hello", r.body)
+      assert.are.equal(tostring(pid), r.headers["x-pid"])
+      -- and again: it goes on hibernating between requests
+      assert.is_true(hibernated(pid))
+      assert(sock:write(get("/three")))
+      assert.are.equal("/three", read_response(sock).headers["x-path"])
+      sock:close()
+    end)
+
+    it("answers pipelined requests around hibernation, in order, losing no byte", function()
+      start(told, { hibernate_after = 30 })
+      local sock = raw(port)
+      -- two at once, then it hibernates
+      assert(sock:write(get("/a") .. get("/b")))
+      local rs = read_responses(sock, 2)
+      assert.are.equal("/a", rs[1].headers["x-path"])
+      assert.are.equal("/b", rs[2].headers["x-path"])
+      local pid = S.recv(S.field("tag", "conn")).pid
+      assert.is_true(hibernated(pid))
+      -- three in one write wake it; a fourth split over two writes
+      assert(sock:write(get("/c") .. "POST /d HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nxyz" .. get("/e")))
+      rs = read_responses(sock, 3)
+      assert.are.same({ "/c", "/d", "/e" },
+                      { rs[1].headers["x-path"], rs[2].headers["x-path"], rs[3].headers["x-path"] })
+      assert.are.equal("xyz", rs[2].body)
+      assert.is_true(hibernated(pid))
+      assert(sock:write("GET /f HTTP/1.1\r\nHo"))
+      mb.sleep(60)   -- woken by half a head: it waits awake for the rest
+      assert.are_not.equal("hibernated", mb.info(pid).status)
+      assert(sock:write("st: x\r\n\r\n"))
+      assert.are.equal("/f", read_response(sock).headers["x-path"])
+      -- an empty line (CRLF) between requests is allowed, split or not
+      assert.is_true(hibernated(pid))
+      assert(sock:write("\r\n"))
+      assert(sock:write(get("/g")))
+      assert.are.equal("/g", read_response(sock).headers["x-path"])
+      assert.is_true(hibernated(pid))
+      assert(sock:write("\r"))
+      mb.sleep(60)
+      assert(sock:write("\n" .. get("/h")))
+      assert.are.equal("/h", read_response(sock).headers["x-path"])
+      sock:close()
+      -- the client went: the process ends
+      local ref = mb.monitor(pid)
+      S.await_down(ref)
+    end)
+
+    it("still closes an idle connection after idle_timeout, and head_timeout still holds", function()
+      start(told, { hibernate_after = 20, idle_timeout = 300, head_timeout = 200 })
+      local sock = raw(port)
+      assert(sock:write(get("/x")))
+      read_response(sock)
+      local pid = S.recv(S.field("tag", "conn")).pid
+      local ref = mb.monitor(pid)
+      assert.is_true(hibernated(pid))
+      assert.is_true(closed_by_server(sock))
+      assert.are.equal("normal", S.await_down(ref))
+      sock:close()
+      -- a head begun after a wake must end within head_timeout: 408
+      sock = raw(port)
+      assert(sock:write(get("/y")))
+      read_response(sock)
+      pid = S.recv(S.field("tag", "conn")).pid
+      assert.is_true(hibernated(pid))
+      assert(sock:write("GET /z HTTP/1.1\r\n"))
+      assert.are.equal(408, read_response(sock).status)
+      sock:close()
+    end)
+
+    it("ends a hibernated connection whose client closes", function()
+      start(told, { hibernate_after = 0 })
+      local sock = raw(port)
+      assert(sock:write(get("/x")))
+      read_response(sock)
+      local pid = S.recv(S.field("tag", "conn")).pid
+      local ref = mb.monitor(pid)
+      assert.is_true(hibernated(pid))
+      sock:close()
+      assert.are.equal("normal", S.await_down(ref))
+    end)
+
+    it("never hibernates with hibernate_after = false", function()
+      start(told, { hibernate_after = false })
+      local sock = raw(port)
+      assert(sock:write(get("/x")))
+      read_response(sock)
+      local pid = S.recv(S.field("tag", "conn")).pid
+      mb.sleep(100)
+      assert.are_not.equal("hibernated", mb.info(pid).status)
+      sock:close()
+    end)
+
+    it("stays awake, serving, when the handler holds what cannot be copied", function()
+      local held
+      start(function(req, res)
+        held = held or coroutine.create(function() end)
+        res:send(type(held))
+      end, { hibernate_after = 0 })
+      local c = assert(http.connect(HOST, port))
+      assert.are.equal("thread", assert(c:request("GET", "/")).body)
+      mb.sleep(50)
+      assert.are.equal("thread", assert(c:request("GET", "/")).body)
+      c:close()
+    end)
+
+    it("keeps its messages for the next handler, awake", function()
+      start(function(req, res)
+        local m = require "moonbeam"
+        if req.path == "/who" then return res:send(tostring(m.self())) end
+        local x = m.receive(0)
+        res:send(type(x) == "table" and x.note or "none")
+      end, { hibernate_after = 0 })
+      local c = assert(http.connect(HOST, port))
+      local who = assert(c:request("GET", "/who")).body
+      local pid
+      for _, p in ipairs(mb.processes()) do if tostring(p) == who then pid = p end end
+      assert.is_true(hibernated(pid))
+      mb.send(pid, { note = "kept" })
+      assert.are.equal("kept", assert(c:request("GET", "/")).body)
+      c:close()
+    end)
+  end)
 end)

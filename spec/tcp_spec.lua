@@ -570,4 +570,162 @@ describe("moonbeam.tcp", function()
     for i = 1, 5 do cs[i]:close() end
     l:close()
   end)
+
+  describe("listeners in active mode", function()
+    -- A message of listener l.
+    local function of(l, event)
+      return function(m) return type(m) == "table" and m.socket == l and m.event == event end
+    end
+
+    it("delivers each connection as a tcp_accept message, the owner owning it", function()
+      local l = assert(tcp.listen("127.0.0.1", 0))
+      assert(l:set_active(true))
+      assert.are.same({nil, "listener is in active mode"}, {l:accept(0)})
+      local cs = {}
+      for i = 1, 3 do cs[i] = assert(tcp.connect("127.0.0.1", l:port(), T)) end
+      local seen = {}
+      for _ = 1, 3 do
+        local m = S.recv(of(l, "tcp_accept"))
+        assert(m.conn:write("to " .. select(2, m.conn:peername())))
+        seen[#seen + 1] = m.conn
+      end
+      for i = 1, 3 do
+        assert.are.equal("to " .. select(2, cs[i]:sockname()), read_n(cs[i], #("to " .. select(2, cs[i]:sockname()))))
+      end
+      -- passive again: accept works, and takes what came meanwhile
+      assert(l:set_active(false))
+      local c4 = assert(tcp.connect("127.0.0.1", l:port(), T))
+      local s4 = assert(l:accept(T))
+      assert(c4:write("four"))
+      assert.are.equal("four", read_n(s4, 4))
+      assert.is_nil(mb.receive(of(l, "tcp_accept"), 50))
+      for _, c in ipairs(cs) do c:close() end
+      for _, c in ipairs(seen) do c:close() end
+      c4:close(); s4:close(); l:close()
+    end)
+
+    it("sends one in 'once' mode, then queues until re-armed (and re-arming delivers a queued one)", function()
+      local l = assert(tcp.listen("127.0.0.1", 0))
+      assert(l:set_active("once"))
+      local c1 = assert(tcp.connect("127.0.0.1", l:port(), T))
+      local c2 = assert(tcp.connect("127.0.0.1", l:port(), T))
+      local m1 = S.recv(of(l, "tcp_accept"))
+      assert.is_nil(mb.receive(of(l, "tcp_accept"), 100))
+      assert(l:set_active("once"))   -- c2 waits in the queue: it comes at once
+      local m2 = S.recv(of(l, "tcp_accept"))
+      assert.is_nil(mb.receive(of(l, "tcp_accept"), 50))
+      local c3 = assert(tcp.connect("127.0.0.1", l:port(), T))
+      assert.is_nil(mb.receive(of(l, "tcp_accept"), 100))
+      assert(l:set_active("once"))
+      local m3 = S.recv(of(l, "tcp_accept"))
+      -- (connections are spread over the loops: which came first is not fixed)
+      local by_port = {}
+      for _, m in ipairs({ m1, m2, m3 }) do by_port[select(2, m.conn:peername())] = m.conn end
+      for i, c in ipairs({ c1, c2, c3 }) do
+        local s = by_port[select(2, c:sockname())]
+        assert(c:write("n" .. i))
+        assert.are.equal("n" .. i, read_n(s, 2))
+      end
+      for _, c in ipairs({ c1, c2, c3, m1.conn, m2.conn, m3.conn }) do c:close() end
+      l:close()
+    end)
+
+    it("keeps delivered connections when the listener is closed while active, and sends nothing more", function()
+      local l = assert(tcp.listen("127.0.0.1", 0))
+      local port = l:port()
+      assert(l:set_active(true))
+      local c1 = assert(tcp.connect("127.0.0.1", port, T))
+      local c2 = assert(tcp.connect("127.0.0.1", port, T))
+      assert.is_true(S.eventually(function() return mb.info(mb.self()).mailbox >= 2 end))
+      assert(l:close())
+      -- the connections already sent are ours and work
+      local m1 = S.recv(of(l, "tcp_accept"))
+      local m2 = S.recv(of(l, "tcp_accept"))
+      assert(m1.conn:write("a"))
+      assert(m2.conn:write("b"))
+      local got = { read_n(c1, 1), read_n(c2, 1) }
+      table.sort(got)
+      assert.are.same({ "a", "b" }, got)
+      -- closing it yourself sends no tcp_closed; nothing listens any more
+      assert.is_nil(mb.receive(function(m) return type(m) == "table" and m.socket == l end, 50))
+      assert.are.same({nil, "closed"}, {l:set_active(true)})
+      local c3, err = tcp.connect("127.0.0.1", port, T)
+      assert.is_nil(c3)
+      assert.are.equal("connection refused", err)
+      for _, c in ipairs({ c1, c2, m1.conn, m2.conn }) do c:close() end
+    end)
+
+    it("closes its listener and the connections sent to it when an active owner dies", function()
+      local l = assert(tcp.listen("127.0.0.1", 0))
+      local port = l:port()
+      local owner = mb.spawn(function(listener)
+        mb.receive(function(m) return m == "go" end, 5000)
+        assert(listener:set_active(true))
+        mb.receive(function() return false end)   -- never takes a connection
+      end, l)
+      assert(l:set_owner(owner))
+      mb.send(owner, "go")
+      local cs = {}
+      for i = 1, 3 do cs[i] = assert(tcp.connect("127.0.0.1", port, T)) end
+      assert.is_true(S.eventually(function() return mb.info(owner).mailbox == 3 end))
+      local ref = mb.monitor(owner)
+      mb.exit(owner, "kill")
+      S.await_down(ref)
+      for i = 1, 3 do assert.are.same({nil, "closed"}, {cs[i]:read(T)}) end
+      local c4, err = tcp.connect("127.0.0.1", port, T)
+      assert.is_nil(c4)
+      assert.are.equal("connection refused", err)
+      for _, c in ipairs(cs) do c:close() end
+    end)
+
+    it("bounds what an owner that does not receive is sent; the rest waits, none is lost", function()
+      local N, BOUND = 200, 64   -- BOUND: MB_SOCK_ACCEPT_QUEUE
+      local me = mb.self()
+      for _, mode in ipairs({ true, "once" }) do
+        local l = assert(tcp.listen("127.0.0.1", 0))
+        local port = l:port()
+        local owner = mb.spawn(function(listener, parent, n, md)
+          mb.receive(function(m) return m == "go" end, 5000)
+          assert(listener:set_active(md))
+          mb.receive(function(m) return m == "now receive" end)
+          local got = 0
+          while got < n do
+            local m = mb.receive(5000)
+            if not m or m.event ~= "tcp_accept" then break end
+            got = got + 1
+            m.conn:write("x")
+            m.conn:close()
+            if md == "once" then listener:set_active("once") end
+          end
+          mb.send(parent, { got = got })
+          mb.receive(function(m) return m == "stop" end, 5000)
+        end, l, me, N, mode)
+        assert(l:set_owner(owner))
+        mb.send(owner, "go")
+        local cs = {}
+        for i = 1, N do cs[i] = assert(tcp.connect("127.0.0.1", port, T)) end
+        local cap = mode == true and BOUND or 1
+        assert.is_true(S.eventually(function() return mb.info(owner).mailbox >= cap end))
+        mb.sleep(100)
+        local n = mb.info(owner).mailbox
+        assert.is_true(n == cap, "mode " .. tostring(mode) .. ": mailbox " .. n)
+        mb.send(owner, "now receive")
+        assert.are.equal(N, S.recv(function(m) return type(m) == "table" and m.got end, 3 * T).got)
+        for i = 1, N do
+          assert.are.equal("x", read_n(cs[i], 1))
+          cs[i]:close()
+        end
+        mb.send(owner, "stop")
+      end
+    end)
+
+    it("refuses a non-owner and bad modes", function()
+      local l = assert(tcp.listen("127.0.0.1", 0))
+      assert.has_error(function() l:set_active("twice") end)
+      local me = mb.self()
+      mb.spawn(function(listener) mb.send(me, { r = { listener:set_active(true) } }) end, l)
+      assert.are.same({nil, "not owner"}, S.recv(function(m) return type(m) == "table" and m.r end).r)
+      l:close()
+    end)
+  end)
 end)

@@ -503,4 +503,148 @@ describe("moonbeam.websocket", function()
       ("the server grew by %d bytes after %d bytes of pings"):format(rss1 - rss0, sent))
     assert.is_true(procs1 < 16 * 1024 * 1024, "processes hold " .. procs1 .. " bytes")
   end)
+
+  describe("websocket.loop", function()
+    -- A counting echo: {n} counts messages; "stop" stops, "boom" raises,
+    -- "nothing" returns nothing; other messages of the process are counted
+    -- in info and echoed as "info:<note>". It reports its process and its
+    -- end to the test (the X-Me header).
+    local function loop_handler(req, res)
+      local m = require "moonbeam"
+      local ws_mod = require "moonbeam.websocket"
+      local me
+      for _, p in ipairs(m.processes()) do
+        if tostring(p) == req.headers["x-me"] then me = p end
+      end
+      if req.path == "/trap" then m.trap_exit(true) end
+      local ws = ws_mod.upgrade(req, res)
+      m.send(me, { tag = "conn", pid = m.self() })
+      local opts
+      if req.path == "/never" then opts = { hibernate_after = false } end
+      ws_mod.loop(ws, {
+        message = function(w, data, binary, st)
+          st.n = st.n + 1
+          if data == "stop" then return st, "normal" end
+          if data == "boom" then error("boom in message") end
+          if data == "nothing" then return end
+          w:write(st.n .. ":" .. data, binary)
+          return st
+        end,
+        info = function(w, msg, st)
+          w:write("info:" .. tostring(type(msg) == "table" and msg.note))
+          return st
+        end,
+        terminate = function(w, reason, st, close)
+          m.send(st.me, { tag = "terminated", reason = reason, n = st.n,
+                          code = close and close.code, text = close and close.reason })
+        end,
+      }, { n = 0, me = me }, opts)
+    end
+
+    local function connect(path)
+      local sock = assert(websocket.connect(HOST, port, path or "/",
+                                            { headers = { ["X-Me"] = tostring(mb.self()) } }))
+      local pid = S.recv(S.field("tag", "conn")).pid
+      return sock, pid
+    end
+
+    local function hibernated(pid)
+      return S.eventually(function()
+        local i = mb.info(pid)
+        return i ~= nil and i.status == "hibernated"
+      end)
+    end
+
+    it("hibernates an idle connection, wakes on the next frame, and keeps its state", function()
+      start(loop_handler, { hibernate_after = 30 })   -- (the server's option)
+      local sock, pid = connect()
+      assert(sock:write("a"))
+      assert.are.equal("1:a", sock:read(S.T))
+      local awake = mb.info(pid).memory
+      assert.is_true(hibernated(pid))
+      local asleep = mb.info(pid).memory
+      assert.is_true(asleep < 4096 and asleep * 10 < awake, asleep .. " / " .. awake)
+      assert(sock:write("\0\1", true))
+      local data, binary = sock:read(S.T)
+      assert.are.equal("2:\0\1", data)
+      assert.is_true(binary)
+      -- a message to the process wakes it too (info), then a frame
+      assert.is_true(hibernated(pid))
+      mb.send(pid, { note = "hello" })
+      assert.are.equal("info:hello", sock:read(S.T))
+      assert.is_true(hibernated(pid))
+      assert(sock:write("b"))
+      assert.are.equal("3:b", sock:read(S.T))
+      local ref = mb.monitor(pid)
+      sock:close(4000, "bye")
+      local t = S.recv(S.field("tag", "terminated"))
+      assert.are.same({ "closed", 3, 4000, "bye" }, { t.reason, t.n, t.code, t.text })
+      assert.are.equal("normal", S.await_down(ref))
+    end)
+
+    it("does not hibernate with hibernate_after = false", function()
+      start(loop_handler, { hibernate_after = 0 })
+      local sock, pid = connect("/never")
+      assert(sock:write("a"))
+      assert.are.equal("1:a", sock:read(S.T))
+      mb.sleep(50)
+      assert.are_not.equal("hibernated", mb.info(pid).status)
+      sock:close()
+    end)
+
+    it("ends on a stop reason, and with 1011 when a callback raises or returns nothing", function()
+      start(loop_handler, { hibernate_after = 0 })
+      for _, case in ipairs({ { "stop", 1000, "normal" }, { "boom", 1011, "boom in message" },
+                              { "nothing", 1011, "bad return value from message" } }) do
+        local sock, pid = connect()
+        local ref = mb.monitor(pid)
+        assert.is_true(hibernated(pid))
+        sock:set_active(true)
+        assert(sock:write(case[1]))
+        local m = S.recv(S.field("event", "ws_closed"))
+        assert.are.equal(case[2], m.code, case[1])
+        local t = S.recv(S.field("tag", "terminated"))
+        assert.is_true(S.has(tostring(t.reason), case[3]), tostring(t.reason))
+        local reason = S.await_down(ref)
+        assert.is_true(S.has(tostring(reason), case[3]), tostring(reason))
+        sock:close()
+      end
+    end)
+
+    it("closes with 1001 (going away) on server:close() when it traps exits", function()
+      start(loop_handler, { hibernate_after = 0 })
+      local sock, pid = connect("/trap")
+      assert.is_true(hibernated(pid))
+      sock:set_active(true)
+      assert.is_true(server:close())
+      server = nil
+      assert.is_nil(mb.info(pid))
+      assert.are.equal(1001, S.recv(S.field("event", "ws_closed")).code)
+      assert.are.equal("shutdown", S.recv(S.field("tag", "terminated")).reason)
+      sock:close()
+    end)
+
+    it("refuses bad arguments", function()
+      local ok, res = S.probe(function()
+        local ws_mod = require "moonbeam.websocket"
+        local tcp_mod = require "moonbeam.tcp"
+        local l = tcp_mod.listen("127.0.0.1", 0)
+        local errs = {}
+        for i, args in ipairs({ { 42, { message = print }, 0 }, { l, 42, 0 }, { l, {}, 0 },
+                                { l, { message = print, info = 1 }, 0 },
+                                { l, { message = print }, 0, { hibernate_after = -1 } },
+                                { l, { message = print }, 0, "opts" } }) do
+          local okc, err = pcall(ws_mod.loop, args[1], args[2], args[3], args[4])
+          errs[i] = not okc and err
+        end
+        l:close()
+        return errs
+      end)
+      assert.is_true(ok)
+      for i, e in ipairs(res[1]) do
+        assert.is_true(S.has(e, "websocket.loop: bad"), i .. ": " .. tostring(e))
+      end
+      assert.are.equal(6, #res[1])
+    end)
+  end)
 end)

@@ -24,6 +24,7 @@
 #include "reg.h"
 #include "run.h"
 #include "scheduler.h"
+#include "sock.h"
 #include "timer.h"
 
 /* -- Helpers -------------------------------------------------------------- */
@@ -400,8 +401,13 @@ int mb_lib_try_receive(mb_proc_t *p, lua_State *L)
         continue;
       }
     }
+    /* A socket's active-mode message: a listener bounds those not yet
+     * received (sock.h). */
+    uint64_t port = m->kind == MB_MSG_USER ? m->port : 0;
     unlink_msg(p, pm);
     p->q_scan = &p->q_head;
+    if (port)
+      mb_sock_received(port);
     return 1;
   }
   return 0;

@@ -182,6 +182,11 @@ static int l_accept(lua_State *L)
     return luaL_argerror(L, 1, "listener expected, got a connected socket");
   }
   pthread_mutex_lock(&s->lock);
+  if (s->active) {
+    pthread_mutex_unlock(&s->lock);
+    mb_sock_unref(s);
+    return fail(L, "listener is in active mode");
+  }
   mb_sock_t *c = s->acc_head;
   if (c) {
     s->acc_head = c->onext;
@@ -475,7 +480,10 @@ static int l_sockname(lua_State *L)
   return push_name(L, 0);
 }
 
-/* sock:set_active(true | "once" | false) */
+/* sock:set_active(true | "once" | false), on a stream or a listener. A
+ * listener's active mode sends each connection as {event = "tcp_accept",
+ * socket = listener, conn = c} (see sock.h: at most MB_SOCK_ACCEPT_QUEUE
+ * of them not yet received). */
 static int l_set_active(lua_State *L)
 {
   int n, mode;
@@ -485,15 +493,10 @@ static int l_set_active(lua_State *L)
     mode = 2;
   else
     return luaL_argerror(L, 2, "true, false or \"once\" expected");
-  mb_sock_t *s = stream_sock(L, mb_lib_self(L), &n);
+  mb_sock_t *s = self_sock(L, mb_lib_self(L), &n);
   if (s == NULL)
     return n;
-  pthread_mutex_lock(&s->lock);
-  s->active = mode;
-  int resume = mb_sock_flush_active(s);
-  pthread_mutex_unlock(&s->lock);
-  if (resume)
-    mb_sock_run(s, mb_sock_do_resume, NULL);
+  mb_sock_set_active(s, mode);
   mb_sock_unref(s);
   lua_pushboolean(L, 1);
   return 1;
@@ -536,12 +539,8 @@ static int l_set_owner(lua_State *L)
     mb_proc_move_port_msgs(p, s->id, to);
     rc = mb_sock_set_owner(s, p->pid, np);
     mb_proc_unref(np);
-    pthread_mutex_lock(&s->lock);
-    s->active = active;
-    int resume = mb_sock_flush_active(s);
-    pthread_mutex_unlock(&s->lock);
-    if (resume)
-      mb_sock_run(s, mb_sock_do_resume, NULL);
+    if (rc == 0)
+      mb_sock_set_active(s, active);
   }
   mb_sock_unref(s);
   if (rc < 0)

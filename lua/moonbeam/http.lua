@@ -2,17 +2,33 @@
 -- process, a static file handler, and a small client.
 --
 -- DESIGN
--- http.listen spawns an acceptor process that owns the listening socket. For
--- every accepted connection it spawns a connection process (linked to it),
--- hands the socket over (sock:set_owner, then a message carrying the
--- socket) and goes back to accepting. The acceptor traps exits, so a
--- connection process that dies, however it dies, leaves it running; it
--- drains those EXIT messages after each accept (so at most one per
--- connection accepted before the last accept waits in its mailbox, and an
--- idle server never wakes up).
--- server:close() kills the acceptor; the kill reaches every connection
--- process through its link (unless a handler traps exits) and the owner's
--- death closes the sockets.
+-- http.listen spawns an acceptor process that owns the listening socket, in
+-- active mode: accepted connections come to it as messages (tcp_accept), so
+-- it is one receive loop over those, the EXITs of the processes linked to
+-- it, sockets left to it (tcp_heir) and its own requests - it never polls,
+-- and an idle server never wakes up. The listener bounds the tcp_accept
+-- messages not yet received (moonbeam.tcp), so a slow acceptor holds
+-- clients back in the kernel's backlog, not in its mailbox. For every
+-- connection it spawns a connection process (linked to it), hands the
+-- socket over (sock:set_owner, then a message carrying the socket). The
+-- acceptor traps exits, so a connection process that dies, however it
+-- dies, leaves it running.
+-- server:close() (or the EXIT of another process linked to the acceptor,
+-- such as a supervisor) shuts down in order, as a supervisor does: close
+-- the listener, send every connection process the exit signal "shutdown",
+-- wait up to shutdown_timeout for them to end, kill the rest, then end.
+--
+-- Hibernation. A keep-alive connection waiting for its next request costs
+-- a whole Lua state (tens of KB); after hibernate_after ms without a byte
+-- it hibernates instead (mb.hibernate): its socket is put in active "once"
+-- mode, so that the next bytes (or the peer's close) come as a message and
+-- wake it, and idle_timeout is kept by a send_after timer, a value that
+-- survives hibernation. Woken, it builds a new parser (the old one was
+-- between two requests, so a new one is the same) and serves on exactly
+-- as before. It stays awake when it cannot hibernate: pending bytes or
+-- events (pipelined requests), a CR that may be half of a CRLF, messages
+-- in its mailbox (they would wake it at once), or a handler holding a
+-- value that cannot be copied (reported once).
 --
 -- A connection process reads the socket in passive mode (sock:read with a
 -- deadline) and feeds the bytes to moonbeam.http_parser, which does the
@@ -67,20 +83,34 @@ local DEFAULTS = {
   -- what it takes, and the client's leaving still ends it.
   handler_timeout = 60000,
   backlog = 511,
+  -- A keep-alive connection idle this long hibernates (false: never). An
+  -- idle connection costs a Lua state, tens of KB, and a hibernated one a
+  -- few hundred bytes; waking costs a new state (tens of us) on its next
+  -- request. 15 s is Phoenix's hibernate_after for its channels and
+  -- sockets: a client that comes back within 15 s (a page's next fetches,
+  -- a poller) never pays the wake, and one that idles longer saves the
+  -- memory for the rest of its idle_timeout.
+  hibernate_after = 15000,
+  -- server:close() waits this long for the connection processes to end
+  -- after the exit signal "shutdown", then kills the rest (a supervisor's
+  -- default shutdown time; math.huge: wait for them).
+  shutdown_timeout = 5000,
   -- The memory of each connection process (bytes; math.huge: no limit).
   -- Above it the process dies "out of memory" and only its connection is
   -- lost. 64 MiB leaves a handler room for a max_body request (8 MiB),
   -- the copies it makes (the body string, its pieces, a response built from
   -- it) and the garbage LuaJIT collects late (a limit counts garbage too),
   -- while a handler that allocates without bound stops long before it can
-  -- take the host's memory. An idle connection uses about 50 KB.
+  -- take the host's memory. An idle connection uses about 75 KB awake,
+  -- 1.5 KB hibernated.
   max_memory = 64 * 1024 * 1024,
 }
--- How long the acceptor pauses after accept failed (out of descriptors).
+-- How long the acceptor stops accepting after accept failed (out of
+-- descriptors): the open connections go on meanwhile.
 local ACCEPT_BACKOFF = 100
--- How often a waiting acceptor looks at its mailbox for exit signals from
--- the processes linked to it (a supervisor, say).
-local ACCEPT_POLL = 1000
+-- How long to wait for the EXIT of a process that was killed (the kill
+-- cannot be trapped: this only guards against a runtime bug).
+local KILL_WAIT = 5000
 -- How long http.listen waits for the acceptor to report the listening port.
 local START_TIMEOUT = 5000
 -- After an error response, the connection reads and drops what the client
@@ -134,7 +164,16 @@ local function next_event(c)
     end
     local left = deadline and deadline - mb.now()
     if left and left <= 0 then return nil, "timeout" end
-    local data, err = c.sock:read(left and math.ceil(left))
+    local data, err
+    if c.pending then
+      -- Bytes that woke a hibernated connection.
+      data, c.pending = c.pending, nil
+    elseif c.wait_request and not c.head_started then
+      -- A server between requests: the wait that may hibernate.
+      data, err = c.wait_request(c, left)
+    else
+      data, err = c.sock:read(left and math.ceil(left))
+    end
     if not data then
       if err == "closed" and c.parser:in_message() then
         -- The stream ended: a response read to the end of the connection
@@ -151,6 +190,9 @@ local function next_event(c)
     else
       local _, evs = c.parser:feed(data)
       c.events, c.ei = evs, 1
+      -- (A CR last, between requests, may be half of an empty line's CRLF,
+      -- which a new parser would not know: see wait_request.)
+      c.last_cr = string.byte(data, -1) == 13
       -- The first byte of a request head starts its head_timeout.
       if c.watch_head and not c.head_started and c.parser:in_message() then
         c.head_started = true
@@ -410,7 +452,10 @@ end
 -- to do: "closed"/"idle" (close quietly), or a status to answer.
 local function read_head(c, first)
   local o = c.opts
-  c.deadline = mb.now() + (first and o.head_timeout or o.idle_timeout)
+  -- (A woken connection goes on with the deadline it hibernated with.)
+  c.deadline = c.resume_deadline or mb.now() + (first and o.head_timeout or o.idle_timeout)
+  c.resume_deadline = nil
+  c.first = first
   -- A connection that never sent a byte is closed quietly: browsers open
   -- spare connections they may never use.
   c.head_started = false
@@ -517,6 +562,8 @@ local function serve_one(c, handler, first)
   end
   local res = setmetatable({
     sock = c.sock, code = 200, hlist = {},
+    -- (for moonbeam.websocket: the defaults of websocket.loop)
+    hibernate_after = o.hibernate_after, acceptor = c.acceptor,
     http10 = head.version == "1.0", head_only = head.method == "HEAD",
     close = not req.keep_alive,
     keep_alive_10 = head.version == "1.0" and req.keep_alive,
@@ -576,20 +623,151 @@ local function serve_one(c, handler, first)
   return true
 end
 
+-- -- Waiting between requests, and hibernating -----------------------------
+
+-- Does the process trap exits? (A handler may have turned it on.)
+local function trapping()
+  local t = mb.trap_exit(true)
+  mb.trap_exit(t)
+  return t
+end
+
+-- The messages of an idle connection: its socket's (active "once"), the
+-- idle timer's, and the acceptor's EXIT (when it traps exits).
+local function idle_match(sock, acceptor)
+  return function(m)
+    if type(m) ~= "table" then return false end
+    if m.socket == sock then
+      return m.event == "tcp" or m.event == "tcp_closed" or m.event == "tcp_error"
+    end
+    return m.tag == "$http_idle" or (m.event == "EXIT" and m.pid == acceptor)
+  end
+end
+
+-- What a socket message of an idle connection means: data, or nil and why.
+-- The acceptor's EXIT (server:close() when the process traps exits) ends
+-- the connection and the process.
+local function from_message(sock, m)
+  if m.event == "tcp" then return m.data end
+  if m.event == "tcp_closed" then return nil, "closed" end
+  if m.event == "tcp_error" then return nil, m.reason end
+  if m.event == "EXIT" then
+    sock:close()
+    mb.exit(m.reason)
+  end
+  return nil, "timeout"   -- the idle timer
+end
+
+-- Stop the idle timer; if it fired already, take its message.
+local function cancel_idle(timer)
+  if timer and not mb.cancel_timer(timer) then
+    mb.receive(function(m) return type(m) == "table" and m.tag == "$http_idle" end, KILL_WAIT)
+  end
+end
+
+-- Wait up to `left` ms for bytes, seeing the acceptor's EXIT too: the wait
+-- of a connection that traps exits (a passive read would not see it).
+local function await_bytes(c, left)
+  c.sock:set_active("once")
+  local m = mb.receive(idle_match(c.sock, c.acceptor), math.ceil(left))
+  if not m then
+    c.sock:set_active(false)
+    -- One may have been sent before the switch: it is here now.
+    m = mb.receive(idle_match(c.sock, c.acceptor), 0)
+    if not m then return nil, "timeout" end
+  end
+  return from_message(c.sock, m)
+end
+
+local serve, wake
+
+-- Hibernate an idle connection (see DESIGN); does not return unless it
+-- cannot, and then returns whether a socket message came meanwhile and
+-- what it meant.
+local function hibernate(c)
+  if mb.info(mb.self()).mailbox > 0 then return false end
+  local st = {
+    sock = c.sock, opts = c.opts, acceptor = c.acceptor, handler = c.handler_spec,
+    deadline = c.deadline, first = c.first,
+  }
+  st.timer = mb.send_after(math.max(0, math.ceil(c.deadline - mb.now())), mb.self(),
+                           { tag = "$http_idle" })
+  c.sock:set_active("once")
+  local _, err = pcall(mb.hibernate, wake, st)
+  -- Not possible: the handler holds a value that cannot be copied (its
+  -- upvalues go with the continuation). Stay awake from now on.
+  c.no_hibernate = true
+  report(c.me, { "cannot hibernate the idle connection: " .. tostring(err),
+                 "(it stays awake; see hibernate_after)" })
+  c.sock:set_active(false)
+  cancel_idle(st.timer)
+  local m = mb.receive(idle_match(c.sock, c.acceptor), 0)
+  if m then return true, from_message(c.sock, m) end
+  return false
+end
+
+-- The wait for the first bytes of a request (c.wait_request, called by
+-- next_event): a read, then hibernation once idle for hibernate_after.
+local function wait_request(c, left)
+  local hib = c.opts.hibernate_after
+  -- Only with nothing pending: next_event reads only once the events are
+  -- used up, and a request begun would have set head_started.
+  local can = hib and hib < left and not c.no_hibernate and not c.last_cr
+  local traps = trapping()
+  local t = can and hib or left
+  local data, err
+  if traps then data, err = await_bytes(c, t) else data, err = c.sock:read(math.ceil(t)) end
+  if data or err ~= "timeout" or not can then return data, err end
+  local got, d, e = hibernate(c)
+  if got then return d, e end
+  left = c.deadline - mb.now()
+  if left <= 0 then return nil, "timeout" end
+  if traps then return await_bytes(c, left) end
+  return c.sock:read(math.ceil(left))
+end
+
+local function new_conn(sock, handler, opts, acceptor)
+  return {
+    sock = sock, opts = opts, events = {}, ei = 1, acceptor = acceptor,
+    me = tostring(mb.self()), handler_spec = handler,
+    handler = type(handler) == "string" and require(handler) or handler,
+    parser = hp.new({ max_head = opts.max_head, max_headers = opts.max_headers,
+                      max_url = opts.max_url }),
+    wait_request = wait_request,
+  }
+end
+
+-- Serve requests until the connection ends.
+function serve(c, first)
+  while serve_one(c, c.handler, first) do first = false end
+end
+
+-- A hibernated connection woke, in a new state: by its socket's message,
+-- its idle timer, or the acceptor's EXIT. Other messages that woke it stay
+-- for the next handler, and it waits awake.
+function wake(st)
+  local m = mb.receive(idle_match(st.sock, st.acceptor))
+  if m.tag == "$http_idle" then
+    st.sock:close()   -- idle_timeout: closed quietly
+    return
+  end
+  cancel_idle(st.timer)
+  local data = from_message(st.sock, m)
+  if not data then
+    st.sock:close()
+    return
+  end
+  local c = new_conn(st.sock, st.handler, st.opts, st.acceptor)
+  c.pending, c.resume_deadline = data, st.deadline
+  serve(c, st.first)
+end
+
 -- The body of a connection process: wait for the socket, then serve
 -- requests until the connection ends.
 local function connection(handler, opts, acceptor)
   local m = mb.receive(function(x) return type(x) == "table" and x.tag == "$http_sock" end, START_TIMEOUT)
   if not m then return end
-  if type(handler) == "string" then handler = require(handler) end
-  local c = {
-    sock = m.sock, opts = opts, events = {}, ei = 1, acceptor = acceptor,
-    me = tostring(mb.self()),
-    parser = hp.new({ max_head = opts.max_head, max_headers = opts.max_headers,
-                      max_url = opts.max_url }),
-  }
-  local first = true
-  while serve_one(c, handler, first) do first = false end
+  serve(new_conn(m.sock, handler, opts, acceptor), true)
 end
 
 -- -- The acceptor -------------------------------------------------------------
@@ -601,77 +779,112 @@ local function acceptor(parent, host, port, handler, opts)
     mb.send(parent, { tag = "$http_listen", err = err })
     return
   end
+  l:set_active(true)
   mb.send(parent, { tag = "$http_listen", port = l:port() })
+  local me = mb.self()
   local conns = {}   -- the connection processes, linked to this one
   local heirs = {}   -- pid -> the socket it left to this process (tcp_heir)
   local overtime = {}   -- pid -> true: killed for handler_timeout
-  -- EXIT of a connection process that ended (forgotten), or of another
-  -- linked process (a supervisor) that died: then this server goes with
-  -- it, as it would without trapping exits. A connection process whose
-  -- handler overran is killed; one that died before its response started
-  -- left its socket here (tcp_heir, just before its EXIT), and its client
-  -- gets 503 or 500 from here, unless it has gone itself.
-  local function on_message(m)
+  local closing = false   -- shutting down (see DESIGN)
+  local paused = false    -- not accepting for ACCEPT_BACKOFF after an error
+  -- While shutting down: monitor ref -> connection process. (The exit
+  -- signal "shutdown" breaks the process's link to this one, so its end
+  -- comes as a DOWN, not an EXIT.)
+  local watching = {}
+
+  -- A connection process ended. One that died before its response started
+  -- left its socket here (tcp_heir, just before its EXIT): its client gets
+  -- 503 (handler_timeout, or shut down) or 500 from here, unless it has
+  -- gone itself.
+  local function ended(pid, reason)
+    if not conns[pid] then return end
+    conns[pid] = nil
+    local hs = heirs[pid]
+    heirs[pid] = nil
+    if hs then
+      local code = (overtime[pid] or closing) and 503
+        or (reason ~= "normal" and reason ~= "peer closed" and 500)
+      if code then hs:write(error_response(code)) end
+      hs:close()
+    end
+    overtime[pid] = nil
+  end
+
+  -- One message. Returns a reason when the server is to shut down: its
+  -- own close, or the EXIT of another linked process (a supervisor) that
+  -- died, which it follows as it would without trapping exits.
+  local function handle(m)
     if type(m) ~= "table" then return end
-    if m.event == "EXIT" then
-      if conns[m.pid] then
-        conns[m.pid] = nil
-        local hs = heirs[m.pid]
-        heirs[m.pid] = nil
-        if hs then
-          local code = overtime[m.pid] and 503
-            or (m.reason ~= "normal" and m.reason ~= "peer closed" and 500)
-          if code then hs:write(error_response(code)) end
-          hs:close()
-        end
-        overtime[m.pid] = nil
-      elseif m.reason ~= "normal" then
-        l:close()
-        mb.exit(m.reason)
+    local ev = m.event
+    if ev == "tcp_accept" and m.socket == l then
+      if closing then m.conn:close() return end
+      local pid = mb.spawn_opt({ link = true, max_memory = opts.max_memory },
+                               connection, handler, opts, me)
+      conns[pid] = true
+      if m.conn:set_owner(pid) then
+        mb.send(pid, { tag = "$http_sock", sock = m.conn })
+      else
+        m.conn:close()
       end
-    elseif m.event == "tcp_heir" then
+    elseif ev == "EXIT" then
+      if conns[m.pid] then
+        ended(m.pid, m.reason)
+      elseif m.reason ~= "normal" then
+        return m.reason
+      end
+    elseif ev == "DOWN" and watching[m.ref] then
+      ended(watching[m.ref], m.reason)
+      watching[m.ref] = nil
+    elseif ev == "tcp_heir" then
       if conns[m.from] then heirs[m.from] = m.socket else m.socket:close() end
     elseif m.tag == "$http_overtime" and conns[m.pid] then
+      -- It dies at once; its tcp_heir and EXIT follow.
       overtime[m.pid] = true
       mb.exit(m.pid, "kill")
-      -- It dies at once: answer for it now rather than after the next poll.
-      local pid = m.pid
-      while conns[pid] do
-        local x = mb.receive(function(y)
-          return type(y) == "table" and (y.pid == pid or y.from == pid)
-        end, ACCEPT_POLL)
-        if not x then break end
-        on_message(x)
-      end
-    end
-  end
-  while true do
-    local s, aerr = l:accept(ACCEPT_POLL)
-    if s then
-      local pid = mb.spawn_opt({ link = true, max_memory = opts.max_memory },
-                               connection, handler, opts, mb.self())
-      conns[pid] = true
-      if s:set_owner(pid) then
-        mb.send(pid, { tag = "$http_sock", sock = s })
-      else
-        s:close()
-      end
-    elseif aerr == "closed" then
-      return
-    elseif aerr ~= "timeout" then
+    elseif ev == "tcp_error" and m.socket == l then
       -- Out of file descriptors, say: keep serving the open connections
-      -- and try again shortly rather than end the server.
-      io.stderr:write("=HTTP REPORT==== " .. tostring(mb.self()) .. "\naccept failed: "
-                      .. tostring(aerr) .. "\n")
-      mb.sleep(ACCEPT_BACKOFF)
-    end
-    -- Messages (exits, sockets left here, overruns): see on_message.
-    while true do
-      local m = mb.receive(0)
-      if m == nil then break end
-      on_message(m)
+      -- and accept again shortly rather than end the server. (Errors sent
+      -- before the pause are only reported.)
+      io.stderr:write("=HTTP REPORT==== " .. tostring(me) .. "\naccept failed: "
+                      .. tostring(m.reason) .. "\n")
+      if not paused then
+        paused = true
+        l:set_active(false)
+        mb.send_after(ACCEPT_BACKOFF, me, { tag = "$http_accept_again" })
+      end
+    elseif m.tag == "$http_accept_again" then
+      paused = false
+      if not closing then l:set_active(true) end
+    elseif m.tag == "$http_close" then
+      return "normal"
     end
   end
+
+  local reason
+  repeat reason = handle(mb.receive()) until reason
+  -- Shut down in order: stop accepting, ask, wait, then kill.
+  closing = true
+  l:close()
+  for pid in pairs(conns) do
+    watching[mb.monitor(pid)] = pid
+    mb.exit(pid, "shutdown")
+  end
+  local limit = opts.shutdown_timeout
+  local deadline = limit ~= math.huge and mb.now() + limit or nil
+  while next(conns) do
+    local left = deadline and deadline - mb.now()
+    if left and left <= 0 then break end
+    local m = mb.receive(left and math.ceil(left))
+    if m == nil then break end
+    handle(m)
+  end
+  for pid in pairs(conns) do mb.exit(pid, "kill") end
+  while next(conns) do
+    local m = mb.receive(KILL_WAIT)
+    if m == nil then break end
+    handle(m)
+  end
+  mb.exit(reason)
 end
 
 local Server = {}
@@ -680,15 +893,21 @@ Server.__index = Server
 -- server:port() -> the port it listens on
 function Server:port() return self.listen_port end
 
--- server:close() -> true   (stops accepting and ends every connection)
+-- server:close() -> true
+-- Shuts the server down in order (see DESIGN) and returns once every
+-- connection process has ended: those that trap exits get the EXIT
+-- "shutdown" and shutdown_timeout ms to end, the others end at once.
 function Server:close()
   if self.closed then return true end
   self.closed = true
   local ref = mb.monitor(self.pid)
-  mb.exit(self.pid, "kill")
-  mb.receive(function(x)
-    return type(x) == "table" and x.event == "DOWN" and x.ref == ref
-  end, START_TIMEOUT)
+  local function down(x) return type(x) == "table" and x.event == "DOWN" and x.ref == ref end
+  mb.send(self.pid, { tag = "$http_close" })
+  local limit = self.shutdown_timeout
+  if not mb.receive(down, limit ~= math.huge and limit + KILL_WAIT or nil) then
+    mb.exit(self.pid, "kill")
+    mb.receive(down, KILL_WAIT)
+  end
   return true
 end
 
@@ -705,13 +924,20 @@ function http.listen(host, port, handler, opts)
   local o = {}
   for k, v in pairs(DEFAULTS) do
     local given = opts and opts[k]
-    if given ~= nil then
-      if type(given) ~= "number" or not (given > 0) then
-        error("http.listen: bad option " .. k .. " (a positive number expected)", 2)
+    if given == nil then
+      o[k] = v
+    elseif k == "hibernate_after" and given == false then
+      o[k] = false
+    elseif k == "hibernate_after" or k == "shutdown_timeout" then
+      if type(given) ~= "number" or not (given >= 0) then
+        error("http.listen: bad option " .. k .. " (a number >= 0 expected"
+              .. (k == "hibernate_after" and ", or false)" or ")"), 2)
       end
       o[k] = given
+    elseif type(given) ~= "number" or not (given > 0) then
+      error("http.listen: bad option " .. k .. " (a positive number expected)", 2)
     else
-      o[k] = v
+      o[k] = given
     end
   end
   if o.max_memory == math.huge then o.max_memory = nil end
@@ -727,7 +953,8 @@ function http.listen(host, port, handler, opts)
   end
   if m.event == "DOWN" then return nil, "http.listen: " .. tostring(m.reason) end
   if m.err then return nil, m.err end
-  return setmetatable({ pid = pid, listen_port = m.port }, Server)
+  return setmetatable({ pid = pid, listen_port = m.port,
+                        shutdown_timeout = o.shutdown_timeout }, Server)
 end
 
 -- -- Static files ---------------------------------------------------------------

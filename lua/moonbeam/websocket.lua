@@ -9,10 +9,28 @@
 -- pings are answered there, and bad frames close the connection with the
 -- right code (1002, 1007, 1009). Active mode delivers {event = "ws", ...} and
 -- {event = "ws_closed", ...} messages.
+--
+-- websocket.loop runs a connection as callbacks, as Cowboy's websocket
+-- handlers and Phoenix's sockets do: one receive over the socket's
+-- messages (active "once", so the peer is read only as fast as the loop
+-- handles it) and every other message of the process, around a state the
+-- callbacks return. Between messages the state is all there is, so after
+-- hibernate_after ms without one the process hibernates (mb.hibernate)
+-- with the socket armed: the next frame, the peer's close or any message
+-- wakes it in a new state, and the loop goes on from the copied state.
+-- Hence loop never returns: after the callbacks the stack is gone.
+local mb = require "moonbeam"
 local http = require "moonbeam.http"
 local hp = require "moonbeam.http_parser"
 
 local websocket = {}
+
+-- websocket.loop's default hibernate_after outside moonbeam.http (ms):
+-- Phoenix's, and http.listen's default.
+local HIBERNATE_AFTER = 15000
+-- What websocket.upgrade learnt of the server, for websocket.loop: socket
+-- -> {hibernate_after =, acceptor =}. Weak: a closed socket goes.
+local from_server = setmetatable({}, { __mode = "k" })
 
 -- Default largest message accepted from the peer, in bytes (larger: 1009).
 local DEFAULT_MAX_MESSAGE = 1024 * 1024
@@ -94,6 +112,7 @@ function websocket.upgrade(req, res, opts)
   local sock, pending = res:upgrade()
   if not sock then return nil, pending end
   res.websocket = true   -- moonbeam.http closes it with 1000 when the handler returns
+  from_server[sock] = { hibernate_after = res.hibernate_after, acceptor = res.acceptor }
   local ok, err = sock:websocket({ client = false, max_message = limit, pending = pending })
   if ok == nil and err ~= nil then
     sock:close()
@@ -175,6 +194,117 @@ function websocket.connect(host, port, path, opts)
     return nil, werr
   end
   return sock, protocol
+end
+
+-- -- The loop ---------------------------------------------------------------
+
+local function pack(...) return select("#", ...), ... end
+
+local function traceback(e)
+  return debug.traceback(tostring(e), 2)
+end
+
+-- End the loop: terminate, close the socket (code), end the process.
+local function finish(ws, h, state, reason, code, info)
+  if h.terminate then h.terminate(ws, reason, state, info) end
+  ws:close(code)
+  mb.exit(reason == "closed" and "normal" or reason)
+end
+
+local run
+
+-- Woken from hibernation, in a new state.
+local function wake(ws, handler, state, o)
+  return run(ws, handler, state, o)
+end
+
+-- The loop itself (see websocket.loop). Never returns.
+function run(ws, handler, state, o)
+  local h = handler
+  if type(h) == "string" then h = require(h) end
+  while true do
+    if not ws:set_active("once") then
+      return finish(ws, h, state, "closed", 1000, { code = 1006, reason = "" })
+    end
+    local m = mb.receive(o.hibernate_after or nil)
+    if m == nil then
+      -- Idle: keep only the state (the socket stays armed: the next
+      -- frame wakes the process). If something cannot be copied, stay
+      -- awake from now on, and say so once.
+      local _, err = pcall(mb.hibernate, wake, ws, handler, state, o)
+      o.hibernate_after = false
+      io.stderr:write("=WEBSOCKET REPORT==== " .. tostring(mb.self())
+                      .. "\ncannot hibernate: " .. tostring(err) .. "\n(it stays awake)\n")
+    else
+      local cb, ok, n, st, stop
+      if type(m) == "table" and m.socket == ws and m.event == "ws" then
+        cb = "message"
+        ok, n, st, stop = xpcall(function() return pack(h.message(ws, m.data, m.binary, state)) end,
+                                 traceback)
+      elseif type(m) == "table" and m.socket == ws and m.event == "ws_closed" then
+        return finish(ws, h, state, "closed", 1000, m)
+      elseif type(m) == "table" and m.event == "EXIT" and o.acceptor and m.pid == o.acceptor then
+        -- The server shuts down (server:close(), and this process traps
+        -- exits): going away.
+        return finish(ws, h, state, m.reason, 1001)
+      elseif h.info then
+        cb = "info"
+        ok, n, st, stop = xpcall(function() return pack(h.info(ws, m, state)) end, traceback)
+      end
+      if cb then
+        -- Results are counted, as moonbeam.server does: at least the state.
+        if ok and n == 0 then
+          ok, n = false, "websocket.loop: bad return value from " .. cb
+                         .. ": nothing (state[, stop_reason] expected)"
+        end
+        if not ok then
+          -- A callback failed: internal error (1011), then the error goes on.
+          if h.terminate then pcall(h.terminate, ws, n, state) end
+          ws:close(1011)
+          error(n, 0)
+        end
+        state = st
+        if stop ~= nil then return finish(ws, h, state, stop, 1000) end
+      end
+    end
+  end
+end
+
+-- websocket.loop(ws, handler, state[, opts]) - never returns.
+-- Runs the connection ws as callbacks around `state` (see README):
+-- handler.message(ws, data, binary, state) for each message of the peer,
+-- handler.info(ws, msg, state) for any other message of the process (else
+-- dropped), each returning state[, stop_reason]; handler.terminate(ws,
+-- reason, state[, close]) at the end. handler is a table of functions or
+-- a module name. opts.hibernate_after: ms idle before hibernating (false:
+-- never; default the server's when ws came from websocket.upgrade, else
+-- 15000).
+function websocket.loop(ws, handler, state, opts)
+  if type(ws) ~= "userdata" then error("websocket.loop: bad ws (a socket expected)", 2) end
+  if type(handler) ~= "table" and type(handler) ~= "string" then
+    error("websocket.loop: bad handler (a table of callbacks or a module name expected)", 2)
+  end
+  if opts ~= nil and type(opts) ~= "table" then error("websocket.loop: bad opts (a table expected)", 2) end
+  local h = type(handler) == "string" and require(handler) or handler
+  if type(h) ~= "table" or type(h.message) ~= "function" then
+    error("websocket.loop: bad handler (handler.message must be a function)", 2)
+  end
+  for _, k in ipairs({ "info", "terminate" }) do
+    if h[k] ~= nil and type(h[k]) ~= "function" then
+      error("websocket.loop: bad handler (handler." .. k .. " must be a function)", 2)
+    end
+  end
+  local srv = from_server[ws] or {}
+  local o = { hibernate_after = HIBERNATE_AFTER, acceptor = srv.acceptor }
+  if srv.hibernate_after ~= nil then o.hibernate_after = srv.hibernate_after end
+  if opts and opts.hibernate_after ~= nil then
+    local hib = opts.hibernate_after
+    if hib ~= false and (type(hib) ~= "number" or not (hib >= 0)) then
+      error("websocket.loop: bad option hibernate_after (a number >= 0, or false)", 2)
+    end
+    o.hibernate_after = hib
+  end
+  return run(ws, handler, state, o)
 end
 
 websocket.base64 = base64
