@@ -26,6 +26,8 @@ typedef struct {
   int depth;
 } dec_t;
 
+void (*mb_copy_on_ffi_bytecode)(lua_State *L);
+
 static void corrupt(dec_t *d)
 {
   lua_pushliteral(d->L, "corrupt message");
@@ -167,6 +169,8 @@ static void dec_function(dec_t *d, unsigned tag, size_t at)
     lua_pushfstring(L, "corrupt message (bytecode rejected: %s)", lua_tostring(L, -1));
     lua_error(L);
   }
+  if (len > 4 && (bc[4] & 0x04) && mb_copy_on_ffi_bytecode)   /* BCDUMP_F_FFI */
+    mb_copy_on_ffi_bytecode(L);
   d->p += len;
   if (tag & T_SHARED)
     remember(d, at);
