@@ -767,6 +767,7 @@ void mb_lstate_init(void)
   mb_lstate_load_cf = lua_tocfunction(L, -1);
   lua_close(L);
   find_lua_dir();
+  mb_copy_on_ffi_bytecode = mb_sandbox_hide_ffi;
   if (getrandom(&seed_salt, sizeof seed_salt, 0) != sizeof seed_salt)
     seed_salt = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
 }
