@@ -249,6 +249,12 @@ static void uhook_install(lua_State *L, uhook_t *h)
   h->step = step;
   int mask = (h->mask & (LUA_MASKCALL | LUA_MASKRET | LUA_MASKLINE)) |
              (step > 0 ? LUA_MASKCOUNT : 0);
+  /* LuaJIT calls return hooks from its per-instruction hook, which with a
+   * count (and no line) mask runs only when the count expires: return
+   * events would be lost. A line mask makes it run at every instruction;
+   * the dispatcher drops the line events the user did not ask for. */
+  if ((mask & LUA_MASKRET) && (mask & LUA_MASKCOUNT))
+    mask |= LUA_MASKLINE;
   lua_sethook(L, uhook_dispatch, mask, step);
 }
 
@@ -288,8 +294,12 @@ static void uhook_dispatch(lua_State *L, lua_Debug *ar)
       lua_sethook(L, NULL, 0, 0);
     return;
   }
-  int sched_due = 0, user_due = ar->event != LUA_HOOKCOUNT;
-  if (!user_due) {
+  static const int wants[] = {LUA_MASKCALL, LUA_MASKRET, LUA_MASKLINE, 0,
+                              LUA_MASKRET};
+  int sched_due = 0, user_due = 0;
+  if (ar->event >= 0 && ar->event <= LUA_HOOKTAILRET && ar->event != LUA_HOOKCOUNT)
+    user_due = (h->mask & wants[ar->event]) != 0;
+  if (ar->event == LUA_HOOKCOUNT) {
     if (h->sched > 0 && (h->sched_left -= h->step) <= 0) {
       sched_due = 1;
       h->sched_left = h->sched;
@@ -300,7 +310,7 @@ static void uhook_dispatch(lua_State *L, lua_Debug *ar)
     }
     uhook_install(L, h);
   }
-  if (user_due && h->mask)
+  if (user_due)
     uhook_call(L, h, ar);
   /* The user's function may have cleared the hook: the dispatcher stayed
    * installed while it ran (see db_sethook); hand back to the scheduler. */
