@@ -148,8 +148,8 @@ static int co_running(lua_State *L)
 
 /* The Lua half: loops that re-yield PENDING upward and hand the values the
  * process is resumed with down to the inner coroutine. Tail calls keep the
- * C stack flat. The local named `resume` makes argument errors name it as
- * LuaJIT's coroutine.resume does. */
+ * C stack flat. A bad argument is reported at the caller, as by LuaJIT's
+ * coroutine.resume. */
 static const char wrapper_src[] =
   "local c_resume, w_resume, rt_yield, PENDING, create = ...\n"
   "local function finish(co, ok, ...)\n"
@@ -162,8 +162,10 @@ static const char wrapper_src[] =
   "  error((...), 0)\n"
   "end\n"
   "local function resume(co, ...)\n"
-  "  local resume = c_resume\n"
-  "  return finish(co, resume(co, ...))\n"
+  "  if type(co) ~= 'thread' then\n"
+  "    error(\"bad argument #1 to 'resume' (coroutine expected)\", 2)\n"
+  "  end\n"
+  "  return finish(co, c_resume(co, ...))\n"
   "end\n"
   "local function wrap(f)\n"
   "  local co = create(f)\n"
