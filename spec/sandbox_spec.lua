@@ -89,7 +89,7 @@ mb.spawn(function()
     local x, reported = 0, false
     while true do
       x = x + 1
-      if not reported and x > 1e6 then
+      if not reported and x > 1e4 then
         reported = true
         mb.send(me, { count = count, jit = jit.status() })
       end
@@ -101,8 +101,8 @@ mb.spawn(function()
   for _ = 1, 5 do mb.sleep(5) end
   mb.send(me, "ticked")
 end)
-local ticked = mb.receive(function(m) return m == "ticked" end, 5000)
-local report = mb.receive(function(m) return type(m) == "table" end, 5000)
+local ticked = mb.receive(function(m) return m == "ticked" end, 10000)
+local report = mb.receive(function(m) return type(m) == "table" end, 10000)
 print(ticked, report and report.jit, report and (not counts or report.count > 0))
 os.exit(0)
 ]]
@@ -128,7 +128,7 @@ describe("preemption cannot be switched off by a process", function()
     for _, where in ipairs { "body", "co" } do
       it("by " .. cases[case] .. (where == "co" and ", inside a coroutine" or "")
         .. ": the others on its scheduler still run, its hook still works, the JIT stays off", function()
-        local code, out, err = run(PREEMPT, "--schedulers 1", case .. " " .. where, 10)
+        local code, out, err = run(PREEMPT, "--schedulers 1", case .. " " .. where)
         assert.are.equal(0, code, story(code, out, err))
         assert.are.equal("ticked\tfalse\ttrue\n", out, story(code, out, err))
       end)
