@@ -486,7 +486,9 @@ static void after_package(lua_State *L)
   lua_setfield(L, -3, "path");
   lua_pop(L, 1);
   mb_sandbox_package(L);
-  mb_sandbox_preload(L, MB_SANDBOX_PRELOAD_ALL);
+  /* jit.profile's entry comes with the jit library (after_jit): here it
+   * would take package.preload past 16 entries, and its size to double. */
+  mb_sandbox_preload(L, MB_SANDBOX_PRELOAD_FFI | MB_SANDBOX_PRELOAD_BUFFER);
   lua_getfield(L, -1, "preload");
   lua_pushcfunction(L, mb_lib_open);
   lua_setfield(L, -2, "moonbeam");

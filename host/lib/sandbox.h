@@ -60,12 +60,12 @@ void mb_sandbox_base(lua_State *L);
 void mb_sandbox_package(lua_State *L);
 void mb_sandbox_jit(lua_State *L);
 /* (Re)install our package.preload entries (which: MB_SANDBOX_PRELOAD_*
- * bits): all after package opens, string.buffer after string and
- * jit.profile after jit, whose luaopen puts LuaJIT's own entries there. */
+ * bits): ffi and string.buffer after package opens, string.buffer again
+ * after string and jit.profile after jit, whose luaopen puts LuaJIT's own
+ * entries there. */
 #define MB_SANDBOX_PRELOAD_FFI 1
 #define MB_SANDBOX_PRELOAD_BUFFER 2
 #define MB_SANDBOX_PRELOAD_PROFILE 4
-#define MB_SANDBOX_PRELOAD_ALL 7
 void mb_sandbox_preload(lua_State *L, int which);
 
 /* Remove package.loaded.ffi unless the FFI is allowed (see DESIGN). */
