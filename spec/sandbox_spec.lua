@@ -249,6 +249,22 @@ describe("the FFI", function()
     assert.is_truthy(out:match("^3LL\tnil\nfalse\t[^\n]*ffi%.cast: the FFI is off"), out)
   end)
 
+  it("that LuaJIT loads before the package library opened stays alive, hidden", function()
+    -- LuaJIT keeps the module (and tables its C side points into) alive
+    -- only through package.loaded; a crash at exit under a sanitizer's
+    -- allocator if it was collected.
+    local code, out, err = run([[
+      local x = 5LL
+      local loaded = package.loaded
+      for _ = 1, 3 do collectgarbage() end
+      local t = {}
+      for i = 1, 1e4 do t[i] = { i } end
+      print(tostring(x * 2), loaded.ffi, require("ffi").cast ~= nil)
+    ]])
+    assert.are.equal(0, code, story(code, out, err))
+    assert.are.equal("10LL\tnil\ttrue\n", out)
+  end)
+
   it("that a received function with 64-bit constants makes LuaJIT load stays hidden", function()
     local code, out, err = run([[
       local mb = require "moonbeam"
@@ -423,6 +439,17 @@ describe("binary chunks", function()
     ]])
     assert.are.equal(0, code, story(code, out, err))
     assert.are.equal("42\n", out)
+  end)
+end)
+
+describe("debug.getregistry", function()
+  it("is refused (the registry holds the host's state), and allowed with --allow-ffi", function()
+    local code, out, err = run([[print(pcall(debug.getregistry))]])
+    assert.are.equal(0, code, story(code, out, err))
+    assert.is_truthy(out:match("^false\t[^\n]*debug.getregistry is off.*%-%-allow%-ffi"), out)
+    code, out, err = run([[print(type(debug.getregistry()))]], "--allow-ffi")
+    assert.are.equal(0, code, story(code, out, err))
+    assert.are.equal("table\n", out)
   end)
 end)
 

@@ -529,6 +529,7 @@ static void after_debug(lua_State *L)
   lua_setfield(L, -2, "sethook");
   lua_pushcfunction(L, db_gethook);
   lua_setfield(L, -2, "gethook");
+  mb_sandbox_debug(L);
   lua_pop(L, 1);
 }
 

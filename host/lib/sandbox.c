@@ -58,16 +58,36 @@ static int after_load(lua_State *L, int status, const char *mode,
   return status;
 }
 
+/* Before a load: the parser may load the FFI (for a 64-bit literal), and
+ * LuaJIT then keeps the module alive only through package.loaded - if
+ * there is one: a state with no package library yet (libraries open
+ * lazily) would have the module, and the tables LuaJIT's C side points
+ * into, collected under it. */
+static void before_load(lua_State *L)
+{
+  lua_pushliteral(L, "_LOADED");
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  int has = lua_istable(L, -1);
+  lua_pop(L, 1);
+  if (!has) {
+    lua_pushliteral(L, "_LOADED");
+    lua_newtable(L);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+  }
+}
+
 int mb_sandbox_loadbuffer(lua_State *L, const char *buf, size_t len,
                           const char *name, const char *mode)
 {
   mode = load_mode(mode);
+  before_load(L);
   return after_load(L, luaL_loadbufferx(L, buf, len, name, mode), mode, NULL);
 }
 
 int mb_sandbox_loadfile(lua_State *L, const char *path, const char *mode)
 {
   mode = load_mode(mode);
+  before_load(L);
   return after_load(L, luaL_loadfilex(L, path, mode), mode,
                     path ? path : "stdin");
 }
@@ -273,8 +293,10 @@ void mb_sandbox_package(lua_State *L)
 
 /* -- ffi and string.buffer ------------------------------------------------ */
 
-/* The stand-in for the ffi module: registry[&ffi_stub_key]. */
-static char ffi_stub_key;
+/* The stand-in for the ffi module: registry[&ffi_stub_key]. The FFI that
+ * LuaJIT loaded by itself, once hidden: registry[&ffi_real_key] (see
+ * mb_sandbox_hide_ffi). */
+static char ffi_stub_key, ffi_real_key;
 
 /* ffi.<name>(...) of the stand-in (upvalue 1: the name) */
 static int ffi_off(lua_State *L)
@@ -316,6 +338,12 @@ static int ffi_stub_open(lua_State *L)
   return 1;
 }
 
+/* The FFI's own tables (its finalizer and type maps, which LuaJIT's C side
+ * points to) are kept alive only by the module's functions: once loaded, the
+ * module must stay reachable, or the GC frees them under LuaJIT (a crash at
+ * lua_close, seen under TSan). So hiding it moves it from package.loaded to
+ * a private registry key, which Lua cannot read: debug.getregistry is
+ * refused too (mb_sandbox_debug). */
 void mb_sandbox_hide_ffi(lua_State *L)
 {
   if (mb_sandbox_opts.allow_ffi)
@@ -328,12 +356,16 @@ void mb_sandbox_hide_ffi(lua_State *L)
     lua_pushlightuserdata(L, &ffi_stub_key);
     lua_rawget(L, LUA_REGISTRYINDEX);
     int loaded = !lua_isnil(L, -2) && !lua_rawequal(L, -1, -2);
-    lua_pop(L, 2);
+    lua_pop(L, 1);
     if (loaded) {
+      lua_pushlightuserdata(L, &ffi_real_key);
+      lua_pushvalue(L, -2);
+      lua_rawset(L, LUA_REGISTRYINDEX);
       lua_pushliteral(L, "ffi");
       lua_pushnil(L);
-      lua_rawset(L, -3);
+      lua_rawset(L, -4);
     }
+    lua_pop(L, 1);
   }
   lua_pop(L, 1);
 }
@@ -381,6 +413,23 @@ static int buffer_open(lua_State *L)
   }
   lua_pop(L, 2);
   return 1;
+}
+
+/* -- debug ---------------------------------------------------------------- */
+
+/* debug.getregistry() without --allow-ffi */
+static int getregistry_refused(lua_State *L)
+{
+  return luaL_error(L, "debug.getregistry is off in Moonbeam processes: the "
+                    "registry holds the host's own state (" FFI_HINT ")");
+}
+
+void mb_sandbox_debug(lua_State *L)
+{
+  if (mb_sandbox_opts.allow_ffi)
+    return;
+  lua_pushcfunction(L, getregistry_refused);
+  lua_setfield(L, -2, "getregistry");
 }
 
 /* -- jit ------------------------------------------------------------------ */

@@ -20,13 +20,16 @@
  *    does, on LuaJIT) still runs, code that uses it learns why it cannot;
  *  - string.buffer: ref, reserve, putcdata and set(cdata, len) - the
  *    methods that take or give raw pointers - raise;
+ *  - debug: getregistry raises (the registry holds the host's own state,
+ *    the hidden FFI among it);
  *  - jit: jit.on raises (the JIT stays off: a count hook does not run in
  *    compiled code, so compiled code could not be preempted), jit.attach
  *    raises (its handlers run with hooks off), jit.profile is refused (one
  *    profiler per OS process, tied to one state).
  * LuaJIT loads its FFI by itself when it parses a 64-bit literal (1LL) or
  * reads bytecode that has one; that registers package.loaded.ffi, which
- * mb_sandbox_hide_ffi removes again after each such load.
+ * mb_sandbox_hide_ffi moves to a private registry key after each such load
+ * (the module must stay alive: LuaJIT's C side points into its tables).
  * --allow-ffi and --allow-bytecode (mb_sandbox_opts) turn each back on for
  * trusted code; the JIT stays off either way.
  * The host's own C code (the message codec) loads bytecode with
@@ -59,6 +62,8 @@ int mb_sandbox_loadfile(lua_State *L, const char *path, const char *mode);
 void mb_sandbox_base(lua_State *L);
 void mb_sandbox_package(lua_State *L);
 void mb_sandbox_jit(lua_State *L);
+/* debug: the debug table at the top of the stack. */
+void mb_sandbox_debug(lua_State *L);
 /* (Re)install our package.preload entries (which: MB_SANDBOX_PRELOAD_*
  * bits): ffi and string.buffer after package opens, string.buffer again
  * after string and jit.profile after jit, whose luaopen puts LuaJIT's own
@@ -68,7 +73,7 @@ void mb_sandbox_jit(lua_State *L);
 #define MB_SANDBOX_PRELOAD_PROFILE 4
 void mb_sandbox_preload(lua_State *L, int which);
 
-/* Remove package.loaded.ffi unless the FFI is allowed (see DESIGN). */
+/* Hide package.loaded.ffi unless the FFI is allowed (see DESIGN). */
 void mb_sandbox_hide_ffi(lua_State *L);
 
 #endif
