@@ -108,6 +108,8 @@ os.exit(0)
 ]]
 
 describe("preemption cannot be switched off by a process", function()
+  teardown(S.cleanup_tmp)
+
   local cases = {
     clear = "debug.sethook() (clearing the hook)",
     clear_thread = "debug.sethook(co) (clearing it through a coroutine)",
@@ -167,6 +169,8 @@ describe("preemption cannot be switched off by a process", function()
 end)
 
 describe("debug hooks", function()
+  teardown(S.cleanup_tmp)
+
   -- The same hook events as luajit -joff (the same interpreter), except that
   -- the scheduler's hook is never visible.
   local EVENTS = [[
@@ -223,6 +227,8 @@ print(pcall(debug.sethook, "x", "l"))
 end)
 
 describe("the FFI", function()
+  teardown(S.cleanup_tmp)
+
   it("is a stand-in by default: ffi.cast raises instead of writing memory", function()
     local code, out, err = run([[
       local ffi = require "ffi"
@@ -345,6 +351,8 @@ describe("the FFI", function()
 end)
 
 describe("binary chunks", function()
+  teardown(S.cleanup_tmp)
+
   it("are refused by every loader, with the message of Lua's mode 't'", function()
     local d = S.tmpdir()
     local code, out, err = run([[
@@ -443,6 +451,8 @@ describe("binary chunks", function()
 end)
 
 describe("debug.getregistry", function()
+  teardown(S.cleanup_tmp)
+
   it("is refused (the registry holds the host's state), and allowed with --allow-ffi", function()
     local code, out, err = run([[print(pcall(debug.getregistry))]])
     assert.are.equal(0, code, story(code, out, err))
@@ -454,6 +464,8 @@ describe("debug.getregistry", function()
 end)
 
 describe("the JIT", function()
+  teardown(S.cleanup_tmp)
+
   it("cannot be turned on, and says why", function()
     local code, out, err = run([[
       print(pcall(jit.on))
