@@ -62,5 +62,10 @@ mb_msg_t *mb_copy_encode(lua_State *L, int first, int n, const char *root,
  * by the caller, who must keep it reachable (or free it) if this raises. */
 int mb_copy_decode(lua_State *L, const mb_msg_t *msg);
 
+/* Called (if set) after decoding a function whose bytecode has 64-bit
+ * constants: loading it made LuaJIT load its FFI into L's state, which the
+ * Lua layer may hide again (lib/sandbox.c). Set once, before threads run. */
+extern void (*mb_copy_on_ffi_bytecode)(lua_State *L);
+
 
 #endif

@@ -28,6 +28,8 @@ typedef struct {
   int depth;
 } dec_t;
 
+void (*mb_copy_on_ffi_bytecode)(lua_State *L);
+
 static void corrupt(dec_t *d)
 {
   lua_pushliteral(d->L, "corrupt message");
@@ -187,6 +189,8 @@ static void dec_function(dec_t *d, unsigned tag, size_t at)
   dec_enter(d);
   if (luaL_loadbuffer(L, (const char *)bc, len, "=message") != 0)
     lua_error(L);   /* out of memory in the receiver */
+  if (len > 4 && (bc[4] & 0x04) && mb_copy_on_ffi_bytecode)   /* BCDUMP_F_FFI */
+    mb_copy_on_ffi_bytecode(L);
   if (mb_copy_on_load)
     mb_copy_on_load(L, lua_gettop(L), mb_msg_codes(d->msg)[ci]);
   if (tag & T_SHARED)

@@ -1,10 +1,13 @@
 -- The moonbeam command, run as a subprocess: a drop-in for luajit (arg,
--- options, #!, errors, exit codes), host options, signals, when the host
--- exits, and Lua modules installed by Debian.
+-- options, LUA_INIT, the prompt, #!, errors, exit codes), host options,
+-- signals, when the host exits, installing it, and Lua modules installed by
+-- Debian.
 local mb = require "moonbeam"
 local S = require "spec.support"
 
 local LUAJIT = "/usr/bin/luajit"
+-- The repository root (specs run from it), for spec/fixtures.
+local ROOT = require("lfs").currentdir()
 
 -- A script that prints arg from its lowest index, and the script's varargs.
 local DUMP = [[
@@ -276,6 +279,139 @@ describe("the moonbeam command", function()
       assert.is_true(S.has(err:lower(), "traceback"), err)
       -- The traceback names the functions the error passed through.
       assert.is_true(S.has(err, "inner"), err)
+    end)
+  end)
+
+  describe("as luajit: LUA_INIT, -E, -j, -O, -i", function()
+    local function env_both(env, args)
+      local lc, lo, le = S.sh(env .. " " .. LUAJIT .. " " .. args)
+      local mc, mo, me = S.sh(env .. " " .. S.q(S.bin) .. " " .. args)
+      return { code = lc, out = lo, err = le }, { code = mc, out = mo, err = me }
+    end
+
+    it("LUA_INIT runs first, in the first process (a chunk or @file)", function()
+      local f = S.write("init.lua", "INIT = 'from file' print('file init', arg and arg[1])")
+      for _, case in ipairs {
+        { "LUA_INIT='print(\"init\") X = 5'", "-e 'print(X)'" },
+        { "LUA_INIT=@" .. S.q(f), "-e 'print(INIT)'" },
+        { "LUA_INIT=@" .. S.q(f), S.q(f) .. " a" },
+      } do
+        local lj, m = env_both(case[1], case[2])
+        assert.are.equal(0, lj.code, lj.err)
+        assert.are.equal(0, m.code, m.err)
+        assert.are.equal(lj.out, m.out)
+      end
+    end)
+
+    it("LUA_INIT errors end the host with status 1, as in luajit", function()
+      for _, env in ipairs { "LUA_INIT='error(\"init boom\")'", "LUA_INIT='x = = 1'",
+                             "LUA_INIT=@/tmp/mbspec-no-such-init.lua" } do
+        local lj, m = env_both(env, "-e 'print(\"ran\")'")
+        assert.are.equal(1, lj.code)
+        assert.are.equal(1, m.code, m.out .. m.err)
+        assert.are.equal(lj.out, m.out)
+        local want = lj.err:match("^[^:]*luajit: ([^\n]*)")
+        assert.is_true(S.has(m.err, want), m.err)
+      end
+    end)
+
+    it("-E ignores LUA_INIT, LUA_PATH and LUA_CPATH", function()
+      local env = "LUA_INIT='print(\"init\")' LUA_PATH='/mbspec-nonexist/?.lua;;' "
+        .. "LUA_CPATH='/mbspec-nonexist/?.so;;'"
+      local args = "-E -e 'print(package.path:find(\"mbspec\"), package.cpath:find(\"mbspec\"))'"
+      local lj, m = env_both(env, args)
+      assert.are.equal(0, m.code, m.err)
+      assert.are.equal(lj.out, m.out)
+      assert.are.equal("nil\tnil\n", m.out)
+      local _, with = env_both(env, "-e 'print(package.path:find(\"mbspec\") ~= nil)'")
+      assert.are.equal("init\ntrue\n", with.out)
+    end)
+
+    it("-joff, -jflush and -O flags are accepted (the JIT is always off)", function()
+      for _, opts in ipairs { "-joff", "-j off", "-jflush", "-O", "-O3", "-O-fold", "-Ohotloop=1" } do
+        local code, out, err = S.moonbeam(opts .. " -e 'print(jit.status())'")
+        assert.are.equal(0, code, opts .. ": " .. err)
+        assert.is_truthy(out:match("^false"), opts .. ": " .. out)
+      end
+    end)
+
+    it("-jon and other JIT commands are refused, saying why", function()
+      for _, opts in ipairs { "-jon", "-j on", "-jv", "-jdump", "-jp" } do
+        local code, out, err = S.moonbeam(opts .. " -e 'print(\"ran\")'")
+        assert.are.equal(1, code, opts)
+        assert.are.equal("", out)
+        assert.is_true(S.has(err, "the JIT is always off"), err)
+      end
+      local code, _, err = S.moonbeam("-b x.lua x.out")
+      assert.are.equal(1, code)
+      assert.is_true(S.has(err, "luajit -b"), err)
+    end)
+
+    it("-h lists the host's --allow-ffi, --allow-bytecode and -i", function()
+      local _, out = S.moonbeam("-h")
+      for _, opt in ipairs { "--allow-ffi", "--allow-bytecode", "-i ", "-E ", "-joff" } do
+        assert.is_true(S.has(out, opt), "-h does not mention " .. opt .. ":\n" .. out)
+      end
+    end)
+
+    it("-i reads lines as luajit does: =expr, continued statements, errors", function()
+      local input = S.write("input.txt", table.concat({
+        "=1 + 1", "function f(x)", "return x * 2", "end", "=f(21)", "error('boom')",
+        "x = = 1", "=nil", "local t = {", "1, 2}", "print(#t)", "",
+      }, "\n"))
+      local s = S.write("pre.lua", "PRE = 'script ran first' print(PRE)")
+      local lc, lo, le = S.sh(LUAJIT .. " -i " .. S.q(s) .. " < " .. S.q(input))
+      local mc, mo, me = S.sh(S.q(S.bin) .. " -i " .. S.q(s) .. " < " .. S.q(input))
+      assert.are.equal(0, lc, le)
+      assert.are.equal(0, mc, me)
+      -- All but the banner and the JIT's status line.
+      local function body(o)
+        return (o:gsub("^[^\n]*LuaJIT[^\n]*\n", ""):gsub("\nJIT: [^\n]*\n", "\n"))
+      end
+      assert.are.equal(body(lo), body(mo))
+      assert.is_true(S.has(me, "stdin:1: boom"), me)
+      assert.is_true(S.has(me, "unexpected symbol near '='"), me)
+    end)
+
+    it("with no script on a terminal, the prompt runs as a process (spawn, receive)", function()
+      if S.sh("command -v python3") ~= 0 then return pending("no python3") end
+      local lines = table.concat({
+        "mb = require 'moonbeam'",
+        "mb.spawn(function(p) require('moonbeam').send(p, 'pong') end, mb.self())",
+        "=mb.receive(5000)",
+        "for i = 1, 2 do",
+        "print('line ' .. i)",
+        "end",
+        "=mb.self() == mb.self()",
+      }, "\n")
+      local input = S.write("tty.txt", lines .. "\n")
+      local code, out, err = S.sh("python3 spec/fixtures/pty_run.py 15 '(?:^|\\n)>>? ' "
+        .. S.q(S.bin) .. " < " .. S.q(input), ROOT)
+      assert.are.equal(0, code, out .. err)
+      assert.is_true(S.has(out, "Moonbeam"), out)
+      assert.is_truthy(out:match("\npong\r?\n"), out)
+      assert.is_truthy(out:match("\n>> print%('line ' %.%. i%)"), out)
+      assert.is_truthy(out:match("line 1\r?\nline 2\r?\n"), out)
+      assert.is_truthy(out:match("\ntrue\r?\n"), out)
+    end)
+  end)
+
+  describe("installed with cmake --install", function()
+    it("runs from another directory and finds its Lua modules beside itself", function()
+      local build = S.bin:match("^(.*)/[^/]+$")
+      local f = io.open(build .. "/cmake_install.cmake")
+      if not f then return pending("no CMake build directory at " .. build) end
+      f:close()
+      local prefix = S.tmpdir() .. "/prefix"
+      local code, out, err = S.sh("cmake --install " .. S.q(build) .. " --prefix " .. S.q(prefix))
+      assert.are.equal(0, code, out .. err)
+      local elsewhere = S.tmpdir()
+      code, out, err = S.sh(S.q(prefix .. "/bin/moonbeam") .. " -e '"
+        .. "print(package.path:match(\"^[^;]*\")) "
+        .. "print(type(require(\"moonbeam.server\").start), type(require(\"moonbeam.supervisor\").start))'",
+        elsewhere)
+      assert.are.equal(0, code, out .. err)
+      assert.are.equal(prefix .. "/share/moonbeam/lua/?.lua\nfunction\tfunction\n", out)
     end)
   end)
 

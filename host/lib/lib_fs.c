@@ -12,11 +12,13 @@
 #include <pthread.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "io.h"
@@ -149,6 +151,80 @@ static int write_all(int fd, const char *p, size_t n)
 
 static atomic_uint tmp_counter;
 
+/* -- Stale temporaries ---------------------------------------------------- */
+
+/* write_file's temporary files are PATH.tmp.PID.N. A host killed between
+ * creating one and renaming it leaves it behind. The first write_file to a
+ * path in a host's life removes the stale ones beside it: those whose
+ * writer PID is gone (kill(pid, 0) says ESRCH; a live PID, even a reused
+ * one, keeps its file) and that were not modified for MB_FS_STALE_SECONDS
+ * (a writer in another PID namespace sharing the directory looks gone but
+ * keeps writing). Deleting a live writer's file by mistake would only make
+ * that write_file fail; the target file is never touched. */
+#define MB_FS_STALE_SECONDS 60
+
+/* Paths already cleaned by this host, as hashes in a direct-mapped table:
+ * a collision only costs one more directory scan. */
+#define MB_FS_CLEANED_SLOTS 1024
+static atomic_uint_fast64_t cleaned[MB_FS_CLEANED_SLOTS];
+
+static uint64_t path_hash(const char *s)
+{
+  uint64_t h = 0xcbf29ce484222325u;   /* FNV-1a */
+  for (; *s; s++)
+    h = (h ^ (unsigned char)*s) * 0x100000001b3u;
+  return h | 1;   /* never 0, the empty slot */
+}
+
+/* Is name BASE.tmp.PID.N for base (len blen)? Gives PID. */
+static int stale_name(const char *name, const char *base, size_t blen, long *pid)
+{
+  if (strncmp(name, base, blen) != 0 || strncmp(name + blen, ".tmp.", 5) != 0)
+    return 0;
+  const char *p = name + blen + 5;
+  char *end;
+  if (*p < '0' || *p > '9')
+    return 0;
+  *pid = strtol(p, &end, 10);
+  if (*end != '.' || end[1] < '0' || end[1] > '9')
+    return 0;
+  strtoul(end + 1, &end, 10);
+  return *end == '\0' && *pid > 0;
+}
+
+static void clean_stale(const char *path)
+{
+  uint64_t h = path_hash(path);
+  atomic_uint_fast64_t *slot = &cleaned[h % MB_FS_CLEANED_SLOTS];
+  if (atomic_exchange(slot, h) == h)
+    return;
+  const char *slash = strrchr(path, '/');
+  const char *base = slash ? slash + 1 : path;
+  char *dir = slash ? dupstr(path, slash == path ? 1 : (size_t)(slash - path))
+                    : dupstr(".", 1);
+  DIR *d = opendir(dir);
+  mb_free(dir);
+  if (d == NULL)
+    return;
+  size_t blen = strlen(base);
+  time_t now = time(NULL);
+  long self = (long)getpid();
+  struct dirent *e;
+  while ((e = readdir(d)) != NULL) {
+    long pid;
+    struct stat st;
+    if (!stale_name(e->d_name, base, blen, &pid) || pid == self)
+      continue;
+    if (kill((pid_t)pid, 0) == 0 || errno != ESRCH)
+      continue;
+    if (fstatat(dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0 ||
+        !S_ISREG(st.st_mode) || now - st.st_mtime < MB_FS_STALE_SECONDS)
+      continue;
+    unlinkat(dirfd(d), e->d_name, 0);
+  }
+  closedir(d);
+}
+
 /* Write to a temporary file in the same directory, flush it to disk, then
  * rename it over the path: readers see the old file or the new one, never
  * a part. */
@@ -173,6 +249,7 @@ static void write_work(mb_io_req_t *req)
   if (rc)
     unlink(req->path2);
   req->err = rc;
+  clean_stale(req->path);
 }
 
 static void append_work(mb_io_req_t *req)

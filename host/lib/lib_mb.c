@@ -34,7 +34,7 @@
  * if a pcall catches the error. */
 static int unwind_exiting(lua_State *L)
 {
-  lua_sethook(L, mb_run_hook, LUA_MASKCOUNT, 1);
+  mb_lstate_sethook(L, 1);
   return luaL_error(L, "process is exiting");
 }
 

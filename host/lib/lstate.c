@@ -1,10 +1,19 @@
-/* lstate.c: a process's lua_State, with lazily opened libraries and the
- * coroutine wrappers that keep runtime yields transparent (see lstate.h).
+/* lstate.c: a process's lua_State, with lazily opened libraries, the
+ * coroutine wrappers that keep runtime yields transparent, and debug hooks
+ * chained with the scheduler's count hook (see lstate.h).
  */
+#include <limits.h>
+#include <stdatomic.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "code.h"
+#include "copy.h"
 #include "lauxlib.h"
 #include "lib.h"
 #include "lstate.h"
@@ -12,9 +21,17 @@
 #include "luajit.h"
 #include "lualib.h"
 #include "run.h"
+#include "sandbox.h"
 #include "scheduler.h"
 
+/* Where the host's Lua modules are, relative to the binary once installed
+ * (bin/moonbeam -> share/moonbeam/lua). */
+#ifndef MB_LUA_REL_DIR
+#define MB_LUA_REL_DIR "../share/moonbeam/lua"
+#endif
+
 lua_CFunction mb_lstate_pcall_cf, mb_lstate_xpcall_cf, mb_lstate_load_cf;
+int mb_lstate_noenv;
 
 /* Registry keys (the addresses are the keys). */
 static char coroutine_key;
@@ -24,10 +41,36 @@ static char coroutine_key;
 /* A unique value: co_resume's "the inner coroutine made a runtime yield". */
 static char pending_key;
 
+/* Is L the body or the main thread of its process, which play the part of
+ * luajit's main chunk (not a coroutine the user can see)? */
+static int is_main(lua_State *L)
+{
+  mb_proc_t *p = mb_proc_of(L);
+  return L == p->co || L == p->L;
+}
+
+/* Can co be resumed? Pushes LuaJIT's message and returns 0 if not. */
+static int resumable(lua_State *L, lua_State *co)
+{
+  int st = lua_status(co);
+  if (st == LUA_YIELD)
+    return 1;
+  lua_Debug ar;
+  if (st == 0 && lua_getstack(co, 0, &ar))
+    lua_pushliteral(L, "cannot resume running coroutine");  /* or normal */
+  else if (st == 0 && lua_gettop(co) > 0)
+    return 1;   /* not started yet */
+  else
+    lua_pushliteral(L, "cannot resume dead coroutine");
+  return 0;
+}
+
 /* co_resume(co, ...) -> true, results... | false, err | PENDING
  * Like coroutine.resume, but keeps the process's chain of running
  * coroutines (so the hook knows where it may yield) and reports a runtime
- * yield of co as PENDING instead of as an ordinary yield. */
+ * yield of co as PENDING instead of as an ordinary yield. With upvalue 1
+ * true (coroutine.wrap's), a coroutine that cannot be resumed raises, at
+ * the wrapped function's caller, as in LuaJIT. */
 static int co_resume(lua_State *L);
 lua_CFunction mb_lstate_resume_cf = co_resume;
 
@@ -37,9 +80,15 @@ static int co_resume(lua_State *L)
   luaL_argcheck(L, co != NULL, 1, "coroutine expected");
   mb_proc_t *p = mb_proc_of(L);
   int narg = lua_gettop(L) - 1;
-  if (lua_status(co) == 0 && lua_gettop(co) == 0) {
+  if (!resumable(L, co)) {
+    if (lua_toboolean(L, lua_upvalueindex(1))) {
+      luaL_where(L, 2);
+      lua_insert(L, -2);
+      lua_concat(L, 2);
+      return lua_error(L);
+    }
     lua_pushboolean(L, 0);
-    lua_pushliteral(L, "cannot resume dead coroutine");
+    lua_insert(L, -2);
     return 2;
   }
   if (p->con >= MB_MAX_COROUTINES) {
@@ -82,11 +131,31 @@ static int co_rtyield(lua_State *L)
   return lua_yield(L, 0);
 }
 
+/* coroutine.yield(...): the body and the main thread are luajit's main
+ * chunk, which cannot yield (the scheduler's yields are not the user's). */
+static int co_yield(lua_State *L)
+{
+  if (is_main(L))
+    return luaL_error(L, "attempt to yield across C-call boundary");
+  return lua_yield(L, lua_gettop(L));
+}
+
+/* coroutine.running() -> the running coroutine, or nil in the main chunk */
+static int co_running(lua_State *L)
+{
+  if (is_main(L))
+    lua_pushnil(L);
+  else
+    lua_pushthread(L);
+  return 1;
+}
+
 /* The Lua half: loops that re-yield PENDING upward and hand the values the
  * process is resumed with down to the inner coroutine. Tail calls keep the
- * C stack flat. */
+ * C stack flat. A bad argument is reported at the caller, as by LuaJIT's
+ * coroutine.resume. */
 static const char wrapper_src[] =
-  "local c_resume, rt_yield, PENDING, create = ...\n"
+  "local c_resume, w_resume, rt_yield, PENDING, create = ...\n"
   "local function finish(co, ok, ...)\n"
   "  if ok == PENDING then return finish(co, c_resume(co, rt_yield())) end\n"
   "  return ok, ...\n"
@@ -96,10 +165,15 @@ static const char wrapper_src[] =
   "  if ok then return ... end\n"
   "  error((...), 0)\n"
   "end\n"
-  "local function resume(co, ...) return finish(co, c_resume(co, ...)) end\n"
+  "local function resume(co, ...)\n"
+  "  if type(co) ~= 'thread' then\n"
+  "    error(\"bad argument #1 to 'resume' (coroutine expected)\", 2)\n"
+  "  end\n"
+  "  return finish(co, c_resume(co, ...))\n"
+  "end\n"
   "local function wrap(f)\n"
   "  local co = create(f)\n"
-  "  return function(...) return wfinish(co, c_resume(co, ...)) end\n"
+  "  return function(...) return wfinish(co, w_resume(co, ...)) end\n"
   "end\n"
   "return resume, wrap\n";
 
@@ -108,13 +182,241 @@ static void install_wrappers(lua_State *L)
 {
   if (luaL_loadbuffer(L, wrapper_src, sizeof wrapper_src - 1, "=coroutine"))
     lua_error(L);
-  lua_pushcfunction(L, co_resume);
+  lua_pushboolean(L, 0);
+  lua_pushcclosure(L, co_resume, 1);
+  lua_pushboolean(L, 1);
+  lua_pushcclosure(L, co_resume, 1);
   lua_pushcfunction(L, co_rtyield);
   lua_pushlightuserdata(L, &pending_key);
-  lua_getfield(L, -5, "create");
-  lua_call(L, 4, 2);
+  lua_getfield(L, -6, "create");
+  lua_call(L, 5, 2);
   lua_setfield(L, -3, "wrap");
   lua_setfield(L, -2, "resume");
+  lua_pushcfunction(L, co_yield);
+  lua_setfield(L, -2, "yield");
+  lua_pushcfunction(L, co_running);
+  lua_setfield(L, -2, "running");
+}
+
+/* -- Debug hooks ---------------------------------------------------------- */
+
+/* LuaJIT has one hook per state, which the scheduler's count hook uses. A
+ * hook set with debug.sethook is chained with it: while one is set, the
+ * installed hook is uhook_dispatch, with the user's mask and a count that
+ * reaches whichever of the two counts is due first; the scheduler keeps
+ * preempting and the user's function sees its own events and counts.
+ * The state lives at registry[&uhook_key] (created by the first
+ * debug.sethook, then kept: the dispatcher holds on to it while the user's
+ * function runs, which may set or clear the hook), the function at
+ * registry[&uhookfn_key]. Every field is checked before use: debug.getregistry
+ * lets a process change them. */
+typedef struct uhook {
+  int mask;        /* the user's LUA_MASK* bits; 0: no user hook */
+  int count;       /* the user's count, 0 for none */
+  int user_left;   /* instructions to the user's next count event */
+  int sched;       /* the scheduler's interval (0: preemption off) */
+  int sched_left;  /* instructions to the scheduler's next count */
+  int step;        /* the count installed now */
+  int depth;       /* > 0 while the user's function runs */
+} uhook_t;
+
+static char uhook_key, uhookfn_key;
+
+static void uhook_dispatch(lua_State *L, lua_Debug *ar);
+
+/* Push registry[&uhook_key]; return it, or NULL if it is not ours. */
+static uhook_t *uhook_push(lua_State *L)
+{
+  lua_pushlightuserdata(L, &uhook_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  if (lua_type(L, -1) != LUA_TUSERDATA || lua_objlen(L, -1) != sizeof(uhook_t))
+    return NULL;
+  return lua_touserdata(L, -1);
+}
+
+/* The scheduler's hook alone, as before any debug.sethook. */
+static void uhook_restore(lua_State *L, uhook_t *h)
+{
+  int n = h->sched_left > 0 ? h->sched_left : h->sched;
+  if (h->sched > 0)
+    lua_sethook(L, mb_run_hook, LUA_MASKCOUNT, n);
+  else
+    lua_sethook(L, NULL, 0, 0);
+}
+
+/* Install the dispatcher for h's mask and the nearer of the two counts. */
+static void uhook_install(lua_State *L, uhook_t *h)
+{
+  int step = h->sched > 0 ? h->sched_left : 0;
+  if ((h->mask & LUA_MASKCOUNT) && h->count > 0 && (step <= 0 || h->user_left < step))
+    step = h->user_left;
+  if (step <= 0 && (h->sched > 0 || (h->mask & LUA_MASKCOUNT)))
+    step = 1;
+  h->step = step;
+  int mask = (h->mask & (LUA_MASKCALL | LUA_MASKRET | LUA_MASKLINE)) |
+             (step > 0 ? LUA_MASKCOUNT : 0);
+  /* LuaJIT calls return hooks from its per-instruction hook, which with a
+   * count (and no line) mask runs only when the count expires: return
+   * events would be lost. A line mask makes it run at every instruction;
+   * the dispatcher drops the line events the user did not ask for. */
+  if ((mask & LUA_MASKRET) && (mask & LUA_MASKCOUNT))
+    mask |= LUA_MASKLINE;
+  lua_sethook(L, uhook_dispatch, mask, step);
+}
+
+/* Call the user's function for event ar, as LuaJIT's debug.sethook does
+ * (event name, line or nil). Blocking calls are refused while it runs (see
+ * mb_lstate_in_user_hook): LuaJIT cannot yield from inside a hook. */
+static void uhook_call(lua_State *L, uhook_t *h, lua_Debug *ar)
+{
+  static const char *const names[] = {"call", "return", "line", "count",
+                                      "tail return"};
+  lua_pushlightuserdata(L, &uhookfn_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  if (!lua_isfunction(L, -1) || ar->event < 0 || ar->event > LUA_HOOKTAILRET) {
+    lua_pop(L, 1);
+    return;
+  }
+  lua_pushstring(L, names[ar->event]);
+  if (ar->currentline >= 0)
+    lua_pushinteger(L, ar->currentline);
+  else
+    lua_pushnil(L);
+  h->depth++;
+  int st = lua_pcall(L, 2, 0, 0);
+  h->depth--;
+  if (st)
+    lua_error(L);   /* on to the user's pcall, as from LuaJIT's own hook */
+}
+
+static void uhook_dispatch(lua_State *L, lua_Debug *ar)
+{
+  uhook_t *h = uhook_push(L);   /* stays on the stack: anchored */
+  if (h == NULL) {
+    lua_pop(L, 1);
+    if (mb_sched_opts.slice_reds > 0)
+      lua_sethook(L, mb_run_hook, LUA_MASKCOUNT, MB_HOOK_INSTRUCTIONS);
+    else
+      lua_sethook(L, NULL, 0, 0);
+    return;
+  }
+  static const int wants[] = {LUA_MASKCALL, LUA_MASKRET, LUA_MASKLINE, 0,
+                              LUA_MASKRET};
+  int sched_due = 0, user_due = 0;
+  if (ar->event >= 0 && ar->event <= LUA_HOOKTAILRET && ar->event != LUA_HOOKCOUNT)
+    user_due = (h->mask & wants[ar->event]) != 0;
+  if (ar->event == LUA_HOOKCOUNT) {
+    if (h->sched > 0 && (h->sched_left -= h->step) <= 0) {
+      sched_due = 1;
+      h->sched_left = h->sched;
+    }
+    if (h->count > 0 && (h->user_left -= h->step) <= 0) {
+      user_due = (h->mask & LUA_MASKCOUNT) != 0;
+      h->user_left = h->count;
+    }
+    uhook_install(L, h);
+  }
+  if (user_due)
+    uhook_call(L, h, ar);
+  /* The user's function may have cleared the hook: the dispatcher stayed
+   * installed while it ran (see db_sethook); hand back to the scheduler. */
+  if (h->mask == 0 && lua_gethook(L) == uhook_dispatch)
+    uhook_restore(L, h);
+  lua_pop(L, 1);
+  if (sched_due)
+    mb_run_hook(L, ar);
+}
+
+void mb_lstate_sethook(lua_State *L, int count)
+{
+  if (lua_gethook(L) == uhook_dispatch) {
+    uhook_t *h = uhook_push(L);
+    if (h) {
+      h->sched = h->sched_left = count;
+      uhook_install(L, h);
+      lua_pop(L, 1);
+      return;
+    }
+    lua_pop(L, 1);
+  }
+  lua_sethook(L, mb_run_hook, LUA_MASKCOUNT, count);
+}
+
+int mb_lstate_in_user_hook(lua_State *L)
+{
+  if (lua_gethook(L) != uhook_dispatch)
+    return 0;
+  uhook_t *h = uhook_push(L);
+  int in = h && h->depth > 0;
+  lua_pop(L, 1);
+  return in;
+}
+
+/* debug.sethook([thread,] [f, mask[, count]])
+ * As LuaJIT's: one hook for the whole process (a thread argument is
+ * accepted and changes nothing); no f clears it. */
+static int db_sethook(lua_State *L)
+{
+  int arg = lua_type(L, 1) == LUA_TTHREAD ? 1 : 0;
+  int mask = 0, count = 0;
+  if (!lua_isnoneornil(L, arg + 1)) {
+    const char *smask = luaL_checkstring(L, arg + 2);
+    luaL_checktype(L, arg + 1, LUA_TFUNCTION);
+    count = luaL_optint(L, arg + 3, 0);
+    if (strchr(smask, 'c')) mask |= LUA_MASKCALL;
+    if (strchr(smask, 'r')) mask |= LUA_MASKRET;
+    if (strchr(smask, 'l')) mask |= LUA_MASKLINE;
+    if (count > 0) mask |= LUA_MASKCOUNT;
+  }
+  lua_settop(L, arg + 1);
+  lua_pushlightuserdata(L, &uhookfn_key);
+  lua_pushvalue(L, arg + 1);
+  lua_rawset(L, LUA_REGISTRYINDEX);
+  int installed = lua_gethook(L) == uhook_dispatch;
+  uhook_t *h = uhook_push(L);
+  if (h == NULL) {
+    if (mask == 0)
+      return 0;   /* nothing was set, nothing to clear */
+    lua_pop(L, 1);
+    lua_pushlightuserdata(L, &uhook_key);
+    h = lua_newuserdata(L, sizeof *h);
+    memset(h, 0, sizeof *h);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+    installed = 0;
+  }
+  if (!installed) {
+    /* Take over the scheduler's count where it stands. */
+    h->sched = lua_gethook(L) == mb_run_hook ? lua_gethookcount(L) : 0;
+    h->sched_left = h->sched;
+    h->depth = 0;
+  }
+  h->mask = mask;
+  h->count = count > 0 ? count : 0;
+  h->user_left = h->count;
+  if (mask)
+    uhook_install(L, h);
+  else if (installed && h->depth == 0)
+    uhook_restore(L, h);
+  /* Cleared from inside the user's function: the dispatcher restores the
+   * scheduler's hook when that function returns. */
+  return 0;
+}
+
+/* debug.gethook([thread]) -> f, mask, count (nil, "", 0 when none is set) */
+static int db_gethook(lua_State *L)
+{
+  uhook_t *h = uhook_push(L);
+  int mask = h ? h->mask : 0;
+  lua_pushlightuserdata(L, &uhookfn_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  char smask[4];
+  int n = 0;
+  if (mask & LUA_MASKCALL) smask[n++] = 'c';
+  if (mask & LUA_MASKRET) smask[n++] = 'r';
+  if (mask & LUA_MASKLINE) smask[n++] = 'l';
+  lua_pushlstring(L, smask, n);
+  lua_pushinteger(L, h ? h->count : 0);
+  return 3;
 }
 
 /* -- Lazy libraries ------------------------------------------------------- */
@@ -147,6 +449,7 @@ static void after_base(lua_State *L)
   lua_rawset(L, LUA_REGISTRYINDEX);
   lua_pushnil(L);
   lua_setfield(L, LUA_GLOBALSINDEX, "coroutine");
+  mb_sandbox_base(L);
 }
 
 static void open_coroutine(lua_State *L)
@@ -182,11 +485,15 @@ static void after_package(lua_State *L)
 {
   lua_getfield(L, LUA_GLOBALSINDEX, "package");
   lua_getfield(L, -1, "path");
-  lua_pushfstring(L, MB_LUA_DIR "/?.lua;" MB_LUA_DIR "/?/init.lua;%s",
-                  lua_tostring(L, -1));
+  const char *dir = mb_lstate_lua_dir();
+  lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;%s", dir, dir, lua_tostring(L, -1));
   lua_setfield(L, -3, "path");
   lua_pop(L, 1);
-  mb_modcache_install(L);
+  mb_sandbox_package(L);
+  mb_modcache_install(L);   /* replaces the sandbox's Lua-file searcher */
+  /* jit.profile's entry comes with the jit library (after_jit): here it
+   * would take package.preload past 16 entries, and its size to double. */
+  mb_sandbox_preload(L, MB_SANDBOX_PRELOAD_FFI | MB_SANDBOX_PRELOAD_BUFFER);
   lua_getfield(L, -1, "preload");
   lua_pushcfunction(L, mb_lib_open);
   lua_setfield(L, -2, "moonbeam");
@@ -196,10 +503,6 @@ static void after_package(lua_State *L)
   lua_setfield(L, -2, "moonbeam.tcp");
   lua_pushcfunction(L, mb_lib_http_parser_open);
   lua_setfield(L, -2, "moonbeam.http_parser");
-  lua_pushcfunction(L, luaopen_ffi);
-  lua_setfield(L, -2, "ffi");
-  lua_pushcfunction(L, luaopen_string_buffer);
-  lua_setfield(L, -2, "string.buffer");
   static const char *const std[] = {"_G", "coroutine", "string", "table",
     "math", "io", "os", "debug", "bit", "jit", NULL};
   for (int i = 0; std[i]; i++) {
@@ -218,6 +521,60 @@ static void after_package(lua_State *L)
 static void after_jit(lua_State *L)
 {
   luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
+  lua_getfield(L, LUA_GLOBALSINDEX, "jit");
+  mb_sandbox_jit(L);
+  lua_pop(L, 1);
+  mb_sandbox_preload(L, MB_SANDBOX_PRELOAD_PROFILE);
+}
+
+static void after_debug(lua_State *L)
+{
+  lua_getfield(L, LUA_GLOBALSINDEX, "debug");
+  lua_pushcfunction(L, db_sethook);
+  lua_setfield(L, -2, "sethook");
+  lua_pushcfunction(L, db_gethook);
+  lua_setfield(L, -2, "gethook");
+  mb_sandbox_debug(L);
+  lua_pop(L, 1);
+}
+
+/* The string library opened into the table strings index from the start
+ * (see setup): it no longer needs the lazy metatable. */
+static void after_string(lua_State *L)
+{
+  lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
+  lua_getfield(L, -1, "string");
+  if (lua_istable(L, -1)) {
+    lua_pushnil(L);
+    lua_setmetatable(L, -2);
+  }
+  lua_pop(L, 2);
+  mb_sandbox_preload(L, MB_SANDBOX_PRELOAD_BUFFER);
+}
+
+/* Each process draws its own math.random sequence (LuaJIT seeds every
+ * state alike): a seed from a host-wide counter mixed with a salt read once
+ * at start, so no system call per process. math.randomseed still gives the
+ * same sequence as in luajit. */
+static uint64_t seed_salt;
+static atomic_uint_fast64_t seed_seq;
+
+static uint64_t splitmix64(uint64_t x)
+{
+  x += 0x9e3779b97f4a7c15u;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9u;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebu;
+  return x ^ (x >> 31);
+}
+
+static void after_math(lua_State *L)
+{
+  lua_getfield(L, LUA_GLOBALSINDEX, "math");
+  lua_getfield(L, -1, "randomseed");
+  uint64_t x = splitmix64(seed_salt + atomic_fetch_add(&seed_seq, 1));
+  lua_pushnumber(L, (lua_Number)(x >> 11));   /* 53 bits: exact in a double */
+  lua_call(L, 1, 0);
+  lua_pop(L, 1);
 }
 
 typedef struct lazylib {
@@ -233,13 +590,13 @@ static const lazylib_t lazylibs[] = {
    " loadfile loadstring next pairs pcall print rawequal rawget rawset select"
    " setfenv setmetatable tonumber tostring type unpack xpcall _VERSION"
    " newproxy gcinfo _G "},
-  {"string", luaopen_string, NULL, " string "},
+  {"string", luaopen_string, after_string, " string "},
   {"table", luaopen_table, NULL, " table "},
-  {"math", luaopen_math, NULL, " math "},
+  {"math", luaopen_math, after_math, " math "},
   {"io", luaopen_io, NULL, " io "},
   {"os", luaopen_os, after_os, " os "},
   {"package", luaopen_package, after_package, " package require module "},
-  {"debug", luaopen_debug, NULL, " debug "},
+  {"debug", luaopen_debug, after_debug, " debug "},
   {"bit", luaopen_bit, NULL, " bit "},
   {"jit", luaopen_jit, after_jit, " jit "},
 };
@@ -251,6 +608,32 @@ static int listed(const char *list, const char *name, size_t len)
     if (s[-1] == ' ' && s[len] == ' ')
       return 1;
   return 0;
+}
+
+/* Before luaopen_string: make the strings' placeholder table (see setup)
+ * _G.string, where luaopen_string looks for the table to fill - unless the
+ * process set a string global of its own. */
+static void adopt_string(lua_State *L)
+{
+  lua_pushliteral(L, "string");
+  lua_rawget(L, LUA_GLOBALSINDEX);
+  int taken = !lua_isnil(L, -1);
+  lua_pop(L, 1);
+  if (taken)
+    return;
+  int top = lua_gettop(L);
+  lua_pushliteral(L, "");
+  if (lua_getmetatable(L, -1)) {
+    lua_pushliteral(L, "__index");
+    lua_rawget(L, -2);
+    if (lua_istable(L, -1) && lua_getmetatable(L, -1) &&
+        lua_getmetatable(L, LUA_GLOBALSINDEX) && lua_rawequal(L, -1, -2)) {
+      lua_pushliteral(L, "string");
+      lua_pushvalue(L, -4);
+      lua_rawset(L, LUA_GLOBALSINDEX);
+    }
+  }
+  lua_settop(L, top);
 }
 
 /* Open the library that defines global `name`; 1 if there was one. */
@@ -282,6 +665,8 @@ static int open_for(lua_State *L, const char *name, size_t len)
     lua_pushlightuserdata(L, (void *)lib);
     lua_pushboolean(L, 1);
     lua_rawset(L, LUA_REGISTRYINDEX);
+    if (lib->open == luaopen_string)
+      adopt_string(L);
     open_lib(L, lib->open, lib->name);
     if (lib->after)
       lib->after(L);
@@ -290,9 +675,33 @@ static int open_for(lua_State *L, const char *name, size_t len)
   return 0;
 }
 
-/* _G's __index(t, k): open the library defining k, then rawget. */
+/* _G's __index(t, k): open the library defining k, then rawget. The same
+ * metatable serves the string table until the string library opens in it
+ * (see setup): then any key opens it. */
 static int lazy_global(lua_State *L)
 {
+  if (!lua_rawequal(L, 1, LUA_GLOBALSINDEX)) {
+    open_for(L, "string", 6);
+    lua_settop(L, 2);
+    lua_rawget(L, 1);
+    if (lua_isnil(L, -1)) {
+      /* The library opened into another table (the placeholder was not
+       * reachable then: _G.string replaced, or the string metatable
+       * swapped out for a while): answer from that one. */
+      lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
+      if (lua_istable(L, -1)) {
+        lua_getfield(L, -1, "string");
+        if (lua_istable(L, -1) && !lua_rawequal(L, -1, 1)) {
+          lua_pushvalue(L, 2);
+          lua_rawget(L, -2);
+          return 1;
+        }
+      }
+      lua_settop(L, 2);
+      lua_pushnil(L);
+    }
+    return 1;
+  }
   size_t len;
   const char *name = lua_type(L, 2) == LUA_TSTRING ? lua_tolstring(L, 2, &len) : NULL;
   if (name == NULL || len > 20 || memchr(name, ' ', len))
@@ -304,15 +713,6 @@ static int lazy_global(lua_State *L)
   return 1;
 }
 
-/* Strings' placeholder __index(s, k): open string, then string[k]. */
-static int lazy_string(lua_State *L)
-{
-  lua_getfield(L, LUA_GLOBALSINDEX, "string");
-  lua_pushvalue(L, 2);
-  lua_gettable(L, -2);
-  return 1;
-}
-
 /* -- State life ----------------------------------------------------------- */
 
 static int setup(lua_State *L)
@@ -320,14 +720,28 @@ static int setup(lua_State *L)
   lua_createtable(L, 0, 1);
   lua_pushcfunction(L, lazy_global);
   lua_setfield(L, -2, "__index");
+  lua_pushvalue(L, -1);
   lua_setmetatable(L, LUA_GLOBALSINDEX);
 
+  /* Strings index the string table from the start, as in luajit
+   * (getmetatable("").__index.f = ... works), but the table stays empty,
+   * with _G's lazy metatable, until first used: luaopen_string then fills
+   * this same table (adopt_string puts it in _G first, where luaopen_string
+   * looks; an idle process does not even hold the key "string"). */
+  lua_createtable(L, 0, 0);
+  lua_insert(L, -2);
+  lua_setmetatable(L, -2);
   lua_pushliteral(L, "");
   lua_createtable(L, 0, 1);
-  lua_pushcfunction(L, lazy_string);
+  lua_pushvalue(L, -3);
   lua_setfield(L, -2, "__index");
   lua_setmetatable(L, -2);
-  lua_pop(L, 1);
+  lua_pop(L, 2);
+
+  if (mb_lstate_noenv) {   /* -E: package ignores LUA_PATH and LUA_CPATH */
+    lua_pushboolean(L, 1);
+    lua_setfield(L, LUA_REGISTRYINDEX, "LUA_NOENV");
+  }
   return 0;
 }
 
@@ -345,6 +759,31 @@ static void *probe_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
   if (ptr == NULL && first_alloc == 0)
     first_alloc = nsize;
   return realloc(ptr, nsize);
+}
+
+static char lua_dir[PATH_MAX];
+
+const char *mb_lstate_lua_dir(void)
+{
+  return lua_dir;
+}
+
+/* The host's Lua modules: MB_LUA_REL_DIR from the binary's directory when
+ * that exists (an installed host), else the source tree's lua/ (compiled
+ * in; a build directory). */
+static void find_lua_dir(void)
+{
+  char exe[PATH_MAX], cand[2 * PATH_MAX];
+  ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+  char *slash = n > 0 ? (exe[n] = '\0', strrchr(exe, '/')) : NULL;
+  if (slash) {
+    *slash = '\0';
+    snprintf(cand, sizeof cand, "%s/%s", exe, MB_LUA_REL_DIR);
+    struct stat st;
+    if (realpath(cand, lua_dir) && stat(lua_dir, &st) == 0 && S_ISDIR(st.st_mode))
+      return;
+  }
+  snprintf(lua_dir, sizeof lua_dir, "%s", MB_LUA_DIR);
 }
 
 void mb_lstate_init(void)
@@ -368,6 +807,10 @@ void mb_lstate_init(void)
   lua_getfield(L, LUA_GLOBALSINDEX, "load");
   mb_lstate_load_cf = lua_tocfunction(L, -1);
   lua_close(L);
+  find_lua_dir();
+  mb_copy_on_ffi_bytecode = mb_sandbox_hide_ffi;
+  if (getrandom(&seed_salt, sizeof seed_salt, 0) != sizeof seed_salt)
+    seed_salt = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
 }
 
 int mb_lstate_new(mb_proc_t *p)

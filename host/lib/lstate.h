@@ -10,15 +10,27 @@
  * The `moonbeam` module is preloaded, and is installed without the package
  * library when a spawned function's upvalue refers to it.
  *
- * Changes to the standard libraries, made when each one opens:
+ * The string table exists from the start (strings index it, as in luajit)
+ * but stays empty, with the same lazy metatable, until first used.
+ *
+ * Changes to the standard libraries, made when each one opens (and those
+ * of sandbox.h: text-only loading, no FFI, no JIT):
  *  - base: coroutine.resume and coroutine.wrap are replaced by wrappers that
  *    pass runtime yields (preemption, receive, sleep) up to the scheduler
- *    instead of handing them to the user's resumer;
+ *    instead of handing them to the user's resumer; coroutine.yield and
+ *    coroutine.running treat the process body (and the main thread, where
+ *    receive's match functions run) as luajit treats its main chunk: no
+ *    yield ("attempt to yield across C-call boundary"), running() is nil;
+ *  - debug: sethook/gethook chain the user's hook with the scheduler's count
+ *    hook (the user's events arrive as asked, preemption goes on, gethook
+ *    never shows the scheduler's hook);
+ *  - math: each process gets its own random seed;
  *  - os: os.exit(code) halts the host with that code;
- *  - package: path and cpath start with the host's lua/ directory, then the
- *    usual LuaJIT and Debian Lua 5.1 directories;
+ *  - package: path starts with the host's Lua directory (mb_lstate_lua_dir),
+ *    then the usual LuaJIT and Debian Lua 5.1 directories;
  *  - jit: the JIT stays off (a count hook does not run in compiled code).
- * Known consequence: pairs(_G) lists only the libraries opened so far, and
+ * Known consequence: pairs(_G) lists only the libraries opened so far,
+ * pairs(string) is empty until a string function was used, and
  * setmetatable(_G, ...) replaces the lazy lookup (open what you need first).
  */
 #ifndef MB_LSTATE_H
@@ -26,8 +38,16 @@
 
 #include "proc.h"
 
-/* Once, before the schedulers start. */
+/* Once, before the schedulers start (and after mb_lstate_noenv and
+ * mb_sandbox_opts are set). */
 void mb_lstate_init(void);
+
+/* -E: every process's package library ignores LUA_PATH and LUA_CPATH. */
+extern int mb_lstate_noenv;
+
+/* The directory of the host's Lua modules: ../share/moonbeam/lua from the
+ * binary when it exists (installed), else the source tree's lua/. */
+const char *mb_lstate_lua_dir(void);
 
 /* Create p->L and p->co for p (owner: p). Returns 0, or -1 when out of
  * memory. Any thread. */
@@ -44,6 +64,14 @@ extern lua_CFunction mb_lstate_resume_cf;
 /* The C function pointers of pcall and xpcall (LuaJIT fast functions), and
  * of load (whose reader runs under a C-level protected call). */
 extern lua_CFunction mb_lstate_pcall_cf, mb_lstate_xpcall_cf, mb_lstate_load_cf;
+
+/* Set the scheduler's count hook to fire every `count` instructions, keeping
+ * a debug hook the process set (see DESIGN). The scheduler's only way to
+ * change its hook. Owner thread. */
+void mb_lstate_sethook(lua_State *L, int count);
+/* Is L's process running its debug hook function now? It may not block
+ * there (LuaJIT cannot yield out of a hook). */
+int mb_lstate_in_user_hook(lua_State *L);
 
 /* Maximal nesting of user coroutines the runtime tracks. */
 #define MB_MAX_COROUTINES 200

@@ -12,6 +12,7 @@
 #include "code.h"
 #include "lauxlib.h"
 #include "modcache.h"
+#include "sandbox.h"
 
 /* Two kinds of entries share one table: a file's compiled chunk (key: its
  * path; code set), and where a module name was found (key: name, a
@@ -166,7 +167,9 @@ static int compile(lua_State *L, const char *path)
   size_t len;
   const char *src = lua_tolstring(L, -1, &len);
   lua_pushfstring(L, "@%s", path);
-  int rc = luaL_loadbuffer(L, src, len, lua_tostring(L, -1));
+  /* Text only, unless the host allows bytecode (sandbox.h); the cache
+   * then holds our own dump of it. */
+  int rc = mb_sandbox_loadbuffer(L, src, len, lua_tostring(L, -1), NULL);
   lua_remove(L, -2);   /* the chunk name */
   lua_remove(L, -2);   /* the source */
   if (rc != 0)

@@ -68,7 +68,7 @@ static int can_yield(mb_proc_t *p, lua_State *L, int skip_top)
 
 int mb_run_can_yield(mb_proc_t *p, lua_State *L)
 {
-  return can_yield(p, L, 1);
+  return !mb_lstate_in_user_hook(L) && can_yield(p, L, 1);
 }
 
 int mb_run_yield(lua_State *L, mb_yield_t reason)
@@ -103,7 +103,7 @@ void mb_run_hook(lua_State *L, lua_Debug *ar)
   if (!die && p->budget > 0 && !mb_sched_halting())
     return;
   if (can_yield(p, L, 0)) {
-    lua_sethook(L, mb_run_hook, LUA_MASKCOUNT, MB_HOOK_INSTRUCTIONS);
+    mb_lstate_sethook(L, MB_HOOK_INSTRUCTIONS);
     p->yield = die ? MB_YIELD_EXIT : MB_YIELD_PREEMPT;
     lua_yield(L, 0);
     return;
@@ -117,8 +117,7 @@ void mb_run_hook(lua_State *L, lua_Debug *ar)
    * it or it ends a coroutine, and one caught by `load` would leave the
    * process with no hook at all, unkillable. */
   die = die || mb_sched_halting();
-  lua_sethook(L, mb_run_hook, LUA_MASKCOUNT,
-              die ? 1 : MB_HOOK_RETRY_INSTRUCTIONS);
+  mb_lstate_sethook(L, die ? 1 : MB_HOOK_RETRY_INSTRUCTIONS);
   if (die && !inside_load(L))
     luaL_error(L, "process is exiting");
 }
