@@ -401,8 +401,8 @@ static void conn_down(conn_t *c, const char *why)
   }
   for (uint32_t i = 0; i < links.n; i++)
     if (mb_proc_unlink_remote(links.v[i].local, links.v[i].remote))
-      mb_proc_exit_signal(links.v[i].local, links.v[i].remote,
-                          reason_msg("noconnection"), 0);
+      mb_proc_link_exit(links.v[i].local, links.v[i].remote,
+                        reason_msg("noconnection"));
   for (uint32_t i = 0; i < out.n; i++) {
     mb_msg_t *m = reason_msg("noconnection");
     m->kind = MB_MSG_DOWN;
@@ -785,7 +785,7 @@ static int handle_frame(conn_t *c, const char *data, long len)
         mb_msg_free(r);
         return cend == len ? 0 : -1;
       }
-      mb_proc_exit_signal(to, from, r, 0);
+      mb_proc_link_exit(to, from, r);
     } else if (!mb_id_is_remote(to)) {
       mb_proc_exit_signal(to, from, r, mb_msg_is_kill(r));
     } else {
@@ -1230,7 +1230,7 @@ static void hook_link(mb_pid_t self, mb_pid_t remote, int on)
   uint32_t node = mb_remote_node(remote);
   if (node == 0 || node == self_atom) {
     if (on && mb_proc_unlink_remote(self, remote))
-      mb_proc_exit_signal(self, remote, reason_msg("noproc"), 0);
+      mb_proc_link_exit(self, remote, reason_msg("noproc"));
     return;
   }
   ctl_t x = {.op = on ? OP_LINK : OP_UNLINK_ID, .from = self, .to = remote,

@@ -398,9 +398,11 @@ int mb_proc_drain(mb_proc_t *p)
       continue;
     }
     atomic_fetch_sub(&p->nsignals, 1);
-    if (m->kind == MB_MSG_EXIT) {
+    if (m->kind == MB_MSG_EXIT && m->ref == MB_EXIT_LINK) {
+      /* The linked process died: the link is gone, whatever p does. An
+       * exit signal sent with mb.exit leaves a link as it was (Erlang). */
       mb_proc_lock(p);
-      linkset_del(&p->links, m->from, 0);  /* the link is gone either way */
+      linkset_del(&p->links, m->from, 0);
       mb_proc_unlock(p);
     }
     if (m->kind == MB_MSG_EXIT && p->trap_exit) {
@@ -665,6 +667,15 @@ void mb_proc_exit_signal(mb_pid_t pid, mb_pid_t from, mb_msg_t *reason, int kill
 {
   reason->kind = kill ? MB_MSG_KILL : MB_MSG_EXIT;
   reason->from = from;
+  reason->ref = 0;
+  mb_proc_send(pid, reason);
+}
+
+void mb_proc_link_exit(mb_pid_t pid, mb_pid_t from, mb_msg_t *reason)
+{
+  reason->kind = MB_MSG_EXIT;
+  reason->from = from;
+  reason->ref = MB_EXIT_LINK;
   mb_proc_send(pid, reason);
 }
 
@@ -687,7 +698,7 @@ void mb_proc_exit(mb_proc_t *p, mb_msg_t *reason)
     if (mb_id_is_remote(links.v[i].pid))
       remote_link_exit(links.v[i].pid, p->pid, dup_reason(reason));
     else
-      mb_proc_exit_signal(links.v[i].pid, p->pid, dup_reason(reason), 0);
+      mb_proc_link_exit(links.v[i].pid, p->pid, dup_reason(reason));
   for (uint32_t i = 0; i < watchers.n; i++)
     mb_proc_send(watchers.v[i].pid,
                  down_msg(p->pid, watchers.v[i].ref, dup_reason(reason)));

@@ -286,9 +286,14 @@ int mb_proc_demonitor(mb_proc_t *self, mb_ref_t ref);
  * does, as Erlang's controlling_process). Owner thread of p. */
 void mb_proc_move_port_msgs(mb_proc_t *p, uint64_t port, mb_pid_t to);
 
-/* Send an exit signal from `from` to pid; kill: untrappable. reason is a
- * one-value message; ownership taken. Any thread. */
+/* Send an exit signal from `from` to pid (mb.exit(pid, reason)); kill:
+ * untrappable. reason is a one-value message; ownership taken. Any
+ * thread. It leaves a link between the two as it is. */
 void mb_proc_exit_signal(mb_pid_t pid, mb_pid_t from, mb_msg_t *reason, int kill);
+/* The exit signal of a link: `from`, linked to pid, ended with reason
+ * (taken); the link is gone for pid too. Any thread. */
+void mb_proc_link_exit(mb_pid_t pid, mb_pid_t from, mb_msg_t *reason);
+#define MB_EXIT_LINK 1     /* msg->ref of an EXIT that a link sent */
 
 /* Tear down a dead process on its own thread: mark it dead, run the exit
  * hooks, signal links and monitors with reason (taken), drop the table's
