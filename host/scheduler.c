@@ -23,7 +23,12 @@ struct mb_sched {
   uv_loop_t loop;
   uv_async_t async;          /* wakes the thread: commands, work, halt */
   pthread_mutex_t rq_lock;
-  mb_proc_t *rq_head, *rq_tail;
+  /* Two queues under rq_lock (see DESIGN in scheduler.h): processes made
+   * runnable by an event (a message, a timer, I/O, a spawn) and processes
+   * preempted at the end of their slice. rq_len counts both. */
+  mb_proc_t *rq_head, *rq_tail;       /* woken */
+  mb_proc_t *pre_head, *pre_tail;     /* preempted */
+  int woken_run;                      /* woken ones taken in a row */
   atomic_int rq_len;
   atomic_int sleeping;
   pthread_mutex_t cmd_lock;
@@ -51,31 +56,61 @@ static int nafter;
 
 /* -- Run queues ----------------------------------------------------------- */
 
-static void rq_push(mb_sched_t *s, mb_proc_t *p)
+static void append(mb_proc_t **head, mb_proc_t **tail, mb_proc_t *p)
+{
+  if (*tail)
+    (*tail)->rq_next = p;
+  else
+    *head = p;
+  *tail = p;
+}
+
+static mb_proc_t *take(mb_proc_t **head, mb_proc_t **tail)
+{
+  mb_proc_t *p = *head;
+  *head = p->rq_next;
+  if (*head == NULL)
+    *tail = NULL;
+  return p;
+}
+
+/* Queue p: woken (an event made it runnable) or preempted. */
+static void rq_push_as(mb_sched_t *s, mb_proc_t *p, int preempted)
 {
   p->rq_next = NULL;
   pthread_mutex_lock(&s->rq_lock);
-  if (s->rq_tail)
-    s->rq_tail->rq_next = p;
+  if (preempted)
+    append(&s->pre_head, &s->pre_tail, p);
   else
-    s->rq_head = p;
-  s->rq_tail = p;
+    append(&s->rq_head, &s->rq_tail, p);
   atomic_fetch_add(&s->rq_len, 1);
   pthread_mutex_unlock(&s->rq_lock);
 }
 
+static void rq_push(mb_sched_t *s, mb_proc_t *p)
+{
+  rq_push_as(s, p, 0);
+}
+
+/* The next process: a woken one first (it has waited for its event, and
+ * will likely block again soon), but never more than MB_WOKEN_BURST in a
+ * row while preempted ones wait, so that a storm of messages cannot starve
+ * the processes that compute. */
 static mb_proc_t *rq_pop(mb_sched_t *s)
 {
   if (atomic_load_explicit(&s->rq_len, memory_order_relaxed) == 0)
     return NULL;
+  mb_proc_t *p = NULL;
   pthread_mutex_lock(&s->rq_lock);
-  mb_proc_t *p = s->rq_head;
-  if (p) {
-    s->rq_head = p->rq_next;
-    if (s->rq_head == NULL)
-      s->rq_tail = NULL;
-    atomic_fetch_sub(&s->rq_len, 1);
+  if (s->rq_head && (s->pre_head == NULL || s->woken_run < MB_WOKEN_BURST)) {
+    p = take(&s->rq_head, &s->rq_tail);
+    s->woken_run++;
+  } else if (s->pre_head) {
+    p = take(&s->pre_head, &s->pre_tail);
+    s->woken_run = 0;
   }
+  if (p)
+    atomic_fetch_sub(&s->rq_len, 1);
   pthread_mutex_unlock(&s->rq_lock);
   return p;
 }
@@ -143,7 +178,7 @@ void mb_sched_requeue(mb_sched_t *s, mb_proc_t *p)
       to = &scheds[i];
     }
   }
-  rq_push(to, p);
+  rq_push_as(to, p, 1);
   if (to != s)
     wake(to);
   else if (atomic_load_explicit(&s->rq_len, memory_order_relaxed) >= 2)

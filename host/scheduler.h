@@ -46,6 +46,10 @@
  * scheduler adds to the latency of socket I/O and posted commands. 0.2 ms
  * costs one epoll_wait per 0.2 ms of work (under 1%). */
 #define MB_POLL_INTERVAL_NS 200000
+/* Woken processes run before preempted ones, but at most this many in a
+ * row while a preempted one waits: a preempted process waits at most this
+ * many short runs besides the slices of the others preempted before it. */
+#define MB_WOKEN_BURST 8
 
 typedef struct mb_sched mb_sched_t;
 

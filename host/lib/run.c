@@ -18,25 +18,6 @@
 
 /* -- Safe points and the hook --------------------------------------------- */
 
-/* Are all of T's frames from level `from` up yield-safe: Lua functions, or
- * the C functions that LuaJIT can yield across (pcall, xpcall)? An outer
- * coroutine's innermost frame is co_resume, which passes yields on. */
-static int frames_ok(lua_State *T, int from)
-{
-  lua_Debug ar;
-  for (int lvl = from; lua_getstack(T, lvl, &ar); lvl++) {
-    if (!lua_checkstack(T, 1))
-      return 0;
-    lua_getinfo(T, "f", &ar);
-    lua_CFunction cf = lua_iscfunction(T, -1) ? lua_tocfunction(T, -1) : NULL;
-    lua_pop(T, 1);
-    if (cf && cf != mb_lstate_pcall_cf && cf != mb_lstate_xpcall_cf &&
-        !(lvl == 0 && cf == mb_lstate_resume_cf))
-      return 0;
-  }
-  return 1;
-}
-
 /* Is the innermost C function on L's stack `load` (running its reader)? */
 static int inside_load(lua_State *L)
 {
@@ -53,22 +34,29 @@ static int inside_load(lua_State *L)
   return 0;
 }
 
-static int can_yield(mb_proc_t *p, lua_State *L, int skip_top)
+/* Can the running process p yield its body from L now? L must be the
+ * innermost coroutine the process's wrappers know of, and every level of
+ * the chain - L, then each coroutine that resumed the next through
+ * co_resume, down to the body - must be yieldable: LuaJIT's own test
+ * (lua_isyieldable: no C call boundary, such as a table.sort comparator or
+ * a module's top level run by require, since that level was resumed).
+ * pcall, xpcall and metamethods called by the VM are no boundary. Cost: a
+ * flag test per level, where walking the frames with lua_getstack cost
+ * ~370 instructions a receive. */
+static int can_yield(mb_proc_t *p, lua_State *L)
 {
   lua_State *top = p->con ? p->costack[p->con - 1] : p->co;
   if (L != top)
     return 0;  /* a coroutine resumed by C code we do not know of */
-  for (int i = p->con; i >= 0; i--) {
-    lua_State *T = i ? p->costack[i - 1] : p->co;
-    if (!frames_ok(T, T == L ? skip_top : 0))
+  for (int i = p->con; i >= 0; i--)
+    if (!lua_isyieldable(i ? p->costack[i - 1] : p->co))
       return 0;
-  }
   return 1;
 }
 
 int mb_run_can_yield(mb_proc_t *p, lua_State *L)
 {
-  return !mb_lstate_in_user_hook(L) && can_yield(p, L, 1);
+  return !mb_lstate_in_user_hook(L) && can_yield(p, L);
 }
 
 int mb_run_yield(lua_State *L, mb_yield_t reason)
@@ -102,7 +90,7 @@ void mb_run_hook(lua_State *L, lua_Debug *ar)
   int die = must_die(p);
   if (!die && p->budget > 0 && !mb_sched_halting())
     return;
-  if (can_yield(p, L, 0)) {
+  if (can_yield(p, L)) {
     mb_lstate_sethook(L, MB_HOOK_INSTRUCTIONS);
     p->yield = die ? MB_YIELD_EXIT : MB_YIELD_PREEMPT;
     lua_yield(L, 0);
