@@ -759,6 +759,8 @@ static int add_code(enc_t *e, mb_code_t *c)
 
 void (*mb_copy_on_load)(lua_State *L, int idx, mb_code_t *code);
 mb_code_t *(*mb_copy_code_of)(lua_State *L, int idx);
+void (*mb_copy_on_dump)(lua_State *L, int idx, mb_code_t *code);
+int (*mb_copy_module)(lua_State *L, const char *name, size_t n);
 
 static int enc_function(enc_t *e, int idx)
 {
@@ -774,7 +776,8 @@ static int enc_function(enc_t *e, int idx)
 
   size_t fpos = e->len;
   mb_code_t *c = mb_copy_code_of ? mb_copy_code_of(L, idx) : NULL;
-  if (c == NULL) {
+  int dumped = c == NULL;
+  if (dumped) {
     lua_pushvalue(L, idx);
     scratch.len = 0;
     int st = lua_dump(L, dump_writer, NULL);
@@ -787,9 +790,11 @@ static int enc_function(enc_t *e, int idx)
     if (c == NULL)
       return fail(e, "cannot send a function: out of memory");
   }
-  int ci = add_code(e, c);
+  int ci = add_code(e, c);   /* the message's reference, held from here */
   if (ci < 0)
     return -1;
+  if (dumped && mb_copy_on_dump)
+    mb_copy_on_dump(L, idx, c);
   if (reserve(e, 1 + 5) < 0)
     return -1;
   *out(e, 1) = T_FUNCTION;

@@ -44,6 +44,13 @@
 struct mb_code;
 extern void (*mb_copy_on_load)(lua_State *L, int idx, struct mb_code *code);
 extern struct mb_code *(*mb_copy_code_of)(lua_State *L, int idx);
+/* A function at idx of L was just dumped into code object `code` (the
+ * layer may remember the pair, as for mb_copy_on_load). */
+extern void (*mb_copy_on_dump)(lua_State *L, int idx, struct mb_code *code);
+/* Push module `name` (n bytes) of L's state if the layer provides it itself
+ * (the `moonbeam` module, without opening the package library) and return
+ * 1; 0: the decoder takes it from package.loaded or requires it. */
+extern int (*mb_copy_module)(lua_State *L, const char *name, size_t n);
 
 /* Encode the n values at stack slots first..first+n-1 of L into a new
  * message (malloc'ed, owner: the caller; free with mb_msg_free). root names

@@ -114,6 +114,8 @@ static void dec_enter(dec_t *d)
 static void push_module(dec_t *d, const char *name, size_t n)
 {
   lua_State *L = d->L;
+  if (mb_copy_module && mb_copy_module(L, name, n))
+    return;
   lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
   if (lua_istable(L, -1)) {
     lua_pushlstring(L, name, n);

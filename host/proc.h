@@ -150,11 +150,12 @@ typedef struct mb_proc {
   struct mb_timer *wait_timer; /* timer of the current wait, or NULL */
   lua_CFunction boot;          /* set until the first run: see run.c */
   int booting;                 /* boot is decoding the body (run.c) */
-  /* Functions of the state known to come from code objects (the body a
-   * boot decoded, anchored in the registry): sending one again needs no
-   * lua_dump (copy.h mb_copy_code_of). Freed with the state. */
-  struct { const void *fn; struct mb_code *code; } fncodes[MB_FNCODES];
-  int nfncodes;
+  /* Functions of the state known to be code objects (the body a boot
+   * decoded, the last few it dumped to send; anchored in the registry):
+   * sending one again needs no lua_dump (copy.h mb_copy_code_of). Freed
+   * with the state. */
+  struct { const void *fn; struct mb_code *code; int ref; } fncodes[MB_FNCODES];
+  int nfncodes, fncode_next;
   mb_msg_t *boot_msg;          /* what boot decodes (spawn's function, args) */
   mb_msg_t *exit_reason;       /* set when the process must die */
   int first;                   /* the host's first process */

@@ -119,9 +119,8 @@ static int boot_spawned(lua_State *L)
 {
   mb_proc_t *p = lua_touserdata(L, 1);
   lua_settop(L, 0);
-  /* Preinstall moonbeam: spawned closures almost always capture it. */
-  mb_lstate_push_module(L);
-  lua_pop(L, 1);
+  /* A captured `moonbeam` comes from mb_copy_module, without the package
+   * library; a body that captures nothing pays for no module. */
   int n = mb_copy_decode(L, p->boot_msg);
   mb_msg_free(p->boot_msg);
   p->boot_msg = NULL;

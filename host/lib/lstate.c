@@ -853,7 +853,8 @@ void mb_lstate_close(mb_proc_t *p)
   p->L = p->co = NULL;
   for (int i = 0; i < p->nfncodes; i++)
     mb_code_unref(p->fncodes[i].code);
-  p->nfncodes = 0;
+  memset(p->fncodes, 0, sizeof p->fncodes);
+  p->nfncodes = p->fncode_next = 0;
   mb_free(p->costack);
   p->costack = NULL;
   p->con = p->cocap = 0;
@@ -864,7 +865,7 @@ void mb_lstate_push_module(lua_State *L)
   lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
   if (lua_isnil(L, -1)) {
     lua_pop(L, 1);
-    lua_newtable(L);
+    lua_createtable(L, 0, 4);
     lua_pushvalue(L, -1);
     lua_setfield(L, LUA_REGISTRYINDEX, "_LOADED");
   }

@@ -501,17 +501,46 @@ static void run(mb_sched_t *s, mb_proc_t *p)
 
 /* The codec's hooks (copy.h): remember the functions a boot rebuilds from
  * code objects, and give their code back when they are sent again. */
+/* Remember that the function at idx is code object `code`: anchored in
+ * the registry, so that its address stays its own; the oldest entry goes
+ * when all MB_FNCODES are taken. */
+static void remember_code(mb_proc_t *p, lua_State *L, int idx, mb_code_t *code)
+{
+  int i = p->nfncodes < MB_FNCODES ? p->nfncodes++ : p->fncode_next++ % MB_FNCODES;
+  if (p->fncodes[i].code) {
+    luaL_unref(L, LUA_REGISTRYINDEX, p->fncodes[i].ref);
+    mb_code_unref(p->fncodes[i].code);
+    p->fncodes[i].code = NULL;
+  }
+  lua_pushvalue(L, idx);
+  p->fncodes[i].ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  mb_code_ref(code);
+  p->fncodes[i].fn = lua_topointer(L, idx);
+  p->fncodes[i].code = code;
+}
+
 static void on_load(lua_State *L, int idx, mb_code_t *code)
 {
   mb_proc_t *p = mb_proc_of(L);
-  if (p == NULL || !p->booting || p->nfncodes == MB_FNCODES)
-    return;
-  lua_pushvalue(L, idx);
-  luaL_ref(L, LUA_REGISTRYINDEX);   /* anchored: the pointer stays its own */
-  mb_code_ref(code);
-  p->fncodes[p->nfncodes].fn = lua_topointer(L, idx);
-  p->fncodes[p->nfncodes].code = code;
-  p->nfncodes++;
+  if (p && p->booting && p->nfncodes < MB_FNCODES)
+    remember_code(p, L, idx, code);
+}
+
+/* A function the process dumps to send is likely sent again (spawned in a
+ * loop, hibernated into): the last few are remembered. */
+static void on_dump(lua_State *L, int idx, mb_code_t *code)
+{
+  mb_proc_t *p = mb_proc_of(L);
+  if (p && p->L)
+    remember_code(p, L, idx, code);
+}
+
+static int provide_module(lua_State *L, const char *name, size_t n)
+{
+  if (n != 8 || memcmp(name, "moonbeam", 8) != 0)
+    return 0;
+  mb_lstate_push_module(L);
+  return 1;
 }
 
 static mb_code_t *code_of(lua_State *L, int idx)
@@ -531,7 +560,9 @@ static mb_code_t *code_of(lua_State *L, int idx)
 void mb_run_init(void)
 {
   mb_copy_on_load = on_load;
+  mb_copy_on_dump = on_dump;
   mb_copy_code_of = code_of;
+  mb_copy_module = provide_module;
   mb_lstate_init();
   mb_sched_set_runner(run);
   mb_proc_add_exit_hook(mb_lstate_close);
