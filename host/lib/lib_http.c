@@ -629,6 +629,7 @@ static int l_in_message(lua_State *L)
   return 1;
 }
 
+/* parser:__gc() */
 static int l_gc(lua_State *L)
 {
   hp_t *h = check_parser(L);

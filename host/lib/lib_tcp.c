@@ -470,11 +470,13 @@ static int push_name(lua_State *L, int peer)
   return 2;
 }
 
+/* sock:peername() -> host, port */
 static int l_peername(lua_State *L)
 {
   return push_name(L, 1);
 }
 
+/* sock:sockname() -> host, port */
 static int l_sockname(lua_State *L)
 {
   return push_name(L, 0);
@@ -637,6 +639,7 @@ static int l_websocket(lua_State *L)
   return 1;
 }
 
+/* tostring(sock) -> "#Socket<slot.generation>" */
 static int l_tostring(lua_State *L)
 {
   uint64_t id = *(uint64_t *)lua_touserdata(L, 1);

@@ -30,7 +30,6 @@
 #define MB_LUA_REL_DIR "../share/moonbeam/lua"
 #endif
 
-lua_CFunction mb_lstate_pcall_cf, mb_lstate_xpcall_cf, mb_lstate_load_cf;
 int mb_lstate_noenv;
 
 /* Registry keys (the addresses are the keys). */
@@ -72,7 +71,6 @@ static int resumable(lua_State *L, lua_State *co)
  * true (coroutine.wrap's), a coroutine that cannot be resumed raises, at
  * the wrapped function's caller, as in LuaJIT. */
 static int co_resume(lua_State *L);
-lua_CFunction mb_lstate_resume_cf = co_resume;
 
 static int co_resume(lua_State *L)
 {
@@ -793,20 +791,6 @@ void mb_lstate_init(void)
     lua_close(P);
   mb_alloc_state_arena(first_alloc);
 
-  /* pcall, xpcall and load have the same addresses in every state (LuaJIT
-   * fast functions and library code): record them once, before any thread
-   * starts, for the scheduler's safe-point test. */
-  lua_State *L = luaL_newstate();
-  if (L == NULL)
-    abort();
-  luaopen_base(L);
-  lua_getfield(L, LUA_GLOBALSINDEX, "pcall");
-  mb_lstate_pcall_cf = lua_tocfunction(L, -1);
-  lua_getfield(L, LUA_GLOBALSINDEX, "xpcall");
-  mb_lstate_xpcall_cf = lua_tocfunction(L, -1);
-  lua_getfield(L, LUA_GLOBALSINDEX, "load");
-  mb_lstate_load_cf = lua_tocfunction(L, -1);
-  lua_close(L);
   find_lua_dir();
   mb_copy_on_ffi_bytecode = mb_sandbox_hide_ffi;
   if (getrandom(&seed_salt, sizeof seed_salt, 0) != sizeof seed_salt)

@@ -58,13 +58,6 @@ void mb_lstate_close(mb_proc_t *p);
 /* Push the moonbeam module table of L's state (creating it once). */
 void mb_lstate_push_module(lua_State *L);
 
-/* Address of the C function behind coroutine wrappers' resume, so the
- * scheduler can recognise its frames as safe. */
-extern lua_CFunction mb_lstate_resume_cf;
-/* The C function pointers of pcall and xpcall (LuaJIT fast functions), and
- * of load (whose reader runs under a C-level protected call). */
-extern lua_CFunction mb_lstate_pcall_cf, mb_lstate_xpcall_cf, mb_lstate_load_cf;
-
 /* Set the scheduler's count hook to fire every `count` instructions, keeping
  * a debug hook the process set (see DESIGN). The scheduler's only way to
  * change its hook. Owner thread. */

@@ -18,22 +18,6 @@
 
 /* -- Safe points and the hook --------------------------------------------- */
 
-/* Is the innermost C function on L's stack `load` (running its reader)? */
-static int inside_load(lua_State *L)
-{
-  lua_Debug ar;
-  for (int lvl = 0; lua_getstack(L, lvl, &ar); lvl++) {
-    if (!lua_checkstack(L, 1))
-      return 1;
-    lua_getinfo(L, "f", &ar);
-    lua_CFunction cf = lua_iscfunction(L, -1) ? lua_tocfunction(L, -1) : NULL;
-    lua_pop(L, 1);
-    if (cf)
-      return cf == mb_lstate_load_cf;
-  }
-  return 0;
-}
-
 /* Can the running process p yield its body from L now? L must be the
  * innermost coroutine the process's wrappers know of, and every level of
  * the chain - L, then each coroutine that resumed the next through
@@ -100,13 +84,14 @@ void mb_run_hook(lua_State *L, lua_Debug *ar)
    * halted) checks at every instruction, since the safe points between two
    * C calls (pcall(table.sort, ...) in a loop) are a few instructions long,
    * and unwinds with an error until it reaches one (pcall may catch it; the
-   * next hook throws again) - except inside `load`'s reader: LuaJIT only
-   * re-enables hooks after an error thrown from a hook when pcall catches
-   * it or it ends a coroutine, and one caught by `load` would leave the
-   * process with no hook at all, unkillable. */
+   * next hook throws again). LuaJIT re-enables hooks after an error thrown
+   * from a hook only when pcall catches it or it ends a coroutine: a C-level
+   * protected call catching it would leave the process with no hook, so
+   * none may run user code - the sandbox's `load` calls its reader under
+   * pcall (host/lib/sandbox.c). */
   die = die || mb_sched_halting();
   mb_lstate_sethook(L, die ? 1 : MB_HOOK_RETRY_INSTRUCTIONS);
-  if (die && !inside_load(L))
+  if (die)
     luaL_error(L, "process is exiting");
 }
 
