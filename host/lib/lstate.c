@@ -713,10 +713,36 @@ static int lazy_global(lua_State *L)
 
 /* -- State life ----------------------------------------------------------- */
 
+static int collect(lua_State *L)
+{
+  lua_gc(L, LUA_GCCOLLECT, 0);
+  return 0;
+}
+
+void mb_lstate_settle(mb_proc_t *p)
+{
+  if (p->settled || p->L == NULL)
+    return;
+  p->settled = 1;
+  /* Protected: a finalizer may raise. Its error is dropped: the process
+   * goes on as a GC step's would have let it. */
+  if (lua_cpcall(p->L, collect, NULL) != 0)
+    lua_pop(p->L, 1);
+}
+
 static int setup(lua_State *L)
 {
+  /* lua_newstate made a globals table of 64 slots (1.5 KB) while a
+   * process's globals start empty and mostly stay few: it gets an empty
+   * one, and the old one goes with the first collection (mb_lstate_settle).
+   * A function made inside a C function takes that function's environment
+   * - setup's, the old table - so the ones made here get the new one. */
+  lua_createtable(L, 0, 0);
+  lua_replace(L, LUA_GLOBALSINDEX);
   lua_createtable(L, 0, 1);
   lua_pushcfunction(L, lazy_global);
+  lua_pushvalue(L, LUA_GLOBALSINDEX);
+  lua_setfenv(L, -2);
   lua_setfield(L, -2, "__index");
   lua_pushvalue(L, -1);
   lua_setmetatable(L, LUA_GLOBALSINDEX);
@@ -809,19 +835,17 @@ int mb_lstate_new(mb_proc_t *p)
     lua_close(L);
     return -1;
   }
+  /* A woken state is meant to live until the next hibernation: it need
+   * not settle. */
+  p->settled = p->wakes > 0;
   /* The body coroutine stays anchored in slot 1 of the main thread. */
   p->co = lua_newthread(L);
   /* LuaJIT starts a state's first GC cycle only at 4x its size at birth
    * (~56 KB here), so a small process would carry all its garbage until
-   * then: start counting from now, and a process's heap stays within the
-   * usual pause (2x live). Measured: a chat user 43 -> 38 KB, spawn and idle
-   * unchanged. Not for a wake from hibernation: that state is meant to live
-   * until the next hibernation, and a cycle started at once spends its
-   * time sweeping the fresh string table (measured: 19% of a hibernate +
-   * wake cycle); a woken process that stays awake gets its first cycle at
-   * the usual 4x. */
-  if (p->wakes == 0)
-    lua_gc(L, LUA_GCRESTART, 0);
+   * then. It is not started at birth (lua_gc(LUA_GCRESTART) cost a spawn
+   * that runs and ends ~8% in useless GC steps), but when the process first
+   * goes idle (mb_lstate_settle), which also sets the next cycle at the
+   * usual pause (2x live). Measured: a chat user 43 -> 38 KB. */
   p->L = L;
   if (mb_sched_opts.slice_reds > 0)
     lua_sethook(L, mb_run_hook, LUA_MASKCOUNT, MB_HOOK_INSTRUCTIONS);

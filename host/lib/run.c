@@ -456,6 +456,8 @@ static void run(mb_sched_t *s, mb_proc_t *p)
       return;
     }
     if (why == MB_YIELD_WAIT) {
+      if (!p->settled && p->in_head == NULL)
+        mb_lstate_settle(p);   /* the first time it goes idle */
       mb_proc_lock(p);
       p->wait = p->pending_wait;
       int again = p->in_head != NULL || p->woken;
