@@ -155,7 +155,11 @@ typedef struct mb_proc {
    * decoded, the last few it dumped to send; anchored in the registry):
    * sending one again needs no lua_dump (copy.h mb_copy_code_of). Freed
    * with the state. */
-  struct { const void *fn; struct mb_code *code; int ref; } fncodes[MB_FNCODES];
+  struct mb_fncode {
+    const void *fn;
+    struct mb_code *code;
+    int ref;
+  } *fncodes;                  /* MB_FNCODES of them, allocated on first use */
   int nfncodes, fncode_next;
   mb_msg_t *boot_msg;          /* what boot decodes (spawn's function, args) */
   mb_msg_t *exit_reason;       /* set when the process must die */

@@ -860,8 +860,10 @@ void mb_lstate_close(mb_proc_t *p)
   lua_close(p->L);
   p->L = p->co = NULL;
   for (int i = 0; i < p->nfncodes; i++)
-    mb_code_unref(p->fncodes[i].code);
-  memset(p->fncodes, 0, sizeof p->fncodes);
+    if (p->fncodes[i].code)
+      mb_code_unref(p->fncodes[i].code);
+  mb_free(p->fncodes);
+  p->fncodes = NULL;
   p->nfncodes = p->fncode_next = 0;
   mb_free(p->costack);
   p->costack = NULL;

@@ -493,6 +493,8 @@ static void run(mb_sched_t *s, mb_proc_t *p)
  * when all MB_FNCODES are taken. */
 static void remember_code(mb_proc_t *p, lua_State *L, int idx, mb_code_t *code)
 {
+  if (p->fncodes == NULL)
+    p->fncodes = mb_calloc(MB_FNCODES, sizeof *p->fncodes);
   int i = p->nfncodes < MB_FNCODES ? p->nfncodes++ : p->fncode_next++ % MB_FNCODES;
   if (p->fncodes[i].code) {
     luaL_unref(L, LUA_REGISTRYINDEX, p->fncodes[i].ref);
