@@ -28,11 +28,17 @@ typedef struct mb_alloc {
  * allocation that would take `used` over `limit`, and sets `oom`. */
 void *mb_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize);
 
+/* Set the allocator up (mimalloc's options). Once, at start-up. */
+void mb_alloc_init(void);
+
 /* Serve blocks of exactly `block` bytes (LuaJIT's GG_State, the first
  * block of every state) from an arena of that size, so they cost no
  * allocator rounding. Once, at start-up; without it (or if the address
  * space cannot be had) every block comes from mimalloc. */
 void mb_alloc_state_arena(size_t block);
+/* Give the pages of closed states back to the system (see alloc.c). The
+ * main thread, every 100 ms. */
+void mb_alloc_trim(void);
 
 /* -- Host-wide accounting and running out of memory -----------------------
  * Every byte a process holds (its Lua heap, the messages queued for it, a

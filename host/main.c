@@ -464,6 +464,7 @@ int main(int argc, char **argv)
   }
   /* The subsystems, bottom up: each registers its hooks with the layers
    * below it (see host/LAYERS). */
+  mb_alloc_init();
   mb_alloc_reserve(MB_ALLOC_RESERVE);
   mb_term_init();
   mb_reg_init();

@@ -561,6 +561,7 @@ int mb_sched_wait(void)
     if (mb_sched_opts.watchdog_ms > 0)
       watchdog();
     memory_watch();
+    mb_alloc_trim();
     if (!mb_sched_halting())
       continue;
     uint64_t deadline = uv_hrtime() + (uint64_t)MB_HALT_GRACE_MS * 1000000;

@@ -3,7 +3,9 @@
 %%
 %% Args (key=value): port (TCP port, 0 = any free one), host (listen address,
 %% default 127.0.0.1), acceptors (processes calling gen_tcp:accept, default 4),
-%% nodelay (1: TCP_NODELAY on every connection, the default; 0: Nagle).
+%% nodelay (1: TCP_NODELAY on every connection, the default; 0: Nagle),
+%% hibernate_after (ms; a user or room with no message for that long calls
+%% erlang:hibernate/3, as gen_server's hibernate_after; 0, the default: never).
 %% Prints one line "listening port=<port> pid=<os pid>" when it accepts
 %% connections, then nothing per connection or message; it runs until killed.
 %%
@@ -21,7 +23,7 @@
 %% process per room that monitors its members, and a registry process that
 %% creates rooms (an ETS table maps a room's name to its pid for lookups).
 -module(chat).
--export([main/0, main/1]).
+-export([main/0, main/1, user/1, room/2]).
 
 main() -> main([]).
 
@@ -30,6 +32,8 @@ main(Args) ->
     Host = arg_str(Args, "host", "127.0.0.1"),
     NAcc = arg(Args, "acceptors", 4),
     NoDelay = arg(Args, "nodelay", 1) =:= 1,
+    Hib = arg(Args, "hibernate_after", 0),
+    persistent_term:put(chat_hibernate_after, case Hib of 0 -> infinity; _ -> Hib end),
     {ok, Ip} = inet:parse_address(Host),
     ets:new(chat_rooms, [named_table, public, set, {read_concurrency, true}]),
     Registry = spawn(fun registry/0),
@@ -84,6 +88,8 @@ user(U = #u{sock = S}) ->
             end;
         {tcp_closed, S} -> exit(normal);
         {tcp_error, S, _} -> exit(normal)
+    after persistent_term:get(chat_hibernate_after) ->
+        erlang:hibernate(?MODULE, user, [U])
     end.
 
 line(<<"/nick ", Nick/binary>>, U) when Nick =/= <<>> ->
@@ -189,6 +195,8 @@ room(Name, M) ->
             room(Name, M);
         {'DOWN', _, process, Pid, _} ->
             room(Name, gone(Name, Pid, M, false))
+    after persistent_term:get(chat_hibernate_after) ->
+        erlang:hibernate(?MODULE, room, [Name, M])
     end.
 
 gone(Name, Pid, M, Demonitor) ->

@@ -22,6 +22,12 @@
  *   connecting, once all joined, and at the end)
  *   interval=0 (if > 0: a line on stderr every interval seconds once sending
  *   started, with that interval's delivered/s and latency percentiles)
+ *   active=n (only users 0..active-1 send; the others stay connected, in
+ *   their rooms, silent: with active a multiple of room, their rooms carry
+ *   no traffic at all - the idle users of a big chat)
+ *   settle=0 (seconds to wait once all joined, before the settled figures
+ *   rss_settled_kb / kb_per_conn_settled are read and sending starts: time
+ *   for idle processes to hibernate)
  * Output (one line): chatload connections=<asked> held=<joined and still open
  *   at the end> joined=... join_s=... sent_per_s=... delivered_per_s=...
  *   expected_per_s=... p50_ms= p99_ms= max_ms= errors=<connect, read, write
@@ -64,6 +70,8 @@ typedef struct wreq {
 static const char *o_host = "127.0.0.1";
 static int o_port = 7000, o_n = 1000, o_room = 100, o_first = 0, o_pid = 0;
 static double o_duration = 10, o_warmup = 2, o_ramp = 2000, o_rate = 1, o_join_timeout = 120;
+static int o_active = -1;     /* senders: users 0..active-1 (-1: all) */
+static double o_settle = 0;
 
 static uv_loop_t *loop;
 static conn_t *conns;
@@ -75,7 +83,7 @@ static int opened, settled, joined_total;
 static int64_t t_start, t_joined, t_send0, t_measure0, t_measure1;
 static int measuring, sending;
 static uint64_t send_cursor;
-static long rss_before = -1, rss_joined = -1, rss_end = -1;
+static long rss_before = -1, rss_joined = -1, rss_settled = -1, rss_end = -1;
 static double cpu_measure0 = -1, cpu_measure1 = -1;
 
 /* counters */
@@ -351,10 +359,11 @@ static void on_ramp(uv_timer_t *t) {
 static void on_send(uv_timer_t *t) {
   (void)t;
   int64_t now = now_us();
-  uint64_t target = (uint64_t)((double)(now - t_send0) * o_n * o_rate / 1e6);
+  int senders = o_active >= 0 && o_active < o_n ? o_active : o_n;
+  uint64_t target = (uint64_t)((double)(now - t_send0) * senders * o_rate / 1e6);
   char msg[64];
   while (send_cursor < target) {
-    conn_t *c = &conns[send_cursor % (uint64_t)o_n];
+    conn_t *c = &conns[send_cursor % (uint64_t)senders];
     send_cursor++;
     if (c->state != ST_JOINED) continue;
     if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > 65536) { n_skipped++; continue; }
@@ -380,7 +389,8 @@ static void finish(void) {
          "p50_ms=%.3f p99_ms=%.3f max_ms=%.3f samples=%llu "
          "errors=%llu err_connect=%llu err_read=%llu err_write=%llu closed=%llu "
          "skipped=%llu bad_lines=%llu rss_before_kb=%ld rss_joined_kb=%ld rss_end_kb=%ld "
-         "kb_per_conn=%.2f kb_per_conn_end=%.2f server_cpu_pct=%.1f server_cpu_us_per_msg=%.2f\n",
+         "kb_per_conn=%.2f kb_per_conn_end=%.2f server_cpu_pct=%.1f server_cpu_us_per_msg=%.2f "
+         "rss_settled_kb=%ld kb_per_conn_settled=%.3f\n",
          o_n, held, joined_total, (t_joined - t_start) / 1e6, win,
          n_sent_win / win, n_delivered_win / win, n_expected_win / win,
          percentile_ms(&hist, 0.50), percentile_ms(&hist, 0.99), hist.max / 1000.0,
@@ -391,7 +401,9 @@ static void finish(void) {
          rss_before, rss_joined, rss_end,
          joined_total && rss_joined >= 0 ? (double)(rss_joined - rss_before) / joined_total : -1.0,
          joined_total && rss_end >= 0 ? (double)(rss_end - rss_before) / joined_total : -1.0,
-         cpu_pct, cpu_pct >= 0 && n_delivered_win ? (cpu_measure1 - cpu_measure0) * 1e6 / n_delivered_win : -1.0);
+         cpu_pct, cpu_pct >= 0 && n_delivered_win ? (cpu_measure1 - cpu_measure0) * 1e6 / n_delivered_win : -1.0,
+         rss_settled,
+         joined_total && rss_settled >= 0 ? (double)(rss_settled - rss_before) / joined_total : -1.0);
   fflush(stdout);
   _exit(0); /* no orderly close of thousands of sockets; the kernel does it */
 }
@@ -415,11 +427,30 @@ static void on_phase(uv_timer_t *t) {
   }
 }
 
+static void start_sending(void);
+static uv_timer_t settle_timer;
+
+static void on_settled(uv_timer_t *t) {
+  (void)t;
+  start_sending();
+}
+
 static void all_settled(void) {
   sending = 1;
   t_joined = now_us();
   rss_joined = read_rss_kb(o_pid);
   uv_timer_stop(&ramp_timer);
+  uv_timer_stop(&phase_timer);
+  if (o_settle > 0) {
+    uv_timer_init(loop, &settle_timer);
+    uv_timer_start(&settle_timer, on_settled, (uint64_t)(o_settle * 1000), 0);
+  } else {
+    start_sending();
+  }
+}
+
+static void start_sending(void) {
+  rss_settled = read_rss_kb(o_pid);
   t_send0 = now_us();
   uv_timer_start(&send_timer, on_send, 1, 1);
   if (o_interval > 0) {
@@ -439,7 +470,8 @@ static void all_settled(void) {
 static void usage(void) {
   fprintf(stderr, "usage: chatload [host=127.0.0.1] [port=7000] [n=1000] [room=100] "
                   "[duration=10] [warmup=2] [ramp=2000] [rate=1] [first=0] "
-                  "[join_timeout=120] [pid=<server pid>] [interval=<s>]\n");
+                  "[join_timeout=120] [pid=<server pid>] [interval=<s>] [active=<n>] "
+                  "[settle=<s>]\n");
   exit(2);
 }
 
@@ -461,6 +493,8 @@ int main(int argc, char **argv) {
     else if (!strcmp(k, "rate")) o_rate = atof(v);
     else if (!strcmp(k, "join_timeout")) o_join_timeout = atof(v);
     else if (!strcmp(k, "interval")) o_interval = atof(v);
+    else if (!strcmp(k, "active")) o_active = atoi(v);
+    else if (!strcmp(k, "settle")) o_settle = atof(v);
     else usage();
   }
   if (o_n <= 0 || o_room <= 0 || o_duration <= 0 || o_ramp <= 0 || o_rate <= 0) usage();
