@@ -170,6 +170,22 @@ describe("moonbeam.http_parser", function()
     assert.are.equal("head done", types(ev))
   end)
 
+  it("reports a message cut short by finish() as an error, consuming nothing", function()
+    -- Found by fuzzing (spec/fuzz/http): finish() returned 1 consumed byte.
+    for _, kind in ipairs({ "request", "response" }) do
+      local p = hp.new({ type = kind })
+      local n, ev = p:feed(kind == "request" and "GET / HTTP/1.1\r\nHost: h\r\nServ"
+                           or "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nServ")
+      assert.are.equal(0, #ev)
+      assert.is_true(n > 0)
+      n, ev = p:finish()
+      assert.are.equal(0, n)
+      assert.are.equal("error", types(ev))
+      assert.are.equal("HPE_INVALID_EOF_STATE", ev[1].name)
+      assert.are.equal(400, ev[1].status)
+    end
+  end)
+
   it("gives the reason phrase of a status code", function()
     assert.are.equal("Not Found", hp.reason(404))
     assert.are.equal("OK", hp.reason(200))

@@ -409,6 +409,11 @@ static int run(lua_State *L, hp_t *h, const char *data, size_t n)
     push_event(h);
   } else {
     used = http_parser_execute(&h->p, &settings, data, n);
+    /* At the end of the stream (n == 0) inside a message, http-parser
+     * reports HPE_INVALID_EOF_STATE and returns 1, a byte it was never
+     * given: finish() consumes nothing. */
+    if (used > n)
+      used = n;
     if (HTTP_PARSER_ERRNO(&h->p) != HPE_OK) {
       h->stopped = 1;
       push_error(h);
