@@ -417,9 +417,12 @@ static int run(lua_State *L, hp_t *h, const char *data, size_t n)
     if (HTTP_PARSER_ERRNO(&h->p) != HPE_OK) {
       h->stopped = 1;
       push_error(h);
-    } else if (h->p.upgrade) {
+    } else if (h->p.upgrade && !h->in_message) {
       /* The connection now speaks another protocol for the rest of its
-       * life: the head buffers are of no further use. */
+       * life: the head buffers are of no further use. http-parser sets
+       * upgrade with the head but reads a body the head announces first
+       * (Content-Length on an upgrade request or a 101): the switch comes
+       * when that message is complete, not when a read ends inside it. */
       h->stopped = 2;
       mb_free(h->buf);
       mb_free(h->hdrs);
