@@ -40,7 +40,10 @@ typedef struct {
   int echo, close_in_msg, free_in_msg, fail_out;
   int nclosed, code;
   int out_closed;         /* a close frame went out */
-  fuzz_buf_t rec;         /* messages, closed() and frames out, in order */
+  fuzz_buf_t rec;         /* messages and closed(), in order */
+  fuzz_buf_t wire;        /* the frames given to out(), unmasked, in order
+                           * (apart from rec: out() gets the frames of a
+                           * whole feed at its end, after its messages) */
 } run_t;
 
 /* Check the frames of one out() call and record them unmasked. */
@@ -71,11 +74,11 @@ static void check_out(run_t *r, const uint8_t *b, size_t n)
     FUZZ_CHECK(n - i >= len, "a frame of %llu bytes cut at %zu", (unsigned long long)len, n - i);
     if (op & 8)
       FUZZ_CHECK(fin && len <= 125, "control frame fin %d len %llu", fin, (unsigned long long)len);
-    fuzz_putf(&r->rec, "\nO%lld", op | fin << 4);
-    fuzz_putf(&r->rec, ":%lld:", (long long)len);
+    fuzz_putf(&r->wire, "\nO%lld", op | fin << 4);
+    fuzz_putf(&r->wire, ":%lld:", (long long)len);
     for (size_t k = 0; k < len; k++) {
       uint8_t c = b[i + k] ^ key[k % 4];
-      fuzz_put(&r->rec, &c, 1);
+      fuzz_put(&r->wire, &c, 1);
     }
     i += len;
     if (op == OP_CLOSE)
@@ -193,14 +196,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *in, size_t size)
   if (head[1] == 0) {
     size_t whole[4] = {0, n, n, n};
     run(&a, head[0], 0, data, whole);
-    if (!fuzz_same(&a.rec, &b.rec)) {
+    if (!fuzz_same(&a.rec, &b.rec) || !fuzz_same(&a.wire, &b.wire)) {
       fuzz_dump("whole", &a.rec);
+      fuzz_dump("whole, out", &a.wire);
       fprintf(stderr, "--- cut at %zu, %zu\n", cut[1], cut[2]);
       fuzz_dump("cut", &b.rec);
+      fuzz_dump("cut, out", &b.wire);
       FUZZ_CHECK(0, "what the peer's bytes do depends on where they were cut");
     }
     free(a.rec.p);
+    free(a.wire.p);
   }
   free(b.rec.p);
+  free(b.wire.p);
   return 0;
 }
