@@ -153,7 +153,9 @@ static void check_head(int t, const opts_t *o, int response, fuzz_buf_t *rec)
   fuzz_putf(rec, "%lld", field_bool(t, "chunked"));
   double cl = field_num(t, "content_length", 1);
   FUZZ_CHECK(cl == -1 || cl >= 0, "content_length %g", cl);
-  fuzz_putf(rec, "|%lld", (long long)cl);
+  char num[40];
+  snprintf(num, sizeof num, "|%.17g", cl);   /* may be above 2^63 */
+  fuzz_puts(rec, num);
 }
 
 /* Per run: the type of the last recorded event, so that body (and upgrade)
