@@ -9,8 +9,9 @@
 #include "alloc.h"
 #include "ws.h"
 
-/* The most the tracker holds back: a whole close frame (2-byte header, mask
- * key, 125 bytes of payload), which is longer than any header (2 + 8 + 4). */
+/* The most the tracker holds back: a whole close or ping frame (2-byte
+ * header, mask key, 125 bytes of payload), which is longer than any header
+ * (2 + 8 + 4). */
 #define HOLD_MAX (2 + 4 + 125)
 
 /* The output buffer is kept between calls up to this size, so that small
@@ -127,6 +128,18 @@ static int opcode(const uint8_t *h) { return h[0] & 0x0f; }
 static int len7(const uint8_t *h) { return h[1] & 0x7f; }
 static int is_close(const uint8_t *h) { return opcode(h) == WSLAY_CONNECTION_CLOSE; }
 
+/* Frames the tracker passes to wslay whole and alone. A close frame, so that
+ * wslay reads its reason as one chunk (see ws.h). A ping, so that its pong
+ * is framed (push) before wslay parses anything after it: wslay sends a
+ * queued close before a queued pong and nothing after a close, so a ping
+ * and a later frame that wslay refuses, parsed in one call, would lose the
+ * pong, and whether they were in one call would depend on where the reads
+ * cut the stream. */
+static int is_whole(const uint8_t *h)
+{
+  return is_close(h) || opcode(h) == WSLAY_PING;
+}
+
 /* What is wrong with a frame, from its first 2 bytes, among what wslay would
  * fail with a code-less close or accept; NULL if nothing. */
 static const char *check_start(const uint8_t *h)
@@ -143,11 +156,12 @@ static const char *check_start(const uint8_t *h)
 }
 
 /* The bytes the tracker passes on in one piece: the header, or the whole
- * frame for a close frame. Only for a start that passed check_start. */
+ * frame for a close frame or ping. Only for a start that passed
+ * check_start (so a whole frame is at most HOLD_MAX bytes). */
 static size_t unit_len(const uint8_t *h)
 {
   size_t n = 2 + (len7(h) == 126 ? 2 : len7(h) == 127 ? 8 : 0) + (h[1] & 0x80 ? 4 : 0);
-  return is_close(h) ? n + (size_t)len7(h) : n;
+  return is_whole(h) ? n + (size_t)len7(h) : n;
 }
 
 static uint64_t payload_len(const uint8_t *h)
@@ -207,8 +221,8 @@ static void push(mb_ws_t *ws, const uint8_t *p, size_t n)
   }
   /* Frame the replies now: wslay sends a queued close before a queued pong
    * and nothing after the close, so a ping followed by a close in the same
-   * push would go unanswered. Close frames are pushed alone, so this keeps
-   * the output the same however the input was cut. */
+   * push would go unanswered. Close frames and pings are pushed alone, so
+   * this keeps the output the same however the input was cut. */
   frame_queued(ws);
 }
 
@@ -225,9 +239,9 @@ static void fail(mb_ws_t *ws, const char *why)
 }
 
 /* Feed data to wslay through the tracker. Bytes pass in place in runs; a
- * run ends before each close frame (which goes alone, so that wslay reads
- * its payload as one chunk) and before a header or close frame cut by the
- * end of data, which is held back and completed by the next call. */
+ * run ends before each close frame or ping (which goes alone: is_whole) and
+ * before a header, close frame or ping cut by the end of data, which is
+ * held back and completed by the next call. */
 static void track(mb_ws_t *ws, const uint8_t *data, size_t len)
 {
   size_t i = 0, run = 0;
@@ -248,7 +262,7 @@ static void track(mb_ws_t *ws, const uint8_t *data, size_t len)
         return;
       }
       size_t u = unit_len(p);
-      if (is_close(p)) {
+      if (is_whole(p)) {
         push(ws, data + run, i - run);
         push(ws, p, u);
         run = i + u;
@@ -284,7 +298,7 @@ static void track(mb_ws_t *ws, const uint8_t *data, size_t len)
       fail(ws, why);
       return;
     }
-    ws->payload_left = is_close(ws->hold) ? 0 : payload_len(ws->hold);
+    ws->payload_left = is_whole(ws->hold) ? 0 : payload_len(ws->hold);
     size_t n = ws->holdlen;
     ws->holdlen = 0;
     push(ws, ws->hold, n);

@@ -11,7 +11,7 @@
  * wslay's event API does the framing: unmasking, reassembly of fragmented
  * messages, UTF-8 checking of text, automatic pongs and close replies. We
  * put a small frame-header tracker in front of it because wslay 1.1.1 gets
- * three things wrong that we must get right:
+ * four things wrong that we must get right:
  *   - frame-level errors (a fragmented or over-long control frame, a length
  *     not in its shortest form) make it send a close frame WITHOUT a status
  *     code and fail the whole receive call; the tracker sees those headers
@@ -21,9 +21,15 @@
  *     reads could be refused (1007) or let through unchecked; the tracker
  *     therefore hands wslay each close frame whole, in one piece;
  *   - it takes a close frame with a 1-byte payload as "no status code"; the
- *     tracker closes with 1002 instead.
+ *     tracker closes with 1002 instead;
+ *   - it sends a queued close before a queued pong and nothing after it, so
+ *     a ping followed, in one receive call, by a frame it refuses went
+ *     unanswered, or answered if a read happened to end between the two;
+ *     the tracker hands wslay each ping whole and alone too, and the pong
+ *     is framed before anything after the ping is parsed.
+ * So the frames sent back never depend on where the reads cut the stream.
  * The tracker only reads headers and skips payloads, so it costs a few
- * comparisons per frame; it copies at most one header or one close frame
+ * comparisons per frame; it copies at most one header, close frame or ping
  * (at most 131 bytes) when a read ends inside one.
  *
  * Memory: wslay buffers a whole incoming message (reassembly) and allocates

@@ -109,6 +109,30 @@ describe("moonbeam.http_parser", function()
     assert.are.equal("more", ev[1].rest)
   end)
 
+  it("reads the body of an upgrade request before upgrading, wherever the reads end", function()
+    -- Found by fuzzing (spec/fuzz/http): a read ending after the head
+    -- upgraded at once and handed the body back as the new protocol's bytes.
+    local req = "GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" ..
+                "Content-Length: 5\r\n\r\nhello"
+    local cut = #req - 5
+    for _, pieces in ipairs({ { req .. "NEXT" }, { req:sub(1, cut), req:sub(cut + 1) .. "NEXT" },
+                              { req:sub(1, cut), "he", "llo", "NEXT" } }) do
+      local all, used = feed_all(hp.new(), pieces)
+      -- Bodies and the bytes after the upgrade may come in several events.
+      local kinds, rest = {}, {}
+      for _, e in ipairs(all) do
+        if e.type ~= kinds[#kinds] or (e.type ~= "body" and e.type ~= "upgrade") then
+          kinds[#kinds + 1] = e.type
+        end
+        if e.type == "upgrade" then rest[#rest + 1] = e.rest end
+      end
+      assert.are.equal("head body done upgrade", table.concat(kinds, " "))
+      assert.are.equal("hello", body_of(all))
+      assert.are.equal("NEXT", table.concat(rest))
+      assert.are.equal(#req, used)
+    end
+  end)
+
   it("reports malformed requests as an error event with status 400", function()
     local p = hp.new()
     local _, ev = p:feed("GET / HTTP/1.1\r\nHost: h\r\n\r\nBLAH\1 / HTTP/1.1\r\n\r\n")
@@ -305,6 +329,22 @@ describe("moonbeam.http_parser", function()
       end
       assert.are.same({ "/a", "/b", "/c" }, urls)
       assert.are.same({ "abc", "\r\n\r\n", "" }, bodies)
+    end
+  end)
+
+  it("reports a message cut short by finish() as an error, consuming nothing", function()
+    -- Found by fuzzing (spec/fuzz/http): finish() returned 1 consumed byte.
+    for _, kind in ipairs({ "request", "response" }) do
+      local p = hp.new({ type = kind })
+      local n, ev = p:feed(kind == "request" and "GET / HTTP/1.1\r\nHost: h\r\nServ"
+                           or "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nServ")
+      assert.are.equal(0, #ev)
+      assert.is_true(n > 0)
+      n, ev = p:finish()
+      assert.are.equal(0, n)
+      assert.are.equal("error", types(ev))
+      assert.are.equal("HPE_INVALID_EOF_STATE", ev[1].name)
+      assert.are.equal(400, ev[1].status)
     end
   end)
 

@@ -550,9 +550,13 @@ static int run(lua_State *L, hp_t *h, const char *data, size_t n)
           push_error(h);
           break;
         }
-        if (h->p.upgrade) {
+        if (h->p.upgrade && !h->in_message) {
           /* The connection now speaks another protocol for the rest of its
-           * life: the head buffers are of no further use. */
+           * life: the head buffers are of no further use. http-parser sets
+           * upgrade with the head but reads a body the head announces
+           * first (Content-Length on an upgrade request or a 101): the
+           * switch comes when that message is complete, not when a read
+           * ends inside it. */
           h->stopped = 2;
           mb_free(h->buf);
           mb_free(h->hdrs);

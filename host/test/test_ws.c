@@ -615,6 +615,28 @@ static void test_splits(void)
     done_with();
   }
   check(bad == 0, "a close frame with a UTF-8 reason, cut at every offset");
+
+  /* A ping followed by a frame that wslay itself refuses (RSV1 set): the
+   * pong goes out before the close 1002 wherever the stream is cut. Found
+   * by fuzzing (spec/fuzz/ws): fed whole, wslay queued the pong and the
+   * close in one call and sent only the close. */
+  c.n = 0;
+  frame(&c, 1, OP_PING, "p!", 2);
+  raw_frame(&c, 0xc1, 1, 0, "hi", 2);
+  bad = 0;
+  for (size_t cut = 0; cut < c.n; cut++) {
+    fresh(0, 0);
+    mb_ws_feed(R.ws, c.p, cut);
+    mb_ws_feed(R.ws, c.p + cut, c.n - cut);
+    size_t pos = 0;
+    bool ok = parse(R.out.p, R.out.n, &pos) && W.op == OP_PONG && W.len == 2 &&
+              parse(R.out.p, R.out.n, &pos) && W.op == OP_CLOSE && pos == R.out.n &&
+              R.nclosed == 1 && R.code == 1002;
+    if (!ok && bad++ < 3)
+      printf("     (cut at %zu: %zu bytes out, code %d)\n", cut, R.out.n, R.code);
+    done_with();
+  }
+  check(bad == 0, "a ping before a frame wslay refuses is answered, cut at every offset");
   free(c.p);
   free(wantout.p);
   free(b.p);
@@ -689,16 +711,17 @@ static void test_callbacks(void)
   fresh(0, 0);
   R.echo = 1;
   text(&b, "a");
-  text(&b, "b");
   frame(&b, 1, OP_PING, "", 0);
+  text(&b, "b");
   int rc = feed(&b);
   size_t pos = 0;
   bool ok = rc == 0 && R.send_rc == 0 && R.outcalls == 1;
-  /* wslay sends queued control frames before queued messages. */
-  ok = ok && parse(R.out.p, R.out.n, &pos) && W.op == OP_PONG;
+  /* A ping goes to wslay alone (ws.c, is_whole), so its pong is framed
+   * after what was queued before it and before what is queued after it. */
   ok = ok && parse(R.out.p, R.out.n, &pos) && W.op == OP_TEXT && W.len == 1 && W.payload[0] == 'a';
+  ok = ok && parse(R.out.p, R.out.n, &pos) && W.op == OP_PONG;
   ok = ok && parse(R.out.p, R.out.n, &pos) && W.op == OP_TEXT && W.payload[0] == 'b' && pos == R.out.n;
-  check(ok, "messages sent from message() go out in order (the pong first), in one out() call");
+  check(ok, "messages sent from message() and the pong go out in stream order, in one out() call");
   done_with();
 
   /* Closing from inside message(). */
