@@ -36,7 +36,7 @@ enum {
   OP_SEND_SENDER = 22, OP_UNLINK_ID = 35, OP_UNLINK_ID_ACK = 36
 };
 #define PASS_THROUGH 112
-#define DFLAG_DIST_MONITOR_NAME 0x40
+#define DFLAG_DIST_MONITOR_NAME 0x20   /* erts dist.h (0x40 is DFLAG_HIDDEN_ATOM_CACHE) */
 
 /* -- State ------------------------------------------------------------------- */
 
@@ -411,7 +411,8 @@ static void conn_down(conn_t *c, const char *why)
     mb_proc_send(out.v[i].local, m);
   }
   for (uint32_t i = 0; i < in.n; i++)
-    mb_proc_unwatch_remote(in.v[i].local, in.v[i].ref);
+    if (in.v[i].local)
+      mb_proc_unwatch_remote(in.v[i].local, in.v[i].ref);
   for (uint32_t i = 0; i < nm.n; i++) {
     mb_msgb_t b;
     mb_msgb_init(&b, 64);
@@ -628,6 +629,14 @@ static mb_pid_t proc_or_name(const char *data, int *i, uint32_t *name, int *bad)
   return mb_id_is_remote(pid) ? 0 : pid;
 }
 
+/* Is atom name "net_kernel"? */
+static int is_net_kernel(uint32_t name)
+{
+  size_t n;
+  const char *s = name ? mb_atom_name(name, &n) : NULL;
+  return s && strcmp(s, "net_kernel") == 0;
+}
+
 /* net_adm:ping(Node) calls net_kernel on Node with {is_auth, Peer}: a
  * connection that exists passed the cookie check, so the answer is yes,
  * which we give here when no process of ours is registered as net_kernel.
@@ -805,11 +814,18 @@ static int handle_frame(conn_t *c, const char *data, long len)
       pthread_mutex_lock(&lock);
       int found = pairs_del(&c->mon_in, 0, 0, ref, &p);
       pthread_mutex_unlock(&lock);
-      if (found)
+      if (found && p.local)
         mb_proc_unwatch_remote(p.local, ref);
       return cend == len ? 0 : -1;
     }
-    if (to && mb_proc_watch_remote(to, from, ref) == 0) {
+    if (to == 0 && is_net_kernel(name)) {
+      /* gen:call monitors {net_kernel, Node} before asking is_auth (ping);
+       * the net_kernel we answer for (answer_net_kernel) never dies. */
+      pthread_mutex_lock(&lock);
+      if (c->state != C_DOWN)
+        pairs_add(&c->mon_in, 0, from, ref, name);
+      pthread_mutex_unlock(&lock);
+    } else if (to && mb_proc_watch_remote(to, from, ref) == 0) {
       pthread_mutex_lock(&lock);
       if (c->state != C_DOWN)
         pairs_add(&c->mon_in, to, from, ref, name);

@@ -16,11 +16,13 @@
  * message (etf.h translates terms).
  *
  * Capabilities: ei's handshake offers DFLAG_DIST_MONITOR but not
- * DFLAG_DIST_MONITOR_NAME, without which an Erlang node never sends
- * MONITOR_P_EXIT (its monitors of our processes would only ever fire on
- * disconnection). Our socket callbacks (ei_connect_init_ussi) add that one
- * flag to the handshake's name and challenge packets; we then handle
- * MONITOR_P, DEMONITOR_P and MONITOR_P_EXIT, by pid and by name.
+ * DFLAG_DIST_MONITOR_NAME (0x20), and an Erlang node sends MONITOR_P (and
+ * so MONITOR_P_EXIT) only to a peer whose flags, as both sides agreed them
+ * (the AND of the two offers), hold both: without it, erlang:monitor of one
+ * of our processes only watches the connection. Our socket callbacks
+ * (ei_connect_init_ussi) add that flag to the handshake's name and
+ * challenge packets; we then handle MONITOR_P, DEMONITOR_P and
+ * MONITOR_P_EXIT, by pid and by name.
  *
  * What crosses: sends (SEND, REG_SEND), links (LINK, UNLINK_ID, EXIT),
  * exit signals (EXIT2), monitors. Each connection keeps, under the table's

@@ -375,12 +375,58 @@ describe("distribution", function()
       assert.is_true(S.has(out, "EXIT\terl_reason\ttrue"), out)
     end)
 
-    -- Known gap: OTP 25 sends no MONITOR_P/MONITOR_P_EXIT to our node
-    -- although the handshake offers DFLAG_DIST_MONITOR_NAME (dist.h), so
-    -- monitors between Erlang and Moonbeam processes fire only on
-    -- disconnection ("noconnection"), tested below. Between Moonbeam nodes
-    -- they work (last describe).
-    pending("monitors between Erlang and Moonbeam processes fire when the process exits")
+    it("monitors between Erlang and Moonbeam processes fire when the process exits", function()
+      local name = uniq("mb")
+      local node = name .. "@" .. HOST
+      local e = erl(string.format([[
+        Node = '%s',
+        register(ctl, self()),
+        receive {lua, LuaPid} -> ok end,
+        %% Erlang monitors a Lua process by pid and one by name; both exit.
+        R1 = erlang:monitor(process, LuaPid),
+        R2 = erlang:monitor(process, {named, Node}),
+        %% A monitor of a name nobody has: noproc at once.
+        R3 = erlang:monitor(process, {nobody, Node}),
+        receive {'DOWN', R3, process, _, N3} -> io:format("down3 ~p~n", [N3]) after 5000 -> io:format("no down3~n") end,
+        %% A monitor taken off before the process exits never fires.
+        R4 = erlang:monitor(process, LuaPid),
+        true = erlang:demonitor(R4),
+        LuaPid ! go,
+        {named, Node} ! go,
+        receive {'DOWN', R1, process, LuaPid, X1} -> io:format("down1 ~p~n", [X1]) after 5000 -> io:format("no down1~n") end,
+        receive {'DOWN', R2, process, {named, Node}, X2} -> io:format("down2 ~p~n", [X2]) after 5000 -> io:format("no down2~n") end,
+        receive {'DOWN', R4, _, _, _} -> io:format("down4~n") after 300 -> io:format("no down4~n") end,
+        %% Erlang processes the Lua side monitors: one exits, one is demonitored.
+        V = spawn(fun() -> receive die -> exit(erl_reason) end end),
+        W = spawn(fun() -> receive die -> exit(other) end end),
+        {watcher, Node} ! {victims, V, W},
+        receive ready -> V ! die, W ! die end,
+        receive stop -> halt() end.]], node))
+      local code, out, err = moonbeam([[
+        local e = arg[1]
+        mb.register("watcher")
+        local p = mb.spawn(function() mb.receive(15000) mb.exit("lua_reason") end)
+        mb.spawn(function() mb.register("named") mb.receive(15000) mb.exit("named_reason") end)
+        mb.send({"ctl", e}, mb.tuple(mb.atom("lua"), p))
+        local v = mb.receive(function(m) return mb.is_tuple(m) end, 25000)
+        local r1 = mb.monitor(v[2])
+        local r2 = mb.monitor(v[3])
+        print("demonitor", mb.demonitor(r2))
+        mb.send({"ctl", e}, mb.atom("ready"))
+        local d = mb.receive(function(m) return type(m) == "table" and m.event == "DOWN" end, 5000)
+        print("DOWN", d and d.reason, d and d.ref == r1, d and d.pid == v[2])
+        print("more", mb.receive(function(m) return type(m) == "table" and m.event == "DOWN" end, 300))
+        mb.send({"ctl", e}, mb.atom("stop"))
+      ]], { name = name, args = S.q(e.name) })
+      assert.equal(0, code, err)
+      local o = await_output(e, "down2")
+      assert.is_true(S.has(o, "down3 noproc"), o)
+      assert.is_true(S.has(o, "down1 lua_reason"), o)
+      assert.is_true(S.has(o, "down2 named_reason"), o)
+      assert.is_true(S.has(await_output(e, "down4"), "no down4"), output(e))
+      assert.is_true(S.has(out, "DOWN\terl_reason\ttrue\ttrue"), out)
+      assert.is_true(S.has(out, "more\tnil"), out)
+    end)
 
     it("mb.exit on a remote pid sends an exit signal", function()
       local e = erl([[
