@@ -48,6 +48,12 @@ int mb_etf_put_pid(char *buf, int *idx, mb_pid_t pid)
     mb_rpid_t r;
     if (mb_remote_pid_get(pid, &r) < 0)
       return MB_EBADARG;
+    if (r.name) {
+      /* A name's id (remote.h) is the {Name, Node} Erlang uses for it. */
+      if (ei_encode_tuple_header(buf, idx, 2) < 0 || mb_etf_put_atom(buf, idx, r.name) < 0)
+        return MB_EBADARG;
+      return mb_etf_put_atom(buf, idx, r.node);
+    }
     snprintf(p.node, sizeof p.node, "%s", node_name(r.node));
     p.num = r.num;
     p.serial = r.serial;
@@ -130,7 +136,7 @@ int mb_etf_get_pid(const char *buf, int *idx, mb_pid_t *out)
   erlang_pid p;
   if (ei_decode_pid(buf, idx, &p) < 0)
     return MB_ETF_MALFORMED;
-  mb_rpid_t r;
+  mb_rpid_t r = {0};
   int rc = node_atom(p.node, &r.node);
   if (rc < 0)
     return rc;

@@ -114,6 +114,18 @@ int mb_remote_pid_get(mb_pid_t id, mb_rpid_t *out)
   return get(&pids, id, out);
 }
 
+int64_t mb_remote_name(uint32_t node, uint32_t name)
+{
+  mb_rpid_t k = {.node = node, .name = name};
+  return mb_remote_pid(&k);
+}
+
+uint32_t mb_remote_name_of(mb_pid_t id)
+{
+  mb_rpid_t p;
+  return mb_remote_pid_get(id, &p) == 0 ? p.name : 0;
+}
+
 int64_t mb_remote_ref(const mb_rref_t *r)
 {
   mb_rref_t k;

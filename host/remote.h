@@ -27,6 +27,8 @@
 typedef struct mb_rpid {
   uint32_t node;                     /* atom */
   uint32_t num, serial, creation;
+  uint32_t name;                     /* a name's entry (below): the name
+                                        (atom), num, serial, creation 0 */
 } mb_rpid_t;
 
 typedef struct mb_rref {
@@ -43,6 +45,15 @@ int mb_remote_pid_get(mb_pid_t id, mb_rpid_t *out);
 
 int64_t mb_remote_ref(const mb_rref_t *r);
 int mb_remote_ref_get(mb_ref_t id, mb_rref_t *out);
+
+/* A registered name on a node as a pid-like id: the target of a monitor
+ * by name (mb.monitor({name, node})), which names no process, so that the
+ * process's monitor set can hold it like a remote pid. The DOWN of such a
+ * monitor carries it, it prints as {name, node} and a send to it is a send
+ * to the name. Interned in the pid table: > 0, or MB_ETOOMANY. */
+int64_t mb_remote_name(uint32_t node, uint32_t name);
+/* The name (atom) of a name's id, or 0 for anything else. */
+uint32_t mb_remote_name_of(mb_pid_t id);
 
 /* The node atom of a remote pid or ref id, or 0. */
 uint32_t mb_remote_node(uint64_t id);

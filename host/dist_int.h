@@ -1,0 +1,107 @@
+/* dist_int.h: what the two halves of the distribution layer share - the
+ * connection record and table (dist.c) and the handshakes and start-up
+ * (dist_start.c). Internal to them; see dist.h for the design.
+ *
+ * Locks: dist_lock guards the table and every field of a conn marked
+ * "under lock"; it is taken before any process lock, never after.
+ */
+#ifndef MB_DIST_INT_H
+#define MB_DIST_INT_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+
+#include "dist.h"
+#include "ei.h"
+#include "scheduler.h"
+
+/* Capability flags of the handshake (erts dist.h) that we add to ei's
+ * offer (see dist.h, "Capabilities"). */
+#define DFLAG_DIST_MONITOR 0x08ull
+#define DFLAG_DIST_MONITOR_NAME 0x20ull   /* (0x40 is DFLAG_HIDDEN_ATOM_CACHE) */
+#define DFLAG_ALIAS (1ull << 35)
+
+typedef struct pair {
+  mb_pid_t local, remote;
+  uint64_t ref;          /* monitors: the watcher's ref */
+  uint32_t name;         /* monitors in by name: the name (atom) */
+} pair_t;
+
+typedef struct pairs {
+  pair_t *v;
+  uint32_t n, cap;
+} pairs_t;
+
+typedef struct frame {
+  struct frame *next;
+  size_t len;
+  char data[];
+} frame_t;
+
+typedef struct waiter {
+  struct waiter *next;
+  mb_pid_t pid;
+  uint32_t seq;
+} waiter_t;
+
+enum { C_CONNECTING, C_UP, C_DOWN };
+
+typedef struct conn {
+  uint32_t node;
+  atomic_int refs;
+  uv_work_t work;
+  int fd;                      /* connect_work's result */
+  uint64_t peer_flags;         /* the peer's offer, from its handshake */
+  /* -- under lock -- */
+  int state;
+  mb_sched_t *sched;           /* the loop holding the socket, once up */
+  uint64_t flags;              /* the peer's capabilities, once up */
+  frame_t *pend_head, **pend_tail;
+  size_t pend_bytes;           /* queued while connecting, and in writes */
+  pairs_t links;               /* local <-> remote links */
+  pairs_t mon_out;             /* local watches remote: local, remote, ref */
+  pairs_t mon_in;              /* remote watches local: local, remote, ref, name */
+  pairs_t node_mon;            /* local pids monitoring the node */
+  waiter_t *waiters;           /* mb.connect_node callers */
+  /* -- loop thread -- */
+  uv_tcp_t tcp;
+  uv_timer_t tick;
+  int open;                    /* handles initialised */
+  char *rbuf;
+  size_t rlen, rcap;
+  uint64_t last_recv, last_send;
+} conn_t;
+
+/* State set once by mb_dist_start (dist_start.c) before any scheduler runs. */
+extern pthread_mutex_t dist_lock;
+extern ei_cnode dist_ec;
+extern uint32_t dist_self_atom;
+extern int dist_running;
+
+/* "=DIST REPORT==== node: ..." on stderr. Any thread. */
+void dist_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* The name of a node atom (or "?"). */
+const char *dist_node_text(uint32_t atom);
+
+/* dist.c: the table (dist_lock held): the live connection of node or NULL;
+ * a new connecting one for node with refs references (the table's among
+ * them), not yet connecting. */
+conn_t *dist_find(uint32_t node);
+conn_t *dist_table_add(uint32_t node, int refs);
+/* dist.c: the handshake on fd to c->node is done (flags: the peer's offer):
+ * run the connection on scheduler s, the calling thread's. */
+void dist_conn_up(conn_t *c, mb_sched_t *s, int fd, uint64_t flags);
+/* dist.c: the connection is gone (why: logged if it was up). */
+void dist_conn_down(conn_t *c, const char *why);
+void dist_conn_unref(conn_t *c);
+/* dist.c: at shutdown, close h if it is a connection's handle; 1 if so. */
+int dist_close_handle(uv_handle_t *h);
+/* dist.c: install the hooks of proc.h and pid.h. */
+void dist_install_hooks(void);
+
+/* dist_start.c: start the handshake of connection c (posted to a
+ * scheduler's loop: arg is c, holding a reference for the work). */
+void dist_start_connect(void *arg);
+
+#endif
