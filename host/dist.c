@@ -22,7 +22,8 @@
 enum {
   OP_LINK = 1, OP_SEND = 2, OP_EXIT = 3, OP_UNLINK = 4, OP_REG_SEND = 6,
   OP_EXIT2 = 8, OP_MONITOR_P = 19, OP_DEMONITOR_P = 20, OP_MONITOR_P_EXIT = 21,
-  OP_SEND_SENDER = 22, OP_UNLINK_ID = 35, OP_UNLINK_ID_ACK = 36
+  OP_SEND_SENDER = 22, OP_ALIAS_SEND = 33, OP_ALIAS_SEND_TT = 34, OP_UNLINK_ID = 35,
+  OP_UNLINK_ID_ACK = 36
 };
 #define PASS_THROUGH 112
 
@@ -188,11 +189,20 @@ static int put_ctl(char *buf, int *idx, const ctl_t *c)
     rc |= mb_etf_put_pid(buf, idx, c->to);
     break;
   case OP_MONITOR_P:
-  case OP_DEMONITOR_P:
+  case OP_DEMONITOR_P: {
+    /* The target: a pid, or the name of a name's id (remote.h). */
+    uint32_t name = mb_remote_name_of(c->to);
     rc |= ei_encode_tuple_header(buf, idx, 4);
     rc |= ei_encode_long(buf, idx, c->op);
     rc |= mb_etf_put_pid(buf, idx, c->from);
-    rc |= mb_etf_put_pid(buf, idx, c->to);
+    rc |= name ? mb_etf_put_atom(buf, idx, name) : mb_etf_put_pid(buf, idx, c->to);
+    rc |= mb_etf_put_ref(buf, idx, c->ref);
+    break;
+  }
+  case OP_ALIAS_SEND:
+    rc |= ei_encode_tuple_header(buf, idx, 3);
+    rc |= ei_encode_long(buf, idx, c->op);
+    rc |= mb_etf_put_pid(buf, idx, c->from);
     rc |= mb_etf_put_ref(buf, idx, c->ref);
     break;
   case OP_EXIT:
@@ -664,6 +674,16 @@ static int handle_frame(conn_t *c, const char *data, long len)
     if (mb_etf_get_pid(data, &i, &to) < 0)
       return -1;
     goto deliver;
+  case OP_ALIAS_SEND:
+  case OP_ALIAS_SEND_TT: {
+    /* {33, From, Alias} or {34, From, Alias, Token}: the owner of Alias
+     * (ours, else nobody) gets the message through it. */
+    if (arity != (op == OP_ALIAS_SEND ? 3 : 4) || mb_etf_get_pid(data, &i, &from) < 0 ||
+        mb_etf_get_ref(data, &i, &ref) < 0)
+      return -1;
+    to = mb_id_is_remote(ref) ? 0 : dist_alias_owner(ref);
+    goto deliver;
+  }
   case OP_REG_SEND: {
     if (arity != 4 || mb_etf_get_pid(data, &i, &from) < 0 || ei_skip_term(data, &i) < 0)
       return -1;
@@ -818,6 +838,7 @@ deliver:
     }
     m->kind = MB_MSG_USER;
     m->from = from;
+    m->ref = op == OP_ALIAS_SEND || op == OP_ALIAS_SEND_TT ? ref : 0;
     mb_proc_send(to, m);
     return 0;
   }
@@ -863,19 +884,45 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
 
 /* -- Hooks (proc.h) ------------------------------------------------------------ */
 
+/* Does node's connection (up) take ALIAS_SEND? */
+static int takes_alias(uint32_t node)
+{
+  pthread_mutex_lock(&dist_lock);
+  conn_t *c = dist_find(node);
+  int yes = c && c->state == C_UP && (c->flags & DFLAG_ALIAS);
+  pthread_mutex_unlock(&dist_lock);
+  return yes;
+}
+
 static void hook_send(mb_pid_t to, mb_msg_t *m)
 {
-  uint32_t node = mb_remote_node(to);
-  if (node == 0 || node == dist_self_atom) {
+  uint32_t node = mb_remote_node(to), name = mb_remote_name_of(to);
+  if (name && m->kind == MB_MSG_USER) {
+    /* A name's id (the pid of a DOWN by name): a send to the name. */
+    char err[64];
+    mb_dist_send_named(node, name, m->from, m, err, sizeof err);
+    return;
+  }
+  if (node == 0 || node == dist_self_atom || name) {
     mb_msg_free(m);
     return;
   }
   ctl_t x = {.from = m->from, .to = to};
   const mb_msg_t *payload = NULL;
+  mb_rref_t alias;
   switch (m->kind) {
   case MB_MSG_USER:
     x.op = OP_SEND;
     payload = m;
+    /* Sent with an alias of the receiver's node (mb.send's third
+     * argument): to the alias, so that the receiver's node drops it once
+     * the alias is gone (gen_server's replies). A peer that takes no
+     * ALIAS_SEND gets it at the pid. */
+    if (m->ref && mb_remote_ref_get(m->ref, &alias) == 0 && alias.node == node &&
+        takes_alias(node)) {
+      x.op = OP_ALIAS_SEND;
+      x.ref = m->ref;
+    }
     break;
   case MB_MSG_EXIT:
   case MB_MSG_KILL:
@@ -922,7 +969,7 @@ static void hook_send(mb_pid_t to, mb_msg_t *m)
 static void hook_link(mb_pid_t self, mb_pid_t remote, int on)
 {
   uint32_t node = mb_remote_node(remote);
-  if (node == 0 || node == dist_self_atom) {
+  if (node == 0 || node == dist_self_atom || mb_remote_name_of(remote)) {
     if (on && mb_proc_unlink_remote(self, remote))
       mb_proc_link_exit(self, remote, reason_msg("noproc"));
     return;
@@ -984,6 +1031,10 @@ static char *format_remote(char *buf, size_t n, uint64_t id, int is_ref)
     }
   } else {
     mb_rpid_t p;
+    if (mb_remote_pid_get(id, &p) == 0 && p.name) {
+      snprintf(buf, n, "{%s,%s}", dist_node_text(p.name), dist_node_text(p.node));
+      return buf;
+    }
     if (mb_remote_pid_get(id, &p) == 0) {
       snprintf(buf, n, "<%u.%u.%u>", p.node, p.num, p.serial);
       return buf;
@@ -1126,6 +1177,7 @@ int dist_close_handle(uv_handle_t *h)
 
 void dist_install_hooks(void)
 {
+  dist_alias_init();
   mb_proc_remote_send = hook_send;
   mb_proc_remote_link = hook_link;
   mb_proc_remote_monitor = hook_monitor;

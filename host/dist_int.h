@@ -100,6 +100,13 @@ int dist_close_handle(uv_handle_t *h);
 /* dist.c: install the hooks of proc.h and pid.h. */
 void dist_install_hooks(void);
 
+/* dist_alias.c: the owners of active aliases (any thread). init installs
+ * the hooks that keep the table (at start-up). owner: the pid, or 0. */
+void dist_alias_init(void);
+void dist_alias_set(mb_ref_t ref, mb_pid_t pid);
+void dist_alias_del(mb_ref_t ref, mb_pid_t pid);
+mb_pid_t dist_alias_owner(mb_ref_t ref);
+
 /* dist_start.c: start the handshake of connection c (posted to a
  * scheduler's loop: arg is c, holding a reference for the work). */
 void dist_start_connect(void *arg);

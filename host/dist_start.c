@@ -141,6 +141,7 @@ static int cb_write(void *ctx, const char *buf, ssize_t *len, unsigned tmo)
   memcpy(p, buf, (size_t)*len);
   if (p[2] == 'N') {
     p[10] |= (char)DFLAG_DIST_MONITOR_NAME;
+    p[6] |= (char)(DFLAG_ALIAS >> 32);
   } else {
     p[8] |= (char)DFLAG_DIST_MONITOR_NAME;
   }

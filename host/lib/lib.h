@@ -50,6 +50,8 @@ struct luaL_Reg;
 extern const struct luaL_Reg mb_lib_dist_funcs[];
 /* Send m (taken) to the {name, node} at stack slot 1; raises on misuse. */
 int mb_lib_dist_send_named(lua_State *L, mb_msg_t *m, const char *fname);
+/* mb.monitor({name, node}) (lib_dist.c). */
+int mb_lib_dist_monitor_named(lua_State *L);
 /* Raise "fname: why" (freeing m) if m cannot be sent to another node. */
 void mb_lib_dist_check(lua_State *L, const mb_msg_t *m, const char *fname);
 

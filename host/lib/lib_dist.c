@@ -11,6 +11,8 @@
 #include "dist.h"
 #include "lauxlib.h"
 #include "lib.h"
+#include "reg.h"
+#include "remote.h"
 #include "run.h"
 #include "term.h"
 
@@ -53,9 +55,27 @@ static void push_atom_text(lua_State *L, uint32_t a)
   lua_pushlstring(L, s, n);
 }
 
-/* mb.node() -> this node's name ("nonode@nohost" when not distributed) */
+/* mb.node([pid or ref]) -> this node's name ("nonode@nohost" when not
+ * distributed), or the name of the node of pid or ref, as Erlang's node/1 */
 static int l_node(lua_State *L)
 {
+  if (!lua_isnoneornil(L, 1)) {
+    uint64_t id;
+    const mb_idkind_t *k = mb_id_kind(L, 1, &id);
+    if (k != &mb_pid_kind && k != &mb_ref_kind)
+      return luaL_error(L, "bad argument #1 to 'node' (pid or ref expected, got %s)",
+                        luaL_typename(L, 1));
+    uint32_t node = 0;
+    if (mb_id_is_remote(id)) {
+      mb_rref_t r;
+      node = k == &mb_pid_kind ? mb_remote_node(id)
+                               : (mb_remote_ref_get(id, &r) == 0 ? r.node : 0);
+    }
+    if (node) {
+      push_atom_text(L, node);
+      return 1;
+    }
+  }
   if (mb_dist_on())
     push_atom_text(L, mb_dist_self());
   else
@@ -179,6 +199,38 @@ int mb_lib_dist_send_named(lua_State *L, mb_msg_t *m, const char *fname)
   if (rc < 0)
     return luaL_error(L, "%s: %s", fname, err);
   return 0;
+}
+
+/* mb.monitor({name, node}) -> ref: lib_mb.c's monitor hands a table here.
+ * As Erlang's monitor of {Name, Node}: the DOWN comes when the process
+ * registered as name on node exits ("noproc" at once if there is none;
+ * "noconnection" if the node goes away), and its pid field is the name's
+ * id (remote.h), which prints as {name,node}. */
+int mb_lib_dist_monitor_named(lua_State *L)
+{
+  mb_proc_t *p = mb_lib_self(L);
+  lua_rawgeti(L, 1, 1);
+  lua_rawgeti(L, 1, 2);
+  int top = lua_gettop(L);
+  if (lua_isnil(L, top - 1) || lua_isnil(L, top))
+    return luaL_error(L, "bad argument #1 to 'monitor' (pid or {name, node} expected)");
+  uint32_t name = check_atom(L, top - 1, "monitor", "name");
+  uint32_t node = check_node(L, top, "monitor");
+  if (!mb_dist_on())
+    return luaL_error(L, "monitor: this host is not a node (start it with --sname or --name)");
+  mb_pid_t target = 0;
+  if (node == mb_dist_self()) {
+    size_t n;
+    target = mb_reg_whereis(mb_atom_name(name, &n));
+  }
+  if (target == 0) {
+    int64_t id = mb_remote_name(node, name);
+    if (id < 0)
+      return luaL_error(L, "monitor: %s", mb_strerror((int)id));
+    target = (mb_pid_t)id;
+  }
+  mb_ref_push(L, mb_proc_monitor(p, target));
+  return 1;
 }
 
 void mb_lib_dist_check(lua_State *L, const mb_msg_t *m, const char *fname)
