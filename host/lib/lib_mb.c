@@ -608,9 +608,11 @@ static int l_unlink(lua_State *L)
   return 0;
 }
 
-/* mb.monitor(pid) -> ref */
+/* mb.monitor(pid or {name, node}) -> ref */
 static int l_monitor(lua_State *L)
 {
+  if (lua_type(L, 1) == LUA_TTABLE)   /* {name, node} (lib_dist.c) */
+    return mb_lib_dist_monitor_named(L);
   mb_ref_push(L, mb_proc_monitor(mb_lib_self(L), mb_pid_check(L, 1)));
   return 1;
 }
