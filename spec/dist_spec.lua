@@ -29,6 +29,7 @@ local function erl(eval, opts)
   opts = opts or {}
   local name = uniq("erl")
   local dir = S.tmpdir()
+  for file, text in pairs(opts.files or {}) do S.write(file, text, dir) end
   local out = dir .. "/erl.out"
   local prog = string.format("timer:apply_after(%d, erlang, halt, []), %s",
     (opts.limit or 30) * 1000, eval)
@@ -428,6 +429,136 @@ describe("distribution", function()
       assert.is_true(S.has(out, "more\tnil"), out)
     end)
 
+    -- An Erlang gen_server for the Lua side to call (compiled in the node).
+    local KVSRV = [[
+-module(kvsrv).
+-behaviour(gen_server).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
+init(S) -> {ok, S}.
+handle_call({get, K}, _From, S) -> {reply, maps:get(K, S, undefined), S};
+handle_call({put, K, V}, _From, S) -> {reply, ok, S#{K => V}};
+handle_call({slow, Ms}, _From, S) -> timer:sleep(Ms), {reply, late, S};
+handle_call(crash, _From, _S) -> exit(crashed).
+handle_cast({put, K, V}, S) -> {noreply, S#{K => V}}.
+handle_info(_, S) -> {noreply, S}.
+]]
+
+    it("gen_server:call, cast, sys:get_state and gen_server:stop from Erlang reach a moonbeam.server", function()
+      local name = uniq("mb")
+      local node = name .. "@" .. HOST
+      local e = erl(string.format([=[
+        S = {lsrv, '%s'},
+        Wait = fun W(0) -> exit(no_node); W(N) -> case net_adm:ping('%s') of pong -> ok; pang -> timer:sleep(100), W(N - 1) end end,
+        Wait(100),
+        timer:sleep(300),
+        io:format("call1 ~p~n", [gen_server:call(S, hello)]),
+        io:format("call2 ~p~n", [gen_server:call(S, {a, [1, 2], <<"x">>})]),
+        ok = gen_server:cast(S, {put, 1}),
+        io:format("state ~p~n", [sys:get_state(S)]),
+        io:format("later ~p~n", [gen_server:call(S, later)]),
+        io:format("timeout ~p~n", [catch gen_server:call(S, slow, 200)]),
+        timer:sleep(1500),
+        io:format("mailbox ~p~n", [process_info(self(), messages)]),
+        io:format("stop ~p~n", [catch gen_server:stop(S)]),
+        io:format("noproc ~p~n", [catch gen_server:call(S, hello, 2000)]),
+        {ctl, '%s'} ! done,
+        timer:sleep(500),
+        halt().]=], node, node, node))
+      local code, out, err = moonbeam([[
+        local server = require "moonbeam.server"
+        mb.register("ctl")
+        local pid = server.start({
+          init = function() return { n = 0 } end,
+          handle_call = function(req, from, st)
+            if req == mb.atom("slow") then mb.sleep(1000) return "late", st end
+            if req == mb.atom("later") then
+              mb.spawn(function(f) mb.sleep(50) require("moonbeam.server").reply(f, "deferred") end, from)
+              return server.noreply, st
+            end
+            st.n = st.n + 1
+            return mb.tuple(mb.atom("ok"), req, st.n), st
+          end,
+          handle_cast = function(msg, st) st.cast = msg return st end,
+          terminate = function(r) print("terminate", r) end,
+        }, nil, { name = "lsrv" })
+        local ref = mb.monitor(pid)
+        local d = mb.receive(function(m) return type(m) == "table" and m.event == "DOWN" end, 30000)
+        print("down", d and d.reason)
+        print("done", tostring(mb.receive(30000)))
+      ]], { name = name, limit = 60 })
+      assert.equal(0, code, err)
+      local o = await_output(e, "noproc")
+      assert.is_true(S.has(o, "call1 {ok,hello,1}"), o)
+      assert.is_true(S.has(o, 'call2 {ok,{a,[1,2],<<"x">>},2}'), o)
+      assert.is_true(S.has(o, "state #{cast => {put,1},n => 2}"), o)
+      assert.is_true(S.has(o, 'later <<"deferred">>'), o)
+      assert.is_true(S.has(o, "timeout {'EXIT',{timeout,"), o)
+      -- The late reply went through the caller's alias, which was gone.
+      assert.is_true(S.has(o, "mailbox {messages,[]}"), o)
+      assert.is_true(S.has(o, "stop ok"), o)
+      assert.is_true(S.has(o, "noproc {'EXIT',{noproc,"), o)
+      assert.is_true(S.has(out, "terminate\tnormal"), out)
+      assert.is_true(S.has(out, "down\tnormal"), out)
+      assert.is_true(S.has(out, "done\tdone"), out)
+    end)
+
+    it("server.call and cast from Lua reach an Erlang gen_server, by name and by pid", function()
+      local e = erl([[
+        {ok, kvsrv} = compile:file("kvsrv.erl"),
+        {ok, Pid} = gen_server:start({local, kv}, kvsrv, #{}, []),
+        register(ctl, self()),
+        receive {From, pid} -> From ! Pid end,
+        receive {From2, kill} -> exit(Pid, kill), From2 ! killed end,
+        {ok, _} = gen_server:start({local, kv2}, kvsrv, #{}, []),
+        receive {From3, halt_soon} -> timer:apply_after(300, erlang, halt, []), From3 ! ok end,
+        receive stop -> halt() end.]], { files = { ["kvsrv.erl"] = KVSRV } })
+      local code, out, err = moonbeam([[
+        local server = require "moonbeam.server"
+        local e = arg[1]
+        local kv = {"kv", e}
+        for _ = 1, 100 do   -- until the Erlang node has compiled and started kv
+          if pcall(server.call, kv, mb.tuple(mb.atom("get"), "k"), 1000) then break end
+          mb.sleep(100)
+        end
+        print("put", tostring(server.call(kv, mb.tuple(mb.atom("put"), "k", 42))))
+        print("get", server.call(kv, mb.tuple(mb.atom("get"), "k")))
+        print("cast", server.cast(kv, mb.tuple(mb.atom("put"), "c", "v")))
+        print("getc", server.call(kv, mb.tuple(mb.atom("get"), "c")))
+        print("state", server.get_state(kv).k)
+        print("timeout", pcall(server.call, kv, mb.tuple(mb.atom("slow"), 800), 200))
+        mb.sleep(1200)
+        print("mailbox", mb.receive(0))
+        print("noproc", pcall(server.call, {"nobody", e}, 1))
+        mb.send({"ctl", e}, mb.tuple(mb.self(), mb.atom("pid")))
+        local pid = mb.receive(5000)
+        print("node", mb.node(pid) == e)
+        print("bypid", server.call(pid, mb.tuple(mb.atom("get"), "k")))
+        print("crash", pcall(server.call, kv, mb.atom("crash")))
+        print("unsendable", pcall(server.call, {"kv", e}, function() end))
+        mb.send({"ctl", e}, mb.tuple(mb.self(), mb.atom("kill")))
+        mb.receive(5000)
+        print("dead", pcall(server.call, pid, 1))
+        mb.send({"ctl", e}, mb.tuple(mb.self(), mb.atom("halt_soon")))
+        mb.receive(5000)
+        print("nodedown", pcall(server.call, {"kv2", e}, mb.tuple(mb.atom("slow"), 5000), 10000))
+      ]], { args = S.q(e.name) })
+      assert.equal(0, code, err)
+      assert.is_true(S.has(out, "put\tok"), out)
+      assert.is_true(S.has(out, "get\t42"), out)
+      assert.is_true(S.has(out, "cast\ttrue"), out)
+      assert.is_true(S.has(out, "getc\tv"), out)
+      assert.is_true(S.has(out, "state\t42"), out)
+      assert.is_true(S.has(out, "timeout\tfalse\t") and S.has(out, "server.call: timeout after 200 ms"), out)
+      assert.is_true(S.has(out, "mailbox\tnil"), out)
+      assert.is_true(S.has(out, "is not running (noproc)"), out)
+      assert.is_true(S.has(out, "node\ttrue"), out)
+      assert.is_true(S.has(out, "bypid\t42"), out)
+      assert.is_true(S.has(out, "exited during the call crash: crashed"), out)
+      assert.is_true(S.has(out, "unsendable\tfalse") and S.has(out, "cannot send the request"), out)
+      assert.is_true(S.has(out, "dead\tfalse"), out)
+      assert.is_true(S.has(out, "its node is down (nodedown)"), out)
+    end)
+
     it("mb.exit on a remote pid sends an exit signal", function()
       local e = erl([[
         register(ctl, self()),
@@ -510,6 +641,56 @@ describe("distribution", function()
   end)
 
   describe("between Moonbeam nodes", function()
+    it("server.call, cast, get_state and stop reach a server on another Moonbeam node", function()
+      local a, wait_a = moonbeam_bg([[
+        local server = require "moonbeam.server"
+        local pid = server.start({
+          init = function() return { n = 0 } end,
+          handle_call = function(req, from, st)
+            if req == "slow" then mb.sleep(800) return "late", st end
+            st.n = st.n + 1
+            return { got = req, n = st.n, from_node = mb.node(from.pid) }, st
+          end,
+          handle_cast = function(msg, st) st.cast = msg return st end,
+        }, nil, { name = "kv" })
+        local ref = mb.monitor(pid)
+        local d = mb.receive(function(m) return type(m) == "table" and m.event == "DOWN" end, 30000)
+        print("down", d and d.reason)
+        io.stdout:flush()
+        mb.sleep(1500)   -- for the caller's last call, which finds no kv
+      ]])
+      local code, out, err = moonbeam(WAIT_NODE .. [[
+        local server = require "moonbeam.server"
+        local a = arg[1]
+        wait_node(a)
+        local kv = {"kv", a}
+        for _ = 1, 50 do
+          if pcall(server.call, kv, "ping", 1000) then break end
+          mb.sleep(100)
+        end
+        local r = server.call(kv, { x = 1, list = { 1, 2 } })
+        print("call", r.got.x, r.got.list[2], r.n, r.from_node == mb.node())
+        print("cast", server.cast(kv, "hello"))
+        print("state", server.get_state(kv).cast)
+        print("timeout", pcall(server.call, kv, "slow", 200))
+        mb.sleep(1000)
+        print("mailbox", mb.receive(0))
+        print("stop", server.stop(kv, "shutdown"))
+        print("after", pcall(server.call, kv, "ping", 1000))
+      ]], { args = S.q(a) })
+      assert.equal(0, code, err)
+      assert.is_true(S.has(out, "call\t1\t2\t2\ttrue"), out)
+      assert.is_true(S.has(out, "cast\ttrue"), out)
+      assert.is_true(S.has(out, "state\thello"), out)
+      assert.is_true(S.has(out, "timeout\tfalse"), out)
+      assert.is_true(S.has(out, "mailbox\tnil"), out)
+      assert.is_true(S.has(out, "stop\ttrue"), out)
+      assert.is_true(S.has(out, "after\tfalse") and S.has(out, "noproc"), out)
+      local code_a, out_a, err_a = wait_a()
+      assert.equal(0, code_a, err_a)
+      assert.is_true(S.has(out_a, "down\tshutdown"), out_a)
+    end)
+
     it("two Moonbeam hosts form a cluster without Erlang: names, pids, links, noconnection", function()
       local a, wait_a = moonbeam_bg([[
         mb.register("a")
