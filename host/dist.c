@@ -56,6 +56,15 @@ const char *dist_node_text(uint32_t atom)
   return s ? s : "?";
 }
 
+/* Let go of a hold on ref if it is another node's (remote.h): refs read
+ * from control messages are held until dropped here; a remote monitor of
+ * ours keeps its watcher's ref held as long as its pair is in mon_in. */
+static void unhold(mb_ref_t ref)
+{
+  if (mb_id_is_remote(ref))
+    mb_remote_ref_release(ref);
+}
+
 static void pairs_add(pairs_t *s, mb_pid_t local, mb_pid_t remote, uint64_t ref, uint32_t name)
 {
   if (s->n == s->cap) {
@@ -358,9 +367,11 @@ void dist_conn_down(conn_t *c, const char *why)
     m->ref = out.v[i].ref;
     mb_proc_send(out.v[i].local, m);
   }
-  for (uint32_t i = 0; i < in.n; i++)
+  for (uint32_t i = 0; i < in.n; i++) {
     if (in.v[i].local)
       mb_proc_unwatch_remote(in.v[i].local, in.v[i].ref);
+    unhold(in.v[i].ref);
+  }
   for (uint32_t i = 0; i < nm.n; i++) {
     mb_msgb_t b;
     mb_msgb_init(&b, 64);
@@ -681,7 +692,11 @@ static int handle_frame(conn_t *c, const char *data, long len)
     if (arity != (op == OP_ALIAS_SEND ? 3 : 4) || mb_etf_get_pid(data, &i, &from) < 0 ||
         mb_etf_get_ref(data, &i, &ref) < 0)
       return -1;
-    to = mb_id_is_remote(ref) ? 0 : dist_alias_owner(ref);
+    if (mb_id_is_remote(ref)) {
+      unhold(ref);               /* not an alias of ours: nobody's */
+      ref = 0;
+    }
+    to = ref ? dist_alias_owner(ref) : 0;
     goto deliver;
   }
   case OP_REG_SEND: {
@@ -775,20 +790,27 @@ static int handle_frame(conn_t *c, const char *data, long len)
       pthread_mutex_unlock(&dist_lock);
       if (found && p.local)
         mb_proc_unwatch_remote(p.local, ref);
+      if (found)
+        unhold(p.ref);           /* the pair's */
+      unhold(ref);
       return cend == len ? 0 : -1;
     }
+    /* The watcher's ref stays held by the pair (until the monitor ends). */
+    int added = 0;
     if (to == 0 && is_net_kernel(name)) {
       /* gen:call monitors {net_kernel, Node} before asking is_auth (ping);
        * the net_kernel we answer for (answer_net_kernel) never dies. */
       pthread_mutex_lock(&dist_lock);
-      if (c->state != C_DOWN)
+      if ((added = c->state != C_DOWN))
         pairs_add(&c->mon_in, 0, from, ref, name);
       pthread_mutex_unlock(&dist_lock);
     } else if (to && mb_proc_watch_remote(to, from, ref) == 0) {
       pthread_mutex_lock(&dist_lock);
-      if (c->state != C_DOWN)
+      if ((added = c->state != C_DOWN))
         pairs_add(&c->mon_in, to, from, ref, name);
       pthread_mutex_unlock(&dist_lock);
+      if (!added)
+        mb_proc_unwatch_remote(to, ref);
     } else {
       ctl_t x = {.op = OP_MONITOR_P_EXIT, .from = to, .to = from, .ref = ref, .name = name};
       mb_msg_t *r = reason_msg("noproc");
@@ -796,6 +818,8 @@ static int handle_frame(conn_t *c, const char *data, long len)
       send_ctl(c->node, &x, NULL);
       mb_msg_free(r);
     }
+    if (!added)
+      unhold(ref);
     return cend == len ? 0 : -1;
   }
   case OP_MONITOR_P_EXIT: {
@@ -811,6 +835,10 @@ static int handle_frame(conn_t *c, const char *data, long len)
     pthread_mutex_lock(&dist_lock);
     int found = pairs_del(&c->mon_out, 0, 0, ref, &p);
     pthread_mutex_unlock(&dist_lock);
+    if (mb_id_is_remote(ref)) {  /* not one of our monitors */
+      unhold(ref);
+      found = 0;
+    }
     if (found && !mb_id_is_remote(to)) {
       r->kind = MB_MSG_DOWN;
       r->from = p.remote;
@@ -963,6 +991,8 @@ static void hook_send(mb_pid_t to, mb_msg_t *m)
     return;
   }
   send_ctl(node, &x, payload);
+  if (m->kind == MB_MSG_DOWN)
+    unhold(x.ref);               /* the monitor's pair is gone */
   mb_msg_free(m);
 }
 

@@ -448,9 +448,8 @@ handle_info(_, S) -> {noreply, S}.
       local node = name .. "@" .. HOST
       local e = erl(string.format([=[
         S = {lsrv, '%s'},
-        Wait = fun W(0) -> exit(no_node); W(N) -> case net_adm:ping('%s') of pong -> ok; pang -> timer:sleep(100), W(N - 1) end end,
-        Wait(100),
-        timer:sleep(300),
+        Wait = fun W(0) -> exit(no_server); W(N) -> case catch sys:get_state(S, 1000) of #{} -> ok; _ -> timer:sleep(100), W(N - 1) end end,
+        Wait(150),
         io:format("call1 ~p~n", [gen_server:call(S, hello)]),
         io:format("call2 ~p~n", [gen_server:call(S, {a, [1, 2], <<"x">>})]),
         ok = gen_server:cast(S, {put, 1}),
@@ -463,7 +462,7 @@ handle_info(_, S) -> {noreply, S}.
         io:format("noproc ~p~n", [catch gen_server:call(S, hello, 2000)]),
         {ctl, '%s'} ! done,
         timer:sleep(500),
-        halt().]=], node, node, node))
+        halt().]=], node, node))
       local code, out, err = moonbeam([[
         local server = require "moonbeam.server"
         mb.register("ctl")
@@ -499,6 +498,47 @@ handle_info(_, S) -> {noreply, S}.
       assert.is_true(S.has(o, "noproc {'EXIT',{noproc,"), o)
       assert.is_true(S.has(out, "terminate\tnormal"), out)
       assert.is_true(S.has(out, "down\tnormal"), out)
+      assert.is_true(S.has(out, "done\tdone"), out)
+    end)
+
+    it("the refs of many calls from Erlang are not kept: remote refs live while a process holds them", function()
+      local name = uniq("mb")
+      local node = name .. "@" .. HOST
+      local e = erl(string.format([=[
+        S = {lsrv, '%s'},
+        Wait = fun W(0) -> exit(no_server); W(N) -> case catch gen_server:call(S, count, 1000) of C when is_integer(C) -> C; _ -> timer:sleep(100), W(N - 1) end end,
+        Before = Wait(150),
+        [gen_server:call(S, {ref, make_ref()}) || _ <- lists:seq(1, 2000)],
+        ok = gen_server:cast(S, collect),
+        After = gen_server:call(S, count),
+        io:format("refs ~p ~p~n", [Before, After]),
+        {ctl, '%s'} ! done,
+        timer:sleep(300),
+        halt().]=], node, node), { limit = 60 })
+      local code, out, err = moonbeam([[
+        local server = require "moonbeam.server"
+        mb.register("ctl")
+        server.start({
+          handle_call = function(req, from, st)
+            if req == mb.atom("count") then return mb.node_info().remote_refs, st end
+            st.last = req[2]     -- hold the newest ref until the next call
+            return mb.atom("ok"), st
+          end,
+          handle_cast = function(msg, st)
+            collectgarbage() collectgarbage()
+            return st
+          end,
+        }, {}, { name = "lsrv" })
+        print("done", tostring(mb.receive(45000)))
+        server.stop("lsrv")
+      ]], { name = name, limit = 60 })
+      assert.equal(0, code, err .. output(e))
+      local o = await_output(e, "refs")
+      local before, after = o:match("refs (%d+) (%d+)")
+      assert.is_truthy(before, o)
+      -- Each call brought two new refs (the alias and make_ref()); what is
+      -- left is what the server holds (the last one) and the call in flight.
+      assert.is_true(tonumber(after) - tonumber(before) <= 4, o)
       assert.is_true(S.has(out, "done\tdone"), out)
     end)
 

@@ -133,6 +133,20 @@ static int l_monitor_node(lua_State *L)
   return 1;
 }
 
+/* mb.node_info() -> {atoms = n, remote_pids = n, remote_refs = n}: the
+ * host-wide tables of term.h and remote.h (what they hold now) */
+static int l_node_info(lua_State *L)
+{
+  lua_createtable(L, 0, 3);
+  lua_pushnumber(L, mb_atom_count());
+  lua_setfield(L, -2, "atoms");
+  lua_pushnumber(L, mb_remote_pid_count());
+  lua_setfield(L, -2, "remote_pids");
+  lua_pushnumber(L, mb_remote_ref_count());
+  lua_setfield(L, -2, "remote_refs");
+  return 1;
+}
+
 /* mb.atom(name) -> atom */
 static int l_atom(lua_State *L)
 {
@@ -172,6 +186,7 @@ const luaL_Reg mb_lib_dist_funcs[] = {
   {"nodes", l_nodes},
   {"connect_node", l_connect_node},
   {"monitor_node", l_monitor_node},
+  {"node_info", l_node_info},
   {"atom", l_atom},
   {"is_atom", l_is_atom},
   {"tuple", l_tuple},
