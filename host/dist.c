@@ -30,6 +30,7 @@ enum {
 /* -- State ------------------------------------------------------------------- */
 
 pthread_mutex_t dist_lock = PTHREAD_MUTEX_INITIALIZER;
+unsigned dist_tick_ms = MB_DIST_TICK_MS;
 ei_cnode dist_ec;
 uint32_t dist_self_atom;
 int dist_running;
@@ -94,7 +95,7 @@ void dist_conn_unref(conn_t *c)
 {
   if (atomic_fetch_sub(&c->refs, 1) != 1)
     return;
-  for (frame_t *f = c->pend_head, *next; f; f = next) {
+  for (frame_t *f = c->out_head, *next; f; f = next) {
     next = f->next;
     mb_free(f);
   }
@@ -119,7 +120,7 @@ conn_t *dist_table_add(uint32_t node, int refs)
   conn_t *c = mb_calloc(1, sizeof *c);
   c->node = node;
   c->state = C_CONNECTING;
-  c->pend_tail = &c->pend_head;
+  c->out_tail = &c->out_head;
   c->fd = -1;
   atomic_init(&c->refs, refs);
   if (nconns == capconns) {
@@ -272,27 +273,45 @@ static frame_t *frame_new(const ctl_t *c, const mb_msg_t *m)
   return f;
 }
 
-static void do_write(void *arg);
+static void do_flush(void *arg);
+static void do_kill(void *arg);
 
-typedef struct wcmd {
-  conn_t *c;
-  frame_t *f;
-} wcmd_t;
+/* A monotonic clock in ms that any thread may read. */
+static uint64_t now_ms(void)
+{
+  return uv_hrtime() / 1000000;
+}
 
-/* Queue frame f on c; lock held. Takes f. */
+/* Queue frame f on c (written once up); lock held. Takes f. Past
+ * MB_DIST_QUEUE_MAX bytes queued, the connection is dropped: the peer does
+ * not read what we send (senders in Lua wait at MB_DIST_BUSY_LIMIT, see
+ * mb_dist_busy_wait, so only many of them at once or exit signals get
+ * here). */
 static void queue_locked(conn_t *c, frame_t *f)
 {
-  if (c->state == C_UP) {
-    wcmd_t *w = mb_malloc(sizeof *w);
-    w->c = c;
-    w->f = f;
-    atomic_fetch_add(&c->refs, 1);
-    mb_sched_post(c->sched, do_write, w);
-  } else if (c->state == C_CONNECTING) {
-    *c->pend_tail = f;
-    c->pend_tail = &f->next;
-  } else {
+  if (c->state == C_DOWN) {
     mb_free(f);
+    return;
+  }
+  if (c->pend_bytes > MB_DIST_QUEUE_MAX) {
+    mb_free(f);
+    if (c->state == C_UP && !c->flush_posted) {
+      c->flush_posted = 1;        /* no flush after this: the kill ends it */
+      atomic_fetch_add(&c->refs, 1);
+      mb_sched_post(c->sched, do_kill, c);
+    }
+    return;
+  }
+  if (c->pend_bytes == 0)
+    c->progress_ms = now_ms();
+  c->pend_bytes += f->len;
+  f->next = NULL;
+  *c->out_tail = f;
+  c->out_tail = &f->next;
+  if (c->state == C_UP && !c->flush_posted) {
+    c->flush_posted = 1;
+    atomic_fetch_add(&c->refs, 1);
+    mb_sched_post(c->sched, do_flush, c);
   }
 }
 
@@ -321,6 +340,8 @@ static void on_closed(uv_handle_t *h)
 }
 
 static void notify_waiters(waiter_t *w, int ok);
+static int push_drained(lua_State *L, mb_io_req_t *req);
+static void notify(waiter_t *w, int ok, int (*push)(lua_State *, mb_io_req_t *));
 
 static mb_msg_t *reason_msg(const char *s)
 {
@@ -344,10 +365,11 @@ void dist_conn_down(conn_t *c, const char *why)
   memset(&c->mon_out, 0, sizeof c->mon_out);
   memset(&c->mon_in, 0, sizeof c->mon_in);
   memset(&c->node_mon, 0, sizeof c->node_mon);
-  waiter_t *waiters = c->waiters;
-  c->waiters = NULL;
+  waiter_t *waiters = c->waiters, *busy = c->busy;
+  c->waiters = c->busy = NULL;
   pthread_mutex_unlock(&dist_lock);
 
+  notify(busy, 1, push_drained); /* their sends are lost with the connection */
   if (was_up && why)
     dist_log("connection to %s closed: %s", dist_node_text(c->node), why);
   if (c->open) {
@@ -432,9 +454,6 @@ void dist_conn_up(conn_t *c, mb_sched_t *s, int fd, uint64_t flags)
     c->sched = s;
     c->flags = flags;
   }
-  frame_t *pend = c->pend_head;
-  c->pend_head = NULL;
-  c->pend_tail = &c->pend_head;
   waiter_t *waiters = c->waiters;
   c->waiters = NULL;
   pthread_mutex_unlock(&dist_lock);
@@ -446,82 +465,134 @@ void dist_conn_up(conn_t *c, mb_sched_t *s, int fd, uint64_t flags)
   }
   uv_tcp_nodelay(&c->tcp, 1);
   c->last_recv = c->last_send = uv_now(loop);
-  uv_timer_start(&c->tick, on_tick, MB_DIST_TICK_MS / 3, MB_DIST_TICK_MS / 3);
+  uv_timer_start(&c->tick, on_tick, dist_tick_ms / 3, dist_tick_ms / 3);
   uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
-  while (pend) {
-    frame_t *next = pend->next;
-    wcmd_t *w = mb_malloc(sizeof *w);
-    w->c = c;
-    w->f = pend;
-    atomic_fetch_add(&c->refs, 1);
-    do_write(w);
-    pend = next;
-  }
+  atomic_fetch_add(&c->refs, 1);   /* what queued while connecting */
+  pthread_mutex_lock(&dist_lock);
+  c->flush_posted = 1;
+  pthread_mutex_unlock(&dist_lock);
+  do_flush(c);
   notify_waiters(waiters, 1);
 }
 
 /* -- Writing -------------------------------------------------------------------- */
 
+/* One uv_write of every frame queued when the flush ran: under load a
+ * write carries many frames (a writev), which is what makes a stream of
+ * small messages cheap. */
 typedef struct wreq {
   uv_write_t req;
   conn_t *c;
-  frame_t *f;
+  frame_t *frames;
+  size_t bytes;
+  uv_buf_t bufs[];
 } wreq_t;
 
 static void on_write(uv_write_t *req, int status)
 {
   wreq_t *w = (wreq_t *)req;
   conn_t *c = w->c;
-  mb_free(w->f);
+  for (frame_t *f = w->frames, *next; f; f = next) {
+    next = f->next;
+    mb_free(f);
+  }
+  pthread_mutex_lock(&dist_lock);
+  c->pend_bytes -= w->bytes;
+  c->progress_ms = now_ms();
+  waiter_t *drained = NULL;
+  if (c->pend_bytes <= MB_DIST_BUSY_LIMIT / 2) {
+    drained = c->busy;
+    c->busy = NULL;
+  }
+  pthread_mutex_unlock(&dist_lock);
   mb_free(w);
+  notify(drained, 1, push_drained);
   if (status < 0 && status != UV_ECANCELED)
     dist_conn_down(c, uv_strerror(status));
   dist_conn_unref(c);
 }
 
-static void do_write(void *arg)
+/* Write what is queued on c (loop thread; holds a reference for it). */
+static void do_flush(void *arg)
 {
-  wcmd_t *cmd = arg;
-  conn_t *c = cmd->c;
-  frame_t *f = cmd->f;
-  mb_free(cmd);
-  if (!c->open) {
-    mb_free(f);
+  conn_t *c = arg;
+  pthread_mutex_lock(&dist_lock);
+  frame_t *list = c->out_head;
+  c->out_head = NULL;
+  c->out_tail = &c->out_head;
+  c->flush_posted = 0;
+  pthread_mutex_unlock(&dist_lock);
+  if (list == NULL || !c->open) {
+    for (frame_t *f = list, *next; f; f = next) {
+      next = f->next;
+      mb_free(f);
+    }
     dist_conn_unref(c);
     return;
   }
-  wreq_t *w = mb_malloc(sizeof *w);
+  unsigned n = 0;
+  for (frame_t *f = list; f; f = f->next)
+    n++;
+  wreq_t *w = mb_malloc(sizeof *w + n * sizeof(uv_buf_t));
   w->c = c;
-  w->f = f;
-  uv_buf_t b = uv_buf_init(f->data, (unsigned)f->len);
-  c->last_send = uv_now(c->tcp.loop);
-  int rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_write);
-  if (rc) {
-    mb_free(f);
-    mb_free(w);
-    dist_conn_down(c, uv_strerror(rc));
-    dist_conn_unref(c);
+  w->frames = list;
+  w->bytes = 0;
+  n = 0;
+  for (frame_t *f = list; f; f = f->next) {
+    w->bufs[n++] = uv_buf_init(f->data, (unsigned)f->len);
+    w->bytes += f->len;
   }
+  c->last_send = uv_now(c->tcp.loop);
+  int rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, w->bufs, n, on_write);
+  if (rc) {
+    on_write(&w->req, rc);       /* frees, and takes the connection down */
+    return;
+  }
+}
+
+/* The output queue went over MB_DIST_QUEUE_MAX (queue_locked). */
+static void do_kill(void *arg)
+{
+  conn_t *c = arg;
+  if (c->open) {
+    pthread_mutex_lock(&dist_lock);
+    size_t queued = c->pend_bytes;
+    pthread_mutex_unlock(&dist_lock);
+    dist_log("closing the connection to %s: it does not read what we send "
+             "(%zu bytes queued, limit %u)", dist_node_text(c->node), queued,
+             (unsigned)MB_DIST_QUEUE_MAX);
+    dist_conn_down(c, NULL);
+  }
+  dist_conn_unref(c);
 }
 
 static void on_tick(uv_timer_t *t)
 {
   conn_t *c = t->data;
   uint64_t now = uv_now(t->loop);
-  if (now - c->last_recv > 4 * (uint64_t)MB_DIST_TICK_MS) {
+  if (now - c->last_recv > 4 * (uint64_t)dist_tick_ms) {
     dist_conn_down(c, "net tick timeout");
     return;
   }
-  if (now - c->last_send >= MB_DIST_TICK_MS / 3) {
+  /* Output that has not moved for as long: the peer does not read (it
+   * may still send, so its ticks alone do not tell). */
+  pthread_mutex_lock(&dist_lock);
+  size_t queued = c->pend_bytes;
+  uint64_t stuck = queued ? now_ms() - c->progress_ms : 0;
+  pthread_mutex_unlock(&dist_lock);
+  if (stuck > 4 * (uint64_t)dist_tick_ms) {
+    dist_log("closing the connection to %s: it has not read for %llu ms "
+             "(%zu bytes queued)", dist_node_text(c->node), (unsigned long long)stuck, queued);
+    dist_conn_down(c, NULL);
+    return;
+  }
+  if (now - c->last_send >= dist_tick_ms / 3) {
     frame_t *f = mb_malloc(sizeof *f + 4);
-    f->next = NULL;
     f->len = 4;
     memset(f->data, 0, 4);
-    wcmd_t *w = mb_malloc(sizeof *w);
-    w->c = c;
-    w->f = f;
-    atomic_fetch_add(&c->refs, 1);
-    do_write(w);
+    pthread_mutex_lock(&dist_lock);
+    queue_locked(c, f);
+    pthread_mutex_unlock(&dist_lock);
   }
 }
 
@@ -1123,6 +1194,11 @@ int mb_dist_send_named(uint32_t node, uint32_t name, mb_pid_t from, mb_msg_t *m,
   return 0;
 }
 
+static void notify_waiters(waiter_t *w, int ok)
+{
+  notify(w, ok, mb_dist_push_connect);
+}
+
 int mb_dist_push_connect(lua_State *L, mb_io_req_t *req)
 {
   if (req->err == 0) {
@@ -1134,11 +1210,19 @@ int mb_dist_push_connect(lua_State *L, mb_io_req_t *req)
   return 2;
 }
 
-static void notify_waiters(waiter_t *w, int ok)
+/* A busy sender's wait ends with no value (mb.send returns none). */
+static int push_drained(lua_State *L, mb_io_req_t *req)
+{
+  return 0;
+}
+
+/* End the waits of w (a list, freed): connect_node's with ok or not, a
+ * busy sender's (drained) with nothing. */
+static void notify(waiter_t *w, int ok, int (*push)(lua_State *, mb_io_req_t *))
 {
   while (w) {
     waiter_t *next = w->next;
-    mb_io_req_t *req = mb_io_new(sizeof *req, NULL, mb_dist_push_connect);
+    mb_io_req_t *req = mb_io_new(sizeof *req, NULL, push);
     req->pid = w->pid;
     req->seq = w->seq;
     req->err = ok ? 0 : MB_ENOCONN;
@@ -1169,6 +1253,24 @@ int mb_dist_connect(mb_proc_t *p, uint32_t node)
   if (up)
     notify_waiters(w, 1);
   return 0;
+}
+
+int mb_dist_busy_wait(mb_proc_t *p, uint32_t node)
+{
+  if (!dist_running || node == 0)
+    return 0;
+  pthread_mutex_lock(&dist_lock);
+  conn_t *c = dist_find(node);
+  int wait = c && c->state != C_DOWN && c->pend_bytes > MB_DIST_BUSY_LIMIT;
+  if (wait) {
+    waiter_t *w = mb_malloc(sizeof *w);
+    w->pid = p->pid;
+    w->seq = mb_io_wait_begin(p);
+    w->next = c->busy;
+    c->busy = w;
+  }
+  pthread_mutex_unlock(&dist_lock);
+  return wait;
 }
 
 int mb_dist_monitor_node(mb_pid_t pid, uint32_t node, int on_)

@@ -38,10 +38,13 @@
  * logged); a well-formed message this host cannot represent (a fun, a port)
  * is dropped and logged. Nothing a peer sends can crash the host.
  *
+ * Output: frames for a node queue on its connection, and the connection's
+ * loop writes all that is queued in one write when it gets to it. See
+ * MB_DIST_BUSY_LIMIT for what bounds the queue.
+ *
  * Locks: the connection table's lock, then process locks (never the other
  * way: the hooks are called with no process lock held, and nothing calls
  * into proc.c while holding the table's lock).
- * Limit: output to a peer that does not read is queued without bound.
  */
 #ifndef MB_DIST_H
 #define MB_DIST_H
@@ -54,11 +57,21 @@
 #define MB_DIST_TICK_MS 15000          /* net_ticktime 60 s, as Erlang */
 #define MB_DIST_CONNECT_MS 5000        /* bound of a handshake step */
 #define MB_DIST_MAX_FRAME (64u << 20)
+/* Output to a node: over MB_DIST_BUSY_LIMIT bytes queued (Erlang's +zdbbl
+ * default), a process that sends to the node waits after its send until
+ * the queue is back under half of it, as Erlang suspends a process on a
+ * busy distribution port. A frame that finds more than MB_DIST_QUEUE_MAX
+ * queued already (only many senders at once, or exit signals, which never
+ * wait, get there) drops the connection, as does queued output that has
+ * not moved for net_ticktime (the peer does not read). Both are logged. */
+#define MB_DIST_BUSY_LIMIT (1u << 20)
+#define MB_DIST_QUEUE_MAX (32u << 20)
 
 typedef struct mb_dist_opts {
   const char *name;       /* "alive" or "alive@host" */
   int longnames;          /* --name (else --sname) */
   const char *cookie;     /* NULL: ~/.erlang.cookie */
+  unsigned ticktime;      /* net_ticktime in seconds; 0: 60 */
 } mb_dist_opts_t;
 
 /* Make the host a node (after mb_sched_start, before mb_sched_run).
@@ -87,6 +100,11 @@ int mb_dist_check_msg(const mb_msg_t *m, char *err, size_t errlen);
  * mb_dist_push_connect. Returns 0, or an error code (nothing to wait for). */
 int mb_dist_connect(mb_proc_t *p, uint32_t node);
 int mb_dist_push_connect(lua_State *L, mb_io_req_t *req);
+
+/* After p (owner thread) sent to node: 1 if node's output queue is over
+ * MB_DIST_BUSY_LIMIT, and then p is to wait (MB_YIELD_WAIT) until it
+ * drains or the connection goes; the wait ends with no value. 0: go on. */
+int mb_dist_busy_wait(mb_proc_t *p, uint32_t node);
 
 /* Node monitors: pid gets {event = "nodedown", node = name} when node's
  * connection goes down (or cannot be made), once per monitor_node(on);

@@ -57,8 +57,11 @@ typedef struct conn {
   int state;
   mb_sched_t *sched;           /* the loop holding the socket, once up */
   uint64_t flags;              /* the peer's capabilities, once up */
-  frame_t *pend_head, **pend_tail;
-  size_t pend_bytes;           /* queued while connecting, and in writes */
+  frame_t *out_head, **out_tail;  /* frames not yet handed to libuv */
+  size_t pend_bytes;           /* those and the ones being written */
+  uint64_t progress_ms;        /* when output last moved (mb_dist_now_ms) */
+  int flush_posted;            /* a do_flush is on its way to the loop */
+  waiter_t *busy;              /* senders waiting for the output to drain */
   pairs_t links;               /* local <-> remote links */
   pairs_t mon_out;             /* local watches remote: local, remote, ref */
   pairs_t mon_in;              /* remote watches local: local, remote, ref, name */
@@ -78,6 +81,7 @@ extern pthread_mutex_t dist_lock;
 extern ei_cnode dist_ec;
 extern uint32_t dist_self_atom;
 extern int dist_running;
+extern unsigned dist_tick_ms;      /* a quarter of net_ticktime */
 
 /* "=DIST REPORT==== node: ..." on stderr. Any thread. */
 void dist_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

@@ -450,6 +450,8 @@ int mb_dist_start(const mb_dist_opts_t *o, char *err, size_t errlen)
   }
   dist_self_atom = (uint32_t)a;
   mb_etf_set_node(dist_self_atom, creation);
+  if (o->ticktime)
+    dist_tick_ms = o->ticktime * 1000 / 4;
   dist_install_hooks();
   mb_sched_add_closer(closer);
   dist_running = 1;

@@ -90,8 +90,9 @@ local function moonbeam(src, opts)
   opts = opts or {}
   local name = opts.name or uniq("mb")
   local path = S.write("node.lua", script(src))
-  return S.moonbeam(string.format("--sname %s --cookie %s %s %s", name,
-    S.q(opts.cookie or COOKIE), S.q(path), opts.args or ""), nil, opts.limit or 40)
+  return S.moonbeam(string.format("--sname %s --cookie %s %s %s %s", name,
+    S.q(opts.cookie or COOKIE), opts.host_args or "", S.q(path), opts.args or ""), nil,
+    opts.limit or 40)
 end
 
 -- Start a Moonbeam node in the background; returns its name and a function
@@ -101,9 +102,9 @@ local function moonbeam_bg(src, opts)
   local name = opts.name or uniq("mb")
   local dir = S.tmpdir()
   local path = S.write("node.lua", script(src), dir)
-  local cmd = string.format("timeout -k 5 %d %s --sname %s --cookie %s %s %s >%s/out 2>%s/err </dev/null; echo $? >%s/rc",
-    opts.limit or 40, S.q(S.bin), name, S.q(opts.cookie or COOKIE), S.q(path), opts.args or "",
-    dir, dir, dir)
+  local cmd = string.format("timeout -k 5 %d %s --sname %s --cookie %s %s %s %s >%s/out 2>%s/err </dev/null; echo $? >%s/rc",
+    opts.limit or 40, S.q(S.bin), name, S.q(opts.cookie or COOKIE), opts.host_args or "",
+    S.q(path), opts.args or "", dir, dir, dir)
   os.execute("(" .. cmd .. ") &")
   local function wait()
     S.eventually(function() return io.open(dir .. "/rc") ~= nil end, (opts.limit or 40) * 1000 + 10000)
@@ -677,6 +678,186 @@ handle_info(_, S) -> {noreply, S}.
       local code2, out2, err2 = wait()
       assert.equal(0, code2, err2)
       assert.is_true(S.has(err2, "refused a connection"), err2)
+    end)
+  end)
+
+  -- A hand-made peer (an Erlang module over gen_tcp): the handshake done by
+  -- hand, or spoiled, then raw frames, so that the tests can send what no
+  -- real node would and stop reading.
+  local RAWPEER = [[
+-module(rawpeer).
+-export([connect/3, raw/2, frame/2, tick_forever/1]).
+flags() ->
+    16#4 bor 16#8 bor 16#10 bor 16#80 bor 16#100 bor 16#800 bor 16#4000 bor
+    16#10000 bor 16#20000 bor 16#40000 bor 16#1000000 bor 16#2000000 bor
+    16#4000000 bor (4 bsl 32).
+raw(Node, Packet) ->
+    [Alive, Host] = string:split(atom_to_list(Node), "@"),
+    {port, Port, _} = erl_epmd:port_please(Alive, Host),
+    {ok, S} = gen_tcp:connect(Host, Port, [binary, {packet, Packet}, {active, false}]),
+    S.
+connect(Node, Cookie, Name) ->
+    S = raw(Node, 2),
+    NameB = list_to_binary(Name),
+    ok = gen_tcp:send(S, <<$N, (flags()):64, 1:32, (byte_size(NameB)):16, NameB/binary>>),
+    {ok, <<$s, "ok">>} = gen_tcp:recv(S, 0, 5000),
+    {ok, <<$N, _:64, Challenge:32, _/binary>>} = gen_tcp:recv(S, 0, 5000),
+    ok = gen_tcp:send(S, <<$r, 42:32, (erlang:md5([Cookie, integer_to_list(Challenge)]))/binary>>),
+    {ok, <<$a, _/binary>>} = gen_tcp:recv(S, 0, 5000),
+    ok = inet:setopts(S, [{packet, 4}]),
+    S.
+frame(Ctl, none) -> <<$p, (term_to_binary(Ctl))/binary>>;
+frame(Ctl, Msg) -> <<$p, (term_to_binary(Ctl))/binary, (term_to_binary(Msg))/binary>>.
+tick_forever(S) ->
+    case gen_tcp:send(S, <<>>) of ok -> timer:sleep(200), tick_forever(S); _ -> ok end.
+]]
+
+  describe("connections", function()
+    it("a peer that spoils the handshake or sends malformed frames is dropped and logged; the host goes on", function()
+      local name = uniq("mb")
+      local node = name .. "@" .. HOST
+      local e = erl(string.format([=[
+        {ok, rawpeer} = compile:file("rawpeer.erl"),
+        Node = '%s', Cookie = "%s", Me = atom_to_list(node()),
+        Wait = fun W(0) -> exit(no_node); W(N) -> case net_adm:ping(Node) of pong -> ok; pang -> timer:sleep(100), W(N - 1) end end,
+        Wait(100),
+        Closed = fun(S) -> case gen_tcp:recv(S, 0, 5000) of {error, closed} -> closed; Else -> Else end end,
+        Fake = fun(I) -> "fake" ++ integer_to_list(I) ++ "@" ++ lists:nth(2, string:split(Me, "@")) end,
+        %% The handshake spoiled: not a name packet; a name, then nothing.
+        S1 = rawpeer:raw(Node, 2), ok = gen_tcp:send(S1, <<"GET / HTTP/1.0">>),
+        io:format("notname ~p~n", [Closed(S1)]),
+        S2 = rawpeer:raw(Node, 2), ok = gen_tcp:send(S2, <<$N, 0:64>>),
+        io:format("shortname ~p~n", [Closed(S2)]),
+        %% After the handshake: frames no node sends.
+        Bad = [{notp, <<"xyz">>},
+               {badterm, <<$p, 131, 104, 2, 97, 1>>},
+               {wrongarity, rawpeer:frame({2}, none)},
+               {notuple, rawpeer:frame(42, none)},
+               {badsend, <<$p, (term_to_binary({2, '', self()}))/binary, 131, 255>>}],
+        lists:foreach(fun({I, {What, Bytes}}) ->
+            S = rawpeer:connect(Node, Cookie, Fake(I)),
+            ok = gen_tcp:send(S, Bytes),
+            io:format("~p ~p~n", [What, Closed(S)])
+          end, lists:zip(lists:seq(1, length(Bad)), Bad)),
+        %% A frame longer than the limit: the length alone closes it.
+        S3 = rawpeer:connect(Node, Cookie, Fake(10)),
+        ok = inet:setopts(S3, [{packet, raw}]), ok = gen_tcp:send(S3, <<255, 255, 255, 240, 0>>),
+        io:format("huge ~p~n", [Closed(S3)]),
+        %% What is well formed stays: an operation we do not know, a fun.
+        S4 = rawpeer:connect(Node, Cookie, Fake(11)),
+        ok = gen_tcp:send(S4, rawpeer:frame({99, x}, none)),
+        ok = gen_tcp:send(S4, rawpeer:frame({6, self(), '', target}, {fun() -> ok end})),
+        ok = gen_tcp:send(S4, rawpeer:frame({6, self(), '', target}, after_unknown)),
+        io:format("unknown ~p~n", [gen_tcp:recv(S4, 0, 1000)]),
+        gen_tcp:close(S4),
+        {target, Node} ! done,
+        io:format("finished~n"),
+        timer:sleep(500),
+        halt().]=], node, COOKIE), { files = { ["rawpeer.erl"] = RAWPEER }, limit = 60 })
+      local code, out, err = moonbeam([[
+        mb.register("target")
+        for _ = 1, 2 do
+          local m = mb.receive(40000)
+          print("got", tostring(m))
+        end
+        print("nodes", #mb.nodes())
+      ]], { name = name, limit = 60 })
+      assert.equal(0, code, err)
+      local o = await_output(e, "finished", 40000)
+      for _, what in ipairs({ "notname", "shortname", "notp", "badterm", "wrongarity", "notuple",
+                              "badsend", "huge" }) do
+        assert.is_true(S.has(o, what .. " closed"), what .. ": " .. o)
+      end
+      assert.is_true(S.has(o, "unknown {error,timeout}"), o)
+      assert.is_true(S.has(out, "got\tafter_unknown"), out)
+      assert.is_true(S.has(out, "got\tdone"), out)
+      assert.is_true(S.has(err, "refused a connection"), err)
+      assert.is_true(S.has(err, "malformed message"), err)
+      assert.is_true(S.has(err, "a frame of 4294967280 bytes"), err)
+      assert.is_true(S.has(err, "dropped a message from fake11"), err)
+    end)
+
+    it("output to a peer that does not read: senders wait at the busy limit, the connection is dropped after net_ticktime", function()
+      local name = uniq("mb")
+      local node = name .. "@" .. HOST
+      local e = erl(string.format([=[
+        {ok, rawpeer} = compile:file("rawpeer.erl"),
+        Node = '%s',
+        Wait = fun W(0) -> exit(no_node); W(N) -> case catch rawpeer:connect(Node, "%s", "sink@" ++ lists:nth(2, string:split(atom_to_list(node()), "@"))) of {'EXIT', _} -> timer:sleep(100), W(N - 1); S -> S end end,
+        S = Wait(100),
+        io:format("connected~n"),
+        rawpeer:tick_forever(S),
+        io:format("dropped~n"),
+        halt().]=], node, COOKIE), { files = { ["rawpeer.erl"] = RAWPEER }, limit = 60 })
+      local code, out, err = moonbeam([[
+        local sink = "sink@" .. mb.node():match("@(.*)")
+        for _ = 1, 300 do
+          if #mb.nodes() > 0 then break end
+          mb.sleep(100)
+        end
+        print("up", mb.nodes()[1] == sink)
+        local me = mb.self()
+        local sender = mb.spawn(function()
+          local chunk = string.rep("x", 256 * 1024)
+          for i = 1, 64 do
+            mb.send({"nobody", sink}, chunk)
+            mb.send(me, i)
+          end
+        end)
+        local sent, t0 = 0, mb.now()
+        while true do
+          local i = mb.receive(500)
+          if i == nil then break end
+          sent = i
+        end
+        print("blocked", sent < 64)
+        while sent < 64 do sent = mb.receive(10000) or 64 end
+        print("finished after", mb.now() - t0 > 1000)
+        print("nodes", #mb.nodes())
+      ]], { name = name, host_args = "--net-ticktime 2", limit = 60 })
+      assert.equal(0, code, err)
+      assert.is_true(S.has(out, "up\ttrue"), out)
+      assert.is_true(S.has(out, "blocked\ttrue"), out)
+      assert.is_true(S.has(out, "finished after\ttrue"), out)
+      assert.is_true(S.has(out, "nodes\t0"), out)
+      assert.is_true(S.has(err, "it has not read for"), err)
+      assert.is_true(S.has(await_output(e, "dropped"), "connected"), output(e))
+    end)
+
+    it("a peer that does not read while many processes send to it is dropped at the queue's bound", function()
+      local name = uniq("mb")
+      local node = name .. "@" .. HOST
+      local e = erl(string.format([=[
+        {ok, rawpeer} = compile:file("rawpeer.erl"),
+        Node = '%s',
+        Wait = fun W(0) -> exit(no_node); W(N) -> case catch rawpeer:connect(Node, "%s", "sink@" ++ lists:nth(2, string:split(atom_to_list(node()), "@"))) of {'EXIT', _} -> timer:sleep(100), W(N - 1); S -> S end end,
+        S = Wait(100),
+        rawpeer:tick_forever(S),
+        io:format("dropped~n"),
+        halt().]=], node, COOKIE), { files = { ["rawpeer.erl"] = RAWPEER }, limit = 60 })
+      local code, out, err = moonbeam([[
+        local sink = "sink@" .. mb.node():match("@(.*)")
+        for _ = 1, 300 do
+          if #mb.nodes() > 0 then break end
+          mb.sleep(100)
+        end
+        local me = mb.self()
+        for _ = 1, 48 do
+          mb.spawn(function()
+            mb.send({"nobody", sink}, string.rep("y", 1024 * 1024))
+            mb.send(me, "sent")
+          end)
+        end
+        local n = 0
+        for _ = 1, 48 do if mb.receive(20000) then n = n + 1 end end
+        print("senders", n)
+        print("nodes", #mb.nodes())
+      ]], { name = name, limit = 60 })
+      assert.equal(0, code, err)
+      assert.is_true(S.has(out, "senders\t48"), out)
+      assert.is_true(S.has(out, "nodes\t0"), out)
+      assert.is_true(S.has(err, "it does not read what we send"), err)
+      await_output(e, "dropped")
     end)
   end)
 

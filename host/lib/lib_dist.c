@@ -194,6 +194,23 @@ const luaL_Reg mb_lib_dist_funcs[] = {
   {NULL, NULL}
 };
 
+/* After a send to node: a sender whose message went on a connection with
+ * more than MB_DIST_BUSY_LIMIT bytes queued waits until it drains (dist.h).
+ * Returns the binding's result count (yields if it must wait; never from
+ * where a yield is impossible, a C callback). */
+static int after_send(lua_State *L, uint32_t node)
+{
+  mb_proc_t *p = mb_lib_self(L);
+  if (!mb_run_can_yield(p, L) || !mb_dist_busy_wait(p, node))
+    return 0;
+  return mb_run_yield(L, MB_YIELD_WAIT);
+}
+
+int mb_lib_dist_sent(lua_State *L, mb_pid_t dest)
+{
+  return after_send(L, mb_remote_node(dest));
+}
+
 int mb_lib_dist_send_named(lua_State *L, mb_msg_t *m, const char *fname)
 {
   mb_proc_t *p = mb_lib_self(L);
@@ -213,7 +230,7 @@ int mb_lib_dist_send_named(lua_State *L, mb_msg_t *m, const char *fname)
     return luaL_error(L, "%s: this host is not a node (start it with --sname or --name)", fname);
   if (rc < 0)
     return luaL_error(L, "%s: %s", fname, err);
-  return 0;
+  return after_send(L, node);
 }
 
 /* mb.monitor({name, node}) -> ref: lib_mb.c's monitor hands a table here.
