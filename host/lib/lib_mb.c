@@ -320,6 +320,8 @@ static int l_send(lua_State *L)
   m->from = p->pid;
   m->ref = alias;
   mb_proc_send(dest, m);
+  if (mb_id_is_remote(dest))   /* may wait while the node's output is busy */
+    return mb_lib_dist_sent(L, dest);
   return 0;
 }
 
