@@ -11,7 +11,8 @@
  * a wrong cookie is refused and logged). After it, the socket is handed to
  * one scheduler's loop (uv_tcp_open), which does all its framed traffic:
  * 4-byte length frames, a 0-length frame is a tick (sent when we have been
- * silent for MB_DIST_TICK_MS; a peer silent for 4 ticks is taken for dead),
+ * silent for a third of a tick, MB_DIST_TICK_MS or a quarter of
+ * --net-ticktime; a peer silent for 4 ticks is taken for dead),
  * and pass-through ('p') messages holding a control tuple and maybe a
  * message (etf.h translates terms).
  *
@@ -22,7 +23,12 @@
  * of our processes only watches the connection. Our socket callbacks
  * (ei_connect_init_ussi) add that flag to the handshake's name and
  * challenge packets; we then handle MONITOR_P, DEMONITOR_P and
- * MONITOR_P_EXIT, by pid and by name.
+ * MONITOR_P_EXIT, by pid and by name (ours: mb.monitor({name, node}), with
+ * a name's pid-like id, remote.h). They add DFLAG_ALIAS too: a peer that
+ * takes it gets our sends made with one of its aliases as ALIAS_SEND, and
+ * may send ALIAS_SEND to ours, which dist_alias.c finds the owner of (the
+ * reply path of gen_server:call both ways). The socket callbacks also read
+ * the peer's offer, kept on the connection.
  *
  * What crosses: sends (SEND, REG_SEND), links (LINK, UNLINK_ID, EXIT),
  * exit signals (EXIT2), monitors. Each connection keeps, under the table's
@@ -36,7 +42,10 @@
  * Untrusted input: a frame over MB_DIST_MAX_FRAME, a frame that is not a
  * pass-through message, or a malformed term closes that connection (and is
  * logged); a well-formed message this host cannot represent (a fun, a port)
- * is dropped and logged. Nothing a peer sends can crash the host.
+ * is dropped and logged; an operation we never negotiated is ignored.
+ * Nothing a peer sends can crash the host. Refs that peers send are held
+ * only while a process or a remote monitor has them (remote.h), so new
+ * refs in every call do not add up.
  *
  * Output: frames for a node queue on its connection, and the connection's
  * loop writes all that is queued in one write when it gets to it. See
