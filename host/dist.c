@@ -1,7 +1,8 @@
 /* dist.c: node connections and the distribution protocol (see dist.h):
- * the connection table, frames in and out, control messages, and the hooks
- * through which processes reach remote pids. The handshakes and start-up
- * are in dist_start.c.
+ * the connection table, frames out (encoding, queueing, batched writes),
+ * reading frames off the socket, the hooks through which processes reach
+ * remote pids, and the public side. What a frame asks is done in
+ * dist_recv.c; the handshakes and start-up are in dist_start.c.
  *
  * Functions named on_* and do_* run on the loop thread of the connection's
  * scheduler; hooks (proc.h) on their caller's thread.
@@ -17,15 +18,6 @@
 #include "reg.h"
 #include "remote.h"
 #include "term.h"
-
-/* Control message operations (erl_dist_protocol). */
-enum {
-  OP_LINK = 1, OP_SEND = 2, OP_EXIT = 3, OP_UNLINK = 4, OP_REG_SEND = 6,
-  OP_EXIT2 = 8, OP_MONITOR_P = 19, OP_DEMONITOR_P = 20, OP_MONITOR_P_EXIT = 21,
-  OP_SEND_SENDER = 22, OP_ALIAS_SEND = 33, OP_ALIAS_SEND_TT = 34, OP_UNLINK_ID = 35,
-  OP_UNLINK_ID_ACK = 36
-};
-#define PASS_THROUGH 112
 
 /* -- State ------------------------------------------------------------------- */
 
@@ -60,13 +52,13 @@ const char *dist_node_text(uint32_t atom)
 /* Let go of a hold on ref if it is another node's (remote.h): refs read
  * from control messages are held until dropped here; a remote monitor of
  * ours keeps its watcher's ref held as long as its pair is in mon_in. */
-static void unhold(mb_ref_t ref)
+void dist_unhold(mb_ref_t ref)
 {
   if (mb_id_is_remote(ref))
     mb_remote_ref_release(ref);
 }
 
-static void pairs_add(pairs_t *s, mb_pid_t local, mb_pid_t remote, uint64_t ref, uint32_t name)
+void dist_pairs_add(pairs_t *s, mb_pid_t local, mb_pid_t remote, uint64_t ref, uint32_t name)
 {
   if (s->n == s->cap) {
     s->cap = s->cap ? 2 * s->cap : 4;
@@ -77,7 +69,7 @@ static void pairs_add(pairs_t *s, mb_pid_t local, mb_pid_t remote, uint64_t ref,
 
 /* Remove the first entry with this ref (ref != 0) or this local/remote
  * pair; copy it to *out if asked. Returns 1 if found. */
-static int pairs_del(pairs_t *s, mb_pid_t local, mb_pid_t remote, uint64_t ref, pair_t *out)
+int dist_pairs_del(pairs_t *s, mb_pid_t local, mb_pid_t remote, uint64_t ref, pair_t *out)
 {
   for (uint32_t i = 0; i < s->n; i++) {
     pair_t *p = &s->v[i];
@@ -156,17 +148,8 @@ static void table_remove(conn_t *c)
 
 /* -- Frames ---------------------------------------------------------------------- */
 
-typedef struct ctl {
-  int op;
-  mb_pid_t from, to;
-  uint32_t name;              /* REG_SEND: the name; MONITOR_P_EXIT: FromProc */
-  mb_ref_t ref;
-  uint64_t id;                /* UNLINK_ID */
-  const mb_msg_t *reason;
-} ctl_t;
-
 /* The control tuple (versioned) at buf (NULL: count). */
-static int put_ctl(char *buf, int *idx, const ctl_t *c)
+int dist_put_ctl(char *buf, int *idx, const ctl_t *c)
 {
   int rc = 0;
   rc |= ei_encode_version(buf, idx);
@@ -246,10 +229,10 @@ static int put_ctl(char *buf, int *idx, const ctl_t *c)
 }
 
 /* A frame holding the control message and the message m (or none). */
-static frame_t *frame_new(const ctl_t *c, const mb_msg_t *m)
+frame_t *dist_frame_new(const ctl_t *c, const mb_msg_t *m)
 {
   int csize = 0;
-  if (put_ctl(NULL, &csize, c) < 0)
+  if (dist_put_ctl(NULL, &csize, c) < 0)
     return NULL;
   long msize = m ? mb_etf_size(m, 0, NULL, 0) : 0;
   if (msize < 0)
@@ -267,7 +250,7 @@ static frame_t *frame_new(const ctl_t *c, const mb_msg_t *m)
   p[3] = (unsigned char)len;
   p[4] = PASS_THROUGH;
   int idx = 0;
-  put_ctl(f->data + 5, &idx, c);
+  dist_put_ctl(f->data + 5, &idx, c);
   if (m)
     mb_etf_write(m, 0, f->data + 5 + csize);
   return f;
@@ -287,7 +270,7 @@ static uint64_t now_ms(void)
  * not read what we send (senders in Lua wait at MB_DIST_BUSY_LIMIT, see
  * mb_dist_busy_wait, so only many of them at once or exit signals get
  * here). */
-static void queue_locked(conn_t *c, frame_t *f)
+void dist_queue_locked(conn_t *c, frame_t *f)
 {
   if (c->state == C_DOWN) {
     mb_free(f);
@@ -316,9 +299,9 @@ static void queue_locked(conn_t *c, frame_t *f)
 }
 
 /* Build and send a control message (and m) to node. */
-static void send_ctl(uint32_t node, const ctl_t *ctl, const mb_msg_t *m)
+void dist_send_ctl(uint32_t node, const ctl_t *ctl, const mb_msg_t *m)
 {
-  frame_t *f = frame_new(ctl, m);
+  frame_t *f = dist_frame_new(ctl, m);
   if (f == NULL) {
     dist_log("cannot encode a message for %s (dropped)", dist_node_text(node));
     return;
@@ -326,7 +309,7 @@ static void send_ctl(uint32_t node, const ctl_t *ctl, const mb_msg_t *m)
   pthread_mutex_lock(&dist_lock);
   conn_t *c = get(node);
   if (c)
-    queue_locked(c, f);
+    dist_queue_locked(c, f);
   else
     mb_free(f);
   pthread_mutex_unlock(&dist_lock);
@@ -343,7 +326,7 @@ static void notify_waiters(waiter_t *w, int ok);
 static int push_drained(lua_State *L, mb_io_req_t *req);
 static void notify(waiter_t *w, int ok, int (*push)(lua_State *, mb_io_req_t *));
 
-static mb_msg_t *reason_msg(const char *s)
+mb_msg_t *dist_reason_msg(const char *s)
 {
   return mb_must(mb_msg_string(s));
 }
@@ -381,9 +364,9 @@ void dist_conn_down(conn_t *c, const char *why)
   for (uint32_t i = 0; i < links.n; i++)
     if (mb_proc_unlink_remote(links.v[i].local, links.v[i].remote))
       mb_proc_link_exit(links.v[i].local, links.v[i].remote,
-                        reason_msg("noconnection"));
+                        dist_reason_msg("noconnection"));
   for (uint32_t i = 0; i < out.n; i++) {
-    mb_msg_t *m = reason_msg("noconnection");
+    mb_msg_t *m = dist_reason_msg("noconnection");
     m->kind = MB_MSG_DOWN;
     m->from = out.v[i].remote;
     m->ref = out.v[i].ref;
@@ -392,7 +375,7 @@ void dist_conn_down(conn_t *c, const char *why)
   for (uint32_t i = 0; i < in.n; i++) {
     if (in.v[i].local)
       mb_proc_unwatch_remote(in.v[i].local, in.v[i].ref);
-    unhold(in.v[i].ref);
+    dist_unhold(in.v[i].ref);
   }
   for (uint32_t i = 0; i < nm.n; i++) {
     mb_msgb_t b;
@@ -550,7 +533,7 @@ static void do_flush(void *arg)
   }
 }
 
-/* The output queue went over MB_DIST_QUEUE_MAX (queue_locked). */
+/* The output queue went over MB_DIST_QUEUE_MAX (dist_queue_locked). */
 static void do_kill(void *arg)
 {
   conn_t *c = arg;
@@ -591,357 +574,12 @@ static void on_tick(uv_timer_t *t)
     f->len = 4;
     memset(f->data, 0, 4);
     pthread_mutex_lock(&dist_lock);
-    queue_locked(c, f);
+    dist_queue_locked(c, f);
     pthread_mutex_unlock(&dist_lock);
   }
 }
 
 /* -- Reading ------------------------------------------------------------------- */
-
-/* Decode the message part of a frame at data[*idx]; NULL if it was dropped
- * (logged), and *bad set if the connection must close. */
-static mb_msg_t *frame_msg(conn_t *c, const char *data, long len, long *idx, int *bad)
-{
-  mb_msg_t *m;
-  int rc = mb_etf_decode(data, len, idx, 0, &m);
-  if (rc == 0 && *idx != len)
-    rc = MB_ETF_MALFORMED;
-  if (rc == MB_ETF_MALFORMED) {
-    *bad = 1;
-    return NULL;
-  }
-  if (rc == MB_ETF_UNSUPPORTED)
-    dist_log("dropped a message from %s: it holds a fun, a port or a bit string, "
-          "which have no Lua value", dist_node_text(c->node));
-  else if (rc < 0)
-    dist_log("dropped a message from %s: %s", dist_node_text(c->node), mb_strerror(rc));
-  if (rc)
-    mb_msg_free(m = NULL);
-  return m;
-}
-
-static mb_msg_t *ctl_reason(const char *data, long len, int *i, int *bad)
-{
-  long idx = *i;
-  mb_msg_t *m;
-  int rc = mb_etf_decode(data, len, &idx, MB_ETF_REASON | MB_ETF_BARE, &m);
-  *i = (int)idx;
-  if (rc == MB_ETF_MALFORMED) {
-    *bad = 1;
-    return NULL;
-  }
-  if (rc < 0)
-    return reason_msg("unsupported_reason");
-  return m;
-}
-
-/* A pid or a registered name (atom) at data[*i]: the local pid, or 0. */
-static mb_pid_t proc_or_name(const char *data, int *i, uint32_t *name, int *bad)
-{
-  int type, size;
-  *name = 0;
-  ei_get_type(data, i, &type, &size);
-  if (type == ERL_ATOM_EXT || type == ERL_SMALL_ATOM_EXT || type == ERL_ATOM_UTF8_EXT ||
-      type == ERL_SMALL_ATOM_UTF8_EXT) {
-    int rc = mb_etf_get_atom(data, i, name);
-    if (rc == MB_ETF_MALFORMED)
-      *bad = 1;
-    if (rc < 0)
-      return 0;
-    size_t n;
-    const char *s = mb_atom_name(*name, &n);
-    return mb_reg_whereis(s);
-  }
-  mb_pid_t pid;
-  if (mb_etf_get_pid(data, i, &pid) < 0) {
-    *bad = 1;
-    return 0;
-  }
-  return mb_id_is_remote(pid) ? 0 : pid;
-}
-
-/* Is atom name "net_kernel"? */
-static int is_net_kernel(uint32_t name)
-{
-  size_t n;
-  const char *s = name ? mb_atom_name(name, &n) : NULL;
-  return s && strcmp(s, "net_kernel") == 0;
-}
-
-/* net_adm:ping(Node) calls net_kernel on Node with {is_auth, Peer}: a
- * connection that exists passed the cookie check, so the answer is yes,
- * which we give here when no process of ours is registered as net_kernel.
- * The message at data[idx] is checked already. */
-static void answer_net_kernel(conn_t *c, const char *data, long len, long idx)
-{
-  int i = (int)idx, v, n;
-  char atom[MAXATOMLEN_UTF8];
-  mb_pid_t from;
-  if (ei_decode_version(data, &i, &v) < 0 || ei_decode_tuple_header(data, &i, &n) < 0 ||
-      n != 3 || ei_decode_atom(data, &i, atom) < 0 || strcmp(atom, "$gen_call") != 0 ||
-      ei_decode_tuple_header(data, &i, &n) < 0 || n != 2 ||
-      mb_etf_get_pid(data, &i, &from) < 0)
-    return;
-  int tag = i;
-  if (ei_skip_term(data, &i) < 0 || ei_decode_tuple_header(data, &i, &n) < 0 || n != 2 ||
-      ei_decode_atom(data, &i, atom) < 0 || strcmp(atom, "is_auth") != 0)
-    return;
-  int tag_len = 0, k = tag;
-  ei_skip_term(data, &k);
-  tag_len = k - tag;
-  ctl_t x = {.op = OP_SEND, .to = from};
-  int csize = 0;
-  if (put_ctl(NULL, &csize, &x) < 0)
-    return;
-  /* {Tag, yes}: version, tuple header, the tag's own bytes, the atom. */
-  int msize = 0;
-  ei_encode_version(NULL, &msize);
-  ei_encode_tuple_header(NULL, &msize, 2);
-  msize += tag_len;
-  ei_encode_atom(NULL, &msize, "yes");
-  size_t flen = 1 + (size_t)csize + (size_t)msize;
-  frame_t *f = mb_malloc(sizeof *f + 4 + flen);
-  f->next = NULL;
-  f->len = 4 + flen;
-  unsigned char *p = (unsigned char *)f->data;
-  p[0] = (unsigned char)(flen >> 24);
-  p[1] = (unsigned char)(flen >> 16);
-  p[2] = (unsigned char)(flen >> 8);
-  p[3] = (unsigned char)flen;
-  p[4] = PASS_THROUGH;
-  int w = 0;
-  put_ctl(f->data + 5, &w, &x);
-  char *m = f->data + 5 + csize;
-  int j = 0;
-  ei_encode_version(m, &j);
-  ei_encode_tuple_header(m, &j, 2);
-  memcpy(m + j, data + tag, (size_t)tag_len);
-  j += tag_len;
-  ei_encode_atom(m, &j, "yes");
-  (void)len;
-  pthread_mutex_lock(&dist_lock);
-  queue_locked(c, f);
-  pthread_mutex_unlock(&dist_lock);
-}
-
-/* Handle one frame (len > 0); returns -1 if the connection must close. */
-static int handle_frame(conn_t *c, const char *data, long len)
-{
-  if ((unsigned char)data[0] != PASS_THROUGH)
-    return -1;
-  long cend = 1;
-  if (mb_etf_check(data, len, &cend) < 0)
-    return -1;
-  int i = 1, v, arity, bad = 0;
-  long op;
-  if (ei_decode_version(data, &i, &v) < 0 || ei_decode_tuple_header(data, &i, &arity) < 0 ||
-      arity < 1 || ei_decode_long(data, &i, &op) < 0)
-    return -1;
-  mb_pid_t from = 0, to = 0;
-  mb_ref_t ref = 0;
-  uint32_t name = 0;
-  long idx = cend;
-
-  switch (op) {
-  case OP_SEND:
-  case OP_SEND_SENDER:
-    if (arity != 3)
-      return -1;
-    if (op == OP_SEND) {
-      if (ei_skip_term(data, &i) < 0)
-        return -1;
-    } else if (mb_etf_get_pid(data, &i, &from) < 0) {
-      return -1;
-    }
-    if (mb_etf_get_pid(data, &i, &to) < 0)
-      return -1;
-    goto deliver;
-  case OP_ALIAS_SEND:
-  case OP_ALIAS_SEND_TT: {
-    /* {33, From, Alias} or {34, From, Alias, Token}: the owner of Alias
-     * (ours, else nobody) gets the message through it. */
-    if (arity != (op == OP_ALIAS_SEND ? 3 : 4) || mb_etf_get_pid(data, &i, &from) < 0 ||
-        mb_etf_get_ref(data, &i, &ref) < 0)
-      return -1;
-    if (mb_id_is_remote(ref)) {
-      unhold(ref);               /* not an alias of ours: nobody's */
-      ref = 0;
-    }
-    to = ref ? dist_alias_owner(ref) : 0;
-    goto deliver;
-  }
-  case OP_REG_SEND: {
-    if (arity != 4 || mb_etf_get_pid(data, &i, &from) < 0 || ei_skip_term(data, &i) < 0)
-      return -1;
-    int rc = mb_etf_get_atom(data, &i, &name);
-    if (rc == MB_ETF_MALFORMED)
-      return -1;
-    size_t n;
-    to = rc == 0 ? mb_reg_whereis(mb_atom_name(name, &n)) : 0;
-    if (to == 0 && rc == 0 && strcmp(mb_atom_name(name, &n), "net_kernel") == 0) {
-      long end = idx;
-      if (mb_etf_check(data, len, &end) < 0 || end != len)
-        return -1;
-      answer_net_kernel(c, data, len, idx);
-      return 0;
-    }
-    goto deliver;
-  }
-  case OP_LINK:
-    if (arity != 3 || mb_etf_get_pid(data, &i, &from) < 0 || mb_etf_get_pid(data, &i, &to) < 0)
-      return -1;
-    if (mb_id_is_remote(to) || mb_proc_link_remote(to, from) < 0) {
-      ctl_t x = {.op = OP_EXIT, .from = to, .to = from};
-      mb_msg_t *r = reason_msg("noproc");
-      x.reason = r;
-      send_ctl(c->node, &x, NULL);
-      mb_msg_free(r);
-    } else {
-      pthread_mutex_lock(&dist_lock);
-      if (c->state != C_DOWN)
-        pairs_add(&c->links, to, from, 0, 0);
-      pthread_mutex_unlock(&dist_lock);
-    }
-    return cend == len ? 0 : -1;
-  case OP_UNLINK:
-  case OP_UNLINK_ID: {
-    unsigned long long id = 0;
-    if (arity != (op == OP_UNLINK ? 3 : 4) ||
-        (op == OP_UNLINK_ID && ei_decode_ulonglong(data, &i, &id) < 0) ||
-        mb_etf_get_pid(data, &i, &from) < 0 || mb_etf_get_pid(data, &i, &to) < 0)
-      return -1;
-    if (!mb_id_is_remote(to))
-      mb_proc_unlink_remote(to, from);
-    pthread_mutex_lock(&dist_lock);
-    pairs_del(&c->links, to, from, 0, NULL);
-    pthread_mutex_unlock(&dist_lock);
-    if (op == OP_UNLINK_ID) {
-      ctl_t x = {.op = OP_UNLINK_ID_ACK, .id = id, .from = to, .to = from};
-      send_ctl(c->node, &x, NULL);
-    }
-    return cend == len ? 0 : -1;
-  }
-  case OP_UNLINK_ID_ACK:
-    return cend == len ? 0 : -1;
-  case OP_EXIT:
-  case OP_EXIT2: {
-    if (arity != 4 || mb_etf_get_pid(data, &i, &from) < 0 || mb_etf_get_pid(data, &i, &to) < 0)
-      return -1;
-    mb_msg_t *r = ctl_reason(data, len, &i, &bad);
-    if (bad)
-      return -1;
-    if (op == OP_EXIT) {
-      pthread_mutex_lock(&dist_lock);
-      pairs_del(&c->links, to, from, 0, NULL);
-      pthread_mutex_unlock(&dist_lock);
-      /* A link exit for a link that is gone is ignored, as in Erlang. */
-      if (mb_id_is_remote(to) || !mb_proc_unlink_remote(to, from)) {
-        mb_msg_free(r);
-        return cend == len ? 0 : -1;
-      }
-      mb_proc_link_exit(to, from, r);
-    } else if (!mb_id_is_remote(to)) {
-      mb_proc_exit_signal(to, from, r, mb_msg_is_kill(r));
-    } else {
-      mb_msg_free(r);
-    }
-    return cend == len ? 0 : -1;
-  }
-  case OP_MONITOR_P:
-  case OP_DEMONITOR_P: {
-    if (arity != 4 || mb_etf_get_pid(data, &i, &from) < 0)
-      return -1;
-    to = proc_or_name(data, &i, &name, &bad);
-    if (bad || mb_etf_get_ref(data, &i, &ref) < 0)
-      return -1;
-    if (op == OP_DEMONITOR_P) {
-      pair_t p;
-      pthread_mutex_lock(&dist_lock);
-      int found = pairs_del(&c->mon_in, 0, 0, ref, &p);
-      pthread_mutex_unlock(&dist_lock);
-      if (found && p.local)
-        mb_proc_unwatch_remote(p.local, ref);
-      if (found)
-        unhold(p.ref);           /* the pair's */
-      unhold(ref);
-      return cend == len ? 0 : -1;
-    }
-    /* The watcher's ref stays held by the pair (until the monitor ends). */
-    int added = 0;
-    if (to == 0 && is_net_kernel(name)) {
-      /* gen:call monitors {net_kernel, Node} before asking is_auth (ping);
-       * the net_kernel we answer for (answer_net_kernel) never dies. */
-      pthread_mutex_lock(&dist_lock);
-      if ((added = c->state != C_DOWN))
-        pairs_add(&c->mon_in, 0, from, ref, name);
-      pthread_mutex_unlock(&dist_lock);
-    } else if (to && mb_proc_watch_remote(to, from, ref) == 0) {
-      pthread_mutex_lock(&dist_lock);
-      if ((added = c->state != C_DOWN))
-        pairs_add(&c->mon_in, to, from, ref, name);
-      pthread_mutex_unlock(&dist_lock);
-      if (!added)
-        mb_proc_unwatch_remote(to, ref);
-    } else {
-      ctl_t x = {.op = OP_MONITOR_P_EXIT, .from = to, .to = from, .ref = ref, .name = name};
-      mb_msg_t *r = reason_msg("noproc");
-      x.reason = r;
-      send_ctl(c->node, &x, NULL);
-      mb_msg_free(r);
-    }
-    if (!added)
-      unhold(ref);
-    return cend == len ? 0 : -1;
-  }
-  case OP_MONITOR_P_EXIT: {
-    if (arity != 5)
-      return -1;
-    proc_or_name(data, &i, &name, &bad);
-    if (bad || mb_etf_get_pid(data, &i, &to) < 0 || mb_etf_get_ref(data, &i, &ref) < 0)
-      return -1;
-    mb_msg_t *r = ctl_reason(data, len, &i, &bad);
-    if (bad)
-      return -1;
-    pair_t p;
-    pthread_mutex_lock(&dist_lock);
-    int found = pairs_del(&c->mon_out, 0, 0, ref, &p);
-    pthread_mutex_unlock(&dist_lock);
-    if (mb_id_is_remote(ref)) {  /* not one of our monitors */
-      unhold(ref);
-      found = 0;
-    }
-    if (found && !mb_id_is_remote(to)) {
-      r->kind = MB_MSG_DOWN;
-      r->from = p.remote;
-      r->ref = ref;
-      mb_proc_send(to, r);
-    } else {
-      mb_msg_free(r);
-    }
-    return cend == len ? 0 : -1;
-  }
-  default:
-    /* Operations we never negotiated: ignored. */
-    return 0;
-  }
-deliver:
-  {
-    mb_msg_t *m = frame_msg(c, data, len, &idx, &bad);
-    if (bad)
-      return -1;
-    if (m == NULL)
-      return 0;
-    if (to == 0 || mb_id_is_remote(to)) {
-      mb_msg_free(m);
-      return 0;
-    }
-    m->kind = MB_MSG_USER;
-    m->from = from;
-    m->ref = op == OP_ALIAS_SEND || op == OP_ALIAS_SEND_TT ? ref : 0;
-    mb_proc_send(to, m);
-    return 0;
-  }
-}
 
 static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
 {
@@ -964,7 +602,7 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
     }
     if (c->rlen - at - 4 < len)
       break;
-    if (len && handle_frame(c, c->rbuf + at + 4, len) < 0) {
+    if (len && dist_handle_frame(c, c->rbuf + at + 4, len) < 0) {
       dist_log("closing the connection to %s: malformed message", dist_node_text(c->node));
       dist_conn_down(c, NULL);
       return;
@@ -1034,7 +672,7 @@ static void hook_send(mb_pid_t to, mb_msg_t *m)
     pthread_mutex_lock(&dist_lock);
     conn_t *c = dist_find(node);
     if (c)
-      pairs_del(&c->links, m->from, to, 0, NULL);
+      dist_pairs_del(&c->links, m->from, to, 0, NULL);
     pthread_mutex_unlock(&dist_lock);
     if (c == NULL) {             /* no connection, no link to tell */
       mb_msg_free(m);
@@ -1048,7 +686,7 @@ static void hook_send(mb_pid_t to, mb_msg_t *m)
     pair_t p = {0};
     pthread_mutex_lock(&dist_lock);
     conn_t *c = dist_find(node);
-    int found = c && pairs_del(&c->mon_in, 0, 0, m->ref, &p);
+    int found = c && dist_pairs_del(&c->mon_in, 0, 0, m->ref, &p);
     pthread_mutex_unlock(&dist_lock);
     if (!found) {
       mb_msg_free(m);
@@ -1061,9 +699,9 @@ static void hook_send(mb_pid_t to, mb_msg_t *m)
     mb_msg_free(m);
     return;
   }
-  send_ctl(node, &x, payload);
+  dist_send_ctl(node, &x, payload);
   if (m->kind == MB_MSG_DOWN)
-    unhold(x.ref);               /* the monitor's pair is gone */
+    dist_unhold(x.ref);               /* the monitor's pair is gone */
   mb_msg_free(m);
 }
 
@@ -1072,21 +710,21 @@ static void hook_link(mb_pid_t self, mb_pid_t remote, int on)
   uint32_t node = mb_remote_node(remote);
   if (node == 0 || node == dist_self_atom || mb_remote_name_of(remote)) {
     if (on && mb_proc_unlink_remote(self, remote))
-      mb_proc_link_exit(self, remote, reason_msg("noproc"));
+      mb_proc_link_exit(self, remote, dist_reason_msg("noproc"));
     return;
   }
   ctl_t x = {.op = on ? OP_LINK : OP_UNLINK_ID, .from = self, .to = remote,
              .id = atomic_fetch_add(&unlink_ids, 1) + 1};
-  frame_t *f = frame_new(&x, NULL);
+  frame_t *f = dist_frame_new(&x, NULL);
   if (f == NULL)
     return;
   pthread_mutex_lock(&dist_lock);
   conn_t *c = get(node);
   if (on)
-    pairs_add(&c->links, self, remote, 0, 0);
+    dist_pairs_add(&c->links, self, remote, 0, 0);
   else
-    pairs_del(&c->links, self, remote, 0, NULL);
-  queue_locked(c, f);
+    dist_pairs_del(&c->links, self, remote, 0, NULL);
+  dist_queue_locked(c, f);
   pthread_mutex_unlock(&dist_lock);
 }
 
@@ -1095,7 +733,7 @@ static void hook_monitor(mb_pid_t self, mb_pid_t remote, mb_ref_t ref, int on)
   uint32_t node = mb_remote_node(remote);
   if (node == 0 || node == dist_self_atom) {
     if (on) {
-      mb_msg_t *m = reason_msg("noproc");
+      mb_msg_t *m = dist_reason_msg("noproc");
       m->kind = MB_MSG_DOWN;
       m->from = remote;
       m->ref = ref;
@@ -1104,17 +742,17 @@ static void hook_monitor(mb_pid_t self, mb_pid_t remote, mb_ref_t ref, int on)
     return;
   }
   ctl_t x = {.op = on ? OP_MONITOR_P : OP_DEMONITOR_P, .from = self, .to = remote, .ref = ref};
-  frame_t *f = frame_new(&x, NULL);
+  frame_t *f = dist_frame_new(&x, NULL);
   if (f == NULL)
     return;
   pthread_mutex_lock(&dist_lock);
   conn_t *c = on ? get(node) : dist_find(node);
   if (c) {
     if (on)
-      pairs_add(&c->mon_out, self, remote, ref, 0);
+      dist_pairs_add(&c->mon_out, self, remote, ref, 0);
     else
-      pairs_del(&c->mon_out, 0, 0, ref, NULL);
-    queue_locked(c, f);
+      dist_pairs_del(&c->mon_out, 0, 0, ref, NULL);
+    dist_queue_locked(c, f);
   } else {
     mb_free(f);
   }
@@ -1189,7 +827,7 @@ int mb_dist_send_named(uint32_t node, uint32_t name, mb_pid_t from, mb_msg_t *m,
     return 0;
   }
   ctl_t x = {.op = OP_REG_SEND, .from = from, .name = name};
-  send_ctl(node, &x, m);
+  dist_send_ctl(node, &x, m);
   mb_msg_free(m);
   return 0;
 }
@@ -1283,9 +921,9 @@ int mb_dist_monitor_node(mb_pid_t pid, uint32_t node, int on_)
   conn_t *c = on_ ? get(node) : dist_find(node);
   if (c) {
     if (on_)
-      pairs_add(&c->node_mon, pid, 0, 0, 0);
+      dist_pairs_add(&c->node_mon, pid, 0, 0, 0);
     else
-      pairs_del(&c->node_mon, pid, 0, 0, NULL);
+      dist_pairs_del(&c->node_mon, pid, 0, 0, NULL);
   }
   pthread_mutex_unlock(&dist_lock);
   return 0;

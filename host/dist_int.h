@@ -76,6 +76,51 @@ typedef struct conn {
   uint64_t last_recv, last_send;
 } conn_t;
 
+/* -- Frames (dist.c out, dist_recv.c in) -- */
+
+/* Control message operations (erl_dist_protocol). */
+enum {
+  OP_LINK = 1, OP_SEND = 2, OP_EXIT = 3, OP_UNLINK = 4, OP_REG_SEND = 6,
+  OP_EXIT2 = 8, OP_MONITOR_P = 19, OP_DEMONITOR_P = 20, OP_MONITOR_P_EXIT = 21,
+  OP_SEND_SENDER = 22, OP_ALIAS_SEND = 33, OP_ALIAS_SEND_TT = 34, OP_UNLINK_ID = 35,
+  OP_UNLINK_ID_ACK = 36
+};
+#define PASS_THROUGH 112
+
+/* A control message to encode (dist_put_ctl). */
+typedef struct ctl {
+  int op;
+  mb_pid_t from, to;
+  uint32_t name;              /* REG_SEND: the name; MONITOR_P_EXIT: FromProc */
+  mb_ref_t ref;
+  uint64_t id;                /* UNLINK_ID */
+  const mb_msg_t *reason;
+} ctl_t;
+
+/* The control tuple (versioned) at buf (NULL: count); 0 or -1. */
+int dist_put_ctl(char *buf, int *idx, const ctl_t *c);
+/* A frame holding c and the message m (or none); NULL if it cannot be
+ * encoded or is over MB_DIST_MAX_FRAME. */
+frame_t *dist_frame_new(const ctl_t *c, const mb_msg_t *m);
+/* Queue frame f on c (dist_lock held; takes f). */
+void dist_queue_locked(conn_t *c, frame_t *f);
+/* Encode and queue a control message (and m) for node, connecting first
+ * if needed (logs a message that cannot be encoded). */
+void dist_send_ctl(uint32_t node, const ctl_t *ctl, const mb_msg_t *m);
+/* Handle one frame of c (len > 0, loop thread); -1 if the connection must
+ * close (dist_recv.c). */
+int dist_handle_frame(conn_t *c, const char *data, long len);
+
+/* The links and monitors of a connection (dist_lock held): add one; remove
+ * the first with this ref (ref != 0) or this local/remote pair, copied to
+ * *out if asked; 1 if found. */
+void dist_pairs_add(pairs_t *s, mb_pid_t local, mb_pid_t remote, uint64_t ref, uint32_t name);
+int dist_pairs_del(pairs_t *s, mb_pid_t local, mb_pid_t remote, uint64_t ref, pair_t *out);
+/* Let go of a hold on ref if it is another node's (remote.h). */
+void dist_unhold(mb_ref_t ref);
+/* A one-value message holding the string s (a reason). */
+mb_msg_t *dist_reason_msg(const char *s);
+
 /* State set once by mb_dist_start (dist_start.c) before any scheduler runs. */
 extern pthread_mutex_t dist_lock;
 extern ei_cnode dist_ec;
