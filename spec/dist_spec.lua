@@ -314,6 +314,11 @@ describe("distribution", function()
         end
         local ok, msg = pcall(mb.send, {"echo"}, 1)
         print(ok, msg)
+        -- A bad destination raises after the message was encoded: it is
+        -- freed, not leaked (the ASan run checks).
+        for _, d in ipairs({ {1, e}, {"echo", "nohost"}, {string.rep("n", 2000), e} }) do
+          print("baddest", pcall(mb.send, d, {1, 2, 3}))
+        end
         mb.send({"echo", e}, mb.atom("stop"))
       ]], { args = S.q(e.name) })
       assert.equal(0, code, err)
@@ -321,6 +326,9 @@ describe("distribution", function()
       assert.is_true(S.has(out, "cannot send inf or nan"), out)
       assert.is_true(S.has(out, "255 bytes"), out)
       assert.is_true(S.has(out, "{name, node} expected"), out)
+      assert.is_true(S.has(out, "baddest\tfalse\tbad argument #1 to 'send' (name (a string or atom) expected, got number)"), out)
+      assert.is_true(S.has(out, "baddest\tfalse\tbad argument #1 to 'send' (node name name@host expected, got 'nohost')"), out)
+      assert.is_true(S.has(out, "baddest\tfalse\tbad argument #1 to 'send' (name must be 1 to 1020 bytes)"), out)
     end)
 
     it("a message holding a fun is dropped and logged; the connection stays", function()

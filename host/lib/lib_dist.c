@@ -16,8 +16,10 @@
 #include "run.h"
 #include "term.h"
 
-/* The atom of the string or atom at idx, interned; raises on misuse. */
-static uint32_t check_atom(lua_State *L, int idx, const char *fname, const char *what)
+/* The atom of the string or atom at idx, interned; raises on misuse,
+ * naming argument argn. */
+static uint32_t check_atom_arg(lua_State *L, int idx, int argn, const char *fname,
+                               const char *what)
 {
   uint64_t id = mb_id_test(L, idx, &mb_atom_kind);
   if (id)
@@ -26,26 +28,36 @@ static uint32_t check_atom(lua_State *L, int idx, const char *fname, const char 
   const char *s = lua_type(L, idx) == LUA_TSTRING ? lua_tolstring(L, idx, &n) : NULL;
   if (s == NULL)
     luaL_error(L, "bad argument #%d to '%s' (%s (a string or atom) expected, got %s)",
-               idx, fname, what, luaL_typename(L, idx));
+               argn, fname, what, luaL_typename(L, idx));
   int64_t a = mb_atom_intern(s, n);
   if (a == MB_ETOOMANY)
     luaL_error(L, "%s: the atom table is full (%d atoms)", fname, (int)MB_ATOM_MAX);
   if (a < 0)
-    luaL_error(L, "bad argument #%d to '%s' (%s must be 1 to %d bytes)", idx, fname,
+    luaL_error(L, "bad argument #%d to '%s' (%s must be 1 to %d bytes)", argn, fname,
                what, (int)MB_ATOM_MAX_LEN);
   return (uint32_t)a;
 }
 
-/* A node name: a string (or atom) with an @. */
-static uint32_t check_node(lua_State *L, int idx, const char *fname)
+static uint32_t check_atom(lua_State *L, int idx, const char *fname, const char *what)
 {
-  uint32_t a = check_atom(L, idx, fname, "node name");
+  return check_atom_arg(L, idx, idx, fname, what);
+}
+
+/* A node name: a string (or atom) with an @. */
+static uint32_t check_node_arg(lua_State *L, int idx, int argn, const char *fname)
+{
+  uint32_t a = check_atom_arg(L, idx, argn, fname, "node name");
   size_t n;
   const char *s = mb_atom_name(a, &n);
   if (strchr(s, '@') == NULL)
     luaL_error(L, "bad argument #%d to '%s' (node name name@host expected, got '%s')",
-               idx, fname, s);
+               argn, fname, s);
   return a;
+}
+
+static uint32_t check_node(lua_State *L, int idx, const char *fname)
+{
+  return check_node_arg(L, idx, idx, fname);
 }
 
 static void push_atom_text(lua_State *L, uint32_t a)
@@ -211,18 +223,32 @@ int mb_lib_dist_sent(lua_State *L, mb_pid_t dest)
   return after_send(L, mb_remote_node(dest));
 }
 
+/* The atoms of a {name, node} destination's two values (name, node,
+ * fname on the stack): pushes them as numbers; raises on misuse. Called
+ * protected, so that the caller can free what it holds first. */
+static int dest_atoms(lua_State *L)
+{
+  const char *fname = lua_tostring(L, 3);
+  if (lua_isnil(L, 1) || lua_isnil(L, 2))
+    return luaL_error(L, "bad argument #1 to '%s' ({name, node} expected)", fname);
+  lua_pushnumber(L, check_atom_arg(L, 1, 1, fname, "name"));
+  lua_pushnumber(L, check_node_arg(L, 2, 1, fname));
+  return 2;
+}
+
 int mb_lib_dist_send_named(lua_State *L, mb_msg_t *m, const char *fname)
 {
   mb_proc_t *p = mb_lib_self(L);
+  lua_pushcfunction(L, dest_atoms);
   lua_rawgeti(L, 1, 1);
   lua_rawgeti(L, 1, 2);
-  int top = lua_gettop(L);
-  if (lua_isnil(L, top - 1) || lua_isnil(L, top)) {
-    mb_msg_free(m);
-    return luaL_error(L, "bad argument #1 to '%s' ({name, node} expected)", fname);
+  lua_pushstring(L, fname);
+  if (lua_pcall(L, 3, 2, 0) != 0) {
+    mb_msg_free(m);              /* encoded already: not leaked by the error */
+    return lua_error(L);
   }
-  uint32_t name = check_atom(L, top - 1, fname, "name");
-  uint32_t node = check_node(L, top, fname);
+  uint32_t name = (uint32_t)lua_tonumber(L, -2);
+  uint32_t node = (uint32_t)lua_tonumber(L, -1);
   lua_pop(L, 2);
   char err[256];
   int rc = mb_dist_send_named(node, name, p->pid, m, err, sizeof err);
@@ -246,8 +272,8 @@ int mb_lib_dist_monitor_named(lua_State *L)
   int top = lua_gettop(L);
   if (lua_isnil(L, top - 1) || lua_isnil(L, top))
     return luaL_error(L, "bad argument #1 to 'monitor' (pid or {name, node} expected)");
-  uint32_t name = check_atom(L, top - 1, "monitor", "name");
-  uint32_t node = check_node(L, top, "monitor");
+  uint32_t name = check_atom_arg(L, top - 1, 1, "monitor", "name");
+  uint32_t node = check_node_arg(L, top, 1, "monitor");
   if (!mb_dist_on())
     return luaL_error(L, "monitor: this host is not a node (start it with --sname or --name)");
   mb_pid_t target = 0;
