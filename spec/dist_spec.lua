@@ -69,15 +69,32 @@ local function kill(node)
 end
 
 -- Prepended to every Moonbeam node's script: `connect(node)` retries until
--- the (just started) node accepts connections, bounded.
+-- the (just started) node accepts connections, then until its program has
+-- registered its first process (every Erlang program here registers echo
+-- or ctl first): epmd knows a node before its -eval runs, and a message to
+-- a name not yet registered is dropped. A monitor by name tells (noproc
+-- at once, or nothing). All bounded.
 local PRELUDE = [[
 local mb = require "moonbeam"
+local function registered(name, n)
+  local ref = mb.monitor({name, n})
+  local d = mb.receive(function(m) return type(m) == "table" and m.ref == ref end, 300)
+  if d then return false end
+  mb.demonitor(ref, true)
+  return true
+end
 local function connect(n)
+  local up = false
   for _ = 1, 50 do
-    if mb.connect_node(n) then return true end
+    if mb.connect_node(n) then up = true break end
     mb.sleep(200)
   end
-  error("cannot connect to " .. n)
+  if not up then error("cannot connect to " .. n) end
+  for _ = 1, 100 do
+    if registered("echo", n) or registered("ctl", n) then return true end
+    mb.sleep(50)
+  end
+  error("no echo or ctl registered on " .. n)
 end
 ]]
 
