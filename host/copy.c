@@ -63,6 +63,7 @@
 #include "copy.h"
 #include "copy_format.h"
 #include "pid.h"
+#include "remote.h"
 #include "term.h"
 
 #define STR_(x) #x
@@ -456,6 +457,24 @@ static int put_id(enc_t *e, unsigned char tag, uint64_t id)
   unsigned char *p = out(e, 9);
   p[0] = tag;
   memcpy(p + 1, &id, 8);
+  return 0;
+}
+
+/* A remote ref by its contents (copy_format.h): a message holds no entry
+ * of the remote ref table (remote.h). The caller's state holds this one. */
+static int put_rref(enc_t *e, uint64_t id)
+{
+  mb_rref_t r;
+  if (mb_remote_ref_get(id, &r) < 0)
+    return fail(e, "cannot send a ref of another node that is gone");
+  if (reserve(e, 10 + 4 * (size_t)r.len) < 0)
+    return -1;
+  unsigned char *p = out(e, 10 + 4 * (size_t)r.len);
+  p[0] = T_RREF;
+  memcpy(p + 1, &r.node, 4);
+  memcpy(p + 5, &r.creation, 4);
+  p[9] = (unsigned char)r.len;
+  memcpy(p + 10, r.n, 4 * (size_t)r.len);
   return 0;
 }
 
@@ -871,6 +890,8 @@ static int enc_value(enc_t *e, int idx)
   case LUA_TUSERDATA: {
     uint64_t id;
     const mb_idkind_t *kind = mb_id_kind(L, idx, &id);
+    if (kind == &mb_ref_kind && mb_id_is_remote(id))
+      return put_rref(e, id);
     if (kind && kind->tag)
       return put_id(e, kind->tag, id);
     return fail(e, "cannot send a userdata");

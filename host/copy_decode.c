@@ -15,6 +15,7 @@
 #include "copy.h"
 #include "copy_format.h"
 #include "pid.h"
+#include "remote.h"
 #include "term.h"
 
 /* -- Decoder ------------------------------------------------------------- */
@@ -315,6 +316,29 @@ static void dec_value(dec_t *d)
       lua_error(L);
     }
     break;
+  }
+  case T_RREF: {
+    /* Interned now that a state holds it (remote.h); the userdata takes its
+     * own hold, so ours is let go. */
+    mb_rref_t r;
+    memset(&r, 0, sizeof r);
+    need(d, 9);
+    memcpy(&r.node, d->p, 4);
+    memcpy(&r.creation, d->p + 4, 4);
+    r.len = d->p[8];
+    d->p += 9;
+    if (r.len < 1 || r.len > MB_REF_MAX_WORDS)
+      corrupt(d);
+    need(d, 4 * (size_t)r.len);
+    memcpy(r.n, d->p, 4 * (size_t)r.len);
+    d->p += 4 * (size_t)r.len;
+    int64_t id = mb_remote_ref(&r);
+    if (id < 0)
+      luaL_error(L, "cannot rebuild message: too many refs of other nodes (%d)",
+                 (int)MB_REMOTE_MAX);
+    mb_id_push(L, (uint64_t)id, &mb_ref_kind);
+    mb_remote_ref_release((uint64_t)id);
+    return;
   }
   default: {
     mb_idkind_t *kind = mb_id_kind_of_tag(tag);

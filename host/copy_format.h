@@ -34,6 +34,10 @@
  *                       function (two closures over one local), and the
  *                       decoder joins them (lua_upvaluejoin)
  *   0x0D socket, 0x0E timer, 0x0F atom, ...: id kinds, as 0x07
+ *   0x10 remote ref     a ref of another node by its contents (remote.h: refs
+ *                       are interned only while held): uint32 node (an atom
+ *                       id), uint32 creation, uint8 n (1..5), n uint32 words;
+ *                       the decoder interns it; 0x10 is never a kind's tag
  *   0x40 tuple          varint n, then n values (elements 1..n, nil for
  *                       holes): a table with the tuple metatable (term.h)
  *                       and field n = n
@@ -61,6 +65,7 @@ enum {
   T_MODULE = 0x0A,
   T_CFIELD = 0x0B,
   T_UPJOIN = 0x0C,
+  T_RREF = 0x10,
   T_SHARED = 0x20,
   T_TUPLE = 0x40,
   T_SHORTSTR = 0x80,

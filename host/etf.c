@@ -48,6 +48,12 @@ int mb_etf_put_pid(char *buf, int *idx, mb_pid_t pid)
     mb_rpid_t r;
     if (mb_remote_pid_get(pid, &r) < 0)
       return MB_EBADARG;
+    if (r.name) {
+      /* A name's id (remote.h) is the {Name, Node} Erlang uses for it. */
+      if (ei_encode_tuple_header(buf, idx, 2) < 0 || mb_etf_put_atom(buf, idx, r.name) < 0)
+        return MB_EBADARG;
+      return mb_etf_put_atom(buf, idx, r.node);
+    }
     snprintf(p.node, sizeof p.node, "%s", node_name(r.node));
     p.num = r.num;
     p.serial = r.serial;
@@ -61,6 +67,18 @@ int mb_etf_put_pid(char *buf, int *idx, mb_pid_t pid)
   return ei_encode_pid(buf, idx, &p) < 0 ? MB_EBADARG : 0;
 }
 
+/* A remote ref by its contents. */
+static int put_rref(char *buf, int *idx, const mb_rref_t *rr)
+{
+  erlang_ref r;
+  memset(&r, 0, sizeof r);
+  snprintf(r.node, sizeof r.node, "%s", node_name(rr->node));
+  r.len = (int)rr->len;
+  memcpy(r.n, rr->n, sizeof r.n);
+  r.creation = rr->creation;
+  return ei_encode_ref(buf, idx, &r) < 0 ? MB_EBADARG : 0;
+}
+
 int mb_etf_put_ref(char *buf, int *idx, mb_ref_t ref)
 {
   erlang_ref r;
@@ -69,10 +87,7 @@ int mb_etf_put_ref(char *buf, int *idx, mb_ref_t ref)
     mb_rref_t rr;
     if (mb_remote_ref_get(ref, &rr) < 0)
       return MB_EBADARG;
-    snprintf(r.node, sizeof r.node, "%s", node_name(rr.node));
-    r.len = (int)rr.len;
-    memcpy(r.n, rr.n, sizeof r.n);
-    r.creation = rr.creation;
+    return put_rref(buf, idx, &rr);
   } else {
     /* Our refs are 64-bit counters, laid out as Erlang's three words:
      * the first holds only 18 bits (a node refuses a larger one). */
@@ -130,7 +145,7 @@ int mb_etf_get_pid(const char *buf, int *idx, mb_pid_t *out)
   erlang_pid p;
   if (ei_decode_pid(buf, idx, &p) < 0)
     return MB_ETF_MALFORMED;
-  mb_rpid_t r;
+  mb_rpid_t r = {0};
   int rc = node_atom(p.node, &r.node);
   if (rc < 0)
     return rc;
@@ -149,27 +164,40 @@ int mb_etf_get_pid(const char *buf, int *idx, mb_pid_t *out)
   return 0;
 }
 
-int mb_etf_get_ref(const char *buf, int *idx, mb_ref_t *out)
+/* A ref term at buf[*idx]: 0 and *local set when it is one of ours, or 0
+ * and *rr filled for another node's (or an error). */
+static int parse_ref(const char *buf, int *idx, mb_ref_t *local, mb_rref_t *rr)
 {
   erlang_ref r;
   if (ei_decode_ref(buf, idx, &r) < 0)
     return MB_ETF_MALFORMED;
-  mb_rref_t rr;
-  memset(&rr, 0, sizeof rr);
-  int rc = node_atom(r.node, &rr.node);
+  memset(rr, 0, sizeof *rr);
+  *local = 0;
+  int rc = node_atom(r.node, &rr->node);
   if (rc < 0)
     return rc;
   if (r.len < 1 || r.len > MB_REF_MAX_WORDS)
     return MB_ETF_MALFORMED;
-  if (rr.node == self_node && self_node && r.creation == self_creation &&
+  if (rr->node == self_node && self_node && r.creation == self_creation &&
       r.len == 3 && r.n[0] < (1u << 18) && r.n[2] < (1u << 14)) {
-    *out = (mb_ref_t)r.n[2] << 50 | (mb_ref_t)r.n[1] << 18 | r.n[0];
-    if (*out && !mb_id_is_remote(*out))
+    mb_ref_t id = (mb_ref_t)r.n[2] << 50 | (mb_ref_t)r.n[1] << 18 | r.n[0];
+    if (id && !mb_id_is_remote(id)) {
+      *local = id;
       return 0;
+    }
   }
-  rr.creation = r.creation;
-  rr.len = (uint32_t)r.len;
-  memcpy(rr.n, r.n, rr.len * sizeof rr.n[0]);
+  rr->creation = r.creation;
+  rr->len = (uint32_t)r.len;
+  memcpy(rr->n, r.n, rr->len * sizeof rr->n[0]);
+  return 0;
+}
+
+int mb_etf_get_ref(const char *buf, int *idx, mb_ref_t *out)
+{
+  mb_rref_t rr;
+  int rc = parse_ref(buf, idx, out, &rr);
+  if (rc < 0 || *out)
+    return rc;
   int64_t id = mb_remote_ref(&rr);
   if (id < 0)
     return (int)id;
@@ -267,6 +295,14 @@ static int skip_value(enc_t *e, size_t *pos, int depth)
     return 0;
   case T_BACKREF:
     return rd_varint(e, pos, &n);
+  case T_RREF: {
+    unsigned len;
+    *pos += 8;
+    if (e->base + *pos > e->end || rd_byte(e, pos, &len) < 0)
+      return -1;
+    *pos += 4 * (size_t)len;
+    return e->base + *pos <= e->end ? 0 : -1;
+  }
   case T_TABLE:
     if (rd_varint(e, pos, &n) < 0 || rd_bytes(e, pos, &nh, 4) < 0)
       return -1;
@@ -480,6 +516,19 @@ static int enc_value(enc_t *e, size_t *pos, int flags)
     /* A table met twice is sent twice: ETF has no sharing. */
     size_t p = off;
     return enc_value(e, &p, flags);
+  }
+  case T_RREF: {
+    mb_rref_t r;
+    unsigned len;
+    memset(&r, 0, sizeof r);
+    if (rd_bytes(e, pos, &r.node, 4) < 0 || rd_bytes(e, pos, &r.creation, 4) < 0 ||
+        rd_byte(e, pos, &len) < 0 || len < 1 || len > MB_REF_MAX_WORDS ||
+        rd_bytes(e, pos, r.n, 4 * (size_t)len) < 0)
+      return efail(e, "corrupt message");
+    r.len = len;
+    if (put_rref(e->out, &e->idx, &r) < 0)
+      return efail(e, "cannot encode a ref");
+    return 0;
   }
   case T_FUNCTION:
   case T_MODULE:
@@ -884,10 +933,16 @@ static int dec_term(dec_t *d, int flags)
     return 0;
   }
   case 'e': case 'r': case 'Z': {
+    /* Another node's ref goes into the message by its contents: it is
+     * interned only when a process decodes it (remote.h). */
     mb_ref_t ref;
-    if ((rc = mb_etf_get_ref(d->buf, &d->i, &ref)) < 0)
+    mb_rref_t rr;
+    if ((rc = parse_ref(d->buf, &d->i, &ref, &rr)) < 0)
       return rc;
-    mb_msgb_id(&d->b, &mb_ref_kind, ref);
+    if (ref)
+      mb_msgb_id(&d->b, &mb_ref_kind, ref);
+    else
+      mb_msgb_remote_ref(&d->b, rr.node, rr.creation, rr.len, rr.n);
     return 0;
   }
   default:

@@ -95,6 +95,10 @@ int mb_etf_put_ref(char *buf, int *idx, mb_ref_t ref);
 int mb_etf_put_atom(char *buf, int *idx, uint32_t atom);
 int mb_etf_get_pid(const char *buf, int *idx, mb_pid_t *out);
 int mb_etf_get_ref(const char *buf, int *idx, mb_ref_t *out);
+/* mb_etf_get_ref: another node's ref comes back held once for the caller,
+ * who releases it (mb_remote_ref_release). In a decoded message, such a
+ * ref is carried by its contents and interned only when a process decodes
+ * the message (remote.h). */
 /* An atom term: its id (interned), or an error. */
 int mb_etf_get_atom(const char *buf, int *idx, uint32_t *out);
 

@@ -136,6 +136,9 @@ static void usage(FILE *f)
     "  --name NAME@HOST Make the host a node with a long name (as erl -name).\n"
     "  --cookie COOKIE  The cluster's secret (default: ~/.erlang.cookie,\n"
     "                   created as erl does when missing).\n"
+    "  --net-ticktime S A connected node that is silent (or does not read)\n"
+    "                   for S seconds is taken for dead (default 60, as\n"
+    "                   erl's kernel net_ticktime).\n"
     "  --allow-ffi      Trust processes with native code: require \"ffi\",\n"
     "                   package.loadlib, string.buffer's raw pointers.\n"
     "  --allow-bytecode Let load, loadfile, dofile and require load binary\n"
@@ -214,7 +217,7 @@ static int takes_value(const char *a)
   return strcmp(a, "--schedulers") == 0 || strcmp(a, "--reductions") == 0 ||
          strcmp(a, "--max-memory") == 0 || strcmp(a, "--watchdog") == 0 ||
          strcmp(a, "--sname") == 0 || strcmp(a, "--name") == 0 ||
-         strcmp(a, "--cookie") == 0 ||
+         strcmp(a, "--cookie") == 0 || strcmp(a, "--net-ticktime") == 0 ||
          ((a[1] == 'e' || a[1] == 'l' || a[1] == 'j') && a[0] == '-' && a[2] == '\0');
 }
 
@@ -255,6 +258,8 @@ static void parse(int argc, char **argv, mb_sched_opts_t *o)
         exit(1);
       }
       dist.cookie = argv[++i];
+    } else if (strcmp(a, "--net-ticktime") == 0) {
+      dist.ticktime = (unsigned)parse_int(argv[++i], a, 1);
     } else if (strcmp(a, "--allow-ffi") == 0)
       mb_sandbox_opts.allow_ffi = 1;
     else if (strcmp(a, "--allow-bytecode") == 0)

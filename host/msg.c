@@ -6,6 +6,7 @@
 #include "copy_format.h"
 #include "msg.h"
 #include "pid.h"
+#include "remote.h"
 
 mb_msg_t *mb_msg_new(size_t len)
 {
@@ -120,8 +121,24 @@ void mb_msgb_cstring(mb_msgb_t *b, const char *s)
   mb_msgb_string(b, s, strlen(s));
 }
 
+void mb_msgb_remote_ref(mb_msgb_t *b, uint32_t node, uint32_t creation, uint32_t n,
+                        const uint32_t *words)
+{
+  unsigned char len = (unsigned char)n;
+  put_tag(b, T_RREF);
+  put(b, &node, 4);
+  put(b, &creation, 4);
+  put(b, &len, 1);
+  put(b, words, 4 * (size_t)n);
+}
+
 void mb_msgb_id(mb_msgb_t *b, const mb_idkind_t *kind, uint64_t id)
 {
+  mb_rref_t r;
+  if (kind == &mb_ref_kind && mb_id_is_remote(id) && mb_remote_ref_get(id, &r) == 0) {
+    mb_msgb_remote_ref(b, r.node, r.creation, r.len, r.n);
+    return;
+  }
   put_tag(b, kind->tag);
   put(b, &id, 8);
 }

@@ -83,9 +83,14 @@ void mb_msgb_bool(mb_msgb_t *b, int v);
 void mb_msgb_number(mb_msgb_t *b, double v);
 void mb_msgb_string(mb_msgb_t *b, const char *s, size_t n);
 void mb_msgb_cstring(mb_msgb_t *b, const char *s);
-/* An id value of a kind registered with the codec (pid.h). */
+/* An id value of a kind registered with the codec (pid.h); a remote ref
+ * is written by its contents (T_RREF). */
 void mb_msgb_id(mb_msgb_t *b, const struct mb_idkind *kind, uint64_t id);
 void mb_msgb_table(mb_msgb_t *b, uint32_t narr, uint32_t nhash);
+/* A remote ref by its contents (copy_format.h, T_RREF): node (an atom),
+ * creation, n words (1..5). */
+void mb_msgb_remote_ref(mb_msgb_t *b, uint32_t node, uint32_t creation, uint32_t n,
+                        const uint32_t *words);
 /* A tuple (term.h) of n elements: the n values follow. */
 void mb_msgb_tuple(mb_msgb_t *b, uint32_t n);
 mb_msg_t *mb_msgb_finish(mb_msgb_t *b, uint32_t nvalues);

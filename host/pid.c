@@ -4,6 +4,12 @@
  * userdata, created on first use so that a process that never sees a pid
  * pays nothing. Interning is what makes == and table keys work without a
  * __eq metamethod (which Lua 5.1 would not consult for table keys anyway).
+ *
+ * A remote ref's userdata holds its entry of the remote ref table (remote.h)
+ * from its creation to its __gc, which is how an entry knows that a state
+ * still has the ref. Such userdata get their own metatable (the ref
+ * metatable plus that __gc), so that local refs, made by every monitor and
+ * call, cost the collector no finalizer.
  */
 #include <inttypes.h>
 #include <stdio.h>
@@ -11,6 +17,7 @@
 
 #include "lauxlib.h"
 #include "pid.h"
+#include "remote.h"
 
 /* The userdata's contents. `kind` is checked (with the size) to recognise
  * a value of a kind without a metatable lookup, which matters on the send
@@ -100,6 +107,22 @@ static void make_mt(lua_State *L, const mb_idkind_t *kind)
   }
 }
 
+static char rref_mt_key;
+
+static int rref_gc(lua_State *L)
+{
+  idbox_t *b = lua_touserdata(L, 1);
+  mb_remote_ref_release(b->id);
+  return 0;
+}
+
+static void make_rref_mt(lua_State *L, const mb_idkind_t *kind)
+{
+  make_mt(L, kind);
+  lua_pushcfunction(L, rref_gc);
+  lua_setfield(L, -2, "__gc");
+}
+
 /* An intern table: weak values, so that an id's userdata can be collected. */
 static void make_intern(lua_State *L, const mb_idkind_t *kind)
 {
@@ -124,8 +147,14 @@ void mb_id_push(lua_State *L, uint64_t id, mb_idkind_t *kind)
   idbox_t *b = lua_newuserdata(L, sizeof *b);
   b->id = id;
   b->kind = kind;
-  push_regtable(L, &kind->mt_key, make_mt, kind);
+  int rref = kind == &mb_ref_kind && mb_id_is_remote(id);
+  if (rref)
+    push_regtable(L, &rref_mt_key, make_rref_mt, kind);
+  else
+    push_regtable(L, &kind->mt_key, make_mt, kind);
   lua_setmetatable(L, -2);
+  if (rref)                  /* after anything that may raise */
+    mb_remote_ref_retain(id);
   lua_pushnumber(L, (lua_Number)id);
   lua_pushvalue(L, -2);
   lua_rawset(L, -4);

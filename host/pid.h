@@ -77,7 +77,7 @@ typedef struct mb_idkind {
 } mb_idkind_t;
 
 /* Wire tags of the kinds (the codec's format, copy_format.h, keeps
- * 0x07, 0x08 and 0x0D..0x1F for them). */
+ * 0x07, 0x08, 0x0D..0x0F and 0x11..0x1F for them). */
 #define MB_TAG_PID 0x07
 #define MB_TAG_REF 0x08
 #define MB_TAG_SOCKET 0x0D

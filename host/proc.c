@@ -341,14 +341,20 @@ static int linkset_has(const mb_linkset_t *s, mb_pid_t pid)
 void mb_proc_alias(mb_proc_t *p, mb_ref_t ref)
 {
   MB_ASSERT_OWNER(p);
-  if (!mb_proc_has_alias(p, ref))
+  if (!mb_proc_has_alias(p, ref)) {
     linkset_add(&p->aliases, 0, ref);
+    if (mb_proc_remote_alias)
+      mb_proc_remote_alias(p->pid, ref, 1);
+  }
 }
 
 int mb_proc_unalias(mb_proc_t *p, mb_ref_t ref)
 {
   MB_ASSERT_OWNER(p);
-  return linkset_del(&p->aliases, 0, ref);
+  int was = linkset_del(&p->aliases, 0, ref);
+  if (was && mb_proc_remote_alias)
+    mb_proc_remote_alias(p->pid, ref, 0);
+  return was;
 }
 
 int mb_proc_has_alias(const mb_proc_t *p, mb_ref_t ref)
@@ -438,6 +444,7 @@ int mb_proc_drain(mb_proc_t *p)
 void (*mb_proc_remote_send)(mb_pid_t to, mb_msg_t *m);
 void (*mb_proc_remote_link)(mb_pid_t self, mb_pid_t remote, int on);
 void (*mb_proc_remote_monitor)(mb_pid_t self, mb_pid_t remote, mb_ref_t ref, int on);
+void (*mb_proc_remote_alias)(mb_pid_t self, mb_ref_t ref, int on);
 
 static void remote_send(mb_pid_t to, mb_msg_t *m)
 {

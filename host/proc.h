@@ -362,6 +362,11 @@ extern void (*mb_proc_remote_send)(mb_pid_t to, mb_msg_t *m);
 extern void (*mb_proc_remote_link)(mb_pid_t self, mb_pid_t remote, int on);
 extern void (*mb_proc_remote_monitor)(mb_pid_t self, mb_pid_t remote,
                                       mb_ref_t ref, int on);
+/* mb_proc_remote_alias: `self` activated (on) or dropped (off) alias ref
+ * (owner thread), so that the distribution layer can find the process of
+ * an alias that another node sends to (ALIAS_SEND names no pid). A dying
+ * process's aliases are the distribution layer's to drop (exit hook). */
+extern void (*mb_proc_remote_alias)(mb_pid_t self, mb_ref_t ref, int on);
 
 /* The other side, for the distribution layer (any thread): a remote pid
  * links to / unlinks from local process `local`, or monitors it (ref: the

@@ -1061,3 +1061,116 @@ describe("the chat example over WebSocket", function()
     t:close()
   end)
 end)
+
+describe("the chat across hosts (two nodes)", function()
+  if not tcp_ok then
+    it("needs moonbeam.tcp", function() error("moonbeam.tcp: " .. tostring(tcp)) end)
+    return
+  end
+  local p = io.popen("hostname -s")
+  local HOST = p:read("*l")
+  p:close()
+  local COOKIE = "chat_spec_cookie"
+  local STAMP = string.format("%x%x", os.time() % 0x100000, math.floor(mb.now()) % 0x10000)
+  local nodes = {}
+
+  -- Start examples/chat/main.lua as node `name` in the background (bounded
+  -- to 60 s); returns {name = node, port = TCP port, ...} once it runs.
+  local function start(name, extra)
+    local dir = S.tmpdir()
+    local node = { name = name .. STAMP .. "@" .. HOST, dir = dir }
+    os.execute(string.format("(timeout -s KILL 60 %s --sname %s --cookie %s examples/chat/main.lua " ..
+      "--tcp 0 --http off %s >%s/out 2>%s/err </dev/null & echo $! >%s/tpid) 2>/dev/null",
+      S.q(S.bin), name .. STAMP, COOKIE, extra or "", dir, dir, dir))
+    nodes[#nodes + 1] = node
+    local out
+    S.eventually(function()
+      local f = io.open(dir .. "/out")
+      out = f and f:read("*a") or ""
+      if f then f:close() end
+      return out:find("chat: running", 1, true) ~= nil
+    end, 20000)
+    local f = io.open(dir .. "/tpid")
+    node.tpid = f and f:read("*l")
+    if f then f:close() end
+    node.port = tonumber(out:match("chat: TCP  on 127%.0%.0%.1:(%d+)"))
+    if not node.port then
+      local e = io.open(dir .. "/err")
+      error("the chat node did not start: " .. out .. (e and e:read("*a") or ""))
+    end
+    return node
+  end
+
+  -- SIGKILL the node's moonbeam (the child of its `timeout`).
+  local function kill(node)
+    if node.tpid then
+      os.execute("kill -9 $(pgrep -P " .. node.tpid .. ") " .. node.tpid .. " 2>/dev/null")
+      node.tpid = nil
+    end
+  end
+
+  after_each(function()
+    for i, n in ipairs(nodes) do kill(n) nodes[i] = nil end
+  end)
+  teardown(function() S.cleanup_tmp() end)
+
+  it("puts users of two hosts in the same rooms; when one host is killed its users leave", function()
+    local a = start("chatA")
+    local b = start("chatB", "--join " .. a.name)
+    local out_b = io.open(b.dir .. "/out"):read("*a")
+    assert.truthy(out_b:find("the rooms are on " .. a.name, 1, true), out_b)
+    local ann = user({ tcp_port = a.port }, "ann", "lobby")
+    local bob = user({ tcp_port = b.port }, "bob", "lobby")
+    ann:expect("* bob joined lobby")
+    bob:send("hi from host B\n")
+    ann:expect("[lobby] bob: hi from host B")
+    ann:send("hello from host A\n")
+    bob:expect("[lobby] ann: hello from host A")
+    -- Guest numbers come from the one registry: they differ across hosts.
+    local c1 = connect({ tcp_port = a.port })
+    local c2 = connect({ tcp_port = b.port })
+    local g1, g2 = c1:line(), c2:line()
+    assert.are_not.equal(g1:match("guest%d+"), g2:match("guest%d+"))
+    c1:close()
+    c2:close()
+    -- A second room, reached from host B first.
+    local cid = user({ tcp_port = b.port }, "cid", "dev")
+    ann:cmd("/join dev", "* joined dev")
+    cid:expect("* ann joined dev")
+    bob:cmd("/who", "* in lobby: bob")
+    cid:send("only in dev\n")
+    ann:expect("[dev] cid: only in dev")
+    -- Host B dies: its users leave the rooms on host A with the usual line.
+    kill(b)
+    ann:expect("* cid left dev", 15000)
+    ann:cmd("/who", "* in dev: ann")
+    ann:cmd("/join lobby", "* joined lobby")
+    ann:cmd("/who", "* in lobby: ann")
+    ann:close()
+    bob:close()
+    cid:close()
+  end)
+
+  it("tells the users of a host that their room closed when the rooms' host is killed", function()
+    local a = start("chatC")
+    local b = start("chatD", "--join " .. a.name)
+    local bob = user({ tcp_port = b.port }, "bob", "lobby")
+    kill(a)
+    bob:expect("* the room lobby has closed", 15000)
+    bob:cmd("/who", "* not in a room")
+    bob:close()
+  end)
+
+  it("refuses --join without a node name or an unreachable node", function()
+    local code, _, err = S.moonbeam("examples/chat/main.lua --tcp 0 --http off --join x@" .. HOST)
+    assert.equal(2, code)
+    assert.truthy(err:find("--join needs this host to be a node", 1, true), err)
+    local code2, _, err2 = S.moonbeam("--sname lone" .. STAMP .. " --cookie " .. COOKIE ..
+      " examples/chat/main.lua --tcp 0 --http off --join nobody" .. STAMP .. "@" .. HOST, nil, 30)
+    assert.equal(1, code2)
+    assert.truthy(err2:find("cannot reach the node", 1, true), err2)
+    local code3, _, err3 = S.moonbeam("examples/chat/main.lua --sname x")
+    assert.equal(2, code3)
+    assert.truthy(err3:find("is an option of the host", 1, true), err3)
+  end)
+end)

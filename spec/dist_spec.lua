@@ -29,6 +29,7 @@ local function erl(eval, opts)
   opts = opts or {}
   local name = uniq("erl")
   local dir = S.tmpdir()
+  for file, text in pairs(opts.files or {}) do S.write(file, text, dir) end
   local out = dir .. "/erl.out"
   local prog = string.format("timer:apply_after(%d, erlang, halt, []), %s",
     (opts.limit or 30) * 1000, eval)
@@ -68,15 +69,32 @@ local function kill(node)
 end
 
 -- Prepended to every Moonbeam node's script: `connect(node)` retries until
--- the (just started) node accepts connections, bounded.
+-- the (just started) node accepts connections, then until its program has
+-- registered its first process (every Erlang program here registers echo
+-- or ctl first): epmd knows a node before its -eval runs, and a message to
+-- a name not yet registered is dropped. A monitor by name tells (noproc
+-- at once, or nothing). All bounded.
 local PRELUDE = [[
 local mb = require "moonbeam"
+local function registered(name, n)
+  local ref = mb.monitor({name, n})
+  local d = mb.receive(function(m) return type(m) == "table" and m.ref == ref end, 300)
+  if d then return false end
+  mb.demonitor(ref, true)
+  return true
+end
 local function connect(n)
+  local up = false
   for _ = 1, 50 do
-    if mb.connect_node(n) then return true end
+    if mb.connect_node(n) then up = true break end
     mb.sleep(200)
   end
-  error("cannot connect to " .. n)
+  if not up then error("cannot connect to " .. n) end
+  for _ = 1, 100 do
+    if registered("echo", n) or registered("ctl", n) then return true end
+    mb.sleep(50)
+  end
+  error("no echo or ctl registered on " .. n)
 end
 ]]
 
@@ -89,8 +107,9 @@ local function moonbeam(src, opts)
   opts = opts or {}
   local name = opts.name or uniq("mb")
   local path = S.write("node.lua", script(src))
-  return S.moonbeam(string.format("--sname %s --cookie %s %s %s", name,
-    S.q(opts.cookie or COOKIE), S.q(path), opts.args or ""), nil, opts.limit or 40)
+  return S.moonbeam(string.format("--sname %s --cookie %s %s %s %s", name,
+    S.q(opts.cookie or COOKIE), opts.host_args or "", S.q(path), opts.args or ""), nil,
+    opts.limit or 40)
 end
 
 -- Start a Moonbeam node in the background; returns its name and a function
@@ -100,9 +119,9 @@ local function moonbeam_bg(src, opts)
   local name = opts.name or uniq("mb")
   local dir = S.tmpdir()
   local path = S.write("node.lua", script(src), dir)
-  local cmd = string.format("timeout -k 5 %d %s --sname %s --cookie %s %s %s >%s/out 2>%s/err </dev/null; echo $? >%s/rc",
-    opts.limit or 40, S.q(S.bin), name, S.q(opts.cookie or COOKIE), S.q(path), opts.args or "",
-    dir, dir, dir)
+  local cmd = string.format("timeout -k 5 %d %s --sname %s --cookie %s %s %s %s >%s/out 2>%s/err </dev/null; echo $? >%s/rc",
+    opts.limit or 40, S.q(S.bin), name, S.q(opts.cookie or COOKIE), opts.host_args or "",
+    S.q(path), opts.args or "", dir, dir, dir)
   os.execute("(" .. cmd .. ") &")
   local function wait()
     S.eventually(function() return io.open(dir .. "/rc") ~= nil end, (opts.limit or 40) * 1000 + 10000)
@@ -312,6 +331,11 @@ describe("distribution", function()
         end
         local ok, msg = pcall(mb.send, {"echo"}, 1)
         print(ok, msg)
+        -- A bad destination raises after the message was encoded: it is
+        -- freed, not leaked (the ASan run checks).
+        for _, d in ipairs({ {1, e}, {"echo", "nohost"}, {string.rep("n", 2000), e} }) do
+          print("baddest", pcall(mb.send, d, {1, 2, 3}))
+        end
         mb.send({"echo", e}, mb.atom("stop"))
       ]], { args = S.q(e.name) })
       assert.equal(0, code, err)
@@ -319,6 +343,9 @@ describe("distribution", function()
       assert.is_true(S.has(out, "cannot send inf or nan"), out)
       assert.is_true(S.has(out, "255 bytes"), out)
       assert.is_true(S.has(out, "{name, node} expected"), out)
+      assert.is_true(S.has(out, "baddest\tfalse\tbad argument #1 to 'send' (name (a string or atom) expected, got number)"), out)
+      assert.is_true(S.has(out, "baddest\tfalse\tbad argument #1 to 'send' (node name name@host expected, got 'nohost')"), out)
+      assert.is_true(S.has(out, "baddest\tfalse\tbad argument #1 to 'send' (name must be 1 to 1020 bytes)"), out)
     end)
 
     it("a message holding a fun is dropped and logged; the connection stays", function()
@@ -375,12 +402,228 @@ describe("distribution", function()
       assert.is_true(S.has(out, "EXIT\terl_reason\ttrue"), out)
     end)
 
-    -- Known gap: OTP 25 sends no MONITOR_P/MONITOR_P_EXIT to our node
-    -- although the handshake offers DFLAG_DIST_MONITOR_NAME (dist.h), so
-    -- monitors between Erlang and Moonbeam processes fire only on
-    -- disconnection ("noconnection"), tested below. Between Moonbeam nodes
-    -- they work (last describe).
-    pending("monitors between Erlang and Moonbeam processes fire when the process exits")
+    it("monitors between Erlang and Moonbeam processes fire when the process exits", function()
+      local name = uniq("mb")
+      local node = name .. "@" .. HOST
+      local e = erl(string.format([[
+        Node = '%s',
+        register(ctl, self()),
+        receive {lua, LuaPid} -> ok end,
+        %% Erlang monitors a Lua process by pid and one by name; both exit.
+        R1 = erlang:monitor(process, LuaPid),
+        R2 = erlang:monitor(process, {named, Node}),
+        %% A monitor of a name nobody has: noproc at once.
+        R3 = erlang:monitor(process, {nobody, Node}),
+        receive {'DOWN', R3, process, _, N3} -> io:format("down3 ~p~n", [N3]) after 5000 -> io:format("no down3~n") end,
+        %% A monitor taken off before the process exits never fires.
+        R4 = erlang:monitor(process, LuaPid),
+        true = erlang:demonitor(R4),
+        LuaPid ! go,
+        {named, Node} ! go,
+        receive {'DOWN', R1, process, LuaPid, X1} -> io:format("down1 ~p~n", [X1]) after 5000 -> io:format("no down1~n") end,
+        receive {'DOWN', R2, process, {named, Node}, X2} -> io:format("down2 ~p~n", [X2]) after 5000 -> io:format("no down2~n") end,
+        receive {'DOWN', R4, _, _, _} -> io:format("down4~n") after 300 -> io:format("no down4~n") end,
+        %% Erlang processes the Lua side monitors: one exits, one is demonitored.
+        V = spawn(fun() -> receive die -> exit(erl_reason) end end),
+        W = spawn(fun() -> receive die -> exit(other) end end),
+        {watcher, Node} ! {victims, V, W},
+        receive ready -> V ! die, W ! die end,
+        receive stop -> halt() end.]], node))
+      local code, out, err = moonbeam([[
+        local e = arg[1]
+        mb.register("watcher")
+        local p = mb.spawn(function() mb.receive(15000) mb.exit("lua_reason") end)
+        mb.spawn(function() mb.register("named") mb.receive(15000) mb.exit("named_reason") end)
+        mb.send({"ctl", e}, mb.tuple(mb.atom("lua"), p))
+        local v = mb.receive(function(m) return mb.is_tuple(m) end, 25000)
+        local r1 = mb.monitor(v[2])
+        local r2 = mb.monitor(v[3])
+        print("demonitor", mb.demonitor(r2))
+        mb.send({"ctl", e}, mb.atom("ready"))
+        local d = mb.receive(function(m) return type(m) == "table" and m.event == "DOWN" end, 5000)
+        print("DOWN", d and d.reason, d and d.ref == r1, d and d.pid == v[2])
+        print("more", mb.receive(function(m) return type(m) == "table" and m.event == "DOWN" end, 300))
+        mb.send({"ctl", e}, mb.atom("stop"))
+      ]], { name = name, args = S.q(e.name) })
+      assert.equal(0, code, err)
+      local o = await_output(e, "down2")
+      assert.is_true(S.has(o, "down3 noproc"), o)
+      assert.is_true(S.has(o, "down1 lua_reason"), o)
+      assert.is_true(S.has(o, "down2 named_reason"), o)
+      assert.is_true(S.has(await_output(e, "down4"), "no down4"), output(e))
+      assert.is_true(S.has(out, "DOWN\terl_reason\ttrue\ttrue"), out)
+      assert.is_true(S.has(out, "more\tnil"), out)
+    end)
+
+    -- An Erlang gen_server for the Lua side to call (compiled in the node).
+    local KVSRV = [[
+-module(kvsrv).
+-behaviour(gen_server).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
+init(S) -> {ok, S}.
+handle_call({get, K}, _From, S) -> {reply, maps:get(K, S, undefined), S};
+handle_call({put, K, V}, _From, S) -> {reply, ok, S#{K => V}};
+handle_call({slow, Ms}, _From, S) -> timer:sleep(Ms), {reply, late, S};
+handle_call(crash, _From, _S) -> exit(crashed).
+handle_cast({put, K, V}, S) -> {noreply, S#{K => V}}.
+handle_info(_, S) -> {noreply, S}.
+]]
+
+    it("gen_server:call, cast, sys:get_state and gen_server:stop from Erlang reach a moonbeam.server", function()
+      local name = uniq("mb")
+      local node = name .. "@" .. HOST
+      local e = erl(string.format([=[
+        S = {lsrv, '%s'},
+        Wait = fun W(0) -> exit(no_server); W(N) -> case catch sys:get_state(S, 1000) of #{} -> ok; _ -> timer:sleep(100), W(N - 1) end end,
+        Wait(150),
+        io:format("call1 ~p~n", [gen_server:call(S, hello)]),
+        io:format("call2 ~p~n", [gen_server:call(S, {a, [1, 2], <<"x">>})]),
+        ok = gen_server:cast(S, {put, 1}),
+        io:format("state ~p~n", [sys:get_state(S)]),
+        io:format("later ~p~n", [gen_server:call(S, later)]),
+        io:format("timeout ~p~n", [catch gen_server:call(S, slow, 200)]),
+        timer:sleep(1500),
+        io:format("mailbox ~p~n", [process_info(self(), messages)]),
+        io:format("stop ~p~n", [catch gen_server:stop(S)]),
+        io:format("noproc ~p~n", [catch gen_server:call(S, hello, 2000)]),
+        {ctl, '%s'} ! done,
+        timer:sleep(500),
+        halt().]=], node, node))
+      local code, out, err = moonbeam([[
+        local server = require "moonbeam.server"
+        mb.register("ctl")
+        local pid = server.start({
+          init = function() return { n = 0 } end,
+          handle_call = function(req, from, st)
+            if req == mb.atom("slow") then mb.sleep(1000) return "late", st end
+            if req == mb.atom("later") then
+              mb.spawn(function(f) mb.sleep(50) require("moonbeam.server").reply(f, "deferred") end, from)
+              return server.noreply, st
+            end
+            st.n = st.n + 1
+            return mb.tuple(mb.atom("ok"), req, st.n), st
+          end,
+          handle_cast = function(msg, st) st.cast = msg return st end,
+          terminate = function(r) print("terminate", r) end,
+        }, nil, { name = "lsrv" })
+        local ref = mb.monitor(pid)
+        local d = mb.receive(function(m) return type(m) == "table" and m.event == "DOWN" end, 30000)
+        print("down", d and d.reason)
+        print("done", tostring(mb.receive(30000)))
+      ]], { name = name, limit = 60 })
+      assert.equal(0, code, err)
+      local o = await_output(e, "noproc")
+      assert.is_true(S.has(o, "call1 {ok,hello,1}"), o)
+      assert.is_true(S.has(o, 'call2 {ok,{a,[1,2],<<"x">>},2}'), o)
+      assert.is_true(S.has(o, "state #{cast => {put,1},n => 2}"), o)
+      assert.is_true(S.has(o, 'later <<"deferred">>'), o)
+      assert.is_true(S.has(o, "timeout {'EXIT',{timeout,"), o)
+      -- The late reply went through the caller's alias, which was gone.
+      assert.is_true(S.has(o, "mailbox {messages,[]}"), o)
+      assert.is_true(S.has(o, "stop ok"), o)
+      assert.is_true(S.has(o, "noproc {'EXIT',{noproc,"), o)
+      assert.is_true(S.has(out, "terminate\tnormal"), out)
+      assert.is_true(S.has(out, "down\tnormal"), out)
+      assert.is_true(S.has(out, "done\tdone"), out)
+    end)
+
+    it("the refs of many calls from Erlang are not kept: remote refs live while a process holds them", function()
+      local name = uniq("mb")
+      local node = name .. "@" .. HOST
+      local e = erl(string.format([=[
+        S = {lsrv, '%s'},
+        Wait = fun W(0) -> exit(no_server); W(N) -> case catch gen_server:call(S, count, 1000) of C when is_integer(C) -> C; _ -> timer:sleep(100), W(N - 1) end end,
+        Before = Wait(150),
+        [gen_server:call(S, {ref, make_ref()}) || _ <- lists:seq(1, 2000)],
+        ok = gen_server:cast(S, collect),
+        After = gen_server:call(S, count),
+        io:format("refs ~p ~p~n", [Before, After]),
+        {ctl, '%s'} ! done,
+        timer:sleep(300),
+        halt().]=], node, node), { limit = 60 })
+      local code, out, err = moonbeam([[
+        local server = require "moonbeam.server"
+        mb.register("ctl")
+        server.start({
+          handle_call = function(req, from, st)
+            if req == mb.atom("count") then return mb.node_info().remote_refs, st end
+            st.last = req[2]     -- hold the newest ref until the next call
+            return mb.atom("ok"), st
+          end,
+          handle_cast = function(msg, st)
+            collectgarbage() collectgarbage()
+            return st
+          end,
+        }, {}, { name = "lsrv" })
+        print("done", tostring(mb.receive(45000)))
+        server.stop("lsrv")
+      ]], { name = name, limit = 60 })
+      assert.equal(0, code, err .. output(e))
+      local o = await_output(e, "refs")
+      local before, after = o:match("refs (%d+) (%d+)")
+      assert.is_truthy(before, o)
+      -- Each call brought two new refs (the alias and make_ref()); what is
+      -- left is what the server holds (the last one) and the call in flight.
+      assert.is_true(tonumber(after) - tonumber(before) <= 4, o)
+      assert.is_true(S.has(out, "done\tdone"), out)
+    end)
+
+    it("server.call and cast from Lua reach an Erlang gen_server, by name and by pid", function()
+      local e = erl([[
+        {ok, kvsrv} = compile:file("kvsrv.erl"),
+        {ok, Pid} = gen_server:start({local, kv}, kvsrv, #{}, []),
+        register(ctl, self()),
+        receive {From, pid} -> From ! Pid end,
+        receive {From2, kill} -> exit(Pid, kill), From2 ! killed end,
+        {ok, _} = gen_server:start({local, kv2}, kvsrv, #{}, []),
+        receive {From3, halt_soon} -> timer:apply_after(300, erlang, halt, []), From3 ! ok end,
+        receive stop -> halt() end.]], { files = { ["kvsrv.erl"] = KVSRV } })
+      local code, out, err = moonbeam([[
+        local server = require "moonbeam.server"
+        local e = arg[1]
+        local kv = {"kv", e}
+        for _ = 1, 100 do   -- until the Erlang node has compiled and started kv
+          if pcall(server.call, kv, mb.tuple(mb.atom("get"), "k"), 1000) then break end
+          mb.sleep(100)
+        end
+        print("put", tostring(server.call(kv, mb.tuple(mb.atom("put"), "k", 42))))
+        print("get", server.call(kv, mb.tuple(mb.atom("get"), "k")))
+        print("cast", server.cast(kv, mb.tuple(mb.atom("put"), "c", "v")))
+        print("getc", server.call(kv, mb.tuple(mb.atom("get"), "c")))
+        print("state", server.get_state(kv).k)
+        print("timeout", pcall(server.call, kv, mb.tuple(mb.atom("slow"), 800), 200))
+        mb.sleep(1200)
+        print("mailbox", mb.receive(0))
+        print("noproc", pcall(server.call, {"nobody", e}, 1))
+        mb.send({"ctl", e}, mb.tuple(mb.self(), mb.atom("pid")))
+        local pid = mb.receive(5000)
+        print("node", mb.node(pid) == e)
+        print("bypid", server.call(pid, mb.tuple(mb.atom("get"), "k")))
+        print("crash", pcall(server.call, kv, mb.atom("crash")))
+        print("unsendable", pcall(server.call, {"kv", e}, function() end))
+        mb.send({"ctl", e}, mb.tuple(mb.self(), mb.atom("kill")))
+        mb.receive(5000)
+        print("dead", pcall(server.call, pid, 1))
+        mb.send({"ctl", e}, mb.tuple(mb.self(), mb.atom("halt_soon")))
+        mb.receive(5000)
+        print("nodedown", pcall(server.call, {"kv2", e}, mb.tuple(mb.atom("slow"), 5000), 10000))
+      ]], { args = S.q(e.name) })
+      assert.equal(0, code, err)
+      assert.is_true(S.has(out, "put\tok"), out)
+      assert.is_true(S.has(out, "get\t42"), out)
+      assert.is_true(S.has(out, "cast\ttrue"), out)
+      assert.is_true(S.has(out, "getc\tv"), out)
+      assert.is_true(S.has(out, "state\t42"), out)
+      assert.is_true(S.has(out, "timeout\tfalse\t") and S.has(out, "server.call: timeout after 200 ms"), out)
+      assert.is_true(S.has(out, "mailbox\tnil"), out)
+      assert.is_true(S.has(out, "is not running (noproc)"), out)
+      assert.is_true(S.has(out, "node\ttrue"), out)
+      assert.is_true(S.has(out, "bypid\t42"), out)
+      assert.is_true(S.has(out, "exited during the call crash: crashed"), out)
+      assert.is_true(S.has(out, "unsendable\tfalse") and S.has(out, "cannot send the request"), out)
+      assert.is_true(S.has(out, "dead\tfalse"), out)
+      assert.is_true(S.has(out, "its node is down (nodedown)"), out)
+    end)
 
     it("mb.exit on a remote pid sends an exit signal", function()
       local e = erl([[
@@ -463,7 +706,237 @@ describe("distribution", function()
     end)
   end)
 
+  -- A hand-made peer (an Erlang module over gen_tcp): the handshake done by
+  -- hand, or spoiled, then raw frames, so that the tests can send what no
+  -- real node would and stop reading.
+  local RAWPEER = [[
+-module(rawpeer).
+-export([connect/3, raw/2, frame/2, tick_forever/1]).
+flags() ->
+    16#4 bor 16#8 bor 16#10 bor 16#80 bor 16#100 bor 16#800 bor 16#4000 bor
+    16#10000 bor 16#20000 bor 16#40000 bor 16#1000000 bor 16#2000000 bor
+    16#4000000 bor (4 bsl 32).
+raw(Node, Packet) ->
+    [Alive, Host] = string:split(atom_to_list(Node), "@"),
+    {port, Port, _} = erl_epmd:port_please(Alive, Host),
+    {ok, S} = gen_tcp:connect(Host, Port, [binary, {packet, Packet}, {active, false}]),
+    S.
+connect(Node, Cookie, Name) ->
+    S = raw(Node, 2),
+    NameB = list_to_binary(Name),
+    ok = gen_tcp:send(S, <<$N, (flags()):64, 1:32, (byte_size(NameB)):16, NameB/binary>>),
+    {ok, <<$s, "ok">>} = gen_tcp:recv(S, 0, 5000),
+    {ok, <<$N, _:64, Challenge:32, _/binary>>} = gen_tcp:recv(S, 0, 5000),
+    ok = gen_tcp:send(S, <<$r, 42:32, (erlang:md5([Cookie, integer_to_list(Challenge)]))/binary>>),
+    {ok, <<$a, _/binary>>} = gen_tcp:recv(S, 0, 5000),
+    ok = inet:setopts(S, [{packet, 4}]),
+    S.
+frame(Ctl, none) -> <<$p, (term_to_binary(Ctl))/binary>>;
+frame(Ctl, Msg) -> <<$p, (term_to_binary(Ctl))/binary, (term_to_binary(Msg))/binary>>.
+tick_forever(S) ->
+    case gen_tcp:send(S, <<>>) of ok -> timer:sleep(200), tick_forever(S); _ -> ok end.
+]]
+
+  describe("connections", function()
+    it("a peer that spoils the handshake or sends malformed frames is dropped and logged; the host goes on", function()
+      local name = uniq("mb")
+      local node = name .. "@" .. HOST
+      local e = erl(string.format([=[
+        {ok, rawpeer} = compile:file("rawpeer.erl"),
+        Node = '%s', Cookie = "%s", Me = atom_to_list(node()),
+        Wait = fun W(0) -> exit(no_node); W(N) -> case net_adm:ping(Node) of pong -> ok; pang -> timer:sleep(100), W(N - 1) end end,
+        Wait(100),
+        Closed = fun(S) -> case gen_tcp:recv(S, 0, 5000) of {error, closed} -> closed; Else -> Else end end,
+        Fake = fun(I) -> "fake" ++ integer_to_list(I) ++ "@" ++ lists:nth(2, string:split(Me, "@")) end,
+        %% The handshake spoiled: not a name packet; a name, then nothing.
+        S1 = rawpeer:raw(Node, 2), ok = gen_tcp:send(S1, <<"GET / HTTP/1.0">>),
+        io:format("notname ~p~n", [Closed(S1)]),
+        S2 = rawpeer:raw(Node, 2), ok = gen_tcp:send(S2, <<$N, 0:64>>),
+        io:format("shortname ~p~n", [Closed(S2)]),
+        %% After the handshake: frames no node sends.
+        Bad = [{notp, <<"xyz">>},
+               {badterm, <<$p, 131, 104, 2, 97, 1>>},
+               {wrongarity, rawpeer:frame({2}, none)},
+               {notuple, rawpeer:frame(42, none)},
+               {badsend, <<$p, (term_to_binary({2, '', self()}))/binary, 131, 255>>}],
+        lists:foreach(fun({I, {What, Bytes}}) ->
+            S = rawpeer:connect(Node, Cookie, Fake(I)),
+            ok = gen_tcp:send(S, Bytes),
+            io:format("~p ~p~n", [What, Closed(S)])
+          end, lists:zip(lists:seq(1, length(Bad)), Bad)),
+        %% A frame longer than the limit: the length alone closes it.
+        S3 = rawpeer:connect(Node, Cookie, Fake(10)),
+        ok = inet:setopts(S3, [{packet, raw}]), ok = gen_tcp:send(S3, <<255, 255, 255, 240, 0>>),
+        io:format("huge ~p~n", [Closed(S3)]),
+        %% What is well formed stays: an operation we do not know, a fun.
+        S4 = rawpeer:connect(Node, Cookie, Fake(11)),
+        ok = gen_tcp:send(S4, rawpeer:frame({99, x}, none)),
+        ok = gen_tcp:send(S4, rawpeer:frame({6, self(), '', target}, {fun() -> ok end})),
+        ok = gen_tcp:send(S4, rawpeer:frame({6, self(), '', target}, after_unknown)),
+        io:format("unknown ~p~n", [gen_tcp:recv(S4, 0, 1000)]),
+        gen_tcp:close(S4),
+        {target, Node} ! done,
+        io:format("finished~n"),
+        timer:sleep(500),
+        halt().]=], node, COOKIE), { files = { ["rawpeer.erl"] = RAWPEER }, limit = 60 })
+      local code, out, err = moonbeam([[
+        mb.register("target")
+        for _ = 1, 2 do
+          local m = mb.receive(40000)
+          print("got", tostring(m))
+        end
+        print("nodes", #mb.nodes())
+      ]], { name = name, limit = 60 })
+      assert.equal(0, code, err)
+      local o = await_output(e, "finished", 40000)
+      for _, what in ipairs({ "notname", "shortname", "notp", "badterm", "wrongarity", "notuple",
+                              "badsend", "huge" }) do
+        assert.is_true(S.has(o, what .. " closed"), what .. ": " .. o)
+      end
+      assert.is_true(S.has(o, "unknown {error,timeout}"), o)
+      assert.is_true(S.has(out, "got\tafter_unknown"), out)
+      assert.is_true(S.has(out, "got\tdone"), out)
+      assert.is_true(S.has(err, "refused a connection"), err)
+      assert.is_true(S.has(err, "malformed message"), err)
+      assert.is_true(S.has(err, "a frame of 4294967280 bytes"), err)
+      assert.is_true(S.has(err, "dropped a message from fake11"), err)
+    end)
+
+    it("output to a peer that does not read: senders wait at the busy limit, the connection is dropped after net_ticktime", function()
+      local name = uniq("mb")
+      local node = name .. "@" .. HOST
+      local e = erl(string.format([=[
+        {ok, rawpeer} = compile:file("rawpeer.erl"),
+        Node = '%s',
+        Wait = fun W(0) -> exit(no_node); W(N) -> case catch rawpeer:connect(Node, "%s", "sink@" ++ lists:nth(2, string:split(atom_to_list(node()), "@"))) of {'EXIT', _} -> timer:sleep(100), W(N - 1); S -> S end end,
+        S = Wait(100),
+        io:format("connected~n"),
+        rawpeer:tick_forever(S),
+        io:format("dropped~n"),
+        halt().]=], node, COOKIE), { files = { ["rawpeer.erl"] = RAWPEER }, limit = 60 })
+      local code, out, err = moonbeam([[
+        local sink = "sink@" .. mb.node():match("@(.*)")
+        for _ = 1, 300 do
+          if #mb.nodes() > 0 then break end
+          mb.sleep(100)
+        end
+        print("up", mb.nodes()[1] == sink)
+        local me = mb.self()
+        local sender = mb.spawn(function()
+          local chunk = string.rep("x", 256 * 1024)
+          for i = 1, 64 do
+            mb.send({"nobody", sink}, chunk)
+            mb.send(me, i)
+          end
+        end)
+        local sent, t0 = 0, mb.now()
+        while true do
+          local i = mb.receive(500)
+          if i == nil then break end
+          sent = i
+        end
+        print("blocked", sent < 64)
+        while sent < 64 do sent = mb.receive(10000) or 64 end
+        print("finished after", mb.now() - t0 > 1000)
+        print("nodes", #mb.nodes())
+      ]], { name = name, host_args = "--net-ticktime 2", limit = 60 })
+      assert.equal(0, code, err)
+      assert.is_true(S.has(out, "up\ttrue"), out)
+      assert.is_true(S.has(out, "blocked\ttrue"), out)
+      assert.is_true(S.has(out, "finished after\ttrue"), out)
+      assert.is_true(S.has(out, "nodes\t0"), out)
+      assert.is_true(S.has(err, "it has not read for"), err)
+      assert.is_true(S.has(await_output(e, "dropped"), "connected"), output(e))
+    end)
+
+    it("a peer that does not read while many processes send to it is dropped at the queue's bound", function()
+      local name = uniq("mb")
+      local node = name .. "@" .. HOST
+      local e = erl(string.format([=[
+        {ok, rawpeer} = compile:file("rawpeer.erl"),
+        Node = '%s',
+        Wait = fun W(0) -> exit(no_node); W(N) -> case catch rawpeer:connect(Node, "%s", "sink@" ++ lists:nth(2, string:split(atom_to_list(node()), "@"))) of {'EXIT', _} -> timer:sleep(100), W(N - 1); S -> S end end,
+        S = Wait(100),
+        rawpeer:tick_forever(S),
+        io:format("dropped~n"),
+        halt().]=], node, COOKIE), { files = { ["rawpeer.erl"] = RAWPEER }, limit = 60 })
+      local code, out, err = moonbeam([[
+        local sink = "sink@" .. mb.node():match("@(.*)")
+        for _ = 1, 300 do
+          if #mb.nodes() > 0 then break end
+          mb.sleep(100)
+        end
+        local me = mb.self()
+        for _ = 1, 48 do
+          mb.spawn(function()
+            mb.send({"nobody", sink}, string.rep("y", 1024 * 1024))
+            mb.send(me, "sent")
+          end)
+        end
+        local n = 0
+        for _ = 1, 48 do if mb.receive(20000) then n = n + 1 end end
+        print("senders", n)
+        print("nodes", #mb.nodes())
+      ]], { name = name, limit = 60 })
+      assert.equal(0, code, err)
+      assert.is_true(S.has(out, "senders\t48"), out)
+      assert.is_true(S.has(out, "nodes\t0"), out)
+      assert.is_true(S.has(err, "it does not read what we send"), err)
+      await_output(e, "dropped")
+    end)
+  end)
+
   describe("between Moonbeam nodes", function()
+    it("server.call, cast, get_state and stop reach a server on another Moonbeam node", function()
+      local a, wait_a = moonbeam_bg([[
+        local server = require "moonbeam.server"
+        local pid = server.start({
+          init = function() return { n = 0 } end,
+          handle_call = function(req, from, st)
+            if req == "slow" then mb.sleep(800) return "late", st end
+            st.n = st.n + 1
+            return { got = req, n = st.n, from_node = mb.node(from.pid) }, st
+          end,
+          handle_cast = function(msg, st) st.cast = msg return st end,
+        }, nil, { name = "kv" })
+        local ref = mb.monitor(pid)
+        local d = mb.receive(function(m) return type(m) == "table" and m.event == "DOWN" end, 30000)
+        print("down", d and d.reason)
+        io.stdout:flush()
+        mb.sleep(1500)   -- for the caller's last call, which finds no kv
+      ]])
+      local code, out, err = moonbeam(WAIT_NODE .. [[
+        local server = require "moonbeam.server"
+        local a = arg[1]
+        wait_node(a)
+        local kv = {"kv", a}
+        for _ = 1, 50 do
+          if pcall(server.call, kv, "ping", 1000) then break end
+          mb.sleep(100)
+        end
+        local r = server.call(kv, { x = 1, list = { 1, 2 } })
+        print("call", r.got.x, r.got.list[2], r.n, r.from_node == mb.node())
+        print("cast", server.cast(kv, "hello"))
+        print("state", server.get_state(kv).cast)
+        print("timeout", pcall(server.call, kv, "slow", 200))
+        mb.sleep(1000)
+        print("mailbox", mb.receive(0))
+        print("stop", server.stop(kv, "shutdown"))
+        print("after", pcall(server.call, kv, "ping", 1000))
+      ]], { args = S.q(a) })
+      assert.equal(0, code, err)
+      assert.is_true(S.has(out, "call\t1\t2\t2\ttrue"), out)
+      assert.is_true(S.has(out, "cast\ttrue"), out)
+      assert.is_true(S.has(out, "state\thello"), out)
+      assert.is_true(S.has(out, "timeout\tfalse"), out)
+      assert.is_true(S.has(out, "mailbox\tnil"), out)
+      assert.is_true(S.has(out, "stop\ttrue"), out)
+      assert.is_true(S.has(out, "after\tfalse") and S.has(out, "noproc"), out)
+      local code_a, out_a, err_a = wait_a()
+      assert.equal(0, code_a, err_a)
+      assert.is_true(S.has(out_a, "down\tshutdown"), out_a)
+    end)
+
     it("two Moonbeam hosts form a cluster without Erlang: names, pids, links, noconnection", function()
       local a, wait_a = moonbeam_bg([[
         mb.register("a")

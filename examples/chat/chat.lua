@@ -11,6 +11,15 @@
 --   │                  which hibernate when idle
 --   └── http listener  serves www/ and upgrades /ws to a WebSocket user (web.lua)
 --
+-- Across nodes (chat.start's join, main.lua's --join NODE): the registry,
+-- and so every room, lives on one node, the one the others joined; the
+-- users of every node send their joins to {registry name, that node}, so a
+-- room is found the same way from every node, and users of different
+-- hosts meet in it. A room monitors its members wherever they are: when a
+-- host goes down, its users leave their rooms with the usual line
+-- (their monitors fire with "noconnection"), and the users of a host whose
+-- rooms' node went down are told that their room closed.
+--
 -- The listeners trap exits: a user that crashes or is killed does not take
 -- its listener down, while a listener that is stopped (or crashes) takes its
 -- users with it. A user finds the registry by its registered name, so a
@@ -192,7 +201,10 @@ end
 --                   the limits on slow users (user.lua; defaults in user.DEFAULTS)
 --   opts.hibernate_after  ms without a message after which a TCP user or a
 --                   room hibernates (default 15000; 0 or false: never)
--- info: {sup = pid, registry = name, tcp_port = n, http_port = n}.
+--   opts.join       a node ("name@host") whose chat (started with the same
+--                   opts.name) holds the rooms: this node's users meet its
+--                   users there; this node then runs no registry of its own
+-- info: {sup = pid, registry = name, join = node or nil, tcp_port = n, http_port = n}.
 function chat.start(opts)
   opts = opts or {}
   local limits = limits_of(opts)
@@ -202,14 +214,25 @@ function chat.start(opts)
   local tcp_port, http_port = opts.tcp_port, opts.http_port
   if tcp_port == nil then tcp_port = 7000 end
   if http_port == nil then http_port = 8080 end
+  local join = opts.join
+  if join ~= nil and (type(join) ~= "string" or not join:find("@", 1, true)) then
+    error("chat.start: join must be a node name (name@host), got " .. tostring(join), 2)
+  end
+  if join and mb.node() == "nonode@nohost" then
+    error("chat.start: join needs this host to be a node (--sname or --name)", 2)
+  end
+  if join == mb.node() then join = nil end
   instances = instances + 1
   local registry = (opts.name or ("chat" .. instances .. "@" .. tostring(mb.self()))) .. ".rooms"
-  local children = {
-    { id = "registry", start = function() return start_registry(registry, hibernate_after) end },
-  }
+  local children = {}
+  if not join then
+    children[1] = { id = "registry", start = function() return start_registry(registry, hibernate_after) end }
+  end
+  -- What users send their joins to: the name here, or the name on `join`.
+  local registry_dest = join and { registry, join } or registry
   if tcp_port then
     children[#children + 1] = { id = "tcp", shutdown = 2000, start = function()
-      return start_listener(tcp_listener, "tcp_ready", host, tcp_port, registry, limits)
+      return start_listener(tcp_listener, "tcp_ready", host, tcp_port, registry_dest, limits)
     end }
   end
   if http_port then
@@ -217,7 +240,7 @@ function chat.start(opts)
     local www = opts.www or chat.www
     local http_listener = web.http_listener
     children[#children + 1] = { id = "http", shutdown = 2000, start = function()
-      return start_listener(http_listener, "http_ready", host, http_port, registry, www, limits)
+      return start_listener(http_listener, "http_ready", host, http_port, registry_dest, www, limits)
     end }
   end
   local sup, err = supervisor.start({
@@ -225,7 +248,7 @@ function chat.start(opts)
     children = children,
   })
   if not sup then return nil, err end
-  local info = { sup = sup, registry = registry, host = host }
+  local info = { sup = sup, registry = registry, join = join, host = host }
   if tcp_port then info.tcp_port = port_of(child_pid(sup, "tcp")) end
   if http_port then info.http_port = port_of(child_pid(sup, "http")) end
   return info
@@ -236,26 +259,28 @@ function chat.stop(info)
   return supervisor.stop(info.sup)
 end
 
--- The pid of the room registry, or nil.
+-- The pid of the room registry (here), or nil; {name, node} when the rooms
+-- are on the node this chat joined.
 function chat.registry(info)
+  if info.join then return { info.registry, info.join } end
   return mb.whereis(info.registry)
 end
 
 -- The members of a room: {{nick = n, pid = p}...}; nil on timeout.
 function chat.members(info, room, timeout)
-  local reg = mb.whereis(info.registry)
+  local reg = chat.registry(info)
   return reg and rooms.members(reg, room, timeout)
 end
 
 -- The pid of room `name`, or nil (no such room, or timeout).
 function chat.room(info, name, timeout)
-  local reg = mb.whereis(info.registry)
+  local reg = chat.registry(info)
   return reg and rooms.room(reg, name, timeout) or nil
 end
 
 -- The names of the open rooms.
 function chat.rooms(info, timeout)
-  local reg = mb.whereis(info.registry)
+  local reg = chat.registry(info)
   return reg and rooms.list(reg, timeout)
 end
 

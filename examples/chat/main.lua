@@ -1,6 +1,7 @@
 -- examples/chat/main.lua: the chat server. Each connected user is a process.
 --
 --   scripts/run examples/chat [--host H] [--tcp PORT] [--http PORT] [limits]
+--   scripts/run examples/chat --sname b --join a@host ...   (across hosts)
 --
 -- Defaults: host 127.0.0.1, TCP port 7000 (nc, telnet), HTTP port 8080 (the
 -- browser page, speaking WebSocket on /ws). The environment variables
@@ -9,6 +10,10 @@
 -- slow users (--max-behind N, --max-output BYTES, --max-stall MS,
 -- --room-backlog N) and --hibernate-after MS (idle users and rooms
 -- hibernate; 0 = never) are chat.start's options; see README.md.
+-- Across hosts: each host is a node (the host options --sname NAME or
+-- --name NAME@HOST, and --cookie, before the script; scripts/run puts them
+-- there), and every host but the first takes --join <the first's node>: the
+-- rooms live on that node, and users connected to any host meet in them.
 local mb = require "moonbeam"
 
 -- Find the example's modules next to this file, from any directory.
@@ -31,6 +36,8 @@ local function usage(code)
             "  --room-backlog N      a room's backlog before its talkers wait (default 1000)\n",
             "  --hibernate-after MS  idle time after which a TCP user or a room hibernates\n",
             "                        (default 15000; 0 = never)\n",
+            "across hosts (each host a node: --sname NAME or --name NAME@HOST, --cookie C):\n",
+            "  --join NODE   meet the users of the chat on NODE (name@host) in its rooms\n",
             "environment: CHAT_HOST, CHAT_TCP_PORT, CHAT_HTTP_PORT\n")
   os.exit(code)
 end
@@ -60,6 +67,12 @@ while i <= #arg do
   elseif a == "--host" and v then opts.host = v; i = i + 1
   elseif (a == "--tcp" or a == "--tcp-port") and v then opts.tcp_port = port(v, "TCP"); i = i + 1
   elseif (a == "--http" or a == "--http-port") and v then opts.http_port = port(v, "HTTP"); i = i + 1
+  elseif a == "--join" and v then opts.join = v; i = i + 1
+  elseif a == "--sname" or a == "--name" or a == "--cookie" then
+    io.stderr:write("chat: ", a, " is an option of the host, before the script: ",
+                    "build/moonbeam ", a, " ... examples/chat/main.lua ... ",
+                    "(scripts/run examples/chat ", a, " ... puts it there)\n")
+    os.exit(2)
   elseif LIMITS[a] and v then
     opts[LIMITS[a]] = tonumber(v)
     if not opts[LIMITS[a]] then
@@ -72,6 +85,27 @@ while i <= #arg do
     usage(2)
   end
   i = i + 1
+end
+
+-- The chat of every host has the same name, so that the registry (and the
+-- rooms) of the node others join is found by that name from every node.
+opts.name = "chat"
+if opts.join then
+  if mb.node() == "nonode@nohost" then
+    io.stderr:write("chat: --join needs this host to be a node: ",
+                    "scripts/run examples/chat --sname NAME --join ", opts.join, "\n")
+    os.exit(2)
+  end
+  local up
+  for _ = 1, 25 do
+    up = mb.connect_node(opts.join)
+    if up then break end
+    mb.sleep(200)
+  end
+  if not up then
+    io.stderr:write("chat: cannot reach the node ", opts.join, " (is its chat running, with the same cookie?)\n")
+    os.exit(1)
+  end
 end
 
 local ok, info, err = pcall(chat.start, opts)
@@ -92,6 +126,11 @@ end
 if info.http_port then
   print(("chat: HTTP on %s:%d   open http://%s:%d/ in a browser")
         :format(opts.host, info.http_port, shown, info.http_port))
+end
+if opts.join then
+  print(("chat: node %s; the rooms are on %s"):format(mb.node(), opts.join))
+elseif mb.node() ~= "nonode@nohost" then
+  print(("chat: node %s; other hosts join with --join %s"):format(mb.node(), mb.node()))
 end
 print("chat: running; Ctrl-C stops it")
 io.stdout:flush()

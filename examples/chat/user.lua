@@ -20,7 +20,10 @@
 --   unknown /command  -> "* unknown command /<cmd>"
 --
 -- The room is found through the registry (rooms.lua), named here by its
--- registered name, so a registry restarted by the supervisor is found again.
+-- registered name, so a registry restarted by the supervisor is found again;
+-- on a node that joined another one (chat.start's join), the registry is
+-- that node's, named {name, node}, and the rooms live there: the messages
+-- below cross nodes unchanged (tables with string keys, strings, pids).
 -- The user monitors its room: if the room ends, the user is told and is in
 -- no room. Everything spawned here captures only `mb` and local functions
 -- (see rooms.lua for why).
@@ -107,7 +110,10 @@ local function bad_name(s)
   return #s < 1 or #s > 32 or s:find("[^%w_%-%.#]") ~= nil
 end
 
+-- Where to send to the registry: its pid, {name, node} on another node,
+-- or nil while there is none here.
 local function registry_of(st)
+  if type(st.registry) == "table" then return st.registry end
   return mb.whereis(st.registry)
 end
 
@@ -268,7 +274,7 @@ local function new_session(registry, sock, ws, limits)
     st[k] = v
   end
   with_out(st)
-  local reg = mb.whereis(registry)
+  local reg = registry_of(st)
   if reg then
     mb.send(reg, { op = "guest", pid = mb.self() })
     local m = mb.receive(function(x) return type(x) == "table" and x.guest end, ANSWER_TIMEOUT)

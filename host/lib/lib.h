@@ -50,6 +50,11 @@ struct luaL_Reg;
 extern const struct luaL_Reg mb_lib_dist_funcs[];
 /* Send m (taken) to the {name, node} at stack slot 1; raises on misuse. */
 int mb_lib_dist_send_named(lua_State *L, mb_msg_t *m, const char *fname);
+/* After mb.send to remote pid dest: may make the sender wait while the
+ * connection's output is busy (lib_dist.c); returns the result count. */
+int mb_lib_dist_sent(lua_State *L, mb_pid_t dest);
+/* mb.monitor({name, node}) (lib_dist.c). */
+int mb_lib_dist_monitor_named(lua_State *L);
 /* Raise "fname: why" (freeing m) if m cannot be sent to another node. */
 void mb_lib_dist_check(lua_State *L, const mb_msg_t *m, const char *fname);
 

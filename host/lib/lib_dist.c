@@ -11,11 +11,15 @@
 #include "dist.h"
 #include "lauxlib.h"
 #include "lib.h"
+#include "reg.h"
+#include "remote.h"
 #include "run.h"
 #include "term.h"
 
-/* The atom of the string or atom at idx, interned; raises on misuse. */
-static uint32_t check_atom(lua_State *L, int idx, const char *fname, const char *what)
+/* The atom of the string or atom at idx, interned; raises on misuse,
+ * naming argument argn. */
+static uint32_t check_atom_arg(lua_State *L, int idx, int argn, const char *fname,
+                               const char *what)
 {
   uint64_t id = mb_id_test(L, idx, &mb_atom_kind);
   if (id)
@@ -24,26 +28,36 @@ static uint32_t check_atom(lua_State *L, int idx, const char *fname, const char 
   const char *s = lua_type(L, idx) == LUA_TSTRING ? lua_tolstring(L, idx, &n) : NULL;
   if (s == NULL)
     luaL_error(L, "bad argument #%d to '%s' (%s (a string or atom) expected, got %s)",
-               idx, fname, what, luaL_typename(L, idx));
+               argn, fname, what, luaL_typename(L, idx));
   int64_t a = mb_atom_intern(s, n);
   if (a == MB_ETOOMANY)
     luaL_error(L, "%s: the atom table is full (%d atoms)", fname, (int)MB_ATOM_MAX);
   if (a < 0)
-    luaL_error(L, "bad argument #%d to '%s' (%s must be 1 to %d bytes)", idx, fname,
+    luaL_error(L, "bad argument #%d to '%s' (%s must be 1 to %d bytes)", argn, fname,
                what, (int)MB_ATOM_MAX_LEN);
   return (uint32_t)a;
 }
 
-/* A node name: a string (or atom) with an @. */
-static uint32_t check_node(lua_State *L, int idx, const char *fname)
+static uint32_t check_atom(lua_State *L, int idx, const char *fname, const char *what)
 {
-  uint32_t a = check_atom(L, idx, fname, "node name");
+  return check_atom_arg(L, idx, idx, fname, what);
+}
+
+/* A node name: a string (or atom) with an @. */
+static uint32_t check_node_arg(lua_State *L, int idx, int argn, const char *fname)
+{
+  uint32_t a = check_atom_arg(L, idx, argn, fname, "node name");
   size_t n;
   const char *s = mb_atom_name(a, &n);
   if (strchr(s, '@') == NULL)
     luaL_error(L, "bad argument #%d to '%s' (node name name@host expected, got '%s')",
-               idx, fname, s);
+               argn, fname, s);
   return a;
+}
+
+static uint32_t check_node(lua_State *L, int idx, const char *fname)
+{
+  return check_node_arg(L, idx, idx, fname);
 }
 
 static void push_atom_text(lua_State *L, uint32_t a)
@@ -53,9 +67,27 @@ static void push_atom_text(lua_State *L, uint32_t a)
   lua_pushlstring(L, s, n);
 }
 
-/* mb.node() -> this node's name ("nonode@nohost" when not distributed) */
+/* mb.node([pid or ref]) -> this node's name ("nonode@nohost" when not
+ * distributed), or the name of the node of pid or ref, as Erlang's node/1 */
 static int l_node(lua_State *L)
 {
+  if (!lua_isnoneornil(L, 1)) {
+    uint64_t id;
+    const mb_idkind_t *k = mb_id_kind(L, 1, &id);
+    if (k != &mb_pid_kind && k != &mb_ref_kind)
+      return luaL_error(L, "bad argument #1 to 'node' (pid or ref expected, got %s)",
+                        luaL_typename(L, 1));
+    uint32_t node = 0;
+    if (mb_id_is_remote(id)) {
+      mb_rref_t r;
+      node = k == &mb_pid_kind ? mb_remote_node(id)
+                               : (mb_remote_ref_get(id, &r) == 0 ? r.node : 0);
+    }
+    if (node) {
+      push_atom_text(L, node);
+      return 1;
+    }
+  }
   if (mb_dist_on())
     push_atom_text(L, mb_dist_self());
   else
@@ -113,6 +145,20 @@ static int l_monitor_node(lua_State *L)
   return 1;
 }
 
+/* mb.node_info() -> {atoms = n, remote_pids = n, remote_refs = n}: the
+ * host-wide tables of term.h and remote.h (what they hold now) */
+static int l_node_info(lua_State *L)
+{
+  lua_createtable(L, 0, 3);
+  lua_pushnumber(L, mb_atom_count());
+  lua_setfield(L, -2, "atoms");
+  lua_pushnumber(L, mb_remote_pid_count());
+  lua_setfield(L, -2, "remote_pids");
+  lua_pushnumber(L, mb_remote_ref_count());
+  lua_setfield(L, -2, "remote_refs");
+  return 1;
+}
+
 /* mb.atom(name) -> atom */
 static int l_atom(lua_State *L)
 {
@@ -152,6 +198,7 @@ const luaL_Reg mb_lib_dist_funcs[] = {
   {"nodes", l_nodes},
   {"connect_node", l_connect_node},
   {"monitor_node", l_monitor_node},
+  {"node_info", l_node_info},
   {"atom", l_atom},
   {"is_atom", l_is_atom},
   {"tuple", l_tuple},
@@ -159,18 +206,49 @@ const luaL_Reg mb_lib_dist_funcs[] = {
   {NULL, NULL}
 };
 
+/* After a send to node: a sender whose message went on a connection with
+ * more than MB_DIST_BUSY_LIMIT bytes queued waits until it drains (dist.h).
+ * Returns the binding's result count (yields if it must wait; never from
+ * where a yield is impossible, a C callback). */
+static int after_send(lua_State *L, uint32_t node)
+{
+  mb_proc_t *p = mb_lib_self(L);
+  if (!mb_run_can_yield(p, L) || !mb_dist_busy_wait(p, node))
+    return 0;
+  return mb_run_yield(L, MB_YIELD_WAIT);
+}
+
+int mb_lib_dist_sent(lua_State *L, mb_pid_t dest)
+{
+  return after_send(L, mb_remote_node(dest));
+}
+
+/* The atoms of a {name, node} destination's two values (name, node,
+ * fname on the stack): pushes them as numbers; raises on misuse. Called
+ * protected, so that the caller can free what it holds first. */
+static int dest_atoms(lua_State *L)
+{
+  const char *fname = lua_tostring(L, 3);
+  if (lua_isnil(L, 1) || lua_isnil(L, 2))
+    return luaL_error(L, "bad argument #1 to '%s' ({name, node} expected)", fname);
+  lua_pushnumber(L, check_atom_arg(L, 1, 1, fname, "name"));
+  lua_pushnumber(L, check_node_arg(L, 2, 1, fname));
+  return 2;
+}
+
 int mb_lib_dist_send_named(lua_State *L, mb_msg_t *m, const char *fname)
 {
   mb_proc_t *p = mb_lib_self(L);
+  lua_pushcfunction(L, dest_atoms);
   lua_rawgeti(L, 1, 1);
   lua_rawgeti(L, 1, 2);
-  int top = lua_gettop(L);
-  if (lua_isnil(L, top - 1) || lua_isnil(L, top)) {
-    mb_msg_free(m);
-    return luaL_error(L, "bad argument #1 to '%s' ({name, node} expected)", fname);
+  lua_pushstring(L, fname);
+  if (lua_pcall(L, 3, 2, 0) != 0) {
+    mb_msg_free(m);              /* encoded already: not leaked by the error */
+    return lua_error(L);
   }
-  uint32_t name = check_atom(L, top - 1, fname, "name");
-  uint32_t node = check_node(L, top, fname);
+  uint32_t name = (uint32_t)lua_tonumber(L, -2);
+  uint32_t node = (uint32_t)lua_tonumber(L, -1);
   lua_pop(L, 2);
   char err[256];
   int rc = mb_dist_send_named(node, name, p->pid, m, err, sizeof err);
@@ -178,7 +256,39 @@ int mb_lib_dist_send_named(lua_State *L, mb_msg_t *m, const char *fname)
     return luaL_error(L, "%s: this host is not a node (start it with --sname or --name)", fname);
   if (rc < 0)
     return luaL_error(L, "%s: %s", fname, err);
-  return 0;
+  return after_send(L, node);
+}
+
+/* mb.monitor({name, node}) -> ref: lib_mb.c's monitor hands a table here.
+ * As Erlang's monitor of {Name, Node}: the DOWN comes when the process
+ * registered as name on node exits ("noproc" at once if there is none;
+ * "noconnection" if the node goes away), and its pid field is the name's
+ * id (remote.h), which prints as {name,node}. */
+int mb_lib_dist_monitor_named(lua_State *L)
+{
+  mb_proc_t *p = mb_lib_self(L);
+  lua_rawgeti(L, 1, 1);
+  lua_rawgeti(L, 1, 2);
+  int top = lua_gettop(L);
+  if (lua_isnil(L, top - 1) || lua_isnil(L, top))
+    return luaL_error(L, "bad argument #1 to 'monitor' (pid or {name, node} expected)");
+  uint32_t name = check_atom_arg(L, top - 1, 1, "monitor", "name");
+  uint32_t node = check_node_arg(L, top, 1, "monitor");
+  if (!mb_dist_on())
+    return luaL_error(L, "monitor: this host is not a node (start it with --sname or --name)");
+  mb_pid_t target = 0;
+  if (node == mb_dist_self()) {
+    size_t n;
+    target = mb_reg_whereis(mb_atom_name(name, &n));
+  }
+  if (target == 0) {
+    int64_t id = mb_remote_name(node, name);
+    if (id < 0)
+      return luaL_error(L, "monitor: %s", mb_strerror((int)id));
+    target = (mb_pid_t)id;
+  }
+  mb_ref_push(L, mb_proc_monitor(p, target));
+  return 1;
 }
 
 void mb_lib_dist_check(lua_State *L, const mb_msg_t *m, const char *fname)

@@ -319,6 +319,8 @@ static int l_send(lua_State *L)
   m->from = p->pid;
   m->ref = alias;
   mb_proc_send(dest, m);
+  if (mb_id_is_remote(dest))   /* may wait while the node's output is busy */
+    return mb_lib_dist_sent(L, dest);
   return 0;
 }
 
@@ -607,9 +609,11 @@ static int l_unlink(lua_State *L)
   return 0;
 }
 
-/* mb.monitor(pid) -> ref */
+/* mb.monitor(pid or {name, node}) -> ref */
 static int l_monitor(lua_State *L)
 {
+  if (lua_type(L, 1) == LUA_TTABLE)   /* {name, node} (lib_dist.c) */
+    return mb_lib_dist_monitor_named(L);
   mb_ref_push(L, mb_proc_monitor(mb_lib_self(L), mb_pid_check(L, 1)));
   return 1;
 }

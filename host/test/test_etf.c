@@ -16,6 +16,7 @@
 #include "etf.h"
 #include "lauxlib.h"
 #include "lualib.h"
+#include "remote.h"
 #include "term.h"
 
 static lua_State *A, *B;
@@ -366,6 +367,74 @@ static void test_fuzz(void)
   ei_x_free(&y);
 }
 
+/* Remote refs are held only by the states that have them (remote.h). */
+static void test_remote_ref_holds(void)
+{
+  for (int k = 0; k < 2; k++) {   /* earlier tests' garbage lets go first */
+    lua_gc(A, LUA_GCCOLLECT, 0);
+    lua_gc(B, LUA_GCCOLLECT, 0);
+  }
+  uint32_t base = mb_remote_ref_count();
+  ei_x_buff x;
+  ei_x_new_with_version(&x);
+  erlang_ref r = {"other@host", 3, {1, 2, 3}, 77};
+  ei_x_encode_tuple_header(&x, 2);
+  ei_x_encode_ref(&x, &r);
+  ei_x_encode_ref(&x, &r);
+  long idx = 0;
+  mb_msg_t *m;
+  check(mb_etf_decode(x.buff, x.index, &idx, 0, &m) == 0, "a tuple of two remote refs decodes");
+  check(mb_remote_ref_count() == base, "a message in transit holds no remote ref (%u)",
+        mb_remote_ref_count() - base);
+  mb_copy_decode(B, m);
+  lua_setglobal(B, "held");
+  check(mb_remote_ref_count() == base + 1, "a state that has it holds it once");
+  check(b_true("held[1] == held[2] and tostring(held[1]):find('^#Ref<') ~= nil"),
+        "the two are one value in the state");
+  /* Back out to ETF from the state: the same ref. */
+  lua_getglobal(B, "held");
+  char err[128];
+  mb_msg_t *out = mb_copy_encode(B, -1, 1, "msg", NULL, err, sizeof err);
+  lua_pop(B, 1);
+  long n = out ? mb_etf_size(out, 0, err, sizeof err) : -1;
+  char *buf = n > 0 ? malloc((size_t)n) : NULL;
+  if (buf)
+    mb_etf_write(out, 0, buf);
+  int i = 1, arity = 0;
+  erlang_ref back;
+  bool same = buf && ei_decode_tuple_header(buf, &i, &arity) == 0 && arity == 2 &&
+              ei_decode_ref(buf, &i, &back) == 0 && back.len == 3 && back.n[2] == 3 &&
+              back.creation == 77 && strcmp(back.node, "other@host") == 0;
+  check(same, "a remote ref goes back to ETF unchanged");
+  free(buf);
+  mb_msg_free(out);
+  mb_msg_free(m);
+  lua_pushnil(B);
+  lua_setglobal(B, "held");
+  lua_gc(B, LUA_GCCOLLECT, 0);
+  lua_gc(B, LUA_GCCOLLECT, 0);
+  check(mb_remote_ref_count() == base, "collected, it is freed (%u held)",
+        mb_remote_ref_count() - base);
+  /* A control message's ref is held for the caller until released; an
+   * id of a freed entry names nothing afterwards. */
+  i = 1;
+  ei_decode_tuple_header(x.buff, &i, &arity);
+  mb_ref_t id;
+  check(mb_etf_get_ref(x.buff, &i, &id) == 0 && mb_remote_ref_count() == base + 1,
+        "mb_etf_get_ref holds the ref");
+  mb_remote_ref_release(id);
+  mb_rref_t rr;
+  check(mb_remote_ref_count() == base && mb_remote_ref_get(id, &rr) < 0,
+        "released, its id names nothing");
+  i = 1;
+  ei_decode_tuple_header(x.buff, &i, &arity);
+  mb_ref_t id2;
+  mb_etf_get_ref(x.buff, &i, &id2);
+  check(id2 != id && mb_remote_ref_get(id2, &rr) == 0, "interned again under a new id");
+  mb_remote_ref_release(id2);
+  ei_x_free(&x);
+}
+
 int main(void)
 {
   ei_init();
@@ -377,6 +446,7 @@ int main(void)
   test_round_trips();
   test_from_erlang();
   test_fuzz();
+  test_remote_ref_holds();
   lua_close(A);
   lua_close(B);
   return check_summary();

@@ -15,6 +15,27 @@
 --   to a caller:   {tag = "$reply", ref = r, value = v[, err = message]}
 --   to a starter:  {tag = "$started", pid = server[, err = message]}
 --
+-- Alongside it, for other nodes, Erlang's gen_server protocol: a server
+-- also takes the messages OTP's gen_server:call and cast send (Erlang terms,
+-- term.h), and server.call and cast use them when the destination is on
+-- another node (a remote pid or {name, node}), so a Moonbeam server answers
+-- Erlang's gen_server:call({Name, Node}, Req) and server.call reaches an
+-- Erlang gen_server (or a Moonbeam server on another host) alike:
+--
+--   to a server:   {'$gen_call', {From, Tag}, Req}    {'$gen_cast', Msg}
+--                  {system, {From, Tag}, get_state}   (sys:get_state)
+--                  {system, {From, Tag}, {terminate, Reason}}  (sys:terminate)
+--   to a caller:   {Tag, Reply}, sent through the alias in Tag when Tag is
+--                  [alias | Ref] (OTP 24's gen.erl), else to From
+--
+-- The loop turns such a message into the Lua protocol's shape, with from =
+-- {pid = From, tag = Tag}, so callbacks and server.reply see one kind of
+-- call. A caller on our side does what gen.erl does: a monitor of the
+-- server (by pid or by name) whose ref is also an alias, the tag
+-- [alias | Ref] (a table {atom "alias", ["$tail"] = ref}), the reply or the
+-- DOWN ("noconnection" when the node goes away), and, once done, the alias
+-- dropped and the monitor taken off.
+--
 -- "$system" messages are answered by the loop itself, never by a callback
 -- (like OTP's sys messages), so they work whatever the callbacks do. A
 -- "$call", "$cast", "$stop" or "$system" of the wrong shape (a forged or
@@ -124,6 +145,15 @@ local function show(v)
     local t = type(x)
     if t == "string" then
       put((string.format("%q", x):gsub("\\\n", "\\n")))
+    elseif t == "table" and mb.is_tuple(x) then
+      if depth >= SHOW_MAX_DEPTH then put("{...}") return end
+      put("{")
+      for i = 1, x.n do
+        if budget <= 0 then break end
+        if i > 1 then put(", ") end
+        walk(x[i], depth + 1)
+      end
+      put("}")
     elseif t == "table" then
       local marker = x["$moonbeam.server"]
       if (marker == "noreply" or marker == "hibernate") and next(x, next(x)) == nil then
@@ -242,10 +272,25 @@ local function is_ref(v)
   return type(v) == "userdata" and tostring(v):sub(1, 5) == "#Ref<"
 end
 
+-- A destination on another node: a pid of another node, or {name, node}
+-- with a node that is not ours. Returns it, or nil.
+local function remote(dest)
+  if mb.is_pid(dest) then
+    if mb.node(dest) ~= mb.node() then return dest end
+  elseif type(dest) == "table" and not mb.is_pid(dest) and dest[1] ~= nil and dest[2] ~= nil
+         and tostring(dest[2]) ~= mb.node() then
+    return dest
+  end
+end
+
 -- Returns the pid that dest names, or raises an error that names fname,
 -- at `level` (default 3: the caller of the function that called resolve).
+-- {name, node} with our own node is the name.
 local function resolve(dest, fname, level)
   level = level or 3
+  if type(dest) == "table" and dest[1] ~= nil and tostring(dest[2]) == mb.node() then
+    dest = tostring(dest[1])
+  end
   if type(dest) == "string" then
     local pid = mb.whereis(dest)
     if pid == nil then
@@ -255,7 +300,7 @@ local function resolve(dest, fname, level)
   elseif mb.is_pid(dest) then
     return dest
   end
-  error(fname .. ": bad destination (pid or registered name expected, got "
+  error(fname .. ": bad destination (pid, registered name or {name, node} expected, got "
         .. type(dest) .. ")", level)
 end
 
@@ -284,7 +329,8 @@ end
 -- The `from` of a call or a system request: whom to answer, through which
 -- alias.
 local function is_from(from)
-  return type(from) == "table" and mb.is_pid(from.pid) and is_ref(from.ref)
+  return type(from) == "table" and mb.is_pid(from.pid)
+         and (is_ref(from.ref) or (from.ref == nil and from.tag ~= nil))
 end
 
 -- What is wrong with a message of the server protocol, or nil when it is
@@ -292,7 +338,9 @@ end
 local function malformed(msg)
   local tag = msg.tag
   if tag == "$call" or tag == "$system" then
-    if not is_from(msg.from) then return "bad 'from': {pid = pid, ref = ref} expected" end
+    if not is_from(msg.from) then
+      return "bad 'from': {pid = pid, ref = ref} or an Erlang {From, Tag} expected"
+    end
     if msg.req == nil then return "no request" end
   elseif tag == "$cast" then
     if msg.msg == nil then return "no message" end
@@ -315,15 +363,66 @@ local function describe(msg)
   return "info " .. show(msg)
 end
 
+-- The alias in an Erlang caller's tag: [alias | Ref] or [[alias | Ref] | _]
+-- (gen.erl's tags for call and send_request), else nil.
+local function tag_alias(tag)
+  if type(tag) ~= "table" then return nil end
+  if mb.is_atom(tag[1]) and tostring(tag[1]) == "alias" and is_ref(tag["$tail"]) then
+    return tag["$tail"]
+  end
+  local inner = tag[1]
+  if type(inner) == "table" and mb.is_atom(inner[1]) and tostring(inner[1]) == "alias"
+     and is_ref(inner["$tail"]) then
+    return inner["$tail"]
+  end
+end
+
 local function send_reply(from, value, err)
+  if from.tag ~= nil then
+    -- An Erlang caller (gen.erl's reply): {Tag, Reply}, through its alias.
+    if err ~= nil then value = mb.tuple(mb.atom("error"), err) end
+    mb.send(from.pid, mb.tuple(from.tag, value), tag_alias(from.tag))
+    return
+  end
   mb.send(from.pid, { tag = "$reply", ref = from.ref, value = value, err = err }, from.ref)
+end
+
+-- An Erlang-protocol message in the Lua protocol's shape (see DESIGN), or
+-- msg itself. A garbled one becomes a call with a bad `from` (dropped and
+-- reported by the loop, as a garbled Lua one).
+local function from_erlang(msg)
+  if not mb.is_tuple(msg) or not mb.is_atom(msg[1]) then return msg end
+  local kind = tostring(msg[1])
+  if kind == "$gen_cast" and msg.n == 2 then
+    return { tag = "$cast", msg = msg[2] }
+  elseif (kind == "$gen_call" or kind == "system") and msg.n == 3 then
+    local f = msg[2]
+    local from = f
+    if mb.is_tuple(f) and f.n == 2 and mb.is_pid(f[1]) and f[2] ~= nil then
+      from = { pid = f[1], tag = f[2] }
+    end
+    if kind == "$gen_call" then return { tag = "$call", from = from, req = msg[3] } end
+    local req = msg[3]
+    if mb.is_atom(req) and tostring(req) == "get_state" then req = "get_state" end
+    return { tag = "$system", from = from, req = req }
+  end
+  return msg
 end
 
 -- Answers a "$system" request in the loop itself: no callback runs, so it
 -- works whatever state the callbacks are in.
+-- Returns a stop reason for {terminate, Reason} (sys:terminate), which is
+-- answered ok before the server ends, as OTP's sys does. An atom reason is
+-- a string here, as exit reasons that cross nodes are.
 local function system(ctx, msg)
   local value, err
-  if msg.req == "get_state" then
+  local req = msg.req
+  if mb.is_tuple(req) and req.n == 2 and mb.is_atom(req[1]) and tostring(req[1]) == "terminate" then
+    pcall(send_reply, msg.from, mb.atom("ok"))
+    local reason = req[2]
+    if mb.is_atom(reason) then reason = tostring(reason) end
+    return reason == nil and "normal" or reason
+  elseif req == "get_state" then
     value = ctx.state
   else
     err = "unknown system request " .. show(msg.req)
@@ -506,12 +605,17 @@ loop = function(ctx)
       msg = mb.receive()
     end
     ctx.stay_awake = nil
+    msg = from_erlang(msg)
     local bad = type(msg) == "table" and malformed(msg)
     if bad then
       report(ctx, { ctx.origin, "dropped a malformed " .. msg.tag .. " message (" .. bad .. "): "
                                 .. show(msg) })
     elseif type(msg) == "table" and msg.tag == "$system" then
-      system(ctx, msg)
+      local stop = system(ctx, msg)
+      if stop ~= nil then
+        ctx.last = msg
+        return finish(ctx, stop)
+      end
     else
       ctx.last = msg
       local ok, r = xpcall(handle, catch, ctx, msg)
@@ -713,7 +817,53 @@ end
 -- Sends {tag = tag, from = {pid = me, ref = r}, req = req} to the server dest
 -- names and waits for its reply: the reply message, or raises an error
 -- starting with fname (at the level of fname's caller).
+-- What gen.erl's call does, to a server on another node (see DESIGN):
+-- label is "$gen_call" or "system". Returns {value = reply}, or raises.
+local function gen_request(fname, dest, label, req, timeout)
+  local me = mb.self()
+  local ok, ref = pcall(mb.monitor, dest)
+  if not ok then error(fname .. ": " .. tostring(ref), 4) end
+  mb.alias(ref)
+  local function done()
+    mb.unalias(ref)
+    mb.demonitor(ref, true)
+  end
+  local tag = { mb.atom("alias"), ["$tail"] = ref }
+  local sent, err = pcall(mb.send, dest, mb.tuple(mb.atom(label), mb.tuple(me, tag), req))
+  if not sent then
+    done()
+    error(fname .. ": cannot send the request: " .. tostring(err), 4)
+  end
+  local m = mb.receive(function(m)
+    if type(m) ~= "table" then return false end
+    if mb.is_tuple(m) then
+      return m.n == 2 and type(m[1]) == "table" and m[1]["$tail"] == ref
+    end
+    return m.event == "DOWN" and m.ref == ref
+  end, timeout ~= math.huge and timeout or nil)
+  done()
+  local what = type(dest) == "table" and not mb.is_pid(dest)
+               and ("{" .. tostring(dest[1]) .. ", " .. tostring(dest[2]) .. "}") or tostring(dest)
+  if m == nil then
+    error(fname .. ": timeout after " .. timeout .. " ms waiting for " .. what
+          .. " to answer " .. show(req), 4)
+  end
+  if m.event == "DOWN" then
+    if m.reason == "noconnection" then
+      error(fname .. ": server " .. what .. ": its node is down (nodedown)", 4)
+    end
+    error(call_failed(fname, what, req, m.reason), 4)
+  end
+  return { value = m[2] }
+end
+
 local function request(fname, dest, tag, req, timeout)
+  if remote(dest) then
+    if req == nil then error(fname .. ": request is nil", 3) end
+    timeout = check_timeout(timeout, DEFAULT_TIMEOUT, fname, 4)
+    return gen_request(fname, dest, tag == "$call" and "$gen_call" or "system",
+                       tag == "$system" and mb.atom(req) or req, timeout)
+  end
   local pid = resolve(dest, fname, 4)
   if req == nil then error(fname .. ": request is nil", 3) end
   timeout = check_timeout(timeout, DEFAULT_TIMEOUT, fname, 4)
@@ -775,6 +925,11 @@ end
 -- the message; an unregistered name returns nil, err.
 function server.cast(dest, msg)
   if msg == nil then error("server.cast: message is nil", 2) end
+  if remote(dest) then
+    local ok, err = pcall(mb.send, dest, mb.tuple(mb.atom("$gen_cast"), msg))
+    if not ok then error("server.cast: " .. tostring(err), 2) end
+    return true
+  end
   local pid
   if type(dest) == "string" then
     pid = mb.whereis(dest)
@@ -787,10 +942,36 @@ function server.cast(dest, msg)
   return true
 end
 
+-- server.stop on another node: sys:terminate's message {system, {From,
+-- Tag}, {terminate, Reason}}, which gets no reply; the DOWN tells the end.
+local function remote_stop(dest, reason, timeout)
+  if reason == nil then reason = "normal" end
+  timeout = check_timeout(timeout, DEFAULT_TIMEOUT, "server.stop", 4)
+  local ok, ref = pcall(mb.monitor, dest)
+  if not ok then error("server.stop: " .. tostring(ref), 3) end
+  local req = mb.tuple(mb.atom("terminate"), type(reason) == "string" and mb.atom(reason) or reason)
+  local sent, err = pcall(mb.send, dest, mb.tuple(mb.atom("system"),
+                                                  mb.tuple(mb.self(), ref), req))
+  if not sent then
+    mb.demonitor(ref, true)
+    error("server.stop: " .. tostring(err), 3)
+  end
+  local m = receive(down_of(ref), timeout)
+  if m == nil then
+    mb.demonitor(ref, true)
+    error("server.stop: " .. tostring(dest[1] or dest) .. " did not stop within " .. timeout .. " ms", 3)
+  end
+  if m.reason == "noproc" or m.reason == "noconnection" then
+    error("server.stop: server is not running (" .. m.reason .. ")", 3)
+  end
+  return true
+end
+
 -- server.stop(dest[, reason[, timeout_ms]]) -> true
 -- Asks the server to run terminate(reason, state) and exit with reason
 -- (default "normal"), and waits until it has exited.
 function server.stop(dest, reason, timeout)
+  if remote(dest) then return remote_stop(dest, reason, timeout) end
   local pid = resolve(dest, "server.stop")
   if reason == nil then reason = "normal" end
   timeout = check_timeout(timeout, DEFAULT_TIMEOUT, "server.stop")
