@@ -128,6 +128,12 @@ typedef struct {
   http_parser p;
   lua_State *L;          /* during feed: the state, with the events table on top */
   int nevents;           /* events pushed during this feed */
+  /* The queue of parser:next (see DESIGN): its table is the userdata's
+   * environment, at stack index qidx while parsing; slots [qhead, qtail)
+   * hold triples (kind, a, b). */
+  int api;               /* API_NONE until the first feed or next */
+  int qidx;
+  int qhead, qtail;
   /* Limits. */
   uint32_t max_head, max_headers, max_url;
   /* The head being collected: URL then names and values, contiguous. */
@@ -149,6 +155,10 @@ typedef struct {
 
 
 static const char *const type_names[] = { "request", "response", NULL };
+
+/* Which of the two interfaces a parser serves (they must not be mixed: the
+ * events of one would be missed by the other). */
+enum { API_NONE, API_EVENTS, API_QUEUE };
 
 /* -- Collecting the head -------------------------------------------------- */
 
@@ -349,17 +359,100 @@ static int check_head(hp_t *h)
   return LIM_NONE;
 }
 
-static int on_headers_complete(http_parser *p)
+/* Queue mode: move the three values on top of the stack (kind, a, b) to the
+ * end of the queue. */
+static void q_push(hp_t *h)
 {
-  hp_t *h = p->data;
   lua_State *L = h->L;
-  int bad = check_head(h);
-  if (bad) {
-    h->limit_err = bad;
-    return -1;
+  lua_rawseti(L, h->qidx, h->qtail + 3);
+  lua_rawseti(L, h->qidx, h->qtail + 2);
+  lua_rawseti(L, h->qidx, h->qtail + 1);
+  h->qtail += 3;
+}
+
+static void push_version(lua_State *L, const http_parser *p)
+{
+  if (p->http_major == 1 && p->http_minor == 1)
+    lua_pushliteral(L, "1.1");
+  else if (p->http_major == 1 && p->http_minor == 0)
+    lua_pushliteral(L, "1.0");
+  else
+    lua_pushfstring(L, "%d.%d", (int)p->http_major, (int)p->http_minor);
+}
+
+/* Queue mode: the head as the table moonbeam.http hands on, with its
+ * headers as a map of lower-cased names (repeated ones joined with ", "),
+ * pushed as the event ("head", message, content_length | true (chunked) |
+ * nil). A request: {method, url, path, query, version, headers, body = "",
+ * keep_alive, upgrade}, sized for the `socket` field the server adds; a
+ * response: {status, version, headers, keep_alive, upgrade}. Built here,
+ * presized, because a table built field by field in Lua grows by rehashing
+ * (and a dumped constructor cannot presize it: modcache.h). */
+static void push_message(hp_t *h)
+{
+  http_parser *p = &h->p;
+  lua_State *L = h->L;
+  int req = p->type == HTTP_REQUEST;
+  lua_pushliteral(L, "head");
+  lua_createtable(L, 0, req ? 11 : 7);
+  if (req) {
+    lua_pushstring(L, http_method_str((enum http_method)p->method));
+    lua_setfield(L, -2, "method");
+    lua_pushlstring(L, h->buf, h->url_len);
+    lua_setfield(L, -2, "url");
+    const char *q = memchr(h->buf, '?', h->url_len);
+    size_t plen = q ? (size_t)(q - h->buf) : h->url_len;
+    lua_pushlstring(L, h->buf, plen);
+    lua_setfield(L, -2, "path");
+    if (q) {
+      lua_pushlstring(L, q + 1, h->url_len - plen - 1);
+      lua_setfield(L, -2, "query");
+    }
+    lua_pushliteral(L, "");
+    lua_setfield(L, -2, "body");
+  } else {
+    lua_pushinteger(L, p->status_code);
+    lua_setfield(L, -2, "status");
   }
-  h->in_head = 0;
-  h->last_value = 1;
+  push_version(L, p);
+  lua_setfield(L, -2, "version");
+  lua_createtable(L, 0, (int)h->nhdrs);
+  for (uint32_t i = 0; i < h->nhdrs; i++) {
+    const hdr_t *e = &h->hdrs[i];
+    char *name = h->buf + e->name;
+    for (uint32_t k = 0; k < e->name_len; k++)
+      if (name[k] >= 'A' && name[k] <= 'Z')
+        name[k] = (char)(name[k] + 32);
+    lua_pushlstring(L, name, e->name_len);
+    lua_pushvalue(L, -1);
+    lua_rawget(L, -3);
+    if (lua_isnil(L, -1)) {
+      lua_pop(L, 1);
+      lua_pushlstring(L, h->buf + e->value, e->value_len);
+    } else {
+      lua_pushliteral(L, ", ");
+      lua_pushlstring(L, h->buf + e->value, e->value_len);
+      lua_concat(L, 3);
+    }
+    lua_rawset(L, -3);
+  }
+  lua_setfield(L, -2, "headers");
+  set_bool(L, "keep_alive", http_should_keep_alive(p));
+  set_bool(L, "upgrade", p->upgrade);
+  if (p->flags & F_CHUNKED)
+    lua_pushboolean(L, 1);
+  else if (p->flags & F_CONTENTLENGTH)
+    lua_pushnumber(L, (lua_Number)p->content_length);
+  else
+    lua_pushnil(L);
+  q_push(h);
+}
+
+/* Events mode: the head event (see DESIGN). */
+static void push_head_event(hp_t *h)
+{
+  http_parser *p = &h->p;
+  lua_State *L = h->L;
   new_event(L, "head", 9);
   if (p->type == HTTP_REQUEST) {
     lua_pushstring(L, http_method_str((enum http_method)p->method));
@@ -370,7 +463,7 @@ static int on_headers_complete(http_parser *p)
     lua_pushinteger(L, p->status_code);
     lua_setfield(L, -2, "status");
   }
-  lua_pushfstring(L, "%d.%d", (int)p->http_major, (int)p->http_minor);
+  push_version(L, p);
   lua_setfield(L, -2, "version");
   lua_createtable(L, (int)h->nhdrs * 2, 0);
   for (uint32_t i = 0; i < h->nhdrs; i++) {
@@ -389,6 +482,22 @@ static int on_headers_complete(http_parser *p)
     lua_setfield(L, -2, "content_length");
   }
   push_event(h);
+}
+
+static int on_headers_complete(http_parser *p)
+{
+  hp_t *h = p->data;
+  int bad = check_head(h);
+  if (bad) {
+    h->limit_err = bad;
+    return -1;
+  }
+  h->in_head = 0;
+  h->last_value = 1;
+  if (h->api == API_QUEUE)
+    push_message(h);
+  else
+    push_head_event(h);
   /* Keep the buffer of a large head from living on with the connection. */
   if (h->cap > 4096) {
     mb_free(h->buf);
@@ -407,6 +516,13 @@ static int on_body(http_parser *p, const char *at, size_t n)
 {
   hp_t *h = p->data;
   lua_State *L = h->L;
+  if (h->api == API_QUEUE) {
+    lua_pushliteral(L, "body");
+    lua_pushlstring(L, at, n);
+    lua_pushnil(L);
+    q_push(h);
+    return 0;
+  }
   new_event(L, "body", 1);
   lua_pushlstring(L, at, n);
   lua_setfield(L, -2, "data");
@@ -419,6 +535,13 @@ static int on_message_complete(http_parser *p)
   hp_t *h = p->data;
   lua_State *L = h->L;
   h->in_message = 0;
+  if (h->api == API_QUEUE) {
+    lua_pushliteral(L, "done");
+    lua_pushboolean(L, http_should_keep_alive(p));
+    lua_pushnil(L);
+    q_push(h);
+    return 0;
+  }
   new_event(L, "done", 1);
   set_bool(L, "keep_alive", http_should_keep_alive(p));
   push_event(h);
@@ -441,6 +564,18 @@ static void push_error(hp_t *h)
 {
   lua_State *L = h->L;
   enum http_errno e = HTTP_PARSER_ERRNO(&h->p);
+  if (h->api == API_QUEUE) {
+    lua_pushliteral(L, "error");
+    if (h->limit_err) {
+      lua_pushinteger(L, limit_status[h->limit_err]);
+      lua_pushstring(L, limit_texts[h->limit_err]);
+    } else {
+      lua_pushinteger(L, e == HPE_HEADER_OVERFLOW ? 431 : 400);
+      lua_pushstring(L, http_errno_description(e));
+    }
+    q_push(h);
+    return;
+  }
   new_event(L, "error", 3);
   if (h->limit_err) {
     lua_pushstring(L, limit_names[h->limit_err]);
@@ -513,22 +648,35 @@ static int l_new(lua_State *L)
   return 1;
 }
 
-/* Run the parser over data[0..n) (n == 0: the end of the stream) and push
- * consumed, events. */
-static int run(lua_State *L, hp_t *h, const char *data, size_t n)
+/* The upgrade event: rest[0..n) are the bytes after the head. */
+static void push_upgrade(hp_t *h, const char *rest, size_t n)
 {
-  lua_newtable(L);
+  lua_State *L = h->L;
+  if (h->api == API_QUEUE) {
+    lua_pushliteral(L, "upgrade");
+    lua_pushlstring(L, rest, n);
+    lua_pushnil(L);
+    q_push(h);
+    return;
+  }
+  new_event(L, "upgrade", 1);
+  lua_pushlstring(L, rest, n);
+  lua_setfield(L, -2, "rest");
+  push_event(h);
+}
+
+/* Run the parser over data[0..n) (n == 0: the end of the stream). Events
+ * mode: events go to the table on top of the stack; queue mode: to the
+ * queue, at stack index h->qidx. Returns the bytes consumed. */
+static size_t parse(lua_State *L, hp_t *h, const char *data, size_t n)
+{
   h->L = L;
-  h->nevents = 0;
   size_t used = 0;
   if (h->stopped == 1) {
     push_error(h);
   } else if (h->stopped == 2) {
     /* Upgraded: nothing more is HTTP. Hand the bytes back untouched. */
-    new_event(L, "upgrade", 1);
-    lua_pushlstring(L, data, n);
-    lua_setfield(L, -2, "rest");
-    push_event(h);
+    push_upgrade(h, data, n);
   } else if (n == 0) {
     /* The end of the stream: completes a body read to the end, or is an
      * error in the middle of a message. */
@@ -559,10 +707,7 @@ static int run(lua_State *L, hp_t *h, const char *data, size_t n)
           h->buf = NULL;
           h->hdrs = NULL;
           h->cap = h->hcap = 0;
-          new_event(L, "upgrade", 1);
-          lua_pushlstring(L, data + used, n - used);
-          lua_setfield(L, -2, "rest");
-          push_event(h);
+          push_upgrade(h, data + used, n - used);
           break;
         }
       }
@@ -582,6 +727,18 @@ static int run(lua_State *L, hp_t *h, const char *data, size_t n)
     }
   }
   h->L = NULL;
+  return used;
+}
+
+/* Events mode: push consumed, events. */
+static int run(lua_State *L, hp_t *h, const char *data, size_t n)
+{
+  if (h->api == API_QUEUE)
+    return luaL_error(L, "this parser is read with parser:next");
+  h->api = API_EVENTS;
+  lua_newtable(L);
+  h->nevents = 0;
+  size_t used = parse(L, h, data, n);
   lua_pushnumber(L, (lua_Number)used);
   lua_insert(L, -2);
   return 2;
@@ -609,6 +766,64 @@ static int l_finish(lua_State *L)
 {
   hp_t *h = check_parser(L);
   return run(L, h, "", 0);
+}
+
+/* parser:next([data | true]) -> kind, a, b | nothing   (queue mode)
+ * Feeds data (more of the stream; true: the stream ended, as
+ * parser:finish()), then takes the next event off the parser's queue:
+ *   "head", message, content_length | true (chunked) | nil
+ *   "body", data          "done", keep_alive        "upgrade", rest
+ *   "error", status, message
+ * or returns nothing when no event is ready. The message is a table (see
+ * push_message). The queue is a table kept with the parser and reused, so
+ * a request costs no event tables. */
+static int l_next(lua_State *L)
+{
+  hp_t *h = check_parser(L);
+  if (h->api == API_EVENTS)
+    return luaL_error(L, "this parser is read with parser:feed");
+  lua_settop(L, 2);
+  if (h->api == API_NONE) {
+    lua_createtable(L, 6, 0);
+    lua_setfenv(L, 1);
+    h->api = API_QUEUE;
+  }
+  lua_getfenv(L, 1);   /* the queue, at 3 */
+  if (lua_type(L, 2) == LUA_TBOOLEAN) {
+    luaL_argcheck(L, lua_toboolean(L, 2), 2, "data or true expected");
+    h->qidx = 3;
+    parse(L, h, "", 0);
+  } else if (!lua_isnil(L, 2)) {
+    size_t n;
+    const char *data = luaL_checklstring(L, 2, &n);
+    h->qidx = 3;
+    if (n > 0)
+      parse(L, h, data, n);
+  }
+  if (h->qhead == h->qtail)
+    return 0;
+  int at = h->qhead;
+  for (int i = 1; i <= 3; i++)
+    lua_rawgeti(L, 3, at + i);
+  for (int i = 1; i <= 3; i++) {
+    lua_pushnil(L);
+    lua_rawseti(L, 3, at + i);
+  }
+  h->qhead += 3;
+  if (h->qhead == h->qtail)
+    h->qhead = h->qtail = 0;   /* reuse the slots from the start */
+  return 3;
+}
+
+/* parser:resting() -> bool: between messages, with nothing begun (not even
+ * half of a CRLF) and no event waiting, so that a new parser would take the
+ * stream on exactly where this one is (what hibernation needs). */
+static int l_resting(lua_State *L)
+{
+  hp_t *h = check_parser(L);
+  lua_pushboolean(L, !h->stopped && !h->in_message && h->qhead == h->qtail
+                     && mb_hframe_at_start(&h->frame));
+  return 1;
 }
 
 /* parser:skip_body()
@@ -654,6 +869,98 @@ static int l_reason(lua_State *L)
   return 1;
 }
 
+/* Bytes of a response head built on the C stack; a larger one (many or
+ * long headers) gets a scratch userdata. */
+#define HEAD_STACK_BUF 2048
+
+/* http_parser.head(code, hlist, framing, close, keep_alive[, body]) -> string
+ * A response: the status line, the headers of hlist ({name1, value1, ...},
+ * strings; nil for none), the framing (a number n: "Content-Length: n";
+ * true: "Transfer-Encoding: chunked"; nil: none), "Connection: close" if
+ * close, else "Connection: keep-alive" if keep_alive (an HTTP/1.0 client's
+ * keep-alive), the empty line, then body if given: one string, so that it
+ * goes out in one write. moonbeam.http checks names and values as they are
+ * added (res:header); here they are only copied. */
+static int l_head(lua_State *L)
+{
+  lua_Integer code = luaL_checkinteger(L, 1);
+  luaL_argcheck(L, code >= 100 && code <= 999, 1, "status code from 100 to 999 expected");
+  int nh = 0;
+  if (!lua_isnoneornil(L, 2)) {
+    luaL_checktype(L, 2, LUA_TTABLE);
+    nh = (int)lua_objlen(L, 2);
+    luaL_argcheck(L, nh % 2 == 0, 2, "name, value pairs expected");
+  }
+  int framing = lua_type(L, 3);
+  lua_Number clen = 0;
+  if (framing == LUA_TNUMBER) {
+    clen = lua_tonumber(L, 3);
+    luaL_argcheck(L, clen >= 0 && clen < 9.0e15, 3, "bad length");
+  } else {
+    luaL_argcheck(L, framing == LUA_TNIL || framing == LUA_TNONE || framing == LUA_TBOOLEAN, 3,
+                  "number, true or nil expected");
+    if (framing == LUA_TBOOLEAN && !lua_toboolean(L, 3))
+      framing = LUA_TNIL;
+  }
+  int close = lua_toboolean(L, 4), keep = lua_toboolean(L, 5);
+  size_t blen = 0;
+  const char *body = lua_isnoneornil(L, 6) ? NULL : luaL_checklstring(L, 6, &blen);
+  const char *reason = http_status_str((enum http_status)code);
+  if (strcmp(reason, "<unknown>") == 0)
+    reason = "Unknown";
+  size_t rlen = strlen(reason);
+  /* The size first (which also checks hlist), then the copy. */
+  size_t need = 13 + rlen + 2 + 40 + 26 + 2 + blen;   /* status line, framing, connection, CRLF */
+  lua_settop(L, 6);
+  for (int i = 1; i <= nh; i++) {
+    size_t n;
+    lua_rawgeti(L, 2, i);
+    if (!lua_tolstring(L, -1, &n))
+      return luaL_argerror(L, 2, "strings expected");
+    lua_pop(L, 1);
+    need += n + 2;   /* ": " or CRLF */
+  }
+  char stack[HEAD_STACK_BUF];
+  char *out = need <= sizeof stack ? stack : lua_newuserdata(L, need);
+  char *w = out;
+  w += sprintf(w, "HTTP/1.1 %03d ", (int)code);
+  memcpy(w, reason, rlen);
+  w += rlen;
+  *w++ = '\r';
+  *w++ = '\n';
+  for (int i = 1; i <= nh; i++) {
+    size_t n;
+    lua_rawgeti(L, 2, i);
+    const char *v = lua_tolstring(L, -1, &n);
+    memcpy(w, v, n);
+    w += n;
+    if (i % 2) {
+      *w++ = ':';
+      *w++ = ' ';
+    } else {
+      *w++ = '\r';
+      *w++ = '\n';
+    }
+    lua_pop(L, 1);
+  }
+  if (framing == LUA_TNUMBER)
+    w += sprintf(w, "Content-Length: %.0f\r\n", clen);
+  else if (framing == LUA_TBOOLEAN)
+    w += sprintf(w, "Transfer-Encoding: chunked\r\n");
+  if (close)
+    w += sprintf(w, "Connection: close\r\n");
+  else if (keep)
+    w += sprintf(w, "Connection: keep-alive\r\n");
+  *w++ = '\r';
+  *w++ = '\n';
+  if (body) {
+    memcpy(w, body, blen);
+    w += blen;
+  }
+  lua_pushlstring(L, out, (size_t)(w - out));
+  return 1;
+}
+
 /* http_parser.ws_accept(key) -> the Sec-WebSocket-Accept value for key
  * | nil (a key over 256 bytes, which no valid key is) */
 static int l_ws_accept(lua_State *L)
@@ -679,12 +986,15 @@ static const luaL_Reg methods[] = {
   {"finish", l_finish},
   {"skip_body", l_skip_body},
   {"in_message", l_in_message},
+  {"next", l_next},
+  {"resting", l_resting},
   {NULL, NULL}
 };
 
 static const luaL_Reg funcs[] = {
   {"new", l_new},
   {"reason", l_reason},
+  {"head", l_head},
   {"ws_accept", l_ws_accept},
   {NULL, NULL}
 };

@@ -128,19 +128,6 @@ local function reason_phrase(code)
   return hp.reason(code) or "Unknown"
 end
 
--- Headers as the parser lists them ({name1, value1, ...}) -> a table of
--- lower-cased names; repeated headers are joined with ", ".
-local function header_map(list)
-  local h = {}
-  for i = 1, #list, 2 do
-    local k = string.lower(list[i])
-    local v = list[i + 1]
-    local old = h[k]
-    if old then h[k] = old .. ", " .. v else h[k] = v end
-  end
-  return h
-end
-
 -- Does the comma-separated header value contain token (case-insensitive)?
 local function has_token(value, token)
   if not value then return false end
@@ -150,57 +137,46 @@ local function has_token(value, token)
   return false
 end
 
--- Reads parser events from a socket, one at a time, until c.deadline (ms,
--- mb.now() time; nil: no limit).
--- c = {sock =, parser =, events =, ei =, deadline =, watch_head =, head_started =}
+-- The next parser event, as parser:next gives it (kind, a, b; see
+-- moonbeam.http_parser), reading the socket until c.deadline (ms, mb.now()
+-- time; false: no limit) while none is ready. nil, why when none came:
+-- "timeout", "closed" or the socket's error.
 local function next_event(c)
-  while true do
+  local parser = c.parser
+  local kind, a, b = parser:next()
+  while not kind do
     local deadline = c.deadline
-    local e = c.events[c.ei]
-    if e then
-      c.events[c.ei] = nil
-      c.ei = c.ei + 1
-      return e
-    end
     local left = deadline and deadline - mb.now()
     if left and left <= 0 then return nil, "timeout" end
     local data, err
     if c.pending then
       -- Bytes that woke a hibernated connection.
-      data, c.pending = c.pending, nil
+      data, c.pending = c.pending, false
     elseif c.wait_request and not c.head_started then
       -- A server between requests: the wait that may hibernate.
       data, err = c.wait_request(c, left)
     else
       data, err = c.sock:read(left and math.ceil(left))
     end
-    if not data then
-      if err == "closed" and c.parser:in_message() then
-        -- The stream ended: a response read to the end of the connection
-        -- completes; anything else is cut short.
-        local _, evs = c.parser:finish()
-        if evs[1] and evs[1].type == "done" then
-          c.events, c.ei = evs, 1
-        else
-          return nil, "closed"
-        end
-      else
-        return nil, err
-      end
-    else
-      local _, evs = c.parser:feed(data)
-      c.events, c.ei = evs, 1
-      -- (A CR last, between requests, may be half of an empty line's CRLF,
-      -- which a new parser would not know: see wait_request.)
-      c.last_cr = string.byte(data, -1) == 13
-      -- The first byte of a request head starts its head_timeout.
-      if c.watch_head and not c.head_started and c.parser:in_message() then
+    if data then
+      kind, a, b = parser:next(data)
+      -- The first byte of a request head starts its head_timeout (a head
+      -- that came whole needs no timing).
+      if not kind and c.watch_head and not c.head_started and parser:in_message() then
         c.head_started = true
         local d = mb.now() + c.opts.head_timeout
         if d < deadline then c.deadline = d end
       end
+    elseif err == "closed" and parser:in_message() then
+      -- The stream ended: a response read to the end of the connection
+      -- completes; anything else is cut short.
+      kind, a, b = parser:next(true)
+      if kind ~= "done" then return nil, "closed" end
+    else
+      return nil, err
     end
   end
+  return kind, a, b
 end
 
 -- -- Responses --------------------------------------------------------------
@@ -213,26 +189,10 @@ local function bodiless(code)
   return code < 200 or code == 204 or code == 304
 end
 
--- The status line and headers; `framing` is the Content-Length or chunked
--- header line (or nil).
-local function build_head(res, framing)
-  local code = res.code
-  local buf = { "HTTP/1.1 ", code, " ", reason_phrase(code), "\r\n" }
-  local hs = res.hlist
-  for i = 1, #hs, 2 do
-    buf[#buf + 1] = hs[i]
-    buf[#buf + 1] = ": "
-    buf[#buf + 1] = hs[i + 1]
-    buf[#buf + 1] = "\r\n"
-  end
-  if framing then buf[#buf + 1] = framing end
-  if res.close then
-    buf[#buf + 1] = "Connection: close\r\n"
-  elseif res.keep_alive_10 then
-    buf[#buf + 1] = "Connection: keep-alive\r\n"
-  end
-  buf[#buf + 1] = "\r\n"
-  return table.concat(buf)
+-- The response head (and body, when given: one string, one write), built
+-- in C; `framing` is the Content-Length, true for chunked, or nil.
+local function build_head(res, framing, body)
+  return hp.head(res.code, res.hlist or nil, framing, res.close, res.keep_alive_10, body)
 end
 
 local function check_open(res, what)
@@ -243,15 +203,17 @@ end
 -- The response starts: the handler is no longer timed, and the acceptor
 -- could not answer for it any more (the head is going out).
 local function started(res)
-  local g = res.guard
-  if not g or g.started then return end
-  g.started = true
-  if g.timer and not mb.cancel_timer(g.timer) then
-    -- Too late: the acceptor was told to kill this process, and answers
-    -- 503 for it. Wait for the kill rather than send half an answer.
-    mb.receive(function() return false end, START_TIMEOUT)
+  if not res.guarded or res.g_started then return end
+  res.g_started = true
+  local timer = res.timer
+  if timer then
+    res.timer = false
+    if not mb.cancel_timer(timer) then
+      -- Too late: the acceptor was told to kill this process, and answers
+      -- 503 for it. Wait for the kill rather than send half an answer.
+      mb.receive(function() return false end, START_TIMEOUT)
+    end
   end
-  g.timer = nil
   res.sock:set_heir(nil)
 end
 
@@ -259,9 +221,8 @@ end
 -- does now is its own business, not its client's, so the client's leaving
 -- no longer ends it.
 local function finished(res)
-  local g = res.guard
-  if not g or g.finished then return end
-  g.finished = true
+  if not res.guarded or res.g_finished then return end
+  res.g_finished = true
   res.sock:set_exit_on_close(false)
 end
 
@@ -294,6 +255,10 @@ function Response:header(name, value)
     self.keep_alive_10 = false
   end
   local hs = self.hlist
+  if not hs then
+    hs = {}
+    self.hlist = hs
+  end
   hs[#hs + 1] = name
   hs[#hs + 1] = value
   return self
@@ -303,17 +268,16 @@ end
 function Response:send(body)
   check_open(self, "send")
   if self.started then error("res:send: the response was started with res:write", 2) end
-  body = body == nil and "" or tostring(body)
+  if type(body) ~= "string" then body = body == nil and "" or tostring(body) end
   started(self)
   self.started, self.done = true, true
-  local head
+  local out
   if bodiless(self.code) then
-    head, body = build_head(self, nil), ""
+    out = build_head(self, nil)
   else
-    head = build_head(self, "Content-Length: " .. #body .. "\r\n")
-    if self.head_only then body = "" end
+    out = build_head(self, #body, not self.head_only and body or nil)
   end
-  local ok, err = self.sock:write(head .. body)
+  local ok, err = self.sock:write(out)
   if not ok then self.close = true; self.broken = true end
   finished(self)
   return ok, err
@@ -336,7 +300,7 @@ function Response:write(chunk)
       out = build_head(self, nil)
     else
       self.chunked = true
-      out = build_head(self, "Transfer-Encoding: chunked\r\n")
+      out = build_head(self, true)
     end
   else
     out = ""
@@ -441,69 +405,77 @@ local function fail(c, code, extra)
   if c.sock:write(error_response(code, extra)) then linger_close(c) else c.sock:close() end
 end
 
--- Split a request target into path and query.
-local function split_url(url)
-  local q = string.find(url, "?", 1, true)
-  if q then return string.sub(url, 1, q - 1), string.sub(url, q + 1) end
-  return url, nil
-end
-
--- Wait for the next request head. Returns the head event, or nil and what
--- to do: "closed"/"idle" (close quietly), or a status to answer.
+-- Wait for the next request head. Returns the request (see push_message
+-- in lib_http.c) and its framing (Content-Length, true for chunked, or
+-- nil), or nil and what to do: "closed"/"idle" (close quietly), or a
+-- status to answer.
 local function read_head(c, first)
   local o = c.opts
   -- (A woken connection goes on with the deadline it hibernated with.)
   c.deadline = c.resume_deadline or mb.now() + (first and o.head_timeout or o.idle_timeout)
-  c.resume_deadline = nil
+  c.resume_deadline = false
   c.first = first
   -- A connection that never sent a byte is closed quietly: browsers open
   -- spare connections they may never use.
   c.head_started = false
   c.watch_head = true
   while true do
-    local e, err = next_event(c)
-    if not e then
+    local kind, a, b = next_event(c)
+    if kind == "head" then
       c.watch_head = false
-      if err == "timeout" then
+      return a, b
+    elseif not kind then
+      c.watch_head = false
+      if a == "timeout" then
         if c.head_started then return nil, 408 end
         return nil, "idle"
       end
       return nil, "closed"
-    end
-    if e.type == "head" then
+    elseif kind == "error" then
       c.watch_head = false
-      return e
-    elseif e.type == "error" then
-      c.watch_head = false
-      return nil, e.status, e
+      return nil, a
     end
     -- Nothing else can come before a head; skip it if it does.
   end
 end
 
--- Read the body of the request whose head is `head` into req.body. Returns
--- true, or nil and a status to answer (or "closed").
-local function read_body(c, req, head)
+-- Read the body of req into req.body. Returns true, or nil and a status
+-- to answer (or "closed").
+local function read_body(c, req)
   local o = c.opts
-  local parts, size = {}, 0
+  local parser = c.parser
+  local body, parts, size = nil, nil, 0
   while true do
-    c.deadline = mb.now() + o.idle_timeout
-    local e, err = next_event(c)
-    if not e then
-      if err == "timeout" then return nil, 408 end
-      return nil, "closed"
+    -- (A request without a body is complete already: its "done" is queued.)
+    local kind, a = parser:next()
+    if not kind then
+      c.deadline = mb.now() + o.idle_timeout
+      kind, a = next_event(c)
+      if not kind then
+        if a == "timeout" then return nil, 408 end
+        return nil, "closed"
+      end
     end
-    local t = e.type
-    if t == "body" then
-      size = size + #e.data
+    if kind == "body" then
+      size = size + #a
       if size > o.max_body then return nil, 413 end
-      parts[#parts + 1] = e.data
-    elseif t == "done" then
-      req.body = table.concat(parts)
-      req.keep_alive = req.keep_alive and e.keep_alive
+      if parts then
+        parts[#parts + 1] = a
+      elseif body then
+        parts = { body, a }
+      else
+        body = a
+      end
+    elseif kind == "done" then
+      if parts then
+        req.body = table.concat(parts)
+      elseif body then
+        req.body = body
+      end
+      if not a then req.keep_alive = false end
       return true
-    elseif t == "error" then
-      return nil, e.status
+    elseif kind == "error" then
+      return nil, a
     end
   end
 end
@@ -513,12 +485,15 @@ local function guard(c, req, res)
   local sock, o = c.sock, c.opts
   sock:set_exit_on_close(req.keep_alive and true or "error")
   sock:set_heir(c.acceptor)
-  local g = {}
+  res.guarded = true
   if o.handler_timeout ~= math.huge then
-    g.timer = mb.send_after(o.handler_timeout, c.acceptor,
-                            { tag = "$http_overtime", pid = mb.self() })
+    local msg = c.overtime
+    if not msg then
+      msg = { tag = "$http_overtime", pid = mb.self() }
+      c.overtime = msg
+    end
+    res.timer = mb.send_after(o.handler_timeout, c.acceptor, msg)
   end
-  res.guard = g
 end
 
 local function unguard(c, res)
@@ -526,57 +501,65 @@ local function unguard(c, res)
   finished(res)
 end
 
+-- A new response object. (Every field is in the constructor with a
+-- constant value: a constructor in dumped bytecode keeps only those keys,
+-- so the table is made at its size and the stores below only fill slots.)
+local function new_response(c, req)
+  local res = {
+    sock = false, code = 200, hlist = false, close = false, keep_alive_10 = false,
+    http10 = false, head_only = false, started = false, done = false,
+    streaming = false, chunked = false, broken = false, upgraded = false,
+    can_upgrade = false, pending = false, websocket = false,
+    guarded = false, g_started = false, g_finished = false, timer = false,
+    hibernate_after = false, acceptor = false,
+  }
+  res.sock = c.sock
+  -- (for moonbeam.websocket: the defaults of websocket.loop)
+  res.hibernate_after = c.opts.hibernate_after
+  res.acceptor = c.acceptor
+  local v10 = req.version == "1.0"
+  res.http10 = v10
+  res.head_only = req.method == "HEAD"
+  res.close = not req.keep_alive
+  res.keep_alive_10 = v10 and req.keep_alive
+  return setmetatable(res, Response)
+end
+
 -- Handle one request. Returns true to go on with the next one.
 local function serve_one(c, handler, first)
   local o = c.opts
-  local head, why, perr = read_head(c, first)
-  if not head then
-    if type(why) == "number" then fail(c, why) else c.sock:close() end
+  local req, framing = read_head(c, first)
+  if not req then
+    if type(framing) == "number" then fail(c, framing) else c.sock:close() end
     return false
   end
-  local path, query = split_url(head.url)
-  local headers = header_map(head.headers)
-  local req = {
-    method = head.method, url = head.url, path = path, query = query,
-    version = head.version, headers = headers, body = "", socket = c.sock,
-    keep_alive = head.keep_alive, upgrade = head.upgrade,
-  }
-  if head.content_length and head.content_length > o.max_body then
+  req.socket = c.sock
+  if framing and framing ~= true and framing > o.max_body then
     fail(c, 413)
     return false
   end
-  local expect = headers.expect
+  local expect = req.headers.expect
   if expect then
     if string.lower(expect) ~= "100-continue" then
       fail(c, 417)
       return false
     end
-    if head.version == "1.1" and ((head.content_length or 0) > 0 or head.chunked) then
+    if req.version == "1.1" and (framing == true or (framing or 0) > 0) then
       if not c.sock:write("HTTP/1.1 100 Continue\r\n\r\n") then c.sock:close() return false end
     end
   end
-  local ok, status = read_body(c, req, head)
+  local ok, status = read_body(c, req)
   if not ok then
     if type(status) == "number" then fail(c, status) else c.sock:close() end
     return false
   end
-  local res = setmetatable({
-    sock = c.sock, code = 200, hlist = {},
-    -- (for moonbeam.websocket: the defaults of websocket.loop)
-    hibernate_after = o.hibernate_after, acceptor = c.acceptor,
-    http10 = head.version == "1.0", head_only = head.method == "HEAD",
-    close = not req.keep_alive,
-    keep_alive_10 = head.version == "1.0" and req.keep_alive,
-  }, Response)
-  if head.upgrade then
+  local res = new_response(c, req)
+  local upgrade = req.upgrade
+  if upgrade then
     -- The parser stopped at the head: what follows belongs to the new
     -- protocol. It is the next event (after "done").
-    local e = c.events[c.ei]
-    if e and e.type == "upgrade" then
-      c.events[c.ei] = nil
-      c.ei = c.ei + 1
-      res.pending = e.rest
-    end
+    local kind, rest = c.parser:next()
+    if kind == "upgrade" then res.pending = rest end
     res.can_upgrade = true
   end
   guard(c, req, res)
@@ -616,7 +599,7 @@ local function serve_one(c, handler, first)
     if res.started then fok = res:finish() else fok = res:send("") end
     if not fok then c.sock:close() return false end
   end
-  if res.close or res.broken or head.upgrade then
+  if res.close or res.broken or upgrade then
     c.sock:close()
     return false
   end
@@ -685,6 +668,9 @@ local serve, wake
 -- cannot, and then returns whether a socket message came meanwhile and
 -- what it meant.
 local function hibernate(c)
+  -- A new parser must be able to take the stream on where this one is (not
+  -- after half of a CRLF, say), and nothing may wait in the mailbox.
+  if not c.parser:resting() then return false end
   if mb.info(mb.self()).mailbox > 0 then return false end
   local st = {
     sock = c.sock, opts = c.opts, acceptor = c.acceptor, handler = c.handler_spec,
@@ -710,9 +696,10 @@ end
 -- next_event): a read, then hibernation once idle for hibernate_after.
 local function wait_request(c, left)
   local hib = c.opts.hibernate_after
-  -- Only with nothing pending: next_event reads only once the events are
-  -- used up, and a request begun would have set head_started.
-  local can = hib and hib < left and not c.no_hibernate and not c.last_cr
+  -- (hibernate checks that nothing is pending: next_event reads only once
+  -- the events are used up, and a request begun would have set
+  -- head_started.)
+  local can = hib and hib < left and not c.no_hibernate
   local traps = trapping()
   local t = can and hib or left
   local data, err
@@ -726,15 +713,22 @@ local function wait_request(c, left)
   return c.sock:read(math.ceil(left))
 end
 
+-- The state of a connection process. (Every field is in the constructor
+-- with a constant value, as in new_response.)
 local function new_conn(sock, handler, opts, acceptor)
-  return {
-    sock = sock, opts = opts, events = {}, ei = 1, acceptor = acceptor,
-    me = tostring(mb.self()), handler_spec = handler,
-    handler = type(handler) == "string" and require(handler) or handler,
-    parser = hp.new({ max_head = opts.max_head, max_headers = opts.max_headers,
-                      max_url = opts.max_url }),
-    wait_request = wait_request,
+  local c = {
+    sock = false, opts = false, acceptor = false, me = false, handler_spec = false,
+    handler = false, parser = false, wait_request = false, overtime = false,
+    deadline = false, resume_deadline = false, first = false, pending = false,
+    head_started = false, watch_head = false, no_hibernate = false,
   }
+  c.sock, c.opts, c.acceptor, c.handler_spec = sock, opts, acceptor, handler
+  c.me = tostring(mb.self())
+  c.handler = type(handler) == "string" and require(handler) or handler
+  c.parser = hp.new({ max_head = opts.max_head, max_headers = opts.max_headers,
+                      max_url = opts.max_url })
+  c.wait_request = wait_request
+  return c
 end
 
 -- Serve requests until the connection ends.
@@ -764,10 +758,18 @@ end
 
 -- The body of a connection process: wait for the socket, then serve
 -- requests until the connection ends.
-local function connection(handler, opts, acceptor)
+function http._connection(handler, opts, acceptor)
   local m = mb.receive(function(x) return type(x) == "table" and x.tag == "$http_sock" end, START_TIMEOUT)
   if not m then return end
   serve(new_conn(m.sock, handler, opts, acceptor), true)
+end
+
+-- What the acceptor spawns: a function without upvalues, so that a spawn
+-- copies only it (spawn copies a function's upvalues, and with them every
+-- function they reach); the connection process then takes the rest from
+-- the module, which `require` loads from the host's module cache.
+local function connection(handler, opts, acceptor)
+  return require("moonbeam.http")._connection(handler, opts, acceptor)
 end
 
 -- -- The acceptor -------------------------------------------------------------
@@ -782,6 +784,7 @@ local function acceptor(parent, host, port, handler, opts)
   l:set_active(true)
   mb.send(parent, { tag = "$http_listen", port = l:port() })
   local me = mb.self()
+  local spawn_opts = { link = true, max_memory = opts.max_memory }
   local conns = {}   -- the connection processes, linked to this one
   local heirs = {}   -- pid -> the socket it left to this process (tcp_heir)
   local overtime = {}   -- pid -> true: killed for handler_timeout
@@ -818,8 +821,7 @@ local function acceptor(parent, host, port, handler, opts)
     local ev = m.event
     if ev == "tcp_accept" and m.socket == l then
       if closing then m.conn:close() return end
-      local pid = mb.spawn_opt({ link = true, max_memory = opts.max_memory },
-                               connection, handler, opts, me)
+      local pid = mb.spawn_opt(spawn_opts, connection, handler, opts, me)
       conns[pid] = true
       if m.conn:set_owner(pid) then
         mb.send(pid, { tag = "$http_sock", sock = m.conn })
@@ -1079,38 +1081,39 @@ function Client:request(method, target, headers, body)
   local c = self.c
   if not c then
     c = { sock = sock, parser = hp.new({ type = "response", max_head = 65536, max_headers = 1000 }),
-          events = {}, ei = 1 }
+          deadline = false }
     self.c = c
   end
   if method == "HEAD" then c.parser:skip_body() end
   c.deadline = mb.now() + self.timeout
   local res, parts, size
   while true do
-    local e, rerr = next_event(c)
-    if not e then return nil, rerr end
-    if e.type == "head" then
-      if e.status >= 200 or e.status == 101 then
-        res = { status = e.status, version = e.version, headers = header_map(e.headers),
-                keep_alive = e.keep_alive, upgrade = e.upgrade }
+    local kind, a, b = next_event(c)
+    if not kind then return nil, a end
+    if kind == "head" then
+      -- (a: {status, version, headers, keep_alive, upgrade}; 1xx other
+      -- than 101 are interim responses, skipped)
+      if a.status >= 200 or a.status == 101 then
+        res = a
         parts, size = {}, 0
       end
-    elseif e.type == "body" and res then
-      size = size + #e.data
+    elseif kind == "body" and res then
+      size = size + #a
       if size > self.max_body then return nil, "response body too large" end
-      parts[#parts + 1] = e.data
-    elseif e.type == "done" and res and not res.upgrade then
+      parts[#parts + 1] = a
+    elseif kind == "done" and res and not res.upgrade then
       res.body = table.concat(parts)
-      if not e.keep_alive then self:close() end
+      if not a then self:close() end
       return res
-    elseif e.type == "upgrade" and res then
+    elseif kind == "upgrade" and res then
       -- A 101 answer: the connection now speaks another protocol, and what
       -- came after the head belongs to it.
       res.body = table.concat(parts)
-      res.pending = e.rest
+      res.pending = a
       return res
-    elseif e.type == "error" then
+    elseif kind == "error" then
       self:close()
-      return nil, "bad response: " .. e.message
+      return nil, "bad response: " .. b
     end
   end
 end
