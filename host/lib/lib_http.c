@@ -869,6 +869,13 @@ static int l_reason(lua_State *L)
   return 1;
 }
 
+/* Copy n bytes to w; returns the end. */
+static char *put(char *w, const char *s, size_t n)
+{
+  memcpy(w, s, n);
+  return w + n;
+}
+
 /* Bytes of a response head built on the C stack; a larger one (many or
  * long headers) gets a scratch userdata. */
 #define HEAD_STACK_BUF 2048
@@ -923,40 +930,44 @@ static int l_head(lua_State *L)
   char stack[HEAD_STACK_BUF];
   char *out = need <= sizeof stack ? stack : lua_newuserdata(L, need);
   char *w = out;
-  w += sprintf(w, "HTTP/1.1 %03d ", (int)code);
-  memcpy(w, reason, rlen);
-  w += rlen;
-  *w++ = '\r';
-  *w++ = '\n';
+  w = put(w, "HTTP/1.1 ", 9);
+  *w++ = (char)('0' + code / 100);
+  *w++ = (char)('0' + code / 10 % 10);
+  *w++ = (char)('0' + code % 10);
+  *w++ = ' ';
+  w = put(w, reason, rlen);
+  w = put(w, "\r\n", 2);
   for (int i = 1; i <= nh; i++) {
     size_t n;
     lua_rawgeti(L, 2, i);
     const char *v = lua_tolstring(L, -1, &n);
-    memcpy(w, v, n);
-    w += n;
-    if (i % 2) {
-      *w++ = ':';
-      *w++ = ' ';
-    } else {
-      *w++ = '\r';
-      *w++ = '\n';
-    }
+    w = put(w, v, n);
+    w = put(w, i % 2 ? ": " : "\r\n", 2);
     lua_pop(L, 1);
   }
-  if (framing == LUA_TNUMBER)
-    w += sprintf(w, "Content-Length: %.0f\r\n", clen);
-  else if (framing == LUA_TBOOLEAN)
-    w += sprintf(w, "Transfer-Encoding: chunked\r\n");
-  if (close)
-    w += sprintf(w, "Connection: close\r\n");
-  else if (keep)
-    w += sprintf(w, "Connection: keep-alive\r\n");
-  *w++ = '\r';
-  *w++ = '\n';
-  if (body) {
-    memcpy(w, body, blen);
-    w += blen;
+  if (framing == LUA_TNUMBER) {
+    /* The digits of the length, backwards, then copied in order. */
+    char d[24];
+    int nd = 0;
+    uint64_t v = (uint64_t)clen;
+    do {
+      d[nd++] = (char)('0' + v % 10);
+      v /= 10;
+    } while (v);
+    w = put(w, "Content-Length: ", 16);
+    while (nd)
+      *w++ = d[--nd];
+    w = put(w, "\r\n", 2);
+  } else if (framing == LUA_TBOOLEAN) {
+    w = put(w, "Transfer-Encoding: chunked\r\n", 28);
   }
+  if (close)
+    w = put(w, "Connection: close\r\n", 19);
+  else if (keep)
+    w = put(w, "Connection: keep-alive\r\n", 24);
+  w = put(w, "\r\n", 2);
+  if (body)
+    w = put(w, body, blen);
   lua_pushlstring(L, out, (size_t)(w - out));
   return 1;
 }

@@ -266,8 +266,10 @@ end
 
 -- res:send([body]) -> true | nil, err   (the whole response, with Content-Length)
 function Response:send(body)
-  check_open(self, "send")
-  if self.started then error("res:send: the response was started with res:write", 2) end
+  if self.upgraded or self.done or self.started then
+    check_open(self, "send")
+    error("res:send: the response was started with res:write", 2)
+  end
   if type(body) ~= "string" then body = body == nil and "" or tostring(body) end
   started(self)
   self.started, self.done = true, true
@@ -487,9 +489,11 @@ local function guard(c, req, res)
   sock:set_heir(c.acceptor)
   res.guarded = true
   if o.handler_timeout ~= math.huge then
+    -- (A string, made once per connection, is the cheapest message to
+    -- send; the acceptor looks the pid up by it only when it comes.)
     local msg = c.overtime
     if not msg then
-      msg = { tag = "$http_overtime", pid = mb.self() }
+      msg = "$http_overtime " .. c.me
       c.overtime = msg
     end
     res.timer = mb.send_after(o.handler_timeout, c.acceptor, msg)
@@ -817,6 +821,18 @@ local function acceptor(parent, host, port, handler, opts)
   -- own close, or the EXIT of another linked process (a supervisor) that
   -- died, which it follows as it would without trapping exits.
   local function handle(m)
+    if type(m) == "string" then
+      -- A connection process's handler_timeout ("$http_overtime <pid>"):
+      -- it dies at once; its tcp_heir and EXIT follow.
+      for pid in pairs(conns) do
+        if m == "$http_overtime " .. tostring(pid) then
+          overtime[pid] = true
+          mb.exit(pid, "kill")
+          break
+        end
+      end
+      return
+    end
     if type(m) ~= "table" then return end
     local ev = m.event
     if ev == "tcp_accept" and m.socket == l then
@@ -839,10 +855,6 @@ local function acceptor(parent, host, port, handler, opts)
       watching[m.ref] = nil
     elseif ev == "tcp_heir" then
       if conns[m.from] then heirs[m.from] = m.socket else m.socket:close() end
-    elseif m.tag == "$http_overtime" and conns[m.pid] then
-      -- It dies at once; its tcp_heir and EXIT follow.
-      overtime[m.pid] = true
-      mb.exit(m.pid, "kill")
     elseif ev == "tcp_error" and m.socket == l then
       -- Out of file descriptors, say: keep serving the open connections
       -- and accept again shortly rather than end the server. (Errors sent
