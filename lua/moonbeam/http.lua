@@ -206,15 +206,12 @@ local function started(res)
   if not res.guarded or res.g_started then return end
   res.g_started = true
   local timer = res.timer
-  if timer then
-    res.timer = false
-    if not mb.cancel_timer(timer) then
-      -- Too late: the acceptor was told to kill this process, and answers
-      -- 503 for it. Wait for the kill rather than send half an answer.
-      mb.receive(function() return false end, START_TIMEOUT)
-    end
+  res.timer = false
+  if not hp.started(res.sock, timer) then
+    -- Too late: the acceptor was told to kill this process, and answers
+    -- 503 for it. Wait for the kill rather than send half an answer.
+    mb.receive(function() return false end, START_TIMEOUT)
   end
-  res.sock:set_heir(nil)
 end
 
 -- The response is complete (or the connection upgraded): what the handler
@@ -223,7 +220,7 @@ end
 local function finished(res)
   if not res.guarded or res.g_finished then return end
   res.g_finished = true
-  res.sock:set_exit_on_close(false)
+  hp.finished(res.sock)
 end
 
 -- res:status(code) -> res
@@ -482,13 +479,14 @@ local function read_body(c, req)
   end
 end
 
--- Guard the connection while the handler runs (see DESIGN).
+-- Guard the connection while the handler runs (see DESIGN): the socket
+-- ends the process if the client goes (on its FIN too after a keep-alive
+-- request), the acceptor is its heir, and a timer tells the acceptor when
+-- handler_timeout has passed (http_parser.guard does all three).
 local function guard(c, req, res)
-  local sock, o = c.sock, c.opts
-  sock:set_exit_on_close(req.keep_alive and true or "error")
-  sock:set_heir(c.acceptor)
   res.guarded = true
-  if o.handler_timeout ~= math.huge then
+  local ms = c.opts.handler_timeout
+  if ms ~= math.huge then
     -- (A string, made once per connection, is the cheapest message to
     -- send; the acceptor looks the pid up by it only when it comes.)
     local msg = c.overtime
@@ -496,7 +494,9 @@ local function guard(c, req, res)
       msg = "$http_overtime " .. c.me
       c.overtime = msg
     end
-    res.timer = mb.send_after(o.handler_timeout, c.acceptor, msg)
+    res.timer = hp.guard(c.sock, req.keep_alive, c.acceptor, ms, msg)
+  else
+    hp.guard(c.sock, req.keep_alive, c.acceptor)
   end
 end
 
