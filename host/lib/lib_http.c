@@ -388,6 +388,32 @@ static void push_version(lua_State *L, const http_parser *p)
     lua_pushfstring(L, "%d.%d", (int)p->http_major, (int)p->http_minor);
 }
 
+/* Queue mode: the strings it pushes, kept as upvalues of parser:next (after
+ * the metatable, upvalue 1) so that building a request interns no key. */
+#define QUEUE_STRINGS(X)                                                    \
+  X(METHOD, "method") X(URL, "url") X(PATH, "path") X(QUERY, "query")       \
+  X(BODY, "body") X(VERSION, "version") X(HEADERS, "headers")               \
+  X(KEEP_ALIVE, "keep_alive") X(UPGRADE, "upgrade") X(STATUS, "status")     \
+  X(HEAD, "head") X(DONE, "done") X(ERROR, "error") X(EMPTY, "")            \
+  X(V11, "1.1") X(V10, "1.0") X(COMMA, ", ")
+#define X_ENUM(n, s) K_##n,
+enum { QUEUE_STRINGS(X_ENUM) K_COUNT };
+#undef X_ENUM
+#define X_TEXT(n, s) s,
+static const char *const queue_strings[] = { QUEUE_STRINGS(X_TEXT) };
+#undef X_TEXT
+
+/* Push queue string k (only inside parser:next). */
+#define KPUSH(L, k) lua_pushvalue((L), lua_upvalueindex(2 + (k)))
+
+/* t[k] = the value on top (popped); t is an absolute index. */
+static void kset(lua_State *L, int t, int k)
+{
+  KPUSH(L, k);
+  lua_insert(L, -2);
+  lua_rawset(L, t);
+}
+
 /* Queue mode: the head as the table moonbeam.http hands on, with its
  * headers as a map of lower-cased names (repeated ones joined with ", "),
  * pushed as the event ("head", message, content_length | true (chunked) |
@@ -401,29 +427,37 @@ static void push_message(hp_t *h)
   http_parser *p = &h->p;
   lua_State *L = h->L;
   int req = p->type == HTTP_REQUEST;
-  lua_pushliteral(L, "head");
+  KPUSH(L, K_HEAD);
   lua_createtable(L, 0, req ? 11 : 7);
+  int t = lua_gettop(L);
   if (req) {
     lua_pushstring(L, http_method_str((enum http_method)p->method));
-    lua_setfield(L, -2, "method");
+    kset(L, t, K_METHOD);
     lua_pushlstring(L, h->buf, h->url_len);
-    lua_setfield(L, -2, "url");
     const char *q = memchr(h->buf, '?', h->url_len);
-    size_t plen = q ? (size_t)(q - h->buf) : h->url_len;
-    lua_pushlstring(L, h->buf, plen);
-    lua_setfield(L, -2, "path");
     if (q) {
+      kset(L, t, K_URL);
+      size_t plen = (size_t)(q - h->buf);
+      lua_pushlstring(L, h->buf, plen);
+      kset(L, t, K_PATH);
       lua_pushlstring(L, q + 1, h->url_len - plen - 1);
-      lua_setfield(L, -2, "query");
+      kset(L, t, K_QUERY);
+    } else {
+      lua_pushvalue(L, -1);   /* the path is the whole URL */
+      kset(L, t, K_URL);
+      kset(L, t, K_PATH);
     }
-    lua_pushliteral(L, "");
-    lua_setfield(L, -2, "body");
+    KPUSH(L, K_EMPTY);
+    kset(L, t, K_BODY);
   } else {
     lua_pushinteger(L, p->status_code);
-    lua_setfield(L, -2, "status");
+    kset(L, t, K_STATUS);
   }
-  push_version(L, p);
-  lua_setfield(L, -2, "version");
+  if (p->http_major == 1 && p->http_minor <= 1)
+    KPUSH(L, p->http_minor ? K_V11 : K_V10);
+  else
+    lua_pushfstring(L, "%d.%d", (int)p->http_major, (int)p->http_minor);
+  kset(L, t, K_VERSION);
   lua_createtable(L, 0, (int)h->nhdrs);
   for (uint32_t i = 0; i < h->nhdrs; i++) {
     const hdr_t *e = &h->hdrs[i];
@@ -438,15 +472,17 @@ static void push_message(hp_t *h)
       lua_pop(L, 1);
       lua_pushlstring(L, h->buf + e->value, e->value_len);
     } else {
-      lua_pushliteral(L, ", ");
+      KPUSH(L, K_COMMA);
       lua_pushlstring(L, h->buf + e->value, e->value_len);
       lua_concat(L, 3);
     }
     lua_rawset(L, -3);
   }
-  lua_setfield(L, -2, "headers");
-  set_bool(L, "keep_alive", http_should_keep_alive(p));
-  set_bool(L, "upgrade", p->upgrade);
+  kset(L, t, K_HEADERS);
+  lua_pushboolean(L, http_should_keep_alive(p));
+  kset(L, t, K_KEEP_ALIVE);
+  lua_pushboolean(L, p->upgrade);
+  kset(L, t, K_UPGRADE);
   if (p->flags & F_CHUNKED)
     lua_pushboolean(L, 1);
   else if (p->flags & F_CONTENTLENGTH)
@@ -525,7 +561,7 @@ static int on_body(http_parser *p, const char *at, size_t n)
   hp_t *h = p->data;
   lua_State *L = h->L;
   if (h->api == API_QUEUE) {
-    lua_pushliteral(L, "body");
+    KPUSH(L, K_BODY);
     lua_pushlstring(L, at, n);
     lua_pushnil(L);
     q_push(h);
@@ -544,7 +580,7 @@ static int on_message_complete(http_parser *p)
   lua_State *L = h->L;
   h->in_message = 0;
   if (h->api == API_QUEUE) {
-    lua_pushliteral(L, "done");
+    KPUSH(L, K_DONE);
     lua_pushboolean(L, http_should_keep_alive(p));
     lua_pushnil(L);
     q_push(h);
@@ -573,7 +609,7 @@ static void push_error(hp_t *h)
   lua_State *L = h->L;
   enum http_errno e = HTTP_PARSER_ERRNO(&h->p);
   if (h->api == API_QUEUE) {
-    lua_pushliteral(L, "error");
+    KPUSH(L, K_ERROR);
     if (h->limit_err) {
       lua_pushinteger(L, limit_status[h->limit_err]);
       lua_pushstring(L, limit_texts[h->limit_err]);
@@ -604,9 +640,20 @@ static void push_error(hp_t *h)
 
 /* -- The userdata --------------------------------------------------------- */
 
+/* The parser at arg 1. Every method has the parser metatable as its first
+ * upvalue: comparing with it spares the registry look-up (by name) that
+ * luaL_checkudata makes on every call. */
 static hp_t *check_parser(lua_State *L)
 {
-  return luaL_checkudata(L, 1, PARSER_MT);
+  hp_t *h = lua_touserdata(L, 1);
+  if (h && lua_getmetatable(L, 1)) {
+    int ok = lua_rawequal(L, -1, lua_upvalueindex(1));
+    lua_pop(L, 1);
+    if (ok)
+      return h;
+  }
+  luaL_typerror(L, 1, PARSER_MT);
+  return NULL;
 }
 
 static uint32_t opt_limit(lua_State *L, int t, const char *k, uint32_t dflt)
@@ -661,7 +708,7 @@ static void push_upgrade(hp_t *h, const char *rest, size_t n)
 {
   lua_State *L = h->L;
   if (h->api == API_QUEUE) {
-    lua_pushliteral(L, "upgrade");
+    KPUSH(L, K_UPGRADE);
     lua_pushlstring(L, rest, n);
     lua_pushnil(L);
     q_push(h);
@@ -776,13 +823,14 @@ static int l_finish(lua_State *L)
   return run(L, h, "", 0);
 }
 
-/* parser:next([data | true]) -> kind, a, b | nothing   (queue mode)
+/* parser:next([data | true]) -> kind, a, b, more | nothing   (queue mode)
  * Feeds data (more of the stream; true: the stream ended, as
  * parser:finish()), then takes the next event off the parser's queue:
  *   "head", message, content_length | true (chunked) | nil
  *   "body", data          "done", keep_alive        "upgrade", rest
  *   "error", status, message
- * or returns nothing when no event is ready. The message is a table (see
+ * or returns nothing when no event is ready; `more` says whether another
+ * event is ready after this one. The message is a table (see
  * push_message). The queue is a table kept with the parser and reused, so
  * a request costs no event tables. */
 static int l_next(lua_State *L)
@@ -818,9 +866,11 @@ static int l_next(lua_State *L)
     lua_rawseti(L, 3, at + i);
   }
   h->qhead += 3;
-  if (h->qhead == h->qtail)
+  int more = h->qhead != h->qtail;
+  if (!more)
     h->qhead = h->qtail = 0;   /* reuse the slots from the start */
-  return 3;
+  lua_pushboolean(L, more);
+  return 4;
 }
 
 /* parser:resting() -> bool: between messages, with nothing begun (not even
@@ -1128,16 +1178,25 @@ static const luaL_Reg funcs[] = {
 int mb_lib_http_parser_open(lua_State *L)
 {
   if (luaL_newmetatable(L, PARSER_MT)) {
+    int mt = lua_gettop(L);
     lua_createtable(L, 0, sizeof methods / sizeof *methods - 1);
     for (const luaL_Reg *r = methods; r->name; r++) {
-      lua_pushcfunction(L, r->func);
+      lua_pushvalue(L, mt);
+      int n = 1;
+      if (r->func == l_next) {
+        for (int k = 0; k < K_COUNT; k++)
+          lua_pushstring(L, queue_strings[k]);
+        n += K_COUNT;
+      }
+      lua_pushcclosure(L, r->func, n);
       lua_setfield(L, -2, r->name);
     }
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, l_gc);
-    lua_setfield(L, -2, "__gc");
+    lua_setfield(L, mt, "__index");
+    lua_pushvalue(L, mt);
+    lua_pushcclosure(L, l_gc, 1);
+    lua_setfield(L, mt, "__gc");
     lua_pushliteral(L, "http parser");
-    lua_setfield(L, -2, "__metatable");
+    lua_setfield(L, mt, "__metatable");
   }
   lua_pop(L, 1);
   lua_createtable(L, 0, sizeof funcs / sizeof *funcs - 1);

@@ -137,13 +137,15 @@ local function has_token(value, token)
   return false
 end
 
--- The next parser event, as parser:next gives it (kind, a, b; see
+-- The next parser event, as parser:next gives it (kind, a, b, more; see
 -- moonbeam.http_parser), reading the socket until c.deadline (ms, mb.now()
 -- time; false: no limit) while none is ready. nil, why when none came:
--- "timeout", "closed" or the socket's error.
-local function next_event(c)
+-- "timeout", "closed" or the socket's error. ready == false: the caller
+-- knows that no event is queued (the last one said so), so it reads first.
+local function next_event(c, ready)
   local parser = c.parser
-  local kind, a, b = parser:next()
+  local kind, a, b, more
+  if ready ~= false then kind, a, b, more = parser:next() end
   while not kind do
     local deadline = c.deadline
     local left = deadline and deadline - mb.now()
@@ -159,7 +161,7 @@ local function next_event(c)
       data, err = c.sock:read(left and math.ceil(left))
     end
     if data then
-      kind, a, b = parser:next(data)
+      kind, a, b, more = parser:next(data)
       -- The first byte of a request head starts its head_timeout (a head
       -- that came whole needs no timing).
       if not kind and c.watch_head and not c.head_started and parser:in_message() then
@@ -170,13 +172,13 @@ local function next_event(c)
     elseif err == "closed" and parser:in_message() then
       -- The stream ended: a response read to the end of the connection
       -- completes; anything else is cut short.
-      kind, a, b = parser:next(true)
+      kind, a, b, more = parser:next(true)
       if kind ~= "done" then return nil, "closed" end
     else
       return nil, err
     end
   end
-  return kind, a, b
+  return kind, a, b, more
 end
 
 -- -- Responses --------------------------------------------------------------
@@ -404,11 +406,11 @@ local function fail(c, code, extra)
   if c.sock:write(error_response(code, extra)) then linger_close(c) else c.sock:close() end
 end
 
--- Wait for the next request head. Returns the request (see push_message
--- in lib_http.c) and its framing (Content-Length, true for chunked, or
--- nil), or nil and what to do: "closed"/"idle" (close quietly), or a
--- status to answer.
-local function read_head(c, first)
+-- Wait for the next request head (ready: as for next_event). Returns the
+-- request (see push_message in lib_http.c), its framing (Content-Length,
+-- true for chunked, or nil) and whether more events are queued; or nil
+-- and what to do: "closed"/"idle" (close quietly), or a status to answer.
+local function read_head(c, first, ready)
   local o = c.opts
   -- (A woken connection goes on with the deadline it hibernated with.)
   c.deadline = c.resume_deadline or mb.now() + (first and o.head_timeout or o.idle_timeout)
@@ -419,10 +421,10 @@ local function read_head(c, first)
   c.head_started = false
   c.watch_head = true
   while true do
-    local kind, a, b = next_event(c)
+    local kind, a, b, more = next_event(c, ready)
     if kind == "head" then
       c.watch_head = false
-      return a, b
+      return a, b, more
     elseif not kind then
       c.watch_head = false
       if a == "timeout" then
@@ -435,26 +437,29 @@ local function read_head(c, first)
       return nil, a
     end
     -- Nothing else can come before a head; skip it if it does.
+    ready = more
   end
 end
 
--- Read the body of req into req.body. Returns true, or nil and a status
--- to answer (or "closed").
-local function read_body(c, req)
+-- Read the body of req into req.body (ready: as for next_event). Returns
+-- true and whether more events are queued, or nil and a status to answer
+-- (or "closed").
+local function read_body(c, req, ready)
   local o = c.opts
-  local parser = c.parser
   local body, parts, size = nil, nil, 0
   while true do
+    local kind, a, _, more
     -- (A request without a body is complete already: its "done" is queued.)
-    local kind, a = parser:next()
+    if ready then kind, a, _, more = c.parser:next() end
     if not kind then
       c.deadline = mb.now() + o.idle_timeout
-      kind, a = next_event(c)
+      kind, a, _, more = next_event(c, false)
       if not kind then
         if a == "timeout" then return nil, 408 end
         return nil, "closed"
       end
     end
+    ready = more
     if kind == "body" then
       size = size + #a
       if size > o.max_body then return nil, 413 end
@@ -472,7 +477,7 @@ local function read_body(c, req)
         req.body = body
       end
       if not a then req.keep_alive = false end
-      return true
+      return true, more
     elseif kind == "error" then
       return nil, a
     end
@@ -530,9 +535,9 @@ local function new_response(c, req)
 end
 
 -- Handle one request. Returns true to go on with the next one.
-local function serve_one(c, handler, first)
+local function serve_one(c, handler, first, ready)
   local o = c.opts
-  local req, framing = read_head(c, first)
+  local req, framing, more = read_head(c, first, ready)
   if not req then
     if type(framing) == "number" then fail(c, framing) else c.sock:close() end
     return false
@@ -552,7 +557,7 @@ local function serve_one(c, handler, first)
       if not c.sock:write("HTTP/1.1 100 Continue\r\n\r\n") then c.sock:close() return false end
     end
   end
-  local ok, status = read_body(c, req)
+  local ok, status = read_body(c, req, more)
   if not ok then
     if type(status) == "number" then fail(c, status) else c.sock:close() end
     return false
@@ -562,8 +567,10 @@ local function serve_one(c, handler, first)
   if upgrade then
     -- The parser stopped at the head: what follows belongs to the new
     -- protocol. It is the next event (after "done").
-    local kind, rest = c.parser:next()
-    if kind == "upgrade" then res.pending = rest end
+    if status then
+      local kind, rest = c.parser:next()
+      if kind == "upgrade" then res.pending = rest end
+    end
     res.can_upgrade = true
   end
   guard(c, req, res)
@@ -607,7 +614,7 @@ local function serve_one(c, handler, first)
     c.sock:close()
     return false
   end
-  return true
+  return true, status
 end
 
 -- -- Waiting between requests, and hibernating -----------------------------
@@ -737,7 +744,9 @@ end
 
 -- Serve requests until the connection ends.
 function serve(c, first)
-  while serve_one(c, c.handler, first) do first = false end
+  local handler = c.handler
+  local go, ready = serve_one(c, handler, first)
+  while go do go, ready = serve_one(c, handler, false, ready) end
 end
 
 -- A hibernated connection woke, in a new state: by its socket's message,
