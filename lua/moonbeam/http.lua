@@ -124,6 +124,15 @@ local CLIENT_TIMEOUT = 30000
 
 -- -- Helpers shared by server and client ------------------------------------
 
+-- math.ceil of a number of ms, and math.huge, without the math library: a
+-- connection process would open it (lazily, at a cost) for these alone.
+local HUGE = 1 / 0
+local function ceil(x)
+  local f = x % 1
+  if f > 0 then return x - f + 1 end
+  return x
+end
+
 local function reason_phrase(code)
   return hp.reason(code) or "Unknown"
 end
@@ -158,7 +167,7 @@ local function next_event(c, ready)
       -- A server between requests: the wait that may hibernate.
       data, err = c.wait_request(c, left)
     else
-      data, err = c.sock:read(left and math.ceil(left))
+      data, err = c.sock:read(left and ceil(left))
     end
     if data then
       kind, a, b, more = parser:next(data)
@@ -205,8 +214,8 @@ end
 -- The response starts: the handler is no longer timed, and the acceptor
 -- could not answer for it any more (the head is going out).
 local function started(res)
-  if not res.guarded or res.g_started then return end
-  res.g_started = true
+  if res.guard ~= 1 then return end
+  res.guard = 2
   local timer = res.timer
   res.timer = false
   if not hp.started(res.sock, timer) then
@@ -218,10 +227,10 @@ end
 
 -- The response is complete (or the connection upgraded): what the handler
 -- does now is its own business, not its client's, so the client's leaving
--- no longer ends it.
+-- no longer ends it. (Always after started.)
 local function finished(res)
-  if not res.guarded or res.g_finished then return end
-  res.g_finished = true
+  if res.guard ~= 2 then return end
+  res.guard = 3
   hp.finished(res.sock)
 end
 
@@ -265,7 +274,7 @@ end
 
 -- res:send([body]) -> true | nil, err   (the whole response, with Content-Length)
 function Response:send(body)
-  if self.upgraded or self.done or self.started then
+  if self.started or self.done or self.upgraded then
     check_open(self, "send")
     error("res:send: the response was started with res:write", 2)
   end
@@ -383,7 +392,7 @@ local function linger_close(c)
   while got < LINGER_BYTES do
     local left = deadline - mb.now()
     if left <= 0 then break end
-    local data = c.sock:read(math.ceil(left))
+    local data = c.sock:read(ceil(left))
     if not data then break end
     got = got + #data
   end
@@ -489,9 +498,9 @@ end
 -- request), the acceptor is its heir, and a timer tells the acceptor when
 -- handler_timeout has passed (http_parser.guard does all three).
 local function guard(c, req, res)
-  res.guarded = true
+  res.guard = 1
   local ms = c.opts.handler_timeout
-  if ms ~= math.huge then
+  if ms ~= HUGE then
     -- (A string, made once per connection, is the cheapest message to
     -- send; the acceptor looks the pid up by it only when it comes.)
     local msg = c.overtime
@@ -510,27 +519,23 @@ local function unguard(c, res)
   finished(res)
 end
 
--- A new response object. (Every field is in the constructor with a
--- constant value: a constructor in dumped bytecode keeps only those keys,
--- so the table is made at its size and the stores below only fill slots.)
+-- A new response object. (The fields every response sets are in the
+-- constructor with a constant value: a constructor in dumped bytecode keeps
+-- only those keys, so the table is made at its size and the stores below
+-- only fill slots. guard: 0 none, 1 guarded, 2 response started, 3 done.)
 local function new_response(c, req)
   local res = {
     sock = false, code = 200, hlist = false, close = false, keep_alive_10 = false,
     http10 = false, head_only = false, started = false, done = false,
-    streaming = false, chunked = false, broken = false, upgraded = false,
-    can_upgrade = false, pending = false, websocket = false,
-    guarded = false, g_started = false, g_finished = false, timer = false,
-    hibernate_after = false, acceptor = false,
+    upgraded = false, broken = false, guard = 0, timer = false,
   }
   res.sock = c.sock
-  -- (for moonbeam.websocket: the defaults of websocket.loop)
-  res.hibernate_after = c.opts.hibernate_after
-  res.acceptor = c.acceptor
   local v10 = req.version == "1.0"
+  local keep = req.keep_alive
   res.http10 = v10
   res.head_only = req.method == "HEAD"
-  res.close = not req.keep_alive
-  res.keep_alive_10 = v10 and req.keep_alive
+  res.close = not keep
+  res.keep_alive_10 = v10 and keep
   return setmetatable(res, Response)
 end
 
@@ -572,6 +577,9 @@ local function serve_one(c, handler, first, ready)
       if kind == "upgrade" then res.pending = rest end
     end
     res.can_upgrade = true
+    -- (for moonbeam.websocket: the defaults of websocket.loop)
+    res.hibernate_after = o.hibernate_after
+    res.acceptor = c.acceptor
   end
   guard(c, req, res)
   local okh, caught = xpcall(handler, traceback, req, res)
@@ -663,7 +671,7 @@ end
 -- of a connection that traps exits (a passive read would not see it).
 local function await_bytes(c, left)
   c.sock:set_active("once")
-  local m = mb.receive(idle_match(c.sock, c.acceptor), math.ceil(left))
+  local m = mb.receive(idle_match(c.sock, c.acceptor), ceil(left))
   if not m then
     c.sock:set_active(false)
     -- One may have been sent before the switch: it is here now.
@@ -714,14 +722,14 @@ local function wait_request(c, left)
   local traps = trapping()
   local t = can and hib or left
   local data, err
-  if traps then data, err = await_bytes(c, t) else data, err = c.sock:read(math.ceil(t)) end
+  if traps then data, err = await_bytes(c, t) else data, err = c.sock:read(ceil(t)) end
   if data or err ~= "timeout" or not can then return data, err end
   local got, d, e = hibernate(c)
   if got then return d, e end
   left = c.deadline - mb.now()
   if left <= 0 then return nil, "timeout" end
   if traps then return await_bytes(c, left) end
-  return c.sock:read(math.ceil(left))
+  return c.sock:read(ceil(left))
 end
 
 -- The state of a connection process. (Every field is in the constructor
