@@ -88,8 +88,15 @@ local has_token, error_response = conn.has_token, rare.error_response
 -- copies only it (spawn copies a function's upvalues, and with them every
 -- function they reach); the connection process then loads the rest,
 -- moonbeam.http_conn, with `require` from the host's module cache.
+-- The collector is stopped while it loads: all that loading makes is live
+-- (it is the module), so a collection then would only mark it (measured: a
+-- tenth of a new connection's instructions), and a new process starts
+-- collecting at once.
 local function connection(handler, opts, acceptor)
-  return require("moonbeam.http_conn").serve(handler, opts, acceptor)
+  collectgarbage("stop")
+  local serve = require("moonbeam.http_conn").serve
+  collectgarbage("restart")
+  return serve(handler, opts, acceptor)
 end
 
 -- -- The acceptor -------------------------------------------------------------
