@@ -155,6 +155,9 @@ typedef struct {
   int in_head;           /* between message begin and headers complete */
   int in_message;        /* between message begin and message complete */
   int skip_body;         /* response parser: the next response has no body */
+  int fold;              /* queue mode, request parser: the head just queued
+                            (at slot fold) has had no body yet, so its "done"
+                            can be folded into it */
   mb_hframe_t frame;     /* the framing checker (http_frame.h) */
   /* Final state. */
   int limit_err;         /* LIM_* that stopped the parser */
@@ -490,6 +493,7 @@ static void push_message(hp_t *h)
   else
     lua_pushnil(L);
   q_push(h);
+  h->fold = req ? h->qtail : 0;
 }
 
 /* Events mode: the head event (see DESIGN). */
@@ -560,6 +564,7 @@ static int on_body(http_parser *p, const char *at, size_t n)
 {
   hp_t *h = p->data;
   lua_State *L = h->L;
+  h->fold = 0;
   if (h->api == API_QUEUE) {
     KPUSH(L, K_BODY);
     lua_pushlstring(L, at, n);
@@ -579,6 +584,15 @@ static int on_message_complete(http_parser *p)
   hp_t *h = p->data;
   lua_State *L = h->L;
   h->in_message = 0;
+  if (h->api == API_QUEUE && h->fold && h->fold == h->qtail) {
+    /* A request without a body, complete with its head: no "done" event,
+     * its head's framing says false instead (one event per request). */
+    lua_pushboolean(L, 0);
+    lua_rawseti(L, h->qidx, h->fold);
+    h->fold = 0;
+    return 0;
+  }
+  h->fold = 0;
   if (h->api == API_QUEUE) {
     KPUSH(L, K_DONE);
     lua_pushboolean(L, http_should_keep_alive(p));
@@ -826,11 +840,12 @@ static int l_finish(lua_State *L)
 /* parser:next([data | true]) -> kind, a, b, more | nothing   (queue mode)
  * Feeds data (more of the stream; true: the stream ended, as
  * parser:finish()), then takes the next event off the parser's queue:
- *   "head", message, content_length | true (chunked) | nil
+ *   "head", message, content_length | true (chunked) | nil | false
  *   "body", data          "done", keep_alive        "upgrade", rest
  *   "error", status, message
  * or returns nothing when no event is ready; `more` says whether another
- * event is ready after this one. The message is a table (see
+ * event is ready after this one. A request that is complete with its head
+ * (no body) comes as one event, its framing false: no "done" follows. The message is a table (see
  * push_message). The queue is a table kept with the parser and reused, so
  * a request costs no event tables. */
 static int l_next(lua_State *L)
@@ -866,6 +881,8 @@ static int l_next(lua_State *L)
     lua_rawseti(L, 3, at + i);
   }
   h->qhead += 3;
+  if (h->fold && h->fold <= h->qhead)
+    h->fold = 0;   /* taken: too late to fold its "done" into it */
   int more = h->qhead != h->qtail;
   if (!more)
     h->qhead = h->qtail = 0;   /* reuse the slots from the start */
@@ -1015,6 +1032,47 @@ static int l_finished(lua_State *L)
     mb_sock_unref(s);
   }
   return 0;
+}
+
+/* http_parser.send(sock, timer | false, data) -> true | n | false
+ * A whole response going out: http_parser.started, the write, then
+ * http_parser.finished, in one call when the kernel takes all of data at
+ * once (the common case: nothing can happen in between, since the caller
+ * does not yield). true: all written, the guard is gone. A number n: only
+ * the first n bytes went (the socket's queue was busy, or the write
+ * failed): the caller writes the rest with sock:write, which queues, waits
+ * or reports the error, and then calls http_parser.finished. false: the
+ * timer had fired (as for started), nothing written. */
+static int l_send(lua_State *L)
+{
+  size_t len;
+  const char *data = luaL_checklstring(L, 3, &len);
+  int in_time = 1;
+  if (lua_type(L, 2) == LUA_TNUMBER) {
+    double left;
+    in_time = mb_timer_cancel((uint64_t)lua_tonumber(L, 2), &left);
+  }
+  mb_sock_t *s = owned_sock(L);
+  if (s == NULL) {
+    lua_pushinteger(L, 0);   /* sock:write will say why */
+    return 1;
+  }
+  set_heir(s, 0);
+  if (!in_time) {
+    mb_sock_unref(s);
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  long done = len ? mb_sock_write_now(s, data, len) : 0;
+  if (done > 0 && (size_t)done == len) {
+    mb_sock_set_exit_on_close(s, 0);
+    mb_sock_unref(s);
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  mb_sock_unref(s);
+  lua_pushinteger(L, done > 0 ? done : 0);
+  return 1;
 }
 
 /* -- Module functions ----------------------------------------------------- */
@@ -1171,6 +1229,7 @@ static const luaL_Reg funcs[] = {
   {"guard", l_guard},
   {"started", l_started},
   {"finished", l_finished},
+  {"send", l_send},
   {"ws_accept", l_ws_accept},
   {NULL, NULL}
 };

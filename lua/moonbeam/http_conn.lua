@@ -241,13 +241,31 @@ function Response:send(body)
     error("res:send: the response was started with res:write", 2)
   end
   if type(body) ~= "string" then body = body == nil and "" or tostring(body) end
-  started(self)
-  self.started, self.done = true, true
+  local code = self.code
   local out
-  if bodiless(self.code) then
-    out = build_head(self, nil)
+  if code < 200 or code == 204 or code == 304 then   -- (bodiless)
+    out = hp.head(code, self.hlist or nil, nil, self.close, self.keep_alive_10)
   else
-    out = build_head(self, #body, not self.head_only and body or nil)
+    out = hp.head(code, self.hlist or nil, #body, self.close, self.keep_alive_10,
+                  not self.head_only and body or nil)
+  end
+  self.started, self.done = true, true
+  if self.guard == 1 then
+    -- started, the write and finished in one call (http_parser.send).
+    self.guard = 3
+    local timer = self.timer
+    self.timer = false
+    local sent = hp.send(self.sock, timer, out)
+    if sent == true then return true end
+    self.guard = 2
+    if sent == false then
+      -- Too late, as in started: wait for the kill.
+      mb.receive(function() return false end, START_TIMEOUT)
+    elseif sent > 0 then
+      out = string.sub(out, sent + 1)
+    end
+  else
+    started(self)
   end
   local ok, err = self.sock:write(out)
   if not ok then self.close = true; self.broken = true end
@@ -425,7 +443,12 @@ local function serve_one(c, handler, first, ready)
       if not c.sock:write("HTTP/1.1 100 Continue\r\n\r\n") then c.sock:close() return false end
     end
   end
-  local ok, status = read_body(c, req, more)
+  local ok, status
+  if framing == false then
+    ok, status = true, more   -- complete with its head: no body
+  else
+    ok, status = read_body(c, req, more)
+  end
   if not ok then
     if type(status) == "number" then fail(c, status) else c.sock:close() end
     return false
