@@ -106,6 +106,8 @@ end
 -- time; false: no limit) while none is ready. nil, why when none came:
 -- "timeout", "closed" or the socket's error. ready == false: the caller
 -- knows that no event is queued (the last one said so), so it reads first.
+-- (The client's responses and a request's body; a server waits for a
+-- request head in read_head.)
 local function next_event(c, ready)
   local parser = c.parser
   local kind, a, b, more
@@ -114,25 +116,9 @@ local function next_event(c, ready)
     local deadline = c.deadline
     local left = deadline and deadline - mb.now()
     if left and left <= 0 then return nil, "timeout" end
-    local data, err
-    if c.pending then
-      -- Bytes that woke a hibernated connection.
-      data, c.pending = c.pending, false
-    elseif c.wait_request and not c.head_started then
-      -- A server between requests: the wait that may hibernate.
-      data, err = c.wait_request(c, left)
-    else
-      data, err = c.sock:read(left and ceil(left))
-    end
+    local data, err = c.sock:read(left and ceil(left))
     if data then
       kind, a, b, more = parser:next(data)
-      -- The first byte of a request head starts its head_timeout (a head
-      -- that came whole needs no timing).
-      if not kind and c.watch_head and not c.head_started and parser:in_message() then
-        c.head_started = true
-        local d = mb.now() + c.opts.head_timeout
-        if d < deadline then c.deadline = d end
-      end
     elseif err == "closed" and parser:in_message() then
       -- The stream ended: a response read to the end of the connection
       -- completes; anything else is cut short.
@@ -296,38 +282,81 @@ local function fail(c, code)
   return rare().fail(c, code)
 end
 
+-- Does the process trap exits? (A handler may have turned it on.)
+local function trapping()
+  local t = mb.trap_exit(true)
+  mb.trap_exit(t)
+  return t
+end
+
 -- Wait for the next request head (ready: as for next_event). Returns the
 -- request (see push_message in lib_http.c), its framing (Content-Length,
--- true for chunked, or nil) and whether more events are queued; or nil
--- and what to do: "closed"/"idle" (close quietly), or a status to answer.
+-- true for chunked, nil, or false when it has no body) and whether more
+-- events are queued; or nil and what to do: "closed"/"idle" (close
+-- quietly), or a status to answer.
+-- Timeouts: a new connection has head_timeout for its first request, a
+-- kept-alive one idle_timeout for its next (a woken one goes on with the
+-- deadline it hibernated with); once the first byte of a head has come,
+-- the rest must come within head_timeout. A connection that never sent a
+-- byte is closed quietly: browsers open spare connections they may never
+-- use. Between requests the wait may end in hibernation (http_rare).
 local function read_head(c, first, ready)
-  local o = c.opts
-  -- (A woken connection goes on with the deadline it hibernated with.)
-  c.deadline = c.resume_deadline or mb.now() + (first and o.head_timeout or o.idle_timeout)
+  local o, parser, sock = c.opts, c.parser, c.sock
+  local now = mb.now()
+  local deadline = c.resume_deadline or now + (first and o.head_timeout or o.idle_timeout)
   c.resume_deadline = false
   c.first = first
-  -- A connection that never sent a byte is closed quietly: browsers open
-  -- spare connections they may never use.
-  c.head_started = false
-  c.watch_head = true
+  c.deadline = deadline
+  local begun = false   -- the head's first byte came
+  local kind, a, b, more
+  if ready ~= false then kind, a, b, more = parser:next() end
   while true do
-    local kind, a, b, more = next_event(c, ready)
-    if kind == "head" then
-      c.watch_head = false
-      return a, b, more
-    elseif not kind then
-      c.watch_head = false
-      if a == "timeout" then
-        if c.head_started then return nil, 408 end
-        return nil, "idle"
+    if kind == "head" then return a, b, more end
+    if kind == "error" then return nil, a end
+    if kind and more then
+      -- Nothing else can come before a head; skip it if it does.
+      kind, a, b, more = parser:next()
+    else
+      local left = deadline - now
+      if left <= 0 then return nil, begun and 408 or "idle" end
+      local data, err
+      if c.pending then
+        -- Bytes that woke a hibernated connection.
+        data, c.pending = c.pending, false
+      elseif begun then
+        data, err = sock:read(ceil(left))
+      else
+        -- Between requests: a read, or the wait of a process that traps
+        -- exits, then hibernation once idle for hibernate_after.
+        local hib = o.hibernate_after
+        local can = hib and hib < left and not c.no_hibernate
+        local traps = trapping()
+        if traps then
+          data, err = rare().await_bytes(c, can and hib or left)
+        else
+          data, err = sock:read(ceil(can and hib or left))
+        end
+        if not data and err == "timeout" and can then
+          data, err = rare().idle(c, traps)
+        end
       end
-      return nil, "closed"
-    elseif kind == "error" then
-      c.watch_head = false
-      return nil, a
+      if not data then
+        if err == "timeout" then return nil, begun and 408 or "idle" end
+        return nil, "closed"
+      end
+      kind, a, b, more = parser:next(data)
+      if not kind then
+        now = mb.now()
+        if not begun and parser:in_message() then
+          begun = true
+          local d = now + o.head_timeout
+          if d < deadline then
+            deadline = d
+            c.deadline = d
+          end
+        end
+      end
     end
-    -- Nothing else can come before a head; skip it if it does.
-    ready = more
   end
 end
 
@@ -511,55 +540,20 @@ local function serve_one(c, handler, first, ready)
   return true, status
 end
 
--- -- Waiting between requests, and hibernating -----------------------------
-
--- Does the process trap exits? (A handler may have turned it on.)
-local function trapping()
-  local t = mb.trap_exit(true)
-  mb.trap_exit(t)
-  return t
-end
-
--- The wait for the first bytes of a request (c.wait_request, called by
--- next_event): a read, then hibernation once idle for hibernate_after.
-local function wait_request(c, left)
-  local hib = c.opts.hibernate_after
-  -- (hibernate checks that nothing is pending: next_event reads only once
-  -- the events are used up, and a request begun would have set
-  -- head_started.)
-  local can = hib and hib < left and not c.no_hibernate
-  local traps = trapping()
-  local t = can and hib or left
-  local data, err
-  if traps then
-    data, err = rare().await_bytes(c, t)
-  else
-    data, err = c.sock:read(ceil(t))
-  end
-  if data or err ~= "timeout" or not can then return data, err end
-  local got, d, e = rare().hibernate(c)
-  if got then return d, e end
-  left = c.deadline - mb.now()
-  if left <= 0 then return nil, "timeout" end
-  if traps then return rare().await_bytes(c, left) end
-  return c.sock:read(ceil(left))
-end
-
 -- The state of a connection process. (Every field is in the constructor
 -- with a constant value, as in new_response.)
 local function new_conn(sock, handler, opts, acceptor)
   local c = {
     sock = false, opts = false, acceptor = false, me = false, handler_spec = false,
-    handler = false, parser = false, wait_request = false, overtime = false,
+    handler = false, parser = false, overtime = false,
     deadline = false, resume_deadline = false, first = false, pending = false,
-    head_started = false, watch_head = false, no_hibernate = false,
+    no_hibernate = false,
   }
   c.sock, c.opts, c.acceptor, c.handler_spec = sock, opts, acceptor, handler
   c.me = tostring(mb.self())
   c.handler = type(handler) == "string" and require(handler) or handler
   c.parser = hp.new({ max_head = opts.max_head, max_headers = opts.max_headers,
                       max_url = opts.max_url })
-  c.wait_request = wait_request
   return c
 end
 

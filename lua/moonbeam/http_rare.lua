@@ -235,7 +235,20 @@ function wake(st)
   conn.serve_conn(c, st.first)
 end
 
+-- The rest of an idle connection's wait once hibernate_after has passed
+-- (read_head in moonbeam.http_conn): it hibernates, or, when it cannot,
+-- waits on awake till its deadline.
+local function idle(c, traps)
+  local got, d, e = hibernate(c)
+  if got then return d, e end
+  local left = c.deadline - mb.now()
+  if left <= 0 then return nil, "timeout" end
+  if traps then return await_bytes(c, left) end
+  return c.sock:read(ceil(left))
+end
+
 rare.fail = fail
+rare.idle = idle
 rare.error_response = error_response
 rare.await_bytes = await_bytes
 rare.hibernate = hibernate
