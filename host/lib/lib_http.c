@@ -1075,6 +1075,15 @@ static int l_send(lua_State *L)
   return 1;
 }
 
+/* http_parser.trapping() -> bool: does the calling process trap exits?
+ * (What mb.trap_exit would return, without setting it: an idle connection
+ * asks before each wait, since its handler may have changed it.) */
+static int l_trapping(lua_State *L)
+{
+  lua_pushboolean(L, mb_lib_self(L)->trap_exit);
+  return 1;
+}
+
 /* -- Module functions ----------------------------------------------------- */
 
 /* http_parser.reason(code) -> "Not Found" | nil  (the standard reason phrase) */
@@ -1230,6 +1239,7 @@ static const luaL_Reg funcs[] = {
   {"started", l_started},
   {"finished", l_finished},
   {"send", l_send},
+  {"trapping", l_trapping},
   {"ws_accept", l_ws_accept},
   {NULL, NULL}
 };

@@ -282,13 +282,6 @@ local function fail(c, code)
   return rare().fail(c, code)
 end
 
--- Does the process trap exits? (A handler may have turned it on.)
-local function trapping()
-  local t = mb.trap_exit(true)
-  mb.trap_exit(t)
-  return t
-end
-
 -- Wait for the next request head (ready: as for next_event). Returns the
 -- request (see push_message in lib_http.c), its framing (Content-Length,
 -- true for chunked, nil, or false when it has no body) and whether more
@@ -330,7 +323,7 @@ local function read_head(c, first, ready)
         -- exits, then hibernation once idle for hibernate_after.
         local hib = o.hibernate_after
         local can = hib and hib < left and not c.no_hibernate
-        local traps = trapping()
+        local traps = hp.trapping()   -- (a handler may have turned it on)
         if traps then
           data, err = rare().await_bytes(c, can and hib or left)
         else
@@ -512,7 +505,7 @@ local function serve_one(c, handler, first, ready)
     report(c.me, { "request: " .. req.method .. " " .. req.url,
              "reason: " .. tostring(caught.err), caught.traceback })
   end
-  unguard(c, res)
+  if res.guard ~= 3 then unguard(c, res) end
   if res.upgraded then
     -- The handler owned the connection; it is over now. A WebSocket the
     -- handler left open gets a normal closure (1000) rather than a bare
