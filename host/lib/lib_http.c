@@ -421,14 +421,6 @@ static const char *const queue_strings[] = { QUEUE_STRINGS(X_TEXT) };
 /* Push queue string k (only inside parser:next). */
 #define KPUSH(L, k) lua_pushvalue((L), lua_upvalueindex(2 + (k)))
 
-/* t[k] = the value on top (popped); t is an absolute index. */
-static void kset(lua_State *L, int t, int k)
-{
-  KPUSH(L, k);
-  lua_insert(L, -2);
-  lua_rawset(L, t);
-}
-
 /* Queue mode: the head as the table moonbeam.http hands on, with its
  * headers as a map of lower-cased names (repeated ones joined with ", "),
  * pushed as the event ("head", message, content_length | true (chunked) |
@@ -446,33 +438,42 @@ static void push_message(hp_t *h)
   lua_createtable(L, 0, req ? 11 : 7);
   int t = lua_gettop(L);
   if (req) {
+    KPUSH(L, K_METHOD);
     lua_pushstring(L, http_method_str((enum http_method)p->method));
-    kset(L, t, K_METHOD);
-    lua_pushlstring(L, h->buf, h->url_len);
+    lua_rawset(L, t);
     const char *q = memchr(h->buf, '?', h->url_len);
+    KPUSH(L, K_URL);
+    lua_pushlstring(L, h->buf, h->url_len);
     if (q) {
-      kset(L, t, K_URL);
+      lua_rawset(L, t);
       size_t plen = (size_t)(q - h->buf);
+      KPUSH(L, K_PATH);
       lua_pushlstring(L, h->buf, plen);
-      kset(L, t, K_PATH);
+      lua_rawset(L, t);
+      KPUSH(L, K_QUERY);
       lua_pushlstring(L, q + 1, h->url_len - plen - 1);
-      kset(L, t, K_QUERY);
+      lua_rawset(L, t);
     } else {
-      lua_pushvalue(L, -1);   /* the path is the whole URL */
-      kset(L, t, K_URL);
-      kset(L, t, K_PATH);
+      KPUSH(L, K_PATH);
+      lua_pushvalue(L, -2);   /* the path is the whole URL */
+      lua_rawset(L, t);
+      lua_rawset(L, t);
     }
+    KPUSH(L, K_BODY);
     KPUSH(L, K_EMPTY);
-    kset(L, t, K_BODY);
+    lua_rawset(L, t);
   } else {
+    KPUSH(L, K_STATUS);
     lua_pushinteger(L, p->status_code);
-    kset(L, t, K_STATUS);
+    lua_rawset(L, t);
   }
+  KPUSH(L, K_VERSION);
   if (p->http_major == 1 && p->http_minor <= 1)
     KPUSH(L, p->http_minor ? K_V11 : K_V10);
   else
     lua_pushfstring(L, "%d.%d", (int)p->http_major, (int)p->http_minor);
-  kset(L, t, K_VERSION);
+  lua_rawset(L, t);
+  KPUSH(L, K_HEADERS);
   lua_createtable(L, 0, (int)h->nhdrs);
   for (uint32_t i = 0; i < h->nhdrs; i++) {
     const hdr_t *e = &h->hdrs[i];
@@ -493,11 +494,13 @@ static void push_message(hp_t *h)
     }
     lua_rawset(L, -3);
   }
-  kset(L, t, K_HEADERS);
+  lua_rawset(L, t);
+  KPUSH(L, K_KEEP_ALIVE);
   lua_pushboolean(L, http_should_keep_alive(p));
-  kset(L, t, K_KEEP_ALIVE);
+  lua_rawset(L, t);
+  KPUSH(L, K_UPGRADE);
   lua_pushboolean(L, p->upgrade);
-  kset(L, t, K_UPGRADE);
+  lua_rawset(L, t);
   if (p->flags & F_CHUNKED)
     lua_pushboolean(L, 1);
   else if (p->flags & F_CONTENTLENGTH)

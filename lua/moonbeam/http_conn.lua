@@ -562,7 +562,7 @@ end
 function conn.serve(handler, opts, acceptor)
   local m = mb.receive(function(x) return type(x) == "table" and x.tag == "$http_sock" end, START_TIMEOUT)
   if not m then return end
-  serve(new_conn(m.sock, handler, opts, acceptor), true)
+  return serve(new_conn(m.sock, handler, opts, acceptor), true)   -- (a tail call: one frame less under every read)
 end
 
 conn.next_event = next_event
