@@ -958,8 +958,9 @@ static int l_gc(lua_State *L)
 
 /* The stream socket at arg 1, referenced, if the caller owns it; NULL if it
  * is closed or no longer the caller's (a handler may close it or hand it
- * on: then there is nothing to guard). Raises if arg 1 is not a socket. */
-static mb_sock_t *owned_sock(lua_State *L)
+ * on: then there is nothing to guard). Its heir becomes `heir` (0: none)
+ * under the same lock. Raises if arg 1 is not a socket. */
+static mb_sock_t *owned_sock(lua_State *L, mb_pid_t heir)
 {
   uint64_t id = mb_id_test(L, 1, &mb_sock_kind);
   if (id == 0)
@@ -970,19 +971,14 @@ static mb_sock_t *owned_sock(lua_State *L)
   mb_pid_t self = mb_lib_self(L)->pid;
   pthread_mutex_lock(&s->lock);
   int mine = s->owner == self && s->kind == MB_SOCK_STREAM;
+  if (mine)
+    s->heir = heir;
   pthread_mutex_unlock(&s->lock);
   if (!mine) {
     mb_sock_unref(s);
     return NULL;
   }
   return s;
-}
-
-static void set_heir(mb_sock_t *s, mb_pid_t heir)
-{
-  pthread_mutex_lock(&s->lock);
-  s->heir = heir;
-  pthread_mutex_unlock(&s->lock);
 }
 
 /* http_parser.guard(sock, on_fin, acceptor[, ms, msg]) -> timer | false
@@ -996,10 +992,9 @@ static int l_guard(lua_State *L)
   mb_pid_t heir = mb_pid_check(L, 3);
   double ms = lua_isnoneornil(L, 4) ? -1 : luaL_checknumber(L, 4);
   const char *text = ms >= 0 ? luaL_checkstring(L, 5) : NULL;
-  mb_sock_t *s = owned_sock(L);
+  mb_sock_t *s = owned_sock(L, heir);
   if (s) {
     mb_sock_set_exit_on_close(s, mode);
-    set_heir(s, heir);
     mb_sock_unref(s);
   }
   if (text == NULL) {
@@ -1028,11 +1023,9 @@ static int l_started(lua_State *L)
     double left;
     in_time = mb_timer_cancel((uint64_t)lua_tonumber(L, 2), &left);
   }
-  mb_sock_t *s = owned_sock(L);
-  if (s) {
-    set_heir(s, 0);
+  mb_sock_t *s = owned_sock(L, 0);
+  if (s)
     mb_sock_unref(s);
-  }
   lua_pushboolean(L, in_time);
   return 1;
 }
@@ -1041,7 +1034,7 @@ static int l_started(lua_State *L)
  * The response is complete: the peer's going no longer ends the owner. */
 static int l_finished(lua_State *L)
 {
-  mb_sock_t *s = owned_sock(L);
+  mb_sock_t *s = owned_sock(L, 0);   /* (the heir went at started) */
   if (s) {
     mb_sock_set_exit_on_close(s, 0);
     mb_sock_unref(s);
@@ -1067,12 +1060,11 @@ static int l_send(lua_State *L)
     double left;
     in_time = mb_timer_cancel((uint64_t)lua_tonumber(L, 2), &left);
   }
-  mb_sock_t *s = owned_sock(L);
+  mb_sock_t *s = owned_sock(L, 0);
   if (s == NULL) {
     lua_pushinteger(L, 0);   /* sock:write will say why */
     return 1;
   }
-  set_heir(s, 0);
   if (!in_time) {
     mb_sock_unref(s);
     lua_pushboolean(L, 0);
