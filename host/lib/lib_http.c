@@ -31,9 +31,9 @@
  * upvalues rather than interned per call. A request without a body is one
  * event. The cost model is the server's: a keep-alive request is parsed,
  * checked and made a table in about two calls from Lua and no event table.
- * The same file builds a response head in one string (http_parser.head) and
- * does the guard around a handler in three calls (see "Guarding a
- * connection" below); measured, those took a request's instructions from
+ * The same file builds a response in one buffer and writes it
+ * (http_parser.respond) and does the guard around a handler (see "Guarding
+ * a connection" below); measured, those took a request's instructions from
  * 65,000 to 26,000 (BENCHMARKS.md).
  *
  * Limits, checked while parsing so that a hostile peer costs at most them:
@@ -1042,46 +1042,6 @@ static int l_finished(lua_State *L)
   return 0;
 }
 
-/* http_parser.send(sock, timer | false, data) -> true | n | false
- * A whole response going out: http_parser.started, the write, then
- * http_parser.finished, in one call when the kernel takes all of data at
- * once (the common case: nothing can happen in between, since the caller
- * does not yield). true: all written, the guard is gone. A number n: only
- * the first n bytes went (the socket's queue was busy, or the write
- * failed): the caller writes the rest with sock:write, which queues, waits
- * or reports the error, and then calls http_parser.finished. false: the
- * timer had fired (as for started), nothing written. */
-static int l_send(lua_State *L)
-{
-  size_t len;
-  const char *data = luaL_checklstring(L, 3, &len);
-  int in_time = 1;
-  if (lua_type(L, 2) == LUA_TNUMBER) {
-    double left;
-    in_time = mb_timer_cancel((uint64_t)lua_tonumber(L, 2), &left);
-  }
-  mb_sock_t *s = owned_sock(L, 0);
-  if (s == NULL) {
-    lua_pushinteger(L, 0);   /* sock:write will say why */
-    return 1;
-  }
-  if (!in_time) {
-    mb_sock_unref(s);
-    lua_pushboolean(L, 0);
-    return 1;
-  }
-  long done = len ? mb_sock_write_now(s, data, len) : 0;
-  if (done > 0 && (size_t)done == len) {
-    mb_sock_set_exit_on_close(s, 0);
-    mb_sock_unref(s);
-    lua_pushboolean(L, 1);
-    return 1;
-  }
-  mb_sock_unref(s);
-  lua_pushinteger(L, done > 0 ? done : 0);
-  return 1;
-}
-
 /* http_parser.trapping() -> bool: does the calling process trap exits?
  * (What mb.trap_exit would return, without setting it: an idle connection
  * asks before each wait, since its handler may have changed it.) */
@@ -1116,56 +1076,54 @@ static char *put(char *w, const char *s, size_t n)
  * long headers) gets a scratch userdata. */
 #define HEAD_STACK_BUF 2048
 
-/* http_parser.head(code, hlist, framing, close, keep_alive[, body]) -> string
- * A response: the status line, the headers of hlist ({name1, value1, ...},
- * strings; nil for none), the framing (a number n: "Content-Length: n";
- * true: "Transfer-Encoding: chunked"; nil: none), "Connection: close" if
- * close, else "Connection: keep-alive" if keep_alive (an HTTP/1.0 client's
- * keep-alive), the empty line, then body if given: one string, so that it
- * goes out in one write. moonbeam.http checks names and values as they are
- * added (res:header); here they are only copied. */
-static int l_head(lua_State *L)
+/* Build a response from the arguments at a..a+5 (code, hlist, framing,
+ * close, keep_alive, body; see http_parser.head), with the body only if
+ * with_body. Checks them all before it copies anything. Writes into stack
+ * (stack_size bytes) when it fits, else into a scratch userdata it pushes.
+ * Returns the length; *out is the bytes. */
+static size_t build_response(lua_State *L, int a, int with_body, char *stack,
+                             size_t stack_size, char **out)
 {
-  lua_Integer code = luaL_checkinteger(L, 1);
-  luaL_argcheck(L, code >= 100 && code <= 999, 1, "status code from 100 to 999 expected");
+  lua_Integer code = luaL_checkinteger(L, a);
+  luaL_argcheck(L, code >= 100 && code <= 999, a, "status code from 100 to 999 expected");
   int nh = 0;
-  if (!lua_isnoneornil(L, 2)) {
-    luaL_checktype(L, 2, LUA_TTABLE);
-    nh = (int)lua_objlen(L, 2);
-    luaL_argcheck(L, nh % 2 == 0, 2, "name, value pairs expected");
+  if (!lua_isnoneornil(L, a + 1)) {
+    luaL_checktype(L, a + 1, LUA_TTABLE);
+    nh = (int)lua_objlen(L, a + 1);
+    luaL_argcheck(L, nh % 2 == 0, a + 1, "name, value pairs expected");
   }
-  int framing = lua_type(L, 3);
+  int framing = lua_type(L, a + 2);
   lua_Number clen = 0;
   if (framing == LUA_TNUMBER) {
-    clen = lua_tonumber(L, 3);
-    luaL_argcheck(L, clen >= 0 && clen < 9.0e15, 3, "bad length");
+    clen = lua_tonumber(L, a + 2);
+    luaL_argcheck(L, clen >= 0 && clen < 9.0e15, a + 2, "bad length");
   } else {
-    luaL_argcheck(L, framing == LUA_TNIL || framing == LUA_TNONE || framing == LUA_TBOOLEAN, 3,
-                  "number, true or nil expected");
-    if (framing == LUA_TBOOLEAN && !lua_toboolean(L, 3))
+    luaL_argcheck(L, framing == LUA_TNIL || framing == LUA_TNONE || framing == LUA_TBOOLEAN,
+                  a + 2, "number, true or nil expected");
+    if (framing == LUA_TBOOLEAN && !lua_toboolean(L, a + 2))
       framing = LUA_TNIL;
   }
-  int close = lua_toboolean(L, 4), keep = lua_toboolean(L, 5);
+  int close = lua_toboolean(L, a + 3), keep = lua_toboolean(L, a + 4);
   size_t blen = 0;
-  const char *body = lua_isnoneornil(L, 6) ? NULL : luaL_checklstring(L, 6, &blen);
+  const char *body = lua_isnoneornil(L, a + 5) ? NULL : luaL_checklstring(L, a + 5, &blen);
+  if (!with_body)
+    blen = 0;
   const char *reason = http_status_str((enum http_status)code);
   if (strcmp(reason, "<unknown>") == 0)
     reason = "Unknown";
   size_t rlen = strlen(reason);
   /* The size first (which also checks hlist), then the copy. */
   size_t need = 13 + rlen + 2 + 40 + 26 + 2 + blen;   /* status line, framing, connection, CRLF */
-  lua_settop(L, 6);
   for (int i = 1; i <= nh; i++) {
     size_t n;
-    lua_rawgeti(L, 2, i);
+    lua_rawgeti(L, a + 1, i);
     if (!lua_tolstring(L, -1, &n))
-      return luaL_argerror(L, 2, "strings expected");
+      luaL_argerror(L, a + 1, "strings expected");
     lua_pop(L, 1);
     need += n + 2;   /* ": " or CRLF */
   }
-  char stack[HEAD_STACK_BUF];
-  char *out = need <= sizeof stack ? stack : lua_newuserdata(L, need);
-  char *w = out;
+  char *o = need <= stack_size ? stack : lua_newuserdata(L, need);
+  char *w = o;
   w = put(w, "HTTP/1.1 ", 9);
   *w++ = (char)('0' + code / 100);
   *w++ = (char)('0' + code / 10 % 10);
@@ -1175,7 +1133,7 @@ static int l_head(lua_State *L)
   w = put(w, "\r\n", 2);
   for (int i = 1; i <= nh; i++) {
     size_t n;
-    lua_rawgeti(L, 2, i);
+    lua_rawgeti(L, a + 1, i);
     const char *v = lua_tolstring(L, -1, &n);
     w = put(w, v, n);
     w = put(w, i % 2 ? ": " : "\r\n", 2);
@@ -1202,10 +1160,90 @@ static int l_head(lua_State *L)
   else if (keep)
     w = put(w, "Connection: keep-alive\r\n", 24);
   w = put(w, "\r\n", 2);
-  if (body)
+  if (body && blen)
     w = put(w, body, blen);
-  lua_pushlstring(L, out, (size_t)(w - out));
+  *out = o;
+  return (size_t)(w - o);
+}
+
+/* http_parser.head(code, hlist, framing, close, keep_alive[, body]) -> string
+ * A response: the status line, the headers of hlist ({name1, value1, ...},
+ * strings; nil for none), the framing (a number n: "Content-Length: n";
+ * true: "Transfer-Encoding: chunked"; nil: none), "Connection: close" if
+ * close, else "Connection: keep-alive" if keep_alive (an HTTP/1.0 client's
+ * keep-alive), the empty line, then body if given: one string, so that it
+ * goes out in one write. moonbeam.http checks names and values as they are
+ * added (res:header); here they are only copied. */
+static int l_head(lua_State *L)
+{
+  char stack[HEAD_STACK_BUF];
+  char *out;
+  lua_settop(L, 6);
+  size_t n = build_response(L, 1, 1, stack, sizeof stack, &out);
+  lua_pushlstring(L, out, n);
   return 1;
+}
+
+/* Bodies up to this size go out in one buffer with their head; a larger one
+ * is written from its own string after the head (no copy of it). */
+#define RESPOND_COPY_MAX 16384
+
+/* http_parser.respond(sock, timer | false, code, hlist, framing, close,
+ *                     keep_alive[, body]) -> true | rest | false, response
+ * http_parser.started, the response (as http_parser.head builds it), its
+ * write and http_parser.finished, in one call when the kernel takes it all:
+ * true - nothing can happen in between, since the caller does not yield,
+ * and the response never becomes a Lua string. rest: the bytes
+ * not written (all of them when the socket is not the caller's), for
+ * sock:write, then http_parser.finished. false and the response: the timer
+ * had fired (as for started), nothing written. */
+static int l_respond(lua_State *L)
+{
+  char stack[HEAD_STACK_BUF];
+  char *out;
+  lua_settop(L, 8);
+  size_t blen = 0;
+  const char *body = lua_isnil(L, 8) ? NULL : luaL_checklstring(L, 8, &blen);
+  int whole = blen <= RESPOND_COPY_MAX;
+  size_t n = build_response(L, 3, whole, stack, sizeof stack, &out);
+  if (whole)
+    blen = 0;   /* in out already */
+  int in_time = 1;
+  if (lua_type(L, 2) == LUA_TNUMBER) {
+    double left;
+    in_time = mb_timer_cancel((uint64_t)lua_tonumber(L, 2), &left);
+  }
+  mb_sock_t *s = owned_sock(L, 0);
+  long done = 0, done2 = 0;
+  if (s && in_time) {
+    done = mb_sock_write_now(s, out, n);
+    if (done < 0)
+      done = 0;
+    if ((size_t)done == n && blen) {
+      done2 = mb_sock_write_now(s, body, blen);
+      if (done2 < 0)
+        done2 = 0;
+    }
+    if ((size_t)done == n && (size_t)done2 == blen) {
+      mb_sock_set_exit_on_close(s, 0);
+      mb_sock_unref(s);
+      lua_pushboolean(L, 1);
+      return 1;
+    }
+  }
+  if (s)
+    mb_sock_unref(s);
+  int late = s && !in_time;
+  if (late)
+    lua_pushboolean(L, 0);
+  /* What is left: the rest of the head (and of its copied body), then the
+   * rest of a body sent from its own string. */
+  lua_pushlstring(L, out + done, n - (size_t)done);
+  if (blen) {
+    lua_pushlstring(L, body + done2, blen - (size_t)done2);
+    lua_concat(L, 2);
+  }
+  return late ? 2 : 1;
 }
 
 /* http_parser.ws_accept(key) -> the Sec-WebSocket-Accept value for key
@@ -1245,7 +1283,7 @@ static const luaL_Reg funcs[] = {
   {"guard", l_guard},
   {"started", l_started},
   {"finished", l_finished},
-  {"send", l_send},
+  {"respond", l_respond},
   {"trapping", l_trapping},
   {"ws_accept", l_ws_accept},
   {NULL, NULL}

@@ -228,30 +228,33 @@ function Response:send(body)
   end
   if type(body) ~= "string" then body = body == nil and "" or tostring(body) end
   local code = self.code
-  local out
+  local framing, out
   if code < 200 or code == 204 or code == 304 then   -- (bodiless)
-    out = hp.head(code, self.hlist or nil, nil, self.close, self.keep_alive_10)
+    body = nil
   else
-    out = hp.head(code, self.hlist or nil, #body, self.close, self.keep_alive_10,
-                  not self.head_only and body or nil)
+    framing = #body
+    if self.head_only then body = nil end
   end
   self.started, self.done = true, true
   if self.guard == 1 then
-    -- started, the write and finished in one call (http_parser.send).
+    -- started, the response built and written, and finished, in one call
+    -- (http_parser.respond) when the kernel takes it all.
     self.guard = 3
     local timer = self.timer
     self.timer = false
-    local sent = hp.send(self.sock, timer, out)
-    if sent == true then return true end
+    local rest, whole = hp.respond(self.sock, timer, code, self.hlist or nil, framing,
+                                   self.close, self.keep_alive_10, body)
+    if rest == true then return true end
     self.guard = 2
-    if sent == false then
+    if rest == false then
       -- Too late, as in started: wait for the kill.
       mb.receive(function() return false end, START_TIMEOUT)
-    elseif sent > 0 then
-      out = string.sub(out, sent + 1)
+      rest = whole
     end
+    out = rest
   else
     started(self)
+    out = hp.head(code, self.hlist or nil, framing, self.close, self.keep_alive_10, body)
   end
   local ok, err = self.sock:write(out)
   if not ok then self.close = true; self.broken = true end
