@@ -6,9 +6,11 @@
 -- A module of its own so that a connection process, which loads it with
 -- `require` (from the host's module cache), loads only this: a process per
 -- connection pays for every function of what it loads, and the acceptor,
--- static files and the client are no business of a connection.
--- moonbeam.http takes next_event, the error responses and the helpers from
--- here for its acceptor and client.
+-- static files and the client are no business of a connection. What a
+-- plain request never needs (streamed responses, upgrades, error answers,
+-- idle connections and hibernation) is in moonbeam.http_rare, loaded on
+-- first use. moonbeam.http takes next_event and the helpers from here for
+-- its client.
 --
 -- Hibernation. A keep-alive connection waiting for its next request costs
 -- a whole Lua state (tens of KB); after hibernate_after ms without a byte
@@ -23,38 +25,43 @@
 -- value that cannot be copied (reported once).
 --
 -- A connection process reads the socket in passive mode (sock:read with a
--- deadline) and feeds the bytes to moonbeam.http_parser, which does the
--- parsing and enforces the head limits in C; its events (head, body, done,
--- upgrade, error) are consumed here in order, one request at a time, so
--- pipelined requests are answered in order. A request's body is read whole
+-- deadline) and feeds the bytes to moonbeam.http_parser (parser:next),
+-- which does the parsing, enforces the head limits and builds the request
+-- table in C; its events (head, body, done, upgrade, error) are consumed
+-- here in order, one request at a time, so pipelined requests are answered
+-- in order. A request's body is read whole
 -- (up to max_body) before the handler runs. The handler runs in the
 -- connection process under xpcall: an error becomes a 500 (or closes the
 -- connection when the response had started) and a report on stderr, never
 -- a crash of the server.
 --
 -- While a handler runs it does not read the socket, so the connection is
--- guarded (guard/unguard): the socket ends the process when the client goes
--- (sock:set_exit_on_close: on its FIN too after a keep-alive request; only on
+-- guarded (guard/unguard, in C: http_parser.guard, started, respond,
+-- finished): the socket ends the process when the client goes (as
+-- sock:set_exit_on_close: on its FIN too after a keep-alive request; only on
 -- a reset after an HTTP/1.0 or "Connection: close" request, whose client may
--- half-close once it has sent it); the acceptor is the socket's heir
--- (sock:set_heir) until the response starts, so that it can still answer a
+-- half-close once it has sent it); the acceptor is the socket's heir (as
+-- sock:set_heir) until the response starts, so that it can still answer a
 -- connection whose process died (500, or 503 after handler_timeout); and a
 -- timer tells the acceptor to kill a handler that has not started its
--- response within handler_timeout. A WebSocket handler is none of these
+-- response within handler_timeout (its message, "$http_overtime <pid>", is
+-- a string made once per connection). A WebSocket handler is none of these
 -- after the upgrade: it is long-lived, and its close handshake tells it
 -- when the peer goes.
 --
 -- Timeouts: a new connection must send a whole request head within
--- head_timeout (if it sent nothing at all it is closed quietly); between keep-alive requests it may stay idle idle_timeout,
--- after which it is closed silently; once a request's first byte came, the
+-- head_timeout (if it sent nothing at all it is closed quietly); between
+-- keep-alive requests it may stay idle idle_timeout, after which it is
+-- closed silently; once a request's first byte came, the
 -- rest of its head must come within head_timeout (else 408 and close); each
 -- read of a body must come within idle_timeout.
 --
--- Cost: a keep-alive request is a few C calls (http_parser.next twice,
--- one socket read and write, http_parser.head for the whole response,
--- guard/started/finished) and a few hundred bytecodes; the request table
--- is built in C, the response table from a constructor that keeps its size
--- from bytecode (see new_response). The serving path uses no standard
+-- Cost: a keep-alive request without a body is a few C calls (a socket
+-- read, http_parser.next, http_parser.guard, and http_parser.respond, which
+-- builds and writes the response) and about 250 bytecodes; the request
+-- table is built in C, the response table from a constructor that keeps
+-- its size from bytecode (see new_response). Measured: 25,000 instructions
+-- a request, 65,000 before (BENCHMARKS.md). The serving path uses no standard
 -- library but the base one, so that a connection process opens no other
 -- (LuaJIT's libraries open lazily here, each at a cost).
 local mb = require "moonbeam"
@@ -68,7 +75,6 @@ local conn = {}
 local function rare()
   return require "moonbeam.http_rare"
 end
-
 
 -- How long to wait for the EXIT of a process that was killed (the kill
 -- cannot be trapped: this only guards against a runtime bug).
