@@ -358,4 +358,246 @@ describe("moonbeam.http_parser", function()
     assert.has_error(function() hp.new({ max_head = -1 }) end)
     assert.has_error(function() hp.new({ type = "sideways" }) end)
   end)
+  describe("parser:next (the queue moonbeam.http reads)", function()
+    -- All events of feeding the pieces, each as {kind, a, b, more}.
+    local function next_all(p, pieces)
+      local all = {}
+      for _, piece in ipairs(pieces) do
+        local k, a, b, more = p:next(piece)
+        while k do
+          all[#all + 1] = { k, a, b, more }
+          k, a, b, more = p:next()
+        end
+      end
+      return all
+    end
+
+    it("builds the request table in C, headers lower-cased and joined", function()
+      local p = hp.new()
+      local kind, req, framing, more = p:next(
+        "GET /p/a?x=1&y=2 HTTP/1.1\r\nHost: example\r\nX-A: 1\r\nx-a: 2\r\nAccept: */*\r\n\r\n")
+      assert.are.equal("head", kind)
+      assert.are.equal("GET", req.method)
+      assert.are.equal("/p/a?x=1&y=2", req.url)
+      assert.are.equal("/p/a", req.path)
+      assert.are.equal("x=1&y=2", req.query)
+      assert.are.equal("1.1", req.version)
+      assert.are.same({ host = "example", ["x-a"] = "1, 2", accept = "*/*" }, req.headers)
+      assert.are.equal("", req.body)
+      assert.is_true(req.keep_alive)
+      assert.is_false(req.upgrade)
+      -- complete with its head: no body, no "done" event after it
+      assert.is_false(framing)
+      assert.is_false(more)
+      assert.is_nil(p:next())
+      -- without a query: path is the URL, query nil
+      local _, r2 = p:next("GET /plain HTTP/1.1\r\nHost: h\r\n\r\n")
+      assert.are.equal("/plain", r2.path)
+      assert.is_nil(r2.query)
+    end)
+
+    it("gives the framing, then body and done events", function()
+      local ev = next_all(hp.new(), {
+        "POST /u HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhel", "lo" })
+      assert.are.equal("head", ev[1][1])
+      assert.are.equal(5, ev[1][3])
+      assert.are.same({ "body", "hel" }, { ev[2][1], ev[2][2] })
+      assert.are.same({ "body", "lo" }, { ev[3][1], ev[3][2] })
+      assert.are.same({ "done", true }, { ev[4][1], ev[4][2] })
+      assert.are.equal(4, #ev)
+      local ch = next_all(hp.new(), {
+        "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n" })
+      assert.is_true(ch[1][3])
+      assert.are.same({ "body", "abc" }, { ch[2][1], ch[2][2] })
+      assert.are.equal("done", ch[3][1])
+      -- Content-Length: 0 is a request complete with its head
+      local z = next_all(hp.new(), { "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n" })
+      assert.are.equal(1, #z)
+      assert.is_false(z[1][3])
+    end)
+
+    it("queues pipelined requests in order and says when more are ready", function()
+      local p = hp.new()
+      local ev = next_all(p, {
+        "GET /1 HTTP/1.1\r\nHost: h\r\n\r\nPOST /2 HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nok"
+        .. "GET /3 HTTP/1.0\r\n\r\n" })
+      local seen = {}
+      for i, e in ipairs(ev) do seen[i] = e[1] .. (e[1] == "head" and e[2].url or "") end
+      assert.are.same({ "head/1", "head/2", "body", "done", "head/3" }, seen)
+      for i = 1, #ev - 1 do assert.is_true(ev[i][4]) end
+      assert.is_false(ev[#ev][4])
+      assert.are.equal("1.0", ev[5][2].version)
+      assert.is_false(ev[5][2].keep_alive)
+      -- the queue is reused: the next request starts afresh
+      local k, r = p:next("GET /4 HTTP/1.1\r\nHost: h\r\n\r\n")
+      assert.are.equal("head", k)
+      assert.are.equal("/4", r.url)
+    end)
+
+    it("parses a head split into single bytes", function()
+      local req = "GET /slow HTTP/1.1\r\nHost: h\r\nX-Long: some value\r\n\r\n"
+      local pieces = {}
+      for i = 1, #req do pieces[i] = req:sub(i, i) end
+      local ev = next_all(hp.new(), pieces)
+      assert.are.equal(1, #ev)
+      assert.are.equal("/slow", ev[1][2].url)
+      assert.are.equal("some value", ev[1][2].headers["x-long"])
+    end)
+
+    it("reports errors as (\"error\", status, message), and again on later feeds", function()
+      local p = hp.new()
+      local k, status, msg = p:next("GET / HTTP/1.1\r\nHost: h\r\nBad Name: x\r\n\r\n")
+      assert.are.equal("error", k)
+      assert.are.equal(400, status)
+      assert.is_string(msg)
+      assert.are.equal("error", (p:next("GET / HTTP/1.1\r\n\r\n")))
+      local big = hp.new({ max_url = 10 })
+      local k2, st2 = big:next("GET /" .. ("a"):rep(20) .. " HTTP/1.1\r\n")
+      assert.are.same({ "error", 414 }, { k2, st2 })
+    end)
+
+    it("hands back the bytes after an upgrade head", function()
+      local ev = next_all(hp.new(), {
+        "GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\129\0rest" })
+      assert.are.equal("head", ev[1][1])
+      assert.is_true(ev[1][2].upgrade)
+      assert.are.same({ "upgrade", "\129\0rest" }, { ev[#ev][1], ev[#ev][2] })
+    end)
+
+    it("reads responses too, one read to the end of the stream", function()
+      local p = hp.new({ type = "response" })
+      local ev = next_all(p, { "HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\nbody to the end" })
+      assert.are.equal("head", ev[1][1])
+      local res = ev[1][2]
+      assert.are.equal(200, res.status)
+      assert.are.equal("1.1", res.version)
+      assert.are.same({ ["x-a"] = "1" }, res.headers)
+      assert.are.same({ "body", "body to the end" }, { ev[2][1], ev[2][2] })
+      assert.is_true(p:in_message())
+      assert.are.equal("done", (p:next(true)))
+    end)
+
+    it("refuses to mix feed and next on one parser", function()
+      local p = hp.new()
+      p:next("GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+      assert.has_error(function() p:feed("x") end)
+      local q = hp.new()
+      q:feed("GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+      assert.has_error(function() q:next("x") end)
+      assert.has_error(function() q.next({}) end)
+      assert.has_error(function() p:next(false) end)
+    end)
+
+    it("says when it rests between messages (what hibernation needs)", function()
+      local p = hp.new()
+      assert.is_true(p:resting())
+      p:next("GET / HT")
+      assert.is_false(p:resting())
+      p:next("TP/1.1\r\nHost: h\r\n\r\nGET /2 HTTP/1.1\r\nHost: h\r\n\r\n")
+      assert.is_false(p:resting())   -- the second request is still queued
+      p:next()
+      assert.is_true(p:resting())
+      p:next("\r")                  -- half of an empty line's CRLF
+      assert.is_false(p:resting())
+      p:next("\n")
+      assert.is_true(p:resting())
+    end)
+  end)
+
+  describe("http_parser.head (a whole response in one string)", function()
+    it("builds the status line, headers, framing and body", function()
+      assert.are.equal("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+        hp.head(200, nil, 5, false, false, "hello"))
+      assert.are.equal("HTTP/1.1 404 Not Found\r\nA: b\r\nSet-Cookie: x=1\r\n"
+        .. "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        hp.head(404, { "A", "b", "Set-Cookie", "x=1" }, true, true, false))
+      assert.are.equal("HTTP/1.1 204 No Content\r\nConnection: keep-alive\r\n\r\n",
+        hp.head(204, {}, nil, false, true))
+      assert.are.equal("HTTP/1.1 799 Unknown\r\nContent-Length: 1234567890123\r\n\r\n",
+        hp.head(799, nil, 1234567890123, false, false))
+    end)
+
+    it("takes heads larger than its stack buffer", function()
+      local big = ("v"):rep(5000)
+      local out = hp.head(200, { "X-Big", big, "X-Small", "s" }, 2, false, false, "ok")
+      assert.are.equal("HTTP/1.1 200 OK\r\nX-Big: " .. big .. "\r\nX-Small: s\r\nContent-Length: 2\r\n\r\nok", out)
+    end)
+
+    it("refuses bad arguments", function()
+      assert.has_error(function() hp.head(99, nil, 0) end)
+      assert.has_error(function() hp.head(1000, nil, 0) end)
+      assert.has_error(function() hp.head(200, { "A" }, 0) end)
+      assert.has_error(function() hp.head(200, { "A", {} }, 0) end)
+      assert.has_error(function() hp.head(200, nil, -1) end)
+      assert.has_error(function() hp.head(200, nil, "5") end)
+      assert.has_error(function() hp.head(200, nil, 5, false, false, {}) end)
+    end)
+  end)
+
+  describe("the guard around a handler (guard, started, respond, finished, trapping)", function()
+    local mb = require "moonbeam"
+    local tcp = require "moonbeam.tcp"
+    local l, a, b
+    before_each(function()
+      l = assert(tcp.listen("127.0.0.1", 0))
+      a = assert(tcp.connect("127.0.0.1", l:port(), 5000))
+      b = assert(l:accept(5000))
+    end)
+    after_each(function()
+      a:close(); b:close(); l:close()
+      mb.receive(function(m) return m == "$guard test" end, 0)
+    end)
+
+    it("sends its message when the timer is not stopped in time", function()
+      local t = hp.guard(b, true, mb.self(), 20, "$guard test")
+      assert.is_number(t)
+      assert.are.equal("$guard test", mb.receive(function(m) return m == "$guard test" end, 5000))
+      assert.is_false(hp.started(b, t))   -- too late
+      hp.finished(b)
+    end)
+
+    it("stops the timer, and respond writes the whole response", function()
+      local t = hp.guard(b, false, mb.self(), 60000, "$guard test")
+      assert.is_true(hp.respond(b, t, 200, { "X-A", "1" }, 2, false, false, "ok"))
+      assert.are.equal("HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 2\r\n\r\nok", a:read(5000))
+      assert.is_nil(mb.receive(function(m) return m == "$guard test" end, 50))
+      -- without a timer (handler_timeout = math.huge)
+      assert.is_false(hp.guard(b, true, mb.self()))
+      assert.is_true(hp.started(b, false))
+      hp.finished(b)
+    end)
+
+    it("gives back what the kernel did not take, for sock:write", function()
+      -- A body larger than RESPOND_COPY_MAX goes from its own string; the
+      -- peer reads nothing, so the socket buffers fill.
+      local body = ("0123456789abcdef"):rep(512 * 1024)   -- 8 MiB
+      local rest = hp.respond(b, false, 200, nil, #body, false, false, body)
+      assert.is_string(rest)
+      assert.is_true(#rest > 0 and #rest < #body)
+      assert.are.equal(body:sub(-#rest), rest)
+      -- and the whole response when the timer had fired
+      local t = hp.guard(b, true, mb.self(), 1, "$guard test")
+      mb.receive(function(m) return m == "$guard test" end, 5000)
+      local late, whole = hp.respond(b, t, 204, nil, nil, true, false)
+      assert.is_false(late)
+      assert.are.equal("HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n", whole)
+      hp.finished(b)
+    end)
+
+    it("does nothing to a socket it does not own, and refuses what is not a socket", function()
+      b:close()
+      assert.are.equal("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx",
+        hp.respond(b, false, 200, nil, 1, false, false, "x"))
+      assert.has_error(function() hp.guard({}, true, mb.self()) end)
+      assert.has_error(function() hp.guard(a, true, "not a pid") end)
+    end)
+
+    it("tells whether the process traps exits", function()
+      local was = mb.trap_exit(true)
+      assert.is_true(hp.trapping())
+      mb.trap_exit(false)
+      assert.is_false(hp.trapping())
+      mb.trap_exit(was)
+    end)
+  end)
 end)

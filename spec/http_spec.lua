@@ -214,6 +214,47 @@ describe("moonbeam.http", function()
     sock:close()
   end)
 
+  it("sends a response larger than the socket takes at once, whole", function()
+    -- (res:send writes what the kernel takes in one call and queues the rest.)
+    start(function(req, res)
+      local parts = {}
+      for i = 1, 4096 do parts[i] = string.format("%07d", i) .. ("x"):rep(1017) end
+      res:send(table.concat(parts))
+    end)
+    local c = assert(http.connect(HOST, port))
+    for _ = 1, 2 do
+      local r = assert(c:request("GET", "/"))
+      assert.are.equal(4096 * 1024, #r.body)
+      assert.are.equal(tostring(4096 * 1024), r.headers["content-length"])
+      assert.are.equal("0000001", r.body:sub(1, 7))
+      assert.are.equal("0004096", r.body:sub(4095 * 1024 + 1, 4095 * 1024 + 7))
+    end
+    c:close()
+  end)
+
+  it("gives every request a table of its own", function()
+    -- A handler may keep a request: the next one on the connection must not
+    -- change it.
+    start(function(req, res)
+      local prev = rawget(_G, "kept_req")
+      rawset(_G, "kept_req", req)
+      res:send(prev and (prev.url .. " " .. prev.method .. " " .. tostring(prev.headers["x-n"])) or "none")
+    end)
+    local c = assert(http.connect(HOST, port))
+    assert.are.equal("none", assert(c:request("GET", "/first", { ["X-N"] = "1" })).body)
+    assert.are.equal("/first GET 1", assert(c:request("POST", "/second", { ["X-N"] = "2" }, "b")).body)
+    assert.are.equal("/second POST 2", assert(c:request("GET", "/third")).body)
+    c:close()
+  end)
+
+  it("serves many connections of one request each", function()
+    start(function(req, res) res:send("n=" .. req.query) end)
+    for i = 1, 40 do
+      local r = assert(http.request("GET", "http://" .. HOST .. ":" .. port .. "/?" .. i))
+      assert.are.equal("n=" .. i, r.body)
+    end
+  end)
+
   it("streams a chunked response", function()
     start(function(req, res)
       res:header("Content-Type", "text/plain")

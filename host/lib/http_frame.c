@@ -37,6 +37,11 @@ int mb_hframe_head_done(const mb_hframe_t *f)
   return f->state == FC_HEAD_DONE;
 }
 
+int mb_hframe_at_start(const mb_hframe_t *f)
+{
+  return f->state == FC_START;
+}
+
 void mb_hframe_body(mb_hframe_t *f, int complete, int chunked, uint64_t length)
 {
   if (complete) {

@@ -75,6 +75,10 @@ size_t mb_hframe_check(mb_hframe_t *f, const char *data, size_t n, int *err);
 /* 1 when a head (or the trailers of a chunked body) has just ended. */
 int mb_hframe_head_done(const mb_hframe_t *f);
 
+/* 1 when between messages, with no byte of the next one (nor a CR of an
+ * empty line before it) seen. */
+int mb_hframe_at_start(const mb_hframe_t *f);
+
 /* After the parser took a head: the framing it chose. complete: the message
  * is over (no body, a bodiless status, an answer to HEAD, or trailers that
  * ended it); else chunked, or `length` bytes of body (UINT64_MAX: a response

@@ -24,6 +24,18 @@
  * arrive split over many feeds) and becomes a Lua table only when complete,
  * so the parser callbacks touch Lua only to push finished events.
  *
+ * The queue (parser:next), what moonbeam.http reads: the same events as
+ * values (kind, a, b) in a table kept with the parser and reused, and a
+ * request's head as the very table its handler gets (push_message), built
+ * here at its size with the header names lower-cased, the keys pushed from
+ * upvalues rather than interned per call. A request without a body is one
+ * event. The cost model is the server's: a keep-alive request is parsed,
+ * checked and made a table in about two calls from Lua and no event table.
+ * The same file builds a response in one buffer and writes it
+ * (http_parser.respond) and does the guard around a handler (see "Guarding
+ * a connection" below); measured, those took a request's instructions from
+ * 65,000 to 26,000 (BENCHMARKS.md).
+ *
  * Limits, checked while parsing so that a hostile peer costs at most them:
  * head bytes (request line or status line and headers, counted as the bytes
  * of their text plus 4 per header; default 8 KiB -> status 431), the number
@@ -54,11 +66,19 @@
 #include <string.h>
 #include <strings.h>
 
+#include <pthread.h>
+
 #include "http_parser.h"
 #include "lauxlib.h"
 #include "lib.h"
 #include "alloc.h"
+#include "err.h"
 #include "http_frame.h"
+#include "msg.h"
+#include "pid.h"
+#include "proc.h"
+#include "sock.h"
+#include "timer.h"
 
 #if defined(__has_include)
 #if __has_include("ws.h")
@@ -128,6 +148,12 @@ typedef struct {
   http_parser p;
   lua_State *L;          /* during feed: the state, with the events table on top */
   int nevents;           /* events pushed during this feed */
+  /* The queue of parser:next (see DESIGN): its table is the userdata's
+   * environment, at stack index qidx while parsing; slots [qhead, qtail)
+   * hold triples (kind, a, b). */
+  int api;               /* API_NONE until the first feed or next */
+  int qidx;
+  int qhead, qtail;
   /* Limits. */
   uint32_t max_head, max_headers, max_url;
   /* The head being collected: URL then names and values, contiguous. */
@@ -141,6 +167,9 @@ typedef struct {
   int in_head;           /* between message begin and headers complete */
   int in_message;        /* between message begin and message complete */
   int skip_body;         /* response parser: the next response has no body */
+  int fold;              /* queue mode, request parser: the head just queued
+                            (at slot fold) has had no body yet, so its "done"
+                            can be folded into it */
   mb_hframe_t frame;     /* the framing checker (http_frame.h) */
   /* Final state. */
   int limit_err;         /* LIM_* that stopped the parser */
@@ -149,6 +178,10 @@ typedef struct {
 
 
 static const char *const type_names[] = { "request", "response", NULL };
+
+/* Which of the two interfaces a parser serves (they must not be mixed: the
+ * events of one would be missed by the other). */
+enum { API_NONE, API_EVENTS, API_QUEUE };
 
 /* -- Collecting the head -------------------------------------------------- */
 
@@ -349,17 +382,140 @@ static int check_head(hp_t *h)
   return LIM_NONE;
 }
 
-static int on_headers_complete(http_parser *p)
+/* Queue mode: move the three values on top of the stack (kind, a, b) to the
+ * end of the queue. */
+static void q_push(hp_t *h)
 {
-  hp_t *h = p->data;
   lua_State *L = h->L;
-  int bad = check_head(h);
-  if (bad) {
-    h->limit_err = bad;
-    return -1;
+  lua_rawseti(L, h->qidx, h->qtail + 3);
+  lua_rawseti(L, h->qidx, h->qtail + 2);
+  lua_rawseti(L, h->qidx, h->qtail + 1);
+  h->qtail += 3;
+}
+
+static void push_version(lua_State *L, const http_parser *p)
+{
+  if (p->http_major == 1 && p->http_minor == 1)
+    lua_pushliteral(L, "1.1");
+  else if (p->http_major == 1 && p->http_minor == 0)
+    lua_pushliteral(L, "1.0");
+  else
+    lua_pushfstring(L, "%d.%d", (int)p->http_major, (int)p->http_minor);
+}
+
+/* Queue mode: the strings it pushes, kept as upvalues of parser:next (after
+ * the metatable, upvalue 1) so that building a request interns no key. */
+#define QUEUE_STRINGS(X)                                                    \
+  X(METHOD, "method") X(URL, "url") X(PATH, "path") X(QUERY, "query")       \
+  X(BODY, "body") X(VERSION, "version") X(HEADERS, "headers")               \
+  X(KEEP_ALIVE, "keep_alive") X(UPGRADE, "upgrade") X(STATUS, "status")     \
+  X(HEAD, "head") X(DONE, "done") X(ERROR, "error") X(EMPTY, "")            \
+  X(V11, "1.1") X(V10, "1.0") X(COMMA, ", ")
+#define X_ENUM(n, s) K_##n,
+enum { QUEUE_STRINGS(X_ENUM) K_COUNT };
+#undef X_ENUM
+#define X_TEXT(n, s) s,
+static const char *const queue_strings[] = { QUEUE_STRINGS(X_TEXT) };
+#undef X_TEXT
+
+/* Push queue string k (only inside parser:next). */
+#define KPUSH(L, k) lua_pushvalue((L), lua_upvalueindex(2 + (k)))
+
+/* Queue mode: the head as the table moonbeam.http hands on, with its
+ * headers as a map of lower-cased names (repeated ones joined with ", "),
+ * pushed as the event ("head", message, content_length | true (chunked) |
+ * nil). A request: {method, url, path, query, version, headers, body = "",
+ * keep_alive, upgrade}, sized for the `socket` field the server adds; a
+ * response: {status, version, headers, keep_alive, upgrade}. Built here,
+ * presized, because a table built field by field in Lua grows by rehashing
+ * (and a dumped constructor cannot presize it: modcache.h). */
+static void push_message(hp_t *h)
+{
+  http_parser *p = &h->p;
+  lua_State *L = h->L;
+  int req = p->type == HTTP_REQUEST;
+  KPUSH(L, K_HEAD);
+  lua_createtable(L, 0, req ? 11 : 7);
+  int t = lua_gettop(L);
+  if (req) {
+    KPUSH(L, K_METHOD);
+    lua_pushstring(L, http_method_str((enum http_method)p->method));
+    lua_rawset(L, t);
+    const char *q = memchr(h->buf, '?', h->url_len);
+    KPUSH(L, K_URL);
+    lua_pushlstring(L, h->buf, h->url_len);
+    if (q) {
+      lua_rawset(L, t);
+      size_t plen = (size_t)(q - h->buf);
+      KPUSH(L, K_PATH);
+      lua_pushlstring(L, h->buf, plen);
+      lua_rawset(L, t);
+      KPUSH(L, K_QUERY);
+      lua_pushlstring(L, q + 1, h->url_len - plen - 1);
+      lua_rawset(L, t);
+    } else {
+      KPUSH(L, K_PATH);
+      lua_pushvalue(L, -2);   /* the path is the whole URL */
+      lua_rawset(L, t);
+      lua_rawset(L, t);
+    }
+    KPUSH(L, K_BODY);
+    KPUSH(L, K_EMPTY);
+    lua_rawset(L, t);
+  } else {
+    KPUSH(L, K_STATUS);
+    lua_pushinteger(L, p->status_code);
+    lua_rawset(L, t);
   }
-  h->in_head = 0;
-  h->last_value = 1;
+  KPUSH(L, K_VERSION);
+  if (p->http_major == 1 && p->http_minor <= 1)
+    KPUSH(L, p->http_minor ? K_V11 : K_V10);
+  else
+    lua_pushfstring(L, "%d.%d", (int)p->http_major, (int)p->http_minor);
+  lua_rawset(L, t);
+  KPUSH(L, K_HEADERS);
+  lua_createtable(L, 0, (int)h->nhdrs);
+  for (uint32_t i = 0; i < h->nhdrs; i++) {
+    const hdr_t *e = &h->hdrs[i];
+    char *name = h->buf + e->name;
+    for (uint32_t k = 0; k < e->name_len; k++)
+      if (name[k] >= 'A' && name[k] <= 'Z')
+        name[k] = (char)(name[k] + 32);
+    lua_pushlstring(L, name, e->name_len);
+    lua_pushvalue(L, -1);
+    lua_rawget(L, -3);
+    if (lua_isnil(L, -1)) {
+      lua_pop(L, 1);
+      lua_pushlstring(L, h->buf + e->value, e->value_len);
+    } else {
+      KPUSH(L, K_COMMA);
+      lua_pushlstring(L, h->buf + e->value, e->value_len);
+      lua_concat(L, 3);
+    }
+    lua_rawset(L, -3);
+  }
+  lua_rawset(L, t);
+  KPUSH(L, K_KEEP_ALIVE);
+  lua_pushboolean(L, http_should_keep_alive(p));
+  lua_rawset(L, t);
+  KPUSH(L, K_UPGRADE);
+  lua_pushboolean(L, p->upgrade);
+  lua_rawset(L, t);
+  if (p->flags & F_CHUNKED)
+    lua_pushboolean(L, 1);
+  else if (p->flags & F_CONTENTLENGTH)
+    lua_pushnumber(L, (lua_Number)p->content_length);
+  else
+    lua_pushnil(L);
+  q_push(h);
+  h->fold = req ? h->qtail : 0;
+}
+
+/* Events mode: the head event (see DESIGN). */
+static void push_head_event(hp_t *h)
+{
+  http_parser *p = &h->p;
+  lua_State *L = h->L;
   new_event(L, "head", 9);
   if (p->type == HTTP_REQUEST) {
     lua_pushstring(L, http_method_str((enum http_method)p->method));
@@ -370,7 +526,7 @@ static int on_headers_complete(http_parser *p)
     lua_pushinteger(L, p->status_code);
     lua_setfield(L, -2, "status");
   }
-  lua_pushfstring(L, "%d.%d", (int)p->http_major, (int)p->http_minor);
+  push_version(L, p);
   lua_setfield(L, -2, "version");
   lua_createtable(L, (int)h->nhdrs * 2, 0);
   for (uint32_t i = 0; i < h->nhdrs; i++) {
@@ -389,6 +545,22 @@ static int on_headers_complete(http_parser *p)
     lua_setfield(L, -2, "content_length");
   }
   push_event(h);
+}
+
+static int on_headers_complete(http_parser *p)
+{
+  hp_t *h = p->data;
+  int bad = check_head(h);
+  if (bad) {
+    h->limit_err = bad;
+    return -1;
+  }
+  h->in_head = 0;
+  h->last_value = 1;
+  if (h->api == API_QUEUE)
+    push_message(h);
+  else
+    push_head_event(h);
   /* Keep the buffer of a large head from living on with the connection. */
   if (h->cap > 4096) {
     mb_free(h->buf);
@@ -407,6 +579,14 @@ static int on_body(http_parser *p, const char *at, size_t n)
 {
   hp_t *h = p->data;
   lua_State *L = h->L;
+  h->fold = 0;
+  if (h->api == API_QUEUE) {
+    KPUSH(L, K_BODY);
+    lua_pushlstring(L, at, n);
+    lua_pushnil(L);
+    q_push(h);
+    return 0;
+  }
   new_event(L, "body", 1);
   lua_pushlstring(L, at, n);
   lua_setfield(L, -2, "data");
@@ -419,6 +599,22 @@ static int on_message_complete(http_parser *p)
   hp_t *h = p->data;
   lua_State *L = h->L;
   h->in_message = 0;
+  if (h->api == API_QUEUE && h->fold && h->fold == h->qtail) {
+    /* A request without a body, complete with its head: no "done" event,
+     * its head's framing says false instead (one event per request). */
+    lua_pushboolean(L, 0);
+    lua_rawseti(L, h->qidx, h->fold);
+    h->fold = 0;
+    return 0;
+  }
+  h->fold = 0;
+  if (h->api == API_QUEUE) {
+    KPUSH(L, K_DONE);
+    lua_pushboolean(L, http_should_keep_alive(p));
+    lua_pushnil(L);
+    q_push(h);
+    return 0;
+  }
   new_event(L, "done", 1);
   set_bool(L, "keep_alive", http_should_keep_alive(p));
   push_event(h);
@@ -441,6 +637,18 @@ static void push_error(hp_t *h)
 {
   lua_State *L = h->L;
   enum http_errno e = HTTP_PARSER_ERRNO(&h->p);
+  if (h->api == API_QUEUE) {
+    KPUSH(L, K_ERROR);
+    if (h->limit_err) {
+      lua_pushinteger(L, limit_status[h->limit_err]);
+      lua_pushstring(L, limit_texts[h->limit_err]);
+    } else {
+      lua_pushinteger(L, e == HPE_HEADER_OVERFLOW ? 431 : 400);
+      lua_pushstring(L, http_errno_description(e));
+    }
+    q_push(h);
+    return;
+  }
   new_event(L, "error", 3);
   if (h->limit_err) {
     lua_pushstring(L, limit_names[h->limit_err]);
@@ -461,9 +669,20 @@ static void push_error(hp_t *h)
 
 /* -- The userdata --------------------------------------------------------- */
 
+/* The parser at arg 1. Every method has the parser metatable as its first
+ * upvalue: comparing with it spares the registry look-up (by name) that
+ * luaL_checkudata makes on every call. */
 static hp_t *check_parser(lua_State *L)
 {
-  return luaL_checkudata(L, 1, PARSER_MT);
+  hp_t *h = lua_touserdata(L, 1);
+  if (h && lua_getmetatable(L, 1)) {
+    int ok = lua_rawequal(L, -1, lua_upvalueindex(1));
+    lua_pop(L, 1);
+    if (ok)
+      return h;
+  }
+  luaL_typerror(L, 1, PARSER_MT);
+  return NULL;
 }
 
 static uint32_t opt_limit(lua_State *L, int t, const char *k, uint32_t dflt)
@@ -513,22 +732,35 @@ static int l_new(lua_State *L)
   return 1;
 }
 
-/* Run the parser over data[0..n) (n == 0: the end of the stream) and push
- * consumed, events. */
-static int run(lua_State *L, hp_t *h, const char *data, size_t n)
+/* The upgrade event: rest[0..n) are the bytes after the head. */
+static void push_upgrade(hp_t *h, const char *rest, size_t n)
 {
-  lua_newtable(L);
+  lua_State *L = h->L;
+  if (h->api == API_QUEUE) {
+    KPUSH(L, K_UPGRADE);
+    lua_pushlstring(L, rest, n);
+    lua_pushnil(L);
+    q_push(h);
+    return;
+  }
+  new_event(L, "upgrade", 1);
+  lua_pushlstring(L, rest, n);
+  lua_setfield(L, -2, "rest");
+  push_event(h);
+}
+
+/* Run the parser over data[0..n) (n == 0: the end of the stream). Events
+ * mode: events go to the table on top of the stack; queue mode: to the
+ * queue, at stack index h->qidx. Returns the bytes consumed. */
+static size_t parse(lua_State *L, hp_t *h, const char *data, size_t n)
+{
   h->L = L;
-  h->nevents = 0;
   size_t used = 0;
   if (h->stopped == 1) {
     push_error(h);
   } else if (h->stopped == 2) {
     /* Upgraded: nothing more is HTTP. Hand the bytes back untouched. */
-    new_event(L, "upgrade", 1);
-    lua_pushlstring(L, data, n);
-    lua_setfield(L, -2, "rest");
-    push_event(h);
+    push_upgrade(h, data, n);
   } else if (n == 0) {
     /* The end of the stream: completes a body read to the end, or is an
      * error in the middle of a message. */
@@ -563,10 +795,7 @@ static int run(lua_State *L, hp_t *h, const char *data, size_t n)
           h->buf = NULL;
           h->hdrs = NULL;
           h->cap = h->hcap = 0;
-          new_event(L, "upgrade", 1);
-          lua_pushlstring(L, data + used, n - used);
-          lua_setfield(L, -2, "rest");
-          push_event(h);
+          push_upgrade(h, data + used, n - used);
           break;
         }
       }
@@ -586,6 +815,18 @@ static int run(lua_State *L, hp_t *h, const char *data, size_t n)
     }
   }
   h->L = NULL;
+  return used;
+}
+
+/* Events mode: push consumed, events. */
+static int run(lua_State *L, hp_t *h, const char *data, size_t n)
+{
+  if (h->api == API_QUEUE)
+    return luaL_error(L, "this parser is read with parser:next");
+  h->api = API_EVENTS;
+  lua_newtable(L);
+  h->nevents = 0;
+  size_t used = parse(L, h, data, n);
   lua_pushnumber(L, (lua_Number)used);
   lua_insert(L, -2);
   return 2;
@@ -613,6 +854,70 @@ static int l_finish(lua_State *L)
 {
   hp_t *h = check_parser(L);
   return run(L, h, "", 0);
+}
+
+/* parser:next([data | true]) -> kind, a, b, more | nothing   (queue mode)
+ * Feeds data (more of the stream; true: the stream ended, as
+ * parser:finish()), then takes the next event off the parser's queue:
+ *   "head", message, content_length | true (chunked) | nil | false
+ *   "body", data          "done", keep_alive        "upgrade", rest
+ *   "error", status, message
+ * or returns nothing when no event is ready; `more` says whether another
+ * event is ready after this one. A request that is complete with its head
+ * (no body) comes as one event, its framing false: no "done" follows. The message is a table (see
+ * push_message). The queue is a table kept with the parser and reused, so
+ * a request costs no event tables. */
+static int l_next(lua_State *L)
+{
+  hp_t *h = check_parser(L);
+  if (h->api == API_EVENTS)
+    return luaL_error(L, "this parser is read with parser:feed");
+  lua_settop(L, 2);
+  if (h->api == API_NONE) {
+    lua_createtable(L, 6, 0);
+    lua_setfenv(L, 1);
+    h->api = API_QUEUE;
+  }
+  lua_getfenv(L, 1);   /* the queue, at 3 */
+  if (lua_type(L, 2) == LUA_TBOOLEAN) {
+    luaL_argcheck(L, lua_toboolean(L, 2), 2, "data or true expected");
+    h->qidx = 3;
+    parse(L, h, "", 0);
+  } else if (!lua_isnil(L, 2)) {
+    size_t n;
+    const char *data = luaL_checklstring(L, 2, &n);
+    h->qidx = 3;
+    if (n > 0)
+      parse(L, h, data, n);
+  }
+  if (h->qhead == h->qtail)
+    return 0;
+  int at = h->qhead;
+  for (int i = 1; i <= 3; i++)
+    lua_rawgeti(L, 3, at + i);
+  for (int i = 1; i <= 3; i++) {
+    lua_pushnil(L);
+    lua_rawseti(L, 3, at + i);
+  }
+  h->qhead += 3;
+  if (h->fold && h->fold <= h->qhead)
+    h->fold = 0;   /* taken: too late to fold its "done" into it */
+  int more = h->qhead != h->qtail;
+  if (!more)
+    h->qhead = h->qtail = 0;   /* reuse the slots from the start */
+  lua_pushboolean(L, more);
+  return 4;
+}
+
+/* parser:resting() -> bool: between messages, with nothing begun (not even
+ * half of a CRLF) and no event waiting, so that a new parser would take the
+ * stream on exactly where this one is (what hibernation needs). */
+static int l_resting(lua_State *L)
+{
+  hp_t *h = check_parser(L);
+  lua_pushboolean(L, !h->stopped && !h->in_message && h->qhead == h->qtail
+                     && mb_hframe_at_start(&h->frame));
+  return 1;
 }
 
 /* parser:skip_body()
@@ -645,6 +950,112 @@ static int l_gc(lua_State *L)
   return 0;
 }
 
+/* -- Guarding a connection ------------------------------------------------
+ * What moonbeam.http does around each handler (see its DESIGN): the socket
+ * ends the process when the client goes, the acceptor is the socket's heir,
+ * and a timer tells the acceptor when handler_timeout has passed; then,
+ * when the response starts, the timer and the heir go, and when it is
+ * complete, the exit on close. The same as sock:set_exit_on_close,
+ * sock:set_heir, mb.send_after and mb.cancel_timer, with one socket look-up
+ * per step and the timer as a plain number (no timer object to intern and
+ * collect): those six calls were a fifth of a keep-alive request's
+ * instructions. */
+
+/* The stream socket at arg 1, referenced, if the caller owns it; NULL if it
+ * is closed or no longer the caller's (a handler may close it or hand it
+ * on: then there is nothing to guard). Its heir becomes `heir` (0: none)
+ * under the same lock. Raises if arg 1 is not a socket. */
+static mb_sock_t *owned_sock(lua_State *L, mb_pid_t heir)
+{
+  uint64_t id = mb_id_test(L, 1, &mb_sock_kind);
+  if (id == 0)
+    luaL_typerror(L, 1, "socket");
+  mb_sock_t *s = mb_sock_get(id);
+  if (s == NULL)
+    return NULL;
+  mb_pid_t self = mb_lib_self(L)->pid;
+  pthread_mutex_lock(&s->lock);
+  int mine = s->owner == self && s->kind == MB_SOCK_STREAM;
+  if (mine)
+    s->heir = heir;
+  pthread_mutex_unlock(&s->lock);
+  if (!mine) {
+    mb_sock_unref(s);
+    return NULL;
+  }
+  return s;
+}
+
+/* http_parser.guard(sock, on_fin, acceptor[, ms, msg]) -> timer | false
+ * Before a handler runs: sock ends its owner when the peer goes (on_fin:
+ * its FIN too, else only a failure), acceptor becomes its heir, and, with
+ * ms, the string msg goes to acceptor after ms unless cancelled by
+ * http_parser.started. The timer is a number. */
+static int l_guard(lua_State *L)
+{
+  int mode = lua_toboolean(L, 2) ? MB_SOCK_EXIT_ON_CLOSE : MB_SOCK_EXIT_ON_ERROR;
+  mb_pid_t heir = mb_pid_check(L, 3);
+  double ms = lua_isnoneornil(L, 4) ? -1 : luaL_checknumber(L, 4);
+  const char *text = ms >= 0 ? luaL_checkstring(L, 5) : NULL;
+  mb_sock_t *s = owned_sock(L, heir);
+  if (s) {
+    mb_sock_set_exit_on_close(s, mode);
+    mb_sock_unref(s);
+  }
+  if (text == NULL) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  mb_msg_t *m = mb_msg_string(text);
+  if (m == NULL)
+    return luaL_error(L, "not enough memory");
+  m->kind = MB_MSG_USER;
+  m->from = mb_lib_self(L)->pid;
+  uint64_t id = mb_timer_send_after(ms, heir, m);
+  if (id == 0)
+    return luaL_error(L, "guard: %s", mb_strerror(MB_ETOOMANY));
+  lua_pushnumber(L, (lua_Number)id);
+  return 1;
+}
+
+/* http_parser.started(sock, timer | false) -> true | false
+ * The response starts: cancels the timer and drops the heir. false if the
+ * timer had fired already (its message is on its way). */
+static int l_started(lua_State *L)
+{
+  int in_time = 1;
+  if (lua_type(L, 2) == LUA_TNUMBER) {
+    double left;
+    in_time = mb_timer_cancel((uint64_t)lua_tonumber(L, 2), &left);
+  }
+  mb_sock_t *s = owned_sock(L, 0);
+  if (s)
+    mb_sock_unref(s);
+  lua_pushboolean(L, in_time);
+  return 1;
+}
+
+/* http_parser.finished(sock)
+ * The response is complete: the peer's going no longer ends the owner. */
+static int l_finished(lua_State *L)
+{
+  mb_sock_t *s = owned_sock(L, 0);   /* (the heir went at started) */
+  if (s) {
+    mb_sock_set_exit_on_close(s, 0);
+    mb_sock_unref(s);
+  }
+  return 0;
+}
+
+/* http_parser.trapping() -> bool: does the calling process trap exits?
+ * (What mb.trap_exit would return, without setting it: an idle connection
+ * asks before each wait, since its handler may have changed it.) */
+static int l_trapping(lua_State *L)
+{
+  lua_pushboolean(L, mb_lib_self(L)->trap_exit);
+  return 1;
+}
+
 /* -- Module functions ----------------------------------------------------- */
 
 /* http_parser.reason(code) -> "Not Found" | nil  (the standard reason phrase) */
@@ -657,6 +1068,187 @@ static int l_reason(lua_State *L)
   else
     lua_pushstring(L, s);
   return 1;
+}
+
+/* Copy n bytes to w; returns the end. */
+static char *put(char *w, const char *s, size_t n)
+{
+  memcpy(w, s, n);
+  return w + n;
+}
+
+/* Bytes of a response head built on the C stack; a larger one (many or
+ * long headers) gets a scratch userdata. */
+#define HEAD_STACK_BUF 2048
+
+/* Build a response from the arguments at a..a+5 (code, hlist, framing,
+ * close, keep_alive, body; see http_parser.head), with the body only if
+ * with_body. Checks them all before it copies anything. Writes into stack
+ * (stack_size bytes) when it fits, else into a scratch userdata it pushes.
+ * Returns the length; *out is the bytes. */
+static size_t build_response(lua_State *L, int a, int with_body, char *stack,
+                             size_t stack_size, char **out)
+{
+  lua_Integer code = luaL_checkinteger(L, a);
+  luaL_argcheck(L, code >= 100 && code <= 999, a, "status code from 100 to 999 expected");
+  int nh = 0;
+  if (!lua_isnoneornil(L, a + 1)) {
+    luaL_checktype(L, a + 1, LUA_TTABLE);
+    nh = (int)lua_objlen(L, a + 1);
+    luaL_argcheck(L, nh % 2 == 0, a + 1, "name, value pairs expected");
+  }
+  int framing = lua_type(L, a + 2);
+  lua_Number clen = 0;
+  if (framing == LUA_TNUMBER) {
+    clen = lua_tonumber(L, a + 2);
+    luaL_argcheck(L, clen >= 0 && clen < 9.0e15, a + 2, "bad length");
+  } else {
+    luaL_argcheck(L, framing == LUA_TNIL || framing == LUA_TNONE || framing == LUA_TBOOLEAN,
+                  a + 2, "number, true or nil expected");
+    if (framing == LUA_TBOOLEAN && !lua_toboolean(L, a + 2))
+      framing = LUA_TNIL;
+  }
+  int close = lua_toboolean(L, a + 3), keep = lua_toboolean(L, a + 4);
+  size_t blen = 0;
+  const char *body = lua_isnoneornil(L, a + 5) ? NULL : luaL_checklstring(L, a + 5, &blen);
+  if (!with_body)
+    blen = 0;
+  const char *reason = http_status_str((enum http_status)code);
+  if (strcmp(reason, "<unknown>") == 0)
+    reason = "Unknown";
+  size_t rlen = strlen(reason);
+  /* The size first (which also checks hlist), then the copy. */
+  size_t need = 13 + rlen + 2 + 40 + 26 + 2 + blen;   /* status line, framing, connection, CRLF */
+  for (int i = 1; i <= nh; i++) {
+    size_t n;
+    lua_rawgeti(L, a + 1, i);
+    if (!lua_tolstring(L, -1, &n))
+      luaL_argerror(L, a + 1, "strings expected");
+    lua_pop(L, 1);
+    need += n + 2;   /* ": " or CRLF */
+  }
+  char *o = need <= stack_size ? stack : lua_newuserdata(L, need);
+  char *w = o;
+  w = put(w, "HTTP/1.1 ", 9);
+  *w++ = (char)('0' + code / 100);
+  *w++ = (char)('0' + code / 10 % 10);
+  *w++ = (char)('0' + code % 10);
+  *w++ = ' ';
+  w = put(w, reason, rlen);
+  w = put(w, "\r\n", 2);
+  for (int i = 1; i <= nh; i++) {
+    size_t n;
+    lua_rawgeti(L, a + 1, i);
+    const char *v = lua_tolstring(L, -1, &n);
+    w = put(w, v, n);
+    w = put(w, i % 2 ? ": " : "\r\n", 2);
+    lua_pop(L, 1);
+  }
+  if (framing == LUA_TNUMBER) {
+    /* The digits of the length, backwards, then copied in order. */
+    char d[24];
+    int nd = 0;
+    uint64_t v = (uint64_t)clen;
+    do {
+      d[nd++] = (char)('0' + v % 10);
+      v /= 10;
+    } while (v);
+    w = put(w, "Content-Length: ", 16);
+    while (nd)
+      *w++ = d[--nd];
+    w = put(w, "\r\n", 2);
+  } else if (framing == LUA_TBOOLEAN) {
+    w = put(w, "Transfer-Encoding: chunked\r\n", 28);
+  }
+  if (close)
+    w = put(w, "Connection: close\r\n", 19);
+  else if (keep)
+    w = put(w, "Connection: keep-alive\r\n", 24);
+  w = put(w, "\r\n", 2);
+  if (body && blen)
+    w = put(w, body, blen);
+  *out = o;
+  return (size_t)(w - o);
+}
+
+/* http_parser.head(code, hlist, framing, close, keep_alive[, body]) -> string
+ * A response: the status line, the headers of hlist ({name1, value1, ...},
+ * strings; nil for none), the framing (a number n: "Content-Length: n";
+ * true: "Transfer-Encoding: chunked"; nil: none), "Connection: close" if
+ * close, else "Connection: keep-alive" if keep_alive (an HTTP/1.0 client's
+ * keep-alive), the empty line, then body if given: one string, so that it
+ * goes out in one write. moonbeam.http checks names and values as they are
+ * added (res:header); here they are only copied. */
+static int l_head(lua_State *L)
+{
+  char stack[HEAD_STACK_BUF];
+  char *out;
+  lua_settop(L, 6);
+  size_t n = build_response(L, 1, 1, stack, sizeof stack, &out);
+  lua_pushlstring(L, out, n);
+  return 1;
+}
+
+/* Bodies up to this size go out in one buffer with their head; a larger one
+ * is written from its own string after the head (no copy of it). */
+#define RESPOND_COPY_MAX 16384
+
+/* http_parser.respond(sock, timer | false, code, hlist, framing, close,
+ *                     keep_alive[, body]) -> true | rest | false, response
+ * http_parser.started, the response (as http_parser.head builds it), its
+ * write and http_parser.finished, in one call when the kernel takes it all:
+ * true - nothing can happen in between, since the caller does not yield,
+ * and the response never becomes a Lua string. rest: the bytes
+ * not written (all of them when the socket is not the caller's), for
+ * sock:write, then http_parser.finished. false and the response: the timer
+ * had fired (as for started), nothing written. */
+static int l_respond(lua_State *L)
+{
+  char stack[HEAD_STACK_BUF];
+  char *out;
+  lua_settop(L, 8);
+  size_t blen = 0;
+  const char *body = lua_isnil(L, 8) ? NULL : luaL_checklstring(L, 8, &blen);
+  int whole = blen <= RESPOND_COPY_MAX;
+  size_t n = build_response(L, 3, whole, stack, sizeof stack, &out);
+  if (whole)
+    blen = 0;   /* in out already */
+  int in_time = 1;
+  if (lua_type(L, 2) == LUA_TNUMBER) {
+    double left;
+    in_time = mb_timer_cancel((uint64_t)lua_tonumber(L, 2), &left);
+  }
+  mb_sock_t *s = owned_sock(L, 0);
+  long done = 0, done2 = 0;
+  if (s && in_time) {
+    done = mb_sock_write_now(s, out, n);
+    if (done < 0)
+      done = 0;
+    if ((size_t)done == n && blen) {
+      done2 = mb_sock_write_now(s, body, blen);
+      if (done2 < 0)
+        done2 = 0;
+    }
+    if ((size_t)done == n && (size_t)done2 == blen) {
+      mb_sock_set_exit_on_close(s, 0);
+      mb_sock_unref(s);
+      lua_pushboolean(L, 1);
+      return 1;
+    }
+  }
+  if (s)
+    mb_sock_unref(s);
+  int late = s && !in_time;
+  if (late)
+    lua_pushboolean(L, 0);
+  /* What is left: the rest of the head (and of its copied body), then the
+   * rest of a body sent from its own string. */
+  lua_pushlstring(L, out + done, n - (size_t)done);
+  if (blen) {
+    lua_pushlstring(L, body + done2, blen - (size_t)done2);
+    lua_concat(L, 2);
+  }
+  return late ? 2 : 1;
 }
 
 /* http_parser.ws_accept(key) -> the Sec-WebSocket-Accept value for key
@@ -684,12 +1276,20 @@ static const luaL_Reg methods[] = {
   {"finish", l_finish},
   {"skip_body", l_skip_body},
   {"in_message", l_in_message},
+  {"next", l_next},
+  {"resting", l_resting},
   {NULL, NULL}
 };
 
 static const luaL_Reg funcs[] = {
   {"new", l_new},
   {"reason", l_reason},
+  {"head", l_head},
+  {"guard", l_guard},
+  {"started", l_started},
+  {"finished", l_finished},
+  {"respond", l_respond},
+  {"trapping", l_trapping},
   {"ws_accept", l_ws_accept},
   {NULL, NULL}
 };
@@ -697,16 +1297,25 @@ static const luaL_Reg funcs[] = {
 int mb_lib_http_parser_open(lua_State *L)
 {
   if (luaL_newmetatable(L, PARSER_MT)) {
+    int mt = lua_gettop(L);
     lua_createtable(L, 0, sizeof methods / sizeof *methods - 1);
     for (const luaL_Reg *r = methods; r->name; r++) {
-      lua_pushcfunction(L, r->func);
+      lua_pushvalue(L, mt);
+      int n = 1;
+      if (r->func == l_next) {
+        for (int k = 0; k < K_COUNT; k++)
+          lua_pushstring(L, queue_strings[k]);
+        n += K_COUNT;
+      }
+      lua_pushcclosure(L, r->func, n);
       lua_setfield(L, -2, r->name);
     }
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, l_gc);
-    lua_setfield(L, -2, "__gc");
+    lua_setfield(L, mt, "__index");
+    lua_pushvalue(L, mt);
+    lua_pushcclosure(L, l_gc, 1);
+    lua_setfield(L, mt, "__gc");
     lua_pushliteral(L, "http parser");
-    lua_setfield(L, -2, "__metatable");
+    lua_setfield(L, mt, "__metatable");
   }
   lua_pop(L, 1);
   lua_createtable(L, 0, sizeof funcs / sizeof *funcs - 1);

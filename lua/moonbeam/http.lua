@@ -18,45 +18,8 @@
 -- the listener, send every connection process the exit signal "shutdown",
 -- wait up to shutdown_timeout for them to end, kill the rest, then end.
 --
--- Hibernation. A keep-alive connection waiting for its next request costs
--- a whole Lua state (tens of KB); after hibernate_after ms without a byte
--- it hibernates instead (mb.hibernate): its socket is put in active "once"
--- mode, so that the next bytes (or the peer's close) come as a message and
--- wake it, and idle_timeout is kept by a send_after timer, a value that
--- survives hibernation. Woken, it builds a new parser (the old one was
--- between two requests, so a new one is the same) and serves on exactly
--- as before. It stays awake when it cannot hibernate: pending bytes or
--- events (pipelined requests), a CR that may be half of a CRLF, messages
--- in its mailbox (they would wake it at once), or a handler holding a
--- value that cannot be copied (reported once).
---
--- A connection process reads the socket in passive mode (sock:read with a
--- deadline) and feeds the bytes to moonbeam.http_parser, which does the
--- parsing and enforces the head limits in C; its events (head, body, done,
--- upgrade, error) are consumed here in order, one request at a time, so
--- pipelined requests are answered in order. A request's body is read whole
--- (up to max_body) before the handler runs. The handler runs in the
--- connection process under xpcall: an error becomes a 500 (or closes the
--- connection when the response had started) and a report on stderr, never
--- a crash of the server.
---
--- While a handler runs it does not read the socket, so the connection is
--- guarded (guard/unguard): the socket ends the process when the client goes
--- (sock:set_exit_on_close: on its FIN too after a keep-alive request; only on
--- a reset after an HTTP/1.0 or "Connection: close" request, whose client may
--- half-close once it has sent it); the acceptor is the socket's heir
--- (sock:set_heir) until the response starts, so that it can still answer a
--- connection whose process died (500, or 503 after handler_timeout); and a
--- timer tells the acceptor to kill a handler that has not started its
--- response within handler_timeout. A WebSocket handler is none of these
--- after the upgrade: it is long-lived, and its close handshake tells it
--- when the peer goes.
---
--- Timeouts: a new connection must send a whole request head within
--- head_timeout (if it sent nothing at all it is closed quietly); between keep-alive requests it may stay idle idle_timeout,
--- after which it is closed silently; once a request's first byte came, the
--- rest of its head must come within head_timeout (else 408 and close); each
--- read of a body must come within idle_timeout.
+-- The connection processes (reading requests, responses, the guard around
+-- a handler, hibernation) are moonbeam.http_conn and moonbeam.http_rare.
 --
 -- Like moonbeam.server, most functions here run in other processes: spawn
 -- copies the process bodies with their upvalues, so standard functions are
@@ -64,6 +27,8 @@
 local mb = require "moonbeam"
 local tcp = require "moonbeam.tcp"
 local hp = require "moonbeam.http_parser"
+local conn = require "moonbeam.http_conn"
+local rare = require "moonbeam.http_rare"
 
 local http = {}
 
@@ -101,7 +66,7 @@ local DEFAULTS = {
   -- the copies it makes (the body string, its pieces, a response built from
   -- it) and the garbage LuaJIT collects late (a limit counts garbage too),
   -- while a handler that allocates without bound stops long before it can
-  -- take the host's memory. An idle connection uses about 75 KB awake,
+  -- take the host's memory. An idle connection uses about 57 KB awake,
   -- 1.5 KB hibernated.
   max_memory = 64 * 1024 * 1024,
 }
@@ -113,661 +78,25 @@ local ACCEPT_BACKOFF = 100
 local KILL_WAIT = 5000
 -- How long http.listen waits for the acceptor to report the listening port.
 local START_TIMEOUT = 5000
--- After an error response, the connection reads and drops what the client
--- still sends, for at most this long or this many bytes, before it closes:
--- closing with unread input makes TCP reset the connection, and a reset can
--- destroy the response before the client read it.
-local LINGER_MS = 1000
-local LINGER_BYTES = 1024 * 1024
 -- The client's default timeout for a whole request.
 local CLIENT_TIMEOUT = 30000
 
--- -- Helpers shared by server and client ------------------------------------
+local next_event, reason_phrase = conn.next_event, conn.reason
+local has_token, error_response = conn.has_token, rare.error_response
 
-local function reason_phrase(code)
-  return hp.reason(code) or "Unknown"
-end
-
--- Headers as the parser lists them ({name1, value1, ...}) -> a table of
--- lower-cased names; repeated headers are joined with ", ".
-local function header_map(list)
-  local h = {}
-  for i = 1, #list, 2 do
-    local k = string.lower(list[i])
-    local v = list[i + 1]
-    local old = h[k]
-    if old then h[k] = old .. ", " .. v else h[k] = v end
-  end
-  return h
-end
-
--- Does the comma-separated header value contain token (case-insensitive)?
-local function has_token(value, token)
-  if not value then return false end
-  for part in string.gmatch(string.lower(value), "[^,]+") do
-    if string.match(part, "^%s*(.-)%s*$") == token then return true end
-  end
-  return false
-end
-
--- Reads parser events from a socket, one at a time, until c.deadline (ms,
--- mb.now() time; nil: no limit).
--- c = {sock =, parser =, events =, ei =, deadline =, watch_head =, head_started =}
-local function next_event(c)
-  while true do
-    local deadline = c.deadline
-    local e = c.events[c.ei]
-    if e then
-      c.events[c.ei] = nil
-      c.ei = c.ei + 1
-      return e
-    end
-    local left = deadline and deadline - mb.now()
-    if left and left <= 0 then return nil, "timeout" end
-    local data, err
-    if c.pending then
-      -- Bytes that woke a hibernated connection.
-      data, c.pending = c.pending, nil
-    elseif c.wait_request and not c.head_started then
-      -- A server between requests: the wait that may hibernate.
-      data, err = c.wait_request(c, left)
-    else
-      data, err = c.sock:read(left and math.ceil(left))
-    end
-    if not data then
-      if err == "closed" and c.parser:in_message() then
-        -- The stream ended: a response read to the end of the connection
-        -- completes; anything else is cut short.
-        local _, evs = c.parser:finish()
-        if evs[1] and evs[1].type == "done" then
-          c.events, c.ei = evs, 1
-        else
-          return nil, "closed"
-        end
-      else
-        return nil, err
-      end
-    else
-      local _, evs = c.parser:feed(data)
-      c.events, c.ei = evs, 1
-      -- (A CR last, between requests, may be half of an empty line's CRLF,
-      -- which a new parser would not know: see wait_request.)
-      c.last_cr = string.byte(data, -1) == 13
-      -- The first byte of a request head starts its head_timeout.
-      if c.watch_head and not c.head_started and c.parser:in_message() then
-        c.head_started = true
-        local d = mb.now() + c.opts.head_timeout
-        if d < deadline then c.deadline = d end
-      end
-    end
-  end
-end
-
--- -- Responses --------------------------------------------------------------
-
-local Response = {}
-Response.__index = Response
-
--- Status codes whose responses carry no body.
-local function bodiless(code)
-  return code < 200 or code == 204 or code == 304
-end
-
--- The status line and headers; `framing` is the Content-Length or chunked
--- header line (or nil).
-local function build_head(res, framing)
-  local code = res.code
-  local buf = { "HTTP/1.1 ", code, " ", reason_phrase(code), "\r\n" }
-  local hs = res.hlist
-  for i = 1, #hs, 2 do
-    buf[#buf + 1] = hs[i]
-    buf[#buf + 1] = ": "
-    buf[#buf + 1] = hs[i + 1]
-    buf[#buf + 1] = "\r\n"
-  end
-  if framing then buf[#buf + 1] = framing end
-  if res.close then
-    buf[#buf + 1] = "Connection: close\r\n"
-  elseif res.keep_alive_10 then
-    buf[#buf + 1] = "Connection: keep-alive\r\n"
-  end
-  buf[#buf + 1] = "\r\n"
-  return table.concat(buf)
-end
-
-local function check_open(res, what)
-  if res.upgraded then error("res:" .. what .. ": the connection was upgraded", 3) end
-  if res.done then error("res:" .. what .. ": the response was already sent", 3) end
-end
-
--- The response starts: the handler is no longer timed, and the acceptor
--- could not answer for it any more (the head is going out).
-local function started(res)
-  local g = res.guard
-  if not g or g.started then return end
-  g.started = true
-  if g.timer and not mb.cancel_timer(g.timer) then
-    -- Too late: the acceptor was told to kill this process, and answers
-    -- 503 for it. Wait for the kill rather than send half an answer.
-    mb.receive(function() return false end, START_TIMEOUT)
-  end
-  g.timer = nil
-  res.sock:set_heir(nil)
-end
-
--- The response is complete (or the connection upgraded): what the handler
--- does now is its own business, not its client's, so the client's leaving
--- no longer ends it.
-local function finished(res)
-  local g = res.guard
-  if not g or g.finished then return end
-  g.finished = true
-  res.sock:set_exit_on_close(false)
-end
-
--- res:status(code) -> res
-function Response:status(code)
-  if type(code) ~= "number" or code < 100 or code > 999 or code % 1 ~= 0 then
-    error("res:status: bad status code (an integer from 100 to 999 expected)", 2)
-  end
-  if self.started then error("res:status: the response head was already sent", 2) end
-  self.code = code
-  return self
-end
-
--- res:header(name, value) -> res   (adds a header; call again to repeat it)
-function Response:header(name, value)
-  if type(name) ~= "string" or not string.match(name, "^[!#$%%&'*+%-.^_`|~%w]+$") then
-    error("res:header: bad header name " .. tostring(name), 2)
-  end
-  value = tostring(value)
-  if string.find(value, "[\r\n]") then error("res:header: line break in the value of " .. name, 2) end
-  if self.started then error("res:header: the response head was already sent", 2) end
-  local lname = string.lower(name)
-  if lname == "content-length" or lname == "transfer-encoding" then
-    error("res:header: " .. name .. " is set by send and write", 2)
-  end
-  if lname == "connection" then
-    -- "close" is added by the framing code (and ends the connection);
-    -- other values (Upgrade) go out as given, in place of keep-alive.
-    if has_token(value, "close") then self.close = true return self end
-    self.keep_alive_10 = false
-  end
-  local hs = self.hlist
-  hs[#hs + 1] = name
-  hs[#hs + 1] = value
-  return self
-end
-
--- res:send([body]) -> true | nil, err   (the whole response, with Content-Length)
-function Response:send(body)
-  check_open(self, "send")
-  if self.started then error("res:send: the response was started with res:write", 2) end
-  body = body == nil and "" or tostring(body)
-  started(self)
-  self.started, self.done = true, true
-  local head
-  if bodiless(self.code) then
-    head, body = build_head(self, nil), ""
-  else
-    head = build_head(self, "Content-Length: " .. #body .. "\r\n")
-    if self.head_only then body = "" end
-  end
-  local ok, err = self.sock:write(head .. body)
-  if not ok then self.close = true; self.broken = true end
-  finished(self)
-  return ok, err
-end
-
--- res:write(chunk) -> true | nil, err   (streams the body, chunked)
-function Response:write(chunk)
-  check_open(self, "write")
-  chunk = tostring(chunk)
-  local out
-  if not self.started then
-    started(self)
-    self.started, self.streaming = true, true
-    if bodiless(self.code) then
-      self.head_only = true
-      out = build_head(self, nil)
-    elseif self.http10 then
-      -- HTTP/1.0 knows no chunks: the body runs to the end of the connection.
-      self.close = true
-      out = build_head(self, nil)
-    else
-      self.chunked = true
-      out = build_head(self, "Transfer-Encoding: chunked\r\n")
-    end
-  else
-    out = ""
-  end
-  if #chunk > 0 and not self.head_only then
-    if self.chunked then
-      out = out .. string.format("%x\r\n", #chunk) .. chunk .. "\r\n"
-    else
-      out = out .. chunk
-    end
-  end
-  if out == "" then return true end
-  local ok, err = self.sock:write(out)
-  if not ok then self.close = true; self.broken = true end
-  return ok, err
-end
-
--- res:finish([chunk]) -> true | nil, err   (ends a streamed response)
-function Response:finish(chunk)
-  if chunk ~= nil and chunk ~= "" then
-    local ok, err = self:write(chunk)
-    if not ok then return nil, err end
-  end
-  if not self.started then return self:send("") end
-  check_open(self, "finish")
-  self.done = true
-  local ok, err = true, nil
-  if self.chunked and not self.head_only then
-    ok, err = self.sock:write("0\r\n\r\n")
-    if not ok then self.close = true; self.broken = true end
-  end
-  finished(self)
-  return ok, err
-end
-
--- res:upgrade() -> sock, pending | nil, err
--- Sends the 101 Switching Protocols head (status and headers set with
--- res:header) and gives the connection to the caller: the HTTP loop stops
--- once the handler returns. `pending` is what the client sent past the
--- request head. Used by moonbeam.websocket.
-function Response:upgrade()
-  check_open(self, "upgrade")
-  if self.started then error("res:upgrade: the response head was already sent", 2) end
-  if not self.can_upgrade then return nil, "not an upgrade request" end
-  -- A WebSocket is long-lived and has its own close: no timer, no exit on
-  -- the peer's FIN.
-  started(self)
-  finished(self)
-  self.code = 101
-  self.close = false
-  self.keep_alive_10 = false
-  self.started, self.done, self.upgraded = true, true, true
-  local ok, err = self.sock:write(build_head(self, nil))
-  if not ok then return nil, err end
-  return self.sock, self.pending or ""
-end
-
--- -- The connection process ---------------------------------------------------
-
--- who: the process's pid as text, taken beforehand (a process over its
--- max_memory may make no moonbeam call, mb.self() included).
-local function report(who, lines)
-  io.stderr:write("=HTTP REPORT==== " .. who .. "\n" .. table.concat(lines, "\n") .. "\n")
-end
-
--- The handler's error and traceback, without the frames of this module.
-local function traceback(e)
-  local lines = {}
-  for line in string.gmatch(debug.traceback("", 2):sub(2), "[^\n]+") do
-    if string.find(line, "^%s*%[C%]: in function 'xpcall'") then break end
-    lines[#lines + 1] = line
-  end
-  return { err = e, traceback = table.concat(lines, "\n") }
-end
-
--- Read and drop what the client still sends (bounded), then close.
-local function linger_close(c)
-  local deadline, got = mb.now() + LINGER_MS, 0
-  while got < LINGER_BYTES do
-    local left = deadline - mb.now()
-    if left <= 0 then break end
-    local data = c.sock:read(math.ceil(left))
-    if not data then break end
-    got = got + #data
-  end
-  c.sock:close()
-end
-
--- The whole response of an error status, with Connection: close.
-local function error_response(code, extra)
-  local body = code .. " " .. reason_phrase(code) .. "\n"
-  local head = { "HTTP/1.1 ", code, " ", reason_phrase(code), "\r\n",
-                 "Content-Type: text/plain\r\n",
-                 "Content-Length: ", #body, "\r\n", "Connection: close\r\n" }
-  if extra then head[#head + 1] = extra end
-  head[#head + 1] = "\r\n"
-  return table.concat(head) .. body
-end
-
--- Answer with an error status and close the connection.
-local function fail(c, code, extra)
-  if c.sock:write(error_response(code, extra)) then linger_close(c) else c.sock:close() end
-end
-
--- Split a request target into path and query.
-local function split_url(url)
-  local q = string.find(url, "?", 1, true)
-  if q then return string.sub(url, 1, q - 1), string.sub(url, q + 1) end
-  return url, nil
-end
-
--- Wait for the next request head. Returns the head event, or nil and what
--- to do: "closed"/"idle" (close quietly), or a status to answer.
-local function read_head(c, first)
-  local o = c.opts
-  -- (A woken connection goes on with the deadline it hibernated with.)
-  c.deadline = c.resume_deadline or mb.now() + (first and o.head_timeout or o.idle_timeout)
-  c.resume_deadline = nil
-  c.first = first
-  -- A connection that never sent a byte is closed quietly: browsers open
-  -- spare connections they may never use.
-  c.head_started = false
-  c.watch_head = true
-  while true do
-    local e, err = next_event(c)
-    if not e then
-      c.watch_head = false
-      if err == "timeout" then
-        if c.head_started then return nil, 408 end
-        return nil, "idle"
-      end
-      return nil, "closed"
-    end
-    if e.type == "head" then
-      c.watch_head = false
-      return e
-    elseif e.type == "error" then
-      c.watch_head = false
-      return nil, e.status, e
-    end
-    -- Nothing else can come before a head; skip it if it does.
-  end
-end
-
--- Read the body of the request whose head is `head` into req.body. Returns
--- true, or nil and a status to answer (or "closed").
-local function read_body(c, req, head)
-  local o = c.opts
-  local parts, size = {}, 0
-  while true do
-    c.deadline = mb.now() + o.idle_timeout
-    local e, err = next_event(c)
-    if not e then
-      if err == "timeout" then return nil, 408 end
-      return nil, "closed"
-    end
-    local t = e.type
-    if t == "body" then
-      size = size + #e.data
-      if size > o.max_body then return nil, 413 end
-      parts[#parts + 1] = e.data
-    elseif t == "done" then
-      req.body = table.concat(parts)
-      req.keep_alive = req.keep_alive and e.keep_alive
-      return true
-    elseif t == "error" then
-      return nil, e.status
-    end
-  end
-end
-
--- Guard the connection while the handler runs (see DESIGN).
-local function guard(c, req, res)
-  local sock, o = c.sock, c.opts
-  sock:set_exit_on_close(req.keep_alive and true or "error")
-  sock:set_heir(c.acceptor)
-  local g = {}
-  if o.handler_timeout ~= math.huge then
-    g.timer = mb.send_after(o.handler_timeout, c.acceptor,
-                            { tag = "$http_overtime", pid = mb.self() })
-  end
-  res.guard = g
-end
-
-local function unguard(c, res)
-  started(res)
-  finished(res)
-end
-
--- Handle one request. Returns true to go on with the next one.
-local function serve_one(c, handler, first)
-  local o = c.opts
-  local head, why, perr = read_head(c, first)
-  if not head then
-    if type(why) == "number" then fail(c, why) else c.sock:close() end
-    return false
-  end
-  local path, query = split_url(head.url)
-  local headers = header_map(head.headers)
-  local req = {
-    method = head.method, url = head.url, path = path, query = query,
-    version = head.version, headers = headers, body = "", socket = c.sock,
-    keep_alive = head.keep_alive, upgrade = head.upgrade,
-  }
-  if head.content_length and head.content_length > o.max_body then
-    fail(c, 413)
-    return false
-  end
-  local expect = headers.expect
-  if expect then
-    if string.lower(expect) ~= "100-continue" then
-      fail(c, 417)
-      return false
-    end
-    if head.version == "1.1" and ((head.content_length or 0) > 0 or head.chunked) then
-      if not c.sock:write("HTTP/1.1 100 Continue\r\n\r\n") then c.sock:close() return false end
-    end
-  end
-  local ok, status = read_body(c, req, head)
-  if not ok then
-    if type(status) == "number" then fail(c, status) else c.sock:close() end
-    return false
-  end
-  local res = setmetatable({
-    sock = c.sock, code = 200, hlist = {},
-    -- (for moonbeam.websocket: the defaults of websocket.loop)
-    hibernate_after = o.hibernate_after, acceptor = c.acceptor,
-    http10 = head.version == "1.0", head_only = head.method == "HEAD",
-    close = not req.keep_alive,
-    keep_alive_10 = head.version == "1.0" and req.keep_alive,
-  }, Response)
-  if head.upgrade then
-    -- The parser stopped at the head: what follows belongs to the new
-    -- protocol. It is the next event (after "done").
-    local e = c.events[c.ei]
-    if e and e.type == "upgrade" then
-      c.events[c.ei] = nil
-      c.ei = c.ei + 1
-      res.pending = e.rest
-    end
-    res.can_upgrade = true
-  end
-  guard(c, req, res)
-  local okh, caught = xpcall(handler, traceback, req, res)
-  if not okh then
-    -- A refused allocation skips the message handler: the error is the bare
-    -- string. The process then dies at its next moonbeam call (unguard,
-    -- below) and the acceptor, heir of its socket, answers 500 for it.
-    if type(caught) ~= "table" then
-      local why = tostring(caught)
-      if why == "not enough memory" then
-        why = "out of memory (the connection went over its max_memory)"
-      end
-      caught = { err = why }
-    end
-    report(c.me, { "request: " .. req.method .. " " .. req.url,
-             "reason: " .. tostring(caught.err), caught.traceback })
-  end
-  unguard(c, res)
-  if res.upgraded then
-    -- The handler owned the connection; it is over now. A WebSocket the
-    -- handler left open gets a normal closure (1000) rather than a bare
-    -- TCP close (closing one already closed does nothing).
-    if res.websocket then c.sock:close(1000) else c.sock:close() end
-    return false
-  end
-  if not okh then
-    if not res.started then
-      fail(c, 500)
-    else
-      c.sock:close()
-    end
-    return false
-  end
-  if not res.done then
-    local fok
-    if res.started then fok = res:finish() else fok = res:send("") end
-    if not fok then c.sock:close() return false end
-  end
-  if res.close or res.broken or head.upgrade then
-    c.sock:close()
-    return false
-  end
-  return true
-end
-
--- -- Waiting between requests, and hibernating -----------------------------
-
--- Does the process trap exits? (A handler may have turned it on.)
-local function trapping()
-  local t = mb.trap_exit(true)
-  mb.trap_exit(t)
-  return t
-end
-
--- The messages of an idle connection: its socket's (active "once"), the
--- idle timer's, and the acceptor's EXIT (when it traps exits).
-local function idle_match(sock, acceptor)
-  return function(m)
-    if type(m) ~= "table" then return false end
-    if m.socket == sock then
-      return m.event == "tcp" or m.event == "tcp_closed" or m.event == "tcp_error"
-    end
-    return m.tag == "$http_idle" or (m.event == "EXIT" and m.pid == acceptor)
-  end
-end
-
--- What a socket message of an idle connection means: data, or nil and why.
--- The acceptor's EXIT (server:close() when the process traps exits) ends
--- the connection and the process.
-local function from_message(sock, m)
-  if m.event == "tcp" then return m.data end
-  if m.event == "tcp_closed" then return nil, "closed" end
-  if m.event == "tcp_error" then return nil, m.reason end
-  if m.event == "EXIT" then
-    sock:close()
-    mb.exit(m.reason)
-  end
-  return nil, "timeout"   -- the idle timer
-end
-
--- Stop the idle timer; if it fired already, take its message.
-local function cancel_idle(timer)
-  if timer and not mb.cancel_timer(timer) then
-    mb.receive(function(m) return type(m) == "table" and m.tag == "$http_idle" end, KILL_WAIT)
-  end
-end
-
--- Wait up to `left` ms for bytes, seeing the acceptor's EXIT too: the wait
--- of a connection that traps exits (a passive read would not see it).
-local function await_bytes(c, left)
-  c.sock:set_active("once")
-  local m = mb.receive(idle_match(c.sock, c.acceptor), math.ceil(left))
-  if not m then
-    c.sock:set_active(false)
-    -- One may have been sent before the switch: it is here now.
-    m = mb.receive(idle_match(c.sock, c.acceptor), 0)
-    if not m then return nil, "timeout" end
-  end
-  return from_message(c.sock, m)
-end
-
-local serve, wake
-
--- Hibernate an idle connection (see DESIGN); does not return unless it
--- cannot, and then returns whether a socket message came meanwhile and
--- what it meant.
-local function hibernate(c)
-  if mb.info(mb.self()).mailbox > 0 then return false end
-  local st = {
-    sock = c.sock, opts = c.opts, acceptor = c.acceptor, handler = c.handler_spec,
-    deadline = c.deadline, first = c.first,
-  }
-  st.timer = mb.send_after(math.max(0, math.ceil(c.deadline - mb.now())), mb.self(),
-                           { tag = "$http_idle" })
-  c.sock:set_active("once")
-  local _, err = pcall(mb.hibernate, wake, st)
-  -- Not possible: the handler holds a value that cannot be copied (its
-  -- upvalues go with the continuation). Stay awake from now on.
-  c.no_hibernate = true
-  report(c.me, { "cannot hibernate the idle connection: " .. tostring(err),
-                 "(it stays awake; see hibernate_after)" })
-  c.sock:set_active(false)
-  cancel_idle(st.timer)
-  local m = mb.receive(idle_match(c.sock, c.acceptor), 0)
-  if m then return true, from_message(c.sock, m) end
-  return false
-end
-
--- The wait for the first bytes of a request (c.wait_request, called by
--- next_event): a read, then hibernation once idle for hibernate_after.
-local function wait_request(c, left)
-  local hib = c.opts.hibernate_after
-  -- Only with nothing pending: next_event reads only once the events are
-  -- used up, and a request begun would have set head_started.
-  local can = hib and hib < left and not c.no_hibernate and not c.last_cr
-  local traps = trapping()
-  local t = can and hib or left
-  local data, err
-  if traps then data, err = await_bytes(c, t) else data, err = c.sock:read(math.ceil(t)) end
-  if data or err ~= "timeout" or not can then return data, err end
-  local got, d, e = hibernate(c)
-  if got then return d, e end
-  left = c.deadline - mb.now()
-  if left <= 0 then return nil, "timeout" end
-  if traps then return await_bytes(c, left) end
-  return c.sock:read(math.ceil(left))
-end
-
-local function new_conn(sock, handler, opts, acceptor)
-  return {
-    sock = sock, opts = opts, events = {}, ei = 1, acceptor = acceptor,
-    me = tostring(mb.self()), handler_spec = handler,
-    handler = type(handler) == "string" and require(handler) or handler,
-    parser = hp.new({ max_head = opts.max_head, max_headers = opts.max_headers,
-                      max_url = opts.max_url }),
-    wait_request = wait_request,
-  }
-end
-
--- Serve requests until the connection ends.
-function serve(c, first)
-  while serve_one(c, c.handler, first) do first = false end
-end
-
--- A hibernated connection woke, in a new state: by its socket's message,
--- its idle timer, or the acceptor's EXIT. Other messages that woke it stay
--- for the next handler, and it waits awake.
-function wake(st)
-  local m = mb.receive(idle_match(st.sock, st.acceptor))
-  if m.tag == "$http_idle" then
-    st.sock:close()   -- idle_timeout: closed quietly
-    return
-  end
-  cancel_idle(st.timer)
-  local data = from_message(st.sock, m)
-  if not data then
-    st.sock:close()
-    return
-  end
-  local c = new_conn(st.sock, st.handler, st.opts, st.acceptor)
-  c.pending, c.resume_deadline = data, st.deadline
-  serve(c, st.first)
-end
-
--- The body of a connection process: wait for the socket, then serve
--- requests until the connection ends.
+-- What the acceptor spawns: a function without upvalues, so that a spawn
+-- copies only it (spawn copies a function's upvalues, and with them every
+-- function they reach); the connection process then loads the rest,
+-- moonbeam.http_conn, with `require` from the host's module cache.
+-- The collector is stopped while it loads: all that loading makes is live
+-- (it is the module), so a collection then would only mark it (measured: a
+-- tenth of a new connection's instructions), and a new process starts
+-- collecting at once.
 local function connection(handler, opts, acceptor)
-  local m = mb.receive(function(x) return type(x) == "table" and x.tag == "$http_sock" end, START_TIMEOUT)
-  if not m then return end
-  serve(new_conn(m.sock, handler, opts, acceptor), true)
+  collectgarbage("stop")
+  local serve = require("moonbeam.http_conn").serve
+  collectgarbage("restart")
+  return serve(handler, opts, acceptor)
 end
 
 -- -- The acceptor -------------------------------------------------------------
@@ -782,6 +111,7 @@ local function acceptor(parent, host, port, handler, opts)
   l:set_active(true)
   mb.send(parent, { tag = "$http_listen", port = l:port() })
   local me = mb.self()
+  local spawn_opts = { link = true, max_memory = opts.max_memory }
   local conns = {}   -- the connection processes, linked to this one
   local heirs = {}   -- pid -> the socket it left to this process (tcp_heir)
   local overtime = {}   -- pid -> true: killed for handler_timeout
@@ -814,12 +144,23 @@ local function acceptor(parent, host, port, handler, opts)
   -- own close, or the EXIT of another linked process (a supervisor) that
   -- died, which it follows as it would without trapping exits.
   local function handle(m)
+    if type(m) == "string" then
+      -- A connection process's handler_timeout ("$http_overtime <pid>"):
+      -- it dies at once; its tcp_heir and EXIT follow.
+      for pid in pairs(conns) do
+        if m == "$http_overtime " .. tostring(pid) then
+          overtime[pid] = true
+          mb.exit(pid, "kill")
+          break
+        end
+      end
+      return
+    end
     if type(m) ~= "table" then return end
     local ev = m.event
     if ev == "tcp_accept" and m.socket == l then
       if closing then m.conn:close() return end
-      local pid = mb.spawn_opt({ link = true, max_memory = opts.max_memory },
-                               connection, handler, opts, me)
+      local pid = mb.spawn_opt(spawn_opts, connection, handler, opts, me)
       conns[pid] = true
       if m.conn:set_owner(pid) then
         mb.send(pid, { tag = "$http_sock", sock = m.conn })
@@ -837,10 +178,6 @@ local function acceptor(parent, host, port, handler, opts)
       watching[m.ref] = nil
     elseif ev == "tcp_heir" then
       if conns[m.from] then heirs[m.from] = m.socket else m.socket:close() end
-    elseif m.tag == "$http_overtime" and conns[m.pid] then
-      -- It dies at once; its tcp_heir and EXIT follow.
-      overtime[m.pid] = true
-      mb.exit(m.pid, "kill")
     elseif ev == "tcp_error" and m.socket == l then
       -- Out of file descriptors, say: keep serving the open connections
       -- and accept again shortly rather than end the server. (Errors sent
@@ -1079,38 +416,39 @@ function Client:request(method, target, headers, body)
   local c = self.c
   if not c then
     c = { sock = sock, parser = hp.new({ type = "response", max_head = 65536, max_headers = 1000 }),
-          events = {}, ei = 1 }
+          deadline = false }
     self.c = c
   end
   if method == "HEAD" then c.parser:skip_body() end
   c.deadline = mb.now() + self.timeout
   local res, parts, size
   while true do
-    local e, rerr = next_event(c)
-    if not e then return nil, rerr end
-    if e.type == "head" then
-      if e.status >= 200 or e.status == 101 then
-        res = { status = e.status, version = e.version, headers = header_map(e.headers),
-                keep_alive = e.keep_alive, upgrade = e.upgrade }
+    local kind, a, b = next_event(c)
+    if not kind then return nil, a end
+    if kind == "head" then
+      -- (a: {status, version, headers, keep_alive, upgrade}; 1xx other
+      -- than 101 are interim responses, skipped)
+      if a.status >= 200 or a.status == 101 then
+        res = a
         parts, size = {}, 0
       end
-    elseif e.type == "body" and res then
-      size = size + #e.data
+    elseif kind == "body" and res then
+      size = size + #a
       if size > self.max_body then return nil, "response body too large" end
-      parts[#parts + 1] = e.data
-    elseif e.type == "done" and res and not res.upgrade then
+      parts[#parts + 1] = a
+    elseif kind == "done" and res and not res.upgrade then
       res.body = table.concat(parts)
-      if not e.keep_alive then self:close() end
+      if not a then self:close() end
       return res
-    elseif e.type == "upgrade" and res then
+    elseif kind == "upgrade" and res then
       -- A 101 answer: the connection now speaks another protocol, and what
       -- came after the head belongs to it.
       res.body = table.concat(parts)
-      res.pending = e.rest
+      res.pending = a
       return res
-    elseif e.type == "error" then
+    elseif kind == "error" then
       self:close()
-      return nil, "bad response: " .. e.message
+      return nil, "bad response: " .. b
     end
   end
 end

@@ -1,0 +1,587 @@
+-- moonbeam.http_conn: the connection processes of moonbeam.http (internal):
+-- reading requests, the response object, the guard around a handler,
+-- hibernation between requests. moonbeam.http's acceptor spawns them.
+--
+-- DESIGN
+-- A module of its own so that a connection process, which loads it with
+-- `require` (from the host's module cache), loads only this: a process per
+-- connection pays for every function of what it loads, and the acceptor,
+-- static files and the client are no business of a connection. What a
+-- plain request never needs (streamed responses, upgrades, error answers,
+-- idle connections and hibernation) is in moonbeam.http_rare, loaded on
+-- first use. moonbeam.http takes next_event and the helpers from here for
+-- its client.
+--
+-- Hibernation. A keep-alive connection waiting for its next request costs
+-- a whole Lua state (tens of KB); after hibernate_after ms without a byte
+-- it hibernates instead (mb.hibernate): its socket is put in active "once"
+-- mode, so that the next bytes (or the peer's close) come as a message and
+-- wake it, and idle_timeout is kept by a send_after timer, a value that
+-- survives hibernation. Woken, it builds a new parser (the old one was
+-- between two requests, so a new one is the same) and serves on exactly
+-- as before. It stays awake when it cannot hibernate: pending bytes or
+-- events (pipelined requests), a CR that may be half of a CRLF, messages
+-- in its mailbox (they would wake it at once), or a handler holding a
+-- value that cannot be copied (reported once).
+--
+-- A connection process reads the socket in passive mode (sock:read with a
+-- deadline) and feeds the bytes to moonbeam.http_parser (parser:next),
+-- which does the parsing, enforces the head limits and builds the request
+-- table in C; its events (head, body, done, upgrade, error) are consumed
+-- here in order, one request at a time, so pipelined requests are answered
+-- in order. A request's body is read whole
+-- (up to max_body) before the handler runs. The handler runs in the
+-- connection process under xpcall: an error becomes a 500 (or closes the
+-- connection when the response had started) and a report on stderr, never
+-- a crash of the server.
+--
+-- While a handler runs it does not read the socket, so the connection is
+-- guarded (guard/unguard, in C: http_parser.guard, started, respond,
+-- finished): the socket ends the process when the client goes (as
+-- sock:set_exit_on_close: on its FIN too after a keep-alive request; only on
+-- a reset after an HTTP/1.0 or "Connection: close" request, whose client may
+-- half-close once it has sent it); the acceptor is the socket's heir (as
+-- sock:set_heir) until the response starts, so that it can still answer a
+-- connection whose process died (500, or 503 after handler_timeout); and a
+-- timer tells the acceptor to kill a handler that has not started its
+-- response within handler_timeout (its message, "$http_overtime <pid>", is
+-- a string made once per connection). A WebSocket handler is none of these
+-- after the upgrade: it is long-lived, and its close handshake tells it
+-- when the peer goes.
+--
+-- Timeouts: a new connection must send a whole request head within
+-- head_timeout (if it sent nothing at all it is closed quietly); between
+-- keep-alive requests it may stay idle idle_timeout, after which it is
+-- closed silently; once a request's first byte came, the
+-- rest of its head must come within head_timeout (else 408 and close); each
+-- read of a body must come within idle_timeout.
+--
+-- Cost: a keep-alive request without a body is a few C calls (a socket
+-- read, http_parser.next, http_parser.guard, and http_parser.respond, which
+-- builds and writes the response) and about 250 bytecodes; the request
+-- table is built in C, the response table from a constructor that keeps
+-- its size from bytecode (see new_response). Measured: 25,000 instructions
+-- a request, 65,000 before (BENCHMARKS.md). The serving path uses no standard
+-- library but the base one, so that a connection process opens no other
+-- (LuaJIT's libraries open lazily here, each at a cost).
+local mb = require "moonbeam"
+local hp = require "moonbeam.http_parser"
+
+local conn = {}
+
+-- The rest of a connection process's code, for what a plain request never
+-- needs (streaming, upgrades, errors, hibernation): moonbeam.http_rare,
+-- loaded on first use (see DESIGN).
+local function rare()
+  return require "moonbeam.http_rare"
+end
+
+-- How long to wait for the EXIT of a process that was killed (the kill
+-- cannot be trapped: this only guards against a runtime bug).
+local KILL_WAIT = 5000
+-- How long a connection process waits for its socket, and a handler past
+-- handler_timeout for its kill.
+local START_TIMEOUT = 5000
+
+-- -- Helpers shared by server and client ------------------------------------
+
+-- math.ceil of a number of ms, and math.huge, without the math library: a
+-- connection process would open it (lazily, at a cost) for these alone.
+local HUGE = 1 / 0
+local function ceil(x)
+  local f = x % 1
+  if f > 0 then return x - f + 1 end
+  return x
+end
+
+local function reason_phrase(code)
+  return hp.reason(code) or "Unknown"
+end
+
+-- Does the comma-separated header value contain token (case-insensitive)?
+local function has_token(value, token)
+  if not value then return false end
+  for part in string.gmatch(string.lower(value), "[^,]+") do
+    if string.match(part, "^%s*(.-)%s*$") == token then return true end
+  end
+  return false
+end
+
+-- The next parser event, as parser:next gives it (kind, a, b, more; see
+-- moonbeam.http_parser), reading the socket until c.deadline (ms, mb.now()
+-- time; false: no limit) while none is ready. nil, why when none came:
+-- "timeout", "closed" or the socket's error. ready == false: the caller
+-- knows that no event is queued (the last one said so), so it reads first.
+-- (The client's responses and a request's body; a server waits for a
+-- request head in read_head.)
+local function next_event(c, ready)
+  local parser = c.parser
+  local kind, a, b, more
+  if ready ~= false then kind, a, b, more = parser:next() end
+  while not kind do
+    local deadline = c.deadline
+    local left = deadline and deadline - mb.now()
+    if left and left <= 0 then return nil, "timeout" end
+    local data, err = c.sock:read(left and ceil(left))
+    if data then
+      kind, a, b, more = parser:next(data)
+    elseif err == "closed" and parser:in_message() then
+      -- The stream ended: a response read to the end of the connection
+      -- completes; anything else is cut short.
+      kind, a, b, more = parser:next(true)
+      if kind ~= "done" then return nil, "closed" end
+    else
+      return nil, err
+    end
+  end
+  return kind, a, b, more
+end
+
+-- -- Responses --------------------------------------------------------------
+
+local Response = {}
+Response.__index = Response
+-- res:write, res:finish and res:upgrade are in moonbeam.http_rare: looked
+-- up there the first time a response of this process uses one.
+setmetatable(Response, { __index = function(_, k)
+  local f = rare().Response[k]
+  if f ~= nil then Response[k] = f end
+  return f
+end })
+
+-- Status codes whose responses carry no body.
+local function bodiless(code)
+  return code < 200 or code == 204 or code == 304
+end
+
+-- The response head (and body, when given: one string, one write), built
+-- in C; `framing` is the Content-Length, true for chunked, or nil.
+local function build_head(res, framing, body)
+  return hp.head(res.code, res.hlist or nil, framing, res.close, res.keep_alive_10, body)
+end
+
+local function check_open(res, what)
+  if res.upgraded then error("res:" .. what .. ": the connection was upgraded", 3) end
+  if res.done then error("res:" .. what .. ": the response was already sent", 3) end
+end
+
+-- The response starts: the handler is no longer timed, and the acceptor
+-- could not answer for it any more (the head is going out).
+local function started(res)
+  if res.guard ~= 1 then return end
+  res.guard = 2
+  local timer = res.timer
+  res.timer = false
+  if not hp.started(res.sock, timer) then
+    -- Too late: the acceptor was told to kill this process, and answers
+    -- 503 for it. Wait for the kill rather than send half an answer.
+    mb.receive(function() return false end, START_TIMEOUT)
+  end
+end
+
+-- The response is complete (or the connection upgraded): what the handler
+-- does now is its own business, not its client's, so the client's leaving
+-- no longer ends it. (Always after started.)
+local function finished(res)
+  if res.guard ~= 2 then return end
+  res.guard = 3
+  hp.finished(res.sock)
+end
+
+-- res:status(code) -> res
+function Response:status(code)
+  if type(code) ~= "number" or code < 100 or code > 999 or code % 1 ~= 0 then
+    error("res:status: bad status code (an integer from 100 to 999 expected)", 2)
+  end
+  if self.started then error("res:status: the response head was already sent", 2) end
+  self.code = code
+  return self
+end
+
+-- res:header(name, value) -> res   (adds a header; call again to repeat it)
+function Response:header(name, value)
+  if type(name) ~= "string" or not string.match(name, "^[!#$%%&'*+%-.^_`|~%w]+$") then
+    error("res:header: bad header name " .. tostring(name), 2)
+  end
+  value = tostring(value)
+  if string.find(value, "[\r\n]") then error("res:header: line break in the value of " .. name, 2) end
+  if self.started then error("res:header: the response head was already sent", 2) end
+  local lname = string.lower(name)
+  if lname == "content-length" or lname == "transfer-encoding" then
+    error("res:header: " .. name .. " is set by send and write", 2)
+  end
+  if lname == "connection" then
+    -- "close" is added by the framing code (and ends the connection);
+    -- other values (Upgrade) go out as given, in place of keep-alive.
+    if has_token(value, "close") then self.close = true return self end
+    self.keep_alive_10 = false
+  end
+  local hs = self.hlist
+  if not hs then
+    hs = {}
+    self.hlist = hs
+  end
+  hs[#hs + 1] = name
+  hs[#hs + 1] = value
+  return self
+end
+
+-- res:send([body]) -> true | nil, err   (the whole response, with Content-Length)
+function Response:send(body)
+  if self.started or self.done or self.upgraded then
+    check_open(self, "send")
+    error("res:send: the response was started with res:write", 2)
+  end
+  if type(body) ~= "string" then body = body == nil and "" or tostring(body) end
+  local code = self.code
+  local framing, out
+  if code < 200 or code == 204 or code == 304 then   -- (bodiless)
+    body = nil
+  else
+    framing = #body
+    if self.head_only then body = nil end
+  end
+  self.started, self.done = true, true
+  if self.guard == 1 then
+    -- started, the response built and written, and finished, in one call
+    -- (http_parser.respond) when the kernel takes it all.
+    self.guard = 3
+    local timer = self.timer
+    self.timer = false
+    local rest, whole = hp.respond(self.sock, timer, code, self.hlist or nil, framing,
+                                   self.close, self.keep_alive_10, body)
+    if rest == true then return true end
+    self.guard = 2
+    if rest == false then
+      -- Too late, as in started: wait for the kill.
+      mb.receive(function() return false end, START_TIMEOUT)
+      rest = whole
+    end
+    out = rest
+  else
+    started(self)
+    out = hp.head(code, self.hlist or nil, framing, self.close, self.keep_alive_10, body)
+  end
+  local ok, err = self.sock:write(out)
+  if not ok then self.close = true; self.broken = true end
+  finished(self)
+  return ok, err
+end
+
+-- -- The connection process ---------------------------------------------------
+
+-- who: the process's pid as text, taken beforehand (a process over its
+-- max_memory may make no moonbeam call, mb.self() included).
+local function report(who, lines)
+  io.stderr:write("=HTTP REPORT==== " .. who .. "\n" .. table.concat(lines, "\n") .. "\n")
+end
+
+-- The handler's error and traceback, without the frames of this module.
+local function traceback(e)
+  local lines = {}
+  for line in string.gmatch(debug.traceback("", 2):sub(2), "[^\n]+") do
+    if string.find(line, "^%s*%[C%]: in function 'xpcall'") then break end
+    lines[#lines + 1] = line
+  end
+  return { err = e, traceback = table.concat(lines, "\n") }
+end
+
+-- Answer with an error status and close the connection.
+local function fail(c, code)
+  return rare().fail(c, code)
+end
+
+-- Wait for the next request head (ready: as for next_event). Returns the
+-- request (see push_message in lib_http.c), its framing (Content-Length,
+-- true for chunked, nil, or false when it has no body) and whether more
+-- events are queued; or nil and what to do: "closed"/"idle" (close
+-- quietly), or a status to answer.
+-- Timeouts: a new connection has head_timeout for its first request, a
+-- kept-alive one idle_timeout for its next (a woken one goes on with the
+-- deadline it hibernated with); once the first byte of a head has come,
+-- the rest must come within head_timeout. A connection that never sent a
+-- byte is closed quietly: browsers open spare connections they may never
+-- use. Between requests the wait may end in hibernation (http_rare).
+local function read_head(c, first, ready)
+  local o, parser, sock = c.opts, c.parser, c.sock
+  local now = mb.now()
+  local deadline = c.resume_deadline or now + (first and o.head_timeout or o.idle_timeout)
+  c.resume_deadline = false
+  c.first = first
+  c.deadline = deadline
+  local begun = false   -- the head's first byte came
+  local kind, a, b, more
+  if ready ~= false then kind, a, b, more = parser:next() end
+  while true do
+    if kind == "head" then return a, b, more end
+    if kind == "error" then return nil, a end
+    if kind and more then
+      -- Nothing else can come before a head; skip it if it does.
+      kind, a, b, more = parser:next()
+    else
+      local left = deadline - now
+      if left <= 0 then return nil, begun and 408 or "idle" end
+      local data, err
+      if c.pending then
+        -- Bytes that woke a hibernated connection.
+        data, c.pending = c.pending, false
+      elseif begun then
+        data, err = sock:read(ceil(left))
+      else
+        -- Between requests: a read, or the wait of a process that traps
+        -- exits, then hibernation once idle for hibernate_after.
+        local hib = o.hibernate_after
+        local can = hib and hib < left and not c.no_hibernate
+        local traps = hp.trapping()   -- (a handler may have turned it on)
+        if traps then
+          data, err = rare().await_bytes(c, can and hib or left)
+        else
+          data, err = sock:read(ceil(can and hib or left))
+        end
+        if not data and err == "timeout" and can then
+          data, err = rare().idle(c, traps)
+        end
+      end
+      if not data then
+        if err == "timeout" then return nil, begun and 408 or "idle" end
+        return nil, "closed"
+      end
+      kind, a, b, more = parser:next(data)
+      if not kind then
+        now = mb.now()
+        if not begun and parser:in_message() then
+          begun = true
+          local d = now + o.head_timeout
+          if d < deadline then
+            deadline = d
+            c.deadline = d
+          end
+        end
+      end
+    end
+  end
+end
+
+-- Read the body of req into req.body (ready: as for next_event). Returns
+-- true and whether more events are queued, or nil and a status to answer
+-- (or "closed").
+local function read_body(c, req, ready)
+  local o = c.opts
+  local body, parts, size = nil, nil, 0
+  while true do
+    local kind, a, _, more
+    -- (A request without a body is complete already: its "done" is queued.)
+    if ready then kind, a, _, more = c.parser:next() end
+    if not kind then
+      c.deadline = mb.now() + o.idle_timeout
+      kind, a, _, more = next_event(c, false)
+      if not kind then
+        if a == "timeout" then return nil, 408 end
+        return nil, "closed"
+      end
+    end
+    ready = more
+    if kind == "body" then
+      size = size + #a
+      if size > o.max_body then return nil, 413 end
+      if parts then
+        parts[#parts + 1] = a
+      elseif body then
+        parts = { body, a }
+      else
+        body = a
+      end
+    elseif kind == "done" then
+      if parts then
+        req.body = table.concat(parts)
+      elseif body then
+        req.body = body
+      end
+      if not a then req.keep_alive = false end
+      return true, more
+    elseif kind == "error" then
+      return nil, a
+    end
+  end
+end
+
+-- Guard the connection while the handler runs (see DESIGN): the socket
+-- ends the process if the client goes (on its FIN too after a keep-alive
+-- request), the acceptor is its heir, and a timer tells the acceptor when
+-- handler_timeout has passed (http_parser.guard does all three).
+local function guard(c, req, res)
+  res.guard = 1
+  local ms = c.opts.handler_timeout
+  if ms ~= HUGE then
+    -- (A string, made once per connection, is the cheapest message to
+    -- send; the acceptor looks the pid up by it only when it comes.)
+    local msg = c.overtime
+    if not msg then
+      msg = "$http_overtime " .. c.me
+      c.overtime = msg
+    end
+    res.timer = hp.guard(c.sock, req.keep_alive, c.acceptor, ms, msg)
+  else
+    hp.guard(c.sock, req.keep_alive, c.acceptor)
+  end
+end
+
+local function unguard(c, res)
+  started(res)
+  finished(res)
+end
+
+-- A new response object. (The fields every response sets are in the
+-- constructor with a constant value: a constructor in dumped bytecode keeps
+-- only those keys, so the table is made at its size and the stores below
+-- only fill slots. guard: 0 none, 1 guarded, 2 response started, 3 done.)
+local function new_response(c, req)
+  local res = {
+    sock = false, code = 200, hlist = false, close = false, keep_alive_10 = false,
+    http10 = false, head_only = false, started = false, done = false,
+    upgraded = false, broken = false, guard = 0, timer = false,
+  }
+  res.sock = c.sock
+  local v10 = req.version == "1.0"
+  local keep = req.keep_alive
+  res.http10 = v10
+  res.head_only = req.method == "HEAD"
+  res.close = not keep
+  res.keep_alive_10 = v10 and keep
+  return setmetatable(res, Response)
+end
+
+-- Handle one request. Returns true to go on with the next one.
+local function serve_one(c, handler, first, ready)
+  local o = c.opts
+  local req, framing, more = read_head(c, first, ready)
+  if not req then
+    if type(framing) == "number" then fail(c, framing) else c.sock:close() end
+    return false
+  end
+  req.socket = c.sock
+  if framing and framing ~= true and framing > o.max_body then
+    fail(c, 413)
+    return false
+  end
+  local expect = req.headers.expect
+  if expect then
+    if string.lower(expect) ~= "100-continue" then
+      fail(c, 417)
+      return false
+    end
+    if req.version == "1.1" and (framing == true or (framing or 0) > 0) then
+      if not c.sock:write("HTTP/1.1 100 Continue\r\n\r\n") then c.sock:close() return false end
+    end
+  end
+  local ok, status
+  if framing == false then
+    ok, status = true, more   -- complete with its head: no body
+  else
+    ok, status = read_body(c, req, more)
+  end
+  if not ok then
+    if type(status) == "number" then fail(c, status) else c.sock:close() end
+    return false
+  end
+  local res = new_response(c, req)
+  local upgrade = req.upgrade
+  if upgrade then
+    -- The parser stopped at the head: what follows belongs to the new
+    -- protocol. It is the next event (after "done").
+    if status then
+      local kind, rest = c.parser:next()
+      if kind == "upgrade" then res.pending = rest end
+    end
+    res.can_upgrade = true
+    -- (for moonbeam.websocket: the defaults of websocket.loop)
+    res.hibernate_after = o.hibernate_after
+    res.acceptor = c.acceptor
+  end
+  guard(c, req, res)
+  local okh, caught = xpcall(handler, traceback, req, res)
+  if not okh then
+    -- A refused allocation skips the message handler: the error is the bare
+    -- string. The process then dies at its next moonbeam call (unguard,
+    -- below) and the acceptor, heir of its socket, answers 500 for it.
+    if type(caught) ~= "table" then
+      local why = tostring(caught)
+      if why == "not enough memory" then
+        why = "out of memory (the connection went over its max_memory)"
+      end
+      caught = { err = why }
+    end
+    report(c.me, { "request: " .. req.method .. " " .. req.url,
+             "reason: " .. tostring(caught.err), caught.traceback })
+  end
+  if res.guard ~= 3 then unguard(c, res) end
+  if res.upgraded then
+    -- The handler owned the connection; it is over now. A WebSocket the
+    -- handler left open gets a normal closure (1000) rather than a bare
+    -- TCP close (closing one already closed does nothing).
+    if res.websocket then c.sock:close(1000) else c.sock:close() end
+    return false
+  end
+  if not okh then
+    if not res.started then
+      fail(c, 500)
+    else
+      c.sock:close()
+    end
+    return false
+  end
+  if not res.done then
+    local fok
+    if res.started then fok = res:finish() else fok = res:send("") end
+    if not fok then c.sock:close() return false end
+  end
+  if res.close or res.broken or upgrade then
+    c.sock:close()
+    return false
+  end
+  return true, status
+end
+
+-- The state of a connection process. (Every field is in the constructor
+-- with a constant value, as in new_response.)
+local function new_conn(sock, handler, opts, acceptor)
+  local c = {
+    sock = false, opts = false, acceptor = false, me = false, handler_spec = false,
+    handler = false, parser = false, overtime = false,
+    deadline = false, resume_deadline = false, first = false, pending = false,
+    no_hibernate = false,
+  }
+  c.sock, c.opts, c.acceptor, c.handler_spec = sock, opts, acceptor, handler
+  c.me = tostring(mb.self())
+  c.handler = type(handler) == "string" and require(handler) or handler
+  c.parser = hp.new({ max_head = opts.max_head, max_headers = opts.max_headers,
+                      max_url = opts.max_url })
+  return c
+end
+
+-- Serve requests until the connection ends.
+local function serve(c, first)
+  local handler = c.handler
+  local go, ready = serve_one(c, handler, first)
+  while go do go, ready = serve_one(c, handler, false, ready) end
+end
+
+-- The body of a connection process: wait for the socket, then serve
+-- requests until the connection ends.
+function conn.serve(handler, opts, acceptor)
+  local m = mb.receive(function(x) return type(x) == "table" and x.tag == "$http_sock" end, START_TIMEOUT)
+  if not m then return end
+  return serve(new_conn(m.sock, handler, opts, acceptor), true)   -- (a tail call: one frame less under every read)
+end
+
+conn.next_event = next_event
+conn.reason = reason_phrase
+conn.has_token = has_token
+conn.ceil = ceil
+-- For moonbeam.http_rare: the internals it builds on.
+conn.started, conn.finished, conn.bodiless = started, finished, bodiless
+conn.build_head, conn.check_open, conn.report = build_head, check_open, report
+conn.new_conn, conn.serve_conn = new_conn, serve
+conn.KILL_WAIT = KILL_WAIT
+
+return conn
