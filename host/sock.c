@@ -1135,6 +1135,19 @@ static int accept_room(mb_sock_t *s)
   return s->acc_paused && s->nacc < MB_SOCK_ACCEPT_QUEUE;
 }
 
+/* A listener's queue may go on: hand the due connections to the owner and
+ * accept what libuv holds back. Called with s->lock held; releases it. */
+static void hand_over_unlock(mb_sock_t *s)
+{
+  mb_pid_t owner;
+  mb_sock_t *due = take_due(s, &owner);
+  int room = accept_room(s);
+  pthread_mutex_unlock(&s->lock);
+  send_accepted(s, due, owner);
+  if (room)
+    mb_sock_run(s, mb_sock_do_accept, NULL);
+}
+
 void mb_sock_set_active(mb_sock_t *s, int mode)
 {
   pthread_mutex_lock(&s->lock);
@@ -1146,13 +1159,7 @@ void mb_sock_set_active(mb_sock_t *s, int mode)
       mb_sock_run(s, mb_sock_do_resume, NULL);
     return;
   }
-  mb_pid_t owner;
-  mb_sock_t *due = take_due(s, &owner);
-  int room = accept_room(s);
-  pthread_mutex_unlock(&s->lock);
-  send_accepted(s, due, owner);
-  if (room)
-    mb_sock_run(s, mb_sock_do_accept, NULL);
+  hand_over_unlock(s);
 }
 
 void mb_sock_received(uint64_t port)
@@ -1168,13 +1175,7 @@ void mb_sock_received(uint64_t port)
       s->ainflight--;
       atomic_fetch_sub(&ainflight_total, 1);
     }
-    mb_pid_t owner;
-    mb_sock_t *due = take_due(s, &owner);
-    int room = accept_room(s);
-    pthread_mutex_unlock(&s->lock);
-    send_accepted(s, due, owner);
-    if (room)
-      mb_sock_run(s, mb_sock_do_accept, NULL);
+    hand_over_unlock(s);
   }
   mb_sock_unref(s);
 }
