@@ -119,9 +119,11 @@ local function moonbeam_bg(src, opts)
   local name = opts.name or uniq("mb")
   local dir = S.tmpdir()
   local path = S.write("node.lua", script(src), dir)
-  local cmd = string.format("timeout -k 5 %d %s --sname %s --cookie %s %s %s %s >%s/out 2>%s/err </dev/null; echo $? >%s/rc",
+  -- rc is written whole or not at all (renamed into place): a reader that
+  -- sees the file sees the code, not an empty file being written.
+  local cmd = string.format("timeout -k 5 %d %s --sname %s --cookie %s %s %s %s >%s/out 2>%s/err </dev/null; echo $? >%s/rc.tmp; mv %s/rc.tmp %s/rc",
     opts.limit or 40, S.q(S.bin), name, S.q(opts.cookie or COOKIE), opts.host_args or "",
-    S.q(path), opts.args or "", dir, dir, dir)
+    S.q(path), opts.args or "", dir, dir, dir, dir, dir)
   os.execute("(" .. cmd .. ") &")
   local function wait()
     S.eventually(function() return io.open(dir .. "/rc") ~= nil end, (opts.limit or 40) * 1000 + 10000)
