@@ -456,8 +456,10 @@ static void run(mb_sched_t *s, mb_proc_t *p)
       return;
     }
     if (why == MB_YIELD_WAIT) {
-      if (!p->settled && p->in_head == NULL)
-        mb_lstate_settle(p);   /* the first time it goes idle */
+      /* The first time it goes idle with nothing queued (the count is
+       * atomic: in_head is the pushers', read only under the lock). */
+      if (!p->settled && atomic_load_explicit(&p->mailbox_len, memory_order_relaxed) == 0)
+        mb_lstate_settle(p);
       mb_proc_lock(p);
       p->wait = p->pending_wait;
       int again = p->in_head != NULL || p->woken;
