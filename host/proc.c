@@ -282,11 +282,13 @@ void mb_proc_push(mb_proc_t *p, mb_msg_t *msg)
       sig = 1;
     }
   }
-  /* Signals end any wait; messages only a receive. `wait` is read only
-   * while WAITING: a running owner ends its waits without the lock (see
-   * end_wait in lib/run.c), and a message needs no wake-up then - its way
-   * into the next wait looks at the inbox under the lock. */
-  if (sig || (p->status == MB_PS_WAITING && p->wait == MB_WAIT_RECV))
+  /* Signals end any wait; messages only a receive. A running owner ends
+   * a wait without the lock (end_wait in lib/run.c), so `wait` is read
+   * here as the atomic it is written as there; a message needs no wake-up
+   * unless WAITING - the way into the next wait looks at the inbox under
+   * the lock. */
+  if (sig || (p->status == MB_PS_WAITING
+              && __atomic_load_n(&p->wait, __ATOMIC_RELAXED) == MB_WAIT_RECV))
     wake = mb_proc_wake_locked(p);
   mb_proc_unlock(p);
   if (wake)

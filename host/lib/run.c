@@ -124,9 +124,10 @@ static void end_wait(mb_proc_t *p)
     p->wait_seq++;   /* a late timer of this wait will find no match */
     mb_proc_unlock(p);
   } else {
-    /* Without a timer or I/O only pushers read `wait`, and only while the
-     * status is WAITING, which it is not while the process runs. */
-    p->wait = MB_WAIT_NONE;
+    /* Without a timer or I/O only pushers read `wait` (mb_proc_push, as
+     * an atomic, and acting on it only while WAITING, which the process
+     * is not while it runs). */
+    __atomic_store_n(&p->wait, MB_WAIT_NONE, __ATOMIC_RELAXED);
   }
 }
 
