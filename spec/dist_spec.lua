@@ -436,6 +436,11 @@ describe("distribution", function()
         mb.register("watcher")
         local p = mb.spawn(function() mb.receive(15000) mb.exit("lua_reason") end)
         mb.spawn(function() mb.register("named") mb.receive(15000) mb.exit("named_reason") end)
+        -- Erlang monitors "named" once told: it must be registered by then.
+        for _ = 1, 500 do
+          if mb.whereis("named") then break end
+          mb.sleep(10)
+        end
         mb.send({"ctl", e}, mb.tuple(mb.atom("lua"), p))
         local v = mb.receive(function(m) return mb.is_tuple(m) end, 25000)
         local r1 = mb.monitor(v[2])
