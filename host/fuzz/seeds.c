@@ -18,6 +18,7 @@
 #include "lib.h"
 #include "lualib.h"
 #include "pid.h"
+#include "sock.h"
 
 static const char *outdir;
 static int nwritten;
@@ -191,7 +192,8 @@ static void copy_seeds(void)
   lua_setglobal(L, "pidgen");
   mb_ref_push(L, 99);
   lua_setglobal(L, "ref99");
-  mb_lib_sock_push(L, 5);
+  mb_id_register(&mb_sock_kind);   /* as the TCP layer does at start-up */
+  mb_id_push(L, 5, &mb_sock_kind);
   lua_setglobal(L, "sock5");
   for (size_t i = 0; i < sizeof values / sizeof values[0]; i++) {
     if (luaL_loadstring(L, values[i]) || lua_pcall(L, 0, LUA_MULTRET, 0)) {
