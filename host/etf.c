@@ -637,6 +637,42 @@ static int check_atom(chk_t *c)
 }
 
 static int check_n(chk_t *c, int depth, uint64_t n);
+static int check_term(chk_t *c, int depth);
+
+/* One of the given tags starts the term at c->i (a fun's integers and pid). */
+static int check_one_of(chk_t *c, int depth, const char *tags)
+{
+  if (need(c, 1) < 0 || c->p[c->i] == 0 || strchr(tags, c->p[c->i]) == NULL)
+    return -1;
+  return check_term(c, depth);
+}
+
+/* A fun (NEW_FUN_EXT). Its size field counts itself and the rest, not the
+ * tag. Every part is checked, and must end where the size says: ei's
+ * decoders read the parts (ei_skip_term does, on a SEND's cookie for
+ * instance) and trust the lengths they find there. Layout: tag, size,
+ * arity (1), uniq (16), index (4), number of free variables (4), module
+ * (atom), old index and old uniq (integers), pid, free variables. */
+static int check_fun(chk_t *c, int depth)
+{
+  if (need(c, 30) < 0)
+    return -1;
+  uint32_t size = be32(c->p + c->i + 1), nfree = be32(c->p + c->i + 26);
+  if (size < 29 || need(c, 1 + (uint64_t)size) < 0)
+    return -1;
+  long end = c->i + 1 + (long)size;
+  c->i += 30;
+  if (check_atom(c) < 0 || check_one_of(c, depth, "ab") < 0 ||
+      check_one_of(c, depth, "ab") < 0 || check_one_of(c, depth, "gX") < 0 ||
+      c->i > end)
+    return -1;
+  chk_t inner = *c;
+  inner.len = end;                      /* the free variables stay inside */
+  if (check_n(&inner, depth, nfree) < 0 || inner.i != end)
+    return -1;
+  c->i = end;
+  return 0;
+}
 
 static int check_term(chk_t *c, int depth)
 {
@@ -728,19 +764,16 @@ static int check_term(chk_t *c, int depth)
     c->unsupported = 1;
     return need(c, n) < 0 ? -1 : (c->i += n, 0);
   case 'p':
-    /* A fun: its size field covers it all. */
-    if (need(c, 5) < 0)
-      return -1;
-    n = be32(c->p + c->i + 1);
-    if (n < 5 || need(c, n) < 0)
-      return -1;
-    c->i += n;
     c->unsupported = 1;
-    return 0;
+    return check_fun(c, depth);
   case 'q':
+    /* An export (fun M:F/A): ei_decode_fun reads two atoms and an integer. */
     c->i++;
     c->unsupported = 1;
-    return check_n(c, depth, 3);
+    if (check_atom(c) < 0 || check_atom(c) < 0 || need(c, 2) < 0 || c->p[c->i] != 'a')
+      return -1;
+    c->i += 2;
+    return 0;
   default:
     return -1;
   }

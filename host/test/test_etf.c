@@ -367,6 +367,38 @@ static void test_fuzz(void)
   ei_x_free(&y);
 }
 
+/* A fun as OTP 25 writes it: term_to_binary({fun(X) -> X + 1 end, 1}).
+ * NEW_FUN_EXT's size field counts itself and what follows, not the tag. */
+static const unsigned char fun_pair[] = {
+  131, 104, 2, 112, 0, 0, 0, 69, 1, 163, 39, 205, 248, 96, 217, 228, 140, 226, 76, 76, 100,
+  82, 92, 163, 227, 0, 0, 0, 0, 0, 0, 0, 0, 100, 0, 1, 116, 97, 0, 98, 5, 25, 62, 111, 88,
+  100, 0, 13, 110, 111, 110, 111, 100, 101, 64, 110, 111, 104, 111, 115, 116, 0, 0, 0, 9, 0,
+  0, 0, 0, 0, 0, 0, 0, 97, 1};
+
+static void test_funs(void)
+{
+  long len = sizeof fun_pair, idx = 0;
+  mb_msg_t *m;
+  check(mb_etf_check((const char *)fun_pair, len, &idx) == 0 && idx == len,
+        "a fun followed by another term checks to its end (%ld of %ld)", idx, len);
+  idx = 0;
+  check(mb_etf_decode((const char *)fun_pair, len, &idx, 0, &m) == MB_ETF_UNSUPPORTED &&
+        idx == len, "a message holding a fun and more is unsupported, not malformed");
+  /* Its parts must fit its size: ei_skip_term reads them. */
+  unsigned char lying[sizeof fun_pair];
+  memcpy(lying, fun_pair, sizeof lying);
+  lying[35] = 38;                       /* the module atom 't' claims 38 bytes,
+                                           which end inside the next term */
+  idx = 0;
+  check(mb_etf_check((const char *)lying, len, &idx) == MB_ETF_MALFORMED,
+        "a fun whose module atom runs past its size is malformed");
+  memcpy(lying, fun_pair, sizeof lying);
+  lying[32] = 1;                        /* one free variable that is not there */
+  idx = 0;
+  check(mb_etf_check((const char *)lying, len, &idx) == MB_ETF_MALFORMED,
+        "a fun with more free variables than its size holds is malformed");
+}
+
 /* Remote refs are held only by the states that have them (remote.h). */
 static void test_remote_ref_holds(void)
 {
@@ -446,6 +478,7 @@ int main(void)
   test_round_trips();
   test_from_erlang();
   test_fuzz();
+  test_funs();
   test_remote_ref_holds();
   lua_close(A);
   lua_close(B);
