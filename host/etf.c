@@ -683,7 +683,14 @@ static int check_term(chk_t *c, int depth)
   switch (tag) {
   case 'a': return need(c, 2) < 0 ? -1 : (c->i += 2, 0);
   case 'b': return need(c, 5) < 0 ? -1 : (c->i += 5, 0);
-  case 'c': return need(c, 32) < 0 ? -1 : (c->i += 32, 0);
+  case 'c':
+    /* FLOAT_EXT: "%.20e" in 31 bytes, padded with NULs. ei parses it with
+     * sscanf, which reads on to a NUL: there must be one among them (every
+     * encoder writes at most 28 characters). */
+    if (need(c, 32) < 0 || memchr(c->p + c->i + 1, 0, 31) == NULL)
+      return -1;
+    c->i += 32;
+    return 0;
   case 'F': return need(c, 9) < 0 ? -1 : (c->i += 9, 0);
   case 'd': case 's': case 'v': case 'w':
     return check_atom(c);

@@ -367,6 +367,31 @@ static void test_fuzz(void)
   ei_x_free(&y);
 }
 
+/* FLOAT_EXT: 31 bytes of text, which ei reads with sscanf - on to the
+ * first NUL, wherever that is. */
+static void test_old_floats(void)
+{
+  char buf[64];
+  memset(buf, 0, sizeof buf);
+  buf[0] = (char)131;
+  buf[1] = 'c';
+  memcpy(buf + 2, "1.50000000000000000000e+00", 26);
+  long idx = 0;
+  mb_msg_t *m;
+  check(mb_etf_decode(buf, 33, &idx, 0, &m) == 0 && idx == 33, "a FLOAT_EXT decodes");
+  mb_copy_decode(B, m);
+  lua_setglobal(B, "got");
+  mb_msg_free(m);
+  check(b_true("got == 1.5"), "to its value");
+  memset(buf + 2, '1', 31);             /* no NUL: sscanf would go on ... */
+  memcpy(buf + 33, "999", 3);           /* ... into bytes that are not the term's */
+  idx = 0;
+  m = NULL;
+  int rc = mb_etf_decode(buf, 33, &idx, 0, &m);
+  check(rc == MB_ETF_MALFORMED, "a FLOAT_EXT with no NUL in its 31 bytes is malformed (%d)", rc);
+  mb_msg_free(m);
+}
+
 /* A fun as OTP 25 writes it: term_to_binary({fun(X) -> X + 1 end, 1}).
  * NEW_FUN_EXT's size field counts itself and what follows, not the tag. */
 static const unsigned char fun_pair[] = {
@@ -479,6 +504,7 @@ int main(void)
   test_from_erlang();
   test_fuzz();
   test_funs();
+  test_old_floats();
   test_remote_ref_holds();
   lua_close(A);
   lua_close(B);
