@@ -8,6 +8,7 @@
  * any ei decoder reads them, then builds the message with the builder of
  * msg.h.
  */
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -831,12 +832,16 @@ typedef struct {
 
 static int dec_term(dec_t *d, int flags);
 
-/* A big integer as the nearest double (digits are little-endian bytes). */
+/* A big integer as the nearest double (digits are little-endian bytes).
+ * Beyond a double's range that is the largest one, not inf: Erlang has no
+ * inf, so a value that arrived could not be sent back. */
 static double big_value(const unsigned char *digits, uint32_t n, int neg)
 {
   double v = 0;
-  for (uint32_t k = n; k-- > 0; )
+  for (uint32_t k = n; k-- > 0 && v <= DBL_MAX; )
     v = v * 256.0 + digits[k];
+  if (v > DBL_MAX)
+    v = DBL_MAX;
   return neg ? -v : v;
 }
 

@@ -239,6 +239,23 @@ static void test_from_erlang(void)
   check(from_ei(&x, 0) == 0 && b_true("got == 2^64"), "a bignum arrives as the nearest number");
   ei_x_free(&x);
 
+  /* Beyond a double's range: the largest number, not inf (which cannot be
+   * sent back: Erlang has none). */
+  for (int neg = 0; neg <= 1; neg++) {
+    ei_x_new_with_version(&x);
+    char huge[6 + 300] = {'o', 0, 0, 1, 44, (char)neg};
+    huge[6 + 299] = 1;                 /* 2^2392 */
+    ei_x_append_buf(&x, huge, sizeof huge);
+    check(from_ei(&x, 0) == 0 && b_true(neg ? "got == -1.7976931348623157e308"
+                                            : "got == 1.7976931348623157e308"),
+          "a bignum beyond a double's range arrives as the largest number (%s)",
+          neg ? "negative" : "positive");
+    ei_x_free(&x);
+  }
+  char err[256];
+  check(through_etf("1.7976931348623157e308", err, sizeof err) > 0 &&
+        b_true("got == 1.7976931348623157e308"), "and goes back");
+
   /* A fun: unsupported, not malformed. */
   ei_x_new_with_version(&x);
   ei_x_encode_tuple_header(&x, 2);
