@@ -681,6 +681,11 @@ static int check_term(chk_t *c, int depth)
     return -1;
   unsigned tag = c->p[c->i];
   uint32_t n;
+  /* Terms that arrive as tables (a [] or string too) stay above
+   * MB_ETF_MAX_DEPTH, where the encoder writes its deepest ones, so that
+   * whatever decodes can be sent back. */
+  if (depth >= MB_ETF_MAX_DEPTH && tag && strchr("hijklt", (int)tag) != NULL)
+    return -1;
   switch (tag) {
   case 'a': return need(c, 2) < 0 ? -1 : (c->i += 2, 0);
   case 'b': return need(c, 5) < 0 ? -1 : (c->i += 5, 0);
@@ -711,7 +716,14 @@ static int check_term(chk_t *c, int depth)
     c->i += 5;
     if (check_n(c, depth, tag == 't' ? 2 * (uint64_t)n : n) < 0)
       return -1;
-    return tag == 'l' ? check_term(c, depth + 1) : 0;   /* the tail */
+    if (tag != 'l')
+      return 0;
+    /* The tail: a proper list's [] is no table of its own. */
+    if (need(c, 1) == 0 && c->p[c->i] == 'j') {
+      c->i++;
+      return 0;
+    }
+    return check_term(c, depth + 1);
   case 'k':
     if (need(c, 3) < 0)
       return -1;

@@ -409,6 +409,58 @@ static void test_old_floats(void)
   mb_msg_free(m);
 }
 
+/* `levels` one-element lists around the term `inner` (n bytes): the
+ * inner term sits at depth `levels`. */
+static long nest(char *buf, int levels, const char *inner, int n)
+{
+  long k = 0;
+  buf[k++] = (char)131;
+  for (int i = 0; i < levels; i++) {
+    memcpy(buf + k, "l\0\0\0\1", 5);
+    k += 5;
+  }
+  memcpy(buf + k, inner, (size_t)n);
+  k += n;
+  for (int i = 0; i < levels; i++)
+    buf[k++] = 'j';
+  return k;
+}
+
+/* What decodes can be sent back: the encoder writes tables and tuples at
+ * depths 0..MB_ETF_MAX_DEPTH-1, so the decoder takes no more (a [] or an
+ * Erlang string is a table too; a proper list's [] tail is not). */
+static void test_depth(void)
+{
+  static const struct { const char *what, *bytes; int n; } inner[] = {
+    {"an empty tuple", "h\0", 2}, {"[]", "j", 1}, {"a string", "k\0\1x", 4},
+    {"an empty map", "t\0\0\0\0", 5}, {"a list", "l\0\0\0\1a\1j", 8},
+  };
+  char buf[2048];
+  for (size_t i = 0; i < sizeof inner / sizeof inner[0]; i++) {
+    long len = nest(buf, MB_ETF_MAX_DEPTH - 1, inner[i].bytes, inner[i].n), idx = 0;
+    mb_msg_t *m = NULL;
+    int rc = mb_etf_decode(buf, len, &idx, 0, &m);
+    char err[256] = "";
+    long back = m ? mb_etf_size(m, 0, err, sizeof err) : -1;
+    check(rc == 0 && back > 0, "%s at depth %d decodes and goes back (%d, %s)",
+          inner[i].what, MB_ETF_MAX_DEPTH - 1, rc, err);
+    mb_msg_free(m);
+    len = nest(buf, MB_ETF_MAX_DEPTH, inner[i].bytes, inner[i].n);
+    idx = 0;
+    m = NULL;
+    rc = mb_etf_decode(buf, len, &idx, 0, &m);
+    check(rc == MB_ETF_MALFORMED, "%s at depth %d is malformed (%d)", inner[i].what,
+          MB_ETF_MAX_DEPTH, rc);
+    mb_msg_free(m);
+  }
+  /* A leaf at MB_ETF_MAX_DEPTH is what the encoder writes inside its deepest table. */
+  long len = nest(buf, MB_ETF_MAX_DEPTH, "a\7", 2), idx = 0;
+  mb_msg_t *m = NULL;
+  check(mb_etf_decode(buf, len, &idx, 0, &m) == 0, "a number at depth %d decodes",
+        MB_ETF_MAX_DEPTH);
+  mb_msg_free(m);
+}
+
 /* A fun as OTP 25 writes it: term_to_binary({fun(X) -> X + 1 end, 1}).
  * NEW_FUN_EXT's size field counts itself and what follows, not the tag. */
 static const unsigned char fun_pair[] = {
@@ -522,6 +574,7 @@ int main(void)
   test_fuzz();
   test_funs();
   test_old_floats();
+  test_depth();
   test_remote_ref_holds();
   lua_close(A);
   lua_close(B);
