@@ -313,8 +313,10 @@ int dist_handle_frame(conn_t *c, const char *data, long len)
     if (bad || mb_etf_get_pid(data, &i, &to) < 0 || mb_etf_get_ref(data, &i, &ref) < 0)
       return -1;
     mb_msg_t *r = ctl_reason(data, len, &i, &bad);
-    if (bad)
+    if (bad) {
+      dist_unhold(ref);               /* held by mb_etf_get_ref */
       return -1;
+    }
     pair_t p;
     pthread_mutex_lock(&dist_lock);
     int found = dist_pairs_del(&c->mon_out, 0, 0, ref, &p);
