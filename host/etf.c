@@ -610,7 +610,44 @@ static uint32_t be32(const unsigned char *p)
   return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 
-/* An atom term (the node of a pid, ref or port). */
+/* The characters of s[0..n) if it is valid UTF-8 (RFC 3629: no overlong
+ * form, surrogate or code point past U+10FFFF), else -1. */
+static long utf8_chars(const unsigned char *s, uint32_t n)
+{
+  long chars = 0;
+  for (uint32_t i = 0; i < n; chars++) {
+    unsigned b = s[i];
+    uint32_t k, cp, min;
+    if (b < 0x80) {
+      i++;
+      continue;
+    }
+    if (b >= 0xC2 && b <= 0xDF)
+      k = 1, cp = b & 0x1F, min = 0x80;
+    else if ((b & 0xF0) == 0xE0)
+      k = 2, cp = b & 0x0F, min = 0x800;
+    else if (b >= 0xF0 && b <= 0xF4)
+      k = 3, cp = b & 0x07, min = 0x10000;
+    else
+      return -1;
+    if (n - i <= k)
+      return -1;
+    for (uint32_t j = 1; j <= k; j++) {
+      if ((s[i + j] & 0xC0) != 0x80)
+        return -1;
+      cp = cp << 6 | (s[i + j] & 0x3F);
+    }
+    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+      return -1;
+    i += k + 1;
+  }
+  return chars;
+}
+
+/* An atom term (also the node of a pid, ref or port): at most 255
+ * characters, and a UTF-8 one valid UTF-8. That is what Erlang's decoder
+ * takes, and ei's encoder refuses anything else, so a name that arrives
+ * can be sent back. */
 static int check_atom(chk_t *c)
 {
   if (need(c, 1) < 0)
@@ -622,8 +659,6 @@ static int check_atom(chk_t *c)
       return -1;
     n = be16(c->p + c->i);
     c->i += 2;
-    if (n > 255 * 4)
-      return -1;
   } else if (tag == 's' || tag == 'w') {
     if (need(c, 1) < 0)
       return -1;
@@ -632,6 +667,9 @@ static int check_atom(chk_t *c)
     return -1;
   }
   if (need(c, n) < 0)
+    return -1;
+  long chars = tag == 'd' || tag == 's' ? (long)n : utf8_chars(c->p + c->i, n);
+  if (chars < 0 || chars > 255)
     return -1;
   c->i += n;
   return 0;

@@ -461,6 +461,57 @@ static void test_depth(void)
   mb_msg_free(m);
 }
 
+/* Atoms: what Erlang's decoder takes and ei's encoder writes back - at
+ * most 255 characters, and UTF-8 ones valid UTF-8. */
+static void test_atoms(void)
+{
+  static const struct { const char *what; const char *bytes; int n; int ok; } atoms[] = {
+    {"a UTF-8 atom cut inside a character", "w\6norma\xd6", 8, 0},
+    {"a UTF-8 atom with a stray continuation byte", "w\2a\x80", 4, 0},
+    {"a UTF-8 atom with an overlong form", "w\2\xc0\xaf", 4, 0},
+    {"a UTF-8 atom with a surrogate", "w\3\xed\xa0\x80", 5, 0},
+    {"a UTF-8 atom past U+10FFFF", "w\4\xf4\x90\x80\x80", 6, 0},
+    {"a UTF-8 atom of 2-, 3- and 4-byte characters", "w\11\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80", 11, 1},
+    {"a Latin-1 atom", "s\4caf\xe9", 6, 1},
+  };
+  char buf[2048];
+  for (size_t i = 0; i < sizeof atoms / sizeof atoms[0]; i++) {
+    buf[0] = (char)131;
+    memcpy(buf + 1, atoms[i].bytes, (size_t)atoms[i].n);
+    long idx = 0;
+    mb_msg_t *m = NULL;
+    int rc = mb_etf_decode(buf, 1 + atoms[i].n, &idx, 0, &m);
+    long back = m ? mb_etf_size(m, 0, NULL, 0) : -1;
+    check(atoms[i].ok ? rc == 0 && back > 0 : rc == MB_ETF_MALFORMED, "%s %s (%d)",
+          atoms[i].what, atoms[i].ok ? "decodes and goes back" : "is malformed", rc);
+    mb_msg_free(m);
+  }
+  /* 255 characters, not bytes. */
+  for (int chars = 255; chars <= 256; chars++) {
+    for (int utf8 = 0; utf8 <= 1; utf8++) {
+      int n = chars * (utf8 ? 2 : 1);
+      buf[0] = (char)131;
+      buf[1] = utf8 ? 'v' : 'd';
+      buf[2] = (char)(n >> 8);
+      buf[3] = (char)n;
+      for (int k = 0; k < chars; k++) {
+        if (utf8)
+          memcpy(buf + 4 + 2 * k, "\xc3\xa9", 2);
+        else
+          buf[4 + k] = 'a';
+      }
+      long idx = 0;
+      mb_msg_t *m = NULL;
+      int rc = mb_etf_decode(buf, 4 + n, &idx, 0, &m);
+      long back = m ? mb_etf_size(m, 0, NULL, 0) : -1;
+      check(chars == 255 ? rc == 0 && back > 0 : rc == MB_ETF_MALFORMED,
+            "a %s atom of %d characters %s (%d)", utf8 ? "UTF-8" : "Latin-1", chars,
+            chars == 255 ? "decodes and goes back" : "is malformed", rc);
+      mb_msg_free(m);
+    }
+  }
+}
+
 /* A fun as OTP 25 writes it: term_to_binary({fun(X) -> X + 1 end, 1}).
  * NEW_FUN_EXT's size field counts itself and what follows, not the tag. */
 static const unsigned char fun_pair[] = {
@@ -575,6 +626,7 @@ int main(void)
   test_funs();
   test_old_floats();
   test_depth();
+  test_atoms();
   test_remote_ref_holds();
   lua_close(A);
   lua_close(B);
