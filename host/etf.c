@@ -112,13 +112,51 @@ int mb_etf_put_atom(char *buf, int *idx, uint32_t atom)
          ? MB_EBADARG : 0;
 }
 
+/* The atom term at buf[*idx] (checked: at most 255 characters, valid
+ * UTF-8) as UTF-8 in name (MAXATOMLEN_UTF8 bytes, NUL added), its length
+ * in *n; 0, or -1 if it is no atom. Not ei_decode_atom_as, which gives a C
+ * string: Erlang allows a NUL in an atom, and the name would lose its end. */
+static int read_atom(const char *buf, int *idx, char *name, size_t *n)
+{
+  const unsigned char *p = (const unsigned char *)buf + *idx;
+  uint32_t len, hdr;
+  if (p[0] == 'd' || p[0] == 'v')
+    len = (uint32_t)p[1] << 8 | p[2], hdr = 3;
+  else if (p[0] == 's' || p[0] == 'w')
+    len = p[1], hdr = 2;
+  else
+    return -1;
+  const unsigned char *s = p + hdr;
+  size_t k = 0;
+  if (p[0] == 'v' || p[0] == 'w') {
+    if (len >= MAXATOMLEN_UTF8)
+      return -1;
+    memcpy(name, s, len);
+    k = len;
+  } else {
+    for (uint32_t i = 0; i < len; i++) {   /* Latin-1 */
+      if (k + 2 >= MAXATOMLEN_UTF8)
+        return -1;
+      if (s[i] < 0x80) {
+        name[k++] = (char)s[i];
+      } else {
+        name[k++] = (char)(0xC0 | s[i] >> 6);
+        name[k++] = (char)(0x80 | (s[i] & 0x3F));
+      }
+    }
+  }
+  name[k] = '\0';
+  *n = k;
+  *idx += (int)(hdr + len);
+  return 0;
+}
+
 int mb_etf_get_atom(const char *buf, int *idx, uint32_t *out)
 {
   char name[MAXATOMLEN_UTF8];
-  erlang_char_encoding was, res;
-  if (ei_decode_atom_as(buf, idx, name, sizeof name, ERLANG_UTF8, &was, &res) < 0)
+  size_t n;
+  if (read_atom(buf, idx, name, &n) < 0)
     return MB_ETF_MALFORMED;
-  size_t n = strlen(name);
   if (n == 0) {                  /* '' is an atom; ours need a name */
     *out = 0;
     return MB_ETF_UNSUPPORTED;
@@ -898,19 +936,18 @@ static double big_value(const unsigned char *digits, uint32_t n, int neg)
 static int dec_atom(dec_t *d, int flags)
 {
   char name[MAXATOMLEN_UTF8];
-  erlang_char_encoding was, res;
-  if (ei_decode_atom_as(d->buf, &d->i, name, sizeof name, ERLANG_UTF8, &was, &res) < 0)
+  size_t n;
+  if (read_atom(d->buf, &d->i, name, &n) < 0)
     return MB_ETF_MALFORMED;
-  size_t n = strlen(name);
   if ((flags & (KEY | MB_ETF_REASON)) || n == 0) {
     mb_msgb_string(&d->b, name, n);
     return 0;
   }
-  if (strcmp(name, "true") == 0 || strcmp(name, "false") == 0) {
+  if ((n == 4 && memcmp(name, "true", 4) == 0) || (n == 5 && memcmp(name, "false", 5) == 0)) {
     mb_msgb_bool(&d->b, name[0] == 't');
     return 0;
   }
-  if (strcmp(name, "nil") == 0 && !(flags & TOP)) {
+  if (n == 3 && memcmp(name, "nil", 3) == 0 && !(flags & TOP)) {
     mb_msgb_nil(&d->b);
     return 0;
   }

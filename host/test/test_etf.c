@@ -486,6 +486,20 @@ static void test_atoms(void)
           atoms[i].what, atoms[i].ok ? "decodes and goes back" : "is malformed", rc);
     mb_msg_free(m);
   }
+  /* Erlang allows a NUL in an atom: the name keeps its end. */
+  static const char nul[] = {(char)131, 'w', 3, 'a', 0, 'b'};
+  for (int flags = 0; flags <= MB_ETF_REASON; flags += MB_ETF_REASON) {
+    long idx = 0;
+    mb_msg_t *m = NULL;
+    check(mb_etf_decode(nul, sizeof nul, &idx, flags, &m) == 0, "an atom with a NUL decodes");
+    if (m) {
+      mb_copy_decode(B, m);
+      lua_setglobal(B, "got");
+    }
+    mb_msg_free(m);
+    check(b_true(flags ? "got == 'a\\0b'" : "tostring(got) == 'a\\0b'"),
+          "with all of its name (%s)", flags ? "a reason, as a string" : "an atom");
+  }
   /* 255 characters, not bytes. */
   for (int chars = 255; chars <= 256; chars++) {
     for (int utf8 = 0; utf8 <= 1; utf8++) {
