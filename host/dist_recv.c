@@ -17,8 +17,10 @@ static mb_msg_t *frame_msg(conn_t *c, const char *data, long len, long *idx, int
 {
   mb_msg_t *m;
   int rc = mb_etf_decode(data, len, idx, 0, &m);
-  if (rc == 0 && *idx != len)
+  if (rc == 0 && *idx != len) {       /* bytes after the message */
+    mb_msg_free(m);
     rc = MB_ETF_MALFORMED;
+  }
   if (rc == MB_ETF_MALFORMED) {
     *bad = 1;
     return NULL;

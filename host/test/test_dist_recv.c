@@ -1,7 +1,8 @@
 /* test_dist_recv.c: tests of what a peer's frames do (dist_handle_frame,
  * dist_recv.c), on a connection that has no socket: the refs of other
  * nodes that control messages bring are held exactly as long as a monitor
- * needs them, whether the frame is good or makes the connection close.
+ * needs them, and nothing stays allocated, whether the frame is good or
+ * makes the connection close.
  * Every check prints one line; the exit code is 0 only if all passed.
  */
 #include <stdarg.h>
@@ -22,7 +23,8 @@ static erlang_ref peer_ref = {"peer@localhost", 3, {1, 2, 3}, 3};
 
 /* Handle the frame {op, items...}: 'p' the peer's pid, 'o' one of ours,
  * 'r' the peer's ref, 'a' an atom (next argument), 'n' a NaN (which passes
- * the check but does not decode); a final '+' adds the message 'ok'. */
+ * the check but does not decode); a final '+' adds the message 'ok', a
+ * final '*' that message and a stray byte after it. */
 static int frame(long op, const char *items, ...)
 {
   va_list ap;
@@ -33,10 +35,10 @@ static int frame(long op, const char *items, ...)
   ei_x_append_buf(&x, &pt, 1);
   ei_x_encode_version(&x);
   size_t n = strlen(items);
-  int msg = n && items[n - 1] == '+';
+  int msg = n && (items[n - 1] == '+' || items[n - 1] == '*');
   ei_x_encode_tuple_header(&x, 1 + (long)(n - msg));
   ei_x_encode_long(&x, op);
-  for (const char *c = items; *c && *c != '+'; c++) {
+  for (const char *c = items; *c && c < items + n - msg; c++) {
     if (*c == 'p')
       ei_x_encode_pid(&x, &peer_pid);
     else if (*c == 'o')
@@ -53,6 +55,8 @@ static int frame(long op, const char *items, ...)
     ei_x_encode_version(&x);
     ei_x_encode_atom(&x, "ok");
   }
+  if (msg && items[n - 1] == '*')
+    ei_x_append_buf(&x, "j", 1);
   int rc = dist_handle_frame(conn, x.buff, x.index);
   ei_x_free(&x);
   return rc;
@@ -94,6 +98,13 @@ int main(void)
         "a MONITOR_P_EXIT for a monitor we do not have holds nothing");
   check(frame(33, "pr+") == 0 && mb_remote_ref_count() == base,
         "an ALIAS_SEND to another node's ref holds nothing");
+  dist_conn_down(conn, NULL);
+
+  /* A message followed by a stray byte closes the connection, and the
+   * message that decoded is freed (LeakSanitizer checks that in the ASan
+   * build). */
+  up();
+  check(frame(2, "ao*", "") == -1, "a SEND whose message has bytes after it closes");
   dist_conn_down(conn, NULL);
   return check_summary();
 }
