@@ -102,14 +102,26 @@ int mb_etf_put_ref(char *buf, int *idx, mb_ref_t ref)
   return ei_encode_ref(buf, idx, &r) < 0 ? MB_EBADARG : 0;
 }
 
+static long utf8_chars(const unsigned char *s, uint32_t n);
+
+/* An atom named by the UTF-8 bytes s[0..n), or -1 if it has more than 255
+ * characters or is not valid UTF-8: what the decoder (check_atom) and
+ * Erlang's take, which is less than what ei's encoder checks. */
+static int put_name(char *buf, int *idx, const void *s, size_t n)
+{
+  long chars = n <= 255 * 4 ? utf8_chars(s, (uint32_t)n) : -1;
+  if (chars < 0 || chars > 255)
+    return -1;
+  return ei_encode_atom_len_as(buf, idx, s, (int)n, ERLANG_UTF8, ERLANG_UTF8);
+}
+
 int mb_etf_put_atom(char *buf, int *idx, uint32_t atom)
 {
   size_t n;
   const char *s = mb_atom_name(atom, &n);
   if (s == NULL)
     return MB_EBADARG;
-  return ei_encode_atom_len_as(buf, idx, s, (int)n, ERLANG_UTF8, ERLANG_UTF8) < 0
-         ? MB_EBADARG : 0;
+  return put_name(buf, idx, s, n) < 0 ? MB_EBADARG : 0;
 }
 
 /* The atom term at buf[*idx] (checked: at most 255 characters, valid
@@ -424,8 +436,7 @@ static int enc_key(enc_t *e, size_t *pos)
     if (n > 255)
       return efail(e, "a table key longer than 255 bytes cannot be sent to "
                    "another node (string keys become atoms)");
-    if (ei_encode_atom_len_as(e->out, &e->idx, (const char *)s, (int)n,
-                              ERLANG_UTF8, ERLANG_UTF8) < 0)
+    if (put_name(e->out, &e->idx, s, n) < 0)
       return efail(e, "a table key that is not valid UTF-8 cannot be sent to "
                    "another node (string keys become atoms)");
     return 0;
@@ -508,9 +519,7 @@ static int enc_value(enc_t *e, size_t *pos, int flags)
     uint32_t n;
     if (enc_string_at(e, pos, tag, &s, &n) < 0)
       return efail(e, "corrupt message");
-    if ((flags & MB_ETF_REASON) && n > 0 && n <= 255 &&
-        ei_encode_atom_len_as(e->out, &e->idx, (const char *)s, (int)n,
-                              ERLANG_UTF8, ERLANG_UTF8) == 0)
+    if ((flags & MB_ETF_REASON) && n > 0 && n <= 255 && put_name(e->out, &e->idx, s, n) == 0)
       return 0;
     E(ei_encode_binary(e->out, &e->idx, s, (long)n));
     return 0;

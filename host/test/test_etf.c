@@ -500,6 +500,24 @@ static void test_atoms(void)
     check(b_true(flags ? "got == 'a\\0b'" : "tostring(got) == 'a\\0b'"),
           "with all of its name (%s)", flags ? "a reason, as a string" : "an atom");
   }
+  /* What is sent as an atom must be what the decoder takes (ei's encoder
+   * checks less: a lead byte past 0xF4, an overlong form, a surrogate). */
+  refused("{['\\xf6\\x82\\x82\\x82'] = 1}", "not valid UTF-8");
+  refused("{['\\xc0\\xaf'] = 1}", "not valid UTF-8");
+  refused("atom('\\xed\\xa0\\x80')", "atom");
+  lua_pushstring(A, "\xf6\x82\x82\x82");
+  mb_msg_t *r = mb_copy_encode(A, -1, 1, "reason", NULL, NULL, 0);
+  lua_pop(A, 1);
+  long rsize = r ? mb_etf_size(r, MB_ETF_REASON, NULL, 0) : -1;
+  char rbuf[64];
+  long ridx = 0;
+  mb_msg_t *rback = NULL;
+  if (rsize > 0 && rsize <= (long)sizeof rbuf)
+    mb_etf_write(r, MB_ETF_REASON, rbuf);
+  int rrc = rsize > 0 ? mb_etf_decode(rbuf, rsize, &ridx, MB_ETF_REASON, &rback) : -9;
+  check(rrc == 0, "a reason that is not valid UTF-8 goes as a binary and comes back (%d)", rrc);
+  mb_msg_free(r);
+  mb_msg_free(rback);
   /* 255 characters, not bytes. */
   for (int chars = 255; chars <= 256; chars++) {
     for (int utf8 = 0; utf8 <= 1; utf8++) {
