@@ -981,8 +981,12 @@ static int dec_list(dec_t *d)
   }
   if (n == 0)
     return 0;
-  if (d->buf[d->i] == ERL_NIL_EXT) {
-    d->i++;
+  /* A tail that arrives as an empty table ends the list as [] does: "" is
+   * [] in Erlang, and #{} arrives as {} and would go back as []. */
+  const unsigned char *t = (const unsigned char *)d->buf + d->i;
+  if (t[0] == ERL_NIL_EXT || (t[0] == 'k' && be16(t + 1) == 0) ||
+      (t[0] == 't' && be32(t + 1) == 0)) {
+    d->i += t[0] == ERL_NIL_EXT ? 1 : t[0] == 'k' ? 3 : 5;
     return 0;
   }
   /* An improper list: the tail goes under "$tail". */

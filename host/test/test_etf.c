@@ -232,6 +232,19 @@ static void test_from_erlang(void)
         "[alias | 7] arrives with $tail");
   ei_x_free(&x);
 
+  /* A tail that arrives as an empty table ends the list as [] does: "" is
+   * [] in Erlang, and #{} arrives as {} and goes back as []. */
+  static const char *const empty_tails[] = {"k\0\0", "t\0\0\0\0"};
+  for (int k = 0; k < 2; k++) {
+    ei_x_new_with_version(&x);
+    ei_x_encode_list_header(&x, 1);
+    ei_x_encode_atom(&x, "a");
+    ei_x_append_buf(&x, empty_tails[k], k ? 5 : 3);
+    check(from_ei(&x, 0) == 0 && b_true("got[1] == atom('a') and got['$tail'] == nil"),
+          "[a | %s] arrives as {a}", k ? "#{}" : "\"\"");
+    ei_x_free(&x);
+  }
+
   /* A big integer beyond 64 bits. */
   ei_x_new_with_version(&x);
   char big[] = {'n', 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1};
