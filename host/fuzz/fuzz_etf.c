@@ -29,7 +29,9 @@
  * Lua state of its own and never runs, and its mailbox is emptied after
  * each input. The frames come from a connection of FUZZ_PEER that has no
  * socket (state connecting: what dist_recv queues for the peer stays
- * queued, and each such frame must be well formed); they are handled in
+ * queued, and each such frame must be well formed), on which the process
+ * monitors the peer's process FUZZ_PEER_PROC (ref FUZZ_MONITOR) and the
+ * node itself, as mb.monitor and mb.monitor_node leave it; they are handled in
  * order until one makes the connection close, and then the connection goes
  * down as on a close (dist_conn_down), which ends the links and remote
  * monitors the frames made. After that the process has no link or watcher
@@ -69,6 +71,7 @@ static lua_State *L;
 static mb_alloc_t heap = {.limit = 512u << 20};
 static mb_proc_t *proc;
 static uint32_t peer;
+static mb_pid_t peer_proc;
 
 /* Deep equality of two decoded values (global `same` of L). */
 static const char *same_src =
@@ -134,6 +137,10 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
   mb_etf_set_node((uint32_t)self, FUZZ_CREATION);
   dist_self_atom = (uint32_t)self;
   peer = (uint32_t)other;
+  mb_rpid_t rp = {peer, FUZZ_PEER_PROC, 0, FUZZ_PEER_CREATION, 0};
+  int64_t id = mb_remote_pid(&rp);
+  FUZZ_CHECK(id > 0, "the peer's process");
+  peer_proc = (mb_pid_t)id;
   FUZZ_CHECK(mb_proc_new(0, &proc) == 0 && proc->pid == FUZZ_PROC_PID, "the process");
   proc->trap_exit = 1;
   FUZZ_CHECK(mb_reg_register(FUZZ_PROC_NAME, proc) == 0, "its name");
@@ -375,6 +382,8 @@ static void frames(const uint8_t *in, size_t size)
 {
   pthread_mutex_lock(&dist_lock);
   conn_t *c = dist_table_add(peer, 1);
+  dist_pairs_add(&c->mon_out, proc->pid, peer_proc, FUZZ_MONITOR, 0);
+  dist_pairs_add(&c->node_mon, proc->pid, 0, 0, 0);
   pthread_mutex_unlock(&dist_lock);
   size_t at = 0;
   while (size - at >= 2) {

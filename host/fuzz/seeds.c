@@ -324,7 +324,8 @@ static void term_seeds(void)
   for (int i = 0; i < 189; i++)
     ei_x_encode_empty_list(&x);
   etf_seed("deep", 0, &x);
-  erlang_pid pp = fz_pid(FUZZ_PEER, 12, 3), op = fz_pid(FUZZ_NODE, FUZZ_PROC_PID, FUZZ_CREATION);
+  erlang_pid pp = fz_pid(FUZZ_PEER, FUZZ_PEER_PROC, FUZZ_PEER_CREATION);
+  erlang_pid op = fz_pid(FUZZ_NODE, FUZZ_PROC_PID, FUZZ_CREATION);
   erlang_pid stale = fz_pid(FUZZ_NODE, FUZZ_PROC_PID, FUZZ_CREATION + 1);
   erlang_ref pr = fz_ref(FUZZ_PEER, 1, 3, 3), pr5 = fz_ref(FUZZ_PEER, 1, 5, 3);
   erlang_ref alias = fz_ref(FUZZ_NODE, FUZZ_ALIAS, 3, FUZZ_CREATION);
@@ -422,7 +423,8 @@ static void frames_seed(const char *name, fuzz_buf_t *s)
 }
 
 /* The control tuple {op, ...} of the items given: 'p' a pid, 'r' a ref,
- * 'a' an atom, 'i' an integer (a long). */
+ * 'a' an atom, 'i' an integer (a long), 'n' a NaN (which passes the check
+ * but does not decode). */
 static void ctl(ei_x_buff *x, long op, const char *items, ...)
 {
   va_list ap;
@@ -440,6 +442,8 @@ static void ctl(ei_x_buff *x, long op, const char *items, ...)
       ei_x_encode_ref(x, &r);
     } else if (*c == 'a') {
       ei_x_encode_atom(x, va_arg(ap, const char *));
+    } else if (*c == 'n') {
+      ei_x_append_buf(x, "F\x7f\xf8\0\0\0\0\0\0", 9);
     } else {
       ei_x_encode_long(x, va_arg(ap, long));
     }
@@ -449,8 +453,11 @@ static void ctl(ei_x_buff *x, long op, const char *items, ...)
 
 static void frame_seeds(void)
 {
-  erlang_pid pp = fz_pid(FUZZ_PEER, 12, 3), op = fz_pid(FUZZ_NODE, FUZZ_PROC_PID, FUZZ_CREATION);
+  erlang_pid pp = fz_pid(FUZZ_PEER, FUZZ_PEER_PROC, FUZZ_PEER_CREATION);
+  erlang_pid op = fz_pid(FUZZ_NODE, FUZZ_PROC_PID, FUZZ_CREATION);
   erlang_pid gone = fz_pid(FUZZ_NODE, 5, FUZZ_CREATION);
+  erlang_ref mon = fz_ref(FUZZ_NODE, FUZZ_MONITOR, 3, FUZZ_CREATION);
+  mon.n[1] = mon.n[2] = 0;
   erlang_ref pr = fz_ref(FUZZ_PEER, 1, 3, 3), pr2 = fz_ref(FUZZ_PEER, 2, 3, 3);
   erlang_ref alias = fz_ref(FUZZ_NODE, FUZZ_ALIAS, 3, FUZZ_CREATION);
   alias.n[1] = alias.n[2] = 0;
@@ -535,7 +542,15 @@ static void frame_seeds(void)
   frame_add(&s, &c, NULL);
   ctl(&c, 21, "apra", FUZZ_PROC_NAME, &op, &pr, "normal");
   frame_add(&s, &c, NULL);
+  ctl(&c, 21, "ppra", &pp, &op, &mon, "normal");
+  frame_add(&s, &c, NULL);
   frames_seed("monitor-exit", &s);
+  ctl(&c, 21, "pprn", &pp, &op, &pr);
+  frame_add(&s, &c, NULL);
+  frames_seed("monitor-exit-bad", &s);
+  ctl(&c, 3, "ppn", &pp, &op);
+  frame_add(&s, &c, NULL);
+  frames_seed("exit-bad", &s);
 
   ctl(&c, 99, "a", "what");
   frame_add(&s, &c, NULL);
