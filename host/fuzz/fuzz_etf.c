@@ -73,22 +73,34 @@ static mb_proc_t *proc;
 static uint32_t peer;
 static mb_pid_t peer_proc;
 
-/* Deep equality of two decoded values (global `same` of L). */
+/* Deep equality of two decoded values (global `same` of L). A list tail
+ * that is an empty table counts as none: {} goes back as [], which ends
+ * the list (README "Terms"), so [a | #{k => nil}] arrives with
+ * ["$tail"] = {} and comes back without it. */
 static const char *same_src =
   "local is_tuple = ...\n"
+  "local function pairs_(t)\n"
+  "  local tail = rawget(t, '$tail')\n"
+  "  local skip = type(tail) == 'table' and not is_tuple(tail) and next(tail) == nil\n"
+  "  return function(t, k)\n"
+  "    local v\n"
+  "    repeat k, v = next(t, k) until not (skip and k == '$tail')\n"
+  "    return k, v\n"
+  "  end, t, nil\n"
+  "end\n"
   "local function same(a, b)\n"
   "  if a == b then return true end\n"
   "  if type(a) ~= 'table' or type(b) ~= 'table' or is_tuple(a) ~= is_tuple(b) then\n"
   "    return false\n"
   "  end\n"
   "  local n = 0\n"
-  "  for k, v in pairs(a) do\n"
+  "  for k, v in pairs_(a) do\n"
   "    n = n + 1\n"
   "    if type(k) ~= 'table' then\n"
   "      if not same(v, rawget(b, k)) then return false end\n"
   "    else\n"
   "      local found = false\n"
-  "      for k2, v2 in pairs(b) do\n"
+  "      for k2, v2 in pairs_(b) do\n"
   "        if type(k2) == 'table' and same(k, k2) and same(v, v2) then\n"
   "          found = true\n"
   "          break\n"
@@ -97,7 +109,7 @@ static const char *same_src =
   "      if not found then return false end\n"
   "    end\n"
   "  end\n"
-  "  for _ in pairs(b) do n = n - 1 end\n"
+  "  for _ in pairs_(b) do n = n - 1 end\n"
   "  return n == 0\n"
   "end\n"
   "return same\n";
