@@ -15,9 +15,11 @@
  * (mb_copy_decode, never an error); that value, encoded again (Lua ->
  * message -> mb_etf_size/mb_etf_write, into a buffer of exactly the size
  * announced), decodes again to an equal value (deep equality; tables as
- * keys compared by contents). Encoding may fail only where README "Terms"
- * says a value has no Erlang form (a map key over 255 bytes or not UTF-8:
- * string keys become atoms). The decoded message is also encoded straight
+ * keys compared by contents; a list tail that arrived as an empty table
+ * may come back as none, see same_src). Encoding may fail only where
+ * README "Terms" says a value has no Erlang form (a map key over 255 bytes
+ * or not UTF-8: string keys become atoms). The decoded message is also
+ * encoded straight
  * (a message in transit carries another node's refs by their contents)
  * with the same result. Then the getters of control messages
  * (mb_etf_get_pid/ref/atom) on the term and on each element of a tuple or
@@ -31,8 +33,8 @@
  * socket (state connecting: what dist_recv queues for the peer stays
  * queued, and each such frame must be well formed), on which the process
  * monitors the peer's process FUZZ_PEER_PROC (ref FUZZ_MONITOR) and the
- * node itself, as mb.monitor and mb.monitor_node leave it; they are handled in
- * order until one makes the connection close, and then the connection goes
+ * node itself, as mb.monitor and mb.monitor_node leave it. The frames are
+ * handled in order until one makes the connection close, and then it goes
  * down as on a close (dist_conn_down), which ends the links and remote
  * monitors the frames made. After that the process has no link or watcher
  * left, and each message it got rebuilds in Lua as its receive would
@@ -41,10 +43,11 @@
  * Tables: another node's refs are counted (remote.h): after each input,
  * once the Lua state is collected, as many are held as before it (neither
  * the target nor the code under test keeps one). Remote pids and atoms are
- * never freed, by design, and bounded (4M, 1M): a long campaign fills the
- * atom table, after which terms that need a new atom are refused
+ * never freed, by design, and bounded (4M, 1M): a long enough campaign
+ * fills the atom table, after which terms that need a new atom are refused
  * (MB_ETOOMANY), which the checks allow. Those entries stay reachable, so
- * LeakSanitizer does not count them.
+ * LeakSanitizer does not count them; the target prints at exit how many
+ * there are.
  */
 #include <stdint.h>
 #include <string.h>
