@@ -17,8 +17,10 @@ static mb_msg_t *frame_msg(conn_t *c, const char *data, long len, long *idx, int
 {
   mb_msg_t *m;
   int rc = mb_etf_decode(data, len, idx, 0, &m);
-  if (rc == 0 && *idx != len)
+  if (rc == 0 && *idx != len) {       /* bytes after the message */
+    mb_msg_free(m);
     rc = MB_ETF_MALFORMED;
+  }
   if (rc == MB_ETF_MALFORMED) {
     *bad = 1;
     return NULL;
@@ -313,8 +315,10 @@ int dist_handle_frame(conn_t *c, const char *data, long len)
     if (bad || mb_etf_get_pid(data, &i, &to) < 0 || mb_etf_get_ref(data, &i, &ref) < 0)
       return -1;
     mb_msg_t *r = ctl_reason(data, len, &i, &bad);
-    if (bad)
+    if (bad) {
+      dist_unhold(ref);               /* held by mb_etf_get_ref */
       return -1;
+    }
     pair_t p;
     pthread_mutex_lock(&dist_lock);
     int found = dist_pairs_del(&c->mon_out, 0, 0, ref, &p);

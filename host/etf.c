@@ -8,6 +8,7 @@
  * any ei decoder reads them, then builds the message with the builder of
  * msg.h.
  */
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -101,23 +102,73 @@ int mb_etf_put_ref(char *buf, int *idx, mb_ref_t ref)
   return ei_encode_ref(buf, idx, &r) < 0 ? MB_EBADARG : 0;
 }
 
+static long utf8_chars(const unsigned char *s, uint32_t n);
+
+/* An atom named by the UTF-8 bytes s[0..n), or -1 if it has more than 255
+ * characters or is not valid UTF-8: what the decoder (check_atom) and
+ * Erlang's take, which is less than what ei's encoder checks. */
+static int put_name(char *buf, int *idx, const void *s, size_t n)
+{
+  long chars = n <= 255 * 4 ? utf8_chars(s, (uint32_t)n) : -1;
+  if (chars < 0 || chars > 255)
+    return -1;
+  return ei_encode_atom_len_as(buf, idx, s, (int)n, ERLANG_UTF8, ERLANG_UTF8);
+}
+
 int mb_etf_put_atom(char *buf, int *idx, uint32_t atom)
 {
   size_t n;
   const char *s = mb_atom_name(atom, &n);
   if (s == NULL)
     return MB_EBADARG;
-  return ei_encode_atom_len_as(buf, idx, s, (int)n, ERLANG_UTF8, ERLANG_UTF8) < 0
-         ? MB_EBADARG : 0;
+  return put_name(buf, idx, s, n) < 0 ? MB_EBADARG : 0;
+}
+
+/* The atom term at buf[*idx] (checked: at most 255 characters, valid
+ * UTF-8) as UTF-8 in name (MAXATOMLEN_UTF8 bytes, NUL added), its length
+ * in *n; 0, or -1 if it is no atom. Not ei_decode_atom_as, which gives a C
+ * string: Erlang allows a NUL in an atom, and the name would lose its end. */
+static int read_atom(const char *buf, int *idx, char *name, size_t *n)
+{
+  const unsigned char *p = (const unsigned char *)buf + *idx;
+  uint32_t len, hdr;
+  if (p[0] == 'd' || p[0] == 'v')
+    len = (uint32_t)p[1] << 8 | p[2], hdr = 3;
+  else if (p[0] == 's' || p[0] == 'w')
+    len = p[1], hdr = 2;
+  else
+    return -1;
+  const unsigned char *s = p + hdr;
+  size_t k = 0;
+  if (p[0] == 'v' || p[0] == 'w') {
+    if (len >= MAXATOMLEN_UTF8)
+      return -1;
+    memcpy(name, s, len);
+    k = len;
+  } else {
+    for (uint32_t i = 0; i < len; i++) {   /* Latin-1 */
+      if (k + 2 >= MAXATOMLEN_UTF8)
+        return -1;
+      if (s[i] < 0x80) {
+        name[k++] = (char)s[i];
+      } else {
+        name[k++] = (char)(0xC0 | s[i] >> 6);
+        name[k++] = (char)(0x80 | (s[i] & 0x3F));
+      }
+    }
+  }
+  name[k] = '\0';
+  *n = k;
+  *idx += (int)(hdr + len);
+  return 0;
 }
 
 int mb_etf_get_atom(const char *buf, int *idx, uint32_t *out)
 {
   char name[MAXATOMLEN_UTF8];
-  erlang_char_encoding was, res;
-  if (ei_decode_atom_as(buf, idx, name, sizeof name, ERLANG_UTF8, &was, &res) < 0)
+  size_t n;
+  if (read_atom(buf, idx, name, &n) < 0)
     return MB_ETF_MALFORMED;
-  size_t n = strlen(name);
   if (n == 0) {                  /* '' is an atom; ours need a name */
     *out = 0;
     return MB_ETF_UNSUPPORTED;
@@ -385,8 +436,7 @@ static int enc_key(enc_t *e, size_t *pos)
     if (n > 255)
       return efail(e, "a table key longer than 255 bytes cannot be sent to "
                    "another node (string keys become atoms)");
-    if (ei_encode_atom_len_as(e->out, &e->idx, (const char *)s, (int)n,
-                              ERLANG_UTF8, ERLANG_UTF8) < 0)
+    if (put_name(e->out, &e->idx, s, n) < 0)
       return efail(e, "a table key that is not valid UTF-8 cannot be sent to "
                    "another node (string keys become atoms)");
     return 0;
@@ -469,9 +519,7 @@ static int enc_value(enc_t *e, size_t *pos, int flags)
     uint32_t n;
     if (enc_string_at(e, pos, tag, &s, &n) < 0)
       return efail(e, "corrupt message");
-    if ((flags & MB_ETF_REASON) && n > 0 && n <= 255 &&
-        ei_encode_atom_len_as(e->out, &e->idx, (const char *)s, (int)n,
-                              ERLANG_UTF8, ERLANG_UTF8) == 0)
+    if ((flags & MB_ETF_REASON) && n > 0 && n <= 255 && put_name(e->out, &e->idx, s, n) == 0)
       return 0;
     E(ei_encode_binary(e->out, &e->idx, s, (long)n));
     return 0;
@@ -609,7 +657,44 @@ static uint32_t be32(const unsigned char *p)
   return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 
-/* An atom term (the node of a pid, ref or port). */
+/* The characters of s[0..n) if it is valid UTF-8 (RFC 3629: no overlong
+ * form, surrogate or code point past U+10FFFF), else -1. */
+static long utf8_chars(const unsigned char *s, uint32_t n)
+{
+  long chars = 0;
+  for (uint32_t i = 0; i < n; chars++) {
+    unsigned b = s[i];
+    uint32_t k, cp, min;
+    if (b < 0x80) {
+      i++;
+      continue;
+    }
+    if (b >= 0xC2 && b <= 0xDF)
+      k = 1, cp = b & 0x1F, min = 0x80;
+    else if ((b & 0xF0) == 0xE0)
+      k = 2, cp = b & 0x0F, min = 0x800;
+    else if (b >= 0xF0 && b <= 0xF4)
+      k = 3, cp = b & 0x07, min = 0x10000;
+    else
+      return -1;
+    if (n - i <= k)
+      return -1;
+    for (uint32_t j = 1; j <= k; j++) {
+      if ((s[i + j] & 0xC0) != 0x80)
+        return -1;
+      cp = cp << 6 | (s[i + j] & 0x3F);
+    }
+    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+      return -1;
+    i += k + 1;
+  }
+  return chars;
+}
+
+/* An atom term (also the node of a pid, ref or port): at most 255
+ * characters, and a UTF-8 one valid UTF-8. That is what Erlang's decoder
+ * takes, and ei's encoder refuses anything else, so a name that arrives
+ * can be sent back. */
 static int check_atom(chk_t *c)
 {
   if (need(c, 1) < 0)
@@ -621,8 +706,6 @@ static int check_atom(chk_t *c)
       return -1;
     n = be16(c->p + c->i);
     c->i += 2;
-    if (n > 255 * 4)
-      return -1;
   } else if (tag == 's' || tag == 'w') {
     if (need(c, 1) < 0)
       return -1;
@@ -632,11 +715,50 @@ static int check_atom(chk_t *c)
   }
   if (need(c, n) < 0)
     return -1;
+  long chars = tag == 'd' || tag == 's' ? (long)n : utf8_chars(c->p + c->i, n);
+  if (chars < 0 || chars > 255)
+    return -1;
   c->i += n;
   return 0;
 }
 
 static int check_n(chk_t *c, int depth, uint64_t n);
+static int check_term(chk_t *c, int depth);
+
+/* One of the given tags starts the term at c->i (a fun's integers and pid). */
+static int check_one_of(chk_t *c, int depth, const char *tags)
+{
+  if (need(c, 1) < 0 || c->p[c->i] == 0 || strchr(tags, c->p[c->i]) == NULL)
+    return -1;
+  return check_term(c, depth);
+}
+
+/* A fun (NEW_FUN_EXT). Its size field counts itself and the rest, not the
+ * tag. Every part is checked, and must end where the size says: ei's
+ * decoders read the parts (ei_skip_term does, on a SEND's cookie for
+ * instance) and trust the lengths they find there. Layout: tag, size,
+ * arity (1), uniq (16), index (4), number of free variables (4), module
+ * (atom), old index and old uniq (integers), pid, free variables. */
+static int check_fun(chk_t *c, int depth)
+{
+  if (need(c, 30) < 0)
+    return -1;
+  uint32_t size = be32(c->p + c->i + 1), nfree = be32(c->p + c->i + 26);
+  if (size < 29 || need(c, 1 + (uint64_t)size) < 0)
+    return -1;
+  long end = c->i + 1 + (long)size;
+  c->i += 30;
+  if (check_atom(c) < 0 || check_one_of(c, depth, "ab") < 0 ||
+      check_one_of(c, depth, "ab") < 0 || check_one_of(c, depth, "gX") < 0 ||
+      c->i > end)
+    return -1;
+  chk_t inner = *c;
+  inner.len = end;                      /* the free variables stay inside */
+  if (check_n(&inner, depth, nfree) < 0 || inner.i != end)
+    return -1;
+  c->i = end;
+  return 0;
+}
 
 static int check_term(chk_t *c, int depth)
 {
@@ -644,10 +766,22 @@ static int check_term(chk_t *c, int depth)
     return -1;
   unsigned tag = c->p[c->i];
   uint32_t n;
+  /* Terms that arrive as tables (a [] or string too) stay above
+   * MB_ETF_MAX_DEPTH, where the encoder writes its deepest ones, so that
+   * whatever decodes can be sent back. */
+  if (depth >= MB_ETF_MAX_DEPTH && tag && strchr("hijklt", (int)tag) != NULL)
+    return -1;
   switch (tag) {
   case 'a': return need(c, 2) < 0 ? -1 : (c->i += 2, 0);
   case 'b': return need(c, 5) < 0 ? -1 : (c->i += 5, 0);
-  case 'c': return need(c, 32) < 0 ? -1 : (c->i += 32, 0);
+  case 'c':
+    /* FLOAT_EXT: "%.20e" in 31 bytes, padded with NULs. ei parses it with
+     * sscanf, which reads on to a NUL: there must be one among them (every
+     * encoder writes at most 28 characters). */
+    if (need(c, 32) < 0 || memchr(c->p + c->i + 1, 0, 31) == NULL)
+      return -1;
+    c->i += 32;
+    return 0;
   case 'F': return need(c, 9) < 0 ? -1 : (c->i += 9, 0);
   case 'd': case 's': case 'v': case 'w':
     return check_atom(c);
@@ -667,7 +801,14 @@ static int check_term(chk_t *c, int depth)
     c->i += 5;
     if (check_n(c, depth, tag == 't' ? 2 * (uint64_t)n : n) < 0)
       return -1;
-    return tag == 'l' ? check_term(c, depth + 1) : 0;   /* the tail */
+    if (tag != 'l')
+      return 0;
+    /* The tail: a proper list's [] is no table of its own. */
+    if (need(c, 1) == 0 && c->p[c->i] == 'j') {
+      c->i++;
+      return 0;
+    }
+    return check_term(c, depth + 1);
   case 'k':
     if (need(c, 3) < 0)
       return -1;
@@ -728,19 +869,16 @@ static int check_term(chk_t *c, int depth)
     c->unsupported = 1;
     return need(c, n) < 0 ? -1 : (c->i += n, 0);
   case 'p':
-    /* A fun: its size field covers it all. */
-    if (need(c, 5) < 0)
-      return -1;
-    n = be32(c->p + c->i + 1);
-    if (n < 5 || need(c, n) < 0)
-      return -1;
-    c->i += n;
     c->unsupported = 1;
-    return 0;
+    return check_fun(c, depth);
   case 'q':
+    /* An export (fun M:F/A): ei_decode_fun reads two atoms and an integer. */
     c->i++;
     c->unsupported = 1;
-    return check_n(c, depth, 3);
+    if (check_atom(c) < 0 || check_atom(c) < 0 || need(c, 2) < 0 || c->p[c->i] != 'a')
+      return -1;
+    c->i += 2;
+    return 0;
   default:
     return -1;
   }
@@ -791,31 +929,34 @@ typedef struct {
 
 static int dec_term(dec_t *d, int flags);
 
-/* A big integer as the nearest double (digits are little-endian bytes). */
+/* A big integer as the nearest double (digits are little-endian bytes).
+ * Beyond a double's range that is the largest one, not inf: Erlang has no
+ * inf, so a value that arrived could not be sent back. */
 static double big_value(const unsigned char *digits, uint32_t n, int neg)
 {
   double v = 0;
-  for (uint32_t k = n; k-- > 0; )
+  for (uint32_t k = n; k-- > 0 && v <= DBL_MAX; )
     v = v * 256.0 + digits[k];
+  if (v > DBL_MAX)
+    v = DBL_MAX;
   return neg ? -v : v;
 }
 
 static int dec_atom(dec_t *d, int flags)
 {
   char name[MAXATOMLEN_UTF8];
-  erlang_char_encoding was, res;
-  if (ei_decode_atom_as(d->buf, &d->i, name, sizeof name, ERLANG_UTF8, &was, &res) < 0)
+  size_t n;
+  if (read_atom(d->buf, &d->i, name, &n) < 0)
     return MB_ETF_MALFORMED;
-  size_t n = strlen(name);
   if ((flags & (KEY | MB_ETF_REASON)) || n == 0) {
     mb_msgb_string(&d->b, name, n);
     return 0;
   }
-  if (strcmp(name, "true") == 0 || strcmp(name, "false") == 0) {
+  if ((n == 4 && memcmp(name, "true", 4) == 0) || (n == 5 && memcmp(name, "false", 5) == 0)) {
     mb_msgb_bool(&d->b, name[0] == 't');
     return 0;
   }
-  if (strcmp(name, "nil") == 0 && !(flags & TOP)) {
+  if (n == 3 && memcmp(name, "nil", 3) == 0 && !(flags & TOP)) {
     mb_msgb_nil(&d->b);
     return 0;
   }
@@ -840,8 +981,12 @@ static int dec_list(dec_t *d)
   }
   if (n == 0)
     return 0;
-  if (d->buf[d->i] == ERL_NIL_EXT) {
-    d->i++;
+  /* A tail that arrives as an empty table ends the list as [] does: "" is
+   * [] in Erlang, and #{} arrives as {} and would go back as []. */
+  const unsigned char *t = (const unsigned char *)d->buf + d->i;
+  if (t[0] == ERL_NIL_EXT || (t[0] == 'k' && be16(t + 1) == 0) ||
+      (t[0] == 't' && be32(t + 1) == 0)) {
+    d->i += t[0] == ERL_NIL_EXT ? 1 : t[0] == 'k' ? 3 : 5;
     return 0;
   }
   /* An improper list: the tail goes under "$tail". */

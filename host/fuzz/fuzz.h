@@ -89,4 +89,19 @@ static inline void fuzz_cuts(size_t n, uint8_t c1, uint8_t c2, size_t cut[4])
   cut[3] = n;
 }
 
+/* The distribution world of fuzz_etf, which seeds.c writes frames for:
+ * this node, its one process (the first a host makes: slot 1, serial 0),
+ * that process's registered name, an alias of it and the ref of its
+ * monitor of the peer's process FUZZ_PEER_PROC (refs of this node), and
+ * the peer whose frames the input is. */
+#define FUZZ_NODE "fuzz@localhost"
+#define FUZZ_CREATION 7
+#define FUZZ_PEER "peer@localhost"
+#define FUZZ_PROC_PID 1
+#define FUZZ_PROC_NAME "fuzz"
+#define FUZZ_ALIAS 77
+#define FUZZ_MONITOR 78
+#define FUZZ_PEER_PROC 12
+#define FUZZ_PEER_CREATION 3
+
 #endif

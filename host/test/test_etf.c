@@ -232,12 +232,42 @@ static void test_from_erlang(void)
         "[alias | 7] arrives with $tail");
   ei_x_free(&x);
 
+  /* A tail that arrives as an empty table ends the list as [] does: "" is
+   * [] in Erlang, and #{} arrives as {} and goes back as []. */
+  static const char *const empty_tails[] = {"k\0\0", "t\0\0\0\0"};
+  for (int k = 0; k < 2; k++) {
+    ei_x_new_with_version(&x);
+    ei_x_encode_list_header(&x, 1);
+    ei_x_encode_atom(&x, "a");
+    ei_x_append_buf(&x, empty_tails[k], k ? 5 : 3);
+    check(from_ei(&x, 0) == 0 && b_true("got[1] == atom('a') and got['$tail'] == nil"),
+          "[a | %s] arrives as {a}", k ? "#{}" : "\"\"");
+    ei_x_free(&x);
+  }
+
   /* A big integer beyond 64 bits. */
   ei_x_new_with_version(&x);
   char big[] = {'n', 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1};
   ei_x_append_buf(&x, big, sizeof big);
   check(from_ei(&x, 0) == 0 && b_true("got == 2^64"), "a bignum arrives as the nearest number");
   ei_x_free(&x);
+
+  /* Beyond a double's range: the largest number, not inf (which cannot be
+   * sent back: Erlang has none). */
+  for (int neg = 0; neg <= 1; neg++) {
+    ei_x_new_with_version(&x);
+    char huge[6 + 300] = {'o', 0, 0, 1, 44, (char)neg};
+    huge[6 + 299] = 1;                 /* 2^2392 */
+    ei_x_append_buf(&x, huge, sizeof huge);
+    check(from_ei(&x, 0) == 0 && b_true(neg ? "got == -1.7976931348623157e308"
+                                            : "got == 1.7976931348623157e308"),
+          "a bignum beyond a double's range arrives as the largest number (%s)",
+          neg ? "negative" : "positive");
+    ei_x_free(&x);
+  }
+  char err[256];
+  check(through_etf("1.7976931348623157e308", err, sizeof err) > 0 &&
+        b_true("got == 1.7976931348623157e308"), "and goes back");
 
   /* A fun: unsupported, not malformed. */
   ei_x_new_with_version(&x);
@@ -367,6 +397,198 @@ static void test_fuzz(void)
   ei_x_free(&y);
 }
 
+/* FLOAT_EXT: 31 bytes of text, which ei reads with sscanf - on to the
+ * first NUL, wherever that is. */
+static void test_old_floats(void)
+{
+  char buf[64];
+  memset(buf, 0, sizeof buf);
+  buf[0] = (char)131;
+  buf[1] = 'c';
+  memcpy(buf + 2, "1.50000000000000000000e+00", 26);
+  long idx = 0;
+  mb_msg_t *m;
+  check(mb_etf_decode(buf, 33, &idx, 0, &m) == 0 && idx == 33, "a FLOAT_EXT decodes");
+  mb_copy_decode(B, m);
+  lua_setglobal(B, "got");
+  mb_msg_free(m);
+  check(b_true("got == 1.5"), "to its value");
+  memset(buf + 2, '1', 31);             /* no NUL: sscanf would go on ... */
+  memcpy(buf + 33, "999", 3);           /* ... into bytes that are not the term's */
+  idx = 0;
+  m = NULL;
+  int rc = mb_etf_decode(buf, 33, &idx, 0, &m);
+  check(rc == MB_ETF_MALFORMED, "a FLOAT_EXT with no NUL in its 31 bytes is malformed (%d)", rc);
+  mb_msg_free(m);
+}
+
+/* `levels` one-element lists around the term `inner` (n bytes): the
+ * inner term sits at depth `levels`. */
+static long nest(char *buf, int levels, const char *inner, int n)
+{
+  long k = 0;
+  buf[k++] = (char)131;
+  for (int i = 0; i < levels; i++) {
+    memcpy(buf + k, "l\0\0\0\1", 5);
+    k += 5;
+  }
+  memcpy(buf + k, inner, (size_t)n);
+  k += n;
+  for (int i = 0; i < levels; i++)
+    buf[k++] = 'j';
+  return k;
+}
+
+/* What decodes can be sent back: the encoder writes tables and tuples at
+ * depths 0..MB_ETF_MAX_DEPTH-1, so the decoder takes no more (a [] or an
+ * Erlang string is a table too; a proper list's [] tail is not). */
+static void test_depth(void)
+{
+  static const struct { const char *what, *bytes; int n; } inner[] = {
+    {"an empty tuple", "h\0", 2}, {"[]", "j", 1}, {"a string", "k\0\1x", 4},
+    {"an empty map", "t\0\0\0\0", 5}, {"a list", "l\0\0\0\1a\1j", 8},
+  };
+  char buf[2048];
+  for (size_t i = 0; i < sizeof inner / sizeof inner[0]; i++) {
+    long len = nest(buf, MB_ETF_MAX_DEPTH - 1, inner[i].bytes, inner[i].n), idx = 0;
+    mb_msg_t *m = NULL;
+    int rc = mb_etf_decode(buf, len, &idx, 0, &m);
+    char err[256] = "";
+    long back = m ? mb_etf_size(m, 0, err, sizeof err) : -1;
+    check(rc == 0 && back > 0, "%s at depth %d decodes and goes back (%d, %s)",
+          inner[i].what, MB_ETF_MAX_DEPTH - 1, rc, err);
+    mb_msg_free(m);
+    len = nest(buf, MB_ETF_MAX_DEPTH, inner[i].bytes, inner[i].n);
+    idx = 0;
+    m = NULL;
+    rc = mb_etf_decode(buf, len, &idx, 0, &m);
+    check(rc == MB_ETF_MALFORMED, "%s at depth %d is malformed (%d)", inner[i].what,
+          MB_ETF_MAX_DEPTH, rc);
+    mb_msg_free(m);
+  }
+  /* A leaf at MB_ETF_MAX_DEPTH is what the encoder writes inside its deepest table. */
+  long len = nest(buf, MB_ETF_MAX_DEPTH, "a\7", 2), idx = 0;
+  mb_msg_t *m = NULL;
+  check(mb_etf_decode(buf, len, &idx, 0, &m) == 0, "a number at depth %d decodes",
+        MB_ETF_MAX_DEPTH);
+  mb_msg_free(m);
+}
+
+/* Atoms: what Erlang's decoder takes and ei's encoder writes back - at
+ * most 255 characters, and UTF-8 ones valid UTF-8. */
+static void test_atoms(void)
+{
+  static const struct { const char *what; const char *bytes; int n; int ok; } atoms[] = {
+    {"a UTF-8 atom cut inside a character", "w\6norma\xd6", 8, 0},
+    {"a UTF-8 atom with a stray continuation byte", "w\2a\x80", 4, 0},
+    {"a UTF-8 atom with an overlong form", "w\2\xc0\xaf", 4, 0},
+    {"a UTF-8 atom with a surrogate", "w\3\xed\xa0\x80", 5, 0},
+    {"a UTF-8 atom past U+10FFFF", "w\4\xf4\x90\x80\x80", 6, 0},
+    {"a UTF-8 atom of 2-, 3- and 4-byte characters", "w\11\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80", 11, 1},
+    {"a Latin-1 atom", "s\4caf\xe9", 6, 1},
+  };
+  char buf[2048];
+  for (size_t i = 0; i < sizeof atoms / sizeof atoms[0]; i++) {
+    buf[0] = (char)131;
+    memcpy(buf + 1, atoms[i].bytes, (size_t)atoms[i].n);
+    long idx = 0;
+    mb_msg_t *m = NULL;
+    int rc = mb_etf_decode(buf, 1 + atoms[i].n, &idx, 0, &m);
+    long back = m ? mb_etf_size(m, 0, NULL, 0) : -1;
+    check(atoms[i].ok ? rc == 0 && back > 0 : rc == MB_ETF_MALFORMED, "%s %s (%d)",
+          atoms[i].what, atoms[i].ok ? "decodes and goes back" : "is malformed", rc);
+    mb_msg_free(m);
+  }
+  /* Erlang allows a NUL in an atom: the name keeps its end. */
+  static const char nul[] = {(char)131, 'w', 3, 'a', 0, 'b'};
+  for (int flags = 0; flags <= MB_ETF_REASON; flags += MB_ETF_REASON) {
+    long idx = 0;
+    mb_msg_t *m = NULL;
+    check(mb_etf_decode(nul, sizeof nul, &idx, flags, &m) == 0, "an atom with a NUL decodes");
+    if (m) {
+      mb_copy_decode(B, m);
+      lua_setglobal(B, "got");
+    }
+    mb_msg_free(m);
+    check(b_true(flags ? "got == 'a\\0b'" : "tostring(got) == 'a\\0b'"),
+          "with all of its name (%s)", flags ? "a reason, as a string" : "an atom");
+  }
+  /* What is sent as an atom must be what the decoder takes (ei's encoder
+   * checks less: a lead byte past 0xF4, an overlong form, a surrogate). */
+  refused("{['\\xf6\\x82\\x82\\x82'] = 1}", "not valid UTF-8");
+  refused("{['\\xc0\\xaf'] = 1}", "not valid UTF-8");
+  refused("atom('\\xed\\xa0\\x80')", "atom");
+  lua_pushstring(A, "\xf6\x82\x82\x82");
+  mb_msg_t *r = mb_copy_encode(A, -1, 1, "reason", NULL, NULL, 0);
+  lua_pop(A, 1);
+  long rsize = r ? mb_etf_size(r, MB_ETF_REASON, NULL, 0) : -1;
+  char rbuf[64];
+  long ridx = 0;
+  mb_msg_t *rback = NULL;
+  if (rsize > 0 && rsize <= (long)sizeof rbuf)
+    mb_etf_write(r, MB_ETF_REASON, rbuf);
+  int rrc = rsize > 0 ? mb_etf_decode(rbuf, rsize, &ridx, MB_ETF_REASON, &rback) : -9;
+  check(rrc == 0, "a reason that is not valid UTF-8 goes as a binary and comes back (%d)", rrc);
+  mb_msg_free(r);
+  mb_msg_free(rback);
+  /* 255 characters, not bytes. */
+  for (int chars = 255; chars <= 256; chars++) {
+    for (int utf8 = 0; utf8 <= 1; utf8++) {
+      int n = chars * (utf8 ? 2 : 1);
+      buf[0] = (char)131;
+      buf[1] = utf8 ? 'v' : 'd';
+      buf[2] = (char)(n >> 8);
+      buf[3] = (char)n;
+      for (int k = 0; k < chars; k++) {
+        if (utf8)
+          memcpy(buf + 4 + 2 * k, "\xc3\xa9", 2);
+        else
+          buf[4 + k] = 'a';
+      }
+      long idx = 0;
+      mb_msg_t *m = NULL;
+      int rc = mb_etf_decode(buf, 4 + n, &idx, 0, &m);
+      long back = m ? mb_etf_size(m, 0, NULL, 0) : -1;
+      check(chars == 255 ? rc == 0 && back > 0 : rc == MB_ETF_MALFORMED,
+            "a %s atom of %d characters %s (%d)", utf8 ? "UTF-8" : "Latin-1", chars,
+            chars == 255 ? "decodes and goes back" : "is malformed", rc);
+      mb_msg_free(m);
+    }
+  }
+}
+
+/* A fun as OTP 25 writes it: term_to_binary({fun(X) -> X + 1 end, 1}).
+ * NEW_FUN_EXT's size field counts itself and what follows, not the tag. */
+static const unsigned char fun_pair[] = {
+  131, 104, 2, 112, 0, 0, 0, 69, 1, 163, 39, 205, 248, 96, 217, 228, 140, 226, 76, 76, 100,
+  82, 92, 163, 227, 0, 0, 0, 0, 0, 0, 0, 0, 100, 0, 1, 116, 97, 0, 98, 5, 25, 62, 111, 88,
+  100, 0, 13, 110, 111, 110, 111, 100, 101, 64, 110, 111, 104, 111, 115, 116, 0, 0, 0, 9, 0,
+  0, 0, 0, 0, 0, 0, 0, 97, 1};
+
+static void test_funs(void)
+{
+  long len = sizeof fun_pair, idx = 0;
+  mb_msg_t *m;
+  check(mb_etf_check((const char *)fun_pair, len, &idx) == 0 && idx == len,
+        "a fun followed by another term checks to its end (%ld of %ld)", idx, len);
+  idx = 0;
+  check(mb_etf_decode((const char *)fun_pair, len, &idx, 0, &m) == MB_ETF_UNSUPPORTED &&
+        idx == len, "a message holding a fun and more is unsupported, not malformed");
+  /* Its parts must fit its size: ei_skip_term reads them. */
+  unsigned char lying[sizeof fun_pair];
+  memcpy(lying, fun_pair, sizeof lying);
+  lying[35] = 38;                       /* the module atom 't' claims 38 bytes,
+                                           which end inside the next term */
+  idx = 0;
+  check(mb_etf_check((const char *)lying, len, &idx) == MB_ETF_MALFORMED,
+        "a fun whose module atom runs past its size is malformed");
+  memcpy(lying, fun_pair, sizeof lying);
+  lying[32] = 1;                        /* one free variable that is not there */
+  idx = 0;
+  check(mb_etf_check((const char *)lying, len, &idx) == MB_ETF_MALFORMED,
+        "a fun with more free variables than its size holds is malformed");
+}
+
 /* Remote refs are held only by the states that have them (remote.h). */
 static void test_remote_ref_holds(void)
 {
@@ -446,6 +668,10 @@ int main(void)
   test_round_trips();
   test_from_erlang();
   test_fuzz();
+  test_funs();
+  test_old_floats();
+  test_depth();
+  test_atoms();
   test_remote_ref_holds();
   lua_close(A);
   lua_close(B);

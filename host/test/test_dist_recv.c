@@ -1,0 +1,110 @@
+/* test_dist_recv.c: tests of what a peer's frames do (dist_handle_frame,
+ * dist_recv.c), on a connection that has no socket: the refs of other
+ * nodes that control messages bring are held exactly as long as a monitor
+ * needs them, and nothing stays allocated, whether the frame is good or
+ * makes the connection close.
+ * Every check prints one line; the exit code is 0 only if all passed.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "check.h"
+#include "dist_int.h"
+#include "ei.h"
+#include "etf.h"
+#include "remote.h"
+#include "term.h"
+
+static conn_t *conn;
+static erlang_pid peer_pid = {"peer@localhost", 12, 0, 3};
+static erlang_pid our_pid = {"me@localhost", 1, 0, 5};
+static erlang_ref peer_ref = {"peer@localhost", 3, {1, 2, 3}, 3};
+
+/* Handle the frame {op, items...}: 'p' the peer's pid, 'o' one of ours,
+ * 'r' the peer's ref, 'a' an atom (next argument), 'n' a NaN (which passes
+ * the check but does not decode); a final '+' adds the message 'ok', a
+ * final '*' that message and a stray byte after it. */
+static int frame(long op, const char *items, ...)
+{
+  va_list ap;
+  va_start(ap, items);
+  ei_x_buff x;
+  ei_x_new(&x);
+  char pt = 112;
+  ei_x_append_buf(&x, &pt, 1);
+  ei_x_encode_version(&x);
+  size_t n = strlen(items);
+  int msg = n && (items[n - 1] == '+' || items[n - 1] == '*');
+  ei_x_encode_tuple_header(&x, 1 + (long)(n - msg));
+  ei_x_encode_long(&x, op);
+  for (const char *c = items; *c && c < items + n - msg; c++) {
+    if (*c == 'p')
+      ei_x_encode_pid(&x, &peer_pid);
+    else if (*c == 'o')
+      ei_x_encode_pid(&x, &our_pid);
+    else if (*c == 'r')
+      ei_x_encode_ref(&x, &peer_ref);
+    else if (*c == 'a')
+      ei_x_encode_atom(&x, va_arg(ap, const char *));
+    else
+      ei_x_append_buf(&x, "F\x7f\xf8\0\0\0\0\0\0", 9);
+  }
+  va_end(ap);
+  if (msg) {
+    ei_x_encode_version(&x);
+    ei_x_encode_atom(&x, "ok");
+  }
+  if (msg && items[n - 1] == '*')
+    ei_x_append_buf(&x, "j", 1);
+  int rc = dist_handle_frame(conn, x.buff, x.index);
+  ei_x_free(&x);
+  return rc;
+}
+
+static void up(void)
+{
+  pthread_mutex_lock(&dist_lock);
+  conn = dist_table_add((uint32_t)mb_atom_intern("peer@localhost", 14), 1);
+  pthread_mutex_unlock(&dist_lock);
+}
+
+int main(void)
+{
+  ei_init();
+  mb_term_init();
+  uint32_t self = (uint32_t)mb_atom_intern("me@localhost", 12);
+  mb_etf_set_node(self, 5);
+  dist_self_atom = self;
+  uint32_t base = mb_remote_ref_count();
+
+  up();
+  check(frame(19, "par", "net_kernel") == 0 && mb_remote_ref_count() == base + 1,
+        "a monitor of net_kernel holds its watcher's ref");
+  check(frame(20, "par", "net_kernel") == 0 && mb_remote_ref_count() == base,
+        "its demonitor lets go of it");
+  check(frame(19, "par", "net_kernel") == 0 && mb_remote_ref_count() == base + 1,
+        "monitored again");
+  dist_conn_down(conn, NULL);
+  check(mb_remote_ref_count() == base, "the connection going down lets go of it");
+
+  up();
+  check(frame(19, "por") == 0 && mb_remote_ref_count() == base,
+        "a monitor of a process that does not exist holds nothing");
+  check(frame(21, "porn") == -1, "a MONITOR_P_EXIT with a malformed reason closes");
+  check(mb_remote_ref_count() == base, "and holds nothing (%u held)",
+        mb_remote_ref_count() - base);
+  check(frame(21, "pora", "normal") == 0 && mb_remote_ref_count() == base,
+        "a MONITOR_P_EXIT for a monitor we do not have holds nothing");
+  check(frame(33, "pr+") == 0 && mb_remote_ref_count() == base,
+        "an ALIAS_SEND to another node's ref holds nothing");
+  dist_conn_down(conn, NULL);
+
+  /* A message followed by a stray byte closes the connection, and the
+   * message that decoded is freed (LeakSanitizer checks that in the ASan
+   * build). */
+  up();
+  check(frame(2, "ao*", "") == -1, "a SEND whose message has bytes after it closes");
+  dist_conn_down(conn, NULL);
+  return check_summary();
+}
