@@ -817,7 +817,8 @@ int mb_dist_send_named(uint32_t node, uint32_t name, mb_pid_t from, mb_msg_t *m,
   }
   if (node == dist_self_atom) {
     size_t n;
-    mb_pid_t to = mb_reg_whereis(mb_atom_name(name, &n));
+    const char *s = mb_atom_name(name, &n);
+    mb_pid_t to = mb_reg_whereis_n(s, n);
     m->kind = MB_MSG_USER;
     m->from = from;
     if (to)

@@ -65,7 +65,7 @@ static mb_pid_t proc_or_name(const char *data, int *i, uint32_t *name, int *bad)
       return 0;
     size_t n;
     const char *s = mb_atom_name(*name, &n);
-    return mb_reg_whereis(s);
+    return mb_reg_whereis_n(s, n);
   }
   mb_pid_t pid;
   if (mb_etf_get_pid(data, i, &pid) < 0) {
@@ -191,9 +191,10 @@ int dist_handle_frame(conn_t *c, const char *data, long len)
     int rc = mb_etf_get_atom(data, &i, &name);
     if (rc == MB_ETF_MALFORMED)
       return -1;
-    size_t n;
-    to = rc == 0 ? mb_reg_whereis(mb_atom_name(name, &n)) : 0;
-    if (to == 0 && rc == 0 && strcmp(mb_atom_name(name, &n), "net_kernel") == 0) {
+    size_t n = 0;
+    const char *s = rc == 0 ? mb_atom_name(name, &n) : NULL;
+    to = s ? mb_reg_whereis_n(s, n) : 0;
+    if (to == 0 && s && n == 10 && memcmp(s, "net_kernel", 10) == 0) {
       long end = idx;
       if (mb_etf_check(data, len, &end) < 0 || end != len)
         return -1;

@@ -88,6 +88,11 @@ mb_pid_t mb_reg_whereis(const char *name)
   return pid;
 }
 
+mb_pid_t mb_reg_whereis_n(const char *name, size_t n)
+{
+  return memchr(name, 0, n) ? 0 : mb_reg_whereis(name);
+}
+
 int mb_reg_name_of(mb_proc_t *p, char *buf, size_t n)
 {
   pthread_mutex_lock(&reg_lock);

@@ -22,6 +22,9 @@ int mb_reg_register(const char *name, mb_proc_t *p);
 int mb_reg_unregister(const char *name);
 /* The pid registered as name, or 0. */
 mb_pid_t mb_reg_whereis(const char *name);
+/* The same for a name of n bytes that may hold a NUL (an atom from another
+ * node): such a name is nobody's, never the name before the NUL. */
+mb_pid_t mb_reg_whereis_n(const char *name, size_t n);
 /* Copy p's name into buf (truncated to n); 0 if it has none. */
 int mb_reg_name_of(mb_proc_t *p, char *buf, size_t n);
 

@@ -229,6 +229,28 @@ describe("distribution", function()
       assert.is_true(S.has(await_output(e, "done"), "sent"))
     end)
 
+    it("a name with a NUL from another node is nobody's, not the name before the NUL", function()
+      local e = erl([[
+        register(echo, self()),
+        receive {go, P} ->
+          Node = node(P),
+          {list_to_atom("fuzz" ++ [0] ++ "x"), Node} ! bad,
+          {fuzz, Node} ! good
+        end,
+        receive done -> halt() end.]])
+      local code, out, err = moonbeam([[
+        local e = arg[1]
+        mb.register("fuzz")
+        mb.send({"echo", e}, mb.tuple(mb.atom("go"), mb.self()))
+        print("first", tostring(mb.receive(5000)))
+        print("more", mb.receive(300))
+        mb.send({"echo", e}, mb.atom("done"))
+      ]], { args = S.q(e.name) })
+      assert.equal(0, code, err)
+      assert.is_true(S.has(out, "first\tgood"), out)
+      assert.is_true(S.has(out, "more\tnil"), out)
+    end)
+
     it("every row of the term mapping round-trips Lua -> Erlang -> Lua", function()
       local e = erl([[
         register(echo, self()),

@@ -279,7 +279,8 @@ int mb_lib_dist_monitor_named(lua_State *L)
   mb_pid_t target = 0;
   if (node == mb_dist_self()) {
     size_t n;
-    target = mb_reg_whereis(mb_atom_name(name, &n));
+    const char *s = mb_atom_name(name, &n);
+    target = mb_reg_whereis_n(s, n);
   }
   if (target == 0) {
     int64_t id = mb_remote_name(node, name);
