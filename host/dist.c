@@ -228,6 +228,20 @@ int dist_put_ctl(char *buf, int *idx, const ctl_t *c)
   return rc ? -1 : 0;
 }
 
+frame_t *dist_frame_alloc(size_t len)
+{
+  frame_t *f = mb_malloc(sizeof *f + 4 + len);
+  f->next = NULL;
+  f->len = 4 + len;
+  unsigned char *p = (unsigned char *)f->data;
+  p[0] = (unsigned char)(len >> 24);
+  p[1] = (unsigned char)(len >> 16);
+  p[2] = (unsigned char)(len >> 8);
+  p[3] = (unsigned char)len;
+  p[4] = PASS_THROUGH;
+  return f;
+}
+
 /* A frame holding the control message and the message m (or none). */
 frame_t *dist_frame_new(const ctl_t *c, const mb_msg_t *m)
 {
@@ -240,15 +254,7 @@ frame_t *dist_frame_new(const ctl_t *c, const mb_msg_t *m)
   size_t len = 1 + (size_t)csize + (size_t)msize;
   if (len > MB_DIST_MAX_FRAME)
     return NULL;
-  frame_t *f = mb_malloc(sizeof *f + 4 + len);
-  f->next = NULL;
-  f->len = 4 + len;
-  unsigned char *p = (unsigned char *)f->data;
-  p[0] = (unsigned char)(len >> 24);
-  p[1] = (unsigned char)(len >> 16);
-  p[2] = (unsigned char)(len >> 8);
-  p[3] = (unsigned char)len;
-  p[4] = PASS_THROUGH;
+  frame_t *f = dist_frame_alloc(len);
   int idx = 0;
   dist_put_ctl(f->data + 5, &idx, c);
   if (m)

@@ -99,6 +99,9 @@ typedef struct ctl {
 
 /* The control tuple (versioned) at buf (NULL: count); 0 or -1. */
 int dist_put_ctl(char *buf, int *idx, const ctl_t *c);
+/* A frame of len bytes after its length (the first PASS_THROUGH), to be
+ * filled from f->data + 5. */
+frame_t *dist_frame_alloc(size_t len);
 /* A frame holding c and the message m (or none); NULL if it cannot be
  * encoded or is over MB_DIST_MAX_FRAME. */
 frame_t *dist_frame_new(const ctl_t *c, const mb_msg_t *m);

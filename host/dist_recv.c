@@ -115,15 +115,7 @@ static void answer_net_kernel(conn_t *c, const char *data, long len, long idx)
   msize += tag_len;
   ei_encode_atom(NULL, &msize, "yes");
   size_t flen = 1 + (size_t)csize + (size_t)msize;
-  frame_t *f = mb_malloc(sizeof *f + 4 + flen);
-  f->next = NULL;
-  f->len = 4 + flen;
-  unsigned char *p = (unsigned char *)f->data;
-  p[0] = (unsigned char)(flen >> 24);
-  p[1] = (unsigned char)(flen >> 16);
-  p[2] = (unsigned char)(flen >> 8);
-  p[3] = (unsigned char)flen;
-  p[4] = PASS_THROUGH;
+  frame_t *f = dist_frame_alloc(flen);
   int w = 0;
   dist_put_ctl(f->data + 5, &w, &x);
   char *m = f->data + 5 + csize;
