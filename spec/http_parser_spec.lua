@@ -558,8 +558,21 @@ describe("moonbeam.http_parser", function()
 
     it("stops the timer, and respond writes the whole response", function()
       local t = hp.guard(b, false, mb.self(), 60000, "$guard test")
-      assert.is_true(hp.respond(b, t, 200, { "X-A", "1" }, 2, false, false, "ok"))
-      assert.are.equal("HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 2\r\n\r\nok", a:read(5000))
+      local head = "HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 2\r\n\r\nok"
+      -- true: the kernel took it all; else what it did not take, for
+      -- sock:write (as when this process runs off the socket's thread).
+      local r = hp.respond(b, t, 200, { "X-A", "1" }, 2, false, false, "ok")
+      if r ~= true then
+        assert.is_string(r)
+        assert.are.equal(head:sub(-#r), r)
+        assert(b:write(r))
+      end
+      local got = ""
+      for _ = 1, 50 do
+        if #got >= #head then break end
+        got = got .. assert(a:read(5000))
+      end
+      assert.are.equal(head, got)
       assert.is_nil(mb.receive(function(m) return m == "$guard test" end, 50))
       -- without a timer (handler_timeout = math.huge)
       assert.is_false(hp.guard(b, true, mb.self()))
