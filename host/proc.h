@@ -151,6 +151,7 @@ typedef struct mb_proc {
   lua_CFunction boot;          /* set until the first run: see run.c */
   int booting;                 /* boot is decoding the body (run.c) */
   int settled;                 /* its state had its first full collection */
+  int lstate_tainted;          /* its state may not be reused (lstate.c) */
   /* Functions of the state known to be code objects (the body a boot
    * decoded, the last few it dumped to send; anchored in the registry):
    * sending one again needs no lua_dump (copy.h mb_copy_code_of). Freed

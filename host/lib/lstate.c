@@ -3,6 +3,7 @@
  * chained with the scheduler's count hook (see lstate.h).
  */
 #include <limits.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -438,8 +439,22 @@ static int os_exit(lua_State *L)
   return mb_lib_halt(L, code);
 }
 
+/* newproxy(...): LuaJIT's, which is upvalue 1; a proxy may carry a
+ * finalizer, which taints the state (see Reused states). */
+static int newproxy_tainting(lua_State *L)
+{
+  mb_proc_of(L)->lstate_tainted = 1;
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, lua_gettop(L) - 1, 1);
+  return 1;
+}
+
 static void after_base(lua_State *L)
 {
+  lua_getfield(L, LUA_GLOBALSINDEX, "newproxy");
+  lua_pushcclosure(L, newproxy_tainting, 1);
+  lua_setfield(L, LUA_GLOBALSINDEX, "newproxy");
   /* Hide coroutine until asked for, so that only processes that use
    * coroutines pay for the wrappers. */
   lua_pushlightuserdata(L, &coroutine_key);
@@ -665,6 +680,8 @@ static int open_for(lua_State *L, const char *name, size_t len)
     lua_rawset(L, LUA_REGISTRYINDEX);
     if (lib->open == luaopen_string)
       adopt_string(L);
+    if (lib->open == luaopen_io || lib->open == luaopen_debug || lib->open == luaopen_jit)
+      mb_proc_of(L)->lstate_tainted = 1;   /* see Reused states */
     open_lib(L, lib->open, lib->name);
     if (lib->after)
       lib->after(L);
@@ -810,27 +827,213 @@ static void find_lua_dir(void)
   snprintf(lua_dir, sizeof lua_dir, "%s", MB_LUA_DIR);
 }
 
-void mb_lstate_init(void)
-{
-  lua_State *P = lua_newstate(probe_alloc, NULL);
-  if (P)
-    lua_close(P);
-  mb_alloc_state_arena(first_alloc);
 
-  find_lua_dir();
-  mb_copy_on_ffi_bytecode = mb_sandbox_hide_ffi;
-  if (getrandom(&seed_salt, sizeof seed_salt, 0) != sizeof seed_salt)
-    seed_salt = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
+/* -- Reused states ----------------------------------------------------------
+ * lua_newstate and lua_close are ~34k of a spawn's ~57k instructions and
+ * ~37k of a hibernate + wake cycle's ~73k (callgrind): interning LuaJIT's
+ * fixed strings (keywords, metamethod names) one by one, then freeing them
+ * with a sweep of the string table. So the state of a process that returned
+ * normally or hibernated is reset instead and kept in a small pool of its
+ * scheduler's, where the next spawn or wake on that scheduler takes it.
+ *
+ * A reset leaves nothing of the old process reachable: the registry is
+ * emptied (every library, module, intern table and reference of the old
+ * process goes with it), the globals and the string metatable are dropped,
+ * the GC's parameters are LuaJIT's defaults again, and the new process's
+ * setup builds its globals as on a fresh state. The old world is then
+ * garbage that the state's next collection frees (C finalizers, such as an
+ * HTTP parser's, which only free memory, run then); a state that holds
+ * more than REUSE_MAX is collected at once. What a reset cannot undo
+ * lives in LuaJIT's global state and is only reachable through libraries a
+ * process opts into; a state is closed, never reused, when its process:
+ *  - opened debug (hooks, the metatables of basic types, any upvalue), jit
+ *    (the JIT's flags, event handlers) or io (the default files are GC
+ *    roots of the state);
+ *  - called newproxy (a finalizer in Lua could run during the next
+ *    process's life, with getfenv(0) = that process's globals);
+ *  - crashed, was killed, or ran out of memory (left mid-way);
+ *  - or the host runs with --allow-ffi (ctypes, callbacks, loaded C
+ *    modules) or --allow-bytecode (hand-made bytecode may corrupt a state).
+ * A state still bigger than that after its collection (a grown string
+ * table, a big stack) is closed too, as is any state the pool has no room
+ * for; a process with a max_memory starts on a collected state. The pools are emptied after the schedulers stop. */
+
+#define POOL_MAX 8
+/* A reset state is collected when it holds more than this (old garbage
+ * included), and closed if it still does: a full collection costs ~25k
+ * instructions (half of it sweeping the 256 chains of LuaJIT's string
+ * table, whatever they hold), so it is paid once per several reuses. A
+ * pool holds at most POOL_MAX x 64 KB per scheduler. */
+#define REUSE_MAX (64 * 1024)
+#define REUSE_HEADROOM (48 * 1024)
+
+typedef struct pool {
+  int n;
+  lua_State *L[POOL_MAX];
+  size_t used[POOL_MAX];     /* bytes each state holds */
+  struct pool *next;         /* all threads' pools, for pools_free */
+} pool_t;
+
+static _Thread_local pool_t *my_pool;
+static pool_t *pools;
+static pthread_mutex_t pools_lock = PTHREAD_MUTEX_INITIALIZER;
+static int reuse_off;        /* --allow-ffi or --allow-bytecode */
+static const size_t reuse_max = REUSE_MAX;
+/* A parked state's allocator: it allocates nothing while parked. */
+static mb_alloc_t parked;
+
+static void close_parked(lua_State *L)
+{
+  mb_alloc_t a;
+  memset(&a, 0, sizeof a);
+  lua_setallocf(L, mb_alloc_fn, &a);
+  lua_close(L);
+}
+
+static void pools_free(void)
+{
+  pthread_mutex_lock(&pools_lock);
+  for (pool_t *pl = pools, *next; pl; pl = next) {
+    next = pl->next;
+    while (pl->n > 0)
+      close_parked(pl->L[--pl->n]);
+    free(pl);
+  }
+  pools = NULL;
+  pthread_mutex_unlock(&pools_lock);
+}
+
+/* This thread's pool, made on first use; NULL off the schedulers (the
+ * main thread closes the processes left at halt: nothing would take their
+ * states). */
+static pool_t *pool(void)
+{
+  if (my_pool == NULL && mb_sched_self() != NULL) {
+    pool_t *pl = calloc(1, sizeof *pl);
+    if (pl == NULL)
+      return NULL;
+    pthread_mutex_lock(&pools_lock);
+    pl->next = pools;
+    pools = pl;
+    pthread_mutex_unlock(&pools_lock);
+    my_pool = pl;
+  }
+  return my_pool;
+}
+
+/* Under lua_cpcall: the old world unreachable (see Reused states). */
+static int reset_roots(lua_State *L)
+{
+  /* The registry is emptied in place: a new table stored in its slot (a GC
+   * root, marked once at the start of a cycle, with no write barrier)
+   * could be freed by a cycle under way. */
+  lua_pushnil(L);
+  while (lua_next(L, LUA_REGISTRYINDEX)) {
+    lua_pop(L, 1);
+    lua_pushvalue(L, -1);
+    lua_pushnil(L);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+  }
+  lua_createtable(L, 0, 0);
+  lua_replace(L, LUA_GLOBALSINDEX);
+  lua_pushliteral(L, "");
+  lua_pushnil(L);
+  lua_setmetatable(L, -2);
+  return 0;
+}
+
+/* The next GC cycle of a reset state: as at birth (LuaJIT starts a new
+ * state's first cycle at 4x its size), after another ~48 KB, so that a
+ * process that runs and ends pays no GC step; LuaJIT's default pause and
+ * step multiplier after (the old process may have changed them, or
+ * stopped the GC). */
+static void reset_gc(lua_State *L, size_t used)
+{
+  size_t total = used > 1024 ? used : 1024;
+  lua_gc(L, LUA_GCSETPAUSE, (int)(100 * (total + REUSE_HEADROOM) / total));
+  lua_gc(L, LUA_GCRESTART, -1);
+  lua_gc(L, LUA_GCSETPAUSE, 200);
+  lua_gc(L, LUA_GCSETSTEPMUL, 200);
+}
+
+static void drop_host_side(mb_proc_t *p)
+{
+  p->L = p->co = NULL;
+  for (int i = 0; i < p->nfncodes; i++)
+    if (p->fncodes[i].code)
+      mb_code_unref(p->fncodes[i].code);
+  mb_free(p->fncodes);
+  p->fncodes = NULL;
+  p->nfncodes = p->fncode_next = 0;
+  mb_free(p->costack);
+  p->costack = NULL;
+  p->con = p->cocap = 0;
+}
+
+void mb_lstate_recycle(mb_proc_t *p)
+{
+  lua_State *L = p->L;
+  pool_t *pl = L ? pool() : NULL;
+  if (pl == NULL || pl->n == POOL_MAX || reuse_off || p->lstate_tainted ||
+      p->alloc.oom) {
+    mb_lstate_close(p);
+    return;
+  }
+  p->alloc.limit = 0;  /* C finalizers may allocate */
+  drop_host_side(p);
+  lua_settop(L, 0);    /* the body coroutine */
+  /* The old world is garbage now, left to the state's next collection
+   * unless the state holds more than reuse_max. */
+  int rc = lua_cpcall(L, reset_roots, NULL);
+  if (rc == 0 && atomic_load_explicit(&p->alloc.used, memory_order_relaxed) > reuse_max)
+    rc = lua_cpcall(L, collect, NULL);
+  size_t used = atomic_load_explicit(&p->alloc.used, memory_order_relaxed);
+  if (rc != 0 || used > reuse_max) {
+    lua_close(L);      /* still p's: p->alloc.used goes back to 0 */
+    return;
+  }
+  reset_gc(L, used);
+  pl->used[pl->n] = atomic_exchange_explicit(&p->alloc.used, 0, memory_order_relaxed);
+  lua_setallocf(L, mb_alloc_fn, &parked);
+  pl->L[pl->n++] = L;
+}
+
+/* A parked state of this scheduler's pool for p, or NULL. */
+static lua_State *pool_take(mb_proc_t *p)
+{
+  pool_t *pl = my_pool;
+  if (pl == NULL || pl->n == 0)
+    return NULL;
+  pl->n--;
+  lua_State *L = pl->L[pl->n];
+  atomic_store_explicit(&p->alloc.used, pl->used[pl->n], memory_order_relaxed);
+  lua_setallocf(L, mb_alloc_fn, p);
+  return L;
 }
 
 int mb_lstate_new(mb_proc_t *p)
 {
   p->alloc.limit = p->alloc.max;
   p->alloc.oom = 0;
-  lua_State *L = lua_newstate(mb_alloc_fn, p);
-  if (L == NULL)
-    return -1;
-  luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
+  p->lstate_tainted = 0;
+  lua_State *L = pool_take(p);
+  if (L && p->alloc.max) {
+    /* The old garbage would count toward max_memory: collected first,
+     * with the limit lifted (the state may already be over it). */
+    p->alloc.limit = 0;
+    int rc = lua_cpcall(L, collect, NULL);
+    p->alloc.limit = p->alloc.max;
+    if (rc != 0) {
+      lua_close(L);
+      return -1;
+    }
+  }
+  if (L == NULL) {
+    L = lua_newstate(mb_alloc_fn, p);
+    if (L == NULL)
+      return -1;
+    luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
+  }
   if (lua_cpcall(L, setup, NULL) != 0) {
     lua_close(L);
     return -1;
@@ -858,16 +1061,7 @@ void mb_lstate_close(mb_proc_t *p)
     return;
   p->alloc.limit = 0;  /* finalizers may allocate */
   lua_close(p->L);
-  p->L = p->co = NULL;
-  for (int i = 0; i < p->nfncodes; i++)
-    if (p->fncodes[i].code)
-      mb_code_unref(p->fncodes[i].code);
-  mb_free(p->fncodes);
-  p->fncodes = NULL;
-  p->nfncodes = p->fncode_next = 0;
-  mb_free(p->costack);
-  p->costack = NULL;
-  p->con = p->cocap = 0;
+  drop_host_side(p);
 }
 
 void mb_lstate_push_module(lua_State *L)
@@ -888,4 +1082,19 @@ void mb_lstate_push_module(lua_State *L)
     lua_setfield(L, -3, "moonbeam");
   }
   lua_remove(L, -2);
+}
+
+void mb_lstate_init(void)
+{
+  lua_State *P = lua_newstate(probe_alloc, NULL);
+  if (P)
+    lua_close(P);
+  mb_alloc_state_arena(first_alloc);
+  reuse_off = mb_sandbox_opts.allow_ffi || mb_sandbox_opts.allow_bytecode;
+  mb_sched_add_after_loops(pools_free);
+
+  find_lua_dir();
+  mb_copy_on_ffi_bytecode = mb_sandbox_hide_ffi;
+  if (getrandom(&seed_salt, sizeof seed_salt, 0) != sizeof seed_salt)
+    seed_salt = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
 }

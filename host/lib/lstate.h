@@ -62,6 +62,10 @@ void mb_lstate_settle(mb_proc_t *p);
 
 /* Close p's state, if any. */
 void mb_lstate_close(mb_proc_t *p);
+/* p returned or hibernates: reset its state for the next spawn or wake on
+ * this scheduler, or close it if it cannot be reused (see lstate.c,
+ * "Reused states"). Owner thread, the body finished or suspended for good. */
+void mb_lstate_recycle(mb_proc_t *p);
 
 /* Push the moonbeam module table of L's state (creating it once). */
 void mb_lstate_push_module(lua_State *L);

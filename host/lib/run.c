@@ -356,7 +356,7 @@ static void crashed(mb_proc_t *p, int status)
  * once, as in Erlang. */
 static void hibernate(mb_sched_t *s, mb_proc_t *p)
 {
-  mb_lstate_close(p);
+  mb_lstate_recycle(p);
   size_t held = mb_msg_size(p->boot_msg);
   atomic_store_explicit(&p->held, held, memory_order_relaxed);
   mb_alloc_count((long long)held);
@@ -481,6 +481,8 @@ static void run(mb_sched_t *s, mb_proc_t *p)
     mb_msg_t *reason = p->exit_reason ? p->exit_reason
                                         : mb_must(mb_msg_string("normal"));
     p->exit_reason = NULL;
+    if (!p->first)   /* the first process's end may halt the host */
+      mb_lstate_recycle(p);
     die(p, reason);
     return;
   }

@@ -1,0 +1,142 @@
+-- Reused states: the state of a process that returned or hibernated serves
+-- the next spawn or wake on its scheduler (host/lib/lstate.c, "Reused
+-- states"). Nothing of the old process may reach the new one. Each case
+-- runs in a child host with one scheduler, so that the second process
+-- takes the first one's state.
+local S = require "spec.support"
+
+local PRELUDE = [[
+local mb = require "moonbeam"
+-- Spawn f (with opts), wait for its end; its reason.
+local function run(opts, f, ...)
+  opts.monitor = true
+  local _, r = mb.spawn_opt(opts, f, ...)
+  local m = mb.receive(function(m) return type(m) == "table" and m.ref == r end, 10000)
+  return m and m.reason
+end
+-- Spawn f, which answers one message: that answer.
+local function ask(f)
+  local me = mb.self()
+  mb.spawn(function() mb.send(me, { answer = f() }) end)
+  local m = mb.receive(function(m) return type(m) == "table" and m.answer ~= nil end, 10000)
+  return m and m.answer
+end
+]]
+
+local function child(src)
+  local path = S.write("reuse.lua", PRELUDE .. src)
+  return S.moonbeam("--schedulers 1 " .. S.q(path), nil, 60)
+end
+
+describe("reused states", function()
+  teardown(S.cleanup_tmp)
+
+  it("are reused, and nothing of the old process reaches the new one", function()
+    local code, out, err = child([[
+      print("A", run({}, function()
+        leaked = "global"
+        getmetatable("").__index.evil = "string method"
+        string.upper = nil
+        package.loaded.leak = true
+        collectgarbage("setpause", 100000)
+        collectgarbage("stop")
+        local junk = string.rep("j", 20000)   -- left as garbage
+        return
+      end))
+      local r = ask(function()
+        -- what this process sees at birth: the old one's garbage, if any
+        local kb = collectgarbage("count")
+        local t = {
+          kb = kb,
+          leaked = tostring(leaked),
+          evil = tostring(("x").evil),
+          upper = ("x"):upper(),
+          loaded = tostring(package.loaded.leak),
+        }
+        -- the GC runs again: 8 MB of garbage stays bounded
+        for i = 1, 100000 do local _ = { i, i } end
+        t.after = collectgarbage("count")
+        return t
+      end)
+      print(string.format("B kb=%d leaked=%s evil=%s upper=%s loaded=%s after=%d",
+        r.kb, r.leaked, r.evil, r.upper, r.loaded, r.after))
+    ]])
+    assert.are.equal(0, code, err)
+    assert.is_true(S.has(out, "A\tnormal"), out)
+    -- reused: the 20 KB string A left is in B's state until collected
+    local kb = tonumber(out:match("B kb=(%d+)"))
+    assert.is_true(kb and kb > 30, out)
+    assert.is_true(S.has(out, "leaked=nil evil=nil upper=X loaded=nil"), out)
+    local after = tonumber(out:match("after=(%d+)"))
+    assert.is_true(after and after < 2048, out)
+  end)
+
+  it("are not reused after debug changed a basic type's metatable", function()
+    local code, out, err = child([[
+      run({}, function()
+        debug.setmetatable(0, { __index = function() return "leak" end })
+      end)
+      print("B", ask(function()
+        return tostring(select(2, pcall(function() return (1).x end)))
+      end))
+    ]])
+    assert.are.equal(0, code, err)
+    assert.is_true(S.has(out, "attempt to index a number value"), out)
+    assert.is_false(S.has(out, "leak"), out)
+  end)
+
+  it("are not reused after newproxy made a finalizer", function()
+    local code, out, err = child([[
+      run({}, function()
+        local u = newproxy(true)
+        getmetatable(u).__gc = function() getmetatable("").__index.fin = "leak" end
+        u = nil
+      end)
+      print("B", ask(function()
+        collectgarbage()
+        collectgarbage()
+        return tostring(("x").fin)
+      end))
+    ]])
+    assert.are.equal(0, code, err)
+    assert.is_true(S.has(out, "B\tnil"), out)
+  end)
+
+  it("give a process with a max_memory no garbage of the old one", function()
+    local code, out, err = child([[
+      run({}, function()   -- ~30 KB of garbage left
+        collectgarbage("stop")
+        local t = {}
+        for i = 1, 300 do t[i] = {} end
+      end)
+      print("B", run({ max_memory = 40 * 1024 }, function()
+        local t = {}
+        for i = 1, 100 do t[i] = i end
+      end))
+    ]])
+    assert.are.equal(0, code, err)
+    assert.is_true(S.has(out, "B\tnormal"), out)
+  end)
+
+  it("serve a hibernating process's wake without the spawn's globals", function()
+    local code, out, err = child([[
+      local function loop(n)
+        local m = mb.receive()
+        mb.send(m.from, { n = n, g = tostring(mine) })
+        if n < 50 then mb.hibernate(loop, n + 1) end
+      end
+      local h = mb.spawn(function() mine = "set before hibernating"; mb.hibernate(loop, 1) end)
+      local ok = 0
+      for i = 1, 50 do
+        -- a short process between wakes, leaving a global of its own
+        run({}, function() mine = "other process" end)
+        mb.send(h, { from = mb.self() })
+        local m = mb.receive(function(m) return type(m) == "table" and m.n ~= nil end, 5000)
+        if m and m.n == i and m.g == "nil" then ok = ok + 1 end
+      end
+      print("ok", ok)
+    ]])
+    assert.are.equal(0, code, err)
+    assert.is_true(S.has(out, "ok\t50"), out)
+  end)
+end)
