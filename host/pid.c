@@ -181,6 +181,16 @@ void mb_id_register(mb_idkind_t *kind)
     kinds[kind->tag] = kind;
 }
 
+int mb_id_regkey(const void *key)
+{
+  if (key == &rref_mt_key)
+    return 1;
+  for (unsigned t = 0; t <= MB_TAG_KIND_MAX; t++)
+    if (kinds[t] && (key == &kinds[t]->mt_key || key == &kinds[t]->intern_key))
+      return 1;
+  return 0;
+}
+
 mb_idkind_t *mb_id_kind_of_tag(unsigned tag)
 {
   return tag <= MB_TAG_KIND_MAX ? kinds[tag] : NULL;

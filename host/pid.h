@@ -92,6 +92,11 @@ extern mb_idkind_t mb_pid_kind, mb_ref_kind;
  * and decodes that tag into its values. Once per kind, at start-up, before
  * any scheduler runs. */
 void mb_id_register(mb_idkind_t *kind);
+/* Is key (a light userdata) the registry key of a kind's metatable or
+ * intern table? Those hold only host-made, opaque values (the metatables
+ * answer getmetatable with false), so a reused state keeps them (see
+ * host/lib/lstate.c, "Reused states"). */
+int mb_id_regkey(const void *key);
 /* The registered kind of a wire tag, or NULL. Any thread. */
 mb_idkind_t *mb_id_kind_of_tag(unsigned tag);
 

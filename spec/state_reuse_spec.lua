@@ -35,6 +35,7 @@ describe("reused states", function()
     local code, out, err = child([[
       print("A", run({}, function()
         leaked = "global"
+        local _ = tostring(mb.self())   -- the pid kind's tables made
         getmetatable("").__index.evil = "string method"
         string.upper = nil
         package.loaded.leak = true
@@ -52,21 +53,24 @@ describe("reused states", function()
           evil = tostring(("x").evil),
           upper = ("x"):upper(),
           loaded = tostring(package.loaded.leak),
+          -- ids' metatables and intern tables are kept: still opaque
+          pid = tostring(mb.self()):match("^<%d+%.%d+%.%d+>$") ~= nil
+            and mb.self() == mb.self() and getmetatable(mb.self()) == false,
         }
         -- the GC runs again: 8 MB of garbage stays bounded
         for i = 1, 100000 do local _ = { i, i } end
         t.after = collectgarbage("count")
         return t
       end)
-      print(string.format("B kb=%d leaked=%s evil=%s upper=%s loaded=%s after=%d",
-        r.kb, r.leaked, r.evil, r.upper, r.loaded, r.after))
+      print(string.format("B kb=%d leaked=%s evil=%s upper=%s loaded=%s pid=%s after=%d",
+        r.kb, r.leaked, r.evil, r.upper, r.loaded, tostring(r.pid), r.after))
     ]])
     assert.are.equal(0, code, err)
     assert.is_true(S.has(out, "A\tnormal"), out)
     -- reused: the 20 KB string A left is in B's state until collected
     local kb = tonumber(out:match("B kb=(%d+)"))
     assert.is_true(kb and kb > 30, out)
-    assert.is_true(S.has(out, "leaked=nil evil=nil upper=X loaded=nil"), out)
+    assert.is_true(S.has(out, "leaked=nil evil=nil upper=X loaded=nil pid=true"), out)
     local after = tonumber(out:match("after=(%d+)"))
     assert.is_true(after and after < 2048, out)
   end)

@@ -19,6 +19,7 @@
 #include "lib.h"
 #include "lstate.h"
 #include "modcache.h"
+#include "pid.h"
 #include "luajit.h"
 #include "lualib.h"
 #include "run.h"
@@ -837,8 +838,9 @@ static void find_lua_dir(void)
  * scheduler's, where the next spawn or wake on that scheduler takes it.
  *
  * A reset leaves nothing of the old process reachable: the registry is
- * emptied (every library, module, intern table and reference of the old
- * process goes with it), the globals and the string metatable are dropped,
+ * emptied (every library, module and reference of the old process goes
+ * with it; only the ids' opaque metatables and weak intern tables stay,
+ * see mb_id_regkey), the globals and the string metatable are dropped,
  * the GC's parameters are LuaJIT's defaults again, and the new process's
  * setup builds its globals as on a fresh state. The old world is then
  * garbage that the state's next collection frees (C finalizers, such as an
@@ -930,6 +932,8 @@ static int reset_roots(lua_State *L)
   lua_pushnil(L);
   while (lua_next(L, LUA_REGISTRYINDEX)) {
     lua_pop(L, 1);
+    if (lua_type(L, -1) == LUA_TLIGHTUSERDATA && mb_id_regkey(lua_touserdata(L, -1)))
+      continue;   /* ids' metatables and intern tables: nothing of the process */
     lua_pushvalue(L, -1);
     lua_pushnil(L);
     lua_rawset(L, LUA_REGISTRYINDEX);
