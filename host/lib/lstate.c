@@ -844,10 +844,10 @@ static void find_lua_dir(void)
  * the GC's parameters are LuaJIT's defaults again, and the new process's
  * setup builds its globals as on a fresh state. The old world is then
  * garbage that the state's next collection frees (C finalizers, such as an
- * HTTP parser's, which only free memory, run then); a state that holds
- * more than REUSE_MAX is collected at once. What a reset cannot undo
- * lives in LuaJIT's global state and is only reachable through libraries a
- * process opts into; a state is closed, never reused, when its process:
+ * HTTP parser's, which only free memory, run then). What a reset cannot
+ * undo lives in LuaJIT's global state and is only reachable through
+ * libraries a process opts into; a state is closed, never reused, when its
+ * process:
  *  - opened debug (hooks, the metatables of basic types, any upvalue), jit
  *    (the JIT's flags, event handlers) or io (the default files are GC
  *    roots of the state);
@@ -856,16 +856,18 @@ static void find_lua_dir(void)
  *  - crashed, was killed, or ran out of memory (left mid-way);
  *  - or the host runs with --allow-ffi (ctypes, callbacks, loaded C
  *    modules) or --allow-bytecode (hand-made bytecode may corrupt a state).
- * A state still bigger than that after its collection (a grown string
- * table, a big stack) is closed too, as is any state the pool has no room
- * for; a process with a max_memory starts on a collected state. The pools are emptied after the schedulers stop. */
+ * A state that holds more than REUSE_MAX is closed too, as is any state the
+ * pool has no room for; a process with a max_memory starts on a collected
+ * state (the old garbage would count toward it). The pools are emptied
+ * after the schedulers stop. */
 
 #define POOL_MAX 8
-/* A reset state is collected when it holds more than this (old garbage
- * included), and closed if it still does: a full collection costs ~25k
- * instructions (half of it sweeping the 256 chains of LuaJIT's string
- * table, whatever they hold), so it is paid once per several reuses. A
- * pool holds at most POOL_MAX x 64 KB per scheduler. */
+/* A state holding more than this (garbage included) is closed, not reset:
+ * freeing a big old world object by object costs the same in lua_close as
+ * in a collection, and a collection marks what lives besides (measured on
+ * HTTP connection processes, ~57-72 KB: a collection at reset cost more
+ * than closing; 155k instructions against 90k). A pool holds at most
+ * POOL_MAX x 64 KB per scheduler. */
 #define REUSE_MAX (64 * 1024)
 #define REUSE_HEADROOM (48 * 1024)
 
@@ -983,19 +985,19 @@ void mb_lstate_recycle(mb_proc_t *p)
     mb_lstate_close(p);
     return;
   }
+  size_t used = atomic_load_explicit(&p->alloc.used, memory_order_relaxed);
+  if (used > reuse_max) {
+    mb_lstate_close(p);
+    return;
+  }
   p->alloc.limit = 0;  /* C finalizers may allocate */
   drop_host_side(p);
   lua_settop(L, 0);    /* the body coroutine */
-  /* The old world is garbage now, left to the state's next collection
-   * unless the state holds more than reuse_max. */
-  int rc = lua_cpcall(L, reset_roots, NULL);
-  if (rc == 0 && atomic_load_explicit(&p->alloc.used, memory_order_relaxed) > reuse_max)
-    rc = lua_cpcall(L, collect, NULL);
-  size_t used = atomic_load_explicit(&p->alloc.used, memory_order_relaxed);
-  if (rc != 0 || used > reuse_max) {
+  if (lua_cpcall(L, reset_roots, NULL) != 0) {
     lua_close(L);      /* still p's: p->alloc.used goes back to 0 */
     return;
   }
+  used = atomic_load_explicit(&p->alloc.used, memory_order_relaxed);
   reset_gc(L, used);
   pl->used[pl->n] = atomic_exchange_explicit(&p->alloc.used, 0, memory_order_relaxed);
   lua_setallocf(L, mb_alloc_fn, &parked);
