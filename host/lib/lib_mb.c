@@ -366,20 +366,21 @@ static void unlink_msg(mb_proc_t *p, mb_msg_t **pm)
   mb_msg_free(mb_proc_take_msg(p, pm));
 }
 
-int mb_lib_try_receive(mb_proc_t *p, lua_State *L)
+/* The previous attempt raised while rebuilding this message: drop it, or
+ * every receive would fail on it again. */
+static void drop_bad(mb_proc_t *p)
 {
-  if (p->recv_bad) {
-    /* The previous attempt raised while rebuilding this message: drop it,
-     * or every receive would fail on it again. */
-    for (mb_msg_t **pm = &p->q_head; *pm; pm = &(*pm)->next)
-      if (*pm == p->recv_bad) {
-        unlink_msg(p, pm);
-        break;
-      }
-    p->recv_bad = NULL;
-  }
-  if (mb_proc_drain(p))
-    return -1;
+  for (mb_msg_t **pm = &p->q_head; *pm; pm = &(*pm)->next)
+    if (*pm == p->recv_bad) {
+      unlink_msg(p, pm);
+      break;
+    }
+  p->recv_bad = NULL;
+}
+
+/* The queue scan of a receive, after the inbox was drained. */
+static int receive_queued(mb_proc_t *p, lua_State *L)
+{
   for (mb_msg_t **pm = p->q_scan; *pm; ) {
     mb_msg_t *m = *pm;
     if (m->kind == MB_MSG_USER && m->ref && !mb_proc_has_alias(p, m->ref)) {
@@ -412,6 +413,22 @@ int mb_lib_try_receive(mb_proc_t *p, lua_State *L)
     return 1;
   }
   return 0;
+}
+
+int mb_lib_try_receive(mb_proc_t *p, lua_State *L)
+{
+  if (p->recv_bad)
+    drop_bad(p);
+  if (mb_proc_drain(p))
+    return -1;
+  return receive_queued(p, L);
+}
+
+int mb_lib_receive_queued(mb_proc_t *p, lua_State *L)
+{
+  if (p->recv_bad)
+    drop_bad(p);
+  return receive_queued(p, L);
 }
 
 static void clear_match(mb_proc_t *p, lua_State *L)
