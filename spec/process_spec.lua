@@ -378,6 +378,35 @@ describe("processes", function()
       mb.send(big, "stop")
     end)
 
+    it("lets a small busy process gather 32 KB of garbage between collections (the GC floor), not more", function()
+      local pid = mb.spawn(function(parent)
+        mb.receive(5000)           -- first wait: its state is collected once
+        mb.send(parent, { first = true })
+        mb.receive(5000)           -- second wait: it is active, the floor is armed
+        local c0 = collectgarbage("count")
+        local peak = c0
+        for i = 1, 5000 do
+          local t = { i, i }
+          local c = collectgarbage("count")
+          if c > peak then peak = c end
+        end
+        mb.send(parent, { grew = peak - c0, live = c0 })
+      end, mb.self())
+      local function waiting()
+        local i = mb.info(pid)
+        return i and i.status == "waiting"
+      end
+      assert.is_true(S.eventually(waiting))
+      mb.send(pid, 1)
+      S.recv(S.field("first", true))
+      assert.is_true(S.eventually(waiting))
+      mb.send(pid, 2)
+      local m = S.recv(function(m) return type(m) == "table" and m.grew ~= nil end)
+      -- Without the floor a cycle starts at twice the live size (~18 KB here).
+      assert.is_true(m.grew >= 28, ("grew %.1f KB over %.1f KB live"):format(m.grew, m.live))
+      assert.is_true(m.grew <= 48, ("grew %.1f KB over %.1f KB live"):format(m.grew, m.live))
+    end)
+
     it("counts reductions", function()
       local pid = mb.spawn(function(parent)
         local x = 0

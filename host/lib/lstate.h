@@ -56,9 +56,14 @@ int mb_lstate_new(mb_proc_t *p);
  * that an idle process keeps only what it uses: the garbage of its start
  * (LuaJIT's 64-slot globals table, which the process replaced with an
  * empty one; a boot's temporaries). Once per state, ~2.5 us, paid by the
- * processes that wait, not by those that just run and end. Owner thread,
- * the body suspended. */
+ * processes that wait, not by those that just run and end. The next time
+ * it blocks (it was woken, so it is active), it gets the GC floor
+ * (lstate.c): fewer collections for a small busy process. Call at every
+ * block until p->settled says it is done; owner thread, the body
+ * suspended. */
 void mb_lstate_settle(mb_proc_t *p);
+/* p->settled: collected yet? floor armed (or not wanted)? */
+enum { MB_LSTATE_UNSETTLED, MB_LSTATE_SETTLED, MB_LSTATE_FLOORED };
 
 /* Close p's state, if any. */
 void mb_lstate_close(mb_proc_t *p);
