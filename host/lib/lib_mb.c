@@ -419,6 +419,13 @@ int mb_lib_try_receive(mb_proc_t *p, lua_State *L)
 {
   if (p->recv_bad)
     drop_bad(p);
+  /* Nothing queued, in the inbox or here (the count covers both and every
+   * signal, and is raised under the lock once a message is linked): no
+   * drain, no lock. A receive usually finds nothing (it waits for a reply)
+   * and the way into the wait (run.c) looks at the inbox under the lock
+   * anyway, so a message that comes meanwhile is not missed. */
+  if (atomic_load_explicit(&p->mailbox_len, memory_order_relaxed) == 0)
+    return p->exit_reason != NULL ? -1 : 0;
   if (mb_proc_drain(p))
     return -1;
   return receive_queued(p, L);
