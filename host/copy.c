@@ -615,9 +615,14 @@ static int enc_table(enc_t *e, int idx)
     return seen < 0 ? -1 : put_backref(e, first);
   if (enter(e) < 0)
     return -1;
+  /* Only a table with a metatable can be a tuple: most have none, and
+   * lua_getmetatable alone says so at a third of mb_tuple_test's cost. */
   uint32_t arity;
-  if (mb_tuple_test(L, idx, &arity))
-    return enc_tuple(e, idx, arity);
+  if (lua_getmetatable(L, idx)) {
+    lua_pop(L, 1);
+    if (mb_tuple_test(L, idx, &arity))
+      return enc_tuple(e, idx, arity);
+  }
 
   size_t narr = lua_objlen(L, idx);
   if (narr > MB_COPY_MAX_BYTES)         /* at least a byte per element */
@@ -889,7 +894,7 @@ static int enc_value(enc_t *e, int idx)
     return enc_function(e, idx);
   case LUA_TUSERDATA: {
     uint64_t id;
-    const mb_idkind_t *kind = mb_id_kind(L, idx, &id);
+    const mb_idkind_t *kind = mb_id_kind_ud(L, idx, &id);
     if (kind == &mb_ref_kind && mb_id_is_remote(id))
       return put_rref(e, id);
     if (kind && kind->tag)

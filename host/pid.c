@@ -198,7 +198,14 @@ mb_idkind_t *mb_id_kind_of_tag(unsigned tag)
 
 const mb_idkind_t *mb_id_kind(lua_State *L, int idx, uint64_t *id)
 {
-  if (lua_type(L, idx) != LUA_TUSERDATA || lua_objlen(L, idx) != sizeof(idbox_t))
+  if (lua_type(L, idx) != LUA_TUSERDATA)
+    return NULL;
+  return mb_id_kind_ud(L, idx, id);
+}
+
+const mb_idkind_t *mb_id_kind_ud(lua_State *L, int idx, uint64_t *id)
+{
+  if (lua_objlen(L, idx) != sizeof(idbox_t))
     return NULL;
   idbox_t *b = lua_touserdata(L, idx);
   /* Another userdata of the same size holds anything in its second word:

@@ -107,5 +107,8 @@ uint64_t mb_id_test(lua_State *L, int idx, const mb_idkind_t *kind);
 /* The kind of the id value at idx (and its id in *id), or NULL if the
  * value there is not an id value. */
 const mb_idkind_t *mb_id_kind(lua_State *L, int idx, uint64_t *id);
+/* The same for a value known to be a full userdata (the encoder's case,
+ * which has just asked lua_type): one API call less. */
+const mb_idkind_t *mb_id_kind_ud(lua_State *L, int idx, uint64_t *id);
 
 #endif
