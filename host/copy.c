@@ -72,7 +72,7 @@
 /* First allocation: header plus this much payload. Small messages (most
  * are a few dozen bytes) then need neither a grow nor the final shrink;
  * measured, a 256-byte start made the small-message benchmark 25% slower. */
-#define INITIAL_PAYLOAD (128 - sizeof(mb_msg_t))
+#define INITIAL_PAYLOAD (MB_MSG_SMALL - sizeof(mb_msg_t))
 /* The final shrink is skipped when it would save less than this. */
 #define SHRINK_SLACK 64
 /* Visited-set entries kept in the encoder's own frame before a heap map. */
@@ -974,7 +974,7 @@ mb_msg_t *mb_copy_encode(lua_State *L, int first, int n, const char *root,
     return NULL;
   }
   e.cap = INITIAL_PAYLOAD;
-  e.msg = inflight.msg = malloc(sizeof(mb_msg_t) + e.cap);
+  e.msg = inflight.msg = mb_msg_alloc_small();
   if (!e.msg) {
     fail_plain(&e, "out of memory");
     return NULL;
