@@ -773,13 +773,24 @@ static void set_floor_pause(lua_State *L)
   lua_gc(L, LUA_GCSETPAUSE, (int)pause);
 }
 
-/* The sentinel's __gc, at the end of each cycle: set the pause and leave a
- * new sentinel for the next cycle - unless the state is being closed
- * (mb_lstate_close clears p->settled first), where a new one would only
+/* registry[&floor_key] = the armed process (light userdata). A sentinel
+ * outlives its process in a state that is reset for another (see Reused
+ * states: the registry is emptied) or parked (its allocator's ud is no
+ * process), so its finalizer acts only if the state's owner is the process
+ * that armed it and still has the floor - not once its state is being
+ * closed (p->settled is cleared first), where a new sentinel would only
  * make lua_close run its finalizers again. */
+static char floor_key;
+
+/* The sentinel's __gc, at the end of each cycle: set the pause and leave a
+ * new sentinel for the next cycle. */
 static int floor_gc(lua_State *L)
 {
-  if (mb_proc_of(L)->settled != MB_LSTATE_FLOORED)
+  void *ud;
+  lua_getallocf(L, &ud);
+  lua_pushlightuserdata(L, &floor_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  if (lua_touserdata(L, -1) != ud || ((mb_proc_t *)ud)->settled != MB_LSTATE_FLOORED)
     return 0;
   set_floor_pause(L);
   lua_newuserdata(L, 0);
@@ -790,6 +801,9 @@ static int floor_gc(lua_State *L)
 
 static int arm_floor(lua_State *L)
 {
+  lua_pushlightuserdata(L, &floor_key);
+  lua_pushlightuserdata(L, lua_touserdata(L, 1));
+  lua_rawset(L, LUA_REGISTRYINDEX);
   lua_newuserdata(L, 0);
   lua_createtable(L, 0, 1);
   lua_pushcfunction(L, floor_gc);
@@ -811,7 +825,7 @@ void mb_lstate_settle(mb_proc_t *p)
    * without the floor). */
   int first = p->settled == MB_LSTATE_UNSETTLED;
   p->settled = first ? MB_LSTATE_SETTLED : MB_LSTATE_FLOORED;
-  if (lua_cpcall(p->L, first ? collect : arm_floor, NULL) != 0) {
+  if (lua_cpcall(p->L, first ? collect : arm_floor, p) != 0) {
     lua_pop(p->L, 1);
     if (!first)
       lua_gc(p->L, LUA_GCSETPAUSE, GC_PAUSE);
@@ -1032,6 +1046,7 @@ static void reset_gc(lua_State *L, size_t used)
 
 static void drop_host_side(mb_proc_t *p)
 {
+  p->settled = MB_LSTATE_UNSETTLED;   /* no GC floor: see floor_gc */
   p->L = p->co = NULL;
   for (int i = 0; i < p->nfncodes; i++)
     if (p->fncodes[i].code)
