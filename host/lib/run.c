@@ -210,7 +210,7 @@ static mb_msg_t *wake_failed(mb_proc_t *p, lua_State *L, int status,
  * coroutine. */
 static int try_receive_cf(lua_State *L)
 {
-  mb_proc_t *p = lua_touserdata(L, 1);
+  mb_proc_t *p = mb_proc_of(L);
   lua_settop(L, 0);
   p->recv_result = mb_lib_receive_queued(p, L);
   if (p->recv_result == 1)
@@ -222,31 +222,28 @@ static int try_receive_cf(lua_State *L)
  * instructions a wake-up with its allocation, free and sweep, measured with
  * callgrind on the ring benchmark). A receive wake-up is the hottest
  * protected call, so try_receive_cf is made once per state, kept in the
- * registry under this key, and called with lua_pcall. It is made on the
- * first wake-up, not at spawn, so that a process that only ever waits
- * (an idle one) does not hold it. */
-static char receive_fn_key;
+ * registry at slot MB_REGSLOT_RECEIVE (pid.h: an integer key, which costs a
+ * third of a light-userdata one), and called with lua_pcall. It is made on
+ * the first wake-up, not at spawn, so that a process that only ever waits
+ * (an idle one) does not hold it; a reused state's reset drops it. */
 
 /* Under lua_cpcall, once per state: keep try_receive_cf, then run it. */
 static int first_receive_cf(lua_State *L)
 {
-  lua_pushlightuserdata(L, &receive_fn_key);
   lua_pushcfunction(L, try_receive_cf);
-  lua_rawset(L, LUA_REGISTRYINDEX);
+  lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_RECEIVE);
   return try_receive_cf(L);
 }
 
 /* Run try_receive_cf for p on L, protected: lua_pcall's status. */
 static int receive_on(lua_State *L, mb_proc_t *p)
 {
-  lua_pushlightuserdata(L, &receive_fn_key);
-  lua_rawget(L, LUA_REGISTRYINDEX);        /* neither allocates nor raises */
+  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_RECEIVE);  /* no allocation */
   if (lua_isnil(L, -1)) {
     lua_pop(L, 1);
     return lua_cpcall(L, first_receive_cf, p);
   }
-  lua_pushlightuserdata(L, p);
-  return lua_pcall(L, 1, 0, 0);
+  return lua_pcall(L, 0, 0, 0);
 }
 
 /* Under lua_cpcall on the main thread: push an operation's results (or,
