@@ -1016,7 +1016,9 @@ static int reset_roots(lua_State *L)
   lua_pushnil(L);
   while (lua_next(L, LUA_REGISTRYINDEX)) {
     lua_pop(L, 1);
-    if (lua_type(L, -1) == LUA_TLIGHTUSERDATA && mb_id_regkey(lua_touserdata(L, -1)))
+    int kt = lua_type(L, -1);
+    if ((kt == LUA_TLIGHTUSERDATA && mb_id_regkey(lua_touserdata(L, -1))) ||
+        (kt == LUA_TNUMBER && mb_id_regslot(lua_tonumber(L, -1))))
       continue;   /* ids' metatables and intern tables: nothing of the process */
     lua_pushvalue(L, -1);
     lua_pushnil(L);
