@@ -298,17 +298,22 @@ static int l_is_pid(lua_State *L)
 static int l_send(lua_State *L)
 {
   mb_proc_t *p = mb_lib_self(L);
+  int t1 = lua_type(L, 1);
   /* {name, node}: a process registered on a node (lib_dist.c). */
-  if (lua_type(L, 1) == LUA_TTABLE) {
+  if (t1 == LUA_TTABLE) {
     if (lua_isnoneornil(L, 2))
       return luaL_error(L, "send: nil is not a valid message");
     return mb_lib_dist_send_named(L, encode_or_raise(L, 2, "send", "msg"), "send");
   }
-  mb_pid_t dest = check_dest(L, 1, "send");
+  /* A pid, the usual destination, is recognised with one API call less
+   * than check_dest's (the type is known here). */
+  uint64_t dest;
+  if (t1 != LUA_TUSERDATA || mb_id_kind_ud(L, 1, &dest) != &mb_pid_kind)
+    dest = check_dest(L, 1, "send");
   if (lua_isnoneornil(L, 2))
     return luaL_error(L, "send: nil is not a valid message");
   mb_ref_t alias = 0;
-  if (!lua_isnoneornil(L, 3) && (alias = mb_ref_test(L, 3)) == 0)
+  if (lua_gettop(L) >= 3 && !lua_isnil(L, 3) && (alias = mb_ref_test(L, 3)) == 0)
     return luaL_error(L, "bad argument #3 to 'send' (alias (a ref) expected, got %s)",
                       luaL_typename(L, 3));
   mb_msg_t *m = encode_or_raise(L, 2, "send", "msg");
@@ -462,11 +467,16 @@ static double check_timeout(lua_State *L, int idx, const char *fname)
 static int l_receive(lua_State *L)
 {
   mb_proc_t *p = mb_lib_self(L);
-  int has_match = lua_isfunction(L, 1);
-  double timeout = check_timeout(L, has_match ? 2 : 1, "receive");
-  if (!has_match && !lua_isnoneornil(L, 1) && lua_type(L, 1) != LUA_TNUMBER)
-    return luaL_error(L, "bad argument #1 to 'receive' (function or timeout "
-                      "expected, got %s)", luaL_typename(L, 1));
+  /* mb.receive() with no argument, the usual call, asks no type. */
+  int has_match = 0;
+  double timeout = -1;
+  if (lua_gettop(L) > 0) {
+    has_match = lua_isfunction(L, 1);
+    timeout = check_timeout(L, has_match ? 2 : 1, "receive");
+    if (!has_match && !lua_isnoneornil(L, 1) && lua_type(L, 1) != LUA_TNUMBER)
+      return luaL_error(L, "bad argument #1 to 'receive' (function or timeout "
+                        "expected, got %s)", luaL_typename(L, 1));
+  }
   clear_match(p, L);
   if (has_match) {
     lua_pushvalue(L, 1);
