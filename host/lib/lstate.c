@@ -744,7 +744,7 @@ static int collect(lua_State *L)
  * little garbage it finds: it marks the state's registry, strings and
  * libraries each time. Measured on the ring benchmark (callgrind), that was
  * ~800 instructions of GC steps a hop out of ~9,000. So a process that has
- * shown it is active - it went idle a second time, after a message - gets
+ * shown it is active - it has waited for messages several times - gets
  * a floor: its next cycle starts at max(2 x live, live + GC_FLOOR) bytes.
  * LuaJIT's only knob is the pause, which multiplies whatever is live when a
  * cycle ends, so the pause is set anew at the end of every cycle, from what
@@ -752,10 +752,14 @@ static int collect(lua_State *L)
  * references, made again by its own finalizer for the next cycle. LuaJIT
  * runs finalizers at the end of a cycle, before it sets the next threshold
  * from the pause.
+ * Arming costs ~3,400 instructions and ~200 bytes (the sentinel, its
+ * metatable and finalizer), so a process is armed only at its
+ * MB_LSTATE_ARM_WAITS-th wait: not one that handles a message or two and
+ * ends (a connection per request).
  * Cost: a busy small process holds up to GC_FLOOR bytes of garbage more
  * (ring: ~10 KB live -> up to ~42 KB instead of ~20 KB); a large one (live
- * above GC_FLOOR) is as before; an idle process never arms it (it went
- * idle once) and keeps its settled size; nor does a state woken from
+ * above GC_FLOOR) is as before; an idle process never arms it (it waits
+ * once) and keeps its settled size; nor does a state woken from
  * hibernation, which lives until the next hibernation. A process's own
  * collectgarbage("setpause") lasts until the next cycle's end once armed. */
 #define GC_FLOOR (32 * 1024)
@@ -820,10 +824,12 @@ void mb_lstate_settle(mb_proc_t *p)
 {
   if (p->settled == MB_LSTATE_FLOORED || p->L == NULL)
     return;
+  int first = p->settled == MB_LSTATE_UNSETTLED;
+  if (!first && ++p->settled < MB_LSTATE_ARM_WAITS)
+    return;
   /* Protected: a finalizer may raise, and arming allocates. An error is
    * dropped: the process goes on as a GC step's would have let it (and
    * without the floor). */
-  int first = p->settled == MB_LSTATE_UNSETTLED;
   p->settled = first ? MB_LSTATE_SETTLED : MB_LSTATE_FLOORED;
   if (lua_cpcall(p->L, first ? collect : arm_floor, p) != 0) {
     lua_pop(p->L, 1);
