@@ -409,6 +409,29 @@ describe("processes", function()
       assert.is_true(m.grew <= 48, ("grew %.1f KB over %.1f KB live"):format(m.grew, m.live))
     end)
 
+    it("keeps the GC floor within a quarter of max_memory, so a busy process that fitted still fits", function()
+      local pid, ref = mb.spawn_opt({ monitor = true, max_memory = 48 * 1024 }, function(parent)
+        for i = 1, 8 do
+          mb.receive(5000)
+          mb.send(parent, { ack = i })
+        end
+        for i = 1, 20000 do
+          local t = { i, i }
+        end
+        mb.send(parent, { survived = true })
+      end, mb.self())
+      for i = 1, 8 do
+        assert.is_true(S.eventually(function()
+          local inf = mb.info(pid)
+          return inf == nil or inf.status == "waiting"
+        end))
+        mb.send(pid, i)
+        S.recv(function(m) return type(m) == "table" and (m.ack == i or m.event == "DOWN") end)
+      end
+      assert.are.equal("normal", S.await_down(ref))
+      S.recv(S.field("survived", true))
+    end)
+
     it("counts reductions", function()
       local pid = mb.spawn(function(parent)
         local x = 0

@@ -756,6 +756,7 @@ static int collect(lua_State *L)
  * metatable and finalizer), so a process is armed only at its
  * MB_LSTATE_ARM_WAITS-th wait: not one that handles a message or two and
  * ends (a connection per request).
+ * Under a max_memory the floor is at most a quarter of it (set_floor_pause).
  * Cost: a busy small process holds up to GC_FLOOR bytes of garbage more
  * (ring: ~10 KB live -> up to ~42 KB instead of ~20 KB); a large one (live
  * above GC_FLOOR) is as before; an idle process never arms it (it waits
@@ -765,11 +766,18 @@ static int collect(lua_State *L)
 #define GC_FLOOR (32 * 1024)
 #define GC_PAUSE 200                /* LuaJIT's default */
 
-static void set_floor_pause(lua_State *L)
+/* Set the pause of p's state (L) for a floor over what is live now. Under
+ * a max_memory the floor is at most a quarter of it: LuaJIT does not
+ * collect when an allocation is refused, so garbage let grow near the
+ * limit would end a process that used to fit. */
+static void set_floor_pause(lua_State *L, mb_proc_t *p)
 {
   size_t live = (size_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024 +
                 (size_t)lua_gc(L, LUA_GCCOUNTB, 0);
-  size_t pause = live ? 100 * (live + GC_FLOOR) / live : 100000;
+  size_t floor = GC_FLOOR;
+  if (p->alloc.max && floor > p->alloc.max / 4)
+    floor = p->alloc.max / 4;
+  size_t pause = live ? 100 * (live + floor) / live : 100000;
   if (pause < GC_PAUSE)
     pause = GC_PAUSE;
   if (pause > 100000)
@@ -796,7 +804,7 @@ static int floor_gc(lua_State *L)
   lua_rawget(L, LUA_REGISTRYINDEX);
   if (lua_touserdata(L, -1) != ud || ((mb_proc_t *)ud)->settled != MB_LSTATE_FLOORED)
     return 0;
-  set_floor_pause(L);
+  set_floor_pause(L, ud);
   lua_newuserdata(L, 0);
   lua_getmetatable(L, 1);
   lua_setmetatable(L, -2);
@@ -815,7 +823,7 @@ static int arm_floor(lua_State *L)
   lua_setmetatable(L, -2);
   /* And from now: the threshold in force was set by the last cycle (2 x
    * live); restart it as pause x the heap now (LuaJIT's RESTART -1). */
-  set_floor_pause(L);
+  set_floor_pause(L, lua_touserdata(L, 1));
   lua_gc(L, LUA_GCRESTART, -1);
   return 0;
 }
