@@ -72,7 +72,7 @@
 /* First allocation: header plus this much payload. Small messages (most
  * are a few dozen bytes) then need neither a grow nor the final shrink;
  * measured, a 256-byte start made the small-message benchmark 25% slower. */
-#define INITIAL_PAYLOAD (128 - sizeof(mb_msg_t))
+#define INITIAL_PAYLOAD (MB_MSG_SMALL - sizeof(mb_msg_t))
 /* The final shrink is skipped when it would save less than this. */
 #define SHRINK_SLACK 64
 /* Visited-set entries kept in the encoder's own frame before a heap map. */
@@ -615,9 +615,14 @@ static int enc_table(enc_t *e, int idx)
     return seen < 0 ? -1 : put_backref(e, first);
   if (enter(e) < 0)
     return -1;
+  /* Only a table with a metatable can be a tuple: most have none, and
+   * lua_getmetatable alone says so at a third of mb_tuple_test's cost. */
   uint32_t arity;
-  if (mb_tuple_test(L, idx, &arity))
-    return enc_tuple(e, idx, arity);
+  if (lua_getmetatable(L, idx)) {
+    lua_pop(L, 1);
+    if (mb_tuple_test(L, idx, &arity))
+      return enc_tuple(e, idx, arity);
+  }
 
   size_t narr = lua_objlen(L, idx);
   if (narr > MB_COPY_MAX_BYTES)         /* at least a byte per element */
@@ -889,7 +894,7 @@ static int enc_value(enc_t *e, int idx)
     return enc_function(e, idx);
   case LUA_TUSERDATA: {
     uint64_t id;
-    const mb_idkind_t *kind = mb_id_kind(L, idx, &id);
+    const mb_idkind_t *kind = mb_id_kind_ud(L, idx, &id);
     if (kind == &mb_ref_kind && mb_id_is_remote(id))
       return put_rref(e, id);
     if (kind && kind->tag)
@@ -969,7 +974,7 @@ mb_msg_t *mb_copy_encode(lua_State *L, int first, int n, const char *root,
     return NULL;
   }
   e.cap = INITIAL_PAYLOAD;
-  e.msg = inflight.msg = malloc(sizeof(mb_msg_t) + e.cap);
+  e.msg = inflight.msg = mb_msg_alloc_small();
   if (!e.msg) {
     fail_plain(&e, "out of memory");
     return NULL;

@@ -57,6 +57,12 @@ static inline size_t mb_msg_size(const mb_msg_t *m)
 mb_msg_t *mb_msg_new(size_t len);
 /* Free msg and drop its code references. */
 void mb_msg_free(mb_msg_t *msg);
+/* A block of MB_MSG_SMALL bytes for a new message (NULL when memory runs
+ * out), from the thread's cache of freed small messages if it has one:
+ * the encoder's first allocation. A block of this size is malloc's, so
+ * realloc and free work on it as on any message. */
+#define MB_MSG_SMALL 128
+void *mb_msg_alloc_small(void);
 /* A copy of m (header, payload, code references; next is NULL). */
 mb_msg_t *mb_msg_dup(const mb_msg_t *m);
 

@@ -133,9 +133,29 @@ static void make_intern(lua_State *L, const mb_idkind_t *kind)
   lua_setmetatable(L, -2);               /* the table is its own metatable */
 }
 
+/* Push kind's intern table. It is found at a fixed integer slot of the
+ * registry (pid.h, MB_REGSLOT_INTERN): a light-userdata key costs ~110
+ * instructions more, on every id a message carries. A kind without a wire
+ * tag has no slot of its own and keeps the light-userdata key. */
+static void push_intern(lua_State *L, mb_idkind_t *kind)
+{
+  if (kind->tag == 0) {
+    push_regtable(L, &kind->intern_key, make_intern, kind);
+    return;
+  }
+  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_INTERN(kind->tag));
+  if (!lua_isnil(L, -1))
+    return;
+  lua_pop(L, 1);
+  lua_createtable(L, 0, 4);
+  make_intern(L, kind);
+  lua_pushvalue(L, -1);
+  lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_INTERN(kind->tag));
+}
+
 void mb_id_push(lua_State *L, uint64_t id, mb_idkind_t *kind)
 {
-  push_regtable(L, &kind->intern_key, make_intern, kind);
+  push_intern(L, kind);
   /* Ids fit a double exactly up to 2^53, far beyond what a host can use. */
   lua_pushnumber(L, (lua_Number)id);
   lua_rawget(L, -2);
@@ -191,6 +211,14 @@ int mb_id_regkey(const void *key)
   return 0;
 }
 
+int mb_id_regslot(double key)
+{
+  for (unsigned t = 1; t <= MB_TAG_KIND_MAX; t++)
+    if (kinds[t] && key == (double)MB_REGSLOT_INTERN(t))
+      return 1;
+  return 0;
+}
+
 mb_idkind_t *mb_id_kind_of_tag(unsigned tag)
 {
   return tag <= MB_TAG_KIND_MAX ? kinds[tag] : NULL;
@@ -198,7 +226,14 @@ mb_idkind_t *mb_id_kind_of_tag(unsigned tag)
 
 const mb_idkind_t *mb_id_kind(lua_State *L, int idx, uint64_t *id)
 {
-  if (lua_type(L, idx) != LUA_TUSERDATA || lua_objlen(L, idx) != sizeof(idbox_t))
+  if (lua_type(L, idx) != LUA_TUSERDATA)
+    return NULL;
+  return mb_id_kind_ud(L, idx, id);
+}
+
+const mb_idkind_t *mb_id_kind_ud(lua_State *L, int idx, uint64_t *id)
+{
+  if (lua_objlen(L, idx) != sizeof(idbox_t))
     return NULL;
   idbox_t *b = lua_touserdata(L, idx);
   /* Another userdata of the same size holds anything in its second word:

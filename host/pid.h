@@ -85,6 +85,14 @@ typedef struct mb_idkind {
 #define MB_TAG_ATOM 0x0F
 #define MB_TAG_KIND_MAX 0x1F
 
+/* Registry slots at fixed negative integer keys, for values looked up on
+ * hot paths: luaL_ref only makes positive keys, and a lua_rawgeti on the
+ * registry costs ~50 instructions where a light-userdata key costs ~160
+ * (pushing one interns the pointer in GC64 LuaJIT). Every such slot is
+ * listed here, so that none is used twice. */
+#define MB_REGSLOT_INTERN(tag) (-0x100 - (int)(tag))  /* a kind's intern table */
+#define MB_REGSLOT_RECEIVE (-0x200)      /* run.c's receive function */
+
 /* The kinds defined here (registered from the start). */
 extern mb_idkind_t mb_pid_kind, mb_ref_kind;
 
@@ -97,6 +105,9 @@ void mb_id_register(mb_idkind_t *kind);
  * answer getmetatable with false), so a reused state keeps them (see
  * host/lib/lstate.c, "Reused states"). */
 int mb_id_regkey(const void *key);
+/* The same for a registry key that is a number: is it the slot of a kind's
+ * intern table (MB_REGSLOT_INTERN)? */
+int mb_id_regslot(double key);
 /* The registered kind of a wire tag, or NULL. Any thread. */
 mb_idkind_t *mb_id_kind_of_tag(unsigned tag);
 
@@ -107,5 +118,8 @@ uint64_t mb_id_test(lua_State *L, int idx, const mb_idkind_t *kind);
 /* The kind of the id value at idx (and its id in *id), or NULL if the
  * value there is not an id value. */
 const mb_idkind_t *mb_id_kind(lua_State *L, int idx, uint64_t *id);
+/* The same for a value known to be a full userdata (the encoder's case,
+ * which has just asked lua_type): one API call less. */
+const mb_idkind_t *mb_id_kind_ud(lua_State *L, int idx, uint64_t *id);
 
 #endif

@@ -43,6 +43,10 @@ void mb_lib_push_msg(lua_State *L, const mb_msg_t *m);
  * matches the pending receive (p->recv_match) and push it onto L.
  * Returns 1 if a message was pushed, 0 if none matched, -1 if p must die. */
 int mb_lib_try_receive(mb_proc_t *p, lua_State *L);
+/* mb_lib_try_receive without draining p's inbox first: for a caller that
+ * just did (mb_proc_drain), which spares a lock round trip per message.
+ * Never returns -1. */
+int mb_lib_receive_queued(mb_proc_t *p, lua_State *L);
 
 /* The distribution functions of the module (lib_dist.c), which the module
  * table (lib_mb.c) serves like its own. */

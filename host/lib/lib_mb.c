@@ -298,17 +298,22 @@ static int l_is_pid(lua_State *L)
 static int l_send(lua_State *L)
 {
   mb_proc_t *p = mb_lib_self(L);
+  int t1 = lua_type(L, 1);
   /* {name, node}: a process registered on a node (lib_dist.c). */
-  if (lua_type(L, 1) == LUA_TTABLE) {
+  if (t1 == LUA_TTABLE) {
     if (lua_isnoneornil(L, 2))
       return luaL_error(L, "send: nil is not a valid message");
     return mb_lib_dist_send_named(L, encode_or_raise(L, 2, "send", "msg"), "send");
   }
-  mb_pid_t dest = check_dest(L, 1, "send");
+  /* A pid, the usual destination, is recognised with one API call less
+   * than check_dest's (the type is known here). */
+  uint64_t dest;
+  if (t1 != LUA_TUSERDATA || mb_id_kind_ud(L, 1, &dest) != &mb_pid_kind)
+    dest = check_dest(L, 1, "send");
   if (lua_isnoneornil(L, 2))
     return luaL_error(L, "send: nil is not a valid message");
   mb_ref_t alias = 0;
-  if (!lua_isnoneornil(L, 3) && (alias = mb_ref_test(L, 3)) == 0)
+  if (lua_gettop(L) >= 3 && !lua_isnil(L, 3) && (alias = mb_ref_test(L, 3)) == 0)
     return luaL_error(L, "bad argument #3 to 'send' (alias (a ref) expected, got %s)",
                       luaL_typename(L, 3));
   mb_msg_t *m = encode_or_raise(L, 2, "send", "msg");
@@ -366,20 +371,21 @@ static void unlink_msg(mb_proc_t *p, mb_msg_t **pm)
   mb_msg_free(mb_proc_take_msg(p, pm));
 }
 
-int mb_lib_try_receive(mb_proc_t *p, lua_State *L)
+/* The previous attempt raised while rebuilding this message: drop it, or
+ * every receive would fail on it again. */
+static void drop_bad(mb_proc_t *p)
 {
-  if (p->recv_bad) {
-    /* The previous attempt raised while rebuilding this message: drop it,
-     * or every receive would fail on it again. */
-    for (mb_msg_t **pm = &p->q_head; *pm; pm = &(*pm)->next)
-      if (*pm == p->recv_bad) {
-        unlink_msg(p, pm);
-        break;
-      }
-    p->recv_bad = NULL;
-  }
-  if (mb_proc_drain(p))
-    return -1;
+  for (mb_msg_t **pm = &p->q_head; *pm; pm = &(*pm)->next)
+    if (*pm == p->recv_bad) {
+      unlink_msg(p, pm);
+      break;
+    }
+  p->recv_bad = NULL;
+}
+
+/* The queue scan of a receive, after the inbox was drained. */
+static int receive_queued(mb_proc_t *p, lua_State *L)
+{
   for (mb_msg_t **pm = p->q_scan; *pm; ) {
     mb_msg_t *m = *pm;
     if (m->kind == MB_MSG_USER && m->ref && !mb_proc_has_alias(p, m->ref)) {
@@ -414,6 +420,29 @@ int mb_lib_try_receive(mb_proc_t *p, lua_State *L)
   return 0;
 }
 
+int mb_lib_try_receive(mb_proc_t *p, lua_State *L)
+{
+  if (p->recv_bad)
+    drop_bad(p);
+  /* Nothing queued, in the inbox or here (the count covers both and every
+   * signal, and is raised under the lock once a message is linked): no
+   * drain, no lock. A receive usually finds nothing (it waits for a reply)
+   * and the way into the wait (run.c) looks at the inbox under the lock
+   * anyway, so a message that comes meanwhile is not missed. */
+  if (atomic_load_explicit(&p->mailbox_len, memory_order_relaxed) == 0)
+    return p->exit_reason != NULL ? -1 : 0;
+  if (mb_proc_drain(p))
+    return -1;
+  return receive_queued(p, L);
+}
+
+int mb_lib_receive_queued(mb_proc_t *p, lua_State *L)
+{
+  if (p->recv_bad)
+    drop_bad(p);
+  return receive_queued(p, L);
+}
+
 static void clear_match(mb_proc_t *p, lua_State *L)
 {
   if (p->recv_match) {
@@ -438,11 +467,16 @@ static double check_timeout(lua_State *L, int idx, const char *fname)
 static int l_receive(lua_State *L)
 {
   mb_proc_t *p = mb_lib_self(L);
-  int has_match = lua_isfunction(L, 1);
-  double timeout = check_timeout(L, has_match ? 2 : 1, "receive");
-  if (!has_match && !lua_isnoneornil(L, 1) && lua_type(L, 1) != LUA_TNUMBER)
-    return luaL_error(L, "bad argument #1 to 'receive' (function or timeout "
-                      "expected, got %s)", luaL_typename(L, 1));
+  /* mb.receive() with no argument, the usual call, asks no type. */
+  int has_match = 0;
+  double timeout = -1;
+  if (lua_gettop(L) > 0) {
+    has_match = lua_isfunction(L, 1);
+    timeout = check_timeout(L, has_match ? 2 : 1, "receive");
+    if (!has_match && !lua_isnoneornil(L, 1) && lua_type(L, 1) != LUA_TNUMBER)
+      return luaL_error(L, "bad argument #1 to 'receive' (function or timeout "
+                        "expected, got %s)", luaL_typename(L, 1));
+  }
   clear_match(p, L);
   if (has_match) {
     lua_pushvalue(L, 1);

@@ -205,17 +205,45 @@ static mb_msg_t *wake_failed(mb_proc_t *p, lua_State *L, int status,
   return pop_reason(L, fallback);
 }
 
-/* Under lua_cpcall on the idle main thread: receive on behalf of p and pass
- * the message to the suspended body coroutine. lua_cpcall rather than
- * lua_pcall: no closure is created per wake-up. */
+/* Protected, on the idle main thread: receive on behalf of p (whose inbox
+ * finish_wait just drained) and pass the message to the suspended body
+ * coroutine. */
 static int try_receive_cf(lua_State *L)
 {
-  mb_proc_t *p = lua_touserdata(L, 1);
+  mb_proc_t *p = mb_proc_of(L);
   lua_settop(L, 0);
-  p->recv_result = mb_lib_try_receive(p, L);
+  p->recv_result = mb_lib_receive_queued(p, L);
   if (p->recv_result == 1)
     lua_xmove(L, p->co, 1);
   return 0;
+}
+
+/* LuaJIT's lua_cpcall makes a new C closure at every call (garbage: ~400
+ * instructions a wake-up with its allocation, free and sweep, measured with
+ * callgrind on the ring benchmark). A receive wake-up is the hottest
+ * protected call, so try_receive_cf is made once per state, kept in the
+ * registry at slot MB_REGSLOT_RECEIVE (pid.h: an integer key, which costs a
+ * third of a light-userdata one), and called with lua_pcall. It is made on
+ * the first wake-up, not at spawn, so that a process that only ever waits
+ * (an idle one) does not hold it; a reused state's reset drops it. */
+
+/* Under lua_cpcall, once per state: keep try_receive_cf, then run it. */
+static int first_receive_cf(lua_State *L)
+{
+  lua_pushcfunction(L, try_receive_cf);
+  lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_RECEIVE);
+  return try_receive_cf(L);
+}
+
+/* Run try_receive_cf for p on L, protected: lua_pcall's status. */
+static int receive_on(lua_State *L, mb_proc_t *p)
+{
+  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_RECEIVE);  /* no allocation */
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    return lua_cpcall(L, first_receive_cf, p);
+  }
+  return lua_pcall(L, 0, 0, 0);
 }
 
 /* Under lua_cpcall on the main thread: push an operation's results (or,
@@ -265,7 +293,7 @@ static int finish_wait(mb_proc_t *p)
     /* The receive may call a match function: run it on the idle main
      * thread, protected, never on the suspended coroutine. */
     lua_State *L = p->L;
-    int rc = lua_cpcall(L, try_receive_cf, p);
+    int rc = receive_on(L, p);
     if (rc != 0) {
       p->exit_reason = wake_failed(p, L, rc, "receive failed");
       return MUST_DIE;
@@ -458,8 +486,10 @@ static void run(mb_sched_t *s, mb_proc_t *p)
     }
     if (why == MB_YIELD_WAIT) {
       /* The first time it goes idle with nothing queued (the count is
-       * atomic: in_head is the pushers', read only under the lock). */
-      if (!p->settled && atomic_load_explicit(&p->mailbox_len, memory_order_relaxed) == 0)
+       * atomic: in_head is the pushers', read only under the lock), and
+       * the next few times, for the GC floor (lstate.h). */
+      if (p->settled != MB_LSTATE_FLOORED &&
+          (p->settled || atomic_load_explicit(&p->mailbox_len, memory_order_relaxed) == 0))
         mb_lstate_settle(p);
       mb_proc_lock(p);
       p->wait = p->pending_wait;

@@ -613,6 +613,38 @@ static void test_code(void)
   run(B, "v, v1, v2 = nil collectgarbage()");
 }
 
+/* A table key is checked by its tag: a string key skips the nil and NaN
+ * checks (the decoder's fast path), any other key still gets them. */
+static void test_keys(void)
+{
+  char err[256];
+  /* {[key] = true}: table tag, narr 0, uint32 nhash 1, key, T_TRUE. */
+  static const unsigned char head[] = {0x05, 0x00, 0x01, 0x00, 0x00, 0x00};
+  struct { const unsigned char *key; size_t n; bool ok; const char *what; } cases[] = {
+    {(const unsigned char *)"\x00", 1, false, "a nil key"},
+    {(const unsigned char *)"\x03\x00\x00\x00\x00\x00\x00\xf8\x7f", 9, false, "a NaN key"},
+    {(const unsigned char *)"\x03\x00\x00\x00\x00\x00\x00\xf0\x3f", 9, true, "a number key"},
+    {(const unsigned char *)"\x81k", 2, true, "a short string key"},
+    {(const unsigned char *)"\x80", 1, true, "an empty string key"},
+    {(const unsigned char *)"\x04\x01k", 3, true, "a long-form string key"},
+    {(const unsigned char *)"\x02", 1, true, "a boolean key"},
+  };
+  for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+    mb_msg_t *m = mb_msg_new(sizeof head + cases[c].n + 1);
+    m->nvalues = 1;
+    memcpy(m->data, head, sizeof head);
+    memcpy(m->data + sizeof head, cases[c].key, cases[c].n);
+    m->data[sizeof head + cases[c].n] = 0x02;
+    bool ok = decode(m, err, sizeof err);
+    if (cases[c].ok)
+      check(ok && truthy(B, "next(v) ~= nil and v[next(v)] == true"), "%s decodes", cases[c].what);
+    else
+      check(!ok && strstr(err, "corrupt message") != NULL, "%s is corrupt", cases[c].what);
+    mb_msg_free(m);
+  }
+  run(B, "v, v1 = nil");
+}
+
 /* mb_msg_new gives a zeroed, empty message. */
 static void test_msg(void)
 {
@@ -747,6 +779,7 @@ int main(void)
   test_errors();
   test_limits();
   test_corruption();
+  test_keys();
   test_interrupted();
   check(lua_gettop(A) == 0 && lua_gettop(B) == 0, "both stacks empty at the end");
   bench();
