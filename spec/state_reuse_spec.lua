@@ -106,6 +106,22 @@ describe("reused states", function()
     assert.is_true(S.has(out, "B\tnil"), out)
   end)
 
+  it("are not reused after a C module was loaded (its finalizers need the registry)", function()
+    local code, out, err = child([[
+      print("A", run({}, function()
+        local lpeg = require "lpeg"     -- Debian's lua-lpeg, a C module
+        local junk = string.rep("j", 8000)
+        return lpeg.match(lpeg.P("a") ^ 1, "aaab")
+      end))
+      print("B", ask(function() return math.floor(collectgarbage("count")) end))
+    ]])
+    assert.are.equal(0, code, err)
+    assert.is_true(S.has(out, "A	normal"), out)
+    -- a fresh state: none of A's garbage (under ASan, no pattern leaks)
+    local kb = tonumber(out:match("B	(%d+)"))
+    assert.is_true(kb and kb < 30, out)
+  end)
+
   it("give a process with a max_memory no garbage of the old one", function()
     local code, out, err = child([[
       run({}, function()   -- ~30 KB of garbage left

@@ -951,6 +951,7 @@ static void find_lua_dir(void)
  *    roots of the state);
  *  - called newproxy (a finalizer in Lua could run during the next
  *    process's life, with getfenv(0) = that process's globals);
+ *  - loaded a C module (see reset_roots);
  *  - crashed, was killed, or ran out of memory (left mid-way);
  *  - or the host runs with --allow-ffi (ctypes, callbacks, loaded C
  *    modules) or --allow-bytecode (hand-made bytecode may corrupt a state).
@@ -1026,6 +1027,19 @@ static pool_t *pool(void)
 /* Under lua_cpcall: the old world unreachable (see Reused states). */
 static int reset_roots(lua_State *L)
 {
+  /* A C module (package's C loaders register "LOADLIB: <path>") refuses:
+   * such modules' finalizers find their types' metatables by name in the
+   * registry (luaL_checkudata), so after a reset they would raise instead
+   * of freeing (lpeg's patterns leaked their code so). Checked before
+   * anything is cleared: the state is then closed as it is. */
+  lua_pushnil(L);
+  while (lua_next(L, LUA_REGISTRYINDEX)) {
+    lua_pop(L, 1);
+    size_t n;
+    const char *k = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &n) : NULL;
+    if (k && n > 9 && memcmp(k, "LOADLIB: ", 9) == 0)
+      return luaL_error(L, "a C module is loaded");
+  }
   /* The registry is emptied in place: a new table stored in its slot (a GC
    * root, marked once at the start of a cycle, with no write barrier)
    * could be freed by a cycle under way. */
