@@ -956,8 +956,8 @@ static void find_lua_dir(void)
  *  - or the host runs with --allow-ffi (ctypes, callbacks, loaded C
  *    modules) or --allow-bytecode (hand-made bytecode may corrupt a state).
  * A state that holds more than REUSE_MAX is closed too, as is any state the
- * pool has no room for; a process with a max_memory starts on a collected
- * state (the old garbage would count toward it). The pools are emptied
+ * pool has no room for; a process whose max_memory the old garbage would
+ * fill by a quarter starts on a collected state. The pools are emptied
  * after the schedulers stop. */
 
 #define POOL_MAX 8
@@ -1138,9 +1138,12 @@ int mb_lstate_new(mb_proc_t *p)
   p->alloc.oom = 0;
   p->lstate_tainted = 0;
   lua_State *L = pool_take(p);
-  if (L && p->alloc.max) {
-    /* The old garbage would count toward max_memory: collected first,
-     * with the limit lifted (the state may already be over it). */
+  if (L && p->alloc.max &&
+      atomic_load_explicit(&p->alloc.used, memory_order_relaxed) > p->alloc.max / 4) {
+    /* The old garbage would take a good part of max_memory: collected
+     * first, with the limit lifted (the state may already be over it).
+     * Not under a large limit: an HTTP connection's 64 MiB, where a
+     * collection of the last connection's world cost 133k instructions. */
     p->alloc.limit = 0;
     int rc = lua_cpcall(L, collect, NULL);
     p->alloc.limit = p->alloc.max;
