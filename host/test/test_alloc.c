@@ -1,7 +1,10 @@
 /* test_alloc.c: the Lua allocator's young and old states, and when the
  * schedulers are told to give their free pages back (alloc.h).
  */
+#include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
 
 #include "../alloc.h"
 #include "check.h"
@@ -83,11 +86,73 @@ static void collect_due(void)
   check(true, "mb_alloc_collect on a thread without Lua heaps");
 }
 
+#ifndef MB_LIBC_MALLOC
+/* Resident pages of [p, p + n). */
+static size_t resident(void *p, size_t n)
+{
+  uintptr_t lo = (uintptr_t)p & ~(uintptr_t)4095;
+  uintptr_t hi = ((uintptr_t)p + n + 4095) & ~(uintptr_t)4095;
+  size_t np = (hi - lo) / 4096, r = 0;
+  unsigned char *v = malloc(np);
+  if (v == NULL || mincore((void *)lo, hi - lo, v) != 0) {
+    free(v);
+    return (size_t)-1;
+  }
+  for (size_t i = 0; i < np; i++)
+    r += v[i] & 1;
+  free(v);
+  return r;
+}
+
+/* The state-block arena gives every page of its freed blocks back, those
+ * that two blocks share too when the two are freed in different trims
+ * (states close in any order). */
+static void arena_pages(void)
+{
+  enum { B = 6240, N = 64 };
+  static mb_alloc_t st[N];
+  static char *v[N];
+  mb_alloc_state_arena(B);
+  for (int i = 0; i < N; i++) {
+    v[i] = mb_alloc_fn(&st[i], NULL, 0, B);
+    memset(v[i], 0x5a, B);
+  }
+  int adjacent = 1;
+  for (int i = 1; i < N; i++)
+    adjacent &= v[i] == v[i - 1] + B;
+  if (!check(adjacent, "state blocks come from the arena, side by side"))
+    return;
+  check(resident(v[0], (size_t)N * B) > 0, "in use: resident");
+  for (int i = 0; i < N; i += 2)
+    mb_alloc_fn(&st[i], v[i], B, 0);
+  mb_alloc_trim();
+  check(resident(v[1], B) > 0, "the blocks still in use keep their pages");
+  for (int i = 1; i < N; i += 2)
+    mb_alloc_fn(&st[i], v[i], B, 0);
+  mb_alloc_trim();
+  check(resident(v[0], (size_t)N * B) == 0,
+        "every page back once all are free, each freed apart from its neighbours (%zu left)",
+        resident(v[0], (size_t)N * B));
+  /* Taken again: whole and writable. */
+  char *w = mb_alloc_fn(&st[0], NULL, 0, B);
+  memset(w, 0x33, B);
+  check(w[0] == 0x33 && w[B - 1] == 0x33, "a block given back is handed out again, whole");
+  mb_alloc_fn(&st[0], w, B, 0);
+  mb_alloc_trim();
+}
+#else
+static void arena_pages(void)
+{
+  check(true, "the arena is off in sanitizer builds");
+}
+#endif
+
 int main(void)
 {
   mb_alloc_init();
   by_bytes();
   by_age();
   collect_due();
+  arena_pages();
   return check_summary();
 }
