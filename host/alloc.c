@@ -77,8 +77,25 @@ static mi_heap_t *lheap(int old)
     heaps[old] = mi_heap_new();
   return heaps[old] ? heaps[old] : mi_heap_get_default();
 }
-#define lua_malloc(old, n) mi_heap_malloc(lheap(old), n)
-#define lua_realloc(old, p, n) mi_heap_realloc(lheap(old), p, n)
+
+/* A block of n bytes for ptr (NULL: a new one) from the young or old heap.
+ * When that fails, the host is out of memory (or address space), yet the
+ * other heap may have room in its pages, and pages that are all free can
+ * change heaps once collected: a process that ran out must still be able
+ * to report it (a crash report allocates). */
+static void *lua_get(int old, void *ptr, size_t n)
+{
+  void *p = ptr ? mi_heap_realloc(lheap(old), ptr, n) : mi_heap_malloc(lheap(old), n);
+  if (__builtin_expect(p == NULL, 0)) {
+    mb_alloc_collect();
+    p = mi_heap_realloc(lheap(old), ptr, n);
+    if (p == NULL)
+      p = mi_heap_realloc(lheap(!old), ptr, n);
+  }
+  return p;
+}
+#define lua_malloc(old, n) lua_get(old, NULL, n)
+#define lua_realloc(old, p, n) lua_get(old, p, n)
 #else
 #define lua_malloc(old, n) malloc(n)
 #define lua_realloc(old, p, n) realloc(p, n)
@@ -142,6 +159,7 @@ typedef struct {
 } stack_t_;
 
 static size_t arena_block;              /* 0: no arena */
+static size_t arena_nblocks;
 static char *arena, *arena_end, *arena_next;
 static stack_t_ hot, cold;
 static pthread_mutex_t arena_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -177,10 +195,13 @@ void mb_alloc_state_arena(size_t block)
   if (p == MAP_FAILED || f == MAP_FAILED) {
     if (p != MAP_FAILED)
       munmap(p, ARENA_BYTES);
+    if (f != MAP_FAILED)
+      munmap(f, nblocks / 8 + 1 + nblocks);
     return;
   }
   freebit = f;
   pins = (_Atomic uint8_t *)(freebit + nblocks / 8 + 1);
+  arena_nblocks = nblocks;
   arena = arena_next = p;
   arena_end = arena + ARENA_BYTES - ARENA_BYTES % block;
   arena_block = block;
@@ -320,7 +341,7 @@ static void trim_arena(void)
       edges[nedges] = lo & ~(ARENA_PAGE - 1);
       pinned[nedges++] = (uint32_t)(first - 1);
     }
-    if (hi % ARENA_PAGE && is_free(last + 1)) {
+    if (hi % ARENA_PAGE && last + 1 < arena_nblocks && is_free(last + 1)) {
       edges[nedges] = hi & ~(ARENA_PAGE - 1);
       pinned[nedges++] = (uint32_t)(last + 1);
     }
