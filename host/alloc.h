@@ -15,6 +15,7 @@
 
 #include <stdatomic.h>
 #include <stddef.h>
+#include <stdint.h>
 
 typedef struct mb_alloc {
   atomic_size_t used;   /* bytes currently allocated by the state */
@@ -22,6 +23,11 @@ typedef struct mb_alloc {
   size_t max;           /* the process's max_memory (0: none): the limit
                            each new state of the process starts with */
   int oom;              /* set when an allocation was refused for the limit */
+  /* Young or old (alloc.c): a state's blocks come from the young heap
+   * until it has lived MB_ALLOC_YOUNG_MS or allocated MB_ALLOC_YOUNG_BYTES,
+   * then from the old one. Set at the state's first block. */
+  uint32_t born;        /* mb_alloc_trim's tick at the state's first block */
+  uint32_t young;       /* bytes it may still allocate young; 0: old */
 } mb_alloc_t;
 
 /* The lua_Alloc function; ud is an mb_alloc_t. Refuses (returns NULL) an
@@ -36,9 +42,25 @@ void mb_alloc_init(void);
  * allocator rounding. Once, at start-up; without it (or if the address
  * space cannot be had) every block comes from mimalloc. */
 void mb_alloc_state_arena(size_t block);
-/* Give the pages of closed states back to the system (see alloc.c). The
- * main thread, every 100 ms. */
-void mb_alloc_trim(void);
+/* Give the pages of closed states back to the system (see alloc.c), and
+ * count the tick that ages states. The main thread, every 100 ms. Returns
+ * 1 when every scheduler thread should now call mb_alloc_collect (memory
+ * was freed since the last time). */
+int mb_alloc_trim(void);
+/* Give back the free pages of the calling thread's heaps (mimalloc's are
+ * per thread; see alloc.c). */
+void mb_alloc_collect(void);
+/* A state allocates from the young Lua heap for its first
+ * MB_ALLOC_YOUNG_MS (in mb_alloc_trim's ticks) or MB_ALLOC_YOUNG_BYTES,
+ * whichever ends first, and from the old one after (see alloc.c).
+ * mb_alloc_is_old: has a's state come of age? */
+#define MB_ALLOC_YOUNG_MS 1000
+#define MB_ALLOC_YOUNG_BYTES (256u << 10)
+int mb_alloc_is_old(const mb_alloc_t *a);
+/* a's state starts a life again (a reused state, host/lib/lstate.c): young
+ * from now, as at its first block. */
+void mb_alloc_young(mb_alloc_t *a);
+
 
 /* -- Host-wide accounting and running out of memory -----------------------
  * Every byte a process holds (its Lua heap, the messages queued for it, a

@@ -551,6 +551,14 @@ static void wait_signal(long ms)
     mb_sched_halt(128 + sig);
 }
 
+/* Memory was freed: each scheduler gives back its heaps' free pages
+ * (mimalloc's heaps are per thread; alloc.c). */
+static void collect_heaps(void *arg)
+{
+  (void)arg;
+  mb_alloc_collect();
+}
+
 int mb_sched_wait(void)
 {
   /* The main thread watches: signals, slices that run too long, and the
@@ -561,7 +569,9 @@ int mb_sched_wait(void)
     if (mb_sched_opts.watchdog_ms > 0)
       watchdog();
     memory_watch();
-    mb_alloc_trim();
+    if (mb_alloc_trim())
+      for (int i = 0; i < nscheds; i++)
+        mb_sched_post(&scheds[i], collect_heaps, NULL);
     if (!mb_sched_halting())
       continue;
     uint64_t deadline = uv_hrtime() + (uint64_t)MB_HALT_GRACE_MS * 1000000;

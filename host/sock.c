@@ -65,20 +65,38 @@ void mb_sock_unref(mb_sock_t *s)
 
 static void close_handles(mb_sock_t *s);
 
-/* A socket on the calling thread's loop: refs = table + two handles. */
+/* What a gentle close (close_gently) needs: the shutdown request and the
+ * timer that bounds the wait, made only then - an idle connection does not
+ * carry them (232 bytes). Freed once both are done: the request's callback
+ * ran and the timer's handle closed. Loop thread only. */
+typedef struct mb_sock_linger {
+  uv_timer_t timer;            /* data NULL: a socket's (close_sock_handle) */
+  uv_shutdown_t req;
+  mb_sock_t *s;
+  int pending;                 /* of the two above, not yet done */
+} linger_t;
+
+static void linger_done(linger_t *lg)
+{
+  if (--lg->pending > 0)
+    return;
+  if (lg->s->linger == lg)
+    lg->s->linger = NULL;
+  mb_free(lg);
+}
+
+/* A socket on the calling thread's loop: refs = table + its handle. */
 static mb_sock_t *sock_new(mb_sock_kind_t kind)
 {
   mb_sched_t *sched = mb_sched_self();
   mb_sock_t *s = mb_calloc(1, sizeof *s);
-  s->kind = kind;
+  s->kind = (uint8_t)kind;
   s->sched = sched;
-  atomic_init(&s->refs, 3);
+  atomic_init(&s->refs, 2);
   pthread_mutex_init(&s->lock, NULL);
   s->rtail = &s->rhead;
   s->acc_tail = &s->acc_head;
   uv_tcp_init(mb_sched_loop(sched), &s->tcp);
-  uv_timer_init(mb_sched_loop(sched), &s->linger);
-  s->linger.data = NULL;   /* marks it as a socket's (see close_sock_handle) */
   if ((s->id = mb_idtab_add(&tab, s)) == 0) {
     /* No id: close the handles at once; their callbacks free s. */
     atomic_fetch_sub(&s->refs, 1);
@@ -90,22 +108,29 @@ static mb_sock_t *sock_new(mb_sock_kind_t kind)
 
 static void on_handle_closed(uv_handle_t *h)
 {
-  mb_sock_t *s = h->type == UV_TIMER
-               ? (mb_sock_t *)((char *)h - offsetof(mb_sock_t, linger))
-               : (mb_sock_t *)h;
+  mb_sock_unref((mb_sock_t *)h);
+}
+
+static void on_linger_closed(uv_handle_t *h)
+{
+  linger_t *lg = (linger_t *)h;
+  mb_sock_t *s = lg->s;
+  linger_done(lg);
   mb_sock_unref(s);
 }
 
 static void accepted_close(mb_sock_t *s);
 
-/* Close both handles now (loop thread, or main thread at shutdown). */
+/* Close the handles now (loop thread, or main thread at shutdown). */
 static void close_handles(mb_sock_t *s)
 {
   if (s->handle_closing)
     return;
   s->handle_closing = 1;
-  uv_timer_stop(&s->linger);
-  uv_close((uv_handle_t *)&s->linger, on_handle_closed);
+  if (s->linger) {
+    uv_timer_stop(&s->linger->timer);
+    uv_close((uv_handle_t *)&s->linger->timer, on_linger_closed);
+  }
   uv_close((uv_handle_t *)&s->tcp, on_handle_closed);
   pthread_mutex_lock(&s->lock);
   mb_sock_t *acc = s->acc_head;
@@ -131,32 +156,42 @@ static void accepted_close(mb_sock_t *c)
 
 static void on_linger(uv_timer_t *t)
 {
-  close_handles((mb_sock_t *)((char *)t - offsetof(mb_sock_t, linger)));
+  close_handles(((linger_t *)t)->s);
 }
 
 static void on_shutdown(uv_shutdown_t *req, int status)
 {
-  mb_sock_t *s = req->data;
+  linger_t *lg = req->data;
+  mb_sock_t *s = lg->s;
   if (s->ws == NULL || mb_ws_done(s->ws) || status < 0)
     close_handles(s);
   /* else: wait for the peer's close frame (or the linger timer) */
+  linger_done(lg);
   mb_sock_unref(s);
 }
 
-/* Flush what is queued, then close; bounded by the linger timer. */
+/* Flush what is queued, then close; bounded by the linger timer. The
+ * timer and the request each hold a reference to s. */
 static void close_gently(mb_sock_t *s)
 {
   if (s->handle_closing || s->linger_on)
     return;
   s->linger_on = 1;
-  uv_timer_start(&s->linger, on_linger, LINGER_MS, 0);
   if (s->kind == MB_SOCK_LISTENER) {
     close_handles(s);
     return;
   }
-  s->shutdown.data = s;
-  atomic_fetch_add(&s->refs, 1);
-  if (uv_shutdown(&s->shutdown, (uv_stream_t *)&s->tcp, on_shutdown) < 0) {
+  linger_t *lg = mb_malloc(sizeof *lg);
+  lg->s = s;
+  lg->pending = 2;
+  uv_timer_init(mb_sched_loop(s->sched), &lg->timer);
+  lg->timer.data = NULL;   /* marks it as a socket's (see close_sock_handle) */
+  uv_timer_start(&lg->timer, on_linger, LINGER_MS, 0);
+  s->linger = lg;
+  lg->req.data = lg;
+  atomic_fetch_add(&s->refs, 2);
+  if (uv_shutdown(&lg->req, (uv_stream_t *)&s->tcp, on_shutdown) < 0) {
+    linger_done(lg);
     mb_sock_unref(s);
     close_handles(s);
   }
@@ -922,6 +957,26 @@ void mb_sock_init(void)
 
 /* -- Listeners and accepting ------------------------------------------------ */
 
+/* The compact form of a system address (family 0 if it is neither IPv4
+ * nor IPv6). */
+static mb_sock_addr_t addr_pack(const struct sockaddr_storage *ss)
+{
+  mb_sock_addr_t a;
+  memset(&a, 0, sizeof a);
+  if (ss->ss_family == AF_INET6) {
+    const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)ss;
+    a.family = AF_INET6;
+    a.port = ntohs(in6->sin6_port);
+    memcpy(a.ip, &in6->sin6_addr, 16);
+  } else if (ss->ss_family == AF_INET) {
+    const struct sockaddr_in *in = (const struct sockaddr_in *)ss;
+    a.family = AF_INET;
+    a.port = ntohs(in->sin_port);
+    memcpy(a.ip, &in->sin_addr, 4);
+  }
+  return a;
+}
+
 /* Remember both ends' addresses (read by any thread, under the lock). */
 static void save_names(mb_sock_t *s)
 {
@@ -932,26 +987,33 @@ static void save_names(mb_sock_t *s)
   uv_tcp_getsockname(&s->tcp, (struct sockaddr *)&a, &la);
   if (s->kind == MB_SOCK_STREAM)
     uv_tcp_getpeername(&s->tcp, (struct sockaddr *)&b, &lb);
+  mb_sock_addr_t pa = addr_pack(&a), pb = addr_pack(&b);
   pthread_mutex_lock(&s->lock);
-  s->local = a;
-  s->peer = b;
+  s->local = pa;
+  s->peer = pb;
   pthread_mutex_unlock(&s->lock);
 }
 
 int mb_sock_name(mb_sock_t *s, int peer, char *host, size_t hostlen)
 {
   pthread_mutex_lock(&s->lock);
-  struct sockaddr_storage a = peer ? s->peer : s->local;
+  mb_sock_addr_t a = peer ? s->peer : s->local;
   pthread_mutex_unlock(&s->lock);
-  if (a.ss_family == AF_INET6) {
-    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&a;
-    uv_ip6_name(in6, host, hostlen);
-    return ntohs(in6->sin6_port);
+  if (a.family == AF_INET6) {
+    struct sockaddr_in6 in6;
+    memset(&in6, 0, sizeof in6);
+    in6.sin6_family = AF_INET6;
+    memcpy(&in6.sin6_addr, a.ip, 16);
+    uv_ip6_name(&in6, host, hostlen);
+    return a.port;
   }
-  if (a.ss_family == AF_INET) {
-    struct sockaddr_in *in = (struct sockaddr_in *)&a;
-    uv_ip4_name(in, host, hostlen);
-    return ntohs(in->sin_port);
+  if (a.family == AF_INET) {
+    struct sockaddr_in in;
+    memset(&in, 0, sizeof in);
+    in.sin_family = AF_INET;
+    memcpy(&in.sin_addr, a.ip, 4);
+    uv_ip4_name(&in, host, hostlen);
+    return a.port;
   }
   return -1;
 }

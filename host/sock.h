@@ -92,51 +92,65 @@ typedef struct mb_chunk {
 } mb_chunk_t;
 
 struct mb_ws;
+struct mb_sock_linger;
 
+/* One end's address, as mb_sock_name tells it (an IPv6 address's flow
+ * label and scope are not kept: uv_ip6_name does not show them). */
+typedef struct mb_sock_addr {
+  uint8_t family;              /* AF_INET, AF_INET6, or 0: unknown */
+  uint16_t port;               /* host order */
+  uint8_t ip[16];              /* 4 bytes for AF_INET */
+} mb_sock_addr_t;
+
+/* Most sockets of a big server are idle connections, so the struct is kept
+ * small (under 512 bytes, one mimalloc size class): what only a gentle
+ * close needs (the shutdown request, the linger timer) is allocated then
+ * (struct mb_sock_linger), the addresses are kept compact, and the flags
+ * are bytes. A byte flag is its own memory location, so a flag guarded by
+ * the lock may sit next to one of the loop thread's (no bit-fields). */
 typedef struct mb_sock {
   uv_tcp_t tcp;                /* first: handle->data is unused */
-  uv_shutdown_t shutdown;
-  uv_timer_t linger;           /* bounds a WebSocket close handshake */
   uint64_t id;
-  mb_sock_kind_t kind;
   struct mb_sched *sched;      /* the loop that owns the handle */
   atomic_int refs;
+  uint8_t kind;                /* mb_sock_kind_t */
+
+  /* -- loop thread only -- */
+  uint8_t handle_closing;
+  uint8_t linger_on;           /* a gentle close began (close_gently) */
+  struct mb_sock_linger *linger; /* its timer and request, until done */
+  struct mb_ws *ws;
 
   pthread_mutex_t lock;
   /* -- guarded by lock -- */
   mb_pid_t owner;              /* 0 while in a listener's queue */
   struct mb_sock *onext, *oprev; /* the owner's list (owner's lock too) */
-  int active;                  /* 0 passive, 1 active, 2 once */
-  int closed;                  /* close asked (by the owner or its death) */
-  int eof;                     /* the peer closed (after rbuf) */
-  int err;                     /* a sticky error (negative uv code) */
-  int ws_mode;                 /* read items are WebSocket messages */
-  int ws_code;                 /* the close code, once closed */
-  char *ws_reason;             /* its reason (malloc'd), or NULL */
   mb_chunk_t *rhead, **rtail;  /* read and not yet taken */
   size_t rbytes;
-  int paused;                  /* reading stopped: rbuf full */
-  int wpaused;                 /* reading stopped: WebSocket output over
-                                  MB_SOCK_WRITE_HIGH (see sock.c) */
-  int exit_on_close;           /* end the owner when the peer goes (see
-                                  mb_sock_set_exit_on_close) */
-  mb_pid_t heir;               /* gets the socket if the owner dies; 0: none */
   size_t wq;                   /* bytes queued for writing */
-  int posted;                  /* commands in flight to the loop */
-  mb_sock_wait_t wait;         /* the owner waits for this ... */
-  mb_pid_t wpid;
+  mb_pid_t heir;               /* gets the socket if the owner dies; 0: none */
+  mb_pid_t wpid;               /* the waiter (see wait) */
   uint32_t wseq;
-  struct sockaddr_storage local, peer;  /* set once connected/bound */
+  int err;                     /* a sticky error (negative uv code) */
+  int posted;                  /* commands in flight to the loop */
+  int ws_code;                 /* the close code, once closed */
+  char *ws_reason;             /* its reason (malloc'd), or NULL */
   struct mb_sock *acc_head, **acc_tail; /* listener: accepted, not taken */
-  int nacc;
-  int acc_paused;              /* listener: libuv holds a connection */
-  int ainflight;               /* listener: active-mode messages sent to
+  uint16_t nacc;               /* listener: in acc_head (<= ACCEPT_QUEUE) */
+  uint16_t ainflight;          /* listener: active-mode messages sent to
                                   the owner and not yet received */
-
-  /* -- loop thread only -- */
-  struct mb_ws *ws;
-  int handle_closing;
-  int linger_on;
+  uint8_t wait;                /* mb_sock_wait_t: the owner waits for this */
+  uint8_t active;              /* 0 passive, 1 active, 2 once */
+  uint8_t closed;              /* close asked (by the owner or its death) */
+  uint8_t eof;                 /* the peer closed (after rbuf); 2: told */
+  uint8_t ws_mode;             /* read items are WebSocket messages */
+  uint8_t paused;              /* reading stopped: rbuf full */
+  uint8_t wpaused;             /* reading stopped: WebSocket output over
+                                  MB_SOCK_WRITE_HIGH (see sock.c) */
+  uint8_t exit_on_close;       /* end the owner when the peer goes (see
+                                  mb_sock_set_exit_on_close) */
+  uint8_t acc_paused;          /* listener: libuv holds a connection */
+  mb_sock_addr_t local, peer;  /* set once connected/bound */
 } mb_sock_t;
 
 /* Socket values: an id kind (pid.h) whose methods the Lua layer sets. */

@@ -435,6 +435,12 @@ describe("the chat example with idle users and rooms hibernating", function()
       local m = mb.info(p).memory
       assert.is_true(m < 4096, tostring(p) .. " hibernated in " .. m .. " bytes")
     end
+    -- A user's continuation names its module and leaves out the default
+    -- limits (user.lua): with its record, under 1 KB (it was 1.2).
+    for _, p in ipairs({ a.pid, b.pid }) do
+      local m = mb.info(p).memory
+      assert.is_true(m < 1024, tostring(p) .. " hibernated in " .. m .. " bytes")
+    end
     a:send("hi bob\n")
     b:expect("[lobby] ann: hi bob")
     assert.is_true(all_hibernate(all))
@@ -842,6 +848,26 @@ describe("the chat example with slow users", function()
     assert.truthy(last:match("^%* disconnected: too slow %(.+%)$"), "last line: " .. last)
     slow:close()
     assert.is_true(most.slow.mailbox < 1000 + 2000, "slow user's mailbox " .. most.slow.mailbox)
+  end)
+
+  -- A hibernated user leaves out the limits that are the defaults and gets
+  -- them back when it wakes; the others it keeps.
+  it("keeps a user's own limits and the defaults across its hibernations", function()
+    start({ hibernate_after = 50, max_behind = 1e9, max_stall = 300 })
+    local slow = user(info, "slow", "lobby")
+    reader("reader", "lobby", {})
+    member("lobby", "reader")
+    local slow_pid = member("lobby", "slow")
+    assert.truthy(S.eventually(function() return mb.info(slow_pid).status == "hibernated" end),
+                  "the slow user did not hibernate")
+    local f = flooder("flood", "lobby")
+    watch({ slow = slow_pid }, function() return mb.info(slow_pid) == nil end)
+    assert.is_nil(mb.info(slow_pid), "the slow user was not dropped")
+    mb.send(f, "stop")
+    local last = read_rest(function() return slow.sock:read(S.T) end)
+    -- max_output is the default's, max_stall this chat's.
+    assert.equal("* disconnected: too slow (more than 32768 bytes unread for 300 ms)", last)
+    slow:close()
   end)
 
   it("holds back a fast talker and wakes it by its timer when it hibernates meanwhile", function()

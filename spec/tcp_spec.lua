@@ -67,6 +67,95 @@ describe("moonbeam.tcp", function()
     c:close(); s:close(); l:close()
   end)
 
+  -- The addresses are kept compact (sock.h mb_sock_addr_t): both families
+  -- must come back whole, ports in host order, and the listener's own.
+  it("gives names of both ends over IPv6 too, and a listener's own", function()
+    local l = tcp.listen("::1", 0)
+    if not l then return pending("no IPv6 loopback here") end
+    local lh, lp = l:sockname()
+    assert.are.equal("::1", lh)
+    assert.are.equal(l:port(), lp)
+    local c = assert(tcp.connect("::1", l:port(), T))
+    local s = assert(l:accept(T))
+    assert.are.same({"::1", l:port()}, {c:peername()})
+    local ch, cp = c:sockname()
+    assert.are.equal("::1", ch)
+    assert.are.same({ch, cp}, {s:peername()})
+    assert.are.same({"::1", l:port()}, {s:sockname()})
+    assert.is_true(cp > 0 and cp < 65536)
+    c:close(); s:close(); l:close()
+    local l4 = assert(tcp.listen("127.0.0.1", 0))
+    assert.are.same({"127.0.0.1", l4:port()}, {l4:sockname()})
+    l4:close()
+  end)
+
+  -- A close is gentle (sock.c close_gently): what is still queued goes out
+  -- first, to a peer that reads late, then the peer sees the end.
+  it("flushes what is queued when a socket is closed, for a peer that reads late", function()
+    local c, s, l = pair()
+    local data = ("0123456789abcdef"):rep(4096 * 16)   -- 1 MiB
+    -- The writer waits while its queue is over the high-water mark, and
+    -- closes as soon as its last write is queued.
+    local writer = mb.spawn(function()
+      local m = mb.receive(5000)
+      for i = 1, 8 do assert(m.sock:write(m.data)) end
+      m.sock:close()
+      mb.send(m.from, "closed")
+    end)
+    assert(s:set_owner(writer))
+    mb.send(writer, {sock = s, data = data, from = mb.self()})
+    mb.sleep(200)
+    local parts, err = {}
+    for i = 1, 100000 do
+      local d
+      d, err = c:read(T)
+      if not d then break end
+      parts[#parts + 1] = d
+    end
+    assert.are.equal("closed", err)
+    local got = table.concat(parts)
+    assert.are.equal(8 * #data, #got)
+    assert.is_true(got == data:rep(8))
+    assert.are.equal("closed", mb.receive(function(m) return m == "closed" end, T))
+    c:close(); l:close()
+  end)
+
+  -- ... for at most 5 s (sock.c LINGER_MS): a peer that never reads does
+  -- not keep the socket (its timer and shutdown request) for ever.
+  it("gives up flushing a closed socket after 5 s for a peer that does not read", function()
+    local c, s, l = pair()
+    local chunk = ("x"):rep(16 * 1024)
+    -- The writer fills the kernel's buffers until bytes stay queued (each
+    -- write under the high-water mark, so none waits), then closes.
+    local writer = mb.spawn(function()
+      local m = mb.receive(5000)
+      local n = 0
+      while n < 100000 and m.sock:queued() == 0 do
+        assert(m.sock:write(m.data))
+        n = n + 1
+      end
+      local q = m.sock:queued()
+      m.sock:close()
+      mb.send(m.from, {written = n * #m.data, queued = q})
+    end)
+    assert(s:set_owner(writer))
+    mb.send(writer, {sock = s, data = chunk, from = mb.self()})
+    local m = mb.receive(function(x) return type(x) == "table" and x.written end, 10000)
+    assert.is_truthy(m)
+    assert.is_true(m.queued > 0)
+    mb.sleep(5500)   -- the linger timer ends the connection meanwhile
+    local got, err = 0
+    for i = 1, 100000 do
+      local d
+      d, err = c:read(T)
+      if not d then break end
+      got = got + #d
+    end
+    assert.is_truthy(err == "closed" or err:find("reset"))
+    assert.is_true(got < m.written)
+    c:close(); l:close()
+  end)
+
   it("delivers a large transfer intact, in partial reads", function()
     local c, s, l = pair()
     local chunk = {}

@@ -59,16 +59,24 @@
 -- and an awake user process holds a Lua state (tens of KB) while it waits.
 -- A TCP user that got no message for `hibernate_after` ms (chat.start's
 -- option) calls mb.hibernate: its Lua state is dropped and only its session
--- table is kept, copied, with tcp_loop as the continuation. The socket is in
+-- table is kept, copied, with tcp_wake as the continuation. The socket is in
 -- active mode, so the user's next line arrives as a message and wakes it,
 -- like a room's next line, a DOWN of its room or its own READ_MORE timer;
--- tcp_wake makes st.out again (a closure over st, dropped rather than
--- copied) and goes back into the loop, which finds the message queued.
+-- tcp_wake requires this module again, makes st.out again (a closure over
+-- st, dropped rather than copied) and goes back into the loop, which finds
+-- the message queued. What a hibernated user keeps is small on purpose (a
+-- big chat has many): the continuation names this module instead of
+-- carrying the nineteen functions that tcp_loop reaches, and the session
+-- leaves out what it can make again (the limits that are the defaults).
 -- WebSocket users run in moonbeam.http's connection process, whose idle
 -- hibernation is moonbeam.http's business: ws_user does not hibernate.
 local mb = require "moonbeam"
 
 local user = {}
+
+-- This file's directory, for tcp_wake: a new process does not have this
+-- example on package.path.
+local DIR = debug.getinfo(1, "S").source:match("^@(.+)/[^/]*$") or "."
 
 -- The longest line accepted, in bytes, without its line end.
 local MAX_LINE = 4096
@@ -267,7 +275,7 @@ end
 -- message) with the limits of chat.start (nil fields: user.DEFAULTS).
 local function new_session(registry, sock, ws, limits)
   limits = limits or {}
-  local st = { registry = registry, sock = sock, ws = ws, nick = "guest", tags = 0,
+  local st = { registry = registry, sock = sock, ws = ws or nil, nick = "guest", tags = 0,
                lines = 0, says = 0, rest = "" }
   for k, v in pairs(DEFAULTS) do
     if limits[k] ~= nil then v = limits[k] end
@@ -332,18 +340,54 @@ end
 
 local tcp_loop
 
--- Where a hibernated TCP user goes on, in its new Lua state.
-local function tcp_wake(st)
-  return tcp_loop(with_out(st))
+-- Where a hibernated TCP user goes on, in its new Lua state: this module,
+-- required again (from the host's module cache) with this example's
+-- directory `dir` on the path. A function of no upvalues: the continuation
+-- is one function, `dir`, the session and its hibernate_after (an argument
+-- rather than a field: it then hibernates in fewer bytes).
+local function tcp_wake(dir, hibernate_after, st)
+  local path = package.path
+  if path:sub(1, #dir + 7) ~= dir .. "/?.lua;" then
+    package.path = dir .. "/?.lua;" .. path
+  end
+  st.hibernate_after = hibernate_after
+  return require("user").tcp_resume(st)
+end
+
+-- The session's fields that hibernate as nil while they hold these values
+-- (the limits, when they are the defaults, and idle counters): tcp_resume
+-- puts them back.
+local PACKED = { lines = 0, says = 0, rest = "" }
+for k, v in pairs(DEFAULTS) do PACKED[k] = v end
+
+-- The session as it hibernates, without what tcp_resume makes again.
+local function session_pack(st)
+  st.out = nil
+  for k, v in pairs(PACKED) do
+    if st[k] == v then st[k] = nil end
+  end
+end
+
+local function session_unpack(st)
+  for k, v in pairs(PACKED) do
+    if st[k] == nil then st[k] = v end
+  end
+  return with_out(st)
+end
+
+function user.tcp_resume(st)
+  return tcp_loop(session_unpack(st))
 end
 
 -- Hibernates the user (see DESIGN): never returns, unless its session
 -- cannot be copied, which would be a bug of this file; then the user says
 -- so on stderr and goes on awake, never hibernating again.
 local function hibernate(st)
-  st.out = nil
-  local _, err = pcall(mb.hibernate, tcp_wake, st)
-  with_out(st)
+  local after = st.hibernate_after
+  session_pack(st)
+  st.hibernate_after = nil
+  local _, err = pcall(mb.hibernate, tcp_wake, DIR, after, st)
+  session_unpack(st)
   st.hibernate_after = nil
   io.stderr:write("chat: user " .. tostring(mb.self()) .. " cannot hibernate: "
                   .. tostring(err) .. "\n")

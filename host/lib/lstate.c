@@ -1128,6 +1128,7 @@ static lua_State *pool_take(mb_proc_t *p)
   pl->n--;
   lua_State *L = pl->L[pl->n];
   atomic_store_explicit(&p->alloc.used, pl->used[pl->n], memory_order_relaxed);
+  mb_alloc_young(&p->alloc);   /* its new process's blocks: as a new state's */
   lua_setallocf(L, mb_alloc_fn, p);
   return L;
 }

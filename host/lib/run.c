@@ -385,6 +385,14 @@ static void crashed(mb_proc_t *p, int status)
 static void hibernate(mb_sched_t *s, mb_proc_t *p)
 {
   mb_lstate_recycle(p);
+  /* The continuation is kept long: in a block of its own size. The
+   * encoder's buffer grew by doubling, and a realloc that shrinks a block
+   * by less than half keeps it (a 248-byte chat user's took 384). */
+  mb_msg_t *kept = mb_msg_dup(p->boot_msg);
+  if (kept) {
+    mb_msg_free(p->boot_msg);
+    p->boot_msg = kept;
+  }
   size_t held = mb_msg_size(p->boot_msg);
   atomic_store_explicit(&p->held, held, memory_order_relaxed);
   mb_alloc_count((long long)held);
