@@ -378,60 +378,6 @@ describe("processes", function()
       mb.send(big, "stop")
     end)
 
-    it("lets a small busy process (8 waits) gather 32 KB of garbage between collections (the GC floor), not more", function()
-      local pid = mb.spawn(function(parent)
-        -- The first wait collects its state once; the 8th arms the floor.
-        for i = 1, 8 do
-          mb.receive(5000)
-          mb.send(parent, { ack = i })
-        end
-        local c0 = collectgarbage("count")
-        local peak = c0
-        for i = 1, 5000 do
-          local t = { i, i }
-          local c = collectgarbage("count")
-          if c > peak then peak = c end
-        end
-        mb.send(parent, { grew = peak - c0, live = c0 })
-      end, mb.self())
-      local function waiting()
-        local i = mb.info(pid)
-        return i and i.status == "waiting"
-      end
-      for i = 1, 8 do    -- each message finds it waiting: 8 waits
-        assert.is_true(S.eventually(waiting))
-        mb.send(pid, i)
-        S.recv(S.field("ack", i))
-      end
-      local m = S.recv(function(m) return type(m) == "table" and m.grew ~= nil end)
-      -- Without the floor a cycle starts at twice the live size (~18 KB here).
-      assert.is_true(m.grew >= 28, ("grew %.1f KB over %.1f KB live"):format(m.grew, m.live))
-      assert.is_true(m.grew <= 48, ("grew %.1f KB over %.1f KB live"):format(m.grew, m.live))
-    end)
-
-    it("keeps the GC floor within a quarter of max_memory, so a busy process that fitted still fits", function()
-      local pid, ref = mb.spawn_opt({ monitor = true, max_memory = 48 * 1024 }, function(parent)
-        for i = 1, 8 do
-          mb.receive(5000)
-          mb.send(parent, { ack = i })
-        end
-        for i = 1, 20000 do
-          local t = { i, i }
-        end
-        mb.send(parent, { survived = true })
-      end, mb.self())
-      for i = 1, 8 do
-        assert.is_true(S.eventually(function()
-          local inf = mb.info(pid)
-          return inf == nil or inf.status == "waiting"
-        end))
-        mb.send(pid, i)
-        S.recv(function(m) return type(m) == "table" and (m.ack == i or m.event == "DOWN") end)
-      end
-      assert.are.equal("normal", S.await_down(ref))
-      S.recv(S.field("survived", true))
-    end)
-
     it("counts reductions", function()
       local pid = mb.spawn(function(parent)
         local x = 0

@@ -737,113 +737,15 @@ static int collect(lua_State *L)
   return 0;
 }
 
-/* -- The GC floor ----------------------------------------------------------
- * LuaJIT starts a cycle when the heap reaches pause% of what the last one
- * left live (200%: twice). A small process (~10 KB live) then runs a whole
- * cycle every ~10 KB it allocates, and a cycle costs about the same however
- * little garbage it finds: it marks the state's registry, strings and
- * libraries each time. Measured on the ring benchmark (callgrind), that was
- * ~800 instructions of GC steps a hop out of ~9,000. So a process that has
- * shown it is active - it has waited for messages several times - gets
- * a floor: its next cycle starts at max(2 x live, live + GC_FLOOR) bytes.
- * LuaJIT's only knob is the pause, which multiplies whatever is live when a
- * cycle ends, so the pause is set anew at the end of every cycle, from what
- * is live then: by the finalizer of a sentinel userdata that nothing
- * references, made again by its own finalizer for the next cycle. LuaJIT
- * runs finalizers at the end of a cycle, before it sets the next threshold
- * from the pause.
- * Arming costs ~3,400 instructions and ~200 bytes (the sentinel, its
- * metatable and finalizer), so a process is armed only at its
- * MB_LSTATE_ARM_WAITS-th wait: not one that handles a message or two and
- * ends (a connection per request).
- * Under a max_memory the floor is at most a quarter of it (set_floor_pause).
- * Cost: a busy small process holds up to GC_FLOOR bytes of garbage more
- * (ring: ~10 KB live -> up to ~42 KB instead of ~20 KB); a large one (live
- * above GC_FLOOR) is as before; an idle process never arms it (it waits
- * once) and keeps its settled size; nor does a state woken from
- * hibernation, which lives until the next hibernation. A process's own
- * collectgarbage("setpause") lasts until the next cycle's end once armed. */
-#define GC_FLOOR (32 * 1024)
-#define GC_PAUSE 200                /* LuaJIT's default */
-
-/* Set the pause of p's state (L) for a floor over what is live now. Under
- * a max_memory the floor is at most a quarter of it: LuaJIT does not
- * collect when an allocation is refused, so garbage let grow near the
- * limit would end a process that used to fit. */
-static void set_floor_pause(lua_State *L, mb_proc_t *p)
-{
-  size_t live = (size_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024 +
-                (size_t)lua_gc(L, LUA_GCCOUNTB, 0);
-  size_t floor = GC_FLOOR;
-  if (p->alloc.max && floor > p->alloc.max / 4)
-    floor = p->alloc.max / 4;
-  size_t pause = live ? 100 * (live + floor) / live : 100000;
-  if (pause < GC_PAUSE)
-    pause = GC_PAUSE;
-  if (pause > 100000)
-    pause = 100000;
-  lua_gc(L, LUA_GCSETPAUSE, (int)pause);
-}
-
-/* registry[&floor_key] = the armed process (light userdata). A sentinel
- * outlives its process in a state that is reset for another (see Reused
- * states: the registry is emptied) or parked (its allocator's ud is no
- * process), so its finalizer acts only if the state's owner is the process
- * that armed it and still has the floor - not once its state is being
- * closed (p->settled is cleared first), where a new sentinel would only
- * make lua_close run its finalizers again. */
-static char floor_key;
-
-/* The sentinel's __gc, at the end of each cycle: set the pause and leave a
- * new sentinel for the next cycle. */
-static int floor_gc(lua_State *L)
-{
-  void *ud;
-  lua_getallocf(L, &ud);
-  lua_pushlightuserdata(L, &floor_key);
-  lua_rawget(L, LUA_REGISTRYINDEX);
-  if (lua_touserdata(L, -1) != ud || ((mb_proc_t *)ud)->settled != MB_LSTATE_FLOORED)
-    return 0;
-  set_floor_pause(L, ud);
-  lua_newuserdata(L, 0);
-  lua_getmetatable(L, 1);
-  lua_setmetatable(L, -2);
-  return 0;
-}
-
-static int arm_floor(lua_State *L)
-{
-  lua_pushlightuserdata(L, &floor_key);
-  lua_pushlightuserdata(L, lua_touserdata(L, 1));
-  lua_rawset(L, LUA_REGISTRYINDEX);
-  lua_newuserdata(L, 0);
-  lua_createtable(L, 0, 1);
-  lua_pushcfunction(L, floor_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_setmetatable(L, -2);
-  /* And from now: the threshold in force was set by the last cycle (2 x
-   * live); restart it as pause x the heap now (LuaJIT's RESTART -1). */
-  set_floor_pause(L, lua_touserdata(L, 1));
-  lua_gc(L, LUA_GCRESTART, -1);
-  return 0;
-}
-
 void mb_lstate_settle(mb_proc_t *p)
 {
-  if (p->settled == MB_LSTATE_FLOORED || p->L == NULL)
+  if (p->settled || p->L == NULL)
     return;
-  int first = p->settled == MB_LSTATE_UNSETTLED;
-  if (!first && ++p->settled < MB_LSTATE_ARM_WAITS)
-    return;
-  /* Protected: a finalizer may raise, and arming allocates. An error is
-   * dropped: the process goes on as a GC step's would have let it (and
-   * without the floor). */
-  p->settled = first ? MB_LSTATE_SETTLED : MB_LSTATE_FLOORED;
-  if (lua_cpcall(p->L, first ? collect : arm_floor, p) != 0) {
+  p->settled = 1;
+  /* Protected: a finalizer may raise. Its error is dropped: the process
+   * goes on as a GC step's would have let it. */
+  if (lua_cpcall(p->L, collect, NULL) != 0)
     lua_pop(p->L, 1);
-    if (!first)
-      lua_gc(p->L, LUA_GCSETPAUSE, GC_PAUSE);
-  }
 }
 
 static int setup(lua_State *L)
@@ -1078,7 +980,6 @@ static void reset_gc(lua_State *L, size_t used)
 
 static void drop_host_side(mb_proc_t *p)
 {
-  p->settled = MB_LSTATE_UNSETTLED;   /* no GC floor: see floor_gc */
   p->L = p->co = NULL;
   for (int i = 0; i < p->nfncodes; i++)
     if (p->fncodes[i].code)
@@ -1165,7 +1066,7 @@ int mb_lstate_new(mb_proc_t *p)
   }
   /* A woken state is meant to live until the next hibernation: it need
    * not settle. */
-  p->settled = p->wakes > 0 ? MB_LSTATE_FLOORED : MB_LSTATE_UNSETTLED;
+  p->settled = p->wakes > 0;
   /* The body coroutine stays anchored in slot 1 of the main thread. */
   p->co = lua_newthread(L);
   /* LuaJIT starts a state's first GC cycle only at 4x its size at birth
@@ -1185,7 +1086,6 @@ void mb_lstate_close(mb_proc_t *p)
   if (p->L == NULL)
     return;
   p->alloc.limit = 0;  /* finalizers may allocate */
-  p->settled = MB_LSTATE_UNSETTLED;   /* the GC floor's sentinel must not come back */
   lua_close(p->L);
   drop_host_side(p);
 }

@@ -56,17 +56,9 @@ int mb_lstate_new(mb_proc_t *p);
  * that an idle process keeps only what it uses: the garbage of its start
  * (LuaJIT's 64-slot globals table, which the process replaced with an
  * empty one; a boot's temporaries). Once per state, ~2.5 us, paid by the
- * processes that wait, not by those that just run and end. Once it has
- * blocked MB_LSTATE_ARM_WAITS times, it gets the GC floor (lstate.c):
- * fewer collections for a small busy process. Call at every
- * block until p->settled says it is done; owner thread, the body
- * suspended. */
+ * processes that wait, not by those that just run and end. Owner thread,
+ * the body suspended. */
 void mb_lstate_settle(mb_proc_t *p);
-/* p->settled: 0 not collected yet; from 1 (collected) it counts the waits
- * since, up to MB_LSTATE_ARM_WAITS, where the GC floor is armed; FLOORED:
- * armed, or not wanted (a state woken from hibernation). */
-#define MB_LSTATE_ARM_WAITS 8
-enum { MB_LSTATE_UNSETTLED = 0, MB_LSTATE_SETTLED = 1, MB_LSTATE_FLOORED = 1000 };
 
 /* Close p's state, if any. */
 void mb_lstate_close(mb_proc_t *p);

@@ -494,10 +494,8 @@ static void run(mb_sched_t *s, mb_proc_t *p)
     }
     if (why == MB_YIELD_WAIT) {
       /* The first time it goes idle with nothing queued (the count is
-       * atomic: in_head is the pushers', read only under the lock), and
-       * the next few times, for the GC floor (lstate.h). */
-      if (p->settled != MB_LSTATE_FLOORED &&
-          (p->settled || atomic_load_explicit(&p->mailbox_len, memory_order_relaxed) == 0))
+       * atomic: in_head is the pushers', read only under the lock). */
+      if (!p->settled && atomic_load_explicit(&p->mailbox_len, memory_order_relaxed) == 0)
         mb_lstate_settle(p);
       mb_proc_lock(p);
       p->wait = p->pending_wait;
