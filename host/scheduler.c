@@ -53,6 +53,8 @@ static int (*closers[MB_SCHED_HOOKS])(uv_handle_t *h);
 static int ncloser;
 static void (*after_loops[MB_SCHED_HOOKS])(void);
 static int nafter;
+static void (*on_collect[MB_SCHED_HOOKS])(void);
+static int ncollect;
 
 /* -- Run queues ----------------------------------------------------------- */
 
@@ -371,6 +373,13 @@ void mb_sched_add_closer(int (*closer)(uv_handle_t *h))
     closers[ncloser++] = closer;
 }
 
+void mb_sched_add_on_collect(void (*fn)(void))
+{
+  MB_ASSERT(ncollect < MB_SCHED_HOOKS);
+  if (ncollect < MB_SCHED_HOOKS)
+    on_collect[ncollect++] = fn;
+}
+
 void mb_sched_add_after_loops(void (*fn)(void))
 {
   MB_ASSERT(nafter < MB_SCHED_HOOKS);
@@ -556,6 +565,8 @@ static void wait_signal(long ms)
 static void collect_heaps(void *arg)
 {
   (void)arg;
+  for (int i = 0; i < ncollect; i++)
+    on_collect[i]();
   mb_alloc_collect();
 }
 

@@ -128,6 +128,10 @@ void mb_sched_post(mb_sched_t *s, void (*fn)(void *), void *arg);
 #define MB_SCHED_HOOKS 8
 void mb_sched_add_closer(int (*closer)(uv_handle_t *h));
 void mb_sched_add_after_loops(void (*fn)(void));
+/* fn runs on every scheduler thread when the host's memory went down (the
+ * main thread's trim), before that thread gives its heaps' free pages back:
+ * a layer above lets go of what it keeps per thread. At start-up. */
+void mb_sched_add_on_collect(void (*fn)(void));
 
 /* The host's options, for mb.info and -h. */
 extern mb_sched_opts_t mb_sched_opts;
