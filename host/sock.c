@@ -999,23 +999,10 @@ int mb_sock_name(mb_sock_t *s, int peer, char *host, size_t hostlen)
   pthread_mutex_lock(&s->lock);
   mb_sock_addr_t a = peer ? s->peer : s->local;
   pthread_mutex_unlock(&s->lock);
-  if (a.family == AF_INET6) {
-    struct sockaddr_in6 in6;
-    memset(&in6, 0, sizeof in6);
-    in6.sin6_family = AF_INET6;
-    memcpy(&in6.sin6_addr, a.ip, 16);
-    uv_ip6_name(&in6, host, hostlen);
-    return a.port;
-  }
-  if (a.family == AF_INET) {
-    struct sockaddr_in in;
-    memset(&in, 0, sizeof in);
-    in.sin_family = AF_INET;
-    memcpy(&in.sin_addr, a.ip, 4);
-    uv_ip4_name(&in, host, hostlen);
-    return a.port;
-  }
-  return -1;
+  if ((a.family != AF_INET && a.family != AF_INET6) ||
+      uv_inet_ntop(a.family, a.ip, host, hostlen) != 0)
+    return -1;
+  return a.port;
 }
 
 static int parse_addr(const char *host, int port, struct sockaddr_storage *ss)
