@@ -883,7 +883,6 @@ static _Thread_local pool_t *my_pool;
 static pool_t *pools;
 static pthread_mutex_t pools_lock = PTHREAD_MUTEX_INITIALIZER;
 static int reuse_off;        /* --allow-ffi or --allow-bytecode */
-static const size_t reuse_max = REUSE_MAX;
 /* A parked state's allocator: it allocates nothing while parked. */
 static mb_alloc_t parked;
 
@@ -1016,7 +1015,7 @@ void mb_lstate_recycle(mb_proc_t *p)
     return;
   }
   size_t used = atomic_load_explicit(&p->alloc.used, memory_order_relaxed);
-  if (used > reuse_max) {
+  if (used > REUSE_MAX) {
     mb_lstate_close(p);
     return;
   }
