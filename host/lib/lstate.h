@@ -10,6 +10,11 @@
  * The `moonbeam` module is preloaded, and is installed without the package
  * library when a spawned function's upvalue refers to it.
  *
+ * A state whose process returned or hibernated is reset and reused by the
+ * next spawn or wake on its scheduler, unless its process opted into what a
+ * reset cannot undo (lstate.c, "Reused states"): lua_newstate and lua_close
+ * were more than half of a spawn.
+ *
  * The string table exists from the start (strings index it, as in luajit)
  * but stays empty, with the same lazy metatable, until first used.
  *
