@@ -285,15 +285,6 @@ static int collect_due(void)
   return 1;
 }
 
-static void trim_arena(void);
-
-int mb_alloc_trim(void)
-{
-  int due = collect_due();
-  trim_arena();
-  return due;
-}
-
 static void trim_arena(void)
 {
   if (arena == NULL)
@@ -361,6 +352,13 @@ static void trim_arena(void)
     push(&cold, batch.v[i]);
   pthread_mutex_unlock(&arena_lock);
   mi_free(batch.v);
+}
+
+int mb_alloc_trim(void)
+{
+  int due = collect_due();
+  trim_arena();
+  return due;
 }
 
 /* An allocation change of an arena block (rare: the same size as a state

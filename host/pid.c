@@ -205,18 +205,18 @@ int mb_id_regkey(const void *key)
 {
   if (key == &rref_mt_key)
     return 1;
-  for (unsigned t = 0; t <= MB_TAG_KIND_MAX; t++)
-    if (kinds[t] && (key == &kinds[t]->mt_key || key == &kinds[t]->intern_key))
+  /* A registered kind has a tag, so its intern table is at a slot. */
+  for (unsigned t = 1; t <= MB_TAG_KIND_MAX; t++)
+    if (kinds[t] && key == &kinds[t]->mt_key)
       return 1;
   return 0;
 }
 
 int mb_id_regslot(double key)
 {
-  for (unsigned t = 1; t <= MB_TAG_KIND_MAX; t++)
-    if (kinds[t] && key == (double)MB_REGSLOT_INTERN(t))
-      return 1;
-  return 0;
+  double t = -0x100 - key;     /* the inverse of MB_REGSLOT_INTERN */
+  return t >= 1 && t <= MB_TAG_KIND_MAX && t == (double)(unsigned)t &&
+         kinds[(unsigned)t] != NULL;
 }
 
 mb_idkind_t *mb_id_kind_of_tag(unsigned tag)

@@ -100,13 +100,13 @@ extern mb_idkind_t mb_pid_kind, mb_ref_kind;
  * and decodes that tag into its values. Once per kind, at start-up, before
  * any scheduler runs. */
 void mb_id_register(mb_idkind_t *kind);
-/* Is key (a light userdata) the registry key of a kind's metatable or
- * intern table? Those hold only host-made, opaque values (the metatables
- * answer getmetatable with false), so a reused state keeps them (see
- * host/lib/lstate.c, "Reused states"). */
+/* Is key (a light userdata) the registry key of a registered kind's
+ * metatable? Those, and the intern tables, hold only host-made, opaque
+ * values (the metatables answer getmetatable with false), so a reused
+ * state keeps them (see host/lib/lstate.c, "Reused states"). */
 int mb_id_regkey(const void *key);
-/* The same for a registry key that is a number: is it the slot of a kind's
- * intern table (MB_REGSLOT_INTERN)? */
+/* The same for a registry key that is a number: is it the slot of a
+ * registered kind's intern table (MB_REGSLOT_INTERN)? */
 int mb_id_regslot(double key);
 /* The registered kind of a wire tag, or NULL. Any thread. */
 mb_idkind_t *mb_id_kind_of_tag(unsigned tag);

@@ -383,9 +383,10 @@ static void drop_bad(mb_proc_t *p)
   p->recv_bad = NULL;
 }
 
-/* The queue scan of a receive, after the inbox was drained. */
-static int receive_queued(mb_proc_t *p, lua_State *L)
+int mb_lib_receive_queued(mb_proc_t *p, lua_State *L)
 {
+  if (p->recv_bad)
+    drop_bad(p);
   for (mb_msg_t **pm = p->q_scan; *pm; ) {
     mb_msg_t *m = *pm;
     if (m->kind == MB_MSG_USER && m->ref && !mb_proc_has_alias(p, m->ref)) {
@@ -422,25 +423,17 @@ static int receive_queued(mb_proc_t *p, lua_State *L)
 
 int mb_lib_try_receive(mb_proc_t *p, lua_State *L)
 {
-  if (p->recv_bad)
-    drop_bad(p);
   /* Nothing queued, in the inbox or here (the count covers both and every
-   * signal, and is raised under the lock once a message is linked): no
-   * drain, no lock. A receive usually finds nothing (it waits for a reply)
-   * and the way into the wait (run.c) looks at the inbox under the lock
-   * anyway, so a message that comes meanwhile is not missed. */
-  if (atomic_load_explicit(&p->mailbox_len, memory_order_relaxed) == 0)
+   * signal, and is raised under the lock once a message is linked), and no
+   * message that failed to rebuild to drop: no drain, no lock. A
+   * receive usually finds nothing (it waits for a reply) and the way into
+   * the wait (run.c) looks at the inbox under the lock anyway, so a message
+   * that comes meanwhile is not missed. */
+  if (atomic_load_explicit(&p->mailbox_len, memory_order_relaxed) == 0 && !p->recv_bad)
     return p->exit_reason != NULL ? -1 : 0;
   if (mb_proc_drain(p))
     return -1;
-  return receive_queued(p, L);
-}
-
-int mb_lib_receive_queued(mb_proc_t *p, lua_State *L)
-{
-  if (p->recv_bad)
-    drop_bad(p);
-  return receive_queued(p, L);
+  return mb_lib_receive_queued(p, L);
 }
 
 static void clear_match(mb_proc_t *p, lua_State *L)

@@ -886,26 +886,27 @@ static int reuse_off;        /* --allow-ffi or --allow-bytecode */
 /* A parked state's allocator: it allocates nothing while parked. */
 static mb_alloc_t parked;
 
-static void close_parked(lua_State *L)
-{
-  mb_alloc_t a;
-  memset(&a, 0, sizeof a);
-  lua_setallocf(L, mb_alloc_fn, &a);
-  lua_close(L);
-}
-
 /* The host's memory went down: this scheduler's parked states are closed.
  * A parked state lives on from process to process, and the blocks it was
  * born with (its strings, its string table) sit in pages of the young Lua
  * heap among those of states long closed (alloc.c): a few parked states
  * kept hundreds of otherwise empty pages resident (chatidle, 19,000 users:
  * 2.3-2.4 KB/user with parked states kept, 1.9 without reuse). */
+static void pool_empty(pool_t *pl)
+{
+  while (pl->n > 0) {
+    pl->n--;
+    mb_alloc_t a;                   /* ud for its last frees: not a process */
+    memset(&a, 0, sizeof a);
+    lua_setallocf(pl->L[pl->n], mb_alloc_fn, &a);
+    lua_close(pl->L[pl->n]);
+  }
+}
+
 static void pool_drain(void)
 {
-  pool_t *pl = my_pool;
-  if (pl)
-    while (pl->n > 0)
-      close_parked(pl->L[--pl->n]);
+  if (my_pool)
+    pool_empty(my_pool);
 }
 
 static void pools_free(void)
@@ -913,8 +914,7 @@ static void pools_free(void)
   pthread_mutex_lock(&pools_lock);
   for (pool_t *pl = pools, *next; pl; pl = next) {
     next = pl->next;
-    while (pl->n > 0)
-      close_parked(pl->L[--pl->n]);
+    pool_empty(pl);
     free(pl);
   }
   pools = NULL;
@@ -1010,12 +1010,7 @@ void mb_lstate_recycle(mb_proc_t *p)
   lua_State *L = p->L;
   pool_t *pl = L ? pool() : NULL;
   if (pl == NULL || pl->n == POOL_MAX || reuse_off || p->lstate_tainted ||
-      p->alloc.oom) {
-    mb_lstate_close(p);
-    return;
-  }
-  size_t used = atomic_load_explicit(&p->alloc.used, memory_order_relaxed);
-  if (used > REUSE_MAX) {
+      p->alloc.oom || atomic_load_explicit(&p->alloc.used, memory_order_relaxed) > REUSE_MAX) {
     mb_lstate_close(p);
     return;
   }
@@ -1026,8 +1021,7 @@ void mb_lstate_recycle(mb_proc_t *p)
     lua_close(L);      /* still p's: p->alloc.used goes back to 0 */
     return;
   }
-  used = atomic_load_explicit(&p->alloc.used, memory_order_relaxed);
-  reset_gc(L, used);
+  reset_gc(L, atomic_load_explicit(&p->alloc.used, memory_order_relaxed));
   pl->used[pl->n] = atomic_exchange_explicit(&p->alloc.used, 0, memory_order_relaxed);
   lua_setallocf(L, mb_alloc_fn, &parked);
   pl->L[pl->n++] = L;
