@@ -586,8 +586,15 @@ describe("moonbeam.http_parser", function()
       local body = ("0123456789abcdef"):rep(512 * 1024)   -- 8 MiB
       local rest = hp.respond(b, false, 200, nil, #body, false, false, body)
       assert.is_string(rest)
-      assert.is_true(#rest > 0 and #rest < #body)
-      assert.are.equal(body:sub(-#rest), rest)
+      local whole = "HTTP/1.1 200 OK\r\nContent-Length: " .. #body .. "\r\n\r\n" .. body
+      if #rest == #whole then
+        -- This process ran off the socket's thread (the other scheduler
+        -- took it): then nothing is written here and all of it comes back.
+        assert.are.equal(whole, rest)
+      else
+        assert.is_true(#rest > 0 and #rest < #body)
+        assert.are.equal(body:sub(-#rest), rest)
+      end
       -- and the whole response when the timer had fired
       local t = hp.guard(b, true, mb.self(), 1, "$guard test")
       mb.receive(function(m) return m == "$guard test" end, 5000)
