@@ -439,15 +439,20 @@ static int put_string(enc_t *e, const char *s, size_t n)
 }
 
 /* A length-prefixed name inside a module or C-function record. */
-static int put_name(enc_t *e, lua_State *L, int idx)
+static int put_cname(enc_t *e, const char *s, size_t n)
 {
-  size_t n;
-  const char *s = lua_tolstring(L, idx, &n);
   if (reserve(e, 5 + n) < 0)
     return -1;
   put_varint(e, (uint32_t)n);
   memcpy(out(e, n), s, n);
   return 0;
+}
+
+static int put_name(enc_t *e, lua_State *L, int idx)
+{
+  size_t n;
+  const char *s = lua_tolstring(L, idx, &n);
+  return put_cname(e, s, n);
 }
 
 static int put_id(enc_t *e, unsigned char tag, uint64_t id)
@@ -682,8 +687,9 @@ static int enc_table(enc_t *e, int idx)
   return 0;
 }
 
-/* If the value at idx is a value of the sender's package.loaded, write a
- * module record and return 1; 0 if it is not; -1 on failure. */
+/* If the value at idx is a value of the sender's package.loaded, or the
+ * module the layer keeps itself (mb_copy_own_module), write a module record
+ * and return 1; 0 if it is not; -1 on failure. */
 static int enc_module(enc_t *e, int idx)
 {
   lua_State *L = e->L;
@@ -701,7 +707,33 @@ static int enc_module(enc_t *e, int idx)
     }
   }
   lua_settop(L, loaded - 1);
+  const char *name;
+  if (r == 0 && mb_copy_own_module && (name = mb_copy_own_module(L)) != NULL) {
+    if (lua_rawequal(L, -1, idx))
+      r = put_byte(e, T_MODULE) < 0 || put_cname(e, name, strlen(name)) < 0 ? -1 : 1;
+    lua_pop(L, 1);
+  }
   return r;
+}
+
+/* If the C function at idx is a field of the module table at mod, named by
+ * the string at name_idx (0: by name), write a C-field record and return
+ * 1; 0 if it is not; -1 on failure. */
+static int enc_cfield(enc_t *e, int idx, int mod, int name_idx, const char *name)
+{
+  lua_State *L = e->L;
+  lua_pushnil(L);
+  while (lua_next(L, mod)) {
+    if (lua_type(L, -2) == LUA_TSTRING && lua_rawequal(L, -1, idx)) {
+      int r = put_byte(e, T_CFIELD) < 0 ||
+              (name_idx ? put_name(e, L, name_idx) : put_cname(e, name, strlen(name))) < 0 ||
+              put_name(e, L, -2) < 0 ? -1 : 1;
+      lua_pop(L, 2);
+      return r;
+    }
+    lua_pop(L, 1);
+  }
+  return 0;
 }
 
 /* A C function cannot be dumped; it travels by name if it is a loaded module
@@ -718,21 +750,17 @@ static int enc_cfunction(enc_t *e, int idx)
     lua_pushnil(L);
     while (!r && lua_next(L, loaded)) {
       int mod = lua_gettop(L);
-      if (lua_type(L, mod - 1) == LUA_TSTRING && lua_istable(L, mod)) {
-        lua_pushnil(L);
-        while (lua_next(L, mod)) {
-          if (lua_type(L, -2) == LUA_TSTRING && lua_rawequal(L, -1, idx)) {
-            r = put_byte(e, T_CFIELD) < 0 || put_name(e, L, mod - 1) < 0 ||
-                put_name(e, L, -2) < 0 ? -1 : 1;
-            break;
-          }
-          lua_pop(L, 1);
-        }
-      }
+      if (lua_type(L, mod - 1) == LUA_TSTRING && lua_istable(L, mod))
+        r = enc_cfield(e, idx, mod, mod - 1, NULL);
       lua_settop(L, mod - 1);
     }
   }
   lua_settop(L, loaded - 1);
+  const char *name;
+  if (r == 0 && mb_copy_own_module && (name = mb_copy_own_module(L)) != NULL) {
+    r = enc_cfield(e, idx, lua_gettop(L), 0, name);
+    lua_pop(L, 1);
+  }
   if (r == 0)
     return fail(e, "cannot send a C function");
   return r < 0 ? -1 : 0;
@@ -785,6 +813,7 @@ void (*mb_copy_on_load)(lua_State *L, int idx, mb_code_t *code);
 mb_code_t *(*mb_copy_code_of)(lua_State *L, int idx);
 void (*mb_copy_on_dump)(lua_State *L, int idx, mb_code_t *code);
 int (*mb_copy_module)(lua_State *L, const char *name, size_t n);
+const char *(*mb_copy_own_module)(lua_State *L);
 
 static int enc_function(enc_t *e, int idx)
 {

@@ -51,6 +51,11 @@ extern void (*mb_copy_on_dump)(lua_State *L, int idx, struct mb_code *code);
  * (the `moonbeam` module, without opening the package library) and return
  * 1; 0: the decoder takes it from package.loaded or requires it. */
 extern int (*mb_copy_module)(lua_State *L, const char *name, size_t n);
+/* If L's state holds the module the layer provides itself, push it and
+ * return its name; else return NULL, pushing nothing. The encoder sends it,
+ * and C functions that are fields of it, by name, as it does those of
+ * package.loaded (where that module may not be). */
+extern const char *(*mb_copy_own_module)(lua_State *L);
 
 /* Encode the n values at stack slots first..first+n-1 of L into a new
  * message (malloc'ed, owner: the caller; free with mb_msg_free). root names

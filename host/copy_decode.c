@@ -307,8 +307,10 @@ static void dec_value(dec_t *d)
     const char *field = rd_name(d, &fn);
     push_module(d, mod, mn);
     if (lua_istable(L, -1)) {
+      /* Not raw: a module may make its functions on first use, as the
+       * moonbeam module does (the sender's had made this one). */
       lua_pushlstring(L, field, fn);
-      lua_rawget(L, -2);
+      lua_gettable(L, -2);
     } else {
       lua_pushnil(L);
     }

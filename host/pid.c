@@ -76,14 +76,14 @@ mb_idkind_t mb_ref_kind = {"ref", ref_tostring, NULL, MB_TAG_REF, 0, 0};
 /* Push the registry table stored under key, creating it on first use with
  * make (which fills the table on top). */
 static void push_regtable(lua_State *L, void *key, void (*make)(lua_State *L,
-                          const mb_idkind_t *kind), const mb_idkind_t *kind)
+                          const mb_idkind_t *kind), const mb_idkind_t *kind, int slots)
 {
   lua_pushlightuserdata(L, key);
   lua_rawget(L, LUA_REGISTRYINDEX);
   if (!lua_isnil(L, -1))
     return;
   lua_pop(L, 1);
-  lua_createtable(L, 0, 4);
+  lua_createtable(L, 0, slots);
   make(L, kind);
   lua_pushlightuserdata(L, key);
   lua_pushvalue(L, -2);
@@ -91,13 +91,13 @@ static void push_regtable(lua_State *L, void *key, void (*make)(lua_State *L,
 }
 
 /* A kind's metatable: opaque (getmetatable gives false), printable, and
- * with the kind's methods, if any. */
+ * with the kind's methods, if any. No __name: no one can read it (LuaJIT
+ * does not, and the metatable is hidden), and it cost every process that
+ * holds a pid 112 bytes (two strings, two more slots). */
 static void make_mt(lua_State *L, const mb_idkind_t *kind)
 {
   lua_pushcfunction(L, kind->tostring);
   lua_setfield(L, -2, "__tostring");
-  lua_pushstring(L, kind->name);
-  lua_setfield(L, -2, "__name");
   lua_pushboolean(L, 0);
   lua_setfield(L, -2, "__metatable");
   if (kind->methods) {
@@ -140,14 +140,14 @@ static void make_intern(lua_State *L, const mb_idkind_t *kind)
 static void push_intern(lua_State *L, mb_idkind_t *kind)
 {
   if (kind->tag == 0) {
-    push_regtable(L, &kind->intern_key, make_intern, kind);
+    push_regtable(L, &kind->intern_key, make_intern, kind, 2);
     return;
   }
   lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_INTERN(kind->tag));
   if (!lua_isnil(L, -1))
     return;
   lua_pop(L, 1);
-  lua_createtable(L, 0, 4);
+  lua_createtable(L, 0, 2);   /* __mode and a first id; grows as ids come */
   make_intern(L, kind);
   lua_pushvalue(L, -1);
   lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_INTERN(kind->tag));
@@ -169,9 +169,9 @@ void mb_id_push(lua_State *L, uint64_t id, mb_idkind_t *kind)
   b->kind = kind;
   int rref = kind == &mb_ref_kind && mb_id_is_remote(id);
   if (rref)
-    push_regtable(L, &rref_mt_key, make_rref_mt, kind);
+    push_regtable(L, &rref_mt_key, make_rref_mt, kind, 4);   /* 3 keys */
   else
-    push_regtable(L, &kind->mt_key, make_mt, kind);
+    push_regtable(L, &kind->mt_key, make_mt, kind, kind->methods ? 4 : 2);
   lua_setmetatable(L, -2);
   if (rref)                  /* after anything that may raise */
     mb_remote_ref_retain(id);

@@ -92,6 +92,7 @@ typedef struct mb_idkind {
  * listed here, so that none is used twice. */
 #define MB_REGSLOT_INTERN(tag) (-0x100 - (int)(tag))  /* a kind's intern table */
 #define MB_REGSLOT_RECEIVE (-0x200)      /* run.c's receive function */
+#define MB_REGSLOT_MOONBEAM (-0x201)     /* the moonbeam module (lstate.c) */
 
 /* The kinds defined here (registered from the start). */
 extern mb_idkind_t mb_pid_kind, mb_ref_kind;

@@ -89,6 +89,39 @@ describe("processes", function()
       assert.are.equal("abab", m.rep)
     end)
 
+    it("gives one moonbeam table, captured, required or received, in either order", function()
+      local me = mb.self()
+      -- Captured only (no package library), then required.
+      mb.spawn(function(parent)
+        local first = mb
+        mb.send(parent, { order = "captured first", same = first == require "moonbeam" })
+      end, me)
+      -- Required first, then a function capturing it arrives in a message.
+      local child = mb.spawn(function(parent)
+        local req = require "moonbeam"
+        req.send(parent, { ready = req.self() })
+        local f = req.receive(5000)
+        req.send(parent, { order = "required first", same = f() == req })
+      end, me)
+      local m1 = S.recv(S.field("order", "captured first"))
+      assert.is_true(m1.same)
+      S.recv(S.field("ready", child))
+      mb.send(child, function() return mb end)
+      local m2 = S.recv(S.field("order", "required first"))
+      assert.is_true(m2.same)
+    end)
+
+    it("sends the captured moonbeam module and its functions on, from a process without the package library", function()
+      mb.spawn(function(parent)
+        local send = mb.send     -- a C function: travels as a field of the module
+        mb.spawn(function(p)
+          send(p, { grandchild = true, mb = type(mb.self) })
+        end, parent)
+      end, mb.self())
+      local m = S.recv(S.field("grandchild", true))
+      assert.are.equal("function", m.mb)
+    end)
+
     it("runs the contract's example: mb.spawn(function() mb.receive() end)", function()
       local pid = mb.spawn(function() mb.receive() end)
       local ref = mb.monitor(pid)

@@ -495,6 +495,13 @@ static int preload_std(lua_State *L)
   return 1;
 }
 
+/* package.preload.moonbeam */
+static int preload_moonbeam(lua_State *L)
+{
+  mb_lstate_push_module(L);
+  return 1;
+}
+
 static void after_package(lua_State *L)
 {
   lua_getfield(L, LUA_GLOBALSINDEX, "package");
@@ -508,8 +515,12 @@ static void after_package(lua_State *L)
   /* jit.profile's entry comes with the jit library (after_jit): here it
    * would take package.preload past 16 entries, and its size to double. */
   mb_sandbox_preload(L, MB_SANDBOX_PRELOAD_FFI | MB_SANDBOX_PRELOAD_BUFFER);
+  lua_getfield(L, -1, "loaded");
+  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_MOONBEAM);
+  lua_setfield(L, -2, "moonbeam");   /* nil if nothing captured it yet */
+  lua_pop(L, 1);
   lua_getfield(L, -1, "preload");
-  lua_pushcfunction(L, mb_lib_open);
+  lua_pushcfunction(L, preload_moonbeam);
   lua_setfield(L, -2, "moonbeam");
   lua_pushcfunction(L, mb_lib_fs_open);
   lua_setfield(L, -2, "moonbeam.fs");
@@ -1097,25 +1108,39 @@ void mb_lstate_close(mb_proc_t *p)
   drop_host_side(p);
 }
 
+/* The moonbeam module is kept at a registry slot (MB_REGSLOT_MOONBEAM),
+ * not only in package.loaded: a process whose code only captures it (most
+ * spawned functions) never opens the package library, and a package.loaded
+ * made for it alone cost an idle process ~230 bytes (the table, its four
+ * slots, the names "_LOADED" and "moonbeam"). Once the package library
+ * opens, package.loaded.moonbeam is the same table (after_package), so
+ * require "moonbeam" gives what the captures give. */
 void mb_lstate_push_module(lua_State *L)
 {
+  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_MOONBEAM);
+  if (!lua_isnil(L, -1))
+    return;
+  lua_pop(L, 1);
   lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
-  if (lua_isnil(L, -1)) {
-    lua_pop(L, 1);
-    lua_createtable(L, 0, 4);
-    lua_pushvalue(L, -1);
-    lua_setfield(L, LUA_REGISTRYINDEX, "_LOADED");
-  }
-  lua_getfield(L, -1, "moonbeam");
-  if (lua_isnil(L, -1)) {
+  int loaded = lua_istable(L, -1);
+  if (loaded)
+    lua_getfield(L, -1, "moonbeam");   /* required before anything captured it */
+  else
+    lua_pushnil(L);
+  if (!lua_istable(L, -1)) {
     lua_pop(L, 1);
     lua_pushcfunction(L, mb_lib_open);
     lua_call(L, 0, 1);
-    lua_pushvalue(L, -1);
-    lua_setfield(L, -3, "moonbeam");
+    if (loaded) {
+      lua_pushvalue(L, -1);
+      lua_setfield(L, -3, "moonbeam");
+    }
   }
   lua_remove(L, -2);
+  lua_pushvalue(L, -1);
+  lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_MOONBEAM);
 }
+
 
 void mb_lstate_init(void)
 {

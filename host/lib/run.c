@@ -573,6 +573,15 @@ static int provide_module(lua_State *L, const char *name, size_t n)
   return 1;
 }
 
+static const char *own_module(lua_State *L)
+{
+  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_MOONBEAM);
+  if (lua_istable(L, -1))
+    return "moonbeam";
+  lua_pop(L, 1);
+  return NULL;
+}
+
 static mb_code_t *code_of(lua_State *L, int idx)
 {
   mb_proc_t *p = mb_proc_of(L);
@@ -593,6 +602,7 @@ void mb_run_init(void)
   mb_copy_on_dump = on_dump;
   mb_copy_code_of = code_of;
   mb_copy_module = provide_module;
+  mb_copy_own_module = own_module;
   mb_lstate_init();
   mb_sched_set_runner(run);
   mb_proc_add_exit_hook(mb_lstate_close);
