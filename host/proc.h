@@ -106,6 +106,7 @@ typedef struct mb_proc {
   mb_alloc_t alloc;          /* first member: lua_getallocf's ud is the proc */
   mb_pid_t pid;
   atomic_int refs;
+  atomic_int running;        /* mb.info status without taking the lock */
   lua_State *L;              /* main thread of the state */
   lua_State *co;             /* the body coroutine */
   struct mb_proc *rq_next;   /* run queue link (guarded by the queue's lock) */
@@ -114,14 +115,17 @@ typedef struct mb_proc {
   /* -- guarded by lock -- */
   mb_pstatus_t status;
   mb_wait_t wait;
-  int woken;                 /* a timer fired or a signal came while not WAITING */
-  int expired;               /* the current wait's timer fired */
   uint32_t wait_seq;         /* numbers each wait, for its timer or I/O */
-  struct mb_io_req *io_done; /* the finished operation of an MB_WAIT_IO */
-  int dead;                  /* no more links or monitors may be added */
-  int hibernated;            /* no state: the next wake-up rebuilds it from
+  /* Flags in bytes, as in the owner-only part below: the record is kept by
+   * every process, hibernated or not (448 bytes in mimalloc's size class,
+   * where ints and the holes between fields took 512). */
+  uint8_t woken;             /* a timer fired or a signal came while not WAITING */
+  uint8_t expired;           /* the current wait's timer fired */
+  uint8_t dead;              /* no more links or monitors may be added */
+  uint8_t hibernated;        /* no state: the next wake-up rebuilds it from
                                 boot + boot_msg (see mb.hibernate) */
-  int mem_killed;            /* its queue went over max_memory: killed */
+  uint8_t mem_killed;        /* its queue went over max_memory: killed */
+  struct mb_io_req *io_done; /* the finished operation of an MB_WAIT_IO */
   mb_msg_t *in_head, **in_tail;
   mb_linkset_t links;        /* pids linked to this process */
   mb_linkset_t watchers;     /* monitors on this process: {watcher, ref} */
@@ -134,24 +138,26 @@ typedef struct mb_proc {
   mb_linkset_t monitoring;     /* monitors this process holds: {target, ref} */
   mb_linkset_t aliases;        /* active aliases: {0, ref} (see mb.alias) */
   mb_yield_t yield;            /* reason of the pending runtime yield */
+  mb_wait_t pending_wait;      /* what a MB_YIELD_WAIT waits for */
   lua_State **costack;         /* user coroutines running inside co */
   int con, cocap;
-  int trap_exit;
   int budget;                  /* reductions left in this slice */
   int recv_match;              /* registry ref of the match function, or 0 */
-  mb_wait_t pending_wait;      /* what a MB_YIELD_WAIT waits for */
-  int timed_out;               /* `expired`, as last seen by mb_proc_drain */
   int recv_result;             /* what the scheduler's work on its behalf gave:
                                   receive -1/0/1, values pushed by boot or I/O */
+  uint32_t wakes;              /* times woken from hibernation */
+  uint8_t trap_exit;
+  uint8_t timed_out;           /* `expired`, as last seen by mb_proc_drain */
+  uint8_t booting;             /* boot is decoding the body (run.c) */
+  uint8_t settled;             /* its state had its first full collection */
+  uint8_t lstate_tainted;      /* its state may not be reused (lstate.c) */
+  uint8_t first;               /* the host's first process */
   struct mb_io_req *io_req;    /* the operation whose results are pushed now */
   /* An MB_WAIT_IO with a timer: pushes the results of a timeout. */
   int (*io_on_timeout)(lua_State *L, uint64_t arg);
   uint64_t io_timeout_arg;
   struct mb_timer *wait_timer; /* timer of the current wait, or NULL */
   lua_CFunction boot;          /* set until the first run: see run.c */
-  int booting;                 /* boot is decoding the body (run.c) */
-  int settled;                 /* its state had its first full collection */
-  int lstate_tainted;          /* its state may not be reused (lstate.c) */
   /* Functions of the state known to be code objects (the body a boot
    * decoded, the last few it dumped to send; anchored in the registry):
    * sending one again needs no lua_dump (copy.h mb_copy_code_of). Freed
@@ -164,8 +170,6 @@ typedef struct mb_proc {
   int nfncodes, fncode_next;
   mb_msg_t *boot_msg;          /* what boot decodes (spawn's function, args) */
   mb_msg_t *exit_reason;       /* set when the process must die */
-  int first;                   /* the host's first process */
-  uint32_t wakes;              /* times woken from hibernation */
   /* The module it was spawned from (or hibernated into), for reports, or
    * NULL (a function: reports find it on the stack). An interned string
    * (intern.h): the watchdog reads it while the process runs. */
@@ -174,12 +178,11 @@ typedef struct mb_proc {
 
   /* -- atomic, read by other threads -- */
   atomic_uint nsignals;        /* exit signals queued and not yet handled */
-  atomic_uint_fast64_t reductions;
   atomic_uint mailbox_len;
+  atomic_uint_fast64_t reductions;
   atomic_size_t mailbox_bytes; /* bytes of the queued messages */
   atomic_size_t held;          /* bytes held for it outside its state (a
                                   hibernated process's continuation) */
-  atomic_int running;          /* mb.info status without taking the lock */
   /* The scheduler whose loop holds this process's socket (sock.c sets it
    * when the process becomes a connection's owner), or NULL: where a
    * wake-up puts it, so that its socket I/O is done on its own thread. */

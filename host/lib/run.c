@@ -534,8 +534,13 @@ static void run(mb_sched_t *s, mb_proc_t *p)
  * when all MB_FNCODES are taken. */
 static void remember_code(mb_proc_t *p, lua_State *L, int idx, mb_code_t *code)
 {
-  if (p->fncodes == NULL)
-    p->fncodes = mb_calloc(MB_FNCODES, sizeof *p->fncodes);
+  /* One entry first (most processes only ever have their body's), then
+   * all: 24 bytes instead of 96 for an idle process. */
+  if (p->nfncodes <= 1 && p->nfncodes < MB_FNCODES) {
+    int cap = p->nfncodes == 0 ? 1 : MB_FNCODES;
+    p->fncodes = mb_realloc(p->fncodes, (size_t)cap * sizeof *p->fncodes);
+    memset(p->fncodes + p->nfncodes, 0, (size_t)(cap - p->nfncodes) * sizeof *p->fncodes);
+  }
   int i = p->nfncodes < MB_FNCODES ? p->nfncodes++ : p->fncode_next++ % MB_FNCODES;
   if (p->fncodes[i].code) {
     luaL_unref(L, LUA_REGISTRYINDEX, p->fncodes[i].ref);
