@@ -399,6 +399,7 @@ static int boot_first(lua_State *L)
   lua_settop(L, 0);
   push_arg_table(L);
   lua_setfield(L, LUA_GLOBALSINDEX, "arg");
+  mb_lstate_lexer(L);
   if (luaL_loadbuffer(L, driver_src, sizeof driver_src - 1, "=moonbeam"))
     return lua_error(L);
   lua_newtable(L);

@@ -138,6 +138,41 @@ describe("reused states", function()
     assert.is_true(S.has(out, "B\tnormal"), out)
   end)
 
+  it("compile source after their reserved words were let go and collected", function()
+    -- A state lets its copies of Lua's reserved words be collected until
+    -- something compiles source in it (host/lib/lstate.c, "Reserved
+    -- words"): load, loadstring, require of a module compiled here, and a
+    -- word interned meanwhile as data, on new states and reused ones.
+    local dir = S.tmpdir()
+    S.write("mbwords_mod.lua", [[
+      local M = {}
+      function M.count(n) local c = 0 repeat c = c + 1 until c >= n return c end
+      return M
+    ]], dir)
+    local code, out, err = child(([[
+      local dir = %q
+      for round = 1, 3 do
+        print("R" .. round, ask(function()
+          collectgarbage()
+          collectgarbage()
+          local word = ("wh" .. "ile"):upper():lower()   -- the word as data
+          local f = assert(loadstring("local n = 0 while n < 3 do n = n + 1 end " ..
+            "if n == 3 and not false then return 'ok' else return 'bad' end"))
+          local g = assert(load("return function(a) local t = {} for i = 1, a do " ..
+            "t[#t + 1] = i end return #t end"))
+          package.path = dir .. "/?.lua;" .. package.path
+          local m = require "mbwords_mod"
+          return table.concat({ f(), g()(4), m.count(5), word }, " ")
+        end))
+        collectgarbage()
+      end
+    ]]):format(dir))
+    assert.are.equal(0, code, err)
+    for round = 1, 3 do
+      assert.is_true(S.has(out, "R" .. round .. "\tok 4 5 while"), out)
+    end
+  end)
+
   it("serve a hibernating process's wake without the spawn's globals", function()
     local code, out, err = child([[
       local function loop(n)

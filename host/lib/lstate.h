@@ -75,6 +75,11 @@ void mb_lstate_recycle(mb_proc_t *p);
 /* Push the moonbeam module table of L's state (creating it once). */
 void mb_lstate_push_module(lua_State *L);
 
+/* Make L's state able to compile Lua source: its reserved words known to
+ * the lexer again (see lstate.c, "Reserved words"). Before every load of
+ * source text into a process's state; may raise (out of memory). */
+void mb_lstate_lexer(lua_State *L);
+
 /* Set the scheduler's count hook to fire every `count` instructions, keeping
  * a debug hook the process set (see DESIGN). The scheduler's only way to
  * change its hook. Owner thread. */

@@ -5,6 +5,7 @@
 
 #include "lauxlib.h"
 #include "lualib.h"
+#include "lstate.h"
 #include "sandbox.h"
 
 mb_sandbox_opts_t mb_sandbox_opts;
@@ -65,6 +66,7 @@ static int after_load(lua_State *L, int status, const char *mode,
  * into, collected under it. */
 static void before_load(lua_State *L)
 {
+  mb_lstate_lexer(L);   /* the reserved words, if the state let them go */
   lua_pushliteral(L, "_LOADED");
   lua_rawget(L, LUA_REGISTRYINDEX);
   int has = lua_istable(L, -1);
