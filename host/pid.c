@@ -123,11 +123,14 @@ static void make_rref_mt(lua_State *L, const mb_idkind_t *kind)
   lua_setfield(L, -2, "__gc");
 }
 
-/* An intern table: weak values, so that an id's userdata can be collected. */
+/* An intern table: weak values, so that an id's userdata can be collected.
+ * The mode is "__div": LuaJIT reads a mode string for a 'v' (and a 'k'),
+ * and "__div" is a metamethod name every state holds already, where "v"
+ * would cost every process that holds an id a string of its own. */
 static void make_intern(lua_State *L, const mb_idkind_t *kind)
 {
   (void)kind;
-  lua_pushliteral(L, "v");
+  lua_pushliteral(L, "__div");
   lua_setfield(L, -2, "__mode");
   lua_pushvalue(L, -1);
   lua_setmetatable(L, -2);               /* the table is its own metatable */

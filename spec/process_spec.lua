@@ -321,6 +321,24 @@ describe("processes", function()
   end)
 
   describe("mb.self", function()
+    it("gives interned ids: one value per id, held weakly", function()
+      -- 20,000 refs made and dropped: with a strong intern table they
+      -- would stay (~1.3 MB); held weakly, only the table's slots do.
+      mb.spawn(function(parent)
+        collectgarbage()
+        local base = collectgarbage("count")
+        local keep = mb.alias()
+        for _ = 1, 20000 do mb.unalias(mb.alias()) end
+        collectgarbage()
+        collectgarbage()
+        local grown = collectgarbage("count") - base
+        mb.send(mb.self(), keep)
+        mb.send(parent, { interned = mb.receive(5000) == keep, grown_kb = grown })
+      end, mb.self())
+      local m = S.recv(S.field("interned", true))
+      assert.is_true(m.grown_kb < 600, tostring(m.grown_kb))
+    end)
+
     it("is a pid that prints like <0.N> and is not a number", function()
       local me = mb.self()
       assert.are_not.equal("number", type(me))
