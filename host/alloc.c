@@ -454,7 +454,6 @@ int mb_alloc_take_pressure(void)
 
 /* -- The per-process allocator ------------------------------------------- */
 
-void *mb_alloc_fn2(void *ud, void *ptr, size_t osize, size_t nsize);
 void mb_alloc_young(mb_alloc_t *a)
 {
   a->born = atomic_load_explicit(&tick, memory_order_relaxed);
@@ -462,18 +461,6 @@ void mb_alloc_young(mb_alloc_t *a)
 }
 
 void *mb_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize)
-{
-  mb_alloc_t *a = ud;
-  static int tr = -1;
-  if (tr < 0) tr = getenv("MB_TRACE_ALLOC") != NULL;
-  if (tr) {
-    void *r = mb_alloc_fn2(ud, ptr, osize, nsize);
-    fprintf(stderr, "TR %p %p %zu %zu %p\n", (void *)a, ptr, osize, nsize, r);
-    return r;
-  }
-  return mb_alloc_fn2(ud, ptr, osize, nsize);
-}
-void *mb_alloc_fn2(void *ud, void *ptr, size_t osize, size_t nsize)
 {
   mb_alloc_t *a = ud;
   size_t used = atomic_load_explicit(&a->used, memory_order_relaxed);
