@@ -93,6 +93,7 @@ typedef struct mb_idkind {
 #define MB_REGSLOT_INTERN(tag) (-0x100 - (int)(tag))  /* a kind's intern table */
 #define MB_REGSLOT_RECEIVE (-0x200)      /* run.c's receive function */
 #define MB_REGSLOT_MOONBEAM (-0x201)     /* the moonbeam module (lstate.c) */
+#define MB_REGSLOT_REQUIRE (-0x202)      /* the package library's require (lstate.c) */
 
 /* The kinds defined here (registered from the start). */
 extern mb_idkind_t mb_pid_kind, mb_ref_kind;

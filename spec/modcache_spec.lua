@@ -86,4 +86,50 @@ describe("the module cache", function()
       assert.is_true(S.has(res[1], "erring_mod.lua:1: from the module"), res[1])
     end
   end)
+  it("serves require before the package library opens, as require would", function()
+    -- A process that has not touched `package` requires through the module
+    -- cache on the default package.path (./?.lua here: the child host runs
+    -- in dir) without opening the package library (host/lib/lstate.c,
+    -- "require before the package library").
+    local dir = S.tmpdir()
+    S.write("lr_a.lua", "local name = ... return { name = name, b = require 'lr_b' }", dir)
+    S.write("lr_b.lua", "return nil", dir)
+    S.write("lr_c.lua", "return require 'lr_d'", dir)
+    S.write("lr_d.lua", "return require 'lr_c'", dir)
+    assert.are.equal(0, S.sh("mkdir " .. S.q(dir .. "/sub")))
+    S.write("lr_e.lua", "return 'found on the new path'", dir .. "/sub")
+    S.write("main.lua", [[
+      local mb = require "moonbeam"
+      mb.spawn(function(parent)
+        local out = {}
+        local function put(k, v) out[#out + 1] = k .. "=" .. tostring(v) end
+        local req = require
+        local a = require "lr_a"
+        put("a", a.name .. "," .. tostring(a.b))
+        put("tcp", type(require("moonbeam.tcp").connect))
+        put("same_mb", require "moonbeam" == mb)
+        local ok, err = pcall(require, "lr_c")
+        put("loop", not ok and err:match("loop or previous error loading module 'lr_c'") ~= nil)
+        local _ = table.insert     -- the table library adds table.new to preload
+        put("preload", type(require "table.new"))
+        put("no_package", rawget(_G, "package") == nil)
+        -- Now anything else opens the library, and its require answers.
+        put("string", require "string" == string)
+        ok, err = pcall(require, "lr_nope")
+        put("missing", not ok and err:match("module 'lr_nope' not found:") ~= nil)
+        put("loaded", package.loaded.lr_a == a and package.loaded.lr_b == true)
+        package.path = "./sub/?.lua;" .. package.path
+        put("new_path", req "lr_e")
+        mb.send(parent, table.concat(out, " "))
+      end, mb.self())
+      print(mb.receive(10000))
+    ]], dir)
+    local code, out, err = S.moonbeam("main.lua", dir, 60)
+    assert.are.equal(0, code, err)
+    for _, want in ipairs({ "a=lr_a,true", "tcp=function", "same_mb=true", "loop=true",
+                            "preload=function", "no_package=true", "string=true",
+                            "missing=true", "loaded=true", "new_path=found on the new path" }) do
+      assert.is_true(S.has(out, want), want .. " in: " .. out)
+    end
+  end)
 end)

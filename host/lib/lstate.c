@@ -503,8 +503,26 @@ static int preload_moonbeam(lua_State *L)
   return 1;
 }
 
+/* The modules the host builds in: their loaders. */
+static const luaL_Reg host_modules[] = {
+  {"moonbeam", preload_moonbeam},
+  {"moonbeam.fs", mb_lib_fs_open},
+  {"moonbeam.tcp", mb_lib_tcp_open},
+  {"moonbeam.http_parser", mb_lib_http_parser_open},
+  {NULL, NULL}
+};
+
+/* Standard libraries, which require finds in package.preload (preload_std,
+ * set by after_package) - or, before the package library, in none of
+ * light_require's places: it then opens the package library. */
+static const char *const std_modules[] = {"_G", "coroutine", "string", "table",
+  "math", "io", "os", "debug", "bit", "jit", "ffi", "string.buffer", "jit.profile",
+  NULL};
+
 static void after_package(lua_State *L)
 {
+  lua_getfield(L, LUA_GLOBALSINDEX, "require");
+  lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_REQUIRE);
   lua_getfield(L, LUA_GLOBALSINDEX, "package");
   lua_getfield(L, -1, "path");
   const char *dir = mb_lstate_lua_dir();
@@ -521,27 +539,120 @@ static void after_package(lua_State *L)
   lua_setfield(L, -2, "moonbeam");   /* nil if nothing captured it yet */
   lua_pop(L, 1);
   lua_getfield(L, -1, "preload");
-  lua_pushcfunction(L, preload_moonbeam);
-  lua_setfield(L, -2, "moonbeam");
-  lua_pushcfunction(L, mb_lib_fs_open);
-  lua_setfield(L, -2, "moonbeam.fs");
-  lua_pushcfunction(L, mb_lib_tcp_open);
-  lua_setfield(L, -2, "moonbeam.tcp");
-  lua_pushcfunction(L, mb_lib_http_parser_open);
-  lua_setfield(L, -2, "moonbeam.http_parser");
-  static const char *const std[] = {"_G", "coroutine", "string", "table",
-    "math", "io", "os", "debug", "bit", "jit", NULL};
-  for (int i = 0; std[i]; i++) {
+  for (const luaL_Reg *m = host_modules; m->name; m++) {
+    lua_pushcfunction(L, m->func);
+    lua_setfield(L, -2, m->name);
+  }
+  for (int i = 0; i < 10; i++) {   /* the libraries (not ffi and the rest) */
     lua_getfield(L, -2, "loaded");
-    lua_getfield(L, -1, std[i]);
+    lua_getfield(L, -1, std_modules[i]);
     int loaded = !lua_isnil(L, -1);
     lua_pop(L, 2);
     if (!loaded) {
       lua_pushcfunction(L, preload_std);
-      lua_setfield(L, -2, std[i]);
+      lua_setfield(L, -2, std_modules[i]);
     }
   }
   lua_pop(L, 2);
+}
+
+/* -- require before the package library -----------------------------------
+ * Opening the package library costs a process ~42k instructions (its
+ * tables, paths and loaders, and after_package), a third of what a
+ * connection process of moonbeam.http spends on its Lua state, while such
+ * a process only requires modules that the host builds in or that the
+ * module cache holds. So until the library opens, the global `require` is
+ * light_require, which does what the library's require would in those
+ * cases: it answers from package.loaded, then from the host's modules,
+ * then from package.preload (LuaJIT's libraries add entries to it before
+ * the package library exists), then from the first file of the default
+ * package.path through the module cache, running the module as require
+ * does (the name as its argument, package.loaded set, a loop detected).
+ * Anything else - a standard library by name, a C module, a module that
+ * is not found - opens the package library and asks its require, which is
+ * what light_require always does once the library is open (package.path,
+ * preload or loaders may have changed); the library keeps its require at
+ * MB_REGSLOT_REQUIRE. */
+static char *light_path;    /* package.path as after_package makes it */
+static char light_sentinel; /* package.loaded[name] while name loads */
+
+static int light_require(lua_State *L)
+{
+  const char *name = luaL_checkstring(L, 1);
+  lua_settop(L, 1);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_REQUIRE);
+  if (!lua_isfunction(L, -1)) {
+    lua_pop(L, 1);
+    luaL_findtable(L, LUA_REGISTRYINDEX, "_LOADED", 16);   /* 2 */
+    lua_getfield(L, 2, name);
+    if (lua_toboolean(L, -1)) {
+      if (lua_touserdata(L, -1) == &light_sentinel)
+        return luaL_error(L, "loop or previous error loading module '%s'", name);
+      return 1;
+    }
+    lua_pop(L, 1);
+    int found = 0;
+    for (const luaL_Reg *m = host_modules; m->name && !found; m++)
+      if (strcmp(m->name, name) == 0) {
+        lua_pushcfunction(L, m->func);
+        found = 1;
+      }
+    if (!found) {
+      lua_getfield(L, LUA_REGISTRYINDEX, "_PRELOAD");
+      if (lua_istable(L, -1))
+        lua_getfield(L, -1, name);
+      found = lua_isfunction(L, -1);
+      if (found)
+        lua_remove(L, -2);
+      else
+        lua_settop(L, 2);
+    }
+    int std = 0;
+    for (int i = 0; std_modules[i] && !found; i++)
+      std = std || strcmp(std_modules[i], name) == 0;
+    if (!found && !std && light_path)
+      found = mb_modcache_find(L, name, light_path);
+    if (found) {
+      lua_pushlightuserdata(L, &light_sentinel);
+      lua_setfield(L, 2, name);
+      lua_pushvalue(L, 1);
+      lua_call(L, 1, 1);
+      if (!lua_isnil(L, -1))
+        lua_setfield(L, 2, name);
+      lua_getfield(L, 2, name);
+      if (lua_touserdata(L, -1) == &light_sentinel) {
+        lua_pushboolean(L, 1);
+        lua_pushvalue(L, -1);
+        lua_setfield(L, 2, name);
+      }
+      return 1;
+    }
+    lua_settop(L, 1);
+    open_for(L, "package", 7);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_REQUIRE);
+    if (!lua_isfunction(L, -1))
+      return luaL_error(L, "require: the package library did not open");
+  }
+  lua_insert(L, 1);
+  lua_call(L, 1, 1);
+  return 1;
+}
+
+/* The default package.path of the host's processes, for light_require:
+ * what the package library and after_package make of it, on a probe. */
+static int probe_path(lua_State *L)
+{
+  if (mb_lstate_noenv) {
+    lua_pushboolean(L, 1);
+    lua_setfield(L, LUA_REGISTRYINDEX, "LUA_NOENV");
+  }
+  open_lib(L, luaopen_package, "package");
+  lua_getfield(L, LUA_GLOBALSINDEX, "package");
+  lua_getfield(L, -1, "path");
+  const char *dir = mb_lstate_lua_dir();
+  lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;%s", dir, dir, lua_tostring(L, -1));
+  light_path = strdup(lua_tostring(L, -1));
+  return 0;
 }
 
 static void after_jit(lua_State *L)
@@ -621,7 +732,7 @@ static const lazylib_t lazylibs[] = {
   {"math", luaopen_math, after_math, " math "},
   {"io", luaopen_io, NULL, " io "},
   {"os", luaopen_os, after_os, " os "},
-  {"package", luaopen_package, after_package, " package require module "},
+  {"package", luaopen_package, after_package, " package module "},
   {"debug", luaopen_debug, after_debug, " debug "},
   {"bit", luaopen_bit, NULL, " bit "},
   {"jit", luaopen_jit, after_jit, " jit "},
@@ -667,6 +778,11 @@ static int open_for(lua_State *L, const char *name, size_t len)
 {
   if (memchr(name, '\0', len))
     return 0;   /* no library name has one; listed() relies on it */
+  if (len == 7 && memcmp(name, "require", 7) == 0) {
+    lua_pushcfunction(L, light_require);
+    lua_setfield(L, LUA_GLOBALSINDEX, "require");
+    return 1;
+  }
   if (len == 9 && memcmp(name, "coroutine", 9) == 0) {
     lua_getfield(L, LUA_GLOBALSINDEX, "pcall");  /* base first */
     lua_pop(L, 1);
@@ -1257,6 +1373,12 @@ void mb_lstate_init(void)
   mb_sched_add_on_collect(pool_drain);
 
   find_lua_dir();
+  lua_State *Q = luaL_newstate();
+  if (Q) {
+    if (lua_cpcall(Q, probe_path, NULL) != 0)
+      light_path = NULL;   /* then light_require opens the package library */
+    lua_close(Q);
+  }
   mb_copy_on_ffi_bytecode = mb_sandbox_hide_ffi;
   if (getrandom(&seed_salt, sizeof seed_salt, 0) != sizeof seed_salt)
     seed_salt = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);

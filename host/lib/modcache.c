@@ -259,6 +259,58 @@ static int searcher(lua_State *L)
   return 1;
 }
 
+/* package.searchpath's search, without its list of files tried: push the
+ * first file of path's templates, with name's dots as directory separators,
+ * that opens for reading; 1 if one did. */
+static int search(lua_State *L, const char *name, const char *path)
+{
+  luaL_Buffer b;
+  for (const char *t = path; *t; ) {
+    const char *end = strchr(t, ';');
+    size_t n = end ? (size_t)(end - t) : strlen(t);
+    if (n > 0) {
+      luaL_buffinit(L, &b);
+      for (size_t i = 0; i < n; i++) {
+        if (t[i] != '?') {
+          luaL_addchar(&b, t[i]);
+          continue;
+        }
+        for (const char *c = name; *c; c++)
+          luaL_addchar(&b, *c == '.' ? '/' : *c);
+      }
+      luaL_pushresult(&b);
+      FILE *f = fopen(lua_tostring(L, -1), "r");
+      if (f) {
+        fclose(f);
+        return 1;
+      }
+      lua_pop(L, 1);
+    }
+    t += n + (end != NULL);
+  }
+  return 0;
+}
+
+int mb_modcache_find(lua_State *L, const char *name, const char *path)
+{
+  lua_pushfstring(L, "%s\n%s", name, path);
+  const char *key = lua_tostring(L, -1);
+  if (!resolved(L, key)) {
+    if (!search(L, name, path)) {
+      lua_pop(L, 1);
+      return 0;
+    }
+    remember(key, lua_tostring(L, -1));
+  }
+  const char *file = lua_tostring(L, -1);
+  if (load(L, file) != 0)
+    luaL_error(L, "error loading module '%s' from file '%s':\n\t%s",
+               name, file, lua_tostring(L, -1));
+  lua_replace(L, -3);   /* the chunk where the key was */
+  lua_pop(L, 1);
+  return 1;
+}
+
 void mb_modcache_install(lua_State *L)
 {
   lua_getfield(L, LUA_GLOBALSINDEX, "package");

@@ -35,6 +35,13 @@
  * caching one. The package library must be open. */
 void mb_modcache_install(lua_State *L);
 
+/* Push the loaded chunk of module `name` from the first file of `path` (in
+ * package.path's syntax) that exists, as the caching searcher would; 1 if
+ * a file matched, 0 (nothing pushed) if none did. For `require` before the
+ * package library is open (lstate.c): it needs neither package.searchpath
+ * nor package.path. Raises if the file does not load. */
+int mb_modcache_find(lua_State *L, const char *name, const char *path);
+
 /* Drop every entry (at shutdown). */
 void mb_modcache_clear(void);
 
