@@ -512,12 +512,12 @@ static const luaL_Reg host_modules[] = {
   {NULL, NULL}
 };
 
-/* Standard libraries, which require finds in package.preload (preload_std,
- * set by after_package) - or, before the package library, in none of
- * light_require's places: it then opens the package library. */
-static const char *const std_modules[] = {"_G", "coroutine", "string", "table",
-  "math", "io", "os", "debug", "bit", "jit", "ffi", "string.buffer", "jit.profile",
-  NULL};
+/* The standard libraries, which require finds in package.preload
+ * (preload_std, set by after_package), and the sandbox's stand-ins there
+ * (sandbox.h): light_require leaves these names to the package library. */
+static const char *const std_libs[] = {"_G", "coroutine", "string", "table",
+  "math", "io", "os", "debug", "bit", "jit", NULL};
+static const char *const std_stand_ins[] = {"ffi", "string.buffer", "jit.profile", NULL};
 
 static void after_package(lua_State *L)
 {
@@ -543,14 +543,14 @@ static void after_package(lua_State *L)
     lua_pushcfunction(L, m->func);
     lua_setfield(L, -2, m->name);
   }
-  for (int i = 0; i < 10; i++) {   /* the libraries (not ffi and the rest) */
+  for (int i = 0; std_libs[i]; i++) {
     lua_getfield(L, -2, "loaded");
-    lua_getfield(L, -1, std_modules[i]);
+    lua_getfield(L, -1, std_libs[i]);
     int loaded = !lua_isnil(L, -1);
     lua_pop(L, 2);
     if (!loaded) {
       lua_pushcfunction(L, preload_std);
-      lua_setfield(L, -2, std_modules[i]);
+      lua_setfield(L, -2, std_libs[i]);
     }
   }
   lua_pop(L, 2);
@@ -608,8 +608,10 @@ static int light_require(lua_State *L)
         lua_settop(L, 2);
     }
     int std = 0;
-    for (int i = 0; std_modules[i] && !found; i++)
-      std = std || strcmp(std_modules[i], name) == 0;
+    for (int i = 0; std_libs[i] && !found; i++)
+      std = std || strcmp(std_libs[i], name) == 0;
+    for (int i = 0; std_stand_ins[i] && !found; i++)
+      std = std || strcmp(std_stand_ins[i], name) == 0;
     if (!found && !std && light_path)
       found = mb_modcache_find(L, name, light_path);
     if (found) {
