@@ -95,10 +95,9 @@ static void *lua_get(int old, void *ptr, size_t n)
   return p;
 }
 #define lua_malloc(old, n) lua_get(old, NULL, n)
-#define lua_realloc(old, p, n) lua_get(old, p, n)
 #else
+#define lua_get(old, p, n) realloc(p, n)
 #define lua_malloc(old, n) malloc(n)
-#define lua_realloc(old, p, n) realloc(p, n)
 void mb_alloc_collect(void) {}
 #endif
 
@@ -419,6 +418,19 @@ void mb_alloc_count(long long delta)
                           memory_order_relaxed);
 }
 
+/* mb_alloc_count inline for a thread with a counter of its own. */
+static inline void count(long long delta)
+{
+  int i = my_counter;
+  if (__builtin_expect(i >= 0 && i < MAX_COUNTERS - 1, 1)) {
+    _Atomic long long *c = &counters[i].v;
+    atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + delta,
+                          memory_order_relaxed);
+  } else {
+    mb_alloc_count(delta);
+  }
+}
+
 long long mb_alloc_host_total(void)
 {
   long long t = 0;
@@ -460,6 +472,32 @@ void mb_alloc_young(mb_alloc_t *a)
   a->young = MB_ALLOC_YOUNG_BYTES;
 }
 
+/* The rare cases of mb_alloc_fn, out of its way: a state block (the first
+ * block of a state, from the arena), a block that is one, and a refused
+ * allocation (the accounting taken back). */
+static __attribute__((noinline)) void *alloc_arena(void *ptr, size_t osize, size_t nsize,
+                                                   int old)
+{
+  if (ptr != NULL)
+    return in_arena(ptr) ? arena_realloc(ptr, osize, nsize, old) : lua_get(old, ptr, nsize);
+  void *p = arena_alloc();
+  return p ? p : lua_malloc(old, nsize);
+}
+
+static __attribute__((noinline)) void *alloc_failed(mb_alloc_t *a, size_t osize, size_t nsize)
+{
+  atomic_store_explicit(&a->used,
+      atomic_load_explicit(&a->used, memory_order_relaxed) - nsize + osize,
+      memory_order_relaxed);
+  count((long long)osize - (long long)nsize);
+  mb_alloc_failed();   /* the host, not the process's limit, is short */
+  return NULL;
+}
+
+/* Every block of every process goes through here (~50 calls a spawn, ~900
+ * an HTTP connection): the counts are taken before the allocation (and
+ * taken back in the rare case it fails), so that little stays live across
+ * the call into mimalloc, and the rare cases are functions of their own. */
 void *mb_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize)
 {
   mb_alloc_t *a = ud;
@@ -467,12 +505,12 @@ void *mb_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize)
   if (ptr == NULL)
     osize = 0;  /* Lua passes a type tag in osize for new blocks. */
   if (nsize == 0) {
-    if (in_arena(ptr))
+    atomic_store_explicit(&a->used, used - osize, memory_order_relaxed);
+    count(-(long long)osize);
+    if (__builtin_expect(in_arena(ptr), 0))
       arena_release(ptr);
     else
       mi_free(ptr);
-    atomic_store_explicit(&a->used, used - osize, memory_order_relaxed);
-    mb_alloc_count(-(long long)osize);
     return NULL;
   }
   if (a->limit && nsize > osize && used - osize + nsize > a->limit) {
@@ -482,20 +520,14 @@ void *mb_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize)
   if (used == 0 && ptr == NULL)     /* a new state's first block */
     mb_alloc_young(a);
   int old = nsize > osize ? is_old(a, nsize - osize) : a->young == 0;
+  atomic_store_explicit(&a->used, used - osize + nsize, memory_order_relaxed);
+  count((long long)nsize - (long long)osize);
   void *p;
-  if (ptr == NULL)
-    p = nsize == arena_block && (p = arena_alloc()) != NULL ? p : lua_malloc(old, nsize);
-  else if (in_arena(ptr))
-    p = arena_realloc(ptr, osize, nsize, old);
+  if (__builtin_expect(nsize == arena_block || in_arena(ptr), 0))
+    p = alloc_arena(ptr, osize, nsize, old);
   else
-    p = lua_realloc(old, ptr, nsize);
-  if (p) {
-    atomic_store_explicit(&a->used, used - osize + nsize, memory_order_relaxed);
-    mb_alloc_count((long long)nsize - (long long)osize);
-  } else {
-    mb_alloc_failed();   /* the host, not the process's limit, is short */
-  }
-  return p;
+    p = lua_get(old, ptr, nsize);
+  return __builtin_expect(p != NULL, 1) ? p : alloc_failed(a, osize, nsize);
 }
 
 void *mb_must(void *p)
