@@ -133,6 +133,13 @@ static void push_module(dec_t *d, const char *name, size_t n)
 
 static void dec_value(dec_t *d);
 
+/* Under lua_pcall: push the ref whose id is the light userdata at 1. */
+static int push_rref(lua_State *L)
+{
+  mb_id_push(L, (uint64_t)(uintptr_t)lua_touserdata(L, 1), &mb_ref_kind);
+  return 1;
+}
+
 static void dec_table(dec_t *d, unsigned tag, size_t at)
 {
   lua_State *L = d->L;
@@ -341,12 +348,18 @@ static void dec_value(dec_t *d)
     need(d, 4 * (size_t)r.len);
     memcpy(r.n, d->p, 4 * (size_t)r.len);
     d->p += 4 * (size_t)r.len;
+    /* The hold must be let go however the push ends: it runs protected
+     * (it allocates), and the function is pushed before the hold is taken. */
+    lua_pushcfunction(L, push_rref);
     int64_t id = mb_remote_ref(&r);
     if (id < 0)
       luaL_error(L, "cannot rebuild message: too many refs of other nodes (%d)",
                  (int)MB_REMOTE_MAX);
-    mb_id_push(L, (uint64_t)id, &mb_ref_kind);
+    lua_pushlightuserdata(L, (void *)(uintptr_t)id);
+    int rc = lua_pcall(L, 1, 1, 0);
     mb_remote_ref_release((uint64_t)id);
+    if (rc != 0)
+      lua_error(L);
     return;
   }
   default: {

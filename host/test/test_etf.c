@@ -657,6 +657,69 @@ static void test_remote_ref_holds(void)
   ei_x_free(&x);
 }
 
+/* An allocator that refuses once `left` allocations are spent (frees and
+ * shrinks always succeed). */
+typedef struct {
+  int armed;
+  int left;
+} failing_t;
+
+static void *failing_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
+{
+  failing_t *f = ud;
+  (void)osize;
+  if (nsize == 0) {
+    free(ptr);
+    return NULL;
+  }
+  if (f->armed && nsize > (ptr ? osize : 0) && f->left-- <= 0)
+    return NULL;
+  return realloc(ptr, nsize);
+}
+
+static int decode_msg_cf(lua_State *L)
+{
+  return mb_copy_decode(L, lua_touserdata(L, 1));
+}
+
+/* A remote ref's hold is let go when rebuilding it in a state fails (the
+ * state out of memory at each allocation in turn). */
+static void test_remote_ref_oom(void)
+{
+  uint32_t base = mb_remote_ref_count();
+  ei_x_buff x;
+  ei_x_new_with_version(&x);
+  erlang_ref r = {"other@host", 3, {4, 5, 6}, 78};
+  ei_x_encode_list_header(&x, 3);
+  ei_x_encode_ref(&x, &r);
+  ei_x_encode_ref(&x, &r);
+  ei_x_encode_string(&x, "a string that needs an allocation of its own");
+  ei_x_encode_empty_list(&x);
+  long idx = 0;
+  mb_msg_t *m;
+  check(mb_etf_decode(x.buff, x.index, &idx, 0, &m) == 0, "a list with remote refs decodes");
+  int failed = 0, ok = 0;
+  for (int k = 0; k < 200 && ok == 0; k++) {
+    failing_t f = {0, k};
+    lua_State *L = lua_newstate(failing_alloc, &f);
+    f.armed = 1;
+    if (lua_cpcall(L, decode_msg_cf, m) == 0)
+      ok = 1;
+    else
+      failed++;
+    lua_close(L);
+    if (mb_remote_ref_count() != base) {
+      check(false, "a failed rebuild at allocation %d lets its holds go (%u held)", k,
+            mb_remote_ref_count() - base);
+      break;
+    }
+  }
+  check(ok && failed > 0, "rebuilt once memory sufficed, after %d refused (no hold left)",
+        failed);
+  mb_msg_free(m);
+  ei_x_free(&x);
+}
+
 int main(void)
 {
   ei_init();
@@ -673,6 +736,7 @@ int main(void)
   test_depth();
   test_atoms();
   test_remote_ref_holds();
+  test_remote_ref_oom();
   lua_close(A);
   lua_close(B);
   return check_summary();
