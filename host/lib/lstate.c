@@ -1360,13 +1360,17 @@ void mb_lstate_push_module(lua_State *L)
   lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_MOONBEAM);
 }
 
-
 void mb_lstate_init(void)
 {
+  find_lua_dir();
+  /* A probe state: the size of a state's first block, whether the reserved
+   * words can be let go, the default package.path (without it,
+   * light_require opens the package library). */
   lua_State *P = lua_newstate(probe_alloc, NULL);
   if (P) {
     int ok = 0;
     words_movable = lua_cpcall(P, words_check, &ok) == 0 && ok;
+    lua_cpcall(P, probe_path, NULL);
     lua_close(P);
   }
   mb_alloc_state_arena(first_alloc);
@@ -1374,13 +1378,6 @@ void mb_lstate_init(void)
   mb_sched_add_after_loops(pools_free);
   mb_sched_add_on_collect(pool_drain);
 
-  find_lua_dir();
-  lua_State *Q = luaL_newstate();
-  if (Q) {
-    if (lua_cpcall(Q, probe_path, NULL) != 0)
-      light_path = NULL;   /* then light_require opens the package library */
-    lua_close(Q);
-  }
   mb_copy_on_ffi_bytecode = mb_sandbox_hide_ffi;
   if (getrandom(&seed_salt, sizeof seed_salt, 0) != sizeof seed_salt)
     seed_salt = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
