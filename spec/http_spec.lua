@@ -458,6 +458,41 @@ describe("moonbeam.http", function()
     assert.are.equal(414, r.status)
   end)
 
+  -- The options travel to each connection process as a list in a fixed
+  -- order (moonbeam.http's conn_options): limits chosen apart, so that any
+  -- two swapped would fail one of these.
+  it("honours max_url, max_headers and max_head given to http.listen, each as itself", function()
+    start(echo, { max_url = 100, max_headers = 5, max_head = 600, max_body = 30 })
+    local function get(target, headers)
+      return raw_request(port, "GET " .. target .. " HTTP/1.1\r\nHost: x\r\n" .. (headers or "") .. "\r\n").status
+    end
+    assert.are.equal(200, get("/" .. ("u"):rep(60)))
+    assert.are.equal(414, get("/" .. ("u"):rep(150)))
+    local under, over = {}, {}   -- with Host: 4 and 7 headers
+    for i = 1, 3 do under[i] = "X-H" .. i .. ": v\r\n" end
+    for i = 1, 6 do over[i] = "X-H" .. i .. ": v\r\n" end
+    assert.are.equal(200, get("/", table.concat(under)))
+    assert.are.equal(431, get("/", table.concat(over)))
+    assert.are.equal(200, get("/", "X-Big: " .. ("x"):rep(300) .. "\r\n"))
+    assert.are.equal(431, get("/", "X-Big: " .. ("x"):rep(700) .. "\r\n"))
+    local r = raw_request(port, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 31\r\n\r\n" .. ("b"):rep(31))
+    assert.are.equal(413, r.status)
+    r = raw_request(port, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 30\r\n\r\n" .. ("b"):rep(30))
+    assert.are.equal(200, r.status)
+  end)
+
+  it("refuses a bad value of any option with an error naming it", function()
+    for _, k in ipairs({ "max_body", "max_head", "max_headers", "max_url", "head_timeout",
+                         "idle_timeout", "handler_timeout", "backlog", "hibernate_after",
+                         "shutdown_timeout", "max_memory" }) do
+      for _, bad in ipairs({ "x", -1, 0 / 0, true }) do
+        local ok, err = pcall(http.listen, HOST, 0, echo, { [k] = bad })
+        assert.is_false(ok, k)
+        assert.is_truthy(S.has(err, "bad option " .. k .. " ("), err)
+      end
+    end
+  end)
+
   it("answers a too large body with 413", function()
     start(echo, { max_body = 1000 })
     local r = raw_request(port, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")

@@ -99,6 +99,13 @@ local function connection(handler, opts, acceptor)
   return serve(handler, opts, acceptor)
 end
 
+-- The options a connection process uses, as the list moonbeam.http_conn's
+-- new_conn reads (see there: a list is cheaper to copy than named fields).
+local function conn_options(o)
+  return { o.max_body, o.max_head, o.max_headers, o.max_url, o.head_timeout,
+           o.idle_timeout, o.handler_timeout, o.hibernate_after }
+end
+
 -- -- The acceptor -------------------------------------------------------------
 
 local function acceptor(parent, host, port, handler, opts)
@@ -112,6 +119,7 @@ local function acceptor(parent, host, port, handler, opts)
   mb.send(parent, { tag = "$http_listen", port = l:port() })
   local me = mb.self()
   local spawn_opts = { link = true, max_memory = opts.max_memory }
+  local copts = conn_options(opts)
   local conns = {}   -- the connection processes, linked to this one
   local heirs = {}   -- pid -> the socket it left to this process (tcp_heir)
   local overtime = {}   -- pid -> true: killed for handler_timeout
@@ -160,7 +168,7 @@ local function acceptor(parent, host, port, handler, opts)
     local ev = m.event
     if ev == "tcp_accept" and m.socket == l then
       if closing then m.conn:close() return end
-      local pid = mb.spawn_opt(spawn_opts, connection, handler, opts, me)
+      local pid = mb.spawn_opt(spawn_opts, connection, handler, copts, me)
       conns[pid] = true
       if m.conn:set_owner(pid) then
         mb.send(pid, { tag = "$http_sock", sock = m.conn })
