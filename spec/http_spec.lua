@@ -273,6 +273,76 @@ describe("moonbeam.http", function()
     c:close()
   end)
 
+  -- The checks are in moonbeam.http_conn and the messages in http_rare: each
+  -- error still names the misuse and points at the handler's line.
+  it("raises misuse of the response at the handler's line, naming it", function()
+    local me = mb.self()
+    start(function(req, res)
+      local got = {}
+      local function try(f)
+        local ok, err = pcall(f)
+        got[#got + 1] = ok and "no error" or tostring(err)
+      end
+      try(function() res:status(99) end)
+      try(function() res:status(200.5) end)
+      try(function() res:status("200") end)
+      try(function() res:header("bad name", "v") end)
+      try(function() res:header(nil, "v") end)
+      try(function() res:header("X-A", "a\r\nb") end)
+      try(function() res:header("Content-Length", 5) end)
+      try(function() res:header("transfer-encoding", "chunked") end)
+      res:header("X-Kept", "yes")
+      res:write("streamed")
+      try(function() res:status(201) end)
+      try(function() res:header("X-B", "b") end)
+      try(function() res:send("again") end)
+      res:finish()
+      try(function() res:send("again") end)
+      try(function() res:write("more") end)
+      mb.send(me, got)
+    end)
+    local r = assert(http.request("GET", "http://" .. HOST .. ":" .. port .. "/"))
+    assert.are.equal("streamed", r.body)
+    assert.are.equal("yes", r.headers["x-kept"])
+    local got = S.recv(function(m) return type(m) == "table" end)
+    local want = {
+      "res:status: bad status code (an integer from 100 to 999 expected)",
+      "res:status: bad status code (an integer from 100 to 999 expected)",
+      "res:status: bad status code (an integer from 100 to 999 expected)",
+      "res:header: bad header name bad name",
+      "res:header: bad header name nil",
+      "res:header: line break in the value of X-A",
+      "res:header: Content-Length is set by send and write",
+      "res:header: transfer-encoding is set by send and write",
+      "res:status: the response head was already sent",
+      "res:header: the response head was already sent",
+      "res:send: the response was started with res:write",
+      "res:send: the response was already sent",
+      "res:write: the response was already sent",
+    }
+    assert.are.equal(#want, #got)
+    for i, w in ipairs(want) do
+      -- "<path>/http_spec.lua:<line>: <message>": the handler's own line.
+      assert.are.equal(w, got[i]:match("http_spec%.lua:%d+: (.*)$"), got[i])
+    end
+  end)
+
+  it("keeps a Connection header other than close, and closes for Connection: close", function()
+    start(function(req, res)
+      if req.path == "/close" then res:header("Connection", "close") else res:header("Connection", "Upgrade, x") end
+      res:send("ok")
+    end)
+    local sock = raw(port)
+    assert(sock:write("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+    local r = read_response(sock)
+    assert.are.equal("Upgrade, x", r.headers.connection)
+    assert(sock:write("GET /close HTTP/1.1\r\nHost: x\r\n\r\n"))
+    r = read_response(sock)
+    assert.are.equal("close", r.headers.connection)
+    assert.is_true(closed_by_server(sock))
+    sock:close()
+  end)
+
   it("streams to an HTTP/1.0 client without chunks, closing at the end", function()
     start(function(req, res)
       res:write("part one, ")

@@ -81,8 +81,8 @@ local START_TIMEOUT = 5000
 -- The client's default timeout for a whole request.
 local CLIENT_TIMEOUT = 30000
 
-local next_event, reason_phrase = conn.next_event, conn.reason
-local has_token, error_response = conn.has_token, rare.error_response
+local next_event, reason_phrase = conn.next_event, rare.reason
+local has_token, error_response = rare.has_token, rare.error_response
 
 -- What the acceptor spawns: a function without upvalues, so that a spawn
 -- copies only it (spawn copies a function's upvalues, and with them every
