@@ -66,7 +66,7 @@ local DEFAULTS = {
   -- the copies it makes (the body string, its pieces, a response built from
   -- it) and the garbage LuaJIT collects late (a limit counts garbage too),
   -- while a handler that allocates without bound stops long before it can
-  -- take the host's memory. An idle connection uses about 57 KB awake,
+  -- take the host's memory. An idle connection uses about 45 KB awake,
   -- 1.5 KB hibernated.
   max_memory = 64 * 1024 * 1024,
 }
