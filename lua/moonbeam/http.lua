@@ -10,7 +10,7 @@
 -- messages not yet received (moonbeam.tcp), so a slow acceptor holds
 -- clients back in the kernel's backlog, not in its mailbox. For every
 -- connection it spawns a connection process (linked to it), hands the
--- socket over (sock:set_owner, then a message carrying the socket). The
+-- socket over (sock:set_owner, then a message that is the socket). The
 -- acceptor traps exits, so a connection process that dies, however it
 -- dies, leaves it running.
 -- server:close() (or the EXIT of another process linked to the acceptor,
@@ -175,7 +175,7 @@ local function acceptor(parent, host, port, handler, opts)
       local pid = mb.spawn_opt(spawn_opts, connection, handler, copts, me)
       conns[pid] = true
       if m.conn:set_owner(pid) then
-        mb.send(pid, { tag = "$http_sock", sock = m.conn })
+        mb.send(pid, m.conn)   -- (bare: see moonbeam.http_conn's conn.serve)
       else
         m.conn:close()
       end
