@@ -1279,7 +1279,7 @@ static int l_ws_accept(lua_State *L)
  * request uses is registered when the module opens; the rest is made on
  * the first lookup of its name (an __index that stores what it made, so
  * the next lookup is a plain field). Measured (callgrind, one scheduler, a
- * connection of one request): opening the module 16,600 -> ~12,000
+ * connection of one request): opening the module 16,600 -> 13,000
  * instructions. */
 
 /* A parser's methods: what moonbeam.http's connection processes call on
