@@ -29,6 +29,50 @@ local function body_of(events)
 end
 
 describe("moonbeam.http_parser", function()
+  -- Only what every request uses is registered when the module opens; the
+  -- rest is made on its first lookup. Checked in a new process, where the
+  -- module is opened afresh.
+  it("makes its rarely used functions and methods on first use", function()
+    local mb = require "moonbeam"
+    local me = mb.self()
+    mb.spawn(function()
+      local h = require "moonbeam.http_parser"
+      local r = {}
+      r.before = rawget(h, "reason") == nil and rawget(h, "ws_accept") == nil
+      r.eager = type(rawget(h, "new")) == "function" and type(rawget(h, "respond")) == "function"
+      r.reason = h.reason(404)
+      r.kept = rawget(h, "reason") == h.reason
+      r.head = h.head(204, nil, nil, false, false)
+      r.accept = h.ws_accept("dGhlIHNhbXBsZSBub25jZQ==")
+      r.fns = type(h.started) == "function" and type(h.finished) == "function"
+      r.unknown = h.nope == nil and h[1] == nil and h.__index == nil
+      local p = h.new()
+      r.resting = p:resting()
+      local n, ev = p:feed("GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+      r.fed = n > 0 and ev[1].type == "head"
+      local q = h.new({ type = "response" })
+      q:skip_body()
+      local _, fin = q:finish()
+      r.finish = type(fin) == "table"
+      r.nomethod = p.nope == nil and p[1] == nil
+      mb.send(me, r)
+    end)
+    local r = mb.receive(function(m) return type(m) == "table" and m.before ~= nil end, 5000)
+    assert.is_table(r)
+    assert.is_true(r.before)
+    assert.is_true(r.eager)
+    assert.are.equal("Not Found", r.reason)
+    assert.is_true(r.kept)
+    assert.is_truthy(r.head:find("^HTTP/1.1 204 No Content\r\n"))
+    assert.are.equal("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", r.accept)
+    assert.is_true(r.fns)
+    assert.is_true(r.unknown)
+    assert.is_true(r.resting)
+    assert.is_true(r.fed)
+    assert.is_true(r.finish)
+    assert.is_true(r.nomethod)
+  end)
+
   it("parses a request head with its headers in order", function()
     local p = hp.new()
     local req = "GET /path?x=1&y=2 HTTP/1.1\r\nHost: example\r\nX-A: 1\r\nx-a: 2\r\n\r\n"

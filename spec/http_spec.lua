@@ -255,6 +255,27 @@ describe("moonbeam.http", function()
     end
   end)
 
+  -- The collector is stopped while a connection process loads its code and
+  -- restarted after, with its next cycle at twice the heap: a long
+  -- keep-alive connection's garbage must still go. (The host's first
+  -- collection when a process first waits restarts it too, so this holds
+  -- without the restart: it guards the bound, not the restart itself.)
+  it("collects a keep-alive connection's garbage as it serves", function()
+    start(function(req, res)
+      local t = {}
+      for i = 1, 2000 do t[i] = { i } end   -- ~80 KB of garbage a request
+      res:send(tostring(mb.info(mb.self()).memory))
+    end)
+    local c = assert(http.connect(HOST, port))
+    local most = 0
+    for _ = 1, 200 do   -- ~16 MB of garbage in all
+      local r = assert(c:request("GET", "/"))
+      most = math.max(most, tonumber(r.body))
+    end
+    c:close()
+    assert.is_true(most < 4 * 1024 * 1024, most)
+  end)
+
   it("streams a chunked response", function()
     start(function(req, res)
       res:header("Content-Type", "text/plain")
@@ -271,6 +292,76 @@ describe("moonbeam.http", function()
     local r2 = assert(c:request("GET", "/"))
     assert.are.equal(r.body, r2.body)
     c:close()
+  end)
+
+  -- The checks are in moonbeam.http_conn and the messages in http_rare: each
+  -- error still names the misuse and points at the handler's line.
+  it("raises misuse of the response at the handler's line, naming it", function()
+    local me = mb.self()
+    start(function(req, res)
+      local got = {}
+      local function try(f)
+        local ok, err = pcall(f)
+        got[#got + 1] = ok and "no error" or tostring(err)
+      end
+      try(function() res:status(99) end)
+      try(function() res:status(200.5) end)
+      try(function() res:status("200") end)
+      try(function() res:header("bad name", "v") end)
+      try(function() res:header(nil, "v") end)
+      try(function() res:header("X-A", "a\r\nb") end)
+      try(function() res:header("Content-Length", 5) end)
+      try(function() res:header("transfer-encoding", "chunked") end)
+      res:header("X-Kept", "yes")
+      res:write("streamed")
+      try(function() res:status(201) end)
+      try(function() res:header("X-B", "b") end)
+      try(function() res:send("again") end)
+      res:finish()
+      try(function() res:send("again") end)
+      try(function() res:write("more") end)
+      mb.send(me, got)
+    end)
+    local r = assert(http.request("GET", "http://" .. HOST .. ":" .. port .. "/"))
+    assert.are.equal("streamed", r.body)
+    assert.are.equal("yes", r.headers["x-kept"])
+    local got = S.recv(function(m) return type(m) == "table" end)
+    local want = {
+      "res:status: bad status code (an integer from 100 to 999 expected)",
+      "res:status: bad status code (an integer from 100 to 999 expected)",
+      "res:status: bad status code (an integer from 100 to 999 expected)",
+      "res:header: bad header name bad name",
+      "res:header: bad header name nil",
+      "res:header: line break in the value of X-A",
+      "res:header: Content-Length is set by send and write",
+      "res:header: transfer-encoding is set by send and write",
+      "res:status: the response head was already sent",
+      "res:header: the response head was already sent",
+      "res:send: the response was started with res:write",
+      "res:send: the response was already sent",
+      "res:write: the response was already sent",
+    }
+    assert.are.equal(#want, #got)
+    for i, w in ipairs(want) do
+      -- "<path>/http_spec.lua:<line>: <message>": the handler's own line.
+      assert.are.equal(w, got[i]:match("http_spec%.lua:%d+: (.*)$"), got[i])
+    end
+  end)
+
+  it("keeps a Connection header other than close, and closes for Connection: close", function()
+    start(function(req, res)
+      if req.path == "/close" then res:header("Connection", "close") else res:header("Connection", "Upgrade, x") end
+      res:send("ok")
+    end)
+    local sock = raw(port)
+    assert(sock:write("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+    local r = read_response(sock)
+    assert.are.equal("Upgrade, x", r.headers.connection)
+    assert(sock:write("GET /close HTTP/1.1\r\nHost: x\r\n\r\n"))
+    r = read_response(sock)
+    assert.are.equal("close", r.headers.connection)
+    assert.is_true(closed_by_server(sock))
+    sock:close()
   end)
 
   it("streams to an HTTP/1.0 client without chunks, closing at the end", function()
@@ -456,6 +547,41 @@ describe("moonbeam.http", function()
     assert.are.equal(431, r.status)
     r = raw_request(port, "GET /" .. ("u"):rep(5000) .. " HTTP/1.1\r\n\r\n")
     assert.are.equal(414, r.status)
+  end)
+
+  -- The options travel to each connection process as a list in a fixed
+  -- order (moonbeam.http's conn_options): limits chosen apart, so that any
+  -- two swapped would fail one of these.
+  it("honours max_url, max_headers and max_head given to http.listen, each as itself", function()
+    start(echo, { max_url = 100, max_headers = 5, max_head = 600, max_body = 30 })
+    local function get(target, headers)
+      return raw_request(port, "GET " .. target .. " HTTP/1.1\r\nHost: x\r\n" .. (headers or "") .. "\r\n").status
+    end
+    assert.are.equal(200, get("/" .. ("u"):rep(60)))
+    assert.are.equal(414, get("/" .. ("u"):rep(150)))
+    local under, over = {}, {}   -- with Host: 4 and 7 headers
+    for i = 1, 3 do under[i] = "X-H" .. i .. ": v\r\n" end
+    for i = 1, 6 do over[i] = "X-H" .. i .. ": v\r\n" end
+    assert.are.equal(200, get("/", table.concat(under)))
+    assert.are.equal(431, get("/", table.concat(over)))
+    assert.are.equal(200, get("/", "X-Big: " .. ("x"):rep(300) .. "\r\n"))
+    assert.are.equal(431, get("/", "X-Big: " .. ("x"):rep(700) .. "\r\n"))
+    local r = raw_request(port, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 31\r\n\r\n" .. ("b"):rep(31))
+    assert.are.equal(413, r.status)
+    r = raw_request(port, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 30\r\n\r\n" .. ("b"):rep(30))
+    assert.are.equal(200, r.status)
+  end)
+
+  it("refuses a bad value of any option with an error naming it", function()
+    for _, k in ipairs({ "max_body", "max_head", "max_headers", "max_url", "head_timeout",
+                         "idle_timeout", "handler_timeout", "backlog", "hibernate_after",
+                         "shutdown_timeout", "max_memory" }) do
+      for _, bad in ipairs({ "x", -1, 0 / 0, true }) do
+        local ok, err = pcall(http.listen, HOST, 0, echo, { [k] = bad })
+        assert.is_false(ok, k)
+        assert.is_truthy(S.has(err, "bad option " .. k .. " ("), err)
+      end
+    end
   end)
 
   it("answers a too large body with 413", function()

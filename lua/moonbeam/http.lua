@@ -10,7 +10,7 @@
 -- messages not yet received (moonbeam.tcp), so a slow acceptor holds
 -- clients back in the kernel's backlog, not in its mailbox. For every
 -- connection it spawns a connection process (linked to it), hands the
--- socket over (sock:set_owner, then a message carrying the socket). The
+-- socket over (sock:set_owner, then a message that is the socket). The
 -- acceptor traps exits, so a connection process that dies, however it
 -- dies, leaves it running.
 -- server:close() (or the EXIT of another process linked to the acceptor,
@@ -66,7 +66,7 @@ local DEFAULTS = {
   -- the copies it makes (the body string, its pieces, a response built from
   -- it) and the garbage LuaJIT collects late (a limit counts garbage too),
   -- while a handler that allocates without bound stops long before it can
-  -- take the host's memory. An idle connection uses about 57 KB awake,
+  -- take the host's memory. An idle connection uses about 45 KB awake,
   -- 1.5 KB hibernated.
   max_memory = 64 * 1024 * 1024,
 }
@@ -81,8 +81,8 @@ local START_TIMEOUT = 5000
 -- The client's default timeout for a whole request.
 local CLIENT_TIMEOUT = 30000
 
-local next_event, reason_phrase = conn.next_event, conn.reason
-local has_token, error_response = conn.has_token, rare.error_response
+local next_event, reason_phrase = conn.next_event, rare.reason
+local has_token, error_response = rare.has_token, rare.error_response
 
 -- What the acceptor spawns: a function without upvalues, so that a spawn
 -- copies only it (spawn copies a function's upvalues, and with them every
@@ -90,13 +90,24 @@ local has_token, error_response = conn.has_token, rare.error_response
 -- moonbeam.http_conn, with `require` from the host's module cache.
 -- The collector is stopped while it loads: all that loading makes is live
 -- (it is the module), so a collection then would only mark it (measured: a
--- tenth of a new connection's instructions), and a new process starts
--- collecting at once.
+-- tenth of a new connection's instructions). It restarts with its next
+-- cycle at twice what the process holds then (LuaJIT's LUA_GCRESTART with
+-- -1, as lstate.c's reset_gc uses it), the usual pause, as a collection
+-- would have left it. A plain "restart" would start a cycle at once, over
+-- a heap that is nearly all live: 14,000 instructions of a connection of
+-- one request (callgrind, one scheduler), with nothing to free.
 local function connection(handler, opts, acceptor)
   collectgarbage("stop")
   local serve = require("moonbeam.http_conn").serve
-  collectgarbage("restart")
+  collectgarbage("restart", -1)
   return serve(handler, opts, acceptor)
+end
+
+-- The options a connection process uses, as the list moonbeam.http_conn's
+-- new_conn reads (see there: a list is cheaper to copy than named fields).
+local function conn_options(o)
+  return { o.max_body, o.max_head, o.max_headers, o.max_url, o.head_timeout,
+           o.idle_timeout, o.handler_timeout, o.hibernate_after }
 end
 
 -- -- The acceptor -------------------------------------------------------------
@@ -112,6 +123,7 @@ local function acceptor(parent, host, port, handler, opts)
   mb.send(parent, { tag = "$http_listen", port = l:port() })
   local me = mb.self()
   local spawn_opts = { link = true, max_memory = opts.max_memory }
+  local copts = conn_options(opts)
   local conns = {}   -- the connection processes, linked to this one
   local heirs = {}   -- pid -> the socket it left to this process (tcp_heir)
   local overtime = {}   -- pid -> true: killed for handler_timeout
@@ -160,10 +172,10 @@ local function acceptor(parent, host, port, handler, opts)
     local ev = m.event
     if ev == "tcp_accept" and m.socket == l then
       if closing then m.conn:close() return end
-      local pid = mb.spawn_opt(spawn_opts, connection, handler, opts, me)
+      local pid = mb.spawn_opt(spawn_opts, connection, handler, copts, me)
       conns[pid] = true
       if m.conn:set_owner(pid) then
-        mb.send(pid, { tag = "$http_sock", sock = m.conn })
+        mb.send(pid, m.conn)   -- (bare: see moonbeam.http_conn's conn.serve)
       else
         m.conn:close()
       end

@@ -8,9 +8,14 @@
 -- connection pays for every function of what it loads, and the acceptor,
 -- static files and the client are no business of a connection. What a
 -- plain request never needs (streamed responses, upgrades, error answers,
--- idle connections and hibernation) is in moonbeam.http_rare, loaded on
--- first use. moonbeam.http takes next_event and the helpers from here for
--- its client.
+-- Expect, the messages of misuse errors, the end of a request whose
+-- handler failed or did not send its response whole, idle connections and
+-- hibernation) is in moonbeam.http_rare, loaded on first use: every
+-- function and every string constant here costs each new connection
+-- process (loading this module: 85,000 instructions with 30 functions and
+-- 260 string constants, 57,000 with 19 and 168). moonbeam.http takes
+-- next_event from here, and reason and has_token from http_rare, for its
+-- client.
 --
 -- Hibernation. A keep-alive connection waiting for its next request costs
 -- a whole Lua state (tens of KB); after hibernate_after ms without a byte
@@ -70,20 +75,14 @@ local hp = require "moonbeam.http_parser"
 local conn = {}
 
 -- The rest of a connection process's code, for what a plain request never
--- needs (streaming, upgrades, errors, hibernation): moonbeam.http_rare,
--- loaded on first use (see DESIGN).
+-- needs (streaming, upgrades, errors, hibernation, the checks' messages):
+-- moonbeam.http_rare, loaded on first use (see DESIGN).
 local function rare()
   return require "moonbeam.http_rare"
 end
 
--- How long to wait for the EXIT of a process that was killed (the kill
--- cannot be trapped: this only guards against a runtime bug).
-local KILL_WAIT = 5000
--- How long a connection process waits for its socket, and a handler past
--- handler_timeout for its kill.
+-- How long a connection process waits for its socket.
 local START_TIMEOUT = 5000
-
--- -- Helpers shared by server and client ------------------------------------
 
 -- math.ceil of a number of ms, and math.huge, without the math library: a
 -- connection process would open it (lazily, at a cost) for these alone.
@@ -92,19 +91,6 @@ local function ceil(x)
   local f = x % 1
   if f > 0 then return x - f + 1 end
   return x
-end
-
-local function reason_phrase(code)
-  return hp.reason(code) or "Unknown"
-end
-
--- Does the comma-separated header value contain token (case-insensitive)?
-local function has_token(value, token)
-  if not value then return false end
-  for part in string.gmatch(string.lower(value), "[^,]+") do
-    if string.match(part, "^%s*(.-)%s*$") == token then return true end
-  end
-  return false
 end
 
 -- The next parser event, as parser:next gives it (kind, a, b, more; see
@@ -139,82 +125,43 @@ end
 
 -- -- Responses --------------------------------------------------------------
 
+-- res:status, res:header and res:send are here; res:write, res:finish and
+-- res:upgrade are in moonbeam.http_rare, looked up there the first time a
+-- response of this process uses one. So are the messages of the errors
+-- these raise for misuse: the checks are here, and a failed one calls
+-- http_rare to raise the error (a message is a string constant, and every
+-- constant costs each new connection process its interning).
 local Response = {}
 Response.__index = Response
--- res:write, res:finish and res:upgrade are in moonbeam.http_rare: looked
--- up there the first time a response of this process uses one.
 setmetatable(Response, { __index = function(_, k)
   local f = rare().Response[k]
   if f ~= nil then Response[k] = f end
   return f
 end })
 
--- Status codes whose responses carry no body.
-local function bodiless(code)
-  return code < 200 or code == 204 or code == 304
-end
-
--- The response head (and body, when given: one string, one write), built
--- in C; `framing` is the Content-Length, true for chunked, or nil.
-local function build_head(res, framing, body)
-  return hp.head(res.code, res.hlist or nil, framing, res.close, res.keep_alive_10, body)
-end
-
-local function check_open(res, what)
-  if res.upgraded then error("res:" .. what .. ": the connection was upgraded", 3) end
-  if res.done then error("res:" .. what .. ": the response was already sent", 3) end
-end
-
--- The response starts: the handler is no longer timed, and the acceptor
--- could not answer for it any more (the head is going out).
-local function started(res)
-  if res.guard ~= 1 then return end
-  res.guard = 2
-  local timer = res.timer
-  res.timer = false
-  if not hp.started(res.sock, timer) then
-    -- Too late: the acceptor was told to kill this process, and answers
-    -- 503 for it. Wait for the kill rather than send half an answer.
-    mb.receive(function() return false end, START_TIMEOUT)
-  end
-end
-
--- The response is complete (or the connection upgraded): what the handler
--- does now is its own business, not its client's, so the client's leaving
--- no longer ends it. (Always after started.)
-local function finished(res)
-  if res.guard ~= 2 then return end
-  res.guard = 3
-  hp.finished(res.sock)
-end
-
 -- res:status(code) -> res
 function Response:status(code)
-  if type(code) ~= "number" or code < 100 or code > 999 or code % 1 ~= 0 then
-    error("res:status: bad status code (an integer from 100 to 999 expected)", 2)
+  if type(code) ~= "number" or code < 100 or code > 999 or code % 1 ~= 0 or self.started then
+    rare().bad_status(self, code)
   end
-  if self.started then error("res:status: the response head was already sent", 2) end
   self.code = code
   return self
 end
 
 -- res:header(name, value) -> res   (adds a header; call again to repeat it)
+-- Content-Length and Transfer-Encoding are refused (send and write set
+-- them) and Connection has a meaning of its own: http_rare's
+-- special_header does those three.
 function Response:header(name, value)
-  if type(name) ~= "string" or not string.match(name, "^[!#$%%&'*+%-.^_`|~%w]+$") then
-    error("res:header: bad header name " .. tostring(name), 2)
+  local ok = type(name) == "string" and string.match(name, "^[!#$%%&'*+%-.^_`|~%w]+$")
+  if ok then
+    value = tostring(value)
+    ok = not string.find(value, "[\r\n]") and not self.started
   end
-  value = tostring(value)
-  if string.find(value, "[\r\n]") then error("res:header: line break in the value of " .. name, 2) end
-  if self.started then error("res:header: the response head was already sent", 2) end
+  if not ok then rare().bad_header(self, name, value) end
   local lname = string.lower(name)
-  if lname == "content-length" or lname == "transfer-encoding" then
-    error("res:header: " .. name .. " is set by send and write", 2)
-  end
-  if lname == "connection" then
-    -- "close" is added by the framing code (and ends the connection);
-    -- other values (Upgrade) go out as given, in place of keep-alive.
-    if has_token(value, "close") then self.close = true return self end
-    self.keep_alive_10 = false
+  if lname == "connection" or lname == "content-length" or lname == "transfer-encoding" then
+    if rare().special_header(self, name, value, lname) then return self end
   end
   local hs = self.hlist
   if not hs then
@@ -228,13 +175,10 @@ end
 
 -- res:send([body]) -> true | nil, err   (the whole response, with Content-Length)
 function Response:send(body)
-  if self.started or self.done or self.upgraded then
-    check_open(self, "send")
-    error("res:send: the response was started with res:write", 2)
-  end
+  if self.started or self.done or self.upgraded then rare().bad_send(self) end
   if type(body) ~= "string" then body = body == nil and "" or tostring(body) end
   local code = self.code
-  local framing, out
+  local framing
   if code < 200 or code == 204 or code == 304 then   -- (bodiless)
     body = nil
   else
@@ -242,48 +186,26 @@ function Response:send(body)
     if self.head_only then body = nil end
   end
   self.started, self.done = true, true
-  if self.guard == 1 then
-    -- started, the response built and written, and finished, in one call
-    -- (http_parser.respond) when the kernel takes it all.
-    self.guard = 3
-    local timer = self.timer
-    self.timer = false
-    local rest, whole = hp.respond(self.sock, timer, code, self.hlist or nil, framing,
-                                   self.close, self.keep_alive_10, body)
-    if rest == true then return true end
-    self.guard = 2
-    if rest == false then
-      -- Too late, as in started: wait for the kill.
-      mb.receive(function() return false end, START_TIMEOUT)
-      rest = whole
-    end
-    out = rest
-  else
-    started(self)
-    out = hp.head(code, self.hlist or nil, framing, self.close, self.keep_alive_10, body)
-  end
-  local ok, err = self.sock:write(out)
-  if not ok then self.close = true; self.broken = true end
-  finished(self)
-  return ok, err
+  if self.guard ~= 1 then return rare().send_unguarded(self, framing, body) end
+  -- started, the response built and written, and finished, in one call
+  -- (http_parser.respond) when the kernel takes it all; http_rare's
+  -- send_rest writes the rest otherwise.
+  self.guard = 3
+  local timer = self.timer
+  self.timer = false
+  local rest, whole = hp.respond(self.sock, timer, code, self.hlist or nil, framing,
+                                 self.close, self.keep_alive_10, body)
+  if rest == true then return true end
+  return rare().send_rest(self, rest, whole)
 end
 
 -- -- The connection process ---------------------------------------------------
 
--- who: the process's pid as text, taken beforehand (a process over its
--- max_memory may make no moonbeam call, mb.self() included).
-local function report(who, lines)
-  io.stderr:write("=HTTP REPORT==== " .. who .. "\n" .. table.concat(lines, "\n") .. "\n")
-end
-
--- The handler's error and traceback, without the frames of this module.
+-- The handler's message handler (under xpcall): its error and the
+-- traceback, which http_rare trims afterwards (not here: loading a module
+-- in a message handler, near a stack overflow say, could fail itself).
 local function traceback(e)
-  local lines = {}
-  for line in string.gmatch(debug.traceback("", 2):sub(2), "[^\n]+") do
-    if string.find(line, "^%s*%[C%]: in function 'xpcall'") then break end
-    lines[#lines + 1] = line
-  end
-  return { err = e, traceback = table.concat(lines, "\n") }
+  return { err = e, traceback = debug.traceback("", 2) }
 end
 
 -- Answer with an error status and close the connection.
@@ -303,9 +225,9 @@ end
 -- byte is closed quietly: browsers open spare connections they may never
 -- use. Between requests the wait may end in hibernation (http_rare).
 local function read_head(c, first, ready)
-  local o, parser, sock = c.opts, c.parser, c.sock
+  local parser, sock = c.parser, c.sock
   local now = mb.now()
-  local deadline = c.resume_deadline or now + (first and o.head_timeout or o.idle_timeout)
+  local deadline = c.resume_deadline or now + (first and c.head_timeout or c.idle_timeout)
   c.resume_deadline = false
   c.first = first
   c.deadline = deadline
@@ -330,7 +252,7 @@ local function read_head(c, first, ready)
       else
         -- Between requests: a read, or the wait of a process that traps
         -- exits, then hibernation once idle for hibernate_after.
-        local hib = o.hibernate_after
+        local hib = c.hibernate_after
         local can = hib and hib < left and not c.no_hibernate
         local traps = hp.trapping()   -- (a handler may have turned it on)
         if traps then
@@ -351,7 +273,7 @@ local function read_head(c, first, ready)
         now = mb.now()
         if not begun and parser:in_message() then
           begun = true
-          local d = now + o.head_timeout
+          local d = now + c.head_timeout
           if d < deadline then
             deadline = d
             c.deadline = d
@@ -366,14 +288,13 @@ end
 -- true and whether more events are queued, or nil and a status to answer
 -- (or "closed").
 local function read_body(c, req, ready)
-  local o = c.opts
   local body, parts, size = nil, nil, 0
   while true do
     local kind, a, _, more
     -- (A request without a body is complete already: its "done" is queued.)
     if ready then kind, a, _, more = c.parser:next() end
     if not kind then
-      c.deadline = mb.now() + o.idle_timeout
+      c.deadline = mb.now() + c.idle_timeout
       kind, a, _, more = next_event(c, false)
       if not kind then
         if a == "timeout" then return nil, 408 end
@@ -383,7 +304,7 @@ local function read_body(c, req, ready)
     ready = more
     if kind == "body" then
       size = size + #a
-      if size > o.max_body then return nil, 413 end
+      if size > c.max_body then return nil, 413 end
       if parts then
         parts[#parts + 1] = a
       elseif body then
@@ -411,7 +332,7 @@ end
 -- handler_timeout has passed (http_parser.guard does all three).
 local function guard(c, req, res)
   res.guard = 1
-  local ms = c.opts.handler_timeout
+  local ms = c.handler_timeout
   if ms ~= HUGE then
     -- (A string, made once per connection, is the cheapest message to
     -- send; the acceptor looks the pid up by it only when it comes.)
@@ -424,11 +345,6 @@ local function guard(c, req, res)
   else
     hp.guard(c.sock, req.keep_alive, c.acceptor)
   end
-end
-
-local function unguard(c, res)
-  started(res)
-  finished(res)
 end
 
 -- A new response object. (The fields every response sets are in the
@@ -451,29 +367,21 @@ local function new_response(c, req)
   return setmetatable(res, Response)
 end
 
--- Handle one request. Returns true to go on with the next one.
+-- Handle one request. Returns true to go on with the next one. What a
+-- plain request never needs (Expect, upgrades, a handler that failed or
+-- did not send its response whole) is http_rare's.
 local function serve_one(c, handler, first, ready)
-  local o = c.opts
   local req, framing, more = read_head(c, first, ready)
   if not req then
     if type(framing) == "number" then fail(c, framing) else c.sock:close() end
     return false
   end
   req.socket = c.sock
-  if framing and framing ~= true and framing > o.max_body then
+  if framing and framing ~= true and framing > c.max_body then
     fail(c, 413)
     return false
   end
-  local expect = req.headers.expect
-  if expect then
-    if string.lower(expect) ~= "100-continue" then
-      fail(c, 417)
-      return false
-    end
-    if req.version == "1.1" and (framing == true or (framing or 0) > 0) then
-      if not c.sock:write("HTTP/1.1 100 Continue\r\n\r\n") then c.sock:close() return false end
-    end
-  end
+  if req.headers.expect and not rare().expect(c, req, framing) then return false end
   local ok, status
   if framing == false then
     ok, status = true, more   -- complete with its head: no body
@@ -486,56 +394,13 @@ local function serve_one(c, handler, first, ready)
   end
   local res = new_response(c, req)
   local upgrade = req.upgrade
-  if upgrade then
-    -- The parser stopped at the head: what follows belongs to the new
-    -- protocol. It is the next event (after "done").
-    if status then
-      local kind, rest = c.parser:next()
-      if kind == "upgrade" then res.pending = rest end
-    end
-    res.can_upgrade = true
-    -- (for moonbeam.websocket: the defaults of websocket.loop)
-    res.hibernate_after = o.hibernate_after
-    res.acceptor = c.acceptor
-  end
+  if upgrade then rare().upgradable(c, res, status) end
   guard(c, req, res)
   local okh, caught = xpcall(handler, traceback, req, res)
-  if not okh then
-    -- A refused allocation skips the message handler: the error is the bare
-    -- string. The process then dies at its next moonbeam call (unguard,
-    -- below) and the acceptor, heir of its socket, answers 500 for it.
-    if type(caught) ~= "table" then
-      local why = tostring(caught)
-      if why == "not enough memory" then
-        why = "out of memory (the connection went over its max_memory)"
-      end
-      caught = { err = why }
-    end
-    report(c.me, { "request: " .. req.method .. " " .. req.url,
-             "reason: " .. tostring(caught.err), caught.traceback })
+  if not okh or res.guard ~= 3 or not res.done or upgrade then
+    return rare().after_handler(c, req, res, okh, caught, status)
   end
-  if res.guard ~= 3 then unguard(c, res) end
-  if res.upgraded then
-    -- The handler owned the connection; it is over now. A WebSocket the
-    -- handler left open gets a normal closure (1000) rather than a bare
-    -- TCP close (closing one already closed does nothing).
-    if res.websocket then c.sock:close(1000) else c.sock:close() end
-    return false
-  end
-  if not okh then
-    if not res.started then
-      fail(c, 500)
-    else
-      c.sock:close()
-    end
-    return false
-  end
-  if not res.done then
-    local fok
-    if res.started then fok = res:finish() else fok = res:send("") end
-    if not fok then c.sock:close() return false end
-  end
-  if res.close or res.broken or upgrade then
+  if res.close or res.broken then
     c.sock:close()
     return false
   end
@@ -543,19 +408,27 @@ local function serve_one(c, handler, first, ready)
 end
 
 -- The state of a connection process. (Every field is in the constructor
--- with a constant value, as in new_response.)
+-- with a constant value, as in new_response.) opts is the list of
+-- http.listen's options that a connection uses, in this order (built by
+-- moonbeam.http's conn_options): max_body, max_head, max_headers, max_url,
+-- head_timeout, idle_timeout, handler_timeout, hibernate_after. A list of
+-- numbers is the cheapest table to copy into each new process: it has no
+-- keys to intern (measured: decoding the spawn's arguments took 28,000
+-- instructions a connection, 33,000 with the table of named options).
 local function new_conn(sock, handler, opts, acceptor)
   local c = {
     sock = false, opts = false, acceptor = false, me = false, handler_spec = false,
     handler = false, parser = false, overtime = false,
     deadline = false, resume_deadline = false, first = false, pending = false,
-    no_hibernate = false,
+    no_hibernate = false, max_body = 0, head_timeout = 0, idle_timeout = 0,
+    handler_timeout = 0, hibernate_after = false,
   }
   c.sock, c.opts, c.acceptor, c.handler_spec = sock, opts, acceptor, handler
+  c.max_body, c.head_timeout, c.idle_timeout = opts[1], opts[5], opts[6]
+  c.handler_timeout, c.hibernate_after = opts[7], opts[8]
   c.me = tostring(mb.self())
   c.handler = type(handler) == "string" and require(handler) or handler
-  c.parser = hp.new({ max_head = opts.max_head, max_headers = opts.max_headers,
-                      max_url = opts.max_url })
+  c.parser = hp.new({ max_head = opts[2], max_headers = opts[3], max_url = opts[4] })
   return c
 end
 
@@ -566,22 +439,27 @@ local function serve(c, first)
   while go do go, ready = serve_one(c, handler, false, ready) end
 end
 
+-- The socket is the acceptor's first message, and comes bare: a tagged
+-- table's keys and tag are strings to intern in each new process
+-- (measured: 4,200 instructions a connection with the acceptor's encoding;
+-- the check costs nothing to speak of, while mb.is_pid's first use would
+-- cost a process 2,000). No other process knows this one's pid before the
+-- acceptor sent it; if one did send it another id (a pid, a ref) first,
+-- the process would fail on it and the socket, whose owner it is, close.
+local function is_socket(x)
+  return type(x) == "userdata"
+end
+
 -- The body of a connection process: wait for the socket, then serve
 -- requests until the connection ends.
 function conn.serve(handler, opts, acceptor)
-  local m = mb.receive(function(x) return type(x) == "table" and x.tag == "$http_sock" end, START_TIMEOUT)
-  if not m then return end
-  return serve(new_conn(m.sock, handler, opts, acceptor), true)   -- (a tail call: one frame less under every read)
+  local sock = mb.receive(is_socket, START_TIMEOUT)
+  if not sock then return end
+  return serve(new_conn(sock, handler, opts, acceptor), true)   -- (a tail call: one frame less under every read)
 end
 
-conn.next_event = next_event
-conn.reason = reason_phrase
-conn.has_token = has_token
-conn.ceil = ceil
--- For moonbeam.http_rare: the internals it builds on.
-conn.started, conn.finished, conn.bodiless = started, finished, bodiless
-conn.build_head, conn.check_open, conn.report = build_head, check_open, report
+-- For moonbeam.http's client and moonbeam.http_rare.
+conn.next_event, conn.ceil = next_event, ceil
 conn.new_conn, conn.serve_conn = new_conn, serve
-conn.KILL_WAIT = KILL_WAIT
 
 return conn

@@ -6,17 +6,25 @@
 -- DESIGN
 -- A connection process loads moonbeam.http_conn, and this module only when
 -- it first needs one of these (a process per connection pays for every
--- function it loads: see moonbeam.http_conn). Everything here builds on
--- moonbeam.http_conn's internals, which it exports for this module alone.
+-- function and every string constant it loads: see moonbeam.http_conn).
+-- So this module also has what a plain request never runs: the messages
+-- of res:status's, res:header's and res:send's misuse errors (their checks
+-- stay in moonbeam.http_conn), Expect: 100-continue, the end of a request
+-- whose handler failed, upgraded or did not send its response whole, and
+-- the helpers moonbeam.http's client shares (reason, has_token).
 local mb = require "moonbeam"
+local hp = require "moonbeam.http_parser"
 local conn = require "moonbeam.http_conn"
 
 local rare = {}
 
-local started, finished, bodiless = conn.started, conn.finished, conn.bodiless
-local build_head, check_open, report = conn.build_head, conn.check_open, conn.report
-local reason_phrase, ceil = conn.reason, conn.ceil
-local KILL_WAIT = conn.KILL_WAIT
+local ceil = conn.ceil
+
+-- How long to wait for the EXIT of a process that was killed (the kill
+-- cannot be trapped: this only guards against a runtime bug), and how long
+-- a handler past handler_timeout waits for its kill.
+local KILL_WAIT = 5000
+local START_TIMEOUT = 5000
 
 -- After an error response, the connection reads and drops what the client
 -- still sends, for at most this long or this many bytes, before it closes:
@@ -24,6 +32,140 @@ local KILL_WAIT = conn.KILL_WAIT
 -- destroy the response before the client read it.
 local LINGER_MS = 1000
 local LINGER_BYTES = 1024 * 1024
+
+-- -- Helpers shared by server and client ------------------------------------
+
+local function reason_phrase(code)
+  return hp.reason(code) or "Unknown"
+end
+
+-- Does the comma-separated header value contain token (case-insensitive)?
+local function has_token(value, token)
+  if not value then return false end
+  for part in string.gmatch(string.lower(value), "[^,]+") do
+    if string.match(part, "^%s*(.-)%s*$") == token then return true end
+  end
+  return false
+end
+
+-- who: the process's pid as text, taken beforehand (a process over its
+-- max_memory may make no moonbeam call, mb.self() included).
+local function report(who, lines)
+  io.stderr:write("=HTTP REPORT==== " .. who .. "\n" .. table.concat(lines, "\n") .. "\n")
+end
+
+-- -- The response's guard -----------------------------------------------------
+
+-- Status codes whose responses carry no body.
+local function bodiless(code)
+  return code < 200 or code == 204 or code == 304
+end
+
+-- The response head (and body, when given: one string, one write), built
+-- in C; `framing` is the Content-Length, true for chunked, or nil.
+local function build_head(res, framing, body)
+  return hp.head(res.code, res.hlist or nil, framing, res.close, res.keep_alive_10, body)
+end
+
+-- (level: of the function whose caller misused the response)
+local function check_open(res, what, level)
+  level = (level or 2) + 1
+  if res.upgraded then error("res:" .. what .. ": the connection was upgraded", level) end
+  if res.done then error("res:" .. what .. ": the response was already sent", level) end
+end
+
+-- The response starts: the handler is no longer timed, and the acceptor
+-- could not answer for it any more (the head is going out).
+local function started(res)
+  if res.guard ~= 1 then return end
+  res.guard = 2
+  local timer = res.timer
+  res.timer = false
+  if not hp.started(res.sock, timer) then
+    -- Too late: the acceptor was told to kill this process, and answers
+    -- 503 for it. Wait for the kill rather than send half an answer.
+    mb.receive(function() return false end, START_TIMEOUT)
+  end
+end
+
+-- The response is complete (or the connection upgraded): what the handler
+-- does now is its own business, not its client's, so the client's leaving
+-- no longer ends it. (Always after started.)
+local function finished(res)
+  if res.guard ~= 2 then return end
+  res.guard = 3
+  hp.finished(res.sock)
+end
+
+-- -- Misuse of a response (the checks are in moonbeam.http_conn) -----------
+
+-- res:status(code) failed its check: raise its error at the handler.
+function rare.bad_status(res, code)
+  if type(code) ~= "number" or code < 100 or code > 999 or code % 1 ~= 0 then
+    error("res:status: bad status code (an integer from 100 to 999 expected)", 3)
+  end
+  error("res:status: the response head was already sent", 3)
+end
+
+-- res:header(name, value) failed its check (value: as given, or already
+-- made a string).
+function rare.bad_header(res, name, value)
+  if type(name) ~= "string" or not string.match(name, "^[!#$%%&'*+%-.^_`|~%w]+$") then
+    error("res:header: bad header name " .. tostring(name), 3)
+  end
+  value = tostring(value)
+  if string.find(value, "[\r\n]") then error("res:header: line break in the value of " .. name, 3) end
+  error("res:header: the response head was already sent", 3)
+end
+
+-- res:header with Connection, Content-Length or Transfer-Encoding (lname:
+-- the name in lower case). Returns true when the header is not to be
+-- added.
+function rare.special_header(res, name, value, lname)
+  if lname ~= "connection" then
+    error("res:header: " .. name .. " is set by send and write", 3)
+  end
+  -- "close" is added by the framing code (and ends the connection);
+  -- other values (Upgrade) go out as given, in place of keep-alive.
+  if has_token(value, "close") then
+    res.close = true
+    return true
+  end
+  res.keep_alive_10 = false
+  return false
+end
+
+-- res:send on a response already started, sent or upgraded.
+function rare.bad_send(res)
+  check_open(res, "send", 3)
+  error("res:send: the response was started with res:write", 3)
+end
+
+-- The rest of res:send (the head and body made, res.started and res.done
+-- set) for a response that is not guarded as a fresh one is.
+function rare.send_unguarded(res, framing, body)
+  started(res)
+  return rare.send_rest(res, hp.head(res.code, res.hlist or nil, framing, res.close,
+                                     res.keep_alive_10, body))
+end
+
+-- The rest of res:send when http_parser.respond did not write the whole
+-- response: rest is what is left to write (a string), or false when the
+-- handler's time was up (whole: the whole response).
+function rare.send_rest(res, rest, whole)
+  if res.guard == 3 then
+    res.guard = 2
+    if rest == false then
+      -- Too late, as in started: wait for the kill.
+      mb.receive(function() return false end, START_TIMEOUT)
+      rest = whole
+    end
+  end
+  local ok, err = res.sock:write(rest)
+  if not ok then res.close = true; res.broken = true end
+  finished(res)
+  return ok, err
+end
 
 -- -- Streamed responses and upgrades ------------------------------------------
 
@@ -134,6 +276,99 @@ end
 -- Answer with an error status and close the connection.
 local function fail(c, code, extra)
   if c.sock:write(error_response(code, extra)) then linger_close(c) else c.sock:close() end
+end
+
+-- -- The rare parts of a request ---------------------------------------------
+
+-- A request with an Expect header: 417 unless it is 100-continue, which
+-- gets its interim answer when a body is to come. Returns true to go on.
+function rare.expect(c, req, framing)
+  if string.lower(req.headers.expect) ~= "100-continue" then
+    fail(c, 417)
+    return false
+  end
+  if req.version == "1.1" and (framing == true or (framing or 0) > 0) then
+    if not c.sock:write("HTTP/1.1 100 Continue\r\n\r\n") then
+      c.sock:close()
+      return false
+    end
+  end
+  return true
+end
+
+-- An upgrade request (more: events are queued after its "done"): the
+-- parser stopped at the head, and what follows belongs to the new
+-- protocol; it is the next event.
+function rare.upgradable(c, res, more)
+  if more then
+    local kind, rest = c.parser:next()
+    if kind == "upgrade" then res.pending = rest end
+  end
+  res.can_upgrade = true
+  -- (for moonbeam.websocket: the defaults of websocket.loop)
+  res.hibernate_after = c.hibernate_after
+  res.acceptor = c.acceptor
+end
+
+-- The handler's traceback without the frames of moonbeam.http_conn (from
+-- its xpcall on) and the line that debug.traceback puts first.
+local function trim(traceback)
+  local lines = {}
+  for line in string.gmatch(string.sub(traceback, 2), "[^\n]+") do
+    if string.find(line, "^%s*%[C%]: in function 'xpcall'") then break end
+    lines[#lines + 1] = line
+  end
+  return table.concat(lines, "\n")
+end
+
+-- The end of a request whose handler failed (ok false, caught: what its
+-- message handler made of the error), upgraded the connection, or did not
+-- send its response whole (moonbeam.http_conn's serve_one ends so when all
+-- went plainly). Returns true (and more) to go on with the next request.
+function rare.after_handler(c, req, res, ok, caught, more)
+  if not ok then
+    -- A refused allocation skips the message handler: the error is the bare
+    -- string. The process then dies at its next moonbeam call (below) and
+    -- the acceptor, heir of its socket, answers 500 for it.
+    if type(caught) ~= "table" then
+      local why = tostring(caught)
+      if why == "not enough memory" then
+        why = "out of memory (the connection went over its max_memory)"
+      end
+      caught = { err = why }
+    end
+    report(c.me, { "request: " .. req.method .. " " .. req.url,
+                   "reason: " .. tostring(caught.err), caught.traceback and trim(caught.traceback) })
+  end
+  if res.guard ~= 3 then
+    started(res)
+    finished(res)
+  end
+  if res.upgraded then
+    -- The handler owned the connection; it is over now. A WebSocket the
+    -- handler left open gets a normal closure (1000) rather than a bare
+    -- TCP close (closing one already closed does nothing).
+    if res.websocket then c.sock:close(1000) else c.sock:close() end
+    return false
+  end
+  if not ok then
+    if not res.started then
+      fail(c, 500)
+    else
+      c.sock:close()
+    end
+    return false
+  end
+  if not res.done then
+    local fok
+    if res.started then fok = res:finish() else fok = res:send("") end
+    if not fok then c.sock:close() return false end
+  end
+  if res.close or res.broken or req.upgrade then
+    c.sock:close()
+    return false
+  end
+  return true, more
 end
 
 -- -- Waiting between requests, and hibernating -----------------------------
@@ -248,6 +483,8 @@ local function idle(c, traps)
 end
 
 rare.fail = fail
+rare.reason = reason_phrase
+rare.has_token = has_token
 rare.idle = idle
 rare.error_response = error_response
 rare.await_bytes = await_bytes
