@@ -156,7 +156,8 @@ typedef struct mb_proc {
   /* An MB_WAIT_IO with a timer: pushes the results of a timeout. */
   int (*io_on_timeout)(lua_State *L, uint64_t arg);
   uint64_t io_timeout_arg;
-  struct mb_timer *wait_timer; /* timer of the current wait, or NULL */
+  struct mb_timer *wait_timer; /* timer of the current or last timed wait,
+                                  kept for the next (timer.c), or NULL */
   lua_CFunction boot;          /* set until the first run: see run.c */
   /* Functions of the state known to be code objects (the body a boot
    * decoded, the last few it dumped to send; anchored in the registry):

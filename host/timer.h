@@ -4,9 +4,10 @@
  * A timer lives on the loop of the scheduler thread that created it and is
  * only ever started, stopped or closed on that thread; another thread that
  * wants it stopped posts the request there (mb_sched_post). Two kinds:
- *  - wait timers bound a receive or sleep: when one fires it wakes its
- *    process if the process is still in the same wait (wait_seq), so a
- *    late timer never disturbs a later wait;
+ *  - wait timers bound a receive, a sleep or an operation: when one fires
+ *    it wakes its process if the process is still in the same wait
+ *    (wait_seq), so a late timer never disturbs a later wait. A process
+ *    keeps its wait timer for its next timed wait on the same scheduler;
  *  - send_after timers carry a message and have an id (idtab.h), which the
  *    Lua value holds, so a timer can be sent in messages and outlive the
  *    state that made it. Firing and cancelling race through the id table:
@@ -31,10 +32,13 @@ struct mb_proc;
  * timers left at shutdown are closed. Once, at start-up. */
 void mb_timer_init(void);
 
-/* Arm a timer that ends p's current wait (p->wait_seq) after ms. Owner
- * thread of p, which must be a scheduler thread. */
+/* Arm a timer that ends p's current wait (p->wait_seq) after ms: p's kept
+ * timer (p->wait_timer) when it is on this scheduler, else a new one (the
+ * kept one is let go). The result is p's wait_timer, kept after the wait
+ * for the next one (see timer.c). Owner thread of p, which must be a
+ * scheduler thread. */
 mb_timer_t *mb_timer_wait(struct mb_proc *p, double ms);
-/* Stop and release a wait timer (it may have fired). Owner thread of p. */
+/* Stop and release a wait timer (it may have fired). Any thread. */
 void mb_timer_wait_done(mb_timer_t *t);
 
 /* Deliver msg (taken) to dest after ms; returns the timer's id, or 0 when

@@ -68,6 +68,46 @@ describe("messages", function()
       -- A lower bound only, with 5 ms of slack for clock granularity.
       assert.is_true(mb.now() - t0 >= 25, "returned after " .. (mb.now() - t0) .. " ms")
     end)
+
+    -- A process keeps its wait timer for its next timed wait (host/timer.c):
+    -- a shorter timeout after a longer one must still end first, and a
+    -- longer one must not end at the shorter one's time. Run in a process
+    -- of its own, whose waits are only these.
+    local function waits(script)
+      local _, ref = mb.spawn_monitor(function(parent, f) mb.send(parent, { waits = f() }) end,
+        mb.self(), script)
+      local m = mb.receive(function(x) return type(x) == "table" and x.waits ~= nil end, 20000)
+      S.await_down(ref)
+      return m and m.waits
+    end
+
+    it("ends a shorter wait first after a longer one that a message ended", function()
+      assert.are.equal("timed out", waits(function()
+        local me = mb.self()
+        mb.send_after(20, me, "early")
+        assert(mb.receive(10000) == "early")        -- the timer stays armed for ~10 s
+        mb.send_after(3000, me, "late")
+        return mb.receive(function(m) return m == "late" end, 50) == nil and "timed out" or "waited"
+      end))
+    end)
+
+    it("does not end a longer wait at the time of a shorter one before it", function()
+      assert.are.equal("late", waits(function()
+        local me = mb.self()
+        mb.send_after(10, me, "early")
+        assert(mb.receive(60) == "early")            -- armed for 60 ms
+        mb.send_after(300, me, "late")
+        return mb.receive(function(m) return m == "late" end, 5000) or "timed out"
+      end))
+    end)
+
+    it("times out again and again with the same kept timer", function()
+      assert.are.equal(5, waits(function()
+        local n = 0
+        for _ = 1, 5 do if mb.receive(15) == nil then n = n + 1 end end
+        return n
+      end))
+    end)
   end)
 
   describe("selective receive", function()

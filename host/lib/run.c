@@ -115,9 +115,7 @@ static void end_wait(mb_proc_t *p)
   p->timed_out = 0;
   p->io_on_timeout = NULL;
   if (p->wait_timer || p->wait == MB_WAIT_IO) {
-    if (p->wait_timer)
-      mb_timer_wait_done(p->wait_timer);
-    p->wait_timer = NULL;
+    /* The timer stays the process's, for its next wait (timer.c). */
     mb_proc_lock(p);
     p->wait = MB_WAIT_NONE;
     p->expired = 0;
@@ -384,6 +382,10 @@ static void crashed(mb_proc_t *p, int status)
  * once, as in Erlang. */
 static void hibernate(mb_sched_t *s, mb_proc_t *p)
 {
+  if (p->wait_timer) {   /* kept from its last wait: no use asleep */
+    mb_timer_wait_done(p->wait_timer);
+    p->wait_timer = NULL;
+  }
   mb_lstate_recycle(p);
   /* The continuation is kept long: in a block of its own size. The
    * encoder's buffer grew by doubling, and a realloc that shrinks a block
