@@ -360,14 +360,10 @@ int mb_alloc_trim(void)
   return due;
 }
 
-/* An allocation change of an arena block (rare: the same size as a state
- * block, then grown or shrunk or freed). */
+/* An arena block grown or shrunk (rare: a block of a state block's size
+ * that changes; mb_alloc_fn frees arena blocks itself). */
 static void *arena_realloc(void *ptr, size_t osize, size_t nsize, int old)
 {
-  if (nsize == 0) {
-    arena_release(ptr);
-    return NULL;
-  }
   void *n = lua_malloc(old, nsize);
   if (n) {
     memcpy(n, ptr, osize < nsize ? osize : nsize);

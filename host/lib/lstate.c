@@ -519,16 +519,23 @@ static const char *const std_libs[] = {"_G", "coroutine", "string", "table",
   "math", "io", "os", "debug", "bit", "jit", NULL};
 static const char *const std_stand_ins[] = {"ffi", "string.buffer", "jit.profile", NULL};
 
+/* package.path (the table at idx) made the host's: its Lua directory
+ * first, then what the package library made of LUA_PATH. */
+static void set_host_path(lua_State *L, int idx)
+{
+  lua_getfield(L, idx, "path");
+  const char *dir = mb_lstate_lua_dir();
+  lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;%s", dir, dir, lua_tostring(L, -1));
+  lua_setfield(L, idx, "path");
+  lua_pop(L, 1);
+}
+
 static void after_package(lua_State *L)
 {
   lua_getfield(L, LUA_GLOBALSINDEX, "require");
   lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_REQUIRE);
   lua_getfield(L, LUA_GLOBALSINDEX, "package");
-  lua_getfield(L, -1, "path");
-  const char *dir = mb_lstate_lua_dir();
-  lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;%s", dir, dir, lua_tostring(L, -1));
-  lua_setfield(L, -3, "path");
-  lua_pop(L, 1);
+  set_host_path(L, lua_gettop(L));
   mb_sandbox_package(L);
   mb_modcache_install(L);   /* replaces the sandbox's Lua-file searcher */
   /* jit.profile's entry comes with the jit library (after_jit): here it
@@ -576,6 +583,66 @@ static void after_package(lua_State *L)
 static char *light_path;    /* package.path as after_package makes it */
 static char light_sentinel; /* package.loaded[name] while name loads */
 
+static int listed_in(const char *const *list, const char *name)
+{
+  for (; *list; list++)
+    if (strcmp(*list, name) == 0)
+      return 1;
+  return 0;
+}
+
+/* Push the loader of module name that light_require can give, or return 0
+ * with nothing pushed: the package library must answer. */
+static int light_loader(lua_State *L, const char *name)
+{
+  for (const luaL_Reg *m = host_modules; m->name; m++)
+    if (strcmp(m->name, name) == 0) {
+      lua_pushcfunction(L, m->func);
+      return 1;
+    }
+  lua_getfield(L, LUA_REGISTRYINDEX, "_PRELOAD");
+  if (lua_istable(L, -1)) {
+    lua_getfield(L, -1, name);
+    lua_remove(L, -2);
+    if (lua_isfunction(L, -1))
+      return 1;
+  }
+  lua_pop(L, 1);
+  if (listed_in(std_libs, name) || listed_in(std_stand_ins, name) || light_path == NULL)
+    return 0;
+  return mb_modcache_find(L, name, light_path);
+}
+
+/* require(name) without the package library, as its require would: the
+ * value (pushed) and 1, or 0 if the package library must answer. Stack:
+ * name at 1, package.loaded made at 2. */
+static int light_load(lua_State *L, const char *name)
+{
+  luaL_findtable(L, LUA_REGISTRYINDEX, "_LOADED", 16);
+  lua_getfield(L, 2, name);
+  if (lua_toboolean(L, -1)) {
+    if (lua_touserdata(L, -1) == &light_sentinel)
+      return luaL_error(L, "loop or previous error loading module '%s'", name);
+    return 1;
+  }
+  lua_pop(L, 1);
+  if (!light_loader(L, name))
+    return 0;
+  lua_pushlightuserdata(L, &light_sentinel);
+  lua_setfield(L, 2, name);
+  lua_pushvalue(L, 1);
+  lua_call(L, 1, 1);
+  if (!lua_isnil(L, -1))
+    lua_setfield(L, 2, name);
+  lua_getfield(L, 2, name);
+  if (lua_touserdata(L, -1) == &light_sentinel) {
+    lua_pushboolean(L, 1);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, 2, name);
+  }
+  return 1;
+}
+
 static int light_require(lua_State *L)
 {
   const char *name = luaL_checkstring(L, 1);
@@ -583,52 +650,8 @@ static int light_require(lua_State *L)
   lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_REQUIRE);
   if (!lua_isfunction(L, -1)) {
     lua_pop(L, 1);
-    luaL_findtable(L, LUA_REGISTRYINDEX, "_LOADED", 16);   /* 2 */
-    lua_getfield(L, 2, name);
-    if (lua_toboolean(L, -1)) {
-      if (lua_touserdata(L, -1) == &light_sentinel)
-        return luaL_error(L, "loop or previous error loading module '%s'", name);
+    if (light_load(L, name))
       return 1;
-    }
-    lua_pop(L, 1);
-    int found = 0;
-    for (const luaL_Reg *m = host_modules; m->name && !found; m++)
-      if (strcmp(m->name, name) == 0) {
-        lua_pushcfunction(L, m->func);
-        found = 1;
-      }
-    if (!found) {
-      lua_getfield(L, LUA_REGISTRYINDEX, "_PRELOAD");
-      if (lua_istable(L, -1))
-        lua_getfield(L, -1, name);
-      found = lua_isfunction(L, -1);
-      if (found)
-        lua_remove(L, -2);
-      else
-        lua_settop(L, 2);
-    }
-    int std = 0;
-    for (int i = 0; std_libs[i] && !found; i++)
-      std = std || strcmp(std_libs[i], name) == 0;
-    for (int i = 0; std_stand_ins[i] && !found; i++)
-      std = std || strcmp(std_stand_ins[i], name) == 0;
-    if (!found && !std && light_path)
-      found = mb_modcache_find(L, name, light_path);
-    if (found) {
-      lua_pushlightuserdata(L, &light_sentinel);
-      lua_setfield(L, 2, name);
-      lua_pushvalue(L, 1);
-      lua_call(L, 1, 1);
-      if (!lua_isnil(L, -1))
-        lua_setfield(L, 2, name);
-      lua_getfield(L, 2, name);
-      if (lua_touserdata(L, -1) == &light_sentinel) {
-        lua_pushboolean(L, 1);
-        lua_pushvalue(L, -1);
-        lua_setfield(L, 2, name);
-      }
-      return 1;
-    }
     lua_settop(L, 1);
     open_for(L, "package", 7);
     lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_REQUIRE);
@@ -650,9 +673,8 @@ static int probe_path(lua_State *L)
   }
   open_lib(L, luaopen_package, "package");
   lua_getfield(L, LUA_GLOBALSINDEX, "package");
+  set_host_path(L, lua_gettop(L));
   lua_getfield(L, -1, "path");
-  const char *dir = mb_lstate_lua_dir();
-  lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;%s", dir, dir, lua_tostring(L, -1));
   light_path = strdup(lua_tostring(L, -1));
   return 0;
 }
@@ -878,7 +900,7 @@ static int lazy_global(lua_State *L)
  * checked at start-up on a probe state - each word's type, keyword number,
  * length and fixed mark where this code expects them, and an ordinary
  * string's too - and the words are left alone (fixed) if anything differs.
- * Measured: an idle process 12.67 -> 11.98 KB of RSS. */
+ * Measured: an idle process 12.67 -> 11.96 KB of RSS. */
 typedef struct strhdr {
   void *nextgc;
   uint8_t marked, gct, reserved, hashalg;
@@ -897,6 +919,16 @@ static int words_movable;   /* the probe found the layout expected */
 static strhdr_t *str_hdr(lua_State *L, int idx)
 {
   return (strhdr_t *)(void *)(lua_tostring(L, idx) - sizeof(strhdr_t));
+}
+
+/* Are the words pinned? They are pinned and let go all together, so the
+ * first one tells (no allocation: it exists, pinned, or was let go). */
+static int words_pinned(lua_State *L)
+{
+  lua_pushliteral(L, "and");
+  int pinned = str_hdr(L, -1)->marked & STR_FIXED;
+  lua_pop(L, 1);
+  return pinned;
 }
 
 /* On the probe state, under lua_cpcall: is every header where and as
@@ -920,16 +952,11 @@ static int words_check(lua_State *L)
   return 0;
 }
 
-/* Let the words go (no allocation: they exist, fixed, or were let go). */
+/* Let the words go (no allocation: they exist). */
 static void words_unfix(lua_State *L)
 {
-  if (!words_movable)
+  if (!words_movable || !words_pinned(L))
     return;
-  lua_pushliteral(L, "and");
-  int fixed = str_hdr(L, -1)->marked & STR_FIXED;
-  lua_pop(L, 1);
-  if (!fixed)
-    return;   /* never fixed again since they were let go */
   for (int i = 0; i < NWORDS; i++) {
     lua_pushstring(L, words[i]);
     str_hdr(L, -1)->marked &= (uint8_t)~STR_FIXED;
@@ -939,19 +966,13 @@ static void words_unfix(lua_State *L)
 
 void mb_lstate_lexer(lua_State *L)
 {
-  if (!words_movable)
-    return;
-  lua_pushliteral(L, "and");
-  strhdr_t *h = str_hdr(L, -1);
-  int ready = (h->marked & STR_FIXED) && h->reserved == 1;
-  lua_pop(L, 1);
-  if (ready)
+  if (!words_movable || words_pinned(L))
     return;
   /* Interning finds a word still there (and revives it if a sweep was
    * about to free it), or makes it anew. */
   for (int i = 0; i < NWORDS; i++) {
     lua_pushstring(L, words[i]);
-    h = str_hdr(L, -1);
+    strhdr_t *h = str_hdr(L, -1);
     h->reserved = (uint8_t)(i + 1);
     h->marked |= STR_FIXED;
     lua_pop(L, 1);

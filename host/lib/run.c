@@ -538,7 +538,7 @@ static void remember_code(mb_proc_t *p, lua_State *L, int idx, mb_code_t *code)
 {
   /* One entry first (most processes only ever have their body's), then
    * all: 24 bytes instead of 96 for an idle process. */
-  if (p->nfncodes <= 1 && p->nfncodes < MB_FNCODES) {
+  if (p->nfncodes <= 1) {
     int cap = p->nfncodes == 0 ? 1 : MB_FNCODES;
     p->fncodes = mb_realloc(p->fncodes, (size_t)cap * sizeof *p->fncodes);
     memset(p->fncodes + p->nfncodes, 0, (size_t)(cap - p->nfncodes) * sizeof *p->fncodes);
