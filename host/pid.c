@@ -73,21 +73,35 @@ static int ref_tostring(lua_State *L)
 mb_idkind_t mb_pid_kind = {"pid", pid_tostring, NULL, MB_TAG_PID, 0, 0};
 mb_idkind_t mb_ref_kind = {"ref", ref_tostring, NULL, MB_TAG_REF, 0, 0};
 
-/* Push the registry table stored under key, creating it on first use with
- * make (which fills the table on top). */
-static void push_regtable(lua_State *L, void *key, void (*make)(lua_State *L,
-                          const mb_idkind_t *kind), const mb_idkind_t *kind, int slots)
+/* Push the registry table at slot (or, for a kind without a wire tag, under
+ * the light-userdata key), creating it on first use with make (which fills
+ * the table on top). Registered kinds keep their tables at integer slots
+ * (pid.h, MB_REGSLOT_INTERN and MB_REGSLOT_IDMT): a light-userdata key
+ * costs ~110 instructions more, on every id a message carries and every
+ * new id a state makes. */
+static void push_regtable(lua_State *L, int slot, void *key,
+                          void (*make)(lua_State *L, const mb_idkind_t *kind),
+                          const mb_idkind_t *kind, int nrec)
 {
-  lua_pushlightuserdata(L, key);
-  lua_rawget(L, LUA_REGISTRYINDEX);
+  if (slot) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, slot);
+  } else {
+    lua_pushlightuserdata(L, key);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+  }
   if (!lua_isnil(L, -1))
     return;
   lua_pop(L, 1);
-  lua_createtable(L, 0, slots);
+  lua_createtable(L, 0, nrec);
   make(L, kind);
-  lua_pushlightuserdata(L, key);
-  lua_pushvalue(L, -2);
-  lua_rawset(L, LUA_REGISTRYINDEX);
+  lua_pushvalue(L, -1);
+  if (slot) {
+    lua_rawseti(L, LUA_REGISTRYINDEX, slot);
+  } else {
+    lua_pushlightuserdata(L, key);
+    lua_insert(L, -2);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+  }
 }
 
 /* A kind's metatable: opaque (getmetatable gives false), printable, and
@@ -106,8 +120,6 @@ static void make_mt(lua_State *L, const mb_idkind_t *kind)
     lua_setfield(L, -2, "__index");
   }
 }
-
-static char rref_mt_key;
 
 static int rref_gc(lua_State *L)
 {
@@ -136,24 +148,32 @@ static void make_intern(lua_State *L, const mb_idkind_t *kind)
   lua_setmetatable(L, -2);               /* the table is its own metatable */
 }
 
-/* Push kind's intern table. It is found at a fixed integer slot of the
- * registry (pid.h, MB_REGSLOT_INTERN): a light-userdata key costs ~110
- * instructions more, on every id a message carries. A kind without a wire
- * tag has no slot of its own and keeps the light-userdata key. */
 static void push_intern(lua_State *L, mb_idkind_t *kind)
 {
-  if (kind->tag == 0) {
-    push_regtable(L, &kind->intern_key, make_intern, kind, 2);
-    return;
-  }
-  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_INTERN(kind->tag));
-  if (!lua_isnil(L, -1))
-    return;
-  lua_pop(L, 1);
-  lua_createtable(L, 0, 2);   /* __mode and a first id; grows as ids come */
-  make_intern(L, kind);
-  lua_pushvalue(L, -1);
-  lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_INTERN(kind->tag));
+  /* __mode and a first id; grows as ids come */
+  push_regtable(L, kind->tag ? MB_REGSLOT_INTERN(kind->tag) : 0,
+                &kind->intern_key, make_intern, kind, 2);
+}
+
+/* Make id's userdata, intern it in the table on top (which it replaces). */
+static void push_made(lua_State *L, uint64_t id, mb_idkind_t *kind)
+{
+  idbox_t *b = lua_newuserdata(L, sizeof *b);
+  b->id = id;
+  b->kind = kind;
+  int rref = kind == &mb_ref_kind && mb_id_is_remote(id);
+  if (rref)
+    push_regtable(L, MB_REGSLOT_RREF_MT, NULL, make_rref_mt, kind, 4);   /* 3 keys */
+  else
+    push_regtable(L, kind->tag ? MB_REGSLOT_IDMT(kind->tag) : 0, &kind->mt_key,
+                  make_mt, kind, kind->methods ? 4 : 2);
+  lua_setmetatable(L, -2);
+  if (rref)                  /* after anything that may raise */
+    mb_remote_ref_retain(id);
+  lua_pushnumber(L, (lua_Number)id);
+  lua_pushvalue(L, -2);
+  lua_rawset(L, -4);
+  lua_remove(L, -2);
 }
 
 void mb_id_push(lua_State *L, uint64_t id, mb_idkind_t *kind)
@@ -167,21 +187,13 @@ void mb_id_push(lua_State *L, uint64_t id, mb_idkind_t *kind)
     return;
   }
   lua_pop(L, 1);
-  idbox_t *b = lua_newuserdata(L, sizeof *b);
-  b->id = id;
-  b->kind = kind;
-  int rref = kind == &mb_ref_kind && mb_id_is_remote(id);
-  if (rref)
-    push_regtable(L, &rref_mt_key, make_rref_mt, kind, 4);   /* 3 keys */
-  else
-    push_regtable(L, &kind->mt_key, make_mt, kind, kind->methods ? 4 : 2);
-  lua_setmetatable(L, -2);
-  if (rref)                  /* after anything that may raise */
-    mb_remote_ref_retain(id);
-  lua_pushnumber(L, (lua_Number)id);
-  lua_pushvalue(L, -2);
-  lua_rawset(L, -4);
-  lua_remove(L, -2);
+  push_made(L, id, kind);
+}
+
+void mb_id_push_new(lua_State *L, uint64_t id, mb_idkind_t *kind)
+{
+  push_intern(L, kind);
+  push_made(L, id, kind);
 }
 
 uint64_t mb_id_test(lua_State *L, int idx, const mb_idkind_t *kind)
@@ -204,20 +216,13 @@ void mb_id_register(mb_idkind_t *kind)
     kinds[kind->tag] = kind;
 }
 
-int mb_id_regkey(const void *key)
-{
-  if (key == &rref_mt_key)
-    return 1;
-  /* A registered kind has a tag, so its intern table is at a slot. */
-  for (unsigned t = 1; t <= MB_TAG_KIND_MAX; t++)
-    if (kinds[t] && key == &kinds[t]->mt_key)
-      return 1;
-  return 0;
-}
-
 int mb_id_regslot(double key)
 {
-  double t = -0x100 - key;     /* the inverse of MB_REGSLOT_INTERN */
+  if (key == MB_REGSLOT_RREF_MT)
+    return 1;
+  /* The inverses of MB_REGSLOT_INTERN and MB_REGSLOT_IDMT */
+  double t = key > MB_REGSLOT_INTERN(0) - 0x20 ? MB_REGSLOT_INTERN(0) - key
+                                                : MB_REGSLOT_IDMT(0) - key;
   return t >= 1 && t <= MB_TAG_KIND_MAX && t == (double)(unsigned)t &&
          kinds[(unsigned)t] != NULL;
 }

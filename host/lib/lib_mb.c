@@ -200,9 +200,9 @@ static int spawn_common(lua_State *L, int fnidx, const spawn_opts_t *o,
   mb_ref_t ref = o->monitor ? mb_proc_monitor(self, p->pid) : 0;
   mb_pid_t pid = p->pid;
   mb_sched_enqueue(p);   /* p may run and die at once: no use of p below */
-  mb_pid_push(L, pid);
+  mb_id_push_new(L, pid, &mb_pid_kind);
   if (o->monitor) {
-    mb_ref_push(L, ref);
+    mb_id_push_new(L, ref, &mb_ref_kind);
     return 2;
   }
   return 1;
@@ -641,7 +641,7 @@ static int l_monitor(lua_State *L)
 {
   if (lua_type(L, 1) == LUA_TTABLE)   /* {name, node} (lib_dist.c) */
     return mb_lib_dist_monitor_named(L);
-  mb_ref_push(L, mb_proc_monitor(mb_lib_self(L), mb_pid_check(L, 1)));
+  mb_id_push_new(L, mb_proc_monitor(mb_lib_self(L), mb_pid_check(L, 1)), &mb_ref_kind);
   return 1;
 }
 

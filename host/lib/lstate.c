@@ -1091,7 +1091,7 @@ static void find_lua_dir(void)
  * A reset leaves nothing of the old process reachable: the registry is
  * emptied (every library, module and reference of the old process goes
  * with it; only the ids' opaque metatables and weak intern tables stay,
- * see mb_id_regkey), the globals and the string metatable are dropped,
+ * see mb_id_regslot), the globals and the string metatable are dropped,
  * the GC's parameters are LuaJIT's defaults again, and the new process's
  * setup builds its globals as on a fresh state. The old world is then
  * garbage that the state's next collection frees (C finalizers, such as an
@@ -1212,9 +1212,7 @@ static int reset_roots(lua_State *L)
   lua_pushnil(L);
   while (lua_next(L, LUA_REGISTRYINDEX)) {
     lua_pop(L, 1);
-    int kt = lua_type(L, -1);
-    if ((kt == LUA_TLIGHTUSERDATA && mb_id_regkey(lua_touserdata(L, -1))) ||
-        (kt == LUA_TNUMBER && mb_id_regslot(lua_tonumber(L, -1))))
+    if (lua_type(L, -1) == LUA_TNUMBER && mb_id_regslot(lua_tonumber(L, -1)))
       continue;   /* ids' metatables and intern tables: nothing of the process */
     lua_pushvalue(L, -1);
     lua_pushnil(L);
