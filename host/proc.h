@@ -141,7 +141,7 @@ typedef struct mb_proc {
   mb_wait_t pending_wait;      /* what a MB_YIELD_WAIT waits for */
   lua_State **costack;         /* user coroutines running inside co */
   int con, cocap;
-  int budget;                  /* reductions left in this slice */
+  int budget;                  /* reductions left in a counted slice */
   int recv_match;              /* registry ref of the match function, or 0 */
   int recv_result;             /* what the scheduler's work on its behalf gave:
                                   receive -1/0/1, values pushed by boot or I/O */
@@ -152,6 +152,8 @@ typedef struct mb_proc {
   uint8_t settled;             /* its state had its first full collection */
   uint8_t lstate_tainted;      /* its state may not be reused (lstate.c) */
   uint8_t first;               /* the host's first process */
+  uint8_t counted;             /* its slices count instructions (run.c) */
+  atomic_uchar preempt;        /* the ticker asked it to yield (run.c) */
   struct mb_io_req *io_req;    /* the operation whose results are pushed now */
   /* An MB_WAIT_IO with a timer: pushes the results of a timeout. */
   int (*io_on_timeout)(lua_State *L, uint64_t arg);

@@ -6,6 +6,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "reg.h"
@@ -40,6 +41,13 @@ struct mb_sched {
   atomic_int stuck;               /* its slice went over the threshold */
   atomic_int done;                /* the thread has left its loop */
   uint64_t reported;              /* main thread: the slice last reported */
+  /* Preemption: what runs Lua now (the runner's), under plock; the ticker
+   * calls the preempter only with it, under plock. */
+  atomic_int plock;
+  mb_proc_t *running;
+  void *running_ctx;
+  int running_timed;              /* the ticker times this slice */
+  uint64_t poked_slice, poked_at; /* ticker thread: its last poke here */
 };
 
 mb_sched_opts_t mb_sched_opts;
@@ -55,6 +63,13 @@ static void (*after_loops[MB_SCHED_HOOKS])(void);
 static int nafter;
 static void (*on_collect[MB_SCHED_HOOKS])(void);
 static int ncollect;
+static void (*preempter)(mb_proc_t *p, void *ctx);
+static pthread_t ticker;
+static int ticker_started;
+static atomic_int ticker_stop;
+static atomic_int ticker_parked;
+static pthread_mutex_t park_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t park_cond = PTHREAD_COND_INITIALIZER;
 
 /* -- Run queues ----------------------------------------------------------- */
 
@@ -252,6 +267,164 @@ mb_sched_t *mb_sched_pick(void)
 }
 uv_loop_t *mb_sched_loop(mb_sched_t *s) { return &s->loop; }
 
+/* -- Preemption: the ticker ------------------------------------------------
+ * Most slices are short (a message handled, a request answered): their
+ * process runs with no count hook, so LuaJIT's interpreter dispatches at
+ * full speed (the hook's instrumented dispatch cost every VM instruction
+ * ~10 machine instructions: a tenth of an HTTP request). One ticker thread
+ * watches those slices instead: when one has run for its time
+ * (slice_reds * MB_NS_PER_RED), its process has an exit signal pending, or
+ * the host halts, it calls the runner's preempter, which arms the count
+ * hook of that process's state; the hook then yields it at its next safe
+ * point (host/lib/run.c). A process preempted that way computes: the
+ * runner then lets it count its own slices with the hook, as before,
+ * until it blocks, and says so (mb_sched_running's `timed` 0), since a
+ * ticker that woke every slice time for it cost ~20 us of CPU a wake-up
+ * on this machine's VM: 8% of a core. The preempter runs under the
+ * scheduler's plock, which the runner takes to say what runs Lua there
+ * (mb_sched_running) and around its own hook changes, so the state it is
+ * given is live and no hook change of the owner thread is lost.
+ * The ticker sleeps until the earliest moment a running slice can be due,
+ * but at least its gap: one slice time while it had something to preempt
+ * lately, doubling each quiet round up to MB_TICK_MAX_NS, so that a host
+ * whose slices are short wakes it ~500 times a second, and a loop that
+ * starts after a quiet spell runs at most MB_TICK_MAX_NS more before its
+ * first preemption. A poke the state missed (LuaJIT restores its hook mask
+ * after a __gc finalizer) is repeated after another slice time. With no
+ * slice running for MB_TICK_PARK rounds it parks until a slice starts
+ * (ticker_unpark): an idle host wakes no thread. */
+
+static void plock(mb_sched_t *s)
+{
+  while (atomic_exchange_explicit(&s->plock, 1, memory_order_acquire))
+    while (atomic_load_explicit(&s->plock, memory_order_relaxed))
+      ;
+}
+
+static void punlock(mb_sched_t *s)
+{
+  atomic_store_explicit(&s->plock, 0, memory_order_release);
+}
+
+void mb_sched_set_preempter(void (*fn)(mb_proc_t *p, void *ctx))
+{
+  preempter = fn;
+}
+
+void mb_sched_running(mb_sched_t *s, mb_proc_t *p, void *ctx, int timed)
+{
+  plock(s);
+  s->running = p;
+  s->running_ctx = ctx;
+  s->running_timed = timed;
+  punlock(s);
+}
+
+void mb_sched_hook_lock(void)
+{
+  if (self)
+    plock(self);
+}
+
+void mb_sched_hook_unlock(void)
+{
+  if (self)
+    punlock(self);
+}
+
+uint64_t mb_sched_slice_ns(mb_sched_t *s)
+{
+  uint64_t st = atomic_load_explicit(&s->slice_start, memory_order_relaxed);
+  return st ? uv_hrtime() - st : 0;
+}
+
+/* Poke s's running process if its slice is due (or it must stop anyway);
+ * returns when the slice there may next be due, or 0 if none runs that
+ * the ticker times. */
+static uint64_t tick(mb_sched_t *s, uint64_t now, uint64_t slice, int *poked)
+{
+  uint64_t st = atomic_load_explicit(&s->slice_start, memory_order_acquire);
+  if (st == 0)
+    return 0;
+  uint64_t due = (s->poked_slice == st ? s->poked_at : st) + slice;
+  plock(s);
+  mb_proc_t *p = s->running;
+  if (p && !s->running_timed) {
+    due = 0;
+  } else if (p && (now >= due || mb_sched_halting() ||
+                   atomic_load_explicit(&p->nsignals, memory_order_relaxed))) {
+    preempter(p, s->running_ctx);
+    s->poked_slice = st;
+    s->poked_at = now;
+    due = now + slice;
+    *poked = 1;
+  }
+  punlock(s);
+  return due;
+}
+
+/* A slice starts on a scheduler: the ticker must be watching. (The
+ * scheduler stores slice_start, then looks at ticker_parked; the ticker
+ * sets ticker_parked, then looks at every slice_start: one of the two
+ * sees the other.) */
+static void ticker_unpark(void)
+{
+  pthread_mutex_lock(&park_lock);
+  atomic_store(&ticker_parked, 0);
+  pthread_cond_signal(&park_cond);
+  pthread_mutex_unlock(&park_lock);
+}
+
+static int any_slice(void)
+{
+  for (int i = 0; i < nscheds; i++)
+    if (atomic_load(&scheds[i].slice_start))
+      return 1;
+  return 0;
+}
+
+static void ticker_park(void)
+{
+  pthread_mutex_lock(&park_lock);
+  atomic_store(&ticker_parked, 1);
+  while (atomic_load(&ticker_parked) && !any_slice() && !atomic_load(&ticker_stop))
+    pthread_cond_wait(&park_cond, &park_lock);
+  atomic_store(&ticker_parked, 0);
+  pthread_mutex_unlock(&park_lock);
+}
+
+static void *ticker_main(void *arg)
+{
+  (void)arg;
+  uint64_t slice = (uint64_t)mb_sched_opts.slice_reds * MB_NS_PER_RED;
+  uint64_t gap = slice;
+  int quiet = 0;
+  while (!atomic_load(&ticker_stop)) {
+    uint64_t now = uv_hrtime(), next = now + MB_TICK_MAX_NS;
+    int poked = 0, busy = 0;
+    for (int i = 0; i < nscheds; i++) {
+      uint64_t due = tick(&scheds[i], now, slice, &poked);
+      if (due && due < next)
+        next = due;
+      busy |= due != 0;
+    }
+    quiet = busy ? 0 : quiet + 1;
+    if (quiet >= MB_TICK_PARK) {
+      ticker_park();
+      quiet = 0;
+      gap = slice;
+      continue;
+    }
+    gap = poked ? slice : gap * 2 < MB_TICK_MAX_NS ? gap * 2 : MB_TICK_MAX_NS;
+    if (next < now + gap)
+      next = now + gap;
+    struct timespec ts = {(time_t)(next / 1000000000u), (long)(next % 1000000000u)};
+    while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
+      ;
+  }
+  return NULL;
+}
+
 /* -- The scheduler thread ------------------------------------------------- */
 
 static void poll_loop(mb_sched_t *s, int force)
@@ -282,7 +455,9 @@ static void *sched_main(void *arg)
     if (p) {
       MB_PROC_DBG_RUNNER(p, (unsigned long)pthread_self());
       atomic_store_explicit(&s->slice_pid, p->pid, memory_order_relaxed);
-      atomic_store_explicit(&s->slice_start, uv_hrtime(), memory_order_release);
+      atomic_store_explicit(&s->slice_start, uv_hrtime(), memory_order_seq_cst);
+      if (atomic_load(&ticker_parked))
+        ticker_unpark();
       runner(s, p);
       atomic_store_explicit(&s->slice_start, 0, memory_order_release);
       if (atomic_load_explicit(&s->stuck, memory_order_relaxed))
@@ -358,6 +533,12 @@ int mb_sched_run(void)
       return -rc;
   }
   pthread_attr_destroy(&attr);
+  if (mb_sched_opts.slice_reds > 0 && preempter) {
+    int rc = pthread_create(&ticker, NULL, ticker_main, NULL);
+    if (rc)
+      return -rc;
+    ticker_started = 1;
+  }
   return 0;
 }
 
@@ -602,6 +783,11 @@ int mb_sched_wait(void)
   }
   for (int i = 0; i < nscheds; i++)
     pthread_join(scheds[i].thread, NULL);
+  if (ticker_started) {
+    atomic_store(&ticker_stop, 1);
+    ticker_unpark();
+    pthread_join(ticker, NULL);
+  }
   /* Processes first: their exit hooks may still post to the loops. */
   mb_proc_shutdown();
   for (int i = 0; i < nscheds; i++) {

@@ -67,10 +67,19 @@ typedef struct mb_sched mb_sched_t;
 #define MB_WATCHDOG_MS 1000
 #define MB_HALT_GRACE_MS 3000
 
+/* Preemption (see "Preemption: the ticker" in scheduler.c): a slice of
+ * slice_reds reductions runs slice_reds * MB_NS_PER_RED ns (500: 0.2 ms)
+ * before the ticker asks the runner to preempt it; the ticker sleeps at
+ * most MB_TICK_MAX_NS at a time, and parks after MB_TICK_PARK rounds
+ * without a slice running. */
+#define MB_NS_PER_RED 400
+#define MB_TICK_MAX_NS 2000000
+#define MB_TICK_PARK 16
+
 typedef struct mb_sched_opts {
   int schedulers;     /* threads; default: number of cores */
-  int slice_reds;     /* reductions per slice (the runner's budget); 0
-                         disables preemption */
+  int slice_reds;     /* reductions per slice (its time: MB_NS_PER_RED
+                         each); 0 disables preemption */
   int watchdog_ms;    /* report slices longer than this; 0: no watchdog */
   long long max_memory; /* bytes the processes may hold in all (their heaps,
                            queues, continuations: mb_alloc_host_total);
@@ -104,6 +113,25 @@ void mb_sched_enqueue(mb_proc_t *p);
  * the shortest queue, see DESIGN). */
 void mb_sched_push(mb_sched_t *s, mb_proc_t *p);
 void mb_sched_requeue(mb_sched_t *s, mb_proc_t *p);
+
+/* Preemption. fn(p, ctx) is called by the ticker thread, under the
+ * scheduler's preemption lock, with the process and context the runner
+ * said run Lua there (mb_sched_running, timed) when that slice has run its
+ * time, when p has an exit signal pending, or while the host halts; it
+ * must make p stop soon (and may be called again for the same slice). Set
+ * once, before mb_sched_run. */
+void mb_sched_set_preempter(void (*fn)(mb_proc_t *p, void *ctx));
+/* The runner's side, on s's thread: p (with ctx) runs Lua now, or nothing
+ * (p NULL); timed: the ticker times the slice (else p counts its own and
+ * the ticker leaves it alone). Once this returns with NULL, no preempter
+ * call for the old p is running or will start. */
+void mb_sched_running(mb_sched_t *s, mb_proc_t *p, void *ctx, int timed);
+/* Hold off the preempter on the calling thread's scheduler (no-op on other
+ * threads): around the owner's own changes to what the preempter changes. */
+void mb_sched_hook_lock(void);
+void mb_sched_hook_unlock(void);
+/* How long the slice now running on s has run (ns), 0 if none. s's thread. */
+uint64_t mb_sched_slice_ns(mb_sched_t *s);
 
 /* Halt the host with code: schedulers stop after their current slice.
  * The first call decides the code. Any thread. */

@@ -319,7 +319,9 @@ static int l_send(lua_State *L)
   mb_msg_t *m = encode_or_raise(L, 2, "send", "msg");
   if (mb_id_is_remote(dest))
     mb_lib_dist_check(L, m, "send");
-  p->budget -= MB_REDS_PER_SEND + (int)(m->len / MB_COPY_BYTES_PER_RED);
+  atomic_store_explicit(&p->reductions,
+      atomic_load_explicit(&p->reductions, memory_order_relaxed) + MB_REDS_PER_SEND +
+      m->len / MB_COPY_BYTES_PER_RED, memory_order_relaxed);
   m->kind = MB_MSG_USER;
   m->from = p->pid;
   m->ref = alias;

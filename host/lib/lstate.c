@@ -223,6 +223,22 @@ typedef struct uhook {
 
 static char uhook_key, uhookfn_key;
 
+/* Every hook change of the owner thread: under the scheduler's preemption
+ * lock, so that the ticker's poke (run.c) and this change never overlap. */
+void mb_lstate_set_hook(lua_State *L, lua_Hook f, int mask, int count)
+{
+  mb_sched_hook_lock();
+  lua_sethook(L, f, mask, count);
+  mb_sched_hook_unlock();
+}
+
+/* The scheduler's polling interval under a user's hook: it must see a
+ * poke (p->preempt) within this many instructions. */
+static int sched_poll(void)
+{
+  return mb_sched_opts.slice_reds > 0 ? MB_HOOK_INSTRUCTIONS : 0;
+}
+
 static void uhook_dispatch(lua_State *L, lua_Debug *ar);
 
 /* Push registry[&uhook_key]; return it, or NULL if it is not ours. */
@@ -235,14 +251,14 @@ static uhook_t *uhook_push(lua_State *L)
   return lua_touserdata(L, -1);
 }
 
-/* The scheduler's hook alone, as before any debug.sethook. */
+/* The scheduler's hook alone, as before any debug.sethook: it looks at
+ * once whether a preemption is due, and takes itself off if not. */
 static void uhook_restore(lua_State *L, uhook_t *h)
 {
-  int n = h->sched_left > 0 ? h->sched_left : h->sched;
   if (h->sched > 0)
-    lua_sethook(L, mb_run_hook, LUA_MASKCOUNT, n);
+    mb_lstate_set_hook(L, mb_run_hook, LUA_MASKCOUNT, 1);
   else
-    lua_sethook(L, NULL, 0, 0);
+    mb_lstate_set_hook(L, NULL, 0, 0);
 }
 
 /* Install the dispatcher for h's mask and the nearer of the two counts. */
@@ -262,7 +278,7 @@ static void uhook_install(lua_State *L, uhook_t *h)
    * the dispatcher drops the line events the user did not ask for. */
   if ((mask & LUA_MASKRET) && (mask & LUA_MASKCOUNT))
     mask |= LUA_MASKLINE;
-  lua_sethook(L, uhook_dispatch, mask, step);
+  mb_lstate_set_hook(L, uhook_dispatch, mask, step);
 }
 
 /* Call the user's function for event ar, as LuaJIT's debug.sethook does
@@ -295,10 +311,7 @@ static void uhook_dispatch(lua_State *L, lua_Debug *ar)
   uhook_t *h = uhook_push(L);   /* stays on the stack: anchored */
   if (h == NULL) {
     lua_pop(L, 1);
-    if (mb_sched_opts.slice_reds > 0)
-      lua_sethook(L, mb_run_hook, LUA_MASKCOUNT, MB_HOOK_INSTRUCTIONS);
-    else
-      lua_sethook(L, NULL, 0, 0);
+    mb_lstate_set_hook(L, sched_poll() ? mb_run_hook : NULL, LUA_MASKCOUNT, 1);
     return;
   }
   static const int wants[] = {LUA_MASKCALL, LUA_MASKRET, LUA_MASKLINE, 0,
@@ -333,14 +346,17 @@ void mb_lstate_sethook(lua_State *L, int count)
   if (lua_gethook(L) == uhook_dispatch) {
     uhook_t *h = uhook_push(L);
     if (h) {
-      h->sched = h->sched_left = count;
+      h->sched = h->sched_left = count > 0 ? count : sched_poll();
       uhook_install(L, h);
       lua_pop(L, 1);
       return;
     }
     lua_pop(L, 1);
   }
-  lua_sethook(L, mb_run_hook, LUA_MASKCOUNT, count);
+  if (count > 0)
+    mb_lstate_set_hook(L, mb_run_hook, LUA_MASKCOUNT, count);
+  else
+    mb_lstate_set_hook(L, NULL, 0, 0);
 }
 
 int mb_lstate_in_user_hook(lua_State *L)
@@ -386,8 +402,9 @@ static int db_sethook(lua_State *L)
     installed = 0;
   }
   if (!installed) {
-    /* Take over the scheduler's count where it stands. */
-    h->sched = lua_gethook(L) == mb_run_hook ? lua_gethookcount(L) : 0;
+    /* Take over the scheduler's count where it stands (a preemption
+     * waiting for a safe point), else poll for the ticker's pokes. */
+    h->sched = lua_gethook(L) == mb_run_hook ? lua_gethookcount(L) : sched_poll();
     h->sched_left = h->sched;
     h->depth = 0;
   }
@@ -1332,8 +1349,8 @@ int mb_lstate_new(mb_proc_t *p)
    * goes idle (mb_lstate_settle), which also sets the next cycle at the
    * usual pause (2x live). Measured: a chat user 43 -> 38 KB. */
   p->L = L;
-  if (mb_sched_opts.slice_reds > 0)
-    lua_sethook(L, mb_run_hook, LUA_MASKCOUNT, MB_HOOK_INSTRUCTIONS);
+  if (lua_gethook(L))          /* a reused state's, from its last process */
+    lua_sethook(L, NULL, 0, 0);
   return 0;
 }
 

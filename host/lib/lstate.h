@@ -80,10 +80,15 @@ void mb_lstate_push_module(lua_State *L);
  * source text into a process's state; may raise (out of memory). */
 void mb_lstate_lexer(lua_State *L);
 
-/* Set the scheduler's count hook to fire every `count` instructions, keeping
- * a debug hook the process set (see DESIGN). The scheduler's only way to
- * change its hook. Owner thread. */
+/* Set the scheduler's count hook to fire after `count` instructions, or
+ * (count 0) take it off, keeping a debug hook the process set (see DESIGN;
+ * under a debug hook the scheduler's hook still polls every
+ * MB_HOOK_INSTRUCTIONS). The scheduler's only way to change its hook.
+ * Owner thread. */
 void mb_lstate_sethook(lua_State *L, int count);
+/* lua_sethook under the scheduler's preemption lock (scheduler.h): every
+ * hook change of a process's state goes through it. Owner thread. */
+void mb_lstate_set_hook(lua_State *L, lua_Hook f, int mask, int count);
 /* Is L's process running its debug hook function now? It may not block
  * there (LuaJIT cannot yield out of a hook). */
 int mb_lstate_in_user_hook(lua_State *L);

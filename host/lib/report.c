@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "lauxlib.h"
+#include "lstate.h"
 #include "report.h"
 
 /* A report shows at most this much of a reason. */
@@ -24,9 +25,9 @@ static void tostring_budget_hook(lua_State *L, lua_Debug *ar)
  * LUAJIT-FACTS.md), which does not matter: the process is dying. */
 static int call_tostring(lua_State *L)
 {
-  lua_sethook(L, tostring_budget_hook, LUA_MASKCOUNT, MB_REPORT_TOSTRING_INSTRUCTIONS);
+  mb_lstate_set_hook(L, tostring_budget_hook, LUA_MASKCOUNT, MB_REPORT_TOSTRING_INSTRUCTIONS);
   int has = luaL_callmeta(L, 1, "__tostring");
-  lua_sethook(L, NULL, 0, 0);
+  mb_lstate_set_hook(L, NULL, 0, 0);
   return has;
 }
 

@@ -62,20 +62,35 @@ static int must_die(mb_proc_t *p)
   return p->exit_reason != NULL;
 }
 
+/* The count hook. A process's slices start with no hook (the fast
+ * dispatch) and the ticker pokes one that runs its time (preempt below):
+ * the hook then fires at the next VM instruction. A process preempted so
+ * computes: its next slices count, with the hook every MB_HOOK_INSTRUCTIONS
+ * charging MB_REDS_PER_HOOK of its budget, until a slice ends by blocking
+ * (p->counted, see run). The hook also fires while a preemption waits for
+ * a safe point, and from the dispatcher of a user's debug.sethook, which
+ * polls it every MB_HOOK_INSTRUCTIONS. With nothing due in an uncounted
+ * slice it takes itself off. */
 void mb_run_hook(lua_State *L, lua_Debug *ar)
 {
+  (void)ar;
   mb_proc_t *p = mb_proc_of(L);
   if (p->co == NULL)
     return;
-  atomic_store_explicit(&p->reductions,
-      atomic_load_explicit(&p->reductions, memory_order_relaxed) + MB_REDS_PER_HOOK,
-      memory_order_relaxed);
-  p->budget -= MB_REDS_PER_HOOK;
   int die = must_die(p);
-  if (!die && p->budget > 0 && !mb_sched_halting())
+  int poked = atomic_load_explicit(&p->preempt, memory_order_relaxed);
+  if (p->counted && (p->budget -= MB_REDS_PER_HOOK) <= 0)
+    poked = 1;
+  if (!die && !poked && !mb_sched_halting()) {
+    if (!p->counted && lua_gethook(L) == mb_run_hook)
+      mb_lstate_sethook(L, 0);
     return;
+  }
   if (can_yield(p, L)) {
-    mb_lstate_sethook(L, MB_HOOK_INSTRUCTIONS);
+    atomic_store_explicit(&p->preempt, 0, memory_order_relaxed);
+    if (poked)
+      p->counted = 1;   /* it computes: it counts its slices from now on */
+    mb_lstate_sethook(L, p->counted ? MB_HOOK_INSTRUCTIONS : 0);
     p->yield = die ? MB_YIELD_EXIT : MB_YIELD_PREEMPT;
     lua_yield(L, 0);
     return;
@@ -93,6 +108,41 @@ void mb_run_hook(lua_State *L, lua_Debug *ar)
   mb_lstate_sethook(L, die ? 1 : MB_HOOK_RETRY_INSTRUCTIONS);
   if (die)
     luaL_error(L, "process is exiting");
+}
+
+/* The ticker's (scheduler.h): p's slice has run its time, a signal waits
+ * for it, or the host halts. Under the scheduler's preemption lock, on the
+ * ticker's thread: the state L is p's and stays so during the call (the
+ * runner says so with mb_sched_running). Arms the hook to fire at the next
+ * VM instruction, unless a hook is set already - the scheduler's own
+ * (waiting for a safe point) or a user's dispatcher, which polls: both
+ * look at p->preempt. lua_sethook from another thread is what LuaJIT's own
+ * profiler does from a signal handler: the interpreter picks up the new
+ * dispatch at its next instruction. */
+static void preempt(mb_proc_t *p, void *ctx)
+{
+  lua_State *L = ctx;
+  atomic_store_explicit(&p->preempt, 1, memory_order_relaxed);
+  if (lua_gethook(L) == NULL)
+    lua_sethook(L, mb_run_hook, LUA_MASKCOUNT, 1);
+}
+
+/* p runs Lua on this thread's scheduler from now on (or no longer): the
+ * ticker may preempt it. */
+static void runs_lua(mb_proc_t *p)
+{
+  mb_sched_t *s = mb_sched_self();
+  if (s)
+    mb_sched_running(s, p, p ? p->L : NULL, p && !p->counted);
+}
+
+/* Reductions (mb.info): one per slice and one per MB_NS_PER_RED of it. */
+static void charge(mb_sched_t *s, mb_proc_t *p)
+{
+  uint64_t ns = mb_sched_slice_ns(s);
+  atomic_store_explicit(&p->reductions,
+      atomic_load_explicit(&p->reductions, memory_order_relaxed) + 1 + ns / MB_NS_PER_RED,
+      memory_order_relaxed);
 }
 
 /* -- Running a slice ------------------------------------------------------ */
@@ -177,6 +227,7 @@ static mb_msg_t *pop_reason(lua_State *L, const char *fallback)
  * holds the memory the message needs. */
 static mb_msg_t *oom_reason(mb_proc_t *p)
 {
+  runs_lua(NULL);
   mb_lstate_close(p);
   mb_msg_t *m = mb_msg_string("out of memory");
   if (m == NULL && mb_alloc_failed())
@@ -334,6 +385,7 @@ static int boot(mb_proc_t *p)
     p->exit_reason = mb_must(mb_msg_string("out of memory"));
     return MUST_DIE;
   }
+  runs_lua(p);
   p->booting = 1;
   int rc = lua_cpcall(p->L, boot_cf, p);
   p->booting = 0;
@@ -447,8 +499,17 @@ static int wait_on(mb_proc_t *p)
 static void run(mb_sched_t *s, mb_proc_t *p)
 {
   atomic_store_explicit(&p->running, 1, memory_order_relaxed);
+  p->budget = mb_sched_opts.slice_reds;
+  /* A poke that came after the last slice's Lua ended is not for this one. */
+  if (atomic_load_explicit(&p->preempt, memory_order_relaxed)) {
+    atomic_store_explicit(&p->preempt, 0, memory_order_relaxed);
+    if (p->L && !p->counted && lua_gethook(p->L) == mb_run_hook)
+      mb_lstate_sethook(p->L, 0);
+  }
   int nargs;
   for (;;) {
+    if (p->L)
+      runs_lua(p);
     if (p->hibernated)
       nargs = wake(p);
     else if (p->boot)
@@ -459,10 +520,12 @@ static void run(mb_sched_t *s, mb_proc_t *p)
       nargs = must_die(p) ? MUST_DIE : 0;
     if (nargs != GOES_ON)
       break;
+    runs_lua(NULL);
     if (!wait_on(p))
       return;
   }
   if (nargs == MUST_DIE) {
+    runs_lua(NULL);
     mb_msg_t *reason = p->exit_reason;
     p->exit_reason = NULL;
     if (!p->boot || p->hibernated)   /* a failed boot has reported */
@@ -470,8 +533,9 @@ static void run(mb_sched_t *s, mb_proc_t *p)
     die(p, reason);
     return;
   }
-  p->budget = mb_sched_opts.slice_reds;
   int st = lua_resume(p->co, nargs);
+  runs_lua(NULL);
+  charge(s, p);
   if (p->alloc.oom && st != LUA_ERRRUN && st != LUA_ERRMEM && must_die(p)) {
     /* A refused allocation was caught (pcall) and the process went on:
      * the limit still ends it, as in Erlang's max_heap_size. */
@@ -489,6 +553,10 @@ static void run(mb_sched_t *s, mb_proc_t *p)
       mb_report_exit(p, reason);
       die(p, reason);
       return;
+    }
+    if (p->counted && (why == MB_YIELD_WAIT || why == MB_YIELD_HIBERNATE)) {
+      p->counted = 0;   /* it blocks: its next slices run uncounted */
+      mb_lstate_sethook(p->L, 0);
     }
     if (why == MB_YIELD_HIBERNATE) {
       hibernate(s, p);
@@ -612,5 +680,6 @@ void mb_run_init(void)
   mb_copy_own_module = own_module;
   mb_lstate_init();
   mb_sched_set_runner(run);
+  mb_sched_set_preempter(preempt);
   mb_proc_add_exit_hook(mb_lstate_close);
 }

@@ -14,9 +14,15 @@
  * a protected call on the state's idle main thread, never on the suspended
  * coroutine.
  *
- * Preemption: a count hook fires every MB_HOOK_INSTRUCTIONS VM instructions
- * and charges MB_REDS_PER_HOOK reductions. When the slice is spent, the hook
- * yields the body coroutine - but only at a safe point: never across a C
+ * Preemption, in two modes. A slice starts uncounted: no hook, so LuaJIT's
+ * interpreter dispatches at full speed, and the executor's ticker
+ * (scheduler.c) times it; when it has run its time the ticker calls
+ * preempt (run.c), which arms the count hook for the next VM instruction.
+ * A process preempted that way computes, so its next slices count: the
+ * hook fires every MB_HOOK_INSTRUCTIONS VM instructions and charges
+ * MB_REDS_PER_HOOK reductions of the slice's budget, as the BEAM counts
+ * reductions, until one of its slices ends by blocking. Either way the
+ * hook yields the body coroutine - but only at a safe point: never across a C
  * function other than pcall/xpcall (a table.sort comparator, a gsub callback,
  * a module's top level), and only from the innermost coroutine that the
  * process's coroutine wrappers know about (see lstate.c), which pass the
@@ -32,13 +38,16 @@
 #include "proc.h"
 #include "scheduler.h"
 
-/* Budgets. One reduction is about MB_HOOK_INSTRUCTIONS / MB_REDS_PER_HOOK
- * = 100 Lua VM instructions. A slice of 500 reductions is 50,000
- * instructions: measured, 0.2 ms of interpreted Lua with the hook on (2000
- * reductions measured 0.8 ms, which let a ping-pong pair wait tens of ms
- * behind busy processes). The 1.4 us of a hook-driven yield stays under 1%.
- * Sending charges MB_REDS_PER_SEND plus one per MB_COPY_BYTES_PER_RED bytes
- * copied (as the BEAM's ERTS_MSG_COPY_WORDS_PER_REDUCTION). */
+/* Budgets. In a counted slice one reduction is about MB_HOOK_INSTRUCTIONS /
+ * MB_REDS_PER_HOOK = 100 Lua VM instructions, and a slice of 500
+ * reductions 50,000 instructions: measured, 0.1-0.2 ms of interpreted Lua
+ * with the hook on (2000 reductions measured 0.8 ms, which let a ping-pong
+ * pair wait tens of ms behind busy processes). An uncounted slice lasts
+ * MB_NS_PER_RED ns a reduction (scheduler.h): 0.2 ms. The 1.4 us of a
+ * hook-driven yield stays under 1%. mb.info's reductions: one a slice, one
+ * per MB_NS_PER_RED of it, and for sending MB_REDS_PER_SEND plus one per
+ * MB_COPY_BYTES_PER_RED bytes copied (as the BEAM's
+ * ERTS_MSG_COPY_WORDS_PER_REDUCTION). */
 #define MB_HOOK_INSTRUCTIONS 1000
 #define MB_REDS_PER_HOOK 10
 #define MB_SLICE_REDS 500
