@@ -143,6 +143,127 @@ describe("preemption", function()
     end)
   end)
 
+  -- A slice starts without the count hook and the ticker thread arms it
+  -- once the slice has run its time; a process preempted so counts its
+  -- slices until one ends by blocking (README "Preemption and what blocks").
+  describe("the ticker (--schedulers 1)", function()
+    it("preempts a computing process in its first slice, after a quiet spell", function()
+      -- 20 processes each compute ~100 slices' worth and end, while a pinger
+      -- plays ping-pong. Their first slice runs without the count hook: only
+      -- the ticker can preempt it. Preempted, they let the pinger's round
+      -- trips through between their slices (thousands); not preempted, each
+      -- would hold the only scheduler until it ends, and the round trips
+      -- would only pass between them (a few dozen at most).
+      local s = S.write("first_slice.lua", [[
+        local mb = require "moonbeam"
+        local me = mb.self()
+        mb.sleep(100)   -- nothing runs: the ticker parks
+        local echo = mb.spawn(function()
+          while true do local m = mb.receive() mb.send(m.from, m.i) end
+        end)
+        local pinger = mb.spawn(function()
+          local n, self = 0, mb.self()
+          while not mb.receive(function(m) return m == "report" end, 0) do
+            mb.send(echo, { from = self, i = n })
+            mb.receive(function(x) return x == n end)
+            n = n + 1
+          end
+          mb.send(me, { trips = n })
+        end)
+        local refs = {}
+        for i = 1, 20 do
+          local _, ref = mb.spawn_monitor(function()
+            local x = 0
+            for j = 1, 3000000 do x = (x * 3 + j) % 1000003 end
+          end)
+          refs[ref] = true
+        end
+        for _ = 1, 20 do
+          local m = mb.receive(function(m) return type(m) == "table" and refs[m.ref] end, 20000)
+          if m == nil then print("stalled") os.exit(1) end
+        end
+        mb.send(pinger, "report")
+        local r = mb.receive(function(m) return type(m) == "table" and m.trips end, 10000)
+        print("round trips: " .. (r and r.trips or "none"))
+        os.exit(0)
+      ]])
+      local code, out, err = S.moonbeam("--schedulers 1 " .. S.q(s), nil, 60)
+      assert.are.equal(0, code, out .. err)
+      local trips = tonumber(out:match("round trips: (%d+)"))
+      assert.is_truthy(trips, out .. err)
+      assert.is_true(trips >= 200, out .. err)
+    end)
+
+    it("an idle host wakes no thread while its process sleeps", function()
+      -- The threads' voluntary context switches over 300 ms of sleep: the
+      -- scheduler's loop wakes for the timer, the main thread's watchdog
+      -- every 100 ms; a ticker that did not park would add one every 2 ms.
+      local s = S.write("idle_threads.lua", [[
+        local mb = require "moonbeam"
+        local stat = io.open("/proc/self/stat")
+        local pid = stat:read("*a"):match("^(%d+)")
+        stat:close()
+        local function switches()
+          local n = 0
+          local ls = io.popen("ls /proc/" .. pid .. "/task")
+          for tid in ls:lines() do
+            local f = io.open("/proc/" .. pid .. "/task/" .. tid .. "/status")
+            if f then
+              n = n + tonumber(f:read("*a"):match("\nvoluntary_ctxt_switches:%s*(%d+)"))
+              f:close()
+            end
+          end
+          ls:close()
+          return n
+        end
+        mb.sleep(100)
+        local a = switches()
+        mb.sleep(300)
+        print("switches: " .. (switches() - a))
+        os.exit(0)
+      ]])
+      local code, out, err = S.moonbeam("--schedulers 1 " .. S.q(s), nil, 15)
+      assert.are.equal(0, code, out .. err)
+      local n = tonumber(out:match("switches: (%d+)"))
+      assert.is_truthy(n, out .. err)
+      assert.is_true(n < 60, out .. err)
+    end)
+  end)
+
+  it("an exit signal stops a busy process at once, before its first preemption", function()
+    local s = S.write("kill_busy.lua", [[
+      local mb = require "moonbeam"
+      local me = mb.self()
+      for round = 1, 20 do
+        local pid, ref = mb.spawn_monitor(function()
+          mb.send(me, "go")
+          local x = 0
+          while true do x = (x * 3 + 1) % 1000003 end
+        end)
+        mb.receive(function(m) return m == "go" end, 5000)
+        mb.exit(pid, "stop")
+        local m = mb.receive(function(m) return type(m) == "table" and m.ref == ref end, 5000)
+        if not (m and m.reason == "stop") then print("no DOWN in round " .. round) os.exit(1) end
+      end
+      print("all stopped")
+      os.exit(0)
+    ]])
+    local code, out, err = S.moonbeam(S.q(s), nil, 30)
+    assert.are.equal(0, code, out .. err)
+    assert.are.equal("all stopped\n", out, err)
+  end)
+
+  it("mb.halt ends a host whose processes all compute", function()
+    local s = S.write("halt_busy.lua", [[
+      local mb = require "moonbeam"
+      for _ = 1, 4 do mb.spawn(function() local x = 0 while true do x = x + 1 end end) end
+      mb.sleep(50)
+      mb.halt(7)
+    ]])
+    local code, out, err = S.moonbeam(S.q(s), nil, 15)
+    assert.are.equal(7, code, out .. err)
+  end)
+
   describe("blocking calls inside user coroutines", function()
     it("receive inside coroutine.wrap blocks the process and resumes it correctly", function()
       local pid, ref = mb.spawn_monitor(function(parent)
