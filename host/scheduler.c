@@ -332,12 +332,6 @@ void mb_sched_hook_unlock(void)
     punlock(self);
 }
 
-uint64_t mb_sched_slice_ns(mb_sched_t *s)
-{
-  uint64_t st = atomic_load_explicit(&s->slice_start, memory_order_relaxed);
-  return st ? uv_hrtime() - st : 0;
-}
-
 /* Poke s's running process if its slice is due (or it must stop anyway);
  * returns when the slice there may next be due, or 0 if none runs that
  * the ticker times. */

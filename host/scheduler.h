@@ -130,8 +130,6 @@ void mb_sched_running(mb_sched_t *s, mb_proc_t *p, void *ctx, int timed);
  * threads): around the owner's own changes to what the preempter changes. */
 void mb_sched_hook_lock(void);
 void mb_sched_hook_unlock(void);
-/* How long the slice now running on s has run (ns), 0 if none. s's thread. */
-uint64_t mb_sched_slice_ns(mb_sched_t *s);
 
 /* Halt the host with code: schedulers stop after their current slice.
  * The first call decides the code. Any thread. */

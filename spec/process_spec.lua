@@ -429,17 +429,22 @@ describe("processes", function()
       mb.send(big, "stop")
     end)
 
-    it("counts reductions", function()
+    it("counts reductions: many for a process that computes, few for one that waits", function()
+      -- 1e7 iterations are dozens of slices: preempted first by the
+      -- ticker (a whole slice, 500), then counting its own.
       local pid = mb.spawn(function(parent)
         local x = 0
-        for i = 1, 1e6 do x = x + i end
+        for i = 1, 1e7 do x = (x + i) % 1000003 end
         mb.send(parent, { burned = x })
         mb.receive(function(m) return m == "stop" end, 5000)
       end, mb.self())
+      local idle = mb.spawn(function() mb.receive(function(m) return m == "stop" end, 5000) end)
       S.recv(function(m) return type(m) == "table" and m.burned ~= nil end)
-      local r = mb.info(pid).reductions
-      assert.is_true(r > 0, "reductions: " .. tostring(r))
+      local r, q = mb.info(pid).reductions, mb.info(idle).reductions
+      assert.is_true(r >= 1000, "reductions: " .. tostring(r))
+      assert.is_true(q >= 1 and q < 50, "an idle process's reductions: " .. tostring(q))
       mb.send(pid, "stop")
+      mb.send(idle, "stop")
     end)
 
     it("gives the registered name, and nil for an unnamed process", function()

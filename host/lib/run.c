@@ -136,12 +136,15 @@ static void runs_lua(mb_proc_t *p)
     mb_sched_running(s, p, p ? p->L : NULL, p && !p->counted);
 }
 
-/* Reductions (mb.info): one per slice and one per MB_NS_PER_RED of it. */
-static void charge(mb_sched_t *s, mb_proc_t *p)
+/* Reductions (mb.info) for the slice that ended: one, plus what a
+ * counted slice spent of its budget, or a whole slice for one the ticker
+ * preempted (no clock is read: most slices are short). */
+static void charge(mb_proc_t *p, int was_counted)
 {
-  uint64_t ns = mb_sched_slice_ns(s);
+  int spent = was_counted ? mb_sched_opts.slice_reds - p->budget
+                          : p->counted ? mb_sched_opts.slice_reds : 0;
   atomic_store_explicit(&p->reductions,
-      atomic_load_explicit(&p->reductions, memory_order_relaxed) + 1 + ns / MB_NS_PER_RED,
+      atomic_load_explicit(&p->reductions, memory_order_relaxed) + 1 + (spent > 0 ? spent : 0),
       memory_order_relaxed);
 }
 
@@ -533,9 +536,10 @@ static void run(mb_sched_t *s, mb_proc_t *p)
     die(p, reason);
     return;
   }
+  int was_counted = p->counted;
   int st = lua_resume(p->co, nargs);
   runs_lua(NULL);
-  charge(s, p);
+  charge(p, was_counted);
   if (p->alloc.oom && st != LUA_ERRRUN && st != LUA_ERRMEM && must_die(p)) {
     /* A refused allocation was caught (pcall) and the process went on:
      * the limit still ends it, as in Erlang's max_heap_size. */

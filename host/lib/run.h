@@ -44,8 +44,9 @@
  * with the hook on (2000 reductions measured 0.8 ms, which let a ping-pong
  * pair wait tens of ms behind busy processes). An uncounted slice lasts
  * MB_NS_PER_RED ns a reduction (scheduler.h): 0.2 ms. The 1.4 us of a
- * hook-driven yield stays under 1%. mb.info's reductions: one a slice, one
- * per MB_NS_PER_RED of it, and for sending MB_REDS_PER_SEND plus one per
+ * hook-driven yield stays under 1%. mb.info's reductions: one a slice, the
+ * budget a counted one spent or the whole of one the ticker preempted,
+ * and for sending MB_REDS_PER_SEND plus one per
  * MB_COPY_BYTES_PER_RED bytes copied (as the BEAM's
  * ERTS_MSG_COPY_WORDS_PER_REDUCTION). */
 #define MB_HOOK_INSTRUCTIONS 1000
