@@ -3,6 +3,7 @@
  * is whatever the runner does with a process.
  */
 #include <errno.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
@@ -294,11 +295,14 @@ uv_loop_t *mb_sched_loop(mb_sched_t *s) { return &s->loop; }
  * slice running for MB_TICK_PARK rounds it parks until a slice starts
  * (ticker_unpark): an idle host wakes no thread. */
 
+/* Held for a few hundred instructions at most; if its holder was
+ * descheduled meanwhile, give the core back instead of spinning. */
 static void plock(mb_sched_t *s)
 {
-  while (atomic_exchange_explicit(&s->plock, 1, memory_order_acquire))
+  for (int spins = 0; atomic_exchange_explicit(&s->plock, 1, memory_order_acquire); )
     while (atomic_load_explicit(&s->plock, memory_order_relaxed))
-      ;
+      if (++spins > 1000)
+        sched_yield();
 }
 
 static void punlock(mb_sched_t *s)
