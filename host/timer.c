@@ -1,31 +1,79 @@
-/* timer.c: wait timers and send_after timers on libuv (see timer.h). */
+/* timer.c: wait timers and send_after timers on libuv (see timer.h).
+ *
+ * DESIGN (send_after; wait timers are described at their section)
+ * A send_after timer is not a libuv handle but a 56-byte entry in a
+ * duration list: each scheduler keeps, for every whole-ms duration in use,
+ * one circular doubly linked list of the entries started on it with that
+ * duration, in start order. The clock only goes forward, so start order is
+ * due order and the head is always the next due. Each list owns one libuv
+ * timer, armed for its head's deadline:
+ *  - start appends (O(1)) and arms the list's timer only when it was idle;
+ *  - cancel unlinks (O(1)) and never touches the libuv timer, even for the
+ *    head: when the timer fires it delivers the entries that are due, from
+ *    the head, and arms itself again for the new head, or lets the list go
+ *    idle when it is empty.
+ * So an HTTP request's guard (started, then cancelled) costs a malloc, an
+ * id and two list links instead of a libuv handle's init, heap insert,
+ * stop and close; the heap sees one timer per duration, and a list whose
+ * entries are all cancelled wakes once per duration at most.
+ *
+ * Deadlines are absolute whole ms of libuv's loop clock: an entry is due at
+ * mb_timer_now() + its duration rounded up to a whole ms, and its list's
+ * timer fires once the loop time reaches the ceiling of that (the loop time
+ * is a floor of the same monotonic clock, so nothing fires early, and
+ * arming needs no clock read). A firing delivers only the entries of the
+ * deadline it was armed for, then arms again; an overdue list is then at
+ * once due again and libuv runs the timers in deadline order, so when a
+ * busy loop comes late, lists of different durations still deliver
+ * interleaved in due order. 0 ms (and under 0.001 ms) is its own list,
+ * armed with timeout 0, which delivers all its entries at the next loop
+ * iteration.
+ *
+ * Idle lists stay, with their libuv timer stopped (an inactive handle keeps
+ * no loop alive), for the next timer of that duration; a scheduler keeps at
+ * most MB_TIMER_IDLE_LISTS of them and closes the one idle longest beyond
+ * that, so a program using many distinct durations holds memory only for
+ * the ones in use. Lists are found by duration in a small chained hash per
+ * scheduler.
+ *
+ * Threads: an entry, its list and its scheduler's table are touched only on
+ * the owner scheduler's thread, except through the id table `timers`, the
+ * arbiter between firing and cancelling (idtab.h's mutex): whoever removes
+ * the id first wins, so a cancelled timer never delivers and a delivered
+ * one never cancels. A cancel on another thread posts the unlink to the
+ * owner (mb_sched_post); a firing that finds the id gone unlinks the entry
+ * and leaves it to that posted command, which frees it. Who frees an entry:
+ * the firing that delivers it, the canceller (or its posted command), or,
+ * at shutdown, the clearing of the id table (the closed lists detach their
+ * entries first).
+ */
+#include <pthread.h>
 #include <stdatomic.h>
+#include <stddef.h>
 
 #include <uv.h>
 
 #include "alloc.h"
+#include "err.h"
 #include "idtab.h"
 #include "proc.h"
 #include "scheduler.h"
 #include "timer.h"
 
+/* A wait timer (send_after timers are entries of duration lists, below). */
 struct mb_timer {
   uv_timer_t handle;       /* first: its data points at the timer itself */
   mb_sched_t *owner;       /* the scheduler whose loop holds the handle */
-  atomic_int refs;         /* the loop's (until closed) + the caller's or
-                              the id table's (send_after, until fired or
-                              cancelled) */
-  uint64_t id;             /* send_after: its id in `timers` */
-  mb_pid_t pid;            /* wait: the waiting process; send_after: dest */
-  uint32_t seq;            /* wait: p->wait_seq when armed */
-  mb_msg_t *msg;           /* send_after: the message, until delivered */
+  atomic_int refs;         /* the loop's (until closed) + the waiting
+                              process's */
+  mb_pid_t pid;            /* the waiting process */
+  uint32_t seq;            /* p->wait_seq when armed */
   double due;              /* mb_timer_now() when it fires */
-  double armed;            /* wait: when the libuv timer fires (<= due) */
+  double armed;            /* when the libuv timer fires (<= due) */
 };
 
 /* send_after timers by id: whoever removes a timer from here - its firing
- * or a cancel - decides whether it delivers, so a cancelled timer never
- * delivers and a delivered one never cancels. */
+ * or a cancel - decides whether it delivers (see DESIGN). */
 static mb_idtab_t timers = MB_IDTAB_INIT;
 
 double mb_timer_now(void)
@@ -33,17 +81,10 @@ double mb_timer_now(void)
   return (double)uv_hrtime() / 1e6;
 }
 
-static void timer_free(mb_timer_t *t)
-{
-  if (t->msg)
-    mb_msg_free(t->msg);
-  mb_free(t);
-}
-
 static void timer_unref(mb_timer_t *t)
 {
   if (atomic_fetch_sub(&t->refs, 1) == 1)
-    timer_free(t);
+    mb_free(t);
 }
 
 static void on_close(uv_handle_t *h)
@@ -78,40 +119,12 @@ static void close_on_owner(mb_timer_t *t)
   }
 }
 
-/* A closer (scheduler.h): our timers are the timer handles whose data points
- * at their own mb_timer_t, which starts with the handle. */
-static int close_timer(uv_handle_t *h)
-{
-  if (h->type != UV_TIMER || h->data != (void *)h)
-    return 0;
-  close_now(h->data);
-  return 1;
-}
-
 static void release(mb_proc_t *p)
 {
   if (p->wait_timer) {
     mb_timer_wait_done(p->wait_timer);
     p->wait_timer = NULL;
   }
-}
-
-static void drop_table_ref(void *obj)
-{
-  timer_unref(obj);
-}
-
-/* After the loops closed every timer's handle. */
-static void timers_shutdown(void)
-{
-  mb_idtab_clear(&timers, drop_table_ref);
-}
-
-void mb_timer_init(void)
-{
-  mb_proc_add_exit_hook(release);
-  mb_sched_add_closer(close_timer);
-  mb_sched_add_after_loops(timers_shutdown);
 }
 
 static mb_timer_t *timer_new(double ms, uv_timer_cb cb)
@@ -198,42 +211,336 @@ void mb_timer_wait_done(mb_timer_t *t)
   timer_unref(t);
 }
 
-/* -- send_after ----------------------------------------------------------- */
 
-static void on_send_timer(uv_timer_t *h)
+/* -- send_after: duration lists (see DESIGN) ------------------------------ */
+
+/* A scheduler keeps at most this many idle duration lists (each ~150 bytes
+ * with its libuv timer) for durations that come again; past it, the one
+ * idle longest is closed. A server uses a handful of durations. */
+#define MB_TIMER_IDLE_LISTS 16
+/* A scheduler keeps up to this many freed entries for its next timers: an
+ * HTTP request's guard, started and cancelled, then costs no malloc and no
+ * free (mimalloc's free of the only block in use on a page retires the
+ * page: ~90 instructions). */
+#define MB_TIMER_SPARE 64
+/* Durations are capped (~35 years) so that a deadline fits libuv's clock. */
+#define MB_TIMER_MAX_MS ((uint64_t)1 << 40)
+
+typedef struct link {
+  struct link *prev, *next;        /* next == NULL: not in a list */
+} link_t;
+
+typedef struct send_timer {
+  link_t link;             /* first: in its duration list, start order */
+  mb_sched_t *owner;       /* the scheduler whose list holds it */
+  uint64_t id;             /* its id in `timers` */
+  mb_pid_t dest;
+  mb_msg_t *msg;           /* taken by the delivery */
+  double due;              /* mb_timer_now() when it is due */
+} send_timer_t;
+
+typedef struct send_table send_table_t;
+
+typedef struct send_list {
+  uv_timer_t handle;       /* its data is &list_tag (the closer's mark) */
+  link_t entries;          /* the list's head: a circular list */
+  link_t idle;             /* in table->idle while idle, else unlinked */
+  struct send_list *hnext; /* hash chain */
+  send_table_t *table;
+  uint64_t ms;             /* the duration, whole ms */
+  uint64_t deadline;       /* loop time the handle is armed for */
+} send_list_t;
+
+/* A scheduler's lists; created by its first send_after, freed at
+ * shutdown. */
+struct send_table {
+  send_list_t **bucket;    /* by duration; nbucket is a power of two */
+  uint32_t nbucket, count;
+  link_t idle;             /* idle lists, the one idle longest first */
+  uint32_t nidle;
+  struct send_timer *spare; /* freed entries (a stack through link.next) */
+  uint32_t nspare;
+  send_table_t *next;      /* every table, for shutdown */
+};
+
+static char list_tag;      /* a list's handle->data */
+static _Thread_local send_table_t *mine;
+static send_table_t *tables;
+static pthread_mutex_t tables_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void link_remove(link_t *l)
 {
-  mb_timer_t *t = h->data;
-  if (mb_idtab_remove(&timers, t->id)) {
-    mb_msg_t *m = t->msg;
-    t->msg = NULL;
-    mb_proc_send(t->pid, m);
-    timer_unref(t);
+  l->prev->next = l->next;
+  l->next->prev = l->prev;
+  l->next = l->prev = NULL;
+}
+
+static void link_append(link_t *head, link_t *l)
+{
+  l->prev = head->prev;
+  l->next = head;
+  head->prev->next = l;
+  head->prev = l;
+}
+
+static int link_empty(const link_t *head)
+{
+  return head->next == head;
+}
+
+static uint64_t ceil_ms(double t)
+{
+  uint64_t u = (uint64_t)t;
+  return u + ((double)u < t);
+}
+
+static uint32_t hash_ms(uint64_t ms, uint32_t nbucket)
+{
+  return (uint32_t)((ms * 0x9E3779B97F4A7C15ull) >> 32) & (nbucket - 1);
+}
+
+/* On e's owner thread (its `mine` is e's table), or at shutdown. */
+static void send_timer_free(send_timer_t *e)
+{
+  if (e->msg)
+    mb_msg_free(e->msg);
+  send_table_t *t = mine;
+  if (t && t->nspare < MB_TIMER_SPARE) {
+    e->link.next = (link_t *)t->spare;
+    t->spare = e;
+    t->nspare++;
+  } else {
+    mb_free(e);
   }
-  close_now(t);
+}
+
+static void list_free(uv_handle_t *h)
+{
+  mb_free((char *)h - offsetof(send_list_t, handle));
+}
+
+static void hash_remove(send_table_t *t, send_list_t *l)
+{
+  send_list_t **pp = &t->bucket[hash_ms(l->ms, t->nbucket)];
+  while (*pp != l)
+    pp = &(*pp)->hnext;
+  *pp = l->hnext;
+  t->count--;
+}
+
+/* The list's timer went quiet with nothing in it. */
+static void list_idle(send_list_t *l)
+{
+  send_table_t *t = l->table;
+  link_append(&t->idle, &l->idle);
+  if (++t->nidle > MB_TIMER_IDLE_LISTS) {
+    send_list_t *old = (send_list_t *)((char *)t->idle.next - offsetof(send_list_t, idle));
+    link_remove(&old->idle);
+    t->nidle--;
+    hash_remove(t, old);
+    uv_close((uv_handle_t *)&old->handle, list_free);
+  }
+}
+
+static void on_list_timer(uv_timer_t *h);
+
+/* Arm l's timer for e's deadline (never before the loop's now). */
+static void list_arm(send_list_t *l, send_timer_t *e)
+{
+  uint64_t now = uv_now(l->handle.loop);
+  uint64_t deadline = l->ms == 0 ? now : ceil_ms(e->due);
+  l->deadline = deadline > now ? deadline : now;
+  uv_timer_start(&l->handle, on_list_timer, l->deadline - now, 0);
+}
+
+static void on_list_timer(uv_timer_t *h)
+{
+  send_list_t *l = (send_list_t *)((char *)h - offsetof(send_list_t, handle));
+  while (!link_empty(&l->entries)) {
+    send_timer_t *e = (send_timer_t *)l->entries.next;
+    if (l->ms != 0 && ceil_ms(e->due) > l->deadline) {
+      list_arm(l, e);
+      return;
+    }
+    link_remove(&e->link);
+    if (mb_idtab_remove(&timers, e->id)) {
+      mb_msg_t *m = e->msg;
+      e->msg = NULL;
+      mb_proc_send(e->dest, m);
+      send_timer_free(e);
+    }
+    /* Else a cancel on another thread won: its posted command frees e. */
+  }
+  list_idle(l);
+}
+
+static send_table_t *table_new(void)
+{
+  send_table_t *t = mb_calloc(1, sizeof *t);
+  t->nbucket = 16;
+  t->bucket = mb_calloc(t->nbucket, sizeof *t->bucket);
+  t->idle.next = t->idle.prev = &t->idle;
+  pthread_mutex_lock(&tables_lock);
+  t->next = tables;
+  tables = t;
+  pthread_mutex_unlock(&tables_lock);
+  return t;
+}
+
+static void table_grow(send_table_t *t)
+{
+  uint32_t n = t->nbucket * 2;
+  send_list_t **b = mb_calloc(n, sizeof *b);
+  for (uint32_t i = 0; i < t->nbucket; i++)
+    for (send_list_t *l = t->bucket[i], *next; l; l = next) {
+      next = l->hnext;
+      uint32_t j = hash_ms(l->ms, n);
+      l->hnext = b[j];
+      b[j] = l;
+    }
+  mb_free(t->bucket);
+  t->bucket = b;
+  t->nbucket = n;
+}
+
+/* The list for ms in t, the calling scheduler's table; made if need be. */
+static send_list_t *list_for(send_table_t *t, mb_sched_t *s, uint64_t ms)
+{
+  for (send_list_t *l = t->bucket[hash_ms(ms, t->nbucket)]; l; l = l->hnext)
+    if (l->ms == ms)
+      return l;
+  if (t->count >= t->nbucket)
+    table_grow(t);
+  send_list_t *l = mb_calloc(1, sizeof *l);
+  uv_timer_init(mb_sched_loop(s), &l->handle);
+  l->handle.data = &list_tag;
+  l->entries.next = l->entries.prev = &l->entries;
+  l->table = t;
+  l->ms = ms;
+  uint32_t i = hash_ms(ms, t->nbucket);
+  l->hnext = t->bucket[i];
+  t->bucket[i] = l;
+  t->count++;
+  return l;
 }
 
 uint64_t mb_timer_send_after(double ms, mb_pid_t dest, mb_msg_t *msg)
 {
-  mb_timer_t *t = timer_new(ms, on_send_timer);
-  t->pid = dest;
-  t->msg = msg;
-  t->id = mb_idtab_add(&timers, t);
-  if (t->id == 0) {
-    /* No id: it never fires (the caller raises); freed with msg. */
-    close_now(t);
-    timer_unref(t);
+  mb_sched_t *s = mb_sched_self();
+  MB_ASSERT(s != NULL);
+  /* Whole ms, as libuv counts (0.0005 is 0: the next iteration). */
+  uint64_t whole = !(ms > 0) ? 0 : ms >= (double)MB_TIMER_MAX_MS
+                 ? MB_TIMER_MAX_MS : (uint64_t)(ms + 0.999);
+  send_table_t *t = mine;
+  if (t == NULL)
+    t = mine = table_new();
+  send_timer_t *e = t->spare;
+  if (e) {
+    t->spare = (send_timer_t *)e->link.next;
+    t->nspare--;
+  } else {
+    e = mb_malloc(sizeof *e);
   }
-  return t->id;
+  e->owner = s;
+  e->dest = dest;
+  e->msg = msg;
+  e->due = mb_timer_now() + (double)whole;
+  /* No other thread knows the id before we return, so it may be
+   * published before the entry is linked. */
+  e->id = mb_idtab_add(&timers, e);
+  if (e->id == 0) {
+    send_timer_free(e);
+    return 0;
+  }
+  send_list_t *l = list_for(t, s, whole);
+  if (l->idle.next) {
+    link_remove(&l->idle);
+    l->table->nidle--;
+  }
+  link_append(&l->entries, &e->link);
+  /* A list with entries is armed; one whose entries were all cancelled
+   * may still be armed for an earlier deadline, and fires then. */
+  if (!uv_is_active((uv_handle_t *)&l->handle))
+    list_arm(l, e);
+  return e->id;
+}
+
+/* On the owner's thread, after a cancel on another thread won. */
+static void unlink_posted(void *arg)
+{
+  send_timer_t *e = arg;
+  if (e->link.next)
+    link_remove(&e->link);
+  send_timer_free(e);
 }
 
 int mb_timer_cancel(uint64_t id, double *left_ms)
 {
-  mb_timer_t *t = mb_idtab_remove(&timers, id);
-  if (t == NULL)
+  send_timer_t *e = mb_idtab_remove(&timers, id);
+  if (e == NULL)
     return 0;
-  double left = t->due - mb_timer_now();
+  double left = e->due - mb_timer_now();
   *left_ms = left > 0 ? left : 0;
-  close_on_owner(t);
-  timer_unref(t);
+  if (mb_sched_self() == e->owner) {
+    if (e->link.next)        /* not detached by a shutdown */
+      link_remove(&e->link);
+    send_timer_free(e);
+  } else {
+    mb_sched_post(e->owner, unlink_posted, e);
+  }
   return 1;
+}
+
+/* -- Shutdown --------------------------------------------------------------- */
+
+/* A closer (scheduler.h): wait timers are the timer handles whose data
+ * points at their own mb_timer_t, which starts with the handle; duration
+ * lists' handles point at list_tag. A closed list detaches its entries,
+ * which the id table still holds (timers_shutdown frees them). */
+static int close_timer(uv_handle_t *h)
+{
+  if (h->type != UV_TIMER)
+    return 0;
+  if (h->data == &list_tag) {
+    send_list_t *l = (send_list_t *)((char *)h - offsetof(send_list_t, handle));
+    while (!link_empty(&l->entries))
+      link_remove(l->entries.next);
+    uv_close(h, list_free);
+    return 1;
+  }
+  if (h->data != (void *)h)
+    return 0;
+  close_now(h->data);
+  return 1;
+}
+
+static void drop_table_ref(void *obj)
+{
+  send_timer_free(obj);
+}
+
+/* After the loops closed every handle (and so freed every list). */
+static void timers_shutdown(void)
+{
+  mb_idtab_clear(&timers, drop_table_ref);
+  pthread_mutex_lock(&tables_lock);
+  while (tables) {
+    send_table_t *t = tables;
+    tables = t->next;
+    while (t->spare) {
+      send_timer_t *e = t->spare;
+      t->spare = (send_timer_t *)e->link.next;
+      mb_free(e);
+    }
+    mb_free(t->bucket);
+    mb_free(t);
+  }
+  pthread_mutex_unlock(&tables_lock);
+}
+
+void mb_timer_init(void)
+{
+  mb_proc_add_exit_hook(release);
+  mb_sched_add_closer(close_timer);
+  mb_sched_add_after_loops(timers_shutdown);
 }

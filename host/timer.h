@@ -1,21 +1,27 @@
 /* timer.h: timers on the schedulers' libuv loops.
  *
  * DESIGN
- * A timer lives on the loop of the scheduler thread that created it and is
- * only ever started, stopped or closed on that thread; another thread that
- * wants it stopped posts the request there (mb_sched_post). Two kinds:
- *  - wait timers bound a receive, a sleep or an operation: when one fires
- *    it wakes its process if the process is still in the same wait
- *    (wait_seq), so a late timer never disturbs a later wait. A process
- *    keeps its wait timer for its next timed wait on the same scheduler;
+ * Timers live on the loop of the scheduler thread that created them and are
+ * only ever armed, unlinked or closed on that thread; another thread that
+ * wants one stopped posts the request there (mb_sched_post). Two kinds:
+ *  - wait timers bound a receive, a sleep or an operation: each is a libuv
+ *    timer; when one fires it wakes its process if the process is still in
+ *    the same wait (wait_seq), so a late timer never disturbs a later wait.
+ *    A process keeps its wait timer for its next timed wait on the same
+ *    scheduler. Freed in its close callback, as libuv requires, and not
+ *    before the waiting process has let it go;
  *  - send_after timers carry a message and have an id (idtab.h), which the
  *    Lua value holds, so a timer can be sent in messages and outlive the
- *    state that made it. Firing and cancelling race through the id table:
- *    whoever removes the timer from it first wins, so a cancelled timer
- *    never delivers and a delivered one never cancels.
- * A timer's memory is freed in its close callback, as libuv requires, and
- * not before its other reference (the waiting process's, or the id
- * table's) is gone.
+ *    state that made it. They are not libuv handles but entries in
+ *    per-scheduler duration lists (timer.c): the timers of one whole-ms
+ *    duration in start order, which is due order, with one libuv timer per
+ *    list armed for its head, so starting is an append and cancelling an
+ *    unlink (an HTTP request's guard costs no libuv call). Firing and
+ *    cancelling race through the id table: whoever removes the timer from
+ *    it first wins, so a cancelled timer never delivers and a delivered one
+ *    never cancels.
+ * A send_after duration counts in whole ms, a fraction rounded up (one
+ * under 0.001 ms is dropped, so 0 fires at the next loop iteration).
  */
 #ifndef MB_TIMER_H
 #define MB_TIMER_H
@@ -42,10 +48,12 @@ mb_timer_t *mb_timer_wait(struct mb_proc *p, double ms);
 void mb_timer_wait_done(mb_timer_t *t);
 
 /* Deliver msg (taken) to dest after ms; returns the timer's id, or 0 when
- * the timer table is full (msg is then freed). Scheduler thread. */
+ * the timer table is full (msg is then freed). Timers of the same duration
+ * started on one scheduler deliver in start order. Scheduler thread. */
 uint64_t mb_timer_send_after(double ms, mb_pid_t dest, mb_msg_t *msg);
 /* Cancel the timer id: returns 1 and the ms that were left if it had not
- * fired yet, else 0. Any thread. */
+ * fired yet (its message is freed: at once on the timer's own scheduler,
+ * else soon on it), else 0. Any thread. */
 int mb_timer_cancel(uint64_t id, double *left_ms);
 
 /* Monotonic milliseconds since an arbitrary start. */
