@@ -26,8 +26,13 @@
  * process goes to a queue two or more shorter than its own scheduler's, so
  * four busy processes on two cores do not stay split three to one.
  *
+ * Preemption: one more thread, the ticker, watches the slices and asks the
+ * runner to preempt one that has run its time (see "Preemption: the
+ * ticker" in scheduler.c); it parks while no slice runs.
+ *
  * Threads: everything in an mb_sched_t is its own thread's, except the run
- * queue (rq_lock), `sleeping` (atomic) and the command list (cmd_lock).
+ * queue (rq_lock), `sleeping` (atomic), the command list (cmd_lock), and
+ * what runs Lua there (plock, shared with the ticker).
  * Signals: SIGINT and SIGTERM are taken by the main thread, which also
  * runs the watchdog (see MB_WATCHDOG_MS); no process can hold them up.
  * Shutdown: after the threads stop, every process left is ended (its exit
