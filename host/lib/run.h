@@ -44,13 +44,17 @@
  * with the hook on (2000 reductions measured 0.8 ms, which let a ping-pong
  * pair wait tens of ms behind busy processes). An uncounted slice lasts
  * MB_NS_PER_RED ns a reduction (scheduler.h): 0.2 ms. The 1.4 us of a
- * hook-driven yield stays under 1%. mb.info's reductions: one a slice, the
- * budget a counted one spent or the whole of one the ticker preempted,
- * and for sending MB_REDS_PER_SEND plus one per
+ * hook-driven yield stays under 1%. The hook fires every 10,000
+ * instructions, not 1,000: each call costs a few hundred machine
+ * instructions, and the hook benchmark's preempted/not ratio went from
+ * 1.07-1.10 to 1.04-1.08 (A/B, 3 and 5 runs); a computing process sees an
+ * exit signal within 10,000 instructions. mb.info's reductions: one a
+ * slice, the budget a counted one spent or the whole of one the ticker
+ * preempted, and for sending MB_REDS_PER_SEND plus one per
  * MB_COPY_BYTES_PER_RED bytes copied (as the BEAM's
  * ERTS_MSG_COPY_WORDS_PER_REDUCTION). */
-#define MB_HOOK_INSTRUCTIONS 1000
-#define MB_REDS_PER_HOOK 10
+#define MB_HOOK_INSTRUCTIONS 10000
+#define MB_REDS_PER_HOOK 100
 #define MB_SLICE_REDS 500
 #define MB_REDS_PER_SEND 1
 #define MB_COPY_BYTES_PER_RED 64
