@@ -461,12 +461,15 @@ describe("links and monitors", function()
   it("an exit signal sent with mb.exit leaves the link in place, as in Erlang", function()
     local pid, ref = mb.spawn_monitor(function(parent)
       mb.trap_exit(true)
+      local me = mb.self()
       local child = mb.spawn_link(function()
         mb.trap_exit(true)
+        mb.send(me, "trapping")             -- a signal before this would kill it
         local m = mb.receive(5000)          -- the "shutdown" signal, trapped
         mb.send(m.pid, { child_got = m.reason })
         error("child fails later", 0)       -- the link is still there
       end)
+      mb.receive(function(m) return m == "trapping" end, 5000)
       mb.exit(child, "shutdown")
       local got = mb.receive(function(m) return type(m) == "table" and m.child_got end, 5000)
       local exit = mb.receive(function(m) return type(m) == "table" and m.event == "EXIT" end, 5000)
