@@ -153,6 +153,7 @@ typedef struct mb_proc {
   uint8_t lstate_tainted;      /* its state may not be reused (lstate.c) */
   uint8_t first;               /* the host's first process */
   uint8_t counted;             /* its slices count instructions (run.c) */
+  uint8_t alone;               /* computes, alone on its scheduler (run.c) */
   atomic_uchar preempt;        /* the ticker asked it to yield (run.c) */
   struct mb_io_req *io_req;    /* the operation whose results are pushed now */
   /* An MB_WAIT_IO with a timer: pushes the results of a timeout. */

@@ -2,11 +2,14 @@
  * posted commands, halting (see scheduler.h). It knows nothing of Lua: a slice
  * is whatever the runner does with a process.
  */
+#define _GNU_SOURCE   /* ppoll */
 #include <errno.h>
+#include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -47,8 +50,15 @@ struct mb_sched {
   atomic_int plock;
   mb_proc_t *running;
   void *running_ctx;
-  int running_timed;              /* the ticker times this slice */
+  int running_timed;              /* MB_SLICE_*: how the ticker times it */
   uint64_t poked_slice, poked_at; /* ticker thread: its last poke here */
+  /* A slice with nothing queued behind it runs longer (tick): the one the
+   * ticker let run so, until a push here wakes it (0: none); the one whose
+   * loop had I/O meanwhile (the ticker's); when the loop's next timer is
+   * due (uv_hrtime ns, UINT64_MAX: none), said at each slice's start. */
+  _Atomic uint64_t lone_slice;
+  uint64_t io_slice;
+  _Atomic uint64_t timer_due;
 };
 
 mb_sched_opts_t mb_sched_opts;
@@ -69,8 +79,9 @@ static pthread_t ticker;
 static int ticker_started;
 static atomic_int ticker_stop;
 static atomic_int ticker_parked;
-static pthread_mutex_t park_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t park_cond = PTHREAD_COND_INITIALIZER;
+static int ticker_fd = -1;           /* eventfd (ticker_wake) */
+
+static void ticker_wake(void);
 
 /* -- Run queues ----------------------------------------------------------- */
 
@@ -103,6 +114,13 @@ static void rq_push_as(mb_sched_t *s, mb_proc_t *p, int preempted)
     append(&s->rq_head, &s->rq_tail, p);
   atomic_fetch_add(&s->rq_len, 1);
   pthread_mutex_unlock(&s->rq_lock);
+  /* A slice let run alone there has company now (see alone()); not its
+   * own process, requeued as its slice ends. */
+  uint64_t lone = atomic_load(&s->lone_slice);
+  if (lone && !(preempted && s == self) &&
+      lone == atomic_load_explicit(&s->slice_start, memory_order_relaxed) &&
+      atomic_compare_exchange_strong(&s->lone_slice, &lone, 0))
+    ticker_wake();
 }
 
 static void rq_push(mb_sched_t *s, mb_proc_t *p)
@@ -279,9 +297,15 @@ uv_loop_t *mb_sched_loop(mb_sched_t *s) { return &s->loop; }
  * hook of that process's state; the hook then yields it at its next safe
  * point (host/lib/run.c). A process preempted that way computes: the
  * runner then lets it count its own slices with the hook, as before,
- * until it blocks, and says so (mb_sched_running's `timed` 0), since a
- * ticker that woke every slice time for it cost ~20 us of CPU a wake-up
- * on this machine's VM: 8% of a core. The preempter runs under the
+ * until it blocks, and says so (MB_SLICE_COUNTED), since a ticker that
+ * woke every slice time for it cost ~20 us of CPU a wake-up on this
+ * machine's VM: 8% of a core. Unless nothing waits for its core: a slice
+ * due with its scheduler's queue empty runs on uncounted, up to
+ * MB_TICK_LONE_NS or the loop's next timer (tick), as do the next slices
+ * of a process preempted alone (MB_SLICE_ALONE); the ticker then watches
+ * that loop's epoll fd, and a push onto that queue wakes it (rq_push_as),
+ * so either cuts the slice to its usual time. A lone loop so runs at full
+ * speed (the count hook's dispatch cost it 4-8%). The preempter runs under the
  * scheduler's plock, which the runner takes to say what runs Lua there
  * (mb_sched_running) and around its own hook changes, so the state it is
  * given is live and no hook change of the owner thread is lost.
@@ -324,6 +348,11 @@ void mb_sched_running(mb_sched_t *s, mb_proc_t *p, void *ctx, int timed)
   punlock(s);
 }
 
+int mb_sched_queued(mb_sched_t *s)
+{
+  return atomic_load_explicit(&s->rq_len, memory_order_relaxed);
+}
+
 void mb_sched_hook_lock(void)
 {
   if (self)
@@ -336,29 +365,67 @@ void mb_sched_hook_unlock(void)
     punlock(self);
 }
 
+/* Is s's slice st alone: nothing queued behind it, and no I/O woke the
+ * ticker for its loop? Marks it so, for a push there to nudge the ticker
+ * (rq_push_as): the ticker reads rq_len after it marks, a push reads the
+ * mark after the count went up, so one of the two sees the other. */
+static int alone(mb_sched_t *s, uint64_t st)
+{
+  if (s->io_slice == st || atomic_load(&s->rq_len) > 0)
+    return 0;
+  atomic_store(&s->lone_slice, st);
+  if (atomic_load(&s->rq_len) == 0)
+    return 1;
+  atomic_store(&s->lone_slice, 0);
+  return 0;
+}
+
 /* Poke s's running process if its slice is due (or it must stop anyway);
  * returns when the slice there may next be due, or 0 if none runs that
- * the ticker times. */
-static uint64_t tick(mb_sched_t *s, uint64_t now, uint64_t slice, int *poked)
+ * the ticker times; *lone: it runs alone (alone()), the ticker watches
+ * its loop. A slice due with nothing queued behind it runs on, to
+ * MB_TICK_LONE_NS or its loop's next timer, and so does the next slice of
+ * a process preempted so (MB_SLICE_ALONE) from its start: no one waits
+ * for the core, and a ticker that woke every slice time costs more than
+ * the count hook would (run.c's hook). */
+static uint64_t tick(mb_sched_t *s, uint64_t now, uint64_t slice, int *poked, int *lone)
 {
   uint64_t st = atomic_load_explicit(&s->slice_start, memory_order_acquire);
   if (st == 0)
     return 0;
-  uint64_t due = (s->poked_slice == st ? s->poked_at : st) + slice;
+  uint64_t from = s->poked_slice == st ? s->poked_at : st, due = from + slice;
   plock(s);
   mb_proc_t *p = s->running;
-  if (p && !s->running_timed) {
+  if (p && s->running_timed == MB_SLICE_COUNTED) {
     due = 0;
-  } else if (p && (now >= due || mb_sched_halting() ||
-                   atomic_load_explicit(&p->nsignals, memory_order_relaxed))) {
-    preempter(p, s->running_ctx);
-    s->poked_slice = st;
-    s->poked_at = now;
-    due = now + slice;
-    *poked = 1;
+  } else if (p) {
+    int must = mb_sched_halting() || atomic_load_explicit(&p->nsignals, memory_order_relaxed);
+    if (!must && (now >= due || s->running_timed == MB_SLICE_ALONE) && alone(s, st)) {
+      uint64_t timer = atomic_load_explicit(&s->timer_due, memory_order_relaxed);
+      due = from + MB_TICK_LONE_NS < timer ? from + MB_TICK_LONE_NS
+                                           : timer > due ? timer : due;
+      *lone = 1;
+    }
+    if (must || now >= due) {
+      preempter(p, s->running_ctx);
+      s->poked_slice = st;
+      s->poked_at = now;
+      due = now + slice;
+      *poked = 1;
+      *lone = 0;
+    }
   }
   punlock(s);
   return due;
+}
+
+/* The ticker's eventfd: a slice starts while it is parked (ticker_unpark),
+ * or a push gives a lone slice company (rq_push_as). */
+static void ticker_wake(void)
+{
+  uint64_t one = 1;
+  while (write(ticker_fd, &one, sizeof one) < 0 && errno == EINTR)
+    ;
 }
 
 /* A slice starts on a scheduler: the ticker must be watching. (The
@@ -367,10 +434,8 @@ static uint64_t tick(mb_sched_t *s, uint64_t now, uint64_t slice, int *poked)
  * sees the other.) */
 static void ticker_unpark(void)
 {
-  pthread_mutex_lock(&park_lock);
-  atomic_store(&ticker_parked, 0);
-  pthread_cond_signal(&park_cond);
-  pthread_mutex_unlock(&park_lock);
+  if (atomic_exchange(&ticker_parked, 0))
+    ticker_wake();
 }
 
 static int any_slice(void)
@@ -381,14 +446,31 @@ static int any_slice(void)
   return 0;
 }
 
-static void ticker_park(void)
+/* Wait for fds[0..n) until next (0: no limit); 1 if the eventfd woke it. */
+static int ticker_wait(struct pollfd *fds, int n, uint64_t next)
 {
-  pthread_mutex_lock(&park_lock);
+  struct timespec ts, *tp = NULL;
+  if (next) {
+    uint64_t now = uv_hrtime(), d = next > now ? next - now : 0;
+    ts.tv_sec = (time_t)(d / 1000000000u);
+    ts.tv_nsec = (long)(d % 1000000000u);
+    tp = &ts;
+  }
+  fds[0].revents = 0;
+  if (ppoll(fds, (nfds_t)n, tp, NULL) <= 0 || !(fds[0].revents & POLLIN))
+    return 0;
+  uint64_t v;
+  while (read(ticker_fd, &v, sizeof v) < 0 && errno == EINTR)
+    ;
+  return 1;
+}
+
+static void ticker_park(struct pollfd *fds)
+{
   atomic_store(&ticker_parked, 1);
   while (atomic_load(&ticker_parked) && !any_slice() && !atomic_load(&ticker_stop))
-    pthread_cond_wait(&park_cond, &park_lock);
+    ticker_wait(fds, 1, 0);
   atomic_store(&ticker_parked, 0);
-  pthread_mutex_unlock(&park_lock);
 }
 
 static void *ticker_main(void *arg)
@@ -397,18 +479,31 @@ static void *ticker_main(void *arg)
   uint64_t slice = (uint64_t)mb_sched_opts.slice_reds * MB_NS_PER_RED;
   uint64_t gap = slice;
   int quiet = 0;
+  /* fds[0] the eventfd, then the loops of the schedulers whose slice runs
+   * alone: I/O there (a socket, a post, a thread pool's completion) gives
+   * the slice company, as a push does. */
+  struct pollfd *fds = mb_calloc((size_t)nscheds + 1, sizeof *fds);
+  mb_sched_t **watched = mb_calloc((size_t)nscheds + 1, sizeof *watched);
+  fds[0].fd = ticker_fd;
+  fds[0].events = POLLIN;
   while (!atomic_load(&ticker_stop)) {
     uint64_t now = uv_hrtime(), next = now + MB_TICK_MAX_NS;
-    int poked = 0, busy = 0;
+    int poked = 0, busy = 0, n = 1;
     for (int i = 0; i < nscheds; i++) {
-      uint64_t due = tick(&scheds[i], now, slice, &poked);
+      int lone = 0;
+      uint64_t due = tick(&scheds[i], now, slice, &poked, &lone);
       if (due && due < next)
         next = due;
       busy |= due != 0;
+      if (lone) {
+        watched[n] = &scheds[i];
+        fds[n].fd = uv_backend_fd(&scheds[i].loop);
+        fds[n++].events = POLLIN;
+      }
     }
     quiet = busy ? 0 : quiet + 1;
     if (quiet >= MB_TICK_PARK) {
-      ticker_park();
+      ticker_park(fds);
       quiet = 0;
       gap = slice;
       continue;
@@ -416,10 +511,16 @@ static void *ticker_main(void *arg)
     gap = poked ? slice : gap * 2 < MB_TICK_MAX_NS ? gap * 2 : MB_TICK_MAX_NS;
     if (next < now + gap)
       next = now + gap;
-    struct timespec ts = {(time_t)(next / 1000000000u), (long)(next % 1000000000u)};
-    while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
-      ;
+    if (ticker_wait(fds, n, next))
+      gap = slice;    /* a lone slice has company: time it as usual */
+    for (int i = 1; i < n; i++)
+      if (fds[i].revents) {
+        watched[i]->io_slice = atomic_load(&watched[i]->slice_start);
+        gap = slice;
+      }
   }
+  mb_free(fds);
+  mb_free(watched);
   return NULL;
 }
 
@@ -453,6 +554,9 @@ static void *sched_main(void *arg)
     if (p) {
       MB_PROC_DBG_RUNNER(p, (unsigned long)pthread_self());
       atomic_store_explicit(&s->slice_pid, p->pid, memory_order_relaxed);
+      int ms = uv_backend_timeout(&s->loop);   /* for a slice that runs alone */
+      atomic_store_explicit(&s->timer_due, ms < 0 ? UINT64_MAX
+                            : (uv_now(&s->loop) + (uint64_t)ms) * 1000000u, memory_order_relaxed);
       atomic_store_explicit(&s->slice_start, uv_hrtime(), memory_order_seq_cst);
       if (atomic_load(&ticker_parked))
         ticker_unpark();
@@ -532,6 +636,9 @@ int mb_sched_run(void)
   }
   pthread_attr_destroy(&attr);
   if (mb_sched_opts.slice_reds > 0 && preempter) {
+    ticker_fd = eventfd(0, EFD_CLOEXEC);
+    if (ticker_fd < 0)
+      return -errno;
     int rc = pthread_create(&ticker, NULL, ticker_main, NULL);
     if (rc)
       return -rc;
@@ -783,8 +890,9 @@ int mb_sched_wait(void)
     pthread_join(scheds[i].thread, NULL);
   if (ticker_started) {
     atomic_store(&ticker_stop, 1);
-    ticker_unpark();
+    ticker_wake();
     pthread_join(ticker, NULL);
+    close(ticker_fd);
   }
   /* Processes first: their exit hooks may still post to the loops. */
   mb_proc_shutdown();

@@ -80,6 +80,9 @@ typedef struct mb_sched mb_sched_t;
 #define MB_NS_PER_RED 400
 #define MB_TICK_MAX_NS 2000000
 #define MB_TICK_PARK 16
+/* A computing slice with nothing queued behind it on its scheduler runs
+ * this long between pokes (they let the scheduler poll its loop). */
+#define MB_TICK_LONE_NS 2000000
 
 typedef struct mb_sched_opts {
   int schedulers;     /* threads; default: number of cores */
@@ -127,10 +130,15 @@ void mb_sched_requeue(mb_sched_t *s, mb_proc_t *p);
  * once, before mb_sched_run. */
 void mb_sched_set_preempter(void (*fn)(mb_proc_t *p, void *ctx));
 /* The runner's side, on s's thread: p (with ctx) runs Lua now, or nothing
- * (p NULL); timed: the ticker times the slice (else p counts its own and
- * the ticker leaves it alone). Once this returns with NULL, no preempter
- * call for the old p is running or will start. */
+ * (p NULL); timed, how the ticker times the slice: MB_SLICE_COUNTED, not
+ * at all (p counts its own); MB_SLICE_TIMED, its time; MB_SLICE_ALONE, p
+ * computes and was alone on its scheduler when last preempted: its time
+ * is MB_TICK_LONE_NS while nothing is queued behind it. Once this returns
+ * with NULL, no preempter call for the old p is running or will start. */
+enum { MB_SLICE_COUNTED, MB_SLICE_TIMED, MB_SLICE_ALONE };
 void mb_sched_running(mb_sched_t *s, mb_proc_t *p, void *ctx, int timed);
+/* Processes queued on s (a hint: any thread). */
+int mb_sched_queued(mb_sched_t *s);
 /* Hold off the preempter on the calling thread's scheduler (no-op on other
  * threads): around the owner's own changes to what the preempter changes. */
 void mb_sched_hook_lock(void);

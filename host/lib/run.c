@@ -88,8 +88,17 @@ void mb_run_hook(lua_State *L, lua_Debug *ar)
   }
   if (can_yield(p, L)) {
     atomic_store_explicit(&p->preempt, 0, memory_order_relaxed);
-    if (poked)
-      p->counted = 1;   /* it computes: it counts its slices from now on */
+    if (poked) {
+      if (!p->counted)
+        p->budget = 0;  /* the ticker's poke: it ran a whole slice (charge) */
+      /* It computes. With others waiting for the core it counts its
+       * slices from now on; alone, the ticker times them, at a longer
+       * time (scheduler.c, tick), and it runs at full speed: the count
+       * hook's dispatch cost a lone loop 4-8%. */
+      mb_sched_t *s = mb_sched_self();
+      p->alone = s && mb_sched_queued(s) == 0;
+      p->counted = !p->alone;
+    }
     mb_lstate_sethook(L, p->counted ? MB_HOOK_INSTRUCTIONS : 0);
     p->yield = die ? MB_YIELD_EXIT : MB_YIELD_PREEMPT;
     lua_yield(L, 0);
@@ -133,16 +142,16 @@ static void runs_lua(mb_proc_t *p)
 {
   mb_sched_t *s = mb_sched_self();
   if (s)
-    mb_sched_running(s, p, p ? p->L : NULL, p && !p->counted);
+    mb_sched_running(s, p, p ? p->L : NULL, p == NULL || p->counted ? MB_SLICE_COUNTED
+                                            : p->alone ? MB_SLICE_ALONE : MB_SLICE_TIMED);
 }
 
 /* Reductions (mb.info) for the slice that ended: one, plus what a
  * counted slice spent of its budget, or a whole slice for one the ticker
  * preempted (no clock is read: most slices are short). */
-static void charge(mb_proc_t *p, int was_counted)
+static void charge(mb_proc_t *p)
 {
-  int spent = was_counted ? mb_sched_opts.slice_reds - p->budget
-                          : p->counted ? mb_sched_opts.slice_reds : 0;
+  int spent = mb_sched_opts.slice_reds - p->budget;
   atomic_store_explicit(&p->reductions,
       atomic_load_explicit(&p->reductions, memory_order_relaxed) + 1 + (spent > 0 ? spent : 0),
       memory_order_relaxed);
@@ -536,10 +545,9 @@ static void run(mb_sched_t *s, mb_proc_t *p)
     die(p, reason);
     return;
   }
-  int was_counted = p->counted;
   int st = lua_resume(p->co, nargs);
   runs_lua(NULL);
-  charge(p, was_counted);
+  charge(p);
   if (p->alloc.oom && st != LUA_ERRRUN && st != LUA_ERRMEM && must_die(p)) {
     /* A refused allocation was caught (pcall) and the process went on:
      * the limit still ends it, as in Erlang's max_heap_size. */
@@ -558,9 +566,12 @@ static void run(mb_sched_t *s, mb_proc_t *p)
       die(p, reason);
       return;
     }
-    if (p->counted && (why == MB_YIELD_WAIT || why == MB_YIELD_HIBERNATE)) {
-      p->counted = 0;   /* it blocks: its next slices run uncounted */
-      mb_lstate_sethook(p->L, 0);
+    if (why == MB_YIELD_WAIT || why == MB_YIELD_HIBERNATE) {
+      p->alone = 0;     /* it blocks: its next slices are short ones */
+      if (p->counted) {
+        p->counted = 0;
+        mb_lstate_sethook(p->L, 0);
+      }
     }
     if (why == MB_YIELD_HIBERNATE) {
       hibernate(s, p);
