@@ -9,6 +9,7 @@
 struct mb_code {
   struct mb_code *next;    /* hash chain (guarded by lock) */
   atomic_uint refs;
+  uint64_t serial;         /* mb_code_serial */
   uint64_t hash;
   size_t len;
   unsigned char bytes[];
@@ -76,7 +77,9 @@ mb_code_t *mb_code_intern(const void *bytes, size_t len)
   }
   mb_code_t *c = malloc(sizeof *c + len);
   if (c) {
+    static uint64_t serials;   /* under the lock */
     atomic_init(&c->refs, 1);
+    c->serial = ++serials;
     c->hash = h;
     c->len = len;
     memcpy(c->bytes, bytes, len);
@@ -87,6 +90,11 @@ mb_code_t *mb_code_intern(const void *bytes, size_t len)
   }
   pthread_mutex_unlock(&lock);
   return c;
+}
+
+uint64_t mb_code_serial(const mb_code_t *c)
+{
+  return c->serial;
 }
 
 void mb_code_ref(mb_code_t *c)

@@ -32,6 +32,9 @@ mb_code_t *mb_code_intern(const void *bytes, size_t len);
 void mb_code_ref(mb_code_t *c);
 void mb_code_unref(mb_code_t *c);
 
+/* A number no other code object of the host's life has (a freed object's
+ * address may be another's): 1, 2, ... */
+uint64_t mb_code_serial(const mb_code_t *c);
 /* The bytes (valid while a reference is held). */
 const unsigned char *mb_code_bytes(const mb_code_t *c, size_t *len);
 

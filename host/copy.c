@@ -810,6 +810,7 @@ static int add_code(enc_t *e, mb_code_t *c)
 }
 
 void (*mb_copy_on_load)(lua_State *L, int idx, mb_code_t *code);
+int (*mb_copy_load)(lua_State *L, mb_code_t *code);
 mb_code_t *(*mb_copy_code_of)(lua_State *L, int idx);
 void (*mb_copy_on_dump)(lua_State *L, int idx, mb_code_t *code);
 int (*mb_copy_module)(lua_State *L, const char *name, size_t n);

@@ -43,6 +43,10 @@
  * loop function, hibernated again and again. */
 struct mb_code;
 extern void (*mb_copy_on_load)(lua_State *L, int idx, struct mb_code *code);
+/* If L's state keeps a function of code object `code` ready for reuse,
+ * push it and return 1 (the decoder then sets all its upvalues); 0: the
+ * decoder loads the bytes. */
+extern int (*mb_copy_load)(lua_State *L, struct mb_code *code);
 extern struct mb_code *(*mb_copy_code_of)(lua_State *L, int idx);
 /* A function at idx of L was just dumped into code object `code` (the
  * layer may remember the pair, as for mb_copy_on_load). */

@@ -204,7 +204,8 @@ static void dec_function(dec_t *d, unsigned tag, size_t at)
   size_t len;
   const unsigned char *bc = mb_code_bytes(mb_msg_codes(d->msg)[ci], &len);
   dec_enter(d);
-  if (luaL_loadbuffer(L, (const char *)bc, len, "=message") != 0)
+  if ((mb_copy_load == NULL || !mb_copy_load(L, mb_msg_codes(d->msg)[ci])) &&
+      luaL_loadbuffer(L, (const char *)bc, len, "=message") != 0)
     lua_error(L);   /* out of memory in the receiver */
   if (len > 4 && (bc[4] & 0x04) && mb_copy_on_ffi_bytecode)   /* BCDUMP_F_FFI */
     mb_copy_on_ffi_bytecode(L);

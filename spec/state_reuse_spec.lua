@@ -75,6 +75,36 @@ describe("reused states", function()
     assert.is_true(after and after < 2048, out)
   end)
 
+  it("give a process spawned with the same function again nothing of the last one's body", function()
+    -- The state keeps the function its last body was loaded as, and its
+    -- body coroutine (lstate.c, run.c): the next spawn of the same function
+    -- takes them. Its upvalues, environment and thread globals are the new
+    -- process's.
+    local code, out, err = child([[
+      local u = { "from the parent" }
+      local body
+      body = function(tag)
+        if tag == "A" then
+          u = { "left by A" }              -- the closure's upvalue
+          setfenv(body, { leaked_env = true })   -- body is an upvalue of itself
+          leaked = "A's global"
+          return
+        end
+        local me = mb.self()
+        mb.send(tag, string.format("u=%s env=%s thread=%s leaked=%s self=%s",
+          u[1], tostring(rawget(getfenv(1), "leaked_env")),
+          tostring(getfenv(0) == getfenv(1)), tostring(leaked),
+          tostring(body ~= nil and mb.self() == me)))
+      end
+      print("A", run({}, body, "A"))
+      mb.spawn(body, mb.self())
+      print("B", mb.receive(function(m) return type(m) == "string" end, 10000))
+    ]])
+    assert.are.equal(0, code, err)
+    assert.is_true(S.has(out, "A\tnormal"), out)
+    assert.is_true(S.has(out, "B\tu=from the parent env=nil thread=true leaked=nil self=true"), out)
+  end)
+
   it("are not reused after debug changed a basic type's metatable", function()
     local code, out, err = child([[
       run({}, function()

@@ -13,6 +13,7 @@
  * use, so that an idle process holds only the functions it called.
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "copy.h"
@@ -349,23 +350,78 @@ static int l_unalias(lua_State *L)
   return 1;
 }
 
+/* DOWN and EXIT messages are built by a Lua function: its table
+ * constructor copies a template that holds the keys and the event's name
+ * already (LuaJIT's TDUP), where lua_createtable and four lua_setfield
+ * interned each key again. The keys are in the template with false, not
+ * as `pid = pid`: lua_dump keeps only a template's constant values, and
+ * the others' keys, lost, made every message rehash its table. Its
+ * bytecode is made once (mb_lib_init); each state loads it on its first
+ * such message and keeps it at MB_REGSLOT_SIGNAL_MSG, across its reuses
+ * too (lstate.c): its environment is the registry, not the globals of the
+ * process that loaded it, and nothing else of a process reaches it. */
+static const char signal_msg_src[] =
+  "return function(down, pid, ref, reason)\n"
+  "  local t\n"
+  "  if down then\n"
+  "    t = { event = 'DOWN', pid = false, ref = false, reason = false }\n"
+  "    t.ref = ref\n"
+  "  else\n"
+  "    t = { event = 'EXIT', pid = false, reason = false }\n"
+  "  end\n"
+  "  t.pid = pid\n"
+  "  t.reason = reason\n"
+  "  return t\n"
+  "end\n";
+static char *signal_msg_bc;
+static size_t signal_msg_len;
+
+static int dump_writer(lua_State *L, const void *b, size_t n, void *ud)
+{
+  (void)L;
+  (void)ud;
+  signal_msg_bc = mb_realloc(signal_msg_bc, signal_msg_len + n);
+  memcpy(signal_msg_bc + signal_msg_len, b, n);
+  signal_msg_len += n;
+  return 0;
+}
+
+static void signal_msg_init(void)
+{
+  lua_State *L = mb_must(luaL_newstate());
+  if (luaL_loadbuffer(L, signal_msg_src, sizeof signal_msg_src - 1, "=signal message") != 0 ||
+      lua_dump(L, dump_writer, NULL) != 0 || signal_msg_len == 0) {
+    fputs("moonbeam: cannot compile the signal message builder\n", stderr);
+    abort();
+  }
+  lua_close(L);
+}
+
 void mb_lib_push_msg(lua_State *L, const mb_msg_t *m)
 {
   if (m->kind == MB_MSG_USER) {
     mb_copy_decode(L, m);
     return;
   }
-  lua_createtable(L, 0, 4);
-  lua_pushstring(L, m->kind == MB_MSG_DOWN ? "DOWN" : "EXIT");
-  lua_setfield(L, -2, "event");
-  mb_pid_push(L, m->from);
-  lua_setfield(L, -2, "pid");
-  if (m->kind == MB_MSG_DOWN) {
-    mb_ref_push(L, m->ref);
-    lua_setfield(L, -2, "ref");
+  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_SIGNAL_MSG);
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    if (luaL_loadbuffer(L, signal_msg_bc, signal_msg_len, "=signal message") != 0)
+      lua_error(L);   /* out of memory */
+    lua_pushvalue(L, LUA_REGISTRYINDEX);
+    lua_setfenv(L, -2);
+    lua_call(L, 0, 1);
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_SIGNAL_MSG);
   }
+  lua_pushboolean(L, m->kind == MB_MSG_DOWN);
+  mb_pid_push(L, m->from);
+  if (m->kind == MB_MSG_DOWN)
+    mb_ref_push(L, m->ref);
+  else
+    lua_pushnil(L);
   mb_copy_decode(L, m);
-  lua_setfield(L, -2, "reason");
+  lua_call(L, 4, 1);
 }
 
 static void unlink_msg(mb_proc_t *p, mb_msg_t **pm)
@@ -882,6 +938,7 @@ int mb_lib_open(lua_State *L)
 
 void mb_lib_init(void)
 {
+  signal_msg_init();
   mb_run_init();
   mb_id_register(&timer_kind);
   mb_lib_tcp_init();

@@ -1107,8 +1107,8 @@ static void find_lua_dir(void)
  *
  * A reset leaves nothing of the old process reachable: the registry is
  * emptied (every library, module and reference of the old process goes
- * with it; only the ids' opaque metatables and weak intern tables stay,
- * see mb_id_regslot), the globals and the string metatable are dropped,
+ * with it; only host-made values stay, see kept_slot), the globals and
+ * the string metatable are dropped,
  * the GC's parameters are LuaJIT's defaults again, and the new process's
  * setup builds its globals as on a fresh state. The old world is then
  * garbage that the state's next collection frees (C finalizers, such as an
@@ -1121,7 +1121,10 @@ static void find_lua_dir(void)
  *    roots of the state);
  *  - called newproxy (a finalizer in Lua could run during the next
  *    process's life, with getfenv(0) = that process's globals);
- *  - loaded a C module (see reset_roots);
+ *  - tried to load a C module (mb_lstate_taint from the sandbox's C
+ *    loader: such modules' finalizers find their types' metatables by
+ *    name in the registry, luaL_checkudata, so after a reset they would
+ *    raise instead of freeing; lpeg's patterns leaked their code so);
  *  - crashed, was killed, or ran out of memory (left mid-way);
  *  - or the host runs with --allow-ffi (ctypes, callbacks, loaded C
  *    modules) or --allow-bytecode (hand-made bytecode may corrupt a state).
@@ -1207,36 +1210,43 @@ static pool_t *pool(void)
   return my_pool;
 }
 
+/* Registry slots a reset keeps: the ids' metatables and intern tables,
+ * lib_mb.c's builder of DOWN and EXIT messages, run.c's last body (its
+ * upvalues emptied): host-made, nothing of the process. */
+static int kept_slot(double k)
+{
+  return mb_id_regslot(k) || k == MB_REGSLOT_SIGNAL_MSG || k == MB_REGSLOT_BODY_FN ||
+         k == MB_REGSLOT_BODY_CODE;
+}
+
 /* Under lua_cpcall: the old world unreachable (see Reused states). */
 static int reset_roots(lua_State *L)
 {
-  /* A C module (package's C loaders register "LOADLIB: <path>") refuses:
-   * such modules' finalizers find their types' metatables by name in the
-   * registry (luaL_checkudata), so after a reset they would raise instead
-   * of freeing (lpeg's patterns leaked their code so). Checked before
-   * anything is cleared: the state is then closed as it is. */
-  lua_pushnil(L);
-  while (lua_next(L, LUA_REGISTRYINDEX)) {
-    lua_pop(L, 1);
-    size_t n;
-    const char *k = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &n) : NULL;
-    if (k && n > 9 && memcmp(k, "LOADLIB: ", 9) == 0)
-      return luaL_error(L, "a C module is loaded");
-  }
   /* The registry is emptied in place: a new table stored in its slot (a GC
    * root, marked once at the start of a cycle, with no write barrier)
    * could be freed by a cycle under way. */
   lua_pushnil(L);
   while (lua_next(L, LUA_REGISTRYINDEX)) {
     lua_pop(L, 1);
-    if (lua_type(L, -1) == LUA_TNUMBER && mb_id_regslot(lua_tonumber(L, -1)))
-      continue;   /* ids' metatables and intern tables: nothing of the process */
+    if (lua_type(L, -1) == LUA_TNUMBER && kept_slot(lua_tonumber(L, -1)))
+      continue;
     lua_pushvalue(L, -1);
     lua_pushnil(L);
     lua_rawset(L, LUA_REGISTRYINDEX);
   }
   lua_createtable(L, 0, 0);
   lua_replace(L, LUA_GLOBALSINDEX);
+  /* The last body, kept for the next process (run.c), holds nothing of
+   * this one: no upvalue's value, the new empty globals. */
+  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_BODY_FN);
+  if (lua_isfunction(L, -1)) {
+    for (int i = 1; lua_pushnil(L), lua_setupvalue(L, -2, i) != NULL; i++)
+      ;
+    lua_pop(L, 1);
+    lua_pushvalue(L, LUA_GLOBALSINDEX);
+    lua_setfenv(L, -2);
+  }
+  lua_pop(L, 1);
   lua_pushliteral(L, "");
   lua_pushnil(L);
   lua_setmetatable(L, -2);
@@ -1281,8 +1291,12 @@ void mb_lstate_recycle(mb_proc_t *p)
     return;
   }
   p->alloc.limit = 0;  /* C finalizers may allocate */
+  /* A body coroutine that returned is kept for the next process, in slot 1
+   * (its environment is set then; no process can have kept a reference to
+   * it: a body is not a coroutine to Lua, coroutine.running() is nil). */
+  int keep_co = lua_status(p->co) == 0 && lua_gettop(p->co) == 0;
   drop_host_side(p);
-  lua_settop(L, 0);    /* the body coroutine */
+  lua_settop(L, keep_co);
   if (lua_cpcall(L, reset_roots, NULL) != 0) {
     lua_close(L);      /* still p's: p->alloc.used goes back to 0 */
     return;
@@ -1340,8 +1354,17 @@ int mb_lstate_new(mb_proc_t *p)
   /* A woken state is meant to live until the next hibernation: it need
    * not settle. */
   p->settled = p->wakes > 0;
-  /* The body coroutine stays anchored in slot 1 of the main thread. */
-  p->co = lua_newthread(L);
+  /* The body coroutine stays anchored in slot 1 of the main thread; a
+   * reused state may have kept its last one (mb_lstate_recycle), whose
+   * environment becomes the new globals, as a new thread's would. */
+  if (lua_gettop(L) == 1) {
+    p->co = lua_tothread(L, 1);
+    lua_pushvalue(L, LUA_GLOBALSINDEX);
+    lua_xmove(L, p->co, 1);
+    lua_replace(p->co, LUA_GLOBALSINDEX);
+  } else {
+    p->co = lua_newthread(L);
+  }
   /* LuaJIT starts a state's first GC cycle only at 4x its size at birth
    * (~56 KB here), so a small process would carry all its garbage until
    * then. It is not started at birth (lua_gc(LUA_GCRESTART) cost a spawn
@@ -1352,6 +1375,13 @@ int mb_lstate_new(mb_proc_t *p)
   if (lua_gethook(L))          /* a reused state's, from its last process */
     lua_sethook(L, NULL, 0, 0);
   return 0;
+}
+
+void mb_lstate_taint(lua_State *L)
+{
+  mb_proc_t *p = mb_proc_of(L);
+  if (p)
+    p->lstate_tainted = 1;
 }
 
 void mb_lstate_close(mb_proc_t *p)

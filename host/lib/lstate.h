@@ -67,6 +67,9 @@ void mb_lstate_settle(mb_proc_t *p);
 
 /* Close p's state, if any. */
 void mb_lstate_close(mb_proc_t *p);
+/* L's state may not be reused: its process loads a C module (see "Reused
+ * states" in lstate.c). */
+void mb_lstate_taint(lua_State *L);
 /* p returned or hibernates: reset its state for the next spawn or wake on
  * this scheduler, or close it if it cannot be reused (see lstate.c,
  * "Reused states"). Owner thread, the body finished or suspended for good. */

@@ -245,6 +245,7 @@ static const struct {
  * check of what it found. */
 static int loader_c(lua_State *L)
 {
+  mb_lstate_taint(L);   /* a library it opens stays registered (LOADLIB) */
   int n = lua_gettop(L);
   lua_pushvalue(L, lua_upvalueindex(1));
   lua_insert(L, 1);
