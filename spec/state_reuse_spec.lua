@@ -75,6 +75,27 @@ describe("reused states", function()
     assert.is_true(after and after < 2048, out)
   end)
 
+  it("keep the string metatable, emptied: nothing a process put in it or on it stays", function()
+    local code, out, err = child([[
+      print("A", run({}, function()
+        local smt = getmetatable("")
+        smt.__add = function() return "leak" end
+        smt.extra = "leak"
+        setmetatable(smt, { __index = function() return "leak" end })
+      end))
+      print("B", ask(function()
+        local smt = getmetatable("")
+        return string.format("index=%s extra=%s meta=%s add=%s upper=%s",
+          tostring(rawget(smt, "__index") == string), tostring(smt.extra),
+          tostring(getmetatable(smt)), tostring((pcall(function() return "a" + {} end))),
+          ("x"):upper())
+      end))
+    ]])
+    assert.are.equal(0, code, err)
+    assert.is_true(S.has(out, "A\tnormal"), out)
+    assert.is_true(S.has(out, "B\tindex=true extra=nil meta=nil add=false upper=X"), out)
+  end)
+
   it("give a process spawned with the same function again nothing of the last one's body", function()
     -- The state keeps the function its last body was loaded as, and its
     -- body coroutine (lstate.c, run.c): the next spawn of the same function

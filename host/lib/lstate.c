@@ -1042,11 +1042,14 @@ static int setup(lua_State *L)
   lua_insert(L, -2);
   lua_setmetatable(L, -2);
   lua_pushliteral(L, "");
-  lua_createtable(L, 0, 1);
+  if (!lua_getmetatable(L, -1)) {   /* a reused state's is there, empty */
+    lua_createtable(L, 0, 1);
+    lua_pushvalue(L, -1);
+    lua_setmetatable(L, -3);
+  }
   lua_pushvalue(L, -3);
   lua_setfield(L, -2, "__index");
-  lua_setmetatable(L, -2);
-  lua_pop(L, 2);
+  lua_pop(L, 3);
 
   if (mb_lstate_noenv) {   /* -E: package ignores LUA_PATH and LUA_CPATH */
     lua_pushboolean(L, 1);
@@ -1107,8 +1110,8 @@ static void find_lua_dir(void)
  *
  * A reset leaves nothing of the old process reachable: the registry is
  * emptied (every library, module and reference of the old process goes
- * with it; only host-made values stay, see kept_slot), the globals and
- * the string metatable are dropped,
+ * with it; only host-made values stay, see kept_slot), the globals are
+ * dropped and the string metatable emptied,
  * the GC's parameters are LuaJIT's defaults again, and the new process's
  * setup builds its globals as on a fresh state. The old world is then
  * garbage that the state's next collection frees (C finalizers, such as an
@@ -1247,9 +1250,22 @@ static int reset_roots(lua_State *L)
     lua_setfenv(L, -2);
   }
   lua_pop(L, 1);
+  /* The string metatable stays, emptied, and setup fills it again:
+   * setting a basic type's metatable flushes LuaJIT's traces (~200
+   * instructions with the JIT off, twice a spawn). Its own metatable goes
+   * too (a process may have given it one). */
   lua_pushliteral(L, "");
-  lua_pushnil(L);
-  lua_setmetatable(L, -2);
+  if (lua_getmetatable(L, -1)) {
+    lua_pushnil(L);
+    lua_setmetatable(L, -2);
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+      lua_pop(L, 1);
+      lua_pushvalue(L, -1);
+      lua_pushnil(L);
+      lua_rawset(L, -4);
+    }
+  }
   return 0;
 }
 

@@ -615,9 +615,10 @@ static void run(mb_sched_t *s, mb_proc_t *p)
 /* The codec's hooks (copy.h): remember the functions a boot rebuilds from
  * code objects, and give their code back when they are sent again. */
 /* Remember that the function at idx is code object `code`: anchored in
- * the registry, so that its address stays its own; the oldest entry goes
- * when all MB_FNCODES are taken. */
-static void remember_code(mb_proc_t *p, lua_State *L, int idx, mb_code_t *code)
+ * the registry (by a reference, unless `anchored` already: the body at
+ * MB_REGSLOT_BODY_FN), so that its address stays its own; the oldest
+ * entry goes when all MB_FNCODES are taken. */
+static void remember_code(mb_proc_t *p, lua_State *L, int idx, mb_code_t *code, int anchored)
 {
   /* One entry first (most processes only ever have their body's), then
    * all: 24 bytes instead of 96 for an idle process. */
@@ -632,8 +633,12 @@ static void remember_code(mb_proc_t *p, lua_State *L, int idx, mb_code_t *code)
     mb_code_unref(p->fncodes[i].code);
     p->fncodes[i].code = NULL;
   }
-  lua_pushvalue(L, idx);
-  p->fncodes[i].ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  if (anchored) {
+    p->fncodes[i].ref = LUA_NOREF;   /* luaL_unref: nothing to do */
+  } else {
+    lua_pushvalue(L, idx);
+    p->fncodes[i].ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
   mb_code_ref(code);
   p->fncodes[i].fn = lua_topointer(L, idx);
   p->fncodes[i].code = code;
@@ -649,6 +654,8 @@ static void remember_code(mb_proc_t *p, lua_State *L, int idx, mb_code_t *code)
  * and its environment becomes the new process's globals here. The body is
  * the first function a boot decodes; a body never loaded whole (a module
  * name) leaves the slots as they are. */
+static _Thread_local lua_State *body_kept;   /* load_body gave the body */
+
 static int load_body(lua_State *L, mb_code_t *code)
 {
   mb_proc_t *p = mb_proc_of(L);
@@ -662,6 +669,7 @@ static int load_body(lua_State *L, mb_code_t *code)
   lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_BODY_FN);
   lua_pushvalue(L, LUA_GLOBALSINDEX);
   lua_setfenv(L, -2);
+  body_kept = L;
   return 1;
 }
 
@@ -670,14 +678,16 @@ static void on_load(lua_State *L, int idx, mb_code_t *code)
   mb_proc_t *p = mb_proc_of(L);
   if (p == NULL || !p->booting)
     return;
-  if (p->nfncodes == 0) {   /* the body: kept for the state's next process */
+  int body = p->nfncodes == 0;
+  if (body && body_kept != L) {   /* kept for the state's next process */
     lua_pushvalue(L, idx);
     lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_BODY_FN);
     lua_pushnumber(L, (lua_Number)mb_code_serial(code));
     lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_BODY_CODE);
   }
+  body_kept = NULL;
   if (p->nfncodes < MB_FNCODES)
-    remember_code(p, L, idx, code);
+    remember_code(p, L, idx, code, body);
 }
 
 /* A function the process dumps to send is likely sent again (spawned in a
@@ -686,7 +696,7 @@ static void on_dump(lua_State *L, int idx, mb_code_t *code)
 {
   mb_proc_t *p = mb_proc_of(L);
   if (p && p->L)
-    remember_code(p, L, idx, code);
+    remember_code(p, L, idx, code, 0);
 }
 
 static int provide_module(lua_State *L, const char *name, size_t n)
