@@ -132,6 +132,9 @@ typedef struct mb_proc {
   struct mb_sock *socks;     /* sockets it owns (sock.h) */
 
   /* -- owner-only -- */
+  /* The socket its Lua code used last, with a reference (lib_tcp.c);
+   * sock.c lets it go when the process ends. */
+  struct mb_sock *sock_last;
   mb_msg_t *q_head, **q_tail;  /* private half of the mailbox */
   mb_msg_t **q_scan;           /* selective receive: next message to test */
   mb_msg_t *recv_bad;          /* a message whose rebuilding raised */

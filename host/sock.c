@@ -902,6 +902,10 @@ static int pass_to_heir(mb_sock_t *s, mb_pid_t from, mb_pid_t heir)
 
 static void owner_exit(mb_proc_t *p)
 {
+  if (p->sock_last) {
+    mb_sock_unref(p->sock_last);
+    p->sock_last = NULL;
+  }
   mb_proc_lock(p);
   mb_sock_t *s = p->socks;
   p->socks = NULL;

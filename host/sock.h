@@ -123,7 +123,9 @@ typedef struct mb_sock {
 
   pthread_mutex_t lock;
   /* -- guarded by lock -- */
-  mb_pid_t owner;              /* 0 while in a listener's queue */
+  _Atomic mb_pid_t owner;      /* 0 while in a listener's queue; written
+                                  under lock, read without it by the owner's
+                                  check (lib_tcp.c, self_sock) */
   struct mb_sock *onext, *oprev; /* the owner's list (owner's lock too) */
   mb_chunk_t *rhead, **rtail;  /* read and not yet taken */
   size_t rbytes;
