@@ -162,6 +162,74 @@ static void msgs_free(mb_msg_t *m)
   }
 }
 
+/* Process records pass through a cache per thread and a shared pool
+ * instead of going back to the allocator: a record is made on one
+ * scheduler and often freed on another, and mimalloc gives a page back to
+ * the system (madvise, which on two cores means a TLB shootdown on the
+ * other) as soon as its last block is free - a batch of short-lived
+ * processes emptied and refilled the same pages: 3,128 madvise calls in a
+ * spawn benchmark of 200,000 processes, 408 with the pool (spawn + message
+ * 1.90 -> 1.81 us). A thread moves REC_BATCH records between its cache and
+ * the pool at a time; the pool keeps at most REC_POOL_MAX (~2.5 MB), the
+ * rest are freed. Off under ASan, which must see a freed record as freed. */
+#if defined(__SANITIZE_ADDRESS__)
+#define REC_CACHE 0
+#else
+#define REC_CACHE 64
+#endif
+#define REC_BATCH 32
+#define REC_POOL_MAX 4096
+static _Thread_local struct {
+  int n;
+  mb_proc_t *v[REC_CACHE ? REC_CACHE : 1];
+} rec_cache;
+static _Atomic(mb_proc_t *) rec_pool;   /* linked by rq_next; written under rec_lock */
+static int rec_pool_n;
+static pthread_mutex_t rec_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static mb_proc_t *rec_alloc(void)
+{
+  if (rec_cache.n == 0 && REC_CACHE && atomic_load_explicit(&rec_pool, memory_order_relaxed)) {
+    pthread_mutex_lock(&rec_lock);
+    mb_proc_t *r = atomic_load_explicit(&rec_pool, memory_order_relaxed);
+    while (r && rec_cache.n < REC_BATCH) {
+      rec_cache.v[rec_cache.n++] = r;
+      rec_pool_n--;
+      r = r->rq_next;
+    }
+    atomic_store_explicit(&rec_pool, r, memory_order_relaxed);
+    pthread_mutex_unlock(&rec_lock);
+  }
+  if (rec_cache.n == 0)
+    return mb_calloc(1, sizeof(mb_proc_t));
+  mb_proc_t *r = rec_cache.v[--rec_cache.n];
+  memset(r, 0, sizeof *r);
+  return r;
+}
+
+static void rec_free(mb_proc_t *p)
+{
+  if (REC_CACHE == 0) {
+    mb_free(p);
+    return;
+  }
+  if (rec_cache.n == REC_CACHE) {
+    pthread_mutex_lock(&rec_lock);
+    while (rec_cache.n > REC_CACHE - REC_BATCH) {
+      mb_proc_t *r = rec_cache.v[--rec_cache.n];
+      if (rec_pool_n < REC_POOL_MAX) {
+        r->rq_next = atomic_load_explicit(&rec_pool, memory_order_relaxed);
+        atomic_store_explicit(&rec_pool, r, memory_order_relaxed);
+        rec_pool_n++;
+      } else {
+        mb_free(r);
+      }
+    }
+    pthread_mutex_unlock(&rec_lock);
+  }
+  rec_cache.v[rec_cache.n++] = p;
+}
+
 static void proc_free(mb_proc_t *p)
 {
   msgs_free(p->in_head);
@@ -176,7 +244,7 @@ static void proc_free(mb_proc_t *p)
   linkset_free(&p->monitoring);
   linkset_free(&p->aliases);
   pthread_mutex_destroy(&p->lock);
-  mb_free(p);
+  rec_free(p);
 }
 
 int mb_proc_new(size_t max_memory, mb_proc_t **out)
@@ -185,7 +253,7 @@ int mb_proc_new(size_t max_memory, mb_proc_t **out)
   uint32_t i = slot_alloc();
   if (i == 0)
     return MB_ETOOMANY;
-  mb_proc_t *p = mb_calloc(1, sizeof *p);
+  mb_proc_t *p = rec_alloc();
   pthread_mutex_init(&p->lock, NULL);
   atomic_init(&p->refs, 1);
   p->alloc.limit = p->alloc.max = max_memory;
