@@ -12,6 +12,7 @@
  * The module table starts empty: its __index creates each function on first
  * use, so that an idle process holds only the functions it called.
  */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -375,6 +376,7 @@ static const char signal_msg_src[] =
   "end\n";
 static char *signal_msg_bc;
 static size_t signal_msg_len;
+static pthread_once_t signal_msg_once = PTHREAD_ONCE_INIT;
 
 static int dump_writer(lua_State *L, const void *b, size_t n, void *ud)
 {
@@ -406,6 +408,7 @@ void mb_lib_push_msg(lua_State *L, const mb_msg_t *m)
   lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_SIGNAL_MSG);
   if (lua_isnil(L, -1)) {
     lua_pop(L, 1);
+    pthread_once(&signal_msg_once, signal_msg_init);   /* hosts without mb_lib_init */
     if (luaL_loadbuffer(L, signal_msg_bc, signal_msg_len, "=signal message") != 0)
       lua_error(L);   /* out of memory */
     lua_pushvalue(L, LUA_REGISTRYINDEX);
@@ -938,7 +941,7 @@ int mb_lib_open(lua_State *L)
 
 void mb_lib_init(void)
 {
-  signal_msg_init();
+  pthread_once(&signal_msg_once, signal_msg_init);
   mb_run_init();
   mb_id_register(&timer_kind);
   mb_lib_tcp_init();
