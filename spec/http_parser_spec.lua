@@ -403,23 +403,42 @@ describe("moonbeam.http_parser", function()
     assert.has_error(function() hp.new({ type = "sideways" }) end)
   end)
   describe("parser:next (the queue moonbeam.http reads)", function()
+    -- A request's head as next gives it ("head", framing, headers, more,
+    -- method, url, path, query, version, keep_alive, upgrade): kind, the
+    -- fields as a table, framing, more. Other events: kind, a, b, more.
+    local function take(k, a, b, more, method, url, path, query, version, keep, upgrade)
+      if k == "head" and type(a) ~= "table" then
+        return k, { method = method, url = url, path = path, query = query, version = version,
+                    headers = b, body = "", keep_alive = keep, upgrade = upgrade }, a, more
+      end
+      return k, a, b, more
+    end
     -- All events of feeding the pieces, each as {kind, a, b, more}.
     local function next_all(p, pieces)
       local all = {}
       for _, piece in ipairs(pieces) do
-        local k, a, b, more = p:next(piece)
+        local k, a, b, more = take(p:next(piece))
         while k do
           all[#all + 1] = { k, a, b, more }
-          k, a, b, more = p:next()
+          k, a, b, more = take(p:next())
         end
       end
       return all
     end
 
-    it("builds the request table in C, headers lower-cased and joined", function()
+    it("gives a request's fields as values, headers lower-cased and joined", function()
       local p = hp.new()
-      local kind, req, framing, more = p:next(
+      local kind, framing, headers, more, method, url, path, query, version, keep, upgrade = p:next(
         "GET /p/a?x=1&y=2 HTTP/1.1\r\nHost: example\r\nX-A: 1\r\nx-a: 2\r\nAccept: */*\r\n\r\n")
+      assert.are.same({ "GET", "/p/a?x=1&y=2", "/p/a", "x=1&y=2", "1.1", true, false },
+        { method, url, path, query, version, keep, upgrade })
+      assert.are.same({ host = "example", ["x-a"] = "1, 2", accept = "*/*" }, headers)
+      assert.is_false(framing)
+      assert.is_false(more)
+      assert.is_nil(p:next())
+      local req
+      kind, req, framing, more = take(p:next(
+        "GET /p/a?x=1&y=2 HTTP/1.1\r\nHost: example\r\nX-A: 1\r\nx-a: 2\r\nAccept: */*\r\n\r\n"))
       assert.are.equal("head", kind)
       assert.are.equal("GET", req.method)
       assert.are.equal("/p/a?x=1&y=2", req.url)
@@ -435,7 +454,7 @@ describe("moonbeam.http_parser", function()
       assert.is_false(more)
       assert.is_nil(p:next())
       -- without a query: path is the URL, query nil
-      local _, r2 = p:next("GET /plain HTTP/1.1\r\nHost: h\r\n\r\n")
+      local _, r2 = take(p:next("GET /plain HTTP/1.1\r\nHost: h\r\n\r\n"))
       assert.are.equal("/plain", r2.path)
       assert.is_nil(r2.query)
     end)
@@ -473,7 +492,7 @@ describe("moonbeam.http_parser", function()
       assert.are.equal("1.0", ev[5][2].version)
       assert.is_false(ev[5][2].keep_alive)
       -- the queue is reused: the next request starts afresh
-      local k, r = p:next("GET /4 HTTP/1.1\r\nHost: h\r\n\r\n")
+      local k, r = take(p:next("GET /4 HTTP/1.1\r\nHost: h\r\n\r\n"))
       assert.are.equal("head", k)
       assert.are.equal("/4", r.url)
     end)

@@ -232,14 +232,28 @@ local function read_head(c, first, ready)
   c.first = first
   c.deadline = deadline
   local begun = false   -- the head's first byte came
-  local kind, a, b, more
-  if ready ~= false then kind, a, b, more = parser:next() end
+  local kind, a, b, more, method, url, path, query, version, keep, upgrade
+  if ready ~= false then
+    kind, a, b, more, method, url, path, query, version, keep, upgrade = parser:next()
+  end
   while true do
-    if kind == "head" then return a, b, more end
+    if kind == "head" then
+      -- The request table, from a constructor with constant values (see
+      -- new_response): the parser gives its fields as values (a: the
+      -- framing, b: the headers) so that it is a template copy and a store
+      -- per field.
+      local req = {
+        method = false, url = false, path = false, query = false, version = false,
+        headers = false, body = "", keep_alive = false, upgrade = false, socket = false,
+      }
+      req.method, req.url, req.path, req.query = method, url, path, query
+      req.version, req.headers, req.keep_alive, req.upgrade = version, b, keep, upgrade
+      return req, a, more
+    end
     if kind == "error" then return nil, a end
     if kind and more then
       -- Nothing else can come before a head; skip it if it does.
-      kind, a, b, more = parser:next()
+      kind, a, b, more, method, url, path, query, version, keep, upgrade = parser:next()
     else
       local left = deadline - now
       if left <= 0 then return nil, begun and 408 or "idle" end
@@ -268,7 +282,7 @@ local function read_head(c, first, ready)
         if err == "timeout" then return nil, begun and 408 or "idle" end
         return nil, "closed"
       end
-      kind, a, b, more = parser:next(data)
+      kind, a, b, more, method, url, path, query, version, keep, upgrade = parser:next(data)
       if not kind then
         now = mb.now()
         if not begun and parser:in_message() then
