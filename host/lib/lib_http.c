@@ -25,12 +25,14 @@
  * so the parser callbacks touch Lua only to push finished events.
  *
  * The queue (parser:next), what moonbeam.http reads: the same events as
- * values (kind, a, b) in a table kept with the parser and reused, and a
- * request's head as the very table its handler gets (push_message), built
- * here at its size with the header names lower-cased, the keys pushed from
- * upvalues rather than interned per call. A request without a body is one
- * event. The cost model is the server's: a keep-alive request is parsed,
- * checked and made a table in about two calls from Lua and no event table.
+ * values (kind, a, b) in a table kept with the parser and reused (the
+ * first event of a feed that finds it empty is returned without it), and a
+ * request's head as the values moonbeam.http makes the handler's table of
+ * (push_message: a constructor in Lua is a template copy, cheaper than a
+ * table built through the C API), its headers a table built here with the
+ * names lower-cased. A request without a body is one event. The cost model
+ * is the server's: a keep-alive request is parsed and checked in one call
+ * from Lua, with no event table.
  * The same file builds a response in one buffer and writes it
  * (http_parser.respond) and does the guard around a handler (see "Guarding
  * a connection" below); measured, those took a request's instructions from
