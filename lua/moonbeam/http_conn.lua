@@ -66,7 +66,7 @@
 -- builds and writes the response) and about 250 bytecodes; the headers
 -- table is built in C, the request and response tables from constructors
 -- that keep their size from bytecode (see new_response). Measured (callgrind,
--- one scheduler, keep-alive hello world): 21,300 instructions a request,
+-- one scheduler, keep-alive hello world): 20,600-21,200 instructions a request,
 -- 23,300 with the request table built in C, 65,000 before (BENCHMARKS.md). The serving path uses no standard
 -- library but the base one, so that a connection process opens no other
 -- (LuaJIT's libraries open lazily here, each at a cost).
