@@ -303,6 +303,32 @@ describe("moonbeam.http_parser", function()
     end
   end)
 
+  it("finds a bare LF or CR at any place in a long line, the whole or cut", function()
+    -- (The checker scans start lines and values eight bytes at a time and
+    -- names by a table: every offset, and every cut, must still be seen.)
+    local long = ("v"):rep(40)
+    for at = 0, 40 do
+      local value = long:sub(1, at) .. "\n" .. long:sub(at + 1)
+      local line = "GET /" .. long:sub(1, at) .. "\n" .. long:sub(at + 1) .. " HTTP/1.1\r\n"
+      local cr = "GET / HTTP/1.1\r\nHost: h\r\nX: " .. long:sub(1, at) .. "\rz\r\n\r\n"
+      local name = "GET / HTTP/1.1\r\nHost: h\r\nX" .. long:sub(1, at) .. " : y\r\n\r\n"
+      for _, case in ipairs({
+        { "BARE_LF", "GET / HTTP/1.1\r\nHost: h\r\nX: " .. value .. "\r\n\r\n" },
+        { "BARE_LF", line .. "Host: h\r\n\r\n" },
+        { "BARE_CR", cr }, { "SPACE_IN_NAME", name } }) do
+        local bytes = case[2]
+        for cut = 1, #bytes, 7 do
+          local ev = feed_all(hp.new(), { bytes:sub(1, cut), bytes:sub(cut + 1) })
+          assert.are.equal(case[1], ev[#ev].name, at .. "/" .. cut .. ": " .. bytes)
+        end
+      end
+      local ok = "GET /" .. long:sub(1, at) .. " HTTP/1.1\r\nHost: h\r\nX" .. long:sub(1, at)
+        .. ": " .. long:sub(1, at) .. "\r\n\r\n"
+      local _, ev = hp.new():feed(ok)
+      assert.are.equal("done", ev[#ev].type, ok)
+    end
+  end)
+
   it("gives no head event for a request refused in its head", function()
     for _, case in ipairs(refused) do
       local bytes = case[3]
@@ -403,23 +429,42 @@ describe("moonbeam.http_parser", function()
     assert.has_error(function() hp.new({ type = "sideways" }) end)
   end)
   describe("parser:next (the queue moonbeam.http reads)", function()
+    -- A request's head as next gives it ("head", framing, headers, more,
+    -- method, url, path, query, version, keep_alive, upgrade): kind, the
+    -- fields as a table, framing, more. Other events: kind, a, b, more.
+    local function take(k, a, b, more, method, url, path, query, version, keep, upgrade)
+      if k == "head" and type(a) ~= "table" then
+        return k, { method = method, url = url, path = path, query = query, version = version,
+                    headers = b, body = "", keep_alive = keep, upgrade = upgrade }, a, more
+      end
+      return k, a, b, more
+    end
     -- All events of feeding the pieces, each as {kind, a, b, more}.
     local function next_all(p, pieces)
       local all = {}
       for _, piece in ipairs(pieces) do
-        local k, a, b, more = p:next(piece)
+        local k, a, b, more = take(p:next(piece))
         while k do
           all[#all + 1] = { k, a, b, more }
-          k, a, b, more = p:next()
+          k, a, b, more = take(p:next())
         end
       end
       return all
     end
 
-    it("builds the request table in C, headers lower-cased and joined", function()
+    it("gives a request's fields as values, headers lower-cased and joined", function()
       local p = hp.new()
-      local kind, req, framing, more = p:next(
+      local kind, framing, headers, more, method, url, path, query, version, keep, upgrade = p:next(
         "GET /p/a?x=1&y=2 HTTP/1.1\r\nHost: example\r\nX-A: 1\r\nx-a: 2\r\nAccept: */*\r\n\r\n")
+      assert.are.same({ "GET", "/p/a?x=1&y=2", "/p/a", "x=1&y=2", "1.1", true, false },
+        { method, url, path, query, version, keep, upgrade })
+      assert.are.same({ host = "example", ["x-a"] = "1, 2", accept = "*/*" }, headers)
+      assert.is_false(framing)
+      assert.is_false(more)
+      assert.is_nil(p:next())
+      local req
+      kind, req, framing, more = take(p:next(
+        "GET /p/a?x=1&y=2 HTTP/1.1\r\nHost: example\r\nX-A: 1\r\nx-a: 2\r\nAccept: */*\r\n\r\n"))
       assert.are.equal("head", kind)
       assert.are.equal("GET", req.method)
       assert.are.equal("/p/a?x=1&y=2", req.url)
@@ -435,7 +480,7 @@ describe("moonbeam.http_parser", function()
       assert.is_false(more)
       assert.is_nil(p:next())
       -- without a query: path is the URL, query nil
-      local _, r2 = p:next("GET /plain HTTP/1.1\r\nHost: h\r\n\r\n")
+      local _, r2 = take(p:next("GET /plain HTTP/1.1\r\nHost: h\r\n\r\n"))
       assert.are.equal("/plain", r2.path)
       assert.is_nil(r2.query)
     end)
@@ -473,9 +518,40 @@ describe("moonbeam.http_parser", function()
       assert.are.equal("1.0", ev[5][2].version)
       assert.is_false(ev[5][2].keep_alive)
       -- the queue is reused: the next request starts afresh
-      local k, r = p:next("GET /4 HTTP/1.1\r\nHost: h\r\n\r\n")
+      local k, r = take(p:next("GET /4 HTTP/1.1\r\nHost: h\r\n\r\n"))
       assert.are.equal("head", k)
       assert.are.equal("/4", r.url)
+    end)
+
+    it("gives a queued request's head as it gives the first one", function()
+      -- The first event of a feed is returned without the queue, the rest
+      -- come through it: both ways, the same values, a repeated header
+      -- joined and a request complete with its head folded (framing false).
+      local p = hp.new()
+      local one = "GET /q?a=1 HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nX-a: 2\r\n\r\n"
+      local ev = next_all(p, { one .. one .. "POST /b HTTP/1.0\r\nContent-Length: 1\r\n\r\nz" .. one })
+      local kinds = {}
+      for i, e in ipairs(ev) do kinds[i] = e[1] end
+      assert.are.same({ "head", "head", "head", "body", "done", "head" }, kinds)
+      for _, i in ipairs({ 1, 2, 6 }) do
+        local req = ev[i][2]
+        assert.are.same({ "GET", "/q?a=1", "/q", "a=1", "1.1", true, false },
+          { req.method, req.url, req.path, req.query, req.version, req.keep_alive, req.upgrade })
+        assert.are.same({ host = "h", ["x-a"] = "1, 2" }, req.headers)
+        assert.is_false(ev[i][3])
+      end
+      assert.are.same({ "POST", "/b", "1.0", false }, { ev[3][2].method, ev[3][2].path,
+        ev[3][2].version, ev[3][2].keep_alive })
+      assert.is_nil(ev[3][2].query)
+      assert.are.equal(1, ev[3][3])
+      assert.is_false(ev[#ev][4])
+      -- a head whose body comes later keeps its framing
+      local q = hp.new()
+      local k, framing = q:next("PUT / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n")
+      assert.are.same({ "head", 3 }, { k, framing })
+      local kb, data, _, more = q:next("abc")
+      assert.are.same({ "body", "abc", true }, { kb, data, more })
+      assert.are.same({ "done", true, nil, false }, { q:next() })
     end)
 
     it("parses a head split into single bytes", function()

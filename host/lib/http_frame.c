@@ -56,6 +56,41 @@ void mb_hframe_body(mb_hframe_t *f, int complete, int chunked, uint64_t length)
   }
 }
 
+/* The index of the first CR or LF in data[i..n), or n: eight bytes at a
+ * time (a byte equal to CR or LF is a zero byte of the word xor'ed with
+ * it; the lowest flagged byte is always a true one), which costs less
+ * than memchr's calls on the short lines of a head and as little on a
+ * long one. */
+#define ONES 0x0101010101010101ull
+#define HIGHS 0x8080808080808080ull
+static size_t find_eol(const char *data, size_t i, size_t n)
+{
+  for (; i + 8 <= n; i += 8) {
+    uint64_t w, a, b;
+    memcpy(&w, data + i, 8);
+    a = w ^ (ONES * '\r');
+    b = w ^ (ONES * '\n');
+    uint64_t m = (((a - ONES) & ~a) | ((b - ONES) & ~b)) & HIGHS;
+    if (m) {
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+      return i + (size_t)(__builtin_ctzll(m) >> 3);
+#else
+      break;   /* (find it bytewise below) */
+#endif
+    }
+  }
+  for (; i < n; i++)
+    if (data[i] == '\r' || data[i] == '\n')
+      return i;
+  return n;
+}
+
+/* The bytes that end a header name or make it bad: 1 for ':', SP, HT, CR
+ * and LF (the rest is http-parser's to judge). */
+static const unsigned char name_stop[256] = {
+  ['\t'] = 1, ['\n'] = 1, ['\r'] = 1, [' '] = 1, [':'] = 1,
+};
+
 static int is_hex(unsigned char c)
 {
   return (c >= '0' && c <= '9') || ((c | 0x20) >= 'a' && (c | 0x20) <= 'f');
@@ -86,10 +121,13 @@ size_t mb_hframe_check(mb_hframe_t *f, const char *data, size_t n, int *err)
       f->state = FC_START;
       break;
     case FC_LINE:
-      if (c == '\r')
-        f->state = FC_LINE_LF;
-      else if (c == '\n')
+      /* Run to the end of the line. */
+      i = find_eol(data, i, n);
+      if (i == n)
+        return n;
+      if (data[i] == '\n')
         goto bare_lf;
+      f->state = FC_LINE_LF;
       break;
     case FC_LINE_LF:
       if (c != '\n')
@@ -111,6 +149,11 @@ size_t mb_hframe_check(mb_hframe_t *f, const char *data, size_t n, int *err)
       }
       break;
     case FC_NAME:
+      while (!name_stop[c]) {
+        if (++i == n)
+          return n;
+        c = (unsigned char)data[i];
+      }
       if (c == ':') {
         f->state = FC_VALUE;
       } else if (c == ' ' || c == '\t') {
@@ -121,20 +164,15 @@ size_t mb_hframe_check(mb_hframe_t *f, const char *data, size_t n, int *err)
         return i;
       }
       break;
-    case FC_VALUE: {
+    case FC_VALUE:
       /* The common case: run to the end of the value. */
-      const char *cr = memchr(data + i, '\r', n - i);
-      const char *lf = memchr(data + i, '\n', (cr ? (size_t)(cr - data) : n) - i);
-      if (lf) {
-        i = (size_t)(lf - data);
-        goto bare_lf;
-      }
-      if (!cr)
+      i = find_eol(data, i, n);
+      if (i == n)
         return n;
-      i = (size_t)(cr - data);
+      if (data[i] == '\n')
+        goto bare_lf;
       f->state = FC_VALUE_LF;
       break;
-    }
     case FC_VALUE_LF:
       if (c != '\n')
         goto bare_cr;

@@ -25,12 +25,14 @@
  * so the parser callbacks touch Lua only to push finished events.
  *
  * The queue (parser:next), what moonbeam.http reads: the same events as
- * values (kind, a, b) in a table kept with the parser and reused, and a
- * request's head as the very table its handler gets (push_message), built
- * here at its size with the header names lower-cased, the keys pushed from
- * upvalues rather than interned per call. A request without a body is one
- * event. The cost model is the server's: a keep-alive request is parsed,
- * checked and made a table in about two calls from Lua and no event table.
+ * values (kind, a, b) in a table kept with the parser and reused (the
+ * first event of a feed that finds it empty is returned without it), and a
+ * request's head as the values moonbeam.http makes the handler's table of
+ * (push_message: a constructor in Lua is a template copy, cheaper than a
+ * table built through the C API), its headers a table built here with the
+ * names lower-cased. A request without a body is one event. The cost model
+ * is the server's: a keep-alive request is parsed and checked in one call
+ * from Lua, with no event table.
  * The same file builds a response in one buffer and writes it
  * (http_parser.respond) and does the guard around a handler (see "Guarding
  * a connection" below); measured, those took a request's instructions from
@@ -170,6 +172,12 @@ typedef struct {
   int fold;              /* queue mode, request parser: the head just queued
                             (at slot fold) has had no body yet, so its "done"
                             can be folded into it */
+  /* Queue mode, during one parser:next: the first event of a feed that
+   * found the queue empty stays on the stack (what parser:next returns),
+   * only the events after it go through the queue table. */
+  int direct_ok;         /* the next event may stay on the stack */
+  int dbase, ndirect;    /* where it is and how many values (0: none) */
+  int fold_at;           /* its framing's stack index, as fold (0: none) */
   mb_hframe_t frame;     /* the framing checker (http_frame.h) */
   /* Final state. */
   int limit_err;         /* LIM_* that stopped the parser */
@@ -382,15 +390,21 @@ static int check_head(hp_t *h)
   return LIM_NONE;
 }
 
-/* Queue mode: move the three values on top of the stack (kind, a, b) to the
- * end of the queue. */
-static void q_push(hp_t *h)
+/* Queue mode: the n values of an event on top of the stack (kind, a, b; a
+ * request's head has more, see push_message) go to the end of the queue,
+ * or stay where they are as the one event parser:next returns directly. */
+static void q_push(hp_t *h, int n)
 {
   lua_State *L = h->L;
-  lua_rawseti(L, h->qidx, h->qtail + 3);
-  lua_rawseti(L, h->qidx, h->qtail + 2);
-  lua_rawseti(L, h->qidx, h->qtail + 1);
-  h->qtail += 3;
+  if (h->direct_ok) {
+    h->direct_ok = 0;
+    h->ndirect = n;
+    h->dbase = lua_gettop(L) - n + 1;
+    return;
+  }
+  for (int i = n; i >= 1; i--)
+    lua_rawseti(L, h->qidx, h->qtail + i);
+  h->qtail += n;
 }
 
 static void push_version(lua_State *L, const http_parser *p)
@@ -410,7 +424,7 @@ static void push_version(lua_State *L, const http_parser *p)
   X(BODY, "body") X(VERSION, "version") X(HEADERS, "headers")               \
   X(KEEP_ALIVE, "keep_alive") X(UPGRADE, "upgrade") X(STATUS, "status")     \
   X(HEAD, "head") X(DONE, "done") X(ERROR, "error") X(EMPTY, "")            \
-  X(V11, "1.1") X(V10, "1.0") X(COMMA, ", ")
+  X(V11, "1.1") X(V10, "1.0") X(COMMA, ", ") X(GET, "GET")
 #define X_ENUM(n, s) K_##n,
 enum { QUEUE_STRINGS(X_ENUM) K_COUNT };
 #undef X_ENUM
@@ -421,59 +435,26 @@ static const char *const queue_strings[] = { QUEUE_STRINGS(X_TEXT) };
 /* Push queue string k (only inside parser:next). */
 #define KPUSH(L, k) lua_pushvalue((L), lua_upvalueindex(2 + (k)))
 
-/* Queue mode: the head as the table moonbeam.http hands on, with its
- * headers as a map of lower-cased names (repeated ones joined with ", "),
- * pushed as the event ("head", message, content_length | true (chunked) |
- * nil). A request: {method, url, path, query, version, headers, body = "",
- * keep_alive, upgrade}, sized for the `socket` field the server adds; a
- * response: {status, version, headers, keep_alive, upgrade}. Built here,
- * presized, because a table built field by field in Lua grows by rehashing
- * (and a dumped constructor cannot presize it: modcache.h). */
-static void push_message(hp_t *h)
+/* The values of a request's head event in the queue (see push_message). */
+#define HEAD_VALUES 10
+
+/* Queue mode: push the version ("1.1" and "1.0" from the queue strings). */
+static void q_version(lua_State *L, const http_parser *p)
 {
-  http_parser *p = &h->p;
-  lua_State *L = h->L;
-  int req = p->type == HTTP_REQUEST;
-  KPUSH(L, K_HEAD);
-  lua_createtable(L, 0, req ? 11 : 7);
-  int t = lua_gettop(L);
-  if (req) {
-    KPUSH(L, K_METHOD);
-    lua_pushstring(L, http_method_str((enum http_method)p->method));
-    lua_rawset(L, t);
-    const char *q = memchr(h->buf, '?', h->url_len);
-    KPUSH(L, K_URL);
-    lua_pushlstring(L, h->buf, h->url_len);
-    if (q) {
-      lua_rawset(L, t);
-      size_t plen = (size_t)(q - h->buf);
-      KPUSH(L, K_PATH);
-      lua_pushlstring(L, h->buf, plen);
-      lua_rawset(L, t);
-      KPUSH(L, K_QUERY);
-      lua_pushlstring(L, q + 1, h->url_len - plen - 1);
-      lua_rawset(L, t);
-    } else {
-      KPUSH(L, K_PATH);
-      lua_pushvalue(L, -2);   /* the path is the whole URL */
-      lua_rawset(L, t);
-      lua_rawset(L, t);
-    }
-    KPUSH(L, K_BODY);
-    KPUSH(L, K_EMPTY);
-    lua_rawset(L, t);
-  } else {
-    KPUSH(L, K_STATUS);
-    lua_pushinteger(L, p->status_code);
-    lua_rawset(L, t);
-  }
-  KPUSH(L, K_VERSION);
   if (p->http_major == 1 && p->http_minor <= 1)
     KPUSH(L, p->http_minor ? K_V11 : K_V10);
   else
     lua_pushfstring(L, "%d.%d", (int)p->http_major, (int)p->http_minor);
-  lua_rawset(L, t);
-  KPUSH(L, K_HEADERS);
+}
+
+/* The headers of the collected head as a table of lower-cased names
+ * (repeated ones joined with ", "), on top of the stack. Only a name seen
+ * before in this head is looked up in the table: the check is a compare of
+ * lengths against the earlier names (which are lower-cased already), far
+ * cheaper than a table look-up through the C API. */
+static void push_headers(hp_t *h)
+{
+  lua_State *L = h->L;
   lua_createtable(L, 0, (int)h->nhdrs);
   for (uint32_t i = 0; i < h->nhdrs; i++) {
     const hdr_t *e = &h->hdrs[i];
@@ -481,19 +462,84 @@ static void push_message(hp_t *h)
     for (uint32_t k = 0; k < e->name_len; k++)
       if (name[k] >= 'A' && name[k] <= 'Z')
         name[k] = (char)(name[k] + 32);
+    int again = 0;
+    for (uint32_t j = 0; j < i && !again; j++)
+      again = h->hdrs[j].name_len == e->name_len
+              && memcmp(h->buf + h->hdrs[j].name, name, e->name_len) == 0;
     lua_pushlstring(L, name, e->name_len);
-    lua_pushvalue(L, -1);
-    lua_rawget(L, -3);
-    if (lua_isnil(L, -1)) {
-      lua_pop(L, 1);
+    if (!again) {
       lua_pushlstring(L, h->buf + e->value, e->value_len);
     } else {
+      lua_pushvalue(L, -1);
+      lua_rawget(L, -3);
       KPUSH(L, K_COMMA);
       lua_pushlstring(L, h->buf + e->value, e->value_len);
       lua_concat(L, 3);
     }
     lua_rawset(L, -3);
   }
+}
+
+/* Queue mode: the head. A request's is the values moonbeam.http builds its
+ * request table from ("head", framing, headers, method, url, path, query,
+ * version, keep_alive, upgrade; see parser:next): a table constructor with
+ * constant keys in Lua is a template copy, and filling it is a store per
+ * field, where building it here cost a key look-up and insertion per field
+ * through the C API (measured: 2,500 instructions a request). A response's
+ * is ("head", message, framing), the message a table {status, version,
+ * headers, keep_alive, upgrade}. framing: content_length | true (chunked)
+ * | nil, made false by on_message_complete for a request complete with its
+ * head. */
+static void push_message(hp_t *h)
+{
+  http_parser *p = &h->p;
+  lua_State *L = h->L;
+  KPUSH(L, K_HEAD);
+  if (p->type == HTTP_REQUEST) {
+    if (p->flags & F_CHUNKED)
+      lua_pushboolean(L, 1);
+    else if (p->flags & F_CONTENTLENGTH)
+      lua_pushnumber(L, (lua_Number)p->content_length);
+    else
+      lua_pushnil(L);
+    push_headers(h);
+    if (p->method == HTTP_GET)
+      KPUSH(L, K_GET);
+    else
+      lua_pushstring(L, http_method_str((enum http_method)p->method));
+    const char *q = memchr(h->buf, '?', h->url_len);
+    lua_pushlstring(L, h->buf, h->url_len);
+    if (q) {
+      size_t plen = (size_t)(q - h->buf);
+      lua_pushlstring(L, h->buf, plen);
+      lua_pushlstring(L, q + 1, h->url_len - plen - 1);
+    } else {
+      lua_pushvalue(L, -1);   /* the path is the whole URL */
+      lua_pushnil(L);
+    }
+    q_version(L, p);
+    lua_pushboolean(L, http_should_keep_alive(p));
+    lua_pushboolean(L, p->upgrade);
+    int direct = h->direct_ok;
+    q_push(h, HEAD_VALUES);
+    if (direct) {
+      h->fold_at = h->dbase + 1;
+      h->fold = 0;
+    } else {
+      h->fold = h->qtail - HEAD_VALUES + 2;
+    }
+    return;
+  }
+  lua_createtable(L, 0, 7);
+  int t = lua_gettop(L);
+  KPUSH(L, K_STATUS);
+  lua_pushinteger(L, p->status_code);
+  lua_rawset(L, t);
+  KPUSH(L, K_VERSION);
+  q_version(L, p);
+  lua_rawset(L, t);
+  KPUSH(L, K_HEADERS);
+  push_headers(h);
   lua_rawset(L, t);
   KPUSH(L, K_KEEP_ALIVE);
   lua_pushboolean(L, http_should_keep_alive(p));
@@ -507,8 +553,8 @@ static void push_message(hp_t *h)
     lua_pushnumber(L, (lua_Number)p->content_length);
   else
     lua_pushnil(L);
-  q_push(h);
-  h->fold = req ? h->qtail : 0;
+  q_push(h, 3);
+  h->fold = 0;
 }
 
 /* Events mode: the head event (see DESIGN). */
@@ -579,12 +625,12 @@ static int on_body(http_parser *p, const char *at, size_t n)
 {
   hp_t *h = p->data;
   lua_State *L = h->L;
-  h->fold = 0;
+  h->fold = h->fold_at = 0;
   if (h->api == API_QUEUE) {
     KPUSH(L, K_BODY);
     lua_pushlstring(L, at, n);
     lua_pushnil(L);
-    q_push(h);
+    q_push(h, 3);
     return 0;
   }
   new_event(L, "body", 1);
@@ -599,9 +645,15 @@ static int on_message_complete(http_parser *p)
   hp_t *h = p->data;
   lua_State *L = h->L;
   h->in_message = 0;
-  if (h->api == API_QUEUE && h->fold && h->fold == h->qtail) {
+  if (h->api == API_QUEUE && h->fold_at) {
     /* A request without a body, complete with its head: no "done" event,
      * its head's framing says false instead (one event per request). */
+    lua_pushboolean(L, 0);
+    lua_replace(L, h->fold_at);
+    h->fold_at = 0;
+    return 0;
+  }
+  if (h->api == API_QUEUE && h->fold && h->fold + HEAD_VALUES - 2 == h->qtail) {
     lua_pushboolean(L, 0);
     lua_rawseti(L, h->qidx, h->fold);
     h->fold = 0;
@@ -612,7 +664,7 @@ static int on_message_complete(http_parser *p)
     KPUSH(L, K_DONE);
     lua_pushboolean(L, http_should_keep_alive(p));
     lua_pushnil(L);
-    q_push(h);
+    q_push(h, 3);
     return 0;
   }
   new_event(L, "done", 1);
@@ -646,7 +698,7 @@ static void push_error(hp_t *h)
       lua_pushinteger(L, e == HPE_HEADER_OVERFLOW ? 431 : 400);
       lua_pushstring(L, http_errno_description(e));
     }
-    q_push(h);
+    q_push(h, 3);
     return;
   }
   new_event(L, "error", 3);
@@ -740,7 +792,7 @@ static void push_upgrade(hp_t *h, const char *rest, size_t n)
     KPUSH(L, K_UPGRADE);
     lua_pushlstring(L, rest, n);
     lua_pushnil(L);
-    q_push(h);
+    q_push(h, 3);
     return;
   }
   new_event(L, "upgrade", 1);
@@ -856,17 +908,21 @@ static int l_finish(lua_State *L)
   return run(L, h, "", 0);
 }
 
-/* parser:next([data | true]) -> kind, a, b, more | nothing   (queue mode)
+/* parser:next([data | true]) -> kind, a, b, more[, ...] | nothing   (queue mode)
  * Feeds data (more of the stream; true: the stream ended, as
  * parser:finish()), then takes the next event off the parser's queue:
- *   "head", message, content_length | true (chunked) | nil | false
+ *   "head", framing, headers, more, method, url, path, query, version,
+ *           keep_alive, upgrade                      (a request)
+ *   "head", message, content_length | true (chunked) | nil   (a response)
  *   "body", data          "done", keep_alive        "upgrade", rest
  *   "error", status, message
  * or returns nothing when no event is ready; `more` says whether another
- * event is ready after this one. A request that is complete with its head
- * (no body) comes as one event, its framing false: no "done" follows. The message is a table (see
- * push_message). The queue is a table kept with the parser and reused, so
- * a request costs no event tables. */
+ * event is ready after this one. A request's framing is its
+ * Content-Length, true (chunked), nil, or false when it is complete with
+ * its head (no body): then no "done" follows, one event per request. A
+ * response's message is a table (see push_message). The queue is a table
+ * kept with the parser and reused, so a request costs no event tables; the
+ * first event of a feed that found it empty does not even go through it. */
 static int l_next(lua_State *L)
 {
   hp_t *h = check_parser(L);
@@ -879,34 +935,52 @@ static int l_next(lua_State *L)
     h->api = API_QUEUE;
   }
   lua_getfenv(L, 1);   /* the queue, at 3 */
+  h->qidx = 3;
+  h->ndirect = 0;
+  h->direct_ok = h->qhead == h->qtail;
+  if (h->direct_ok && !lua_checkstack(L, HEAD_VALUES + 12))
+    return luaL_error(L, "not enough memory");
   if (lua_type(L, 2) == LUA_TBOOLEAN) {
     luaL_argcheck(L, lua_toboolean(L, 2), 2, "data or true expected");
-    h->qidx = 3;
     parse(L, h, "", 0);
   } else if (!lua_isnil(L, 2)) {
     size_t n;
     const char *data = luaL_checklstring(L, 2, &n);
-    h->qidx = 3;
     if (n > 0)
       parse(L, h, data, n);
+  }
+  h->direct_ok = 0;
+  h->fold_at = 0;   /* the direct event is returned now: too late to fold */
+  if (h->ndirect) {
+    int base = h->dbase, n = h->ndirect;
+    h->ndirect = 0;
+    int more = h->qhead != h->qtail;
+    lua_pushboolean(L, more);
+    lua_insert(L, base + 3);
+    return n + 1;
   }
   if (h->qhead == h->qtail)
     return 0;
   int at = h->qhead;
-  for (int i = 1; i <= 3; i++)
+  lua_rawgeti(L, 3, at + 1);
+  int n = 3;
+  if (h->p.type == HTTP_REQUEST && lua_rawequal(L, -1, lua_upvalueindex(2 + K_HEAD)))
+    n = HEAD_VALUES;
+  for (int i = 2; i <= n; i++)
     lua_rawgeti(L, 3, at + i);
-  for (int i = 1; i <= 3; i++) {
+  for (int i = 1; i <= n; i++) {
     lua_pushnil(L);
     lua_rawseti(L, 3, at + i);
   }
-  h->qhead += 3;
+  h->qhead += n;
   if (h->fold && h->fold <= h->qhead)
     h->fold = 0;   /* taken: too late to fold its "done" into it */
   int more = h->qhead != h->qtail;
   if (!more)
     h->qhead = h->qtail = 0;   /* reuse the slots from the start */
   lua_pushboolean(L, more);
-  return 4;
+  lua_insert(L, 4 + 3);   /* after kind, a, b (the queue is at 3) */
+  return n + 1;
 }
 
 /* parser:resting() -> bool: between messages, with nothing begun (not even

@@ -31,8 +31,8 @@
 --
 -- A connection process reads the socket in passive mode (sock:read with a
 -- deadline) and feeds the bytes to moonbeam.http_parser (parser:next),
--- which does the parsing, enforces the head limits and builds the request
--- table in C; its events (head, body, done, upgrade, error) are consumed
+-- which does the parsing, enforces the head limits and builds the headers
+-- table in C (read_head makes the request table of what it gives); its events (head, body, done, upgrade, error) are consumed
 -- here in order, one request at a time, so pipelined requests are answered
 -- in order. A request's body is read whole
 -- (up to max_body) before the handler runs. The handler runs in the
@@ -63,10 +63,11 @@
 --
 -- Cost: a keep-alive request without a body is a few C calls (a socket
 -- read, http_parser.next, http_parser.guard, and http_parser.respond, which
--- builds and writes the response) and about 250 bytecodes; the request
--- table is built in C, the response table from a constructor that keeps
--- its size from bytecode (see new_response). Measured: 25,000 instructions
--- a request, 65,000 before (BENCHMARKS.md). The serving path uses no standard
+-- builds and writes the response) and about 250 bytecodes; the headers
+-- table is built in C, the request and response tables from constructors
+-- that keep their size from bytecode (see new_response). Measured (callgrind,
+-- one scheduler, keep-alive hello world): 20,600-21,200 instructions a request,
+-- 23,300 with the request table built in C, 65,000 before (BENCHMARKS.md). The serving path uses no standard
 -- library but the base one, so that a connection process opens no other
 -- (LuaJIT's libraries open lazily here, each at a cost).
 local mb = require "moonbeam"
@@ -214,7 +215,7 @@ local function fail(c, code)
 end
 
 -- Wait for the next request head (ready: as for next_event). Returns the
--- request (see push_message in lib_http.c), its framing (Content-Length,
+-- request (its fields as push_message in lib_http.c gives them), its framing (Content-Length,
 -- true for chunked, nil, or false when it has no body) and whether more
 -- events are queued; or nil and what to do: "closed"/"idle" (close
 -- quietly), or a status to answer.
@@ -232,14 +233,28 @@ local function read_head(c, first, ready)
   c.first = first
   c.deadline = deadline
   local begun = false   -- the head's first byte came
-  local kind, a, b, more
-  if ready ~= false then kind, a, b, more = parser:next() end
+  local kind, a, b, more, method, url, path, query, version, keep, upgrade
+  if ready ~= false then
+    kind, a, b, more, method, url, path, query, version, keep, upgrade = parser:next()
+  end
   while true do
-    if kind == "head" then return a, b, more end
+    if kind == "head" then
+      -- The request table, from a constructor with constant values (see
+      -- new_response): the parser gives its fields as values (a: the
+      -- framing, b: the headers) so that it is a template copy and a store
+      -- per field.
+      local req = {
+        method = false, url = false, path = false, query = false, version = false,
+        headers = false, body = "", keep_alive = false, upgrade = false, socket = false,
+      }
+      req.method, req.url, req.path, req.query = method, url, path, query
+      req.version, req.headers, req.keep_alive, req.upgrade = version, b, keep, upgrade
+      return req, a, more
+    end
     if kind == "error" then return nil, a end
     if kind and more then
       -- Nothing else can come before a head; skip it if it does.
-      kind, a, b, more = parser:next()
+      kind, a, b, more, method, url, path, query, version, keep, upgrade = parser:next()
     else
       local left = deadline - now
       if left <= 0 then return nil, begun and 408 or "idle" end
@@ -268,7 +283,7 @@ local function read_head(c, first, ready)
         if err == "timeout" then return nil, begun and 408 or "idle" end
         return nil, "closed"
       end
-      kind, a, b, more = parser:next(data)
+      kind, a, b, more, method, url, path, query, version, keep, upgrade = parser:next(data)
       if not kind then
         now = mb.now()
         if not begun and parser:in_message() then
