@@ -125,6 +125,11 @@ typedef struct mb_proc {
   uint8_t hibernated;        /* no state: the next wake-up rebuilds it from
                                 boot + boot_msg (see mb.hibernate) */
   uint8_t mem_killed;        /* its queue went over max_memory: killed */
+  /* Owner-only bytes and the ticker's flag, here in the padding before the
+   * next pointer (the record stays in the 448-byte size class): */
+  uint8_t alone;             /* computes, alone on its scheduler (run.c) */
+  atomic_uchar preempt;      /* the ticker asked it to yield (run.c) */
+  uint8_t nfncodes, fncode_next;   /* fncodes in use; the next one to replace */
   struct mb_io_req *io_done; /* the finished operation of an MB_WAIT_IO */
   mb_msg_t *in_head, **in_tail;
   mb_linkset_t links;        /* pids linked to this process */
@@ -156,8 +161,6 @@ typedef struct mb_proc {
   uint8_t lstate_tainted;      /* its state may not be reused (lstate.c) */
   uint8_t first;               /* the host's first process */
   uint8_t counted;             /* its slices count instructions (run.c) */
-  uint8_t alone;               /* computes, alone on its scheduler (run.c) */
-  atomic_uchar preempt;        /* the ticker asked it to yield (run.c) */
   struct mb_io_req *io_req;    /* the operation whose results are pushed now */
   /* An MB_WAIT_IO with a timer: pushes the results of a timeout. */
   int (*io_on_timeout)(lua_State *L, uint64_t arg);
@@ -173,8 +176,9 @@ typedef struct mb_proc {
     const void *fn;
     struct mb_code *code;
     int ref;
-  } *fncodes;                  /* MB_FNCODES of them, allocated on first use */
-  int nfncodes, fncode_next;
+  } *fncodes;                  /* MB_FNCODES of them, allocated on first use
+                                  (nfncodes, fncode_next above) */
+
   mb_msg_t *boot_msg;          /* what boot decodes (spawn's function, args) */
   mb_msg_t *exit_reason;       /* set when the process must die */
   /* The module it was spawned from (or hibernated into), for reports, or

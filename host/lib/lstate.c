@@ -1150,6 +1150,7 @@ typedef struct pool {
   int n;
   lua_State *L[POOL_MAX];
   size_t used[POOL_MAX];     /* bytes each state holds */
+  uint64_t body_serial[POOL_MAX];   /* its kept body's (run.c) */
   struct pool *next;         /* all threads' pools, for pools_free */
 } pool_t;
 
@@ -1218,8 +1219,7 @@ static pool_t *pool(void)
  * upvalues emptied): host-made, nothing of the process. */
 static int kept_slot(double k)
 {
-  return mb_id_regslot(k) || k == MB_REGSLOT_SIGNAL_MSG || k == MB_REGSLOT_BODY_FN ||
-         k == MB_REGSLOT_BODY_CODE;
+  return mb_id_regslot(k) || k == MB_REGSLOT_SIGNAL_MSG || k == MB_REGSLOT_BODY_FN;
 }
 
 /* Under lua_cpcall: the old world unreachable (see Reused states). */
@@ -1311,6 +1311,15 @@ void mb_lstate_recycle(mb_proc_t *p)
    * (its environment is set then; no process can have kept a reference to
    * it: a body is not a coroutine to Lua, coroutine.running() is nil). */
   int keep_co = lua_status(p->co) == 0 && lua_gettop(p->co) == 0;
+  /* The body the state keeps (run.c): the first function its boot loaded,
+   * fncodes[0] unless replaced since. */
+  uint64_t body = 0;
+  if (p->nfncodes > 0 && p->fncodes[0].code) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_BODY_FN);
+    if (lua_topointer(L, -1) == p->fncodes[0].fn)
+      body = mb_code_serial(p->fncodes[0].code);
+    lua_pop(L, 1);
+  }
   drop_host_side(p);
   lua_settop(L, keep_co);
   if (lua_cpcall(L, reset_roots, NULL) != 0) {
@@ -1319,8 +1328,18 @@ void mb_lstate_recycle(mb_proc_t *p)
   }
   reset_gc(L, atomic_load_explicit(&p->alloc.used, memory_order_relaxed));
   pl->used[pl->n] = atomic_exchange_explicit(&p->alloc.used, 0, memory_order_relaxed);
+  pl->body_serial[pl->n] = body;
   lua_setallocf(L, mb_alloc_fn, &parked);
   pl->L[pl->n++] = L;
+}
+
+/* The code object serial of the body kept by the state mb_lstate_new gave
+ * last on this thread (see run.c, load_body), or 0. */
+static _Thread_local uint64_t kept_body;
+
+uint64_t mb_lstate_kept_body(void)
+{
+  return kept_body;
 }
 
 /* A parked state of this scheduler's pool for p, or NULL. */
@@ -1332,6 +1351,7 @@ static lua_State *pool_take(mb_proc_t *p)
   pl->n--;
   lua_State *L = pl->L[pl->n];
   atomic_store_explicit(&p->alloc.used, pl->used[pl->n], memory_order_relaxed);
+  kept_body = pl->body_serial[pl->n];
   mb_alloc_young(&p->alloc);   /* its new process's blocks: as a new state's */
   lua_setallocf(L, mb_alloc_fn, p);
   return L;
@@ -1342,6 +1362,7 @@ int mb_lstate_new(mb_proc_t *p)
   p->alloc.limit = p->alloc.max;
   p->alloc.oom = 0;
   p->lstate_tainted = 0;
+  kept_body = 0;
   lua_State *L = pool_take(p);
   if (L && p->alloc.max &&
       atomic_load_explicit(&p->alloc.used, memory_order_relaxed) > p->alloc.max / 4) {

@@ -70,6 +70,10 @@ void mb_lstate_close(mb_proc_t *p);
 /* L's state may not be reused: its process loads a C module (see "Reused
  * states" in lstate.c). */
 void mb_lstate_taint(lua_State *L);
+/* The serial of the code object whose function the state mb_lstate_new
+ * gave last on this thread keeps from its last process (run.c reuses it
+ * for the same body), or 0. */
+uint64_t mb_lstate_kept_body(void);
 /* p returned or hibernates: reset its state for the next spawn or wake on
  * this scheduler, or close it if it cannot be reused (see lstate.c,
  * "Reused states"). Owner thread, the body finished or suspended for good. */

@@ -645,15 +645,15 @@ static void remember_code(mb_proc_t *p, lua_State *L, int idx, mb_code_t *code, 
 }
 
 /* A state keeps the function its last process's body was loaded as
- * (MB_REGSLOT_BODY_FN, with its code object's serial at
- * MB_REGSLOT_BODY_CODE), across resets (lstate.c, which drops the values
- * of its upvalues): the next process spawned on the state with the same
- * function takes it instead of loading its bytecode again (luaL_loadbuffer
- * cost ~1,100 of a spawn's ~21,000 instructions). The decoder sets all its
- * upvalues (it refuses a message that sends fewer than the function has),
- * and its environment becomes the new process's globals here. The body is
- * the first function a boot decodes; a body never loaded whole (a module
- * name) leaves the slots as they are. */
+ * (MB_REGSLOT_BODY_FN; its code object's serial travels in C, with the
+ * state in the pool: mb_lstate_kept_body), across resets (lstate.c, which drops
+ * the values of its upvalues): the next process spawned on the state with
+ * the same function takes it instead of loading its bytecode again
+ * (luaL_loadbuffer cost ~1,100 of a spawn's ~21,000 instructions). The
+ * decoder sets all its upvalues (it refuses a message that sends fewer
+ * than the function has), and its environment becomes the new process's
+ * globals here. The body is the first function a boot decodes; a body
+ * never loaded whole (a module name) leaves the slot as it is. */
 static _Thread_local lua_State *body_kept;   /* load_body gave the body */
 
 static int load_body(lua_State *L, mb_code_t *code)
@@ -661,10 +661,7 @@ static int load_body(lua_State *L, mb_code_t *code)
   mb_proc_t *p = mb_proc_of(L);
   if (p == NULL || !p->booting || p->nfncodes > 0)
     return 0;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_BODY_CODE);
-  int hit = lua_tonumber(L, -1) == (lua_Number)mb_code_serial(code);
-  lua_pop(L, 1);
-  if (!hit)
+  if (mb_lstate_kept_body() != mb_code_serial(code))
     return 0;
   lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_BODY_FN);
   lua_pushvalue(L, LUA_GLOBALSINDEX);
@@ -682,8 +679,6 @@ static void on_load(lua_State *L, int idx, mb_code_t *code)
   if (body && body_kept != L) {   /* kept for the state's next process */
     lua_pushvalue(L, idx);
     lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_BODY_FN);
-    lua_pushnumber(L, (lua_Number)mb_code_serial(code));
-    lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_BODY_CODE);
   }
   body_kept = NULL;
   if (p->nfncodes < MB_FNCODES)
