@@ -391,16 +391,24 @@ static int boot_cf(lua_State *L)
 /* Boot a new process: make its state and rebuild its body function and
  * arguments. Returns the number of arguments to resume its body with, or
  * MUST_DIE if it failed (reported, p->exit_reason set). */
+/* The code serial of the body the state being booted kept from its last
+ * process (mb_lstate_kept_body), set by boot for its own decode. */
+static _Thread_local uint64_t boot_kept;
+
 static int boot(mb_proc_t *p)
 {
-  if (p->L == NULL && mb_lstate_new(p) != 0) {
-    p->exit_reason = mb_must(mb_msg_string("out of memory"));
-    return MUST_DIE;
+  if (p->L == NULL) {
+    if (mb_lstate_new(p) != 0) {
+      p->exit_reason = mb_must(mb_msg_string("out of memory"));
+      return MUST_DIE;
+    }
+    boot_kept = mb_lstate_kept_body();   /* for load_body, this boot only */
   }
   runs_lua(p);
   p->booting = 1;
   int rc = lua_cpcall(p->L, boot_cf, p);
   p->booting = 0;
+  boot_kept = 0;
   if (rc != 0) {
     mb_report_crash(p, p->L);
     /* Decoding the arguments over max_memory is "out of memory", as the
@@ -659,11 +667,15 @@ static _Thread_local lua_State *body_kept;   /* load_body gave the body */
 static int load_body(lua_State *L, mb_code_t *code)
 {
   mb_proc_t *p = mb_proc_of(L);
-  if (p == NULL || !p->booting || p->nfncodes > 0)
+  if (p == NULL || !p->booting || p->nfncodes > 0 || boot_kept == 0 ||
+      boot_kept != mb_code_serial(code))
     return 0;
-  if (mb_lstate_kept_body() != mb_code_serial(code))
-    return 0;
+  boot_kept = 0;
   lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_BODY_FN);
+  if (!lua_isfunction(L, -1)) {
+    lua_pop(L, 1);
+    return 0;
+  }
   lua_pushvalue(L, LUA_GLOBALSINDEX);
   lua_setfenv(L, -2);
   body_kept = L;
