@@ -490,18 +490,24 @@ static void push_headers(hp_t *h)
  * headers, keep_alive, upgrade}. framing: content_length | true (chunked)
  * | nil, made false by on_message_complete for a request complete with its
  * head. */
+/* A message's framing: its content length, true (chunked), or nil. */
+static void push_framing(lua_State *L, const http_parser *p)
+{
+  if (p->flags & F_CHUNKED)
+    lua_pushboolean(L, 1);
+  else if (p->flags & F_CONTENTLENGTH)
+    lua_pushnumber(L, (lua_Number)p->content_length);
+  else
+    lua_pushnil(L);
+}
+
 static void push_message(hp_t *h)
 {
   http_parser *p = &h->p;
   lua_State *L = h->L;
   KPUSH(L, K_HEAD);
   if (p->type == HTTP_REQUEST) {
-    if (p->flags & F_CHUNKED)
-      lua_pushboolean(L, 1);
-    else if (p->flags & F_CONTENTLENGTH)
-      lua_pushnumber(L, (lua_Number)p->content_length);
-    else
-      lua_pushnil(L);
+    push_framing(L, p);
     push_headers(h);
     if (p->method == HTTP_GET)
       KPUSH(L, K_GET);
@@ -547,12 +553,7 @@ static void push_message(hp_t *h)
   KPUSH(L, K_UPGRADE);
   lua_pushboolean(L, p->upgrade);
   lua_rawset(L, t);
-  if (p->flags & F_CHUNKED)
-    lua_pushboolean(L, 1);
-  else if (p->flags & F_CONTENTLENGTH)
-    lua_pushnumber(L, (lua_Number)p->content_length);
-  else
-    lua_pushnil(L);
+  push_framing(L, p);
   q_push(h, 3);
   h->fold = 0;
 }
