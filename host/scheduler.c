@@ -305,8 +305,8 @@ uv_loop_t *mb_sched_loop(mb_sched_t *s) { return &s->loop; }
  * of a process preempted alone (MB_SLICE_ALONE); the ticker then watches
  * that loop's epoll fd, and a push onto that queue wakes it (rq_push_as),
  * so either cuts the slice to its usual time. A lone loop so runs at full
- * speed (the count hook's dispatch cost it 4-8%). The preempter runs under the
- * scheduler's plock, which the runner takes to say what runs Lua there
+ * speed (the count hook's dispatch cost it 4-8%). The preempter runs
+ * under the scheduler's plock, which the runner takes to say what runs Lua there
  * (mb_sched_running) and around its own hook changes, so the state it is
  * given is live and no hook change of the owner thread is lost.
  * The ticker sleeps until the earliest moment a running slice can be due,

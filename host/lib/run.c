@@ -388,13 +388,13 @@ static int boot_cf(lua_State *L)
   return 0;
 }
 
-/* Boot a new process: make its state and rebuild its body function and
- * arguments. Returns the number of arguments to resume its body with, or
- * MUST_DIE if it failed (reported, p->exit_reason set). */
 /* The code serial of the body the state being booted kept from its last
  * process (mb_lstate_kept_body), set by boot for its own decode. */
 static _Thread_local uint64_t boot_kept;
 
+/* Boot a new process: make its state and rebuild its body function and
+ * arguments. Returns the number of arguments to resume its body with, or
+ * MUST_DIE if it failed (reported, p->exit_reason set). */
 static int boot(mb_proc_t *p)
 {
   if (p->L == NULL) {
@@ -654,8 +654,8 @@ static void remember_code(mb_proc_t *p, lua_State *L, int idx, mb_code_t *code, 
 
 /* A state keeps the function its last process's body was loaded as
  * (MB_REGSLOT_BODY_FN; its code object's serial travels in C, with the
- * state in the pool: mb_lstate_kept_body), across resets (lstate.c, which drops
- * the values of its upvalues): the next process spawned on the state with
+ * state in the pool: mb_lstate_kept_body), across resets (lstate.c, which
+ * drops the values of its upvalues): the next process spawned on the state with
  * the same function takes it instead of loading its bytecode again
  * (luaL_loadbuffer cost ~1,100 of a spawn's ~21,000 instructions). The
  * decoder sets all its upvalues (it refuses a message that sends fewer
