@@ -278,6 +278,29 @@ describe("moonbeam.tcp", function()
     c:close(); s:close(); l:close()
   end)
 
+  it("write says how many bytes are left queued after it", function()
+    local c, s, l = pair()
+    -- a reading peer: little or nothing stays queued
+    local ok, q = s:write("hello")
+    assert.is_true(ok)
+    assert.is_true(type(q) == "number" and q >= 0 and q <= 5, tostring(q))
+    assert.are.equal("hello", read_n(c, 5))
+    -- a peer that does not read: once the kernel's buffers are full, each
+    -- 16 KiB write stays queued (the writer is suspended only past 64 KiB)
+    local chunk = string.rep("x", 16384)
+    local last
+    for _ = 1, 2000 do   -- up to 32 MiB, far more than loopback buffers
+      ok, last = s:write(chunk)
+      assert.is_true(ok)
+      if last > 0 then break end
+    end
+    assert.is_true(last >= 16384 and last <= 65536, tostring(last))
+    assert.is_true(s:queued() <= last)
+    c:close()
+    s:close()
+    l:close()
+  end)
+
   it("sends a socket in a message and hands it over with set_owner", function()
     local c, s, l = pair()
     local me = mb.self()

@@ -197,6 +197,10 @@ end
 -- True once n more bytes fit in the socket's queue under max_output; false
 -- when the socket is closed or the user was dropped meanwhile.
 local function room_for(st, n)
+  -- The bytes queued after the last write bound what is queued now (only
+  -- this process writes, and the queue only drains meanwhile): most lines
+  -- need no queued() call.
+  if st.queued and st.queued + n <= st.max_output then return true end
   local q = st.sock:queued()
   if q == nil then st.done = true return false end
   if q + n <= st.max_output then return true end
@@ -217,7 +221,11 @@ end
 local function write_line(st, line)
   if st.done then return end
   local data = st.ws and line or line .. "\n"
-  if room_for(st, #data) and not st.sock:write(data) then st.done = true end
+  if room_for(st, #data) then
+    local ok, q = st.sock:write(data)
+    if not ok then st.done = true end
+    st.queued = q
+  end
 end
 
 -- Whether the user should hold its input back because its room is behind.

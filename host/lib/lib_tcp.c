@@ -341,7 +341,9 @@ static int l_read(lua_State *L)
   return wait_io(L, p, timeout, push_timeout, 0);
 }
 
-/* sock:write(data[, binary]) */
+/* sock:write(data[, binary]) -> true, queued: the bytes left queued after
+ * it (what sock:queued() would say then; none after a write that had to
+ * wait for the queue to drain) */
 static int l_write(lua_State *L)
 {
   int n;
@@ -365,7 +367,8 @@ static int l_write(lua_State *L)
                                    mode it is an empty message) */
     mb_sock_unref(s);
     lua_pushboolean(L, 1);
-    return 1;
+    lua_pushinteger(L, 0);      /* nothing was queued before it either */
+    return 2;
   }
   pthread_mutex_lock(&s->lock);
   int ws = s->ws_mode;
@@ -381,8 +384,10 @@ static int l_write(lua_State *L)
   pthread_mutex_lock(&s->lock);
   int err = s->err && s->err != MB_ECLOSED ? s->err : 0;
   int wait = 0;
+  size_t queued = 0;
   if (!err) {
     s->wq += len;
+    queued = s->wq;
     /* Over the mark: wait till it drains, if this is a place to wait. */
     if (s->wq > MB_SOCK_WRITE_HIGH && mb_run_can_yield(p, L)) {
       wait = 1;
@@ -402,7 +407,8 @@ static int l_write(lua_State *L)
   if (wait)
     return wait_io(L, p, -1, NULL, 0);
   lua_pushboolean(L, 1);
-  return 1;
+  lua_pushnumber(L, (lua_Number)queued);
+  return 2;
 }
 
 /* sock:queued() -> bytes written with sock:write and not yet taken by the
