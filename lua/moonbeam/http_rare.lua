@@ -164,7 +164,8 @@ function rare.send_rest(res, rest, whole)
   local ok, err = res.sock:write(rest)
   if not ok then res.close = true; res.broken = true end
   finished(res)
-  return ok, err
+  if ok then return true end
+  return nil, err
 end
 
 -- -- Streamed responses and upgrades ------------------------------------------
@@ -203,8 +204,8 @@ function Response:write(chunk)
   end
   if out == "" then return true end
   local ok, err = self.sock:write(out)
-  if not ok then self.close = true; self.broken = true end
-  return ok, err
+  if not ok then self.close = true; self.broken = true; return nil, err end
+  return true
 end
 
 -- res:finish([chunk]) -> true | nil, err   (ends a streamed response)
@@ -219,7 +220,7 @@ function Response:finish(chunk)
   local ok, err = true, nil
   if self.chunked and not self.head_only then
     ok, err = self.sock:write("0\r\n\r\n")
-    if not ok then self.close = true; self.broken = true end
+    if ok then err = nil else self.close = true; self.broken = true end
   end
   finished(self)
   return ok, err
