@@ -173,35 +173,32 @@ static void msgs_free(mb_msg_t *m)
  * the pool at a time; the pool keeps at most REC_POOL_MAX (~2.5 MB), the
  * rest are freed. Off under ASan, which must see a freed record as freed. */
 #if defined(__SANITIZE_ADDRESS__)
-#define REC_CACHE 0
+static mb_proc_t *rec_alloc(void) { return mb_calloc(1, sizeof(mb_proc_t)); }
+static void rec_free(mb_proc_t *p) { mb_free(p); }
 #else
 #define REC_CACHE 64
-#endif
 #define REC_BATCH 32
 #define REC_POOL_MAX 4096
 static _Thread_local struct {
   int n;
-  mb_proc_t *v[REC_CACHE ? REC_CACHE : 1];
+  mb_proc_t *v[REC_CACHE];
 } rec_cache;
-static _Atomic(mb_proc_t *) rec_pool;   /* linked by rq_next; written under rec_lock */
+static mb_proc_t *rec_pool;   /* linked by rq_next; under rec_lock */
 static int rec_pool_n;
 static pthread_mutex_t rec_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static mb_proc_t *rec_alloc(void)
 {
-  if (rec_cache.n == 0 && REC_CACHE && atomic_load_explicit(&rec_pool, memory_order_relaxed)) {
+  if (rec_cache.n == 0) {
     pthread_mutex_lock(&rec_lock);
-    mb_proc_t *r = atomic_load_explicit(&rec_pool, memory_order_relaxed);
-    while (r && rec_cache.n < REC_BATCH) {
-      rec_cache.v[rec_cache.n++] = r;
-      rec_pool_n--;
-      r = r->rq_next;
+    for (; rec_pool && rec_cache.n < REC_BATCH; rec_pool_n--) {
+      rec_cache.v[rec_cache.n++] = rec_pool;
+      rec_pool = rec_pool->rq_next;
     }
-    atomic_store_explicit(&rec_pool, r, memory_order_relaxed);
     pthread_mutex_unlock(&rec_lock);
+    if (rec_cache.n == 0)
+      return mb_calloc(1, sizeof(mb_proc_t));
   }
-  if (rec_cache.n == 0)
-    return mb_calloc(1, sizeof(mb_proc_t));
   mb_proc_t *r = rec_cache.v[--rec_cache.n];
   memset(r, 0, sizeof *r);
   return r;
@@ -209,17 +206,13 @@ static mb_proc_t *rec_alloc(void)
 
 static void rec_free(mb_proc_t *p)
 {
-  if (REC_CACHE == 0) {
-    mb_free(p);
-    return;
-  }
   if (rec_cache.n == REC_CACHE) {
     pthread_mutex_lock(&rec_lock);
     while (rec_cache.n > REC_CACHE - REC_BATCH) {
       mb_proc_t *r = rec_cache.v[--rec_cache.n];
       if (rec_pool_n < REC_POOL_MAX) {
-        r->rq_next = atomic_load_explicit(&rec_pool, memory_order_relaxed);
-        atomic_store_explicit(&rec_pool, r, memory_order_relaxed);
+        r->rq_next = rec_pool;
+        rec_pool = r;
         rec_pool_n++;
       } else {
         mb_free(r);
@@ -229,6 +222,7 @@ static void rec_free(mb_proc_t *p)
   }
   rec_cache.v[rec_cache.n++] = p;
 }
+#endif
 
 static void proc_free(mb_proc_t *p)
 {

@@ -526,14 +526,13 @@ static void *ticker_main(void *arg)
 
 /* -- The scheduler thread ------------------------------------------------- */
 
-/* Poll s's loop if it is due (or forced); returns the time it read
- * (uv_hrtime) if it did not run the loop, for the next slice's start to
- * use (a clock read is ~30 ns on this VM: a tenth of a short slice's
- * overhead), else 0. */
-static uint64_t poll_loop(mb_sched_t *s, int force)
+/* Poll s's loop if it is due; returns the time it read (uv_hrtime) if it
+ * did not run the loop, for the next slice's start to use (a clock read
+ * is ~30 ns on this VM: a tenth of a short slice's overhead), else 0. */
+static uint64_t poll_loop(mb_sched_t *s)
 {
   uint64_t now = uv_hrtime();
-  if (force || now - s->last_poll >= MB_POLL_INTERVAL_NS) {
+  if (now - s->last_poll >= MB_POLL_INTERVAL_NS) {
     s->last_poll = now;
     uv_run(&s->loop, UV_RUN_NOWAIT);
     return 0;
@@ -571,7 +570,7 @@ static void *sched_main(void *arg)
       atomic_store_explicit(&s->slice_start, 0, memory_order_release);
       if (atomic_load_explicit(&s->stuck, memory_order_relaxed))
         atomic_store(&s->stuck, 0);   /* it came back */
-      now = poll_loop(s, 0);
+      now = poll_loop(s);
       continue;
     }
     now = 0;

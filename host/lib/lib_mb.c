@@ -357,8 +357,8 @@ static int l_unalias(lua_State *L)
  * interned each key again. The keys are in the template with false, not
  * as `pid = pid`: lua_dump keeps only a template's constant values, and
  * the others' keys, lost, made every message rehash its table. Its
- * bytecode is made once (mb_lib_init); each state loads it on its first
- * such message and keeps it at MB_REGSLOT_SIGNAL_MSG, across its reuses
+ * bytecode is made on the host's first such message; each state loads it
+ * on its first one and keeps it at MB_REGSLOT_SIGNAL_MSG, across its reuses
  * too (lstate.c): its environment is the registry, not the globals of the
  * process that loaded it, and nothing else of a process reaches it. */
 static const char signal_msg_src[] =
@@ -408,7 +408,7 @@ void mb_lib_push_msg(lua_State *L, const mb_msg_t *m)
   lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_SIGNAL_MSG);
   if (lua_isnil(L, -1)) {
     lua_pop(L, 1);
-    pthread_once(&signal_msg_once, signal_msg_init);   /* hosts without mb_lib_init */
+    pthread_once(&signal_msg_once, signal_msg_init);
     if (luaL_loadbuffer(L, signal_msg_bc, signal_msg_len, "=signal message") != 0)
       lua_error(L);   /* out of memory */
     lua_pushvalue(L, LUA_REGISTRYINDEX);
@@ -941,7 +941,6 @@ int mb_lib_open(lua_State *L)
 
 void mb_lib_init(void)
 {
-  pthread_once(&signal_msg_once, signal_msg_init);
   mb_run_init();
   mb_id_register(&timer_kind);
   mb_lib_tcp_init();

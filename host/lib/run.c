@@ -662,23 +662,20 @@ static void remember_code(mb_proc_t *p, lua_State *L, int idx, mb_code_t *code, 
  * than the function has), and its environment becomes the new process's
  * globals here. The body is the first function a boot decodes; a body
  * never loaded whole (a module name) leaves the slot as it is. */
-static _Thread_local lua_State *body_kept;   /* load_body gave the body */
-
 static int load_body(lua_State *L, mb_code_t *code)
 {
   mb_proc_t *p = mb_proc_of(L);
   if (p == NULL || !p->booting || p->nfncodes > 0 || boot_kept == 0 ||
       boot_kept != mb_code_serial(code))
     return 0;
-  boot_kept = 0;
   lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_BODY_FN);
   if (!lua_isfunction(L, -1)) {
     lua_pop(L, 1);
+    boot_kept = 0;   /* on_load keeps the one it loads instead */
     return 0;
   }
   lua_pushvalue(L, LUA_GLOBALSINDEX);
   lua_setfenv(L, -2);
-  body_kept = L;
   return 1;
 }
 
@@ -688,11 +685,13 @@ static void on_load(lua_State *L, int idx, mb_code_t *code)
   if (p == NULL || !p->booting)
     return;
   int body = p->nfncodes == 0;
-  if (body && body_kept != L) {   /* kept for the state's next process */
+  /* The body, kept for the state's next process (unless load_body gave
+   * the kept one: boot_kept is still its serial then). */
+  if (body && boot_kept != mb_code_serial(code)) {
     lua_pushvalue(L, idx);
     lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_BODY_FN);
   }
-  body_kept = NULL;
+  boot_kept = 0;
   if (p->nfncodes < MB_FNCODES)
     remember_code(p, L, idx, code, body);
 }

@@ -32,10 +32,10 @@
 -- A connection process reads the socket in passive mode (sock:read with a
 -- deadline) and feeds the bytes to moonbeam.http_parser (parser:next),
 -- which does the parsing, enforces the head limits and builds the headers
--- table in C (read_head makes the request table of what it gives); its events (head, body, done, upgrade, error) are consumed
--- here in order, one request at a time, so pipelined requests are answered
--- in order. A request's body is read whole
--- (up to max_body) before the handler runs. The handler runs in the
+-- table in C (read_head makes the request table of what it gives); its
+-- events (head, body, done, upgrade, error) are consumed here in order,
+-- one request at a time, so pipelined requests are answered in order. A
+-- request's body is read whole (up to max_body) before the handler runs. The handler runs in the
 -- connection process under xpcall: an error becomes a 500 (or closes the
 -- connection when the response had started) and a report on stderr, never
 -- a crash of the server.
@@ -65,11 +65,12 @@
 -- read, http_parser.next, http_parser.guard, and http_parser.respond, which
 -- builds and writes the response) and about 250 bytecodes; the headers
 -- table is built in C, the request and response tables from constructors
--- that keep their size from bytecode (see new_response). Measured (callgrind,
--- one scheduler, keep-alive hello world): 20,600-21,200 instructions a request,
--- 23,300 with the request table built in C, 65,000 before (BENCHMARKS.md). The serving path uses no standard
--- library but the base one, so that a connection process opens no other
--- (LuaJIT's libraries open lazily here, each at a cost).
+-- that keep their size from bytecode (see new_response). Measured
+-- (callgrind, one scheduler, keep-alive hello world): 20,600-21,200
+-- instructions a request, 23,300 with the request table built in C, 65,000
+-- before (BENCHMARKS.md). The serving path uses no standard library but
+-- the base one, so that a connection process opens no other (LuaJIT's
+-- libraries open lazily here, each at a cost).
 local mb = require "moonbeam"
 local hp = require "moonbeam.http_parser"
 
@@ -215,9 +216,9 @@ local function fail(c, code)
 end
 
 -- Wait for the next request head (ready: as for next_event). Returns the
--- request (its fields as push_message in lib_http.c gives them), its framing (Content-Length,
--- true for chunked, nil, or false when it has no body) and whether more
--- events are queued; or nil and what to do: "closed"/"idle" (close
+-- request (its fields as push_message in lib_http.c gives them), its
+-- framing (Content-Length, true for chunked, nil, or false when it has no
+-- body) and whether more events are queued; or nil and what to do: "closed"/"idle" (close
 -- quietly), or a status to answer.
 -- Timeouts: a new connection has head_timeout for its first request, a
 -- kept-alive one idle_timeout for its next (a woken one goes on with the
