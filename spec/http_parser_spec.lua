@@ -654,7 +654,7 @@ describe("moonbeam.http_parser", function()
     end)
   end)
 
-  describe("the guard around a handler (guard, started, respond, finished, trapping)", function()
+  describe("the guard around a handler (guard_new, guard, started, respond, finished, guard_free, trapping)", function()
     local mb = require "moonbeam"
     local tcp = require "moonbeam.tcp"
     local l, a, b
@@ -668,20 +668,50 @@ describe("moonbeam.http_parser", function()
       mb.receive(function(m) return m == "$guard test" end, 0)
     end)
 
-    it("sends its message when the timer is not stopped in time", function()
-      local t = hp.guard(b, true, mb.self(), 20, "$guard test")
-      assert.is_number(t)
-      assert.are.equal("$guard test", mb.receive(function(m) return m == "$guard test" end, 5000))
-      assert.is_false(hp.started(b, t))   -- too late
-      hp.finished(b)
+    local function overtime(ms)
+      return mb.receive(function(m) return m == "$guard test" end, ms)
+    end
+
+    it("sends its message when the timing is not stopped in time", function()
+      local g = hp.guard_new(b, mb.self(), 20, "$guard test")
+      hp.guard(g, true)
+      assert.are.equal("$guard test", overtime(5000))
+      assert.is_false(hp.started(g))   -- too late
+      hp.finished(g)
+      -- The next request is timed again (the timer went idle when it fired).
+      hp.guard(g, true)
+      assert.are.equal("$guard test", overtime(5000))
+      assert.is_false(hp.started(g))
+      hp.guard_free(g)
     end)
 
-    it("stops the timer, and respond writes the whole response", function()
-      local t = hp.guard(b, false, mb.self(), 60000, "$guard test")
+    it("never fires for a request that finished, nor before a later request's time", function()
+      local g = hp.guard_new(b, mb.self(), 100, "$guard test")
+      hp.guard(g, true)
+      assert.is_true(hp.started(g))
+      hp.finished(g)
+      -- The timer, armed for the first request, finds nothing to time.
+      assert.is_nil(overtime(250))
+      -- A request that starts while the timer is armed for an earlier one
+      -- (finished) gets its own full time: never told early.
+      hp.guard(g, true)
+      assert.is_true(hp.started(g))
+      mb.sleep(60)
+      local t0 = mb.now()
+      hp.guard(g, true)
+      assert.are.equal("$guard test", overtime(5000))
+      assert.is_true(mb.now() - t0 >= 99)
+      assert.is_false(hp.started(g))
+      hp.guard_free(g)
+    end)
+
+    it("stops the timing, and respond writes the whole response", function()
+      local g = hp.guard_new(b, mb.self(), 60000, "$guard test")
+      hp.guard(g, false)
       local head = "HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 2\r\n\r\nok"
       -- true: the kernel took it all; else what it did not take, for
       -- sock:write (as when this process runs off the socket's thread).
-      local r = hp.respond(b, t, 200, { "X-A", "1" }, 2, false, false, "ok")
+      local r = hp.respond(g, 200, { "X-A", "1" }, 2, false, false, "ok")
       if r ~= true then
         assert.is_string(r)
         assert.are.equal(head:sub(-#r), r)
@@ -693,18 +723,23 @@ describe("moonbeam.http_parser", function()
         got = got .. assert(a:read(5000))
       end
       assert.are.equal(head, got)
-      assert.is_nil(mb.receive(function(m) return m == "$guard test" end, 50))
+      assert.is_nil(overtime(50))
+      hp.guard_free(g)
       -- without a timer (handler_timeout = math.huge)
-      assert.is_false(hp.guard(b, true, mb.self()))
-      assert.is_true(hp.started(b, false))
-      hp.finished(b)
+      g = hp.guard_new(b, mb.self())
+      hp.guard(g, true)
+      assert.is_nil(overtime(50))
+      assert.is_true(hp.started(g))
+      hp.finished(g)
+      hp.guard_free(g)
     end)
 
     it("gives back what the kernel did not take, for sock:write", function()
       -- A body larger than RESPOND_COPY_MAX goes from its own string; the
       -- peer reads nothing, so the socket buffers fill.
       local body = ("0123456789abcdef"):rep(512 * 1024)   -- 8 MiB
-      local rest = hp.respond(b, false, 200, nil, #body, false, false, body)
+      local g = hp.guard_new(b, mb.self(), 1, "$guard test")
+      local rest = hp.respond(g, 200, nil, #body, false, false, body)
       assert.is_string(rest)
       local whole = "HTTP/1.1 200 OK\r\nContent-Length: " .. #body .. "\r\n\r\n" .. body
       if #rest == #whole then
@@ -715,21 +750,67 @@ describe("moonbeam.http_parser", function()
         assert.is_true(#rest > 0 and #rest < #body)
         assert.are.equal(body:sub(-#rest), rest)
       end
-      -- and the whole response when the timer had fired
-      local t = hp.guard(b, true, mb.self(), 1, "$guard test")
-      mb.receive(function(m) return m == "$guard test" end, 5000)
-      local late, whole = hp.respond(b, t, 204, nil, nil, true, false)
+      -- and the whole response when the time was up
+      hp.guard(g, true)
+      overtime(5000)
+      local late, whole = hp.respond(g, 204, nil, nil, true, false)
       assert.is_false(late)
       assert.are.equal("HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n", whole)
-      hp.finished(b)
+      hp.finished(g)
+      hp.guard_free(g)
     end)
 
-    it("does nothing to a socket it does not own, and refuses what is not a socket", function()
+    it("does nothing to a socket it does not own, and refuses what is not a guard", function()
+      local g = hp.guard_new(b, mb.self(), 60000, "$guard test")
       b:close()
+      hp.guard(g, true)
       assert.are.equal("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx",
-        hp.respond(b, false, 200, nil, 1, false, false, "x"))
-      assert.has_error(function() hp.guard({}, true, mb.self()) end)
-      assert.has_error(function() hp.guard(a, true, "not a pid") end)
+        hp.respond(g, 200, nil, 1, false, false, "x"))
+      -- A guard made for a closed socket guards the time alone.
+      local g2 = hp.guard_new(b, mb.self())
+      hp.guard(g2, true)
+      assert.is_true(hp.started(g2))
+      hp.finished(g2)
+      assert.has_error(function() hp.guard(b, true) end)
+      assert.has_error(function() hp.respond({}, 200) end)
+      assert.has_error(function() hp.guard_new({}, mb.self()) end)
+      assert.has_error(function() hp.guard_new(a, "not a pid") end)
+      assert.has_error(function() hp.guard_new(l, mb.self()) end)
+      -- Freeing twice is nothing; a freed guard is refused.
+      hp.guard_free(g)
+      hp.guard_free(g)
+      assert.has_error(function() hp.guard(g, true) end)
+      g2 = nil
+      collectgarbage()   -- (its __gc frees it)
+    end)
+
+    it("leaves nothing behind when its process ends while a request is timed", function()
+      -- Killed (its state closed: __gc), returned without a free (a reused
+      -- state: freed with the host at the latest), or freed with the timer
+      -- armed: the ASan run's leak check sees the rest.
+      for _, how in ipairs({ "kill", "return", "free" }) do
+        local me = mb.self()
+        local pid = mb.spawn(function()
+          local hp2 = require "moonbeam.http_parser"
+          local s = mb.receive()
+          local g = hp2.guard_new(s, me, 60000, "$guard test")
+          hp2.guard(g, true)
+          if how == "free" then hp2.guard_free(g) end
+          mb.send(me, "armed")
+          if how == "kill" then mb.receive() end
+        end)
+        local ref = mb.monitor(pid)
+        local c = assert(tcp.connect("127.0.0.1", l:port(), 5000))
+        local s = assert(l:accept(5000))
+        assert(s:set_owner(pid))
+        mb.send(pid, s)
+        assert.are.equal("armed", mb.receive(function(m) return m == "armed" end, 5000))
+        if how == "kill" then mb.exit(pid, "kill") end
+        local down = mb.receive(function(m) return type(m) == "table" and m.ref == ref end, 5000)
+        assert.is_truthy(down)
+        c:close()
+      end
+      assert.is_nil(overtime(0))
     end)
 
     it("tells whether the process traps exits", function()

@@ -832,6 +832,38 @@ describe("moonbeam.http", function()
       S.recv(S.field("tag", "running"))
     end)
 
+    it("times each request of a keep-alive connection from its own start", function()
+      -- One timer serves the connection (http_guard.h): the deadline of a
+      -- request that finished never ends a later one, and a later one
+      -- that overruns its own is still killed.
+      local me = mb.self()
+      start(function(req, res)
+        mb.send(me, { tag = "running", pid = mb.self() })
+        if req.path == "/slow" then mb.sleep(250) end
+        if req.path == "/wait" then mb.receive() end
+        res:send("ok " .. req.path)
+      end, { handler_timeout = 400 })
+      local sock = raw(port)
+      assert(sock:write("GET /quick HTTP/1.1\r\nHost: x\r\n\r\n"))
+      local pid = S.recv(S.field("tag", "running")).pid
+      assert.are.equal("ok /quick", read_response(sock).body)
+      mb.sleep(250)
+      -- It ends after the first request's deadline, within its own.
+      assert(sock:write("GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"))
+      S.recv(S.field("tag", "running"))
+      local r = read_response(sock)
+      assert.are.equal(200, r.status)
+      assert.are.equal("ok /slow", r.body)
+      local ref = mb.monitor(pid)
+      assert(sock:write("GET /wait HTTP/1.1\r\nHost: x\r\n\r\n"))
+      S.recv(S.field("tag", "running"))
+      r = read_response(sock)
+      assert.are.equal(503, r.status)
+      assert.is_true(closed_by_server(sock))
+      sock:close()
+      assert.are.equal("killed", S.await_down(ref))
+    end)
+
     it("does not time a handler once its response has started, nor a WebSocket", function()
       start(function(req, res)
         if req.path == "/ws" then

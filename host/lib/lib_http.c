@@ -76,6 +76,7 @@
 #include "alloc.h"
 #include "err.h"
 #include "http_frame.h"
+#include "http_guard.h"
 #include "msg.h"
 #include "pid.h"
 #include "proc.h"
@@ -1031,94 +1032,107 @@ static int l_gc(lua_State *L)
  * and a timer tells the acceptor when handler_timeout has passed; then,
  * when the response starts, the timer and the heir go, and when it is
  * complete, the exit on close. The same as sock:set_exit_on_close,
- * sock:set_heir, mb.send_after and mb.cancel_timer, with one socket look-up
- * per step and the timer as a plain number (no timer object to intern and
- * collect): those six calls were a fifth of a keep-alive request's
- * instructions. */
+ * sock:set_heir, mb.send_after and mb.cancel_timer, on a guard made once
+ * per connection (http_guard.h): it keeps the socket looked up and one
+ * lazy timer, so a request costs no socket look-up, no timer and no timer
+ * value (those six calls were a fifth of a keep-alive request's
+ * instructions, the per-request timer another twentieth). */
 
-/* The stream socket at arg 1, referenced, if the caller owns it; NULL if it
- * is closed or no longer the caller's (a handler may close it or hand it
- * on: then there is nothing to guard). Its heir becomes `heir` (0: none)
- * under the same lock. Raises if arg 1 is not a socket. */
-static mb_sock_t *owned_sock(lua_State *L, mb_pid_t heir)
+#define GUARD_MT "moonbeam.http_guard"
+
+/* The guard at arg 1 (upvalue 1 of every guard function is its
+ * metatable); raises for another value or a freed guard. */
+static mb_hguard_t *check_guard(lua_State *L)
+{
+  mb_hguard_t **box = lua_touserdata(L, 1);
+  if (box && lua_getmetatable(L, 1)) {
+    int ok = lua_rawequal(L, -1, lua_upvalueindex(1));
+    lua_pop(L, 1);
+    if (ok) {
+      if (*box == NULL)
+        luaL_argerror(L, 1, "guard freed");
+      return *box;
+    }
+  }
+  luaL_typerror(L, 1, "http guard");
+  return NULL;
+}
+
+/* http_parser.guard_new(sock, acceptor[, ms, msg]) -> guard
+ * A guard for sock, which the caller owns, with acceptor as the heir of
+ * each request; with ms, the string msg goes to acceptor when a request
+ * has run ms without its response starting. (A guard of a socket closed
+ * already guards nothing but the time.) */
+static int l_guard_new(lua_State *L)
 {
   uint64_t id = mb_id_test(L, 1, &mb_sock_kind);
   if (id == 0)
     luaL_typerror(L, 1, "socket");
-  mb_sock_t *s = mb_sock_get(id);
-  if (s == NULL)
-    return NULL;
+  mb_pid_t heir = mb_pid_check(L, 2);
+  double ms = lua_isnoneornil(L, 3) ? -1 : luaL_checknumber(L, 3);
+  const char *text = ms >= 0 ? luaL_checkstring(L, 4) : NULL;
   mb_pid_t self = mb_lib_self(L)->pid;
-  pthread_mutex_lock(&s->lock);
-  int mine = s->owner == self && s->kind == MB_SOCK_STREAM;
-  if (mine)
-    s->heir = heir;
-  pthread_mutex_unlock(&s->lock);
-  if (!mine) {
+  mb_hguard_t **box = lua_newuserdata(L, sizeof *box);
+  *box = NULL;   /* safe before it owns anything: __gc frees nothing */
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_setmetatable(L, -2);
+  mb_sock_t *s = mb_sock_get(id);
+  if (s && s->kind != MB_SOCK_STREAM) {
     mb_sock_unref(s);
-    return NULL;
+    return luaL_argerror(L, 1, "a stream socket expected");
   }
-  return s;
-}
-
-/* http_parser.guard(sock, on_fin, acceptor[, ms, msg]) -> timer | false
- * Before a handler runs: sock ends its owner when the peer goes (on_fin:
- * its FIN too, else only a failure), acceptor becomes its heir, and, with
- * ms, the string msg goes to acceptor after ms unless cancelled by
- * http_parser.started. The timer is a number. */
-static int l_guard(lua_State *L)
-{
-  int mode = lua_toboolean(L, 2) ? MB_SOCK_EXIT_ON_CLOSE : MB_SOCK_EXIT_ON_ERROR;
-  mb_pid_t heir = mb_pid_check(L, 3);
-  double ms = lua_isnoneornil(L, 4) ? -1 : luaL_checknumber(L, 4);
-  const char *text = ms >= 0 ? luaL_checkstring(L, 5) : NULL;
-  mb_sock_t *s = owned_sock(L, heir);
-  if (s) {
-    mb_sock_set_exit_on_close(s, mode);
-    mb_sock_unref(s);
-  }
-  if (text == NULL) {
-    lua_pushboolean(L, 0);
-    return 1;
-  }
-  mb_msg_t *m = mb_msg_string(text);
-  if (m == NULL)
+  *box = mb_hguard_new(s, self, heir, ms, text);
+  if (*box == NULL) {
+    if (s)
+      mb_sock_unref(s);
     return luaL_error(L, "not enough memory");
-  m->kind = MB_MSG_USER;
-  m->from = mb_lib_self(L)->pid;
-  uint64_t id = mb_timer_send_after(ms, heir, m);
-  if (id == 0)
-    return luaL_error(L, "guard: %s", mb_strerror(MB_ETOOMANY));
-  lua_pushnumber(L, (lua_Number)id);
+  }
   return 1;
 }
 
-/* http_parser.started(sock, timer | false) -> true | false
- * The response starts: cancels the timer and drops the heir. false if the
- * timer had fired already (its message is on its way). */
+/* http_parser.guard_free(guard)   (and its __gc; freeing twice is nothing)
+ * The guard's timer stops and its socket is let go. */
+static int l_guard_free(lua_State *L)
+{
+  mb_hguard_t **box = lua_touserdata(L, 1);
+  if (box && *box) {
+    mb_hguard_free(*box);
+    *box = NULL;
+  }
+  return 0;
+}
+
+/* http_parser.guard(guard, on_fin)
+ * Before a handler runs: the socket ends its owner when the peer goes
+ * (on_fin: its FIN too, else only a failure), the acceptor becomes its
+ * heir, and the timing starts. */
+static int l_guard(lua_State *L)
+{
+  mb_hguard_t *g = check_guard(L);
+  mb_lib_self(L);   /* (a killed process may not act) */
+  mb_hguard_start(g, lua_toboolean(L, 2) ? MB_SOCK_EXIT_ON_CLOSE : MB_SOCK_EXIT_ON_ERROR);
+  return 0;
+}
+
+/* http_parser.started(guard) -> true | false
+ * The response starts: the timing ends and the heir goes. false if the
+ * time was up already (the acceptor's message is on its way). */
 static int l_started(lua_State *L)
 {
-  int in_time = 1;
-  if (lua_type(L, 2) == LUA_TNUMBER) {
-    double left;
-    in_time = mb_timer_cancel((uint64_t)lua_tonumber(L, 2), &left);
-  }
-  mb_sock_t *s = owned_sock(L, 0);
-  if (s)
-    mb_sock_unref(s);
+  mb_hguard_t *g = check_guard(L);
+  int in_time = mb_hguard_stop(g);
+  mb_hguard_sock(g);
   lua_pushboolean(L, in_time);
   return 1;
 }
 
-/* http_parser.finished(sock)
+/* http_parser.finished(guard)
  * The response is complete: the peer's going no longer ends the owner. */
 static int l_finished(lua_State *L)
 {
-  mb_sock_t *s = owned_sock(L, 0);   /* (the heir went at started) */
-  if (s) {
+  mb_sock_t *s = mb_hguard_sock(check_guard(L));   /* (the heir went at started) */
+  if (s)
     mb_sock_set_exit_on_close(s, 0);
-    mb_sock_unref(s);
-  }
   return 0;
 }
 
@@ -1268,32 +1282,30 @@ static int l_head(lua_State *L)
  * is written from its own string after the head (no copy of it). */
 #define RESPOND_COPY_MAX 16384
 
-/* http_parser.respond(sock, timer | false, code, hlist, framing, close,
- *                     keep_alive[, body]) -> true | rest | false, response
+/* http_parser.respond(guard, code, hlist, framing, close, keep_alive[, body])
+ *   -> true | rest | false, response
  * http_parser.started, the response (as http_parser.head builds it), its
  * write and http_parser.finished, in one call when the kernel takes it all:
  * true - nothing can happen in between, since the caller does not yield,
  * and the response never becomes a Lua string. rest: the bytes
  * not written (all of them when the socket is not the caller's), for
- * sock:write, then http_parser.finished. false and the response: the timer
- * had fired (as for started), nothing written. */
+ * sock:write, then http_parser.finished. false and the response: the time
+ * was up (as for started), nothing written. */
 static int l_respond(lua_State *L)
 {
   char stack[HEAD_STACK_BUF];
   char *out;
-  lua_settop(L, 8);
+  lua_settop(L, 7);
+  mb_hguard_t *g = check_guard(L);
   size_t blen = 0;
-  const char *body = lua_isnil(L, 8) ? NULL : luaL_checklstring(L, 8, &blen);
+  const char *body = lua_isnil(L, 7) ? NULL : luaL_checklstring(L, 7, &blen);
   int whole = blen <= RESPOND_COPY_MAX;
-  size_t n = build_response(L, 3, whole, stack, sizeof stack, &out);
+  size_t n = build_response(L, 2, whole, stack, sizeof stack, &out);
   if (whole)
     blen = 0;   /* in out already */
-  int in_time = 1;
-  if (lua_type(L, 2) == LUA_TNUMBER) {
-    double left;
-    in_time = mb_timer_cancel((uint64_t)lua_tonumber(L, 2), &left);
-  }
-  mb_sock_t *s = owned_sock(L, 0);
+  mb_lib_self(L);   /* (a killed process may not act) */
+  int in_time = mb_hguard_stop(g);
+  mb_sock_t *s = mb_hguard_sock(g);
   long done = 0, done2 = 0;
   if (s && in_time) {
     done = mb_sock_write_now(s, out, n);
@@ -1306,13 +1318,10 @@ static int l_respond(lua_State *L)
     }
     if ((size_t)done == n && (size_t)done2 == blen) {
       mb_sock_set_exit_on_close(s, 0);
-      mb_sock_unref(s);
       lua_pushboolean(L, 1);
       return 1;
     }
   }
-  if (s)
-    mb_sock_unref(s);
   int late = s && !in_time;
   if (late)
     lua_pushboolean(L, 0);
@@ -1374,8 +1383,10 @@ static const luaL_Reg lazy_methods[] = {
 
 static const luaL_Reg funcs[] = {
   {"new", l_new},
+  {"guard_new", l_guard_new},
   {"guard", l_guard},
   {"respond", l_respond},
+  {"guard_free", l_guard_free},
   {"trapping", l_trapping},
   {NULL, NULL}
 };
@@ -1437,37 +1448,38 @@ static int lazy_method(lua_State *L)
   return keep(L);
 }
 
-/* __index(module, name): the function of lazy_funcs named so, made now;
- * nil for any other key. */
+/* __index(module, name) (upvalue 1: the guard metatable): the function
+ * of lazy_funcs named so, made now; nil for any other key. */
 static int lazy_func(lua_State *L)
 {
   const char *name = key_name(L);
   const luaL_Reg *r = name ? find_reg(lazy_funcs, name) : NULL;
   if (r == NULL)
     return 0;
-  lua_pushcfunction(L, r->func);
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_pushcclosure(L, r->func, 1);
   return keep(L);
 }
 
-/* A table of regs, with lazy_method (over mt, when not 0: the methods) or
- * lazy_func (the module) as its __index for the rest. */
-static void new_lazy_table(lua_State *L, const luaL_Reg *regs, int nregs, int mt)
+/* A table of regs, with lazy_method or lazy_func as its __index for the
+ * rest: the parser's methods (closures over mt, the parser metatable), or
+ * the module's functions (closures over gmt, the guard metatable, which
+ * the guard functions check their argument with). */
+static void new_lazy_table(lua_State *L, const luaL_Reg *regs, int nregs, int mt, int gmt)
 {
   lua_createtable(L, 0, nregs);
   for (const luaL_Reg *r = regs; r->name; r++) {
-    if (mt)
+    if (mt) {
       push_method(L, r, mt);
-    else
-      lua_pushcfunction(L, r->func);
+    } else {
+      lua_pushvalue(L, gmt);
+      lua_pushcclosure(L, r->func, 1);
+    }
     lua_setfield(L, -2, r->name);
   }
   lua_createtable(L, 0, 1);
-  if (mt) {
-    lua_pushvalue(L, mt);
-    lua_pushcclosure(L, lazy_method, 1);
-  } else {
-    lua_pushcfunction(L, lazy_func);
-  }
+  lua_pushvalue(L, mt ? mt : gmt);
+  lua_pushcclosure(L, mt ? lazy_method : lazy_func, 1);
   lua_setfield(L, -2, "__index");
   lua_setmetatable(L, -2);
 }
@@ -1476,7 +1488,7 @@ int mb_lib_http_parser_open(lua_State *L)
 {
   if (luaL_newmetatable(L, PARSER_MT)) {
     int mt = lua_gettop(L);
-    new_lazy_table(L, methods, sizeof methods / sizeof *methods - 1, mt);
+    new_lazy_table(L, methods, sizeof methods / sizeof *methods - 1, mt, 0);
     lua_setfield(L, mt, "__index");
     lua_pushvalue(L, mt);
     lua_pushcclosure(L, l_gc, 1);
@@ -1485,6 +1497,14 @@ int mb_lib_http_parser_open(lua_State *L)
     lua_setfield(L, mt, "__metatable");
   }
   lua_pop(L, 1);
-  new_lazy_table(L, funcs, sizeof funcs / sizeof *funcs - 1, 0);
+  if (luaL_newmetatable(L, GUARD_MT)) {
+    lua_pushcfunction(L, l_guard_free);
+    lua_setfield(L, -2, "__gc");
+    lua_pushliteral(L, "http guard");
+    lua_setfield(L, -2, "__metatable");
+  }
+  int gmt = lua_gettop(L);
+  new_lazy_table(L, funcs, sizeof funcs / sizeof *funcs - 1, 0, gmt);
+  lua_remove(L, gmt);
   return 1;
 }

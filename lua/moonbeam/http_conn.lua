@@ -193,9 +193,7 @@ function Response:send(body)
   -- (http_parser.respond) when the kernel takes it all; http_rare's
   -- send_rest writes the rest otherwise.
   self.guard = 3
-  local timer = self.timer
-  self.timer = false
-  local rest, whole = hp.respond(self.sock, timer, code, self.hlist or nil, framing,
+  local rest, whole = hp.respond(self.gd, code, self.hlist or nil, framing,
                                  self.close, self.keep_alive_10, body)
   if rest == true then return true end
   return rare().send_rest(self, rest, whole)
@@ -344,23 +342,26 @@ end
 
 -- Guard the connection while the handler runs (see DESIGN): the socket
 -- ends the process if the client goes (on its FIN too after a keep-alive
--- request), the acceptor is its heir, and a timer tells the acceptor when
--- handler_timeout has passed (http_parser.guard does all three).
+-- request), the acceptor is its heir, and the acceptor is told when
+-- handler_timeout has passed (http_parser.guard does all three, on the
+-- connection's guard, made at its first request: it keeps the socket and
+-- one lazy timer, see http_guard.h).
 local function guard(c, req, res)
   res.guard = 1
-  local ms = c.handler_timeout
-  if ms ~= HUGE then
-    -- (A string, made once per connection, is the cheapest message to
-    -- send; the acceptor looks the pid up by it only when it comes.)
-    local msg = c.overtime
-    if not msg then
-      msg = "$http_overtime " .. c.me
-      c.overtime = msg
+  local g = c.guard
+  if not g then
+    local ms = c.handler_timeout
+    if ms ~= HUGE then
+      -- (A string, made once per connection, is the cheapest message to
+      -- send; the acceptor looks the pid up by it only when it comes.)
+      g = hp.guard_new(c.sock, c.acceptor, ms, "$http_overtime " .. c.me)
+    else
+      g = hp.guard_new(c.sock, c.acceptor)
     end
-    res.timer = hp.guard(c.sock, req.keep_alive, c.acceptor, ms, msg)
-  else
-    hp.guard(c.sock, req.keep_alive, c.acceptor)
+    c.guard = g
   end
+  res.gd = g
+  hp.guard(g, req.keep_alive)
 end
 
 -- A new response object. (The fields every response sets are in the
@@ -371,7 +372,7 @@ local function new_response(c, req)
   local res = {
     sock = false, code = 200, hlist = false, close = false, keep_alive_10 = false,
     http10 = false, head_only = false, started = false, done = false,
-    upgraded = false, broken = false, guard = 0, timer = false,
+    upgraded = false, broken = false, guard = 0, gd = false,
   }
   res.sock = c.sock
   local v10 = req.version == "1.0"
@@ -434,7 +435,7 @@ end
 local function new_conn(sock, handler, opts, acceptor)
   local c = {
     sock = false, opts = false, acceptor = false, me = false, handler_spec = false,
-    handler = false, parser = false, overtime = false,
+    handler = false, parser = false, guard = false,
     deadline = false, resume_deadline = false, first = false, pending = false,
     no_hibernate = false, max_body = 0, head_timeout = 0, idle_timeout = 0,
     handler_timeout = 0, hibernate_after = false,
@@ -453,6 +454,7 @@ local function serve(c, first)
   local handler = c.handler
   local go, ready = serve_one(c, handler, first)
   while go do go, ready = serve_one(c, handler, false, ready) end
+  if c.guard then hp.guard_free(c.guard) end
 end
 
 -- The socket is the acceptor's first message, and comes bare: a tagged

@@ -79,9 +79,7 @@ end
 local function started(res)
   if res.guard ~= 1 then return end
   res.guard = 2
-  local timer = res.timer
-  res.timer = false
-  if not hp.started(res.sock, timer) then
+  if not hp.started(res.gd) then
     -- Too late: the acceptor was told to kill this process, and answers
     -- 503 for it. Wait for the kill rather than send half an answer.
     mb.receive(function() return false end, START_TIMEOUT)
@@ -94,7 +92,7 @@ end
 local function finished(res)
   if res.guard ~= 2 then return end
   res.guard = 3
-  hp.finished(res.sock)
+  hp.finished(res.gd)
 end
 
 -- -- Misuse of a response (the checks are in moonbeam.http_conn) -----------
@@ -438,6 +436,12 @@ local function hibernate(c)
   st.timer = mb.send_after(math.max(0, math.ceil(c.deadline - mb.now())), mb.self(),
                            { tag = "$http_idle" })
   c.sock:set_active("once")
+  -- (The guard, its timer and its reference to the socket go with the
+  -- state: the woken connection makes a new one.)
+  if c.guard then
+    hp.guard_free(c.guard)
+    c.guard = false
+  end
   local _, err = pcall(mb.hibernate, wake, st)
   -- Not possible: the handler holds a value that cannot be copied (its
   -- upvalues go with the continuation). Stay awake from now on.
