@@ -8,6 +8,7 @@
 #include <uv.h>
 
 #include "alloc.h"
+#include "err.h"
 #include "http_guard.h"
 #include "msg.h"
 #include "proc.h"
@@ -134,25 +135,34 @@ static void arm_posted(void *arg)
   unref(g);
 }
 
-/* The socket, if open and self's, with its heir set to heir. */
-static mb_sock_t *owned(mb_hguard_t *g, mb_pid_t heir)
+/* The socket, if open and self's, with its heir set to heir and, with
+ * mode >= 0, its exit on close set to mode, all under one lock: what
+ * mb_sock_set_exit_on_close does, but that the socket has ended already
+ * (then that call ends the process at once: it is made instead). */
+static mb_sock_t *owned(mb_hguard_t *g, mb_pid_t heir, int mode)
 {
   mb_sock_t *s = g->sock;
   if (s == NULL)
     return NULL;
   pthread_mutex_lock(&s->lock);
   int mine = s->owner == g->self && !s->closed;
-  if (mine)
+  int ended = (s->err && s->err != MB_ECLOSED) || s->eof;
+  if (mine) {
     s->heir = heir;
+    if (mode >= 0 && !ended)
+      s->exit_on_close = (uint8_t)mode;
+  }
   pthread_mutex_unlock(&s->lock);
-  return mine ? s : NULL;
+  if (!mine)
+    return NULL;
+  if (mode >= 0 && ended)
+    mb_sock_set_exit_on_close(s, mode);
+  return s;
 }
 
 void mb_hguard_start(mb_hguard_t *g, int mode)
 {
-  mb_sock_t *s = owned(g, g->heir);
-  if (s)
-    mb_sock_set_exit_on_close(s, mode);
+  owned(g, g->heir, mode);
   if (g->ms < 0)
     return;
   uint64_t d = (uint64_t)ceil(mb_timer_now() + g->ms);
@@ -184,7 +194,7 @@ int mb_hguard_stop(mb_hguard_t *g)
 
 mb_sock_t *mb_hguard_sock(mb_hguard_t *g)
 {
-  return owned(g, 0);
+  return owned(g, 0, -1);
 }
 
 static void close_posted(void *arg)

@@ -1183,21 +1183,29 @@ static char *put(char *w, const char *s, size_t n)
  * long headers) gets a scratch userdata. */
 #define HEAD_STACK_BUF 2048
 
-/* Build a response from the arguments at a..a+5 (code, hlist, framing,
- * close, keep_alive, body; see http_parser.head), with the body only if
- * with_body. Checks them all before it copies anything. Writes into stack
- * (stack_size bytes) when it fits, else into a scratch userdata it pushes.
- * Returns the length; *out is the bytes. */
-static size_t build_response(lua_State *L, int a, int with_body, char *stack,
-                             size_t stack_size, char **out)
+/* Build a response from the arguments at a..a+4 (code, hlist, framing,
+ * close, keep_alive; see http_parser.head) and body[0..blen) (the caller
+ * checked it: the argument after those). Checks them all before it copies
+ * anything. Writes into stack (stack_size bytes) when it fits, else into a
+ * scratch userdata it pushes. Returns the length; *out is the bytes. Each
+ * API call here is ~20 instructions, a fifth of the response's building:
+ * one per argument, the error messages only on a failed check. */
+static size_t build_response(lua_State *L, int a, const char *body, size_t blen,
+                             char *stack, size_t stack_size, char **out)
 {
-  lua_Integer code = luaL_checkinteger(L, a);
-  luaL_argcheck(L, code >= 100 && code <= 999, a, "status code from 100 to 999 expected");
+  lua_Number cn = lua_tonumber(L, a);   /* (0 for what is not a number) */
+  if (!(cn >= 100 && cn <= 999) || (lua_Number)(int)cn != cn) {
+    luaL_checkinteger(L, a);   /* (a number expected) */
+    luaL_argerror(L, a, "status code from 100 to 999 expected");
+  }
+  int code = (int)cn;
   int nh = 0;
-  if (!lua_isnoneornil(L, a + 1)) {
-    luaL_checktype(L, a + 1, LUA_TTABLE);
+  int ht = lua_type(L, a + 1);
+  if (ht == LUA_TTABLE) {
     nh = (int)lua_objlen(L, a + 1);
     luaL_argcheck(L, nh % 2 == 0, a + 1, "name, value pairs expected");
+  } else if (ht != LUA_TNIL && ht != LUA_TNONE) {
+    luaL_checktype(L, a + 1, LUA_TTABLE);
   }
   int framing = lua_type(L, a + 2);
   lua_Number clen = 0;
@@ -1210,15 +1218,19 @@ static size_t build_response(lua_State *L, int a, int with_body, char *stack,
     if (framing == LUA_TBOOLEAN && !lua_toboolean(L, a + 2))
       framing = LUA_TNIL;
   }
-  int close = lua_toboolean(L, a + 3), keep = lua_toboolean(L, a + 4);
-  size_t blen = 0;
-  const char *body = lua_isnoneornil(L, a + 5) ? NULL : luaL_checklstring(L, a + 5, &blen);
-  if (!with_body)
-    blen = 0;
-  const char *reason = http_status_str((enum http_status)code);
-  if (strcmp(reason, "<unknown>") == 0)
-    reason = "Unknown";
-  size_t rlen = strlen(reason);
+  int close = lua_toboolean(L, a + 3);
+  int keep = !close && lua_toboolean(L, a + 4);
+  const char *reason;
+  size_t rlen;
+  if (code == 200) {
+    reason = "OK";
+    rlen = 2;
+  } else {
+    reason = http_status_str((enum http_status)code);
+    if (strcmp(reason, "<unknown>") == 0)
+      reason = "Unknown";
+    rlen = strlen(reason);
+  }
   /* The size first (which also checks hlist), then the copy. */
   size_t need = 13 + rlen + 2 + 40 + 26 + 2 + blen;   /* status line, framing, connection, CRLF */
   for (int i = 1; i <= nh; i++) {
@@ -1231,13 +1243,17 @@ static size_t build_response(lua_State *L, int a, int with_body, char *stack,
   }
   char *o = need <= stack_size ? stack : lua_newuserdata(L, need);
   char *w = o;
-  w = put(w, "HTTP/1.1 ", 9);
-  *w++ = (char)('0' + code / 100);
-  *w++ = (char)('0' + code / 10 % 10);
-  *w++ = (char)('0' + code % 10);
-  *w++ = ' ';
-  w = put(w, reason, rlen);
-  w = put(w, "\r\n", 2);
+  if (code == 200) {
+    w = put(w, "HTTP/1.1 200 OK\r\n", 17);
+  } else {
+    w = put(w, "HTTP/1.1 ", 9);
+    *w++ = (char)('0' + code / 100);
+    *w++ = (char)('0' + code / 10 % 10);
+    *w++ = (char)('0' + code % 10);
+    *w++ = ' ';
+    w = put(w, reason, rlen);
+    w = put(w, "\r\n", 2);
+  }
   for (int i = 1; i <= nh; i++) {
     size_t n;
     lua_rawgeti(L, a + 1, i);
@@ -1286,7 +1302,9 @@ static int l_head(lua_State *L)
   char stack[HEAD_STACK_BUF];
   char *out;
   lua_settop(L, 6);
-  size_t n = build_response(L, 1, 1, stack, sizeof stack, &out);
+  size_t blen = 0;
+  const char *body = lua_isnil(L, 6) ? NULL : luaL_checklstring(L, 6, &blen);
+  size_t n = build_response(L, 1, body, blen, stack, sizeof stack, &out);
   lua_pushlstring(L, out, n);
   return 1;
 }
@@ -1313,7 +1331,7 @@ static int l_respond(lua_State *L)
   size_t blen = 0;
   const char *body = lua_isnil(L, 7) ? NULL : luaL_checklstring(L, 7, &blen);
   int whole = blen <= RESPOND_COPY_MAX;
-  size_t n = build_response(L, 2, whole, stack, sizeof stack, &out);
+  size_t n = build_response(L, 2, body, whole ? blen : 0, stack, sizeof stack, &out);
   if (whole)
     blen = 0;   /* in out already */
   mb_lib_self(L);   /* (a killed process may not act) */
