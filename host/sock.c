@@ -679,7 +679,7 @@ static void write_failed(mb_sock_t *s, int rc)
   pthread_mutex_unlock(&s->lock);
 }
 
-long mb_sock_write_now(mb_sock_t *s, const char *data, size_t len)
+long mb_sock_write_now(mb_sock_t *s, const uv_buf_t *b, unsigned nb)
 {
   if (mb_sched_self() != s->sched)
     return 0;
@@ -688,8 +688,7 @@ long mb_sock_write_now(mb_sock_t *s, const char *data, size_t len)
   pthread_mutex_unlock(&s->lock);
   if (!idle || s->handle_closing)
     return 0;
-  uv_buf_t b = uv_buf_init((char *)data, (unsigned)len);
-  int r = uv_try_write((uv_stream_t *)&s->tcp, &b, 1);
+  int r = uv_try_write((uv_stream_t *)&s->tcp, b, nb);
   return r == UV_EAGAIN ? 0 : r;
 }
 

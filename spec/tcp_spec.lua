@@ -302,6 +302,44 @@ describe("moonbeam.tcp", function()
     l:close()
   end)
 
+  it("writes several pieces as one, in order, the kernel taking all or part of them", function()
+    local c, s, l = pair()
+    assert.is_true((s:write("a", "bc", 42, "d")))
+    assert.are.equal("abc42d", read_n(c, 6))
+    -- more pieces than go to the kernel as they are; a boolean ends them
+    local many = {}
+    for i = 1, 20 do many[i] = tostring(i) .. "," end
+    assert.is_true((s:write(unpack(many))))
+    assert.is_true((s:write("x", "y", false, "not written")))
+    local want = table.concat(many) .. "xy"
+    assert.are.equal(want, read_n(c, #want))
+    -- a peer that does not read: the writes go on until one is left queued,
+    -- in part or whole, then two more go behind it; every byte arrives once,
+    -- in order
+    local sent, q = {}, 0
+    for i = 1, 2000 do
+      local a, b = ("%06d"):format(i), string.char(65 + i % 26):rep(9000)
+      local ok
+      ok, q = s:write(a, b, "|")
+      assert.is_true(ok)
+      sent[#sent + 1] = a .. b .. "|"
+      if q > 0 then break end
+    end
+    assert.is_true(q > 0)
+    for i = 1, 2 do
+      assert.is_true((s:write("tail", tostring(i))))
+      sent[#sent + 1] = "tail" .. i
+    end
+    want = table.concat(sent)
+    local got = read_n(c, #want)
+    assert.are.equal(#want, #got)
+    assert.is_true(got == want)
+    assert.has_error(function() s:write() end)
+    c:close()
+    s:close()
+    l:close()
+  end)
+
   it("sends a socket in a message and hands it over with set_owner", function()
     local c, s, l = pair()
     local me = mb.self()

@@ -187,6 +187,17 @@ describe("moonbeam.websocket", function()
     assert.is_true(binary)
     assert(sock:write(""))
     assert.are.equal("", (sock:read(S.T)))
+    -- pieces make one message; a boolean after them says binary
+    assert(sock:write("he", "llo", 1))
+    data, binary = sock:read(S.T)
+    assert.are.equal("hello1", data)
+    assert.is_false(binary)
+    assert(sock:write("\0", "\255", true))
+    data, binary = sock:read(S.T)
+    assert.are.equal("\0\255", data)
+    assert.is_true(binary)
+    assert.are.same({nil, "a text message must be valid UTF-8 (send binary data with write(data, true))"},
+                    {sock:write("a", "\255")})
     sock:close(1000, "done")
   end)
 

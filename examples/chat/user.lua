@@ -220,9 +220,10 @@ end
 -- Writes one line to the client, never waiting on it (see room_for).
 local function write_line(st, line)
   if st.done then return end
-  local data = st.ws and line or line .. "\n"
-  if room_for(st, #data) then
-    local ok, q = st.sock:write(data)
+  local ws = st.ws
+  if room_for(st, ws and #line or #line + 1) then
+    local ok, q
+    if ws then ok, q = st.sock:write(line) else ok, q = st.sock:write(line, "\n") end
     if not ok then st.done = true end
     st.queued = q
   end

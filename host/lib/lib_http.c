@@ -1337,17 +1337,18 @@ static int l_respond(lua_State *L)
   mb_lib_self(L);   /* (a killed process may not act) */
   int in_time = mb_hguard_stop(g);
   mb_sock_t *s = mb_hguard_sock(g);
-  long done = 0, done2 = 0;
+  long done = 0;
+  size_t left = n + blen;
   if (s && in_time) {
-    done = mb_sock_write_now(s, out, n);
+    uv_buf_t b[2];
+    b[0].base = out;
+    b[0].len = n;
+    b[1].base = (char *)body;
+    b[1].len = blen;
+    done = mb_sock_write_now(s, b, blen ? 2 : 1);
     if (done < 0)
       done = 0;
-    if ((size_t)done == n && blen) {
-      done2 = mb_sock_write_now(s, body, blen);
-      if (done2 < 0)
-        done2 = 0;
-    }
-    if ((size_t)done == n && (size_t)done2 == blen) {
+    if ((size_t)done == left) {
       mb_sock_set_exit_on_close(s, 0);
       lua_pushboolean(L, 1);
       return 1;
@@ -1358,10 +1359,14 @@ static int l_respond(lua_State *L)
     lua_pushboolean(L, 0);
   /* What is left: the rest of the head (and of its copied body), then the
    * rest of a body sent from its own string. */
-  lua_pushlstring(L, out + done, n - (size_t)done);
-  if (blen) {
-    lua_pushlstring(L, body + done2, blen - (size_t)done2);
-    lua_concat(L, 2);
+  if ((size_t)done >= n) {
+    lua_pushlstring(L, body + (done - n), left - (size_t)done);
+  } else {
+    lua_pushlstring(L, out + done, n - (size_t)done);
+    if (blen) {
+      lua_pushlstring(L, body, blen);
+      lua_concat(L, 2);
+    }
   }
   return late ? 2 : 1;
 }

@@ -341,46 +341,71 @@ static int l_read(lua_State *L)
   return wait_io(L, p, timeout, push_timeout, 0);
 }
 
-/* sock:write(data[, binary]) -> true, queued: the bytes left queued after
- * it (what sock:queued() would say then; none after a write that had to
- * wait for the queue to drain) */
+/* The most pieces sock:write passes to the kernel as they are; more are
+ * joined first. */
+#define WRITE_PIECES 8
+
+/* sock:write(data, ...[, binary]) -> true, queued: the pieces (strings or
+ * numbers, up to the first argument that is neither) go out in order, as
+ * one (in WebSocket mode: one message, binary if binary is true). queued:
+ * the bytes left queued after it (what sock:queued() would say then; none
+ * after a write that had to wait for the queue to drain) */
 static int l_write(lua_State *L)
 {
-  int n;
-  size_t len;
+  int n, k = 1;
+  uv_buf_t b[WRITE_PIECES];
   mb_proc_t *p = mb_lib_self(L);
-  const char *data = luaL_checklstring(L, 2, &len);
-  int binary = lua_toboolean(L, 3);
+  luaL_checklstring(L, 2, NULL);
+  while (lua_isstring(L, 2 + k))
+    k++;
+  int binary = lua_toboolean(L, 2 + k);
+  if (k > WRITE_PIECES) {
+    lua_settop(L, 1 + k);
+    lua_concat(L, k);
+    k = 1;
+  }
+  size_t len = 0;
+  for (int i = 0; i < k; i++) {
+    b[i].base = (char *)lua_tolstring(L, 2 + i, &b[i].len);
+    len += b[i].len;
+  }
   mb_sock_t *s = stream_sock(L, p, &n);
   if (s == NULL)
     return n;
   /* The common case of a small TCP write: straight to the kernel (never
    * in WebSocket mode: that is framed on the loop). */
-  long done = mb_sock_write_now(s, data, len);
+  long done = mb_sock_write_now(s, b, (unsigned)k);
   if (done < 0) {
     mb_sock_unref(s);
     return fail_code(L, (int)done);
   }
-  data += done;
-  len -= (size_t)done;
-  if (len == 0 && done > 0) {   /* (an empty write is queued: in WebSocket
-                                   mode it is an empty message) */
+  if ((size_t)done == len && done > 0) {   /* (an empty write is queued: in
+                                             WebSocket mode it is an empty
+                                             message) */
     mb_sock_unref(s);
     lua_pushboolean(L, 1);
     lua_pushinteger(L, 0);      /* nothing was queued before it either */
     return 2;
   }
+  len -= (size_t)done;
   pthread_mutex_lock(&s->lock);
   int ws = s->ws_mode;
   pthread_mutex_unlock(&s->lock);
-  if (ws && !binary && !mb_ws_utf8_valid((const uint8_t *)data, len)) {
-    mb_sock_unref(s);
-    return fail(L, "a text message must be valid UTF-8 (send binary data with write(data, true))");
-  }
   mb_sock_out_t *o = mb_malloc(sizeof *o + len);
   o->len = len;
   o->binary = binary;
-  memcpy(o->data, data, len);
+  char *to = o->data;
+  for (int i = 0; i < k; i++) {   /* what the kernel did not take */
+    size_t skip = (size_t)done < b[i].len ? (size_t)done : b[i].len;
+    done -= (long)skip;
+    memcpy(to, b[i].base + skip, b[i].len - skip);
+    to += b[i].len - skip;
+  }
+  if (ws && !binary && !mb_ws_utf8_valid((const uint8_t *)o->data, len)) {
+    mb_free(o);
+    mb_sock_unref(s);
+    return fail(L, "a text message must be valid UTF-8 (send binary data with write(data, true))");
+  }
   pthread_mutex_lock(&s->lock);
   int err = s->err && s->err != MB_ECLOSED ? s->err : 0;
   int wait = 0;
