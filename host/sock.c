@@ -3,8 +3,10 @@
  * Functions named do_* and on_* run on the socket's loop thread; the rest
  * say where they run.
  */
+#include <errno.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "idtab.h"
@@ -126,7 +128,9 @@ static void close_handles(mb_sock_t *s)
 {
   if (s->handle_closing)
     return;
+  pthread_mutex_lock(&s->lock);   /* (write_foreign: the descriptor) */
   s->handle_closing = 1;
+  pthread_mutex_unlock(&s->lock);
   if (s->linger) {
     uv_timer_stop(&s->linger->timer);
     uv_close((uv_handle_t *)&s->linger->timer, on_linger_closed);
@@ -679,10 +683,41 @@ static void write_failed(mb_sock_t *s, int rc)
   pthread_mutex_unlock(&s->lock);
 }
 
+/* A write from another scheduler's thread than the socket's (its owner was
+ * moved by stealing: in a chat, a quarter of the writes) goes straight to
+ * the kernel too, rather than as a copy posted to the socket's loop, which
+ * costs a copy, a post, often a wake of that loop, and a loop iteration.
+ * It may not touch the libuv handle (not thread-safe), so it calls
+ * sendmsg on the descriptor itself (uv_buf_t is laid out as struct iovec),
+ * under the socket's lock: the loop sets handle_closing under that lock
+ * before libuv closes the descriptor, so the descriptor is open for the
+ * whole call; and with nothing queued or in flight (idle) the loop has no
+ * write of its own under way. */
+static long write_foreign(mb_sock_t *s, const uv_buf_t *b, unsigned nb)
+{
+  long r = 0;
+  uv_os_fd_t fd;
+  pthread_mutex_lock(&s->lock);
+  int idle = s->posted == 0 && s->wq == 0 && !s->closed && !s->ws_mode;
+  if (idle && !s->handle_closing && uv_fileno((uv_handle_t *)&s->tcp, &fd) == 0) {
+    struct msghdr m;
+    memset(&m, 0, sizeof m);
+    m.msg_iov = (struct iovec *)b;
+    m.msg_iovlen = nb;
+    ssize_t n;
+    do
+      n = sendmsg(fd, &m, MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    r = n >= 0 ? (long)n : errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -errno;
+  }
+  pthread_mutex_unlock(&s->lock);
+  return r;
+}
+
 long mb_sock_write_now(mb_sock_t *s, const uv_buf_t *b, unsigned nb)
 {
   if (mb_sched_self() != s->sched)
-    return 0;
+    return write_foreign(s, b, nb);
   pthread_mutex_lock(&s->lock);
   int idle = s->posted == 0 && s->wq == 0 && !s->closed && !s->ws_mode;
   pthread_mutex_unlock(&s->lock);

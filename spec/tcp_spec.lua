@@ -340,6 +340,52 @@ describe("moonbeam.tcp", function()
     l:close()
   end)
 
+  it("keeps every byte in order when owners write from another scheduler than their socket's", function()
+    -- The sockets are made here, on this process's scheduler; their writers
+    -- are moved between schedulers by two busy processes (stealing), so
+    -- writes come from both the socket's thread and the other one, straight
+    -- to the kernel or queued when the peer falls behind.
+    local me, pairs_, writers = mb.self(), {}, {}
+    local busy = {}
+    for i = 1, 2 do
+      busy[i] = mb.spawn(function()
+        local t = mb.now()
+        while mb.now() - t < 3000 do for _ = 1, 1000 do end end
+      end)
+    end
+    for i = 1, 6 do
+      local c, s, l = pair()
+      pairs_[i] = {c = c, s = s, l = l}
+      local w = mb.spawn(function()
+        local m = mb.receive(5000)
+        local sock = m.sock
+        for n = 1, 300 do
+          assert(sock:write(("%d:%d"):format(i, n), ",", ("y"):rep(n * 7 % 300), "\n"))
+          if n % 10 == 0 then mb.sleep(0) end
+        end
+        mb.send(me, {done = i})
+        mb.receive(5000)
+      end)
+      assert(s:set_owner(w))
+      mb.send(w, {sock = s})
+      writers[i] = w
+    end
+    for i = 1, 6 do
+      local want = {}
+      for n = 1, 300 do want[n] = ("%d:%d,%s\n"):format(i, n, ("y"):rep(n * 7 % 300)) end
+      want = table.concat(want)
+      local got = read_n(pairs_[i].c, #want)
+      assert.is_true(got == want, "socket " .. i .. ": bytes lost or out of order")
+    end
+    for _ = 1, 6 do S.recv(function(m) return type(m) == "table" and m.done end) end
+    for i = 1, 6 do
+      mb.send(writers[i], "bye")
+      pairs_[i].c:close()
+      pairs_[i].l:close()
+    end
+    for i = 1, 2 do mb.exit(busy[i], "kill") end
+  end)
+
   it("sends a socket in a message and hands it over with set_owner", function()
     local c, s, l = pair()
     local me = mb.self()
