@@ -149,13 +149,28 @@ static void close_handles(mb_sock_t *s)
   }
 }
 
+static void do_close_handles(mb_sock_t *s, void *arg)
+{
+  (void)arg;
+  close_handles(s);
+}
+
 static int mark_closed(mb_sock_t *s);
 
-/* A connection that was accepted but never handed to a process. */
+static void do_close_handles(mb_sock_t *s, void *arg);
+
+/* A connection that was accepted but never handed to a process, closed
+ * with its listener (on the listener's loop, or the main thread at
+ * shutdown). It may live on another loop (accept_one spreads them): its
+ * handle is closed there, as a handle may only be touched on its own
+ * loop's thread. */
 static void accepted_close(mb_sock_t *c)
 {
   mark_closed(c);
-  close_handles(c);
+  if (mb_sched_self() && c->sched != mb_sched_self())
+    mb_sock_run(c, do_close_handles, NULL);
+  else
+    close_handles(c);
 }
 
 static void on_linger(uv_timer_t *t)
