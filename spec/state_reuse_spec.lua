@@ -75,6 +75,47 @@ describe("reused states", function()
     assert.is_true(after and after < 2048, out)
   end)
 
+  it("give the next process the base library again, in its own globals, nothing of the last one's", function()
+    local code, out, err = child([[
+      print("A", run({}, function()
+        local _ = type(1)                 -- the base library opened (and kept)
+        x = "global"
+        pairs = nil
+        _VERSION = "changed"
+        coroutine.evil = true             -- (the coroutine table opened)
+        print("A setfenv", pcall(setfenv, print, {}))
+        _G.A_globals = _G
+      end))
+      local r = ask(function()
+        local co = coroutine.wrap(function(a) coroutine.yield(a + 1) end)
+        local t = {
+          envs = getfenv(print) == _G and getfenv(pcall) == _G and getfenv(type) == _G
+            and getfenv(coroutine.create) == _G and getfenv(loadstring) == _G,
+          x = tostring(x), pairs = type(pairs), version = _VERSION,
+          evil = tostring(coroutine.evil), wrap = co(1),
+          loaded = package.loaded._G == _G and require("_G") == _G,
+          old = tostring(A_globals),
+          load = load("return 6 * 7")(),
+          bytecode = select(2, loadstring(string.dump(function() end))) or "accepted",
+        }
+        for k in pairs(_G) do if k == "A_globals" then t.old = "reached" end end
+        coroutine.evil, pairs = true, nil   -- B's state is a restored one: C's is too
+        return t
+      end)
+      print("C", ask(function() return tostring(coroutine.evil) .. " " .. type(pairs) end))
+      print(string.format("B envs=%s x=%s pairs=%s version=%s evil=%s wrap=%s loaded=%s old=%s load=%s",
+        tostring(r.envs), r.x, r.pairs, r.version, r.evil, tostring(r.wrap), tostring(r.loaded),
+        r.old, tostring(r.load)))
+      print("B bytecode", r.bytecode)
+    ]])
+    assert.are.equal(0, code, err)
+    assert.is_true(S.has(out, "A\tnormal"), out)
+    assert.is_true(S.has(out, "A setfenv\tfalse"), out)
+    assert.is_true(S.has(out, "B envs=true x=nil pairs=function version=Lua 5.1 evil=nil wrap=2 loaded=true old=nil load=42"), out)
+    assert.is_false(S.has(out, "B bytecode\taccepted"), out)
+    assert.is_true(S.has(out, "C\tnil function"), out)
+  end)
+
   it("keep the string metatable, emptied: nothing a process put in it or on it stays", function()
     local code, out, err = child([[
       print("A", run({}, function()

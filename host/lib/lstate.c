@@ -6,6 +6,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
@@ -484,6 +485,147 @@ static void after_base(lua_State *L)
   mb_sandbox_base(L);
 }
 
+/* The base library of a reused state. Opening it takes ~33k instructions
+ * (LuaJIT's lj_lib_register: a closure, an interned name and a table slot
+ * for each of ~40 functions, and the table's rehashes), more than a whole
+ * spawn, and nearly every real process opens it (type, pairs, pcall). So
+ * the first opening on a state keeps what it made, in the table at
+ * MB_REGSLOT_BASE: f, name -> value for the base globals as after_base
+ * left them; co, the coroutine functions (the table after_base hides);
+ * had, whether the last process opened it (base_globals); restore, the
+ * Lua function that gives a process the same function objects in tables
+ * of its own (a loop in C over the API cost ~20k instructions, this one
+ * ~5k). The functions carry nothing of a process: C functions hold no
+ * state that Lua can reach or change, except their environment, which
+ * only the C API sees (getfenv of a C function gives the caller's globals)
+ * and which is the kept table, so that no old globals stay alive through
+ * them. Their upvalues are host-made (pcall for the sandbox's load;
+ * LuaJIT's newproxy and its weak table, but a call of newproxy taints the
+ * state) and only the debug library, which taints it too, reaches them.
+ * restore's bytecode is made once for the host, as lib_mb.c's builder of
+ * signal messages. */
+static const char restore_src[] =
+  "return function(f, co, G, loaded)\n"
+  "  local next = f.next\n"
+  "  for k, v in next, f do G[k] = v end\n"
+  "  G._G = G\n"
+  "  loaded._G = G\n"
+  "  local c = {}\n"
+  "  for k, v in next, co do c[k] = v end\n"
+  "  loaded.coroutine = c\n"
+  "  return c\n"
+  "end\n";
+static char *restore_bc;
+static size_t restore_len;
+static pthread_once_t restore_once = PTHREAD_ONCE_INIT;
+
+static int restore_writer(lua_State *L, const void *b, size_t n, void *ud)
+{
+  (void)L;
+  (void)ud;
+  restore_bc = mb_realloc(restore_bc, restore_len + n);
+  memcpy(restore_bc + restore_len, b, n);
+  restore_len += n;
+  return 0;
+}
+
+static void restore_init(void)
+{
+  lua_State *L = mb_must(luaL_newstate());
+  if (luaL_loadbuffer(L, restore_src, sizeof restore_src - 1, "=base") != 0 ||
+      lua_dump(L, restore_writer, NULL) != 0 || restore_len == 0) {
+    fputs("moonbeam: cannot compile the base library's restore\n", stderr);
+    abort();
+  }
+  lua_close(L);
+}
+
+/* Set the environment of the C functions in the table at t to the table
+ * at env (absolute indices). */
+static void detach_all(lua_State *L, int t, int env)
+{
+  lua_pushnil(L);
+  while (lua_next(L, t)) {
+    if (lua_iscfunction(L, -1)) {
+      lua_pushvalue(L, env);
+      lua_setfenv(L, -2);
+    }
+    lua_pop(L, 1);
+  }
+}
+
+/* Keep the base library just opened (see above); names: its globals. */
+static void keep_base(lua_State *L, const char *names)
+{
+  int top = lua_gettop(L);
+  lua_createtable(L, 0, 4);
+  int k = top + 1;
+  lua_createtable(L, 0, 32);
+  int f = top + 2;
+  for (const char *w = names; *w; ) {
+    size_t n = strcspn(w += strspn(w, " "), " ");
+    if (n == 0)
+      break;
+    if (!(n == 2 && memcmp(w, "_G", 2) == 0)) {
+      lua_pushlstring(L, w, n);
+      lua_pushvalue(L, -1);
+      lua_rawget(L, LUA_GLOBALSINDEX);
+      lua_rawset(L, f);
+    }
+    w += n;
+  }
+  detach_all(L, f, k);
+  lua_setfield(L, k, "f");
+  lua_createtable(L, 0, 16);
+  lua_pushlightuserdata(L, &coroutine_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  if (lua_istable(L, -1)) {
+    detach_all(L, top + 3, k);
+    lua_pushnil(L);
+    while (lua_next(L, top + 3)) {
+      lua_pushvalue(L, -2);
+      lua_insert(L, -2);
+      lua_rawset(L, top + 2);
+    }
+  }
+  lua_pop(L, 1);
+  lua_setfield(L, k, "co");
+  lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_BASE);
+}
+
+/* Give the globals the kept base library; 0 if there is none. */
+static int restore_base(lua_State *L)
+{
+  int top = lua_gettop(L);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_BASE);
+  if (!lua_istable(L, -1)) {
+    lua_settop(L, top);
+    return 0;
+  }
+  lua_getfield(L, top + 1, "restore");
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    pthread_once(&restore_once, restore_init);
+    if (luaL_loadbuffer(L, restore_bc, restore_len, "=base") != 0)
+      lua_error(L);   /* out of memory */
+    lua_pushvalue(L, top + 1);
+    lua_setfenv(L, -2);
+    lua_call(L, 0, 1);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, top + 1, "restore");
+  }
+  lua_getfield(L, top + 1, "f");
+  lua_getfield(L, top + 1, "co");
+  lua_pushvalue(L, LUA_GLOBALSINDEX);
+  luaL_findtable(L, LUA_REGISTRYINDEX, "_LOADED", 16);
+  lua_call(L, 4, 1);
+  lua_pushlightuserdata(L, &coroutine_key);
+  lua_insert(L, -2);
+  lua_rawset(L, LUA_REGISTRYINDEX);
+  lua_settop(L, top);
+  return 1;
+}
+
 static void open_coroutine(lua_State *L)
 {
   lua_pushlightuserdata(L, &coroutine_key);
@@ -852,9 +994,13 @@ static int open_for(lua_State *L, const char *name, size_t len)
       adopt_string(L);
     if (lib->open == luaopen_io || lib->open == luaopen_debug || lib->open == luaopen_jit)
       mb_proc_of(L)->lstate_tainted = 1;   /* see Reused states */
+    if (lib->open == luaopen_base && restore_base(L))
+      return 1;
     open_lib(L, lib->open, lib->name);
     if (lib->after)
       lib->after(L);
+    if (lib->open == luaopen_base)
+      keep_base(L, lib->globals);
     return 1;
   }
   return 0;
@@ -1015,6 +1161,24 @@ void mb_lstate_settle(mb_proc_t *p)
     lua_pop(p->L, 1);
 }
 
+/* The slots a new process's globals start with: on a state whose last
+ * process opened the base library (reset_roots noted it in the kept one),
+ * room for it, as the next one will likely open it too (the same
+ * body, often): restore_base then fills them without the table's five
+ * rehashes on the way to 32 (~7k instructions). Else none. */
+static int base_globals(lua_State *L)
+{
+  int n = 0;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_BASE);
+  if (lua_istable(L, -1)) {
+    lua_getfield(L, -1, "had");
+    n = lua_toboolean(L, -1) ? 32 : 0;
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  return n;
+}
+
 static int setup(lua_State *L)
 {
   words_unfix(L);
@@ -1023,7 +1187,7 @@ static int setup(lua_State *L)
    * one, and the old one goes with the first collection (mb_lstate_settle).
    * A function made inside a C function takes that function's environment
    * - setup's, the old table - so the ones made here get the new one. */
-  lua_createtable(L, 0, 0);
+  lua_createtable(L, 0, base_globals(L));
   lua_replace(L, LUA_GLOBALSINDEX);
   lua_createtable(L, 0, 1);
   lua_pushcfunction(L, lazy_global);
@@ -1219,15 +1383,26 @@ static pool_t *pool(void)
 
 /* Registry slots a reset keeps: the ids' metatables and intern tables,
  * lib_mb.c's builder of DOWN and EXIT messages, run.c's last body (its
- * upvalues emptied): host-made, nothing of the process. */
+ * upvalues emptied), the base library (keep_base): host-made, nothing of
+ * the process. */
 static int kept_slot(double k)
 {
-  return mb_id_regslot(k) || k == MB_REGSLOT_SIGNAL_MSG || k == MB_REGSLOT_BODY_FN;
+  return mb_id_regslot(k) || k == MB_REGSLOT_SIGNAL_MSG || k == MB_REGSLOT_BODY_FN ||
+         k == MB_REGSLOT_BASE;
 }
 
 /* Under lua_cpcall: the old world unreachable (see Reused states). */
 static int reset_roots(lua_State *L)
 {
+  lua_pushlightuserdata(L, (void *)&lazylibs[0]);   /* base opened? */
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  int had_base = lua_toboolean(L, -1);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_BASE);
+  if (lua_istable(L, -1)) {
+    lua_pushboolean(L, had_base);
+    lua_setfield(L, -2, "had");   /* for base_globals */
+  }
+  lua_pop(L, 2);
   /* The registry is emptied in place: a new table stored in its slot (a GC
    * root, marked once at the start of a cycle, with no write barrier)
    * could be freed by a cycle under way. */
