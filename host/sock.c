@@ -157,8 +157,6 @@ static void do_close_handles(mb_sock_t *s, void *arg)
 
 static int mark_closed(mb_sock_t *s);
 
-static void do_close_handles(mb_sock_t *s, void *arg);
-
 /* A connection that was accepted but never handed to a process, closed
  * with its listener (on the listener's loop, or the main thread at
  * shutdown). It may live on another loop (accept_one spreads them): its
