@@ -492,10 +492,10 @@ static void after_base(lua_State *L)
  * the first opening on a state keeps what it made, in the table at
  * MB_REGSLOT_BASE: f, name -> value for the base globals as after_base
  * left them; co, the coroutine functions (the table after_base hides);
- * had, whether the last process opened it (base_globals); restore, the
- * Lua function that gives a process the same function objects in tables
- * of its own (a loop in C over the API cost ~20k instructions, this one
- * ~5k). The functions carry nothing of a process: C functions hold no
+ * restore, the Lua function that gives a process the same function
+ * objects in tables of its own (a loop in C over the API cost ~20k
+ * instructions, this one ~5k); a new process's globals are presized for
+ * them when the state's last process opened it (setup). The functions carry nothing of a process: C functions hold no
  * state that Lua can reach or change, except their environment, which
  * only the C API sees (getfenv of a C function gives the caller's globals)
  * and which is the kept table, so that no old globals stay alive through
@@ -994,8 +994,11 @@ static int open_for(lua_State *L, const char *name, size_t len)
       adopt_string(L);
     if (lib->open == luaopen_io || lib->open == luaopen_debug || lib->open == luaopen_jit)
       mb_proc_of(L)->lstate_tainted = 1;   /* see Reused states */
-    if (lib->open == luaopen_base && restore_base(L))
-      return 1;
+    if (lib->open == luaopen_base) {
+      mb_proc_of(L)->base_opened = 1;
+      if (restore_base(L))
+        return 1;
+    }
     open_lib(L, lib->open, lib->name);
     if (lib->after)
       lib->after(L);
@@ -1161,33 +1164,21 @@ void mb_lstate_settle(mb_proc_t *p)
     lua_pop(p->L, 1);
 }
 
-/* The slots a new process's globals start with: on a state whose last
- * process opened the base library (reset_roots noted it in the kept one),
- * room for it, as the next one will likely open it too (the same
- * body, often): restore_base then fills them without the table's five
- * rehashes on the way to 32 (~7k instructions). Else none. */
-static int base_globals(lua_State *L)
-{
-  int n = 0;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_BASE);
-  if (lua_istable(L, -1)) {
-    lua_getfield(L, -1, "had");
-    n = lua_toboolean(L, -1) ? 32 : 0;
-    lua_pop(L, 1);
-  }
-  lua_pop(L, 1);
-  return n;
-}
-
+/* Under lua_cpcall, with a pointer to the globals' first size: on a state
+ * whose last process opened the base library, room for it, as the next
+ * one will likely open it too (the same body, often), so that
+ * restore_base fills them without the table's five rehashes on the way to
+ * 32 (~7k instructions); else none. */
 static int setup(lua_State *L)
 {
+  int globals = *(int *)lua_touserdata(L, 1);
   words_unfix(L);
   /* lua_newstate made a globals table of 64 slots (1.5 KB) while a
    * process's globals start empty and mostly stay few: it gets an empty
    * one, and the old one goes with the first collection (mb_lstate_settle).
    * A function made inside a C function takes that function's environment
    * - setup's, the old table - so the ones made here get the new one. */
-  lua_createtable(L, 0, base_globals(L));
+  lua_createtable(L, 0, globals);
   lua_replace(L, LUA_GLOBALSINDEX);
   lua_createtable(L, 0, 1);
   lua_pushcfunction(L, lazy_global);
@@ -1318,6 +1309,7 @@ typedef struct pool {
   lua_State *L[POOL_MAX];
   size_t used[POOL_MAX];     /* bytes each state holds */
   uint64_t body_serial[POOL_MAX];   /* its kept body's (run.c) */
+  uint8_t base[POOL_MAX];    /* its last process opened the base library */
   struct pool *next;         /* all threads' pools, for pools_free */
 } pool_t;
 
@@ -1394,15 +1386,6 @@ static int kept_slot(double k)
 /* Under lua_cpcall: the old world unreachable (see Reused states). */
 static int reset_roots(lua_State *L)
 {
-  lua_pushlightuserdata(L, (void *)&lazylibs[0]);   /* base opened? */
-  lua_rawget(L, LUA_REGISTRYINDEX);
-  int had_base = lua_toboolean(L, -1);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_BASE);
-  if (lua_istable(L, -1)) {
-    lua_pushboolean(L, had_base);
-    lua_setfield(L, -2, "had");   /* for base_globals */
-  }
-  lua_pop(L, 2);
   /* The registry is emptied in place: a new table stored in its slot (a GC
    * root, marked once at the start of a cycle, with no write barrier)
    * could be freed by a cycle under way. */
@@ -1507,6 +1490,7 @@ void mb_lstate_recycle(mb_proc_t *p)
   reset_gc(L, atomic_load_explicit(&p->alloc.used, memory_order_relaxed));
   pl->used[pl->n] = atomic_exchange_explicit(&p->alloc.used, 0, memory_order_relaxed);
   pl->body_serial[pl->n] = body;
+  pl->base[pl->n] = p->base_opened;
   lua_setallocf(L, mb_alloc_fn, &parked);
   pl->L[pl->n++] = L;
 }
@@ -1520,13 +1504,15 @@ uint64_t mb_lstate_kept_body(void)
   return kept_body;
 }
 
-/* A parked state of this scheduler's pool for p, or NULL. */
-static lua_State *pool_take(mb_proc_t *p)
+/* A parked state of this scheduler's pool for p, or NULL; *base: whether
+ * its last process opened the base library. */
+static lua_State *pool_take(mb_proc_t *p, int *base)
 {
   pool_t *pl = my_pool;
   if (pl == NULL || pl->n == 0)
     return NULL;
   pl->n--;
+  *base = pl->base[pl->n];
   lua_State *L = pl->L[pl->n];
   atomic_store_explicit(&p->alloc.used, pl->used[pl->n], memory_order_relaxed);
   kept_body = pl->body_serial[pl->n];
@@ -1540,8 +1526,10 @@ int mb_lstate_new(mb_proc_t *p)
   p->alloc.limit = p->alloc.max;
   p->alloc.oom = 0;
   p->lstate_tainted = 0;
+  p->base_opened = 0;
   kept_body = 0;
-  lua_State *L = pool_take(p);
+  int base = 0;
+  lua_State *L = pool_take(p, &base);
   if (L && p->alloc.max &&
       atomic_load_explicit(&p->alloc.used, memory_order_relaxed) > p->alloc.max / 4) {
     /* The old garbage would take a good part of max_memory: collected
@@ -1562,7 +1550,8 @@ int mb_lstate_new(mb_proc_t *p)
       return -1;
     luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
   }
-  if (lua_cpcall(L, setup, NULL) != 0) {
+  int globals = base ? 32 : 0;
+  if (lua_cpcall(L, setup, &globals) != 0) {
     lua_close(L);
     return -1;
   }
