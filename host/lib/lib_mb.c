@@ -374,30 +374,7 @@ static const char signal_msg_src[] =
   "  t.reason = reason\n"
   "  return t\n"
   "end\n";
-static char *signal_msg_bc;
-static size_t signal_msg_len;
-static pthread_once_t signal_msg_once = PTHREAD_ONCE_INIT;
-
-static int dump_writer(lua_State *L, const void *b, size_t n, void *ud)
-{
-  (void)L;
-  (void)ud;
-  signal_msg_bc = mb_realloc(signal_msg_bc, signal_msg_len + n);
-  memcpy(signal_msg_bc + signal_msg_len, b, n);
-  signal_msg_len += n;
-  return 0;
-}
-
-static void signal_msg_init(void)
-{
-  lua_State *L = mb_must(luaL_newstate());
-  if (luaL_loadbuffer(L, signal_msg_src, sizeof signal_msg_src - 1, "=signal message") != 0 ||
-      lua_dump(L, dump_writer, NULL) != 0 || signal_msg_len == 0) {
-    fputs("moonbeam: cannot compile the signal message builder\n", stderr);
-    abort();
-  }
-  lua_close(L);
-}
+static mb_lstate_chunk_t signal_msg_chunk = MB_LSTATE_CHUNK(signal_msg_src, "=signal message");
 
 void mb_lib_push_msg(lua_State *L, const mb_msg_t *m)
 {
@@ -408,12 +385,7 @@ void mb_lib_push_msg(lua_State *L, const mb_msg_t *m)
   lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_SIGNAL_MSG);
   if (lua_isnil(L, -1)) {
     lua_pop(L, 1);
-    pthread_once(&signal_msg_once, signal_msg_init);
-    if (luaL_loadbuffer(L, signal_msg_bc, signal_msg_len, "=signal message") != 0)
-      lua_error(L);   /* out of memory */
-    lua_pushvalue(L, LUA_REGISTRYINDEX);
-    lua_setfenv(L, -2);
-    lua_call(L, 0, 1);
+    mb_lstate_run_chunk(L, &signal_msg_chunk, LUA_REGISTRYINDEX);
     lua_pushvalue(L, -1);
     lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_SIGNAL_MSG);
   }

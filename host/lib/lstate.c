@@ -502,8 +502,7 @@ static void after_base(lua_State *L)
  * them. Their upvalues are host-made (pcall for the sandbox's load;
  * LuaJIT's newproxy and its weak table, but a call of newproxy taints the
  * state) and only the debug library, which taints it too, reaches them.
- * restore's bytecode is made once for the host, as lib_mb.c's builder of
- * signal messages. */
+ * restore's bytecode is made once for the host (mb_lstate_run_chunk). */
 static const char restore_src[] =
   "return function(f, co, G, loaded)\n"
   "  local next = f.next\n"
@@ -515,29 +514,38 @@ static const char restore_src[] =
   "  loaded.coroutine = c\n"
   "  return c\n"
   "end\n";
-static char *restore_bc;
-static size_t restore_len;
-static pthread_once_t restore_once = PTHREAD_ONCE_INIT;
+static mb_lstate_chunk_t restore_chunk = MB_LSTATE_CHUNK(restore_src, "=base");
 
-static int restore_writer(lua_State *L, const void *b, size_t n, void *ud)
+static int chunk_writer(lua_State *L, const void *b, size_t n, void *ud)
 {
+  mb_lstate_chunk_t *c = ud;
   (void)L;
-  (void)ud;
-  restore_bc = mb_realloc(restore_bc, restore_len + n);
-  memcpy(restore_bc + restore_len, b, n);
-  restore_len += n;
+  c->bc = mb_realloc(c->bc, c->len + n);
+  memcpy(c->bc + c->len, b, n);
+  c->len += n;
   return 0;
 }
 
-static void restore_init(void)
+void mb_lstate_run_chunk(lua_State *L, mb_lstate_chunk_t *c, int env)
 {
-  lua_State *L = mb_must(luaL_newstate());
-  if (luaL_loadbuffer(L, restore_src, sizeof restore_src - 1, "=base") != 0 ||
-      lua_dump(L, restore_writer, NULL) != 0 || restore_len == 0) {
-    fputs("moonbeam: cannot compile the base library's restore\n", stderr);
-    abort();
+  if (env < 0 && env > LUA_REGISTRYINDEX)
+    env = lua_gettop(L) + env + 1;
+  pthread_mutex_lock(&c->lock);
+  if (c->bc == NULL) {
+    lua_State *S = mb_must(luaL_newstate());
+    if (luaL_loadbuffer(S, c->src, c->srclen, c->name) != 0 ||
+        lua_dump(S, chunk_writer, c) != 0 || c->len == 0) {
+      fprintf(stderr, "moonbeam: cannot compile %s\n", c->name + 1);
+      abort();
+    }
+    lua_close(S);
   }
-  lua_close(L);
+  pthread_mutex_unlock(&c->lock);
+  if (luaL_loadbuffer(L, c->bc, c->len, c->name) != 0)
+    lua_error(L);   /* out of memory */
+  lua_pushvalue(L, env);
+  lua_setfenv(L, -2);
+  lua_call(L, 0, 1);
 }
 
 /* Set the environment of the C functions in the table at t to the table
@@ -605,12 +613,7 @@ static int restore_base(lua_State *L)
   lua_getfield(L, top + 1, "restore");
   if (lua_isnil(L, -1)) {
     lua_pop(L, 1);
-    pthread_once(&restore_once, restore_init);
-    if (luaL_loadbuffer(L, restore_bc, restore_len, "=base") != 0)
-      lua_error(L);   /* out of memory */
-    lua_pushvalue(L, top + 1);
-    lua_setfenv(L, -2);
-    lua_call(L, 0, 1);
+    mb_lstate_run_chunk(L, &restore_chunk, top + 1);
     lua_pushvalue(L, -1);
     lua_setfield(L, top + 1, "restore");
   }

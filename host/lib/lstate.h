@@ -41,6 +41,8 @@
 #ifndef MB_LSTATE_H
 #define MB_LSTATE_H
 
+#include <pthread.h>
+
 #include "proc.h"
 
 /* Once, before the schedulers start (and after mb_lstate_noenv and
@@ -81,6 +83,24 @@ void mb_lstate_recycle(mb_proc_t *p);
 
 /* Push the moonbeam module table of L's state (creating it once). */
 void mb_lstate_push_module(lua_State *L);
+
+/* A function of the host's written in Lua: its source is compiled once for
+ * the host, and each state loads that bytecode (cheaper than compiling,
+ * and the sandbox's bytecode ban is for processes' code, not the host's).
+ * Define one as MB_LSTATE_CHUNK(source, "=name"). */
+typedef struct mb_lstate_chunk {
+  const char *src;
+  size_t srclen;
+  const char *name;
+  pthread_mutex_t lock;
+  char *bc;                  /* its bytecode, once made */
+  size_t len;
+} mb_lstate_chunk_t;
+#define MB_LSTATE_CHUNK(src, name) { src, sizeof src - 1, name, PTHREAD_MUTEX_INITIALIZER, NULL, 0 }
+
+/* Push what chunk c returns when run with the table at env (an absolute or
+ * pseudo index) as its environment. May raise (out of memory). */
+void mb_lstate_run_chunk(lua_State *L, mb_lstate_chunk_t *c, int env);
 
 /* Make L's state able to compile Lua source: its reserved words known to
  * the lexer again (see lstate.c, "Reserved words"). Before every load of
