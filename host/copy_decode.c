@@ -387,6 +387,15 @@ int mb_copy_decode(lua_State *L, const mb_msg_t *msg)
   /* Every value takes at least one byte. */
   if (msg->len > MB_COPY_MAX_BYTES || msg->nvalues > msg->len)
     corrupt(&d);
+  /* One short string, as most lines between processes are (a chat room's
+   * to its members): pushed without the walk's set-up. */
+  if (msg->nvalues == 1 && (msg->data[0] & T_SHORTSTR) &&
+      (size_t)(msg->data[0] & SHORTSTR_MAX) + 1 == msg->len) {
+    if (!lua_checkstack(L, 1))
+      luaL_error(L, "message has too many values for the Lua stack");
+    lua_pushlstring(L, (const char *)msg->data + 1, msg->len - 1);
+    return 1;
+  }
   if (!lua_checkstack(L, (int)msg->nvalues + LEVEL_SLOTS))
     luaL_error(L, "message has too many values for the Lua stack");
   lua_pushnil(L);
