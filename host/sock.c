@@ -507,15 +507,34 @@ static void exit_on_end(mb_sock_t *s, int code)
   mb_proc_exit_signal(s->owner, s->owner, mb_must(mb_msg_string(why)), 0);
 }
 
-void mb_sock_set_exit_on_close(mb_sock_t *s, int mode)
+/* Under s->lock: as mb_sock_set_exit_on_close. */
+static void set_exit_on_close(mb_sock_t *s, int mode)
 {
-  pthread_mutex_lock(&s->lock);
   s->exit_on_close = mode;
   if (s->err && s->err != MB_ECLOSED)
     exit_on_end(s, s->err);
   else if (s->eof)
     exit_on_end(s, MB_ECLOSED);
+}
+
+void mb_sock_set_exit_on_close(mb_sock_t *s, int mode)
+{
+  pthread_mutex_lock(&s->lock);
+  set_exit_on_close(s, mode);
   pthread_mutex_unlock(&s->lock);
+}
+
+int mb_sock_guard(mb_sock_t *s, mb_pid_t owner, mb_pid_t heir, int mode)
+{
+  pthread_mutex_lock(&s->lock);
+  int mine = s->owner == owner && !s->closed;
+  if (mine) {
+    s->heir = heir;
+    if (mode >= 0)
+      set_exit_on_close(s, mode);
+  }
+  pthread_mutex_unlock(&s->lock);
+  return mine;
 }
 
 /* The stream ended: code is MB_ECLOSED or a libuv error. */
@@ -696,6 +715,13 @@ static void write_failed(mb_sock_t *s, int rc)
   pthread_mutex_unlock(&s->lock);
 }
 
+/* Under s->lock: may a write go straight to the kernel? Nothing queued or
+ * in flight (so the order of bytes holds), not closing, not framed. */
+static int write_idle(const mb_sock_t *s)
+{
+  return s->posted == 0 && s->wq == 0 && !s->closed && !s->ws_mode && !s->handle_closing;
+}
+
 /* A write from another scheduler's thread than the socket's (its owner was
  * moved by stealing: in a chat, a quarter of the writes) goes straight to
  * the kernel too, rather than as a copy posted to the socket's loop, which
@@ -711,8 +737,7 @@ static long write_foreign(mb_sock_t *s, const uv_buf_t *b, unsigned nb)
   long r = 0;
   uv_os_fd_t fd;
   pthread_mutex_lock(&s->lock);
-  int idle = s->posted == 0 && s->wq == 0 && !s->closed && !s->ws_mode;
-  if (idle && !s->handle_closing && uv_fileno((uv_handle_t *)&s->tcp, &fd) == 0) {
+  if (write_idle(s) && uv_fileno((uv_handle_t *)&s->tcp, &fd) == 0) {
     struct msghdr m;
     memset(&m, 0, sizeof m);
     m.msg_iov = (struct iovec *)b;
@@ -732,9 +757,9 @@ long mb_sock_write_now(mb_sock_t *s, const uv_buf_t *b, unsigned nb)
   if (mb_sched_self() != s->sched)
     return write_foreign(s, b, nb);
   pthread_mutex_lock(&s->lock);
-  int idle = s->posted == 0 && s->wq == 0 && !s->closed && !s->ws_mode;
+  int idle = write_idle(s);
   pthread_mutex_unlock(&s->lock);
-  if (!idle || s->handle_closing)
+  if (!idle)
     return 0;
   int r = uv_try_write((uv_stream_t *)&s->tcp, b, nb);
   return r == UV_EAGAIN ? 0 : r;

@@ -269,4 +269,9 @@ int mb_sock_push_result(lua_State *L, struct mb_io_req *req);
 #define MB_SOCK_EXIT_ON_CLOSE 2
 void mb_sock_set_exit_on_close(mb_sock_t *s, int mode);
 
+/* Under one lock: if s is open and owner's, make heir its heir (0: none)
+ * and, with mode >= 0, set its exit on close as mb_sock_set_exit_on_close
+ * does; returns whether it was. Any thread. */
+int mb_sock_guard(mb_sock_t *s, mb_pid_t owner, mb_pid_t heir, int mode);
+
 #endif

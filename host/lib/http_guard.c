@@ -8,7 +8,6 @@
 #include <uv.h>
 
 #include "alloc.h"
-#include "err.h"
 #include "http_guard.h"
 #include "msg.h"
 #include "proc.h"
@@ -136,28 +135,11 @@ static void arm_posted(void *arg)
 }
 
 /* The socket, if open and self's, with its heir set to heir and, with
- * mode >= 0, its exit on close set to mode, all under one lock: what
- * mb_sock_set_exit_on_close does, but that the socket has ended already
- * (then that call ends the process at once: it is made instead). */
+ * mode >= 0, its exit on close set to mode, under one lock (mb_sock_guard). */
 static mb_sock_t *owned(mb_hguard_t *g, mb_pid_t heir, int mode)
 {
   mb_sock_t *s = g->sock;
-  if (s == NULL)
-    return NULL;
-  pthread_mutex_lock(&s->lock);
-  int mine = s->owner == g->self && !s->closed;
-  int ended = (s->err && s->err != MB_ECLOSED) || s->eof;
-  if (mine) {
-    s->heir = heir;
-    if (mode >= 0 && !ended)
-      s->exit_on_close = (uint8_t)mode;
-  }
-  pthread_mutex_unlock(&s->lock);
-  if (!mine)
-    return NULL;
-  if (mode >= 0 && ended)
-    mb_sock_set_exit_on_close(s, mode);
-  return s;
+  return s && mb_sock_guard(s, g->self, heir, mode) ? s : NULL;
 }
 
 void mb_hguard_start(mb_hguard_t *g, int mode)

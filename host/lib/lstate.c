@@ -495,11 +495,11 @@ static void after_base(lua_State *L)
  * restore, the Lua function that gives a process the same function
  * objects in tables of its own (a loop in C over the API cost ~20k
  * instructions, this one ~5k); a new process's globals are presized for
- * them when the state's last process opened it (setup). The functions carry nothing of a process: C functions hold no
- * state that Lua can reach or change, except their environment, which
- * only the C API sees (getfenv of a C function gives the caller's globals)
- * and which is the kept table, so that no old globals stay alive through
- * them. Their upvalues are host-made (pcall for the sandbox's load;
+ * them when the state's last process opened it (setup). The functions
+ * carry nothing of a process: C functions hold no state that Lua can reach
+ * or change, except their environment, which only the C API sees (getfenv
+ * of a C function gives the caller's globals) and which is the kept table,
+ * so that no old globals stay alive through them. Their upvalues are host-made (pcall for the sandbox's load;
  * LuaJIT's newproxy and its weak table, but a call of newproxy taints the
  * state) and only the debug library, which taints it too, reaches them.
  * restore's bytecode is made once for the host (mb_lstate_run_chunk). */
@@ -528,8 +528,6 @@ static int chunk_writer(lua_State *L, const void *b, size_t n, void *ud)
 
 void mb_lstate_run_chunk(lua_State *L, mb_lstate_chunk_t *c, int env)
 {
-  if (env < 0 && env > LUA_REGISTRYINDEX)
-    env = lua_gettop(L) + env + 1;
   pthread_mutex_lock(&c->lock);
   if (c->bc == NULL) {
     lua_State *S = mb_must(luaL_newstate());

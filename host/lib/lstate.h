@@ -99,7 +99,8 @@ typedef struct mb_lstate_chunk {
 #define MB_LSTATE_CHUNK(src, name) { src, sizeof src - 1, name, PTHREAD_MUTEX_INITIALIZER, NULL, 0 }
 
 /* Push what chunk c returns when run with the table at env (an absolute or
- * pseudo index) as its environment. May raise (out of memory). */
+ * pseudo index, not a relative one) as its environment. May raise (out of
+ * memory). */
 void mb_lstate_run_chunk(lua_State *L, mb_lstate_chunk_t *c, int env);
 
 /* Make L's state able to compile Lua source: its reserved words known to

@@ -75,8 +75,7 @@
 -- Host): 16,550 instructions a request, 18,690 with a send_after timer per
 -- request and the socket looked up at each step (20,600-21,200 with a
 -- client sending more headers), 23,300 with the request table built in C,
--- 65,000
--- before (BENCHMARKS.md). The serving path uses no standard library but
+-- 65,000 before (BENCHMARKS.md). The serving path uses no standard library but
 -- the base one, so that a connection process opens no other (LuaJIT's
 -- libraries open lazily here, each at a cost).
 local mb = require "moonbeam"
