@@ -840,6 +840,10 @@ describe("moonbeam.server", function()
       local pid = assert(server.start(cb, 0))
       assert.is_true(hibernated(pid))               -- init's
       assert.are.equal(0, server.call(pid, "get"))  -- woken; stays awake
+      -- The reply goes out before the server is back in its receive: it
+      -- may still be runnable, but once waiting it stays awake.
+      assert.is_true(S.eventually(function() return status(pid) == "waiting" end))
+      mb.sleep(20)
       assert.are.equal("waiting", status(pid))
       assert.are.equal("ok", server.call(pid, "sleep"))
       assert.is_true(hibernated(pid))
