@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bcdump.h"
 #include "code.h"
 
 struct mb_code {
@@ -89,6 +90,15 @@ mb_code_t *mb_code_intern(const void *bytes, size_t len)
     total_bytes += len;
   }
   pthread_mutex_unlock(&lock);
+  return c;
+}
+
+mb_code_t *mb_code_intern_dump(const void *dump, size_t len)
+{
+  size_t n;
+  unsigned char *fixed = mb_bcdump_presize(dump, len, &n);
+  mb_code_t *c = fixed ? mb_code_intern(fixed, n) : mb_code_intern(dump, len);
+  free(fixed);
   return c;
 }
 

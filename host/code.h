@@ -29,6 +29,10 @@ typedef struct mb_code mb_code_t;
 /* The code object holding exactly these bytes, with a reference for the
  * caller: the existing one, or a new one. NULL when memory runs out. */
 mb_code_t *mb_code_intern(const void *bytes, size_t len);
+/* The same for what lua_dump wrote: its table templates repaired first
+ * (bcdump.h), so that code loaded from it builds tables as fast as code
+ * compiled from source. */
+mb_code_t *mb_code_intern_dump(const void *dump, size_t len);
 void mb_code_ref(mb_code_t *c);
 void mb_code_unref(mb_code_t *c);
 

@@ -840,7 +840,7 @@ static int enc_function(enc_t *e, int idx)
       return fail(e, "cannot send a function: out of memory (the sender is at its max_memory)");
     if (st != 0)
       return fail(e, "cannot send a function: out of memory");
-    c = mb_code_intern(scratch.p, scratch.len);
+    c = mb_code_intern_dump(scratch.p, scratch.len);
     if (c == NULL)
       return fail(e, "cannot send a function: out of memory");
   }

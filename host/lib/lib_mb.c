@@ -354,25 +354,18 @@ static int l_unalias(lua_State *L)
 /* DOWN and EXIT messages are built by a Lua function: its table
  * constructor copies a template that holds the keys and the event's name
  * already (LuaJIT's TDUP), where lua_createtable and four lua_setfield
- * interned each key again. The keys are in the template with false, not
- * as `pid = pid`: lua_dump keeps only a template's constant values, and
- * the others' keys, lost, made every message rehash its table. Its
- * bytecode is made on the host's first such message; each state loads it
- * on its first one and keeps it at MB_REGSLOT_SIGNAL_MSG, across its reuses
- * too (lstate.c): its environment is the registry, not the globals of the
- * process that loaded it, and nothing else of a process reaches it. */
+ * interned each key again (the template's nil-valued keys survive the
+ * dump: bcdump.h). Its bytecode is made on the host's first such message;
+ * each state loads it on its first one and keeps it at
+ * MB_REGSLOT_SIGNAL_MSG, across its reuses too (lstate.c): its environment
+ * is the registry, not the globals of the process that loaded it, and
+ * nothing else of a process reaches it. */
 static const char signal_msg_src[] =
   "return function(down, pid, ref, reason)\n"
-  "  local t\n"
   "  if down then\n"
-  "    t = { event = 'DOWN', pid = false, ref = false, reason = false }\n"
-  "    t.ref = ref\n"
-  "  else\n"
-  "    t = { event = 'EXIT', pid = false, reason = false }\n"
+  "    return { event = 'DOWN', pid = pid, ref = ref, reason = reason }\n"
   "  end\n"
-  "  t.pid = pid\n"
-  "  t.reason = reason\n"
-  "  return t\n"
+  "  return { event = 'EXIT', pid = pid, reason = reason }\n"
   "end\n";
 static mb_lstate_chunk_t signal_msg_chunk = MB_LSTATE_CHUNK(signal_msg_src, "=signal message");
 

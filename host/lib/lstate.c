@@ -14,6 +14,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bcdump.h"
 #include "code.h"
 #include "copy.h"
 #include "lauxlib.h"
@@ -537,6 +538,14 @@ void mb_lstate_run_chunk(lua_State *L, mb_lstate_chunk_t *c, int env)
       abort();
     }
     lua_close(S);
+    size_t n;
+    unsigned char *fixed = mb_bcdump_presize((const unsigned char *)c->bc, c->len, &n);
+    if (fixed) {   /* its constructors presized as from source (bcdump.h) */
+      c->bc = mb_realloc(c->bc, n);
+      memcpy(c->bc, fixed, n);
+      c->len = n;
+      free(fixed);
+    }
   }
   pthread_mutex_unlock(&c->lock);
   if (luaL_loadbuffer(L, c->bc, c->len, c->name) != 0)

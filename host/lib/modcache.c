@@ -178,7 +178,7 @@ static int compile(lua_State *L, const char *path)
    * source; the cache keeps its dump for the others. */
   dumpbuf_t d = {NULL, 0, 0};
   if (lua_dump(L, dump_writer, &d) == 0) {
-    mb_code_t *code = mb_code_intern(d.p, d.len);
+    mb_code_t *code = mb_code_intern_dump(d.p, d.len);
     if (code)
       store(path, &st, code);
   }

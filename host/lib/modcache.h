@@ -10,12 +10,11 @@
  * happens once per file. The first process that requires a module compiles
  * it from source and runs that; later ones run the dump.
  *
- * Why bytecode and its one cost: lua_dump drops the nil-valued keys that
- * LuaJIT's template tables use to presize constructors ({a = x, b = y}), so
- * a constructor of non-constant fields in dumped code grows its table by
- * rehashing (measured: 10 such fields, 3.3x slower per constructor). Table
- * constructors are a small part of a request's work, while parsing is all
- * of a fresh process's start-up: the cache wins (see BENCHMARKS.md).
+ * Bytecode loses nothing that matters: lua_dump drops the nil-valued keys
+ * that LuaJIT's template tables use to presize constructors
+ * ({a = x, b = y}), which made a constructor of 10 such fields 3.3x slower
+ * in dumped code; the cache interns the dump with those keys put back
+ * (code.h's mb_code_intern_dump, bcdump.h).
  *
  * Staleness: an entry is used without a look at its file for
  * MB_MODCACHE_CHECK_MS after the last check; then the file is stat'ed and
