@@ -59,6 +59,12 @@ struct mb_sched {
   _Atomic uint64_t lone_slice;
   uint64_t io_slice;
   _Atomic uint64_t timer_due;
+  /* Collecting the thread's heaps (collect_heaps): asked for (since
+   * collect_since: own thread), and running now (new work goes to the
+   * other schedulers meanwhile). */
+  atomic_int collect_asked;
+  uint64_t collect_since;
+  atomic_int collecting;
 };
 
 mb_sched_opts_t mb_sched_opts;
@@ -189,7 +195,8 @@ void mb_sched_enqueue(mb_proc_t *p)
   mb_sched_t *s = atomic_load_explicit(&p->home, memory_order_relaxed);
   if (s == NULL)
     s = self ? self : &scheds[0];
-  if (atomic_load_explicit(&s->stuck, memory_order_relaxed)) {
+  if (atomic_load_explicit(&s->stuck, memory_order_relaxed) ||
+      atomic_load_explicit(&s->collecting, memory_order_relaxed)) {
     mb_sched_t *o = other_than(s);
     if (o)
       s = o;
@@ -388,11 +395,15 @@ static int alone(mb_sched_t *s, uint64_t st)
  * a process preempted so (MB_SLICE_ALONE) from its start: no one waits
  * for the core, and a ticker that woke every slice time costs more than
  * the count hook would (run.c's hook). */
-static uint64_t tick(mb_sched_t *s, uint64_t now, uint64_t slice, int *poked, int *lone)
+static uint64_t tick(mb_sched_t *s, uint64_t now, uint64_t slice, int *poked, int *lone,
+                     int *stalled)
 {
   uint64_t st = atomic_load_explicit(&s->slice_start, memory_order_acquire);
   if (st == 0)
     return 0;
+  int queued = atomic_load_explicit(&s->rq_len, memory_order_relaxed) > 0;
+  if (queued && now - st >= MB_STALL_NS)
+    *stalled = 1;
   uint64_t from = s->poked_slice == st ? s->poked_at : st, due = from + slice;
   plock(s);
   mb_proc_t *p = s->running;
@@ -416,6 +427,8 @@ static uint64_t tick(mb_sched_t *s, uint64_t now, uint64_t slice, int *poked, in
     }
   }
   punlock(s);
+  if (queued && (due == 0 || st + MB_STALL_NS < due))
+    due = st + MB_STALL_NS;   /* look again then: is it stalled? */
   return due;
 }
 
@@ -488,10 +501,10 @@ static void *ticker_main(void *arg)
   fds[0].events = POLLIN;
   while (!atomic_load(&ticker_stop)) {
     uint64_t now = uv_hrtime(), next = now + MB_TICK_MAX_NS;
-    int poked = 0, busy = 0, n = 1;
+    int poked = 0, busy = 0, n = 1, stalled = 0;
     for (int i = 0; i < nscheds; i++) {
       int lone = 0;
-      uint64_t due = tick(&scheds[i], now, slice, &poked, &lone);
+      uint64_t due = tick(&scheds[i], now, slice, &poked, &lone, &stalled);
       if (due && due < next)
         next = due;
       busy |= due != 0;
@@ -501,6 +514,8 @@ static void *ticker_main(void *arg)
         fds[n++].events = POLLIN;
       }
     }
+    if (stalled)
+      spread();
     quiet = busy ? 0 : quiet + 1;
     if (quiet >= MB_TICK_PARK) {
       ticker_park(fds);
@@ -526,6 +541,40 @@ static void *ticker_main(void *arg)
 
 /* -- The scheduler thread ------------------------------------------------- */
 
+static void migrate(mb_sched_t *s);
+
+static void wake(mb_sched_t *s);
+
+/* Give back s's free heap pages. A collection walks every page of the
+ * thread's heaps (their blocks freed by other threads among them): with
+ * 2,000 chat users, 0.5-12.6 ms, and a process queued behind it waited
+ * that long (ten in a 12 s run: the chat's p99 doubled). So it waits
+ * until the thread has nothing to run, and the processes that become
+ * runnable meanwhile go to the other schedulers; one scheduler collects
+ * at a time (so that there is another to go to), then wakes the next
+ * that was asked to; after MB_COLLECT_DEFER_NS of a thread never idle,
+ * it runs between two slices, its queue handed to the others first.
+ * Returns whether it collected. */
+static int collect(mb_sched_t *s)
+{
+  static atomic_int busy;
+  int expected = 0;
+  if (!atomic_compare_exchange_strong(&busy, &expected, 1))
+    return 0;
+  atomic_store(&s->collecting, 1);
+  migrate(s);
+  for (int i = 0; i < ncollect; i++)
+    on_collect[i]();
+  mb_alloc_collect();
+  atomic_store(&s->collect_asked, 0);
+  atomic_store(&s->collecting, 0);
+  atomic_store(&busy, 0);
+  for (int i = 0; i < nscheds; i++)
+    if (&scheds[i] != s && atomic_load(&scheds[i].collect_asked))
+      wake(&scheds[i]);
+  return 1;
+}
+
 /* Poll s's loop if it is due; returns the time it read (uv_hrtime) if it
  * did not run the loop, for the next slice's start to use (a clock read
  * is ~30 ns on this VM: a tenth of a short slice's overhead), else 0. */
@@ -535,6 +584,9 @@ static uint64_t poll_loop(mb_sched_t *s)
   if (now - s->last_poll >= MB_POLL_INTERVAL_NS) {
     s->last_poll = now;
     uv_run(&s->loop, UV_RUN_NOWAIT);
+    if (atomic_load_explicit(&s->collect_asked, memory_order_relaxed) &&
+        now - s->collect_since >= MB_COLLECT_DEFER_NS)
+      collect(s);
     return 0;
   }
   return now;
@@ -574,6 +626,8 @@ static void *sched_main(void *arg)
       continue;
     }
     now = 0;
+    if (atomic_load_explicit(&s->collect_asked, memory_order_relaxed) && collect(s))
+      continue;
     /* Idle: announce it, look once more (a push may have raced the
      * announcement), then sleep in the loop until woken. */
     atomic_store(&s->sleeping, 1);
@@ -693,7 +747,8 @@ static void close_handle(uv_handle_t *h, void *arg)
 
 /* -- The watchdog (main thread) -------------------------------------------- */
 
-/* Another scheduler than s, not stuck, with the shortest queue. */
+/* Another scheduler than s, not stuck nor collecting, with the shortest
+ * queue. */
 static mb_sched_t *other_than(mb_sched_t *s)
 {
   mb_sched_t *best = NULL;
@@ -702,6 +757,7 @@ static mb_sched_t *other_than(mb_sched_t *s)
     mb_sched_t *o = &scheds[i];
     int n = atomic_load_explicit(&o->rq_len, memory_order_relaxed);
     if (o != s && !atomic_load_explicit(&o->stuck, memory_order_relaxed) &&
+        !atomic_load_explicit(&o->collecting, memory_order_relaxed) &&
         (best == NULL || n < len)) {
       best = o;
       len = n;
@@ -853,14 +909,16 @@ static void wait_signal(long ms)
     mb_sched_halt(128 + sig);
 }
 
-/* Memory was freed: each scheduler gives back its heaps' free pages
- * (mimalloc's heaps are per thread; alloc.c). */
+/* Memory was freed: each scheduler is asked to give back its heaps' free
+ * pages (mimalloc's heaps are per thread; alloc.c), which it does when it
+ * has nothing to run (collect). */
 static void collect_heaps(void *arg)
 {
-  (void)arg;
-  for (int i = 0; i < ncollect; i++)
-    on_collect[i]();
-  mb_alloc_collect();
+  mb_sched_t *s = arg;
+  if (!atomic_load(&s->collect_asked)) {
+    s->collect_since = uv_hrtime();
+    atomic_store(&s->collect_asked, 1);
+  }
 }
 
 int mb_sched_wait(void)
@@ -875,7 +933,7 @@ int mb_sched_wait(void)
     memory_watch();
     if (mb_alloc_trim())
       for (int i = 0; i < nscheds; i++)
-        mb_sched_post(&scheds[i], collect_heaps, NULL);
+        mb_sched_post(&scheds[i], collect_heaps, &scheds[i]);
     if (!mb_sched_halting())
       continue;
     uint64_t deadline = uv_hrtime() + (uint64_t)MB_HALT_GRACE_MS * 1000000;

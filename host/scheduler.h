@@ -51,6 +51,9 @@
  * scheduler adds to the latency of socket I/O and posted commands. 0.2 ms
  * costs one epoll_wait per 0.2 ms of work (under 1%). */
 #define MB_POLL_INTERVAL_NS 200000
+/* A scheduler never idle collects its heaps this long after it was asked
+ * to (scheduler.c, collect). */
+#define MB_COLLECT_DEFER_NS 2000000000ull
 /* Woken processes run before preempted ones, but at most this many in a
  * row while a preempted one waits: a preempted process waits at most this
  * many short runs besides the slices of the others preempted before it. */
@@ -83,6 +86,10 @@ typedef struct mb_sched mb_sched_t;
 /* A computing slice with nothing queued behind it on its scheduler runs
  * this long between pokes (they let the scheduler poll its loop). */
 #define MB_TICK_LONE_NS 2000000
+/* A slice that has run this long (its thread descheduled, or its CPU
+ * taken by interrupt work) with processes queued behind it: the ticker
+ * wakes an idle scheduler to take them (scheduler.c, tick). */
+#define MB_STALL_NS 1000000
 
 typedef struct mb_sched_opts {
   int schedulers;     /* threads; default: number of cores */

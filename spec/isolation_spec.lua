@@ -159,6 +159,42 @@ describe("isolation", function()
       assert.are.equal(0, code, err)
     end)
 
+    it("has the process queued behind a long slice taken by an idle scheduler", function()
+      -- P spawns Q (queued on P's scheduler, alone: nothing wakes the other
+      -- scheduler), then runs a finalizer for 400 ms that the count hook
+      -- cannot preempt. The ticker sees the slice stall with Q queued and
+      -- wakes the idle scheduler, which runs Q in the finalizer's first
+      -- half (else Q would wait for its end).
+      local code, out, err = child([[
+        local mb = require "moonbeam"
+        local main = mb.self()
+        mb.spawn(function()
+          mb.spawn(function() mb.send(main, { q = mb.now() }) end)
+          local from, to
+          local u = newproxy(true)
+          getmetatable(u).__gc = function()
+            from = mb.now()
+            local t = os.clock()
+            while os.clock() - t < 0.4 do end
+            to = mb.now()
+          end
+          u = nil
+          collectgarbage()
+          mb.send(main, { from = from, to = to })
+        end)
+        local got = {}
+        for _ = 1, 2 do
+          local m = mb.receive(10000)
+          if m then for k, v in pairs(m) do got[k] = v end end
+        end
+        print("q", got.q, "finalizer", got.from, got.to)
+        print(got.q and got.to and got.q < (got.from + got.to) / 2 and "early" or "late")
+        os.exit(0)
+      ]], "--schedulers 2 --watchdog 0", 30)
+      assert.are.equal(0, code, err)
+      assert.is_true(S.has(out, "early"), out .. err)
+    end)
+
     it("does not keep SIGTERM from ending the host", function()
       local path = S.write("stuck.lua", stuck .. "mb.receive()\n")
       local t0 = mb.now()
