@@ -252,16 +252,13 @@ local function read_head(c, first, ready)
   end
   while true do
     if kind == "head" then
-      -- The request table, from a constructor with constant values (see
-      -- new_response): the parser gives its fields as values (a: the
-      -- framing, b: the headers) so that it is a template copy and a store
-      -- per field.
+      -- The parser gives the request's fields as values (a: the framing,
+      -- b: the headers), so that the request is a template copy and a
+      -- store per field.
       local req = {
-        method = false, url = false, path = false, query = false, version = false,
-        headers = false, body = "", keep_alive = false, upgrade = false, socket = false,
+        method = method, url = url, path = path, query = query, version = version,
+        headers = b, body = "", keep_alive = keep, upgrade = upgrade, socket = false,
       }
-      req.method, req.url, req.path, req.query = method, url, path, query
-      req.version, req.headers, req.keep_alive, req.upgrade = version, b, keep, upgrade
       return req, a, more
     end
     if kind == "error" then return nil, a end
@@ -378,23 +375,15 @@ local function guard(c, req, res)
   hp.guard(g, req.keep_alive)
 end
 
--- A new response object. (The fields every response sets are in the
--- constructor with a constant value: a constructor in dumped bytecode keeps
--- only those keys, so the table is made at its size and the stores below
--- only fill slots. guard: 0 none, 1 guarded, 2 response started, 3 done.)
+-- A new response object. (guard: 0 none, 1 guarded, 2 response started,
+-- 3 done.)
 local function new_response(c, req)
+  local v10, keep = req.version == "1.0", req.keep_alive
   local res = {
-    sock = false, code = 200, hlist = false, close = false, keep_alive_10 = false,
-    http10 = false, head_only = false, started = false, done = false,
+    sock = c.sock, code = 200, hlist = false, close = not keep, keep_alive_10 = v10 and keep,
+    http10 = v10, head_only = req.method == "HEAD", started = false, done = false,
     upgraded = false, broken = false, guard = 0, gd = false,
   }
-  res.sock = c.sock
-  local v10 = req.version == "1.0"
-  local keep = req.keep_alive
-  res.http10 = v10
-  res.head_only = req.method == "HEAD"
-  res.close = not keep
-  res.keep_alive_10 = v10 and keep
   return setmetatable(res, Response)
 end
 
@@ -438,8 +427,7 @@ local function serve_one(c, handler, first, ready)
   return true, status
 end
 
--- The state of a connection process. (Every field is in the constructor
--- with a constant value, as in new_response.) opts is the list of
+-- The state of a connection process. opts is the list of
 -- http.listen's options that a connection uses, in this order (built by
 -- moonbeam.http's conn_options): max_body, max_head, max_headers, max_url,
 -- head_timeout, idle_timeout, handler_timeout, hibernate_after. A list of
