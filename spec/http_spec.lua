@@ -1179,6 +1179,67 @@ describe("moonbeam.http", function()
       sock:close()
     end)
 
+    it("serves a request that came before idle_timeout though its loop ran late", function()
+      -- A server on one scheduler, in a host of its own. Its connection A
+      -- hibernates; a request on B starts a process that holds the only
+      -- scheduler for 600 ms (a finalizer: no preemption); A's next request
+      -- comes meanwhile, before A's idle_timeout (300 ms) is up. When the
+      -- loop runs again, its timer fires first and the request's bytes are
+      -- read in the same turn: the request is answered, not dropped.
+      local dir = S.tmpdir()
+      local script = S.write("server.lua", [[
+        local mb = require "moonbeam"
+        local http = require "moonbeam.http"
+        local server = assert(http.listen("127.0.0.1", 0, function(req, res)
+          if req.path == "/hog" then
+            mb.spawn(function()
+              mb.sleep(20)
+              local u = newproxy(true)
+              getmetatable(u).__gc = function()
+                local t = os.clock()
+                while os.clock() - t < 0.6 do end
+              end
+              u = nil
+              collectgarbage()
+            end)
+          end
+          res:send("ok " .. req.path)
+        end, { hibernate_after = 0, idle_timeout = 300 }))
+        local f = assert(io.open(]] .. string.format("%q", dir .. "/port") .. [[, "w"))
+        f:write(server:port())
+        f:close()
+        mb.receive(15000)
+        os.exit(0)
+      ]], dir)
+      S.sh(S.q(S.bin) .. " --schedulers 1 " .. S.q(script) .. " >" .. S.q(dir .. "/out") ..
+           " 2>&1 & echo $! >" .. S.q(dir .. "/pid"))
+      local p
+      assert.is_true(S.eventually(function()
+        local f = io.open(dir .. "/port")
+        p = f and tonumber(f:read("*a"))
+        if f then f:close() end
+        return p ~= nil
+      end))
+      local a = raw(p)
+      assert(a:write(get("/x")))
+      assert.are.equal("ok /x", read_response(a).body)
+      mb.sleep(50)                      -- A hibernates (hibernate_after = 0)
+      local b = raw(p)
+      assert(b:write(get("/hog")))
+      assert.are.equal("ok /hog", read_response(b).body)
+      mb.sleep(80)                      -- the hog holds the server's scheduler
+      assert(a:write(get("/y")))
+      local ok, r = pcall(read_response, a)
+      a:close()
+      b:close()
+      os.execute("kill $(cat " .. S.q(dir .. "/pid") .. ") 2>/dev/null")
+      local f = io.open(dir .. "/out")
+      local log = f and f:read("*a") or ""
+      if f then f:close() end
+      assert.is_true(ok, tostring(r) .. "\n" .. log)
+      assert.are.equal("ok /y", r.body)
+    end)
+
     it("ends a hibernated connection whose client closes", function()
       start(told, { hibernate_after = 0 })
       local sock = raw(port)

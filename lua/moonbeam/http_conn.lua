@@ -267,11 +267,13 @@ local function read_head(c, first, ready)
       kind, a, b, more, method, url, path, query, version, keep, upgrade = p_next(parser)
     else
       local left = deadline - now
-      if left <= 0 then return nil, begun and 408 or "idle" end
       local data, err
       if c.pending then
-        -- Bytes that woke a hibernated connection.
+        -- Bytes that woke a hibernated connection (they came in time,
+        -- though the loop may have read them after the deadline).
         data, c.pending = c.pending, false
+      elseif left <= 0 then
+        return nil, begun and 408 or "idle"
       elseif begun then
         data, err = s_read(sock, ceil(left))
       else

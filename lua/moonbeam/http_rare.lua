@@ -461,10 +461,17 @@ end
 function wake(st)
   local m = mb.receive(idle_match(st.sock, st.acceptor))
   if m.tag == "$http_idle" then
-    st.sock:close()   -- idle_timeout: closed quietly
-    return
+    -- A loop that ran late fires its timers before it reads: bytes that
+    -- came before the deadline are read in the same turn, their message
+    -- is here already, and they are a request in time.
+    m = mb.receive(idle_match(st.sock, st.acceptor), 0)
+    if not m then
+      st.sock:close()   -- idle_timeout: closed quietly
+      return
+    end
+  else
+    cancel_idle(st.timer)
   end
-  cancel_idle(st.timer)
   local data = from_message(st.sock, m)
   if not data then
     st.sock:close()
