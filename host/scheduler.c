@@ -542,8 +542,7 @@ static void *ticker_main(void *arg)
 /* -- The scheduler thread ------------------------------------------------- */
 
 static void migrate(mb_sched_t *s);
-
-static void wake(mb_sched_t *s);
+static atomic_int collect_busy;   /* a scheduler is collecting */
 
 /* Give back s's free heap pages. A collection walks every page of the
  * thread's heaps (their blocks freed by other threads among them): with
@@ -557,9 +556,8 @@ static void wake(mb_sched_t *s);
  * Returns whether it collected. */
 static int collect(mb_sched_t *s)
 {
-  static atomic_int busy;
   int expected = 0;
-  if (!atomic_compare_exchange_strong(&busy, &expected, 1))
+  if (!atomic_compare_exchange_strong(&collect_busy, &expected, 1))
     return 0;
   atomic_store(&s->collecting, 1);
   migrate(s);
@@ -568,7 +566,7 @@ static int collect(mb_sched_t *s)
   mb_alloc_collect();
   atomic_store(&s->collect_asked, 0);
   atomic_store(&s->collecting, 0);
-  atomic_store(&busy, 0);
+  atomic_store(&collect_busy, 0);
   for (int i = 0; i < nscheds; i++)
     if (&scheds[i] != s && atomic_load(&scheds[i].collect_asked))
       wake(&scheds[i]);
@@ -628,10 +626,12 @@ static void *sched_main(void *arg)
     now = 0;
     if (atomic_load_explicit(&s->collect_asked, memory_order_relaxed) && collect(s))
       continue;
-    /* Idle: announce it, look once more (a push may have raced the
-     * announcement), then sleep in the loop until woken. */
+    /* Idle: announce it, look once more (a push, or the end of another's
+     * collection, may have raced the announcement), then sleep in the
+     * loop until woken. */
     atomic_store(&s->sleeping, 1);
-    if (anyone_has_work() || mb_sched_halting()) {
+    if (anyone_has_work() || mb_sched_halting() ||
+        (atomic_load(&s->collect_asked) && !atomic_load(&collect_busy))) {
       atomic_store(&s->sleeping, 0);
       continue;
     }
