@@ -56,7 +56,9 @@ static void grow(void)
   nbuckets = n;
 }
 
-mb_code_t *mb_code_intern(const void *bytes, size_t len)
+/* The code object holding exactly these bytes, with a reference for the
+ * caller: the existing one, or a new one. NULL when memory runs out. */
+static mb_code_t *intern(const void *bytes, size_t len)
 {
   uint64_t h = hash_bytes(bytes, len);
   pthread_mutex_lock(&lock);
@@ -93,13 +95,57 @@ mb_code_t *mb_code_intern(const void *bytes, size_t len)
   return c;
 }
 
-mb_code_t *mb_code_intern_dump(const void *dump, size_t len)
+/* lua_dump writes here; one buffer per thread, kept between dumps and
+ * freed when the thread ends (a key's destructor). */
+static _Thread_local struct {
+  unsigned char *p;
+  size_t len, cap;
+} scratch;
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+
+static void scratch_free(void *p)
 {
+  free(p);
+}
+
+static void scratch_key_init(void)
+{
+  pthread_key_create(&scratch_key, scratch_free);
+}
+
+static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud)
+{
+  (void)L;
+  (void)ud;
+  if (scratch.cap - scratch.len < sz) {
+    size_t cap = scratch.cap * 2 > scratch.len + sz ? scratch.cap * 2
+                                                    : scratch.len + sz + 256;
+    unsigned char *np = realloc(scratch.p, cap);
+    if (np == NULL)
+      return 1;
+    pthread_once(&scratch_once, scratch_key_init);
+    pthread_setspecific(scratch_key, np);
+    scratch.p = np;
+    scratch.cap = cap;
+  }
+  memcpy(scratch.p + scratch.len, p, sz);
+  scratch.len += sz;
+  return 0;
+}
+
+int mb_code_dump(lua_State *L, mb_code_t **c)
+{
+  scratch.len = 0;
+  *c = NULL;
+  int st = lua_dump(L, dump_writer, NULL);
+  if (st != 0)
+    return st;
   size_t n;
-  unsigned char *fixed = mb_bcdump_presize(dump, len, &n);
-  mb_code_t *c = fixed ? mb_code_intern(fixed, n) : mb_code_intern(dump, len);
+  unsigned char *fixed = mb_bcdump_presize(scratch.p, scratch.len, &n);
+  *c = fixed ? intern(fixed, n) : intern(scratch.p, scratch.len);
   free(fixed);
-  return c;
+  return 0;
 }
 
 uint64_t mb_code_serial(const mb_code_t *c)

@@ -5,9 +5,10 @@
  * function crosses between processes (spawn, a message, a hibernated
  * process's continuation) its bytecode travels as a reference to one code
  * object, not as a copy. Code objects are interned by content (the
- * bytecode, debug info included, as lua_dump writes it): two million
- * processes hibernated in the same loop function hold one copy of it, and
- * spawning the same function again finds the copy already there.
+ * bytecode, debug info included, as lua_dump writes it, its templates
+ * repaired: mb_code_dump): two million processes hibernated in the same
+ * loop function hold one copy of it, and spawning the same function again
+ * finds the copy already there.
  *
  * A code object is reference counted: a message that carries a function
  * holds a reference until it is freed (msg.h), a Lua state that dumped or
@@ -24,15 +25,19 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "lua.h"
+
 typedef struct mb_code mb_code_t;
 
-/* The code object holding exactly these bytes, with a reference for the
- * caller: the existing one, or a new one. NULL when memory runs out. */
-mb_code_t *mb_code_intern(const void *bytes, size_t len);
-/* The same for what lua_dump wrote: its table templates repaired first
+/* The code object of the Lua function on top of L's stack (left there):
+ * its lua_dump, with the table templates the dump leaves short repaired
  * (bcdump.h), so that code loaded from it builds tables as fast as code
- * compiled from source. */
-mb_code_t *mb_code_intern_dump(const void *dump, size_t len);
+ * compiled from source. Returns lua_dump's status (LUA_ERRMEM: L's
+ * allocator refused); on 0, *c is the code object with a reference for
+ * the caller, or NULL when memory ran out. The dump is written in a buffer
+ * of the thread's, kept for its next dump. */
+int mb_code_dump(lua_State *L, mb_code_t **c);
+
 void mb_code_ref(mb_code_t *c);
 void mb_code_unref(mb_code_t *c);
 

@@ -138,26 +138,6 @@ static _Thread_local struct {
   uint32_t ncode;
 } inflight;
 
-/* lua_dump writes a function's bytecode here before it is interned; one
- * buffer per thread, kept between encodes and freed when the thread ends
- * (a key's destructor). */
-static _Thread_local struct {
-  unsigned char *p;
-  size_t len, cap;
-} scratch;
-static pthread_key_t scratch_key;
-static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
-
-static void scratch_free(void *p)
-{
-  free(p);
-}
-
-static void scratch_key_init(void)
-{
-  pthread_key_create(&scratch_key, scratch_free);
-}
-
 /* -- Error text ---------------------------------------------------------- */
 
 /* A bounded string builder over the caller's err buffer. */
@@ -766,26 +746,6 @@ static int enc_cfunction(enc_t *e, int idx)
   return r < 0 ? -1 : 0;
 }
 
-static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud)
-{
-  (void)L;
-  (void)ud;
-  if (scratch.cap - scratch.len < sz) {
-    size_t cap = scratch.cap * 2 > scratch.len + sz ? scratch.cap * 2
-                                                    : scratch.len + sz + 256;
-    unsigned char *np = realloc(scratch.p, cap);
-    if (np == NULL)
-      return 1;
-    pthread_once(&scratch_once, scratch_key_init);
-    pthread_setspecific(scratch_key, np);
-    scratch.p = np;
-    scratch.cap = cap;
-  }
-  memcpy(scratch.p + scratch.len, p, sz);
-  scratch.len += sz;
-  return 0;
-}
-
 /* Keep c (a reference the caller passes on) in the message's code list;
  * returns its index, or -1. */
 static int add_code(enc_t *e, mb_code_t *c)
@@ -833,15 +793,11 @@ static int enc_function(enc_t *e, int idx)
   int dumped = c == NULL;
   if (dumped) {
     lua_pushvalue(L, idx);
-    scratch.len = 0;
-    int st = lua_dump(L, dump_writer, NULL);
+    int st = mb_code_dump(L, &c);
     lua_pop(L, 1);
     if (st == LUA_ERRMEM)
       return fail(e, "cannot send a function: out of memory (the sender is at its max_memory)");
-    if (st != 0)
-      return fail(e, "cannot send a function: out of memory");
-    c = mb_code_intern_dump(scratch.p, scratch.len);
-    if (c == NULL)
+    if (st != 0 || c == NULL)
       return fail(e, "cannot send a function: out of memory");
   }
   int ci = add_code(e, c);   /* the message's reference, held from here */

@@ -189,9 +189,8 @@ void mb_sock_run(mb_sock_t *s, void (*fn)(mb_sock_t *s, void *arg), void *arg);
 /* Write what the socket takes at once of the nb buffers b, in order and in
  * one system call, without copying, when nothing is queued or in flight (so
  * the order of bytes holds), from any scheduler thread (the caller is the
- * owner, the only writer):
- * returns the bytes written (0: none, or not possible now) or a libuv
- * error. Raw TCP only. */
+ * owner, the only writer): returns the bytes written (0: none, or not
+ * possible now) or a libuv error. Raw TCP only. */
 long mb_sock_write_now(mb_sock_t *s, const uv_buf_t *b, unsigned nb);
 
 /* Loop-side commands for mb_sock_run. */

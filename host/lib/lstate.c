@@ -14,7 +14,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "bcdump.h"
 #include "code.h"
 #include "copy.h"
 #include "lauxlib.h"
@@ -517,38 +516,22 @@ static const char restore_src[] =
   "end\n";
 static mb_lstate_chunk_t restore_chunk = MB_LSTATE_CHUNK(restore_src, "=base");
 
-static int chunk_writer(lua_State *L, const void *b, size_t n, void *ud)
-{
-  mb_lstate_chunk_t *c = ud;
-  (void)L;
-  c->bc = mb_realloc(c->bc, c->len + n);
-  memcpy(c->bc + c->len, b, n);
-  c->len += n;
-  return 0;
-}
-
 void mb_lstate_run_chunk(lua_State *L, mb_lstate_chunk_t *c, int env)
 {
   pthread_mutex_lock(&c->lock);
-  if (c->bc == NULL) {
+  if (c->code == NULL) {
     lua_State *S = mb_must(luaL_newstate());
     if (luaL_loadbuffer(S, c->src, c->srclen, c->name) != 0 ||
-        lua_dump(S, chunk_writer, c) != 0 || c->len == 0) {
+        mb_code_dump(S, &c->code) != 0 || c->code == NULL) {
       fprintf(stderr, "moonbeam: cannot compile %s\n", c->name + 1);
       abort();
     }
     lua_close(S);
-    size_t n;
-    unsigned char *fixed = mb_bcdump_presize((const unsigned char *)c->bc, c->len, &n);
-    if (fixed) {   /* its constructors presized as from source (bcdump.h) */
-      c->bc = mb_realloc(c->bc, n);
-      memcpy(c->bc, fixed, n);
-      c->len = n;
-      free(fixed);
-    }
   }
   pthread_mutex_unlock(&c->lock);
-  if (luaL_loadbuffer(L, c->bc, c->len, c->name) != 0)
+  size_t len;
+  const unsigned char *bc = mb_code_bytes(c->code, &len);
+  if (luaL_loadbuffer(L, (const char *)bc, len, c->name) != 0)
     lua_error(L);   /* out of memory */
   lua_pushvalue(L, env);
   lua_setfenv(L, -2);

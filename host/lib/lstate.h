@@ -43,6 +43,7 @@
 
 #include <pthread.h>
 
+#include "code.h"
 #include "proc.h"
 
 /* Once, before the schedulers start (and after mb_lstate_noenv and
@@ -93,10 +94,9 @@ typedef struct mb_lstate_chunk {
   size_t srclen;
   const char *name;
   pthread_mutex_t lock;
-  char *bc;                  /* its bytecode, once made */
-  size_t len;
+  mb_code_t *code;           /* its bytecode, once made (held for the host's life) */
 } mb_lstate_chunk_t;
-#define MB_LSTATE_CHUNK(src, name) { src, sizeof src - 1, name, PTHREAD_MUTEX_INITIALIZER, NULL, 0 }
+#define MB_LSTATE_CHUNK(src, name) { src, sizeof src - 1, name, PTHREAD_MUTEX_INITIALIZER, NULL }
 
 /* Push what chunk c returns when run with the table at env (an absolute or
  * pseudo index, not a relative one) as its environment. May raise (out of

@@ -113,28 +113,6 @@ static void store(const char *path, const struct stat *st, mb_code_t *code)
   pthread_mutex_unlock(&lock);
 }
 
-typedef struct {
-  unsigned char *p;
-  size_t len, cap;
-} dumpbuf_t;
-
-static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud)
-{
-  (void)L;
-  dumpbuf_t *d = ud;
-  if (d->cap - d->len < sz) {
-    size_t cap = d->cap * 2 > d->len + sz ? d->cap * 2 : d->len + sz + 4096;
-    unsigned char *np = realloc(d->p, cap);
-    if (np == NULL)
-      return 1;
-    d->p = np;
-    d->cap = cap;
-  }
-  memcpy(d->p + d->len, p, sz);
-  d->len += sz;
-  return 0;
-}
-
 /* Read and compile path from source, push the chunk and cache its dump.
  * Returns 0, or an error with its message pushed. */
 static int compile(lua_State *L, const char *path)
@@ -176,13 +154,9 @@ static int compile(lua_State *L, const char *path)
     return rc;
   /* The first process to require the module runs it as compiled from
    * source; the cache keeps its dump for the others. */
-  dumpbuf_t d = {NULL, 0, 0};
-  if (lua_dump(L, dump_writer, &d) == 0) {
-    mb_code_t *code = mb_code_intern_dump(d.p, d.len);
-    if (code)
-      store(path, &st, code);
-  }
-  free(d.p);
+  mb_code_t *code;
+  if (mb_code_dump(L, &code) == 0 && code)
+    store(path, &st, code);
   return 0;
 }
 

@@ -14,7 +14,7 @@
  * that LuaJIT's template tables use to presize constructors
  * ({a = x, b = y}), which made a constructor of 10 such fields 3.3x slower
  * in dumped code; the cache interns the dump with those keys put back
- * (code.h's mb_code_intern_dump, bcdump.h).
+ * (code.h's mb_code_dump, bcdump.h).
  *
  * Staleness: an entry is used without a look at its file for
  * MB_MODCACHE_CHECK_MS after the last check; then the file is stat'ed and
