@@ -130,6 +130,10 @@ typedef struct mb_proc {
   uint8_t alone;             /* computes, alone on its scheduler (run.c) */
   atomic_uchar preempt;      /* the ticker asked it to yield (run.c) */
   uint8_t nfncodes, fncode_next;   /* fncodes in use; the next one to replace */
+  /* Its send_after timers not yet delivered or cancelled (stays at 255
+   * once there), and the scheduler that holds them (id + 1): timer.c. */
+  atomic_uchar timers_pending;
+  uint16_t timers_sched;
   struct mb_io_req *io_done; /* the finished operation of an MB_WAIT_IO */
   mb_msg_t *in_head, **in_tail;
   mb_linkset_t links;        /* pids linked to this process */

@@ -292,6 +292,8 @@ mb_sched_t *mb_sched_pick(void)
   return &scheds[atomic_fetch_add_explicit(&next, 1, memory_order_relaxed) % nscheds];
 }
 uv_loop_t *mb_sched_loop(mb_sched_t *s) { return &s->loop; }
+int mb_sched_id(const mb_sched_t *s) { return s->id; }
+mb_sched_t *mb_sched_by_id(int id) { return &scheds[id]; }
 
 /* -- Preemption: the ticker ------------------------------------------------
  * Most slices are short (a message handled, a request answered): their

@@ -159,6 +159,9 @@ int mb_sched_halting(void);
 /* The calling thread's scheduler, or NULL on other threads. */
 mb_sched_t *mb_sched_self(void);
 uv_loop_t *mb_sched_loop(mb_sched_t *s);
+/* A scheduler's number, 0 .. schedulers - 1, and back. */
+int mb_sched_id(const mb_sched_t *s);
+mb_sched_t *mb_sched_by_id(int id);
 /* The schedulers in turn (round robin), to spread work such as sockets
  * over the loops. Any thread. */
 mb_sched_t *mb_sched_pick(void);

@@ -5,8 +5,9 @@
  * duration list: each scheduler keeps, for every whole-ms duration in use,
  * one circular doubly linked list of the entries started on it with that
  * duration, in start order. The clock only goes forward, so start order is
- * due order and the head is always the next due. Each list owns one libuv
- * timer, armed for its head's deadline:
+ * due order and the head is always the next due (a start posted from
+ * another scheduler, below, is inserted in due order). Each list owns one
+ * libuv timer, armed for its head's deadline:
  *  - start appends (O(1)) and arms the list's timer only when it was idle;
  *  - cancel unlinks (O(1)) and never touches the libuv timer, even for the
  *    head: when the timer fires it delivers the entries that are due, from
@@ -29,6 +30,20 @@
  * armed with timeout 0, which delivers all its entries at the next loop
  * iteration.
  *
+ * A process's timers stay on one scheduler while any of them is pending:
+ * it moves between schedulers (a message from a process on another one
+ * wakes it there), and two loops fire independently, so two of its timers
+ * due in the same whole ms on two schedulers could deliver in either
+ * order. The process record counts its pending timers and names the
+ * scheduler holding them; a start made elsewhere meanwhile is posted to
+ * that scheduler (mb_sched_post), which inserts the entry by due time
+ * (the only case where a list is not appended to). Once the count is
+ * back to 0 - it drops after the delivery - the next timer goes on the
+ * scheduler it is started on. A start that the owner has not yet linked
+ * can be cancelled on the owner's own thread: the entry is then marked
+ * and freed by the posted start. A count of 255 stays: such a process
+ * keeps its timers on one scheduler for good.
+ *
  * Idle lists stay, with their libuv timer stopped (an inactive handle keeps
  * no loop alive), for the next timer of that duration; a scheduler keeps at
  * most MB_TIMER_IDLE_LISTS of them and closes the one idle longest beyond
@@ -47,9 +62,11 @@
  * at shutdown, the clearing of the id table (the closed lists detach their
  * entries first).
  */
+#include <limits.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include <uv.h>
 
@@ -231,13 +248,20 @@ typedef struct link {
 } link_t;
 
 typedef struct send_timer {
-  link_t link;             /* first: in its duration list, start order */
+  link_t link;             /* first: in its duration list, due order */
   mb_sched_t *owner;       /* the scheduler whose list holds it */
   uint64_t id;             /* its id in `timers` */
   mb_pid_t dest;
+  mb_pid_t from;           /* the process that started it */
   mb_msg_t *msg;           /* taken by the delivery */
   double due;              /* mb_timer_now() when it is due */
+  uint64_t ms;             /* its duration, whole ms: its list */
+  uint8_t posted;          /* POSTED: its start is in the owner's command
+                              queue; CANCELLED_POSTED: and it was cancelled
+                              on the owner's thread meanwhile */
 } send_timer_t;
+
+enum { POSTED = 1, CANCELLED_POSTED = 2 };
 
 typedef struct send_table send_table_t;
 
@@ -353,6 +377,22 @@ static void list_arm(send_list_t *l, send_timer_t *e)
   uv_timer_start(&l->handle, on_list_timer, l->deadline - now, 0);
 }
 
+/* One of p's timers was delivered or cancelled. Once none is left, its
+ * next timer may go on any scheduler: the count drops after the delivery. */
+static void pending_done(mb_pid_t from)
+{
+  mb_proc_t *p = mb_proc_get(from);
+  if (p == NULL)
+    return;
+  unsigned char n = atomic_load_explicit(&p->timers_pending, memory_order_relaxed);
+  while (n != 0 && n != UCHAR_MAX &&
+         !atomic_compare_exchange_weak_explicit(&p->timers_pending, &n, n - 1,
+                                                memory_order_release,
+                                                memory_order_relaxed))
+    ;
+  mb_proc_unref(p);
+}
+
 static void on_list_timer(uv_timer_t *h)
 {
   send_list_t *l = (send_list_t *)((char *)h - offsetof(send_list_t, handle));
@@ -367,6 +407,7 @@ static void on_list_timer(uv_timer_t *h)
       mb_msg_t *m = e->msg;
       e->msg = NULL;
       mb_proc_send(e->dest, m);
+      pending_done(e->from);
       send_timer_free(e);
     }
     /* Else a cancel on another thread won: its posted command frees e. */
@@ -424,7 +465,44 @@ static send_list_t *list_for(send_table_t *t, mb_sched_t *s, uint64_t ms)
   return l;
 }
 
-uint64_t mb_timer_send_after(double ms, mb_pid_t dest, mb_msg_t *msg)
+/* Put e in its duration list of t, the calling scheduler s's table. */
+static void list_insert(send_table_t *t, mb_sched_t *s, uint64_t whole,
+                        send_timer_t *e)
+{
+  send_list_t *l = list_for(t, s, whole);
+  if (l->idle.next) {
+    link_remove(&l->idle);
+    l->table->nidle--;
+  }
+  /* A timer started here is due last; one whose start was posted here
+   * (see DESIGN) may be due before some. */
+  link_t *at = &l->entries;
+  while (at->prev != &l->entries && ((send_timer_t *)at->prev)->due > e->due)
+    at = at->prev;
+  link_append(at, &e->link);
+  /* A list with entries is armed; one whose entries were all cancelled
+   * may still be armed for an earlier deadline, and fires then. A posted
+   * start may have become the head, due before the armed deadline. */
+  if (!uv_is_active((uv_handle_t *)&l->handle) ||
+      (l->entries.next == &e->link && l->ms != 0 && ceil_ms(e->due) < l->deadline))
+    list_arm(l, e);
+}
+
+/* On the owner's thread: a start made on another scheduler (see DESIGN).
+ * At shutdown this runs on the main thread, which has no table: the entry
+ * stays in `timers`, which frees it. */
+static void start_posted(void *arg)
+{
+  send_timer_t *e = arg;
+  int cancelled = e->posted == CANCELLED_POSTED;
+  e->posted = 0;
+  if (cancelled)
+    send_timer_free(e);
+  else if (mine)
+    list_insert(mine, e->owner, e->ms, e);
+}
+
+uint64_t mb_timer_send_after(mb_proc_t *p, double ms, mb_pid_t dest, mb_msg_t *msg)
 {
   mb_sched_t *s = mb_sched_self();
   MB_ASSERT(s != NULL);
@@ -441,27 +519,39 @@ uint64_t mb_timer_send_after(double ms, mb_pid_t dest, mb_msg_t *msg)
   } else {
     e = mb_malloc(sizeof *e);
   }
-  e->owner = s;
+  /* p's timers stay on one scheduler while any is pending (see DESIGN). */
+  mb_sched_t *owner = s;
+  unsigned char n = atomic_load_explicit(&p->timers_pending, memory_order_acquire);
+  if (n == 0) {
+    int id = mb_sched_id(s);
+    p->timers_sched = id < UINT16_MAX ? (uint16_t)(id + 1) : 0;
+  } else if (p->timers_sched != 0) {
+    owner = mb_sched_by_id(p->timers_sched - 1);
+  }
+  while (n != UCHAR_MAX &&
+         !atomic_compare_exchange_weak_explicit(&p->timers_pending, &n, n + 1,
+                                                memory_order_relaxed,
+                                                memory_order_relaxed))
+    ;
+  e->owner = owner;
   e->dest = dest;
+  e->from = p->pid;
   e->msg = msg;
   e->due = mb_timer_now() + (double)whole;
+  e->ms = whole;
+  e->posted = owner != s ? POSTED : 0;
   /* No other thread knows the id before we return, so it may be
    * published before the entry is linked. */
   e->id = mb_idtab_add(&timers, e);
   if (e->id == 0) {
+    pending_done(p->pid);
     send_timer_free(e);
     return 0;
   }
-  send_list_t *l = list_for(t, s, whole);
-  if (l->idle.next) {
-    link_remove(&l->idle);
-    l->table->nidle--;
-  }
-  link_append(&l->entries, &e->link);
-  /* A list with entries is armed; one whose entries were all cancelled
-   * may still be armed for an earlier deadline, and fires then. */
-  if (!uv_is_active((uv_handle_t *)&l->handle))
-    list_arm(l, e);
+  if (owner == s)
+    list_insert(t, s, whole, e);
+  else
+    mb_sched_post(owner, start_posted, e);
   return e->id;
 }
 
@@ -481,7 +571,12 @@ int mb_timer_cancel(uint64_t id, double *left_ms)
     return 0;
   double left = e->due - mb_timer_now();
   *left_ms = left > 0 ? left : 0;
+  pending_done(e->from);
   if (mb_sched_self() == e->owner) {
+    if (e->posted) {         /* its start_posted comes later, and frees it */
+      e->posted = CANCELLED_POSTED;
+      return 1;
+    }
     if (e->link.next)        /* not detached by a shutdown */
       link_remove(&e->link);
     send_timer_free(e);

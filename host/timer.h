@@ -47,10 +47,12 @@ mb_timer_t *mb_timer_wait(struct mb_proc *p, double ms);
 /* Stop and release a wait timer (it may have fired). Any thread. */
 void mb_timer_wait_done(mb_timer_t *t);
 
-/* Deliver msg (taken) to dest after ms; returns the timer's id, or 0 when
- * the timer table is full (msg is then freed). Timers of the same duration
- * started on one scheduler deliver in start order. Scheduler thread. */
-uint64_t mb_timer_send_after(double ms, mb_pid_t dest, mb_msg_t *msg);
+/* Deliver msg (taken) to dest after ms, for p, the calling process;
+ * returns the timer's id, or 0 when the timer table is full (msg is then
+ * freed). A process's timers deliver in the order of their deadlines in
+ * whole ms, those of one duration in start order. Scheduler thread. */
+uint64_t mb_timer_send_after(struct mb_proc *p, double ms, mb_pid_t dest,
+                             mb_msg_t *msg);
 /* Cancel the timer id: returns 1 and the ms that were left if it had not
  * fired yet (its message is freed: at once on the timer's own scheduler,
  * else soon on it), else 0. Any thread. */

@@ -162,6 +162,38 @@ describe("timers", function()
       assert.is_nil(mb.receive(30))
     end)
 
+    -- A process moves between schedulers (preempted, then taken by the
+    -- other one); its timers stay on the scheduler that holds its pending
+    -- ones, so two due in the same ms cannot race on two loops. Bursts of
+    -- 5 ms beside a process that wakes every ms make the moves likely; in
+    -- every other burst each third timer is cancelled at once, sometimes
+    -- before the scheduler holding it has linked it.
+    it("started while the process moves between schedulers, fire in start order", function()
+      local waker = mb.spawn(function()
+        while not mb.receive(0) do
+          mb.sleep(1)
+          for _ = 1, 20000 do end
+        end
+      end)
+      finally(function() mb.send(waker, "stop") end)
+      for round = 1, 40 do
+        local n, kept, t0 = 0, {}, mb.now()
+        while mb.now() - t0 < 5 and n < 20000 do
+          n = n + 1
+          local t = mb.send_after(20, mb.self(), n)
+          if round % 2 == 0 and n % 3 == 0 then
+            assert.is_number(mb.cancel_timer(t))
+          else
+            kept[#kept + 1] = n
+          end
+        end
+        for _, want in ipairs(kept) do
+          assert.are.equal(want, S.recv(function(m) return type(m) == "number" end))
+        end
+      end
+      assert.is_nil(mb.receive(30))
+    end)
+
     it("cancelling the head, the middle or the tail stops only that one", function()
       local t = {}
       for i = 1, 5 do t[i] = mb.send_after(200, mb.self(), i) end

@@ -582,8 +582,9 @@ static int l_send_after(lua_State *L)
     return luaL_error(L, "send_after: nil is not a valid message");
   mb_msg_t *m = encode_or_raise(L, 3, "send_after", "msg");
   m->kind = MB_MSG_USER;
-  m->from = mb_lib_self(L)->pid;
-  uint64_t id = mb_timer_send_after(ms, dest, m);
+  mb_proc_t *self = mb_lib_self(L);
+  m->from = self->pid;
+  uint64_t id = mb_timer_send_after(self, ms, dest, m);
   if (id == 0)
     return luaL_error(L, "send_after: %s", mb_strerror(MB_ETOOMANY));
   mb_id_push(L, id, &timer_kind);
