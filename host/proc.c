@@ -428,6 +428,90 @@ static int linkset_has(const mb_linkset_t *s, mb_pid_t pid)
   return 0;
 }
 
+/* -- The monitors a process holds (owner-only) ----------------------------
+ *
+ * p->monitoring is a hash of {target, ref} by ref (linear probing, at most
+ * half full; an empty slot has ref 0), not a list: every DOWN that reaches
+ * the process takes its monitor out (mb_proc_drain), so the set holds only
+ * live monitors - a process that monitors many short-lived ones would
+ * otherwise keep them all - and a DOWN whose monitor is gone (demonitored
+ * while the target was already sending it) is dropped, as Erlang promises:
+ * after demonitor returns, no DOWN for its ref comes. */
+
+static uint32_t mon_home(mb_ref_t ref, uint32_t mask)
+{
+  return (uint32_t)((ref * 0x9E3779B97F4A7C15ull) >> 32) & mask;
+}
+
+static void monset_put(mb_linkset_t *s, mb_pid_t pid, mb_ref_t ref)
+{
+  uint32_t mask = s->cap - 1, i = mon_home(ref, mask);
+  while (s->v[i].ref)
+    i = (i + 1) & mask;
+  s->v[i].pid = pid;
+  s->v[i].ref = ref;
+  s->n++;
+}
+
+static void monset_resize(mb_linkset_t *s, uint32_t cap)
+{
+  mb_linkset_t old = *s;
+  s->v = mb_calloc(cap, sizeof *s->v);
+  s->cap = cap;
+  s->n = 0;
+  for (uint32_t i = 0; i < old.cap; i++)
+    if (old.v[i].ref)
+      monset_put(s, old.v[i].pid, old.v[i].ref);
+  mb_free(old.v);
+}
+
+static void monset_add(mb_linkset_t *s, mb_pid_t pid, mb_ref_t ref)
+{
+  if (2 * (s->n + 1) > s->cap)
+    monset_resize(s, s->cap ? 2 * s->cap : 4);
+  monset_put(s, pid, ref);
+}
+
+/* Take ref's monitor out; returns 1 and its target in *pid if it was there.
+ * The slots after it that probed past it move back (no tombstones). */
+static int monset_take(mb_linkset_t *s, mb_ref_t ref, mb_pid_t *pid)
+{
+  if (s->n == 0)
+    return 0;
+  uint32_t mask = s->cap - 1, i = mon_home(ref, mask);
+  while (s->v[i].ref != ref) {
+    if (s->v[i].ref == 0)
+      return 0;
+    i = (i + 1) & mask;
+  }
+  *pid = s->v[i].pid;
+  for (uint32_t j = i;;) {
+    j = (j + 1) & mask;
+    if (s->v[j].ref == 0)
+      break;
+    uint32_t k = mon_home(s->v[j].ref, mask);
+    /* j stays if its home is cyclically in (i, j] */
+    if (i <= j ? (i < k && k <= j) : (i < k || k <= j))
+      continue;
+    s->v[i] = s->v[j];
+    i = j;
+  }
+  s->v[i].ref = 0;
+  s->v[i].pid = 0;
+  s->n--;
+  if (s->cap > 16 && 8 * s->n < s->cap)
+    monset_resize(s, s->cap / 2);
+  return 1;
+}
+
+/* A DOWN for p came out of its inbox: take its monitor out. Returns 0 when
+ * it had none (the DOWN must then be dropped). */
+static int monitor_fired(mb_proc_t *p, mb_ref_t ref)
+{
+  mb_pid_t target;
+  return monset_take(&p->monitoring, ref, &target);
+}
+
 /* -- Aliases (owner-only) ------------------------------------------------ */
 
 void mb_proc_alias(mb_proc_t *p, mb_ref_t ref)
@@ -476,6 +560,7 @@ int mb_proc_drain(mb_proc_t *p)
 {
   MB_ASSERT_OWNER(p);
   mb_proc_lock(p);
+  mb_msg_t **fresh = p->q_tail;
   if (p->in_head) {
     *p->q_tail = p->in_head;
     p->q_tail = p->in_tail;
@@ -485,6 +570,15 @@ int mb_proc_drain(mb_proc_t *p)
   p->woken = 0;
   p->timed_out = p->expired;
   mb_proc_unlock(p);
+  /* The messages just moved: a DOWN takes its monitor out, or is dropped
+   * if the monitor is gone (see "The monitors a process holds"). */
+  for (mb_msg_t **pm = fresh; *pm; ) {
+    mb_msg_t *m = *pm;
+    if (m->kind == MB_MSG_DOWN && !monitor_fired(p, m->ref))
+      mb_msg_free(mb_proc_take_msg(p, pm));
+    else
+      pm = &m->next;
+  }
   if (atomic_load(&p->nsignals) == 0)
     return p->exit_reason != NULL;
   /* Walk the private queue for signals, in order with the messages. */
@@ -574,11 +668,11 @@ static mb_msg_t *down_msg(mb_pid_t from, mb_ref_t ref, mb_msg_t *reason);
 
 static mb_ref_t remote_monitor(mb_proc_t *self, mb_pid_t pid, mb_ref_t ref)
 {
+  monset_add(&self->monitoring, pid, ref);
   if (mb_proc_remote_monitor == NULL) {
     mb_proc_push(self, down_msg(pid, ref, host_reason("noproc")));
     return ref;
   }
-  linkset_add(&self->monitoring, pid, ref);
   mb_proc_remote_monitor(self->pid, pid, ref, 1);
   return ref;
 }
@@ -717,9 +811,8 @@ mb_ref_t mb_proc_monitor(mb_proc_t *self, mb_pid_t pid)
     mb_proc_unlock(t);
     mb_proc_unref(t);
   }
-  if (ok)
-    linkset_add(&self->monitoring, pid, ref);
-  else
+  monset_add(&self->monitoring, pid, ref);
+  if (!ok)
     mb_proc_push(self, down_msg(pid, ref, host_reason("noproc")));
   return ref;
 }
@@ -727,11 +820,8 @@ mb_ref_t mb_proc_monitor(mb_proc_t *self, mb_pid_t pid)
 int mb_proc_demonitor(mb_proc_t *self, mb_ref_t ref)
 {
   MB_ASSERT_OWNER(self);
-  mb_pid_t target = 0;
-  for (uint32_t i = 0; i < self->monitoring.n; i++)
-    if (self->monitoring.v[i].ref == ref)
-      target = self->monitoring.v[i].pid;
-  if (!linkset_del(&self->monitoring, 0, ref))
+  mb_pid_t target;
+  if (!monset_take(&self->monitoring, ref, &target))
     return 0;
   if (mb_id_is_remote(target)) {
     if (mb_proc_remote_monitor)
@@ -802,7 +892,9 @@ void mb_proc_exit(mb_proc_t *p, mb_msg_t *reason)
     mb_proc_send(watchers.v[i].pid,
                  down_msg(p->pid, watchers.v[i].ref, dup_reason(reason)));
   /* Monitors this process held die with it. */
-  for (uint32_t i = 0; i < p->monitoring.n; i++) {
+  for (uint32_t i = 0; i < p->monitoring.cap; i++) {
+    if (p->monitoring.v[i].ref == 0)
+      continue;
     if (mb_id_is_remote(p->monitoring.v[i].pid)) {
       if (mb_proc_remote_monitor)
         mb_proc_remote_monitor(p->pid, p->monitoring.v[i].pid,

@@ -147,7 +147,8 @@ typedef struct mb_proc {
   mb_msg_t *q_head, **q_tail;  /* private half of the mailbox */
   mb_msg_t **q_scan;           /* selective receive: next message to test */
   mb_msg_t *recv_bad;          /* a message whose rebuilding raised */
-  mb_linkset_t monitoring;     /* monitors this process holds: {target, ref} */
+  mb_linkset_t monitoring;     /* monitors this process holds: {target, ref},
+                                  a hash by ref (proc.c) */
   mb_linkset_t aliases;        /* active aliases: {0, ref} (see mb.alias) */
   mb_yield_t yield;            /* reason of the pending runtime yield */
   mb_wait_t pending_wait;      /* what a MB_YIELD_WAIT waits for */

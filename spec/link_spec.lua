@@ -233,10 +233,89 @@ describe("links and monitors", function()
       assert.is_nil(mb.receive(S.down_of(r1), 50))
     end)
 
-    it("is harmless after the DOWN came", function()
+    it("is harmless after the DOWN came, and says the monitor was no longer active", function()
       local _, ref = mb.spawn_monitor(function() end)
       S.await_down(ref)
-      assert.has_no.errors(function() mb.demonitor(ref) end)
+      assert.is_false(mb.demonitor(ref))
+      assert.is_false(mb.demonitor(ref, true))
+    end)
+
+    it("says whether the monitor was active", function()
+      local pid = mb.spawn(function() mb.receive(5000) end)
+      local ref = mb.monitor(pid)
+      assert.is_true(mb.demonitor(ref))
+      assert.is_false(mb.demonitor(ref))
+      mb.exit(pid, "kill")
+    end)
+
+    -- The target may be exiting on another scheduler, its DOWN already on
+    -- the way: once demonitor returned, that DOWN must not arrive (Erlang's
+    -- promise; server.call relies on it). Targets that end as soon as they
+    -- are told, demonitored right after telling them, many times.
+    it("with the target exiting meanwhile, no DOWN comes after it returned", function()
+      local refs, pids = {}, {}
+      for i = 1, 300 do
+        local pid = mb.spawn(function() mb.receive(5000) end)
+        pids[i], refs[i] = pid, mb.monitor(pid)
+      end
+      for i = 1, 300 do
+        mb.send(pids[i], "go")
+        for _ = 1, i % 50 * 100 do end   -- demonitor at varying moments
+        mb.demonitor(refs[i], true)
+      end
+      local byref = {}
+      for i = 1, 300 do byref[refs[i]] = true end
+      local late = mb.receive(function(m)
+        return type(m) == "table" and m.event == "DOWN" and byref[m.ref]
+      end, 100)
+      assert.is_nil(late, "a DOWN came after demonitor returned")
+    end)
+
+    -- The monitors a process holds are a hash by ref (host/proc.c): taking
+    -- some out in any order must leave the others' DOWNs coming.
+    it("of a random half of many monitors leaves the other half's DOWNs", function()
+      local n, pids, refs, kept = 600, {}, {}, {}
+      for i = 1, n do
+        pids[i] = mb.spawn(function() mb.receive(5000) end)
+        refs[i] = mb.monitor(pids[i])
+      end
+      math.randomseed(7)
+      local order = {}
+      for i = 1, n do order[i] = i end
+      for i = n, 2, -1 do
+        local j = math.random(i)
+        order[i], order[j] = order[j], order[i]
+      end
+      for k = 1, n do
+        local i = order[k]
+        if k % 2 == 0 then
+          assert.is_true(mb.demonitor(refs[i]))
+        else
+          kept[refs[i]] = true
+        end
+      end
+      for i = 1, n do mb.send(pids[i], "go") end
+      local left = n / 2
+      while left > 0 do
+        local m = S.recv(function(m) return type(m) == "table" and m.event == "DOWN" end)
+        assert.is_true(kept[m.ref], "a DOWN of a demonitored monitor came")
+        kept[m.ref] = nil
+        left = left - 1
+      end
+      assert.is_nil(next(kept))
+      assert.is_nil(mb.receive(function(m) return type(m) == "table" and m.event == "DOWN" end, 50))
+    end)
+
+    -- A DOWN takes its monitor out: a process that monitors many processes
+    -- that end holds only the live monitors.
+    it("a monitor that fired is gone: demonitor of many fired ones finds none", function()
+      local refs = {}
+      for i = 1, 2000 do
+        local _, ref = mb.spawn_monitor(function() end)
+        refs[i] = ref
+      end
+      for i = 1, 2000 do S.await_down(refs[i]) end
+      for i = 1, 2000 do assert.is_false(mb.demonitor(refs[i])) end
     end)
   end)
 
