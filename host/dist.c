@@ -367,10 +367,10 @@ void dist_conn_down(conn_t *c, const char *why)
     uv_close((uv_handle_t *)&c->tick, on_closed);
     uv_close((uv_handle_t *)&c->tcp, on_closed);
   }
+  /* (A process that unlinked meanwhile drops its signal: mb_proc_drain.) */
   for (uint32_t i = 0; i < links.n; i++)
-    if (mb_proc_unlink_remote(links.v[i].local, links.v[i].remote))
-      mb_proc_link_exit(links.v[i].local, links.v[i].remote,
-                        dist_reason_msg("noconnection"));
+    mb_proc_link_exit(links.v[i].local, links.v[i].remote,
+                      dist_reason_msg("noconnection"));
   for (uint32_t i = 0; i < out.n; i++) {
     mb_msg_t *m = dist_reason_msg("noconnection");
     m->kind = MB_MSG_DOWN;
@@ -715,7 +715,7 @@ static void hook_link(mb_pid_t self, mb_pid_t remote, int on)
 {
   uint32_t node = mb_remote_node(remote);
   if (node == 0 || node == dist_self_atom || mb_remote_name_of(remote)) {
-    if (on && mb_proc_unlink_remote(self, remote))
+    if (on)
       mb_proc_link_exit(self, remote, dist_reason_msg("noproc"));
     return;
   }

@@ -242,8 +242,9 @@ int dist_handle_frame(conn_t *c, const char *data, long len)
       pthread_mutex_lock(&dist_lock);
       dist_pairs_del(&c->links, to, from, 0, NULL);
       pthread_mutex_unlock(&dist_lock);
-      /* A link exit for a link that is gone is ignored, as in Erlang. */
-      if (mb_id_is_remote(to) || !mb_proc_unlink_remote(to, from)) {
+      /* A link exit for a link that is gone is ignored, as in Erlang: the
+       * process drops it when it takes it (mb_proc_drain). */
+      if (mb_id_is_remote(to)) {
         mb_msg_free(r);
         return cend == len ? 0 : -1;
       }

@@ -591,11 +591,17 @@ int mb_proc_drain(mb_proc_t *p)
     }
     atomic_fetch_sub(&p->nsignals, 1);
     if (m->kind == MB_MSG_EXIT && m->ref == MB_EXIT_LINK) {
-      /* The linked process died: the link is gone, whatever p does. An
-       * exit signal sent with mb.exit leaves a link as it was (Erlang). */
+      /* The linked process died: the link is gone, whatever p does. A
+       * link p took away (mb.unlink) while the signal was on its way has
+       * no effect any more: the signal is dropped (Erlang's promise). An
+       * exit signal sent with mb.exit leaves a link as it was. */
       mb_proc_lock(p);
-      linkset_del(&p->links, m->from, 0);
+      int had = linkset_del(&p->links, m->from, 0);
       mb_proc_unlock(p);
+      if (!had) {
+        mb_msg_free(mb_proc_take_msg(p, pm));
+        continue;
+      }
     }
     if (m->kind == MB_MSG_EXIT && p->trap_exit) {
       m->kind = MB_MSG_TRAPPED;  /* stays, and is received as an EXIT message */

@@ -393,8 +393,9 @@ extern void (*mb_proc_remote_alias)(mb_pid_t self, mb_ref_t ref, int on);
  * links to / unlinks from local process `local`, or monitors it (ref: the
  * remote watcher's ref) / stops. The link and watch functions return 0, or
  * MB_ENOPROC when `local` is not alive (the caller answers noproc); unlink
- * and unwatch return 1 if the link or monitor existed (a link that is gone
- * gets no exit signal: the caller checks before signalling). */
+ * and unwatch return 1 if the link or monitor existed. A link exit signal
+ * (mb_proc_link_exit) for a link the process no longer has is dropped when
+ * the process takes it (mb_proc_drain). */
 int mb_proc_link_remote(mb_pid_t local, mb_pid_t remote);
 int mb_proc_unlink_remote(mb_pid_t local, mb_pid_t remote);
 int mb_proc_watch_remote(mb_pid_t local, mb_pid_t watcher, mb_ref_t ref);

@@ -141,6 +141,41 @@ describe("links and monitors", function()
       assert.are.equal("normal", S.await_down(bref))
       assert.is_not_nil(p)
     end)
+
+    -- The linked process may be exiting on another scheduler, its exit
+    -- signal to the caller already on the way: once unlink returned, that
+    -- signal must have no effect (Erlang's promise; a trapping caller may
+    -- find an EXIT queued before the call, which it flushes). Each target
+    -- links 300 others first, so that its signal to the caller goes last
+    -- and the window is wide; the caller unlinks at varying moments.
+    for _, trap in ipairs({ false, true }) do
+      it("with the linked process exiting meanwhile, its signal has no effect after it returned"
+         .. (trap and " (trapping exits)" or ""), function()
+        local ok, r = S.probe(function()
+          mb.trap_exit(trap)
+          local me = mb.self()
+          for i = 1, 12 do
+            local t = mb.spawn(function()
+              for _ = 1, 300 do mb.link(mb.spawn(function() mb.receive(5000) end)) end
+              mb.send(me, "ready")
+              mb.receive(5000)
+              mb.exit(mb.self(), "shutdown")
+            end)
+            assert(mb.receive(function(m) return m == "ready" end, 5000))
+            mb.link(t)
+            mb.send(t, "go")
+            for _ = 1, (i - 1) * 1500 do end
+            mb.unlink(t)
+            if trap then
+              mb.receive(function(m) return type(m) == "table" and m.pid == t end, 0)
+            end
+          end
+          return mb.receive(function(m) return type(m) == "table" and m.event == "EXIT" end, 50)
+        end)
+        assert.is_true(ok, "the caller was killed: " .. tostring(r))
+        assert.is_nil(r[1], "an EXIT came after unlink returned")
+      end)
+    end
   end)
 
   describe("mb.trap_exit", function()
