@@ -202,7 +202,12 @@ void mb_sched_enqueue(mb_proc_t *p)
       s = o;
   }
   rq_push(s, p);
-  if (s != self)
+  /* A wake-up from this scheduler's own idle loop wakes it too: libuv 1.44
+   * runs the timers already due before it polls (UV_RUN_ONCE), so a timer
+   * that came due while the scheduler was busy, or a 0 ms send_after armed
+   * from a command, would make p runnable here and the poll would then
+   * block until the next timer or I/O. */
+  if (s != self || atomic_load_explicit(&s->sleeping, memory_order_relaxed))
     wake(s);
   else if (atomic_load_explicit(&s->rq_len, memory_order_relaxed) >= 2)
     spread();
@@ -294,6 +299,10 @@ mb_sched_t *mb_sched_pick(void)
 uv_loop_t *mb_sched_loop(mb_sched_t *s) { return &s->loop; }
 int mb_sched_id(const mb_sched_t *s) { return s->id; }
 mb_sched_t *mb_sched_by_id(int id) { return &scheds[id]; }
+int mb_sched_stuck(const mb_sched_t *s)
+{
+  return atomic_load_explicit(&s->stuck, memory_order_relaxed);
+}
 
 /* -- Preemption: the ticker ------------------------------------------------
  * Most slices are short (a message handled, a request answered): their

@@ -162,6 +162,8 @@ uv_loop_t *mb_sched_loop(mb_sched_t *s);
 /* A scheduler's number, 0 .. schedulers - 1, and back. */
 int mb_sched_id(const mb_sched_t *s);
 mb_sched_t *mb_sched_by_id(int id);
+/* Whether s is stuck in a slice the watchdog reported. Any thread. */
+int mb_sched_stuck(const mb_sched_t *s);
 /* The schedulers in turn (round robin), to spread work such as sockets
  * over the loops. Any thread. */
 mb_sched_t *mb_sched_pick(void);

@@ -1,7 +1,7 @@
 /* timer.c: wait timers and send_after timers on libuv (see timer.h).
  *
  * DESIGN (send_after; wait timers are described at their section)
- * A send_after timer is not a libuv handle but a 56-byte entry in a
+ * A send_after timer is not a libuv handle but an 80-byte entry in a
  * duration list: each scheduler keeps, for every whole-ms duration in use,
  * one circular doubly linked list of the entries started on it with that
  * duration, in start order. The clock only goes forward, so start order is
@@ -42,7 +42,9 @@
  * scheduler it is started on. A start that the owner has not yet linked
  * can be cancelled on the owner's own thread: the entry is then marked
  * and freed by the posted start. A count of 255 stays: such a process
- * keeps its timers on one scheduler for good.
+ * keeps its timers on one scheduler for good. While that scheduler is
+ * stuck (the watchdog reported its slice), a new timer goes where it is
+ * started: the old ones wait with the stuck loop, the new one need not.
  *
  * Idle lists stay, with their libuv timer stopped (an inactive handle keeps
  * no loop alive), for the next timer of that duration; a scheduler keeps at
@@ -527,6 +529,8 @@ uint64_t mb_timer_send_after(mb_proc_t *p, double ms, mb_pid_t dest, mb_msg_t *m
     p->timers_sched = id < UINT16_MAX ? (uint16_t)(id + 1) : 0;
   } else if (p->timers_sched != 0) {
     owner = mb_sched_by_id(p->timers_sched - 1);
+    if (mb_sched_stuck(owner))   /* its loop waits for it: not the new one */
+      owner = s;
   }
   while (n != UCHAR_MAX &&
          !atomic_compare_exchange_weak_explicit(&p->timers_pending, &n, n + 1,

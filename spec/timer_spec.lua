@@ -12,6 +12,7 @@ describe("timers", function()
   local before
   before_each(function() before = S.snapshot() end)
   after_each(function() S.check_clean(before) end)
+  teardown(S.cleanup_tmp)
 
   describe("mb.now", function()
     it("is a number of milliseconds that never goes back", function()
@@ -265,6 +266,62 @@ describe("timers", function()
         assert.are.equal("zero", S.recv())
       end
       assert.is_nil(mb.receive(20))
+    end)
+
+    -- libuv runs the timers already due before it polls: a 0 ms timer
+    -- that makes the process runnable on the scheduler that is about to
+    -- sleep must wake that scheduler, or it sleeps with the process queued
+    -- (here: for ever, nothing else being due). In a child host, bounded.
+    it("a 0 ms timer wakes a process that waits with no timeout, every time", function()
+      local path = S.write("zero_wait.lua", [[
+        local mb = require "moonbeam"
+        for i = 1, 50 do
+          mb.send_after(0, mb.self(), i)
+          assert(mb.receive() == i)
+        end
+        print("done")
+        os.exit(0)
+      ]])
+      for _, n in ipairs({ 1, 2 }) do
+        local code, out, err = S.moonbeam("--schedulers " .. n .. " " .. S.q(path), nil, 20)
+        assert.are.equal(0, code, out .. err)
+        assert.is_true(S.has(out, "done"), out .. err)
+      end
+    end)
+
+    -- A process's timers stay on the scheduler holding its pending ones,
+    -- but not while that scheduler is stuck (a finalizer the hook cannot
+    -- preempt, reported by the watchdog): a timer started meanwhile goes
+    -- where the process runs now, and fires on time.
+    it("started while the scheduler holding the others is stuck, fires on time", function()
+      local path = S.write("stuck_timer.lua", [[
+        local mb = require "moonbeam"
+        local main = mb.self()
+        mb.spawn(function()
+          mb.send_after(5000, mb.self(), "long")   -- pending on this scheduler
+          mb.spawn(function()                      -- queued here: holds it 1.5 s
+            local u = newproxy(true)
+            getmetatable(u).__gc = function()
+              local t = os.clock()
+              while os.clock() - t < 1.5 do end
+            end
+            u = nil
+            collectgarbage()
+            mb.send(main, "hog done")
+          end)
+          local t = os.clock()
+          while os.clock() - t < 0.005 do end      -- preempted; the other scheduler takes us
+          mb.sleep(300)                            -- the watchdog reports the stuck one
+          mb.send_after(50, mb.self(), "short")
+          mb.send(main, { short = mb.receive(function(m) return m == "short" end, 5000) })
+        end)
+        local m = mb.receive(function(m) return m == "hog done" or type(m) == "table" end, 10000)
+        print(type(m) == "table" and m.short == "short" and "before the hog ended" or "after")
+        os.exit(0)
+      ]])
+      local code, out, err = S.moonbeam("--schedulers 2 --watchdog 100 " .. S.q(path), nil, 20)
+      assert.are.equal(0, code, out .. err)
+      assert.is_true(S.has(out, "before the hog ended"), out .. err)
     end)
 
     it("to a target that died before they fired are dropped, and the list goes on", function()
