@@ -344,7 +344,9 @@ describe("timers", function()
       -- to the other scheduler often: its cancels race the firing, on the
       -- timers' scheduler and on the other one (measured: a hundred or so
       -- posted cancels a run, a tenth of them after the timer's list had
-      -- let the entry go).
+      -- let the entry go). Every tenth timer is of 5 s, so that some cancels
+      -- win on a slow host too (under TSan all the short ones may fire
+      -- first).
       local script = S.write("race.lua", [[
         local mb = require "moonbeam"
         local me, N, B, PAIRS = mb.self(), 300, 20, 3
@@ -365,7 +367,8 @@ describe("timers", function()
               local batch = {}
               for i = 1, B do
                 local k = base + b * B + i
-                batch[i] = { k = k, t = mb.send_after(k % 4, parent, { fired = k }) }
+                local ms = k % 10 == 0 and 5000 or k % 4
+                batch[i] = { k = k, t = mb.send_after(ms, parent, { fired = k }) }
               end
               mb.send(c, batch)
               local x = 0
