@@ -467,11 +467,11 @@ static send_list_t *list_for(send_table_t *t, mb_sched_t *s, uint64_t ms)
   return l;
 }
 
-/* Put e in its duration list of t, the calling scheduler s's table. */
-static void list_insert(send_table_t *t, mb_sched_t *s, uint64_t whole,
-                        send_timer_t *e)
+/* Put e in its duration list; on its owner's thread (`mine` is the
+ * owner's table). */
+static void list_insert(send_timer_t *e)
 {
-  send_list_t *l = list_for(t, s, whole);
+  send_list_t *l = list_for(mine, e->owner, e->ms);
   if (l->idle.next) {
     link_remove(&l->idle);
     l->table->nidle--;
@@ -501,7 +501,7 @@ static void start_posted(void *arg)
   if (cancelled)
     send_timer_free(e);
   else if (mine)
-    list_insert(mine, e->owner, e->ms, e);
+    list_insert(e);
 }
 
 uint64_t mb_timer_send_after(mb_proc_t *p, double ms, mb_pid_t dest, mb_msg_t *msg)
@@ -532,11 +532,6 @@ uint64_t mb_timer_send_after(mb_proc_t *p, double ms, mb_pid_t dest, mb_msg_t *m
     if (mb_sched_stuck(owner))   /* its loop waits for it: not the new one */
       owner = s;
   }
-  while (n != UCHAR_MAX &&
-         !atomic_compare_exchange_weak_explicit(&p->timers_pending, &n, n + 1,
-                                                memory_order_relaxed,
-                                                memory_order_relaxed))
-    ;
   e->owner = owner;
   e->dest = dest;
   e->from = p->pid;
@@ -548,12 +543,18 @@ uint64_t mb_timer_send_after(mb_proc_t *p, double ms, mb_pid_t dest, mb_msg_t *m
    * published before the entry is linked. */
   e->id = mb_idtab_add(&timers, e);
   if (e->id == 0) {
-    pending_done(p->pid);
     send_timer_free(e);
     return 0;
   }
+  /* Counted before it can fire (only p's thread adds; a firing or a
+   * cancel of an earlier one may take one away meanwhile). */
+  while (n != UCHAR_MAX &&
+         !atomic_compare_exchange_weak_explicit(&p->timers_pending, &n, n + 1,
+                                                memory_order_relaxed,
+                                                memory_order_relaxed))
+    ;
   if (owner == s)
-    list_insert(t, s, whole, e);
+    list_insert(e);
   else
     mb_sched_post(owner, start_posted, e);
   return e->id;
