@@ -459,7 +459,13 @@ describe("timers", function()
       assert.are.equal(0, code, err)
       local growth = tonumber(out:match("growth%s+(%-?%d+)"))
       assert.is_number(growth, out)
-      assert.is_true(growth < 16 * 1024 * 1024, "RSS grew by " .. tostring(growth))
+      -- Not under TSan: its runtime's own memory grows with the threads'
+      -- hand-overs (measured: 3.8, 16.5 and 56 MB after 5, 20 and 40
+      -- rounds, where the release and ASan builds stay at 4-5 MB after 40
+      -- and 80), so RSS there says nothing of the host's timers.
+      if not os.getenv("TSAN_OPTIONS") then
+        assert.is_true(growth < 16 * 1024 * 1024, "RSS grew by " .. tostring(growth))
+      end
     end)
   end)
 
