@@ -63,12 +63,19 @@ static _Atomic uint32_t tick;
 #ifndef MB_LIBC_MALLOC
 static _Thread_local mi_heap_t *heaps[2];   /* young, old */
 
+/* The pages a collection finds free go back to the system at once: the
+ * decommit delay (see mb_alloc_init) is 0 meanwhile. The option is
+ * mimalloc's global; another thread freeing a page in this window gives
+ * it back at once too, which costs it time, never correctness. */
 void mb_alloc_collect(void)
 {
+  long delay = mi_option_get(mi_option_decommit_delay);
+  mi_option_set(mi_option_decommit_delay, 0);
   for (int i = 0; i < 2; i++)
     if (heaps[i])
       mi_heap_collect(heaps[i], false);
   mi_heap_collect(mi_heap_get_default(), false);
+  mi_option_set(mi_option_decommit_delay, delay);
 }
 
 static mi_heap_t *lheap(int old)
@@ -375,14 +382,22 @@ static void *arena_realloc(void *ptr, size_t osize, size_t nsize, int old)
 void mb_alloc_init(void)
 {
 #ifndef MB_LIBC_MALLOC
-  /* Pages mimalloc no longer uses go back to the system at once; by
-   * default Debian's mimalloc (2.0.9) keeps them, and with a decommit delay
-   * it gives them back only on later allocations, never while a scheduler
-   * is idle. Measured: 19,000 processes that hibernate hold 52 KB of RSS
-   * each without this, 0.9 KB with it (and the arena's trim); it costs a
-   * spawn 3-5% (a page freed and used again faults once more). */
-  mi_option_set(mi_option_page_reset, 1);
-  mi_option_set(mi_option_decommit_delay, 0);
+  /* When pages go back to the system. Debian's mimalloc (2.0.9) gives a
+   * free page back (madvise MADV_DONTNEED) after a delay (decommit_delay,
+   * 25 ms), and only as a later allocation or free in its segment notices
+   * the delay is over: never while a scheduler is idle. Giving each page
+   * back at once (the page_reset option and no delay, as here before) is
+   * what a busy host cannot afford: the Lua heaps of many small states
+   * churn pages (a page of garbage empties as the states collect, a new
+   * one fills), and each madvise of a threaded process is a TLB
+   * shoot-down on every core, each page used again faults again. Measured
+   * on this VM (scripts/bench, one run each, 2026-12-01): ring hop 1,975
+   * -> 1,418 ns, spawn + exit 3.97 -> 2.77 us, hibernate + wake 5.52 ->
+   * 2.24 us; madvise and page faults were 30% of the ring's samples. So
+   * the delay stays, and a collection (mb_alloc_collect, when memory went
+   * down and the thread is idle) gives back at once what it finds free:
+   * 19,000 chat users 95% hibernated hold 1.8 KB of RSS each (2.2 with
+   * every page given back at once; 8.0 with the delay alone). */
 #endif
 }
 
