@@ -311,7 +311,11 @@ describe("timers", function()
           end)
           local t = os.clock()
           while os.clock() - t < 0.005 do end      -- preempted; the other scheduler takes us
-          mb.sleep(300)                            -- the watchdog reports the stuck one
+          -- Until the watchdog reports the stuck one, by the clock: a
+          -- sleep would be a timer on that scheduler, which waits for it
+          -- (README: what is not guaranteed), as a slow (TSan) run showed.
+          local t0 = mb.now()
+          while mb.now() - t0 < 300 do end
           mb.send_after(50, mb.self(), "short")
           mb.send(main, { short = mb.receive(function(m) return m == "short" end, 5000) })
         end)
