@@ -36,8 +36,13 @@
  * due in the same whole ms on two schedulers could deliver in either
  * order. The process record counts its pending timers and names the
  * scheduler holding them; a start made elsewhere meanwhile is posted to
- * that scheduler (mb_sched_post), which inserts the entry by due time
- * (the only case where a list is not appended to). Once the count is
+ * that scheduler - put in its inbox, with a command (mb_sched_post) to take
+ * it - which inserts the entry by due time (the only case where a list is
+ * not appended to). A busy scheduler runs its loop late, and then its
+ * timers before its commands: so a firing takes the inbox first, and when
+ * a posted entry went in already due, delivers every due entry of every
+ * list in due order (deliver_late), before lists due later that came due
+ * meanwhile. Once the count is
  * back to 0 - it drops after the delivery - the next timer goes on the
  * scheduler it is started on. A start that the owner has not yet linked
  * can be cancelled on the owner's own thread: the entry is then marked
@@ -286,8 +291,18 @@ struct send_table {
   uint32_t nidle;
   struct send_timer *spare; /* freed entries (a stack through link.next) */
   uint32_t nspare;
+  int late;                /* a posted start went in already due (take_posted) */
   send_table_t *next;      /* every table, for shutdown */
 };
+
+/* The starts posted to a scheduler (see DESIGN), oldest first, chained
+ * through link.prev (link.next stays NULL: in no list). */
+typedef struct inbox {
+  pthread_mutex_t lock;
+  struct send_timer *head, *tail;
+} inbox_t;
+
+static inbox_t *inboxes;   /* one per scheduler, by id (mb_timer_init) */
 
 static char list_tag;      /* a list's handle->data */
 static _Thread_local send_table_t *mine;
@@ -395,24 +410,59 @@ static void pending_done(mb_pid_t from)
   mb_proc_unref(p);
 }
 
+/* Take e, the head of its list, out and deliver it. */
+static void deliver(send_timer_t *e)
+{
+  link_remove(&e->link);
+  if (mb_idtab_remove(&timers, e->id)) {
+    mb_msg_t *m = e->msg;
+    e->msg = NULL;
+    mb_proc_send(e->dest, m);
+    pending_done(e->from);
+    send_timer_free(e);
+  }
+  /* Else a cancel on another thread won: its posted command frees e. */
+}
+
+static void take_posted(void);
+
+/* After a posted start went in already due: its list's timer is armed for
+ * now, after lists due later whose timers came due meanwhile. So deliver
+ * every entry due by now, of every list, in due order (a merge of the
+ * lists' heads; only in this case, so the scan of the lists is rare). */
+static void deliver_late(send_table_t *t, uint64_t now)
+{
+  t->late = 0;
+  for (;;) {
+    send_timer_t *first = NULL;
+    for (uint32_t i = 0; i < t->nbucket; i++)
+      for (send_list_t *l = t->bucket[i]; l; l = l->hnext)
+        if (!link_empty(&l->entries)) {
+          send_timer_t *e = (send_timer_t *)l->entries.next;
+          if (first == NULL || e->due < first->due)
+            first = e;
+        }
+    if (first == NULL || ceil_ms(first->due) > now)
+      return;
+    deliver(first);
+  }
+}
+
 static void on_list_timer(uv_timer_t *h)
 {
   send_list_t *l = (send_list_t *)((char *)h - offsetof(send_list_t, handle));
+  /* Starts posted here first: one that waited in the command queue while
+   * this loop was busy may be due before this list's entries. */
+  take_posted();
+  if (l->table->late)
+    deliver_late(l->table, uv_now(h->loop));
   while (!link_empty(&l->entries)) {
     send_timer_t *e = (send_timer_t *)l->entries.next;
     if (l->ms != 0 && ceil_ms(e->due) > l->deadline) {
       list_arm(l, e);
       return;
     }
-    link_remove(&e->link);
-    if (mb_idtab_remove(&timers, e->id)) {
-      mb_msg_t *m = e->msg;
-      e->msg = NULL;
-      mb_proc_send(e->dest, m);
-      pending_done(e->from);
-      send_timer_free(e);
-    }
-    /* Else a cancel on another thread won: its posted command frees e. */
+    deliver(e);
   }
   list_idle(l);
 }
@@ -490,18 +540,41 @@ static void list_insert(send_timer_t *e)
     list_arm(l, e);
 }
 
-/* On the owner's thread: a start made on another scheduler (see DESIGN).
- * At shutdown this runs on the main thread, which has no table: the entry
- * stays in `timers`, which frees it. */
+/* On the owner's thread: the starts made on other schedulers (see
+ * DESIGN), taken from this scheduler's inbox in the order posted, by the
+ * command each post sends or by a firing before it. At shutdown this runs
+ * on the main thread, which has no scheduler and no table: the entries
+ * stay in `timers`, which frees them. */
+static void take_posted(void)
+{
+  mb_sched_t *s = mb_sched_self();
+  if (s == NULL)
+    return;
+  inbox_t *in = &inboxes[mb_sched_id(s)];
+  pthread_mutex_lock(&in->lock);
+  send_timer_t *e = in->head;
+  in->head = in->tail = NULL;
+  pthread_mutex_unlock(&in->lock);
+  while (e) {
+    send_timer_t *next = (send_timer_t *)e->link.prev;
+    e->link.prev = NULL;
+    int cancelled = e->posted == CANCELLED_POSTED;
+    e->posted = 0;
+    if (cancelled) {
+      send_timer_free(e);
+    } else if (mine) {
+      list_insert(e);
+      if (ceil_ms(e->due) <= uv_now(mb_sched_loop(s)))
+        mine->late = 1;
+    }
+    e = next;
+  }
+}
+
 static void start_posted(void *arg)
 {
-  send_timer_t *e = arg;
-  int cancelled = e->posted == CANCELLED_POSTED;
-  e->posted = 0;
-  if (cancelled)
-    send_timer_free(e);
-  else if (mine)
-    list_insert(e);
+  (void)arg;
+  take_posted();
 }
 
 uint64_t mb_timer_send_after(mb_proc_t *p, double ms, mb_pid_t dest, mb_msg_t *msg)
@@ -553,10 +626,20 @@ uint64_t mb_timer_send_after(mb_proc_t *p, double ms, mb_pid_t dest, mb_msg_t *m
                                                 memory_order_relaxed,
                                                 memory_order_relaxed))
     ;
-  if (owner == s)
+  if (owner == s) {
     list_insert(e);
-  else
-    mb_sched_post(owner, start_posted, e);
+  } else {
+    inbox_t *in = &inboxes[mb_sched_id(owner)];
+    e->link.next = e->link.prev = NULL;
+    pthread_mutex_lock(&in->lock);
+    if (in->tail)
+      in->tail->link.prev = &e->link;
+    else
+      in->head = e;
+    in->tail = e;
+    pthread_mutex_unlock(&in->lock);
+    mb_sched_post(owner, start_posted, NULL);
+  }
   return e->id;
 }
 
@@ -640,6 +723,9 @@ static void timers_shutdown(void)
 
 void mb_timer_init(void)
 {
+  inboxes = mb_calloc((size_t)mb_sched_opts.schedulers, sizeof *inboxes);
+  for (int i = 0; i < mb_sched_opts.schedulers; i++)
+    pthread_mutex_init(&inboxes[i].lock, NULL);
   mb_proc_add_exit_hook(release);
   mb_sched_add_closer(close_timer);
   mb_sched_add_after_loops(timers_shutdown);

@@ -328,6 +328,57 @@ describe("timers", function()
       assert.is_true(S.has(out, "before the hog ended"), out .. err)
     end)
 
+    -- A start posted to the scheduler holding the process's timers waits
+    -- in its command queue while that scheduler runs a long slice (here a
+    -- 300 ms finalizer, under the watchdog's threshold); once back, its
+    -- loop fires the lists that came due meanwhile: the posted timer, due
+    -- before them, must still deliver first.
+    it("started while the scheduler holding the others is busy, delivers in due order", function()
+      local path = S.write("busy_timer.lua", [[
+        local mb = require "moonbeam"
+        local main = mb.self()
+        local broken, checked = 0, 0
+        for round = 1, 8 do
+          mb.spawn(function()
+            local me = mb.self()
+            local t3 = mb.now()
+            mb.send_after(120, me, "third")          -- held where it runs now
+            mb.spawn(function()                      -- queued here: 300 ms in __gc
+              local u = newproxy(true)
+              getmetatable(u).__gc = function()
+                local t = mb.now()
+                while mb.now() - t < 300 do end
+              end
+              u = nil
+              collectgarbage()
+            end)
+            local t = mb.now()
+            while mb.now() - t < 5 do end            -- preempted: one of us moves
+            local t2 = mb.now()
+            mb.send_after(60, me, "second")          -- posted if the hog holds ours
+            local function tm(m) return m == "second" or m == "third" end
+            local a = mb.receive(tm, 5000)
+            local b = mb.receive(tm, 5000)
+            mb.send(main, { a = a, b = b, d2 = t2 + 60, d3 = t3 + 120 })
+          end)
+          local r = mb.receive(function(m) return type(m) == "table" end, 10000)
+          assert(r and r.a and r.b, "a timer did not fire")
+          if math.abs(r.d2 - r.d3) >= 3 then         -- not due in the same ms
+            checked = checked + 1
+            if r.a ~= (r.d2 < r.d3 and "second" or "third") then broken = broken + 1 end
+          end
+          mb.sleep(50)
+        end
+        print("broken", broken, "checked", checked)
+        os.exit(0)
+      ]])
+      local code, out, err = S.moonbeam("--schedulers 2 --watchdog 2000 " .. S.q(path), nil, 60)
+      assert.are.equal(0, code, out .. err)
+      local broken, checked = out:match("broken%s+(%d+)%s+checked%s+(%d+)")
+      assert.are.equal("0", broken, out .. err)
+      assert.is_true(tonumber(checked) >= 1, out .. err)
+    end)
+
     it("to a target that died before they fired are dropped, and the list goes on", function()
       local pid, ref = mb.spawn_monitor(function() mb.receive(S.T) end)
       for i = 1, 10 do mb.send_after(20, pid, i) end
