@@ -424,7 +424,7 @@ static void deliver(send_timer_t *e)
   /* Else a cancel on another thread won: its posted command frees e. */
 }
 
-static void take_posted(void);
+static void take_posted(inbox_t *in);
 
 /* After a posted start went in already due: its list's timer is armed for
  * now, after lists due later whose timers came due meanwhile. So deliver
@@ -453,7 +453,7 @@ static void on_list_timer(uv_timer_t *h)
   send_list_t *l = (send_list_t *)((char *)h - offsetof(send_list_t, handle));
   /* Starts posted here first: one that waited in the command queue while
    * this loop was busy may be due before this list's entries. */
-  take_posted();
+  take_posted(&inboxes[mb_sched_id(mb_sched_self())]);
   if (l->table->late)
     deliver_late(l->table, uv_now(h->loop));
   while (!link_empty(&l->entries)) {
@@ -464,6 +464,7 @@ static void on_list_timer(uv_timer_t *h)
     }
     deliver(e);
   }
+  uv_timer_stop(h);   /* a posted start may have armed it again */
   list_idle(l);
 }
 
@@ -543,14 +544,10 @@ static void list_insert(send_timer_t *e)
 /* On the owner's thread: the starts made on other schedulers (see
  * DESIGN), taken from this scheduler's inbox in the order posted, by the
  * command each post sends or by a firing before it. At shutdown this runs
- * on the main thread, which has no scheduler and no table: the entries
- * stay in `timers`, which frees them. */
-static void take_posted(void)
+ * on the main thread, which has no table: the cancelled entries are freed,
+ * the others stay in `timers`, which frees them. */
+static void take_posted(inbox_t *in)
 {
-  mb_sched_t *s = mb_sched_self();
-  if (s == NULL)
-    return;
-  inbox_t *in = &inboxes[mb_sched_id(s)];
   pthread_mutex_lock(&in->lock);
   send_timer_t *e = in->head;
   in->head = in->tail = NULL;
@@ -564,7 +561,7 @@ static void take_posted(void)
       send_timer_free(e);
     } else if (mine) {
       list_insert(e);
-      if (ceil_ms(e->due) <= uv_now(mb_sched_loop(s)))
+      if (ceil_ms(e->due) <= uv_now(mb_sched_loop(e->owner)))
         mine->late = 1;
     }
     e = next;
@@ -573,8 +570,7 @@ static void take_posted(void)
 
 static void start_posted(void *arg)
 {
-  (void)arg;
-  take_posted();
+  take_posted(arg);
 }
 
 uint64_t mb_timer_send_after(mb_proc_t *p, double ms, mb_pid_t dest, mb_msg_t *msg)
@@ -626,6 +622,9 @@ uint64_t mb_timer_send_after(mb_proc_t *p, double ms, mb_pid_t dest, mb_msg_t *m
                                                 memory_order_relaxed,
                                                 memory_order_relaxed))
     ;
+  /* Once in the owner's inbox, e is the owner's: a firing there may take,
+   * deliver and free it before we return. */
+  uint64_t id = e->id;
   if (owner == s) {
     list_insert(e);
   } else {
@@ -638,9 +637,9 @@ uint64_t mb_timer_send_after(mb_proc_t *p, double ms, mb_pid_t dest, mb_msg_t *m
       in->head = e;
     in->tail = e;
     pthread_mutex_unlock(&in->lock);
-    mb_sched_post(owner, start_posted, NULL);
+    mb_sched_post(owner, start_posted, in);
   }
-  return e->id;
+  return id;
 }
 
 /* On the owner's thread, after a cancel on another thread won. */
