@@ -16,9 +16,7 @@ local S = {}
 
 -- The generous bound for anything that should happen "soon". It only keeps a
 -- broken host from hanging the suite; no test depends on it being tight.
--- Under TSan (5-15x slower, and the VM's speed drifts) 15 s: a 70 MB error
--- reason or 200 echo connections once took longer than 5.
-S.T = os.getenv("TSAN_OPTIONS") and 15000 or 5000
+S.T = 5000
 
 -- A matcher for selective receive: tables whose field `k` equals `v`.
 function S.field(k, v)
