@@ -42,9 +42,8 @@
  * timers before its commands: so a firing takes the inbox first, and when
  * a posted entry went in already due, delivers every due entry of every
  * list in due order (deliver_late), before lists due later that came due
- * meanwhile. Once the count is
- * back to 0 - it drops after the delivery - the next timer goes on the
- * scheduler it is started on. A start that the owner has not yet linked
+ * meanwhile. Once the count is back to 0 - it drops after the delivery -
+ * the next timer goes on the scheduler it is started on. A start that the owner has not yet linked
  * can be cancelled on the owner's own thread: the entry is then marked
  * and freed by the posted start. A count of 255 stays: such a process
  * keeps its timers on one scheduler for good. While that scheduler is
@@ -425,6 +424,7 @@ static void deliver(send_timer_t *e)
 }
 
 static void take_posted(inbox_t *in);
+static void start_posted(void *arg);
 
 /* After a posted start went in already due: its list's timer is armed for
  * now, after lists due later whose timers came due meanwhile. So deliver
@@ -541,6 +541,22 @@ static void list_insert(send_timer_t *e)
     list_arm(l, e);
 }
 
+/* Post e to its owner, another scheduler (see DESIGN). Once in the
+ * inbox, e is the owner's: a firing there may take and free it. */
+static void inbox_push(inbox_t *in, send_timer_t *e)
+{
+  mb_sched_t *owner = e->owner;
+  e->link.next = e->link.prev = NULL;
+  pthread_mutex_lock(&in->lock);
+  if (in->tail)
+    in->tail->link.prev = &e->link;
+  else
+    in->head = e;
+  in->tail = e;
+  pthread_mutex_unlock(&in->lock);
+  mb_sched_post(owner, start_posted, in);
+}
+
 /* On the owner's thread: the starts made on other schedulers (see
  * DESIGN), taken from this scheduler's inbox in the order posted, by the
  * command each post sends or by a firing before it. At shutdown this runs
@@ -622,23 +638,11 @@ uint64_t mb_timer_send_after(mb_proc_t *p, double ms, mb_pid_t dest, mb_msg_t *m
                                                 memory_order_relaxed,
                                                 memory_order_relaxed))
     ;
-  /* Once in the owner's inbox, e is the owner's: a firing there may take,
-   * deliver and free it before we return. */
-  uint64_t id = e->id;
-  if (owner == s) {
+  uint64_t id = e->id;   /* e may be freed once posted (inbox_push) */
+  if (owner == s)
     list_insert(e);
-  } else {
-    inbox_t *in = &inboxes[mb_sched_id(owner)];
-    e->link.next = e->link.prev = NULL;
-    pthread_mutex_lock(&in->lock);
-    if (in->tail)
-      in->tail->link.prev = &e->link;
-    else
-      in->head = e;
-    in->tail = e;
-    pthread_mutex_unlock(&in->lock);
-    mb_sched_post(owner, start_posted, in);
-  }
+  else
+    inbox_push(&inboxes[mb_sched_id(owner)], e);
   return id;
 }
 
