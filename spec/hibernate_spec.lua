@@ -18,11 +18,15 @@ local function counter(n, seen)
   mb.hibernate(counter, n, seen)
 end
 
+-- Does pid hibernate within S.T? If not: false and what mb.info says.
 local function hibernated(pid)
-  return S.eventually(function()
-    local i = mb.info(pid)
+  local i
+  local ok = S.eventually(function()
+    i = mb.info(pid)
     return i ~= nil and i.status == "hibernated"
   end)
+  return ok, string.format("%s: %s", tostring(pid), i == nil and "gone"
+    or ("status " .. i.status .. ", mailbox " .. i.mailbox .. ", reductions " .. i.reductions))
 end
 
 describe("mb.hibernate", function()
@@ -240,6 +244,29 @@ describe("mb.hibernate", function()
     mb.send(b, "hello b")
     assert.are.equal("hello a", S.recv(S.field("from", "pcall")).msg)
     assert.are.equal("hello b", S.recv(S.field("from", "coroutine")).msg)
+  end)
+
+  -- Copying a large continuation outlasts a slice: the preemption then
+  -- lands as the hibernate's yield passes up through the coroutine, and
+  -- must wait for it (it once took its place: hibernate returned).
+  it("inside a user coroutine, holds when preempted on its way up", function()
+    local big = {}
+    for i = 1, 20000 do big[i] = { i, "x" .. i } end
+    local function cycle(parent, data, n)
+      local m = mb.receive()
+      if m == "stop" then return end
+      mb.send(parent, { woke = n, size = #data })
+      coroutine.wrap(function() mb.hibernate(cycle, parent, data, n + 1) end)()
+      mb.send(parent, { woke = "returned from hibernate", n = n })
+    end
+    local pid, ref = mb.spawn_monitor(function(p, d) mb.hibernate(cycle, p, d, 1) end, mb.self(), big)
+    for round = 1, 100 do
+      mb.send(pid, "go")
+      local m = S.recv(function(x) return type(x) == "table" and x.woke ~= nil end)
+      assert.are.same({ woke = round, size = 20000 }, m)
+    end
+    mb.send(pid, "stop")
+    assert.are.equal("normal", S.await_down(ref))
   end)
 
   it("reports memory and status in mb.info, and max_memory applies after a wake", function()

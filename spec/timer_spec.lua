@@ -181,9 +181,20 @@ describe("timers", function()
         local n, kept, t0 = 0, {}, mb.now()
         while mb.now() - t0 < 5 and n < 20000 do
           n = n + 1
+          local started = mb.now()
           local t = mb.send_after(20, mb.self(), n)
           if round % 2 == 0 and n % 3 == 0 then
-            assert.is_number(mb.cancel_timer(t))
+            local left = mb.cancel_timer(t)
+            -- false only if it was due: this process went unscheduled
+            -- for 20 ms between the two calls (a loaded host), and then
+            -- it is delivered in its place.
+            if left == false then
+              assert.is_true(mb.now() - started >= 20,
+                "cancel refused after " .. (mb.now() - started) .. " ms")
+              kept[#kept + 1] = n
+            else
+              assert.is_number(left)
+            end
           else
             kept[#kept + 1] = n
           end

@@ -86,6 +86,16 @@ void mb_run_hook(lua_State *L, lua_Debug *ar)
       mb_lstate_sethook(L, 0);
     return;
   }
+  /* A yield of the runtime's is on its way up from a user coroutine
+   * (lstate.c: the wrappers' Lua between co_resume's PENDING and
+   * rt_yield): not a safe point. Yielding here would put PREEMPT in its
+   * place, and the receive or hibernate that made it would return at once,
+   * with nothing. It reaches the scheduler in a few instructions, which
+   * then sees to what is due. */
+  if (p->yield != MB_YIELD_NONE) {
+    mb_lstate_sethook(L, MB_HOOK_RETRY_INSTRUCTIONS);
+    return;
+  }
   if (can_yield(p, L)) {
     atomic_store_explicit(&p->preempt, 0, memory_order_relaxed);
     if (poked) {
