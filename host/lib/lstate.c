@@ -2,6 +2,7 @@
  * coroutine wrappers that keep runtime yields transparent, and debug hooks
  * chained with the scheduler's count hook (see lstate.h).
  */
+#include <execinfo.h>
 #include <limits.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -1162,6 +1163,19 @@ void mb_lstate_settle(mb_proc_t *p)
  * one will likely open it too (the same body, often), so that
  * restore_base fills them without the table's five rehashes on the way to
  * 32 (~7k instructions); else none. */
+/* An error outside any protected call: LuaJIT exits the host after this
+ * (EXIT_FAILURE). Say so, where and why, instead of ending silently. */
+static int panic(lua_State *L)
+{
+  char pid[MB_PID_TEXT_MAX];
+  const char *msg = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "?";
+  fprintf(stderr, "moonbeam: fatal: an error outside any protected call in %s: %s\n",
+          mb_pid_format(pid, sizeof pid, mb_proc_of(L)->pid), msg);
+  void *frames[32];
+  backtrace_symbols_fd(frames, backtrace(frames, 32), 2);
+  return 0;
+}
+
 static int setup(lua_State *L)
 {
   int globals = *(int *)lua_touserdata(L, 1);
@@ -1541,6 +1555,7 @@ int mb_lstate_new(mb_proc_t *p)
     L = lua_newstate(mb_alloc_fn, p);
     if (L == NULL)
       return -1;
+    lua_atpanic(L, panic);
     luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
   }
   int globals = base ? 32 : 0;

@@ -88,20 +88,41 @@ static void header(luaL_Buffer *b, mb_proc_t *p, lua_State *T, const char *what)
   luaL_addchar(b, '\n');
 }
 
+/* What crash (under lua_cpcall) reports. */
+typedef struct crash_args {
+  mb_proc_t *p;
+  lua_State *T;       /* where it failed */
+  const char *text;   /* T == p->L: the error as text, read beforehand */
+} crash_args_t;
+
+/* Under lua_cpcall on p->L, so that no allocation of the report (its
+ * closure included) can fail outside a protected call: LuaJIT would end
+ * the host. */
 static int crash(lua_State *L)
 {
-  mb_proc_t *p = lua_touserdata(L, 1);
-  lua_State *T = lua_touserdata(L, 2);
+  crash_args_t *a = lua_touserdata(L, 1);
+  mb_proc_t *p = a->p;
+  lua_State *T = a->T;
+  /* The error value at 2: T's (a dead coroutine: its value is read, not
+   * taken), or the text read from p->L before the call. */
+  if (T != L) {
+    lua_pushvalue(T, -1);
+    lua_xmove(T, L, 1);
+  } else if (a->text) {
+    lua_pushstring(L, a->text);
+  } else {
+    lua_pushnil(L);
+  }
   const char *msg = p->alloc.oom
       ? "out of memory (the process went over its max_memory)"
-      : error_text(L, 3);
+      : error_text(L, 2);
   luaL_Buffer b;
   if (p->first) {
     /* As luajit: nothing for a nil error, no traceback for a value that
      * is not a string and has no __tostring. */
-    if (lua_isnil(L, 3) && !p->alloc.oom)
+    if (lua_isnil(L, 2) && !p->alloc.oom)
       return 0;
-    if (!lua_isstring(L, 3) && !luaL_getmetafield(L, 3, "__tostring")) {
+    if (!lua_isstring(L, 2) && !luaL_getmetafield(L, 2, "__tostring")) {
       fputs("moonbeam: (error object is not a string)\n", stderr);
       return 0;
     }
@@ -132,20 +153,24 @@ static int crash(lua_State *L)
 void mb_report_crash(mb_proc_t *p, lua_State *T)
 {
   /* Report from the main thread: it is idle and has room, and T may be a
-   * dead coroutine. A failure to report must not stop the exit. */
+   * dead coroutine. A failure to report must not stop the exit. An error
+   * of the main thread's own is read before the call, whose frame hides
+   * it: a string as it is, anything else by its type (a boot fails with
+   * strings). */
   lua_State *L = p->L;
   int top = lua_gettop(L);
-  lua_pushcfunction(L, crash);
-  lua_pushlightuserdata(L, p);
-  lua_pushlightuserdata(L, T);
-  if (T == L) {
-    lua_pushvalue(L, top);
-  } else {
-    lua_pushvalue(T, -1);
-    lua_xmove(T, L, 1);
+  crash_args_t a = {p, T, NULL};
+  char other[64];
+  if (T == L && top > 0) {
+    if (lua_type(L, top) == LUA_TSTRING) {
+      a.text = lua_tostring(L, top);
+    } else if (!lua_isnil(L, top)) {
+      snprintf(other, sizeof other, "(error object is a %s value)", luaL_typename(L, top));
+      a.text = other;
+    }
   }
   char pid[MB_PID_TEXT_MAX];
-  if (lua_pcall(L, 3, 0, 0) != 0)
+  if (lua_cpcall(L, crash, &a) != 0)
     fprintf(stderr, "=CRASH REPORT==== %s\nreason: %s (no report: %s)\n",
             mb_pid_format(pid, sizeof pid, p->pid),
             p->alloc.oom ? "out of memory" : "(unknown)",
