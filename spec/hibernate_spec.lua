@@ -272,6 +272,25 @@ describe("mb.hibernate", function()
     assert.are.equal("normal", S.await_down(ref))
   end)
 
+  -- The same place, with a kill arriving during the copy: the process must
+  -- die there, not hibernate with the signal already taken.
+  it("inside a user coroutine, dies of a kill that comes on its way up", function()
+    local big = {}
+    for i = 1, 100000 do big[i] = { i, "x" .. i } end
+    for _ = 1, 5 do
+      local pid, ref = mb.spawn_monitor(function(p, d)
+        coroutine.wrap(function()
+          mb.send(p, "copying")
+          mb.hibernate(function() end, d)
+        end)()
+        mb.send(p, "returned from hibernate")
+      end, mb.self(), big)
+      assert.are.equal("copying", S.recv(function(m) return m == "copying" end))
+      mb.exit(pid, "kill")
+      assert.are.equal("killed", S.await_down(ref))
+    end
+  end)
+
   it("reports memory and status in mb.info, and max_memory applies after a wake", function()
     local pid, ref = mb.spawn_opt({ monitor = true, max_memory = 256 * 1024 }, function()
       mb.hibernate(function()

@@ -1158,11 +1158,6 @@ void mb_lstate_settle(mb_proc_t *p)
     lua_pop(p->L, 1);
 }
 
-/* Under lua_cpcall, with a pointer to the globals' first size: on a state
- * whose last process opened the base library, room for it, as the next
- * one will likely open it too (the same body, often), so that
- * restore_base fills them without the table's five rehashes on the way to
- * 32 (~7k instructions); else none. */
 /* An error outside any protected call: LuaJIT exits the host after this
  * (EXIT_FAILURE). Say so, where and why, instead of ending silently. */
 static int panic(lua_State *L)
@@ -1176,6 +1171,11 @@ static int panic(lua_State *L)
   return 0;
 }
 
+/* Under lua_cpcall, with a pointer to the globals' first size: on a state
+ * whose last process opened the base library, room for it, as the next
+ * one will likely open it too (the same body, often), so that
+ * restore_base fills them without the table's five rehashes on the way to
+ * 32 (~7k instructions); else none. */
 static int setup(lua_State *L)
 {
   int globals = *(int *)lua_touserdata(L, 1);

@@ -88,11 +88,12 @@ void mb_run_hook(lua_State *L, lua_Debug *ar)
   }
   /* A yield of the runtime's is on its way up from a user coroutine
    * (lstate.c: the wrappers' Lua between co_resume's PENDING and
-   * rt_yield): not a safe point. Yielding here would put PREEMPT in its
-   * place, and the receive or hibernate that made it would return at once,
-   * with nothing. It reaches the scheduler in a few instructions, which
-   * then sees to what is due. */
-  if (p->yield != MB_YIELD_NONE) {
+   * rt_yield): not a safe point to preempt. Yielding here would put
+   * PREEMPT in its place, and the receive or hibernate that made it would
+   * return at once, with nothing. It reaches the scheduler in a few
+   * instructions. A process that must die yields EXIT in its place (the
+   * signal is drained: waiting, it would not be woken for it). */
+  if (!die && p->yield != MB_YIELD_NONE) {
     mb_lstate_sethook(L, MB_HOOK_RETRY_INSTRUCTIONS);
     return;
   }
