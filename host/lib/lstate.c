@@ -1160,12 +1160,17 @@ void mb_lstate_settle(mb_proc_t *p)
 
 /* An error outside any protected call: LuaJIT exits the host after this
  * (EXIT_FAILURE). Say so, where and why, instead of ending silently. */
+static mb_alloc_t parked;   /* a parked state's allocator (below) */
+
 static int panic(lua_State *L)
 {
   char pid[MB_PID_TEXT_MAX];
   const char *msg = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "?";
+  void *ud;
+  lua_getallocf(L, &ud);
   fprintf(stderr, "moonbeam: fatal: an error outside any protected call in %s: %s\n",
-          mb_pid_format(pid, sizeof pid, mb_proc_of(L)->pid), msg);
+          ud == &parked ? "a parked state" : mb_pid_format(pid, sizeof pid, ((mb_proc_t *)ud)->pid),
+          msg);
   void *frames[32];
   backtrace_symbols_fd(frames, backtrace(frames, 32), 2);
   return 0;
