@@ -43,12 +43,13 @@
  * a posted entry went in already due, delivers every due entry of every
  * list in due order (deliver_late), before lists due later that came due
  * meanwhile. Once the count is back to 0 - it drops after the delivery -
- * the next timer goes on the scheduler it is started on. A start that the owner has not yet linked
- * can be cancelled on the owner's own thread: the entry is then marked
- * and freed by the posted start. A count of 255 stays: such a process
- * keeps its timers on one scheduler for good. While that scheduler is
- * stuck (the watchdog reported its slice), a new timer goes where it is
- * started: the old ones wait with the stuck loop, the new one need not.
+ * the next timer goes on the scheduler it is started on. A start that the
+ * owner has not yet linked can be cancelled on the owner's own thread: the
+ * entry is then marked and freed by the posted start. A count of 255
+ * stays: such a process keeps its timers on one scheduler for good. While
+ * that scheduler is stuck (the watchdog reported its slice), a new timer
+ * goes where it is started: the old ones wait with the stuck loop, the new
+ * one need not.
  *
  * Idle lists stay, with their libuv timer stopped (an inactive handle keeps
  * no loop alive), for the next timer of that duration; a scheduler keeps at
@@ -423,8 +424,7 @@ static void deliver(send_timer_t *e)
   /* Else a cancel on another thread won: its posted command frees e. */
 }
 
-static void take_posted(inbox_t *in);
-static void start_posted(void *arg);
+static void take_posted(void *arg);
 
 /* After a posted start went in already due: its list's timer is armed for
  * now, after lists due later whose timers came due meanwhile. So deliver
@@ -554,7 +554,7 @@ static void inbox_push(inbox_t *in, send_timer_t *e)
     in->head = e;
   in->tail = e;
   pthread_mutex_unlock(&in->lock);
-  mb_sched_post(owner, start_posted, in);
+  mb_sched_post(owner, take_posted, in);
 }
 
 /* On the owner's thread: the starts made on other schedulers (see
@@ -562,8 +562,9 @@ static void inbox_push(inbox_t *in, send_timer_t *e)
  * command each post sends or by a firing before it. At shutdown this runs
  * on the main thread, which has no table: the cancelled entries are freed,
  * the others stay in `timers`, which frees them. */
-static void take_posted(inbox_t *in)
+static void take_posted(void *arg)
 {
+  inbox_t *in = arg;
   pthread_mutex_lock(&in->lock);
   send_timer_t *e = in->head;
   in->head = in->tail = NULL;
@@ -582,11 +583,6 @@ static void take_posted(inbox_t *in)
     }
     e = next;
   }
-}
-
-static void start_posted(void *arg)
-{
-  take_posted(arg);
 }
 
 uint64_t mb_timer_send_after(mb_proc_t *p, double ms, mb_pid_t dest, mb_msg_t *msg)
@@ -664,7 +660,7 @@ int mb_timer_cancel(uint64_t id, double *left_ms)
   *left_ms = left > 0 ? left : 0;
   pending_done(e->from);
   if (mb_sched_self() == e->owner) {
-    if (e->posted) {         /* its start_posted comes later, and frees it */
+    if (e->posted) {         /* take_posted comes later, and frees it */
       e->posted = CANCELLED_POSTED;
       return 1;
     }

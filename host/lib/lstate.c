@@ -1158,10 +1158,11 @@ void mb_lstate_settle(mb_proc_t *p)
     lua_pop(p->L, 1);
 }
 
+/* A parked state's allocator: it allocates nothing while parked. */
+static mb_alloc_t parked;
+
 /* An error outside any protected call: LuaJIT exits the host after this
  * (EXIT_FAILURE). Say so, where and why, instead of ending silently. */
-static mb_alloc_t parked;   /* a parked state's allocator (below) */
-
 static int panic(lua_State *L)
 {
   char pid[MB_PID_TEXT_MAX];
@@ -1329,8 +1330,6 @@ static _Thread_local pool_t *my_pool;
 static pool_t *pools;
 static pthread_mutex_t pools_lock = PTHREAD_MUTEX_INITIALIZER;
 static int reuse_off;        /* --allow-ffi or --allow-bytecode */
-/* A parked state's allocator: it allocates nothing while parked. */
-static mb_alloc_t parked;
 
 /* The host's memory went down: this scheduler's parked states are closed.
  * A parked state lives on from process to process, and the blocks it was
