@@ -69,8 +69,9 @@ static int must_die(mb_proc_t *p)
  * charging MB_REDS_PER_HOOK of its budget, until a slice ends by blocking
  * (p->counted, see run). The hook also fires while a preemption waits for
  * a safe point, and from the dispatcher of a user's debug.sethook, which
- * polls it every MB_HOOK_INSTRUCTIONS. With nothing due in an uncounted
- * slice it takes itself off. */
+ * polls it every MB_HOOK_INSTRUCTIONS. It never takes itself off (see
+ * preempt): in an uncounted slice the runner does, between slices; until
+ * then, with nothing due, it fires every MB_HOOK_INSTRUCTIONS. */
 void mb_run_hook(lua_State *L, lua_Debug *ar)
 {
   (void)ar;
@@ -83,7 +84,7 @@ void mb_run_hook(lua_State *L, lua_Debug *ar)
     poked = 1;
   if (!die && !poked && !mb_sched_halting()) {
     if (!p->counted && lua_gethook(L) == mb_run_hook)
-      mb_lstate_sethook(L, 0);
+      mb_lstate_sethook(L, MB_HOOK_INSTRUCTIONS);
     return;
   }
   /* A yield of the runtime's is on its way up from a user coroutine
@@ -100,7 +101,7 @@ void mb_run_hook(lua_State *L, lua_Debug *ar)
   if (can_yield(p, L)) {
     atomic_store_explicit(&p->preempt, 0, memory_order_relaxed);
     if (poked) {
-      if (!p->counted)
+      if (!p->counted && p->budget > 0)
         p->budget = 0;  /* the ticker's poke: it ran a whole slice (charge) */
       /* It computes. With others waiting for the core it counts its
        * slices from now on; alone, the ticker times them, at a longer
@@ -110,7 +111,7 @@ void mb_run_hook(lua_State *L, lua_Debug *ar)
       p->alone = s && mb_sched_queued(s) == 0;
       p->counted = !p->alone;
     }
-    mb_lstate_sethook(L, p->counted ? MB_HOOK_INSTRUCTIONS : 0);
+    mb_lstate_sethook(L, MB_HOOK_INSTRUCTIONS);   /* uncounted: off in run */
     p->yield = die ? MB_YIELD_EXIT : MB_YIELD_PREEMPT;
     lua_yield(L, 0);
     return;
@@ -135,16 +136,34 @@ void mb_run_hook(lua_State *L, lua_Debug *ar)
  * ticker's thread: the state L is p's and stays so during the call (the
  * runner says so with mb_sched_running). Arms the hook to fire at the next
  * VM instruction, unless a hook is set already - the scheduler's own
- * (waiting for a safe point) or a user's dispatcher, which polls: both
- * look at p->preempt. lua_sethook from another thread is what LuaJIT's own
- * profiler does from a signal handler: the interpreter picks up the new
- * dispatch at its next instruction. */
+ * (counting a slice, or waiting for a safe point) or a user's dispatcher,
+ * which polls: both look at p->preempt, as does a send (mb_run_charge).
+ * lua_sethook from another thread is what LuaJIT's own profiler does from
+ * a signal handler: the interpreter picks up the new dispatch at its next
+ * instruction. It rewrites the whole hook mask, and LuaJIT's flag that a
+ * hook is running is a bit of it: were the owner leaving a hook meanwhile,
+ * the flag could be written back set, and the state would take every later
+ * yield for a hook's. So the hook is never taken off while one runs (see
+ * mb_run_hook): a hook runs only while one is set, and then this leaves it
+ * alone. */
 static void preempt(mb_proc_t *p, void *ctx)
 {
   lua_State *L = ctx;
   atomic_store_explicit(&p->preempt, 1, memory_order_relaxed);
   if (lua_gethook(L) == NULL)
     lua_sethook(L, mb_run_hook, LUA_MASKCOUNT, 1);
+}
+
+/* (run.h) A counted slice whose budget this spends, or that the ticker
+ * poked, preempts at the next VM instruction; the budget of an uncounted
+ * slice only says what it spent (charge). */
+void mb_run_charge(mb_proc_t *p, lua_State *L, int reds)
+{
+  int was = p->budget;
+  p->budget -= reds;
+  if (p->counted && ((was > 0 && p->budget <= 0) ||
+                     atomic_load_explicit(&p->preempt, memory_order_relaxed)))
+    mb_lstate_sethook(L, 1);
 }
 
 /* p runs Lua on this thread's scheduler from now on (or no longer): the
@@ -531,12 +550,13 @@ static void run(mb_sched_t *s, mb_proc_t *p)
 {
   atomic_store_explicit(&p->running, 1, memory_order_relaxed);
   p->budget = mb_sched_opts.slice_reds;
-  /* A poke that came after the last slice's Lua ended is not for this one. */
-  if (atomic_load_explicit(&p->preempt, memory_order_relaxed)) {
+  /* A poke that came after the last slice's Lua ended is not for this
+   * one; an uncounted slice starts with no hook (the hook leaves itself on:
+   * see preempt). */
+  if (atomic_load_explicit(&p->preempt, memory_order_relaxed))
     atomic_store_explicit(&p->preempt, 0, memory_order_relaxed);
-    if (p->L && !p->counted && lua_gethook(p->L) == mb_run_hook)
-      mb_lstate_sethook(p->L, 0);
-  }
+  if (p->L && !p->counted && lua_gethook(p->L) == mb_run_hook)
+    mb_lstate_sethook(p->L, 0);
   int nargs;
   for (;;) {
     if (p->L)
