@@ -317,10 +317,9 @@ int mb_sched_stuck(const mb_sched_t *s)
  * runner then lets it count its own slices with the hook, as before,
  * until it blocks, and says so (MB_SLICE_COUNTED), since a ticker that
  * woke every slice time for it cost ~20 us of CPU a wake-up on this
- * machine's VM: 8% of a core (it still pokes one that outlasts
- * MB_COUNTED_MAX_NS: time spent in C functions). Unless nothing waits for
- * its core: a slice due with its scheduler's queue empty runs on uncounted,
- * up to MB_TICK_LONE_NS or the loop's next timer (tick), as do the next slices
+ * machine's VM: 8% of a core. Unless nothing waits for its core: a slice
+ * due with its scheduler's queue empty runs on uncounted, up to
+ * MB_TICK_LONE_NS or the loop's next timer (tick), as do the next slices
  * of a process preempted alone (MB_SLICE_ALONE); the ticker then watches
  * that loop's epoll fd, and a push onto that queue wakes it (rq_push_as),
  * so either cuts the slice to its usual time. A lone loop so runs at full
@@ -400,9 +399,9 @@ static int alone(mb_sched_t *s, uint64_t st)
 }
 
 /* Poke s's running process if its slice is due (or it must stop anyway);
- * returns when the slice there may next be due (a counted one: at
- * MB_COUNTED_MAX_NS), or 0 if none runs; *lone: it runs alone (alone()),
- * the ticker watches its loop. A slice due with nothing queued behind it runs on, to
+ * returns when the slice there may next be due, or 0 if none runs that
+ * the ticker times; *lone: it runs alone (alone()), the ticker watches
+ * its loop. A slice due with nothing queued behind it runs on, to
  * MB_TICK_LONE_NS or its loop's next timer, and so does the next slice of
  * a process preempted so (MB_SLICE_ALONE) from its start: no one waits
  * for the core, and a ticker that woke every slice time costs more than
@@ -419,12 +418,11 @@ static uint64_t tick(mb_sched_t *s, uint64_t now, uint64_t slice, int *poked, in
   uint64_t from = s->poked_slice == st ? s->poked_at : st, due = from + slice;
   plock(s);
   mb_proc_t *p = s->running;
-  if (p) {
-    int counted = s->running_timed == MB_SLICE_COUNTED;
+  if (p && s->running_timed == MB_SLICE_COUNTED) {
+    due = 0;
+  } else if (p) {
     int must = mb_sched_halting() || atomic_load_explicit(&p->nsignals, memory_order_relaxed);
-    if (counted)
-      due = from + MB_COUNTED_MAX_NS;
-    else if (!must && (now >= due || s->running_timed == MB_SLICE_ALONE) && alone(s, st)) {
+    if (!must && (now >= due || s->running_timed == MB_SLICE_ALONE) && alone(s, st)) {
       uint64_t timer = atomic_load_explicit(&s->timer_due, memory_order_relaxed);
       due = from + MB_TICK_LONE_NS < timer ? from + MB_TICK_LONE_NS
                                            : timer > due ? timer : due;
@@ -434,7 +432,7 @@ static uint64_t tick(mb_sched_t *s, uint64_t now, uint64_t slice, int *poked, in
       preempter(p, s->running_ctx);
       s->poked_slice = st;
       s->poked_at = now;
-      due = now + (counted ? MB_COUNTED_MAX_NS : slice);
+      due = now + slice;
       *poked = 1;
       *lone = 0;
     }

@@ -86,12 +86,6 @@ typedef struct mb_sched mb_sched_t;
 /* A computing slice with nothing queued behind it on its scheduler runs
  * this long between pokes (they let the scheduler poll its loop). */
 #define MB_TICK_LONE_NS 2000000
-/* A counted slice (its process's hook charges its budget: MB_SLICE_COUNTED)
- * that has run this long is preempted by the ticker too. The budget counts
- * VM instructions and sends, not the time of other C calls: 10,000
- * instructions that call string.rep or spawn can take milliseconds. As
- * long as the ticker's longest sleep, so it costs no extra wake-ups. */
-#define MB_COUNTED_MAX_NS 2000000
 /* A slice that has run this long (its thread descheduled, or its CPU
  * taken by interrupt work) with processes queued behind it: the ticker
  * wakes an idle scheduler to take them (scheduler.c, tick). */

@@ -201,7 +201,6 @@ static int spawn_common(lua_State *L, int fnidx, const spawn_opts_t *o,
     mb_proc_link(self, p->pid);
   mb_ref_t ref = o->monitor ? mb_proc_monitor(self, p->pid) : 0;
   mb_pid_t pid = p->pid;
-  mb_run_charge(self, L, MB_REDS_PER_SPAWN + (int)(m->len / MB_COPY_BYTES_PER_RED));
   mb_sched_enqueue(p);   /* p may run and die at once: no use of p below */
   mb_id_push_new(L, pid, &mb_pid_kind);
   if (o->monitor) {
@@ -322,7 +321,9 @@ static int l_send(lua_State *L)
   mb_msg_t *m = encode_or_raise(L, 2, "send", "msg");
   if (mb_id_is_remote(dest))
     mb_lib_dist_check(L, m, "send");
-  mb_run_charge(p, L, MB_REDS_PER_SEND + (int)(m->len / MB_COPY_BYTES_PER_RED));
+  atomic_store_explicit(&p->reductions,
+      atomic_load_explicit(&p->reductions, memory_order_relaxed) + MB_REDS_PER_SEND +
+      m->len / MB_COPY_BYTES_PER_RED, memory_order_relaxed);
   m->kind = MB_MSG_USER;
   m->from = p->pid;
   m->ref = alias;

@@ -101,7 +101,7 @@ void mb_run_hook(lua_State *L, lua_Debug *ar)
   if (can_yield(p, L)) {
     atomic_store_explicit(&p->preempt, 0, memory_order_relaxed);
     if (poked) {
-      if (!p->counted && p->budget > 0)
+      if (!p->counted)
         p->budget = 0;  /* the ticker's poke: it ran a whole slice (charge) */
       /* It computes. With others waiting for the core it counts its
        * slices from now on; alone, the ticker times them, at a longer
@@ -137,33 +137,21 @@ void mb_run_hook(lua_State *L, lua_Debug *ar)
  * runner says so with mb_sched_running). Arms the hook to fire at the next
  * VM instruction, unless a hook is set already - the scheduler's own
  * (counting a slice, or waiting for a safe point) or a user's dispatcher,
- * which polls: both look at p->preempt, as does a send (mb_run_charge).
- * lua_sethook from another thread is what LuaJIT's own profiler does from
- * a signal handler: the interpreter picks up the new dispatch at its next
- * instruction. It rewrites the whole hook mask, and LuaJIT's flag that a
- * hook is running is a bit of it: were the owner leaving a hook meanwhile,
- * the flag could be written back set, and the state would take every later
- * yield for a hook's. So the hook is never taken off while one runs (see
- * mb_run_hook): a hook runs only while one is set, and then this leaves it
- * alone. */
+ * which polls: both look at p->preempt. lua_sethook from another thread is
+ * what LuaJIT's own profiler does from a signal handler: the interpreter
+ * picks up the new dispatch at its next instruction. But it rewrites the
+ * whole hook mask, and LuaJIT's flag that a hook is running is a bit of
+ * it: were the owner leaving a hook meanwhile, the flag could be written
+ * back set, and the state would take every later yield of a C function
+ * for a hook's (a chat server died of it, with this called on states that
+ * had a hook). So the hook never takes itself off (mb_run_hook): a hook
+ * runs only while one is set, and then this leaves it alone. */
 static void preempt(mb_proc_t *p, void *ctx)
 {
   lua_State *L = ctx;
   atomic_store_explicit(&p->preempt, 1, memory_order_relaxed);
   if (lua_gethook(L) == NULL)
     lua_sethook(L, mb_run_hook, LUA_MASKCOUNT, 1);
-}
-
-/* (run.h) A counted slice whose budget this spends, or that the ticker
- * poked, preempts at the next VM instruction; the budget of an uncounted
- * slice only says what it spent (charge). */
-void mb_run_charge(mb_proc_t *p, lua_State *L, int reds)
-{
-  int was = p->budget;
-  p->budget -= reds;
-  if (p->counted && ((was > 0 && p->budget <= 0) ||
-                     atomic_load_explicit(&p->preempt, memory_order_relaxed)))
-    mb_lstate_sethook(L, 1);
 }
 
 /* p runs Lua on this thread's scheduler from now on (or no longer): the

@@ -48,21 +48,15 @@
  * instructions, not 1,000: each call costs a few hundred machine
  * instructions, and the hook benchmark's preempted/not ratio went from
  * 1.07-1.10 to 1.04-1.08 (A/B, 3 and 5 runs); a computing process sees an
- * exit signal within 10,000 instructions. The hook counts VM instructions
- * only; a send or spawn is mostly C (a copy), so each charges the budget
- * itself (mb_run_charge): MB_REDS_PER_SEND or MB_REDS_PER_SPAWN, plus one
- * per MB_COPY_BYTES_PER_RED bytes copied (as the BEAM's
- * ERTS_MSG_COPY_WORDS_PER_REDUCTION). Before, a counted slice of a loop of
- * sends (a chat room's broadcast) was its 50,000 instructions: ~8,000
- * sends, milliseconds with others waiting; now ~500. Other C calls are
- * bounded by the ticker (MB_COUNTED_MAX_NS). mb.info's reductions: one a
- * slice, plus the budget it spent, or the whole of one the ticker
- * preempted if it spent less. */
+ * exit signal within 10,000 instructions. mb.info's reductions: one a
+ * slice, the budget a counted one spent or the whole of one the ticker
+ * preempted, and for sending MB_REDS_PER_SEND plus one per
+ * MB_COPY_BYTES_PER_RED bytes copied (as the BEAM's
+ * ERTS_MSG_COPY_WORDS_PER_REDUCTION). */
 #define MB_HOOK_INSTRUCTIONS 10000
 #define MB_REDS_PER_HOOK 100
 #define MB_SLICE_REDS 500
 #define MB_REDS_PER_SEND 1
-#define MB_REDS_PER_SPAWN 4
 #define MB_COPY_BYTES_PER_RED 64
 /* While a preemption waits for a safe point, check again this often. */
 #define MB_HOOK_RETRY_INSTRUCTIONS 100
@@ -80,11 +74,6 @@ int mb_run_can_yield(mb_proc_t *p, lua_State *L);
  * `return mb_run_yield(L, reason)` from a C function, after
  * mb_run_can_yield said yes. */
 int mb_run_yield(lua_State *L, mb_yield_t reason);
-
-/* Charge the running process p reds reductions of work done in C (a send:
- * the hook counts only VM instructions), from L, a thread of its state.
- * Owner thread. */
-void mb_run_charge(mb_proc_t *p, lua_State *L, int reds);
 
 /* The count hook installed in every process's state. */
 void mb_run_hook(lua_State *L, lua_Debug *ar);
