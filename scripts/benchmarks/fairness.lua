@@ -2,7 +2,7 @@
 -- The moonbeam twin of fairness.erl; see BENCHMARKS.md.
 --
 -- Args (key=value): busy (number of busy-looping processes), ms (how long
--- the ping-pong pair measures).  Round trips run back to back; each one is
+-- the ping-pong pair measures), work (below).  Round trips run back to back; each one is
 -- timed with mb.now().  Figures: p50, p99, max in milliseconds.
 local mb = require "moonbeam"
 
@@ -16,9 +16,23 @@ end
 
 local BUSY, MS = opt("busy", 8), opt("ms", 3000)
 
--- Pure arithmetic and never a call into the host: only preemption by the
--- count hook can take it off the CPU.
+-- work= what the busy processes do: "loop" (the default), pure arithmetic
+-- and never a call into the host, so only preemption by the count hook can
+-- take it off the CPU; "send", sends of a short string to a process that
+-- has ended (mostly C: a few VM instructions a send); "rep",
+-- string.rep(100 KB) (mostly C, and no host call). Moonbeam only: the
+-- last two show what the hook does not count (BENCHMARKS.md).
+local WORK = "loop"
+for _, a in ipairs(arg or {}) do WORK = a:match("^work=(%a+)$") or WORK end
+
 local function busy()
+  if WORK == "send" then
+    local gone, ref = mb.spawn_monitor(function() end)
+    mb.receive(function(m) return type(m) == "table" and m.ref == ref end)
+    while true do mb.send(gone, "a short line of text") end
+  elseif WORK == "rep" then
+    while true do local _ = string.rep("x", 100000) end
+  end
   local x = 0
   while true do x = (x * 3 + 1) % 1000003 end
 end
@@ -50,8 +64,8 @@ table.sort(samples)
 -- Nearest-rank percentile of the sorted samples.
 local function pct(p) return samples[math.max(1, math.min(n, math.ceil(p * n / 100)))] end
 
-print(string.format("detail busy=%d ms=%d round_trips=%d p50=%.3f p99=%.3f max=%.3f ms",
-  BUSY, MS, n, pct(50), pct(99), samples[n]))
+print(string.format("detail busy=%d work=%s ms=%d round_trips=%d p50=%.3f p99=%.3f max=%.3f ms",
+  BUSY, WORK, MS, n, pct(50), pct(99), samples[n]))
 print(string.format("RESULT name=fair_p99 value=%.3f unit=ms", pct(99)))
 print(string.format("RESULT name=fair_p50 value=%.3f unit=ms", pct(50)))
 print(string.format("RESULT name=fair_max value=%.3f unit=ms", samples[n]))
