@@ -99,6 +99,8 @@ typedef struct mb_idkind {
 #define MB_REGSLOT_SIGNAL_MSG (-0x203)   /* DOWN and EXIT messages' builder (lib_mb.c) */
 #define MB_REGSLOT_BODY_FN (-0x204)      /* a reused state's last body (run.c) */
 #define MB_REGSLOT_BASE (-0x205)         /* a reused state's base library (lstate.c) */
+#define MB_REGSLOT_NEW_CO (-0x206)       /* a new body coroutine, made under a protected
+                                            call and anchored on the stack (lstate.c) */
 
 /* The kinds defined here (registered from the start). */
 extern mb_idkind_t mb_pid_kind, mb_ref_kind;

@@ -52,6 +52,34 @@ describe("isolation", function()
   end)
 
   describe("memory", function()
+    -- LuaJIT's lua_newstate crashes when one of its own allocations fails,
+    -- and a state's first blocks (and its body coroutine) were made outside
+    -- any protected call: a max_memory of a few KB ended the host (a
+    -- segfault, or LuaJIT's panic). Every size from 1,000 bytes to 40 KB,
+    -- on new and on reused states: each process runs or dies of "out of
+    -- memory", and the host goes on.
+    it("gives a process any max_memory, however small, without harm to the host", function()
+      local code, out, err = child([[
+        local mb = require "moonbeam"
+        local died, ran = 0, 0
+        for max = 1000, 40000, 8 do
+          local _, ref = mb.spawn_opt({ monitor = true, max_memory = max }, function()
+            local t = {}
+            for i = 1, 10 do t[i] = i end
+          end)
+          local d = mb.receive(function(m) return type(m) == "table" and m.ref == ref end, 5000)
+          if not d then print("no DOWN at max_memory " .. max) os.exit(2) end
+          if d.reason == "normal" then ran = ran + 1
+          elseif d.reason == "out of memory" then died = died + 1
+          else print("reason " .. tostring(d.reason) .. " at " .. max) os.exit(3) end
+        end
+        print("died " .. died .. ", ran " .. ran)
+      ]], nil, 60)
+      assert.are.equal(0, code, "exit code " .. tostring(code) .. "\n" .. out .. err:sub(1, 2000))
+      local died, ran = out:match("died (%d+), ran (%d+)")
+      assert.is_true(tonumber(died) > 0 and tonumber(ran) > 0, out)
+    end)
+
     it("counts queued messages toward max_memory", function()
       local p, r = mb.spawn_opt({ monitor = true, max_memory = 512 * 1024 }, function()
         mb.receive(function() return false end)   -- never takes one

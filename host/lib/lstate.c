@@ -1177,14 +1177,23 @@ static int panic(lua_State *L)
   return 0;
 }
 
-/* Under lua_cpcall, with a pointer to the globals' first size: on a state
- * whose last process opened the base library, room for it, as the next
- * one will likely open it too (the same body, often), so that
- * restore_base fills them without the table's five rehashes on the way to
- * 32 (~7k instructions); else none. */
+/* What setup makes: the globals' first size (on a state whose last process
+ * opened the base library, room for it, as the next one will likely open
+ * it too - the same body, often - so that restore_base fills them without
+ * the table's five rehashes on the way to 32, ~7k instructions; else
+ * none), and whether a body coroutine, left at MB_REGSLOT_NEW_CO: every
+ * allocation is made under the protected call, where running out of
+ * memory is an error, not LuaJIT's panic. */
+typedef struct setup_s {
+  int globals;
+  int new_co;
+} setup_t;
+
+/* Under lua_cpcall, with a setup_t. */
 static int setup(lua_State *L)
 {
-  int globals = *(int *)lua_touserdata(L, 1);
+  const setup_t *st = lua_touserdata(L, 1);
+  int globals = st->globals;
   words_unfix(L);
   /* lua_newstate made a globals table of 64 slots (1.5 KB) while a
    * process's globals start empty and mostly stay few: it gets an empty
@@ -1222,6 +1231,10 @@ static int setup(lua_State *L)
   if (mb_lstate_noenv) {   /* -E: package ignores LUA_PATH and LUA_CPATH */
     lua_pushboolean(L, 1);
     lua_setfield(L, LUA_REGISTRYINDEX, "LUA_NOENV");
+  }
+  if (st->new_co) {
+    lua_newthread(L);
+    lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_NEW_CO);
   }
   return 0;
 }
@@ -1556,14 +1569,21 @@ int mb_lstate_new(mb_proc_t *p)
     }
   }
   if (L == NULL) {
+    /* Not under the process's limit: LuaJIT 2.1 (this build) crashes when
+     * one of lua_newstate's own allocations fails (its cleanup sweeps a
+     * string table it has not made yet: a spawn_opt with a max_memory of
+     * a few KB ended the host). Its ~12 KB are counted all the same, and
+     * setup, under the limit again, fails cleanly when they are over it. */
+    p->alloc.limit = 0;
     L = lua_newstate(mb_alloc_fn, p);
+    p->alloc.limit = p->alloc.max;
     if (L == NULL)
       return -1;
     lua_atpanic(L, panic);
     luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
   }
-  int globals = base ? 32 : 0;
-  if (lua_cpcall(L, setup, &globals) != 0) {
+  setup_t st = {base ? 32 : 0, lua_gettop(L) != 1};
+  if (lua_cpcall(L, setup, &st) != 0) {
     lua_close(L);
     return -1;
   }
@@ -1579,7 +1599,12 @@ int mb_lstate_new(mb_proc_t *p)
     lua_xmove(L, p->co, 1);
     lua_replace(p->co, LUA_GLOBALSINDEX);
   } else {
-    p->co = lua_newthread(L);
+    /* Made by setup; moved to the stack, which has room (no allocation),
+     * and the slot emptied (a key that exists: no allocation either). */
+    lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_NEW_CO);
+    p->co = lua_tothread(L, -1);
+    lua_pushnil(L);
+    lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_NEW_CO);
   }
   /* LuaJIT starts a state's first GC cycle only at 4x its size at birth
    * (~56 KB here), so a small process would carry all its garbage until

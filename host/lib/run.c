@@ -272,6 +272,10 @@ static mb_msg_t *oom_reason(mb_proc_t *p)
 static mb_msg_t *wake_failed(mb_proc_t *p, lua_State *L, int status,
                              const char *fallback)
 {
+  /* Copying the reason runs outside any protected call: an allocation
+   * refused there would be LuaJIT's panic (the host's end). The process
+   * ends, as a crashed one does: no limit from here on. */
+  p->alloc.limit = 0;
   if (p->exit_reason) {
     /* Killed meanwhile (the hook unwound the call): that is the reason. */
     lua_pop(L, 1);
