@@ -266,6 +266,21 @@ describe("processes", function()
       assert.is_nil(mb.whereis("spec_opt_named"))
     end)
 
+    it("refuses a max_memory that is not a positive number, NaN among them; math.huge is no limit", function()
+      for _, bad in ipairs { 0, -1, 0.5, -math.huge, 0 / 0, "100", true, {} } do
+        local ok, err = pcall(mb.spawn_opt, { max_memory = bad }, function() end)
+        assert.is_false(ok, tostring(bad))
+        assert.is_true(S.has(err, "opts.max_memory must be a positive number of bytes"), err)
+      end
+      for _, none in ipairs { math.huge, 1e300, 2 ^ 64 } do
+        local _, ref = mb.spawn_opt({ monitor = true, max_memory = none }, function()
+          local t = {}
+          for i = 1, 100 do t[i] = ("x"):rep(1000) .. i end
+        end)
+        assert.are.equal("normal", S.await_down(ref))
+      end
+    end)
+
     it("with max_memory lets a process live within its limit", function()
       local _, ref = mb.spawn_opt({ monitor = true, max_memory = 4 * MiB }, function()
         local t = {}

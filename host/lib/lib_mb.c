@@ -243,9 +243,11 @@ static int l_spawn_opt(lua_State *L)
   lua_getfield(L, 1, "max_memory");
   if (!lua_isnil(L, -1)) {
     lua_Number mm = lua_tonumber(L, -1);
-    if (lua_type(L, -1) != LUA_TNUMBER || mm < 1)
+    if (lua_type(L, -1) != LUA_TNUMBER || !(mm >= 1))   /* NaN too */
       return luaL_error(L, "spawn_opt: opts.max_memory must be a positive number of bytes");
-    o.max_memory = (size_t)mm;
+    /* math.huge, or more than a size_t holds: no limit (a cast would be
+     * undefined there). */
+    o.max_memory = mm < 0x1p63 ? (size_t)mm : 0;
   }
   lua_pop(L, 3);
   lua_getfield(L, 1, "name");
