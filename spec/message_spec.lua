@@ -213,6 +213,15 @@ describe("messages", function()
       ok, err = pcall(mb.receive, function() return true end, -1)
       assert.is_false(ok)
       assert.is_truthy(err:find("bad argument #2 to 'receive'", 1, true), err)
+      -- NaN is no timeout (it would wait forever, as with none)
+      for _, call in ipairs { { mb.receive, "receive" }, { mb.sleep, "sleep" } } do
+        ok, err = pcall(call[1], 0 / 0)
+        assert.is_false(ok)
+        assert.is_truthy(err:find("bad argument #1 to '" .. call[2] .. "' (timeout in ms", 1, true), err)
+      end
+      ok, err = pcall(mb.send_after, 0 / 0, mb.self(), "x")
+      assert.is_false(ok)
+      assert.is_truthy(err:find("bad argument #1 to 'send_after' (timeout in ms", 1, true), err)
       -- a nil alias is no alias; nil and no timeout wait alike
       mb.send(mb.self(), "x", nil)
       assert.are.equal("x", mb.receive(nil))

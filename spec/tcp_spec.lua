@@ -697,6 +697,8 @@ describe("moonbeam.tcp", function()
     assert.has_error(function() tcp.listen(nil, 0) end)
     assert.has_error(function() tcp.listen("127.0.0.1", 70000) end,
                      "bad argument #2 to 'listen' (port must be an integer in 0..65535)")
+    assert.has_error(function() tcp.listen("127.0.0.1", 0 / 0) end,
+                     "bad argument #2 to 'listen' (port must be an integer in 0..65535)")
     assert.has_error(function() tcp.connect("127.0.0.1", "x") end)
     local c, s, l = pair()
     assert.has_error(function() s:read(-1) end)
@@ -706,6 +708,10 @@ describe("moonbeam.tcp", function()
     assert.has_error(function() s:set_owner(42) end)
     assert.has_error(function() s:accept() end)
     assert.has_error(function() l:read() end)
+    for _, bad in ipairs { 0, 0 / 0 } do
+      assert.has_error(function() s:websocket({ max_message = bad }) end,
+                       "bad argument #1 to 'websocket' (max_message must be >= 1)")
+    end
     c:close(); s:close(); l:close()
   end)
 

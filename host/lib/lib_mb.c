@@ -478,7 +478,7 @@ static double check_timeout(lua_State *L, int idx, const char *fname)
 {
   if (lua_isnoneornil(L, idx))
     return -1;
-  if (lua_type(L, idx) != LUA_TNUMBER || lua_tonumber(L, idx) < 0)
+  if (lua_type(L, idx) != LUA_TNUMBER || !(lua_tonumber(L, idx) >= 0))   /* NaN too */
     luaL_error(L, "bad argument #%d to '%s' (timeout in ms (a number >= 0) "
                "expected, got %s)", idx, fname, luaL_typename(L, idx));
   return lua_tonumber(L, idx);

@@ -124,7 +124,7 @@ static int wait_io(lua_State *L, mb_proc_t *p, double timeout,
 static int check_port(lua_State *L, int idx)
 {
   lua_Number n = luaL_checknumber(L, idx);
-  if (n < 0 || n > 65535 || n != (int)n)
+  if (!(n >= 0 && n <= 65535) || n != (int)n)   /* NaN too, before the cast */
     luaL_argerror(L, idx, "port must be an integer in 0..65535");
   return (int)n;
 }
@@ -648,9 +648,9 @@ static int l_websocket(lua_State *L)
     client = lua_toboolean(L, -1);
     lua_getfield(L, 2, "max_message");
     lua_Number m = luaL_optnumber(L, -1, (lua_Number)DEFAULT_MAX_MESSAGE);
-    if (m < 1)
+    if (!(m >= 1))   /* NaN too */
       return luaL_argerror(L, 2, "max_message must be >= 1");
-    max = (size_t)m;
+    max = m < 0x1p62 ? (size_t)m : (size_t)1 << 62;   /* math.huge: no cast */
     lua_getfield(L, 2, "pending");
     pending = luaL_optlstring(L, -1, "", &plen);
   }
