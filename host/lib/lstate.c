@@ -1545,6 +1545,18 @@ static lua_State *pool_take(mb_proc_t *p, int *base)
   return L;
 }
 
+/* lua_newstate's allocator. With no limit, a block is refused only when
+ * the host is out of memory, and the first refusal gave back the host's
+ * reserve (alloc.c): asked again, it is there. If it is not, the host ends
+ * as mb_must says, rather than in LuaJIT's crash (see mb_lstate_new). */
+static void *newstate_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
+{
+  void *b = mb_alloc_fn(ud, ptr, osize, nsize);
+  if (b == NULL && nsize > 0)
+    b = mb_must(mb_alloc_fn(ud, ptr, osize, nsize));
+  return b;
+}
+
 int mb_lstate_new(mb_proc_t *p)
 {
   p->alloc.limit = p->alloc.max;
@@ -1569,16 +1581,18 @@ int mb_lstate_new(mb_proc_t *p)
     }
   }
   if (L == NULL) {
-    /* Not under the process's limit: LuaJIT 2.1 (this build) crashes when
-     * one of lua_newstate's own allocations fails (its cleanup sweeps a
-     * string table it has not made yet: a spawn_opt with a max_memory of
-     * a few KB ended the host). Its ~12 KB are counted all the same, and
-     * setup, under the limit again, fails cleanly when they are over it. */
+    /* Not under the process's limit, and with newstate_alloc: LuaJIT 2.1
+     * (this build) crashes when one of lua_newstate's own allocations
+     * fails (its cleanup sweeps a string table it has not made yet: a
+     * spawn_opt with a max_memory of a few KB ended the host). Its ~12 KB
+     * are counted all the same, and setup, under the limit again, fails
+     * cleanly when they are over it. */
     p->alloc.limit = 0;
-    L = lua_newstate(mb_alloc_fn, p);
+    L = lua_newstate(newstate_alloc, p);
     p->alloc.limit = p->alloc.max;
     if (L == NULL)
       return -1;
+    lua_setallocf(L, mb_alloc_fn, p);
     lua_atpanic(L, panic);
     luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
   }
