@@ -141,8 +141,9 @@ static void on_alias(mb_pid_t self, mb_ref_t ref, int on)
 
 static void on_exit_(mb_proc_t *p)
 {
-  for (uint32_t i = 0; i < p->aliases.n; i++)
-    dist_alias_del(p->aliases.v[i].ref, p->pid);
+  for (uint32_t i = 0; i < p->aliases.cap; i++)   /* a hash set by ref (proc.c) */
+    if (p->aliases.v[i].ref)
+      dist_alias_del(p->aliases.v[i].ref, p->pid);
 }
 
 void dist_alias_init(void)

@@ -397,41 +397,17 @@ void mb_proc_send(mb_pid_t pid, mb_msg_t *msg)
   mb_proc_unref(p);
 }
 
-static void linkset_add(mb_linkset_t *s, mb_pid_t pid, mb_ref_t ref)
-{
-  if (s->n == s->cap) {
-    s->cap = s->cap ? 2 * s->cap : 2;
-    s->v = mb_realloc(s->v, s->cap * sizeof *s->v);
-  }
-  s->v[s->n].pid = pid;
-  s->v[s->n].ref = ref;
-  s->n++;
-}
-
-/* Remove the entry matching pid (ref == 0) or ref; returns 1 if found. */
-static int linkset_del(mb_linkset_t *s, mb_pid_t pid, mb_ref_t ref)
-{
-  for (uint32_t i = 0; i < s->n; i++) {
-    if (ref ? s->v[i].ref == ref : (s->v[i].pid == pid && s->v[i].ref == 0)) {
-      s->v[i] = s->v[--s->n];
-      return 1;
-    }
-  }
-  return 0;
-}
-
-static int linkset_has(const mb_linkset_t *s, mb_pid_t pid)
-{
-  for (uint32_t i = 0; i < s->n; i++)
-    if (s->v[i].pid == pid)
-      return 1;
-  return 0;
-}
-
-/* -- The monitors a process holds (owner-only) ----------------------------
+/* -- Sets of links, monitors and aliases ------------------------------------
  *
- * p->monitoring is a hash of {target, ref} by ref (linear probing, at most
- * half full; an empty slot has ref 0), not a list: every DOWN that reaches
+ * Each is a hash by ref (linear probing, at most half full; an empty slot
+ * has ref 0): p->monitoring {target, ref}, p->watchers {watcher, ref},
+ * p->aliases {0, ref}, and p->links {pid, pid} - a link's key is the pid.
+ * Lists were linear to search: 1,000,000 monitors of one process took its
+ * watcher's exit O(n^2) (a scheduler stuck in C for minutes), as did a
+ * million aliases their making, and a process linked to 100,000 others
+ * (a supervisor's children) paid a scan of all of them for each exit.
+ *
+ * p->monitoring is a set, not a list, also because every DOWN that reaches
  * the process takes its monitor out (mb_proc_drain), so the set holds only
  * live monitors - a process that monitors many short-lived ones would
  * otherwise keep them all - and a DOWN whose monitor is gone (demonitored
@@ -504,6 +480,25 @@ static int monset_take(mb_linkset_t *s, mb_ref_t ref, mb_pid_t *pid)
   return 1;
 }
 
+static int monset_has(const mb_linkset_t *s, mb_ref_t ref)
+{
+  if (s->n == 0)
+    return 0;
+  uint32_t mask = s->cap - 1, i = mon_home(ref, mask);
+  for (; s->v[i].ref; i = (i + 1) & mask)
+    if (s->v[i].ref == ref)
+      return 1;
+  return 0;
+}
+
+static int link_has(const mb_linkset_t *s, mb_pid_t pid) { return monset_has(s, pid); }
+static void link_add(mb_linkset_t *s, mb_pid_t pid) { monset_add(s, pid, pid); }
+static int link_del(mb_linkset_t *s, mb_pid_t pid)
+{
+  mb_pid_t same;
+  return monset_take(s, pid, &same);
+}
+
 /* A DOWN for p came out of its inbox: take its monitor out. Returns 0 when
  * it had none (the DOWN must then be dropped). */
 static int monitor_fired(mb_proc_t *p, mb_ref_t ref)
@@ -517,8 +512,8 @@ static int monitor_fired(mb_proc_t *p, mb_ref_t ref)
 void mb_proc_alias(mb_proc_t *p, mb_ref_t ref)
 {
   MB_ASSERT_OWNER(p);
-  if (!mb_proc_has_alias(p, ref)) {
-    linkset_add(&p->aliases, 0, ref);
+  if (!monset_has(&p->aliases, ref)) {
+    monset_add(&p->aliases, 0, ref);
     if (mb_proc_remote_alias)
       mb_proc_remote_alias(p->pid, ref, 1);
   }
@@ -527,7 +522,8 @@ void mb_proc_alias(mb_proc_t *p, mb_ref_t ref)
 int mb_proc_unalias(mb_proc_t *p, mb_ref_t ref)
 {
   MB_ASSERT_OWNER(p);
-  int was = linkset_del(&p->aliases, 0, ref);
+  mb_pid_t none;
+  int was = monset_take(&p->aliases, ref, &none);
   if (was && mb_proc_remote_alias)
     mb_proc_remote_alias(p->pid, ref, 0);
   return was;
@@ -535,10 +531,7 @@ int mb_proc_unalias(mb_proc_t *p, mb_ref_t ref)
 
 int mb_proc_has_alias(const mb_proc_t *p, mb_ref_t ref)
 {
-  for (uint32_t i = 0; i < p->aliases.n; i++)
-    if (p->aliases.v[i].ref == ref)
-      return 1;
-  return 0;
+  return monset_has(&p->aliases, ref);
 }
 
 mb_msg_t *mb_proc_take_msg(mb_proc_t *p, mb_msg_t **pm)
@@ -596,7 +589,7 @@ int mb_proc_drain(mb_proc_t *p)
        * no effect any more: the signal is dropped (Erlang's promise). An
        * exit signal sent with mb.exit leaves a link as it was. */
       mb_proc_lock(p);
-      int had = linkset_del(&p->links, m->from, 0);
+      int had = link_del(&p->links, m->from);
       mb_proc_unlock(p);
       if (!had) {
         mb_msg_free(mb_proc_take_msg(p, pm));
@@ -661,9 +654,9 @@ static int remote_link(mb_proc_t *self, mb_pid_t pid)
   if (mb_proc_remote_link == NULL)
     return MB_ENOPROC;
   mb_proc_lock(self);
-  int had = linkset_has(&self->links, pid);
+  int had = link_has(&self->links, pid);
   if (!had)
-    linkset_add(&self->links, pid, 0);
+    link_add(&self->links, pid);
   mb_proc_unlock(self);
   if (!had)
     mb_proc_remote_link(self->pid, pid, 1);
@@ -690,8 +683,8 @@ int mb_proc_link_remote(mb_pid_t local, mb_pid_t remote)
   if (p) {
     mb_proc_lock(p);
     if (!p->dead) {
-      if (!linkset_has(&p->links, remote))
-        linkset_add(&p->links, remote, 0);
+      if (!link_has(&p->links, remote))
+        link_add(&p->links, remote);
       rc = 0;
     }
     mb_proc_unlock(p);
@@ -706,7 +699,7 @@ int mb_proc_unlink_remote(mb_pid_t local, mb_pid_t remote)
   int was = 0;
   if (p) {
     mb_proc_lock(p);
-    was = !p->dead && linkset_del(&p->links, remote, 0);
+    was = !p->dead && link_del(&p->links, remote);
     mb_proc_unlock(p);
     mb_proc_unref(p);
   }
@@ -720,7 +713,7 @@ int mb_proc_watch_remote(mb_pid_t local, mb_pid_t watcher, mb_ref_t ref)
   if (p) {
     mb_proc_lock(p);
     if (!p->dead) {
-      linkset_add(&p->watchers, watcher, ref);
+      monset_add(&p->watchers, watcher, ref);
       rc = 0;
     }
     mb_proc_unlock(p);
@@ -735,7 +728,8 @@ int mb_proc_unwatch_remote(mb_pid_t local, mb_ref_t ref)
   int was = 0;
   if (p) {
     mb_proc_lock(p);
-    was = linkset_del(&p->watchers, 0, ref);
+    mb_pid_t watcher;
+    was = monset_take(&p->watchers, ref, &watcher);
     mb_proc_unlock(p);
     mb_proc_unref(p);
   }
@@ -756,8 +750,8 @@ int mb_proc_link(mb_proc_t *self, mb_pid_t pid)
   if (t) {
     mb_proc_lock(t);
     if (!t->dead) {
-      if (!linkset_has(&t->links, self->pid))
-        linkset_add(&t->links, self->pid, 0);
+      if (!link_has(&t->links, self->pid))
+        link_add(&t->links, self->pid);
       ok = 1;
     }
     mb_proc_unlock(t);
@@ -766,8 +760,8 @@ int mb_proc_link(mb_proc_t *self, mb_pid_t pid)
   if (!ok)
     return MB_ENOPROC;
   mb_proc_lock(self);
-  if (!linkset_has(&self->links, pid))
-    linkset_add(&self->links, pid, 0);
+  if (!link_has(&self->links, pid))
+    link_add(&self->links, pid);
   mb_proc_unlock(self);
   return 0;
 }
@@ -776,7 +770,7 @@ void mb_proc_unlink(mb_proc_t *self, mb_pid_t pid)
 {
   MB_ASSERT_OWNER(self);
   mb_proc_lock(self);
-  int was = linkset_del(&self->links, pid, 0);
+  int was = link_del(&self->links, pid);
   mb_proc_unlock(self);
   if (mb_id_is_remote(pid)) {
     if (was && mb_proc_remote_link)
@@ -786,7 +780,7 @@ void mb_proc_unlink(mb_proc_t *self, mb_pid_t pid)
   mb_proc_t *t = mb_proc_get(pid);
   if (t) {
     mb_proc_lock(t);
-    linkset_del(&t->links, self->pid, 0);
+    link_del(&t->links, self->pid);
     mb_proc_unlock(t);
     mb_proc_unref(t);
   }
@@ -811,7 +805,7 @@ mb_ref_t mb_proc_monitor(mb_proc_t *self, mb_pid_t pid)
   if (t) {
     mb_proc_lock(t);
     if (!t->dead) {
-      linkset_add(&t->watchers, self->pid, ref);
+      monset_add(&t->watchers, self->pid, ref);
       ok = 1;
     }
     mb_proc_unlock(t);
@@ -836,8 +830,9 @@ int mb_proc_demonitor(mb_proc_t *self, mb_ref_t ref)
   }
   mb_proc_t *t = mb_proc_get(target);
   if (t) {
+    mb_pid_t watcher;
     mb_proc_lock(t);
-    linkset_del(&t->watchers, 0, ref);
+    monset_take(&t->watchers, ref, &watcher);
     mb_proc_unlock(t);
     mb_proc_unref(t);
   }
@@ -889,14 +884,17 @@ void mb_proc_exit(mb_proc_t *p, mb_msg_t *reason)
 
   run_exit_hooks(p);
   table_remove(p);
-  for (uint32_t i = 0; i < links.n; i++)
-    if (mb_id_is_remote(links.v[i].pid))
+  for (uint32_t i = 0; i < links.cap; i++)
+    if (links.v[i].ref == 0)
+      continue;
+    else if (mb_id_is_remote(links.v[i].pid))
       remote_link_exit(links.v[i].pid, p->pid, dup_reason(reason));
     else
       mb_proc_link_exit(links.v[i].pid, p->pid, dup_reason(reason));
-  for (uint32_t i = 0; i < watchers.n; i++)
-    mb_proc_send(watchers.v[i].pid,
-                 down_msg(p->pid, watchers.v[i].ref, dup_reason(reason)));
+  for (uint32_t i = 0; i < watchers.cap; i++)
+    if (watchers.v[i].ref)
+      mb_proc_send(watchers.v[i].pid,
+                   down_msg(p->pid, watchers.v[i].ref, dup_reason(reason)));
   /* Monitors this process held die with it. */
   for (uint32_t i = 0; i < p->monitoring.cap; i++) {
     if (p->monitoring.v[i].ref == 0)
@@ -909,8 +907,9 @@ void mb_proc_exit(mb_proc_t *p, mb_msg_t *reason)
     }
     mb_proc_t *t = mb_proc_get(p->monitoring.v[i].pid);
     if (t) {
+      mb_pid_t watcher;
       mb_proc_lock(t);
-      linkset_del(&t->watchers, 0, p->monitoring.v[i].ref);
+      monset_take(&t->watchers, p->monitoring.v[i].ref, &watcher);
       mb_proc_unlock(t);
       mb_proc_unref(t);
     }

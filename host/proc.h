@@ -90,7 +90,8 @@ typedef enum {
 
 typedef struct mb_link {
   mb_pid_t pid;
-  mb_ref_t ref;     /* monitors: the ref; links: 0 */
+  mb_ref_t ref;     /* the key (proc.c: the sets are hashes): monitors and
+                       aliases, the ref; links, the pid again; 0: empty */
 } mb_link_t;
 
 typedef struct mb_linkset {

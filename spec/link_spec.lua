@@ -496,6 +496,51 @@ describe("links and monitors", function()
     end)
   end)
 
+  -- Links, monitors and aliases are sets searched by key: as lists, a
+  -- process holding 300,000 monitors of one target took its exit O(n^2)
+  -- (each taken out of the target's list by a scan: its scheduler stuck in
+  -- C for tens of seconds), and so did making 300,000 aliases. In a child
+  -- host, bounded in time: a stall is a failure, not a hang.
+  describe("at scale", function()
+    it("a process with 300,000 monitors of one target and 300,000 aliases ends promptly", function()
+      local path = S.write("scale.lua", [[
+        local mb = require "moonbeam"
+        local target = mb.spawn(function() mb.receive() end)
+        local pid, ref = mb.spawn_monitor(function(target)
+          for _ = 1, 300000 do mb.monitor(target) end
+          local last
+          for _ = 1, 300000 do last = mb.alias() end
+          assert(mb.unalias(last) and not mb.unalias(last))
+        end, target)
+        local d = mb.receive(function(m) return type(m) == "table" and m.ref == ref end, 60000)
+        print("down", d and d.reason)
+        mb.send(target, "stop")
+      ]])
+      local code, out, err = S.moonbeam(S.q(path), nil, 60)
+      assert.are.equal(0, code, "exit code " .. tostring(code) .. "\n" .. out .. err:sub(1, 1000))
+      assert.are.equal("down\tnormal\n", out, err:sub(1, 1000))
+    end)
+
+    it("50,000 linked children exit, each EXIT found among the parent's links", function()
+      local code, out, err = S.moonbeam(S.q(S.write("links.lua", [[
+        local mb = require "moonbeam"
+        mb.trap_exit(true)
+        local kids = {}
+        for i = 1, 50000 do kids[i] = mb.spawn_link(function() mb.receive() end) end
+        for i = 1, 50000 do mb.send(kids[i], "bye") end
+        local got = 0
+        while got < 50000 do
+          local m = mb.receive(10000)
+          if m == nil then break end
+          if type(m) == "table" and m.event == "EXIT" and m.reason == "normal" then got = got + 1 end
+        end
+        print("exits", got)
+      ]])), nil, 60)
+      assert.are.equal(0, code, "exit code " .. tostring(code) .. "\n" .. out .. err:sub(1, 1000))
+      assert.are.equal("exits\t50000\n", out, err:sub(1, 1000))
+    end)
+  end)
+
   describe("crash isolation", function()
     it("an error ends that process only; others go on", function()
       local worker = mb.spawn(function(parent)
