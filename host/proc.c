@@ -414,14 +414,14 @@ void mb_proc_send(mb_pid_t pid, mb_msg_t *msg)
  * while the target was already sending it) is dropped, as Erlang promises:
  * after demonitor returns, no DOWN for its ref comes. */
 
-static uint32_t mon_home(mb_ref_t ref, uint32_t mask)
+static uint32_t set_home(mb_ref_t ref, uint32_t mask)
 {
   return (uint32_t)((ref * 0x9E3779B97F4A7C15ull) >> 32) & mask;
 }
 
-static void monset_put(mb_linkset_t *s, mb_pid_t pid, mb_ref_t ref)
+static void set_put(mb_linkset_t *s, mb_pid_t pid, mb_ref_t ref)
 {
-  uint32_t mask = s->cap - 1, i = mon_home(ref, mask);
+  uint32_t mask = s->cap - 1, i = set_home(ref, mask);
   while (s->v[i].ref)
     i = (i + 1) & mask;
   s->v[i].pid = pid;
@@ -429,7 +429,7 @@ static void monset_put(mb_linkset_t *s, mb_pid_t pid, mb_ref_t ref)
   s->n++;
 }
 
-static void monset_resize(mb_linkset_t *s, uint32_t cap)
+static void set_resize(mb_linkset_t *s, uint32_t cap)
 {
   mb_linkset_t old = *s;
   s->v = mb_calloc(cap, sizeof *s->v);
@@ -437,24 +437,24 @@ static void monset_resize(mb_linkset_t *s, uint32_t cap)
   s->n = 0;
   for (uint32_t i = 0; i < old.cap; i++)
     if (old.v[i].ref)
-      monset_put(s, old.v[i].pid, old.v[i].ref);
+      set_put(s, old.v[i].pid, old.v[i].ref);
   mb_free(old.v);
 }
 
-static void monset_add(mb_linkset_t *s, mb_pid_t pid, mb_ref_t ref)
+static void set_add(mb_linkset_t *s, mb_pid_t pid, mb_ref_t ref)
 {
   if (2 * (s->n + 1) > s->cap)
-    monset_resize(s, s->cap ? 2 * s->cap : 4);
-  monset_put(s, pid, ref);
+    set_resize(s, s->cap ? 2 * s->cap : 4);
+  set_put(s, pid, ref);
 }
 
 /* Take ref's monitor out; returns 1 and its target in *pid if it was there.
  * The slots after it that probed past it move back (no tombstones). */
-static int monset_take(mb_linkset_t *s, mb_ref_t ref, mb_pid_t *pid)
+static int set_take(mb_linkset_t *s, mb_ref_t ref, mb_pid_t *pid)
 {
   if (s->n == 0)
     return 0;
-  uint32_t mask = s->cap - 1, i = mon_home(ref, mask);
+  uint32_t mask = s->cap - 1, i = set_home(ref, mask);
   while (s->v[i].ref != ref) {
     if (s->v[i].ref == 0)
       return 0;
@@ -465,7 +465,7 @@ static int monset_take(mb_linkset_t *s, mb_ref_t ref, mb_pid_t *pid)
     j = (j + 1) & mask;
     if (s->v[j].ref == 0)
       break;
-    uint32_t k = mon_home(s->v[j].ref, mask);
+    uint32_t k = set_home(s->v[j].ref, mask);
     /* j stays if its home is cyclically in (i, j] */
     if (i <= j ? (i < k && k <= j) : (i < k || k <= j))
       continue;
@@ -476,27 +476,27 @@ static int monset_take(mb_linkset_t *s, mb_ref_t ref, mb_pid_t *pid)
   s->v[i].pid = 0;
   s->n--;
   if (s->cap > 16 && 8 * s->n < s->cap)
-    monset_resize(s, s->cap / 2);
+    set_resize(s, s->cap / 2);
   return 1;
 }
 
-static int monset_has(const mb_linkset_t *s, mb_ref_t ref)
+static int set_has(const mb_linkset_t *s, mb_ref_t ref)
 {
   if (s->n == 0)
     return 0;
-  uint32_t mask = s->cap - 1, i = mon_home(ref, mask);
+  uint32_t mask = s->cap - 1, i = set_home(ref, mask);
   for (; s->v[i].ref; i = (i + 1) & mask)
     if (s->v[i].ref == ref)
       return 1;
   return 0;
 }
 
-static int link_has(const mb_linkset_t *s, mb_pid_t pid) { return monset_has(s, pid); }
-static void link_add(mb_linkset_t *s, mb_pid_t pid) { monset_add(s, pid, pid); }
+static int link_has(const mb_linkset_t *s, mb_pid_t pid) { return set_has(s, pid); }
+static void link_add(mb_linkset_t *s, mb_pid_t pid) { set_add(s, pid, pid); }
 static int link_del(mb_linkset_t *s, mb_pid_t pid)
 {
   mb_pid_t same;
-  return monset_take(s, pid, &same);
+  return set_take(s, pid, &same);
 }
 
 /* A DOWN for p came out of its inbox: take its monitor out. Returns 0 when
@@ -504,7 +504,7 @@ static int link_del(mb_linkset_t *s, mb_pid_t pid)
 static int monitor_fired(mb_proc_t *p, mb_ref_t ref)
 {
   mb_pid_t target;
-  return monset_take(&p->monitoring, ref, &target);
+  return set_take(&p->monitoring, ref, &target);
 }
 
 /* -- Aliases (owner-only) ------------------------------------------------ */
@@ -512,8 +512,8 @@ static int monitor_fired(mb_proc_t *p, mb_ref_t ref)
 void mb_proc_alias(mb_proc_t *p, mb_ref_t ref)
 {
   MB_ASSERT_OWNER(p);
-  if (!monset_has(&p->aliases, ref)) {
-    monset_add(&p->aliases, 0, ref);
+  if (!set_has(&p->aliases, ref)) {
+    set_add(&p->aliases, 0, ref);
     if (mb_proc_remote_alias)
       mb_proc_remote_alias(p->pid, ref, 1);
   }
@@ -523,7 +523,7 @@ int mb_proc_unalias(mb_proc_t *p, mb_ref_t ref)
 {
   MB_ASSERT_OWNER(p);
   mb_pid_t none;
-  int was = monset_take(&p->aliases, ref, &none);
+  int was = set_take(&p->aliases, ref, &none);
   if (was && mb_proc_remote_alias)
     mb_proc_remote_alias(p->pid, ref, 0);
   return was;
@@ -531,7 +531,7 @@ int mb_proc_unalias(mb_proc_t *p, mb_ref_t ref)
 
 int mb_proc_has_alias(const mb_proc_t *p, mb_ref_t ref)
 {
-  return monset_has(&p->aliases, ref);
+  return set_has(&p->aliases, ref);
 }
 
 mb_msg_t *mb_proc_take_msg(mb_proc_t *p, mb_msg_t **pm)
@@ -667,7 +667,7 @@ static mb_msg_t *down_msg(mb_pid_t from, mb_ref_t ref, mb_msg_t *reason);
 
 static mb_ref_t remote_monitor(mb_proc_t *self, mb_pid_t pid, mb_ref_t ref)
 {
-  monset_add(&self->monitoring, pid, ref);
+  set_add(&self->monitoring, pid, ref);
   if (mb_proc_remote_monitor == NULL) {
     mb_proc_push(self, down_msg(pid, ref, host_reason("noproc")));
     return ref;
@@ -713,7 +713,7 @@ int mb_proc_watch_remote(mb_pid_t local, mb_pid_t watcher, mb_ref_t ref)
   if (p) {
     mb_proc_lock(p);
     if (!p->dead) {
-      monset_add(&p->watchers, watcher, ref);
+      set_add(&p->watchers, watcher, ref);
       rc = 0;
     }
     mb_proc_unlock(p);
@@ -729,7 +729,7 @@ int mb_proc_unwatch_remote(mb_pid_t local, mb_ref_t ref)
   if (p) {
     mb_proc_lock(p);
     mb_pid_t watcher;
-    was = monset_take(&p->watchers, ref, &watcher);
+    was = set_take(&p->watchers, ref, &watcher);
     mb_proc_unlock(p);
     mb_proc_unref(p);
   }
@@ -805,13 +805,13 @@ mb_ref_t mb_proc_monitor(mb_proc_t *self, mb_pid_t pid)
   if (t) {
     mb_proc_lock(t);
     if (!t->dead) {
-      monset_add(&t->watchers, self->pid, ref);
+      set_add(&t->watchers, self->pid, ref);
       ok = 1;
     }
     mb_proc_unlock(t);
     mb_proc_unref(t);
   }
-  monset_add(&self->monitoring, pid, ref);
+  set_add(&self->monitoring, pid, ref);
   if (!ok)
     mb_proc_push(self, down_msg(pid, ref, host_reason("noproc")));
   return ref;
@@ -821,7 +821,7 @@ int mb_proc_demonitor(mb_proc_t *self, mb_ref_t ref)
 {
   MB_ASSERT_OWNER(self);
   mb_pid_t target;
-  if (!monset_take(&self->monitoring, ref, &target))
+  if (!set_take(&self->monitoring, ref, &target))
     return 0;
   if (mb_id_is_remote(target)) {
     if (mb_proc_remote_monitor)
@@ -832,7 +832,7 @@ int mb_proc_demonitor(mb_proc_t *self, mb_ref_t ref)
   if (t) {
     mb_pid_t watcher;
     mb_proc_lock(t);
-    monset_take(&t->watchers, ref, &watcher);
+    set_take(&t->watchers, ref, &watcher);
     mb_proc_unlock(t);
     mb_proc_unref(t);
   }
@@ -909,7 +909,7 @@ void mb_proc_exit(mb_proc_t *p, mb_msg_t *reason)
     if (t) {
       mb_pid_t watcher;
       mb_proc_lock(t);
-      monset_take(&t->watchers, p->monitoring.v[i].ref, &watcher);
+      set_take(&t->watchers, p->monitoring.v[i].ref, &watcher);
       mb_proc_unlock(t);
       mb_proc_unref(t);
     }
