@@ -448,7 +448,8 @@ static void set_add(mb_linkset_t *s, mb_pid_t pid, mb_ref_t ref)
   set_put(s, pid, ref);
 }
 
-/* Take ref's monitor out; returns 1 and its target in *pid if it was there.
+/* Take ref's entry out; returns 1, and its pid in *pid (unless NULL), if it
+ * was there.
  * The slots after it that probed past it move back (no tombstones). */
 static int set_take(mb_linkset_t *s, mb_ref_t ref, mb_pid_t *pid)
 {
@@ -460,7 +461,8 @@ static int set_take(mb_linkset_t *s, mb_ref_t ref, mb_pid_t *pid)
       return 0;
     i = (i + 1) & mask;
   }
-  *pid = s->v[i].pid;
+  if (pid)
+    *pid = s->v[i].pid;
   for (uint32_t j = i;;) {
     j = (j + 1) & mask;
     if (s->v[j].ref == 0)
@@ -493,18 +495,13 @@ static int set_has(const mb_linkset_t *s, mb_ref_t ref)
 
 static int link_has(const mb_linkset_t *s, mb_pid_t pid) { return set_has(s, pid); }
 static void link_add(mb_linkset_t *s, mb_pid_t pid) { set_add(s, pid, pid); }
-static int link_del(mb_linkset_t *s, mb_pid_t pid)
-{
-  mb_pid_t same;
-  return set_take(s, pid, &same);
-}
+static int link_del(mb_linkset_t *s, mb_pid_t pid) { return set_take(s, pid, NULL); }
 
 /* A DOWN for p came out of its inbox: take its monitor out. Returns 0 when
  * it had none (the DOWN must then be dropped). */
 static int monitor_fired(mb_proc_t *p, mb_ref_t ref)
 {
-  mb_pid_t target;
-  return set_take(&p->monitoring, ref, &target);
+  return set_take(&p->monitoring, ref, NULL);
 }
 
 /* -- Aliases (owner-only) ------------------------------------------------ */
@@ -522,8 +519,7 @@ void mb_proc_alias(mb_proc_t *p, mb_ref_t ref)
 int mb_proc_unalias(mb_proc_t *p, mb_ref_t ref)
 {
   MB_ASSERT_OWNER(p);
-  mb_pid_t none;
-  int was = set_take(&p->aliases, ref, &none);
+  int was = set_take(&p->aliases, ref, NULL);
   if (was && mb_proc_remote_alias)
     mb_proc_remote_alias(p->pid, ref, 0);
   return was;
@@ -728,8 +724,7 @@ int mb_proc_unwatch_remote(mb_pid_t local, mb_ref_t ref)
   int was = 0;
   if (p) {
     mb_proc_lock(p);
-    mb_pid_t watcher;
-    was = set_take(&p->watchers, ref, &watcher);
+    was = set_take(&p->watchers, ref, NULL);
     mb_proc_unlock(p);
     mb_proc_unref(p);
   }
@@ -830,9 +825,8 @@ int mb_proc_demonitor(mb_proc_t *self, mb_ref_t ref)
   }
   mb_proc_t *t = mb_proc_get(target);
   if (t) {
-    mb_pid_t watcher;
     mb_proc_lock(t);
-    set_take(&t->watchers, ref, &watcher);
+    set_take(&t->watchers, ref, NULL);
     mb_proc_unlock(t);
     mb_proc_unref(t);
   }
@@ -884,13 +878,14 @@ void mb_proc_exit(mb_proc_t *p, mb_msg_t *reason)
 
   run_exit_hooks(p);
   table_remove(p);
-  for (uint32_t i = 0; i < links.cap; i++)
+  for (uint32_t i = 0; i < links.cap; i++) {
     if (links.v[i].ref == 0)
       continue;
-    else if (mb_id_is_remote(links.v[i].pid))
+    if (mb_id_is_remote(links.v[i].pid))
       remote_link_exit(links.v[i].pid, p->pid, dup_reason(reason));
     else
       mb_proc_link_exit(links.v[i].pid, p->pid, dup_reason(reason));
+  }
   for (uint32_t i = 0; i < watchers.cap; i++)
     if (watchers.v[i].ref)
       mb_proc_send(watchers.v[i].pid,
@@ -907,9 +902,8 @@ void mb_proc_exit(mb_proc_t *p, mb_msg_t *reason)
     }
     mb_proc_t *t = mb_proc_get(p->monitoring.v[i].pid);
     if (t) {
-      mb_pid_t watcher;
       mb_proc_lock(t);
-      set_take(&t->watchers, p->monitoring.v[i].ref, &watcher);
+      set_take(&t->watchers, p->monitoring.v[i].ref, NULL);
       mb_proc_unlock(t);
       mb_proc_unref(t);
     }

@@ -1596,7 +1596,8 @@ int mb_lstate_new(mb_proc_t *p)
     lua_atpanic(L, panic);
     luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
   }
-  setup_t st = {base ? 32 : 0, lua_gettop(L) != 1};
+  int kept_co = lua_gettop(L) == 1;
+  setup_t st = {base ? 32 : 0, !kept_co};
   if (lua_cpcall(L, setup, &st) != 0) {
     lua_close(L);
     return -1;
@@ -1607,7 +1608,7 @@ int mb_lstate_new(mb_proc_t *p)
   /* The body coroutine stays anchored in slot 1 of the main thread; a
    * reused state may have kept its last one (mb_lstate_recycle), whose
    * environment becomes the new globals, as a new thread's would. */
-  if (lua_gettop(L) == 1) {
+  if (kept_co) {
     p->co = lua_tothread(L, 1);
     lua_pushvalue(L, LUA_GLOBALSINDEX);
     lua_xmove(L, p->co, 1);
