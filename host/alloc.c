@@ -528,7 +528,8 @@ void *mb_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize)
       mi_free(ptr);
     return NULL;
   }
-  if (a->limit && nsize > osize && used - osize + nsize > a->limit) {
+  if (a->limit && nsize > osize &&
+      used - osize + nsize + atomic_load_explicit(&a->charged, memory_order_relaxed) > a->limit) {
     a->oom = 1;
     return NULL;
   }

@@ -28,10 +28,15 @@ typedef struct mb_alloc {
    * then from the old one. Set at the state's first block. */
   uint32_t born;        /* mb_alloc_trim's tick at the state's first block */
   uint32_t young;       /* bytes it may still allocate young; 0: old */
+  /* Bytes charged to the limit from outside the state: its process's
+   * pending send_after timers and their messages (timer.c adds on the
+   * process's thread, takes back on any). In the struct's tail padding. */
+  atomic_uint charged;
 } mb_alloc_t;
 
 /* The lua_Alloc function; ud is an mb_alloc_t. Refuses (returns NULL) an
- * allocation that would take `used` over `limit`, and sets `oom`. */
+ * allocation that would take `used` + `charged` over `limit`, and sets
+ * `oom`. */
 void *mb_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize);
 
 /* Set the allocator up (mimalloc's options). Once, at start-up. */

@@ -350,10 +350,12 @@ void mb_proc_push(mb_proc_t *p, mb_msg_t *msg)
   if (sig)
     atomic_fetch_add(&p->nsignals, 1);
   /* Queued messages count toward max_memory (as Erlang's max_heap_size
-   * with messages on the heap): over it, the process is killed with
+   * with messages on the heap), with its heap and its pending timers
+   * (alloc.charged): over it, the process is killed with
    * reason "out of memory" - once - and the message stays queued. */
   if (p->alloc.max && !p->mem_killed && !sig &&
       atomic_load_explicit(&p->alloc.used, memory_order_relaxed) +
+      atomic_load_explicit(&p->alloc.charged, memory_order_relaxed) +
       atomic_load_explicit(&p->mailbox_bytes, memory_order_relaxed) > p->alloc.max) {
     mb_msg_t *kill = mb_msg_string("out of memory");
     if (kill) {

@@ -841,6 +841,7 @@ static void find_biggest(mb_proc_t *p, void *ud)
   biggest_t *b = ud;
   long long n = (long long)(atomic_load_explicit(&p->alloc.used, memory_order_relaxed) +
                             atomic_load_explicit(&p->mailbox_bytes, memory_order_relaxed) +
+                            atomic_load_explicit(&p->alloc.charged, memory_order_relaxed) +
                             atomic_load_explicit(&p->held, memory_order_relaxed));
   mb_proc_lock(p);
   int dead = p->dead;

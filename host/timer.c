@@ -51,6 +51,13 @@
  * goes where it is started: the old ones wait with the stuck loop, the new
  * one need not.
  *
+ * Memory: an entry and its message count in the starter's limit
+ * (alloc.charged, which its heap's allocations and its mailbox's check add
+ * in) from the start until the delivery or the cancel, which take them
+ * back from the starter if it still lives; and in the host's total
+ * (mb_alloc_count) until the entry is freed. Only the starter's thread
+ * adds to its charge, so a start checks the limit without a race.
+ *
  * Idle lists stay, with their libuv timer stopped (an inactive handle keeps
  * no loop alive), for the next timer of that duration; a scheduler keeps at
  * most MB_TIMER_IDLE_LISTS of them and closes the one idle longest beyond
@@ -266,6 +273,8 @@ typedef struct send_timer {
   uint8_t posted;          /* POSTED: its start is in the owner's command
                               queue; CANCELLED_POSTED: and it was cancelled
                               on the owner's thread meanwhile */
+  uint32_t charged;        /* its bytes and its message's, counted in the
+                              host's total and the starter's alloc.charged */
 } send_timer_t;
 
 enum { POSTED = 1, CANCELLED_POSTED = 2 };
@@ -345,6 +354,10 @@ static void send_timer_free(send_timer_t *e)
 {
   if (e->msg)
     mb_msg_free(e->msg);
+  if (e->charged) {
+    mb_alloc_count(-(long long)e->charged);
+    e->charged = 0;
+  }
   send_table_t *t = mine;
   if (t && t->nspare < MB_TIMER_SPARE) {
     e->link.next = (link_t *)t->spare;
@@ -394,13 +407,16 @@ static void list_arm(send_list_t *l, send_timer_t *e)
   uv_timer_start(&l->handle, on_list_timer, l->deadline - now, 0);
 }
 
-/* One of p's timers was delivered or cancelled. Once none is left, its
- * next timer may go on any scheduler: the count drops after the delivery. */
-static void pending_done(mb_pid_t from)
+/* e, one of its starter's timers, was delivered or cancelled: its bytes
+ * no longer count in the starter's limit (the host's total keeps them
+ * until e is freed). Once none is left, the starter's next timer may go
+ * on any scheduler: the count drops after the delivery. */
+static void pending_done(send_timer_t *e)
 {
-  mb_proc_t *p = mb_proc_get(from);
+  mb_proc_t *p = mb_proc_get(e->from);
   if (p == NULL)
     return;
+  atomic_fetch_sub_explicit(&p->alloc.charged, e->charged, memory_order_relaxed);
   unsigned char n = atomic_load_explicit(&p->timers_pending, memory_order_relaxed);
   while (n != 0 && n != UCHAR_MAX &&
          !atomic_compare_exchange_weak_explicit(&p->timers_pending, &n, n - 1,
@@ -418,7 +434,7 @@ static void deliver(send_timer_t *e)
     mb_msg_t *m = e->msg;
     e->msg = NULL;
     mb_proc_send(e->dest, m);
-    pending_done(e->from);
+    pending_done(e);
     send_timer_free(e);
   }
   /* Else a cancel on another thread won: its posted command frees e. */
@@ -585,10 +601,22 @@ static void take_posted(void *arg)
   }
 }
 
-uint64_t mb_timer_send_after(mb_proc_t *p, double ms, mb_pid_t dest, mb_msg_t *msg)
+int mb_timer_send_after(mb_proc_t *p, double ms, mb_pid_t dest, mb_msg_t *msg,
+                        uint64_t *id_out)
 {
   mb_sched_t *s = mb_sched_self();
   MB_ASSERT(s != NULL);
+  /* Its bytes count in p's limit while it is pending, and in the host's
+   * total until freed (only p's thread adds to p's charge, so the check
+   * holds: other threads only take away). */
+  size_t size = sizeof(send_timer_t) + mb_msg_size(msg);
+  size_t charged = atomic_load_explicit(&p->alloc.charged, memory_order_relaxed);
+  if (size > UINT32_MAX - charged ||
+      (p->alloc.max && atomic_load_explicit(&p->alloc.used, memory_order_relaxed) +
+                       charged + size > p->alloc.max)) {
+    mb_msg_free(msg);
+    return MB_ENOMEM;
+  }
   /* Whole ms, as libuv counts (0.0005 is 0: the next iteration). */
   uint64_t whole = !(ms > 0) ? 0 : ms >= (double)MB_TIMER_MAX_MS
                  ? MB_TIMER_MAX_MS : (uint64_t)(ms + 0.999);
@@ -622,11 +650,15 @@ uint64_t mb_timer_send_after(mb_proc_t *p, double ms, mb_pid_t dest, mb_msg_t *m
   e->posted = owner != s ? POSTED : 0;
   /* No other thread knows the id before we return, so it may be
    * published before the entry is linked. */
+  e->charged = 0;
   e->id = mb_idtab_add(&timers, e);
   if (e->id == 0) {
     send_timer_free(e);
-    return 0;
+    return MB_ETOOMANY;
   }
+  e->charged = (uint32_t)size;
+  atomic_fetch_add_explicit(&p->alloc.charged, (unsigned)size, memory_order_relaxed);
+  mb_alloc_count((long long)size);
   /* Counted before it can fire (only p's thread adds; a firing or a
    * cancel of an earlier one may take one away meanwhile). */
   while (n != UCHAR_MAX &&
@@ -634,12 +666,12 @@ uint64_t mb_timer_send_after(mb_proc_t *p, double ms, mb_pid_t dest, mb_msg_t *m
                                                 memory_order_relaxed,
                                                 memory_order_relaxed))
     ;
-  uint64_t id = e->id;   /* e may be freed once posted (inbox_push) */
+  *id_out = e->id;   /* e may be freed once posted (inbox_push) */
   if (owner == s)
     list_insert(e);
   else
     inbox_push(&inboxes[mb_sched_id(owner)], e);
-  return id;
+  return 0;
 }
 
 /* On the owner's thread, after a cancel on another thread won. */
@@ -658,7 +690,7 @@ int mb_timer_cancel(uint64_t id, double *left_ms)
     return 0;
   double left = e->due - mb_timer_now();
   *left_ms = left > 0 ? left : 0;
-  pending_done(e->from);
+  pending_done(e);
   if (mb_sched_self() == e->owner) {
     if (e->posted) {         /* take_posted comes later, and frees it */
       e->posted = CANCELLED_POSTED;

@@ -47,12 +47,16 @@ mb_timer_t *mb_timer_wait(struct mb_proc *p, double ms);
 /* Stop and release a wait timer (it may have fired). Any thread. */
 void mb_timer_wait_done(mb_timer_t *t);
 
-/* Deliver msg (taken) to dest after ms, for p, the calling process;
- * returns the timer's id, or 0 when the timer table is full (msg is then
- * freed). A process's timers deliver in the order of their deadlines in
- * whole ms, those of one duration in start order. Scheduler thread. */
-uint64_t mb_timer_send_after(struct mb_proc *p, double ms, mb_pid_t dest,
-                             mb_msg_t *msg);
+/* Deliver msg (taken) to dest after ms, for p, the calling process: 0 and
+ * the timer's id in *id; MB_ENOMEM when the timer and its message would
+ * take p over its max_memory (they count in it, with p's heap, until
+ * delivered or cancelled; and in the host's total until freed), or p's
+ * pending timers over 4 GiB; MB_ETOOMANY when the timer table is full. On
+ * an error msg is freed. A process's timers deliver in the order of their
+ * deadlines in whole ms, those of one duration in start order. Scheduler
+ * thread. */
+int mb_timer_send_after(struct mb_proc *p, double ms, mb_pid_t dest, mb_msg_t *msg,
+                        uint64_t *id);
 /* Cancel the timer id: returns 1 and the ms that were left if it had not
  * fired yet (its message is freed: at once on the timer's own scheduler,
  * else soon on it), else 0. Any thread. */

@@ -105,6 +105,45 @@ describe("isolation", function()
       assert.are.equal("out of memory", S.await_down(r))
     end)
 
+    -- A pending timer holds its entry and its message outside the state:
+    -- 2,000,000 of them from a process of 1 MB took the host to 452 MB.
+    it("counts pending send_after timers toward max_memory", function()
+      local _, r = mb.spawn_opt({ monitor = true, max_memory = 1024 * 1024 }, function()
+        for i = 1, 2000000 do mb.send_after(3600000, mb.self(), "pending message " .. i) end
+      end)
+      assert.are.equal("out of memory", S.await_down(r, 20000))
+    end)
+
+    it("gives a timer's bytes back when it fires or is cancelled, by anyone", function()
+      -- 1 MB holds about 8,000 pending timers: 20 rounds of 3,000 fit only
+      -- if each round's bytes come back.
+      local p, r = mb.spawn_opt({ monitor = true, max_memory = 1024 * 1024 }, function(parent)
+        for _ = 1, 20 do
+          collectgarbage("stop")   -- (so that the heap only grows)
+          local mem = mb.info(mb.self()).memory
+          local ts = {}
+          for i = 1, 1000 do ts[i] = mb.send_after(3600000, parent, "pending message " .. i) end
+          if mb.info(mb.self()).memory - mem < 1000 * 80 then error("timers not counted") end
+          collectgarbage("restart")
+          for i = 1, 1000 do mb.cancel_timer(ts[i]) end            -- here
+          for i = 1, 1000 do ts[i] = mb.send_after(3600000, parent, i) end
+          mb.send(parent, ts)                                       -- there
+          assert(mb.receive(nil, 10000) == "cancelled")
+          for i = 1, 1000 do mb.send_after(0, mb.self(), i) end     -- fired
+          for _ = 1, 1000 do mb.receive(nil, 10000) end
+        end
+        mb.send(parent, "survived")
+      end, mb.self())
+      for _ = 1, 20 do
+        local ts = mb.receive(function(m) return type(m) == "table" end, 10000)
+        assert.is_table(ts)
+        for i = 1, #ts do assert.is_number(mb.cancel_timer(ts[i])) end
+        mb.send(p, "cancelled")
+      end
+      assert.are.equal("survived", mb.receive(function(m) return m == "survived" end, 10000))
+      mb.demonitor(r)
+    end)
+
     it("kills the biggest process over --max-memory and goes on", function()
       local code, out, err = child([[
         local mb = require "moonbeam"
@@ -124,6 +163,23 @@ describe("isolation", function()
       assert.is_true(S.has(err, "=MEMORY REPORT===="), err)
       assert.is_true(S.has(err, "registered as hog"), err)
       assert.is_true(S.has(err, "over --max-memory"), err)
+    end)
+
+    it("kills a process whose pending timers take the host over --max-memory", function()
+      local code, out, err = child([[
+        local mb = require "moonbeam"
+        local hog = mb.spawn(function()
+          mb.register("timer_hog")
+          for i = 1, 3000000 do mb.send_after(3600000, mb.self(), "pending message " .. i) end
+        end)
+        local r = mb.monitor(hog)
+        local m = mb.receive(function(m) return m.ref == r end, 20000)
+        print("hog", m and m.reason)
+        os.exit(0)
+      ]], "--max-memory 64M")
+      assert.are.equal(0, code, err)
+      assert.is_true(S.has(out, "hog\tout of memory"), out)
+      assert.is_true(S.has(err, "registered as timer_hog"), err)
     end)
 
     -- Sanitizer builds cannot run under an address-space limit (their

@@ -586,9 +586,16 @@ static int l_send_after(lua_State *L)
   m->kind = MB_MSG_USER;
   mb_proc_t *self = mb_lib_self(L);
   m->from = self->pid;
-  uint64_t id = mb_timer_send_after(self, ms, dest, m);
-  if (id == 0)
-    return luaL_error(L, "send_after: %s", mb_strerror(MB_ETOOMANY));
+  uint64_t id;
+  int rc = mb_timer_send_after(self, ms, dest, m, &id);
+  if (rc == MB_ENOMEM) {
+    /* Its timers count in max_memory: over it, it dies "out of memory"
+     * as for its heap (not an error a pcall could catch and go on). */
+    self->alloc.oom = 1;
+    mb_lib_self(L);
+  }
+  if (rc != 0)
+    return luaL_error(L, "send_after: %s", mb_strerror(rc));
   mb_id_push(L, id, &timer_kind);
   return 1;
 }
@@ -801,10 +808,11 @@ static int l_info(lua_State *L)
   mb_proc_unlock(p);
   int running = atomic_load_explicit(&p->running, memory_order_relaxed);
   lua_createtable(L, 0, 5);
-  /* What the process holds: its state, its queued messages, what the host
-   * keeps for it (a continuation) and its record. */
+  /* What the process holds: its state, its queued messages, its pending
+   * timers, what the host keeps for it (a continuation) and its record. */
   lua_pushnumber(L, (lua_Number)(atomic_load(&p->alloc.used) +
                                  atomic_load(&p->mailbox_bytes) +
+                                 atomic_load(&p->alloc.charged) +
                                  atomic_load(&p->held) + sizeof *p));
   lua_setfield(L, -2, "memory");
   lua_pushnumber(L, (lua_Number)atomic_load(&p->reductions));
