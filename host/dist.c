@@ -58,29 +58,72 @@ void dist_unhold(mb_ref_t ref)
     mb_remote_ref_release(ref);
 }
 
-void dist_pairs_add(pairs_t *s, mb_pid_t local, mb_pid_t remote, uint64_t ref, uint32_t name)
+/* A connection's pairs are an open-addressed hash table (linear probing),
+ * by ref for monitors and by the local/remote pair for links and node
+ * monitors (a set uses one way throughout), so that a node holding many
+ * links or monitors over one connection pays O(1) for each. Duplicates
+ * may be added (a second link of the same pair); a delete takes one. */
+static uint32_t pair_hash(mb_pid_t local, mb_pid_t remote, uint64_t ref)
 {
-  if (s->n == s->cap) {
-    s->cap = s->cap ? 2 * s->cap : 4;
-    s->v = mb_realloc(s->v, s->cap * sizeof *s->v);
-  }
-  s->v[s->n++] = (pair_t){local, remote, ref, name};
+  uint64_t k = ref ? ref : (local * 0x9E3779B97F4A7C15ull) ^ remote;
+  return (uint32_t)((k * 0x9E3779B97F4A7C15ull) >> 32);
 }
 
-/* Remove the first entry with this ref (ref != 0) or this local/remote
- * pair; copy it to *out if asked. Returns 1 if found. */
+static void pairs_put(pairs_t *s, pair_t p)
+{
+  uint32_t mask = s->cap - 1, i = pair_hash(p.local, p.remote, p.ref) & mask;
+  while (dist_pair_used(&s->v[i]))
+    i = (i + 1) & mask;
+  s->v[i] = p;
+}
+
+void dist_pairs_add(pairs_t *s, mb_pid_t local, mb_pid_t remote, uint64_t ref, uint32_t name)
+{
+  if (4 * (s->n + 1) > 3 * s->cap) {
+    pair_t *old = s->v;
+    uint32_t oldcap = s->cap;
+    s->cap = oldcap ? 2 * oldcap : 8;
+    s->v = mb_calloc(s->cap, sizeof *s->v);
+    for (uint32_t i = 0; i < oldcap; i++)
+      if (dist_pair_used(&old[i]))
+        pairs_put(s, old[i]);
+    mb_free(old);
+  }
+  pairs_put(s, (pair_t){local, remote, ref, name});
+  s->n++;
+}
+
+/* Remove an entry with this ref (ref != 0) or this local/remote pair;
+ * copy it to *out if asked. Returns 1 if found. */
 int dist_pairs_del(pairs_t *s, mb_pid_t local, mb_pid_t remote, uint64_t ref, pair_t *out)
 {
-  for (uint32_t i = 0; i < s->n; i++) {
+  if (s->n == 0)
+    return 0;
+  uint32_t mask = s->cap - 1, i = pair_hash(local, remote, ref) & mask;
+  for (;; i = (i + 1) & mask) {
     pair_t *p = &s->v[i];
-    if (ref ? p->ref == ref : (p->local == local && p->remote == remote)) {
-      if (out)
-        *out = *p;
-      s->v[i] = s->v[--s->n];
-      return 1;
+    if (!dist_pair_used(p))
+      return 0;
+    if (ref ? p->ref == ref : (p->local == local && p->remote == remote))
+      break;
+  }
+  if (out)
+    *out = s->v[i];
+  /* Backward-shift deletion keeps every probe chain unbroken. */
+  for (uint32_t j = i;;) {
+    j = (j + 1) & mask;
+    pair_t *q = &s->v[j];
+    if (!dist_pair_used(q))
+      break;
+    uint32_t home = pair_hash(q->local, q->remote, q->ref) & mask;
+    if (((j - home) & mask) >= ((j - i) & mask)) {
+      s->v[i] = *q;
+      i = j;
     }
   }
-  return 0;
+  memset(&s->v[i], 0, sizeof s->v[i]);
+  s->n--;
+  return 1;
 }
 
 void dist_conn_unref(conn_t *c)
@@ -368,22 +411,29 @@ void dist_conn_down(conn_t *c, const char *why)
     uv_close((uv_handle_t *)&c->tcp, on_closed);
   }
   /* (A process that unlinked meanwhile drops its signal: mb_proc_drain.) */
-  for (uint32_t i = 0; i < links.n; i++)
-    mb_proc_link_exit(links.v[i].local, links.v[i].remote,
-                      dist_reason_msg("noconnection"));
-  for (uint32_t i = 0; i < out.n; i++) {
+  for (uint32_t i = 0; i < links.cap; i++)
+    if (dist_pair_used(&links.v[i]))
+      mb_proc_link_exit(links.v[i].local, links.v[i].remote,
+                        dist_reason_msg("noconnection"));
+  for (uint32_t i = 0; i < out.cap; i++) {
+    if (!dist_pair_used(&out.v[i]))
+      continue;
     mb_msg_t *m = dist_reason_msg("noconnection");
     m->kind = MB_MSG_DOWN;
     m->from = out.v[i].remote;
     m->ref = out.v[i].ref;
     mb_proc_send(out.v[i].local, m);
   }
-  for (uint32_t i = 0; i < in.n; i++) {
+  for (uint32_t i = 0; i < in.cap; i++) {
+    if (!dist_pair_used(&in.v[i]))
+      continue;
     if (in.v[i].local)
       mb_proc_unwatch_remote(in.v[i].local, in.v[i].ref);
     dist_unhold(in.v[i].ref);
   }
-  for (uint32_t i = 0; i < nm.n; i++) {
+  for (uint32_t i = 0; i < nm.cap; i++) {
+    if (!dist_pair_used(&nm.v[i]))
+      continue;
     mb_msgb_t b;
     mb_msgb_init(&b, 64);
     mb_msgb_table(&b, 0, 2);

@@ -28,10 +28,17 @@ typedef struct pair {
   uint32_t name;         /* monitors in by name: the name (atom) */
 } pair_t;
 
+/* A hash table of pairs (dist.c): walk v[0..cap), skipping the slots that
+ * are not dist_pair_used. */
 typedef struct pairs {
   pair_t *v;
-  uint32_t n, cap;
+  uint32_t n, cap;       /* cap: a power of two, or 0 */
 } pairs_t;
+
+static inline int dist_pair_used(const pair_t *p)
+{
+  return p->ref != 0 || p->local != 0 || p->remote != 0;
+}
 
 typedef struct frame {
   struct frame *next;
@@ -115,8 +122,8 @@ void dist_send_ctl(uint32_t node, const ctl_t *ctl, const mb_msg_t *m);
 int dist_handle_frame(conn_t *c, const char *data, long len);
 
 /* The links and monitors of a connection (dist_lock held): add one; remove
- * the first with this ref (ref != 0) or this local/remote pair, copied to
- * *out if asked; 1 if found. */
+ * one with this ref (ref != 0) or this local/remote pair, copied to *out if
+ * asked; 1 if found. O(1) on average. */
 void dist_pairs_add(pairs_t *s, mb_pid_t local, mb_pid_t remote, uint64_t ref, uint32_t name);
 int dist_pairs_del(pairs_t *s, mb_pid_t local, mb_pid_t remote, uint64_t ref, pair_t *out);
 /* Let go of a hold on ref if it is another node's (remote.h). */

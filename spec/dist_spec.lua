@@ -713,6 +713,44 @@ handle_info(_, S) -> {noreply, S}.
       assert.is_true(S.has(out, "nodes\t0"), out)
     end)
 
+    -- A connection's links and monitors are hash tables: as lists, 100,000
+    -- monitors each way taken off in the order made took minutes.
+    it("many monitors over one connection, both ways, made, taken off and ended by noconnection", function()
+      local N = 100000
+      local e = erl(string.format([[
+        register(ctl, self()),
+        P = spawn(fun() -> receive _ -> ok end end),
+        receive {From, go} -> From ! P,
+          Refs = [erlang:monitor(process, From) || _ <- lists:seq(1, %d)],
+          [erlang:demonitor(R) || R <- Refs],
+          From ! <<"erl done">>
+        end,
+        receive stop -> halt() end.]], N), { limit = 90 })
+      local code, out, err = moonbeam(string.format([[
+        local e = arg[1]
+        local N = %d
+        mb.send({"ctl", e}, mb.tuple(mb.self(), mb.atom("go")))
+        local p = mb.receive(5000)
+        local refs = {}
+        for i = 1, N do refs[i] = mb.monitor(p) end
+        for i = 1, N do mb.demonitor(refs[i]) end
+        for i = 1, N do refs[i] = mb.monitor(p) end
+        print("erl", mb.receive(function(m) return m == "erl done" end, 60000))
+        mb.send({"ctl", e}, mb.atom("stop"))
+        local downs = 0
+        for _ = 1, N do
+          local m = mb.receive(function(m) return type(m) == "table" and m.event == "DOWN" end, 30000)
+          if not m or m.reason ~= "noconnection" then break end
+          downs = downs + 1
+        end
+        print("downs", downs)
+      ]], N), { args = S.q(e.name), limit = 90 })
+      kill(e)
+      assert.equal(0, code, err)
+      assert.is_true(S.has(out, "erl\terl done"), out)
+      assert.is_true(S.has(out, "downs\t" .. N), out)
+    end)
+
     it("a peer with the wrong cookie is refused and the refusal is logged", function()
       local e = erl([[register(ctl, self()), receive stop -> halt() end.]], { cookie = "another_cookie" })
       local code, out, err = moonbeam([[
