@@ -101,6 +101,7 @@ typedef struct mb_idkind {
 #define MB_REGSLOT_BASE (-0x205)         /* a reused state's base library (lstate.c) */
 #define MB_REGSLOT_NEW_CO (-0x206)       /* a new body coroutine, made under a protected
                                             call and anchored on the stack (lstate.c) */
+#define MB_REGSLOT_IO (-0x207)           /* run.c's I/O wake-up function */
 
 /* The kinds defined here (registered from the start). */
 extern mb_idkind_t mb_pid_kind, mb_ref_kind;

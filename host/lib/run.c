@@ -303,44 +303,55 @@ static int try_receive_cf(lua_State *L)
 
 /* LuaJIT's lua_cpcall makes a new C closure at every call (garbage: ~400
  * instructions a wake-up with its allocation, free and sweep, measured with
- * callgrind on the ring benchmark). A receive wake-up is the hottest
- * protected call, so try_receive_cf is made once per state, kept in the
- * registry at slot MB_REGSLOT_RECEIVE (pid.h: an integer key, which costs a
- * third of a light-userdata one), and called with lua_pcall. It is made on
- * the first wake-up, not at spawn, so that a process that only ever waits
- * (an idle one) does not hold it; a reused state's reset drops it. */
+ * callgrind on the ring benchmark). The wake-ups' protected calls - a
+ * receive's (try_receive_cf) and an I/O wait's (push_io_cf: every socket
+ * read of an HTTP request) - are the hottest, so each is made once per
+ * state, kept in the registry at its slot (pid.h: an integer key, which
+ * costs a third of a light-userdata one), and called with lua_pcall. It is
+ * made on the first such wake-up, not at spawn, so that a process that only
+ * ever waits (an idle one) does not hold it; a reused state's reset drops
+ * it. */
+typedef struct kept_fn {
+  int slot;
+  lua_CFunction fn;
+} kept_fn_t;
 
-/* Under lua_cpcall, once per state: keep try_receive_cf, then run it. */
-static int first_receive_cf(lua_State *L)
+/* Under lua_cpcall, once per state: keep the function, then run it. */
+static int first_call_cf(lua_State *L)
 {
-  lua_pushcfunction(L, try_receive_cf);
-  lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_RECEIVE);
-  return try_receive_cf(L);
+  const kept_fn_t *k = lua_touserdata(L, 1);
+  lua_pushcfunction(L, k->fn);
+  lua_rawseti(L, LUA_REGISTRYINDEX, k->slot);
+  return k->fn(L);
 }
 
-/* Run try_receive_cf for p on L, protected: lua_pcall's status. */
-static int receive_on(lua_State *L, mb_proc_t *p)
+/* Run k's function on L, protected: lua_pcall's status. */
+static int call_kept(lua_State *L, const kept_fn_t *k)
 {
-  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_RECEIVE);  /* no allocation */
+  lua_rawgeti(L, LUA_REGISTRYINDEX, k->slot);  /* no allocation */
   if (lua_isnil(L, -1)) {
     lua_pop(L, 1);
-    return lua_cpcall(L, first_receive_cf, p);
+    return lua_cpcall(L, first_call_cf, (void *)k);
   }
   return lua_pcall(L, 0, 0, 0);
 }
 
-/* Under lua_cpcall on the main thread: push an operation's results (or,
- * without one, what its timeout gives) and pass them to the suspended body
+static const kept_fn_t receive_fn = {MB_REGSLOT_RECEIVE, try_receive_cf};
+
+/* Protected, on the main thread: push an operation's results (or, without
+ * one, what its timeout gives) and pass them to the suspended body
  * coroutine. */
 static int push_io_cf(lua_State *L)
 {
-  mb_proc_t *p = lua_touserdata(L, 1);
+  mb_proc_t *p = mb_proc_of(L);
   lua_settop(L, 0);
   p->recv_result = p->io_req ? p->io_req->push(L, p->io_req)
                              : p->io_on_timeout(L, p->io_timeout_arg);
   lua_xmove(L, p->co, p->recv_result);
   return 0;
 }
+
+static const kept_fn_t io_fn = {MB_REGSLOT_IO, push_io_cf};
 
 /* An MB_WAIT_IO: resume with the operation's results once it is done. */
 static int finish_io(mb_proc_t *p)
@@ -354,7 +365,7 @@ static int finish_io(mb_proc_t *p)
   if (req == NULL && (!p->timed_out || p->io_on_timeout == NULL))
     return GOES_ON;
   p->io_req = req;
-  int rc = lua_cpcall(p->L, push_io_cf, p);
+  int rc = call_kept(p->L, &io_fn);
   p->io_req = NULL;
   if (req)
     mb_io_free(req);
@@ -376,7 +387,7 @@ static int finish_wait(mb_proc_t *p)
     /* The receive may call a match function: run it on the idle main
      * thread, protected, never on the suspended coroutine. */
     lua_State *L = p->L;
-    int rc = receive_on(L, p);
+    int rc = call_kept(L, &receive_fn);
     if (rc != 0) {
       p->exit_reason = wake_failed(p, L, rc, "receive failed");
       return MUST_DIE;
