@@ -1,7 +1,7 @@
 /* timer.c: wait timers and send_after timers on libuv (see timer.h).
  *
  * DESIGN (send_after; wait timers are described at their section)
- * A send_after timer is not a libuv handle but an 80-byte entry in a
+ * A send_after timer is not a libuv handle but a 96-byte entry in a
  * duration list: each scheduler keeps, for every whole-ms duration in use,
  * one circular doubly linked list of the entries started on it with that
  * duration, in start order. The clock only goes forward, so start order is
@@ -57,6 +57,19 @@
  * back from the starter if it still lives; and in the host's total
  * (mb_alloc_count) until the entry is freed. Only the starter's thread
  * adds to its charge, so a start checks the limit without a race.
+ *
+ * A starter's end: as Erlang cancels a timer whose destination process
+ * dies, the timers a process addressed to itself (its timeouts: the most
+ * common kind) are dropped when it ends, instead of holding their memory
+ * until they come due to be thrown away. Each scheduler's table indexes
+ * its self-addressed entries by starter (a hash of pids, each the head of
+ * a list through the entries), kept with the duration lists on the owner's
+ * thread; the exit hook posts the drop to the scheduler holding the
+ * process's timers (timers_sched), after any start posted there before
+ * (commands run in order). One that a cancel on another thread removed
+ * from `timers` first is that cancel's to free. Timers addressed to
+ * other processes are left: they deliver, or are dropped at delivery if
+ * their destination has died.
  *
  * Idle lists stay, with their libuv timer stopped (an inactive handle keeps
  * no loop alive), for the next timer of that duration; a scheduler keeps at
@@ -150,12 +163,19 @@ static void close_on_owner(mb_timer_t *t)
   }
 }
 
+static void drop_self_timers(void *arg);   /* (send_after, below) */
+
 static void release(mb_proc_t *p)
 {
   if (p->wait_timer) {
     mb_timer_wait_done(p->wait_timer);
     p->wait_timer = NULL;
   }
+  /* Its self-addressed timers go (at shutdown every entry is freed). */
+  if (atomic_load_explicit(&p->timers_pending, memory_order_acquire) != 0 &&
+      p->timers_sched != 0 && !mb_sched_halting())
+    mb_sched_post(mb_sched_by_id(p->timers_sched - 1), drop_self_timers,
+                  (void *)(uintptr_t)p->pid);
 }
 
 static mb_timer_t *timer_new(double ms, uv_timer_cb cb)
@@ -273,13 +293,24 @@ typedef struct send_timer {
   uint8_t posted;          /* POSTED: its start is in the owner's command
                               queue; CANCELLED_POSTED: and it was cancelled
                               on the owner's thread meanwhile */
+  uint8_t indexed;         /* in its table's index by starter (a timer its
+                              starter addressed to itself) */
   uint32_t charged;        /* its bytes and its message's, counted in the
                               host's total and the starter's alloc.charged */
+  struct send_timer *snext, *sprev;   /* its starter's other indexed timers
+                                         on this scheduler */
 } send_timer_t;
 
 enum { POSTED = 1, CANCELLED_POSTED = 2 };
 
 typedef struct send_table send_table_t;
+
+/* A starter's self-addressed timers on a scheduler: the first of them (see
+ * DESIGN, "A starter's end"). */
+typedef struct pid_slot {
+  mb_pid_t pid;            /* 0: empty */
+  struct send_timer *head;
+} pid_slot_t;
 
 typedef struct send_list {
   uv_timer_t handle;       /* its data is &list_tag (the closer's mark) */
@@ -301,6 +332,9 @@ struct send_table {
   struct send_timer *spare; /* freed entries (a stack through link.next) */
   uint32_t nspare;
   int late;                /* a posted start went in already due (take_posted) */
+  pid_slot_t *pids;        /* self-addressed timers by starter: open
+                              addressing, pidcap a power of two (or 0) */
+  uint32_t npids, pidcap;
   send_table_t *next;      /* every table, for shutdown */
 };
 
@@ -338,6 +372,87 @@ static int link_empty(const link_t *head)
   return head->next == head;
 }
 
+/* -- The index of self-addressed timers by starter (see DESIGN) ----------- */
+
+static uint32_t pid_hash(mb_pid_t pid)
+{
+  return (uint32_t)((pid * 0x9E3779B97F4A7C15ull) >> 32);
+}
+
+/* The slot of pid in t's index, or the empty one where it would go. */
+static pid_slot_t *pid_slot(send_table_t *t, mb_pid_t pid)
+{
+  uint32_t mask = t->pidcap - 1;
+  for (uint32_t i = pid_hash(pid) & mask;; i = (i + 1) & mask)
+    if (t->pids[i].pid == pid || t->pids[i].pid == 0)
+      return &t->pids[i];
+}
+
+static void index_add(send_table_t *t, send_timer_t *e)
+{
+  if (4 * (t->npids + 1) > 3 * t->pidcap) {
+    pid_slot_t *old = t->pids;
+    uint32_t oldcap = t->pidcap;
+    t->pidcap = oldcap ? 2 * oldcap : 16;
+    t->pids = mb_calloc(t->pidcap, sizeof *t->pids);
+    for (uint32_t i = 0; i < oldcap; i++)
+      if (old[i].pid)
+        *pid_slot(t, old[i].pid) = old[i];
+    mb_free(old);
+  }
+  pid_slot_t *sl = pid_slot(t, e->from);
+  if (sl->pid == 0) {
+    sl->pid = e->from;
+    sl->head = NULL;
+    t->npids++;
+  }
+  e->sprev = NULL;
+  e->snext = sl->head;
+  if (sl->head)
+    sl->head->sprev = e;
+  sl->head = e;
+  e->indexed = 1;
+}
+
+static void index_remove(send_table_t *t, send_timer_t *e)
+{
+  e->indexed = 0;
+  if (e->snext)
+    e->snext->sprev = e->sprev;
+  if (e->sprev) {
+    e->sprev->snext = e->snext;
+    return;
+  }
+  pid_slot_t *sl = pid_slot(t, e->from);   /* e was the head */
+  if (e->snext) {
+    sl->head = e->snext;
+    return;
+  }
+  /* The starter's last: backward-shift deletion keeps the probe chains. */
+  uint32_t mask = t->pidcap - 1, i = (uint32_t)(sl - t->pids), j = i;
+  for (;;) {
+    j = (j + 1) & mask;
+    if (t->pids[j].pid == 0)
+      break;
+    uint32_t home = pid_hash(t->pids[j].pid) & mask;
+    if (((j - home) & mask) >= ((j - i) & mask)) {
+      t->pids[i] = t->pids[j];
+      i = j;
+    }
+  }
+  t->pids[i].pid = 0;
+  t->pids[i].head = NULL;
+  t->npids--;
+}
+
+/* Take e out of its duration list (and the index); e's owner's thread. */
+static void entry_unlink(send_timer_t *e)
+{
+  link_remove(&e->link);
+  if (e->indexed)
+    index_remove(mine, e);
+}
+
 static uint64_t ceil_ms(double t)
 {
   uint64_t u = (uint64_t)t;
@@ -365,6 +480,26 @@ static void send_timer_free(send_timer_t *e)
     t->nspare++;
   } else {
     mb_free(e);
+  }
+}
+
+/* On p's scheduler (see DESIGN, "A starter's end"): drop the pending
+ * timers that process pid addressed to itself. */
+static void drop_self_timers(void *arg)
+{
+  mb_pid_t pid = (mb_pid_t)(uintptr_t)arg;
+  send_table_t *t = mine;
+  if (t == NULL || t->npids == 0)
+    return;
+  pid_slot_t *sl = pid_slot(t, pid);
+  for (send_timer_t *e = sl->head, *next; e; e = next) {
+    next = e->snext;
+    if (mb_idtab_remove(&timers, e->id)) {
+      if (e->link.next)        /* not detached by a shutdown */
+        entry_unlink(e);
+      send_timer_free(e);
+    }
+    /* Else a cancel on another thread won: its posted command frees e. */
   }
 }
 
@@ -429,7 +564,7 @@ static void pending_done(send_timer_t *e)
 /* Take e, the head of its list, out and deliver it. */
 static void deliver(send_timer_t *e)
 {
-  link_remove(&e->link);
+  entry_unlink(e);
   if (mb_idtab_remove(&timers, e->id)) {
     mb_msg_t *m = e->msg;
     e->msg = NULL;
@@ -549,6 +684,8 @@ static void list_insert(send_timer_t *e)
   while (at->prev != &l->entries && ((send_timer_t *)at->prev)->due > e->due)
     at = at->prev;
   link_append(at, &e->link);
+  if (e->dest == e->from)
+    index_add(l->table, e);
   /* A list with entries is armed; one whose entries were all cancelled
    * may still be armed for an earlier deadline, and fires then. A posted
    * start may have become the head, due before the armed deadline. */
@@ -651,6 +788,7 @@ int mb_timer_send_after(mb_proc_t *p, double ms, mb_pid_t dest, mb_msg_t *msg,
   /* No other thread knows the id before we return, so it may be
    * published before the entry is linked. */
   e->charged = 0;
+  e->indexed = 0;
   e->id = mb_idtab_add(&timers, e);
   if (e->id == 0) {
     send_timer_free(e);
@@ -679,7 +817,7 @@ static void unlink_posted(void *arg)
 {
   send_timer_t *e = arg;
   if (e->link.next)
-    link_remove(&e->link);
+    entry_unlink(e);
   send_timer_free(e);
 }
 
@@ -697,7 +835,7 @@ int mb_timer_cancel(uint64_t id, double *left_ms)
       return 1;
     }
     if (e->link.next)        /* not detached by a shutdown */
-      link_remove(&e->link);
+      entry_unlink(e);
     send_timer_free(e);
   } else {
     mb_sched_post(e->owner, unlink_posted, e);
@@ -747,6 +885,7 @@ static void timers_shutdown(void)
       mb_free(e);
     }
     mb_free(t->bucket);
+    mb_free(t->pids);
     mb_free(t);
   }
   pthread_mutex_unlock(&tables_lock);

@@ -182,6 +182,25 @@ describe("isolation", function()
       assert.is_true(S.has(err, "registered as timer_hog"), err)
     end)
 
+    it("frees a process's timers to itself when it ends, so that they do not pile up", function()
+      -- Each process leaves ~30 MB of hour-long timers to itself: kept,
+      -- six of them would take the host past --max-memory 64M.
+      local code, out, err = child([[
+        local mb = require "moonbeam"
+        for i = 1, 6 do
+          local _, r = mb.spawn_monitor(function()
+            for k = 1, 200000 do mb.send_after(3600000, mb.self(), "pending " .. k) end
+          end)
+          local m = mb.receive(function(m) return type(m) == "table" and m.ref == r end, 30000)
+          print("process", i, m and m.reason)
+        end
+        os.exit(0)
+      ]], "--max-memory 64M", 60)
+      assert.are.equal(0, code, err)
+      for i = 1, 6 do assert.is_true(S.has(out, "process\t" .. i .. "\tnormal"), out) end
+      assert.is_false(S.has(err, "=MEMORY REPORT===="), err)
+    end)
+
     -- Sanitizer builds cannot run under an address-space limit (their
     -- shadow memory is one huge mapping).
     local sanitized = os.getenv("ASAN_OPTIONS") or os.getenv("TSAN_OPTIONS")

@@ -131,6 +131,26 @@ describe("timers", function()
       mb.spawn(function(parent) mb.send_after(20, parent, "from the dead") end, mb.self())
       assert.are.equal("from the dead", S.recv())
     end)
+
+    -- As Erlang cancels a timer whose destination process dies: a process's
+    -- timers to itself go with it (host/timer.c, "A starter's end").
+    it("is cancelled when the process it was addressed to, its starter, ends", function()
+      local p, r = mb.spawn_monitor(function(parent)
+        local mine = mb.send_after(60000, mb.self(), "to itself")
+        local yours = mb.send_after(60000, parent, "to the parent")
+        mb.send(parent, { mine = mine, yours = yours })
+      end, mb.self())
+      local t = mb.receive(function(m) return type(m) == "table" and m.mine end, 5000)
+      assert.is_table(t)
+      S.await_down(r)
+      -- The drop is a command posted at the exit to the scheduler holding
+      -- the timers, which runs it at its loop's next turn; a cancel that
+      -- came first would win (and return the ms left), so give it time.
+      mb.sleep(200)
+      assert.is_false(mb.cancel_timer(t.mine))
+      assert.is_number(mb.cancel_timer(t.yours))   -- still pending: another's
+      assert.is_not_nil(p)
+    end)
   end)
 
   describe("mb.cancel_timer", function()
