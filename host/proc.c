@@ -144,13 +144,6 @@ static void remote_send(mb_pid_t to, mb_msg_t *m);
 
 /* -- Lifetime ------------------------------------------------------------- */
 
-static void linkset_free(mb_linkset_t *s)
-{
-  mb_free(s->v);
-  s->v = NULL;
-  s->n = s->cap = 0;
-}
-
 /* Free queued messages (counted in the host's total while queued). */
 static void msgs_free(mb_msg_t *m)
 {
@@ -233,10 +226,10 @@ static void proc_free(mb_proc_t *p)
   if (p->boot_msg)
     mb_msg_free(p->boot_msg);
   mb_alloc_count(-(long long)atomic_load(&p->held));
-  linkset_free(&p->links);
-  linkset_free(&p->watchers);
-  linkset_free(&p->monitoring);
-  linkset_free(&p->aliases);
+  mb_hset_free(&p->links);
+  mb_hset_free(&p->watchers);
+  mb_hset_free(&p->monitoring);
+  mb_hset_free(&p->aliases);
   pthread_mutex_destroy(&p->lock);
   rec_free(p);
 }
@@ -401,9 +394,9 @@ void mb_proc_send(mb_pid_t pid, mb_msg_t *msg)
 
 /* -- Sets of links, monitors and aliases ------------------------------------
  *
- * Each is a hash by ref (linear probing, at most half full; an empty slot
- * has ref 0): p->monitoring {target, ref}, p->watchers {watcher, ref},
- * p->aliases {0, ref}, and p->links {pid, pid} - a link's key is the pid.
+ * Each is a hash by ref (hset.h): p->monitoring ref -> target,
+ * p->watchers ref -> watcher, p->aliases ref -> 0, and p->links pid -> pid
+ * (a link's key is the pid).
  * Lists were linear to search: 1,000,000 monitors of one process took its
  * watcher's exit O(n^2) (a scheduler stuck in C for minutes), as did a
  * million aliases their making, and a process linked to 100,000 others
@@ -416,88 +409,26 @@ void mb_proc_send(mb_pid_t pid, mb_msg_t *msg)
  * while the target was already sending it) is dropped, as Erlang promises:
  * after demonitor returns, no DOWN for its ref comes. */
 
-static uint32_t set_home(mb_ref_t ref, uint32_t mask)
+static void set_add(mb_hset_t *s, mb_pid_t pid, mb_ref_t ref)
 {
-  return (uint32_t)((ref * 0x9E3779B97F4A7C15ull) >> 32) & mask;
-}
-
-static void set_put(mb_linkset_t *s, mb_pid_t pid, mb_ref_t ref)
-{
-  uint32_t mask = s->cap - 1, i = set_home(ref, mask);
-  while (s->v[i].ref)
-    i = (i + 1) & mask;
-  s->v[i].pid = pid;
-  s->v[i].ref = ref;
-  s->n++;
-}
-
-static void set_resize(mb_linkset_t *s, uint32_t cap)
-{
-  mb_linkset_t old = *s;
-  s->v = mb_calloc(cap, sizeof *s->v);
-  s->cap = cap;
-  s->n = 0;
-  for (uint32_t i = 0; i < old.cap; i++)
-    if (old.v[i].ref)
-      set_put(s, old.v[i].pid, old.v[i].ref);
-  mb_free(old.v);
-}
-
-static void set_add(mb_linkset_t *s, mb_pid_t pid, mb_ref_t ref)
-{
-  if (2 * (s->n + 1) > s->cap)
-    set_resize(s, s->cap ? 2 * s->cap : 4);
-  set_put(s, pid, ref);
+  mb_hset_add(s, ref, pid);
 }
 
 /* Take ref's entry out; returns 1, and its pid in *pid (unless NULL), if it
- * was there.
- * The slots after it that probed past it move back (no tombstones). */
-static int set_take(mb_linkset_t *s, mb_ref_t ref, mb_pid_t *pid)
+ * was there. */
+static int set_take(mb_hset_t *s, mb_ref_t ref, mb_pid_t *pid)
 {
-  if (s->n == 0)
-    return 0;
-  uint32_t mask = s->cap - 1, i = set_home(ref, mask);
-  while (s->v[i].ref != ref) {
-    if (s->v[i].ref == 0)
-      return 0;
-    i = (i + 1) & mask;
-  }
-  if (pid)
-    *pid = s->v[i].pid;
-  for (uint32_t j = i;;) {
-    j = (j + 1) & mask;
-    if (s->v[j].ref == 0)
-      break;
-    uint32_t k = set_home(s->v[j].ref, mask);
-    /* j stays if its home is cyclically in (i, j] */
-    if (i <= j ? (i < k && k <= j) : (i < k || k <= j))
-      continue;
-    s->v[i] = s->v[j];
-    i = j;
-  }
-  s->v[i].ref = 0;
-  s->v[i].pid = 0;
-  s->n--;
-  if (s->cap > 16 && 8 * s->n < s->cap)
-    set_resize(s, s->cap / 2);
-  return 1;
+  return mb_hset_take(s, ref, pid);
 }
 
-static int set_has(const mb_linkset_t *s, mb_ref_t ref)
+static int set_has(const mb_hset_t *s, mb_ref_t ref)
 {
-  if (s->n == 0)
-    return 0;
-  uint32_t mask = s->cap - 1, i = set_home(ref, mask);
-  for (; s->v[i].ref; i = (i + 1) & mask)
-    if (s->v[i].ref == ref)
-      return 1;
-  return 0;
+  return mb_hset_find(s, ref) != NULL;
 }
 
-static int link_has(const mb_linkset_t *s, mb_pid_t pid) { return set_has(s, pid); }
-static void link_add(mb_linkset_t *s, mb_pid_t pid) { set_add(s, pid, pid); }
-static int link_del(mb_linkset_t *s, mb_pid_t pid) { return set_take(s, pid, NULL); }
+static int link_has(const mb_hset_t *s, mb_pid_t pid) { return set_has(s, pid); }
+static void link_add(mb_hset_t *s, mb_pid_t pid) { set_add(s, pid, pid); }
+static int link_del(mb_hset_t *s, mb_pid_t pid) { return set_take(s, pid, NULL); }
 
 /* A DOWN for p came out of its inbox: take its monitor out. Returns 0 when
  * it had none (the DOWN must then be dropped). */
@@ -873,7 +804,7 @@ void mb_proc_exit(mb_proc_t *p, mb_msg_t *reason)
   mb_proc_lock(p);
   p->dead = 1;
   p->status = MB_PS_EXITING;
-  mb_linkset_t links = p->links, watchers = p->watchers;
+  mb_hset_t links = p->links, watchers = p->watchers;
   memset(&p->links, 0, sizeof p->links);
   memset(&p->watchers, 0, sizeof p->watchers);
   mb_proc_unlock(p);
@@ -881,37 +812,37 @@ void mb_proc_exit(mb_proc_t *p, mb_msg_t *reason)
   run_exit_hooks(p);
   table_remove(p);
   for (uint32_t i = 0; i < links.cap; i++) {
-    if (links.v[i].ref == 0)
+    if (links.v[i].key == 0)
       continue;
-    if (mb_id_is_remote(links.v[i].pid))
-      remote_link_exit(links.v[i].pid, p->pid, dup_reason(reason));
+    if (mb_id_is_remote(links.v[i].val))
+      remote_link_exit(links.v[i].val, p->pid, dup_reason(reason));
     else
-      mb_proc_link_exit(links.v[i].pid, p->pid, dup_reason(reason));
+      mb_proc_link_exit(links.v[i].val, p->pid, dup_reason(reason));
   }
   for (uint32_t i = 0; i < watchers.cap; i++)
-    if (watchers.v[i].ref)
-      mb_proc_send(watchers.v[i].pid,
-                   down_msg(p->pid, watchers.v[i].ref, dup_reason(reason)));
+    if (watchers.v[i].key)
+      mb_proc_send(watchers.v[i].val,
+                   down_msg(p->pid, watchers.v[i].key, dup_reason(reason)));
   /* Monitors this process held die with it. */
   for (uint32_t i = 0; i < p->monitoring.cap; i++) {
-    if (p->monitoring.v[i].ref == 0)
+    if (p->monitoring.v[i].key == 0)
       continue;
-    if (mb_id_is_remote(p->monitoring.v[i].pid)) {
+    if (mb_id_is_remote(p->monitoring.v[i].val)) {
       if (mb_proc_remote_monitor)
-        mb_proc_remote_monitor(p->pid, p->monitoring.v[i].pid,
-                               p->monitoring.v[i].ref, 0);
+        mb_proc_remote_monitor(p->pid, p->monitoring.v[i].val,
+                               p->monitoring.v[i].key, 0);
       continue;
     }
-    mb_proc_t *t = mb_proc_get(p->monitoring.v[i].pid);
+    mb_proc_t *t = mb_proc_get(p->monitoring.v[i].val);
     if (t) {
       mb_proc_lock(t);
-      set_take(&t->watchers, p->monitoring.v[i].ref, NULL);
+      set_take(&t->watchers, p->monitoring.v[i].key, NULL);
       mb_proc_unlock(t);
       mb_proc_unref(t);
     }
   }
-  linkset_free(&links);
-  linkset_free(&watchers);
+  mb_hset_free(&links);
+  mb_hset_free(&watchers);
   mb_msg_free(reason);
 
   unsigned left = atomic_fetch_sub(&live, 1) - 1;

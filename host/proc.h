@@ -43,6 +43,7 @@
 
 #include "alloc.h"
 #include "err.h"
+#include "hset.h"
 #include "lua.h"
 #include "msg.h"
 #include "pid.h"
@@ -88,16 +89,6 @@ typedef enum {
   MB_YIELD_HIBERNATE /* drop the state; boot + boot_msg are the continuation */
 } mb_yield_t;
 
-typedef struct mb_link {
-  mb_pid_t pid;
-  mb_ref_t ref;     /* the key (proc.c: the sets are hashes): monitors and
-                       aliases, the ref; links, the pid again; 0: empty */
-} mb_link_t;
-
-typedef struct mb_linkset {
-  mb_link_t *v;
-  uint32_t n, cap;
-} mb_linkset_t;
 
 struct mb_sched;
 struct mb_sock;
@@ -137,8 +128,8 @@ typedef struct mb_proc {
   uint16_t timers_sched;
   struct mb_io_req *io_done; /* the finished operation of an MB_WAIT_IO */
   mb_msg_t *in_head, **in_tail;
-  mb_linkset_t links;        /* pids linked to this process */
-  mb_linkset_t watchers;     /* monitors on this process: {watcher, ref} */
+  mb_hset_t links;           /* pids linked to this process: pid -> pid */
+  mb_hset_t watchers;        /* monitors on this process: ref -> watcher */
   struct mb_sock *socks;     /* sockets it owns (sock.h) */
 
   /* -- owner-only -- */
@@ -148,9 +139,8 @@ typedef struct mb_proc {
   mb_msg_t *q_head, **q_tail;  /* private half of the mailbox */
   mb_msg_t **q_scan;           /* selective receive: next message to test */
   mb_msg_t *recv_bad;          /* a message whose rebuilding raised */
-  mb_linkset_t monitoring;     /* monitors this process holds: {target, ref},
-                                  a hash by ref (proc.c) */
-  mb_linkset_t aliases;        /* active aliases: {0, ref} (see mb.alias) */
+  mb_hset_t monitoring;        /* monitors this process holds: ref -> target */
+  mb_hset_t aliases;           /* active aliases: ref -> 0 (see mb.alias) */
   mb_yield_t yield;            /* reason of the pending runtime yield */
   mb_wait_t pending_wait;      /* what a MB_YIELD_WAIT waits for */
   lua_State **costack;         /* user coroutines running inside co */

@@ -99,6 +99,7 @@
 
 #include "alloc.h"
 #include "err.h"
+#include "hset.h"
 #include "idtab.h"
 #include "proc.h"
 #include "scheduler.h"
@@ -305,13 +306,6 @@ enum { POSTED = 1, CANCELLED_POSTED = 2 };
 
 typedef struct send_table send_table_t;
 
-/* A starter's self-addressed timers on a scheduler: the first of them (see
- * DESIGN, "A starter's end"). */
-typedef struct pid_slot {
-  mb_pid_t pid;            /* 0: empty */
-  struct send_timer *head;
-} pid_slot_t;
-
 typedef struct send_list {
   uv_timer_t handle;       /* its data is &list_tag (the closer's mark) */
   link_t entries;          /* the list's head: a circular list */
@@ -332,9 +326,8 @@ struct send_table {
   struct send_timer *spare; /* freed entries (a stack through link.next) */
   uint32_t nspare;
   int late;                /* a posted start went in already due (take_posted) */
-  pid_slot_t *pids;        /* self-addressed timers by starter: open
-                              addressing, pidcap a power of two (or 0) */
-  uint32_t npids, pidcap;
+  mb_hset_t starters;      /* self-addressed timers: starter -> the first
+                              of its entries (see DESIGN) */
   send_table_t *next;      /* every table, for shutdown */
 };
 
@@ -374,43 +367,17 @@ static int link_empty(const link_t *head)
 
 /* -- The index of self-addressed timers by starter (see DESIGN) ----------- */
 
-static uint32_t pid_hash(mb_pid_t pid)
-{
-  return (uint32_t)((pid * 0x9E3779B97F4A7C15ull) >> 32);
-}
-
-/* The slot of pid in t's index, or the empty one where it would go. */
-static pid_slot_t *pid_slot(send_table_t *t, mb_pid_t pid)
-{
-  uint32_t mask = t->pidcap - 1;
-  for (uint32_t i = pid_hash(pid) & mask;; i = (i + 1) & mask)
-    if (t->pids[i].pid == pid || t->pids[i].pid == 0)
-      return &t->pids[i];
-}
-
 static void index_add(send_table_t *t, send_timer_t *e)
 {
-  if (4 * (t->npids + 1) > 3 * t->pidcap) {
-    pid_slot_t *old = t->pids;
-    uint32_t oldcap = t->pidcap;
-    t->pidcap = oldcap ? 2 * oldcap : 16;
-    t->pids = mb_calloc(t->pidcap, sizeof *t->pids);
-    for (uint32_t i = 0; i < oldcap; i++)
-      if (old[i].pid)
-        *pid_slot(t, old[i].pid) = old[i];
-    mb_free(old);
-  }
-  pid_slot_t *sl = pid_slot(t, e->from);
-  if (sl->pid == 0) {
-    sl->pid = e->from;
-    sl->head = NULL;
-    t->npids++;
-  }
+  mb_hslot_t *sl = mb_hset_find(&t->starters, e->from);
   e->sprev = NULL;
-  e->snext = sl->head;
-  if (sl->head)
-    sl->head->sprev = e;
-  sl->head = e;
+  e->snext = sl ? (send_timer_t *)(uintptr_t)sl->val : NULL;
+  if (e->snext)
+    e->snext->sprev = e;
+  if (sl)
+    sl->val = (uintptr_t)e;
+  else
+    mb_hset_add(&t->starters, e->from, (uintptr_t)e);
   e->indexed = 1;
 }
 
@@ -419,30 +386,12 @@ static void index_remove(send_table_t *t, send_timer_t *e)
   e->indexed = 0;
   if (e->snext)
     e->snext->sprev = e->sprev;
-  if (e->sprev) {
+  if (e->sprev)
     e->sprev->snext = e->snext;
-    return;
-  }
-  pid_slot_t *sl = pid_slot(t, e->from);   /* e was the head */
-  if (e->snext) {
-    sl->head = e->snext;
-    return;
-  }
-  /* The starter's last: backward-shift deletion keeps the probe chains. */
-  uint32_t mask = t->pidcap - 1, i = (uint32_t)(sl - t->pids), j = i;
-  for (;;) {
-    j = (j + 1) & mask;
-    if (t->pids[j].pid == 0)
-      break;
-    uint32_t home = pid_hash(t->pids[j].pid) & mask;
-    if (((j - home) & mask) >= ((j - i) & mask)) {
-      t->pids[i] = t->pids[j];
-      i = j;
-    }
-  }
-  t->pids[i].pid = 0;
-  t->pids[i].head = NULL;
-  t->npids--;
+  else if (e->snext)   /* e was the first */
+    mb_hset_find(&t->starters, e->from)->val = (uintptr_t)e->snext;
+  else                 /* and the last */
+    mb_hset_take(&t->starters, e->from, NULL);
 }
 
 /* Take e out of its duration list (and the index); e's owner's thread. */
@@ -488,11 +437,10 @@ static void send_timer_free(send_timer_t *e)
 static void drop_self_timers(void *arg)
 {
   mb_pid_t pid = (mb_pid_t)(uintptr_t)arg;
-  send_table_t *t = mine;
-  if (t == NULL || t->npids == 0)
+  mb_hslot_t *sl = mine ? mb_hset_find(&mine->starters, pid) : NULL;
+  if (sl == NULL)
     return;
-  pid_slot_t *sl = pid_slot(t, pid);
-  for (send_timer_t *e = sl->head, *next; e; e = next) {
+  for (send_timer_t *e = (send_timer_t *)(uintptr_t)sl->val, *next; e; e = next) {
     next = e->snext;
     if (mb_idtab_remove(&timers, e->id)) {
       if (e->link.next)        /* not detached by a shutdown */
@@ -885,7 +833,7 @@ static void timers_shutdown(void)
       mb_free(e);
     }
     mb_free(t->bucket);
-    mb_free(t->pids);
+    mb_hset_free(&t->starters);
     mb_free(t);
   }
   pthread_mutex_unlock(&tables_lock);
