@@ -409,32 +409,15 @@ void mb_proc_send(mb_pid_t pid, mb_msg_t *msg)
  * while the target was already sending it) is dropped, as Erlang promises:
  * after demonitor returns, no DOWN for its ref comes. */
 
-static void set_add(mb_hset_t *s, mb_pid_t pid, mb_ref_t ref)
-{
-  mb_hset_add(s, ref, pid);
-}
-
-/* Take ref's entry out; returns 1, and its pid in *pid (unless NULL), if it
- * was there. */
-static int set_take(mb_hset_t *s, mb_ref_t ref, mb_pid_t *pid)
-{
-  return mb_hset_take(s, ref, pid);
-}
-
-static int set_has(const mb_hset_t *s, mb_ref_t ref)
-{
-  return mb_hset_find(s, ref) != NULL;
-}
-
-static int link_has(const mb_hset_t *s, mb_pid_t pid) { return set_has(s, pid); }
-static void link_add(mb_hset_t *s, mb_pid_t pid) { set_add(s, pid, pid); }
-static int link_del(mb_hset_t *s, mb_pid_t pid) { return set_take(s, pid, NULL); }
+static int link_has(const mb_hset_t *s, mb_pid_t pid) { return mb_hset_find(s, pid) != NULL; }
+static void link_add(mb_hset_t *s, mb_pid_t pid) { mb_hset_add(s, pid, pid); }
+static int link_del(mb_hset_t *s, mb_pid_t pid) { return mb_hset_take(s, pid, NULL); }
 
 /* A DOWN for p came out of its inbox: take its monitor out. Returns 0 when
  * it had none (the DOWN must then be dropped). */
 static int monitor_fired(mb_proc_t *p, mb_ref_t ref)
 {
-  return set_take(&p->monitoring, ref, NULL);
+  return mb_hset_take(&p->monitoring, ref, NULL);
 }
 
 /* -- Aliases (owner-only) ------------------------------------------------ */
@@ -442,8 +425,8 @@ static int monitor_fired(mb_proc_t *p, mb_ref_t ref)
 void mb_proc_alias(mb_proc_t *p, mb_ref_t ref)
 {
   MB_ASSERT_OWNER(p);
-  if (!set_has(&p->aliases, ref)) {
-    set_add(&p->aliases, 0, ref);
+  if (!mb_hset_find(&p->aliases, ref)) {
+    mb_hset_add(&p->aliases, ref, 0);
     if (mb_proc_remote_alias)
       mb_proc_remote_alias(p->pid, ref, 1);
   }
@@ -452,7 +435,7 @@ void mb_proc_alias(mb_proc_t *p, mb_ref_t ref)
 int mb_proc_unalias(mb_proc_t *p, mb_ref_t ref)
 {
   MB_ASSERT_OWNER(p);
-  int was = set_take(&p->aliases, ref, NULL);
+  int was = mb_hset_take(&p->aliases, ref, NULL);
   if (was && mb_proc_remote_alias)
     mb_proc_remote_alias(p->pid, ref, 0);
   return was;
@@ -460,7 +443,7 @@ int mb_proc_unalias(mb_proc_t *p, mb_ref_t ref)
 
 int mb_proc_has_alias(const mb_proc_t *p, mb_ref_t ref)
 {
-  return set_has(&p->aliases, ref);
+  return mb_hset_find(&p->aliases, ref) != NULL;
 }
 
 mb_msg_t *mb_proc_take_msg(mb_proc_t *p, mb_msg_t **pm)
@@ -596,7 +579,7 @@ static mb_msg_t *down_msg(mb_pid_t from, mb_ref_t ref, mb_msg_t *reason);
 
 static mb_ref_t remote_monitor(mb_proc_t *self, mb_pid_t pid, mb_ref_t ref)
 {
-  set_add(&self->monitoring, pid, ref);
+  mb_hset_add(&self->monitoring, ref, pid);
   if (mb_proc_remote_monitor == NULL) {
     mb_proc_push(self, down_msg(pid, ref, host_reason("noproc")));
     return ref;
@@ -642,7 +625,7 @@ int mb_proc_watch_remote(mb_pid_t local, mb_pid_t watcher, mb_ref_t ref)
   if (p) {
     mb_proc_lock(p);
     if (!p->dead) {
-      set_add(&p->watchers, watcher, ref);
+      mb_hset_add(&p->watchers, ref, watcher);
       rc = 0;
     }
     mb_proc_unlock(p);
@@ -657,7 +640,7 @@ int mb_proc_unwatch_remote(mb_pid_t local, mb_ref_t ref)
   int was = 0;
   if (p) {
     mb_proc_lock(p);
-    was = set_take(&p->watchers, ref, NULL);
+    was = mb_hset_take(&p->watchers, ref, NULL);
     mb_proc_unlock(p);
     mb_proc_unref(p);
   }
@@ -733,13 +716,13 @@ mb_ref_t mb_proc_monitor(mb_proc_t *self, mb_pid_t pid)
   if (t) {
     mb_proc_lock(t);
     if (!t->dead) {
-      set_add(&t->watchers, self->pid, ref);
+      mb_hset_add(&t->watchers, ref, self->pid);
       ok = 1;
     }
     mb_proc_unlock(t);
     mb_proc_unref(t);
   }
-  set_add(&self->monitoring, pid, ref);
+  mb_hset_add(&self->monitoring, ref, pid);
   if (!ok)
     mb_proc_push(self, down_msg(pid, ref, host_reason("noproc")));
   return ref;
@@ -749,7 +732,7 @@ int mb_proc_demonitor(mb_proc_t *self, mb_ref_t ref)
 {
   MB_ASSERT_OWNER(self);
   mb_pid_t target;
-  if (!set_take(&self->monitoring, ref, &target))
+  if (!mb_hset_take(&self->monitoring, ref, &target))
     return 0;
   if (mb_id_is_remote(target)) {
     if (mb_proc_remote_monitor)
@@ -759,7 +742,7 @@ int mb_proc_demonitor(mb_proc_t *self, mb_ref_t ref)
   mb_proc_t *t = mb_proc_get(target);
   if (t) {
     mb_proc_lock(t);
-    set_take(&t->watchers, ref, NULL);
+    mb_hset_take(&t->watchers, ref, NULL);
     mb_proc_unlock(t);
     mb_proc_unref(t);
   }
@@ -836,7 +819,7 @@ void mb_proc_exit(mb_proc_t *p, mb_msg_t *reason)
     mb_proc_t *t = mb_proc_get(p->monitoring.v[i].val);
     if (t) {
       mb_proc_lock(t);
-      set_take(&t->watchers, p->monitoring.v[i].key, NULL);
+      mb_hset_take(&t->watchers, p->monitoring.v[i].key, NULL);
       mb_proc_unlock(t);
       mb_proc_unref(t);
     }

@@ -89,7 +89,6 @@ typedef enum {
   MB_YIELD_HIBERNATE /* drop the state; boot + boot_msg are the continuation */
 } mb_yield_t;
 
-
 struct mb_sched;
 struct mb_sock;
 struct mb_timer;
