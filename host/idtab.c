@@ -8,7 +8,7 @@
 uint64_t mb_idtab_add(mb_idtab_t *t, void *obj)
 {
   uint64_t id = 0;
-  pthread_mutex_lock(&t->lock);
+  mb_lock(&t->lock);
   uint32_t slot = 0;
   if (t->nfree) {
     slot = t->free[--t->nfree];
@@ -29,7 +29,7 @@ uint64_t mb_idtab_add(mb_idtab_t *t, void *obj)
   t->gen[slot]++;
   id = ((uint64_t)t->gen[slot] << MB_PID_SLOT_BITS) | slot;
 out:
-  pthread_mutex_unlock(&t->lock);
+  mb_unlock(&t->lock);
   return id;
 }
 
@@ -45,18 +45,18 @@ static uint32_t find(mb_idtab_t *t, uint64_t id)
 
 void *mb_idtab_get(mb_idtab_t *t, uint64_t id, void (*ref)(void *obj))
 {
-  pthread_mutex_lock(&t->lock);
+  mb_lock(&t->lock);
   uint32_t slot = find(t, id);
   void *obj = slot ? t->obj[slot] : NULL;
   if (obj && ref)
     ref(obj);
-  pthread_mutex_unlock(&t->lock);
+  mb_unlock(&t->lock);
   return obj;
 }
 
 void *mb_idtab_remove(mb_idtab_t *t, uint64_t id)
 {
-  pthread_mutex_lock(&t->lock);
+  mb_lock(&t->lock);
   uint32_t slot = find(t, id);
   void *obj = NULL;
   if (slot) {
@@ -64,13 +64,13 @@ void *mb_idtab_remove(mb_idtab_t *t, uint64_t id)
     t->obj[slot] = NULL;
     t->free[t->nfree++] = slot;
   }
-  pthread_mutex_unlock(&t->lock);
+  mb_unlock(&t->lock);
   return obj;
 }
 
 void mb_idtab_clear(mb_idtab_t *t, void (*fn)(void *obj))
 {
-  pthread_mutex_lock(&t->lock);
+  mb_lock(&t->lock);
   for (uint32_t i = 1; i < t->used; i++) {
     void *obj = t->obj[i];
     t->obj[i] = NULL;
@@ -84,5 +84,5 @@ void mb_idtab_clear(mb_idtab_t *t, void (*fn)(void *obj))
   t->gen = t->free = NULL;
   t->cap = t->nfree = 0;
   t->used = 1;
-  pthread_mutex_unlock(&t->lock);
+  mb_unlock(&t->lock);
 }

@@ -12,18 +12,18 @@
 #ifndef MB_IDTAB_H
 #define MB_IDTAB_H
 
-#include <pthread.h>
+#include "lock.h"
 #include <stdint.h>
 
 typedef struct mb_idtab {
-  pthread_mutex_t lock;
+  mb_lock_t lock;
   void **obj;
   uint32_t *gen;
   uint32_t *free;          /* free slots (a stack) */
   uint32_t cap, used, nfree;
 } mb_idtab_t;
 
-#define MB_IDTAB_INIT {PTHREAD_MUTEX_INITIALIZER, NULL, NULL, NULL, 0, 1, 0}
+#define MB_IDTAB_INIT {MB_LOCK_INIT, NULL, NULL, NULL, 0, 1, 0}
 
 /* Add obj; returns its id, or 0 when the table is full (16M entries). */
 uint64_t mb_idtab_add(mb_idtab_t *t, void *obj);

@@ -24,8 +24,8 @@ typedef struct slot {
 } slot_t;
 
 static slot_t *chunks[NCHUNKS];
-static pthread_mutex_t stripes[MB_STRIPES];
-static pthread_mutex_t free_lock = PTHREAD_MUTEX_INITIALIZER;
+static mb_lock_t stripes[MB_STRIPES];
+static mb_lock_t free_lock = MB_LOCK_INIT;
 static uint32_t free_head;   /* 0: empty (slot 0 is never used) */
 /* Slots below next_slot exist: the chunk holding a slot is allocated before
  * next_slot passes it (release), so a reader that loads next_slot (acquire)
@@ -56,7 +56,7 @@ static void run_exit_hooks(mb_proc_t *p)
 static void table_init(void)
 {
   for (int i = 0; i < MB_STRIPES; i++)
-    pthread_mutex_init(&stripes[i], NULL);
+    mb_lock_init(&stripes[i]);
 }
 
 static slot_t *slot_at(uint32_t i)
@@ -64,7 +64,7 @@ static slot_t *slot_at(uint32_t i)
   return &chunks[i >> CHUNK_BITS][i & (CHUNK_SIZE - 1)];
 }
 
-static pthread_mutex_t *stripe_of(uint32_t i)
+static mb_lock_t *stripe_of(uint32_t i)
 {
   return &stripes[i % MB_STRIPES];
 }
@@ -89,7 +89,7 @@ static uint32_t slot_alloc(void)
   if (slot_cache.n)
     return slot_cache.v[--slot_cache.n];
   uint32_t i = 0;
-  pthread_mutex_lock(&free_lock);
+  mb_lock(&free_lock);
   while (free_head && slot_cache.n < SLOT_BATCH) {
     slot_cache.v[slot_cache.n++] = free_head;
     free_head = slot_at(free_head)->next_free;
@@ -102,20 +102,20 @@ static uint32_t slot_alloc(void)
       chunks[i >> CHUNK_BITS] = mb_calloc(CHUNK_SIZE, sizeof(slot_t));
     atomic_store_explicit(&next_slot, i + 1, memory_order_release);
   }
-  pthread_mutex_unlock(&free_lock);
+  mb_unlock(&free_lock);
   return i;
 }
 
 static void slot_release(uint32_t i)
 {
   if (slot_cache.n == SLOT_CACHE) {
-    pthread_mutex_lock(&free_lock);
+    mb_lock(&free_lock);
     while (slot_cache.n > SLOT_CACHE - SLOT_BATCH) {
       uint32_t j = slot_cache.v[--slot_cache.n];
       slot_at(j)->next_free = free_head;
       free_head = j;
     }
-    pthread_mutex_unlock(&free_lock);
+    mb_unlock(&free_lock);
   }
   slot_cache.v[slot_cache.n++] = i;
 }
@@ -178,17 +178,17 @@ static _Thread_local struct {
 } rec_cache;
 static mb_proc_t *rec_pool;   /* linked by rq_next; under rec_lock */
 static int rec_pool_n;
-static pthread_mutex_t rec_lock = PTHREAD_MUTEX_INITIALIZER;
+static mb_lock_t rec_lock = MB_LOCK_INIT;
 
 static mb_proc_t *rec_alloc(void)
 {
   if (rec_cache.n == 0) {
-    pthread_mutex_lock(&rec_lock);
+    mb_lock(&rec_lock);
     for (; rec_pool && rec_cache.n < REC_BATCH; rec_pool_n--) {
       rec_cache.v[rec_cache.n++] = rec_pool;
       rec_pool = rec_pool->rq_next;
     }
-    pthread_mutex_unlock(&rec_lock);
+    mb_unlock(&rec_lock);
     if (rec_cache.n == 0)
       return mb_calloc(1, sizeof(mb_proc_t));
   }
@@ -200,7 +200,7 @@ static mb_proc_t *rec_alloc(void)
 static void rec_free(mb_proc_t *p)
 {
   if (rec_cache.n == REC_CACHE) {
-    pthread_mutex_lock(&rec_lock);
+    mb_lock(&rec_lock);
     while (rec_cache.n > REC_CACHE - REC_BATCH) {
       mb_proc_t *r = rec_cache.v[--rec_cache.n];
       if (rec_pool_n < REC_POOL_MAX) {
@@ -211,7 +211,7 @@ static void rec_free(mb_proc_t *p)
         mb_free(r);
       }
     }
-    pthread_mutex_unlock(&rec_lock);
+    mb_unlock(&rec_lock);
   }
   rec_cache.v[rec_cache.n++] = p;
 }
@@ -230,7 +230,6 @@ static void proc_free(mb_proc_t *p)
   mb_hset_free(&p->watchers);
   mb_hset_free(&p->monitoring);
   mb_hset_free(&p->aliases);
-  pthread_mutex_destroy(&p->lock);
   rec_free(p);
 }
 
@@ -241,20 +240,20 @@ int mb_proc_new(size_t max_memory, mb_proc_t **out)
   if (i == 0)
     return MB_ETOOMANY;
   mb_proc_t *p = rec_alloc();
-  pthread_mutex_init(&p->lock, NULL);
+  mb_lock_init(&p->lock);
   atomic_init(&p->refs, 1);
   p->alloc.limit = p->alloc.max = max_memory;
   p->in_tail = &p->in_head;
   p->q_tail = &p->q_head;
   p->q_scan = &p->q_head;
   p->status = MB_PS_RUNNABLE;
-  pthread_mutex_t *lk = stripe_of(i);
-  pthread_mutex_lock(lk);
+  mb_lock_t *lk = stripe_of(i);
+  mb_lock(lk);
   slot_t *s = slot_at(i);
   p->pid = ((mb_pid_t)s->gen << MB_PID_SLOT_BITS) | i;
   s->gen++;
   s->p = p;
-  pthread_mutex_unlock(lk);
+  mb_unlock(lk);
   atomic_fetch_add(&live, 1);
   *out = p;
   return 0;
@@ -265,14 +264,14 @@ mb_proc_t *mb_proc_get(mb_pid_t pid)
   uint32_t i = pid_slot(pid);
   if (i == 0 || i >= atomic_load_explicit(&next_slot, memory_order_acquire))
     return NULL;
-  pthread_mutex_t *lk = stripe_of(i);
-  pthread_mutex_lock(lk);
+  mb_lock_t *lk = stripe_of(i);
+  mb_lock(lk);
   mb_proc_t *p = slot_at(i)->p;
   if (p && p->pid == pid)
     atomic_fetch_add_explicit(&p->refs, 1, memory_order_relaxed);
   else
     p = NULL;
-  pthread_mutex_unlock(lk);
+  mb_unlock(lk);
   return p;
 }
 
@@ -286,10 +285,10 @@ void mb_proc_unref(mb_proc_t *p)
 static void table_remove(mb_proc_t *p)
 {
   uint32_t i = pid_slot(p->pid);
-  pthread_mutex_t *lk = stripe_of(i);
-  pthread_mutex_lock(lk);
+  mb_lock_t *lk = stripe_of(i);
+  mb_lock(lk);
   slot_at(i)->p = NULL;
-  pthread_mutex_unlock(lk);
+  mb_unlock(lk);
   slot_release(i);
 }
 
@@ -299,12 +298,12 @@ void mb_proc_foreach(void (*fn)(mb_proc_t *p, void *ud), void *ud)
   for (uint32_t i = 1; i < n; i++) {
     if (chunks[i >> CHUNK_BITS] == NULL)
       continue;
-    pthread_mutex_t *lk = stripe_of(i);
-    pthread_mutex_lock(lk);
+    mb_lock_t *lk = stripe_of(i);
+    mb_lock(lk);
     mb_proc_t *p = slot_at(i)->p;
     if (p)
       atomic_fetch_add(&p->refs, 1);
-    pthread_mutex_unlock(lk);
+    mb_unlock(lk);
     if (p) {
       fn(p, ud);
       mb_proc_unref(p);

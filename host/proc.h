@@ -44,6 +44,7 @@
 #include "alloc.h"
 #include "err.h"
 #include "hset.h"
+#include "lock.h"
 #include "lua.h"
 #include "msg.h"
 #include "pid.h"
@@ -102,7 +103,7 @@ typedef struct mb_proc {
   lua_State *co;             /* the body coroutine */
   struct mb_proc *rq_next;   /* run queue link (guarded by the queue's lock) */
 
-  pthread_mutex_t lock;
+  mb_lock_t lock;
   /* -- guarded by lock -- */
   mb_pstatus_t status;
   mb_wait_t wait;
@@ -204,7 +205,7 @@ typedef struct mb_proc {
  * holds it. */
 static inline void mb_proc_lock(mb_proc_t *p)
 {
-  pthread_mutex_lock(&p->lock);
+  mb_lock(&p->lock);
 #ifdef MB_DEBUG
   atomic_store_explicit(&p->dbg_locker, (unsigned long)pthread_self(),
                         memory_order_relaxed);
@@ -216,7 +217,7 @@ static inline void mb_proc_unlock(mb_proc_t *p)
 #ifdef MB_DEBUG
   atomic_store_explicit(&p->dbg_locker, 0, memory_order_relaxed);
 #endif
-  pthread_mutex_unlock(&p->lock);
+  mb_unlock(&p->lock);
 }
 
 #ifdef MB_DEBUG

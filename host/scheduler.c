@@ -27,7 +27,7 @@ struct mb_sched {
   pthread_t thread;
   uv_loop_t loop;
   uv_async_t async;          /* wakes the thread: commands, work, halt */
-  pthread_mutex_t rq_lock;
+  mb_lock_t rq_lock;
   /* Two queues under rq_lock (see DESIGN in scheduler.h): processes made
    * runnable by an event (a message, a timer, I/O, a spawn) and processes
    * preempted at the end of their slice. rq_len counts both. */
@@ -36,7 +36,7 @@ struct mb_sched {
   int woken_run;                      /* woken ones taken in a row */
   atomic_int rq_len;
   atomic_int sleeping;
-  pthread_mutex_t cmd_lock;
+  mb_lock_t cmd_lock;
   cmd_t *cmd_head, **cmd_tail;
   uint64_t last_poll;
   /* What the watchdog (the main thread) sees of the current slice. */
@@ -113,13 +113,13 @@ static mb_proc_t *take(mb_proc_t **head, mb_proc_t **tail)
 static void rq_push_as(mb_sched_t *s, mb_proc_t *p, int preempted)
 {
   p->rq_next = NULL;
-  pthread_mutex_lock(&s->rq_lock);
+  mb_lock(&s->rq_lock);
   if (preempted)
     append(&s->pre_head, &s->pre_tail, p);
   else
     append(&s->rq_head, &s->rq_tail, p);
   atomic_fetch_add(&s->rq_len, 1);
-  pthread_mutex_unlock(&s->rq_lock);
+  mb_unlock(&s->rq_lock);
   /* A slice let run alone there has company now (see alone()); not its
    * own process, requeued as its slice ends. */
   uint64_t lone = atomic_load(&s->lone_slice);
@@ -143,7 +143,7 @@ static mb_proc_t *rq_pop(mb_sched_t *s)
   if (atomic_load_explicit(&s->rq_len, memory_order_relaxed) == 0)
     return NULL;
   mb_proc_t *p = NULL;
-  pthread_mutex_lock(&s->rq_lock);
+  mb_lock(&s->rq_lock);
   if (s->rq_head && (s->pre_head == NULL || s->woken_run < MB_WOKEN_BURST)) {
     p = take(&s->rq_head, &s->rq_tail);
     s->woken_run++;
@@ -153,7 +153,7 @@ static mb_proc_t *rq_pop(mb_sched_t *s)
   }
   if (p)
     atomic_fetch_sub(&s->rq_len, 1);
-  pthread_mutex_unlock(&s->rq_lock);
+  mb_unlock(&s->rq_lock);
   return p;
 }
 
@@ -242,11 +242,11 @@ void mb_sched_push(mb_sched_t *s, mb_proc_t *p)
 
 static void run_commands(mb_sched_t *s)
 {
-  pthread_mutex_lock(&s->cmd_lock);
+  mb_lock(&s->cmd_lock);
   cmd_t *c = s->cmd_head;
   s->cmd_head = NULL;
   s->cmd_tail = &s->cmd_head;
-  pthread_mutex_unlock(&s->cmd_lock);
+  mb_unlock(&s->cmd_lock);
   while (c) {
     cmd_t *next = c->next;
     c->fn(c->arg);
@@ -261,10 +261,10 @@ void mb_sched_post(mb_sched_t *s, void (*fn)(void *), void *arg)
   c->fn = fn;
   c->arg = arg;
   c->next = NULL;
-  pthread_mutex_lock(&s->cmd_lock);
+  mb_lock(&s->cmd_lock);
   *s->cmd_tail = c;
   s->cmd_tail = &c->next;
-  pthread_mutex_unlock(&s->cmd_lock);
+  mb_unlock(&s->cmd_lock);
   uv_async_send(&s->async);
 }
 
@@ -657,8 +657,8 @@ static void *sched_main(void *arg)
 static int sched_init(mb_sched_t *s, int id)
 {
   s->id = id;
-  pthread_mutex_init(&s->rq_lock, NULL);
-  pthread_mutex_init(&s->cmd_lock, NULL);
+  mb_lock_init(&s->rq_lock);
+  mb_lock_init(&s->cmd_lock);
   s->cmd_tail = &s->cmd_head;
   int rc = uv_loop_init(&s->loop);
   if (rc)
@@ -980,8 +980,6 @@ int mb_sched_wait(void)
     uv_walk(&s->loop, close_handle, NULL);
     uv_run(&s->loop, UV_RUN_DEFAULT);
     uv_loop_close(&s->loop);
-    pthread_mutex_destroy(&s->rq_lock);
-    pthread_mutex_destroy(&s->cmd_lock);
   }
   self = NULL;
   /* After the loops: their last commands may still create sockets. */

@@ -59,7 +59,6 @@ void mb_sock_unref(mb_sock_t *s)
   if (s->ws)
     mb_ws_free(s->ws);
   mb_free(s->ws_reason);
-  pthread_mutex_destroy(&s->lock);
   mb_free(s);
 }
 
@@ -95,7 +94,7 @@ static mb_sock_t *sock_new(mb_sock_kind_t kind)
   s->kind = (uint8_t)kind;
   s->sched = sched;
   atomic_init(&s->refs, 2);
-  pthread_mutex_init(&s->lock, NULL);
+  mb_lock_init(&s->lock);
   s->rtail = &s->rhead;
   s->acc_tail = &s->acc_head;
   uv_tcp_init(mb_sched_loop(sched), &s->tcp);
@@ -128,20 +127,20 @@ static void close_handles(mb_sock_t *s)
 {
   if (s->handle_closing)
     return;
-  pthread_mutex_lock(&s->lock);   /* (write_foreign: the descriptor) */
+  mb_lock(&s->lock);   /* (write_foreign: the descriptor) */
   s->handle_closing = 1;
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   if (s->linger) {
     uv_timer_stop(&s->linger->timer);
     uv_close((uv_handle_t *)&s->linger->timer, on_linger_closed);
   }
   uv_close((uv_handle_t *)&s->tcp, on_handle_closed);
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   mb_sock_t *acc = s->acc_head;
   s->acc_head = NULL;
   s->acc_tail = &s->acc_head;
   s->nacc = 0;
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   while (acc) {
     mb_sock_t *next = acc->onext;
     accepted_close(acc);
@@ -238,13 +237,13 @@ static void drop_inflight(mb_sock_t *s)
 /* Mark s closed and drop it from the table: any thread, s->lock not held. */
 static int mark_closed(mb_sock_t *s)
 {
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   int was = s->closed;
   s->closed = 1;
   s->owner = 0;
   s->active = 0;
   drop_inflight(s);
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   if (tab_remove(s))
     mb_sock_unref(s);
   return was;
@@ -263,20 +262,20 @@ static void run_posted(void *arg)
   cmd_t *c = arg;
   mb_sock_t *s = c->s;
   c->fn(s, c->arg);
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   s->posted--;
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   mb_sock_unref(s);
   mb_free(c);
 }
 
 void mb_sock_run(mb_sock_t *s, void (*fn)(mb_sock_t *s, void *arg), void *arg)
 {
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   int now = mb_sched_self() == s->sched && s->posted == 0;
   if (!now)
     s->posted++;
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   if (now) {
     fn(s, arg);
     return;
@@ -460,9 +459,9 @@ static mb_chunk_t *chunk_new(const void *data, size_t len, int binary)
  * to the waiter, to the owner, or into the buffer. */
 static void got_chunk(mb_sock_t *s, mb_chunk_t *c, int raw)
 {
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   if (s->closed) {
-    pthread_mutex_unlock(&s->lock);
+    mb_unlock(&s->lock);
     mb_free(c);
     return;
   }
@@ -476,7 +475,7 @@ static void got_chunk(mb_sock_t *s, mb_chunk_t *c, int raw)
     req->flags = s->ws_mode;
     req->free = free_chunk;
     if (give(s, MB_SW_READ, req)) {
-      pthread_mutex_unlock(&s->lock);
+      mb_unlock(&s->lock);
       return;
     }
     req->extra = NULL;
@@ -490,7 +489,7 @@ static void got_chunk(mb_sock_t *s, mb_chunk_t *c, int raw)
     s->paused = 1;
     uv_read_stop((uv_stream_t *)&s->tcp);
   }
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
 }
 
 /* Does the end `code` (MB_ECLOSED or a libuv error) fire the owner's
@@ -519,28 +518,28 @@ static void set_exit_on_close(mb_sock_t *s, int mode)
 
 void mb_sock_set_exit_on_close(mb_sock_t *s, int mode)
 {
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   set_exit_on_close(s, mode);
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
 }
 
 int mb_sock_guard(mb_sock_t *s, mb_pid_t owner, mb_pid_t heir, int mode)
 {
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   int mine = s->owner == owner && !s->closed;
   if (mine) {
     s->heir = heir;
     if (mode >= 0)
       set_exit_on_close(s, mode);
   }
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   return mine;
 }
 
 /* The stream ended: code is MB_ECLOSED or a libuv error. */
 static void got_end(mb_sock_t *s, int code)
 {
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   if (code == MB_ECLOSED)
     s->eof = s->eof ? s->eof : 1;
   else if (!s->err)
@@ -550,7 +549,7 @@ static void got_end(mb_sock_t *s, int code)
     give_result(s, MB_SW_READ, code);
   give_result(s, MB_SW_WRITE, code);
   mb_sock_flush_active(s);
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
 }
 
 static void on_alloc(uv_handle_t *h, size_t size, uv_buf_t *buf)
@@ -581,11 +580,11 @@ static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *buf)
     ws_feed(s, buf->base, (size_t)n);
     /* Its pongs and close reply count against the high-water mark like
      * the owner's writes: over it, stop reading from this peer. */
-    pthread_mutex_lock(&s->lock);
+    mb_lock(&s->lock);
     int stop = s->wq > MB_SOCK_WRITE_HIGH && !s->wpaused && !s->handle_closing;
     if (stop)
       s->wpaused = 1;
-    pthread_mutex_unlock(&s->lock);
+    mb_unlock(&s->lock);
     if (stop)
       uv_read_stop(st);
     return;
@@ -609,12 +608,12 @@ void mb_sock_do_nodelay(mb_sock_t *s, void *arg)
 void mb_sock_do_resume(mb_sock_t *s, void *arg)
 {
   (void)arg;
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   int go = s->paused && s->rbytes < MB_SOCK_RBUF_MAX && !s->handle_closing;
   if (go)
     s->paused = 0;
   go = go && !s->wpaused;   /* else wq_done restarts it */
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   if (go)
     start_reading(s);
 }
@@ -632,7 +631,7 @@ typedef struct wreq {
  * queue (wpaused) resumes once it is under the low mark. */
 static void wq_done(mb_sock_t *s, size_t n)
 {
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   s->wq -= n;
   int resume = 0;
   if (s->wq <= MB_SOCK_WRITE_LOW) {
@@ -642,7 +641,7 @@ static void wq_done(mb_sock_t *s, size_t n)
       resume = !s->paused && !s->handle_closing;
     }
   }
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   if (resume)
     start_reading(s);
 }
@@ -652,11 +651,11 @@ static void on_written(uv_write_t *req, int status)
   wreq_t *w = (wreq_t *)req;
   mb_sock_t *s = w->s;
   if (status < 0 && status != UV_ECANCELED) {
-    pthread_mutex_lock(&s->lock);
+    mb_lock(&s->lock);
     if (!s->err)
       s->err = status;
     give_result(s, MB_SW_WRITE, status);
-    pthread_mutex_unlock(&s->lock);
+    mb_unlock(&s->lock);
   }
   wq_done(s, w->len);
   mb_sock_unref(s);
@@ -708,11 +707,11 @@ static int raw_write(mb_sock_t *s, const char *data, size_t len)
 
 static void write_failed(mb_sock_t *s, int rc)
 {
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   if (!s->err)
     s->err = rc;
   give_result(s, MB_SW_WRITE, rc);
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
 }
 
 /* Under s->lock: may a write go straight to the kernel? Nothing queued or
@@ -736,7 +735,7 @@ static long write_foreign(mb_sock_t *s, const uv_buf_t *b, unsigned nb)
 {
   long r = 0;
   uv_os_fd_t fd;
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   if (write_idle(s) && uv_fileno((uv_handle_t *)&s->tcp, &fd) == 0) {
     struct msghdr m;
     memset(&m, 0, sizeof m);
@@ -748,7 +747,7 @@ static long write_foreign(mb_sock_t *s, const uv_buf_t *b, unsigned nb)
     while (n < 0 && errno == EINTR);
     r = n >= 0 ? (long)n : errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -errno;
   }
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   return r;
 }
 
@@ -756,9 +755,9 @@ long mb_sock_write_now(mb_sock_t *s, const uv_buf_t *b, unsigned nb)
 {
   if (mb_sched_self() != s->sched)
     return write_foreign(s, b, nb);
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   int idle = write_idle(s);
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   if (!idle)
     return 0;
   int r = uv_try_write((uv_stream_t *)&s->tcp, b, nb);
@@ -787,9 +786,9 @@ void mb_sock_do_write(mb_sock_t *s, void *arg)
 static int ws_out(void *ud, const uint8_t *data, size_t len)
 {
   mb_sock_t *s = ud;
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   s->wq += len;
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   return raw_write(s, (const char *)data, len) < 0 ? -1 : 0;
 }
 
@@ -801,13 +800,13 @@ static void ws_message(void *ud, const uint8_t *data, size_t len, int binary)
 static void ws_closed(void *ud, int code, const char *reason, size_t len)
 {
   mb_sock_t *s = ud;
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   s->ws_code = code;
   mb_free(s->ws_reason);
   s->ws_reason = mb_malloc(len + 1);
   memcpy(s->ws_reason, reason, len);
   s->ws_reason[len] = '\0';
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   got_end(s, MB_ECLOSED);
 }
 
@@ -844,12 +843,12 @@ void mb_sock_do_ws(mb_sock_t *s, void *arg)
   }
   /* Raw bytes read since the switch was asked go through the framer after
    * the pending ones, in the order they came. */
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   mb_chunk_t *raw = s->rhead;
   s->rhead = NULL;
   s->rtail = &s->rhead;
   s->rbytes = 0;
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   if (o->len)
     ws_feed(s, o->data, o->len);
   for (mb_chunk_t *c = raw; c && !s->handle_closing; c = c->next)
@@ -901,10 +900,10 @@ static void owner_unlink(mb_sock_t *s, mb_pid_t pid)
 
 int mb_sock_set_owner(mb_sock_t *s, mb_pid_t old, mb_proc_t *p)
 {
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   if (s->owner != old || s->closed) {
     int rc = s->closed ? MB_ECLOSED : MB_ENOTOWNER;
-    pthread_mutex_unlock(&s->lock);
+    mb_unlock(&s->lock);
     return rc;
   }
   if (old)
@@ -921,7 +920,7 @@ int mb_sock_set_owner(mb_sock_t *s, mb_pid_t old, mb_proc_t *p)
   if (!dead && s->kind == MB_SOCK_STREAM)
     atomic_store_explicit(&p->home, s->sched, memory_order_relaxed);
   mb_sock_flush_active(s);
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   if (dead) {
     /* Its new owner died meanwhile: the socket dies with it. */
     mark_closed(s);
@@ -934,15 +933,15 @@ int mb_sock_set_owner(mb_sock_t *s, mb_pid_t old, mb_proc_t *p)
 int mb_sock_close(mb_sock_t *s, mb_pid_t by,
                   void (*fn)(mb_sock_t *s, void *arg), void *arg)
 {
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   if (s->closed || s->owner != by) {
     int was = s->closed;
-    pthread_mutex_unlock(&s->lock);
+    mb_unlock(&s->lock);
     mb_free(arg);
     return was ? 0 : MB_ENOTOWNER;
   }
   owner_unlink(s, by);
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   mark_closed(s);
   mb_sock_run(s, fn, arg);
   return 0;
@@ -956,10 +955,10 @@ static int pass_to_heir(mb_sock_t *s, mb_pid_t from, mb_pid_t heir)
   mb_proc_t *h = mb_proc_get(heir);
   if (h == NULL)
     return MB_ENOPROC;
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   s->active = 0;   /* the heir chooses; nothing goes to it unasked */
   drop_inflight(s);   /* those died with the owner's mailbox */
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   int rc = mb_sock_set_owner(s, from, h);
   mb_proc_unref(h);
   if (rc < 0)
@@ -986,11 +985,11 @@ static void owner_exit(mb_proc_t *p)
     mb_sock_t *next = s->onext;
     s->onext = s->oprev = NULL;
     atomic_fetch_add(&s->refs, 1);
-    pthread_mutex_lock(&s->lock);
+    mb_lock(&s->lock);
     mb_pid_t heir = s->heir;
     s->heir = 0;
     s->exit_on_close = 0;
-    pthread_mutex_unlock(&s->lock);
+    mb_unlock(&s->lock);
     if (heir == 0 || heir == p->pid || pass_to_heir(s, p->pid, heir) < 0) {
       if (!mark_closed(s))
         mb_sock_run(s, mb_sock_do_close, NULL);
@@ -1064,17 +1063,17 @@ static void save_names(mb_sock_t *s)
   if (s->kind == MB_SOCK_STREAM)
     uv_tcp_getpeername(&s->tcp, (struct sockaddr *)&b, &lb);
   mb_sock_addr_t pa = addr_pack(&a), pb = addr_pack(&b);
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   s->local = pa;
   s->peer = pb;
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
 }
 
 int mb_sock_name(mb_sock_t *s, int peer, char *host, size_t hostlen)
 {
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   mb_sock_addr_t a = peer ? s->peer : s->local;
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   if ((a.family != AF_INET && a.family != AF_INET6) ||
       uv_inet_ntop(a.family, a.ip, host, hostlen) != 0)
     return -1;
@@ -1235,12 +1234,12 @@ static void send_accepted(mb_sock_t *s, mb_sock_t *due, mb_pid_t owner)
       mb_sock_run(c, mb_sock_do_close, NULL);
     }
     if (p == NULL || mb_sock_set_owner(c, 0, p) < 0) {
-      pthread_mutex_lock(&s->lock);
+      mb_lock(&s->lock);
       if (s->ainflight > 0) {
         s->ainflight--;
         atomic_fetch_sub(&ainflight_total, 1);
       }
-      pthread_mutex_unlock(&s->lock);
+      mb_unlock(&s->lock);
       continue;
     }
     mb_msgb_t b;
@@ -1267,7 +1266,7 @@ static void hand_over_unlock(mb_sock_t *s)
   mb_pid_t owner;
   mb_sock_t *due = take_due(s, &owner);
   int room = accept_room(s);
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   send_accepted(s, due, owner);
   if (room)
     mb_sock_run(s, mb_sock_do_accept, NULL);
@@ -1275,11 +1274,11 @@ static void hand_over_unlock(mb_sock_t *s)
 
 void mb_sock_set_active(mb_sock_t *s, int mode)
 {
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   s->active = mode;
   if (s->kind == MB_SOCK_STREAM) {
     int resume = mb_sock_flush_active(s);
-    pthread_mutex_unlock(&s->lock);
+    mb_unlock(&s->lock);
     if (resume)
       mb_sock_run(s, mb_sock_do_resume, NULL);
     return;
@@ -1295,7 +1294,7 @@ void mb_sock_received(uint64_t port)
   if (s == NULL)
     return;
   if (s->kind == MB_SOCK_LISTENER) {
-    pthread_mutex_lock(&s->lock);
+    mb_lock(&s->lock);
     if (s->ainflight > 0) {
       s->ainflight--;
       atomic_fetch_sub(&ainflight_total, 1);
@@ -1322,9 +1321,9 @@ static void free_accepted(mb_io_req_t *req)
 /* A new connection: to the waiting acceptor, or into the queue. */
 static void hand_over(mb_sock_t *s, mb_sock_t *c)
 {
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   if (s->closed) {
-    pthread_mutex_unlock(&s->lock);
+    mb_unlock(&s->lock);
     accepted_close(c);
     return;
   }
@@ -1333,7 +1332,7 @@ static void hand_over(mb_sock_t *s, mb_sock_t *c)
     req->extra = c;
     req->free = free_accepted;
     if (give(s, MB_SW_ACCEPT, req)) {
-      pthread_mutex_unlock(&s->lock);
+      mb_unlock(&s->lock);
       return;
     }
     req->extra = NULL;
@@ -1345,7 +1344,7 @@ static void hand_over(mb_sock_t *s, mb_sock_t *c)
   s->nacc++;
   mb_pid_t owner;
   mb_sock_t *due = take_due(s, &owner);
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   send_accepted(s, due, owner);
 }
 
@@ -1355,7 +1354,7 @@ static void on_connection(uv_stream_t *server, int status)
   if (status < 0) {
     /* Out of descriptors, say: to the waiter, or in active mode to the
      * owner (a message that counts like a connection's). */
-    pthread_mutex_lock(&s->lock);
+    mb_lock(&s->lock);
     mb_pid_t to = 0;
     if (s->wait == MB_SW_ACCEPT) {
       give_result(s, MB_SW_ACCEPT, status);
@@ -1363,17 +1362,17 @@ static void on_connection(uv_stream_t *server, int status)
       to = s->owner;
       count_out(s);
     }
-    pthread_mutex_unlock(&s->lock);
+    mb_unlock(&s->lock);
     if (to)
       mb_proc_send(to, mb_must(sock_msg_end(s->id, "tcp_error", 0,
                                             uv_strerror(status))));
     return;
   }
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   int full = s->nacc >= MB_SOCK_ACCEPT_QUEUE && s->wait != MB_SW_ACCEPT;
   if (full)
     s->acc_paused = 1;   /* libuv keeps the connection and stops accepting */
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   if (full)
     return;
   mb_sock_t *c = accept_one(s);
@@ -1384,10 +1383,10 @@ static void on_connection(uv_stream_t *server, int status)
 void mb_sock_do_accept(mb_sock_t *s, void *arg)
 {
   (void)arg;
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   int go = s->acc_paused && !s->handle_closing;
   s->acc_paused = 0;
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   if (go) {
     mb_sock_t *c = accept_one(s);
     if (c)
@@ -1459,7 +1458,7 @@ static void on_connect(uv_connect_t *req, int status)
     save_names(s);
     start_reading(s);
   }
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   if (s->wait == MB_SW_CONNECT) {
     mb_io_req_t *r = mb_io_new(sizeof *r, NULL, push_connected);
     r->err = status == UV_ECANCELED ? UV_ETIMEDOUT : status;
@@ -1469,7 +1468,7 @@ static void on_connect(uv_connect_t *req, int status)
     if (!give(s, MB_SW_CONNECT, r))
       mb_io_free(r);
   }
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   mb_sock_unref(s);
   mb_free(cn);
 }
@@ -1506,11 +1505,11 @@ mb_sock_t *mb_sock_connect(mb_proc_t *owner, uint32_t seq, const char *host,
     return NULL;
   }
   mb_sock_set_owner(s, 0, owner);
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   s->wait = MB_SW_CONNECT;
   s->wpid = owner->pid;
   s->wseq = seq;
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   conn_t *cn = mb_calloc(1, sizeof *cn);
   cn->s = s;
   cn->port = port;

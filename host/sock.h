@@ -121,7 +121,7 @@ typedef struct mb_sock {
   struct mb_sock_linger *linger; /* its timer and request, until done */
   struct mb_ws *ws;
 
-  pthread_mutex_t lock;
+  mb_lock_t lock;
   /* -- guarded by lock -- */
   _Atomic mb_pid_t owner;      /* 0 while in a listener's queue; written
                                   under lock, read without it by the owner's

@@ -334,7 +334,7 @@ struct send_table {
 /* The starts posted to a scheduler (see DESIGN), oldest first, chained
  * through link.prev (link.next stays NULL: in no list). */
 typedef struct inbox {
-  pthread_mutex_t lock;
+  mb_lock_t lock;
   struct send_timer *head, *tail;
 } inbox_t;
 
@@ -648,13 +648,13 @@ static void inbox_push(inbox_t *in, send_timer_t *e)
 {
   mb_sched_t *owner = e->owner;
   e->link.next = e->link.prev = NULL;
-  pthread_mutex_lock(&in->lock);
+  mb_lock(&in->lock);
   if (in->tail)
     in->tail->link.prev = &e->link;
   else
     in->head = e;
   in->tail = e;
-  pthread_mutex_unlock(&in->lock);
+  mb_unlock(&in->lock);
   mb_sched_post(owner, take_posted, in);
 }
 
@@ -666,10 +666,10 @@ static void inbox_push(inbox_t *in, send_timer_t *e)
 static void take_posted(void *arg)
 {
   inbox_t *in = arg;
-  pthread_mutex_lock(&in->lock);
+  mb_lock(&in->lock);
   send_timer_t *e = in->head;
   in->head = in->tail = NULL;
-  pthread_mutex_unlock(&in->lock);
+  mb_unlock(&in->lock);
   while (e) {
     send_timer_t *next = (send_timer_t *)e->link.prev;
     e->link.prev = NULL;
@@ -843,7 +843,7 @@ void mb_timer_init(void)
 {
   inboxes = mb_calloc((size_t)mb_sched_opts.schedulers, sizeof *inboxes);
   for (int i = 0; i < mb_sched_opts.schedulers; i++)
-    pthread_mutex_init(&inboxes[i].lock, NULL);
+    mb_lock_init(&inboxes[i].lock);
   mb_proc_add_exit_hook(release);
   mb_sched_add_closer(close_timer);
   mb_sched_add_after_loops(timers_shutdown);

@@ -192,9 +192,9 @@ static int l_accept(lua_State *L)
     mb_sock_unref(s);
     return luaL_argerror(L, 1, "listener expected, got a connected socket");
   }
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   if (s->active) {
-    pthread_mutex_unlock(&s->lock);
+    mb_unlock(&s->lock);
     mb_sock_unref(s);
     return fail(L, "listener is in active mode");
   }
@@ -213,7 +213,7 @@ static int l_accept(lua_State *L)
     s->wpid = p->pid;
     s->wseq = mb_io_wait_begin(p);
   }
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   if (resume)
     mb_sock_run(s, mb_sock_do_accept, NULL);
   mb_sock_unref(s);
@@ -302,7 +302,7 @@ static int l_read(lua_State *L)
   mb_sock_t *s = stream_sock(L, p, &n);
   if (s == NULL)
     return n;
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   int ws = s->ws_mode, end = 0, can = 1;
   const char *busy = s->active ? "socket is in active mode" : NULL;
   mb_chunk_t *c = busy ? NULL : take_read(s);
@@ -316,7 +316,7 @@ static int l_read(lua_State *L)
       s->wseq = mb_io_wait_begin(p);
     }
   }
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   if (resume)
     mb_sock_run(s, mb_sock_do_resume, NULL);
   mb_sock_unref(s);
@@ -388,9 +388,9 @@ static int l_write(lua_State *L)
     return 2;
   }
   len -= (size_t)done;
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   int ws = s->ws_mode;
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   mb_sock_out_t *o = mb_malloc(sizeof *o + len);
   o->len = len;
   o->binary = binary;
@@ -406,7 +406,7 @@ static int l_write(lua_State *L)
     mb_sock_unref(s);
     return fail(L, "a text message must be valid UTF-8 (send binary data with write(data, true))");
   }
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   int err = s->err && s->err != MB_ECLOSED ? s->err : 0;
   int wait = 0;
   size_t queued = 0;
@@ -421,7 +421,7 @@ static int l_write(lua_State *L)
       s->wseq = mb_io_wait_begin(p);
     }
   }
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   if (err) {
     mb_free(o);
     mb_sock_unref(s);
@@ -447,9 +447,9 @@ static int l_queued(lua_State *L)
   mb_sock_t *s = stream_sock(L, mb_lib_self(L), &n);
   if (s == NULL)
     return n;
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   size_t q = s->wq;
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   mb_sock_unref(s);
   lua_pushnumber(L, (lua_Number)q);
   return 1;
@@ -576,10 +576,10 @@ static int l_set_owner(lua_State *L)
   if (np) {
     /* Hold active mode while the messages already sent move over, so
      * the new owner gets everything in order. */
-    pthread_mutex_lock(&s->lock);
+    mb_lock(&s->lock);
     int active = s->active;
     s->active = 0;
-    pthread_mutex_unlock(&s->lock);
+    mb_unlock(&s->lock);
     mb_proc_move_port_msgs(p, s->id, to);
     rc = mb_sock_set_owner(s, p->pid, np);
     mb_proc_unref(np);
@@ -626,9 +626,9 @@ static int l_set_heir(lua_State *L)
   mb_sock_t *s = self_sock(L, mb_lib_self(L), &n);
   if (s == NULL)
     return n;
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   s->heir = heir;
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   mb_sock_unref(s);
   lua_pushboolean(L, 1);
   return 1;
@@ -657,7 +657,7 @@ static int l_websocket(lua_State *L)
   mb_sock_t *s = stream_sock(L, p, &n);
   if (s == NULL)
     return n;
-  pthread_mutex_lock(&s->lock);
+  mb_lock(&s->lock);
   int already = s->ws_mode;
   if (!already) {
     /* Bytes read ahead and not taken are raw: the framer takes them. */
@@ -665,7 +665,7 @@ static int l_websocket(lua_State *L)
     for (mb_chunk_t *c = s->rhead; c; c = c->next)
       c->binary = -1;
   }
-  pthread_mutex_unlock(&s->lock);
+  mb_unlock(&s->lock);
   if (already) {
     mb_sock_unref(s);
     return luaL_error(L, "websocket: the socket is already in WebSocket mode");
