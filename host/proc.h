@@ -182,7 +182,9 @@ typedef struct mb_proc {
    * NULL (a function: reports find it on the stack). An interned string
    * (intern.h): the watchdog reads it while the process runs. */
   _Atomic(const char *) origin;
-  char *name;                  /* registered name (guarded by the registry) */
+  /* Its registered name (reg.c): written under the registry's lock, read
+   * without it only to see that it has none. */
+  _Atomic(char *) name;
 
   /* -- atomic, read by other threads -- */
   atomic_uint nsignals;        /* exit signals queued and not yet handled */

@@ -14,7 +14,7 @@ typedef struct entry {
 
 #define NBUCKETS 1024
 static entry_t *buckets[NBUCKETS];
-static pthread_mutex_t reg_lock = PTHREAD_MUTEX_INITIALIZER;
+static mb_lock_t reg_lock = MB_LOCK_INIT;
 
 static unsigned hash(const char *s)
 {
@@ -35,28 +35,34 @@ static entry_t **find(const char *name)
 int mb_reg_register(const char *name, mb_proc_t *p)
 {
   int rc = 0;
-  pthread_mutex_lock(&reg_lock);
+  mb_lock(&reg_lock);
   entry_t **pe = find(name);
-  mb_proc_lock(p);
-  int dead = p->dead;
-  mb_proc_unlock(p);
-  if (*pe)
+  if (*pe) {
     rc = MB_ETAKEN;
-  else if (p->name)
+  } else if (atomic_load_explicit(&p->name, memory_order_relaxed)) {
     rc = MB_EHASNAME;
-  else if (dead)
-    rc = MB_ENOPROC;
-  else {
+  } else {
+    /* Named under p's lock only if not dead: once its exit has set dead
+     * (under that lock), no name can come, and remove_proc may look
+     * without the registry's lock. */
     size_t n = strlen(name);
     entry_t *e = mb_malloc(sizeof *e + n + 1);
-    memcpy(e->name, name, n + 1);
-    e->p = p;
-    e->pid = p->pid;
-    e->next = NULL;
-    *pe = e;
-    p->name = e->name;
+    mb_proc_lock(p);
+    if (p->dead) {
+      rc = MB_ENOPROC;
+    } else {
+      memcpy(e->name, name, n + 1);
+      e->p = p;
+      e->pid = p->pid;
+      e->next = NULL;
+      *pe = e;
+      atomic_store_explicit(&p->name, e->name, memory_order_relaxed);
+    }
+    mb_proc_unlock(p);
+    if (rc)
+      mb_free(e);
   }
-  pthread_mutex_unlock(&reg_lock);
+  mb_unlock(&reg_lock);
   return rc;
 }
 
@@ -64,27 +70,27 @@ static void unlink_entry(entry_t **pe)
 {
   entry_t *e = *pe;
   *pe = e->next;
-  e->p->name = NULL;
+  atomic_store_explicit(&e->p->name, NULL, memory_order_relaxed);
   mb_free(e);
 }
 
 int mb_reg_unregister(const char *name)
 {
-  pthread_mutex_lock(&reg_lock);
+  mb_lock(&reg_lock);
   entry_t **pe = find(name);
   int found = *pe != NULL;
   if (found)
     unlink_entry(pe);
-  pthread_mutex_unlock(&reg_lock);
+  mb_unlock(&reg_lock);
   return found;
 }
 
 mb_pid_t mb_reg_whereis(const char *name)
 {
-  pthread_mutex_lock(&reg_lock);
+  mb_lock(&reg_lock);
   entry_t *e = *find(name);
   mb_pid_t pid = e ? e->pid : 0;
-  pthread_mutex_unlock(&reg_lock);
+  mb_unlock(&reg_lock);
   return pid;
 }
 
@@ -95,29 +101,35 @@ mb_pid_t mb_reg_whereis_n(const char *name, size_t n)
 
 int mb_reg_name_of(mb_proc_t *p, char *buf, size_t n)
 {
-  pthread_mutex_lock(&reg_lock);
-  int has = p->name != NULL;
-  if (has)
-    snprintf(buf, n, "%s", p->name);
-  pthread_mutex_unlock(&reg_lock);
-  return has;
+  mb_lock(&reg_lock);
+  char *name = atomic_load_explicit(&p->name, memory_order_relaxed);
+  if (name)
+    snprintf(buf, n, "%s", name);
+  mb_unlock(&reg_lock);
+  return name != NULL;
 }
 
+/* An exit hook: p is dead (see mb_reg_register), so a name it has not now
+ * it never will; one it has may be taken off meanwhile (unregister). Most
+ * processes have none, and their exits do not take the registry's lock. */
 static void remove_proc(mb_proc_t *p)
 {
-  pthread_mutex_lock(&reg_lock);
-  if (p->name)
-    unlink_entry(find(p->name));
-  pthread_mutex_unlock(&reg_lock);
+  if (atomic_load_explicit(&p->name, memory_order_relaxed) == NULL)
+    return;
+  mb_lock(&reg_lock);
+  char *name = atomic_load_explicit(&p->name, memory_order_relaxed);
+  if (name)
+    unlink_entry(find(name));
+  mb_unlock(&reg_lock);
 }
 
 static void reg_shutdown(void)
 {
-  pthread_mutex_lock(&reg_lock);
+  mb_lock(&reg_lock);
   for (int i = 0; i < NBUCKETS; i++)
     while (buckets[i])
       unlink_entry(&buckets[i]);
-  pthread_mutex_unlock(&reg_lock);
+  mb_unlock(&reg_lock);
 }
 
 void mb_reg_init(void)
