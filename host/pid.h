@@ -102,6 +102,7 @@ typedef struct mb_idkind {
 #define MB_REGSLOT_NEW_CO (-0x206)       /* a new body coroutine, made under a protected
                                             call and anchored on the stack (lstate.c) */
 #define MB_REGSLOT_IO (-0x207)           /* run.c's I/O wake-up function */
+#define MB_REGSLOT_CHUNKS (-0x208)       /* a reused state's module chunks (modcache.c) */
 
 /* The kinds defined here (registered from the start). */
 extern mb_idkind_t mb_pid_kind, mb_ref_kind;

@@ -1141,8 +1141,45 @@ void mb_lstate_lexer(lua_State *L)
 
 /* -- State life ----------------------------------------------------------- */
 
+/* The kept module chunks (modcache.c) of L's state, at the top, if any:
+ * returns 0 (nothing pushed) when it has none. */
+static int push_chunks(lua_State *L)
+{
+  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_CHUNKS);
+  if (lua_istable(L, -1))
+    return 1;
+  lua_pop(L, 1);
+  return 0;
+}
+
+/* Under lua_cpcall: the first full collection of a process's state, which
+ * first lets go of the module chunks kept from earlier processes that this
+ * one did not use (their environment is still the table at key 0:
+ * modcache.c), so that a process that needs none does not carry them. */
 static int collect(lua_State *L)
 {
+  if (push_chunks(L)) {
+    lua_rawgeti(L, -1, 0);
+    for (lua_pushnil(L); lua_next(L, -3); ) {
+      lua_pop(L, 1);
+      lua_pushvalue(L, -1);
+      lua_rawget(L, -4);
+      int unused = 0;
+      if (lua_isfunction(L, -1)) {
+        lua_getfenv(L, -1);
+        unused = lua_rawequal(L, -1, -4);
+        lua_pop(L, 1);
+      }
+      lua_pop(L, 1);
+      if (unused) {
+        /* (Clearing a field during lua_next is allowed.) */
+        lua_pushvalue(L, -1);
+        lua_pushnil(L);
+        lua_rawset(L, -5);
+      }
+    }
+    lua_pop(L, 2);
+  }
   lua_gc(L, LUA_GCCOLLECT, 0);
   return 0;
 }
@@ -1399,13 +1436,15 @@ static pool_t *pool(void)
 
 /* Registry slots a reset keeps: the ids' metatables and intern tables,
  * lib_mb.c's builder of DOWN and EXIT messages, run.c's last body (its
- * upvalues emptied), the base library (keep_base): host-made, nothing of
- * the process. */
+ * upvalues emptied), the base library (keep_base), the modules' main
+ * chunks (modcache.c; their environment reset): host-made, nothing of the
+ * process. */
 static int kept_slot(double k)
 {
   return mb_id_regslot(k) || k == MB_REGSLOT_SIGNAL_MSG || k == MB_REGSLOT_BODY_FN ||
-         k == MB_REGSLOT_BASE;
+         k == MB_REGSLOT_BASE || k == MB_REGSLOT_CHUNKS;
 }
+
 
 /* Under lua_cpcall: the old world unreachable (see Reused states). */
 static int reset_roots(lua_State *L)
@@ -1424,6 +1463,17 @@ static int reset_roots(lua_State *L)
   }
   lua_createtable(L, 0, 0);
   lua_replace(L, LUA_GLOBALSINDEX);
+  /* The kept module chunks have no upvalues; their environment goes back
+   * to the table at key 0, which no process sees. */
+  if (push_chunks(L)) {
+    for (lua_pushnil(L); lua_next(L, -2); lua_pop(L, 1)) {
+      if (lua_isfunction(L, -1)) {
+        lua_rawgeti(L, -3, 0);
+        lua_setfenv(L, -2);
+      }
+    }
+    lua_pop(L, 1);
+  }
   /* The last body, kept for the next process (run.c), holds nothing of
    * this one: no upvalue's value, the new empty globals. */
   lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_BODY_FN);

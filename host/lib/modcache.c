@@ -3,6 +3,7 @@
  */
 #include <errno.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,6 +13,7 @@
 #include "code.h"
 #include "lauxlib.h"
 #include "modcache.h"
+#include "pid.h"
 #include "sandbox.h"
 
 /* Two kinds of entries share one table: a file's compiled chunk (key: its
@@ -160,6 +162,77 @@ static int compile(lua_State *L, const char *path)
   return 0;
 }
 
+/* -- Chunks kept in a reused state -------------------------------------------
+ * Loading a dump is most of a require: moonbeam.http_conn's is ~55k of the
+ * ~214k instructions of an HTTP connection per request (callgrind), every
+ * constant string interned and every prototype read again. A process's
+ * state is reused by a later one (lstate.c, "Reused states"), and the
+ * module's prototypes - bytecode and constants, which no Lua code can
+ * change - could serve it as they are. So the main chunk a state loaded
+ * from the cache stays in the table at MB_REGSLOT_CHUNKS, code serial ->
+ * function, and a later require of the same code object in that state
+ * runs that function again instead of loading the dump: a new run of a
+ * main chunk makes new closures and tables, exactly as a fresh load would.
+ * A main chunk has no upvalues; what ties it to a process is its
+ * environment, which is the requiring process's globals while it is in
+ * use and, after a reset, the table at key 0 (lstate.c's reset_roots), an
+ * empty table no process can reach: the function is handed out only after
+ * its environment was set. A process's first collection (mb_lstate_settle)
+ * drops the chunks it did not use, so that the state of a process that
+ * needs none carries no one else's modules (idle memory). At most
+ * MB_CHUNKS_MAX per state. */
+#define MB_CHUNKS_MAX 8
+
+/* Push the chunk of c this state kept, with the caller's globals as its
+ * environment; 0 (nothing pushed) if it has none. */
+static int push_kept(lua_State *L, mb_code_t *c)
+{
+  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_CHUNKS);
+  if (!lua_istable(L, -1)) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  lua_pushnumber(L, (lua_Number)mb_code_serial(c));
+  lua_rawget(L, -2);
+  lua_remove(L, -2);
+  if (!lua_isfunction(L, -1)) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  lua_pushvalue(L, LUA_GLOBALSINDEX);
+  lua_setfenv(L, -2);
+  return 1;
+}
+
+/* Keep the chunk on top, just loaded from the code object of this serial,
+ * for the state's next processes (see above). Raises only for memory, as
+ * the load itself. */
+static void keep(lua_State *L, uint64_t serial)
+{
+  if (lua_getupvalue(L, -1, 1) != NULL) {   /* (a main chunk has none) */
+    lua_pop(L, 1);
+    return;
+  }
+  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_CHUNKS);
+  if (!lua_istable(L, -1)) {
+    lua_pop(L, 1);
+    lua_createtable(L, 0, 2);
+    lua_newtable(L);
+    lua_rawseti(L, -2, 0);            /* the environment of a chunk not in use */
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_CHUNKS);
+  }
+  int n = 0;
+  for (lua_pushnil(L); lua_next(L, -2); lua_pop(L, 1))
+    n++;
+  if (n <= MB_CHUNKS_MAX) {           /* (key 0 is not a chunk) */
+    lua_pushnumber(L, (lua_Number)serial);
+    lua_pushvalue(L, -3);
+    lua_rawset(L, -3);
+  }
+  lua_pop(L, 1);
+}
+
 /* Push the cached chunk of path, or compile it. Returns 0, or an error
  * with its message pushed. */
 static int load(lua_State *L, const char *path)
@@ -170,10 +243,17 @@ static int load(lua_State *L, const char *path)
     c = lookup(path, &st);
   if (c == NULL)
     return compile(L, path);
+  if (push_kept(L, c)) {
+    mb_code_unref(c);
+    return 0;
+  }
   size_t len;
   const unsigned char *bc = mb_code_bytes(c, &len);
   int rc = luaL_loadbuffer(L, (const char *)bc, len, path);
+  uint64_t serial = mb_code_serial(c);
   mb_code_unref(c);
+  if (rc == 0)
+    keep(L, serial);
   return rc;
 }
 
