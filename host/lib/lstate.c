@@ -1445,7 +1445,6 @@ static int kept_slot(double k)
          k == MB_REGSLOT_BASE || k == MB_REGSLOT_CHUNKS;
 }
 
-
 /* Under lua_cpcall: the old world unreachable (see Reused states). */
 static int reset_roots(lua_State *L)
 {
