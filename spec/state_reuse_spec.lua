@@ -21,6 +21,15 @@ local function ask(f)
   local m = mb.receive(function(m) return type(m) == "table" and m.answer ~= nil end, 10000)
   return m and m.answer
 end
+-- The same, then wait for its end: its state is back in the pool then (a
+-- process that answered may not have ended yet when the next one spawns).
+local function ask_done(f)
+  local me = mb.self()
+  local _, r = mb.spawn_opt({ monitor = true }, function() mb.send(me, { answer = f() }) end)
+  local m = mb.receive(function(x) return type(x) == "table" and x.answer ~= nil end, 10000)
+  mb.receive(function(x) return type(x) == "table" and x.ref == r end, 10000)
+  return m and m.answer
+end
 ]]
 
 local function child(src)
@@ -294,10 +303,10 @@ describe("reused states", function()
         return table.concat({ first, tostring(required_here), tostring(env_ok),
           tostring(loader) }, " ")
       end
-      print("0", ask(function() return use("0") end))   -- compiles it, caches the dump
-      print("A", ask(function() return use("A") end))   -- loads the dump, keeps the chunk
-      print("B", ask(function() return use("B") end))   -- runs the kept chunk
-      print("C", ask(function()
+      print("0", ask_done(function() return use("0") end))   -- compiles it, caches the dump
+      print("A", ask_done(function() return use("A") end))   -- loads the dump, keeps the chunk
+      print("B", ask_done(function() return use("B") end))   -- runs the kept chunk
+      print("C", ask_done(function()
         package.path = dir .. "/?.lua;" .. package.path
         local m = require "mbkept_mod"
         return m.tag .. " " .. tostring(rawget(_G, "evil"))
@@ -332,13 +341,13 @@ describe("reused states", function()
         local m = require "mbkept_big"
         return m.f300("x")
       end
-      print("0", ask(use))   -- compiles it
-      print("A", ask(use))   -- keeps the chunk
-      print("K", ask(function()
+      print("0", ask_done(use))   -- compiles it
+      print("A", ask_done(use))   -- keeps the chunk
+      print("K", ask_done(function()
         collectgarbage()
         return string.format("%%d", collectgarbage("count"))
       end))
-      print("I", ask(function()
+      print("I", ask_done(function()
         mb.receive(50)         -- idle: its first full collection
         collectgarbage()
         return string.format("%%d", collectgarbage("count"))
