@@ -359,8 +359,8 @@ describe("reused states", function()
     local idle = tonumber(out:match("I\t(%d+)"))
     assert.is_truthy(kept and idle, out)
     -- the module's prototypes are ~50 KB: kept while not let go, gone after
-    -- (what else the state holds, ~125 KB here, was there before the chunks
-    -- were kept: see the note on this spec's commit)
+    -- (the rest the state holds here, ~125 KB that full collections do not
+    -- free, is there on the tree before the chunks were kept too)
     assert.is_true(kept - idle > 30, out)
   end)
 
