@@ -5,7 +5,7 @@
  * An id is generation << MB_PID_SLOT_BITS | slot, as for pids: the slot
  * indexes the table and the generation makes an id unique although slots
  * are reused, so an id that outlived its object finds nothing. Slot 0 is
- * never used: id 0 means none. One mutex per table; lookups take the
+ * never used: id 0 means none. One lock (lock.h) per table; lookups take the
  * object's reference under it, so an object found is alive.
  * Threads: any.
  */

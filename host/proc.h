@@ -203,7 +203,7 @@ typedef struct mb_proc {
 #endif
 } mb_proc_t;
 
-/* p's lock; use these, not the mutex, so that debug builds can check who
+/* p's lock; use these, not mb_lock itself, so that debug builds can check who
  * holds it. */
 static inline void mb_proc_lock(mb_proc_t *p)
 {

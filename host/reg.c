@@ -1,4 +1,4 @@
-/* reg.c: process names; a chained hash table under one mutex (see reg.h). */
+/* reg.c: process names; a chained hash table under one lock (see reg.h). */
 #include <stdio.h>
 #include <string.h>
 

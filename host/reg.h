@@ -1,6 +1,6 @@
 /* reg.h: the registry of process names (mb.register / mb.whereis).
  *
- * One table for the host, guarded by one mutex: registering is rare next to
+ * One table for the host, guarded by one lock: registering is rare next to
  * sending, and a send by name only reads. A name belongs to at most one live
  * process and a process has at most one name (as in Erlang); a process's name
  * is released when it dies.

@@ -80,7 +80,7 @@
  *
  * Threads: an entry, its list and its scheduler's table are touched only on
  * the owner scheduler's thread, except through the id table `timers`, the
- * arbiter between firing and cancelling (idtab.h's mutex): whoever removes
+ * arbiter between firing and cancelling (idtab.h's lock): whoever removes
  * the id first wins, so a cancelled timer never delivers and a delivered
  * one never cancels. A cancel on another thread posts the unlink to the
  * owner (mb_sched_post); a firing that finds the id gone unlinks the entry
