@@ -12,8 +12,9 @@
 #ifndef MB_IDTAB_H
 #define MB_IDTAB_H
 
-#include "lock.h"
 #include <stdint.h>
+
+#include "lock.h"
 
 typedef struct mb_idtab {
   mb_lock_t lock;

@@ -58,7 +58,6 @@
 #ifndef MB_SOCK_H
 #define MB_SOCK_H
 
-#include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <uv.h>

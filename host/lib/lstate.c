@@ -1141,45 +1141,12 @@ void mb_lstate_lexer(lua_State *L)
 
 /* -- State life ----------------------------------------------------------- */
 
-/* The kept module chunks (modcache.c) of L's state, at the top, if any:
- * returns 0 (nothing pushed) when it has none. */
-static int push_chunks(lua_State *L)
-{
-  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_CHUNKS);
-  if (lua_istable(L, -1))
-    return 1;
-  lua_pop(L, 1);
-  return 0;
-}
-
 /* Under lua_cpcall: the first full collection of a process's state, which
  * first lets go of the module chunks kept from earlier processes that this
- * one did not use (their environment is still the table at key 0:
- * modcache.c), so that a process that needs none does not carry them. */
+ * one did not use, so that a process that needs none does not carry them. */
 static int collect(lua_State *L)
 {
-  if (push_chunks(L)) {
-    lua_rawgeti(L, -1, 0);
-    for (lua_pushnil(L); lua_next(L, -3); ) {
-      lua_pop(L, 1);
-      lua_pushvalue(L, -1);
-      lua_rawget(L, -4);
-      int unused = 0;
-      if (lua_isfunction(L, -1)) {
-        lua_getfenv(L, -1);
-        unused = lua_rawequal(L, -1, -4);
-        lua_pop(L, 1);
-      }
-      lua_pop(L, 1);
-      if (unused) {
-        /* (Clearing a field during lua_next is allowed.) */
-        lua_pushvalue(L, -1);
-        lua_pushnil(L);
-        lua_rawset(L, -5);
-      }
-    }
-    lua_pop(L, 2);
-  }
+  mb_modcache_drop_unused(L);
   lua_gc(L, LUA_GCCOLLECT, 0);
   return 0;
 }
@@ -1462,17 +1429,7 @@ static int reset_roots(lua_State *L)
   }
   lua_createtable(L, 0, 0);
   lua_replace(L, LUA_GLOBALSINDEX);
-  /* The kept module chunks have no upvalues; their environment goes back
-   * to the table at key 0, which no process sees. */
-  if (push_chunks(L)) {
-    for (lua_pushnil(L); lua_next(L, -2); lua_pop(L, 1)) {
-      if (lua_isfunction(L, -1)) {
-        lua_rawgeti(L, -3, 0);
-        lua_setfenv(L, -2);
-      }
-    }
-    lua_pop(L, 1);
-  }
+  mb_modcache_reset_kept(L);   /* nothing of this process in the kept chunks */
   /* The last body, kept for the next process (run.c), holds nothing of
    * this one: no upvalue's value, the new empty globals. */
   lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_BODY_FN);

@@ -175,23 +175,31 @@ static int compile(lua_State *L, const char *path)
  * main chunk makes new closures and tables, exactly as a fresh load would.
  * A main chunk has no upvalues; what ties it to a process is its
  * environment, which is the requiring process's globals while it is in
- * use and, after a reset, the table at key 0 (lstate.c's reset_roots), an
+ * use and, after a reset, the table at key 0 (mb_modcache_reset_kept), an
  * empty table no process can reach: the function is handed out only after
- * its environment was set. A process's first collection (mb_lstate_settle)
- * drops the chunks it did not use, so that the state of a process that
- * needs none carries no one else's modules (idle memory). At most
- * MB_CHUNKS_MAX per state. */
+ * its environment was set. A process's first collection (mb_lstate_settle
+ * calls mb_modcache_drop_unused) drops the chunks it did not use, so that
+ * the state of a process that needs none carries no one else's modules
+ * (idle memory). At most MB_CHUNKS_MAX per state. */
 #define MB_CHUNKS_MAX 8
+
+/* Push the state's table of kept chunks; 0 (nothing pushed) if it has
+ * none. */
+static int push_chunks(lua_State *L)
+{
+  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_CHUNKS);
+  if (lua_istable(L, -1))
+    return 1;
+  lua_pop(L, 1);
+  return 0;
+}
 
 /* Push the chunk of c this state kept, with the caller's globals as its
  * environment; 0 (nothing pushed) if it has none. */
 static int push_kept(lua_State *L, mb_code_t *c)
 {
-  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_CHUNKS);
-  if (!lua_istable(L, -1)) {
-    lua_pop(L, 1);
+  if (!push_chunks(L))
     return 0;
-  }
   lua_pushnumber(L, (lua_Number)mb_code_serial(c));
   lua_rawget(L, -2);
   lua_remove(L, -2);
@@ -213,9 +221,7 @@ static void keep(lua_State *L, uint64_t serial)
     lua_pop(L, 1);
     return;
   }
-  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_CHUNKS);
-  if (!lua_istable(L, -1)) {
-    lua_pop(L, 1);
+  if (!push_chunks(L)) {
     lua_createtable(L, 0, 2);
     lua_newtable(L);
     lua_rawseti(L, -2, 0);            /* the environment of a chunk not in use */
@@ -231,6 +237,41 @@ static void keep(lua_State *L, uint64_t serial)
     lua_rawset(L, -3);
   }
   lua_pop(L, 1);
+}
+
+void mb_modcache_reset_kept(lua_State *L)
+{
+  if (!push_chunks(L))
+    return;
+  for (lua_pushnil(L); lua_next(L, -2); lua_pop(L, 1)) {
+    if (lua_isfunction(L, -1)) {
+      lua_rawgeti(L, -3, 0);
+      lua_setfenv(L, -2);
+    }
+  }
+  lua_pop(L, 1);
+}
+
+void mb_modcache_drop_unused(lua_State *L)
+{
+  if (!push_chunks(L))
+    return;
+  lua_rawgeti(L, -1, 0);
+  for (lua_pushnil(L); lua_next(L, -3); ) {
+    int unused = 0;
+    if (lua_isfunction(L, -1)) {
+      lua_getfenv(L, -1);
+      unused = lua_rawequal(L, -1, -4);   /* still the table at key 0 */
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    if (unused) {   /* (clearing a field during lua_next is allowed) */
+      lua_pushvalue(L, -1);
+      lua_pushnil(L);
+      lua_rawset(L, -5);
+    }
+  }
+  lua_pop(L, 2);
 }
 
 /* Push the cached chunk of path, or compile it. Returns 0, or an error

@@ -41,6 +41,13 @@ void mb_modcache_install(lua_State *L);
  * nor package.path. Raises if the file does not load. */
 int mb_modcache_find(lua_State *L, const char *name, const char *path);
 
+/* The main chunks a reused state keeps (modcache.c, "Chunks kept in a
+ * reused state"). At a reset (lstate.c): none of them holds anything of
+ * the process that ends. At a process's first collection: let go of those
+ * it did not use. */
+void mb_modcache_reset_kept(lua_State *L);
+void mb_modcache_drop_unused(lua_State *L);
+
 /* Drop every entry (at shutdown). */
 void mb_modcache_clear(void);
 
