@@ -257,7 +257,7 @@ local function read_head(c, first, ready)
       -- store per field.
       local req = {
         method = method, url = url, path = path, query = query, version = version,
-        headers = b, body = "", keep_alive = keep, upgrade = upgrade, socket = false,
+        headers = b, body = "", keep_alive = keep, upgrade = upgrade, socket = sock,
       }
       return req, a, more
     end
@@ -398,7 +398,6 @@ local function serve_one(c, handler, first, ready)
     if type(framing) == "number" then fail(c, framing) else c.sock:close() end
     return false
   end
-  req.socket = c.sock
   if framing and framing ~= true and framing > c.max_body then
     fail(c, 413)
     return false
