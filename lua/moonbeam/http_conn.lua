@@ -154,6 +154,10 @@ setmetatable(Response, { __index = function(_, k)
   if f ~= nil then Response[k] = f end
   return f
 end })
+-- The fields a response sets only when it needs them (see new_response),
+-- read here until then: not through the function above, which would look
+-- up http_rare at every read.
+Response.head_only, Response.upgraded, Response.broken = false, false, false
 
 -- res:status(code) -> res
 function Response:status(code)
@@ -191,7 +195,7 @@ end
 
 -- res:send([body]) -> true | nil, err   (the whole response, with Content-Length)
 function Response:send(body)
-  if self.started or self.done or self.upgraded then rare().bad_send(self) end
+  if self.started then rare().bad_send(self) end   -- (done or upgraded: started too)
   if type(body) ~= "string" then body = body == nil and "" or tostring(body) end
   local code = self.code
   local framing
@@ -207,8 +211,8 @@ function Response:send(body)
   -- (http_parser.respond) when the kernel takes it all; http_rare's
   -- send_rest writes the rest otherwise.
   self.guard = 3
-  local rest, whole = hp.respond(self.gd, code, self.hlist or nil, framing,
-                                 self.close, self.keep_alive_10, body)
+  local rest, whole = hp.respond(self.c.guard, code, self.hlist or nil, framing,
+                                 self.close, self.v10 == true, body)
   if rest == true then return true end
   return rare().send_rest(self, rest, whole)
 end
@@ -373,20 +377,38 @@ local function guard(c, req, res)
     end
     c.guard = g
   end
-  res.gd = g
   hp.guard(g, req.keep_alive)
 end
 
--- A new response object. (guard: 0 none, 1 guarded, 2 response started,
--- 3 done.)
+-- A new response object: its connection (c: the socket and the guard are
+-- c.sock and c.guard), status code, added headers (hlist: name, value, ...),
+-- whether the connection closes after it, the request's HTTP/1.0-ness (v10:
+-- false for HTTP/1.1; true for 1.0 asking to be kept alive, which is
+-- answered "Connection: keep-alive"; 0 for any other 1.0 request), whether
+-- it started and is done (done implies started), and the guard's state
+-- (guard: 0 none, 1 guarded, 2 response started, 3 done).
+-- Eight keys, so that the constructor's template is a hash of 8 nodes,
+-- copied at every request (with 9 to 16 keys it was 16: measured ~300
+-- instructions and 192 bytes a request more). What few responses need is
+-- set when needed, absent (nil) until then: head_only (a HEAD request, or a
+-- streamed response of a bodiless status), upgraded, broken (a write
+-- failed), and http_rare's fields for streaming and upgrades.
+local function head_only(res)
+  res.head_only = true
+end
+
 local function new_response(c, req)
-  local v10, keep = req.version == "1.0", req.keep_alive
-  local res = {
-    sock = c.sock, code = 200, hlist = false, close = not keep, keep_alive_10 = v10 and keep,
-    http10 = v10, head_only = req.method == "HEAD", started = false, done = false,
-    upgraded = false, broken = false, guard = 0, gd = false,
-  }
-  return setmetatable(res, Response)
+  local keep, v10 = req.keep_alive, false
+  if req.version == "1.0" then v10 = keep or 0 end
+  local res = setmetatable({
+    c = c, code = 200, hlist = false, close = not keep, v10 = v10,
+    started = false, done = false, guard = 0,
+  }, Response)
+  -- (In a function of its own: the host presizes a constructor's copy
+  -- with the keys stored into it just after, as the compiler had it
+  -- (host/bcdump.h), and a ninth key here would double every response.)
+  if req.method == "HEAD" then head_only(res) end
+  return res
 end
 
 -- Handle one request. Returns true to go on with the next one. What a
@@ -421,7 +443,7 @@ local function serve_one(c, handler, first, ready)
   if not okh or res.guard ~= 3 or not res.done or upgrade then
     return rare().after_handler(c, req, res, okh, caught, status)
   end
-  if res.close or res.broken then
+  if res.close then   -- (broken: closed too)
     c.sock:close()
     return false
   end

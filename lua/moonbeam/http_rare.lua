@@ -64,7 +64,7 @@ end
 -- The response head (and body, when given: one string, one write), built
 -- in C; `framing` is the Content-Length, true for chunked, or nil.
 local function build_head(res, framing, body)
-  return hp.head(res.code, res.hlist or nil, framing, res.close, res.keep_alive_10, body)
+  return hp.head(res.code, res.hlist or nil, framing, res.close, res.v10 == true, body)
 end
 
 -- (level: of the function whose caller misused the response)
@@ -79,7 +79,7 @@ end
 local function started(res)
   if res.guard ~= 1 then return end
   res.guard = 2
-  if not hp.started(res.gd) then
+  if not hp.started(res.c.guard) then
     -- Too late: the acceptor was told to kill this process, and answers
     -- 503 for it. Wait for the kill rather than send half an answer.
     mb.receive(function() return false end, START_TIMEOUT)
@@ -92,7 +92,7 @@ end
 local function finished(res)
   if res.guard ~= 2 then return end
   res.guard = 3
-  hp.finished(res.gd)
+  hp.finished(res.c.guard)
 end
 
 -- -- Misuse of a response (the checks are in moonbeam.http_conn) -----------
@@ -129,7 +129,7 @@ function rare.special_header(res, name, value, lname)
     res.close = true
     return true
   end
-  res.keep_alive_10 = false
+  if res.v10 == true then res.v10 = 0 end
   return false
 end
 
@@ -143,8 +143,7 @@ end
 -- set) for a response that is not guarded as a fresh one is.
 function rare.send_unguarded(res, framing, body)
   started(res)
-  return rare.send_rest(res, hp.head(res.code, res.hlist or nil, framing, res.close,
-                                     res.keep_alive_10, body))
+  return rare.send_rest(res, build_head(res, framing, body))
 end
 
 -- The rest of res:send when http_parser.respond did not write the whole
@@ -159,7 +158,7 @@ function rare.send_rest(res, rest, whole)
       rest = whole
     end
   end
-  local ok, err = res.sock:write(rest)
+  local ok, err = res.c.sock:write(rest)
   if not ok then res.close = true; res.broken = true end
   finished(res)
   if ok then return true end
@@ -182,7 +181,7 @@ function Response:write(chunk)
     if bodiless(self.code) then
       self.head_only = true
       out = build_head(self, nil)
-    elseif self.http10 then
+    elseif self.v10 ~= false then
       -- HTTP/1.0 knows no chunks: the body runs to the end of the connection.
       self.close = true
       out = build_head(self, nil)
@@ -201,7 +200,7 @@ function Response:write(chunk)
     end
   end
   if out == "" then return true end
-  local ok, err = self.sock:write(out)
+  local ok, err = self.c.sock:write(out)
   if not ok then self.close = true; self.broken = true; return nil, err end
   return true
 end
@@ -217,7 +216,7 @@ function Response:finish(chunk)
   self.done = true
   local ok, err = true, nil
   if self.chunked and not self.head_only then
-    ok, err = self.sock:write("0\r\n\r\n")
+    ok, err = self.c.sock:write("0\r\n\r\n")
     if ok then err = nil else self.close = true; self.broken = true end
   end
   finished(self)
@@ -239,11 +238,12 @@ function Response:upgrade()
   finished(self)
   self.code = 101
   self.close = false
-  self.keep_alive_10 = false
+  if self.v10 == true then self.v10 = 0 end
   self.started, self.done, self.upgraded = true, true, true
-  local ok, err = self.sock:write(build_head(self, nil))
+  local sock = self.c.sock
+  local ok, err = sock:write(build_head(self, nil))
   if not ok then return nil, err end
-  return self.sock, self.pending or ""
+  return sock, self.pending or ""
 end
 
 -- -- Errors -------------------------------------------------------------------
