@@ -23,8 +23,11 @@
  * compiler had them. The walk is a window of straight-line instructions
  * up to the next table made in the same register: it can take a key of a
  * later store into that register that is not the constructor's (a field
- * set just after, or the register reused), which only presizes one slot
- * more. A nil-valued key is invisible to Lua (pairs, next, # skip it; a
+ * set just after, even under an `if`, or the register reused). That
+ * presizes one slot more, which doubles the hash part when the
+ * constructor's keys were a power of two: code that copies a template on
+ * a hot path keeps such stores out of the window (a function of its own;
+ * moonbeam.http_conn's new_response). A nil-valued key is invisible to Lua (pairs, next, # skip it; a
  * read gives nil), so nothing a program can see changes; its string is
  * kept alive by the prototype, whose store names it too.
  *

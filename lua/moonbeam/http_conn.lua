@@ -406,7 +406,7 @@ local function new_response(c, req)
     started = false, done = false, guard = 0,
   }, Response)
   -- (In a function of its own: the host presizes a constructor's copy
-  -- with the keys stored into it just after, as the compiler had it
+  -- with every key stored into it soon after, conditional or not
   -- (host/bcdump.h), and a ninth key here would double every response.)
   if req.method == "HEAD" then head_only(res) end
   return res

@@ -363,7 +363,7 @@ function rare.after_handler(c, req, res, ok, caught, more)
     if res.started then fok = res:finish() else fok = res:send("") end
     if not fok then c.sock:close() return false end
   end
-  if res.close or res.broken or req.upgrade then
+  if res.close or req.upgrade then   -- (broken: closed too)
     c.sock:close()
     return false
   end
