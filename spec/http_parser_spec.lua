@@ -624,6 +624,177 @@ describe("moonbeam.http_parser", function()
     end)
   end)
 
+  -- A whole request head without a body, kept alive, is read by a fast
+  -- path in C (lib_http.c, "The fast path"); anything else, and a head cut
+  -- over several reads, by http-parser behind the framing checker. Both
+  -- must give the same events: each case here is fed whole (the fast path
+  -- where it applies) and a byte at a time (never the fast path), through
+  -- feed and through next, and the events compared.
+  describe("the fast path for whole heads", function()
+    -- Events of feed up to the first error (a stopped parser repeats it at
+    -- every feed), adjacent bodies joined and the bytes after an upgrade
+    -- (cuts split them).
+    local function feed_events(p, pieces)
+      local out = {}
+      for _, piece in ipairs(pieces) do
+        local _, ev = p:feed(piece)
+        if out[#out] and out[#out].type == "error" then break end
+        for _, e in ipairs(ev) do
+          local last = out[#out]
+          if e.type == "body" and last and last.type == "body" then
+            last.data = last.data .. e.data
+          elseif e.type == "upgrade" and last and last.type == "upgrade" then
+            last.rest = last.rest .. e.rest
+          else
+            out[#out + 1] = e
+          end
+        end
+      end
+      return out
+    end
+    -- Events of next, the same way, each {kind, a, b, method, url, path,
+    -- query, version, keep_alive, upgrade} (without "more", which depends
+    -- on the reads).
+    local function next_events(p, pieces)
+      local out = {}
+      local function take(k, a, b, _, ...)
+        return k and { k, a, b, ... }
+      end
+      for _, piece in ipairs(pieces) do
+        if out[#out] and out[#out][1] == "error" then break end
+        local r = take(p:next(piece))
+        while r do
+          local last = out[#out]
+          if (r[1] == "body" or r[1] == "upgrade") and last and last[1] == r[1] then
+            last[2] = last[2] .. r[2]
+          else
+            out[#out + 1] = r
+          end
+          r = take(p:next())
+        end
+      end
+      return out
+    end
+    local function bytes(s)
+      local t = {}
+      for i = 1, #s do t[i] = s:sub(i, i) end
+      return t
+    end
+    local function same_both_ways(stream, opts)
+      local whole = feed_events(hp.new(opts), { stream })
+      assert.are.same(feed_events(hp.new(opts), bytes(stream)), whole, stream)
+      assert.are.same(next_events(hp.new(opts), bytes(stream)), next_events(hp.new(opts), { stream }), stream)
+      return whole
+    end
+    local H = "Host: x\r\n"
+
+    it("reads a plain head as http-parser does, fields and all", function()
+      local ev = same_both_ways("GET /a?b=c&d HTTP/1.1\r\nHost: x\r\nX-A:  1\r\nx-a:\t2\r\nEmpty:\r\n"
+                                .. "UA: caf\xc3\xa9 \x80\xff\tv\r\nT: trail \t\r\n\r\n")
+      assert.are.equal("head done", types(ev))
+      assert.are.same({ "Host", "x", "X-A", "1", "x-a", "2", "Empty", "", "UA", "caf\xc3\xa9 \x80\xff\tv",
+                        "T", "trail \t" },
+                      ev[1].headers)
+      assert.are.equal("/a?b=c&d", ev[1].url)
+      assert.is_true(ev[1].keep_alive)
+      local k, framing, headers, _, method, url, path, query, version, keep, upgrade =
+        hp.new():next("GET /a?b=c&d HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nx-a: 2\r\n\r\n")
+      assert.are.same({ "head", false, { host = "x", ["x-a"] = "1, 2" }, "GET", "/a?b=c&d", "/a", "b=c&d",
+                        "1.1", true, false },
+                      { k, framing, headers, method, url, path, query, version, keep, upgrade })
+    end)
+
+    it("gives each method, version and keep-alive what http-parser gives", function()
+      for _, m in ipairs({ "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "PURGE" }) do
+        assert.are.equal(m, same_both_ways(m .. " / HTTP/1.1\r\n" .. H .. "\r\n")[1].method)
+      end
+      for _, head in ipairs({
+        "GET / HTTP/1.0\r\n\r\n", "GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        "GET / HTTP/1.0\r\n" .. H .. "Connection: Keep-Alive\r\n\r\n",
+        "GET / HTTP/1.1\r\n" .. H .. "Connection: close\r\n\r\n",
+        "GET / HTTP/1.1\r\n" .. H .. "connection: KEEP-ALIVE\r\n\r\n",
+        "GET / HTTP/1.1\r\n" .. H .. "Connection: keep-alive, x\r\n\r\n",
+        "GET / HTTP/1.1\r\n" .. H .. "Connection: keep-alive\r\nConnection: close\r\n\r\n",
+        "GET / HTTP/1.1\r\n" .. H .. "Proxy-Connection: close\r\n\r\n",
+        "GET / HTTP/1.1\r\n" .. H .. "Keep-Alive: timeout=5\r\n\r\n",
+      }) do
+        same_both_ways(head)
+      end
+    end)
+
+    it("leaves bodies, upgrades and odd forms to http-parser, with the same result", function()
+      for _, stream in ipairs({
+        "POST / HTTP/1.1\r\n" .. H .. "Content-Length: 0\r\n\r\n",
+        "POST / HTTP/1.1\r\n" .. H .. "Content-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\n" .. H .. "\r\n",
+        "POST / HTTP/1.1\r\n" .. H .. "Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        "GET / HTTP/1.1\r\n" .. H .. "Upgrade: websocket\r\nConnection: Upgrade\r\n\r\nrest",
+        "CONNECT a:443 HTTP/1.1\r\n" .. H .. "\r\n",
+        "OPTIONS * HTTP/1.1\r\n" .. H .. "\r\n",
+        "GET http://a/b HTTP/1.1\r\n" .. H .. "\r\n",
+        "GET /a#frag HTTP/1.1\r\n" .. H .. "\r\n",
+        "GET /caf\xc3\xa9 HTTP/1.1\r\n" .. H .. "\r\n",
+        "GET  / HTTP/1.1\r\n" .. H .. "\r\n",
+        "GET / HTTP/1.2\r\n" .. H .. "\r\n",
+        "\r\nGET / HTTP/1.1\r\n" .. H .. "\r\n",
+        "GET / HTTP/1.1\r\n" .. H .. "Content-Lengthy: 5\r\nConnection-x: close\r\nUpgrade2: h\r\n\r\n",
+        "GET / HTTP/1.1\r\n" .. H .. "Proxy-Connection: keep-alive\r\n\r\n",
+      }) do
+        same_both_ways(stream)
+      end
+    end)
+
+    it("refuses what http-parser or the framing checker refuses, whole or cut", function()
+      for _, stream in ipairs({
+        "GET / HTTP/1.1\r\n\r\n",                                  -- no Host
+        "GET / HTTP/1.1\r\n" .. H .. H .. "\r\n",                    -- two
+        "GET / HTTP/1.0\r\n" .. H .. H .. "Connection: keep-alive\r\n\r\n",
+        "get / HTTP/1.1\r\n" .. H .. "\r\n",
+        "GET / HTTP/2.0\r\n" .. H .. "\r\n",
+        "GET / HTTP/1.1\n" .. H .. "\r\n",
+        "GET / HTTP/1.1\r\nHost: x\n\r\n",
+        "GET / HTTP/1.1\r\n" .. H .. "X : y\r\n\r\n",
+        "GET / HTTP/1.1\r\n" .. H .. "X: y\r\n z\r\n\r\n",
+        "GET / HTTP/1.1\r\n" .. H .. "X: a\1b\r\n\r\n",
+        "GET / HTTP/1.1\r\n" .. H .. "X: a\127b\r\n\r\n",
+        "GET / HTTP/1.1\r\n" .. H .. "X: a\rb\r\n\r\n",
+        "GET / HTTP/1.1\r\n" .. H .. "(x): y\r\n\r\n",
+        "GET /\1 HTTP/1.1\r\n" .. H .. "\r\n",
+        -- http-parser reads a name that begins with Transfer-Encoding as one
+        "GET / HTTP/1.1\r\n" .. H .. "Transfer-Encodingx: y\r\n\r\n",
+        "GET / HTTP/1.1\r\n" .. H .. "\r\nGET / HTTP/1.1\r\n\r\n",   -- the second
+      }) do
+        local ev = same_both_ways(stream)
+        assert.are.equal("error", ev[#ev].type, stream)
+      end
+    end)
+
+    it("holds the limits at their bounds", function()
+      local hdrs = "GET /123456789 HTTP/1.1\r\nHost: x\r\nA: 1\r\n\r\n"
+      -- the URL is 10 bytes; the head counts 16 + 10 + (4 + 1 + 4) + (1 + 1 + 4)
+      assert.are.equal("head done", types(same_both_ways(hdrs, { max_url = 10 })))
+      assert.are.equal(414, same_both_ways(hdrs, { max_url = 9 })[1].status)
+      assert.are.equal("head done", types(same_both_ways(hdrs, { max_headers = 2 })))
+      assert.are.equal(431, same_both_ways(hdrs, { max_headers = 1 })[1].status)
+      assert.are.equal("head done", types(same_both_ways(hdrs, { max_head = 41 })))
+      assert.are.equal(431, same_both_ways(hdrs, { max_head = 40 })[1].status)
+    end)
+
+    it("reads pipelined heads one after the other, whichever path each takes", function()
+      local a = "GET /1 HTTP/1.1\r\n" .. H .. "\r\n"
+      local b = "POST /2 HTTP/1.1\r\n" .. H .. "Content-Length: 2\r\n\r\nhi"
+      local c = "GET /3 HTTP/1.0\r\n\r\n"
+      local ev = same_both_ways(a .. b .. a .. c .. a)
+      assert.are.equal("head done head body done head done head done head done", types(ev))
+      -- and a head the first read ends in the middle of, the next read completing it
+      local p = hp.new()
+      local k1 = p:next(a .. "GET /4 HT")
+      local k2, _, _, _, _, url = p:next("TP/1.1\r\n" .. H .. "\r\n" .. a)
+      assert.are.same({ "head", "head", "/4" }, { k1, k2, url })
+      assert.are.equal("head", (p:next()))
+      assert.is_true(p:resting())
+    end)
+  end)
+
   describe("http_parser.head (a whole response in one string)", function()
     it("builds the status line, headers, framing and body", function()
       assert.are.equal("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",

@@ -147,6 +147,20 @@ typedef struct {
   uint32_t name, name_len, value, value_len;
 } hdr_t;
 
+/* What a complete head says beyond its URL and headers, as the events
+ * give it: read off http-parser (head_of) or found by the fast path. */
+enum { FR_NONE, FR_LENGTH, FR_CHUNKED, FR_COMPLETE };
+typedef struct {
+  int method;            /* enum http_method (a request's) */
+  int status;            /* a response's */
+  int major, minor;
+  int keep_alive, upgrade;
+  int framing;           /* FR_LENGTH (length), FR_CHUNKED, FR_NONE; or
+                            FR_COMPLETE: a request without a body, whose
+                            head is the whole message (the fast path's) */
+  uint64_t length;
+} head_t;
+
 typedef struct {
   const char *tag;       /* &parser_tag (see check_parser) */
   http_parser p;
@@ -409,14 +423,14 @@ static void q_push(hp_t *h, int n)
   h->qtail += n;
 }
 
-static void push_version(lua_State *L, const http_parser *p)
+static void push_version(lua_State *L, const head_t *m)
 {
-  if (p->http_major == 1 && p->http_minor == 1)
+  if (m->major == 1 && m->minor == 1)
     lua_pushliteral(L, "1.1");
-  else if (p->http_major == 1 && p->http_minor == 0)
+  else if (m->major == 1 && m->minor == 0)
     lua_pushliteral(L, "1.0");
   else
-    lua_pushfstring(L, "%d.%d", (int)p->http_major, (int)p->http_minor);
+    lua_pushfstring(L, "%d.%d", m->major, m->minor);
 }
 
 /* Queue mode: the strings it pushes, kept as upvalues of parser:next (after
@@ -441,12 +455,12 @@ static const char *const queue_strings[] = { QUEUE_STRINGS(X_TEXT) };
 #define HEAD_VALUES 10
 
 /* Queue mode: push the version ("1.1" and "1.0" from the queue strings). */
-static void q_version(lua_State *L, const http_parser *p)
+static void q_version(lua_State *L, const head_t *m)
 {
-  if (p->http_major == 1 && p->http_minor <= 1)
-    KPUSH(L, p->http_minor ? K_V11 : K_V10);
+  if (m->major == 1 && m->minor <= 1)
+    KPUSH(L, m->minor ? K_V11 : K_V10);
   else
-    lua_pushfstring(L, "%d.%d", (int)p->http_major, (int)p->http_minor);
+    lua_pushfstring(L, "%d.%d", m->major, m->minor);
 }
 
 /* The headers of the collected head as a table of lower-cased names
@@ -493,28 +507,29 @@ static void push_headers(hp_t *h)
  * | nil, made false by on_message_complete for a request complete with its
  * head. */
 /* A message's framing: its content length, true (chunked), or nil. */
-static void push_framing(lua_State *L, const http_parser *p)
+static void push_framing(lua_State *L, const head_t *m)
 {
-  if (p->flags & F_CHUNKED)
+  if (m->framing == FR_CHUNKED)
     lua_pushboolean(L, 1);
-  else if (p->flags & F_CONTENTLENGTH)
-    lua_pushnumber(L, (lua_Number)p->content_length);
+  else if (m->framing == FR_LENGTH)
+    lua_pushnumber(L, (lua_Number)m->length);
+  else if (m->framing == FR_COMPLETE)
+    lua_pushboolean(L, 0);
   else
     lua_pushnil(L);
 }
 
-static void push_message(hp_t *h)
+static void push_message(hp_t *h, const head_t *m)
 {
-  http_parser *p = &h->p;
   lua_State *L = h->L;
   KPUSH(L, K_HEAD);
-  if (p->type == HTTP_REQUEST) {
-    push_framing(L, p);
+  if (h->p.type == HTTP_REQUEST) {
+    push_framing(L, m);
     push_headers(h);
-    if (p->method == HTTP_GET)
+    if (m->method == HTTP_GET)
       KPUSH(L, K_GET);
     else
-      lua_pushstring(L, http_method_str((enum http_method)p->method));
+      lua_pushstring(L, http_method_str((enum http_method)m->method));
     const char *q = memchr(h->buf, '?', h->url_len);
     lua_pushlstring(L, h->buf, h->url_len);
     if (q) {
@@ -525,12 +540,14 @@ static void push_message(hp_t *h)
       lua_pushvalue(L, -1);   /* the path is the whole URL */
       lua_pushnil(L);
     }
-    q_version(L, p);
-    lua_pushboolean(L, http_should_keep_alive(p));
-    lua_pushboolean(L, p->upgrade);
+    q_version(L, m);
+    lua_pushboolean(L, m->keep_alive);
+    lua_pushboolean(L, m->upgrade);
     int direct = h->direct_ok;
     q_push(h, HEAD_VALUES);
-    if (direct) {
+    if (m->framing == FR_COMPLETE) {
+      h->fold = h->fold_at = 0;   /* no "done" to fold: false already */
+    } else if (direct) {
       h->fold_at = h->dbase + 1;
       h->fold = 0;
     } else {
@@ -541,41 +558,40 @@ static void push_message(hp_t *h)
   lua_createtable(L, 0, 7);
   int t = lua_gettop(L);
   KPUSH(L, K_STATUS);
-  lua_pushinteger(L, p->status_code);
+  lua_pushinteger(L, m->status);
   lua_rawset(L, t);
   KPUSH(L, K_VERSION);
-  q_version(L, p);
+  q_version(L, m);
   lua_rawset(L, t);
   KPUSH(L, K_HEADERS);
   push_headers(h);
   lua_rawset(L, t);
   KPUSH(L, K_KEEP_ALIVE);
-  lua_pushboolean(L, http_should_keep_alive(p));
+  lua_pushboolean(L, m->keep_alive);
   lua_rawset(L, t);
   KPUSH(L, K_UPGRADE);
-  lua_pushboolean(L, p->upgrade);
+  lua_pushboolean(L, m->upgrade);
   lua_rawset(L, t);
-  push_framing(L, p);
+  push_framing(L, m);
   q_push(h, 3);
   h->fold = 0;
 }
 
 /* Events mode: the head event (see DESIGN). */
-static void push_head_event(hp_t *h)
+static void push_head_event(hp_t *h, const head_t *m)
 {
-  http_parser *p = &h->p;
   lua_State *L = h->L;
   new_event(L, "head", 9);
-  if (p->type == HTTP_REQUEST) {
-    lua_pushstring(L, http_method_str((enum http_method)p->method));
+  if (h->p.type == HTTP_REQUEST) {
+    lua_pushstring(L, http_method_str((enum http_method)m->method));
     lua_setfield(L, -2, "method");
     lua_pushlstring(L, h->buf, h->url_len);
     lua_setfield(L, -2, "url");
   } else {
-    lua_pushinteger(L, p->status_code);
+    lua_pushinteger(L, m->status);
     lua_setfield(L, -2, "status");
   }
-  push_version(L, p);
+  push_version(L, m);
   lua_setfield(L, -2, "version");
   lua_createtable(L, (int)h->nhdrs * 2, 0);
   for (uint32_t i = 0; i < h->nhdrs; i++) {
@@ -586,14 +602,30 @@ static void push_head_event(hp_t *h)
     lua_rawseti(L, -2, (int)(2 * i + 2));
   }
   lua_setfield(L, -2, "headers");
-  set_bool(L, "keep_alive", http_should_keep_alive(p));
-  set_bool(L, "upgrade", p->upgrade);
-  set_bool(L, "chunked", (p->flags & F_CHUNKED) != 0);
-  if (p->flags & F_CONTENTLENGTH) {
-    lua_pushnumber(L, (lua_Number)p->content_length);
+  set_bool(L, "keep_alive", m->keep_alive);
+  set_bool(L, "upgrade", m->upgrade);
+  set_bool(L, "chunked", m->framing == FR_CHUNKED);
+  if (m->framing == FR_LENGTH) {
+    lua_pushnumber(L, (lua_Number)m->length);
     lua_setfield(L, -2, "content_length");
   }
   push_event(h);
+}
+
+/* The complete head the parser p has read, and what it says. */
+static void push_head(hp_t *h, const head_t *m)
+{
+  if (h->api == API_QUEUE)
+    push_message(h, m);
+  else
+    push_head_event(h, m);
+  /* Keep the buffer of a large head from living on with the connection. */
+  if (h->cap > 4096) {
+    mb_free(h->buf);
+    h->buf = NULL;
+    h->cap = 0;
+  }
+  h->len = 0;
 }
 
 static int on_headers_complete(http_parser *p)
@@ -606,17 +638,15 @@ static int on_headers_complete(http_parser *p)
   }
   h->in_head = 0;
   h->last_value = 1;
-  if (h->api == API_QUEUE)
-    push_message(h);
-  else
-    push_head_event(h);
-  /* Keep the buffer of a large head from living on with the connection. */
-  if (h->cap > 4096) {
-    mb_free(h->buf);
-    h->buf = NULL;
-    h->cap = 0;
-  }
-  h->len = 0;
+  head_t m = {
+    .method = p->method, .status = p->status_code,
+    .major = p->http_major, .minor = p->http_minor,
+    .keep_alive = http_should_keep_alive(p), .upgrade = p->upgrade,
+    .framing = (p->flags & F_CHUNKED) ? FR_CHUNKED
+               : (p->flags & F_CONTENTLENGTH) ? FR_LENGTH : FR_NONE,
+    .length = p->content_length,
+  };
+  push_head(h, &m);
   if (p->type == HTTP_RESPONSE && h->skip_body) {
     h->skip_body = 0;
     return 1;   /* the answer to a HEAD request: no body follows */
@@ -643,6 +673,22 @@ static int on_body(http_parser *p, const char *at, size_t n)
   return 0;
 }
 
+/* The "done" event of a message. */
+static void push_done(hp_t *h, int keep_alive)
+{
+  lua_State *L = h->L;
+  if (h->api == API_QUEUE) {
+    KPUSH(L, K_DONE);
+    lua_pushboolean(L, keep_alive);
+    lua_pushnil(L);
+    q_push(h, 3);
+    return;
+  }
+  new_event(L, "done", 1);
+  set_bool(L, "keep_alive", keep_alive);
+  push_event(h);
+}
+
 static int on_message_complete(http_parser *p)
 {
   hp_t *h = p->data;
@@ -663,16 +709,7 @@ static int on_message_complete(http_parser *p)
     return 0;
   }
   h->fold = 0;
-  if (h->api == API_QUEUE) {
-    KPUSH(L, K_DONE);
-    lua_pushboolean(L, http_should_keep_alive(p));
-    lua_pushnil(L);
-    q_push(h, 3);
-    return 0;
-  }
-  new_event(L, "done", 1);
-  set_bool(L, "keep_alive", http_should_keep_alive(p));
-  push_event(h);
+  push_done(h, http_should_keep_alive(p));
   return 0;
 }
 
@@ -806,6 +843,167 @@ static void push_upgrade(hp_t *h, const char *rest, size_t n)
   push_event(h);
 }
 
+/* -- The fast path ---------------------------------------------------------
+ * What a server reads most is a whole request head in one read, without a
+ * body, asking to be kept alive: "GET /x HTTP/1.1", a few headers, an
+ * empty line. For those, http-parser's byte-at-a-time state machine, its
+ * callbacks and the framing checker in front of it were ~2,400 of a
+ * keep-alive request's ~15,000 instructions, and http_parser_execute
+ * alone a ninth of its instruction-cache misses (BENCHMARKS.md). fast_head
+ * reads such a head in one pass and gives the event the slow path would:
+ * it collects the same URL and header pieces in the head buffer and ends
+ * in the same push_head. Anything outside a narrow subset that both
+ * parsers accept and read alike, it declines, leaving every byte to the
+ * slow path, which answers or refuses it as before:
+ *   - a method of the list below, one SP, a URL of visible ASCII starting
+ *     with '/' and without '#', one SP, HTTP/1.1 or HTTP/1.0, CRLF;
+ *   - header lines: a token, ':', optional SP or HT, a value of visible
+ *     ASCII, SP, HT and bytes from 0x80 (what http-parser takes; like it,
+ *     trailing SP and HT are kept in the value), CRLF; then CRLF;
+ *   - no header whose name begins with Content-Length, Transfer-Encoding,
+ *     Upgrade, Proxy-Connection or Connection (http-parser reads a name
+ *     that only begins with Transfer-Encoding as one), but for at most one
+ *     Connection saying keep-alive (any case);
+ *   - kept alive: HTTP/1.1 without Connection, or either version with
+ *     Connection: keep-alive; one Host (at most one for HTTP/1.0);
+ *   - within max_url, max_headers and max_head, counted as the callbacks
+ *     count them, and FAST_MAX_HEAD bytes (http-parser has a cap of its
+ *     own, 80 KiB, and a head that long is no common case).
+ * It runs only where both parsers are between messages, and a head it
+ * reads is a whole message, after which both are still there (a request
+ * of HTTP/1.x without a body ends with its head): the two never see parts
+ * of one message. The fuzzer (host/fuzz/fuzz_http.c) feeds every input
+ * whole and cut in pieces, so a head it reads whole is also read cut, by
+ * the slow path, and the two runs must give the same events. */
+
+#define FAST_MAX_HEAD 16384
+
+/* Token characters besides letters and digits (RFC 9110 tchar). */
+static const unsigned char tchar_punct[256] = {
+  ['!'] = 1, ['#'] = 1, ['$'] = 1, ['%'] = 1, ['&'] = 1, ['\''] = 1,
+  ['*'] = 1, ['+'] = 1, ['-'] = 1, ['.'] = 1, ['^'] = 1, ['_'] = 1,
+  ['`'] = 1, ['|'] = 1, ['~'] = 1,
+};
+
+static int is_tchar(unsigned char c)
+{
+  return ((c | 0x20) >= 'a' && (c | 0x20) <= 'z') || (c >= '0' && c <= '9')
+         || tchar_punct[c];
+}
+
+/* Does the header name s[0..n) begin with `lower` (lower case, of length
+ * len), ignoring case? */
+static int fast_name_has(const unsigned char *s, size_t n, const char *lower, size_t len)
+{
+  return n >= len && strncasecmp((const char *)s, lower, len) == 0;
+}
+
+/* The method s[0..n) if the fast path takes it (CONNECT, which makes an
+ * upgrade, and the rarer methods go the slow path), else -1. */
+static int fast_method(const unsigned char *s, size_t n)
+{
+  static const struct { char name[8]; int method; } list[] = {
+    {"GET", HTTP_GET}, {"HEAD", HTTP_HEAD}, {"POST", HTTP_POST},
+    {"PUT", HTTP_PUT}, {"DELETE", HTTP_DELETE}, {"OPTIONS", HTTP_OPTIONS},
+    {"PATCH", HTTP_PATCH},
+  };
+  for (size_t k = 0; k < sizeof list / sizeof list[0]; k++)
+    if (strlen(list[k].name) == n && memcmp(list[k].name, s, n) == 0)
+      return list[k].method;
+  return -1;
+}
+
+/* Read a whole head at d[0..n) that the fast path takes (see above) and
+ * push its event; returns its length, or 0 to leave it to the slow path. */
+static size_t fast_head(hp_t *h, const char *d, size_t n)
+{
+  const unsigned char *s = (const unsigned char *)d;
+  size_t lim = n < FAST_MAX_HEAD ? n : FAST_MAX_HEAD, i = 0;
+  while (i < lim && s[i] >= 'A' && s[i] <= 'Z')
+    i++;
+  if (i == lim || s[i] != ' ')
+    return 0;
+  int method = fast_method(s, i);
+  size_t url = ++i;
+  if (method < 0 || i == lim || s[i] != '/')
+    return 0;
+  while (i < lim && s[i] > ' ' && s[i] < 0x7f && s[i] != '#')
+    i++;
+  size_t url_len = i - url;
+  if (url_len > h->max_url || lim - i < 11 || memcmp(s + i, " HTTP/1.", 8) != 0
+      || (s[i + 8] != '0' && s[i + 8] != '1') || s[i + 9] != '\r' || s[i + 10] != '\n')
+    return 0;
+  int minor = s[i + 8] - '0';
+  i += 11;
+  uint64_t bytes = LINE_OVERHEAD + url_len;
+  int hosts = 0, keep = 0;
+  h->len = h->nhdrs = 0;
+  append(h, d + url, url_len);
+  h->url_len = (uint32_t)url_len;
+  for (;;) {
+    if (lim - i < 2)
+      return 0;
+    if (s[i] == '\r') {
+      if (s[i + 1] != '\n')
+        return 0;
+      i += 2;
+      break;
+    }
+    size_t name = i;
+    while (i < lim && is_tchar(s[i]))
+      i++;
+    if (i == name || i == lim || s[i] != ':')
+      return 0;
+    size_t name_len = i - name;
+    i++;
+    while (i < lim && (s[i] == ' ' || s[i] == '\t'))
+      i++;
+    size_t value = i;
+    while (i < lim && (s[i] >= ' ' ? s[i] != 0x7f : s[i] == '\t'))
+      i++;
+    size_t value_len = i - value;
+    if (lim - i < 2 || s[i] != '\r' || s[i + 1] != '\n')
+      return 0;
+    i += 2;
+    const unsigned char *nm = s + name;
+    if (name_len == 4 && fast_name_has(nm, name_len, "host", 4)) {
+      hosts++;
+    } else if (name_len == 10 && fast_name_has(nm, name_len, "connection", 10)) {
+      if (keep || value_len != 10 || strncasecmp(d + value, "keep-alive", 10) != 0)
+        return 0;
+      keep = 1;
+    } else if (fast_name_has(nm, name_len, "connection", 10)
+               || fast_name_has(nm, name_len, "content-length", 14)
+               || fast_name_has(nm, name_len, "transfer-encoding", 17)
+               || fast_name_has(nm, name_len, "upgrade", 7)
+               || fast_name_has(nm, name_len, "proxy-connection", 16)) {
+      return 0;
+    }
+    bytes += name_len + HEADER_OVERHEAD + value_len;
+    if (h->nhdrs >= h->max_headers || bytes > h->max_head)
+      return 0;
+    if (h->nhdrs == h->hcap) {
+      h->hcap = h->hcap ? h->hcap * 2 : 16;
+      h->hdrs = mb_realloc(h->hdrs, h->hcap * sizeof *h->hdrs);
+    }
+    hdr_t *e = &h->hdrs[h->nhdrs++];
+    e->name = h->len;
+    e->name_len = (uint32_t)name_len;
+    append(h, d + name, name_len);
+    e->value = h->len;
+    e->value_len = (uint32_t)value_len;
+    append(h, d + value, value_len);
+  }
+  if (minor == 1 ? hosts != 1 : (hosts > 1 || !keep))
+    return 0;
+  head_t m = { .method = method, .major = 1, .minor = minor, .keep_alive = 1,
+               .framing = FR_COMPLETE };
+  push_head(h, &m);
+  if (h->api != API_QUEUE)
+    push_done(h, 1);
+  return i;
+}
+
 /* Run the parser over data[0..n) (n == 0: the end of the stream). Events
  * mode: events go to the table on top of the stack; queue mode: to the
  * queue, at stack index h->qidx. Returns the bytes consumed. */
@@ -827,8 +1025,16 @@ static size_t parse(lua_State *L, hp_t *h, const char *data, size_t n)
       push_error(h);
     }
   } else {
-    /* Feed the parser what the framing checker passed, a head at a time. */
+    /* Feed the parser what the framing checker passed, a head at a time;
+     * between messages, a head the fast path takes goes there instead. */
     while (used < n) {
+      if (h->p.type == HTTP_REQUEST && !h->in_message && mb_hframe_at_start(&h->frame)) {
+        size_t took = fast_head(h, data + used, n - used);
+        if (took > 0) {
+          used += took;
+          continue;
+        }
+      }
       int err = MB_HFRAME_OK;
       size_t ok = mb_hframe_check(&h->frame, data + used, n - used, &err);
       if (ok > 0) {
