@@ -60,6 +60,14 @@
  * twice (even equal) and together with Transfer-Encoding. The same rules
  * hold for responses (Host aside), where a violation is an error event too.
  *
+ * The fast path. A whole request head without a body, kept alive, in one
+ * read (what a keep-alive client sends most) does not go through either:
+ * fast_head reads it in one pass, within a narrow subset that both accept
+ * and read alike, and gives the same event (see "The fast path" below);
+ * anything else it leaves to them. Measured: 15,140 -> 13,900-14,100
+ * instructions a keep-alive request, and a third fewer instruction-cache
+ * misses (BENCHMARKS.md).
+ *
  * Threads: a parser belongs to the process that made it (userdata in its
  * state); nothing here blocks or yields.
  */
@@ -966,18 +974,32 @@ static size_t fast_head(hp_t *h, const char *d, size_t n)
       return 0;
     i += 2;
     const unsigned char *nm = s + name;
-    if (name_len == 4 && fast_name_has(nm, name_len, "host", 4)) {
-      hosts++;
-    } else if (name_len == 10 && fast_name_has(nm, name_len, "connection", 10)) {
-      if (keep || value_len != 10 || strncasecmp(d + value, "keep-alive", 10) != 0)
+    switch (nm[0] | 0x20) {   /* (only the names below matter) */
+    case 'h':
+      hosts += name_len == 4 && fast_name_has(nm, name_len, "host", 4);
+      break;
+    case 'c':
+      if (fast_name_has(nm, name_len, "content-length", 14))
         return 0;
-      keep = 1;
-    } else if (fast_name_has(nm, name_len, "connection", 10)
-               || fast_name_has(nm, name_len, "content-length", 14)
-               || fast_name_has(nm, name_len, "transfer-encoding", 17)
-               || fast_name_has(nm, name_len, "upgrade", 7)
-               || fast_name_has(nm, name_len, "proxy-connection", 16)) {
-      return 0;
+      if (fast_name_has(nm, name_len, "connection", 10)) {
+        if (name_len != 10 || keep || value_len != 10
+            || strncasecmp(d + value, "keep-alive", 10) != 0)
+          return 0;
+        keep = 1;
+      }
+      break;
+    case 't':
+      if (fast_name_has(nm, name_len, "transfer-encoding", 17))
+        return 0;
+      break;
+    case 'u':
+      if (fast_name_has(nm, name_len, "upgrade", 7))
+        return 0;
+      break;
+    case 'p':
+      if (fast_name_has(nm, name_len, "proxy-connection", 16))
+        return 0;
+      break;
     }
     bytes += name_len + HEADER_OVERHEAD + value_len;
     if (h->nhdrs >= h->max_headers || bytes > h->max_head)

@@ -72,8 +72,9 @@
 -- table is built in C, the request and response tables from constructors
 -- that keep their size from bytecode (see new_response). Measured
 -- (callgrind, one scheduler, keep-alive hello world, a client sending only
--- Host): 14,900-15,500 instructions a request (16,550 before other host
--- work and the 8-key response), 18,690 with a send_after timer per
+-- Host): 13,900-14,100 instructions a request with the parser's fast path
+-- for whole heads (14,900-15,500 before; 16,550 before other host work and
+-- the 8-key response), 18,690 with a send_after timer per
 -- request and the socket looked up at each step (20,600-21,200 with a
 -- client sending more headers), 23,300 with the request table built in C,
 -- 65,000 before (BENCHMARKS.md). The serving path uses no standard library but
