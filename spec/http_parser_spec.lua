@@ -680,10 +680,19 @@ describe("moonbeam.http_parser", function()
       for i = 1, #s do t[i] = s:sub(i, i) end
       return t
     end
-    local function same_both_ways(stream, opts)
+    -- loose: an error is only an error (where a stream that breaks two
+    -- limits is cut decides which one is found first, in the slow path).
+    local function same_both_ways(stream, opts, loose)
+      local function erase(evs)
+        for i, e in ipairs(evs) do
+          if loose and (e.type == "error" or e[1] == "error") then evs[i] = { "error" } end
+        end
+        return evs
+      end
       local whole = feed_events(hp.new(opts), { stream })
-      assert.are.same(feed_events(hp.new(opts), bytes(stream)), whole, stream)
-      assert.are.same(next_events(hp.new(opts), bytes(stream)), next_events(hp.new(opts), { stream }), stream)
+      assert.are.same(erase(feed_events(hp.new(opts), bytes(stream))), erase(whole), stream)
+      assert.are.same(erase(next_events(hp.new(opts), bytes(stream))), erase(next_events(hp.new(opts), { stream })),
+                      stream)
       return whole
     end
     local H = "Host: x\r\n"
@@ -765,6 +774,39 @@ describe("moonbeam.http_parser", function()
       }) do
         local ev = same_both_ways(stream)
         assert.are.equal("error", ev[#ev].type, stream)
+      end
+    end)
+
+    it("reads heads made at random from near-misses as http-parser does", function()
+      -- A fixed seed, so a failure shows again; each head mixes what the
+      -- fast path takes with what it must leave to the slow path.
+      local seed = 12345
+      local function rnd(n)
+        seed = (seed * 1103515245 + 12345) % 2147483648
+        return math.floor(seed / 65536) % n + 1   -- (the high bits: the low ones cycle)
+      end
+      -- Mostly what the fast path takes (the first list), now and then a
+      -- near-miss (the second).
+      local function pick(t) return rnd(5) > 1 and t[1][rnd(#t[1])] or t[2][rnd(#t[2])] end
+      local methods = { { "GET", "HEAD", "POST", "PATCH", "OPTIONS" }, { "TRACE", "get", "GE T", "CONNECT" } }
+      local urls = { { "/", "/a/b", "/a?b=c", "/?", "/%41" }, { "/a#b", "/\xe9", "*", "http://h/", "/a b" } }
+      local versions = { { "HTTP/1.1", "HTTP/1.0" }, { "HTTP/1.2", "HTTP/2.0", "http/1.1" } }
+      local names = { { "Host", "host", "X-A", "x-a", "Accept", "Connection", "Keep-Alive", "Te" },
+                      { "HOST", "connection", "Content-Length", "Transfer-Encoding", "Upgrade",
+                        "Proxy-Connection", "Content-Lengthx", "Connectionx", "Hostx", "X y", "X\1", "" } }
+      local values = { { "x", "", "keep-alive", "Keep-Alive", "a, b", " pad ", "\tt\t", "\xc3\xa9" },
+                       { "close", "0", "5", "chunked", "a\1b", "a\127", "upgrade", "keep-alive, upgrade" } }
+      local ends = { { "\r\n" }, { "\n", "\r" } }
+      for _ = 1, 1000 do
+        local parts = { pick(methods), " ", pick(urls), " ", pick(versions), pick(ends) }
+        if rnd(4) > 1 then parts[#parts + 1] = "Host: h\r\n" end
+        for _ = 1, rnd(4) - 1 do
+          parts[#parts + 1] = pick(names) .. ":" .. (rnd(3) == 1 and "" or " ") .. pick(values) .. pick(ends)
+        end
+        parts[#parts + 1] = "\r\n"
+        if rnd(3) == 1 then parts[#parts + 1] = "GET /next HTTP/1.1\r\nHost: h\r\n\r\n" end
+        same_both_ways(table.concat(parts), rnd(4) == 1 and { max_head = 60, max_headers = 2, max_url = 3 } or nil,
+                       true)
       end
     end)
 
