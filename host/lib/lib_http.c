@@ -899,11 +899,17 @@ static int is_tchar(unsigned char c)
          || tchar_punct[c];
 }
 
-/* Does the header name s[0..n) begin with `lower` (lower case, of length
- * len), ignoring case? */
+/* Does s[0..n) begin with `lower` (lower-case letters and '-', of length
+ * len), ignoring case? (OR-ing 0x20 lowers a letter and keeps '-'; of the
+ * bytes that may reach here, only letters and '-' give those.) */
 static int fast_name_has(const unsigned char *s, size_t n, const char *lower, size_t len)
 {
-  return n >= len && strncasecmp((const char *)s, lower, len) == 0;
+  if (n < len)
+    return 0;
+  for (size_t k = 0; k < len; k++)
+    if ((s[k] | 0x20) != (unsigned char)lower[k])
+      return 0;
+  return 1;
 }
 
 /* The method s[0..n) if the fast path takes it (CONNECT, which makes an
@@ -983,7 +989,7 @@ static size_t fast_head(hp_t *h, const char *d, size_t n)
         return 0;
       if (fast_name_has(nm, name_len, "connection", 10)) {
         if (name_len != 10 || keep || value_len != 10
-            || strncasecmp(d + value, "keep-alive", 10) != 0)
+            || !fast_name_has(s + value, value_len, "keep-alive", 10))
           return 0;
         keep = 1;
       }
