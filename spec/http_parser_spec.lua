@@ -819,6 +819,10 @@ describe("moonbeam.http_parser", function()
       assert.are.equal(431, same_both_ways(hdrs, { max_headers = 1 })[1].status)
       assert.are.equal("head done", types(same_both_ways(hdrs, { max_head = 41 })))
       assert.are.equal(431, same_both_ways(hdrs, { max_head = 40 })[1].status)
+      -- a head of its request line alone counts too (16 + the URL)
+      local bare = "GET /1 HTTP/1.0\r\n\r\n"
+      assert.are.equal("head done", types(same_both_ways(bare, { max_head = 18 })))
+      assert.are.equal(431, same_both_ways(bare, { max_head = 17 })[1].status)
     end)
 
     it("reads pipelined heads one after the other, whichever path each takes", function()

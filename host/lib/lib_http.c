@@ -60,8 +60,8 @@
  * twice (even equal) and together with Transfer-Encoding. The same rules
  * hold for responses (Host aside), where a violation is an error event too.
  *
- * The fast path. A whole request head without a body, kept alive, in one
- * read (what a keep-alive client sends most) does not go through either:
+ * The fast path. A whole request head without a body in one read (what a
+ * client sends most) does not go through either:
  * fast_head reads it in one pass, within a narrow subset that both accept
  * and read alike, and gives the same event (see "The fast path" below);
  * anything else it leaves to them. Measured: 15,140 -> 13,900-14,100
@@ -853,8 +853,7 @@ static void push_upgrade(hp_t *h, const char *rest, size_t n)
 
 /* -- The fast path ---------------------------------------------------------
  * What a server reads most is a whole request head in one read, without a
- * body, asking to be kept alive: "GET /x HTTP/1.1", a few headers, an
- * empty line. For those, http-parser's byte-at-a-time state machine, its
+ * body: "GET /x HTTP/1.1", a few headers, an empty line. For those, http-parser's byte-at-a-time state machine, its
  * callbacks and the framing checker in front of it were ~2,400 of a
  * keep-alive request's ~15,000 instructions, and http_parser_execute
  * alone a ninth of its instruction-cache misses (BENCHMARKS.md). fast_head
@@ -871,16 +870,16 @@ static void push_upgrade(hp_t *h, const char *rest, size_t n)
  *   - no header whose name begins with Content-Length, Transfer-Encoding,
  *     Upgrade, Proxy-Connection or Connection (http-parser reads a name
  *     that only begins with Transfer-Encoding as one), but for at most one
- *     Connection saying keep-alive (any case);
- *   - kept alive: HTTP/1.1 without Connection, or either version with
- *     Connection: keep-alive; one Host (at most one for HTTP/1.0);
+ *     Connection saying keep-alive or close (any case);
+ *   - one Host (at most one for HTTP/1.0);
  *   - within max_url, max_headers and max_head, counted as the callbacks
  *     count them, and FAST_MAX_HEAD bytes (http-parser has a cap of its
  *     own, 80 KiB, and a head that long is no common case).
  * It runs only where both parsers are between messages, and a head it
  * reads is a whole message, after which both are still there (a request
- * of HTTP/1.x without a body ends with its head): the two never see parts
- * of one message. The fuzzer (host/fuzz/fuzz_http.c) feeds every input
+ * of HTTP/1.x without a body ends with its head; http-parser, built
+ * lenient, reads on after a message not kept alive as after one that is):
+ * the two never see parts of one message. The fuzzer (host/fuzz/fuzz_http.c) feeds every input
  * whole and cut in pieces, so a head it reads whole is also read cut, by
  * the slow path, and the two runs must give the same events. */
 
@@ -950,7 +949,9 @@ static size_t fast_head(hp_t *h, const char *d, size_t n)
   int minor = s[i + 8] - '0';
   i += 11;
   uint64_t bytes = LINE_OVERHEAD + url_len;
-  int hosts = 0, keep = 0;
+  if (bytes > h->max_head)
+    return 0;
+  int hosts = 0, conn = 0;   /* conn: 'k' keep-alive, 'c' close */
   h->len = h->nhdrs = 0;
   append(h, d + url, url_len);
   h->url_len = (uint32_t)url_len;
@@ -988,10 +989,14 @@ static size_t fast_head(hp_t *h, const char *d, size_t n)
       if (fast_name_has(nm, name_len, "content-length", 14))
         return 0;
       if (fast_name_has(nm, name_len, "connection", 10)) {
-        if (name_len != 10 || keep || value_len != 10
-            || !fast_name_has(s + value, value_len, "keep-alive", 10))
+        if (name_len != 10 || conn)
           return 0;
-        keep = 1;
+        if (value_len == 10 && fast_name_has(s + value, value_len, "keep-alive", 10))
+          conn = 'k';
+        else if (value_len == 5 && fast_name_has(s + value, value_len, "close", 5))
+          conn = 'c';
+        else
+          return 0;
       }
       break;
     case 't':
@@ -1022,13 +1027,18 @@ static size_t fast_head(hp_t *h, const char *d, size_t n)
     e->value_len = (uint32_t)value_len;
     append(h, d + value, value_len);
   }
-  if (minor == 1 ? hosts != 1 : (hosts > 1 || !keep))
+  if (hosts > 1 || (minor == 1 && hosts == 0))
     return 0;
-  head_t m = { .method = method, .major = 1, .minor = minor, .keep_alive = 1,
+  /* Kept alive: HTTP/1.1 unless it says close, HTTP/1.0 if it says
+   * keep-alive (http_should_keep_alive). After a message that is not,
+   * http-parser (built lenient, as Debian builds it) reads on as after one
+   * that is: so do we. */
+  int keep = minor == 1 ? conn != 'c' : conn == 'k';
+  head_t m = { .method = method, .major = 1, .minor = minor, .keep_alive = keep,
                .framing = FR_COMPLETE };
   push_head(h, &m);
   if (h->api != API_QUEUE)
-    push_done(h, 1);
+    push_done(h, keep);
   return i;
 }
 
