@@ -103,6 +103,8 @@ typedef struct mb_idkind {
                                             call and anchored on the stack (lstate.c) */
 #define MB_REGSLOT_IO (-0x207)           /* run.c's I/O wake-up function */
 #define MB_REGSLOT_CHUNKS (-0x208)       /* a reused state's module chunks (modcache.c) */
+#define MB_REGSLOT_HTTP_MT (-0x209)      /* moonbeam.http_parser's parser metatable */
+#define MB_REGSLOT_GUARD_MT (-0x20a)     /* and its guards' (lib_http.c) */
 
 /* The kinds defined here (registered from the start). */
 extern mb_idkind_t mb_pid_kind, mb_ref_kind;

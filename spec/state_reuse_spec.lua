@@ -324,6 +324,32 @@ describe("reused states", function()
     assert.is_true(S.has(out, "C\tfresh nil"), out)
   end)
 
+  it("keep moonbeam.http_parser's metatables, out of a process's reach, and make its module anew", function()
+    -- A connection process per connection opens the module: its parsers'
+    -- metatable (with their methods) is kept in a reused state
+    -- (lib_http.c, mb_lib_http_parser_open), the module table is not.
+    local code, out, err = child([[
+      local function use(tag)
+        local hp = require "moonbeam.http_parser"
+        local fresh = type(hp.new) == "function" and hp.extra == nil
+        local p = hp.new()
+        local k, _, _, _, _, url = p:next("GET /" .. tag .. " HTTP/1.1\r\nHost: h\r\n\r\n")
+        local hidden = getmetatable(p) == "http parser" and not pcall(setmetatable, p, {})
+        hp.new, hp.extra = "tampered", true     -- left so for the next process
+        local q = hp.guard_new ~= nil and require("moonbeam.http_parser")
+        return table.concat({ tostring(fresh), k .. url, tostring(hidden), tostring(q == hp),
+          tostring(p.next) }, " ")
+      end
+      print("A", ask_done(function() return use("a") end))
+      print("B", ask_done(function() return use("b") end))
+    ]])
+    assert.are.equal(0, code, err)
+    local a = out:match("A\ttrue head/a true true (function: %S+)")
+    local b = out:match("B\ttrue head/b true true (function: %S+)")
+    assert.is_truthy(a and b, out)
+    assert.are.equal(a, b)   -- the very methods A's state made: the state was reused
+  end)
+
   it("let go of the kept module chunks a process does not use, once it is idle", function()
     -- A process that requires none of the kept modules would otherwise carry
     -- their prototypes (idle memory): its first collection drops them.

@@ -822,7 +822,7 @@ static int l_new(lua_State *L)
   hp_t *h = lua_newuserdata(L, sizeof *h);
   memset(h, 0, sizeof *h);
   h->tag = &parser_tag;
-  luaL_getmetatable(L, PARSER_MT);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_HTTP_MT);
   lua_setmetatable(L, -2);
   http_parser_init(&h->p, type);
   h->p.data = h;
@@ -1285,8 +1285,6 @@ static int l_gc(lua_State *L)
  * value (those six calls were a fifth of a keep-alive request's
  * instructions, the per-request timer another twentieth). */
 
-#define GUARD_MT "moonbeam.http_guard"
-
 /* A guard's userdata: its tag (see check_parser) and the guard, NULL once
  * freed. */
 typedef struct {
@@ -1326,11 +1324,16 @@ static int l_guard_new(lua_State *L)
   guard_box_t *box = lua_newuserdata(L, sizeof *box);
   box->tag = &guard_box_tag;
   box->g = NULL;   /* safe before it owns anything: __gc frees nothing */
-  if (luaL_newmetatable(L, GUARD_MT)) {
+  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_GUARD_MT);
+  if (lua_isnil(L, -1)) {   /* (kept by a reused state: see the module's opener) */
+    lua_pop(L, 1);
+    lua_createtable(L, 0, 2);
     lua_pushcfunction(L, l_guard_free);
     lua_setfield(L, -2, "__gc");
     lua_pushliteral(L, "http guard");
     lua_setfield(L, -2, "__metatable");
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_GUARD_MT);
   }
   lua_setmetatable(L, -2);
   mb_sock_t *s = mb_sock_get(id);
@@ -1763,9 +1766,23 @@ static void new_lazy_table(lua_State *L, const luaL_Reg *regs, int nregs, int mt
   lua_setmetatable(L, -2);
 }
 
+/* The parsers' metatable (with their methods, parser:next's queue strings
+ * among their upvalues) and the guards' are kept at registry slots that a
+ * reused state keeps (lstate.c, "Reused states"): a connection process per
+ * connection opens this module, and making the parsers' was ~7,000 of its
+ * ~12,500 instructions. Nothing of a process can be in them: they hold C
+ * functions and strings, no process can reach them but through its
+ * userdata's __index (their __metatable hides them from getmetatable; the
+ * debug library, which would not, keeps a state from being reused), and
+ * the methods a first use adds (lazy_method) are the same for every
+ * process. The module table itself is made anew each time (a process may
+ * change its own). */
 int mb_lib_http_parser_open(lua_State *L)
 {
-  if (luaL_newmetatable(L, PARSER_MT)) {
+  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_HTTP_MT);
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    lua_createtable(L, 0, 3);
     int mt = lua_gettop(L);
     new_lazy_table(L, methods, sizeof methods / sizeof *methods - 1, mt);
     lua_setfield(L, mt, "__index");
@@ -1774,8 +1791,10 @@ int mb_lib_http_parser_open(lua_State *L)
     lua_setfield(L, mt, "__gc");
     lua_pushliteral(L, "http parser");
     lua_setfield(L, mt, "__metatable");
+    lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_HTTP_MT);
+  } else {
+    lua_pop(L, 1);
   }
-  lua_pop(L, 1);
   new_lazy_table(L, funcs, sizeof funcs / sizeof *funcs - 1, 0);
   return 1;
 }

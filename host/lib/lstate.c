@@ -1409,7 +1409,8 @@ static pool_t *pool(void)
 static int kept_slot(double k)
 {
   return mb_id_regslot(k) || k == MB_REGSLOT_SIGNAL_MSG || k == MB_REGSLOT_BODY_FN ||
-         k == MB_REGSLOT_BASE || k == MB_REGSLOT_CHUNKS;
+         k == MB_REGSLOT_BASE || k == MB_REGSLOT_CHUNKS || k == MB_REGSLOT_HTTP_MT ||
+         k == MB_REGSLOT_GUARD_MT;
 }
 
 /* Under lua_cpcall: the old world unreachable (see Reused states). */
