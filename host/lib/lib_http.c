@@ -156,7 +156,8 @@ typedef struct {
 } hdr_t;
 
 /* What a complete head says beyond its URL and headers, as the events
- * give it: read off http-parser (head_of) or found by the fast path. */
+ * give it: read off http-parser (on_headers_complete) or found by the
+ * fast path (fast_head). */
 enum { FR_NONE, FR_LENGTH, FR_CHUNKED, FR_COMPLETE };
 typedef struct {
   int method;            /* enum http_method (a request's) */
@@ -853,8 +854,9 @@ static void push_upgrade(hp_t *h, const char *rest, size_t n)
 
 /* -- The fast path ---------------------------------------------------------
  * What a server reads most is a whole request head in one read, without a
- * body: "GET /x HTTP/1.1", a few headers, an empty line. For those, http-parser's byte-at-a-time state machine, its
- * callbacks and the framing checker in front of it were ~2,400 of a
+ * body: "GET /x HTTP/1.1", a few headers, an empty line. For those,
+ * http-parser's byte-at-a-time state machine, its callbacks and the
+ * framing checker in front of it were ~2,400 of a
  * keep-alive request's ~15,000 instructions, and http_parser_execute
  * alone a ninth of its instruction-cache misses (BENCHMARKS.md). fast_head
  * reads such a head in one pass and gives the event the slow path would:
@@ -879,9 +881,10 @@ static void push_upgrade(hp_t *h, const char *rest, size_t n)
  * reads is a whole message, after which both are still there (a request
  * of HTTP/1.x without a body ends with its head; http-parser, built
  * lenient, reads on after a message not kept alive as after one that is):
- * the two never see parts of one message. The fuzzer (host/fuzz/fuzz_http.c) feeds every input
- * whole and cut in pieces, so a head it reads whole is also read cut, by
- * the slow path, and the two runs must give the same events. */
+ * the two never see parts of one message. The fuzzer
+ * (host/fuzz/fuzz_http.c) feeds every input whole and cut in pieces, so a
+ * head it reads whole is also read cut, by the slow path, and the two runs
+ * must give the same events. */
 
 #define FAST_MAX_HEAD 16384
 
@@ -915,13 +918,13 @@ static int fast_name_has(const unsigned char *s, size_t n, const char *lower, si
  * upgrade, and the rarer methods go the slow path), else -1. */
 static int fast_method(const unsigned char *s, size_t n)
 {
-  static const struct { char name[8]; int method; } list[] = {
-    {"GET", HTTP_GET}, {"HEAD", HTTP_HEAD}, {"POST", HTTP_POST},
-    {"PUT", HTTP_PUT}, {"DELETE", HTTP_DELETE}, {"OPTIONS", HTTP_OPTIONS},
-    {"PATCH", HTTP_PATCH},
+  static const struct { char name[8]; size_t len; int method; } list[] = {
+    {"GET", 3, HTTP_GET}, {"HEAD", 4, HTTP_HEAD}, {"POST", 4, HTTP_POST},
+    {"PUT", 3, HTTP_PUT}, {"DELETE", 6, HTTP_DELETE}, {"OPTIONS", 7, HTTP_OPTIONS},
+    {"PATCH", 5, HTTP_PATCH},
   };
   for (size_t k = 0; k < sizeof list / sizeof list[0]; k++)
-    if (strlen(list[k].name) == n && memcmp(list[k].name, s, n) == 0)
+    if (list[k].len == n && memcmp(list[k].name, s, n) == 0)
       return list[k].method;
   return -1;
 }
