@@ -27,9 +27,10 @@
  * presizes one slot more, which doubles the hash part when the
  * constructor's keys were a power of two: code that copies a template on
  * a hot path keeps such stores out of the window (a function of its own;
- * moonbeam.http_conn's new_response). A nil-valued key is invisible to Lua (pairs, next, # skip it; a
- * read gives nil), so nothing a program can see changes; its string is
- * kept alive by the prototype, whose store names it too.
+ * moonbeam.http_conn's new_response). A nil-valued key is invisible to Lua
+ * (pairs, next, # skip it; a read gives nil), so nothing a program can see
+ * changes; its string is kept alive by the prototype, whose store names it
+ * too.
  *
  * The opcode numbers are not part of LuaJIT's API: they are learnt once
  * from a probe chunk compiled and dumped by the LuaJIT the host runs on,

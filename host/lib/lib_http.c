@@ -244,6 +244,20 @@ static void append(hp_t *h, const char *at, size_t n)
   h->len += (uint32_t)n;
 }
 
+/* A new header in the head being collected, starting at the buffer's end
+ * (name and value empty so far); the callers checked max_headers. */
+static hdr_t *new_hdr(hp_t *h)
+{
+  if (h->nhdrs == h->hcap) {
+    h->hcap = h->hcap ? h->hcap * 2 : 16;
+    h->hdrs = mb_realloc(h->hdrs, h->hcap * sizeof *h->hdrs);
+  }
+  hdr_t *e = &h->hdrs[h->nhdrs++];
+  e->name = e->value = h->len;
+  e->name_len = e->value_len = 0;
+  return e;
+}
+
 static int on_message_begin(http_parser *p)
 {
   hp_t *h = p->data;
@@ -287,15 +301,7 @@ static int on_header_field(http_parser *p, const char *at, size_t n)
       h->limit_err = LIM_TOO_MANY_HEADERS;
       return -1;
     }
-    if (h->nhdrs == h->hcap) {
-      h->hcap = h->hcap ? h->hcap * 2 : 16;
-      h->hdrs = mb_realloc(h->hdrs, h->hcap * sizeof *h->hdrs);
-    }
-    hdr_t *e = &h->hdrs[h->nhdrs++];
-    e->name = h->len;
-    e->name_len = 0;
-    e->value = h->len;
-    e->value_len = 0;
+    new_hdr(h);
   }
   hdr_t *e = &h->hdrs[h->nhdrs - 1];
   append(h, at, n);
@@ -955,6 +961,8 @@ static size_t fast_head(hp_t *h, const char *d, size_t n)
   if (bytes > h->max_head)
     return 0;
   int hosts = 0, conn = 0;   /* conn: 'k' keep-alive, 'c' close */
+  /* (What a head declined below leaves in the buffer, the slow path's
+   * on_message_begin clears.) */
   h->len = h->nhdrs = 0;
   append(h, d + url, url_len);
   h->url_len = (uint32_t)url_len;
@@ -1018,12 +1026,7 @@ static size_t fast_head(hp_t *h, const char *d, size_t n)
     bytes += name_len + HEADER_OVERHEAD + value_len;
     if (h->nhdrs >= h->max_headers || bytes > h->max_head)
       return 0;
-    if (h->nhdrs == h->hcap) {
-      h->hcap = h->hcap ? h->hcap * 2 : 16;
-      h->hdrs = mb_realloc(h->hdrs, h->hcap * sizeof *h->hdrs);
-    }
-    hdr_t *e = &h->hdrs[h->nhdrs++];
-    e->name = h->len;
+    hdr_t *e = new_hdr(h);
     e->name_len = (uint32_t)name_len;
     append(h, d + name, name_len);
     e->value = h->len;
