@@ -27,7 +27,7 @@
  * presizes one slot more, which doubles the hash part when the
  * constructor's keys were a power of two: code that copies a template on
  * a hot path keeps such stores out of the window (a function of its own;
- * moonbeam.http_conn's new_response). A nil-valued key is invisible to Lua
+ * moonbeam.http_conn's head_only). A nil-valued key is invisible to Lua
  * (pairs, next, # skip it; a read gives nil), so nothing a program can see
  * changes; its string is kept alive by the prototype, whose store names it
  * too.

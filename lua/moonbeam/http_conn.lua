@@ -70,10 +70,12 @@
 -- read, http_parser.next, http_parser.guard, and http_parser.respond, which
 -- builds and writes the response) and about 250 bytecodes; the headers
 -- table is built in C, the request and response tables from constructors
--- that keep their size from bytecode (see new_response). Measured
+-- that keep their size from bytecode (see serve_one). Measured
 -- (callgrind, one scheduler, keep-alive hello world, a client sending only
--- Host): 13,900-14,100 instructions a request with the parser's fast path
--- for whole heads (14,900-15,500 before; 16,550 before other host work and
+-- Host): 13,470 instructions a request (13,650 the same day with the
+-- response made and the guard armed by two functions of their own;
+-- 13,900-14,100 a day before, with the parser's fast path for whole heads;
+-- 14,900-15,500 before it; 16,550 before other host work and
 -- the 8-key response), 18,690 with a send_after timer per
 -- request and the socket looked up at each step (20,600-21,200 with a
 -- client sending more headers), 23,300 with the request table built in C,
@@ -156,7 +158,7 @@ setmetatable(Response, { __index = function(_, k)
   if f ~= nil then Response[k] = f end
   return f
 end })
--- The fields a response sets only when it needs them (see new_response),
+-- The fields a response sets only when it needs them (see serve_one),
 -- read here until then: not through the function above, which would look
 -- up http_rare at every read.
 Response.head_only, Response.upgraded, Response.broken = false, false, false
@@ -359,58 +361,44 @@ local function read_body(c, req, ready)
   end
 end
 
--- Guard the connection while the handler runs (see DESIGN): the socket
--- ends the process if the client goes (on its FIN too after a keep-alive
--- request), the acceptor is its heir, and the acceptor is told when
--- handler_timeout has passed (http_parser.guard does all three, on the
--- connection's guard, made at its first request: it keeps the socket and
--- one lazy timer, see http_guard.h).
-local function guard(c, req, res)
-  res.guard = 1
-  local g = c.guard
-  if not g then
-    local ms = c.handler_timeout
-    if ms ~= HUGE then
-      -- (A string, made once per connection, is the cheapest message to
-      -- send; the acceptor looks the pid up by it only when it comes.)
-      g = hp.guard_new(c.sock, c.acceptor, ms, "$http_overtime " .. c.me)
-    else
-      g = hp.guard_new(c.sock, c.acceptor)
-    end
-    c.guard = g
+-- The connection's guard (see DESIGN), made at its first request: it keeps
+-- the socket and one lazy timer (see http_guard.h); serve_one arms it
+-- for each request with http_parser.guard, which makes the socket end the
+-- process if the client goes (on its FIN too after a keep-alive request),
+-- the acceptor its heir, and tells the acceptor when handler_timeout has
+-- passed.
+local function new_guard(c)
+  local g
+  local ms = c.handler_timeout
+  if ms ~= HUGE then
+    -- (A string, made once per connection, is the cheapest message to
+    -- send; the acceptor looks the pid up by it only when it comes.)
+    g = hp.guard_new(c.sock, c.acceptor, ms, "$http_overtime " .. c.me)
+  else
+    g = hp.guard_new(c.sock, c.acceptor)
   end
-  hp.guard(g, req.keep_alive)
+  c.guard = g
+  return g
 end
 
--- A new response object: its connection (c: the socket and the guard are
--- c.sock and c.guard), status code, added headers (hlist: name, value, ...),
--- whether the connection closes after it, the request's HTTP/1.0-ness (v10:
--- false for HTTP/1.1; true for 1.0 asking to be kept alive, which is
--- answered "Connection: keep-alive"; 0 for any other 1.0 request), whether
--- it started and is done (done implies started), and the guard's state
--- (guard: 0 none, 1 guarded, 2 response started, 3 done).
--- Eight keys, so that the constructor's template is a hash of 8 nodes,
--- copied at every request (with 9 to 16 keys it was 16: measured ~300
--- instructions and 192 bytes a request more). What few responses need is
--- set when needed, absent (nil) until then: head_only (a HEAD request, or a
--- streamed response of a bodiless status), upgraded, broken (a write
--- failed), and http_rare's fields for streaming and upgrades.
+-- A response object (serve_one makes it): its connection (c: the socket and
+-- the guard are c.sock and c.guard), status code, added headers (hlist: name,
+-- value, ...), whether the connection closes after it, the request's
+-- HTTP/1.0-ness (v10: false for HTTP/1.1; true for 1.0 asking to be kept
+-- alive, which is answered "Connection: keep-alive"; 0 for any other 1.0
+-- request), whether it started and is done (done implies started), and the
+-- guard's state (guard: 1 guarded, 2 response started, 3 done). Eight
+-- keys, so that the constructor's template is a hash of 8 nodes, copied at
+-- every request (with 9 to 16 keys it was 16: measured ~300 instructions and
+-- 192 bytes a request more). What few responses need is set when needed,
+-- absent (nil) until then: head_only (a HEAD request, or a streamed response
+-- of a bodiless status), upgraded, broken (a write failed), and http_rare's
+-- fields for streaming and upgrades. head_only is set in a function of its
+-- own: the host presizes a constructor's copy with every key stored into it
+-- soon after, conditional or not (host/bcdump.h), and a ninth key would double
+-- every response.
 local function head_only(res)
   res.head_only = true
-end
-
-local function new_response(c, req)
-  local keep, v10 = req.keep_alive, false
-  if req.version == "1.0" then v10 = keep or 0 end
-  local res = setmetatable({
-    c = c, code = 200, hlist = false, close = not keep, v10 = v10,
-    started = false, done = false, guard = 0,
-  }, Response)
-  -- (In a function of its own: the host presizes a constructor's copy
-  -- with every key stored into it soon after, conditional or not
-  -- (host/bcdump.h), and a ninth key here would double every response.)
-  if req.method == "HEAD" then head_only(res) end
-  return res
 end
 
 -- Handle one request. Returns true to go on with the next one. What a
@@ -437,10 +425,16 @@ local function serve_one(c, handler, first, ready)
     if type(status) == "number" then fail(c, status) else c.sock:close() end
     return false
   end
-  local res = new_response(c, req)
+  local keep, v10 = req.keep_alive, false
+  if req.version == "1.0" then v10 = keep or 0 end
+  local res = setmetatable({
+    c = c, code = 200, hlist = false, close = not keep, v10 = v10,
+    started = false, done = false, guard = 1,
+  }, Response)
+  if req.method == "HEAD" then head_only(res) end
   local upgrade = req.upgrade
   if upgrade then rare().upgradable(c, res, status) end
-  guard(c, req, res)
+  hp.guard(c.guard or new_guard(c), keep)
   local okh, caught = xpcall(handler, traceback, req, res)
   if not okh or res.guard ~= 3 or not res.done or upgrade then
     return rare().after_handler(c, req, res, okh, caught, status)
