@@ -13,7 +13,8 @@
 # core), bound to 127.0.0.1 only; every request gets "Hello, world!\n" with
 # Content-Length, from content_by_lua. Prints "listening port=<port>
 # pid=<nginx's pid>" once nginx accepts connections, then runs until killed
-# (kill the printed pid).
+# (kill the printed pid). MB_NGINX_WRAP: a command nginx runs under (word-split;
+# scripts/instructions nginx runs it under valgrind's callgrind so).
 set -u
 dir=${1:?usage: http_hello_nginx.sh DIR [port=N]}
 root=$dir/root
@@ -57,12 +58,13 @@ http {
   }
 }
 CONF
-LD_LIBRARY_PATH="$root/usr/lib/x86_64-linux-gnu" "$root/usr/sbin/nginx" \
+# shellcheck disable=SC2086
+LD_LIBRARY_PATH="$root/usr/lib/x86_64-linux-gnu" ${MB_NGINX_WRAP:-} "$root/usr/sbin/nginx" \
   -p "$run" -c "$run/nginx.conf" -e "$run/logs/error.log" &
 pid=$!
 trap 'kill "$pid" 2>/dev/null; rm -rf "$run"' EXIT
 trap 'exit 143' TERM INT
-for _ in $(seq 100); do
+for _ in $(seq "$([ -n "${MB_NGINX_WRAP:-}" ] && echo 600 || echo 100)"); do
   if ss -ltnH "sport = :$port" 2>/dev/null | grep -q .; then
     echo "listening port=$port pid=$pid"
     wait "$pid"
