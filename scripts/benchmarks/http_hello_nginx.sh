@@ -64,7 +64,9 @@ LD_LIBRARY_PATH="$root/usr/lib/x86_64-linux-gnu" ${MB_NGINX_WRAP:-} "$root/usr/s
 pid=$!
 trap 'kill "$pid" 2>/dev/null; rm -rf "$run"' EXIT
 trap 'exit 143' TERM INT
-for _ in $(seq "$([ -n "${MB_NGINX_WRAP:-}" ] && echo 600 || echo 100)"); do
+tries=100
+[ -n "${MB_NGINX_WRAP:-}" ] && tries=600   # (valgrind starts slowly)
+for _ in $(seq $tries); do
   if ss -ltnH "sport = :$port" 2>/dev/null | grep -q .; then
     echo "listening port=$port pid=$pid"
     wait "$pid"
