@@ -1330,17 +1330,7 @@ static int l_guard_new(lua_State *L)
   guard_box_t *box = lua_newuserdata(L, sizeof *box);
   box->tag = &guard_box_tag;
   box->g = NULL;   /* safe before it owns anything: __gc frees nothing */
-  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_GUARD_MT);
-  if (lua_isnil(L, -1)) {   /* (kept by a reused state: see the module's opener) */
-    lua_pop(L, 1);
-    lua_createtable(L, 0, 2);
-    lua_pushcfunction(L, l_guard_free);
-    lua_setfield(L, -2, "__gc");
-    lua_pushliteral(L, "http guard");
-    lua_setfield(L, -2, "__metatable");
-    lua_pushvalue(L, -1);
-    lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_GUARD_MT);
-  }
+  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_GUARD_MT);   /* (the module's opener's) */
   lua_setmetatable(L, -2);
   mb_sock_t *s = mb_sock_get(id);
   if (s && s->kind != MB_SOCK_STREAM) {
@@ -1798,6 +1788,12 @@ int mb_lib_http_parser_open(lua_State *L)
     lua_pushliteral(L, "http parser");
     lua_setfield(L, mt, "__metatable");
     lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_HTTP_MT);
+    lua_createtable(L, 0, 2);
+    lua_pushcfunction(L, l_guard_free);
+    lua_setfield(L, -2, "__gc");
+    lua_pushliteral(L, "http guard");
+    lua_setfield(L, -2, "__metatable");
+    lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_GUARD_MT);
   } else {
     lua_pop(L, 1);
   }
