@@ -446,6 +446,7 @@ local function hibernate(c)
   -- Not possible: the handler holds a value that cannot be copied (its
   -- upvalues go with the continuation). Stay awake from now on.
   c.no_hibernate = true
+  c.wait = c.idle_wait
   report(c.me, { "cannot hibernate the idle connection: " .. tostring(err),
                  "(it stays awake; see hibernate_after)" })
   c.sock:set_active(false)
