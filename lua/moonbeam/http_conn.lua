@@ -85,6 +85,12 @@
 local mb = require "moonbeam"
 local hp = require "moonbeam.http_parser"
 
+-- What a request calls, as upvalues: a global or a module's field is a
+-- look-up in a table of its own and the key's string, two more cache
+-- lines a request each when many connections take turns.
+local type, setmetatable, xpcall = type, setmetatable, xpcall
+local hp_guard, hp_respond = hp.guard, hp.respond
+
 local conn = {}
 
 -- The rest of a connection process's code, for what a plain request never
@@ -218,7 +224,7 @@ function Response:send(body)
   -- (http_parser.respond) when the kernel takes it all; http_rare's
   -- send_rest writes the rest otherwise.
   self.guard = 3
-  local rest, whole = hp.respond(self.c.guard, code, self.hlist or nil, framing,
+  local rest, whole = hp_respond(self.c.guard, code, self.hlist or nil, framing,
                                  self.close, self.v10 == true, body)
   if rest == true then return true end
   return rare().send_rest(self, rest, whole)
@@ -466,7 +472,7 @@ local function serve_one(c, handler, first, ready)
   if req.method == "HEAD" then head_only(res) end
   local upgrade = req.upgrade
   if upgrade then rare().upgradable(c, res, status) end
-  hp.guard(c.guard or new_guard(c), keep)
+  hp_guard(c.guard or new_guard(c), keep)
   local okh, caught = xpcall(handler, traceback, req, res)
   if not okh or res.guard ~= 3 or not res.done or upgrade then
     return rare().after_handler(c, req, res, okh, caught, status)
