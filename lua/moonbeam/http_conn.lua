@@ -32,7 +32,7 @@
 -- A connection process reads the socket in passive mode (sock:read with a
 -- deadline) and feeds the bytes to moonbeam.http_parser (parser:next),
 -- which does the parsing, enforces the head limits and builds the headers
--- table in C (read_head makes the request table of what it gives); its
+-- table in C (serve_one makes the request table of what it gives); its
 -- events (head, body, done, upgrade, error) are consumed here in order,
 -- one request at a time, so pipelined requests are answered in order. A
 -- request's body is read whole (up to max_body) before the handler runs. The handler runs in the
@@ -128,7 +128,7 @@ local trapping = hp.trapping
 -- "timeout", "closed" or the socket's error. ready == false: the caller
 -- knows that no event is queued (the last one said so), so it reads first.
 -- (The client's responses and a request's body; a server waits for a
--- request head in read_head.)
+-- request head in serve_one.)
 local function next_event(c, ready)
   local parser = c.parser
   local kind, a, b, more
@@ -239,122 +239,15 @@ local function traceback(e)
   return { err = e, traceback = debug.traceback("", 2) }
 end
 
--- Answer with an error status and close the connection.
-local function fail(c, code)
-  return rare().fail(c, code)
-end
-
--- Wait for the next request head (ready: as for next_event). Returns the
--- request (its fields as push_message in lib_http.c gives them), its
--- framing (Content-Length, true for chunked, nil, or false when it has no
--- body) and whether more events are queued; or nil and what to do: "closed"/"idle" (close
--- quietly), or a status to answer.
--- Timeouts: a new connection has head_timeout for its first request, a
--- kept-alive one idle_timeout for its next (a woken one goes on with the
--- deadline it hibernated with); once the first byte of a head has come,
--- the rest must come within head_timeout. A connection that never sent a
--- byte is closed quietly: browsers open spare connections they may never
--- use. Between requests the wait may end in hibernation (http_rare).
--- The common wait, a kept-alive connection's for its next request, is one
--- read of c.wait ms (hibernate_after, or idle_timeout when it cannot
--- hibernate first) without reading the clock or storing the deadline:
--- those are computed when needed, after it (measured: reading the clock
--- and storing the deadline at every request cost ~25 of the ~210 cache
--- lines a request touches with 64 connections taking turns). A head begun
--- in that read then has head_timeout from the read's end, capped by
--- idle_timeout (not by what was left of it).
-local function read_head(c, first, ready)
-  local parser, sock = c.parser, c.sock
-  local deadline, now = c.resume_deadline, nil   -- (false: not needed yet)
-  if deadline then c.resume_deadline = false end
-  local begun = false   -- the head's first byte came
-  local kind, a, b, more, method, url, path, query, version, keep, upgrade
-  if ready ~= false then
-    kind, a, b, more, method, url, path, query, version, keep, upgrade = p_next(parser)
+-- The end of a connection that cannot go on (why: from serve_one): a
+-- status is answered (http_rare), anything else closes it quietly.
+local function stop(c, why)
+  if type(why) == "number" then
+    rare().fail(c, why)
+  else
+    c.sock:close()
   end
-  while true do
-    if kind == "head" then
-      -- The parser gives the request's fields as values (a: the framing,
-      -- b: the headers), so that the request is a template copy and a
-      -- store per field.
-      local req = {
-        method = method, url = url, path = path, query = query, version = version,
-        headers = b, body = "", keep_alive = keep, upgrade = upgrade, socket = sock,
-      }
-      return req, a, more
-    end
-    if kind == "error" then return nil, a end
-    if kind and more then
-      -- Nothing else can come before a head; skip it if it does.
-      kind, a, b, more, method, url, path, query, version, keep, upgrade = p_next(parser)
-    else
-      local data, err
-      if not deadline and not first and not trapping() then
-        -- Between keep-alive requests (see above).
-        local wait = c.wait
-        data, err = s_read(sock, wait)
-        if not data and err == "timeout" and wait ~= c.idle_wait then
-          -- hibernate_after has passed: hibernate (http_rare).
-          now = mb.now()
-          deadline = now - wait + c.idle_timeout
-          c.deadline, c.first = deadline, false
-          data, err = rare().idle(c, false)
-        end
-        deadline = deadline or true   -- (the fast read is done: computed below if needed)
-      else
-        now = mb.now()
-        if not deadline or deadline == true then
-          deadline = deadline and now + c.idle_timeout
-                     or now + (first and c.head_timeout or c.idle_timeout)
-        end
-        c.deadline, c.first = deadline, first
-        local left = deadline - now
-        if c.pending then
-          -- Bytes that woke a hibernated connection (they came in time,
-          -- though the loop may have read them after the deadline).
-          data, c.pending = c.pending, false
-        elseif left <= 0 then
-          return nil, begun and 408 or "idle"
-        elseif begun then
-          data, err = s_read(sock, ceil(left))
-        else
-          -- Between requests: a read, or the wait of a process that traps
-          -- exits, then hibernation once idle for hibernate_after.
-          local hib = c.hibernate_after
-          local can = hib and hib < left and not c.no_hibernate
-          local traps = trapping()   -- (a handler may have turned it on)
-          if traps then
-            data, err = rare().await_bytes(c, can and hib or left)
-          else
-            data, err = s_read(sock, ceil(can and hib or left))
-          end
-          if not data and err == "timeout" and can then
-            data, err = rare().idle(c, traps)
-          end
-        end
-      end
-      if not data then
-        if err == "timeout" then return nil, begun and 408 or "idle" end
-        return nil, "closed"
-      end
-      kind, a, b, more, method, url, path, query, version, keep, upgrade = p_next(parser, data)
-      if not kind then
-        now = mb.now()
-        if deadline == true then
-          deadline = now + c.idle_timeout
-          c.deadline = deadline
-        end
-        if not begun and p_in_message(parser) then
-          begun = true
-          local d = now + c.head_timeout
-          if d < deadline then
-            deadline = d
-            c.deadline = d
-          end
-        end
-      end
-    end
-  end
+  return false
 end
 
 -- Read the body of req into req.body (ready: as for next_event). Returns
@@ -439,38 +332,132 @@ local function head_only(res)
   res.head_only = true
 end
 
--- Handle one request. Returns true to go on with the next one. What a
--- plain request never needs (Expect, upgrades, a handler that failed or
--- did not send its response whole) is http_rare's.
-local function serve_one(c, handler, first, ready)
-  local req, framing, more = read_head(c, first, ready)
-  if not req then
-    if type(framing) == "number" then fail(c, framing) else c.sock:close() end
-    return false
+-- Handle one request: wait for its head (ready: as for next_event), read
+-- its body, run the handler. Returns true and whether more events are
+-- queued to go on with the next request; false when the connection ended.
+-- What a plain request never needs (Expect, upgrades, a handler that failed
+-- or did not send its response whole) is http_rare's. One function, with
+-- the connection's parser and socket as arguments: a request touches fewer
+-- lines of its state (see the wait below).
+-- Timeouts: a new connection has head_timeout for its first request, a
+-- kept-alive one idle_timeout for its next (a woken one goes on with the
+-- deadline it hibernated with); once the first byte of a head has come,
+-- the rest must come within head_timeout (else 408). A connection that
+-- never sent a byte is closed quietly: browsers open spare connections
+-- they may never use. Between requests the wait may end in hibernation
+-- (http_rare).
+-- The common wait, a kept-alive connection's for its next request, is one
+-- read of c.wait ms (hibernate_after, or idle_timeout when it cannot
+-- hibernate first) without reading the clock or storing the deadline:
+-- those are computed when needed, after it (measured: reading the clock
+-- and storing the deadline at every request cost ~25 of the ~210 cache
+-- lines a request touches with 64 connections taking turns). A head begun
+-- in that read then has head_timeout from the read's end, capped by
+-- idle_timeout (not by what was left of it).
+local function serve_one(c, handler, parser, sock, first, ready)
+  local deadline, now = c.resume_deadline, nil   -- (false: not needed yet)
+  if deadline then c.resume_deadline = false end
+  local begun = false   -- the head's first byte came
+  -- The parser's events (see moonbeam.http_parser): a head gives the
+  -- request's fields as values (framing: Content-Length, true for
+  -- chunked, nil, or false when it has no body).
+  local kind, framing, headers, more, method, url, path, query, version, keep, upgrade
+  if ready ~= false then
+    kind, framing, headers, more, method, url, path, query, version, keep, upgrade = p_next(parser)
   end
-  if framing and framing ~= true and framing > c.max_body then
-    fail(c, 413)
-    return false
+  while kind ~= "head" do
+    if kind == "error" then return stop(c, framing) end
+    if kind and more then
+      -- Nothing else can come before a head; skip it if it does.
+      kind, framing, headers, more, method, url, path, query, version, keep, upgrade = p_next(parser)
+    else
+      local data, err
+      if not deadline and not first and not trapping() then
+        -- Between keep-alive requests (see above).
+        local wait = c.wait
+        data, err = s_read(sock, wait)
+        if not data and err == "timeout" and wait ~= c.idle_wait then
+          -- hibernate_after has passed: hibernate (http_rare).
+          now = mb.now()
+          deadline = now - wait + c.idle_timeout
+          c.deadline, c.first = deadline, false
+          data, err = rare().idle(c, false)
+        end
+        deadline = deadline or true   -- (the fast read is done: computed below if needed)
+      else
+        now = mb.now()
+        if not deadline or deadline == true then
+          deadline = deadline and now + c.idle_timeout
+                     or now + (first and c.head_timeout or c.idle_timeout)
+        end
+        c.deadline, c.first = deadline, first
+        local left = deadline - now
+        if c.pending then
+          -- Bytes that woke a hibernated connection (they came in time,
+          -- though the loop may have read them after the deadline).
+          data, c.pending = c.pending, false
+        elseif left <= 0 then
+          return stop(c, begun and 408 or "idle")
+        elseif begun then
+          data, err = s_read(sock, ceil(left))
+        else
+          -- Between requests: a read, or the wait of a process that traps
+          -- exits, then hibernation once idle for hibernate_after.
+          local hib = c.hibernate_after
+          local can = hib and hib < left and not c.no_hibernate
+          local traps = trapping()   -- (a handler may have turned it on)
+          if traps then
+            data, err = rare().await_bytes(c, can and hib or left)
+          else
+            data, err = s_read(sock, ceil(can and hib or left))
+          end
+          if not data and err == "timeout" and can then
+            data, err = rare().idle(c, traps)
+          end
+        end
+      end
+      if not data then
+        return stop(c, err == "timeout" and (begun and 408 or "idle") or "closed")
+      end
+      kind, framing, headers, more, method, url, path, query, version, keep, upgrade = p_next(parser, data)
+      if not kind then
+        now = mb.now()
+        if deadline == true then
+          deadline = now + c.idle_timeout
+          c.deadline = deadline
+        end
+        if not begun and p_in_message(parser) then
+          begun = true
+          local d = now + c.head_timeout
+          if d < deadline then
+            deadline = d
+            c.deadline = d
+          end
+        end
+      end
+    end
   end
-  if req.headers.expect and not rare().expect(c, req, framing) then return false end
-  local ok, status
-  if framing == false then
-    ok, status = true, more   -- complete with its head: no body
-  else
+  -- The request: a template copy and a store per field.
+  local req = {
+    method = method, url = url, path = path, query = query, version = version,
+    headers = headers, body = "", keep_alive = keep, upgrade = upgrade, socket = sock,
+  }
+  if framing and framing ~= true and framing > c.max_body then return stop(c, 413) end
+  if headers.expect and not rare().expect(c, req, framing) then return false end
+  local status = more
+  if framing ~= false then   -- (false: complete with its head)
+    local ok
     ok, status = read_body(c, req, more)
+    if not ok then return stop(c, status) end
+    keep = req.keep_alive
   end
-  if not ok then
-    if type(status) == "number" then fail(c, status) else c.sock:close() end
-    return false
-  end
-  local keep, v10 = req.keep_alive, false
-  if req.version == "1.0" then v10 = keep or 0 end
+  local v10 = false
+  if version == "1.0" then v10 = keep or 0 end
   local res = setmetatable({
     c = c, code = 200, hlist = false, close = not keep, v10 = v10,
     started = false, done = false, guard = 1,
   }, Response)
-  if req.method == "HEAD" then head_only(res) end
-  local upgrade = req.upgrade
+  if method == "HEAD" then head_only(res) end
   if upgrade then rare().upgradable(c, res, status) end
   hp_guard(c.guard or new_guard(c), keep)
   local okh, caught = xpcall(handler, traceback, req, res)
@@ -478,7 +465,7 @@ local function serve_one(c, handler, first, ready)
     return rare().after_handler(c, req, res, okh, caught, status)
   end
   if res.close then   -- (broken: closed too)
-    c.sock:close()
+    sock:close()
     return false
   end
   return true, status
@@ -502,7 +489,7 @@ local function new_conn(sock, handler, opts, acceptor)
   c.sock, c.opts, c.acceptor, c.handler_spec = sock, opts, acceptor, handler
   c.max_body, c.head_timeout, c.idle_timeout = opts[1], opts[5], opts[6]
   c.handler_timeout, c.hibernate_after = opts[7], opts[8]
-  -- The wait between keep-alive requests (read_head): hibernate_after
+  -- The wait between keep-alive requests (serve_one): hibernate_after
   -- first when it comes before idle_timeout; http_rare sets it to
   -- idle_wait when the connection cannot hibernate.
   local idle, hib = opts[6], opts[8]
@@ -520,9 +507,9 @@ end
 
 -- Serve requests until the connection ends.
 local function serve(c, first)
-  local handler = c.handler
-  local go, ready = serve_one(c, handler, first)
-  while go do go, ready = serve_one(c, handler, false, ready) end
+  local handler, parser, sock = c.handler, c.parser, c.sock
+  local go, ready = serve_one(c, handler, parser, sock, first)
+  while go do go, ready = serve_one(c, handler, parser, sock, false, ready) end
   if c.guard then hp.guard_free(c.guard) end
 end
 

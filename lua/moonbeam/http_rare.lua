@@ -484,7 +484,7 @@ function wake(st)
 end
 
 -- The rest of an idle connection's wait once hibernate_after has passed
--- (read_head in moonbeam.http_conn): it hibernates, or, when it cannot,
+-- (serve_one in moonbeam.http_conn): it hibernates, or, when it cannot,
 -- waits on awake till its deadline.
 local function idle(c, traps)
   local got, d, e = hibernate(c)
