@@ -19,6 +19,8 @@ int mb_lib_fs_open(lua_State *L);
  * socket values' methods), once at start-up. */
 int mb_lib_tcp_open(lua_State *L);
 void mb_lib_tcp_init(void);
+/* sock:read, for moonbeam.http_parser's read (lib_http.c). */
+int mb_lib_tcp_read(lua_State *L);
 
 /* luaopen for require "moonbeam.http_parser" (lib_http.c). */
 int mb_lib_http_parser_open(lua_State *L);

@@ -1401,6 +1401,21 @@ static int l_trapping(lua_State *L)
   return 1;
 }
 
+/* http_parser.read(sock[, timeout_ms]) -> data | nil, err: sock:read, or
+ * nil, "trapping" without reading when the calling process traps exits. A
+ * connection process waits for its next request so (one call instead of
+ * trapping() and the read: its handler may have turned trapping on, and
+ * then it must see EXIT messages while it waits). */
+static int l_read(lua_State *L)
+{
+  if (mb_lib_self(L)->trap_exit) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "trapping");
+    return 2;
+  }
+  return mb_lib_tcp_read(L);
+}
+
 /* -- Module functions ----------------------------------------------------- */
 
 /* http_parser.reason(code) -> "Not Found" | nil  (the standard reason phrase) */
@@ -1666,7 +1681,7 @@ static const luaL_Reg funcs[] = {
   {"guard", l_guard},
   {"respond", l_respond},
   {"guard_free", l_guard_free},
-  {"trapping", l_trapping},
+  {"read", l_read},
   {NULL, NULL}
 };
 static const luaL_Reg lazy_funcs[] = {
@@ -1675,6 +1690,7 @@ static const luaL_Reg lazy_funcs[] = {
   {"started", l_started},
   {"finished", l_finished},
   {"ws_accept", l_ws_accept},
+  {"trapping", l_trapping},
   {NULL, NULL}
 };
 

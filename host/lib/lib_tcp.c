@@ -293,8 +293,8 @@ static int push_chunks(lua_State *L, mb_chunk_t *c, int ws)
   return ws ? 2 : 1;
 }
 
-/* sock:read([timeout_ms]) */
-static int l_read(lua_State *L)
+/* sock:read([timeout_ms]) (also moonbeam.http_parser's read) */
+int mb_lib_tcp_read(lua_State *L)
 {
   int n;
   double timeout = opt_timeout(L, 2);
@@ -693,7 +693,7 @@ static int l_tostring(lua_State *L)
 static const luaL_Reg methods[] = {
   {"accept", l_accept},
   {"port", l_port},
-  {"read", l_read},
+  {"read", mb_lib_tcp_read},
   {"write", l_write},
   {"queued", l_queued},
   {"close", l_close},

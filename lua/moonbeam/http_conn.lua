@@ -119,8 +119,8 @@ end
 -- as methods.
 local p_next, p_in_message, s_read
 
--- Does this process trap exits? (A handler may turn it on.)
-local trapping = hp.trapping
+-- sock:read unless the process traps exits (see serve_one).
+local h_read = hp.read
 
 -- The next parser event, as parser:next gives it (kind, a, b, more; see
 -- moonbeam.http_parser), reading the socket until c.deadline (ms, mb.now()
@@ -354,9 +354,8 @@ end
 -- lines a request touches with 64 connections taking turns). A head begun
 -- in that read then has head_timeout from the read's end, capped by
 -- idle_timeout (not by what was left of it).
-local function serve_one(c, handler, parser, sock, first, ready)
-  local deadline, now = c.resume_deadline, nil   -- (false: not needed yet)
-  if deadline then c.resume_deadline = false end
+local function serve_one(c, handler, parser, sock, first, ready, deadline)
+  local now   -- (deadline: nil when not needed yet)
   local begun = false   -- the head's first byte came
   -- The parser's events (see moonbeam.http_parser): a head gives the
   -- request's fields as values (framing: Content-Length, true for
@@ -372,10 +371,12 @@ local function serve_one(c, handler, parser, sock, first, ready)
       kind, framing, headers, more, method, url, path, query, version, keep, upgrade = p_next(parser)
     else
       local data, err
-      if not deadline and not first and not trapping() then
-        -- Between keep-alive requests (see above).
+      if not deadline and not first then
+        -- Between keep-alive requests (see above): http_parser.read is
+        -- sock:read, or nil, "trapping" when the process traps exits
+        -- (its handler may have turned it on), which the wait below does.
         local wait = c.wait
-        data, err = s_read(sock, wait)
+        data, err = h_read(sock, wait)
         if not data and err == "timeout" and wait ~= c.idle_wait then
           -- hibernate_after has passed: hibernate (http_rare).
           now = mb.now()
@@ -384,7 +385,8 @@ local function serve_one(c, handler, parser, sock, first, ready)
           data, err = rare().idle(c, false)
         end
         deadline = deadline or true   -- (the fast read is done: computed below if needed)
-      else
+      end
+      if not data and (not err or err == "trapping") then
         now = mb.now()
         if not deadline or deadline == true then
           deadline = deadline and now + c.idle_timeout
@@ -405,7 +407,7 @@ local function serve_one(c, handler, parser, sock, first, ready)
           -- exits, then hibernation once idle for hibernate_after.
           local hib = c.hibernate_after
           local can = hib and hib < left and not c.no_hibernate
-          local traps = trapping()   -- (a handler may have turned it on)
+          local traps = hp.trapping()   -- (a handler may have turned it on)
           if traps then
             data, err = rare().await_bytes(c, can and hib or left)
           else
@@ -482,7 +484,7 @@ local function new_conn(sock, handler, opts, acceptor)
   local c = {
     sock = false, opts = false, acceptor = false, me = false, handler_spec = false,
     handler = false, parser = false, guard = false,
-    deadline = false, resume_deadline = false, first = false, pending = false,
+    deadline = false, first = false, pending = false,
     no_hibernate = false, max_body = 0, head_timeout = 0, idle_timeout = 0,
     handler_timeout = 0, hibernate_after = false, wait = 0, idle_wait = 0,
   }
@@ -505,10 +507,11 @@ local function new_conn(sock, handler, opts, acceptor)
   return c
 end
 
--- Serve requests until the connection ends.
-local function serve(c, first)
+-- Serve requests until the connection ends (deadline: a woken connection's
+-- for its next request, the one it hibernated with).
+local function serve(c, first, deadline)
   local handler, parser, sock = c.handler, c.parser, c.sock
-  local go, ready = serve_one(c, handler, parser, sock, first)
+  local go, ready = serve_one(c, handler, parser, sock, first, nil, deadline)
   while go do go, ready = serve_one(c, handler, parser, sock, false, ready) end
   if c.guard then hp.guard_free(c.guard) end
 end

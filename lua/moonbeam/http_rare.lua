@@ -479,8 +479,8 @@ function wake(st)
     return
   end
   local c = conn.new_conn(st.sock, st.handler, st.opts, st.acceptor)
-  c.pending, c.resume_deadline = data, st.deadline
-  conn.serve_conn(c, st.first)
+  c.pending = data
+  conn.serve_conn(c, st.first, st.deadline)
 end
 
 -- The rest of an idle connection's wait once hibernate_after has passed
