@@ -20,6 +20,9 @@ local rare = {}
 
 local ceil = conn.ceil
 
+-- A response's slots (see Response in moonbeam.http_conn).
+local C, CODE, HLIST, CLOSE, V10, STARTED, DONE, GUARD, HEAD_ONLY = 1, 2, 3, 4, 5, 6, 7, 8, 9
+
 -- How long to wait for the EXIT of a process that was killed (the kill
 -- cannot be trapped: this only guards against a runtime bug), and how long
 -- a handler past handler_timeout waits for its kill.
@@ -64,22 +67,22 @@ end
 -- The response head (and body, when given: one string, one write), built
 -- in C; `framing` is the Content-Length, true for chunked, or nil.
 local function build_head(res, framing, body)
-  return hp.head(res.code, res.hlist or nil, framing, res.close, res.v10 == true, body)
+  return hp.head(res[CODE], res[HLIST] or nil, framing, res[CLOSE], res[V10] == true, body)
 end
 
 -- (level: of the function whose caller misused the response)
 local function check_open(res, what, level)
   level = (level or 2) + 1
   if res.upgraded then error("res:" .. what .. ": the connection was upgraded", level) end
-  if res.done then error("res:" .. what .. ": the response was already sent", level) end
+  if res[DONE] then error("res:" .. what .. ": the response was already sent", level) end
 end
 
 -- The response starts: the handler is no longer timed, and the acceptor
 -- could not answer for it any more (the head is going out).
 local function started(res)
-  if res.guard ~= 1 then return end
-  res.guard = 2
-  if not hp.started(res.c.guard) then
+  if res[GUARD] ~= 1 then return end
+  res[GUARD] = 2
+  if not hp.started(res[C].guard) then
     -- Too late: the acceptor was told to kill this process, and answers
     -- 503 for it. Wait for the kill rather than send half an answer.
     mb.receive(function() return false end, START_TIMEOUT)
@@ -90,9 +93,9 @@ end
 -- does now is its own business, not its client's, so the client's leaving
 -- no longer ends it. (Always after started.)
 local function finished(res)
-  if res.guard ~= 2 then return end
-  res.guard = 3
-  hp.finished(res.c.guard)
+  if res[GUARD] ~= 2 then return end
+  res[GUARD] = 3
+  hp.finished(res[C].guard)
 end
 
 -- -- Misuse of a response (the checks are in moonbeam.http_conn) -----------
@@ -126,10 +129,10 @@ function rare.special_header(res, name, value, lname)
   -- "close" is added by the framing code (and ends the connection);
   -- other values (Upgrade) go out as given, in place of keep-alive.
   if has_token(value, "close") then
-    res.close = true
+    res[CLOSE] = true
     return true
   end
-  if res.v10 == true then res.v10 = 0 end
+  if res[V10] == true then res[V10] = 0 end
   return false
 end
 
@@ -150,16 +153,16 @@ end
 -- response: rest is what is left to write (a string), or false when the
 -- handler's time was up (whole: the whole response).
 function rare.send_rest(res, rest, whole)
-  if res.guard == 3 then
-    res.guard = 2
+  if res[GUARD] == 3 then
+    res[GUARD] = 2
     if rest == false then
       -- Too late, as in started: wait for the kill.
       mb.receive(function() return false end, START_TIMEOUT)
       rest = whole
     end
   end
-  local ok, err = res.c.sock:write(rest)
-  if not ok then res.close = true; res.broken = true end
+  local ok, err = res[C].sock:write(rest)
+  if not ok then res[CLOSE] = true; res.broken = true end
   finished(res)
   if ok then return true end
   return nil, err
@@ -175,15 +178,15 @@ function Response:write(chunk)
   check_open(self, "write")
   chunk = tostring(chunk)
   local out
-  if not self.started then
+  if not self[STARTED] then
     started(self)
-    self.started, self.streaming = true, true
-    if bodiless(self.code) then
-      self.head_only = true
+    self[STARTED], self.streaming = true, true
+    if bodiless(self[CODE]) then
+      self[HEAD_ONLY] = true
       out = build_head(self, nil)
-    elseif self.v10 ~= false then
+    elseif self[V10] ~= false then
       -- HTTP/1.0 knows no chunks: the body runs to the end of the connection.
-      self.close = true
+      self[CLOSE] = true
       out = build_head(self, nil)
     else
       self.chunked = true
@@ -192,7 +195,7 @@ function Response:write(chunk)
   else
     out = ""
   end
-  if #chunk > 0 and not self.head_only then
+  if #chunk > 0 and not self[HEAD_ONLY] then
     if self.chunked then
       out = out .. string.format("%x\r\n", #chunk) .. chunk .. "\r\n"
     else
@@ -200,8 +203,8 @@ function Response:write(chunk)
     end
   end
   if out == "" then return true end
-  local ok, err = self.c.sock:write(out)
-  if not ok then self.close = true; self.broken = true; return nil, err end
+  local ok, err = self[C].sock:write(out)
+  if not ok then self[CLOSE] = true; self.broken = true; return nil, err end
   return true
 end
 
@@ -211,13 +214,13 @@ function Response:finish(chunk)
     local ok, err = self:write(chunk)
     if not ok then return nil, err end
   end
-  if not self.started then return self:send("") end
+  if not self[STARTED] then return self:send("") end
   check_open(self, "finish")
-  self.done = true
+  self[DONE] = true
   local ok, err = true, nil
-  if self.chunked and not self.head_only then
-    ok, err = self.c.sock:write("0\r\n\r\n")
-    if ok then err = nil else self.close = true; self.broken = true end
+  if self.chunked and not self[HEAD_ONLY] then
+    ok, err = self[C].sock:write("0\r\n\r\n")
+    if ok then err = nil else self[CLOSE] = true; self.broken = true end
   end
   finished(self)
   return ok, err
@@ -230,17 +233,17 @@ end
 -- request head. Used by moonbeam.websocket.
 function Response:upgrade()
   check_open(self, "upgrade")
-  if self.started then error("res:upgrade: the response head was already sent", 2) end
+  if self[STARTED] then error("res:upgrade: the response head was already sent", 2) end
   if not self.can_upgrade then return nil, "not an upgrade request" end
   -- A WebSocket is long-lived and has its own close: no timer, no exit on
   -- the peer's FIN.
   started(self)
   finished(self)
-  self.code = 101
-  self.close = false
-  if self.v10 == true then self.v10 = 0 end
-  self.started, self.done, self.upgraded = true, true, true
-  local sock = self.c.sock
+  self[CODE] = 101
+  self[CLOSE] = false
+  if self[V10] == true then self[V10] = 0 end
+  self[STARTED], self[DONE], self.upgraded = true, true, true
+  local sock = self[C].sock
   local ok, err = sock:write(build_head(self, nil))
   if not ok then return nil, err end
   return sock, self.pending or ""
@@ -339,7 +342,7 @@ function rare.after_handler(c, req, res, ok, caught, more)
     report(c.me, { "request: " .. req.method .. " " .. req.url,
                    "reason: " .. tostring(caught.err), caught.traceback and trim(caught.traceback) })
   end
-  if res.guard ~= 3 then
+  if res[GUARD] ~= 3 then
     started(res)
     finished(res)
   end
@@ -351,19 +354,19 @@ function rare.after_handler(c, req, res, ok, caught, more)
     return false
   end
   if not ok then
-    if not res.started then
+    if not res[STARTED] then
       fail(c, 500)
     else
       c.sock:close()
     end
     return false
   end
-  if not res.done then
+  if not res[DONE] then
     local fok
-    if res.started then fok = res:finish() else fok = res:send("") end
+    if res[STARTED] then fok = res:finish() else fok = res:send("") end
     if not fok then c.sock:close() return false end
   end
-  if res.close or req.upgrade then   -- (broken: closed too)
+  if res[CLOSE] or req.upgrade then   -- (broken: closed too)
     c.sock:close()
     return false
   end
