@@ -170,7 +170,8 @@ end
 -- answered "Connection: keep-alive"; 0 for any other 1.0 request), 6
 -- whether it started and 7 is done (done implies started), 8 the guard's
 -- state (1 guarded, 2 response started, 3 done), 9 head_only (a HEAD
--- request, or a streamed response of a bodiless status). Slots, not named
+-- request, or a streamed response of a bodiless status), 10 the guard
+-- (c.guard, here for res:send). Slots, not named
 -- fields: a named field's key is a string object of the state's own that
 -- every get and set reads, and with many connections taking turns each is
 -- a cache line from far away (measured, callgrind: with 64 connections
@@ -244,7 +245,7 @@ function Response:send(body)
   -- (http_parser.respond) when the kernel takes it all; http_rare's
   -- send_rest writes the rest otherwise.
   self[8] = 3
-  local rest, whole = hp_respond(self[1].guard, code, self[3] or nil, framing,
+  local rest, whole = hp_respond(self[10], code, self[3] or nil, framing,
                                  self[4], self[5] == true, body)
   if rest == true then return true end
   return rare().send_rest(self, rest, whole)
@@ -354,7 +355,7 @@ end
 -- lines a request touches with 64 connections taking turns). A head begun
 -- in that read then has head_timeout from the read's end, capped by
 -- idle_timeout (not by what was left of it).
-local function serve_one(c, handler, parser, sock, first, ready, deadline)
+local function serve_one(c, handler, parser, sock, guard, first, ready, deadline)
   local now   -- (deadline: nil when not needed yet)
   local begun = false   -- the head's first byte came
   -- The parser's events (see moonbeam.http_parser): a head gives the
@@ -383,6 +384,7 @@ local function serve_one(c, handler, parser, sock, first, ready, deadline)
           deadline = now - wait + c.idle_timeout
           c.deadline, c.first = deadline, false
           data, err = rare().idle(c, false)
+          guard = c.guard   -- (freed if it tried to hibernate)
         end
         deadline = deadline or true   -- (the fast read is done: computed below if needed)
       end
@@ -415,6 +417,7 @@ local function serve_one(c, handler, parser, sock, first, ready, deadline)
           end
           if not data and err == "timeout" and can then
             data, err = rare().idle(c, traps)
+            guard = c.guard   -- (freed if it tried to hibernate)
           end
         end
       end
@@ -456,10 +459,14 @@ local function serve_one(c, handler, parser, sock, first, ready, deadline)
   local v10 = false
   if version == "1.0" then v10 = keep or 0 end
   -- (The slots: see Response.)
-  local res = setmetatable({ c, 200, false, not keep, v10, false, false, 1, false }, Response)
+  -- The guard: serve passes what the last request returned (nil after
+  -- http_rare's end of a request; made at the first request).
+  guard = guard or c.guard or new_guard(c)
+  local res = setmetatable({ c, 200, false, not keep, v10, false, false, 1, false, guard },
+                           Response)
   if method == "HEAD" then res[9] = true end
   if upgrade then rare().upgradable(c, res, status) end
-  hp_guard(c.guard or new_guard(c), keep)
+  hp_guard(guard, keep)
   local okh, caught = xpcall(handler, traceback, req, res)
   if not okh or res[8] ~= 3 or not res[7] or upgrade then   -- (guard, done)
     return rare().after_handler(c, req, res, okh, caught, status)
@@ -468,7 +475,7 @@ local function serve_one(c, handler, parser, sock, first, ready, deadline)
     sock:close()
     return false
   end
-  return true, status
+  return true, status, guard
 end
 
 -- The state of a connection process. opts is the list of
@@ -509,8 +516,10 @@ end
 -- for its next request, the one it hibernated with).
 local function serve(c, first, deadline)
   local handler, parser, sock = c.handler, c.parser, c.sock
-  local go, ready = serve_one(c, handler, parser, sock, first, nil, deadline)
-  while go do go, ready = serve_one(c, handler, parser, sock, false, ready) end
+  local go, ready, guard = serve_one(c, handler, parser, sock, false, first, nil, deadline)
+  while go do
+    go, ready, guard = serve_one(c, handler, parser, sock, guard, false, ready)
+  end
   if c.guard then hp.guard_free(c.guard) end
 end
 

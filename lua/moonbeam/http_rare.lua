@@ -21,7 +21,7 @@ local rare = {}
 local ceil = conn.ceil
 
 -- A response's slots (see Response in moonbeam.http_conn).
-local C, CODE, HLIST, CLOSE, V10, STARTED, DONE, GUARD, HEAD_ONLY = 1, 2, 3, 4, 5, 6, 7, 8, 9
+local C, CODE, HLIST, CLOSE, V10, STARTED, DONE, GUARD, HEAD_ONLY, G = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
 
 -- How long to wait for the EXIT of a process that was killed (the kill
 -- cannot be trapped: this only guards against a runtime bug), and how long
@@ -82,7 +82,7 @@ end
 local function started(res)
   if res[GUARD] ~= 1 then return end
   res[GUARD] = 2
-  if not hp.started(res[C].guard) then
+  if not hp.started(res[G]) then
     -- Too late: the acceptor was told to kill this process, and answers
     -- 503 for it. Wait for the kill rather than send half an answer.
     mb.receive(function() return false end, START_TIMEOUT)
@@ -95,7 +95,7 @@ end
 local function finished(res)
   if res[GUARD] ~= 2 then return end
   res[GUARD] = 3
-  hp.finished(res[C].guard)
+  hp.finished(res[G])
 end
 
 -- -- Misuse of a response (the checks are in moonbeam.http_conn) -----------
