@@ -637,6 +637,23 @@ describe("moonbeam.http", function()
     sock:close()
   end)
 
+  it("closes an idle keep-alive connection after a request that http_rare ended", function()
+    -- A handler that sends nothing gets an empty 200 from http_rare's end
+    -- of a request; the connection then waits as after any other.
+    start(function(req, res)
+      if req.path ~= "/nothing" then res:send("x") end
+    end, { idle_timeout = 150 })
+    local sock = raw(port)
+    for _, path in ipairs({ "/nothing", "/", "/nothing" }) do
+      assert(sock:write("GET " .. path .. " HTTP/1.1\r\nHost: x\r\n\r\n"))
+      assert.are.equal(200, read_response(sock).status)
+    end
+    local data, err = sock:read(S.T)
+    assert.is_nil(data)
+    assert.are.equal("closed", err)
+    sock:close()
+  end)
+
   it("refuses a port in use and stops on close", function()
     start(echo)
     local s2, err = http.listen(HOST, port, echo)

@@ -334,12 +334,16 @@ local function new_guard(c)
 end
 
 -- Handle one request: wait for its head (ready: as for next_event), read
--- its body, run the handler. Returns true and whether more events are
--- queued to go on with the next request; false when the connection ended.
--- What a plain request never needs (Expect, upgrades, a handler that failed
--- or did not send its response whole) is http_rare's. One function, with
--- the connection's parser and socket as arguments: a request touches fewer
--- lines of its state (see the wait below).
+-- its body, run the handler. Returns true, whether more events are queued,
+-- the guard and the wait (below) to go on with the next request; false when
+-- the connection ended. What a plain request never needs (Expect,
+-- upgrades, a handler that failed or did not send its response whole) is
+-- http_rare's. One function, with what a request uses of its connection
+-- (the parser, the socket, the guard, the wait) as arguments and results,
+-- not fields of c: each field's key is a string object of the state's own,
+-- a cache line from far away when many connections take turns (see
+-- Response; measured with 64 connections: each such field cost ~3 L1d
+-- misses a request).
 -- Timeouts: a new connection has head_timeout for its first request, a
 -- kept-alive one idle_timeout for its next (a woken one goes on with the
 -- deadline it hibernated with); once the first byte of a head has come,
@@ -348,14 +352,14 @@ end
 -- they may never use. Between requests the wait may end in hibernation
 -- (http_rare).
 -- The common wait, a kept-alive connection's for its next request, is one
--- read of c.wait ms (hibernate_after, or idle_timeout when it cannot
+-- read of `wait` ms (c.wait: hibernate_after, or idle_timeout when it cannot
 -- hibernate first) without reading the clock or storing the deadline:
 -- those are computed when needed, after it (measured: reading the clock
 -- and storing the deadline at every request cost ~25 of the ~210 cache
 -- lines a request touches with 64 connections taking turns). A head begun
 -- in that read then has head_timeout from the read's end, capped by
 -- idle_timeout (not by what was left of it).
-local function serve_one(c, handler, parser, sock, guard, first, ready, deadline)
+local function serve_one(c, handler, parser, sock, guard, wait, first, ready, deadline)
   local now   -- (deadline: nil when not needed yet)
   local begun = false   -- the head's first byte came
   -- The parser's events (see moonbeam.http_parser): a head gives the
@@ -376,7 +380,7 @@ local function serve_one(c, handler, parser, sock, guard, first, ready, deadline
         -- Between keep-alive requests (see above): http_parser.read is
         -- sock:read, or nil, "trapping" when the process traps exits
         -- (its handler may have turned it on), which the wait below does.
-        local wait = c.wait
+        wait = wait or c.wait   -- (nil after http_rare's end of a request)
         data, err = h_read(sock, wait)
         if not data and err == "timeout" and wait ~= c.idle_wait then
           -- hibernate_after has passed: hibernate (http_rare).
@@ -384,7 +388,7 @@ local function serve_one(c, handler, parser, sock, guard, first, ready, deadline
           deadline = now - wait + c.idle_timeout
           c.deadline, c.first = deadline, false
           data, err = rare().idle(c, false)
-          guard = c.guard   -- (freed if it tried to hibernate)
+          guard, wait = c.guard, c.wait   -- (freed, and idle_wait, if it tried)
         end
         deadline = deadline or true   -- (the fast read is done: computed below if needed)
       end
@@ -417,7 +421,7 @@ local function serve_one(c, handler, parser, sock, guard, first, ready, deadline
           end
           if not data and err == "timeout" and can then
             data, err = rare().idle(c, traps)
-            guard = c.guard   -- (freed if it tried to hibernate)
+            guard, wait = c.guard, c.wait   -- (freed, and idle_wait, if it tried)
           end
         end
       end
@@ -475,7 +479,7 @@ local function serve_one(c, handler, parser, sock, guard, first, ready, deadline
     sock:close()
     return false
   end
-  return true, status, guard
+  return true, status, guard, wait
 end
 
 -- The state of a connection process. opts is the list of
@@ -516,9 +520,10 @@ end
 -- for its next request, the one it hibernated with).
 local function serve(c, first, deadline)
   local handler, parser, sock = c.handler, c.parser, c.sock
-  local go, ready, guard = serve_one(c, handler, parser, sock, false, first, nil, deadline)
+  local go, ready, guard, wait = serve_one(c, handler, parser, sock, false, c.wait, first, nil,
+                                          deadline)
   while go do
-    go, ready, guard = serve_one(c, handler, parser, sock, guard, false, ready)
+    go, ready, guard, wait = serve_one(c, handler, parser, sock, guard, wait, false, ready)
   end
   if c.guard then hp.guard_free(c.guard) end
 end
