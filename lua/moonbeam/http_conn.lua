@@ -169,7 +169,7 @@ end
 -- http_rare to raise the error (a message is a string constant, and every
 -- constant costs each new connection process its interning).
 --
--- A response is a table whose state is in its array part, slots 1-9 (the
+-- A response is a table whose state is in its array part, slots 1-10 (the
 -- code here indexes them by number; http_rare names them): 1 its
 -- connection (c: the socket and the guard are c.sock and c.guard), 2 the
 -- status code, 3 the added headers (false, or a list: name, value, ...), 4
@@ -368,7 +368,10 @@ end
 -- in that read then has head_timeout from the read's end, capped by
 -- idle_timeout (not by what was left of it).
 local function serve_one(c, handler, parser, sock, guard, wait, first, ready, deadline)
-  local now   -- (deadline: nil when not needed yet)
+  -- deadline (ms of mb.now()): the end of the wait for the head; nil until
+  -- it is needed, true after the wait between requests (computed from now
+  -- when it is needed then). Given: a woken connection's.
+  local now
   local begun = false   -- the head's first byte came
   -- The parser's events (see moonbeam.http_parser): a head gives the
   -- request's fields as values (framing: Content-Length, true for
@@ -470,9 +473,9 @@ local function serve_one(c, handler, parser, sock, guard, wait, first, ready, de
   end
   local v10 = false
   if version == "1.0" then v10 = keep or 0 end
-  -- (The slots: see Response.)
   -- The guard: serve passes what the last request returned (nil after
-  -- http_rare's end of a request; made at the first request).
+  -- http_rare's end of a request; made at the first request). The
+  -- response's slots: see Response.
   guard = guard or c.guard or new_guard(c)
   local res = setmetatable({ c, 200, false, not keep, v10, false, false, 1, false, guard },
                            Response)
