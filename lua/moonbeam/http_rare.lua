@@ -21,7 +21,8 @@ local rare = {}
 local ceil = conn.ceil
 
 -- A response's slots (see Response in moonbeam.http_conn).
-local C, CODE, HLIST, CLOSE, V10, STARTED, DONE, GUARD, HEAD_ONLY, G = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
+-- (GSTATE: the guard's state, 1 guarded, 2 started, 3 done; GUARD: the guard.)
+local C, CODE, HLIST, CLOSE, V10, STARTED, DONE, GSTATE, HEAD_ONLY, GUARD = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
 
 -- How long to wait for the EXIT of a process that was killed (the kill
 -- cannot be trapped: this only guards against a runtime bug), and how long
@@ -80,9 +81,9 @@ end
 -- The response starts: the handler is no longer timed, and the acceptor
 -- could not answer for it any more (the head is going out).
 local function started(res)
-  if res[GUARD] ~= 1 then return end
-  res[GUARD] = 2
-  if not hp.started(res[G]) then
+  if res[GSTATE] ~= 1 then return end
+  res[GSTATE] = 2
+  if not hp.started(res[GUARD]) then
     -- Too late: the acceptor was told to kill this process, and answers
     -- 503 for it. Wait for the kill rather than send half an answer.
     mb.receive(function() return false end, START_TIMEOUT)
@@ -93,9 +94,9 @@ end
 -- does now is its own business, not its client's, so the client's leaving
 -- no longer ends it. (Always after started.)
 local function finished(res)
-  if res[GUARD] ~= 2 then return end
-  res[GUARD] = 3
-  hp.finished(res[G])
+  if res[GSTATE] ~= 2 then return end
+  res[GSTATE] = 3
+  hp.finished(res[GUARD])
 end
 
 -- -- Misuse of a response (the checks are in moonbeam.http_conn) -----------
@@ -153,8 +154,8 @@ end
 -- response: rest is what is left to write (a string), or false when the
 -- handler's time was up (whole: the whole response).
 function rare.send_rest(res, rest, whole)
-  if res[GUARD] == 3 then
-    res[GUARD] = 2
+  if res[GSTATE] == 3 then
+    res[GSTATE] = 2
     if rest == false then
       -- Too late, as in started: wait for the kill.
       mb.receive(function() return false end, START_TIMEOUT)
@@ -342,7 +343,7 @@ function rare.after_handler(c, req, res, ok, caught, more)
     report(c.me, { "request: " .. req.method .. " " .. req.url,
                    "reason: " .. tostring(caught.err), caught.traceback and trim(caught.traceback) })
   end
-  if res[GUARD] ~= 3 then
+  if res[GSTATE] ~= 3 then
     started(res)
     finished(res)
   end
