@@ -697,12 +697,37 @@ describe("moonbeam.http_parser", function()
     end
     local H = "Host: x\r\n"
 
+    it("drops the whitespace after a header's value, on either path", function()
+      -- (RFC 9110 5.5: it is not part of the value; the leading is dropped too.)
+      for _, head in ipairs({
+        "GET / HTTP/1.1\r\nHost: x \r\nX-A:\t 1 \t \r\nX-B: a b\t\r\nX-C: \t\r\n\r\n",  -- the fast path
+        "GET / HTTP/1.1\r\nHost: x \r\nX-A:\t 1 \t \r\nX-B: a b\t\r\nX-C: \t\r\n"
+          .. "Content-Length: 0\r\n\r\n",                                                   -- http-parser
+      }) do
+        local _, _, headers = hp.new():next(head)
+        assert.are.equal("x", headers.host)
+        assert.are.equal("1", headers["x-a"])
+        assert.are.equal("a b", headers["x-b"])
+        assert.are.equal("", headers["x-c"])
+        local ev = same_both_ways(head)
+        assert.are.same({ "Host", "x", "X-A", "1", "X-B", "a b", "X-C", "" }, { table.unpack(ev[1].headers, 1, 8) })
+      end
+      -- Repeated, each is trimmed before they are joined.
+      local _, _, headers = hp.new():next("GET / HTTP/1.1\r\nHost: x\r\nX-A: 1 \r\nx-a: 2\t\r\n\r\n")
+      assert.are.equal("1, 2", headers["x-a"])
+      -- A response's headers too (the client's parser).
+      local p = hp.new({ type = "response" })
+      local kind, res = p:next("HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-A: v \r\n\r\n")
+      assert.are.equal("head", kind)
+      assert.are.equal("v", res.headers["x-a"])
+    end)
+
     it("reads a plain head as http-parser does, fields and all", function()
       local ev = same_both_ways("GET /a?b=c&d HTTP/1.1\r\nHost: x\r\nX-A:  1\r\nx-a:\t2\r\nEmpty:\r\n"
                                 .. "UA: caf\xc3\xa9 \x80\xff\tv\r\nT: trail \t\r\n\r\n")
       assert.are.equal("head done", types(ev))
       assert.are.same({ "Host", "x", "X-A", "1", "x-a", "2", "Empty", "", "UA", "caf\xc3\xa9 \x80\xff\tv",
-                        "T", "trail \t" },
+                        "T", "trail" },
                       ev[1].headers)
       assert.are.equal("/a?b=c&d", ev[1].url)
       assert.is_true(ev[1].keep_alive)

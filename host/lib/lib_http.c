@@ -155,6 +155,19 @@ typedef struct {
   uint32_t name, name_len, value, value_len;
 } hdr_t;
 
+/* The length of e's value without its trailing SP and HT: the whitespace
+ * around a field value is not part of it (RFC 9110 5.5), and both parsers
+ * keep what follows the value's first byte (http-parser drops only the
+ * leading). The events give values so; the framing checks (check_te) read
+ * them whole, strictly. */
+static uint32_t trimmed_len(const char *buf, const hdr_t *e)
+{
+  uint32_t n = e->value_len;
+  while (n > 0 && (buf[e->value + n - 1] == ' ' || buf[e->value + n - 1] == '\t'))
+    n--;
+  return n;
+}
+
 /* What a complete head says beyond its URL and headers, as the events
  * give it: read off http-parser (on_headers_complete) or found by the
  * fast path (fast_head). */
@@ -499,12 +512,12 @@ static void push_headers(hp_t *h)
               && memcmp(h->buf + h->hdrs[j].name, name, e->name_len) == 0;
     lua_pushlstring(L, name, e->name_len);
     if (!again) {
-      lua_pushlstring(L, h->buf + e->value, e->value_len);
+      lua_pushlstring(L, h->buf + e->value, trimmed_len(h->buf, e));
     } else {
       lua_pushvalue(L, -1);
       lua_rawget(L, -3);
       KPUSH(L, K_COMMA);
-      lua_pushlstring(L, h->buf + e->value, e->value_len);
+      lua_pushlstring(L, h->buf + e->value, trimmed_len(h->buf, e));
       lua_concat(L, 3);
     }
     lua_rawset(L, -3);
@@ -613,7 +626,7 @@ static void push_head_event(hp_t *h, const head_t *m)
     const hdr_t *e = &h->hdrs[i];
     lua_pushlstring(L, h->buf + e->name, e->name_len);
     lua_rawseti(L, -2, (int)(2 * i + 1));
-    lua_pushlstring(L, h->buf + e->value, e->value_len);
+    lua_pushlstring(L, h->buf + e->value, trimmed_len(h->buf, e));
     lua_rawseti(L, -2, (int)(2 * i + 2));
   }
   lua_setfield(L, -2, "headers");
@@ -874,7 +887,8 @@ static void push_upgrade(hp_t *h, const char *rest, size_t n)
  *     with '/' and without '#', one SP, HTTP/1.1 or HTTP/1.0, CRLF;
  *   - header lines: a token, ':', optional SP or HT, a value of visible
  *     ASCII, SP, HT and bytes from 0x80 (what http-parser takes; like it,
- *     trailing SP and HT are kept in the value), CRLF; then CRLF;
+ *     it keeps trailing SP and HT, which trimmed_len drops for both), CRLF;
+ *     then CRLF;
  *   - no header whose name begins with Content-Length, Transfer-Encoding,
  *     Upgrade, Proxy-Connection or Connection (http-parser reads a name
  *     that only begins with Transfer-Encoding as one), but for at most one
