@@ -617,6 +617,23 @@ describe("moonbeam.http", function()
     sock:close()
   end)
 
+  it("answers 408 to a kept-alive connection whose next head stops halfway", function()
+    -- The wait between requests reads without a deadline of its own; a head
+    -- begun in it must still end within head_timeout.
+    start(echo, { head_timeout = 300, idle_timeout = 5000 })
+    local sock = raw(port)
+    assert(sock:write("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+    assert.are.equal(200, read_response(sock).status)
+    assert(sock:write("GET /next HTTP/1.1\r\nHost: x\r\n"))   -- never finished
+    local t0 = mb.now()
+    local r = read_response(sock)
+    assert.are.equal(408, r.status)
+    local took = mb.now() - t0
+    assert.is_true(took >= 250 and took < S.T, "408 after " .. took .. " ms")
+    assert.is_true(closed_by_server(sock))
+    sock:close()
+  end)
+
   it("closes a new connection that sends nothing quietly", function()
     start(echo, { head_timeout = 150 })
     local sock = raw(port)
