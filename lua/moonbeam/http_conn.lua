@@ -405,9 +405,10 @@ local function serve_one(c, handler, parser, sock, guard, wait, first, ready, de
       end
       if not data and (not err or err == "trapping") then
         now = mb.now()
-        if not deadline or deadline == true then
-          deadline = deadline and now + c.idle_timeout
-                     or now + (first and c.head_timeout or c.idle_timeout)
+        if not deadline then   -- (only a new connection's first request comes here so)
+          deadline = now + c.head_timeout
+        elseif deadline == true then
+          deadline = now + c.idle_timeout
         end
         c.deadline, c.first = deadline, first
         local left = deadline - now
