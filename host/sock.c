@@ -59,6 +59,7 @@ void mb_sock_unref(mb_sock_t *s)
   if (s->ws)
     mb_ws_free(s->ws);
   mb_free(s->ws_reason);
+  mb_free(s->cork);
   mb_free(s);
 }
 
@@ -751,7 +752,7 @@ static long write_foreign(mb_sock_t *s, const uv_buf_t *b, unsigned nb)
   return r;
 }
 
-long mb_sock_write_now(mb_sock_t *s, const uv_buf_t *b, unsigned nb)
+static long write_direct(mb_sock_t *s, const uv_buf_t *b, unsigned nb)
 {
   if (mb_sched_self() != s->sched)
     return write_foreign(s, b, nb);
@@ -762,6 +763,103 @@ long mb_sock_write_now(mb_sock_t *s, const uv_buf_t *b, unsigned nb)
     return 0;
   int r = uv_try_write((uv_stream_t *)&s->tcp, b, nb);
   return r == UV_EAGAIN ? 0 : r;
+}
+
+/* -- Corking ------------------------------------------------------------------
+ * A process that writes while messages wait in its mailbox will most likely
+ * write again before it next waits (a chat user with several room lines
+ * queued: one write and one system call a line, each of which on loopback
+ * also runs the receiver's side of TCP). So mb_sock_cork keeps such a write
+ * in s->cork, and the next write takes it along in the same system call;
+ * whatever is still corked when the process stops running (it waits, its
+ * slice ends, it exits) is written then (run.c calls mb_sock_uncork). A
+ * write is held back at most one slice, and only while more work is
+ * queued. The cork is owner-only: only the owner writes, and it is empty
+ * whenever the owner is not running (hence nothing corked is ever lost to
+ * a close, a new owner or the owner's death: each flushes first). */
+
+/* The cork's bytes that the kernel did not take go to the loop's queue,
+ * ahead of anything written after them. */
+static void cork_queue(mb_sock_t *s, size_t done)
+{
+  size_t len = s->cork_len - done;
+  mb_sock_out_t *o = mb_malloc(sizeof *o + len);
+  o->len = len;
+  o->binary = 0;
+  memcpy(o->data, s->cork + done, len);
+  mb_lock(&s->lock);
+  s->wq += len;
+  mb_unlock(&s->lock);
+  mb_sock_run(s, mb_sock_do_write, o);
+}
+
+static void cork_drop(mb_sock_t *s)
+{
+  mb_free(s->cork);
+  s->cork = NULL;
+  s->cork_len = s->cork_cap = 0;
+}
+
+long mb_sock_write_now(mb_sock_t *s, const uv_buf_t *b, unsigned nb)
+{
+  if (s->cork_len == 0)
+    return write_direct(s, b, nb);
+  uv_buf_t all[1 + MB_SOCK_WRITE_PIECES];
+  if (nb > MB_SOCK_WRITE_PIECES)
+    nb = 0;   /* (no caller passes more) only the cork, then the queue */
+  all[0] = uv_buf_init(s->cork, s->cork_len);
+  memcpy(all + 1, b, nb * sizeof *b);
+  long n = write_direct(s, all, nb + 1);
+  if (n < 0) {
+    cork_drop(s);
+    return n;
+  }
+  if ((size_t)n < s->cork_len) {
+    cork_queue(s, (size_t)n);
+    n = 0;
+  } else {
+    n -= (long)s->cork_len;
+  }
+  cork_drop(s);
+  return n;
+}
+
+int mb_sock_cork(mb_sock_t *s, const uv_buf_t *b, unsigned nb, size_t len)
+{
+  if (len > MB_SOCK_CORK_MAX - s->cork_len)
+    return 0;
+  mb_lock(&s->lock);
+  int idle = write_idle(s) && !s->err;   /* (a failed flush: the write says so) */
+  mb_unlock(&s->lock);
+  if (!idle)
+    return 0;
+  if (s->cork_len + len > s->cork_cap) {
+    size_t cap = s->cork_cap ? s->cork_cap : 256;
+    while (cap < s->cork_len + len)
+      cap *= 2;
+    s->cork = mb_realloc(s->cork, cap);
+    s->cork_cap = (uint32_t)cap;
+  }
+  for (unsigned i = 0; i < nb; i++) {
+    memcpy(s->cork + s->cork_len, b[i].base, b[i].len);
+    s->cork_len += (uint32_t)b[i].len;
+  }
+  return 1;
+}
+
+void mb_sock_uncork(mb_sock_t *s, mb_pid_t by)
+{
+  /* Only the owner's cork is its own to read (`by` runs, so it stays the
+   * owner meanwhile); a socket given away or closed has another's, or none. */
+  if (atomic_load_explicit(&s->owner, memory_order_acquire) != by || s->cork_len == 0)
+    return;
+  long n = mb_sock_write_now(s, NULL, 0);
+  if (n < 0) {
+    mb_lock(&s->lock);
+    if (!s->err)
+      s->err = (int)n;
+    mb_unlock(&s->lock);
+  }
 }
 
 void mb_sock_do_write(mb_sock_t *s, void *arg)
@@ -900,6 +998,8 @@ static void owner_unlink(mb_sock_t *s, mb_pid_t pid)
 
 int mb_sock_set_owner(mb_sock_t *s, mb_pid_t old, mb_proc_t *p)
 {
+  if (old)
+    mb_sock_uncork(s, old);   /* the owner gives it away: see mb_sock_close */
   mb_lock(&s->lock);
   if (s->owner != old || s->closed) {
     int rc = s->closed ? MB_ECLOSED : MB_ENOTOWNER;
@@ -933,6 +1033,7 @@ int mb_sock_set_owner(mb_sock_t *s, mb_pid_t old, mb_proc_t *p)
 int mb_sock_close(mb_sock_t *s, mb_pid_t by,
                   void (*fn)(mb_sock_t *s, void *arg), void *arg)
 {
+  mb_sock_uncork(s, by);   /* the owner closes: its corked bytes go first */
   mb_lock(&s->lock);
   if (s->closed || s->owner != by) {
     int was = s->closed;
@@ -974,6 +1075,7 @@ static int pass_to_heir(mb_sock_t *s, mb_pid_t from, mb_pid_t heir)
 static void owner_exit(mb_proc_t *p)
 {
   if (p->sock_last) {
+    mb_sock_uncork(p->sock_last, p->pid);   /* (empty: run.c flushed it) */
     mb_sock_unref(p->sock_last);
     p->sock_last = NULL;
   }

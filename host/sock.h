@@ -68,6 +68,10 @@
 #define MB_SOCK_RBUF_MAX (64 * 1024)
 #define MB_SOCK_WRITE_HIGH (64 * 1024)
 #define MB_SOCK_WRITE_LOW (16 * 1024)
+/* The most pieces a write passes to mb_sock_write_now, and the most bytes
+ * a cork holds (see mb_sock_cork). */
+#define MB_SOCK_WRITE_PIECES 8
+#define MB_SOCK_CORK_MAX (16 * 1024)
 /* Accepted connections a listener holds before it stops accepting; in
  * active mode also the most messages (tcp_accept, tcp_error) a listener
  * has sent its owner that the owner has not received yet. */
@@ -152,6 +156,10 @@ typedef struct mb_sock {
                                   mb_sock_set_exit_on_close) */
   uint8_t acc_paused;          /* listener: libuv holds a connection */
   mb_sock_addr_t local, peer;  /* set once connected/bound */
+
+  /* -- owner-only: bytes written and held back (mb_sock_cork) -- */
+  char *cork;
+  uint32_t cork_len, cork_cap;
 } mb_sock_t;
 
 /* Socket values: an id kind (pid.h) whose methods the Lua layer sets. */
@@ -191,6 +199,19 @@ void mb_sock_run(mb_sock_t *s, void (*fn)(mb_sock_t *s, void *arg), void *arg);
  * owner, the only writer): returns the bytes written (0: none, or not
  * possible now) or a libuv error. Raw TCP only. */
 long mb_sock_write_now(mb_sock_t *s, const uv_buf_t *b, unsigned nb);
+
+/* Corking (sock.c explains when): hold the nb buffers b (len bytes in all)
+ * back, to go out with the socket's next write or flush, if nothing is
+ * queued or in flight and the cork has room; returns 1 if it did, else 0
+ * (write them now). mb_sock_write_now writes what is corked first, in the
+ * same system call. mb_sock_uncork(s, by) writes what is corked now if `by`
+ * (the caller, running) owns s, else does nothing (what the kernel does
+ * not take is queued; a failure becomes the socket's sticky error); the
+ * owner calls it before it stops running, and mb_sock_close and
+ * mb_sock_set_owner call it for the owner. Raw TCP; mb_sock_cork and
+ * mb_sock_write_now only by the owner. */
+int mb_sock_cork(mb_sock_t *s, const uv_buf_t *b, unsigned nb, size_t len);
+void mb_sock_uncork(mb_sock_t *s, mb_pid_t by);
 
 /* Loop-side commands for mb_sock_run. */
 void mb_sock_do_close(mb_sock_t *s, void *arg);      /* arg: NULL */

@@ -800,6 +800,129 @@ describe("moonbeam.tcp", function()
     end
   end)
 
+  -- Corking (sock.c): a write made while messages wait in the writer's
+  -- mailbox is held back, to go out with its next write or when the writer
+  -- stops running. sock:write's second result shows it held (the bytes
+  -- are queued); every case below must still deliver every byte, in order.
+  describe("writes held back while messages wait (corking)", function()
+    it("holds a small write while the mailbox is not empty; the next write takes it along", function()
+      local c, s, l = pair()
+      mb.send(mb.self(), "pending")
+      local ok, q = s:write("abc")
+      assert.is_true(ok)
+      assert.are.equal(3, q)                   -- held: queued, not written
+      assert.are.equal(3, s:queued())
+      ok, q = s:write("de", 4, "f")
+      assert.are.equal(7, q)
+      assert.are.equal("pending", mb.receive(0))
+      ok, q = s:write("gh")                     -- nothing waits: one write of all
+      assert.is_true(ok)
+      assert.is_true(q < 9, tostring(q))
+      assert.are.equal("abcde4fgh", read_n(c, 9))
+      c:close(); s:close(); l:close()
+    end)
+
+    -- Each writer below holds one message it never takes, so each of its
+    -- writes is held; then it stops running in one of the ways a process
+    -- can, and the peer (this process) must get the bytes all the same.
+    local function writer(how)
+      return function(sock, parent, other)
+        local mb = require "moonbeam"
+        mb.send(mb.self(), "keep me waiting")
+        mb.receive(function(m) return m == "go" end, 5000)
+        local _, q = sock:write("held:" .. how)
+        mb.send(parent, { q = q })
+        if how == "waits" then
+          mb.receive(function(m) return m == "stop" end, 5000)
+        elseif how == "closes" then
+          sock:close()
+        elseif how == "gives" then
+          sock:set_owner(other)
+          mb.send(other, "write")
+        elseif how == "computes" then
+          -- runs until told (mailbox: its own message plus "stop"), 5 s at most
+          local t0 = mb.now()
+          while mb.info(mb.self()).mailbox < 2 and mb.now() - t0 < 5000 do end
+          mb.send(parent, { spun = mb.now() - t0 < 5000 })
+        end
+        -- "exits": the body returns (the socket closes with its owner)
+      end
+    end
+
+    for _, how in ipairs({ "waits", "exits", "closes", "gives", "computes" }) do
+      it("sends what is held when the writer " .. how, function()
+        local c, s, l = pair()
+        local me = mb.self()
+        local other = mb.spawn(function(parent)
+          local mb = require "moonbeam"
+          local m = mb.receive(function(x) return x == "write" end, 5000)
+          if not m then return end
+          local sock = mb.receive(function(x) return type(x) == "table" and x.sock end, 5000)
+          if sock then sock.sock:write("|next owner") sock.sock:close() end
+        end, me)
+        local w = mb.spawn(writer(how), s, me, other)
+        assert(s:set_owner(w))
+        if how == "gives" then mb.send(other, { sock = s }) end
+        mb.send(w, "go")
+        local want = "held:" .. how
+        assert.are.equal(#want, S.recv(function(m) return type(m) == "table" and m.q end).q)
+        if how == "gives" then want = want .. "|next owner" end   -- in order
+        assert.are.equal(want, read_n(c, #want))
+        if how == "waits" or how == "computes" then
+          mb.send(w, "stop")
+          if how == "computes" then
+            -- the bytes came while the writer still computed (its slice ended)
+            assert.is_true(S.recv(function(m) return type(m) == "table" and m.spun ~= nil end).spun)
+          end
+        end
+        if how ~= "waits" and how ~= "computes" then
+          assert.are.same({nil, "closed"}, {c:read(T)})
+        end
+        mb.exit(w, "kill"); mb.exit(other, "kill")
+        c:close(); l:close()
+      end)
+    end
+
+    it("writes at once what does not fit the cork (16 KiB), the held bytes first", function()
+      local c, s, l = pair()
+      mb.send(mb.self(), "pending")
+      local _, q = s:write(("a"):rep(10000))
+      assert.are.equal(10000, q)
+      _, q = s:write(("b"):rep(10000))          -- over 16 KiB in all: written
+      assert.is_true(q < 20000, tostring(q))
+      local got = read_n(c, 20000)
+      assert.is_true(got == ("a"):rep(10000) .. ("b"):rep(10000))
+      S.drain()
+      c:close(); s:close(); l:close()
+    end)
+
+    it("sends raw bytes held before a switch to WebSocket before the first frame", function()
+      local c, s, l = pair()
+      mb.send(mb.self(), "pending")
+      assert.are.equal(4, select(2, s:write("raw|")))
+      s:websocket()
+      assert.is_true((s:write("hi")))
+      assert.are.equal("raw|\129\2hi", read_n(c, 8))   -- FIN + text, length 2
+      S.drain()
+      c:close(); s:close(); l:close()
+    end)
+
+    it("reports a failed write of held bytes on a later write", function()
+      local c, s, l = pair()
+      c:close()
+      local err
+      for _ = 1, 100 do              -- each round: a held write, then a wait
+        mb.send(mb.self(), "pending")
+        local ok, e = s:write("x")
+        if not ok then err = e break end
+        mb.sleep(10)                 -- the writer waits: what it held is written
+        S.drain()
+      end
+      assert.is_truthy(err == "closed" or (err and err:find("reset")), tostring(err))
+      s:close(); l:close()
+    end)
+  end)
+
   describe("listeners in active mode", function()
     -- A message of listener l.
     local function of(l, event)

@@ -66,8 +66,10 @@ static mb_sock_t *self_sock(lua_State *L, mb_proc_t *p, int *nret)
       mb_sock_unref(s);
     s = NULL;
   } else {
-    if (p->sock_last)
+    if (p->sock_last) {
+      mb_sock_uncork(p->sock_last, p->pid);   /* what it corked goes first */
       mb_sock_unref(p->sock_last);
+    }
     atomic_fetch_add_explicit(&s->refs, 1, memory_order_relaxed);
     p->sock_last = s;
   }
@@ -341,10 +343,6 @@ int mb_lib_tcp_read(lua_State *L)
   return wait_io(L, p, timeout, push_timeout, 0);
 }
 
-/* The most pieces sock:write passes to the kernel as they are; more are
- * joined first. */
-#define WRITE_PIECES 8
-
 /* sock:write(data, ...[, binary]) -> true, queued: the pieces (strings or
  * numbers, up to the first argument that is neither) go out in order, as
  * one (in WebSocket mode: one message, binary if binary is true). queued:
@@ -353,13 +351,13 @@ int mb_lib_tcp_read(lua_State *L)
 static int l_write(lua_State *L)
 {
   int n, k = 1;
-  uv_buf_t b[WRITE_PIECES];
+  uv_buf_t b[MB_SOCK_WRITE_PIECES];
   mb_proc_t *p = mb_lib_self(L);
   luaL_checklstring(L, 2, NULL);
   while (lua_isstring(L, 2 + k))
     k++;
   int binary = lua_toboolean(L, 2 + k);
-  if (k > WRITE_PIECES) {
+  if (k > MB_SOCK_WRITE_PIECES) {
     lua_settop(L, 1 + k);
     lua_concat(L, k);
     k = 1;
@@ -372,6 +370,15 @@ static int l_write(lua_State *L)
   mb_sock_t *s = stream_sock(L, p, &n);
   if (s == NULL)
     return n;
+  /* More messages wait: a small write is held back to go out with the
+   * next one, or when the process stops running (see sock.c's corking). */
+  if (len > 0 && atomic_load_explicit(&p->mailbox_len, memory_order_relaxed) > 0
+      && mb_sock_cork(s, b, (unsigned)k, len)) {
+    lua_pushboolean(L, 1);
+    lua_pushinteger(L, (lua_Integer)s->cork_len);
+    mb_sock_unref(s);
+    return 2;
+  }
   /* The common case of a small TCP write: straight to the kernel (never
    * in WebSocket mode: that is framed on the loop). */
   long done = mb_sock_write_now(s, b, (unsigned)k);
@@ -448,7 +455,7 @@ static int l_queued(lua_State *L)
   if (s == NULL)
     return n;
   mb_lock(&s->lock);
-  size_t q = s->wq;
+  size_t q = s->wq + s->cork_len;
   mb_unlock(&s->lock);
   mb_sock_unref(s);
   lua_pushnumber(L, (lua_Number)q);
@@ -657,6 +664,7 @@ static int l_websocket(lua_State *L)
   mb_sock_t *s = stream_sock(L, p, &n);
   if (s == NULL)
     return n;
+  mb_sock_uncork(s, p->pid);   /* raw bytes corked before the switch go out raw */
   mb_lock(&s->lock);
   int already = s->ws_mode;
   if (!already) {

@@ -14,6 +14,7 @@
 #include "lstate.h"
 #include "report.h"
 #include "run.h"
+#include "sock.h"
 #include "timer.h"
 
 /* -- Safe points and the hook --------------------------------------------- */
@@ -589,6 +590,9 @@ static void run(mb_sched_t *s, mb_proc_t *p)
   }
   int st = lua_resume(p->co, nargs);
   runs_lua(NULL);
+  /* It stops running: what it corked goes out now (sock.c). */
+  if (p->sock_last)
+    mb_sock_uncork(p->sock_last, p->pid);
   charge(p);
   if (p->alloc.oom && st != LUA_ERRRUN && st != LUA_ERRMEM && must_die(p)) {
     /* A refused allocation was caught (pcall) and the process went on:
