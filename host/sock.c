@@ -808,7 +808,8 @@ long mb_sock_write_now(mb_sock_t *s, const uv_buf_t *b, unsigned nb)
   if (nb > MB_SOCK_WRITE_PIECES)
     nb = 0;   /* (no caller passes more) only the cork, then the queue */
   all[0] = uv_buf_init(s->cork, s->cork_len);
-  memcpy(all + 1, b, nb * sizeof *b);
+  if (nb)
+    memcpy(all + 1, b, nb * sizeof *b);
   long n = write_direct(s, all, nb + 1);
   if (n < 0) {
     cork_drop(s);
