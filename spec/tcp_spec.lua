@@ -907,6 +907,28 @@ describe("moonbeam.tcp", function()
       c:close(); s:close(); l:close()
     end)
 
+    it("sends what is held when the writer halts the host (child host)", function()
+      local l = assert(tcp.listen("127.0.0.1", 0))
+      for _, halt in ipairs({ "mb.halt(3)", "os.exit(3)" }) do
+        local script = S.write("halt_held.lua", ([[
+          local mb = require "moonbeam"
+          local s = assert(require("moonbeam.tcp").connect("127.0.0.1", %d, 5000))
+          mb.send(mb.self(), "pending")
+          local _, q = s:write("bye ", "%s")
+          io.stderr:write("queued ", q, "\n")
+          %s
+        ]]):format(l:port(), halt, halt))
+        local code, _, err = S.moonbeam(S.q(script), nil, 20)
+        assert.are.equal(3, code, err)
+        assert.matches("queued " .. #("bye " .. halt), err, 1, true)   -- it was held
+        local c = assert(l:accept(T))
+        assert.are.equal("bye " .. halt, read_n(c, #("bye " .. halt)))
+        assert.are.same({nil, "closed"}, {c:read(T)})
+        c:close()
+      end
+      l:close()
+    end)
+
     it("reports a failed write of held bytes on a later write", function()
       local c, s, l = pair()
       c:close()
