@@ -26,6 +26,9 @@
  * owner as a message instead, built here in C on the loop thread.
  * Writing: bytes queued count against MB_SOCK_WRITE_HIGH; a write that goes
  * over suspends its process until the queue drains under MB_SOCK_WRITE_LOW.
+ * A small write made while the owner has messages waiting is held in the
+ * socket's cork and goes out with its next write, in one system call, or
+ * when the owner stops running (mb_sock_cork; sock.c, "Corking").
  * WebSocket mode (ws.h): frames are parsed and built on the loop thread;
  * the read buffer then holds whole messages, not bytes. What the peer
  * sends can make output of its own (pongs, the close reply), so a peer that
