@@ -138,26 +138,56 @@ static void rq_push(mb_sched_t *s, mb_proc_t *p)
  * will likely block again soon), but never more than MB_WOKEN_BURST in a
  * row while preempted ones wait, so that a storm of messages cannot starve
  * the processes that compute. */
-static mb_proc_t *rq_pop(mb_sched_t *s)
+/* The process rq_pop takes next from s (rq_lock held), or NULL. */
+static mb_proc_t *rq_next(mb_sched_t *s, int *woken)
 {
-  if (atomic_load_explicit(&s->rq_len, memory_order_relaxed) == 0)
+  *woken = s->rq_head && (s->pre_head == NULL || s->woken_run < MB_WOKEN_BURST);
+  return *woken ? s->rq_head : s->pre_head;
+}
+
+/* Whether a thief may take p, the next of s's n queued: a process whose
+ * socket lives on s's loop (p->home) stays there unless the queue is long
+ * (MB_STEAL_HOMED) or s's slice has run for MB_STALL_NS (a process stuck in
+ * a long C call must not hold the others): moved, it writes from another
+ * thread and brings its state to another core, and goes back at its next
+ * wake-up, which costs more than a short wait at home. */
+static int stealable(mb_sched_t *s, mb_proc_t *p, int n)
+{
+  if (n >= MB_STEAL_HOMED || atomic_load_explicit(&p->home, memory_order_relaxed) != s)
+    return 1;
+  uint64_t st = atomic_load_explicit(&s->slice_start, memory_order_relaxed);
+  return st != 0 && uv_hrtime() - st >= MB_STALL_NS;
+}
+
+static mb_proc_t *rq_take(mb_sched_t *s, int stealing)
+{
+  int n = atomic_load_explicit(&s->rq_len, memory_order_relaxed);
+  if (n == 0)
     return NULL;
   mb_proc_t *p = NULL;
+  int woken;
   mb_lock(&s->rq_lock);
-  if (s->rq_head && (s->pre_head == NULL || s->woken_run < MB_WOKEN_BURST)) {
-    p = take(&s->rq_head, &s->rq_tail);
-    s->woken_run++;
-  } else if (s->pre_head) {
-    p = take(&s->pre_head, &s->pre_tail);
-    s->woken_run = 0;
-  }
-  if (p)
+  mb_proc_t *next = rq_next(s, &woken);
+  if (next && (!stealing || stealable(s, next, n))) {
+    if (woken) {
+      p = take(&s->rq_head, &s->rq_tail);
+      s->woken_run++;
+    } else {
+      p = take(&s->pre_head, &s->pre_tail);
+      s->woken_run = 0;
+    }
     atomic_fetch_sub(&s->rq_len, 1);
+  }
   mb_unlock(&s->rq_lock);
   return p;
 }
 
-/* Take the oldest process of the fullest other queue. */
+static mb_proc_t *rq_pop(mb_sched_t *s)
+{
+  return rq_take(s, 0);
+}
+
+/* Take the oldest process of the fullest other queue (see stealable). */
 static mb_proc_t *steal(mb_sched_t *s)
 {
   mb_sched_t *victim = NULL;
@@ -169,7 +199,7 @@ static mb_proc_t *steal(mb_sched_t *s)
       victim = &scheds[i];
     }
   }
-  return victim ? rq_pop(victim) : NULL;
+  return victim ? rq_take(victim, 1) : NULL;
 }
 
 static void wake(mb_sched_t *s)
@@ -601,11 +631,23 @@ static uint64_t poll_loop(mb_sched_t *s)
   return now;
 }
 
-static int anyone_has_work(void)
+/* Whether s has work queued, or another queue has work s may steal. */
+static int work_for(mb_sched_t *s)
 {
-  for (int i = 0; i < nscheds; i++)
-    if (atomic_load(&scheds[i].rq_len) > 0)
+  for (int i = 0; i < nscheds; i++) {
+    mb_sched_t *o = &scheds[i];
+    int n = atomic_load(&o->rq_len), woken;
+    if (n == 0)
+      continue;
+    if (o == s || n >= MB_STEAL_HOMED)
       return 1;
+    mb_lock(&o->rq_lock);
+    mb_proc_t *next = rq_next(o, &woken);
+    int can = next && stealable(o, next, n);
+    mb_unlock(&o->rq_lock);
+    if (can)
+      return 1;
+  }
   return 0;
 }
 
@@ -641,7 +683,7 @@ static void *sched_main(void *arg)
      * collection, may have raced the announcement), then sleep in the
      * loop until woken. */
     atomic_store(&s->sleeping, 1);
-    if (anyone_has_work() || mb_sched_halting() ||
+    if (work_for(s) || mb_sched_halting() ||
         (atomic_load(&s->collect_asked) && !atomic_load(&collect_busy))) {
       atomic_store(&s->sleeping, 0);
       continue;

@@ -58,6 +58,9 @@
  * row while a preempted one waits: a preempted process waits at most this
  * many short runs besides the slices of the others preempted before it. */
 #define MB_WOKEN_BURST 8
+/* An idle scheduler steals a process whose socket is on the victim's loop
+ * (p->home) only from a queue at least this long (scheduler.c stealable). */
+#define MB_STEAL_HOMED 32
 
 typedef struct mb_sched mb_sched_t;
 
