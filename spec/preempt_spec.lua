@@ -143,6 +143,61 @@ describe("preemption", function()
     end)
   end)
 
+  -- A process whose socket lives on a scheduler's loop is left in that
+  -- scheduler's queue by a thief while the queue is short (scheduler.c,
+  -- stealable), but not behind a slice stuck in one long C call: then the
+  -- other scheduler takes it. 16 holders own accepted connections (spread
+  -- over both loops) and answer pings by message while a process sits in a
+  -- backtracking string.find on one scheduler (~0.4 s, three times); without
+  -- the rule a ping to a holder queued there waits for the whole call.
+  describe("with two schedulers (moonbeam --schedulers 2)", function()
+    it("a socket's owner queued behind a slice stuck in a C call runs on the other", function()
+      local s = S.write("stuck_homed.lua", [[
+        local mb = require "moonbeam"
+        local tcp = require "moonbeam.tcp"
+        local me = mb.self()
+        local l = assert(tcp.listen("127.0.0.1", 0))
+        local holders, clients = {}, {}
+        for i = 1, 16 do
+          clients[i] = assert(tcp.connect("127.0.0.1", l:port(), 5000))
+          local c = assert(l:accept(5000))
+          holders[i] = mb.spawn(function()
+            while true do mb.send(mb.receive(), "pong") end
+          end)
+          assert(c:set_owner(holders[i]))
+        end
+        local worst = 0
+        for _ = 1, 3 do
+          mb.spawn(function()
+            mb.send(me, "stuck")
+            string.find(("a"):rep(23), ("a?"):rep(23) .. ("a"):rep(23))
+            mb.send(me, "unstuck")
+          end)
+          assert(mb.receive(function(m) return m == "stuck" end, 5000))
+          mb.sleep(20)
+          for _ = 1, 5 do
+            for i = 1, 16 do
+              local t0 = mb.now()
+              mb.send(holders[i], me)
+              if not mb.receive(function(m) return m == "pong" end, 10000) then
+                print("no pong") os.exit(1)
+              end
+              worst = math.max(worst, mb.now() - t0)
+            end
+          end
+          assert(mb.receive(function(m) return m == "unstuck" end, 30000))
+        end
+        print(("worst %.1f ms"):format(worst))
+        os.exit(0)
+      ]])
+      local code, out, err = S.moonbeam("--schedulers 2 " .. S.q(s), nil, 60)
+      assert.are.equal(0, code, out .. err)
+      local worst = tonumber(out:match("worst ([%d.]+) ms"))
+      assert.is_truthy(worst, out .. err)
+      assert.is_true(worst < 200, out .. err)
+    end)
+  end)
+
   -- A slice starts without the count hook and the ticker thread arms it
   -- once the slice has run its time; a process preempted so counts its
   -- slices until one ends by blocking (README "Preemption and what blocks").
