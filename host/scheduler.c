@@ -134,11 +134,10 @@ static void rq_push(mb_sched_t *s, mb_proc_t *p)
   rq_push_as(s, p, 0);
 }
 
-/* The next process: a woken one first (it has waited for its event, and
- * will likely block again soon), but never more than MB_WOKEN_BURST in a
- * row while preempted ones wait, so that a storm of messages cannot starve
- * the processes that compute. */
-/* The process rq_pop takes next from s (rq_lock held), or NULL. */
+/* The next process of s (rq_lock held), or NULL: a woken one first (it
+ * has waited for its event, and will likely block again soon), but never
+ * more than MB_WOKEN_BURST in a row while preempted ones wait, so that a
+ * storm of messages cannot starve the processes that compute. */
 static mb_proc_t *rq_next(mb_sched_t *s, int *woken)
 {
   *woken = s->rq_head && (s->pre_head == NULL || s->woken_run < MB_WOKEN_BURST);
