@@ -775,8 +775,9 @@ static long write_direct(mb_sock_t *s, const uv_buf_t *b, unsigned nb)
  * slice ends, it exits) is written then (run.c calls mb_sock_uncork). A
  * write is held back at most one slice, and only while more work is
  * queued. The cork is owner-only: only the owner writes, and it is empty
- * whenever the owner is not running (hence nothing corked is ever lost to
- * a close, a new owner or the owner's death: each flushes first). */
+ * whenever the owner is not running (run.c flushes after every resume,
+ * before a process that ended is let go), so nothing corked is lost to the
+ * owner's death; a close or a new owner flushes first. */
 
 /* The cork's bytes that the kernel did not take go to the loop's queue,
  * ahead of anything written after them. */
@@ -855,12 +856,8 @@ void mb_sock_uncork(mb_sock_t *s, mb_pid_t by)
   if (atomic_load_explicit(&s->owner, memory_order_acquire) != by || s->cork_len == 0)
     return;
   long n = mb_sock_write_now(s, NULL, 0);
-  if (n < 0) {
-    mb_lock(&s->lock);
-    if (!s->err)
-      s->err = (int)n;
-    mb_unlock(&s->lock);
-  }
+  if (n < 0)
+    write_failed(s, (int)n);
 }
 
 void mb_sock_do_write(mb_sock_t *s, void *arg)
@@ -1076,7 +1073,6 @@ static int pass_to_heir(mb_sock_t *s, mb_pid_t from, mb_pid_t heir)
 static void owner_exit(mb_proc_t *p)
 {
   if (p->sock_last) {
-    mb_sock_uncork(p->sock_last, p->pid);   /* (empty: run.c flushed it) */
     mb_sock_unref(p->sock_last);
     p->sock_last = NULL;
   }
