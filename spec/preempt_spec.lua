@@ -350,7 +350,8 @@ describe("preemption", function()
 
     it("gives way at once to a process it wakes", function()
       -- ~0.05 ms from the send to the receiver's run; ~0.9 ms if the push
-      -- did not wake the ticker.
+      -- did not wake the ticker. The bound sits between the two: 0.4 ms
+      -- failed once (0.417) with a whole CI run beside it on the 2 cores.
       local v, all = run("alone_push.lua", [[
         local receiver = mb.spawn(function()
           local d = {}
@@ -372,7 +373,7 @@ describe("preemption", function()
         end)
         print("median " .. mb.receive(10000) .. " ms")
       ]])
-      assert.is_true(v < 0.4, all)
+      assert.is_true(v < 0.6, all)
     end)
 
     it("lets I/O on its scheduler's loop through within a slice", function()

@@ -2,7 +2,8 @@
 %% The Erlang twin of ring.lua; see BENCHMARKS.md.
 %%
 %% Args (key=value): n (processes in the ring), rounds (times the message
-%% goes round), reps (repetitions; the median is reported).
+%% goes round), reps (repetitions; the median is reported), small (a second
+%% ring of that many processes, default 10, the same number of hops).
 %% The message is a small map #{hop => H, from => Pid}, the nearest thing to
 %% the Lua table {hop = h, from = pid}; each node builds a fresh one per hop.
 -module(ring).
@@ -14,12 +15,17 @@ main(Args) ->
     N = arg(Args, "n", 1000),
     Rounds = arg(Args, "rounds", 1000),
     Reps = arg(Args, "reps", 3),
+    Small = arg(Args, "small", 10),
+    measure("ring", N, Rounds, Reps),
+    measure("ring_small", Small, max(1, (N * Rounds) div Small), Reps),
+    erlang:halt(0).
+
+measure(Name, N, Rounds, Reps) ->
     run(N, 10),                              % warm-up
     Ns = median([run(N, Rounds) || _ <- lists:seq(1, Reps)]),
     io:format("detail n=~b rounds=~b hops=~b median of ~b: ~.1f ns/hop~n",
               [N, Rounds, N * Rounds, Reps, Ns]),
-    io:format("RESULT name=ring value=~.1f unit=ns~n", [Ns]),
-    erlang:halt(0).
+    io:format("RESULT name=~s value=~.1f unit=ns~n", [Name, Ns]).
 
 run(N, Rounds) ->
     Main = self(),
