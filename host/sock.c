@@ -787,6 +787,7 @@ static void cork_queue(mb_sock_t *s, size_t done)
   mb_sock_out_t *o = mb_malloc(sizeof *o + len);
   o->len = len;
   o->binary = 0;
+  o->later = 0;
   memcpy(o->data, s->cork + done, len);
   mb_lock(&s->lock);
   s->wq += len;
@@ -849,25 +850,59 @@ int mb_sock_cork(mb_sock_t *s, const uv_buf_t *b, unsigned nb, size_t len)
   return 1;
 }
 
+/* Frame and write the WebSocket messages held back (see below). */
+static void ws_flush(mb_sock_t *s, void *arg)
+{
+  (void)arg;
+  if (s->ws && mb_ws_flush(s->ws) < 0)
+    write_failed(s, UV_EPIPE);
+  wq_done(s, s->ws_held);
+  s->ws_held = 0;
+}
+
 void mb_sock_uncork(mb_sock_t *s, mb_pid_t by)
 {
   /* Only the owner's cork is its own to read (`by` runs, so it stays the
    * owner meanwhile); a socket given away or closed has another's, or none. */
-  if (atomic_load_explicit(&s->owner, memory_order_acquire) != by || s->cork_len == 0)
+  if (atomic_load_explicit(&s->owner, memory_order_acquire) != by)
+    return;
+  if (s->ws_later) {
+    s->ws_later = 0;
+    mb_sock_run(s, ws_flush, NULL);   /* after the writes it held back */
+  }
+  if (s->cork_len == 0)
     return;
   long n = mb_sock_write_now(s, NULL, 0);
   if (n < 0)
     write_failed(s, (int)n);
 }
 
+/* In WebSocket mode the framing is the loop's (ws.c), so a write held back
+ * is held there: the owner marks it `later` (lib_tcp.c, under the same
+ * rule as mb_sock_cork's), the framer queues it unframed, and the next
+ * write that is not held, the flush mb_sock_uncork sends when the owner
+ * stops running, a close or a read of the peer's frames frame what is
+ * queued in one out() call, so one system call. The held payload stays
+ * counted in wq (sock:queued() says so) until the flush, and at most
+ * MB_SOCK_CORK_MAX bytes are held: a write past that goes out with the
+ * rest at once. */
 void mb_sock_do_write(mb_sock_t *s, void *arg)
 {
   mb_sock_out_t *o = arg;
   int rc;
   if (s->ws) {
     /* The frames count in wq as they are written; the payload no more. */
-    rc = mb_ws_send(s->ws, (const uint8_t *)o->data, o->len, o->binary);
-    wq_done(s, o->len);
+    if (o->later && o->len <= MB_SOCK_CORK_MAX - s->ws_held) {
+      rc = mb_ws_send_later(s->ws, (const uint8_t *)o->data, o->len, o->binary);
+      if (rc == 0)
+        s->ws_held += (uint32_t)o->len;
+      else
+        wq_done(s, o->len);
+    } else {
+      rc = mb_ws_send(s->ws, (const uint8_t *)o->data, o->len, o->binary);
+      wq_done(s, o->len + s->ws_held);   /* framed with it: what was held */
+      s->ws_held = 0;
+    }
     rc = rc < 0 ? UV_EPIPE : 0;
   } else {
     rc = raw_write(s, o->data, o->len);

@@ -158,11 +158,16 @@ typedef struct mb_sock {
   uint8_t exit_on_close;       /* end the owner when the peer goes (see
                                   mb_sock_set_exit_on_close) */
   uint8_t acc_paused;          /* listener: libuv holds a connection */
+  uint8_t ws_later;            /* owner-only: a WebSocket write held back
+                                  (mb_sock_out_t.later) waits for a flush */
   mb_sock_addr_t local, peer;  /* set once connected/bound */
 
   /* -- owner-only: bytes written and held back (mb_sock_cork) -- */
   char *cork;
   uint32_t cork_len, cork_cap;
+  /* -- loop thread only: WebSocket payload bytes held back in the framer,
+   * still counted in wq -- */
+  uint32_t ws_held;
 } mb_sock_t;
 
 /* Socket values: an id kind (pid.h) whose methods the Lua layer sets. */
@@ -229,6 +234,8 @@ void mb_sock_do_nodelay(mb_sock_t *s, void *arg);    /* arg: non-NULL = on */
 typedef struct mb_sock_out {
   size_t len;
   int binary;
+  int later;     /* WebSocket: framed with the next write or the flush that
+                    mb_sock_uncork sends after it (sock.c, "Corking") */
   char data[];
 } mb_sock_out_t;
 

@@ -43,6 +43,7 @@ struct mb_ws {
   unsigned failed : 1;       /* protocol error or out of memory: over */
   unsigned out_failed : 1;   /* out() returned -1: the connection is gone */
   unsigned reported : 1;     /* closed() was called */
+  unsigned later : 1;        /* messages queued by mb_ws_send_later, unframed */
 };
 
 static const uint8_t empty[1];
@@ -312,6 +313,7 @@ static void track(mb_ws_t *ws, const uint8_t *data, size_t len)
 /* Frame what is queued and give it to out() in one call. */
 static int flush(mb_ws_t *ws)
 {
+  ws->later = 0;
   if (ws->out_failed)
     return -1;
   frame_queued(ws);
@@ -397,6 +399,10 @@ int mb_ws_feed(mb_ws_t *ws, const uint8_t *data, size_t len)
 {
   if (ws->failed || ws->out_failed)
     return -1;
+  /* Our messages held back go first: a close reply framed ahead of them
+   * (wslay sends queued control frames first) would drop them. */
+  if (ws->later && flush(ws) != 0)
+    return -1;
   ws->in_feed = 1;
   track(ws, data, len);
   finish(ws);
@@ -426,6 +432,26 @@ int mb_ws_send(mb_ws_t *ws, const uint8_t *data, size_t len, int binary)
   return queue(ws, &m);
 }
 
+int mb_ws_send_later(mb_ws_t *ws, const uint8_t *data, size_t len, int binary)
+{
+  if (!binary && !mb_ws_utf8_valid(data, len))
+    return -2;
+  if (ws->failed || ws->out_failed || ws->doomed)
+    return -1;
+  struct wslay_event_msg m = {binary ? WSLAY_BINARY_FRAME : WSLAY_TEXT_FRAME, data, len};
+  if (wslay_event_queue_msg(ws->ctx, &m) != 0)
+    return -1;
+  ws->later = !ws->in_feed;   /* (inside a feed, its end frames it) */
+  return 0;
+}
+
+int mb_ws_flush(mb_ws_t *ws)
+{
+  if (ws->failed || ws->out_failed)
+    return -1;
+  return ws->later ? flush(ws) : 0;
+}
+
 int mb_ws_ping(mb_ws_t *ws, const uint8_t *data, size_t len)
 {
   if (len > MB_WS_MAX_PING)
@@ -449,6 +475,9 @@ int mb_ws_close(mb_ws_t *ws, int code, const char *reason, size_t len)
   if (len > MB_WS_MAX_REASON || !mb_ws_utf8_valid((const uint8_t *)reason, len))
     return -2;
   if (ws->failed || ws->out_failed || ws->doomed)
+    return -1;
+  /* The messages held back go before the close (see mb_ws_feed). */
+  if (ws->later && flush(ws) != 0)
     return -1;
   int r = wslay_event_queue_close(ws->ctx, (uint16_t)code, (const uint8_t *)reason, len);
   if (r == WSLAY_ERR_NO_MORE_MSG)

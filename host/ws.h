@@ -123,6 +123,20 @@ int mb_ws_feed(mb_ws_t *ws, const uint8_t *data, size_t len);
  * would have to fail the connection on it), in which case nothing is sent. */
 int mb_ws_send(mb_ws_t *ws, const uint8_t *data, size_t len, int binary);
 
+/* Queue a message as mb_ws_send does, but leave its framing to the next
+ * call that sends: mb_ws_flush, another send, a ping, a close, or a feed
+ * (which frames it before anything it parses, so that a close reply never
+ * goes ahead of it). The frames of the messages queued so go to out()
+ * together, in one call: a writer with several messages to send pays one
+ * write for them (the socket layer's corking, sock.c). Returns 0, -1 or -2
+ * like mb_ws_send (-1 only if the connection is already over). */
+int mb_ws_send_later(mb_ws_t *ws, const uint8_t *data, size_t len, int binary);
+
+/* Frame the messages queued by mb_ws_send_later and hand them to out(), in
+ * one call. Returns 0, or -1 if out() failed or the connection had failed
+ * (the messages are then dropped, as a send's would be). */
+int mb_ws_flush(mb_ws_t *ws);
+
 /* Send a ping with len <= MB_WS_MAX_PING bytes of payload; the peer's pong
  * is consumed silently. Returns 0, -1 like mb_ws_send, -2 if len is too big. */
 int mb_ws_ping(mb_ws_t *ws, const uint8_t *data, size_t len);

@@ -515,6 +515,80 @@ describe("moonbeam.websocket", function()
     assert.is_true(procs1 < 16 * 1024 * 1024, "processes hold " .. procs1 .. " bytes")
   end)
 
+  describe("messages held back while messages wait (corking)", function()
+    it("holds a message while the mailbox is not empty; the next one goes with it", function()
+      start(echo_handler)
+      local sock = assert(websocket.connect(HOST, port, "/echo"))
+      mb.send(mb.self(), "pending")
+      local ok, q = sock:write("abc")
+      assert.is_true(ok)
+      assert.are.equal(3, q)                     -- held: queued, not framed
+      assert.are.equal(3, sock:queued())
+      ok, q = sock:write("de", true)
+      assert.are.equal(5, q)
+      assert.are.equal("pending", mb.receive(0))
+      assert.is_true((sock:write("f")))          -- nothing waits: all go now
+      assert.are.same({"abc", false}, {sock:read(S.T)})
+      assert.are.same({"de", true}, {sock:read(S.T)})
+      assert.are.same({"f", false}, {sock:read(S.T)})
+      assert.are.equal(0, sock:queued())
+      sock:close()
+    end)
+
+    -- The server's handler holds two messages (it keeps one message of its
+    -- own in its mailbox), then stops running in one of the ways a process
+    -- can; the client must get both, in order, and before any close frame.
+    local function holder(how, parent)
+      return function(req, res)
+        local mb = require "moonbeam"
+        local sock = require("moonbeam.websocket").upgrade(req, res)
+        if not sock then return end
+        mb.send(mb.self(), "keep me waiting")
+        local _, q = sock:write("held:" .. how)
+        sock:write("queued:" .. q)
+        if how == "waits" then
+          sock:read(S.T)                           -- the client's "go on"
+          sock:write("after")
+        elseif how == "closes" then
+          sock:close(4000, "done")
+        elseif how == "computes" then
+          -- runs until told (its own message, then the parent's), 5 s at most
+          mb.send(parent, { computing = mb.self() })
+          local t0 = mb.now()
+          while mb.info(mb.self()).mailbox < 2 and mb.now() - t0 < 5000 do end
+          sock:write("computed " .. tostring(mb.now() - t0 < 5000))
+          sock:read(S.T)
+        end
+        -- "returns": the handler returns with the socket open (1000)
+      end
+    end
+
+    for _, how in ipairs({ "waits", "returns", "closes", "computes" }) do
+      it("sends what is held, in order, when the writer " .. how, function()
+        local me = mb.self()
+        start(holder(how, me))
+        local sock, next_frame = raw_ws(port)
+        local want = "held:" .. how
+        assert.are.equal(want, assert(next_frame()).payload)
+        assert.are.equal("queued:" .. #want, assert(next_frame()).payload)
+        if how == "waits" then
+          assert(sock:write(frame(1, "go on")))
+          assert.are.equal("after", assert(next_frame()).payload)
+        elseif how == "computes" then
+          -- both came while it still computes
+          local m = mb.receive(function(x) return type(x) == "table" and x.computing end, S.T)
+          mb.send(m.computing, "stop")
+          assert.are.equal("computed true", assert(next_frame()).payload)
+        else
+          local f = assert(next_frame())
+          assert.are.equal(8, f.opcode)
+          assert.are.equal(how == "closes" and 4000 or 1000, f.code)
+        end
+        sock:close()
+      end)
+    end
+  end)
+
   describe("websocket.loop", function()
     -- A counting echo: {n} counts messages; "stop" stops, "boom" raises,
     -- "nothing" returns nothing; other messages of the process are counted

@@ -401,6 +401,11 @@ static int l_write(lua_State *L)
   mb_sock_out_t *o = mb_malloc(sizeof *o + len);
   o->len = len;
   o->binary = binary;
+  /* A WebSocket message is held back as a raw write is corked above (the
+   * loop frames it: sock.c's mb_sock_do_write). */
+  int later = ws && len <= MB_SOCK_CORK_MAX
+              && atomic_load_explicit(&p->mailbox_len, memory_order_relaxed) > 0;
+  o->later = later;
   char *to = o->data;
   for (int i = 0; i < k; i++) {   /* what the kernel did not take */
     size_t skip = (size_t)done < b[i].len ? (size_t)done : b[i].len;
@@ -435,6 +440,8 @@ static int l_write(lua_State *L)
     return fail_code(L, err);
   }
   mb_sock_run(s, mb_sock_do_write, o);
+  if (later)
+    s->ws_later = 1;   /* mb_sock_uncork sends the flush */
   mb_sock_unref(s);
   if (wait)
     return wait_io(L, p, -1, NULL, 0);
@@ -491,6 +498,7 @@ static int l_close(lua_State *L)
     mb_sock_out_t *o = mb_malloc(sizeof *o + len);
     o->len = len;
     o->binary = code;
+    o->later = 0;
     memcpy(o->data, reason, len);
     rc = mb_sock_close(s, p->pid, mb_sock_do_ws_close, o);
   } else {

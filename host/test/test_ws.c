@@ -767,6 +767,75 @@ static void test_callbacks(void)
   free(b.p);
 }
 
+/* The frames in out(), in order: "T:<text>;" per text frame, "P;" pong,
+ * "C:<code>;" close. */
+static void out_frames(char *log, size_t cap)
+{
+  size_t pos = 0, n = 0;
+  log[0] = 0;
+  while (pos < R.out.n && parse(R.out.p, R.out.n, &pos) && n + 140 < cap) {
+    if (W.op == OP_TEXT)
+      n += (size_t)snprintf(log + n, cap - n, "T:%.*s;", (int)W.len, (const char *)W.payload);
+    else if (W.op == OP_PONG)
+      n += (size_t)snprintf(log + n, cap - n, "P;");
+    else if (W.op == OP_CLOSE)
+      n += (size_t)snprintf(log + n, cap - n, "C:%d;", W.len >= 2 ? W.payload[0] << 8 | W.payload[1] : 0);
+    else
+      n += (size_t)snprintf(log + n, cap - n, "?%d;", W.op);
+  }
+}
+
+static void test_send_later(void)
+{
+  char log[512];
+  buf_t b = {0};
+  fresh(0, 0);
+  check(mb_ws_send_later(R.ws, (const uint8_t *)"one", 3, 0) == 0 &&
+        mb_ws_send_later(R.ws, (const uint8_t *)"two", 3, 0) == 0 && R.outcalls == 0,
+        "mb_ws_send_later queues without framing");
+  check(mb_ws_send_later(R.ws, (const uint8_t *)"\xc3\x28", 2, 0) == -2,
+        "mb_ws_send_later refuses text that is not UTF-8 (-2)");
+  check(mb_ws_flush(R.ws) == 0 && R.outcalls == 1 && (out_frames(log, sizeof log), 1) &&
+        strcmp(log, "T:one;T:two;") == 0,
+        "mb_ws_flush frames both in one out() call (%s)", log);
+  check(mb_ws_flush(R.ws) == 0 && R.outcalls == 1, "a flush with nothing held writes nothing");
+  R.out.n = 0;
+  mb_ws_send_later(R.ws, (const uint8_t *)"three", 5, 0);
+  check(mb_ws_send(R.ws, (const uint8_t *)"four", 4, 0) == 0 && R.outcalls == 2 &&
+        (out_frames(log, sizeof log), 1) && strcmp(log, "T:three;T:four;") == 0,
+        "a send frames what is held before it, in the same out() call (%s)", log);
+  R.out.n = 0;
+  mb_ws_send_later(R.ws, (const uint8_t *)"five", 4, 0);
+  frame(&b, 1, OP_PING, "pp", 2);
+  check(feed(&b) == 0 && (out_frames(log, sizeof log), 1) && strcmp(log, "T:five;P;") == 0,
+        "a feed sends what is held before its pong (%s)", log);
+  R.out.n = 0;
+  b.n = 0;
+  mb_ws_send_later(R.ws, (const uint8_t *)"six", 3, 0);
+  close_frame(&b, 1, 1001, "");
+  check(feed(&b) == 0 && (out_frames(log, sizeof log), 1) && strcmp(log, "T:six;C:1001;") == 0 &&
+        R.nclosed == 1,
+        "a feed sends what is held before the close reply (%s)", log);
+  done_with();
+
+  fresh(0, 0);
+  mb_ws_send_later(R.ws, (const uint8_t *)"seven", 5, 0);
+  check(mb_ws_close(R.ws, 4000, "bye", 3) == 0 && (out_frames(log, sizeof log), 1) &&
+        strcmp(log, "T:seven;C:4000;") == 0,
+        "mb_ws_close sends what is held before its close frame (%s)", log);
+  check(mb_ws_send_later(R.ws, (const uint8_t *)"x", 1, 0) == -1 || mb_ws_flush(R.ws) == -1 ||
+        (out_frames(log, sizeof log), strcmp(log, "T:seven;C:4000;") == 0),
+        "nothing goes out after the close frame");
+  done_with();
+
+  fresh(0, 0);
+  R.fail_out = 1;
+  mb_ws_send_later(R.ws, (const uint8_t *)"eight", 5, 0);
+  check(mb_ws_flush(R.ws) == -1 && mb_ws_flush(R.ws) == -1, "a flush whose out() fails says so");
+  done_with();
+  free(b.p);
+}
+
 int main(void)
 {
   test_accept_key();
@@ -776,6 +845,7 @@ int main(void)
   test_errors();
   test_splits();
   test_sending();
+  test_send_later();
   test_callbacks();
   free(R.out.p);
   return check_summary();
