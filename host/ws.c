@@ -441,15 +441,18 @@ int mb_ws_send_later(mb_ws_t *ws, const uint8_t *data, size_t len, int binary)
   struct wslay_event_msg m = {binary ? WSLAY_BINARY_FRAME : WSLAY_TEXT_FRAME, data, len};
   if (wslay_event_queue_msg(ws->ctx, &m) != 0)
     return -1;
-  ws->later = !ws->in_feed;   /* (inside a feed, its end frames it) */
+  if (!ws->in_feed)
+    ws->later = 1;   /* (inside a feed, its end frames it) */
   return 0;
 }
 
 int mb_ws_flush(mb_ws_t *ws)
 {
+  if (!ws->later)
+    return 0;
   if (ws->failed || ws->out_failed)
     return -1;
-  return ws->later ? flush(ws) : 0;
+  return flush(ws);
 }
 
 int mb_ws_ping(mb_ws_t *ws, const uint8_t *data, size_t len)
