@@ -831,7 +831,9 @@ static void test_send_later(void)
   fresh(0, 0);
   R.fail_out = 1;
   mb_ws_send_later(R.ws, (const uint8_t *)"eight", 5, 0);
-  check(mb_ws_flush(R.ws) == -1 && mb_ws_flush(R.ws) == -1, "a flush whose out() fails says so");
+  check(mb_ws_flush(R.ws) == -1 && mb_ws_send_later(R.ws, (const uint8_t *)"x", 1, 0) == -1 &&
+        mb_ws_flush(R.ws) == 0,
+        "a flush whose out() fails says so; then nothing is held, and nothing more taken");
   done_with();
   free(b.p);
 }
