@@ -1,11 +1,11 @@
 -- ws_fanout: a room's fan-out over WebSocket - n connection processes
 -- (moonbeam.http + moonbeam.websocket), each forwarding the lines a room
 -- sends it to its browser, as the chat example's WebSocket users do - with
--- n clients in the same host reading them. Not in scripts/bench's table (no
--- twin: OTP has no WebSocket server of its own); it measures the socket
--- layer's batching of a backlog of messages (sock.c, corking), A/B between
--- two builds: `MOONBEAM=<other> ...` or two binaries by hand, with
--- `strace -f -c` for the write system calls (BENCHMARKS.md).
+-- n clients in the same host reading them. `scripts/bench wsfanout` runs it
+-- with no Erlang twin (OTP has no WebSocket server of its own): it measures
+-- the socket layer's batching of a backlog of messages (sock.c, corking),
+-- A/B between two builds (`MOONBEAM=<other> scripts/bench wsfanout`), or by
+-- hand with `strace -f -c` for the write system calls (BENCHMARKS.md).
 --
 -- Args (key=value): n (users, default 200), lines (lines to each, default
 -- 500), size (bytes a line, default 60). Prints `detail` and
