@@ -134,16 +134,6 @@ static void rq_push(mb_sched_t *s, mb_proc_t *p)
   rq_push_as(s, p, 0);
 }
 
-/* The next process of s (rq_lock held), or NULL: a woken one first (it
- * has waited for its event, and will likely block again soon), but never
- * more than MB_WOKEN_BURST in a row while preempted ones wait, so that a
- * storm of messages cannot starve the processes that compute. */
-static mb_proc_t *rq_next(mb_sched_t *s, int *woken)
-{
-  *woken = s->rq_head && (s->pre_head == NULL || s->woken_run < MB_WOKEN_BURST);
-  return *woken ? s->rq_head : s->pre_head;
-}
-
 /* Whether a thief may take p, the next of s's n queued: a process whose
  * socket lives on s's loop (p->home) stays there unless the queue is long
  * (MB_STEAL_HOMED) or s's slice has run for MB_STALL_NS (a process stuck in
@@ -158,6 +148,18 @@ static int stealable(mb_sched_t *s, mb_proc_t *p, int n)
   return st != 0 && uv_hrtime() - st >= MB_STALL_NS;
 }
 
+/* The process to take next from s, which has n queued (rq_lock held), or
+ * NULL: a woken one first (it has waited for its event, and will likely
+ * block again soon), but never more than MB_WOKEN_BURST in a row while
+ * preempted ones wait, so that a storm of messages cannot starve the
+ * processes that compute; for a thief, NULL if that one is not stealable. */
+static mb_proc_t *rq_next(mb_sched_t *s, int n, int stealing, int *woken)
+{
+  *woken = s->rq_head && (s->pre_head == NULL || s->woken_run < MB_WOKEN_BURST);
+  mb_proc_t *next = *woken ? s->rq_head : s->pre_head;
+  return next && (!stealing || stealable(s, next, n)) ? next : NULL;
+}
+
 static mb_proc_t *rq_take(mb_sched_t *s, int stealing)
 {
   int n = atomic_load_explicit(&s->rq_len, memory_order_relaxed);
@@ -166,8 +168,7 @@ static mb_proc_t *rq_take(mb_sched_t *s, int stealing)
   mb_proc_t *p = NULL;
   int woken;
   mb_lock(&s->rq_lock);
-  mb_proc_t *next = rq_next(s, &woken);
-  if (next && (!stealing || stealable(s, next, n))) {
+  if (rq_next(s, n, stealing, &woken)) {
     if (woken) {
       p = take(&s->rq_head, &s->rq_tail);
       s->woken_run++;
@@ -641,8 +642,7 @@ static int work_for(mb_sched_t *s)
     if (o == s || n >= MB_STEAL_HOMED)
       return 1;
     mb_lock(&o->rq_lock);
-    mb_proc_t *next = rq_next(o, &woken);
-    int can = next && stealable(o, next, n);
+    int can = rq_next(o, n, 1, &woken) != NULL;
     mb_unlock(&o->rq_lock);
     if (can)
       return 1;

@@ -891,16 +891,15 @@ void mb_sock_do_write(mb_sock_t *s, void *arg)
   mb_sock_out_t *o = arg;
   int rc;
   if (s->ws) {
-    /* The frames count in wq as they are written; the payload no more. */
-    if (o->later && o->len <= MB_SOCK_CORK_MAX - s->ws_held) {
-      rc = mb_ws_send_later(s->ws, (const uint8_t *)o->data, o->len, o->binary);
-      if (rc == 0)
-        s->ws_held += (uint32_t)o->len;
-      else
-        wq_done(s, o->len);
+    /* The frames count in wq as they are written; the payload no more
+     * once framed (or dropped), with what was held before it. */
+    int later = o->later && o->len <= MB_SOCK_CORK_MAX - s->ws_held;
+    rc = (later ? mb_ws_send_later : mb_ws_send)(s->ws, (const uint8_t *)o->data,
+                                                 o->len, o->binary);
+    if (later && rc == 0) {
+      s->ws_held += (uint32_t)o->len;
     } else {
-      rc = mb_ws_send(s->ws, (const uint8_t *)o->data, o->len, o->binary);
-      wq_done(s, o->len + s->ws_held);   /* framed with it: what was held */
+      wq_done(s, o->len + s->ws_held);
       s->ws_held = 0;
     }
     rc = rc < 0 ? UV_EPIPE : 0;

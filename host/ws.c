@@ -414,36 +414,40 @@ int mb_ws_feed(mb_ws_t *ws, const uint8_t *data, size_t len)
   return ws->failed || ws->out_failed ? -1 : 0;
 }
 
-/* Queue m and, outside a callback, send it now. */
-static int queue(mb_ws_t *ws, const struct wslay_event_msg *m)
+/* Queue m and, outside a callback, send it now, or with later leave it
+ * for the next call that sends (inside a callback, the feed's end frames
+ * it). */
+static int queue(mb_ws_t *ws, const struct wslay_event_msg *m, int later)
 {
   if (ws->failed || ws->out_failed || ws->doomed)
     return -1;
   if (wslay_event_queue_msg(ws->ctx, m) != 0)
     return -1;
-  return ws->in_feed ? 0 : flush(ws);
+  if (ws->in_feed)
+    return 0;
+  if (later) {
+    ws->later = 1;
+    return 0;
+  }
+  return flush(ws);
+}
+
+static int send_msg(mb_ws_t *ws, const uint8_t *data, size_t len, int binary, int later)
+{
+  if (!binary && !mb_ws_utf8_valid(data, len))
+    return -2;
+  struct wslay_event_msg m = {binary ? WSLAY_BINARY_FRAME : WSLAY_TEXT_FRAME, data, len};
+  return queue(ws, &m, later);
 }
 
 int mb_ws_send(mb_ws_t *ws, const uint8_t *data, size_t len, int binary)
 {
-  if (!binary && !mb_ws_utf8_valid(data, len))
-    return -2;
-  struct wslay_event_msg m = {binary ? WSLAY_BINARY_FRAME : WSLAY_TEXT_FRAME, data, len};
-  return queue(ws, &m);
+  return send_msg(ws, data, len, binary, 0);
 }
 
 int mb_ws_send_later(mb_ws_t *ws, const uint8_t *data, size_t len, int binary)
 {
-  if (!binary && !mb_ws_utf8_valid(data, len))
-    return -2;
-  if (ws->failed || ws->out_failed || ws->doomed)
-    return -1;
-  struct wslay_event_msg m = {binary ? WSLAY_BINARY_FRAME : WSLAY_TEXT_FRAME, data, len};
-  if (wslay_event_queue_msg(ws->ctx, &m) != 0)
-    return -1;
-  if (!ws->in_feed)
-    ws->later = 1;   /* (inside a feed, its end frames it) */
-  return 0;
+  return send_msg(ws, data, len, binary, 1);
 }
 
 int mb_ws_flush(mb_ws_t *ws)
@@ -460,7 +464,7 @@ int mb_ws_ping(mb_ws_t *ws, const uint8_t *data, size_t len)
   if (len > MB_WS_MAX_PING)
     return -2;
   struct wslay_event_msg m = {WSLAY_PING, data, len};
-  return queue(ws, &m);
+  return queue(ws, &m, 0);
 }
 
 /* The codes a peer accepts in a close frame (wslay's receiving side refuses

@@ -372,8 +372,8 @@ static int l_write(lua_State *L)
     return n;
   /* More messages wait: a small write is held back to go out with the
    * next one, or when the process stops running (see sock.c's corking). */
-  if (len > 0 && atomic_load_explicit(&p->mailbox_len, memory_order_relaxed) > 0
-      && mb_sock_cork(s, b, (unsigned)k, len)) {
+  int backlog = atomic_load_explicit(&p->mailbox_len, memory_order_relaxed) > 0;
+  if (len > 0 && backlog && mb_sock_cork(s, b, (unsigned)k, len)) {
     lua_pushboolean(L, 1);
     lua_pushinteger(L, (lua_Integer)s->cork_len);
     mb_sock_unref(s);
@@ -403,8 +403,7 @@ static int l_write(lua_State *L)
   o->binary = binary;
   /* A WebSocket message is held back as a raw write is corked above (the
    * loop frames it: sock.c's mb_sock_do_write). */
-  int later = ws && len <= MB_SOCK_CORK_MAX
-              && atomic_load_explicit(&p->mailbox_len, memory_order_relaxed) > 0;
+  int later = ws && backlog && len <= MB_SOCK_CORK_MAX;
   o->later = later;
   char *to = o->data;
   for (int i = 0; i < k; i++) {   /* what the kernel did not take */
