@@ -20,13 +20,24 @@
 typedef struct slot {
   mb_proc_t *p;
   uint32_t gen;        /* generation of the next pid in this slot */
-  uint32_t next_free;  /* free list link (slot index) */
 } slot_t;
 
+/* A stripe a cache line: packed, 16 stripes shared a line, and every
+ * lookup, spawn and exit of either scheduler took that line from the
+ * other (a spawn's lock of its new slot was 3% of a two-scheduler spawn
+ * benchmark's samples, the lookups of its sends as much again). */
 static slot_t *chunks[NCHUNKS];
-static mb_lock_t stripes[MB_STRIPES];
+static struct {
+  mb_lock_t l;
+  char pad[64 - sizeof(mb_lock_t)];
+} stripes[MB_STRIPES] __attribute__((aligned(64)));
+/* The free slots not in a thread's cache: an array, not a list through
+ * the slots, so that moving a batch is a copy rather than a walk whose
+ * every step waits for a slot's line (most were freed on the other
+ * scheduler). Grows as needed; under free_lock. */
 static mb_lock_t free_lock = MB_LOCK_INIT;
-static uint32_t free_head;   /* 0: empty (slot 0 is never used) */
+static uint32_t *free_v;
+static size_t free_n, free_cap;
 /* Slots below next_slot exist: the chunk holding a slot is allocated before
  * next_slot passes it (release), so a reader that loads next_slot (acquire)
  * may index chunks without the lock. */
@@ -56,7 +67,7 @@ static void run_exit_hooks(mb_proc_t *p)
 static void table_init(void)
 {
   for (int i = 0; i < MB_STRIPES; i++)
-    mb_lock_init(&stripes[i]);
+    mb_lock_init(&stripes[i].l);
 }
 
 static slot_t *slot_at(uint32_t i)
@@ -66,7 +77,7 @@ static slot_t *slot_at(uint32_t i)
 
 static mb_lock_t *stripe_of(uint32_t i)
 {
-  return &stripes[i % MB_STRIPES];
+  return &stripes[i % MB_STRIPES].l;
 }
 
 /* Free slots pass through a small cache per thread: a process is often
@@ -90,10 +101,10 @@ static uint32_t slot_alloc(void)
     return slot_cache.v[--slot_cache.n];
   uint32_t i = 0;
   mb_lock(&free_lock);
-  while (free_head && slot_cache.n < SLOT_BATCH) {
-    slot_cache.v[slot_cache.n++] = free_head;
-    free_head = slot_at(free_head)->next_free;
-  }
+  size_t take = free_n < SLOT_BATCH ? free_n : SLOT_BATCH;
+  free_n -= take;
+  memcpy(slot_cache.v, free_v + free_n, take * sizeof *free_v);
+  slot_cache.n = (int)take;
   if (slot_cache.n) {
     i = slot_cache.v[--slot_cache.n];
   } else if (atomic_load_explicit(&next_slot, memory_order_relaxed) <= MB_MAX_PROCS) {
@@ -110,11 +121,13 @@ static void slot_release(uint32_t i)
 {
   if (slot_cache.n == SLOT_CACHE) {
     mb_lock(&free_lock);
-    while (slot_cache.n > SLOT_CACHE - SLOT_BATCH) {
-      uint32_t j = slot_cache.v[--slot_cache.n];
-      slot_at(j)->next_free = free_head;
-      free_head = j;
+    if (free_n + SLOT_BATCH > free_cap) {
+      free_cap = free_cap ? 2 * free_cap : 1024;
+      free_v = mb_realloc(free_v, free_cap * sizeof *free_v);
     }
+    slot_cache.n -= SLOT_BATCH;
+    memcpy(free_v + free_n, slot_cache.v + slot_cache.n, SLOT_BATCH * sizeof *free_v);
+    free_n += SLOT_BATCH;
     mb_unlock(&free_lock);
   }
   slot_cache.v[slot_cache.n++] = i;
@@ -176,7 +189,10 @@ static _Thread_local struct {
   int n;
   mb_proc_t *v[REC_CACHE];
 } rec_cache;
-static mb_proc_t *rec_pool;   /* linked by rq_next; under rec_lock */
+/* The pool is an array, so that taking a batch copies pointers instead of
+ * walking a list through the records, each step a cache miss on a record
+ * the other scheduler freed. Under rec_lock. */
+static mb_proc_t *rec_pool[REC_POOL_MAX];
 static int rec_pool_n;
 static mb_lock_t rec_lock = MB_LOCK_INIT;
 
@@ -184,10 +200,10 @@ static mb_proc_t *rec_alloc(void)
 {
   if (rec_cache.n == 0) {
     mb_lock(&rec_lock);
-    for (; rec_pool && rec_cache.n < REC_BATCH; rec_pool_n--) {
-      rec_cache.v[rec_cache.n++] = rec_pool;
-      rec_pool = rec_pool->rq_next;
-    }
+    int take = rec_pool_n < REC_BATCH ? rec_pool_n : REC_BATCH;
+    rec_pool_n -= take;
+    memcpy(rec_cache.v, rec_pool + rec_pool_n, take * sizeof *rec_pool);
+    rec_cache.n = take;
     mb_unlock(&rec_lock);
     if (rec_cache.n == 0)
       return mb_calloc(1, sizeof(mb_proc_t));
@@ -201,17 +217,13 @@ static void rec_free(mb_proc_t *p)
 {
   if (rec_cache.n == REC_CACHE) {
     mb_lock(&rec_lock);
-    while (rec_cache.n > REC_CACHE - REC_BATCH) {
-      mb_proc_t *r = rec_cache.v[--rec_cache.n];
-      if (rec_pool_n < REC_POOL_MAX) {
-        r->rq_next = rec_pool;
-        rec_pool = r;
-        rec_pool_n++;
-      } else {
-        mb_free(r);
-      }
-    }
+    int keep = REC_POOL_MAX - rec_pool_n < REC_BATCH ? REC_POOL_MAX - rec_pool_n : REC_BATCH;
+    rec_cache.n -= REC_BATCH;
+    memcpy(rec_pool + rec_pool_n, rec_cache.v + rec_cache.n, keep * sizeof *rec_pool);
+    rec_pool_n += keep;
     mb_unlock(&rec_lock);
+    for (int i = keep; i < REC_BATCH; i++)
+      mb_free(rec_cache.v[rec_cache.n + i]);
   }
   rec_cache.v[rec_cache.n++] = p;
 }
