@@ -101,10 +101,12 @@ static uint32_t slot_alloc(void)
     return slot_cache.v[--slot_cache.n];
   uint32_t i = 0;
   mb_lock(&free_lock);
-  size_t take = free_n < SLOT_BATCH ? free_n : SLOT_BATCH;
-  free_n -= take;
-  memcpy(slot_cache.v, free_v + free_n, take * sizeof *free_v);
-  slot_cache.n = (int)take;
+  if (free_n) {
+    size_t take = free_n < SLOT_BATCH ? free_n : SLOT_BATCH;
+    free_n -= take;
+    memcpy(slot_cache.v, free_v + free_n, take * sizeof *free_v);
+    slot_cache.n = (int)take;
+  }
   if (slot_cache.n) {
     i = slot_cache.v[--slot_cache.n];
   } else if (atomic_load_explicit(&next_slot, memory_order_relaxed) <= MB_MAX_PROCS) {
