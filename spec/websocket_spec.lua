@@ -519,13 +519,26 @@ describe("moonbeam.websocket", function()
     it("holds a message while the mailbox is not empty; the next one goes with it", function()
       start(echo_handler)
       local sock = assert(websocket.connect(HOST, port, "/echo"))
-      mb.send(mb.self(), "pending")
+      local me = mb.self()
+      mb.send(me, "pending")
+      -- The writes run at the start of a slice: a slice that ends between
+      -- them flushes what is held (as it should), which a counted slice of
+      -- this long-running process could do. Should one end there all the
+      -- same, its charge shows in the reductions and the counts are not
+      -- asserted; the order and contents below are, either way.
+      mb.yield()
+      local r0 = mb.info(me).reductions
       local ok, q = sock:write("abc")
+      local queued = sock:queued()
+      local ok2, q2 = sock:write("de", true)
+      local one_slice = mb.info(me).reductions == r0
       assert.is_true(ok)
+      assert.is_true(ok2)
       assert.are.equal(3, q)                     -- held: queued, not framed
-      assert.are.equal(3, sock:queued())
-      ok, q = sock:write("de", true)
-      assert.are.equal(5, q)
+      if one_slice then
+        assert.are.equal(3, queued)
+        assert.are.equal(5, q2)
+      end
       assert.are.equal("pending", mb.receive(0))
       assert.is_true((sock:write("f")))          -- nothing waits: all go now
       assert.are.same({"abc", false}, {sock:read(S.T)})
