@@ -11,7 +11,7 @@
 
 /* Slots live in chunks allocated on first use, so the table never moves and
  * a million-process host pays for what it uses. Each slot is guarded by one
- * of MB_STRIPES locks; the free list by free_lock. */
+ * of MB_STRIPES locks; the shared free slots (an array) by free_lock. */
 #define CHUNK_BITS 16
 #define CHUNK_SIZE (1u << CHUNK_BITS)
 #define NCHUNKS ((MB_MAX_PROCS >> CHUNK_BITS) + 1)
