@@ -208,6 +208,22 @@ static void wake(mb_sched_t *s)
     uv_async_send(&s->async);
 }
 
+/* p was just queued on s (its own thread's), which holds n: should a
+ * sleeper be woken to steal? Only if there are two or more and a thief
+ * could take p (see stealable): a process whose socket is on s's loop
+ * stays there unless the queue is long, so for it a sleeper would wake,
+ * find nothing it may take and sleep again. That was most of the HTTP
+ * server's wake-ups: each poll of a scheduler's loop queues the several
+ * connections it has data for, and each such batch woke the other
+ * scheduler for nothing (a write to its eventfd, its epoll_wait's return
+ * and a read: ~0.06 a request under wrk -c64; a stalled slice's queue is
+ * the ticker's to hand over, see MB_STALL_NS). */
+static int worth_spreading(mb_sched_t *s, mb_proc_t *p, int n)
+{
+  return n >= 2 && (n >= MB_STEAL_HOMED ||
+                    atomic_load_explicit(&p->home, memory_order_relaxed) != s);
+}
+
 /* A queue holds more than its thread can start now: let a sleeper steal. */
 static void spread(void)
 {
@@ -232,14 +248,22 @@ void mb_sched_enqueue(mb_proc_t *p)
       s = o;
   }
   rq_push(s, p);
-  /* A wake-up from this scheduler's own idle loop wakes it too: libuv 1.44
-   * runs the timers already due before it polls (UV_RUN_ONCE), so a timer
-   * that came due while the scheduler was busy, or a 0 ms send_after armed
-   * from a command, would make p runnable here and the poll would then
-   * block until the next timer or I/O. */
-  if (s != self || atomic_load_explicit(&s->sleeping, memory_order_relaxed))
+  /* A wake-up from this scheduler's own idle loop must keep that loop
+   * from blocking: libuv 1.44 runs the timers already due before it polls
+   * (UV_RUN_ONCE), so a timer that came due while the scheduler was busy,
+   * or a 0 ms send_after armed from a command, would make p runnable here
+   * and the poll would then block until the next timer or I/O. uv_stop
+   * does it on the loop's own thread (a poll after it does not block, and
+   * uv_run returns): not uv_async_send, which cost a write to the loop's
+   * eventfd, and an epoll_wait and a read to take it, every time the idle
+   * loop's poll found I/O for a process (~0.02 a request of an HTTP
+   * server under wrk -c64). */
+  if (s != self)
     wake(s);
-  else if (atomic_load_explicit(&s->rq_len, memory_order_relaxed) >= 2)
+  else if (atomic_load_explicit(&s->sleeping, memory_order_relaxed)) {
+    if (atomic_exchange(&s->sleeping, 0))
+      uv_stop(&s->loop);
+  } else if (worth_spreading(s, p, atomic_load_explicit(&s->rq_len, memory_order_relaxed)))
     spread();
 }
 
@@ -259,7 +283,7 @@ void mb_sched_requeue(mb_sched_t *s, mb_proc_t *p)
   rq_push_as(to, p, 1);
   if (to != s)
     wake(to);
-  else if (atomic_load_explicit(&s->rq_len, memory_order_relaxed) >= 2)
+  else if (worth_spreading(s, p, atomic_load_explicit(&s->rq_len, memory_order_relaxed)))
     spread();
 }
 
