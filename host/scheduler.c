@@ -109,8 +109,20 @@ static mb_proc_t *take(mb_proc_t **head, mb_proc_t **tail)
   return p;
 }
 
-/* Queue p: woken (an event made it runnable) or preempted. */
-static void rq_push_as(mb_sched_t *s, mb_proc_t *p, int preempted)
+/* Whether a thief may take p, the next of s's n queued, leaving out a
+ * stalled slice (that takes a clock read; the ticker watches for it): see
+ * stealable. */
+static int takeable(mb_sched_t *s, mb_proc_t *p, int n)
+{
+  return n >= MB_STEAL_HOMED || atomic_load_explicit(&p->home, memory_order_relaxed) != s;
+}
+
+static mb_proc_t *rq_next(mb_sched_t *s, int n, int stealing, int *woken);
+
+/* Queue p: woken (an event made it runnable) or preempted. Returns whether
+ * a sleeper should be woken to steal: the queue holds two or more and a
+ * thief may take the one it would (see spread). */
+static int rq_push_as(mb_sched_t *s, mb_proc_t *p, int preempted)
 {
   p->rq_next = NULL;
   mb_lock(&s->rq_lock);
@@ -118,7 +130,8 @@ static void rq_push_as(mb_sched_t *s, mb_proc_t *p, int preempted)
     append(&s->pre_head, &s->pre_tail, p);
   else
     append(&s->rq_head, &s->rq_tail, p);
-  atomic_fetch_add(&s->rq_len, 1);
+  int n = atomic_fetch_add(&s->rq_len, 1) + 1, woken;
+  int worth = n >= 2 && takeable(s, rq_next(s, n, 0, &woken), n);
   mb_unlock(&s->rq_lock);
   /* A slice let run alone there has company now (see alone()); not its
    * own process, requeued as its slice ends. */
@@ -127,11 +140,12 @@ static void rq_push_as(mb_sched_t *s, mb_proc_t *p, int preempted)
       lone == atomic_load_explicit(&s->slice_start, memory_order_relaxed) &&
       atomic_compare_exchange_strong(&s->lone_slice, &lone, 0))
     ticker_wake();
+  return worth;
 }
 
-static void rq_push(mb_sched_t *s, mb_proc_t *p)
+static int rq_push(mb_sched_t *s, mb_proc_t *p)
 {
-  rq_push_as(s, p, 0);
+  return rq_push_as(s, p, 0);
 }
 
 /* Whether a thief may take p, the next of s's n queued: a process whose
@@ -142,7 +156,7 @@ static void rq_push(mb_sched_t *s, mb_proc_t *p)
  * wake-up, which costs more than a short wait at home. */
 static int stealable(mb_sched_t *s, mb_proc_t *p, int n)
 {
-  if (n >= MB_STEAL_HOMED || atomic_load_explicit(&p->home, memory_order_relaxed) != s)
+  if (takeable(s, p, n))
     return 1;
   uint64_t st = atomic_load_explicit(&s->slice_start, memory_order_relaxed);
   return st != 0 && uv_hrtime() - st >= MB_STALL_NS;
@@ -208,23 +222,15 @@ static void wake(mb_sched_t *s)
     uv_async_send(&s->async);
 }
 
-/* p was just queued on s (its own thread's), which holds n: should a
- * sleeper be woken to steal? Only if there are two or more and a thief
- * could take p (see stealable): a process whose socket is on s's loop
- * stays there unless the queue is long, so for it a sleeper would wake,
- * find nothing it may take and sleep again. That was most of the HTTP
- * server's wake-ups: each poll of a scheduler's loop queues the several
- * connections it has data for, and each such batch woke the other
- * scheduler for nothing (a write to its eventfd, its epoll_wait's return
- * and a read: ~0.06 a request under wrk -c64; a stalled slice's queue is
- * the ticker's to hand over, see MB_STALL_NS). */
-static int worth_spreading(mb_sched_t *s, mb_proc_t *p, int n)
-{
-  return n >= 2 && (n >= MB_STEAL_HOMED ||
-                    atomic_load_explicit(&p->home, memory_order_relaxed) != s);
-}
-
-/* A queue holds more than its thread can start now: let a sleeper steal. */
+/* A queue holds more than its thread can start now: let a sleeper steal.
+ * Only when the thief may take the process it would (rq_push_as): a
+ * process whose socket is on the queue's loop stays there unless the
+ * queue is long, so for it a sleeper would wake, find nothing it may take
+ * and sleep again. That was most of an HTTP server's wake-ups: each poll
+ * of a scheduler's loop queues the several connections it has data for,
+ * and each such batch woke the other scheduler for nothing (a write to its
+ * eventfd, its epoll_wait's return and a read). A stalled slice's queue is
+ * the ticker's to hand over (MB_STALL_NS). */
 static void spread(void)
 {
   for (int i = 0; i < nscheds; i++)
@@ -247,7 +253,7 @@ void mb_sched_enqueue(mb_proc_t *p)
     if (o)
       s = o;
   }
-  rq_push(s, p);
+  int worth = rq_push(s, p);
   /* A wake-up from this scheduler's own idle loop must keep that loop
    * from blocking: libuv 1.44 runs the timers already due before it polls
    * (UV_RUN_ONCE), so a timer that came due while the scheduler was busy,
@@ -263,8 +269,9 @@ void mb_sched_enqueue(mb_proc_t *p)
   else if (atomic_load_explicit(&s->sleeping, memory_order_relaxed)) {
     if (atomic_exchange(&s->sleeping, 0))
       uv_stop(&s->loop);
-  } else if (worth_spreading(s, p, atomic_load_explicit(&s->rq_len, memory_order_relaxed)))
+  } else if (worth) {
     spread();
+  }
 }
 
 /* A preempted process goes back to the shortest queue when its own is two
@@ -280,10 +287,10 @@ void mb_sched_requeue(mb_sched_t *s, mb_proc_t *p)
       to = &scheds[i];
     }
   }
-  rq_push_as(to, p, 1);
+  int worth = rq_push_as(to, p, 1);
   if (to != s)
     wake(to);
-  else if (worth_spreading(s, p, atomic_load_explicit(&s->rq_len, memory_order_relaxed)))
+  else if (worth)
     spread();
 }
 
