@@ -21,11 +21,12 @@
  * connection goes to the scheduler whose loop holds the socket (p->home),
  * where its reads and writes need no cross-thread post; a sleeping scheduler
  * is woken when its own queue gets work or when a busy scheduler's queue
- * holds more than one process and the one just queued is one it may steal
- * (see MB_STEAL_HOMED), so that work spreads without waking a core for
- * every message, nor for work it could not take. Busy schedulers balance when a slice ends: a preempted
- * process goes to a queue two or more shorter than its own scheduler's, so
- * four busy processes on two cores do not stay split three to one.
+ * holds more than one process and the one a thief would take next is one
+ * it may take (see MB_STEAL_HOMED), so that work spreads without waking a
+ * core for every message, nor for work it could not take. Busy schedulers
+ * balance when a slice ends: a preempted process goes to a queue two or
+ * more shorter than its own scheduler's, so four busy processes on two
+ * cores do not stay split three to one.
  *
  * Preemption: one more thread, the ticker, watches the slices and asks the
  * runner to preempt one that has run its time (see "Preemption: the
