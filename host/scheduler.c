@@ -117,37 +117,6 @@ static int takeable(mb_sched_t *s, mb_proc_t *p, int n)
   return n >= MB_STEAL_HOMED || atomic_load_explicit(&p->home, memory_order_relaxed) != s;
 }
 
-static mb_proc_t *rq_next(mb_sched_t *s, int n, int stealing, int *woken);
-
-/* Queue p: woken (an event made it runnable) or preempted. Returns whether
- * a sleeper should be woken to steal: the queue holds two or more and a
- * thief may take the one it would (see spread). */
-static int rq_push_as(mb_sched_t *s, mb_proc_t *p, int preempted)
-{
-  p->rq_next = NULL;
-  mb_lock(&s->rq_lock);
-  if (preempted)
-    append(&s->pre_head, &s->pre_tail, p);
-  else
-    append(&s->rq_head, &s->rq_tail, p);
-  int n = atomic_fetch_add(&s->rq_len, 1) + 1, woken;
-  int worth = n >= 2 && takeable(s, rq_next(s, n, 0, &woken), n);
-  mb_unlock(&s->rq_lock);
-  /* A slice let run alone there has company now (see alone()); not its
-   * own process, requeued as its slice ends. */
-  uint64_t lone = atomic_load(&s->lone_slice);
-  if (lone && !(preempted && s == self) &&
-      lone == atomic_load_explicit(&s->slice_start, memory_order_relaxed) &&
-      atomic_compare_exchange_strong(&s->lone_slice, &lone, 0))
-    ticker_wake();
-  return worth;
-}
-
-static int rq_push(mb_sched_t *s, mb_proc_t *p)
-{
-  return rq_push_as(s, p, 0);
-}
-
 /* Whether a thief may take p, the next of s's n queued: a process whose
  * socket lives on s's loop (p->home) stays there unless the queue is long
  * (MB_STEAL_HOMED) or s's slice has run for MB_STALL_NS (a process stuck in
@@ -172,6 +141,36 @@ static mb_proc_t *rq_next(mb_sched_t *s, int n, int stealing, int *woken)
   *woken = s->rq_head && (s->pre_head == NULL || s->woken_run < MB_WOKEN_BURST);
   mb_proc_t *next = *woken ? s->rq_head : s->pre_head;
   return next && (!stealing || stealable(s, next, n)) ? next : NULL;
+}
+
+/* Queue p: woken (an event made it runnable) or preempted. Returns whether
+ * a sleeper should be woken to steal (only a push by s's own thread
+ * spreads, see spread): the queue holds two or more and a thief may take
+ * the one it would. */
+static int rq_push_as(mb_sched_t *s, mb_proc_t *p, int preempted)
+{
+  p->rq_next = NULL;
+  mb_lock(&s->rq_lock);
+  if (preempted)
+    append(&s->pre_head, &s->pre_tail, p);
+  else
+    append(&s->rq_head, &s->rq_tail, p);
+  int n = atomic_fetch_add(&s->rq_len, 1) + 1, woken;
+  int worth = s == self && n >= 2 && takeable(s, rq_next(s, n, 0, &woken), n);
+  mb_unlock(&s->rq_lock);
+  /* A slice let run alone there has company now (see alone()); not its
+   * own process, requeued as its slice ends. */
+  uint64_t lone = atomic_load(&s->lone_slice);
+  if (lone && !(preempted && s == self) &&
+      lone == atomic_load_explicit(&s->slice_start, memory_order_relaxed) &&
+      atomic_compare_exchange_strong(&s->lone_slice, &lone, 0))
+    ticker_wake();
+  return worth;
+}
+
+static int rq_push(mb_sched_t *s, mb_proc_t *p)
+{
+  return rq_push_as(s, p, 0);
 }
 
 static mb_proc_t *rq_take(mb_sched_t *s, int stealing)
