@@ -158,9 +158,12 @@ typedef struct mb_sock {
   uint8_t exit_on_close;       /* end the owner when the peer goes (see
                                   mb_sock_set_exit_on_close) */
   uint8_t acc_paused;          /* listener: libuv holds a connection */
+  uint8_t nodelay_inherited;   /* listener, loop thread: its connections
+                                  get TCP_NODELAY from it (1), or not (2),
+                                  or not known yet (0): accepted_nodelay */
   uint8_t ws_later;            /* owner-only: a WebSocket write held back
                                   (mb_sock_out_t.later) waits for a flush */
-  mb_sock_addr_t local, peer;  /* set once connected/bound */
+  mb_sock_addr_t local, peer;  /* family 0 until asked (resolve_name) */
 
   /* -- owner-only: bytes written and held back (mb_sock_cork) -- */
   char *cork;

@@ -89,6 +89,89 @@ describe("moonbeam.tcp", function()
     l4:close()
   end)
 
+  -- The names are asked of the kernel when first wanted (sock.c
+  -- resolve_name), and the peer's also when its end comes, before the
+  -- kernel forgets it.
+  it("gives the peer's name after the peer closed, and none after a close", function()
+    local c, s, l = pair()
+    local ch, cp = c:sockname()
+    c:close()
+    local d, err = s:read(T)
+    assert.is_nil(d)
+    assert.are.equal("closed", err)
+    assert.are.same({ch, cp}, {s:peername()})
+    assert.are.same({"127.0.0.1", l:port()}, {s:sockname()})
+    s:close()
+    local h, why = s:peername()
+    assert.is_nil(h)
+    assert.are.equal("closed", why)
+    l:close()
+  end)
+
+  -- Accepted connections get TCP_NODELAY from their listener (sock.c
+  -- accepted_nodelay), on both schedulers' loops (a connection for the
+  -- other loop is accepted here and its descriptor moved): each server end
+  -- is found by its ports and asked with getsockopt, in a host of its own
+  -- that allows the FFI.
+  it("accepts connections with TCP_NODELAY on, on every scheduler", function()
+    local script = S.write("nodelay.lua", [[
+      local mb = require "moonbeam"
+      local tcp = require "moonbeam.tcp"
+      local ffi = require "ffi"
+      ffi.cdef [=[
+        typedef struct { unsigned short family, port; unsigned char rest[124]; } sa_t;
+        int getsockopt(int fd, int level, int name, void *v, unsigned *len);
+        int getsockname(int fd, sa_t *a, unsigned *len);
+        int getpeername(int fd, sa_t *a, unsigned *len);
+        unsigned short ntohs(unsigned short);
+      ]=]
+      -- The descriptor whose local port is lport and peer's port pport.
+      local function fd_of(lport, pport)
+        local a, n = ffi.new("sa_t"), ffi.new("unsigned[1]")
+        for fd = 3, 4095 do
+          n[0] = ffi.sizeof(a)
+          if ffi.C.getsockname(fd, a, n) == 0 and ffi.C.ntohs(a.port) == lport then
+            n[0] = ffi.sizeof(a)
+            if ffi.C.getpeername(fd, a, n) == 0 and ffi.C.ntohs(a.port) == pport then
+              return fd
+            end
+          end
+        end
+      end
+      local function nodelay(fd)
+        local v, n = ffi.new("int[1]"), ffi.new("unsigned[1]", 4)
+        assert(ffi.C.getsockopt(fd, 6, 1, v, n) == 0)   -- IPPROTO_TCP, TCP_NODELAY
+        return v[0]
+      end
+      local l = assert(tcp.listen("127.0.0.1", 0))
+      local pairs_ = {}
+      for i = 1, 8 do
+        local c = assert(tcp.connect("127.0.0.1", l:port(), 5000))
+        local s = assert(l:accept(5000))
+        pairs_[i] = {c, s}
+      end
+      local on, found = 0, 0
+      for _, p in ipairs(pairs_) do
+        local _, cport = p[1]:sockname()
+        local fd = fd_of(l:port(), cport)
+        if fd then
+          found = found + 1
+          on = on + (nodelay(fd) ~= 0 and 1 or 0)
+        end
+        assert(p[2]:write("x"))
+        assert(p[1]:read(5000) == "x")
+        p[1]:close()
+        p[2]:close()
+      end
+      l:close()
+      print(("found %d nodelay %d"):format(found, on))
+      mb.halt(0)
+    ]])
+    local code, out, err = S.moonbeam("--schedulers 2 --allow-ffi " .. S.q(script), nil, 30)
+    assert.are.equal(0, code, out .. err)
+    assert.are.equal("found 8 nodelay 8", out:match("found %d+ nodelay %d+"), out .. err)
+  end)
+
   -- A close is gentle (sock.c close_gently): what is still queued goes out
   -- first, to a peer that reads late, then the peer sees the end.
   it("flushes what is queued when a socket is closed, for a peer that reads late", function()
