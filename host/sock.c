@@ -1201,11 +1201,11 @@ static mb_sock_addr_t addr_pack(const struct sockaddr_storage *ss)
 
 /* An end's address, asked of the kernel the first time it is wanted and
  * kept: a connection's two are two system calls that most servers never
- * need. The peer's is also taken
- * when the peer's end comes (got_end), as the kernel forgets it once the
- * connection is gone; so only a connection reset before anyone asked has
- * none. Any thread, s->lock held: the loop sets handle_closing under it
- * before libuv closes the descriptor (as for write_foreign). */
+ * need. The peer's is also taken when the peer's end comes (got_end), as
+ * the kernel forgets it once the connection is gone; so only a connection
+ * reset before anyone asked has none. Any thread, s->lock held: the loop
+ * sets handle_closing under it before libuv closes the descriptor (as for
+ * write_foreign). */
 static void resolve_name(mb_sock_t *s, int peer)
 {
   uv_os_fd_t fd;
