@@ -143,6 +143,42 @@ static mb_proc_t *rq_next(mb_sched_t *s, int n, int stealing, int *woken)
   return next && (!stealing || stealable(s, next, n)) ? next : NULL;
 }
 
+/* Held for a few hundred instructions at most; if its holder was
+ * descheduled meanwhile, give the core back instead of spinning. */
+static void plock(mb_sched_t *s)
+{
+  for (int spins = 0; atomic_exchange_explicit(&s->plock, 1, memory_order_acquire); )
+    while (atomic_load_explicit(&s->plock, memory_order_relaxed))
+      if (++spins > 1000)
+        sched_yield();
+}
+
+static void punlock(mb_sched_t *s)
+{
+  atomic_store_explicit(&s->plock, 0, memory_order_release);
+}
+
+/* A lone slice of s has company (rq_push_as): cut it to its usual time.
+ * Pushed from s's own thread, the push comes from the process running that
+ * slice (between slices none is lone), so it is poked here, as the ticker
+ * would, and yields at its next safe point: no eventfd write, and no
+ * waiting for the ticker's thread to be scheduled (on a loaded host that
+ * was most of a millisecond). A poke the state loses (LuaJIT restores its
+ * hook mask after a __gc finalizer) is the ticker's to repeat when the
+ * slice's lone time is up, as for any poke. From another thread: the
+ * ticker, woken, pokes it. */
+static void nudge(mb_sched_t *s)
+{
+  if (s != self) {
+    ticker_wake();
+    return;
+  }
+  plock(s);
+  if (s->running && s->running_timed != MB_SLICE_COUNTED)
+    preempter(s->running, s->running_ctx);
+  punlock(s);
+}
+
 /* Queue p: woken (an event made it runnable) or preempted. Returns whether
  * a sleeper should be woken to steal (only a push by s's own thread
  * spreads, see spread): the queue holds two or more and a thief may take
@@ -164,7 +200,7 @@ static int rq_push_as(mb_sched_t *s, mb_proc_t *p, int preempted)
   if (lone && !(preempted && s == self) &&
       lone == atomic_load_explicit(&s->slice_start, memory_order_relaxed) &&
       atomic_compare_exchange_strong(&s->lone_slice, &lone, 0))
-    ticker_wake();
+    nudge(s);
   return worth;
 }
 
@@ -381,8 +417,9 @@ int mb_sched_stuck(const mb_sched_t *s)
  * due with its scheduler's queue empty runs on uncounted, up to
  * MB_TICK_LONE_NS or the loop's next timer (tick), as do the next slices
  * of a process preempted alone (MB_SLICE_ALONE); the ticker then watches
- * that loop's epoll fd, and a push onto that queue wakes it (rq_push_as),
- * so either cuts the slice to its usual time. A lone loop so runs at full
+ * that loop's epoll fd, and a push onto that queue wakes it (rq_push_as;
+ * a push by the lone process itself pokes it at once, see nudge), so
+ * either cuts the slice to its usual time. A lone loop so runs at full
  * speed (the count hook's dispatch cost it 4-8%). The preempter runs
  * under the scheduler's plock, which the runner takes to say what runs Lua there
  * (mb_sched_running) and around its own hook changes, so the state it is
@@ -397,24 +434,24 @@ int mb_sched_stuck(const mb_sched_t *s)
  * slice running for MB_TICK_PARK rounds it parks until a slice starts
  * (ticker_unpark): an idle host wakes no thread. */
 
-/* Held for a few hundred instructions at most; if its holder was
- * descheduled meanwhile, give the core back instead of spinning. */
-static void plock(mb_sched_t *s)
-{
-  for (int spins = 0; atomic_exchange_explicit(&s->plock, 1, memory_order_acquire); )
-    while (atomic_load_explicit(&s->plock, memory_order_relaxed))
-      if (++spins > 1000)
-        sched_yield();
-}
-
-static void punlock(mb_sched_t *s)
-{
-  atomic_store_explicit(&s->plock, 0, memory_order_release);
-}
-
 void mb_sched_set_preempter(void (*fn)(mb_proc_t *p, void *ctx))
 {
   preempter = fn;
+}
+
+/* Is s's slice st alone: nothing queued behind it, and no I/O woke the
+ * ticker for its loop? Marks it so, for a push there to nudge the ticker
+ * (rq_push_as): the ticker reads rq_len after it marks, a push reads the
+ * mark after the count went up, so one of the two sees the other. */
+static int alone(mb_sched_t *s, uint64_t st)
+{
+  if (s->io_slice == st || atomic_load(&s->rq_len) > 0)
+    return 0;
+  atomic_store(&s->lone_slice, st);
+  if (atomic_load(&s->rq_len) == 0)
+    return 1;
+  atomic_store(&s->lone_slice, 0);
+  return 0;
 }
 
 void mb_sched_running(mb_sched_t *s, mb_proc_t *p, void *ctx, int timed)
@@ -424,6 +461,11 @@ void mb_sched_running(mb_sched_t *s, mb_proc_t *p, void *ctx, int timed)
   s->running_ctx = ctx;
   s->running_timed = timed;
   punlock(s);
+  /* A process preempted alone runs alone until company comes: marked so
+   * at once, not when the ticker first looks at the slice, so that a push
+   * meanwhile cuts it short at once too (nudge). */
+  if (timed == MB_SLICE_ALONE)
+    alone(s, atomic_load_explicit(&s->slice_start, memory_order_relaxed));
 }
 
 int mb_sched_queued(mb_sched_t *s)
@@ -441,21 +483,6 @@ void mb_sched_hook_unlock(void)
 {
   if (self)
     punlock(self);
-}
-
-/* Is s's slice st alone: nothing queued behind it, and no I/O woke the
- * ticker for its loop? Marks it so, for a push there to nudge the ticker
- * (rq_push_as): the ticker reads rq_len after it marks, a push reads the
- * mark after the count went up, so one of the two sees the other. */
-static int alone(mb_sched_t *s, uint64_t st)
-{
-  if (s->io_slice == st || atomic_load(&s->rq_len) > 0)
-    return 0;
-  atomic_store(&s->lone_slice, st);
-  if (atomic_load(&s->rq_len) == 0)
-    return 1;
-  atomic_store(&s->lone_slice, 0);
-  return 0;
 }
 
 /* Poke s's running process if its slice is due (or it must stop anyway);

@@ -134,7 +134,8 @@ void mb_sched_enqueue(mb_proc_t *p);
 void mb_sched_push(mb_sched_t *s, mb_proc_t *p);
 void mb_sched_requeue(mb_sched_t *s, mb_proc_t *p);
 
-/* Preemption. fn(p, ctx) is called by the ticker thread, under the
+/* Preemption. fn(p, ctx) is called by the ticker thread (or by s's own,
+ * when p's lone slice gets company from p itself), under the
  * scheduler's preemption lock, with the process and context the runner
  * said run Lua there (mb_sched_running, timed) when that slice has run its
  * time, when p has an exit signal pending, or while the host halts; it
