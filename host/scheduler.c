@@ -439,19 +439,26 @@ void mb_sched_set_preempter(void (*fn)(mb_proc_t *p, void *ctx))
   preempter = fn;
 }
 
-/* Is s's slice st alone: nothing queued behind it, and no I/O woke the
- * ticker for its loop? Marks it so, for a push there to nudge the ticker
- * (rq_push_as): the ticker reads rq_len after it marks, a push reads the
- * mark after the count went up, so one of the two sees the other. */
-static int alone(mb_sched_t *s, uint64_t st)
+/* Is s's slice st alone, nothing queued behind it? Marks it so, for a
+ * push there to nudge it (rq_push_as): the marker reads rq_len after it
+ * marks, a push reads the mark after the count went up, so one of the two
+ * sees the other. */
+static int mark_lone(mb_sched_t *s, uint64_t st)
 {
-  if (s->io_slice == st || atomic_load(&s->rq_len) > 0)
+  if (atomic_load(&s->rq_len) > 0)
     return 0;
   atomic_store(&s->lone_slice, st);
   if (atomic_load(&s->rq_len) == 0)
     return 1;
   atomic_store(&s->lone_slice, 0);
   return 0;
+}
+
+/* The ticker's: the same, unless I/O woke it for the slice's loop
+ * (io_slice, the ticker's own). */
+static int alone(mb_sched_t *s, uint64_t st)
+{
+  return s->io_slice != st && mark_lone(s, st);
 }
 
 void mb_sched_running(mb_sched_t *s, mb_proc_t *p, void *ctx, int timed)
@@ -465,7 +472,7 @@ void mb_sched_running(mb_sched_t *s, mb_proc_t *p, void *ctx, int timed)
    * at once, not when the ticker first looks at the slice, so that a push
    * meanwhile cuts it short at once too (nudge). */
   if (timed == MB_SLICE_ALONE)
-    alone(s, atomic_load_explicit(&s->slice_start, memory_order_relaxed));
+    mark_lone(s, atomic_load_explicit(&s->slice_start, memory_order_relaxed));
 }
 
 int mb_sched_queued(mb_sched_t *s)
