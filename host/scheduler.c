@@ -174,7 +174,7 @@ static void nudge(mb_sched_t *s)
     return;
   }
   plock(s);
-  if (s->running && s->running_timed != MB_SLICE_COUNTED)
+  if (s->running && s->running_timed != MB_SLICE_COUNTED && preempter)
     preempter(s->running, s->running_ctx);
   punlock(s);
 }
