@@ -211,13 +211,20 @@ describe("moonbeam.tcp", function()
     -- The writer fills the kernel's buffers until 32 KiB or more stay
     -- queued in the host (each write of 16 KiB under the 64 KiB high-water
     -- mark, so none waits), then closes. Under load, a queue of a single
-    -- chunk was once taken by the kernel's buffers within the 5 s.
+    -- chunk was once taken by the kernel's buffers within the 5 s, and so
+    -- was one of 32 KiB now and then (the sender's buffer grows for a while
+    -- after the receiver stops reading): the writer tops the queue up until
+    -- it stays over 32 KiB for 300 ms, so that the kernel has stopped taking.
     local writer = mb.spawn(function()
       local m = mb.receive(5000)
       local n = 0
-      while n < 100000 and m.sock:queued() < 32 * 1024 do
-        assert(m.sock:write(m.data))
-        n = n + 1
+      for _ = 1, 20 do
+        while n < 100000 and m.sock:queued() < 32 * 1024 do
+          assert(m.sock:write(m.data))
+          n = n + 1
+        end
+        mb.sleep(300)
+        if m.sock:queued() >= 32 * 1024 then break end
       end
       local q = m.sock:queued()
       m.sock:close()
@@ -238,12 +245,7 @@ describe("moonbeam.tcp", function()
     end
     assert.is_truthy(err == "closed" or err:find("reset"))
     c:close(); l:close()
-    if got == m.written then
-      -- The kernel's buffers (autotuned here up to tcp_rmem's 32 MB) took
-      -- the whole queue within the 5 s, as they did once in a loaded TSan
-      -- run: nothing was left for the linger to cut.
-      pending("the kernel took the whole queue; the linger had nothing to cut")
-    end
+    -- What stayed queued in the host when the writer closed was cut.
     assert.is_true(got < m.written)
   end)
 
