@@ -51,6 +51,64 @@ describe("isolation", function()
     end)
   end)
 
+  describe("the C stack", function()
+    -- LuaJIT 2.1 bounds the Lua stack, not the C stack: recursion through
+    -- gsub's replacement function nests gsub's 8 KB frame at each level and
+    -- ended the host with SIGSEGV at ~1,000 levels (luajit itself crashes
+    -- there too). In a child host: the process ends, the host goes on.
+    it("ends a recursion through string.gsub or load's reader with an error, not the host", function()
+      local code, out, err = child([[
+        local mb = require "moonbeam"
+        local cases = {
+          gsub = function()
+            local function f(n)
+              return n == 0 and "" or (string.gsub("x", "x", function() return f(n - 1) end))
+            end
+            f(1e6)
+          end,
+          method = function()   -- s:gsub, with a table whose __index recurses
+            local function f(n)
+              return n == 0 and "" or (("x"):gsub("x", setmetatable({}, {
+                __index = function() return f(n - 1) end })))
+            end
+            f(1e6)
+          end,
+          load = function()     -- load returns nil and the error, as luajit's
+            local err
+            local function f(n)
+              if n == 0 then return end
+              local once
+              local fn, e = load(function()
+                if once then return nil end
+                once = true
+                f(n - 1)
+                return "return 1"
+              end)
+              err = err or e
+            end
+            f(1e6)
+            error(err, 0)
+          end,
+        }
+        for _, name in ipairs{"gsub", "method", "load"} do
+          local _, r = mb.spawn_monitor(cases[name])
+          local m = mb.receive(function(m) return m.ref == r end, 20000)
+          print(name, m and m.reason)
+        end
+        -- 500 levels, well within the stack, still run to the end.
+        local function g(n)
+          return n == 0 and "" or (string.gsub("x", "x", function() return g(n - 1) end))
+        end
+        print("shallow", g(500) == "")
+      ]], "--watchdog 0", 60)
+      assert.are.equal(0, code, err)
+      assert.is_truthy(out:find("gsub\t[^\n]*: C stack overflow"), out)
+      assert.is_truthy(out:find("method\t[^\n]*: C stack overflow"), out)
+      assert.is_truthy(out:find("load\t[^\n]*C stack overflow"), out)
+      assert.is_true(S.has(out, "shallow\ttrue"), out)
+    end)
+  end)
+
   describe("memory", function()
     -- LuaJIT's lua_newstate crashes when one of its own allocations fails,
     -- and a state's first blocks (and its body coroutine) were made outside

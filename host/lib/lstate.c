@@ -2,6 +2,7 @@
  * coroutine wrappers that keep runtime yields transparent, and debug hooks
  * chained with the scheduler's count hook (see lstate.h).
  */
+#define _GNU_SOURCE   /* pthread_getattr_np */
 #include <execinfo.h>
 #include <limits.h>
 #include <pthread.h>
@@ -854,6 +855,60 @@ static void after_debug(lua_State *L)
 
 /* The string library opened into the table strings index from the start
  * (see setup): it no longer needs the lazy metatable. */
+/* -- The C stack ------------------------------------------------------------
+ * LuaJIT 2.1 bounds the Lua stack, not the C stack: a Lua function that
+ * recurses through a C function calling back into Lua (string.gsub's
+ * replacement function, load's reader) nests that C function's frame at
+ * each level, and gsub's holds an 8 KB buffer: ~1,000 levels end an 8 MB
+ * stack with SIGSEGV - the whole host, where luajit itself crashes too.
+ * So those functions check the stack first and raise instead while less
+ * than an eighth of the thread's stack is left: the scheduler threads'
+ * 8 MB (scheduler.c) leave room for ~750 levels, and the last eighth for
+ * whatever one level and the error's unwinding take. The bounds are the
+ * thread's own (pthread_getattr_np), found at its first check; the stack
+ * grows down on every target the host builds for. */
+static _Thread_local uintptr_t cstack_floor;   /* 0: not known yet */
+
+static uintptr_t cstack_find_floor(void)
+{
+  pthread_attr_t a;
+  void *lo;
+  size_t size;
+  if (pthread_getattr_np(pthread_self(), &a) != 0)
+    return 1;   /* unknown: no check */
+  int rc = pthread_attr_getstack(&a, &lo, &size);
+  pthread_attr_destroy(&a);
+  return rc == 0 ? (uintptr_t)lo + size / 8 : 1;
+}
+
+void mb_lstate_cstack_check(lua_State *L)
+{
+  if (__builtin_expect(cstack_floor == 0, 0))
+    cstack_floor = cstack_find_floor();
+  if ((uintptr_t)__builtin_frame_address(0) < cstack_floor)
+    luaL_error(L, "C stack overflow");
+}
+
+/* LuaJIT's string.gsub (a plain C function, the same in every state; found
+ * by mb_lstate_init's probe) behind the check. */
+static lua_CFunction lj_gsub;
+
+static int checked_gsub(lua_State *L)
+{
+  mb_lstate_cstack_check(L);
+  return lj_gsub(L);
+}
+
+/* Under lua_cpcall, on mb_lstate_init's probe state. */
+static int probe_gsub(lua_State *L)
+{
+  open_lib(L, luaopen_string, "string");
+  lua_getfield(L, LUA_GLOBALSINDEX, "string");
+  lua_getfield(L, -1, "gsub");
+  lj_gsub = lua_tocfunction(L, -1);
+  return 0;
+}
+
 static void after_string(lua_State *L)
 {
   lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
@@ -861,6 +916,10 @@ static void after_string(lua_State *L)
   if (lua_istable(L, -1)) {
     lua_pushnil(L);
     lua_setmetatable(L, -2);
+    if (lj_gsub) {
+      lua_pushcfunction(L, checked_gsub);
+      lua_setfield(L, -2, "gsub");
+    }
   }
   lua_pop(L, 2);
   mb_sandbox_preload(L, MB_SANDBOX_PRELOAD_BUFFER);
@@ -1700,6 +1759,7 @@ void mb_lstate_init(void)
     int ok = 0;
     words_movable = lua_cpcall(P, words_check, &ok) == 0 && ok;
     lua_cpcall(P, probe_path, NULL);
+    lua_cpcall(P, probe_gsub, NULL);
     lua_close(P);
   }
   mb_alloc_state_arena(first_alloc);

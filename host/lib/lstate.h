@@ -30,6 +30,7 @@
  *    hook (the user's events arrive as asked, preemption goes on, gethook
  *    never shows the scheduler's hook);
  *  - math: each process gets its own random seed;
+ *  - string: gsub checks the C stack first (mb_lstate_cstack_check);
  *  - os: os.exit(code) halts the host with that code;
  *  - package: path starts with the host's Lua directory (mb_lstate_lua_dir),
  *    then the usual LuaJIT and Debian Lua 5.1 directories;
@@ -107,6 +108,13 @@ void mb_lstate_run_chunk(lua_State *L, mb_lstate_chunk_t *c, int env);
  * the lexer again (see lstate.c, "Reserved words"). Before every load of
  * source text into a process's state; may raise (out of memory). */
 void mb_lstate_lexer(lua_State *L);
+
+/* Raise "C stack overflow" when the calling thread's C stack is nearly
+ * used up. For the C functions that call back into Lua with a large frame
+ * of their own (string.gsub's and load's 8 KB buffers): recursion through
+ * them reaches the end of the C stack long before the Lua stack's limit,
+ * and LuaJIT 2.1 checks no C stack depth, so the host would crash. */
+void mb_lstate_cstack_check(lua_State *L);
 
 /* Set the scheduler's count hook to fire after `count` instructions, or
  * (count 0) take it off, keeping a debug hook the process set (see DESIGN;

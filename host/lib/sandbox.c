@@ -160,6 +160,7 @@ static int sb_load(lua_State *L)
     status = mb_sandbox_loadbuffer(L, s, len, name ? name : s, mode);
   } else {
     luaL_checktype(L, 1, LUA_TFUNCTION);
+    mb_lstate_cstack_check(L);   /* a reader may call load again */
     status = read_chunk(L, 1);
     if (status == 0) {
       size_t len;
