@@ -479,6 +479,18 @@ int mb_alloc_take_pressure(void)
   return atomic_exchange(&pressure, 0);
 }
 
+static atomic_int over_cap;
+
+void mb_alloc_set_over_cap(int over)
+{
+  atomic_store_explicit(&over_cap, over, memory_order_relaxed);
+}
+
+int mb_alloc_over_cap(void)
+{
+  return atomic_load_explicit(&over_cap, memory_order_relaxed);
+}
+
 /* -- The per-process allocator ------------------------------------------- */
 
 void mb_alloc_young(mb_alloc_t *a)

@@ -30,7 +30,8 @@ typedef struct mb_alloc {
   uint32_t young;       /* bytes it may still allocate young; 0: old */
   /* Bytes charged to the limit from outside the state: its process's
    * pending send_after timers and their messages (timer.c adds on the
-   * process's thread, takes back on any). In the struct's tail padding. */
+   * process's thread, takes back on any), its monitors and aliases
+   * (proc.c, the owner). In the struct's tail padding. */
   atomic_uint charged;
 } mb_alloc_t;
 
@@ -83,6 +84,11 @@ void mb_alloc_reserve(size_t bytes);
 /* An allocation failed: free the reserve (returns 1 if there was one, so a
  * retry may succeed) and note the pressure. Any thread. */
 int mb_alloc_failed(void);
+/* Whether the processes held more than the host's cap (--max-memory) at
+ * the last check (the main thread's memory watch, every 100 ms, sets it):
+ * no new process starts meanwhile. */
+void mb_alloc_set_over_cap(int over);
+int mb_alloc_over_cap(void);
 /* Was there a failed allocation since the last call (which clears it)?
  * The watchdog then ends the process holding the most memory. */
 int mb_alloc_take_pressure(void);

@@ -239,7 +239,7 @@ static void proc_free(mb_proc_t *p)
     mb_msg_free(p->exit_reason);
   if (p->boot_msg)
     mb_msg_free(p->boot_msg);
-  mb_alloc_count(-(long long)atomic_load(&p->held));
+  mb_alloc_count(-(long long)(atomic_load(&p->held) + sizeof *p));
   mb_hset_free(&p->links);
   mb_hset_free(&p->watchers);
   mb_hset_free(&p->monitoring);
@@ -250,10 +250,18 @@ static void proc_free(mb_proc_t *p)
 int mb_proc_new(size_t max_memory, mb_proc_t **out)
 {
   pthread_once(&table_once, table_init);
+  /* While the processes hold more than --max-memory, no new one starts
+   * (a spawn storm of small processes outran the killer of the biggest). */
+  if (mb_alloc_over_cap())
+    return MB_ENOMEM;
   uint32_t i = slot_alloc();
   if (i == 0)
     return MB_ETOOMANY;
   mb_proc_t *p = rec_alloc();
+  /* The record counts in the host's total (not in max_memory: a process
+   * cannot shrink it): two million hibernated processes are mostly their
+   * records. */
+  mb_alloc_count((long long)sizeof *p);
   mb_lock_init(&p->lock);
   atomic_init(&p->refs, 1);
   p->alloc.limit = p->alloc.max = max_memory;
@@ -422,6 +430,34 @@ void mb_proc_send(mb_pid_t pid, mb_msg_t *msg)
  * while the target was already sending it) is dropped, as Erlang promises:
  * after demonitor returns, no DOWN for its ref comes. */
 
+/* Monitors and aliases count in their process's max_memory and in the
+ * host's total (alloc.charged, as pending timers do), MB_PROC_SET_ENTRY
+ * bytes each: the slot in the process's own set at its load (a half to an
+ * eighth full) and, for a monitor, the target's slot. Without it a process
+ * capped at 4 MB held 800 MB of them. Charged by the owner as each is
+ * added or taken out, and all at once at exit. */
+static void set_charge(mb_proc_t *p, long long entries)
+{
+  long long d = entries * MB_PROC_SET_ENTRY;
+  if (d >= 0)
+    atomic_fetch_add_explicit(&p->alloc.charged, (unsigned)d, memory_order_relaxed);
+  else
+    atomic_fetch_sub_explicit(&p->alloc.charged, (unsigned)-d, memory_order_relaxed);
+  mb_alloc_count(d);
+}
+
+int mb_proc_set_room(mb_proc_t *p)
+{
+  MB_ASSERT_OWNER(p);
+  size_t charged = atomic_load_explicit(&p->alloc.charged, memory_order_relaxed);
+  if (charged > UINT32_MAX - MB_PROC_SET_ENTRY)
+    return 0;
+  return p->alloc.max == 0 ||
+         atomic_load_explicit(&p->alloc.used, memory_order_relaxed) + charged +
+         atomic_load_explicit(&p->mailbox_bytes, memory_order_relaxed) +
+         MB_PROC_SET_ENTRY <= p->alloc.max;
+}
+
 static int link_has(const mb_hset_t *s, mb_pid_t pid) { return mb_hset_find(s, pid) != NULL; }
 static void link_add(mb_hset_t *s, mb_pid_t pid) { mb_hset_add(s, pid, pid); }
 static int link_del(mb_hset_t *s, mb_pid_t pid) { return mb_hset_take(s, pid, NULL); }
@@ -430,7 +466,10 @@ static int link_del(mb_hset_t *s, mb_pid_t pid) { return mb_hset_take(s, pid, NU
  * it had none (the DOWN must then be dropped). */
 static int monitor_fired(mb_proc_t *p, mb_ref_t ref)
 {
-  return mb_hset_take(&p->monitoring, ref, NULL);
+  if (!mb_hset_take(&p->monitoring, ref, NULL))
+    return 0;
+  set_charge(p, -1);
+  return 1;
 }
 
 /* -- Aliases (owner-only) ------------------------------------------------ */
@@ -440,6 +479,7 @@ void mb_proc_alias(mb_proc_t *p, mb_ref_t ref)
   MB_ASSERT_OWNER(p);
   if (!mb_hset_find(&p->aliases, ref)) {
     mb_hset_add(&p->aliases, ref, 0);
+    set_charge(p, 1);
     if (mb_proc_remote_alias)
       mb_proc_remote_alias(p->pid, ref, 1);
   }
@@ -449,6 +489,8 @@ int mb_proc_unalias(mb_proc_t *p, mb_ref_t ref)
 {
   MB_ASSERT_OWNER(p);
   int was = mb_hset_take(&p->aliases, ref, NULL);
+  if (was)
+    set_charge(p, -1);
   if (was && mb_proc_remote_alias)
     mb_proc_remote_alias(p->pid, ref, 0);
   return was;
@@ -593,6 +635,7 @@ static mb_msg_t *down_msg(mb_pid_t from, mb_ref_t ref, mb_msg_t *reason);
 static mb_ref_t remote_monitor(mb_proc_t *self, mb_pid_t pid, mb_ref_t ref)
 {
   mb_hset_add(&self->monitoring, ref, pid);
+  set_charge(self, 1);
   if (mb_proc_remote_monitor == NULL) {
     mb_proc_push(self, down_msg(pid, ref, host_reason("noproc")));
     return ref;
@@ -736,6 +779,7 @@ mb_ref_t mb_proc_monitor(mb_proc_t *self, mb_pid_t pid)
     mb_proc_unref(t);
   }
   mb_hset_add(&self->monitoring, ref, pid);
+  set_charge(self, 1);
   if (!ok)
     mb_proc_push(self, down_msg(pid, ref, host_reason("noproc")));
   return ref;
@@ -747,6 +791,7 @@ int mb_proc_demonitor(mb_proc_t *self, mb_ref_t ref)
   mb_pid_t target;
   if (!mb_hset_take(&self->monitoring, ref, &target))
     return 0;
+  set_charge(self, -1);
   if (mb_id_is_remote(target)) {
     if (mb_proc_remote_monitor)
       mb_proc_remote_monitor(self->pid, target, ref, 0);
@@ -840,6 +885,9 @@ void mb_proc_exit(mb_proc_t *p, mb_msg_t *reason)
   mb_hset_free(&links);
   mb_hset_free(&watchers);
   mb_msg_free(reason);
+  /* Its monitors and aliases are gone as far as anyone can tell (the sets
+   * themselves go with the record). */
+  set_charge(p, -(long long)(p->monitoring.n + p->aliases.n));
 
   unsigned left = atomic_fetch_sub(&live, 1) - 1;
   mb_proc_unref(p);

@@ -300,6 +300,12 @@ void mb_proc_unlink(mb_proc_t *self, mb_pid_t pid);
 mb_ref_t mb_proc_monitor(mb_proc_t *self, mb_pid_t pid);
 /* Returns 1 if ref was an active monitor of self. */
 int mb_proc_demonitor(mb_proc_t *self, mb_ref_t ref);
+/* Monitors and aliases count MB_PROC_SET_ENTRY bytes each in their
+ * process's max_memory (alloc.charged) and the host's total. Whether one
+ * more fits p's max_memory (owner thread): the Lua bindings refuse to make
+ * one ("out of memory") when not. */
+#define MB_PROC_SET_ENTRY 64
+int mb_proc_set_room(mb_proc_t *p);
 
 /* Move the messages of port `port` (a socket's active-mode messages,
  * msg->port) from p's mailbox to process `to`, in order (what set_owner

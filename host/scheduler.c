@@ -964,6 +964,8 @@ static void memory_watch(void)
   static mb_pid_t victim;
   static uint64_t victim_since;
   int pressure = mb_alloc_take_pressure();
+  long long total = mb_alloc_host_total(), cap = mb_sched_opts.max_memory;
+  mb_alloc_set_over_cap(cap != 0 && total > cap);
   if (victim) {
     mb_proc_t *v = mb_proc_get(victim);
     if (v)
@@ -974,7 +976,6 @@ static void memory_watch(void)
     victim = 0;
     mb_alloc_reserve(MB_ALLOC_RESERVE);   /* again, once there is room */
   }
-  long long total = mb_alloc_host_total(), cap = mb_sched_opts.max_memory;
   if (!pressure && (cap == 0 || total <= cap))
     return;
   biggest_t b = {0, 0};

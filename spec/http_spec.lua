@@ -124,6 +124,51 @@ describe("moonbeam.http", function()
     return server
   end
 
+  -- Over --max-memory the host starts no process: the acceptor turns the
+  -- client away and goes on (it used to die of the spawn's error). In a
+  -- child host: a filler's hibernated children take it over its cap; the
+  -- killer of the biggest process ends a ballast process, then the filler,
+  -- whose linked children go with it, and the host is under its cap again.
+  it("turns clients away while the host starts no process, and serves again after", function()
+    local path = S.write("overcap.lua", [[
+      local mb = require "moonbeam"
+      local http = require "moonbeam.http"
+      local srv = assert(http.listen("127.0.0.1", 0, function(req, res) res:send("ok") end))
+      local url = "http://127.0.0.1:" .. srv:port() .. "/"
+      print("before", (http.request("GET", url) or {}).body)
+      mb.spawn(function() local ballast = ("b"):rep(8e6) mb.receive() end)
+      local main = mb.self()
+      mb.spawn(function()
+        local heft = ("f"):rep(4e6)
+        local t0 = mb.now()
+        while mb.now() - t0 < 20000 do
+          if not pcall(mb.spawn_link, function() mb.hibernate(function() mb.receive() end) end) then
+            break
+          end
+        end
+        mb.send(main, "refused")
+        mb.receive()
+      end)
+      assert(mb.receive(30000) == "refused")
+      local r, e = http.request("GET", url)
+      print("during", r and r.status, e)
+      local body
+      for _ = 1, 100 do
+        mb.sleep(100)
+        local r2 = http.request("GET", url)
+        if r2 and r2.body == "ok" then body = r2.body break end
+      end
+      print("after", body, mb.info(srv.pid) ~= nil)
+      os.exit(0)
+    ]])
+    local code, out, err = S.moonbeam("--max-memory 40M --watchdog 0 " .. S.q(path), nil, 90)
+    assert.are.equal(0, code, err)
+    assert.is_true(S.has(out, "before\tok"), out)
+    assert.is_true(S.has(out, "after\tok\ttrue"), out .. err)
+    assert.is_true(S.has(err, "spawn failed: ") and
+                   S.has(err, "out of memory (the host is over --max-memory)"), err)
+  end)
+
   it("stops when a process linked to its acceptor dies, and keeps serving when a connection dies", function()
     start(function(req, res)
       if req.path == "/crash" then error("handler crash") end

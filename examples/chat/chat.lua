@@ -66,8 +66,9 @@ local function tcp_acceptor(listener, host, port, registry, limits)
   local complained = false
   while true do
     local sock, aerr = lsock:accept()
-    if sock then
-      local pid = mb.spawn(tcp_user, registry, limits)
+    local ok, pid
+    if sock then ok, pid = pcall(mb.spawn, tcp_user, registry, limits) end
+    if ok then
       if sock:set_owner(pid) then
         mb.send(pid, { tcp_socket = sock })
         mb.send(listener, { link = pid })
@@ -77,9 +78,16 @@ local function tcp_acceptor(listener, host, port, registry, limits)
     elseif aerr == "closed" then
       error("chat: the TCP listening socket was closed")
     elseif aerr ~= "timeout" then
-      -- Out of file descriptors and the like: say it once, wait a little.
+      -- Out of file descriptors, or the host starts no process now (over
+      -- --max-memory, too many processes): turn the user away, say it
+      -- once, wait a little.
+      local what = "accept failed: " .. tostring(aerr)
+      if sock then
+        sock:close()
+        what = "cannot start a user: " .. tostring(pid)
+      end
       if not complained then
-        io.stderr:write("chat: accept failed: " .. tostring(aerr) .. "\n")
+        io.stderr:write("chat: " .. what .. "\n")
         complained = true
       end
       mb.sleep(50)

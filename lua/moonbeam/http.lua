@@ -152,6 +152,17 @@ local function acceptor(parent, host, port, handler, opts)
     overtime[pid] = nil
   end
 
+  -- Report why, and stop accepting for ACCEPT_BACKOFF. (Errors that come
+  -- before the pause takes hold are only reported.)
+  local function pause(why)
+    io.stderr:write("=HTTP REPORT==== " .. tostring(me) .. "\n" .. why .. "\n")
+    if not paused then
+      paused = true
+      l:set_active(false)
+      mb.send_after(ACCEPT_BACKOFF, me, { tag = "$http_accept_again" })
+    end
+  end
+
   -- One message. Returns a reason when the server is to shut down: its
   -- own close, or the EXIT of another linked process (a supervisor) that
   -- died, which it follows as it would without trapping exits.
@@ -172,7 +183,14 @@ local function acceptor(parent, host, port, handler, opts)
     local ev = m.event
     if ev == "tcp_accept" and m.socket == l then
       if closing then m.conn:close() return end
-      local pid = mb.spawn_opt(spawn_opts, connection, handler, copts, me)
+      local ok, pid = pcall(mb.spawn_opt, spawn_opts, connection, handler, copts, me)
+      if not ok then
+        -- The host starts no process now (over --max-memory, or too many
+        -- processes): turn this client away and pause as for a failed
+        -- accept, rather than end the server.
+        m.conn:close()
+        return pause("spawn failed: " .. tostring(pid))
+      end
       conns[pid] = true
       if m.conn:set_owner(pid) then
         mb.send(pid, m.conn)   -- (bare: see moonbeam.http_conn's conn.serve)
@@ -192,15 +210,8 @@ local function acceptor(parent, host, port, handler, opts)
       if conns[m.from] then heirs[m.from] = m.socket else m.socket:close() end
     elseif ev == "tcp_error" and m.socket == l then
       -- Out of file descriptors, say: keep serving the open connections
-      -- and accept again shortly rather than end the server. (Errors sent
-      -- before the pause are only reported.)
-      io.stderr:write("=HTTP REPORT==== " .. tostring(me) .. "\naccept failed: "
-                      .. tostring(m.reason) .. "\n")
-      if not paused then
-        paused = true
-        l:set_active(false)
-        mb.send_after(ACCEPT_BACKOFF, me, { tag = "$http_accept_again" })
-      end
+      -- and accept again shortly rather than end the server.
+      pause("accept failed: " .. tostring(m.reason))
     elseif m.tag == "$http_accept_again" then
       paused = false
       if not closing then l:set_active(true) end
