@@ -89,11 +89,15 @@ void mb_msg_free(mb_msg_t *msg)
 
 mb_msg_t *mb_msg_dup(const mb_msg_t *m)
 {
-  size_t size = mb_msg_size(m);
-  mb_msg_t *d = malloc(size);
+  mb_msg_t *d = malloc(mb_msg_size(m));
   if (d == NULL)
     return NULL;
-  memcpy(d, m, size);
+  /* The header and payload, then the code pointers: m's block may end
+   * with its payload (a message made by the builder has no codes, and its
+   * block no padding up to where they would start). */
+  memcpy(d, m, sizeof *m + m->len);
+  if (m->ncode)
+    memcpy(mb_msg_codes(d), mb_msg_codes(m), m->ncode * sizeof(void *));
   d->next = NULL;
   for (uint32_t i = 0; i < d->ncode; i++)
     mb_code_ref(mb_msg_codes(d)[i]);

@@ -667,6 +667,22 @@ static void test_msg(void)
   mb_msg_free(m);
   mb_msg_free(NULL);
   check(true, "mb_msg_free(NULL) is harmless");
+
+  /* A builder's message ends with its payload; a copy of it must not read
+   * up to where code pointers would start (ASan saw the copy of a reason
+   * "connection reset by peer" read 2 bytes past its block). */
+  char text[24];
+  bool copies = true;
+  for (int n = 0; n < (int)sizeof text; n++) {
+    memset(text, 'r', (size_t)n);
+    text[n] = '\0';
+    mb_msg_t *s = mb_msg_string(text);
+    mb_msg_t *d = s ? mb_msg_dup(s) : NULL;
+    copies = copies && d && mb_msg_is_string(d, text);
+    mb_msg_free(s);
+    mb_msg_free(d);
+  }
+  check(copies, "mb_msg_dup copies a string message of every length, within its block");
 }
 
 /* -- An encode cut short by a Lua error (the sender's stack cannot grow). */
