@@ -1059,6 +1059,35 @@ describe("the chat example over WebSocket", function()
     t:close()
   end)
 
+  -- A TCP user may send any bytes; a WebSocket text message must be UTF-8.
+  -- Such a line took every WebSocket user of the room off the chat (its
+  -- write failed, and a failed write ended the session).
+  it("gives a WebSocket user a TCP user's line that is not UTF-8, cleaned, and keeps it", function()
+    local ws = assert(websocket.connect("127.0.0.1", info.http_port, "/ws", { timeout = S.T }))
+    local function ws_skip_to(want)
+      for _ = 1, 100 do
+        local data, err = ws:read(S.T)
+        assert(data, "websocket read: " .. tostring(err))
+        if data == want then return end
+      end
+      error("no line " .. want)
+    end
+    for _, line in ipairs({ "/nick web", "/join lobby" }) do assert(ws:write(line)) end
+    ws_skip_to("* joined lobby")
+    local t = user(info, "term", "lobby")
+    ws_skip_to("* term joined lobby")
+    -- Latin-1, a lone continuation byte, a cut sequence, a surrogate,
+    -- then valid two-, three- and four-byte ones.
+    t:send("caf\233 \128 \226\130 \237\160\128 \195\169\226\130\172\240\159\152\128\n")
+    ws_skip_to("[lobby] term: caf? ? ?? ??? \195\169\226\130\172\240\159\152\128")
+    t:send("still here\n")
+    ws_skip_to("[lobby] term: still here")
+    assert(ws:write("/quit"))
+    ws_skip_to("* bye")
+    ws:close()
+    t:close()
+  end)
+
   it("removes a WebSocket user that disconnects or is killed", function()
     local t = user(info, "term", "lobby")
     local function ws_user(nick)

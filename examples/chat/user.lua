@@ -217,13 +217,51 @@ local function room_for(st, n)
   return drop(st, "more than " .. st.max_output .. " bytes unread for " .. st.max_stall .. " ms")
 end
 
+-- A WebSocket text message must be UTF-8, and a TCP user may send any
+-- bytes: for a WebSocket user, each byte that does not start a valid UTF-8
+-- sequence becomes "?" (the line keeps its length, so room_for's count
+-- holds). Only for a line the write refused: the common one is not scanned.
+local function utf8_clean(s)
+  local out, i, n = {}, 1, #s
+  while i <= n do
+    local c, len, lo, hi = s:byte(i), 0, 0x80, 0xBF
+    if c < 0x80 then len = 1
+    elseif c >= 0xC2 and c <= 0xDF then len = 2
+    elseif c >= 0xE0 and c <= 0xEF then
+      len = 3
+      if c == 0xE0 then lo = 0xA0 elseif c == 0xED then hi = 0x9F end
+    elseif c >= 0xF0 and c <= 0xF4 then
+      len = 4
+      if c == 0xF0 then lo = 0x90 elseif c == 0xF4 then hi = 0x8F end
+    end
+    local ok = len > 0 and i + len - 1 <= n
+    for k = 1, len - 1 do
+      local b = ok and s:byte(i + k)
+      if not b or b < (k == 1 and lo or 0x80) or b > (k == 1 and hi or 0xBF) then ok = false end
+    end
+    if ok then
+      out[#out + 1] = s:sub(i, i + len - 1)
+      i = i + len
+    else
+      out[#out + 1] = "?"
+      i = i + 1
+    end
+  end
+  return table.concat(out)
+end
+
 -- Writes one line to the client, never waiting on it (see room_for).
 local function write_line(st, line)
   if st.done then return end
   local ws = st.ws
   if room_for(st, ws and #line or #line + 1) then
     local ok, q
-    if ws then ok, q = st.sock:write(line) else ok, q = st.sock:write(line, "\n") end
+    if ws then
+      ok, q = st.sock:write(line)
+      if not ok and tostring(q):find("UTF-8", 1, true) then ok, q = st.sock:write(utf8_clean(line)) end
+    else
+      ok, q = st.sock:write(line, "\n")
+    end
     if not ok then st.done = true end
     st.queued = q
   end
