@@ -442,6 +442,19 @@ describe("moonbeam.http", function()
     assert.are.equal("hello world", r.body)
   end)
 
+  -- Each chunk used to stay a string of its own until the body was whole:
+  -- a body of 1-byte chunks took the connection's max_memory long before
+  -- max_body (a client got a reset where 4.5 MB of 8 MiB had come).
+  it("reads a body of many 1-byte chunks within a small max_memory", function()
+    start(echo, { max_memory = 4 * 1024 * 1024 })
+    local n = 300000
+    local r = raw_request(port, "POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+      .. ("1\r\na\r\n"):rep(n) .. "0\r\n\r\n")
+    assert.are.equal(200, r.status)
+    assert.are.equal(n, #r.body)
+    assert.is_true(r.body == ("a"):rep(n))
+  end)
+
   it("answers HEAD without a body", function()
     start(echo)
     local c = assert(http.connect(HOST, port))

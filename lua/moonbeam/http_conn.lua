@@ -283,7 +283,10 @@ end
 -- true and whether more events are queued, or nil and a status to answer
 -- (or "closed").
 local function read_body(c, req, ready)
-  local body, parts, size = nil, nil, 0
+  -- One piece is the body as it came; more go into a string.buffer: a list
+  -- of pieces held a string per piece, and a chunked body of 1-byte chunks
+  -- took the connection's 64 MiB at 4.5 MB, long before max_body.
+  local body, buf, size = nil, nil, 0
   while true do
     local kind, a, _, more
     -- (A request without a body is complete already: its "done" is queued.)
@@ -300,16 +303,18 @@ local function read_body(c, req, ready)
     if kind == "body" then
       size = size + #a
       if size > c.max_body then return nil, 413 end
-      if parts then
-        parts[#parts + 1] = a
+      if buf then
+        buf:put(a)
       elseif body then
-        parts = { body, a }
+        buf = require("string.buffer").new(2 * (#body + #a)):put(body, a)
+        body = nil
       else
         body = a
       end
     elseif kind == "done" then
-      if parts then
-        req.body = table.concat(parts)
+      if buf then
+        req.body = buf:tostring()
+        buf:free()
       elseif body then
         req.body = body
       end
