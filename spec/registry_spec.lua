@@ -36,6 +36,27 @@ describe("registry", function()
     S.await_down(ref)
   end)
 
+  -- As an Erlang atom: at most 255 bytes. A 50 MB name was printed whole
+  -- in every crash and watchdog report; one with a NUL registered cut short.
+  it("takes names of 1 to 255 bytes without NUL, and refuses others clearly", function()
+    local long = ("n"):rep(255)
+    local pid, ref = idle()
+    assert.is_true(mb.register(long, pid))
+    assert.are.equal(pid, mb.whereis(long))
+    for _, bad in ipairs { long .. "n", ("x"):rep(1e6), "spec\0reg", "" } do
+      local ok, err = pcall(mb.register, bad)
+      assert.is_false(ok)
+      assert.is_truthy(S.has(err, "a name is 1 to 255 bytes, without NUL") or
+                       S.has(err, "non-empty string expected"), err)
+    end
+    assert.is_nil(mb.whereis("spec"))
+    local ok, err = pcall(mb.spawn_opt, { name = "spec\0reg" }, function() end)
+    assert.is_false(ok)
+    assert.is_truthy(S.has(err, "opts.name must be a string of 1 to 255 bytes, without NUL"), err)
+    mb.send(pid, "stop")
+    S.await_down(ref)
+  end)
+
   it("whereis gives nil for an unknown name", function()
     assert.is_nil(mb.whereis("spec_reg_nobody"))
   end)

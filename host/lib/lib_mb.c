@@ -174,6 +174,18 @@ static mb_msg_t *encode_body(lua_State *L, int fnidx, const char *fname)
   return m;
 }
 
+/* A registered name: 1 to MB_NAME_MAX bytes without NUL, as an Erlang
+ * atom is at most 255 characters (a 50 MB name was printed whole in every
+ * report; one with a NUL was registered cut short). */
+#define MB_NAME_MAX 255
+
+static int name_ok(lua_State *L, int idx)
+{
+  size_t n;
+  const char *s = lua_tolstring(L, idx, &n);
+  return n >= 1 && n <= MB_NAME_MAX && memchr(s, '\0', n) == NULL;
+}
+
 /* Spawn fn at fnidx with the arguments above it; push pid (and ref). */
 static int spawn_common(lua_State *L, int fnidx, const spawn_opts_t *o,
                         const char *fname)
@@ -256,8 +268,9 @@ static int l_spawn_opt(lua_State *L)
   lua_pop(L, 3);
   lua_getfield(L, 1, "name");
   if (!lua_isnil(L, -1)) {
-    if (lua_type(L, -1) != LUA_TSTRING || lua_objlen(L, -1) == 0)
-      return luaL_error(L, "spawn_opt: opts.name must be a non-empty string");
+    if (lua_type(L, -1) != LUA_TSTRING || !name_ok(L, -1))
+      return luaL_error(L, "spawn_opt: opts.name must be a string of 1 to %d bytes, without NUL",
+                        MB_NAME_MAX);
     o.name = lua_tostring(L, -1);
   }
   lua_insert(L, 2);  /* the name's string stays anchored while we use it */
@@ -729,9 +742,12 @@ static int l_trap_exit(lua_State *L)
 
 static const char *check_name(lua_State *L, int idx, const char *fname)
 {
-  if (lua_type(L, idx) != LUA_TSTRING || lua_objlen(L, idx) == 0)
+  if (lua_type(L, idx) != LUA_TSTRING)
     luaL_error(L, "bad argument #%d to '%s' (non-empty string expected, got %s)",
                idx, fname, luaL_typename(L, idx));
+  if (!name_ok(L, idx))
+    luaL_error(L, "bad argument #%d to '%s' (a name is 1 to %d bytes, without NUL)",
+               idx, fname, MB_NAME_MAX);
   return lua_tostring(L, idx);
 }
 
