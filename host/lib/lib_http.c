@@ -217,6 +217,12 @@ typedef struct {
   int dbase, ndirect;    /* where it is and how many values (0: none) */
   int fold_at;           /* its framing's stack index, as fold (0: none) */
   mb_hframe_t frame;     /* the framing checker (http_frame.h) */
+  /* Queue mode: the bytes of the last input not parsed yet, because the
+   * queue held PARSE_AHEAD events already (see parser:next), and whether
+   * the stream's end came after them. */
+  char *pend;
+  uint32_t pend_len, pend_cap;
+  int pend_eof;
   /* Final state. */
   int limit_err;         /* LIM_* that stopped the parser */
   int stopped;           /* 1: error, 2: upgrade (feeds do nothing now) */
@@ -1062,9 +1068,19 @@ static size_t fast_head(hp_t *h, const char *d, size_t n)
   return i;
 }
 
+/* Queue mode parses ahead by at most this many values (16 request heads):
+ * it stops at the next message boundary after that, and keeps the rest of
+ * the input for the next parser:next. Every request of a read was parsed
+ * at once before: a client pipelining without reading the answers made
+ * each 64 KiB read some 2,400 requests' values and tables, 1-2 MB of a
+ * connection process's heap. */
+#define PARSE_AHEAD (16 * HEAD_VALUES)
+
 /* Run the parser over data[0..n) (n == 0: the end of the stream). Events
  * mode: events go to the table on top of the stack; queue mode: to the
- * queue, at stack index h->qidx. Returns the bytes consumed. */
+ * queue, at stack index h->qidx. Returns the bytes consumed: all of them
+ * but in queue mode with PARSE_AHEAD values queued at a message boundary,
+ * or when the parser stopped (an error, an upgrade's rest). */
 static size_t parse(lua_State *L, hp_t *h, const char *data, size_t n)
 {
   h->L = L;
@@ -1086,6 +1102,9 @@ static size_t parse(lua_State *L, hp_t *h, const char *data, size_t n)
     /* Feed the parser what the framing checker passed, a head at a time;
      * between messages, a head the fast path takes goes there instead. */
     while (used < n) {
+      if (h->api == API_QUEUE && h->qtail - h->qhead >= PARSE_AHEAD && !h->in_message &&
+          mb_hframe_at_start(&h->frame))
+        break;
       if (h->p.type == HTTP_REQUEST && !h->in_message && mb_hframe_at_start(&h->frame)) {
         size_t took = fast_head(h, data + used, n - used);
         if (took > 0) {
@@ -1177,6 +1196,55 @@ static int l_finish(lua_State *L)
   return run(L, h, "", 0);
 }
 
+/* Keep n more bytes for the next parse (queue mode). */
+static void pend_add(hp_t *h, const char *data, size_t n)
+{
+  if (h->pend_len + n > h->pend_cap) {
+    size_t cap = h->pend_cap ? 2 * (size_t)h->pend_cap : 4096;
+    while (cap < h->pend_len + n)
+      cap *= 2;
+    h->pend = mb_realloc(h->pend, cap);
+    h->pend_cap = (uint32_t)cap;
+  }
+  memcpy(h->pend + h->pend_len, data, n);
+  h->pend_len += (uint32_t)n;
+}
+
+static void pend_free(hp_t *h)
+{
+  mb_free(h->pend);
+  h->pend = NULL;
+  h->pend_len = h->pend_cap = 0;
+  h->pend_eof = 0;
+}
+
+/* Queue mode: parse what came (data, n; eof: the stream ended) after the
+ * bytes kept from before, keeping what the parse leaves. */
+static void parse_queued(lua_State *L, hp_t *h, const char *data, size_t n, int eof)
+{
+  if (h->pend_len == 0) {
+    size_t used = eof ? (parse(L, h, "", 0), 0) : n > 0 ? parse(L, h, data, n) : 0;
+    if (used < n && !h->stopped)
+      pend_add(h, data + used, n - used);
+    return;
+  }
+  pend_add(h, data, n);
+  h->pend_eof |= eof;
+  size_t used = parse(L, h, h->pend, h->pend_len);
+  if (h->stopped) {
+    pend_free(h);
+    return;
+  }
+  h->pend_len -= (uint32_t)used;
+  memmove(h->pend, h->pend + used, h->pend_len);
+  if (h->pend_len == 0) {
+    eof = h->pend_eof;
+    pend_free(h);
+    if (eof)
+      parse(L, h, "", 0);
+  }
+}
+
 /* parser:next([data | true]) -> kind, a, b, more[, ...] | nothing   (queue mode)
  * Feeds data (more of the stream; true: the stream ended, as
  * parser:finish()), then takes the next event off the parser's queue:
@@ -1186,7 +1254,8 @@ static int l_finish(lua_State *L)
  *   "body", data          "done", keep_alive        "upgrade", rest
  *   "error", status, message
  * or returns nothing when no event is ready; `more` says whether another
- * event is ready after this one. A request's framing is its
+ * event is ready after this one (or input kept for later, which may make
+ * one: the queue parses ahead by PARSE_AHEAD at most). A request's framing is its
  * Content-Length, true (chunked), nil, or false when it is complete with
  * its head (no body): then no "done" follows, one event per request. A
  * response's message is a table (see push_message). The queue is a table
@@ -1211,19 +1280,20 @@ static int l_next(lua_State *L)
     return luaL_error(L, "not enough memory");
   if (lua_type(L, 2) == LUA_TBOOLEAN) {
     luaL_argcheck(L, lua_toboolean(L, 2), 2, "data or true expected");
-    parse(L, h, "", 0);
+    parse_queued(L, h, "", 0, 1);
   } else if (!lua_isnil(L, 2)) {
     size_t n;
     const char *data = luaL_checklstring(L, 2, &n);
-    if (n > 0)
-      parse(L, h, data, n);
+    parse_queued(L, h, data, n, 0);
+  } else if (h->pend_len && h->qhead == h->qtail) {
+    parse_queued(L, h, "", 0, 0);
   }
   h->direct_ok = 0;
   h->fold_at = 0;   /* the direct event is returned now: too late to fold */
   if (h->ndirect) {
     int base = h->dbase, n = h->ndirect;
     h->ndirect = 0;
-    int more = h->qhead != h->qtail;
+    int more = h->qhead != h->qtail || h->pend_len > 0;
     lua_pushboolean(L, more);
     lua_insert(L, base + 3);
     return n + 1;
@@ -1247,6 +1317,7 @@ static int l_next(lua_State *L)
   int more = h->qhead != h->qtail;
   if (!more)
     h->qhead = h->qtail = 0;   /* reuse the slots from the start */
+  more = more || h->pend_len > 0;
   lua_pushboolean(L, more);
   lua_insert(L, 4 + 3);   /* after kind, a, b (the queue is at 3) */
   return n + 1;
@@ -1259,7 +1330,7 @@ static int l_resting(lua_State *L)
 {
   hp_t *h = check_parser(L);
   lua_pushboolean(L, !h->stopped && !h->in_message && h->qhead == h->qtail
-                     && mb_hframe_at_start(&h->frame));
+                     && h->pend_len == 0 && mb_hframe_at_start(&h->frame));
   return 1;
 }
 
@@ -1290,6 +1361,7 @@ static int l_gc(lua_State *L)
   h->buf = NULL;
   h->hdrs = NULL;
   h->cap = h->hcap = 0;
+  pend_free(h);
   return 0;
 }
 
