@@ -68,6 +68,7 @@ void mb_sock_unref(mb_sock_t *s)
 /* -- Creating and closing -------------------------------------------------- */
 
 static void close_handles(mb_sock_t *s);
+static void got_end(mb_sock_t *s, int code);
 
 /* What a gentle close (close_gently) needs: the shutdown request and the
  * timer that bounds the wait, made only then - an idle connection does not
@@ -132,7 +133,16 @@ static void close_handles(mb_sock_t *s)
     return;
   mb_lock(&s->lock);   /* (write_foreign: the descriptor) */
   s->handle_closing = 1;
+  /* A stream whose handle closes under its owner (not through
+   * mb_sock_close) with no end told: every path that closes one tells the
+   * end first (conn_over, ws_closed), and this makes sure no wait outlives
+   * the handle whatever the path (at shutdown, on the main thread, no
+   * process waits any more). */
+  int untold = s->kind == MB_SOCK_STREAM && !s->closed && !s->eof && !s->err
+               && mb_sched_self() == s->sched;
   mb_unlock(&s->lock);
+  if (untold)
+    got_end(s, MB_ECLOSED);
   if (s->linger) {
     uv_timer_stop(&s->linger->timer);
     uv_close((uv_handle_t *)&s->linger->timer, on_linger_closed);
@@ -579,16 +589,34 @@ static void on_alloc(uv_handle_t *h, size_t size, uv_buf_t *buf)
 
 static void ws_feed(mb_sock_t *s, const char *data, size_t len);
 
+/* The connection is over: the peer closed it (code MB_ECLOSED) or it broke
+ * (a libuv error, met by a read or by a write). Reading stops, and all
+ * that waits on the socket learns it now (got_end): a waiting reader or
+ * writer, the owner in active mode (its closed or error message), an owner
+ * armed with exit_on_close. A failed write must end the reader's wait
+ * too, not only a waiting writer's: the reading side may never learn it by
+ * itself, since reading may be stopped - by a full read buffer, or by a
+ * WebSocket's output over the mark, the very state a peer that pings and
+ * never reads leaves behind - and a WebSocket's framer, once its output
+ * failed, is done (mb_ws_done) and its handle closed without another read.
+ * A WebSocket is closed at once: there is no handshake left to finish.
+ * Loop thread. */
+static void conn_over(mb_sock_t *s, int code)
+{
+  if (!s->handle_closing)
+    uv_read_stop((uv_stream_t *)&s->tcp);
+  got_end(s, code);
+  if (s->ws)
+    close_handles(s);
+}
+
 static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *buf)
 {
   mb_sock_t *s = (mb_sock_t *)st;
   if (n == 0)
     return;
   if (n < 0) {
-    uv_read_stop(st);
-    got_end(s, n == UV_EOF ? MB_ECLOSED : (int)n);
-    if (s->ws)
-      close_handles(s);   /* the connection is gone; no handshake left */
+    conn_over(s, n == UV_EOF ? MB_ECLOSED : (int)n);
     return;
   }
   if (s->ws) {
@@ -624,7 +652,8 @@ void mb_sock_do_resume(mb_sock_t *s, void *arg)
 {
   (void)arg;
   mb_lock(&s->lock);
-  int go = s->paused && s->rbytes < MB_SOCK_RBUF_MAX && !s->handle_closing;
+  /* (Not after a failed write ended the connection: conn_over.) */
+  int go = s->paused && s->rbytes < MB_SOCK_RBUF_MAX && !s->handle_closing && !s->err;
   if (go)
     s->paused = 0;
   go = go && !s->wpaused;   /* else wq_done restarts it */
@@ -653,7 +682,7 @@ static void wq_done(mb_sock_t *s, size_t n)
     give_result(s, MB_SW_WRITE, 0);
     if (s->wpaused) {
       s->wpaused = 0;
-      resume = !s->paused && !s->handle_closing;
+      resume = !s->paused && !s->handle_closing && !s->err;
     }
   }
   mb_unlock(&s->lock);
@@ -665,20 +694,16 @@ static void on_written(uv_write_t *req, int status)
 {
   wreq_t *w = (wreq_t *)req;
   mb_sock_t *s = w->s;
-  if (status < 0 && status != UV_ECANCELED) {
-    mb_lock(&s->lock);
-    if (!s->err)
-      s->err = status;
-    give_result(s, MB_SW_WRITE, status);
-    mb_unlock(&s->lock);
-  }
+  if (status < 0 && status != UV_ECANCELED)
+    conn_over(s, status);   /* (ECANCELED: the handle closes) */
   wq_done(s, w->len);
   mb_sock_unref(s);
   mb_free(w);
 }
 
 /* Write len bytes on the wire; the caller counted them in s->wq. Returns 0
- * or a libuv error (then the bytes are dropped from the count). */
+ * or a libuv error (then the bytes are dropped from the count and the
+ * connection is over: conn_over). */
 static int raw_write(mb_sock_t *s, const char *data, size_t len)
 {
   if (s->handle_closing) {
@@ -694,6 +719,7 @@ static int raw_write(mb_sock_t *s, const char *data, size_t len)
       done = (size_t)r;
     else if (r < 0 && r != UV_EAGAIN) {
       wq_done(s, len);
+      conn_over(s, r);
       return r;
     }
   }
@@ -715,18 +741,28 @@ static int raw_write(mb_sock_t *s, const char *data, size_t len)
     mb_sock_unref(s);
     mb_free(w);
     wq_done(s, rest);
+    conn_over(s, rc);
     return rc;
   }
   return 0;
 }
 
-static void write_failed(mb_sock_t *s, int rc)
+/* A WebSocket message the framer refused (it failed: a protocol error or
+ * the connection's end, which it has reported or conn_over has): the
+ * writer learns it; the rest is as the end left it (a close frame of ours
+ * may still be on its way out). */
+static void write_refused(mb_sock_t *s, int rc)
 {
   mb_lock(&s->lock);
   if (!s->err)
     s->err = rc;
   give_result(s, MB_SW_WRITE, rc);
   mb_unlock(&s->lock);
+}
+
+static void do_conn_over(mb_sock_t *s, void *arg)
+{
+  conn_over(s, (int)(intptr_t)arg);
 }
 
 /* Under s->lock: may a write go straight to the kernel? Nothing queued or
@@ -869,7 +905,7 @@ static void ws_flush(mb_sock_t *s, void *arg)
 {
   (void)arg;
   if (s->ws && mb_ws_flush(s->ws) < 0)
-    write_failed(s, UV_EPIPE);
+    write_refused(s, UV_EPIPE);
   wq_done(s, s->ws_held);
   s->ws_held = 0;
 }
@@ -887,8 +923,8 @@ void mb_sock_uncork(mb_sock_t *s, mb_pid_t by)
   if (s->cork_len == 0)
     return;
   long n = mb_sock_write_now(s, NULL, 0);
-  if (n < 0)
-    write_failed(s, (int)n);
+  if (n < 0)   /* nobody to tell but the socket's waits: end them */
+    mb_sock_run(s, do_conn_over, (void *)(intptr_t)n);
 }
 
 /* In WebSocket mode the framing is the loop's (ws.c), so a write held back
@@ -916,12 +952,11 @@ void mb_sock_do_write(mb_sock_t *s, void *arg)
       wq_done(s, o->len + s->ws_held);
       s->ws_held = 0;
     }
-    rc = rc < 0 ? UV_EPIPE : 0;
+    if (rc < 0)
+      write_refused(s, UV_EPIPE);
   } else {
-    rc = raw_write(s, o->data, o->len);
+    raw_write(s, o->data, o->len);   /* (a failure: conn_over) */
   }
-  if (rc < 0)
-    write_failed(s, rc);
   mb_free(o);
 }
 

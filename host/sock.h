@@ -36,6 +36,13 @@
  * while the queue is over MB_SOCK_WRITE_HIGH the socket stops reading from
  * it, until the queue drains under MB_SOCK_WRITE_LOW (TCP flow control then
  * holds the peer back, as for a slow owner).
+ * The end: however the end of a connection is met - a read that finds the
+ * peer's FIN or an error, or a write that fails (the peer reset it) - it
+ * ends every wait on the socket at once (sock.c, conn_over): a blocked read
+ * or write gets its result, the owner in active mode its closed or error
+ * message. A failed write must do so too, since the reading side may be
+ * stopped (read-ahead full, WebSocket output over the mark) and never learn
+ * it; and a handle that closes under its owner tells the end first.
  *
  * Accepting: a listener accepts into its queue (acc_head) up to
  * MB_SOCK_ACCEPT_QUEUE connections and then leaves the next one to libuv,
@@ -288,8 +295,8 @@ int mb_sock_push_result(lua_State *L, struct mb_io_req *req);
 
 /* Watching the peer for an owner that is busy elsewhere (a process serving
  * a request does not read its socket meanwhile, yet must not run on for a
- * client that has gone). mode MB_SOCK_EXIT_ON_ERROR: when reading fails
- * (the peer reset the connection), the owner gets an exit signal whose
+ * client that has gone). mode MB_SOCK_EXIT_ON_ERROR: when reading or a
+ * write queued on the loop fails (the peer reset the connection), the owner gets an exit signal whose
  * reason is the error's message ("connection reset by peer"); mode
  * MB_SOCK_EXIT_ON_CLOSE: also when the peer's FIN arrives (reason "peer
  * closed"); 0: off. It fires once, then is off; armed after the peer has

@@ -713,6 +713,43 @@ describe("moonbeam.tcp", function()
     l:close()
   end)
 
+  -- A process with output queued for a peer that does not read, waiting
+  -- for the peer (in read, or for an active-mode message), when the peer
+  -- goes away on unread data (a reset): the wait ends. The reset reaches
+  -- the socket both as a failed read and as a failed write; either ends
+  -- every wait on it (sock.c, conn_over).
+  for _, mode in ipairs({ "read", "active" }) do
+    it("ends the wait (" .. mode .. ") of an owner with output queued when its peer resets", function()
+      local c, s, l = pair()
+      local me = mb.self()
+      local w = mb.spawn(function()
+        local m = mb.receive(5000)
+        local piece = ("x"):rep(16 * 1024)
+        repeat                                -- till the kernel holds back
+          local ok, queued = m.sock:write(piece)
+        until not ok or queued > 0
+        mb.send(me, { queued = m.sock:queued() })
+        if mode == "read" then
+          local d, err = m.sock:read()
+          mb.send(me, { ended = err or "data" })
+        else
+          m.sock:set_active(true)
+          local e = mb.receive(function(x) return x.event == "tcp_closed" or x.event == "tcp_error" end)
+          mb.send(me, { ended = e.reason or "closed" })
+        end
+      end)
+      assert(s:set_owner(w))
+      mb.send(w, { sock = s })
+      local q = S.recv(function(m) return m.queued end).queued
+      assert.is_true(q > 0 and q <= 64 * 1024, "queued " .. q)
+      mb.sleep(100)   -- w is in its wait
+      c:close()       -- unread input: the kernel resets
+      local ended = S.recv(function(m) return m.ended end, 10000, "the end of the owner's wait").ended
+      assert.is_truthy(ended == "closed" or ended == "connection reset by peer", ended)
+      l:close()
+    end)
+  end
+
   it("times out a connect that the peer never answers, and closes its socket", function()
     -- A listener nobody accepts from: its queue (64) and then the kernel's
     -- backlog fill up, and later SYNs are dropped.

@@ -515,6 +515,77 @@ describe("moonbeam.websocket", function()
     assert.is_true(procs1 < 16 * 1024 * 1024, "processes hold " .. procs1 .. " bytes")
   end)
 
+  -- The same peer then goes away (its close resets the connection: pongs
+  -- lie unread in its buffer) while the server's output is over the mark
+  -- and the server has stopped reading from it. The reset comes back as a
+  -- failed write, and once the queue has failed away the framer's next pong
+  -- fails too; the server's process must learn the end whatever it waits
+  -- in: a blocked ws:read() returns nil, err, and websocket.loop (active
+  -- mode) runs terminate. It used to wait forever with its socket gone: a
+  -- process leaked per such connection.
+  for _, mode in ipairs({ "read", "loop" }) do
+    it("ends the wait (" .. mode .. ") of a peer that pings, never reads the pongs and resets", function()
+      local me = mb.self()
+      start(function(req, res)
+        local mb = require "moonbeam"
+        local websocket = require "moonbeam.websocket"
+        local ws = websocket.upgrade(req, res)
+        if not ws then return end
+        if mode == "loop" then
+          mb.send(me, { tag = "pid", pid = mb.self() })
+          websocket.loop(ws, {
+            message = function(_, _, _, st) return st end,
+            info = function(w, m, st)
+              if m == "queued?" then mb.send(me, { tag = "queued", n = w:queued() }) end
+              return st
+            end,
+            terminate = function(_, reason) mb.send(me, { tag = "end", err = reason }) end,
+          }, {})
+        end
+        -- Watch the pongs pile up, then wait in one read with no timeout.
+        while ws:queued() <= 64 * 1024 do
+          local data, err = ws:read(10)
+          if not data and err ~= "timeout" then
+            return mb.send(me, { tag = "end", err = "before the mark: " .. tostring(err) })
+          end
+        end
+        mb.send(me, { tag = "over" })
+        local data, err = ws:read()
+        mb.send(me, { tag = "end", data = data, err = err })
+      end)
+      local sock = raw_ws(port)
+      local pid = mode == "loop" and S.recv(S.field("tag", "pid")).pid
+      local batch = {}
+      for i = 1, 100 do batch[i] = frame(9, ("p"):rep(125)) end
+      batch = table.concat(batch)
+      -- Ping until the server's pongs are over its mark (it then stops
+      -- reading), writing only while nothing of ours is queued, so that our
+      -- close is at once (else it lingers up to 5 s before the reset).
+      local over, deadline = false, mb.now() + 30000
+      while not over and mb.now() < deadline do
+        if sock:queued() == 0 then assert(sock:write(batch)) else mb.sleep(1) end
+        if pid then
+          mb.send(pid, "queued?")
+          over = S.recv(S.field("tag", "queued")).n > 64 * 1024
+        else
+          over = mb.receive(S.field("tag", "over"), 0) ~= nil
+        end
+        local early = mb.receive(S.field("tag", "end"), 0)
+        assert(not early, early and early.err)
+      end
+      assert.is_true(over, "the server's output never went over the mark")
+      mb.sleep(100)   -- the server's process is back in its wait
+      sock:close()    -- pongs unread: the kernel resets the connection
+      local m = S.recv(S.field("tag", "end"), 15000, "the end of the server process's wait")
+      assert.is_nil(m.data)
+      if mode == "loop" then
+        assert.are.equal("closed", m.err)
+      else
+        assert.is_truthy(m.err == "closed" or m.err == "connection reset by peer", tostring(m.err))
+      end
+    end)
+  end
+
   describe("messages held back while messages wait (corking)", function()
     it("holds a message while the mailbox is not empty; the next one goes with it", function()
       start(echo_handler)
