@@ -750,6 +750,51 @@ describe("moonbeam.tcp", function()
     end)
   end
 
+  -- Inside a C callback (a string.gsub function, a table.sort comparator)
+  -- the process cannot wait, so a write that would have to (the queue over
+  -- the mark) raises, as receive does there, and queues nothing. It used to
+  -- neither wait nor raise: the queue grew without bound (a GB for a peer
+  -- that never reads), outside every memory limit.
+  it("raises on a write that would have to wait inside a C callback, and queues nothing", function()
+    local c, s, l = pair()                  -- s never reads
+    local chunk = ("w"):rep(256 * 1024)
+    local n = 0
+    local ok, err = pcall(string.gsub, ("x"):rep(200), "x", function()   -- 50 MiB at most
+      assert(c:write(chunk))
+      n = n + 1
+    end)
+    assert.is_false(ok, "200 writes of 256 KiB went through without a wait: " .. c:queued() .. " queued")
+    assert.is_truthy(tostring(err):find("write: cannot block here", 1, true), tostring(err))
+    -- What the kernel did not take of the writes that went is queued: at
+    -- most the mark and one write (the one the kernel took part of).
+    assert.is_true(n >= 1 and c:queued() <= 64 * 1024 + #chunk, n .. " writes, " .. c:queued() .. " queued")
+    local q = c:queued()
+    ok, err = pcall(table.sort, { 1, 2, 3 }, function(a, b) c:write(chunk) return a < b end)
+    assert.is_false(ok)
+    assert.is_truthy(tostring(err):find("write: cannot block here", 1, true), tostring(err))
+    assert.is_true(c:queued() <= q, "the refused write was queued")
+    -- Small writes under the mark still go, and the socket works on.
+    s:set_active(false)
+    local total = 0
+    local reader = mb.spawn(function()
+      local m = mb.receive(5000)
+      local got = 0
+      while true do
+        local d = m.sock:read(5000)
+        if not d then break end
+        got = got + #d
+      end
+      mb.send(m.me, { got = got })
+    end)
+    assert(s:set_owner(reader))
+    mb.send(reader, { sock = s, me = mb.self() })
+    assert(c:write("end"))
+    c:close()
+    total = S.recv(function(m) return m.got end).got
+    assert.are.equal(n * #chunk + 3, total)
+    l:close()
+  end)
+
   it("times out a connect that the peer never answers, and closes its socket", function()
     -- A listener nobody accepts from: its queue (64) and then the kernel's
     -- backlog fill up, and later SYNs are dropped.

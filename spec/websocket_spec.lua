@@ -586,6 +586,46 @@ describe("moonbeam.websocket", function()
     end)
   end
 
+  -- As for TCP (tcp_spec): inside a C callback a message that would have to
+  -- wait for the queue raises and queues nothing, where it used to queue
+  -- without bound.
+  it("raises on a message that would have to wait inside a C callback, and queues nothing", function()
+    local me = mb.self()
+    start(function(req, res)
+      local mb = require "moonbeam"
+      local ws = require("moonbeam.websocket").upgrade(req, res)
+      if not ws then return end
+      mb.send(me, { tag = "up", pid = mb.self() })
+      mb.receive(10000)                     -- not reading till told
+      local got = 0
+      while true do
+        local d = ws:read(5000)
+        if not d then break end
+        got = got + #d
+      end
+      mb.send(me, { tag = "got", got = got })
+    end)
+    local sock = assert(websocket.connect(HOST, port, "/"))
+    local up = S.recv(S.field("tag", "up"))
+    local chunk = ("w"):rep(16 * 1024)
+    local n = 0
+    local ok, err = pcall(string.gsub, ("x"):rep(2000), "x", function()   -- 32 MiB at most
+      assert(sock:write(chunk, true))
+      n = n + 1
+    end)
+    assert.is_false(ok, "2000 messages of 16 KiB went without a wait: " .. sock:queued() .. " queued")
+    assert.is_truthy(tostring(err):find("write: cannot block here", 1, true), tostring(err))
+    assert.is_true(sock:queued() <= 64 * 1024, sock:queued() .. " queued")
+    -- One that goes over the mark by itself would wait anywhere: it raises.
+    ok, err = pcall(table.sort, { 1, 2, 3 }, function(a, b) sock:write(("v"):rep(65 * 1024), true) return a < b end)
+    assert.is_false(ok)
+    assert.is_truthy(tostring(err):find("write: cannot block here", 1, true), tostring(err))
+    mb.send(up.pid, "read now")
+    assert(sock:write(chunk, true))         -- outside the callback: waits as ever
+    sock:close()
+    assert.are.equal((n + 1) * #chunk, S.recv(S.field("tag", "got"), 15000).got)
+  end)
+
   describe("messages held back while messages wait (corking)", function()
     it("holds a message while the mailbox is not empty; the next one goes with it", function()
       start(echo_handler)

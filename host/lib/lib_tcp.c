@@ -7,7 +7,9 @@
  * others get nil, "not owner". Expected failures (refused, reset, closed,
  * timeout, address in use) return nil plus a message; misuse (a wrong
  * argument type) raises. Calls that wait block only the calling process,
- * and so, like receive, cannot be made inside a C callback.
+ * and so, like receive, cannot be made inside a C callback: there they
+ * raise, a write too when it would have to wait for the queue (else
+ * nothing would bound the queue).
  */
 #include <string.h>
 
@@ -395,6 +397,7 @@ static int l_write(lua_State *L)
     return 2;
   }
   len -= (size_t)done;
+  int took = done > 0;   /* the kernel took part of it (the queue was empty) */
   mb_lock(&s->lock);
   int ws = s->ws_mode;
   mb_unlock(&s->lock);
@@ -419,24 +422,32 @@ static int l_write(lua_State *L)
   }
   mb_lock(&s->lock);
   int err = s->err && s->err != MB_ECLOSED ? s->err : 0;
-  int wait = 0;
+  int wait = 0, refuse = 0;
   size_t queued = 0;
-  if (!err) {
+  if (!err && s->wq + len > MB_SOCK_WRITE_HIGH) {
+    /* Over the mark: wait till it drains, if this is a place to wait.
+     * Where it is not (inside a C callback: a string.gsub function, a
+     * table.sort comparator), nothing else would bound the queue, so such
+     * a write raises, as receive does there, and queues nothing; unless
+     * the kernel took part of it already, which it does only with nothing
+     * queued: then the queue holds this one write alone. */
+    wait = mb_run_can_yield(p, L);
+    refuse = !wait && !took;
+  }
+  if (!err && !refuse) {
     s->wq += len;
     queued = s->wq;
-    /* Over the mark: wait till it drains, if this is a place to wait. */
-    if (s->wq > MB_SOCK_WRITE_HIGH && mb_run_can_yield(p, L)) {
-      wait = 1;
+    if (wait) {
       s->wait = MB_SW_WRITE;
       s->wpid = p->pid;
       s->wseq = mb_io_wait_begin(p);
     }
   }
   mb_unlock(&s->lock);
-  if (err) {
+  if (err || refuse) {
     mb_free(o);
     mb_sock_unref(s);
-    return fail_code(L, err);
+    return err ? fail_code(L, err) : mb_lib_block_error(L, "write");
   }
   mb_sock_run(s, mb_sock_do_write, o);
   if (later)
