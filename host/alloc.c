@@ -591,3 +591,8 @@ void *mb_realloc(void *ptr, size_t n)
   return mb_must(p);
 }
 void mb_free(void *p) { mi_free(p); }
+
+void *mb_try_realloc(void *p, size_t n)
+{
+  return mi_realloc(p, n);
+}

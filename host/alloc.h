@@ -103,6 +103,12 @@ void *mb_malloc(size_t n);
 void *mb_calloc(size_t n, size_t size);
 void *mb_realloc(void *p, size_t n);
 void mb_free(void *p);
+/* mb_realloc that may fail: NULL (p untouched) when the allocator has no
+ * n bytes. For the large buffers a process asked for that are freed with
+ * mb_free (moonbeam.fs's read buffers, io.h): their failure fails that
+ * call, never the host, and spends neither the reserve nor the watchdog's
+ * attention (the buffer is given up at once). Any thread. */
+void *mb_try_realloc(void *p, size_t n);
 /* p, or the host's out-of-memory end if p is NULL: for the results of
  * functions that may return NULL where the caller cannot go on without
  * (call mb_alloc_failed() and retry once first). */

@@ -1,6 +1,8 @@
 /* io.c: blocking operations on libuv's thread pool (see io.h). */
+#include <stdint.h>
 #include <string.h>
 
+#include "alloc.h"
 #include "io.h"
 #include "scheduler.h"
 
@@ -16,6 +18,9 @@ void mb_io_free(mb_io_req_t *req)
 {
   if (req->free)
     req->free(req);
+  mb_io_uncharge(req);
+  if (req->proc)
+    mb_proc_unref(req->proc);
   mb_free(req->path);
   mb_free(req->path2);
   mb_free(req->data);
@@ -72,6 +77,9 @@ int mb_io_start(mb_proc_t *p, mb_io_req_t *req)
 {
   req->seq = mb_io_wait_begin(p);
   req->pid = p->pid;
+  /* A reference for the pool thread's charges (and mb_io_wanted): p may
+   * die and be freed meanwhile. NULL if p is already dying. */
+  req->proc = mb_proc_get(p->pid);
   req->work.data = req;
   int rc = uv_queue_work(mb_sched_loop(mb_sched_self()), &req->work, on_work, on_done);
   if (rc) {
@@ -101,4 +109,84 @@ static void release(mb_proc_t *p)
 void mb_io_init(void)
 {
   mb_proc_add_exit_hook(release);
+}
+
+/* -- Counted buffers ---------------------------------------------------------- */
+
+int mb_io_charge(mb_io_req_t *req, size_t n)
+{
+  mb_proc_t *p = req->proc;
+  if (p && p->alloc.max) {
+    /* As mb_proc_push's check of a queued message: heap, charges
+     * (pending timers, this and other requests) and mailbox. */
+    size_t charged = atomic_load_explicit(&p->alloc.charged, memory_order_relaxed);
+    size_t held = atomic_load_explicit(&p->alloc.used, memory_order_relaxed) + charged +
+                  atomic_load_explicit(&p->mailbox_bytes, memory_order_relaxed);
+    if (n > p->alloc.max || held > p->alloc.max - n) {
+      req->oom = "the process's max_memory";
+      return UV_ENOMEM;
+    }
+  }
+  /* alloc.charged is 32 bits (timer.c keeps its timers under 4 GiB). */
+  if (p && n > UINT32_MAX - atomic_load_explicit(&p->alloc.charged, memory_order_relaxed)) {
+    req->oom = "the process's memory outside its heap (4 GiB)";
+    return UV_ENOMEM;
+  }
+  long long cap = mb_sched_opts.max_memory;
+  if (cap && (long long)n > cap - mb_alloc_host_total()) {
+    req->oom = "the host's --max-memory";
+    return UV_ENOMEM;
+  }
+  if (p) {
+    atomic_fetch_add_explicit(&p->alloc.charged, (unsigned)n, memory_order_relaxed);
+    req->charged_proc += n;
+  }
+  req->charged += n;
+  mb_alloc_count((long long)n);
+  return 0;
+}
+
+/* Give back n of req's counted bytes (the process's part first). */
+static void discharge(mb_io_req_t *req, size_t n)
+{
+  size_t np = n < req->charged_proc ? n : req->charged_proc;
+  if (np) {
+    atomic_fetch_sub_explicit(&req->proc->alloc.charged, (unsigned)np, memory_order_relaxed);
+    req->charged_proc -= np;
+  }
+  req->charged -= n;
+  mb_alloc_count(-(long long)n);
+}
+
+void mb_io_uncharge(mb_io_req_t *req)
+{
+  if (req->charged)
+    discharge(req, req->charged);
+}
+
+int mb_io_grow(mb_io_req_t *req, char **buf, size_t *cap, size_t n)
+{
+  int rc = mb_io_charge(req, n - *cap);
+  if (rc)
+    return rc;
+  char *b = mb_try_realloc(*buf, n);
+  if (b == NULL) {
+    discharge(req, n - *cap);
+    req->oom = "what the host could allocate";
+    return UV_ENOMEM;
+  }
+  *buf = b;
+  *cap = n;
+  return 0;
+}
+
+int mb_io_wanted(mb_io_req_t *req)
+{
+  mb_proc_t *p = req->proc;
+  if (p == NULL)
+    return 0;
+  mb_proc_lock(p);
+  int wanted = !p->dead && p->wait_seq == req->seq && p->io_done == NULL;
+  mb_proc_unlock(p);
+  return wanted;
 }

@@ -14,6 +14,33 @@
  *
  * Memory: a request is owned by the thread pool until its work is done, then
  * by the process (until its results are pushed), or freed on the spot.
+ *
+ * What an operation buffers outside the process's heap (a file read, a
+ * directory listing, a line of input, the copy of the data a write writes)
+ * is counted as it grows, like the messages queued for a process: in the
+ * host's total (mb_alloc_count, what --max-memory caps) and, for a started
+ * request, in its process's alloc.charged, which counts under its
+ * max_memory with its heap and its mailbox. A growth that would take either
+ * over its cap is refused instead of made (mb_io_charge): the operation
+ * fails with UV_ENOMEM, so that a read of something endless (/dev/zero, a
+ * FIFO, a line that never ends) stops at what its process may hold, and a
+ * buffer the allocator cannot give fails that operation, not the host.
+ * Refusing, rather than killing the process as a flooded mailbox does,
+ * because the process asked for this memory and can do without it (the
+ * data never reached it); Erlang's file:read_file says {error, enomem}. The
+ * counts are given back when the results are pushed, just before they are
+ * copied into the heap (which counts them from then on: the copy is made on
+ * the owner's thread and the buffer freed right after, so at most one such
+ * copy per scheduler thread exists uncounted at a time), or when the
+ * request is freed.
+ *
+ * Threads: the pool thread running the work adds to the charges; while it
+ * does, the process waits for it (an MB_WAIT_IO ends only with the result
+ * or the process), so no other thread adds to that process's charge and a
+ * check of its limit holds (timers and messages only take away meanwhile,
+ * or add to the mailbox, whose own check counts the charge in). The owner
+ * or the loop thread gives back. The host's total is per-thread counters
+ * (alloc.h), which any thread may add to.
  */
 #ifndef MB_IO_H
 #define MB_IO_H
@@ -44,6 +71,13 @@ struct mb_io_req {
   int err;                         /* 0 or a negative errno */
   uv_stat_t st;
   void *extra;
+  /* Counted bytes (see DESIGN): `charged` in the host's total, of which
+   * `charged_proc` also in proc's alloc.charged. proc: the process that
+   * started the request (a reference, from mb_io_start to mb_io_free), or
+   * NULL. oom: why mb_io_charge refused, for the error message. */
+  mb_proc_t *proc;
+  size_t charged, charged_proc;
+  const char *oom;
 };
 
 /* Set up: a dying process's finished operation, never taken, is freed (an
@@ -74,5 +108,27 @@ int mb_io_finish(lua_State *L, mb_io_req_t *req);
 
 /* Free a request whose results will never be pushed. */
 void mb_io_free(mb_io_req_t *req);
+
+/* -- Counted buffers (see DESIGN) ----------------------------------------- */
+
+/* Count n more bytes for req: in the host's total, and in its process's
+ * max_memory once started (before mb_io_start, in the host's total only:
+ * the owner thread uses that for a copy of data its heap already counts).
+ * Returns 0, or UV_ENOMEM when that would take the process over its
+ * max_memory (its heap, mailbox and charges) or the host over --max-memory,
+ * with req->oom saying which; nothing is counted then. The thread that owns
+ * req (the pool thread in the work). */
+int mb_io_charge(mb_io_req_t *req, size_t n);
+/* Give back every byte counted for req (again: nothing). Owner thread of
+ * req's process (a push, before it copies into the heap), or wherever req
+ * is freed (mb_io_free does it). */
+void mb_io_uncharge(mb_io_req_t *req);
+/* Grow *buf (mb_free-able; NULL at first) from *cap to n > *cap bytes,
+ * counted in req: 0, or UV_ENOMEM (mb_io_charge's refusal, or the
+ * allocator had no n bytes: then nothing changed). */
+int mb_io_grow(mb_io_req_t *req, char **buf, size_t *cap, size_t n);
+/* Does req's process still wait for it? An operation that may read long
+ * stops when not (its process was killed): pool thread. */
+int mb_io_wanted(mb_io_req_t *req);
 
 #endif

@@ -12,6 +12,7 @@
 #include <pthread.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -27,8 +28,16 @@
 #include "run.h"
 #include "scheduler.h"
 
-/* A file larger than this is refused by read_file (use a stream instead). */
+/* A file larger than this is refused by read_file (use a stream instead),
+ * and no line of read_line is longer. */
 #define MB_FS_MAX_READ ((size_t)1 << 30)
+/* read_line's longest line unless its caller asks for another. */
+#define MB_FS_MAX_LINE ((size_t)1 << 20)
+/* A read reads at most this much at a time, and between two asks whether
+ * its process still wants the data (a killed one's read stops). */
+#define MB_FS_CHUNK ((size_t)1 << 20)
+/* A buffer whose doubling the limits refuse grows by less, down to this. */
+#define MB_FS_MIN_GROW ((size_t)64 << 10)
 
 static char *dupstr(const char *s, size_t n)
 {
@@ -42,9 +51,29 @@ static char *dupstr(const char *s, size_t n)
 static int push_error(lua_State *L, mb_io_req_t *req)
 {
   lua_pushnil(L);
-  lua_pushfstring(L, "%s: %s", req->path, uv_strerror(req->err));
+  if (req->err == UV_ENOMEM && req->oom)
+    lua_pushfstring(L, "%s: not enough memory (over %s)", req->path, req->oom);
+  else
+    lua_pushfstring(L, "%s: %s", req->path, uv_strerror(req->err));
   lua_pushstring(L, uv_err_name(req->err));
   return 3;
+}
+
+/* Grow a counted buffer (io.h: it counts toward the process's max_memory
+ * and the host's --max-memory) from *cap toward `want` bytes. A doubling
+ * the limits refuse is tried again with half the increase, down to
+ * MB_FS_MIN_GROW: the data of a pipe or a line, whose size is not known
+ * ahead, may fill what its process may still hold before the read fails.
+ * 0 or UV_ENOMEM (req->oom says which limit). */
+static int grow(mb_io_req_t *req, char **buf, size_t *cap, size_t want)
+{
+  size_t step = want - *cap;
+  for (;;) {
+    int rc = mb_io_grow(req, buf, cap, *cap + step);
+    if (rc == 0 || step <= MB_FS_MIN_GROW)
+      return rc;
+    step /= 2;
+  }
 }
 
 /* Start req for the caller and block it; the scheduler resumes it with the
@@ -62,8 +91,10 @@ static int run_op(lua_State *L, mb_io_req_t *req, const char *fname)
   return mb_run_yield(L, MB_YIELD_WAIT);
 }
 
-static mb_io_req_t *new_req(lua_State *L, mb_io_work_fn run, mb_io_push_fn push,
-                            const char *fname)
+/* A request of `size` bytes (an op's struct that embeds it) for the path
+ * in argument 1. */
+static mb_io_req_t *new_req_of(lua_State *L, size_t size, mb_io_work_fn run,
+                               mb_io_push_fn push, const char *fname)
 {
   mb_lib_self(L);
   size_t n;
@@ -71,13 +102,24 @@ static mb_io_req_t *new_req(lua_State *L, mb_io_work_fn run, mb_io_push_fn push,
   if (n == 0 || memchr(path, '\0', n))
     luaL_error(L, "bad argument #1 to '%s' (a non-empty path without zero bytes expected)",
                fname);
-  mb_io_req_t *req = mb_io_new(sizeof *req, run, push);
+  mb_io_req_t *req = mb_io_new(size, run, push);
   req->path = dupstr(path, n);
   return req;
 }
 
+static mb_io_req_t *new_req(lua_State *L, mb_io_work_fn run, mb_io_push_fn push,
+                            const char *fname)
+{
+  return new_req_of(L, sizeof(mb_io_req_t), run, push, fname);
+}
+
 /* -- read_file ------------------------------------------------------------ */
 
+/* The buffer grows as the data comes, counted (grow): a regular file's
+ * size is known and taken at once, or refused at once; a special file
+ * (/dev/zero, a FIFO, /proc) doubles until its end, MB_FS_MAX_READ, or
+ * what the process and the host may still hold - then the read fails with
+ * ENOMEM, unless the data ends right there. */
 static void read_work(mb_io_req_t *req)
 {
   int fd = open(req->path, O_RDONLY | O_CLOEXEC);
@@ -86,44 +128,68 @@ static void read_work(mb_io_req_t *req)
     return;
   }
   struct stat st;
-  size_t cap = fstat(fd, &st) == 0 && st.st_size > 0 ? (size_t)st.st_size + 1 : 4096;
-  if (cap > MB_FS_MAX_READ) {
+  int known = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0;
+  if (known && (uint64_t)st.st_size >= MB_FS_MAX_READ) {
     req->err = UV_EFBIG;
     close(fd);
     return;
   }
-  char *buf = mb_malloc(cap);
-  size_t len = 0;
+  /* A regular file's size and one byte, to see its end without a growth. */
+  size_t first = known ? (size_t)st.st_size + 1 : MB_FS_MIN_GROW;
+  char *buf = NULL;
+  size_t cap = 0, len = 0;
+  int rc = 0;
   for (;;) {
     if (len == cap) {
       if (cap >= MB_FS_MAX_READ) {
-        req->err = UV_EFBIG;
+        rc = UV_EFBIG;
         break;
       }
-      cap *= 2;
-      buf = mb_realloc(buf, cap);
+      size_t want = cap ? 2 * cap : first;
+      if (want > MB_FS_MAX_READ)
+        want = MB_FS_MAX_READ;
+      rc = cap == 0 && known ? mb_io_grow(req, &buf, &cap, want)
+                             : grow(req, &buf, &cap, want);
+      if (rc) {
+        /* No more room: the data fits only if it ends here. */
+        char probe;
+        ssize_t r;
+        do
+          r = read(fd, &probe, 1);
+        while (r < 0 && errno == EINTR);
+        if (r <= 0)
+          rc = r < 0 ? -errno : 0;
+        break;
+      }
     }
-    ssize_t r = read(fd, buf + len, cap - len);
+    size_t n = cap - len < MB_FS_CHUNK ? cap - len : MB_FS_CHUNK;
+    ssize_t r = read(fd, buf + len, n);
     if (r < 0 && errno == EINTR)
       continue;
     if (r < 0) {
-      req->err = -errno;
+      rc = -errno;
       break;
     }
     if (r == 0)
       break;
     len += (size_t)r;
+    if (!mb_io_wanted(req)) {
+      rc = UV_ECANCELED;
+      break;
+    }
   }
   close(fd);
   req->data = buf;
   req->len = len;
+  req->err = rc;
 }
 
 static int read_push(lua_State *L, mb_io_req_t *req)
 {
+  mb_io_uncharge(req);   /* the heap counts the copy instead (io.h) */
   if (req->err)
     return push_error(L, req);
-  lua_pushlstring(L, req->data, req->len);
+  lua_pushlstring(L, req->len ? req->data : "", req->len);
   return 1;
 }
 
@@ -267,19 +333,36 @@ static void append_work(mb_io_req_t *req)
 
 static int ok_push(lua_State *L, mb_io_req_t *req)
 {
+  mb_io_uncharge(req);
   if (req->err)
     return push_error(L, req);
   lua_pushboolean(L, 1);
   return 1;
 }
 
+/* The data is copied for the pool thread (the process may die and its
+ * state go while the write runs). The copy counts in the host's total
+ * (over --max-memory, or more than the allocator has, the write fails with
+ * ENOMEM) but not in the process's max_memory: the string it copies
+ * counts there already, so the copy is at most that much again, for as
+ * long as the write takes (io.h: charged before mb_io_start). */
 static int write_common(lua_State *L, mb_io_work_fn run, const char *fname)
 {
   size_t n;
   const char *data = luaL_checklstring(L, 2, &n);
   mb_io_req_t *req = new_req(L, run, ok_push, fname);
-  req->data = mb_malloc(n ? n : 1);
-  memcpy(req->data, data, n);
+  char *copy = NULL;
+  size_t cap = 0;
+  if (mb_io_grow(req, &copy, &cap, n ? n : 1) != 0) {
+    const char *why = req->oom;
+    mb_io_free(req);   /* first: pushing the message may raise */
+    lua_pushnil(L);
+    lua_pushfstring(L, "%s: not enough memory (over %s)", lua_tostring(L, 1), why);
+    lua_pushstring(L, uv_err_name(UV_ENOMEM));
+    return 3;
+  }
+  memcpy(copy, data, n);
+  req->data = copy;
   req->len = n;
   return run_op(L, req, fname);
 }
@@ -350,56 +433,86 @@ static int l_stat(lua_State *L)
 
 /* -- list_dir ------------------------------------------------------------- */
 
+/* The names go in req->data, one counted block of NUL-terminated strings
+ * as readdir gives them, and their offsets in a counted array, sorted: a
+ * huge directory costs its names and a word each, within what the process
+ * and the host may hold (else ENOMEM), and is never copied twice. */
+typedef struct list_req {
+  mb_io_req_t req;
+  size_t *offs;
+} list_req_t;
+
+static _Thread_local const char *sort_names;   /* qsort has no user data */
+
 static int by_name(const void *a, const void *b)
 {
-  return strcmp(*(char *const *)a, *(char *const *)b);
+  return strcmp(sort_names + *(const size_t *)a, sort_names + *(const size_t *)b);
 }
 
-/* The names go in req->data as one block of NUL-terminated strings. */
+static void list_free(mb_io_req_t *req)
+{
+  mb_free(((list_req_t *)req)->offs);
+}
+
 static void list_work(mb_io_req_t *req)
 {
+  list_req_t *lr = (list_req_t *)req;
   DIR *d = opendir(req->path);
   if (d == NULL) {
     req->err = -errno;
     return;
   }
-  size_t n = 0, cap = 16, bytes = 0;
-  char **names = mb_malloc(cap * sizeof *names);
+  char *names = NULL, *offs = NULL;
+  size_t cap = 0, len = 0, ocap = 0, n = 0;
+  int rc = 0;
   struct dirent *e;
-  while ((e = readdir(d)) != NULL) {
+  while (rc == 0 && (e = readdir(d)) != NULL) {
     if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
       continue;
-    if (n == cap)
-      names = mb_realloc(names, (cap *= 2) * sizeof *names);
-    size_t len = strlen(e->d_name);
-    names[n++] = dupstr(e->d_name, len);
-    bytes += len + 1;
+    size_t l = strlen(e->d_name) + 1;
+    if (n == INT_MAX) {   /* a Lua table's length */
+      rc = UV_E2BIG;
+      break;
+    }
+    if (len + l > cap || (n + 1) * sizeof(size_t) > ocap) {
+      if (cap && !mb_io_wanted(req)) {
+        rc = UV_ECANCELED;
+        break;
+      }
+      if (len + l > cap)
+        rc = grow(req, &names, &cap, cap ? 2 * cap + l : 4096);
+      if (rc == 0 && (n + 1) * sizeof(size_t) > ocap)
+        rc = grow(req, &offs, &ocap, ocap ? 2 * ocap : 64 * sizeof(size_t));
+      if (rc)
+        break;
+    }
+    memcpy(names + len, e->d_name, l);
+    ((size_t *)offs)[n++] = len;
+    len += l;
   }
   closedir(d);
-  qsort(names, n, sizeof *names, by_name);
-  req->data = mb_malloc(bytes ? bytes : 1);
-  char *out = req->data;
-  for (size_t i = 0; i < n; i++) {
-    size_t len = strlen(names[i]) + 1;
-    memcpy(out, names[i], len);
-    out += len;
-    mb_free(names[i]);
+  if (rc == 0 && n > 1) {
+    sort_names = names;
+    qsort(offs, n, sizeof(size_t), by_name);
   }
-  mb_free(names);
+  req->data = names;
+  lr->offs = (size_t *)offs;
   req->len = n;
+  req->err = rc;
 }
 
 static int list_push(lua_State *L, mb_io_req_t *req)
 {
+  /* The table and its strings are the heap's to count (over max_memory:
+   * "out of memory", as for any of the process's allocations). */
+  mb_io_uncharge(req);
   if (req->err)
     return push_error(L, req);
+  const size_t *offs = ((list_req_t *)req)->offs;
   lua_createtable(L, (int)req->len, 0);
-  const char *s = req->data;
   for (size_t i = 0; i < req->len; i++) {
-    size_t len = strlen(s);
-    lua_pushlstring(L, s, len);
+    lua_pushstring(L, req->data + offs[i]);
     lua_rawseti(L, -2, (int)i + 1);
-    s += len + 1;
   }
   return 1;
 }
@@ -407,7 +520,9 @@ static int list_push(lua_State *L, mb_io_req_t *req)
 /* fs.list_dir(path) -> {name, ...} (sorted) | nil, err, code */
 static int l_list_dir(lua_State *L)
 {
-  return run_op(L, new_req(L, list_work, list_push, "list_dir"), "list_dir");
+  mb_io_req_t *req = new_req_of(L, sizeof(list_req_t), list_work, list_push, "list_dir");
+  req->free = list_free;
+  return run_op(L, req, "list_dir");
 }
 
 /* -- remove --------------------------------------------------------------- */
@@ -427,49 +542,110 @@ static int l_remove(lua_State *L)
 /* -- stdin ---------------------------------------------------------------- */
 
 /* One reader at a time: lines come out whole and in order. The line is
- * read in a pool thread, which stays blocked until input arrives (a process
- * killed meanwhile leaves it blocked until then; its line is dropped). */
+ * read in a pool thread, which stays blocked until input arrives.
+ *
+ * Its buffer is counted (io.h) and bounded: a line is at most `max` bytes
+ * (MB_FS_MAX_LINE unless the caller asks for more, at most MB_FS_MAX_READ),
+ * and no more than the process and the host may hold. A longer line is
+ * not lost: the call returns nil, an error (EMSGSIZE, or ENOMEM at the
+ * limits) and what it read of the line, and the next call goes on from
+ * there (the byte that did not fit is put back: ungetc). A process killed
+ * meanwhile stops its read at the buffer's next growth and skips to the
+ * end of that line, without keeping it (the next reader starts on a line
+ * of its own; the line is dropped, as a killed reader's always was). */
 static pthread_mutex_t stdin_lock = PTHREAD_MUTEX_INITIALIZER;
+
+typedef struct line_req {
+  mb_io_req_t req;
+  size_t max;
+} line_req_t;
 
 static void line_work(mb_io_req_t *req)
 {
+  size_t max = ((line_req_t *)req)->max;
+  char *buf = NULL;
+  size_t cap = 0, len = 0;
+  int rc = 0, end = 0;
   pthread_mutex_lock(&stdin_lock);
-  char *line = NULL;
-  size_t cap = 0;
-  ssize_t n = getline(&line, &cap, stdin);
-  int e = errno;
-  pthread_mutex_unlock(&stdin_lock);
-  if (n < 0) {
-    free(line);
-    req->err = ferror(stdin) ? -e : 0;
-    req->flags = 1;   /* end of input */
-    return;
+  flockfile(stdin);   /* against io.read in a process, too */
+  for (;;) {
+    int c = getc_unlocked(stdin);
+    if (c == EOF) {
+      int e = errno;
+      if (ferror_unlocked(stdin))
+        rc = e > 0 ? -e : UV_EIO;
+      end = rc == 0 && len == 0;
+      break;
+    }
+    if (c == '\n')
+      break;
+    if (len == max) {
+      ungetc(c, stdin);
+      rc = UV_EMSGSIZE;
+      break;
+    }
+    if (len == cap) {
+      if (cap && !mb_io_wanted(req)) {
+        while (c != EOF && c != '\n')
+          c = getc_unlocked(stdin);
+        rc = UV_ECANCELED;
+        break;
+      }
+      size_t want = cap ? 2 * cap : 256;
+      rc = grow(req, &buf, &cap, want < max ? want : max);
+      if (rc) {
+        ungetc(c, stdin);
+        break;
+      }
+    }
+    buf[len++] = (char)c;
   }
-  if (n > 0 && line[n - 1] == '\n')
-    n--;
-  req->data = dupstr(line, (size_t)n);
-  req->len = (size_t)n;
-  free(line);
+  funlockfile(stdin);
+  pthread_mutex_unlock(&stdin_lock);
+  req->data = buf;
+  req->len = len;
+  req->err = rc;
+  req->flags = end;   /* end of input */
 }
 
 static int line_push(lua_State *L, mb_io_req_t *req)
 {
-  if (req->err)
-    return push_error(L, req);
+  mb_io_uncharge(req);
+  if (req->err) {
+    int n;
+    if (req->err == UV_EMSGSIZE) {
+      lua_pushnil(L);
+      lua_pushfstring(L, "stdin: line longer than %d bytes",
+                      (int)((line_req_t *)req)->max);
+      lua_pushstring(L, uv_err_name(req->err));
+      n = 3;
+    } else {
+      n = push_error(L, req);
+    }
+    /* What was read of the line: the next call goes on after it. */
+    lua_pushlstring(L, req->len ? req->data : "", req->len);
+    return n + 1;
+  }
   if (req->flags) {
     lua_pushnil(L);
     return 1;
   }
-  lua_pushlstring(L, req->data, req->len);
+  lua_pushlstring(L, req->len ? req->data : "", req->len);
   return 1;
 }
 
-/* fs.read_line() -> line (without its newline) | nil at end of input |
- * nil, err, code */
+/* fs.read_line([max]) -> line (without its newline) | nil at end of input |
+ * nil, err, code, part (a line longer than max bytes, default
+ * MB_FS_MAX_LINE: EMSGSIZE; over the process's or host's memory: ENOMEM;
+ * `part` is what was read of it, and the next call goes on from there) */
 static int l_read_line(lua_State *L)
 {
   mb_lib_self(L);
-  mb_io_req_t *req = mb_io_new(sizeof *req, line_work, line_push);
+  lua_Number m = luaL_optnumber(L, 1, (lua_Number)MB_FS_MAX_LINE);
+  luaL_argcheck(L, m >= 1 && m <= (lua_Number)MB_FS_MAX_READ, 1,
+                "a maximum line length from 1 byte to 1 GiB expected");
+  mb_io_req_t *req = mb_io_new(sizeof(line_req_t), line_work, line_push);
+  ((line_req_t *)req)->max = (size_t)m;
   req->path = dupstr("stdin", 5);
   return run_op(L, req, "read_line");
 }
