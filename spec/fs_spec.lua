@@ -181,4 +181,167 @@ describe("moonbeam.fs", function()
     assert.are.equal(0, code, err)
     assert.are.equal("[one],[two],[],[last without newline]\tticked\n", out)
   end)
+
+  -- What a call buffers outside the heap (a read, a line, a listing, a
+  -- write's copy) counts toward max_memory and --max-memory. Before, a
+  -- reader of /dev/zero with max_memory 10 MB took the host to 1 GB (four
+  -- of them aborted it: "out of host memory") and an endless line on stdin
+  -- grew without end. The cases that could take a host down run in a child
+  -- host, bounded in time and, but under a sanitizer (whose shadow memory
+  -- is one huge mapping), in address space.
+  describe("memory", function()
+    local sanitized = os.getenv("ASAN_OPTIONS") ~= nil or os.getenv("TSAN_OPTIONS") ~= nil
+    do
+      local f = io.open("/proc/self/maps")
+      if f then sanitized = sanitized or f:read("*a"):find("lib[at]san%.so") ~= nil; f:close() end
+    end
+    -- Run src in a child host: stdin from `input` (a shell command) if given.
+    local function child(src, args, input, limit)
+      local path = S.write("child.lua", src)
+      local cmd = S.q(S.bin) .. " " .. (args or "") .. " " .. S.q(path)
+      if input then cmd = input .. " | " .. cmd end
+      if not sanitized then cmd = "ulimit -v 3000000; " .. cmd end
+      return S.sh(cmd, nil, limit or 30)
+    end
+
+    it("fails a read of /dev/zero at the reader's max_memory, and the host goes on", function()
+      local code, out, err = child([[
+        local mb = require "moonbeam"
+        local refs = {}
+        for i = 1, 4 do
+          local _, r = mb.spawn_opt({ max_memory = 10e6, monitor = true }, function()
+            local fs = require "moonbeam.fs"
+            local d, e, c = fs.read_file("/dev/zero")
+            print("reader", d, e, c)
+          end)
+          refs[r] = true
+        end
+        for _ = 1, 4 do
+          local m = mb.receive(function(m) return type(m) == "table" and refs[m.ref] end, 20000)
+          print("down", m and m.reason)
+        end
+      ]], "--max-memory 200M")
+      assert.are.equal(0, code, err)
+      local n = 0
+      for line in out:gmatch("reader[^\n]*") do
+        n = n + 1
+        assert.are.equal("reader\tnil\t/dev/zero: not enough memory (over the process's max_memory)\tENOMEM", line)
+      end
+      assert.are.equal(4, n, out .. err)
+      assert.are.equal(4, select(2, out:gsub("down\tnormal", "")), out)
+    end)
+
+    it("fails it at --max-memory for a reader without max_memory", function()
+      local code, out, err = child([[
+        local fs = require "moonbeam.fs"
+        local mb = require "moonbeam"
+        local d, e, c = fs.read_file("/dev/zero")
+        print(d, e, c, mb.info(mb.self()).memory < 16e6)
+      ]], "--max-memory 64M")
+      assert.are.equal(0, code, err)
+      assert.are.equal("nil\t/dev/zero: not enough memory (over the host's --max-memory)\tENOMEM\ttrue\n", out)
+      assert.is_false(S.has(err, "=MEMORY REPORT===="), err)
+    end)
+
+    it("reads a pipe that fits max_memory, and refuses one that does not", function()
+      local src = [[
+        local mb = require "moonbeam"
+        local _, r = mb.spawn_opt({ max_memory = 10e6, monitor = true }, function()
+          local fs = require "moonbeam.fs"
+          local d, e, c = fs.read_file("/dev/stdin")
+          print(d and #d, e, c)
+        end)
+        local m = mb.receive(function(m) return type(m) == "table" and m.ref == r end, 20000)
+        print("down", m and m.reason)
+      ]]
+      local code, out, err = child(src, nil, "head -c 3000000 /dev/zero")
+      assert.are.equal(0, code, err)
+      assert.are.equal("3000000\tnil\tnil\ndown\tnormal\n", out)
+      code, out, err = child(src, nil, "head -c 12000000 /dev/zero")
+      assert.are.equal(0, code, err)
+      assert.are.equal("nil\t/dev/stdin: not enough memory (over the process's max_memory)\tENOMEM\ndown\tnormal\n", out)
+    end)
+
+    it("cuts a line longer than read_line's maximum and loses nothing after it", function()
+      local input = S.write("long.txt", ("x"):rep(2.5 * 1048576) .. "\nnext\n" ..
+                            ("y"):rep(3e6) .. "\nlast\n")
+      local code, out, err = child([[
+        local fs = require "moonbeam.fs"
+        for _ = 1, 4 do
+          local l, e, c, part = fs.read_line()
+          print(l and #l, e, c, part and #part, (l or part):match("^x*$") ~= nil)
+        end
+        local l = fs.read_line(4e6)
+        print(#l, l == ("y"):rep(3e6))
+        print(fs.read_line(), fs.read_line())
+      ]], nil, "cat " .. S.q(input))
+      assert.are.equal(0, code, err)
+      assert.are.equal(table.concat({
+        "nil\tstdin: line longer than 1048576 bytes\tEMSGSIZE\t1048576\ttrue",
+        "nil\tstdin: line longer than 1048576 bytes\tEMSGSIZE\t1048576\ttrue",
+        "524288\tnil\tnil\tnil\ttrue",
+        "4\tnil\tnil\tnil\tfalse",
+        "3000000\ttrue",
+        "last\tnil",
+      }, "\n") .. "\n", out)
+    end)
+
+    it("bounds an endless line by max_memory, and by default by 1 MiB", function()
+      local code, out, err = child([[
+        local mb = require "moonbeam"
+        local fs = require "moonbeam.fs"
+        local l, e, c, part = fs.read_line()
+        print(l, e, c, #part)
+        local _, r = mb.spawn_opt({ max_memory = 4e6, monitor = true }, function()
+          local fs = require "moonbeam.fs"
+          local l, e, c, part = fs.read_line(1e9)
+          print(l, e, c, #part > 1e6 and #part < 4e6)
+        end)
+        local m = mb.receive(function(m) return type(m) == "table" and m.ref == r end, 20000)
+        print("down", m and m.reason)
+        os.exit(0)
+      ]], "--max-memory 200M", "head -c 3000000000 /dev/zero", 40)
+      assert.are.equal(0, code, err)
+      assert.are.equal("nil\tstdin: line longer than 1048576 bytes\tEMSGSIZE\t1048576\n" ..
+                       "nil\tstdin: not enough memory (over the process's max_memory)\tENOMEM\ttrue\n" ..
+                       "down\tnormal\n", out)
+    end)
+
+    it("fails a listing that does not fit max_memory, instead of the process", function()
+      local big = S.tmpdir()
+      assert.are.equal(0, (S.sh("cd " .. S.q(big) .. " && awk 'BEGIN { for (i = 1; i <= 20000; i++) " ..
+                                "printf \"%0200d\\n\", i }' | xargs touch", nil, 60)))
+      local ok, res = S.probe(function(d)
+        local f = require "moonbeam.fs"
+        return { f.list_dir(d) }
+      end, big)
+      assert.is_true(ok, res)
+      assert.are.equal(20000, #res[1][1])
+      local _, r = mb.spawn_opt({ max_memory = 2e6, monitor = true }, function(d, parent)
+        local f = require "moonbeam.fs"
+        mb.send(parent, { f.list_dir(d) })
+      end, big, mb.self())
+      local m = S.recv(function(m) return type(m) == "table" and (m[2] or m.ref == r) end)
+      assert.are.same({ nil, big .. ": not enough memory (over the process's max_memory)", "ENOMEM" }, m)
+      assert.are.equal("normal", S.await_down(r))
+    end)
+
+    it("counts a write's copy of its data in --max-memory", function()
+      local code, out, err = child([[
+        local fs = require "moonbeam.fs"
+        local d = ]] .. string.format("%q", dir) .. [[
+
+        local data = ("w"):rep(40e6)
+        print(fs.write_file(d .. "/big", data))
+        print(fs.append_file(d .. "/big2", data))
+        data = nil
+        collectgarbage()
+        print(fs.write_file(d .. "/small", ("s"):rep(10e6)))
+      ]], "--max-memory 64M")
+      assert.are.equal(0, code, err)
+      assert.is_truthy(out:match("^nil\t.*/big: not enough memory %(over the host's %-%-max%-memory%)\tENOMEM\n" ..
+                                 "nil\t.*/big2: not enough memory %(over the host's %-%-max%-memory%)\tENOMEM\n" ..
+                                 "true\n$"), out .. err)
+    end)
+  end)
 end)
