@@ -31,7 +31,9 @@ typedef struct mb_alloc {
   /* Bytes charged to the limit from outside the state: its process's
    * pending send_after timers and their messages (timer.c adds on the
    * process's thread, takes back on any), its monitors and aliases
-   * (proc.c, the owner). In the struct's tail padding. */
+   * (proc.c, the owner), and the buffer of a moonbeam.fs call it waits on
+   * (io.c: a pool thread adds while it waits). In the struct's tail
+   * padding. */
   atomic_uint charged;
 } mb_alloc_t;
 

@@ -56,7 +56,9 @@
  * in) from the start until the delivery or the cancel, which take them
  * back from the starter if it still lives; and in the host's total
  * (mb_alloc_count) until the entry is freed. Only the starter's thread
- * adds to its charge, so a start checks the limit without a race.
+ * adds to its charge while it runs (a pool thread adds a moonbeam.fs
+ * buffer only while the starter waits for it: io.h), so a start checks
+ * the limit without a race.
  *
  * A starter's end: as Erlang cancels a timer whose destination process
  * dies, the timers a process addressed to itself (its timeouts: the most

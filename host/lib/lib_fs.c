@@ -7,6 +7,14 @@
  * errno-name; misuse (a wrong argument type) raises. These functions block
  * the calling process and so, like receive, cannot be called from inside a
  * C callback such as a table.sort comparator.
+ *
+ * Memory: every buffer a call fills in the pool (a file's data, a line, a
+ * directory's names) and a write's copy of its data are counted buffers
+ * (io.h, mb_io_grow): they count toward the caller's max_memory and the
+ * host's --max-memory as they grow, and a growth over either fails the
+ * call with ENOMEM, so that nothing a process reads - /dev/zero, a FIFO,
+ * an endless line - grows past what it may hold. Only paths come from
+ * mb_malloc, which ends the host when the allocator has nothing left.
  */
 #include <dirent.h>
 #include <pthread.h>

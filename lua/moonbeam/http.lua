@@ -381,7 +381,10 @@ function http.static(root, opts)
     -- Symbolic links are not followed: one could point out of root.
     if not st or st.type ~= "file" then return plain(res, 404) end
     local data, _, code = fs.read_file(full)
-    if not data then return plain(res, code == "EACCES" and 403 or 404) end
+    -- ENOMEM: the file does not fit the connection's max_memory (moonbeam.fs).
+    if not data then
+      return plain(res, code == "EACCES" and 403 or code == "ENOMEM" and 500 or 404)
+    end
     local ext = string.match(full, "%.([%w]+)$")
     res:header("Content-Type", ext and types[string.lower(ext)] or "application/octet-stream")
     return res:send(data)
