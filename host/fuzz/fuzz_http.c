@@ -40,6 +40,8 @@
  *     joined with ", "), a head that is its whole message (framing false
  *     in the queue, no body before its "done" in either) as head + done,
  *     body and upgrade bytes concatenated, an error or not at the end;
+ *   - the queue holds no more heads than the parse-ahead allows (see
+ *     check_ahead), after every parser:next;
  *   - drained (an event said no `more`, or none came), another
  *     parser:next() gives nothing, and parser:in_message() and resting()
  *     say what they say in events mode after the same pieces (the parser
@@ -589,6 +591,44 @@ static void q_response_head(int k, norm_t *nz)
   norm_head_end(nz, field_bool(t, "keep_alive"), field_bool(t, "upgrade"), fr);
 }
 
+/* The parse-ahead bound (PARSE_AHEAD in lib_http.c): the queue stops
+ * taking events at the first message boundary with this many values in it,
+ * so after any parser:next it holds at most one message's head more than
+ * fit below that: 16 request heads (10 values each), 54 response heads (3).
+ * Read off the queue itself, the parser's environment table: slots
+ * [qhead, qtail) of kind, a, b (a request's head: 10 values), nil before. */
+#define AHEAD_VALUES 160
+
+static void check_ahead(int p, int response)
+{
+  lua_getfenv(L, p);
+  int q = lua_gettop(L);
+  FUZZ_CHECK(lua_istable(L, q), "the queue is a %s", luaL_typename(L, q));
+  lua_Number lo = 0, hi = 0;
+  lua_pushnil(L);
+  while (lua_next(L, q)) {
+    lua_pop(L, 1);
+    FUZZ_CHECK(lua_type(L, -1) == LUA_TNUMBER, "a queue key is a %s", luaL_typename(L, -1));
+    lua_Number k = lua_tonumber(L, -1);
+    if (lo == 0 || k < lo)
+      lo = k;
+    if (k > hi)
+      hi = k;
+  }
+  int per_head = response ? 3 : 10, heads = 0;
+  for (int k = (int)lo; lo > 0 && k <= (int)hi;) {
+    lua_rawgeti(L, q, k);
+    FUZZ_CHECK(is_str(-1), "queue slot %d is a %s", k, luaL_typename(L, -1));
+    int head = strcmp(lua_tostring(L, -1), "head") == 0;
+    lua_pop(L, 1);
+    heads += head;
+    k += head ? per_head : 3;
+  }
+  FUZZ_CHECK(heads <= (AHEAD_VALUES - 1) / per_head + 1,
+             "%d heads queued: parsed ahead past the bound", heads);
+  lua_settop(L, q - 1);
+}
+
 /* parser:next(...) with the parser at p and nargs (0 or 1) arguments on
  * top: check and record the event it returns. Returns its `more` (0 or
  * 1), or -1 when it returned nothing. stopped: as run_t's. */
@@ -603,6 +643,7 @@ static int q_next(const opts_t *o, int p, int nargs, norm_t *nz, int *stopped)
   int rc = lua_pcall(L, nargs + 1, LUA_MULTRET, 0);
   FUZZ_CHECK(rc == 0, "parser:next raised: %s", lua_tostring(L, -1));
   int nres = lua_gettop(L) - base, k = base + 1;
+  check_ahead(p, response);
   if (nres == 0)
     return -1;
   FUZZ_CHECK(is_str(k), "kind is a %s", luaL_typename(L, k));

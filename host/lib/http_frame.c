@@ -191,8 +191,15 @@ size_t mb_hframe_check(mb_hframe_t *f, const char *data, size_t n, int *err)
       uint64_t k = n - i < f->left ? n - i : f->left;
       f->left -= k;
       i += (size_t)k;
-      if (f->left == 0)
+      if (f->left == 0) {
+        /* The message ends here: stop, so that the caller sees the boundary
+         * between it and the next (where parser:next's queue stops parsing
+         * ahead, and where the fast path may take the next head). Checking
+         * on into the next head hid every boundary after a Content-Length
+         * body: pipelined requests with bodies were all parsed at once. */
         f->state = FC_START;
+        return i;
+      }
       continue;
     }
     case FC_CHUNK_SIZE:

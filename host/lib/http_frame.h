@@ -68,8 +68,10 @@ void mb_hframe_init(mb_hframe_t *f);
  * are checked and may go to the parser now: all of them; or up to and
  * including the last byte of a head or of trailers (mb_hframe_head_done is
  * then 1: the caller feeds them to the parser, then calls mb_hframe_body
- * before checking on); or up to, not including, a bad byte, with *err set
- * to its MB_HFRAME_* error (else *err is left alone). */
+ * before checking on); or up to and including the last byte of a
+ * Content-Length body (then at the start of the next message:
+ * mb_hframe_at_start is 1); or up to, not including, a bad byte, with *err
+ * set to its MB_HFRAME_* error (else *err is left alone). */
 size_t mb_hframe_check(mb_hframe_t *f, const char *data, size_t n, int *err);
 
 /* 1 when a head (or the trailers of a chunked body) has just ended. */

@@ -1099,8 +1099,10 @@ static size_t parse(lua_State *L, hp_t *h, const char *data, size_t n)
       push_error(h);
     }
   } else {
-    /* Feed the parser what the framing checker passed, a head at a time;
-     * between messages, a head the fast path takes goes there instead. */
+    /* Feed the parser what the framing checker passed, a head (or a
+     * Content-Length body) at a time, so that every message boundary is
+     * seen here; between messages, a head the fast path takes goes there
+     * instead. */
     while (used < n) {
       if (h->api == API_QUEUE && h->qtail - h->qhead >= PARSE_AHEAD && !h->in_message &&
           mb_hframe_at_start(&h->frame))
