@@ -24,6 +24,21 @@ local function connect(info)
   return setmetatable({ sock = sock, buf = "", lines = {} }, client)
 end
 
+-- A WebSocket user's connection, and a function that reads its lines up
+-- to the one wanted.
+local function ws_connect(info)
+  local ws = assert(websocket.connect("127.0.0.1", info.http_port, "/ws", { timeout = S.T }))
+  local function skip_to(want)
+    for _ = 1, 100 do
+      local data, err = ws:read(S.T)
+      assert(data, "websocket read: " .. tostring(err))
+      if data == want then return end
+    end
+    error("no line " .. want)
+  end
+  return ws, skip_to
+end
+
 -- The next line (without its line end), or nil, err after `timeout` ms.
 function client:line(timeout)
   local deadline = mb.now() + (timeout or S.T)
@@ -518,15 +533,7 @@ describe("the chat example with idle users and rooms hibernating", function()
 
   it("lets a WebSocket user talk with hibernated TCP users", function()
     local t = new_user("term", "lobby")
-    local ws = assert(websocket.connect("127.0.0.1", info.http_port, "/ws", { timeout = S.T }))
-    local function ws_skip_to(want)
-      for _ = 1, 100 do
-        local data, err = ws:read(S.T)
-        assert(data, "websocket read: " .. tostring(err))
-        if data == want then return end
-      end
-      error("no line " .. want)
-    end
+    local ws, ws_skip_to = ws_connect(info)
     assert(ws:write("/nick web"))
     assert(ws:write("/join lobby"))
     ws_skip_to("* joined lobby")
@@ -1063,15 +1070,7 @@ describe("the chat example over WebSocket", function()
   -- Such a line took every WebSocket user of the room off the chat (its
   -- write failed, and a failed write ended the session).
   it("gives a WebSocket user a TCP user's line that is not UTF-8, cleaned, and keeps it", function()
-    local ws = assert(websocket.connect("127.0.0.1", info.http_port, "/ws", { timeout = S.T }))
-    local function ws_skip_to(want)
-      for _ = 1, 100 do
-        local data, err = ws:read(S.T)
-        assert(data, "websocket read: " .. tostring(err))
-        if data == want then return end
-      end
-      error("no line " .. want)
-    end
+    local ws, ws_skip_to = ws_connect(info)
     for _, line in ipairs({ "/nick web", "/join lobby" }) do assert(ws:write(line)) end
     ws_skip_to("* joined lobby")
     local t = user(info, "term", "lobby")
