@@ -996,7 +996,10 @@ describe("moonbeam.http_parser", function()
       b = assert(l:accept(5000))
     end)
     after_each(function()
-      a:close(); b:close(); l:close()
+      -- b first: a case may leave b's exit on close armed (a request timed
+      -- out, never finished), and the FIN of a closed first then ended this
+      -- process - the whole spec run, silently, now and then.
+      b:close(); a:close(); l:close()
       mb.receive(function(m) return m == "$guard test" end, 0)
     end)
 

@@ -221,7 +221,7 @@ typedef struct {
    * queue held PARSE_AHEAD events already (see parser:next), and whether
    * the stream's end came after them. */
   char *pend;
-  uint32_t pend_len, pend_cap;
+  uint32_t pend_off, pend_len, pend_cap;   /* kept: pend[pend_off, pend_len) */
   int pend_eof;
   /* Final state. */
   int limit_err;         /* LIM_* that stopped the parser */
@@ -1201,6 +1201,11 @@ static int l_finish(lua_State *L)
 /* Keep n more bytes for the next parse (queue mode). */
 static void pend_add(hp_t *h, const char *data, size_t n)
 {
+  if (h->pend_off > 0) {   /* what was parsed goes first (once per read) */
+    h->pend_len -= h->pend_off;
+    memmove(h->pend, h->pend + h->pend_off, h->pend_len);
+    h->pend_off = 0;
+  }
   if (h->pend_len + n > h->pend_cap) {
     size_t cap = h->pend_cap ? 2 * (size_t)h->pend_cap : 4096;
     while (cap < h->pend_len + n)
@@ -1216,7 +1221,7 @@ static void pend_free(hp_t *h)
 {
   mb_free(h->pend);
   h->pend = NULL;
-  h->pend_len = h->pend_cap = 0;
+  h->pend_off = h->pend_len = h->pend_cap = 0;
   h->pend_eof = 0;
 }
 
@@ -1230,16 +1235,16 @@ static void parse_queued(lua_State *L, hp_t *h, const char *data, size_t n, int 
       pend_add(h, data + used, n - used);
     return;
   }
-  pend_add(h, data, n);
+  if (n > 0)
+    pend_add(h, data, n);
   h->pend_eof |= eof;
-  size_t used = parse(L, h, h->pend, h->pend_len);
+  size_t used = parse(L, h, h->pend + h->pend_off, h->pend_len - h->pend_off);
   if (h->stopped) {
     pend_free(h);
     return;
   }
-  h->pend_len -= (uint32_t)used;
-  memmove(h->pend, h->pend + used, h->pend_len);
-  if (h->pend_len == 0) {
+  h->pend_off += (uint32_t)used;   /* (moved only when more is added) */
+  if (h->pend_off == h->pend_len) {
     eof = h->pend_eof;
     pend_free(h);
     if (eof)
