@@ -1,5 +1,4 @@
 /* io.c: blocking operations on libuv's thread pool (see io.h). */
-#include <stdint.h>
 #include <string.h>
 
 #include "alloc.h"
@@ -116,20 +115,10 @@ void mb_io_init(void)
 int mb_io_charge(mb_io_req_t *req, size_t n)
 {
   mb_proc_t *p = req->proc;
-  if (p && p->alloc.max) {
-    /* As mb_proc_push's check of a queued message: heap, charges
-     * (pending timers, this and other requests) and mailbox. */
-    size_t charged = atomic_load_explicit(&p->alloc.charged, memory_order_relaxed);
-    size_t held = atomic_load_explicit(&p->alloc.used, memory_order_relaxed) + charged +
-                  atomic_load_explicit(&p->mailbox_bytes, memory_order_relaxed);
-    if (n > p->alloc.max || held > p->alloc.max - n) {
-      req->oom = "the process's max_memory";
-      return UV_ENOMEM;
-    }
-  }
-  /* alloc.charged is 32 bits (timer.c keeps its timers under 4 GiB). */
-  if (p && n > UINT32_MAX - atomic_load_explicit(&p->alloc.charged, memory_order_relaxed)) {
-    req->oom = "the process's memory outside its heap (4 GiB)";
+  int over = p ? mb_proc_room(p, n) : 0;
+  if (over) {
+    req->oom = over == 1 ? "the process's max_memory"
+                         : "the process's memory outside its heap (4 GiB)";
     return UV_ENOMEM;
   }
   long long cap = mb_sched_opts.max_memory;

@@ -446,16 +446,31 @@ static void set_charge(mb_proc_t *p, long long entries)
   mb_alloc_count(d);
 }
 
-int mb_proc_set_room(mb_proc_t *p)
+int mb_proc_room(const mb_proc_t *p, size_t n)
 {
-  MB_ASSERT_OWNER(p);
   size_t charged = atomic_load_explicit(&p->alloc.charged, memory_order_relaxed);
-  if (charged > UINT32_MAX - MB_PROC_SET_ENTRY)
+  if (p->alloc.max) {
+    size_t held = atomic_load_explicit(&p->alloc.used, memory_order_relaxed) + charged +
+                  atomic_load_explicit(&p->mailbox_bytes, memory_order_relaxed);
+    if (n > p->alloc.max || held > p->alloc.max - n)
+      return 1;
+  }
+  return n > UINT32_MAX - charged ? 2 : 0;
+}
+
+/* p->monitoring's entries, counted as they come and go (set_charge). */
+static void monitoring_add(mb_proc_t *p, mb_ref_t ref, mb_pid_t target)
+{
+  mb_hset_add(&p->monitoring, ref, target);
+  set_charge(p, 1);
+}
+
+static int monitoring_take(mb_proc_t *p, mb_ref_t ref, uint64_t *target)
+{
+  if (!mb_hset_take(&p->monitoring, ref, target))
     return 0;
-  return p->alloc.max == 0 ||
-         atomic_load_explicit(&p->alloc.used, memory_order_relaxed) + charged +
-         atomic_load_explicit(&p->mailbox_bytes, memory_order_relaxed) +
-         MB_PROC_SET_ENTRY <= p->alloc.max;
+  set_charge(p, -1);
+  return 1;
 }
 
 static int link_has(const mb_hset_t *s, mb_pid_t pid) { return mb_hset_find(s, pid) != NULL; }
@@ -466,10 +481,7 @@ static int link_del(mb_hset_t *s, mb_pid_t pid) { return mb_hset_take(s, pid, NU
  * it had none (the DOWN must then be dropped). */
 static int monitor_fired(mb_proc_t *p, mb_ref_t ref)
 {
-  if (!mb_hset_take(&p->monitoring, ref, NULL))
-    return 0;
-  set_charge(p, -1);
-  return 1;
+  return monitoring_take(p, ref, NULL);
 }
 
 /* -- Aliases (owner-only) ------------------------------------------------ */
@@ -634,8 +646,7 @@ static mb_msg_t *down_msg(mb_pid_t from, mb_ref_t ref, mb_msg_t *reason);
 
 static mb_ref_t remote_monitor(mb_proc_t *self, mb_pid_t pid, mb_ref_t ref)
 {
-  mb_hset_add(&self->monitoring, ref, pid);
-  set_charge(self, 1);
+  monitoring_add(self, ref, pid);
   if (mb_proc_remote_monitor == NULL) {
     mb_proc_push(self, down_msg(pid, ref, host_reason("noproc")));
     return ref;
@@ -778,8 +789,7 @@ mb_ref_t mb_proc_monitor(mb_proc_t *self, mb_pid_t pid)
     mb_proc_unlock(t);
     mb_proc_unref(t);
   }
-  mb_hset_add(&self->monitoring, ref, pid);
-  set_charge(self, 1);
+  monitoring_add(self, ref, pid);
   if (!ok)
     mb_proc_push(self, down_msg(pid, ref, host_reason("noproc")));
   return ref;
@@ -789,9 +799,8 @@ int mb_proc_demonitor(mb_proc_t *self, mb_ref_t ref)
 {
   MB_ASSERT_OWNER(self);
   mb_pid_t target;
-  if (!mb_hset_take(&self->monitoring, ref, &target))
+  if (!monitoring_take(self, ref, &target))
     return 0;
-  set_charge(self, -1);
   if (mb_id_is_remote(target)) {
     if (mb_proc_remote_monitor)
       mb_proc_remote_monitor(self->pid, target, ref, 0);

@@ -301,11 +301,16 @@ mb_ref_t mb_proc_monitor(mb_proc_t *self, mb_pid_t pid);
 /* Returns 1 if ref was an active monitor of self. */
 int mb_proc_demonitor(mb_proc_t *self, mb_ref_t ref);
 /* Monitors and aliases count MB_PROC_SET_ENTRY bytes each in their
- * process's max_memory (alloc.charged) and the host's total. Whether one
- * more fits p's max_memory (owner thread): the Lua bindings refuse to make
- * one ("out of memory") when not. */
+ * process's max_memory (alloc.charged) and the host's total; the Lua
+ * bindings refuse to make one ("out of memory") that mb_proc_room does not
+ * find room for. */
 #define MB_PROC_SET_ENTRY 64
-int mb_proc_set_room(mb_proc_t *p);
+/* Whether n more bytes charged to p (alloc.charged) fit: 0; 1 when they
+ * would take p over its max_memory (heap, charges and mailbox, as a queued
+ * message is checked); 2 over the 4 GiB alloc.charged holds. Any thread;
+ * the answer holds while no other thread adds to p's charge (the owner
+ * runs, or a pool thread works for it while it waits: io.h). */
+int mb_proc_room(const mb_proc_t *p, size_t n);
 
 /* Move the messages of port `port` (a socket's active-mode messages,
  * msg->port) from p's mailbox to process `to`, in order (what set_owner

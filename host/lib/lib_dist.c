@@ -288,7 +288,7 @@ int mb_lib_dist_monitor_named(lua_State *L)
       return luaL_error(L, "monitor: %s", mb_strerror((int)id));
     target = (mb_pid_t)id;
   }
-  if (!mb_proc_set_room(p))
+  if (mb_proc_room(p, MB_PROC_SET_ENTRY))
     return luaL_error(L, "monitor: out of memory");
   mb_ref_push(L, mb_proc_monitor(p, target));
   return 1;

@@ -56,15 +56,21 @@ static char *dupstr(const char *s, size_t n)
 }
 
 /* Push nil, "path: message", "ENAME" for req->err. */
-static int push_error(lua_State *L, mb_io_req_t *req)
+/* nil, "path: why", code; oom: the limit an ENOMEM is over (io.h). */
+static int push_failure(lua_State *L, const char *path, int err, const char *oom)
 {
   lua_pushnil(L);
-  if (req->err == UV_ENOMEM && req->oom)
-    lua_pushfstring(L, "%s: not enough memory (over %s)", req->path, req->oom);
+  if (err == UV_ENOMEM && oom)
+    lua_pushfstring(L, "%s: not enough memory (over %s)", path, oom);
   else
-    lua_pushfstring(L, "%s: %s", req->path, uv_strerror(req->err));
-  lua_pushstring(L, uv_err_name(req->err));
+    lua_pushfstring(L, "%s: %s", path, uv_strerror(err));
+  lua_pushstring(L, uv_err_name(err));
   return 3;
+}
+
+static int push_error(lua_State *L, mb_io_req_t *req)
+{
+  return push_failure(L, req->path, req->err, req->oom);
 }
 
 /* Grow a counted buffer (io.h: it counts toward the process's max_memory
@@ -364,10 +370,7 @@ static int write_common(lua_State *L, mb_io_work_fn run, const char *fname)
   if (mb_io_grow(req, &copy, &cap, n ? n : 1) != 0) {
     const char *why = req->oom;
     mb_io_free(req);   /* first: pushing the message may raise */
-    lua_pushnil(L);
-    lua_pushfstring(L, "%s: not enough memory (over %s)", lua_tostring(L, 1), why);
-    lua_pushstring(L, uv_err_name(UV_ENOMEM));
-    return 3;
+    return push_failure(L, lua_tostring(L, 1), UV_ENOMEM, why);
   }
   memcpy(copy, data, n);
   req->data = copy;

@@ -1229,10 +1229,14 @@ static void pend_free(hp_t *h)
  * bytes kept from before, keeping what the parse leaves. */
 static void parse_queued(lua_State *L, hp_t *h, const char *data, size_t n, int eof)
 {
-  if (h->pend_len == 0) {
-    size_t used = eof ? (parse(L, h, "", 0), 0) : n > 0 ? parse(L, h, data, n) : 0;
-    if (used < n && !h->stopped)
-      pend_add(h, data + used, n - used);
+  if (h->pend_len == 0) {   /* nothing kept: parse in place, keep the rest */
+    if (eof) {
+      parse(L, h, "", 0);
+    } else if (n > 0) {
+      size_t used = parse(L, h, data, n);
+      if (used < n && !h->stopped)
+        pend_add(h, data + used, n - used);
+    }
     return;
   }
   if (n > 0)

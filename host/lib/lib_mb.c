@@ -192,7 +192,7 @@ static int spawn_common(lua_State *L, int fnidx, const spawn_opts_t *o,
 {
   mb_proc_t *self = mb_lib_self(L);
   int t = lua_type(L, fnidx);
-  if (o->monitor && !mb_proc_set_room(self))
+  if (o->monitor && mb_proc_room(self, MB_PROC_SET_ENTRY))
     return luaL_error(L, "%s: out of memory", fname);
   mb_msg_t *m = encode_body(L, fnidx, fname);
   mb_proc_t *p;
@@ -357,7 +357,7 @@ static int l_alias(lua_State *L)
 {
   mb_proc_t *p = mb_lib_self(L);
   mb_ref_t ref = lua_isnoneornil(L, 1) ? mb_proc_newref() : mb_ref_check(L, 1);
-  if (!mb_proc_has_alias(p, ref) && !mb_proc_set_room(p))
+  if (!mb_proc_has_alias(p, ref) && mb_proc_room(p, MB_PROC_SET_ENTRY))
     return luaL_error(L, "alias: out of memory");
   mb_proc_alias(p, ref);
   mb_ref_push(L, ref);
@@ -698,7 +698,7 @@ static int l_monitor(lua_State *L)
     return mb_lib_dist_monitor_named(L);
   mb_pid_t pid = mb_pid_check(L, 1);
   mb_proc_t *p = mb_lib_self(L);
-  if (!mb_proc_set_room(p))
+  if (mb_proc_room(p, MB_PROC_SET_ENTRY))
     return luaL_error(L, "monitor: out of memory");
   mb_id_push_new(L, mb_proc_monitor(p, pid), &mb_ref_kind);
   return 1;

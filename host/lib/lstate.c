@@ -853,8 +853,6 @@ static void after_debug(lua_State *L)
   lua_pop(L, 1);
 }
 
-/* The string library opened into the table strings index from the start
- * (see setup): it no longer needs the lazy metatable. */
 /* -- The C stack ------------------------------------------------------------
  * LuaJIT 2.1 bounds the Lua stack, not the C stack: a Lua function that
  * recurses through a C function calling back into Lua (string.gsub's
@@ -909,6 +907,9 @@ static int probe_gsub(lua_State *L)
   return 0;
 }
 
+/* The string library opened into the table strings index from the start
+ * (see setup): it no longer needs the lazy metatable; gsub goes behind
+ * the C stack's check. */
 static void after_string(lua_State *L)
 {
   lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
