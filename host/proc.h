@@ -78,7 +78,9 @@ typedef enum {
   MB_WAIT_NONE,
   MB_WAIT_RECV,     /* receive: any message or signal wakes it */
   MB_WAIT_SLEEP,    /* sleep: only its timer or an exit signal wakes it */
-  MB_WAIT_IO        /* an operation on the thread pool (io.h) */
+  MB_WAIT_IO,       /* an operation on the thread pool (io.h) */
+  MB_WAIT_CALL      /* not blocked: a C function's continuation runs at its
+                       next slice (mb_run_suspend, lib/run.h) */
 } mb_wait_t;
 
 /* Why the body coroutine yielded to the scheduler (owner-only). */

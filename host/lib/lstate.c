@@ -28,6 +28,7 @@
 #include "run.h"
 #include "sandbox.h"
 #include "scheduler.h"
+#include "strmatch.h"
 
 /* Where the host's Lua modules are, relative to the binary once installed
  * (bin/moonbeam -> share/moonbeam/lua). */
@@ -857,7 +858,7 @@ static void after_debug(lua_State *L)
  * LuaJIT 2.1 bounds the Lua stack, not the C stack: a Lua function that
  * recurses through a C function calling back into Lua (string.gsub's
  * replacement function, load's reader) nests that C function's frame at
- * each level, and gsub's holds an 8 KB buffer: ~1,000 levels end an 8 MB
+ * each level, and gsub's holds ~9 KB (strmatch.c's matcher): ~1,000 levels end an 8 MB
  * stack with SIGSEGV - the whole host, where luajit itself crashes too.
  * So those functions check the stack first and raise instead while less
  * than an eighth of the thread's stack is left: the scheduler threads'
@@ -887,29 +888,10 @@ void mb_lstate_cstack_check(lua_State *L)
     luaL_error(L, "C stack overflow");
 }
 
-/* LuaJIT's string.gsub (a plain C function, the same in every state; found
- * by mb_lstate_init's probe) behind the check. */
-static lua_CFunction lj_gsub;
-
-static int checked_gsub(lua_State *L)
-{
-  mb_lstate_cstack_check(L);
-  return lj_gsub(L);
-}
-
-/* Under lua_cpcall, on mb_lstate_init's probe state. */
-static int probe_gsub(lua_State *L)
-{
-  open_lib(L, luaopen_string, "string");
-  lua_getfield(L, LUA_GLOBALSINDEX, "string");
-  lua_getfield(L, -1, "gsub");
-  lj_gsub = lua_tocfunction(L, -1);
-  return 0;
-}
-
 /* The string library opened into the table strings index from the start
- * (see setup): it no longer needs the lazy metatable; gsub goes behind
- * the C stack's check. */
+ * (see setup): it no longer needs the lazy metatable; its pattern
+ * functions are the host's, which a long match does not keep from being
+ * preempted or ended (strmatch.h). */
 static void after_string(lua_State *L)
 {
   lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
@@ -917,10 +899,7 @@ static void after_string(lua_State *L)
   if (lua_istable(L, -1)) {
     lua_pushnil(L);
     lua_setmetatable(L, -2);
-    if (lj_gsub) {
-      lua_pushcfunction(L, checked_gsub);
-      lua_setfield(L, -2, "gsub");
-    }
+    mb_strmatch_open(L, -1);
   }
   lua_pop(L, 2);
   mb_sandbox_preload(L, MB_SANDBOX_PRELOAD_BUFFER);
@@ -1760,7 +1739,6 @@ void mb_lstate_init(void)
     int ok = 0;
     words_movable = lua_cpcall(P, words_check, &ok) == 0 && ok;
     lua_cpcall(P, probe_path, NULL);
-    lua_cpcall(P, probe_gsub, NULL);
     lua_close(P);
   }
   mb_alloc_state_arena(first_alloc);

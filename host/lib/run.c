@@ -63,6 +63,28 @@ static int must_die(mb_proc_t *p)
   return p->exit_reason != NULL;
 }
 
+int mb_run_due(mb_proc_t *p)
+{
+  if (must_die(p) || mb_sched_halting())
+    return 2;
+  if (atomic_load_explicit(&p->preempt, memory_order_relaxed)) {
+    if (!p->counted)
+      p->budget = 0;   /* the ticker's poke: a whole slice ran (charge) */
+    return 1;
+  }
+  return p->counted && (p->budget -= MB_REDS_PER_POLL) <= 0;
+}
+
+int mb_run_suspend(lua_State *L)
+{
+  mb_proc_t *p = mb_proc_of(L);
+  lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_CONT);
+  /* Pushers act on `wait` only while the process is WAITING, which it
+   * is not (see end_wait). */
+  __atomic_store_n(&p->wait, MB_WAIT_CALL, __ATOMIC_RELAXED);
+  return mb_run_yield(L, MB_YIELD_PREEMPT);
+}
+
 /* The count hook. A process's slices start with no hook (the fast
  * dispatch) and the ticker pokes one that runs its time (preempt below):
  * the hook then fires at the next VM instruction. A process preempted so
@@ -182,7 +204,8 @@ static void charge(mb_proc_t *p)
  * of values to resume the body with. */
 enum {
   GOES_ON = -1,     /* the wait goes on: the process stays blocked */
-  MUST_DIE = -2     /* the process must end (p->exit_reason is set) */
+  MUST_DIE = -2,    /* the process must end (p->exit_reason is set) */
+  AGAIN = -3        /* a continuation goes on: back to the run queue */
 };
 
 /* End the current wait: drop its timer and match function. */
@@ -378,8 +401,44 @@ static int finish_io(mb_proc_t *p)
   return p->recv_result;
 }
 
+/* Protected, on the main thread: a step of a suspended C call's
+ * continuation (mb_run_suspend); its results, once done, go to the
+ * suspended body coroutine. */
+static int cont_cf(lua_State *L)
+{
+  mb_proc_t *p = mb_proc_of(L);
+  lua_settop(L, 0);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_CONT);
+  mb_run_cont_t *c = lua_touserdata(L, 1);
+  int n = c->step(L, c);
+  if (n >= 0) {
+    lua_xmove(L, p->co, n);
+    lua_pushnil(L);
+    lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_CONT);
+  }
+  p->recv_result = n;
+  return 0;
+}
+
+static const kept_fn_t cont_fn = {MB_REGSLOT_CONT_FN, cont_cf};
+
+/* An MB_WAIT_CALL: a step of the continuation; resume the body with its
+ * results once it is done. */
+static int finish_call(mb_proc_t *p)
+{
+  int rc = call_kept(p->L, &cont_fn);
+  if (rc != 0) {
+    p->exit_reason = wake_failed(p, p->L, rc, "out of memory");
+    return MUST_DIE;
+  }
+  if (p->recv_result < 0)
+    return AGAIN;
+  end_wait(p);
+  return p->recv_result;
+}
+
 /* A waiting process was woken: can its wait end? Returns the number of
- * values pushed on co to resume it with, GOES_ON or MUST_DIE. */
+ * values pushed on co to resume it with, GOES_ON, MUST_DIE or AGAIN. */
 static int finish_wait(mb_proc_t *p)
 {
   if (mb_proc_drain(p))
@@ -405,6 +464,8 @@ static int finish_wait(mb_proc_t *p)
   }
   if (p->wait == MB_WAIT_IO)
     return finish_io(p);
+  if (p->wait == MB_WAIT_CALL)
+    return finish_call(p);
   if (p->wait == MB_WAIT_SLEEP && !p->timed_out)
     return GOES_ON;
   end_wait(p);
@@ -578,6 +639,13 @@ static void run(mb_sched_t *s, mb_proc_t *p)
     runs_lua(NULL);
     if (!wait_on(p))
       return;
+  }
+  if (nargs == AGAIN) {
+    runs_lua(NULL);
+    charge(p);
+    atomic_store_explicit(&p->running, 0, memory_order_relaxed);
+    mb_sched_requeue(s, p);
+    return;
   }
   if (nargs == MUST_DIE) {
     runs_lua(NULL);

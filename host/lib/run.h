@@ -75,6 +75,33 @@ int mb_run_can_yield(mb_proc_t *p, lua_State *L);
  * mb_run_can_yield said yes. */
 int mb_run_yield(lua_State *L, mb_yield_t reason);
 
+/* A C function that runs long in C (strmatch.c's pattern matcher), where
+ * the count hook never fires, polls mb_run_due every so often: 0 go on;
+ * 1 its slice is over (the ticker's poke, a counted slice's budget); 2
+ * the process must end (an exit signal, a refused allocation, the halt).
+ * It charges a counted slice MB_REDS_PER_POLL reductions a call. Where
+ * mb_run_can_yield says yes, the function then suspends (below); where
+ * not, it goes on, as Lua code there does, but raises on 2. Owner thread. */
+#define MB_REDS_PER_POLL 25
+int mb_run_due(mb_proc_t *p);
+
+/* A C function's continuation: a full userdata that starts with this.
+ * step runs on the process's idle main thread L, protected, with the
+ * userdata at index 1 (its environment table anchors what it points
+ * into). It returns the number of results it pushed, which the suspended
+ * call then returns to its Lua caller, or -1 to go on at the next slice.
+ * It cannot raise an error at the call site: an error it raises ends the
+ * process, with the error as the reason. */
+typedef struct mb_run_cont {
+  int (*step)(lua_State *L, void *self);
+} mb_run_cont_t;
+
+/* Suspend the running C function with the continuation at the top of L's
+ * stack (popped): the process yields as preempted, and its next slices run
+ * the continuation instead of its Lua until the continuation is done.
+ * Use as `return mb_run_suspend(L)`, after mb_run_can_yield said yes. */
+int mb_run_suspend(lua_State *L);
+
 /* The count hook installed in every process's state. */
 void mb_run_hook(lua_State *L, lua_Debug *ar);
 

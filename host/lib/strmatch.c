@@ -1,0 +1,851 @@
+/* strmatch.c: string.find, string.match, string.gmatch and string.gsub,
+ * preemptible (see strmatch.h).
+ */
+#define _GNU_SOURCE   /* memmem */
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "lauxlib.h"
+#include "lstate.h"
+#include "proc.h"
+#include "run.h"
+#include "scheduler.h"
+#include "strmatch.h"
+
+#define PM_MAXCAP 32       /* LuaJIT's LUA_MAXCAPTURES */
+#define PM_MAXDEPTH 200    /* LuaJIT's LJ_MAX_XLEVEL: nested match levels */
+#define PM_POLL 2048       /* steps between two looks at the runner */
+
+#define CAP_UNFINISHED (-1)
+#define CAP_POSITION (-2)
+
+/* -- The matcher ----------------------------------------------------------
+ * A match runs the pattern left to right from a subject position. An item
+ * that can match in more than one way (x?, x*, x+, x-) pushes a frame
+ * that remembers the ways left, and so do a capture's opening and closing,
+ * which must be undone when what follows fails. Where a frame's way fails
+ * further on, the matcher backtracks: it pops frames until one has a way
+ * left, and goes on from there. A frame is one nested match level of
+ * LuaJIT's recursive matcher, whose limit the frames keep. */
+
+enum { F_OPT, F_MAX, F_MIN, F_OPEN, F_CLOSE };
+
+typedef struct frame {
+  const char *s;        /* F_OPT: the item's position; F_MAX: the first
+                           repetition's; F_MIN: the next try's */
+  const char *p, *ep;   /* the item: [p, ep) */
+  ptrdiff_t i;          /* F_MAX: repetitions now tried; F_CLOSE: capture */
+  int kind;
+} frame_t;
+
+enum { PM_FAIL, PM_MATCH, PM_STOP };
+
+typedef struct pm {
+  const char *src, *end;   /* the subject (a Lua string: *end is NUL) */
+  const char *pat;         /* the pattern, after an anchor */
+  lua_State *L;            /* errors and results go there */
+  size_t steps, poll_at;
+  int why;                 /* PM_STOP's: mb_run_due's answer */
+  const char *s, *p;       /* where matching goes on */
+  const char *e;           /* PM_MATCH: the match's end */
+  int level, n;            /* captures, frames */
+  struct {
+    const char *init;
+    ptrdiff_t len;         /* or CAP_UNFINISHED, CAP_POSITION */
+  } cap[PM_MAXCAP];
+  frame_t f[PM_MAXDEPTH - 1];   /* the outermost level has none */
+} pm_t;
+
+static void pm_error(pm_t *m, const char *msg)
+{
+  luaL_error(m->L, "%s", msg);
+}
+
+static int is_alpha(int c) { return (unsigned)((c | 0x20) - 'a') < 26; }
+static int is_digit(int c) { return (unsigned)(c - '0') < 10; }
+
+/* Does c belong to class cl (the letter after a %)? As LuaJIT's (ASCII,
+ * whatever the C locale): %a %c %d %g %l %p %s %u %w %x, their upper
+ * case for the complement, %z for NUL; any other character is itself. */
+static int in_class(int c, int cl)
+{
+  int r;
+  switch (cl | 0x20) {
+  case 'a': r = is_alpha(c); break;
+  case 'c': r = c < 32 || c == 127; break;
+  case 'd': r = is_digit(c); break;
+  case 'g': r = c > 32 && c < 127; break;
+  case 'l': r = (unsigned)(c - 'a') < 26; break;
+  case 'p': r = c > 32 && c < 127 && !is_alpha(c) && !is_digit(c); break;
+  case 's': r = c == ' ' || (unsigned)(c - '\t') < 5; break;
+  case 'u': r = (unsigned)(c - 'A') < 26; break;
+  case 'w': r = is_alpha(c) || is_digit(c); break;
+  case 'x': r = is_digit(c) || (unsigned)((c | 0x20) - 'a') < 6; break;
+  case 'z': r = c == 0; break;
+  default: return cl == c;
+  }
+  return (cl & 0x20) ? r : !r;
+}
+
+/* Is c in the set [ ... ] from p (its '[') to ec (its ']')? */
+static int in_set(int c, const char *p, const char *ec)
+{
+  int yes = 1;
+  if (p[1] == '^') {
+    yes = 0;
+    p++;
+  }
+  while (++p < ec) {
+    if (*p == '%') {
+      if (in_class(c, (unsigned char)*++p))
+        return yes;
+    } else if (p[1] == '-' && p + 2 < ec) {
+      if ((unsigned char)p[0] <= c && c <= (unsigned char)p[2])
+        return yes;
+      p += 2;
+    } else if ((unsigned char)*p == c) {
+      return yes;
+    }
+  }
+  return !yes;
+}
+
+/* The end of the single-character class at p: one character, %x, or a set. */
+static const char *item_end(pm_t *m, const char *p)
+{
+  char c = *p++;
+  if (c == '%') {
+    if (*p == '\0')
+      pm_error(m, "malformed pattern (ends with '%')");
+    return p + 1;
+  }
+  if (c == '[') {
+    if (*p == '^')
+      p++;
+    do {   /* the first character is in the set even if it is ']' */
+      if (*p == '\0')
+        pm_error(m, "malformed pattern (missing ']')");
+      if (*p++ == '%' && *p != '\0')
+        p++;
+    } while (*p != ']');
+    return p + 1;
+  }
+  return p;
+}
+
+static int single(int c, const char *p, const char *ep)
+{
+  switch (*p) {
+  case '.': return 1;
+  case '%': return in_class(c, (unsigned char)p[1]);
+  case '[': return in_set(c, p, ep - 1);
+  default: return (unsigned char)*p == c;
+  }
+}
+
+static void push_frame(pm_t *m, int kind, const char *s, const char *p, const char *ep,
+                       ptrdiff_t i)
+{
+  if (m->n >= PM_MAXDEPTH - 1)
+    pm_error(m, "pattern too complex");
+  frame_t *f = &m->f[m->n++];
+  f->kind = kind;
+  f->s = s;
+  f->p = p;
+  f->ep = ep;
+  f->i = i;
+}
+
+/* Start a match at subject position s. */
+static void pm_start(pm_t *m, const char *s)
+{
+  m->s = s;
+  m->p = m->pat;
+  m->level = m->n = 0;
+}
+
+/* Look at the runner (see mb_run_due); 0 if the match goes on. */
+static int pm_due(pm_t *m)
+{
+  m->poll_at = m->steps + PM_POLL;
+  mb_proc_t *p = mb_sched_self() ? mb_proc_of(m->L) : NULL;
+  m->why = p && p->L ? mb_run_due(p) : 0;
+  return m->why;
+}
+
+/* Match on from m->s, m->p: PM_MATCH (m->e its end, m->cap its
+ * captures), PM_FAIL (no match from the start position), or PM_STOP (the
+ * runner said so: m->s, m->p and the frames are where to go on). */
+static int pm_exec(pm_t *m)
+{
+  const char *s = m->s, *p = m->p, *ep;
+  for (;;) {
+    if (++m->steps >= m->poll_at && pm_due(m)) {
+      m->s = s;
+      m->p = p;
+      return PM_STOP;
+    }
+    switch (*p) {
+    case '\0':
+      m->e = s;
+      return PM_MATCH;
+    case '(': {
+      int pos = p[1] == ')';
+      if (m->level >= PM_MAXCAP)
+        pm_error(m, "too many captures");
+      m->cap[m->level].init = s;
+      m->cap[m->level].len = pos ? CAP_POSITION : CAP_UNFINISHED;
+      m->level++;
+      push_frame(m, F_OPEN, s, p, NULL, 0);
+      p += pos ? 2 : 1;
+      continue;
+    }
+    case ')': {
+      int l = m->level - 1;
+      while (l >= 0 && m->cap[l].len != CAP_UNFINISHED)
+        l--;
+      if (l < 0)
+        pm_error(m, "invalid pattern capture");
+      m->cap[l].len = s - m->cap[l].init;
+      push_frame(m, F_CLOSE, s, p, NULL, l);
+      p++;
+      continue;
+    }
+    case '$':
+      if (p[1] == '\0') {
+        if (s != m->end)
+          goto fail;
+        m->e = s;
+        return PM_MATCH;
+      }
+      break;   /* a '$' elsewhere is itself */
+    case '%':
+      if (p[1] == 'b') {   /* %bxy: a balanced run from x to y */
+        if (p[2] == '\0' || p[3] == '\0')
+          pm_error(m, "unbalanced pattern");
+        if (*s != p[2])    /* at the end, the subject's NUL */
+          goto fail;
+        int depth = 1;
+        const char *q = s;
+        while (++q < m->end) {
+          if (*q == p[3]) {
+            if (--depth == 0)
+              break;
+          } else if (*q == p[2]) {
+            depth++;
+          }
+        }
+        m->steps += (size_t)(q - s);
+        if (q >= m->end)
+          goto fail;
+        s = q + 1;
+        p += 4;
+        continue;
+      }
+      if (p[1] == 'f') {   /* %f[set]: a frontier */
+        p += 2;
+        if (*p != '[')
+          pm_error(m, "missing '[' after '%f' in pattern");
+        ep = item_end(m, p);
+        int before = s == m->src ? 0 : (unsigned char)s[-1];
+        if (in_set(before, p, ep - 1) || !in_set((unsigned char)*s, p, ep - 1))
+          goto fail;
+        p = ep;
+        continue;
+      }
+      if (is_digit((unsigned char)p[1])) {   /* %1-%9: a capture again */
+        int l = p[1] - '1';
+        if (l < 0 || l >= m->level || m->cap[l].len == CAP_UNFINISHED)
+          pm_error(m, "invalid capture index");
+        size_t len = (size_t)m->cap[l].len;   /* a position's: never fits */
+        if ((size_t)(m->end - s) < len || memcmp(m->cap[l].init, s, len) != 0)
+          goto fail;
+        m->steps += len;
+        s += len;
+        p += 2;
+        continue;
+      }
+      break;
+    }
+    /* A single-character class, and what may repeat it. */
+    ep = item_end(m, p);
+    int one = s < m->end && single((unsigned char)*s, p, ep);
+    switch (*ep) {
+    case '?':
+      if (one) {
+        push_frame(m, F_OPT, s, p, ep, 0);
+        s++;
+      }
+      p = ep + 1;
+      continue;
+    case '+':
+      if (!one)
+        goto fail;
+      s++;
+      /* fall through - then as many more as there are */
+    case '*': {
+      ptrdiff_t i = 0;
+      while (s + i < m->end && single((unsigned char)s[i], p, ep))
+        i++;
+      m->steps += (size_t)i;
+      push_frame(m, F_MAX, s, p, ep, i);
+      s += i;
+      p = ep + 1;
+      continue;
+    }
+    case '-':
+      push_frame(m, F_MIN, s, p, ep, 0);
+      p = ep + 1;
+      continue;
+    default:
+      if (!one)
+        goto fail;
+      s++;
+      p = ep;
+      continue;
+    }
+  fail:
+    /* Back to the newest frame with a way left, undoing the captures on
+     * the way there. */
+    for (;;) {
+      if (m->n == 0)
+        return PM_FAIL;
+      frame_t *f = &m->f[m->n - 1];
+      if (f->kind == F_OPT) {             /* without the item */
+        s = f->s;
+        p = f->ep + 1;
+        m->n--;
+        break;
+      }
+      if (f->kind == F_MAX && f->i > 0) {   /* one repetition fewer */
+        s = f->s + --f->i;
+        p = f->ep + 1;
+        break;
+      }
+      if (f->kind == F_MIN && f->s < m->end &&
+          single((unsigned char)*f->s, f->p, f->ep)) {   /* one more */
+        s = ++f->s;
+        p = f->ep + 1;
+        break;
+      }
+      if (f->kind == F_OPEN)
+        m->level--;
+      else if (f->kind == F_CLOSE)
+        m->cap[f->i].len = CAP_UNFINISHED;
+      m->n--;
+    }
+  }
+}
+
+/* The whole pattern as the matcher would walk it, raising the first error
+ * it would meet (see DESIGN, Limits); repl: gsub's replacement string, or
+ * NULL. Every match walks the same items in the same order, whatever the
+ * subject, so the captures open at each item are known here. */
+static void pm_check(pm_t *m, const char *repl, size_t rlen)
+{
+  const char *p = m->pat;
+  int level = 0, depth = 1;   /* frames, but for x?'s */
+  size_t opt = 0;             /* x?'s: each of their frames holds a character */
+  char open[PM_MAXCAP];
+  while (*p) {
+    switch (*p) {
+    case '(':
+      if (level >= PM_MAXCAP)
+        pm_error(m, "too many captures");
+      open[level++] = p[1] != ')';
+      depth++;
+      p += p[1] == ')' ? 2 : 1;
+      continue;
+    case ')': {
+      int l = level - 1;
+      while (l >= 0 && !open[l])
+        l--;
+      if (l < 0)
+        pm_error(m, "invalid pattern capture");
+      open[l] = 0;
+      depth++;
+      p++;
+      continue;
+    }
+    case '$':
+      if (p[1] == '\0') {
+        p++;
+        continue;
+      }
+      break;
+    case '%':
+      if (p[1] == 'b') {
+        if (p[2] == '\0' || p[3] == '\0')
+          pm_error(m, "unbalanced pattern");
+        p += 4;
+        continue;
+      }
+      if (p[1] == 'f') {
+        if (p[2] != '[')
+          pm_error(m, "missing '[' after '%f' in pattern");
+        p = item_end(m, p + 2);
+        continue;
+      }
+      if (is_digit((unsigned char)p[1])) {
+        int l = p[1] - '1';
+        if (l < 0 || l >= level || open[l])
+          pm_error(m, "invalid capture index");
+        p += 2;
+        continue;
+      }
+      break;
+    }
+    p = item_end(m, p);
+    if (*p == '?')
+      opt++;
+    else if (*p == '*' || *p == '+' || *p == '-')
+      depth++;
+    if (*p == '?' || *p == '*' || *p == '+' || *p == '-')
+      p++;
+  }
+  size_t len = (size_t)(m->end - m->src);
+  if (depth + (opt < len ? opt : len) > PM_MAXDEPTH)
+    pm_error(m, "pattern too complex");
+  if (repl == NULL) {   /* all captures are results */
+    for (int l = 0; l < level; l++)
+      if (open[l])
+        pm_error(m, "unfinished capture");
+    return;
+  }
+  for (size_t i = 0; i + 1 < rlen; i++) {
+    if (repl[i] != '%')
+      continue;
+    int l = repl[++i] - '1';
+    if (l < 0 || l > 8)
+      continue;   /* %0, or a character as itself */
+    if (l >= level && l != 0)
+      pm_error(m, "invalid capture index");
+    if (l < level && open[l])
+      pm_error(m, "unfinished capture");
+  }
+}
+
+/* -- Results --------------------------------------------------------------- */
+
+/* Capture i of a match [s, e) (the whole match for capture 0 of a pattern
+ * without captures). */
+static void push_capture(pm_t *m, int i, const char *s, const char *e)
+{
+  lua_State *L = m->L;
+  if (i >= m->level) {
+    if (i != 0)
+      pm_error(m, "invalid capture index");
+    lua_pushlstring(L, s, (size_t)(e - s));
+    return;
+  }
+  ptrdiff_t len = m->cap[i].len;
+  if (len == CAP_UNFINISHED)
+    pm_error(m, "unfinished capture");
+  if (len == CAP_POSITION)
+    lua_pushinteger(L, m->cap[i].init - m->src + 1);
+  else
+    lua_pushlstring(L, m->cap[i].init, (size_t)len);
+}
+
+/* All captures, or the whole match if there are none and s is not NULL. */
+static int push_captures(pm_t *m, const char *s, const char *e)
+{
+  int n = m->level == 0 && s ? 1 : m->level;
+  luaL_checkstack(m->L, n, "too many captures");
+  for (int i = 0; i < n; i++)
+    push_capture(m, i, s, e);
+  return n;
+}
+
+/* -- Calls ------------------------------------------------------------------
+ * A call's state, on the C stack while it runs from Lua, in a userdata
+ * (its continuation) once suspended: what the driver of each function
+ * (drive) needs to go on, with the matcher. */
+
+enum { FIND, MATCH, GMATCH, GSUB };
+
+/* The anchors in a continuation's environment table. */
+enum { A_SUBJECT = 1, A_PATTERN, A_REPL, A_ITER, A_BUF };
+
+typedef struct call {
+  mb_run_cont_t cont;     /* first: run.c's */
+  int what;
+  int anchor;             /* find, match, gsub: the pattern began with ^ */
+  int stops;              /* may it suspend (not gsub calling Lua)? */
+  const char *at;         /* where the current match started */
+  /* gsub */
+  int n, max_n;           /* replacements done, allowed */
+  int repl_type;
+  const char *repl;       /* a string replacement */
+  size_t repl_len;
+  int buf_slot;           /* the stack slot anchoring buf's userdata */
+  char *buf;              /* the result so far: in init or a userdata */
+  size_t len, cap;
+  char init[256];
+  pm_t m;
+} call_t;
+
+/* Room for more bytes of gsub's result: a userdata twice as large,
+ * anchored at buf_slot instead of the last. */
+static void buf_need(call_t *c, size_t more)
+{
+  if (c->cap - c->len >= more)
+    return;
+  lua_State *L = c->m.L;
+  if (more > ((size_t)1 << 31) - c->len)
+    luaL_error(L, "string length overflow");
+  size_t cap = c->cap * 2 > c->len + more ? c->cap * 2 : c->len + more;
+  char *b = lua_newuserdata(L, cap);
+  memcpy(b, c->buf, c->len);
+  lua_replace(L, c->buf_slot);
+  c->buf = b;
+  c->cap = cap;
+}
+
+static void buf_add(call_t *c, const char *s, size_t len)
+{
+  buf_need(c, len);
+  memcpy(c->buf + c->len, s, len);
+  c->len += len;
+}
+
+/* Add the value at the top of L (a string or number, popped). */
+static void buf_add_top(call_t *c)
+{
+  size_t len;
+  const char *s = lua_tolstring(c->m.L, -1, &len);
+  buf_add(c, s, len);
+  lua_pop(c->m.L, 1);
+}
+
+/* gsub: what replaces the match [s, e). */
+static void add_replacement(call_t *c, const char *s, const char *e)
+{
+  pm_t *m = &c->m;
+  lua_State *L = m->L;
+  if (c->repl_type == LUA_TSTRING) {
+    const char *r = c->repl, *rend = r + c->repl_len;
+    for (; r < rend; r++) {
+      if (*r != '%') {
+        buf_add(c, r, 1);
+        continue;
+      }
+      r++;   /* at the end: the string's NUL, added as itself */
+      if (!is_digit((unsigned char)*r)) {
+        buf_add(c, r, 1);
+      } else if (*r == '0') {
+        buf_add(c, s, (size_t)(e - s));
+      } else {
+        push_capture(m, *r - '1', s, e);
+        buf_add_top(c);
+      }
+    }
+    return;
+  }
+  if (c->repl_type == LUA_TFUNCTION) {
+    lua_pushvalue(L, 3);
+    lua_call(L, push_captures(m, s, e), 1);
+  } else {
+    push_capture(m, 0, s, e);
+    lua_gettable(L, 3);
+  }
+  if (!lua_toboolean(L, -1)) {   /* nil or false: the match stays */
+    lua_pop(L, 1);
+    buf_add(c, s, (size_t)(e - s));
+  } else if (!lua_isstring(L, -1)) {
+    luaL_error(L, "invalid replacement value (a %s)", luaL_typename(L, -1));
+  } else {
+    buf_add_top(c);
+  }
+}
+
+/* The matcher stopped (PM_STOP): suspend (1), or go on (0)? Where the
+ * process cannot yield, an exit signal raises instead. */
+static int stop_here(call_t *c, int suspended)
+{
+  if (suspended)
+    return 1;
+  lua_State *L = c->m.L;
+  if (c->stops && mb_run_can_yield(mb_proc_of(L), L))
+    return 1;
+  if (c->m.why == 2)
+    luaL_error(L, "process is exiting");
+  return 0;
+}
+
+/* Run call c on: push its results and return their number, or -1 where
+ * it is to suspend. suspended: c runs as a continuation. */
+static int drive(call_t *c, int suspended)
+{
+  pm_t *m = &c->m;
+  lua_State *L = m->L;
+  for (;;) {
+    if (c->what == GSUB && c->n >= c->max_n)
+      break;
+    int r = pm_exec(m);
+    if (r == PM_STOP) {
+      if (stop_here(c, suspended))
+        return -1;
+      continue;
+    }
+    const char *s = c->at, *e = r == PM_MATCH ? m->e : NULL;
+    switch (c->what) {
+    case FIND:
+      if (e) {
+        lua_pushinteger(L, s - m->src + 1);
+        lua_pushinteger(L, e - m->src);
+        return push_captures(m, NULL, NULL) + 2;
+      }
+      /* fall through */
+    case MATCH:
+      if (e)
+        return push_captures(m, s, e);
+      if (c->anchor || s >= m->end) {
+        lua_pushnil(L);
+        return 1;
+      }
+      pm_start(m, ++c->at);
+      continue;
+    case GMATCH:
+      if (e) {   /* the next search starts after it (after one more if empty) */
+        c->n = (int)(e - m->src) + (e == s);
+        return push_captures(m, s, e);
+      }
+      if (s >= m->end)
+        return 0;
+      pm_start(m, ++c->at);
+      continue;
+    }
+    /* GSUB */
+    if (e) {
+      c->n++;
+      add_replacement(c, s, e);
+    }
+    if (e && e > s)
+      c->at = e;
+    else if (s < m->end)
+      buf_add(c, c->at++, 1);
+    else
+      break;
+    if (c->anchor)
+      break;
+    pm_start(m, c->at);
+  }
+  buf_add(c, c->at, (size_t)(m->end - c->at));
+  lua_pushlstring(L, c->buf, c->len);
+  lua_pushinteger(L, c->n);
+  return 2;
+}
+
+/* A suspended call's step (mb_run_cont_t): on the process's main thread
+ * L, the call's userdata at 1. */
+static int step(lua_State *L, void *self)
+{
+  call_t *c = self;
+  lua_getfenv(L, 1);                  /* 2: its anchors */
+  lua_rawgeti(L, 2, A_BUF);           /* 3: gsub's result, if in a userdata */
+  c->m.L = L;
+  c->buf_slot = 3;
+  int n = drive(c, 1);
+  if (n < 0) {
+    lua_pushvalue(L, 3);
+    lua_rawseti(L, 2, A_BUF);
+  } else if (c->what == GMATCH && n > 0) {
+    lua_rawgeti(L, 2, A_ITER);
+    lua_pushinteger(L, c->n);
+    lua_setupvalue(L, -2, 3);
+    lua_pop(L, 1);
+  }
+  return n;
+}
+
+/* Suspend call c (on the C stack) of the C function running in L: check
+ * its pattern whole, then move c into a continuation that anchors the
+ * strings it points into. Returns as mb_run_suspend. */
+static int suspend(call_t *c, int iter)
+{
+  lua_State *L = c->m.L;
+  pm_check(&c->m, c->what == GSUB ? c->repl : NULL, c->repl_len);
+  call_t *u = lua_newuserdata(L, sizeof *u);
+  memcpy(u, c, sizeof *u);
+  if (c->buf == c->init)
+    u->buf = u->init;
+  u->cont.step = step;
+  lua_createtable(L, A_BUF, 0);
+  for (int a = A_SUBJECT; a <= A_BUF; a++) {
+    if (a == A_ITER) {   /* gmatch's iterator: the running function */
+      lua_Debug ar;
+      if (iter && lua_getstack(L, 0, &ar) && lua_getinfo(L, "f", &ar))
+        lua_rawseti(L, -2, a);
+      continue;
+    }
+    if (a == A_BUF && c->what != GSUB)
+      continue;
+    lua_pushvalue(L, a == A_BUF ? c->buf_slot : iter ? lua_upvalueindex(a) : a);
+    lua_rawseti(L, -2, a);
+  }
+  lua_setfenv(L, -2);
+  return mb_run_suspend(L);
+}
+
+/* Run call c, set up, from Lua: its results (c->m.L then NULL), or its
+ * suspension. */
+static int run_call(call_t *c, int iter)
+{
+  c->m.steps = 0;
+  c->m.poll_at = PM_POLL;
+  int n = drive(c, 0);
+  if (n < 0)
+    return suspend(c, iter);
+  c->m.L = NULL;
+  return n;
+}
+
+static void call_init(call_t *c, lua_State *L, int what, const char *s, size_t len,
+                      const char *pat)
+{
+  c->what = what;
+  c->anchor = 0;
+  c->stops = 1;
+  c->m.L = L;
+  c->m.src = s;
+  c->m.end = s + len;
+  if (what != GMATCH && *pat == '^') {
+    c->anchor = 1;
+    pat++;
+  }
+  c->m.pat = pat;
+}
+
+/* -- The functions ------------------------------------------------------- */
+
+/* An integer argument as LuaJIT's string functions read it (a double
+ * truncated to 32 bits, out of range as the x86 conversion gives). */
+static int32_t opt_int32(lua_State *L, int i, int32_t def)
+{
+  if (lua_isnoneornil(L, i))
+    return def;
+  lua_Number n = luaL_checknumber(L, i);
+  return n >= -2147483648.0 && n < 2147483648.0 ? (int32_t)n : INT32_MIN;
+}
+
+static int has_magic(const char *p, size_t len)
+{
+  for (size_t i = 0; i < len; i++)
+    if (p[i] != '\0' && strchr("^$*+?.([%-", p[i]))
+      return 1;
+  return 0;
+}
+
+static int find_or_match(lua_State *L, int what)
+{
+  size_t len, plen;
+  const char *s = luaL_checklstring(L, 1, &len);
+  const char *pat = luaL_checklstring(L, 2, &plen);
+  int32_t init = opt_int32(L, 3, 1);
+  init = init < 0 ? init + (int32_t)len : init - 1;
+  size_t at = init < 0 ? 0 : (size_t)init > len ? len : (size_t)init;
+  if (what == FIND && (lua_toboolean(L, 4) || !has_magic(pat, plen))) {
+    const char *q = memmem(s + at, len - at, pat, plen);
+    if (q == NULL) {
+      lua_pushnil(L);
+      return 1;
+    }
+    lua_pushinteger(L, q - s + 1);
+    lua_pushinteger(L, q - s + (ptrdiff_t)plen);
+    return 2;
+  }
+  call_t c;
+  call_init(&c, L, what, s, len, pat);
+  c.at = s + at;
+  pm_start(&c.m, c.at);
+  return run_call(&c, 0);
+}
+
+static int l_find(lua_State *L)
+{
+  return find_or_match(L, FIND);
+}
+
+static int l_match(lua_State *L)
+{
+  return find_or_match(L, MATCH);
+}
+
+/* gmatch's iterator: upvalues the subject, the pattern, and where the
+ * next search starts. */
+static int gmatch_next(lua_State *L)
+{
+  size_t len;
+  const char *s = lua_tolstring(L, lua_upvalueindex(1), &len);
+  lua_Number pos = lua_tonumber(L, lua_upvalueindex(3));
+  if (pos > (lua_Number)len)
+    return 0;
+  call_t c;
+  call_init(&c, L, GMATCH, s, len, lua_tostring(L, lua_upvalueindex(2)));
+  c.at = s + (size_t)pos;
+  pm_start(&c.m, c.at);
+  int n = run_call(&c, 1);
+  if (n > 0 && c.m.L == NULL) {   /* not suspended: it matched */
+    lua_pushinteger(L, c.n);
+    lua_replace(L, lua_upvalueindex(3));
+  }
+  return n;
+}
+
+static int l_gmatch(lua_State *L)
+{
+  luaL_checkstring(L, 1);
+  luaL_checkstring(L, 2);
+  lua_settop(L, 2);
+  lua_pushinteger(L, 0);
+  lua_pushcclosure(L, gmatch_next, 3);
+  return 1;
+}
+
+static int l_gsub(lua_State *L)
+{
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  const char *pat = luaL_checkstring(L, 2);
+  int t = lua_type(L, 3);
+  int max_n = (int)luaL_optinteger(L, 4, (lua_Integer)len + 1);
+  if (t != LUA_TNUMBER && t != LUA_TSTRING && t != LUA_TFUNCTION && t != LUA_TTABLE)
+    return luaL_argerror(L, 3, "string/function/table expected");
+  /* A function replacement calls back into Lua from here, and each level
+   * of such a recursion nests this frame (see mb_lstate_cstack_check). */
+  mb_lstate_cstack_check(L);
+  lua_settop(L, 4);
+  lua_pushnil(L);            /* 5: the result's userdata, once it grows */
+  call_t c;
+  call_init(&c, L, GSUB, s, len, pat);
+  c.n = 0;
+  c.max_n = max_n;
+  c.repl_type = t == LUA_TNUMBER ? LUA_TSTRING : t;
+  c.repl = NULL;
+  c.repl_len = 0;
+  if (c.repl_type == LUA_TSTRING)
+    c.repl = lua_tolstring(L, 3, &c.repl_len);
+  c.stops = c.repl_type == LUA_TSTRING;
+  c.buf_slot = 5;
+  c.buf = c.init;
+  c.len = 0;
+  c.cap = sizeof c.init;
+  c.at = s;
+  pm_start(&c.m, c.at);
+  return run_call(&c, 0);
+}
+
+void mb_strmatch_open(lua_State *L, int idx)
+{
+  static const luaL_Reg fns[] = {
+    {"find", l_find}, {"match", l_match}, {"gmatch", l_gmatch}, {"gsub", l_gsub},
+    {NULL, NULL}
+  };
+  idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
+  for (const luaL_Reg *f = fns; f->name; f++) {
+    lua_pushcfunction(L, f->func);
+    lua_setfield(L, idx, f->name);
+  }
+}

@@ -1,0 +1,245 @@
+-- string.find, match, gmatch and gsub (host/lib/strmatch.c): LuaJIT's
+-- results and errors, and a long match that neither holds its scheduler nor
+-- outlives an exit signal. The cases that would hang a host without that
+-- run in a child host, bounded in time.
+local mb = require "moonbeam"
+local S = require "spec.support"
+
+local function child(src, opts, limit)
+  local path = S.write("child.lua", src)
+  return S.moonbeam((opts or "") .. " " .. S.q(path), nil, limit or 60)
+end
+
+-- Random calls of the four functions, their results printed one a line; the
+-- same text from the host and from luajit. Its own generator: the host
+-- seeds each process's math.random apart.
+local differential = [=[
+local seed, N = tonumber(arg[1]), tonumber(arg[2])
+local x = seed
+local function rnd(n) x = (x * 1103515245 + 12345) % 2147483648; return x % n + 1 end
+local atoms = {"a", "b", "c", ".", "%a", "%d", "%s", "%w", "%p", "%l", "%u", "%x", "%c",
+  "%z", "%A", "%S", "%g", "%G", "[ab]", "[^a]", "[a-c]", "[%a_]", "[]]", "[^]]", "[%]]",
+  "[a-]", "[-a]", "%%", "%.", "%(", "%b()", "%bab", "%f[%a]", "%f[%A]", "%1", "%2", "%0",
+  "(", ")", "()", "^", "$", "-", "*", "+", "?", "%", "[", "]", "x", "1", " ", "\0", "%e"}
+local quant = {"", "", "", "*", "+", "-", "?"}
+local chars = {"a", "b", "c", "x", "1", "2", " ", "(", ")", "_", "A", "B", "-", "]", "[",
+  "\0", "%", ".", "\200"}
+local function word(list, max, q)
+  local t = {}
+  for _ = 1, rnd(max) - 1 do t[#t + 1] = list[rnd(#list)] .. (q and q[rnd(#q)] or "") end
+  return table.concat(t)
+end
+local function show(...)
+  local t = {}
+  for i = 1, select("#", ...) do
+    local v = select(i, ...)
+    t[#t + 1] = type(v) == "string" and ("%q"):format(v) or tostring(v)
+  end
+  return table.concat(t, ",")
+end
+local inits = {1, 2, -1, -3, 0, 5, 100, -100, 2.5, "2", 2^40, -2^40}
+local repls = {"x", "%0", "%1", "<%1%2>", "%%", "%", "a%", 5, "%9", ""}
+local fns = {function(a, b) return a and (a .. "|" .. tostring(b)) end,
+             function() return false end, {a = "A", b = 1, ["("] = true, c = {}}}
+for _ = 1, N do
+  local s, p, k = word(chars, 12), word(atoms, 6, quant), rnd(6)
+  local r
+  if k == 1 then r = show(pcall(string.find, s, p, inits[rnd(#inits)]))
+  elseif k == 2 then r = show(pcall(string.match, s, p, inits[rnd(#inits)]))
+  elseif k == 3 then r = show(pcall(string.find, s, p, inits[rnd(#inits)], rnd(2) == 1))
+  elseif k == 4 then
+    local ok, it = pcall(string.gmatch, s, p)
+    local all = {}
+    for _ = 1, 20 do
+      local got = {pcall(it)}
+      all[#all + 1] = show(unpack(got))
+      if got[2] == nil then break end
+    end
+    r = table.concat(all, ";")
+  elseif k == 5 then
+    r = show(pcall(string.gsub, s, p, repls[rnd(#repls)], rnd(3) == 1 and rnd(3) or nil))
+  else
+    r = show(pcall(string.gsub, s, p, fns[rnd(#fns)]))
+  end
+  print(("%d %q %q %s"):format(k, s, p, r))
+end
+for _, bad in ipairs({
+  function() return string.find(nil, "a") end, function() return ("a"):find({}) end,
+  function() return ("a"):find("a", {}) end, function() return ("a"):gsub("a", true) end,
+  function() return ("a"):gsub("a", nil, "x") end, function() return ("a"):gmatch() end,
+  function() return ("aaa"):find(("a?"):rep(199) .. "b") end,
+  function() return ("aaa"):find(("a?"):rep(200) .. "b") end,
+  function() return ("a"):rep(250):find(("a?"):rep(200) .. "b") end,
+  function() return ("a"):find(("()"):rep(33)) end,
+  function() local r = ("a"):find("(a") return r end,
+  function() local r = ("a"):gsub("(a)", "%2") return r end,
+}) do
+  print(show(pcall(bad)))
+end
+]=]
+
+-- A pattern that backtracks through 2^n ways on ("a"):rep(n) .. "b".
+local function hog_pattern(n)
+  return ("(" .. ("a?"):rep(n) .. ")" .. ("a"):rep(n) .. "()"), ("a"):rep(n) .. "b"
+end
+
+describe("string patterns", function()
+  teardown(S.cleanup_tmp)
+
+  it("give LuaJIT's results and errors", function()
+    local path = S.write("differential.lua", differential)
+    for seed = 1, 3 do
+      local args = S.q(path) .. " " .. seed .. " 6000"
+      local c1, mine, e1 = S.moonbeam(args, nil, 120)
+      local c2, theirs, e2 = S.sh("luajit " .. args, nil, 120)
+      assert.are.equal(0, c1, e1)
+      assert.are.equal(0, c2, e2)
+      assert.is_true(#mine > 100000)
+      if mine ~= theirs then   -- the first line that differs, not 600 KB
+        local a, b = mine:gmatch("[^\n]*"), theirs:gmatch("[^\n]*")
+        for l1 in a do
+          local l2 = b()
+          assert.are.equal(l2, l1)
+        end
+      end
+    end
+  end)
+
+  it("leave a long match's scheduler to others, and give its results", function()
+    -- One scheduler: the echo's answers come while the matchers run only
+    -- if their matches stop for others.
+    local code, out, err = child([[
+      local mb = require "moonbeam"
+      local main = mb.self()
+      local pat, subj = ]] .. ("%q, %q"):format(hog_pattern(18)) .. [[
+      local echo = mb.spawn(function()
+        while true do local m = mb.receive(); mb.send(m, "pong") end
+      end)
+      mb.spawn(function() mb.send(main, {find = {subj:find(pat)}}) end)
+      mb.spawn(function() mb.send(main, {match = {subj:match(pat)}}) end)
+      mb.spawn(function()
+        local r = {}
+        for a, b in (subj .. subj):gmatch(pat) do r[#r + 1] = #a .. ":" .. b end
+        mb.send(main, {gmatch = r})
+      end)
+      mb.spawn(function() mb.send(main, {gsub = {("xy" .. subj):gsub(pat, "<%1|%2>")}}) end)
+      local got, pongs_first = {}, 0
+      local t0 = mb.now()
+      while next(got) == nil and mb.now() - t0 < 20000 do
+        mb.send(echo, mb.self())
+        local m = mb.receive(20000)
+        if m == "pong" then pongs_first = pongs_first + 1
+        elseif m then for k, v in pairs(m) do got[k] = v end end
+      end
+      for _ = 1, 4 do
+        local m = mb.receive(function(m) return type(m) == "table" end, 60000)
+        if m then for k, v in pairs(m) do got[k] = v end end
+      end
+      print("pongs before a result", pongs_first)
+      print("find", table.concat(got.find or {}, ","))
+      print("match", table.concat(got.match or {}, ","))
+      print("gmatch", table.concat(got.gmatch or {}, ","))
+      print("gsub", table.concat(got.gsub or {}, ","))
+      mb.halt(0)
+    ]], "--schedulers 1", 120)
+    assert.are.equal(0, code, out .. err)
+    local pongs = tonumber(out:match("pongs before a result\t(%d+)"))
+    assert.is_true(pongs ~= nil and pongs >= 1, out .. err)
+    -- luajit's, for hog_pattern(18)
+    assert.is_true(S.has(out, "find\t1,18,,19\n"), out)
+    assert.is_true(S.has(out, "match\t,19\n"), out)
+    assert.is_true(S.has(out, "gmatch\t0:19,0:38\n"), out)
+    assert.is_true(S.has(out, "gsub\txy<|21>b,1\n"), out)
+  end)
+
+  it("do not hold every scheduler with as many long matches", function()
+    local code, out, err = child([[
+      local mb = require "moonbeam"
+      local pat, subj = ]] .. ("%q, %q"):format(hog_pattern(40)) .. [[
+      for _ = 1, 2 do mb.spawn(function() subj:find(pat) end) end
+      local echo = mb.spawn(function()
+        while true do local m = mb.receive(); mb.send(m, "pong") end
+      end)
+      local got = 0
+      for _ = 1, 20 do
+        mb.send(echo, mb.self())
+        if mb.receive(10000) == "pong" then got = got + 1 end
+      end
+      print("pongs", got)
+      os.exit(0)
+    ]], "--schedulers 2", 60)
+    assert.are.equal(0, code, out .. err)
+    assert.is_true(S.has(out, "pongs\t20"), out .. err)
+  end)
+
+  it("end a long match at an exit signal, where it can yield or not", function()
+    local code, out, err = child([[
+      local mb = require "moonbeam"
+      local pat, subj = ]] .. ("%q, %q"):format(hog_pattern(40)) .. [[
+      local bodies = {
+        plain = function() subj:find(pat) end,
+        gmatch = function() for _ in subj:gmatch(pat) do end end,
+        gsub_function = function() subj:gsub(pat, function() end) end,
+        in_sort = function()   -- a comparator: C calls it, it cannot yield
+          table.sort({1, 2, 3}, function(a, b) subj:find(pat) return a < b end)
+        end,
+        in_pcall = function() pcall(string.match, subj, pat) end,
+      }
+      for name, body in pairs(bodies) do
+        local pid, ref = mb.spawn_monitor(body)
+        -- Runnable, not asleep: where the match cannot stop (gsub calling
+        -- Lua, a comparator), a timer on its scheduler's loop would wait
+        -- for it, but a queued process moves to the other scheduler.
+        local t0 = mb.now()
+        while mb.now() - t0 < 50 do mb.yield() end
+        mb.exit(pid, "kill")
+        local m = mb.receive(function(m) return type(m) == "table" and m.ref == ref end, 10000)
+        print(name, m and m.reason or "still running")
+      end
+      os.exit(0)
+    ]], "--schedulers 2", 60)
+    assert.are.equal(0, code, out .. err)
+    for _, name in ipairs({"plain", "gmatch", "gsub_function", "in_sort", "in_pcall"}) do
+      assert.is_true(S.has(out, name .. "\tkilled"), out .. err)
+    end
+  end)
+
+  it("raise a long match's pattern errors when it stops", function()
+    -- LuaJIT would meet the bad end (or not) only after 2^40 ways; a match
+    -- that stops checks its whole pattern, and raises at once.
+    local code, out, err = child([[
+      local mb = require "moonbeam"
+      local pat, subj = ]] .. ("%q, %q"):format(hog_pattern(40)) .. [[
+      -- Company on the one scheduler, so that the match is preempted.
+      mb.spawn(function() for _ = 1, 200 do mb.sleep(1) end end)
+      for _, case in ipairs({
+        {pat .. "%", "malformed pattern (ends with '%')"},
+        {pat .. "[a", "malformed pattern (missing ']')"},
+        {pat .. "(", "unfinished capture"},
+        {pat .. "%3", "invalid capture index"},
+        {pat .. ("a*"):rep(200), "pattern too complex"},
+      }) do
+        local ok, e = pcall(string.find, subj, case[1])
+        print(ok, e == case[2] and "right" or e)
+      end
+      local ok, e = pcall(string.gsub, subj, pat, "%3")
+      print(ok, e == "invalid capture index" and "right" or e)
+      os.exit(0)
+    ]], "--schedulers 1", 60)
+    assert.are.equal(0, code, out .. err)
+    local _, rights = out:gsub("false\tright", "")
+    assert.are.equal(6, rights, out .. err)
+  end)
+
+  it("raise in gsub's function replacement as in LuaJIT, and bound its recursion", function()
+    local ok, e = pcall(string.gsub, "abc", "%w", function(c)
+      if c == "b" then error("no b", 0) end
+    end)
+    assert.is_false(ok)
+    assert.are.equal("no b", e)
+    local function deep(s) return (s:gsub(".", deep)) end
+    ok, e = pcall(deep, ("x"):rep(10))
+    assert.is_false(ok)
+    assert.is_true(S.has(e, "C stack overflow") or S.has(e, "stack overflow"), e)
+  end)
+end)
