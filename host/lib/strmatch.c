@@ -45,9 +45,10 @@ typedef struct pm {
   const char *src, *end;   /* the subject (a Lua string: *end is NUL) */
   const char *pat;         /* the pattern, after an anchor */
   lua_State *L;            /* errors and results go there */
-  size_t steps, poll_at;
+  ptrdiff_t left;          /* steps until the next look at the runner */
   int why;                 /* PM_STOP's: mb_run_due's answer */
-  const char *s, *p;       /* where matching goes on */
+  int stopped;             /* s, p are where matching goes on */
+  const char *s, *p;
   const char *e;           /* PM_MATCH: the match's end */
   int level, n;            /* captures, frames */
   struct {
@@ -62,29 +63,34 @@ static void pm_error(pm_t *m, const char *msg)
   luaL_error(m->L, "%s", msg);
 }
 
-static int is_alpha(int c) { return (unsigned)((c | 0x20) - 'a') < 26; }
-static int is_digit(int c) { return (unsigned)(c - '0') < 10; }
+/* Character classes, as LuaJIT's: ASCII, whatever the C locale. */
+enum { C_ = 1, S_ = 2, P_ = 4, D_ = 8, U_ = 16, L_ = 32, X_ = 64, Z_ = 128 };
 
-/* Does c belong to class cl (the letter after a %)? As LuaJIT's (ASCII,
- * whatever the C locale): %a %c %d %g %l %p %s %u %w %x, their upper
- * case for the complement, %z for NUL; any other character is itself. */
-static int in_class(int c, int cl)
+static const uint8_t ctype[256] = {
+  [0] = C_ | Z_, [1 ... 8] = C_, ['\t' ... '\r'] = C_ | S_, [14 ... 31] = C_, [127] = C_,
+  [' '] = S_, ['!' ... '/'] = P_, [':' ... '@'] = P_, ['[' ... '`'] = P_, ['{' ... '~'] = P_,
+  ['0' ... '9'] = D_ | X_, ['A' ... 'F'] = U_ | X_, ['G' ... 'Z'] = U_,
+  ['a' ... 'f'] = L_ | X_, ['g' ... 'z'] = L_,
+};
+
+/* The classes a letter after % names (its upper case: the complement);
+ * 0 for any other character, which is itself. */
+static const uint8_t classes[256] = {
+  ['a'] = U_ | L_, ['c'] = C_, ['d'] = D_, ['g'] = P_ | D_ | U_ | L_, ['l'] = L_,
+  ['p'] = P_, ['s'] = S_, ['u'] = U_, ['w'] = D_ | U_ | L_, ['x'] = X_, ['z'] = Z_,
+  ['A'] = U_ | L_, ['C'] = C_, ['D'] = D_, ['G'] = P_ | D_ | U_ | L_, ['L'] = L_,
+  ['P'] = P_, ['S'] = S_, ['U'] = U_, ['W'] = D_ | U_ | L_, ['X'] = X_, ['Z'] = Z_,
+};
+
+static int is_digit(int c) { return ctype[c & 0xff] & D_; }
+
+/* Does c belong to class cl (the character after a %)? */
+static inline int in_class(int c, int cl)
 {
-  int r;
-  switch (cl | 0x20) {
-  case 'a': r = is_alpha(c); break;
-  case 'c': r = c < 32 || c == 127; break;
-  case 'd': r = is_digit(c); break;
-  case 'g': r = c > 32 && c < 127; break;
-  case 'l': r = (unsigned)(c - 'a') < 26; break;
-  case 'p': r = c > 32 && c < 127 && !is_alpha(c) && !is_digit(c); break;
-  case 's': r = c == ' ' || (unsigned)(c - '\t') < 5; break;
-  case 'u': r = (unsigned)(c - 'A') < 26; break;
-  case 'w': r = is_alpha(c) || is_digit(c); break;
-  case 'x': r = is_digit(c) || (unsigned)((c | 0x20) - 'a') < 6; break;
-  case 'z': r = c == 0; break;
-  default: return cl == c;
-  }
+  int bits = classes[cl];
+  if (bits == 0)
+    return cl == c;
+  int r = (ctype[c] & bits) != 0;
   return (cl & 0x20) ? r : !r;
 }
 
@@ -134,7 +140,7 @@ static const char *item_end(pm_t *m, const char *p)
   return p;
 }
 
-static int single(int c, const char *p, const char *ep)
+static inline int single(int c, const char *p, const char *ep)
 {
   switch (*p) {
   case '.': return 1;
@@ -157,37 +163,49 @@ static void push_frame(pm_t *m, int kind, const char *s, const char *p, const ch
   f->i = i;
 }
 
-/* Start a match at subject position s. */
-static void pm_start(pm_t *m, const char *s)
+/* Set m up for a match at a new position. */
+static void pm_start(pm_t *m)
 {
-  m->s = s;
-  m->p = m->pat;
   m->level = m->n = 0;
+  m->stopped = 0;
 }
 
 /* Look at the runner (see mb_run_due); 0 if the match goes on. */
 static int pm_due(pm_t *m)
 {
-  m->poll_at = m->steps + PM_POLL;
+  m->left = PM_POLL;
   mb_proc_t *p = mb_sched_self() ? mb_proc_of(m->L) : NULL;
   m->why = p && p->L ? mb_run_due(p) : 0;
   return m->why;
 }
 
-/* Match on from m->s, m->p: PM_MATCH (m->e its end, m->cap its
- * captures), PM_FAIL (no match from the start position), or PM_STOP (the
- * runner said so: m->s, m->p and the frames are where to go on). */
-static int pm_exec(pm_t *m)
+/* Match from subject position s, or on from where it stopped: PM_MATCH
+ * (m->e its end, m->cap its captures), PM_FAIL (no match from that
+ * position), or PM_STOP (the runner said so: m->s, m->p and the frames
+ * are where to go on). */
+static int pm_exec(pm_t *m, const char *s)
 {
-  const char *s = m->s, *p = m->p, *ep;
+  const char *p = m->pat, *ep;
+  ptrdiff_t left = m->left;   /* in a register; m->left again on return */
+  if (m->stopped) {
+    s = m->s;
+    p = m->p;
+    m->stopped = 0;
+  }
   for (;;) {
-    if (++m->steps >= m->poll_at && pm_due(m)) {
-      m->s = s;
-      m->p = p;
-      return PM_STOP;
+    if (--left <= 0) {
+      int stop = pm_due(m);
+      left = m->left;
+      if (stop) {
+        m->s = s;
+        m->p = p;
+        m->stopped = 1;
+        return PM_STOP;
+      }
     }
     switch (*p) {
     case '\0':
+      m->left = left;
       m->e = s;
       return PM_MATCH;
     case '(': {
@@ -216,6 +234,7 @@ static int pm_exec(pm_t *m)
       if (p[1] == '\0') {
         if (s != m->end)
           goto fail;
+        m->left = left;
         m->e = s;
         return PM_MATCH;
       }
@@ -236,7 +255,7 @@ static int pm_exec(pm_t *m)
             depth++;
           }
         }
-        m->steps += (size_t)(q - s);
+        left -= q - s;
         if (q >= m->end)
           goto fail;
         s = q + 1;
@@ -261,7 +280,7 @@ static int pm_exec(pm_t *m)
         size_t len = (size_t)m->cap[l].len;   /* a position's: never fits */
         if ((size_t)(m->end - s) < len || memcmp(m->cap[l].init, s, len) != 0)
           goto fail;
-        m->steps += len;
+        left -= (ptrdiff_t)len;
         s += len;
         p += 2;
         continue;
@@ -288,7 +307,7 @@ static int pm_exec(pm_t *m)
       ptrdiff_t i = 0;
       while (s + i < m->end && single((unsigned char)s[i], p, ep))
         i++;
-      m->steps += (size_t)i;
+      left -= i;
       push_frame(m, F_MAX, s, p, ep, i);
       s += i;
       p = ep + 1;
@@ -309,8 +328,10 @@ static int pm_exec(pm_t *m)
     /* Back to the newest frame with a way left, undoing the captures on
      * the way there. */
     for (;;) {
-      if (m->n == 0)
+      if (m->n == 0) {
+        m->left = left;
         return PM_FAIL;
+      }
       frame_t *f = &m->f[m->n - 1];
       if (f->kind == F_OPT) {             /* without the item */
         s = f->s;
@@ -466,7 +487,18 @@ static int push_captures(pm_t *m, const char *s, const char *e)
 enum { FIND, MATCH, GMATCH, GSUB };
 
 /* The anchors in a continuation's environment table. */
-enum { A_SUBJECT = 1, A_PATTERN, A_REPL, A_ITER, A_BUF };
+/* A continuation's environment table anchors what its call points into:
+ * at 1-3 the call's arguments (gmatch's iterator: its upvalues), at A_BUF
+ * gsub's result so far. */
+enum { A_BUF = 4 };
+
+/* gmatch's iterator's state, its first upvalue (the subject and the
+ * pattern are the others, which anchor them). */
+typedef struct gmatch {
+  const char *s, *pat;
+  size_t len;
+  size_t pos;             /* where the next search starts */
+} gmatch_t;
 
 typedef struct call {
   mb_run_cont_t cont;     /* first: run.c's */
@@ -474,6 +506,10 @@ typedef struct call {
   int anchor;             /* find, match, gsub: the pattern began with ^ */
   int stops;              /* may it suspend (not gsub calling Lua)? */
   const char *at;         /* where the current match started */
+  gmatch_t *gm;           /* gmatch's iterator's */
+  int lead_known;         /* lead_p, lead_ep are set */
+  const char *lead_p, *lead_ep;   /* the character every match starts with
+                                     (a class), or NULL if none (see skip) */
   /* gsub */
   int n, max_n;           /* replacements done, allowed */
   int repl_type;
@@ -560,6 +596,36 @@ static void add_replacement(call_t *c, const char *s, const char *e)
   }
 }
 
+/* The first position from t where a match can start: where the
+ * pattern's first item matches, if it takes a character (x or x+). Where
+ * it does not, a start there fails at its first item: this skips in a
+ * tight loop what the matcher would try and fail position by position.
+ * Called after a first try, which has checked the item's syntax. */
+static const char *skip(call_t *c, const char *t)
+{
+  pm_t *m = &c->m;
+  if (!c->lead_known) {
+    const char *p = m->pat;
+    c->lead_known = 1;
+    c->lead_p = NULL;
+    if (*p == '\0' || *p == '(' || *p == ')' || (*p == '$' && p[1] == '\0') ||
+        (*p == '%' && (p[1] == 'b' || p[1] == 'f' || is_digit((unsigned char)p[1]))))
+      return t;
+    const char *ep = item_end(m, p);
+    if (*ep == '?' || *ep == '*' || *ep == '-')
+      return t;
+    c->lead_p = p;
+    c->lead_ep = ep;
+  }
+  if (c->lead_p == NULL)
+    return t;
+  const char *from = t;
+  while (t < m->end && !single((unsigned char)*t, c->lead_p, c->lead_ep))
+    t++;
+  m->left -= t - from;
+  return t;
+}
+
 /* The matcher stopped (PM_STOP): suspend (1), or go on (0)? Where the
  * process cannot yield, an exit signal raises instead. */
 static int stop_here(call_t *c, int suspended)
@@ -583,7 +649,7 @@ static int drive(call_t *c, int suspended)
   for (;;) {
     if (c->what == GSUB && c->n >= c->max_n)
       break;
-    int r = pm_exec(m);
+    int r = pm_exec(m, c->at);
     if (r == PM_STOP) {
       if (stop_here(c, suspended))
         return -1;
@@ -605,7 +671,8 @@ static int drive(call_t *c, int suspended)
         lua_pushnil(L);
         return 1;
       }
-      pm_start(m, ++c->at);
+      c->at = skip(c, s + 1);
+      pm_start(m);
       continue;
     case GMATCH:
       if (e) {   /* the next search starts after it (after one more if empty) */
@@ -614,7 +681,8 @@ static int drive(call_t *c, int suspended)
       }
       if (s >= m->end)
         return 0;
-      pm_start(m, ++c->at);
+      c->at = skip(c, s + 1);
+      pm_start(m);
       continue;
     }
     /* GSUB */
@@ -622,15 +690,17 @@ static int drive(call_t *c, int suspended)
       c->n++;
       add_replacement(c, s, e);
     }
-    if (e && e > s)
+    if (e && e > s) {
       c->at = e;
-    else if (s < m->end)
-      buf_add(c, c->at++, 1);
-    else
+    } else if (s < m->end) {   /* the text up to the next possible match stays */
+      c->at = c->anchor ? s + 1 : skip(c, s + 1);
+      buf_add(c, s, (size_t)(c->at - s));
+    } else {
       break;
+    }
     if (c->anchor)
       break;
-    pm_start(m, c->at);
+    pm_start(m);
   }
   buf_add(c, c->at, (size_t)(m->end - c->at));
   lua_pushlstring(L, c->buf, c->len);
@@ -652,10 +722,7 @@ static int step(lua_State *L, void *self)
     lua_pushvalue(L, 3);
     lua_rawseti(L, 2, A_BUF);
   } else if (c->what == GMATCH && n > 0) {
-    lua_rawgeti(L, 2, A_ITER);
-    lua_pushinteger(L, c->n);
-    lua_setupvalue(L, -2, 3);
-    lua_pop(L, 1);
+    c->gm->pos = (size_t)c->n;
   }
   return n;
 }
@@ -663,7 +730,7 @@ static int step(lua_State *L, void *self)
 /* Suspend call c (on the C stack) of the C function running in L: check
  * its pattern whole, then move c into a continuation that anchors the
  * strings it points into. Returns as mb_run_suspend. */
-static int suspend(call_t *c, int iter)
+static int suspend(call_t *c)
 {
   lua_State *L = c->m.L;
   pm_check(&c->m, c->what == GSUB ? c->repl : NULL, c->repl_len);
@@ -673,16 +740,10 @@ static int suspend(call_t *c, int iter)
     u->buf = u->init;
   u->cont.step = step;
   lua_createtable(L, A_BUF, 0);
-  for (int a = A_SUBJECT; a <= A_BUF; a++) {
-    if (a == A_ITER) {   /* gmatch's iterator: the running function */
-      lua_Debug ar;
-      if (iter && lua_getstack(L, 0, &ar) && lua_getinfo(L, "f", &ar))
-        lua_rawseti(L, -2, a);
-      continue;
-    }
+  for (int a = 1; a <= A_BUF; a++) {
     if (a == A_BUF && c->what != GSUB)
-      continue;
-    lua_pushvalue(L, a == A_BUF ? c->buf_slot : iter ? lua_upvalueindex(a) : a);
+      break;
+    lua_pushvalue(L, a == A_BUF ? c->buf_slot : c->what == GMATCH ? lua_upvalueindex(a) : a);
     lua_rawseti(L, -2, a);
   }
   lua_setfenv(L, -2);
@@ -691,13 +752,12 @@ static int suspend(call_t *c, int iter)
 
 /* Run call c, set up, from Lua: its results (c->m.L then NULL), or its
  * suspension. */
-static int run_call(call_t *c, int iter)
+static int run_call(call_t *c)
 {
-  c->m.steps = 0;
-  c->m.poll_at = PM_POLL;
+  c->m.left = PM_POLL;
   int n = drive(c, 0);
   if (n < 0)
-    return suspend(c, iter);
+    return suspend(c);
   c->m.L = NULL;
   return n;
 }
@@ -707,6 +767,7 @@ static void call_init(call_t *c, lua_State *L, int what, const char *s, size_t l
 {
   c->what = what;
   c->anchor = 0;
+  c->lead_known = 0;
   c->stops = 1;
   c->m.L = L;
   c->m.src = s;
@@ -730,6 +791,27 @@ static int32_t opt_int32(lua_State *L, int i, int32_t def)
   return n >= -2147483648.0 && n < 2147483648.0 ? (int32_t)n : INT32_MIN;
 }
 
+/* The first n in h. memmem is linear but sets up a table first: a short
+ * haystack, or a needle of one or two characters, is searched directly. */
+static const char *find_plain(const char *h, size_t hl, const char *n, size_t nl)
+{
+  if (nl == 0)
+    return h;
+  if (nl > hl)
+    return NULL;
+  if (nl > 2 && hl > 256)
+    return memmem(h, hl, n, nl);
+  const char *last = h + (hl - nl);
+  for (const char *q = h; q <= last; q++) {
+    q = memchr(q, n[0], (size_t)(last - q) + 1);
+    if (q == NULL)
+      return NULL;
+    if (memcmp(q + 1, n + 1, nl - 1) == 0)
+      return q;
+  }
+  return NULL;
+}
+
 static int has_magic(const char *p, size_t len)
 {
   for (size_t i = 0; i < len; i++)
@@ -747,7 +829,7 @@ static int find_or_match(lua_State *L, int what)
   init = init < 0 ? init + (int32_t)len : init - 1;
   size_t at = init < 0 ? 0 : (size_t)init > len ? len : (size_t)init;
   if (what == FIND && (lua_toboolean(L, 4) || !has_magic(pat, plen))) {
-    const char *q = memmem(s + at, len - at, pat, plen);
+    const char *q = find_plain(s + at, len - at, pat, plen);
     if (q == NULL) {
       lua_pushnil(L);
       return 1;
@@ -759,8 +841,8 @@ static int find_or_match(lua_State *L, int what)
   call_t c;
   call_init(&c, L, what, s, len, pat);
   c.at = s + at;
-  pm_start(&c.m, c.at);
-  return run_call(&c, 0);
+  pm_start(&c.m);
+  return run_call(&c);
 }
 
 static int l_find(lua_State *L)
@@ -773,33 +855,35 @@ static int l_match(lua_State *L)
   return find_or_match(L, MATCH);
 }
 
-/* gmatch's iterator: upvalues the subject, the pattern, and where the
- * next search starts. */
+/* gmatch's iterator (see gmatch_t). */
 static int gmatch_next(lua_State *L)
 {
-  size_t len;
-  const char *s = lua_tolstring(L, lua_upvalueindex(1), &len);
-  lua_Number pos = lua_tonumber(L, lua_upvalueindex(3));
-  if (pos > (lua_Number)len)
+  gmatch_t *g = lua_touserdata(L, lua_upvalueindex(1));
+  if (g->pos > g->len)
     return 0;
   call_t c;
-  call_init(&c, L, GMATCH, s, len, lua_tostring(L, lua_upvalueindex(2)));
-  c.at = s + (size_t)pos;
-  pm_start(&c.m, c.at);
-  int n = run_call(&c, 1);
-  if (n > 0 && c.m.L == NULL) {   /* not suspended: it matched */
-    lua_pushinteger(L, c.n);
-    lua_replace(L, lua_upvalueindex(3));
-  }
+  call_init(&c, L, GMATCH, g->s, g->len, g->pat);
+  c.gm = g;
+  c.at = g->s + g->pos;
+  pm_start(&c.m);
+  int n = run_call(&c);
+  if (n > 0 && c.m.L == NULL)   /* not suspended: it matched */
+    g->pos = (size_t)c.n;
   return n;
 }
 
 static int l_gmatch(lua_State *L)
 {
-  luaL_checkstring(L, 1);
-  luaL_checkstring(L, 2);
-  lua_settop(L, 2);
-  lua_pushinteger(L, 0);
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  const char *pat = luaL_checkstring(L, 2);
+  gmatch_t *g = lua_newuserdata(L, sizeof *g);
+  g->s = s;
+  g->pat = pat;
+  g->len = len;
+  g->pos = 0;
+  lua_pushvalue(L, 1);
+  lua_pushvalue(L, 2);
   lua_pushcclosure(L, gmatch_next, 3);
   return 1;
 }
@@ -833,8 +917,8 @@ static int l_gsub(lua_State *L)
   c.len = 0;
   c.cap = sizeof c.init;
   c.at = s;
-  pm_start(&c.m, c.at);
-  return run_call(&c, 0);
+  pm_start(&c.m);
+  return run_call(&c);
 }
 
 void mb_strmatch_open(lua_State *L, int idx)
