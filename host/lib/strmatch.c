@@ -675,8 +675,9 @@ static int drive(call_t *c, int suspended)
       pm_start(m);
       continue;
     case GMATCH:
-      if (e) {   /* the next search starts after it (after one more if empty) */
-        c->n = (int)(e - m->src) + (e == s);
+      if (e) {   /* the next search starts after it (after one more if
+                    empty), even if its captures raise, as in LuaJIT */
+        c->gm->pos = (size_t)(e - m->src) + (e == s);
         return push_captures(m, s, e);
       }
       if (s >= m->end)
@@ -721,8 +722,6 @@ static int step(lua_State *L, void *self)
   if (n < 0) {
     lua_pushvalue(L, 3);
     lua_rawseti(L, 2, A_BUF);
-  } else if (c->what == GMATCH && n > 0) {
-    c->gm->pos = (size_t)c->n;
   }
   return n;
 }
@@ -750,16 +749,12 @@ static int suspend(call_t *c)
   return mb_run_suspend(L);
 }
 
-/* Run call c, set up, from Lua: its results (c->m.L then NULL), or its
- * suspension. */
+/* Run call c, set up, from Lua: its results, or its suspension. */
 static int run_call(call_t *c)
 {
   c->m.left = PM_POLL;
   int n = drive(c, 0);
-  if (n < 0)
-    return suspend(c);
-  c->m.L = NULL;
-  return n;
+  return n >= 0 ? n : suspend(c);
 }
 
 static void call_init(call_t *c, lua_State *L, int what, const char *s, size_t len,
@@ -866,10 +861,7 @@ static int gmatch_next(lua_State *L)
   c.gm = g;
   c.at = g->s + g->pos;
   pm_start(&c.m);
-  int n = run_call(&c);
-  if (n > 0 && c.m.L == NULL)   /* not suspended: it matched */
-    g->pos = (size_t)c.n;
-  return n;
+  return run_call(&c);
 }
 
 static int l_gmatch(lua_State *L)
