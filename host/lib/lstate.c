@@ -858,8 +858,9 @@ static void after_debug(lua_State *L)
  * LuaJIT 2.1 bounds the Lua stack, not the C stack: a Lua function that
  * recurses through a C function calling back into Lua (string.gsub's
  * replacement function, load's reader) nests that C function's frame at
- * each level, and gsub's holds ~9 KB (strmatch.c's matcher): ~1,000 levels end an 8 MB
- * stack with SIGSEGV - the whole host, where luajit itself crashes too.
+ * each level, and gsub's holds ~9 KB (strmatch.c's matcher): ~1,000
+ * levels ended an 8 MB stack with SIGSEGV - the whole host, where luajit
+ * itself crashes too.
  * So those functions check the stack first and raise instead while less
  * than an eighth of the thread's stack is left: the scheduler threads'
  * 8 MB (scheduler.c) leave room for ~750 levels, and the last eighth for
