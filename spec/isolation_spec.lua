@@ -121,6 +121,62 @@ describe("isolation", function()
     end)
   end)
 
+  describe("coroutines resumed from a finalizer or a hook", function()
+    it("yield and go on as in luajit, where a second resume crashed the host", function()
+      -- LuaJIT's flag that a __gc finalizer or a hook runs is the state's:
+      -- a yield from a C function made then was taken for the hook's own.
+      local code, out, err = child([[
+        local mb = require "moonbeam"
+        local co = coroutine.create(function(a) local b = coroutine.yield(a + 1) return b * 2 end)
+        local u = newproxy(true)
+        getmetatable(u).__gc = function() print("gc", coroutine.resume(co, 1)) end
+        u = nil
+        collectgarbage()
+        print("main", coroutine.resume(co, 21))
+        local co2 = coroutine.create(function() coroutine.yield("in hook") return "after" end)
+        debug.sethook(function() debug.sethook(); print("hook", coroutine.resume(co2)) end, "", 1)
+        local x = 1
+        print("main2", coroutine.resume(co2))
+        local pid, ref = mb.spawn_monitor(function()
+          local c = coroutine.create(function() coroutine.yield() end)
+          local v = newproxy(true)
+          getmetatable(v).__gc = function() coroutine.resume(c) end
+          v = nil
+          collectgarbage()
+          coroutine.resume(c)
+        end)
+        print("spawned", mb.receive(function(m) return type(m) == "table" and m.ref == ref end, 5000).reason)
+        os.exit(0)
+      ]])
+      assert.are.equal(0, code, out .. err)
+      assert.is_true(S.has(out, "gc\ttrue\t2\n"), out)
+      assert.is_true(S.has(out, "main\ttrue\t42\n"), out)
+      assert.is_true(S.has(out, "hook\ttrue\tin hook\n"), out)
+      assert.is_true(S.has(out, "main2\ttrue\tafter\n"), out)
+      assert.is_true(S.has(out, "spawned\tnormal\n"), out)
+    end)
+
+    it("cannot resume one that waits in a receive, from the receive's own match function", function()
+      local code, out, err = child([[
+        local mb = require "moonbeam"
+        local me = mb.self()
+        local A
+        A = coroutine.create(function()
+          return mb.receive(function(m)
+            print("inside", coroutine.status(A), coroutine.resume(A, "FAKE"))
+            return true
+          end, 5000)
+        end)
+        mb.spawn(function() mb.sleep(50) mb.send(me, "real") end)
+        print("outside", coroutine.resume(A))
+        os.exit(0)
+      ]])
+      assert.are.equal(0, code, out .. err)
+      assert.is_true(S.has(out, "inside\tnormal\tfalse\tcannot resume non-suspended coroutine\n"), out)
+      assert.is_true(S.has(out, "outside\ttrue\treal\n"), out)
+    end)
+  end)
+
   describe("memory", function()
     -- Monitors and aliases live outside the Lua heap: 6 million of each
     -- in a process capped at 4 MB took the host to 836 MB.

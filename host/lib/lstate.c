@@ -54,10 +54,30 @@ static int is_main(lua_State *L)
   return L == p->co || L == p->L;
 }
 
-/* Can co be resumed? Pushes LuaJIT's message and returns 0 if not. */
-static int resumable(lua_State *L, lua_State *co)
+/* Is co passing a runtime yield up (co_resume's PENDING)? To LuaJIT it is
+ * suspended, but it is in the chain of running coroutines, waiting in a
+ * receive or a suspended C call: only the wrappers' loop may resume it
+ * (a __gc finalizer that resumed it made its receive return the values it
+ * passed). It is marked by the key alone on its stack. */
+static int passing_up(lua_State *co)
+{
+  return lua_status(co) == LUA_YIELD && lua_gettop(co) == 1 &&
+         lua_touserdata(co, 1) == &pending_key;
+}
+
+/* Can co be resumed (cont: by the wrappers' loop, going on after a runtime
+ * yield)? Pushes LuaJIT's message and returns 0 if not. */
+static int resumable(lua_State *L, lua_State *co, int cont)
 {
   int st = lua_status(co);
+  if (passing_up(co)) {
+    if (cont) {
+      lua_settop(co, 0);
+      return 1;
+    }
+    lua_pushliteral(L, "cannot resume non-suspended coroutine");
+    return 0;
+  }
   if (st == LUA_YIELD)
     return 1;
   lua_Debug ar;
@@ -75,7 +95,8 @@ static int resumable(lua_State *L, lua_State *co)
  * coroutines (so the hook knows where it may yield) and reports a runtime
  * yield of co as PENDING instead of as an ordinary yield. With upvalue 1
  * true (coroutine.wrap's), a coroutine that cannot be resumed raises, at
- * the wrapped function's caller, as in LuaJIT. */
+ * the wrapped function's caller, as in LuaJIT; with upvalue 2 true, it is
+ * the wrappers' loop going on after PENDING (see passing_up). */
 static int co_resume(lua_State *L);
 
 static int co_resume(lua_State *L)
@@ -84,7 +105,7 @@ static int co_resume(lua_State *L)
   luaL_argcheck(L, co != NULL, 1, "coroutine expected");
   mb_proc_t *p = mb_proc_of(L);
   int narg = lua_gettop(L) - 1;
-  if (!resumable(L, co)) {
+  if (!resumable(L, co, lua_toboolean(L, lua_upvalueindex(2)))) {
     if (lua_toboolean(L, lua_upvalueindex(1))) {
       luaL_where(L, 2);
       lua_insert(L, -2);
@@ -112,6 +133,7 @@ static int co_resume(lua_State *L)
   p->con--;
   if (st == LUA_YIELD && p->yield != MB_YIELD_NONE) {
     lua_settop(co, 0);
+    lua_pushlightuserdata(co, &pending_key);   /* marked: see passing_up */
     lua_pushlightuserdata(L, &pending_key);
     return 1;
   }
@@ -135,13 +157,32 @@ static int co_rtyield(lua_State *L)
   return lua_yield(L, 0);
 }
 
-/* coroutine.yield(...): the body and the main thread are luajit's main
- * chunk, which cannot yield (the scheduler's yields are not the user's). */
-static int co_yield(lua_State *L)
+/* co_ismain() -> whether the caller is the body or the main thread, which
+ * are luajit's main chunk: coroutine.yield (the wrappers') refuses to yield
+ * them (the scheduler's yields are not the user's). The yield itself is
+ * LuaJIT's own: lua_yield, from a C function, takes any yield made while a
+ * __gc finalizer or a hook runs anywhere in the state for the hook's own
+ * (LuaJIT's flag that one runs is global), and a coroutine resumed from a
+ * finalizer that yielded so crashed the host when resumed again. */
+static int co_ismain(lua_State *L)
 {
-  if (is_main(L))
-    return luaL_error(L, "attempt to yield across C-call boundary");
-  return lua_yield(L, lua_gettop(L));
+  lua_pushboolean(L, is_main(L));
+  return 1;
+}
+
+/* coroutine.status(co): "normal" for a coroutine passing a runtime yield
+ * up (see passing_up), which LuaJIT would call suspended. */
+static int co_status(lua_State *L)
+{
+  lua_State *co = lua_tothread(L, 1);
+  if (co && passing_up(co)) {
+    lua_pushliteral(L, "normal");
+    return 1;
+  }
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, lua_gettop(L) - 1, 1);
+  return 1;
 }
 
 /* coroutine.running() -> the running coroutine, or nil in the main chunk */
@@ -159,15 +200,19 @@ static int co_running(lua_State *L)
  * C stack flat. A bad argument is reported at the caller, as by LuaJIT's
  * coroutine.resume. */
 static const char wrapper_src[] =
-  "local c_resume, w_resume, rt_yield, PENDING, create = ...\n"
+  "local c_resume, w_resume, rt_yield, PENDING, create, c_goon, ismain, lj_yield = ...\n"
   "local function finish(co, ok, ...)\n"
-  "  if ok == PENDING then return finish(co, c_resume(co, rt_yield())) end\n"
+  "  if ok == PENDING then return finish(co, c_goon(co, rt_yield())) end\n"
   "  return ok, ...\n"
   "end\n"
   "local function wfinish(co, ok, ...)\n"
-  "  if ok == PENDING then return wfinish(co, c_resume(co, rt_yield())) end\n"
+  "  if ok == PENDING then return wfinish(co, c_goon(co, rt_yield())) end\n"
   "  if ok then return ... end\n"
   "  error((...), 0)\n"
+  "end\n"
+  "local function yield(...)\n"
+  "  if ismain() then error('attempt to yield across C-call boundary', 2) end\n"
+  "  return lj_yield(...)\n"
   "end\n"
   "local function resume(co, ...)\n"
   "  if type(co) ~= 'thread' then\n"
@@ -179,7 +224,7 @@ static const char wrapper_src[] =
   "  local co = create(f)\n"
   "  return function(...) return wfinish(co, w_resume(co, ...)) end\n"
   "end\n"
-  "return resume, wrap\n";
+  "return resume, wrap, yield\n";
 
 /* Install the wrappers into the coroutine table at the top of the stack. */
 static void install_wrappers(lua_State *L)
@@ -188,17 +233,26 @@ static void install_wrappers(lua_State *L)
   if (luaL_loadbuffer(L, wrapper_src, sizeof wrapper_src - 1, "=coroutine"))
     lua_error(L);
   lua_pushboolean(L, 0);
-  lua_pushcclosure(L, co_resume, 1);
+  lua_pushboolean(L, 0);
+  lua_pushcclosure(L, co_resume, 2);
   lua_pushboolean(L, 1);
-  lua_pushcclosure(L, co_resume, 1);
+  lua_pushboolean(L, 0);
+  lua_pushcclosure(L, co_resume, 2);
   lua_pushcfunction(L, co_rtyield);
   lua_pushlightuserdata(L, &pending_key);
   lua_getfield(L, -6, "create");
-  lua_call(L, 5, 2);
+  lua_pushboolean(L, 0);
+  lua_pushboolean(L, 1);
+  lua_pushcclosure(L, co_resume, 2);
+  lua_pushcfunction(L, co_ismain);
+  lua_getfield(L, -9, "yield");
+  lua_call(L, 8, 3);
+  lua_setfield(L, -4, "yield");
   lua_setfield(L, -3, "wrap");
   lua_setfield(L, -2, "resume");
-  lua_pushcfunction(L, co_yield);
-  lua_setfield(L, -2, "yield");
+  lua_getfield(L, -1, "status");
+  lua_pushcclosure(L, co_status, 1);
+  lua_setfield(L, -2, "status");
   lua_pushcfunction(L, co_running);
   lua_setfield(L, -2, "running");
 }
