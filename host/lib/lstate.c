@@ -175,7 +175,8 @@ static int co_ismain(lua_State *L)
 static int co_status(lua_State *L)
 {
   lua_State *co = lua_tothread(L, 1);
-  if (co && passing_up(co)) {
+  luaL_argcheck(L, co != NULL, 1, "coroutine expected");
+  if (passing_up(co)) {
     lua_pushliteral(L, "normal");
     return 1;
   }
