@@ -160,6 +160,8 @@ typedef struct mb_proc {
   uint8_t first;               /* the host's first process */
   uint8_t counted;             /* its slices count instructions (run.c) */
   uint8_t base_opened;         /* it opened the base library (lstate.c) */
+  uint8_t essential;           /* the --max-memory killer passes it by while
+                                  another can go (spawn_opt; under lock) */
   struct mb_io_req *io_req;    /* the operation whose results are pushed now */
   /* An MB_WAIT_IO with a timer: pushes the results of a timeout. */
   int (*io_on_timeout)(lua_State *L, uint64_t arg);

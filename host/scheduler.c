@@ -936,9 +936,11 @@ static void watchdog(void)
   }
 }
 
+/* The killer's victim: the process holding the most, but an essential one
+ * (spawn_opt: a server's acceptor, a supervisor) only if no other can go. */
 typedef struct biggest {
-  mb_pid_t pid;
-  long long bytes;
+  mb_pid_t pid, essential_pid;
+  long long bytes, essential_bytes;
 } biggest_t;
 
 static void find_biggest(mb_proc_t *p, void *ud)
@@ -949,9 +951,14 @@ static void find_biggest(mb_proc_t *p, void *ud)
                             atomic_load_explicit(&p->alloc.charged, memory_order_relaxed) +
                             atomic_load_explicit(&p->held, memory_order_relaxed));
   mb_proc_lock(p);
-  int dead = p->dead;
+  int dead = p->dead, essential = p->essential;
   mb_proc_unlock(p);
-  if (n > b->bytes && !p->first && !dead) {
+  if (p->first || dead)
+    return;
+  if (essential && n > b->essential_bytes) {
+    b->essential_bytes = n;
+    b->essential_pid = p->pid;
+  } else if (!essential && n > b->bytes) {
     b->bytes = n;
     b->pid = p->pid;
   }
@@ -978,8 +985,12 @@ static void memory_watch(void)
   }
   if (!pressure && (cap == 0 || total <= cap))
     return;
-  biggest_t b = {0, 0};
+  biggest_t b = {0, 0, 0, 0};
   mb_proc_foreach(find_biggest, &b);
+  if (b.pid == 0) {
+    b.pid = b.essential_pid;
+    b.bytes = b.essential_bytes;
+  }
   if (b.pid == 0)
     return;
   char text[MB_PID_TEXT_MAX], reg[160];

@@ -169,6 +169,45 @@ describe("moonbeam.http", function()
                    S.has(err, "out of memory (the host is over --max-memory)"), tail)
   end)
 
+  -- 200 idle connections take the host over a 6 MB cap (a connection
+  -- process holds ~44 KB, the acceptor ~100 KB, the most): the killer ends
+  -- connection processes, not the acceptor, which is essential (red team:
+  -- the listener went with it, for good).
+  it("keeps its acceptor when idle connections take the host over --max-memory", function()
+    local path = S.write("idle.lua", [[
+      local mb = require "moonbeam"
+      local http = require "moonbeam.http"
+      local tcp = require "moonbeam.tcp"
+      local srv = assert(http.listen("127.0.0.1", 0, function(req, res) res:send("ok") end))
+      local port, main = srv:port(), mb.self()
+      local holder = mb.spawn(function()
+        local socks = {}
+        for i = 1, 200 do socks[i] = tcp.connect("127.0.0.1", port, 5000) end
+        mb.send(main, "connected")
+        mb.receive()
+        for i = 1, 200 do if socks[i] then socks[i]:close() end end
+        mb.send(main, "closed")
+      end)
+      mb.receive(function(m) return m == "connected" end, 30000)
+      mb.sleep(1500)   -- the killer looks every 100 ms
+      mb.send(holder, "close")
+      mb.receive(function(m) return m == "closed" end, 30000)
+      local body
+      for _ = 1, 100 do
+        local r = http.request("GET", "http://127.0.0.1:" .. port .. "/")
+        if r and r.body == "ok" then body = r.body break end
+        mb.sleep(100)
+      end
+      print("after", body, mb.info(srv.pid) ~= nil)
+      os.exit(0)
+    ]])
+    local code, out, err = S.moonbeam("--max-memory 6M --watchdog 0 " .. S.q(path), nil, 90)
+    local tail = out .. err:sub(-2000)
+    assert.are.equal(0, code, tail)
+    assert.is_true(S.has(err, "=MEMORY REPORT===="), tail)   -- it did go over
+    assert.is_true(S.has(out, "after\tok\ttrue"), tail)
+  end)
+
   it("stops when a process linked to its acceptor dies, and keeps serving when a connection dies", function()
     start(function(req, res)
       if req.path == "/crash" then error("handler crash") end

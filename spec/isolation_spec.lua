@@ -338,6 +338,47 @@ describe("isolation", function()
       assert.is_true(S.has(err, "over --max-memory"), err)
     end)
 
+    it("passes an essential process by while another can go", function()
+      -- An essential process (spawn_opt) holding 24 MB beside two of 12 MB,
+      -- over a 40 MB cap: the killer ends one of the others (the smaller
+      -- processes), which brings the host under. Then the essential one
+      -- grows past the cap, and once the other is gone, it goes too.
+      local code, out, err = child([[
+        local mb = require "moonbeam"
+        local main = mb.self()
+        local function hold(n)
+          local t = {}
+          for i = 1, n * 1024 do t[i] = ("x"):rep(1000) .. i end
+          mb.send(main, "held")
+          if mb.receive() == "grow" then
+            for i = n * 1024 + 1, 4 * n * 1024 do t[i] = ("x"):rep(1000) .. i end
+            mb.receive()
+          end
+        end
+        local big, bref = mb.spawn_opt({ monitor = true, essential = true }, hold, 24)
+        mb.receive(function(m) return m == "held" end, 20000)
+        local refs = {}
+        for _ = 1, 2 do
+          local _, r = mb.spawn_monitor(hold, 12)
+          refs[r] = true
+        end
+        local function down(match)
+          return mb.receive(function(m)
+            return type(m) == "table" and m.event == "DOWN" and match(m)
+          end, 20000)
+        end
+        local other = down(function(m) return refs[m.ref] end)
+        print("other", other and other.reason, "essential", mb.info(big) ~= nil)
+        mb.send(big, "grow")
+        local m = down(function(m) return m.ref == bref end)
+        print("then", m and m.reason)
+        os.exit(0)
+      ]], "--max-memory 40M", 60)
+      assert.are.equal(0, code, out .. err)
+      assert.is_true(S.has(out, "other\tout of memory\tessential\ttrue"), out .. err)
+      assert.is_true(S.has(out, "then\tout of memory"), out .. err)
+    end)
+
     it("kills a process whose pending timers take the host over --max-memory", function()
       local code, out, err = child([[
         local mb = require "moonbeam"

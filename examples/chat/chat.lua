@@ -98,7 +98,9 @@ end
 -- The body of the TCP listener process.
 local function tcp_listener(parent, starter, host, port, registry, limits)
   mb.trap_exit(true)
-  local acceptor = mb.spawn_link(tcp_acceptor, mb.self(), host, port, registry, limits)
+  -- Essential: over --max-memory the host's killer ends users first.
+  local acceptor = mb.spawn_opt({ link = true, essential = true },
+                                tcp_acceptor, mb.self(), host, port, registry, limits)
   local m = mb.receive(function(x)
     return type(x) == "table" and (x.acceptor_ready == acceptor or (x.event == "EXIT" and x.pid == acceptor))
   end, 5000)

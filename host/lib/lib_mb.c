@@ -110,7 +110,7 @@ static void must_be_able_to_block(lua_State *L, mb_proc_t *p, const char *fname)
 /* -- Spawning ------------------------------------------------------------- */
 
 typedef struct spawn_opts {
-  int link, monitor;
+  int link, monitor, essential;
   const char *name;
   size_t max_memory;
 } spawn_opts_t;
@@ -205,6 +205,11 @@ static int spawn_common(lua_State *L, int fnidx, const spawn_opts_t *o,
   }
   p->boot = boot_spawned;
   p->boot_msg = m;
+  if (o->essential) {   /* the killer reads it under the lock */
+    mb_proc_lock(p);
+    p->essential = 1;
+    mb_proc_unlock(p);
+  }
   if (t == LUA_TSTRING)
     atomic_store_explicit(&p->origin, module_origin(L, fnidx), memory_order_relaxed);
   if (o->name) {
@@ -247,7 +252,7 @@ static int l_spawn_monitor(lua_State *L)
   return spawn_common(L, 1, &o, "spawn_monitor");
 }
 
-/* mb.spawn_opt({link=, monitor=, name=, max_memory=}, fn | module, ...) */
+/* mb.spawn_opt({link=, monitor=, name=, max_memory=, essential=}, fn | module, ...) */
 static int l_spawn_opt(lua_State *L)
 {
   luaL_checktype(L, 1, LUA_TTABLE);
@@ -256,6 +261,9 @@ static int l_spawn_opt(lua_State *L)
   o.link = lua_toboolean(L, -1);
   lua_getfield(L, 1, "monitor");
   o.monitor = lua_toboolean(L, -1);
+  lua_getfield(L, 1, "essential");
+  o.essential = lua_toboolean(L, -1);
+  lua_pop(L, 1);
   lua_getfield(L, 1, "max_memory");
   if (!lua_isnil(L, -1)) {
     lua_Number mm = lua_tonumber(L, -1);

@@ -301,7 +301,11 @@ function http.listen(host, port, handler, opts)
     end
   end
   if o.max_memory == math.huge then o.max_memory = nil end
-  local pid, ref = mb.spawn_monitor(acceptor, mb.self(), host, port, handler, o)
+  -- Essential: over --max-memory the host's killer ends connection
+  -- processes first, not the acceptor (~190 KB with its module, where a
+  -- connection holds ~60 KB), which would take the listener with it.
+  local pid, ref = mb.spawn_opt({ monitor = true, essential = true },
+                                acceptor, mb.self(), host, port, handler, o)
   local m = mb.receive(function(x)
     return type(x) == "table" and ((x.tag == "$http_listen")
       or (x.event == "DOWN" and x.ref == ref))
