@@ -989,6 +989,30 @@ static void ws_closed(void *ud, int code, const char *reason, size_t len)
   got_end(s, MB_ECLOSED);
 }
 
+static void charge(mb_pid_t pid, long long n)
+{
+  mb_proc_t *p = pid && n ? mb_proc_get(pid) : NULL;
+  if (p) {
+    atomic_fetch_add_explicit(&p->alloc.charged, (unsigned)n, memory_order_relaxed);
+    mb_proc_unref(p);
+  }
+}
+
+/* What libwslay holds of a message being received (mb_ws_cb_t's held):
+ * in the host's total (--max-memory), and charged to the socket's owner
+ * (its max_memory; the killer of the process holding the most looks
+ * there), so that unfinished messages on many connections are not memory
+ * that no limit sees. */
+static void ws_rx_held(void *ud, long long delta)
+{
+  mb_sock_t *s = ud;
+  mb_alloc_count(delta);
+  charge(s->ws_rx_by, -s->ws_rx);
+  s->ws_rx += delta;
+  s->ws_rx_by = atomic_load_explicit(&s->owner, memory_order_relaxed);
+  charge(s->ws_rx_by, s->ws_rx);
+}
+
 static void ws_feed(mb_sock_t *s, const char *data, size_t len)
 {
   mb_ws_feed(s->ws, (const uint8_t *)data, len);
@@ -1006,7 +1030,7 @@ static void ws_feed(mb_sock_t *s, const char *data, size_t len)
 void mb_sock_do_ws(mb_sock_t *s, void *arg)
 {
   mb_sock_wsopt_t *o = arg;
-  static const mb_ws_cb_t cb0 = {NULL, ws_out, ws_message, ws_closed};
+  static const mb_ws_cb_t cb0 = {NULL, ws_out, ws_message, ws_closed, ws_rx_held};
   mb_ws_cb_t cb = cb0;
   cb.ud = s;
   if (s->handle_closing || s->ws) {

@@ -133,6 +133,8 @@ typedef struct mb_sock {
   uint8_t linger_on;           /* a gentle close began (close_gently) */
   struct mb_sock_linger *linger; /* its timer and request, until done */
   struct mb_ws *ws;
+  long long ws_rx;             /* what ws's libwslay holds (ws_rx_held), */
+  mb_pid_t ws_rx_by;           /* charged to this process */
 
   mb_lock_t lock;
   /* -- guarded by lock -- */

@@ -27,6 +27,8 @@ struct mb_ws {
   /* The tracker: payload bytes of the current frame still to pass, and the
    * start of a header (or close frame) cut by the end of a read. */
   uint64_t payload_left;
+  int in_data;          /* that frame is a data frame: wslay keeps its payload */
+  uint64_t held, told;  /* payload wslay holds; what held() was told */
   uint8_t hold[HOLD_MAX];
   size_t holdlen;
   /* Frames produced by one call, given to out() together. */
@@ -101,6 +103,7 @@ static void on_msg(wslay_event_context_ptr ctx,
   switch (arg->opcode) {
   case WSLAY_TEXT_FRAME:
   case WSLAY_BINARY_FRAME:
+    ws->held = ws->held > arg->msg_length ? ws->held - arg->msg_length : 0;
     ws->cb.message(ws->cb.ud, arg->msg ? arg->msg : empty, arg->msg_length,
                    arg->opcode == WSLAY_BINARY_FRAME);
     if (ws->doomed)
@@ -251,6 +254,8 @@ static void track(mb_ws_t *ws, const uint8_t *data, size_t len)
       size_t n = ws->payload_left < len - i ? (size_t)ws->payload_left : len - i;
       i += n;
       ws->payload_left -= n;
+      if (ws->in_data)
+        ws->held += n;
       continue;
     }
     const uint8_t *p = data + i;
@@ -269,6 +274,7 @@ static void track(mb_ws_t *ws, const uint8_t *data, size_t len)
         run = i + u;
       } else {
         ws->payload_left = payload_len(p);
+        ws->in_data = opcode(p) < 8;
       }
       i += u;
       continue;
@@ -300,6 +306,7 @@ static void track(mb_ws_t *ws, const uint8_t *data, size_t len)
       return;
     }
     ws->payload_left = is_whole(ws->hold) ? 0 : payload_len(ws->hold);
+    ws->in_data = opcode(ws->hold) < 8;
     size_t n = ws->holdlen;
     ws->holdlen = 0;
     push(ws, ws->hold, n);
@@ -366,8 +373,17 @@ static void finish(mb_ws_t *ws)
   }
 }
 
+/* Tell held() what wslay holds now. */
+static void tell(mb_ws_t *ws, uint64_t held)
+{
+  if (held != ws->told && ws->cb.held)
+    ws->cb.held(ws->cb.ud, (long long)held - (long long)ws->told);
+  ws->told = held;
+}
+
 static void destroy(mb_ws_t *ws)
 {
+  tell(ws, 0);
   wslay_event_context_free(ws->ctx);
   mb_free(ws->obuf);
   mb_free(ws);
@@ -407,6 +423,7 @@ int mb_ws_feed(mb_ws_t *ws, const uint8_t *data, size_t len)
   track(ws, data, len);
   finish(ws);
   ws->in_feed = 0;
+  tell(ws, ws->held);
   if (ws->doomed) {
     destroy(ws);
     return -1;

@@ -96,6 +96,12 @@ typedef struct mb_ws_cb {
    *     sent) if it could not frame anything more.
    * It is not called when only out() fails: the socket layer saw that. */
   void (*closed)(void *ud, int code, const char *reason, size_t reason_len);
+  /* What libwslay holds of the message being received (its fragments, the
+   * payload of a frame so far) went up or down by delta bytes: at most
+   * once per mb_ws_feed, and back to 0 when the mb_ws_t is freed. wslay
+   * allocates it with malloc, outside the host's accounting, up to
+   * max_message a connection. May be NULL. */
+  void (*held)(void *ud, long long delta);
 } mb_ws_cb_t;
 
 /* A new WebSocket endpoint: a client (client = 1: masks what it sends,

@@ -173,6 +173,35 @@ describe("moonbeam.websocket", function()
     port = server:port()
   end
 
+  -- libwslay keeps an unfinished message with malloc: its bytes count in
+  -- the connection process's memory (and the host's total), so that many
+  -- connections sending half messages are memory the limits see (red
+  -- team: 300 such clients took a host capped at 64 MB to 346 MB).
+  it("counts an unfinished message in its connection process's memory", function()
+    local me = mb.self()
+    start(function(req, res)
+      local ws = require "moonbeam.websocket"
+      local sock = ws.upgrade(req, res, { max_message = 2000000 })
+      if not sock then return end
+      mb.send(me, { conn = mb.self() })
+      local data = sock:read(10000)
+      mb.send(me, { got = data and #data })
+      sock:close()
+    end)
+    local sock, next_frame = raw_ws(port, "/")
+    local conn = S.recv(function(m) return type(m) == "table" and m.conn end).conn
+    local before = mb.info(conn).memory
+    assert(sock:write(frame(2, ("x"):rep(600000), false)))
+    assert.is_true(S.eventually(function()
+      local i = mb.info(conn)
+      return i and i.memory >= before + 600000
+    end), "the connection process's memory should count the 600 KB held")
+    assert(sock:write(frame(0, "y")))
+    assert.are.equal(600001, S.recv(function(m) return type(m) == "table" and m.got end).got)
+    next_frame()
+    sock:close()
+  end)
+
   it("echoes text and binary messages (client and server)", function()
     start(echo_handler)
     local sock = assert(websocket.connect(HOST, port, "/echo"))

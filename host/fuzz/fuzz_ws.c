@@ -158,7 +158,7 @@ static void run(run_t *r, uint8_t flags, uint8_t cbs, const uint8_t *data, const
   r->close_in_msg = (cbs >> 1) & 1;
   r->free_in_msg = (cbs >> 2) & 1;
   r->fail_out = (cbs >> 3) & 1;
-  mb_ws_cb_t cb = {r, cb_out, cb_message, cb_closed};
+  mb_ws_cb_t cb = {r, cb_out, cb_message, cb_closed, NULL};
   r->ws = mb_ws_new(r->client, max, &cb);
   FUZZ_CHECK(r->ws != NULL, "mb_ws_new");
   int failed = 0;

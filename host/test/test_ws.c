@@ -155,6 +155,7 @@ typedef struct rec {
   int nclosed, code;
   char reason[256];
   size_t rlen;
+  long long held;       /* the sum of held()'s deltas */
   int echo;             /* message(): send it back */
   int close_in_msg;     /* message(): start the close handshake */
   int free_in_msg;      /* message(): free the mb_ws_t */
@@ -204,6 +205,11 @@ static void cb_message(void *ud, const uint8_t *data, size_t len, int binary)
   }
 }
 
+static void cb_held(void *ud, long long delta)
+{
+  ((rec_t *)ud)->held += delta;
+}
+
 static void cb_closed(void *ud, int code, const char *reason, size_t len)
 {
   rec_t *r = ud;
@@ -219,7 +225,7 @@ static mb_ws_t *fresh(int client, size_t max_message)
 {
   free(R.out.p);
   memset(&R, 0, sizeof R);
-  mb_ws_cb_t cb = {&R, cb_out, cb_message, cb_closed};
+  mb_ws_cb_t cb = {&R, cb_out, cb_message, cb_closed, cb_held};
   R.ws = mb_ws_new(client, max_message, &cb);
   if (!R.ws) {
     fprintf(stderr, "mb_ws_new failed\n");
@@ -704,6 +710,35 @@ static void test_sending(void)
   free(b.p);
 }
 
+/* What wslay holds of an unfinished message is told, and given back. */
+static void test_held(void)
+{
+  buf_t b = {0};
+  static uint8_t part[5000];
+  memset(part, 'x', sizeof part);
+  fresh(0, 100000);
+  frame(&b, 0, OP_BIN, part, sizeof part);
+  frame(&b, 0, OP_CONT, part, 1000);
+  int rc = feed(&b);
+  check(rc == 0 && R.nmsg == 0 && R.held == 6000, "two fragments held: 6000 (%lld)", R.held);
+  b.n = 0;
+  frame(&b, 1, OP_PING, "p", 1);
+  frame(&b, 1, OP_CONT, part, 10);
+  frame(&b, 0, OP_TEXT, "ab", 2);
+  rc = feed(&b);
+  check(rc == 0 && R.nmsg == 1 && R.held == 2,
+        "the message done, the next one's start held: 2 (%lld)", R.held);
+  done_with();
+  check(R.held == 0, "all given back when freed (%lld)", R.held);
+  fresh(0, 0);
+  b.n = 0;
+  text(&b, "whole");
+  rc = feed(&b);
+  check(rc == 0 && R.nmsg == 1 && R.held == 0, "a whole message: nothing held after (%lld)", R.held);
+  done_with();
+  free(b.p);
+}
+
 static void test_callbacks(void)
 {
   buf_t b = {0};
@@ -849,6 +884,7 @@ int main(void)
   test_sending();
   test_send_later();
   test_callbacks();
+  test_held();
   free(R.out.p);
   return check_summary();
 }
