@@ -10,13 +10,26 @@ local function child(src, opts, limit)
   return S.moonbeam((opts or "") .. " " .. S.q(path), nil, limit or 60)
 end
 
--- Random calls of the four functions, their results printed one a line; the
--- same text from the host and from luajit. Its own generator: the host
--- seeds each process's math.random apart.
-local differential = [=[
+-- The generators' common start: arguments (seed, count), a generator of
+-- their own (the host seeds each process's math.random apart), and results
+-- as one line of text.
+local prelude = [=[
 local seed, N = tonumber(arg[1]), tonumber(arg[2])
 local x = seed
 local function rnd(n) x = x * 16807 % 2147483647; return x % n + 1 end
+local function show(...)
+  local t = {}
+  for i = 1, select("#", ...) do
+    local v = select(i, ...)
+    t[#t + 1] = type(v) == "string" and ("%q"):format(v) or tostring(v)
+  end
+  return table.concat(t, ",")
+end
+]=]
+
+-- Random calls of the four functions, their results printed one a line; the
+-- same text from the host and from luajit.
+local differential = prelude .. [=[
 local atoms = {"a", "b", "c", ".", "%a", "%d", "%s", "%w", "%p", "%l", "%u", "%x", "%c",
   "%z", "%A", "%S", "%g", "%G", "[ab]", "[^a]", "[a-c]", "[%a_]", "[]]", "[^]]", "[%]]",
   "[a-]", "[-a]", "%%", "%.", "%(", "%b()", "%bab", "%f[%a]", "%f[%A]", "%1", "%2", "%0",
@@ -28,14 +41,6 @@ local function word(list, max, q)
   local t = {}
   for _ = 1, rnd(max) - 1 do t[#t + 1] = list[rnd(#list)] .. (q and q[rnd(#q)] or "") end
   return table.concat(t)
-end
-local function show(...)
-  local t = {}
-  for i = 1, select("#", ...) do
-    local v = select(i, ...)
-    t[#t + 1] = type(v) == "string" and ("%q"):format(v) or tostring(v)
-  end
-  return table.concat(t, ",")
 end
 local inits = {1, 2, -1, -3, 0, 5, 100, -100, 2.5, "2", 2^40, -2^40}
 local repls = {"x", "%0", "%1", "<%1%2>", "%%", "%", "a%", 5, "%9", ""}
@@ -81,22 +86,11 @@ end
 -- Random calls that each backtrack through 2^9-2^14 ways, with random
 -- ends; under moonbeam beside a busy process on one scheduler, so that the
 -- calls stop for it and go on as continuations.
-local suspended = [=[
-local seed, N = tonumber(arg[1]), tonumber(arg[2])
-local x = seed
-local function rnd(n) x = x * 16807 % 2147483647; return x % n + 1 end
+local suspended = prelude .. [=[
 local ptails = {"b", "c", "%d", "(b)", "b$", "%1", "()", "[bc]+", "x?", ".-c", "%bbc", "%f[%a]",
   "%w*", "1", "b-", "(%1)"}
 local stails = {"b", "c", "bc", "1", "b1c", "", "bbcc", "aab"}
 local function word(list) local t = {} for _ = 1, rnd(4) - 1 do t[#t + 1] = list[rnd(#list)] end return table.concat(t) end
-local function show(...)
-  local t = {}
-  for i = 1, select("#", ...) do
-    local v = select(i, ...)
-    t[#t + 1] = type(v) == "string" and ("%q"):format(v) or tostring(v)
-  end
-  return table.concat(t, ",")
-end
 local ok, mb = pcall(require, "moonbeam")
 local reds
 if ok then
