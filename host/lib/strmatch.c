@@ -486,7 +486,6 @@ static int push_captures(pm_t *m, const char *s, const char *e)
 
 enum { FIND, MATCH, GMATCH, GSUB };
 
-/* The anchors in a continuation's environment table. */
 /* A continuation's environment table anchors what its call points into:
  * at 1-3 the call's arguments (gmatch's iterator: its upvalues), at A_BUF
  * gsub's result so far. */
@@ -562,12 +561,14 @@ static void add_replacement(call_t *c, const char *s, const char *e)
   lua_State *L = m->L;
   if (c->repl_type == LUA_TSTRING) {
     const char *r = c->repl, *rend = r + c->repl_len;
-    for (; r < rend; r++) {
-      if (*r != '%') {
-        buf_add(c, r, 1);
-        continue;
+    while (r < rend) {
+      const char *pct = memchr(r, '%', (size_t)(rend - r));
+      if (pct == NULL) {
+        buf_add(c, r, (size_t)(rend - r));
+        break;
       }
-      r++;   /* at the end: the string's NUL, added as itself */
+      buf_add(c, r, (size_t)(pct - r));
+      r = pct + 1;   /* at the end: the string's NUL, added as itself */
       if (!is_digit((unsigned char)*r)) {
         buf_add(c, r, 1);
       } else if (*r == '0') {
@@ -576,6 +577,7 @@ static void add_replacement(call_t *c, const char *s, const char *e)
         push_capture(m, *r - '1', s, e);
         buf_add_top(c);
       }
+      r++;
     }
     return;
   }
