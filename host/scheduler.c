@@ -937,15 +937,15 @@ static void watchdog(void)
 }
 
 /* The killer's victim: the process holding the most, but an essential one
- * (spawn_opt: a server's acceptor, a supervisor) only if no other can go. */
+ * (spawn_opt: a server's acceptor, a supervisor) only if no other can go.
+ * find_biggest fills one of these for each kind, [1] the essential. */
 typedef struct biggest {
-  mb_pid_t pid, essential_pid;
-  long long bytes, essential_bytes;
+  mb_pid_t pid;
+  long long bytes;
 } biggest_t;
 
 static void find_biggest(mb_proc_t *p, void *ud)
 {
-  biggest_t *b = ud;
   long long n = (long long)(atomic_load_explicit(&p->alloc.used, memory_order_relaxed) +
                             atomic_load_explicit(&p->mailbox_bytes, memory_order_relaxed) +
                             atomic_load_explicit(&p->alloc.charged, memory_order_relaxed) +
@@ -953,12 +953,8 @@ static void find_biggest(mb_proc_t *p, void *ud)
   mb_proc_lock(p);
   int dead = p->dead, essential = p->essential;
   mb_proc_unlock(p);
-  if (p->first || dead)
-    return;
-  if (essential && n > b->essential_bytes) {
-    b->essential_bytes = n;
-    b->essential_pid = p->pid;
-  } else if (!essential && n > b->bytes) {
+  biggest_t *b = (biggest_t *)ud + (essential != 0);
+  if (n > b->bytes && !p->first && !dead) {
     b->bytes = n;
     b->pid = p->pid;
   }
@@ -985,12 +981,9 @@ static void memory_watch(void)
   }
   if (!pressure && (cap == 0 || total <= cap))
     return;
-  biggest_t b = {0, 0, 0, 0};
-  mb_proc_foreach(find_biggest, &b);
-  if (b.pid == 0) {
-    b.pid = b.essential_pid;
-    b.bytes = b.essential_bytes;
-  }
+  biggest_t both[2] = {{0, 0}, {0, 0}};
+  mb_proc_foreach(find_biggest, both);
+  biggest_t b = both[0].pid ? both[0] : both[1];
   if (b.pid == 0)
     return;
   char text[MB_PID_TEXT_MAX], reg[160];

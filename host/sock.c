@@ -1007,10 +1007,14 @@ static void ws_rx_held(void *ud, long long delta)
 {
   mb_sock_t *s = ud;
   mb_alloc_count(delta);
-  charge(s->ws_rx_by, -s->ws_rx);
+  mb_pid_t owner = atomic_load_explicit(&s->owner, memory_order_relaxed);
+  if (owner != s->ws_rx_by) {   /* it changed hands: the charge moves */
+    charge(s->ws_rx_by, -s->ws_rx);
+    charge(owner, s->ws_rx);
+    s->ws_rx_by = owner;
+  }
   s->ws_rx += delta;
-  s->ws_rx_by = atomic_load_explicit(&s->owner, memory_order_relaxed);
-  charge(s->ws_rx_by, s->ws_rx);
+  charge(owner, delta);
 }
 
 static void ws_feed(mb_sock_t *s, const char *data, size_t len)

@@ -227,24 +227,26 @@ static const char wrapper_src[] =
   "end\n"
   "return resume, wrap, yield\n";
 
+/* co_resume: wrap's (raising), and the wrappers' loop's (going on). */
+static void push_resume(lua_State *L, int wrap, int goon)
+{
+  lua_pushboolean(L, wrap);
+  lua_pushboolean(L, goon);
+  lua_pushcclosure(L, co_resume, 2);
+}
+
 /* Install the wrappers into the coroutine table at the top of the stack. */
 static void install_wrappers(lua_State *L)
 {
   mb_lstate_lexer(L);
   if (luaL_loadbuffer(L, wrapper_src, sizeof wrapper_src - 1, "=coroutine"))
     lua_error(L);
-  lua_pushboolean(L, 0);
-  lua_pushboolean(L, 0);
-  lua_pushcclosure(L, co_resume, 2);
-  lua_pushboolean(L, 1);
-  lua_pushboolean(L, 0);
-  lua_pushcclosure(L, co_resume, 2);
+  push_resume(L, 0, 0);
+  push_resume(L, 1, 0);
   lua_pushcfunction(L, co_rtyield);
   lua_pushlightuserdata(L, &pending_key);
   lua_getfield(L, -6, "create");
-  lua_pushboolean(L, 0);
-  lua_pushboolean(L, 1);
-  lua_pushcclosure(L, co_resume, 2);
+  push_resume(L, 0, 1);
   lua_pushcfunction(L, co_ismain);
   lua_getfield(L, -9, "yield");
   lua_call(L, 8, 3);
