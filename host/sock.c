@@ -53,6 +53,8 @@ static void chunks_free(mb_chunk_t *c)
   }
 }
 
+static void recharge(mb_pid_t *by, long long *charged, mb_pid_t owner, long long now);
+
 void mb_sock_unref(mb_sock_t *s)
 {
   if (atomic_fetch_sub(&s->refs, 1) != 1)
@@ -60,6 +62,7 @@ void mb_sock_unref(mb_sock_t *s)
   chunks_free(s->rhead);
   if (s->ws)
     mb_ws_free(s->ws);
+  recharge(&s->wq_by, &s->wq_charged, s->wq_by, 0);   /* (the last reference) */
   mb_free(s->ws_reason);
   mb_free(s->cork);
   mb_free(s);
@@ -664,6 +667,60 @@ void mb_sock_do_resume(mb_sock_t *s, void *arg)
 
 /* -- Writing ---------------------------------------------------------------- */
 
+/* What a socket holds outside every state - the bytes queued for writing
+ * (wq), a WebSocket message being received (ws_rx) - is counted in the
+ * host's total (--max-memory) and charged to the socket's owner (its
+ * max_memory, where the killer of the process holding the most looks too):
+ * a peer that reads nothing holds up to 64 KiB and the write that went over
+ * the mark on each socket, 1.3 GB on 20,000 of them, which no limit saw
+ * before. Loop thread: it alone moves these charges. */
+static void charge(mb_pid_t pid, long long n)
+{
+  mb_proc_t *p = pid && n ? mb_proc_get(pid) : NULL;
+  if (p) {
+    atomic_fetch_add_explicit(&p->alloc.charged, (unsigned)n, memory_order_relaxed);
+    mb_proc_unref(p);
+  }
+}
+
+/* Bring a charge (*charged bytes, to *by) to `now` bytes charged to
+ * owner; the whole of it moves when the socket changed hands. */
+static void recharge(mb_pid_t *by, long long *charged, mb_pid_t owner, long long now)
+{
+  long long delta = now - *charged;
+  if (delta == 0 && *by == owner)
+    return;
+  mb_alloc_count(delta);
+  if (*by != owner) {
+    charge(*by, -*charged);
+    charge(owner, now);
+    *by = owner;
+  } else {
+    charge(owner, delta);
+  }
+  *charged = now;
+}
+
+/* The write queue's charge brought to wq and the owner of the moment. The
+ * writer adds to wq on its own thread and the loop takes bytes off, so the
+ * charge follows at the loop's next step: when it queues what the kernel
+ * did not take (raw_write), when bytes leave (wq_done), when the socket
+ * changes hands with bytes queued (mb_sock_set_owner). */
+static void wq_sync(mb_sock_t *s)
+{
+  mb_lock(&s->lock);
+  long long wq = (long long)s->wq;
+  mb_pid_t owner = atomic_load_explicit(&s->owner, memory_order_relaxed);
+  mb_unlock(&s->lock);
+  recharge(&s->wq_by, &s->wq_charged, owner, wq);
+}
+
+static void do_wq_sync(mb_sock_t *s, void *arg)
+{
+  (void)arg;
+  wq_sync(s);
+}
+
 typedef struct wreq {
   uv_write_t req;
   mb_sock_t *s;
@@ -677,6 +734,8 @@ static void wq_done(mb_sock_t *s, size_t n)
 {
   mb_lock(&s->lock);
   s->wq -= n;
+  long long wq = (long long)s->wq;
+  mb_pid_t owner = atomic_load_explicit(&s->owner, memory_order_relaxed);
   int resume = 0;
   if (s->wq <= MB_SOCK_WRITE_LOW) {
     give_result(s, MB_SW_WRITE, 0);
@@ -686,6 +745,7 @@ static void wq_done(mb_sock_t *s, size_t n)
     }
   }
   mb_unlock(&s->lock);
+  recharge(&s->wq_by, &s->wq_charged, owner, wq);
   if (resume)
     start_reading(s);
 }
@@ -744,6 +804,8 @@ static int raw_write(mb_sock_t *s, const char *data, size_t len)
     conn_over(s, rc);
     return rc;
   }
+  if (!done)
+    wq_sync(s);   /* (else wq_done did) */
   return 0;
 }
 
@@ -989,15 +1051,6 @@ static void ws_closed(void *ud, int code, const char *reason, size_t len)
   got_end(s, MB_ECLOSED);
 }
 
-static void charge(mb_pid_t pid, long long n)
-{
-  mb_proc_t *p = pid && n ? mb_proc_get(pid) : NULL;
-  if (p) {
-    atomic_fetch_add_explicit(&p->alloc.charged, (unsigned)n, memory_order_relaxed);
-    mb_proc_unref(p);
-  }
-}
-
 /* What libwslay holds of a message being received (mb_ws_cb_t's held):
  * in the host's total (--max-memory), and charged to the socket's owner
  * (its max_memory; the killer of the process holding the most looks
@@ -1006,15 +1059,8 @@ static void charge(mb_pid_t pid, long long n)
 static void ws_rx_held(void *ud, long long delta)
 {
   mb_sock_t *s = ud;
-  mb_alloc_count(delta);
-  mb_pid_t owner = atomic_load_explicit(&s->owner, memory_order_relaxed);
-  if (owner != s->ws_rx_by) {   /* it changed hands: the charge moves */
-    charge(s->ws_rx_by, -s->ws_rx);
-    charge(owner, s->ws_rx);
-    s->ws_rx_by = owner;
-  }
-  s->ws_rx += delta;
-  charge(owner, delta);
+  recharge(&s->ws_rx_by, &s->ws_rx, atomic_load_explicit(&s->owner, memory_order_relaxed),
+           s->ws_rx + delta);
 }
 
 static void ws_feed(mb_sock_t *s, const char *data, size_t len)
@@ -1129,7 +1175,10 @@ int mb_sock_set_owner(mb_sock_t *s, mb_pid_t old, mb_proc_t *p)
   if (!dead && s->kind == MB_SOCK_STREAM)
     atomic_store_explicit(&p->home, s->sched, memory_order_relaxed);
   mb_sock_flush_active(s);
+  int queued = s->wq > 0;
   mb_unlock(&s->lock);
+  if (queued && !dead)
+    mb_sock_run(s, do_wq_sync, NULL);   /* the charge moves */
   if (dead) {
     /* Its new owner died meanwhile: the socket dies with it. */
     mark_closed(s);

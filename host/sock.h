@@ -135,6 +135,8 @@ typedef struct mb_sock {
   struct mb_ws *ws;
   long long ws_rx;             /* what ws's libwslay holds (ws_rx_held), */
   mb_pid_t ws_rx_by;           /* charged to this process */
+  long long wq_charged;        /* wq as last charged (wq_sync), */
+  mb_pid_t wq_by;              /* to this process */
 
   mb_lock_t lock;
   /* -- guarded by lock -- */

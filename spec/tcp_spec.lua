@@ -203,6 +203,61 @@ describe("moonbeam.tcp", function()
     c:close(); l:close()
   end)
 
+  -- What a socket holds queued for writing counts in its owner's memory
+  -- (max_memory, and --max-memory's total, whose killer looks there): a
+  -- peer that reads nothing held up to 64 KiB and the write over the mark
+  -- on every socket, outside every limit. The charge moves with the socket
+  -- and goes as the peer reads.
+  it("counts the bytes queued for writing in the owner's memory, and moves them with it", function()
+    local c, s, l = pair()
+    local me = mb.self()
+    local writer = mb.spawn(function()
+      local m = mb.receive(5000)
+      local chunk = ("x"):rep(16 * 1024)
+      local n = 0
+      for _ = 1, 20 do   -- filled until the kernel stops taking (see below)
+        while n < 100000 and m.sock:queued() < 32 * 1024 do
+          assert(m.sock:write(chunk))
+          n = n + 1
+        end
+        mb.sleep(300)
+        if m.sock:queued() >= 32 * 1024 then break end
+      end
+      mb.send(me, { queued = m.sock:queued() })
+      local to = mb.receive(5000).to
+      assert(m.sock:set_owner(to))
+      mb.send(me, { given = true })
+      mb.receive(30000)
+    end)
+    local heir = mb.spawn(function() mb.receive(30000) end)
+    finally(function()
+      mb.exit(writer, "kill")
+      mb.exit(heir, "kill")
+    end)
+    assert(c:set_owner(writer))
+    mb.send(writer, { sock = c })
+    local q = S.recv(function(m) return type(m) == "table" and m.queued end, 10000).queued
+    assert.is_true(q >= 32 * 1024, "queued " .. q)
+    local wmem, hmem = mb.info(writer).memory, mb.info(heir).memory
+    -- The writer, idle in a receive, holds its heap and the queue.
+    mb.send(writer, { to = heir })
+    S.recv(function(m) return type(m) == "table" and m.given end, 5000)
+    local w2, h2
+    assert.is_true(S.eventually(function()
+      w2, h2 = mb.info(writer).memory, mb.info(heir).memory
+      return h2 >= hmem + q / 2 and w2 <= wmem - q / 2
+    end), "the queue's charge should move: writer " .. wmem .. " -> " .. w2 .. ", heir " ..
+       hmem .. " -> " .. h2 .. ", " .. q .. " queued")
+    assert.is_truthy(read_n(s, 1))   -- the peer reads it all: the charge goes
+    s:set_active(false)
+    assert.is_true(S.eventually(function()
+      local d = s:read(50)
+      return d == nil and mb.info(heir).memory < hmem + 1024
+    end), "the drained queue should not stay charged: " .. mb.info(heir).memory - hmem)
+    s:close()
+    l:close()
+  end)
+
   -- ... for at most 5 s (sock.c LINGER_MS): a peer that never reads does
   -- not keep the socket (its timer and shutdown request) for ever.
   it("gives up flushing a closed socket after 5 s for a peer that does not read", function()
