@@ -26,6 +26,27 @@ local function read_n(sock, n)
   return table.concat(parts)
 end
 
+-- Write chunk to sock, whose peer does not read, until 32 KiB or more stay
+-- queued in the host (each write under the 64 KiB high-water mark, so none
+-- waits). Under load a queue of a single chunk was once taken by the
+-- kernel's buffers within seconds, and so was one of 32 KiB now and then
+-- (the sender's buffer grows for a while after the receiver stops reading):
+-- the queue is topped up until it stays over 32 KiB for 300 ms, so that the
+-- kernel has stopped taking. Returns the writes made. Runs in a process of
+-- its own (it sleeps).
+local function fill_queue(sock, chunk)
+  local n = 0
+  for _ = 1, 20 do
+    while n < 100000 and sock:queued() < 32 * 1024 do
+      assert(sock:write(chunk))
+      n = n + 1
+    end
+    mb.sleep(300)
+    if sock:queued() >= 32 * 1024 then break end
+  end
+  return n
+end
+
 describe("moonbeam.tcp", function()
   local before
   before_each(function() before = S.snapshot() end)
@@ -213,16 +234,7 @@ describe("moonbeam.tcp", function()
     local me = mb.self()
     local writer = mb.spawn(function()
       local m = mb.receive(5000)
-      local chunk = ("x"):rep(16 * 1024)
-      local n = 0
-      for _ = 1, 20 do   -- filled until the kernel stops taking (see below)
-        while n < 100000 and m.sock:queued() < 32 * 1024 do
-          assert(m.sock:write(chunk))
-          n = n + 1
-        end
-        mb.sleep(300)
-        if m.sock:queued() >= 32 * 1024 then break end
-      end
+      fill_queue(m.sock, ("x"):rep(16 * 1024))
       mb.send(me, { queued = m.sock:queued() })
       local to = mb.receive(5000).to
       assert(m.sock:set_owner(to))
@@ -263,24 +275,10 @@ describe("moonbeam.tcp", function()
   it("gives up flushing a closed socket after 5 s for a peer that does not read", function()
     local c, s, l = pair()
     local chunk = ("x"):rep(16 * 1024)
-    -- The writer fills the kernel's buffers until 32 KiB or more stay
-    -- queued in the host (each write of 16 KiB under the 64 KiB high-water
-    -- mark, so none waits), then closes. Under load, a queue of a single
-    -- chunk was once taken by the kernel's buffers within the 5 s, and so
-    -- was one of 32 KiB now and then (the sender's buffer grows for a while
-    -- after the receiver stops reading): the writer tops the queue up until
-    -- it stays over 32 KiB for 300 ms, so that the kernel has stopped taking.
+    -- The writer fills the queue (fill_queue), then closes.
     local writer = mb.spawn(function()
       local m = mb.receive(5000)
-      local n = 0
-      for _ = 1, 20 do
-        while n < 100000 and m.sock:queued() < 32 * 1024 do
-          assert(m.sock:write(m.data))
-          n = n + 1
-        end
-        mb.sleep(300)
-        if m.sock:queued() >= 32 * 1024 then break end
-      end
+      local n = fill_queue(m.sock, m.data)
       local q = m.sock:queued()
       m.sock:close()
       mb.send(m.from, {written = n * #m.data, queued = q})
