@@ -60,18 +60,30 @@
  * buffer only while the starter waits for it: io.h), so a start checks
  * the limit without a race.
  *
- * A starter's end: as Erlang cancels a timer whose destination process
+ * A process's end: as Erlang cancels a timer whose destination process
  * dies, the timers a process addressed to itself (its timeouts: the most
  * common kind) are dropped when it ends, instead of holding their memory
- * until they come due to be thrown away. Each scheduler's table indexes
- * its self-addressed entries by starter (a hash of pids, each the head of
- * a list through the entries), kept with the duration lists on the owner's
- * thread; the exit hook posts the drop to the scheduler holding the
- * process's timers (timers_sched), after any start posted there before
- * (commands run in order). One that a cancel on another thread removed
- * from `timers` first is that cancel's to free. Timers addressed to
- * other processes are left: they deliver, or are dropped at delivery if
- * their destination has died.
+ * until they come due to be thrown away. Its timers to other processes
+ * outlive it, as in Erlang, but not outside every limit: each becomes an
+ * orphan, charged to its destination from then on (the message is on its
+ * way there), and dropped when that one ends too. Else a process could
+ * start timers up to its limit, end, and do it again in a new process,
+ * until the host was over --max-memory for good with no process to blame.
+ * So each scheduler's table indexes its entries by the process whose end
+ * concerns them (a hash of pids, each the head of a list through the
+ * entries): the starter, or the destination of an orphan. The index is
+ * kept with the duration lists on the owner's thread. The exit hook posts
+ * process_ended to the scheduler holding the process's timers
+ * (timers_sched), after any start posted there before (commands run in
+ * order), and to every scheduler if orphans were ever charged to it
+ * (p->orphans, set under its lock while it lived, so before its end).
+ * Making an orphan races with a cancel on another thread: the charge moves
+ * first, then the id table's lock marks the entry (mark_orphan), or finds
+ * it gone, and the charge moves back; the canceller reads the mark after
+ * its own removal, under the same lock, and takes the charge from the
+ * right process. One that a cancel on another thread removed from
+ * `timers` first is that cancel's to free. A timer to another node stays,
+ * charged to no process, until it is delivered.
  *
  * Idle lists stay, with their libuv timer stopped (an inactive handle keeps
  * no loop alive), for the next timer of that duration; a scheduler keeps at
@@ -166,7 +178,7 @@ static void close_on_owner(mb_timer_t *t)
   }
 }
 
-static void drop_self_timers(void *arg);   /* (send_after, below) */
+static void process_ended(void *arg);   /* (send_after, below) */
 
 static void release(mb_proc_t *p)
 {
@@ -174,11 +186,20 @@ static void release(mb_proc_t *p)
     mb_timer_wait_done(p->wait_timer);
     p->wait_timer = NULL;
   }
-  /* Its self-addressed timers go (at shutdown every entry is freed). */
-  if (atomic_load_explicit(&p->timers_pending, memory_order_acquire) != 0 &&
-      p->timers_sched != 0 && !mb_sched_halting())
-    mb_sched_post(mb_sched_by_id(p->timers_sched - 1), drop_self_timers,
+  /* Its timers, and the orphans charged to it, are seen to (at shutdown
+   * every entry is freed). Orphans may be on any scheduler; p->orphans
+   * was set, if ever, before p->dead (see orphan). */
+  if (mb_sched_halting())
+    return;
+  int timers = atomic_load_explicit(&p->timers_pending, memory_order_acquire) != 0 &&
+               p->timers_sched != 0;
+  if (atomic_load_explicit(&p->orphans, memory_order_relaxed)) {
+    for (int i = 0; i < mb_sched_opts.schedulers; i++)
+      mb_sched_post(mb_sched_by_id(i), process_ended, (void *)(uintptr_t)p->pid);
+  } else if (timers) {
+    mb_sched_post(mb_sched_by_id(p->timers_sched - 1), process_ended,
                   (void *)(uintptr_t)p->pid);
+  }
 }
 
 static mb_timer_t *timer_new(double ms, uv_timer_cb cb)
@@ -296,12 +317,15 @@ typedef struct send_timer {
   uint8_t posted;          /* POSTED: its start is in the owner's command
                               queue; CANCELLED_POSTED: and it was cancelled
                               on the owner's thread meanwhile */
-  uint8_t indexed;         /* in its table's index by starter (a timer its
-                              starter addressed to itself) */
+  uint8_t indexed;         /* in its table's index (see DESIGN) */
+  uint8_t by_dest;         /* ... under dest, not from (owner's thread) */
+  uint8_t orphan;          /* charged to dest, its starter gone: set under
+                              the id table's lock (orphan) */
   uint32_t charged;        /* its bytes and its message's, counted in the
-                              host's total and the starter's alloc.charged */
-  struct send_timer *snext, *sprev;   /* its starter's other indexed timers
-                                         on this scheduler */
+                              host's total and the starter's alloc.charged
+                              (or dest's, once an orphan) */
+  struct send_timer *snext, *sprev;   /* the other timers of its key in the
+                                         index, on this scheduler */
 } send_timer_t;
 
 enum { POSTED = 1, CANCELLED_POSTED = 2 };
@@ -328,8 +352,8 @@ struct send_table {
   struct send_timer *spare; /* freed entries (a stack through link.next) */
   uint32_t nspare;
   int late;                /* a posted start went in already due (take_posted) */
-  mb_hset_t starters;      /* self-addressed timers: starter -> the first
-                              of its entries (see DESIGN) */
+  mb_hset_t starters;      /* the index: pid -> the first of the
+                              entries its end concerns (see DESIGN) */
   send_table_t *next;      /* every table, for shutdown */
 };
 
@@ -367,11 +391,18 @@ static int link_empty(const link_t *head)
   return head->next == head;
 }
 
-/* -- The index of self-addressed timers by starter (see DESIGN) ----------- */
+/* -- The index of timers by the process whose end concerns them ------------ */
+
+/* e's key in the index: its starter, or its destination once an orphan. */
+static mb_pid_t index_key(const send_timer_t *e)
+{
+  return e->by_dest ? e->dest : e->from;
+}
 
 static void index_add(send_table_t *t, send_timer_t *e)
 {
-  mb_hslot_t *sl = mb_hset_find(&t->starters, e->from);
+  mb_pid_t key = index_key(e);
+  mb_hslot_t *sl = mb_hset_find(&t->starters, key);
   e->sprev = NULL;
   e->snext = sl ? (send_timer_t *)(uintptr_t)sl->val : NULL;
   if (e->snext)
@@ -379,7 +410,7 @@ static void index_add(send_table_t *t, send_timer_t *e)
   if (sl)
     sl->val = (uintptr_t)e;
   else
-    mb_hset_add(&t->starters, e->from, (uintptr_t)e);
+    mb_hset_add(&t->starters, key, (uintptr_t)e);
   e->indexed = 1;
 }
 
@@ -391,9 +422,9 @@ static void index_remove(send_table_t *t, send_timer_t *e)
   if (e->sprev)
     e->sprev->snext = e->snext;
   else if (e->snext)   /* e was the first */
-    mb_hset_find(&t->starters, e->from)->val = (uintptr_t)e->snext;
+    mb_hset_find(&t->starters, index_key(e))->val = (uintptr_t)e->snext;
   else                 /* and the last */
-    mb_hset_take(&t->starters, e->from, NULL);
+    mb_hset_take(&t->starters, index_key(e), NULL);
 }
 
 /* Take e out of its duration list (and the index); e's owner's thread. */
@@ -434,9 +465,65 @@ static void send_timer_free(send_timer_t *e)
   }
 }
 
-/* On p's scheduler (see DESIGN, "A starter's end"): drop the pending
- * timers that process pid addressed to itself. */
-static void drop_self_timers(void *arg)
+/* Drop e, one of the timers a process's end concerns, unless a cancel on
+ * another thread won (its posted command frees e then). */
+static void drop(send_timer_t *e)
+{
+  if (mb_idtab_remove(&timers, e->id)) {
+    if (e->link.next)        /* not detached by a shutdown */
+      entry_unlink(e);
+    send_timer_free(e);
+  }
+}
+
+static void mark_orphan(void *obj)
+{
+  ((send_timer_t *)obj)->orphan = 1;
+}
+
+/* e's starter has ended and e goes to another process: charge e to that
+ * one (see DESIGN, "A process's end"), or drop e if it is dead too. A
+ * timer to another node stays, charged to no process. */
+static void orphan(send_timer_t *e)
+{
+  if (mb_id_is_remote(e->dest)) {
+    index_remove(mine, e);
+    return;
+  }
+  mb_proc_t *d = mb_proc_get(e->dest);
+  int alive = 0;
+  if (d) {
+    mb_proc_lock(d);
+    alive = !d->dead;
+    if (alive)
+      atomic_store_explicit(&d->orphans, 1, memory_order_relaxed);
+    mb_proc_unlock(d);
+  }
+  if (!alive) {
+    if (d)
+      mb_proc_unref(d);
+    drop(e);
+    return;
+  }
+  /* Charged before a cancel or the delivery can see the mark and take it
+   * back; taken back here if a cancel won meanwhile. */
+  atomic_fetch_add_explicit(&d->alloc.charged, e->charged, memory_order_relaxed);
+  index_remove(mine, e);
+  if (mb_idtab_get(&timers, e->id, mark_orphan)) {
+    e->by_dest = 1;
+    index_add(mine, e);
+  } else {
+    atomic_fetch_sub_explicit(&d->alloc.charged, e->charged, memory_order_relaxed);
+    index_add(mine, e);   /* (as it was: the cancel's command unlinks it) */
+  }
+  mb_proc_unref(d);
+}
+
+/* On a scheduler holding timers that process pid's end concerns (see
+ * DESIGN, "A process's end"): those it addressed to itself and those
+ * addressed to it by ended starters are dropped; those it addressed to
+ * others are charged to them. */
+static void process_ended(void *arg)
 {
   mb_pid_t pid = (mb_pid_t)(uintptr_t)arg;
   mb_hslot_t *sl = mine ? mb_hset_find(&mine->starters, pid) : NULL;
@@ -444,12 +531,10 @@ static void drop_self_timers(void *arg)
     return;
   for (send_timer_t *e = (send_timer_t *)(uintptr_t)sl->val, *next; e; e = next) {
     next = e->snext;
-    if (mb_idtab_remove(&timers, e->id)) {
-      if (e->link.next)        /* not detached by a shutdown */
-        entry_unlink(e);
-      send_timer_free(e);
-    }
-    /* Else a cancel on another thread won: its posted command frees e. */
+    if (e->dest == pid)
+      drop(e);
+    else
+      orphan(e);
   }
 }
 
@@ -498,6 +583,14 @@ static void list_arm(send_list_t *l, send_timer_t *e)
  * on any scheduler: the count drops after the delivery. */
 static void pending_done(send_timer_t *e)
 {
+  if (e->orphan) {   /* charged to dest (see orphan) */
+    mb_proc_t *d = mb_proc_get(e->dest);
+    if (d) {
+      atomic_fetch_sub_explicit(&d->alloc.charged, e->charged, memory_order_relaxed);
+      mb_proc_unref(d);
+    }
+    return;
+  }
   mb_proc_t *p = mb_proc_get(e->from);
   if (p == NULL)
     return;
@@ -634,8 +727,7 @@ static void list_insert(send_timer_t *e)
   while (at->prev != &l->entries && ((send_timer_t *)at->prev)->due > e->due)
     at = at->prev;
   link_append(at, &e->link);
-  if (e->dest == e->from)
-    index_add(l->table, e);
+  index_add(l->table, e);
   /* A list with entries is armed; one whose entries were all cancelled
    * may still be armed for an earlier deadline, and fires then. A posted
    * start may have become the head, due before the armed deadline. */
@@ -738,7 +830,7 @@ int mb_timer_send_after(mb_proc_t *p, double ms, mb_pid_t dest, mb_msg_t *msg,
   /* No other thread knows the id before we return, so it may be
    * published before the entry is linked. */
   e->charged = 0;
-  e->indexed = 0;
+  e->indexed = e->by_dest = e->orphan = 0;
   e->id = mb_idtab_add(&timers, e);
   if (e->id == 0) {
     send_timer_free(e);

@@ -317,6 +317,77 @@ describe("isolation", function()
       mb.demonitor(r)
     end)
 
+    -- The timers a process starts to another outlive it (as in Erlang):
+    -- from its end they count in their destination's memory, go back as
+    -- they fire or are cancelled, and go with the destination's end.
+    it("charges the timers an ended process left to another to that one", function()
+      -- (It waits without taking its messages.)
+      local target = mb.spawn(function() mb.receive(function() return false end, 30000) end)
+      finally(function() mb.exit(target, "kill") end)
+      local before = mb.info(target).memory
+      local _, r = mb.spawn_monitor(function(to, parent)
+        local ts = {}
+        for i = 1, 1000 do ts[i] = mb.send_after(3600000, to, "pending message " .. i) end
+        for i = 1, 500 do mb.send_after(200, to, i) end   -- fire soon after
+        mb.send(parent, { timers = ts })
+      end, target, mb.self())
+      local ts = S.recv(function(m) return type(m) == "table" and m.timers end).timers
+      assert.are.equal("normal", S.await_down(r))
+      local charged
+      assert.is_true(S.eventually(function()
+        charged = mb.info(target).memory - before
+        return charged >= 1500 * 80
+      end), "the ended starter's 1,500 timers should count in their destination: " .. charged)
+      assert.is_true(S.eventually(function()
+        charged = mb.info(target).memory - before
+        return mb.info(target).mailbox == 500 and charged >= 1000 * 80
+      end), "the 500 short ones delivered")
+      local queued = mb.info(target).memory
+      for i = 1, #ts do assert.is_number(mb.cancel_timer(ts[i])) end
+      charged = mb.info(target).memory - queued
+      assert.is_true(charged <= -1000 * 80, "cancelling should give them back: " .. charged)
+    end)
+
+    it("drops the timers left to a process when it ends too, under --max-memory", function()
+      -- Each starter leaves ~30 MB of hour-long timers to one target and
+      -- ends. Before, they were charged to nobody: the host stayed over
+      -- --max-memory 64M for the hour, its killer ended every other
+      -- process and spawns were refused. Now the target holds them, and
+      -- the killer's taking it frees them.
+      local code, out, err = child([[
+        local mb = require "moonbeam"
+        local target = mb.spawn(function() mb.register("target") mb.receive() end)
+        local rt = mb.monitor(target)
+        local other = mb.spawn(function() mb.receive(20000) end)
+        for i = 1, 6 do
+          local ok, _, r = pcall(mb.spawn_monitor, function(to)
+            for k = 1, 200000 do mb.send_after(3600000, to, "pending " .. k) end
+          end, target)
+          if not ok then print("spawn", i, _) break end
+          local m = mb.receive(function(m) return type(m) == "table" and m.ref == r end, 30000)
+          print("starter", i, m and m.reason)
+          if i == 1 then print("target holds", mb.info(target).memory) end
+        end
+        local m = mb.receive(function(m) return type(m) == "table" and m.ref == rt end, 10000)
+        print("target", m and m.reason)
+        local t0 = mb.now()
+        while mb.now() - t0 < 5000 do   -- the host comes back under the cap
+          if pcall(mb.spawn, function() end) then print("spawns again") break end
+          mb.sleep(50)
+        end
+        print("other lives", mb.info(other) ~= nil)
+        os.exit(0)
+      ]], "--max-memory 64M", 90)
+      assert.are.equal(0, code, err)
+      for i = 1, 6 do assert.is_true(S.has(out, "starter\t" .. i .. "\tnormal"), out .. err) end
+      local held = tonumber(out:match("target holds\t(%d+)"))
+      assert.is_true(held and held > 20e6, out)
+      assert.is_true(S.has(out, "target\tout of memory"), out .. err)
+      assert.is_true(S.has(err, "registered as target"), err)
+      assert.is_true(S.has(out, "spawns again"), out .. err)
+      assert.is_true(S.has(out, "other lives\ttrue"), out .. err)
+    end)
+
     it("kills the biggest process over --max-memory and goes on", function()
       local code, out, err = child([[
         local mb = require "moonbeam"
