@@ -869,6 +869,85 @@ tick_forever(S) ->
       assert.is_true(S.has(err, "dropped a message from fake11"), err)
     end)
 
+    -- Incoming handshakes run each on a thread of its own, within
+    -- net_setuptime (7 s) in all: before, they ran one at a time, each read
+    -- bounded but not the whole, so a peer sending a byte every 500 ms held
+    -- off every other node for as long as it liked.
+    local RAW = [=[
+        {ok, rawpeer} = compile:file("rawpeer.erl"),
+        Node = '%s',
+        Raw = fun W(0) -> exit(no_node); W(N) -> case catch rawpeer:raw(Node, 2) of {'EXIT', _} -> timer:sleep(100), W(N - 1); S -> S end end,
+        Closed = fun(S, T) -> case gen_tcp:recv(S, 0, T) of {error, closed} -> closed; {error, timeout} -> open; Else -> Else end end,
+]=]
+
+    it("a peer that trickles its handshake or sends nothing holds off no other node, and is dropped at net_setuptime", function()
+      local name = uniq("mb")
+      local node = name .. "@" .. HOST
+      local e = erl(string.format(RAW .. [=[
+        Self = self(),
+        spawn(fun() ->
+            S1 = Raw(100), ok = inet:setopts(S1, [{packet, raw}]),
+            ok = gen_tcp:send(S1, <<0, 200, $N>>),
+            Self ! trickling,
+            Trickle = fun L(0) -> open; L(K) -> timer:sleep(500),
+                        case gen_tcp:send(S1, <<0>>) of
+                          ok -> case Closed(S1, 0) of closed -> closed; _ -> L(K - 1) end;
+                          _ -> closed end end,
+            Self ! {trickler, Trickle(40)}
+          end),
+        receive trickling -> ok end,
+        S2 = Raw(100),
+        timer:sleep(500),
+        io:format("ping ~p~n", [net_adm:ping(Node)]),
+        io:format("during ping ~p~n", [receive {trickler, _} = T -> T after 0 -> still_trickling end]),
+        io:format("trickler ~p~n", [receive {trickler, R} -> R after 30000 -> no_answer end]),
+        io:format("silent ~p~n", [Closed(S2, 15000)]),
+        {ctl, Node} ! done,
+        timer:sleep(500),
+        halt().]=], node), { files = { ["rawpeer.erl"] = RAWPEER }, limit = 60 })
+      local code, out, err = moonbeam([[
+        mb.register("ctl")
+        print("got", mb.receive(50000))
+      ]], { name = name, limit = 60 })
+      local o = await_output(e, "silent", 5000)
+      assert.equal(0, code, err)
+      assert.is_true(S.has(o, "ping pong"), o)
+      assert.is_true(S.has(o, "during ping still_trickling"), o)
+      assert.is_true(S.has(o, "trickler closed"), o)
+      assert.is_true(S.has(o, "silent closed"), o)
+      assert.is_true(S.has(out, "got\tdone"), out)
+      local _, drops = err:gsub("its handshake was not done within 7000 ms", "")
+      assert.equal(2, drops, err)
+    end)
+
+    it("at most 16 incoming handshakes at once: one more is closed at once and logged", function()
+      local name = uniq("mb")
+      local node = name .. "@" .. HOST
+      local e = erl(string.format(RAW .. [=[
+        Silent = [Raw(100) || _ <- lists:seq(1, 16)],
+        timer:sleep(500),
+        S17 = Raw(100),
+        io:format("17th ~p~n", [Closed(S17, 5000)]),
+        io:format("first then ~p~n", [Closed(hd(Silent), 0)]),
+        io:format("all dropped ~p~n", [lists:usort([Closed(S, 15000) || S <- Silent])]),
+        io:format("ping ~p~n", [net_adm:ping(Node)]),
+        {ctl, Node} ! done,
+        timer:sleep(500),
+        halt().]=], node), { files = { ["rawpeer.erl"] = RAWPEER }, limit = 60 })
+      local code, out, err = moonbeam([[
+        mb.register("ctl")
+        print("got", mb.receive(50000))
+      ]], { name = name, limit = 60 })
+      local o = await_output(e, "ping", 5000)
+      assert.equal(0, code, err)
+      assert.is_true(S.has(o, "17th closed"), o)
+      assert.is_true(S.has(o, "first then open"), o)
+      assert.is_true(S.has(o, "all dropped [closed]"), o)
+      assert.is_true(S.has(o, "ping pong"), o)
+      assert.is_true(S.has(out, "got\tdone"), out)
+      assert.is_true(S.has(err, "16 handshakes are in progress already"), err)
+    end)
+
     it("output to a peer that does not read: senders wait at the busy limit, the connection is dropped after net_ticktime", function()
       local name = uniq("mb")
       local node = name .. "@" .. HOST
