@@ -46,7 +46,12 @@
  * is dropped and logged; an operation we never negotiated is ignored.
  * Nothing a peer sends can crash the host. Refs that peers send are held
  * only while a process or a remote monitor has them (remote.h), so new
- * refs in every call do not add up.
+ * refs in every call do not add up. A remote monitor of a local process is
+ * charged to that process (MB_PROC_REMOTE_WATCH, proc.h), so its
+ * max_memory and the host's --max-memory bound how many a peer can set;
+ * one that cannot be held (a full ref table) is refused with a DOWN
+ * (system_limit), as are monitors of net_kernel past
+ * MB_DIST_KERNEL_MONITORS.
  *
  * Output: frames for a node queue on its connection, and the connection's
  * loop writes all that is queued in one write when it gets to it. See

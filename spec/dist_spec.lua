@@ -1032,6 +1032,96 @@ tick_forever(S) ->
     end)
   end)
 
+  -- A remote node's monitor of a local process counts in that process's
+  -- memory (max_memory, mb.info(pid).memory) and the host's total: before,
+  -- in nobody's, and 4.1M of them from one Erlang node took a host capped at
+  -- 200 MB to 596 MB.
+  describe("remote monitors", function()
+    -- The Erlang side: ctl, and a hand-made connection (as fake@host) that
+    -- sets and takes off N monitors of the process registered as victim.
+    local PEER = [=[
+        {ok, rawpeer} = compile:file("rawpeer.erl"),
+        register(ctl, self()),
+        Node = '%s', N = %d,
+        Fake = "fake@" ++ lists:nth(2, string:split(atom_to_list(node()), "@")),
+        Conn = fun W(0) -> exit(no_node); W(K) -> case catch rawpeer:connect(Node, "%s", Fake) of {'EXIT', _} -> timer:sleep(100), W(K - 1); S -> S end end,
+        Refs = [make_ref() || _ <- lists:seq(1, N)],
+        Send = fun(S, Op) -> [ok = gen_tcp:send(S, rawpeer:frame({Op, self(), victim, R}, none)) || R <- Refs], ok end,
+        Loop = fun L(S) ->
+          receive
+            {set, From} -> S1 = case S of none -> Conn(100); _ -> S end, Send(S1, 19), From ! <<"set">>, L(S1);
+            {off, From} -> Send(S, 20), From ! <<"off">>, L(S);
+            {close, From} -> gen_tcp:close(S), From ! <<"closed">>, L(none);
+            stop -> halt()
+          end end,
+        Loop(none).]=]
+
+    it("are charged to the process they watch, and given back when taken off or when the connection goes", function()
+      local N = 20000
+      local name = uniq("mb")
+      local node = name .. "@" .. HOST
+      local e = erl(string.format(PEER, node, N, COOKIE), { files = { ["rawpeer.erl"] = RAWPEER }, limit = 60 })
+      local code, out, err = moonbeam(string.format([[
+        local e = arg[1]
+        local N = %d
+        local victim = mb.spawn(function() mb.receive() end)
+        mb.register("victim", victim)
+        mb.sleep(100)
+        local m0 = mb.info(victim).memory
+        local function ask(what)
+          mb.send({"ctl", e}, mb.tuple(mb.atom(what), mb.self()))
+          return mb.receive(30000)
+        end
+        local function settle(ok)
+          for _ = 1, 100 do
+            if ok(mb.info(victim).memory - m0) then break end
+            mb.sleep(100)
+          end
+          return mb.info(victim).memory - m0
+        end
+        print("set", ask("set"))
+        local d = settle(function(d) return d >= N * 100 end)
+        print("charged", d >= N * 100, d / N)
+        print("off", ask("off"))
+        print("after off", settle(function(d) return d == 0 end))
+        print("set", ask("set"))
+        print("charged again", settle(function(d) return d >= N * 100 end) >= N * 100)
+        print("close", ask("close"))
+        print("after close", settle(function(d) return d == 0 end))
+        mb.send({"ctl", e}, mb.atom("stop"))
+        mb.exit(victim, "kill")
+      ]], N), { name = name, args = S.q(e.name), limit = 60 })
+      kill(e)
+      assert.equal(0, code, err)
+      assert.is_true(S.has(out, "charged\ttrue"), out)
+      assert.is_true(S.has(out, "after off\t0\n"), out)
+      assert.is_true(S.has(out, "charged again\ttrue"), out)
+      assert.is_true(S.has(out, "after close\t0\n"), out)
+    end)
+
+    it("past the watched process's max_memory end it with out of memory, not the host", function()
+      local N = 50000
+      local name = uniq("mb")
+      local node = name .. "@" .. HOST
+      local e = erl(string.format(PEER, node, N, COOKIE), { files = { ["rawpeer.erl"] = RAWPEER }, limit = 60 })
+      local code, out, err = moonbeam([[
+        local e = arg[1]
+        local victim, ref = mb.spawn_opt({ max_memory = 1e6, monitor = true }, function() mb.receive() end)
+        mb.register("victim", victim)
+        mb.send({"ctl", e}, mb.tuple(mb.atom("set"), mb.self()))
+        local d = mb.receive(function(m) return type(m) == "table" and m.ref == ref end, 30000)
+        print("down", d and d.reason)
+        print("set", mb.receive(function(m) return m == "set" end, 30000))
+        mb.send({"ctl", e}, mb.atom("stop"))
+        mb.exit(victim, "kill")
+      ]], { name = name, args = S.q(e.name), limit = 60 })
+      kill(e)
+      assert.equal(0, code, err)
+      assert.is_true(S.has(out, "down\tout of memory"), out)
+      assert.is_true(S.has(out, "set\tset"), out)
+    end)
+  end)
+
   describe("between Moonbeam nodes", function()
     it("server.call, cast, get_state and stop reach a server on another Moonbeam node", function()
       local a, wait_a = moonbeam_bg([[
