@@ -609,6 +609,9 @@ int mb_dist_start(const mb_dist_opts_t *o, char *err, size_t errlen)
   }
   fcntl(publish_fd, F_SETFD, FD_CLOEXEC);
   fcntl(listen_fd, F_SETFD, FD_CLOEXEC);
+  /* Non-blocking, so that a connection gone between the acceptor's poll
+   * and its accept cannot leave it blocked (and the closer's join with it). */
+  fcntl(listen_fd, F_SETFL, fcntl(listen_fd, F_GETFL) | O_NONBLOCK);
   int64_t a = mb_atom_intern(full, strlen(full));
   if (a <= 0) {
     snprintf(err, errlen, "bad node name '%s'", full);
