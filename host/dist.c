@@ -252,8 +252,13 @@ int dist_put_ctl(char *buf, int *idx, const ctl_t *c)
     else
       rc |= mb_etf_put_pid(buf, idx, c->from);
     rc |= mb_etf_put_pid(buf, idx, c->to);
-    if (mon)
+    if (mon && c->raw_ref) {
+      if (buf)
+        memcpy(buf + *idx, c->raw_ref, (size_t)c->raw_ref_len);
+      *idx += c->raw_ref_len;
+    } else if (mon) {
       rc |= mb_etf_put_ref(buf, idx, c->ref);
+    }
     long n = mb_etf_size(c->reason, MB_ETF_REASON | MB_ETF_BARE, NULL, 0);
     if (n < 0) {
       /* A reason with no Erlang form (a function...): say so instead. */

@@ -7,7 +7,8 @@
  * connects to other nodes, Erlang ones or Moonbeam hosts alike, through ei
  * (Erlang's C library for C nodes). ei's handshakes block, so they never run
  * on a scheduler thread: outgoing ones on libuv's thread pool, incoming ones
- * on one acceptor thread; the handshake is ei's (cookie challenge both ways,
+ * each on a handshake thread (dist_start.c), so that a slow peer delays no
+ * other; each is bounded by MB_DIST_SETUP_MS in all; the handshake is ei's (cookie challenge both ways,
  * a wrong cookie is refused and logged). After it, the socket is handed to
  * one scheduler's loop (uv_tcp_open), which does all its framed traffic:
  * 4-byte length frames, a 0-length frame is a tick (sent when we have been
@@ -45,7 +46,12 @@
  * is dropped and logged; an operation we never negotiated is ignored.
  * Nothing a peer sends can crash the host. Refs that peers send are held
  * only while a process or a remote monitor has them (remote.h), so new
- * refs in every call do not add up.
+ * refs in every call do not add up. A remote monitor of a local process is
+ * charged to that process (MB_PROC_REMOTE_WATCH, proc.h), so its
+ * max_memory and the host's --max-memory bound how many a peer can set;
+ * one that cannot be held (a full ref table) is refused with a DOWN
+ * (system_limit), as are monitors of net_kernel past
+ * MB_DIST_KERNEL_MONITORS.
  *
  * Output: frames for a node queue on its connection, and the connection's
  * loop writes all that is queued in one write when it gets to it. See
@@ -65,6 +71,12 @@
 
 #define MB_DIST_TICK_MS 15000          /* net_ticktime 60 s, as Erlang */
 #define MB_DIST_CONNECT_MS 5000        /* bound of a handshake step */
+/* A handshake, either way, is done within MB_DIST_SETUP_MS in all or
+ * dropped (and logged): Erlang's net_setuptime default. */
+#define MB_DIST_SETUP_MS 7000
+/* Incoming handshakes in flight at once, each on a thread of its own: a
+ * connection that finds this many is closed at once (and logged). */
+#define MB_DIST_HANDSHAKES 16
 #define MB_DIST_MAX_FRAME (64u << 20)
 /* Output to a node: over MB_DIST_BUSY_LIMIT bytes queued (Erlang's +zdbbl
  * default), a process that sends to the node waits after its send until

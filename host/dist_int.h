@@ -16,6 +16,11 @@
 #include "ei.h"
 #include "scheduler.h"
 
+/* Monitors of net_kernel (answered for by dist_recv.c, no process) that
+ * one connection may hold at once: gen:call sets one per call (a ping)
+ * and takes it off with the answer. More are refused (DOWN system_limit). */
+#define MB_DIST_KERNEL_MONITORS 64
+
 /* Capability flags of the handshake (erts dist.h) that we add to ei's
  * offer (see dist.h, "Capabilities"). */
 #define DFLAG_DIST_MONITOR 0x08ull
@@ -72,6 +77,8 @@ typedef struct conn {
   pairs_t links;               /* local <-> remote links */
   pairs_t mon_out;             /* local watches remote: local, remote, ref */
   pairs_t mon_in;              /* remote watches local: local, remote, ref, name */
+  uint32_t kernel_mons;        /* those of net_kernel (local 0), which no
+                                  process pays for (MB_DIST_KERNEL_MONITORS) */
   pairs_t node_mon;            /* local pids monitoring the node */
   waiter_t *waiters;           /* mb.connect_node callers */
   /* -- loop thread -- */
@@ -80,6 +87,7 @@ typedef struct conn {
   int open;                    /* handles initialised */
   char *rbuf;
   size_t rlen, rcap;
+  int refusal_logged;          /* a monitor of its was refused, and logged */
   uint64_t last_recv, last_send;
 } conn_t;
 
@@ -100,6 +108,10 @@ typedef struct ctl {
   mb_pid_t from, to;
   uint32_t name;              /* REG_SEND: the name; MONITOR_P_EXIT: FromProc */
   mb_ref_t ref;
+  /* MONITOR_P_EXIT: the watcher's ref as the peer sent it (ETF bytes),
+   * used instead of ref when that could not be held (a full table). */
+  const char *raw_ref;
+  int raw_ref_len;
   uint64_t id;                /* UNLINK_ID */
   const mb_msg_t *reason;
 } ctl_t;

@@ -75,6 +75,40 @@ static mb_pid_t proc_or_name(const char *data, int *i, uint32_t *name, int *bad)
   return mb_id_is_remote(pid) ? 0 : pid;
 }
 
+/* The ref at data[*i], held for the caller if another node's (dist_unhold
+ * lets go). When the remote ref table is full, *out is 0: such a ref is
+ * none this host holds (no monitor or alias of ours has it), so the caller
+ * takes it for an unknown one. -1 if it is malformed. */
+static int get_ref(const char *data, int *i, mb_ref_t *out)
+{
+  int at = *i;
+  int rc = mb_etf_get_ref(data, i, out);
+  if (rc == MB_ETOOMANY) {
+    *out = 0;
+    *i = at;
+    return ei_skip_term(data, i) < 0 ? -1 : 0;
+  }
+  return rc < 0 ? -1 : 0;
+}
+
+/* A remote monitor of a local process we cannot hold: the watcher gets
+ * its DOWN at once with reason why (the ref as it sent it, raw, when the
+ * ref table is full). Logged once per connection. */
+static void refuse_monitor(conn_t *c, const ctl_t *x, const char *why, const char *log)
+{
+  mb_msg_t *r = dist_reason_msg(why);
+  ctl_t e = *x;
+  e.op = OP_MONITOR_P_EXIT;
+  e.reason = r;
+  dist_send_ctl(c->node, &e, NULL);
+  mb_msg_free(r);
+  if (!c->refusal_logged) {
+    c->refusal_logged = 1;
+    dist_log("refused a monitor from %s: %s (DOWN %s; further refusals on this "
+             "connection are not logged)", dist_node_text(c->node), log, why);
+  }
+}
+
 /* Is atom name "net_kernel"? */
 static int is_net_kernel(uint32_t name)
 {
@@ -168,7 +202,7 @@ int dist_handle_frame(conn_t *c, const char *data, long len)
     /* {33, From, Alias} or {34, From, Alias, Token}: the owner of Alias
      * (ours, else nobody) gets the message through it. */
     if (arity != (op == OP_ALIAS_SEND ? 3 : 4) || mb_etf_get_pid(data, &i, &from) < 0 ||
-        mb_etf_get_ref(data, &i, &ref) < 0)
+        get_ref(data, &i, &ref) < 0)
       return -1;
     if (mb_id_is_remote(ref)) {
       dist_unhold(ref);               /* not an alias of ours: nobody's */
@@ -261,12 +295,15 @@ int dist_handle_frame(conn_t *c, const char *data, long len)
     if (arity != 4 || mb_etf_get_pid(data, &i, &from) < 0)
       return -1;
     to = proc_or_name(data, &i, &name, &bad);
-    if (bad || mb_etf_get_ref(data, &i, &ref) < 0)
+    int ref_at = i;
+    if (bad || get_ref(data, &i, &ref) < 0)
       return -1;
     if (op == OP_DEMONITOR_P) {
       pair_t p;
       pthread_mutex_lock(&dist_lock);
-      int found = dist_pairs_del(&c->mon_in, 0, 0, ref, &p);
+      int found = ref && dist_pairs_del(&c->mon_in, 0, 0, ref, &p);
+      if (found && p.local == 0)
+        c->kernel_mons--;
       pthread_mutex_unlock(&dist_lock);
       if (found && p.local)
         mb_proc_unwatch_remote(p.local, ref);
@@ -276,24 +313,42 @@ int dist_handle_frame(conn_t *c, const char *data, long len)
       return cend == len ? 0 : -1;
     }
     /* The watcher's ref stays held by the pair (until the monitor ends). */
-    int added = 0;
-    if (to == 0 && is_net_kernel(name)) {
+    int added = 0, rc;
+    ctl_t x = {.from = to, .to = from, .ref = ref, .name = name};
+    if (ref == 0) {
+      /* The ref table is full (remote.h): the monitor cannot be held. */
+      x.raw_ref = data + ref_at;
+      x.raw_ref_len = i - ref_at;
+      refuse_monitor(c, &x, "system_limit", "the remote ref table is full");
+    } else if (!mb_id_is_remote(ref)) {
+      /* A watcher's ref that names this node: no node sends one. */
+    } else if (to == 0 && is_net_kernel(name)) {
       /* gen:call monitors {net_kernel, Node} before asking is_auth (ping);
-       * the net_kernel we answer for (answer_net_kernel) never dies. */
+       * the net_kernel we answer for (answer_net_kernel) never dies, and
+       * no process pays for these: a few per connection. */
       pthread_mutex_lock(&dist_lock);
-      if ((added = c->state != C_DOWN))
+      int room = c->kernel_mons < MB_DIST_KERNEL_MONITORS;
+      if ((added = c->state != C_DOWN && room)) {
         dist_pairs_add(&c->mon_in, 0, from, ref, name);
+        c->kernel_mons++;
+      }
       pthread_mutex_unlock(&dist_lock);
-    } else if (to && mb_proc_watch_remote(to, from, ref) == 0) {
+      if (!room)
+        refuse_monitor(c, &x, "system_limit", "too many monitors of net_kernel");
+    } else if (to && (rc = mb_proc_watch_remote(to, from, ref)) == 0) {
+      /* (Charged to `to`, which a monitor too many kills for memory.) */
       pthread_mutex_lock(&dist_lock);
       if ((added = c->state != C_DOWN))
         dist_pairs_add(&c->mon_in, to, from, ref, name);
       pthread_mutex_unlock(&dist_lock);
       if (!added)
         mb_proc_unwatch_remote(to, ref);
+    } else if (to && rc == MB_ENOMEM) {
+      /* Killed for memory already: its DOWN would say so. */
+      refuse_monitor(c, &x, "out of memory", "the process is over its max_memory");
     } else {
-      ctl_t x = {.op = OP_MONITOR_P_EXIT, .from = to, .to = from, .ref = ref, .name = name};
       mb_msg_t *r = dist_reason_msg("noproc");
+      x.op = OP_MONITOR_P_EXIT;
       x.reason = r;
       dist_send_ctl(c->node, &x, NULL);
       mb_msg_free(r);
@@ -306,7 +361,7 @@ int dist_handle_frame(conn_t *c, const char *data, long len)
     if (arity != 5)
       return -1;
     proc_or_name(data, &i, &name, &bad);
-    if (bad || mb_etf_get_pid(data, &i, &to) < 0 || mb_etf_get_ref(data, &i, &ref) < 0)
+    if (bad || mb_etf_get_pid(data, &i, &to) < 0 || get_ref(data, &i, &ref) < 0)
       return -1;
     mb_msg_t *r = ctl_reason(data, len, &i, &bad);
     if (bad) {
@@ -315,7 +370,7 @@ int dist_handle_frame(conn_t *c, const char *data, long len)
     }
     pair_t p;
     pthread_mutex_lock(&dist_lock);
-    int found = dist_pairs_del(&c->mon_out, 0, 0, ref, &p);
+    int found = ref && dist_pairs_del(&c->mon_out, 0, 0, ref, &p);
     pthread_mutex_unlock(&dist_lock);
     if (mb_id_is_remote(ref)) {  /* not one of our monitors */
       dist_unhold(ref);

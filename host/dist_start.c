@@ -1,8 +1,25 @@
 /* dist_start.c: making the host a node (mb_dist_start: the name, the
  * cookie, listening, epmd) and the handshakes of its connections, which ei
  * runs over our socket callbacks: outgoing ones on libuv's thread pool
- * (dist_start_connect), incoming ones on the acceptor thread. A finished
+ * (dist_start_connect), incoming ones on handshake threads. A finished
  * handshake hands its socket to a scheduler's loop (dist_conn_up, dist.c).
+ *
+ * DESIGN
+ * Incoming connections: the acceptor thread only accepts, and hands each
+ * new socket to a handshake thread (made on demand, kept until shutdown),
+ * so that one slow or silent peer holds off nobody else. At most
+ * MB_DIST_HANDSHAKES handshakes are in flight; a connection past that is
+ * closed at once and logged. Every handshake, either way, has one deadline,
+ * MB_DIST_SETUP_MS after it starts (Erlang's net_setuptime): ei runs a
+ * handshake start to end on the calling thread, so that thread's current
+ * handshake (hs, thread-local) carries the deadline and the peer's flags,
+ * and every socket callback waits at most until the deadline, whatever
+ * timeout ei passes. (ei's ctx stays the fd: after a handshake ei keeps the
+ * ctx in its socket table, where a pointer would be left dangling.)
+ * Shutdown (closer): stopping is set and wake_fd made readable, which every
+ * wait of the callbacks polls too, so that handshakes in progress fail at
+ * once; then the acceptor and every handshake thread are joined, and the
+ * sockets still queued are closed.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -25,25 +42,65 @@
 #include "term.h"
 
 static int listen_fd = -1, publish_fd = -1;
+static int wake_fd[2] = {-1, -1};      /* a pipe: readable once stopping */
 static pthread_t acceptor;
 static atomic_int stopping;
+
+/* A handshake in progress on this thread (ei calls our callbacks on the
+ * thread that runs it): its deadline (mb_dist_now_ms) and what cb_read saw
+ * of the peer's capabilities. NULL on other threads (epmd's calls). */
+typedef struct hs {
+  uint64_t deadline;
+  uint64_t peer_flags;
+  int fd;                /* incoming: the socket accepted for it */
+} hs_t;
+static __thread hs_t *hs;
+
+/* The handshake threads and the sockets handed to them (hs_lock). */
+static pthread_mutex_t hs_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t hs_cond = PTHREAD_COND_INITIALIZER;
+static pthread_t hs_threads[MB_DIST_HANDSHAKES];
+static int hs_nthreads;               /* made so far */
+static int hs_busy;                   /* sockets queued or in a handshake */
+static int hs_queue[MB_DIST_HANDSHAKES];
+static int hs_head, hs_len;           /* a ring of queued sockets */
+
+static uint64_t now_ms(void)
+{
+  return uv_hrtime() / 1000000;
+}
 
 /* -- Handshakes: ei over our socket callbacks ------------------------------ */
 
 /* ei's socket callbacks (ei_connect_init_ussi), on plain blocking sockets
  * with poll for the timeouts. ctx is the fd itself. Only handshakes go
  * through them: afterwards the socket belongs to libuv. */
+
+/* Wait for ev on fd: at most tmo ms (ei's), and never past the deadline
+ * of this thread's handshake; ECANCELED once the host is stopping. */
 static int wait_fd(int fd, short ev, unsigned tmo)
 {
-  struct pollfd p = {fd, ev, 0};
-  int ms = tmo == EI_SCLBK_INF_TMO ? -1 : (int)tmo;
-  int rc;
-  do
-    rc = poll(&p, 1, ms);
-  while (rc < 0 && errno == EINTR);
-  if (rc == 0)
-    return ETIMEDOUT;
-  return rc < 0 ? errno : 0;
+  struct pollfd p[2] = {{fd, ev, 0}, {wake_fd[0], POLLIN, 0}};
+  for (;;) {
+    long long ms = tmo == EI_SCLBK_INF_TMO ? -1 : (long long)tmo;
+    uint64_t now = now_ms();
+    if (hs) {
+      if (now >= hs->deadline)
+        return ETIMEDOUT;
+      if (ms < 0 || (uint64_t)ms > hs->deadline - now)
+        ms = (long long)(hs->deadline - now);
+    }
+    int rc = poll(p, wake_fd[0] >= 0 ? 2 : 1, (int)ms);
+    if (rc < 0 && errno == EINTR)
+      continue;                       /* (the deadline still holds) */
+    if (rc < 0)
+      return errno;
+    if (rc == 0)
+      return ETIMEDOUT;
+    if (p[1].revents)
+      return ECANCELED;
+    return 0;
+  }
 }
 
 static int cb_socket(void **ctx, void *setup)
@@ -73,18 +130,18 @@ static int cb_listen(void *ctx, void *addr, int *len, int backlog)
   return 0;
 }
 
+/* The acceptor thread accepted the socket already: ei_accept, run by a
+ * handshake thread, gets that one (hs->fd) as the connection. */
 static int cb_accept(void **ctx, void *addr, int *len, unsigned tmo)
 {
-  int fd = (int)(intptr_t)*ctx;
-  int rc = wait_fd(fd, POLLIN, tmo);
-  if (rc)
-    return rc;
+  if (hs == NULL || hs->fd < 0)
+    return EINVAL;
   socklen_t l = (socklen_t)*len;
-  int c = accept4(fd, addr, &l, SOCK_CLOEXEC);
-  if (c < 0)
+  if (getpeername(hs->fd, addr, &l) < 0)
     return errno;
   *len = (int)l;
-  *ctx = (void *)(intptr_t)c;
+  *ctx = (void *)(intptr_t)hs->fd;
+  hs->fd = -1;                        /* ei's now: it closes it on failure */
   return 0;
 }
 
@@ -150,9 +207,6 @@ static int cb_write(void *ctx, const char *buf, ssize_t *len, unsigned tmo)
   return rc;
 }
 
-/* The peer's offer, seen by cb_read during this thread's handshake. */
-static __thread uint64_t peer_flags;
-
 static int cb_read(void *ctx, char *buf, ssize_t *len, unsigned tmo)
 {
   int fd = (int)(intptr_t)ctx;
@@ -166,12 +220,13 @@ static int cb_read(void *ctx, char *buf, ssize_t *len, unsigned tmo)
   /* ei reads a packet's 2-byte length, then its body: a body that is a
    * name or challenge packet starts with its tag. */
   const unsigned char *u = (const unsigned char *)buf;
-  if (n >= 9 && buf[0] == 'N') {
-    peer_flags = 0;
+  if (hs == NULL) {
+  } else if (n >= 9 && buf[0] == 'N') {
+    hs->peer_flags = 0;
     for (int i = 1; i <= 8; i++)
-      peer_flags = peer_flags << 8 | u[i];
+      hs->peer_flags = hs->peer_flags << 8 | u[i];
   } else if (n >= 7 && buf[0] == 'n') {
-    peer_flags = (uint64_t)u[3] << 24 | (uint64_t)u[4] << 16 | (uint64_t)u[5] << 8 | u[6];
+    hs->peer_flags = (uint64_t)u[3] << 24 | (uint64_t)u[4] << 16 | (uint64_t)u[5] << 8 | u[6];
   }
   return 0;
 }
@@ -193,21 +248,27 @@ static int cb_get_fd(void *ctx, int *fd)
   return 0;
 }
 
+/* EI_SCLBK_FLG_FULL_IMPL: the callbacks do their own waiting (wait_fd);
+ * without it ei polls the fd itself first, for as long as the timeout it
+ * was given, blind to the handshake's deadline and to stopping. */
 static ei_socket_callbacks cbs = {
-  0, cb_socket, cb_close, cb_listen, cb_accept, cb_connect, NULL, cb_write, cb_read,
+  EI_SCLBK_FLG_FULL_IMPL, cb_socket, cb_close, cb_listen, cb_accept, cb_connect, NULL, cb_write, cb_read,
   cb_hs_header, cb_hs_done, cb_hs_done, cb_get_fd
 };
 
-/* Thread pool: ei_connect with a private copy of the node record. */
+/* Thread pool: ei_connect with a private copy of the node record, within
+ * MB_DIST_SETUP_MS in all. */
 static void connect_work(uv_work_t *w)
 {
   conn_t *c = w->data;
   ei_cnode mine = dist_ec;
   char name[MAXNODELEN + 1];
   snprintf(name, sizeof name, "%s", dist_node_text(c->node));
-  peer_flags = 0;
+  hs_t h = {now_ms() + MB_DIST_SETUP_MS, 0, -1};
+  hs = &h;
   c->fd = ei_connect_tmo(&mine, name, MB_DIST_CONNECT_MS);
-  c->peer_flags = peer_flags;
+  hs = NULL;
+  c->peer_flags = h.peer_flags;
 }
 
 static void connect_done(uv_work_t *w, int status)
@@ -254,52 +315,148 @@ static void do_adopt(void *arg)
   mb_free(a);
 }
 
-/* The acceptor thread: ei_accept (the handshake, with the cookie check)
- * one connection at a time, each step bounded by MB_DIST_CONNECT_MS. */
+/* "a.b.c.d:port" of fd's peer, for the log. */
+static const char *peer_text(int fd, char *buf, size_t n)
+{
+  struct sockaddr_in a;
+  socklen_t l = sizeof a;
+  char ip[INET_ADDRSTRLEN];
+  if (getpeername(fd, (struct sockaddr *)&a, &l) < 0 || a.sin_family != AF_INET ||
+      inet_ntop(AF_INET, &a.sin_addr, ip, sizeof ip) == NULL)
+    snprintf(buf, n, "?");
+  else
+    snprintf(buf, n, "%s:%u", ip, (unsigned)ntohs(a.sin_port));
+  return buf;
+}
+
+/* The handshake of the accepted socket fd (a handshake thread), bounded by
+ * MB_DIST_SETUP_MS in all; a node that passed it goes to a scheduler. */
+static void handshake_in(int fd)
+{
+  char who[64];
+  peer_text(fd, who, sizeof who);
+  ei_cnode mine = dist_ec;
+  ErlConnect conp;
+  memset(&conp, 0, sizeof conp);
+  hs_t h = {now_ms() + MB_DIST_SETUP_MS, 0, fd};
+  hs = &h;
+  int cfd = ei_accept_tmo(&mine, listen_fd, &conp, MB_DIST_SETUP_MS);
+  int err = erl_errno;
+  hs = NULL;
+  if (h.fd >= 0)
+    close(h.fd);                      /* ei never took it */
+  if (atomic_load(&stopping)) {
+    if (cfd >= 0)
+      close(cfd);
+    return;
+  }
+  if (cfd < 0) {
+    const char *from = conp.nodename[0] ? conp.nodename : who;
+    if (err == ETIMEDOUT)
+      dist_log("dropped a connection from %s: its handshake was not done within %d ms "
+               "(net_setuptime)", from, MB_DIST_SETUP_MS);
+    else
+      dist_log("refused a connection from %s: handshake failed (wrong cookie or not a "
+               "node)", from);
+    return;
+  }
+  int64_t node = mb_atom_intern(conp.nodename, strlen(conp.nodename));
+  if (node <= 0) {
+    close(cfd);
+    return;
+  }
+  pthread_mutex_lock(&dist_lock);
+  conn_t *c = dist_find((uint32_t)node);
+  if (c && c->state == C_UP) {
+    pthread_mutex_unlock(&dist_lock);
+    close(cfd);                       /* already connected: keep the one we have */
+    return;
+  }
+  if (c == NULL)
+    c = dist_table_add((uint32_t)node, 1);
+  atomic_fetch_add(&c->refs, 1);
+  pthread_mutex_unlock(&dist_lock);
+  adopt_t *a = mb_malloc(sizeof *a);
+  a->c = c;
+  a->fd = cfd;
+  a->flags = h.peer_flags;
+  mb_sched_post(mb_sched_pick(), do_adopt, a);
+}
+
+/* A handshake thread: takes the sockets the acceptor queues, one at a
+ * time, until the host stops (then closes what is still queued). */
+static void *handshake_main(void *arg)
+{
+  pthread_mutex_lock(&hs_lock);
+  for (;;) {
+    while (hs_len == 0 && !atomic_load(&stopping))
+      pthread_cond_wait(&hs_cond, &hs_lock);
+    if (hs_len == 0)
+      break;
+    int fd = hs_queue[hs_head];
+    hs_head = (hs_head + 1) % MB_DIST_HANDSHAKES;
+    hs_len--;
+    pthread_mutex_unlock(&hs_lock);
+    if (atomic_load(&stopping))
+      close(fd);
+    else
+      handshake_in(fd);
+    pthread_mutex_lock(&hs_lock);
+    hs_busy--;
+  }
+  pthread_mutex_unlock(&hs_lock);
+  return NULL;
+}
+
+/* Queue fd for a handshake thread, making one if every thread is busy;
+ * 0, or -1 if MB_DIST_HANDSHAKES are in flight (fd is the caller's). */
+static int handshake_queue(int fd)
+{
+  int rc = 0;
+  pthread_mutex_lock(&hs_lock);
+  if (hs_busy == MB_DIST_HANDSHAKES) {
+    rc = -1;
+  } else if (hs_busy == hs_nthreads &&
+             pthread_create(&hs_threads[hs_nthreads], NULL, handshake_main, NULL) != 0) {
+    rc = hs_nthreads ? 0 : -1;        /* the threads there are will get to it */
+  } else if (hs_busy == hs_nthreads) {
+    hs_nthreads++;
+  }
+  if (rc == 0) {
+    hs_queue[(hs_head + hs_len) % MB_DIST_HANDSHAKES] = fd;
+    hs_len++;
+    hs_busy++;
+    pthread_cond_signal(&hs_cond);
+  }
+  pthread_mutex_unlock(&hs_lock);
+  return rc;
+}
+
+/* The acceptor thread: accepts, and hands each socket to a handshake
+ * thread. */
 static void *accept_main(void *arg)
 {
-  ei_cnode mine = dist_ec;
+  struct pollfd p[2] = {{listen_fd, POLLIN, 0}, {wake_fd[0], POLLIN, 0}};
   while (!atomic_load(&stopping)) {
-    ErlConnect conp;
-    memset(&conp, 0, sizeof conp);
-    peer_flags = 0;
-    int fd = ei_accept_tmo(&mine, listen_fd, &conp, 1000);
-    if (atomic_load(&stopping)) {
-      if (fd >= 0)
-        close(fd);
+    int rc = poll(p, 2, -1);
+    if (rc < 0 && errno != EINTR) {
+      dist_log("cannot accept connections: %s", strerror(errno));
       break;
     }
+    if (rc <= 0 || atomic_load(&stopping) || !(p[0].revents & POLLIN))
+      continue;
+    int fd = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
     if (fd < 0) {
-      if (erl_errno == ETIMEDOUT)
-        continue;
-      if (conp.nodename[0] || erl_errno != EIO)
-        dist_log("refused a connection%s%s: handshake failed (wrong cookie or "
-              "not a node)", conp.nodename[0] ? " from " : "", conp.nodename);
-      else
-        dist_log("refused a connection: handshake failed (wrong cookie or not a node)");
+      if (errno == EMFILE || errno == ENFILE)
+        usleep(100000);               /* out of descriptors: let some close */
       continue;
     }
-    int64_t node = mb_atom_intern(conp.nodename, strlen(conp.nodename));
-    if (node <= 0) {
+    if (handshake_queue(fd) < 0) {
+      char who[64];
+      dist_log("refused a connection from %s: %d handshakes are in progress already",
+               peer_text(fd, who, sizeof who), MB_DIST_HANDSHAKES);
       close(fd);
-      continue;
     }
-    pthread_mutex_lock(&dist_lock);
-    conn_t *c = dist_find((uint32_t)node);
-    if (c && c->state == C_UP) {
-      pthread_mutex_unlock(&dist_lock);
-      close(fd);                 /* already connected: keep the one we have */
-      continue;
-    }
-    if (c == NULL)
-      c = dist_table_add((uint32_t)node, 1);
-    atomic_fetch_add(&c->refs, 1);
-    pthread_mutex_unlock(&dist_lock);
-    adopt_t *a = mb_malloc(sizeof *a);
-    a->c = c;
-    a->fd = fd;
-    a->flags = peer_flags;
-    mb_sched_post(mb_sched_pick(), do_adopt, a);
   }
   return NULL;
 }
@@ -312,7 +469,16 @@ static void *accept_main(void *arg)
 static int closer(uv_handle_t *h)
 {
   if (dist_running && !atomic_exchange(&stopping, 1)) {
+    /* Wake the acceptor and every handshake (wait_fd) at once. */
+    if (write(wake_fd[1], "x", 1) < 0)
+      dist_log("cannot wake the handshake threads: %s", strerror(errno));
     pthread_join(acceptor, NULL);
+    pthread_mutex_lock(&hs_lock);
+    pthread_cond_broadcast(&hs_cond);
+    int n = hs_nthreads;
+    pthread_mutex_unlock(&hs_lock);
+    for (int i = 0; i < n; i++)
+      pthread_join(hs_threads[i], NULL);
     if (publish_fd >= 0)
       close(publish_fd);
     if (listen_fd >= 0)
@@ -443,6 +609,9 @@ int mb_dist_start(const mb_dist_opts_t *o, char *err, size_t errlen)
   }
   fcntl(publish_fd, F_SETFD, FD_CLOEXEC);
   fcntl(listen_fd, F_SETFD, FD_CLOEXEC);
+  /* Non-blocking, so that a connection gone between the acceptor's poll
+   * and its accept cannot leave it blocked (and the closer's join with it). */
+  fcntl(listen_fd, F_SETFL, fcntl(listen_fd, F_GETFL) | O_NONBLOCK);
   int64_t a = mb_atom_intern(full, strlen(full));
   if (a <= 0) {
     snprintf(err, errlen, "bad node name '%s'", full);
@@ -452,6 +621,10 @@ int mb_dist_start(const mb_dist_opts_t *o, char *err, size_t errlen)
   mb_etf_set_node(dist_self_atom, creation);
   if (o->ticktime)
     dist_tick_ms = o->ticktime * 1000 / 4;
+  if (pipe2(wake_fd, O_CLOEXEC) < 0) {
+    snprintf(err, errlen, "cannot make a pipe: %s", strerror(errno));
+    return -1;
+  }
   dist_install_hooks();
   mb_sched_add_closer(closer);
   dist_running = 1;

@@ -345,6 +345,32 @@ static int is_signal(uint32_t kind)
   return kind == MB_MSG_EXIT || kind == MB_MSG_KILL;
 }
 
+/* If p holds more than its max_memory (heap, charges and queued messages),
+ * queue the kill that ends it "out of memory" - once. Lock held; returns 1
+ * if it did (the caller wakes p). */
+static int mem_kill_locked(mb_proc_t *p)
+{
+  if (!p->alloc.max || p->mem_killed ||
+      atomic_load_explicit(&p->alloc.used, memory_order_relaxed) +
+      atomic_load_explicit(&p->alloc.charged, memory_order_relaxed) +
+      atomic_load_explicit(&p->mailbox_bytes, memory_order_relaxed) <= p->alloc.max)
+    return 0;
+  mb_msg_t *kill = mb_msg_string("out of memory");
+  if (kill == NULL)
+    return 0;
+  p->mem_killed = 1;
+  kill->kind = MB_MSG_KILL;
+  kill->from = p->pid;
+  kill->next = NULL;
+  *p->in_tail = kill;
+  p->in_tail = &kill->next;
+  atomic_fetch_add_explicit(&p->mailbox_len, 1, memory_order_relaxed);
+  atomic_fetch_add_explicit(&p->mailbox_bytes, mb_msg_size(kill), memory_order_relaxed);
+  mb_alloc_count((long long)mb_msg_size(kill));
+  atomic_fetch_add(&p->nsignals, 1);
+  return 1;
+}
+
 void mb_proc_push(mb_proc_t *p, mb_msg_t *msg)
 {
   int wake = 0;
@@ -367,24 +393,8 @@ void mb_proc_push(mb_proc_t *p, mb_msg_t *msg)
    * with messages on the heap), with its heap and its pending timers
    * (alloc.charged): over it, the process is killed with
    * reason "out of memory" - once - and the message stays queued. */
-  if (p->alloc.max && !p->mem_killed && !sig &&
-      atomic_load_explicit(&p->alloc.used, memory_order_relaxed) +
-      atomic_load_explicit(&p->alloc.charged, memory_order_relaxed) +
-      atomic_load_explicit(&p->mailbox_bytes, memory_order_relaxed) > p->alloc.max) {
-    mb_msg_t *kill = mb_msg_string("out of memory");
-    if (kill) {
-      p->mem_killed = 1;
-      kill->kind = MB_MSG_KILL;
-      kill->from = p->pid;
-      *p->in_tail = kill;
-      p->in_tail = &kill->next;
-      atomic_fetch_add_explicit(&p->mailbox_len, 1, memory_order_relaxed);
-      atomic_fetch_add_explicit(&p->mailbox_bytes, mb_msg_size(kill), memory_order_relaxed);
-      mb_alloc_count((long long)mb_msg_size(kill));
-      atomic_fetch_add(&p->nsignals, 1);
-      sig = 1;
-    }
-  }
+  if (!sig && mem_kill_locked(p))
+    sig = 1;
   /* Signals end any wait; messages only a receive. A running owner ends
    * a wait without the lock (end_wait in lib/run.c), so `wait` is read
    * here as the atomic it is written as there; a message needs no wake-up
@@ -436,14 +446,18 @@ void mb_proc_send(mb_pid_t pid, mb_msg_t *msg)
  * eighth full) and, for a monitor, the target's slot. Without it a process
  * capped at 4 MB held 800 MB of them. Charged by the owner as each is
  * added or taken out, and all at once at exit. */
-static void set_charge(mb_proc_t *p, long long entries)
+static void charge(mb_proc_t *p, long long d)
 {
-  long long d = entries * MB_PROC_SET_ENTRY;
   if (d >= 0)
     atomic_fetch_add_explicit(&p->alloc.charged, (unsigned)d, memory_order_relaxed);
   else
     atomic_fetch_sub_explicit(&p->alloc.charged, (unsigned)-d, memory_order_relaxed);
   mb_alloc_count(d);
+}
+
+static void set_charge(mb_proc_t *p, long long entries)
+{
+  charge(p, entries * MB_PROC_SET_ENTRY);
 }
 
 int mb_proc_room(const mb_proc_t *p, size_t n)
@@ -685,17 +699,28 @@ int mb_proc_unlink_remote(mb_pid_t local, mb_pid_t remote)
   return was;
 }
 
+/* A remote watcher is charged to the process it watches (proc.h): added
+ * and taken out under p's lock, so that the exit, which takes the whole set
+ * under the lock, uncharges exactly the ones it took. */
 int mb_proc_watch_remote(mb_pid_t local, mb_pid_t watcher, mb_ref_t ref)
 {
   mb_proc_t *p = mb_proc_get(local);
-  int rc = MB_ENOPROC;
+  int rc = MB_ENOPROC, wake = 0;
   if (p) {
     mb_proc_lock(p);
-    if (!p->dead) {
+    if (p->dead) {
+    } else if (p->mem_killed || mb_proc_room(p, MB_PROC_REMOTE_WATCH) == 2) {
+      rc = MB_ENOMEM;
+    } else {
       mb_hset_add(&p->watchers, ref, watcher);
+      charge(p, MB_PROC_REMOTE_WATCH);
+      if (mem_kill_locked(p))
+        wake = mb_proc_wake_locked(p);
       rc = 0;
     }
     mb_proc_unlock(p);
+    if (wake)
+      mb_proc_on_runnable(p);
     mb_proc_unref(p);
   }
   return rc;
@@ -706,8 +731,15 @@ int mb_proc_unwatch_remote(mb_pid_t local, mb_ref_t ref)
   mb_proc_t *p = mb_proc_get(local);
   int was = 0;
   if (p) {
+    mb_pid_t watcher = 0;
     mb_proc_lock(p);
-    was = mb_hset_take(&p->watchers, ref, NULL);
+    /* Only a remote watcher's entry: a local one of the same ref is its
+     * watcher's to take (mb_proc_demonitor), and charged there. */
+    mb_hslot_t *s = mb_hset_find(&p->watchers, ref);
+    if (s && mb_id_is_remote(s->val))
+      was = mb_hset_take(&p->watchers, ref, &watcher);
+    if (was && mb_id_is_remote(watcher))
+      charge(p, -MB_PROC_REMOTE_WATCH);
     mb_proc_unlock(p);
     mb_proc_unref(p);
   }
@@ -869,10 +901,14 @@ void mb_proc_exit(mb_proc_t *p, mb_msg_t *reason)
     else
       mb_proc_link_exit(links.v[i].val, p->pid, dup_reason(reason));
   }
-  for (uint32_t i = 0; i < watchers.cap; i++)
-    if (watchers.v[i].key)
-      mb_proc_send(watchers.v[i].val,
-                   down_msg(p->pid, watchers.v[i].key, dup_reason(reason)));
+  long long remote_watchers = 0;
+  for (uint32_t i = 0; i < watchers.cap; i++) {
+    if (watchers.v[i].key == 0)
+      continue;
+    remote_watchers += mb_id_is_remote(watchers.v[i].val);
+    mb_proc_send(watchers.v[i].val, down_msg(p->pid, watchers.v[i].key, dup_reason(reason)));
+  }
+  charge(p, -remote_watchers * MB_PROC_REMOTE_WATCH);
   /* Monitors this process held die with it. */
   for (uint32_t i = 0; i < p->monitoring.cap; i++) {
     if (p->monitoring.v[i].key == 0)

@@ -869,6 +869,85 @@ tick_forever(S) ->
       assert.is_true(S.has(err, "dropped a message from fake11"), err)
     end)
 
+    -- Incoming handshakes run each on a thread of its own, within
+    -- net_setuptime (7 s) in all: before, they ran one at a time, each read
+    -- bounded but not the whole, so a peer sending a byte every 500 ms held
+    -- off every other node for as long as it liked.
+    local RAW = [=[
+        {ok, rawpeer} = compile:file("rawpeer.erl"),
+        Node = '%s',
+        Raw = fun W(0) -> exit(no_node); W(N) -> case catch rawpeer:raw(Node, 2) of {'EXIT', _} -> timer:sleep(100), W(N - 1); S -> S end end,
+        Closed = fun(S, T) -> case gen_tcp:recv(S, 0, T) of {error, closed} -> closed; {error, timeout} -> open; Else -> Else end end,
+]=]
+
+    it("a peer that trickles its handshake or sends nothing holds off no other node, and is dropped at net_setuptime", function()
+      local name = uniq("mb")
+      local node = name .. "@" .. HOST
+      local e = erl(string.format(RAW .. [=[
+        Self = self(),
+        spawn(fun() ->
+            S1 = Raw(100), ok = inet:setopts(S1, [{packet, raw}]),
+            ok = gen_tcp:send(S1, <<0, 200, $N>>),
+            Self ! trickling,
+            Trickle = fun L(0) -> open; L(K) -> timer:sleep(500),
+                        case gen_tcp:send(S1, <<0>>) of
+                          ok -> case Closed(S1, 0) of closed -> closed; _ -> L(K - 1) end;
+                          _ -> closed end end,
+            Self ! {trickler, Trickle(40)}
+          end),
+        receive trickling -> ok end,
+        S2 = Raw(100),
+        timer:sleep(500),
+        io:format("ping ~p~n", [net_adm:ping(Node)]),
+        io:format("during ping ~p~n", [receive {trickler, _} = T -> T after 0 -> still_trickling end]),
+        io:format("trickler ~p~n", [receive {trickler, R} -> R after 30000 -> no_answer end]),
+        io:format("silent ~p~n", [Closed(S2, 15000)]),
+        {ctl, Node} ! done,
+        timer:sleep(500),
+        halt().]=], node), { files = { ["rawpeer.erl"] = RAWPEER }, limit = 60 })
+      local code, out, err = moonbeam([[
+        mb.register("ctl")
+        print("got", mb.receive(50000))
+      ]], { name = name, limit = 60 })
+      local o = await_output(e, "silent", 5000)
+      assert.equal(0, code, err)
+      assert.is_true(S.has(o, "ping pong"), o)
+      assert.is_true(S.has(o, "during ping still_trickling"), o)
+      assert.is_true(S.has(o, "trickler closed"), o)
+      assert.is_true(S.has(o, "silent closed"), o)
+      assert.is_true(S.has(out, "got\tdone"), out)
+      local _, drops = err:gsub("its handshake was not done within 7000 ms", "")
+      assert.equal(2, drops, err)
+    end)
+
+    it("at most 16 incoming handshakes at once: one more is closed at once and logged", function()
+      local name = uniq("mb")
+      local node = name .. "@" .. HOST
+      local e = erl(string.format(RAW .. [=[
+        Silent = [Raw(100) || _ <- lists:seq(1, 16)],
+        timer:sleep(500),
+        S17 = Raw(100),
+        io:format("17th ~p~n", [Closed(S17, 5000)]),
+        io:format("first then ~p~n", [Closed(hd(Silent), 0)]),
+        io:format("all dropped ~p~n", [lists:usort([Closed(S, 15000) || S <- Silent])]),
+        io:format("ping ~p~n", [net_adm:ping(Node)]),
+        {ctl, Node} ! done,
+        timer:sleep(500),
+        halt().]=], node), { files = { ["rawpeer.erl"] = RAWPEER }, limit = 60 })
+      local code, out, err = moonbeam([[
+        mb.register("ctl")
+        print("got", mb.receive(50000))
+      ]], { name = name, limit = 60 })
+      local o = await_output(e, "ping", 5000)
+      assert.equal(0, code, err)
+      assert.is_true(S.has(o, "17th closed"), o)
+      assert.is_true(S.has(o, "first then open"), o)
+      assert.is_true(S.has(o, "all dropped [closed]"), o)
+      assert.is_true(S.has(o, "ping pong"), o)
+      assert.is_true(S.has(out, "got\tdone"), out)
+      assert.is_true(S.has(err, "16 handshakes are in progress already"), err)
+    end)
+
     it("output to a peer that does not read: senders wait at the busy limit, the connection is dropped after net_ticktime", function()
       local name = uniq("mb")
       local node = name .. "@" .. HOST
@@ -950,6 +1029,96 @@ tick_forever(S) ->
       assert.is_true(S.has(out, "nodes\t0"), out)
       assert.is_true(S.has(err, "it does not read what we send"), err)
       await_output(e, "dropped")
+    end)
+  end)
+
+  -- A remote node's monitor of a local process counts in that process's
+  -- memory (max_memory, mb.info(pid).memory) and the host's total: before,
+  -- in nobody's, and 4.1M of them from one Erlang node took a host capped at
+  -- 200 MB to 596 MB.
+  describe("remote monitors", function()
+    -- The Erlang side: ctl, and a hand-made connection (as fake@host) that
+    -- sets and takes off N monitors of the process registered as victim.
+    local PEER = [=[
+        {ok, rawpeer} = compile:file("rawpeer.erl"),
+        register(ctl, self()),
+        Node = '%s', N = %d,
+        Fake = "fake@" ++ lists:nth(2, string:split(atom_to_list(node()), "@")),
+        Conn = fun W(0) -> exit(no_node); W(K) -> case catch rawpeer:connect(Node, "%s", Fake) of {'EXIT', _} -> timer:sleep(100), W(K - 1); S -> S end end,
+        Refs = [make_ref() || _ <- lists:seq(1, N)],
+        Send = fun(S, Op) -> [ok = gen_tcp:send(S, rawpeer:frame({Op, self(), victim, R}, none)) || R <- Refs], ok end,
+        Loop = fun L(S) ->
+          receive
+            {set, From} -> S1 = case S of none -> Conn(100); _ -> S end, Send(S1, 19), From ! <<"set">>, L(S1);
+            {off, From} -> Send(S, 20), From ! <<"off">>, L(S);
+            {close, From} -> gen_tcp:close(S), From ! <<"closed">>, L(none);
+            stop -> halt()
+          end end,
+        Loop(none).]=]
+
+    it("are charged to the process they watch, and given back when taken off or when the connection goes", function()
+      local N = 20000
+      local name = uniq("mb")
+      local node = name .. "@" .. HOST
+      local e = erl(string.format(PEER, node, N, COOKIE), { files = { ["rawpeer.erl"] = RAWPEER }, limit = 60 })
+      local code, out, err = moonbeam(string.format([[
+        local e = arg[1]
+        local N = %d
+        local victim = mb.spawn(function() mb.receive() end)
+        mb.register("victim", victim)
+        mb.sleep(100)
+        local m0 = mb.info(victim).memory
+        local function ask(what)
+          mb.send({"ctl", e}, mb.tuple(mb.atom(what), mb.self()))
+          return mb.receive(30000)
+        end
+        local function settle(ok)
+          for _ = 1, 100 do
+            if ok(mb.info(victim).memory - m0) then break end
+            mb.sleep(100)
+          end
+          return mb.info(victim).memory - m0
+        end
+        print("set", ask("set"))
+        local d = settle(function(d) return d >= N * 100 end)
+        print("charged", d >= N * 100, d / N)
+        print("off", ask("off"))
+        print("after off", settle(function(d) return d == 0 end))
+        print("set", ask("set"))
+        print("charged again", settle(function(d) return d >= N * 100 end) >= N * 100)
+        print("close", ask("close"))
+        print("after close", settle(function(d) return d == 0 end))
+        mb.send({"ctl", e}, mb.atom("stop"))
+        mb.exit(victim, "kill")
+      ]], N), { name = name, args = S.q(e.name), limit = 60 })
+      kill(e)
+      assert.equal(0, code, err)
+      assert.is_true(S.has(out, "charged\ttrue"), out)
+      assert.is_true(S.has(out, "after off\t0\n"), out)
+      assert.is_true(S.has(out, "charged again\ttrue"), out)
+      assert.is_true(S.has(out, "after close\t0\n"), out)
+    end)
+
+    it("past the watched process's max_memory end it with out of memory, not the host", function()
+      local N = 50000
+      local name = uniq("mb")
+      local node = name .. "@" .. HOST
+      local e = erl(string.format(PEER, node, N, COOKIE), { files = { ["rawpeer.erl"] = RAWPEER }, limit = 60 })
+      local code, out, err = moonbeam([[
+        local e = arg[1]
+        local victim, ref = mb.spawn_opt({ max_memory = 1e6, monitor = true }, function() mb.receive() end)
+        mb.register("victim", victim)
+        mb.send({"ctl", e}, mb.tuple(mb.atom("set"), mb.self()))
+        local d = mb.receive(function(m) return type(m) == "table" and m.ref == ref end, 30000)
+        print("down", d and d.reason)
+        print("set", mb.receive(function(m) return m == "set" end, 30000))
+        mb.send({"ctl", e}, mb.atom("stop"))
+        mb.exit(victim, "kill")
+      ]], { name = name, args = S.q(e.name), limit = 60 })
+      kill(e)
+      assert.equal(0, code, err)
+      assert.is_true(S.has(out, "down\tout of memory"), out)
+      assert.is_true(S.has(out, "set\tset"), out)
     end)
   end)
 
