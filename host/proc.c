@@ -536,6 +536,8 @@ mb_msg_t *mb_proc_take_msg(mb_proc_t *p, mb_msg_t **pm)
     p->q_tail = pm;
   if (p->q_scan == &m->next)
     p->q_scan = pm;
+  if (p->recv_testing == m)
+    p->recv_testing = NULL;
   atomic_fetch_sub_explicit(&p->mailbox_len, 1, memory_order_relaxed);
   atomic_fetch_sub_explicit(&p->mailbox_bytes, mb_msg_size(m), memory_order_relaxed);
   mb_alloc_count(-(long long)mb_msg_size(m));

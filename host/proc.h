@@ -144,6 +144,8 @@ typedef struct mb_proc {
   mb_msg_t *q_head, **q_tail;  /* private half of the mailbox */
   mb_msg_t **q_scan;           /* selective receive: next message to test */
   mb_msg_t *recv_bad;          /* a message whose rebuilding raised */
+  mb_msg_t *recv_testing;      /* the message a match function is looking
+                                  at; NULL once taken meanwhile (lib_mb.c) */
   mb_hset_t monitoring;        /* monitors this process holds: ref -> target */
   mb_hset_t aliases;           /* active aliases: ref -> 0 (see mb.alias) */
   mb_yield_t yield;            /* reason of the pending runtime yield */

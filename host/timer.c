@@ -140,6 +140,18 @@ double mb_timer_now(void)
   return (double)uv_hrtime() / 1e6;
 }
 
+/* Durations are capped (~35 years) so that a deadline fits libuv's clock
+ * (and math.huge, or anything past 2^64, is no undefined conversion: it
+ * was 0, and a wait timer re-armed itself at once for ever). */
+#define MB_TIMER_MAX_MS ((uint64_t)1 << 40)
+
+/* ms as libuv's whole ms, rounded up (0.0005 is 0: the next iteration). */
+static uint64_t whole_ms(double ms)
+{
+  return !(ms > 0) ? 0 : ms >= (double)MB_TIMER_MAX_MS ? MB_TIMER_MAX_MS
+                                                       : (uint64_t)(ms + 0.999);
+}
+
 static void timer_unref(mb_timer_t *t)
 {
   if (atomic_fetch_sub(&t->refs, 1) == 1)
@@ -213,8 +225,7 @@ static mb_timer_t *timer_new(double ms, uv_timer_cb cb)
   uv_timer_init(loop, &t->handle);
   t->handle.data = t;
   uv_update_time(loop);
-  uint64_t timeout = ms <= 0 ? 0 : (uint64_t)(ms + 0.999);
-  uv_timer_start(&t->handle, cb, timeout, 0);
+  uv_timer_start(&t->handle, cb, whole_ms(ms), 0);
   return t;
 }
 
@@ -236,7 +247,7 @@ static void on_wait_timer(uv_timer_t *h)
   double left = t->due - mb_timer_now();
   if (left >= 1) {   /* a later wait took it: arm it again */
     t->armed = t->due;
-    uv_timer_start(&t->handle, on_wait_timer, (uint64_t)(left + 0.999), 0);
+    uv_timer_start(&t->handle, on_wait_timer, whole_ms(left), 0);
     return;
   }
   mb_proc_t *p = mb_proc_get(t->pid);
@@ -267,7 +278,7 @@ mb_timer_t *mb_timer_wait(mb_proc_t *p, double ms)
     if (!uv_is_active((uv_handle_t *)&t->handle) || due < t->armed) {
       t->armed = due;
       uv_update_time(mb_sched_loop(t->owner));
-      uv_timer_start(&t->handle, on_wait_timer, ms <= 0 ? 0 : (uint64_t)(ms + 0.999), 0);
+      uv_timer_start(&t->handle, on_wait_timer, whole_ms(ms), 0);
     }
     return t;
   }
@@ -298,9 +309,6 @@ void mb_timer_wait_done(mb_timer_t *t)
  * free (mimalloc's free of the only block in use on a page retires the
  * page: ~90 instructions). */
 #define MB_TIMER_SPARE 64
-/* Durations are capped (~35 years) so that a deadline fits libuv's clock. */
-#define MB_TIMER_MAX_MS ((uint64_t)1 << 40)
-
 typedef struct link {
   struct link *prev, *next;        /* next == NULL: not in a list */
 } link_t;
@@ -796,9 +804,7 @@ int mb_timer_send_after(mb_proc_t *p, double ms, mb_pid_t dest, mb_msg_t *msg,
     mb_msg_free(msg);
     return MB_ENOMEM;
   }
-  /* Whole ms, as libuv counts (0.0005 is 0: the next iteration). */
-  uint64_t whole = !(ms > 0) ? 0 : ms >= (double)MB_TIMER_MAX_MS
-                 ? MB_TIMER_MAX_MS : (uint64_t)(ms + 0.999);
+  uint64_t whole = whole_ms(ms);
   send_table_t *t = mine;
   if (t == NULL)
     t = mine = table_new();

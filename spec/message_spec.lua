@@ -160,6 +160,53 @@ describe("messages", function()
       assert.are.equal(1, mb.receive(0))
       assert.are.equal(2, mb.receive(0))
     end)
+
+    -- The scan kept pointers into the queue across the match call: a
+    -- receive inside it freed the message they pointed at (SIGSEGV, or a
+    -- message delivered twice and another lost: red team).
+    it("refuses a receive inside match, and loses or repeats nothing", function()
+      for i = 1, 5 do mb.send(mb.self(), i) end
+      local ok, err = pcall(mb.receive, function(m)
+        if m == 2 then mb.receive(0) end
+        return false
+      end, S.T)
+      assert.is_false(ok)
+      assert.is_true(S.has(err, "receive: not allowed inside a receive's match function"), tostring(err))
+      -- and the next receives work, with every message once, in order
+      assert.are.equal(3, mb.receive(function(m) return m == 3 end, S.T))
+      local rest = {}
+      for _ = 1, 10 do
+        local m = mb.receive(0)
+        if m == nil then break end
+        rest[#rest + 1] = m
+      end
+      assert.are.same({ 1, 2, 4, 5 }, rest)
+    end)
+
+    it("goes on rightly when match changes the mailbox (demonitor's flush)", function()
+      for round = 1, 20 do   -- (a freed message was not always reused at once)
+        local _, ref = mb.spawn_monitor(function() end)
+        mb.receive(function(m) return type(m) == "table" and m.ref == ref end, S.T)
+        local _, ref2 = mb.spawn_monitor(function() end)
+        S.eventually(function() return mb.info(mb.self()).mailbox == 1 end)   -- its DOWN first
+        mb.send(mb.self(), "B"); mb.send(mb.self(), "C"); mb.send(mb.self(), "D")
+        local seen = {}
+        local got = mb.receive(function(m)
+          seen[#seen + 1] = type(m) == "table" and "DOWN" or m
+          if m == "B" then mb.demonitor(ref2, true) return true end   -- the DOWN before it goes
+          return false
+        end, S.T)
+        assert.are.equal("B", got)
+        assert.are.same({ "DOWN", "B" }, seen)
+        local rest = {}
+        for _ = 1, 10 do
+          local m = mb.receive(0)
+          if m == nil then break end
+          rest[#rest + 1] = type(m) == "table" and "DOWN" or m
+        end
+        assert.are.same({ "C", "D" }, rest, "round " .. round)
+      end
+    end)
   end)
 
   describe("bad input", function()

@@ -76,6 +76,26 @@ describe("timers", function()
       mb.exit(pid, "wake and die")
       assert.are.equal("wake and die", S.await_down(ref))
     end)
+    -- A wait of 2^64 ms or more (math.huge: "no limit") was converted to
+    -- 0 ms, and its timer re-armed itself at once for ever: the scheduler
+    -- spun in libuv and every process on it stopped. A child host, one
+    -- scheduler, so that a spin cannot be hidden by the other one.
+    it("waits for ever on math.huge and 1e300, holding no scheduler", function()
+      local path = S.write("huge.lua", [[
+        local mb = require "moonbeam"
+        local waiters = {
+          mb.spawn(function() mb.sleep(math.huge) end),
+          mb.spawn(function() mb.receive(math.huge) end),
+          mb.spawn(function() mb.receive(function() return false end, 1e300) end),
+        }
+        for _ = 1, 20 do mb.sleep(5) end   -- a spinning scheduler ends none of these
+        for _, p in ipairs(waiters) do print(mb.info(p).status) end
+        os.exit(0)
+      ]])
+      local code, out, err = S.moonbeam("--schedulers 1 " .. S.q(path), nil, 20)
+      assert.are.equal(0, code, err)
+      assert.are.equal("waiting\nwaiting\nwaiting\n", out)
+    end)
   end)
 
   describe("mb.send_after", function()

@@ -438,6 +438,30 @@ static void drop_bad(mb_proc_t *p)
   p->recv_bad = NULL;
 }
 
+/* Run the match function on the message at the top of L: whether it
+ * takes m, -1 if m was taken from the mailbox meanwhile. The function may
+ * change the mailbox (mb.demonitor's flush, a socket given away with its
+ * messages): the scan then goes on from p->q_scan, which
+ * mb_proc_take_msg keeps pointing at m's link, or at what follows once m
+ * itself is gone (recv_testing says so). It may not receive (the scan's
+ * own state is the receive's): recv_testing refuses that, and is cleared
+ * however the call ends. */
+static int match(mb_proc_t *p, lua_State *L, mb_msg_t **pm, mb_msg_t *m)
+{
+  lua_rawgeti(L, LUA_REGISTRYINDEX, p->recv_match);
+  lua_pushvalue(L, -2);
+  p->q_scan = pm;
+  p->recv_testing = m;
+  int rc = lua_pcall(L, 1, 1, 0);
+  int gone = p->recv_testing == NULL;
+  p->recv_testing = NULL;
+  if (rc != 0)
+    lua_error(L);
+  int ok = lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  return gone ? -1 : ok;
+}
+
 int mb_lib_receive_queued(mb_proc_t *p, lua_State *L)
 {
   if (p->recv_bad)
@@ -452,14 +476,12 @@ int mb_lib_receive_queued(mb_proc_t *p, lua_State *L)
     mb_lib_push_msg(L, m);
     p->recv_bad = NULL;
     if (p->recv_match) {
-      lua_rawgeti(L, LUA_REGISTRYINDEX, p->recv_match);
-      lua_pushvalue(L, -2);
-      lua_call(L, 1, 1);
-      int ok = lua_toboolean(L, -1);
-      lua_pop(L, 1);
-      if (!ok) {
+      int ok = match(p, L, pm, m);
+      pm = p->q_scan;   /* (m's link, or what follows m if it went) */
+      if (ok <= 0) {
         lua_pop(L, 1);
-        pm = &m->next;
+        if (ok == 0)
+          pm = &m->next;
         p->q_scan = pm;
         continue;
       }
@@ -515,6 +537,8 @@ static double check_timeout(lua_State *L, int idx, const char *fname)
 static int l_receive(lua_State *L)
 {
   mb_proc_t *p = mb_lib_self(L);
+  if (p->recv_testing)
+    return luaL_error(L, "receive: not allowed inside a receive's match function");
   /* mb.receive() with no argument, the usual call, asks no type. */
   int has_match = 0;
   double timeout = -1;
