@@ -451,6 +451,21 @@ describe("moonbeam.http", function()
     sock:close()
   end)
 
+  -- The parser stops at an upgrade request's head: answered plainly, the
+  -- connection ends. It said nothing of it, and a request sent behind
+  -- went unanswered with no sign why (red team).
+  it("answers an upgrade request it does not upgrade with Connection: close", function()
+    start(function(req, res) res:send("plain") end)
+    local sock = raw(port)
+    assert(sock:write("GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n" ..
+                      "GET /second HTTP/1.1\r\nHost: x\r\n\r\n"))
+    local r = read_response(sock)
+    assert.are.equal("plain", r.body)
+    assert.are.equal("close", r.headers.connection)
+    assert.is_true(closed_by_server(sock))
+    sock:close()
+  end)
+
   it("streams to an HTTP/1.0 client without chunks, closing at the end", function()
     start(function(req, res)
       res:write("part one, ")

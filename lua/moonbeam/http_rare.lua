@@ -308,6 +308,11 @@ function rare.upgradable(c, res, more)
     if kind == "upgrade" then res.pending = rest end
   end
   res.can_upgrade = true
+  -- The parser stops at an upgrade's head (what follows is the new
+  -- protocol's), so a plain answer ends the connection, and says so: a
+  -- client that sent more behind it learns it was not read.
+  -- (res:upgrade sets it back.)
+  res[CLOSE] = true
   -- (for moonbeam.websocket: the defaults of websocket.loop)
   res.hibernate_after = c.hibernate_after
   res.acceptor = c.acceptor
