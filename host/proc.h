@@ -326,7 +326,10 @@ int mb_proc_demonitor(mb_proc_t *self, mb_ref_t ref);
  * would take p over its max_memory (heap, charges and mailbox, as a queued
  * message is checked); 2 over the 4 GiB alloc.charged holds. Any thread;
  * the answer holds while no other thread adds to p's charge (the owner
- * runs, or a pool thread works for it while it waits: io.h). */
+ * runs, or a pool thread works for it while it waits: io.h). Links and
+ * remote monitors that others make to p are charged from their threads:
+ * one that lands between the check and the charge may leave p over by an
+ * entry, until the next message or entry that comes ends it. */
 int mb_proc_room(const mb_proc_t *p, size_t n);
 
 /* Move the messages of port `port` (a socket's active-mode messages,
