@@ -219,7 +219,13 @@ describe("isolation", function()
               mb.hibernate(linker)
             end, string.format("%s%05d", prefix, i), linker)
           end
-          mb.sleep(200)
+          local t0 = mb.now()
+          repeat   -- (all hibernated: their memory stays as it is)
+            local a, b = mb.info(ps[1]), mb.info(ps[N])
+            local done = a and b and a.status == "hibernated" and b.status == "hibernated"
+            if not done then mb.sleep(20) end
+          until done or mb.now() - t0 > 10000
+          mb.sleep(50)
           return ps
         end
         local ps = spawn_all("p")
@@ -240,11 +246,12 @@ describe("isolation", function()
         local t0 = mb.now()
         while mb.info(ps[1]).memory > base1 and mb.now() - t0 < 5000 do mb.sleep(10) end
         print("given back", mb.info(ps[1]).memory <= base1)
-        -- A caller capped at 128 KB linking to all: refused (or, when its
+        -- A caller capped at 96 KB linking to all: refused (or, when its
         -- heap meets the limit first, ended) "out of memory". It finds each
         -- by name and collects after each link, so that only the links grow
-        -- (before, it made all 1,500 at 76 KB).
-        local y, ry = mb.spawn_opt({ max_memory = 128 * 1024, monitor = true }, function(main, N)
+        -- (before, it made all 1,500 at 76 KB; its heap is 20 to 76 KB, as
+        -- its state is new or reused).
+        local y, ry = mb.spawn_opt({ max_memory = 96 * 1024, monitor = true }, function(main, N)
           local report = { n = N, err = "link: out of memory" }   -- (made beforehand)
           collectgarbage()
           for i = 1, N do
