@@ -15,6 +15,15 @@
  * loaded the function may keep one in its cache (host/lib/lstate.c). The
  * last unref frees it and drops it from the table.
  *
+ * Memory: a code object's block counts once in the host's total (alloc.h,
+ * --max-memory) from its intern to its free. A queued message counts the
+ * code of its functions in its receiver's mailbox too (msg.h,
+ * mb_msg_cost), so that a receiver flooded with big functions ends "out of
+ * memory". A hibernated continuation's, a pending send_after timer's, an
+ * unstarted spawn body's and a state's cache (mb_proc_t.fncodes) count in
+ * no process: each holds a few at most, most often shared (two million
+ * processes hibernated in one function), and the host's total sees them.
+ *
  * Threads: any. The table is one hash table under one mutex; interning
  * hashes the bytes outside the lock. Costs: intern = hash of the bytecode
  * (about 1 ns a byte) + one locked lookup; ref/unref = one atomic op.

@@ -229,22 +229,30 @@ int dist_handle_frame(conn_t *c, const char *data, long len)
     }
     goto deliver;
   }
-  case OP_LINK:
+  case OP_LINK: {
     if (arity != 3 || mb_etf_get_pid(data, &i, &from) < 0 || mb_etf_get_pid(data, &i, &to) < 0)
       return -1;
-    if (mb_id_is_remote(to) || mb_proc_link_remote(to, from) < 0) {
+    int rc = 0;
+    if (mb_id_is_remote(to) || (rc = mb_proc_link_remote(to, from)) < 0) {
+      /* (Charged to `to`, which a link too many kills for memory.) */
       ctl_t x = {.op = OP_EXIT, .from = to, .to = from};
-      mb_msg_t *r = dist_reason_msg("noproc");
+      mb_msg_t *r = dist_reason_msg(rc == MB_ENOMEM ? "out of memory" : "noproc");
       x.reason = r;
       dist_send_ctl(c->node, &x, NULL);
       mb_msg_free(r);
     } else {
       pthread_mutex_lock(&dist_lock);
-      if (c->state != C_DOWN)
+      int added = c->state != C_DOWN;
+      if (added)
         dist_pairs_add(&c->links, to, from, 0, 0);
       pthread_mutex_unlock(&dist_lock);
+      /* The connection went down meanwhile, telling its links before this
+       * one was among them: break it as it would have been. */
+      if (!added)
+        mb_proc_link_exit(to, from, dist_reason_msg("noconnection"));
     }
     return cend == len ? 0 : -1;
+  }
   case OP_UNLINK:
   case OP_UNLINK_ID: {
     unsigned long long id = 0;

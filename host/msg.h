@@ -24,7 +24,8 @@
  * and port are set by whoever queues it (proc.h), not by the codec. A
  * message that carries functions holds a reference to each one's code
  * object (code.h): ncode pointers stored after the payload, released when
- * the message is freed. */
+ * the message is freed, and after them (ncode > 0 only) a size_t, the bytes
+ * of those code objects, summed once by the encoder (mb_msg_cost). */
 typedef struct mb_msg {
   struct mb_msg *next;
   uint16_t kind;
@@ -47,10 +48,30 @@ static inline struct mb_code **mb_msg_codes(const mb_msg_t *m)
   return (struct mb_code **)(void *)((char *)m->data + MB_MSG_CODES_AT(m->len));
 }
 
-/* The bytes m holds (header, payload, code pointers), for memory counts. */
+/* The bytes of m's own block (header, payload, code pointers and their
+ * sum): what it adds to the host's total (alloc.h), where its code objects
+ * count once by themselves (code.h). */
 static inline size_t mb_msg_size(const mb_msg_t *m)
 {
-  return sizeof *m + MB_MSG_CODES_AT(m->len) + m->ncode * sizeof(void *);
+  return sizeof *m + MB_MSG_CODES_AT(m->len) +
+         (m->ncode ? m->ncode * sizeof(void *) + sizeof(size_t) : 0);
+}
+
+/* The bytes of the code objects m refers to (0 without functions). */
+static inline size_t mb_msg_code_bytes(const mb_msg_t *m)
+{
+  return m->ncode ? *(const size_t *)(const void *)(mb_msg_codes(m) + m->ncode) : 0;
+}
+
+/* What m costs the process whose mailbox holds it (its max_memory,
+ * mb.info's memory, the --max-memory killer's choice): its block and the
+ * code of its functions, which it keeps alive. A code object shared with
+ * others counts in full for each message that refers to it: a flood of big
+ * functions must end its receiver as a flood of big strings does (1,200
+ * functions of 512 KB queued for a process capped at 8 MB held 1.26 GB). */
+static inline size_t mb_msg_cost(const mb_msg_t *m)
+{
+  return mb_msg_size(m) + mb_msg_code_bytes(m);
 }
 
 /* A message with no values and room for len bytes of payload, zeroed. */

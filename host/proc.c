@@ -231,6 +231,10 @@ static void rec_free(mb_proc_t *p)
 }
 #endif
 
+/* Every process keeps its record, hibernated or not: it must stay in
+ * mimalloc's 448-byte size class (proc.h). */
+_Static_assert(sizeof(mb_proc_t) <= 448, "mb_proc_t grew out of its size class");
+
 static void proc_free(mb_proc_t *p)
 {
   msgs_free(p->in_head);
@@ -385,7 +389,9 @@ void mb_proc_push(mb_proc_t *p, mb_msg_t *msg)
   *p->in_tail = msg;
   p->in_tail = &msg->next;
   atomic_fetch_add_explicit(&p->mailbox_len, 1, memory_order_relaxed);
-  atomic_fetch_add_explicit(&p->mailbox_bytes, mb_msg_size(msg), memory_order_relaxed);
+  /* Its functions' code counts in p's mailbox but not again in the host's
+   * total (msg.h, mb_msg_cost). */
+  atomic_fetch_add_explicit(&p->mailbox_bytes, mb_msg_cost(msg), memory_order_relaxed);
   mb_alloc_count((long long)mb_msg_size(msg));
   if (sig)
     atomic_fetch_add(&p->nsignals, 1);
@@ -487,9 +493,56 @@ static int monitoring_take(mb_proc_t *p, mb_ref_t ref, uint64_t *target)
   return 1;
 }
 
-static int link_has(const mb_hset_t *s, mb_pid_t pid) { return mb_hset_find(s, pid) != NULL; }
-static void link_add(mb_hset_t *s, mb_pid_t pid) { mb_hset_add(s, pid, pid); }
-static int link_del(mb_hset_t *s, mb_pid_t pid) { return mb_hset_take(s, pid, NULL); }
+/* p->links's entries, charged to p as they come and go (proc.h: both ends
+ * of a link hold one, and each pays for its own), under p's lock: the other
+ * end and the distribution layer add and take entries too, and the exit,
+ * which takes the whole set under the lock, gives back exactly the ones it
+ * took. */
+static long long link_cost(mb_pid_t pid)
+{
+  return mb_id_is_remote(pid) ? MB_PROC_REMOTE_LINK : MB_PROC_SET_ENTRY;
+}
+
+/* Add pid to p's links unless there; returns 1 if it was added. */
+static int link_add(mb_proc_t *p, mb_pid_t pid)
+{
+  MB_ASSERT_LOCKED(p);
+  if (mb_hset_find(&p->links, pid))
+    return 0;
+  mb_hset_add(&p->links, pid, pid);
+  charge(p, link_cost(pid));
+  return 1;
+}
+
+static int link_del(mb_proc_t *p, mb_pid_t pid)
+{
+  MB_ASSERT_LOCKED(p);
+  if (!mb_hset_take(&p->links, pid, NULL))
+    return 0;
+  charge(p, -link_cost(pid));
+  return 1;
+}
+
+/* A link another process (or node) makes to p, which p did not ask for:
+ * charged like p's own, and past p's max_memory it ends p "out of memory"
+ * as a queued message does. MB_ENOMEM over the 4 GiB alloc.charged holds
+ * (the link is not made), MB_ENOPROC when p is dead, else 0; *wake: the
+ * caller calls mb_proc_on_runnable(p) once it has unlocked p. */
+static int link_incoming(mb_proc_t *p, mb_pid_t pid, int *wake)
+{
+  MB_ASSERT_LOCKED(p);
+  *wake = 0;
+  if (p->dead)
+    return MB_ENOPROC;
+  if (mb_hset_find(&p->links, pid))
+    return 0;
+  if (mb_proc_room(p, (size_t)link_cost(pid)) == 2)
+    return MB_ENOMEM;
+  link_add(p, pid);
+  if (mem_kill_locked(p))
+    *wake = mb_proc_wake_locked(p);
+  return 0;
+}
 
 /* A DOWN for p came out of its inbox: take its monitor out. Returns 0 when
  * it had none (the DOWN must then be dropped). */
@@ -539,7 +592,7 @@ mb_msg_t *mb_proc_take_msg(mb_proc_t *p, mb_msg_t **pm)
   if (p->recv_testing == m)
     p->recv_testing = NULL;
   atomic_fetch_sub_explicit(&p->mailbox_len, 1, memory_order_relaxed);
-  atomic_fetch_sub_explicit(&p->mailbox_bytes, mb_msg_size(m), memory_order_relaxed);
+  atomic_fetch_sub_explicit(&p->mailbox_bytes, mb_msg_cost(m), memory_order_relaxed);
   mb_alloc_count(-(long long)mb_msg_size(m));
   return m;
 }
@@ -584,7 +637,7 @@ int mb_proc_drain(mb_proc_t *p)
        * no effect any more: the signal is dropped (Erlang's promise). An
        * exit signal sent with mb.exit leaves a link as it was. */
       mb_proc_lock(p);
-      int had = link_del(&p->links, m->from);
+      int had = link_del(p, m->from);
       mb_proc_unlock(p);
       if (!had) {
         mb_msg_free(mb_proc_take_msg(p, pm));
@@ -649,11 +702,9 @@ static int remote_link(mb_proc_t *self, mb_pid_t pid)
   if (mb_proc_remote_link == NULL)
     return MB_ENOPROC;
   mb_proc_lock(self);
-  int had = link_has(&self->links, pid);
-  if (!had)
-    link_add(&self->links, pid);
+  int added = link_add(self, pid);
   mb_proc_unlock(self);
-  if (!had)
+  if (added)
     mb_proc_remote_link(self->pid, pid, 1);
   return 0;
 }
@@ -674,15 +725,13 @@ static mb_ref_t remote_monitor(mb_proc_t *self, mb_pid_t pid, mb_ref_t ref)
 int mb_proc_link_remote(mb_pid_t local, mb_pid_t remote)
 {
   mb_proc_t *p = mb_proc_get(local);
-  int rc = MB_ENOPROC;
+  int rc = MB_ENOPROC, wake = 0;
   if (p) {
     mb_proc_lock(p);
-    if (!p->dead) {
-      if (!link_has(&p->links, remote))
-        link_add(&p->links, remote);
-      rc = 0;
-    }
+    rc = link_incoming(p, remote, &wake);
     mb_proc_unlock(p);
+    if (wake)
+      mb_proc_on_runnable(p);
     mb_proc_unref(p);
   }
   return rc;
@@ -694,7 +743,7 @@ int mb_proc_unlink_remote(mb_pid_t local, mb_pid_t remote)
   int was = 0;
   if (p) {
     mb_proc_lock(p);
-    was = !p->dead && link_del(&p->links, remote);
+    was = !p->dead && link_del(p, remote);
     mb_proc_unlock(p);
     mb_proc_unref(p);
   }
@@ -758,22 +807,19 @@ int mb_proc_link(mb_proc_t *self, mb_pid_t pid)
   if (mb_id_is_remote(pid))
     return remote_link(self, pid);
   mb_proc_t *t = mb_proc_get(pid);
-  int ok = 0;
+  int rc = MB_ENOPROC, wake = 0;
   if (t) {
     mb_proc_lock(t);
-    if (!t->dead) {
-      if (!link_has(&t->links, self->pid))
-        link_add(&t->links, self->pid);
-      ok = 1;
-    }
+    rc = link_incoming(t, self->pid, &wake);
     mb_proc_unlock(t);
+    if (wake)
+      mb_proc_on_runnable(t);
     mb_proc_unref(t);
   }
-  if (!ok)
-    return MB_ENOPROC;
+  if (rc < 0)
+    return rc;
   mb_proc_lock(self);
-  if (!link_has(&self->links, pid))
-    link_add(&self->links, pid);
+  link_add(self, pid);
   mb_proc_unlock(self);
   return 0;
 }
@@ -782,7 +828,7 @@ void mb_proc_unlink(mb_proc_t *self, mb_pid_t pid)
 {
   MB_ASSERT_OWNER(self);
   mb_proc_lock(self);
-  int was = link_del(&self->links, pid);
+  int was = link_del(self, pid);
   mb_proc_unlock(self);
   if (mb_id_is_remote(pid)) {
     if (was && mb_proc_remote_link)
@@ -792,7 +838,7 @@ void mb_proc_unlink(mb_proc_t *self, mb_pid_t pid)
   mb_proc_t *t = mb_proc_get(pid);
   if (t) {
     mb_proc_lock(t);
-    link_del(&t->links, self->pid);
+    link_del(t, self->pid);
     mb_proc_unlock(t);
     mb_proc_unref(t);
   }
@@ -895,9 +941,11 @@ void mb_proc_exit(mb_proc_t *p, mb_msg_t *reason)
 
   run_exit_hooks(p);
   table_remove(p);
+  long long linked = 0;   /* what its links were charged (link_add) */
   for (uint32_t i = 0; i < links.cap; i++) {
     if (links.v[i].key == 0)
       continue;
+    linked += link_cost(links.v[i].val);
     if (mb_id_is_remote(links.v[i].val))
       remote_link_exit(links.v[i].val, p->pid, dup_reason(reason));
     else
@@ -910,7 +958,7 @@ void mb_proc_exit(mb_proc_t *p, mb_msg_t *reason)
     remote_watchers += mb_id_is_remote(watchers.v[i].val);
     mb_proc_send(watchers.v[i].val, down_msg(p->pid, watchers.v[i].key, dup_reason(reason)));
   }
-  charge(p, -remote_watchers * MB_PROC_REMOTE_WATCH);
+  charge(p, -remote_watchers * MB_PROC_REMOTE_WATCH - linked);
   /* Monitors this process held die with it. */
   for (uint32_t i = 0; i < p->monitoring.cap; i++) {
     if (p->monitoring.v[i].key == 0)

@@ -302,7 +302,8 @@ int mb_proc_drain(mb_proc_t *p);
 mb_msg_t *mb_proc_take_msg(mb_proc_t *p, mb_msg_t **pm);
 
 /* Links and monitors, run by the process `self` on its own thread.
- * mb_proc_link returns 0, or MB_ENOPROC when pid is dead. */
+ * mb_proc_link returns 0, MB_ENOPROC when pid is dead, or MB_ENOMEM when
+ * pid holds the 4 GiB of charges alloc.charged can count (no link made). */
 int mb_proc_link(mb_proc_t *self, mb_pid_t pid);
 void mb_proc_unlink(mb_proc_t *self, mb_pid_t pid);
 /* Returns the new ref; a DOWN "noproc" is queued at once for a dead pid. */
@@ -312,13 +313,25 @@ int mb_proc_demonitor(mb_proc_t *self, mb_ref_t ref);
 /* Monitors and aliases count MB_PROC_SET_ENTRY bytes each in their
  * process's max_memory (alloc.charged) and the host's total; the Lua
  * bindings refuse to make one ("out of memory") that mb_proc_room does not
- * find room for. */
+ * find room for. So do links, one entry at each end (both hold the other
+ * in their links), each charged to the process whose set holds it, from
+ * the link until unlink, the other end's exit signal or its own exit: the
+ * binding refuses one its caller has no room for, and one that takes the
+ * other end past its max_memory (which it did not ask for) ends that one
+ * "out of memory", as a queued message does. Without it 3,000 processes
+ * capped at 256 KB, each linked to all the others, held 395 MB. */
 #define MB_PROC_SET_ENTRY 64
+/* A link to a remote pid: its entry in the links (as a local link's) and
+ * the connection's pair (dist.c: 32 bytes at a load of 3/8 to 3/4). */
+#define MB_PROC_REMOTE_LINK 128
 /* Whether n more bytes charged to p (alloc.charged) fit: 0; 1 when they
  * would take p over its max_memory (heap, charges and mailbox, as a queued
  * message is checked); 2 over the 4 GiB alloc.charged holds. Any thread;
  * the answer holds while no other thread adds to p's charge (the owner
- * runs, or a pool thread works for it while it waits: io.h). */
+ * runs, or a pool thread works for it while it waits: io.h). Links and
+ * remote monitors that others make to p are charged from their threads:
+ * one that lands between the check and the charge may leave p over by an
+ * entry, until the next message or entry that comes ends it. */
 int mb_proc_room(const mb_proc_t *p, size_t n);
 
 /* Move the messages of port `port` (a socket's active-mode messages,
@@ -405,7 +418,9 @@ extern void (*mb_proc_remote_alias)(mb_pid_t self, mb_ref_t ref, int on);
 /* The other side, for the distribution layer (any thread): a remote pid
  * links to / unlinks from local process `local`, or monitors it (ref: the
  * remote watcher's ref) / stops. The link and watch functions return 0, or
- * MB_ENOPROC when `local` is not alive (the caller answers noproc); unlink
+ * MB_ENOPROC when `local` is not alive (the caller answers noproc), or
+ * MB_ENOMEM (below; a link: charged as a local one, MB_PROC_REMOTE_LINK, and
+ * refused only over the 4 GiB alloc.charged holds); unlink
  * and unwatch return 1 if the link or monitor existed. A link exit signal
  * (mb_proc_link_exit) for a link the process no longer has is dropped when
  * the process takes it (mb_proc_drain). */

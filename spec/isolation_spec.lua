@@ -198,6 +198,101 @@ describe("isolation", function()
       mb.exit(target, "kill")
     end)
 
+    -- Links were counted nowhere: 3,000 processes capped at 256 KB, each
+    -- linked to all the others, held 395 MB under --max-memory 100M, and
+    -- none was killed. Each end now pays 64 bytes for its entry.
+    it("counts links at both ends, and ends a process past its max_memory with them", function()
+      local code, out, err = child([[
+        local mb = require "moonbeam"
+        local main, N = mb.self(), 1500
+        -- Hibernated processes, named, that link to what they are sent.
+        local function linker()
+          local t = mb.receive()
+          mb.link(t)
+          mb.hibernate(function() mb.receive() end)
+        end
+        local function spawn_all(prefix)
+          local ps = {}
+          for i = 1, N do
+            ps[i] = mb.spawn(function(name, linker)
+              mb.register(name)
+              mb.hibernate(linker)
+            end, string.format("%s%05d", prefix, i), linker)
+          end
+          local t0 = mb.now()
+          repeat   -- (all hibernated: their memory stays as it is)
+            local a, b = mb.info(ps[1]), mb.info(ps[N])
+            local done = a and b and a.status == "hibernated" and b.status == "hibernated"
+            if not done then mb.sleep(20) end
+          until done or mb.now() - t0 > 10000
+          mb.sleep(50)
+          return ps
+        end
+        local ps = spawn_all("p")
+        local base1 = mb.info(ps[1]).memory
+        -- Both ends pay for a link, and get it back when it goes.
+        local x, rx = mb.spawn_monitor(function(ps, main)
+          collectgarbage()
+          local m0 = mb.info(mb.self()).memory
+          for i = 1, 100 do mb.link(ps[i]) end
+          mb.send(main, { grew = mb.info(mb.self()).memory - m0 })
+          mb.receive(function(m) return m == "bye" end)
+        end, ps, main)
+        local g = mb.receive(function(m) return type(m) == "table" and m.grew end, 10000)
+        print("caller grew", g and g.grew >= 100 * 64)
+        print("other end grew", mb.info(ps[1]).memory - base1 >= 64)
+        mb.send(x, "bye")
+        mb.receive(function(m) return type(m) == "table" and m.ref == rx end, 10000)
+        local t0 = mb.now()
+        while mb.info(ps[1]).memory > base1 and mb.now() - t0 < 5000 do mb.sleep(10) end
+        print("given back", mb.info(ps[1]).memory <= base1)
+        -- A caller capped at 96 KB linking to all: refused (or, when its
+        -- heap meets the limit first, ended) "out of memory". It finds each
+        -- by name and collects after each link, so that only the links grow
+        -- (before, it made all 1,500 at 76 KB; its heap is 20 to 76 KB, as
+        -- its state is new or reused).
+        local y, ry = mb.spawn_opt({ max_memory = 96 * 1024, monitor = true }, function(main, N)
+          local report = { n = N, err = "link: out of memory" }   -- (made beforehand)
+          collectgarbage()
+          for i = 1, N do
+            local ok, e = pcall(mb.link, mb.whereis(string.format("p%05d", i)))
+            if not ok then report.n, report.err = i - 1, e break end
+            collectgarbage()
+          end
+          mb.send(main, report)
+        end, main, N)
+        local d = mb.receive(function(m) return type(m) == "table" and m.ref == ry end, 20000)
+        local r = mb.receive(function(m) return type(m) == "table" and m.err end, 0)
+        print("caller", r and r.n < N and r.err or d and d.reason)
+        -- The other end's entries, which it did not ask for: past its
+        -- max_memory they end it "out of memory" (and its links with it).
+        local qs = spawn_all("q")
+        local t, rt = mb.spawn_opt({ max_memory = 96 * 1024, monitor = true }, function()
+          mb.receive(function() return false end)
+        end)
+        for i = 1, N do mb.send(qs[i], t) end
+        d = mb.receive(function(m) return type(m) == "table" and m.ref == rt end, 20000)
+        print("target", d and d.reason)
+        local t1 = mb.now()
+        local alive
+        repeat
+          alive = 0
+          for i = 1, N do if mb.info(qs[i]) then alive = alive + 1 end end
+          if alive > 0 then mb.sleep(20) end
+        until alive == 0 or mb.now() - t1 > 10000
+        print("linkers left", alive)
+        os.exit(0)
+      ]], "--max-memory 64M --watchdog 0", 60)
+      assert.are.equal(0, code, out .. err)
+      assert.is_true(S.has(out, "caller grew\ttrue"), out .. err)
+      assert.is_true(S.has(out, "other end grew\ttrue"), out .. err)
+      assert.is_true(S.has(out, "given back\ttrue"), out .. err)
+      assert.is_true(S.has(out, "caller\tlink: out of memory") or
+                     S.has(out, "caller\tout of memory"), out .. err)
+      assert.is_true(S.has(out, "target\tout of memory"), out .. err)
+      assert.is_true(S.has(out, "linkers left\t0"), out .. err)
+    end)
+
     -- A storm of spawns that hibernate at once, each a few hundred bytes,
     -- outran the killer of the biggest process: 2.5 million processes held
     -- 1.36 GB under --max-memory 200M. Records count in the host's total,
@@ -265,6 +360,52 @@ describe("isolation", function()
       end
       assert.are.equal("out of memory", S.await_down(r))
       assert.is_true(sent < 100000, "killed after " .. sent .. " messages")
+    end)
+
+    -- A function travels as a reference to a host-wide code object, and
+    -- neither its receiver's max_memory nor the host's total counted the
+    -- code: 1,200 functions of 512 KB queued for a process capped at 8 MB
+    -- took a host capped at 100 MB to 1.26 GB. Now a queued message counts
+    -- its functions' code, and a code object counts once in the host's total.
+    it("counts the code of queued functions in max_memory, and code objects in --max-memory", function()
+      local code, out, err = child([==[
+        local mb = require "moonbeam"
+        local big = ("z"):rep(128 * 1024)
+        local function fn(i)   -- a distinct 128 KB function each time
+          return loadstring("return function() return " .. i .. ", [[" .. big .. "]] end")()
+        end
+        local recv, rr = mb.spawn_opt({ max_memory = 2 * 1024 * 1024, monitor = true }, function()
+          mb.receive(function() return false end)
+        end)
+        local sent = 0
+        for i = 1, 64 do   -- 8 MB of code
+          mb.send(recv, fn(i))
+          sent = i
+          if i % 8 == 0 then collectgarbage() mb.sleep(1) if not mb.info(recv) then break end end
+        end
+        local d = mb.receive(function(m) return type(m) == "table" and m.ref == rr end, 5000)
+        print("receiver", d and d.reason, sent < 64)
+        collectgarbage()
+        -- Continuations hold their code outside every process's count; the
+        -- host's total sees it: 48 MB of it is over --max-memory 32M.
+        local e
+        for i = 1, 384 do
+          local ok, err = pcall(mb.spawn, function(f) mb.hibernate(f) end, fn(1000 + i))
+          if not ok then e = err break end
+          if i % 16 == 0 then collectgarbage() mb.sleep(1) end
+        end
+        if not e then
+          mb.sleep(300)
+          local ok, err = pcall(mb.spawn, function() end)
+          e = not ok and err or nil
+        end
+        print("spawn refused", e ~= nil, e)
+        os.exit(0)
+      ]==], "--max-memory 32M --watchdog 0", 60)
+      assert.are.equal(0, code, out .. err)
+      assert.is_true(S.has(out, "receiver\tout of memory\ttrue"), out .. err)
+      assert.is_true(S.has(out, "spawn refused\ttrue\t") and
+                     S.has(out, "over --max-memory"), out .. err)
     end)
 
     it("counts them for a hibernated process too, which dies unwoken", function()

@@ -192,7 +192,10 @@ static int spawn_common(lua_State *L, int fnidx, const spawn_opts_t *o,
 {
   mb_proc_t *self = mb_lib_self(L);
   int t = lua_type(L, fnidx);
-  if (o->monitor && mb_proc_room(self, MB_PROC_SET_ENTRY))
+  /* The caller's own entries: a monitor, and a link (the new process's
+   * entry is charged to it). */
+  if ((o->monitor || o->link) &&
+      mb_proc_room(self, (size_t)(!!o->monitor + !!o->link) * MB_PROC_SET_ENTRY))
     return luaL_error(L, "%s: out of memory", fname);
   mb_msg_t *m = encode_body(L, fnidx, fname);
   mb_proc_t *p;
@@ -702,8 +705,15 @@ static int l_link(lua_State *L)
 {
   mb_proc_t *p = mb_lib_self(L);
   mb_pid_t pid = mb_pid_check(L, 1);
-  if (mb_proc_link(p, pid) == 0)
+  /* Its entry in p's links is charged to p (proc.h), the other end's to
+   * the other end. */
+  if (mb_proc_room(p, mb_id_is_remote(pid) ? MB_PROC_REMOTE_LINK : MB_PROC_SET_ENTRY))
+    return luaL_error(L, "link: out of memory");
+  int rc = mb_proc_link(p, pid);
+  if (rc == 0)
     return 0;
+  if (rc == MB_ENOMEM)
+    return luaL_error(L, "link: out of memory (the other process holds 4 GiB of charges)");
   if (p->trap_exit) {
     mb_msg_t *m = mb_must(mb_msg_string("noproc"));
     m->kind = MB_MSG_EXIT;
