@@ -880,6 +880,15 @@ tick_forever(S) ->
         Closed = fun(S, T) -> case gen_tcp:recv(S, 0, T) of {error, closed} -> closed; {error, timeout} -> open; Else -> Else end end,
 ]=]
 
+    -- The node under test for a raw peer's script: it waits until the
+    -- script sends `done` to its process registered as ctl.
+    local function ctl_host(name)
+      return moonbeam([[
+        mb.register("ctl")
+        print("got", mb.receive(50000))
+      ]], { name = name, limit = 60 })
+    end
+
     it("a peer that trickles its handshake or sends nothing holds off no other node, and is dropped at net_setuptime", function()
       local name = uniq("mb")
       local node = name .. "@" .. HOST
@@ -905,10 +914,7 @@ tick_forever(S) ->
         {ctl, Node} ! done,
         timer:sleep(500),
         halt().]=], node), { files = { ["rawpeer.erl"] = RAWPEER }, limit = 60 })
-      local code, out, err = moonbeam([[
-        mb.register("ctl")
-        print("got", mb.receive(50000))
-      ]], { name = name, limit = 60 })
+      local code, out, err = ctl_host(name)
       local o = await_output(e, "silent", 5000)
       assert.equal(0, code, err)
       assert.is_true(S.has(o, "ping pong"), o)
@@ -934,10 +940,7 @@ tick_forever(S) ->
         {ctl, Node} ! done,
         timer:sleep(500),
         halt().]=], node), { files = { ["rawpeer.erl"] = RAWPEER }, limit = 60 })
-      local code, out, err = moonbeam([[
-        mb.register("ctl")
-        print("got", mb.receive(50000))
-      ]], { name = name, limit = 60 })
+      local code, out, err = ctl_host(name)
       local o = await_output(e, "ping", 5000)
       assert.equal(0, code, err)
       assert.is_true(S.has(o, "17th closed"), o)
