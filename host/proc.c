@@ -381,7 +381,8 @@ void mb_proc_push(mb_proc_t *p, mb_msg_t *msg)
   int sig = is_signal(msg->kind);
   msg->next = NULL;
   mb_proc_lock(p);
-  if (p->dead) {
+  if (p->dead || (msg->kind == MB_MSG_USER && msg->ref &&
+                  !mb_hset_find(&p->aliases, msg->ref))) {   /* (see Aliases) */
     mb_proc_unlock(p);
     mb_msg_free(msg);
     return;
@@ -551,13 +552,20 @@ static int monitor_fired(mb_proc_t *p, mb_ref_t ref)
   return monitoring_take(p, ref, NULL);
 }
 
-/* -- Aliases (owner-only) ------------------------------------------------ */
+/* -- Aliases --------------------------------------------------------------
+ * Made and dropped by the owner, under its lock: a push (under the lock)
+ * drops a message sent through an alias that is gone, as Erlang does on
+ * its arrival, so that a late reply to a call that timed out is neither
+ * queued nor counted in max_memory, and wakes no one. The owner reads the
+ * set without the lock (it alone writes it). */
 
 void mb_proc_alias(mb_proc_t *p, mb_ref_t ref)
 {
   MB_ASSERT_OWNER(p);
   if (!mb_hset_find(&p->aliases, ref)) {
+    mb_proc_lock(p);
     mb_hset_add(&p->aliases, ref, 0);
+    mb_proc_unlock(p);
     set_charge(p, 1);
     if (mb_proc_remote_alias)
       mb_proc_remote_alias(p->pid, ref, 1);
@@ -567,7 +575,9 @@ void mb_proc_alias(mb_proc_t *p, mb_ref_t ref)
 int mb_proc_unalias(mb_proc_t *p, mb_ref_t ref)
 {
   MB_ASSERT_OWNER(p);
+  mb_proc_lock(p);
   int was = mb_hset_take(&p->aliases, ref, NULL);
+  mb_proc_unlock(p);
   if (was)
     set_charge(p, -1);
   if (was && mb_proc_remote_alias)

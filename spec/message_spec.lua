@@ -362,6 +362,31 @@ describe("messages", function()
       assert.is_nil(mb.receive(20))
     end)
 
+    -- Dropped on arrival, not at the next receive: late replies to calls
+    -- that timed out were queued, counted in max_memory (100 of 100 KB
+    -- killed a caller of 4 MB that never saw them) and woke a hibernated
+    -- caller (red team).
+    it("does not queue, count or wake for a message through a dropped alias", function()
+      local who, r = mb.spawn_opt({ monitor = true, max_memory = 4 * 1024 * 1024 }, function(parent)
+        local a = mb.alias()
+        mb.unalias(a)
+        mb.send(parent, { alias = a })
+        mb.hibernate(function() end)   -- (woken by nothing but an exit)
+      end, mb.self())
+      local a = S.recv(function(m) return type(m) == "table" and m.alias end).alias
+      assert.is_true(S.eventually(function() return mb.info(who).status == "hibernated" end))
+      local big = ("x"):rep(100 * 1024)
+      for _ = 1, 100 do mb.send(who, big, a) end
+      mb.sleep(50)
+      local info = mb.info(who)
+      assert.is_truthy(info, "killed by messages it never sees")
+      assert.are.equal(0, info.mailbox)
+      assert.are.equal("hibernated", info.status)
+      assert.is_true(info.memory < 10000, "memory " .. info.memory)
+      mb.exit(who, "kill")
+      assert.are.equal("killed", S.await_down(r))
+    end)
+
     it("a late reply from another process through a dropped alias never arrives", function()
       local a = mb.alias()
       local pid = mb.spawn(function(to, alias)
