@@ -485,6 +485,26 @@ describe("moonbeam.supervisor", function()
       assert.are.same({ "stopped b", "stopped a" }, events(2))
     end)
 
+    -- Any process may call a supervisor: a request made by hand with a bad
+    -- spec ended it and its children (red team), as did a start.n that
+    -- unpack could not give (its error was raised outside the pcall).
+    it("answers a bad start_child request with an error and goes on", function()
+      local sup = assert(supervisor.start({ children = { child(me, "a") } }))
+      local _, a = event()
+      for _, arg in ipairs({ false, { id = "x" }, { id = "x", start = 123 }, { start = {} } }) do
+        local r = server.call(sup, { op = "start_child", arg = arg or nil }, S.T)
+        assert.is_truthy(type(r) == "table" and r.err and
+                         r.err:find("supervisor.start_child: child spec", 1, true), server.show(r))
+      end
+      local none, err = supervisor.start_child(sup, { id = "n", start = { "nosuchmodule", n = 100000 } })
+      assert.is_nil(none)
+      assert.is_truthy(S.has(err, "child 'n' failed to start"), err)
+      assert.are.same({ "a" }, ids(sup))
+      assert.is_truthy(mb.info(a), "the running child lives on")
+      supervisor.stop(sup, nil, S.T)
+      assert.are.same({ "stopped a" }, events(1))
+    end)
+
     it("terminate_child stops a child and keeps its spec; restart_child starts it again", function()
       local sup = assert(supervisor.start({ children = { child(me, "a") } }))
       event()

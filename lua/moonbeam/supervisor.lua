@@ -187,8 +187,8 @@ local function start_proc(st, child)
   local ok, pid, err
   if type(start) == "function" then
     ok, pid, err = pcall(start)
-  else
-    ok, pid = pcall(mb.spawn_link, start[1], unpack(start, 2, start.n or #start))
+  else   -- (unpack inside the pcall: a start.n of 100,000 is too many results)
+    ok, pid = pcall(function() return mb.spawn_link(start[1], unpack(start, 2, start.n or #start)) end)
   end
   if not ok then return nil, type(pid) == "string" and pid or show(pid) end
   if not mb.is_pid(pid) then
@@ -391,6 +391,12 @@ function handlers.which_children(st)
 end
 
 function handlers.start_child(st, spec)
+  -- Checked here too: any process may call, and a request made by hand
+  -- (server.call(sup, {op = "start_child", ...})) must not end the
+  -- supervisor and its children.
+  local ok, c = pcall(check_child, spec, "supervisor.start_child: child spec", 1)
+  if not ok then return { err = tostring(c) } end
+  spec = c
   if find(st, spec.id) then
     return { err = "child id " .. show_id(spec.id) .. " already exists" }
   end
