@@ -798,6 +798,29 @@ describe("the chat example with slow users", function()
     for i = 1, N do mb.send(members[i], "stop") end
   end)
 
+  -- A line longer than max_output (a /who of a big room) could never fit
+  -- under it: the user who asked was dropped as too slow after max_stall,
+  -- though it read everything (red team). It goes out on an empty queue.
+  it("sends a line longer than max_output to a user who keeps up", function()
+    start({ max_output = 8192, max_stall = 300 })
+    local members = {}
+    for i = 1, 260 do   -- (32-byte nicks: /who's line is ~8.8 KB)
+      members[i] = user(info, string.format("member%026d", i), "big")
+    end
+    local asker = user(info, "asker", "big")
+    asker:send("/who\n")
+    local line
+    for _ = 1, 400 do
+      line = assert(asker:line())
+      if line:find("^%* in big: ") or line:find("^%* disconnected") then break end
+    end
+    assert.truthy(line:find("^%* in big: "), line:sub(1, 200))
+    assert.truthy(#line > 8192, #line)
+    asker:cmd("/who", "* in big: " .. line:sub(11))   -- still connected, and served again
+    asker:close()
+    for _, m in ipairs(members) do m:close() end
+  end)
+
   it("drops a user whose output stays over max_output for max_stall ms", function()
     start({ max_behind = 1e9, max_stall = 200 })
     local slow = user(info, "slow", "lobby")

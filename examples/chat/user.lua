@@ -194,23 +194,30 @@ local function behind(st)
   return info and info.mailbox or 0
 end
 
--- True once n more bytes fit in the socket's queue under max_output; false
--- when the socket is closed or the user was dropped meanwhile.
+-- Whether n more bytes fit in a queue of q under max_output. A line longer
+-- than max_output (a /who of a thousand members) goes out once the queue
+-- is empty: it would never fit, and its reader was dropped as too slow.
+local function fits(st, q, n)
+  return q + n <= st.max_output or q == 0
+end
+
+-- True once n more bytes fit in the socket's queue; false when the socket
+-- is closed or the user was dropped meanwhile.
 local function room_for(st, n)
   -- The bytes queued after the last write bound what is queued now (only
   -- this process writes, and the queue only drains meanwhile): most lines
   -- need no queued() call.
-  if st.queued and st.queued + n <= st.max_output then return true end
+  if st.queued and fits(st, st.queued, n) then return true end
   local q = st.sock:queued()
   if q == nil then st.done = true return false end
-  if q + n <= st.max_output then return true end
+  if fits(st, q, n) then return true end
   local start, pause = mb.now(), 1
   repeat
     mb.sleep(pause)
     if pause < STALL_POLL_MAX then pause = pause * 2 end
     q = st.sock:queued()
     if q == nil then st.done = true return false end
-    if q + n <= st.max_output then return true end
+    if fits(st, q, n) then return true end
     local b = behind(st)
     if b > st.max_behind then return drop(st, b .. " messages behind") end
   until mb.now() - start >= st.max_stall
