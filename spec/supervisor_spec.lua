@@ -496,9 +496,14 @@ describe("moonbeam.supervisor", function()
         assert.is_truthy(type(r) == "table" and r.err and
                          r.err:find("supervisor.start_child: child spec", 1, true), server.show(r))
       end
-      local none, err = supervisor.start_child(sup, { id = "n", start = { "nosuchmodule", n = 100000 } })
+      local none, err = supervisor.start_child(sup, { id = "n", start = { "moonbeam.server", n = 100000 } })
       assert.is_nil(none)
       assert.is_truthy(S.has(err, "child 'n' failed to start"), err)
+      -- A module that is not there: refused before any process starts (it
+      -- used to start, fail, and end the supervisor through its restarts).
+      none, err = supervisor.start_child(sup, { id = "typo", start = { "no_such_modul" } })
+      assert.is_nil(none)
+      assert.are.equal("child 'typo' failed to start: module 'no_such_modul' not found", err)
       assert.are.same({ "a" }, ids(sup))
       assert.is_truthy(mb.info(a), "the running child lives on")
       supervisor.stop(sup, nil, S.T)

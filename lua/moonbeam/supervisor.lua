@@ -181,12 +181,25 @@ local function remove(st, child)
   set_pid(st, child, nil)
 end
 
+-- Whether a new process could require module name: it looks where this
+-- one would (a new state's package.path and cpath: the supervisor never
+-- changes its own). A process started from a module that is not there would
+-- only fail after spawn_link had returned its pid, and a typo in
+-- start_child would then take the supervisor down through its restarts.
+local function findable(name)
+  return package.loaded[name] ~= nil or package.preload[name] ~= nil or
+         package.searchpath(name, package.path) ~= nil or
+         package.searchpath(name, package.cpath) ~= nil
+end
+
 -- Starts a child's process and links to it; returns its pid or nil, err.
 local function start_proc(st, child)
   local start = child.start
   local ok, pid, err
   if type(start) == "function" then
     ok, pid, err = pcall(start)
+  elseif not findable(start[1]) then
+    return nil, "module '" .. start[1] .. "' not found"
   else   -- (unpack inside the pcall: a start.n of 100,000 is too many results)
     ok, pid = pcall(function() return mb.spawn_link(start[1], unpack(start, 2, start.n or #start)) end)
   end
