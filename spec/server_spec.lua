@@ -100,6 +100,22 @@ describe("moonbeam.server", function()
       server.stop(pid)
     end)
 
+    -- A string that cannot be a name ("", over 255 bytes, a NUL) gave
+    -- mb.whereis's error, not the function's (red team).
+    it("refuses a name that cannot be one, and finds no process by it", function()
+      for _, bad in ipairs({ "", ("n"):rep(256), "a\0b" }) do
+        local ok, err = pcall(server.start, counter, 1, { name = bad })
+        assert.is_false(ok)
+        assert.is_truthy(S.has(err, "server.start: opts.name must be a string of 1 to 255 bytes without NUL"), err)
+        ok, err = pcall(server.call, bad, "get")
+        assert.is_false(ok)
+        assert.is_truthy(S.has(err, "server.call: no process registered as"), err)
+        local none, why = server.cast(bad, "x")
+        assert.is_nil(none)
+        assert.is_truthy(S.has(why, "no process registered as"), why)
+      end
+    end)
+
     it("returns nil and the error when init raises, leaving nothing running", function()
       local none, err = server.start({ init = function() error("no database") end }, nil)
       assert.is_nil(none)

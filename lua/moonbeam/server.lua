@@ -283,6 +283,13 @@ local function remote(dest)
   end
 end
 
+-- The pid registered as name, or nil; a string that cannot be a name (empty,
+-- over 255 bytes, with a NUL: mb.whereis raises for it) names no process.
+local function lookup(name)
+  local ok, pid = pcall(mb.whereis, name)
+  return ok and pid or nil
+end
+
 -- Returns the pid that dest names, or raises an error that names fname,
 -- at `level` (default 3: the caller of the function that called resolve).
 -- {name, node} with our own node is the name.
@@ -292,7 +299,7 @@ local function resolve(dest, fname, level)
     dest = tostring(dest[1])
   end
   if type(dest) == "string" then
-    local pid = mb.whereis(dest)
+    local pid = lookup(dest)
     if pid == nil then
       error(fname .. ": no process registered as '" .. dest .. "'", level)
     end
@@ -742,8 +749,9 @@ function server.start(callbacks, arg, opts)
   opts = opts or {}
   if type(opts) ~= "table" then error("server.start: opts must be a table, got " .. type(opts), 2) end
   local name = opts.name
-  if name ~= nil and type(name) ~= "string" then
-    error("server.start: opts.name must be a string, got " .. type(name), 2)
+  if name ~= nil and (type(name) ~= "string" or #name < 1 or #name > 255 or name:find("\0", 1, true)) then
+    error("server.start: opts.name must be a string of 1 to 255 bytes without NUL, got "
+          .. (type(name) == "string" and #name .. " bytes" or type(name)), 2)
   end
   if opts.link ~= nil and type(opts.link) ~= "boolean" then
     error("server.start: opts.link must be a boolean, got " .. type(opts.link), 2)
@@ -932,7 +940,7 @@ function server.cast(dest, msg)
   end
   local pid
   if type(dest) == "string" then
-    pid = mb.whereis(dest)
+    pid = lookup(dest)
     if pid == nil then return nil, "no process registered as '" .. dest .. "'" end
   else
     pid = resolve(dest, "server.cast")

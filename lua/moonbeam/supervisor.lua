@@ -493,8 +493,9 @@ local function call(fname, sup, op, arg, timeout)
   if type(sup) ~= "string" and not mb.is_pid(sup) then
     error(fname .. ": bad supervisor (pid or registered name expected, got " .. type(sup) .. ")", 3)
   end
-  if type(sup) == "string" and mb.whereis(sup) == nil then
-    error(fname .. ": no process registered as '" .. sup .. "'", 3)
+  if type(sup) == "string" then
+    local found, pid = pcall(mb.whereis, sup)   -- (a string that cannot be a name names none)
+    if not (found and pid) then error(fname .. ": no process registered as '" .. sup .. "'", 3) end
   end
   if timeout == nil then timeout = math.huge end
   local ok, r = pcall(server.call, sup, { op = op, arg = arg }, timeout)
