@@ -1001,8 +1001,7 @@ mb_msg_t *mb_copy_encode(lua_State *L, int first, int n, const char *root,
   /* The code pointers and their bytes' sum (msg.h) go after the payload;
    * the final size is exact unless the slack is too small to be worth a
    * realloc. */
-  size_t need = MB_MSG_CODES_AT(e.len) +
-                (e.ncode ? e.ncode * sizeof(mb_code_t *) + sizeof(size_t) : 0);
+  size_t need = MB_MSG_CODES_AT(e.len) + MB_MSG_CODES_LEN(e.ncode);
   if (need > e.cap || e.cap - need > SHRINK_SLACK) {
     mb_msg_t *resized = realloc(m, sizeof(mb_msg_t) + need);
     if (resized)
@@ -1022,10 +1021,10 @@ mb_msg_t *mb_copy_encode(lua_State *L, int first, int n, const char *root,
   m->ncode = (uint16_t)e.ncode;
   if (e.ncode) {
     /* Summed here, once: a mailbox reads it at every push and take. */
-    size_t bytes = 0, n;
+    size_t bytes = 0, len;
     for (uint32_t i = 0; i < e.ncode; i++) {
-      mb_code_bytes(e.codes[i], &n);
-      bytes += n;
+      mb_code_bytes(e.codes[i], &len);
+      bytes += len;
     }
     memcpy(mb_msg_codes(m), e.codes, e.ncode * sizeof(mb_code_t *));
     memcpy(mb_msg_codes(m) + e.ncode, &bytes, sizeof bytes);

@@ -313,12 +313,6 @@ frame_t *dist_frame_new(const ctl_t *c, const mb_msg_t *m)
 static void do_flush(void *arg);
 static void do_kill(void *arg);
 
-/* A monotonic clock in ms that any thread may read. */
-static uint64_t now_ms(void)
-{
-  return uv_hrtime() / 1000000;
-}
-
 /* Queue frame f on c (written once up); lock held. Takes f. Past
  * MB_DIST_QUEUE_MAX bytes queued, the connection is dropped: the peer does
  * not read what we send (senders in Lua wait at MB_DIST_BUSY_LIMIT, see
@@ -340,7 +334,7 @@ void dist_queue_locked(conn_t *c, frame_t *f)
     return;
   }
   if (c->pend_bytes == 0)
-    c->progress_ms = now_ms();
+    c->progress_ms = dist_now_ms();
   c->pend_bytes += f->len;
   f->next = NULL;
   *c->out_tail = f;
@@ -542,7 +536,7 @@ static void on_write(uv_write_t *req, int status)
   }
   pthread_mutex_lock(&dist_lock);
   c->pend_bytes -= w->bytes;
-  c->progress_ms = now_ms();
+  c->progress_ms = dist_now_ms();
   waiter_t *drained = NULL;
   if (c->pend_bytes <= MB_DIST_BUSY_LIMIT / 2) {
     drained = c->busy;
@@ -622,7 +616,7 @@ static void on_tick(uv_timer_t *t)
    * may still send, so its ticks alone do not tell). */
   pthread_mutex_lock(&dist_lock);
   size_t queued = c->pend_bytes;
-  uint64_t stuck = queued ? now_ms() - c->progress_ms : 0;
+  uint64_t stuck = queued ? dist_now_ms() - c->progress_ms : 0;
   pthread_mutex_unlock(&dist_lock);
   if (stuck > 4 * (uint64_t)dist_tick_ms) {
     dist_log("closing the connection to %s: it has not read for %llu ms "

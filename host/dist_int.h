@@ -45,6 +45,12 @@ static inline int dist_pair_used(const pair_t *p)
   return p->ref != 0 || p->local != 0 || p->remote != 0;
 }
 
+/* A monotonic clock in ms that any thread may read. */
+static inline uint64_t dist_now_ms(void)
+{
+  return uv_hrtime() / 1000000;
+}
+
 typedef struct frame {
   struct frame *next;
   size_t len;
@@ -71,7 +77,7 @@ typedef struct conn {
   uint64_t flags;              /* the peer's capabilities, once up */
   frame_t *out_head, **out_tail;  /* frames not yet handed to libuv */
   size_t pend_bytes;           /* those and the ones being written */
-  uint64_t progress_ms;        /* when output last moved (mb_dist_now_ms) */
+  uint64_t progress_ms;        /* when output last moved (dist_now_ms) */
   int flush_posted;            /* a do_flush is on its way to the loop */
   waiter_t *busy;              /* senders waiting for the output to drain */
   pairs_t links;               /* local <-> remote links */

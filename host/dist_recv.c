@@ -91,9 +91,10 @@ static int get_ref(const char *data, int *i, mb_ref_t *out)
   return rc < 0 ? -1 : 0;
 }
 
-/* A remote monitor of a local process we cannot hold: the watcher gets
+/* A remote monitor of a local process we do not hold: the watcher gets
  * its DOWN at once with reason why (the ref as it sent it, raw, when the
- * ref table is full). Logged once per connection. */
+ * ref table is full). One we cannot hold (log: why not) is logged once
+ * per connection. */
 static void refuse_monitor(conn_t *c, const ctl_t *x, const char *why, const char *log)
 {
   mb_msg_t *r = dist_reason_msg(why);
@@ -102,7 +103,7 @@ static void refuse_monitor(conn_t *c, const ctl_t *x, const char *why, const cha
   e.reason = r;
   dist_send_ctl(c->node, &e, NULL);
   mb_msg_free(r);
-  if (!c->refusal_logged) {
+  if (log && !c->refusal_logged) {
     c->refusal_logged = 1;
     dist_log("refused a monitor from %s: %s (DOWN %s; further refusals on this "
              "connection are not logged)", dist_node_text(c->node), log, why);
@@ -355,11 +356,7 @@ int dist_handle_frame(conn_t *c, const char *data, long len)
       /* Killed for memory already: its DOWN would say so. */
       refuse_monitor(c, &x, "out of memory", "the process is over its max_memory");
     } else {
-      mb_msg_t *r = dist_reason_msg("noproc");
-      x.op = OP_MONITOR_P_EXIT;
-      x.reason = r;
-      dist_send_ctl(c->node, &x, NULL);
-      mb_msg_free(r);
+      refuse_monitor(c, &x, "noproc", NULL);
     }
     if (!added)
       dist_unhold(ref);

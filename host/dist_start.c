@@ -47,7 +47,7 @@ static pthread_t acceptor;
 static atomic_int stopping;
 
 /* A handshake in progress on this thread (ei calls our callbacks on the
- * thread that runs it): its deadline (mb_dist_now_ms) and what cb_read saw
+ * thread that runs it): its deadline (dist_now_ms) and what cb_read saw
  * of the peer's capabilities. NULL on other threads (epmd's calls). */
 typedef struct hs {
   uint64_t deadline;
@@ -65,11 +65,6 @@ static int hs_busy;                   /* sockets queued or in a handshake */
 static int hs_queue[MB_DIST_HANDSHAKES];
 static int hs_head, hs_len;           /* a ring of queued sockets */
 
-static uint64_t now_ms(void)
-{
-  return uv_hrtime() / 1000000;
-}
-
 /* -- Handshakes: ei over our socket callbacks ------------------------------ */
 
 /* ei's socket callbacks (ei_connect_init_ussi), on plain blocking sockets
@@ -83,7 +78,7 @@ static int wait_fd(int fd, short ev, unsigned tmo)
   struct pollfd p[2] = {{fd, ev, 0}, {wake_fd[0], POLLIN, 0}};
   for (;;) {
     long long ms = tmo == EI_SCLBK_INF_TMO ? -1 : (long long)tmo;
-    uint64_t now = now_ms();
+    uint64_t now = dist_now_ms();
     if (hs) {
       if (now >= hs->deadline)
         return ETIMEDOUT;
@@ -220,8 +215,9 @@ static int cb_read(void *ctx, char *buf, ssize_t *len, unsigned tmo)
   /* ei reads a packet's 2-byte length, then its body: a body that is a
    * name or challenge packet starts with its tag. */
   const unsigned char *u = (const unsigned char *)buf;
-  if (hs == NULL) {
-  } else if (n >= 9 && buf[0] == 'N') {
+  if (hs == NULL)
+    return 0;                         /* (epmd's calls) */
+  if (n >= 9 && buf[0] == 'N') {
     hs->peer_flags = 0;
     for (int i = 1; i <= 8; i++)
       hs->peer_flags = hs->peer_flags << 8 | u[i];
@@ -264,7 +260,7 @@ static void connect_work(uv_work_t *w)
   ei_cnode mine = dist_ec;
   char name[MAXNODELEN + 1];
   snprintf(name, sizeof name, "%s", dist_node_text(c->node));
-  hs_t h = {now_ms() + MB_DIST_SETUP_MS, 0, -1};
+  hs_t h = {dist_now_ms() + MB_DIST_SETUP_MS, 0, -1};
   hs = &h;
   c->fd = ei_connect_tmo(&mine, name, MB_DIST_CONNECT_MS);
   hs = NULL;
@@ -338,7 +334,7 @@ static void handshake_in(int fd)
   ei_cnode mine = dist_ec;
   ErlConnect conp;
   memset(&conp, 0, sizeof conp);
-  hs_t h = {now_ms() + MB_DIST_SETUP_MS, 0, fd};
+  hs_t h = {dist_now_ms() + MB_DIST_SETUP_MS, 0, fd};
   hs = &h;
   int cfd = ei_accept_tmo(&mine, listen_fd, &conp, MB_DIST_SETUP_MS);
   int err = erl_errno;
@@ -412,24 +408,22 @@ static void *handshake_main(void *arg)
  * 0, or -1 if MB_DIST_HANDSHAKES are in flight (fd is the caller's). */
 static int handshake_queue(int fd)
 {
-  int rc = 0;
   pthread_mutex_lock(&hs_lock);
-  if (hs_busy == MB_DIST_HANDSHAKES) {
-    rc = -1;
-  } else if (hs_busy == hs_nthreads &&
-             pthread_create(&hs_threads[hs_nthreads], NULL, handshake_main, NULL) != 0) {
-    rc = hs_nthreads ? 0 : -1;        /* the threads there are will get to it */
-  } else if (hs_busy == hs_nthreads) {
-    hs_nthreads++;
+  int full = hs_busy == MB_DIST_HANDSHAKES;
+  if (!full && hs_busy == hs_nthreads) {   /* every thread is busy: one more */
+    if (pthread_create(&hs_threads[hs_nthreads], NULL, handshake_main, NULL) == 0)
+      hs_nthreads++;
+    else
+      full = hs_nthreads == 0;        /* else the threads there are get to it */
   }
-  if (rc == 0) {
+  if (!full) {
     hs_queue[(hs_head + hs_len) % MB_DIST_HANDSHAKES] = fd;
     hs_len++;
     hs_busy++;
     pthread_cond_signal(&hs_cond);
   }
   pthread_mutex_unlock(&hs_lock);
-  return rc;
+  return full ? -1 : 0;
 }
 
 /* The acceptor thread: accepts, and hands each socket to a handshake

@@ -96,8 +96,8 @@ mb_msg_t *mb_msg_dup(const mb_msg_t *m)
    * with its payload (a message made by the builder has no codes, and its
    * block no padding up to where they would start). */
   memcpy(d, m, sizeof *m + m->len);
-  if (m->ncode)   /* the pointers and their bytes' sum */
-    memcpy(mb_msg_codes(d), mb_msg_codes(m), m->ncode * sizeof(void *) + sizeof(size_t));
+  if (m->ncode)
+    memcpy(mb_msg_codes(d), mb_msg_codes(m), MB_MSG_CODES_LEN(m->ncode));
   d->next = NULL;
   for (uint32_t i = 0; i < d->ncode; i++)
     mb_code_ref(mb_msg_codes(d)[i]);

@@ -42,6 +42,11 @@ typedef struct mb_msg {
 #define MB_MSG_CODES_AT(len) (((len) + 7) & ~(size_t)7)
 #define MB_MSG_MAX_CODES 0xFFFF
 
+/* The bytes after the payload's padding for ncode code objects: their
+ * pointers and their bytes' sum (none without functions). */
+#define MB_MSG_CODES_LEN(ncode) \
+  ((ncode) ? (size_t)(ncode) * sizeof(void *) + sizeof(size_t) : 0)
+
 /* The code objects of m (m->ncode of them). */
 static inline struct mb_code **mb_msg_codes(const mb_msg_t *m)
 {
@@ -53,8 +58,7 @@ static inline struct mb_code **mb_msg_codes(const mb_msg_t *m)
  * count once by themselves (code.h). */
 static inline size_t mb_msg_size(const mb_msg_t *m)
 {
-  return sizeof *m + MB_MSG_CODES_AT(m->len) +
-         (m->ncode ? m->ncode * sizeof(void *) + sizeof(size_t) : 0);
+  return sizeof *m + MB_MSG_CODES_AT(m->len) + MB_MSG_CODES_LEN(m->ncode);
 }
 
 /* The bytes of the code objects m refers to (0 without functions). */

@@ -499,9 +499,23 @@ static int monitoring_take(mb_proc_t *p, mb_ref_t ref, uint64_t *target)
  * end and the distribution layer add and take entries too, and the exit,
  * which takes the whole set under the lock, gives back exactly the ones it
  * took. */
-static long long link_cost(mb_pid_t pid)
+/* An entry another process (or node) adds to p's sets, which p did not
+ * ask for (a link to it, a remote monitor of it) costs it `cost`: MB_ENOPROC
+ * when p is dead, MB_ENOMEM over the 4 GiB alloc.charged holds (the entry
+ * is not made), else 0. Lock held. */
+static int incoming_room(const mb_proc_t *p, size_t cost)
 {
-  return mb_id_is_remote(pid) ? MB_PROC_REMOTE_LINK : MB_PROC_SET_ENTRY;
+  if (p->dead)
+    return MB_ENOPROC;
+  return mb_proc_room(p, cost) == 2 ? MB_ENOMEM : 0;
+}
+
+/* After such an entry: past its max_memory p ends "out of memory", as a
+ * queued message makes it. Lock held; returns whether the caller must call
+ * mb_proc_on_runnable(p) once it has unlocked p. */
+static int incoming_kill(mb_proc_t *p)
+{
+  return mem_kill_locked(p) && mb_proc_wake_locked(p);
 }
 
 /* Add pid to p's links unless there; returns 1 if it was added. */
@@ -511,7 +525,7 @@ static int link_add(mb_proc_t *p, mb_pid_t pid)
   if (mb_hset_find(&p->links, pid))
     return 0;
   mb_hset_add(&p->links, pid, pid);
-  charge(p, link_cost(pid));
+  charge(p, (long long)mb_proc_link_cost(pid));
   return 1;
 }
 
@@ -520,29 +534,24 @@ static int link_del(mb_proc_t *p, mb_pid_t pid)
   MB_ASSERT_LOCKED(p);
   if (!mb_hset_take(&p->links, pid, NULL))
     return 0;
-  charge(p, -link_cost(pid));
+  charge(p, -(long long)mb_proc_link_cost(pid));
   return 1;
 }
 
-/* A link another process (or node) makes to p, which p did not ask for:
- * charged like p's own, and past p's max_memory it ends p "out of memory"
- * as a queued message does. MB_ENOMEM over the 4 GiB alloc.charged holds
- * (the link is not made), MB_ENOPROC when p is dead, else 0; *wake: the
- * caller calls mb_proc_on_runnable(p) once it has unlocked p. */
+/* A link another process (or node) makes to p: charged like p's own (see
+ * incoming_room and incoming_kill; *wake as the latter's answer). */
 static int link_incoming(mb_proc_t *p, mb_pid_t pid, int *wake)
 {
   MB_ASSERT_LOCKED(p);
   *wake = 0;
-  if (p->dead)
-    return MB_ENOPROC;
-  if (mb_hset_find(&p->links, pid))
+  if (!p->dead && mb_hset_find(&p->links, pid))
     return 0;
-  if (mb_proc_room(p, (size_t)link_cost(pid)) == 2)
-    return MB_ENOMEM;
-  link_add(p, pid);
-  if (mem_kill_locked(p))
-    *wake = mb_proc_wake_locked(p);
-  return 0;
+  int rc = incoming_room(p, mb_proc_link_cost(pid));
+  if (rc == 0) {
+    link_add(p, pid);
+    *wake = incoming_kill(p);
+  }
+  return rc;
 }
 
 /* A DOWN for p came out of its inbox: take its monitor out. Returns 0 when
@@ -769,15 +778,13 @@ int mb_proc_watch_remote(mb_pid_t local, mb_pid_t watcher, mb_ref_t ref)
   int rc = MB_ENOPROC, wake = 0;
   if (p) {
     mb_proc_lock(p);
-    if (p->dead) {
-    } else if (p->mem_killed || mb_proc_room(p, MB_PROC_REMOTE_WATCH) == 2) {
-      rc = MB_ENOMEM;
-    } else {
+    rc = incoming_room(p, MB_PROC_REMOTE_WATCH);
+    if (rc == 0 && p->mem_killed)
+      rc = MB_ENOMEM;   /* (its DOWN would say "out of memory") */
+    if (rc == 0) {
       mb_hset_add(&p->watchers, ref, watcher);
       charge(p, MB_PROC_REMOTE_WATCH);
-      if (mem_kill_locked(p))
-        wake = mb_proc_wake_locked(p);
-      rc = 0;
+      wake = incoming_kill(p);
     }
     mb_proc_unlock(p);
     if (wake)
@@ -792,15 +799,14 @@ int mb_proc_unwatch_remote(mb_pid_t local, mb_ref_t ref)
   mb_proc_t *p = mb_proc_get(local);
   int was = 0;
   if (p) {
-    mb_pid_t watcher = 0;
     mb_proc_lock(p);
     /* Only a remote watcher's entry: a local one of the same ref is its
      * watcher's to take (mb_proc_demonitor), and charged there. */
     mb_hslot_t *s = mb_hset_find(&p->watchers, ref);
-    if (s && mb_id_is_remote(s->val))
-      was = mb_hset_take(&p->watchers, ref, &watcher);
-    if (was && mb_id_is_remote(watcher))
+    if (s && mb_id_is_remote(s->val)) {
+      was = mb_hset_take(&p->watchers, ref, NULL);
       charge(p, -MB_PROC_REMOTE_WATCH);
+    }
     mb_proc_unlock(p);
     mb_proc_unref(p);
   }
@@ -955,7 +961,7 @@ void mb_proc_exit(mb_proc_t *p, mb_msg_t *reason)
   for (uint32_t i = 0; i < links.cap; i++) {
     if (links.v[i].key == 0)
       continue;
-    linked += link_cost(links.v[i].val);
+    linked += (long long)mb_proc_link_cost(links.v[i].val);
     if (mb_id_is_remote(links.v[i].val))
       remote_link_exit(links.v[i].val, p->pid, dup_reason(reason));
     else

@@ -324,6 +324,11 @@ int mb_proc_demonitor(mb_proc_t *self, mb_ref_t ref);
 /* A link to a remote pid: its entry in the links (as a local link's) and
  * the connection's pair (dist.c: 32 bytes at a load of 3/8 to 3/4). */
 #define MB_PROC_REMOTE_LINK 128
+/* What a link to pid costs the process whose links hold it. */
+static inline size_t mb_proc_link_cost(mb_pid_t pid)
+{
+  return mb_id_is_remote(pid) ? MB_PROC_REMOTE_LINK : MB_PROC_SET_ENTRY;
+}
 /* Whether n more bytes charged to p (alloc.charged) fit: 0; 1 when they
  * would take p over its max_memory (heap, charges and mailbox, as a queued
  * message is checked); 2 over the 4 GiB alloc.charged holds. Any thread;

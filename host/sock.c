@@ -1051,11 +1051,8 @@ static void ws_closed(void *ud, int code, const char *reason, size_t len)
   got_end(s, MB_ECLOSED);
 }
 
-/* What libwslay holds of a message being received (mb_ws_cb_t's held):
- * in the host's total (--max-memory), and charged to the socket's owner
- * (its max_memory; the killer of the process holding the most looks
- * there), so that unfinished messages on many connections are not memory
- * that no limit sees. */
+/* What libwslay holds of a message being received (mb_ws_cb_t's held),
+ * charged as the write queue is (see charge, "Writing"). */
 static void ws_rx_held(void *ud, long long delta)
 {
   mb_sock_t *s = ud;

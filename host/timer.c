@@ -514,16 +514,15 @@ static void orphan(send_timer_t *e)
     return;
   }
   /* Charged before a cancel or the delivery can see the mark and take it
-   * back; taken back here if a cancel won meanwhile. */
+   * back; taken back here if a cancel won meanwhile (e stays as it was:
+   * the cancel's command unlinks it). */
   atomic_fetch_add_explicit(&d->alloc.charged, e->charged, memory_order_relaxed);
   index_remove(mine, e);
-  if (mb_idtab_get(&timers, e->id, mark_orphan)) {
+  if (mb_idtab_get(&timers, e->id, mark_orphan))
     e->by_dest = 1;
-    index_add(mine, e);
-  } else {
+  else
     atomic_fetch_sub_explicit(&d->alloc.charged, e->charged, memory_order_relaxed);
-    index_add(mine, e);   /* (as it was: the cancel's command unlinks it) */
-  }
+  index_add(mine, e);
   mb_proc_unref(d);
 }
 

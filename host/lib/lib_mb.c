@@ -707,7 +707,7 @@ static int l_link(lua_State *L)
   mb_pid_t pid = mb_pid_check(L, 1);
   /* Its entry in p's links is charged to p (proc.h), the other end's to
    * the other end. */
-  if (mb_proc_room(p, mb_id_is_remote(pid) ? MB_PROC_REMOTE_LINK : MB_PROC_SET_ENTRY))
+  if (mb_proc_room(p, mb_proc_link_cost(pid)))
     return luaL_error(L, "link: out of memory");
   int rc = mb_proc_link(p, pid);
   if (rc == 0)

@@ -749,7 +749,8 @@ function server.start(callbacks, arg, opts)
   opts = opts or {}
   if type(opts) ~= "table" then error("server.start: opts must be a table, got " .. type(opts), 2) end
   local name = opts.name
-  if name ~= nil and (type(name) ~= "string" or #name < 1 or #name > 255 or name:find("\0", 1, true)) then
+  -- (mb.whereis raises for a string that cannot be a name: the host's rule.)
+  if name ~= nil and (type(name) ~= "string" or not pcall(mb.whereis, name)) then
     error("server.start: opts.name must be a string of 1 to 255 bytes without NUL, got "
           .. (type(name) == "string" and #name .. " bytes" or type(name)), 2)
   end
