@@ -143,6 +143,12 @@ typedef struct mb_proc {
   struct mb_sock *sock_last;
   mb_msg_t *q_head, **q_tail;  /* private half of the mailbox */
   mb_msg_t **q_scan;           /* selective receive: next message to test */
+  /* The receive mark (Erlang's receive marker): the queue's end when the
+   * process last made a ref, and that ref. A message queued before it
+   * cannot carry the ref, so a receive that only takes messages with it
+   * starts there (mb_proc_marked). */
+  mb_msg_t **q_mark;
+  mb_ref_t mark_ref;
   mb_msg_t *recv_bad;          /* a message whose rebuilding raised */
   mb_msg_t *recv_testing;      /* the message a match function is looking
                                   at; NULL once taken meanwhile (lib_mb.c) */
@@ -382,6 +388,15 @@ int mb_proc_has_alias(const mb_proc_t *p, mb_ref_t ref);
 
 /* A new unique ref. Any thread. */
 mb_ref_t mb_proc_newref(void);
+/* A new ref made by p for its own use (a monitor, an alias, mb.make_ref):
+ * marks the end of p's queue for it. Owner thread. */
+mb_ref_t mb_proc_make_ref(mb_proc_t *p);
+/* Where a receive of messages that carry ref may start: past the
+ * messages queued before p made ref if it is p's latest, else the head. */
+static inline mb_msg_t **mb_proc_marked(mb_proc_t *p, mb_ref_t ref)
+{
+  return p->mark_ref == ref ? p->q_mark : &p->q_head;
+}
 
 /* Call fn for every live process (with a reference held during the call). */
 void mb_proc_foreach(void (*fn)(mb_proc_t *p, void *ud), void *ud);

@@ -209,6 +209,174 @@ describe("messages", function()
     end)
   end)
 
+  -- Erlang's receive marker: a receive that only takes messages carrying a
+  -- ref skips those queued before the ref was made (a call's wait for its
+  -- reply with a long mailbox). match counts what it is offered.
+  describe("receive past a ref's mark", function()
+    local function counting(ref)
+      local c = { n = 0 }
+      c.match = function(m)
+        c.n = c.n + 1
+        return type(m) == "table" and m.ref == ref
+      end
+      return c
+    end
+    local function drain()
+      local rest = {}
+      for _ = 1, 1000 do
+        local m = mb.receive(0)
+        if m == nil then break end
+        rest[#rest + 1] = m
+      end
+      return rest
+    end
+    local function settle()   -- the inbox into the queue, where marks are
+      assert.is_nil(mb.receive(function() return false end, 0))
+    end
+    local function count(n)
+      local t = {}
+      for i = 1, n do t[i] = i end
+      return t
+    end
+
+    it("offers match only the messages queued after the ref was made", function()
+      for i = 1, 100 do mb.send(mb.self(), i) end
+      settle()
+      local ref = mb.make_ref()
+      mb.send(mb.self(), { ref = ref })
+      local c = counting(ref)
+      assert.are.equal(ref, mb.receive(c.match, S.T, ref).ref)
+      assert.are.equal(1, c.n)
+      assert.are.same(count(100), drain())
+    end)
+
+    it("tests a message still in the inbox at the mark once, for the first mark only", function()
+      local other = mb.make_ref()
+      mb.spawn(function(parent, r)
+        for i = 1, 3 do mb.send(parent, i) end
+        mb.send(parent, { ref = r })
+        mb.send(parent, 4)
+      end, mb.self(), other)
+      S.eventually(function() return mb.info(mb.self()).mailbox == 5 end)
+      local ref = mb.make_ref()
+      mb.send(mb.self(), { ref = ref })
+      local c = counting(ref)
+      assert.are.equal(ref, mb.receive(c.match, S.T, ref).ref)
+      assert.is_true(c.n == 1 or c.n == 6, c.n)   -- 6: not yet drained at the mark
+      local ref2 = mb.make_ref()
+      mb.send(mb.self(), { ref = ref2 })
+      local c2 = counting(ref2)
+      assert.are.equal(ref2, mb.receive(c2.match, S.T, ref2).ref)
+      assert.are.equal(1, c2.n)
+      local rest = drain()
+      assert.are.same({ 1, 2, 3 }, { rest[1], rest[2], rest[3] })
+      assert.are.equal(other, rest[4].ref)
+      assert.are.equal(4, rest[5])
+    end)
+
+    it("waits for the ref's message behind others that come meanwhile", function()
+      for i = 1, 10 do mb.send(mb.self(), i) end
+      settle()
+      local ref = mb.make_ref()
+      mb.spawn(function(parent, r)
+        for i = 11, 13 do mb.send(parent, i) end
+        mb.sleep(20)
+        mb.send(parent, { ref = r })
+        mb.send(parent, 14)
+      end, mb.self(), ref)
+      local c = counting(ref)
+      assert.are.equal(ref, mb.receive(c.match, S.T, ref).ref)
+      assert.are.equal(4, c.n)
+      assert.are.same(count(14), drain())
+    end)
+
+    it("scans the whole mailbox for a ref that is not the latest made", function()
+      local ref1 = mb.make_ref()
+      mb.send(mb.self(), { ref = ref1 })
+      for i = 1, 5 do mb.send(mb.self(), i) end
+      settle()
+      local ref2 = mb.make_ref()
+      local c = counting(ref1)
+      assert.are.equal(ref1, mb.receive(c.match, 0, ref1).ref)
+      assert.are.equal(1, c.n)
+      assert.is_nil(mb.receive(counting(ref2).match, 0, ref2))
+      assert.are.same(count(5), drain())
+    end)
+
+    it("keeps its place when the messages around it are taken", function()
+      for _, v in ipairs { "a", "b", "c" } do mb.send(mb.self(), v) end
+      settle()
+      local ref = mb.make_ref()   -- marks the link after "c"
+      assert.are.equal("c", mb.receive(function(m) return m == "c" end, 0))
+      assert.are.equal("b", mb.receive(function(m) return m == "b" end, 0))
+      mb.send(mb.self(), "d")
+      mb.send(mb.self(), { ref = ref })
+      local c = counting(ref)
+      assert.are.equal(ref, mb.receive(c.match, S.T, ref).ref)
+      assert.are.equal(2, c.n)   -- "d", then its own: "a" stays before the mark
+      assert.are.same({ "a", "d" }, drain())
+      -- and on an empty mailbox
+      local ref2 = mb.make_ref()
+      mb.send(mb.self(), { ref = ref2 })
+      assert.are.equal(ref2, mb.receive(counting(ref2).match, 0, ref2).ref)
+    end)
+
+    it("marks monitors' refs: a DOWN is found past the messages before the monitor", function()
+      for i = 1, 50 do mb.send(mb.self(), i) end
+      settle()
+      local _, ref = mb.spawn_monitor(function() end)
+      local c = counting(ref)
+      assert.are.equal("DOWN", mb.receive(c.match, S.T, ref).event)
+      assert.are.equal(1, c.n)
+      -- a dead pid's "noproc" DOWN, queued by the monitor call itself
+      local dead, dref = mb.spawn_monitor(function() end)
+      S.await_down(dref)
+      local ref2 = mb.monitor(dead)
+      local c2 = counting(ref2)
+      assert.are.equal("noproc", mb.receive(c2.match, 0, ref2).reason)
+      assert.are.equal(1, c2.n)
+      assert.are.same(count(50), drain())
+    end)
+
+    it("does not move the mark for an alias of a ref made before", function()
+      local dead, dref = mb.spawn_monitor(function() end)
+      S.await_down(dref)
+      mb.send(mb.self(), "x")
+      local ref = mb.monitor(dead)
+      settle()   -- the DOWN is in the queue
+      mb.alias(ref)
+      assert.are.equal("DOWN", mb.receive(counting(ref).match, 0, ref).event)
+      mb.unalias(ref)
+      -- and demonitor's flush finds a DOWN past the mark
+      local ref2 = mb.monitor(dead)
+      settle()
+      assert.are.equal(2, mb.info(mb.self()).mailbox)
+      mb.demonitor(ref2, true)
+      assert.are.same({ "x" }, drain())
+    end)
+
+    it("makes refs that are unique and print as refs", function()
+      local a, b = mb.make_ref(), mb.make_ref()
+      assert.are_not.equal(a, b)
+      assert.is_true(mb.is_ref(a))
+      assert.is_true(S.has(tostring(a), "#Ref<"), tostring(a))
+      mb.send(mb.self(), { r = a })
+      assert.are.equal(a, mb.receive(0).r)
+    end)
+
+    it("refuses a ref that is not one, or without a match function", function()
+      local match = function() return true end
+      for _, bad in ipairs { "ref", 1, {}, mb.self() } do
+        local ok, err = pcall(mb.receive, match, 0, bad)
+        assert.is_false(ok)
+        assert.is_true(S.has(err, "bad argument #3 to 'receive' (ref expected"), tostring(err))
+      end
+      local ok, err = pcall(mb.receive, nil, 0, mb.make_ref())
+      assert.is_false(ok)
+      assert.is_true(S.has(err, "a ref goes with a match function"), tostring(err))
+    end)
+  end)
+
   describe("bad input", function()
     it("refuses nil as a message", function()
       local ok, err = pcall(mb.send, mb.self(), nil)

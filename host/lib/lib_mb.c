@@ -326,6 +326,13 @@ static int l_is_pid(lua_State *L)
   return 1;
 }
 
+/* mb.is_ref(v) -> boolean */
+static int l_is_ref(lua_State *L)
+{
+  lua_pushboolean(L, mb_ref_test(L, 1) != 0);
+  return 1;
+}
+
 /* mb.send(dest, msg[, alias]) */
 static int l_send(lua_State *L)
 {
@@ -367,11 +374,18 @@ static int l_send(lua_State *L)
 static int l_alias(lua_State *L)
 {
   mb_proc_t *p = mb_lib_self(L);
-  mb_ref_t ref = lua_isnoneornil(L, 1) ? mb_proc_newref() : mb_ref_check(L, 1);
+  mb_ref_t ref = lua_isnoneornil(L, 1) ? mb_proc_make_ref(p) : mb_ref_check(L, 1);
   if (!mb_proc_has_alias(p, ref) && mb_proc_room(p, MB_PROC_SET_ENTRY))
     return luaL_error(L, "alias: out of memory");
   mb_proc_alias(p, ref);
   mb_ref_push(L, ref);
+  return 1;
+}
+
+/* mb.make_ref() -> ref: unique among all refs of the host's run. */
+static int l_make_ref(lua_State *L)
+{
+  mb_ref_push(L, mb_proc_make_ref(mb_lib_self(L)));
   return 1;
 }
 
@@ -536,7 +550,13 @@ static double check_timeout(lua_State *L, int idx, const char *fname)
   return lua_tonumber(L, idx);
 }
 
-/* mb.receive([timeout_ms]) / mb.receive(match, [timeout_ms]) -> msg | nil */
+/* mb.receive([timeout_ms]) / mb.receive(match, [timeout_ms], [ref]) -> msg | nil
+ * With ref, match promises to take only messages that carry ref (its
+ * alias's, its DOWN, one that holds it): if ref is the last the process
+ * made, the scan starts at the messages queued after it was made. This is
+ * what keeps a call's wait for its reply from testing every message
+ * queued before the call (Erlang's compiler finds the same promise in a
+ * receive whose every clause matches a new ref). */
 static int l_receive(lua_State *L)
 {
   mb_proc_t *p = mb_lib_self(L);
@@ -545,17 +565,29 @@ static int l_receive(lua_State *L)
   /* mb.receive() with no argument, the usual call, asks no type. */
   int has_match = 0;
   double timeout = -1;
+  mb_ref_t mark = 0;
   if (lua_gettop(L) > 0) {
     has_match = lua_isfunction(L, 1);
     timeout = check_timeout(L, has_match ? 2 : 1, "receive");
     if (!has_match && !lua_isnoneornil(L, 1) && lua_type(L, 1) != LUA_TNUMBER)
       return luaL_error(L, "bad argument #1 to 'receive' (function or timeout "
                         "expected, got %s)", luaL_typename(L, 1));
+    if (!lua_isnoneornil(L, 3)) {
+      if (!has_match)
+        return luaL_error(L, "bad argument #3 to 'receive' (a ref goes with a match "
+                          "function)");
+      mark = mb_ref_test(L, 3);
+      if (!mark)
+        return luaL_error(L, "bad argument #3 to 'receive' (ref expected, got %s)",
+                          luaL_typename(L, 3));
+    }
   }
   clear_match(p, L);
   if (has_match) {
     lua_pushvalue(L, 1);
     p->recv_match = luaL_ref(L, LUA_REGISTRYINDEX);
+    if (mark)
+      p->q_scan = mb_proc_marked(p, mark);
   }
   lua_settop(L, 0);
   int r = mb_lib_try_receive(p, L);
@@ -750,7 +782,7 @@ static int l_monitor(lua_State *L)
 static void flush_down(mb_proc_t *p, mb_ref_t ref)
 {
   mb_proc_drain(p);
-  for (mb_msg_t **pm = &p->q_head; *pm; ) {
+  for (mb_msg_t **pm = mb_proc_marked(p, ref); *pm; ) {
     if ((*pm)->kind == MB_MSG_DOWN && (*pm)->ref == ref) {
       unlink_msg(p, pm);
     } else {
@@ -927,9 +959,11 @@ static const luaL_Reg funcs[] = {
   {"hibernate", l_hibernate},
   {"self", l_self},
   {"is_pid", l_is_pid},
+  {"is_ref", l_is_ref},
   {"send", l_send},
   {"alias", l_alias},
   {"unalias", l_unalias},
+  {"make_ref", l_make_ref},
   {"receive", l_receive},
   {"sleep", l_sleep},
   {"yield", l_yield},

@@ -264,9 +264,9 @@ function Server:close()
   local function down(x) return type(x) == "table" and x.event == "DOWN" and x.ref == ref end
   mb.send(self.pid, { tag = "$http_close" })
   local limit = self.shutdown_timeout
-  if not mb.receive(down, limit ~= math.huge and limit + KILL_WAIT or nil) then
+  if not mb.receive(down, limit ~= math.huge and limit + KILL_WAIT or nil, ref) then
     mb.exit(self.pid, "kill")
-    mb.receive(down, KILL_WAIT)
+    mb.receive(down, KILL_WAIT, ref)
   end
   return true
 end

@@ -719,10 +719,11 @@ end
 -- -- Starting -------------------------------------------------------------
 
 -- Receives the first message that match accepts; waits at most timeout ms
--- (nil or math.huge: no limit).
-local function receive(match, timeout)
-  if timeout == nil or timeout == math.huge then return mb.receive(match) end
-  return mb.receive(match, timeout)
+-- (nil or math.huge: no limit). ref, if given: match takes only messages
+-- that carry it (mb.receive skips those queued before it was made).
+local function receive(match, timeout, ref)
+  if timeout == math.huge then timeout = nil end
+  return mb.receive(match, timeout, ref)
 end
 
 local function flush(match)
@@ -802,7 +803,7 @@ function server.start(callbacks, arg, opts)
     mb.unlink(pid)
   end
   if msg == nil or msg.event ~= "DOWN" then
-    if receive(down_of(ref), KILL_WAIT) == nil then
+    if receive(down_of(ref), KILL_WAIT, ref) == nil then
       mb.exit(pid, "kill")
       mb.demonitor(ref)
     end
@@ -849,7 +850,7 @@ local function gen_request(fname, dest, label, req, timeout)
       return m.n == 2 and type(m[1]) == "table" and m[1]["$tail"] == ref
     end
     return m.event == "DOWN" and m.ref == ref
-  end, timeout ~= math.huge and timeout or nil)
+  end, timeout ~= math.huge and timeout or nil, ref)
   done()
   local what = type(dest) == "table" and not mb.is_pid(dest)
                and ("{" .. tostring(dest[1]) .. ", " .. tostring(dest[2]) .. "}") or tostring(dest)
@@ -892,7 +893,7 @@ local function request(fname, dest, tag, req, timeout)
   end
   local m = mb.receive(function(m)
     return type(m) == "table" and m.ref == ref and (m.tag == "$reply" or m.event == "DOWN")
-  end, timeout ~= math.huge and timeout or nil)
+  end, timeout ~= math.huge and timeout or nil, ref)
   done()
   if m == nil then
     error(fname .. ": timeout after " .. timeout .. " ms waiting for "
@@ -965,7 +966,7 @@ local function remote_stop(dest, reason, timeout)
     mb.demonitor(ref, true)
     error("server.stop: " .. tostring(err), 3)
   end
-  local m = receive(down_of(ref), timeout)
+  local m = receive(down_of(ref), timeout, ref)
   if m == nil then
     mb.demonitor(ref, true)
     error("server.stop: " .. tostring(dest[1] or dest) .. " did not stop within " .. timeout .. " ms", 3)
@@ -992,7 +993,7 @@ function server.stop(dest, reason, timeout)
     flush(down_of(ref))
     error("server.stop: " .. tostring(err), 2)
   end
-  local m = receive(down_of(ref), timeout)
+  local m = receive(down_of(ref), timeout, ref)
   if m == nil then
     mb.demonitor(ref)
     flush(down_of(ref))

@@ -241,10 +241,10 @@ local function shutdown_proc(st, child)
     mb.exit(pid, "shutdown")
   end
   local m
-  if limit == "infinity" then m = mb.receive(down) else m = mb.receive(down, limit) end
+  m = mb.receive(down, limit ~= "infinity" and limit or nil, ref)
   if m == nil then
     mb.exit(pid, "kill")
-    m = mb.receive(down, KILL_WAIT)
+    m = mb.receive(down, KILL_WAIT, ref)
     log(st, {
       "child: " .. show_id(child.id) .. " " .. tostring(pid),
       "action: killed, as it did not stop within " .. tostring(child.shutdown)
