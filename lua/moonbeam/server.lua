@@ -109,6 +109,7 @@ local CALLBACKS = { "init", "handle_call", "handle_cast", "handle_info", "termin
 -- What handle_cast and handle_info return (after the reply, handle_call too),
 -- as the report of a bad return value says it.
 local STATE_RETURNS = "state[, stop_reason or server.hibernate]"
+local CALL_RETURNS = "reply, " .. STATE_RETURNS
 
 -- handle_call may return server.noreply in place of a reply: the reply is
 -- then sent later with server.reply(from, value). The marker is compared by
@@ -240,11 +241,10 @@ local function returned(name, min, expected, ...)
     bad_return(name, n == 0 and "nothing" or show((...)), expected,
                "it returned " .. (n == 0 and "no value" or n == 1 and "1 value" or n .. " values"))
   end
-  for i = 1, min do
-    if is_hibernate((select(i, ...))) then
-      bad_return(name, "server.hibernate", expected,
-                 "server.hibernate in place of the " .. (i < min and "reply" or "state"))
-    end
+  local first, second = ...
+  if is_hibernate(first) or (min == 2 and is_hibernate(second)) then
+    bad_return(name, "server.hibernate", expected, "server.hibernate in place of the "
+               .. ((min == 2 and is_hibernate(first)) and "reply" or "state"))
   end
   return ...
 end
@@ -266,11 +266,7 @@ end
 
 -- -- Argument checks ------------------------------------------------------
 
--- The runtime tells pids (mb.is_pid) but has no such test for refs: a ref
--- is a userdata that prints as #Ref<0.N>.
-local function is_ref(v)
-  return type(v) == "userdata" and tostring(v):sub(1, 5) == "#Ref<"
-end
+local is_ref = mb.is_ref
 
 -- A destination on another node: a pid of another node, or {name, node}
 -- with a node that is not ours. Returns it, or nil.
@@ -460,7 +456,7 @@ local function handle(ctx, msg)
       if cb.handle_call == nil then
         error("server has no handle_call callback (request " .. show(msg.req) .. ")", 0)
       end
-      local reply, state, stop = returned("handle_call", 2, "reply, " .. STATE_RETURNS,
+      local reply, state, stop = returned("handle_call", 2, CALL_RETURNS,
                                           cb.handle_call(msg.req, msg.from, ctx.state))
       ctx.state = state
       if not is_noreply(reply) then send_reply(msg.from, reply) end
@@ -612,7 +608,7 @@ loop = function(ctx)
       msg = mb.receive()
     end
     ctx.stay_awake = nil
-    msg = from_erlang(msg)
+    if type(msg) ~= "table" or msg.tag == nil then msg = from_erlang(msg) end
     local bad = type(msg) == "table" and malformed(msg)
     if bad then
       report(ctx, { ctx.origin, "dropped a malformed " .. msg.tag .. " message (" .. bad .. "): "
@@ -882,19 +878,17 @@ local function request(fname, dest, tag, req, timeout)
 
   local ref = mb.monitor(pid)
   mb.alias(ref)
-  local function done()
-    mb.unalias(ref)
-    mb.demonitor(ref, true)
-  end
   local ok, err = pcall(mb.send, pid, { tag = tag, from = { pid = me, ref = ref }, req = req })
   if not ok then
-    done()
+    mb.unalias(ref)
+    mb.demonitor(ref, true)
     error(fname .. ": cannot send the request: " .. tostring(err), 3)
   end
   local m = mb.receive(function(m)
     return type(m) == "table" and m.ref == ref and (m.tag == "$reply" or m.event == "DOWN")
   end, timeout ~= math.huge and timeout or nil, ref)
-  done()
+  mb.unalias(ref)
+  mb.demonitor(ref, true)
   if m == nil then
     error(fname .. ": timeout after " .. timeout .. " ms waiting for "
           .. tostring(dest) .. (dest ~= pid and (" (" .. tostring(pid) .. ")") or "")
