@@ -183,6 +183,57 @@ describe("messages", function()
       assert.are.same({ 1, 2, 4, 5 }, rest)
     end)
 
+    -- A match that raised on a message that came while the receive waited
+    -- ended the process, past this pcall (it ran on the scheduler's side).
+    it("raises what match raises on a message that comes during the wait", function()
+      mb.spawn(function(parent)
+        mb.send(parent, "first")
+        mb.sleep(20)
+        mb.send(parent, "boom")
+      end, mb.self())
+      local ok, err = pcall(mb.receive, function(m)
+        if m == "boom" then error("match raised on " .. m) end
+        return false
+      end, S.T)
+      assert.is_false(ok)
+      assert.is_true(S.has(err, "match raised on boom"), tostring(err))
+      assert.is_true(S.has(err, "message_spec.lua:"), tostring(err))   -- where match raised
+      assert.are.equal("first", mb.receive(0))
+      assert.are.equal("boom", mb.receive(0))
+    end)
+
+    it("keeps its deadline while messages it does not take keep coming", function()
+      local sender = mb.spawn(function(parent)
+        for _ = 1, 400 do mb.send(parent, "noise") mb.sleep(5) end
+      end, mb.self())
+      local t0 = mb.now()
+      assert.is_nil(mb.receive(function(m) return m == "never" end, 50))
+      assert.is_true(mb.now() - t0 < 1500, "waited " .. (mb.now() - t0) .. " ms")
+      mb.exit(sender, "kill")
+      S.drain()
+    end)
+
+    it("refuses to hibernate inside match", function()
+      mb.send(mb.self(), "x")
+      local ok, err = pcall(mb.receive, function() mb.hibernate(function() end) end, 0)
+      assert.is_false(ok)
+      assert.is_true(S.has(err, "hibernate: not allowed inside a receive's match function"), tostring(err))
+      assert.are.equal("x", mb.receive(0))
+    end)
+
+    it("is a function that travels in messages and to spawned processes", function()
+      local receive = mb.receive
+      assert.are.equal("function", type(receive))
+      local pid = mb.spawn(function(parent)
+        mb.send(parent, { got = receive(function(m) return m == "for you" end, 5000) })
+      end, mb.self())
+      mb.send(pid, "not this")
+      mb.send(pid, "for you")
+      assert.are.same({ got = "for you" }, S.recv(S.field("got", "for you")))
+      mb.send(mb.self(), { f = mb.receive })
+      assert.are.equal(mb.receive, mb.receive(0).f)
+    end)
+
     it("goes on rightly when match changes the mailbox (demonitor's flush)", function()
       for round = 1, 20 do   -- (a freed message was not always reused at once)
         local _, ref = mb.spawn_monitor(function() end)

@@ -141,6 +141,37 @@ describe("preemption", function()
       assert.are.equal(0, code, out .. err)
       assert.is_true(S.has(out, "others ran"), out .. err)
     end)
+
+    -- A receive's match function ran inside a C call, where the hook could
+    -- not yield: a loop in it held its scheduler, here the host's only one,
+    -- for ever, and no kill could reach it. It is Lua code of the process
+    -- now, preempted like any other.
+    it("a loop in a receive's match function does not stop the others, and can be killed", function()
+      local s = S.write("loop_match.lua", [[
+        local mb = require "moonbeam"
+        local looper, lref = mb.spawn_monitor(function()
+          mb.send(mb.self(), "bait")
+          mb.receive(function(m) while true do end end)
+        end)
+        local waiter, wref = mb.spawn_monitor(function()
+          mb.receive(function(m) local n = 0 while m == "go" do n = n + 1 end return true end)
+        end)
+        mb.send(waiter, "go")   -- a second looping match, woken by a message
+        local _, ref = mb.spawn_monitor(function() mb.sleep(10) end)
+        local m = mb.receive(function(x) return x.ref == ref end, 5000)
+        print(m and m.event == "DOWN" and "others ran" or "stalled")
+        mb.exit(looper, "kill")
+        mb.exit(waiter, "kill")
+        for _, r in ipairs { lref, wref } do
+          local d = mb.receive(function(x) return x.ref == r end, 5000)
+          print(d and d.reason or "no DOWN")
+        end
+        os.exit(0)
+      ]])
+      local code, out, err = S.moonbeam("--schedulers 1 " .. S.q(s), nil, 15)
+      assert.are.equal(0, code, out .. err)
+      assert.are.equal("others ran\nkilled\nkilled\n", out, err)
+    end)
   end)
 
   -- A process whose socket lives on a scheduler's loop is left in that

@@ -208,14 +208,10 @@ enum {
   AGAIN = -3        /* a continuation goes on: back to the run queue */
 };
 
-/* End the current wait: drop its timer and match function. */
+/* End the current wait: drop its timer. */
 static void end_wait(mb_proc_t *p)
 {
-  if (p->recv_match) {
-    luaL_unref(p->L, LUA_REGISTRYINDEX, p->recv_match);
-    p->recv_match = 0;
-  }
-  p->q_scan = &p->q_head;
+  p->recv_scan = 0;
   p->timed_out = 0;
   p->io_on_timeout = NULL;
   if (p->wait_timer || p->wait == MB_WAIT_IO) {
@@ -443,9 +439,20 @@ static int finish_wait(mb_proc_t *p)
 {
   if (mb_proc_drain(p))
     return MUST_DIE;
+  if (p->wait == MB_WAIT_RECV && p->recv_scan) {
+    /* A selective receive's: it goes on in Lua once more messages came
+     * past its scan's place (lib_mb.c), or at its deadline. */
+    int more = *p->q_scan != NULL;
+    if (!more && !p->timed_out)
+      return GOES_ON;
+    lua_pushboolean(p->co, more);
+    end_wait(p);
+    return 1;
+  }
   if (p->wait == MB_WAIT_RECV) {
-    /* The receive may call a match function: run it on the idle main
-     * thread, protected, never on the suspended coroutine. */
+    /* A plain receive: take the oldest message on the idle main thread,
+     * protected (rebuilding it may raise), never on the suspended
+     * coroutine. */
     lua_State *L = p->L;
     int rc = call_kept(L, &receive_fn);
     if (rc != 0) {
@@ -850,6 +857,7 @@ void mb_run_init(void)
   mb_copy_code_of = code_of;
   mb_copy_module = provide_module;
   mb_copy_own_module = own_module;
+  mb_copy_host_fn = mb_lib_host_fn;
   mb_lstate_init();
   mb_sched_set_runner(run);
   mb_sched_set_preempter(preempt);
