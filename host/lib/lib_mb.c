@@ -633,14 +633,18 @@ static int block_error_at(lua_State *L, int level)
                   "as table.sort, string.gsub, require, or a metamethod called from C)");
 }
 
-/* A plain receive: the oldest message, or nil after timeout ms. */
-static int plain_receive(lua_State *L, mb_proc_t *p)
+/* A plain receive: the oldest message, or nil after timeout ms. t1 is the
+ * type of argument 1 (nil, the usual call, asks nothing more). */
+static int plain_receive(lua_State *L, mb_proc_t *p, int t1)
 {
-  double timeout = timeout_at(L, 1, "receive", 2);
-  if (!lua_isnoneornil(L, 1) && lua_type(L, 1) != LUA_TNUMBER)
-    return raise_at(L, 2, "bad argument #1 to 'receive' (function or timeout "
-                    "expected, got %s)", luaL_typename(L, 1));
-  if (!lua_isnoneornil(L, 3))
+  double timeout = -1;
+  if (t1 != LUA_TNIL) {
+    timeout = timeout_at(L, 1, "receive", 2);
+    if (t1 != LUA_TNUMBER)
+      return raise_at(L, 2, "bad argument #1 to 'receive' (function or timeout "
+                      "expected, got %s)", luaL_typename(L, 1));
+  }
+  if (lua_type(L, 3) != LUA_TNIL)
     return raise_at(L, 2, "bad argument #3 to 'receive' (a ref goes with a match function)");
   lua_settop(L, 0);
   int r = mb_lib_try_receive(p, L);
@@ -673,8 +677,9 @@ static int l_recv_enter(lua_State *L)
   mb_proc_t *p = mb_lib_self(L);
   if (scan_live(p, L, 2))   /* (level 1: this receive) */
     return refuse_in_match(L, "receive", 2);
-  if (!lua_isfunction(L, 1))
-    return plain_receive(L, p);
+  int t1 = lua_type(L, 1);
+  if (t1 != LUA_TFUNCTION)
+    return plain_receive(L, p, t1);
   double timeout = timeout_at(L, 2, "receive", 2);
   mb_ref_t mark = 0;
   if (!lua_isnoneornil(L, 3) && (mark = mb_ref_test(L, 3)) == 0)

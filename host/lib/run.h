@@ -10,8 +10,7 @@
  * any scheduler), or ends it (mb_proc_exit) with its reason and a crash
  * report if it crashed. Work done on a process's behalf while its body is
  * suspended (booting it, decoding the message a receive waits for, pushing
- * an I/O result, running a selective receive's match function, going on
- * with a long C call that stopped for the scheduler: mb_run_suspend) runs
+ * an I/O result, going on with a long C call that stopped for the scheduler: mb_run_suspend) runs
  * under a protected call on the state's idle main thread, never on the
  * suspended coroutine.
  *
