@@ -775,22 +775,6 @@ mb_code_t *(*mb_copy_code_of)(lua_State *L, int idx);
 void (*mb_copy_on_dump)(lua_State *L, int idx, mb_code_t *code);
 int (*mb_copy_module)(lua_State *L, const char *name, size_t n);
 const char *(*mb_copy_own_module)(lua_State *L);
-const char *(*mb_copy_host_fn)(lua_State *L, int idx);
-
-/* A host-made Lua function of the own module (mb_copy_host_fn): a C-field
- * record, as for the module's C functions. 1 if written, 0 if it is not
- * one, -1 on failure. */
-static int enc_host_fn(enc_t *e, int idx)
-{
-  lua_State *L = e->L;
-  const char *field, *name;
-  if (mb_copy_host_fn == NULL || (field = mb_copy_host_fn(L, idx)) == NULL ||
-      mb_copy_own_module == NULL || (name = mb_copy_own_module(L)) == NULL)
-    return 0;
-  lua_pop(L, 1);
-  return put_byte(e, T_CFIELD) < 0 || put_cname(e, name, strlen(name)) < 0 ||
-         put_cname(e, field, strlen(field)) < 0 ? -1 : 1;
-}
 
 static int enc_function(enc_t *e, int idx)
 {
@@ -801,9 +785,6 @@ static int enc_function(enc_t *e, int idx)
     return seen < 0 ? -1 : put_backref(e, first);
   if (lua_iscfunction(L, idx))
     return enc_cfunction(e, idx);
-  int host = enc_host_fn(e, idx);
-  if (host)
-    return host < 0 ? -1 : 0;
   if (enter(e) < 0)
     return -1;
 

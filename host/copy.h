@@ -60,10 +60,6 @@ extern int (*mb_copy_module)(lua_State *L, const char *name, size_t n);
  * and C functions that are fields of it, by name, as it does those of
  * package.loaded (where that module may not be). */
 extern const char *(*mb_copy_own_module)(lua_State *L);
-/* A host-made Lua function that travels by name, as a field of that module
- * (mb.receive, which each process makes for itself): the field's name, or
- * NULL for any other function. */
-extern const char *(*mb_copy_host_fn)(lua_State *L, int idx);
 
 /* Encode the n values at stack slots first..first+n-1 of L into a new
  * message (malloc'ed, owner: the caller; free with mb_msg_free). root names

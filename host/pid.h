@@ -107,8 +107,6 @@ typedef struct mb_idkind {
 #define MB_REGSLOT_GUARD_MT (-0x20a)     /* and its guards' (lib_http.c) */
 #define MB_REGSLOT_CONT (-0x20b)         /* a suspended C call's continuation (run.c) */
 #define MB_REGSLOT_CONT_FN (-0x20c)      /* run.c's function that runs it */
-#define MB_REGSLOT_RECV_MAKE (-0x20d)    /* makes mb.receive (lib_mb.c) */
-#define MB_REGSLOT_RECV_FN (-0x20e)      /* the process's mb.receive (lib_mb.c) */
 
 /* The kinds defined here (registered from the start). */
 extern mb_idkind_t mb_pid_kind, mb_ref_kind;

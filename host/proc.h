@@ -152,8 +152,6 @@ typedef struct mb_proc {
   mb_msg_t *recv_bad;          /* a message whose rebuilding raised */
   mb_msg_t *recv_testing;      /* the message a match function is looking
                                   at; NULL once taken meanwhile (lib_mb.c) */
-  double recv_deadline;        /* a selective receive's end (mb_timer_now
-                                  ms), 0: just look, -1: none */
   mb_hset_t monitoring;        /* monitors this process holds: ref -> target */
   mb_hset_t aliases;           /* active aliases: ref -> 0 (see mb.alias) */
   mb_yield_t yield;            /* reason of the pending runtime yield */
@@ -161,12 +159,14 @@ typedef struct mb_proc {
   lua_State **costack;         /* user coroutines running inside co */
   int con, cocap;
   int budget;                  /* reductions left in a counted slice */
+  int recv_match;              /* registry ref of the match function, or 0 */
   int recv_result;             /* what the scheduler's work on its behalf gave:
                                   receive -1/0/1, values pushed by boot or I/O */
   uint32_t wakes;              /* times woken from hibernation */
   uint8_t trap_exit;
   uint8_t timed_out;           /* `expired`, as last seen by mb_proc_drain */
-  uint8_t recv_scan;           /* its MB_WAIT_RECV is a selective receive's */
+  uint8_t match_hooks;         /* hooks its running match function has seen
+                                  past its slice (run.c, MB_MATCH_HOOKS) */
   uint8_t booting;             /* boot is decoding the body (run.c) */
   uint8_t settled;             /* its state had its first full collection */
   uint8_t lstate_tainted;      /* its state may not be reused (lstate.c) */

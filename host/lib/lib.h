@@ -41,18 +41,14 @@ int mb_lib_halt(lua_State *L, int code);
  * Raises on a corrupt message; m stays owned by the caller. */
 void mb_lib_push_msg(lua_State *L, const mb_msg_t *m);
 
-/* A plain receive on behalf of p (owner thread): take the oldest message
- * and push it onto L. Returns 1 if a message was pushed, 0 if there was
- * none, -1 if p must die. */
+/* Receive on behalf of p (owner thread): look for the oldest message that
+ * matches the pending receive (p->recv_match) and push it onto L.
+ * Returns 1 if a message was pushed, 0 if none matched, -1 if p must die. */
 int mb_lib_try_receive(mb_proc_t *p, lua_State *L);
 /* mb_lib_try_receive without draining p's inbox first: for a caller that
  * just did (mb_proc_drain), which spares a lock round trip per message.
  * Never returns -1. */
 int mb_lib_receive_queued(mb_proc_t *p, lua_State *L);
-
-/* The name under which the Lua function at idx travels in messages, if it
- * is the process's own mb.receive (copy.h, mb_copy_host_fn), or NULL. */
-const char *mb_lib_host_fn(lua_State *L, int idx);
 
 /* The distribution functions of the module (lib_dist.c), which the module
  * table (lib_mb.c) serves like its own. */

@@ -13,10 +13,8 @@
  * use, so that an idle process holds only the functions it called.
  */
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <math.h>
 #include <string.h>
 
 #include "copy.h"
@@ -291,9 +289,6 @@ static int l_spawn_opt(lua_State *L)
   return spawn_common(L, 3, &o, "spawn_opt");
 }
 
-static int scan_live(mb_proc_t *p, lua_State *L, int from);
-static int refuse_in_match(lua_State *L, const char *fname, int level);
-
 /* mb.hibernate(fn | module, ...): never returns. The process drops its
  * whole Lua state and keeps only fn and its arguments (copied now, as for
  * spawn); the next message or signal that would wake it rebuilds a state
@@ -301,8 +296,6 @@ static int refuse_in_match(lua_State *L, const char *fname, int level);
 static int l_hibernate(lua_State *L)
 {
   mb_proc_t *p = mb_lib_self(L);
-  if (scan_live(p, L, 1))
-    return refuse_in_match(L, "hibernate", 1);
   mb_msg_t *m = encode_body(L, 1, "hibernate");
   if (!mb_run_can_yield(p, L)) {
     mb_msg_free(m);
@@ -462,36 +455,62 @@ static void drop_bad(mb_proc_t *p)
   p->recv_bad = NULL;
 }
 
-/* A socket's active-mode message: a listener bounds those not yet
- * received (sock.h). */
-static void take_msg(mb_proc_t *p, mb_msg_t **pm)
+/* Run the match function on the message at the top of L: whether it
+ * takes m, -1 if m was taken from the mailbox meanwhile. The function may
+ * change the mailbox (mb.demonitor's flush, a socket given away with its
+ * messages): the scan then goes on from p->q_scan, which
+ * mb_proc_take_msg keeps pointing at m's link, or at what follows once m
+ * itself is gone (recv_testing says so). It may not receive (the scan's
+ * own state is the receive's): recv_testing refuses that, and is cleared
+ * however the call ends. */
+static int match(mb_proc_t *p, lua_State *L, mb_msg_t **pm, mb_msg_t *m)
 {
-  uint64_t port = (*pm)->kind == MB_MSG_USER ? (*pm)->port : 0;
-  unlink_msg(p, pm);
-  if (port)
-    mb_sock_received(port);
-}
-
-/* Is m a message sent through an alias p has dropped? */
-static int alias_gone(mb_proc_t *p, const mb_msg_t *m)
-{
-  return m->kind == MB_MSG_USER && m->ref && !mb_proc_has_alias(p, m->ref);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, p->recv_match);
+  lua_pushvalue(L, -2);
+  p->q_scan = pm;
+  p->recv_testing = m;
+  p->match_hooks = 0;
+  int rc = lua_pcall(L, 1, 1, 0);
+  int gone = p->recv_testing == NULL;
+  p->recv_testing = NULL;
+  if (rc != 0)
+    lua_error(L);
+  int ok = lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  return gone ? -1 : ok;
 }
 
 int mb_lib_receive_queued(mb_proc_t *p, lua_State *L)
 {
   if (p->recv_bad)
     drop_bad(p);
-  for (mb_msg_t **pm = &p->q_head; *pm; ) {
+  for (mb_msg_t **pm = p->q_scan; *pm; ) {
     mb_msg_t *m = *pm;
-    if (alias_gone(p, m)) {
-      unlink_msg(p, pm);
+    if (m->kind == MB_MSG_USER && m->ref && !mb_proc_has_alias(p, m->ref)) {
+      unlink_msg(p, pm);   /* sent through an alias that is gone */
       continue;
     }
     p->recv_bad = m;
     mb_lib_push_msg(L, m);
     p->recv_bad = NULL;
-    take_msg(p, pm);
+    if (p->recv_match) {
+      int ok = match(p, L, pm, m);
+      pm = p->q_scan;   /* (m's link, or what follows m if it went) */
+      if (ok <= 0) {
+        lua_pop(L, 1);
+        if (ok == 0)
+          pm = &m->next;
+        p->q_scan = pm;
+        continue;
+      }
+    }
+    /* A socket's active-mode message: a listener bounds those not yet
+     * received (sock.h). */
+    uint64_t port = m->kind == MB_MSG_USER ? m->port : 0;
+    unlink_msg(p, pm);
+    p->q_scan = &p->q_head;
+    if (port)
+      mb_sock_received(port);
     return 1;
   }
   return 0;
@@ -512,293 +531,88 @@ int mb_lib_try_receive(mb_proc_t *p, lua_State *L)
   return mb_lib_receive_queued(p, L);
 }
 
-/* Raise the message fmt makes, placed where the function at `level` (1:
- * the caller of the C function raising) is: receive's steps are called by
- * mb.receive's own Lua code, so they name its caller's line (level 2). */
-static int raise_at(lua_State *L, int level, const char *fmt, ...)
+static void clear_match(mb_proc_t *p, lua_State *L)
 {
-  va_list ap;
-  luaL_where(L, level);
-  va_start(ap, fmt);
-  lua_pushvfstring(L, fmt, ap);
-  va_end(ap);
-  lua_concat(L, 2);
-  return lua_error(L);
+  if (p->recv_match) {
+    luaL_unref(L, LUA_REGISTRYINDEX, p->recv_match);
+    p->recv_match = 0;
+  }
+  p->q_scan = &p->q_head;
 }
 
 /* A timeout argument: nil -> -1 (forever), else a number >= 0. */
-static double timeout_at(lua_State *L, int idx, const char *fname, int level)
+static double check_timeout(lua_State *L, int idx, const char *fname)
 {
   if (lua_isnoneornil(L, idx))
     return -1;
   if (lua_type(L, idx) != LUA_TNUMBER || !(lua_tonumber(L, idx) >= 0))   /* NaN too */
-    raise_at(L, level, "bad argument #%d to '%s' (timeout in ms (a number >= 0) "
-             "expected, got %s)", idx, fname, luaL_typename(L, idx));
+    luaL_error(L, "bad argument #%d to '%s' (timeout in ms (a number >= 0) "
+               "expected, got %s)", idx, fname, luaL_typename(L, idx));
   return lua_tonumber(L, idx);
 }
 
-static double check_timeout(lua_State *L, int idx, const char *fname)
-{
-  return timeout_at(L, idx, fname, 1);
-}
-
-/* -- Selective receive ----------------------------------------------------
- * mb.receive(match, ...) is a Lua function (receive_src) over the C steps
- * below, so that match runs in the process's own Lua code: preempted like
- * any other (it ran inside a C call before, where a loop in it held its
- * scheduler), and what it raises is raised by receive, however late the
- * message came (one that came while the receive waited used to end the
- * process, past any pcall around the receive). The scan's place is
- * p->q_scan, which mb_proc_take_msg keeps valid whatever match does to the
- * mailbox (mb.demonitor's flush, a socket given away with its messages);
- * p->recv_testing is the message match is looking at. A receive inside
- * match is refused: it would lose the scan's place. A match that raised
- * leaves both set; the next receive finds no scan under way on the stack
- * (scan_live) and starts afresh. A plain mb.receive([timeout]) goes
- * straight to C (enter). */
-
-static const char receive_src[] =
-  "return function(enter, nxt, take, skip, wait, SEL)\n"
-  "  return function()\n"
-  "    return function(match, timeout, ref)\n"
-  "      local r = enter(match, timeout, ref)\n"
-  "      if r ~= SEL then return r end\n"
-  "      while true do\n"
-  "        local msg = nxt()\n"
-  "        if msg == nil then\n"
-  "          if not wait() then return nil end\n"
-  "        elseif match(msg) then\n"
-  "          if take() then return msg end\n"
-  "        else\n"
-  "          skip()\n"
-  "        end\n"
-  "      end\n"
-  "    end\n"
-  "  end\n"
-  "end\n";
-static mb_lstate_chunk_t receive_chunk = MB_LSTATE_CHUNK(receive_src, "=receive");
-static char scan_sentinel;
-
-/* The process's mb.receive, made on its first use (push_receive), or NULL. */
-static const void *receive_fn(lua_State *L)
-{
-  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_RECV_FN);
-  const void *fn = lua_topointer(L, -1);
-  lua_pop(L, 1);
-  return fn;
-}
-
-/* Has S a frame of the function fn (a scan calling its match), from level
- * `from` down? */
-static int has_frame(lua_State *S, const void *fn, int from)
-{
-  lua_Debug ar;
-  for (int level = from; lua_getstack(S, level, &ar); level++) {
-    lua_getinfo(S, "f", &ar);
-    int is = lua_topointer(S, -1) == fn;
-    lua_pop(S, 1);
-    if (is)
-      return 1;
-  }
-  return 0;
-}
-
-/* Is a scan under way, its match running (so that no receive may start)?
- * The rare path: only when recv_testing is set. One left by a match that
- * raised is dropped. L's frames are looked at from level `from` (past the
- * caller's own receive), the coroutines that resumed it whole. */
-static int scan_live(mb_proc_t *p, lua_State *L, int from)
-{
-  if (p->recv_testing == NULL)
-    return 0;
-  const void *fn = receive_fn(L);
-  int live = fn && (has_frame(L, fn, from) || (p->co != L && has_frame(p->co, fn, 0)));
-  for (int i = 0; fn && !live && i < p->con; i++)
-    live = p->costack[i] != L && has_frame(p->costack[i], fn, 0);
-  if (!live) {
-    p->recv_testing = NULL;
-    p->q_scan = &p->q_head;
-  }
-  return live;
-}
-
-static int refuse_in_match(lua_State *L, const char *fname, int level)
-{
-  return raise_at(L, level, "%s: not allowed inside a receive's match function", fname);
-}
-
-static int block_error_at(lua_State *L, int level)
-{
-  return raise_at(L, level, "receive: cannot block here (called through a C function such "
-                  "as table.sort, string.gsub, require, or a metamethod called from C)");
-}
-
-/* A plain receive: the oldest message, or nil after timeout ms. t1 is the
- * type of argument 1 (nil, the usual call, asks nothing more). */
-static int plain_receive(lua_State *L, mb_proc_t *p, int t1)
-{
-  double timeout = -1;
-  if (t1 != LUA_TNIL) {
-    timeout = timeout_at(L, 1, "receive", 2);
-    if (t1 != LUA_TNUMBER)
-      return raise_at(L, 2, "bad argument #1 to 'receive' (function or timeout "
-                      "expected, got %s)", luaL_typename(L, 1));
-  }
-  if (lua_type(L, 3) != LUA_TNIL)
-    return raise_at(L, 2, "bad argument #3 to 'receive' (a ref goes with a match function)");
-  lua_settop(L, 0);
-  int r = mb_lib_try_receive(p, L);
-  if (r == 1)
-    return 1;
-  if (r < 0)
-    return stop_self(L, p);
-  if (timeout == 0) {
-    lua_pushnil(L);
-    return 1;
-  }
-  if (!mb_run_can_yield(p, L))
-    return block_error_at(L, 2);
-  if (timeout > 0)
-    p->wait_timer = mb_timer_wait(p, timeout);
-  p->recv_scan = 0;
-  p->pending_wait = MB_WAIT_RECV;
-  return mb_run_yield(L, MB_YIELD_WAIT);
-}
-
-/* enter(match, timeout, ref): a plain receive's result, or SEL once a
- * selective one is set up. With ref, match promises to take only messages
- * that carry ref (its alias's, its DOWN, one that holds it): if ref is the
- * last the process made, the scan starts at the messages queued after it
- * was made. That keeps a call's wait for its reply from testing every
- * message queued before the call (Erlang's compiler finds the same promise
- * in a receive whose every clause matches a new ref). */
-static int l_recv_enter(lua_State *L)
-{
-  mb_proc_t *p = mb_lib_self(L);
-  if (scan_live(p, L, 2))   /* (level 1: this receive) */
-    return refuse_in_match(L, "receive", 2);
-  int t1 = lua_type(L, 1);
-  if (t1 != LUA_TFUNCTION)
-    return plain_receive(L, p, t1);
-  double timeout = timeout_at(L, 2, "receive", 2);
-  mb_ref_t mark = 0;
-  if (!lua_isnoneornil(L, 3) && (mark = mb_ref_test(L, 3)) == 0)
-    return raise_at(L, 2, "bad argument #3 to 'receive' (ref expected, got %s)",
-                    luaL_typename(L, 3));
-  if (p->recv_bad)
-    drop_bad(p);
-  p->q_scan = mark ? mb_proc_marked(p, mark) : &p->q_head;
-  p->recv_deadline = timeout < 0 || timeout == HUGE_VAL ? -1
-                   : timeout == 0 ? 0 : mb_timer_now() + timeout;
-  lua_pushlightuserdata(L, &scan_sentinel);
-  return 1;
-}
-
-/* nxt() -> the next message past the scan's place, or nothing. */
-static int l_recv_next(lua_State *L)
-{
-  mb_proc_t *p = mb_lib_self(L);
-  for (int drained = 0;;) {
-    mb_msg_t **pm = p->q_scan, *m = *pm;
-    if (m == NULL) {
-      if (drained)
-        return 0;
-      /* At the queue's end: what came meanwhile (no lock when nothing
-       * is queued anywhere). */
-      if (atomic_load_explicit(&p->mailbox_len, memory_order_relaxed) == 0)
-        return p->exit_reason ? stop_self(L, p) : 0;
-      if (mb_proc_drain(p))
-        return stop_self(L, p);
-      drained = 1;
-      continue;
-    }
-    if (alias_gone(p, m)) {
-      unlink_msg(p, pm);
-      continue;
-    }
-    p->recv_bad = m;
-    mb_lib_push_msg(L, m);
-    p->recv_bad = NULL;
-    p->recv_testing = m;
-    return 1;
-  }
-}
-
-/* take() -> whether the message match accepted is still there to take
- * (match may have taken it out itself); the scan is over if so. */
-static int l_recv_take(lua_State *L)
-{
-  mb_proc_t *p = mb_lib_self(L);
-  mb_msg_t *m = p->recv_testing;
-  p->recv_testing = NULL;
-  if (m) {
-    take_msg(p, p->q_scan);   /* (*q_scan is m: see mb_proc_take_msg) */
-    p->q_scan = &p->q_head;
-  }
-  lua_pushboolean(L, m != NULL);
-  return 1;
-}
-
-/* skip(): past the message match refused (or where it was, if gone). */
-static int l_recv_skip(lua_State *L)
+/* mb.receive([timeout_ms]) / mb.receive(match, [timeout_ms], [ref]) -> msg | nil
+ * With ref, match promises to take only messages that carry ref (its
+ * alias's, its DOWN, one that holds it): if ref is the last the process
+ * made, the scan starts at the messages queued after it was made. This is
+ * what keeps a call's wait for its reply from testing every message
+ * queued before the call (Erlang's compiler finds the same promise in a
+ * receive whose every clause matches a new ref). */
+static int l_receive(lua_State *L)
 {
   mb_proc_t *p = mb_lib_self(L);
   if (p->recv_testing)
-    p->q_scan = &p->recv_testing->next;
-  p->recv_testing = NULL;
-  return 0;
-}
-
-/* wait() -> true once more messages came, false at the deadline. */
-static int l_recv_wait(lua_State *L)
-{
-  mb_proc_t *p = mb_lib_self(L);
-  double left = -1;
-  if (p->recv_deadline == 0)
-    return lua_pushboolean(L, 0), 1;
-  if (p->recv_deadline > 0 && (left = p->recv_deadline - mb_timer_now()) <= 0)
-    return lua_pushboolean(L, 0), 1;
-  if (!mb_run_can_yield(p, L))
-    return block_error_at(L, 2);
-  if (left > 0)
-    p->wait_timer = mb_timer_wait(p, left);
-  p->recv_scan = 1;
+    return luaL_error(L, "receive: not allowed inside a receive's match function");
+  /* mb.receive() with no argument, the usual call, asks no type. */
+  int has_match = 0;
+  double timeout = -1;
+  mb_ref_t mark = 0;
+  if (lua_gettop(L) > 0) {
+    has_match = lua_isfunction(L, 1);
+    timeout = check_timeout(L, has_match ? 2 : 1, "receive");
+    if (!has_match && !lua_isnoneornil(L, 1) && lua_type(L, 1) != LUA_TNUMBER)
+      return luaL_error(L, "bad argument #1 to 'receive' (function or timeout "
+                        "expected, got %s)", luaL_typename(L, 1));
+    if (!lua_isnoneornil(L, 3)) {
+      if (!has_match)
+        return luaL_error(L, "bad argument #3 to 'receive' (a ref goes with a match "
+                          "function)");
+      mark = mb_ref_test(L, 3);
+      if (!mark)
+        return luaL_error(L, "bad argument #3 to 'receive' (ref expected, got %s)",
+                          luaL_typename(L, 3));
+    }
+  }
+  clear_match(p, L);
+  if (has_match) {
+    lua_pushvalue(L, 1);
+    p->recv_match = luaL_ref(L, LUA_REGISTRYINDEX);
+    if (mark)
+      p->q_scan = mb_proc_marked(p, mark);
+  }
+  lua_settop(L, 0);
+  int r = mb_lib_try_receive(p, L);
+  if (r == 1) {
+    clear_match(p, L);
+    return 1;
+  }
+  if (r < 0) {
+    clear_match(p, L);
+    return stop_self(L, p);
+  }
+  if (timeout == 0) {
+    clear_match(p, L);
+    lua_pushnil(L);
+    return 1;
+  }
+  if (!mb_run_can_yield(p, L)) {
+    clear_match(p, L);
+    return mb_lib_block_error(L, "receive");
+  }
+  if (timeout > 0)
+    p->wait_timer = mb_timer_wait(p, timeout);
   p->pending_wait = MB_WAIT_RECV;
   return mb_run_yield(L, MB_YIELD_WAIT);
-}
-
-/* Push this process's mb.receive: made by a function kept for the state's
- * life (its upvalues are the C steps above: host-made, and reachable only
- * through the debug library, which keeps the state from being reused). */
-static void push_receive(lua_State *L)
-{
-  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_RECV_MAKE);
-  if (lua_isnil(L, -1)) {
-    lua_pop(L, 1);
-    mb_lstate_run_chunk(L, &receive_chunk, LUA_REGISTRYINDEX);
-    lua_pushcfunction(L, l_recv_enter);
-    lua_pushcfunction(L, l_recv_next);
-    lua_pushcfunction(L, l_recv_take);
-    lua_pushcfunction(L, l_recv_skip);
-    lua_pushcfunction(L, l_recv_wait);
-    lua_pushlightuserdata(L, &scan_sentinel);
-    lua_call(L, 6, 1);
-    lua_pushvalue(L, -1);
-    lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_RECV_MAKE);
-  }
-  lua_call(L, 0, 1);
-  /* Its environment is the process's globals, as a C function's would be
-   * (it reads none): not the registry, which getfenv would hand out. */
-  lua_pushvalue(L, LUA_GLOBALSINDEX);
-  lua_setfenv(L, -2);
-  lua_pushvalue(L, -1);
-  lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_RECV_FN);
-}
-
-const char *mb_lib_host_fn(lua_State *L, int idx)
-{
-  const void *fn = lua_topointer(L, idx);
-  return fn == receive_fn(L) ? "receive" : NULL;
 }
 
 /* -- Time ----------------------------------------------------------------- */
@@ -1151,6 +965,7 @@ static const luaL_Reg funcs[] = {
   {"alias", l_alias},
   {"unalias", l_unalias},
   {"make_ref", l_make_ref},
+  {"receive", l_receive},
   {"sleep", l_sleep},
   {"yield", l_yield},
   {"now", l_now},
@@ -1177,13 +992,6 @@ static int module_index(lua_State *L)
   const char *k = lua_tostring(L, 2);
   if (k == NULL || lua_type(L, 2) != LUA_TSTRING)
     return 0;
-  if (strcmp(k, "receive") == 0) {
-    push_receive(L);
-    lua_pushvalue(L, 2);
-    lua_pushvalue(L, -2);
-    lua_rawset(L, 1);
-    return 1;
-  }
   /* Our functions, then the distribution ones (lib_dist.c). */
   for (int t = 0; t < 2; t++)
     for (const luaL_Reg *r = t ? mb_lib_dist_funcs : funcs; r->name; r++)

@@ -1499,7 +1499,7 @@ static pool_t *pool(void)
 }
 
 /* Registry slots a reset keeps: the ids' metatables and intern tables,
- * lib_mb.c's builder of DOWN and EXIT messages and maker of mb.receive, run.c's last body (its
+ * lib_mb.c's builder of DOWN and EXIT messages, run.c's last body (its
  * upvalues emptied), the base library (keep_base), the modules' main
  * chunks (modcache.c; their environment reset): host-made, nothing of the
  * process. */
@@ -1507,7 +1507,7 @@ static int kept_slot(double k)
 {
   return mb_id_regslot(k) || k == MB_REGSLOT_SIGNAL_MSG || k == MB_REGSLOT_BODY_FN ||
          k == MB_REGSLOT_BASE || k == MB_REGSLOT_CHUNKS || k == MB_REGSLOT_HTTP_MT ||
-         k == MB_REGSLOT_GUARD_MT || k == MB_REGSLOT_RECV_MAKE;
+         k == MB_REGSLOT_GUARD_MT;
 }
 
 /* Under lua_cpcall: the old world unreachable (see Reused states). */

@@ -23,8 +23,8 @@
  *  - base: coroutine.resume and coroutine.wrap are replaced by wrappers that
  *    pass runtime yields (preemption, receive, sleep) up to the scheduler
  *    instead of handing them to the user's resumer; coroutine.yield and
- *    coroutine.running treat the process body (and the state's main
- *    thread) as luajit treats its main chunk: no
+ *    coroutine.running treat the process body (and the main thread, where
+ *    receive's match functions run) as luajit treats its main chunk: no
  *    yield ("attempt to yield across C-call boundary"), running() is nil;
  *  - debug: sethook/gethook chain the user's hook with the scheduler's count
  *    hook (the user's events arrive as asked, preemption goes on, gethook

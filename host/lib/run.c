@@ -149,6 +149,20 @@ void mb_run_hook(lua_State *L, lua_Debug *ar)
    * none may run user code - the sandbox's `load` calls its reader under
    * pcall (host/lib/sandbox.c). */
   die = die || mb_sched_halting();
+  if (!die && p->recv_testing) {
+    /* In a receive's match function (lib_mb.c), called from C: its
+     * next safe point is after the whole scan. A match is a guard; one
+     * that runs on past MB_MATCH_HOOKS is stopped with an error, which
+     * receive raises (or, for a message that came while it waited, the
+     * process's end). */
+    mb_lstate_sethook(L, MB_HOOK_INSTRUCTIONS);
+    if (++p->match_hooks > MB_MATCH_HOOKS)
+      luaL_error(L, "receive: the match function ran past its slice by over %d VM "
+                 "instructions; a match runs as one step that cannot be preempted, and "
+                 "must be quick, as an Erlang guard is",
+                 MB_MATCH_HOOKS * MB_HOOK_INSTRUCTIONS);
+    return;
+  }
   mb_lstate_sethook(L, die ? 1 : MB_HOOK_RETRY_INSTRUCTIONS);
   if (die)
     luaL_error(L, "process is exiting");
@@ -208,10 +222,14 @@ enum {
   AGAIN = -3        /* a continuation goes on: back to the run queue */
 };
 
-/* End the current wait: drop its timer. */
+/* End the current wait: drop its timer and match function. */
 static void end_wait(mb_proc_t *p)
 {
-  p->recv_scan = 0;
+  if (p->recv_match) {
+    luaL_unref(p->L, LUA_REGISTRYINDEX, p->recv_match);
+    p->recv_match = 0;
+  }
+  p->q_scan = &p->q_head;
   p->timed_out = 0;
   p->io_on_timeout = NULL;
   if (p->wait_timer || p->wait == MB_WAIT_IO) {
@@ -439,20 +457,9 @@ static int finish_wait(mb_proc_t *p)
 {
   if (mb_proc_drain(p))
     return MUST_DIE;
-  if (p->wait == MB_WAIT_RECV && p->recv_scan) {
-    /* A selective receive's: it goes on in Lua once more messages came
-     * past its scan's place (lib_mb.c), or at its deadline. */
-    int more = *p->q_scan != NULL;
-    if (!more && !p->timed_out)
-      return GOES_ON;
-    lua_pushboolean(p->co, more);
-    end_wait(p);
-    return 1;
-  }
   if (p->wait == MB_WAIT_RECV) {
-    /* A plain receive: take the oldest message on the idle main thread,
-     * protected (rebuilding it may raise), never on the suspended
-     * coroutine. */
+    /* The receive may call a match function: run it on the idle main
+     * thread, protected, never on the suspended coroutine. */
     lua_State *L = p->L;
     int rc = call_kept(L, &receive_fn);
     if (rc != 0) {
@@ -857,7 +864,6 @@ void mb_run_init(void)
   mb_copy_code_of = code_of;
   mb_copy_module = provide_module;
   mb_copy_own_module = own_module;
-  mb_copy_host_fn = mb_lib_host_fn;
   mb_lstate_init();
   mb_sched_set_runner(run);
   mb_sched_set_preempter(preempt);

@@ -10,7 +10,8 @@
  * any scheduler), or ends it (mb_proc_exit) with its reason and a crash
  * report if it crashed. Work done on a process's behalf while its body is
  * suspended (booting it, decoding the message a receive waits for, pushing
- * an I/O result, going on with a long C call that stopped for the scheduler: mb_run_suspend) runs
+ * an I/O result, running a selective receive's match function, going on
+ * with a long C call that stopped for the scheduler: mb_run_suspend) runs
  * under a protected call on the state's idle main thread, never on the
  * suspended coroutine.
  *
@@ -60,6 +61,12 @@
 #define MB_COPY_BYTES_PER_RED 64
 /* While a preemption waits for a safe point, check again this often. */
 #define MB_HOOK_RETRY_INSTRUCTIONS 100
+/* A receive's match function runs inside a C call and cannot yield: past
+ * its process's slice it may run this many more hooks of
+ * MB_HOOK_INSTRUCTIONS (2 million VM instructions, some 20-40 ms) before
+ * receive raises, so that a loop in it holds its scheduler that long, not
+ * for ever (run.c, mb_run_hook). */
+#define MB_MATCH_HOOKS 200
 
 /* Set the runner up (the executor's runner, the process exit hook that
  * frees what a process's Lua held). Once, at start-up. */
