@@ -552,9 +552,10 @@ static double check_timeout(lua_State *L, int idx, const char *fname)
 }
 
 /* mb.receive([timeout_ms]) / mb.receive(match, [timeout_ms], [ref]) -> msg | nil
- * With ref, match promises to take only messages that carry ref (its
- * alias's, its DOWN, one that holds it): if ref is the last the process
- * made, the scan starts at the messages queued after it was made. This is
+ * With ref, match promises to take no message queued before ref was made
+ * (it takes only messages that carry ref - its alias's, its DOWN, one that
+ * holds it - or that a process spawned with it sends): if ref is the last
+ * the process made, the scan starts at the messages queued after it. This is
  * what keeps a call's wait for its reply from testing every message
  * queued before the call (Erlang's compiler finds the same promise in a
  * receive whose every clause matches a new ref). */

@@ -309,7 +309,7 @@ function http.listen(host, port, handler, opts)
   local m = mb.receive(function(x)
     return type(x) == "table" and ((x.tag == "$http_listen")
       or (x.event == "DOWN" and x.ref == ref))
-  end, START_TIMEOUT)
+  end, START_TIMEOUT, ref)
   mb.demonitor(ref, true)
   if not m then
     mb.exit(pid, "kill")

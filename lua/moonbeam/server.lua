@@ -715,8 +715,8 @@ end
 -- -- Starting -------------------------------------------------------------
 
 -- Receives the first message that match accepts; waits at most timeout ms
--- (nil or math.huge: no limit). ref, if given: match takes only messages
--- that carry it (mb.receive skips those queued before it was made).
+-- (nil or math.huge: no limit). ref, if given: match takes no message queued
+-- before ref was made (mb.receive skips those).
 local function receive(match, timeout, ref)
   if timeout == math.huge then timeout = nil end
   return mb.receive(match, timeout, ref)
@@ -778,7 +778,7 @@ function server.start(callbacks, arg, opts)
   local msg = receive(function(m)
     return type(m) == "table" and ((m.tag == "$started" and m.pid == pid)
                                    or (m.event == "DOWN" and m.ref == ref))
-  end, timeout)
+  end, timeout, ref)
   if msg ~= nil and msg.tag == "$started" and msg.err == nil then
     mb.demonitor(ref)
     flush(down_of(ref))
