@@ -937,8 +937,14 @@ static void watchdog(void)
 }
 
 /* The killer's victim: the process holding the most, but an essential one
- * (spawn_opt: a server's acceptor, a supervisor) only if no other can go.
- * find_biggest fills one of these for each kind, [1] the essential. */
+ * (spawn_opt: a server's acceptor, a supervisor) only if no other can go,
+ * and (unless an allocation failed) only if its end alone brings the host
+ * under the cap: what is over the cap then is held by no process that may
+ * go - the first one's, or what processes just ended held (their sockets,
+ * freed as their loops close them) - and ending a bystander for it helps
+ * no one (an HTTP acceptor holding 65 KB was ended for 700 KB that 200
+ * connections' sockets still held). find_biggest fills one of these for
+ * each kind, [1] the essential. */
 typedef struct biggest {
   mb_pid_t pid;
   long long bytes;
@@ -984,7 +990,7 @@ static void memory_watch(void)
   biggest_t both[2] = {{0, 0}, {0, 0}};
   mb_proc_foreach(find_biggest, both);
   biggest_t b = both[0].pid ? both[0] : both[1];
-  if (b.pid == 0)
+  if (b.pid == 0 || (!both[0].pid && !pressure && b.bytes < total - cap))
     return;
   char text[MB_PID_TEXT_MAX], reg[160];
   mb_proc_t *p = mb_proc_get(b.pid);

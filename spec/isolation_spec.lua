@@ -600,6 +600,33 @@ describe("isolation", function()
       assert.is_true(S.has(out, "then\tout of memory"), out .. err)
     end)
 
+    -- What is over the cap is the first process's (which the killer never
+    -- ends): ending the essential bystander, 1 MB, would not bring the
+    -- host under. It was ended anyway (an HTTP acceptor died so, for the
+    -- sockets of connections that had just ended).
+    it("does not end an essential process whose end would not bring the host under", function()
+      local code, out, err = child([[
+        local mb = require "moonbeam"
+        local main = mb.self()
+        local ess, eref = mb.spawn_opt({ monitor = true, essential = true }, function()
+          local t = {}
+          for i = 1, 1024 do t[i] = ("x"):rep(1000) .. i end
+          mb.send(main, "held")
+          mb.receive()
+        end)
+        mb.receive(function(m) return m == "held" end, 20000)
+        local mine = {}
+        for i = 1, 30 * 1024 do mine[i] = ("y"):rep(1000) .. i end
+        local d = mb.receive(function(m) return type(m) == "table" and m.ref == eref end, 1000)
+        print("over", mb.info(ess) ~= nil, d and d.reason)
+        mine = nil
+        collectgarbage()
+        os.exit(0)
+      ]], "--max-memory 20M", 60)
+      assert.are.equal(0, code, out .. err)
+      assert.is_true(S.has(out, "over\ttrue\tnil"), out .. err)
+    end)
+
     it("kills a process whose pending timers take the host over --max-memory", function()
       local code, out, err = child([[
         local mb = require "moonbeam"
