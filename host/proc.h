@@ -145,7 +145,7 @@ typedef struct mb_proc {
   mb_msg_t **q_scan;           /* selective receive: next message to test */
   /* The receive mark (Erlang's receive marker): the queue's end when the
    * process last made a ref, and that ref. A message queued before it
-   * cannot carry the ref, so a receive that only takes messages with it
+   * cannot carry the ref, so a receive whose match takes none of those
    * starts there (mb_proc_marked). */
   mb_msg_t **q_mark;
   mb_ref_t mark_ref;
@@ -393,8 +393,8 @@ mb_ref_t mb_proc_newref(void);
 /* A new ref made by p for its own use (a monitor, an alias, mb.make_ref):
  * marks the end of p's queue for it. Owner thread. */
 mb_ref_t mb_proc_make_ref(mb_proc_t *p);
-/* Where a receive of messages that carry ref may start: past the
- * messages queued before p made ref if it is p's latest, else the head. */
+/* Where a receive that takes no message queued before ref was made may
+ * start: past those if ref is p's latest, else at the head. */
 static inline mb_msg_t **mb_proc_marked(mb_proc_t *p, mb_ref_t ref)
 {
   return p->mark_ref == ref ? p->q_mark : &p->q_head;

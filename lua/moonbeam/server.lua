@@ -242,9 +242,10 @@ local function returned(name, min, expected, ...)
                "it returned " .. (n == 0 and "no value" or n == 1 and "1 value" or n .. " values"))
   end
   local first, second = ...
-  if is_hibernate(first) or (min == 2 and is_hibernate(second)) then
-    bad_return(name, "server.hibernate", expected, "server.hibernate in place of the "
-               .. ((min == 2 and is_hibernate(first)) and "reply" or "state"))
+  local misplaced = is_hibernate(first) and (min == 2 and "reply" or "state")
+                    or min == 2 and is_hibernate(second) and "state"
+  if misplaced then
+    bad_return(name, "server.hibernate", expected, "server.hibernate in place of the " .. misplaced)
   end
   return ...
 end
@@ -830,14 +831,11 @@ local function gen_request(fname, dest, label, req, timeout)
   local ok, ref = pcall(mb.monitor, dest)
   if not ok then error(fname .. ": " .. tostring(ref), 4) end
   mb.alias(ref)
-  local function done()
-    mb.unalias(ref)
-    mb.demonitor(ref, true)
-  end
   local tag = { mb.atom("alias"), ["$tail"] = ref }
   local sent, err = pcall(mb.send, dest, mb.tuple(mb.atom(label), mb.tuple(me, tag), req))
   if not sent then
-    done()
+    mb.unalias(ref)
+    mb.demonitor(ref, true)
     error(fname .. ": cannot send the request: " .. tostring(err), 4)
   end
   local m = mb.receive(function(m)
@@ -847,7 +845,8 @@ local function gen_request(fname, dest, label, req, timeout)
     end
     return m.event == "DOWN" and m.ref == ref
   end, timeout ~= math.huge and timeout or nil, ref)
-  done()
+  mb.unalias(ref)
+  mb.demonitor(ref, true)
   local what = type(dest) == "table" and not mb.is_pid(dest)
                and ("{" .. tostring(dest[1]) .. ", " .. tostring(dest[2]) .. "}") or tostring(dest)
   if m == nil then

@@ -240,8 +240,7 @@ local function shutdown_proc(st, child)
   else
     mb.exit(pid, "shutdown")
   end
-  local m
-  m = mb.receive(down, limit ~= "infinity" and limit or nil, ref)
+  local m = mb.receive(down, limit ~= "infinity" and limit or nil, ref)
   if m == nil then
     mb.exit(pid, "kill")
     m = mb.receive(down, KILL_WAIT, ref)
