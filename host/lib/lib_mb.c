@@ -374,11 +374,15 @@ static int l_send(lua_State *L)
 static int l_alias(lua_State *L)
 {
   mb_proc_t *p = mb_lib_self(L);
-  mb_ref_t ref = lua_isnoneornil(L, 1) ? mb_proc_make_ref(p) : mb_ref_check(L, 1);
+  int given = !lua_isnoneornil(L, 1);
+  mb_ref_t ref = given ? mb_ref_check(L, 1) : mb_proc_make_ref(p);
   if (!mb_proc_has_alias(p, ref) && mb_proc_room(p, MB_PROC_SET_ENTRY))
     return luaL_error(L, "alias: out of memory");
   mb_proc_alias(p, ref);
-  mb_ref_push(L, ref);
+  if (given)
+    lua_settop(L, 1);   /* the ref it was given: no lookup of its userdata */
+  else
+    mb_ref_push(L, ref);
   return 1;
 }
 
