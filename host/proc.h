@@ -128,9 +128,10 @@ typedef struct mb_proc {
    * once there), and the scheduler that holds them (id + 1): timer.c. */
   atomic_uchar timers_pending;
   uint16_t timers_sched;
-  /* Timers addressed to it whose starters have ended are charged to it
-   * (timer.c): set, under lock and while it lives, by the first such. */
-  atomic_uchar orphans;
+  /* Another process addressed a send_after timer to it, which may be on
+   * any scheduler (timer.c): set, under lock and while it lives, by the
+   * first such start. */
+  atomic_uchar addressed;
   struct mb_io_req *io_done; /* the finished operation of an MB_WAIT_IO */
   mb_msg_t *in_head, **in_tail;
   mb_hset_t links;           /* pids linked to this process: pid -> pid */

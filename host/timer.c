@@ -1,7 +1,7 @@
 /* timer.c: wait timers and send_after timers on libuv (see timer.h).
  *
  * DESIGN (send_after; wait timers are described at their section)
- * A send_after timer is not a libuv handle but a 96-byte entry in a
+ * A send_after timer is not a libuv handle but a 112-byte entry in a
  * duration list: each scheduler keeps, for every whole-ms duration in use,
  * one circular doubly linked list of the entries started on it with that
  * duration, in start order. The clock only goes forward, so start order is
@@ -61,22 +61,26 @@
  * the limit without a race.
  *
  * A process's end: as Erlang cancels a timer whose destination process
- * dies, the timers a process addressed to itself (its timeouts: the most
- * common kind) are dropped when it ends, instead of holding their memory
- * until they come due to be thrown away. Its timers to other processes
- * outlive it, as in Erlang, but not outside every limit: each becomes an
+ * dies, a timer is dropped when the process it is addressed to ends,
+ * whoever started it, instead of holding its memory (charged to a starter
+ * that may live on) until it comes due to be thrown away; the starter's
+ * cancel_timer then finds it gone. Timers to other processes outlive their
+ * starter, as in Erlang, but not outside every limit: each becomes an
  * orphan, charged to its destination from then on (the message is on its
- * way there), and dropped when that one ends too. Else a process could
- * start timers up to its limit, end, and do it again in a new process,
- * until the host was over --max-memory for good with no process to blame.
- * So each scheduler's table indexes its entries by the process whose end
- * concerns them (a hash of pids, each the head of a list through the
- * entries): the starter, or the destination of an orphan. The index is
- * kept with the duration lists on the owner's thread. The exit hook posts
- * process_ended to the scheduler holding the process's timers
- * (timers_sched), after any start posted there before (commands run in
- * order), and to every scheduler if orphans were ever charged to it
- * (p->orphans, set under its lock while it lived, so before its end).
+ * way there). Else a process could start timers up to its limit, end, and
+ * do it again in a new process, until the host was over --max-memory for
+ * good with no process to blame. So each scheduler's table indexes its
+ * entries twice (each index a hash of pids, each the head of a list
+ * through the entries): by starter, and by destination when that is
+ * another local process. Both are kept with the duration lists on the
+ * owner's thread. The exit hook posts process_ended to the scheduler
+ * holding the process's timers (timers_sched), after any start posted
+ * there before (commands run in order), and to every scheduler if another
+ * process ever addressed a timer to it (p->addressed, set by the start
+ * under its lock while it lived, so before its end; a start to a process
+ * already ended is dropped at once, and a start posted to another
+ * scheduler looks again when it is linked there, since the end's
+ * process_ended may have run there first).
  * Making an orphan races with a cancel on another thread: the charge moves
  * first, then the id table's lock marks the entry (mark_orphan), or finds
  * it gone, and the charge moves back; the canceller reads the mark after
@@ -199,13 +203,14 @@ static void release(mb_proc_t *p)
     p->wait_timer = NULL;
   }
   /* Its timers, and the orphans charged to it, are seen to (at shutdown
-   * every entry is freed). Orphans may be on any scheduler; p->orphans
-   * was set, if ever, before p->dead (see orphan). */
+   * every entry is freed). Timers others addressed to it may be on any
+   * scheduler; p->addressed was set, if ever, before p->dead (see
+   * mb_timer_send_after). */
   if (mb_sched_halting())
     return;
   int timers = atomic_load_explicit(&p->timers_pending, memory_order_acquire) != 0 &&
                p->timers_sched != 0;
-  if (atomic_load_explicit(&p->orphans, memory_order_relaxed)) {
+  if (atomic_load_explicit(&p->addressed, memory_order_relaxed)) {
     for (int i = 0; i < mb_sched_opts.schedulers; i++)
       mb_sched_post(mb_sched_by_id(i), process_ended, (void *)(uintptr_t)p->pid);
   } else if (timers) {
@@ -325,16 +330,20 @@ typedef struct send_timer {
   uint8_t posted;          /* POSTED: its start is in the owner's command
                               queue; CANCELLED_POSTED: and it was cancelled
                               on the owner's thread meanwhile */
-  uint8_t indexed;         /* in its table's index (see DESIGN) */
-  uint8_t by_dest;         /* ... under dest, not from (owner's thread) */
+  uint8_t indexed[2];      /* in its table's index BY_FROM, BY_DEST */
   uint8_t orphan;          /* charged to dest, its starter gone: set under
                               the id table's lock (orphan) */
   uint32_t charged;        /* its bytes and its message's, counted in the
                               host's total and the starter's alloc.charged
                               (or dest's, once an orphan) */
-  struct send_timer *snext, *sprev;   /* the other timers of its key in the
-                                         index, on this scheduler */
+  struct send_timer *inext[2], *iprev[2];   /* the other timers of its key
+                                               in each index, on this
+                                               scheduler */
 } send_timer_t;
+
+/* The indexes (see DESIGN): by starter, by destination (another local
+ * process than the starter). */
+enum { BY_FROM, BY_DEST };
 
 enum { POSTED = 1, CANCELLED_POSTED = 2 };
 
@@ -360,7 +369,7 @@ struct send_table {
   struct send_timer *spare; /* freed entries (a stack through link.next) */
   uint32_t nspare;
   int late;                /* a posted start went in already due (take_posted) */
-  mb_hset_t starters;      /* the index: pid -> the first of the
+  mb_hset_t index[2];      /* BY_FROM, BY_DEST: pid -> the first of the
                               entries its end concerns (see DESIGN) */
   send_table_t *next;      /* every table, for shutdown */
 };
@@ -401,46 +410,54 @@ static int link_empty(const link_t *head)
 
 /* -- The index of timers by the process whose end concerns them ------------ */
 
-/* e's key in the index: its starter, or its destination once an orphan. */
-static mb_pid_t index_key(const send_timer_t *e)
+/* e's key in index i. */
+static mb_pid_t index_key(const send_timer_t *e, int i)
 {
-  return e->by_dest ? e->dest : e->from;
+  return i == BY_DEST ? e->dest : e->from;
 }
 
-static void index_add(send_table_t *t, send_timer_t *e)
+/* Whether e goes in the index by destination: a timer to another process
+ * of this host. */
+static int to_other(mb_pid_t dest, mb_pid_t from)
 {
-  mb_pid_t key = index_key(e);
-  mb_hslot_t *sl = mb_hset_find(&t->starters, key);
-  e->sprev = NULL;
-  e->snext = sl ? (send_timer_t *)(uintptr_t)sl->val : NULL;
-  if (e->snext)
-    e->snext->sprev = e;
+  return dest != from && !mb_id_is_remote(dest);
+}
+
+static void index_add(send_table_t *t, send_timer_t *e, int i)
+{
+  mb_pid_t key = index_key(e, i);
+  mb_hslot_t *sl = mb_hset_find(&t->index[i], key);
+  e->iprev[i] = NULL;
+  e->inext[i] = sl ? (send_timer_t *)(uintptr_t)sl->val : NULL;
+  if (e->inext[i])
+    e->inext[i]->iprev[i] = e;
   if (sl)
     sl->val = (uintptr_t)e;
   else
-    mb_hset_add(&t->starters, key, (uintptr_t)e);
-  e->indexed = 1;
+    mb_hset_add(&t->index[i], key, (uintptr_t)e);
+  e->indexed[i] = 1;
 }
 
-static void index_remove(send_table_t *t, send_timer_t *e)
+static void index_remove(send_table_t *t, send_timer_t *e, int i)
 {
-  e->indexed = 0;
-  if (e->snext)
-    e->snext->sprev = e->sprev;
-  if (e->sprev)
-    e->sprev->snext = e->snext;
-  else if (e->snext)   /* e was the first */
-    mb_hset_find(&t->starters, index_key(e))->val = (uintptr_t)e->snext;
-  else                 /* and the last */
-    mb_hset_take(&t->starters, index_key(e), NULL);
+  e->indexed[i] = 0;
+  if (e->inext[i])
+    e->inext[i]->iprev[i] = e->iprev[i];
+  if (e->iprev[i])
+    e->iprev[i]->inext[i] = e->inext[i];
+  else if (e->inext[i])   /* e was the first */
+    mb_hset_find(&t->index[i], index_key(e, i))->val = (uintptr_t)e->inext[i];
+  else                    /* and the last */
+    mb_hset_take(&t->index[i], index_key(e, i), NULL);
 }
 
-/* Take e out of its duration list (and the index); e's owner's thread. */
+/* Take e out of its duration list (and the indexes); e's owner's thread. */
 static void entry_unlink(send_timer_t *e)
 {
   link_remove(&e->link);
-  if (e->indexed)
-    index_remove(mine, e);
+  for (int i = BY_FROM; i <= BY_DEST; i++)
+    if (e->indexed[i])
+      index_remove(mine, e, i);
 }
 
 static uint64_t ceil_ms(double t)
@@ -473,11 +490,17 @@ static void send_timer_free(send_timer_t *e)
   }
 }
 
+static void pending_done(send_timer_t *e);
+
 /* Drop e, one of the timers a process's end concerns, unless a cancel on
- * another thread won (its posted command frees e then). */
-static void drop(send_timer_t *e)
+ * another thread won (its posted command frees e then). pending: e's
+ * charge goes back to whoever carries it, who may live on (a timer to the
+ * process that ended, started by another). */
+static void drop(send_timer_t *e, int pending)
 {
   if (mb_idtab_remove(&timers, e->id)) {
+    if (pending)
+      pending_done(e);
     if (e->link.next)        /* not detached by a shutdown */
       entry_unlink(e);
     send_timer_free(e);
@@ -494,54 +517,52 @@ static void mark_orphan(void *obj)
  * timer to another node stays, charged to no process. */
 static void orphan(send_timer_t *e)
 {
-  if (mb_id_is_remote(e->dest)) {
-    index_remove(mine, e);
+  index_remove(mine, e, BY_FROM);
+  if (mb_id_is_remote(e->dest))
     return;
-  }
+  /* e stays in the index by destination, whose end drops it. */
   mb_proc_t *d = mb_proc_get(e->dest);
   int alive = 0;
   if (d) {
     mb_proc_lock(d);
     alive = !d->dead;
-    if (alive)
-      atomic_store_explicit(&d->orphans, 1, memory_order_relaxed);
     mb_proc_unlock(d);
   }
   if (!alive) {
     if (d)
       mb_proc_unref(d);
-    drop(e);
+    drop(e, 0);
     return;
   }
   /* Charged before a cancel or the delivery can see the mark and take it
    * back; taken back here if a cancel won meanwhile (e stays as it was:
    * the cancel's command unlinks it). */
   atomic_fetch_add_explicit(&d->alloc.charged, e->charged, memory_order_relaxed);
-  index_remove(mine, e);
-  if (mb_idtab_get(&timers, e->id, mark_orphan))
-    e->by_dest = 1;
-  else
+  if (!mb_idtab_get(&timers, e->id, mark_orphan))
     atomic_fetch_sub_explicit(&d->alloc.charged, e->charged, memory_order_relaxed);
-  index_add(mine, e);
   mb_proc_unref(d);
 }
 
 /* On a scheduler holding timers that process pid's end concerns (see
- * DESIGN, "A process's end"): those it addressed to itself and those
- * addressed to it by ended starters are dropped; those it addressed to
- * others are charged to them. */
+ * DESIGN, "A process's end"): those addressed to it are dropped, whoever
+ * started them; those it addressed to others are charged to them. */
 static void process_ended(void *arg)
 {
   mb_pid_t pid = (mb_pid_t)(uintptr_t)arg;
-  mb_hslot_t *sl = mine ? mb_hset_find(&mine->starters, pid) : NULL;
-  if (sl == NULL)
+  if (mine == NULL)
     return;
-  for (send_timer_t *e = (send_timer_t *)(uintptr_t)sl->val, *next; e; e = next) {
-    next = e->snext;
+  mb_hslot_t *sl = mb_hset_find(&mine->index[BY_FROM], pid);
+  for (send_timer_t *e = sl ? (send_timer_t *)(uintptr_t)sl->val : NULL, *next; e; e = next) {
+    next = e->inext[BY_FROM];
     if (e->dest == pid)
-      drop(e);
+      drop(e, 0);
     else
       orphan(e);
+  }
+  sl = mb_hset_find(&mine->index[BY_DEST], pid);
+  for (send_timer_t *e = sl ? (send_timer_t *)(uintptr_t)sl->val : NULL, *next; e; e = next) {
+    next = e->inext[BY_DEST];
+    drop(e, 1);
   }
 }
 
@@ -734,7 +755,9 @@ static void list_insert(send_timer_t *e)
   while (at->prev != &l->entries && ((send_timer_t *)at->prev)->due > e->due)
     at = at->prev;
   link_append(at, &e->link);
-  index_add(l->table, e);
+  index_add(l->table, e, BY_FROM);
+  if (to_other(e->dest, e->from))
+    index_add(l->table, e, BY_DEST);
   /* A list with entries is armed; one whose entries were all cancelled
    * may still be armed for an earlier deadline, and fires then. A posted
    * start may have become the head, due before the armed deadline. */
@@ -764,6 +787,27 @@ static void inbox_push(inbox_t *in, send_timer_t *e)
  * command each post sends or by a firing before it. At shutdown this runs
  * on the main thread, which has no table: the cancelled entries are freed,
  * the others stay in `timers`, which frees them. */
+/* Whether process pid lives; for a start to it, marks it addressed
+ * (see DESIGN), under its lock, so before its end. */
+static int alive_addressed(mb_pid_t pid, int mark)
+{
+  mb_proc_t *d = mb_proc_get(pid);
+  if (d == NULL)
+    return 0;
+  mb_proc_lock(d);
+  int alive = !d->dead;
+  if (alive && mark)
+    atomic_store_explicit(&d->addressed, 1, memory_order_relaxed);
+  mb_proc_unlock(d);
+  mb_proc_unref(d);
+  return alive;
+}
+
+static int lives(mb_pid_t pid)
+{
+  return alive_addressed(pid, 0);
+}
+
 static void take_posted(void *arg)
 {
   inbox_t *in = arg;
@@ -778,6 +822,10 @@ static void take_posted(void *arg)
     e->posted = 0;
     if (cancelled) {
       send_timer_free(e);
+    } else if (mine && to_other(e->dest, e->from) && !lives(e->dest)) {
+      /* Its destination ended since the start: that end's process_ended
+       * may have run here already (see DESIGN). */
+      drop(e, 1);
     } else if (mine) {
       list_insert(e);
       if (ceil_ms(e->due) <= uv_now(mb_sched_loop(e->owner)))
@@ -835,11 +883,19 @@ int mb_timer_send_after(mb_proc_t *p, double ms, mb_pid_t dest, mb_msg_t *msg,
   /* No other thread knows the id before we return, so it may be
    * published before the entry is linked. */
   e->charged = 0;
-  e->indexed = e->by_dest = e->orphan = 0;
+  e->indexed[BY_FROM] = e->indexed[BY_DEST] = e->orphan = 0;
   e->id = mb_idtab_add(&timers, e);
   if (e->id == 0) {
     send_timer_free(e);
     return MB_ETOOMANY;
+  }
+  if (to_other(dest, p->pid) && !alive_addressed(dest, 1)) {
+    /* To a process that has ended: cancelled at once, as Erlang does (a
+     * timer and its id, which cancel_timer finds gone). */
+    mb_idtab_remove(&timers, e->id);
+    *id_out = e->id;
+    send_timer_free(e);
+    return 0;
   }
   e->charged = (uint32_t)size;
   atomic_fetch_add_explicit(&p->alloc.charged, (unsigned)size, memory_order_relaxed);
@@ -932,7 +988,8 @@ static void timers_shutdown(void)
       mb_free(e);
     }
     mb_free(t->bucket);
-    mb_hset_free(&t->starters);
+    mb_hset_free(&t->index[BY_FROM]);
+    mb_hset_free(&t->index[BY_DEST]);
     mb_free(t);
   }
   pthread_mutex_unlock(&tables_lock);

@@ -171,6 +171,78 @@ describe("timers", function()
       assert.is_number(mb.cancel_timer(t.yours))   -- still pending: another's
       assert.is_not_nil(p)
     end)
+
+    -- Erlang cancels a timer whose destination dies, whoever started it:
+    -- its entry and message no longer count in the starter, which lives on.
+    it("is cancelled when the process it was addressed to ends, its starter alive", function()
+      local me = mb.self()
+      local function memory() collectgarbage() return mb.info(me).memory end
+      local pid, ref = mb.spawn_monitor(function() mb.receive() end)
+      local ts = {}
+      for i = 1, 200 do ts[i] = mb.send_after(60000, pid, string.rep("x", 100) .. i) end
+      local with = memory()    -- the timers' entries and messages: over 200 x 200 bytes
+      mb.send(pid, "go")
+      S.await_down(ref)
+      -- The drop is a command posted at the end to every scheduler; a
+      -- cancel that came first would win, so wait for the charge to go.
+      assert.is_true(S.eventually(function() return memory() < with - 200 * 200 end, 5000),
+                     "the timers still count in the starter")
+      for i = 1, #ts do assert.is_false(mb.cancel_timer(ts[i])) end
+      -- A timer to itself, and one to a process that lives, stay.
+      local other = mb.spawn(function() mb.receive() end)
+      local mine, yours = mb.send_after(60000, me, "mine"), mb.send_after(60000, other, "yours")
+      assert.is_number(mb.cancel_timer(mine))
+      assert.is_number(mb.cancel_timer(yours))
+      mb.exit(other, "kill")
+    end)
+
+    -- Processes on both schedulers start timers to each other, cancel some
+    -- and end while the others fly, and this one starts timers to them: each
+    -- end must reach the timers addressed to it wherever they are (under
+    -- TSan and ASan too).
+    it("leaves no timer to processes that ended, whichever scheduler holds it", function()
+      local me = mb.self()
+      local all = {}
+      for _ = 1, 5 do
+        local pids, refs = {}, {}
+        for i = 1, 40 do
+          pids[i], refs[i] = mb.spawn_monitor(function()
+            local peers = mb.receive(function(m) return type(m) == "table" end)
+            local ts = {}
+            for k = 1, 10 do ts[k] = mb.send_after(60000, peers[math.random(#peers)], k) end
+            for k = 1, #ts, 3 do mb.cancel_timer(ts[k]) end
+            mb.sleep(math.random(0, 2))
+            mb.send(me, { timers = ts })
+          end)
+        end
+        for i = 1, #pids do   -- and some from a starter that lives on
+          for k = 1, 5 do all[#all + 1] = mb.send_after(60000, pids[i], k) end
+          mb.send(pids[i], pids)
+        end
+        for _ = 1, #pids do
+          local m = S.recv(function(m) return type(m) == "table" and m.timers end)
+          for _, t in ipairs(m.timers) do all[#all + 1] = t end
+        end
+        for i = 1, #refs do S.await_down(refs[i]) end
+      end
+      assert.are.equal(5 * 40 * 15, #all)
+      -- The drops are commands posted at each end, run at the schedulers'
+      -- next turns (as in "its starter, ends" above).
+      mb.sleep(200)
+      local pending = 0
+      for i = 1, #all do
+        if mb.cancel_timer(all[i]) then pending = pending + 1 end
+      end
+      assert.are.equal(0, pending, "timers to ended processes still pending")
+    end)
+
+    it("is cancelled at once when addressed to a process that has ended", function()
+      local pid, ref = mb.spawn_monitor(function() end)
+      S.await_down(ref)
+      local t = mb.send_after(10, pid, "to no one")
+      assert.is_false(mb.cancel_timer(t))
+      assert.is_false(mb.cancel_timer(t))
+    end)
   end)
 
   describe("mb.cancel_timer", function()
