@@ -33,12 +33,12 @@
 --
 -- The loop turns such a message into the Lua protocol's shape (a call's
 -- {tag, From, Tag, req, erlang = true}), and the `from` that callbacks and
--- server.reply see is {pid = p, ref = r} for a Lua caller, {pid = From, tag
--- = Tag} for an Erlang one. A caller on our side does what gen.erl does: a monitor of the
--- server (by pid or by name) whose ref is also an alias, the tag
--- [alias | Ref] (a table {atom "alias", ["$tail"] = ref}), the reply or the
--- DOWN ("noconnection" when the node goes away), and, once done, the alias
--- dropped and the monitor taken off.
+-- server.reply see is {pid = p, ref = r} for a Lua caller, {pid = From,
+-- tag = Tag} for an Erlang one. A caller on our side does what gen.erl
+-- does: a monitor of the server (by pid or by name) whose ref is also an
+-- alias, the tag [alias | Ref] (a table {atom "alias", ["$tail"] = ref}),
+-- the reply or the DOWN ("noconnection" when the node goes away), and, once
+-- done, the alias dropped and the monitor taken off.
 --
 -- "$system" messages are answered by the loop itself, never by a callback
 -- (like OTP's sys messages), so they work whatever the callbacks do. A
