@@ -946,6 +946,24 @@ int mb_timer_cancel(uint64_t id, double *left_ms)
   return 1;
 }
 
+/* mb_timer_read's look at an entry, under the id table's lock (the entry
+ * may be freed once it is released). */
+static _Thread_local double read_due;
+
+static void note_due(void *obj)
+{
+  read_due = ((send_timer_t *)obj)->due;
+}
+
+int mb_timer_read(uint64_t id, double *left_ms)
+{
+  if (mb_idtab_get(&timers, id, note_due) == NULL)
+    return 0;
+  double left = read_due - mb_timer_now();
+  *left_ms = left > 0 ? left : 0;
+  return 1;
+}
+
 /* -- Shutdown --------------------------------------------------------------- */
 
 /* A closer (scheduler.h): wait timers are the timer handles whose data

@@ -63,6 +63,10 @@ int mb_timer_send_after(struct mb_proc *p, double ms, mb_pid_t dest, mb_msg_t *m
  * fired yet (its message is freed: at once on the timer's own scheduler,
  * else soon on it), else 0. Any thread. */
 int mb_timer_cancel(uint64_t id, double *left_ms);
+/* Whether the timer id is pending (delivered, cancelled and dropped ones
+ * are not): 1 and the ms left in *left_ms, else 0 (erlang:read_timer). Any
+ * thread. */
+int mb_timer_read(uint64_t id, double *left_ms);
 
 /* Monotonic milliseconds since an arbitrary start. */
 double mb_timer_now(void);

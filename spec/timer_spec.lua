@@ -164,9 +164,9 @@ describe("timers", function()
       assert.is_table(t)
       S.await_down(r)
       -- The drop is a command posted at the exit to the scheduler holding
-      -- the timers, which runs it at its loop's next turn; a cancel that
-      -- came first would win (and return the ms left), so give it time.
-      mb.sleep(200)
+      -- the timers, which runs it at its loop's next turn: wait for it
+      -- (read_timer does not cancel).
+      assert.is_true(S.eventually(function() return not mb.read_timer(t.mine) end, 5000))
       assert.is_false(mb.cancel_timer(t.mine))
       assert.is_number(mb.cancel_timer(t.yours))   -- still pending: another's
       assert.is_not_nil(p)
@@ -183,10 +183,13 @@ describe("timers", function()
       local with = memory()    -- the timers' entries and messages: over 200 x 200 bytes
       mb.send(pid, "go")
       S.await_down(ref)
-      -- The drop is a command posted at the end to every scheduler; a
-      -- cancel that came first would win, so wait for the charge to go.
-      assert.is_true(S.eventually(function() return memory() < with - 200 * 200 end, 5000),
-                     "the timers still count in the starter")
+      -- The drop is a command posted at the end to every scheduler, run at
+      -- its next turn: wait for it (read_timer does not cancel).
+      assert.is_true(S.eventually(function()
+        for i = 1, #ts do if mb.read_timer(ts[i]) then return false end end
+        return true
+      end, 5000), "timers to the ended process still pending")
+      assert.is_true(memory() < with - 200 * 200, "the timers still count in the starter")
       for i = 1, #ts do assert.is_false(mb.cancel_timer(ts[i])) end
       -- A timer to itself, and one to a process that lives, stay.
       local other = mb.spawn(function() mb.receive() end)
@@ -227,13 +230,14 @@ describe("timers", function()
       end
       assert.are.equal(5 * 40 * 15, #all)
       -- The drops are commands posted at each end, run at the schedulers'
-      -- next turns (as in "its starter, ends" above).
-      mb.sleep(200)
-      local pending = 0
-      for i = 1, #all do
-        if mb.cancel_timer(all[i]) then pending = pending + 1 end
+      -- next turns: wait for them (read_timer does not cancel).
+      local function pending()
+        local n = 0
+        for i = 1, #all do if mb.read_timer(all[i]) then n = n + 1 end end
+        return n
       end
-      assert.are.equal(0, pending, "timers to ended processes still pending")
+      S.eventually(function() return pending() == 0 end, 5000)
+      assert.are.equal(0, pending(), "timers to ended processes still pending")
     end)
 
     it("is cancelled at once when addressed to a process that has ended", function()
@@ -242,6 +246,27 @@ describe("timers", function()
       local t = mb.send_after(10, pid, "to no one")
       assert.is_false(mb.cancel_timer(t))
       assert.is_false(mb.cancel_timer(t))
+    end)
+  end)
+
+  describe("mb.read_timer", function()
+    it("tells the ms left of a pending timer, false once it fired or was cancelled", function()
+      local t = mb.send_after(60000, mb.self(), "later")
+      local left = mb.read_timer(t)
+      assert.is_number(left)
+      assert.is_true(left > 59000 and left <= 60000, tostring(left))
+      assert.is_number(mb.read_timer(t))          -- reading does not cancel
+      assert.is_number(mb.cancel_timer(t))
+      assert.is_false(mb.read_timer(t))
+      local f = mb.send_after(1, mb.self(), "soon")
+      assert.are.equal("soon", S.recv(function(m) return m == "soon" end))
+      assert.is_false(mb.read_timer(f))
+    end)
+
+    it("rejects what is not a timer", function()
+      assert.has_error(function() mb.read_timer(42) end)
+      assert.has_error(function() mb.read_timer(mb.self()) end)
+      assert.has_error(function() mb.read_timer() end)
     end)
   end)
 

@@ -706,6 +706,20 @@ static int l_cancel_timer(lua_State *L)
   return 1;
 }
 
+/* mb.read_timer(timer) -> ms left or false (erlang:read_timer) */
+static int l_read_timer(lua_State *L)
+{
+  uint64_t id = mb_id_test(L, 1, &timer_kind);
+  if (id == 0)
+    return luaL_typerror(L, 1, "timer");
+  double left;
+  if (mb_timer_read(id, &left))
+    lua_pushnumber(L, left);
+  else
+    lua_pushboolean(L, 0);
+  return 1;
+}
+
 /* -- Exits, links, monitors ------------------------------------------------ */
 
 /* mb.exit([reason]) ends the caller; mb.exit(pid, reason) signals pid. */
@@ -976,6 +990,7 @@ static const luaL_Reg funcs[] = {
   {"now", l_now},
   {"send_after", l_send_after},
   {"cancel_timer", l_cancel_timer},
+  {"read_timer", l_read_timer},
   {"exit", l_exit},
   {"link", l_link},
   {"unlink", l_unlink},
