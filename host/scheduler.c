@@ -939,16 +939,24 @@ static void watchdog(void)
 /* The killer's victim: the process holding the most, but an essential one
  * (spawn_opt: a server's acceptor, a supervisor) only if no other can go,
  * and (unless an allocation failed) only if its end alone brings the host
- * under the cap: what is over the cap then is held by no process that may
- * go - the first one's, or what processes just ended held (their sockets,
- * freed as their loops close them) - and ending a bystander for it helps
- * no one (an HTTP acceptor holding 65 KB was ended for 700 KB that 200
- * connections' sockets still held). find_biggest fills one of these for
- * each kind, [1] the essential. */
+ * under the cap. And none while the host is over by more than all the
+ * processes it may end hold together. What is over is then held by no
+ * process that may go - the first one's, or what processes just ended held
+ * (their sockets, freed as their loops close them; their timers, freed by
+ * commands on each scheduler) - and ending a bystander for it helps no one
+ * (an HTTP acceptor holding 65 KB was ended for 700 KB that 200
+ * connections' sockets still held; a process of 35 KB for 68 MB of a
+ * killed target's timers). find_biggest fills a biggest_t for each kind,
+ * [1] the essential, and sums what the killable hold. */
 typedef struct biggest {
   mb_pid_t pid;
   long long bytes;
 } biggest_t;
+
+typedef struct watch {
+  biggest_t both[2];
+  long long killable;      /* what the processes the killer may end hold */
+} watch_t;
 
 static void find_biggest(mb_proc_t *p, void *ud)
 {
@@ -959,10 +967,14 @@ static void find_biggest(mb_proc_t *p, void *ud)
   mb_proc_lock(p);
   int dead = p->dead, essential = p->essential;
   mb_proc_unlock(p);
-  biggest_t *b = (biggest_t *)ud + (essential != 0);
-  if (n > b->bytes && !p->first && !dead) {
-    b->bytes = n;
-    b->pid = p->pid;
+  watch_t *w = ud;
+  biggest_t *b = &w->both[essential != 0];
+  if (!p->first && !dead) {
+    w->killable += n;
+    if (n > b->bytes) {
+      b->bytes = n;
+      b->pid = p->pid;
+    }
   }
 }
 
@@ -987,10 +999,11 @@ static void memory_watch(void)
   }
   if (!pressure && (cap == 0 || total <= cap))
     return;
-  biggest_t both[2] = {{0, 0}, {0, 0}};
-  mb_proc_foreach(find_biggest, both);
-  biggest_t b = both[0].pid ? both[0] : both[1];
-  if (b.pid == 0 || (!both[0].pid && !pressure && b.bytes < total - cap))
+  watch_t w = {{{0, 0}, {0, 0}}, 0};
+  mb_proc_foreach(find_biggest, &w);
+  biggest_t b = w.both[0].pid ? w.both[0] : w.both[1];
+  if (b.pid == 0 || (!pressure && w.killable < total - cap) ||
+      (!w.both[0].pid && !pressure && b.bytes < total - cap))
     return;
   char text[MB_PID_TEXT_MAX], reg[160];
   mb_proc_t *p = mb_proc_get(b.pid);
