@@ -55,8 +55,7 @@ void mb_timer_wait_done(mb_timer_t *t);
  * an error msg is freed. A process's timers deliver in the order of their
  * deadlines in whole ms, those of one duration in start order; a timer is
  * cancelled when the local process it is addressed to ends (at once if it
- * has), and when it is addressed to its starter, at its end. Scheduler
- * thread. */
+ * already has). Scheduler thread. */
 int mb_timer_send_after(struct mb_proc *p, double ms, mb_pid_t dest, mb_msg_t *msg,
                         uint64_t *id);
 /* Cancel the timer id: returns 1 and the ms that were left if it had not
