@@ -692,32 +692,32 @@ static int l_send_after(lua_State *L)
   return 1;
 }
 
-/* mb.cancel_timer(timer) -> ms left | false */
-static int l_cancel_timer(lua_State *L)
+/* The ms left of the timer at 1, as op (mb_timer_cancel, mb_timer_read)
+ * gives them, or false. */
+static int timer_left(lua_State *L, int (*op)(uint64_t id, double *left_ms))
 {
   uint64_t id = mb_id_test(L, 1, &timer_kind);
   if (id == 0)
     return luaL_typerror(L, 1, "timer");
   double left;
-  if (mb_timer_cancel(id, &left))
+  if (op(id, &left))
     lua_pushnumber(L, left);
   else
     lua_pushboolean(L, 0);
   return 1;
 }
 
-/* mb.read_timer(timer) -> ms left or false (erlang:read_timer) */
+/* mb.cancel_timer(timer) -> ms left | false */
+static int l_cancel_timer(lua_State *L)
+{
+  return timer_left(L, mb_timer_cancel);
+}
+
+/* mb.read_timer(timer) -> ms left | false, without cancelling
+ * (erlang:read_timer) */
 static int l_read_timer(lua_State *L)
 {
-  uint64_t id = mb_id_test(L, 1, &timer_kind);
-  if (id == 0)
-    return luaL_typerror(L, 1, "timer");
-  double left;
-  if (mb_timer_read(id, &left))
-    lua_pushnumber(L, left);
-  else
-    lua_pushboolean(L, 0);
-  return 1;
+  return timer_left(L, mb_timer_read);
 }
 
 /* -- Exits, links, monitors ------------------------------------------------ */
