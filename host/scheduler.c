@@ -1002,8 +1002,8 @@ static void memory_watch(void)
   watch_t w = {{{0, 0}, {0, 0}}, 0};
   mb_proc_foreach(find_biggest, &w);
   biggest_t b = w.both[0].pid ? w.both[0] : w.both[1];
-  if (b.pid == 0 || (!pressure && w.killable < total - cap) ||
-      (!w.both[0].pid && !pressure && b.bytes < total - cap))
+  if (b.pid == 0 || (!pressure && (w.killable < total - cap ||
+                                    (!w.both[0].pid && b.bytes < total - cap))))
     return;
   char text[MB_PID_TEXT_MAX], reg[160];
   mb_proc_t *p = mb_proc_get(b.pid);

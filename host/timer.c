@@ -782,11 +782,6 @@ static void inbox_push(inbox_t *in, send_timer_t *e)
   mb_sched_post(owner, take_posted, in);
 }
 
-/* On the owner's thread: the starts made on other schedulers (see
- * DESIGN), taken from this scheduler's inbox in the order posted, by the
- * command each post sends or by a firing before it. At shutdown this runs
- * on the main thread, which has no table: the cancelled entries are freed,
- * the others stay in `timers`, which frees them. */
 /* Whether process pid lives; for a start to it, marks it addressed
  * (see DESIGN), under its lock, so before its end. */
 static int alive_addressed(mb_pid_t pid, int mark)
@@ -803,11 +798,11 @@ static int alive_addressed(mb_pid_t pid, int mark)
   return alive;
 }
 
-static int lives(mb_pid_t pid)
-{
-  return alive_addressed(pid, 0);
-}
-
+/* On the owner's thread: the starts made on other schedulers (see
+ * DESIGN), taken from this scheduler's inbox in the order posted, by the
+ * command each post sends or by a firing before it. At shutdown this runs
+ * on the main thread, which has no table: the cancelled entries are freed,
+ * the others stay in `timers`, which frees them. */
 static void take_posted(void *arg)
 {
   inbox_t *in = arg;
@@ -822,7 +817,7 @@ static void take_posted(void *arg)
     e->posted = 0;
     if (cancelled) {
       send_timer_free(e);
-    } else if (mine && to_other(e->dest, e->from) && !lives(e->dest)) {
+    } else if (mine && to_other(e->dest, e->from) && !alive_addressed(e->dest, 0)) {
       /* Its destination ended since the start: that end's process_ended
        * may have run here already (see DESIGN). */
       drop(e, 1);
