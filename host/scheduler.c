@@ -25,6 +25,7 @@ typedef struct cmd {
 struct mb_sched {
   int id;
   pthread_t thread;
+  _Atomic pid_t tid;         /* the thread's, for the ticker's signal (poke) */
   uv_loop_t loop;
   uv_async_t async;          /* wakes the thread: commands, work, halt */
   mb_lock_t rq_lock;
@@ -52,6 +53,7 @@ struct mb_sched {
   void *running_ctx;
   int running_timed;              /* MB_SLICE_*: how the ticker times it */
   uint64_t poked_slice, poked_at; /* ticker thread: its last poke here */
+  _Atomic uint64_t poke_for;      /* the slice its last signal is for (on_poke) */
   /* A slice with nothing queued behind it runs longer (tick): the one the
    * ticker let run so, until a push here wakes it (0: none); the one whose
    * loop had I/O meanwhile (the ticker's); when the loop's next timer is
@@ -157,6 +159,72 @@ static void punlock(mb_sched_t *s)
 {
   atomic_store_explicit(&s->plock, 0, memory_order_release);
 }
+
+/* -- Poking a slice -------------------------------------------------------- */
+
+/* The preempter runs on the thread whose state it changes, never beside
+ * it: LuaJIT's hook mask is one byte, and besides the hook's bits it holds
+ * flags the owner thread sets and clears by itself - around every __gc
+ * finalizer (hook_entergc, hook_restore), when pcall catches an error
+ * (hook_leave) - each a read, a change and a write. lua_sethook from
+ * another thread is a read, a change and a write of the same byte: when
+ * the two overlap, one loses the other's change. Lost on the owner's side,
+ * the finalizer's "in a hook" flag stays set: hooks stop firing, and the
+ * next yield of a C function (mb.receive) is taken for a hook's, which
+ * resumes into a frame that is not there - a crash (measured: 12 processes
+ * that free userdata with __gc in loops of 1 ms, 4 s, crashed the host 4
+ * times in 4). Lost on the ticker's side, the poke is gone while the hook
+ * function stays set. So the ticker signals the scheduler's thread
+ * (MB_POKE_SIGNAL) and the handler, on that thread, calls the preempter:
+ * it runs between two instructions of the owner, as LuaJIT's own profiler
+ * and lua.c's SIGINT handler call lua_sethook. An owner's write that it
+ * interrupts can still lose the poke (never the owner's flag): the
+ * preempter then finds the count missing and arms it again at the
+ * ticker's next poke, a slice time later. The handler does nothing while
+ * the thread holds its plock (the owner's own hook changes, mb_sched_running)
+ * or runs another slice than the one the signal is for: the ticker pokes
+ * again when it is still due. SIGURG: ignored by default (a stray one
+ * does nothing), and unused here otherwise (no socket has an owner for
+ * out-of-band data, F_SETOWN); Go's runtime preempts with it for the same
+ * reasons. */
+#if MB_POKE_BY_SIGNAL
+#define MB_POKE_SIGNAL SIGURG
+
+static void on_poke(int sig)
+{
+  (void)sig;
+  int saved = errno;
+  mb_sched_t *s = self;
+  if (s && !atomic_exchange_explicit(&s->plock, 1, memory_order_acquire)) {
+    uint64_t st = atomic_load_explicit(&s->slice_start, memory_order_relaxed);
+    if (s->running && s->running_timed != MB_SLICE_COUNTED && st != 0 &&
+        atomic_load_explicit(&s->poke_for, memory_order_relaxed) == st)
+      preempter(s->running, s->running_ctx);
+    punlock(s);
+  }
+  errno = saved;
+}
+
+/* The ticker's: signal s's thread to poke its slice (poke_for). A thread
+ * that has ended meanwhile is not there to signal (tgkill finds no such
+ * thread in this process). */
+static void poke(mb_sched_t *s)
+{
+  pid_t tid = atomic_load_explicit(&s->tid, memory_order_relaxed);
+  if (tid > 0)
+    tgkill(getpid(), tid, MB_POKE_SIGNAL);
+}
+
+static int install_poke(void)
+{
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = on_poke;
+  sa.sa_flags = SA_RESTART | SA_ONSTACK;
+  sigfillset(&sa.sa_mask);
+  return sigaction(MB_POKE_SIGNAL, &sa, NULL) < 0 ? -errno : 0;
+}
+#endif
 
 /* A lone slice of s has company (rq_push_as): cut it to its usual time.
  * Pushed from s's own thread, the push comes from the process running that
@@ -510,6 +578,7 @@ static uint64_t tick(mb_sched_t *s, uint64_t now, uint64_t slice, int *poked, in
   if (queued && now - st >= MB_STALL_NS)
     *stalled = 1;
   uint64_t from = s->poked_slice == st ? s->poked_at : st, due = from + slice;
+  int signal_it = 0;
   plock(s);
   mb_proc_t *p = s->running;
   if (p && s->running_timed == MB_SLICE_COUNTED) {
@@ -523,7 +592,12 @@ static uint64_t tick(mb_sched_t *s, uint64_t now, uint64_t slice, int *poked, in
       *lone = 1;
     }
     if (must || now >= due) {
+#if MB_POKE_BY_SIGNAL
+      atomic_store_explicit(&s->poke_for, st, memory_order_relaxed);
+      signal_it = 1;
+#else
       preempter(p, s->running_ctx);
+#endif
       s->poked_slice = st;
       s->poked_at = now;
       due = now + slice;
@@ -532,6 +606,12 @@ static uint64_t tick(mb_sched_t *s, uint64_t now, uint64_t slice, int *poked, in
     }
   }
   punlock(s);
+#if MB_POKE_BY_SIGNAL
+  if (signal_it)
+    poke(s);
+#else
+  (void)signal_it;
+#endif
   if (queued && (due == 0 || st + MB_STALL_NS < due))
     due = st + MB_STALL_NS;   /* look again then: is it stalled? */
   return due;
@@ -718,6 +798,7 @@ static void *sched_main(void *arg)
 {
   mb_sched_t *s = arg;
   self = s;
+  atomic_store(&s->tid, gettid());
   uint64_t now = 0;   /* the clock as the last slice ended, if nothing ran since */
   while (!mb_sched_halting()) {
     mb_proc_t *p = rq_pop(s);
@@ -754,6 +835,7 @@ static void *sched_main(void *arg)
     uv_run(&s->loop, UV_RUN_ONCE);
     atomic_store(&s->sleeping, 0);
   }
+  atomic_store(&s->tid, 0);
   self = NULL;
   atomic_store(&s->done, 1);
   return NULL;
@@ -813,10 +895,15 @@ int mb_sched_run(void)
   }
   pthread_attr_destroy(&attr);
   if (mb_sched_opts.slice_reds > 0 && preempter) {
+    int rc = 0;
+#if MB_POKE_BY_SIGNAL
+    if ((rc = install_poke()) != 0)
+      return rc;
+#endif
     ticker_fd = eventfd(0, EFD_CLOEXEC);
     if (ticker_fd < 0)
       return -errno;
-    int rc = pthread_create(&ticker, NULL, ticker_main, NULL);
+    rc = pthread_create(&ticker, NULL, ticker_main, NULL);
     if (rc)
       return -rc;
     ticker_started = 1;

@@ -134,14 +134,29 @@ void mb_sched_enqueue(mb_proc_t *p);
 void mb_sched_push(mb_sched_t *s, mb_proc_t *p);
 void mb_sched_requeue(mb_sched_t *s, mb_proc_t *p);
 
-/* Preemption. fn(p, ctx) is called by the ticker thread (or by s's own,
- * when p's lone slice gets company from p itself), under the
- * scheduler's preemption lock, with the process and context the runner
- * said run Lua there (mb_sched_running, timed) when that slice has run its
- * time, when p has an exit signal pending, or while the host halts; it
- * must make p stop soon (and may be called again for the same slice). Set
- * once, before mb_sched_run. */
+/* Preemption. fn(p, ctx) is called on the thread that runs p - from a
+ * signal handler when the ticker thread signals it (see scheduler.c,
+ * "Poking a slice"), or directly when p's lone slice gets company from p
+ * itself - under the scheduler's preemption lock, with the process and
+ * context the runner said run Lua there (mb_sched_running, timed), when
+ * that slice has run its time, when p has an exit signal pending, or while
+ * the host halts; it must make p stop soon (and may be called again for
+ * the same slice). Set once, before mb_sched_run. */
 void mb_sched_set_preempter(void (*fn)(mb_proc_t *p, void *ctx));
+/* ThreadSanitizer holds a signal back until its thread next calls the C
+ * library, which a Lua loop never does: built with it, the ticker calls
+ * fn from its own thread instead, and the runner keeps every slice's hook
+ * armed, so that fn never changes the hook there (run.c). */
+#if defined(__SANITIZE_THREAD__)
+#define MB_POKE_BY_SIGNAL 0
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define MB_POKE_BY_SIGNAL 0
+#endif
+#endif
+#ifndef MB_POKE_BY_SIGNAL
+#define MB_POKE_BY_SIGNAL 1
+#endif
 /* The runner's side, on s's thread: p (with ctx) runs Lua now, or nothing
  * (p NULL); timed, how the ticker times the slice: MB_SLICE_COUNTED, not
  * at all (p counts its own); MB_SLICE_TIMED, its time; MB_SLICE_ALONE, p

@@ -176,9 +176,75 @@ describe("preemption", function()
         assert.is_true(S.has(r, "receive: the match function ran past its slice"), out .. err)
       end
     end)
+    -- Each caught error clears a flag in LuaJIT's hook mask, a read, a
+    -- change and a write of a byte that the preemption also writes. The
+    -- ticker wrote it from its own thread: a poke the owner's write undid
+    -- was lost for good (the hook function stayed set, so it was never armed
+    -- again), and the loop held the host's only scheduler until the
+    -- watchdog halted the host, in every run. The poke is now made on the
+    -- owner's thread, and a lost one is armed again.
+    it("a loop whose pcall catches an error at every turn does not stop the others", function()
+      local s = S.write("loop_pcall.lua", [[
+        local mb = require "moonbeam"
+        mb.spawn(function() local e = error while true do pcall(e, "x") end end)
+        for round = 1, 300 do
+          local _, ref = mb.spawn_monitor(function() mb.sleep(1) end)
+          if not mb.receive(function(m) return m.ref == ref end, 5000) then
+            print("stalled in round " .. round) os.exit(1)
+          end
+        end
+        print("others ran")
+        os.exit(0)
+      ]])
+      local code, out, err = S.moonbeam("--schedulers 1 " .. S.q(s), nil, 60)
+      assert.are.equal(0, code, out .. err)
+      assert.is_true(S.has(out, "others ran"), out .. err)
+    end)
+
   end)
 
   describe("with two schedulers (moonbeam --schedulers 2)", function()
+    -- LuaJIT sets and clears flags in the hook mask around every __gc
+    -- finalizer. The ticker's poke, written from its own thread over that,
+    -- could leave the finalizer's "in a hook" flag set after it ended: the
+    -- next mb.sleep was then taken for a hook's yield and resumed into a
+    -- frame that was not there. This crashed the host (SIGSEGV) in every
+    -- run of 3 s (6 of 6). The poke is now made on the owner's thread.
+    it("processes that free userdata with __gc while they compute are preempted without harm", function()
+      local s = S.write("gc_poke.lua", [[
+        local mb = require "moonbeam"
+        local me = mb.self()
+        local N, MS = 16, 5000
+        for i = 1, N do
+          mb.spawn(function()
+            local freed = 0
+            local fin = function() freed = freed + 1 end
+            local t0 = mb.now()
+            while mb.now() - t0 < MS do
+              local t1 = mb.now()
+              repeat   -- a millisecond of work, longer than a slice
+                for _ = 1, 500 do getmetatable(newproxy(true)).__gc = fin end
+              until mb.now() - t1 >= 1
+              mb.sleep(1)   -- blocks: its next slice starts without the hook
+            end
+            collectgarbage()
+            mb.send(me, freed)
+          end)
+        end
+        local freed = 0
+        for _ = 1, N do
+          local n = mb.receive(MS + 10000)
+          if type(n) ~= "number" then print("no result") os.exit(1) end
+          freed = freed + n
+        end
+        print(freed > 0 and "all done" or "nothing freed")
+        os.exit(0)
+      ]])
+      local code, out, err = S.moonbeam("--schedulers 2 " .. S.q(s), nil, 60)
+      assert.are.equal(0, code, out .. err)
+      assert.is_true(S.has(out, "all done"), out .. err)
+    end)
+
     it("a socket's owner queued behind a slice stuck in a C call runs on the other", function()
       local s = S.write("stuck_homed.lua", [[
         local mb = require "moonbeam"

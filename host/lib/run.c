@@ -169,33 +169,34 @@ void mb_run_hook(lua_State *L, lua_Debug *ar)
 }
 
 /* The ticker's (scheduler.h): p's slice has run its time, a signal waits
- * for it, or the host halts. Under the scheduler's preemption lock, on the
- * ticker's thread: the state L is p's and stays so during the call (the
- * runner says so with mb_sched_running). Arms the hook to fire at the next
- * VM instruction, unless a hook is set already - the scheduler's own
+ * for it, or the host halts. On the thread that runs p (scheduler.c's
+ * signal handler, or a push of p's own), under the scheduler's preemption
+ * lock: the state L is p's and stays so during the call (the runner says so
+ * with mb_sched_running). Arms the hook to fire at the next VM
+ * instruction, unless a count is set already - the scheduler's own
  * (counting a slice, or waiting for a safe point) or a user's dispatcher,
- * which polls: both look at p->preempt. lua_sethook from another thread is
- * what LuaJIT's own profiler does from a signal handler: the interpreter
- * picks up the new dispatch at its next instruction. But it rewrites the
- * whole hook mask, and LuaJIT's flag that a hook is running is a bit of
- * it: were the owner leaving a hook meanwhile, the flag could be written
- * back set, and the state would take every later yield of a C function
- * for a hook's (a chat server died of it, with this called on states that
- * had a hook). So the hook never takes itself off (mb_run_hook): a hook
- * runs only while one is set, and then this leaves it alone. */
+ * which polls: both look at p->preempt. A hook function without its count
+ * is a poke that an owner's write of the hook mask took back (scheduler.c,
+ * on_poke): it is armed again. The hook never takes itself off (mb_run_hook):
+ * the runner does, between slices. */
 static void preempt(mb_proc_t *p, void *ctx)
 {
   lua_State *L = ctx;
   atomic_store_explicit(&p->preempt, 1, memory_order_relaxed);
-  if (lua_gethook(L) == NULL)
+  lua_Hook f = lua_gethook(L);
+  if (!(lua_gethookmask(L) & LUA_MASKCOUNT) && (f == NULL || f == mb_run_hook))
     lua_sethook(L, mb_run_hook, LUA_MASKCOUNT, 1);
 }
 
 /* p runs Lua on this thread's scheduler from now on (or no longer): the
- * ticker may preempt it. */
+ * ticker may preempt it. Built with ThreadSanitizer, where the ticker
+ * calls preempt from its own thread (scheduler.h), the state's hook is
+ * armed first and stays so, so that preempt only sets p->preempt there. */
 static void runs_lua(mb_proc_t *p)
 {
   mb_sched_t *s = mb_sched_self();
+  if (!MB_POKE_BY_SIGNAL && p && lua_gethook(p->L) == NULL)
+    mb_lstate_sethook(p->L, MB_HOOK_INSTRUCTIONS);
   if (s)
     mb_sched_running(s, p, p ? p->L : NULL, p == NULL || p->counted ? MB_SLICE_COUNTED
                                             : p->alone ? MB_SLICE_ALONE : MB_SLICE_TIMED);
@@ -634,7 +635,7 @@ static void run(mb_sched_t *s, mb_proc_t *p)
    * see preempt). */
   if (atomic_load_explicit(&p->preempt, memory_order_relaxed))
     atomic_store_explicit(&p->preempt, 0, memory_order_relaxed);
-  if (p->L && !p->counted && lua_gethook(p->L) == mb_run_hook)
+  if (MB_POKE_BY_SIGNAL && p->L && !p->counted && lua_gethook(p->L) == mb_run_hook)
     mb_lstate_sethook(p->L, 0);
   int nargs;
   for (;;) {
@@ -698,7 +699,8 @@ static void run(mb_sched_t *s, mb_proc_t *p)
       p->alone = 0;     /* it blocks: its next slices are short ones */
       if (p->counted) {
         p->counted = 0;
-        mb_lstate_sethook(p->L, 0);
+        if (MB_POKE_BY_SIGNAL)
+          mb_lstate_sethook(p->L, 0);
       }
     }
     if (why == MB_YIELD_HIBERNATE) {
