@@ -231,10 +231,9 @@ static int install_poke(void)
  * slice (between slices none is lone), so it is poked here, as the ticker
  * would, and yields at its next safe point: no eventfd write, and no
  * waiting for the ticker's thread to be scheduled (on a loaded host that
- * was most of a millisecond). A poke the state loses (LuaJIT restores its
- * hook mask after a __gc finalizer) is the ticker's to repeat when the
- * slice's lone time is up, as for any poke. From another thread: the
- * ticker, woken, pokes it. */
+ * was most of a millisecond). A poke the state loses (see "Poking a
+ * slice") is the ticker's to repeat when the slice's lone time is up, as
+ * for any poke. From another thread: the ticker, woken, pokes it. */
 static void nudge(mb_sched_t *s)
 {
   if (s != self) {
@@ -475,10 +474,11 @@ int mb_sched_stuck(const mb_sched_t *s)
  * ~10 machine instructions: a tenth of an HTTP request). One ticker thread
  * watches those slices instead: when one has run for its time
  * (slice_reds * MB_NS_PER_RED), its process has an exit signal pending, or
- * the host halts, it calls the runner's preempter, which arms the count
- * hook of that process's state; the hook then yields it at its next safe
- * point (host/lib/run.c). A process preempted that way computes: the
- * runner then lets it count its own slices with the hook, as before,
+ * the host halts, it signals that slice's thread, where the runner's
+ * preempter arms the count hook of the process's state (see "Poking a
+ * slice"); the hook then yields it at its next safe point
+ * (host/lib/run.c). A process preempted that way computes: the runner
+ * then lets it count its own slices with the hook, as before,
  * until it blocks, and says so (MB_SLICE_COUNTED), since a ticker that
  * woke every slice time for it cost ~20 us of CPU a wake-up on this
  * machine's VM: 8% of a core. Unless nothing waits for its core: a slice
@@ -497,10 +497,11 @@ int mb_sched_stuck(const mb_sched_t *s)
  * lately, doubling each quiet round up to MB_TICK_MAX_NS, so that a host
  * whose slices are short wakes it ~500 times a second, and a loop that
  * starts after a quiet spell runs at most MB_TICK_MAX_NS more before its
- * first preemption. A poke the state missed (LuaJIT restores its hook mask
- * after a __gc finalizer) is repeated after another slice time. With no
- * slice running for MB_TICK_PARK rounds it parks until a slice starts
- * (ticker_unpark): an idle host wakes no thread. */
+ * first preemption. A poke the state missed (an owner's write of LuaJIT's
+ * hook mask took it back, or the handler found the plock held) is
+ * repeated after another slice time. With no slice running for
+ * MB_TICK_PARK rounds it parks until a slice starts (ticker_unpark): an
+ * idle host wakes no thread. */
 
 void mb_sched_set_preempter(void (*fn)(mb_proc_t *p, void *ctx))
 {
