@@ -187,8 +187,15 @@ static void punlock(mb_sched_t *s)
  * does nothing), and unused here otherwise (no socket has an owner for
  * out-of-band data, F_SETOWN); Go's runtime preempts with it for the same
  * reasons. */
-#if MB_POKE_BY_SIGNAL
 #define MB_POKE_SIGNAL SIGURG
+
+/* Under s's plock, on its thread: poke the slice running there, if the
+ * ticker times it. */
+static void poke_running(mb_sched_t *s)
+{
+  if (s->running && s->running_timed != MB_SLICE_COUNTED && preempter)
+    preempter(s->running, s->running_ctx);
+}
 
 static void on_poke(int sig)
 {
@@ -197,9 +204,8 @@ static void on_poke(int sig)
   mb_sched_t *s = self;
   if (s && !atomic_exchange_explicit(&s->plock, 1, memory_order_acquire)) {
     uint64_t st = atomic_load_explicit(&s->slice_start, memory_order_relaxed);
-    if (s->running && s->running_timed != MB_SLICE_COUNTED && st != 0 &&
-        atomic_load_explicit(&s->poke_for, memory_order_relaxed) == st)
-      preempter(s->running, s->running_ctx);
+    if (st != 0 && atomic_load_explicit(&s->poke_for, memory_order_relaxed) == st)
+      poke_running(s);
     punlock(s);
   }
   errno = saved;
@@ -224,7 +230,6 @@ static int install_poke(void)
   sigfillset(&sa.sa_mask);
   return sigaction(MB_POKE_SIGNAL, &sa, NULL) < 0 ? -errno : 0;
 }
-#endif
 
 /* A lone slice of s has company (rq_push_as): cut it to its usual time.
  * Pushed from s's own thread, the push comes from the process running that
@@ -241,8 +246,7 @@ static void nudge(mb_sched_t *s)
     return;
   }
   plock(s);
-  if (s->running && s->running_timed != MB_SLICE_COUNTED && preempter)
-    preempter(s->running, s->running_ctx);
+  poke_running(s);
   punlock(s);
 }
 
@@ -593,12 +597,12 @@ static uint64_t tick(mb_sched_t *s, uint64_t now, uint64_t slice, int *poked, in
       *lone = 1;
     }
     if (must || now >= due) {
-#if MB_POKE_BY_SIGNAL
-      atomic_store_explicit(&s->poke_for, st, memory_order_relaxed);
-      signal_it = 1;
-#else
-      preempter(p, s->running_ctx);
-#endif
+      if (MB_POKE_BY_SIGNAL) {
+        atomic_store_explicit(&s->poke_for, st, memory_order_relaxed);
+        signal_it = 1;   /* after the lock, which the handler takes */
+      } else {
+        preempter(p, s->running_ctx);
+      }
       s->poked_slice = st;
       s->poked_at = now;
       due = now + slice;
@@ -607,12 +611,8 @@ static uint64_t tick(mb_sched_t *s, uint64_t now, uint64_t slice, int *poked, in
     }
   }
   punlock(s);
-#if MB_POKE_BY_SIGNAL
   if (signal_it)
     poke(s);
-#else
-  (void)signal_it;
-#endif
   if (queued && (due == 0 || st + MB_STALL_NS < due))
     due = st + MB_STALL_NS;   /* look again then: is it stalled? */
   return due;
@@ -896,11 +896,9 @@ int mb_sched_run(void)
   }
   pthread_attr_destroy(&attr);
   if (mb_sched_opts.slice_reds > 0 && preempter) {
-    int rc = 0;
-#if MB_POKE_BY_SIGNAL
-    if ((rc = install_poke()) != 0)
+    int rc = MB_POKE_BY_SIGNAL ? install_poke() : 0;
+    if (rc)
       return rc;
-#endif
     ticker_fd = eventfd(0, EFD_CLOEXEC);
     if (ticker_fd < 0)
       return -errno;
