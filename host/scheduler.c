@@ -189,11 +189,10 @@ static void punlock(mb_sched_t *s)
  * reasons. */
 #define MB_POKE_SIGNAL SIGURG
 
-/* Under s's plock, on its thread: poke the slice running there, if the
- * ticker times it. */
+/* Under s's plock, on its thread: poke the slice running there. */
 static void poke_running(mb_sched_t *s)
 {
-  if (s->running && s->running_timed != MB_SLICE_COUNTED && preempter)
+  if (s->running && preempter)
     preempter(s->running, s->running_ctx);
 }
 
@@ -586,11 +585,18 @@ static uint64_t tick(mb_sched_t *s, uint64_t now, uint64_t slice, int *poked, in
   int signal_it = 0;
   plock(s);
   mb_proc_t *p = s->running;
-  if (p && s->running_timed == MB_SLICE_COUNTED) {
-    due = 0;
-  } else if (p) {
-    int must = mb_sched_halting() || atomic_load_explicit(&p->nsignals, memory_order_relaxed);
-    if (!must && (now >= due || s->running_timed == MB_SLICE_ALONE) && alone(s, st)) {
+  if (p) {
+    /* A counted slice stops itself at its budget, and sees signals at its
+     * next hook, unless LuaJIT holds hooks off (a __gc finalizer runs):
+     * one that has run MB_STALL_NS is poked too, which lets them through
+     * (run.c, preempt). */
+    int counted = s->running_timed == MB_SLICE_COUNTED;
+    int must = !counted && (mb_sched_halting() ||
+                            atomic_load_explicit(&p->nsignals, memory_order_relaxed));
+    if (counted) {
+      if (s->poked_slice != st)
+        due = st + MB_STALL_NS;
+    } else if (!must && (now >= due || s->running_timed == MB_SLICE_ALONE) && alone(s, st)) {
       uint64_t timer = atomic_load_explicit(&s->timer_due, memory_order_relaxed);
       due = from + MB_TICK_LONE_NS < timer ? from + MB_TICK_LONE_NS
                                            : timer > due ? timer : due;

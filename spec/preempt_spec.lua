@@ -176,6 +176,81 @@ describe("preemption", function()
         assert.is_true(S.has(r, "receive: the match function ran past its slice"), out .. err)
       end
     end)
+    -- The match's stop is an error at a hook: a pcall inside the match
+    -- caught each one, and the loop around it went on for good. Past its
+    -- budget the hook now throws at every instruction, so the error gets
+    -- out at the first instruction outside the pcall.
+    it("a match function that catches its own stop still ends", function()
+      local s = S.write("loop_match_pcall.lua", [[
+        local mb = require "moonbeam"
+        local spin = function() while true do end end
+        local _, lref = mb.spawn_monitor(function()
+          mb.send(mb.self(), "bait")
+          mb.receive(function(m) while true do pcall(spin) end end)
+        end)
+        local _, ref = mb.spawn_monitor(function() mb.sleep(10) end)
+        local m = mb.receive(function(x) return x.ref == ref end, 5000)
+        print(m and m.event == "DOWN" and "others ran" or "stalled")
+        local d = mb.receive(function(x) return x.ref == lref end, 5000)
+        print(d and d.reason or "no DOWN")
+        os.exit(0)
+      ]])
+      local code, out, err = S.moonbeam("--schedulers 1 " .. S.q(s), nil, 15)
+      assert.are.equal(0, code, out .. err)
+      local ran, r = out:match("^(.-)\n(.-)\n$")
+      assert.are.equal("others ran", ran, out .. err)
+      assert.is_true(S.has(r, "receive: the match function ran past its slice"), out .. err)
+    end)
+
+    -- LuaJIT runs a __gc finalizer with hooks held off: one that looped
+    -- held its scheduler, here the host's only one, for good (only the
+    -- watchdog's report, then SIGTERM). The preemption now lets the hook
+    -- into it; it cannot yield there, so past a budget it is stopped with
+    -- an error, raised where the collection ran. The second process
+    -- computes first, so that its slices count (the ticker then pokes it
+    -- only after a stall); the third catches its stop inside the finalizer.
+    it("a __gc finalizer that loops holds the others only a bounded time", function()
+      local s = S.write("loop_gc.lua", [[
+        local mb = require "moonbeam"
+        local spin = function() while true do end end
+        local finalizers = {
+          spin,
+          spin,
+          function() while true do pcall(spin) end end,
+        }
+        local refs = {}
+        for i, fin in ipairs(finalizers) do
+          local _, ref = mb.spawn_monitor(function()
+            if i == 2 then local x = 0 for k = 1, 2e6 do x = x + k end end
+            getmetatable(newproxy(true)).__gc = fin
+            while true do local t = {} for j = 1, 100 do t[j] = {j} end end
+          end)
+          refs[i] = ref
+        end
+        for round = 1, 20 do
+          local _, ref = mb.spawn_monitor(function() mb.sleep(1) end)
+          if not mb.receive(function(m) return m.ref == ref end, 5000) then
+            print("stalled in round " .. round) os.exit(1)
+          end
+        end
+        print("others ran")
+        for _, r in ipairs(refs) do
+          local d = mb.receive(function(x) return x.ref == r end, 5000)
+          print(d and d.reason or "no DOWN")
+        end
+        os.exit(0)
+      ]])
+      local code, out, err = S.moonbeam("--schedulers 1 " .. S.q(s), nil, 30)
+      assert.are.equal(0, code, out .. err)
+      local lines = {}
+      for l in out:gmatch("[^\n]+") do lines[#lines + 1] = l end
+      assert.are.equal("others ran", lines[1], out .. err)
+      assert.are.equal(4, #lines, out .. err)
+      for i = 2, 4 do
+        assert.is_true(S.has(lines[i], "a __gc finalizer ran past its slice"), out .. err)
+      end
+    end)
+
     -- Each caught error clears a flag in LuaJIT's hook mask, a read, a
     -- change and a write of a byte that the preemption also writes. The
     -- ticker wrote it from its own thread: a poke the owner's write undid
@@ -243,6 +318,41 @@ describe("preemption", function()
       local code, out, err = S.moonbeam("--schedulers 2 " .. S.q(s), nil, 60)
       assert.are.equal(0, code, out .. err)
       assert.is_true(S.has(out, "all done"), out .. err)
+    end)
+
+    -- An exit signal reaches a process in a looping __gc finalizer, as it
+    -- reaches a Lua loop, and a pcall there does not keep it in. The kill
+    -- goes as the finalizer starts; the finalizer's own budget (2 million
+    -- VM instructions past its slice) is far longer, and would end the
+    -- process with another reason.
+    it("an exit signal ends a process looping in a __gc finalizer", function()
+      local s = S.write("kill_gc.lua", [[
+        local mb = require "moonbeam"
+        local me = mb.self()
+        local spin = function() while true do end end
+        for round = 1, 5 do
+          local pid, ref = mb.spawn_monitor(function()
+            getmetatable(newproxy(true)).__gc = function()
+              mb.send(me, "in")
+              while true do pcall(spin) end
+            end
+            collectgarbage()
+          end)
+          if mb.receive(function(m) return m == "in" end, 5000) ~= "in" then
+            print("no finalizer in round " .. round) os.exit(1)
+          end
+          mb.exit(pid, "kill")
+          local d = mb.receive(function(m) return type(m) == "table" and m.ref == ref end, 5000)
+          if not (d and d.reason == "killed") then
+            print("round " .. round .. ": " .. tostring(d and d.reason)) os.exit(1)
+          end
+        end
+        print("all killed")
+        os.exit(0)
+      ]])
+      local code, out, err = S.moonbeam("--schedulers 2 " .. S.q(s), nil, 30)
+      assert.are.equal(0, code, out .. err)
+      assert.is_true(S.has(out, "all killed"), out .. err)
     end)
 
     it("a socket's owner queued behind a slice stuck in a C call runs on the other", function()

@@ -20,6 +20,7 @@
 #include "copy.h"
 #include "lauxlib.h"
 #include "lib.h"
+#include "fin.h"
 #include "lstate.h"
 #include "modcache.h"
 #include "pid.h"
@@ -391,7 +392,9 @@ static void uhook_dispatch(lua_State *L, lua_Debug *ar)
     }
     uhook_install(L, h);
   }
-  if (user_due)
+  /* Not in a finalizer the scheduler let hooks into (fin.h): LuaJIT
+   * calls no hook there. */
+  if (user_due && !mb_fin_running(L))
     uhook_call(L, h, ar);
   /* The user's function may have cleared the hook: the dispatcher stayed
    * installed while it ran (see db_sethook); hand back to the scheduler. */
