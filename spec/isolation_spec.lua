@@ -697,14 +697,15 @@ describe("isolation", function()
   describe("a stuck scheduler", function()
     local stuck = [[
       local mb = require "moonbeam"
-      -- A finalizer that never returns: LuaJIT runs it with hooks off, so
-      -- the count hook cannot preempt it and its scheduler is stuck.
+      -- A debug hook function that never returns: LuaJIT runs it with
+      -- hooks off, so the count hook cannot preempt it and its scheduler
+      -- is stuck. (A __gc finalizer was stuck so too; the preemption now
+      -- lets the hook into one, see preempt_spec.)
       mb.spawn(function()
-        mb.register("gc_looper")
-        local u = newproxy(true)
-        getmetatable(u).__gc = function() while true do end end
-        u = nil
-        collectgarbage()
+        mb.register("hook_looper")
+        debug.sethook(function() while true do end end, "", 1)
+        local x = 0
+        for i = 1, 10 do x = x + i end
       end)
     ]]
 
@@ -725,32 +726,32 @@ describe("isolation", function()
         os.exit(0)
       ]], "--schedulers 2 --watchdog 300", 40)
       assert.is_true(S.has(err, "=WATCHDOG REPORT===="), err)
-      assert.is_true(S.has(err, "registered as gc_looper"), err)
+      assert.is_true(S.has(err, "registered as hook_looper"), err)
       assert.is_true(S.has(out, "answers\t50"), out .. err)
       assert.are.equal(0, code, err)
     end)
 
     it("has the process queued behind a long slice taken by an idle scheduler", function()
       -- P spawns Q (queued on P's scheduler, alone: nothing wakes the other
-      -- scheduler), then runs a finalizer for 400 ms that the count hook
-      -- cannot preempt. The ticker sees the slice stall with Q queued and
-      -- wakes the idle scheduler, which runs Q in the finalizer's first
-      -- half (else Q would wait for its end).
+      -- scheduler), then runs a debug hook function for 400 ms that the
+      -- count hook cannot preempt. The ticker sees the slice stall with Q
+      -- queued and wakes the idle scheduler, which runs Q in the hook
+      -- function's first half (else Q would wait for its end).
       local code, out, err = child([[
         local mb = require "moonbeam"
         local main = mb.self()
         mb.spawn(function()
           mb.spawn(function() mb.send(main, { q = mb.now() }) end)
           local from, to
-          local u = newproxy(true)
-          getmetatable(u).__gc = function()
+          debug.sethook(function()
+            debug.sethook()
             from = mb.now()
             local t = os.clock()
             while os.clock() - t < 0.4 do end
             to = mb.now()
-          end
-          u = nil
-          collectgarbage()
+          end, "", 1)
+          local x = 0
+          for i = 1, 10 do x = x + i end
           mb.send(main, { from = from, to = to })
         end)
         local got = {}
