@@ -168,8 +168,9 @@ typedef struct mb_proc {
   uint8_t timed_out;           /* `expired`, as last seen by mb_proc_drain */
   uint8_t match_hooks;         /* hooks its running match function has seen
                                   past its slice (run.c, MB_MATCH_HOOKS) */
-  uint8_t fin_hooks;           /* the same for a __gc finalizer in this slice
-                                  (run.c, MB_FIN_HOOKS) */
+  uint8_t held_hooks;          /* the same for a __gc finalizer or a debug hook
+                                  function in this slice (run.c, MB_HELD_HOOKS) */
+  uint8_t in_uhook;            /* running its debug hook function (lstate.c) */
   uint8_t booting;             /* boot is decoding the body (run.c) */
   uint8_t settled;             /* its state had its first full collection */
   uint8_t lstate_tainted;      /* its state may not be reused (lstate.c) */

@@ -697,15 +697,14 @@ describe("isolation", function()
   describe("a stuck scheduler", function()
     local stuck = [[
       local mb = require "moonbeam"
-      -- A debug hook function that never returns: LuaJIT runs it with
-      -- hooks off, so the count hook cannot preempt it and its scheduler
-      -- is stuck. (A __gc finalizer was stuck so too; the preemption now
-      -- lets the hook into one, see preempt_spec.)
+      -- A long C call (os.execute blocks): the count hook cannot reach
+      -- it, so its scheduler is stuck. (A looping __gc finalizer or debug
+      -- hook function was stuck so too; the preemption now lets the hook
+      -- into them, see preempt_spec.) The tests end the sleep by its
+      -- unusual length.
       mb.spawn(function()
-        mb.register("hook_looper")
-        debug.sethook(function() while true do end end, "", 1)
-        local x = 0
-        for i = 1, 10 do x = x + i end
+        mb.register("c_caller")
+        os.execute("sleep 7.31")
       end)
     ]]
 
@@ -726,32 +725,26 @@ describe("isolation", function()
         os.exit(0)
       ]], "--schedulers 2 --watchdog 300", 40)
       assert.is_true(S.has(err, "=WATCHDOG REPORT===="), err)
-      assert.is_true(S.has(err, "registered as hook_looper"), err)
+      S.sh("pkill -f 'sleep 7[.]31'")
+      assert.is_true(S.has(err, "registered as c_caller"), err)
       assert.is_true(S.has(out, "answers\t50"), out .. err)
       assert.are.equal(0, code, err)
     end)
 
     it("has the process queued behind a long slice taken by an idle scheduler", function()
       -- P spawns Q (queued on P's scheduler, alone: nothing wakes the other
-      -- scheduler), then runs a debug hook function for 400 ms that the
-      -- count hook cannot preempt. The ticker sees the slice stall with Q
-      -- queued and wakes the idle scheduler, which runs Q in the hook
-      -- function's first half (else Q would wait for its end).
+      -- scheduler), then makes a C call of 400 ms that the count hook
+      -- cannot preempt. The ticker sees the slice stall with Q queued and
+      -- wakes the idle scheduler, which runs Q in the call's first half
+      -- (else Q would wait for its end).
       local code, out, err = child([[
         local mb = require "moonbeam"
         local main = mb.self()
         mb.spawn(function()
           mb.spawn(function() mb.send(main, { q = mb.now() }) end)
-          local from, to
-          debug.sethook(function()
-            debug.sethook()
-            from = mb.now()
-            local t = os.clock()
-            while os.clock() - t < 0.4 do end
-            to = mb.now()
-          end, "", 1)
-          local x = 0
-          for i = 1, 10 do x = x + i end
+          local from = mb.now()
+          os.execute("sleep 0.4")
+          local to = mb.now()
           mb.send(main, { from = from, to = to })
         end)
         local got = {}
@@ -771,7 +764,8 @@ describe("isolation", function()
       local path = S.write("stuck.lua", stuck .. "mb.receive()\n")
       local t0 = mb.now()
       local code, _, err = S.sh(S.q(S.bin) .. " --schedulers 2 " .. S.q(path) ..
-                                " & pid=$!; sleep 1; kill -TERM $pid; wait $pid", nil, 30)
+                                " & pid=$!; sleep 1; kill -TERM $pid; wait $pid; rc=$?; " ..
+                                "pkill -f 'sleep 7[.]31'; exit $rc", nil, 30)
       assert.are.equal(143, code, err)
       assert.is_true(S.has(err, "halting: scheduler"), err)
       assert.is_true(mb.now() - t0 < 15000)

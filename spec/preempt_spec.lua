@@ -251,6 +251,47 @@ describe("preemption", function()
       end
     end)
 
+    -- A debug hook function runs with hooks held off too, and looped for
+    -- good the same way; it gets the same budget, and its error is raised
+    -- where the hook fired.
+    it("a debug hook function that loops holds the others only a bounded time", function()
+      local s = S.write("loop_uhook.lua", [[
+        local mb = require "moonbeam"
+        local spin = function() while true do end end
+        local hooks = { spin, function() while true do pcall(spin) end end }
+        local refs = {}
+        for i, h in ipairs(hooks) do
+          local _, ref = mb.spawn_monitor(function()
+            debug.sethook(h, "", 1)
+            local x = 0
+            for k = 1, 10 do x = x + k end
+          end)
+          refs[i] = ref
+        end
+        for round = 1, 20 do
+          local _, ref = mb.spawn_monitor(function() mb.sleep(1) end)
+          if not mb.receive(function(m) return m.ref == ref end, 5000) then
+            print("stalled in round " .. round) os.exit(1)
+          end
+        end
+        print("others ran")
+        for _, r in ipairs(refs) do
+          local d = mb.receive(function(x) return x.ref == r end, 5000)
+          print(d and d.reason or "no DOWN")
+        end
+        os.exit(0)
+      ]])
+      local code, out, err = S.moonbeam("--schedulers 1 " .. S.q(s), nil, 30)
+      assert.are.equal(0, code, out .. err)
+      local lines = {}
+      for l in out:gmatch("[^\n]+") do lines[#lines + 1] = l end
+      assert.are.equal("others ran", lines[1], out .. err)
+      assert.are.equal(3, #lines, out .. err)
+      for i = 2, 3 do
+        assert.is_true(S.has(lines[i], "a debug hook function ran past its slice"), out .. err)
+      end
+    end)
+
     -- Each caught error clears a flag in LuaJIT's hook mask, a read, a
     -- change and a write of a byte that the preemption also writes. The
     -- ticker wrote it from its own thread: a poke the owner's write undid
@@ -320,23 +361,26 @@ describe("preemption", function()
       assert.is_true(S.has(out, "all done"), out .. err)
     end)
 
-    -- An exit signal reaches a process in a looping __gc finalizer, as it
-    -- reaches a Lua loop, and a pcall there does not keep it in. The kill
-    -- goes as the finalizer starts; the finalizer's own budget (2 million
-    -- VM instructions past its slice) is far longer, and would end the
-    -- process with another reason.
-    it("an exit signal ends a process looping in a __gc finalizer", function()
+    -- An exit signal reaches a process in a looping __gc finalizer or
+    -- debug hook function, as it reaches a Lua loop, and a pcall there
+    -- does not keep it in. The kill goes as the looping starts; the budget
+    -- (2 million VM instructions past its slice) is far longer, and would
+    -- end the process with another reason.
+    it("an exit signal ends a process looping in a __gc finalizer or a debug hook", function()
       local s = S.write("kill_gc.lua", [[
         local mb = require "moonbeam"
         local me = mb.self()
         local spin = function() while true do end end
-        for round = 1, 5 do
+        local function held() mb.send(me, "in") while true do pcall(spin) end end
+        for round = 1, 6 do
           local pid, ref = mb.spawn_monitor(function()
-            getmetatable(newproxy(true)).__gc = function()
-              mb.send(me, "in")
-              while true do pcall(spin) end
+            if round % 2 == 1 then
+              getmetatable(newproxy(true)).__gc = held
+              collectgarbage()
+            else
+              debug.sethook(held, "", 1)
+              local x = 0
             end
-            collectgarbage()
           end)
           if mb.receive(function(m) return m == "in" end, 5000) ~= "in" then
             print("no finalizer in round " .. round) os.exit(1)

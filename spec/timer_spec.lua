@@ -438,8 +438,8 @@ describe("timers", function()
     end)
 
     -- A process's timers stay on the scheduler holding its pending ones,
-    -- but not while that scheduler is stuck (a debug hook function the
-    -- hook cannot preempt, reported by the watchdog): a timer started meanwhile goes
+    -- but not while that scheduler is stuck (a C call the hook cannot
+    -- preempt, reported by the watchdog): a timer started meanwhile goes
     -- where the process runs now, and fires on time.
     it("started while the scheduler holding the others is stuck, fires on time", function()
       local path = S.write("stuck_timer.lua", [[
@@ -448,12 +448,7 @@ describe("timers", function()
         mb.spawn(function()
           mb.send_after(5000, mb.self(), "long")   -- pending on this scheduler
           mb.spawn(function()                      -- queued here: holds it 1.5 s
-            debug.sethook(function()             -- hooks off: unpreempted
-              debug.sethook()
-              local t = os.clock()
-              while os.clock() - t < 1.5 do end
-            end, "", 1)
-            local x = 0
+            os.execute("sleep 1.5")              -- a C call: unpreempted
             mb.send(main, "hog done")
           end)
           local t = os.clock()
@@ -477,7 +472,7 @@ describe("timers", function()
 
     -- A start posted to the scheduler holding the process's timers waits
     -- in its command queue while that scheduler runs a long slice (here a
-    -- 300 ms debug hook function, under the watchdog's threshold); once back, its
+    -- 300 ms C call, under the watchdog's threshold); once back, its
     -- loop fires the lists that came due meanwhile: the posted timer, due
     -- before them, must still deliver first.
     it("started while the scheduler holding the others is busy, delivers in due order", function()
@@ -490,13 +485,8 @@ describe("timers", function()
             local me = mb.self()
             local t3 = mb.now()
             mb.send_after(120, me, "third")          -- held where it runs now
-            mb.spawn(function()                      -- queued here: 300 ms in a hook
-              debug.sethook(function()               -- hooks off: unpreempted
-                debug.sethook()
-                local t = mb.now()
-                while mb.now() - t < 300 do end
-              end, "", 1)
-              local x = 0
+            mb.spawn(function()                      -- queued here: 300 ms in C
+              os.execute("sleep 0.3")
             end)
             local t = mb.now()
             while mb.now() - t < 5 do end            -- preempted: one of us moves

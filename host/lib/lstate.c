@@ -20,7 +20,7 @@
 #include "copy.h"
 #include "lauxlib.h"
 #include "lib.h"
-#include "fin.h"
+#include "hookmask.h"
 #include "lstate.h"
 #include "modcache.h"
 #include "pid.h"
@@ -280,7 +280,6 @@ typedef struct uhook {
   int sched;       /* the scheduler's interval (0: preemption off) */
   int sched_left;  /* instructions to the scheduler's next count */
   int step;        /* the count installed now */
-  int depth;       /* > 0 while the user's function runs */
 } uhook_t;
 
 static char uhook_key, uhookfn_key;
@@ -361,9 +360,16 @@ static void uhook_call(lua_State *L, uhook_t *h, lua_Debug *ar)
     lua_pushinteger(L, ar->currentline);
   else
     lua_pushnil(L);
-  h->depth++;
+  mb_proc_t *p = mb_proc_of(L);
+  p->in_uhook++;   /* a plain flag: the poke's signal handler reads it */
   int st = lua_pcall(L, 2, 0, 0);
-  h->depth--;
+  /* A poke may have let hooks into the function (hookmask.h): back in
+   * LuaJIT's hook call, they are off again, and the scheduler's hook may
+   * yield from here. Cleared first: a poke between the two finds no user
+   * hook and leaves the flag alone. */
+  p->in_uhook--;
+  atomic_signal_fence(memory_order_seq_cst);
+  mb_hookmask_hold(L);
   if (st)
     lua_error(L);   /* on to the user's pcall, as from LuaJIT's own hook */
 }
@@ -392,9 +398,10 @@ static void uhook_dispatch(lua_State *L, lua_Debug *ar)
     }
     uhook_install(L, h);
   }
-  /* Not in a finalizer the scheduler let hooks into (fin.h): LuaJIT
-   * calls no hook there. */
-  if (user_due && !mb_fin_running(L))
+  /* Not inside the user's function itself, or a finalizer, where the
+   * scheduler may have let hooks in (hookmask.h): LuaJIT calls no hook
+   * there. */
+  if (user_due && !mb_proc_of(L)->in_uhook && !mb_hookmask_in_gc(L))
     uhook_call(L, h, ar);
   /* The user's function may have cleared the hook: the dispatcher stayed
    * installed while it ran (see db_sethook); hand back to the scheduler. */
@@ -425,12 +432,7 @@ void mb_lstate_sethook(lua_State *L, int count)
 
 int mb_lstate_in_user_hook(lua_State *L)
 {
-  if (lua_gethook(L) != uhook_dispatch)
-    return 0;
-  uhook_t *h = uhook_push(L);
-  int in = h && h->depth > 0;
-  lua_pop(L, 1);
-  return in;
+  return mb_proc_of(L)->in_uhook > 0;
 }
 
 /* debug.sethook([thread,] [f, mask[, count]])
@@ -470,14 +472,13 @@ static int db_sethook(lua_State *L)
      * waiting for a safe point), else poll for the ticker's pokes. */
     h->sched = lua_gethook(L) == mb_run_hook ? lua_gethookcount(L) : sched_poll();
     h->sched_left = h->sched;
-    h->depth = 0;
   }
   h->mask = mask;
   h->count = count > 0 ? count : 0;
   h->user_left = h->count;
   if (mask)
     uhook_install(L, h);
-  else if (installed && h->depth == 0)
+  else if (installed && !mb_proc_of(L)->in_uhook)
     uhook_restore(L, h);
   /* Cleared from inside the user's function: the dispatcher restores the
    * scheduler's hook when that function returns. */

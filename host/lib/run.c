@@ -9,7 +9,7 @@
 #include "code.h"
 #include "io.h"
 #include "copy.h"
-#include "fin.h"
+#include "hookmask.h"
 #include "lauxlib.h"
 #include "lib.h"
 #include "lstate.h"
@@ -150,28 +150,31 @@ void mb_run_hook(lua_State *L, lua_Debug *ar)
    * none may run user code - the sandbox's `load` calls its reader under
    * pcall (host/lib/sandbox.c). */
   die = die || mb_sched_halting();
-  /* Code that cannot yield and may run only so long: a __gc finalizer,
-   * which LuaJIT runs with hooks held off (preempt let this hook through,
-   * fin.h), and a receive's match function (lib_mb.c), called from C, whose
-   * next safe point is after the whole scan. Each may run on past its
-   * slice for a budget of hooks, then it is stopped with an error: LuaJIT
-   * raises a finalizer's where the collection ran, receive a match's (or,
-   * for a message that came while it waited, the process ends). Past the
-   * budget the hook throws at every instruction, as for a process that
-   * must die: a pcall inside the code catches one throw, never all. In a
-   * finalizer every throw first lets hooks through again (fin.h): the
-   * hook's own flag would stay set past a pcall made there while LuaJIT
-   * held hooks off, and they would be off again. */
-  if (!die && mb_fin_running(L)) {
-    if (p->fin_hooks <= MB_FIN_HOOKS && ++p->fin_hooks <= MB_FIN_HOOKS) {
+  /* Code that cannot yield and may run only so long: code LuaJIT runs with
+   * hooks held off - a __gc finalizer, the process's debug hook function -
+   * where preempt let this hook through (hookmask.h), and a receive's match
+   * function (lib_mb.c), called from C, whose next safe point is after the
+   * whole scan. Each may run on past its slice for a budget of hooks, then
+   * it is stopped with an error: LuaJIT raises a finalizer's where the
+   * collection ran and a hook function's where the hook fired, receive a
+   * match's (or, for a message that came while it waited, the process
+   * ends). Past the budget the hook throws at every instruction, as for a
+   * process that must die: a pcall inside the code catches one throw,
+   * never all. In held-off code every throw first lets hooks through
+   * again: the hook's own flag would stay set past a pcall made there
+   * while LuaJIT held hooks off, and they would be off again. */
+  int in_gc = mb_hookmask_in_gc(L), held = in_gc || p->in_uhook;
+  if (!die && held) {
+    if (p->held_hooks <= MB_HELD_HOOKS && ++p->held_hooks <= MB_HELD_HOOKS) {
       mb_lstate_sethook(L, MB_HOOK_INSTRUCTIONS);
       return;
     }
     mb_lstate_sethook(L, 1);
-    mb_fin_unhold(L);
-    luaL_error(L, "a __gc finalizer ran past its slice by over %d VM instructions; "
-               "a finalizer runs as one step that cannot be preempted, and must be quick",
-               MB_FIN_HOOKS * MB_HOOK_INSTRUCTIONS);
+    mb_hookmask_unhold(L);
+    luaL_error(L, "%s ran past its slice by over %d VM instructions; it runs as one step "
+               "that cannot be preempted, and must be quick",
+               in_gc ? "a __gc finalizer" : "a debug hook function",
+               MB_HELD_HOOKS * MB_HOOK_INSTRUCTIONS);
   }
   if (!die && p->recv_testing) {
     if (p->match_hooks <= MB_MATCH_HOOKS && ++p->match_hooks <= MB_MATCH_HOOKS) {
@@ -186,7 +189,8 @@ void mb_run_hook(lua_State *L, lua_Debug *ar)
   }
   mb_lstate_sethook(L, die ? 1 : MB_HOOK_RETRY_INSTRUCTIONS);
   if (die) {
-    mb_fin_unhold(L);
+    if (held)
+      mb_hookmask_unhold(L);
     luaL_error(L, "process is exiting");
   }
 }
@@ -201,8 +205,9 @@ void mb_run_hook(lua_State *L, lua_Debug *ar)
  * which polls: both look at p->preempt. A hook function without its count
  * is a poke that an owner's write of the hook mask took back (scheduler.c,
  * on_poke): it is armed again. The hook never takes itself off (mb_run_hook):
- * the runner does, between slices. A __gc finalizer running holds hooks
- * off: on the poke's signal they are let through (fin.h). */
+ * the runner does, between slices. A __gc finalizer or a debug hook
+ * function running holds hooks off: on the poke's signal they are let
+ * through (hookmask.h). */
 static void preempt(mb_proc_t *p, void *ctx)
 {
   lua_State *L = ctx;
@@ -210,8 +215,8 @@ static void preempt(mb_proc_t *p, void *ctx)
   lua_Hook f = lua_gethook(L);
   if (!(lua_gethookmask(L) & LUA_MASKCOUNT) && (f == NULL || f == mb_run_hook))
     lua_sethook(L, mb_run_hook, LUA_MASKCOUNT, 1);
-  if (MB_POKE_BY_SIGNAL)
-    mb_fin_unhold(L);
+  if (MB_POKE_BY_SIGNAL && (p->in_uhook || mb_hookmask_in_gc(L)))
+    mb_hookmask_unhold(L);
 }
 
 /* p runs Lua on this thread's scheduler from now on (or no longer): the
@@ -661,7 +666,7 @@ static void run(mb_sched_t *s, mb_proc_t *p)
    * see preempt). */
   if (atomic_load_explicit(&p->preempt, memory_order_relaxed))
     atomic_store_explicit(&p->preempt, 0, memory_order_relaxed);
-  p->fin_hooks = 0;
+  p->held_hooks = 0;
   if (MB_POKE_BY_SIGNAL && p->L && !p->counted && lua_gethook(p->L) == mb_run_hook)
     mb_lstate_sethook(p->L, 0);
   int nargs;
@@ -894,7 +899,7 @@ void mb_run_init(void)
   mb_copy_module = provide_module;
   mb_copy_own_module = own_module;
   mb_lstate_init();
-  mb_fin_init();
+  mb_hookmask_init();
   mb_sched_set_runner(run);
   mb_sched_set_preempter(preempt);
   mb_proc_add_exit_hook(mb_lstate_close);

@@ -67,8 +67,9 @@
  * receive raises, so that a loop in it holds its scheduler that long, not
  * for ever (run.c, mb_run_hook). */
 #define MB_MATCH_HOOKS 200
-/* The same for a __gc finalizer that runs past its slice (fin.h). */
-#define MB_FIN_HOOKS 200
+/* The same for a __gc finalizer or a debug hook function that runs past
+ * its slice (hookmask.h). */
+#define MB_HELD_HOOKS 200
 
 /* Set the runner up (the executor's runner, the process exit hook that
  * frees what a process's Lua held). Once, at start-up. */

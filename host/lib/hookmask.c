@@ -1,14 +1,14 @@
-/* fin.c: __gc finalizers under the count hook (see fin.h).
+/* hookmask.c: letting the count hook into code LuaJIT runs with hooks
+ * held off (see hookmask.h).
  */
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "fin.h"
+#include "hookmask.h"
 
 /* lj_obj.h, LuaJIT 2.1: the hook mask's flags besides the event mask. */
-#define HOOK_EVENTS 0x0f   /* LUA_MASKCALL | RET | LINE | COUNT */
 #define HOOK_ACTIVE 0x10
 #define HOOK_GC 0x40
 /* Where a lua_State keeps its global_State (glref, after the GC header and
@@ -25,19 +25,27 @@ static volatile uint8_t *hook_mask(lua_State *L)
   return (volatile uint8_t *)(g + mask_off);
 }
 
-int mb_fin_running(lua_State *L)
+int mb_hookmask_in_gc(lua_State *L)
 {
   return mask_off >= 0 && (*hook_mask(L) & HOOK_GC);
 }
 
-void mb_fin_unhold(lua_State *L)
+void mb_hookmask_unhold(lua_State *L)
 {
   if (mask_off < 0)
     return;
   volatile uint8_t *m = hook_mask(L);
   uint8_t v = *m;
-  if ((v & (HOOK_GC | HOOK_ACTIVE)) == (HOOK_GC | HOOK_ACTIVE))
+  if (v & HOOK_ACTIVE)
     *m = (uint8_t)(v & ~HOOK_ACTIVE);
+}
+
+void mb_hookmask_hold(lua_State *L)
+{
+  if (mask_off < 0)
+    return;
+  volatile uint8_t *m = hook_mask(L);
+  *m = (uint8_t)(*m | HOOK_ACTIVE);
 }
 
 /* -- The probe ------------------------------------------------------------- */
@@ -118,7 +126,7 @@ static int probe_cf(lua_State *L)
   return 0;
 }
 
-void mb_fin_init(void)
+void mb_hookmask_init(void)
 {
   block_t b = {NULL, 0};
   lua_State *P = lua_newstate(probe_alloc, &b);
