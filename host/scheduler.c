@@ -1003,7 +1003,7 @@ static void report_stuck(mb_sched_t *s, mb_pid_t pid, uint64_t ms)
   fprintf(stderr,
           "=WATCHDOG REPORT==== %s%s%s%s%s\n"
           "scheduler %d has run it for %llu ms without reaching a preemption point "
-          "(a __gc finalizer, a long C call, or code the count hook cannot reach); "
+          "(a long C call, or code the count hook cannot reach); "
           "its queued processes move to the other schedulers\n",
           mb_pid_format(text, sizeof text, pid), name,
           origin ? " spawned from module '" : "", origin ? origin : "",
