@@ -587,9 +587,10 @@ static uint64_t tick(mb_sched_t *s, uint64_t now, uint64_t slice, int *poked, in
   mb_proc_t *p = s->running;
   if (p) {
     /* A counted slice stops itself at its budget, and sees signals at its
-     * next hook, unless LuaJIT holds hooks off (a __gc finalizer runs):
-     * one that has run MB_STALL_NS is poked too, which lets them through
-     * (run.c, preempt). */
+     * next hook, unless LuaJIT holds hooks off (a __gc finalizer or a
+     * debug hook function runs) or a C call is long: one that has run
+     * MB_STALL_NS is poked too, which lets hooks through (run.c, preempt)
+     * and stops it at its next hook. */
     int counted = s->running_timed == MB_SLICE_COUNTED;
     int must = !counted && (mb_sched_halting() ||
                             atomic_load_explicit(&p->nsignals, memory_order_relaxed));
