@@ -171,6 +171,7 @@ typedef struct mb_proc {
   uint8_t held_hooks;          /* the same for a __gc finalizer or a debug hook
                                   function in this slice (run.c, MB_HELD_HOOKS) */
   uint8_t in_uhook;            /* running its debug hook function (lstate.c) */
+  uint8_t host_lua;            /* the host runs Lua on its state (run.c) */
   uint8_t booting;             /* boot is decoding the body (run.c) */
   uint8_t settled;             /* its state had its first full collection */
   uint8_t lstate_tainted;      /* its state may not be reused (lstate.c) */

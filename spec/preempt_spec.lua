@@ -251,6 +251,51 @@ describe("preemption", function()
       end
     end)
 
+    -- The host runs a process's finalizers outside its slices too: the
+    -- collection when it first waits, its crash report, closing its state
+    -- at its end (lua_close finalizes every userdata, live or not). The
+    -- ticker times that work as a slice, so a looping finalizer there is
+    -- stopped the same way (its error is the host's to drop).
+    it("a __gc finalizer that loops when the host collects or closes the state is stopped", function()
+      local s = S.write("loop_gc_host.lua", [[
+        local mb = require "moonbeam"
+        local spin = function() while true do end end
+        local refs = {}
+        local _, r1 = mb.spawn_monitor(function()       -- closed at its end
+          KEEP = newproxy(true)
+          getmetatable(KEEP).__gc = spin
+        end)
+        local waiter, r2 = mb.spawn_monitor(function()  -- collected as it waits
+          getmetatable(newproxy(true)).__gc = spin
+          mb.receive()
+        end)
+        local _, r3 = mb.spawn_monitor(function()       -- its crash report
+          KEEP = setmetatable({}, { __tostring = function()
+            getmetatable(newproxy(true)).__gc = spin
+            local t = {} for i = 1, 1e5 do t[i] = {} end
+            return "late"
+          end })
+          error(KEEP)
+        end)
+        for round = 1, 20 do
+          local _, ref = mb.spawn_monitor(function() mb.sleep(1) end)
+          if not mb.receive(function(m) return m.ref == ref end, 5000) then
+            print("stalled in round " .. round) os.exit(1)
+          end
+        end
+        print("others ran")
+        mb.exit(waiter, "kill")
+        for _, r in ipairs { r1, r2, r3 } do
+          local d = mb.receive(function(x) return x.ref == r end, 5000)
+          print(d and (type(d.reason) == "string" and d.reason or "an error object") or "no DOWN")
+        end
+        os.exit(0)
+      ]])
+      local code, out, err = S.moonbeam("--schedulers 1 " .. S.q(s), nil, 30)
+      assert.are.equal(0, code, out .. err)
+      assert.are.equal("others ran\nnormal\nkilled\nan error object\n", out, err)
+    end)
+
     -- A debug hook function runs with hooks held off too, and looped for
     -- good the same way; it gets the same budget, and its error is raised
     -- where the hook fired.

@@ -1259,8 +1259,10 @@ void mb_lstate_settle(mb_proc_t *p)
   p->settled = 1;
   /* Protected: a finalizer may raise. Its error is dropped: the process
    * goes on as a GC step's would have let it. */
+  mb_run_host_lua(p, 1);
   if (lua_cpcall(p->L, collect, NULL) != 0)
     lua_pop(p->L, 1);
+  mb_run_host_lua(p, 0);
 }
 
 /* A parked state's allocator: it allocates nothing while parked. */
@@ -1615,10 +1617,13 @@ void mb_lstate_recycle(mb_proc_t *p)
   }
   drop_host_side(p);
   lua_settop(L, keep_co);
+  mb_run_host_lua(p, 1);
   if (lua_cpcall(L, reset_roots, NULL) != 0) {
     lua_close(L);      /* still p's: p->alloc.used goes back to 0 */
+    mb_run_host_lua(p, 0);
     return;
   }
+  mb_run_host_lua(p, 0);
   reset_gc(L, atomic_load_explicit(&p->alloc.used, memory_order_relaxed));
   pl->used[pl->n] = atomic_exchange_explicit(&p->alloc.used, 0, memory_order_relaxed);
   pl->body_serial[pl->n] = body;
@@ -1753,7 +1758,9 @@ void mb_lstate_close(mb_proc_t *p)
   if (p->L == NULL)
     return;
   p->alloc.limit = 0;  /* finalizers may allocate */
+  mb_run_host_lua(p, 1);   /* ended as the state's last block goes */
   lua_close(p->L);
+  mb_run_host_lua(p, 0);   /* a no-op: the close ended it (run.c, state_goes) */
   drop_host_side(p);
 }
 

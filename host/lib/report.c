@@ -5,6 +5,7 @@
 #include "lauxlib.h"
 #include "lstate.h"
 #include "report.h"
+#include "run.h"
 
 /* A report shows at most this much of a reason. */
 #define MB_REPORT_REASON_MAX (64 * 1024)
@@ -170,7 +171,10 @@ void mb_report_crash(mb_proc_t *p, lua_State *T)
     }
   }
   char pid[MB_PID_TEXT_MAX];
-  if (lua_cpcall(L, crash, &a) != 0)
+  mb_run_host_lua(p, 1);
+  int failed = lua_cpcall(L, crash, &a) != 0;
+  mb_run_host_lua(p, 0);
+  if (failed)
     fprintf(stderr, "=CRASH REPORT==== %s\nreason: %s (no report: %s)\n",
             mb_pid_format(pid, sizeof pid, p->pid),
             p->alloc.oom ? "out of memory" : "(unknown)",

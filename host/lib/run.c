@@ -86,6 +86,24 @@ int mb_run_suspend(lua_State *L)
   return mb_run_yield(L, MB_YIELD_PREEMPT);
 }
 
+/* Code LuaJIT runs with hooks held off (a __gc finalizer, the process's
+ * debug hook function) where a poke let this hook in (see mb_run_hook):
+ * one more hook of its budget, or its stop. */
+static void held_budget(lua_State *L, mb_proc_t *p)
+{
+  if (p->held_hooks <= MB_HELD_HOOKS && ++p->held_hooks <= MB_HELD_HOOKS) {
+    mb_lstate_sethook(L, MB_HOOK_INSTRUCTIONS);
+    return;
+  }
+  int in_gc = mb_hookmask_in_gc(L);
+  mb_lstate_sethook(L, 1);
+  mb_hookmask_unhold(L);
+  luaL_error(L, "%s ran past its slice by over %d VM instructions; it runs as one step "
+             "that cannot be preempted, and must be quick",
+             in_gc ? "a __gc finalizer" : "a debug hook function",
+             MB_HELD_HOOKS * MB_HOOK_INSTRUCTIONS);
+}
+
 /* The count hook. A process's slices start with no hook (the fast
  * dispatch) and the ticker pokes one that runs its time (preempt below):
  * the hook then fires at the next VM instruction. A process preempted so
@@ -100,6 +118,15 @@ void mb_run_hook(lua_State *L, lua_Debug *ar)
 {
   (void)ar;
   mb_proc_t *p = mb_proc_of(L);
+  if (p->host_lua) {
+    /* The host's own Lua on the state (mb_run_host_lua): never a yield;
+     * only code that holds hooks off has a budget there. */
+    if (atomic_load_explicit(&p->preempt, memory_order_relaxed) &&
+        (mb_hookmask_in_gc(L) || p->in_uhook))
+      held_budget(L, p);
+    mb_lstate_sethook(L, MB_HOOK_INSTRUCTIONS);
+    return;
+  }
   if (p->co == NULL)
     return;
   int die = must_die(p);
@@ -163,18 +190,10 @@ void mb_run_hook(lua_State *L, lua_Debug *ar)
    * never all. In held-off code every throw first lets hooks through
    * again: the hook's own flag would stay set past a pcall made there
    * while LuaJIT held hooks off, and they would be off again. */
-  int in_gc = mb_hookmask_in_gc(L), held = in_gc || p->in_uhook;
+  int held = p->in_uhook || mb_hookmask_in_gc(L);
   if (!die && held) {
-    if (p->held_hooks <= MB_HELD_HOOKS && ++p->held_hooks <= MB_HELD_HOOKS) {
-      mb_lstate_sethook(L, MB_HOOK_INSTRUCTIONS);
-      return;
-    }
-    mb_lstate_sethook(L, 1);
-    mb_hookmask_unhold(L);
-    luaL_error(L, "%s ran past its slice by over %d VM instructions; it runs as one step "
-               "that cannot be preempted, and must be quick",
-               in_gc ? "a __gc finalizer" : "a debug hook function",
-               MB_HELD_HOOKS * MB_HOOK_INSTRUCTIONS);
+    held_budget(L, p);
+    return;
   }
   if (!die && p->recv_testing) {
     if (p->match_hooks <= MB_MATCH_HOOKS && ++p->match_hooks <= MB_MATCH_HOOKS) {
@@ -231,6 +250,31 @@ static void runs_lua(mb_proc_t *p)
   if (s)
     mb_sched_running(s, p, p ? p->L : NULL, p == NULL || p->counted ? MB_SLICE_COUNTED
                                             : p->alone ? MB_SLICE_ALONE : MB_SLICE_TIMED);
+}
+
+/* The process whose state the host runs Lua on now, on this thread. */
+static _Thread_local mb_proc_t *host_lua_of;
+
+void mb_run_host_lua(mb_proc_t *p, int on)
+{
+  mb_sched_t *s = mb_sched_self();
+  if (!MB_POKE_BY_SIGNAL || s == NULL || p->host_lua == on || (on && p->L == NULL))
+    return;
+  /* Ending touches no state (it may be closed); a hook a poke armed meanwhile
+   * goes at the process's next slice (run). */
+  p->held_hooks = 0;
+  p->host_lua = (uint8_t)on;
+  host_lua_of = on ? p : NULL;
+  mb_sched_running(s, on ? p : NULL, on ? p->L : NULL, MB_SLICE_COUNTED);
+}
+
+/* lua_close's last free (alloc.h): the state of the process the host runs
+ * Lua on goes, and with it the hook mask a poke would write. */
+static void state_goes(void *block)
+{
+  mb_proc_t *p = host_lua_of;
+  if (p && block == (void *)p->L)
+    mb_run_host_lua(p, 0);
 }
 
 /* Reductions (mb.info) for the slice that ended: one, plus what a
@@ -900,6 +944,7 @@ void mb_run_init(void)
   mb_copy_own_module = own_module;
   mb_lstate_init();
   mb_hookmask_init();
+  mb_alloc_on_state_free = state_goes;
   mb_sched_set_runner(run);
   mb_sched_set_preempter(preempt);
   mb_proc_add_exit_hook(mb_lstate_close);

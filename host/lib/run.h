@@ -75,6 +75,14 @@
  * frees what a process's Lua held). Once, at start-up. */
 void mb_run_init(void);
 
+/* The host runs Lua on p's state outside its slices (on 1, until 0): a
+ * collection, a crash report, resetting or closing the state - where the
+ * state's __gc finalizers run. The ticker times it as a counted slice, so
+ * that a finalizer that loops there is stopped as in a slice (hookmask.h);
+ * the hook never yields there. Around each such call, on the scheduler
+ * running p; a close ends it by itself as the state's last block goes. */
+void mb_run_host_lua(mb_proc_t *p, int on);
+
 /* Is it safe for the running process p to yield its body coroutine from the
  * C function now running in L (that function's own frame is not counted)?
  * See DESIGN. Owner thread. */
