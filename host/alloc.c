@@ -191,12 +191,8 @@ static int is_free(size_t i)
   return freebit[i >> 3] >> (i & 7) & 1;
 }
 
-void (*mb_alloc_on_state_free)(void *block);
-static size_t state_block;              /* a state's first block's size */
-
 void mb_alloc_state_arena(size_t block)
 {
-  state_block = block;
 #ifndef MB_LIBC_MALLOC   /* the sanitizers must see every block */
   if (block < sizeof(void *) || block % 16 || arena)
     return;
@@ -536,8 +532,6 @@ void *mb_alloc_fn(void *ud, void *ptr, size_t osize, size_t nsize)
   if (ptr == NULL)
     osize = 0;  /* Lua passes a type tag in osize for new blocks. */
   if (nsize == 0) {
-    if (__builtin_expect(osize == state_block, 0) && mb_alloc_on_state_free)
-      mb_alloc_on_state_free(ptr);
     atomic_store_explicit(&a->used, used - osize, memory_order_relaxed);
     count(-(long long)osize);
     if (__builtin_expect(in_arena(ptr), 0))

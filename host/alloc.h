@@ -37,12 +37,6 @@ typedef struct mb_alloc {
   atomic_uint charged;
 } mb_alloc_t;
 
-/* Called on the freeing thread as a block of a state's first block's size
- * (mb_alloc_state_arena) is freed, before it goes: lua_close's last free
- * is the state's own block, which holds its global_State. Set once, at
- * start-up, by the layer that runs Lua (run.c). */
-extern void (*mb_alloc_on_state_free)(void *block);
-
 /* The lua_Alloc function; ud is an mb_alloc_t. Refuses (returns NULL) an
  * allocation that would take `used` + `charged` over `limit`, and sets
  * `oom`. */

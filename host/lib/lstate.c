@@ -1259,7 +1259,9 @@ void mb_lstate_settle(mb_proc_t *p)
   p->settled = 1;
   /* Protected: a finalizer may raise. Its error is dropped: the process
    * goes on as a GC step's would have let it. */
-  mb_run_host_lua(p, 1);
+  /* Only a tainted state can hold Lua finalizers (see Reused states). */
+  if (p->lstate_tainted)
+    mb_run_host_lua(p, 1);
   if (lua_cpcall(p->L, collect, NULL) != 0)
     lua_pop(p->L, 1);
   mb_run_host_lua(p, 0);
@@ -1617,13 +1619,10 @@ void mb_lstate_recycle(mb_proc_t *p)
   }
   drop_host_side(p);
   lua_settop(L, keep_co);
-  mb_run_host_lua(p, 1);
   if (lua_cpcall(L, reset_roots, NULL) != 0) {
     lua_close(L);      /* still p's: p->alloc.used goes back to 0 */
-    mb_run_host_lua(p, 0);
     return;
   }
-  mb_run_host_lua(p, 0);
   reset_gc(L, atomic_load_explicit(&p->alloc.used, memory_order_relaxed));
   pl->used[pl->n] = atomic_exchange_explicit(&p->alloc.used, 0, memory_order_relaxed);
   pl->body_serial[pl->n] = body;
@@ -1753,14 +1752,31 @@ void mb_lstate_taint(lua_State *L)
     p->lstate_tainted = 1;
 }
 
+/* The allocator of a tainted state's close. lua_close runs the state's
+ * finalizers, which the ticker must be able to stop (run.c,
+ * mb_run_host_lua), and frees the state's own block last: that block holds
+ * the hook mask a poke writes, so the host's work on the state ends just
+ * before it goes. The process is the allocator's data, as always
+ * (mb_proc_of). */
+static void *closing_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
+{
+  mb_proc_t *p = ud;
+  if (nsize == 0 && ptr == (void *)p->L)
+    mb_run_host_lua(p, 0);
+  return mb_alloc_fn(ud, ptr, osize, nsize);
+}
+
 void mb_lstate_close(mb_proc_t *p)
 {
   if (p->L == NULL)
     return;
   p->alloc.limit = 0;  /* finalizers may allocate */
-  mb_run_host_lua(p, 1);   /* ended as the state's last block goes */
+  if (p->lstate_tainted) {
+    /* Only a tainted state can hold Lua finalizers (see Reused states). */
+    lua_setallocf(p->L, closing_alloc, p);
+    mb_run_host_lua(p, 1);
+  }
   lua_close(p->L);
-  mb_run_host_lua(p, 0);   /* a no-op: the close ended it (run.c, state_goes) */
   drop_host_side(p);
 }
 

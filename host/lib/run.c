@@ -252,9 +252,6 @@ static void runs_lua(mb_proc_t *p)
                                             : p->alone ? MB_SLICE_ALONE : MB_SLICE_TIMED);
 }
 
-/* The process whose state the host runs Lua on now, on this thread. */
-static _Thread_local mb_proc_t *host_lua_of;
-
 void mb_run_host_lua(mb_proc_t *p, int on)
 {
   mb_sched_t *s = mb_sched_self();
@@ -264,17 +261,7 @@ void mb_run_host_lua(mb_proc_t *p, int on)
    * goes at the process's next slice (run). */
   p->held_hooks = 0;
   p->host_lua = (uint8_t)on;
-  host_lua_of = on ? p : NULL;
   mb_sched_running(s, on ? p : NULL, on ? p->L : NULL, MB_SLICE_COUNTED);
-}
-
-/* lua_close's last free (alloc.h): the state of the process the host runs
- * Lua on goes, and with it the hook mask a poke would write. */
-static void state_goes(void *block)
-{
-  mb_proc_t *p = host_lua_of;
-  if (p && block == (void *)p->L)
-    mb_run_host_lua(p, 0);
 }
 
 /* Reductions (mb.info) for the slice that ended: one, plus what a
@@ -944,7 +931,6 @@ void mb_run_init(void)
   mb_copy_own_module = own_module;
   mb_lstate_init();
   mb_hookmask_init();
-  mb_alloc_on_state_free = state_goes;
   mb_sched_set_runner(run);
   mb_sched_set_preempter(preempt);
   mb_proc_add_exit_hook(mb_lstate_close);

@@ -80,7 +80,7 @@ void mb_run_init(void);
  * state's __gc finalizers run. The ticker times it as a counted slice, so
  * that a finalizer that loops there is stopped as in a slice (hookmask.h);
  * the hook never yields there. Around each such call, on the scheduler
- * running p; a close ends it by itself as the state's last block goes. */
+ * running p (lstate.c's close ends it as the state's last block goes). */
 void mb_run_host_lua(mb_proc_t *p, int on);
 
 /* Is it safe for the running process p to yield its body coroutine from the
