@@ -1258,8 +1258,9 @@ void mb_lstate_settle(mb_proc_t *p)
     return;
   p->settled = 1;
   /* Protected: a finalizer may raise. Its error is dropped: the process
-   * goes on as a GC step's would have let it. */
-  /* Only a tainted state can hold Lua finalizers (see Reused states). */
+   * goes on as a GC step's would have let it. Only a tainted state can
+   * hold Lua finalizers (see Reused states), which the ticker must be able
+   * to stop (run.c, mb_run_host_lua). */
   if (p->lstate_tainted)
     mb_run_host_lua(p, 1);
   if (lua_cpcall(p->L, collect, NULL) != 0)
