@@ -96,6 +96,48 @@ io.stderr:write("at most ", worst, " steps of a busy process per round trip\n")
 os.exit(0)
 ]]
 
+-- Each process of `starts` (Lua source: a list of functions, which see
+-- `spin`, a bare loop, and `churn`, a loop that allocates) gets into code
+-- LuaJIT runs with hooks held off and loops there, on one scheduler. Others
+-- must still run, and each must end with an error that contains `want`.
+local function held_stops(name, starts, want)
+  local s = S.write(name, [[
+    local mb = require "moonbeam"
+    local spin = function() while true do end end
+    local function churn() while true do local t = {} for j = 1, 100 do t[j] = {j} end end end
+    local starts = ]] .. starts .. [[
+
+    local refs = {}
+    for i, start in ipairs(starts) do
+      local _, ref = mb.spawn_monitor(start)
+      refs[i] = ref
+    end
+    for round = 1, 20 do
+      local _, ref = mb.spawn_monitor(function() mb.sleep(1) end)
+      if not mb.receive(function(m) return m.ref == ref end, 5000) then
+        print("stalled in round " .. round) os.exit(1)
+      end
+    end
+    print("others ran")
+    for _, r in ipairs(refs) do
+      local d = mb.receive(function(x) return x.ref == r end, 5000)
+      print(d and d.reason or "no DOWN")
+    end
+    print(#refs)
+    os.exit(0)
+  ]])
+  local code, out, err = S.moonbeam("--schedulers 1 " .. S.q(s), nil, 30)
+  assert.are.equal(0, code, out .. err)
+  local lines = {}
+  for l in out:gmatch("[^\n]+") do lines[#lines + 1] = l end
+  assert.are.equal("others ran", lines[1], out .. err)
+  local n = tonumber(lines[#lines])
+  assert.are.equal(n + 2, #lines, out .. err)
+  for i = 2, n + 1 do
+    assert.is_true(S.has(lines[i], want), out .. err)
+  end
+end
+
 describe("preemption", function()
   local before
   before_each(function() before = S.snapshot() end)
@@ -210,45 +252,18 @@ describe("preemption", function()
     -- computes first, so that its slices count (the ticker then pokes it
     -- only after a stall); the third catches its stop inside the finalizer.
     it("a __gc finalizer that loops holds the others only a bounded time", function()
-      local s = S.write("loop_gc.lua", [[
-        local mb = require "moonbeam"
-        local spin = function() while true do end end
-        local finalizers = {
-          spin,
-          spin,
-          function() while true do pcall(spin) end end,
-        }
-        local refs = {}
-        for i, fin in ipairs(finalizers) do
-          local _, ref = mb.spawn_monitor(function()
-            if i == 2 then local x = 0 for k = 1, 2e6 do x = x + k end end
-            getmetatable(newproxy(true)).__gc = fin
-            while true do local t = {} for j = 1, 100 do t[j] = {j} end end
-          end)
-          refs[i] = ref
-        end
-        for round = 1, 20 do
-          local _, ref = mb.spawn_monitor(function() mb.sleep(1) end)
-          if not mb.receive(function(m) return m.ref == ref end, 5000) then
-            print("stalled in round " .. round) os.exit(1)
-          end
-        end
-        print("others ran")
-        for _, r in ipairs(refs) do
-          local d = mb.receive(function(x) return x.ref == r end, 5000)
-          print(d and d.reason or "no DOWN")
-        end
-        os.exit(0)
-      ]])
-      local code, out, err = S.moonbeam("--schedulers 1 " .. S.q(s), nil, 30)
-      assert.are.equal(0, code, out .. err)
-      local lines = {}
-      for l in out:gmatch("[^\n]+") do lines[#lines + 1] = l end
-      assert.are.equal("others ran", lines[1], out .. err)
-      assert.are.equal(4, #lines, out .. err)
-      for i = 2, 4 do
-        assert.is_true(S.has(lines[i], "a __gc finalizer ran past its slice"), out .. err)
-      end
+      held_stops("loop_gc.lua", [[{
+        function() getmetatable(newproxy(true)).__gc = spin churn() end,
+        function()
+          local x = 0 for k = 1, 2e6 do x = x + k end
+          getmetatable(newproxy(true)).__gc = spin
+          churn()
+        end,
+        function()
+          getmetatable(newproxy(true)).__gc = function() while true do pcall(spin) end end
+          churn()
+        end,
+      }]], "a __gc finalizer ran past its slice")
     end)
 
     -- The host runs a process's finalizers outside its slices too: the
@@ -300,41 +315,10 @@ describe("preemption", function()
     -- good the same way; it gets the same budget, and its error is raised
     -- where the hook fired.
     it("a debug hook function that loops holds the others only a bounded time", function()
-      local s = S.write("loop_uhook.lua", [[
-        local mb = require "moonbeam"
-        local spin = function() while true do end end
-        local hooks = { spin, function() while true do pcall(spin) end end }
-        local refs = {}
-        for i, h in ipairs(hooks) do
-          local _, ref = mb.spawn_monitor(function()
-            debug.sethook(h, "", 1)
-            local x = 0
-            for k = 1, 10 do x = x + k end
-          end)
-          refs[i] = ref
-        end
-        for round = 1, 20 do
-          local _, ref = mb.spawn_monitor(function() mb.sleep(1) end)
-          if not mb.receive(function(m) return m.ref == ref end, 5000) then
-            print("stalled in round " .. round) os.exit(1)
-          end
-        end
-        print("others ran")
-        for _, r in ipairs(refs) do
-          local d = mb.receive(function(x) return x.ref == r end, 5000)
-          print(d and d.reason or "no DOWN")
-        end
-        os.exit(0)
-      ]])
-      local code, out, err = S.moonbeam("--schedulers 1 " .. S.q(s), nil, 30)
-      assert.are.equal(0, code, out .. err)
-      local lines = {}
-      for l in out:gmatch("[^\n]+") do lines[#lines + 1] = l end
-      assert.are.equal("others ran", lines[1], out .. err)
-      assert.are.equal(3, #lines, out .. err)
-      for i = 2, 3 do
-        assert.is_true(S.has(lines[i], "a debug hook function ran past its slice"), out .. err)
-      end
+      held_stops("loop_uhook.lua", [[{
+        function() debug.sethook(spin, "", 1) churn() end,
+        function() debug.sethook(function() while true do pcall(spin) end end, "", 1) churn() end,
+      }]], "a debug hook function ran past its slice")
     end)
 
     -- Each caught error clears a flag in LuaJIT's hook mask, a read, a
