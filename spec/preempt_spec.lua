@@ -100,6 +100,21 @@ os.exit(0)
 -- `spin`, a bare loop, and `churn`, a loop that allocates) gets into code
 -- LuaJIT runs with hooks held off and loops there, on one scheduler. Others
 -- must still run, and each must end with an error that contains `want`.
+-- Lua source: `rounds` short processes one after another, each of which
+-- must end within 5 s (else "stalled in round k" and exit 1); then "others
+-- ran".
+local function others_run(rounds)
+  return string.format([[
+    for round = 1, %d do
+      local _, ref = mb.spawn_monitor(function() mb.sleep(1) end)
+      if not mb.receive(function(m) return m.ref == ref end, 5000) then
+        print("stalled in round " .. round) os.exit(1)
+      end
+    end
+    print("others ran")
+  ]], rounds)
+end
+
 local function held_stops(name, starts, want)
   local s = S.write(name, [[
     local mb = require "moonbeam"
@@ -112,13 +127,7 @@ local function held_stops(name, starts, want)
       local _, ref = mb.spawn_monitor(start)
       refs[i] = ref
     end
-    for round = 1, 20 do
-      local _, ref = mb.spawn_monitor(function() mb.sleep(1) end)
-      if not mb.receive(function(m) return m.ref == ref end, 5000) then
-        print("stalled in round " .. round) os.exit(1)
-      end
-    end
-    print("others ran")
+  ]] .. others_run(20) .. [[
     for _, r in ipairs(refs) do
       local d = mb.receive(function(x) return x.ref == r end, 5000)
       print(d and d.reason or "no DOWN")
@@ -275,7 +284,6 @@ describe("preemption", function()
       local s = S.write("loop_gc_host.lua", [[
         local mb = require "moonbeam"
         local spin = function() while true do end end
-        local refs = {}
         local _, r1 = mb.spawn_monitor(function()       -- closed at its end
           KEEP = newproxy(true)
           getmetatable(KEEP).__gc = spin
@@ -292,13 +300,7 @@ describe("preemption", function()
           end })
           error(KEEP)
         end)
-        for round = 1, 20 do
-          local _, ref = mb.spawn_monitor(function() mb.sleep(1) end)
-          if not mb.receive(function(m) return m.ref == ref end, 5000) then
-            print("stalled in round " .. round) os.exit(1)
-          end
-        end
-        print("others ran")
+      ]] .. others_run(20) .. [[
         mb.exit(waiter, "kill")
         for _, r in ipairs { r1, r2, r3 } do
           local d = mb.receive(function(x) return x.ref == r end, 5000)
@@ -332,13 +334,7 @@ describe("preemption", function()
       local s = S.write("loop_pcall.lua", [[
         local mb = require "moonbeam"
         mb.spawn(function() local e = error while true do pcall(e, "x") end end)
-        for round = 1, 300 do
-          local _, ref = mb.spawn_monitor(function() mb.sleep(1) end)
-          if not mb.receive(function(m) return m.ref == ref end, 5000) then
-            print("stalled in round " .. round) os.exit(1)
-          end
-        end
-        print("others ran")
+      ]] .. others_run(300) .. [[
         os.exit(0)
       ]])
       local code, out, err = S.moonbeam("--schedulers 1 " .. S.q(s), nil, 60)

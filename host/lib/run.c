@@ -86,21 +86,36 @@ int mb_run_suspend(lua_State *L)
   return mb_run_yield(L, MB_YIELD_PREEMPT);
 }
 
-/* Code LuaJIT runs with hooks held off (a __gc finalizer, the process's
- * debug hook function) where a poke let this hook in (see mb_run_hook):
- * one more hook of its budget, or its stop. */
+/* Does p run code LuaJIT runs with hooks held off - a __gc finalizer, its
+ * debug hook function (hookmask.h)? */
+static int held_off(mb_proc_t *p, lua_State *L)
+{
+  return p->in_uhook || mb_hookmask_in_gc(L);
+}
+
+/* One more hook of code that cannot yield past its slice (see mb_run_hook),
+ * counted in *hooks: 0 while within max hooks; past them, 1, with the hook
+ * set to throw at every instruction. */
+static int over_budget(lua_State *L, uint8_t *hooks, int max)
+{
+  if (*hooks <= max && ++*hooks <= max) {
+    mb_lstate_sethook(L, MB_HOOK_INSTRUCTIONS);
+    return 0;
+  }
+  mb_lstate_sethook(L, 1);
+  return 1;
+}
+
+/* Held-off code where a poke let this hook in: one more hook of its
+ * budget, or its stop. */
 static void held_budget(lua_State *L, mb_proc_t *p)
 {
-  if (p->held_hooks <= MB_HELD_HOOKS && ++p->held_hooks <= MB_HELD_HOOKS) {
-    mb_lstate_sethook(L, MB_HOOK_INSTRUCTIONS);
+  if (!over_budget(L, &p->held_hooks, MB_HELD_HOOKS))
     return;
-  }
-  int in_gc = mb_hookmask_in_gc(L);
-  mb_lstate_sethook(L, 1);
   mb_hookmask_unhold(L);
   luaL_error(L, "%s ran past its slice by over %d VM instructions; it runs as one step "
              "that cannot be preempted, and must be quick",
-             in_gc ? "a __gc finalizer" : "a debug hook function",
+             mb_hookmask_in_gc(L) ? "a __gc finalizer" : "a debug hook function",
              MB_HELD_HOOKS * MB_HOOK_INSTRUCTIONS);
 }
 
@@ -121,10 +136,10 @@ void mb_run_hook(lua_State *L, lua_Debug *ar)
   if (p->host_lua) {
     /* The host's own Lua on the state (mb_run_host_lua): never a yield;
      * only code that holds hooks off has a budget there. */
-    if (atomic_load_explicit(&p->preempt, memory_order_relaxed) &&
-        (mb_hookmask_in_gc(L) || p->in_uhook))
+    if (atomic_load_explicit(&p->preempt, memory_order_relaxed) && held_off(p, L))
       held_budget(L, p);
-    mb_lstate_sethook(L, MB_HOOK_INSTRUCTIONS);
+    else
+      mb_lstate_sethook(L, MB_HOOK_INSTRUCTIONS);
     return;
   }
   if (p->co == NULL)
@@ -190,17 +205,14 @@ void mb_run_hook(lua_State *L, lua_Debug *ar)
    * never all. In held-off code every throw first lets hooks through
    * again: the hook's own flag would stay set past a pcall made there
    * while LuaJIT held hooks off, and they would be off again. */
-  int held = p->in_uhook || mb_hookmask_in_gc(L);
+  int held = held_off(p, L);
   if (!die && held) {
     held_budget(L, p);
     return;
   }
   if (!die && p->recv_testing) {
-    if (p->match_hooks <= MB_MATCH_HOOKS && ++p->match_hooks <= MB_MATCH_HOOKS) {
-      mb_lstate_sethook(L, MB_HOOK_INSTRUCTIONS);
+    if (!over_budget(L, &p->match_hooks, MB_MATCH_HOOKS))
       return;
-    }
-    mb_lstate_sethook(L, 1);
     luaL_error(L, "receive: the match function ran past its slice by over %d VM "
                "instructions; a match runs as one step that cannot be preempted, and "
                "must be quick, as an Erlang guard is",
@@ -234,7 +246,7 @@ static void preempt(mb_proc_t *p, void *ctx)
   lua_Hook f = lua_gethook(L);
   if (!(lua_gethookmask(L) & LUA_MASKCOUNT) && (f == NULL || f == mb_run_hook))
     lua_sethook(L, mb_run_hook, LUA_MASKCOUNT, 1);
-  if (MB_POKE_BY_SIGNAL && (p->in_uhook || mb_hookmask_in_gc(L)))
+  if (MB_POKE_BY_SIGNAL && held_off(p, L))
     mb_hookmask_unhold(L);
 }
 

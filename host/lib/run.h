@@ -69,7 +69,7 @@
 #define MB_MATCH_HOOKS 200
 /* The same for a __gc finalizer or a debug hook function that runs past
  * its slice (hookmask.h). */
-#define MB_HELD_HOOKS 200
+#define MB_HELD_HOOKS MB_MATCH_HOOKS
 
 /* Set the runner up (the executor's runner, the process exit hook that
  * frees what a process's Lua held). Once, at start-up. */
