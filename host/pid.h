@@ -107,6 +107,8 @@ typedef struct mb_idkind {
 #define MB_REGSLOT_GUARD_MT (-0x20a)     /* and its guards' (lib_http.c) */
 #define MB_REGSLOT_CONT (-0x20b)         /* a suspended C call's continuation (run.c) */
 #define MB_REGSLOT_CONT_FN (-0x20c)      /* run.c's function that runs it */
+#define MB_REGSLOT_LUAFNS (-0x20d)       /* a reused state's makers of the host's
+                                            library functions in Lua (lstate.c) */
 
 /* The kinds defined here (registered from the start). */
 extern mb_idkind_t mb_pid_kind, mb_ref_kind;

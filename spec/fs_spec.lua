@@ -96,11 +96,10 @@ describe("moonbeam.fs", function()
 
   it("cannot block inside a C callback, and says so", function()
     fs.write_file(dir .. "/c", "x")
-    local ok, err = pcall(table.sort, { 1, 2 }, function(a, b)
+    local f, err = load(function()   -- load's reader: C calls it
       fs.read_file(dir .. "/c")
-      return a < b
     end)
-    assert.is_false(ok)
+    assert.is_nil(f)
     assert.is_truthy(err:find("cannot block here", 1, true), err)
   end)
 

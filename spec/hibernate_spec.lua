@@ -214,12 +214,10 @@ describe("mb.hibernate", function()
 
   it("raises inside a C callback, where it cannot drop the stack", function()
     local ok, res = S.probe(function()
-      local t = { 3, 1, 2 }
-      local ok2, err = pcall(table.sort, t, function(a, b)
+      local f, err = load(function()   -- load's reader: C calls it
         mb.hibernate(function() end)
-        return a < b
       end)
-      return ok2, err
+      return f ~= nil, err
     end)
     assert.is_true(ok)
     assert.is_false(res[1])

@@ -65,9 +65,11 @@ describe("isolation", function()
 
   describe("the C stack", function()
     -- LuaJIT 2.1 bounds the Lua stack, not the C stack: recursion through
-    -- gsub's replacement function nests gsub's 8 KB frame at each level and
+    -- gsub's replacement function nested gsub's 8 KB frame at each level and
     -- ended the host with SIGSEGV at ~1,000 levels (luajit itself crashes
-    -- there too). In a child host: the process ends, the host goes on.
+    -- there too). gsub calls a function or table from Lua now (strmatch.c),
+    -- so such a recursion meets the Lua stack's bound; load's reader still
+    -- nests C frames. In a child host: the process ends, the host goes on.
     it("ends a recursion through string.gsub or load's reader with an error, not the host", function()
       local code, out, err = child([[
         local mb = require "moonbeam"
@@ -114,8 +116,8 @@ describe("isolation", function()
         print("shallow", g(500) == "")
       ]], "--watchdog 0", 60)
       assert.are.equal(0, code, err)
-      assert.is_truthy(out:find("gsub\t[^\n]*: C stack overflow"), out)
-      assert.is_truthy(out:find("method\t[^\n]*: C stack overflow"), out)
+      assert.is_truthy(out:find("gsub\tstack overflow"), out)
+      assert.is_truthy(out:find("method\tstack overflow"), out)
       assert.is_truthy(out:find("load\t[^\n]*C stack overflow"), out)
       assert.is_true(S.has(out, "shallow\ttrue"), out)
     end)

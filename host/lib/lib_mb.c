@@ -96,8 +96,9 @@ static int stop_self(lua_State *L, mb_proc_t *p)
 
 int mb_lib_block_error(lua_State *L, const char *fname)
 {
-  return luaL_error(L, "%s: cannot block here (called through a C function such as "
-                    "table.sort, string.gsub, require, or a metamethod called from C)",
+  return luaL_error(L, "%s: cannot block here (called through a C function, such as "
+                    "load calling its reader, require running a module, an xpcall "
+                    "handler, or a metamethod called from C)",
                     fname);
 }
 

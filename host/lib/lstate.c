@@ -30,6 +30,7 @@
 #include "sandbox.h"
 #include "scheduler.h"
 #include "strmatch.h"
+#include "tablib.h"
 
 /* Where the host's Lua modules are, relative to the binary once installed
  * (bin/moonbeam -> share/moonbeam/lua). */
@@ -602,6 +603,70 @@ void mb_lstate_run_chunk(lua_State *L, mb_lstate_chunk_t *c, int env)
   lua_call(L, 0, 1);
 }
 
+/* Give the functions in the table at fns (mb_lstate_push_lua_fn's) the
+ * table at env as their environment (absolute indices). */
+static void set_lua_fn_env(lua_State *L, int fns, int env)
+{
+  for (int i = 1; lua_rawgeti(L, fns, i), !lua_isnil(L, -1); i++) {
+    lua_pushvalue(L, env);
+    lua_setfenv(L, -2);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+}
+
+void mb_lstate_push_lua_fn(lua_State *L, mb_lstate_chunk_t *c, const lua_CFunction *cfns)
+{
+  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_LUAFNS);
+  if (!lua_istable(L, -1)) {
+    lua_pop(L, 1);
+    lua_createtable(L, 0, 2);
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_LUAFNS);
+  }
+  int kept = lua_gettop(L);
+  lua_pushlightuserdata(L, c);
+  lua_rawget(L, kept);
+  if (!lua_istable(L, -1)) {   /* make them: a table of what the maker returns */
+    lua_pop(L, 1);
+    mb_lstate_run_chunk(L, c, kept);   /* the maker, with a neutral environment */
+    int n = 0;
+    for (; cfns[n]; n++)
+      lua_pushcfunction(L, cfns[n]);
+    lua_call(L, n, LUA_MULTRET);
+    int made = lua_gettop(L) - kept;
+    lua_createtable(L, made, 0);
+    lua_insert(L, kept + 1);
+    for (int i = made; i >= 1; i--)
+      lua_rawseti(L, kept + 1, i);
+    lua_pushlightuserdata(L, c);
+    lua_pushvalue(L, kept + 1);
+    lua_rawset(L, kept);
+  }
+  set_lua_fn_env(L, kept + 1, LUA_GLOBALSINDEX);
+  lua_rawgeti(L, kept + 1, 1);
+  lua_replace(L, kept);
+  lua_settop(L, kept);
+}
+
+/* A reused state's kept Lua functions (mb_lstate_push_lua_fn) hold no
+ * process's globals. */
+static void reset_lua_fns(lua_State *L)
+{
+  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_LUAFNS);
+  if (!lua_istable(L, -1)) {
+    lua_pop(L, 1);
+    return;
+  }
+  int kept = lua_gettop(L);
+  lua_pushnil(L);
+  while (lua_next(L, kept)) {
+    set_lua_fn_env(L, kept + 2, kept);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+}
+
 /* Set the environment of the C functions in the table at t to the table
  * at env (absolute indices). */
 static void detach_all(lua_State *L, int t, int env)
@@ -967,6 +1032,15 @@ static void after_string(lua_State *L)
   mb_sandbox_preload(L, MB_SANDBOX_PRELOAD_BUFFER);
 }
 
+static void after_table(lua_State *L)
+{
+  lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
+  lua_getfield(L, -1, "table");
+  if (lua_istable(L, -1))
+    mb_tablib_open(L, -1);
+  lua_pop(L, 2);
+}
+
 /* Each process draws its own math.random sequence (LuaJIT seeds every
  * state alike): a seed from a host-wide counter mixed with a salt read once
  * at start, so no system call per process. math.randomseed still gives the
@@ -1006,7 +1080,7 @@ static const lazylib_t lazylibs[] = {
    " setfenv setmetatable tonumber tostring type unpack xpcall _VERSION"
    " newproxy gcinfo _G "},
   {"string", luaopen_string, after_string, " string "},
-  {"table", luaopen_table, NULL, " table "},
+  {"table", luaopen_table, after_table, " table "},
   {"math", luaopen_math, after_math, " math "},
   {"io", luaopen_io, NULL, " io "},
   {"os", luaopen_os, after_os, " os "},
@@ -1516,7 +1590,7 @@ static int kept_slot(double k)
 {
   return mb_id_regslot(k) || k == MB_REGSLOT_SIGNAL_MSG || k == MB_REGSLOT_BODY_FN ||
          k == MB_REGSLOT_BASE || k == MB_REGSLOT_CHUNKS || k == MB_REGSLOT_HTTP_MT ||
-         k == MB_REGSLOT_GUARD_MT;
+         k == MB_REGSLOT_GUARD_MT || k == MB_REGSLOT_LUAFNS;
 }
 
 /* Under lua_cpcall: the old world unreachable (see Reused states). */
@@ -1537,6 +1611,7 @@ static int reset_roots(lua_State *L)
   lua_createtable(L, 0, 0);
   lua_replace(L, LUA_GLOBALSINDEX);
   mb_modcache_reset_kept(L);   /* nothing of this process in the kept chunks */
+  reset_lua_fns(L);
   /* The last body, kept for the next process (run.c), holds nothing of
    * this one: no upvalue's value, the new empty globals. */
   lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_BODY_FN);

@@ -104,6 +104,17 @@ typedef struct mb_lstate_chunk {
  * memory). */
 void mb_lstate_run_chunk(lua_State *L, mb_lstate_chunk_t *c, int env);
 
+/* A library function of the host's written in Lua, where a C one could not
+ * be preempted while the Lua it calls runs (a table.sort comparator). Chunk
+ * c returns a maker: a function of the C functions cfns (NULL-ended) that
+ * makes the library function and returns it, then every other function it
+ * made. Push it, made once per state and kept for the processes that reuse
+ * the state, with L's globals as the environment of all those functions
+ * (a process reaches them: getfenv(2) in a comparator; a chunk keeps
+ * nothing of a process in an upvalue past a call). May raise (out of
+ * memory). */
+void mb_lstate_push_lua_fn(lua_State *L, mb_lstate_chunk_t *c, const lua_CFunction *cfns);
+
 /* Make L's state able to compile Lua source: its reserved words known to
  * the lexer again (see lstate.c, "Reserved words"). Before every load of
  * source text into a process's state; may raise (out of memory). */

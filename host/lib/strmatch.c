@@ -2,6 +2,7 @@
  * preemptible (see strmatch.h).
  */
 #define _GNU_SOURCE   /* memmem */
+#include <setjmp.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -45,6 +46,7 @@ typedef struct pm {
   const char *src, *end;   /* the subject (a Lua string: *end is NUL) */
   const char *pat;         /* the pattern, after an anchor */
   lua_State *L;            /* errors and results go there */
+  jmp_buf *soft;           /* set: an error jumps there instead (a check) */
   ptrdiff_t left;          /* steps until the next look at the runner */
   int why;                 /* PM_STOP's: mb_run_due's answer */
   int stopped;             /* s, p are where matching goes on */
@@ -60,6 +62,8 @@ typedef struct pm {
 
 static void pm_error(pm_t *m, const char *msg)
 {
+  if (m->soft)
+    longjmp(*m->soft, 1);
   luaL_error(m->L, "%s", msg);
 }
 
@@ -504,6 +508,9 @@ typedef struct call {
   int what;
   int anchor;             /* find, match, gsub: the pattern began with ^ */
   int stops;              /* may it suspend (not gsub calling Lua)? */
+  int boxed;              /* it lives in a userdata of its own: a gsub
+                             whose replacements a Lua loop makes (see
+                             gsub_start) */
   const char *at;         /* where the current match started */
   gmatch_t *gm;           /* gmatch's iterator's */
   int lead_known;         /* lead_p, lead_ep are set */
@@ -515,6 +522,10 @@ typedef struct call {
   const char *repl;       /* a string replacement */
   size_t repl_len;
   int buf_slot;           /* the stack slot anchoring buf's userdata */
+  const char *ps, *pe;    /* boxed: the match [ps, pe) its Lua loop is
+                             replacing, or ps NULL */
+  int done;               /* boxed: the loop has ended (1), and the call
+                             (2: nothing of it stays, see anchor_buf) */
   char *buf;              /* the result so far: in init or a userdata */
   size_t len, cap;
   char init[256];
@@ -642,6 +653,25 @@ static int stop_here(call_t *c, int suspended)
   return 0;
 }
 
+/* gsub past the match [s, e) (e NULL: none at s): where the next match is
+ * tried, the text skipped kept. 0 if there is none to try. */
+static int gsub_next(call_t *c, const char *s, const char *e)
+{
+  pm_t *m = &c->m;
+  if (e && e > s) {
+    c->at = e;
+  } else if (s < m->end) {   /* the text up to the next possible match stays */
+    c->at = c->anchor ? s + 1 : skip(c, s + 1);
+    buf_add(c, s, (size_t)(c->at - s));
+  } else {
+    return 0;
+  }
+  if (c->anchor)
+    return 0;
+  pm_start(m);
+  return 1;
+}
+
 /* Run call c on: push its results and return their number, or -1 where
  * it is to suspend. suspended: c runs as a continuation. */
 static int drive(call_t *c, int suspended)
@@ -649,7 +679,7 @@ static int drive(call_t *c, int suspended)
   pm_t *m = &c->m;
   lua_State *L = m->L;
   for (;;) {
-    if (c->what == GSUB && c->n >= c->max_n)
+    if (c->what == GSUB && (c->n >= c->max_n || c->done))
       break;
     int r = pm_exec(m, c->at);
     if (r == PM_STOP) {
@@ -691,24 +721,46 @@ static int drive(call_t *c, int suspended)
     /* GSUB */
     if (e) {
       c->n++;
+      if (c->boxed) {   /* the Lua loop makes the replacement */
+        c->ps = s;
+        c->pe = e;
+        lua_pushboolean(L, 1);
+        return 1 + push_captures(m, s, e);
+      }
       add_replacement(c, s, e);
     }
-    if (e && e > s) {
-      c->at = e;
-    } else if (s < m->end) {   /* the text up to the next possible match stays */
-      c->at = c->anchor ? s + 1 : skip(c, s + 1);
-      buf_add(c, s, (size_t)(c->at - s));
-    } else {
+    if (!gsub_next(c, s, e))
       break;
-    }
-    if (c->anchor)
-      break;
-    pm_start(m);
   }
   buf_add(c, c->at, (size_t)(m->end - c->at));
+  if (c->boxed)
+    lua_pushboolean(L, 0);
   lua_pushlstring(L, c->buf, c->len);
   lua_pushinteger(L, c->n);
+  if (c->boxed) {
+    c->done = 2;
+    return 3;
+  }
   return 2;
+}
+
+/* After a run of call c: anchor its result so far in its environment
+ * (at env), where buf_need may have put a new userdata - or, once a boxed
+ * call is over, drop it and the strings, so that the spare userdata holds
+ * nothing of the call. */
+static void anchor_buf(call_t *c, int env)
+{
+  lua_State *L = c->m.L;
+  if (c->done == 2) {
+    c->buf = c->init;
+    for (int a = 1; a <= A_BUF; a++) {
+      lua_pushnil(L);
+      lua_rawseti(L, env, a);
+    }
+    return;
+  }
+  lua_pushvalue(L, c->buf_slot);
+  lua_rawseti(L, env, A_BUF);
 }
 
 /* A suspended call's step (mb_run_cont_t): on the process's main thread
@@ -721,10 +773,8 @@ static int step(lua_State *L, void *self)
   c->m.L = L;
   c->buf_slot = 3;
   int n = drive(c, 1);
-  if (n < 0) {
-    lua_pushvalue(L, 3);
-    lua_rawseti(L, 2, A_BUF);
-  }
+  if (n < 0 || c->boxed)
+    anchor_buf(c, 2);
   return n;
 }
 
@@ -734,6 +784,12 @@ static int step(lua_State *L, void *self)
 static int suspend(call_t *c)
 {
   lua_State *L = c->m.L;
+  if (c->boxed) {   /* checked by gsub_start; see gsub_step's stack */
+    anchor_buf(c, 3);
+    c->cont.step = step;
+    lua_pushvalue(L, 1);
+    return mb_run_suspend(L);
+  }
   pm_check(&c->m, c->what == GSUB ? c->repl : NULL, c->repl_len);
   call_t *u = lua_newuserdata(L, sizeof *u);
   memcpy(u, c, sizeof *u);
@@ -766,7 +822,10 @@ static void call_init(call_t *c, lua_State *L, int what, const char *s, size_t l
   c->anchor = 0;
   c->lead_known = 0;
   c->stops = 1;
+  c->boxed = 0;
+  c->done = 0;
   c->m.L = L;
+  c->m.soft = NULL;
   c->m.src = s;
   c->m.end = s + len;
   if (what != GMATCH && *pat == '^') {
@@ -915,15 +974,142 @@ static int l_gsub(lua_State *L)
   return run_call(&c);
 }
 
+/* -- gsub calling Lua -------------------------------------------------------
+ * gsub with a function or table replacement is a Lua loop (gsub_src) over
+ * a call of the matcher boxed in a userdata: gsub_step runs it to the next
+ * match and returns its captures, the loop makes the replacement (a call
+ * of the function, an index of the table) and hands it to the next step.
+ * So the process can be preempted, receive or be killed in the
+ * replacement function as anywhere in Lua, and gsub_step, called from Lua,
+ * suspends where the matcher stops, as find does. The C gsub does the rest
+ * (a string replacement; a bad argument or pattern, so that its errors are
+ * LuaJIT's, raised where LuaJIT raises them), by a tail call. go tail-calls
+ * itself: one frame however many matches, and gsub_step's errors name the
+ * line that called gsub (level 2: gsub_step's caller is go, in gsub's
+ * place). A finished call's userdata is kept for the next (spare). */
+static const char gsub_src[] =
+  "return function(cgsub, start, step)\n"
+  "  local spare\n"
+  "  local function go(st, repl, isf, more, ...)\n"
+  "    if not more then\n"
+  "      spare = st\n"
+  "      return ...\n"
+  "    end\n"
+  "    local v\n"
+  "    if isf then v = repl(...) else v = repl[(...)] end\n"
+  "    return go(st, repl, isf, step(st, v))\n"
+  "  end\n"
+  "  return function(s, p, repl, n)\n"
+  "    local st, isf = start(spare, s, p, repl, n)\n"
+  "    if st == nil then return cgsub(s, p, repl, n) end\n"
+  "    spare = nil\n"
+  "    return go(st, repl, isf, step(st))\n"
+  "  end, go\n"
+  "end\n";
+static mb_lstate_chunk_t gsub_chunk = MB_LSTATE_CHUNK(gsub_src, "=string.gsub");
+
+/* gsub_start(spare, s, p, repl, n) -> the call, is repl a function; or
+ * nothing where the C gsub is to do it: a replacement that is not a
+ * function or table, a bad argument, or a pattern in which the check
+ * finds an error (the C gsub raises it if LuaJIT would: not where no
+ * match reaches the bad part). spare: a finished call, or nil. */
+static int gsub_start(lua_State *L)
+{
+  int t = lua_type(L, 4);
+  if ((t != LUA_TFUNCTION && t != LUA_TTABLE) || !lua_isstring(L, 2) ||
+      !lua_isstring(L, 3) || !(lua_isnoneornil(L, 5) || lua_isnumber(L, 5)))
+    return 0;
+  size_t len;
+  const char *s = lua_tolstring(L, 2, &len);
+  const char *pat = lua_tostring(L, 3);
+  int max_n = (int)luaL_optinteger(L, 5, (lua_Integer)len + 1);
+  call_t *c = lua_touserdata(L, 1);
+  if (c == NULL) {
+    c = lua_newuserdata(L, sizeof *c);
+    lua_createtable(L, A_BUF, 0);
+    lua_setfenv(L, -2);
+  } else {
+    lua_pushvalue(L, 1);
+  }
+  call_init(c, L, GSUB, s, len, pat);
+  jmp_buf jb;
+  c->m.soft = &jb;
+  if (setjmp(jb) != 0) {
+    c->m.soft = NULL;
+    return 0;
+  }
+  pm_check(&c->m, NULL, 0);
+  c->m.soft = NULL;
+  lua_getfenv(L, -1);            /* anchors: s and p, whose text c reads */
+  lua_pushvalue(L, 2);
+  lua_rawseti(L, -2, 1);
+  lua_pushvalue(L, 3);
+  lua_rawseti(L, -2, 2);
+  lua_pop(L, 1);
+  c->boxed = 1;
+  c->n = 0;
+  c->max_n = max_n;
+  c->repl_type = t;
+  c->repl = NULL;
+  c->repl_len = 0;
+  c->buf = c->init;
+  c->len = 0;
+  c->cap = sizeof c->init;
+  c->at = s;
+  c->ps = NULL;
+  pm_start(&c->m);
+  lua_pushboolean(L, t == LUA_TFUNCTION);
+  return 2;
+}
+
+/* gsub_step(call[, v]) -> true, the captures of the next match (the whole
+ * match if there are none); or false, the result, the number of matches.
+ * v: the replacement for the match the last step returned. */
+static int gsub_step(lua_State *L)
+{
+  call_t *c = lua_touserdata(L, 1);
+  lua_settop(L, 2);
+  lua_getfenv(L, 1);              /* 3: its anchors (suspend relies on it) */
+  lua_rawgeti(L, 3, A_BUF);       /* 4: its result, if in a userdata */
+  c->m.L = L;
+  c->buf_slot = 4;
+  c->m.left = PM_POLL;
+  if (c->ps) {
+    const char *s = c->ps, *e = c->pe;
+    c->ps = NULL;
+    if (!lua_toboolean(L, 2)) {   /* nil or false: the match stays */
+      buf_add(c, s, (size_t)(e - s));
+    } else if (lua_isstring(L, 2)) {
+      size_t len;
+      const char *r = lua_tolstring(L, 2, &len);
+      buf_add(c, r, len);
+    } else {
+      luaL_where(L, 2);
+      lua_pushfstring(L, "invalid replacement value (a %s)", luaL_typename(L, 2));
+      lua_concat(L, 2);
+      return lua_error(L);
+    }
+    if (!gsub_next(c, s, e))
+      c->done = 1;
+  }
+  int n = drive(c, 0);
+  if (n < 0)
+    return suspend(c);
+  anchor_buf(c, 3);
+  return n;
+}
+
 void mb_strmatch_open(lua_State *L, int idx)
 {
   static const luaL_Reg fns[] = {
-    {"find", l_find}, {"match", l_match}, {"gmatch", l_gmatch}, {"gsub", l_gsub},
-    {NULL, NULL}
+    {"find", l_find}, {"match", l_match}, {"gmatch", l_gmatch}, {NULL, NULL}
   };
   idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
   for (const luaL_Reg *f = fns; f->name; f++) {
     lua_pushcfunction(L, f->func);
     lua_setfield(L, idx, f->name);
   }
+  static const lua_CFunction gsub_fns[] = {l_gsub, gsub_start, gsub_step, NULL};
+  mb_lstate_push_lua_fn(L, &gsub_chunk, gsub_fns);
+  lua_setfield(L, idx, "gsub");
 }

@@ -31,8 +31,11 @@
  * an unfinished capture, or "pattern too complex" for a pattern whose
  * items could nest more than 200 levels on that subject - also where
  * LuaJIT would never have reached that part. gsub with a function or
- * table replacement calls Lua at each match, on this C frame: it never
- * suspends (an exit signal still ends it). One scan (a repetition's
+ * table replacement is a Lua loop that calls them (strmatch.c, "gsub
+ * calling Lua"), so that they run where the process can yield, and its
+ * matcher suspends as find's; where the check finds an error in the
+ * pattern, the C gsub does the call, calling Lua from its C frame, where
+ * the matcher cannot suspend (an exit signal still ends it). One scan (a repetition's
  * greedy count, %b, a back-reference) is not cut: it is at most the
  * subject's length. find with plain = true (or a pattern without magic
  * characters) searches with memmem, in linear time (LuaJIT's own plain
@@ -46,7 +49,7 @@
 #include "lua.h"
 
 /* Put find, match, gmatch and gsub into the string library's table at
- * index idx of L, in place of LuaJIT's. */
+ * index idx of L, in place of LuaJIT's. May raise (out of memory). */
 void mb_strmatch_open(lua_State *L, int idx);
 
 #endif

@@ -1,11 +1,12 @@
 -- http_client: n keep-alive requests, one at a time on one connection, for
--- scripts/instructions (which counts what the server runs per request).
+-- scripts/instructions (which counts what the server runs per request); or,
+-- with close=1, n requests each on a connection of its own.
 --
 -- Args (key=value): port (required), host (default 127.0.0.1), n (requests,
--- default 1000), timeout (ms for each response, default 10000). Sends
--- "GET / HTTP/1.1" with only a Host header, reads each response whole (by
--- its Content-Length), prints "done n=<n>" and exits 0; on any error it
--- prints why and exits 1.
+-- default 1000), timeout (ms for each response, default 10000), close (1: a
+-- connection per request, "Connection: close"). Sends "GET / HTTP/1.1" with
+-- only a Host header, reads each response whole (by its Content-Length),
+-- prints "done n=<n>" and exits 0; on any error it prints why and exits 1.
 local mb = require "moonbeam"
 local tcp = require "moonbeam.tcp"
 
@@ -19,17 +20,27 @@ end
 
 local host, port = opt("host", "127.0.0.1"), tonumber(opt("port", ""))
 local n, timeout = tonumber(opt("n", "1000")), tonumber(opt("timeout", "10000"))
+local close = opt("close", "0") == "1"
 local function fail(why)
   io.stderr:write("http_client: ", tostring(why), "\n")
   os.exit(1)
 end
 if not port then fail("port=N expected") end
 
-local sock, err = tcp.connect(host, port, timeout)
-if not sock then fail(err) end
-local REQUEST = "GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+local function connect()
+  local sock, err = tcp.connect(host, port, timeout)
+  if not sock then fail(err) end
+  return sock
+end
+local sock = not close and connect()
+local REQUEST = close and "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                       or "GET / HTTP/1.1\r\nHost: x\r\n\r\n"
 local buf = ""
 for _ = 1, n do
+  if close then
+    sock = connect()
+    buf = ""
+  end
   local ok, werr = sock:write(REQUEST)
   if not ok then fail(werr) end
   while true do
@@ -44,8 +55,9 @@ for _ = 1, n do
     if not data then fail(rerr) end
     buf = buf .. data
   end
+  if close then sock:close() end
 end
-sock:close()
+if not close then sock:close() end
 print("done n=" .. n)
 io.stdout:flush()
 mb.halt(0)

@@ -1,0 +1,236 @@
+-- Lua that table.sort and string.gsub call (host/lib/tablib.c, strmatch.c):
+-- a comparator, an element's __lt, a replacement function or table. They
+-- give LuaJIT's results, in LuaJIT's order of calls, and its errors at the
+-- same lines; and the process can be preempted, wait and be killed in the
+-- Lua they call, as anywhere else. The cases that would hang a host
+-- without that run in a child host, bounded in time.
+local mb = require "moonbeam"
+local S = require "spec.support"
+
+local function child(src, opts, limit)
+  local path = S.write("child.lua", src)
+  return S.moonbeam((opts or "") .. " " .. S.q(path), nil, limit or 60)
+end
+
+-- The same text from the host and from luajit, line by line.
+local function same_as_luajit(src, args, limit)
+  local path = S.write("differential.lua", src)
+  local c1, mine, e1 = S.moonbeam(S.q(path) .. " " .. (args or ""), nil, limit or 120)
+  local c2, theirs, e2 = S.sh("luajit -joff " .. S.q(path) .. " " .. (args or ""), nil, limit or 120)
+  assert.are.equal(0, c1, e1)
+  assert.are.equal(0, c2, e2)
+  local a = mine:gmatch("[^\n]*")
+  for l2 in theirs:gmatch("[^\n]*") do assert.are.equal(l2, a()) end
+  assert.is_nil(a())
+  return mine
+end
+
+-- Random sorts: arrays with ties and holes, comparators right and wrong
+-- (one draws from the same generator, so any difference in the order of
+-- the calls shows), elements with __lt, tables with metatables; each one's
+-- outcome, error and resulting array (after an error too).
+local sorts = [=[
+local seed, N = tonumber(arg[1]), tonumber(arg[2])
+local x = seed
+local function rnd(n) x = x * 16807 % 2147483647; return x % n + 1 end
+local lt = {__lt = function(a, b) return a.v < b.v end}
+local gt = {__lt = function(a, b) return a.v > b.v end}
+local comps = {
+  function(a, b) return a < b end,
+  function(a, b) return a > b end,
+  function(a, b) return a <= b end,
+  function() return true end,
+  function() return false end,
+  function(a, b) return a % 3 < b % 3 end,
+  function() return rnd(2) == 1 end,
+  function(a, b) return (a or -1) < (b or -1) end,
+  function(a, b) if a == 7 then error("seven") end return a < b end,
+  function(a, b) return a < b and 1 or nil end,
+}
+local function show(t, n)
+  local o = {}
+  for i = 1, n do
+    local v = rawget(t, i)
+    o[i] = type(v) == "table" and "o" .. tostring(v.v) or tostring(v)
+  end
+  return table.concat(o, " ")
+end
+for case = 1, N do
+  local n, kind = rnd(12) - 1, rnd(6)
+  local t, comp = {}, nil
+  for i = 1, n do t[i] = rnd(9) end
+  if kind <= 3 then
+    comp = comps[rnd(#comps)]
+    if kind == 3 and n > 2 then t[rnd(n)] = nil end
+  elseif kind == 4 then
+    for i = 1, n do t[i] = setmetatable({v = t[i]}, lt) end
+  elseif kind == 5 then
+    for i = 1, n do t[i] = setmetatable({v = t[i]}, rnd(4) == 1 and gt or lt) end
+  else
+    comp = comps[rnd(3)]
+    setmetatable(t, {__index = function() return 0 end, __newindex = function() error("set") end})
+  end
+  local ok, err = pcall(function() table.sort(t, comp) end)
+  err = tostring(err):gsub("^table%.sort:%d+: ", "")   -- see below
+  print(case, ok, ok or err, show(t, n))
+end
+]=]
+
+describe("Lua called by table.sort and string.gsub", function()
+  teardown(S.cleanup_tmp)
+
+  it("sorts as LuaJIT does: the same calls, results and errors", function()
+    -- The one difference: comparing elements without a comparator raises
+    -- in table.sort's own Lua where an element's __lt is a Lua function
+    -- ("table.sort:2: attempt to compare ..."); LuaJIT's message has no
+    -- position. The script strips that prefix.
+    local out = same_as_luajit(sorts, "11 4000")
+    assert.is_true(S.has(out, "invalid order function for sorting"))
+    assert.is_true(S.has(out, "seven"))
+    assert.is_true(S.has(out, "attempt to compare"))
+  end)
+
+  it("raise LuaJIT's errors at the caller's line", function()
+    same_as_luajit([[
+      local function try(f) print(select(2, pcall(f))) end
+      try(function() table.sort({3, 2, 1}, function() return true end) end)
+      try(function() table.sort({5, 4, 3, 2, 1}, function() return true end) end)
+      try(function() table.sort(nil) end)
+      try(function() table.sort({2, 1}, 3) end)
+      try(function() local sort = table.sort; sort({2, 1}, {}) end)
+      try(function() table.sort({{}, {}}) end)
+      try(function() local r = ("abc"):gsub("%w", function() return {} end) end)
+      try(function() local r = ("abc"):gsub("%w", {a = true}) end)
+      try(function() local r = ("abc"):gsub("(%w", function() end) end)
+      try(function() local r = ("abc"):gsub("[a", {}) end)
+      try(function() local r = string.gsub(nil, "x", function() end) end)
+      try(function() local r = string.gsub("x", "x", function() end, "n") end)
+      try(function() local r = string.gsub("x", "x", function() error("mine") end) end)
+      try(function()
+        local r = string.gsub("x", "x", function()
+          error(setmetatable({}, {__tostring = function() return "an object" end}))
+        end)
+      end)
+      print(("a b c"):gsub("%w", function(c) if c ~= "b" then return c:upper() end end, 2))
+      print(string.gsub(123, 2, {["2"] = 5}))
+    ]])
+  end)
+
+  it("let the comparator or replacement wait, and run the rest in its place", function()
+    local code, out, err = child([[
+      local mb = require "moonbeam"
+      local me = mb.self()
+      local dict = mb.spawn(function()
+        while true do
+          local m = mb.receive()
+          mb.send(m.from, m.word:upper())
+        end
+      end)
+      local t = {5, 1, 4, 2, 3}
+      table.sort(t, function(a, b) mb.sleep(0) return a < b end)
+      print("sorted", table.concat(t, " "))
+      local objs = {}
+      local mt = {__lt = function(a, b) mb.yield() return a.v < b.v end}
+      for i = 1, 6 do objs[i] = setmetatable({v = (i * 5) % 7}, mt) end
+      table.sort(objs)
+      local vs = {}
+      for i, o in ipairs(objs) do vs[i] = o.v end
+      print("by __lt", table.concat(vs, " "))
+      print("asked", (("one two three"):gsub("%a+", function(w)
+        mb.send(dict, {from = me, word = w})
+        return mb.receive(5000)
+      end)))
+      print("looked up", (("a-b"):gsub("%a", setmetatable({}, {__index = function(_, k)
+        mb.send(dict, {from = me, word = k})
+        return mb.receive(5000)
+      end}))))
+      os.exit(0)
+    ]], "--schedulers 1", 60)
+    assert.are.equal(0, code, out .. err)
+    assert.is_true(S.has(out, "sorted\t1 2 3 4 5\n"), out)
+    assert.is_true(S.has(out, "by __lt\t1 2 3 4 5 6\n"), out)
+    assert.is_true(S.has(out, "asked\tONE TWO THREE\n"), out)
+    assert.is_true(S.has(out, "looked up\tA-B\n"), out)
+  end)
+
+  it("leave the scheduler to others while the Lua they call loops, and end at kill", function()
+    -- One scheduler: the echo answers only if the loops are preempted.
+    local code, out, err = child([[
+      local mb = require "moonbeam"
+      local function spin() while true do end end
+      local bodies = {
+        comparator = function() table.sort({3, 2, 1}, spin) end,
+        lt = function()
+          local mt = {__lt = spin}
+          table.sort({setmetatable({}, mt), setmetatable({}, mt)})
+        end,
+        gsub_function = function() string.gsub("abc", "%w", spin) end,
+        gsub_table = function() string.gsub("abc", "%w", setmetatable({}, {__index = spin})) end,
+        pcall_inside = function()
+          table.sort({3, 2, 1}, function() while true do pcall(spin) end end)
+        end,
+      }
+      local refs = {}
+      for name, body in pairs(bodies) do refs[name] = {mb.spawn_monitor(body)} end
+      local echo = mb.spawn(function()
+        while true do local m = mb.receive(); mb.send(m, "pong") end
+      end)
+      local got = 0
+      for _ = 1, 20 do
+        mb.send(echo, mb.self())
+        if mb.receive(function(m) return m == "pong" end, 10000) then got = got + 1 end
+      end
+      print("pongs", got)
+      for name, r in pairs(refs) do
+        mb.exit(r[1], "kill")
+        local m = mb.receive(function(m) return type(m) == "table" and m.ref == r[2] end, 10000)
+        print(name, m and m.reason or "still running")
+      end
+      os.exit(0)
+    ]], "--schedulers 1", 60)
+    assert.are.equal(0, code, out .. err)
+    assert.is_true(S.has(out, "pongs\t20\n"), out .. err)
+    for _, name in ipairs({"comparator", "lt", "gsub_function", "gsub_table", "pcall_inside"}) do
+      assert.is_true(S.has(out, name .. "\tkilled\n"), out .. err)
+    end
+    assert.is_false(S.has(err, "WATCHDOG"), err)
+  end)
+
+  it("are given, with what they make, to each process anew", function()
+    -- The process before on the same state (one scheduler) reached the
+    -- Lua sort's own functions (level 2 from the comparator) and gsub's.
+    local code, out, err = child([[
+      local mb = require "moonbeam"
+      local function run(f)
+        local _, r = mb.spawn_opt({monitor = true}, f)
+        return mb.receive(function(m) return type(m) == "table" and m.ref == r end, 10000).reason
+      end
+      print("first", run(function()
+        table.sort({3, 2, 1}, function(a, b)
+          getfenv(2).leak = "sort"
+          setfenv(2, {})
+          return a < b
+        end)
+        string.gsub("a", "a", function() getfenv(2).leak2 = "gsub" end)
+        setfenv(table.sort, {})
+        setfenv(string.gsub, {})
+      end))
+      local me = mb.self()
+      mb.spawn(function()
+        local seen = {}
+        table.sort({3, 2, 1}, function(a, b)
+          seen[#seen + 1] = tostring(getfenv(2) == _G) .. tostring(getfenv(2).leak)
+          return a < b
+        end)
+        string.gsub("a", "a", function() seen[#seen + 1] = tostring(getfenv(2).leak2) end)
+        seen[#seen + 1] = tostring(getfenv(table.sort) == _G and getfenv(string.gsub) == _G)
+        mb.send(me, seen[1] .. " " .. seen[#seen - 1] .. " " .. seen[#seen])
+      end)
+      print("second", mb.receive(10000))
+      os.exit(0)
+    ]], "--schedulers 1", 60)
+    assert.are.equal(0, code, out .. err)
+    assert.is_true(S.has(out, "first\tnormal\n"), out .. err)
+    assert.is_true(S.has(out, "second\ttruenil nil true\n"), out .. err)
+  end)
+end)
