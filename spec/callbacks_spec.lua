@@ -113,6 +113,12 @@ describe("Lua called by table.sort and string.gsub", function()
       end)
       print(("a b c"):gsub("%w", function(c) if c ~= "b" then return c:upper() end end, 2))
       print(string.gsub(123, 2, {["2"] = 5}))
+      print(string.gsub(123, 2, function() return 5 end))
+      print(("ab"):gsub("%w", function(c)   -- a gsub inside one
+        return (c:rep(2):gsub("%w", function(d) return d:upper() end))
+      end))
+      print(("a1b2"):gsub("%d", setmetatable({}, {__index = function(_, k) return k + 1 end})))
+      print(("x"):rep(300):gsub("x", function() return "yy" end))   -- past the first buffer
     ]])
   end)
 

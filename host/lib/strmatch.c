@@ -492,7 +492,8 @@ enum { FIND, MATCH, GMATCH, GSUB };
 
 /* A continuation's environment table anchors what its call points into:
  * at 1-3 the call's arguments (gmatch's iterator: its upvalues), at A_BUF
- * gsub's result so far. */
+ * gsub's result so far (a boxed call's: only that, its arguments are on
+ * its Lua loop's stack). */
 enum { A_BUF = 4 };
 
 /* gmatch's iterator's state, its first upvalue (the subject and the
@@ -521,11 +522,11 @@ typedef struct call {
   int repl_type;
   const char *repl;       /* a string replacement */
   size_t repl_len;
-  int buf_slot;           /* the stack slot anchoring buf's userdata */
+  int buf_slot;           /* the stack slot anchoring buf's userdata
+                             (boxed: its environment's A_BUF, see buf_need) */
   const char *ps, *pe;    /* boxed: the match [ps, pe) its Lua loop is
                              replacing, or ps NULL */
-  int done;               /* boxed: the loop has ended (1), and the call
-                             (2: nothing of it stays, see anchor_buf) */
+  int done;               /* boxed: the loop has ended */
   char *buf;              /* the result so far: in init or a userdata */
   size_t len, cap;
   char init[256];
@@ -533,7 +534,8 @@ typedef struct call {
 } call_t;
 
 /* Room for more bytes of gsub's result: a userdata twice as large,
- * anchored at buf_slot instead of the last. */
+ * anchored at buf_slot instead of the last (a boxed call, which is its
+ * userdata at 1: in that one's environment). */
 static void buf_need(call_t *c, size_t more)
 {
   if (c->cap - c->len >= more)
@@ -544,7 +546,14 @@ static void buf_need(call_t *c, size_t more)
   size_t cap = c->cap * 2 > c->len + more ? c->cap * 2 : c->len + more;
   char *b = lua_newuserdata(L, cap);
   memcpy(b, c->buf, c->len);
-  lua_replace(L, c->buf_slot);
+  if (c->boxed) {
+    lua_getfenv(L, 1);
+    lua_insert(L, -2);
+    lua_rawseti(L, -2, A_BUF);
+    lua_pop(L, 1);
+  } else {
+    lua_replace(L, c->buf_slot);
+  }
   c->buf = b;
   c->cap = cap;
 }
@@ -738,29 +747,16 @@ static int drive(call_t *c, int suspended)
   lua_pushlstring(L, c->buf, c->len);
   lua_pushinteger(L, c->n);
   if (c->boxed) {
-    c->done = 2;
+    if (c->buf != c->init) {   /* the spare holds nothing of the call */
+      c->buf = c->init;
+      lua_getfenv(L, 1);
+      lua_pushnil(L);
+      lua_rawseti(L, -2, A_BUF);
+      lua_pop(L, 1);
+    }
     return 3;
   }
   return 2;
-}
-
-/* After a run of call c: anchor its result so far in its environment
- * (at env), where buf_need may have put a new userdata - or, once a boxed
- * call is over, drop it and the strings, so that the spare userdata holds
- * nothing of the call. */
-static void anchor_buf(call_t *c, int env)
-{
-  lua_State *L = c->m.L;
-  if (c->done == 2) {
-    c->buf = c->init;
-    for (int a = 1; a <= A_BUF; a++) {
-      lua_pushnil(L);
-      lua_rawseti(L, env, a);
-    }
-    return;
-  }
-  lua_pushvalue(L, c->buf_slot);
-  lua_rawseti(L, env, A_BUF);
 }
 
 /* A suspended call's step (mb_run_cont_t): on the process's main thread
@@ -768,13 +764,18 @@ static void anchor_buf(call_t *c, int env)
 static int step(lua_State *L, void *self)
 {
   call_t *c = self;
-  lua_getfenv(L, 1);                  /* 2: its anchors */
-  lua_rawgeti(L, 2, A_BUF);           /* 3: gsub's result, if in a userdata */
   c->m.L = L;
-  c->buf_slot = 3;
+  if (c->boxed)
+    return drive(c, 1);
+  lua_getfenv(L, 1);                  /* 2: its anchors */
+  lua_rawgeti(L, 2, 3);               /* 3: gsub's replacement (add_replacement) */
+  lua_rawgeti(L, 2, A_BUF);           /* 4: gsub's result, if in a userdata */
+  c->buf_slot = 4;
   int n = drive(c, 1);
-  if (n < 0 || c->boxed)
-    anchor_buf(c, 2);
+  if (n < 0) {
+    lua_pushvalue(L, 4);
+    lua_rawseti(L, 2, A_BUF);
+  }
   return n;
 }
 
@@ -784,8 +785,7 @@ static int step(lua_State *L, void *self)
 static int suspend(call_t *c)
 {
   lua_State *L = c->m.L;
-  if (c->boxed) {   /* checked by gsub_start; see gsub_step's stack */
-    anchor_buf(c, 3);
+  if (c->boxed) {   /* checked by gsub_start; its userdata at 1 */
     c->cont.step = step;
     lua_pushvalue(L, 1);
     return mb_run_suspend(L);
@@ -941,6 +941,19 @@ static int l_gmatch(lua_State *L)
   return 1;
 }
 
+/* Has the table at idx an __index metamethod (so that indexing it may
+ * call Lua)? */
+static int has_index(lua_State *L, int idx)
+{
+  if (!lua_getmetatable(L, idx))
+    return 0;
+  lua_pushliteral(L, "__index");
+  lua_rawget(L, -2);
+  int yes = !lua_isnil(L, -1);
+  lua_pop(L, 2);
+  return yes;
+}
+
 static int l_gsub(lua_State *L)
 {
   size_t len;
@@ -964,7 +977,7 @@ static int l_gsub(lua_State *L)
   c.repl_len = 0;
   if (c.repl_type == LUA_TSTRING)
     c.repl = lua_tolstring(L, 3, &c.repl_len);
-  c.stops = c.repl_type == LUA_TSTRING;
+  c.stops = c.repl_type == LUA_TSTRING || (t == LUA_TTABLE && !has_index(L, 3));
   c.buf_slot = 5;
   c.buf = c.init;
   c.len = 0;
@@ -975,49 +988,60 @@ static int l_gsub(lua_State *L)
 }
 
 /* -- gsub calling Lua -------------------------------------------------------
- * gsub with a function or table replacement is a Lua loop (gsub_src) over
- * a call of the matcher boxed in a userdata: gsub_step runs it to the next
- * match and returns its captures, the loop makes the replacement (a call
- * of the function, an index of the table) and hands it to the next step.
- * So the process can be preempted, receive or be killed in the
- * replacement function as anywhere in Lua, and gsub_step, called from Lua,
- * suspends where the matcher stops, as find does. The C gsub does the rest
- * (a string replacement; a bad argument or pattern, so that its errors are
- * LuaJIT's, raised where LuaJIT raises them), by a tail call. go tail-calls
- * itself: one frame however many matches, and gsub_step's errors name the
+ * gsub with a function replacement, or a table with __index, is a Lua loop
+ * (gsub_src) over a call of the matcher boxed in a userdata: gsub_step
+ * runs it to the next match and returns its captures, the loop makes the
+ * replacement (a call of the function, an index of the table) and hands it
+ * to the next step. So the process can be preempted, receive or be killed
+ * in the replacement function as anywhere in Lua, and gsub_step, called
+ * from Lua, suspends where the matcher stops, as find does. The C gsub does
+ * the rest (a string replacement, a table indexed raw, a bad argument or
+ * pattern: so that its errors are LuaJIT's, raised where LuaJIT raises
+ * them) by a tail call. go tail-calls itself: one frame however many
+ * matches, holding the subject, the pattern and the replacement (the
+ * boxed call points into the first two), and gsub_step's errors name the
  * line that called gsub (level 2: gsub_step's caller is go, in gsub's
- * place). A finished call's userdata is kept for the next (spare). */
+ * place). A finished call's userdata is kept for the next (spare); a call
+ * under way is never the spare, so that a gsub made meanwhile (by the
+ * replacement function, a debug hook, a finalizer) takes another. */
 static const char gsub_src[] =
   "return function(cgsub, start, step)\n"
   "  local spare\n"
-  "  local function go(st, repl, isf, more, ...)\n"
+  "  local function go(st, s, p, repl, isf, more, ...)\n"
   "    if not more then\n"
   "      spare = st\n"
   "      return ...\n"
   "    end\n"
   "    local v\n"
   "    if isf then v = repl(...) else v = repl[(...)] end\n"
-  "    return go(st, repl, isf, step(st, v))\n"
+  "    return go(st, s, p, repl, isf, step(st, v))\n"
   "  end\n"
   "  return function(s, p, repl, n)\n"
-  "    local st, isf = start(spare, s, p, repl, n)\n"
-  "    if st == nil then return cgsub(s, p, repl, n) end\n"
+  "    local kept = spare\n"
   "    spare = nil\n"
-  "    return go(st, repl, isf, step(st))\n"
+  "    local st, isf = start(kept, s, p, repl, n)\n"
+  "    if st == nil then\n"
+  "      spare = kept\n"
+  "      return cgsub(s, p, repl, n)\n"
+  "    end\n"
+  "    return go(st, s, p, repl, isf, step(st))\n"
   "  end, go\n"
   "end\n";
 static mb_lstate_chunk_t gsub_chunk = MB_LSTATE_CHUNK(gsub_src, "=string.gsub");
 
 /* gsub_start(spare, s, p, repl, n) -> the call, is repl a function; or
  * nothing where the C gsub is to do it: a replacement that is not a
- * function or table, a bad argument, or a pattern in which the check
- * finds an error (the C gsub raises it if LuaJIT would: not where no
- * match reaches the bad part). spare: a finished call, or nil. */
+ * function or a table with __index, an argument that is not what this
+ * loop takes (s and p must be strings: the loop anchors those), or a
+ * pattern in which the check finds an error (the C gsub raises it if
+ * LuaJIT would: not where no match reaches the bad part). spare: a
+ * finished call, or nil. */
 static int gsub_start(lua_State *L)
 {
   int t = lua_type(L, 4);
-  if ((t != LUA_TFUNCTION && t != LUA_TTABLE) || !lua_isstring(L, 2) ||
-      !lua_isstring(L, 3) || !(lua_isnoneornil(L, 5) || lua_isnumber(L, 5)))
+  if ((t != LUA_TFUNCTION && (t != LUA_TTABLE || !has_index(L, 4))) ||
+      lua_type(L, 2) != LUA_TSTRING || lua_type(L, 3) != LUA_TSTRING ||
+      !(lua_isnoneornil(L, 5) || lua_isnumber(L, 5)))
     return 0;
   size_t len;
   const char *s = lua_tolstring(L, 2, &len);
@@ -1040,12 +1064,6 @@ static int gsub_start(lua_State *L)
   }
   pm_check(&c->m, NULL, 0);
   c->m.soft = NULL;
-  lua_getfenv(L, -1);            /* anchors: s and p, whose text c reads */
-  lua_pushvalue(L, 2);
-  lua_rawseti(L, -2, 1);
-  lua_pushvalue(L, 3);
-  lua_rawseti(L, -2, 2);
-  lua_pop(L, 1);
   c->boxed = 1;
   c->n = 0;
   c->max_n = max_n;
@@ -1068,11 +1086,7 @@ static int gsub_start(lua_State *L)
 static int gsub_step(lua_State *L)
 {
   call_t *c = lua_touserdata(L, 1);
-  lua_settop(L, 2);
-  lua_getfenv(L, 1);              /* 3: its anchors (suspend relies on it) */
-  lua_rawgeti(L, 3, A_BUF);       /* 4: its result, if in a userdata */
   c->m.L = L;
-  c->buf_slot = 4;
   c->m.left = PM_POLL;
   if (c->ps) {
     const char *s = c->ps, *e = c->pe;
@@ -1093,10 +1107,7 @@ static int gsub_step(lua_State *L)
       c->done = 1;
   }
   int n = drive(c, 0);
-  if (n < 0)
-    return suspend(c);
-  anchor_buf(c, 3);
-  return n;
+  return n < 0 ? suspend(c) : n;
 }
 
 void mb_strmatch_open(lua_State *L, int idx)
