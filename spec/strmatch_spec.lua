@@ -186,11 +186,15 @@ describe("string patterns", function()
         return r
       end)
       matcher("gsub", function() return {("xy" .. subj):gsub(pat, "<%1|%2>")} end)
-      for _ = 1, 5 do mb.receive(function(m) return m == "ready" end, 60000) end
+      matcher("gsub_table", function() return {("xy" .. subj):gsub(pat, {})} end)
+      matcher("gsub_function", function()
+        return {("xy" .. subj):gsub(pat, function(a, b) return "(" .. b .. ")" end)}
+      end)
+      for _ = 1, 7 do mb.receive(function(m) return m == "ready" end, 60000) end
       for _, pid in ipairs(matchers) do mb.send(pid, "go") end
       mb.send(echo, main)
       local got, results, before_pong, ponged = {}, 0, 0, false
-      while results < 4 or not ponged do
+      while results < 6 or not ponged do
         local m = mb.receive(60000)
         if m == nil then break end
         if m == "pong" then ponged = true
@@ -205,6 +209,8 @@ describe("string patterns", function()
       print("match", table.concat(got.match or {}, ","))
       print("gmatch", table.concat(got.gmatch or {}, ","))
       print("gsub", table.concat(got.gsub or {}, ","))
+      print("gsub_table", table.concat(got.gsub_table or {}, ","))
+      print("gsub_function", table.concat(got.gsub_function or {}, ","))
       mb.halt(0)
     ]], "--schedulers 1", 120)
     assert.are.equal(0, code, out .. err)
@@ -215,6 +221,8 @@ describe("string patterns", function()
     assert.is_true(S.has(out, "match\t,21\n"), out)
     assert.is_true(S.has(out, "gmatch\t0:21,0:42\n"), out)
     assert.is_true(S.has(out, "gsub\txy<|23>b,1\n"), out)
+    assert.is_true(S.has(out, "gsub_table\txy" .. ("a"):rep(20) .. "b,1\n"), out)
+    assert.is_true(S.has(out, "gsub_function\txy(23)b,1\n"), out)
   end)
 
   it("do not hold every scheduler with as many long matches", function()
