@@ -20,8 +20,11 @@ local BUSY, MS = opt("busy", 8), opt("ms", 3000)
 -- and never a call into the host, so only preemption by the count hook can
 -- take it off the CPU; "send", sends of a short string to a process that
 -- has ended (mostly C: a few VM instructions a send); "rep",
--- string.rep(100 KB) (mostly C, and no host call). Moonbeam only: the
--- last two show what the hook does not count (BENCHMARKS.md).
+-- string.rep(100 KB) (mostly C, and no host call); "sort", table.sort of
+-- 300,000 numbers with a comparator, over and over; "gsub", a replacement
+-- function over 300,000 matches (both C functions calling Lua, which
+-- LuaJIT's own could not yield from). Moonbeam only: the last four show
+-- what the hook does not count, or could not reach (BENCHMARKS.md).
 local WORK = "loop"
 for _, a in ipairs(arg or {}) do WORK = a:match("^work=(%a+)$") or WORK end
 
@@ -32,6 +35,16 @@ local function busy()
     while true do mb.send(gone, "a short line of text") end
   elseif WORK == "rep" then
     while true do local _ = string.rep("x", 100000) end
+  elseif WORK == "sort" then
+    local t = {}
+    for i = 1, 300000 do t[i] = (i * 7919) % 300007 end
+    while true do
+      table.sort(t, function(a, b) return a < b end)
+      table.sort(t, function(a, b) return a > b end)
+    end
+  elseif WORK == "gsub" then
+    local s = ("%41"):rep(300000)
+    while true do s:gsub("%%(%x%x)", function() return "%41" end) end
   end
   local x = 0
   while true do x = (x * 3 + 1) % 1000003 end
