@@ -657,8 +657,12 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
     }
     if (c->rlen - at - 4 < len)
       break;
-    if (len && dist_handle_frame(c, c->rbuf + at + 4, len) < 0) {
-      dist_log("closing the connection to %s: malformed message", dist_node_text(c->node));
+    int rc = len ? dist_handle_frame(c, c->rbuf + at + 4, len) : 0;
+    if (rc < 0) {
+      dist_log("closing the connection to %s: %s", dist_node_text(c->node),
+               rc == MB_ETOOMANY ? "a link, monitor or exit signal from a process this "
+                                   "host cannot name (its table of other nodes' pids is full)"
+                                 : "malformed message");
       dist_conn_down(c, NULL);
       return;
     }

@@ -135,7 +135,8 @@ void dist_queue_locked(conn_t *c, frame_t *f);
 /* Encode and queue a control message (and m) for node, connecting first
  * if needed (logs a message that cannot be encoded). */
 void dist_send_ctl(uint32_t node, const ctl_t *ctl, const mb_msg_t *m);
-/* Handle one frame of c (len > 0, loop thread); -1 if the connection must
+/* Handle one frame of c (len > 0, loop thread); -1 (malformed) or
+ * MB_ETOOMANY (the table of remote pids is full) if the connection must
  * close (dist_recv.c). */
 int dist_handle_frame(conn_t *c, const char *data, long len);
 

@@ -68,11 +68,28 @@ static mb_pid_t proc_or_name(const char *data, int *i, uint32_t *name, int *bad)
     return mb_reg_whereis_n(s, n);
   }
   mb_pid_t pid;
-  if (mb_etf_get_pid(data, i, &pid) < 0) {
-    *bad = 1;
+  int rc = mb_etf_get_pid(data, i, &pid);
+  if (rc == MB_ETF_MALFORMED || (rc < 0 && ei_skip_term(data, i) < 0))
+    *bad = 1;   /* (any other error: another node's, which we cannot name) */
+  return rc < 0 || mb_id_is_remote(pid) ? 0 : pid;
+}
+
+/* The pid at data[*i] (mb_etf_get_pid). One of another node that the host
+ * cannot name - the table of remote pids is full (remote.h) - is 0, with
+ * *full set: no link, monitor or message of ours refers to it. -1 if it is
+ * malformed. */
+static int ctl_pid(const char *data, int *i, mb_pid_t *out, int *full)
+{
+  int at = *i;
+  int rc = mb_etf_get_pid(data, i, out);
+  if (rc == 0)
     return 0;
-  }
-  return mb_id_is_remote(pid) ? 0 : pid;
+  if (rc == MB_ETF_MALFORMED)
+    return -1;
+  *out = 0;
+  *full = 1;
+  *i = at;
+  return ei_skip_term(data, i) < 0 ? -1 : 0;
 }
 
 /* The ref at data[*i], held for the caller if another node's (dist_unhold
@@ -166,7 +183,10 @@ static void answer_net_kernel(conn_t *c, const char *data, long len, long idx)
   pthread_mutex_unlock(&dist_lock);
 }
 
-/* Handle one frame (len > 0); returns -1 if the connection must close. */
+/* Handle one frame (len > 0); returns -1 if the connection must close
+ * (malformed), or MB_ETOOMANY if it must because the frame asks for a link,
+ * a monitor or an exit signal from another node's process that the host
+ * cannot name (ctl_pid): none could be kept, nor refused to the sender. */
 int dist_handle_frame(conn_t *c, const char *data, long len)
 {
   if ((unsigned char)data[0] != PASS_THROUGH)
@@ -174,7 +194,7 @@ int dist_handle_frame(conn_t *c, const char *data, long len)
   long cend = 1;
   if (mb_etf_check(data, len, &cend) < 0)
     return -1;
-  int i = 1, v, arity, bad = 0;
+  int i = 1, v, arity, bad = 0, full = 0;
   long op;
   if (ei_decode_version(data, &i, &v) < 0 || ei_decode_tuple_header(data, &i, &arity) < 0 ||
       arity < 1 || ei_decode_long(data, &i, &op) < 0)
@@ -192,17 +212,17 @@ int dist_handle_frame(conn_t *c, const char *data, long len)
     if (op == OP_SEND) {
       if (ei_skip_term(data, &i) < 0)
         return -1;
-    } else if (mb_etf_get_pid(data, &i, &from) < 0) {
+    } else if (ctl_pid(data, &i, &from, &full) < 0) {
       return -1;
     }
-    if (mb_etf_get_pid(data, &i, &to) < 0)
+    if (ctl_pid(data, &i, &to, &full) < 0)
       return -1;
     goto deliver;
   case OP_ALIAS_SEND:
   case OP_ALIAS_SEND_TT: {
     /* {33, From, Alias} or {34, From, Alias, Token}: the owner of Alias
      * (ours, else nobody) gets the message through it. */
-    if (arity != (op == OP_ALIAS_SEND ? 3 : 4) || mb_etf_get_pid(data, &i, &from) < 0 ||
+    if (arity != (op == OP_ALIAS_SEND ? 3 : 4) || ctl_pid(data, &i, &from, &full) < 0 ||
         get_ref(data, &i, &ref) < 0)
       return -1;
     if (mb_id_is_remote(ref)) {
@@ -213,7 +233,7 @@ int dist_handle_frame(conn_t *c, const char *data, long len)
     goto deliver;
   }
   case OP_REG_SEND: {
-    if (arity != 4 || mb_etf_get_pid(data, &i, &from) < 0 || ei_skip_term(data, &i) < 0)
+    if (arity != 4 || ctl_pid(data, &i, &from, &full) < 0 || ei_skip_term(data, &i) < 0)
       return -1;
     int rc = mb_etf_get_atom(data, &i, &name);
     if (rc == MB_ETF_MALFORMED)
@@ -231,8 +251,10 @@ int dist_handle_frame(conn_t *c, const char *data, long len)
     goto deliver;
   }
   case OP_LINK: {
-    if (arity != 3 || mb_etf_get_pid(data, &i, &from) < 0 || mb_etf_get_pid(data, &i, &to) < 0)
+    if (arity != 3 || ctl_pid(data, &i, &from, &full) < 0 || ctl_pid(data, &i, &to, &full) < 0)
       return -1;
+    if (full)   /* a link we can neither hold nor refuse (EXIT to whom?) */
+      return MB_ETOOMANY;
     int rc = 0;
     if (mb_id_is_remote(to) || (rc = mb_proc_link_remote(to, from)) < 0) {
       /* (Charged to `to`, which a link too many kills for memory.) */
@@ -259,8 +281,10 @@ int dist_handle_frame(conn_t *c, const char *data, long len)
     unsigned long long id = 0;
     if (arity != (op == OP_UNLINK ? 3 : 4) ||
         (op == OP_UNLINK_ID && ei_decode_ulonglong(data, &i, &id) < 0) ||
-        mb_etf_get_pid(data, &i, &from) < 0 || mb_etf_get_pid(data, &i, &to) < 0)
+        ctl_pid(data, &i, &from, &full) < 0 || ctl_pid(data, &i, &to, &full) < 0)
       return -1;
+    if (full)   /* no link of ours names it (nor could its ack) */
+      return cend == len ? 0 : -1;
     if (!mb_id_is_remote(to))
       mb_proc_unlink_remote(to, from);
     pthread_mutex_lock(&dist_lock);
@@ -276,11 +300,18 @@ int dist_handle_frame(conn_t *c, const char *data, long len)
     return cend == len ? 0 : -1;
   case OP_EXIT:
   case OP_EXIT2: {
-    if (arity != 4 || mb_etf_get_pid(data, &i, &from) < 0 || mb_etf_get_pid(data, &i, &to) < 0)
+    if (arity != 4 || ctl_pid(data, &i, &from, &full) < 0 || ctl_pid(data, &i, &to, &full) < 0)
       return -1;
     mb_msg_t *r = ctl_reason(data, len, &i, &bad);
     if (bad)
       return -1;
+    if (to == 0 || from == 0) {
+      /* Another node's process we cannot name: not ours; or a link exit
+       * from one, which no link of ours names; or an exit signal from one,
+       * which a process that traps exits could not be told the sender of. */
+      mb_msg_free(r);
+      return to && op == OP_EXIT2 ? MB_ETOOMANY : cend == len ? 0 : -1;
+    }
     if (op == OP_EXIT) {
       pthread_mutex_lock(&dist_lock);
       dist_pairs_del(&c->links, to, from, 0, NULL);
@@ -301,12 +332,17 @@ int dist_handle_frame(conn_t *c, const char *data, long len)
   }
   case OP_MONITOR_P:
   case OP_DEMONITOR_P: {
-    if (arity != 4 || mb_etf_get_pid(data, &i, &from) < 0)
+    if (arity != 4 || ctl_pid(data, &i, &from, &full) < 0)
       return -1;
     to = proc_or_name(data, &i, &name, &bad);
     int ref_at = i;
     if (bad || get_ref(data, &i, &ref) < 0)
       return -1;
+    if (full) {   /* a watcher we cannot name: no monitor of ours names it */
+      dist_unhold(ref);
+      /* and one we can neither hold nor refuse (DOWN to whom?) */
+      return op == OP_MONITOR_P ? MB_ETOOMANY : cend == len ? 0 : -1;
+    }
     if (op == OP_DEMONITOR_P) {
       pair_t p;
       pthread_mutex_lock(&dist_lock);
@@ -366,7 +402,7 @@ int dist_handle_frame(conn_t *c, const char *data, long len)
     if (arity != 5)
       return -1;
     proc_or_name(data, &i, &name, &bad);
-    if (bad || mb_etf_get_pid(data, &i, &to) < 0 || get_ref(data, &i, &ref) < 0)
+    if (bad || ctl_pid(data, &i, &to, &full) < 0 || get_ref(data, &i, &ref) < 0)
       return -1;
     mb_msg_t *r = ctl_reason(data, len, &i, &bad);
     if (bad) {
@@ -381,7 +417,7 @@ int dist_handle_frame(conn_t *c, const char *data, long len)
       dist_unhold(ref);
       found = 0;
     }
-    if (found && !mb_id_is_remote(to)) {
+    if (found && to && !mb_id_is_remote(to)) {
       r->kind = MB_MSG_DOWN;
       r->from = p.remote;
       r->ref = ref;

@@ -2,7 +2,9 @@
  * dist_recv.c), on a connection that has no socket: the refs of other
  * nodes that control messages bring are held exactly as long as a monitor
  * needs them, and nothing stays allocated, whether the frame is good or
- * makes the connection close.
+ * makes the connection close; and once the table of remote pids is full,
+ * a pid it cannot take closes the connection only where a link, a monitor
+ * or an exit signal would have to name it.
  * Every check prints one line; the exit code is 0 only if all passed.
  */
 #include <stdarg.h>
@@ -12,6 +14,7 @@
 #include "check.h"
 #include "dist_int.h"
 #include "ei.h"
+#include "err.h"
 #include "etf.h"
 #include "remote.h"
 #include "term.h"
@@ -21,7 +24,10 @@ static erlang_pid peer_pid = {"peer@localhost", 12, 0, 3};
 static erlang_pid our_pid = {"me@localhost", 1, 0, 5};
 static erlang_ref peer_ref = {"peer@localhost", 3, {1, 2, 3}, 3};
 
-/* Handle the frame {op, items...}: 'p' the peer's pid, 'o' one of ours,
+static erlang_pid new_pid = {"peer@localhost", 1000, 0, 3};
+
+/* Handle the frame {op, items...}: 'p' the peer's pid, 'q' another of its
+ * pids, never seen before, 'o' one of ours,
  * 'r' the peer's ref, 'a' an atom (next argument), 'n' a NaN (which passes
  * the check but does not decode); a final '+' adds the message 'ok', a
  * final '*' that message and a stray byte after it. */
@@ -41,6 +47,8 @@ static int frame(long op, const char *items, ...)
   for (const char *c = items; *c && c < items + n - msg; c++) {
     if (*c == 'p')
       ei_x_encode_pid(&x, &peer_pid);
+    else if (*c == 'q')
+      new_pid.num++, ei_x_encode_pid(&x, &new_pid);
     else if (*c == 'o')
       ei_x_encode_pid(&x, &our_pid);
     else if (*c == 'r')
@@ -105,6 +113,29 @@ int main(void)
    * build). */
   up();
   check(frame(2, "ao*", "") == -1, "a SEND whose message has bytes after it closes");
+  dist_conn_down(conn, NULL);
+
+  /* Fill the table of remote pids (never freed, as atoms: remote.h). */
+  mb_rpid_t r = {.node = (uint32_t)mb_atom_intern("filler@localhost", 16), .creation = 1};
+  int64_t id;
+  while ((id = mb_remote_pid(&r)) > 0)
+    r.num++;
+  check(id == MB_ETOOMANY, "the table of remote pids fills up (%u)", mb_remote_pid_count());
+  up();
+  check(frame(22, "qo+") == 0, "a SEND_SENDER from a pid it cannot take is delivered");
+  check(frame(33, "qr+") == 0 && frame(6, "qaa+", "", "nobody") == 0,
+        "and so are an ALIAS_SEND and a REG_SEND");
+  check(frame(2, "aq+", "") == 0, "a SEND to a pid it cannot take goes nowhere");
+  check(frame(4, "qo") == 0 && frame(3, "qoa", "normal") == 0 && frame(20, "qor") == 0,
+        "an UNLINK, a link EXIT and a DEMONITOR_P from one are ignored: nothing names it");
+  check(frame(1, "qo") == MB_ETOOMANY, "a LINK from one closes, not as malformed");
+  dist_conn_down(conn, NULL);
+  up();
+  check(frame(19, "qor") == MB_ETOOMANY && mb_remote_ref_count() == base,
+        "and so does a MONITOR_P, holding nothing");
+  dist_conn_down(conn, NULL);
+  up();
+  check(frame(8, "qoa", "kill") == MB_ETOOMANY, "and an EXIT2");
   dist_conn_down(conn, NULL);
   return check_summary();
 }
