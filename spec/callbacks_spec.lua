@@ -150,6 +150,13 @@ describe("Lua called by table.sort and string.gsub", function()
         mb.send(dict, {from = me, word = k})
         return mb.receive(5000)
       end}))))
+      local co = coroutine.wrap(function()   -- a user coroutine's yield, where LuaJIT raises
+        local u = {3, 1, 2}
+        table.sort(u, function(a, b) coroutine.yield("in sort") return a < b end)
+        return table.concat(u, " ")
+      end)
+      local r repeat r = co() until r ~= "in sort"
+      print("yielded", r)
       os.exit(0)
     ]], "--schedulers 1", 60)
     assert.are.equal(0, code, out .. err)
@@ -157,6 +164,7 @@ describe("Lua called by table.sort and string.gsub", function()
     assert.is_true(S.has(out, "by __lt\t1 2 3 4 5 6\n"), out)
     assert.is_true(S.has(out, "asked\tONE TWO THREE\n"), out)
     assert.is_true(S.has(out, "looked up\tA-B\n"), out)
+    assert.is_true(S.has(out, "yielded\t1 2 3\n"), out)
   end)
 
   it("leave the scheduler to others while the Lua they call loops, and end at kill", function()
