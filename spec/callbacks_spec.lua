@@ -7,10 +7,7 @@
 local mb = require "moonbeam"
 local S = require "spec.support"
 
-local function child(src, opts, limit)
-  local path = S.write("child.lua", src)
-  return S.moonbeam((opts or "") .. " " .. S.q(path), nil, limit or 60)
-end
+local child = S.child
 
 -- The same text from the host and from luajit, line by line.
 local function same_as_luajit(src, args, limit)
@@ -186,15 +183,8 @@ describe("Lua called by table.sort and string.gsub", function()
       }
       local refs = {}
       for name, body in pairs(bodies) do refs[name] = {mb.spawn_monitor(body)} end
-      local echo = mb.spawn(function()
-        while true do local m = mb.receive(); mb.send(m, "pong") end
-      end)
-      local got = 0
-      for _ = 1, 20 do
-        mb.send(echo, mb.self())
-        if mb.receive(function(m) return m == "pong" end, 10000) then got = got + 1 end
-      end
-      print("pongs", got)
+      ]] .. S.PONGS .. [[
+      pongs(20)
       for name, r in pairs(refs) do
         mb.exit(r[1], "kill")
         local m = mb.receive(function(m) return type(m) == "table" and m.ref == r[2] end, 10000)

@@ -15,10 +15,9 @@ local function sanitized_build()
 end
 local sanitized = sanitized_build()
 
--- Run a script in a child host; returns exit code, stdout, stderr.
+-- Run a script in a child host (30 s unless said); exit code, stdout, stderr.
 local function child(src, opts, limit)
-  local path = S.write("child.lua", src)
-  return S.moonbeam((opts or "") .. " " .. S.q(path), nil, limit or 30)
+  return S.child(src, opts, limit or 30)
 end
 
 describe("isolation", function()

@@ -5,10 +5,7 @@
 local mb = require "moonbeam"
 local S = require "spec.support"
 
-local function child(src, opts, limit)
-  local path = S.write("child.lua", src)
-  return S.moonbeam((opts or "") .. " " .. S.q(path), nil, limit or 60)
-end
+local child = S.child
 
 -- The generators' common start: arguments (seed, count), a generator of
 -- their own (the host seeds each process's math.random apart), and results
@@ -230,15 +227,8 @@ describe("string patterns", function()
       local mb = require "moonbeam"
       local pat, subj = ]] .. ("%q, %q"):format(hog_pattern(40)) .. [[
       for _ = 1, 2 do mb.spawn(function() subj:find(pat) end) end
-      local echo = mb.spawn(function()
-        while true do local m = mb.receive(); mb.send(m, "pong") end
-      end)
-      local got = 0
-      for _ = 1, 20 do
-        mb.send(echo, mb.self())
-        if mb.receive(10000) == "pong" then got = got + 1 end
-      end
-      print("pongs", got)
+      ]] .. S.PONGS .. [[
+      pongs(20)
       os.exit(0)
     ]], "--schedulers 2", 60)
     assert.are.equal(0, code, out .. err)

@@ -207,4 +207,30 @@ function S.moonbeam(args, cwd, limit)
   return S.sh(S.q(S.bin) .. " " .. args, cwd, limit)
 end
 
+-- Lua source for a child host's script (after `local mb = require
+-- "moonbeam"`): pongs(n) makes n round trips to an echo process, each
+-- given 10 s, and prints "pongs <how many came back>". Where other
+-- processes hold the schedulers for good, fewer come back.
+S.PONGS = [[
+local function pongs(n)
+  local echo = mb.spawn(function()
+    while true do local m = mb.receive(); mb.send(m, "pong") end
+  end)
+  local got = 0
+  for _ = 1, n do
+    mb.send(echo, mb.self())
+    if mb.receive(function(m) return m == "pong" end, 10000) then got = got + 1 end
+  end
+  print("pongs", got)
+  mb.exit(echo, "kill")
+end
+]]
+
+-- Run the script src in a child host, with the options opts (a string),
+-- for at most limit seconds (default 60): exit code, stdout, stderr.
+function S.child(src, opts, limit)
+  local path = S.write("child.lua", src)
+  return S.moonbeam((opts or "") .. " " .. S.q(path), nil, limit or 60)
+end
+
 return S
