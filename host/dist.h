@@ -72,7 +72,7 @@
 #define MB_DIST_TICK_MS 15000          /* net_ticktime 60 s, as Erlang */
 #define MB_DIST_CONNECT_MS 5000        /* bound of a handshake step */
 /* A handshake, either way, is done within MB_DIST_SETUP_MS in all or
- * dropped (and logged): Erlang's net_setuptime default. */
+ * dropped (and logged): Erlang's net_setuptime default (--net-setuptime). */
 #define MB_DIST_SETUP_MS 7000
 /* Incoming handshakes in flight at once, each on a thread of its own: a
  * connection that finds this many is closed at once (and logged). */
@@ -93,6 +93,7 @@ typedef struct mb_dist_opts {
   int longnames;          /* --name (else --sname) */
   const char *cookie;     /* NULL: ~/.erlang.cookie */
   unsigned ticktime;      /* net_ticktime in seconds; 0: 60 */
+  unsigned setuptime;     /* net_setuptime in seconds; 0: 7 */
 } mb_dist_opts_t;
 
 /* Make the host a node (after mb_sched_start, before mb_sched_run).

@@ -10,7 +10,8 @@
  * so that one slow or silent peer holds off nobody else. At most
  * MB_DIST_HANDSHAKES handshakes are in flight; a connection past that is
  * closed at once and logged. Every handshake, either way, has one deadline,
- * MB_DIST_SETUP_MS after it starts (Erlang's net_setuptime): ei runs a
+ * net_setuptime after it starts (setup_ms; MB_DIST_SETUP_MS unless
+ * --net-setuptime says otherwise): ei runs a
  * handshake start to end on the calling thread, so that thread's current
  * handshake (hs, thread-local) carries the deadline and the peer's flags,
  * and every socket callback waits at most until the deadline, whatever
@@ -43,6 +44,7 @@
 
 static int listen_fd = -1, publish_fd = -1;
 static int wake_fd[2] = {-1, -1};      /* a pipe: readable once stopping */
+static int setup_ms = MB_DIST_SETUP_MS; /* net_setuptime (set before any thread) */
 static pthread_t acceptor;
 static atomic_int stopping;
 
@@ -253,16 +255,17 @@ static ei_socket_callbacks cbs = {
 };
 
 /* Thread pool: ei_connect with a private copy of the node record, within
- * MB_DIST_SETUP_MS in all. */
+ * net_setuptime (setup_ms) in all. */
 static void connect_work(uv_work_t *w)
 {
   conn_t *c = w->data;
   ei_cnode mine = dist_ec;
   char name[MAXNODELEN + 1];
   snprintf(name, sizeof name, "%s", dist_node_text(c->node));
-  hs_t h = {dist_now_ms() + MB_DIST_SETUP_MS, 0, -1};
+  hs_t h = {dist_now_ms() + setup_ms, 0, -1};
   hs = &h;
-  c->fd = ei_connect_tmo(&mine, name, MB_DIST_CONNECT_MS);
+  c->fd = ei_connect_tmo(&mine, name,
+                         setup_ms < MB_DIST_CONNECT_MS ? setup_ms : MB_DIST_CONNECT_MS);
   hs = NULL;
   c->peer_flags = h.peer_flags;
 }
@@ -326,7 +329,7 @@ static const char *peer_text(int fd, char *buf, size_t n)
 }
 
 /* The handshake of the accepted socket fd (a handshake thread), bounded by
- * MB_DIST_SETUP_MS in all; a node that passed it goes to a scheduler. */
+ * net_setuptime (setup_ms) in all; a node that passed it goes to a scheduler. */
 static void handshake_in(int fd)
 {
   char who[64];
@@ -334,9 +337,9 @@ static void handshake_in(int fd)
   ei_cnode mine = dist_ec;
   ErlConnect conp;
   memset(&conp, 0, sizeof conp);
-  hs_t h = {dist_now_ms() + MB_DIST_SETUP_MS, 0, fd};
+  hs_t h = {dist_now_ms() + setup_ms, 0, fd};
   hs = &h;
-  int cfd = ei_accept_tmo(&mine, listen_fd, &conp, MB_DIST_SETUP_MS);
+  int cfd = ei_accept_tmo(&mine, listen_fd, &conp, setup_ms);
   int err = erl_errno;
   hs = NULL;
   if (h.fd >= 0)
@@ -350,7 +353,7 @@ static void handshake_in(int fd)
     const char *from = conp.nodename[0] ? conp.nodename : who;
     if (err == ETIMEDOUT)
       dist_log("dropped a connection from %s: its handshake was not done within %d ms "
-               "(net_setuptime)", from, MB_DIST_SETUP_MS);
+               "(net_setuptime)", from, setup_ms);
     else
       dist_log("refused a connection from %s: handshake failed (wrong cookie or not a "
                "node)", from);
@@ -615,6 +618,8 @@ int mb_dist_start(const mb_dist_opts_t *o, char *err, size_t errlen)
   mb_etf_set_node(dist_self_atom, creation);
   if (o->ticktime)
     dist_tick_ms = o->ticktime * 1000 / 4;
+  if (o->setuptime)
+    setup_ms = (int)(o->setuptime < 120 ? o->setuptime : 120) * 1000;   /* erl's cap */
   if (pipe2(wake_fd, O_CLOEXEC) < 0) {
     snprintf(err, errlen, "cannot make a pipe: %s", strerror(errno));
     return -1;

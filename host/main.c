@@ -144,6 +144,9 @@ static void usage(FILE *f)
     "  --net-ticktime S A connected node that is silent (or does not read)\n"
     "                   for S seconds is taken for dead (default 60, as\n"
     "                   erl's kernel net_ticktime).\n"
+    "  --net-setuptime S A handshake with another node, either way, not done\n"
+    "                   within S seconds is dropped (default 7, at most 120,\n"
+    "                   as erl's kernel net_setuptime).\n"
     "  --allow-ffi      Trust processes with native code: require \"ffi\",\n"
     "                   package.loadlib, string.buffer's raw pointers.\n"
     "  --allow-bytecode Let load, loadfile, dofile and require load binary\n"
@@ -223,6 +226,7 @@ static int takes_value(const char *a)
          strcmp(a, "--max-memory") == 0 || strcmp(a, "--watchdog") == 0 ||
          strcmp(a, "--sname") == 0 || strcmp(a, "--name") == 0 ||
          strcmp(a, "--cookie") == 0 || strcmp(a, "--net-ticktime") == 0 ||
+         strcmp(a, "--net-setuptime") == 0 ||
          ((a[1] == 'e' || a[1] == 'l' || a[1] == 'j') && a[0] == '-' && a[2] == '\0');
 }
 
@@ -265,6 +269,8 @@ static void parse(int argc, char **argv, mb_sched_opts_t *o)
       dist.cookie = argv[++i];
     } else if (strcmp(a, "--net-ticktime") == 0) {
       dist.ticktime = (unsigned)parse_int(argv[++i], a, 1);
+    } else if (strcmp(a, "--net-setuptime") == 0) {
+      dist.setuptime = (unsigned)parse_int(argv[++i], a, 1);
     } else if (strcmp(a, "--allow-ffi") == 0)
       mb_sandbox_opts.allow_ffi = 1;
     else if (strcmp(a, "--allow-bytecode") == 0)

@@ -102,7 +102,8 @@ describe("the moonbeam command", function()
     it("-h lists the options, including the host's --schedulers", function()
       local _, out, err = S.moonbeam("-h")
       local text = out .. err
-      for _, opt in ipairs { "--schedulers", "-e", "-l", "-v", "--" } do
+      for _, opt in ipairs { "--schedulers", "-e", "-l", "-v", "--", "--net-ticktime",
+                             "--net-setuptime" } do
         assert.is_true(S.has(text, opt), "-h does not mention " .. opt .. ":\n" .. text)
       end
     end)
@@ -116,13 +117,16 @@ describe("the moonbeam command", function()
       end
     end)
 
-    it("a bad --schedulers value is refused", function()
+    it("a bad --schedulers, --net-ticktime or --net-setuptime value is refused", function()
       local s = S.write("s.lua", "print('ran')")
-      local code, out, err = S.moonbeam("--schedulers abc " .. S.q(s))
-      assert.are_not.equal(0, code)
-      assert.are_not.equal(124, code)
-      assert.is_false(S.has(out, "ran"))
-      assert.is_true(S.has(err, "schedulers"), err)
+      for _, bad in ipairs { "--schedulers abc", "--net-ticktime 0", "--net-setuptime 0",
+                             "--net-setuptime 2s" } do
+        local code, out, err = S.moonbeam(bad .. " " .. S.q(s))
+        assert.are_not.equal(0, code)
+        assert.are_not.equal(124, code)
+        assert.is_false(S.has(out, "ran"))
+        assert.is_true(S.has(err, bad:match("^(%-%-[%a-]+)")), err)
+      end
     end)
 
     it("- runs the script from stdin", function()

@@ -926,6 +926,27 @@ tick_forever(S) ->
       assert.equal(2, drops, err)
     end)
 
+    it("--net-setuptime sets the time a handshake may take", function()
+      -- The node connects to its own port (from epmd) and sends nothing.
+      local code, out, err = moonbeam([[
+        local tcp = require "moonbeam.tcp"
+        local alive = tostring(mb.node()):match("^[^@]+")
+        local port
+        for _ = 1, 100 do
+          local e = io.popen("epmd -names 2>/dev/null")
+          port = tonumber(e:read("*a"):match("name " .. alive .. " at port (%d+)"))
+          e:close()
+          if port then break end
+          mb.sleep(100)
+        end
+        local s = assert(tcp.connect("127.0.0.1", port, 5000))
+        print("read", s:read(20000))
+      ]], { host_args = "--net-setuptime 2", limit = 30 })
+      assert.equal(0, code, err)
+      assert.is_true(S.has(out, "read\tnil\tclosed"), out .. err)
+      assert.is_true(S.has(err, "its handshake was not done within 2000 ms (net_setuptime)"), err)
+    end)
+
     it("at most 16 incoming handshakes at once: one more is closed at once and logged", function()
       local name = uniq("mb")
       local node = name .. "@" .. HOST
