@@ -586,8 +586,19 @@ void mb_lstate_run_chunk(lua_State *L, mb_lstate_chunk_t *c, int env)
   pthread_mutex_lock(&c->lock);
   if (c->code == NULL) {
     lua_State *S = mb_must(luaL_newstate());
-    if (luaL_loadbuffer(S, c->src, c->srclen, c->name) != 0 ||
-        mb_code_dump(S, &c->code) != 0 || c->code == NULL) {
+    int bad = luaL_loadbuffer(S, c->src, c->srclen, c->name) != 0;
+    if (!bad && c->strip) {   /* string.dump(f, true), loaded back */
+      lua_pushcfunction(S, luaopen_string);
+      lua_call(S, 0, 1);
+      lua_getfield(S, -1, "dump");
+      lua_pushvalue(S, -3);
+      lua_pushboolean(S, 1);
+      lua_call(S, 2, 1);
+      size_t n;
+      const char *b = lua_tolstring(S, -1, &n);
+      bad = luaL_loadbuffer(S, b, n, c->name) != 0;
+    }
+    if (bad || mb_code_dump(S, &c->code) != 0 || c->code == NULL) {
       fprintf(stderr, "moonbeam: cannot compile %s\n", c->name + 1);
       abort();
     }
@@ -645,6 +656,30 @@ void mb_lstate_push_lua_fn(lua_State *L, mb_lstate_chunk_t *c, const lua_CFuncti
   }
   set_lua_fn_env(L, kept + 1, LUA_GLOBALSINDEX);
   lua_rawgeti(L, kept + 1, 1);
+  lua_replace(L, kept);
+  lua_settop(L, kept);
+}
+
+void mb_lstate_push_lua_part(lua_State *L, mb_lstate_chunk_t *c, mb_lstate_chunk_t *part)
+{
+  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_LUAFNS);
+  int kept = lua_gettop(L);
+  if (lua_istable(L, kept)) {
+    lua_pushlightuserdata(L, c);
+    lua_rawget(L, kept);
+  }
+  if (!lua_istable(L, -1))
+    luaL_error(L, "%s: not made in this state", c->name + 1);
+  mb_lstate_run_chunk(L, part, kept);
+  lua_call(L, 0, LUA_MULTRET);
+  int first = kept + 2, fns = kept + 1, n = (int)lua_objlen(L, fns);
+  for (int i = first; i <= lua_gettop(L); i++) {
+    lua_pushvalue(L, LUA_GLOBALSINDEX);
+    lua_setfenv(L, i);
+    lua_pushvalue(L, i);
+    lua_rawseti(L, fns, ++n);
+  }
+  lua_pushvalue(L, first);
   lua_replace(L, kept);
   lua_settop(L, kept);
 }

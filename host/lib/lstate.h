@@ -89,15 +89,21 @@ void mb_lstate_push_module(lua_State *L);
 /* A function of the host's written in Lua: its source is compiled once for
  * the host, and each state loads that bytecode (cheaper than compiling,
  * and the sandbox's bytecode ban is for processes' code, not the host's).
- * Define one as MB_LSTATE_CHUNK(source, "=name"). */
+ * Define one as MB_LSTATE_CHUNK(source, "=name"), or as
+ * MB_LSTATE_LIBCHUNK(source, "=name") for a chunk whose bytecode goes
+ * without its debug information (line numbers, names: half its size), as
+ * the library functions of mb_lstate_push_lua_fn, which every state that
+ * opens their library holds. */
 typedef struct mb_lstate_chunk {
   const char *src;
   size_t srclen;
   const char *name;
   pthread_mutex_t lock;
   mb_code_t *code;           /* its bytecode, once made (held for the host's life) */
+  int strip;                 /* made without debug information */
 } mb_lstate_chunk_t;
-#define MB_LSTATE_CHUNK(src, name) { src, sizeof src - 1, name, PTHREAD_MUTEX_INITIALIZER, NULL }
+#define MB_LSTATE_CHUNK(src, name) { src, sizeof src - 1, name, PTHREAD_MUTEX_INITIALIZER, NULL, 0 }
+#define MB_LSTATE_LIBCHUNK(src, name) { src, sizeof src - 1, name, PTHREAD_MUTEX_INITIALIZER, NULL, 1 }
 
 /* Push what chunk c returns when run with the table at env (an absolute or
  * pseudo index, not a relative one) as its environment. May raise (out of
@@ -114,6 +120,11 @@ void mb_lstate_run_chunk(lua_State *L, mb_lstate_chunk_t *c, int env);
  * nothing of a process in an upvalue past a call). May raise (out of
  * memory). */
 void mb_lstate_push_lua_fn(lua_State *L, mb_lstate_chunk_t *c, const lua_CFunction *cfns);
+/* The same for a part of fn's, made when first needed (what most
+ * processes never run need not be in every state): chunk part returns a
+ * maker of no arguments, which returns the functions of the part; push
+ * the first, kept with fn's (c: its chunk, made already in L's state). */
+void mb_lstate_push_lua_part(lua_State *L, mb_lstate_chunk_t *c, mb_lstate_chunk_t *part);
 
 /* Make L's state able to compile Lua source: its reserved words known to
  * the lexer again (see lstate.c, "Reserved words"). Before every load of

@@ -1027,7 +1027,7 @@ static const char gsub_src[] =
   "    return go(st, s, p, repl, isf, step(st))\n"
   "  end, go\n"
   "end\n";
-static mb_lstate_chunk_t gsub_chunk = MB_LSTATE_CHUNK(gsub_src, "=string.gsub");
+static mb_lstate_chunk_t gsub_chunk = MB_LSTATE_LIBCHUNK(gsub_src, "=string.gsub");
 
 /* gsub_start(spare, s, p, repl, n) -> the call, is repl a function; or
  * nothing where the C gsub is to do it: a replacement that is not a

@@ -4,16 +4,32 @@
 #include "lstate.h"
 #include "tablib.h"
 
+/* table.sort: LuaJIT's C sort where no Lua is called (plan), else the
+ * sort in Lua, made when first needed (sort_load; most processes that open
+ * the table library never sort by a comparator). fail raises its error at
+ * the caller's line. */
+static const char sort_src[] =
+  "return function(csort, plan, fail, load)\n"
+  "  local sort\n"
+  "  return function(t, comp)\n"
+  "    local n = plan(t, comp)\n"
+  "    if n == nil then return csort(t, comp) end\n"
+  "    sort = sort or load()\n"
+  "    if sort(t, 1, n, comp) then fail() end\n"
+  "  end\n"
+  "end\n";
+static mb_lstate_chunk_t sort_chunk = MB_LSTATE_LIBCHUNK(sort_src, "=table.sort");
+
 /* The sort in Lua: LuaJIT's algorithm (quicksort, the pivot a median of
  * three, recursion into the smaller part), step for step, so that it
  * makes the same calls of the comparator in the same order, leaves equal
  * elements in the same order and finds an invalid order function at the
- * same point. `sort` returns true there, and the caller raises. Elements
- * are read and written with t[i], which plan makes sure is raw access, as
- * LuaJIT's. Every function is made inside the maker (see
- * mb_lstate_push_lua_fn). */
-static const char sort_src[] =
-  "return function(csort, plan, fail)\n"
+ * same point, where it returns true (the caller raises). Elements are read
+ * and written with t[i], which plan makes sure is raw access, as LuaJIT's.
+ * lt, for elements whose __lt is a Lua function, is a function of its own
+ * and kept with the sort (see mb_lstate_push_lua_part). */
+static const char sort_algo_src[] =
+  "return function()\n"
   "  local function lt(a, b) return a < b end\n"
   "  local function sort(t, lo, hi, lt)\n"
   "    while lo < hi do\n"
@@ -59,13 +75,9 @@ static const char sort_src[] =
   "      end\n"
   "    end\n"
   "  end\n"
-  "  return function(t, comp)\n"
-  "    local n = plan(t, comp)\n"
-  "    if n == nil then return csort(t, comp) end\n"
-  "    if sort(t, 1, n, comp or lt) then fail() end\n"
-  "  end, sort, lt\n"
+  "  return function(t, lo, hi, comp) return sort(t, lo, hi, comp or lt) end, sort, lt\n"
   "end\n";
-static mb_lstate_chunk_t sort_chunk = MB_LSTATE_CHUNK(sort_src, "=table.sort");
+static mb_lstate_chunk_t sort_algo_chunk = MB_LSTATE_LIBCHUNK(sort_algo_src, "=table.sort");
 
 /* Does comparing v call a Lua function: is its __lt one? Strings and
  * numbers compare without metamethods. */
@@ -132,6 +144,13 @@ static int sort_plan(lua_State *L)
   return 1;
 }
 
+/* load(): the sort in Lua. */
+static int sort_load(lua_State *L)
+{
+  mb_lstate_push_lua_part(L, &sort_chunk, &sort_algo_chunk);
+  return 1;
+}
+
 /* fail(): LuaJIT's error for an order function that says a < b and b < a,
  * at the line that called table.sort (level 2: fail's caller is the sort). */
 static int sort_fail(lua_State *L)
@@ -146,7 +165,7 @@ void mb_tablib_open(lua_State *L, int idx)
 {
   idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
   lua_getfield(L, idx, "sort");
-  lua_CFunction fns[] = {lua_tocfunction(L, -1), sort_plan, sort_fail, NULL};
+  lua_CFunction fns[] = {lua_tocfunction(L, -1), sort_plan, sort_fail, sort_load, NULL};
   lua_pop(L, 1);
   if (fns[0] == NULL)
     return;   /* not LuaJIT's: leave it */
