@@ -79,7 +79,7 @@ describe("Lua called by table.sort and string.gsub", function()
   it("sorts as LuaJIT does: the same calls, results and errors", function()
     -- The one difference: comparing elements without a comparator raises
     -- in table.sort's own Lua where an element's __lt is a Lua function
-    -- ("table.sort:2: attempt to compare ..."); LuaJIT's message has no
+    -- ("table.sort:0: attempt to compare ..."); LuaJIT's message has no
     -- position. The script strips that prefix.
     local out = same_as_luajit(sorts, "11 4000")
     assert.is_true(S.has(out, "invalid order function for sorting"))
