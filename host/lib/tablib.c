@@ -81,7 +81,7 @@ static mb_lstate_chunk_t sort_algo_chunk = MB_LSTATE_LIBCHUNK(sort_algo_src, "=t
 
 /* Does comparing v call a Lua function: is its __lt one? Strings and
  * numbers compare without metamethods. */
-static int lua_lt(lua_State *L, int v)
+static int has_lua_lt(lua_State *L, int v)
 {
   int t = lua_type(L, v);
   if (t == LUA_TNIL || t == LUA_TNUMBER || t == LUA_TSTRING || !lua_getmetatable(L, v))
@@ -132,7 +132,7 @@ static int sort_plan(lua_State *L)
     return 0;
   if (lua_isnoneornil(L, 2)) {
     lua_rawgeti(L, 1, 1);
-    if (!lua_lt(L, -1))
+    if (!has_lua_lt(L, -1))
       return 0;
   } else if (!lua_isfunction(L, 2)) {
     return 0;
