@@ -626,62 +626,74 @@ static void set_lua_fn_env(lua_State *L, int fns, int env)
   lua_pop(L, 1);
 }
 
-void mb_lstate_push_lua_fn(lua_State *L, mb_lstate_chunk_t *c, const lua_CFunction *cfns)
+/* Run maker chunk c with the nargs values on top of L as its arguments
+ * (popped), append the functions it returns to the table at fns, with L's
+ * globals as their environment, and push the first of them. */
+static void make_into(lua_State *L, int fns, mb_lstate_chunk_t *c, int nargs)
 {
-  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_LUAFNS);
-  if (!lua_istable(L, -1)) {
-    lua_pop(L, 1);
-    lua_createtable(L, 0, 2);
-    lua_pushvalue(L, -1);
-    lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_LUAFNS);
-  }
-  int kept = lua_gettop(L);
-  lua_pushlightuserdata(L, c);
-  lua_rawget(L, kept);
-  if (!lua_istable(L, -1)) {   /* make them: a table of what the maker returns */
-    lua_pop(L, 1);
-    mb_lstate_run_chunk(L, c, kept);   /* the maker, with a neutral environment */
-    int n = 0;
-    for (; cfns[n]; n++)
-      lua_pushcfunction(L, cfns[n]);
-    lua_call(L, n, LUA_MULTRET);
-    int made = lua_gettop(L) - kept;
-    lua_createtable(L, made, 0);
-    lua_insert(L, kept + 1);
-    for (int i = made; i >= 1; i--)
-      lua_rawseti(L, kept + 1, i);
-    lua_pushlightuserdata(L, c);
-    lua_pushvalue(L, kept + 1);
-    lua_rawset(L, kept);
-  }
-  set_lua_fn_env(L, kept + 1, LUA_GLOBALSINDEX);
-  lua_rawgeti(L, kept + 1, 1);
-  lua_replace(L, kept);
-  lua_settop(L, kept);
-}
-
-void mb_lstate_push_lua_part(lua_State *L, mb_lstate_chunk_t *c, mb_lstate_chunk_t *part)
-{
-  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_LUAFNS);
-  int kept = lua_gettop(L);
-  if (lua_istable(L, kept)) {
-    lua_pushlightuserdata(L, c);
-    lua_rawget(L, kept);
-  }
-  if (!lua_istable(L, -1))
-    luaL_error(L, "%s: not made in this state", c->name + 1);
-  mb_lstate_run_chunk(L, part, kept);
-  lua_call(L, 0, LUA_MULTRET);
-  int first = kept + 2, fns = kept + 1, n = (int)lua_objlen(L, fns);
+  int first = lua_gettop(L) - nargs + 1;   /* the maker's slot, then its results */
+  mb_lstate_run_chunk(L, c, fns);   /* the maker, with a neutral environment */
+  lua_insert(L, first);
+  lua_call(L, nargs, LUA_MULTRET);
+  int n = (int)lua_objlen(L, fns);
   for (int i = first; i <= lua_gettop(L); i++) {
     lua_pushvalue(L, LUA_GLOBALSINDEX);
     lua_setfenv(L, i);
     lua_pushvalue(L, i);
     lua_rawseti(L, fns, ++n);
   }
-  lua_pushvalue(L, first);
-  lua_replace(L, kept);
-  lua_settop(L, kept);
+  lua_settop(L, first);
+}
+
+/* Push the table of chunk c's kept functions in L's state, or nil. */
+static void push_kept(lua_State *L, mb_lstate_chunk_t *c)
+{
+  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_LUAFNS);
+  if (lua_istable(L, -1)) {
+    lua_pushlightuserdata(L, c);
+    lua_rawget(L, -2);
+    lua_remove(L, -2);
+  }
+}
+
+void mb_lstate_push_lua_fn(lua_State *L, mb_lstate_chunk_t *c, const lua_CFunction *cfns)
+{
+  push_kept(L, c);
+  int fns = lua_gettop(L);
+  if (lua_istable(L, fns)) {
+    set_lua_fn_env(L, fns, LUA_GLOBALSINDEX);
+    lua_rawgeti(L, fns, 1);
+  } else {   /* make them, and keep them */
+    lua_pop(L, 1);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_LUAFNS);
+    if (!lua_istable(L, -1)) {
+      lua_pop(L, 1);
+      lua_createtable(L, 0, 2);
+      lua_pushvalue(L, -1);
+      lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_LUAFNS);
+    }
+    lua_pushlightuserdata(L, c);
+    lua_createtable(L, 4, 0);
+    lua_pushvalue(L, -1);
+    lua_insert(L, fns);                /* fns: the new table */
+    lua_rawset(L, -3);
+    lua_pop(L, 1);
+    int n = 0;
+    for (; cfns[n]; n++)
+      lua_pushcfunction(L, cfns[n]);
+    make_into(L, fns, c, n);
+  }
+  lua_remove(L, fns);
+}
+
+void mb_lstate_push_lua_part(lua_State *L, mb_lstate_chunk_t *c, mb_lstate_chunk_t *part)
+{
+  push_kept(L, c);
+  int fns = lua_gettop(L);
+  if (!lua_istable(L, fns))
+    luaL_error(L, "%s: not made in this state", c->name + 1);
+  make_into(L, fns, part, 0);
+  lua_remove(L, fns);
 }
 
 /* A reused state's kept Lua functions (mb_lstate_push_lua_fn) hold no
