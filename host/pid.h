@@ -95,7 +95,7 @@ typedef struct mb_idkind {
 #define MB_REGSLOT_RREF_MT (-0x160)      /* remote refs' metatable (pid.c) */
 #define MB_REGSLOT_RECEIVE (-0x200)      /* run.c's receive function */
 #define MB_REGSLOT_MOONBEAM (-0x201)     /* the moonbeam module (lstate.c) */
-#define MB_REGSLOT_REQUIRE (-0x202)      /* the package library's require (lstate.c) */
+#define MB_REGSLOT_PACKAGE (-0x202)      /* the package library, once open (lstate.c) */
 #define MB_REGSLOT_SIGNAL_MSG (-0x203)   /* DOWN and EXIT messages' builder (lib_mb.c) */
 #define MB_REGSLOT_BODY_FN (-0x204)      /* a reused state's last body (run.c) */
 #define MB_REGSLOT_BASE (-0x205)         /* a reused state's base library (lstate.c) */

@@ -1,9 +1,11 @@
 -- Lua that table.sort and string.gsub call (host/lib/tablib.c, strmatch.c):
--- a comparator, an element's __lt, a replacement function or table. They
--- give LuaJIT's results, in LuaJIT's order of calls, and its errors at the
--- same lines; and the process can be preempted, wait and be killed in the
--- Lua they call, as anywhere else. The cases that would hang a host
--- without that run in a child host, bounded in time.
+-- a comparator, an element's __lt, a replacement function or table; and a
+-- module's top level, which require runs (host/lib/lstate.c), also for a
+-- process spawned by module name (lib_mb.c). They give LuaJIT's results,
+-- in LuaJIT's order of calls, and its errors at the same lines; and the
+-- process can be preempted, wait and be killed in the Lua they call, as
+-- anywhere else. The cases that would hang a host without that run in a
+-- child host, bounded in time.
 local mb = require "moonbeam"
 local S = require "spec.support"
 
@@ -236,5 +238,131 @@ describe("Lua called by table.sort and string.gsub", function()
     assert.are.equal(0, code, out .. err)
     assert.is_true(S.has(out, "first\tnormal\n"), out .. err)
     assert.is_true(S.has(out, "second\ttruenil nil true\n"), out .. err)
+  end)
+end)
+
+describe("require", function()
+  teardown(S.cleanup_tmp)
+
+  -- Modules in the child's directory (./?.lua is on the default path).
+  local dir
+  before_each(function() dir = S.tmpdir() end)
+  local function modules(list)
+    for name, src in pairs(list) do S.write(name .. ".lua", src, dir) end
+  end
+  local function run(src, opts)
+    local path = S.write("child.lua", src, dir)
+    return S.moonbeam((opts or "") .. " " .. S.q(path), dir, 60)
+  end
+
+  it("gives LuaJIT's results and errors, before and after the package library opens", function()
+    modules({
+      loopa = 'return require "loopb"',
+      loopb = 'local r = require "loopa"; return r',
+      bad = 'error("bad module")',
+      nilret = 'x_loaded = (x_loaded or 0) + 1',
+      selfset = 'package.loaded[...] = "set by itself"',
+      args = 'return {...}',
+      twice = 'return "first", "second"',
+    })
+    local src = [[
+      local function try(f) local r = {pcall(f)} for i = 1, #r do r[i] = tostring(r[i]) end print(table.concat(r, " | ")) end
+      local function cases(phase)
+        print(phase)
+        try(function() local r = require() return r end)
+        try(function() local r = require(nil) return r end)
+        try(function() local r = require({}) return r end)
+        try(function() local r = require("loopa" .. phase) return r end)
+        try(function() local r = require("bad" .. phase) return r end)
+        try(function() local r = require("bad" .. phase) return r end)
+        try(function() return require("nilret" .. phase), require("nilret" .. phase), x_loaded end)
+        try(function() return require("selfset" .. phase) end)
+        try(function() local t = require("args" .. phase) return #t, t[1], t[2] end)
+        try(function() return require("twice" .. phase) end)
+        try(function() return require("string") == string, require("os") == os end)
+        x_loaded = nil
+      end
+      cases("")
+      package.path = "./?.lua"   -- opens the package library
+      for _, m in ipairs({"loopa", "loopb", "bad", "nilret", "selfset", "args", "twice"}) do
+        local f = io.open(m .. ".lua") local s = f:read("*a") f:close()
+        f = io.open(m .. "2.lua", "w") f:write((s:gsub('"loop(%a)"', '"loop%\1" .. "2"'))) f:close()
+      end
+      cases("2")
+      try(function() local r = require("nosuch") return r end)
+      try(function() local r = require(5) return r end)
+      local loaders = package.loaders
+      package.loaders = nil
+      try(function() local r = require("zzz") return r end)
+      package.loaders = {
+        function(n) return "\n\tfirst " .. n end,
+        function() return 42 end,
+        function(n) return function(...) return "loaded " .. select("#", ...) .. " " .. tostring(...) end end,
+      }
+      try(function() local r = require("zzz") return r end)
+      package.loaders = loaders
+      try(function() return require("zzz") end)
+    ]]
+    local path = S.write("differential.lua", src, dir)
+    local c1, mine, e1 = S.moonbeam(S.q(path), dir, 60)
+    local c2, theirs, e2 = S.sh("luajit -joff " .. S.q(path), dir, 60)
+    assert.are.equal(0, c1, e1)
+    assert.are.equal(0, c2, e2)
+    assert.are.equal(theirs, mine)
+    assert.is_true(S.has(mine, "loop or previous error loading module 'loopa'"), mine)
+    assert.is_true(S.has(mine, "module 'nosuch' not found:"), mine)
+    assert.is_true(S.has(mine, "loaded 1 zzz"), mine)
+  end)
+
+  it("runs a module's top level as the process's Lua: it waits, is preempted and is killed", function()
+    modules({
+      waiting = [[
+        local mb = require "moonbeam"
+        return {got = mb.receive(10000)}
+      ]],
+      waiting_body = [[
+        local mb = require "moonbeam"
+        local got = mb.receive(10000)
+        return function(parent, x) mb.send(parent, {body = got, x = x}) end
+      ]],
+      spinning = "while true do end",
+      not_a_function = "return 42",
+    })
+    -- One scheduler: the echo answers only if the loops are preempted.
+    local code, out, err = run([[
+      local mb = require "moonbeam"
+      local me = mb.self()
+      local w = mb.spawn(function() mb.send(me, {mod = require("waiting").got}) end)
+      local b = mb.spawn("waiting_body", me, 7)
+      mb.sleep(20)
+      mb.send(w, "to the module")
+      mb.send(b, "to the body's module")
+      print("required", mb.receive(function(m) return m.mod end, 10000).mod)
+      local r = mb.receive(function(m) return m.body end, 10000)
+      print("spawned", r.body, r.x)
+      local spins = {
+        {mb.spawn_monitor(function() require "spinning" end)},
+        {mb.spawn_monitor("spinning")},
+        {mb.spawn_monitor(function() pcall(require, "spinning") end)},
+      }
+      ]] .. S.PONGS .. [[
+      pongs(20)
+      for i, s in ipairs(spins) do
+        mb.exit(s[1], "kill")
+        local m = mb.receive(function(m) return type(m) == "table" and m.ref == s[2] end, 10000)
+        print("spin", i, m and m.reason or "still running")
+      end
+      local _, ref = mb.spawn_monitor("not_a_function")
+      print("bad", mb.receive(function(m) return type(m) == "table" and m.ref == ref end, 10000).reason)
+      os.exit(0)
+    ]], "--schedulers 1")
+    assert.are.equal(0, code, out .. err)
+    assert.is_true(S.has(out, "required\tto the module\n"), out .. err)
+    assert.is_true(S.has(out, "spawned\tto the body's module\t7\n"), out .. err)
+    assert.is_true(S.has(out, "pongs\t20\n"), out .. err)
+    for i = 1, 3 do assert.is_true(S.has(out, "spin\t" .. i .. "\tkilled\n"), out .. err) end
+    assert.is_true(S.has(out, "bad\tspawn: module 'not_a_function' returned number, not a function\n"),
+                   out .. err)
+    assert.is_false(S.has(err, "WATCHDOG"), err)
   end)
 end)

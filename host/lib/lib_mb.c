@@ -116,8 +116,32 @@ typedef struct spawn_opts {
   size_t max_memory;
 } spawn_opts_t;
 
+/* A process spawned (or woken from hibernation) by module name starts in
+ * this function of the host's: it requires the module and goes on in the
+ * function the module returned, by a tail call. So the module's top level
+ * runs as the process's Lua, preempted and able to wait as any other
+ * (see lstate.c's require), not in the boot's C call. */
+static const char by_module_src[] =
+  "return function(check)\n"
+  "  return function(require, name, ...)\n"
+  "    return check(name, require(name))(...)\n"
+  "  end\n"
+  "end\n";
+static mb_lstate_chunk_t by_module_chunk = MB_LSTATE_LIBCHUNK(by_module_src, "=spawn");
+
+/* check(name, value) -> value if it is a function; else raise. */
+static int by_module_check(lua_State *L)
+{
+  if (!lua_isfunction(L, 2)) {
+    lua_pushfstring(L, "spawn: module '%s' returned %s, not a function",
+                    lua_tostring(L, 1), luaL_typename(L, 2));
+    return lua_error(L);
+  }
+  return 1;
+}
+
 /* The child's boot (run by its scheduler, protected): rebuild the function
- * (or require the module) and the arguments. */
+ * (or, for a module, by_module's and require) and the arguments. */
 static int boot_spawned(lua_State *L)
 {
   mb_proc_t *p = lua_touserdata(L, 1);
@@ -128,14 +152,12 @@ static int boot_spawned(lua_State *L)
   mb_msg_free(p->boot_msg);
   p->boot_msg = NULL;
   if (lua_type(L, 1) == LUA_TSTRING) {
-    const char *mod = lua_tostring(L, 1);
+    static const lua_CFunction fns[] = {by_module_check, NULL};
+    mb_lstate_push_lua_fn(L, &by_module_chunk, fns);
+    lua_insert(L, 1);
     lua_getfield(L, LUA_GLOBALSINDEX, "require");
-    lua_pushvalue(L, 1);
-    lua_call(L, 1, 1);
-    if (!lua_isfunction(L, -1))
-      return luaL_error(L, "spawn: module '%s' returned %s, not a function",
-                        mod, luaL_typename(L, -1));
-    lua_replace(L, 1);
+    lua_insert(L, 2);
+    n += 2;
   }
   return n;
 }

@@ -6,6 +6,7 @@
 #include <execinfo.h>
 #include <limits.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -842,7 +843,7 @@ static const luaL_Reg host_modules[] = {
 
 /* The standard libraries, which require finds in package.preload
  * (preload_std, set by after_package), and the sandbox's stand-ins there
- * (sandbox.h): light_require leaves these names to the package library. */
+ * (sandbox.h): light_loader leaves these names to the package library. */
 static const char *const std_libs[] = {"_G", "coroutine", "string", "table",
   "math", "io", "os", "debug", "bit", "jit", NULL};
 static const char *const std_stand_ins[] = {"ffi", "string.buffer", "jit.profile", NULL};
@@ -860,9 +861,9 @@ static void set_host_path(lua_State *L, int idx)
 
 static void after_package(lua_State *L)
 {
-  lua_getfield(L, LUA_GLOBALSINDEX, "require");
-  lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_REQUIRE);
   lua_getfield(L, LUA_GLOBALSINDEX, "package");
+  lua_pushvalue(L, -1);
+  lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_PACKAGE);
   set_host_path(L, lua_gettop(L));
   mb_sandbox_package(L);
   mb_modcache_install(L);   /* replaces the sandbox's Lua-file searcher */
@@ -891,25 +892,45 @@ static void after_package(lua_State *L)
   lua_pop(L, 2);
 }
 
-/* -- require before the package library -----------------------------------
+/* -- require ---------------------------------------------------------------
+ * LuaJIT's require is a C function that runs the module it loads: a
+ * module's top level (tables built, files read; a spawn by module name
+ * runs one for every process) could not be preempted, nor wait - receive
+ * raised "cannot block here" - and one that looped held its scheduler for
+ * ever. So a process's require is a Lua function of the host's (kept, see
+ * mb_lstate_push_lua_fn) over two C functions: plan finds the module's
+ * value or its loader, as the package library's require does, and done
+ * records what the loader returned; the loader, most often the module's
+ * main chunk, is called from Lua. plan's errors are raised at the line
+ * that called require (level 2: its caller is require's Lua function),
+ * as LuaJIT's are at its caller's.
+ *
  * Opening the package library costs a process ~42k instructions (its
  * tables, paths and loaders, and after_package), a third of what a
  * connection process of moonbeam.http spends on its Lua state, while such
  * a process only requires modules that the host builds in or that the
- * module cache holds. So until the library opens, the global `require` is
- * light_require, which does what the library's require would in those
- * cases: it answers from package.loaded, then from the host's modules,
- * then from package.preload (LuaJIT's libraries add entries to it before
- * the package library exists), then from the first file of the default
- * package.path through the module cache, running the module as require
- * does (the name as its argument, package.loaded set, a loop detected).
- * Anything else - a standard library by name, a C module, a module that
- * is not found - opens the package library and asks its require, which is
- * what light_require always does once the library is open (package.path,
- * preload or loaders may have changed); the library keeps its require at
- * MB_REGSLOT_REQUIRE. */
+ * module cache holds. So until the library opens, plan answers as the
+ * library would in those cases (light_loader): from package.loaded, then
+ * the host's modules, then package.preload (LuaJIT's libraries add entries
+ * to it before the package library exists), then the first file of the
+ * default package.path through the module cache. Anything else - a
+ * standard library by name, a C module, a module that is not found -
+ * opens the package library, and from then on plan asks its loaders
+ * (package.path, preload or loaders may have changed). */
+static const char require_src[] =
+  "return function(plan, done)\n"
+  "  return function(...)\n"
+  "    local loader, name = plan(...)\n"
+  "    if loader then return done(name, loader(name)) end\n"
+  "    return name\n"
+  "  end\n"
+  "end\n";
+static mb_lstate_chunk_t require_chunk = MB_LSTATE_LIBCHUNK(require_src, "=require");
+
+static int open_for(lua_State *L, const char *name, size_t len);
+
 static char *light_path;    /* package.path as after_package makes it */
-static char light_sentinel; /* package.loaded[name] while name loads */
+static char sentinel;       /* package.loaded[name] while name loads */
 
 static int listed_in(const char *const *list, const char *name)
 {
@@ -919,8 +940,27 @@ static int listed_in(const char *const *list, const char *name)
   return 0;
 }
 
-/* Push the loader of module name that light_require can give, or return 0
- * with nothing pushed: the package library must answer. */
+/* Raise the formatted message at the line that called require, as
+ * LuaJIT's require does: none if that is not a line of Lua (C, or
+ * require itself, whose stripped code has none: a module's top level
+ * that requires in a tail call). */
+static int require_error(lua_State *L, const char *fmt, ...)
+{
+  va_list ap;
+  lua_Debug ar;
+  if (lua_getstack(L, 2, &ar) && lua_getinfo(L, "Sl", &ar) && ar.currentline > 0)
+    lua_pushfstring(L, "%s:%d: ", ar.short_src, ar.currentline);
+  else
+    lua_pushliteral(L, "");
+  va_start(ap, fmt);
+  lua_pushvfstring(L, fmt, ap);
+  va_end(ap);
+  lua_concat(L, 2);
+  return lua_error(L);
+}
+
+/* Push the loader of module name that the package library would give
+ * without being open, or return 0 with nothing pushed: it must answer. */
 static int light_loader(lua_State *L, const char *name)
 {
   for (const luaL_Reg *m = host_modules; m->name; m++)
@@ -941,57 +981,98 @@ static int light_loader(lua_State *L, const char *name)
   return mb_modcache_find(L, name, light_path);
 }
 
-/* require(name) without the package library, as its require would: the
- * value (pushed) and 1, or 0 if the package library must answer. Stack:
- * name at 1, package.loaded made at 2. */
-static int light_load(lua_State *L, const char *name)
+/* Push the loader of module name from the package library's loaders (at
+ * idx, absolute), in order, as its require finds it: the first that
+ * returns a function; the messages of the others (strings) tell what was
+ * tried when none does. */
+static void library_loader(lua_State *L, const char *name, int idx)
 {
+  if (!lua_istable(L, idx))
+    require_error(L, "'package.loaders' must be a table");
+  lua_pushliteral(L, "");
+  for (int i = 1;; i++) {
+    lua_rawgeti(L, idx, i);
+    if (lua_isnil(L, -1))
+      require_error(L, "module '%s' not found:%s", name, lua_tostring(L, -2));
+    lua_pushstring(L, name);
+    lua_call(L, 1, 1);
+    if (lua_isfunction(L, -1))
+      break;
+    if (lua_isstring(L, -1))
+      lua_concat(L, 2);
+    else
+      lua_pop(L, 1);
+  }
+  lua_remove(L, -2);
+}
+
+/* plan(name) -> false, value if the module is loaded; else loader, name,
+ * with package.loaded[name] marked as loading. */
+static int require_plan(lua_State *L)
+{
+  if (!lua_isstring(L, 1))
+    return require_error(L, "bad argument #1 to 'require' (string expected, got %s)",
+                         lua_isnone(L, 1) ? "no value" : luaL_typename(L, 1));
+  lua_settop(L, 1);
+  const char *name = lua_tostring(L, 1);   /* (a number becomes its string) */
   luaL_findtable(L, LUA_REGISTRYINDEX, "_LOADED", 16);
   lua_getfield(L, 2, name);
   if (lua_toboolean(L, -1)) {
-    if (lua_touserdata(L, -1) == &light_sentinel)
-      return luaL_error(L, "loop or previous error loading module '%s'", name);
-    return 1;
+    if (lua_touserdata(L, -1) == &sentinel)
+      return require_error(L, "loop or previous error loading module '%s'", name);
+    lua_pushboolean(L, 0);
+    lua_insert(L, -2);
+    return 2;
   }
   lua_pop(L, 1);
-  if (!light_loader(L, name))
-    return 0;
-  lua_pushlightuserdata(L, &light_sentinel);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_PACKAGE);
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    if (!light_loader(L, name)) {
+      open_for(L, "package", 7);
+      lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_PACKAGE);
+    }
+  }
+  if (lua_istable(L, -1)) {
+    lua_getfield(L, -1, "loaders");
+    library_loader(L, name, lua_gettop(L));
+  } else if (!lua_isfunction(L, -1)) {
+    return require_error(L, "require: the package library did not open");
+  }
+  lua_pushlightuserdata(L, &sentinel);
   lua_setfield(L, 2, name);
   lua_pushvalue(L, 1);
-  lua_call(L, 1, 1);
-  if (!lua_isnil(L, -1))
-    lua_setfield(L, 2, name);
-  lua_getfield(L, 2, name);
-  if (lua_touserdata(L, -1) == &light_sentinel) {
+  return 2;
+}
+
+/* done(name, value) -> package.loaded[name]: value, if not nil; else what
+ * the module put there; else true. */
+static int require_done(lua_State *L)
+{
+  lua_settop(L, 2);
+  const char *name = lua_tostring(L, 1);
+  luaL_findtable(L, LUA_REGISTRYINDEX, "_LOADED", 16);
+  if (!lua_isnil(L, 2)) {
+    lua_pushvalue(L, 2);
+    lua_setfield(L, 3, name);
+  }
+  lua_getfield(L, 3, name);
+  if (lua_touserdata(L, -1) == &sentinel) {
     lua_pushboolean(L, 1);
     lua_pushvalue(L, -1);
-    lua_setfield(L, 2, name);
+    lua_setfield(L, 3, name);
   }
   return 1;
 }
 
-static int light_require(lua_State *L)
+/* Push a process's require (made once per state). */
+static void push_require(lua_State *L)
 {
-  const char *name = luaL_checkstring(L, 1);
-  lua_settop(L, 1);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_REQUIRE);
-  if (!lua_isfunction(L, -1)) {
-    lua_pop(L, 1);
-    if (light_load(L, name))
-      return 1;
-    lua_settop(L, 1);
-    open_for(L, "package", 7);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_REQUIRE);
-    if (!lua_isfunction(L, -1))
-      return luaL_error(L, "require: the package library did not open");
-  }
-  lua_insert(L, 1);
-  lua_call(L, 1, 1);
-  return 1;
+  static const lua_CFunction fns[] = {require_plan, require_done, NULL};
+  mb_lstate_push_lua_fn(L, &require_chunk, fns);
 }
 
-/* The default package.path of the host's processes, for light_require:
+/* The default package.path of the host's processes, for light_loader:
  * what the package library and after_package make of it, on a probe. */
 static int probe_path(lua_State *L)
 {
@@ -1178,7 +1259,7 @@ static int open_for(lua_State *L, const char *name, size_t len)
   if (memchr(name, '\0', len))
     return 0;   /* no library name has one; listed() relies on it */
   if (len == 7 && memcmp(name, "require", 7) == 0) {
-    lua_pushcfunction(L, light_require);
+    push_require(L);
     lua_setfield(L, LUA_GLOBALSINDEX, "require");
     return 1;
   }
@@ -1215,9 +1296,26 @@ static int open_for(lua_State *L, const char *name, size_t len)
       if (restore_base(L))
         return 1;
     }
+    /* The package library sets the global require to its own: the
+     * process's stays (see require above). */
+    int req = 0;
+    if (lib->open == luaopen_package) {
+      lua_pushliteral(L, "require");
+      lua_rawget(L, LUA_GLOBALSINDEX);
+      req = lua_gettop(L);
+    }
     open_lib(L, lib->open, lib->name);
     if (lib->after)
       lib->after(L);
+    if (req) {
+      lua_pushliteral(L, "require");
+      if (lua_isnil(L, req))
+        push_require(L);
+      else
+        lua_pushvalue(L, req);
+      lua_rawset(L, LUA_GLOBALSINDEX);
+      lua_pop(L, 1);
+    }
     if (lib->open == luaopen_base)
       keep_base(L, lib->globals);
     return 1;
@@ -1941,7 +2039,7 @@ void mb_lstate_init(void)
   find_lua_dir();
   /* A probe state: the size of a state's first block, whether the reserved
    * words can be let go, the default package.path (without it,
-   * light_require opens the package library). */
+   * require opens the package library at once). */
   lua_State *P = lua_newstate(probe_alloc, NULL);
   if (P) {
     int ok = 0;
