@@ -90,6 +90,44 @@ describe("as in luajit", function()
     assert.is_true(ok, tostring(r))
     assert.are.same({ "table", true, "xxx", true }, r)
   end)
+
+  it("print converts as luajit's, and writes each line whole though processes print at once", function()
+    local src = [[
+      print(1, nil, true, "x", 2.5, "")
+      print()
+      print(setmetatable({}, {__tostring = function() return "obj" end}))
+      print(pcall(print, setmetatable({}, {__tostring = function() return 1 end})))
+      print(pcall(print, setmetatable({}, {__tostring = function() return {} end})))
+      local t = {} for i = 1, 300 do t[i] = i end
+      print(unpack(t))
+      tostring = function(v) return "<" .. type(v) .. ">" end
+      print(1, "a")
+    ]]
+    local lj, m = both(src)
+    assert.are.equal(0, lj.code, lj.err)
+    assert.are.equal(0, m.code, m.err)
+    assert.are.equal(lj.out, m.out)
+    -- Two schedulers, four processes printing lines of many pieces: each
+    -- line comes out whole (LuaJIT's print writes piece by piece).
+    local code, out, err = S.moonbeam("--schedulers 2 " .. S.q(S.write("prints.lua", [[
+      local mb = require "moonbeam"
+      local me = mb.self()
+      for p = 1, 4 do
+        mb.spawn(function()
+          for i = 1, 5000 do print("line", p, i, "a", "b", "c", "d", "end") end
+          mb.send(me, p)
+        end)
+      end
+      for _ = 1, 4 do mb.receive(10000) end
+    ]])), nil, 60)
+    assert.are.equal(0, code, err)
+    local n = 0
+    for line in out:gmatch("[^\n]*\n") do
+      n = n + 1
+      assert.is_truthy(line:match("^line\t%d\t%d+\ta\tb\tc\td\tend\n$"), line)
+    end
+    assert.are.equal(20000, n)
+  end)
 end)
 
 describe("each process", function()
