@@ -950,9 +950,9 @@ static void after_package(lua_State *L)
 static const char require_src[] =
   "return function(plan, done)\n"
   "  return function(...)\n"
-  "    local loader, name = plan(...)\n"
-  "    if loader then return done(name, loader(name)) end\n"
-  "    return name\n"
+  "    local value, loader, name = plan(...)\n"
+  "    if loader == nil then return value end\n"
+  "    return done(name, loader(name))\n"
   "  end\n"
   "end\n";
 static mb_lstate_chunk_t require_chunk = MB_LSTATE_LIBCHUNK(require_src, "=require");
@@ -1036,7 +1036,18 @@ static void library_loader(lua_State *L, const char *name, int idx)
   lua_remove(L, -2);
 }
 
-/* plan(name) -> false, value if the module is loaded; else loader, name,
+/* Push package.loaded (made if there is none yet). */
+static void push_loaded(lua_State *L)
+{
+  lua_pushliteral(L, "_LOADED");
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  if (!lua_istable(L, -1)) {
+    lua_pop(L, 1);
+    luaL_findtable(L, LUA_REGISTRYINDEX, "_LOADED", 16);
+  }
+}
+
+/* plan(name) -> value if the module is loaded; else nil, loader, name,
  * with package.loaded[name] marked as loading. */
 static int require_plan(lua_State *L)
 {
@@ -1045,14 +1056,12 @@ static int require_plan(lua_State *L)
                          lua_isnone(L, 1) ? "no value" : luaL_typename(L, 1));
   lua_settop(L, 1);
   const char *name = lua_tostring(L, 1);   /* (a number becomes its string) */
-  luaL_findtable(L, LUA_REGISTRYINDEX, "_LOADED", 16);
+  push_loaded(L);
   lua_getfield(L, 2, name);
   if (lua_toboolean(L, -1)) {
     if (lua_touserdata(L, -1) == &sentinel)
       return require_error(L, "loop or previous error loading module '%s'", name);
-    lua_pushboolean(L, 0);
-    lua_insert(L, -2);
-    return 2;
+    return 1;
   }
   lua_pop(L, 1);
   lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_PACKAGE);
@@ -1071,8 +1080,10 @@ static int require_plan(lua_State *L)
   }
   lua_pushlightuserdata(L, &sentinel);
   lua_setfield(L, 2, name);
+  lua_pushnil(L);
+  lua_insert(L, -2);
   lua_pushvalue(L, 1);
-  return 2;
+  return 3;
 }
 
 /* done(name, value) -> package.loaded[name]: value, if not nil; else what
@@ -1081,7 +1092,7 @@ static int require_done(lua_State *L)
 {
   lua_settop(L, 2);
   const char *name = lua_tostring(L, 1);
-  luaL_findtable(L, LUA_REGISTRYINDEX, "_LOADED", 16);
+  push_loaded(L);
   if (!lua_isnil(L, 2)) {
     lua_pushvalue(L, 2);
     lua_setfield(L, 3, name);
