@@ -23,8 +23,10 @@ local BUSY, MS = opt("busy", 8), opt("ms", 3000)
 -- string.rep(100 KB) (mostly C, and no host call); "sort", table.sort of
 -- 300,000 numbers with a comparator, over and over; "gsub", a replacement
 -- function over 300,000 matches (both C functions calling Lua, which
--- LuaJIT's own could not yield from). Moonbeam only: the last four show
--- what the hook does not count, or could not reach (BENCHMARKS.md).
+-- LuaJIT's own could not yield from); "require", a module whose top level
+-- computes ~30 million steps, required again and again (LuaJIT's require
+-- is C too). Moonbeam only: the last five show what the hook does not
+-- count, or could not reach (BENCHMARKS.md).
 local WORK = "loop"
 for _, a in ipairs(arg or {}) do WORK = a:match("^work=(%a+)$") or WORK end
 
@@ -45,6 +47,16 @@ local function busy()
   elseif WORK == "gsub" then
     local s = ("%41"):rep(300000)
     while true do s:gsub("%%(%x%x)", function() return "%41" end) end
+  elseif WORK == "require" then
+    package.preload.fairness_heavy = function()
+      local x = 0
+      for _ = 1, 30000000 do x = (x * 3 + 1) % 1000003 end
+      return x
+    end
+    while true do
+      package.loaded.fairness_heavy = nil
+      require "fairness_heavy"
+    end
   end
   local x = 0
   while true do x = (x * 3 + 1) % 1000003 end
