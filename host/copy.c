@@ -774,6 +774,7 @@ int (*mb_copy_load)(lua_State *L, mb_code_t *code);
 mb_code_t *(*mb_copy_code_of)(lua_State *L, int idx);
 void (*mb_copy_on_dump)(lua_State *L, int idx, mb_code_t *code);
 int (*mb_copy_module)(lua_State *L, const char *name, size_t n);
+int (*mb_copy_require)(lua_State *L, const char *name, size_t n);
 const char *(*mb_copy_own_module)(lua_State *L);
 
 static int enc_function(enc_t *e, int idx)

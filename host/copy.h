@@ -55,6 +55,9 @@ extern void (*mb_copy_on_dump)(lua_State *L, int idx, struct mb_code *code);
  * (the `moonbeam` module, without opening the package library) and return
  * 1; 0: the decoder takes it from package.loaded or requires it. */
 extern int (*mb_copy_module)(lua_State *L, const char *name, size_t n);
+/* Push require(name) of a module not yet loaded, the layer's way, and
+ * return 1; 0: the decoder calls the receiver's global require. */
+extern int (*mb_copy_require)(lua_State *L, const char *name, size_t n);
 /* If L's state holds the module the layer provides itself, push it and
  * return its name; else return NULL, pushing nothing. The encoder sends it,
  * and C functions that are fields of it, by name, as it does those of

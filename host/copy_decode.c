@@ -126,6 +126,8 @@ static void push_module(dec_t *d, const char *name, size_t n)
       return;
   }
   lua_pop(L, 1);
+  if (mb_copy_require && mb_copy_require(L, name, n))
+    return;
   lua_getglobal(L, "require");
   lua_pushlstring(L, name, n);
   lua_call(L, 1, 1);

@@ -89,6 +89,30 @@ describe("processes", function()
       assert.are.equal("abab", m.rep)
     end)
 
+    it("re-requires a captured module without making the receiver's require, or with its own", function()
+      -- The decoder requires in C (require is a Lua function of the
+      -- host's, ~850 bytes of a state that touches it); a process that
+      -- replaced require gets its own called.
+      local lfs, json = require "lfs", require "dkjson"   -- (dkjson's top level requires)
+      mb.spawn(function(parent)
+        mb.send(parent, { made = rawget(_G, "require") ~= nil, ok = type(lfs.currentdir()) == "string" })
+      end, mb.self())
+      local m = S.recv(S.field("ok", true))
+      assert.is_false(m.made)
+      local child = mb.spawn(function(parent)
+        local asked = {}
+        local real = require
+        require = function(name) asked[#asked + 1] = name return real(name) end
+        mb.send(parent, { replaced = true })
+        local f = mb.receive(5000)
+        mb.send(parent, { works = f() == "[2]", asked = table.concat(asked, " ") })
+      end, mb.self())
+      S.recv(S.field("replaced", true))
+      mb.send(child, function() return json.encode({ 2 }) end)
+      local r = S.recv(S.field("works", true))
+      assert.are.equal("dkjson", r.asked:match("^%S+"))   -- (then what its top level requires)
+    end)
+
     it("gives one moonbeam table, captured, required or received, in either order", function()
       local me = mb.self()
       -- Captured only (no package library), then required.

@@ -1113,6 +1113,40 @@ static void push_require(lua_State *L)
   mb_lstate_push_lua_fn(L, &require_chunk, fns);
 }
 
+/* require(name) in C: plan, the loader and done, each called from C. */
+static int require_in_c(lua_State *L)
+{
+  lua_settop(L, 1);
+  lua_pushcfunction(L, require_plan);
+  lua_pushvalue(L, 1);
+  lua_call(L, 1, 3);            /* value, loader, name at 2, 3, 4 */
+  if (lua_isnil(L, 3)) {
+    lua_settop(L, 2);
+    return 1;
+  }
+  lua_pushcfunction(L, require_done);
+  lua_pushvalue(L, 4);
+  lua_pushvalue(L, 3);
+  lua_pushvalue(L, 4);
+  lua_call(L, 1, 1);            /* the loader's value */
+  lua_call(L, 2, 1);
+  return 1;
+}
+
+int mb_lstate_require(lua_State *L, const char *name, size_t len)
+{
+  lua_pushliteral(L, "require");
+  lua_rawget(L, LUA_GLOBALSINDEX);
+  int made = !lua_isnil(L, -1);
+  lua_pop(L, 1);
+  if (made)
+    return 0;
+  lua_pushcfunction(L, require_in_c);
+  lua_pushlstring(L, name, len);
+  lua_call(L, 1, 1);
+  return 1;
+}
+
 /* The default package.path of the host's processes, for light_loader:
  * what the package library and after_package make of it, on a probe. */
 static int probe_path(lua_State *L)
@@ -1338,7 +1372,8 @@ static int open_for(lua_State *L, const char *name, size_t len)
         return 1;
     }
     /* The package library sets the global require to its own: the
-     * process's stays (see require above). */
+     * process's stays (see require above), or, if it was not made yet,
+     * will be made on first use. */
     int req = 0;
     if (lib->open == luaopen_package) {
       lua_pushliteral(L, "require");
@@ -1350,10 +1385,7 @@ static int open_for(lua_State *L, const char *name, size_t len)
       lib->after(L);
     if (req) {
       lua_pushliteral(L, "require");
-      if (lua_isnil(L, req))
-        push_require(L);
-      else
-        lua_pushvalue(L, req);
+      lua_pushvalue(L, req);
       lua_rawset(L, LUA_GLOBALSINDEX);
       lua_pop(L, 1);
     }

@@ -86,6 +86,13 @@ void mb_lstate_recycle(mb_proc_t *p);
 /* Push the moonbeam module table of L's state (creating it once). */
 void mb_lstate_push_module(lua_State *L);
 
+/* For the host's C code that needs a module (a message's decoder): push
+ * require(name) and return 1, without making the process's require (a
+ * Lua function, ~850 bytes of the state) if the process has not touched
+ * it; return 0 with nothing pushed if it has: then call the process's
+ * own, which it may have replaced. May raise, as require does. */
+int mb_lstate_require(lua_State *L, const char *name, size_t len);
+
 /* A function of the host's written in Lua: its source is compiled once for
  * the host, and each state loads that bytecode (cheaper than compiling,
  * and the sandbox's bytecode ban is for processes' code, not the host's).

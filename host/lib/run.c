@@ -940,6 +940,7 @@ void mb_run_init(void)
   mb_copy_on_dump = on_dump;
   mb_copy_code_of = code_of;
   mb_copy_module = provide_module;
+  mb_copy_require = mb_lstate_require;
   mb_copy_own_module = own_module;
   mb_lstate_init();
   mb_hookmask_init();
