@@ -1387,7 +1387,7 @@ static int open_for(lua_State *L, const char *name, size_t len)
       lua_pushliteral(L, "require");
       lua_pushvalue(L, req);
       lua_rawset(L, LUA_GLOBALSINDEX);
-      lua_pop(L, 1);
+      lua_remove(L, req);
     }
     if (lib->open == luaopen_base)
       keep_base(L, lib->globals);
