@@ -909,17 +909,18 @@ static void after_package(lua_State *L)
     lua_pushcfunction(L, m->func);
     lua_setfield(L, -2, m->name);
   }
+  lua_getfield(L, -2, "loaded");
+  lua_pushcfunction(L, preload_std);   /* one closure for every library */
   for (int i = 0; std_libs[i]; i++) {
-    lua_getfield(L, -2, "loaded");
-    lua_getfield(L, -1, std_libs[i]);
+    lua_getfield(L, -2, std_libs[i]);
     int loaded = !lua_isnil(L, -1);
-    lua_pop(L, 2);
+    lua_pop(L, 1);
     if (!loaded) {
-      lua_pushcfunction(L, preload_std);
-      lua_setfield(L, -2, std_libs[i]);
+      lua_pushvalue(L, -1);
+      lua_setfield(L, -4, std_libs[i]);
     }
   }
-  lua_pop(L, 2);
+  lua_pop(L, 4);
 }
 
 /* -- require ---------------------------------------------------------------
