@@ -98,7 +98,8 @@ describe("as in luajit", function()
       print(setmetatable({}, {__tostring = function() return "obj" end}))
       print(pcall(print, setmetatable({}, {__tostring = function() return 1 end})))
       print(pcall(print, setmetatable({}, {__tostring = function() return {} end})))
-      local t = {} for i = 1, 300 do t[i] = i end
+      local t = {} for i = 1, 7000 do t[i] = i end
+      print(unpack(t, 1, 300))
       print(unpack(t))
       tostring = function(v) return "<" .. type(v) .. ">" end
       print(1, "a")

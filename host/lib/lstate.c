@@ -543,8 +543,9 @@ static int newproxy_tainting(lua_State *L)
  * converts each argument with the global tostring. */
 static int host_print(lua_State *L)
 {
+  enum { PIECES = 32 };   /* joined as they come: any number of arguments */
   int n = lua_gettop(L);
-  luaL_checkstack(L, n + 3, "too many arguments to print");
+  luaL_checkstack(L, PIECES + 4, "too many arguments to print");
   lua_getfield(L, LUA_GLOBALSINDEX, "tostring");
   int ts = lua_gettop(L);
   for (int i = 1; i <= n; i++) {
@@ -555,6 +556,8 @@ static int host_print(lua_State *L)
     lua_call(L, 1, 1);
     if (!lua_isstring(L, -1))
       return luaL_error(L, "'tostring' must return a string to 'print'");
+    if (lua_gettop(L) - ts >= PIECES)
+      lua_concat(L, lua_gettop(L) - ts);
   }
   lua_pushliteral(L, "\n");
   lua_concat(L, lua_gettop(L) - ts);
