@@ -48,6 +48,7 @@ local function fill_queue(sock, chunk)
 end
 
 describe("moonbeam.tcp", function()
+  teardown(S.cleanup_tmp)
   local before
   before_each(function() before = S.snapshot() end)
   after_each(function() S.check_clean(before) end)

@@ -158,6 +158,7 @@ local function echo_handler(req, res)
 end
 
 describe("moonbeam.websocket", function()
+  teardown(S.cleanup_tmp)
   local before, server, port
   before_each(function() before = S.snapshot() end)
   after_each(function()
