@@ -180,6 +180,9 @@ typedef struct mb_proc {
   uint8_t base_opened;         /* it opened the base library (lstate.c) */
   uint8_t essential;           /* the --max-memory killer passes it by while
                                   another can go (spawn_opt; under lock) */
+  uint8_t package_opened;      /* its state opened the package library (lstate.c) */
+  uint16_t codepath;           /* its package.path and cpath: an entry of
+                                  lib/codepath.h, 0 for the host's default */
   struct mb_io_req *io_req;    /* the operation whose results are pushed now */
   /* An MB_WAIT_IO with a timer: pushes the results of a timeout. */
   int (*io_on_timeout)(lua_State *L, uint64_t arg);

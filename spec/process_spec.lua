@@ -526,6 +526,167 @@ describe("processes", function()
     end)
   end)
 
+  -- A process starts with the package.path and package.cpath of the one
+  -- that spawned it, and a hibernated one wakes with its own (codepath.h).
+  -- Each case runs in a child host whose first process puts a directory of
+  -- its own on package.path, as a main script does for its modules.
+  describe("package paths", function()
+    -- A child host's script: `dir` holds modules; the script runs `body`
+    -- after `local mb = require "moonbeam"` and `DIR = <dir>`.
+    local function run(body, modules, limit)
+      local dir = S.tmpdir()
+      for name, src in pairs(modules or {}) do S.write(name .. ".lua", src, dir) end
+      S.write("wmod.lua", "return { where = function() return 'wmod in " .. dir .. "' end }", dir)
+      local code, out, err = S.child("local mb = require 'moonbeam'\nlocal DIR = " .. string.format("%q", dir)
+        .. "\n" .. body, "", limit)
+      return code, out, err, dir
+    end
+
+    it("are the parent's: a spawned function's captured module and a module spawned by name are found", function()
+      local code, out, err, dir = run([[
+        package.path = DIR .. "/?.lua;" .. package.path
+        package.cpath = DIR .. "/?.so;" .. package.cpath
+        local wmod = require "wmod"
+        local me = mb.self()
+        mb.spawn(function() mb.send(me, wmod.where()) end)
+        print("captured", mb.receive(5000))
+        mb.spawn("worker", me)
+        print("by name", mb.receive(5000))
+        mb.spawn(function()
+          mb.send(me, { path = package.path, cpath = package.cpath })
+        end)
+        local m = mb.receive(5000)
+        print("same path", m.path == package.path, m.cpath == package.cpath)
+      ]], { worker = "local mb = require 'moonbeam'\nreturn function(to) mb.send(to, 'worker ran') end" })
+      assert.are.equal(0, code, err)
+      assert.is_true(S.has(out, "captured\twmod in " .. dir), out .. err)
+      assert.is_true(S.has(out, "by name\tworker ran"), out .. err)
+      assert.is_true(S.has(out, "same path\ttrue\ttrue"), out .. err)
+    end)
+
+    it("pass through a process that never opened the package library, and a change goes to its own children only", function()
+      local code, out, err = run([[
+        package.path = DIR .. "/?.lua;" .. package.path
+        local me, base = mb.self(), package.path
+        -- A middle process spawns a grandchild without touching `package`.
+        mb.spawn(function()
+          mb.spawn(function() mb.send(me, { g = package.path }) end)
+        end)
+        print("grandchild", mb.receive(5000).g == base)
+        -- A child that changes its path: its children get the change, its
+        -- parent and its siblings do not.
+        mb.spawn(function()
+          package.path = "/nowhere/?.lua;" .. package.path
+          local mine = package.path
+          mb.spawn(function() mb.send(me, { c = package.path == mine }) end)
+        end)
+        print("changed", mb.receive(5000).c)
+        mb.spawn(function() mb.send(me, { s = package.path }) end)
+        print("sibling", mb.receive(5000).s == base, package.path == base)
+      ]])
+      assert.are.equal(0, code, err)
+      assert.is_true(S.has(out, "grandchild\ttrue"), out .. err)
+      assert.is_true(S.has(out, "changed\ttrue"), out .. err)
+      assert.is_true(S.has(out, "sibling\ttrue\ttrue"), out .. err)
+    end)
+
+    it("are the host's default for a process whose parent kept it, or set paths that are not strings", function()
+      local code, out, err = run([[
+        local me = mb.self()
+        local default, cdefault = package.path, package.cpath
+        mb.spawn(function() mb.send(me, { package.path, package.cpath }) end)
+        local m = mb.receive(5000)
+        print("default", m[1] == default, m[2] == cdefault)
+        package.path, package.cpath = 42, nil
+        mb.spawn(function() mb.send(me, { package.path, package.cpath }) end)
+        m = mb.receive(5000)
+        print("not strings", m[1] == default, m[2] == cdefault)
+        -- A module of DIR, which is not on the default path, is not found.
+        package.path = default
+        local _, ref = mb.spawn_monitor(function() require "wmod" end)
+        local d = mb.receive(function(x) return type(x) == "table" and x.ref == ref end, 5000)
+        print("down", tostring(d.reason):find("module 'wmod' not found", 1, true) ~= nil)
+      ]])
+      assert.are.equal(0, code, err)
+      assert.is_true(S.has(out, "default\ttrue\ttrue"), out .. err)
+      assert.is_true(S.has(out, "not strings\ttrue\ttrue"), out .. err)
+      assert.is_true(S.has(out, "down\ttrue"), out .. err)
+    end)
+
+    it("are kept by a hibernated process: it wakes into a module of its directory", function()
+      local code, out, err = run([[
+        package.path = DIR .. "/?.lua;" .. package.path
+        local me = mb.self()
+        local pid = mb.spawn(function()
+          -- Its own path, set before it hibernates; the module is not
+          -- loaded yet.
+          package.path = DIR .. "/sub/?.lua;" .. package.path
+          mb.hibernate("waker", me, package.path)
+        end)
+        mb.sleep(50)
+        mb.send(pid, "wake")
+        local m = mb.receive(5000)
+        print("woke", m and m.got, m and m.same)
+        -- Hibernated twice, with no package library in between.
+        mb.send(pid, "again")
+        m = mb.receive(5000)
+        print("again", m and m.got, m and m.same)
+        mb.exit(pid, "kill")
+      ]], { waker = [[
+        local mb = require "moonbeam"
+        local function waker(me, path)
+          local got = mb.receive()
+          mb.send(me, { got = got, same = package.path == path })
+          mb.hibernate("waker", me, path)
+        end
+        return waker
+      ]] })
+      assert.are.equal(0, code, err)
+      assert.is_true(S.has(out, "woke\twake\ttrue"), out .. err)
+      assert.is_true(S.has(out, "again\tagain\ttrue"), out .. err)
+    end)
+
+    it("are bounded: 65,535 different pairs in use at once, each freed with its last process", function()
+      local code, out, err = run([[
+        local me = mb.self()
+        local base = package.path
+        -- 65,535 hibernated processes, each with a path of its own.
+        local pids = {}
+        for i = 1, 65535 do
+          package.path = base .. ";/p" .. i .. "/?.lua"
+          pids[i] = mb.spawn(function() mb.hibernate(function() mb.receive() end) end)
+        end
+        package.path = base .. ";/one-more/?.lua"
+        local ok, e = pcall(mb.spawn, function() end)
+        print("full", ok, e)
+        -- The same path as one in use shares its entry.
+        package.path = base .. ";/p7/?.lua"
+        print("shared", (pcall(mb.spawn, function() end)))
+        package.path = base   -- the default needs no entry
+        print("default", (pcall(mb.spawn, function() end)))
+        for i = 1, #pids do mb.exit(pids[i], "kill") end
+        local last = pids[#pids]
+        while mb.info(last) do mb.sleep(10) end
+        -- Freed: as many new ones again, one process at a time.
+        local n = 0
+        for i = 1, 70000 do
+          package.path = base .. ";/q" .. i .. "/?.lua"
+          local _, ref = mb.spawn_monitor(function() end)
+          mb.receive(function(x) return type(x) == "table" and x.ref == ref end, 5000)
+          n = n + 1
+        end
+        print("again", n)
+      ]], nil, 120)
+      assert.are.equal(0, code, err)
+      assert.is_true(S.has(out, "full\tfalse\t"), out .. err)
+      assert.is_true(S.has(out, "spawn: out of memory for package paths (65535 different pairs"),
+                     out .. err)
+      assert.is_true(S.has(out, "shared\ttrue"), out .. err)
+      assert.is_true(S.has(out, "default\ttrue"), out .. err)
+      assert.is_true(S.has(out, "again\t70000"), out .. err)
+    end)
+  end)
+
   describe("mb.halt (in a separate host)", function()
     it("halts the host with the code from any process, stopping the others", function()
       local script = S.write("halt.lua", [[

@@ -100,6 +100,7 @@ local function no_reports()
 end
 
 describe("moonbeam.supervisor", function()
+  teardown(S.cleanup_tmp)
   local before, me
 
   before_each(function()
@@ -170,6 +171,34 @@ describe("moonbeam.supervisor", function()
       assert.are.equal("started m", again)
       assert.are_not.equal(pid, pid2)
       supervisor.stop(sup, nil, S.T)
+    end)
+
+    it("starts and restarts a {module} child found on the package.path its starter set", function()
+      -- In a child host: its first process puts a directory of its own on
+      -- package.path, as a main script does; the supervisor and the child
+      -- it starts inherit it (a new process used to have the default path:
+      -- start refused the module as not found).
+      local dir = S.tmpdir()
+      S.write("pathchild.lua", [[
+        local mb = require "moonbeam"
+        return function(to) mb.send(to, { started = mb.self() }); mb.receive() end
+      ]], dir)
+      local code, out, err = S.child(string.format([[
+        local mb = require "moonbeam"
+        local supervisor = require "moonbeam.supervisor"
+        package.path = %q .. "/?.lua;" .. package.path
+        local me = mb.self()
+        local sup = assert(supervisor.start({ children = { { id = "c", start = { "pathchild", me } } } }))
+        local first = mb.receive(5000).started
+        mb.exit(first, "kill")
+        local second = mb.receive(5000).started
+        print("restarted", first ~= second)
+        print("start_child", supervisor.start_child(sup, { id = "d", start = { "pathchild", me } }) ~= nil)
+        supervisor.stop(sup, nil, 5000)
+      ]], dir), "", 30)
+      assert.are.equal(0, code, err)
+      assert.is_true(S.has(out, "restarted\ttrue"), out .. err)
+      assert.is_true(S.has(out, "start_child\ttrue"), out .. err)
     end)
 
     it("starts a server child and restarts it under its name", function()

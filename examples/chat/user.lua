@@ -74,10 +74,6 @@ local mb = require "moonbeam"
 
 local user = {}
 
--- This file's directory, for tcp_wake: a new process does not have this
--- example on package.path.
-local DIR = debug.getinfo(1, "S").source:match("^@(.+)/[^/]*$") or "."
-
 -- The longest line accepted, in bytes, without its line end.
 local MAX_LINE = 4096
 -- How long to wait for the registry or a room to answer.
@@ -395,15 +391,11 @@ end
 local tcp_loop
 
 -- Where a hibernated TCP user goes on, in its new Lua state: this module,
--- required again (from the host's module cache) with this example's
--- directory `dir` on the path. A function of no upvalues: the continuation
--- is one function, `dir`, the session and its hibernate_after (an argument
--- rather than a field: it then hibernates in fewer bytes).
-local function tcp_wake(dir, hibernate_after, st)
-  local path = package.path
-  if path:sub(1, #dir + 7) ~= dir .. "/?.lua;" then
-    package.path = dir .. "/?.lua;" .. path
-  end
+-- required again (from the host's module cache; the process keeps the
+-- package.path it had, on which it was found). A function of no upvalues:
+-- the continuation is one function, the session and its hibernate_after
+-- (an argument rather than a field: it then hibernates in fewer bytes).
+local function tcp_wake(hibernate_after, st)
   st.hibernate_after = hibernate_after
   return require("user").tcp_resume(st)
 end
@@ -440,7 +432,7 @@ local function hibernate(st)
   local after = st.hibernate_after
   session_pack(st)
   st.hibernate_after = nil
-  local _, err = pcall(mb.hibernate, tcp_wake, DIR, after, st)
+  local _, err = pcall(mb.hibernate, tcp_wake, after, st)
   session_unpack(st)
   st.hibernate_after = nil
   io.stderr:write("chat: user " .. tostring(mb.self()) .. " cannot hibernate: "

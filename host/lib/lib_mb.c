@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "codepath.h"
 #include "copy.h"
 #include "intern.h"
 #include "lauxlib.h"
@@ -209,6 +210,10 @@ static int name_ok(lua_State *L, int idx)
   return n >= 1 && n <= MB_NAME_MAX && memchr(s, '\0', n) == NULL;
 }
 
+/* When no entry for a process's package paths can be made (codepath.h). */
+#define CODEPATH_FULL "out of memory for package paths (%d different pairs " \
+  "of package.path and package.cpath at most)"
+
 /* Spawn fn at fnidx with the arguments above it; push pid (and ref). */
 static int spawn_common(lua_State *L, int fnidx, const spawn_opts_t *o,
                         const char *fname)
@@ -220,6 +225,8 @@ static int spawn_common(lua_State *L, int fnidx, const spawn_opts_t *o,
   if ((o->monitor || o->link) &&
       mb_proc_room(self, (size_t)(!!o->monitor + !!o->link) * MB_PROC_SET_ENTRY))
     return luaL_error(L, "%s: out of memory", fname);
+  if (mb_lstate_codepath_sync(L) < 0)   /* the paths the child inherits */
+    return luaL_error(L, "%s: " CODEPATH_FULL, fname, MB_CODEPATH_MAX);
   mb_msg_t *m = encode_body(L, fnidx, fname);
   mb_proc_t *p;
   int rc = mb_proc_new(o->max_memory, &p);
@@ -231,6 +238,8 @@ static int spawn_common(lua_State *L, int fnidx, const spawn_opts_t *o,
   }
   p->boot = boot_spawned;
   p->boot_msg = m;
+  p->codepath = self->codepath;
+  mb_codepath_ref(p->codepath);
   if (o->essential) {   /* the killer reads it under the lock */
     mb_proc_lock(p);
     p->essential = 1;
@@ -319,6 +328,8 @@ static int l_spawn_opt(lua_State *L)
 static int l_hibernate(lua_State *L)
 {
   mb_proc_t *p = mb_lib_self(L);
+  if (mb_lstate_codepath_sync(L) < 0)   /* the paths it wakes with */
+    return luaL_error(L, "hibernate: " CODEPATH_FULL, MB_CODEPATH_MAX);
   mb_msg_t *m = encode_body(L, 1, "hibernate");
   if (!mb_run_can_yield(p, L)) {
     mb_msg_free(m);

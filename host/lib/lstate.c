@@ -23,6 +23,7 @@
 #include "lib.h"
 #include "hookmask.h"
 #include "lstate.h"
+#include "codepath.h"
 #include "modcache.h"
 #include "pid.h"
 #include "luajit.h"
@@ -898,6 +899,15 @@ static void after_package(lua_State *L)
   lua_pushvalue(L, -1);
   lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_PACKAGE);
   set_host_path(L, lua_gettop(L));
+  mb_proc_t *p = mb_proc_of(L);
+  if (p)
+    p->package_opened = 1;
+  if (p && p->codepath) {   /* the paths it inherited (codepath.h) */
+    lua_pushstring(L, mb_codepath_get(p->codepath, 0));
+    lua_setfield(L, -2, "path");
+    lua_pushstring(L, mb_codepath_get(p->codepath, 1));
+    lua_setfield(L, -2, "cpath");
+  }
   mb_sandbox_package(L);
   mb_modcache_install(L);   /* replaces the sandbox's Lua-file searcher */
   /* jit.profile's entry comes with the jit library (after_jit): here it
@@ -963,7 +973,9 @@ static mb_lstate_chunk_t require_chunk = MB_LSTATE_LIBCHUNK(require_src, "=requi
 
 static int open_for(lua_State *L, const char *name, size_t len);
 
-static char *light_path;    /* package.path as after_package makes it */
+/* package.path and cpath as after_package makes them for a process that
+ * inherited no others (codepath.h). */
+static char *light_path, *light_cpath;
 static char sentinel;       /* package.loaded[name] while name loads */
 
 static int listed_in(const char *const *list, const char *name)
@@ -1012,7 +1024,9 @@ static int light_loader(lua_State *L, const char *name)
   lua_pop(L, 1);
   if (listed_in(std_libs, name) || listed_in(std_stand_ins, name) || light_path == NULL)
     return 0;
-  return mb_modcache_find(L, name, light_path);
+  mb_proc_t *p = mb_proc_of(L);
+  return mb_modcache_find(L, name, p && p->codepath ? mb_codepath_get(p->codepath, 0)
+                                                    : light_path);
 }
 
 /* Push the loader of module name from the package library's loaders (at
@@ -1163,7 +1177,56 @@ static int probe_path(lua_State *L)
   lua_getfield(L, LUA_GLOBALSINDEX, "package");
   set_host_path(L, lua_gettop(L));
   lua_getfield(L, -1, "path");
-  light_path = strdup(lua_tostring(L, -1));
+  lua_getfield(L, -2, "cpath");
+  light_path = strdup(lua_tostring(L, -2));
+  light_cpath = strdup(lua_tostring(L, -1));
+  return 0;
+}
+
+/* A package path of the package table at t, or NULL if it is not a
+ * string (the package library would not use it). */
+static const char *path_of(lua_State *L, int t, const char *field)
+{
+  lua_pushstring(L, field);
+  lua_rawget(L, t);
+  const char *s = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+  lua_pop(L, 1);   /* still anchored by the table */
+  return s;
+}
+
+int mb_lstate_codepath_sync(lua_State *L)
+{
+  mb_proc_t *p = mb_proc_of(L);
+  if (!p->package_opened || light_path == NULL || light_cpath == NULL)
+    return 0;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_PACKAGE);
+  if (!lua_istable(L, -1)) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  int t = lua_gettop(L);
+  const char *path = path_of(L, t, "path"), *cpath = path_of(L, t, "cpath");
+  if (path == NULL)
+    path = light_path;
+  if (cpath == NULL)
+    cpath = light_cpath;
+  unsigned cur = p->codepath;
+  int id;
+  if (cur ? strcmp(path, mb_codepath_get(cur, 0)) == 0 &&
+            strcmp(cpath, mb_codepath_get(cur, 1)) == 0
+          : strcmp(path, light_path) == 0 && strcmp(cpath, light_cpath) == 0)
+    id = (int)cur;    /* the most frequent: nothing changed */
+  else if (strcmp(path, light_path) == 0 && strcmp(cpath, light_cpath) == 0)
+    id = 0;
+  else
+    id = mb_codepath_intern(path, cpath);
+  lua_pop(L, 1);
+  if (id < 0)
+    return -1;
+  if ((unsigned)id != cur) {   /* intern's reference goes to p */
+    mb_codepath_unref(cur);
+    p->codepath = (uint16_t)id;
+  }
   return 0;
 }
 
@@ -1973,6 +2036,7 @@ int mb_lstate_new(mb_proc_t *p)
   p->alloc.oom = 0;
   p->lstate_tainted = 0;
   p->base_opened = 0;
+  p->package_opened = 0;
   kept_body = 0;
   int base = 0;
   lua_State *L = pool_take(p, &base);

@@ -33,7 +33,9 @@
  *  - string: gsub checks the C stack first (mb_lstate_cstack_check);
  *  - os: os.exit(code) halts the host with that code;
  *  - package: path starts with the host's Lua directory (mb_lstate_lua_dir),
- *    then the usual LuaJIT and Debian Lua 5.1 directories;
+ *    then the usual LuaJIT and Debian Lua 5.1 directories; a process whose
+ *    parent had other paths (or that hibernated with others) gets those
+ *    (codepath.h);
  *  - jit: the JIT stays off (a count hook does not run in compiled code).
  * Known consequence: pairs(_G) lists only the libraries opened so far,
  * pairs(string) is empty until a string function was used, and
@@ -53,6 +55,13 @@ void mb_lstate_init(void);
 
 /* -E: every process's package library ignores LUA_PATH and LUA_CPATH. */
 extern int mb_lstate_noenv;
+
+/* Bring the entry of L's process's package paths (mb_proc_t.codepath,
+ * codepath.h) up to date with its package table, before it spawns (the new
+ * process takes a reference to it) or hibernates (it wakes with it). 0, or
+ * -1 when no entry can be made (the process keeps the one it had). May
+ * raise (out of memory). */
+int mb_lstate_codepath_sync(lua_State *L);
 
 /* The directory of the host's Lua modules: ../share/moonbeam/lua from the
  * binary when it exists (installed), else the source tree's lua/. */

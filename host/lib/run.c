@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "code.h"
+#include "codepath.h"
 #include "io.h"
 #include "copy.h"
 #include "hookmask.h"
@@ -933,6 +934,14 @@ static mb_code_t *code_of(lua_State *L, int idx)
   return NULL;
 }
 
+/* An exit hook, after the state's close (whose finalizers may require):
+ * the process's package paths (codepath.h). */
+static void drop_codepath(mb_proc_t *p)
+{
+  mb_codepath_unref(p->codepath);
+  p->codepath = 0;
+}
+
 void mb_run_init(void)
 {
   mb_copy_on_load = on_load;
@@ -947,4 +956,5 @@ void mb_run_init(void)
   mb_sched_set_runner(run);
   mb_sched_set_preempter(preempt);
   mb_proc_add_exit_hook(mb_lstate_close);
+  mb_proc_add_exit_hook(drop_codepath);
 }

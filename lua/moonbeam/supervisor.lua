@@ -182,8 +182,7 @@ local function remove(st, child)
 end
 
 -- Whether a new process could require module name: it looks where this
--- one would (a new state's package.path and cpath: the supervisor never
--- changes its own). A process started from a module that is not there would
+-- one would (the process it spawns inherits its package.path and cpath). A process started from a module that is not there would
 -- only fail after spawn_link had returned its pid, and a typo in
 -- start_child would then take the supervisor down through its restarts.
 local function findable(name)
