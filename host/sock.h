@@ -116,7 +116,7 @@ typedef struct mb_sock_addr {
 } mb_sock_addr_t;
 
 /* Most sockets of a big server are idle connections, so the struct is kept
- * small (under 512 bytes, one mimalloc size class): what only a gentle
+ * small (512 bytes at most, one mimalloc size class; sock.c asserts it): what only a gentle
  * close needs (the shutdown request, the linger timer) is allocated then
  * (struct mb_sock_linger), the addresses are kept compact, and the flags
  * are bytes. A byte flag is its own memory location, so a flag guarded by
@@ -137,6 +137,9 @@ typedef struct mb_sock {
   mb_pid_t ws_rx_by;           /* charged to this process */
   long long wq_charged;        /* wq as last charged (wq_sync), */
   mb_pid_t wq_by;              /* to this process */
+  /* WebSocket payload bytes held back in the framer, still counted in wq
+   * (here, in the lock's padding: the struct stays in its size class) */
+  uint32_t ws_held;
 
   mb_lock_t lock;
   /* -- guarded by lock -- */
@@ -179,9 +182,6 @@ typedef struct mb_sock {
   /* -- owner-only: bytes written and held back (mb_sock_cork) -- */
   char *cork;
   uint32_t cork_len, cork_cap;
-  /* -- loop thread only: WebSocket payload bytes held back in the framer,
-   * still counted in wq -- */
-  uint32_t ws_held;
 } mb_sock_t;
 
 /* Socket values: an id kind (pid.h) whose methods the Lua layer sets. */
