@@ -685,6 +685,31 @@ describe("processes", function()
       assert.is_true(S.has(out, "default\ttrue"), out .. err)
       assert.is_true(S.has(out, "again\t70000"), out .. err)
     end)
+
+    it("are bounded in bytes: 64 MB of paths in use at once", function()
+      local code, out, err = run([[
+        local big = string.rep("/x", 2 * 1024 * 1024)   -- 4 MB
+        local pids = {}
+        for i = 1, 20 do
+          package.path = big .. i
+          local ok, pid = pcall(mb.spawn, function() mb.receive() end)
+          if not ok then print("refused", i, pid) break end
+          pids[#pids + 1] = pid
+        end
+        -- hibernate refuses a new path too, and the process goes on
+        package.path = big .. "h"
+        print("hibernate", pcall(mb.hibernate, function() end))
+        for _, p in ipairs(pids) do mb.exit(p, "kill") end
+        while mb.info(pids[#pids]) do mb.sleep(10) end
+        package.path = big .. "again"
+        local _, ref = mb.spawn_monitor(function() end)
+        print("after", mb.receive(function(x) return type(x) == "table" and x.ref == ref end, 5000) ~= nil)
+      ]])
+      assert.are.equal(0, code, err)
+      assert.is_true(S.has(out, "refused\t16\tspawn: out of memory for package paths"), out .. err)
+      assert.is_true(S.has(out, "hibernate\tfalse\thibernate: out of memory for package paths"), out .. err)
+      assert.is_true(S.has(out, "after\ttrue"), out .. err)
+    end)
   end)
 
   describe("mb.halt (in a separate host)", function()

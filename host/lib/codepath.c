@@ -27,6 +27,7 @@ static entry_t *buckets[NBUCKETS];
 static entry_t **by_id;
 static unsigned short *free_next;
 static unsigned free_head, top = 1;
+static size_t bytes;        /* of the entries in use */
 
 static unsigned hash_pair(const char *path, const char *cpath)
 {
@@ -65,6 +66,8 @@ int mb_codepath_intern(const char *path, const char *cpath)
     goto done;
   size_t plen = strlen(path) + 1, clen = strlen(cpath) + 1;
   size_t size = sizeof(entry_t) + plen + clen;
+  if (size > MB_CODEPATH_BYTES - bytes)
+    goto done;
   entry_t *e = malloc(size);
   if (e == NULL)
     goto done;
@@ -84,6 +87,7 @@ int mb_codepath_intern(const char *path, const char *cpath)
   }
   e->id = (unsigned)id;
   by_id[id] = e;
+  bytes += size;
   mb_alloc_count((long long)size);
 done:
   pthread_mutex_unlock(&lock);
@@ -114,6 +118,7 @@ void mb_codepath_unref(unsigned id)
     by_id[id] = NULL;
     free_next[id] = (unsigned short)free_head;
     free_head = id;
+    bytes -= e->size;
     gone = e;
   }
   pthread_mutex_unlock(&lock);

@@ -22,9 +22,11 @@
  * where the package library would: in require's light path before the
  * library opens, and as package.path and package.cpath when it opens.
  *
- * Bounded: at most MB_CODEPATH_MAX pairs in use at once (spawn and
- * hibernate then raise); the bytes of the entries count in the host's
- * memory (alloc.h).
+ * Bounded, as a process could otherwise make the host hold any number of
+ * paths of any length for processes that hold two bytes each: at most
+ * MB_CODEPATH_MAX pairs in use at once, of MB_CODEPATH_BYTES in all (spawn
+ * and hibernate then raise); the bytes count in the host's memory
+ * (alloc.h).
  *
  * Threads: any; one mutex. An entry's strings do not change while it is
  * referenced, and a holder of a reference reads them without the lock.
@@ -33,10 +35,12 @@
 #define MB_CODEPATH_H
 
 #define MB_CODEPATH_MAX 65535
+#define MB_CODEPATH_BYTES (64u << 20)
 
 /* The number of the entry that holds the pair (path, cpath) - an existing
  * one's, else a new one's - with a reference taken for the caller; -1 when
- * MB_CODEPATH_MAX pairs are in use or memory ran out. Never 0. */
+ * a new one would pass MB_CODEPATH_MAX or MB_CODEPATH_BYTES, or memory ran
+ * out. Never 0. */
 int mb_codepath_intern(const char *path, const char *cpath);
 
 /* Take or drop a reference to entry id (0: nothing to do). */

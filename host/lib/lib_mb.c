@@ -212,7 +212,7 @@ static int name_ok(lua_State *L, int idx)
 
 /* When no entry for a process's package paths can be made (codepath.h). */
 #define CODEPATH_FULL "out of memory for package paths (%d different pairs " \
-  "of package.path and package.cpath at most)"
+  "of package.path and package.cpath, %d MB in all, at most)"
 
 /* Spawn fn at fnidx with the arguments above it; push pid (and ref). */
 static int spawn_common(lua_State *L, int fnidx, const spawn_opts_t *o,
@@ -226,7 +226,8 @@ static int spawn_common(lua_State *L, int fnidx, const spawn_opts_t *o,
       mb_proc_room(self, (size_t)(!!o->monitor + !!o->link) * MB_PROC_SET_ENTRY))
     return luaL_error(L, "%s: out of memory", fname);
   if (mb_lstate_codepath_sync(L) < 0)   /* the paths the child inherits */
-    return luaL_error(L, "%s: " CODEPATH_FULL, fname, MB_CODEPATH_MAX);
+    return luaL_error(L, "%s: " CODEPATH_FULL, fname, MB_CODEPATH_MAX,
+                      (int)(MB_CODEPATH_BYTES >> 20));
   mb_msg_t *m = encode_body(L, fnidx, fname);
   mb_proc_t *p;
   int rc = mb_proc_new(o->max_memory, &p);
@@ -329,7 +330,8 @@ static int l_hibernate(lua_State *L)
 {
   mb_proc_t *p = mb_lib_self(L);
   if (mb_lstate_codepath_sync(L) < 0)   /* the paths it wakes with */
-    return luaL_error(L, "hibernate: " CODEPATH_FULL, MB_CODEPATH_MAX);
+    return luaL_error(L, "hibernate: " CODEPATH_FULL, MB_CODEPATH_MAX,
+                      (int)(MB_CODEPATH_BYTES >> 20));
   mb_msg_t *m = encode_body(L, 1, "hibernate");
   if (!mb_run_can_yield(p, L)) {
     mb_msg_free(m);
