@@ -257,6 +257,24 @@ describe("require", function()
     return S.moonbeam((opts or "") .. " " .. S.q(path), dir, 60)
   end
 
+  it("is named in a traceback through it, before and after the package library opens", function()
+    local code, out, err = run([[
+      local mb = require "moonbeam"
+      local me = mb.self()
+      mb.spawn(function()   -- a new process: require's light path, then the library
+        local _, tb = xpcall(function() require "mbspec_no_such_module" end, debug.traceback)
+        mb.send(me, tb)
+      end)
+      print(mb.receive(5000))
+      local _, tb = xpcall(function() require(nil) end, debug.traceback)
+      print(tb)
+    ]])
+    assert.are.equal(0, code, err)
+    local _, n = out:gsub("%[C%]: in function 'require'", "")
+    assert.are.equal(2, n, out)
+    assert.is_nil(out:find("in function ''", 1, true), out)
+  end)
+
   it("gives LuaJIT's results and errors, before and after the package library opens", function()
     modules({
       loopa = 'return require "loopb"',

@@ -963,8 +963,9 @@ static void after_package(lua_State *L)
  * (package.path, preload or loaders may have changed). */
 static const char require_src[] =
   "return function(plan, done)\n"
+  "  local C = {require = plan}\n"
   "  return function(...)\n"
-  "    local value, loader, name = plan(...)\n"
+  "    local value, loader, name = C.require(...)\n"
   "    if loader == nil then return value end\n"
   "    return done(name, loader(name))\n"
   "  end\n"
