@@ -323,6 +323,58 @@ describe("preemption", function()
       }]], "a debug hook function ran past its slice")
     end)
 
+    -- Lua that a C function calls cannot yield either: an xpcall handler,
+    -- load's reader, a __tostring that print or string.format calls, a
+    -- package.loaders function. One that looped held its scheduler for good
+    -- (with a process per scheduler doing so, the whole host). Past its
+    -- slice it now gets MB_OWED_MS (100 ms), then an error where it runs;
+    -- the process goes on from there.
+    it("Lua called from C that loops holds the others only a bounded time", function()
+      local s = S.write("loop_from_c.lua", [[
+        local mb = require "moonbeam"
+        local me = mb.self()
+        local spin = function() while true do end end
+        -- (tostring itself calls __tostring as Lua, which is preempted.)
+        local function obj() return setmetatable({}, { __tostring = spin }) end
+        local cases = {
+          xpcall = function() return xpcall(error, spin) end,
+          print = function() return pcall(print, obj()) end,
+          format = function() return pcall(string.format, "%s", obj()) end,
+          load = function() return load(spin) end,
+          loader = function()
+            table.insert(package.loaders, 1, spin)
+            return pcall(require, "mbspec_anything")
+          end,
+        }
+        for name, case in pairs(cases) do
+          mb.spawn(function()
+            local a, b = case()
+            mb.send(me, { name = name, a = tostring(a), b = tostring(b) })
+          end)
+        end
+      ]] .. others_run(20) .. [[
+        local got = {}
+        for _ = 1, 5 do
+          local m = mb.receive(function(x) return type(x) == "table" and x.name end, 10000)
+          if m then got[#got + 1] = m.name .. " " .. m.a .. " " .. m.b end
+        end
+        table.sort(got)
+        print(table.concat(got, "\n"))
+        os.exit(0)
+      ]])
+      local code, out, err = S.moonbeam("--schedulers 1 " .. S.q(s), nil, 60)
+      assert.are.equal(0, code, out .. err)
+      assert.is_true(S.has(out, "others ran"), out .. err)
+      local past = "ran past its slice by over 100 ms"
+      for _, name in ipairs { "format false", "load nil", "loader false", "print false" } do
+        local line = out:match("\n(" .. name .. " [^\n]*)")
+        assert.is_truthy(line, out .. err)
+        assert.is_true(S.has(line, past), out .. err)
+      end
+      -- An error in the handler: LuaJIT's own message for it.
+      assert.is_true(S.has(out, "\nxpcall false "), out .. err)
+    end)
+
     -- Each caught error clears a flag in LuaJIT's hook mask, a read, a
     -- change and a write of a byte that the preemption also writes. The
     -- ticker wrote it from its own thread: a poke the owner's write undid

@@ -7,7 +7,7 @@
  * wakes with the paths it had. So a main script that puts its directory on
  * package.path can spawn functions that capture its modules, spawn them by
  * name, and hibernate into them: the new state finds them where the script
- * did. Before, a new state had the host's default paths only.
+ * did.
  *
  * Each distinct pair of paths in use is one entry of a host-wide table,
  * reference-counted, shared by the processes that have it, and freed when

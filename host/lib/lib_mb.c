@@ -457,6 +457,7 @@ static mb_lstate_chunk_t signal_msg_chunk = MB_LSTATE_CHUNK(signal_msg_src, "=si
 
 void mb_lib_push_msg(lua_State *L, const mb_msg_t *m)
 {
+  mb_run_calls_lua();   /* a receive's scan: a message at a time */
   if (m->kind == MB_MSG_USER) {
     mb_copy_decode(L, m);
     return;

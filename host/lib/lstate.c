@@ -547,6 +547,7 @@ static int host_print(lua_State *L)
   enum { PIECES = 32 };   /* joined as they come: any number of arguments */
   int n = lua_gettop(L);
   luaL_checkstack(L, PIECES + 4, "too many arguments to print");
+  mb_run_calls_lua();
   lua_getfield(L, LUA_GLOBALSINDEX, "tostring");
   int ts = lua_gettop(L);
   for (int i = 1; i <= n; i++) {
@@ -900,9 +901,8 @@ static void after_package(lua_State *L)
   lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_PACKAGE);
   set_host_path(L, lua_gettop(L));
   mb_proc_t *p = mb_proc_of(L);
-  if (p)
-    p->package_opened = 1;
-  if (p && p->codepath) {   /* the paths it inherited (codepath.h) */
+  p->package_opened = 1;
+  if (p->codepath) {   /* the paths it inherited (codepath.h) */
     lua_pushstring(L, mb_codepath_get(p->codepath, 0));
     lua_setfield(L, -2, "path");
     lua_pushstring(L, mb_codepath_get(p->codepath, 1));
@@ -1025,9 +1025,8 @@ static int light_loader(lua_State *L, const char *name)
   lua_pop(L, 1);
   if (listed_in(std_libs, name) || listed_in(std_stand_ins, name) || light_path == NULL)
     return 0;
-  mb_proc_t *p = mb_proc_of(L);
-  return mb_modcache_find(L, name, p && p->codepath ? mb_codepath_get(p->codepath, 0)
-                                                    : light_path);
+  unsigned cp = mb_proc_of(L)->codepath;
+  return mb_modcache_find(L, name, cp ? mb_codepath_get(cp, 0) : light_path);
 }
 
 /* Push the loader of module name from the package library's loaders (at
@@ -1038,6 +1037,7 @@ static void library_loader(lua_State *L, const char *name, int idx)
 {
   if (!lua_istable(L, idx))
     require_error(L, "'package.loaders' must be a table");
+  mb_run_calls_lua();
   lua_pushliteral(L, "");
   for (int i = 1;; i++) {
     lua_rawgeti(L, idx, i);
@@ -1135,6 +1135,7 @@ static void push_require(lua_State *L)
 /* require(name) in C: plan, the loader and done, each called from C. */
 static int require_in_c(lua_State *L)
 {
+  mb_run_calls_lua();
   lua_settop(L, 1);
   lua_pushcfunction(L, require_plan);
   lua_pushvalue(L, 1);
@@ -1213,9 +1214,8 @@ int mb_lstate_codepath_sync(lua_State *L)
     cpath = light_cpath;
   unsigned cur = p->codepath;
   int id;
-  if (cur ? strcmp(path, mb_codepath_get(cur, 0)) == 0 &&
-            strcmp(cpath, mb_codepath_get(cur, 1)) == 0
-          : strcmp(path, light_path) == 0 && strcmp(cpath, light_cpath) == 0)
+  if (cur && strcmp(path, mb_codepath_get(cur, 0)) == 0 &&
+      strcmp(cpath, mb_codepath_get(cur, 1)) == 0)
     id = (int)cur;    /* the most frequent: nothing changed */
   else if (strcmp(path, light_path) == 0 && strcmp(cpath, light_cpath) == 0)
     id = 0;

@@ -87,6 +87,31 @@ int mb_run_suspend(lua_State *L)
   return mb_run_yield(L, MB_YIELD_PREEMPT);
 }
 
+/* When the process running on this thread first failed to find a safe
+ * point for a preemption it owed in this slice (uv_hrtime), or 0, and the
+ * count of mb_run_calls_lua then: a call that started since restarts it. */
+static _Thread_local uint64_t owed_since;
+static _Thread_local uint32_t calls, owed_calls;
+
+void mb_run_calls_lua(void)
+{
+  calls++;
+}
+
+/* The count of the next look for a safe point: MB_HOOK_RETRY_INSTRUCTIONS
+ * on average, varied, so that a loop whose period is a multiple of a fixed
+ * count (a load whose reader is most of it) is not met at the same point
+ * of it, inside the call, every time: its safe points are met in the
+ * proportion of the loop they take. */
+static int retry_count(void)
+{
+  static _Thread_local uint32_t x = 2463534242u;
+  x ^= x << 13;
+  x ^= x >> 17;
+  x ^= x << 5;
+  return MB_HOOK_RETRY_INSTRUCTIONS / 2 + (int)(x % (MB_HOOK_RETRY_INSTRUCTIONS + 1));
+}
+
 /* Does p run code LuaJIT runs with hooks held off - a __gc finalizer, its
  * debug hook function (hookmask.h)? */
 static int held_off(mb_proc_t *p, lua_State *L)
@@ -219,7 +244,20 @@ void mb_run_hook(lua_State *L, lua_Debug *ar)
                "must be quick, as an Erlang guard is",
                MB_MATCH_HOOKS * MB_HOOK_INSTRUCTIONS);
   }
-  mb_lstate_sethook(L, die ? 1 : MB_HOOK_RETRY_INSTRUCTIONS);
+  if (!die) {
+    uint64_t now = uv_hrtime();
+    if (owed_since == 0 || owed_calls != calls) {
+      owed_since = now;
+      owed_calls = calls;
+    }
+    if (now - owed_since > (uint64_t)MB_OWED_MS * 1000000) {
+      mb_lstate_sethook(L, 1);
+      luaL_error(L, "Lua called from C (an xpcall handler, load's reader, a __tostring, "
+                 "a package loader) ran past its slice by over %d ms; it runs as one step "
+                 "that cannot be preempted, and must be quick", MB_OWED_MS);
+    }
+  }
+  mb_lstate_sethook(L, die ? 1 : retry_count());
   if (die) {
     if (held)
       mb_hookmask_unhold(L);
@@ -711,6 +749,7 @@ static void run(mb_sched_t *s, mb_proc_t *p)
   if (atomic_load_explicit(&p->preempt, memory_order_relaxed))
     atomic_store_explicit(&p->preempt, 0, memory_order_relaxed);
   p->held_hooks = 0;
+  owed_since = 0;
   if (MB_POKE_BY_SIGNAL && p->L && !p->counted && lua_gethook(p->L) == mb_run_hook)
     mb_lstate_sethook(p->L, 0);
   int nargs;

@@ -70,6 +70,24 @@
 /* The same for a __gc finalizer or a debug hook function that runs past
  * its slice (hookmask.h). */
 #define MB_HELD_HOOKS MB_MATCH_HOOKS
+/* Any other Lua that C called and that therefore cannot yield - an xpcall
+ * handler, load's reader, a __tostring that print or string.format
+ * calls, a package.loaders function, a module that a
+ * message's decoder requires - may run this long past the moment its
+ * slice owed a preemption, then it is stopped with an error where it runs
+ * (run.c, mb_run_hook). In time, not VM instructions: the hook looks for a
+ * safe point every MB_HOOK_RETRY_INSTRUCTIONS there (a loop that calls
+ * such code now and then has one a few instructions long between two
+ * calls). */
+#define MB_OWED_MS 100
+
+/* A C function of the host's that calls a process's Lua where it cannot
+ * yield (load its reader, print a __tostring, require a package loader)
+ * says so as each call starts: MB_OWED_MS then counts from the start of
+ * the call the hook finds running, so that a loop of short loads, whose
+ * safe points between two calls the hook seldom meets, is not taken for
+ * one long call. Scheduler thread. */
+void mb_run_calls_lua(void);
 
 /* Set the runner up (the executor's runner, the process exit hook that
  * frees what a process's Lua held). Once, at start-up. */

@@ -6,6 +6,7 @@
 #include "lauxlib.h"
 #include "lualib.h"
 #include "lstate.h"
+#include "run.h"
 #include "sandbox.h"
 
 mb_sandbox_opts_t mb_sandbox_opts;
@@ -161,6 +162,7 @@ static int sb_load(lua_State *L)
   } else {
     luaL_checktype(L, 1, LUA_TFUNCTION);
     mb_lstate_cstack_check(L);   /* a reader may call load again */
+    mb_run_calls_lua();
     status = read_chunk(L, 1);
     if (status == 0) {
       size_t len;

@@ -602,6 +602,7 @@ static void add_replacement(call_t *c, const char *s, const char *e)
     return;
   }
   if (c->repl_type == LUA_TFUNCTION) {
+    mb_run_calls_lua();
     lua_pushvalue(L, 3);
     lua_call(L, push_captures(m, s, e), 1);
   } else {
