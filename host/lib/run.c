@@ -230,7 +230,11 @@ void mb_run_hook(lua_State *L, lua_Debug *ar)
    * process that must die: a pcall inside the code catches one throw,
    * never all. In held-off code every throw first lets hooks through
    * again: the hook's own flag would stay set past a pcall made there
-   * while LuaJIT held hooks off, and they would be off again. */
+   * while LuaJIT held hooks off, and they would be off again. Any other
+   * Lua that C called (an xpcall handler, load's reader...) gets
+   * MB_OWED_MS of time from when the preemption found no safe point, or
+   * from the start of the host's call it runs in (mb_run_calls_lua), and
+   * is stopped the same way. */
   int held = held_off(p, L);
   if (!die && held) {
     held_budget(L, p);
