@@ -21,11 +21,12 @@ typedef struct entry {
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static entry_t *buckets[NBUCKETS];
 /* By number, 1..MB_CODEPATH_MAX; the free numbers are chained through
- * free_next (0 ends it), and `top` is the first never used. Allocated once.
- * An entry's slot is written under the lock and read without it by a
- * holder of a reference, which got the number after the write. */
-static entry_t **by_id;
-static unsigned short *free_next;
+ * free_next (0 ends it), and `top` is the first never used (the arrays'
+ * pages are touched only as numbers are used). An entry's slot is written
+ * under the lock and read without it by a holder of a reference, which got
+ * the number after the write. */
+static entry_t *by_id[MB_CODEPATH_MAX + 1];
+static unsigned short free_next[MB_CODEPATH_MAX + 1];
 static unsigned free_head, top = 1;
 static size_t bytes;        /* of the entries in use */
 
@@ -51,17 +52,6 @@ int mb_codepath_intern(const char *path, const char *cpath)
       id = (int)e->id;
       goto done;
     }
-  if (by_id == NULL) {
-    by_id = calloc(MB_CODEPATH_MAX + 1, sizeof *by_id);
-    free_next = calloc(MB_CODEPATH_MAX + 1, sizeof *free_next);
-    if (by_id == NULL || free_next == NULL) {
-      free(by_id);
-      free(free_next);
-      by_id = NULL;
-      free_next = NULL;
-      goto done;
-    }
-  }
   if (free_head == 0 && top > MB_CODEPATH_MAX)
     goto done;
   size_t plen = strlen(path) + 1, clen = strlen(cpath) + 1;

@@ -210,9 +210,15 @@ static int name_ok(lua_State *L, int idx)
   return n >= 1 && n <= MB_NAME_MAX && memchr(s, '\0', n) == NULL;
 }
 
-/* When no entry for a process's package paths can be made (codepath.h). */
-#define CODEPATH_FULL "out of memory for package paths (%d different pairs " \
-  "of package.path and package.cpath, %d MB in all, at most)"
+/* Bring the caller's package paths up to date (codepath.h) before it
+ * spawns or hibernates, or raise when no entry can be made for them. */
+static void sync_codepath(lua_State *L, const char *fname)
+{
+  if (mb_lstate_codepath_sync(L) < 0)
+    luaL_error(L, "%s: out of memory for package paths (%d different pairs of "
+               "package.path and package.cpath, %d MB in all, at most)", fname,
+               MB_CODEPATH_MAX, (int)(MB_CODEPATH_BYTES >> 20));
+}
 
 /* Spawn fn at fnidx with the arguments above it; push pid (and ref). */
 static int spawn_common(lua_State *L, int fnidx, const spawn_opts_t *o,
@@ -225,9 +231,7 @@ static int spawn_common(lua_State *L, int fnidx, const spawn_opts_t *o,
   if ((o->monitor || o->link) &&
       mb_proc_room(self, (size_t)(!!o->monitor + !!o->link) * MB_PROC_SET_ENTRY))
     return luaL_error(L, "%s: out of memory", fname);
-  if (mb_lstate_codepath_sync(L) < 0)   /* the paths the child inherits */
-    return luaL_error(L, "%s: " CODEPATH_FULL, fname, MB_CODEPATH_MAX,
-                      (int)(MB_CODEPATH_BYTES >> 20));
+  sync_codepath(L, fname);   /* the paths the child inherits */
   mb_msg_t *m = encode_body(L, fnidx, fname);
   mb_proc_t *p;
   int rc = mb_proc_new(o->max_memory, &p);
@@ -329,9 +333,7 @@ static int l_spawn_opt(lua_State *L)
 static int l_hibernate(lua_State *L)
 {
   mb_proc_t *p = mb_lib_self(L);
-  if (mb_lstate_codepath_sync(L) < 0)   /* the paths it wakes with */
-    return luaL_error(L, "hibernate: " CODEPATH_FULL, MB_CODEPATH_MAX,
-                      (int)(MB_CODEPATH_BYTES >> 20));
+  sync_codepath(L, "hibernate");   /* the paths it wakes with */
   mb_msg_t *m = encode_body(L, 1, "hibernate");
   if (!mb_run_can_yield(p, L)) {
     mb_msg_free(m);
@@ -457,11 +459,11 @@ static mb_lstate_chunk_t signal_msg_chunk = MB_LSTATE_CHUNK(signal_msg_src, "=si
 
 void mb_lib_push_msg(lua_State *L, const mb_msg_t *m)
 {
-  mb_run_calls_lua();   /* a receive's scan: a message at a time */
   if (m->kind == MB_MSG_USER) {
     mb_copy_decode(L, m);
     return;
   }
+  mb_run_calls_lua();   /* the builder: a receive's scan calls it per message */
   lua_rawgeti(L, LUA_REGISTRYINDEX, MB_REGSLOT_SIGNAL_MSG);
   if (lua_isnil(L, -1)) {
     lua_pop(L, 1);

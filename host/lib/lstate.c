@@ -899,7 +899,6 @@ static void after_package(lua_State *L)
   lua_getfield(L, LUA_GLOBALSINDEX, "package");
   lua_pushvalue(L, -1);
   lua_rawseti(L, LUA_REGISTRYINDEX, MB_REGSLOT_PACKAGE);
-  set_host_path(L, lua_gettop(L));
   mb_proc_t *p = mb_proc_of(L);
   p->package_opened = 1;
   if (p->codepath) {   /* the paths it inherited (codepath.h) */
@@ -907,6 +906,8 @@ static void after_package(lua_State *L)
     lua_setfield(L, -2, "path");
     lua_pushstring(L, mb_codepath_get(p->codepath, 1));
     lua_setfield(L, -2, "cpath");
+  } else {
+    set_host_path(L, lua_gettop(L));
   }
   mb_sandbox_package(L);
   mb_modcache_install(L);   /* replaces the sandbox's Lua-file searcher */
