@@ -897,6 +897,38 @@ describe("moonbeam.http", function()
       assert.are.equal(400, get("/nul%00byte").status)
     end)
 
+    it("answers 503 when no file descriptor is left to open the file", function()
+      -- A child host with 128 descriptors, its handler holding every free
+      -- one while the static handler runs: the stat needs none, the read
+      -- fails with EMFILE. Not the file's fault, so not a 404.
+      local script = S.write("fdstatic.lua", [=[
+        local mb = require "moonbeam"
+        local http = require "moonbeam.http"
+        local static = http.static(]=] .. string.format("%q", root) .. [=[)
+        local server = assert(http.listen("127.0.0.1", 0, function(req, res)
+          local files = {}
+          if req.path ~= "/notes.txt" then
+            for i = 1, 1000 do
+              files[i] = io.open("/dev/null")
+              if not files[i] then break end
+            end
+          end
+          local r = static(req, res)
+          for _, f in ipairs(files) do f:close() end
+          return r
+        end))
+        for _, path in ipairs({ "/index.html", "/notes.txt" }) do
+          local r, err = http.request("GET", "http://127.0.0.1:" .. server:port() .. path)
+          print(path, r and r.status, r and r.body or err)
+        end
+        server:close()
+      ]=])
+      local code, out, err = S.sh("ulimit -n 128; " .. S.q(S.bin) .. " " .. S.q(script), nil, 30)
+      assert.are.equal(0, code, err)
+      assert.is_truthy(S.has(out, "/index.html\t503\t503 Service Unavailable"), out)
+      assert.is_truthy(S.has(out, "/notes.txt\t200\ttext"), out)
+    end)
+
     it("answers 405 to other methods and HEAD without a body", function()
       local r = raw_request(port, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
       assert.are.equal(405, r.status)

@@ -132,4 +132,71 @@ describe("the module cache", function()
       assert.is_true(S.has(out, want), want .. " in: " .. out)
     end
   end)
+  it("finds a module among many templates, and lists them all when it is missing", function()
+    -- The list of files tried outgrows one buffer of the C search (8 KB).
+    local dir = S.tmpdir()
+    S.write("far_mod.lua", "return 'found last'", dir)
+    local ok, res = S.probe(function(d)
+      local t = {}
+      for i = 1, 300 do t[i] = "/nonexistent/moonbeam-spec-template-" .. i .. "/?.lua" end
+      t[#t + 1] = d .. "/?.lua"
+      package.path = table.concat(t, ";")
+      local ok1, v = pcall(require, "far_mod")
+      local ok2, e = pcall(require, "far_mod_missing")
+      return ok1, v, ok2, e
+    end, dir)
+    assert.is_true(ok, tostring(res))
+    assert.are.same({ true, "found last", false }, { res[1], res[2], res[3] })
+    local err = res[4]
+    assert.is_true(#err > 8192, #err)
+    assert.is_true(S.has(err, "no file '/nonexistent/moonbeam-spec-template-1/far_mod_missing.lua'"), err)
+    assert.is_true(S.has(err, "no file '/nonexistent/moonbeam-spec-template-300/far_mod_missing.lua'"), err)
+    assert.is_true(S.has(err, "no file '" .. dir .. "/far_mod_missing.lua'"), err)
+  end)
+
+  it("loads a cached module with every file descriptor taken", function()
+    -- A server at its limit of connections: its processes' require of a
+    -- module already compiled must not need a descriptor (it found nothing
+    -- when the search opened each candidate); one not compiled yet says why
+    -- it cannot be read. A child host with a limit of 64 descriptors.
+    local dir = S.tmpdir()
+    S.write("fd_mod.lua", "return { answer = 42 }", dir)
+    S.write("fd_new.lua", "return 'compiled late'", dir)
+    S.write("main.lua", [[
+      local mb = require "moonbeam"
+      package.path = ]] .. string.format("%q", dir .. "/?.lua;") .. [[ .. package.path
+      local function in_process(name)
+        local ok, down = mb.spawn_monitor(function(parent, n)
+          local ok1, v = pcall(require, n)
+          mb.send(parent, { ok = ok1, v = type(v) == "table" and v.answer or v })
+        end, mb.self(), name)
+        local m = mb.receive(function(m) return type(m) == "table" and m.ok ~= nil end, 10000)
+        return m and tostring(m.ok) .. ":" .. tostring(m.v) or "none"
+      end
+      print("before", in_process("fd_mod"))
+      local files = {}
+      for i = 1, 1000 do
+        local f = io.open("/dev/null")
+        if not f then break end
+        files[i] = f
+      end
+      print("full", io.open("/dev/null") == nil)
+      print("cached", in_process("fd_mod"))
+      mb.sleep(1200)   -- past the second a resolved name is trusted
+      print("cached_later", in_process("fd_mod"))
+      print("missing", in_process("fd_absent"))
+      print("uncompiled", in_process("fd_new"))
+      for _, f in ipairs(files) do f:close() end
+      print("after", in_process("fd_new"))
+    ]], dir)
+    local code, out, err = S.sh("ulimit -n 64; " .. S.q(S.bin) .. " main.lua", dir, 60)
+    assert.are.equal(0, code, err)
+    for _, want in ipairs({ "before\ttrue:42", "full\ttrue", "cached\ttrue:42",
+                            "cached_later\ttrue:42", "after\ttrue:compiled late" }) do
+      assert.is_true(S.has(out, want), want .. " in: " .. out)
+    end
+    assert.is_true(S.has(out, "missing\tfalse:module 'fd_absent' not found:"), out)
+    assert.is_true(S.has(out, "uncompiled\tfalse:"), out)
+    assert.is_true(S.has(out, "fd_new.lua: Too many open files"), out)
+  end)
 end)

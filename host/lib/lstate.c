@@ -910,7 +910,7 @@ static void after_package(lua_State *L)
     set_host_path(L, lua_gettop(L));
   }
   mb_sandbox_package(L);
-  mb_modcache_install(L);   /* replaces the sandbox's Lua-file searcher */
+  mb_modcache_install(L);   /* the Lua-file searcher, text only */
   /* jit.profile's entry comes with the jit library (after_jit): here it
    * would take package.preload past 16 entries, and its size to double. */
   mb_sandbox_preload(L, MB_SANDBOX_PRELOAD_FFI | MB_SANDBOX_PRELOAD_BUFFER);

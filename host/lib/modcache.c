@@ -9,6 +9,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "code.h"
 #include "lauxlib.h"
@@ -323,6 +324,60 @@ static void remember(const char *key, const char *file)
   pthread_mutex_unlock(&lock);
 }
 
+/* package.searchpath's search, without a file descriptor: push the first
+ * file of path's templates, with name's dots as directory separators, that
+ * is readable; 1 if one was. Otherwise 0, and with `list`, push what
+ * LuaJIT's searchpath returns then ("\n\tno file '...'" for each file).
+ * LuaJIT's opens each candidate to see whether it can be read; so, with
+ * every descriptor taken (a server at its limit of connections), it found
+ * no module at all, and each connection's or waking process's require of
+ * one failed with "module not found" although its code was in the cache.
+ * access() asks the same of the file (the host is not set-user-ID) without
+ * opening it. */
+static int search(lua_State *L, const char *name, const char *path, int list)
+{
+  int top = lua_gettop(L);
+  luaL_Buffer tried;   /* (its pieces, if any, on the stack from top + 1) */
+  if (list)
+    luaL_buffinit(L, &tried);
+  for (const char *t = path; *t; ) {
+    const char *end = strchr(t, ';');
+    size_t n = end ? (size_t)(end - t) : strlen(t);
+    if (n > 0) {
+      luaL_Buffer b;
+      luaL_buffinit(L, &b);
+      for (size_t i = 0; i < n; i++) {
+        if (t[i] != '?') {
+          luaL_addchar(&b, t[i]);
+          continue;
+        }
+        for (const char *c = name; *c; c++)
+          luaL_addchar(&b, *c == '.' ? '/' : *c);
+      }
+      luaL_pushresult(&b);
+      const char *file = lua_tostring(L, -1);
+      if (access(file, R_OK) == 0) {
+        if (lua_gettop(L) > top + 1) {   /* over the list's pieces */
+          lua_replace(L, top + 1);
+          lua_settop(L, top + 1);
+        }
+        return 1;
+      }
+      if (list) {
+        lua_pushfstring(L, "\n\tno file " LUA_QS, file);
+        lua_remove(L, -2);
+        luaL_addvalue(&tried);
+      } else {
+        lua_pop(L, 1);
+      }
+    }
+    t += n + (end != NULL);
+  }
+  if (list)
+    luaL_pushresult(&tried);
+  return 0;
+}
+
 /* package.loaders[2](name): as LuaJIT's Lua-file searcher - the loader of
  * the first file of package.path that exists, or the list of files tried
  * - but a module compiled once is loaded from the cache. */
@@ -336,15 +391,10 @@ static int searcher(lua_State *L)
   lua_pushfstring(L, "%s\n%s", name, lua_tostring(L, -1));
   const char *key = lua_tostring(L, -1);
   /* Where the name was found, while that file's entry is fresh: this
-   * spares package.searchpath's opening of each candidate file. */
+   * spares the search a look at each candidate file. */
   if (!resolved(L, key)) {
-    lua_getfield(L, -3, "searchpath");
-    lua_pushstring(L, name);
-    lua_pushvalue(L, -4);
-    lua_call(L, 2, 2);
-    if (lua_isnil(L, -2))
+    if (!search(L, name, lua_tostring(L, -2), 1))
       return 1;   /* the list of files tried */
-    lua_pop(L, 1);
     remember(key, lua_tostring(L, -1));
   }
   const char *path = lua_tostring(L, -1);
@@ -354,44 +404,12 @@ static int searcher(lua_State *L)
   return 1;
 }
 
-/* package.searchpath's search, without its list of files tried: push the
- * first file of path's templates, with name's dots as directory separators,
- * that opens for reading; 1 if one did. */
-static int search(lua_State *L, const char *name, const char *path)
-{
-  luaL_Buffer b;
-  for (const char *t = path; *t; ) {
-    const char *end = strchr(t, ';');
-    size_t n = end ? (size_t)(end - t) : strlen(t);
-    if (n > 0) {
-      luaL_buffinit(L, &b);
-      for (size_t i = 0; i < n; i++) {
-        if (t[i] != '?') {
-          luaL_addchar(&b, t[i]);
-          continue;
-        }
-        for (const char *c = name; *c; c++)
-          luaL_addchar(&b, *c == '.' ? '/' : *c);
-      }
-      luaL_pushresult(&b);
-      FILE *f = fopen(lua_tostring(L, -1), "r");
-      if (f) {
-        fclose(f);
-        return 1;
-      }
-      lua_pop(L, 1);
-    }
-    t += n + (end != NULL);
-  }
-  return 0;
-}
-
 int mb_modcache_find(lua_State *L, const char *name, const char *path)
 {
   lua_pushfstring(L, "%s\n%s", name, path);
   const char *key = lua_tostring(L, -1);
   if (!resolved(L, key)) {
-    if (!search(L, name, path)) {
+    if (!search(L, name, path, 0)) {
       lua_pop(L, 1);
       return 0;
     }

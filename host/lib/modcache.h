@@ -16,6 +16,10 @@
  * in dumped code; the cache interns the dump with those keys put back
  * (code.h's mb_code_dump, bcdump.h).
  *
+ * Descriptors: finding a module's file (access) and checking an entry
+ * (stat) open nothing; only a compile reads the file. So a host with every
+ * file descriptor taken still loads what it has compiled.
+ *
  * Staleness: an entry is used without a look at its file for
  * MB_MODCACHE_CHECK_MS after the last check; then the file is stat'ed and
  * recompiled if its size or mtime changed. So an edited module reaches new

@@ -209,27 +209,6 @@ void mb_sandbox_base(lua_State *L)
 
 /* -- package -------------------------------------------------------------- */
 
-/* package.loaders[2](name): the Lua file loader, as LuaJIT's, but text
- * only. Upvalues: the package table, LuaJIT's package.searchpath. */
-static int loader_lua(lua_State *L)
-{
-  const char *name = luaL_checkstring(L, 1);
-  lua_getfield(L, lua_upvalueindex(1), "path");
-  if (lua_type(L, -1) != LUA_TSTRING)
-    return luaL_error(L, LUA_QL("package.path") " must be a string");
-  lua_pushvalue(L, lua_upvalueindex(2));
-  lua_pushvalue(L, 1);
-  lua_pushvalue(L, -3);
-  lua_call(L, 2, 2);
-  if (lua_isnil(L, -2))
-    return 1;   /* the "no file" list, as searchpath gives it */
-  const char *path = lua_tostring(L, -2);
-  if (mb_sandbox_loadfile(L, path, NULL) != 0)
-    return luaL_error(L, "error loading module " LUA_QS " from file " LUA_QS ":\n\t%s",
-                      name, path, lua_tostring(L, -1));
-  return 1;
-}
-
 /* LuaJIT's own library openers: a C loader that finds one of these (a
  * package.cpath naming libluajit, require "x-ffi") would hand out an
  * unpatched library. */
@@ -276,10 +255,6 @@ void mb_sandbox_package(lua_State *L)
   int pkg = lua_gettop(L);
   lua_getfield(L, pkg, "loaders");
   if (lua_istable(L, -1)) {
-    lua_pushvalue(L, pkg);
-    lua_getfield(L, pkg, "searchpath");
-    lua_pushcclosure(L, loader_lua, 2);
-    lua_rawseti(L, -2, 2);
     for (int i = 3; i <= 4 && !mb_sandbox_opts.allow_ffi; i++) {
       lua_rawgeti(L, -1, i);
       if (lua_isfunction(L, -1)) {

@@ -12,7 +12,8 @@
  *    ("attempt to load a binary chunk"); load's reader function runs under
  *    pcall from here, not under LuaJIT's C-level protected call (an error
  *    thrown there from a debug hook would leave hooks off for good);
- *  - package: the Lua file loader is text-only too; package.loadlib is
+ *  - package: the Lua file loader is text-only too (modcache.c's, which
+ *    replaces LuaJIT's, compiles through mb_sandbox_loadbuffer); package.loadlib is
  *    refused; the C loaders refuse LuaJIT's own library openers (a cpath
  *    pointing at libluajit would give back an unpatched library);
  *    require "ffi" gives a stand-in whose every function (and ffi.C) raises

@@ -385,9 +385,13 @@ function http.static(root, opts)
     -- Symbolic links are not followed: one could point out of root.
     if not st or st.type ~= "file" then return plain(res, 404) end
     local data, _, code = fs.read_file(full)
+    -- ENOENT: gone since the stat. EMFILE, ENFILE: no file descriptor free
+    -- (a server at its limit of connections), which is not the file's fault.
     -- ENOMEM: the file does not fit the connection's max_memory (moonbeam.fs).
     if not data then
-      return plain(res, code == "EACCES" and 403 or code == "ENOMEM" and 500 or 404)
+      return plain(res, code == "EACCES" and 403
+                        or (code == "ENOENT" or code == "ENOTDIR") and 404
+                        or (code == "EMFILE" or code == "ENFILE") and 503 or 500)
     end
     local ext = string.match(full, "%.([%w]+)$")
     res:header("Content-Type", ext and types[string.lower(ext)] or "application/octet-stream")
