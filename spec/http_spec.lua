@@ -905,6 +905,7 @@ describe("moonbeam.http", function()
         local mb = require "moonbeam"
         local http = require "moonbeam.http"
         local static = http.static(]=] .. string.format("%q", root) .. [=[)
+        local me = mb.self()
         local server = assert(http.listen("127.0.0.1", 0, function(req, res)
           local files = {}
           if req.path ~= "/notes.txt" then
@@ -915,11 +916,13 @@ describe("moonbeam.http", function()
           end
           local r = static(req, res)
           for _, f in ipairs(files) do f:close() end
+          mb.send(me, "released")   -- (an accept meanwhile would find none)
           return r
         end))
         for _, path in ipairs({ "/index.html", "/notes.txt" }) do
           local r, err = http.request("GET", "http://127.0.0.1:" .. server:port() .. path)
           print(path, r and r.status, r and r.body or err)
+          mb.receive(function(m) return m == "released" end, 5000)
         end
         server:close()
       ]=])
