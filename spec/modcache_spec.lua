@@ -154,11 +154,12 @@ describe("the module cache", function()
     assert.is_true(S.has(err, "no file '" .. dir .. "/far_mod_missing.lua'"), err)
   end)
 
-  it("loads a cached module with every file descriptor taken", function()
+  it("loads a cached module, or a loaded C module, with every file descriptor taken", function()
     -- A server at its limit of connections: its processes' require of a
-    -- module already compiled must not need a descriptor (it found nothing
-    -- when the search opened each candidate); one not compiled yet says why
-    -- it cannot be read. A child host with a limit of 64 descriptors.
+    -- module already compiled, or of a C module the host has loaded, must
+    -- not need a descriptor (it found nothing when the search opened each
+    -- candidate); one not compiled or loaded yet says why it cannot be
+    -- read. A child host with a limit of 64 descriptors.
     local dir = S.tmpdir()
     S.write("fd_mod.lua", "return { answer = 42 }", dir)
     S.write("fd_new.lua", "return 'compiled late'", dir)
@@ -168,12 +169,13 @@ describe("the module cache", function()
       local function in_process(name)
         local ok, down = mb.spawn_monitor(function(parent, n)
           local ok1, v = pcall(require, n)
-          mb.send(parent, { ok = ok1, v = type(v) == "table" and v.answer or v })
+          mb.send(parent, { ok = ok1, v = type(v) == "table" and (v.answer or "table") or v })
         end, mb.self(), name)
         local m = mb.receive(function(m) return type(m) == "table" and m.ok ~= nil end, 10000)
         return m and tostring(m.ok) .. ":" .. tostring(m.v) or "none"
       end
       print("before", in_process("fd_mod"))
+      print("c_before", in_process("lfs"))   -- lua-filesystem, a dependency of busted
       local files = {}
       for i = 1, 1000 do
         local f = io.open("/dev/null")
@@ -186,13 +188,17 @@ describe("the module cache", function()
       print("cached_later", in_process("fd_mod"))
       print("missing", in_process("fd_absent"))
       print("uncompiled", in_process("fd_new"))
+      print("c_loaded", in_process("lfs"))
+      print("c_unloaded", in_process("term.core"))   -- lua-term's, not loaded yet
       for _, f in ipairs(files) do f:close() end
       print("after", in_process("fd_new"))
     ]], dir)
     local code, out, err = S.sh("ulimit -n 64; " .. S.q(S.bin) .. " main.lua", dir, 60)
     assert.are.equal(0, code, err)
     for _, want in ipairs({ "before\ttrue:42", "full\ttrue", "cached\ttrue:42",
-                            "cached_later\ttrue:42", "after\ttrue:compiled late" }) do
+                            "cached_later\ttrue:42", "after\ttrue:compiled late",
+                            "c_before\ttrue:table", "c_loaded\ttrue:table",
+                            "c_unloaded\tfalse:error loading module 'term.core' from file '" }) do
       assert.is_true(S.has(out, want), want .. " in: " .. out)
     end
     assert.is_true(S.has(out, "missing\tfalse:module 'fd_absent' not found:"), out)

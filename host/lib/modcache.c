@@ -324,17 +324,13 @@ static void remember(const char *key, const char *file)
   pthread_mutex_unlock(&lock);
 }
 
-/* package.searchpath's search, without a file descriptor: push the first
- * file of path's templates, with name's dots as directory separators, that
- * is readable; 1 if one was. Otherwise 0, and with `list`, push what
- * LuaJIT's searchpath returns then ("\n\tno file '...'" for each file).
- * LuaJIT's opens each candidate to see whether it can be read; so, with
- * every descriptor taken (a server at its limit of connections), it found
- * no module at all, and each connection's or waking process's require of
- * one failed with "module not found" although its code was in the cache.
- * access() asks the same of the file (the host is not set-user-ID) without
- * opening it. */
-static int search(lua_State *L, const char *name, const char *path, int list)
+/* (modcache.h) LuaJIT's search opens each candidate to see whether it can
+ * be read; so, with every descriptor taken (a server at its limit of
+ * connections), it found no module at all, and each connection's or waking
+ * process's require of one failed with "module not found" although its
+ * code was in the cache. access() asks the same of the file (the host is
+ * not set-user-ID) without opening it. */
+int mb_modcache_search(lua_State *L, const char *name, const char *path, int list)
 {
   int top = lua_gettop(L);
   luaL_Buffer tried;   /* (its pieces, if any, on the stack from top + 1) */
@@ -393,7 +389,7 @@ static int searcher(lua_State *L)
   /* Where the name was found, while that file's entry is fresh: this
    * spares the search a look at each candidate file. */
   if (!resolved(L, key)) {
-    if (!search(L, name, lua_tostring(L, -2), 1))
+    if (!mb_modcache_search(L, name, lua_tostring(L, -2), 1))
       return 1;   /* the list of files tried */
     remember(key, lua_tostring(L, -1));
   }
@@ -409,7 +405,7 @@ int mb_modcache_find(lua_State *L, const char *name, const char *path)
   lua_pushfstring(L, "%s\n%s", name, path);
   const char *key = lua_tostring(L, -1);
   if (!resolved(L, key)) {
-    if (!search(L, name, path, 0)) {
+    if (!mb_modcache_search(L, name, path, 0)) {
       lua_pop(L, 1);
       return 0;
     }

@@ -38,6 +38,14 @@
  * caching one. The package library must be open. */
 void mb_modcache_install(lua_State *L);
 
+/* package.searchpath's search, opening no file: push the first file of
+ * path's templates (package.path's syntax), with name's dots as directory
+ * separators, that is readable; 1 if one was. Otherwise 0, and with
+ * `list`, push what LuaJIT's searchpath returns then ("\n\tno file '...'"
+ * for each file). For the Lua-file searcher and the C loaders (sandbox.c):
+ * with every file descriptor taken, LuaJIT's finds nothing. */
+int mb_modcache_search(lua_State *L, const char *name, const char *path, int list);
+
 /* Push the loaded chunk of module `name` from the first file of `path` (in
  * package.path's syntax) that exists, as the caching searcher would; 1 if
  * a file matched, 0 (nothing pushed) if none did. For `require` before the

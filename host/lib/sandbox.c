@@ -1,11 +1,14 @@
 /* sandbox.c: the loaders and library patches that keep a process from
  * loading bytecode, the FFI or the JIT (see sandbox.h for what and why).
  */
+#define _GNU_SOURCE   /* RTLD_NODELETE */
+#include <dlfcn.h>
 #include <string.h>
 
 #include "lauxlib.h"
 #include "lualib.h"
 #include "lstate.h"
+#include "modcache.h"
 #include "run.h"
 #include "sandbox.h"
 
@@ -223,22 +226,77 @@ static const struct {
   {luaopen_string_buffer, "string.buffer"},
 };
 
-/* package.loaders[3] and [4](name): LuaJIT's C loader (upvalue 1), then a
- * check of what it found. */
-static int loader_c(lua_State *L)
+/* A C loader's function, unless it is one of LuaJIT's own openers (see
+ * above; with --allow-ffi any goes). Returns 1 with it on top. */
+static int checked_c(lua_State *L, const char *name)
 {
-  mb_lstate_taint(L);   /* a library it opens stays registered (LOADLIB) */
-  int n = lua_gettop(L);
-  lua_pushvalue(L, lua_upvalueindex(1));
-  lua_insert(L, 1);
-  lua_call(L, n, 1);
   lua_CFunction f = lua_tocfunction(L, -1);
-  for (size_t i = 0; f && i < sizeof openers / sizeof *openers; i++)
+  for (size_t i = 0; f && !mb_sandbox_opts.allow_ffi && i < sizeof openers / sizeof *openers; i++)
     if (f == openers[i].f)
       return luaL_error(L, "module " LUA_QS ": LuaJIT's own library " LUA_QS
                         " cannot be loaded from package.cpath (" FFI_HINT ")",
-                        lua_tostring(L, 2), openers[i].name);
+                        name, openers[i].name);
   return 1;
+}
+
+/* package.loaders[3] and [4](name): LuaJIT's C loader and its loader of a
+ * dotted name's root (upvalue 1), with a search of package.cpath that opens
+ * no file (modcache.h) first. LuaJIT's opens each candidate: with every
+ * file descriptor taken, a new process could not require a C module that
+ * the host had loaded long before (dlopen of a library already loaded
+ * opens nothing). So the file is found here and its luaopen_ function
+ * asked of LuaJIT's package.loadlib (upvalue 2), which does what LuaJIT's
+ * loaders do with it; a library that does not load raises their error. A
+ * library loaded so stays loaded until the host exits (as an Erlang NIF
+ * library stays with its module), so later processes find it there.
+ * Anything else - no such file, a library without the function (LuaJIT's
+ * loaders then look for a module built into it as bytecode, and word
+ * their errors) - goes to LuaJIT's loader as before. Upvalue 3: true for
+ * the root loader. */
+static int loader_c(lua_State *L)
+{
+  mb_lstate_taint(L);   /* a library it opens stays registered (LOADLIB) */
+  const char *name = luaL_checkstring(L, 1);
+  int root = lua_toboolean(L, lua_upvalueindex(3));
+  const char *dot = strchr(name, '.');
+  lua_getfield(L, LUA_GLOBALSINDEX, "package");
+  lua_getfield(L, -1, "cpath");
+  if (lua_type(L, -1) == LUA_TSTRING && (!root || dot)) {
+    if (root)
+      lua_pushlstring(L, name, (size_t)(dot - name));
+    else
+      lua_pushvalue(L, 1);
+    int found = mb_modcache_search(L, lua_tostring(L, -1), lua_tostring(L, -2), 0);
+    if (found) {
+      /* luaopen_ and the name after any '-', its dots as '_' */
+      const char *mark = strchr(name, '-');
+      lua_pushvalue(L, lua_upvalueindex(2));
+      lua_pushvalue(L, -2);
+      lua_pushstring(L, "luaopen_");
+      luaL_gsub(L, mark ? mark + 1 : name, ".", "_");
+      lua_concat(L, 2);
+      lua_call(L, 2, 3);
+      if (lua_iscfunction(L, -3)) {
+        /* Loaded for good: LuaJIT closes a library with the last state
+         * that loaded it, and the next process's require would open,
+         * map and link the file again. */
+        dlopen(lua_tostring(L, -4), RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
+        lua_pop(L, 2);
+        return checked_c(L, name);
+      }
+      /* A library that does not load is an error of LuaJIT's loaders too;
+       * theirs would not find the file if it was a descriptor it lacked. */
+      const char *where = lua_tostring(L, -1);
+      if (where && strcmp(where, "open") == 0)
+        return luaL_error(L, "error loading module " LUA_QS " from file " LUA_QS ":\n\t%s",
+                          name, lua_tostring(L, -4), lua_tostring(L, -2));
+    }
+  }
+  lua_settop(L, 1);
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, 1, 1);
+  return checked_c(L, name);
 }
 
 /* package.loadlib(path, funcname) -> nil, err, "absent" */
@@ -254,18 +312,21 @@ void mb_sandbox_package(lua_State *L)
 {
   int pkg = lua_gettop(L);
   lua_getfield(L, pkg, "loaders");
-  if (lua_istable(L, -1)) {
-    for (int i = 3; i <= 4 && !mb_sandbox_opts.allow_ffi; i++) {
-      lua_rawgeti(L, -1, i);
+  lua_getfield(L, pkg, "loadlib");
+  if (lua_istable(L, -2) && lua_isfunction(L, -1)) {
+    for (int i = 3; i <= 4; i++) {
+      lua_rawgeti(L, -2, i);
       if (lua_isfunction(L, -1)) {
-        lua_pushcclosure(L, loader_c, 1);
-        lua_rawseti(L, -2, i);
+        lua_pushvalue(L, -2);
+        lua_pushboolean(L, i == 4);
+        lua_pushcclosure(L, loader_c, 3);
+        lua_rawseti(L, -3, i);
       } else {
         lua_pop(L, 1);
       }
     }
   }
-  lua_pop(L, 1);
+  lua_pop(L, 2);
   if (!mb_sandbox_opts.allow_ffi) {
     lua_pushcfunction(L, loadlib_refused);
     lua_setfield(L, pkg, "loadlib");
