@@ -53,6 +53,18 @@ describe("the module cache", function()
     end, 5000))
   end)
 
+  it("finds a module made after a require of it failed, within a second or so", function()
+    -- (that a name resolved to no file is remembered, as a file found is)
+    local dir = S.tmpdir()
+    local ok = require_in_new_process(dir, "made_late_mod")
+    assert.is_false(ok)
+    S.write("made_late_mod.lua", "return { late = true }", dir)
+    assert.is_true(S.eventually(function()
+      local ok2, v = require_in_new_process(dir, "made_late_mod")
+      return ok2 and type(v) == "table" and v.late
+    end, 5000))
+  end)
+
   it("reports a missing module and a syntax error as require does", function()
     local dir = S.tmpdir()
     local ok, err = require_in_new_process(dir, "no_such_module_here")

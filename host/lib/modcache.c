@@ -19,14 +19,16 @@
 
 /* Two kinds of entries share one table: a file's compiled chunk (key: its
  * path; code set), and where a module name was found (key: name, a
- * newline, package.path; `file` names the file's entry key). */
+ * newline, the path searched; `file` names the file, NULL if none was). */
 typedef struct entry {
   struct entry *next;
   mb_code_t *code;          /* the module's main chunk, dumped */
   char *file;               /* a name entry: the file it resolved to */
   struct timespec mtime;
   off_t size;
-  double checked;           /* when the file was last stat'ed (ms) */
+  double checked;           /* when the file was last stat'ed, or the name
+                             * resolved (ms) */
+  int name;                 /* a name entry */
   char path[];
 } entry_t;
 
@@ -299,38 +301,88 @@ static int load(lua_State *L, const char *path)
   return rc;
 }
 
-/* Push the file that module name (key: name "\n" package.path) resolved
- * to before, if it is still cached and fresh; returns whether it did. */
-static int resolved(lua_State *L, const char *key)
+/* -- Where names are found ---------------------------------------------------
+ * A name entry (key: name "\n" path) remembers the file a module name
+ * resolved to on a path, or that it resolved to none (missing), for
+ * MB_MODCACHE_CHECK_MS: a require of a C module searched package.path for
+ * a Lua file twice (before and after the package library opened), a
+ * syscall a template each time. At most MAX_NAMES of them: a new one past
+ * that drops them all first, since a process that sets package.path to a
+ * new string before each require (or requires names that do not exist)
+ * would otherwise grow the table without bound. */
+#define MAX_NAMES 4096
+static int nnames;
+
+static void drop_names(void)
 {
-  pthread_mutex_lock(&lock);
-  entry_t *e = find(key);
-  entry_t *f = e && e->file ? find(e->file) : NULL;
-  int ok = f && f->code && now_ms() - f->checked < MB_MODCACHE_CHECK_MS;
-  if (ok)
-    lua_pushstring(L, f->path);
-  pthread_mutex_unlock(&lock);
-  return ok;
+  for (int i = 0; i < NBUCKETS; i++)
+    for (entry_t **pe = &buckets[i]; *pe; ) {
+      entry_t *e = *pe;
+      if (e->name) {
+        *pe = e->next;
+        free(e->file);
+        free(e);
+      } else {
+        pe = &e->next;
+      }
+    }
+  nnames = 0;
 }
 
+/* What key resolved to, if that is fresh: 1 with the file copied to buf
+ * (NUL-terminated, at most n bytes), -1 if it resolved to none, 0 if not
+ * known. Pushes nothing: no Lua error can come while the lock is held. */
+static int resolved(const char *key, char *buf, size_t n)
+{
+  int r = 0;
+  pthread_mutex_lock(&lock);
+  entry_t *e = find(key);
+  if (e && e->name && now_ms() - e->checked < MB_MODCACHE_CHECK_MS) {
+    if (e->file == NULL)
+      r = -1;
+    else if (strlen(e->file) < n) {
+      strcpy(buf, e->file);
+      r = 1;
+    }
+  }
+  pthread_mutex_unlock(&lock);
+  return r;
+}
+
+/* Remember that key resolved to file (NULL: to none). */
 static void remember(const char *key, const char *file)
 {
   pthread_mutex_lock(&lock);
-  entry_t *e = get_entry(key);
-  if (e && (e->file == NULL || strcmp(e->file, file) != 0)) {
-    free(e->file);
-    e->file = strdup(file);
+  entry_t *e = find(key);
+  if (e == NULL) {
+    if (nnames >= MAX_NAMES)
+      drop_names();
+    e = get_entry(key);
+    if (e) {
+      e->name = 1;
+      nnames++;
+    }
   }
+  if (e && (file == NULL || e->file == NULL || strcmp(e->file, file) != 0)) {
+    free(e->file);
+    e->file = file ? strdup(file) : NULL;
+  }
+  /* (without memory for the name, a found file is not remembered as none) */
+  if (e)
+    e->checked = file && e->file == NULL ? 0 : now_ms();
   pthread_mutex_unlock(&lock);
 }
 
-/* (modcache.h) LuaJIT's search opens each candidate to see whether it can
- * be read; so, with every descriptor taken (a server at its limit of
- * connections), it found no module at all, and each connection's or waking
- * process's require of one failed with "module not found" although its
- * code was in the cache. access() asks the same of the file (the host is
- * not set-user-ID) without opening it. */
-int mb_modcache_search(lua_State *L, const char *name, const char *path, int list)
+/* Search path's templates for name as package.searchpath does: push the
+ * first file that is readable, 1. Else 0, and with `list` push the list
+ * of the files tried; with `list` 2, only that list, testing no file.
+ * LuaJIT's search opens each candidate to see whether it can be read; so,
+ * with every descriptor taken (a server at its limit of connections), it
+ * found no module at all, and each connection's or waking process's
+ * require of one failed with "module not found" although its code was in
+ * the cache. access() asks the same of the file (the host is not
+ * set-user-ID) without opening it. */
+static int search(lua_State *L, const char *name, const char *path, int list)
 {
   int top = lua_gettop(L);
   luaL_Buffer tried;   /* (its pieces, if any, on the stack from top + 1) */
@@ -352,7 +404,7 @@ int mb_modcache_search(lua_State *L, const char *name, const char *path, int lis
       }
       luaL_pushresult(&b);
       const char *file = lua_tostring(L, -1);
-      if (access(file, R_OK) == 0) {
+      if (list != 2 && access(file, R_OK) == 0) {
         if (lua_gettop(L) > top + 1) {   /* over the list's pieces */
           lua_replace(L, top + 1);
           lua_settop(L, top + 1);
@@ -374,6 +426,27 @@ int mb_modcache_search(lua_State *L, const char *name, const char *path, int lis
   return 0;
 }
 
+int mb_modcache_locate(lua_State *L, const char *name, const char *path, int list)
+{
+  char file[4096];
+  lua_pushfstring(L, "%s\n%s", name, path);
+  int r = resolved(lua_tostring(L, -1), file, sizeof file);
+  if (r > 0) {
+    lua_pop(L, 1);
+    lua_pushstring(L, file);
+    return 1;
+  }
+  if (r < 0 && !list) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  int found = search(L, name, path, r < 0 ? 2 : list);
+  if (r == 0)
+    remember(lua_tostring(L, -1 - (found || list)), found ? lua_tostring(L, -1) : NULL);
+  lua_remove(L, -1 - (found || list));   /* the key */
+  return found;
+}
+
 /* package.loaders[2](name): as LuaJIT's Lua-file searcher - the loader of
  * the first file of package.path that exists, or the list of files tried
  * - but a module compiled once is loaded from the cache. */
@@ -384,15 +457,8 @@ static int searcher(lua_State *L)
   lua_getfield(L, -1, "path");
   if (!lua_isstring(L, -1))
     return luaL_error(L, "'package.path' must be a string");
-  lua_pushfstring(L, "%s\n%s", name, lua_tostring(L, -1));
-  const char *key = lua_tostring(L, -1);
-  /* Where the name was found, while that file's entry is fresh: this
-   * spares the search a look at each candidate file. */
-  if (!resolved(L, key)) {
-    if (!mb_modcache_search(L, name, lua_tostring(L, -2), 1))
-      return 1;   /* the list of files tried */
-    remember(key, lua_tostring(L, -1));
-  }
+  if (!mb_modcache_locate(L, name, lua_tostring(L, -1), 1))
+    return 1;   /* the list of files tried */
   const char *path = lua_tostring(L, -1);
   if (load(L, path) != 0)
     return luaL_error(L, "error loading module '%s' from file '%s':\n\t%s",
@@ -402,21 +468,13 @@ static int searcher(lua_State *L)
 
 int mb_modcache_find(lua_State *L, const char *name, const char *path)
 {
-  lua_pushfstring(L, "%s\n%s", name, path);
-  const char *key = lua_tostring(L, -1);
-  if (!resolved(L, key)) {
-    if (!mb_modcache_search(L, name, path, 0)) {
-      lua_pop(L, 1);
-      return 0;
-    }
-    remember(key, lua_tostring(L, -1));
-  }
+  if (!mb_modcache_locate(L, name, path, 0))
+    return 0;
   const char *file = lua_tostring(L, -1);
   if (load(L, file) != 0)
     luaL_error(L, "error loading module '%s' from file '%s':\n\t%s",
                name, file, lua_tostring(L, -1));
-  lua_replace(L, -3);   /* the chunk where the key was */
-  lua_pop(L, 1);
+  lua_remove(L, -2);   /* the file */
   return 1;
 }
 

@@ -38,13 +38,15 @@
  * caching one. The package library must be open. */
 void mb_modcache_install(lua_State *L);
 
-/* package.searchpath's search, opening no file: push the first file of
- * path's templates (package.path's syntax), with name's dots as directory
- * separators, that is readable; 1 if one was. Otherwise 0, and with
- * `list`, push what LuaJIT's searchpath returns then ("\n\tno file '...'"
- * for each file). For the Lua-file searcher and the C loaders (sandbox.c):
- * with every file descriptor taken, LuaJIT's finds nothing. */
-int mb_modcache_search(lua_State *L, const char *name, const char *path, int list);
+/* Push the file module `name` resolves to on `path` (package.path's
+ * syntax): the first of its templates, with name's dots as directory
+ * separators, that is readable, as package.searchpath finds it but opening
+ * no file (with every file descriptor taken, LuaJIT's finds nothing); 1 if
+ * there is one. Otherwise 0, and with `list` push what LuaJIT's searchpath
+ * returns then ("\n\tno file '...'" for each file). What a name resolves
+ * to, a file or none, is remembered host-wide for MB_MODCACHE_CHECK_MS.
+ * For the Lua-file searcher and the C loaders (sandbox.c). */
+int mb_modcache_locate(lua_State *L, const char *name, const char *path, int list);
 
 /* Push the loaded chunk of module `name` from the first file of `path` (in
  * package.path's syntax) that exists, as the caching searcher would; 1 if

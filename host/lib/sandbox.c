@@ -266,7 +266,7 @@ static int loader_c(lua_State *L)
       lua_pushlstring(L, name, (size_t)(dot - name));
     else
       lua_pushvalue(L, 1);
-    int found = mb_modcache_search(L, lua_tostring(L, -1), lua_tostring(L, -2), 0);
+    int found = mb_modcache_locate(L, lua_tostring(L, -1), lua_tostring(L, -2), 0);
     if (found) {
       /* luaopen_ and the name after any '-', its dots as '_' */
       const char *mark = strchr(name, '-');
