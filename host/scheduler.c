@@ -1122,6 +1122,34 @@ static void memory_watch(void)
   }
 }
 
+/* Before an _exit that leaves threads where they are: flush stdout and
+ * stderr if no thread holds them. fflush(NULL) would wait for every stream
+ * another thread holds - stdin, under a read_line that waits for input;
+ * stdout, under a print to a pipe nobody reads - that is, for ever. */
+static void flush_unlocked(void)
+{
+  FILE *streams[] = {stdout, stderr};
+  for (int i = 0; i < 2; i++)
+    if (ftrylockfile(streams[i]) == 0) {
+      fflush(streams[i]);
+      funlockfile(streams[i]);
+    }
+}
+
+/* Run loop until nothing is left on it (its handles closing, its thread-pool
+ * jobs' completions); 0 if that takes over MB_HALT_GRACE_MS. */
+static int drain_loop(uv_loop_t *loop)
+{
+  uint64_t deadline = uv_hrtime() + (uint64_t)MB_HALT_GRACE_MS * 1000000;
+  while (uv_run(loop, UV_RUN_NOWAIT)) {
+    if (uv_hrtime() > deadline)
+      return 0;
+    struct timespec ts = {0, 1000000};   /* 1 ms */
+    nanosleep(&ts, NULL);
+  }
+  return 1;
+}
+
 static int all_done(void)
 {
   for (int i = 0; i < nscheds; i++)
@@ -1181,7 +1209,7 @@ int mb_sched_wait(void)
                   "exiting without cleaning up\n", i,
                   mb_pid_format(text, sizeof text, atomic_load(&scheds[i].slice_pid)));
         }
-      fflush(NULL);
+      flush_unlocked();
       _exit(atomic_load(&exit_code));
     }
   }
@@ -1200,7 +1228,16 @@ int mb_sched_wait(void)
     self = s;
     run_commands(s);
     uv_walk(&s->loop, close_handle, NULL);
-    uv_run(&s->loop, UV_RUN_DEFAULT);
+    if (!drain_loop(&s->loop)) {
+      /* A thread-pool job that never ends (a file operation on a FIFO
+       * with no writer, a name lookup that hangs) would hold this loop,
+       * and libuv's exit, which joins the pool's threads, for good. */
+      fprintf(stderr, "moonbeam: halting: work on the thread pool (a file operation "
+              "or a name lookup) has not finished after %d ms; exiting without "
+              "cleaning up\n", MB_HALT_GRACE_MS);
+      flush_unlocked();
+      _exit(atomic_load(&exit_code));
+    }
     uv_loop_close(&s->loop);
   }
   self = NULL;

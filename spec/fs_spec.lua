@@ -145,6 +145,69 @@ describe("moonbeam.fs", function()
     assert.are.equal("killed", S.await_down(ref))
   end)
 
+  -- A FIFO's open waits for the other end and a read for input. On the
+  -- thread pool (the host's, for every process's file operations and name
+  -- lookups) that took a thread for good, even from a process killed
+  -- meanwhile: six reads of a FIFO without a writer stopped every file
+  -- operation of the host, and its exit. In a child host, bounded in time.
+  it("reads and appends to a FIFO, and a killed reader or writer gives its thread back", function()
+    local fifo = dir .. "/fifo"
+    assert.are.equal(0, S.sh("mkfifo " .. S.q(fifo)))
+    local script = S.write("fifo.lua", [=[
+      local mb = require "moonbeam"
+      local fs = require "moonbeam.fs"
+      local fifo, sh_q = ...
+      local me = mb.self()
+      local function later(cmd) os.execute("(" .. cmd .. ") >/dev/null 2>&1 &") end
+      mb.spawn(function() mb.send(me, { fs.read_file(fifo) }) end)
+      mb.sleep(200)
+      later("sleep 0.2; (printf 'a'; sleep 0.2; printf 'bc') > " .. sh_q)
+      local m = mb.receive(10000)
+      print("read", m and m[1], m and m[2])
+      mb.spawn(function() mb.send(me, { fs.append_file(fifo, ("y"):rep(200000)) }) end)
+      later("sleep 0.3; wc -c < " .. sh_q .. " > " .. sh_q .. ".count")
+      m = mb.receive(10000)
+      mb.sleep(300)
+      print("appended", m and m[1], m and m[2], fs.read_file(fifo .. ".count"))
+      local pids = {}
+      for i = 1, 12 do   -- three times the pool's threads
+        pids[i] = mb.spawn(function(w)
+          if w then fs.append_file(fifo, "never read") else fs.read_file(fifo) end
+        end, i % 2 == 0)
+      end
+      mb.sleep(300)
+      for _, p in ipairs(pids) do mb.exit(p, "kill") end
+      local t0 = mb.now()
+      mb.spawn(function() mb.send(me, { fs.read_file(fifo .. ".count") }) end)
+      m = mb.receive(5000)
+      print("after", m and m[1], mb.now() - t0 < 2000)
+    ]=])
+    local code, out, err = S.moonbeam(S.q(script) .. " " .. S.q(fifo) .. " " .. S.q(S.q(fifo)), nil, 30)
+    assert.are.equal(0, code, err)
+    assert.is_truthy(S.has(out, "read\tabc\tnil"), out)
+    assert.is_truthy(S.has(out, "appended\ttrue\tnil\t200000"), out)
+    assert.is_truthy(S.has(out, "after\t200000\n\ttrue"), out)
+  end)
+
+  it("exits, if late, while a thread-pool job never ends", function()
+    -- read_line on a standard input that is a FIFO open at both ends: a
+    -- read that nothing ends. The halt waits for it 3 s, then exits.
+    local fifo = dir .. "/fifo_stdin"
+    assert.are.equal(0, S.sh("mkfifo " .. S.q(fifo)))
+    local script = S.write("stuck.lua", [=[
+      local mb = require "moonbeam"
+      local fs = require "moonbeam.fs"
+      mb.spawn(function() fs.read_line() end)
+      mb.sleep(200)
+      print("halting")
+      os.exit(3)
+    ]=])
+    local code, out, err = S.moonbeam(S.q(script) .. " 0<> " .. S.q(fifo), nil, 20)
+    assert.are.equal(3, code, err)
+    assert.is_truthy(S.has(out, "halting"), out)
+    assert.is_truthy(S.has(err, "work on the thread pool"), err)
+  end)
+
   it("many processes write and read at once", function()
     local me = mb.self()
     for i = 1, 40 do

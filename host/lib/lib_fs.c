@@ -21,6 +21,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -134,15 +135,46 @@ static mb_io_req_t *new_req(lua_State *L, mb_io_work_fn run, mb_io_push_fn push,
  * (/dev/zero, a FIFO, /proc) doubles until its end, MB_FS_MAX_READ, or
  * what the process and the host may still hold - then the read fails with
  * ENOMEM, unless the data ends right there. */
+/* Wait until fd is ready for events (POLLIN: input, or its writer went;
+ * POLLOUT: room), or an error; 0 if the process stopped wanting the
+ * operation meanwhile (it died, or its wait ended), which is looked at
+ * every AWAIT_SLICE_MS. */
+#define AWAIT_SLICE_MS 100
+static int await_fd(mb_io_req_t *req, int fd, short events)
+{
+  struct pollfd pfd = {fd, events, 0};
+  for (;;) {
+    int r = poll(&pfd, 1, AWAIT_SLICE_MS);
+    if (r > 0 || (r < 0 && errno != EINTR))
+      return 1;   /* read() says which */
+    if (!mb_io_wanted(req))
+      return 0;
+  }
+}
+
+/* A FIFO, a terminal or another device can hold a read for ever: a FIFO's
+ * open waits for a writer, a read for input. On a thread of the pool,
+ * which is the host's for all its processes' file operations and name
+ * lookups, that took the thread for good, even from a process killed
+ * meanwhile (a handful of reads of a FIFO without a writer stopped every
+ * file operation of the host, and its exit). So the file is opened
+ * without waiting, and a read that would wait polls instead, a slice at a
+ * time, and gives the thread back once no process wants its result. */
 static void read_work(mb_io_req_t *req)
 {
-  int fd = open(req->path, O_RDONLY | O_CLOEXEC);
+  int fd = open(req->path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) {
     req->err = -errno;
     return;
   }
   struct stat st;
   int known = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0;
+  /* Opened so, a FIFO without a writer reads as empty: wait for one. */
+  if (!known && S_ISFIFO(st.st_mode) && !await_fd(req, fd, POLLIN)) {
+    req->err = UV_ECANCELED;
+    close(fd);
+    return;
+  }
   if (known && (uint64_t)st.st_size >= MB_FS_MAX_READ) {
     req->err = UV_EFBIG;
     close(fd);
@@ -168,9 +200,15 @@ static void read_work(mb_io_req_t *req)
         /* No more room: the data fits only if it ends here. */
         char probe;
         ssize_t r;
-        do
+        for (;;) {
           r = read(fd, &probe, 1);
-        while (r < 0 && errno == EINTR);
+          if (r >= 0 || (errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK))
+            break;
+          if (errno != EINTR && !await_fd(req, fd, POLLIN)) {
+            errno = ECANCELED;
+            break;
+          }
+        }
         if (r <= 0)
           rc = r < 0 ? -errno : 0;
         break;
@@ -180,6 +218,12 @@ static void read_work(mb_io_req_t *req)
     ssize_t r = read(fd, buf + len, n);
     if (r < 0 && errno == EINTR)
       continue;
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      if (await_fd(req, fd, POLLIN))
+        continue;
+      rc = UV_ECANCELED;
+      break;
+    }
     if (r < 0) {
       rc = -errno;
       break;
@@ -215,12 +259,19 @@ static int l_read_file(lua_State *L)
 
 /* -- write_file, append_file ---------------------------------------------- */
 
-static int write_all(int fd, const char *p, size_t n)
+/* Write all n bytes; a descriptor opened without waiting (a FIFO: see
+ * append_work) is waited for a slice at a time, while req is wanted. */
+static int write_all(mb_io_req_t *req, int fd, const char *p, size_t n)
 {
   while (n > 0) {
     ssize_t w = write(fd, p, n);
     if (w < 0 && errno == EINTR)
       continue;
+    if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      if (await_fd(req, fd, POLLOUT))
+        continue;
+      return UV_ECANCELED;
+    }
     if (w < 0)
       return -errno;
     p += w;
@@ -319,7 +370,7 @@ static void write_work(mb_io_req_t *req)
     req->err = -errno;
     return;
   }
-  int rc = write_all(fd, req->data, req->len);
+  int rc = write_all(req, fd, req->data, req->len);
   if (rc == 0 && fsync(fd) != 0)
     rc = -errno;
   if (close(fd) != 0 && rc == 0)
@@ -332,14 +383,28 @@ static void write_work(mb_io_req_t *req)
   clean_stale(req->path);
 }
 
+/* As read_work does, a FIFO is opened without waiting: without a reader
+ * that fails (ENXIO), and is tried again a slice at a time, as long as
+ * the process wants it. */
 static void append_work(mb_io_req_t *req)
 {
-  int fd = open(req->path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0666);
+  int fd;
+  for (;;) {
+    fd = open(req->path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NONBLOCK, 0666);
+    if (fd >= 0 || errno != ENXIO)
+      break;
+    if (!mb_io_wanted(req)) {
+      errno = ECANCELED;
+      break;
+    }
+    struct timespec ts = {0, AWAIT_SLICE_MS * 1000000L};
+    nanosleep(&ts, NULL);
+  }
   if (fd < 0) {
     req->err = -errno;
     return;
   }
-  int rc = write_all(fd, req->data, req->len);
+  int rc = write_all(req, fd, req->data, req->len);
   if (close(fd) != 0 && rc == 0)
     rc = -errno;
   req->err = rc;
