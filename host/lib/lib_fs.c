@@ -168,9 +168,10 @@ static void read_work(mb_io_req_t *req)
     return;
   }
   struct stat st;
-  int known = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0;
+  int statted = fstat(fd, &st) == 0;
+  int known = statted && S_ISREG(st.st_mode) && st.st_size > 0;
   /* Opened so, a FIFO without a writer reads as empty: wait for one. */
-  if (!known && S_ISFIFO(st.st_mode) && !await_fd(req, fd, POLLIN)) {
+  if (statted && S_ISFIFO(st.st_mode) && !await_fd(req, fd, POLLIN)) {
     req->err = UV_ECANCELED;
     close(fd);
     return;
