@@ -1229,9 +1229,10 @@ int mb_sched_wait(void)
     run_commands(s);
     uv_walk(&s->loop, close_handle, NULL);
     if (!drain_loop(&s->loop)) {
-      /* A thread-pool job that never ends (a file operation on a FIFO
-       * with no writer, a name lookup that hangs) would hold this loop,
-       * and libuv's exit, which joins the pool's threads, for good. */
+      /* A thread-pool job that never ends (a read_line that nothing
+       * answers, a name lookup or a file system that hangs) would hold
+       * this loop, and libuv's exit, which joins the pool's threads, for
+       * good. */
       fprintf(stderr, "moonbeam: halting: work on the thread pool (a file operation "
               "or a name lookup) has not finished after %d ms; exiting without "
               "cleaning up\n", MB_HALT_GRACE_MS);

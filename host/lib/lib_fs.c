@@ -130,11 +130,6 @@ static mb_io_req_t *new_req(lua_State *L, mb_io_work_fn run, mb_io_push_fn push,
 
 /* -- read_file ------------------------------------------------------------ */
 
-/* The buffer grows as the data comes, counted (grow): a regular file's
- * size is known and taken at once, or refused at once; a special file
- * (/dev/zero, a FIFO, /proc) doubles until its end, MB_FS_MAX_READ, or
- * what the process and the host may still hold - then the read fails with
- * ENOMEM, unless the data ends right there. */
 /* Wait until fd is ready for events (POLLIN: input, or its writer went;
  * POLLOUT: room), or an error; 0 if the process stopped wanting the
  * operation meanwhile (it died, or its wait ended), which is looked at
@@ -152,7 +147,13 @@ static int await_fd(mb_io_req_t *req, int fd, short events)
   }
 }
 
-/* A FIFO, a terminal or another device can hold a read for ever: a FIFO's
+/* The buffer grows as the data comes, counted (grow): a regular file's
+ * size is known and taken at once, or refused at once; a special file
+ * (/dev/zero, a FIFO, /proc) doubles until its end, MB_FS_MAX_READ, or
+ * what the process and the host may still hold - then the read fails with
+ * ENOMEM, unless the data ends right there.
+ *
+ * A FIFO, a terminal or another device can hold a read for ever: a FIFO's
  * open waits for a writer, a read for input. On a thread of the pool,
  * which is the host's for all its processes' file operations and name
  * lookups, that took the thread for good, even from a process killed
