@@ -145,14 +145,20 @@ describe("moonbeam.fs", function()
     assert.are.equal("killed", S.await_down(ref))
   end)
 
+  -- A FIFO made in dir; its path.
+  local function fifo_at(name)
+    local path = dir .. "/" .. name
+    assert.are.equal(0, S.sh("mkfifo " .. S.q(path)))
+    return path
+  end
+
   -- A FIFO's open waits for the other end and a read for input. On the
   -- thread pool (the host's, for every process's file operations and name
   -- lookups) that took a thread for good, even from a process killed
   -- meanwhile: six reads of a FIFO without a writer stopped every file
   -- operation of the host, and its exit. In a child host, bounded in time.
   it("reads and appends to a FIFO, and a killed reader or writer gives its thread back", function()
-    local fifo = dir .. "/fifo"
-    assert.are.equal(0, S.sh("mkfifo " .. S.q(fifo)))
+    local fifo = fifo_at("fifo")
     local script = S.write("fifo.lua", [=[
       local mb = require "moonbeam"
       local fs = require "moonbeam.fs"
@@ -192,12 +198,10 @@ describe("moonbeam.fs", function()
   it("exits, if late, while a thread-pool job never ends", function()
     -- read_line on a standard input that is a FIFO open at both ends: a
     -- read that nothing ends. The halt waits for it 3 s, then exits.
-    local fifo = dir .. "/fifo_stdin"
-    assert.are.equal(0, S.sh("mkfifo " .. S.q(fifo)))
+    local fifo = fifo_at("fifo_stdin")
     local script = S.write("stuck.lua", [=[
+      require("moonbeam").spawn(function() require("moonbeam.fs").read_line() end)
       local mb = require "moonbeam"
-      local fs = require "moonbeam.fs"
-      mb.spawn(function() fs.read_line() end)
       mb.sleep(200)
       print("halting")
       os.exit(3)
