@@ -195,6 +195,8 @@ describe("the module cache", function()
         files[i] = f
       end
       print("full", io.open("/dev/null") == nil)
+      print("searchpath", package.searchpath("fd_mod", package.path) ~= nil,
+            package.searchpath("lfs", package.cpath) ~= nil)
       print("cached", in_process("fd_mod"))
       mb.sleep(1200)   -- past the second a resolved name is trusted
       print("cached_later", in_process("fd_mod"))
@@ -207,7 +209,7 @@ describe("the module cache", function()
     ]], dir)
     local code, out, err = S.sh("ulimit -n 64; " .. S.q(S.bin) .. " main.lua", dir, 60)
     assert.are.equal(0, code, err)
-    for _, want in ipairs({ "before\ttrue:42", "full\ttrue", "cached\ttrue:42",
+    for _, want in ipairs({ "before\ttrue:42", "full\ttrue", "searchpath\ttrue\ttrue", "cached\ttrue:42",
                             "cached_later\ttrue:42", "after\ttrue:compiled late",
                             "c_before\ttrue:table", "c_loaded\ttrue:table",
                             "c_unloaded\tfalse:error loading module 'term.core' from file '" }) do

@@ -373,16 +373,14 @@ static void remember(const char *key, const char *file)
   pthread_mutex_unlock(&lock);
 }
 
-/* Search path's templates for name as package.searchpath does: push the
- * first file that is readable, 1. Else 0, and with `list` push the list
- * of the files tried; with `list` 2, only that list, testing no file.
- * LuaJIT's search opens each candidate to see whether it can be read; so,
+/* (modcache.h) With `list` 2, push only the list of the files tried,
+ * testing none. LuaJIT's search opens each candidate to see whether it can be read; so,
  * with every descriptor taken (a server at its limit of connections), it
  * found no module at all, and each connection's or waking process's
  * require of one failed with "module not found" although its code was in
  * the cache. access() asks the same of the file (the host is not
  * set-user-ID) without opening it. */
-static int search(lua_State *L, const char *name, const char *path, int list)
+int mb_modcache_search(lua_State *L, const char *name, const char *path, int list)
 {
   int top = lua_gettop(L);
   luaL_Buffer tried;   /* (its pieces, if any, on the stack from top + 1) */
@@ -440,7 +438,7 @@ int mb_modcache_locate(lua_State *L, const char *name, const char *path, int lis
     lua_pop(L, 1);
     return 0;
   }
-  int found = search(L, name, path, r < 0 ? 2 : list);
+  int found = mb_modcache_search(L, name, path, r < 0 ? 2 : list);
   if (r == 0)
     remember(lua_tostring(L, -1 - (found || list)), found ? lua_tostring(L, -1) : NULL);
   lua_remove(L, -1 - (found || list));   /* the key */

@@ -38,14 +38,17 @@
  * caching one. The package library must be open. */
 void mb_modcache_install(lua_State *L);
 
-/* Push the file module `name` resolves to on `path` (package.path's
- * syntax): the first of its templates, with name's dots as directory
- * separators, that is readable, as package.searchpath finds it but opening
- * no file (with every file descriptor taken, LuaJIT's finds nothing); 1 if
- * there is one. Otherwise 0, and with `list` push what LuaJIT's searchpath
- * returns then ("\n\tno file '...'" for each file). What a name resolves
- * to, a file or none, is remembered host-wide for MB_MODCACHE_CHECK_MS.
- * For the Lua-file searcher and the C loaders (sandbox.c). */
+/* package.searchpath's search, opening no file (with every file
+ * descriptor taken, LuaJIT's finds nothing): push the first of path's
+ * templates (package.path's syntax), with name's dots as directory
+ * separators, that is a readable file; 1 if one is. Otherwise 0, and with
+ * `list` push what LuaJIT's searchpath returns then ("\n\tno file '...'"
+ * for each file). */
+int mb_modcache_search(lua_State *L, const char *name, const char *path, int list);
+
+/* mb_modcache_search, but what a name resolves to on a path, a file or
+ * none, is remembered host-wide for MB_MODCACHE_CHECK_MS. For the
+ * Lua-file searcher and the C loaders (sandbox.c). */
 int mb_modcache_locate(lua_State *L, const char *name, const char *path, int list);
 
 /* Push the loaded chunk of module `name` from the first file of `path` (in
