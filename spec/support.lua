@@ -190,12 +190,19 @@ end
 
 -- Run a shell command line, bounded to `limit` seconds (20 by default), from
 -- directory `cwd` if given. Returns exit code, stdout, stderr. A command that
--- had to be stopped by the bound returns 124 (timeout's code).
+-- had to be stopped by the bound returns 124 (timeout's code), or 137 if it
+-- did not end within 5 s of timeout's SIGTERM and was killed.
+-- The shell waits out SIGTERM (trap :) rather than die of it: timeout sends
+-- the signal to the whole group and waits only for the shell, so a host
+-- that could not take it (hung) outlived a shell that died at once, and
+-- timeout's SIGKILL never came. A trap that runs a command, unlike an
+-- ignored signal, is not inherited: the host still gets SIGTERM.
 function S.sh(cmd, cwd, limit)
   local dir = S.tmpdir()
   local out, err = dir .. "/stdout", dir .. "/stderr"
   local line = string.format("%stimeout -k 5 %d sh -c %s >%s 2>%s </dev/null; echo $?",
-    cwd and ("cd " .. S.q(cwd) .. " && ") or "", limit or 20, S.q(cmd), S.q(out), S.q(err))
+    cwd and ("cd " .. S.q(cwd) .. " && ") or "", limit or 20, S.q("trap : TERM; " .. cmd),
+    S.q(out), S.q(err))
   local p = assert(io.popen(line))
   local code = tonumber(p:read("*a"))
   p:close()
