@@ -445,6 +445,17 @@ int mb_modcache_locate(lua_State *L, const char *name, const char *path, int lis
   return found;
 }
 
+/* Push the chunk of module name from the file on top, which it replaces,
+ * or raise require's error. */
+static void load_found(lua_State *L, const char *name)
+{
+  const char *file = lua_tostring(L, -1);
+  if (load(L, file) != 0)
+    luaL_error(L, "error loading module '%s' from file '%s':\n\t%s",
+               name, file, lua_tostring(L, -1));
+  lua_remove(L, -2);   /* the file */
+}
+
 /* package.loaders[2](name): as LuaJIT's Lua-file searcher - the loader of
  * the first file of package.path that exists, or the list of files tried
  * - but a module compiled once is loaded from the cache. */
@@ -455,24 +466,16 @@ static int searcher(lua_State *L)
   lua_getfield(L, -1, "path");
   if (!lua_isstring(L, -1))
     return luaL_error(L, "'package.path' must be a string");
-  if (!mb_modcache_locate(L, name, lua_tostring(L, -1), 1))
-    return 1;   /* the list of files tried */
-  const char *path = lua_tostring(L, -1);
-  if (load(L, path) != 0)
-    return luaL_error(L, "error loading module '%s' from file '%s':\n\t%s",
-                      name, path, lua_tostring(L, -1));
-  return 1;
+  if (mb_modcache_locate(L, name, lua_tostring(L, -1), 1))
+    load_found(L, name);
+  return 1;   /* the chunk, or the list of files tried */
 }
 
 int mb_modcache_find(lua_State *L, const char *name, const char *path)
 {
   if (!mb_modcache_locate(L, name, path, 0))
     return 0;
-  const char *file = lua_tostring(L, -1);
-  if (load(L, file) != 0)
-    luaL_error(L, "error loading module '%s' from file '%s':\n\t%s",
-               name, file, lua_tostring(L, -1));
-  lua_remove(L, -2);   /* the file */
+  load_found(L, name);
   return 1;
 }
 
