@@ -136,6 +136,9 @@ static void usage(FILE *f)
     "  --watchdog MS    Report a process that holds a scheduler longer than\n"
     "                   MS without a preemption point, and move that\n"
     "                   scheduler's other work away (default 1000; 0: off).\n"
+    "  --shutdown-timeout MS  How long a stop on SIGTERM may take before the\n"
+    "                   host halts anyway (default 10000; 0: SIGTERM halts at\n"
+    "                   once).\n"
     "  --sname NAME     Make the host a node of an Erlang cluster named\n"
     "                   NAME@<short host name> (as erl -sname).\n"
     "  --name NAME@HOST Make the host a node with a long name (as erl -name).\n"
@@ -165,14 +168,18 @@ static void usage(FILE *f)
     "With no script, no -e and no -v, a terminal on stdin gets the prompt.\n"
     "The host exits when no process is left (status 0 if the first process\n"
     "ended normally, 1 if it crashed), on os.exit(code) or mb.halt(code) in\n"
-    "any process, or on SIGINT/SIGTERM (130/143).\n", f);
+    "any process, on SIGINT (130), or after a stop on SIGTERM: the first\n"
+    "process and those spawned graceful get the exit signal \"shutdown\", and\n"
+    "once they (and what their ends take down) have ended, the host halts\n"
+    "(status as above, \"shutdown\" counting as normal; 143 if the stop ran\n"
+    "past --shutdown-timeout or a second signal came).\n", f);
 }
 
 static int parse_int(const char *s, const char *opt, int min)
 {
   char *end;
   long v = s ? strtol(s, &end, 10) : 0;
-  if (s == NULL || *end || v < min || v > 1 << 20) {
+  if (s == NULL || *s == '\0' || *end || v < min || v > 1 << 20) {
     fprintf(stderr, "moonbeam: %s needs a whole number >= %d\n", opt, min);
     exit(1);
   }
@@ -224,6 +231,7 @@ static int takes_value(const char *a)
 {
   return strcmp(a, "--schedulers") == 0 || strcmp(a, "--reductions") == 0 ||
          strcmp(a, "--max-memory") == 0 || strcmp(a, "--watchdog") == 0 ||
+         strcmp(a, "--shutdown-timeout") == 0 ||
          strcmp(a, "--sname") == 0 || strcmp(a, "--name") == 0 ||
          strcmp(a, "--cookie") == 0 || strcmp(a, "--net-ticktime") == 0 ||
          strcmp(a, "--net-setuptime") == 0 ||
@@ -254,6 +262,10 @@ static void parse(int argc, char **argv, mb_sched_opts_t *o)
       o->watchdog_ms = parse_int(argv[++i], a, 0);
     else if (strncmp(a, "--watchdog=", 11) == 0)
       o->watchdog_ms = parse_int(a + 11, "--watchdog", 0);
+    else if (strcmp(a, "--shutdown-timeout") == 0)
+      o->shutdown_ms = parse_int(argv[++i], a, 0);
+    else if (strncmp(a, "--shutdown-timeout=", 19) == 0)
+      o->shutdown_ms = parse_int(a + 19, "--shutdown-timeout", 0);
     else if (strcmp(a, "--sname") == 0 || strcmp(a, "--name") == 0) {
       if (i + 1 >= argc) {
         fprintf(stderr, "moonbeam: %s needs a node name\n", a);
@@ -464,7 +476,8 @@ static int boot_first(lua_State *L)
 int main(int argc, char **argv)
 {
   mb_sched_opts_t opts = {.schedulers = 0, .slice_reds = MB_SLICE_REDS,
-                          .watchdog_ms = MB_WATCHDOG_MS};
+                          .watchdog_ms = MB_WATCHDOG_MS,
+                          .shutdown_ms = MB_SHUTDOWN_MS};
   signal(SIGPIPE, SIG_IGN);
   parse(argc, argv, &opts);
   mb_lstate_noenv = cli.noenv;

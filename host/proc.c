@@ -960,6 +960,86 @@ void mb_proc_link_exit(mb_pid_t pid, mb_pid_t from, mb_msg_t *reason)
   mb_proc_send(pid, reason);
 }
 
+/* -- The host's stop (proc.h) ---------------------------------------------- */
+
+static atomic_int stopping;
+/* The processes the stop waits for, plus one that mb_proc_stop holds while
+ * it looks for them, so that the count cannot reach 0 before it has found
+ * them all. */
+static atomic_long stop_left;
+void (*mb_proc_on_stopped)(void);
+
+int mb_proc_stopping(void)
+{
+  return atomic_load(&stopping);
+}
+
+long mb_proc_stop_left(void)
+{
+  return atomic_load(&stop_left);
+}
+
+static void stop_done(void)
+{
+  if (atomic_fetch_sub(&stop_left, 1) == 1 && mb_proc_on_stopped)
+    mb_proc_on_stopped();
+}
+
+/* Under p's lock: wait for p, unless it ended or is waited for already.
+ * Returns 1 if it is newly waited for. */
+static int stop_wait_locked(mb_proc_t *p)
+{
+  if (p->dead || (p->stop & MB_STOP_WAITED))
+    return 0;
+  p->stop |= MB_STOP_WAITED;
+  atomic_fetch_add(&stop_left, 1);
+  return 1;
+}
+
+static void stop_wait_for(mb_pid_t pid)
+{
+  mb_proc_t *t = mb_proc_get(pid);
+  if (t == NULL)
+    return;
+  mb_proc_lock(t);
+  stop_wait_locked(t);
+  mb_proc_unlock(t);
+  mb_proc_unref(t);
+}
+
+void mb_proc_stop_signal(mb_pid_t pid)
+{
+  mb_proc_exit_signal(pid, pid, host_reason("shutdown"), 0);
+}
+
+static void stop_one(mb_proc_t *p, void *ud)
+{
+  (void)ud;
+  mb_proc_lock(p);
+  int now = (p->first || (p->stop & MB_STOP_GRACEFUL)) && stop_wait_locked(p);
+  mb_proc_unlock(p);
+  if (now)
+    mb_proc_stop_signal(p->pid);
+}
+
+void mb_proc_stop(void)
+{
+  if (atomic_exchange(&stopping, 1))
+    return;
+  atomic_fetch_add(&stop_left, 1);   /* held while looking */
+  mb_proc_foreach(stop_one, NULL);
+  stop_done();
+}
+
+int mb_proc_set_graceful(mb_proc_t *p)
+{
+  mb_proc_lock(p);
+  p->stop |= MB_STOP_GRACEFUL;
+  int now = atomic_load(&stopping) && stop_wait_locked(p);
+  mb_proc_unlock(p);
+  return now;
+}
+
 /* -- Exit ------------------------------------------------------------------ */
 
 void mb_proc_exit(mb_proc_t *p, mb_msg_t *reason)
@@ -968,6 +1048,10 @@ void mb_proc_exit(mb_proc_t *p, mb_msg_t *reason)
   mb_proc_lock(p);
   p->dead = 1;
   p->status = MB_PS_EXITING;
+  /* While the host stops, the wait for p passes on to the processes its
+   * end takes down with it (mb_proc_stop). */
+  int waited = (p->stop & MB_STOP_WAITED) != 0;
+  int pass_on = waited && !mb_msg_is_normal(reason);
   mb_hset_t links = p->links, watchers = p->watchers;
   memset(&p->links, 0, sizeof p->links);
   memset(&p->watchers, 0, sizeof p->watchers);
@@ -980,10 +1064,13 @@ void mb_proc_exit(mb_proc_t *p, mb_msg_t *reason)
     if (links.v[i].key == 0)
       continue;
     linked += (long long)mb_proc_link_cost(links.v[i].val);
-    if (mb_id_is_remote(links.v[i].val))
+    if (mb_id_is_remote(links.v[i].val)) {
       remote_link_exit(links.v[i].val, p->pid, dup_reason(reason));
-    else
+    } else {
+      if (pass_on)
+        stop_wait_for(links.v[i].val);
       mb_proc_link_exit(links.v[i].val, p->pid, dup_reason(reason));
+    }
   }
   long long remote_watchers = 0;
   for (uint32_t i = 0; i < watchers.cap; i++) {
@@ -1018,6 +1105,8 @@ void mb_proc_exit(mb_proc_t *p, mb_msg_t *reason)
    * themselves go with the record). */
   set_charge(p, -(long long)(p->monitoring.n + p->aliases.n));
 
+  if (waited)
+    stop_done();
   unsigned left = atomic_fetch_sub(&live, 1) - 1;
   mb_proc_unref(p);
   if (left == 0 && mb_proc_on_empty)

@@ -119,6 +119,7 @@ typedef struct mb_proc {
   uint8_t hibernated;        /* no state: the next wake-up rebuilds it from
                                 boot + boot_msg (see mb.hibernate) */
   uint8_t mem_killed;        /* its queue went over max_memory: killed */
+  uint8_t stop;              /* MB_STOP_* flags: its part in the host's stop */
   /* Owner-only bytes and the ticker's flag, here in the padding before the
    * next pointer (the record stays in the 448-byte size class): */
   uint8_t alone;             /* computes, alone on its scheduler (run.c) */
@@ -419,6 +420,36 @@ void mb_proc_table_free(void);
 /* Called when the last process has died (set by the scheduler). */
 extern void (*mb_proc_on_empty)(void);
 
+/* -- The host's stop (SIGTERM; Erlang's init:stop) ----------------------------
+ * mb_proc_stop sends the exit signal "shutdown" to the first process and to
+ * every process spawned graceful (spawn_opt), and from then on waits for
+ * them: each is *waited for* (MB_STOP_WAITED) until it ends. One that ends
+ * with a reason other than "normal" passes the wait on to the local
+ * processes linked to it, which its exit signal reaches (a supervisor
+ * linked to the first process, then its children, stop in their order
+ * before the host ends). When the last waited-for process has ended,
+ * mb_proc_on_stopped is called (on that thread); the host then halts, and
+ * the halt ends every process left. A process spawned graceful while the
+ * host stops gets "shutdown" at once. */
+enum {
+  MB_STOP_GRACEFUL = 1,   /* spawned graceful */
+  MB_STOP_WAITED = 2      /* the stop waits for it */
+};
+/* Start the stop (once; later calls do nothing). mb_proc_on_stopped may
+ * be called before this returns (nothing to wait for). Any thread. */
+void mb_proc_stop(void);
+/* Has mb_proc_stop been called? */
+int mb_proc_stopping(void);
+/* Processes the stop still waits for. */
+long mb_proc_stop_left(void);
+/* Make p graceful, before it is first queued. Returns 1 when the host is
+ * stopping already: the caller then sends it "shutdown"
+ * (mb_proc_stop_signal) once p is queued. */
+int mb_proc_set_graceful(mb_proc_t *p);
+/* Send pid the exit signal "shutdown" from itself, as the stop does. */
+void mb_proc_stop_signal(mb_pid_t pid);
+extern void (*mb_proc_on_stopped)(void);
+
 /* -- Remote pids (dist.h) ----------------------------------------------------
  * A pid with MB_ID_REMOTE set (pid.h) is a process of another node. What
  * this file would do to a local process it hands to the hooks below, which
@@ -480,6 +511,10 @@ static inline int mb_msg_is_normal(const mb_msg_t *m)
 static inline int mb_msg_is_kill(const mb_msg_t *m)
 {
   return mb_msg_is_string(m, "kill");
+}
+static inline int mb_msg_is_shutdown(const mb_msg_t *m)
+{
+  return mb_msg_is_string(m, "shutdown");
 }
 
 #endif

@@ -1158,7 +1158,12 @@ static int all_done(void)
   return 1;
 }
 
-/* Wait up to ms for a signal (SIGINT/SIGTERM, which halt the host). */
+/* When the host's stop must end in a halt (uv_hrtime), or 0: main thread. */
+static uint64_t stop_deadline;
+
+/* Wait up to ms for a signal. SIGTERM starts the host's stop (proc.h), as
+ * Erlang's init:stop; SIGINT, a second signal, or either with no time for
+ * a stop halts at once. */
 static void wait_signal(long ms)
 {
   sigset_t set;
@@ -1167,8 +1172,47 @@ static void wait_signal(long ms)
   sigaddset(&set, SIGTERM);
   struct timespec ts = {ms / 1000, (ms % 1000) * 1000000};
   int sig = sigtimedwait(&set, NULL, &ts);
-  if (sig > 0)
-    mb_sched_halt(128 + sig);
+  if (sig <= 0)
+    return;
+  if (sig == SIGTERM && mb_sched_opts.shutdown_ms > 0 && stop_deadline == 0 &&
+      !mb_sched_halting()) {
+    stop_deadline = uv_hrtime() + (uint64_t)mb_sched_opts.shutdown_ms * 1000000;
+    mb_proc_stop();
+    return;
+  }
+  mb_sched_halt(128 + sig);
+}
+
+/* Name up to 4 of the processes the stop still waits for. */
+typedef struct stop_left {
+  char text[4 * (MB_PID_TEXT_MAX + 2)];
+  int n;
+} stop_left_t;
+
+static void name_left(mb_proc_t *p, void *ud)
+{
+  stop_left_t *l = ud;
+  mb_proc_lock(p);
+  int waited = !p->dead && (p->stop & MB_STOP_WAITED);
+  mb_proc_unlock(p);
+  if (!waited || l->n++ >= 4)
+    return;
+  size_t at = strlen(l->text);
+  if (at)
+    at += (size_t)snprintf(l->text + at, sizeof l->text - at, ", ");
+  mb_pid_format(l->text + at, sizeof l->text - at, p->pid);
+}
+
+/* The stop has run its time: say who held it, and halt. */
+static void stop_timed_out(void)
+{
+  stop_left_t l = {.text = "", .n = 0};
+  mb_proc_foreach(name_left, &l);
+  fprintf(stderr, "moonbeam: stopping: %ld process%s had not ended after %d ms "
+          "(--shutdown-timeout): %s%s; halting\n", mb_proc_stop_left(),
+          mb_proc_stop_left() == 1 ? "" : "es", mb_sched_opts.shutdown_ms,
+          l.text, l.n > 4 ? ", ..." : "");
+  mb_sched_halt(128 + SIGTERM);
 }
 
 /* Memory was freed: each scheduler is asked to give back its heaps' free
@@ -1196,6 +1240,8 @@ int mb_sched_wait(void)
     if (mb_alloc_trim())
       for (int i = 0; i < nscheds; i++)
         mb_sched_post(&scheds[i], collect_heaps, &scheds[i]);
+    if (stop_deadline && !mb_sched_halting() && uv_hrtime() >= stop_deadline)
+      stop_timed_out();
     if (!mb_sched_halting())
       continue;
     uint64_t deadline = uv_hrtime() + (uint64_t)MB_HALT_GRACE_MS * 1000000;
@@ -1268,4 +1314,5 @@ static void on_empty(void)
 void mb_sched_on_empty_install(void)
 {
   mb_proc_on_empty = on_empty;
+  mb_proc_on_stopped = on_empty;   /* the halt ends the processes left */
 }

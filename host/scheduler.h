@@ -37,6 +37,9 @@
  * what runs Lua there (plock, shared with the ticker).
  * Signals: SIGINT and SIGTERM are taken by the main thread, which also
  * runs the watchdog (see MB_WATCHDOG_MS); no process can hold them up.
+ * SIGINT halts at once; SIGTERM stops the host in order (mb_proc_stop),
+ * and halts once the processes the stop waits for have ended, after
+ * shutdown_ms, or on a second signal.
  * Shutdown: after the threads stop, every process left is ended (its exit
  * hooks run), each loop's remaining handles are closed (each by the closer
  * of the subsystem that owns it) and the loops are closed, then the
@@ -79,6 +82,10 @@ typedef struct mb_sched mb_sched_t;
 #define MB_WATCHDOG_TICK_MS 100
 #define MB_WATCHDOG_MS 1000
 #define MB_HALT_GRACE_MS 3000
+/* SIGTERM stops the host (mb_proc_stop): the processes it waits for have
+ * this long to end (--shutdown-timeout; docker stop's wait) before the
+ * halt. */
+#define MB_SHUTDOWN_MS 10000
 
 /* Preemption (see "Preemption: the ticker" in scheduler.c): a slice of
  * slice_reds reductions runs slice_reds * MB_NS_PER_RED ns (500: 0.2 ms)
@@ -104,6 +111,8 @@ typedef struct mb_sched_opts {
   long long max_memory; /* bytes the processes may hold in all (their heaps,
                            queues, continuations: mb_alloc_host_total);
                            over it the watchdog kills the biggest; 0: none */
+  int shutdown_ms;    /* SIGTERM stops the host, halting after this at the
+                         latest; 0: SIGTERM halts at once */
 } mb_sched_opts_t;
 
 /* Set up the schedulers and their loops (threads start in mb_sched_run).

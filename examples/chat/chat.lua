@@ -253,9 +253,10 @@ function chat.start(opts)
       return start_listener(http_listener, "http_ready", host, http_port, registry_dest, www, limits)
     end }
   end
+  -- Graceful: SIGTERM stops the chat in order (listeners, then the rooms).
   local sup, err = supervisor.start({
     name = opts.name, strategy = "one_for_one", max_restarts = 5, max_seconds = 10,
-    children = children,
+    children = children, graceful = true,
   })
   if not sup then return nil, err end
   local info = { sup = sup, registry = registry, join = join, host = host }

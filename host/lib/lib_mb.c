@@ -112,7 +112,7 @@ static void must_be_able_to_block(lua_State *L, mb_proc_t *p, const char *fname)
 /* -- Spawning ------------------------------------------------------------- */
 
 typedef struct spawn_opts {
-  int link, monitor, essential;
+  int link, monitor, essential, graceful;
   const char *name;
   size_t max_memory;
 } spawn_opts_t;
@@ -250,6 +250,7 @@ static int spawn_common(lua_State *L, int fnidx, const spawn_opts_t *o,
     p->essential = 1;
     mb_proc_unlock(p);
   }
+  int stop_now = o->graceful && mb_proc_set_graceful(p);
   if (t == LUA_TSTRING)
     atomic_store_explicit(&p->origin, module_origin(L, fnidx), memory_order_relaxed);
   if (o->name) {
@@ -263,6 +264,8 @@ static int spawn_common(lua_State *L, int fnidx, const spawn_opts_t *o,
   mb_ref_t ref = o->monitor ? mb_proc_monitor(self, p->pid) : 0;
   mb_pid_t pid = p->pid;
   mb_sched_enqueue(p);   /* p may run and die at once: no use of p below */
+  if (stop_now)          /* the host is stopping already */
+    mb_proc_stop_signal(pid);
   mb_id_push_new(L, pid, &mb_pid_kind);
   if (o->monitor) {
     mb_id_push_new(L, ref, &mb_ref_kind);
@@ -292,7 +295,8 @@ static int l_spawn_monitor(lua_State *L)
   return spawn_common(L, 1, &o, "spawn_monitor");
 }
 
-/* mb.spawn_opt({link=, monitor=, name=, max_memory=, essential=}, fn | module, ...) */
+/* mb.spawn_opt({link=, monitor=, name=, max_memory=, essential=, graceful=},
+ *              fn | module, ...) */
 static int l_spawn_opt(lua_State *L)
 {
   luaL_checktype(L, 1, LUA_TTABLE);
@@ -303,7 +307,9 @@ static int l_spawn_opt(lua_State *L)
   o.monitor = lua_toboolean(L, -1);
   lua_getfield(L, 1, "essential");
   o.essential = lua_toboolean(L, -1);
-  lua_pop(L, 1);
+  lua_getfield(L, 1, "graceful");
+  o.graceful = lua_toboolean(L, -1);
+  lua_pop(L, 2);
   lua_getfield(L, 1, "max_memory");
   if (!lua_isnil(L, -1)) {
     lua_Number mm = lua_tonumber(L, -1);
@@ -1008,6 +1014,13 @@ static int l_halt(lua_State *L)
   return mb_lib_halt(L, (int)luaL_optinteger(L, 1, 0));
 }
 
+/* mb.stopping() -> true once SIGTERM began the host's stop (proc.h) */
+static int l_stopping(lua_State *L)
+{
+  lua_pushboolean(L, mb_proc_stopping());
+  return 1;
+}
+
 /* -- The module ----------------------------------------------------------- */
 
 static const luaL_Reg funcs[] = {
@@ -1042,6 +1055,7 @@ static const luaL_Reg funcs[] = {
   {"processes", l_processes},
   {"info", l_info},
   {"halt", l_halt},
+  {"stopping", l_stopping},
   {NULL, NULL}
 };
 

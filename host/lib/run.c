@@ -649,8 +649,9 @@ static int boot(mb_proc_t *p)
 
 static void die(mb_proc_t *p, mb_msg_t *reason)
 {
-  if (p->first)
-    mb_sched_first_exit(mb_msg_is_normal(reason) ? 0 : 1);
+  if (p->first)   /* "shutdown" is the host's stop (proc.h) */
+    mb_sched_first_exit(mb_msg_is_normal(reason) ||
+                        (mb_proc_stopping() && mb_msg_is_shutdown(reason)) ? 0 : 1);
   mb_proc_exit(p, reason);
 }
 

@@ -304,7 +304,8 @@ function http.listen(host, port, handler, opts)
   -- Essential: over --max-memory the host's killer ends connection
   -- processes first, not the acceptor (~190 KB with its module, where a
   -- connection holds ~60 KB), which would take the listener with it.
-  local pid, ref = mb.spawn_opt({ monitor = true, essential = true },
+  -- Graceful: SIGTERM's stop shuts it down in order, as server:close().
+  local pid, ref = mb.spawn_opt({ monitor = true, essential = true, graceful = true },
                                 acceptor, mb.self(), host, port, handler, o)
   local m = mb.receive(function(x)
     return type(x) == "table" and ((x.tag == "$http_listen")

@@ -483,8 +483,9 @@ local function handle(ctx, msg)
       return after(ctx, stop)
     elseif tag == "$stop" then
       return msg[1]
-    elseif msg.event == "EXIT" and msg.pid == ctx.parent then
-      -- Only seen when the server traps exits: its parent (a supervisor)
+    elseif msg.event == "EXIT" and (msg.pid == ctx.parent or msg.pid == ctx.self) then
+      -- Only seen when the server traps exits: its parent (a supervisor),
+      -- or the host's stop (SIGTERM: an EXIT from itself, see mb.stopping),
       -- asks it to stop, so it runs terminate like Erlang's gen_server.
       return msg.reason
     end
@@ -674,6 +675,7 @@ local function server_main(parent, callbacks, arg, name, hibernate_after)
   local self = mb.self()
   local ctx = {
     parent = parent,
+    self = self,
     hibernate_after = hibernate_after,
     head = tostring(self) .. (name and (" registered as " .. name) or ""),
     origin = "server callbacks: " .. origin(callbacks),
@@ -782,7 +784,11 @@ function server.start(callbacks, arg, opts)
     end
   end
 
-  local spawn_opts = { link = opts.link or nil, monitor = true, max_memory = opts.max_memory }
+  if opts.graceful ~= nil and type(opts.graceful) ~= "boolean" then
+    error("server.start: opts.graceful must be a boolean, got " .. type(opts.graceful), 2)
+  end
+  local spawn_opts = { link = opts.link or nil, monitor = true, max_memory = opts.max_memory,
+                       graceful = opts.graceful or nil }
   local ok, pid, ref = pcall(mb.spawn_opt, spawn_opts, server_main, mb.self(), callbacks, arg, name,
                              hibernate_after)
   if not ok then error("server.start: " .. tostring(pid), 2) end

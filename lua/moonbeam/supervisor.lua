@@ -347,6 +347,12 @@ end
 local function child_exited(st, child, reason)
   local old = child.pid
   set_pid(st, child, nil)
+  -- While the host stops (SIGTERM) a child that ends stays down: the stop
+  -- may reach it before this supervisor (a graceful child: mb.stopping).
+  if mb.stopping() then
+    if child.restart == "temporary" then remove(st, child) end
+    return st
+  end
   if child.restart == "permanent" or (child.restart == "transient" and not is_normal(reason)) then
     return restart(st, child, old, reason)
   end
@@ -480,11 +486,15 @@ end
 -- supervisor.start(spec) -> pid | nil, err
 function supervisor.start(spec)
   local s = check_spec(spec, 1)
-  local link = spec.link
+  local link, graceful = spec.link, spec.graceful
   if link ~= nil and type(link) ~= "boolean" then
     error("supervisor.start: link must be a boolean, got " .. type(link), 2)
   end
-  return server.start(callbacks, s, { name = s.name, link = link, timeout = math.huge })
+  if graceful ~= nil and type(graceful) ~= "boolean" then
+    error("supervisor.start: graceful must be a boolean, got " .. type(graceful), 2)
+  end
+  return server.start(callbacks, s, { name = s.name, link = link, graceful = graceful,
+                                      timeout = math.huge })
 end
 
 local function call(fname, sup, op, arg, timeout)
