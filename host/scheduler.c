@@ -1208,10 +1208,10 @@ static void stop_timed_out(void)
 {
   stop_left_t l = {.text = "", .n = 0};
   mb_proc_foreach(name_left, &l);
+  long left = mb_proc_stop_left();
   fprintf(stderr, "moonbeam: stopping: %ld process%s had not ended after %d ms "
-          "(--shutdown-timeout): %s%s; halting\n", mb_proc_stop_left(),
-          mb_proc_stop_left() == 1 ? "" : "es", mb_sched_opts.shutdown_ms,
-          l.text, l.n > 4 ? ", ..." : "");
+          "(--shutdown-timeout): %s%s; halting\n", left, left == 1 ? "" : "es",
+          mb_sched_opts.shutdown_ms, l.text, l.n > 4 ? ", ..." : "");
   mb_sched_halt(128 + SIGTERM);
 }
 

@@ -215,7 +215,10 @@ describe("SIGTERM", function()
     assert.is_true(S.has(err, "clean-up failed"), err)
   end)
 
-  it("closes an HTTP server in order: the request in progress is answered, new connections are refused", function()
+  it("drains an HTTP server: the request in progress is answered, idle connections close, new ones are refused", function()
+    -- The server would wait 60 s for connections it asked to stop; the
+    -- host's stop is given 5: a server that waited for the idle one would
+    -- be halted (143).
     local rc, out, err = signalled([[
       local mb = require "moonbeam"
       local http = require "moonbeam.http"
@@ -223,26 +226,38 @@ describe("SIGTERM", function()
     ]] .. READY .. [[
       io.stdout:setvbuf("line")
       local srv = assert(http.listen("127.0.0.1", 0, function(req, res)
-        mb.sleep(2000)
-        res:send(200, "late\n")
-      end))
+        if req.path == "/slow" then mb.sleep(1000) end
+        res:send(req.path .. " answered\n")
+      end, { shutdown_timeout = 60000 }))
       local port = srv:port()
-      -- A client in this host: its request is in the handler when the stop comes.
+      -- Clients in this host, one with its request in the handler when the
+      -- stop comes, one idle on a keep-alive connection.
       mb.spawn_opt({ graceful = true }, function(port, ready)
         mb.trap_exit(true)
-        local c = assert(tcp.connect("127.0.0.1", port))
-        assert(c:write("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+        local idle = assert(tcp.connect("127.0.0.1", port))
+        assert(idle:write("GET /fast HTTP/1.1\r\nHost: x\r\n\r\n"))
+        assert(idle:read(5000):find("/fast answered", 1, true))
+        local busy = assert(tcp.connect("127.0.0.1", port))
+        assert(busy:write("GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"))
         mb.sleep(200)
         ready()
-        local head = c:read(5000) or "nothing"
-        print("answer", head:match("^HTTP/1.1 (%d+)"))
+        local got = ""
+        for _ = 1, 20 do
+          local data = busy:read(5000)
+          if not data then break end
+          got = got .. data
+          if got:find("answered\n", 1, true) then break end
+        end
+        print("answer", got:match("^HTTP/1.1 (%d+)"), got:match("\r\n\r\n(.*)$"))
+        print("idle keep-alive connection", idle:read(5000) == nil and "closed" or "open")
         local again = tcp.connect("127.0.0.1", port)
         print("new connection", again and "accepted" or "refused")
       end, port, ready)
       mb.receive()
-    ]])
+    ]], "--shutdown-timeout 5000")
     assert.are.equal(0, rc, err)
-    assert.are.equal("answer\t503\nnew connection\trefused\n", out, err)
+    assert.are.equal("answer\t200\t/slow answered\n\nidle keep-alive connection\tclosed\n" ..
+                     "new connection\trefused\n", out, err)
   end)
 
   it("stops the chat example with a user connected: exit code 0, no report, the user disconnected", function()

@@ -8,6 +8,8 @@
 #include <uv.h>
 
 #include "alloc.h"
+#include "hset.h"
+#include "lock.h"
 #include "http_guard.h"
 #include "msg.h"
 #include "proc.h"
@@ -27,6 +29,8 @@ struct mb_hguard {
                                loop's (until the handle is closed) */
   atomic_int closing;       /* free asked: the timer may not act now */
   _Atomic uint64_t word;    /* deadline << 1 | ARMED (see above) */
+  atomic_uchar busy;        /* a request is in its handler or its response
+                               is going out (mb_hguard_busy) */
   mb_sock_t *sock;          /* referenced; NULL: closed when guarded */
   double ms;                /* < 0: untimed (the handle is never armed) */
   mb_pid_t self, heir;
@@ -34,6 +38,10 @@ struct mb_hguard {
 };
 
 static char guard_tag;
+/* Each process's latest guard, by pid (mb_hguard_busy): under table_lock.
+ * A guard leaves it when freed, so a lookup never finds a freed one. */
+static mb_lock_t table_lock = MB_LOCK_INIT;
+static mb_hset_t by_pid;
 static void on_timer(uv_timer_t *h);
 static pthread_once_t closer_once = PTHREAD_ONCE_INIT;
 
@@ -117,13 +125,36 @@ mb_hguard_t *mb_hguard_new(mb_sock_t *s, mb_pid_t self, mb_pid_t heir, double ms
   atomic_init(&g->refs, 2);
   atomic_init(&g->closing, 0);
   atomic_init(&g->word, 0);
+  atomic_init(&g->busy, 0);
   g->sock = s;
   g->ms = ms;
   g->self = self;
   g->heir = heir;
   if (msg)
     memcpy(g->msg, msg, n);
+  mb_lock(&table_lock);
+  mb_hslot_t *slot = mb_hset_find(&by_pid, self);
+  if (slot)
+    slot->val = (uintptr_t)g;
+  else
+    mb_hset_add(&by_pid, self, (uintptr_t)g);
+  mb_unlock(&table_lock);
   return g;
+}
+
+int mb_hguard_busy(mb_pid_t pid)
+{
+  mb_lock(&table_lock);
+  mb_hslot_t *slot = mb_hset_find(&by_pid, pid);
+  int busy = slot && atomic_load_explicit(&((mb_hguard_t *)(uintptr_t)slot->val)->busy,
+                                          memory_order_relaxed);
+  mb_unlock(&table_lock);
+  return busy;
+}
+
+void mb_hguard_done(mb_hguard_t *g)
+{
+  atomic_store_explicit(&g->busy, 0, memory_order_relaxed);
 }
 
 static void arm_posted(void *arg)
@@ -144,6 +175,7 @@ static mb_sock_t *owned(mb_hguard_t *g, mb_pid_t heir, int mode)
 
 void mb_hguard_start(mb_hguard_t *g, int mode)
 {
+  atomic_store_explicit(&g->busy, 1, memory_order_relaxed);
   owned(g, g->heir, mode);
   if (g->ms < 0)
     return;
@@ -189,6 +221,11 @@ static void close_posted(void *arg)
 
 void mb_hguard_free(mb_hguard_t *g)
 {
+  mb_lock(&table_lock);
+  mb_hslot_t *slot = mb_hset_find(&by_pid, g->self);
+  if (slot && slot->val == (uintptr_t)g)
+    mb_hset_take(&by_pid, g->self, NULL);
+  mb_unlock(&table_lock);
   if (!atomic_exchange(&g->closing, 1)) {
     if (mb_sched_self() == g->owner) {
       uv_close((uv_handle_t *)&g->handle, on_closed);

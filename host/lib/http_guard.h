@@ -35,6 +35,12 @@
  * the socket up once, not once per step, and checks on each use, under the
  * socket's lock, that the socket is still open and the caller's.
  *
+ * While the host stops (SIGTERM), the acceptor drains its connections:
+ * it asks each to stop once it is not busy, a request being busy from its
+ * start until its response is complete (a flag in the guard, stored twice
+ * a request). So it finds the guards by pid: a table of each process's
+ * latest guard, under a lock, changed only when a guard is made or freed.
+ *
  * Lifetime: a guard is made by its connection process and freed by
  * mb_hguard_free (the connection's end, its state's __gc when the process
  * died) from any thread; the memory goes once the handle is closed, in its
@@ -70,6 +76,15 @@ int mb_hguard_stop(mb_hguard_t *g);
  * (the response is going out: no one can answer for it any more); else
  * NULL. Not referenced beyond the guard's own reference. */
 mb_sock_t *mb_hguard_sock(mb_hguard_t *g);
+
+/* The request's response is complete (its handler may still run). Any
+ * thread (the caller is self). */
+void mb_hguard_done(mb_hguard_t *g);
+
+/* Is pid's latest guard busy: a request started (mb_hguard_start) whose
+ * response is not complete (mb_hguard_done)? 0 for a pid without a guard.
+ * For a server's drain while the host stops. Any thread. */
+int mb_hguard_busy(mb_pid_t pid);
 
 /* Free g (any thread, once): its timer stops and its socket is let go. */
 void mb_hguard_free(mb_hguard_t *g);

@@ -1455,16 +1455,27 @@ static int l_guard_free(lua_State *L)
   return 0;
 }
 
-/* http_parser.guard(guard, on_fin)
+/* http_parser.guard(guard, on_fin) -> stopping
  * Before a handler runs: the socket ends its owner when the peer goes
  * (on_fin: its FIN too, else only a failure), the acceptor becomes its
- * heir, and the timing starts. */
+ * heir, the timing starts, and the guard is busy until the response is
+ * complete. stopping: the host is stopping (SIGTERM), so this response
+ * should close its connection. */
 static int l_guard(lua_State *L)
 {
   mb_hguard_t *g = check_guard(L);
   mb_lib_self(L);   /* (a killed process may not act) */
   mb_hguard_start(g, lua_toboolean(L, 2) ? MB_SOCK_EXIT_ON_CLOSE : MB_SOCK_EXIT_ON_ERROR);
-  return 0;
+  lua_pushboolean(L, mb_proc_stopping());
+  return 1;
+}
+
+/* http_parser.busy(pid) -> bool: is connection process pid's request in
+ * its handler, or its response going out? (The acceptor's drain.) */
+static int l_busy(lua_State *L)
+{
+  lua_pushboolean(L, mb_hguard_busy(mb_pid_check(L, 1)));
+  return 1;
 }
 
 /* http_parser.started(guard) -> true | false
@@ -1483,9 +1494,11 @@ static int l_started(lua_State *L)
  * The response is complete: the peer's going no longer ends the owner. */
 static int l_finished(lua_State *L)
 {
-  mb_sock_t *s = mb_hguard_sock(check_guard(L));   /* (the heir went at started) */
+  mb_hguard_t *g = check_guard(L);
+  mb_sock_t *s = mb_hguard_sock(g);   /* (the heir went at started) */
   if (s)
     mb_sock_set_exit_on_close(s, 0);
+  mb_hguard_done(g);
   return 0;
 }
 
@@ -1705,6 +1718,7 @@ static int l_respond(lua_State *L)
       done = 0;
     if ((size_t)done == left) {
       mb_sock_set_exit_on_close(s, 0);
+      mb_hguard_done(g);
       lua_pushboolean(L, 1);
       return 1;
     }
@@ -1788,6 +1802,7 @@ static const luaL_Reg lazy_funcs[] = {
   {"finished", l_finished},
   {"ws_accept", l_ws_accept},
   {"trapping", l_trapping},
+  {"busy", l_busy},
   {NULL, NULL}
 };
 

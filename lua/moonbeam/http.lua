@@ -76,6 +76,9 @@ local ACCEPT_BACKOFF = 100
 -- How long to wait for the EXIT of a process that was killed (the kill
 -- cannot be trapped: this only guards against a runtime bug).
 local KILL_WAIT = 5000
+-- While the host stops, how often the acceptor looks for connections whose
+-- response is complete, to ask them to stop (see acceptor).
+local DRAIN_POLL = 20
 -- How long http.listen waits for the acceptor to report the listening port.
 local START_TIMEOUT = 5000
 -- The client's default timeout for a whole request.
@@ -222,21 +225,39 @@ local function acceptor(parent, host, port, handler, opts)
 
   local reason
   repeat reason = handle(mb.receive()) until reason
-  -- Shut down in order: stop accepting, ask, wait, then kill.
+  -- Shut down in order: stop accepting, ask, wait, then kill. While the
+  -- host stops (SIGTERM) it drains: a connection whose request is in its
+  -- handler or response is asked only once that response is complete
+  -- (looked at every DRAIN_POLL ms; the response says Connection: close),
+  -- so its client gets the answer rather than 503.
   closing = true
   l:close()
-  for pid in pairs(conns) do
-    watching[mb.monitor(pid)] = pid
-    mb.exit(pid, "shutdown")
+  local drain = mb.stopping()
+  local asked = {}
+  local function ask()
+    for pid in pairs(conns) do
+      if not asked[pid] and not (drain and hp.busy(pid)) then
+        asked[pid] = true
+        watching[mb.monitor(pid)] = pid
+        mb.exit(pid, "shutdown")
+      end
+    end
   end
+  ask()
   local limit = opts.shutdown_timeout
   local deadline = limit ~= math.huge and mb.now() + limit or nil
   while next(conns) do
     local left = deadline and deadline - mb.now()
     if left and left <= 0 then break end
-    local m = mb.receive(left and math.ceil(left))
-    if m == nil then break end
-    handle(m)
+    local wait = left and math.ceil(left)
+    if drain then wait = math.min(wait or DRAIN_POLL, DRAIN_POLL) end
+    local m = mb.receive(wait)
+    if m ~= nil then
+      handle(m)
+    elseif not drain then
+      break
+    end
+    if drain then ask() end
   end
   for pid in pairs(conns) do mb.exit(pid, "kill") end
   while next(conns) do

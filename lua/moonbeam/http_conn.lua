@@ -495,7 +495,9 @@ local function serve_one(c, handler, parser, sock, guard, wait, first, ready, de
                            Response)
   if method == "HEAD" then res[9] = true end
   if upgrade then rare().upgradable(c, res, status) end
-  hp_guard(guard, keep)
+  -- (true: the host stops, and its acceptor drains: the connection
+  -- closes after this response.)
+  if hp_guard(guard, keep) then res[4] = true end
   local okh, caught = xpcall(handler, traceback, req, res)
   if not okh or res[8] ~= 3 or not res[7] or upgrade then   -- (guard, done)
     return rare().after_handler(c, req, res, okh, caught, status)
