@@ -232,32 +232,41 @@ local function acceptor(parent, host, port, handler, opts)
   -- so its client gets the answer rather than 503.
   closing = true
   l:close()
-  local drain = mb.stopping()
-  local asked = {}
-  local function ask()
-    for pid in pairs(conns) do
-      if not asked[pid] and not (drain and hp.busy(pid)) then
-        asked[pid] = true
-        watching[mb.monitor(pid)] = pid
-        mb.exit(pid, "shutdown")
-      end
-    end
+  local function ask(pid)
+    watching[mb.monitor(pid)] = pid
+    mb.exit(pid, "shutdown")
   end
-  ask()
+  local drain = mb.stopping()
+  local busy = {}   -- draining: pid -> true, not asked yet
+  for pid in pairs(conns) do
+    if drain and hp.busy(pid) then busy[pid] = true else ask(pid) end
+  end
   local limit = opts.shutdown_timeout
   local deadline = limit ~= math.huge and mb.now() + limit or nil
+  local poll = mb.now() + DRAIN_POLL
   while next(conns) do
-    local left = deadline and deadline - mb.now()
+    local now = mb.now()
+    local left = deadline and deadline - now
     if left and left <= 0 then break end
+    if next(busy) and now >= poll then
+      for pid in pairs(busy) do
+        if not conns[pid] then
+          busy[pid] = nil
+        elseif not hp.busy(pid) then
+          busy[pid] = nil
+          ask(pid)
+        end
+      end
+      poll = now + DRAIN_POLL
+    end
     local wait = left and math.ceil(left)
-    if drain then wait = math.min(wait or DRAIN_POLL, DRAIN_POLL) end
+    if next(busy) then wait = math.min(wait or DRAIN_POLL, math.ceil(poll - now)) end
     local m = mb.receive(wait)
     if m ~= nil then
       handle(m)
-    elseif not drain then
+    elseif not next(busy) then
       break
     end
-    if drain then ask() end
   end
   for pid in pairs(conns) do mb.exit(pid, "kill") end
   while next(conns) do
