@@ -1,4 +1,6 @@
 /* io.c: blocking operations on libuv's thread pool (see io.h). */
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "alloc.h"
@@ -105,9 +107,39 @@ static void release(mb_proc_t *p)
     mb_io_free(req);
 }
 
+static void pool_noop(uv_work_t *w)
+{
+  (void)w;
+}
+
+/* Start libuv's thread pool with MB_IO_THREADS threads, unless
+ * UV_THREADPOOL_SIZE asks for a number. libuv reads the variable once,
+ * when the pool starts at its first job: a job on a loop of its own starts
+ * it here, then the variable leaves the environment again, which
+ * os.execute and io.popen pass on to other programs. */
+static void pool_start(void)
+{
+  int set = getenv("UV_THREADPOOL_SIZE") == NULL;
+  if (set) {
+    char n[16];
+    snprintf(n, sizeof n, "%d", MB_IO_THREADS);
+    setenv("UV_THREADPOOL_SIZE", n, 1);
+  }
+  uv_loop_t loop;
+  uv_work_t w;
+  if (uv_loop_init(&loop) == 0) {
+    if (uv_queue_work(&loop, &w, pool_noop, NULL) == 0)
+      uv_run(&loop, UV_RUN_DEFAULT);
+    uv_loop_close(&loop);
+  }
+  if (set)
+    unsetenv("UV_THREADPOOL_SIZE");
+}
+
 void mb_io_init(void)
 {
   mb_proc_add_exit_hook(release);
+  pool_start();
 }
 
 /* -- Counted buffers ---------------------------------------------------------- */

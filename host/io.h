@@ -80,8 +80,15 @@ struct mb_io_req {
   const char *oom;
 };
 
+/* libuv's thread pool: MB_IO_THREADS threads (UV_THREADPOOL_SIZE, when
+ * set, decides instead). Its default of 4 is as many file operations that
+ * wait for long - a FIFO's open or read, a device's read, a name lookup
+ * whose resolver does not answer (sock.c) - as it takes to hold back every
+ * other file operation of the host; Erlang's dirty I/O schedulers are 10. */
+#define MB_IO_THREADS 16
+
 /* Set up: a dying process's finished operation, never taken, is freed (an
- * exit hook). Once, at start-up. */
+ * exit hook); the thread pool starts. Once, at start-up. */
 void mb_io_init(void);
 
 /* A zeroed request of at least `size` bytes (ops may embed it). */

@@ -176,7 +176,7 @@ describe("moonbeam.fs", function()
       mb.sleep(300)
       print("appended", m and m[1], m and m[2], fs.read_file(fifo .. ".count"))
       local pids = {}
-      for i = 1, 12 do   -- three times the pool's threads
+      for i = 1, 40 do   -- more than the pool's threads (16)
         pids[i] = mb.spawn(function(w)
           if w then fs.append_file(fifo, "never read") else fs.read_file(fifo) end
         end, i % 2 == 0)
@@ -193,6 +193,37 @@ describe("moonbeam.fs", function()
     assert.is_truthy(S.has(out, "read\tabc\tnil"), out)
     assert.is_truthy(S.has(out, "appended\ttrue\tnil\t200000"), out)
     assert.is_truthy(S.has(out, "after\t200000\n\ttrue"), out)
+  end)
+
+  -- libuv's pool has 4 threads: four processes waiting on FIFOs (or four
+  -- name lookups whose resolver does not answer) held back every other
+  -- file operation of the host while they waited. The host's pool has 16;
+  -- UV_THREADPOOL_SIZE still decides when set, and stays out of the
+  -- environment of the programs processes run when not.
+  it("leaves room on the thread pool while processes wait on FIFOs", function()
+    local fifo = fifo_at("fifo_room")
+    local script = S.write("room.lua", [=[
+      local mb = require "moonbeam"
+      local fs = require "moonbeam.fs"
+      local fifo, plain = ...
+      local me = mb.self()
+      local pids = {}
+      for i = 1, 8 do pids[i] = mb.spawn(function() fs.read_file(fifo) end) end
+      mb.sleep(300)
+      mb.spawn(function() mb.send(me, { fs.read_file(plain) }) end)
+      local m = mb.receive(3000)
+      print("read", m and m[1] or "held back")
+      print("env", os.getenv("UV_THREADPOOL_SIZE"))
+      for _, p in ipairs(pids) do mb.exit(p, "kill") end
+    ]=])
+    local plain = S.write("plain.txt", "plain")
+    local args = S.q(script) .. " " .. S.q(fifo) .. " " .. S.q(plain)
+    local code, out, err = S.moonbeam(args, nil, 30)
+    assert.are.equal(0, code, err)
+    assert.are.equal("read\tplain\nenv\tnil\n", out, err)
+    code, out, err = S.sh("UV_THREADPOOL_SIZE=4 " .. S.q(S.bin) .. " " .. args, nil, 30)
+    assert.are.equal(0, code, err)
+    assert.are.equal("read\theld back\nenv\t4\n", out, err)
   end)
 
   it("exits, if late, while a thread-pool job never ends", function()
