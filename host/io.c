@@ -1,4 +1,6 @@
 /* io.c: blocking operations on libuv's thread pool (see io.h). */
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -125,6 +127,11 @@ static void pool_start(void)
     snprintf(n, sizeof n, "%d", MB_IO_THREADS);
     setenv("UV_THREADPOOL_SIZE", n, 1);
   }
+  /* The pool's threads take no signal (they inherit this thread's mask):
+   * SIGTERM and SIGINT are the main thread's (scheduler.h). */
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &old);
   uv_loop_t loop;
   uv_work_t w;
   if (uv_loop_init(&loop) == 0) {
@@ -132,6 +139,7 @@ static void pool_start(void)
       uv_run(&loop, UV_RUN_DEFAULT);
     uv_loop_close(&loop);
   }
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
   if (set)
     unsetenv("UV_THREADPOOL_SIZE");
 }

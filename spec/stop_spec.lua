@@ -293,6 +293,36 @@ describe("SIGTERM", function()
     assert.are.equal("", err)
   end)
 
+  -- A signal sent to the process goes to a thread that does not block it;
+  -- a thread other than the main one that took SIGTERM ended the host by
+  -- its default action (the thread pool's, started before the mask was
+  -- set, did).
+  it("is taken by the main thread alone: every other thread blocks it", function()
+    local code, out, err = S.child([[
+      local mb = require "moonbeam"
+      local fs = require "moonbeam.fs"
+      fs.read_file("/proc/self/stat")   -- the pool has started
+      local pid = io.open("/proc/self/stat"):read("*l"):match("^(%d+)")
+      local ls = io.popen("ls /proc/" .. pid .. "/task")
+      local threads, taking = 0, {}
+      for tid in ls:lines() do
+        local status = io.open("/proc/" .. pid .. "/task/" .. tid .. "/status")
+        local blk = status and status:read("*a"):match("SigBlk:%s*(%x+)")
+        if status then status:close() end
+        if blk and tid ~= pid then
+          threads = threads + 1
+          -- SIGTERM is 15: bit 14 of the mask.
+          local low = tonumber(blk:sub(-8), 16)
+          if math.floor(low / 2^14) % 2 == 0 then taking[#taking + 1] = tid end
+        end
+      end
+      ls:close()
+      print(threads > 16, #taking)
+    ]])
+    assert.are.equal(0, code, err)
+    assert.are.equal("true\t0\n", out, err)
+  end)
+
   it("takes --shutdown-timeout as a whole number of ms", function()
     for _, bad in ipairs { "-1", "soon", "" } do
       local code, _, err = S.moonbeam("--shutdown-timeout " .. S.q(bad) .. " -e 'print(1)'")
