@@ -121,6 +121,21 @@ describe("SIGTERM", function()
     assert.are.equal("graceful one got\tEXIT\tshutdown\ttrue\n", out, err)
   end)
 
+  it("runs the terminate of a graceful server that traps exits", function()
+    local rc, out, err = signalled([[
+      local mb = require "moonbeam"
+      local server = require "moonbeam.server"
+    ]] .. READY .. [[
+      assert(server.start({
+        init = function() mb.trap_exit(true) return "state" end,
+        terminate = function(reason, st) mb.sleep(100) print("terminate", reason, st) end,
+      }, nil, { graceful = true }))
+      ready()
+    ]])
+    assert.are.equal(0, rc, err)
+    assert.are.equal("terminate\tshutdown\tstate\n", out, err)
+  end)
+
   it("sends 'shutdown' at once to a process spawned graceful while the host stops", function()
     local rc, out, err = signalled([[
       local mb = require "moonbeam"

@@ -483,7 +483,8 @@ local function handle(ctx, msg)
       return after(ctx, stop)
     elseif tag == "$stop" then
       return msg[1]
-    elseif msg.event == "EXIT" and (msg.pid == ctx.parent or msg.pid == ctx.self) then
+    elseif msg.event == "EXIT" and (msg.pid == ctx.parent
+                                     or msg.pid == ctx.self and mb.stopping()) then
       -- Only seen when the server traps exits: its parent (a supervisor),
       -- or the host's stop (SIGTERM: an EXIT from itself, see mb.stopping),
       -- asks it to stop, so it runs terminate like Erlang's gen_server.
