@@ -62,7 +62,8 @@
 -- that says so instead of silently making the state nil.
 --
 -- Ending. A server ends on a stop reason returned by a callback, on
--- server.stop, on an exit signal from its parent (when it traps exits), or
+-- server.stop, on an exit signal from its parent or, for a graceful server,
+-- the host's stop (SIGTERM: an EXIT from itself) when it traps exits, or
 -- when a callback raises or returns a bad value. In every case terminate
 -- (reason, state) runs first, then the server exits with the reason. An end
 -- whose reason is not "normal" or "shutdown" prints one report block to
