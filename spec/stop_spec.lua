@@ -6,13 +6,25 @@
 local mb = require "moonbeam"
 local S = require "spec.support"
 
--- Run src (a script that writes "ready" to the file arg[1] when it is
--- ready) in a child host with the options opts; once it is ready send it
--- each signal of sigs in turn ("TERM", or a number: seconds to sleep).
--- Returns the host's exit code, its stdout and its stderr.
+-- What each script starts with: mb, and ready(), which tells the shell
+-- that the script is ready for its signals.
+local PRELUDE = [[
+local mb = require "moonbeam"
+local ready_path = arg[1]
+local function ready()
+  local f = assert(io.open(ready_path, "w"))
+  f:write("ready")
+  f:close()
+end
+]]
+
+-- Run src (after PRELUDE; it calls ready() once it is ready) in a child
+-- host with the options opts; once it is ready send it each signal of sigs
+-- in turn ("TERM", or a number: seconds to sleep). Returns the host's exit
+-- code, its stdout and its stderr.
 local function signalled(src, opts, sigs)
   local d = S.tmpdir()
-  local script = S.write("stop.lua", src, d)
+  local script = S.write("stop.lua", PRELUDE .. src, d)
   local ready = d .. "/ready"
   local lines = {
     S.q(S.bin) .. " " .. (opts or "") .. " " .. S.q(script) .. " " .. S.q(ready) .. " &",
@@ -32,22 +44,12 @@ local function signalled(src, opts, sigs)
   return rc, out:gsub("rc=%d+\n$", ""), err
 end
 
-local READY = [[
-local ready_path = arg[1]
-local function ready()
-  local f = assert(io.open(ready_path, "w"))
-  f:write("ready")
-  f:close()
-end
-]]
 
 describe("SIGTERM", function()
   after_each(function() S.cleanup_tmp() end)
 
   it("gives a first process that traps exits the EXIT 'shutdown' from itself, and exits 0 when it ends", function()
     local rc, out, err = signalled([[
-      local mb = require "moonbeam"
-    ]] .. READY .. [[
       mb.trap_exit(true)
       print("stopping before", mb.stopping())
       ready()
@@ -63,10 +65,8 @@ describe("SIGTERM", function()
 
   it("stops a supervisor tree linked to the first process in reverse start order, then ends the other processes", function()
     local rc, out, err = signalled([[
-      local mb = require "moonbeam"
       local supervisor = require "moonbeam.supervisor"
       local server = require "moonbeam.server"
-    ]] .. READY .. [[
       io.stdout:setvbuf("line")
       local function worker(n)
         return { id = n, start = function()
@@ -89,8 +89,6 @@ describe("SIGTERM", function()
 
   it("waits for a trapping process linked to the first one to finish its clean-up", function()
     local rc, out, err = signalled([[
-      local mb = require "moonbeam"
-    ]] .. READY .. [[
       mb.spawn_link(function()
         mb.trap_exit(true)
         local m = mb.receive()
@@ -106,8 +104,6 @@ describe("SIGTERM", function()
 
   it("stops a graceful process after the first one ended", function()
     local rc, out, err = signalled([[
-      local mb = require "moonbeam"
-    ]] .. READY .. [[
       mb.spawn_opt({ graceful = true }, function(ready)
         mb.trap_exit(true)
         ready()
@@ -123,9 +119,7 @@ describe("SIGTERM", function()
 
   it("runs the terminate of a graceful server that traps exits", function()
     local rc, out, err = signalled([[
-      local mb = require "moonbeam"
       local server = require "moonbeam.server"
-    ]] .. READY .. [[
       assert(server.start({
         init = function() mb.trap_exit(true) return "state" end,
         terminate = function(reason, st) mb.sleep(100) print("terminate", reason, st) end,
@@ -138,8 +132,6 @@ describe("SIGTERM", function()
 
   it("sends 'shutdown' at once to a process spawned graceful while the host stops", function()
     local rc, out, err = signalled([[
-      local mb = require "moonbeam"
-    ]] .. READY .. [[
       mb.trap_exit(true)
       ready()
       mb.receive()
@@ -155,9 +147,7 @@ describe("SIGTERM", function()
 
   it("does not let a supervisor restart a child the stop ended", function()
     local rc, out, err = signalled([[
-      local mb = require "moonbeam"
       local supervisor = require "moonbeam.supervisor"
-    ]] .. READY .. [[
       io.stdout:setvbuf("line")
       -- The child is graceful: the stop reaches it as soon as its supervisor.
       local child = { id = "g", start = function()
@@ -178,8 +168,6 @@ describe("SIGTERM", function()
 
   it("halts with 143 and names who held it up when the stop runs past --shutdown-timeout", function()
     local rc, out, err = signalled([[
-      local mb = require "moonbeam"
-    ]] .. READY .. [[
       mb.trap_exit(true)
       mb.register("stubborn")
       ready()
@@ -192,8 +180,6 @@ describe("SIGTERM", function()
 
   it("halts at once on a second SIGTERM, or with --shutdown-timeout 0", function()
     local src = [[
-      local mb = require "moonbeam"
-    ]] .. READY .. [[
       mb.trap_exit(true)
       ready()
       while true do mb.receive() end
@@ -208,8 +194,6 @@ describe("SIGTERM", function()
 
   it("is not SIGINT's: SIGINT halts at once with 130", function()
     local rc, out, err = signalled([[
-      local mb = require "moonbeam"
-    ]] .. READY .. [[
       mb.trap_exit(true)
       ready()
       while true do mb.receive() end
@@ -219,8 +203,6 @@ describe("SIGTERM", function()
 
   it("exits 1 when the first process crashes while the host stops", function()
     local rc, out, err = signalled([[
-      local mb = require "moonbeam"
-    ]] .. READY .. [[
       mb.trap_exit(true)
       ready()
       mb.receive()
@@ -235,10 +217,8 @@ describe("SIGTERM", function()
     -- host's stop is given 5: a server that waited for the idle one would
     -- be halted (143).
     local rc, out, err = signalled([[
-      local mb = require "moonbeam"
       local http = require "moonbeam.http"
       local tcp = require "moonbeam.tcp"
-    ]] .. READY .. [[
       io.stdout:setvbuf("line")
       local srv = assert(http.listen("127.0.0.1", 0, function(req, res)
         if req.path == "/slow" then mb.sleep(1000) end
