@@ -245,8 +245,9 @@ static void close_gently(mb_sock_t *s)
 void mb_sock_do_close(mb_sock_t *s, void *arg)
 {
   (void)arg;
+  /* While the host stops (SIGTERM), a WebSocket closes going away. */
   if (s->ws && !mb_ws_done(s->ws))
-    mb_ws_close(s->ws, 1000, NULL, 0);   /* close_gently follows */
+    mb_ws_close(s->ws, mb_proc_stopping() ? 1001 : 1000, NULL, 0);   /* close_gently follows */
   close_gently(s);
 }
 

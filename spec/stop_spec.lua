@@ -255,6 +255,28 @@ describe("SIGTERM", function()
                      "new connection\trefused\n", out, err)
   end)
 
+  it("closes a WebSocket whose handler does not trap exits going away (1001)", function()
+    local rc, out, err = signalled([[
+      local http = require "moonbeam.http"
+      local websocket = require "moonbeam.websocket"
+      local srv = assert(http.listen("127.0.0.1", 0, function(req, res)
+        local ws = assert(websocket.upgrade(req, res))
+        while ws:read() do end
+      end))
+      mb.spawn_opt({ graceful = true }, function(port, ready)
+        mb.trap_exit(true)
+        local websocket = require "moonbeam.websocket"
+        local ws = assert(websocket.connect("127.0.0.1", port, "/", { timeout = 5000 }))
+        ws:set_active(true)
+        ready()
+        local m = mb.receive(function(m) return type(m) == "table" and m.event == "ws_closed" end, 5000)
+        print("closed", m and m.code)
+      end, srv:port(), ready)
+    ]])
+    assert.are.equal(0, rc, err)
+    assert.are.equal("closed\t1001\n", out, err)
+  end)
+
   it("stops the chat example with a user connected: exit code 0, no report, the user disconnected", function()
     local d = S.tmpdir()
     -- A user who joins a room (a user process, a room, the registry), then
