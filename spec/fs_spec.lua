@@ -226,18 +226,45 @@ describe("moonbeam.fs", function()
     assert.are.equal("read\theld back\nenv\t4\n", out, err)
   end)
 
+  it("gives the thread of a read_line that awaits a line back when its process ends", function()
+    -- Standard input a FIFO open at both ends: no line ever comes. The
+    -- halt waited the 3 s it gives the pool, then exited without cleaning
+    -- up (Ctrl-C at the prompt did the same).
+    local fifo = fifo_at("fifo_await")
+    local script = S.write("await.lua", [=[
+      local mb = require "moonbeam"
+      local fs = require "moonbeam.fs"
+      local pid = mb.spawn(function() fs.read_line() end)
+      mb.sleep(200)
+      mb.exit(pid, "kill")
+      mb.sleep(300)
+      print("read_file", fs.read_file(arg[1]))   -- the pool goes on
+      os.exit(3)
+    ]=])
+    local code, out, err = S.moonbeam(S.q(script) .. " " .. S.q(script) .. " 0<> " .. S.q(fifo),
+                                      nil, 20)
+    assert.are.equal(3, code, err)
+    assert.is_truthy(S.has(out, "read_file\t"), out)
+    assert.are.equal("", err)
+  end)
+
   it("exits, if late, while a thread-pool job never ends", function()
-    -- read_line on a standard input that is a FIFO open at both ends: a
-    -- read that nothing ends. The halt waits for it 3 s, then exits.
+    -- read_line on a standard input that is a FIFO open at both ends, with
+    -- half a line in it: the rest of the line never comes. The halt waits
+    -- for it 3 s, then exits.
     local fifo = fifo_at("fifo_stdin")
     local script = S.write("stuck.lua", [=[
-      require("moonbeam").spawn(function() require("moonbeam.fs").read_line() end)
       local mb = require "moonbeam"
+      local f = assert(io.open(arg[1], "w"))
+      f:write("half a line")
+      f:close()
+      mb.spawn(function() require("moonbeam.fs").read_line() end)
       mb.sleep(200)
       print("halting")
       os.exit(3)
     ]=])
-    local code, out, err = S.moonbeam(S.q(script) .. " 0<> " .. S.q(fifo), nil, 20)
+    local code, out, err = S.moonbeam(S.q(script) .. " " .. S.q(fifo) .. " 0<> " .. S.q(fifo),
+                                      nil, 20)
     assert.are.equal(3, code, err)
     assert.is_truthy(S.has(out, "halting"), out)
     assert.is_truthy(S.has(err, "work on the thread pool"), err)

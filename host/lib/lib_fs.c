@@ -620,7 +620,8 @@ static int l_remove(lua_State *L)
 /* -- stdin ---------------------------------------------------------------- */
 
 /* One reader at a time: lines come out whole and in order. The line is
- * read in a pool thread, which stays blocked until input arrives.
+ * read in a pool thread, which waits for input while its process wants
+ * the line (await_fd), then blocks until the line is whole.
  *
  * Its buffer is counted (io.h) and bounded: a line is at most `max` bytes
  * (MB_FS_MAX_LINE unless the caller asks for more, at most MB_FS_MAX_READ),
@@ -638,6 +639,18 @@ typedef struct line_req {
   size_t max;
 } line_req_t;
 
+/* Nothing is left in stdin's buffer (the next getc reads the descriptor)?
+ * glibc's FILE says so in fields of its public struct; elsewhere, assume
+ * there is something (the read blocks, as it did). */
+static int stdin_drained(void)
+{
+#ifdef __GLIBC__
+  return stdin->_IO_read_ptr >= stdin->_IO_read_end;
+#else
+  return 0;
+#endif
+}
+
 static void line_work(mb_io_req_t *req)
 {
   size_t max = ((line_req_t *)req)->max;
@@ -646,6 +659,17 @@ static void line_work(mb_io_req_t *req)
   int rc = 0, end = 0;
   pthread_mutex_lock(&stdin_lock);
   flockfile(stdin);   /* against io.read in a process, too */
+  /* Before a line begins, wait for input only while the process wants the
+   * line: a prompt waiting for a line that never comes gives its thread
+   * back once its process ends (the host's halt too: Ctrl-C at the
+   * prompt exited only after the halt's 3 s wait for the pool). Once a
+   * line began, the rest is read as it comes. */
+  if (stdin_drained() && !await_fd(req, fileno(stdin), POLLIN)) {
+    funlockfile(stdin);
+    pthread_mutex_unlock(&stdin_lock);
+    req->err = UV_ECANCELED;
+    return;
+  }
   for (;;) {
     int c = getc_unlocked(stdin);
     if (c == EOF) {
