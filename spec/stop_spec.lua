@@ -293,7 +293,7 @@ describe("SIGTERM", function()
       S.q(S.bin) .. " examples/chat/main.lua --tcp 0 --http 0 >" .. o .. " 2>" .. e .. " &",
       "p=$!",
       "i=0",
-      "while ! grep -q 'chat: running' " .. o .. " && [ $i -lt 500 ]; do sleep 0.02; i=$((i+1)); done",
+      "while ! grep -qs 'chat: running' " .. o .. " && [ $i -lt 500 ]; do sleep 0.02; i=$((i+1)); done",
       "port=$(sed -n 's/^chat: TCP  on [^:]*:\\([0-9]*\\) .*/\\1/p' " .. o .. ")",
       S.q(S.bin) .. " " .. S.q(client) .. " $port >" .. S.q(d .. "/client") .. " &",
       "c=$!",
