@@ -448,6 +448,16 @@ static void on_async(uv_async_t *h)
 static pthread_t main_thread;
 static atomic_int main_waits;   /* main_thread is set */
 
+/* The main thread's signals: blocked in every thread (mb_sched_run), taken
+ * by sigtimedwait (wait_signal). */
+static void main_signals(sigset_t *set)
+{
+  sigemptyset(set);
+  sigaddset(set, SIGINT);
+  sigaddset(set, SIGTERM);
+  sigaddset(set, MB_WAKE_SIGNAL);
+}
+
 static void wake_main(void)
 {
   if (atomic_load(&main_waits))
@@ -906,10 +916,7 @@ int mb_sched_run(void)
    * no process can hold up: blocked here, before any thread starts, so
    * every thread made from now on inherits the mask. */
   sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGTERM);
-  sigaddset(&set, MB_WAKE_SIGNAL);
+  main_signals(&set);
   pthread_sigmask(SIG_BLOCK, &set, NULL);
   main_thread = pthread_self();
   atomic_store(&main_waits, 1);
@@ -1187,10 +1194,7 @@ static uint64_t stop_deadline;
 static void wait_signal(long ms)
 {
   sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGTERM);
-  sigaddset(&set, MB_WAKE_SIGNAL);
+  main_signals(&set);
   struct timespec ts = {ms / 1000, (ms % 1000) * 1000000};
   int sig = sigtimedwait(&set, NULL, &ts);
   if (sig <= 0 || sig == MB_WAKE_SIGNAL)

@@ -147,6 +147,24 @@ static int await_fd(mb_io_req_t *req, int fd, short events)
   }
 }
 
+/* read(2) that waits (await_fd) while the read would block: the bytes
+ * read, 0 at the end, or -errno (UV_ECANCELED once the process no longer
+ * wants the result). */
+static ssize_t read_waiting(mb_io_req_t *req, int fd, void *buf, size_t n)
+{
+  for (;;) {
+    ssize_t r = read(fd, buf, n);
+    if (r >= 0)
+      return r;
+    if (errno == EINTR)
+      continue;
+    if (errno != EAGAIN && errno != EWOULDBLOCK)
+      return -errno;
+    if (!await_fd(req, fd, POLLIN))
+      return UV_ECANCELED;
+  }
+}
+
 /* The buffer grows as the data comes, counted (grow): a regular file's
  * size is known and taken at once, or refused at once; a special file
  * (/dev/zero, a FIFO, /proc) doubles until its end, MB_FS_MAX_READ, or
@@ -201,33 +219,16 @@ static void read_work(mb_io_req_t *req)
       if (rc) {
         /* No more room: the data fits only if it ends here. */
         char probe;
-        ssize_t r;
-        for (;;) {
-          r = read(fd, &probe, 1);
-          if (r >= 0 || (errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK))
-            break;
-          if (errno != EINTR && !await_fd(req, fd, POLLIN)) {
-            errno = ECANCELED;
-            break;
-          }
-        }
+        ssize_t r = read_waiting(req, fd, &probe, 1);
         if (r <= 0)
-          rc = r < 0 ? -errno : 0;
+          rc = (int)r;
         break;
       }
     }
     size_t n = cap - len < MB_FS_CHUNK ? cap - len : MB_FS_CHUNK;
-    ssize_t r = read(fd, buf + len, n);
-    if (r < 0 && errno == EINTR)
-      continue;
-    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-      if (await_fd(req, fd, POLLIN))
-        continue;
-      rc = UV_ECANCELED;
-      break;
-    }
+    ssize_t r = read_waiting(req, fd, buf + len, n);
     if (r < 0) {
-      rc = -errno;
+      rc = (int)r;
       break;
     }
     if (r == 0)
